@@ -1,0 +1,1 @@
+"""Export, backends, validation, reports and the CLI."""

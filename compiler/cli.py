@@ -1,0 +1,274 @@
+"""The ``attnc`` command line: export, inspect, compile, validate, report.
+
+Every command turns an :class:`AttncError` into one line on stderr and exit code 2
+(validation failures exit 1), so scripts and CI can gate on the result.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from attnc import __version__
+from attnc.compiler.errors import AttncError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AttncError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+    return wrapper
+
+
+def parse_shape(text: str) -> tuple[str | None, tuple[int, ...], str]:
+    """``[name:]2x3x224x224[:dtype]`` -> (name or None, shape, dtype)."""
+    parts = text.split(":")
+    dtype = "float32"
+    if len(parts) > 1 and not parts[-1].replace("x", "").isdigit():
+        dtype = parts.pop()
+    name = parts[0] if len(parts) == 2 else None
+    dims = parts[-1]
+    try:
+        shape = tuple(int(d) for d in dims.split("x"))
+        if len(parts) > 2 or any(d <= 0 for d in shape):
+            raise ValueError
+    except ValueError:
+        raise AttncError(f"cannot read input shape {text!r}",
+                         "write it as NAME:2x3x224x224 (optionally :int64), dims > 0") from None
+    return name, shape, dtype
+
+
+def parse_dynamic(items: tuple[str, ...]) -> dict[str, dict[int, str]] | None:
+    """``NAME:AXIS=SYMBOL`` items -> export dynamic_axes."""
+    axes: dict[str, dict[int, str]] = {}
+    for item in items:
+        try:
+            name, rest = item.split(":")
+            axis, symbol = rest.split("=")
+            axes.setdefault(name, {})[int(axis)] = symbol
+        except ValueError:
+            raise AttncError(f"cannot read dynamic axis {item!r}", "write it as NAME:AXIS=SYMBOL, e.g. x:0=batch") from None
+    return axes or None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="attnc")
+@click.option("-v", "--verbose", is_flag=True, help="Log what each step does.")
+def cli(verbose: bool) -> None:
+    """attnc: compile transformers with non-standard attention to fused, validated engines.
+
+    \b
+    Typical flow:
+      attnc export vit-agent-small -o model.onnx      # PyTorch -> ONNX
+      attnc inspect model.onnx                        # what attention attnc finds
+      attnc compile model.onnx -o out/                # passes + backend build
+      attnc validate out/ --model vit-agent-small     # compare with PyTorch, write report
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command("models")
+@_handle_errors
+def models_cmd() -> None:
+    """List the bundled reference models (usable wherever a MODEL is asked for)."""
+    from attnc.models import registry
+
+    table = Table("name", "family", "inputs", title="bundled models")
+    for name, spec in registry.SPECS.items():
+        shapes = ", ".join("x".join(map(str, t.shape)) for t in spec.example_inputs())
+        table.add_row(name, spec.family, shapes)
+    console.print(table)
+
+
+@cli.command("export")
+@click.argument("model_ref", metavar="MODEL")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the .onnx file.")
+@click.option("--input-shape", "input_shapes", multiple=True,
+              help="Example input, in forward()'s order: [NAME:]2x3x224x224[:int64]. "
+                   "Defaults to the bundled model's example inputs.")
+@click.option("--dynamic", multiple=True, help="Dynamic axis NAME:AXIS=SYMBOL, e.g. x:0=batch (repeatable).")
+@click.option("--static", is_flag=True, help="Ignore the bundled model's dynamic axes.")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript", "auto"]), default="dynamo",
+              show_default=True, help="auto: dynamo, then TorchScript if dynamo fails.")
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@_handle_errors
+def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset, seed) -> None:
+    """Export MODEL (a bundled model name or MODULE:FACTORY) to ONNX."""
+    import torch
+
+    from attnc.compiler.export import export_onnx, resolve_model
+
+    module, spec = resolve_model(model_ref)
+    if input_shapes:
+        inputs = []
+        gen = torch.Generator().manual_seed(seed)
+        for text in input_shapes:
+            _, shape, dtype = parse_shape(text)
+            if dtype.startswith("int"):
+                inputs.append(torch.randint(0, 100, shape, generator=gen, dtype=getattr(torch, dtype)))
+            else:
+                inputs.append(torch.randn(shape, generator=gen, dtype=getattr(torch, dtype)))
+    elif spec is not None:
+        inputs = list(spec.example_inputs(seed=seed))
+    else:
+        raise AttncError(f"{model_ref} is not a bundled model, so its inputs are unknown",
+                         "pass --input-shape for each forward() argument")
+    axes = parse_dynamic(dynamic)
+    if axes is None and spec is not None and not static:
+        axes = spec.dynamic_axes or None
+    names = list(spec.input_names) if spec is not None and getattr(spec, "input_names", None) else None
+    with console.status(f"exporting with the {exporter} exporter"):
+        path = export_onnx(module, inputs, output, exporter=exporter, opset=opset,
+                           dynamic_axes=axes, input_names=names)
+    console.print(f"wrote [bold]{path}[/]")
+
+
+@cli.command("inspect")
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_handle_errors
+def inspect_cmd(model_path, as_json) -> None:
+    """List the attention subgraphs attnc finds in an ONNX model, near-misses and op counts."""
+    from attnc import passes
+    from attnc.compiler import onnx_io
+
+    model = onnx_io.load_model(model_path)
+    reports = passes.find_attention(model)
+    data = {
+        "model": str(model_path),
+        "opset": onnx_io.default_opset(model),
+        "nodes": len(model.graph.node),
+        "ops": onnx_io.op_counts(model),
+        "families_checked": [r.family for r in reports],
+        "matches": [m.to_dict() for r in reports for m in r.matches],
+        "near_misses": [n.to_dict() for r in reports for n in r.near_misses],
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    console.print(f"[bold]{model_path}[/]: opset {data['opset']}, {data['nodes']} nodes")
+    table = Table("family", "fused op", "nodes", "inputs", "attributes", title="attention subgraphs")
+    for m in data["matches"]:
+        table.add_row(m["family"], m["op_type"], str(len(m["nodes"])),
+                      ", ".join(f"{k}={m['shapes'].get(k, '?')}" for k in m["inputs"]),
+                      ", ".join(f"{k}={v}" for k, v in m["attributes"].items()))
+    console.print(table if data["matches"] else "no attention subgraphs found")
+    if data["near_misses"]:
+        near = Table("family", "at node", "why not", title="near-misses (left unchanged)")
+        for n in data["near_misses"]:
+            near.add_row(n["family"], n["anchor"], n["reason"])
+        console.print(near)
+    ops = Table("op", "count", title="op counts")
+    for op, count in data["ops"].items():
+        ops.add_row(op, str(count))
+    console.print(ops)
+
+
+@cli.command("compile")
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output directory (replaced only when the compile succeeds).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+              show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--family", "families", multiple=True,
+              help="Only run these fusion passes (repeatable); default: all.")
+@click.option("--no-fuse", is_flag=True, help="Skip the fusion passes.")
+@_handle_errors
+def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse) -> None:
+    """Run the pass pipeline on an ONNX model and build a BACKEND artefact in OUT_DIR."""
+    from attnc.compiler.pipeline import CompileOptions, compile_model
+
+    options = CompileOptions(backend=backend, precision=precision, fuse=not no_fuse,
+                             families=list(families) or None)
+    with console.status("compiling") as status:
+        manifest = compile_model(model_path, out_dir, options, progress=status.update)
+    table = Table("family", "rewritten", "near-misses", title="fusion passes")
+    for report in manifest["passes"]:
+        table.add_row(report["family"], str(report["rewritten"]), str(len(report["near_misses"])))
+    if manifest["passes"]:
+        console.print(table)
+    before, after = sum(manifest["ops_before"].values()), sum(manifest["ops_after"].values())
+    console.print(f"nodes {before} -> {after}; wrote [bold]{out_dir / manifest['artefact']}[/] "
+                  f"and {out_dir / 'manifest.json'}")
+
+
+@cli.command("validate")
+@click.argument("artefact_dir", type=click.Path(path_type=Path))
+@click.option("--model", "model_ref", required=True, help="The PyTorch model: bundled name or MODULE:FACTORY.")
+@click.option("--inputs", "inputs_npz", type=click.Path(dir_okay=False, path_type=Path),
+              help="Inputs as a .npz keyed by input name (default: random with --seed).")
+@click.option("--input-shape", "input_shapes", multiple=True,
+              help="Shape of random inputs: NAME:2x3x224x224 (default: the bundled model's example).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--atol", type=float, help="Override the precision's absolute tolerance.")
+@click.option("--rtol", type=float, help="Override the precision's relative tolerance.")
+@click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where report.json/report.html go (default: ARTEFACT_DIR).")
+@_handle_errors
+def validate_cmd(artefact_dir, model_ref, inputs_npz, input_shapes, seed, atol, rtol, report_dir) -> None:
+    """Run a compiled artefact and its PyTorch model on the same inputs; write the accuracy-diff report.
+
+    Exits 1 when any output is outside tolerance.
+    """
+    from attnc.compiler.pipeline import validate_artefact
+
+    result, paths = validate_artefact(
+        artefact_dir, model_ref, inputs_npz=inputs_npz,
+        shapes={n: s for n, s, _ in map(parse_shape, input_shapes) if n} or None,
+        seed=seed, atol=atol, rtol=rtol, report_dir=report_dir)
+    console.print(result.summary_table())
+    console.print(f"report: {paths[0]} and {paths[1]}")
+    if not result.passed:
+        from attnc.compiler.errors import ValidationFailed
+
+        raise ValidationFailed("validation failed: outputs differ from PyTorch beyond tolerance",
+                               f"see {paths[1]}")
+    console.print("[bold green]PASS[/]")
+
+
+@cli.command("report")
+@click.argument("report_path", type=click.Path(path_type=Path))
+@_handle_errors
+def report_cmd(report_path) -> None:
+    """Summarise an existing report.json (or the report in an artefact directory)."""
+    from attnc.compiler.report import load_report
+
+    if report_path.is_dir():
+        report_path = report_path / "report.json"
+    data = load_report(report_path)
+    table = Table("output", "pass", "max abs", "max rel", "cosine", title=str(report_path))
+    for out in data["outputs"]:
+        table.add_row(out["name"], "[green]yes[/]" if out["passed"] else "[red]no[/]",
+                      f"{out.get('max_abs_error', float('nan')):.3g}",
+                      f"{out.get('max_rel_error', float('nan')):.3g}",
+                      f"{out.get('cosine', float('nan')):.8f}")
+    console.print(table)
+    console.print("[bold green]PASS[/]" if data["passed"] else "[bold red]FAIL[/]")
+    if not data["passed"]:
+        sys.exit(1)
+
+
+def main() -> None:
+    cli(prog_name="attnc")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""PyTorch -> ONNX: the dynamo exporter by default, the TorchScript exporter as fallback."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import onnx
+import torch
+
+from attnc.compiler.errors import AttncError
+from attnc.compiler.onnx_io import atomic_path
+
+log = logging.getLogger(__name__)
+
+EXPORTERS = ("dynamo", "torchscript", "auto")
+DEFAULT_OPSET = 18
+
+# Export-time translations (see passes/translations.py): context managers that make
+# calls into kernel libraries (NATTEN, flash-linear-attention) export as attnc nodes.
+_TRANSLATIONS: list[Callable[[], contextlib.AbstractContextManager]] = []
+
+
+def register_translation(factory: Callable[[], contextlib.AbstractContextManager]) -> None:
+    """Register a context-manager factory that is active during every export."""
+    _TRANSLATIONS.append(factory)
+
+
+@contextlib.contextmanager
+def _translations_active() -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for factory in _TRANSLATIONS:
+            stack.enter_context(factory())
+        yield
+
+
+def input_names_for(model: torch.nn.Module, n: int) -> list[str]:
+    """Names of the first ``n`` positional arguments of ``model.forward``."""
+    params = [p.name for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = params[:n]
+    return names + [f"input_{i}" for i in range(len(names), n)]
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    exporter: str = "dynamo",
+    opset: int = DEFAULT_OPSET,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> Path:
+    """Export ``model`` on ``example_inputs`` to an ONNX file, atomically.
+
+    Args:
+        model: the module to export; it is put in eval mode.
+        example_inputs: one tensor or a sequence of positional tensors.
+        path: where the ``.onnx`` file goes.
+        exporter: ``"dynamo"`` (torch.export based), ``"torchscript"`` (tracing), or
+            ``"auto"`` (dynamo, then torchscript if dynamo fails).
+        opset: default-domain ONNX opset.
+        dynamic_axes: ``{input_or_output_name: {axis: symbolic_name}}`` for dynamic
+            batch/sequence axes.
+        input_names / output_names: graph names; default to ``forward``'s argument
+            names and ``output`` / ``output_1`` ...
+
+    Returns:
+        The path written.
+
+    Raises:
+        AttncError: unknown exporter, or both exporters failed.
+    """
+    if exporter not in EXPORTERS:
+        raise AttncError(f"unknown exporter {exporter!r}", f"use one of {', '.join(EXPORTERS)}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    model = model.eval()
+    input_names = list(input_names or input_names_for(model, len(example_inputs)))
+    with torch.no_grad():
+        outputs = model(*example_inputs)
+    n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+    output_names = list(output_names or (["output"] + [f"output_{i}" for i in range(1, n_out)]))
+
+    order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    errors = []
+    for name in order:
+        try:
+            proto = _export_with(name, model, example_inputs, opset, dynamic_axes, input_names, output_names)
+        except Exception as exc:  # exporters raise a zoo of types
+            log.warning("%s exporter failed: %s", name, str(exc).splitlines()[0] if str(exc) else exc)
+            errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            continue
+        proto.producer_name = f"attnc-export[{name}]"
+        path = Path(path)
+        with atomic_path(path, suffix=".onnx") as tmp:
+            onnx.save_model(proto, str(tmp))
+        return path
+    raise AttncError("ONNX export failed: " + "; ".join(errors),
+                     "try --exporter torchscript or --exporter auto, or simplify the model's forward")
+
+
+def _export_with(exporter, model, inputs, opset, dynamic_axes, input_names, output_names) -> onnx.ModelProto:
+    with _translations_active(), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            program = torch.onnx.export(
+                model, inputs, dynamo=True, opset_version=opset, input_names=input_names,
+                output_names=output_names, dynamic_axes=dynamic_axes, verbose=False,
+                optimize=True, external_data=False,
+            )
+            return program.model_proto
+        buf = io.BytesIO()
+        torch.onnx.export(
+            model, inputs, buf, dynamo=False, opset_version=opset, input_names=input_names,
+            output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+        )
+        return onnx.load_from_string(buf.getvalue())
+
+
+def resolve_model(ref: str):
+    """Turn a CLI model reference into ``(module, spec)``.
+
+    ``ref`` is either a registry name from ``attnc.models.registry`` (``vit-agent-small``)
+    or ``package.module:attr`` where ``attr`` is an ``nn.Module``, a zero-argument
+    factory returning one, or a registry ``ModelSpec``. ``spec`` is the ModelSpec when
+    there is one (it knows example inputs and dynamic axes), else ``None``.
+    """
+    import importlib
+
+    from attnc.models import registry
+
+    if ":" not in ref:
+        spec = registry.get_spec(ref)
+        return spec.factory(), spec
+    module_name, _, attr = ref.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except ImportError as exc:
+        raise AttncError(f"cannot import {module_name!r}: {exc}",
+                         "check MODULE:FACTORY and that the module is on PYTHONPATH") from None
+    except AttributeError:
+        raise AttncError(f"{module_name!r} has no attribute {attr!r}", "check MODULE:FACTORY") from None
+    spec = obj if isinstance(obj, registry.ModelSpec) else None
+    if spec is None:
+        spec = next((s for s in registry.SPECS.values() if s.factory is obj), None)
+    if spec is not None:
+        return spec.factory(), spec
+    module = obj if isinstance(obj, torch.nn.Module) else obj()
+    if not isinstance(module, torch.nn.Module):
+        raise AttncError(f"{ref} gave a {type(module).__name__}, not a torch.nn.Module",
+                         "point MODULE:FACTORY at a module or a function returning one")
+    return module, None

@@ -1,0 +1,215 @@
+"""One compile: load -> fusion passes -> shrink passes -> backend build -> manifest.
+
+Everything is written into a temporary sibling of the output directory and moved
+into place at the very end, so a failed compile never leaves a half-built artefact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+import attnc
+from attnc.compiler import onnx_io
+from attnc.compiler.backends import get_backend
+from attnc.compiler.errors import AttncError
+from attnc import passes
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+MANIFEST = "manifest.json"
+FUSED_MODEL = "model.fused.onnx"
+
+
+@dataclass
+class CompileOptions:
+    """What ``compile_model`` does; every field has a CLI flag of the same name."""
+
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    fuse: bool = True
+    families: list[str] | None = None  # None: every available fusion pass
+    backend_options: dict = field(default_factory=dict)
+
+
+def compile_model(model_path: str | os.PathLike, out_dir: str | os.PathLike,
+                  options: CompileOptions | None = None,
+                  progress: Callable[[str], None] | None = None) -> dict:
+    """Compile the ONNX model at ``model_path`` into ``out_dir``; return the manifest.
+
+    ``out_dir`` ends up holding ``model.fused.onnx`` (the model after the passes),
+    the backend's artefact and ``manifest.json``. An existing ``out_dir`` is replaced
+    only once the new one is complete.
+
+    Raises:
+        AttncError: bad model, unknown backend/precision, backend unavailable or the
+            build failed.
+    """
+    options = options or CompileOptions()
+    step = progress or (lambda message: log.info(message))
+    if options.precision not in PRECISIONS:
+        raise AttncError(f"unknown precision {options.precision!r}", f"use one of {', '.join(PRECISIONS)}")
+    backend = get_backend(options.backend)
+    ok, why = backend.available()
+    if not ok:
+        raise AttncError(f"the {options.backend} backend is not available", why)
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    step(f"loading {model_path}")
+    model = onnx_io.load_model(model_path)
+    ops_before = onnx_io.op_counts(model)
+    timings["load_s"] = time.perf_counter() - t0
+
+    reports = []
+    if options.fuse:
+        t = time.perf_counter()
+        step("running fusion passes")
+        model, reports = passes.fuse_attention(model, options.families)
+        timings["passes_s"] = time.perf_counter() - t
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        fused_path = onnx_io.save_model(model, staging / FUSED_MODEL)
+        t = time.perf_counter()
+        step(f"building the {options.backend} artefact ({options.precision})")
+        artefact = backend.build(fused_path, staging, options.precision, **options.backend_options)
+        timings["build_s"] = time.perf_counter() - t
+        manifest = {
+            "schema": "attnc.manifest/1",
+            "attnc_version": attnc.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": platform.node(),
+            "source": {"path": str(Path(model_path).resolve()), "sha256": _sha256(model_path),
+                       "opset": onnx_io.default_opset(onnx_io.load_model(model_path, check=False))},
+            "backend": options.backend,
+            "precision": options.precision,
+            "artefact": Path(artefact).name,
+            "fused_model": FUSED_MODEL,
+            "inputs": _io_specs(model.graph.input, model.graph.initializer),
+            "outputs": _io_specs(model.graph.output, []),
+            "ops_before": ops_before,
+            "ops_after": onnx_io.op_counts(model),
+            "passes": [r.to_dict() for r in reports],
+            "backend_info": getattr(backend, "describe", lambda _p: {})(artefact),
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def load_manifest(artefact_dir: str | os.PathLike) -> dict:
+    """Read ``manifest.json`` of a compiled artefact directory."""
+    path = Path(artefact_dir) / MANIFEST
+    if not path.is_file():
+        raise AttncError(f"{artefact_dir} is not an attnc artefact (no {MANIFEST})",
+                         "pass the output directory of `attnc compile`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema") != "attnc.manifest/1":
+        raise AttncError(f"{path} has an unknown schema {manifest.get('schema')!r}",
+                         "recompile with this version of attnc")
+    return manifest
+
+
+def _io_specs(values, initializers) -> list[dict]:
+    skip = {i.name for i in initializers}
+    specs = []
+    for v in values:
+        if v.name in skip:
+            continue
+        t = v.type.tensor_type
+        specs.append({
+            "name": v.name,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else None,
+            "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim],
+        })
+    return specs
+
+
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
+                      inputs_npz: str | os.PathLike | None = None,
+                      shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0,
+                      atol: float | None = None, rtol: float | None = None,
+                      report_dir: str | os.PathLike | None = None):
+    """Run a compiled artefact and the PyTorch model ``model_ref`` on the same inputs.
+
+    Inputs come from ``inputs_npz``, else from random ``shapes``, else from the bundled
+    model's example inputs (seeded). Writes ``report.json`` and ``report.html`` into
+    ``report_dir`` (default ``artefact_dir``).
+
+    Returns:
+        ``(ValidationResult, (json_path, html_path))``.
+    """
+    import dataclasses
+
+    import numpy as np
+
+    from attnc.compiler import validate
+    from attnc.compiler.export import resolve_model
+    from attnc.compiler.report import write_report
+
+    manifest = load_manifest(artefact_dir)
+    backend = get_backend(manifest["backend"])
+    runner = backend.load(Path(artefact_dir) / manifest["artefact"])
+    module, spec = resolve_model(model_ref)
+
+    if inputs_npz is not None:
+        feeds = validate.load_inputs(inputs_npz, runner.input_specs)
+        source = str(inputs_npz)
+    elif shapes is None and spec is not None:
+        examples = spec.example_inputs(seed=seed)
+        feeds = {s.name: t.numpy() for s, t in zip(runner.input_specs, examples)}
+        source = f"bundled example inputs of {spec.name}, seed {seed}"
+    else:
+        feeds = validate.make_inputs(runner.input_specs, seed=seed, shapes=shapes)
+        source = f"random, seed {seed}"
+
+    precision = manifest["precision"]
+    tolerances = None
+    if atol is not None or rtol is not None:
+        base = validate.TOLERANCES[precision]
+        tol = dataclasses.replace(base, **{k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None})
+        tolerances = {name: tol for name in runner.output_names}
+    reference = validate.torch_reference(module, [s.name for s in runner.input_specs], runner.output_names)
+    result = validate.validate(reference, runner, feeds, precision=precision, tolerances=tolerances)
+    meta = {
+        "model": model_ref,
+        "artefact": str(Path(artefact_dir).resolve()),
+        "backend": manifest["backend"],
+        "precision": precision,
+        "inputs": {name: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)} for name, v in feeds.items()},
+        "input_source": source,
+        "seed": seed,
+        "fused_ops": {k: v for k, v in manifest["ops_after"].items() if k.startswith("attnc::")},
+        "attnc_version": attnc.__version__,
+    }
+    paths = write_report(result, report_dir or artefact_dir, meta=meta)
+    return result, paths

@@ -1,0 +1,81 @@
+"""ONNX -> ONNX passes: fusion passes (one file per attention family) and shrink passes.
+
+``FUSION_PASSES`` lists the fusion passes in the order the pipeline runs them: the
+specific families first (their subgraphs contain softmax-attention-like pieces, e.g.
+agent attention's two stages), plain softmax attention last.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import onnx
+
+from attnc.compiler.errors import AttncError
+from attnc.passes.core import Match, NearMiss, PassReport, name_nodes
+
+log = logging.getLogger(__name__)
+
+# family -> module; a module missing here is simply not run (families land one by one).
+FUSION_PASSES = {
+    "neighborhood": "attnc.passes.neighborhood",
+    "agent": "attnc.passes.agent",
+    "flow": "attnc.passes.flow",
+    "linear": "attnc.passes.linear",
+    "softmax": "attnc.passes.softmax",
+}
+
+
+def _load(family: str):
+    try:
+        return importlib.import_module(FUSION_PASSES[family])
+    except KeyError:
+        raise AttncError(f"unknown attention family {family!r}",
+                         f"use one of {', '.join(FUSION_PASSES)}") from None
+    except ModuleNotFoundError as exc:
+        if exc.name == FUSION_PASSES[family]:
+            return None
+        raise
+
+
+def available_families() -> list[str]:
+    """Families whose pass module exists in this install."""
+    return [f for f in FUSION_PASSES if _load(f) is not None]
+
+
+def find_attention(model: onnx.ModelProto, families: list[str] | None = None) -> list[PassReport]:
+    """Report every attention subgraph (and near-miss) without changing ``model``."""
+    model = _named_copy(model)
+    reports = []
+    for family in families or available_families():
+        module = _load(family)
+        if module is not None:
+            reports.append(module.find(model))
+    return reports
+
+
+def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None
+                   ) -> tuple[onnx.ModelProto, list[PassReport]]:
+    """Run the fusion passes in order; return the rewritten model and one report per pass."""
+    model = _named_copy(model)
+    reports = []
+    for family in families or available_families():
+        module = _load(family)
+        if module is None:
+            continue
+        model, report = module.apply(model)
+        log.info("%s: %d rewritten, %d near-misses", family, report.rewritten, len(report.near_misses))
+        reports.append(report)
+    return model, reports
+
+
+def _named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    name_nodes(copy)
+    return copy
+
+
+__all__ = ["FUSION_PASSES", "Match", "NearMiss", "PassReport", "available_families",
+           "find_attention", "fuse_attention"]
