@@ -86,8 +86,14 @@ def export_onnx(
     example_inputs = tuple(example_inputs)
     model = model.eval()
     input_names = list(input_names or input_names_for(model, len(example_inputs)))
-    with torch.no_grad():
-        outputs = model(*example_inputs)
+    try:
+        with torch.no_grad():
+            outputs = model(*example_inputs)
+    except Exception as exc:
+        shapes = ", ".join("x".join(map(str, t.shape)) for t in example_inputs)
+        raise AttncError(f"ONNX export failed: the model's forward fails on inputs of shape {shapes} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+                         "pass one --input-shape per forward() argument, in order") from None
     n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
     output_names = list(output_names or (["output"] + [f"output_{i}" for i in range(1, n_out)]))
 

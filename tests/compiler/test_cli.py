@@ -1,0 +1,221 @@
+"""The CLI end to end on bundled models, and every bad input the foundation promises to handle.
+
+Each bad input must give one line naming the problem and the fix, exit code 2, and
+leave no partial output behind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from attnc.compiler.cli import cli, parse_shape
+from attnc.compiler.export import export_onnx
+from attnc.models.registry import get_spec
+
+MODEL = "mhsa-small"
+
+
+def run(*args: str, ok: bool = True):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "model.onnx"
+    run("export", MODEL, "-o", path, "--exporter", "torchscript")
+    return path
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files attnc may have left behind (they all start with a dot)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_export_inspect_compile_validate_report(exported, tmp_path):
+    inspected = run("inspect", exported, "--json")
+    data = json.loads(inspected.output)
+    model = onnx.load(str(exported))
+    assert data["nodes"] == len(model.graph.node)
+    assert sum(data["ops"].values()) == len(model.graph.node)
+    assert data["ops"].get("MatMul", 0) >= 2
+
+    out = tmp_path / "compiled"
+    run("compile", exported, "-o", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backend"] == "onnxruntime" and manifest["precision"] == "fp32"
+    assert (out / manifest["artefact"]).is_file()
+    assert manifest["source"]["sha256"]
+    assert [i["name"] for i in manifest["inputs"]] == list(get_spec(MODEL).input_names)
+
+    run("validate", out, "--model", MODEL, "--seed", "3")
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is True
+    assert (out / "report.html").read_text().count("<img") >= 1
+    assert "PASS" in run("report", out).output
+    assert leftovers(out) == [] and leftovers(tmp_path) == []
+
+
+def test_validate_fails_on_a_perturbed_artefact(exported, tmp_path):
+    out = tmp_path / "compiled"
+    run("compile", exported, "-o", out)
+    model = onnx.load(str(out / "model.onnx"))
+    weights = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    array = onnx.numpy_helper.to_array(weights).copy()
+    array.flat[0] += 0.5
+    weights.CopyFrom(onnx.numpy_helper.from_array(array, weights.name))
+    onnx.save(model, str(out / "model.onnx"))
+    result = run("validate", out, "--model", MODEL, ok=False)
+    assert result.exit_code == 1
+    assert json.loads((out / "report.json").read_text())["passed"] is False
+
+
+def test_validate_with_npz_inputs_and_dynamic_batch(tmp_path):
+    spec = get_spec(MODEL)
+    path = tmp_path / "dyn.onnx"
+    run("export", MODEL, "-o", path, "--exporter", "dynamo")
+    out = tmp_path / "compiled"
+    run("compile", path, "-o", out)
+    rng = np.random.default_rng(7)
+    example = spec.example_inputs()[0].numpy()
+    feeds = {spec.input_names[0]: rng.standard_normal((3, *example.shape[1:])).astype(np.float32)}
+    np.savez(tmp_path / "inputs.npz", **feeds)
+    run("validate", out, "--model", MODEL, "--inputs", tmp_path / "inputs.npz")
+    meta = json.loads((out / "report.json").read_text())["meta"]
+    assert meta["inputs"][spec.input_names[0]]["shape"][0] == 3
+
+
+# ------------------------------------------------------------------------------ bad input
+
+def assert_clean_error(result, *words: str) -> None:
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert text.startswith("error:") and len(text.splitlines()) <= 2, text  # rich may wrap once
+    for word in words:
+        assert word.lower() in text.lower(), (word, text)
+
+
+def test_not_onnx(tmp_path):
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("this is not a model\n" * 10)
+    assert_clean_error(run("inspect", bad, ok=False), "not", "onnx")
+    assert_clean_error(run("compile", bad, "-o", tmp_path / "out", ok=False), "onnx")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_truncated_onnx(exported, tmp_path):
+    data = exported.read_bytes()
+    bad = tmp_path / "truncated.onnx"
+    bad.write_bytes(data[: len(data) // 3])
+    assert_clean_error(run("compile", bad, "-o", tmp_path / "out", ok=False), "onnx", "re-export")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_missing_file(tmp_path):
+    assert_clean_error(run("inspect", tmp_path / "nope.onnx", ok=False), "no such file")
+
+
+@pytest.mark.parametrize("opset", [11, 99])
+def test_unknown_opset(exported, tmp_path, opset):
+    model = onnx.load(str(exported))
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
+    bad = tmp_path / f"opset{opset}.onnx"
+    onnx.save(model, str(bad))
+    assert_clean_error(run("compile", bad, "-o", tmp_path / "out", ok=False), f"opset {opset}", "--opset")
+    assert not (tmp_path / "out").exists()
+
+
+def test_input_shape_mismatch(exported, tmp_path):
+    out = tmp_path / "compiled"
+    run("compile", exported, "-o", out)
+    name = get_spec(MODEL).input_names[0]
+    result = run("validate", out, "--model", MODEL, "--input-shape", f"{name}:2x37x5", ok=False)
+    assert_clean_error(result, name, "shape")
+    assert not (out / "report.json").exists()
+
+
+def test_npz_with_wrong_shape(exported, tmp_path):
+    out = tmp_path / "compiled"
+    run("compile", exported, "-o", out)
+    name = get_spec(MODEL).input_names[0]
+    np.savez(tmp_path / "bad.npz", **{name: np.zeros((2, 3), np.float32)})
+    assert_clean_error(run("validate", out, "--model", MODEL, "--inputs", tmp_path / "bad.npz", ok=False), name)
+
+
+def test_missing_optional_backend(exported, tmp_path, monkeypatch):
+    import attnc.compiler.backends as backends
+
+    module = backends.get_backend("tensorrt")
+    monkeypatch.setattr(module, "available", lambda: (False, 'install it: pip install "attnc[tensorrt]"'))
+    result = run("compile", exported, "-o", tmp_path / "out", "--backend", "tensorrt", ok=False)
+    assert_clean_error(result, "tensorrt", "pip install")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_precision_for_backend(exported, tmp_path):
+    result = run("compile", exported, "-o", tmp_path / "out", "--precision", "fp16", ok=False)
+    assert_clean_error(result, "fp16", "--backend tensorrt")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_failed_compile_keeps_previous_artefact(exported, tmp_path):
+    out = tmp_path / "compiled"
+    run("compile", exported, "-o", out)
+    before = (out / "manifest.json").read_text()
+    run("compile", exported, "-o", out, "--precision", "fp16", ok=False)
+    assert (out / "manifest.json").read_text() == before
+    assert leftovers(tmp_path) == []
+
+
+def test_unknown_model_reference(tmp_path):
+    assert_clean_error(run("export", "no-such-model", "-o", tmp_path / "m.onnx", ok=False), "no-such-model")
+    assert_clean_error(run("export", "attnc.models.registry:nothing", "-o", tmp_path / "m.onnx", ok=False),
+                       "nothing")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_failure_leaves_no_file(tmp_path):
+    # A MODULE:FACTORY with the wrong number of example inputs cannot be traced by either exporter.
+    result = run("export", "attnc.models.registry:mhsa_small", "-o", tmp_path / "m.onnx",
+                 "--input-shape", "2x5", "--exporter", "torchscript", ok=False)
+    assert_clean_error(result, "export failed")
+    assert not (tmp_path / "m.onnx").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("x:2x3x224x224", ("x", (2, 3, 224, 224), "float32")),
+    ("2x37", (None, (2, 37), "float32")),
+    ("ids:1x16:int64", ("ids", (1, 16), "int64")),
+])
+def test_parse_shape(text, expected):
+    assert parse_shape(text) == expected
+
+
+@pytest.mark.parametrize("text", ["x:2xax3", "x:0x3", "a:b:2x3:int64"])
+def test_parse_shape_rejects(text):
+    from attnc.compiler.errors import AttncError
+
+    with pytest.raises(AttncError):
+        parse_shape(text)
+
+
+def test_export_python_api_roundtrip(tmp_path):
+    """export_onnx on both exporters keeps forward()'s input names and the dynamic axes."""
+    spec = get_spec(MODEL)
+    for exporter in ("dynamo", "torchscript"):
+        path = export_onnx(spec.factory(), spec.example_inputs(), tmp_path / f"{exporter}.onnx",
+                           exporter=exporter, dynamic_axes=spec.dynamic_axes)
+        model = onnx.load(str(path))
+        assert [i.name for i in model.graph.input] == list(spec.input_names)
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        assert any(d.dim_param for d in dims)
