@@ -191,13 +191,30 @@ def inspect_cmd(model_path, as_json) -> None:
 @click.option("--family", "families", multiple=True,
               help="Only run these fusion passes (repeatable); default: all.")
 @click.option("--no-fuse", is_flag=True, help="Skip the fusion passes.")
+@click.option("--min-shape", "min_shapes", multiple=True, metavar="NAME:1x3x224x224",
+              help="TensorRT profile: smallest shape of a dynamic input (repeatable).")
+@click.option("--opt-shape", "opt_shapes", multiple=True, metavar="NAME:1x3x224x224",
+              help="TensorRT profile: shape to tune for (repeatable).")
+@click.option("--max-shape", "max_shapes", multiple=True, metavar="NAME:1x3x224x224",
+              help="TensorRT profile: largest shape (repeatable).")
+@click.option("--workspace", type=int, metavar="MIB", help="TensorRT workspace memory limit in MiB.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
+              help="TensorRT timing cache file, loaded before and saved after the build.")
+@click.option("--fused-ops", type=click.Choice(["plugin", "inline"]), default="plugin", show_default=True,
+              help="TensorRT: run fused nodes as attnc plugins, or inline their ONNX function bodies.")
 @_handle_errors
-def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse) -> None:
+def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, min_shapes, opt_shapes,
+                max_shapes, workspace, timing_cache, fused_ops) -> None:
     """Run the pass pipeline on an ONNX model and build a BACKEND artefact in OUT_DIR."""
     from attnc.compiler.pipeline import CompileOptions, compile_model
 
+    backend_options = {}
+    if backend == "tensorrt":
+        backend_options = {"min_shapes": list(min_shapes), "opt_shapes": list(opt_shapes),
+                           "max_shapes": list(max_shapes), "fused_ops": fused_ops,
+                           "workspace": workspace << 20 if workspace else None, "timing_cache": timing_cache}
     options = CompileOptions(backend=backend, precision=precision, fuse=not no_fuse,
-                             families=list(families) or None)
+                             families=list(families) or None, backend_options=backend_options)
     with console.status("compiling") as status:
         manifest = compile_model(model_path, out_dir, options, progress=status.update)
     table = Table("family", "rewritten", "near-misses", title="fusion passes")
@@ -236,11 +253,7 @@ def validate_cmd(artefact_dir, model_ref, inputs_npz, input_shapes, seed, atol, 
         seed=seed, atol=atol, rtol=rtol, report_dir=report_dir)
     console.print(result.summary_table())
     console.print(f"report: {paths[0]} and {paths[1]}")
-    if not result.passed:
-        from attnc.compiler.errors import ValidationFailed
-
-        raise ValidationFailed("validation failed: outputs differ from PyTorch beyond tolerance",
-                               f"see {paths[1]}")
+    result.raise_if_failed(str(paths[1]))
     console.print("[bold green]PASS[/]")
 
 
@@ -254,12 +267,14 @@ def report_cmd(report_path) -> None:
     if report_path.is_dir():
         report_path = report_path / "report.json"
     data = load_report(report_path)
-    table = Table("output", "pass", "max abs", "max rel", "cosine", title=str(report_path))
+    def number(value, spec: str) -> str:
+        return "-" if value is None or isinstance(value, str) else format(value, spec)
+
+    table = Table("output", "pass", "max abs", "max rel", "cosine", "why", title=str(report_path))
     for out in data["outputs"]:
         table.add_row(out["name"], "[green]yes[/]" if out["passed"] else "[red]no[/]",
-                      f"{out.get('max_abs_error', float('nan')):.3g}",
-                      f"{out.get('max_rel_error', float('nan')):.3g}",
-                      f"{out.get('cosine', float('nan')):.8f}")
+                      number(out.get("max_abs_error"), ".3g"), number(out.get("max_rel_error"), ".3g"),
+                      number(out.get("cosine"), ".8f"), "; ".join(out.get("reasons") or []))
     console.print(table)
     console.print("[bold green]PASS[/]" if data["passed"] else "[bold red]FAIL[/]")
     if not data["passed"]:

@@ -37,10 +37,12 @@ def build(model_path: str | os.PathLike, out_dir: str | os.PathLike, precision: 
     if precision != "fp32":
         raise AttncError(f"the onnxruntime backend runs fp32 models; {precision} was asked for",
                          "use --precision fp32, or --backend tensorrt for fp16/bf16 engines")
-    target = Path(out_dir) / ARTEFACT
-    if Path(model_path).resolve() != target.resolve():
-        with atomic_path(target, suffix=".onnx") as tmp:
-            shutil.copyfile(model_path, tmp)
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    if model_path.parent.resolve() == out_dir.resolve():
+        return model_path  # the pipeline already wrote the fused model into the artefact dir
+    target = out_dir / ARTEFACT
+    with atomic_path(target, suffix=".onnx") as tmp:
+        shutil.copyfile(model_path, tmp)
     return target
 
 
@@ -53,8 +55,7 @@ class OnnxRuntimeRunner:
     """Runs an ONNX model (path or ModelProto) with ONNX Runtime.
 
     Args:
-        model: path to a ``.onnx`` file, an artefact directory holding ``model.onnx``,
-            or an in-memory ``onnx.ModelProto``.
+        model: path to a ``.onnx`` file or an in-memory ``onnx.ModelProto``.
         providers: execution providers; default CUDA when available, else CPU.
         threads: intra-op threads (default: ONNX Runtime's choice).
     """
@@ -65,8 +66,6 @@ class OnnxRuntimeRunner:
             raise AttncError("the onnxruntime backend is unavailable", why)
         import onnxruntime as ort
 
-        if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
-            model = Path(model) / ARTEFACT
         source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
         options = ort.SessionOptions()
         options.log_severity_level = 3

@@ -67,12 +67,13 @@ def test_export_inspect_compile_validate_report(exported, tmp_path):
 def test_validate_fails_on_a_perturbed_artefact(exported, tmp_path):
     out = tmp_path / "compiled"
     run("compile", exported, "-o", out)
-    model = onnx.load(str(out / "model.onnx"))
+    artefact = out / json.loads((out / "manifest.json").read_text())["artefact"]
+    model = onnx.load(str(artefact))
     weights = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
     array = onnx.numpy_helper.to_array(weights).copy()
     array.flat[0] += 0.5
     weights.CopyFrom(onnx.numpy_helper.from_array(array, weights.name))
-    onnx.save(model, str(out / "model.onnx"))
+    onnx.save(model, str(artefact))
     result = run("validate", out, "--model", MODEL, ok=False)
     assert result.exit_code == 1
     assert json.loads((out / "report.json").read_text())["passed"] is False
