@@ -1,0 +1,10 @@
+"""Run compiled artefacts from Python: ``attnc.runtime.Engine("out/engine.plan").infer(feeds)``.
+
+``Engine`` is the TensorRT backend's runner (:class:`attnc.compiler.backends.tensorrt.EngineRunner`):
+it needs TensorRT and an NVIDIA GPU, takes numpy arrays or torch tensors and returns numpy
+(or CUDA torch tensors with ``as_torch=True``).
+"""
+
+from attnc.compiler.backends.tensorrt import EngineRunner as Engine
+
+__all__ = ["Engine"]

@@ -1,0 +1,693 @@
+"""TensorRT backend: fused ONNX -> ``engine.plan`` with attnc's fused nodes as plugins.
+
+Works with NVIDIA TensorRT 10.x/11.x (``import tensorrt``) or TensorRT for RTX
+(``import tensorrt_rtx``), whichever imports; :func:`import_tensorrt` picks it. The build
+is plain TensorRT: strip the fused nodes' ONNX function bodies so they reach plugins
+(or keep them so the parser inlines them, ``fused_ops="inline"``), check every node has an
+importer, parse into a *strongly typed* network, add one optimization profile, build,
+write ``engine.plan`` atomically plus ``build.log`` and ``engine.json`` (what was built,
+read back by :func:`describe` and :class:`EngineRunner`).
+
+Precision: networks are always strongly typed, so the ONNX tensor types *are* the engine's
+precision; for fp16/bf16 the model's float32 tensors are converted before parsing
+(:func:`convert_float_precision`). TensorRT-RTX has no other mode (its ``BuilderFlag`` has
+no FP16/BF16), and TensorRT 10.12+ deprecates the weakly typed precision flags.
+
+Everything that does not need TensorRT is a plain, tested function: profile parsing and
+validation (:func:`resolve_profile`), model preparation (:func:`prepare_model`), the
+parser-name check (:func:`builtin_importer_collisions`) and dtype mapping. Plugin field
+encoding, shape rules and registration live in :mod:`attnc.compiler.backends.tensorrt_plugins`.
+See docs/tensorrt.md for what was exercised on which TensorRT.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import importlib
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from attnc import DOMAIN
+from attnc.compiler.backends import TensorSpec, check_feeds
+from attnc.compiler.backends import tensorrt_plugins as plugins
+from attnc.compiler.errors import AttncError
+from attnc.compiler.onnx_io import atomic_path
+
+NAME = "tensorrt"
+ARTEFACT = "engine.plan"
+BUILD_LOG = "build.log"
+BUILD_INFO = "engine.json"
+
+# (module, pip extra) in the order tried: the full TensorRT first, it runs everywhere.
+FLAVOURS = (("tensorrt", 'pip install "attnc[tensorrt]"'),
+            ("tensorrt_rtx", 'pip install "attnc[tensorrt-rtx]"'))
+INSTALL_HINT = (f'install TensorRT: {FLAVOURS[0][1]} (NVIDIA TensorRT 10/11) or '
+                f'{FLAVOURS[1][1]} (TensorRT for RTX)')
+
+# Op types TensorRT's ONNX parser imports with its own importer *whatever the node's
+# domain*: it dispatches on op_type alone (onnx-tensorrt ModelImporter::parseNode), so a
+# fused op named like one of these never reaches a plugin. Every default-domain ONNX op
+# name collides too (see builtin_importer_collisions); these are the contrib/TensorRT ones
+# checked against TensorRT-RTX 1.7's OnnxParser.supports_operator.
+BUILTIN_IMPORTERS = frozenset({
+    "Attention", "LinearAttention", "MultiHeadAttention", "GroupQueryAttention",
+    "RotaryEmbedding", "CausalConvWithState", "MatMulNBits", "RMSNormalization",
+    "LayerNormalization", "TRT_Scale", "TRT_Shuffle", "TRT_TopK_Min", "TRT_MatMul",
+})
+
+
+# ----------------------------------------------------------------------------- which TensorRT
+
+
+def import_tensorrt():
+    """``(module, flavour)``: ``tensorrt`` if importable, else ``tensorrt_rtx``.
+
+    Raises:
+        AttncError: neither imports; the message names both pip extras.
+    """
+    errors = []
+    for module_name, _extra in FLAVOURS:
+        try:
+            return importlib.import_module(module_name), module_name
+        except ImportError as exc:  # includes a broken install whose native libs are missing
+            errors.append(f"{module_name}: {exc}")
+    raise AttncError(f"TensorRT is not installed ({'; '.join(errors)})", INSTALL_HINT)
+
+
+def available() -> tuple[bool, str]:
+    try:
+        trt, flavour = import_tensorrt()
+    except AttncError as exc:
+        return False, f"{exc.problem}: {exc.fix}"
+    return True, f"{flavour} {trt.__version__}"
+
+
+def gpu_name() -> str | None:
+    """Name and compute capability of CUDA device 0, or ``None`` without a usable GPU."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability(0)
+        return f"{torch.cuda.get_device_name(0)} (sm_{major}{minor})"
+    except Exception:  # a broken driver is "no GPU" as far as building goes
+        return None
+
+
+# ----------------------------------------------------------------------------- profiles
+
+
+def parse_shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
+    """``NAME:1x3x224x224`` -> ``("NAME", (1, 3, 224, 224))``."""
+    name, sep, dims = text.rpartition(":")
+    try:
+        shape = tuple(int(d) for d in dims.split("x"))
+        if not sep or not name or any(d <= 0 for d in shape):
+            raise ValueError
+    except ValueError:
+        raise AttncError(f"cannot read shape {text!r}", "write it as NAME:1x3x224x224 with dims > 0") from None
+    return name, shape
+
+
+def _shape_map(shapes) -> dict[str, tuple[int, ...]]:
+    """Profile shapes as given by the CLI (``["x:1x3", ...]``) or Python (``{"x": (1, 3)}``)."""
+    if not shapes:
+        return {}
+    if isinstance(shapes, Mapping):
+        return {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+    if isinstance(shapes, str):
+        shapes = [shapes]
+    out = {}
+    for text in shapes:
+        name, shape = parse_shape_arg(text)
+        out[name] = shape
+    return out
+
+
+def model_inputs(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:
+    """Graph inputs that are not initializers: name -> dims (int, symbol name or None)."""
+    skip = {i.name for i in model.graph.initializer}
+    inputs = {}
+    for value in model.graph.input:
+        if value.name in skip:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        inputs[value.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims)
+    return inputs
+
+
+def resolve_profile(inputs: Mapping[str, tuple], min_shapes=None, opt_shapes=None,
+                    max_shapes=None) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """min/opt/max shape of every model input, checked against the model before any build.
+
+    Defaults: a fully static input uses its exported shape for all three. For an input with
+    dynamic dims, a shape given by any flag fills the others: ``opt`` and ``max`` default to
+    each other, ``min`` defaults to ``opt`` with the dynamic dims set to 1.
+
+    Args:
+        inputs: :func:`model_inputs` of the model.
+        min_shapes, opt_shapes, max_shapes: ``{name: shape}`` or ``["name:1x3x224x224", ...]``.
+
+    Raises:
+        AttncError: naming the input: unknown name, wrong rank, a static dim changed,
+            min > opt > max, or a dynamic input without any shape.
+    """
+    given = {"min": _shape_map(min_shapes), "opt": _shape_map(opt_shapes), "max": _shape_map(max_shapes)}
+    for which, shapes in given.items():
+        unknown = sorted(set(shapes) - set(inputs))
+        if unknown:
+            raise AttncError(f"--{which}-shape names input {unknown[0]!r}, which the model does not have",
+                             f"model inputs: {', '.join(inputs) or 'none'}")
+    profile = {}
+    for name, dims in inputs.items():
+        pretty = "x".join(str(d) if isinstance(d, int) and d > 0 else str(d or "?") for d in dims)
+        for which, shapes in given.items():
+            shape = shapes.get(name)
+            if shape is None:
+                continue
+            if len(shape) != len(dims):
+                raise AttncError(f"--{which}-shape for input {name!r} has rank {len(shape)}, the model's "
+                                 f"input is rank {len(dims)} ({pretty})", "give one size per dimension")
+            for axis, (want, got) in enumerate(zip(dims, shape)):
+                if isinstance(want, int) and want > 0 and want != got:
+                    raise AttncError(f"--{which}-shape for input {name!r} sets dim {axis} to {got}, but the "
+                                     f"model fixes it to {want} ({pretty})",
+                                     "keep static dims, or re-export with that axis dynamic")
+        dynamic = [axis for axis, d in enumerate(dims) if not (isinstance(d, int) and d > 0)]
+        opt = given["opt"].get(name) or given["max"].get(name)
+        mx = given["max"].get(name) or opt
+        mn = given["min"].get(name)
+        if opt is None and mn is None:
+            if dynamic:
+                raise AttncError(f"input {name!r} has dynamic dims ({pretty}) and no profile shape",
+                                 f"pass --opt-shape {name}:<shape> (and --min-shape/--max-shape)")
+            static = tuple(int(d) for d in dims)
+            profile[name] = (static, static, static)
+            continue
+        if opt is None:
+            opt = mx = mn
+        if mn is None:
+            mn = tuple(1 if axis in dynamic else d for axis, d in enumerate(opt))
+        if not all(a <= b <= c for a, b, c in zip(mn, opt, mx)):
+            raise AttncError(f"profile of input {name!r} is not ordered: min {mn}, opt {opt}, max {mx}",
+                             "each dim needs min <= opt <= max")
+        profile[name] = (tuple(mn), tuple(opt), tuple(mx))
+    return profile
+
+
+# ----------------------------------------------------------------------------- model preparation
+
+
+def builtin_importer_collisions(op_types: Iterable[str], supports=None) -> list[str]:
+    """The op types a TensorRT ONNX parser would route to a built-in importer, not a plugin.
+
+    ``supports`` is the live parser's ``supports_operator`` when TensorRT is present.
+    """
+    hits = []
+    for op in op_types:
+        if op in BUILTIN_IMPORTERS or onnx.defs.has(op, "") or (supports is not None and supports(op)):
+            hits.append(op)
+    return hits
+
+
+_FLOAT_TYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+
+
+def convert_float_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
+    """Retype every float32 tensor of ``model`` (in place) to fp16/bf16 for a strongly typed build.
+
+    Initializers, graph inputs/outputs, ``Cast(to=FLOAT)``, ``Constant``/``ConstantOfShape``
+    values are converted; ``value_info`` is dropped (TensorRT infers shapes itself).
+    """
+    target = _FLOAT_TYPES[precision]
+    if target == TensorProto.FLOAT:
+        return model
+
+    def convert_tensor(tensor: TensorProto) -> None:
+        if tensor.data_type != TensorProto.FLOAT:
+            return
+        array = numpy_helper.to_array(tensor).astype(np.float32)
+        np_type = onnx.helper.tensor_dtype_to_np_dtype(target)
+        tensor.CopyFrom(numpy_helper.from_array(array.astype(np_type), tensor.name))
+
+    def convert_nodes(nodes) -> None:
+        for node in nodes:
+            for attr in node.attribute:
+                if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
+                    attr.i = target
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    convert_tensor(attr.t)
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    convert_graph(attr.g)
+
+    def convert_graph(graph: onnx.GraphProto) -> None:
+        for tensor in graph.initializer:
+            convert_tensor(tensor)
+        for value in list(graph.input) + list(graph.output):
+            if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+                value.type.tensor_type.elem_type = target
+        del graph.value_info[:]
+        convert_nodes(graph.node)
+
+    # Function bodies are left alone: they adapt to their inputs' type (CastLike), and a
+    # retyped Cast inside one would clash with the float32 constants next to it.
+    convert_graph(model.graph)
+    return model
+
+
+def prepare_model(model: onnx.ModelProto, precision: str = "fp32", fused_ops: str = "plugin",
+                  supports=None) -> tuple[onnx.ModelProto, list[str]]:
+    """The model TensorRT parses, and the fused op types that must be plugins.
+
+    ``fused_ops="plugin"``: attnc's function bodies are removed so the fused nodes reach
+    the plugin registry, and each gets ``plugin_namespace``/``plugin_version`` attributes
+    (parsers before TensorRT 10.10 read the namespace only from there, later ones also from
+    the domain). ``fused_ops="inline"``: bodies stay and the parser inlines them as ordinary
+    layers (no plugins needed; slower, but it runs anywhere).
+
+    Raises:
+        AttncError: naming the node, when a node is neither a default-domain op, a node
+            with a local function, an op the parser knows, nor an attnc op with a plugin, or
+            when a fused op's name would be captured by a built-in importer.
+    """
+    if fused_ops not in ("plugin", "inline"):
+        raise AttncError(f"unknown fused_ops mode {fused_ops!r}", "use 'plugin' or 'inline'")
+    model = copy.deepcopy(model)
+    fused = sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN})
+    collisions = builtin_importer_collisions(fused, supports)
+    if collisions:
+        raise AttncError(f"fused op {collisions[0]!r} is named like an op TensorRT's ONNX parser imports "
+                         "itself, so it would never reach the attnc plugin",
+                         "rename the fused op (see attnc.plugins.FUSED_OPS)")
+    if fused_ops == "plugin":
+        kept = [f for f in model.functions if f.domain != DOMAIN]
+        del model.functions[:]
+        model.functions.extend(kept)
+    local = {(f.domain, f.name) for f in model.functions}
+    arity = {(f.domain, f.name, f.overload): len(f.input) for f in model.functions}
+    with_plugins = set(plugins.registered_ops())
+    for index, node in enumerate(model.graph.node):
+        label = f"node {node.name or index!r} ({node.domain or 'ai.onnx'}::{node.op_type})"
+        if node.domain in ("", "ai.onnx") or (node.domain, node.op_type) in local:
+            # TensorRT's LocalFunctionImporter wants every function input present, though
+            # ONNX lets a node drop trailing optional inputs: pad them with "".
+            missing = arity.get((node.domain, node.op_type, node.overload), 0) - len(node.input)
+            node.input.extend([""] * max(missing, 0))
+            continue
+        if node.domain == DOMAIN:
+            if node.op_type not in with_plugins:
+                raise AttncError(f"{label} has no TensorRT plugin", "compile with --backend onnxruntime, "
+                                 "or add the op to attnc.plugins.FUSED_OPS with its plugin")
+            node.ClearField("overload")
+            names = {a.name for a in node.attribute}
+            if "plugin_namespace" not in names:
+                node.attribute.append(onnx.helper.make_attribute("plugin_namespace", plugins.NAMESPACE))
+            if "plugin_version" not in names:
+                node.attribute.append(onnx.helper.make_attribute("plugin_version", plugins.PLUGIN_VERSION))
+            continue
+        if supports is not None and supports(node.op_type):
+            continue
+        raise AttncError(f"{label} is not a standard ONNX op and has no TensorRT plugin or function body",
+                         "remove it before compiling, or compile with --backend onnxruntime")
+    plugin_ops = fused if fused_ops == "plugin" else []
+    return convert_float_precision(model, precision), plugin_ops
+
+
+# ----------------------------------------------------------------------------- build
+
+
+class _Log:
+    """A TensorRT ILogger that keeps every message (``build.log``) and the errors."""
+
+    def __init__(self, trt):
+        self.lines: list[str] = []
+        self.errors: list[str] = []
+        outer = self
+
+        class Logger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+
+            def log(self, severity, msg):
+                level = str(severity).split(".")[-1]
+                outer.lines.append(f"[{level}] {msg}")
+                if level in ("ERROR", "INTERNAL_ERROR"):
+                    outer.errors.append(msg)
+
+        self.logger = Logger()
+
+    def write(self, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            tmp.write_text("\n".join(self.lines) + "\n")
+
+
+def _rtx_can_add_plugins(trt) -> tuple[bool, str]:
+    """TensorRT-RTX's ONNX parser dlopen()s ``libtensorrt_rtx.so`` (unversioned) when it adds
+    a plugin layer; the pip wheel ships only ``libtensorrt_rtx.so.1``, and the failed dlopen
+    throws inside a noexcept function: std::terminate (see docs/tensorrt.md). Check first."""
+    try:
+        libs = Path(importlib.import_module("tensorrt_rtx_libs").__file__).parent
+    except ImportError:
+        libs = None
+    if libs is not None and (libs / "libtensorrt_rtx.so").exists():
+        return True, ""
+    try:
+        ctypes.CDLL("libtensorrt_rtx.so")
+        return True, ""
+    except OSError:
+        pass
+    target = f"{libs}/libtensorrt_rtx.so.1" if libs else "libtensorrt_rtx.so.1"
+    return False, (f"make libtensorrt_rtx.so loadable: `ln -s {target} <dir>/libtensorrt_rtx.so` and start "
+                   "Python with LD_LIBRARY_PATH=<dir> (or link it next to the .so.1), or build with "
+                   "fused_ops='inline'")
+
+
+def _register_plugins(trt, flavour: str, ops: list[str]) -> str:
+    """Register the plugins ``ops`` need; returns how ("qdp-aot" or "python-v3")."""
+    if not ops:
+        return "none"
+    try:
+        trtp = importlib.import_module(f"{flavour}.plugin")
+    except ImportError:
+        trtp = None  # TensorRT-RTX 1.7: the shim imports tensorrt_rtx_bindings.plugin, which is not shipped
+    if trtp is not None:
+        for op in ops:
+            spec = plugins.plugin_spec(op)
+            if spec.plugin_id not in _QDP_DONE:
+                plugins.register_qdp(trtp, spec)
+                _QDP_DONE.add(spec.plugin_id)
+        return "qdp-aot"
+    ok, fix = _rtx_can_add_plugins(trt) if flavour == "tensorrt_rtx" else (True, "")
+    if not ok:
+        raise AttncError(f"{flavour}'s ONNX parser would abort the process when adding the "
+                         f"{', '.join(ops)} plugin layer(s): libtensorrt_rtx.so is not loadable", fix)
+    plugins.register_python_plugins(trt, ops)
+    return "python-v3"
+
+
+_QDP_DONE: set[str] = set()
+
+
+def _attention_layers(trt, network) -> list:
+    """The network's attention layers, as ``IAttentionOutputLayer`` (the parser hands back
+    plain ``ILayer``s; re-classing them exposes ``.attention``)."""
+    kind = getattr(trt.LayerType, "ATTENTION_OUTPUT", None)
+    layers = []
+    for index in range(network.num_layers if kind is not None else 0):
+        layer = network.get_layer(index)
+        if layer.type == kind:
+            layer.__class__ = trt.IAttentionOutputLayer
+            layers.append(layer)
+    return layers
+
+
+def build(model_path: str | os.PathLike, out_dir: str | os.PathLike, precision: str = "fp32", *,
+          min_shapes=None, opt_shapes=None, max_shapes=None, workspace: int | None = None,
+          timing_cache: str | os.PathLike | None = None, fused_ops: str = "plugin",
+          decomposable_attention: bool = True, optimization_level: int | None = None,
+          compute_capabilities: Iterable[str] | None = None, allow_rtx_cpu_crash: bool = False,
+          **unknown) -> Path:
+    """Build ``out_dir/engine.plan`` from the ONNX model at ``model_path``.
+
+    Args:
+        precision: fp32, fp16 or bf16 (converted into the ONNX types, see module doc).
+        min_shapes, opt_shapes, max_shapes: optimization profile (:func:`resolve_profile`).
+        workspace: workspace memory-pool limit in bytes (default: TensorRT's).
+        timing_cache: file to load before and save after the build (TensorRT only; ignored
+            by TensorRT-RTX, whose engines do not depend on it and which would need a GPU).
+        fused_ops: ``"plugin"`` or ``"inline"`` (:func:`prepare_model`).
+        decomposable_attention: let attention layers fall back to unfused kernels.
+        optimization_level: builder optimization level 0-5.
+        compute_capabilities: TensorRT-RTX targets, e.g. ``["SM89", "SM120"]``; default the
+            current GPU, or every supported one when there is none.
+        allow_rtx_cpu_crash: build even where TensorRT-RTX 1.7 is known to segfault (more
+            than one attention layer, no GPU); for checking newer TensorRT-RTX releases.
+
+    Writes ``build.log`` (always) and ``engine.json``; a failed build leaves no engine.
+
+    Raises:
+        AttncError: bad profile (before building), unsupported node, parser errors, build failure.
+    """
+    if precision not in _FLOAT_TYPES:
+        raise AttncError(f"unknown precision {precision!r}", "use fp32, fp16 or bf16")
+    if unknown:
+        raise AttncError(f"unknown TensorRT backend option(s) {sorted(unknown)}",
+                         "see attnc.compiler.backends.tensorrt.build for the options")
+    trt, flavour = import_tensorrt()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(model_path))
+    profile = resolve_profile(model_inputs(model), min_shapes, opt_shapes, max_shapes)
+
+    log = _Log(trt)
+    t0 = time.perf_counter()
+    try:
+        builder = trt.Builder(log.logger)
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        if hasattr(trt.NetworkDefinitionCreationFlag, "PREFER_AOT_PYTHON_PLUGINS"):  # TensorRT >= 10.9
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, log.logger)
+        prepared, plugin_ops = prepare_model(model, precision, fused_ops, supports=parser.supports_operator)
+        plugin_mode = _register_plugins(trt, flavour, plugin_ops)
+        if not parser.parse(prepared.SerializeToString(), str(Path(model_path).resolve().parent)):
+            errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise AttncError(f"TensorRT's ONNX parser rejected the model: {'; '.join(errors[:5])}",
+                             f"see {out_dir / BUILD_LOG}; unsupported nodes need a plugin or --backend onnxruntime")
+        attention = _attention_layers(trt, network)
+        if len(attention) > 1 and flavour == "tensorrt_rtx" and gpu_name() is None and not allow_rtx_cpu_crash:
+            # Observed with TensorRT-RTX 1.7.1 (pip, CPU-only): any network with two attention
+            # layers (chained or parallel, any precision/target) segfaults in
+            # build_serialized_network. A clear error beats a dead process.
+            raise AttncError(f"TensorRT-RTX {trt.__version__} crashes (SIGSEGV) building a network with "
+                             f"{len(attention)} attention layers on a machine without a GPU",
+                             "build on the target GPU, or pass allow_rtx_cpu_crash=True to try anyway")
+        # Lets TensorRT fall back to unfused kernels where no fused attention kernel fits
+        # (fp32, small head dims); without it those builds fail in Myelin.
+        for layer in attention if decomposable_attention else []:
+            layer.attention.decomposable = True
+        decomposed = len(attention) if decomposable_attention else 0
+        config = builder.create_builder_config()
+        if workspace:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
+        if optimization_level is not None:
+            config.builder_optimization_level = int(optimization_level)
+        trt_profile = builder.create_optimization_profile()
+        for name, (mn, opt, mx) in profile.items():
+            trt_profile.set_shape(name, mn, opt, mx)
+        config.add_optimization_profile(trt_profile)
+        gpu = gpu_name()
+        targets = _set_compute_capabilities(trt, config, flavour, gpu, compute_capabilities, precision)
+        cache = _load_timing_cache(config, flavour, timing_cache, log)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise AttncError(f"TensorRT could not build the engine: {(log.errors or ['no error logged'])[-1][:400]}",
+                             f"see {out_dir / BUILD_LOG}")
+        build_s = time.perf_counter() - t0
+        engine_path = out_dir / ARTEFACT
+        with atomic_path(engine_path, suffix=".plan") as tmp:
+            with open(tmp, "wb") as f:
+                f.write(plan)
+        if cache is not None:
+            with atomic_path(Path(timing_cache)) as tmp:
+                tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        info = {
+            "flavour": flavour,
+            "version": trt.__version__,
+            "gpu": gpu or f"none: built for {', '.join(targets)} by TensorRT-RTX on CPU" if flavour == "tensorrt_rtx"
+            else gpu,
+            "compute_capabilities": targets,
+            "precision": precision,
+            "strongly_typed": True,
+            "fused_ops": fused_ops,
+            "plugins": {"mode": plugin_mode, "namespace": plugins.NAMESPACE, "ops": plugin_ops},
+            "profiles": [{name: {"min": list(mn), "opt": list(opt), "max": list(mx)}
+                          for name, (mn, opt, mx) in profile.items()}],
+            "inputs": [_tensor_info(network.get_input(i)) for i in range(network.num_inputs)],
+            "outputs": [_tensor_info(network.get_output(i)) for i in range(network.num_outputs)],
+            "layers": network.num_layers,
+            "decomposable_attention_layers": decomposed,
+            "workspace": workspace,
+            "timing_cache": str(timing_cache) if cache is not None else None,
+            "engine_bytes": engine_path.stat().st_size,
+            "build_s": round(build_s, 3),
+        }
+        with atomic_path(out_dir / BUILD_INFO, suffix=".json") as tmp:
+            tmp.write_text(json.dumps(info, indent=2) + "\n")
+        return engine_path
+    finally:
+        log.write(out_dir / BUILD_LOG)
+
+
+def _parser_error(error) -> str:
+    try:
+        where = f"node {error.node_name() or error.node()} ({error.node_operator()})"
+        return f"{where}: {error.desc()}"
+    except Exception:
+        return str(error)
+
+
+def _tensor_info(tensor) -> dict:
+    return {"name": tensor.name, "dtype": numpy_dtype_name(tensor.dtype), "shape": list(tensor.shape)}
+
+
+def numpy_dtype_name(trt_dtype) -> str:
+    """numpy dtype name of a ``trt.DataType`` (``DataType.HALF`` -> ``"float16"``)."""
+    name = str(trt_dtype).split(".")[-1]
+    if name not in plugins.TRT_TO_NUMPY:
+        raise AttncError(f"TensorRT data type {name} has no numpy equivalent in attnc", "")
+    return plugins.TRT_TO_NUMPY[name]
+
+
+def _set_compute_capabilities(trt, config, flavour: str, gpu: str | None, wanted, precision: str) -> list[str]:
+    if flavour != "tensorrt_rtx" or not hasattr(trt, "ComputeCapability"):
+        return [gpu.rsplit("(", 1)[-1].rstrip(")")] if gpu else []
+    members = [m for m in trt.ComputeCapability.__members__ if m not in ("NONE", "CURRENT")]
+    if wanted:
+        targets = [str(w).upper() for w in wanted]
+        bad = [t for t in targets if t not in members]
+        if bad:
+            raise AttncError(f"TensorRT-RTX cannot target {bad[0]}", f"choose from {', '.join(members)}")
+    else:
+        # TensorRT-RTX 1.7 builds neither bf16 nor fp32 GEMMs for Turing ("FP32 GEMM is not
+        # supported" / "HW-specific datatypes: b16"), so sm75 is a default target for fp16 only.
+        targets = ["CURRENT"] if gpu else [m for m in members if precision == "fp16" or m != "SM75"]
+    config.num_compute_capabilities = len(targets)
+    for index, target in enumerate(targets):
+        config.set_compute_capability(getattr(trt.ComputeCapability, target), index)
+    return targets
+
+
+def _load_timing_cache(config, flavour: str, path, log: _Log):
+    if path is None:
+        return None
+    if flavour == "tensorrt_rtx":
+        # TensorRT-RTX release notes (1.0-1.3): a timing cache forces the ahead-of-time step
+        # to query the GPU (no CPU-only builds) and has no effect on the engine.
+        log.lines.append(f"[attnc] timing cache {path} ignored: TensorRT-RTX engines do not use it")
+        return None
+    path = Path(path)
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def describe(artefact: str | os.PathLike) -> dict:
+    """Build facts for the manifest (``backend_info``): flavour, version, GPU, plugins, profiles."""
+    info_path = Path(artefact).with_name(BUILD_INFO)
+    if not info_path.is_file():
+        return {}
+    return json.loads(info_path.read_text())
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def load(artefact: str | os.PathLike) -> "EngineRunner":
+    return EngineRunner(artefact)
+
+
+_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int32": "int32",
+                 "int64": "int64", "int8": "int8", "uint8": "uint8", "bool": "bool"}
+
+
+class EngineRunner:
+    """Runs a serialized TensorRT engine on the GPU with torch CUDA tensors.
+
+    Args:
+        engine: path to ``engine.plan`` or a directory holding it.
+
+    ``infer(feeds)`` takes numpy arrays or torch tensors (any device) keyed by input name,
+    sets the input shapes (dynamic profiles), binds addresses with ``set_tensor_address``
+    and runs ``execute_async_v3`` on a CUDA stream. Outputs come back as numpy (bf16 as
+    float32) or, with ``as_torch=True``, as CUDA torch tensors.
+
+    Raises:
+        AttncError: no TensorRT, no GPU, or an engine this TensorRT cannot deserialize.
+    """
+
+    def __init__(self, engine: str | os.PathLike):
+        trt, flavour = import_tensorrt()
+        path = Path(engine)
+        if path.is_dir():
+            path = path / ARTEFACT
+        if not path.is_file():
+            raise AttncError(f"{path}: no such engine file", "pass the engine.plan an `attnc compile` wrote")
+        if gpu_name() is None:
+            raise AttncError("TensorRT engines need an NVIDIA GPU to run, and none is visible",
+                             "run on a machine with a GPU and driver, or compile with --backend onnxruntime")
+        import torch
+
+        info = describe(path)
+        plugin_ops = info.get("plugins", {}).get("ops", [])
+        if info.get("plugins", {}).get("mode") == "python-v3":
+            plugins.register_python_plugins(trt, plugin_ops, run=plugins.torch_reference_run)
+        self._trt, self._torch = trt, torch
+        self._log = _Log(trt)
+        self._runtime = trt.Runtime(self._log.logger)
+        self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise AttncError(f"{flavour} {trt.__version__} cannot load {path}: "
+                             f"{(self._log.errors or ['unknown error'])[-1][:300]}",
+                             "rebuild the engine with this TensorRT version on this GPU")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.input_specs = [
+            TensorSpec(n, tuple(d if d >= 0 else None for d in self.engine.get_tensor_shape(n)),
+                       _numpy_dtype(numpy_dtype_name(self.engine.get_tensor_dtype(n))))
+            for n in names if is_input[n]]
+        self.output_names = [n for n in names if not is_input[n]]
+        self._dtypes = {n: numpy_dtype_name(self.engine.get_tensor_dtype(n)) for n in names}
+
+    def infer(self, feeds: Mapping, as_torch: bool = False) -> dict:
+        """Run once; ``feeds`` must name every input. Returns ``{output name: array}``."""
+        torch = self._torch
+        check_feeds(self.input_specs, {k: _shape_only(v) for k, v in feeds.items()})
+        keep = []
+        for spec in self.input_specs:
+            tensor = _to_cuda(torch, feeds[spec.name], self._dtypes[spec.name])
+            keep.append(tensor)
+            self.context.set_input_shape(spec.name, tuple(tensor.shape))
+            self.context.set_tensor_address(spec.name, tensor.data_ptr())
+        outputs = {}
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise AttncError(f"output {name!r} has a data-dependent shape {shape}",
+                                 "attnc's runner needs output shapes known from input shapes")
+            dtype = getattr(torch, _TORCH_DTYPES[self._dtypes[name]])
+            outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, outputs[name].data_ptr())
+        self.stream.wait_stream(torch.cuda.current_stream())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise AttncError(f"TensorRT failed to run the engine: {(self._log.errors or ['?'])[-1][:300]}", "")
+        self.stream.synchronize()
+        if as_torch:
+            return outputs
+        return {k: (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy() for k, v in outputs.items()}
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    return np.dtype(np.float32) if name == "bfloat16" else np.dtype(name)
+
+
+def _shape_only(value):
+    return np.empty(tuple(value.shape), dtype=np.uint8) if hasattr(value, "shape") else value
+
+
+def _to_cuda(torch, value, dtype_name: str):
+    dtype = getattr(torch, _TORCH_DTYPES[dtype_name])
+    tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+    return tensor.to(device="cuda", dtype=dtype).contiguous()

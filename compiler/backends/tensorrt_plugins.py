@@ -1,0 +1,522 @@
+"""TensorRT plugins for attnc's fused ops: field encoding, shape rules, registration.
+
+Every fused op of ``attnc.plugins.FUSED_OPS`` becomes a TensorRT plugin of the same name
+in plugin namespace ``attnc`` (version ``"1"``). The op's contract (``OP_TYPE``,
+``ATTRIBUTES``, ``output_shape``) lives in its folder ``plugins/<op>/``; this module only
+reads it, so adding a fifth family needs no edit here.
+
+Two registration paths, chosen by what the installed TensorRT offers (see docs/tensorrt.md):
+
+- **TensorRT 10.x/11.x** (``tensorrt.plugin`` present): a Quick Deployable Plugin with
+  ``@trtp.register`` (output shape/dtype) and ``@trtp.aot_impl`` (a Triton kernel compiled
+  to PTX ahead of time). TensorRT embeds the PTX in the engine, so the engine runs from
+  C++ with no Python and no plugin library.
+- **TensorRT-RTX** (no ``tensorrt.plugin``, no ``add_plugin_v3``): a Python
+  ``IPluginCreatorV3One``/``IPluginV3`` pair registered in the plugin registry, which the
+  ONNX parser's fallback importer finds by (op_type, "1", "attnc"). The engine then needs
+  the same creators registered in the process that runs it.
+
+Everything that does not need TensorRT is a plain function here and is unit-tested:
+attribute <-> ``PluginField`` encoding (the exact bytes TensorRT's ONNX parser produces),
+output-shape rules, launch-grid helpers and the kernel-provider interface.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from attnc import DOMAIN
+from attnc.compiler.errors import AttncError
+
+NAMESPACE = DOMAIN  # TensorRT plugin namespace == ONNX domain of the fused nodes
+PLUGIN_VERSION = "1"
+
+# ----------------------------------------------------------------------------- op contracts
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """What TensorRT needs to know about one fused op.
+
+    Attributes:
+        op_type: ONNX op type == TensorRT plugin name.
+        fields: attribute name -> ``(kind, default)``; kind is one of ``"float"``, ``"int"``,
+            ``"ints"``, ``"floats"``, ``"string"`` (the ONNX attribute kinds the parser
+            turns into ``PluginField``s).
+        output_shape: ``(input_shapes, **attrs) -> shape`` of the single output; dims may be
+            ints or symbolic objects.
+    """
+
+    op_type: str
+    fields: dict[str, tuple[str, Any]]
+    output_shape: Callable[..., list]
+
+    @property
+    def plugin_id(self) -> str:
+        return f"{NAMESPACE}::{self.op_type}"
+
+
+def _kind_of(name: str, default) -> str:
+    if isinstance(default, bool) or isinstance(default, int):
+        return "int"
+    if isinstance(default, float):
+        return "float"
+    if isinstance(default, str):
+        return "string"
+    if isinstance(default, (list, tuple)):
+        return "floats" if default and isinstance(default[0], float) else "ints"
+    # ``None`` defaults are per-axis integer lists (NeighborhoodAttention's kernel_size, ...).
+    return "ints"
+
+
+def plugin_spec(op_type: str) -> PluginSpec:
+    """The :class:`PluginSpec` of fused op ``op_type``, read from its ``plugins/<op>`` module.
+
+    Raises:
+        AttncError: ``op_type`` is not a registered fused op, or its module lacks the contract.
+    """
+    from attnc import plugins
+
+    if op_type not in plugins.FUSED_OPS:
+        raise AttncError(f"{op_type!r} is not an attnc fused op",
+                         f"known fused ops: {', '.join(plugins.FUSED_OPS)}")
+    module = plugins.plugin(op_type)
+    attributes = getattr(module, "ATTRIBUTES", None)
+    rule = getattr(module, "output_shape", None)
+    if attributes is None or rule is None:
+        raise AttncError(f"{module.__name__} does not define ATTRIBUTES and output_shape",
+                         "every plugins/<op>/__init__.py must state its contract")
+    return PluginSpec(op_type, {n: (_kind_of(n, d), d) for n, d in attributes.items()}, rule)
+
+
+def registered_ops() -> list[str]:
+    """Fused op types that have a plugin module (the ones TensorRT plugins exist for)."""
+    from attnc import plugins
+
+    ops = []
+    for op_type in plugins.FUSED_OPS:
+        try:
+            plugins.plugin(op_type)
+        except ImportError:
+            continue
+        ops.append(op_type)
+    return ops
+
+
+def output_shape(op_type: str, input_shapes: Sequence[Sequence], attrs: dict) -> list:
+    """Output shape of a fused node (delegates to the op's own rule in ``plugins/<op>``)."""
+    return list(plugin_spec(op_type).output_shape(input_shapes, **attrs))
+
+
+# ----------------------------------------------------------------------------- plugin fields
+# TensorRT's ONNX parser (onnx-tensorrt ``loadFields``) turns node attributes into
+# PluginFields: FLOAT(S) -> kFLOAT32, INT(S) -> kINT32 (narrowed from int64), STRING(S) ->
+# kCHAR with a trailing NUL per string. encode_attribute produces exactly those bytes, so
+# plugin code can be tested against what the parser will hand it.
+
+FIELD_TYPES = ("FLOAT32", "INT32", "CHAR")  # names of trt.PluginFieldType members we emit
+
+_INT32 = np.iinfo(np.int32)
+
+
+@dataclass(frozen=True)
+class EncodedField:
+    """One plugin field, TensorRT-free: ``type`` names a ``trt.PluginFieldType`` member."""
+
+    name: str
+    type: str
+    data: bytes
+    length: int  # element count as TensorRT reports it (bytes for CHAR)
+
+
+def encode_attribute(attr: onnx.AttributeProto) -> EncodedField:
+    """An ONNX node attribute as the ``PluginField`` TensorRT's parser builds from it.
+
+    Raises:
+        AttncError: an attribute kind plugins cannot take, or an int outside int32.
+    """
+    A = onnx.AttributeProto
+    if attr.type in (A.FLOAT, A.FLOATS):
+        values = [attr.f] if attr.type == A.FLOAT else list(attr.floats)
+        return EncodedField(attr.name, "FLOAT32", np.asarray(values, "<f4").tobytes(), len(values))
+    if attr.type in (A.INT, A.INTS):
+        values = [attr.i] if attr.type == A.INT else list(attr.ints)
+        bad = [v for v in values if not _INT32.min <= v <= _INT32.max]
+        if bad:
+            raise AttncError(f"attribute {attr.name!r} value {bad[0]} does not fit int32, which "
+                             "is what TensorRT passes to plugins", "keep integer attributes below 2**31")
+        return EncodedField(attr.name, "INT32", np.asarray(values, "<i4").tobytes(), len(values))
+    if attr.type in (A.STRING, A.STRINGS):
+        values = [attr.s] if attr.type == A.STRING else list(attr.strings)
+        data = b"".join(v + b"\0" for v in values)
+        return EncodedField(attr.name, "CHAR", data, len(data))
+    raise AttncError(f"attribute {attr.name!r} has ONNX type {A.AttributeType.Name(attr.type)}, "
+                     "which TensorRT cannot pass to a plugin",
+                     "use float, int, string or lists of them for fused-op attributes")
+
+
+def decode_field(kind: str, type_name: str, data: bytes) -> Any:
+    """Back from plugin-field bytes to a Python value of attribute kind ``kind``."""
+    if type_name == "FLOAT32":
+        values = np.frombuffer(data, "<f4").tolist()
+    elif type_name == "INT32":
+        values = np.frombuffer(data, "<i4").tolist()
+    elif type_name == "CHAR":
+        strings = [s.decode() for s in data.split(b"\0")[:-1]] if data.endswith(b"\0") else [data.decode()]
+        return strings[0] if kind == "string" else strings
+    else:
+        raise AttncError(f"plugin field of type {type_name} is not one attnc emits", "")
+    if kind in ("float", "int"):
+        return values[0] if values else None
+    return values
+
+
+def encode_node_fields(node: onnx.NodeProto) -> list[EncodedField]:
+    """Every attribute of ``node`` that its plugin declares, encoded as the parser would."""
+    spec = plugin_spec(node.op_type)
+    return [encode_attribute(a) for a in node.attribute if a.name in spec.fields]
+
+
+def decode_fields(op_type: str, fields: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
+    """``{name: (type_name, bytes)}`` from TensorRT -> attribute dict with defaults filled in."""
+    spec = plugin_spec(op_type)
+    attrs = {}
+    for name, (kind, default) in spec.fields.items():
+        attrs[name] = decode_field(kind, *fields[name]) if name in fields else default
+    return attrs
+
+
+# ----------------------------------------------------------------------------- kernels (AOT)
+
+
+def cdiv(a, b):
+    """Ceiling division that works on ints and on TensorRT's symbolic ints (``+ - //``)."""
+    return (a + b - 1) // b
+
+
+@dataclass(frozen=True)
+class AotKernel:
+    """A kernel compiled ahead of time, as ``trtp.aot_impl`` hands it to TensorRT.
+
+    The kernel's parameters must be ``(*input_ptrs, *scalars, *output_ptrs)`` (TensorRT's
+    AOT calling convention).
+
+    Attributes:
+        name: the kernel's symbol in ``ptx``.
+        ptx: PTX text (TensorRT accepts PTX only for AOT plugins).
+        grid: ``(output_shapes) -> (gx, gy, gz)``; shapes hold ints or symbolic dims, so use
+            only ``+ - * //`` and :func:`cdiv`.
+        block: threads per block ``(bx, by, bz)``.
+        shared_mem: dynamic shared memory per block in bytes.
+        scalars: ``(input_shapes) -> [int32 scalars]`` passed after the input pointers.
+    """
+
+    name: str
+    ptx: str
+    grid: Callable[[list], tuple]
+    block: tuple[int, int, int] = (128, 1, 1)
+    shared_mem: int = 0
+    scalars: Callable[[list], list] = field(default=lambda shapes: [])
+
+
+KernelProvider = Callable[[str, dict, list, list], AotKernel]
+"""``kernel_for(op_type, attrs, dtypes, shapes) -> AotKernel``.
+
+``dtypes`` are numpy dtype names of the inputs (``"float16"``...), ``shapes`` the input
+shapes with ``None`` for dims only known at run time. Raise :class:`AttncError` when there
+is no kernel for that combination.
+"""
+
+_KERNEL_PROVIDERS: dict[str, KernelProvider] = {}
+
+
+def register_kernel_provider(op_type: str, provider: KernelProvider) -> None:
+    """Use ``provider`` for ``op_type``'s AOT kernel (overrides ``plugins/<op>/kernels.py``)."""
+    _KERNEL_PROVIDERS[op_type] = provider
+
+
+def kernel_for(op_type: str, attrs: dict, dtypes: list, shapes: list) -> AotKernel:
+    """The AOT kernel for one fused node: a registered provider, else ``kernel_for`` of
+    ``plugins/<op>/kernels.py`` (or ``triton.py``).
+
+    Raises:
+        AttncError: no Triton kernel exists for the op yet.
+    """
+    provider = _KERNEL_PROVIDERS.get(op_type)
+    if provider is None:
+        from attnc import plugins
+
+        package = plugins.FUSED_OPS[op_type]
+        for module_name in (f"{package}.kernels", f"{package}.triton"):
+            try:
+                provider = getattr(importlib.import_module(module_name), "kernel_for", None)
+            except ImportError:
+                continue
+            if provider is not None:
+                break
+        if provider is None:
+            folder = package.replace("attnc.", "").replace(".", "/")
+            raise AttncError(f"no AOT kernel provider for {op_type}, so TensorRT cannot run it as a plugin",
+                             f"compile with --fused-ops inline or --backend onnxruntime, or add "
+                             f"kernel_for(op_type, attrs, dtypes, shapes) to {folder}/kernels.py")
+    return provider(op_type, attrs, dtypes, shapes)
+
+
+def compile_triton_ptx(fn, signature: dict[str, str], constexprs: dict[str, Any],
+                       arch: int = 90, num_warps: int = 4) -> tuple[str, str, int]:
+    """Compile a ``@triton.jit`` kernel to PTX for ``sm_<arch>`` without a GPU, in the form
+    ``trtp.aot_impl`` returns it (wraps ``attnc.plugins.kernels_common.compile_for``).
+
+    Returns:
+        ``(kernel_name, ptx, shared_mem_bytes)``; launch with ``num_warps * 32`` threads.
+    """
+    from attnc.plugins.kernels_common import compile_for
+
+    compiled = compile_for(fn, signature, constexprs, arch, num_warps=num_warps)
+    return compiled.metadata.name, compiled.asm["ptx"], int(compiled.metadata.shared)
+
+
+def ptx_param_count(ptx: str, kernel_name: str) -> int:
+    """Number of parameters of ``.entry kernel_name`` in ``ptx``.
+
+    TensorRT launches an AOT kernel with exactly ``inputs + scalars + outputs`` arguments,
+    while Triton >= 3.3 appends two scratch pointers (global, profile) to every kernel: a
+    kernel provider must check the count (and keep both scratch sizes 0).
+    """
+    start = ptx.index(f".entry {kernel_name}(")
+    header = ptx[start:ptx.index(")", start)]
+    return header.count(".param")
+
+
+# ----------------------------------------------------------------------------- TensorRT 10/11: QDP
+
+
+def _static_shape(desc) -> list:
+    dims = []
+    for d in desc.shape_expr:
+        dims.append(d.constant_value() if d.is_constant else None)
+    return dims
+
+
+def register_qdp(trtp, spec: PluginSpec, kernels: KernelProvider = kernel_for) -> None:
+    """Register ``spec`` with ``tensorrt.plugin`` (module ``trtp``) as an AOT Quick Deployable Plugin.
+
+    ``trtp.register`` reads the descriptor's signature, so both functions get a real
+    ``inspect.Signature``: inputs as ``trtp.TensorDesc``, attributes typed by their kind.
+    """
+    import numpy.typing as npt
+
+    # QDP attribute types (tensorrt.plugin docs): int, float, str, and 1-D numpy arrays.
+    py_types = {"float": float, "int": int, "string": str,
+                "ints": npt.NDArray[np.int32], "floats": npt.NDArray[np.float32]}
+    # QDP has no optional inputs: the plugin takes the required Q, K, V (+ A for agent).
+    n_required = 4 if spec.op_type == "AgentAttention" else 3
+    tensor_params = [inspect.Parameter(f"in{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                       annotation=trtp.TensorDesc) for i in range(n_required)]
+    attr_params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=py_types[kind])
+                   for name, (kind, _) in spec.fields.items()]
+
+    desc_signature = inspect.Signature(tensor_params + attr_params, return_annotation=trtp.TensorDesc)
+
+    def describe(*args, **kwargs):
+        bound = desc_signature.bind(*args, **kwargs).arguments
+        inputs = [bound[p.name] for p in tensor_params]
+        attrs = {name: bound[name] for name in spec.fields if name in bound}
+        shape = spec.output_shape([list(d.shape_expr) for d in inputs], **attrs)
+        return trtp.from_shape_expr(trtp.ShapeExprs.from_tuple(tuple(shape)), dtype=inputs[0].dtype)
+
+    describe.__name__ = f"{spec.op_type}_desc"
+    describe.__signature__ = desc_signature
+    trtp.register(spec.plugin_id)(describe)
+
+    out_param = inspect.Parameter("outputs", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    tactic_param = inspect.Parameter("tactic", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int)
+    signature = inspect.Signature(tensor_params + attr_params + [out_param, tactic_param])
+
+    def aot(*args, **kwargs):
+        # Bind like the documented schema (inputs, attributes, outputs, tactic), whether
+        # TensorRT passes them by position or by name.
+        bound = signature.bind(*args, **kwargs).arguments
+        inputs = [bound[p.name] for p in tensor_params]
+        attrs = {name: bound[name] for name in spec.fields if name in bound}
+        outputs = bound["outputs"]
+        kernel = kernels(spec.op_type, attrs, [trtp_dtype_name(d.dtype) for d in inputs],
+                         [_static_shape(d) for d in inputs])
+        launch = trtp.KernelLaunchParams()
+        out_shapes = [list(o.shape_expr) for o in outputs]
+        launch.grid_x, launch.grid_y, launch.grid_z = kernel.grid(out_shapes)
+        launch.block_x, launch.block_y, launch.block_z = kernel.block
+        launch.shared_mem = kernel.shared_mem
+        scalars = kernel.scalars([list(d.shape_expr) for d in inputs])
+        extra = trtp.SymIntExprs(len(scalars))
+        for i, value in enumerate(scalars):
+            extra[i] = trtp.SymInt32(value)
+        return kernel.name, kernel.ptx, launch, extra
+
+    aot.__name__ = f"{spec.op_type}_aot"
+    aot.__signature__ = signature
+    trtp.aot_impl(spec.plugin_id)(aot)
+
+
+def trtp_dtype_name(dtype) -> str:
+    """numpy dtype name of a ``trt.DataType`` (works on the enum's name, no TensorRT import)."""
+    return TRT_TO_NUMPY[str(dtype).split(".")[-1]]
+
+
+TRT_TO_NUMPY = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32",
+                "INT64": "int64", "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
+
+
+# ----------------------------------------------------------------------------- TensorRT-RTX: V3One
+
+
+def register_python_plugins(trt, ops: Sequence[str], run: Callable | None = None) -> list[str]:
+    """Register a Python ``IPluginCreatorV3One`` for each op in ``ops`` with ``trt``'s registry.
+
+    Used where ``tensorrt.plugin`` is missing (TensorRT-RTX). ``run(op_type, attrs,
+    input_ptrs, input_descs, output_ptrs, output_descs, stream)`` executes the op at run time;
+    without it the plugin builds but raises if an engine tries to run it. Returns the names
+    registered (already-registered ones are skipped, so this is idempotent).
+    """
+    registry = trt.get_plugin_registry()
+    if run is not None:
+        _RUN[0] = run  # creators registered earlier (e.g. by a build) pick it up too
+    done = []
+    for op_type in ops:
+        if registry.get_creator(op_type, PLUGIN_VERSION, NAMESPACE) is not None:
+            done.append(op_type)
+            continue
+        creator = _make_creator(trt, plugin_spec(op_type))
+        if not registry.register_creator(creator, NAMESPACE):
+            raise AttncError(f"TensorRT refused to register the {op_type} plugin", "see the TensorRT log")
+        _CREATORS.append(creator)  # the registry keeps a raw pointer: keep the Python object alive
+        done.append(op_type)
+    return done
+
+
+_CREATORS: list = []
+_RUN: list = [None]
+_FIELD_TYPE_OF_KIND = {"float": "FLOAT32", "floats": "FLOAT32", "int": "INT32", "ints": "INT32",
+                       "string": "CHAR"}
+
+
+def _make_creator(trt, spec: PluginSpec):
+    def field_bytes(f) -> bytes:
+        return np.asarray(f.data).tobytes()
+
+    class Plugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+        def __init__(self, attrs: dict):
+            trt.IPluginV3.__init__(self)
+            trt.IPluginV3OneCore.__init__(self)
+            trt.IPluginV3OneBuild.__init__(self)
+            trt.IPluginV3OneRuntime.__init__(self)
+            self.plugin_name, self.plugin_version, self.plugin_namespace = spec.op_type, PLUGIN_VERSION, NAMESPACE
+            self.num_outputs = 1
+            self.attrs = attrs
+
+        def get_capability_interface(self, _type):
+            return self
+
+        def get_output_data_types(self, input_types):
+            return [input_types[0]]
+
+        def get_output_shapes(self, inputs, shape_inputs, expr_builder):
+            return [trt.DimsExprs(spec.output_shape([list(i) for i in inputs], **self.attrs))]
+
+        def supports_format_combination(self, pos, in_out, num_inputs):
+            desc = in_out[pos].desc
+            ok_type = desc.type in (trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16)
+            return desc.format == trt.TensorFormat.LINEAR and ok_type and desc.type == in_out[0].desc.type
+
+        def configure_plugin(self, inputs, outputs):
+            pass
+
+        def on_shape_change(self, inputs, outputs):
+            self.shapes = [tuple(i.dims) for i in inputs], [tuple(o.dims) for o in outputs]
+
+        def get_workspace_size(self, inputs, outputs):
+            return 0
+
+        def get_fields_to_serialize(self):
+            fields = []
+            for name, value in self.attrs.items():
+                if value is None:
+                    continue
+                kind = spec.fields[name][0]
+                proto = onnx.helper.make_attribute(name, value if value is not None else [])
+                enc = encode_attribute(proto)
+                arr = np.frombuffer(enc.data, {"FLOAT32": np.float32, "INT32": np.int32, "CHAR": np.int8}[enc.type])
+                fields.append(trt.PluginField(name, arr, getattr(trt.PluginFieldType, _FIELD_TYPE_OF_KIND[kind])))
+            return trt.PluginFieldCollection(fields)
+
+        def set_tactic(self, tactic):
+            pass
+
+        def attach_to_context(self, context):
+            return self.clone()
+
+        def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
+            if _RUN[0] is None:
+                raise RuntimeError(f"attnc {spec.op_type} plugin: no run-time implementation registered")
+            _RUN[0](spec.op_type, self.attrs, inputs, input_desc, outputs, output_desc, stream)
+
+        def clone(self):
+            return Plugin(dict(self.attrs))
+
+    class Creator(trt.IPluginCreatorV3One):
+        def __init__(self):
+            trt.IPluginCreatorV3One.__init__(self)
+            self.name, self.plugin_namespace, self.plugin_version = spec.op_type, NAMESPACE, PLUGIN_VERSION
+            self.field_names = trt.PluginFieldCollection([
+                trt.PluginField(name, np.array([]), getattr(trt.PluginFieldType, _FIELD_TYPE_OF_KIND[kind]))
+                for name, (kind, _) in spec.fields.items()])
+
+        def create_plugin(self, name, fields, phase):
+            raw = {}
+            for f in fields:
+                raw[f.name] = (str(f.type).split(".")[-1], field_bytes(f))
+            return Plugin(decode_fields(spec.op_type, raw))
+
+    return Creator()
+
+
+# ----------------------------------------------------------------------------- Python run time
+
+
+_TYPESTR = {"FLOAT": ("<f4", None), "HALF": ("<f2", None), "BF16": ("<i2", "bfloat16")}
+
+
+def torch_reference_run(op_type, attrs, input_ptrs, input_descs, output_ptrs, output_descs, stream) -> None:
+    """Run a fused op inside a Python-plugin engine with its torch ``reference`` on TensorRT's stream.
+
+    TensorRT-RTX's Python plugins call this from ``enqueue``; TensorRT's device pointers are
+    wrapped as torch tensors through ``__cuda_array_interface__`` (bf16 travels as int16).
+    Correct but unfused: the Triton kernels replace it once they exist.
+    """
+    import torch
+
+    from attnc import plugins as fused
+
+    def wrap(ptr, desc):
+        typestr, view = _TYPESTR[str(desc.type).split(".")[-1]]
+        holder = type("CudaArray", (), {})()
+        holder.__cuda_array_interface__ = {"shape": tuple(desc.dims), "typestr": typestr,
+                                           "data": (int(ptr), False), "version": 3, "stream": None}
+        tensor = torch.as_tensor(holder, device="cuda")
+        return tensor.view(getattr(torch, view)) if view else tensor
+
+    reference = fused.plugin(op_type).reference
+    params = inspect.signature(reference).parameters
+    tensor_params = [n for n, p in params.items() if "Tensor" in str(p.annotation)]
+    kwargs = {n: t for n, t in zip(tensor_params, (wrap(p, d) for p, d in zip(input_ptrs, input_descs)))}
+    kwargs.update({k: v for k, v in attrs.items() if k in params and v is not None})
+    out = wrap(output_ptrs[0], output_descs[0])
+    with torch.cuda.stream(torch.cuda.ExternalStream(int(stream))):
+        out.copy_(reference(**kwargs).to(out.dtype))
