@@ -1,0 +1,145 @@
+"""Kernelized linear attention (Katharopoulos et al., "Transformers are RNNs", 2020) and
+lightning attention (Qin et al., TransNormerLLM / Lightning Attention-2, 2023-24).
+
+Both map ``x [B, N, C] -> [B, N, C]``; per head, with ``φ`` a feature map on ``Q``, ``K``:
+
+- :class:`LinearAttention`, non-causal: ``out = φ(Q)(φ(K)ᵀV) / (φ(Q)·Σ_s φ(k_s) + eps)``,
+  the denominator only when ``normalize``. Causal: the sums run over ``s ≤ t``, written
+  either as prefix sums of the outer products ``φ(k_s) ⊗ v_s`` (``causal_form="cumsum"``,
+  the RNN view, ``[B, heads, N, D, D]``) or as the masked quadratic form
+  ``(φ(Q)φ(K)ᵀ ⊙ tril)·V`` (``causal_form="masked"``); both appear in the wild.
+- :class:`LightningAttention`: causal, no normalizer, per-head decay ``λ_h``:
+  ``O_t = Σ_{s≤t} λ_h^{t−s} (q_t·k_s) v_s``, computed as TransNormerLLM does, as the
+  quadratic form ``(QKᵀ ⊙ M)·V`` with ``M[t, s] = exp(−slope_h·(t−s))`` for ``s ≤ t``
+  and 0 above the diagonal (``λ_h = exp(−slope_h)``, ALiBi slopes by default).
+  TransNormerLLM's SiLU feature map, output norm and gate are left out: the fused op
+  covers only the decayed attention itself.
+
+No ``1/sqrt(D)`` scale is applied in either (the ONNX ``LinearAttention`` op is used
+with ``scale=1``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from attnc.models.mhsa import causal_mask
+from attnc.models.projections import QKVProjection, merge_heads
+
+FEATURE_MAPS = {
+    "elu1": lambda x: F.elu(x) + 1.0,
+    "relu": F.relu,
+    "identity": lambda x: x,
+}
+CAUSAL_FORMS = ("cumsum", "masked")
+
+
+def _feature_map(name: str):
+    if name not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {tuple(FEATURE_MAPS)}, got {name!r}")
+    return FEATURE_MAPS[name]
+
+
+class LinearAttention(nn.Module):
+    """Kernelized linear attention. ``x [B, N, C] -> [B, N, C]``.
+
+    Args:
+        dim: model width ``C``.
+        num_heads: number of heads.
+        feature_map: ``"elu1"`` (``elu(x)+1``), ``"relu"`` or ``"identity"``.
+        normalize: divide by ``φ(q_t)·Σφ(k_s) + eps``. With ``"identity"`` the
+            denominator can cross zero; use it without the normalizer.
+        causal: restrict to keys ``s ≤ t``.
+        causal_form: ``"cumsum"`` or ``"masked"`` (see the module docstring).
+        eps: added to the normalizer.
+        qkv_bias, fused_qkv: see :class:`~attnc.models.projections.QKVProjection`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, feature_map: str = "elu1", normalize: bool = True,
+                 causal: bool = False, causal_form: str = "cumsum", eps: float = 1e-6,
+                 qkv_bias: bool = True, fused_qkv: bool = True):
+        super().__init__()
+        if causal_form not in CAUSAL_FORMS:
+            raise ValueError(f"causal_form must be one of {CAUSAL_FORMS}, got {causal_form!r}")
+        self.in_proj = QKVProjection(dim, num_heads, qkv_bias, fused_qkv)
+        self.proj = nn.Linear(dim, dim)
+        self.feature_map = feature_map
+        self.phi = _feature_map(feature_map)
+        self.normalize = normalize
+        self.causal = causal
+        self.causal_form = causal_form
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.in_proj(x)
+        q, k = self.phi(q), self.phi(k)
+        if not self.causal:
+            out = q @ (k.transpose(-2, -1) @ v)
+            norm = q @ k.sum(dim=2, keepdim=True).transpose(-2, -1) if self.normalize else None
+        elif self.causal_form == "cumsum":
+            kv = (k.unsqueeze(-1) * v.unsqueeze(-2)).cumsum(dim=2)  # [B, heads, N, D, D]
+            out = (q.unsqueeze(-2) @ kv).squeeze(-2)
+            norm = (q * k.cumsum(dim=2)).sum(dim=-1, keepdim=True) if self.normalize else None
+        else:
+            visible = causal_mask(q.shape[2], k.shape[2], device=x.device)
+            scores = (q @ k.transpose(-2, -1)).masked_fill(~visible, 0.0)
+            out = scores @ v
+            norm = scores.sum(dim=-1, keepdim=True) if self.normalize else None
+        if norm is not None:
+            out = out / (norm + self.eps)
+        return self.proj(merge_heads(out))
+
+
+class LightningAttention(nn.Module):
+    """Causal linear attention with per-head decay. ``x [B, N, C] -> [B, N, C]``.
+
+    Args:
+        dim: model width ``C``.
+        num_heads: number of heads.
+        feature_map: applied to ``Q`` and ``K``; ``"identity"`` by default.
+        slopes: per-head ``slope_h`` (``λ_h = exp(−slope_h)``); defaults to the ALiBi
+            slopes TransNormerLLM uses. Stored as the buffer ``slope`` so it lands in the
+            ONNX file as an initializer a fusion pass can read.
+        qkv_bias, fused_qkv: see :class:`~attnc.models.projections.QKVProjection`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, feature_map: str = "identity",
+                 slopes: Sequence[float] | None = None, qkv_bias: bool = True, fused_qkv: bool = True):
+        super().__init__()
+        self.in_proj = QKVProjection(dim, num_heads, qkv_bias, fused_qkv)
+        self.proj = nn.Linear(dim, dim)
+        self.feature_map = feature_map
+        self.phi = _feature_map(feature_map)
+        slopes = alibi_slopes(num_heads) if slopes is None else list(slopes)
+        if len(slopes) != num_heads:
+            raise ValueError(f"need {num_heads} slopes, got {len(slopes)}")
+        self.register_buffer("slope", torch.tensor(slopes, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.in_proj(x)
+        q, k = self.phi(q), self.phi(k)
+        n = q.shape[2]
+        positions = torch.arange(n, device=x.device, dtype=q.dtype)
+        distance = positions[:, None] - positions[None, :]  # t - s
+        # exp(-inf) = 0 above the diagonal, so the mask needs no second multiply.
+        log_decay = (-self.slope[:, None, None] * distance).masked_fill(
+            ~causal_mask(n, n, device=x.device), float("-inf"))
+        out = ((q @ k.transpose(-2, -1)) * torch.exp(log_decay)) @ v
+        return self.proj(merge_heads(out))
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi's per-head slopes (Press et al. 2022): a geometric sequence from ``2^(-8/n)``."""
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return power_of_two(num_heads)
+    closest = 2 ** math.floor(math.log2(num_heads))
+    return power_of_two(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]

@@ -1,0 +1,74 @@
+"""Every small registry spec exports with both ONNX exporters and runs in ONNX Runtime
+with PyTorch's numbers, at two input shapes when the spec has dynamic axes.
+
+The models are exported at batch 2 and checked at batch 1 and at batch 3 with every
+other dynamic size grown by 4, so a graph that silently specialised to the example
+shape fails. ``test_comparison_fails_on_a_flipped_weight`` proves the comparison can fail.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from attnc.compiler.backends.onnxruntime import load
+from attnc.compiler.export import export_onnx
+from attnc.models.registry import SPECS, ModelSpec, get_spec
+
+SMALL = sorted(name for name, spec in SPECS.items() if not spec.realistic)
+EXPORTERS = ("dynamo", "torchscript")
+RTOL = ATOL = 1e-4
+
+
+def check_sizes(spec: ModelSpec) -> list[dict[str, int]]:
+    """Batch 1, then batch 3 with every other dynamic size grown by 4."""
+    grown = {dim: spec.sizes[dim] + 4 for dim in spec.dynamic if dim != "batch"}
+    return [{"batch": 1}, {"batch": 3, **grown}]
+
+
+def export(spec: ModelSpec, model: torch.nn.Module, exporter: str, tmp_path) -> onnx.ModelProto:
+    path = export_onnx(model, spec.example_inputs(batch=2), tmp_path / f"{spec.name}-{exporter}.onnx",
+                       exporter=exporter, dynamic_axes=spec.dynamic_axes, input_names=spec.input_names)
+    return onnx.load(str(path))
+
+
+def assert_matches_pytorch(proto: onnx.ModelProto, model: torch.nn.Module, spec: ModelSpec) -> None:
+    runner = load(proto, threads=1)  # tiny graphs; spare the other xdist worker's core
+    assert runner.output_names == ["output"]
+    for sizes in check_sizes(spec):
+        inputs = spec.example_inputs(seed=1, **sizes)
+        with torch.no_grad():
+            expected = model(*inputs).numpy()
+        got = runner.infer({name: t.numpy() for name, t in zip(spec.input_names, inputs)})["output"]
+        assert got.shape == expected.shape, f"{spec.name} at {sizes}"
+        np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL, err_msg=f"{spec.name} at {sizes}")
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("name", SMALL)
+def test_export_matches_pytorch(name, exporter, tmp_path):
+    spec = get_spec(name)
+    model = spec.factory()
+    assert_matches_pytorch(export(spec, model, exporter, tmp_path), model, spec)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_comparison_fails_on_a_flipped_weight(exporter, tmp_path):
+    """Flip the sign of one weight in the exported file: the same check must now fail."""
+    spec = get_spec("na2d-rpb-small")
+    model = spec.factory()
+    proto = export(spec, model, exporter, tmp_path)
+    assert_matches_pytorch(proto, model, spec)
+
+    weights = [init for init in proto.graph.initializer
+               if init.data_type == onnx.TensorProto.FLOAT and np.prod(init.dims) > 1]
+    target = max(weights, key=lambda init: np.prod(init.dims))
+    values = numpy_helper.to_array(target).copy()
+    flat = values.reshape(-1)
+    flat[np.argmax(np.abs(flat))] *= -1
+    target.CopyFrom(numpy_helper.from_array(values, target.name))
+    with pytest.raises(AssertionError, match="Not equal to tolerance"):
+        assert_matches_pytorch(proto, model, spec)
