@@ -115,7 +115,41 @@ def export_onnx(
                      "try --exporter torchscript or --exporter auto, or simplify the model's forward")
 
 
+def _speed_up_torchlib_registry() -> None:
+    """Build the dynamo exporter's op registry once per opset instead of once per export.
+
+    ``torch.onnx.export(dynamo=True)`` rebuilds its registry from torchlib on every call
+    (about 2 s of a 3 s export of a small model). The registry is a dict of lists that
+    an export only appends to, so a per-call copy of a cached one is equivalent. If
+    torch's internals ever change shape, this does nothing and exports stay correct.
+    """
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:
+        return
+    registry_cls = getattr(_registration, "ONNXRegistry", None)
+    original = getattr(registry_cls, "from_torchlib", None)
+    if original is None or getattr(original, "_attnc_cached", False) or \
+            not isinstance(getattr(registry_cls(), "functions", None), dict):
+        return
+    cache: dict = {}
+
+    def from_torchlib(cls, *args, **kwargs):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = original.__func__(cls, *args, **kwargs)
+        base = cache[key]
+        registry = cls()
+        registry.__dict__.update(base.__dict__)
+        registry.functions = {target: list(metas) for target, metas in base.functions.items()}
+        return registry
+
+    from_torchlib._attnc_cached = True
+    registry_cls.from_torchlib = classmethod(from_torchlib)
+
+
 def _export_with(exporter, model, inputs, opset, dynamic_axes, input_names, output_names) -> onnx.ModelProto:
+    _speed_up_torchlib_registry()
     with _translations_active(), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
