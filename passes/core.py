@@ -245,3 +245,262 @@ def value_shapes(model: onnx.ModelProto) -> dict[str, list]:
     for init in g.initializer:
         shapes[init.name] = list(init.dims)
     return shapes
+
+
+# ----------------------------------------------------------------------------- evaluation
+# Shared by the fusion passes that must *prove* a mask or decay table (softmax causal
+# masks, linear-attention causal/decay masks): such tensors are either constants or
+# computed from input shapes only (Range/Shape arithmetic under dynamic axes).
+
+def scalar_constant(model: onnx.ModelProto, name: str) -> float | None:
+    """The value of ``name`` if it is a constant holding a single number, else ``None``."""
+    value = constant_value(model, name)
+    if value is None or value.size != 1:
+        return None
+    return float(value.reshape(()))
+
+
+def depends_on_data(model: onnx.ModelProto, name: str) -> bool:
+    """Whether ``name`` reads a graph input's *values* (not only its shape)."""
+    produced = producers(model)
+    graph_inputs = {i.name for i in model.graph.input}
+    seen: set[str] = set()
+    stack = [name]
+    while stack:
+        t = stack.pop()
+        if t in seen or not t:
+            continue
+        seen.add(t)
+        if t in graph_inputs:
+            return True
+        node = produced.get(t)
+        if node is None or node.op_type in ("Shape", "Size"):
+            continue
+        stack.extend(node.input)
+        stack.extend(_subgraph_inputs(node))
+    return False
+
+
+def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int, ...] = (5, 8)
+                     ) -> list[dict[str, np.ndarray]]:
+    """Compute tensors ``names`` with ONNX Runtime on synthetic inputs.
+
+    Every symbolic (or unknown) graph-input dimension is set to each of ``sizes`` in turn
+    (one run per size; a single run when the graph has static inputs). Float inputs get
+    standard-normal values, integer inputs zeros. Only the nodes ``names`` depend on run.
+    Meant for tensors that depend on input *shapes* only (see :func:`depends_on_data`):
+    it is how a pass checks that a mask is causal at several sequence lengths.
+    """
+    import onnxruntime as ort
+
+    produced = producers(model)
+    needed: set[str] = set()
+    stack = list(names)
+    while stack:
+        t = stack.pop()
+        if t in needed or not t:
+            continue
+        needed.add(t)
+        node = produced.get(t)
+        if node is not None:
+            stack.extend(node.input)
+            stack.extend(_subgraph_inputs(node))
+    sub = onnx.ModelProto()
+    sub.CopyFrom(model)
+    g = sub.graph
+    keep = [n for n in g.node if any(o in needed for o in n.output)]
+    del g.node[:]
+    g.node.extend(keep)
+    inputs = [i for i in g.input if i.name in needed]
+    del g.input[:]
+    g.input.extend(inputs)
+    del g.output[:]
+    g.output.extend(onnx.helper.make_value_info(n, onnx.TypeProto()) for n in names)
+    del g.value_info[:]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    static = all(d.HasField("dim_value") for i in inputs for d in i.type.tensor_type.shape.dim)
+    rng = np.random.default_rng(0)
+    results = []
+    for size in sizes[:1] if static else sizes:
+        feeds = {}
+        for info in inputs:
+            t = info.type.tensor_type
+            shape = [d.dim_value if d.HasField("dim_value") else size for d in t.shape.dim]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+            if np.issubdtype(dtype, np.floating):
+                feeds[info.name] = rng.standard_normal(shape).astype(dtype)
+            else:
+                feeds[info.name] = np.zeros(shape, dtype=dtype)
+        results.append(dict(zip(names, session.run(list(names), feeds))))
+    return results
+
+
+# ----------------------------------------------------------------------------- matching helpers
+# Shared by passes that walk an exported graph backwards from a candidate output
+# (agent, flow): one index built per pass run instead of rescanning the graph per lookup.
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain (``ai.onnx``) opset version."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` in which every node has a unique name."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    name_nodes(copy)
+    return copy
+
+
+def node_attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """The Python value of attribute ``name`` of ``node``, or ``default``."""
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def canonical_einsum(equation: str | bytes) -> str:
+    """``equation`` with its index letters renamed in order of appearance (``nhld,nhd->nhl``
+    -> ``abcd,abd->abc``), so einsums compare by meaning, not by the letters a model used."""
+    if isinstance(equation, bytes):
+        equation = equation.decode()
+    letters: dict[str, str] = {}
+    out = []
+    for ch in equation.replace(" ", ""):
+        if ch.isalpha():
+            out.append(letters.setdefault(ch, "abcdefghijklmnopqrstuvwxyz"[len(letters)]))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+class GraphIndex:
+    """Producers, consumers, inferred shapes and constants of one model, indexed once.
+
+    Attributes:
+        model: the indexed model (not copied: rebuild the index after editing it).
+        prod / cons: tensor -> producing node / consuming nodes.
+        shapes: tensor -> shape from :func:`value_shapes`.
+        consts: tensor -> value for initializers and ``Constant`` outputs.
+    """
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.prod = producers(model)
+        self.cons = consumers(model)
+        self.shapes = value_shapes(model)
+        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i, base_dir="")
+                                               for i in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type == "Constant" and node.output:
+                value = constant_value_of_node(node)
+                if value is not None:
+                    self.consts[node.output[0]] = value
+
+    def node(self, tensor: str) -> onnx.NodeProto | None:
+        """The node producing ``tensor``, looking through ``Identity`` nodes."""
+        node = self.prod.get(tensor)
+        while node is not None and node.op_type == "Identity":
+            node = self.prod.get(node.input[0])
+        return node
+
+    def const(self, tensor: str) -> np.ndarray | None:
+        """The value of ``tensor`` if it is constant (also through one ``Identity``/``Cast``)."""
+        if tensor in self.consts:
+            return self.consts[tensor]
+        node = self.node(tensor)
+        if node is not None and node.op_type in ("Identity", "Cast") and node.input[0] in self.consts:
+            return self.consts[node.input[0]]
+        return None
+
+    def scalar(self, tensor: str) -> float | None:
+        """The value of ``tensor`` if it is a constant float holding one number."""
+        value = self.const(tensor)
+        if value is None or value.size != 1 or not np.issubdtype(value.dtype, np.floating):
+            return None
+        return float(value.reshape(()))
+
+    def rank(self, tensor: str) -> int | None:
+        shape = self.shapes.get(tensor)
+        return None if shape is None else len(shape)
+
+
+def constant_value_of_node(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value a ``Constant`` node holds (any of its value attributes)."""
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name in ("value_float", "value_floats"):
+            return np.array(onnx.helper.get_attribute_value(attr), dtype=np.float32)
+        if attr.name in ("value_int", "value_ints"):
+            return np.array(onnx.helper.get_attribute_value(attr), dtype=np.int64)
+    return None
+
+
+def convert_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """``onnx.version_converter.convert_version`` that keeps the model's functions.
+
+    The converter drops ``model.functions`` (the fused ops' bodies added by earlier passes)
+    and the opset imports of their domains; they are put back unchanged, each function
+    keeping the opset it declares.
+    """
+    converted = onnx.version_converter.convert_version(model, version)
+    known = {o.domain for o in converted.opset_import}
+    for entry in model.opset_import:
+        if entry.domain not in known and entry.domain not in ("", "ai.onnx"):
+            converted.opset_import.append(entry)
+    existing = {(f.domain, f.name, f.overload) for f in converted.functions}
+    for function in model.functions:
+        if (function.domain, function.name, function.overload) not in existing:
+            restored = converted.functions.add()
+            restored.CopyFrom(function)
+            _bump_function_opset(restored, version)
+    return converted
+
+
+# Ops whose schema changed between opsets 17 and 23 only by accepting more types or by new
+# attributes/modes whose defaults keep the old behaviour: a body using them means the same
+# thing at the higher opset (the ONNX checker wants a function's opset to match the model's).
+_COMPATIBLE_CHANGES = {
+    "Constant", "ConstantOfShape", "Cast", "CastLike", "Shape", "Size", "Reshape", "Transpose", "Squeeze",
+    "Unsqueeze", "Flatten", "Identity", "If", "Loop", "Scan", "Equal", "Pad", "AveragePool", "ReduceMax",
+    "ReduceMin", "Resize", "Split",
+    # opset 22 added bfloat16 to these
+    "Elu", "Selu", "HardSigmoid", "HardSwish", "Softplus", "Softsign", "ThresholdedRelu", "Mish", "Dropout",
+    "Conv", "ConvTranspose", "MaxPool", "GlobalAveragePool", "GlobalMaxPool", "InstanceNormalization",
+    "LpNormalization", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh",
+}
+
+
+def _bump_function_opset(function: onnx.FunctionProto, version: int) -> None:
+    """Raise a function's default-domain opset to ``version`` when its body means the same there."""
+    from onnx import defs
+
+    entry = next((o for o in function.opset_import if o.domain in ("", "ai.onnx")), None)
+    if entry is None or entry.version >= version:
+        return
+
+    def unchanged(node) -> bool:
+        if node.domain not in ("", "ai.onnx"):
+            return True
+        if node.op_type in _COMPATIBLE_CHANGES:
+            return True
+        try:
+            return (defs.get_schema(node.op_type, entry.version).since_version
+                    == defs.get_schema(node.op_type, version).since_version)
+        except Exception:  # noqa: BLE001 - unknown op: leave the function as it is
+            return False
+
+    def all_nodes(nodes):
+        for node in nodes:
+            yield node
+            for attr in node.attribute:
+                for g in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                    yield from all_nodes(g.node)
+
+    if all(unchanged(n) for n in all_nodes(function.node)):
+        entry.version = version
