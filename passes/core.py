@@ -305,18 +305,16 @@ def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int,
         if node is not None:
             stack.extend(node.input)
             stack.extend(_subgraph_inputs(node))
-    sub = onnx.ModelProto()
-    sub.CopyFrom(model)
-    g = sub.graph
-    keep = [n for n in g.node if any(o in needed for o in n.output)]
-    del g.node[:]
-    g.node.extend(keep)
-    inputs = [i for i in g.input if i.name in needed]
-    del g.input[:]
-    g.input.extend(inputs)
-    del g.output[:]
-    g.output.extend(onnx.helper.make_value_info(n, onnx.TypeProto()) for n in names)
-    del g.value_info[:]
+    # a new model holding only what ``names`` need (not a copy: an LLM's embedding table
+    # would be serialised for every evaluation)
+    src = model.graph
+    inputs = [i for i in src.input if i.name in needed]
+    g = onnx.helper.make_graph(
+        [n for n in src.node if any(o in needed for o in n.output)], "evaluate", inputs,
+        [onnx.helper.make_value_info(n, onnx.TypeProto()) for n in names],
+        initializer=[i for i in src.initializer if i.name in needed])
+    sub = onnx.helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    sub.functions.extend(model.functions)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 1

@@ -1,0 +1,149 @@
+"""NATTEN-compatible functions that export as ``attnc::NeighborhoodAttention``.
+
+NATTEN (SHI-Labs) has no ONNX export: its ops are CUDA/CPU extension kernels. Models written
+against its functional API (NATTEN >= 0.20)::
+
+    natten.functional.na1d(query, key, value, kernel_size, dilation=1, is_causal=False, scale=None)
+    natten.functional.na2d(...)   # query/key/value [B, X, Y, heads, D] (heads-last)
+    natten.functional.na3d(...)   # [B, X, Y, Z, heads, D]
+
+can call :func:`na1d` / :func:`na2d` / :func:`na3d` here instead (same signatures and layout, plus
+an optional ``rpb``), or be exported inside :func:`patch_natten`, which swaps those three into
+``natten.functional`` while active (when NATTEN is installed). Behaviour:
+
+- eager: the op's reference semantics (``attnc.plugins.neighborhood.reference``; dense, float64
+  capable: a correctness path, not a fast one);
+- ``torch.onnx.export(dynamo=True)``: ``torch.onnx.ops.symbolic`` emits the node directly;
+- TorchScript export: an ``autograd.Function`` whose ``symbolic`` emits the node.
+
+Either way the exported node carries no function body yet (exporters cannot attach one):
+:func:`attach_functions` adds it (``attnc.passes.neighborhood.apply`` calls it, so the normal
+pipeline handles it). The node works heads-first, so the graph has a Transpose on each side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator, Sequence
+
+import onnx
+import torch
+
+from attnc import DOMAIN
+from attnc.plugins import neighborhood as plugin
+
+
+def _per_axis(value, ndim: int) -> list[int]:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * ndim
+    if len(values) != ndim:
+        raise ValueError(f"need {ndim} value(s), got {value!r}")
+    return [int(v) for v in values]
+
+
+class _TracedNeighborhoodAttention(torch.autograd.Function):
+    """TorchScript export path: ``symbolic`` emits the attnc node."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, kernel_size, dilation, is_causal, scale):  # noqa: D401
+        return plugin.reference(q, k, v, kernel_size, dilation, is_causal, scale, rpb=rpb)
+
+    @staticmethod
+    def symbolic(g, q, k, v, rpb, kernel_size, dilation, is_causal, scale):
+        inputs = [q, k, v] + ([rpb] if rpb is not None and not _is_none(rpb) else [])
+        return g.op(f"{DOMAIN}::{plugin.OP_TYPE}", *inputs, kernel_size_i=list(kernel_size),
+                    dilation_i=list(dilation), is_causal_i=list(is_causal), scale_f=float(scale))
+
+
+def _is_none(value) -> bool:
+    return hasattr(value, "node") and value.node().mustBeNone()
+
+
+def neighborhood_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size,
+                           dilation=1, is_causal=False, scale: float | None = None,
+                           rpb: torch.Tensor | None = None) -> torch.Tensor:
+    """Heads-first NA: ``[B, heads, *grid, D] -> [B, heads, *grid, Dv]`` (the fused op's layout)."""
+    ndim = query.dim() - 3
+    ks, ds = _per_axis(kernel_size, ndim), _per_axis(dilation, ndim)
+    cs = [int(bool(c)) for c in (is_causal if isinstance(is_causal, (list, tuple)) else [is_causal] * ndim)]
+    scale = float(scale) if scale else 0.0  # 0 -> 1/sqrt(D) (the op's default; keeps D out of the trace)
+    if torch.jit.is_tracing():
+        return _TracedNeighborhoodAttention.apply(query, key, value, rpb, ks, ds, cs, scale)
+    if torch.onnx.is_in_onnx_export():
+        inputs = [query, key, value] + ([rpb] if rpb is not None else [])
+        return torch.onnx.ops.symbolic(
+            f"{DOMAIN}::{plugin.OP_TYPE}", inputs,
+            {"kernel_size": ks, "dilation": ds, "is_causal": cs, "scale": scale},
+            dtype=query.dtype, shape=[*query.shape[:-1], value.shape[-1]], version=1)
+    return plugin.reference(query, key, value, ks, ds, cs, scale, rpb=rpb)
+
+
+def _heads_last(fn_ndim: int):
+    def na(query, key, value, kernel_size, dilation=1, is_causal=False, scale=None, rpb=None, **unsupported):
+        if unsupported:
+            raise NotImplementedError(f"attnc's NATTEN translation does not support {sorted(unsupported)}")
+        if query.dim() != fn_ndim + 3:
+            raise ValueError(f"na{fn_ndim}d expects [B, *grid({fn_ndim}), heads, D], got {tuple(query.shape)}")
+        to_heads_first = [0, fn_ndim + 1, *range(1, fn_ndim + 1), fn_ndim + 2]
+        back = [0, *range(2, fn_ndim + 2), 1, fn_ndim + 2]
+        out = neighborhood_attention(*(t.permute(to_heads_first) for t in (query, key, value)),
+                                     kernel_size, dilation, is_causal, scale, rpb)
+        return out.permute(back)
+
+    na.__name__ = na.__qualname__ = f"na{fn_ndim}d"
+    na.__doc__ = (f"NATTEN >= 0.20 ``na{fn_ndim}d``: query/key/value ``[B, *grid({fn_ndim}), heads, D]`` -> "
+                  f"``[B, *grid, heads, Dv]``; ``rpb`` ``[heads, 2k-1, ...]`` is an attnc extension.")
+    return na
+
+
+na1d = _heads_last(1)
+na2d = _heads_last(2)
+na3d = _heads_last(3)
+
+
+@contextlib.contextmanager
+def patch_natten() -> Iterator[bool]:
+    """Swap ``natten.functional.na{1,2,3}d`` for the exportable ones while active.
+
+    Yields whether NATTEN was found (nothing is patched when it is not installed).
+    """
+    try:
+        functional = importlib.import_module("natten.functional")
+    except ImportError:
+        yield False
+        return
+    saved = {name: getattr(functional, name, None) for name in ("na1d", "na2d", "na3d")}
+    try:
+        for name, fn in (("na1d", na1d), ("na2d", na2d), ("na3d", na3d)):
+            setattr(functional, name, fn)
+        yield True
+    finally:
+        for name, fn in saved.items():
+            if fn is None:
+                delattr(functional, name)
+            else:
+                setattr(functional, name, fn)
+
+
+def register() -> None:
+    """Make every ``attnc.compiler.export.export_onnx`` call run inside :func:`patch_natten`."""
+    from attnc.compiler.export import register_translation
+
+    register_translation(patch_natten)
+
+
+def attach_functions(model: onnx.ModelProto) -> int:
+    """Give exported ``NeighborhoodAttention`` nodes their overload and function body; returns how many."""
+    count = 0
+    for node in model.graph.node:
+        if node.domain == DOMAIN and node.op_type == plugin.OP_TYPE and not node.overload:
+            has_rpb = len(node.input) > 3 and bool(node.input[3])
+            ndim = len(next(a.ints for a in node.attribute if a.name == "kernel_size"))
+            node.overload = plugin.overload_name(ndim, has_rpb, any(a.name == "grid" for a in node.attribute))
+            plugin.add_to_model(model, node)
+            count += 1
+    return count
+
+
+__all__: Sequence[str] = ["na1d", "na2d", "na3d", "neighborhood_attention", "patch_natten", "register",
+                          "attach_functions"]

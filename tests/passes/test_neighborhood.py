@@ -1,0 +1,353 @@
+"""Neighborhood-attention fusion: export, fuse, and compare ORT before / after / PyTorch.
+
+Models: the registry's NA specs (masked and gather forms, 1-D / 2-D, dilation, causal, RPB,
+dynamic grid), an independent masked NA written here from the NATTEN docs (hypothesis sweep), a
+NAT (NATTEN <= 0.17) style ``NeighborhoodAttention2D`` with ``natten2dqkrpb`` / ``natten2dav``
+written in the masked form, lucidrains' ``local-attention`` and near-miss variants.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from attnc.compiler.backends.onnxruntime import load
+from attnc.compiler.export import export_onnx
+from attnc.models.registry import get_spec
+from attnc.passes import fuse_attention
+from attnc.passes import neighborhood as na_pass
+from attnc.plugins import neighborhood as na_plugin
+
+logging.getLogger("attnc").setLevel(logging.ERROR)
+OP = na_plugin.OP_TYPE
+
+
+def _export(model, inputs, tmp_path, exporter="torchscript", opset=18, dynamic_axes=None, names=None):
+    path = tmp_path / f"m-{exporter}-{opset}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(model, inputs, path, exporter=exporter, opset=opset, dynamic_axes=dynamic_axes,
+                    input_names=names)
+    return onnx.load(str(path))
+
+
+def _run(model, feeds):
+    return load(model, providers=["CPUExecutionProvider"]).session.run(None, feeds)[0]
+
+
+def _fused_count(model) -> int:
+    return sum(n.op_type == OP and n.domain == "attnc" for n in model.graph.node)
+
+
+def _check_fused(model, onnx_model, input_sets, n_fused=1, rtol=1e-5, atol=1e-6, names=("x",)):
+    fused, report = na_pass.apply(onnx_model)
+    assert report.rewritten == n_fused, report.to_dict()
+    assert _fused_count(fused) == n_fused
+    assert len(fused.graph.node) < len(onnx_model.graph.node)
+    onnx.checker.check_model(fused)
+    for inputs in input_sets:
+        feeds = {n: t.numpy() for n, t in zip(names, inputs)}
+        before, after = _run(onnx_model, feeds), _run(fused, feeds)
+        with torch.no_grad():
+            expected = model(*inputs).float().numpy()
+        np.testing.assert_allclose(after, before, rtol=rtol, atol=atol)
+        np.testing.assert_allclose(after, expected, rtol=rtol, atol=atol)
+    return fused, report
+
+
+def _spec_case(name, tmp_path, exporter, opset=18):
+    spec = get_spec(name)
+    model = spec.factory().eval()
+    onnx_model = _export(model, spec.example_inputs(batch=2, seed=0), tmp_path, exporter, opset,
+                         spec.dynamic_axes, spec.input_names)
+    sizes = [dict(batch=1), dict(batch=3)]
+    if "seq" in spec.dynamic:
+        sizes = [dict(batch=1, seq=23), dict(batch=3, seq=41)]
+    if "height" in spec.dynamic:
+        sizes = [dict(batch=1, height=7, width=13), dict(batch=2, height=12, width=9)]
+    inputs = [spec.example_inputs(seed=i + 1, **s) for i, s in enumerate(sizes)]
+    return model, onnx_model, inputs, spec
+
+
+NA_SPECS = ["na1d-small", "na1d-gather-small", "na1d-causal-small", "na1d-causal-gather-small", "na2d-small",
+            "na2d-gather-small", "na2d-rpb-small", "na2d-rpb-gather-small", "na2d-causal-small",
+            "na2d-dynamic-small"]
+EXPECTED = {  # spec -> (kernel_size, dilation, is_causal)
+    "na1d-small": ([7], [1], [0]), "na1d-gather-small": ([5], [2], [0]), "na1d-causal-small": ([7], [1], [1]),
+    "na1d-causal-gather-small": ([5], [3], [1]), "na2d-small": ([5, 5], [1, 1], [0, 0]),
+    "na2d-gather-small": ([3, 3], [2, 3], [0, 0]), "na2d-rpb-small": ([5, 5], [1, 1], [0, 0]),
+    "na2d-rpb-gather-small": ([5, 3], [1, 1], [0, 0]), "na2d-causal-small": ([3, 3], [1, 1], [1, 0]),
+    "na2d-dynamic-small": ([3, 3], [2, 2], [0, 0]),
+}
+
+
+@pytest.mark.parametrize("name", NA_SPECS)
+def test_registry_models_torchscript(name, tmp_path):
+    model, onnx_model, inputs, spec = _spec_case(name, tmp_path, "torchscript")
+    fused, report = _check_fused(model, onnx_model, inputs, names=spec.input_names)
+    attrs = report.matches[0].attributes
+    assert (attrs["kernel_size"], attrs["dilation"], attrs["is_causal"]) == EXPECTED[name]
+    # a static grid selects the overload whose index tensors ONNX Runtime can constant-fold
+    node = next(n for n in fused.graph.node if n.op_type == OP)
+    assert node.overload.endswith("_static") == (spec.dynamic == ("batch",))
+    assert attrs["scale"] == pytest.approx(model.scale)
+
+
+@pytest.mark.parametrize("name", ["na1d-causal-small", "na2d-rpb-small", "na2d-rpb-gather-small",
+                                  "na2d-dynamic-small"])
+def test_registry_models_dynamo(name, tmp_path):
+    model, onnx_model, inputs, spec = _spec_case(name, tmp_path, "dynamo")
+    _check_fused(model, onnx_model, inputs, names=spec.input_names)
+
+
+@pytest.mark.parametrize("name", ["vit-neighborhood-small", "lm-neighborhood-small"])
+def test_two_block_models(name, tmp_path):
+    model, onnx_model, inputs, spec = _spec_case(name, tmp_path, "torchscript")
+    _check_fused(model, onnx_model, inputs, n_fused=2, names=spec.input_names)
+
+
+@pytest.mark.parametrize("exporter,opset", [("torchscript", 17), ("torchscript", 20), ("dynamo", 23)])
+def test_opsets(exporter, opset, tmp_path):
+    model, onnx_model, inputs, spec = _spec_case("na2d-causal-small", tmp_path, exporter, opset)
+    _check_fused(model, onnx_model, inputs, names=spec.input_names)
+
+
+def test_fp16_export(tmp_path):
+    spec = get_spec("na2d-rpb-small")
+    model = spec.factory().eval().half()
+    x = spec.example_inputs(batch=2, seed=0)[0].half()
+    onnx_model = _export(model, (x,), tmp_path, "torchscript", 18, spec.dynamic_axes, ["x"])
+    fused, report = na_pass.apply(onnx_model)
+    assert report.rewritten == 1 and _fused_count(fused) == 1
+    xs = spec.example_inputs(batch=3, seed=5)[0]
+    before, after = _run(onnx_model, {"x": xs.half().numpy()}), _run(fused, {"x": xs.half().numpy()})
+    with torch.no_grad():
+        expected = spec.factory().eval()(xs).numpy()  # fp32 PyTorch
+    np.testing.assert_allclose(after.astype(np.float32), expected, atol=5e-3, rtol=1e-2)
+    np.testing.assert_allclose(after.astype(np.float32), before.astype(np.float32), atol=5e-3, rtol=1e-2)
+
+
+def test_pipeline_runs_the_pass(tmp_path):
+    model, onnx_model, inputs, spec = _spec_case("na2d-rpb-small", tmp_path, "torchscript")
+    fused, reports = fuse_attention(onnx_model, ["neighborhood"])
+    assert _fused_count(fused) == 1 and reports[0].family == "neighborhood"
+    assert na_pass.find(onnx_model).matches[0].shapes["grid"] == [9, 11]
+
+
+# ----------------------------------------------------------------------------- independent models
+
+def _oracle_mask(grid, kernel, dilation, causal):
+    """Allowed [N, N] from the NATTEN docs' centre formula, with Python loops."""
+    def keys(i, n, k, d, c):
+        g, p = i % d, i // d
+        m = len(range(g, n, d))
+        if c:
+            return {g + d * s for s in range(max(0, p - k + 1), p + 1)}
+        left, right = k // 2, k // 2 + k % 2 - 1
+        centre = min(max(p, left), m - 1 - right)
+        return {g + d * s for s in range(centre - left, centre + right + 1)}
+    coords = np.array(np.unravel_index(np.arange(int(np.prod(grid))), grid)).T
+    return np.array([[all(b[a] in keys(q[a], grid[a], kernel[a], dilation[a], causal[a]) for a in range(len(grid)))
+                      for b in coords] for q in coords])
+
+
+class MaskedNA(nn.Module):
+    """NA written the way people without NATTEN do: separate q/k/v, scale after the matmul, mask buffer."""
+
+    def __init__(self, dim, heads, grid, kernel, dilation, causal, scale_after=True, manual_softmax=False):
+        super().__init__()
+        self.heads, self.grid, self.scale_after, self.manual_softmax = heads, grid, scale_after, manual_softmax
+        self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+        mask = _oracle_mask(grid, kernel, dilation, causal)
+        self.register_buffer("mask", torch.zeros(mask.shape).masked_fill(torch.from_numpy(~mask), float("-inf")))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = (f(x).view(b, n, self.heads, -1).permute(0, 2, 1, 3) for f in (self.q, self.k, self.v))
+        s = (c // self.heads) ** -0.5
+        scores = (q @ k.transpose(-1, -2)) * s if self.scale_after else (q * s) @ k.transpose(-1, -2)
+        scores = scores + self.mask
+        if self.manual_softmax:  # exports as ReduceMax / Sub / Exp / ReduceSum / Div
+            e = (scores - scores.amax(-1, keepdim=True)).exp()
+            probs = e / e.sum(-1, keepdim=True)
+        else:
+            probs = scores.softmax(-1)
+        out = probs @ v
+        return out.transpose(1, 2).reshape(b, n, c)
+
+
+@settings(max_examples=6, deadline=None)
+@given(data=st.data())
+def test_random_masked_configs(tmp_path_factory, data):
+    ndim = data.draw(st.sampled_from([1, 2]))
+    kernel = [data.draw(st.sampled_from([1, 3, 5])) for _ in range(ndim)]
+    dilation = [data.draw(st.integers(1, 2)) for _ in range(ndim)]
+    grid = tuple(k * d + data.draw(st.integers(0, 3)) for k, d in zip(kernel, dilation))
+    causal = [int(data.draw(st.booleans())) for _ in range(ndim)]
+    heads = data.draw(st.sampled_from([1, 2]))
+    allowed = _oracle_mask(grid, kernel, dilation, causal)
+    torch.manual_seed(0)
+    model = MaskedNA(8 * heads, heads, grid, kernel, dilation, causal, data.draw(st.booleans())).eval()
+    n = int(np.prod(grid))
+    onnx_model = _export(model, (torch.randn(2, n, 8 * heads),), tmp_path_factory.mktemp("m"),
+                         dynamic_axes={"x": {0: "batch"}}, names=["x"])
+    if allowed.all() or (np.tril(allowed).all() and not np.triu(allowed, 1).any()):
+        # the window covers the whole grid: plain (causal) attention, left to the softmax pass
+        report = na_pass.find(onnx_model)
+        assert not report.matches and "plain" in report.near_misses[0].reason
+        return
+    _check_fused(model, onnx_model, [(torch.randn(1, n, 8 * heads),), (torch.randn(3, n, 8 * heads),)])
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_decomposed_softmax_and_scale_on_scores(exporter, tmp_path):
+    torch.manual_seed(0)
+    model = MaskedNA(16, 2, (6, 7), [3, 5], [2, 1], [0, 1], scale_after=True, manual_softmax=True).eval()
+    onnx_model = _export(model, (torch.randn(2, 42, 16),), tmp_path, exporter, dynamic_axes={"x": {0: "batch"}},
+                         names=["x"])
+    _, report = _check_fused(model, onnx_model, [(torch.randn(1, 42, 16),), (torch.randn(3, 42, 16),)])
+    attrs = report.matches[0].attributes
+    assert (attrs["kernel_size"], attrs["dilation"], attrs["is_causal"]) == ([3, 5], [2, 1], [0, 1])
+    assert report.matches[0].shapes["grid"] == [6, 7]
+
+
+def test_rows_longer_than_a_query_block(tmp_path):
+    torch.manual_seed(0)
+    model = MaskedNA(16, 2, (3, 37), [3, 5], [1, 2], [1, 0]).eval()
+    onnx_model = _export(model, (torch.randn(2, 111, 16),), tmp_path, dynamic_axes={"x": {0: "batch"}}, names=["x"])
+    _check_fused(model, onnx_model, [(torch.randn(1, 111, 16),), (torch.randn(2, 111, 16),)])
+
+
+def natten2dqkrpb(q, k, rpb, kernel, dilation):
+    """NATTEN <= 0.17 ``natten2dqkrpb`` as dense masked scores (q, k: [B, heads, H, W, D])."""
+    b, h, rows, cols, d = q.shape
+    # int(): under tracing the sizes are traced values; the mask is a constant of the static grid.
+    allowed, rel = na_plugin.dense_mask_and_rel((int(rows), int(cols)), [kernel] * 2, [dilation] * 2)
+    flat = torch.from_numpy(rel[..., 0] * (2 * kernel - 1) + rel[..., 1])
+    bias = rpb.reshape(h, -1)[:, flat].masked_fill(~torch.from_numpy(allowed), float("-inf"))
+    return q.reshape(b, h, rows * cols, d) @ k.reshape(b, h, rows * cols, d).transpose(-1, -2) + bias
+
+
+def natten2dav(attn, v):
+    b, h, rows, cols, d = v.shape
+    return (attn @ v.reshape(b, h, rows * cols, d)).reshape(b, h, rows, cols, d)
+
+
+class NATNeighborhoodAttention2D(nn.Module):
+    """The NAT / NATTEN <= 0.17 module: qkv Linear, rpb [heads, 2k-1, 2k-1], channels-last x [B, H, W, C]."""
+
+    def __init__(self, dim, num_heads, kernel_size, dilation=1):
+        super().__init__()
+        self.num_heads, self.kernel_size, self.dilation = num_heads, kernel_size, dilation
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.rpb = nn.Parameter(torch.randn(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1) * 0.1)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, rows, cols, c = x.shape
+        qkv = self.qkv(x).reshape(b, rows, cols, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = q * self.scale
+        attn = natten2dqkrpb(q, k, self.rpb, self.kernel_size, self.dilation).softmax(dim=-1)
+        x = natten2dav(attn, v).permute(0, 2, 3, 1, 4).reshape(b, rows, cols, c)
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_nat_style_module(exporter, tmp_path):
+    torch.manual_seed(0)
+    model = NATNeighborhoodAttention2D(32, 2, 5, dilation=2).eval()
+    x = torch.randn(2, 11, 12, 32)
+    onnx_model = _export(model, (x,), tmp_path, exporter, dynamic_axes={"x": {0: "batch"}}, names=["x"])
+    _, report = _check_fused(model, onnx_model, [(torch.randn(1, 11, 12, 32),), (torch.randn(3, 11, 12, 32),)])
+    attrs = report.matches[0].attributes
+    assert attrs["kernel_size"] == [5, 5] and attrs["dilation"] == [2, 2]
+
+
+# ----------------------------------------------------------------------------- near-misses
+
+class WrongMaskNA(MaskedNA):
+    """A neighborhood mask with one extra key allowed: looks like NA, is not."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mask[3, 17] = 0.0
+
+
+def test_near_miss_on_corrupted_mask(tmp_path):
+    model = WrongMaskNA(16, 2, (5, 6), [3, 3], [1, 1], [0, 0]).eval()
+    onnx_model = _export(model, (torch.randn(2, 30, 16),), tmp_path, names=["x"])
+    fused, report = na_pass.apply(onnx_model)
+    assert report.rewritten == 0 and fused is onnx_model
+    assert report.near_misses and "not a neighborhood mask" in report.near_misses[0].reason
+
+
+def test_near_miss_on_rpb_that_is_not_relative(tmp_path):
+    model = MaskedNA(16, 2, (5, 6), [3, 3], [1, 1], [0, 0]).eval()
+    model.mask[0, 1] = 0.5  # an absolute-position bias on one pair: not a function of the offset
+    onnx_model = _export(model, (torch.randn(2, 30, 16),), tmp_path, names=["x"])
+    fused, report = na_pass.apply(onnx_model)
+    assert report.rewritten == 0
+    assert "not a relative positional bias" in report.near_misses[0].reason
+
+
+def test_plain_attention_left_alone(tmp_path):
+    model = MaskedNA(16, 2, (5, 6), [3, 3], [1, 1], [0, 0]).eval()
+    model.mask.zero_()
+    onnx_model = _export(model, (torch.randn(2, 30, 16),), tmp_path, names=["x"])
+    fused, report = na_pass.apply(onnx_model)
+    assert report.rewritten == 0 and "allows every key" in report.near_misses[0].reason
+
+
+class LocalAttn(nn.Module):
+    def __init__(self, **options):
+        super().__init__()
+        from local_attention import LocalAttention
+
+        self.attn = LocalAttention(use_rotary_pos_emb=False, **options)
+
+    def forward(self, q, k, v):
+        return self.attn(q, k, v)
+
+
+def _local_attention_allowed(n, **options):
+    v = torch.eye(n)[None, None]
+    with torch.no_grad():
+        a = LocalAttn(**options).eval()(torch.randn(1, 1, n, 8), torch.randn(1, 1, n, 8), v)[0, 0]
+    return (a > 0).numpy()
+
+
+def test_local_attention_semantics():
+    """Blocked local attention is NA only with exact_windowsize=True and look_forward=0 (causal NA, k = w*lb + 1)."""
+    n = 24
+    for options in [dict(window_size=4, causal=False, look_backward=1, look_forward=1),
+                    dict(window_size=4, causal=True, look_backward=1),
+                    dict(window_size=3, causal=False, look_backward=1, look_forward=1, exact_windowsize=True)]:
+        allowed = _local_attention_allowed(n, **options)
+        with pytest.raises(na_pass._Mismatch):
+            na_pass.analyse_bias(np.where(allowed, 0.0, -np.inf)[None])
+    allowed = _local_attention_allowed(n, window_size=4, causal=True, look_backward=1, exact_windowsize=True)
+    found = na_pass.analyse_bias(np.where(allowed, 0.0, -np.inf)[None])
+    assert (found.grid, found.kernel_size, found.is_causal) == ((n,), [5], [1])
+
+
+def test_local_attention_export_is_left_alone(tmp_path):
+    model = LocalAttn(window_size=4, causal=False, look_backward=1, look_forward=1).eval()
+    q, k, v = (torch.randn(2, 2, 24, 8) for _ in range(3))
+    # TorchScript cannot export its look-around (Unfold of a padded tensor); dynamo can.
+    onnx_model = _export(model, (q, k, v), tmp_path, "dynamo", names=["q", "k", "v"])
+    fused, report = na_pass.apply(onnx_model)
+    assert report.rewritten == 0 and fused is onnx_model
+    assert report.near_misses, "the blocked softmax must be reported as a near-miss"
+    feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}
+    np.testing.assert_allclose(_run(fused, feeds), model(q, k, v).numpy(), rtol=1e-5, atol=1e-6)

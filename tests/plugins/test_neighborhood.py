@@ -1,0 +1,210 @@
+"""``attnc::NeighborhoodAttention``: function body (ORT) vs ``reference`` (torch) vs a numpy loop.
+
+The numpy oracle below is written from the NATTEN >= 0.20 docs' *centre* formulation
+(centre = clamp(p, left, n-1-right), window = centre-left .. centre+right on the dilation sub-grid),
+not from the plugin's start-index formula, so the three can disagree.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from attnc.plugins import neighborhood as na
+from attnc.plugins.neighborhood import natten_compat
+
+
+def _axis_keys(i: int, length: int, k: int, d: int, causal: bool) -> list[int]:
+    g, p = i % d, i // d
+    n = len(range(g, length, d))
+    if causal:
+        return [g + d * s for s in range(max(0, p - k + 1), p + 1)]
+    left, right = k // 2, k // 2 + k % 2 - 1
+    centre = min(max(p, left), n - 1 - right)
+    return [g + d * s for s in range(centre - left, centre + right + 1)]
+
+
+def numpy_oracle(q, k, v, kernel, dilation, causal, scale=None, rpb=None):
+    """Float64 loops over every query of a ``[B, H, *grid, D]`` problem."""
+    grid = q.shape[2:-1]
+    scale = scale or 1 / np.sqrt(q.shape[-1])
+    out = np.zeros(q.shape[:-1] + (v.shape[-1],))
+    for idx in itertools.product(*(range(n) for n in grid)):
+        per_axis = [_axis_keys(i, n, kk, dd, cc) for i, n, kk, dd, cc in zip(idx, grid, kernel, dilation, causal)]
+        keys = list(itertools.product(*per_axis))
+        for b in range(q.shape[0]):
+            for h in range(q.shape[1]):
+                s = np.array([scale * q[(b, h, *idx)] @ k[(b, h, *j)] for j in keys], dtype=np.float64)
+                if rpb is not None:
+                    s += np.array([rpb[(h % rpb.shape[0], *((jj // dd) - (ii // dd) + kk - 1
+                                                             for ii, jj, kk, dd in zip(idx, j, kernel, dilation)))]
+                                   for j in keys])
+                w = np.exp(s - s.max())
+                w /= w.sum()
+                out[(b, h, *idx)] = sum(wi * v[(b, h, *j)] for wi, j in zip(w, keys))
+    return out
+
+
+def _session(ndim: int, has_rpb: bool, attrs: dict, dtype=TensorProto.FLOAT) -> ort.InferenceSession:
+    """One-node model; ``attrs`` may hold ``grid`` (the static-grid overload)."""
+    names = ["q", "k", "v"] + (["rpb"] if has_rpb else [])
+    node = na.make_node(names, ["o"], "na", **attrs)
+    inputs = [helper.make_tensor_value_info(n, dtype, [None] * (3 + ndim)) for n in names[:3]]
+    if has_rpb:
+        inputs.append(helper.make_tensor_value_info("rpb", dtype, [None] * (1 + ndim)))
+    graph = helper.make_graph([node], "na", inputs, [helper.make_tensor_value_info("o", dtype, [None] * (3 + ndim))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    na.add_to_model(model, node)
+    onnx.checker.check_model(model, full_check=True)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _check(grid, kernel, dilation, causal, has_rpb, heads=2, head_dim=5, v_dim=None, scale=0.0, seed=0,
+           static=False):
+    rng = np.random.default_rng(seed)
+    ndim = len(grid)
+    q, k = (rng.standard_normal((2, heads, *grid, head_dim)) for _ in range(2))
+    v = rng.standard_normal((2, heads, *grid, v_dim or head_dim))
+    rpb = rng.standard_normal((heads, *(2 * x - 1 for x in kernel))) if has_rpb else None
+    attrs = dict(kernel_size=kernel, dilation=dilation, is_causal=causal, scale=scale)
+    if static:
+        attrs["grid"] = list(grid)
+    feeds = {"q": q, "k": k, "v": v} | ({"rpb": rpb} if has_rpb else {})
+    got = _session(ndim, has_rpb, attrs).run(None, {n: x.astype(np.float32) for n, x in feeds.items()})[0]
+    ref = na.reference(*(torch.from_numpy(x) for x in (q, k, v)), kernel, dilation, causal, scale,
+                       rpb=None if rpb is None else torch.from_numpy(rpb)).numpy()
+    oracle = numpy_oracle(q, k, v, kernel, dilation, causal, scale, rpb)
+    np.testing.assert_allclose(ref, oracle, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got, oracle, rtol=1e-5, atol=2e-6)
+    assert got.shape == tuple(na.output_shape([q.shape, k.shape, v.shape], **attrs))
+
+
+@pytest.mark.parametrize("grid,kernel,dilation,causal,rpb", [
+    ((13,), [5], [2], [0], False),
+    ((13,), [5], [2], [1], True),
+    ((11,), [11], [1], [0], True),             # window = whole axis
+    ((9, 11), [3, 5], [2, 1], [1, 0], True),
+    ((7, 9), [7, 3], [1, 3], [0, 0], False),
+    ((5, 6, 7), [3, 3, 3], [1, 2, 1], [0, 0, 1], True),
+    # last axis longer than na.BLOCK: several query blocks, the last one shifted back
+    ((3, 61), [3, 5], [1, 3], [0, 1], True),
+    ((3, 45), [3, 7], [1, 2], [1, 0], False),
+    ((2, 3, 31), [1, 3, 5], [1, 1, 2], [0, 0, 0], True),
+])
+@pytest.mark.parametrize("static", [False, True], ids=["shape-grid", "static-grid"])
+def test_function_matches_reference_and_oracle(grid, kernel, dilation, causal, rpb, static):
+    _check(grid, kernel, dilation, causal, rpb, static=static)
+
+
+def test_explicit_scale_and_value_dim():
+    _check((10,), [3], [1], [0], False, head_dim=4, v_dim=7, scale=0.3)
+
+
+def test_fp16_body_runs():
+    sess = _session(2, True, dict(kernel_size=[3, 3]), dtype=TensorProto.FLOAT16)
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((1, 2, 6, 7, 8)) for _ in range(3))
+    rpb = rng.standard_normal((2, 5, 5)) * 0.1
+    got = sess.run(None, {"q": q.astype(np.float16), "k": k.astype(np.float16), "v": v.astype(np.float16),
+                          "rpb": rpb.astype(np.float16)})[0]
+    np.testing.assert_allclose(got, numpy_oracle(q, k, v, [3, 3], [1, 1], [0, 0], rpb=rpb), atol=1e-2)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.data())
+def test_random_configs(data):
+    ndim = data.draw(st.sampled_from([1, 2]))
+    kernel = [data.draw(st.integers(1, 4)) * 2 - 1 for _ in range(ndim)]
+    dilation = [data.draw(st.integers(1, 3)) for _ in range(ndim)]
+    grid = tuple(k * d + data.draw(st.integers(0, 4)) for k, d in zip(kernel, dilation))
+    if ndim == 2 and data.draw(st.booleans()):  # a last axis with several query blocks
+        grid = (grid[0], grid[1] + na.BLOCK + data.draw(st.integers(0, na.BLOCK)))
+    causal = [int(data.draw(st.booleans())) for _ in range(ndim)]
+    _check(grid, kernel, dilation, causal, data.draw(st.booleans()), heads=data.draw(st.integers(1, 3)),
+           head_dim=data.draw(st.sampled_from([3, 8])), seed=data.draw(st.integers(0, 99)),
+           static=data.draw(st.booleans()))
+
+
+def test_rejects_grid_smaller_than_window():
+    with pytest.raises(ValueError, match="shorter than kernel_size"):
+        na.axis_windows(5, 3, 2, False)
+
+
+# ----------------------------------------------------------------------------- NATTEN translation
+
+def _heads_first(t):
+    return np.moveaxis(t, -2, 1)
+
+
+@pytest.mark.parametrize("ndim,grid,kernel,dilation,causal", [
+    (1, (11,), 5, 2, True), (2, (7, 9), 3, (1, 2), (True, False)), (2, (6, 6), 5, 1, False)])
+def test_natten_functions_eager(ndim, grid, kernel, dilation, causal):
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, *grid, 3, 4)) for _ in range(3))  # heads-last [B, *grid, heads, D]
+    fn = {1: natten_compat.na1d, 2: natten_compat.na2d}[ndim]
+    got = fn(*(torch.from_numpy(t) for t in (q, k, v)), kernel_size=kernel, dilation=dilation, is_causal=causal)
+    def per_axis(x):
+        return list(x) if isinstance(x, tuple) else [x] * ndim
+
+    oracle = numpy_oracle(*(_heads_first(t) for t in (q, k, v)), per_axis(kernel), per_axis(dilation),
+                          [int(c) for c in per_axis(causal)])
+    np.testing.assert_allclose(got.numpy(), np.moveaxis(oracle, 1, -2), rtol=1e-10, atol=1e-12)
+
+
+class _NattenBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        b, rows, cols, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, rows, cols, 3, 2, 8).unbind(3)
+        out = natten_compat.na2d(q, k, v, kernel_size=3, dilation=(1, 2), is_causal=(True, False))
+        return out.reshape(b, rows, cols, c)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_natten_translation_exports_the_fused_node(exporter, tmp_path):
+    import warnings
+
+    from attnc.compiler.export import export_onnx
+    from attnc.passes import neighborhood as na_pass
+
+    torch.manual_seed(0)
+    model = _NattenBlock().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(model, (torch.randn(2, 7, 9, 16),), tmp_path / "m.onnx", exporter=exporter,
+                    dynamic_axes={"x": {0: "batch"}}, input_names=["x"])
+    exported = onnx.load(str(tmp_path / "m.onnx"))
+    assert [n.op_type for n in exported.graph.node if n.domain == "attnc"] == [na.OP_TYPE]
+    fused, _ = na_pass.apply(exported)
+    onnx.checker.check_model(fused)
+    for batch in (1, 3):
+        x = torch.randn(batch, 7, 9, 16)
+        got = ort.InferenceSession(fused.SerializeToString()).run(None, {"x": x.numpy()})[0]
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_patch_natten_swaps_and_restores(monkeypatch):
+    import sys
+    import types
+
+    natten, functional = types.ModuleType("natten"), types.ModuleType("natten.functional")
+    original = object()
+    functional.na2d = original
+    natten.functional = functional
+    monkeypatch.setitem(sys.modules, "natten", natten)
+    monkeypatch.setitem(sys.modules, "natten.functional", functional)
+    with natten_compat.patch_natten() as found:
+        assert found and functional.na2d is natten_compat.na2d and functional.na1d is natten_compat.na1d
+    assert functional.na2d is original and not hasattr(functional, "na1d")
