@@ -1,0 +1,600 @@
+"""Kernelized linear attention and lightning attention -> ``attnc::KernelLinearAttention``.
+
+With q = s·φ(Q), k = φ(K) and φ one of elu(x)+1 (``Add(Elu(x), 1)``), ``Relu`` or the
+identity, the pass matches these exported forms (``[B, H, N, D]`` tensors):
+
+- **right-associated** (non-causal): ``MatMul(q, MatMul(Transpose(k), V))``;
+- **quadratic**: ``MatMul(M(q·kᵀ), V)`` where ``M`` is nothing (non-causal), a
+  lower-triangular keep mask ``Where(c, 0, ·)`` / ``Where(c, ·, 0)`` (causal), or a
+  multiplier ``Mul(·, W)`` with ``W`` a 0/1 triangle (causal) or a decay table
+  ``W[h, t, s] = λ_h^{t−s}·[s ≤ t]`` (lightning attention, e.g. ``Exp`` of
+  ``-slope·(i−j)`` masked with -inf, or a constant);
+- **prefix sums** (causal): ``Squeeze(MatMul(Unsqueeze(q), CumSum(Unsqueeze(k, -1) *
+  Unsqueeze(V, -2), axis=2)))`` (the RNN view);
+
+each optionally divided by its normaliser ``(den + eps)``, where ``den`` is
+``ReduceSum(M(q·kᵀ), -1)`` (quadratic), ``q·(Σ_s k_s)ᵀ`` as a MatMul or as
+``ReduceSum(q * ReduceSum(k, 2), -1)`` (non-causal), or ``ReduceSum(q * CumSum(k, 2), -1)``
+(prefix sums). A division whose denominator is anything else is left in the graph after
+the fused node (``normalize=0``), so semantics are kept. Masks and decay tables are
+*proven*: they must not read input values, and are evaluated (constant, or at two
+sequence lengths under dynamic axes; see ``passes.core.evaluate_tensors``); a mask that
+is not causal / a table that is not ``λ^{t−s}`` is a near-miss that cites the first
+wrong entry.
+
+Emits ``attnc::KernelLinearAttention(Q, K, V[, decay])`` (contract and function body in
+``attnc.plugins.linear``); with ``apply(model, lower_lightning_to_onnx=True)`` lightning
+matches (causal, identity map, no normaliser) become ONNX ``LinearAttention`` (opset 27,
+``update_rule="gated"`` with decay ``log λ``, or ``"linear"`` without decay; ``scale=1``);
+the model is then converted to opset 27 (``passes.core.convert_opset``).
+
+Tests: ``tests/passes/test_linear.py`` (and ``tests/plugins/test_linear.py`` for the op).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from attnc.passes.core import (Match, NearMiss, PassReport, add_function, constant_value, consumers,
+                               convert_opset, default_opset, depends_on_data, evaluate_tensors,
+                               named_copy, node_attribute, producers, remove_dead_nodes,
+                               scalar_constant, toposort, value_shapes)
+from attnc.plugins import linear as plugin
+
+FAMILY = "linear"
+OP_TYPE = plugin.OP_TYPE
+ONNX_LINEAR_ATTENTION_OPSET = 27
+
+
+class _Miss(Exception):
+    """Matched the structure but cannot prove the semantics; carries the reason."""
+
+
+@dataclass
+class _Candidate:
+    anchor: str
+    form: str                     # "right" | "quadratic" | "cumsum"
+    nodes: list[str]
+    q: str
+    k: str
+    k_perm: list[int] | None      # Transpose to apply to ``k`` first (None: as is)
+    v: str
+    out: str
+    feature_map: str
+    causal: bool = False
+    normalize: bool = False
+    eps: float = 0.0
+    scale: float = 1.0
+    decay: list[float] | None = None
+    heads: int | None = None
+
+
+def find(model: onnx.ModelProto) -> PassReport:
+    """Report every linear-attention subgraph (and near-miss); ``model`` is not changed."""
+    model = named_copy(model)
+    report = PassReport(FAMILY)
+    for cand in _candidates(model, report):
+        report.matches.append(_to_match(cand, OP_TYPE))
+    return report
+
+
+def apply(model: onnx.ModelProto, lower_lightning_to_onnx: bool = False
+          ) -> tuple[onnx.ModelProto, PassReport]:
+    """Replace each linear attention by one fused node.
+
+    Args:
+        model: the model (not modified).
+        lower_lightning_to_onnx: emit ONNX ``LinearAttention`` (opset 27) for lightning
+            attention matches instead of ``attnc::KernelLinearAttention``.
+
+    Returns:
+        The rewritten model (the input itself when nothing matched) and the report.
+    """
+    original, model = model, named_copy(model)
+    attached = _attach_function(model)
+    report = PassReport(FAMILY)
+    cands = _candidates(model, report)
+    if not cands:
+        return (model if attached else original), report
+    lower = [c for c in cands if lower_lightning_to_onnx and _is_lightning(c)]
+    if lower and default_opset(model) < ONNX_LINEAR_ATTENTION_OPSET:
+        model = named_copy(convert_opset(model, ONNX_LINEAR_ATTENTION_OPSET))
+        report = PassReport(FAMILY)
+        cands = _candidates(model, report)
+    for cand in cands:
+        if lower_lightning_to_onnx and _is_lightning(cand):
+            _rewrite_onnx_linear_attention(model, cand)
+            report.matches.append(_to_match(cand, "LinearAttention"))
+        else:
+            _rewrite(model, cand)
+            report.matches.append(_to_match(cand, OP_TYPE))
+    report.rewritten = len(cands)
+    toposort(model)
+    remove_dead_nodes(model)
+    return model, report
+
+
+def _attach_function(model) -> bool:
+    """Give KernelLinearAttention nodes already in the graph (export-time translation,
+    ``plugins/linear/fla_compat.py``) the function body ONNX Runtime needs."""
+    if any(n.op_type == OP_TYPE and n.domain == plugin.DOMAIN for n in model.graph.node) \
+            and not any(f.name == OP_TYPE and f.domain == plugin.DOMAIN for f in model.functions):
+        add_function(model, plugin.function_proto(max(default_opset(model), plugin.OPSET)))
+        return True
+    return False
+
+
+def _is_lightning(c: _Candidate) -> bool:
+    return c.causal and c.feature_map == "identity" and not c.normalize and c.heads is not None
+
+
+# ----------------------------------------------------------------------------- matching
+
+class _Graph:
+    """Read-only view of the graph with the lookups the matchers need."""
+
+    def __init__(self, model):
+        self.model = model
+        self.prod = producers(model)
+        self.cons = consumers(model)
+        self.shapes = value_shapes(model)
+        self._scalars: dict[str, float | None] = {}
+
+    def op(self, t, *types):
+        node = self.prod.get(t)
+        return node if node is not None and (not types or node.op_type in types) else None
+
+    def rank(self, t):
+        s = self.shapes.get(t)
+        return len(s) if s is not None else None
+
+    def ints(self, t):
+        v = constant_value(self.model, t) if t else None
+        return None if v is None else [int(a) for a in np.atleast_1d(v)]
+
+    def scalar(self, t):
+        """A single number: a constant, or computed from input shapes only (e.g. fla's
+        ``q.shape[-1] ** -0.5`` under the TorchScript exporter), evaluated and cached."""
+        if t not in self._scalars:
+            value = scalar_constant(self.model, t)
+            if value is None and self.op(t) is not None and self.shapes.get(t) in ([], [1]) \
+                    and not depends_on_data(self.model, t):
+                try:
+                    runs = {float(np.asarray(r[t]).reshape(())) for r in evaluate_tensors(self.model, [t])}
+                    value = runs.pop() if len(runs) == 1 else None
+                except Exception:  # noqa: BLE001 - not evaluable: not a scalar we can use
+                    value = None
+            self._scalars[t] = value
+        return self._scalars[t]
+
+    def single_use(self, t):
+        return len(self.cons.get(t, [])) == 1
+
+
+def _candidates(model, report) -> list[_Candidate]:
+    g = _Graph(model)
+    found, used = [], set()
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.name in used:
+            continue
+        try:
+            cand = (_match_cumsum(g, node) or _match_right(g, node) or _match_quadratic(g, node))
+        except _Miss as miss:
+            report.near_misses.append(NearMiss(FAMILY, node.name, str(miss)))
+            continue
+        if cand is None or used & set(cand.nodes):
+            continue
+        used.update(cand.nodes)
+        found.append(cand)
+    return found
+
+
+def _feature(g: _Graph, t: str, nodes: list[str]) -> tuple[str, str]:
+    """(feature map, tensor before it) for a φ(x) tensor."""
+    node = g.op(t)
+    if node is not None and node.op_type == "Relu":
+        nodes.append(node.name)
+        return "relu", node.input[0]
+    if node is not None and node.op_type == "Add":
+        for side in (0, 1):
+            c = scalar_constant(g.model, node.input[1 - side])
+            elu = g.op(node.input[side], "Elu")
+            if c == 1.0 and elu is not None and node_attribute(elu, "alpha", 1.0) == 1.0:
+                nodes.extend([node.name, elu.name])
+                return "elu1", elu.input[0]
+    return "identity", t
+
+
+def _peel_scale(g: _Graph, t: str, nodes: list[str]) -> tuple[str, float]:
+    scale = 1.0
+    while True:
+        node = g.op(t, "Mul", "Div")
+        if node is None:
+            return t, scale
+        c = [g.scalar(i) for i in node.input]
+        if node.op_type == "Mul" and c[1] is not None:
+            scale, t = scale * c[1], node.input[0]
+        elif node.op_type == "Mul" and c[0] is not None:
+            scale, t = scale * c[0], node.input[1]
+        elif node.op_type == "Div" and c[1] is not None:
+            scale, t = scale / c[1], node.input[0]
+        else:
+            return t, scale
+        nodes.append(node.name)
+
+
+def _transposed_key(g: _Graph, kt: str, nodes: list[str]) -> tuple[str, list[int] | None] | None:
+    """For ``kt`` = a Transpose giving ``[.., D, N]``: (source, perm from source to [.., N, D])."""
+    node = g.op(kt, "Transpose")
+    if node is None:
+        return None
+    perm = list(node_attribute(node, "perm", []))
+    if len(perm) != 4:
+        return None
+    k_perm = [perm[i] for i in (0, 1, 3, 2)]
+    nodes.append(node.name)
+    return node.input[0], (None if k_perm == [0, 1, 2, 3] else k_perm)
+
+
+def _qk(g: _Graph, mm, nodes) -> dict | None:
+    """Common part of φ(Q)·φ(K)ᵀ: returns q, k, perm, feature map, scale, q-feature tensor."""
+    qf, scale = _peel_scale(g, mm.input[0], nodes)
+    kt = _transposed_key(g, mm.input[1], nodes)
+    if kt is None or g.rank(qf) not in (4, None):
+        return None
+    kf, k_perm = kt
+    fm_q, q = _feature(g, qf, nodes)
+    fm_k, k = _feature(g, kf, nodes)
+    if fm_q != fm_k:
+        raise _Miss(f"feature maps differ: {fm_q} on Q, {fm_k} on K")
+    return dict(q=q, k=k, k_perm=k_perm, fm=fm_q, scale=scale, qf=mm.input[0], kf=kf)
+
+
+def _match_right(g: _Graph, mm) -> _Candidate | None:
+    """MatMul(q, MatMul(kᵀ, V)) with the optional normaliser."""
+    inner = g.op(mm.input[1], "MatMul")
+    if inner is None or not g.single_use(inner.output[0]):
+        return None
+    nodes = [mm.name, inner.name]
+    kt = _transposed_key(g, inner.input[0], nodes)
+    if kt is None:
+        return None
+    kf, k_perm = kt
+    qf, scale = _peel_scale(g, mm.input[0], nodes)
+    fm_q, q = _feature(g, qf, nodes)
+    fm_k, k = _feature(g, kf, nodes)
+    if fm_q != fm_k:
+        raise _Miss(f"matched φ(Q)(φ(K)ᵀV) but the feature maps differ: {fm_q} on Q, {fm_k} on K")
+    if g.rank(q) not in (4, None) or g.rank(inner.input[1]) not in (4, None):
+        return None
+    cand = _Candidate(mm.name, "right", nodes, q, k, k_perm, inner.input[1], mm.output[0], fm_q, scale=scale)
+    _normaliser(g, cand, lambda den: _noncausal_den(g, den, mm.input[0], kf))
+    return cand
+
+
+def _noncausal_den(g: _Graph, den: str, qf: str, kf: str) -> list[str] | None:
+    """Nodes of q·(Σ_s k_s)ᵀ computed from tensors ``qf`` and ``kf``, or None."""
+    node = g.op(den)
+    if node is None:
+        return None
+    if node.op_type == "MatMul" and node.input[0] == qf:          # q @ ksum.T
+        tr = g.op(node.input[1], "Transpose")
+        rs = g.op(tr.input[0], "ReduceSum") if tr is not None else None
+        if rs is not None and rs.input[0] == kf and _keepdims(rs) and _axes(g, rs) in ([2], [-2]) \
+                and list(node_attribute(tr, "perm", [])) == [0, 1, 3, 2]:
+            return [node.name, tr.name, rs.name]
+    if node.op_type == "ReduceSum" and _keepdims(node) and _axes(g, node) in ([-1], [3]):  # (q * ksum).sum(-1)
+        mul = g.op(node.input[0], "Mul")
+        if mul is not None and qf in mul.input:
+            rs = g.op(mul.input[1 - list(mul.input).index(qf)], "ReduceSum")
+            if rs is not None and rs.input[0] == kf and _keepdims(rs) and _axes(g, rs) in ([2], [-2]):
+                return [node.name, mul.name, rs.name]
+    return None
+
+
+def _match_quadratic(g: _Graph, mm) -> _Candidate | None:
+    """MatMul(M(q·kᵀ), V) with M none / causal keep mask / causal (decay) multiplier."""
+    nodes = [mm.name]
+    masked = mm.input[0]
+    x, keep, keep_inverted, weight, scale = masked, None, False, None, 1.0
+    while True:
+        node = g.op(x)
+        if node is None:
+            return None
+        if node.op_type == "MatMul":
+            break
+        if node.op_type == "Where":
+            zeros = [scalar_constant(g.model, node.input[i]) for i in (1, 2)]
+            if keep is not None or weight is not None:
+                return None
+            if zeros[0] == 0.0:
+                keep, keep_inverted, x = node.input[0], True, node.input[2]
+            elif zeros[1] == 0.0:
+                keep, x = node.input[0], node.input[1]
+            else:
+                return None
+        elif node.op_type in ("Mul", "Div"):
+            c = [g.scalar(i) for i in node.input]
+            if node.op_type == "Div":
+                if c[1] is None:
+                    return None
+                scale, x = scale / c[1], node.input[0]
+            elif c[0] is not None or c[1] is not None:
+                side = 0 if c[1] is not None else 1
+                scale, x = scale * c[1 - side], node.input[side]
+            else:
+                if keep is not None or weight is not None:
+                    return None
+                side = _scores_side(g, node)
+                if side is None:
+                    return None
+                weight, x = node.input[1 - side], node.input[side]
+        else:
+            return None  # Softmax, Exp, ... : not linear attention
+        if x != masked and not g.single_use(x):
+            return None
+        nodes.append(node.name)
+    qk = g.op(x)
+    parts = _qk(g, qk, nodes)
+    if parts is None:
+        return None
+    nodes.append(qk.name)
+    cand = _Candidate(mm.name, "quadratic", nodes, parts["q"], parts["k"], parts["k_perm"], mm.input[1],
+                      mm.output[0], parts["fm"], scale=scale * parts["scale"])
+    if keep is not None or weight is not None:
+        _prove_mask(g, cand, keep, keep_inverted, weight, x)
+    _normaliser(g, cand, lambda den: _rowsum_den(g, den, masked))
+    return cand
+
+
+def _scores_side(g: _Graph, mul) -> int | None:
+    """Which input of a Mul carries q·kᵀ (possibly through scalar scales), the other being W."""
+    def reaches_matmul(t):
+        for _ in range(4):
+            node = g.op(t)
+            if node is None:
+                return False
+            if node.op_type == "MatMul":
+                return True
+            if node.op_type not in ("Mul", "Div"):
+                return False
+            consts = [g.scalar(i) for i in node.input]
+            if consts[1] is not None:
+                t = node.input[0]
+            elif consts[0] is not None and node.op_type == "Mul":
+                t = node.input[1]
+            else:
+                return False
+        return False
+    hits = [s for s in (0, 1) if reaches_matmul(mul.input[s])]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _rowsum_den(g: _Graph, den: str, masked: str) -> list[str] | None:
+    node = g.op(den, "ReduceSum")
+    if node is not None and node.input[0] == masked and _keepdims(node) and _axes(g, node) in ([-1], [3]):
+        return [node.name]
+    return None
+
+
+def _prove_mask(g: _Graph, cand: _Candidate, keep, keep_inverted, weight, scores) -> None:
+    what = "keep mask" if keep is not None else "multiplier"
+    form = f"matched (φQ·φKᵀ ⊙ M)·V with a {what} M"
+    mask = keep if keep is not None else weight
+    if depends_on_data(g.model, mask):
+        raise _Miss(f"{form}, but M reads input values: not a fixed causal/decay mask")
+    try:
+        runs = evaluate_tensors(g.model, [mask, scores])
+    except Exception as exc:  # noqa: BLE001 - any failure means "cannot prove"
+        raise _Miss(f"{form}, but M could not be evaluated: {str(exc).splitlines()[0][:200]}") from None
+    decays = None
+    for run in runs:
+        s = run[scores]
+        b, h, n, m = s.shape
+        try:
+            mv = np.broadcast_to(np.asarray(run[mask]), s.shape)
+        except ValueError:
+            raise _Miss(f"{form}, but M of shape {run[mask].shape} does not broadcast to the scores") from None
+        if not np.all(mv == mv[:1]):
+            raise _Miss(f"{form}, but M differs between batch entries")
+        mv = mv[0]
+        tril = np.tril(np.ones((n, m), dtype=bool))
+        if keep is not None:
+            kv = mv.astype(bool) ^ keep_inverted
+            wrong = np.argwhere(kv != tril)
+            if len(wrong):
+                hh, t, u = wrong[0]
+                raise _Miss(f"{form}, but M is not causal (entry [{hh}, {t}, {u}] should be {bool(tril[t, u])})")
+            decays = [1.0] * h
+            continue
+        mv = mv.astype(np.float64)
+        if np.all(mv == 1.0):
+            return  # multiplying by ones: plain non-causal attention
+        lam = mv[:, 1, 0] if n >= 2 else np.ones(h)
+        dist = np.arange(n)[:, None] - np.arange(m)[None, :]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            expected = np.where(dist >= 0, lam[:, None, None] ** np.maximum(dist, 0), 0.0)
+        bad = ~np.isclose(mv, expected, rtol=1e-5, atol=1e-7)
+        if (lam <= 0).any() or (lam > 1 + 1e-6).any() or bad.any():
+            hh, t, u = np.argwhere(bad)[0] if bad.any() else (int(np.argmin(lam)), 1, 0)
+            raise _Miss(f"{form}, but M is not a causal decay mask λ^(t−s)·[s≤t] "
+                        f"(entry [{hh}, {t}, {u}] is {mv[hh, t, u]:.6g}, expected {expected[hh, t, u]:.6g})")
+        if decays is not None and not np.allclose(decays, lam, rtol=1e-6):
+            raise _Miss(f"{form}, but the decay changes with the sequence length")
+        decays = [float(v) for v in lam]
+    cand.causal = True
+    cand.heads = len(decays)
+    if any(abs(d - 1.0) > 1e-7 for d in decays):
+        cand.decay = decays
+
+
+def _match_cumsum(g: _Graph, mm) -> _Candidate | None:
+    """Squeeze(MatMul(Unsqueeze(q, -2), CumSum(Unsqueeze(k, -1) * Unsqueeze(V, -2), 2)), -2)."""
+    cs = g.op(mm.input[1], "CumSum")
+    uq = g.op(mm.input[0], "Unsqueeze")
+    if cs is None or uq is None or g.ints(cs.input[1]) not in ([2], [-3]) or node_attribute(cs, "reverse", 0) \
+            or node_attribute(cs, "exclusive", 0) or g.ints(uq.input[1]) not in ([3], [-2]):
+        return None
+    outer = g.op(cs.input[0], "Mul")
+    if outer is None:
+        return None
+    uk, uv = g.op(outer.input[0], "Unsqueeze"), g.op(outer.input[1], "Unsqueeze")
+    if uk is None or uv is None:
+        return None
+    if g.ints(uk.input[1]) not in ([4], [-1]):
+        uk, uv = uv, uk
+    if g.ints(uk.input[1]) not in ([4], [-1]) or g.ints(uv.input[1]) not in ([3], [-2]):
+        return None
+    sq = next((c for c in g.cons.get(mm.output[0], []) if c.op_type == "Squeeze"), None)
+    if sq is None or not g.single_use(mm.output[0]) or g.ints(sq.input[1] if len(sq.input) > 1 else "") \
+            not in ([3], [-2]):
+        return None
+    nodes = [mm.name, cs.name, uq.name, outer.name, uk.name, uv.name, sq.name]
+    qf, scale = _peel_scale(g, uq.input[0], nodes)
+    fm_q, q = _feature(g, qf, nodes)
+    fm_k, k = _feature(g, uk.input[0], nodes)
+    if fm_q != fm_k:
+        raise _Miss(f"matched the prefix-sum form but the feature maps differ: {fm_q} on Q, {fm_k} on K")
+    cand = _Candidate(mm.name, "cumsum", nodes, q, k, None, uv.input[0], sq.output[0], fm_q,
+                      causal=True, scale=scale)
+    qf_t, kf_t = uq.input[0], uk.input[0]
+
+    def den_nodes(den):
+        rs = g.op(den, "ReduceSum")
+        if rs is None or not _keepdims(rs) or _axes(g, rs) not in ([-1], [3]):
+            return None
+        mul = g.op(rs.input[0], "Mul")
+        if mul is None or qf_t not in mul.input:
+            return None
+        ck = g.op(mul.input[1 - list(mul.input).index(qf_t)], "CumSum")
+        if ck is None or ck.input[0] != kf_t or g.ints(ck.input[1]) not in ([2], [-2]) \
+                or node_attribute(ck, "reverse", 0) or node_attribute(ck, "exclusive", 0):
+            return None
+        return [rs.name, mul.name, ck.name]
+
+    _normaliser(g, cand, den_nodes)
+    return cand
+
+
+def _normaliser(g: _Graph, cand: _Candidate, den_matcher) -> None:
+    """Extend ``cand`` over ``out / (den + eps)`` when ``den`` is the matching normaliser."""
+    users = g.cons.get(cand.out, [])
+    if len(users) != 1 or users[0].op_type != "Div" or users[0].input[0] != cand.out:
+        return
+    div = users[0]
+    den, eps, extra = div.input[1], 0.0, []
+    add = g.op(den, "Add")
+    if add is not None:
+        for side in (0, 1):
+            c = scalar_constant(g.model, add.input[1 - side])
+            if c is not None:
+                den, eps, extra = add.input[side], c, [add.name]
+                break
+    found = den_matcher(den)
+    if found is None:
+        return
+    cand.nodes.extend([div.name] + extra + found)
+    cand.out, cand.normalize, cand.eps = div.output[0], True, eps
+
+
+def _axes(g: _Graph, node) -> list[int] | None:
+    if len(node.input) > 1 and node.input[1]:
+        return g.ints(node.input[1])
+    axes = node_attribute(node, "axes", None)
+    return list(axes) if axes is not None else None
+
+
+def _keepdims(node) -> bool:
+    return bool(node_attribute(node, "keepdims", 1))
+
+
+# ----------------------------------------------------------------------------- rewriting
+
+def _k_input(model, cand: _Candidate, prefix: str) -> str:
+    if cand.k_perm is None:
+        return cand.k
+    name = prefix + "/K"
+    model.graph.node.append(helper.make_node("Transpose", [cand.k], [name], name=prefix + "/k_transpose",
+                                             perm=cand.k_perm))
+    return name
+
+
+def _drop_producer(model, tensor: str) -> None:
+    for n in [n for n in model.graph.node if tensor in n.output]:
+        model.graph.node.remove(n)
+
+
+def _rewrite(model, cand: _Candidate) -> None:
+    prefix = cand.anchor + "/attnc_linear"
+    _drop_producer(model, cand.out)
+    k = _k_input(model, cand, prefix)
+    inputs = [cand.q, k, cand.v]
+    if cand.decay is not None:
+        decay = prefix + "/decay"
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(cand.decay, np.float32), decay))
+        inputs.append(decay)
+    model.graph.node.append(plugin.make_node(
+        inputs, [cand.out], prefix, feature_map=cand.feature_map, causal=int(cand.causal),
+        normalize=int(cand.normalize), eps=float(cand.eps), scale=float(cand.scale)))
+    add_function(model, plugin.function_proto(max(default_opset(model), plugin.OPSET)))
+
+
+def _rewrite_onnx_linear_attention(model, cand: _Candidate) -> None:
+    """Lightning attention as ONNX ``LinearAttention`` (3-D packed ``[B, T, H·D]`` layout)."""
+    prefix = cand.anchor + "/onnx_linear_attention"
+    _drop_producer(model, cand.out)
+    k = _k_input(model, cand, prefix)
+    heads = cand.heads
+    nodes, inits = [], []
+
+    def const(name, arr):
+        inits.append(numpy_helper.from_array(np.asarray(arr), prefix + "/" + name))
+        return prefix + "/" + name
+
+    packed_shape = const("packed_shape", np.array([0, 0, -1], np.int64))
+    packed = []
+    for role, t in (("q", cand.q), ("k", k), ("v", cand.v)):
+        nodes.append(helper.make_node("Transpose", [t], [f"{prefix}/{role}_bthd"], perm=[0, 2, 1, 3],
+                                      name=f"{prefix}/{role}_transpose"))
+        nodes.append(helper.make_node("Reshape", [f"{prefix}/{role}_bthd", packed_shape], [f"{prefix}/{role}_packed"],
+                                      name=f"{prefix}/{role}_pack"))
+        packed.append(f"{prefix}/{role}_packed")
+    inputs = packed + ["", ""]
+    rule = "linear"
+    if cand.decay is not None:
+        rule = "gated"
+        log_decay = const("log_decay", np.log(np.asarray(cand.decay, np.float64)).astype(np.float32))
+        nodes += [
+            helper.make_node("Shape", [packed[0]], [prefix + "/q_shape"], end=2, name=prefix + "/shape"),
+            helper.make_node("Concat", [prefix + "/q_shape", const("heads", np.array([heads], np.int64))],
+                             [prefix + "/decay_shape"], axis=0, name=prefix + "/decay_shape"),
+            helper.make_node("Expand", [log_decay, prefix + "/decay_shape"], [prefix + "/decay32"],
+                             name=prefix + "/decay_expand"),
+            helper.make_node("CastLike", [prefix + "/decay32", packed[0]], [prefix + "/decay"],
+                             name=prefix + "/decay_cast"),
+        ]
+        inputs[4] = prefix + "/decay"
+    # present_state is a required output in the schema even when nothing reads it
+    nodes.append(helper.make_node("LinearAttention", inputs[:5], [prefix + "/y", prefix + "/present_state"],
+                                  name=prefix,
+                                  q_num_heads=heads, kv_num_heads=heads, update_rule=rule,
+                                  scale=float(cand.scale)))
+    unpack_shape = const("unpack_shape", np.array([0, 0, heads, -1], np.int64))
+    nodes.append(helper.make_node("Reshape", [prefix + "/y", unpack_shape], [prefix + "/y4"], name=prefix + "/unpack"))
+    nodes.append(helper.make_node("Transpose", [prefix + "/y4"], [cand.out], perm=[0, 2, 1, 3],
+                                  name=prefix + "/y_transpose"))
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(inits)
+
+
+def _to_match(cand: _Candidate, op_type: str) -> Match:
+    inputs = {"Q": cand.q, "K": cand.k, "V": cand.v}
+    attrs = {"feature_map": cand.feature_map, "causal": int(cand.causal), "normalize": int(cand.normalize),
+             "eps": cand.eps, "scale": cand.scale, "form": cand.form}
+    if cand.decay is not None:
+        attrs["decay"] = cand.decay
+    return Match(FAMILY, op_type, cand.nodes, inputs, [cand.out], attrs)

@@ -1,0 +1,293 @@
+"""passes/softmax.py: plain softmax attention -> ONNX Attention (opset 23).
+
+Every test exports a PyTorch module, runs the pass, and checks ONNX Runtime after the
+pass against ONNX Runtime before it and against PyTorch on fresh inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from attnc.compiler.backends.onnxruntime import load
+from attnc.compiler.export import export_onnx
+from attnc.models.mhsa import MultiHeadSelfAttention
+from attnc.passes import find_attention, fuse_attention, softmax
+
+DYN = {"x": {0: "batch", 1: "seq"}, "output": {0: "batch", 1: "seq"}}
+
+
+def _export(module, inputs, tmp_path, exporter="torchscript", dynamic=False, opset=18, names=("x",)):
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    path = export_onnx(module.eval(), inputs, tmp_path / f"m_{exporter}_{opset}.onnx", exporter=exporter,
+                       opset=opset, dynamic_axes=DYN if dynamic else None, input_names=list(names))
+    return onnx.load(path)
+
+
+def _count(model, op_type):
+    return sum(n.op_type == op_type for n in model.graph.node)
+
+
+def _check(module, model, fused, report, n_fused, shapes, rtol=1e-5, atol=1e-6, dtype=torch.float32):
+    assert report.rewritten == n_fused, report.to_dict()
+    assert _count(fused, "Attention") == n_fused
+    assert _count(fused, "Softmax") == max(0, _count(model, "Softmax") - n_fused)
+    assert len(fused.graph.node) < len(model.graph.node)
+    assert next(o.version for o in fused.opset_import if o.domain == "") >= 23
+    onnx.checker.check_model(fused)
+    before, after = load(model), load(fused)
+    gen = torch.Generator().manual_seed(1234)
+    for shape in shapes:
+        x = torch.randn(*shape, generator=gen).to(dtype)
+        feeds = {"x": x.numpy()}
+        ref_ort = before.infer(feeds)["output"]
+        got = after.infer(feeds)["output"]
+        with torch.no_grad():
+            ref = module(x).float().numpy()
+        np.testing.assert_allclose(got, ref_ort, rtol=rtol, atol=atol)
+        np.testing.assert_allclose(got.astype(np.float32), ref, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("kwargs", [dict(causal=True), dict(scale_after=True, fused_qkv=False)],
+                         ids=["causal-fusedqkv", "scaleafter-separate"])
+def test_mhsa_dynamic_axes(exporter, kwargs, tmp_path):
+    torch.manual_seed(0)
+    module = MultiHeadSelfAttention(32, 4, **kwargs)
+    model = _export(module, torch.randn(2, 7, 32), tmp_path, exporter, dynamic=True)
+    fused, report = softmax.apply(model)
+    assert report.matches[0].attributes["is_causal"] == int(kwargs.get("causal", False))
+    assert report.matches[0].attributes["scale"] == pytest.approx(8 ** -0.5, rel=1e-6)
+    _check(module, model, fused, report, 1, [(2, 7, 32), (3, 11, 32), (1, 2, 32)])
+
+
+@pytest.mark.parametrize("opset", [17, 20, 23])
+def test_opsets_static(opset, tmp_path):
+    torch.manual_seed(1)
+    module = MultiHeadSelfAttention(24, 3, causal=True, scale_after=True)
+    model = _export(module, torch.randn(2, 5, 24), tmp_path, "torchscript", opset=opset)
+    fused, report = softmax.apply(model)
+    _check(module, model, fused, report, 1, [(2, 5, 24)])
+
+
+class _BmmAttention(nn.Module):
+    """Rank-3 [B·H, N, D] attention with a spelled-out softmax and K permuted straight to [.., D, N]."""
+
+    def __init__(self, dim=24, heads=3, mask: torch.Tensor | None = None):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.register_buffer("mask", mask if mask is not None else torch.zeros(1))
+        self.has_mask = mask is not None
+
+    def forward(self, x):
+        b, n, c = x.shape
+        h, d = self.heads, c // self.heads
+        q, k, v = self.qkv(x).reshape(b, n, 3, h, d).unbind(2)
+        q = q.transpose(1, 2).reshape(b * h, n, d)
+        kt = k.permute(0, 2, 3, 1).reshape(b * h, d, n)      # [B·H, D, N], no separate transpose
+        v = v.transpose(1, 2).reshape(b * h, n, d)
+        s = torch.bmm(q, kt) / math.sqrt(d)
+        if self.has_mask:
+            s = s + self.mask
+        e = torch.exp(s - s.amax(-1, keepdim=True))
+        p = e / e.sum(-1, keepdim=True)
+        o = torch.bmm(p, v).reshape(b, h, n, d).transpose(1, 2).reshape(b, n, c)
+        return self.proj(o)
+
+
+def test_rank3_spelled_out_softmax_with_additive_mask(tmp_path):
+    torch.manual_seed(2)
+    mask = torch.where(torch.rand(6, 6) < 0.3, -1e9, 0.0).fill_diagonal_(0.0)  # arbitrary, not causal
+    module = _BmmAttention(mask=mask)
+    model = _export(module, torch.randn(2, 6, 24), tmp_path, "dynamo")
+    fused, report = softmax.apply(model)
+    assert report.rewritten == 1 and "attn_mask" in report.matches[0].inputs
+    assert report.matches[0].attributes["is_causal"] == 0
+    _check(module, model, fused, report, 1, [(2, 6, 24)], rtol=1e-5, atol=2e-6)
+
+
+def test_constant_causal_additive_mask_becomes_is_causal(tmp_path):
+    torch.manual_seed(3)
+    mask = torch.full((6, 6), float("-inf")).triu(1)
+    module = _BmmAttention(mask=mask)
+    model = _export(module, torch.randn(2, 6, 24), tmp_path, "torchscript")
+    fused, report = softmax.apply(model)
+    assert report.matches[0].attributes["is_causal"] == 1 and "attn_mask" not in report.matches[0].inputs
+    _check(module, model, fused, report, 1, [(2, 6, 24)], atol=2e-6)
+
+
+class _FiniteFillAttention(MultiHeadSelfAttention):
+    """Causal attention that fills with -1e4: fully masked rows would differ from -inf."""
+
+    def forward(self, x):
+        q, k, v = self.in_proj(x)
+        s = (q * self.scale) @ k.transpose(-2, -1)
+        n = s.shape[-1]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -1e4)
+        return self.proj((s.softmax(-1) @ v).transpose(1, 2).reshape(x.shape))
+
+
+class _PerHeadScale(MultiHeadSelfAttention):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.register_buffer("head_scale", torch.linspace(0.1, 0.5, 4).view(1, 4, 1, 1))
+
+    def forward(self, x):
+        q, k, v = self.in_proj(x)
+        s = (q @ k.transpose(-2, -1)) * self.head_scale
+        return self.proj((s.softmax(-1) @ v).transpose(1, 2).reshape(x.shape))
+
+
+@pytest.mark.parametrize("module_cls,reason", [(_FiniteFillAttention, "not -inf"),
+                                               (_PerHeadScale, "not by a constant scalar")])
+def test_near_misses_leave_the_graph_untouched(module_cls, reason, tmp_path):
+    module = module_cls(32, 4)
+    model = _export(module, torch.randn(2, 5, 32), tmp_path, "torchscript")
+    fused, report = softmax.apply(model)
+    assert report.rewritten == 0 and _count(fused, "Attention") == 0
+    assert _count(fused, "Softmax") == 1
+    assert any(reason in nm.reason for nm in report.near_misses), report.to_dict()
+    assert fused is model  # returned unchanged when nothing matched
+
+
+def test_find_reports_without_changing(tmp_path):
+    model = _export(MultiHeadSelfAttention(16, 2, causal=True), torch.randn(1, 4, 16), tmp_path)
+    before = model.SerializeToString()
+    report = softmax.find(model)
+    assert len(report.matches) == 1 and report.rewritten == 0
+    assert model.SerializeToString() == before
+    assert [r.family for r in find_attention(model, ["softmax"])] == ["softmax"]
+
+
+def test_float16_export(tmp_path):
+    torch.manual_seed(4)
+    module = MultiHeadSelfAttention(32, 4, causal=True).half()
+    model = _export(module, torch.randn(2, 6, 32).half(), tmp_path, "torchscript")
+    fused, report = softmax.apply(model)
+    assert report.rewritten == 1
+    x = torch.randn(2, 6, 32).half()
+    got = load(fused).infer({"x": x.numpy()})["output"].astype(np.float32)
+    before = load(model).infer({"x": x.numpy()})["output"].astype(np.float32)
+    with torch.no_grad():
+        ref = module.float()(x.float()).numpy()
+    np.testing.assert_allclose(got, before, rtol=1e-2, atol=2e-3)
+    np.testing.assert_allclose(got, ref, rtol=1e-2, atol=5e-3)
+
+
+@settings(max_examples=6, deadline=None)
+@given(heads=st.integers(1, 4), head_dim=st.integers(1, 9), causal=st.booleans(), scale_after=st.booleans(),
+       fused_qkv=st.booleans(), n=st.integers(2, 9), dynamic=st.booleans())
+def test_random_configs(heads, head_dim, causal, scale_after, fused_qkv, n, dynamic, tmp_path_factory):
+    torch.manual_seed(heads * 100 + head_dim)
+    dim = heads * head_dim
+    module = MultiHeadSelfAttention(dim, heads, causal=causal, scale_after=scale_after, fused_qkv=fused_qkv)
+    model = _export(module, torch.randn(2, n, dim), tmp_path_factory.mktemp("h"), "torchscript", dynamic=dynamic)
+    fused, report = softmax.apply(model)
+    assert report.matches[0].attributes["is_causal"] == int(causal)
+    shapes = [(2, n, dim)] + ([(1, n + 3, dim)] if dynamic else [])
+    _check(module, model, fused, report, 1, shapes, atol=2e-6)
+
+
+# ----------------------------------------------------------------------------- registry models
+
+@pytest.mark.parametrize("name,n_fused", [("mhsa-causal-small", 1), ("lm-mhsa-small", 2), ("vit-mhsa-small", 2)])
+def test_registry_models_through_pipeline(name, n_fused, tmp_path):
+    registry = pytest.importorskip("attnc.models.registry")
+    spec = registry.get_spec(name)
+    module = spec.factory().eval()
+    inputs = spec.example_inputs(batch=2, seed=0)
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    path = export_onnx(module, inputs, tmp_path / "m.onnx", exporter="dynamo", dynamic_axes=spec.dynamic_axes,
+                       input_names=spec.input_names)
+    model = onnx.load(path)
+    fused, reports = fuse_attention(model, ["softmax"])
+    assert reports[0].rewritten == n_fused and _count(fused, "Attention") == n_fused
+    for batch, seed in ((2, 1), (3, 2)):
+        fresh = spec.example_inputs(batch=batch, seed=seed)
+        fresh = tuple(fresh) if isinstance(fresh, (tuple, list)) else (fresh,)
+        feeds = {n: t.numpy() for n, t in zip(spec.input_names, fresh)}
+        got = load(fused).infer(feeds)["output"]
+        np.testing.assert_allclose(got, load(model).infer(feeds)["output"], rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            np.testing.assert_allclose(got, module(*fresh).numpy(), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- transformers (third-party proof)
+
+class _LastHidden(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _hf(name):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "vit":
+        cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                     image_size=16, patch_size=8, num_channels=3)
+        cfg._attn_implementation = "eager"
+        return transformers.ViTModel(cfg, add_pooling_layer=False), torch.randn(2, 3, 16, 16), False
+    if name == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+        cfg._attn_implementation = "eager"
+        return transformers.LlamaForCausalLM(cfg), torch.randint(0, 50, (2, 9)), True
+    cfg = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    cfg._attn_implementation = "eager"
+    return transformers.GPT2LMHeadModel(cfg), torch.randint(0, 50, (2, 9)), True
+
+
+@pytest.mark.parametrize("name,exporter", [("vit", "dynamo"), ("vit", "torchscript"), ("llama", "dynamo"),
+                                           ("llama", "torchscript"), ("gpt2", "dynamo")])
+def test_transformers_eager_attention(name, exporter, tmp_path):
+    hf, x, causal = _hf(name)
+    module = _LastHidden(hf).eval()
+    dynamic = causal and exporter == "torchscript"   # the causal mask then comes from Range/Shape arithmetic
+    model = _export(module, x, tmp_path, exporter, dynamic=dynamic)
+    fused, report = softmax.apply(model)
+    assert report.rewritten == 2 and _count(fused, "Attention") == 2, report.to_dict()
+    assert all(m.attributes["is_causal"] == int(causal) for m in report.matches)
+    gen = torch.Generator().manual_seed(7)
+    for shape in [tuple(x.shape)] + ([(3, 5)] if dynamic else []):
+        x = torch.randint(0, 50, shape, generator=gen) if causal else torch.randn(shape, generator=gen)
+        got = load(fused).infer({"x": x.numpy()})["output"]
+        np.testing.assert_allclose(got, load(model).infer({"x": x.numpy()})["output"], rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            np.testing.assert_allclose(got, module(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_opset_conversion_keeps_earlier_fused_functions(tmp_path):
+    """A hybrid model: the linear pass adds an attnc function, then this pass converts to opset 23.
+
+    ``onnx.version_converter`` drops model functions; ``passes.core.convert_opset`` restores
+    them (and raises their opset where the body means the same) so the checker and ORT accept it.
+    """
+    from attnc.models.linear import LinearAttention
+
+    class Hybrid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = LinearAttention(32, 4, causal=True), MultiHeadSelfAttention(32, 4, causal=True)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    torch.manual_seed(9)
+    module = Hybrid()
+    model = _export(module, torch.randn(2, 7, 32), tmp_path, "torchscript", dynamic=True)
+    fused, reports = fuse_attention(model, ["linear", "softmax"])
+    assert [r.rewritten for r in reports] == [1, 1]
+    assert [f.name for f in fused.functions] == ["KernelLinearAttention"]
+    _check(module, model, fused, reports[1], 1, [(2, 7, 32), (1, 4, 32)], atol=2e-6)
