@@ -8,7 +8,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import onnx
@@ -16,27 +16,29 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import atomic_path
+from attnc.plugins import attach_function_bodies
 
 log = logging.getLogger(__name__)
 
 EXPORTERS = ("dynamo", "torchscript", "auto")
 DEFAULT_OPSET = 18
 
-# Export-time translations (see passes/translations.py): context managers that make
-# calls into kernel libraries (NATTEN, flash-linear-attention) export as attnc nodes.
-_TRANSLATIONS: list[Callable[[], contextlib.AbstractContextManager]] = []
-
-
-def register_translation(factory: Callable[[], contextlib.AbstractContextManager]) -> None:
-    """Register a context-manager factory that is active during every export."""
-    _TRANSLATIONS.append(factory)
+# Export-time translations: (module, context manager) pairs that, while active, make
+# calls into kernel libraries that cannot be exported (NATTEN, flash-linear-attention)
+# export straight into attnc nodes. Each one patches only a library that is installed.
+TRANSLATIONS = (
+    ("attnc.plugins.neighborhood.natten_compat", "patch_natten"),
+    ("attnc.plugins.linear.fla_compat", "translate_fla"),
+)
 
 
 @contextlib.contextmanager
 def _translations_active() -> Iterator[None]:
+    import importlib
+
     with contextlib.ExitStack() as stack:
-        for factory in _TRANSLATIONS:
-            stack.enter_context(factory())
+        for module, name in TRANSLATIONS:
+            stack.enter_context(getattr(importlib.import_module(module), name)())
         yield
 
 
@@ -107,6 +109,7 @@ def export_onnx(
             errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             continue
         proto.producer_name = f"attnc-export[{name}]"
+        attach_function_bodies(proto)  # nodes the translations emitted need their bodies
         path = Path(path)
         with atomic_path(path, suffix=".onnx") as tmp:
             onnx.save_model(proto, str(tmp))

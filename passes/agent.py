@@ -47,7 +47,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from attnc.passes.core import (GraphIndex, Match, NearMiss, PassReport, add_function, canonical_einsum,
+from attnc.passes.core import (GraphIndex, Match, NearMiss, PassReport, canonical_einsum,
                                convert_opset, default_opset, named_copy, node_attribute, remove_dead_nodes,
                                toposort, value_shapes)
 from attnc.plugins import agent as plugin
@@ -401,10 +401,8 @@ def _rewrite(model: onnx.ModelProto, cand: _Candidate, lower: bool, shapes: dict
             inputs[5] = _full_mask(model, s2.bias, q, inputs[3], shapes, f"{name}/query_bias")
         model.graph.node.extend(plugin.lower_to_attention_nodes(inputs, out, name, s1.scale))
     else:
-        opset = default_opset(model)
         node = plugin.make_node(inputs, [out], name, scale=s1.scale)
-        add_function(model, plugin.function_proto(bool(s1.bias), bool(s2.bias), opset=opset))
-        model.ir_version = max(model.ir_version, 10)  # function overloads need IR 10
+        plugin.add_to_model(model, node)
         model.graph.node.append(node)
 
 

@@ -128,6 +128,8 @@ def add_function(model: onnx.ModelProto, function: onnx.FunctionProto) -> None:
     if any((f.domain, f.name, f.overload) == key for f in model.functions):
         return
     model.functions.append(function)
+    if function.overload:  # overloaded functions need IR version 10
+        model.ir_version = max(model.ir_version, 10)
     ensure_opset(model, DOMAIN, DOMAIN_VERSION)
     for entry in function.opset_import:
         if entry.domain != DOMAIN:

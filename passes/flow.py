@@ -41,8 +41,8 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from attnc.passes.core import (GraphIndex, Match, NearMiss, PassReport, add_function, canonical_einsum,
-                               default_opset, depends_on_data, evaluate_tensors, named_copy, node_attribute,
+from attnc.passes.core import (GraphIndex, Match, NearMiss, PassReport, canonical_einsum,
+                               depends_on_data, evaluate_tensors, named_copy, node_attribute,
                                remove_dead_nodes, toposort)
 from attnc.plugins import flow as plugin
 
@@ -466,17 +466,15 @@ def apply(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
     cands = _candidates(GraphIndex(work), report)
     if not cands:
         return model, report
-    opset = default_opset(work)
     for cand in cands:
         producer = next(n for n in work.graph.node if cand.out in n.output)
         producer.output[list(producer.output).index(cand.out)] = f"{cand.out}_unfused"
         ins = cand.inputs
-        work.graph.node.append(plugin.make_node([ins["Q"], ins["K"], ins["V"]], [cand.out],
-                                                f"{cand.anchor}_flow", causal=cand.causal,
-                                                eps=cand.state.values["eps"]))
-        add_function(work, plugin.function_proto(causal=bool(cand.causal), opset=opset))
+        node = plugin.make_node([ins["Q"], ins["K"], ins["V"]], [cand.out], f"{cand.anchor}_flow",
+                                causal=cand.causal, eps=cand.state.values["eps"])
+        plugin.add_to_model(work, node)
+        work.graph.node.append(node)
         report.matches.append(_to_match(cand))
-    work.ir_version = max(work.ir_version, 10)  # function overloads need IR 10
     report.rewritten = len(cands)
     toposort(work)
     remove_dead_nodes(work)

@@ -39,10 +39,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from attnc.passes.core import (Match, NearMiss, PassReport, add_function, constant_value, consumers,
+from attnc.passes.core import (Match, NearMiss, PassReport, constant_value, consumers,
                                convert_opset, default_opset, depends_on_data, evaluate_tensors,
                                named_copy, node_attribute, producers, remove_dead_nodes,
                                scalar_constant, toposort, value_shapes)
+from attnc.plugins import attach_function_bodies
 from attnc.plugins import linear as plugin
 
 FAMILY = "linear"
@@ -95,7 +96,7 @@ def apply(model: onnx.ModelProto, lower_lightning_to_onnx: bool = False
         The rewritten model (the input itself when nothing matched) and the report.
     """
     original, model = model, named_copy(model)
-    attached = _attach_function(model)
+    attached = attach_function_bodies(model)
     report = PassReport(FAMILY)
     cands = _candidates(model, report)
     if not cands:
@@ -116,16 +117,6 @@ def apply(model: onnx.ModelProto, lower_lightning_to_onnx: bool = False
     toposort(model)
     remove_dead_nodes(model)
     return model, report
-
-
-def _attach_function(model) -> bool:
-    """Give KernelLinearAttention nodes already in the graph (export-time translation,
-    ``plugins/linear/fla_compat.py``) the function body ONNX Runtime needs."""
-    if any(n.op_type == OP_TYPE and n.domain == plugin.DOMAIN for n in model.graph.node) \
-            and not any(f.name == OP_TYPE and f.domain == plugin.DOMAIN for f in model.functions):
-        add_function(model, plugin.function_proto(max(default_opset(model), plugin.OPSET)))
-        return True
-    return False
 
 
 def _is_lightning(c: _Candidate) -> bool:
@@ -540,7 +531,7 @@ def _rewrite(model, cand: _Candidate) -> None:
     model.graph.node.append(plugin.make_node(
         inputs, [cand.out], prefix, feature_map=cand.feature_map, causal=int(cand.causal),
         normalize=int(cand.normalize), eps=float(cand.eps), scale=float(cand.scale)))
-    add_function(model, plugin.function_proto(max(default_opset(model), plugin.OPSET)))
+    plugin.add_to_model(model)
 
 
 def _rewrite_onnx_linear_attention(model, cand: _Candidate) -> None:

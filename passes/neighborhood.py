@@ -50,7 +50,7 @@ from onnx import helper, numpy_helper
 from attnc.passes.core import (Match, NearMiss, PassReport, constant_value, consumers, name_nodes,
                                producers, remove_dead_nodes, toposort)
 from attnc.plugins import neighborhood as plugin
-from attnc.plugins.neighborhood import natten_compat
+from attnc.plugins import attach_function_bodies
 
 FAMILY = "neighborhood"
 MASKED = -1e4  # bias entries at or below this are "masked": exp(x - max) underflows to 0 in fp16/fp32
@@ -674,7 +674,7 @@ def _run(model: onnx.ModelProto, rewrite: bool) -> tuple[onnx.ModelProto, PassRe
         return model, report
     # Nodes that the NATTEN translation (plugins/neighborhood/natten_compat.py) emitted at export
     # time have no function body yet: exporters cannot attach one.
-    attached = natten_compat.attach_functions(work)
+    attached = attach_function_bodies(work)
     if not new_nodes:
         return (work, report) if attached else (model, report)
     produced = {o for site, _, _ in new_nodes for o in [site.output]}

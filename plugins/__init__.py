@@ -24,3 +24,22 @@ FUSED_OPS = {
 def plugin(op_type: str):
     """The plugin module for a fused op type (``KeyError`` if there is none)."""
     return importlib.import_module(FUSED_OPS[op_type])
+
+
+def attach_function_bodies(model) -> int:
+    """Give every ``attnc`` node of ``model`` its function body (in place); return how many were added.
+
+    Export-time translations (``plugins/*/*_compat.py``) emit fused nodes directly, and an
+    exporter cannot attach a model-local function, so ONNX Runtime could not run them
+    until this has run. Nodes whose function is already there are left alone.
+    """
+    from attnc import DOMAIN
+
+    added = 0
+    for node in model.graph.node:
+        if node.domain != DOMAIN or node.op_type not in FUSED_OPS:
+            continue
+        before = len(model.functions)
+        plugin(node.op_type).add_to_model(model, node)
+        added += len(model.functions) - before
+    return added

@@ -130,6 +130,15 @@ def function_proto(has_agent_bias: bool = True, has_query_bias: bool = True,
         doc_string="AgentAttention: softmax(Q (sA)^T + b2) softmax((sA) K^T + b1) V")
 
 
+def add_to_model(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+    """Attach the function overload ``node`` needs to ``model``, at the model's opset."""
+    from attnc.passes.core import add_function, default_opset
+
+    padded = list(node.input) + [""] * (len(INPUTS) - len(node.input))
+    node.overload = overload_name(bool(padded[4]), bool(padded[5]))
+    add_function(model, function_proto(bool(padded[4]), bool(padded[5]), opset=default_opset(model)))
+
+
 def make_node(inputs: Sequence[str], outputs: Sequence[str], name: str, **attrs) -> onnx.NodeProto:
     """An ``attnc::AgentAttention`` node; ``inputs`` = Q, K, V, A[, agent_bias[, query_bias]]
     with ``""`` for an absent bias. Its ``overload`` names the function body it needs."""

@@ -205,6 +205,15 @@ def function_proto(causal: bool = False, opset: int = OPSET) -> onnx.FunctionPro
         doc_string="FlowAttention (Flowformer), causal" if causal else "FlowAttention (Flowformer)")
 
 
+def add_to_model(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+    """Attach the function overload ``node`` needs to ``model``, at the model's opset."""
+    from attnc.passes.core import add_function, default_opset
+
+    causal = bool(next((a.i for a in node.attribute if a.name == "causal"), ATTRIBUTES["causal"]))
+    node.overload = overload_name(causal)
+    add_function(model, function_proto(causal=causal, opset=default_opset(model)))
+
+
 def make_node(inputs: Sequence[str], outputs: Sequence[str], name: str, **attrs) -> onnx.NodeProto:
     """An ``attnc::FlowAttention`` node on Q, K, V; its ``overload`` follows ``causal``."""
     unknown = set(attrs) - set(ATTRIBUTES)

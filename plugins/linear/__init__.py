@@ -102,6 +102,13 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Te
     return torch.cat(outs, dim=2)
 
 
+def add_to_model(model: onnx.ModelProto, node: onnx.NodeProto | None = None) -> None:
+    """Attach the (single, attribute-driven) function body to ``model``."""
+    from attnc.passes.core import add_function, default_opset
+
+    add_function(model, function_proto(max(default_opset(model), OPSET)))
+
+
 def make_node(inputs, outputs, name, **attrs) -> onnx.NodeProto:
     """A ``KernelLinearAttention`` node; ``inputs`` = [Q, K, V] or [Q, K, V, decay]."""
     unknown = set(attrs) - set(ATTRIBUTES)

@@ -219,7 +219,6 @@ def function_proto(ndim: int = 2, has_rpb: bool = False, opset: int = OPSET,
     """
     b = _Body()
     one, zero, two = b.const([1]), b.const([0]), b.const([2])
-    end = b.const([2 ** 62])
     ks = b.attr_const("kernel_size", onnx.AttributeProto.INTS)
     ds = b.attr_const("dilation", onnx.AttributeProto.INTS)
     cs = b.attr_const("is_causal", onnx.AttributeProto.INTS)
@@ -283,7 +282,6 @@ def function_proto(ndim: int = 2, has_rpb: bool = False, opset: int = OPSET,
     scale = b("Where", is_default, b("Reciprocal", b("Sqrt", b("Cast", head_dim, to=TensorProto.FLOAT))),
               scale_attr)
     neg_inf = b("CastLike", b.const(-np.inf, np.float32), "Q")
-    zero_t = b("CastLike", b.const(0.0, np.float32), "Q")
 
     if ndim == 1:
         q = b("Mul", "Q", b("CastLike", scale, "Q"))                   # [B, H, L, D]
@@ -427,6 +425,6 @@ def add_to_model(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
     ndim = len(next(a.ints for a in node.attribute if a.name == "kernel_size"))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
     static = any(a.name == "grid" for a in node.attribute)
-    add_function(model, function_proto(ndim, len(node.input) > 3 and bool(node.input[3]), max(opset, 15), static))
-    if model.ir_version < 10:  # function overloads need IR 10
-        model.ir_version = 10
+    has_rpb = len(node.input) > 3 and bool(node.input[3])
+    node.overload = overload_name(ndim, has_rpb, static)
+    add_function(model, function_proto(ndim, has_rpb, max(opset, 15), static))

@@ -27,7 +27,6 @@ import contextlib
 import importlib
 from collections.abc import Iterator, Sequence
 
-import onnx
 import torch
 
 from attnc import DOMAIN
@@ -125,25 +124,4 @@ def patch_natten() -> Iterator[bool]:
                 setattr(functional, name, fn)
 
 
-def register() -> None:
-    """Make every ``attnc.compiler.export.export_onnx`` call run inside :func:`patch_natten`."""
-    from attnc.compiler.export import register_translation
-
-    register_translation(patch_natten)
-
-
-def attach_functions(model: onnx.ModelProto) -> int:
-    """Give exported ``NeighborhoodAttention`` nodes their overload and function body; returns how many."""
-    count = 0
-    for node in model.graph.node:
-        if node.domain == DOMAIN and node.op_type == plugin.OP_TYPE and not node.overload:
-            has_rpb = len(node.input) > 3 and bool(node.input[3])
-            ndim = len(next(a.ints for a in node.attribute if a.name == "kernel_size"))
-            node.overload = plugin.overload_name(ndim, has_rpb, any(a.name == "grid" for a in node.attribute))
-            plugin.add_to_model(model, node)
-            count += 1
-    return count
-
-
-__all__: Sequence[str] = ["na1d", "na2d", "na3d", "neighborhood_attention", "patch_natten", "register",
-                          "attach_functions"]
+__all__: Sequence[str] = ["na1d", "na2d", "na3d", "neighborhood_attention", "patch_natten"]
