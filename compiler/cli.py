@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from attnc import __version__
@@ -29,7 +30,7 @@ def _handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except AttncError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
     return wrapper
 
@@ -149,8 +150,15 @@ def inspect_cmd(model_path, as_json) -> None:
     from attnc import passes
     from attnc.compiler import onnx_io
 
+    from attnc.passes.core import value_shapes
+
     model = onnx_io.load_model(model_path)
     reports = passes.find_attention(model)
+    shapes = value_shapes(model)
+    for match in (m for r in reports for m in r.matches):
+        for role, tensor in match.inputs.items():
+            if not match.shapes.get(role):
+                match.shapes[role] = shapes.get(tensor)
     data = {
         "model": str(model_path),
         "opset": onnx_io.default_opset(model),
@@ -167,18 +175,22 @@ def inspect_cmd(model_path, as_json) -> None:
     table = Table("family", "fused op", "nodes", "inputs", "attributes", title="attention subgraphs")
     for m in data["matches"]:
         table.add_row(m["family"], m["op_type"], str(len(m["nodes"])),
-                      ", ".join(f"{k}={m['shapes'].get(k, '?')}" for k in m["inputs"]),
-                      ", ".join(f"{k}={v}" for k, v in m["attributes"].items()))
+                      escape(", ".join(f"{k}={_dims(m['shapes'].get(k))}" for k in m["inputs"])),
+                      escape(", ".join(f"{k}={v}" for k, v in m["attributes"].items())))
     console.print(table if data["matches"] else "no attention subgraphs found")
     if data["near_misses"]:
         near = Table("family", "at node", "why not", title="near-misses (left unchanged)")
         for n in data["near_misses"]:
-            near.add_row(n["family"], n["anchor"], n["reason"])
+            near.add_row(n["family"], escape(n["anchor"]), escape(n["reason"]))
         console.print(near)
     ops = Table("op", "count", title="op counts")
     for op, count in data["ops"].items():
         ops.add_row(op, str(count))
     console.print(ops)
+
+
+def _dims(shape) -> str:
+    return "?" if shape is None else "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 @cli.command("compile")
@@ -274,7 +286,7 @@ def report_cmd(report_path) -> None:
     for out in data["outputs"]:
         table.add_row(out["name"], "[green]yes[/]" if out["passed"] else "[red]no[/]",
                       number(out.get("max_abs_error"), ".3g"), number(out.get("max_rel_error"), ".3g"),
-                      number(out.get("cosine"), ".8f"), "; ".join(out.get("reasons") or []))
+                      number(out.get("cosine"), ".8f"), escape("; ".join(out.get("reasons") or [])))
     console.print(table)
     console.print("[bold green]PASS[/]" if data["passed"] else "[bold red]FAIL[/]")
     if not data["passed"]:

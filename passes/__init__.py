@@ -13,7 +13,8 @@ import logging
 import onnx
 
 from attnc.compiler.errors import AttncError
-from attnc.passes.core import Match, NearMiss, PassReport, name_nodes
+from attnc.passes.core import Match, NearMiss, PassReport, named_copy
+from attnc.plugins import attach_function_bodies
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +46,24 @@ def available_families() -> list[str]:
 
 
 def find_attention(model: onnx.ModelProto, families: list[str] | None = None) -> list[PassReport]:
-    """Report every attention subgraph (and near-miss) without changing ``model``."""
-    model = _named_copy(model)
-    reports = []
-    for family in families or available_families():
-        module = _load(family)
-        if module is not None:
-            reports.append(module.find(model))
-    return reports
+    """Report what :func:`fuse_attention` would rewrite (and its near-misses); ``model`` is unchanged.
+
+    This is a dry run of the pipeline rather than each pass's ``find`` on the input: a
+    subgraph that an earlier pass consumes (agent attention's two softmax stages) is
+    not also reported by a later one.
+    """
+    return fuse_attention(model, families)[1]
 
 
 def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None
                    ) -> tuple[onnx.ModelProto, list[PassReport]]:
-    """Run the fusion passes in order; return the rewritten model and one report per pass."""
-    model = _named_copy(model)
+    """Run the fusion passes in order; return the rewritten model and one report per pass.
+
+    A near-miss whose anchor node a later pass fused (a plain softmax attention that the
+    neighborhood pass looked at and the softmax pass rewrote) is dropped: it was not missed.
+    """
+    model = named_copy(model)
+    attach_function_bodies(model)
     reports = []
     for family in families or available_families():
         module = _load(family)
@@ -67,14 +72,10 @@ def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None
         model, report = module.apply(model)
         log.info("%s: %d rewritten, %d near-misses", family, report.rewritten, len(report.near_misses))
         reports.append(report)
+    remaining = {node.name for node in model.graph.node}
+    for report in reports:
+        report.near_misses = [n for n in report.near_misses if n.anchor in remaining]
     return model, reports
-
-
-def _named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    name_nodes(copy)
-    return copy
 
 
 __all__ = ["FUSION_PASSES", "Match", "NearMiss", "PassReport", "available_families",
