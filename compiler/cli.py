@@ -203,6 +203,18 @@ def _dims(shape) -> str:
 @click.option("--family", "families", multiple=True,
               help="Only run these fusion passes (repeatable); default: all.")
 @click.option("--no-fuse", is_flag=True, help="Skip the fusion passes.")
+@click.option("--prune-heads", metavar="RATIO|COUNT",
+              help="Prune attention heads: a ratio in (0, 1) (0.25) or a number of heads (4).")
+@click.option("--prune-method", type=click.Choice(["activation", "weight"]), default="activation",
+              show_default=True, help="How heads are scored (gradient scores: Python API).")
+@click.option("--calibration", type=click.Path(dir_okay=False),
+              help="Calibration inputs (.npz keyed by input name) for head scores / the exit layer.")
+@click.option("--token-exit", type=click.Choice(["static", "dynamic"]),
+              help="Drop all visual tokens of a vision-language model after a layer (DyVTE).")
+@click.option("--visual-tokens", type=int, help="Number of visual tokens in front of the text (token exit).")
+@click.option("--exit-layer", type=int, help="Static token exit: the decoder layer (default: chosen on --calibration).")
+@click.option("--exit-gate", type=click.Path(dir_okay=False),
+              help="Dynamic token exit: a gate saved with ExitGate.save.")
 @click.option("--min-shape", "min_shapes", multiple=True, metavar="NAME:1x3x224x224",
               help="TensorRT profile: smallest shape of a dynamic input (repeatable).")
 @click.option("--opt-shape", "opt_shapes", multiple=True, metavar="NAME:1x3x224x224",
@@ -215,7 +227,8 @@ def _dims(shape) -> str:
 @click.option("--fused-ops", type=click.Choice(["plugin", "inline"]), default="plugin", show_default=True,
               help="TensorRT: run fused nodes as attnc plugins, or inline their ONNX function bodies.")
 @_handle_errors
-def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, min_shapes, opt_shapes,
+def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, prune_heads, prune_method,
+                calibration, token_exit, visual_tokens, exit_layer, exit_gate, min_shapes, opt_shapes,
                 max_shapes, workspace, timing_cache, fused_ops) -> None:
     """Run the pass pipeline on an ONNX model and build a BACKEND artefact in OUT_DIR."""
     from attnc.compiler.pipeline import CompileOptions, compile_model
@@ -226,7 +239,10 @@ def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, min_
                            "max_shapes": list(max_shapes), "fused_ops": fused_ops,
                            "workspace": workspace << 20 if workspace else None, "timing_cache": timing_cache}
     options = CompileOptions(backend=backend, precision=precision, fuse=not no_fuse,
-                             families=list(families) or None, backend_options=backend_options)
+                             families=list(families) or None, backend_options=backend_options,
+                             prune_heads=prune_heads, prune_method=prune_method, calibration=calibration,
+                             token_exit=token_exit, visual_tokens=visual_tokens, exit_layer=exit_layer,
+                             exit_gate=exit_gate)
     with console.status("compiling") as status:
         manifest = compile_model(model_path, out_dir, options, progress=status.update)
     table = Table("family", "rewritten", "near-misses", title="fusion passes")
@@ -234,6 +250,13 @@ def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, min_
         table.add_row(report["family"], str(report["rewritten"]), str(len(report["near_misses"])))
     if manifest["passes"]:
         console.print(table)
+    pruned = manifest["shrink"].get("prune_heads")
+    if pruned:
+        console.print(f"head pruning: parameters {pruned['params_before']} -> {pruned['params_after']}")
+    exited = manifest["shrink"].get("token_exit")
+    if exited:
+        console.print(f"token exit ({exited['mode']}): visual tokens dropped before decoder layer "
+                      f"{exited['exit_layer']} of {exited['decoder_layers']}")
     before, after = sum(manifest["ops_before"].values()), sum(manifest["ops_after"].values())
     console.print(f"nodes {before} -> {after}; wrote [bold]{out_dir / manifest['artefact']}[/] "
                   f"and {out_dir / 'manifest.json'}")

@@ -42,6 +42,14 @@ class CompileOptions:
     fuse: bool = True
     families: list[str] | None = None  # None: every available fusion pass
     backend_options: dict = field(default_factory=dict)
+    # Shrink passes (docs/shrink.md); they run before fusion, on the exported graph.
+    prune_heads: str | None = None      # a ratio ("0.25") or a head count ("4")
+    prune_method: str = "activation"
+    calibration: str | None = None      # .npz of calibration inputs (one batch), keyed by input name
+    token_exit: str | None = None       # "static" or "dynamic"
+    visual_tokens: int | None = None
+    exit_layer: int | None = None       # static: None lets calibration choose
+    exit_gate: str | None = None        # dynamic: .npz written by ExitGate.save
 
 
 def compile_model(model_path: str | os.PathLike, out_dir: str | os.PathLike,
@@ -72,6 +80,9 @@ def compile_model(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     model = onnx_io.load_model(model_path)
     ops_before = onnx_io.op_counts(model)
     timings["load_s"] = time.perf_counter() - t0
+
+    shrink = _shrink(model, options, step)
+    model = shrink.pop("model")
 
     reports = []
     if options.fuse:
@@ -105,6 +116,7 @@ def compile_model(model_path: str | os.PathLike, out_dir: str | os.PathLike,
             "ops_before": ops_before,
             "ops_after": onnx_io.op_counts(model),
             "passes": [r.to_dict() for r in reports],
+            "shrink": shrink,
             "backend_info": getattr(backend, "describe", lambda _p: {})(artefact),
             "timings": {k: round(v, 4) for k, v in timings.items()},
         }
@@ -116,6 +128,37 @@ def compile_model(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _shrink(model: onnx.ModelProto, options: CompileOptions, step) -> dict:
+    """Token exit, then head pruning; returns ``{"model": ..., <pass>: report}``."""
+    result: dict = {"model": model}
+    calibration = None
+    if options.calibration:
+        from attnc.compiler import validate
+        from attnc.compiler.backends.onnxruntime import load
+
+        calibration = [validate.load_inputs(options.calibration, load(model).input_specs)]
+    if options.token_exit:
+        from attnc.passes import token_exit
+
+        if not options.visual_tokens:
+            raise AttncError("--token-exit needs the number of visual tokens",
+                             "pass --visual-tokens N (the tokens in front of the text)")
+        gate = token_exit.ExitGate.load(options.exit_gate) if options.exit_gate else None
+        step(f"visual-token exit ({options.token_exit})")
+        result["model"], report = token_exit.apply(
+            result["model"], options.token_exit, options.visual_tokens, exit_layer=options.exit_layer,
+            calibration_feeds=calibration, gate=gate)
+        result["token_exit"] = report.to_dict()
+    if options.prune_heads:
+        from attnc.passes import prune_heads
+
+        step(f"pruning heads ({options.prune_heads}, {options.prune_method} scores)")
+        result["model"], report = prune_heads.apply(result["model"], options.prune_heads,
+                                                    calibration_feeds=calibration, method=options.prune_method)
+        result["prune_heads"] = report.to_dict()
+    return result
 
 
 def load_manifest(artefact_dir: str | os.PathLike) -> dict:

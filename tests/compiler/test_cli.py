@@ -220,3 +220,57 @@ def test_export_python_api_roundtrip(tmp_path):
         assert [i.name for i in model.graph.input] == list(spec.input_names)
         dims = model.graph.input[0].type.tensor_type.shape.dim
         assert any(d.dim_param for d in dims)
+
+
+# ------------------------------------------------------------------------------ shrink flags
+
+def test_compile_prunes_heads(exported, tmp_path):
+    spec = get_spec(MODEL)
+    np.savez(tmp_path / "calib.npz", **{spec.input_names[0]: spec.example_inputs(batch=4, seed=1)[0].numpy()})
+    out = tmp_path / "pruned"
+    result = run("compile", exported, "-o", out, "--prune-heads", "0.5", "--calibration", tmp_path / "calib.npz")
+    assert "head pruning" in result.output
+    pruned = json.loads((out / "manifest.json").read_text())["shrink"]["prune_heads"]
+    assert pruned["heads_after"] == pruned["heads_before"] // 2
+    # One head of q, k, v rows and output-projection columns per pruned head is gone.
+    assert pruned["params_after"] < pruned["params_before"]
+    runner_model = onnx.load(str(out / json.loads((out / "manifest.json").read_text())["artefact"]))
+    from attnc.compiler.backends.onnxruntime import load
+
+    outputs = load(runner_model).infer({spec.input_names[0]: spec.example_inputs(seed=2)[0].numpy()})
+    assert np.isfinite(outputs["output"]).all()
+
+
+@pytest.mark.parametrize("amount", ["1.5", "0", "-2", "half"])
+def test_compile_rejects_bad_prune_amount(exported, tmp_path, amount):
+    result = run("compile", exported, "-o", tmp_path / "out", "--prune-heads", amount, ok=False)
+    assert_clean_error(result, "prune")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_compile_static_token_exit(tmp_path):
+    import torch
+
+    spec = get_spec("vlm-small")
+    path = tmp_path / "vlm.onnx"
+    run("export", "vlm-small", "-o", path, "--exporter", "torchscript")
+    module = spec.factory()
+    out = tmp_path / "exited"
+    result = run("compile", path, "-o", out, "--token-exit", "static",
+                 "--visual-tokens", module.num_visual_tokens, "--exit-layer", 1)
+    assert "token exit" in result.output
+    from attnc.compiler.backends.onnxruntime import load
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    inputs = spec.example_inputs(seed=4)
+    got = load(str(out / manifest["artefact"])).infer(dict(zip(spec.input_names, (t.numpy() for t in inputs))))
+    with torch.no_grad():
+        expected = module(*inputs, exit_layer=1).numpy()
+    np.testing.assert_allclose(got["output"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_token_exit_needs_visual_tokens(tmp_path):
+    path = tmp_path / "vlm.onnx"
+    run("export", "vlm-small", "-o", path, "--exporter", "torchscript")
+    assert_clean_error(run("compile", path, "-o", tmp_path / "out", "--token-exit", "static", ok=False),
+                       "--visual-tokens")

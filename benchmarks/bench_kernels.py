@@ -1,0 +1,334 @@
+"""Kernel benchmark: attnc's Triton kernels against the best available peers, on one GPU.
+
+For each fused op at realistic sizes it times attnc's kernel and every peer that imports:
+
+- NeighborhoodAttention: NATTEN (``natten.na1d``/``na2d``, heads-last layout), torch
+  ``flex_attention`` with a neighborhood ``BlockMask`` (+ ``score_mod`` for RPB), and SDPA
+  with a dense boolean/additive mask;
+- KernelLinearAttention: flash-linear-attention's chunk kernels (``chunk_linear_attn``,
+  ``chunk_simple_gla`` with ``g_gamma = log λ`` for per-head decay; timings only: fla applies
+  no feature map and normalises its own way), and the op's torch reference eager and
+  ``torch.compile``-d;
+- FlowAttention, AgentAttention: the op's torch reference, eager and ``torch.compile``-d.
+
+It prints one table of ratios ``peer time / attnc time`` (> 1: attnc is faster) plus attnc's
+max relative error against the float64 reference (the only check of the GPU-only paths: tf32
+and bf16 tensor-core products), and saves raw timings with the device name and date to
+``benchmarks/results/kernels-<device>-<date>.json``.
+
+    python benchmarks/bench_kernels.py                       # every op, fp16
+    python benchmarks/bench_kernels.py --ops neighborhood --dtype bf16
+    python benchmarks/bench_kernels.py --smoke               # CPU: tiny shapes, interpreter, no timing claims
+
+Needs an NVIDIA GPU (exits with a message otherwise), except ``--smoke``, which runs every
+case at toy sizes on CPU under Triton's interpreter to prove the script and its peers' calls
+work before GPU time is spent on it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+if "--smoke" in sys.argv:  # must precede the first triton import (see plugins/kernels_common.py)
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+# ----------------------------------------------------------------------------- cases
+# Each case builds (attnc_fn, {peer name: fn}, reference_fn) on the device; every fn takes no
+# arguments and returns the output tensor (peer layouts are converted outside the timed call).
+
+def _rand(*shape, dtype, device):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+def _neighborhood_mask_mod(grid, ks, ds, cs):
+    """A flex_attention mask_mod for the op's semantics on flattened 1-D/2-D grids."""
+    def axis_ok(qi, ki, length, k, d, causal):
+        gq, pq = qi % d, qi // d
+        pk = ki // d
+        n = (length - 1 - gq) // d + 1
+        start = pq - k + 1 if causal else torch.minimum(torch.clamp(pq - k // 2, min=0), n - k)
+        return (ki % d == gq) & (pk >= start) & (pk < start + k)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = None
+        rest_q, rest_k = q_idx, kv_idx
+        for axis in reversed(range(len(grid))):
+            length = grid[axis]
+            term = axis_ok(rest_q % length, rest_k % length, length, ks[axis], ds[axis], cs[axis])
+            ok = term if ok is None else ok & term
+            rest_q, rest_k = rest_q // length, rest_k // length
+        return ok
+    return mask_mod
+
+
+def case_neighborhood(cfg, dtype, device):
+    from attnc.plugins.neighborhood import dense_mask_and_rel, reference
+    from attnc.plugins.neighborhood.kernels import neighborhood_forward
+
+    b, h, grid, d = cfg["batch"], cfg["heads"], cfg["grid"], cfg["dim"]
+    ks, ds = cfg["kernel_size"], cfg.get("dilation", (1,) * len(grid))
+    cs = cfg.get("is_causal", (0,) * len(grid))
+    q, k, v = (_rand(b, h, *grid, d, dtype=dtype, device=device) for _ in range(3))
+    rpb = _rand(h, *(2 * x - 1 for x in ks), dtype=dtype, device=device) if cfg.get("rpb") else None
+    ours = lambda: neighborhood_forward(q, k, v, ks, ds, cs, 0.0, rpb)  # noqa: E731
+    ref = lambda: reference(q.double(), k.double(), v.double(), ks, ds, cs, 0.0,  # noqa: E731
+                            None if rpb is None else rpb.double())
+    peers: dict[str, Callable] = {}
+    n_tokens = math.prod(grid)
+    flat = lambda t: t.reshape(b, h, n_tokens, t.shape[-1])  # noqa: E731
+    allowed, rel = dense_mask_and_rel(grid, ks, ds, cs)
+    allowed_t = torch.from_numpy(allowed).to(device)
+    if rpb is None:
+        sdpa_mask = allowed_t
+    else:
+        import numpy as np
+        flat_rel = torch.from_numpy(np.ravel_multi_index(tuple(np.moveaxis(rel, -1, 0)), rpb.shape[1:])).to(device)
+        bias = rpb.reshape(h, -1)[:, flat_rel]                                     # [H, N, N]
+        sdpa_mask = bias.masked_fill(~allowed_t, float("-inf")).unsqueeze(0)
+    qf, kf, vf = flat(q), flat(k), flat(v)
+    peers["sdpa+mask"] = lambda: torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, attn_mask=sdpa_mask)
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        block_mask = create_block_mask(_neighborhood_mask_mod(grid, ks, ds, cs), None, None, n_tokens, n_tokens,
+                                       device=device.type)
+        score_mod = None
+        if rpb is not None:
+            bias_table = bias
+
+            def score_mod(score, b_, h_, q_idx, kv_idx):
+                return score + bias_table[h_, q_idx, kv_idx]
+        flex = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
+        peers["flex_attention"] = lambda: flex(qf, kf, vf, score_mod=score_mod, block_mask=block_mask)
+    except Exception as exc:  # older torch, or a mask_mod this torch cannot trace
+        print(f"  flex_attention unavailable: {exc}")
+    try:
+        import natten
+        heads_last = [t.movedim(1, -2).contiguous() for t in (q, k, v)]       # [B, *grid, H, D]
+        fn = natten.na1d if len(grid) == 1 else natten.na2d
+        kwargs = dict(kernel_size=ks if len(ks) > 1 else ks[0], dilation=ds if len(ds) > 1 else ds[0],
+                      is_causal=tuple(bool(c) for c in cs) if len(cs) > 1 else bool(cs[0]))
+        if rpb is None:  # NATTEN >= 0.20 has no RPB
+            peers["natten"] = lambda: fn(*heads_last, **kwargs)
+    except ImportError:
+        pass
+    return ours, peers, ref
+
+
+def case_linear(cfg, dtype, device):
+    from attnc.plugins.linear import reference
+    from attnc.plugins.linear.kernels import linear_forward
+
+    b, h, n, d = cfg["batch"], cfg["heads"], cfg["seq"], cfg["dim"]
+    q, k, v = (_rand(b, h, n, d, dtype=dtype, device=device) for _ in range(3))
+    decay = (0.9 + 0.1 * torch.rand(h, device=device)) if cfg.get("decay") else None
+    attrs = dict(feature_map=cfg.get("feature_map", "elu1"), causal=cfg["causal"], normalize=cfg.get("normalize", 1))
+    ours = lambda: linear_forward(q, k, v, decay, **attrs)  # noqa: E731
+    ref = lambda: reference(q.double(), k.double(), v.double(),  # noqa: E731
+                            None if decay is None else decay.double(), **attrs)
+    peers: dict[str, Callable] = {}
+    if not cfg["causal"] or n <= 4096:  # the eager causal reference is a Python loop over t
+        peers["torch eager"] = lambda: reference(q, k, v, decay, **attrs)
+    if not cfg["causal"]:
+        compiled = torch.compile(reference, dynamic=False)
+        peers["torch.compile"] = lambda: compiled(q, k, v, decay, **attrs)
+    if cfg["causal"]:
+        try:
+            from fla.ops.linear_attn import chunk_linear_attn
+            from fla.ops.simple_gla import chunk_simple_gla
+            qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))     # [B, T, H, D]
+            if decay is None:
+                peers["fla chunk_linear_attn"] = lambda: chunk_linear_attn(
+                    qt, kt, vt, scale=1.0, normalize=bool(attrs["normalize"]))[0]
+            else:
+                g_gamma = decay.float().log()
+                peers["fla chunk_simple_gla"] = lambda: chunk_simple_gla(qt, kt, vt, g_gamma=g_gamma, scale=1.0)[0]
+        except ImportError:
+            pass
+    return ours, peers, ref
+
+
+def case_flow(cfg, dtype, device):
+    from attnc.plugins.flow import reference
+    from attnc.plugins.flow.kernels import flow_forward
+
+    b, h, n, d, causal = cfg["batch"], cfg["heads"], cfg["seq"], cfg["dim"], cfg.get("causal", 0)
+    q, k, v = (_rand(b, h, n, d, dtype=dtype, device=device) for _ in range(3))
+    compiled = torch.compile(reference, dynamic=False)
+    return (lambda: flow_forward(q, k, v, causal),
+            {"torch eager": lambda: reference(q, k, v, causal),
+             "torch.compile": lambda: compiled(q, k, v, causal)},
+            lambda: reference(q.double(), k.double(), v.double(), causal))
+
+
+def case_agent(cfg, dtype, device):
+    from attnc.plugins.agent import reference
+    from attnc.plugins.agent.kernels import agent_forward
+
+    b, h, n, agents, d = cfg["batch"], cfg["heads"], cfg["seq"], cfg["agents"], cfg["dim"]
+    q, k, v = (_rand(b, h, n, d, dtype=dtype, device=device) for _ in range(3))
+    a = _rand(b, h, agents, d, dtype=dtype, device=device)
+    b1 = _rand(1, h, agents, n, dtype=dtype, device=device) if cfg.get("bias") else None
+    b2 = _rand(1, h, n, agents, dtype=dtype, device=device) if cfg.get("bias") else None
+    compiled = torch.compile(reference, dynamic=False)
+    peers = {"torch eager": lambda: reference(q, k, v, a, b1, b2),
+             "torch.compile": lambda: compiled(q, k, v, a, b1, b2)}
+    # Each stage is exactly SDPA with an additive mask: the "lower to Attention" alternative.
+    peers["2x sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, a, torch.nn.functional.scaled_dot_product_attention(a, k, v, attn_mask=b1), attn_mask=b2)
+    return (lambda: agent_forward(q, k, v, a, b1, b2),
+            peers, lambda: reference(*(None if t is None else t.double() for t in (q, k, v, a, b1, b2))))
+
+
+CASES = {"neighborhood": case_neighborhood, "linear": case_linear, "flow": case_flow, "agent": case_agent}
+
+CONFIGS = {
+    "neighborhood": [
+        dict(name="NAT-T stage1 56x56 k7 rpb", batch=16, heads=2, grid=(56, 56), dim=32, kernel_size=(7, 7), rpb=True),
+        dict(name="DiNAT 28x28 k7 d2", batch=16, heads=8, grid=(28, 28), dim=32, kernel_size=(7, 7), dilation=(2, 2)),
+        dict(name="2-D 64x64 k13 D64", batch=4, heads=4, grid=(64, 64), dim=64, kernel_size=(13, 13)),
+        dict(name="1-D 4096 k31 causal D64", batch=4, heads=8, grid=(4096,), dim=64, kernel_size=(31,), is_causal=(1,)),
+    ],
+    "linear": [
+        dict(name="non-causal N4096 D64 elu1", batch=4, heads=8, seq=4096, dim=64, causal=0),
+        dict(name="causal N2048 D64", batch=4, heads=8, seq=2048, dim=64, causal=1),
+        dict(name="lightning N4096 D128 decay", batch=2, heads=16, seq=4096, dim=128, causal=1, decay=True,
+             feature_map="identity", normalize=0),
+    ],
+    "flow": [
+        dict(name="Flowformer N4096 D64", batch=8, heads=8, seq=4096, dim=64),
+        dict(name="ViT N197 D64", batch=64, heads=6, seq=197, dim=64),
+        dict(name="causal LM N2048 D64", batch=8, heads=8, seq=2048, dim=64, causal=1),
+    ],
+    "agent": [
+        dict(name="Agent-DeiT-S N197 n49", batch=64, heads=6, seq=197, agents=49, dim=64, bias=True),
+        dict(name="AgentSD-like N4096 n256", batch=2, heads=8, seq=4096, agents=256, dim=64),
+    ],
+}
+
+
+def _smoke_config(op: str, cfg: dict) -> dict:
+    """The same case at toy sizes (CPU interpreter)."""
+    small = dict(cfg, batch=1, heads=2, dim=16)
+    if op == "neighborhood":
+        ndim = len(cfg["grid"])
+        small["kernel_size"] = tuple(min(k, 5) for k in cfg["kernel_size"])
+        dilation = cfg.get("dilation", (1,) * ndim)
+        small["grid"] = tuple(min(g, k * d + (3 if axis == 0 and ndim == 2 else 9))
+                              for axis, (g, k, d) in enumerate(zip(cfg["grid"], small["kernel_size"], dilation)))
+    else:
+        small["seq"] = 40
+    if op == "agent":
+        small["agents"] = 8
+    return small
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _time(fn: Callable, smoke: bool) -> float:
+    """Milliseconds per call (triton's do_bench on GPU; one timed call in smoke mode)."""
+    if smoke:
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=25, rep=200))
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).abs().max() / ref.abs().max())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--dtype", default="fp16", choices=list(DTYPES))
+    parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU under the interpreter")
+    parser.add_argument("--no-save", action="store_true", help="do not write results (implied by --smoke)")
+    args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print("bench_kernels: no CUDA GPU visible (torch.cuda.is_available() is False); the kernel "
+              "benchmark needs an NVIDIA GPU. Use --smoke to check the script on CPU.")
+        return 2
+    device = torch.device("cpu" if args.smoke else "cuda")
+    device_name = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for op in args.ops:
+        for cfg in CONFIGS[op]:
+            cfg = _smoke_config(op, cfg) if args.smoke else cfg
+            torch.manual_seed(0)
+            print(f"{op}: {cfg['name']} ...", flush=True)
+            try:
+                ours, peers, ref = CASES[op](cfg, dtype, device)
+                row = {"op": op, "config": cfg, "attnc_ms": _time(ours, args.smoke), "peers_ms": {},
+                       "attnc_rel_err": None}
+                try:
+                    row["attnc_rel_err"] = _rel_err(ours(), ref())
+                except (RuntimeError, MemoryError) as exc:  # float64 reference too big for the device
+                    row["reference_error"] = str(exc)[:200]
+                for name, fn in peers.items():
+                    try:
+                        row["peers_ms"][name] = _time(fn, args.smoke)
+                    except Exception as exc:
+                        row["peers_ms"][name] = None
+                        row.setdefault("peer_errors", {})[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            except Exception as exc:
+                row = {"op": op, "config": cfg, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            rows.append(row)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    _print_table(rows, device_name, args.dtype)
+    if not args.no_save and not args.smoke:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower()
+        path = RESULTS / f"kernels-{slug}-{args.dtype}-{now:%Y%m%d-%H%M%S}.json"
+        meta = {"device": device_name, "date": now.isoformat(), "dtype": args.dtype, "smoke": args.smoke,
+                "torch": torch.__version__, "python": platform.python_version(),
+                "cuda": torch.version.cuda}
+        try:
+            import triton
+            meta["triton"] = triton.__version__
+        except ImportError:
+            pass
+        path.write_text(json.dumps({"machine": meta, "results": rows}, indent=1, default=str))
+        print(f"raw results: {path}")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def _print_table(rows: list[dict], device_name: str, dtype: str) -> None:
+    print(f"\n{device_name}, {dtype}: peer time / attnc time (> 1: attnc faster)")
+    header = f"{'op':<13}{'config':<30}{'attnc ms':>10}{'rel err':>10}  peers"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        name = r["config"]["name"]
+        if "error" in r:
+            print(f"{r['op']:<13}{name:<30}  ERROR {r['error']}")
+            continue
+        err = "-" if r["attnc_rel_err"] is None else f"{r['attnc_rel_err']:.1e}"
+        ours = r["attnc_ms"]
+        peers = ", ".join(f"{p} " + ("n/a" if t is None else f"{t / ours:.2f}x") for p, t in r["peers_ms"].items())
+        print(f"{r['op']:<13}{name:<30}{r['attnc_ms']:>10.3f}{err:>10}  {peers}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Shrink passes measured on small real tasks: head pruning (digits ViT) and visual-token exit (VQA VLM).
+
+    python benchmarks/bench_shrink.py [--reps 200] [--threads 1] [--out benchmarks/results]
+
+Trains both models (seconds to a couple of minutes on a shared 2-core CPU), applies the
+passes, and prints one table: accuracy, parameters, attention FLOPs and ONNX Runtime CPU
+latency before/after. Latencies of a "before" and its "after" are measured side by side
+(runs interleaved round-robin in the same process, median of ``--reps``). Raw numbers go
+to ``<out>/shrink-<date>.json`` with the machine description.
+
+Issue #6 targets: 25 % of heads pruned keeps accuracy within 1 point and cuts attention
+FLOPs by >= 20 %; token exit cuts VLM latency by >= 30 % with accuracy within 1 point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from attnc.compiler.export import export_onnx
+from attnc.models.train import accuracy, fit, train_digits_vit, train_vqa_vlm
+from attnc.passes.prune_heads import (find_attention_layers, gates_from_keep, head_gates, prune_heads,
+                                      score_heads, select_heads)
+from attnc.passes.token_exit import (apply_dynamic_token_exit, apply_static_token_exit, choose_exit_layer,
+                                     train_exit_gate)
+
+
+def session(model: onnx.ModelProto, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def side_by_side(models: dict[str, onnx.ModelProto], feeds: dict, reps: int, threads: int) -> dict[str, float]:
+    """Median latency (ms) of each model, runs interleaved round-robin so load hits all equally."""
+    sessions = {k: session(m, threads) for k, m in models.items()}
+    for s in sessions.values():
+        for _ in range(5):
+            s.run(None, feeds)
+    times = {k: [] for k in sessions}
+    for _ in range(reps):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feeds)
+            times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v) * 1e3) for k, v in times.items()}
+
+
+def onnx_accuracy(model, feeds: dict, labels: np.ndarray, threads: int) -> float:
+    return float((session(model, threads).run(None, feeds)[0].argmax(-1) == labels).mean())
+
+
+def export(model, inputs, path, names, dynamic_axes) -> onnx.ModelProto:
+    export_onnx(model, inputs, path, input_names=names, dynamic_axes=dynamic_axes)
+    return onnx.load(str(path))
+
+
+def bench_pruning(tmp: Path, reps: int, threads: int) -> dict:
+    t0 = time.perf_counter()
+    model, train, test = train_digits_vit()
+    train_s = time.perf_counter() - t0
+    axes = {"image": {0: "batch"}}
+    base = export(model, train.inputs[0][:4], tmp / "digits.onnx", ["image"], axes)
+    test_feeds = {"image": test.inputs[0].numpy()}
+    labels = test.labels.numpy()
+    acc_before = onnx_accuracy(base, test_feeds, labels, threads)
+    calibration = [{"image": train.inputs[0][i:i + 128].numpy(), "labels": train.labels[i:i + 128].numpy()}
+                   for i in range(0, 512, 128)]
+    loss = lambda out, feeds: torch.nn.functional.cross_entropy(out, torch.from_numpy(feeds["labels"]))  # noqa: E731
+    layers = find_attention_layers(base)
+    heads = {l.index: l.heads for l in layers}
+    rows = []
+    for method in ("activation", "gradient"):
+        scores = score_heads(base, calibration, method=method, torch_model=model, loss_fn=loss)
+        keep = select_heads(heads, scores, ratio=0.25)
+        pruned, report = prune_heads(base, keep=keep)
+        acc_pruned = onnx_accuracy(pruned, test_feeds, labels, threads)
+        tuned = copy.deepcopy(model)
+        with head_gates(tuned, gates_from_keep(keep, heads)):
+            fit(tuned, train, 2, lr=1e-3)
+        recovered, _ = prune_heads(export(tuned, train.inputs[0][:4], tmp / f"tuned-{method}.onnx", ["image"], axes),
+                                   keep=keep)
+        acc_recovered = onnx_accuracy(recovered, test_feeds, labels, threads)
+        latency = {}
+        for batch in (1, 64):
+            feeds = {"image": test.inputs[0][:batch].numpy()}
+            latency[batch] = side_by_side({"before": base, "after": pruned}, feeds, reps, threads)
+        rows.append({
+            "method": method, "keep": {str(k): v for k, v in keep.items()},
+            "heads_before": report.heads_before, "heads_after": report.heads_after,
+            "accuracy_before": acc_before, "accuracy_after": acc_pruned, "accuracy_after_finetune": acc_recovered,
+            "params_before": report.params_before, "params_after": report.params_after,
+            "attention_flops_before": report.attention_flops_before,
+            "attention_flops_after": report.attention_flops_after,
+            "latency_ms": {str(b): v for b, v in latency.items()}, "report": report.to_dict(),
+        })
+    return {"task": "digits (sklearn, 8x8, 10 classes; 1347 train / 450 test)",
+            "model": "VisionTransformer(img 8, patch 2, 1 channel, dim 32, depth 4, heads 4, mhsa)",
+            "train_seconds": train_s, "prune_ratio": 0.25, "finetune": "2 epochs, lr 1e-3, pruned heads masked",
+            "rows": rows}
+
+
+def bench_token_exit(tmp: Path, reps: int, threads: int, exit_aware: bool) -> dict:
+    t0 = time.perf_counter()
+    model, train, test = train_vqa_vlm(n_train=8000, epochs=6, exit_aware=exit_aware)
+    train_s = time.perf_counter() - t0
+    names = ["image", "text_ids"]
+    axes = {"image": {0: "batch"}, "text_ids": {0: "batch", 1: "text_len"}}
+    base = export(model, (train.inputs[0][:2], train.inputs[1][:2]), tmp / f"vlm-{exit_aware}.onnx", names, axes)
+    p = model.num_visual_tokens
+    calib_n = 512
+    calibration = [{"image": train.inputs[0][i:i + 128].numpy(), "text_ids": train.inputs[1][i:i + 128].numpy()}
+                   for i in range(0, calib_n, 128)]
+    labels = [train.labels[i:i + 128].numpy() for i in range(0, calib_n, 128)]
+    choice = choose_exit_layer(base, calibration, p, labels=labels, max_accuracy_drop=0.01)
+    static, _ = apply_static_token_exit(base, choice.exit_layer, p)
+    test_feeds = {"image": test.inputs[0].numpy(), "text_ids": test.inputs[1].numpy()}
+    truth = test.labels.numpy()
+    acc_full = onnx_accuracy(base, test_feeds, truth, threads)
+    acc_static = onnx_accuracy(static, test_feeds, truth, threads)
+    # Dynamic: a gate at the earliest decoder layer, 99 % precision on the calibration set.
+    gate_layer = 1
+    gate, gate_stats = train_exit_gate(model, tuple(x[:calib_n] for x in train.inputs), gate_layer,
+                                       min_precision=0.99)
+    dynamic, _ = apply_dynamic_token_exit(base, gate, p)
+    dyn_session = session(dynamic, threads)
+    n_dyn = 300   # batch 1: each sample takes its own branch
+    correct = 0
+    for i in range(n_dyn):
+        out = dyn_session.run(None, {"image": test_feeds["image"][i:i + 1], "text_ids": test_feeds["text_ids"][i:i + 1]})
+        correct += int(out[0].argmax(-1)[0] == truth[i])
+    with torch.no_grad():
+        from attnc.passes.token_exit import gate_features
+        fire_rate = float(gate.fires(gate_features(model, test.inputs[0][:n_dyn], test.inputs[1][:n_dyn],
+                                                   gate_layer).numpy()).mean())
+    latency = {}
+    for batch in (1, 32):
+        feeds = {k: v[:batch] for k, v in test_feeds.items()}
+        latency[batch] = side_by_side({"full": base, "static": static, "dynamic": dynamic}, feeds, reps, threads)
+    return {"task": "generated VQA: 4 objects (square/cross x 4 colours) per image, questions "
+                    "[BOS, colour|shape, quadrant]; 8000 train / 1000 test",
+            "model": "TinyVLM(img 32, patch 8 -> 16 visual tokens, vision dim 32 x1, decoder dim 32 x4, heads 4)",
+            "exit_aware_training": exit_aware, "train_seconds": train_s, "text_tokens": 3, "visual_tokens": p,
+            "torch_accuracy_by_exit_layer": {str(k): accuracy(model, test, exit_layer=k)
+                                             for k in range(len(model.layers) + 1)},
+            "choice": {"exit_layer": choice.exit_layer, "criterion": choice.criterion, "table": choice.table},
+            "accuracy_full": acc_full, "accuracy_static": acc_static,
+            "dynamic": {"gate": gate_stats, "accuracy_batch1": correct / n_dyn, "fire_rate_test": fire_rate,
+                        "samples": n_dyn},
+            "latency_ms": {str(b): v for b, v in latency.items()}}
+
+
+def machine() -> dict:
+    import onnxruntime
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--skip", choices=["prune", "exit"], action="append", default=[])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), "reps": args.reps,
+               "threads": args.threads}
+    with tempfile.TemporaryDirectory() as tmp:
+        if "prune" not in args.skip:
+            results["prune_heads"] = bench_pruning(Path(tmp), args.reps, args.threads)
+        if "exit" not in args.skip:
+            results["token_exit"] = [bench_token_exit(Path(tmp), args.reps, args.threads, aware)
+                                     for aware in (False, True)]
+    print(table(results))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"shrink-{time.strftime('%Y-%m-%d')}.json"
+    path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    print(f"\nraw numbers: {path}")
+    return 0
+
+
+def table(results: dict) -> str:
+    lines = [f"machine: {results['machine']['processor']}, {results['machine']['cpu_count']} CPUs, "
+             f"load {results['machine']['load_avg'][0]:.1f}; ORT CPU, {results['threads']} thread(s), "
+             f"median of {results['reps']} interleaved runs", ""]
+    if "prune_heads" in results:
+        lines.append("Head pruning, 25 % of heads, digits ViT (16 heads):")
+        lines.append(f"{'score':<11}{'heads':>7}{'acc before':>11}{'acc after':>10}{'+2ep ft':>9}"
+                     f"{'params':>17}{'attn MFLOPs':>16}{'ms b1':>15}{'ms b64':>15}")
+        for r in results["prune_heads"]["rows"]:
+            lat = r["latency_ms"]
+            lines.append(
+                f"{r['method']:<11}{r['heads_before']:>3}->{r['heads_after']:<3}{r['accuracy_before']:>10.1%}"
+                f"{r['accuracy_after']:>10.1%}{r['accuracy_after_finetune']:>9.1%}"
+                f"{r['params_before']:>8}->{r['params_after']:<7}"
+                f"{r['attention_flops_before'] / 1e6:>8.2f}->{r['attention_flops_after'] / 1e6:<6.2f}"
+                f"{lat['1']['before']:>7.3f}->{lat['1']['after']:<6.3f}{lat['64']['before']:>7.2f}->{lat['64']['after']:<6.2f}")
+        lines.append("")
+    for r in results.get("token_exit", []):
+        lines.append(f"Visual-token exit, VQA VLM ({'exit-aware' if r['exit_aware_training'] else 'plain'} training; "
+                     f"{r['visual_tokens']} visual + {r['text_tokens']} text tokens):")
+        lines.append(f"  torch accuracy by exit layer: "
+                     + ", ".join(f"{k}: {v:.1%}" for k, v in r["torch_accuracy_by_exit_layer"].items()))
+        lines.append(f"  static exit after layer {r['choice']['exit_layer']} ({r['choice']['criterion']}): accuracy "
+                     f"{r['accuracy_full']:.1%} -> {r['accuracy_static']:.1%}")
+        d = r["dynamic"]
+        lines.append(f"  dynamic gate at layer {d['gate']['layer']}: fires on {d['fire_rate_test']:.0%} of test "
+                     f"inputs, batch-1 accuracy {d['accuracy_batch1']:.1%} ({d['samples']} samples)")
+        for b, lat in r["latency_ms"].items():
+            lines.append(f"  latency batch {b}: full {lat['full']:.3f} ms, static {lat['static']:.3f} ms "
+                         f"({1 - lat['static'] / lat['full']:.0%} less), dynamic {lat['dynamic']:.3f} ms "
+                         f"({1 - lat['dynamic'] / lat['full']:.0%} less)")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

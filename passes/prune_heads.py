@@ -1,0 +1,991 @@
+"""Head pruning: score attention heads on calibration data, then slice them out of the ONNX weights.
+
+Finds every attention layer in an exported graph, whatever its core looks like:
+
+- the decomposed form ``MatMul(Q, Kᵀ) [·s] [+mask] -> Softmax -> MatMul(P, V)`` (both exporters);
+- an ONNX ``Attention`` node with 4-D ``[B, H, S, D]`` inputs (what ``passes/softmax.py`` emits);
+- a fused ``attnc::*`` node (heads-first ``[B, H, ..., D]`` Q/K/V and output, see ``plugins/``).
+
+From the core, Q, K and V are walked back to their projection (``MatMul`` by a constant
+weight ``[C_in, C_out]``, optional bias ``Add``, optional channel ``Split``) through the
+data-movement ops exporters emit for the head split (``Reshape`` to ``[.., (3,) H, D]``,
+``Transpose``, ``Slice``/``Gather``/``Split``/``Squeeze`` of the q/k/v slot, scalar ``Mul``/``Div``).
+Tracking the head axis through that chain gives, for every head, the projection columns it
+owns, whatever the layout (fused ``qkv`` as ``[3, H, D]``, separate q/k/v, heads-outer
+``[H, 3, D]``). The output is walked forward (``Transpose``, ``Reshape`` to ``[.., H·D]``) to the
+output projection, whose input rows per head follow the same way.
+
+:func:`prune_heads` keeps the columns/rows of the kept heads *in their original order*,
+which keeps every layout valid with ``H`` replaced by ``H'``, and rewrites the head-count
+entry of each head-split ``Reshape`` (and the ``H·D`` entry of the merge ``Reshape``). Shape
+tensors shared between layers are never edited in place: each rewritten ``Reshape`` gets
+its own shape (``Concat(original[:lead], constants)`` when the leading dims are dynamic).
+
+:func:`score_heads` ranks heads: ``"activation"`` (ONNX route, any exported model): the
+norm of each head's contribution through the output projection, ``‖O_h · W_o[h]‖``, from the
+output projection's input exposed as an extra graph output and run in ONNX Runtime;
+``"gradient"`` (Michel et al. 2019, torch route): ``Σ |∂L/∂g_h|`` for a gate ``g_h = 1``
+multiplied into each head's output by a forward pre-hook on the output projection;
+``"weight"``: ``‖W_o[h]‖`` (data-free baseline).
+
+Tests: ``tests/passes/test_prune_heads.py``; numbers: ``benchmarks/bench_shrink.py``; docs: ``docs/shrink.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from attnc.compiler.errors import AttncError
+from attnc.passes.core import (constant_value, consumers, name_nodes, producers, remove_dead_nodes,
+                               toposort, value_shapes)
+
+log = logging.getLogger(__name__)
+
+METHODS = ("activation", "gradient", "weight")
+# Ops that only move data or scale it by a constant: the head axis can be tracked through them.
+_SCALAR_OPS = ("Mul", "Div")
+# Per-head constant inputs of fused attnc nodes: input index -> heads axis (see plugins/*).
+_PER_HEAD_INPUTS = {"NeighborhoodAttention": {3: 0}, "AgentAttention": {4: 1, 5: 1}, "KernelLinearAttention": {3: 0}}
+
+
+class _Unrecognised(Exception):
+    """A walk left the shapes it understands; the message says where."""
+
+
+# ----------------------------------------------------------------------------- layer model
+
+@dataclass
+class _Projection:
+    """A ``MatMul`` by a constant weight (+ bias) whose output columns feed one role."""
+
+    matmul: str                 # node name
+    weight: str                 # initializer / constant name, [C_in, C_out]
+    bias_node: str | None
+    bias: str | None
+    split: tuple[str, int] | None  # (Split node, output index) between projection and reshape
+    columns: np.ndarray         # [H, D]: projection output columns of each head (after the split offset)
+
+
+@dataclass
+class _HeadSplit:
+    """The ``Reshape`` that turns ``[.., C]`` into ``[.., *rest]`` with a head axis in ``rest``."""
+
+    node: str
+    lead: int                   # leading dims kept from the input ([B, N] -> 2)
+    rest: list[int]             # static trailing dims, e.g. [3, H, D]
+    head_pos: int               # index of H in ``rest``
+
+
+@dataclass
+class AttentionLayer:
+    """One attention layer as found in the graph.
+
+    Attributes:
+        index: position in graph order (the key used by scores / keep dicts).
+        anchor: name of the core node (``Softmax``, ``Attention`` or the fused node).
+        core: ``"softmax"``, ``"Attention"`` or ``"attnc::<Op>"``.
+        heads: number of heads ``H``.
+        head_dim: ``D`` of Q/K; ``value_dim``: ``Dv``.
+        tokens: query tokens when static, else ``None``.
+    """
+
+    index: int
+    anchor: str
+    core: str
+    heads: int
+    head_dim: int
+    value_dim: int
+    tokens: int | None
+    key_tokens: int | None
+    roles: dict[str, tuple[_HeadSplit, _Projection]] = field(default_factory=dict, repr=False)
+    out_merge: _HeadSplit | None = field(default=None, repr=False)
+    out_proj: _Projection | None = field(default=None, repr=False)
+    per_head_constants: list[tuple[str, int, int]] = field(default_factory=list, repr=False)  # (node, input, axis)
+    merged: str = ""   # the output projection's input [.., H·Dv] (what activation scoring exposes)
+
+    def params(self, model: onnx.ModelProto) -> int:
+        """Weights + biases of the projections and per-head constants of this layer."""
+        names = set()
+        for _, proj in self.roles.values():
+            names.update(n for n in (proj.weight, proj.bias) if n)
+        names.update(n for n in (self.out_proj.weight, self.out_proj.bias) if n)
+        total = sum(int(np.prod(constant_value(model, n).shape)) for n in names)
+        node_by_name = {n.name: n for n in model.graph.node}
+        for node, i, _ in self.per_head_constants:
+            total += int(constant_value(model, node_by_name[node].input[i]).size)
+        return total
+
+    def flops(self, model: onnx.ModelProto, heads: int | None = None, tokens: int | None = None) -> int | None:
+        """Multiply-adds ×2 of projections and core at ``heads`` heads (default: all)."""
+        n = tokens or self.tokens
+        m = tokens if tokens and self.key_tokens == self.tokens else (self.key_tokens or n)
+        if n is None:
+            return None
+        h = self.heads if heads is None else heads
+        projections = sum(constant_value(model, proj.weight).shape[0] * proj.columns.shape[1] * h
+                          for _, proj in self.roles.values())
+        c_out = constant_value(model, self.out_proj.weight).shape[1]
+        return int(2 * n * projections + 2 * n * m * h * (self.head_dim + self.value_dim)
+                   + 2 * n * h * self.value_dim * c_out)
+
+
+# ----------------------------------------------------------------------------- finding layers
+
+def find_attention_layers(model: onnx.ModelProto) -> list[AttentionLayer]:
+    """Every attention layer whose heads can be sliced, in graph order.
+
+    Raises:
+        AttncError: the graph has no attention core at all, or none whose Q/K/V and
+            output could be traced to constant projections (the reason is in the message).
+    """
+    model = _named(model)
+    prod, cons = producers(model), consumers(model)
+    shapes = value_shapes(model)
+    _SHAPES_CACHE.clear()
+    _SHAPES_CACHE[id(model)] = shapes
+    layers: list[AttentionLayer] = []
+    misses: list[str] = []
+    for node in model.graph.node:
+        core = _core(node, prod, cons)
+        if core is None:
+            continue
+        kind, q, k, v, out = core
+        try:
+            layers.append(_layer(model, len(layers), node, kind, q, k, v, out, prod, cons, shapes))
+        except _Unrecognised as why:
+            misses.append(f"{node.name}: {why}")
+    if not layers:
+        if misses:
+            raise AttncError("no prunable attention layer: " + "; ".join(misses[:3]),
+                             "head pruning needs Q/K/V/output projections that are constant MatMul weights")
+        raise AttncError("the model has no recognisable attention (no Softmax->MatMul core, Attention or "
+                         "attnc node)", "head pruning applies to transformer models with multi-head attention")
+    for miss in misses:
+        log.warning("prune_heads: skipped %s", miss)
+    return layers
+
+
+def attention_cores(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, str, str, str]]:
+    """``(core node, Q, K, V, output)`` of every attention core in graph order (no head analysis)."""
+    prod, cons = producers(model), consumers(model)
+    return [(node, *core[1:]) for node in model.graph.node if (core := _core(node, prod, cons)) is not None]
+
+
+def value_projection(model: onnx.ModelProto, v: str) -> onnx.NodeProto | None:
+    """The ``MatMul`` projecting the values ``v`` of an attention core, or ``None``.
+
+    V carries no rotary embedding, so this works where Q/K cannot be traced (RoPE models).
+    """
+    _SHAPES_CACHE.clear()
+    _SHAPES_CACHE[id(model)] = value_shapes(model)
+    try:
+        _, proj = _trace_input(model, v, producers(model), consumers(model))
+    except _Unrecognised:
+        return None
+    return next(n for n in model.graph.node if n.name == proj.matmul)
+
+
+def _named(model: onnx.ModelProto) -> onnx.ModelProto:
+    if all(n.name for n in model.graph.node):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    name_nodes(copy)
+    return copy
+
+
+def _core(node, prod, cons):
+    """``(kind, Q, Kᵀ-or-K, V, out)`` if ``node`` is an attention core, else ``None``."""
+    if node.domain == "attnc" and len(node.input) >= 3:
+        return f"attnc::{node.op_type}", node.input[0], node.input[1], node.input[2], node.output[0]
+    if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
+        return "Attention", node.input[0], node.input[1], node.input[2], node.output[0]
+    if node.op_type != "Softmax":
+        return None
+    pv = [c for c in cons.get(node.output[0], []) if c.op_type == "MatMul" and c.input[0] == node.output[0]]
+    if len(pv) != 1:
+        return None
+    scores = _walk_scores(node.input[0], prod)
+    if scores is None:
+        return None
+    return "softmax", scores.input[0], scores.input[1], pv[0].input[1], pv[0].output[0]
+
+
+def _walk_scores(t, prod):
+    """From the Softmax input back over mask / scale ops to ``MatMul(Q, Kᵀ)``."""
+    for _ in range(8):
+        node = prod.get(t)
+        if node is None:
+            return None
+        if node.op_type == "MatMul":
+            return node
+        if node.op_type in ("Add", "Sub", "Mul", "Div"):
+            computed = [i for i in node.input if i in prod and prod[i].op_type != "Constant"]
+            matmul = [i for i in computed if prod[i].op_type in ("MatMul", "Mul", "Div", "Add", "Where")]
+            if not matmul:
+                return None
+            t = next((i for i in matmul if prod[i].op_type == "MatMul"), matmul[0])
+        elif node.op_type == "Where":
+            t = node.input[2] if node.input[2] in prod and prod[node.input[2]].op_type != "Constant" else node.input[1]
+        elif node.op_type in ("Cast", "Identity"):
+            t = node.input[0]
+        else:
+            return None
+    return None
+
+
+def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes) -> AttentionLayer:
+    roles = {}
+    heads = {}
+    for role, t in (("Q", q), ("K", k), ("V", v)):
+        split, proj = _trace_input(model, t, prod, cons)
+        roles[role] = (split, proj)
+        heads[role] = split.rest[split.head_pos]
+    if len(set(heads.values())) != 1:
+        raise _Unrecognised(f"Q/K/V head counts differ {heads} (grouped-query attention is not supported)")
+    h = heads["Q"]
+    qd = roles["Q"][1].columns.shape[1]
+    vd = roles["V"][1].columns.shape[1]
+    merge, out_proj, merged = _trace_output(model, out, h, vd, prod, cons)
+    if out_proj.columns.shape != (h, vd):
+        raise _Unrecognised(f"output projection rows {out_proj.columns.shape} do not match {h} heads x {vd}")
+    per_head = []
+    if kind.startswith("attnc::"):
+        for i, axis in _PER_HEAD_INPUTS.get(node.op_type, {}).items():
+            if i < len(node.input) and node.input[i]:
+                value = constant_value(model, node.input[i])
+                if value is None:
+                    raise _Unrecognised(f"per-head input {i} of {node.name} is not a constant")
+                if value.shape[axis] == h:
+                    per_head.append((node.name, i, axis))
+                elif value.shape[axis] != 1:
+                    raise _Unrecognised(f"per-head input {i} of {node.name} has {value.shape[axis]} heads, not {h}")
+    q_shape = shapes.get(q) or []
+    v_shape = shapes.get(v) or []
+    tokens = q_shape[2] if len(q_shape) == 4 and isinstance(q_shape[2], int) else None
+    key_tokens = v_shape[2] if len(v_shape) == 4 and isinstance(v_shape[2], int) else None
+    return AttentionLayer(index, node.name, kind, h, qd, vd, tokens, key_tokens, roles, merge, out_proj, per_head,
+                          merged)
+
+
+def _trace_input(model, t, prod, cons) -> tuple[_HeadSplit, _Projection]:
+    """Walk a heads-first ``[B, H, ..., D]`` tensor back to its head split and projection."""
+    head_axis = 1
+    fixed: dict[int, int] = {}          # axis -> selected index (the q/k/v slot)
+    for _ in range(16):
+        node = prod.get(t)
+        if node is None:
+            raise _Unrecognised(f"{t} is not produced by a projection")
+        op = node.op_type
+        if op in _SCALAR_OPS or op in ("Cast", "Identity"):
+            if op in _SCALAR_OPS:
+                other = node.input[1]
+                value = constant_value(model, other)
+                if value is None or value.size != 1:
+                    raise _Unrecognised(f"{node.name}: {op} by a non-scalar on the Q/K/V path")
+            t = node.input[0]
+        elif op == "Transpose":
+            perm = list(_attr(node, "perm"))
+            head_axis = perm[head_axis]
+            fixed = {perm[a]: i for a, i in fixed.items()}
+            t = node.input[0]
+        elif op == "Squeeze":
+            axes = _axes(model, node, 1)
+            in_shape = _shapes(model).get(node.input[0])
+            if not in_shape:
+                raise _Unrecognised(f"{node.name}: Squeeze input rank unknown")
+            rank = len(in_shape)
+            axes = sorted(a % rank for a in axes)
+            kept = [a for a in range(rank) if a not in axes]
+            head_axis = kept[head_axis]
+            fixed = {kept[a]: i for a, i in fixed.items()}
+            for a in axes:
+                fixed.setdefault(a, 0)
+            t = node.input[0]
+        elif op == "Slice":
+            starts = constant_value(model, node.input[1])
+            ends = constant_value(model, node.input[2])
+            axes = constant_value(model, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            if starts is None or ends is None or (len(node.input) > 4 and node.input[4]
+                                                   and np.any(constant_value(model, node.input[4]) != 1)):
+                raise _Unrecognised(f"{node.name}: non-constant or strided Slice on the Q/K/V path")
+            axes = list(range(len(starts))) if axes is None else list(axes)
+            for a, s, e in zip(axes, starts, ends):
+                if a < 0:
+                    raise _Unrecognised(f"{node.name}: negative Slice axis on the Q/K/V path")
+                if a == head_axis or e - s != 1:
+                    raise _Unrecognised(f"{node.name}: Slice of more than one slot (axis {a})")
+                fixed[a] = fixed.get(a, 0) + int(s)
+            t = node.input[0]
+        elif op == "Gather":
+            idx = constant_value(model, node.input[1])
+            if idx is None or idx.ndim != 0:
+                raise _Unrecognised(f"{node.name}: Gather on the Q/K/V path is not a constant scalar index")
+            a = _attr(node, "axis", 0)
+            shift = lambda x: x + 1 if x >= a else x  # noqa: E731
+            head_axis = shift(head_axis)
+            fixed = {shift(x): i for x, i in fixed.items()}
+            fixed[a] = int(idx)
+            t = node.input[0]
+        elif op == "Split":
+            a = _attr(node, "axis", 0)
+            sizes = _split_sizes(model, node)
+            j = list(node.output).index(t)
+            if sizes is None or a == head_axis or sizes[j] != 1:
+                raise _Unrecognised(f"{node.name}: Split on the Q/K/V path is not a per-slot split")
+            fixed[a] = fixed.get(a, 0) + int(sum(sizes[:j]))
+            t = node.input[0]
+        elif op == "Reshape":
+            return _head_split(model, node, head_axis, fixed, prod)
+        else:
+            raise _Unrecognised(f"{node.name}: {op} on the Q/K/V path")
+    raise _Unrecognised(f"{t}: Q/K/V path too long")
+
+
+def _head_split(model, reshape, head_axis, fixed, prod) -> tuple[_HeadSplit, _Projection]:
+    shape_out = _reshape_target(model, reshape)
+    in_shape = _shapes(model).get(reshape.input[0])
+    if shape_out is None or not in_shape:
+        raise _Unrecognised(f"{reshape.name}: head-split Reshape shape is not known")
+    lead = len(in_shape) - 1
+    rest = list(shape_out[lead:])
+    channels = in_shape[-1]
+    unknown = [j for j, d in enumerate(rest) if not isinstance(d, int) or d <= 0]
+    if len(unknown) == 1 and isinstance(channels, int):
+        # e.g. TorchScript's ``x.shape[-1] // num_heads``: one entry computed at run time.
+        known = int(np.prod([d for j, d in enumerate(rest) if j != unknown[0]]))
+        if known and channels % known == 0:
+            rest[unknown[0]] = channels // known
+    if any((not isinstance(d, int)) or d <= 0 for d in rest) or head_axis < lead:
+        raise _Unrecognised(f"{reshape.name}: head-split Reshape to {shape_out} has dynamic channel dims")
+    if isinstance(channels, int) and channels != int(np.prod(rest)):
+        raise _Unrecognised(f"{reshape.name}: Reshape {in_shape} -> {shape_out} does not split the channel axis")
+    head_pos = head_axis - lead
+    grid = np.arange(int(np.prod(rest))).reshape(rest)
+    index = [slice(None)] * len(rest)
+    for a, i in fixed.items():
+        if a < lead:
+            raise _Unrecognised(f"{reshape.name}: slot selected on a leading axis")
+        index[a - lead] = i
+    picked = grid[tuple(index)]
+    # Axes left after fixing slots: the head axis and the per-head (D) axes.
+    remaining = [p for p in range(len(rest)) if p not in {a - lead for a in fixed}]
+    picked = np.moveaxis(picked, remaining.index(head_pos), 0)
+    columns = picked.reshape(rest[head_pos], -1)
+    split = _HeadSplit(reshape.name, lead, [int(d) for d in rest], head_pos)
+    return split, _projection(model, reshape.input[0], columns, prod)
+
+
+def _projection(model, t, columns, prod) -> _Projection:
+    """Walk ``[.., C]`` back over ``Add(bias)`` and channel ``Split`` to ``MatMul(x, W)``."""
+    bias_node = bias = split = None
+    offset = 0
+    for _ in range(6):
+        node = prod.get(t)
+        if node is None:
+            break
+        if node.op_type == "Split" and split is None:
+            sizes = _split_sizes(model, node)
+            j = list(node.output).index(t)
+            if sizes is None or _attr(node, "axis", 0) not in (-1, len(_shapes(model).get(t, [0, 0, 0])) - 1):
+                raise _Unrecognised(f"{node.name}: channel Split is not along the last axis with known sizes")
+            offset = int(sum(sizes[:j]))
+            split = (node.name, j)
+            t = node.input[0]
+        elif node.op_type == "Add" and bias is None:
+            consts = [i for i in node.input if constant_value(model, i) is not None]
+            if len(consts) != 1 or constant_value(model, consts[0]).ndim != 1:
+                break
+            bias_node, bias = node.name, consts[0]
+            t = next(i for i in node.input if i != bias)
+        elif node.op_type == "MatMul":
+            w = constant_value(model, node.input[1])
+            if w is None or w.ndim != 2:
+                break
+            return _Projection(node.name, node.input[1], bias_node, bias, split, columns + offset)
+        else:
+            break
+    raise _Unrecognised(f"{t}: no constant MatMul projection before the head split")
+
+
+def _trace_output(model, t, heads, value_dim, prod, cons):
+    """Walk the heads-first core output forward to the merge Reshape and output projection.
+
+    The core's output is ``[B, H, N, Dv]`` by contract; its dims are carried through the
+    Transposes so the merge works where shape inference knows nothing (fused nodes' outputs).
+    """
+    dims: list = [None, heads, None, value_dim]
+    head_axis = 1
+    for _ in range(8):
+        # Shape readers (the TorchScript exporter computes the merge shape from them) follow the
+        # new sizes by themselves.
+        users = [u for u in cons.get(t, []) if u.op_type != "Shape"]
+        if len(users) != 1:
+            raise _Unrecognised(f"{t}: attention output has {len(users)} consumers")
+        node = users[0]
+        if node.op_type == "Transpose":
+            perm = list(_attr(node, "perm"))
+            head_axis = perm.index(head_axis)
+            dims = [dims[p] for p in perm]
+            t = node.output[0]
+        elif node.op_type == "Reshape":
+            target = _reshape_target(model, node)
+            if target is None:
+                raise _Unrecognised(f"{node.name}: merge Reshape target unknown")
+            lead = len(target) - 1
+            rest = dims[lead:]
+            if head_axis < lead or len(rest) < 2 or any(not isinstance(d, int) for d in rest):
+                raise _Unrecognised(f"{node.name}: merge Reshape to {target} does not merge heads with head dims")
+            grid = np.moveaxis(np.arange(int(np.prod(rest))).reshape(rest), head_axis - lead, 0)
+            rows = grid.reshape(heads, -1)
+            merge = _HeadSplit(node.name, lead, [int(np.prod(rest))], 0)
+            merged = node.output[0]
+            users = cons.get(merged, [])
+            if len(users) != 1 or users[0].op_type != "MatMul" or constant_value(model, users[0].input[1]) is None:
+                raise _Unrecognised(f"{node.name}: merged heads do not feed a constant output projection")
+            mm = users[0]
+            return merge, _Projection(mm.name, mm.input[1], None, None, None, rows), merged
+        else:
+            raise _Unrecognised(f"{node.name}: {node.op_type} after the attention core")
+    raise _Unrecognised(f"{t}: output path too long")
+
+
+_SHAPES_CACHE: dict[int, dict] = {}
+
+
+def _shapes(model) -> dict:
+    """Inferred shapes of ``model``, computed once per analysis (find_attention_layers resets it)."""
+    key = id(model)
+    if key not in _SHAPES_CACHE:
+        _SHAPES_CACHE.clear()
+        _SHAPES_CACHE[key] = value_shapes(model)
+    return _SHAPES_CACHE[key]
+
+
+def _reshape_target(model, node) -> list | None:
+    """The Reshape's target shape: constant entries as ints, dynamic ones as ``None``; -1/0 resolved
+    from the inferred output shape when known."""
+    out = _shapes(model).get(node.output[0])
+    value = constant_value(model, node.input[1])
+    if value is not None:
+        target = [int(d) for d in value]
+    else:
+        target = _concat_entries(model, node.input[1])
+    if target is None:
+        return out
+    if out and len(out) == len(target):
+        target = [o if isinstance(o, int) and (d is None or d <= 0) else d for d, o in zip(target, out)]
+    return target
+
+
+def _concat_entries(model, name) -> list | None:
+    prod = producers(model)
+    node = prod.get(name)
+    if node is None or node.op_type != "Concat":
+        return None
+    shapes = _shapes(model)
+    entries: list = []
+    for i in node.input:
+        value = constant_value(model, i)
+        if value is not None:
+            entries.extend(int(d) for d in value.reshape(-1))
+        else:
+            n = (shapes.get(i) or [None])[0]
+            if not isinstance(n, int):
+                return None
+            entries.extend([None] * n)
+    return entries
+
+
+def _split_sizes(model, node) -> list[int] | None:
+    if len(node.input) > 1 and node.input[1]:
+        value = constant_value(model, node.input[1])
+        return None if value is None else [int(v) for v in value]
+    split = _attr(node, "split", None)
+    if split is not None:
+        return list(split)
+    shape = _shapes(model).get(node.input[0])
+    axis = _attr(node, "axis", 0)
+    if shape and isinstance(shape[axis], int):
+        n = len(node.output)
+        return [shape[axis] // n] * n
+    return None
+
+
+def _axes(model, node, input_index) -> list[int]:
+    if len(node.input) > input_index and node.input[input_index]:
+        value = constant_value(model, node.input[input_index])
+        if value is None:
+            raise _Unrecognised(f"{node.name}: non-constant axes")
+        return [int(a) for a in value.reshape(-1)]
+    axes = _attr(node, "axes", None)
+    if axes is None:
+        raise _Unrecognised(f"{node.name}: Squeeze without axes")
+    return list(axes)
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def score_heads(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, np.ndarray]],
+                method: str = "activation", torch_model=None,
+                loss_fn: Callable[[Any, dict], Any] | None = None) -> dict[int, np.ndarray]:
+    """Importance of every head of every prunable layer (higher = more important).
+
+    Args:
+        onnx_model: the exported model.
+        calibration_feeds: batches as ``{graph_input_name: array}``; extra keys (labels)
+            are ignored by the ONNX route and handed to ``loss_fn``.
+        method: ``"activation"``: mean over batches of ``‖O_h · W_o[h]‖`` per sample
+            (ONNX Runtime, works on any exported model); ``"gradient"``: ``Σ |∂L/∂g_h|``
+            over batches (Michel et al. 2019) with a unit gate on each head's output in
+            ``torch_model``; ``"weight"``: ``‖W_o[h]‖_F`` (no data).
+        torch_model: the PyTorch model the ONNX file was exported from (``"gradient"``);
+            its attention modules must expose ``num_heads`` (directly or via ``in_proj``)
+            and an output projection (``proj`` / ``o_proj`` / ``out_proj``), in the graph's
+            layer order.
+        loss_fn: ``loss_fn(output, feeds) -> scalar tensor`` (``"gradient"``).
+
+    Returns:
+        ``{layer_index: scores [H]}`` keyed like :func:`find_attention_layers`.
+
+    Raises:
+        AttncError: unknown method, missing torch model / loss, no calibration data, or
+            no attention in the model.
+    """
+    if method not in METHODS:
+        raise AttncError(f"unknown head-scoring method {method!r}", f"use one of {', '.join(METHODS)}")
+    layers = find_attention_layers(onnx_model)
+    if method == "weight":
+        return {l.index: np.linalg.norm(constant_value(onnx_model, l.out_proj.weight)[l.out_proj.columns], axis=(1, 2))
+                for l in layers}
+    if not calibration_feeds:
+        raise AttncError("head scoring needs calibration data", "pass at least one batch of inputs")
+    if method == "gradient":
+        if torch_model is None or loss_fn is None:
+            raise AttncError("gradient head scoring needs the PyTorch model and a loss function",
+                             "pass torch_model= and loss_fn=, or use method='activation'")
+        return _gradient_scores(onnx_model, layers, calibration_feeds, torch_model, loss_fn)
+    return _activation_scores(onnx_model, layers, calibration_feeds)
+
+
+def _activation_scores(model, layers, feeds_list) -> dict[int, np.ndarray]:
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for l in layers:
+        if l.merged not in existing:
+            probe.graph.output.append(helper.make_value_info(l.merged, onnx.TypeProto()))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    inputs = [i.name for i in session.get_inputs()]
+    weights = {l.index: constant_value(model, l.out_proj.weight) for l in layers}
+    totals = {l.index: np.zeros(l.heads) for l in layers}
+    count = 0
+    for feeds in feeds_list:
+        merged = session.run([l.merged for l in layers], {k: feeds[k] for k in inputs})
+        for l, x in zip(layers, merged):
+            x = x.reshape(x.shape[0], -1, x.shape[-1]).astype(np.float64)   # [B, tokens, H*Dv]
+            w = weights[l.index]
+            for h, rows in enumerate(l.out_proj.columns):
+                contribution = x[..., rows] @ w[rows]                     # [B, tokens, C_out]
+                totals[l.index][h] += np.linalg.norm(contribution, axis=(1, 2)).sum()
+        count += next(iter(merged)).shape[0]
+    return {i: t / count for i, t in totals.items()}
+
+
+def torch_attention_modules(torch_model) -> list[tuple[Any, int, Any]]:
+    """``(module, num_heads, output_projection)`` of each attention module, in registration order."""
+    found = []
+    for module in torch_model.modules():
+        heads = getattr(module, "num_heads", None) or getattr(getattr(module, "in_proj", None), "num_heads", None)
+        proj = next((getattr(module, n) for n in ("proj", "o_proj", "out_proj") if hasattr(module, n)), None)
+        if heads and proj is not None and hasattr(proj, "weight"):
+            found.append((module, int(heads), proj))
+    return found
+
+
+def head_gates(torch_model, gates: dict[int, Any]):
+    """Context manager multiplying head ``h`` of attention module ``i`` by ``gates[i][h]``.
+
+    The gate acts on the output projection's input ``[.., H·Dv]`` (heads-major), which is
+    exactly what pruning removes: a zero gate is the torch reference for a pruned head.
+    """
+    import contextlib
+
+    @contextlib.contextmanager
+    def active():
+        handles = []
+        modules = torch_attention_modules(torch_model)
+        for i, gate in gates.items():
+            if i >= len(modules):
+                raise AttncError(f"no attention module {i} in the PyTorch model ({len(modules)} found)")
+            _, heads, proj = modules[i]
+
+            def pre_hook(_module, args, gate=gate, heads=heads):
+                x = args[0]
+                shaped = x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads) * gate.reshape(-1, 1).to(x.dtype)
+                return (shaped.reshape(x.shape), *args[1:])
+
+            handles.append(proj.register_forward_pre_hook(pre_hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    return active()
+
+
+def gates_from_keep(keep: dict[int, list[int]], heads: dict[int, int]) -> dict[int, Any]:
+    """``{layer: 0/1 gate tensor [H]}`` for :func:`head_gates`: 1 on kept heads, 0 on pruned ones."""
+    import torch
+
+    gates = {}
+    for i, h in heads.items():
+        gate = torch.zeros(h)
+        gate[list(keep.get(i, range(h)))] = 1.0
+        gates[i] = gate
+    return gates
+
+
+def _gradient_scores(model, layers, feeds_list, torch_model, loss_fn) -> dict[int, np.ndarray]:
+    import torch
+
+    modules = torch_attention_modules(torch_model)
+    if len(modules) != len(layers) or any(m[1] != l.heads for m, l in zip(modules, layers)):
+        raise AttncError(f"the PyTorch model has {len(modules)} attention modules "
+                         f"({[m[1] for m in modules]} heads), the ONNX graph {len(layers)} "
+                         f"({[l.heads for l in layers]} heads)", "pass the model the ONNX file was exported from")
+    input_names = [i.name for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
+    gates = {i: torch.ones(l.heads, requires_grad=True) for i, l in enumerate(layers)}
+    totals = {l.index: np.zeros(l.heads) for l in layers}
+    was_training = torch_model.training
+    torch_model.eval()
+    try:
+        with head_gates(torch_model, gates):
+            for feeds in feeds_list:
+                args = [torch.from_numpy(np.asarray(feeds[n])) for n in input_names]
+                loss = loss_fn(torch_model(*args), feeds)
+                grads = torch.autograd.grad(loss, [gates[i] for i in range(len(layers))])
+                for l, g in zip(layers, grads):
+                    totals[l.index] += g.abs().detach().numpy()
+    finally:
+        torch_model.train(was_training)
+    return totals
+
+
+# ----------------------------------------------------------------------------- pruning
+
+@dataclass
+class LayerPrune:
+    """One layer in a :class:`PruneReport`."""
+
+    index: int
+    anchor: str
+    core: str
+    heads_before: int
+    heads_after: int
+    kept: list[int]
+    params_before: int
+    params_after: int
+    flops_before: int | None
+    flops_after: int | None
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune_heads` did; ``flops`` are attention FLOPs (projections + core)."""
+
+    layers: list[LayerPrune]
+    params_before: int
+    params_after: int
+    tokens: int | None
+
+    @property
+    def heads_before(self) -> int:
+        return sum(l.heads_before for l in self.layers)
+
+    @property
+    def heads_after(self) -> int:
+        return sum(l.heads_after for l in self.layers)
+
+    @property
+    def attention_flops_before(self) -> int | None:
+        values = [l.flops_before for l in self.layers]
+        return None if None in values else sum(values)
+
+    @property
+    def attention_flops_after(self) -> int | None:
+        values = [l.flops_after for l in self.layers]
+        return None if None in values else sum(values)
+
+    def to_dict(self) -> dict:
+        return {"pass": "prune_heads", "heads_before": self.heads_before, "heads_after": self.heads_after,
+                "params_before": self.params_before, "params_after": self.params_after, "tokens": self.tokens,
+                "attention_flops_before": self.attention_flops_before,
+                "attention_flops_after": self.attention_flops_after,
+                "layers": [asdict(l) for l in self.layers]}
+
+
+def select_heads(layers_heads: dict[int, int], scores: dict[int, np.ndarray], ratio: float | None = None,
+                 count: int | None = None) -> dict[int, list[int]]:
+    """Heads to keep: drop the globally lowest-scoring ones, at least one head per layer.
+
+    Scores are normalised per layer (divided by the layer's L2 norm, as Michel et al. do)
+    so layers with larger activations do not keep all their heads by scale alone.
+    """
+    total = sum(layers_heads.values())
+    if (ratio is None) == (count is None):
+        raise AttncError("give exactly one of ratio and count", "e.g. ratio=0.25 or count=4")
+    if ratio is not None:
+        if not 0 < ratio < 1:
+            raise AttncError(f"prune ratio must be in (0, 1), got {ratio}", "e.g. 0.25 prunes a quarter of the heads")
+        count = int(round(ratio * total))
+    if not isinstance(count, (int, np.integer)) or count < 0 or count > total - len(layers_heads):
+        raise AttncError(f"cannot prune {count} of {total} heads in {len(layers_heads)} layers",
+                         f"prune between 0 and {total - len(layers_heads)} heads (each layer keeps one)")
+    ranked = []
+    for i, h in layers_heads.items():
+        s = np.asarray(scores.get(i), dtype=np.float64)
+        if s.shape != (h,):
+            raise AttncError(f"scores for layer {i} have shape {s.shape}, the layer has {h} heads",
+                             "score with score_heads() on the same model")
+        norm = np.linalg.norm(s) or 1.0
+        ranked.extend((s[j] / norm, i, j) for j in range(h))
+    ranked.sort()
+    left = dict(layers_heads)
+    dropped: set[tuple[int, int]] = set()
+    for _, i, j in ranked:
+        if len(dropped) == count:
+            break
+        if left[i] > 1:
+            dropped.add((i, j))
+            left[i] -= 1
+    return {i: [j for j in range(h) if (i, j) not in dropped] for i, h in layers_heads.items()}
+
+
+def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | None = None, *,
+                keep: dict[int, list[int]] | None = None, ratio: float | None = None,
+                count: int | None = None, tokens: int | None = None) -> tuple[onnx.ModelProto, PruneReport]:
+    """Physically remove attention heads from an ONNX model.
+
+    Args:
+        onnx_model: the model (not modified).
+        scores: ``{layer: scores [H]}`` from :func:`score_heads`; with ``ratio`` or
+            ``count``, the globally lowest-scoring heads go (see :func:`select_heads`).
+        keep: ``{layer: [head, ...]}`` to keep, instead of scores (layers not named keep all).
+        ratio: fraction of all heads to remove, in ``(0, 1)``.
+        count: number of heads to remove.
+        tokens: sequence length for FLOP counts when the graph's is dynamic.
+
+    Returns:
+        ``(pruned model, PruneReport)``; ONNX Runtime runs the pruned model with the same
+        inputs and outputs.
+
+    Raises:
+        AttncError: no recognisable attention, a bad ratio/count, a layer pruned to zero
+            heads, head indices out of range.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(onnx_model)
+    name_nodes(model)
+    layers = find_attention_layers(model)
+    by_index = {l.index: l for l in layers}
+    if keep is None:
+        if scores is None:
+            raise AttncError("prune_heads needs scores (with ratio or count) or keep",
+                             "score heads with score_heads() first")
+        keep = select_heads({l.index: l.heads for l in layers}, scores, ratio, count)
+    elif ratio is not None or count is not None:
+        raise AttncError("give keep or ratio/count, not both")
+    for i, kept in keep.items():
+        if i not in by_index:
+            raise AttncError(f"no attention layer {i}", f"layers are 0..{len(layers) - 1}")
+        h = by_index[i].heads
+        if not kept:
+            raise AttncError(f"layer {i} would have no heads left", "keep at least one head per layer")
+        if len(set(kept)) != len(kept) or not all(0 <= j < h for j in kept):
+            raise AttncError(f"layer {i}: heads to keep {kept} are not distinct indices in [0, {h})")
+    params_before = _param_count(model)
+    report_layers = []
+    layer_params = {l.index: l.params(model) for l in layers}
+    layer_flops = {l.index: l.flops(model, tokens=tokens) for l in layers}
+    for l in layers:
+        kept = sorted(keep.get(l.index, range(l.heads)))
+        if len(kept) < l.heads:
+            _prune_layer(model, l, kept)
+    _SHAPES_CACHE.clear()
+    toposort(model)
+    remove_dead_nodes(model)
+    del model.graph.value_info[:]  # inferred shapes before pruning would contradict the new ones
+    after = find_attention_layers(model)
+    if [l.heads for l in after] != [len(keep.get(l.index, range(l.heads))) for l in layers]:
+        raise AttncError("internal error: the pruned graph's heads do not match the request",
+                         "please report this model")
+    for l, new in zip(layers, after):
+        kept = sorted(keep.get(l.index, range(l.heads)))
+        report_layers.append(LayerPrune(
+            l.index, l.anchor, l.core, l.heads, len(kept), kept, layer_params[l.index], new.params(model),
+            layer_flops[l.index], new.flops(model, tokens=tokens)))
+    report = PruneReport(report_layers, params_before, _param_count(model), tokens or layers[0].tokens)
+    log.info("prune_heads: %d -> %d heads, %d -> %d parameters", report.heads_before, report.heads_after,
+             report.params_before, report.params_after)
+    return model, report
+
+
+def _param_count(model) -> int:
+    """Float weights (initializers and Constant nodes); int64 shape constants are not parameters."""
+    total = sum(int(np.prod(i.dims)) for i in model.graph.initializer
+                if onnx.helper.tensor_dtype_to_np_dtype(i.data_type).kind == "f")
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            value = constant_value(model, node.output[0])
+            if value is not None and value.dtype.kind == "f":
+                total += int(value.size)
+    return total
+
+
+def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int]) -> None:
+    nodes = {n.name: n for n in model.graph.node}
+    tag = f"pruned{layer.index}"
+    # Input projections: one weight may serve several roles (fused qkv).
+    columns: dict[str, list[np.ndarray]] = {}
+    all_columns: dict[str, list[np.ndarray]] = {}
+    projections: dict[str, _Projection] = {}
+    for split, proj in layer.roles.values():
+        columns.setdefault(proj.matmul, []).append(proj.columns[kept].reshape(-1))
+        all_columns.setdefault(proj.matmul, []).append(proj.columns.reshape(-1))
+        projections[proj.matmul] = proj
+    for mm, proj in projections.items():
+        w = constant_value(model, proj.weight)
+        owned = np.concatenate(all_columns[mm])
+        if sorted(owned.tolist()) != list(range(w.shape[1])):
+            raise AttncError(f"layer {layer.index}: projection {proj.weight} has columns that are not "
+                             "Q/K/V heads", "cannot slice it safely")
+        cols = np.sort(np.concatenate(columns[mm]))
+        _replace_input(model, nodes[mm], 1, w[:, cols], f"{proj.weight}.{tag}")
+        if proj.bias:
+            b = constant_value(model, proj.bias)
+            _replace_input(model, nodes[proj.bias_node], list(nodes[proj.bias_node].input).index(proj.bias),
+                           b[cols], f"{proj.bias}.{tag}")
+    for split_node in {p.split[0] for p in projections.values() if p.split}:
+        _resize_split(model, nodes[split_node], layer, kept)
+    for split in {split.node: split for split, _ in layer.roles.values()}.values():
+        rest = list(split.rest)
+        rest[split.head_pos] = len(kept)
+        _set_reshape(model, nodes[split.node], split.lead, rest, tag)
+    # Output side: merge Reshape and output-projection rows.
+    _set_reshape(model, nodes[layer.out_merge.node], layer.out_merge.lead, [len(kept) * layer.value_dim], tag)
+    rows = np.sort(layer.out_proj.columns[kept].reshape(-1))
+    w_o = constant_value(model, layer.out_proj.weight)
+    _replace_input(model, nodes[layer.out_proj.matmul], 1, w_o[rows], f"{layer.out_proj.weight}.{tag}")
+    for node_name, i, axis in layer.per_head_constants:
+        node = nodes[node_name]
+        value = constant_value(model, node.input[i])
+        _replace_input(model, node, i, np.take(value, kept, axis=axis), f"{node.input[i]}.{tag}")
+
+
+def _replace_input(model, node, i, value: np.ndarray, name: str) -> None:
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+    node.input[i] = name
+
+
+def _set_reshape(model, node, lead: int, rest: list[int], tag: str) -> None:
+    """Point ``node`` (a Reshape) at its own shape ``[original[:lead], *rest]``."""
+    base = f"{node.name}.shape.{tag}"
+    value = constant_value(model, node.input[1])
+    if value is not None:
+        _replace_input(model, node, 1, np.array([*value[:lead], *rest], dtype=np.int64), base)
+        return
+    starts, ends, tail = base + ".starts", base + ".ends", base + ".tail"
+    for name, v in ((starts, [0]), (ends, [lead]), (tail, rest)):
+        model.graph.initializer.append(numpy_helper.from_array(np.array(v, dtype=np.int64), name))
+    model.graph.node.extend([
+        helper.make_node("Slice", [node.input[1], starts, ends], [base + ".lead"], name=base + "/lead"),
+        helper.make_node("Concat", [base + ".lead", tail], [base], name=base + "/concat", axis=0),
+    ])
+    node.input[1] = base
+
+
+def _resize_split(model, node, layer: AttentionLayer, kept: list[int]) -> None:
+    sizes = _split_sizes(model, node)
+    new_sizes = list(sizes)
+    for _, proj in layer.roles.values():
+        if proj.split and proj.split[0] == node.name:
+            j = proj.split[1]
+            new_sizes[j] = int(proj.columns[kept].size)
+    name = f"{node.name}.split.pruned{layer.index}"
+    if len(node.input) > 1 and node.input[1]:
+        model.graph.initializer.append(numpy_helper.from_array(np.array(new_sizes, dtype=np.int64), name))
+        node.input[1] = name
+    else:
+        for a in node.attribute:
+            if a.name == "split":
+                del a.ints[:]
+                a.ints.extend(new_sizes)
+                return
+        if _opset(model) >= 13:
+            model.graph.initializer.append(numpy_helper.from_array(np.array(new_sizes, dtype=np.int64), name))
+            if len(node.input) == 1:
+                node.input.append(name)
+            else:
+                node.input[1] = name
+        else:
+            node.attribute.append(helper.make_attribute("split", new_sizes))
+
+
+def _opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def apply(model: onnx.ModelProto, amount: str | float | int, calibration_feeds: list[dict] | None = None,
+          method: str = "activation", seed: int = 0) -> tuple[onnx.ModelProto, PruneReport]:
+    """What ``attnc compile --prune-heads RATIO|COUNT`` runs.
+
+    Args:
+        amount: a ratio in ``(0, 1)`` (``"0.25"``) or a whole number of heads (``"4"``).
+        calibration_feeds: batches for scoring; without them, four random batches of 8
+            (:func:`attnc.compiler.validate.make_inputs`, logged as a warning: random inputs
+            rank heads far worse than real data).
+        method: see :func:`score_heads` (``"gradient"`` needs the torch model: not from the CLI).
+    """
+    text = str(amount).strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise AttncError(f"--prune-heads takes a ratio or a head count, got {amount!r}",
+                         "e.g. --prune-heads 0.25 or --prune-heads 4") from None
+    ratio, count = (value, None) if not value.is_integer() or "." in text else (None, int(value))
+    if (ratio is not None and not 0 < ratio < 1) or (count is not None and count < 1):
+        raise AttncError(f"--prune-heads {text} prunes nothing or everything",
+                         "give a ratio in (0, 1) such as 0.25, or a head count of at least 1")
+    if method != "weight" and not calibration_feeds:
+        from attnc.compiler.backends.onnxruntime import load
+        from attnc.compiler.validate import make_inputs
+
+        log.warning("prune_heads: no calibration data, scoring heads on random inputs")
+        specs = load(model).input_specs
+        try:
+            calibration_feeds = [make_inputs(specs, seed=seed + i, symbolic_defaults={"batch": 8})
+                                 for i in range(4)]
+        except AttncError:
+            raise AttncError("head scoring needs inputs, and this model has symbolic dims other than batch",
+                             "pass calibration inputs: --calibration inputs.npz (keyed by input name)") from None
+    scores = score_heads(model, calibration_feeds or [], method=method)
+    return prune_heads(model, scores, ratio=ratio, count=count)

@@ -1,0 +1,633 @@
+"""Visual-token exit (DyVTE): drop every visual token of a vision-language model after a decoder layer.
+
+A LLaVA-style decoder runs ``[visual; text]`` tokens through its layers. Once the text
+tokens have read what they need from the image, the visual tokens only cost time;
+DyVTE removes them after some layer ``k``.
+
+Static mode (one ``k`` for every input):
+
+- :func:`choose_exit_layer` tries each ``k`` on calibration data (ONNX Runtime) and returns
+  the earliest one whose accuracy (with labels) or agreement with the full model's
+  predictions (without) stays within a bound, plus the whole table;
+- :func:`apply_static_token_exit` rewrites an exported graph: the hidden state entering
+  decoder layer ``k`` is sliced to its text tokens (``Slice(x, P, ∞, axis=1)``), so every
+  later layer runs on ``T`` instead of ``P + T`` tokens; a ``Slice(·, P, ∞, axis=1)`` the model
+  itself applies after the decoder (``TinyVLM`` drops the visual tokens before its head)
+  becomes an ``Identity``. Layer boundaries are found from the graph, not from names:
+  the decoder layers are the attention layers (:func:`attnc.passes.prune_heads.find_attention_layers`)
+  whose input depends on the integer text input, and a layer's boundary is the input of
+  the ``LayerNormalization`` in front of its Q/K/V projection (pre-norm blocks);
+- :func:`export_static_exit` is the torch route: export ``forward(..., exit_layer=k)``.
+
+Dynamic mode (per input): a gate ``σ(w · mean(text tokens of x_k) + b) ≥ τ`` (:class:`ExitGate`,
+trained by :func:`train_exit_gate` to predict "exiting here keeps the full model's answer")
+decides at run time. :func:`apply_dynamic_token_exit` puts everything after boundary ``k``
+into both branches of an ONNX ``If``: the *then* branch runs the rest on the text tokens
+only, the *else* branch on all tokens. An ``If`` takes one condition, so a batch exits only
+when the gate fires for every sample in it (batch 1 is the DyVTE setting).
+
+Tests: ``tests/passes/test_token_exit.py``; numbers: ``benchmarks/bench_shrink.py``; docs: ``docs/shrink.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from attnc.compiler.errors import AttncError
+from attnc.passes.core import (constant_value, name_nodes, producers, remove_dead_nodes, toposort,
+                               value_shapes)
+
+log = logging.getLogger(__name__)
+
+_END = np.iinfo(np.int64).max
+
+
+# ----------------------------------------------------------------------------- boundaries
+
+def decoder_boundaries(onnx_model: onnx.ModelProto) -> list[str]:
+    """Hidden-state tensors entering each decoder layer, in order.
+
+    Decoder layers are the attention layers whose input depends on an integer graph input
+    (the text ids); the vision encoder's layers do not. A layer's boundary is the tensor in
+    front of the pre-norm of its value projection (V, unlike Q/K, has no rotary embedding).
+
+    Raises:
+        AttncError: no attention layers, or none that reads the text input, or a layer
+            without a ``LayerNormalization`` in front of its projection.
+    """
+    from attnc.passes.prune_heads import attention_cores, value_projection
+
+    model = _copy(onnx_model) if not all(n.name for n in onnx_model.graph.node) else onnx_model
+    prod = producers(model)
+    int_inputs = {i.name for i in model.graph.input
+                  if i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)}
+    if not int_inputs:
+        raise AttncError("visual-token exit needs a model with an integer text input",
+                         "export the vision-language model with its text ids as an input")
+    boundaries = []
+    text_dependent = set(int_inputs) | {o for n in _downstream(model, *int_inputs) for o in n.output}
+    cores = attention_cores(model)
+    if not cores:
+        raise AttncError("the model has no recognisable attention (no Softmax->MatMul core, Attention or "
+                         "attnc node)", "visual-token exit applies to transformer decoders")
+    for _, _, _, v, _ in cores:
+        projection = value_projection(model, v)
+        x = _norm_input(model, projection.input[0], prod) if projection is not None else None
+        if x is not None and x in text_dependent:
+            boundaries.append(x)
+    if not boundaries:
+        raise AttncError("no decoder layer found: no pre-norm attention layer reads the text input",
+                         "visual-token exit supports LLaVA-style decoders with pre-norm blocks")
+    return boundaries
+
+
+_NORM_OPS = ("Mul", "Div", "Reciprocal", "Sqrt", "Pow", "ReduceMean", "Cast", "Sub", "Add")
+
+
+def _norm_input(model, t, prod) -> str | None:
+    """The residual-stream tensor in front of a pre-norm: ``LayerNormalization``'s input, or the
+    input of a decomposed RMSNorm (``x · 1/sqrt(mean(x²) + ε) · w``, as Llama exports)."""
+    node = prod.get(t)
+    if node is not None and node.op_type in ("LayerNormalization", "SimplifiedLayerNormalization",
+                                             "RMSNormalization"):
+        return node.input[0]
+    found: set[str] = set()
+    stack, seen = [t], set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = prod.get(name)
+        variable = [i for i in node.input if i and constant_value(model, i) is None] if node is not None else []
+        # An Add/Sub of two computed tensors is the residual connection, not the norm's "+ ε".
+        inside = node is not None and node.op_type in _NORM_OPS and not (
+            node.op_type in ("Add", "Sub") and len(variable) > 1)
+        if not inside:
+            found.add(name)
+        else:
+            stack.extend(variable)
+        if len(seen) > 32:
+            return None
+    return found.pop() if len(found) == 1 and t not in found else None
+
+
+def _downstream(model, *names: str) -> list[onnx.NodeProto]:
+    """Nodes that depend on any of ``names``, in graph order."""
+    tainted = set(names)
+    found = []
+    for node in model.graph.node:
+        if any(i in tainted for i in node.input):
+            found.append(node)
+            tainted.update(node.output)
+    return found
+
+
+def _model_visual_drop(model, nodes: list[onnx.NodeProto], num_visual_tokens: int) -> list[onnx.NodeProto]:
+    """The model's own ``Slice(·, P, ∞, axis=1)`` among ``nodes`` (dropping visual tokens at the end)."""
+    found = []
+    for node in nodes:
+        if node.op_type != "Slice" or len(node.input) < 4:
+            continue
+        starts, ends, axes = (constant_value(model, node.input[i]) for i in (1, 2, 3))
+        if starts is None or ends is None or axes is None or starts.size != 1:
+            continue
+        if int(axes.reshape(-1)[0]) == 1 and int(starts.reshape(-1)[0]) == num_visual_tokens \
+                and int(ends.reshape(-1)[0]) >= 2 ** 31 - 1:
+            found.append(node)
+    return found
+
+
+# ----------------------------------------------------------------------------- static exit
+
+@dataclass
+class TokenExitReport:
+    """What a token-exit rewrite did."""
+
+    mode: str
+    exit_layer: int
+    decoder_layers: int
+    num_visual_tokens: int
+    boundary: str
+    neutralised_slices: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"pass": "token_exit", **self.__dict__}
+
+
+def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visual_tokens: int
+                            ) -> tuple[onnx.ModelProto, TokenExitReport]:
+    """Drop the first ``num_visual_tokens`` tokens before decoder layer ``exit_layer``.
+
+    Args:
+        onnx_model: exported VLM whose decoder runs on ``[visual; text]`` (not modified).
+        exit_layer: in ``[0, decoder layers]``; equal to the number of layers returns the
+            model unchanged.
+        num_visual_tokens: ``P``, the visual tokens at the front of the sequence.
+
+    Returns:
+        ``(model, TokenExitReport)``.
+
+    Raises:
+        AttncError: bad ``exit_layer``/``num_visual_tokens``, or no decoder layers found.
+    """
+    model = _copy(onnx_model)
+    boundaries = decoder_boundaries(model)
+    depth = len(boundaries)
+    if not isinstance(exit_layer, (int, np.integer)) or not 0 <= exit_layer <= depth:
+        raise AttncError(f"exit_layer must be in [0, {depth}] (the decoder has {depth} layers), got {exit_layer}")
+    if num_visual_tokens <= 0:
+        raise AttncError(f"num_visual_tokens must be positive, got {num_visual_tokens}")
+    report = TokenExitReport("static", int(exit_layer), depth, num_visual_tokens,
+                             boundaries[exit_layer] if exit_layer < depth else "")
+    if exit_layer == depth:
+        return model, report
+    x = boundaries[exit_layer]
+    after = _downstream(model, x)
+    prefix = f"token_exit/layer{exit_layer}"
+    sliced = _slice_tokens(model, x, num_visual_tokens, prefix)
+    _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix)
+    for node in after:
+        for i, name in enumerate(node.input):
+            if name == x:
+                node.input[i] = sliced
+    for node in _model_visual_drop(model, after, num_visual_tokens):
+        _to_identity(node)
+        report.neutralised_slices.append(node.name)
+    _finish(model)
+    log.info("token_exit: visual tokens dropped before decoder layer %d of %d", exit_layer, depth)
+    return model, report
+
+
+def _copy(model):
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    name_nodes(copy)
+    return copy
+
+
+def _slice_tokens(model, x, num_visual_tokens, prefix) -> str:
+    """Add ``x[:, P:]`` to the graph; return its name."""
+    names = {k: f"{prefix}/{k}" for k in ("starts", "ends", "axes", "text")}
+    for key, value in (("starts", num_visual_tokens), ("ends", _END), ("axes", 1)):
+        model.graph.initializer.append(numpy_helper.from_array(np.array([value], dtype=np.int64), names[key]))
+    node = helper.make_node("Slice", [x, names["starts"], names["ends"], names["axes"]], [names["text"]],
+                            name=f"{prefix}/drop_visual_tokens")
+    model.graph.node.append(node)
+    return names["text"]
+
+
+def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix) -> list[str]:
+    """Make tensors computed before the boundary but read after it fit the shorter sequence.
+
+    Exporters compute some token-indexed tensors once and share them between layers: the
+    causal mask ``[N, N]``, rotary tables ``[N, D]``, and (dynamo) the Reshape shape vectors
+    ``[B, N, 3, H, D]``. An axis is token-indexed when its (symbolic) size equals the token
+    axis of the boundary ``x``; such axes are sliced to ``P:`` (masks and tables keep the
+    text positions' entries, as the torch model's exit does), and shape-vector entries at
+    token positions are reduced by ``P``. Returns the retargeted tensor names.
+    """
+    shapes = value_shapes(model)
+    token = (shapes.get(x) or [None, None])[1]
+    if token is None:
+        raise AttncError(f"the token axis of {x} has no known size",
+                         "export the model with a dynamic text axis or static shapes")
+    produced_after = {o for n in after for o in n.output}
+    outer: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in after:
+        for i, name in enumerate(node.input):
+            if name and name != x and name not in produced_after and constant_value(model, name) is None:
+                outer.setdefault(name, []).append((node, i))
+    if isinstance(token, int):
+        # Static export: shape vectors and tables are constants; a dimension equal to the
+        # sequence length is taken as the token axis (export with a dynamic text axis to avoid
+        # relying on that).
+        for node in after:
+            for i, name in enumerate(node.input):
+                value = constant_value(model, name) if name and name != x else None
+                if value is None or name in produced_after:
+                    continue
+                new_value = None
+                if (node.op_type in ("Reshape", "Expand") and i == 1) and value.ndim == 1:
+                    out_shape = shapes.get(node.output[0]) or []
+                    positions = [j for j, d in enumerate(out_shape) if d == token and j < len(value)
+                                 and value[j] == token]
+                    if positions:
+                        new_value = value.copy()
+                        new_value[positions] -= num_visual_tokens
+                elif value.ndim >= 1 and token in value.shape and value.dtype.kind in "fb":
+                    index = tuple(slice(num_visual_tokens, None) if d == token else slice(None) for d in value.shape)
+                    new_value = value[index]
+                if new_value is not None:
+                    new = f"{prefix}/{name}/text"
+                    if all(init.name != new for init in model.graph.initializer):
+                        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(new_value), new))
+                    node.input[i] = new
+    changed = []
+    for name, uses in outer.items():
+        shape = shapes.get(name)
+        new = None
+        shape_uses = [(n, i) for n, i in uses if (n.op_type in ("Reshape", "Expand", "Tile") and i == 1)
+                      or n.op_type == "ConstantOfShape"]
+        if shape_uses and len(shape_uses) == len(uses):
+            out_shape = shapes.get(shape_uses[0][0].output[0]) or []
+            positions = [j for j, d in enumerate(out_shape) if d == token]
+            if positions:
+                delta = np.zeros(len(out_shape), dtype=np.int64)
+                delta[positions] = num_visual_tokens
+                new = f"{prefix}/{name}/text"
+                model.graph.initializer.extend([numpy_helper.from_array(delta, new + ".delta"),
+                                                numpy_helper.from_array(np.array(0, np.int64), new + ".zero")])
+                # -1 (inferred) entries stay as they are; explicit token counts lose P.
+                model.graph.node.extend([
+                    helper.make_node("Sub", [name, new + ".delta"], [new + ".sub"], name=new + "/sub"),
+                    helper.make_node("Greater", [name, new + ".zero"], [new + ".explicit"], name=new + "/explicit"),
+                    helper.make_node("Where", [new + ".explicit", new + ".sub", name], [new], name=new),
+                ])
+        elif shape and token in shape:
+            axes = [j for j, d in enumerate(shape) if d == token]
+            new = f"{prefix}/{name}/text"
+            arrays = {"starts": [num_visual_tokens] * len(axes), "ends": [_END] * len(axes), "axes": axes}
+            for key, value in arrays.items():
+                model.graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64),
+                                                                       f"{new}.{key}"))
+            model.graph.node.append(helper.make_node("Slice", [name, f"{new}.starts", f"{new}.ends", f"{new}.axes"],
+                                                     [new], name=new))
+        elif shape is None:
+            log.warning("token_exit: %s (read after the exit) has no known shape; left as is", name)
+        if new is not None:
+            for node, i in uses:
+                node.input[i] = new
+            changed.append(name)
+    return changed
+
+
+def _to_identity(node):
+    del node.input[1:]
+    node.op_type = "Identity"
+    del node.attribute[:]
+
+
+def _finish(model):
+    toposort(model)
+    remove_dead_nodes(model)
+    del model.graph.value_info[:]  # sequence lengths changed after the exit
+
+
+def export_static_exit(torch_model, example_inputs, path, exit_layer: int, **export_kwargs):
+    """Torch route: export ``torch_model(image, text_ids, exit_layer=exit_layer)`` with attnc's exporter."""
+    import torch
+
+    from attnc.compiler.export import export_onnx, input_names_for
+
+    class _Exit(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch_model
+
+        # Named arguments, not *args: the dynamo exporter maps dynamic_axes onto them.
+        def forward(self, image, text_ids):
+            return self.model(image, text_ids, exit_layer=exit_layer)
+
+    names = export_kwargs.pop("input_names", None) or input_names_for(torch_model, len(example_inputs))
+    return export_onnx(_Exit(), example_inputs, path, input_names=names, **export_kwargs)
+
+
+@dataclass
+class ExitChoice:
+    """Result of :func:`choose_exit_layer`: the layer and the per-layer table it was chosen from."""
+
+    exit_layer: int
+    table: list[dict]
+    criterion: str
+
+
+def choose_exit_layer(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, np.ndarray]],
+                      num_visual_tokens: int, labels: list[np.ndarray] | None = None,
+                      max_accuracy_drop: float = 0.01, atol: float | None = None) -> ExitChoice:
+    """The earliest decoder layer after which the visual tokens can go.
+
+    Every candidate ``k`` is applied with :func:`apply_static_token_exit` and run in ONNX
+    Runtime on ``calibration_feeds``. With ``labels`` (one array per batch), ``k`` qualifies
+    when its accuracy is at least the full model's minus ``max_accuracy_drop``; without,
+    when its top-1 predictions agree with the full model's on at least
+    ``1 - max_accuracy_drop`` of the samples. ``atol`` additionally bounds the max abs
+    difference of the outputs.
+    """
+    full = _run(onnx_model, calibration_feeds)
+    depth = len(decoder_boundaries(onnx_model))
+    table = []
+    chosen = depth
+    for k in range(depth + 1):
+        model, _ = apply_static_token_exit(onnx_model, k, num_visual_tokens)
+        outs = full if k == depth else _run(model, calibration_feeds)
+        pred = np.concatenate([o.argmax(-1) for o in outs])
+        ref = np.concatenate([o.argmax(-1) for o in full])
+        row = {"exit_layer": k, "agreement": float((pred == ref).mean()),
+               "max_abs_diff": float(max(np.abs(a - b).max() for a, b in zip(outs, full)))}
+        if labels is not None:
+            truth = np.concatenate(labels)
+            row["accuracy"] = float((pred == truth).mean())
+            row["full_accuracy"] = float((ref == truth).mean())
+            ok = row["accuracy"] >= row["full_accuracy"] - max_accuracy_drop
+        else:
+            ok = row["agreement"] >= 1 - max_accuracy_drop
+        if atol is not None:
+            ok = ok and row["max_abs_diff"] <= atol
+        row["ok"] = bool(ok)
+        table.append(row)
+        if ok and chosen == depth and k < depth:
+            chosen = k
+    criterion = (f"accuracy within {max_accuracy_drop}" if labels is not None
+                 else f"agreement >= {1 - max_accuracy_drop}") + (f", outputs within {atol}" if atol else "")
+    return ExitChoice(chosen, table, criterion)
+
+
+def _run(model, feeds_list) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return [session.run(None, {n: f[n] for n in names})[0] for f in feeds_list]
+
+
+# ----------------------------------------------------------------------------- dynamic exit
+
+@dataclass
+class ExitGate:
+    """``exit = σ(w · mean_text(x_k) + b) ≥ threshold`` at decoder layer ``layer``.
+
+    ``x_k`` is the hidden state entering decoder layer ``layer``; the mean is over the
+    text tokens (positions ``P:``).
+    """
+
+    layer: int
+    weight: np.ndarray       # [C]
+    bias: float
+    threshold: float = 0.5
+
+    @property
+    def logit_threshold(self) -> float:
+        t = min(max(self.threshold, 1e-12), 1 - 1e-12)
+        return math.log(t / (1 - t))
+
+    def fires(self, features: np.ndarray) -> np.ndarray:
+        """Per-sample decision from ``features [B, C]``."""
+        return features.astype(np.float64) @ self.weight.astype(np.float64) + self.bias > self.logit_threshold
+
+    def save(self, path) -> None:
+        """Write the gate to an ``.npz`` (what ``attnc compile --exit-gate`` reads)."""
+        from attnc.compiler.onnx_io import atomic_path
+
+        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, layer=self.layer, weight=self.weight, bias=self.bias, threshold=self.threshold)
+
+    @classmethod
+    def load(cls, path) -> "ExitGate":
+        try:
+            data = np.load(path)
+            return cls(int(data["layer"]), np.asarray(data["weight"], np.float32), float(data["bias"]),
+                       float(data["threshold"]))
+        except (OSError, KeyError, ValueError) as exc:
+            raise AttncError(f"{path} is not an exit gate ({exc})",
+                             "save one with ExitGate.save after train_exit_gate") from None
+
+
+def vlm_hidden(model, image, text_ids, layer: int):
+    """``TinyVLM``: the hidden state ``[B, P + T, C]`` entering decoder layer ``layer``."""
+    import torch
+
+    visual = model.projector(model.vision.forward_features(image))
+    x = torch.cat([visual, model.embed(text_ids)], dim=1)
+    x = x + model.pos_embed[: x.shape[1]]
+    for block in model.layers[:layer]:
+        x = block(x)
+    return x
+
+
+def vlm_finish(model, x, layer: int, exit_now: bool):
+    """``TinyVLM``: run decoder layers ``layer:`` on ``x`` (text tokens only if ``exit_now``) to logits."""
+    x = x[:, model.num_visual_tokens:] if exit_now else x
+    for block in model.layers[layer:]:
+        x = block(x)
+    if not exit_now:
+        x = x[:, model.num_visual_tokens:]
+    return model.head(model.norm(x[:, -1]))
+
+
+def gate_features(model, image, text_ids, layer: int):
+    """Mean over the text tokens of the hidden state entering ``layer``: ``[B, C]``."""
+    return vlm_hidden(model, image, text_ids, layer)[:, model.num_visual_tokens:].mean(dim=1)
+
+
+def dynamic_exit_forward(model, image, text_ids, gate: ExitGate):
+    """Torch reference of the dynamic graph: ``(logits, exited)``; a batch exits only if every sample's gate fires."""
+    import torch
+
+    with torch.no_grad():
+        x = vlm_hidden(model, image, text_ids, gate.layer)
+        features = x[:, model.num_visual_tokens:].mean(dim=1).numpy()
+        exited = bool(gate.fires(features).all())
+        return vlm_finish(model, x, gate.layer, exited), exited
+
+
+def train_exit_gate(model, inputs: tuple, layer: int, min_precision: float = 0.99, steps: int = 300,
+                    seed: int = 0) -> tuple[ExitGate, dict]:
+    """Fit a logistic gate at decoder ``layer`` on calibration ``inputs`` (``(images, text_ids)``).
+
+    Label of a sample: exiting at ``layer`` gives the same top-1 answer as the full model.
+    The threshold is the smallest one whose precision on the calibration data (fraction of
+    fired samples that keep the answer) is at least ``min_precision``; with none, the gate
+    never fires. Returns ``(gate, stats)``.
+    """
+    import torch
+
+    image, text = inputs
+    with torch.no_grad():
+        x = vlm_hidden(model, image, text, layer)
+        features = x[:, model.num_visual_tokens:].mean(dim=1)
+        full = vlm_finish(model, x, layer, False).argmax(-1)
+        early = vlm_finish(model, x, layer, True).argmax(-1)
+    target = (full == early).float()
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    z = (features - mean) / std
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(z.shape[1], generator=gen) * 0.01).requires_grad_()
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=0.05)
+    for _ in range(steps):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        # Fold the standardisation into the gate so the graph sees raw features.
+        weight = (w / std).numpy()
+        bias = float(b - (w * mean / std).sum())
+        prob = torch.sigmoid(z @ w + b).numpy()
+    labels = target.numpy().astype(bool)
+    threshold = 1.0
+    for t in np.unique(prob):
+        fired = prob >= t
+        if fired.any() and labels[fired].mean() >= min_precision:
+            threshold = float(t) - 1e-9
+            break
+    gate = ExitGate(layer, weight.astype(np.float32), bias, threshold)
+    fired = gate.fires(features.numpy())
+    stats = {"layer": layer, "samples": len(labels), "exit_keeps_answer": float(labels.mean()),
+             "fire_rate": float(fired.mean()),
+             "precision": float(labels[fired].mean()) if fired.any() else None, "threshold": threshold}
+    return gate, stats
+
+
+def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_visual_tokens: int
+                             ) -> tuple[onnx.ModelProto, TokenExitReport]:
+    """Put the decoder after ``gate.layer`` under an ``If``: text tokens only when the gate fires.
+
+    The gate (``ReduceMean`` over the text tokens, ``MatMul``, ``Add``, ``ReduceMin`` over the
+    batch, ``Greater``) runs in the main graph; both branches read the main graph's tensors
+    (outer-scope references) and produce the graph outputs that depend on the boundary.
+    """
+    model = _copy(onnx_model)
+    boundaries = decoder_boundaries(model)
+    depth = len(boundaries)
+    if not 0 <= gate.layer < depth:
+        raise AttncError(f"gate layer must be in [0, {depth}), got {gate.layer}")
+    x = boundaries[gate.layer]
+    prefix = f"token_exit/gate{gate.layer}"
+    after = _downstream(model, x)
+    after_names = {n.name for n in after}
+    text = _slice_tokens(model, x, num_visual_tokens, prefix)
+    g = model.graph
+    g.initializer.extend([
+        numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}/token_axis"),
+        numpy_helper.from_array(gate.weight.reshape(-1, 1).astype(np.float32), f"{prefix}/weight"),
+        numpy_helper.from_array(np.array(gate.bias, dtype=np.float32), f"{prefix}/bias"),
+        numpy_helper.from_array(np.array(gate.logit_threshold, dtype=np.float32), f"{prefix}/threshold"),
+    ])
+    g.node.extend([
+        helper.make_node("ReduceMean", [text, f"{prefix}/token_axis"], [f"{prefix}/mean"], name=f"{prefix}/mean",
+                         keepdims=0),
+        helper.make_node("MatMul", [f"{prefix}/mean", f"{prefix}/weight"], [f"{prefix}/score"],
+                         name=f"{prefix}/score"),
+        helper.make_node("Add", [f"{prefix}/score", f"{prefix}/bias"], [f"{prefix}/logit"], name=f"{prefix}/logit"),
+        helper.make_node("ReduceMin", [f"{prefix}/logit"], [f"{prefix}/min_logit"], name=f"{prefix}/min_logit",
+                         keepdims=0),
+        helper.make_node("Greater", [f"{prefix}/min_logit", f"{prefix}/threshold"], [f"{prefix}/exit"],
+                         name=f"{prefix}/exit"),
+    ])
+    # The exit branch reads retargeted copies of token-indexed outer tensors (made in the main graph).
+    original_inputs = {n.name: list(n.input) for n in after}
+    _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix)
+    exit_inputs = {n.name: list(n.input) for n in after}
+    for node in after:
+        del node.input[:]
+        node.input.extend(original_inputs[node.name])
+    produced_after = {o for n in after for o in n.output}
+    outputs = [o for o in g.output if o.name in produced_after]
+    drops = {n.name for n in _model_visual_drop(model, after, num_visual_tokens)}
+
+    def branch(tag: str, exit_now: bool) -> onnx.GraphProto:
+        rename = {o: f"{prefix}/{tag}/{o}" for o in produced_after}
+        nodes = []
+        for node in after:
+            new = onnx.NodeProto()
+            new.CopyFrom(node)
+            new.name = f"{prefix}/{tag}/{node.name}"
+            if exit_now:
+                del new.input[:]
+                new.input.extend(exit_inputs[node.name])
+            for i, name in enumerate(new.input):
+                if name == x and exit_now:
+                    new.input[i] = text
+                elif name in rename:
+                    new.input[i] = rename[name]
+            for i, name in enumerate(new.output):
+                new.output[i] = rename[name]
+            if exit_now and node.name in drops:
+                _to_identity(new)
+            nodes.append(new)
+        outs = [helper.make_tensor_value_info(rename[o.name], o.type.tensor_type.elem_type, None) for o in outputs]
+        return helper.make_graph(nodes, f"{prefix}/{tag}", [], outs)
+
+    if_node = helper.make_node("If", [f"{prefix}/exit"], [o.name for o in outputs], name=f"{prefix}/if",
+                               then_branch=branch("exit", True), else_branch=branch("full", False))
+    kept = [n for n in g.node if n.name not in after_names]
+    del g.node[:]
+    g.node.extend(kept + [if_node])
+    _finish(model)
+    report = TokenExitReport("dynamic", gate.layer, depth, num_visual_tokens, x, sorted(drops))
+    return model, report
+
+
+def apply(model: onnx.ModelProto, mode: str, num_visual_tokens: int, *, exit_layer: int | None = None,
+          calibration_feeds: list[dict] | None = None, labels: list[np.ndarray] | None = None,
+          gate: ExitGate | None = None, max_accuracy_drop: float = 0.01) -> tuple[onnx.ModelProto, TokenExitReport]:
+    """What ``attnc compile --token-exit static|dynamic`` runs.
+
+    ``static``: ``exit_layer``, or the one :func:`choose_exit_layer` picks on
+    ``calibration_feeds`` (required then). ``dynamic``: a trained :class:`ExitGate`
+    (:func:`train_exit_gate` needs the torch model, so the CLI must load one).
+    """
+    if mode == "static":
+        if exit_layer is None:
+            if not calibration_feeds:
+                raise AttncError("static token exit needs an exit layer or calibration data to choose one",
+                                 "pass --exit-layer K or calibration inputs")
+            exit_layer = choose_exit_layer(model, calibration_feeds, num_visual_tokens, labels=labels,
+                                           max_accuracy_drop=max_accuracy_drop).exit_layer
+        return apply_static_token_exit(model, exit_layer, num_visual_tokens)
+    if mode == "dynamic":
+        if gate is None:
+            raise AttncError("dynamic token exit needs a trained gate",
+                             "train one with attnc.passes.token_exit.train_exit_gate on the PyTorch model")
+        return apply_dynamic_token_exit(model, gate, num_visual_tokens)
+    raise AttncError(f"unknown token-exit mode {mode!r}", "use static or dynamic")

@@ -1,0 +1,292 @@
+"""Triton kernels of ``attnc::FlowAttention`` (non-causal Flowformer), fused into four passes.
+
+``Q`` ``[B, H, L, D]``, ``K`` ``[B, H, S, D]``, ``V`` ``[B, H, S, Dv]`` before the sigmoid;
+semantics as ``attnc.plugins.flow``. With φ = sigmoid and ε = eps, the dependencies are a chain
+of full reductions, and each pass reads only what the next one needs:
+
+1. ``Σ_s φk`` over K and ``Σ_l φq`` over Q (:func:`flow_reduce_kernel`, ``WEIGHTED=False``,
+   one launch each);
+2. ``Σ_l φq_l · I_l`` over Q, with ``I_l = 1/((φq_l+ε)·(Σφk+ε))`` (same kernel, ``WEIGHTED``);
+3. one pass over K and V (:func:`flow_kv_kernel`): the outgoing flow ``O_s``, the conserved
+   source ``Ô_s = clip((φk_s+ε)·(Σφq·I+ε), -1, 1)``, ``e_s = exp(Ô_s)`` (no running max
+   needed: ``Ô`` is clipped to [-1, 1]), and the sums ``Σ φk·O``, ``Σ e`` and
+   ``kv = φKᵀ (V·e)``;
+4. the output (:func:`flow_output_kernel`): ``(φq·I) kv · S/Σe · sigmoid(Î·L/S)`` with
+   ``Î = (φq+ε)·(Σφk·O+ε)``.
+
+Q is read three times, K twice, V once: the minimum, since ``Ô`` needs a full pass over Q
+after a full pass over K, and the output needs a full pass over K after that. All
+intermediate sums are fp32 ``[B·H, D]`` (``kv`` ``[B·H, D, Dv]``), products fp32 (tf32 for
+half inputs).
+
+Causal (:func:`flow_causal_kernel`): every sum becomes a prefix sum, so a single chunked walk
+computes all of them and the causal linear-attention product at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attnc.plugins.kernels_common import (DTYPE_NAMES, POINTER_TYPES, KernelSpec, block_dim, check_inputs,
+                                          dot, dot_precision, per_head_grid, rows_grid)
+
+
+@triton.jit
+def flow_reduce_kernel(
+    X, OTHER, OUT, heads, length, head_dim, sx_b, sx_h, sx_n, eps,
+    WEIGHTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """OUT[bh] = Σ_n φx_n, or with WEIGHTED Σ_n φx_n / ((φx_n+ε)·(OTHER[bh]+ε)) (fp32 [BH, D])."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    if WEIGHTED:
+        other = tl.load(OTHER + pid_bh * head_dim + offs_d, mask=d_ok, other=0.0)
+    total = tl.zeros([BLOCK_D], tl.float32)
+    for n0 in range(0, length, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        ok = (offs_n < length)[:, None] & d_ok[None, :]
+        x = tl.load(X + b * sx_b + h * sx_h + offs_n[:, None] * sx_n + offs_d[None, :], mask=ok, other=0.0)
+        phi = tl.where(ok, tl.sigmoid(x.to(tl.float32)), 0.0)
+        if WEIGHTED:
+            flow = tl.sum(tl.where(ok, (phi + eps) * (other[None, :] + eps), 0.0), 1)
+            phi = phi / tl.where(flow > 0, flow, 1.0)[:, None]
+        total += tl.sum(phi, 0)
+    tl.store(OUT + pid_bh * head_dim + offs_d, total, mask=d_ok)
+
+
+@triton.jit
+def flow_kv_kernel(
+    K, V, Q_SUM, Q_INCOMING, KV, K_OUTGOING, E_SUM, heads, sources, head_dim, value_dim, eps,
+    sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """KV[bh] = φKᵀ (V·e), K_OUTGOING[bh] = Σ φk·O, E_SUM[bh] = Σ e, e = exp(clip(Ô, -1, 1))."""
+    pid_bh, pid_v = tl.program_id(0), tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    d_ok, v_ok = offs_d < head_dim, offs_v < value_dim
+    q_sum = tl.load(Q_SUM + pid_bh * head_dim + offs_d, mask=d_ok, other=0.0)
+    q_in = tl.load(Q_INCOMING + pid_bh * head_dim + offs_d, mask=d_ok, other=0.0)
+    kv = tl.zeros([BLOCK_D, BLOCK_DV], tl.float32)
+    k_out = tl.zeros([BLOCK_D], tl.float32)
+    e_sum = tl.zeros([BLOCK_N], tl.float32)
+    for n0 in range(0, sources, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < sources
+        ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=ok, other=0.0)
+        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_v[None, :],
+                    mask=n_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        phi = tl.where(ok, tl.sigmoid(k.to(tl.float32)), 0.0)
+        phi_eps = tl.where(ok, phi + eps, 0.0)
+        outgoing = 1.0 / tl.sum(phi_eps * (q_sum[None, :] + eps), 1)
+        source = tl.minimum(tl.maximum(tl.sum(phi_eps * (q_in[None, :] + eps), 1), -1.0), 1.0)
+        e = tl.where(n_ok, tl.exp(source), 0.0)
+        kv += dot(tl.trans(phi), v * e[:, None], PRECISION)
+        k_out += tl.sum(phi * tl.where(n_ok, outgoing, 0.0)[:, None], 0)
+        e_sum += e
+    tl.store(KV + pid_bh * head_dim * value_dim + offs_d[:, None] * value_dim + offs_v[None, :], kv,
+             mask=d_ok[:, None] & v_ok[None, :])
+    # Every value-column block computes the same per-head sums; the first one writes them.
+    first = pid_v == 0
+    tl.store(K_OUTGOING + pid_bh * head_dim + offs_d, k_out, mask=offs_d < tl.where(first, head_dim, 0))
+    tl.store(E_SUM + pid_bh + tl.arange(0, 1), tl.sum(e_sum, 0) + tl.zeros([1], tl.float32),
+             mask=tl.arange(0, 1) < tl.where(first, 1, 0))
+
+
+@triton.jit
+def flow_output_kernel(
+    Q, K_SUM, K_OUTGOING, KV, E_SUM, O, heads, length, sources, head_dim, value_dim, eps,
+    sq_b, sq_h, sq_n, so_b, so_h, so_n,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """O = (φq·I) KV · (S / Σe) · sigmoid(Î · L/S) for BLOCK_N queries."""
+    pid_bh, pid_n, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    n_ok, d_ok, v_ok = offs_n < length, offs_d < head_dim, offs_v < value_dim
+    ok = n_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_n[:, None] * sq_n + offs_d[None, :], mask=ok, other=0.0)
+    phi = tl.where(d_ok[None, :], tl.sigmoid(q.to(tl.float32)), 0.0)
+    phi_eps = tl.where(d_ok[None, :], phi + eps, 0.0)
+    k_sum = tl.load(K_SUM + pid_bh * head_dim + offs_d, mask=d_ok, other=0.0)
+    k_out = tl.load(K_OUTGOING + pid_bh * head_dim + offs_d, mask=d_ok, other=0.0)
+    incoming = 1.0 / tl.sum(phi_eps * (k_sum[None, :] + eps), 1)
+    sink = tl.sum(phi_eps * (k_out[None, :] + eps), 1)
+    allocation = tl.sigmoid(sink * (length * 1.0 / sources))
+    kv = tl.load(KV + pid_bh * head_dim * value_dim + offs_d[:, None] * value_dim + offs_v[None, :],
+                 mask=d_ok[:, None] & v_ok[None, :], other=0.0)
+    e_sum = tl.sum(tl.load(E_SUM + pid_bh + tl.arange(0, 1)), 0)
+    out = dot(phi * incoming[:, None], kv, PRECISION)
+    out = out * (allocation * (sources / e_sum))[:, None]
+    tl.store(O + b * so_b + h * so_h + offs_n[:, None] * so_n + offs_v[None, :],
+             out.to(O.dtype.element_ty), mask=n_ok[:, None] & v_ok[None, :])
+
+
+@triton.jit
+def flow_causal_kernel(
+    Q, K, V, O, heads, length, head_dim, value_dim, eps,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Causal flow attention in one chunked pass (one program per head and value-column block).
+
+    Every cumulative sum is a prefix sum, so one walk over the sequence suffices: per chunk,
+    in-chunk prefix sums plus the running totals of the chunks before give ``Σ_{s<=t}``;
+    the output is causal linear attention of ``q' = φq·I/n`` and ``v' = v·competition``
+    (masked C x C scores plus the running ``[D, Dv]`` state), scaled by the allocation.
+    """
+    pid_bh, pid_v = tl.program_id(0), tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    offs_c = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    d_ok, v_ok = offs_d < head_dim, offs_v < value_dim
+    k_total = tl.zeros([BLOCK_D], tl.float32)       # Σ φk
+    q_total = tl.zeros([BLOCK_D], tl.float32)       # Σ φq
+    k_out_total = tl.zeros([BLOCK_D], tl.float32)   # Σ φk·O
+    q_in_total = tl.zeros([BLOCK_D], tl.float32)    # Σ φq·I
+    src_total = tl.zeros([CHUNK], tl.float32)       # Σ exp(Ô), kept as a vector (sum at use)
+    state = tl.zeros([BLOCK_D, BLOCK_DV], tl.float32)
+    causal = offs_c[:, None] >= offs_c[None, :]
+    # In-chunk prefix sums as products with a lower-triangular ones matrix: tensor-core work,
+    # where tl.cumsum's scans over [C, D] tiles took 64-98 KB of shared memory on sm_86/90.
+    prefix = tl.where(causal, 1.0, 0.0)
+    for n0 in range(0, length, CHUNK):
+        offs_n = n0 + offs_c
+        n_ok = offs_n < length
+        ok = n_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_n[:, None] * sq_n + offs_d[None, :], mask=ok, other=0.0)
+        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=ok, other=0.0)
+        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_v[None, :],
+                    mask=n_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        phi_q = tl.where(ok, tl.sigmoid(q.to(tl.float32)), 0.0)
+        phi_k = tl.where(ok, tl.sigmoid(k.to(tl.float32)), 0.0)
+        q_eps = tl.where(d_ok[None, :], phi_q + eps, 0.0)
+        k_eps = tl.where(d_ok[None, :], phi_k + eps, 0.0)
+        visible = (offs_n + 1).to(tl.float32)           # n_t
+        k_cum = dot(prefix, phi_k, PRECISION) + k_total[None, :]
+        q_cum = dot(prefix, phi_q, PRECISION) + q_total[None, :]
+        incoming = visible / tl.sum(q_eps * (k_cum + eps), 1)
+        outgoing = visible / tl.sum(k_eps * (q_cum + eps), 1)
+        k_out = phi_k * outgoing[:, None]
+        q_in = phi_q * incoming[:, None]
+        sink = tl.sum(q_eps * (dot(prefix, k_out, PRECISION) + k_out_total[None, :] + eps), 1) / visible
+        source = tl.sum(k_eps * (dot(prefix, q_in, PRECISION) + q_in_total[None, :] + eps), 1) / visible
+        allocation = tl.sigmoid(sink)
+        src = tl.where(n_ok, tl.exp(tl.minimum(tl.maximum(source, -1.0), 1.0)), 0.0)
+        competition = src / (tl.sum(prefix * src[None, :], 1) + tl.sum(src_total, 0)) * visible
+        q_scaled = q_in / visible[:, None]
+        v_scaled = v * competition[:, None]
+        scores = tl.where(causal, dot(q_scaled, tl.trans(phi_k), PRECISION), 0.0)
+        out = dot(scores, v_scaled, PRECISION) + dot(q_scaled, state, PRECISION)
+        out = out * allocation[:, None]
+        tl.store(O + b * so_b + h * so_h + offs_n[:, None] * so_n + offs_v[None, :],
+                 out.to(O.dtype.element_ty), mask=n_ok[:, None] & v_ok[None, :])
+        state += dot(tl.trans(phi_k), v_scaled, PRECISION)
+        k_total += tl.sum(phi_k, 0)
+        q_total += tl.sum(phi_q, 0)
+        k_out_total += tl.sum(k_out, 0)
+        q_in_total += tl.sum(q_in, 0)
+        src_total += src
+
+
+# ----------------------------------------------------------------------------- launcher
+
+def flow_blocks(head_dim: int, value_dim: int) -> dict[str, int]:
+    # The causal kernel holds seven [CHUNK, 64] fp32 products at once; 32-token chunks keep its
+    # shared memory within 48 KB, the no-opt-in limit (64-token chunks needed 64-98 KB; sm_86 caps at 99 KB).
+    return {"BLOCK_N": 64, "CHUNK": 32, "BLOCK_D": block_dim(head_dim), "BLOCK_DV": min(64, block_dim(value_dim))}
+
+
+def flow_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: int = 0,
+                 eps: float = 1e-6) -> torch.Tensor:
+    """Flow attention with the Triton kernels (four passes; causal: one chunked pass).
+
+    Args:
+        q: ``[B, H, L, D]``, k: ``[B, H, S, D]``, v: ``[B, H, S, Dv]``, before the sigmoid.
+    Returns:
+        ``[B, H, L, Dv]`` in q's dtype.
+    """
+    check_inputs(q, k, v)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    batch, heads, length, head_dim = q.shape
+    sources, value_dim = k.shape[2], v.shape[-1]
+    blocks = flow_blocks(head_dim, value_dim)
+    if causal:
+        if sources != length:
+            raise ValueError("causal flow attention needs as many keys as queries")
+        out = torch.empty(batch, heads, length, value_dim, dtype=q.dtype, device=q.device)
+        flow_causal_kernel[per_head_grid(batch, heads, value_dim, blocks["BLOCK_DV"])](
+            q, k, v, out, heads, length, head_dim, value_dim, eps, *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *out.stride()[:3], CHUNK=blocks["CHUNK"], BLOCK_D=blocks["BLOCK_D"],
+            BLOCK_DV=blocks["BLOCK_DV"], PRECISION=dot_precision(q.dtype))
+        return out
+    f32 = dict(dtype=torch.float32, device=q.device)
+    k_sum, q_sum, q_incoming, k_outgoing = (torch.empty(batch * heads, head_dim, **f32) for _ in range(4))
+    kv = torch.empty(batch * heads, head_dim, value_dim, **f32)
+    e_sum = torch.empty(batch * heads, **f32)
+    out = torch.empty(batch, heads, length, value_dim, dtype=q.dtype, device=q.device)
+    reduce = dict(BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"])
+    heads_grid = per_head_grid(batch, heads)
+    flow_reduce_kernel[heads_grid](k, k, k_sum, heads, sources, head_dim, *k.stride()[:3], eps,
+                                   WEIGHTED=False, **reduce)
+    flow_reduce_kernel[heads_grid](q, q, q_sum, heads, length, head_dim, *q.stride()[:3], eps,
+                                   WEIGHTED=False, **reduce)
+    flow_reduce_kernel[heads_grid](q, k_sum, q_incoming, heads, length, head_dim, *q.stride()[:3], eps,
+                                   WEIGHTED=True, **reduce)
+    precision = dot_precision(q.dtype)
+    flow_kv_kernel[per_head_grid(batch, heads, value_dim, blocks["BLOCK_DV"])](
+        k, v, q_sum, q_incoming, kv, k_outgoing, e_sum, heads, sources, head_dim, value_dim, eps,
+        *k.stride()[:3], *v.stride()[:3], PRECISION=precision, BLOCK_N=blocks["BLOCK_N"],
+        BLOCK_D=blocks["BLOCK_D"], BLOCK_DV=blocks["BLOCK_DV"])
+    flow_output_kernel[rows_grid(batch, heads, length, blocks["BLOCK_N"], value_dim, blocks["BLOCK_DV"])](
+        q, k_sum, k_outgoing, kv, e_sum, out, heads, length, sources, head_dim, value_dim, eps,
+        *q.stride()[:3], *out.stride()[:3], PRECISION=precision, BLOCK_N=blocks["BLOCK_N"],
+        BLOCK_D=blocks["BLOCK_D"], BLOCK_DV=blocks["BLOCK_DV"])
+    return out
+
+
+def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
+    """The reduction (plain and weighted), key/value, causal and output kernels."""
+    torch_dtype = DTYPE_NAMES[dtype]
+    ptr = POINTER_TYPES[torch_dtype]
+    blocks = flow_blocks(head_dim, head_dim)
+    strides = lambda *names: {f"s{t}_{a}": "i32" for t in names for a in "bhn"}  # noqa: E731
+    reduce_sig = {"X": ptr, "OTHER": "*fp32", "OUT": "*fp32", "heads": "i32", "length": "i32",
+                  "head_dim": "i32", **strides("x"), "eps": "fp32"}
+    reduce = {"BLOCK_N": blocks["BLOCK_N"], "BLOCK_D": blocks["BLOCK_D"]}
+    tiles = {"BLOCK_N": blocks["BLOCK_N"], "BLOCK_D": blocks["BLOCK_D"], "BLOCK_DV": blocks["BLOCK_DV"],
+             "PRECISION": dot_precision(torch_dtype)}
+    return [
+        KernelSpec(flow_reduce_kernel, reduce_sig, {**reduce, "WEIGHTED": False}),
+        KernelSpec(flow_reduce_kernel, reduce_sig, {**reduce, "WEIGHTED": True}),
+        KernelSpec(flow_kv_kernel, {"K": ptr, "V": ptr, "Q_SUM": "*fp32", "Q_INCOMING": "*fp32",
+                                    "KV": "*fp32", "K_OUTGOING": "*fp32", "E_SUM": "*fp32", "heads": "i32",
+                                    "sources": "i32", "head_dim": "i32", "value_dim": "i32", "eps": "fp32",
+                                    **strides("k", "v")}, tiles),
+        KernelSpec(flow_causal_kernel, {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "heads": "i32", "length": "i32",
+                                        "head_dim": "i32", "value_dim": "i32", "eps": "fp32",
+                                        **strides("q", "k", "v", "o")},
+                   {"CHUNK": blocks["CHUNK"], "BLOCK_D": blocks["BLOCK_D"], "BLOCK_DV": blocks["BLOCK_DV"],
+                    "PRECISION": dot_precision(torch_dtype)}),
+        KernelSpec(flow_output_kernel, {"Q": ptr, "K_SUM": "*fp32", "K_OUTGOING": "*fp32", "KV": "*fp32",
+                                        "E_SUM": "*fp32", "O": ptr, "heads": "i32", "length": "i32",
+                                        "sources": "i32", "head_dim": "i32", "value_dim": "i32",
+                                        "eps": "fp32", **strides("q", "o")}, tiles),
+    ]
+
+
+__all__ = ["aot_specs", "flow_blocks", "flow_forward", "flow_kv_kernel", "flow_output_kernel",
+           "flow_reduce_kernel", "flow_causal_kernel"]

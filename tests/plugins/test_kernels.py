@@ -1,0 +1,456 @@
+"""The Triton kernels of the fused ops (``plugins/<op>/kernels.py``).
+
+- Launch grids (pure functions) cover every query exactly once.
+- Every kernel runs under Triton's CPU interpreter on fresh random inputs (odd sizes, padded
+  head dims, every dtype, a sweep of attributes) and matches a float64 reference: the op's own
+  ``reference`` and, independently, the small ones below (fp32 <= 1e-4, fp16/bf16 <= 1e-2,
+  max abs error over max abs reference).
+- Every kernel compiles ahead of time for sm_80/86/89/90 in fp16, fp32 and bf16 (PTX + cubin).
+
+Triton decides once, when it is first imported, whether ``@triton.jit`` builds interpreted or
+compiled kernels, and the two cannot share a process; under pytest-xdist any other module may
+have imported triton first. So the interpreter sweeps and the AOT builds each run this file as
+a script in a subprocess with the environment they need (``python test_kernels.py interpret
+<op>`` / ``aot <arch>``), one JSON line per case, and the tests assert on those lines.
+Reproduce a failure with the seed in its message: ``ATTNC_KERNEL_SEED=<seed>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+OPS = ("neighborhood", "linear", "flow", "agent")
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- float64 references
+# Independent of the plugins' own ``reference`` functions (each is checked against those below).
+
+def na_reference(q, k, v, kernel_size, dilation, is_causal, scale, rpb):
+    """Neighborhood attention by explicit per-query window enumeration."""
+    grid = q.shape[2:-1]
+    ndim = len(grid)
+    scale = scale or q.shape[-1] ** -0.5
+    windows = []  # per axis: for each index, list of (key index, relative offset)
+    for length, ks, d, c in zip(grid, kernel_size, dilation, is_causal):
+        axis = []
+        for i in range(length):
+            g, p = i % d, i // d
+            n = (length - 1 - g) // d + 1
+            start = p - ks + 1 if c else min(max(p - ks // 2, 0), n - ks)
+            axis.append([(g + d * kp, kp - p + ks - 1) for kp in range(start, start + ks) if kp >= 0])
+        windows.append(axis)
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float64)
+    for index in np.ndindex(*grid):
+        keys = [[]]
+        for axis in range(ndim):
+            keys = [prev + [pair] for prev in keys for pair in windows[axis][index[axis]]]
+        key_idx = [tuple(p[0] for p in key) for key in keys]
+        rel = [tuple(p[1] for p in key) for key in keys]
+        kk = torch.stack([k[(slice(None), slice(None)) + ki] for ki in key_idx], 2)   # [B, H, W, D]
+        vv = torch.stack([v[(slice(None), slice(None)) + ki] for ki in key_idx], 2)
+        qi = q[(slice(None), slice(None)) + index]
+        scores = torch.einsum("bhd,bhwd->bhw", qi, kk) * scale
+        if rpb is not None:
+            scores = scores + torch.stack([rpb[(slice(None),) + r] for r in rel], -1)
+        out[(slice(None), slice(None)) + index] = torch.einsum("bhw,bhwd->bhd", scores.softmax(-1), vv)
+    return out
+
+
+def linear_reference(q, k, v, decay, feature_map, causal, normalize, eps, scale):
+    phi = {"elu1": lambda x: torch.nn.functional.elu(x) + 1, "relu": torch.relu, "identity": lambda x: x}
+    q, k = phi[feature_map](q) * scale, phi[feature_map](k)
+    scores = q @ k.transpose(-2, -1)
+    if causal:
+        n = q.shape[2]
+        gap = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).double()
+        lam = torch.ones(q.shape[1], dtype=torch.float64) if decay is None else decay.double()
+        mask = torch.where(gap >= 0, lam[:, None, None] ** gap.clamp(min=0), 0.0)   # [H, N, N]
+        scores = scores * mask
+    out = scores @ v
+    return out / (scores.sum(-1, keepdim=True) + eps) if normalize else out
+
+
+def flow_reference(q, k, v, eps, causal=0):
+    if causal:
+        return flow_causal_reference(q, k, v, eps)
+    q, k = torch.sigmoid(q), torch.sigmoid(k)
+    n_q, n_k = q.shape[2], k.shape[2]
+    incoming = 1 / torch.einsum("bhld,bhd->bhl", q + eps, k.sum(2) + eps)
+    outgoing = 1 / torch.einsum("bhsd,bhd->bhs", k + eps, q.sum(2) + eps)
+    sink = torch.einsum("bhld,bhd->bhl", q + eps, torch.einsum("bhsd,bhs->bhd", k, outgoing) + eps)
+    source = torch.einsum("bhsd,bhd->bhs", k + eps, torch.einsum("bhld,bhl->bhd", q, incoming) + eps)
+    competition = torch.softmax(source.clamp(-1, 1), -1) * n_k
+    weights = torch.einsum("bhld,bhsd->bhls", q * incoming[..., None], k)
+    return (weights @ (v * competition[..., None])) * torch.sigmoid(sink * n_q / n_k)[..., None]
+
+
+def flow_causal_reference(q, k, v, eps):
+    """thuml's ``Flow_Attention_Causal`` written as an explicit loop over positions t."""
+    q, k = torch.sigmoid(q), torch.sigmoid(k)
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float64)
+    length = q.shape[2]
+    incoming = torch.empty(q.shape[:-1], dtype=torch.float64)
+    outgoing = torch.empty(q.shape[:-1], dtype=torch.float64)
+    for t in range(length):
+        n = t + 1
+        incoming[:, :, t] = n / ((q[:, :, t] + eps) * (k[:, :, :n].sum(2) + eps)).sum(-1)
+        outgoing[:, :, t] = n / ((k[:, :, t] + eps) * (q[:, :, :n].sum(2) + eps)).sum(-1)
+    source = torch.empty_like(incoming)
+    for t in range(length):
+        n = t + 1
+        sink = ((q[:, :, t] + eps) * ((k[:, :, :n] * outgoing[:, :, :n, None]).sum(2) + eps)).sum(-1) / n
+        source[:, :, t] = (((k[:, :, t] + eps) * ((q[:, :, :n] * incoming[:, :, :n, None]).sum(2) + eps)).sum(-1)
+                           / n).clamp(-1, 1).exp()
+        competition = source[:, :, :n] / source[:, :, :n].cumsum(-1) * torch.arange(1, n + 1)
+        weights = torch.einsum("bhd,bhsd->bhs", q[:, :, t] * (incoming[:, :, t] / n)[..., None], k[:, :, :n])
+        out[:, :, t] = torch.einsum("bhs,bhsd->bhd", weights, v[:, :, :n] * competition[..., None])
+        out[:, :, t] *= torch.sigmoid(sink)[..., None]
+    return out
+
+
+def agent_reference(q, k, v, a, b1, b2, scale):
+    s = scale or q.shape[-1] ** -0.5
+    a = a.expand(q.shape[0], -1, -1, -1)
+    stage1 = s * a @ k.transpose(-2, -1) + (0 if b1 is None else b1)
+    stage2 = s * q @ a.transpose(-2, -1) + (0 if b2 is None else b2)
+    return stage2.softmax(-1) @ (stage1.softmax(-1) @ v)
+
+
+# ----------------------------------------------------------------------------- sweep cases
+
+# Sizes are odd on purpose (not multiples of the 16/32/64 blocks), head dims not powers of two.
+NA_CASES = [
+    dict(grid=(37,), ks=(7,), dil=(2,), causal=(0,), rpb=True, d=128, dtype="fp32"),
+    dict(grid=(29,), ks=(4,), dil=(1,), causal=(0,), rpb=False, d=24, dtype="fp32", scale=0.3),
+    dict(grid=(29,), ks=(5,), dil=(1,), causal=(1,), rpb=False, d=40, dtype="fp16"),
+    dict(grid=(70,), ks=(9,), dil=(3,), causal=(0,), rpb=True, d=64, dtype="bf16"),
+    dict(grid=(9, 11), ks=(3, 5), dil=(2, 1), causal=(0, 1), rpb=True, d=32, dtype="fp32"),
+    dict(grid=(7, 18), ks=(3, 3), dil=(1, 1), causal=(0, 0), rpb="shared", d=20, dtype="fp16"),
+    dict(grid=(10, 9), ks=(5, 3), dil=(1, 2), causal=(1, 0), rpb=False, d=48, dtype="bf16"),
+    dict(grid=(6, 21), ks=(3, 19), dil=(1, 1), causal=(0, 0), rpb=True, d=16, dtype="fp16"),  # 64-wide key blocks
+    dict(grid=(9, 11), ks=(3, 5), dil=(2, 1), causal=(0, 1), rpb=True, d=32, dtype="fp16", entry="tensorrt"),
+    dict(grid=(29,), ks=(5,), dil=(2,), causal=(1,), rpb="shared", d=40, dtype="bf16", entry="tensorrt"),
+]
+LINEAR_CASES = [
+    dict(n=37, d=32, dv=48, feature_map="elu1", causal=0, normalize=1, decay=False, dtype="fp32"),
+    dict(n=33, d=20, dv=80, feature_map="relu", causal=0, normalize=0, decay=False, dtype="fp16"),
+    dict(n=45, d=16, dv=16, feature_map="identity", causal=0, normalize=0, decay=False, dtype="bf16"),
+    dict(n=100, d=32, dv=32, feature_map="relu", causal=1, normalize=1, decay=True, dtype="fp32"),
+    dict(n=70, d=40, dv=24, feature_map="identity", causal=1, normalize=0, decay=True, dtype="fp16"),
+    dict(n=70, d=24, dv=72, feature_map="elu1", causal=1, normalize=1, decay=False, dtype="bf16"),
+    dict(n=9, d=16, dv=16, feature_map="elu1", causal=1, normalize=0, decay=True, dtype="fp32", scale=0.25),
+]
+FLOW_CASES = [
+    dict(l=37, s=50, d=32, dv=48, dtype="fp32"),
+    dict(l=70, s=33, d=40, dv=24, dtype="fp16"),
+    dict(l=21, s=90, d=16, dv=80, dtype="bf16"),
+    dict(l=5, s=1, d=16, dv=16, dtype="fp32", eps=1e-3),
+    dict(l=130, s=130, d=20, dv=72, dtype="fp32", causal=1),
+    dict(l=70, s=70, d=40, dv=24, dtype="fp16", causal=1),
+    dict(l=37, s=37, d=16, dv=16, dtype="bf16", causal=1),
+]
+AGENT_CASES = [
+    dict(n=37, m=50, agents=9, d=32, dv=48, b1=True, b2=True, dtype="fp32"),
+    dict(n=70, m=33, agents=49, d=40, dv=24, b1=False, b2=True, dtype="fp16", splits=2),
+    dict(n=70, m=90, agents=7, d=16, dv=80, b1=True, b2=False, dtype="bf16", splits=1),
+    dict(n=5, m=3, agents=2, d=16, dv=16, b1=False, b2=False, dtype="fp32", scale=0.5),
+    dict(n=70, m=41, agents=9, d=32, dv=24, b1=True, b2=True, dtype="fp16", entry="tensorrt"),
+    dict(n=37, m=50, agents=7, d=16, dv=40, b1=False, b2=False, dtype="bf16", entry="tensorrt"),
+]
+CASES = {"neighborhood": NA_CASES, "linear": LINEAR_CASES, "flow": FLOW_CASES, "agent": AGENT_CASES}
+
+
+def random_case(op: str, rng: np.random.Generator) -> dict:
+    """One more case per run with attributes drawn from the seed (small sizes: the interpreter)."""
+    dtype = str(rng.choice(list(DTYPES)))
+    if op == "neighborhood":
+        ndim = int(rng.integers(1, 3))
+        ks = tuple(int(rng.choice([1, 3, 5, 7])) for _ in range(ndim))
+        dil = tuple(int(rng.integers(1, 3)) for _ in range(ndim))
+        # 2-D: the interpreter pays per program and per key row, so keep the first axis short.
+        grid = tuple(int(k * d + rng.integers(0, 12 if ndim == 1 or axis else 3))
+                     for axis, (k, d) in enumerate(zip(ks, dil)))
+        causal = tuple(int(rng.integers(0, 2)) for _ in range(ndim))
+        return dict(grid=grid, ks=ks, dil=dil, causal=causal, rpb=bool(rng.integers(0, 2)),
+                    d=int(rng.integers(8, 65)), dtype=dtype)
+    if op == "linear":
+        return dict(n=int(rng.integers(1, 140)), d=int(rng.integers(8, 65)), dv=int(rng.integers(8, 97)),
+                    feature_map=str(rng.choice(["elu1", "relu", "identity"])), causal=int(rng.integers(0, 2)),
+                    normalize=int(rng.integers(0, 2)), decay=bool(rng.integers(0, 2)), dtype=dtype)
+    if op == "flow":
+        length, causal = int(rng.integers(1, 100)), int(rng.integers(0, 2))
+        return dict(l=length, s=length if causal else int(rng.integers(1, 100)), d=int(rng.integers(8, 65)),
+                    dv=int(rng.integers(8, 97)), dtype=dtype, causal=causal)
+    return dict(n=int(rng.integers(1, 100)), m=int(rng.integers(1, 100)), agents=int(rng.integers(1, 65)),
+                d=int(rng.integers(8, 65)), dv=int(rng.integers(8, 97)), b1=bool(rng.integers(0, 2)),
+                b2=bool(rng.integers(0, 2)), dtype=dtype, splits=int(rng.integers(1, 3)))
+
+
+def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run one case: the kernel's output and the float64 references it must match."""
+    dtype = DTYPES[case["dtype"]]
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    batch, heads = 2, 2
+    if op == "neighborhood":
+        from attnc.plugins.neighborhood.kernels import neighborhood_forward
+        q, k, v = (rand(batch, heads, *case["grid"], case["d"]) for _ in range(3))
+        rpb = None
+        if case["rpb"]:
+            rpb = rand(1 if case["rpb"] == "shared" else heads, *(2 * x - 1 for x in case["ks"]))
+        q, k, v, rpb = (None if t is None else t.to(dtype).double() for t in (q, k, v, rpb))
+        args = (case["ks"], case["dil"], case["causal"], case.get("scale", 0.0))
+        low = [None if t is None else t.to(dtype) for t in (q, k, v, rpb)]
+        if case.get("entry") == "tensorrt":  # the AOT entry point TensorRT launches
+            from attnc.plugins.neighborhood.kernels import trt_launch
+            attrs = dict(kernel_size=list(args[0]), dilation=list(args[1]), is_causal=list(args[2]), scale=args[3])
+            inputs = [t for t in low if t is not None]
+            shapes = [list(t.shape) for t in inputs]
+            spec, grid, scalars = trt_launch(attrs, [str(dtype).removeprefix("torch.")] * len(inputs), shapes)
+            out = torch.empty_like(low[2])
+            spec.kernel[grid([list(out.shape)])](*inputs, *scalars(shapes), out, **spec.constexprs)
+        else:
+            out = neighborhood_forward(*low[:3], *args, rpb=low[3])
+        refs = [na_reference(q, k, v, *args, rpb)]
+        try:
+            from attnc.plugins.neighborhood import reference
+            refs.append(reference(q, k, v, *args, rpb=rpb))
+        except ImportError:
+            pass
+        return out, refs
+    if op == "linear":
+        from attnc.plugins.linear.kernels import linear_forward
+        q, k = (rand(batch, heads, case["n"], case["d"]).to(dtype).double() for _ in range(2))
+        v = rand(batch, heads, case["n"], case["dv"]).to(dtype).double()
+        decay = (0.7 + 0.3 * torch.rand(heads, generator=gen, dtype=torch.float64)) if case["decay"] else None
+        attrs = dict(feature_map=case["feature_map"], causal=case["causal"], normalize=case["normalize"],
+                     eps=1e-6, scale=case.get("scale", 1.0))
+        out = linear_forward(q.to(dtype), k.to(dtype), v.to(dtype), decay, **attrs)
+        refs = [linear_reference(q, k, v, decay, **attrs)]
+        try:
+            from attnc.plugins.linear import reference
+            refs.append(reference(q, k, v, decay, **attrs))
+        except ImportError:
+            pass
+        return out, refs
+    if op == "flow":
+        from attnc.plugins.flow.kernels import flow_forward
+        q = rand(batch, heads, case["l"], case["d"]).to(dtype).double()
+        k = rand(batch, heads, case["s"], case["d"]).to(dtype).double()
+        v = rand(batch, heads, case["s"], case["dv"]).to(dtype).double()
+        eps, causal = case.get("eps", 1e-6), case.get("causal", 0)
+        out = flow_forward(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, eps=eps)
+        refs = [flow_reference(q, k, v, eps, causal)]
+        try:
+            from attnc.plugins.flow import reference
+            refs.append(reference(q, k, v, causal=causal, eps=eps))
+        except ImportError:
+            pass
+        return out, refs
+    if op == "agent":
+        from attnc.plugins.agent.kernels import agent_forward
+        q = rand(batch, heads, case["n"], case["d"]).to(dtype).double()
+        k = rand(batch, heads, case["m"], case["d"]).to(dtype).double()
+        v = rand(batch, heads, case["m"], case["dv"]).to(dtype).double()
+        a = rand(1, heads, case["agents"], case["d"]).to(dtype).double()          # learned agents
+        b1 = rand(heads, case["agents"], case["m"]).to(dtype).double() if case["b1"] else None  # broadcast B
+        b2 = rand(batch, heads, case["n"], case["agents"]).to(dtype).double() if case["b2"] else None
+        scale = case.get("scale", 0.0)
+        low = [None if t is None else t.to(dtype) for t in (q, k, v, a, b1, b2)]
+        if case.get("entry") == "tensorrt":  # the AOT entry point TensorRT launches
+            from attnc.plugins.agent.kernels import trt_launch
+            inputs = [t for t in low if t is not None]
+            shapes = [list(t.shape) for t in inputs]
+            spec, grid, scalars = trt_launch({"scale": scale}, [str(dtype).removeprefix("torch.")] * len(inputs),
+                                             shapes)
+            out = torch.empty(*q.shape[:3], v.shape[-1], dtype=dtype)
+            spec.kernel[grid([list(out.shape)])](*inputs, *scalars(shapes), out, **spec.constexprs)
+        else:
+            out = agent_forward(*low, scale=scale, splits=case.get("splits"))
+        refs = [agent_reference(q, k, v, a, b1, b2, scale)]
+        try:
+            from attnc.plugins.agent import reference
+            refs.append(reference(q, k, v, a, b1, b2, scale=scale))
+        except ImportError:
+            pass
+        return out, refs
+    raise KeyError(op)
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+
+
+# ----------------------------------------------------------------------------- subprocess entry points
+
+def _interpret_main(op: str) -> None:
+    """Child process (TRITON_INTERPRET=1): run every case of ``op``, one JSON line each."""
+    import warnings
+
+    warnings.simplefilter("ignore")  # masked padding rows divide 0/0 in the interpreter's numpy
+    seed = int(os.environ.get("ATTNC_KERNEL_SEED") or time.time_ns() % 2 ** 31)
+    for index, case in enumerate(CASES[op] + [random_case(op, np.random.default_rng(seed))]):
+        gen = torch.Generator().manual_seed(seed + index)
+        start = time.perf_counter()
+        record = {"op": op, "case": case, "seed": seed, "tol": TOLERANCE[DTYPES[case["dtype"]]]}
+        try:
+            out, refs = _run_case(op, case, gen)
+            record["errors"] = [_relative_error(out, ref) for ref in refs]
+            record["reference_agreement"] = _relative_error(refs[-1], refs[0])
+        except Exception as exc:  # reported by the parent test
+            record["exception"] = f"{type(exc).__name__}: {exc}"
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        print(json.dumps(record), flush=True)
+
+
+def _aot_main(arch: int) -> None:
+    """Child process (no TRITON_INTERPRET): compile every kernel spec for ``arch``, all dtypes."""
+    from attnc.plugins import kernels_common
+    from attnc.plugins.agent import kernels as agent
+    from attnc.plugins.flow import kernels as flow
+    from attnc.plugins.linear import kernels as linear
+    from attnc.plugins.neighborhood import kernels as neighborhood
+
+    for dtype in ("fp16", "fp32", "bf16"):
+        if not kernels_common.arch_supports(arch, dtype):
+            continue
+        for module in (neighborhood, linear, flow, agent):
+            for spec in module.aot_specs(dtype):
+                start = time.perf_counter()
+                record = {"arch": arch, "dtype": dtype, "kernel": spec.name,
+                          "constexprs": {k: v for k, v in spec.constexprs.items() if not k.startswith("BLOCK")}}
+                try:
+                    compiled = kernels_common.compile_spec(spec, arch)
+                    record["ptx"] = len(compiled.asm.get("ptx", ""))
+                    record["cubin"] = len(compiled.asm.get("cubin", b""))
+                    record["shared"] = compiled.metadata.shared
+                    record["ptx_target"] = next((line.split()[1] for line in compiled.asm["ptx"].splitlines()
+                                                 if line.startswith(".target")), None)
+                except Exception as exc:
+                    record["exception"] = f"{type(exc).__name__}: {exc}"[-3000:]
+                record["seconds"] = round(time.perf_counter() - start, 2)
+                print(json.dumps(record), flush=True)
+        # The TensorRT entry points, through the provider TensorRT's plugin code calls.
+        from attnc.compiler.backends.tensorrt_plugins import ptx_param_count
+        numpy_dtype = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}[dtype]
+        agent_deit = [[None, 6, 197, 64]] * 3 + [[None, 6, 49, 64], [1, 6, 49, 197], [1, 6, 197, 49]]
+        for module, op_type, attrs, shapes in [
+            (neighborhood, "NeighborhoodAttention", dict(kernel_size=[7, 7], dilation=[1, 1], is_causal=[0, 0]),
+             [[None, 4, 56, 56, 32]] * 3 + [[4, 13, 13]]),
+            (neighborhood, "NeighborhoodAttention", dict(kernel_size=[7], dilation=[2], is_causal=[1]),
+             [[None, 4, None, 64]] * 3),
+            (agent, "AgentAttention", {"scale": 0.0}, agent_deit),
+            (agent, "AgentAttention", {"scale": 0.0}, agent_deit[:4]),
+        ]:
+            start = time.perf_counter()
+            record = {"arch": arch, "dtype": dtype, "kernel": f"kernel_for({op_type})", "constexprs": attrs}
+            try:
+                aot = module.kernel_for(op_type, attrs, [numpy_dtype] * len(shapes), shapes, arch)
+                # TensorRT passes inputs + 3 scalars + 1 output; Triton's 2 scratch pointers stay unused.
+                record["params"] = ptx_param_count(aot.ptx, aot.name) - 2 == len(shapes) + 4
+                record["ptx"], record["cubin"], record["shared"] = len(aot.ptx), None, aot.shared_mem  # PTX only
+                record["ptx_target"] = next(line.split()[1] for line in aot.ptx.splitlines()
+                                            if line.startswith(".target"))
+            except Exception as exc:
+                record["exception"] = f"{type(exc).__name__}: {exc}"[-3000:]
+            record["seconds"] = round(time.perf_counter() - start, 2)
+            print(json.dumps(record), flush=True)
+
+
+def _child(args: list[str], interpret: bool, timeout: float = 900) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not records:
+        pytest.fail(f"kernel subprocess {args} exited {done.returncode}:\n{done.stderr[-4000:]}")
+    return records
+
+
+# ----------------------------------------------------------------------------- tests: launch grids
+
+@pytest.mark.parametrize("grid, dilation, block", [
+    ((1, 37), (1, 2), (1, 64)), ((9, 11), (2, 1), (4, 16)), ((10, 9), (3, 2), (4, 16)),
+    ((1, 200), (1, 7), (1, 64)), ((33, 5), (5, 5), (4, 16)),
+])
+def test_neighborhood_grid_covers_every_query_once(grid, dilation, block):
+    from attnc.plugins.kernels_common import neighborhood_grid
+
+    launch = neighborhood_grid(2, 3, grid, dilation, block)
+    assert launch[0] == 6
+    seen = {}
+    for axis in range(2):
+        length, d, b = grid[axis], dilation[axis], block[axis]
+        tiles = math.ceil(math.ceil(length / d) / b)
+        covered = []
+        for pid in range(launch[1 + axis]):  # the kernel's decode of a program id
+            g, p0 = pid // tiles, (pid % tiles) * b
+            n = (length - 1 - g) // d + 1
+            covered += [g + d * p for p in range(p0, p0 + b) if p < n]
+        seen[axis] = covered
+    for axis in range(2):
+        assert sorted(seen[axis]) == list(range(grid[axis])), f"axis {axis}"
+
+
+def test_other_grids():
+    from attnc.plugins.kernels_common import agent_grid, per_head_grid, rows_grid
+
+    assert rows_grid(2, 3, 100, 64, 80, 64) == (6, 2, 2)
+    assert per_head_grid(2, 3, 48, 64) == (6, 1)
+    assert agent_grid(64, 6, 197, 64) == (384, 1)        # enough heads: fully fused, no recompute
+    assert agent_grid(1, 3, 197, 64) == (3, 4)           # batch 1: split up to the 4 query tiles
+    assert agent_grid(1, 3, 30, 64) == (3, 1)
+
+
+# ----------------------------------------------------------------------------- tests: interpreter
+
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_matches_float64_reference_interpreted(op):
+    pytest.importorskip("triton")
+    records = _child(["interpret", op], interpret=True)
+    assert len(records) == len(CASES[op]) + 1
+    failures = []
+    for r in records:
+        if "exception" in r:
+            failures.append(f"{r['case']}: {r['exception']}")
+        elif max(r["errors"]) > r["tol"] or r["reference_agreement"] > 1e-10:
+            failures.append(f"{r['case']}: errors {r['errors']} > {r['tol']} "
+                            f"(references agree to {r['reference_agreement']:.1e})")
+    assert not failures, f"seed {records[0]['seed']}:\n" + "\n".join(failures)
+
+
+# ----------------------------------------------------------------------------- tests: AOT
+
+@pytest.mark.parametrize("arch", (80, 86, 89, 90))
+def test_kernels_compile_ahead_of_time(arch):
+    pytest.importorskip("triton")
+    records = _child(["aot", str(arch)], interpret=False)
+    failures = [f"{r['dtype']} {r['kernel']} {r['constexprs']}: {r['exception']}" for r in records if "exception" in r]
+    assert not failures, "\n".join(failures)
+    assert {r["dtype"] for r in records} == {"fp16", "fp32", "bf16"}
+    for r in records:
+        assert r["ptx"] > 0 and r["ptx_target"].startswith(f"sm_{arch}"), r
+        assert r["cubin"] is None or r["cubin"] > 0, r  # triton ships its own ptxas: a cubin is expected
+        assert r.get("params", True), f"{r['kernel']}: not TensorRT's (inputs, scalars, outputs) calling convention"
+
+
+if __name__ == "__main__":
+    mode, arg = sys.argv[1], sys.argv[2]
+    if mode == "interpret":
+        _interpret_main(arg)
+    elif mode == "aot":
+        _aot_main(int(arg))
+    else:
+        raise SystemExit(f"usage: {sys.argv[0]} interpret <op> | aot <arch>")
