@@ -74,7 +74,7 @@ def bench_model(name: str, sizes: dict[str, int], repeats: int, threads: int, ex
             times[key].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "model": name, "family": spec.family, "exporter": exporter,
+        "model": name, "family": spec.family, "exporter": exporter, "ort_threads": threads or "default",
         "input_shapes": {n: list(t.shape) for n, t in zip(spec.input_names, inputs)},
         "nodes_before": len(before.graph.node), "nodes_after": len(after.graph.node),
         "fused": {r.family: r.rewritten for r in reports if r.rewritten},
@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = {k: int(v) for k, v in (s.split("=") for s in args.size)}
 
-    console = Console()
+    console = Console(width=180)
     rows = []
     for name in args.models:
         with console.status(f"{name}"):
