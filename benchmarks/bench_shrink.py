@@ -218,7 +218,7 @@ def table(results: dict) -> str:
     for r in results.get("token_exit", []):
         lines.append(f"Visual-token exit, VQA VLM ({'exit-aware' if r['exit_aware_training'] else 'plain'} training; "
                      f"{r['visual_tokens']} visual + {r['text_tokens']} text tokens):")
-        lines.append(f"  torch accuracy by exit layer: "
+        lines.append("  torch accuracy by exit layer: "
                      + ", ".join(f"{k}: {v:.1%}" for k, v in r["torch_accuracy_by_exit_layer"].items()))
         lines.append(f"  static exit after layer {r['choice']['exit_layer']} ({r['choice']['criterion']}): accuracy "
                      f"{r['accuracy_full']:.1%} -> {r['accuracy_static']:.1%}")

@@ -3,40 +3,22 @@ PyTorch; look-alikes with different constants must stay untouched with a near-mi
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from attnc.compiler.export import export_onnx
+from attnc.testing import export_model as export
+from attnc.testing import run_model as run
 from attnc.models.flow import FlowAttention
 from attnc.models.registry import get_spec
 from attnc.passes import flow, fuse_attention
 
 RTOL, ATOL = 1e-5, 1e-6
-
-
-def export(module, inputs, exporter="torchscript", opset=17, dynamic_axes=None, names=("x",)):
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "m.onnx"
-        export_onnx(module, inputs, path, exporter=exporter, opset=opset, dynamic_axes=dynamic_axes,
-                    input_names=list(names))
-        return onnx.load(str(path))
-
-
-def run(model, feeds):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)[0]
 
 
 def fused_nodes(model):

@@ -1,0 +1,38 @@
+"""Helpers the test-suite shares: export a module to an in-memory ONNX model, run one.
+
+They live in the package (like ``torch.testing``) so every test file imports the same
+code; tests compare against independent references, never against these helpers.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+
+def export_model(module, inputs, exporter: str = "torchscript", opset: int = 17,
+                 dynamic_axes: dict | None = None, names: Sequence[str] = ("x",)) -> onnx.ModelProto:
+    """Export ``module`` on ``inputs`` with :func:`attnc.compiler.export.export_onnx`, return the proto."""
+    from attnc.compiler.export import export_onnx
+
+    inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        export_onnx(module, tuple(inputs), path, exporter=exporter, opset=opset, dynamic_axes=dynamic_axes,
+                    input_names=list(names))
+        return onnx.load(str(path))
+
+
+def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The first output of ``model`` on ``feeds``, ONNX Runtime CPU, one thread."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
