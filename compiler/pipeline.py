@@ -79,6 +79,7 @@ def compile_model(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     step(f"loading {model_path}")
     model = onnx_io.load_model(model_path)
     ops_before = onnx_io.op_counts(model)
+    source_opset = onnx_io.default_opset(model)
     timings["load_s"] = time.perf_counter() - t0
 
     shrink = _shrink(model, options, step)
@@ -106,7 +107,7 @@ def compile_model(model_path: str | os.PathLike, out_dir: str | os.PathLike,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": platform.node(),
             "source": {"path": str(Path(model_path).resolve()), "sha256": _sha256(model_path),
-                       "opset": onnx_io.default_opset(onnx_io.load_model(model_path, check=False))},
+                       "opset": source_opset},
             "backend": options.backend,
             "precision": options.precision,
             "artefact": Path(artefact).name,
