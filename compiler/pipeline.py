@@ -253,6 +253,14 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
         "input_source": source,
         "seed": seed,
         "fused_ops": {k: v for k, v in manifest["ops_after"].items() if k.startswith("attnc::")},
+        # What the compile changed, so the report shows the model before/after next to the errors.
+        "compile": {
+            "nodes_before": sum(manifest["ops_before"].values()),
+            "nodes_after": sum(manifest["ops_after"].values()),
+            "rewritten": {r["family"]: r["rewritten"] for r in manifest["passes"] if r["rewritten"]},
+            **{name: {k: v for k, v in report.items() if k != "layers"}
+               for name, report in manifest.get("shrink", {}).items()},
+        },
         "attnc_version": attnc.__version__,
     }
     paths = write_report(result, report_dir or artefact_dir, meta=meta)

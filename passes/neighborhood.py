@@ -8,7 +8,19 @@ decomposition):
   Constant, or a subgraph of shapes, ``Range`` and arithmetic that the exporter did not fold);
 - **gather form**: ``Squeeze(Unsqueeze(Q) @ Transpose(Reshape(Gather(K, index, axis=2))))`` scores
   over ``[B, heads, N, window]``, the same bias / mask terms, then ``Unsqueeze(P) @ Reshape(Gather(V,
-  index))``, with the same index tensor for K and V (``index_select`` / unfold of key windows).
+  index))``, with the same index tensor for K and V (``index_select`` / unfold of key windows);
+- **bucketed form** (lucidrains' ``local-attention``): ``Einsum(bq, bk)`` scores of query buckets
+  ``[.., windows, w, D]`` against looked-around key buckets ``[.., windows, S, D]``, the same mask
+  terms, ``Einsum(P, bv)``, reshaped (and un-padded) back. Q/K/V are the tensors the buckets are cut
+  from by element-moving ops only (reshape, pad, slice, gather); ONNX Runtime runs that subgraph on
+  index probes (``offset + flat index`` fed into Q, K, V and the bucketed output, at two offsets so
+  that copies and padding constants separate), which shows exactly which key (and value) each live
+  slot of each output query holds. That per-query key set becomes the dense bias below and is
+  verified like the masked form. ``[B*heads, N, D]`` Q/K/V get an ``Unsqueeze`` to one head.
+  NA-equivalent: ``causal=True, exact_windowsize=True`` (k = window_size * look_backward + 1), and
+  causal ``window_size=1``; every other configuration is blocked local attention (near-miss). A
+  dynamic token axis that the bucketing cannot reshape at the sampled sizes (no autopad) is sampled
+  at 7 and 11 buckets instead. The same path proves masked NA written with ``einsum`` (no buckets).
 
 The scale may sit on Q, on Kᵀ or on the scores (Mul or Div by a scalar, before or after the bias);
 Kᵀ may be any Transpose of K. The bias / mask tensors are *evaluated* (ONNX Runtime on the subgraph
@@ -32,23 +44,26 @@ the grid is static the node gets the ``grid`` attribute (its ``*_static`` functi
 ONNX Runtime precompute every index/bias tensor). The dead subgraph (scores, mask computation) is
 removed.
 
-Not matched (near-miss): mask not a neighborhood (e.g. blocked local attention), mask that allows
-every key (plain attention: left to the softmax pass), data-dependent bias, rank-3 Q/K/V, 3-D grids
-in the masked form, K/V gathered with different indices.
+Not matched (near-miss): mask not a neighborhood (e.g. blocked local attention, non-causal
+local-attention windows, which are clipped at the borders where NA shifts them), mask that allows
+every key (plain attention: left to the softmax pass), data-dependent bias, rank-3 Q/K/V outside the
+bucketed form, 3-D grids in the masked form, K/V gathered with different indices, buckets computed by
+more than element moves (rotary embeddings after bucketing), bucketed graphs that are not float32.
 
 Tests: ``tests/passes/test_neighborhood.py``; op contract: ``attnc.plugins.neighborhood``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from attnc.passes.core import (Match, NearMiss, PassReport, constant_value, consumers, name_nodes,
-                               producers, remove_dead_nodes, toposort)
+from attnc.passes.core import (Match, NearMiss, PassReport, canonical_einsum, constant_value, consumers,
+                               name_nodes, producers, remove_dead_nodes, toposort)
 from attnc.plugins import neighborhood as plugin
 from attnc.plugins import attach_function_bodies
 
@@ -114,41 +129,91 @@ class _Evaluator:
                 self._kind[out] = k
         return self._kind[name]
 
-    def values(self, names: list[str], sample: int = 0) -> list[np.ndarray]:
-        """Compute ``names`` (const or shape-only tensors) with ONNX Runtime at sampled input sizes."""
+    def values(self, names: list[str], sample: int = 0, probes: tuple[str, ...] = (),
+               offset: float = 1.0, sizes: dict[str, int] | None = None) -> list[np.ndarray]:
+        """Compute ``names`` (const or shape-only tensors) with ONNX Runtime at sampled input sizes.
+
+        ``probes``: tensors replaced, for every node that reads their values, by an index probe of the
+        same shape and type (``offset + flat index``); ``names`` may then be data tensors computed from
+        the probes, and ``f"{probe}{_SHAPE}"`` names the probe's shape.
+        """
         import onnxruntime as ort
 
-        direct = [constant_value(self.model, n) for n in names]
+        requested, names, probes = names, list(dict.fromkeys(names)), tuple(dict.fromkeys(probes))
+        if len(names) < len(requested):
+            found = dict(zip(names, self.values(names, sample, probes, offset, sizes)))
+            return [found[n] for n in requested]
+        direct = [None if probes else constant_value(self.model, n) for n in names]
         if all(v is not None for v in direct):
             return direct
         graph = self.model.graph
-        needed, nodes, seen = set(names), [], set()
+        needed, nodes, seen = {n for n in names if not n.endswith(_SHAPE)} | set(probes), [], set()
         for node in reversed(graph.node):
             if any(o in needed for o in node.output) and node.name not in seen:
                 seen.add(node.name)
                 nodes.append(node)
                 needed.update(i for i in node.input if i)
         nodes.reverse()
+        if probes:
+            nodes = [_reading(n, probes) for n in nodes] + [
+                node for x in probes for node in _index_probe(x, self.types.get(x, onnx.TensorProto.FLOAT), offset)]
         inputs = [i for n, i in self.graph_inputs.items() if n in needed]
-        sizes = dict(zip(self.dynamic_dims, _SAMPLES[sample]))
+        sizes = {**dict(zip(self.dynamic_dims, _SAMPLES[sample])), **(sizes or {})}
         feeds = {}
         for info in inputs:
             t = info.type.tensor_type
             shape = [d.dim_value or sizes[d.dim_param or f"{info.name}:{a}"] for a, d in enumerate(t.shape.dim)]
             feeds[info.name] = np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
-        outputs = [helper.make_tensor_value_info(n, self.types.get(n, onnx.TensorProto.FLOAT), None) for n in names]
+        outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.INT64 if n.endswith(_SHAPE) else
+                                                 self.types.get(n, onnx.TensorProto.FLOAT), None) for n in names]
         sub = helper.make_graph(nodes, "bias", inputs, outputs,
                                 [i for i in graph.initializer if i.name in needed])
         model = helper.make_model(sub, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
         model.functions.extend(self.model.functions)
+        if probes:
+            toposort(model)
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4 if probes else 3  # a failing probe becomes a near-miss, not a log line
         options.intra_op_num_threads = 1
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return session.run(names, feeds)
 
     def dim_sample(self, dim_name: str, sample: int) -> int:
         return dict(zip(self.dynamic_dims, _SAMPLES[sample]))[dim_name]
+
+
+_SHAPE = "::probe_shape"
+_PROBE = "::probe"
+# Ops that only move or copy elements (which element lands where never depends on values): the
+# bucketed form's data paths must consist of these for an index probe to prove what they compute.
+_MOVES = {"Reshape", "Pad", "Slice", "Gather", "Squeeze", "Unsqueeze", "Expand", "Identity", "Flatten"}
+
+
+def _reading(node: onnx.NodeProto, probes: tuple[str, ...]) -> onnx.NodeProto:
+    """``node`` reading the index probe of every probed tensor (``Shape`` / ``Size`` keep the tensor)."""
+    if node.op_type in ("Shape", "Size") or not set(node.input) & set(probes):
+        return node
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    for i, name in enumerate(copy.input):
+        if name in probes:
+            copy.input[i] = name + _PROBE
+    return copy
+
+
+def _index_probe(x: str, elem_type: int, offset: float) -> list[onnx.NodeProto]:
+    """Nodes computing ``x + _PROBE = offset + arange(x.size).reshape(x.shape)`` in ``x``'s type."""
+    def c(name, value):
+        return helper.make_node("Constant", [], [f"{x}::{name}"],
+                                value=numpy_helper.from_array(np.asarray(value, dtype=np.float64)))
+    p = f"{x}::"
+    return [helper.make_node("Shape", [x], [x + _SHAPE]), helper.make_node("Size", [x], [p + "size"]),
+            helper.make_node("Cast", [p + "size"], [p + "n"], to=onnx.TensorProto.DOUBLE),
+            c("offset", offset), c("one", 1.0),
+            helper.make_node("Add", [p + "n", p + "offset"], [p + "end"]),
+            helper.make_node("Range", [p + "offset", p + "end", p + "one"], [p + "flat"]),
+            helper.make_node("Cast", [p + "flat"], [p + "typed"], to=elem_type),
+            helper.make_node("Reshape", [p + "typed", x + _SHAPE], [x + _PROBE])]
 
 
 def _infer(model: onnx.ModelProto) -> tuple[dict[str, list], dict[str, int]]:
@@ -295,7 +360,19 @@ class _Site:
     k_perm: tuple[str, list[int]] | None = None                     # K = Transpose(src, perm) to insert
     window_index: str | None = None                                 # gather form: [N*K] key index
     window: int | None = None
+    bucket: _Buckets | None = None                                  # bucketed form (local-attention)
     nodes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Buckets:
+    """Bucketed (blocked local) attention: scores ``Einsum(bq, bk)`` over ``[..., rows, slots]``."""
+
+    bq: str        # query buckets before the scale [*prefix, rows, D]
+    bk: str        # key buckets [*prefix, slots, D]
+    bv: str        # value buckets [*prefix, slots, Dv]
+    pv: str        # Einsum(P, bv) output [*prefix, rows, Dv], probed to trace where rows go
+    rank: int      # rank of Q / K / V / output: 4 ([B, heads, N, D]) or 3 ([B*heads, N, D])
 
 
 class _Matcher:
@@ -437,6 +514,8 @@ class _Matcher:
         node = self.producer.get(scores)
         if node is not None and node.op_type == "Squeeze":
             return self.match_gather(site, node, out)
+        if node is not None and node.op_type == "Einsum":
+            return self.match_bucketed(site, node, out)
         if node is None or node.op_type != "MatMul":
             raise _Mismatch(f"the scores come from {node.op_type if node else 'an input'}, not a MatMul")
         site.nodes.append(node.name)
@@ -503,8 +582,202 @@ class _Matcher:
             raise _Mismatch(f"window tensor {windows} has unknown window size: shape {shape}")
         return gather.input[1], gather.input[0]
 
+    # -- bucketed form (lucidrains' local-attention: blocks of queries against looked-around key blocks)
+    def match_bucketed(self, site: _Site, einsum: onnx.NodeProto, out: str) -> _Site:
+        if len(einsum.input) != 2 or (self.rank(einsum.input[0]) or 0) < 3:
+            raise _Mismatch(f"the scores come from {einsum.name} (Einsum) that is not a batched Q·Kᵀ")
+        rank = self.rank(einsum.input[0])
+        prefix = "abcdefgh"[:rank - 2]
+        equation = canonical_einsum(next(a.s for a in einsum.attribute if a.name == "equation"))
+        if equation != canonical_einsum(f"{prefix}iy,{prefix}jy->{prefix}ij"):
+            raise _Mismatch(f"the scores come from Einsum {equation}, not a batched Q·Kᵀ")
+        pv = self.only_consumer(out, "Einsum")
+        pv_eq = canonical_einsum(next(a.s for a in pv.attribute if a.name == "equation"))
+        if pv.input[0] != out or pv_eq != canonical_einsum(f"{prefix}ij,{prefix}jy->{prefix}iy"):
+            raise _Mismatch(f"{pv.name} (Einsum {pv_eq}) is not probabilities · values")
+        site.nodes += [einsum.name, pv.name]
+        bq = self.strip_scale(site, einsum.input[0])
+        bk, bv = einsum.input[1], pv.input[1]
+        site.q, site.k, site.v = (self.bucket_source(b, role) for b, role in ((bq, "query"), (bk, "key"),
+                                                                             (bv, "value")))
+        unbucketed = [(role, b) for role, b, src in (("query", bq, site.q), ("key", bk, site.k), ("value", bv, site.v))
+                      if b == src]
+        if 0 < len(unbucketed) < 3:  # some sides are cut into buckets, these are not (or not only)
+            role, name = unbucketed[0]
+            node = self.producer.get(name)
+            what = f"{node.op_type} ({node.name})" if node is not None else "a graph input"
+            raise _Mismatch(f"the {role} buckets are computed by {what}, not only cut from a [B, heads, N, D] "
+                            "tensor by reshapes, padding and gathers (e.g. rotary embeddings after bucketing)")
+        ranks = {self.rank(site.q), self.rank(site.k), self.rank(site.v)}
+        if len(ranks) != 1:
+            raise _Mismatch(f"q/k/v before bucketing have different ranks {sorted(ranks, key=str)}")
+        site.output = self.unbucketed_output(pv.output[0], ranks.pop())
+        site.bucket = _Buckets(bq, bk, bv, pv.output[0], self.rank(site.q))
+        return site
+
+    def bucket_source(self, bucketed: str, role: str) -> str:
+        """The [B, heads, N, D] (or [B*heads, N, D]) tensor the ``role`` buckets are cut from.
+
+        Walks back through element-moving ops (reshapes, padding, the look-around Gather) and takes
+        the furthest rank-3/4 tensor; a Transpose ends the walk (it is where heads are split). The
+        probe in :meth:`bucketed_dense` proves what the chosen tensor is; this only picks it.
+        """
+        name, best = bucketed, bucketed if self.rank(bucketed) in (3, 4) else None
+        while True:
+            node = self.producer.get(name)
+            if node is None or node.op_type not in _MOVES or any(
+                    self.eval.kind(i) == 2 for i in node.input[1:] if i):
+                break
+            name = node.input[0]
+            if self.rank(name) in (3, 4):
+                best = name
+        if best is None:
+            what = f"{node.op_type} ({node.name})" if node is not None else "a graph input"
+            raise _Mismatch(f"the {role} buckets are computed by {what}, not only cut from a [B, heads, N, D] "
+                            "tensor by reshapes, padding and gathers (e.g. rotary embeddings after bucketing)")
+        return best
+
+    def unbucketed_output(self, pv: str, rank: int) -> str:
+        """The last tensor of ``rank`` in the chain of element-moving ops after the bucketed output."""
+        name, best = pv, pv if self.rank(pv) == rank else None
+        while True:
+            users = self.consumer.get(name, [])
+            if len(users) != 1 or users[0].op_type not in _MOVES or users[0].input[0] != name or any(
+                    self.eval.kind(i) == 2 for i in users[0].input[1:] if i):
+                break
+            name = users[0].output[0]
+            if self.rank(name) == rank:
+                best = name
+        if best is None:
+            raise _Mismatch(f"the bucketed output {pv} is not reshaped back to rank {rank}")
+        return best
+
+    def bucketed_dense(self, site: _Site, sample: int) -> np.ndarray:
+        """Dense bias [1, N, N] that the bucketed subgraph applies, proven with index probes.
+
+        Every data path between Q/K/V and their buckets, and between the bucketed output and the
+        output, consists of element-moving ops (checked while walking), so feeding ``offset + flat
+        index`` into Q, K, V and the bucketed output and reading the buckets and the output back
+        shows exactly which element lands where. Two offsets separate copied elements (shifted by
+        the offset change) from padding constants (unchanged).
+        """
+        b = site.bucket
+        probes = (site.q, site.k, site.v, b.pv)
+        terms = [n for n, _ in site.biases] + [m for m, _ in site.masks]
+        # a tensor that is itself probed (no bucketing on that side: plain einsum attention) reads as its probe
+        names = [x + _PROBE if x in probes else x for x in (b.bq, b.bk, b.bv, site.output)]
+        names += [*terms, *(p + _SHAPE for p in probes)]
+        for p in probes:
+            if self.eval.types.get(p, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+                raise _Mismatch(f"{p} is not float32 (the bucketed form is only proven for float32 graphs)")
+        # Without autopad only multiples of the bucket size run: a dynamic token axis is then
+        # sampled at multiples of it instead.
+        token = (self.shapes.get(site.q) or [None, None])[-2]
+        bucket = (self.shapes.get(b.bq) or [None, None])[-2]
+        if isinstance(token, str) and not isinstance(bucket, int):  # dynamo names the bucket count (seq//w)
+            found = re.search(rf"\({re.escape(token)}//(\d+)\)", " ".join(map(str, self.shapes.get(b.bq) or [])))
+            bucket = int(found.group(1)) if found else None
+        retry = {token: (7, 11)[sample] * bucket} if isinstance(token, str) and isinstance(bucket, int) else None
+        for sizes in (None, retry):
+            try:
+                runs = [self.eval.values(names, sample, probes, offset, sizes) for offset in (1.0, 3.0)]
+                break
+            # ORT's errors subclass Exception only; e.g. a sampled length the buckets cannot reshape
+            except Exception as exc:  # noqa: BLE001
+                error = f"{str(exc).splitlines()[0][:160]}"
+                if sizes is not None or retry is None:
+                    size = {**dict(zip(self.eval.dynamic_dims, _SAMPLES[sample])), **(sizes or {})}
+                    raise _Mismatch(f"the bucketed subgraph does not run at sampled sizes {size}: {error}") from None
+        first, second = runs
+        shapes = [tuple(int(d) for d in v) for v in first[-4:]]
+        if max(int(np.prod(sh)) for sh in shapes) >= 2 ** 24:
+            raise _Mismatch("the bucketed tensors are too large to probe exactly in float32")
+
+        def origin(i: int, source: tuple[int, ...]) -> np.ndarray:
+            """Per element of output ``i``: flat index into the probed ``source`` tensor, -1 if not copied."""
+            a, z = first[i].astype(np.float64), second[i].astype(np.float64)
+            copied = z - a == 2.0
+            if not ((z == a) | copied).all():
+                raise _Mismatch(f"{names[i]} is not an element copy of the probed tensors")
+            flat = np.where(copied, a - 1.0, -1).astype(np.int64)
+            if (flat >= int(np.prod(source))).any():
+                raise _Mismatch(f"{names[i]} copies from a tensor other than the one probed")
+            return flat
+
+        def rows(i: int, source: tuple[int, ...], what: str) -> np.ndarray:
+            """Per row (last axis dropped) of output ``i``: row index into ``source`` [rows, D], -1 if padding."""
+            flat = origin(i, source)
+            d = source[-1]
+            if flat.shape[-1] != d:
+                raise _Mismatch(f"{what} buckets have {flat.shape[-1]} channels, the source has {d}")
+            row = np.where(flat >= 0, flat // d, -1)
+            lane = np.where(flat >= 0, flat % d, np.arange(d))
+            if not (lane == np.arange(d)).all() or not (row == row[..., :1]).all():
+                raise _Mismatch(f"the {what} buckets do not copy whole rows of the {what} tensor")
+            return row[..., 0]
+
+        sq, sk, sv, spv = shapes
+        if not (sq[:-1] == sk[:-1] == sv[:-1]):
+            raise _Mismatch(f"q/k/v shapes differ before bucketing: {sq}, {sk}, {sv}")
+        n = sq[-2]
+        q_rows, k_rows, v_rows = rows(0, sq, "query"), rows(1, sk, "key"), rows(2, sv, "value")
+        if q_rows.shape[:-1] != k_rows.shape[:-1] or k_rows.shape != v_rows.shape:
+            raise _Mismatch(f"bucket shapes do not line up: {q_rows.shape}, {k_rows.shape}, {v_rows.shape}")
+        # output: every element must be a copy of the bucketed output at the same channel
+        out_flat = origin(3, spv)
+        if first[3].shape != (*sq[:-1], spv[-1]):
+            raise _Mismatch(f"the output {first[3].shape} is not [*q.shape[:-1], Dv]")
+        dv = spv[-1]
+        if (out_flat < 0).any() or not (out_flat % dv == np.arange(dv)).all():
+            raise _Mismatch("the output is not a row copy of the bucketed output")
+        out_rows = (out_flat // dv)[..., 0].reshape(-1)            # per output row: bucketed row
+        query_of = q_rows.reshape(-1)[out_rows]                     # which query that bucketed row holds
+        if not np.array_equal(query_of, np.arange(len(out_rows))):
+            raise _Mismatch("the output rows are not the bucketed rows of the same queries")
+        total = np.zeros((1,), dtype=np.float64)
+        for (_, mult), value in zip(site.biases, first[4:4 + len(site.biases)]):
+            total = total + mult * value.astype(np.float64)
+        for (_, keep_if_true), value in zip(site.masks, first[4 + len(site.biases):4 + len(terms)]):
+            allowed = value.astype(bool) if keep_if_true else ~value.astype(bool)
+            total = np.where(allowed, total, -np.inf)
+        groups, slots = k_rows.shape[:-1], k_rows.shape[-1]
+        try:
+            total = np.broadcast_to(total, (*groups, q_rows.shape[-1], slots))
+        except ValueError:
+            raise _Mismatch(f"the mask {total.shape} does not broadcast over the scores") from None
+        # only rows that reach the output matter (autopad's extra query rows see padded keys)
+        total = total.reshape(-1, slots)[out_rows]                              # [B*heads*N, slots]
+        group = out_rows // q_rows.shape[-1]
+        keys, values = k_rows.reshape(-1, slots)[group], v_rows.reshape(-1, slots)[group]
+        live = total > MASKED
+        if not (keys[live] >= 0).all():
+            raise _Mismatch("an unmasked slot holds padding, not a key")
+        if not np.array_equal(keys[live], values[live]):
+            raise _Mismatch("an unmasked slot pairs a key with the value of another token")
+        query = np.broadcast_to(np.arange(len(out_rows))[:, None], live.shape)[live]
+        if not np.array_equal(keys[live] // n, query // n):
+            raise _Mismatch("a query attends to keys of another head or batch entry")
+        # every head / batch entry must see the same relative structure: compare the per-row
+        # (key, bias) lists, then build the dense bias of the first one only
+        per_head_keys = np.where(live, keys % n, -1).reshape(-1, n, slots)
+        per_head_bias = np.where(live, total, -np.inf).reshape(-1, n, slots)
+        if not ((per_head_keys == per_head_keys[:1]).all() and (per_head_bias == per_head_bias[:1]).all()):
+            raise _Mismatch("the bucketed mask differs between heads or batch entries")
+        first_live = live[:n]
+        rows_of = np.broadcast_to(np.arange(n)[:, None], first_live.shape)[first_live]
+        cols = keys[:n][first_live]
+        hits = np.zeros((n, n), dtype=int)
+        np.add.at(hits, (rows_of, cols), 1)
+        if (hits > 1).any():
+            raise _Mismatch("a query's buckets hold the same key twice")
+        dense = np.full((1, n, n), -np.inf)
+        dense[0, rows_of, cols] = total[:n][first_live]
+        return dense
+
     # -- dense bias at one sample of the dynamic sizes
     def dense_bias(self, site: _Site, sample: int) -> np.ndarray:
+        if site.bucket is not None:
+            return self.bucketed_dense(site, sample)
         names = [b for b, _ in site.biases] + [m for m, _ in site.masks]
         if site.window_index:
             names.append(site.window_index)
@@ -548,9 +821,10 @@ def _find_sites(model: onnx.ModelProto) -> tuple[_Matcher, list[tuple[_Site, lis
             continue
         try:
             site = matcher.match(softmax, node.name)
-            if not site.biases and not site.masks and site.window_index is None:
+            if not site.biases and not site.masks and site.window_index is None and site.bucket is None:
                 raise _Mismatch("no mask or bias before the softmax (plain attention)")
-            samples = [0, 1] if any(matcher.eval.kind(b) == 1 for b, _ in site.biases) or any(
+            samples = [0, 1] if (site.bucket is not None and matcher.eval.dynamic_dims) or any(
+                matcher.eval.kind(b) == 1 for b, _ in site.biases) or any(
                 matcher.eval.kind(m) == 1 for m, _ in site.masks) or (
                 site.window_index and matcher.eval.kind(site.window_index) == 1) else [0]
             proofs = []
@@ -559,7 +833,8 @@ def _find_sites(model: onnx.ModelProto) -> tuple[_Matcher, list[tuple[_Site, lis
                 try:
                     proofs.append(analyse_bias(bias))
                 except _Mismatch as exc:
-                    raise _Mismatch(f"matched MatMul->Softmax->MatMul but {exc}") from None
+                    form = "bucketed Einsum->Softmax->Einsum" if site.bucket else "MatMul->Softmax->MatMul"
+                    raise _Mismatch(f"matched {form} but {exc}") from None
             first = proofs[0]
             for other in proofs[1:]:
                 if (other.kernel_size, other.dilation, other.is_causal, len(other.grid)) != (
@@ -608,7 +883,8 @@ def _run(model: onnx.ModelProto, rewrite: bool) -> tuple[onnx.ModelProto, PassRe
         nb = proofs[0]
         try:
             dims = _grid_dims(matcher, proofs, site) if len(nb.grid) > 1 else (
-                list(nb.grid) if len({p.grid for p in proofs}) == 1 else [(site.q, 2)])  # 1-D: Q's own axis
+                list(nb.grid) if len({p.grid for p in proofs}) == 1 else  # 1-D: Q's own token axis
+                [(site.q, 1 if site.bucket is not None and site.bucket.rank == 3 else 2)])
         except _Mismatch as exc:
             report.near_misses.append(NearMiss(FAMILY, site.anchor, str(exc)))
             continue
@@ -628,8 +904,15 @@ def _run(model: onnx.ModelProto, rewrite: bool) -> tuple[onnx.ModelProto, PassRe
             nodes.append(helper.make_node("Transpose", [site.k_perm[0]], [k], name=f"{prefix}/transpose_k",
                                           perm=site.k_perm[1]))
         q, v = site.q, site.v
-        inputs = [q, k, v]
         out = site.output
+        if site.bucket is not None and site.bucket.rank == 3:  # [B*heads, N, D]: one head per batch entry
+            axis = _const(new_inits, f"{prefix}/head_axis", [1])
+            for role in ("q", "k", "v"):
+                name = {"q": q, "k": k, "v": v}[role]
+                nodes.append(helper.make_node("Unsqueeze", [name, axis], [f"{prefix}/{role}4"],
+                                              name=f"{prefix}/unsqueeze_{role}"))
+            q, k, v, out = f"{prefix}/q4", f"{prefix}/k4", f"{prefix}/v4", f"{prefix}/out4"
+        inputs = [q, k, v]
         if len(nb.grid) > 1:
             if all(isinstance(d, int) for d in dims):
                 grid_shape = _const(new_inits, f"{prefix}/grid_shape", [0, 0, *dims, -1])
@@ -669,6 +952,9 @@ def _run(model: onnx.ModelProto, rewrite: bool) -> tuple[onnx.ModelProto, PassRe
                 nodes.append(helper.make_node("Concat", [_const(new_inits, f"{prefix}/lead3", [0, 0, -1]), shape_v],
                                               [flat], name=flat, axis=0))
             nodes.append(helper.make_node("Reshape", [out, flat], [site.output], name=f"{prefix}/reshape_O"))
+        elif out != site.output:
+            nodes.append(helper.make_node("Squeeze", [out, f"{prefix}/head_axis"], [site.output],
+                                          name=f"{prefix}/squeeze_O"))
         new_nodes.append((site, nodes, fused))
     if not rewrite:
         return model, report

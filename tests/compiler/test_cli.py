@@ -231,6 +231,11 @@ def test_compile_prunes_heads(exported, tmp_path):
     result = run("compile", exported, "-o", out, "--prune-heads", "0.5", "--calibration", tmp_path / "calib.npz")
     assert "head pruning" in result.output
     pruned = json.loads((out / "manifest.json").read_text())["shrink"]["prune_heads"]
+    # The accuracy report of a pruned artefact states what pruning removed next to the errors.
+    assert run("validate", out, "--model", MODEL, ok=False).exit_code in (0, 1)
+    meta = json.loads((out / "report.json").read_text())["meta"]["compile"]
+    assert meta["prune_heads"]["params_after"] == pruned["params_after"]
+    assert meta["nodes_after"] <= meta["nodes_before"]
     assert pruned["heads_after"] == pruned["heads_before"] // 2
     # One head of q, k, v rows and output-projection columns per pruned head is gone.
     assert pruned["params_after"] < pruned["params_before"]

@@ -274,6 +274,26 @@ def test_nat_style_module(exporter, tmp_path):
     assert attrs["kernel_size"] == [5, 5] and attrs["dilation"] == [2, 2]
 
 
+class EinsumNA(MaskedNA):
+    """The masked NA above with its two products written as ``torch.einsum`` (exported as Einsum)."""
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = (f(x).view(b, n, self.heads, -1).permute(0, 2, 1, 3) for f in (self.q, self.k, self.v))
+        scores = torch.einsum("bhid,bhjd->bhij", q * (c // self.heads) ** -0.5, k) + self.mask
+        out = torch.einsum("bhij,bhjd->bhid", scores.softmax(-1), v)
+        return out.transpose(1, 2).reshape(b, n, c)
+
+
+def test_masked_na_written_with_einsum(tmp_path):
+    torch.manual_seed(0)
+    model = EinsumNA(16, 2, (5, 6), [3, 3], [1, 2], [0, 1]).eval()
+    onnx_model = _export(model, (torch.randn(2, 30, 16),), tmp_path, dynamic_axes={"x": {0: "batch"}}, names=["x"])
+    _, report = _check_fused(model, onnx_model, [(torch.randn(1, 30, 16),), (torch.randn(3, 30, 16),)])
+    attrs = report.matches[0].attributes
+    assert (attrs["kernel_size"], attrs["dilation"], attrs["is_causal"]) == ([3, 3], [1, 2], [0, 1])
+
+
 # ----------------------------------------------------------------------------- near-misses
 
 class WrongMaskNA(MaskedNA):
@@ -314,7 +334,7 @@ class LocalAttn(nn.Module):
         super().__init__()
         from local_attention import LocalAttention
 
-        self.attn = LocalAttention(use_rotary_pos_emb=False, **options)
+        self.attn = LocalAttention(**{"use_rotary_pos_emb": False, **options})
 
     def forward(self, q, k, v):
         return self.attn(q, k, v)
@@ -341,13 +361,67 @@ def test_local_attention_semantics():
     assert (found.grid, found.kernel_size, found.is_causal) == ((n,), [5], [1])
 
 
-def test_local_attention_export_is_left_alone(tmp_path):
-    model = LocalAttn(window_size=4, causal=False, look_backward=1, look_forward=1).eval()
+def test_local_attention_matches_the_op_reference():
+    """The NA-equivalent configuration computes the op's reference exactly (float64), also with autopad
+    on lengths that are no multiple of the window (down to the kernel size, the op's minimum), and
+    w = 1 without exact_windowsize."""
+    from local_attention import LocalAttention
+
+    torch.manual_seed(0)
+    for window, back, length, exact in [(4, 2, 22, True), (4, 2, 9, True), (3, 1, 31, True), (1, 3, 17, False)]:
+        attn = LocalAttention(window_size=window, causal=True, look_backward=back, exact_windowsize=exact,
+                              autopad=True, use_rotary_pos_emb=False)
+        q, k, v = (torch.randn(2, 3, length, 8, dtype=torch.float64) for _ in range(3))
+        expected = na_plugin.reference(q, k, v, [window * back + 1], [1], [1])
+        torch.testing.assert_close(attn(q, k, v), expected, rtol=1e-12, atol=1e-12)
+
+
+LOCAL_NA = {  # id -> (options, example shape, dynamic token axis or None, token lengths to check)
+    "heads-first-autopad-dynamic": (dict(window_size=4, look_backward=2, exact_windowsize=True, autopad=True),
+                                    (2, 2, 22, 8), 2, [22, 9, 33]),
+    "flat-heads-autopad-dynamic": (dict(window_size=3, look_backward=2, exact_windowsize=True, autopad=True),
+                                   (4, 20, 8), 1, [20, 7, 31]),
+    "heads-first-static": (dict(window_size=4, look_backward=1, exact_windowsize=True), (2, 2, 24, 8), None, [24]),
+    "dynamic-without-autopad": (dict(window_size=4, look_backward=1, exact_windowsize=True), (2, 2, 24, 8), 2,
+                                [24, 32, 8]),
+    "window-1-not-exact": (dict(window_size=1, look_backward=3), (3, 16, 8), None, [16]),
+}
+
+
+@pytest.mark.parametrize("case", list(LOCAL_NA))
+def test_local_attention_na_config_fuses(case, tmp_path):
+    options, shape, axis, lengths = LOCAL_NA[case]
+    torch.manual_seed(0)
+    model = LocalAttn(causal=True, **options).eval()
+    names = ["q", "k", "v"]
+    dynamic = {n: {axis: "seq"} for n in names} if axis is not None else None
+    onnx_model = _export(model, tuple(torch.randn(shape) for _ in names), tmp_path, "dynamo", names=names,
+                         dynamic_axes=dynamic)
+    sized = [shape[:-2] + (n,) + shape[-1:] for n in lengths]
+    inputs = [tuple(torch.randn(s) for _ in names) for s in sized]
+    _, report = _check_fused(model, onnx_model, inputs, names=names)
+    attrs = report.matches[0].attributes
+    assert attrs["kernel_size"] == [options["window_size"] * options["look_backward"] + 1]
+    assert attrs["is_causal"] == [1] and attrs["dilation"] == [1]
+    assert attrs["scale"] == pytest.approx(shape[-1] ** -0.5)
+
+
+@pytest.mark.parametrize("options,reason", [
+    (dict(window_size=4, causal=False, look_backward=1, look_forward=1), "not a neighborhood mask"),
+    (dict(window_size=4, causal=True, look_backward=1), "not a neighborhood mask"),  # exact_windowsize=False
+    (dict(window_size=3, causal=False, look_backward=1, look_forward=1, exact_windowsize=True),
+     "not a neighborhood mask"),  # clipped at the borders: NA shifts its window there
+    (dict(window_size=4, causal=True, look_backward=1, exact_windowsize=True, use_rotary_pos_emb=True, dim=8),
+     "computed by"),  # rotary embeddings rotate the buckets
+])
+def test_local_attention_other_configs_are_left_alone(options, reason, tmp_path):
+    model = LocalAttn(**options).eval()
     q, k, v = (torch.randn(2, 2, 24, 8) for _ in range(3))
     # TorchScript cannot export its look-around (Unfold of a padded tensor); dynamo can.
     onnx_model = _export(model, (q, k, v), tmp_path, "dynamo", names=["q", "k", "v"])
     fused, report = na_pass.apply(onnx_model)
     assert report.rewritten == 0 and fused is onnx_model
-    assert report.near_misses, "the blocked softmax must be reported as a near-miss"
+    assert report.near_misses and reason in report.near_misses[0].reason, report.to_dict()
     feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}
-    np.testing.assert_allclose(_run(fused, feeds), model(q, k, v).numpy(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(fused, feeds), model(q, k, v).numpy(), rtol=1e-5, atol=1e-6)
