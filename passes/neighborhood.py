@@ -751,7 +751,9 @@ class _Matcher:
         keys, values = k_rows.reshape(-1, slots)[group], v_rows.reshape(-1, slots)[group]
         live = total > MASKED
         if not (keys[live] >= 0).all():
-            raise _Mismatch("an unmasked slot holds padding, not a key")
+            row = int(np.argwhere(live & (keys < 0))[0, 0])
+            raise _Mismatch(f"query {row % n} (of {n}) has an unmasked slot that holds padding, not a key "
+                            "(e.g. autopad's zero keys, which non-causal local attention does not mask)")
         if not np.array_equal(keys[live], values[live]):
             raise _Mismatch("an unmasked slot pairs a key with the value of another token")
         query = np.broadcast_to(np.arange(len(out_rows))[:, None], live.shape)[live]

@@ -244,7 +244,7 @@ def register_kernel_provider(op_type: str, provider: KernelProvider) -> None:
 
 def kernel_for(op_type: str, attrs: dict, dtypes: list, shapes: list) -> AotKernel:
     """The AOT kernel for one fused node: a registered provider, else ``kernel_for`` of
-    ``plugins/<op>/kernels.py`` (or ``triton.py``).
+    ``plugins/<op>/kernels.py``.
 
     Raises:
         AttncError: no Triton kernel exists for the op yet.
@@ -254,13 +254,10 @@ def kernel_for(op_type: str, attrs: dict, dtypes: list, shapes: list) -> AotKern
         from attnc import plugins
 
         package = plugins.FUSED_OPS[op_type]
-        for module_name in (f"{package}.kernels", f"{package}.triton"):
-            try:
-                provider = getattr(importlib.import_module(module_name), "kernel_for", None)
-            except ImportError:
-                continue
-            if provider is not None:
-                break
+        try:
+            provider = getattr(importlib.import_module(f"{package}.kernels"), "kernel_for", None)
+        except ImportError:
+            provider = None
         if provider is None:
             folder = package.replace("attnc.", "").replace(".", "/")
             raise AttncError(f"no AOT kernel provider for {op_type}, so TensorRT cannot run it as a plugin",

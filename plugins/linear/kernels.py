@@ -154,6 +154,99 @@ def linear_causal_kernel(
         norm = norm * chunk_decay + tl.sum(weighted_k, 0)
 
 
+# ----------------------------------------------------------------------------- TensorRT AOT entry points
+# TensorRT launches a plugin's kernel with (*inputs, *int32 scalars, *outputs) and nothing else, so
+# these take contiguous tensors, derive the strides from the sizes and inline the kernels above.
+# The node's attributes are constexprs (a TensorRT node's attributes never change after the build;
+# AOT plugins cannot take float scalars): feature map, normalize, scale, eps.
+
+@triton.jit
+def _linear_global(
+    Q, K, V, O, heads, seq_len, head_dim, value_dim, scale, eps,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+    FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Non-causal linear attention in one program per head and value-column block: the state pass
+    (as :func:`linear_state_kernel`) then the output pass (as :func:`linear_output_kernel`) over
+    the same head, the state kept in registers. One launch instead of two, but only
+    ``B·H·⌈Dv/BLOCK_DV⌉`` programs walk the output (the two-launch path tiles the queries too)."""
+    pid_bh, pid_v = tl.program_id(0), tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    d_ok, v_ok = offs_d < head_dim, offs_v < value_dim
+    state = tl.zeros([BLOCK_D, BLOCK_DV], tl.float32)
+    norm = tl.zeros([BLOCK_D], tl.float32)
+    for n0 in range(0, seq_len, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seq_len
+        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_v[None, :],
+                    mask=n_ok[:, None] & v_ok[None, :], other=0.0)
+        phi = tl.where(n_ok[:, None] & d_ok[None, :], _feature(k.to(tl.float32), FEATURE), 0.0)
+        state += dot(tl.trans(phi), v.to(tl.float32), PRECISION)
+        norm += tl.sum(phi, 0)
+    for n0 in range(0, seq_len, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seq_len
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_n[:, None] * sq_n + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        phi = tl.where(d_ok[None, :], _feature(q.to(tl.float32), FEATURE), 0.0) * scale
+        out = dot(phi, state, PRECISION)
+        if NORMALIZE:
+            out = out / (tl.sum(phi * norm[None, :], 1) + eps)[:, None]
+        tl.store(O + b * so_b + h * so_h + offs_n[:, None] * so_n + offs_v[None, :],
+                 out.to(O.dtype.element_ty), mask=n_ok[:, None] & v_ok[None, :])
+
+
+@triton.jit
+def linear_causal_trt(
+    Q, K, V, heads, seq_len, O,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SCALE: tl.constexpr, EPS: tl.constexpr,
+    FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tokens = seq_len.to(tl.int64)
+    linear_causal_kernel(
+        Q, K, V, Q, O, heads, seq_len, HEAD_DIM, VALUE_DIM, SCALE, EPS,
+        heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM, heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM,
+        heads * tokens * VALUE_DIM, tokens * VALUE_DIM, VALUE_DIM, heads * tokens * VALUE_DIM, tokens * VALUE_DIM,
+        VALUE_DIM, FEATURE, NORMALIZE, False, CHUNK, BLOCK_D, BLOCK_DV, PRECISION)
+
+
+@triton.jit
+def linear_causal_decay_trt(
+    Q, K, V, DECAY, heads, seq_len, O,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SCALE: tl.constexpr, EPS: tl.constexpr,
+    FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tokens = seq_len.to(tl.int64)
+    linear_causal_kernel(
+        Q, K, V, DECAY, O, heads, seq_len, HEAD_DIM, VALUE_DIM, SCALE, EPS,
+        heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM, heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM,
+        heads * tokens * VALUE_DIM, tokens * VALUE_DIM, VALUE_DIM, heads * tokens * VALUE_DIM, tokens * VALUE_DIM,
+        VALUE_DIM, FEATURE, NORMALIZE, True, CHUNK, BLOCK_D, BLOCK_DV, PRECISION)
+
+
+@triton.jit
+def linear_global_trt(
+    Q, K, V, heads, seq_len, O,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SCALE: tl.constexpr, EPS: tl.constexpr,
+    FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tokens = seq_len.to(tl.int64)
+    _linear_global(
+        Q, K, V, O, heads, seq_len, HEAD_DIM, VALUE_DIM, SCALE, EPS,
+        heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM, heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM,
+        heads * tokens * VALUE_DIM, tokens * VALUE_DIM, VALUE_DIM, heads * tokens * VALUE_DIM, tokens * VALUE_DIM,
+        VALUE_DIM, FEATURE, NORMALIZE, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+
+
 # ----------------------------------------------------------------------------- launcher
 
 def linear_blocks(head_dim: int, value_dim: int) -> dict[str, int]:
@@ -202,6 +295,89 @@ def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: tor
     return out
 
 
+_NUMPY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def kernel_for(op_type: str, attrs: dict, dtypes: list, shapes: list, arch: int | None = None):
+    """TensorRT's AOT kernel for one ``KernelLinearAttention`` node (``KernelProvider``).
+
+    Args:
+        attrs: the node's ``feature_map``, ``causal``, ``normalize``, ``eps``, ``scale``.
+        dtypes: numpy dtype names of the inputs; shapes: input shapes (``None``: dynamic dim).
+        arch: target architecture (default :func:`~attnc.plugins.kernels_common.default_arch`).
+    Returns:
+        ``attnc.compiler.backends.tensorrt_plugins.AotKernel`` taking contiguous
+        ``Q, K, V[, decay], heads, seq_len, O`` (one launch, causal or not).
+    """
+    from attnc.plugins.kernels_common import aot_kernel
+
+    return aot_kernel(*trt_launch(attrs, dtypes, shapes), arch)
+
+
+def trt_launch(attrs: dict, dtypes: list, shapes: list):
+    """``(KernelSpec, grid(output_shapes), scalars(input_shapes))`` of the TensorRT entry point.
+
+    Causal: :func:`linear_causal_trt` (or ``linear_causal_decay_trt`` with a ``decay`` input, read
+    as its own dtype, float32 by contract). Non-causal: :func:`linear_global_trt`, the state and
+    output passes fused into one program per head and value-column block (the Python launcher's
+    two launches do not fit TensorRT's one kernel per AOT plugin). ``decay`` is ignored without
+    ``causal``, as the op's contract says. Shared by :func:`kernel_for` and the interpreter test.
+    """
+    from attnc.compiler.errors import AttncError
+    from attnc.plugins.kernels_common import cdiv
+
+    if len(shapes) < 3 or dtypes[0] not in _NUMPY_DTYPES:
+        raise AttncError(f"the KernelLinearAttention kernel takes Q, K, V[, decay] in fp32/fp16/bf16, got "
+                         f"{len(shapes)} inputs of {dtypes[0] if dtypes else None}",
+                         "run the node through its ONNX function body (--fused-ops inline)")
+    q_shape, v_shape = list(shapes[0]), list(shapes[2])
+    head_dim, value_dim = q_shape[-1], v_shape[-1]
+    if len(q_shape) != 4 or head_dim is None or value_dim is None:
+        raise AttncError(f"KernelLinearAttention kernel needs [B, H, N, D] inputs with static head dims, got "
+                         f"{q_shape}, {v_shape}", "export the model with static head dims")
+    feature_map = attrs.get("feature_map") or "elu1"
+    if feature_map not in FEATURE_MAP_IDS:
+        raise AttncError(f"KernelLinearAttention feature_map {feature_map!r} has no kernel",
+                         f"use one of {tuple(FEATURE_MAP_IDS)}")
+    causal = bool(attrs.get("causal") or 0)
+    normalize = attrs.get("normalize")
+    eps, scale = attrs.get("eps"), attrs.get("scale")
+    torch_dtype = _NUMPY_DTYPES[dtypes[0]]
+    ptr = POINTER_TYPES[torch_dtype]
+    blocks = linear_blocks(head_dim, value_dim)
+    constexprs = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, SCALE=float(1.0 if scale is None else scale),
+                      EPS=float(1e-6 if eps is None else eps), FEATURE=FEATURE_MAP_IDS[feature_map],
+                      NORMALIZE=bool(1 if normalize is None else normalize), BLOCK_D=blocks["BLOCK_D"],
+                      BLOCK_DV=blocks["BLOCK_DV"], PRECISION=dot_precision(torch_dtype))
+    signature = {"Q": ptr, "K": ptr, "V": ptr}
+    has_decay = causal and len(shapes) > 3 and shapes[3] is not None
+    if not causal:
+        kernel = linear_global_trt
+        constexprs["BLOCK_N"] = blocks["BLOCK_N"]
+    elif has_decay:
+        decay_dtype = dtypes[3] if len(dtypes) > 3 else "float32"
+        if decay_dtype not in _NUMPY_DTYPES:
+            raise AttncError(f"KernelLinearAttention decay of dtype {decay_dtype} has no kernel",
+                             "give decay as float32 (the op's contract)")
+        kernel = linear_causal_decay_trt
+        signature["DECAY"] = POINTER_TYPES[_NUMPY_DTYPES[decay_dtype]]
+        constexprs["CHUNK"] = blocks["CHUNK"]
+    else:
+        kernel = linear_causal_trt
+        constexprs["CHUNK"] = blocks["CHUNK"]
+    signature.update(heads="i32", seq_len="i32", O=ptr)
+    spec = KernelSpec(kernel, signature, constexprs)
+
+    def grid(output_shapes):
+        out = output_shapes[0]
+        return (out[0] * out[1], cdiv(value_dim, blocks["BLOCK_DV"]), 1)
+
+    def scalars(input_shapes):
+        return [input_shapes[0][1], input_shapes[0][2]]
+
+    return spec, grid, scalars
+
+
 def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
     """The state, output and causal kernels (causal with decay), elu1 features."""
     torch_dtype = DTYPE_NAMES[dtype]
@@ -224,5 +400,6 @@ def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
     ]
 
 
-__all__ = ["FEATURE_MAP_IDS", "aot_specs", "linear_blocks", "linear_causal_kernel", "linear_forward",
-           "linear_output_kernel", "linear_state_kernel"]
+__all__ = ["FEATURE_MAP_IDS", "aot_specs", "kernel_for", "linear_blocks", "linear_causal_decay_trt",
+           "linear_causal_kernel", "linear_causal_trt", "linear_forward", "linear_global_trt", "linear_output_kernel",
+           "linear_state_kernel", "trt_launch"]
