@@ -279,3 +279,39 @@ def test_token_exit_needs_visual_tokens(tmp_path):
     run("export", "vlm-small", "-o", path, "--exporter", "torchscript")
     assert_clean_error(run("compile", path, "-o", tmp_path / "out", "--token-exit", "static", ok=False),
                        "--visual-tokens")
+
+
+@pytest.mark.parametrize("fires", [True, False])
+def test_compile_dynamic_token_exit_with_saved_gate(tmp_path, fires):
+    """--token-exit dynamic reads a gate saved with ExitGate.save; both If branches equal torch."""
+    from attnc.passes.token_exit import ExitGate, dynamic_exit_forward
+
+    spec = get_spec("vlm-small")
+    module = spec.factory()
+    path = tmp_path / "vlm.onnx"
+    run("export", "vlm-small", "-o", path, "--exporter", "torchscript")
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal(module.norm.normalized_shape[0]).astype(np.float32) * 0.01
+    gate = ExitGate(2, weight, 40.0 if fires else -40.0)
+    gate.save(tmp_path / "gate.npz")
+    assert ExitGate.load(tmp_path / "gate.npz").layer == 2
+    out = tmp_path / "exited"
+    run("compile", path, "-o", out, "--token-exit", "dynamic", "--visual-tokens", module.num_visual_tokens,
+        "--exit-gate", tmp_path / "gate.npz")
+    from attnc.compiler.backends.onnxruntime import load
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    inputs = spec.example_inputs(seed=5)
+    got = load(str(out / manifest["artefact"])).infer(dict(zip(spec.input_names, (t.numpy() for t in inputs))))
+    expected, exited = dynamic_exit_forward(module, *inputs, gate)
+    assert exited == fires
+    np.testing.assert_allclose(got["output"], expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_exit_gate_file_must_be_a_gate(tmp_path):
+    path = tmp_path / "vlm.onnx"
+    run("export", "vlm-small", "-o", path, "--exporter", "torchscript")
+    np.savez(tmp_path / "notgate.npz", x=np.zeros(3))
+    result = run("compile", path, "-o", tmp_path / "out", "--token-exit", "dynamic", "--visual-tokens", 16,
+                 "--exit-gate", tmp_path / "notgate.npz", ok=False)
+    assert_clean_error(result, "not an exit gate")
