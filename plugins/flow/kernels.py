@@ -202,6 +202,110 @@ def flow_causal_kernel(
         src_total += src
 
 
+# ----------------------------------------------------------------------------- TensorRT AOT entry points
+# TensorRT launches a plugin's kernel with (*inputs, *int32 scalars, *outputs) and nothing else, so
+# these take contiguous tensors, derive the strides from the sizes and inline the kernels above;
+# eps is a constexpr (AOT plugins cannot take float scalars; a node's attributes never change).
+
+@triton.jit
+def _flow_global(
+    Q, K, V, O, heads, length, sources, head_dim, value_dim, eps,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Non-causal flow attention in one program per head and value-column block: the four passes
+    of the Python launcher (reductions, weighted reduction, key/value pass, output) run one after
+    the other in the same program, every intermediate sum in registers. One launch instead of
+    five, at ``B·H·⌈Dv/BLOCK_DV⌉`` programs (the launcher's output pass also tiles the queries)."""
+    pid_bh, pid_v = tl.program_id(0), tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    d_ok, v_ok = offs_d < head_dim, offs_v < value_dim
+    # 1. Σ φk over the keys.
+    k_sum = tl.zeros([BLOCK_D], tl.float32)
+    for n0 in range(0, sources, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        ok = (offs_n < sources)[:, None] & d_ok[None, :]
+        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=ok, other=0.0)
+        k_sum += tl.sum(tl.where(ok, tl.sigmoid(k.to(tl.float32)), 0.0), 0)
+    # 2. Σ φq and Σ φq·I over the queries (I needs Σ φk only).
+    q_sum = tl.zeros([BLOCK_D], tl.float32)
+    q_in = tl.zeros([BLOCK_D], tl.float32)
+    for n0 in range(0, length, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        ok = (offs_n < length)[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_n[:, None] * sq_n + offs_d[None, :], mask=ok, other=0.0)
+        phi = tl.where(ok, tl.sigmoid(q.to(tl.float32)), 0.0)
+        flow = tl.sum(tl.where(ok, (phi + eps) * (k_sum[None, :] + eps), 0.0), 1)
+        q_sum += tl.sum(phi, 0)
+        q_in += tl.sum(phi / tl.where(flow > 0, flow, 1.0)[:, None], 0)
+    # 3. Keys and values: kv = φKᵀ (V·e), Σ φk·O, Σ e (as flow_kv_kernel).
+    kv = tl.zeros([BLOCK_D, BLOCK_DV], tl.float32)
+    k_out = tl.zeros([BLOCK_D], tl.float32)
+    e_acc = tl.zeros([BLOCK_N], tl.float32)
+    for n0 in range(0, sources, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < sources
+        ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=ok, other=0.0)
+        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_v[None, :],
+                    mask=n_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        phi = tl.where(ok, tl.sigmoid(k.to(tl.float32)), 0.0)
+        phi_eps = tl.where(ok, phi + eps, 0.0)
+        outgoing = 1.0 / tl.sum(phi_eps * (q_sum[None, :] + eps), 1)
+        source = tl.minimum(tl.maximum(tl.sum(phi_eps * (q_in[None, :] + eps), 1), -1.0), 1.0)
+        e = tl.where(n_ok, tl.exp(source), 0.0)
+        kv += dot(tl.trans(phi), v * e[:, None], PRECISION)
+        k_out += tl.sum(phi * tl.where(n_ok, outgoing, 0.0)[:, None], 0)
+        e_acc += e
+    e_sum = tl.sum(e_acc, 0)
+    # 4. The output (as flow_output_kernel).
+    for n0 in range(0, length, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < length
+        ok = n_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_n[:, None] * sq_n + offs_d[None, :], mask=ok, other=0.0)
+        phi = tl.where(d_ok[None, :], tl.sigmoid(q.to(tl.float32)), 0.0)
+        phi_eps = tl.where(d_ok[None, :], phi + eps, 0.0)
+        incoming = 1.0 / tl.sum(phi_eps * (k_sum[None, :] + eps), 1)
+        sink = tl.sum(phi_eps * (k_out[None, :] + eps), 1)
+        allocation = tl.sigmoid(sink * (length * 1.0 / sources))
+        out = dot(phi * incoming[:, None], kv, PRECISION)
+        out = out * (allocation * (sources / e_sum))[:, None]
+        tl.store(O + b * so_b + h * so_h + offs_n[:, None] * so_n + offs_v[None, :],
+                 out.to(O.dtype.element_ty), mask=n_ok[:, None] & v_ok[None, :])
+
+
+@triton.jit
+def flow_global_trt(
+    Q, K, V, heads, length, sources, O,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, EPS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    queries, keys = length.to(tl.int64), sources.to(tl.int64)
+    _flow_global(
+        Q, K, V, O, heads, length, sources, HEAD_DIM, VALUE_DIM, EPS,
+        heads * queries * HEAD_DIM, queries * HEAD_DIM, HEAD_DIM, heads * keys * HEAD_DIM, keys * HEAD_DIM, HEAD_DIM,
+        heads * keys * VALUE_DIM, keys * VALUE_DIM, VALUE_DIM, heads * queries * VALUE_DIM, queries * VALUE_DIM,
+        VALUE_DIM, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+
+
+@triton.jit
+def flow_causal_trt(
+    Q, K, V, heads, length, O,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, EPS: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tokens = length.to(tl.int64)
+    flow_causal_kernel(
+        Q, K, V, O, heads, length, HEAD_DIM, VALUE_DIM, EPS,
+        heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM, heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM,
+        heads * tokens * VALUE_DIM, tokens * VALUE_DIM, VALUE_DIM, heads * tokens * VALUE_DIM, tokens * VALUE_DIM,
+        VALUE_DIM, CHUNK, BLOCK_D, BLOCK_DV, PRECISION)
+
+
 # ----------------------------------------------------------------------------- launcher
 
 def flow_blocks(head_dim: int, value_dim: int) -> dict[str, int]:
@@ -258,6 +362,75 @@ def flow_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: int 
     return out
 
 
+_NUMPY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def kernel_for(op_type: str, attrs: dict, dtypes: list, shapes: list, arch: int | None = None):
+    """TensorRT's AOT kernel for one ``FlowAttention`` node (``KernelProvider``).
+
+    Args:
+        attrs: the node's ``causal`` and ``eps``.
+        dtypes: numpy dtype names of the inputs; shapes: input shapes (``None``: dynamic dim).
+        arch: target architecture (default :func:`~attnc.plugins.kernels_common.default_arch`).
+    Returns:
+        ``attnc.compiler.backends.tensorrt_plugins.AotKernel`` taking contiguous ``Q, K, V``, int32
+        ``heads, length`` (causal) or ``heads, length, sources`` (non-causal), and ``O``.
+    """
+    from attnc.plugins.kernels_common import aot_kernel
+
+    return aot_kernel(*trt_launch(attrs, dtypes, shapes), arch)
+
+
+def trt_launch(attrs: dict, dtypes: list, shapes: list):
+    """``(KernelSpec, grid(output_shapes), scalars(input_shapes))`` of the TensorRT entry point.
+
+    Causal: :func:`flow_causal_trt` (the launcher's single chunked pass). Non-causal:
+    :func:`flow_global_trt`, the launcher's five launches fused into one program per head and
+    value-column block. Shared by :func:`kernel_for` and the interpreter test.
+    """
+    from attnc.compiler.errors import AttncError
+    from attnc.plugins.kernels_common import cdiv
+
+    if len(shapes) != 3 or dtypes[0] not in _NUMPY_DTYPES:
+        raise AttncError(f"the FlowAttention kernel takes Q, K, V in fp32/fp16/bf16, got {len(shapes)} inputs of "
+                         f"{dtypes[0] if dtypes else None}",
+                         "run the node through its ONNX function body (--fused-ops inline)")
+    q_shape, k_shape, v_shape = list(shapes[0]), list(shapes[1]), list(shapes[2])
+    head_dim, value_dim = q_shape[-1], v_shape[-1]
+    if len(q_shape) != 4 or head_dim is None or value_dim is None:
+        raise AttncError(f"FlowAttention kernel needs [B, H, tokens, D] inputs with static head dims, got "
+                         f"{q_shape}, {v_shape}", "export the model with static head dims")
+    causal = bool(attrs.get("causal") or 0)
+    if causal and None not in (q_shape[2], k_shape[2]) and q_shape[2] != k_shape[2]:
+        raise AttncError(f"causal FlowAttention needs as many keys as queries, got {q_shape[2]} and {k_shape[2]}")
+    eps = attrs.get("eps")
+    torch_dtype = _NUMPY_DTYPES[dtypes[0]]
+    ptr = POINTER_TYPES[torch_dtype]
+    blocks = flow_blocks(head_dim, value_dim)
+    constexprs = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, EPS=float(1e-6 if eps is None else eps),
+                      BLOCK_D=blocks["BLOCK_D"], BLOCK_DV=blocks["BLOCK_DV"], PRECISION=dot_precision(torch_dtype))
+    signature = {"Q": ptr, "K": ptr, "V": ptr, "heads": "i32", "length": "i32"}
+    if causal:
+        kernel = flow_causal_trt
+        constexprs["CHUNK"] = blocks["CHUNK"]
+    else:
+        kernel = flow_global_trt
+        constexprs["BLOCK_N"] = blocks["BLOCK_N"]
+        signature["sources"] = "i32"
+    signature["O"] = ptr
+    spec = KernelSpec(kernel, signature, constexprs)
+
+    def grid(output_shapes):
+        out = output_shapes[0]
+        return (out[0] * out[1], cdiv(value_dim, blocks["BLOCK_DV"]), 1)
+
+    def scalars(input_shapes):
+        extra = [] if causal else [input_shapes[1][2]]
+        return [input_shapes[0][1], input_shapes[0][2], *extra]
+
+    return spec, grid, scalars
+
+
 def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
     """The reduction (plain and weighted), key/value, causal and output kernels."""
     torch_dtype = DTYPE_NAMES[dtype]
@@ -288,5 +461,5 @@ def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
     ]
 
 
-__all__ = ["aot_specs", "flow_blocks", "flow_forward", "flow_kv_kernel", "flow_output_kernel",
-           "flow_reduce_kernel", "flow_causal_kernel"]
+__all__ = ["aot_specs", "flow_blocks", "flow_causal_kernel", "flow_causal_trt", "flow_forward", "flow_global_trt",
+           "flow_kv_kernel", "flow_output_kernel", "flow_reduce_kernel", "kernel_for", "trt_launch"]

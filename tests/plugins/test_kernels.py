@@ -150,6 +150,13 @@ LINEAR_CASES = [
     dict(n=70, d=40, dv=24, feature_map="identity", causal=1, normalize=0, decay=True, dtype="fp16"),
     dict(n=70, d=24, dv=72, feature_map="elu1", causal=1, normalize=1, decay=False, dtype="bf16"),
     dict(n=9, d=16, dv=16, feature_map="elu1", causal=1, normalize=0, decay=True, dtype="fp32", scale=0.25),
+    # The TensorRT entry points: causal (with and without decay) and the fused one-launch non-causal form.
+    dict(n=70, d=24, dv=72, feature_map="relu", causal=1, normalize=1, decay=True, dtype="fp32", scale=0.5,
+         entry="tensorrt"),
+    dict(n=37, d=40, dv=24, feature_map="elu1", causal=1, normalize=0, decay=False, dtype="fp16", entry="tensorrt"),
+    dict(n=45, d=20, dv=80, feature_map="elu1", causal=0, normalize=1, decay=False, dtype="fp16", entry="tensorrt"),
+    dict(n=33, d=16, dv=24, feature_map="identity", causal=0, normalize=0, decay=True, dtype="fp32",
+         entry="tensorrt"),
 ]
 FLOW_CASES = [
     dict(l=37, s=50, d=32, dv=48, dtype="fp32"),
@@ -159,6 +166,11 @@ FLOW_CASES = [
     dict(l=130, s=130, d=20, dv=72, dtype="fp32", causal=1),
     dict(l=70, s=70, d=40, dv=24, dtype="fp16", causal=1),
     dict(l=37, s=37, d=16, dv=16, dtype="bf16", causal=1),
+    # The TensorRT entry points: causal and the fused one-launch non-causal form.
+    dict(l=70, s=70, d=20, dv=72, dtype="fp32", causal=1, entry="tensorrt"),
+    dict(l=37, s=37, d=40, dv=24, dtype="fp16", causal=1, eps=1e-3, entry="tensorrt"),
+    dict(l=70, s=33, d=40, dv=24, dtype="fp16", entry="tensorrt"),
+    dict(l=37, s=90, d=32, dv=80, dtype="fp32", entry="tensorrt"),
 ]
 AGENT_CASES = [
     dict(n=37, m=50, agents=9, d=32, dv=48, b1=True, b2=True, dtype="fp32"),
@@ -235,7 +247,16 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
         decay = (0.7 + 0.3 * torch.rand(heads, generator=gen, dtype=torch.float64)) if case["decay"] else None
         attrs = dict(feature_map=case["feature_map"], causal=case["causal"], normalize=case["normalize"],
                      eps=1e-6, scale=case.get("scale", 1.0))
-        out = linear_forward(q.to(dtype), k.to(dtype), v.to(dtype), decay, **attrs)
+        if case.get("entry") == "tensorrt":  # the AOT entry point TensorRT launches
+            from attnc.plugins.linear.kernels import trt_launch
+            inputs = [q.to(dtype), k.to(dtype), v.to(dtype)] + ([] if decay is None else [decay.float()])
+            shapes = [list(t.shape) for t in inputs]
+            dtypes = [str(t.dtype).removeprefix("torch.") for t in inputs]
+            spec, grid, scalars = trt_launch(attrs, dtypes, shapes)
+            out = torch.empty(*q.shape[:3], v.shape[-1], dtype=dtype)
+            spec.kernel[grid([list(out.shape)])](*inputs, *scalars(shapes), out, **spec.constexprs)
+        else:
+            out = linear_forward(q.to(dtype), k.to(dtype), v.to(dtype), decay, **attrs)
         refs = [linear_reference(q, k, v, decay, **attrs)]
         try:
             from attnc.plugins.linear import reference
@@ -249,7 +270,16 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
         k = rand(batch, heads, case["s"], case["d"]).to(dtype).double()
         v = rand(batch, heads, case["s"], case["dv"]).to(dtype).double()
         eps, causal = case.get("eps", 1e-6), case.get("causal", 0)
-        out = flow_forward(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, eps=eps)
+        if case.get("entry") == "tensorrt":  # the AOT entry point TensorRT launches
+            from attnc.plugins.flow.kernels import trt_launch
+            inputs = [q.to(dtype), k.to(dtype), v.to(dtype)]
+            shapes = [list(t.shape) for t in inputs]
+            spec, grid, scalars = trt_launch({"causal": causal, "eps": eps}, [str(dtype).removeprefix("torch.")] * 3,
+                                             shapes)
+            out = torch.empty(*q.shape[:3], v.shape[-1], dtype=dtype)
+            spec.kernel[grid([list(out.shape)])](*inputs, *scalars(shapes), out, **spec.constexprs)
+        else:
+            out = flow_forward(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, eps=eps)
         refs = [flow_reference(q, k, v, eps, causal)]
         try:
             from attnc.plugins.flow import reference
@@ -351,13 +381,22 @@ def _aot_main(arch: int) -> None:
              [[None, 4, None, 64]] * 3),
             (agent, "AgentAttention", {"scale": 0.0}, agent_deit),
             (agent, "AgentAttention", {"scale": 0.0}, agent_deit[:4]),
+            (linear, "KernelLinearAttention", dict(feature_map="elu1", causal=1, normalize=1, eps=1e-6, scale=1.0),
+             [[None, 8, None, 64]] * 3 + [[8]]),
+            (linear, "KernelLinearAttention", dict(feature_map="relu", causal=0, normalize=1, eps=1e-6, scale=0.125),
+             [[None, 8, None, 64]] * 3),
+            (flow, "FlowAttention", dict(causal=1, eps=1e-6), [[None, 8, None, 64]] * 3),
+            (flow, "FlowAttention", dict(causal=0, eps=1e-6), [[None, 8, None, 64]] * 3),
         ]:
             start = time.perf_counter()
             record = {"arch": arch, "dtype": dtype, "kernel": f"kernel_for({op_type})", "constexprs": attrs}
             try:
-                aot = module.kernel_for(op_type, attrs, [numpy_dtype] * len(shapes), shapes, arch)
-                # TensorRT passes inputs + 3 scalars + 1 output; Triton's 2 scratch pointers stay unused.
-                record["params"] = ptx_param_count(aot.ptx, aot.name) - 2 == len(shapes) + 4
+                # KernelLinearAttention's decay is float32 in every model (the op's contract).
+                dtypes = [numpy_dtype] * 3 + ["float32" if op_type == "KernelLinearAttention" else numpy_dtype
+                                              ] * (len(shapes) - 3)
+                aot = module.kernel_for(op_type, attrs, dtypes, shapes, arch)
+                # TensorRT passes inputs + int32 scalars + 1 output; Triton's 2 scratch pointers stay unused.
+                record["params"] = ptx_param_count(aot.ptx, aot.name) - 2 == len(shapes) + len(aot.scalars(shapes)) + 1
                 record["ptx"], record["cubin"], record["shared"] = len(aot.ptx), None, aot.shared_mem  # PTX only
                 record["ptx_target"] = next(line.split()[1] for line in aot.ptx.splitlines()
                                             if line.startswith(".target"))
