@@ -348,7 +348,8 @@ def register_qdp(trtp, spec: PluginSpec, kernels: KernelProvider = kernel_for) -
                          [_static_shape(d) for d in inputs])
         launch = trtp.KernelLaunchParams()
         out_shapes = [list(o.shape_expr) for o in outputs]
-        launch.grid_x, launch.grid_y, launch.grid_z = kernel.grid(out_shapes)
+        # Providers may give a 1-, 2- or 3-D grid (as Triton launch grids are); TensorRT wants 3.
+        launch.grid_x, launch.grid_y, launch.grid_z = (tuple(kernel.grid(out_shapes)) + (1, 1))[:3]
         launch.block_x, launch.block_y, launch.block_z = kernel.block
         launch.shared_mem = kernel.shared_mem
         scalars = kernel.scalars([list(d.shape_expr) for d in inputs])

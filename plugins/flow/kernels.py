@@ -21,6 +21,11 @@ half inputs).
 
 Causal (:func:`flow_causal_kernel`): every sum becomes a prefix sum, so a single chunked walk
 computes all of them and the causal linear-attention product at once.
+
+TensorRT (one kernel per AOT plugin, arguments ``(*inputs, *int32 scalars, *outputs)``):
+:func:`trt_launch` / :func:`kernel_for` pick :func:`flow_causal_trt` or, non-causal,
+:func:`flow_global_trt`, which runs the four passes one after the other in one program per
+head and value-column block.
 """
 
 from __future__ import annotations
@@ -415,7 +420,9 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
         constexprs["CHUNK"] = blocks["CHUNK"]
     else:
         kernel = flow_global_trt
-        constexprs["BLOCK_N"] = blocks["BLOCK_N"]
+        # 32-token blocks: 64 took 49408 B of shared memory in fp32, over the 48 KB a launch gets
+        # without opting in, which TensorRT's AOT launch is not known to do.
+        constexprs["BLOCK_N"] = 32
         signature["sources"] = "i32"
     signature["O"] = ptr
     spec = KernelSpec(kernel, signature, constexprs)

@@ -13,6 +13,9 @@
   past enters through the running state, ``λ^{t+1} q_t S``; then
   ``S <- λ^C S + Σ_s λ^{C-1-s} k_sᵀ v_s``. The normaliser uses the row sums of the masked
   scores and the running ``z`` the same way.
+- TensorRT (one kernel per AOT plugin, arguments ``(*inputs, *int32 scalars, *outputs)``):
+  :func:`trt_launch` / :func:`kernel_for` pick ``linear_causal[_decay]_trt`` or, non-causal,
+  ``linear_global[_decay]_trt``, which runs the state and output passes in one program.
 
 Everything after the loads is fp32: φ, states and every product (``PRECISION`` "tf32" for
 half inputs, whose values tf32 holds exactly; with bf16 products the masked C x C scores and
@@ -247,6 +250,18 @@ def linear_global_trt(
         VALUE_DIM, FEATURE, NORMALIZE, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
 
 
+@triton.jit
+def linear_global_decay_trt(
+    Q, K, V, DECAY, heads, seq_len, O,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SCALE: tl.constexpr, EPS: tl.constexpr,
+    FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # A non-causal node with a decay input: TensorRT still passes the pointer; the op ignores it.
+    linear_global_trt(Q, K, V, heads, seq_len, O, HEAD_DIM, VALUE_DIM, SCALE, EPS, FEATURE, NORMALIZE, BLOCK_N,
+                      BLOCK_D, BLOCK_DV, PRECISION)
+
+
 # ----------------------------------------------------------------------------- launcher
 
 def linear_blocks(head_dim: int, value_dim: int) -> dict[str, int]:
@@ -350,21 +365,22 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
                       NORMALIZE=bool(1 if normalize is None else normalize), BLOCK_D=blocks["BLOCK_D"],
                       BLOCK_DV=blocks["BLOCK_DV"], PRECISION=dot_precision(torch_dtype))
     signature = {"Q": ptr, "K": ptr, "V": ptr}
-    has_decay = causal and len(shapes) > 3 and shapes[3] is not None
-    if not causal:
-        kernel = linear_global_trt
-        constexprs["BLOCK_N"] = blocks["BLOCK_N"]
-    elif has_decay:
+    # A decay input is passed by TensorRT whenever the node has one (read only when causal).
+    has_decay = len(shapes) > 3 and shapes[3] is not None
+    if has_decay:
         decay_dtype = dtypes[3] if len(dtypes) > 3 else "float32"
         if decay_dtype not in _NUMPY_DTYPES:
             raise AttncError(f"KernelLinearAttention decay of dtype {decay_dtype} has no kernel",
                              "give decay as float32 (the op's contract)")
-        kernel = linear_causal_decay_trt
         signature["DECAY"] = POINTER_TYPES[_NUMPY_DTYPES[decay_dtype]]
-        constexprs["CHUNK"] = blocks["CHUNK"]
+    if causal:
+        kernel = linear_causal_decay_trt if has_decay else linear_causal_trt
+        # 32-token chunks: 64 took 64 KB (fp16) / 80 KB (fp32) of shared memory on sm_90, over the
+        # 48 KB a launch gets without opting in, which TensorRT's AOT launch is not known to do.
+        constexprs["CHUNK"] = 32
     else:
-        kernel = linear_causal_trt
-        constexprs["CHUNK"] = blocks["CHUNK"]
+        kernel = linear_global_decay_trt if has_decay else linear_global_trt
+        constexprs["BLOCK_N"] = blocks["BLOCK_N"]
     signature.update(heads="i32", seq_len="i32", O=ptr)
     spec = KernelSpec(kernel, signature, constexprs)
 
@@ -401,5 +417,5 @@ def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
 
 
 __all__ = ["FEATURE_MAP_IDS", "aot_specs", "kernel_for", "linear_blocks", "linear_causal_decay_trt",
-           "linear_causal_kernel", "linear_causal_trt", "linear_forward", "linear_global_trt", "linear_output_kernel",
-           "linear_state_kernel", "trt_launch"]
+           "linear_causal_kernel", "linear_causal_trt", "linear_forward", "linear_global_decay_trt",
+           "linear_global_trt", "linear_output_kernel", "linear_state_kernel", "trt_launch"]

@@ -341,7 +341,7 @@ def test_qdp_registration_builds_signatures_and_launch_params():
 
     def provider(op_type, attrs, dtypes, shapes):
         calls.append((op_type, attrs, dtypes, shapes))
-        return tp.AotKernel("agent_fwd", ".version 8.0", grid=lambda outs: (outs[0][2].value, 4, 1),
+        return tp.AotKernel("agent_fwd", ".version 8.0", grid=lambda outs: (outs[0][2].value, 4),
                             block=(128, 1, 1), shared_mem=1024, scalars=lambda ins: [ins[0][2].value])
 
     tp.register_qdp(fake, tp.plugin_spec("AgentAttention"), provider)
@@ -356,7 +356,7 @@ def test_qdp_registration_builds_signatures_and_launch_params():
     name, ptx, launch, extra = aot_fn(q, k, v, a, 0.125, outputs=(_FakeDesc([None, 2, 16, 32]),), tactic=0)
     assert aot_fn(q, k, v, a, 0.125, (_FakeDesc([None, 2, 16, 32]),), 0)[0] == "agent_fwd"  # positional too
     assert (name, ptx) == ("agent_fwd", ".version 8.0")
-    assert (launch.grid_x, launch.grid_y, launch.block_x, launch.shared_mem) == (16, 4, 128, 1024)
+    assert (launch.grid_x, launch.grid_y, launch.grid_z, launch.block_x, launch.shared_mem) == (16, 4, 1, 128, 1024)
     assert extra == [("sym", 16)]
     assert calls[0] == ("AgentAttention", {"scale": 0.125}, ["float16"] * 4,
                         [[None, 2, 16, 64], [None, 2, 16, 64], [None, 2, 16, 32], [1, 2, 4, 64]])
