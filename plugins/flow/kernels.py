@@ -65,23 +65,13 @@ def flow_reduce_kernel(
 
 
 @triton.jit
-def flow_kv_kernel(
-    K, V, Q_SUM, Q_INCOMING, KV, K_OUTGOING, E_SUM, heads, sources, head_dim, value_dim, eps,
-    sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """KV[bh] = φKᵀ (V·e), K_OUTGOING[bh] = Σ φk·O, E_SUM[bh] = Σ e, e = exp(clip(Ô, -1, 1))."""
-    pid_bh, pid_v = tl.program_id(0), tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = (pid_bh % heads).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    d_ok, v_ok = offs_d < head_dim, offs_v < value_dim
-    q_sum = tl.load(Q_SUM + pid_bh * head_dim + offs_d, mask=d_ok, other=0.0)
-    q_in = tl.load(Q_INCOMING + pid_bh * head_dim + offs_d, mask=d_ok, other=0.0)
+def _kv_pass(K, V, b, h, sources, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, offs_d, offs_v, d_ok, v_ok, q_sum, q_in, eps,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """The key/value pass of head (b, h): (φKᵀ (V·e), Σ φk·O, per-lane partial Σ e), fp32,
+    with e = exp(clip(Ô, -1, 1)) and O the outgoing flow."""
     kv = tl.zeros([BLOCK_D, BLOCK_DV], tl.float32)
     k_out = tl.zeros([BLOCK_D], tl.float32)
-    e_sum = tl.zeros([BLOCK_N], tl.float32)
+    e_acc = tl.zeros([BLOCK_N], tl.float32)
     for n0 in range(0, sources, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < sources
@@ -96,7 +86,27 @@ def flow_kv_kernel(
         e = tl.where(n_ok, tl.exp(source), 0.0)
         kv += dot(tl.trans(phi), v * e[:, None], PRECISION)
         k_out += tl.sum(phi * tl.where(n_ok, outgoing, 0.0)[:, None], 0)
-        e_sum += e
+        e_acc += e
+    return kv, k_out, e_acc
+
+
+@triton.jit
+def flow_kv_kernel(
+    K, V, Q_SUM, Q_INCOMING, KV, K_OUTGOING, E_SUM, heads, sources, head_dim, value_dim, eps,
+    sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """KV[bh] = φKᵀ (V·e), K_OUTGOING[bh] = Σ φk·O, E_SUM[bh] = Σ e, e = exp(clip(Ô, -1, 1))."""
+    pid_bh, pid_v = tl.program_id(0), tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    d_ok, v_ok = offs_d < head_dim, offs_v < value_dim
+    q_sum = tl.load(Q_SUM + pid_bh * head_dim + offs_d, mask=d_ok, other=0.0)
+    q_in = tl.load(Q_INCOMING + pid_bh * head_dim + offs_d, mask=d_ok, other=0.0)
+    kv, k_out, e_sum = _kv_pass(K, V, b, h, sources, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, offs_d, offs_v, d_ok, v_ok,
+                              q_sum, q_in, eps, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
     tl.store(KV + pid_bh * head_dim * value_dim + offs_d[:, None] * value_dim + offs_v[None, :], kv,
              mask=d_ok[:, None] & v_ok[None, :])
     # Every value-column block computes the same per-head sums; the first one writes them.
@@ -247,24 +257,8 @@ def _flow_global(
         q_sum += tl.sum(phi, 0)
         q_in += tl.sum(phi / tl.where(flow > 0, flow, 1.0)[:, None], 0)
     # 3. Keys and values: kv = φKᵀ (V·e), Σ φk·O, Σ e (as flow_kv_kernel).
-    kv = tl.zeros([BLOCK_D, BLOCK_DV], tl.float32)
-    k_out = tl.zeros([BLOCK_D], tl.float32)
-    e_acc = tl.zeros([BLOCK_N], tl.float32)
-    for n0 in range(0, sources, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < sources
-        ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=ok, other=0.0)
-        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_v[None, :],
-                    mask=n_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-        phi = tl.where(ok, tl.sigmoid(k.to(tl.float32)), 0.0)
-        phi_eps = tl.where(ok, phi + eps, 0.0)
-        outgoing = 1.0 / tl.sum(phi_eps * (q_sum[None, :] + eps), 1)
-        source = tl.minimum(tl.maximum(tl.sum(phi_eps * (q_in[None, :] + eps), 1), -1.0), 1.0)
-        e = tl.where(n_ok, tl.exp(source), 0.0)
-        kv += dot(tl.trans(phi), v * e[:, None], PRECISION)
-        k_out += tl.sum(phi * tl.where(n_ok, outgoing, 0.0)[:, None], 0)
-        e_acc += e
+    kv, k_out, e_acc = _kv_pass(K, V, b, h, sources, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, offs_d, offs_v, d_ok, v_ok,
+                              q_sum, q_in, eps, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
     e_sum = tl.sum(e_acc, 0)
     # 4. The output (as flow_output_kernel).
     for n0 in range(0, length, BLOCK_N):

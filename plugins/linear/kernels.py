@@ -47,6 +47,26 @@ def _feature(x, FEATURE: tl.constexpr):
 
 
 @triton.jit
+def _state_pass(K, V, b, h, seq_len, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, offs_d, offs_v, d_ok, v_ok,
+                FEATURE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """(φ(K)ᵀ V for one value-column block, Σ_n φ(K_n)) of head (b, h), fp32."""
+    state = tl.zeros([BLOCK_D, BLOCK_DV], tl.float32)
+    norm = tl.zeros([BLOCK_D], tl.float32)
+    for n0 in range(0, seq_len, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seq_len
+        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_v[None, :],
+                    mask=n_ok[:, None] & v_ok[None, :], other=0.0)
+        phi = tl.where(n_ok[:, None] & d_ok[None, :], _feature(k.to(tl.float32), FEATURE), 0.0)
+        state += dot(tl.trans(phi), v.to(tl.float32), PRECISION)
+        norm += tl.sum(phi, 0)
+    return state, norm
+
+
+@triton.jit
 def linear_state_kernel(
     K, V, S, Z, heads, seq_len, head_dim, value_dim,
     sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
@@ -60,18 +80,8 @@ def linear_state_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     d_ok, v_ok = offs_d < head_dim, offs_v < value_dim
-    state = tl.zeros([BLOCK_D, BLOCK_DV], tl.float32)
-    norm = tl.zeros([BLOCK_D], tl.float32)
-    for n0 in range(0, seq_len, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < seq_len
-        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_v[None, :],
-                    mask=n_ok[:, None] & v_ok[None, :], other=0.0)
-        phi = tl.where(n_ok[:, None] & d_ok[None, :], _feature(k.to(tl.float32), FEATURE), 0.0)
-        state += dot(tl.trans(phi), v.to(tl.float32), PRECISION)
-        norm += tl.sum(phi, 0)
+    state, norm = _state_pass(K, V, b, h, seq_len, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, offs_d, offs_v, d_ok, v_ok,
+                              FEATURE, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
     tl.store(S + pid_bh * head_dim * value_dim + offs_d[:, None] * value_dim + offs_v[None, :], state,
              mask=d_ok[:, None] & v_ok[None, :])
     # Only the first value-column block writes z (all compute the same).
@@ -180,18 +190,8 @@ def _linear_global(
     offs_d = tl.arange(0, BLOCK_D)
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     d_ok, v_ok = offs_d < head_dim, offs_v < value_dim
-    state = tl.zeros([BLOCK_D, BLOCK_DV], tl.float32)
-    norm = tl.zeros([BLOCK_D], tl.float32)
-    for n0 in range(0, seq_len, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < seq_len
-        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_v[None, :],
-                    mask=n_ok[:, None] & v_ok[None, :], other=0.0)
-        phi = tl.where(n_ok[:, None] & d_ok[None, :], _feature(k.to(tl.float32), FEATURE), 0.0)
-        state += dot(tl.trans(phi), v.to(tl.float32), PRECISION)
-        norm += tl.sum(phi, 0)
+    state, norm = _state_pass(K, V, b, h, seq_len, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, offs_d, offs_v, d_ok, v_ok,
+                              FEATURE, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
     for n0 in range(0, seq_len, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seq_len
