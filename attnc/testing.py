@@ -36,3 +36,21 @@ def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarra
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)[0]
+
+
+def assert_fusion_preserves_outputs(model: onnx.ModelProto, fused: onnx.ModelProto, module, inputs_list,
+                                    rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """For every input set: ORT on ``fused`` equals ORT on ``model`` and ``module`` in PyTorch.
+
+    The PyTorch comparison allows ``atol`` of at least 1e-5 (the export itself rounds).
+    """
+    import torch
+
+    names = [i.name for i in model.graph.input]
+    for inputs in inputs_list:
+        feeds = {n: t.numpy() for n, t in zip(names, inputs)}
+        before, after = run_model(model, feeds), run_model(fused, feeds)
+        with torch.no_grad():
+            expected = module(*inputs).numpy()
+        np.testing.assert_allclose(after, before, rtol=rtol, atol=atol)
+        np.testing.assert_allclose(after, expected, rtol=rtol, atol=max(atol, 1e-5))

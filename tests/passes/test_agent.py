@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from attnc.testing import export_model as export
+from attnc.testing import assert_fusion_preserves_outputs
 from attnc.testing import run_model as run
 from attnc.models.registry import get_spec
 from attnc.passes import agent, fuse_attention
@@ -32,14 +33,7 @@ def check_fused(model, fused, module, inputs_list, n_fused, op_type="AgentAttent
     if fewer_nodes:
         assert len(fused.graph.node) < len(model.graph.node)
     onnx.checker.check_model(fused, full_check=True)
-    names = [i.name for i in model.graph.input]
-    for inputs in inputs_list:
-        feeds = {n: t.numpy() for n, t in zip(names, inputs)}
-        before, after = run(model, feeds), run(fused, feeds)
-        with torch.no_grad():
-            expected = module(*inputs).numpy()
-        np.testing.assert_allclose(after, before, rtol=rtol, atol=atol)
-        np.testing.assert_allclose(after, expected, rtol=rtol, atol=max(atol, 1e-5))
+    assert_fusion_preserves_outputs(model, fused, module, inputs_list, rtol=rtol, atol=atol)
 
 
 # ----------------------------------------------------------------------------- registry models
