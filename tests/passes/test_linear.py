@@ -17,6 +17,7 @@ from torch import nn
 
 from attnc.compiler.backends.onnxruntime import load
 from attnc.compiler.export import export_onnx
+from attnc.testing import assert_spec_fusion_preserves_outputs, export_spec
 from attnc.models.linear import LightningAttention, LinearAttention
 from attnc.models.mhsa import MultiHeadSelfAttention
 from attnc.models.projections import merge_heads
@@ -250,26 +251,12 @@ def test_random_configs(heads, head_dim, fm, causal, form, normalize, n, lightni
 
 @pytest.mark.parametrize("name,n_fused", [("linear-elu-causal-small", 1), ("lm-lightning-small", 2),
                                           ("vit-linear-small", 2)])
-def test_registry_models_through_pipeline(name, n_fused, tmp_path):
-    registry = pytest.importorskip("attnc.models.registry")
-    spec = registry.get_spec(name)
-    module = spec.factory().eval()
-    inputs = spec.example_inputs(batch=2, seed=0)
-    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    path = export_onnx(module, inputs, tmp_path / "m.onnx", exporter="torchscript", dynamic_axes=spec.dynamic_axes,
-                       input_names=spec.input_names)
-    model = onnx.load(path)
+def test_registry_models_through_pipeline(name, n_fused):
+    spec, module, model = export_spec(name, "torchscript")
     fused, reports = fuse_attention(model, ["linear", "softmax"])
     assert reports[0].rewritten == n_fused and _count(fused, OP) == n_fused
     assert reports[1].rewritten == 0
-    for batch, seed in ((2, 1), (3, 2)):
-        fresh = spec.example_inputs(batch=batch, seed=seed)
-        fresh = tuple(fresh) if isinstance(fresh, (tuple, list)) else (fresh,)
-        feeds = {n: t.numpy() for n, t in zip(spec.input_names, fresh)}
-        got = load(fused).infer(feeds)["output"]
-        np.testing.assert_allclose(got, load(model).infer(feeds)["output"], rtol=1e-5, atol=1e-5)
-        with torch.no_grad():
-            np.testing.assert_allclose(got, module(*fresh).numpy(), rtol=1e-4, atol=1e-5)
+    assert_spec_fusion_preserves_outputs(spec, module, model, fused)
 
 
 # ----------------------------------------------------------------------------- flash-linear-attention

@@ -18,6 +18,7 @@ from torch import nn
 
 from attnc.compiler.backends.onnxruntime import load
 from attnc.compiler.export import export_onnx
+from attnc.testing import assert_spec_fusion_preserves_outputs, export_spec
 from attnc.models.mhsa import MultiHeadSelfAttention
 from attnc.passes import find_attention, fuse_attention, softmax
 
@@ -198,25 +199,11 @@ def test_random_configs(heads, head_dim, causal, scale_after, fused_qkv, n, dyna
 # ----------------------------------------------------------------------------- registry models
 
 @pytest.mark.parametrize("name,n_fused", [("mhsa-causal-small", 1), ("lm-mhsa-small", 2), ("vit-mhsa-small", 2)])
-def test_registry_models_through_pipeline(name, n_fused, tmp_path):
-    registry = pytest.importorskip("attnc.models.registry")
-    spec = registry.get_spec(name)
-    module = spec.factory().eval()
-    inputs = spec.example_inputs(batch=2, seed=0)
-    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    path = export_onnx(module, inputs, tmp_path / "m.onnx", exporter="dynamo", dynamic_axes=spec.dynamic_axes,
-                       input_names=spec.input_names)
-    model = onnx.load(path)
+def test_registry_models_through_pipeline(name, n_fused):
+    spec, module, model = export_spec(name, "dynamo")
     fused, reports = fuse_attention(model, ["softmax"])
     assert reports[0].rewritten == n_fused and _count(fused, "Attention") == n_fused
-    for batch, seed in ((2, 1), (3, 2)):
-        fresh = spec.example_inputs(batch=batch, seed=seed)
-        fresh = tuple(fresh) if isinstance(fresh, (tuple, list)) else (fresh,)
-        feeds = {n: t.numpy() for n, t in zip(spec.input_names, fresh)}
-        got = load(fused).infer(feeds)["output"]
-        np.testing.assert_allclose(got, load(model).infer(feeds)["output"], rtol=1e-5, atol=1e-5)
-        with torch.no_grad():
-            np.testing.assert_allclose(got, module(*fresh).numpy(), rtol=1e-4, atol=1e-5)
+    assert_spec_fusion_preserves_outputs(spec, module, model, fused)
 
 
 # ----------------------------------------------------------------------------- transformers (third-party proof)
