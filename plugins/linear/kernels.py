@@ -206,18 +206,31 @@ def _linear_global(
 
 
 @triton.jit
+def _linear_causal_contiguous(
+    Q, K, V, DECAY, O, heads, seq_len,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SCALE: tl.constexpr, EPS: tl.constexpr,
+    FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """:func:`linear_causal_kernel` on contiguous ``[B, H, N, D]`` tensors (TensorRT's layout)."""
+    tokens = seq_len.to(tl.int64)
+    linear_causal_kernel(
+        Q, K, V, DECAY, O, heads, seq_len, HEAD_DIM, VALUE_DIM, SCALE, EPS,
+        heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM, heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM,
+        heads * tokens * VALUE_DIM, tokens * VALUE_DIM, VALUE_DIM, heads * tokens * VALUE_DIM, tokens * VALUE_DIM,
+        VALUE_DIM, FEATURE, NORMALIZE, HAS_DECAY, CHUNK, BLOCK_D, BLOCK_DV, PRECISION)
+
+
+@triton.jit
 def linear_causal_trt(
     Q, K, V, heads, seq_len, O,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SCALE: tl.constexpr, EPS: tl.constexpr,
     FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    tokens = seq_len.to(tl.int64)
-    linear_causal_kernel(
-        Q, K, V, Q, O, heads, seq_len, HEAD_DIM, VALUE_DIM, SCALE, EPS,
-        heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM, heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM,
-        heads * tokens * VALUE_DIM, tokens * VALUE_DIM, VALUE_DIM, heads * tokens * VALUE_DIM, tokens * VALUE_DIM,
-        VALUE_DIM, FEATURE, NORMALIZE, False, CHUNK, BLOCK_D, BLOCK_DV, PRECISION)
+    # No decay input: Q stands in for the DECAY pointer, which HAS_DECAY=False never reads.
+    _linear_causal_contiguous(Q, K, V, Q, O, heads, seq_len, HEAD_DIM, VALUE_DIM, SCALE, EPS, FEATURE, NORMALIZE,
+                              False, CHUNK, BLOCK_D, BLOCK_DV, PRECISION)
 
 
 @triton.jit
@@ -227,12 +240,8 @@ def linear_causal_decay_trt(
     FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    tokens = seq_len.to(tl.int64)
-    linear_causal_kernel(
-        Q, K, V, DECAY, O, heads, seq_len, HEAD_DIM, VALUE_DIM, SCALE, EPS,
-        heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM, heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM,
-        heads * tokens * VALUE_DIM, tokens * VALUE_DIM, VALUE_DIM, heads * tokens * VALUE_DIM, tokens * VALUE_DIM,
-        VALUE_DIM, FEATURE, NORMALIZE, True, CHUNK, BLOCK_D, BLOCK_DV, PRECISION)
+    _linear_causal_contiguous(Q, K, V, DECAY, O, heads, seq_len, HEAD_DIM, VALUE_DIM, SCALE, EPS, FEATURE,
+                              NORMALIZE, True, CHUNK, BLOCK_D, BLOCK_DV, PRECISION)
 
 
 @triton.jit
