@@ -203,6 +203,10 @@ def _dims(shape) -> str:
 @click.option("--family", "families", multiple=True,
               help="Only run these fusion passes (repeatable); default: all.")
 @click.option("--no-fuse", is_flag=True, help="Skip the fusion passes.")
+@click.option("--lower", "lower", multiple=True, type=click.Choice(["agent", "linear"]),
+              help="Emit standard ONNX ops for this family instead of an attnc node (repeatable): agent "
+                   "attention as two Attention nodes, lightning attention as LinearAttention. TensorRT "
+                   "then runs native layers, no plugin.")
 @click.option("--prune-heads", metavar="RATIO|COUNT",
               help="Prune attention heads: a ratio in (0, 1) (0.25) or a number of heads (4).")
 @click.option("--prune-method", type=click.Choice(["activation", "weight"]), default="activation",
@@ -227,7 +231,7 @@ def _dims(shape) -> str:
 @click.option("--fused-ops", type=click.Choice(["plugin", "inline"]), default="plugin", show_default=True,
               help="TensorRT: run fused nodes as attnc plugins, or inline their ONNX function bodies.")
 @_handle_errors
-def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, prune_heads, prune_method,
+def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, lower, prune_heads, prune_method,
                 calibration, token_exit, visual_tokens, exit_layer, exit_gate, min_shapes, opt_shapes,
                 max_shapes, workspace, timing_cache, fused_ops) -> None:
     """Run the pass pipeline on an ONNX model and build a BACKEND artefact in OUT_DIR."""
@@ -239,8 +243,8 @@ def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, prun
                            "max_shapes": list(max_shapes), "fused_ops": fused_ops,
                            "workspace": workspace << 20 if workspace else None, "timing_cache": timing_cache}
     options = CompileOptions(backend=backend, precision=precision, fuse=not no_fuse,
-                             families=list(families) or None, backend_options=backend_options,
-                             prune_heads=prune_heads, prune_method=prune_method, calibration=calibration,
+                             families=list(families) or None, lower=list(lower) or None,
+                             backend_options=backend_options, prune_heads=prune_heads, prune_method=prune_method, calibration=calibration,
                              token_exit=token_exit, visual_tokens=visual_tokens, exit_layer=exit_layer,
                              exit_gate=exit_gate)
     with console.status("compiling") as status:

@@ -41,6 +41,7 @@ class CompileOptions:
     precision: str = "fp32"
     fuse: bool = True
     families: list[str] | None = None  # None: every available fusion pass
+    lower: list[str] | None = None      # families lowered to standard ONNX ops (passes.LOWERINGS)
     backend_options: dict = field(default_factory=dict)
     # Shrink passes (docs/shrink.md); they run before fusion, on the exported graph.
     prune_heads: str | None = None      # a ratio ("0.25") or a head count ("4")
@@ -89,7 +90,7 @@ def compile_model(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     if options.fuse:
         t = time.perf_counter()
         step("running fusion passes")
-        model, reports = passes.fuse_attention(model, options.families)
+        model, reports = passes.fuse_attention(model, options.families, options.lower)
         timings["passes_s"] = time.perf_counter() - t
 
     out_dir = Path(out_dir)
@@ -117,6 +118,7 @@ def compile_model(model_path: str | os.PathLike, out_dir: str | os.PathLike,
             "ops_before": ops_before,
             "ops_after": onnx_io.op_counts(model),
             "passes": [r.to_dict() for r in reports],
+            "lowered": sorted(options.lower or []) if options.fuse else [],
             "shrink": shrink,
             "backend_info": getattr(backend, "describe", lambda _p: {})(artefact),
             "timings": {k: round(v, 4) for k, v in timings.items()},

@@ -28,6 +28,15 @@ FUSION_PASSES = {
 }
 
 
+# family -> the pass's keyword that lowers its matches to standard ONNX ops instead of an attnc
+# node (TensorRT then runs them as native layers, no plugin): agent attention as two opset-23
+# ``Attention`` nodes, lightning attention as one opset-27 ``LinearAttention``.
+LOWERINGS = {
+    "agent": "lower_to_attention",
+    "linear": "lower_lightning_to_onnx",
+}
+
+
 def _load(family: str):
     try:
         return importlib.import_module(FUSION_PASSES[family])
@@ -45,31 +54,48 @@ def available_families() -> list[str]:
     return [f for f in FUSION_PASSES if _load(f) is not None]
 
 
-def find_attention(model: onnx.ModelProto, families: list[str] | None = None) -> list[PassReport]:
+def find_attention(model: onnx.ModelProto, families: list[str] | None = None,
+                   lower: list[str] | None = None) -> list[PassReport]:
     """Report what :func:`fuse_attention` would rewrite (and its near-misses); ``model`` is unchanged.
 
     This is a dry run of the pipeline rather than each pass's ``find`` on the input: a
     subgraph that an earlier pass consumes (agent attention's two softmax stages) is
     not also reported by a later one.
     """
-    return fuse_attention(model, families)[1]
+    return fuse_attention(model, families, lower)[1]
 
 
-def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None
-                   ) -> tuple[onnx.ModelProto, list[PassReport]]:
+def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None,
+                   lower: list[str] | None = None) -> tuple[onnx.ModelProto, list[PassReport]]:
     """Run the fusion passes in order; return the rewritten model and one report per pass.
+
+    Args:
+        model: the model (not modified).
+        families: the passes to run (default: every available one), in ``FUSION_PASSES`` order.
+        lower: families whose matches become standard ONNX ops rather than attnc nodes
+            (``LOWERINGS``); the model's opset is raised to what those ops need.
 
     A near-miss whose anchor node a later pass fused (a plain softmax attention that the
     neighborhood pass looked at and the softmax pass rewrote) is dropped: it was not missed.
     """
+    lower = list(lower or [])
+    unknown = [f for f in lower if f not in LOWERINGS]
+    if unknown:
+        raise AttncError(f"attention family {unknown[0]!r} has no lowering to standard ONNX ops",
+                         f"lower one of {', '.join(LOWERINGS)}")
+    order = families or available_families()
+    skipped = [f for f in lower if f not in order]
+    if skipped:
+        raise AttncError(f"--lower {skipped[0]} asks for a family that is not being fused",
+                         f"add --family {skipped[0]} or drop --lower {skipped[0]}")
     model = named_copy(model)
     attach_function_bodies(model)
     reports = []
-    for family in families or available_families():
+    for family in order:
         module = _load(family)
         if module is None:
             continue
-        model, report = module.apply(model)
+        model, report = module.apply(model, **({LOWERINGS[family]: True} if family in lower else {}))
         log.info("%s: %d rewritten, %d near-misses", family, report.rewritten, len(report.near_misses))
         reports.append(report)
     remaining = {node.name for node in model.graph.node}
@@ -78,5 +104,5 @@ def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None
     return model, reports
 
 
-__all__ = ["FUSION_PASSES", "Match", "NearMiss", "PassReport", "available_families",
+__all__ = ["FUSION_PASSES", "LOWERINGS", "Match", "NearMiss", "PassReport", "available_families",
            "find_attention", "fuse_attention"]

@@ -410,6 +410,88 @@ def _attention_layers(trt, network) -> list:
     return layers
 
 
+def _scale_mul(trt, producers: dict, tensor):
+    """The ``x * scalar`` layer producing ``tensor`` (how the ONNX parser applies ``Attention``'s
+    scale: ``sqrt(scale)`` on Q and on K), or ``None``."""
+    layer = producers.get(tensor.name)
+    if layer is None or layer.type != trt.LayerType.ELEMENTWISE:
+        return None
+    layer.__class__ = trt.IElementWiseLayer
+    if layer.op != trt.ElementWiseOperation.PROD or any(d != 1 for d in layer.get_input(1).shape):
+        return None
+    return layer
+
+
+def _origin(trt, producers: dict, tensor) -> str:
+    """The tensor ``tensor`` reshapes: the parser reshapes 3-D Q/K to 4-D for each node
+    separately, and the builder merges equal reshapes of one tensor like equal products."""
+    layer = producers.get(tensor.name)
+    while layer is not None and layer.type in (trt.LayerType.SHUFFLE, trt.LayerType.IDENTITY):
+        tensor = layer.get_input(0)
+        layer = producers.get(tensor.name)
+    return tensor.name
+
+
+def unshare_attention_scales(trt, network, attention) -> tuple[int, list[str]]:
+    """Rewire attention layers so no scaled Q/K tensor would be shared by two of them.
+
+    Why: TensorRT-RTX 1.7's builder (Myelin) folds a ``x * scalar`` that feeds an attention
+    layer's Q or K into the attention, and breaks when that product has more than one
+    consumer: a SIGSEGV in ``build_serialized_network`` when two attention layers read it,
+    ``MyelinCheckException ... op->input_size()`` when an attention and another layer do
+    (docs/tensorrt.md). The ONNX parser scales Q and K of every ``Attention`` by
+    ``sqrt(scale)``, so two nodes that read the same tensor (agent attention's agent tokens,
+    a shared K in a chain, parallel heads over one Q) get identical multiplies, which the
+    builder merges into one shared product. Scalars commute, so a layer whose product would
+    collide gets both factors on its other input instead (``(q*a)·(k*b)ᵀ = (q*(a*b))·kᵀ``),
+    a product nothing else computes. Layers that collide with nothing are left alone.
+
+    Args:
+        attention: the network's attention layers (:func:`_attention_layers`).
+
+    Returns:
+        How many layers were rewired, and the names of layers whose products still collide
+        (every form already taken; e.g. four attention layers over the same Q and K).
+    """
+    producers = {}
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        for out in range(layer.num_outputs):
+            producers[layer.get_output(out).name] = layer
+    # Keys are conservative: products of the same source with different scales would not
+    # collide, but the scale may be computed (default 1/sqrt(D)), so it is not compared.
+    taken: set[tuple[str, str]] = set()
+    moved, unresolved = 0, []
+    for layer in attention:
+        att = layer.attention
+        muls = [_scale_mul(trt, producers, att.get_input(slot)) for slot in (0, 1)]
+        if None in muls:
+            continue
+        sources = [mul.get_input(0) for mul in muls]
+        origins = [_origin(trt, producers, source) for source in sources]
+        as_parsed = {(origins[0], "parser"), (origins[1], "parser")}
+        if len(as_parsed) == 2 and not as_parsed & taken:
+            taken |= as_parsed
+            continue
+        for keep in (0, 1):
+            key = (origins[keep], "both factors")
+            if key in taken:
+                continue
+            other = 1 - keep
+            factor = network.add_elementwise(muls[keep].get_input(1), muls[other].get_input(1),
+                                             trt.ElementWiseOperation.PROD)
+            scaled = network.add_elementwise(sources[keep], factor.get_output(0), trt.ElementWiseOperation.PROD)
+            scaled.name = f"{att.name}/scale_{'query' if keep == 0 else 'key'}"
+            att.set_input(keep, scaled.get_output(0))
+            att.set_input(other, sources[other])
+            taken.add(key)
+            moved += 1
+            break
+        else:
+            unresolved.append(att.name)
+    return moved, unresolved
+
+
 def build(model_path: str | os.PathLike, out_dir: str | os.PathLike, precision: str = "fp32", *,
           min_shapes=None, opt_shapes=None, max_shapes=None, workspace: int | None = None,
           timing_cache: str | os.PathLike | None = None, fused_ops: str = "plugin",
@@ -429,8 +511,9 @@ def build(model_path: str | os.PathLike, out_dir: str | os.PathLike, precision: 
         optimization_level: builder optimization level 0-5.
         compute_capabilities: TensorRT-RTX targets, e.g. ``["SM89", "SM120"]``; default the
             current GPU, or every supported one when there is none.
-        allow_rtx_cpu_crash: build even where TensorRT-RTX 1.7 is known to segfault (more
-            than one attention layer, no GPU); for checking newer TensorRT-RTX releases.
+        allow_rtx_cpu_crash: build even where TensorRT-RTX 1.7 is known to segfault (attention
+            layers sharing a scaled Q/K that :func:`unshare_attention_scales` cannot separate,
+            no GPU); for checking newer TensorRT-RTX releases.
 
     Writes ``build.log`` (always) and ``engine.json``; a failed build leaves no engine.
 
@@ -464,13 +547,14 @@ def build(model_path: str | os.PathLike, out_dir: str | os.PathLike, precision: 
             raise AttncError(f"TensorRT's ONNX parser rejected the model: {'; '.join(errors[:5])}",
                              f"see {out_dir / BUILD_LOG}; unsupported nodes need a plugin or --backend onnxruntime")
         attention = _attention_layers(trt, network)
-        if len(attention) > 1 and flavour == "tensorrt_rtx" and gpu_name() is None and not allow_rtx_cpu_crash:
-            # Observed with TensorRT-RTX 1.7.1 (pip, CPU-only): any network with two attention
-            # layers (chained or parallel, any precision/target) segfaults in
-            # build_serialized_network. A clear error beats a dead process.
-            raise AttncError(f"TensorRT-RTX {trt.__version__} crashes (SIGSEGV) building a network with "
-                             f"{len(attention)} attention layers on a machine without a GPU",
-                             "build on the target GPU, or pass allow_rtx_cpu_crash=True to try anyway")
+        moved, unresolved = unshare_attention_scales(trt, network, attention)
+        if unresolved and flavour == "tensorrt_rtx" and gpu_name() is None and not allow_rtx_cpu_crash:
+            # Seen on CPU only; a GPU build may fail the same way. A clear error beats a dead process.
+            raise AttncError(f"TensorRT-RTX {trt.__version__} crashes (SIGSEGV) building attention layers "
+                             f"that share a scaled query/key tensor, and attnc could not separate "
+                             f"{', '.join(unresolved)}",
+                             "give those attention layers distinct query or key tensors, build on the "
+                             "target GPU, or pass allow_rtx_cpu_crash=True to try anyway")
         # Lets TensorRT fall back to unfused kernels where no fused attention kernel fits
         # (fp32, small head dims); without it those builds fail in Myelin.
         for layer in attention if decomposable_attention else []:
@@ -515,6 +599,8 @@ def build(model_path: str | os.PathLike, out_dir: str | os.PathLike, precision: 
             "inputs": [_tensor_info(network.get_input(i)) for i in range(network.num_inputs)],
             "outputs": [_tensor_info(network.get_output(i)) for i in range(network.num_outputs)],
             "layers": network.num_layers,
+            "attention_layers": len(attention),
+            "attention_scales_moved": moved,
             "decomposable_attention_layers": decomposed,
             "workspace": workspace,
             "timing_cache": str(timing_cache) if cache is not None else None,

@@ -315,3 +315,25 @@ def test_exit_gate_file_must_be_a_gate(tmp_path):
     result = run("compile", path, "-o", tmp_path / "out", "--token-exit", "dynamic", "--visual-tokens", 16,
                  "--exit-gate", tmp_path / "notgate.npz", ok=False)
     assert_clean_error(result, "not an exit gate")
+
+
+def test_compile_lowers_agent_attention_and_validates(tmp_path):
+    """``--lower agent``: each agent attention becomes two ONNX ``Attention`` nodes (no attnc
+    node left), and the artefact still matches the PyTorch model."""
+    path = tmp_path / "agent.onnx"
+    run("export", "agent-small", "-o", path)
+    out = tmp_path / "lowered"
+    run("compile", path, "-o", out, "--lower", "agent")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["lowered"] == ["agent"]
+    assert manifest["ops_after"].get("Attention") == 2 and "AgentAttention" not in manifest["ops_after"]
+    agent_report = next(r for r in manifest["passes"] if r["family"] == "agent")
+    assert agent_report["rewritten"] == 1
+    run("validate", out, "--model", "agent-small", "--seed", "5")
+    assert json.loads((out / "report.json").read_text())["passed"] is True
+
+
+def test_lowering_a_family_that_is_not_fused_is_an_error(exported, tmp_path):
+    result = run("compile", exported, "-o", tmp_path / "out", "--family", "softmax", "--lower", "agent", ok=False)
+    assert result.exit_code == 2 and "--lower agent" in result.output and "--family agent" in result.output
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

@@ -461,26 +461,144 @@ def test_timing_cache_option(tmp_path):
         assert cache.stat().st_size > 0 and trt_backend.describe(engine)["timing_cache"] == str(cache)
 
 
+def _run_isolated(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a build in its own process: a TensorRT-RTX SIGSEGV fails one test, not the run."""
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode != -11, "TensorRT segfaulted building the engine (see unshare_attention_scales)"
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run
+
+
+_COMPILE_SCRIPT = """
+    import json, sys
+    from attnc.compiler.pipeline import CompileOptions, compile_model
+
+    options = CompileOptions(backend="tensorrt", precision="fp16", **json.loads(sys.argv[3]))
+    compile_model(sys.argv[1], sys.argv[2], options)
+"""
+
+
+@pytest.mark.tensorrt
+def test_shared_scaled_inputs_are_moved_to_the_other_side():
+    """Agent attention reads the agent tokens ``a`` as Q of one ``Attention`` and K of the
+    other; the parser scales both by the same sqrt(scale), which TensorRT-RTX merges into
+    one shared product and then crashes on. The second layer must read ``a`` unscaled."""
+    trt, _ = _trt_or_skip()
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse(trt_backend.prepare_model(agent_model(fused=False), "fp16")[0].SerializeToString())
+    attention = trt_backend._attention_layers(trt, network)
+    assert len(attention) == 2
+    assert trt_backend.unshare_attention_scales(trt, network, attention) == (1, [])
+    first, second = (layer.attention for layer in attention)
+    assert second.get_input(1).name == "a"  # K: the raw input, no product left to share
+    producers = {network.get_layer(i).get_output(0).name: network.get_layer(i) for i in range(network.num_layers)}
+    query = producers[second.get_input(0).name]
+    assert query.type == trt.LayerType.ELEMENTWISE and query.get_input(0).name == "q"
+    factor = producers[query.get_input(1).name]
+    assert factor.type == trt.LayerType.ELEMENTWISE and tuple(factor.get_output(0).shape) == (1, 1, 1, 1)
+    assert first.get_input(0).name != "a" and first.get_input(1).name != "k"  # left as parsed
+
+
 @pytest.mark.tensorrt
 def test_build_agent_attention_lowered_to_two_attention_nodes(tmp_path):
-    """Agent attention as two ``Attention`` layers: TensorRT-RTX 1.7 (no GPU) segfaults on any
-    network with two attention layers, so attnc refuses with an error; the build itself runs
-    in a subprocess so a fixed release turns this test into a real build check."""
+    """Agent attention as two ``Attention`` layers builds (issue #5), and the manifest says so."""
     trt, flavour = _trt_or_skip()
     model_path = _save(agent_model(fused=False), tmp_path / "agent.onnx")
-    if flavour == "tensorrt_rtx" and trt_backend.gpu_name() is None:
-        with pytest.raises(AttncError, match="crashes \\(SIGSEGV\\) building a network with 2 attention layers"):
-            trt_backend.build(model_path, tmp_path / "refused", "fp16", opt_shapes=AGENT)
-        assert not (tmp_path / "refused" / "engine.plan").exists()
-    script = (f"from attnc.compiler.backends import tensorrt as t\n"
-              f"t.build({str(model_path)!r}, {str(tmp_path / 'out')!r}, 'fp16', opt_shapes={AGENT!r}, "
-              f"allow_rtx_cpu_crash=True)\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    if run.returncode == -11:
-        pytest.xfail(f"{flavour} {trt.__version__} segfaults building two attention layers without a GPU")
-    assert run.returncode == 0, run.stderr[-2000:]
-    info = trt_backend.describe(tmp_path / "out" / "engine.plan")
-    assert info["decomposable_attention_layers"] == 2 and info["outputs"][0]["dtype"] == "float16"
+    options = {"fuse": False, "backend_options": {"opt_shapes": [f"{n}:{'x'.join(map(str, s))}"
+                                                                 for n, s in AGENT.items()]}}
+    _run_isolated(_COMPILE_SCRIPT, str(model_path), str(tmp_path / "out"), json.dumps(options))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["artefact"] == "engine.plan" and manifest["backend"] == "tensorrt"
+    assert manifest["ops_after"]["Attention"] == 2
+    info = manifest["backend_info"]
+    assert info["flavour"] == flavour and info["version"] == trt.__version__
+    assert info["attention_layers"] == 2 and info["attention_scales_moved"] == 1
+    assert info["decomposable_attention_layers"] == 2
+    assert [t["name"] for t in info["inputs"]] == ["q", "k", "v", "a"]
+    assert info["outputs"] == [{"name": "o", "dtype": "float16", "shape": [-1, 2, 16, 64]}]
+    assert info["profiles"][0]["a"] == {"min": [1, 2, 4, 64], "opt": [2, 2, 4, 64], "max": [2, 2, 4, 64]}
+    assert (tmp_path / "out" / "engine.plan").stat().st_size == info["engine_bytes"] > 1000
+
+
+def _shared_input_attention_model(layout: str) -> tuple[onnx.ModelProto, int]:
+    """Opset-23 ``Attention`` nodes that share Q or K: ``chained`` (o0 -> Q of the next, one K),
+    ``parallel`` (three over one Q and K), ``3d`` (chained, [B, N, H*D] inputs), ``causal``."""
+    f = TensorProto.FLOAT
+    shape, heads = ([2, 16, 256], {"q_num_heads": 4, "kv_num_heads": 4}) if layout == "3d" else ([2, 4, 16, 64], {})
+    extra = {"is_causal": 1} if layout == "causal" else {}
+    count = 3 if layout == "parallel" else 2
+    nodes = [helper.make_node("Attention", ["q" if layout == "parallel" or i == 0 else f"o{i - 1}", "k", "v"],
+                              [f"o{i}"], name=f"attn{i}", **heads, **extra) for i in range(count)]
+    outputs = [f"o{i}" for i in range(count)] if layout == "parallel" else [f"o{count - 1}"]
+    model = helper.make_model(
+        helper.make_graph(nodes, layout, [helper.make_tensor_value_info(n, f, shape) for n in "qkv"],
+                          [helper.make_tensor_value_info(o, f, shape) for o in outputs]),
+        opset_imports=[helper.make_opsetid("", 23)])
+    return model, count
+
+
+@pytest.mark.tensorrt
+def test_attention_layers_sharing_inputs_build(tmp_path):
+    """Layouts that each crashed TensorRT-RTX 1.7 on CPU before the scales were moved."""
+    _trt_or_skip()
+    layouts = {layout: _shared_input_attention_model(layout) for layout in ("chained", "parallel", "3d", "causal")}
+    for layout, (model, _) in layouts.items():
+        _save(model, tmp_path / f"{layout}.onnx")
+    script = """
+        import sys
+        from attnc.compiler.backends import tensorrt as t
+        for layout in sys.argv[2:]:
+            t.build(f"{sys.argv[1]}/{layout}.onnx", f"{sys.argv[1]}/{layout}", "fp16")
+    """
+    _run_isolated(script, str(tmp_path), *layouts)
+    for layout, (model, count) in layouts.items():
+        info = trt_backend.describe(tmp_path / layout / "engine.plan")
+        assert info["attention_layers"] == count and info["attention_scales_moved"] == count - 1, layout
+        assert len(info["outputs"]) == len(model.graph.output), layout
+
+
+@pytest.mark.tensorrt
+def test_attention_layers_that_cannot_be_separated_are_refused(tmp_path, monkeypatch):
+    """Four layers over one Q and K: every form of the scaled product is taken."""
+    trt, flavour = _trt_or_skip()
+    if flavour != "tensorrt_rtx" or trt_backend.gpu_name() is not None:
+        pytest.skip("the refusal is for TensorRT-RTX without a GPU")
+    monkeypatch.setattr(trt.Builder, "build_serialized_network",
+                        lambda *a: pytest.fail("this build segfaults; attnc must refuse it first"))
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("Attention", ["q", "k", "v"], [f"o{i}"], name=f"attn{i}") for i in range(4)]
+    model = helper.make_model(
+        helper.make_graph(nodes, "four", [helper.make_tensor_value_info(n, f, [2, 4, 16, 64]) for n in "qkv"],
+                          [helper.make_tensor_value_info(f"o{i}", f, [2, 4, 16, 64]) for i in range(4)]),
+        opset_imports=[helper.make_opsetid("", 23)])
+    with pytest.raises(AttncError, match="could not separate attn3"):
+        trt_backend.build(_save(model, tmp_path / "four.onnx"), tmp_path / "out", "fp16")
+    assert not (tmp_path / "out" / "engine.plan").exists()
+
+
+@pytest.mark.tensorrt
+def test_two_layer_mhsa_lowered_by_the_softmax_pass_builds(tmp_path):
+    """A 2-layer transformer: the softmax pass emits two ``Attention`` nodes; both build."""
+    _trt_or_skip()
+    import torch
+
+    from attnc.compiler.export import export_onnx
+    from attnc.models.mhsa import MultiHeadSelfAttention
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(MultiHeadSelfAttention(128, num_heads=2), MultiHeadSelfAttention(128, num_heads=2))
+    path = export_onnx(layers.eval(), [torch.randn(2, 16, 128)], tmp_path / "mhsa2.onnx", exporter="torchscript",
+                       opset=18, input_names=["x"])
+    _run_isolated(_COMPILE_SCRIPT, str(path), str(tmp_path / "out"), json.dumps({"families": ["softmax"]}))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["ops_after"].get("Attention") == 2 and "Softmax" not in manifest["ops_after"]
+    info = manifest["backend_info"]
+    assert info["attention_layers"] == 2 and info["attention_scales_moved"] == 0  # nothing shared
+    assert info["outputs"][0]["dtype"] == "float16" and info["outputs"][0]["shape"] == [2, 16, 128]
 
 
 @pytest.mark.tensorrt
@@ -631,17 +749,19 @@ def test_engines_need_a_gpu_to_load(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
-def test_engine_runs_and_matches_onnxruntime(tmp_path):
-    """On a GPU: the engine's output equals ONNX Runtime's on the same model (fp32)."""
+@pytest.mark.parametrize("name", ["attention", "agent"])
+def test_engine_runs_and_matches_onnxruntime(tmp_path, name):
+    """On a GPU: the engine's output equals ONNX Runtime's on the same model (fp32); for
+    lowered agent attention this checks the moved scale (unshare_attention_scales) too."""
     _trt_or_skip()
     if trt_backend.gpu_name() is None:
         pytest.skip("needs an NVIDIA GPU")
     from attnc.compiler.backends.onnxruntime import OnnxRuntimeRunner
 
-    model = attention_model()
-    engine = trt_backend.build(_save(model, tmp_path / "a.onnx"), tmp_path / "out", "fp32", opt_shapes=QKV)
+    model, shapes = (attention_model(), QKV) if name == "attention" else (agent_model(fused=False), AGENT)
+    engine = trt_backend.build(_save(model, tmp_path / "a.onnx"), tmp_path / "out", "fp32", opt_shapes=shapes)
     rng = np.random.default_rng(0)
-    feeds = {n: rng.standard_normal((2, 4, 16, 64)).astype(np.float32) for n in "qkv"}
+    feeds = {n: rng.standard_normal(shape).astype(np.float32) for n, shape in shapes.items()}
     got = trt_backend.load(engine).infer(feeds)["o"]
     want = OnnxRuntimeRunner(model).infer(feeds)["o"]
     np.testing.assert_allclose(got, want, atol=2e-3, rtol=2e-3)
@@ -711,3 +831,33 @@ def test_cli_compile_with_tensorrt_flags(tmp_path):
                                       "tensorrt", "--opt-shape", "q:2x4x16x64"])
     assert result.exit_code == 2 and "input 'k' has dynamic dims" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("model_name, lower, attention_layers", [
+    ("vit-mhsa-small", [], 2),             # softmax pass -> one Attention per layer
+    ("vit-agent-small", ["agent"], 4),     # agent pass lowered -> two Attention per layer
+])
+def test_cli_compiles_exported_vits_to_engines(tmp_path, model_name, lower, attention_layers):
+    """``attnc export`` + ``attnc compile --backend tensorrt`` on the bundled 2-layer ViTs: every
+    attention reaches TensorRT as a native layer (no plugin), with a dynamic-batch profile."""
+    trt, flavour = _trt_or_skip()
+    model = tmp_path / "model.onnx"
+    attnc = [sys.executable, "-m", "attnc.compiler.cli"]
+    subprocess.run([*attnc, "export", model_name, "-o", str(model)], check=True, capture_output=True, timeout=300)
+    args = [*attnc, "compile", str(model), "-o", str(tmp_path / "out"), "--backend", "tensorrt",
+            "--precision", "fp16", "--opt-shape", "image:2x3x36x36", "--max-shape", "image:4x3x36x36"]
+    for family in lower:
+        args += ["--lower", family]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert run.returncode != -11, "TensorRT segfaulted building the engine (see unshare_attention_scales)"
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["lowered"] == lower
+    assert manifest["ops_after"]["Attention"] == attention_layers
+    assert not [op for op in manifest["ops_after"] if op in ("Softmax", "AgentAttention")]
+    info = manifest["backend_info"]
+    assert info["flavour"] == flavour and info["attention_layers"] == attention_layers
+    assert info["plugins"]["ops"] == []
+    assert info["profiles"] == [{"image": {"min": [1, 3, 36, 36], "opt": [2, 3, 36, 36], "max": [4, 3, 36, 36]}}]
+    assert (tmp_path / "out" / "engine.plan").stat().st_size == info["engine_bytes"]
