@@ -7,8 +7,9 @@ For each fused op at realistic sizes it times attnc's kernel and every peer that
   with a dense boolean/additive mask;
 - KernelLinearAttention: flash-linear-attention's chunk kernels (``chunk_linear_attn``,
   ``chunk_simple_gla`` with ``g_gamma = log λ`` for per-head decay; timings only: fla applies
-  no feature map and normalises its own way), and the op's torch reference eager and
-  ``torch.compile``-d;
+  no feature map and normalises its own way), Lightning Attention-2's kernel
+  (``lightning_attn.ops.triton.lightning_attn2``, slope ``-log λ``) for lightning attention,
+  and the op's torch reference eager and ``torch.compile``-d;
 - FlowAttention, AgentAttention: the op's torch reference, eager and ``torch.compile``-d.
 
 It prints one table of ratios ``peer time / attnc time`` (> 1: attnc is faster) plus attnc's
@@ -121,7 +122,7 @@ def case_neighborhood(cfg, dtype, device):
     try:
         import natten
         heads_last = [t.movedim(1, -2).contiguous() for t in (q, k, v)]       # [B, *grid, H, D]
-        fn = natten.na1d if len(grid) == 1 else natten.na2d
+        fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[len(grid)]
         kwargs = dict(kernel_size=ks if len(ks) > 1 else ks[0], dilation=ds if len(ds) > 1 else ds[0],
                       is_causal=tuple(bool(c) for c in cs) if len(cs) > 1 else bool(cs[0]))
         if rpb is None:  # NATTEN >= 0.20 has no RPB
@@ -159,6 +160,13 @@ def case_linear(cfg, dtype, device):
             else:
                 g_gamma = decay.float().log()
                 peers["fla chunk_simple_gla"] = lambda: chunk_simple_gla(qt, kt, vt, g_gamma=g_gamma, scale=1.0)[0]
+        except ImportError:
+            pass
+    if decay is not None and attrs["feature_map"] == "identity" and not attrs["normalize"]:
+        try:  # Lightning Attention-2's own Triton kernel: the same op, decay exp(-s) per head
+            from lightning_attn.ops.triton import lightning_attn2
+            slope = (-decay.float().log()).contiguous()
+            peers["lightning_attn2"] = lambda: lightning_attn2(q, k, v, slope)
         except ImportError:
             pass
     return ours, peers, ref
@@ -204,6 +212,7 @@ CONFIGS = {
         dict(name="DiNAT 28x28 k7 d2", batch=16, heads=8, grid=(28, 28), dim=32, kernel_size=(7, 7), dilation=(2, 2)),
         dict(name="2-D 64x64 k13 D64", batch=4, heads=4, grid=(64, 64), dim=64, kernel_size=(13, 13)),
         dict(name="1-D 4096 k31 causal D64", batch=4, heads=8, grid=(4096,), dim=64, kernel_size=(31,), is_causal=(1,)),
+        dict(name="3-D video 8x28x28 k3x7x7 D64", batch=2, heads=4, grid=(8, 28, 28), dim=64, kernel_size=(3, 7, 7)),
     ],
     "linear": [
         dict(name="non-causal N4096 D64 elu1", batch=4, heads=8, seq=4096, dim=64, causal=0),
@@ -230,13 +239,90 @@ def _smoke_config(op: str, cfg: dict) -> dict:
         ndim = len(cfg["grid"])
         small["kernel_size"] = tuple(min(k, 5) for k in cfg["kernel_size"])
         dilation = cfg.get("dilation", (1,) * ndim)
-        small["grid"] = tuple(min(g, k * d + (3 if axis == 0 and ndim == 2 else 9))
+        small["grid"] = tuple(min(g, k * d + (3 if axis < ndim - 1 else 9))
                               for axis, (g, k, d) in enumerate(zip(cfg["grid"], small["kernel_size"], dilation)))
     else:
         small["seq"] = 40
     if op == "agent":
         small["agents"] = 8
     return small
+
+
+# ----------------------------------------------------------------------------- work model
+# Achieved throughput = the algorithm's work / attnc's time, against the device's measured
+# ceilings (``measure_ceilings``). FLOPs count a multiply-add as 2 and only the matrix products
+# (exp, normalisers and feature maps are O(N·D) and left out); bytes are the minimum traffic:
+# every input read once and the output written once.
+
+def neighborhood_keys_per_axis(length: int, kernel: int, dilation: int, causal: int) -> int:
+    """Number of (query, key) pairs along one axis: the window is clamped inside each dilation
+    group (of ``n`` tokens), so a non-causal query sees ``min(kernel, n)`` keys and a causal one
+    ``min(p + 1, kernel)`` (``p``: its position in the group)."""
+    total = 0
+    for i in range(length):
+        p, group = i // dilation, i % dilation
+        n = (length - 1 - group) // dilation + 1
+        total += min(p + 1, kernel) if causal else min(kernel, n)
+    return total
+
+
+def work(op: str, cfg: dict, dtype: torch.dtype) -> tuple[int, int]:
+    """(FLOPs, bytes) of one call of ``op`` at ``cfg``; see the comment above for what counts."""
+    size = torch.empty((), dtype=dtype).element_size()
+    b, h, d = cfg["batch"], cfg["heads"], cfg["dim"]
+    if op == "neighborhood":
+        grid = cfg["grid"]
+        ndim = len(grid)
+        pairs = math.prod(neighborhood_keys_per_axis(n, k, dl, c) for n, k, dl, c in zip(
+            grid, cfg["kernel_size"], cfg.get("dilation", (1,) * ndim), cfg.get("is_causal", (0,) * ndim)))
+        tokens = math.prod(grid)
+        rpb = h * math.prod(2 * k - 1 for k in cfg["kernel_size"]) if cfg.get("rpb") else 0
+        return b * h * pairs * 4 * d, (4 * b * h * tokens * d + rpb) * size
+    n = cfg["seq"]
+    io = 4 * b * h * n * d * size
+    if op == "linear":
+        if not cfg["causal"]:   # state φ(K)ᵀV, then φ(Q)·state
+            return b * h * 4 * n * d * d, io
+        chunk = 64              # intra-chunk QKᵀ and PV, inter-chunk Q·S and the state update
+        chunks = math.ceil(n / chunk)
+        return b * h * chunks * (4 * chunk * chunk * d + 4 * chunk * d * d), io
+    if op == "flow":            # KᵀV and Q(KᵀV); causal: the same products, chunked
+        if not cfg.get("causal"):
+            return b * h * 4 * n * d * d, io
+        chunk = 32
+        chunks = math.ceil(n / chunk)
+        return b * h * chunks * (4 * chunk * chunk * d + 4 * chunk * d * d), io
+    if op == "agent":           # agents attend to keys, then queries attend to agents
+        agents = cfg["agents"]
+        bias = 2 * h * agents * n * size if cfg.get("bias") else 0
+        return b * h * 8 * n * agents * d, io + b * h * agents * d * size + bias
+    raise ValueError(f"unknown op {op!r}")
+
+
+def measure_ceilings(dtype: torch.dtype) -> dict:
+    """The device's measured ceilings: a large dense matmul (TFLOP/s) and a device-to-device copy
+    (GB/s, bytes read + written), each the median of ``do_bench``."""
+    import triton.testing
+
+    n = 8192
+    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+    matmul_ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=200)
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=100)
+    del a, b, src, dst
+    torch.cuda.empty_cache()
+    return {"matmul_tflops": 2 * n ** 3 / matmul_ms / 1e9, "copy_gbps": 2 * (1 << 30) / copy_ms / 1e6,
+            "matmul": f"{n}x{n}x{n} {dtype}", "copy": "1 GiB device-to-device"}
+
+
+def achieved(flops: int, nbytes: int, ms: float, ceilings: dict | None) -> dict:
+    """TFLOP/s and GB/s at ``ms``, and their fractions of the ceilings when measured."""
+    row = {"tflops": flops / ms / 1e9, "gbps": nbytes / ms / 1e6}
+    if ceilings:
+        row["tflops_of_peak"] = row["tflops"] / ceilings["matmul_tflops"]
+        row["gbps_of_peak"] = row["gbps"] / ceilings["copy_gbps"]
+    return row
 
 
 # ----------------------------------------------------------------------------- timing
@@ -261,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--dtype", default="fp16", choices=list(DTYPES))
     parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU under the interpreter")
-    parser.add_argument("--no-save", action="store_true", help="do not write results (implied by --smoke)")
+    parser.add_argument("--no-save", action="store_true", help="do not write results")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"folder for the raw results (default {RESULTS}; with --smoke, only when given)")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         print("bench_kernels: no CUDA GPU visible (torch.cuda.is_available() is False); the kernel "
@@ -270,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.smoke else "cuda")
     device_name = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
     dtype = DTYPES[args.dtype]
+    ceilings = None if args.smoke else measure_ceilings(dtype)
+    if ceilings:
+        print(f"ceilings: {ceilings['matmul_tflops']:.0f} TFLOP/s ({ceilings['matmul']}), "
+              f"{ceilings['copy_gbps']:.0f} GB/s ({ceilings['copy']})", flush=True)
     rows = []
     for op in args.ops:
         for cfg in CONFIGS[op]:
@@ -280,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                 ours, peers, ref = CASES[op](cfg, dtype, device)
                 row = {"op": op, "config": cfg, "attnc_ms": _time(ours, args.smoke), "peers_ms": {},
                        "attnc_rel_err": None}
+                flops, nbytes = work(op, cfg, dtype)
+                row.update(flops=flops, bytes=nbytes, achieved=achieved(flops, nbytes, row["attnc_ms"], ceilings))
                 try:
                     row["attnc_rel_err"] = _rel_err(ours(), ref())
                 except (RuntimeError, MemoryError) as exc:  # float64 reference too big for the device
@@ -296,14 +390,15 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     _print_table(rows, device_name, args.dtype)
-    if not args.no_save and not args.smoke:
-        RESULTS.mkdir(parents=True, exist_ok=True)
+    if not args.no_save and (args.out is not None or not args.smoke):
+        args.out = args.out or RESULTS
+        args.out.mkdir(parents=True, exist_ok=True)
         now = datetime.datetime.now(datetime.timezone.utc)
         slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower()
-        path = RESULTS / f"kernels-{slug}-{args.dtype}-{now:%Y%m%d-%H%M%S}.json"
+        path = args.out / f"kernels-{slug}-{args.dtype}-{now:%Y%m%d-%H%M%S}.json"
         meta = {"device": device_name, "date": now.isoformat(), "dtype": args.dtype, "smoke": args.smoke,
                 "torch": torch.__version__, "python": platform.python_version(),
-                "cuda": torch.version.cuda}
+                "cuda": torch.version.cuda, "ceilings": ceilings}
         try:
             import triton
             meta["triton"] = triton.__version__
@@ -316,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_table(rows: list[dict], device_name: str, dtype: str) -> None:
     print(f"\n{device_name}, {dtype}: peer time / attnc time (> 1: attnc faster)")
-    header = f"{'op':<13}{'config':<30}{'attnc ms':>10}{'rel err':>10}  peers"
+    header = f"{'op':<13}{'config':<30}{'attnc ms':>10}{'rel err':>10}{'TFLOP/s':>14}{'GB/s':>12}  peers"
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -327,7 +422,10 @@ def _print_table(rows: list[dict], device_name: str, dtype: str) -> None:
         err = "-" if r["attnc_rel_err"] is None else f"{r['attnc_rel_err']:.1e}"
         ours = r["attnc_ms"]
         peers = ", ".join(f"{p} " + ("n/a" if t is None else f"{t / ours:.2f}x") for p, t in r["peers_ms"].items())
-        print(f"{r['op']:<13}{name:<30}{r['attnc_ms']:>10.3f}{err:>10}  {peers}")
+        ach = r["achieved"]
+        tflops = f"{ach['tflops']:.1f}" + (f" ({ach['tflops_of_peak']:.0%})" if "tflops_of_peak" in ach else "")
+        gbps = f"{ach['gbps']:.0f}" + (f" ({ach['gbps_of_peak']:.0%})" if "gbps_of_peak" in ach else "")
+        print(f"{r['op']:<13}{name:<30}{r['attnc_ms']:>10.3f}{err:>10}{tflops:>14}{gbps:>12}  {peers}")
 
 
 if __name__ == "__main__":

@@ -88,14 +88,16 @@ def cdiv(a, b):
 
 def neighborhood_grid(batch: int, heads: int, grid: Sequence[int], dilation: Sequence[int],
                       block: Sequence[int]) -> tuple[int, int, int]:
-    """Programs of the neighborhood kernel for a 2-D token grid (1-D grids are ``(1, L)``).
+    """Programs of the neighborhood kernel for a 3-D token grid ``X x Y x Z`` (1-D grids are
+    ``1 x 1 x L``, 2-D grids ``1 x X x Y``).
 
-    Axis 0 walks ``batch * heads``; axes 1 and 2 walk, per grid axis, every dilation group
-    ``g < d`` times the query tiles of its sub-grid (``ceil(ceil(L / d) / block)`` tiles, the
-    count for the longest group; programs past a shorter group's end return at once).
+    Per grid axis, every dilation group ``g < d`` times the query tiles of its sub-grid
+    (``ceil(ceil(L / d) / block)`` tiles, the count for the longest group; programs past a shorter
+    group's end return at once). Axis 0 walks ``batch * heads``, axis 1 the x and y tiles (x
+    major), axis 2 the z tiles.
     """
     tiles = [dil * cdiv(cdiv(length, dil), b) for length, dil, b in zip(grid, dilation, block)]
-    return (batch * heads, tiles[0], tiles[1])
+    return (batch * heads, tiles[0] * tiles[1], tiles[2])
 
 
 def rows_grid(batch: int, heads: int, rows: int, block_rows: int, cols: int = 1,
@@ -152,6 +154,37 @@ def default_arch() -> int:
         major, minor = torch.cuda.get_device_capability()
         return major * 10 + minor
     return 90
+
+
+#: Dynamic shared memory a launch gets without ``cudaFuncSetAttribute(MaxDynamicSharedMemorySize)``,
+#: which TensorRT's AOT plugin launch (``KernelLaunchParams.shared_mem``) is not known to call.
+SHARED_MEMORY_NO_OPT_IN = 48 * 1024
+#: Shared memory one block may opt in to, per architecture (CUDA C++ Programming Guide, "Technical
+#: Specifications per Compute Capability"): the limit of the PyTorch path, whose launcher opts in.
+SHARED_MEMORY_OPT_IN = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def resource_usage(compiled) -> dict[str, int]:
+    """Per-launch resources of a compiled kernel, read without a GPU.
+
+    Returns:
+        ``shared`` (bytes of dynamic shared memory, from triton's metadata), ``num_warps``,
+        ``registers`` (per thread) and ``stack`` (bytes of local stack frame per thread: register
+        spills, since triton's kernels have no local arrays), the last two from
+        ``cuobjdump --dump-resource-usage`` (bundled with triton) of the cubin.
+    """
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        dump = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
+                              capture_output=True, text=True, check=True).stdout
+    line = next(line for line in dump.splitlines() if "REG:" in line)   # " REG:40 STACK:0 SHARED:0 LOCAL:0 ..."
+    fields = dict(item.split(":", 1) for item in line.split() if ":" in item)
+    return {"shared": int(compiled.metadata.shared), "num_warps": int(compiled.metadata.num_warps),
+            "registers": int(fields["REG"]), "stack": int(fields["STACK"])}
 
 
 def aot_kernel(spec: KernelSpec, grid, scalars, arch: int | None = None):
@@ -232,7 +265,7 @@ def check_inputs(*tensors: torch.Tensor | None) -> None:
 
 LOG2E = math.log2(math.e)
 
-__all__ = ["AOT_ARCHS", "DTYPE_NAMES", "KernelSpec", "LOG2E", "POINTER_TYPES", "agent_grid", "aot_kernel",
-           "arch_supports", "block_dim", "cdiv", "check_inputs", "compile_for", "compile_spec", "default_arch",
-           "dot", "dot_precision", "interpret_mode", "neighborhood_grid", "next_power_of_2", "per_head_grid",
-           "rows_grid"]
+__all__ = ["AOT_ARCHS", "DTYPE_NAMES", "KernelSpec", "LOG2E", "POINTER_TYPES", "SHARED_MEMORY_NO_OPT_IN",
+           "SHARED_MEMORY_OPT_IN", "agent_grid", "aot_kernel", "arch_supports", "block_dim", "cdiv", "check_inputs",
+           "compile_for", "compile_spec", "default_arch", "dot", "dot_precision", "interpret_mode",
+           "neighborhood_grid", "next_power_of_2", "per_head_grid", "resource_usage", "rows_grid"]

@@ -313,6 +313,29 @@ def flow_blocks(head_dim: int, value_dim: int) -> dict[str, int]:
     return {"BLOCK_N": 64, "CHUNK": 32, "BLOCK_D": block_dim(head_dim), "BLOCK_DV": min(64, block_dim(value_dim))}
 
 
+def flow_trt_config(causal: bool, dtype: torch.dtype, head_dim: int, value_dim: int) -> dict[str, int]:
+    """Tiles, ``num_warps`` and ``num_stages`` of the TensorRT kernels (one launch, no opt-in to
+    more than 48 KB of shared memory).
+
+    The causal kernel holds seven ``[CHUNK, D]`` fp32 products, five running sums and the
+    ``[D, BLOCK_DV]`` state at once; fp32 inputs multiply on CUDA cores, whose ``tl.dot`` holds
+    whole operand rows in registers. Measured on sm_86 with 32-token chunks/blocks and two
+    stages: fp32 took 49-98 KB of shared memory from head dim 64 on, and both kernels spilled
+    registers at head dim 128 in every dtype. Hence 16-token chunks, one stage and 8 warps for
+    the causal kernel (fewer value columns per program in fp32), 16-token blocks and one stage for
+    the non-causal one in fp32.
+    """
+    wide = max(head_dim, value_dim) > 64
+    half = dtype != torch.float32
+    config = {"BLOCK_D": block_dim(head_dim), "BLOCK_DV": min(64 if half else 16 if wide else 32,
+                                                                block_dim(value_dim))}
+    if causal:
+        return {**config, "CHUNK": 16, "num_warps": 8, "num_stages": 1}
+    if half:
+        return {**config, "BLOCK_N": 32, "num_warps": 8 if wide else 4, "num_stages": 2}
+    return {**config, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
+
+
 def flow_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: int = 0,
                  eps: float = 1e-6) -> torch.Tensor:
     """Flow attention with the Triton kernels (four passes; causal: one chunked pass).
@@ -405,7 +428,7 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
     eps = attrs.get("eps")
     torch_dtype = _NUMPY_DTYPES[dtypes[0]]
     ptr = POINTER_TYPES[torch_dtype]
-    blocks = flow_blocks(head_dim, value_dim)
+    blocks = flow_trt_config(causal, torch_dtype, head_dim, value_dim)
     constexprs = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, EPS=float(1e-6 if eps is None else eps),
                       BLOCK_D=blocks["BLOCK_D"], BLOCK_DV=blocks["BLOCK_DV"], PRECISION=dot_precision(torch_dtype))
     signature = {"Q": ptr, "K": ptr, "V": ptr, "heads": "i32", "length": "i32"}
@@ -414,12 +437,10 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
         constexprs["CHUNK"] = blocks["CHUNK"]
     else:
         kernel = flow_global_trt
-        # 32-token blocks: 64 took 49408 B of shared memory in fp32, over the 48 KB a launch gets
-        # without opting in, which TensorRT's AOT launch is not known to do.
-        constexprs["BLOCK_N"] = 32
+        constexprs["BLOCK_N"] = blocks["BLOCK_N"]
         signature["sources"] = "i32"
     signature["O"] = ptr
-    spec = KernelSpec(kernel, signature, constexprs)
+    spec = KernelSpec(kernel, signature, constexprs, num_warps=blocks["num_warps"], num_stages=blocks["num_stages"])
 
     def grid(output_shapes):
         out = output_shapes[0]
@@ -463,4 +484,4 @@ def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
 
 
 __all__ = ["aot_specs", "flow_blocks", "flow_causal_kernel", "flow_causal_trt", "flow_forward", "flow_global_trt",
-           "flow_kv_kernel", "flow_output_kernel", "flow_reduce_kernel", "kernel_for", "trt_launch"]
+           "flow_trt_config", "flow_kv_kernel", "flow_output_kernel", "flow_reduce_kernel", "kernel_for", "trt_launch"]

@@ -279,6 +279,28 @@ def linear_blocks(head_dim: int, value_dim: int) -> dict[str, int]:
             "BLOCK_DV": min(64, block_dim(value_dim))}
 
 
+def linear_trt_config(causal: bool, dtype: torch.dtype, head_dim: int, value_dim: int) -> dict[str, int]:
+    """Tiles, ``num_warps`` and ``num_stages`` of the TensorRT kernels (one launch, no opt-in to
+    more than 48 KB of shared memory).
+
+    The ``[D, BLOCK_DV]`` fp32 state lives in registers next to the chunk's operands; fp32 inputs
+    multiply on CUDA cores, whose ``tl.dot`` holds whole operand rows in registers. Measured on
+    sm_86 with the PyTorch path's tiles (64-token chunks/blocks, two stages): fp32 took 45-115 KB
+    of shared memory with register spills from head dim 64 on, fp16 spilled at head dim 128.
+    Hence 16-token chunks, one stage and 8 warps for fp32 and wide causal heads, and
+    16 value columns per program for fp32 past head dim 64.
+    """
+    wide = max(head_dim, value_dim) > 64
+    half = dtype != torch.float32
+    config = {"BLOCK_D": block_dim(head_dim), "BLOCK_DV": min(64 if half or not wide else 16, block_dim(value_dim))}
+    if causal:
+        chunk, stages = (32, 2) if half and not wide else (16, 1)
+        return {**config, "CHUNK": chunk, "num_warps": 4 if half and not wide else 8, "num_stages": stages}
+    if wide:
+        return {**config, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    return {**config, "BLOCK_N": 64, "num_warps": 4 if half else 8, "num_stages": 2}
+
+
 def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None = None, *,
                    feature_map: str = "elu1", causal: int = 0, normalize: int = 1, eps: float = 1e-6,
                    scale: float = 1.0) -> torch.Tensor:
@@ -368,7 +390,7 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
     eps, scale = attrs.get("eps"), attrs.get("scale")
     torch_dtype = _NUMPY_DTYPES[dtypes[0]]
     ptr = POINTER_TYPES[torch_dtype]
-    blocks = linear_blocks(head_dim, value_dim)
+    blocks = linear_trt_config(causal, torch_dtype, head_dim, value_dim)
     constexprs = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, SCALE=float(1.0 if scale is None else scale),
                       EPS=float(1e-6 if eps is None else eps), FEATURE=FEATURE_MAP_IDS[feature_map],
                       NORMALIZE=bool(1 if normalize is None else normalize), BLOCK_D=blocks["BLOCK_D"],
@@ -384,14 +406,12 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
         signature["DECAY"] = POINTER_TYPES[_NUMPY_DTYPES[decay_dtype]]
     if causal:
         kernel = linear_causal_decay_trt if has_decay else linear_causal_trt
-        # 32-token chunks: 64 took 64 KB (fp16) / 80 KB (fp32) of shared memory on sm_90, over the
-        # 48 KB a launch gets without opting in, which TensorRT's AOT launch is not known to do.
-        constexprs["CHUNK"] = 32
+        constexprs["CHUNK"] = blocks["CHUNK"]
     else:
         kernel = linear_global_decay_trt if has_decay else linear_global_trt
         constexprs["BLOCK_N"] = blocks["BLOCK_N"]
     signature.update(heads="i32", seq_len="i32", O=ptr)
-    spec = KernelSpec(kernel, signature, constexprs)
+    spec = KernelSpec(kernel, signature, constexprs, num_warps=blocks["num_warps"], num_stages=blocks["num_stages"])
 
     def grid(output_shapes):
         out = output_shapes[0]
@@ -427,4 +447,4 @@ def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
 
 __all__ = ["FEATURE_MAP_IDS", "aot_specs", "kernel_for", "linear_blocks", "linear_causal_decay_trt",
            "linear_causal_kernel", "linear_causal_trt", "linear_forward", "linear_global_decay_trt",
-           "linear_global_trt", "linear_output_kernel", "linear_state_kernel", "trt_launch"]
+           "linear_global_trt", "linear_output_kernel", "linear_state_kernel", "linear_trt_config", "trt_launch"]

@@ -17,6 +17,8 @@ Reproduce a failure with the seed in its message: ``ATTNC_KERNEL_SEED=<seed>``.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 import os
@@ -141,6 +143,12 @@ NA_CASES = [
     dict(grid=(6, 21), ks=(3, 19), dil=(1, 1), causal=(0, 0), rpb=True, d=16, dtype="fp16"),  # 64-wide key blocks
     dict(grid=(9, 11), ks=(3, 5), dil=(2, 1), causal=(0, 1), rpb=True, d=32, dtype="fp16", entry="tensorrt"),
     dict(grid=(29,), ks=(5,), dil=(2,), causal=(1,), rpb="shared", d=40, dtype="bf16", entry="tensorrt"),
+    # 3-D grids: odd sizes, odd windows, dilation and causal axes mixed, per-head and shared RPB.
+    dict(grid=(3, 5, 7), ks=(3, 3, 5), dil=(1, 1, 1), causal=(0, 0, 0), rpb=True, d=24, dtype="fp32"),
+    dict(grid=(5, 6, 11), ks=(3, 3, 3), dil=(1, 2, 3), causal=(1, 0, 1), rpb=False, d=40, dtype="fp16"),
+    dict(grid=(4, 7, 9), ks=(3, 3, 3), dil=(1, 2, 1), causal=(0, 1, 0), rpb="shared", d=20, dtype="bf16"),
+    dict(grid=(3, 5, 7), ks=(3, 3, 5), dil=(1, 1, 1), causal=(0, 0, 1), rpb=True, d=16, dtype="fp16",
+         entry="tensorrt"),
 ]
 LINEAR_CASES = [
     dict(n=37, d=32, dv=48, feature_map="elu1", causal=0, normalize=1, decay=False, dtype="fp32"),
@@ -187,11 +195,11 @@ def random_case(op: str, rng: np.random.Generator) -> dict:
     """One more case per run with attributes drawn from the seed (small sizes: the interpreter)."""
     dtype = str(rng.choice(list(DTYPES)))
     if op == "neighborhood":
-        ndim = int(rng.integers(1, 3))
-        ks = tuple(int(rng.choice([1, 3, 5, 7])) for _ in range(ndim))
+        ndim = int(rng.integers(1, 4))
+        ks = tuple(int(rng.choice([1, 3, 5, 7] if ndim < 3 else [1, 3])) for _ in range(ndim))
         dil = tuple(int(rng.integers(1, 3)) for _ in range(ndim))
-        # 2-D: the interpreter pays per program and per key row, so keep the first axis short.
-        grid = tuple(int(k * d + rng.integers(0, 12 if ndim == 1 or axis else 3))
+        # The interpreter pays per program and per key row, so keep the leading axes short.
+        grid = tuple(int(k * d + rng.integers(0, 12 if axis == ndim - 1 else 3))
                      for axis, (k, d) in enumerate(zip(ks, dil)))
         causal = tuple(int(rng.integers(0, 2)) for _ in range(ndim))
         return dict(grid=grid, ks=ks, dil=dil, causal=causal, rpb=bool(rng.integers(0, 2)),
@@ -343,72 +351,95 @@ def _interpret_main(op: str) -> None:
         print(json.dumps(record), flush=True)
 
 
+# TensorRT kernels compiled by the AOT test, through the provider TensorRT's plugin code calls:
+# (op_type, attrs, input shapes for head dim d). Every shape class each provider has a separate
+# kernel or launch configuration for; ATTNC_KERNEL_HEAD_DIMS (default "128", the largest blocks,
+# hence the most shared memory and registers) picks the head dims, e.g. "32,64,96,128".
+TRT_CASES = [
+    ("NeighborhoodAttention", dict(kernel_size=[7, 7], dilation=[1, 1], is_causal=[0, 0]),
+     lambda d: [[None, 4, 56, 56, d]] * 3 + [[4, 13, 13]]),
+    ("NeighborhoodAttention", dict(kernel_size=[7], dilation=[2], is_causal=[1]), lambda d: [[None, 4, None, d]] * 3),
+    ("NeighborhoodAttention", dict(kernel_size=[3, 3, 5], dilation=[1, 2, 1], is_causal=[0, 0, 1]),
+     lambda d: [[None, 4, 8, 16, 16, d]] * 3 + [[1, 5, 5, 9]]),
+    ("AgentAttention", {"scale": 0.0},
+     lambda d: [[None, 6, 197, d]] * 3 + [[None, 6, 49, d], [1, 6, 49, 197], [1, 6, 197, 49]]),
+    ("AgentAttention", {"scale": 0.0}, lambda d: [[None, 6, 197, d]] * 3 + [[None, 6, 49, d]]),
+    ("KernelLinearAttention", dict(feature_map="elu1", causal=1, normalize=1, eps=1e-6, scale=1.0),
+     lambda d: [[None, 8, None, d]] * 3 + [[8]]),
+    ("KernelLinearAttention", dict(feature_map="relu", causal=0, normalize=1, eps=1e-6, scale=0.125),
+     lambda d: [[None, 8, None, d]] * 3),
+    ("FlowAttention", dict(causal=1, eps=1e-6), lambda d: [[None, 8, None, d]] * 3),
+    ("FlowAttention", dict(causal=0, eps=1e-6), lambda d: [[None, 8, None, d]] * 3),
+]
+
+
 def _aot_main(arch: int) -> None:
-    """Child process (no TRITON_INTERPRET): compile every kernel spec for ``arch``, all dtypes."""
+    """Child process (no TRITON_INTERPRET): compile every kernel spec for ``arch``, all dtypes, and
+    every TensorRT kernel; one record per build with its resources (shared memory, registers,
+    stack bytes, against ``shared_limit``)."""
     from attnc.plugins import kernels_common
     from attnc.plugins.agent import kernels as agent
     from attnc.plugins.flow import kernels as flow
     from attnc.plugins.linear import kernels as linear
     from attnc.plugins.neighborhood import kernels as neighborhood
+    from attnc.compiler.backends.tensorrt_plugins import ptx_param_count
 
+    providers = {"NeighborhoodAttention": neighborhood, "AgentAttention": agent, "KernelLinearAttention": linear,
+                 "FlowAttention": flow}
+    head_dims = [int(d) for d in os.environ.get("ATTNC_KERNEL_HEAD_DIMS", "128").split(",")]
     for dtype in ("fp16", "fp32", "bf16"):
         if not kernels_common.arch_supports(arch, dtype):
             continue
+        # The PyTorch path's kernels: its launcher opts in to more than 48 KB, up to the arch's limit.
         for module in (neighborhood, linear, flow, agent):
             for spec in module.aot_specs(dtype):
                 start = time.perf_counter()
-                record = {"arch": arch, "dtype": dtype, "kernel": spec.name,
-                          "constexprs": {k: v for k, v in spec.constexprs.items() if not k.startswith("BLOCK")}}
+                record = {"arch": arch, "dtype": dtype, "kernel": spec.name, "shared_limit":
+                          kernels_common.SHARED_MEMORY_OPT_IN[arch], "config": _config(spec)}
                 try:
                     compiled = kernels_common.compile_spec(spec, arch)
                     record["ptx"] = len(compiled.asm.get("ptx", ""))
                     record["cubin"] = len(compiled.asm.get("cubin", b""))
-                    record["shared"] = compiled.metadata.shared
                     record["ptx_target"] = next((line.split()[1] for line in compiled.asm["ptx"].splitlines()
                                                  if line.startswith(".target")), None)
+                    record.update(kernels_common.resource_usage(compiled))
                 except Exception as exc:
                     record["exception"] = f"{type(exc).__name__}: {exc}"[-3000:]
                 record["seconds"] = round(time.perf_counter() - start, 2)
                 print(json.dumps(record), flush=True)
-        # The TensorRT entry points, through the provider TensorRT's plugin code calls.
-        from attnc.compiler.backends.tensorrt_plugins import ptx_param_count
+        # The TensorRT entry points, through the provider TensorRT's plugin code calls; no opt-in there.
         numpy_dtype = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}[dtype]
-        agent_deit = [[None, 6, 197, 64]] * 3 + [[None, 6, 49, 64], [1, 6, 49, 197], [1, 6, 197, 49]]
-        for module, op_type, attrs, shapes in [
-            (neighborhood, "NeighborhoodAttention", dict(kernel_size=[7, 7], dilation=[1, 1], is_causal=[0, 0]),
-             [[None, 4, 56, 56, 32]] * 3 + [[4, 13, 13]]),
-            (neighborhood, "NeighborhoodAttention", dict(kernel_size=[7], dilation=[2], is_causal=[1]),
-             [[None, 4, None, 64]] * 3),
-            (agent, "AgentAttention", {"scale": 0.0}, agent_deit),
-            (agent, "AgentAttention", {"scale": 0.0}, agent_deit[:4]),
-            (linear, "KernelLinearAttention", dict(feature_map="elu1", causal=1, normalize=1, eps=1e-6, scale=1.0),
-             [[None, 8, None, 64]] * 3 + [[8]]),
-            (linear, "KernelLinearAttention", dict(feature_map="relu", causal=0, normalize=1, eps=1e-6, scale=0.125),
-             [[None, 8, None, 64]] * 3),
-            (flow, "FlowAttention", dict(causal=1, eps=1e-6), [[None, 8, None, 64]] * 3),
-            (flow, "FlowAttention", dict(causal=0, eps=1e-6), [[None, 8, None, 64]] * 3),
-        ]:
-            if module in (linear, flow) and dtype != "fp16" and arch != 90:
-                continue  # ~5 s per dtype and arch: fp16 everywhere, the other dtypes on sm_90 only
+        for (op_type, attrs, shapes_for), head_dim in itertools.product(TRT_CASES, head_dims):
+            module, shapes = providers[op_type], shapes_for(head_dim)
             start = time.perf_counter()
-            record = {"arch": arch, "dtype": dtype, "kernel": f"kernel_for({op_type})", "constexprs": attrs}
+            record = {"arch": arch, "dtype": dtype, "kernel": f"kernel_for({op_type})", "head_dim": head_dim,
+                      "shared_limit": kernels_common.SHARED_MEMORY_NO_OPT_IN}
             try:
                 # KernelLinearAttention's decay is float32 in every model (the op's contract).
                 dtypes = [numpy_dtype] * 3 + ["float32" if op_type == "KernelLinearAttention" else numpy_dtype
                                               ] * (len(shapes) - 3)
-                aot = module.kernel_for(op_type, attrs, dtypes, shapes, arch)
+                spec, _, _ = module.trt_launch(attrs, dtypes, shapes)
+                record["config"] = {**attrs, **_config(spec)}
+                record.update(kernels_common.resource_usage(kernels_common.compile_spec(spec, arch)))
+                aot = module.kernel_for(op_type, attrs, dtypes, shapes, arch)   # the same build: triton's cache
                 # TensorRT passes inputs + int32 scalars + 1 output; Triton's 2 scratch pointers stay unused.
                 expected = len(shapes) + len(aot.scalars(shapes)) + 1
                 record["params"] = ptx_param_count(aot.ptx, aot.name) - 2 == expected
-                if module in (linear, flow):  # no opt-in to more than 48 KB of shared memory in TensorRT's launch
-                    record["shared_ok"] = aot.shared_mem <= 48 * 1024
-                record["ptx"], record["cubin"], record["shared"] = len(aot.ptx), None, aot.shared_mem  # PTX only
+                record["ptx"], record["cubin"] = len(aot.ptx), None  # TensorRT takes PTX only
                 record["ptx_target"] = next(line.split()[1] for line in aot.ptx.splitlines()
                                             if line.startswith(".target"))
             except Exception as exc:
                 record["exception"] = f"{type(exc).__name__}: {exc}"[-3000:]
             record["seconds"] = round(time.perf_counter() - start, 2)
             print(json.dumps(record), flush=True)
+
+
+def _config(spec) -> dict:
+    """The launch configuration of a build, for failure messages (no pointers/dims)."""
+    keep = ("BLOCK_N", "BLOCK_M", "BLOCK_A", "BLOCK_K", "BLOCK_D", "BLOCK_DV", "CHUNK", "BX", "BY", "BZ",
+            "KX", "KY", "KZ", "HAS_RPB", "PRECISION")
+    return {**{k: v for k, v in spec.constexprs.items() if k in keep}, "num_warps": spec.num_warps,
+            "num_stages": spec.num_stages}
 
 
 def _child(args: list[str], interpret: bool, timeout: float = 900) -> list[dict]:
@@ -426,26 +457,27 @@ def _child(args: list[str], interpret: bool, timeout: float = 900) -> list[dict]
 # ----------------------------------------------------------------------------- tests: launch grids
 
 @pytest.mark.parametrize("grid, dilation, block", [
-    ((1, 37), (1, 2), (1, 64)), ((9, 11), (2, 1), (4, 16)), ((10, 9), (3, 2), (4, 16)),
-    ((1, 200), (1, 7), (1, 64)), ((33, 5), (5, 5), (4, 16)),
+    ((1, 1, 37), (1, 1, 2), (1, 1, 64)), ((1, 9, 11), (1, 2, 1), (1, 4, 16)), ((1, 10, 9), (1, 3, 2), (1, 4, 16)),
+    ((1, 1, 200), (1, 1, 7), (1, 1, 64)), ((1, 33, 5), (1, 5, 5), (1, 4, 16)), ((3, 5, 7), (1, 1, 1), (2, 4, 8)),
+    ((7, 10, 9), (3, 2, 2), (2, 4, 8)), ((5, 6, 11), (2, 3, 1), (1, 4, 8)),
 ])
 def test_neighborhood_grid_covers_every_query_once(grid, dilation, block):
     from attnc.plugins.kernels_common import neighborhood_grid
 
     launch = neighborhood_grid(2, 3, grid, dilation, block)
     assert launch[0] == 6
-    seen = {}
-    for axis in range(2):
-        length, d, b = grid[axis], dilation[axis], block[axis]
-        tiles = math.ceil(math.ceil(length / d) / b)
-        covered = []
-        for pid in range(launch[1 + axis]):  # the kernel's decode of a program id
-            g, p0 = pid // tiles, (pid % tiles) * b
-            n = (length - 1 - g) // d + 1
-            covered += [g + d * p for p in range(p0, p0 + b) if p < n]
-        seen[axis] = covered
-    for axis in range(2):
-        assert sorted(seen[axis]) == list(range(grid[axis])), f"axis {axis}"
+    tiles = [math.ceil(math.ceil(length / d) / b) for length, d, b in zip(grid, dilation, block)]
+    covered = []
+    for pid_xy in range(launch[1]):
+        for pid_z in range(launch[2]):  # the kernel's decode of a program id
+            pids = (pid_xy // (dilation[1] * tiles[1]), pid_xy % (dilation[1] * tiles[1]), pid_z)
+            axes = []
+            for pid, length, d, b, t in zip(pids, grid, dilation, block, tiles):
+                g, p0 = pid // t, (pid % t) * b
+                n = (length - 1 - g) // d + 1
+                axes.append([g + d * p for p in range(p0, p0 + b) if p < n])
+            covered += [(x, y, z) for x in axes[0] for y in axes[1] for z in axes[2]]
+    assert sorted(covered) == sorted(np.ndindex(*grid))
 
 
 def test_other_grids():
@@ -477,18 +509,59 @@ def test_kernel_matches_float64_reference_interpreted(op):
 
 # ----------------------------------------------------------------------------- tests: AOT
 
+@functools.cache
+def _aot_records(arch: int) -> list[dict]:
+    """One compile of every kernel for ``arch``, shared by the tests below (under xdist, a second
+    worker's compiles are hits in triton's on-disk cache)."""
+    return _child(["aot", str(arch)], interpret=False)
+
+
 @pytest.mark.parametrize("arch", (80, 86, 89, 90))
 def test_kernels_compile_ahead_of_time(arch):
     pytest.importorskip("triton")
-    records = _child(["aot", str(arch)], interpret=False)
-    failures = [f"{r['dtype']} {r['kernel']} {r['constexprs']}: {r['exception']}" for r in records if "exception" in r]
+    records = _aot_records(arch)
+    failures = [f"{r['dtype']} {r['kernel']} {r.get('config')}: {r['exception']}" for r in records if "exception" in r]
     assert not failures, "\n".join(failures)
     assert {r["dtype"] for r in records} == {"fp16", "fp32", "bf16"}
+    assert {r["kernel"] for r in records} >= {f"kernel_for({op_type})" for op_type, _, _ in TRT_CASES}
     for r in records:
         assert r["ptx"] > 0 and r["ptx_target"].startswith(f"sm_{arch}"), r
         assert r["cubin"] is None or r["cubin"] > 0, r  # triton ships its own ptxas: a cubin is expected
         assert r.get("params", True), f"{r['kernel']}: not TensorRT's (inputs, scalars, outputs) calling convention"
-        assert r.get("shared_ok", True), f"{r['kernel']}: {r['shared']} B of shared memory needs an opt-in"
+
+
+def _known_gap(r: dict) -> str | None:
+    """TensorRT builds known to miss the resource budget (issue #4), as ``"spills"`` (register
+    spills allowed) or ``"shared"`` (spills and more than 48 KB allowed); None: must fit."""
+    if r["kernel"] == "kernel_for(AgentAttention)" and r["head_dim"] > 64:
+        # All agents' [64, 128] rows and the fp32 V_A stay in one program: fp32 80 KB, and on sm_90
+        # fp16/bf16 56 KB (tf32 wgmma operands in shared memory), at 32-row tiles.
+        return "shared"
+    if r["kernel"] == "kernel_for(FlowAttention)" and r["config"].get("causal") and r["head_dim"] > 64:
+        return "spills"   # seven [CHUNK, 128] fp32 products and the state live at once (0.2-2.8 KB)
+    if r["kernel"] == "kernel_for(NeighborhoodAttention)" and r["dtype"] == "fp32" and r["head_dim"] > 64:
+        return "spills"   # CUDA-core tl.dot over 128-wide rows: ptxas spills up to ~100 B
+    return None
+
+
+@pytest.mark.parametrize("arch", (80, 86, 89, 90))
+def test_kernel_resources_fit(arch):
+    """Every TensorRT kernel fits the 48 KB of shared memory a launch gets without opting in and
+    spills no registers (stack frame of the cubin); the PyTorch path's kernels fit the arch's
+    opt-in limit. Known gaps (:func:`_known_gap`) are excused, nothing else."""
+    pytest.importorskip("triton")
+    records = [r for r in _aot_records(arch) if "exception" not in r]
+    assert records
+    failures = []
+    for r in records:
+        where = f"sm_{arch} {r['dtype']} {r['kernel']} head_dim={r.get('head_dim', 64)} {r['config']}"
+        trt = r["kernel"].startswith("kernel_for")
+        gap = _known_gap(r) if trt else None
+        if r["shared"] > r["shared_limit"] and gap != "shared":
+            failures.append(f"{where}: {r['shared']} B of shared memory > {r['shared_limit']} B")
+        if trt and r["stack"] and gap is None:
+            failures.append(f"{where}: {r['stack']} B of register spills ({r['registers']} registers)")
+    assert not failures, "\n".join(failures)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, as one command for a lent device (the `device` tool gives a
+# session 15 minutes in all, start-up included, so this is prepared and tested here first).
+#
+#   here, once:  bash benchmarks/gpu_session.sh --fetch-wheels     # peers' wheels into .whl/ (ignored)
+#   device:      run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=590)
+#
+# On the device (its image has torch, triton, onnx, onnxruntime, click, rich; nothing can be
+# downloaded there) it installs attnc offline without dependencies plus the carried peer wheels
+# (flash-linear-attention, fla-core, lightning-attn; NATTEN ships only a source distribution
+# that needs a long CUDA build, so its peer is skipped), then
+#   1. benchmarks/bench_kernels.py in fp16, then bf16 and fp32 as time allows: every kernel
+#      against its peers at realistic sizes, with its error against float64 on hardware;
+#   2. the gpu-marked tests (TensorRT engines run only where TensorRT imports).
+# Raw results and the log land in $OUT (at most 8 files come back); copy them into
+# benchmarks/results/ and summarise them in benchmarks/RESULTS.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "--fetch-wheels" ]]; then
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    exec python3 -m pip download --no-deps --only-binary=:all: -d .whl \
+        flash-linear-attention==0.6.0 fla-core==0.6.0 lightning-attn==0.0.5
+fi
+
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+LOG="$OUT/gpu-session.log"
+PY=python3
+step() { echo "=== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
+
+step "device"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
+    2>&1 | tee -a "$LOG"
+
+step "install (offline)"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >> "$LOG" 2>&1 \
+        && export PYTHONPATH=/tmp/site
+fi
+$PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$LOG" 2>&1 \
+    || { step "attnc did not install: see $LOG"; exit 1; }
+
+step "kernels fp16"
+timeout 300 $PY benchmarks/bench_kernels.py --dtype fp16 --out "$OUT" 2>&1 | tee -a "$LOG"
+for dtype in bf16 fp32; do
+    step "kernels $dtype"
+    timeout 90 $PY benchmarks/bench_kernels.py --dtype "$dtype" --out "$OUT" 2>&1 | tee -a "$LOG"
+done
+
+step "gpu-marked tests"
+timeout 60 $PY -m pytest -m gpu -p no:xdist -p no:cacheprovider -q tests 2>&1 | tail -20 | tee -a "$LOG"
+step "done"
