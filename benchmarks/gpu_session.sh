@@ -9,9 +9,11 @@
 # downloaded there) it installs attnc offline without dependencies plus the carried peer wheels
 # (flash-linear-attention, fla-core, lightning-attn; NATTEN ships only a source distribution
 # that needs a long CUDA build, so its peer is skipped), then
-#   1. benchmarks/bench_kernels.py in fp16, then bf16 and fp32 as time allows: every kernel
+#   1. tests/plugins/test_kernels.py's interpreter sweep (every op, dtype, odd size and the
+#      TensorRT entry points) compiled and run on the GPU against float64;
+#   2. benchmarks/bench_kernels.py in fp16, then bf16 and fp32 as time allows: every kernel
 #      against its peers at realistic sizes, with its error against float64 on hardware;
-#   2. the gpu-marked tests (TensorRT engines run only where TensorRT imports).
+#   3. the gpu-marked tests (TensorRT engines run only where TensorRT imports).
 # Raw results and the log land in $OUT (at most 8 files come back); copy them into
 # benchmarks/results/ and summarise them in benchmarks/RESULTS.md.
 set -uo pipefail
@@ -42,6 +44,18 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$LOG" 2>&1 \
     || { step "attnc did not install: see $LOG"; exit 1; }
+
+step "kernel correctness on hardware (the interpreter sweep's cases, compiled)"
+(cd tests/plugins && ATTNC_KERNEL_DEVICE=cuda timeout 150 $PY test_kernels.py gpu all) \
+    > "$OUT/kernels-gpu-sweep.jsonl" 2>> "$LOG"
+$PY - "$OUT/kernels-gpu-sweep.jsonl" <<'SUMMARY' 2>&1 | tee -a "$LOG"
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
+bad = [r for r in rows if "exception" in r or max(r["errors"]) > r["tol"]]
+print(f"{len(rows)} cases, {len(rows) - len(bad)} within tolerance (fp32 1e-4, fp16/bf16 1e-2 of max |ref|)")
+for r in bad:
+    print("  FAIL", r["op"], r["case"], r.get("exception") or r["errors"], "seed", r["seed"])
+SUMMARY
 
 step "kernels fp16"
 timeout 300 $PY benchmarks/bench_kernels.py --dtype fp16 --out "$OUT" 2>&1 | tee -a "$LOG"

@@ -33,6 +33,9 @@ import torch
 OPS = ("neighborhood", "linear", "flow", "agent")
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Where the kernels run: "cpu" under the interpreter (CI), "cuda" for the same sweep compiled on
+# a GPU (``python test_kernels.py gpu <op>``, run by benchmarks/gpu_session.sh).
+DEVICE = torch.device(os.environ.get("ATTNC_KERNEL_DEVICE", "cpu"))
 
 
 # ----------------------------------------------------------------------------- float64 references
@@ -230,7 +233,7 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
             rpb = rand(1 if case["rpb"] == "shared" else heads, *(2 * x - 1 for x in case["ks"]))
         q, k, v, rpb = (None if t is None else t.to(dtype).double() for t in (q, k, v, rpb))
         args = (case["ks"], case["dil"], case["causal"], case.get("scale", 0.0))
-        low = [None if t is None else t.to(dtype) for t in (q, k, v, rpb)]
+        low = [None if t is None else t.to(DEVICE, dtype) for t in (q, k, v, rpb)]
         if case.get("entry") == "tensorrt":  # the AOT entry point TensorRT launches
             from attnc.plugins.neighborhood.kernels import trt_launch
             attrs = dict(kernel_size=list(args[0]), dilation=list(args[1]), is_causal=list(args[2]), scale=args[3])
@@ -247,7 +250,7 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
             refs.append(reference(q, k, v, *args, rpb=rpb))
         except ImportError:
             pass
-        return out, refs
+        return out.cpu(), refs
     if op == "linear":
         from attnc.plugins.linear.kernels import linear_forward
         q, k = (rand(batch, heads, case["n"], case["d"]).to(dtype).double() for _ in range(2))
@@ -257,21 +260,23 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
                      eps=1e-6, scale=case.get("scale", 1.0))
         if case.get("entry") == "tensorrt":  # the AOT entry point TensorRT launches
             from attnc.plugins.linear.kernels import trt_launch
-            inputs = [q.to(dtype), k.to(dtype), v.to(dtype)] + ([] if decay is None else [decay.float()])
+            inputs = [t.to(DEVICE, dtype) for t in (q, k, v)]
+            inputs += [] if decay is None else [decay.to(DEVICE, torch.float32)]
             shapes = [list(t.shape) for t in inputs]
             dtypes = [str(t.dtype).removeprefix("torch.") for t in inputs]
             spec, grid, scalars = trt_launch(attrs, dtypes, shapes)
-            out = torch.empty(*q.shape[:3], v.shape[-1], dtype=dtype)
+            out = torch.empty(*q.shape[:3], v.shape[-1], dtype=dtype, device=DEVICE)
             spec.kernel[grid([list(out.shape)])](*inputs, *scalars(shapes), out, **spec.constexprs)
         else:
-            out = linear_forward(q.to(dtype), k.to(dtype), v.to(dtype), decay, **attrs)
+            out = linear_forward(*(t.to(DEVICE, dtype) for t in (q, k, v)), None if decay is None else decay.to(DEVICE),
+                                 **attrs)
         refs = [linear_reference(q, k, v, decay, **attrs)]
         try:
             from attnc.plugins.linear import reference
             refs.append(reference(q, k, v, decay, **attrs))
         except ImportError:
             pass
-        return out, refs
+        return out.cpu(), refs
     if op == "flow":
         from attnc.plugins.flow.kernels import flow_forward
         q = rand(batch, heads, case["l"], case["d"]).to(dtype).double()
@@ -280,21 +285,21 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
         eps, causal = case.get("eps", 1e-6), case.get("causal", 0)
         if case.get("entry") == "tensorrt":  # the AOT entry point TensorRT launches
             from attnc.plugins.flow.kernels import trt_launch
-            inputs = [q.to(dtype), k.to(dtype), v.to(dtype)]
+            inputs = [t.to(DEVICE, dtype) for t in (q, k, v)]
             shapes = [list(t.shape) for t in inputs]
             spec, grid, scalars = trt_launch({"causal": causal, "eps": eps}, [str(dtype).removeprefix("torch.")] * 3,
                                              shapes)
-            out = torch.empty(*q.shape[:3], v.shape[-1], dtype=dtype)
+            out = torch.empty(*q.shape[:3], v.shape[-1], dtype=dtype, device=DEVICE)
             spec.kernel[grid([list(out.shape)])](*inputs, *scalars(shapes), out, **spec.constexprs)
         else:
-            out = flow_forward(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, eps=eps)
+            out = flow_forward(*(t.to(DEVICE, dtype) for t in (q, k, v)), causal=causal, eps=eps)
         refs = [flow_reference(q, k, v, eps, causal)]
         try:
             from attnc.plugins.flow import reference
             refs.append(reference(q, k, v, causal=causal, eps=eps))
         except ImportError:
             pass
-        return out, refs
+        return out.cpu(), refs
     if op == "agent":
         from attnc.plugins.agent.kernels import agent_forward
         q = rand(batch, heads, case["n"], case["d"]).to(dtype).double()
@@ -304,14 +309,14 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
         b1 = rand(heads, case["agents"], case["m"]).to(dtype).double() if case["b1"] else None  # broadcast B
         b2 = rand(batch, heads, case["n"], case["agents"]).to(dtype).double() if case["b2"] else None
         scale = case.get("scale", 0.0)
-        low = [None if t is None else t.to(dtype) for t in (q, k, v, a, b1, b2)]
+        low = [None if t is None else t.to(DEVICE, dtype) for t in (q, k, v, a, b1, b2)]
         if case.get("entry") == "tensorrt":  # the AOT entry point TensorRT launches
             from attnc.plugins.agent.kernels import trt_launch
             inputs = [t for t in low if t is not None]
             shapes = [list(t.shape) for t in inputs]
             spec, grid, scalars = trt_launch({"scale": scale}, [str(dtype).removeprefix("torch.")] * len(inputs),
                                              shapes)
-            out = torch.empty(*q.shape[:3], v.shape[-1], dtype=dtype)
+            out = torch.empty(*q.shape[:3], v.shape[-1], dtype=dtype, device=DEVICE)
             spec.kernel[grid([list(out.shape)])](*inputs, *scalars(shapes), out, **spec.constexprs)
         else:
             out = agent_forward(*low, scale=scale, splits=case.get("splits"))
@@ -321,7 +326,7 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
             refs.append(reference(q, k, v, a, b1, b2, scale=scale))
         except ImportError:
             pass
-        return out, refs
+        return out.cpu(), refs
     raise KeyError(op)
 
 
@@ -568,7 +573,12 @@ if __name__ == "__main__":
     mode, arg = sys.argv[1], sys.argv[2]
     if mode == "interpret":
         _interpret_main(arg)
+    elif mode == "gpu":  # the interpreter's cases, compiled for and run on the GPU
+        if os.environ.get("TRITON_INTERPRET") == "1" or DEVICE.type != "cuda":
+            raise SystemExit("gpu mode: set ATTNC_KERNEL_DEVICE=cuda and leave TRITON_INTERPRET unset")
+        for op in (OPS if arg == "all" else [arg]):
+            _interpret_main(op)
     elif mode == "aot":
         _aot_main(int(arg))
     else:
-        raise SystemExit(f"usage: {sys.argv[0]} interpret <op> | aot <arch>")
+        raise SystemExit(f"usage: {sys.argv[0]} interpret <op> | gpu <op>|all | aot <arch>")
