@@ -1,9 +1,11 @@
 """Shrink passes measured on small real tasks: head pruning (digits ViT) and visual-token exit (VQA VLM).
 
-    python benchmarks/bench_shrink.py [--reps 200] [--threads 1] [--out benchmarks/results]
+    python benchmarks/bench_shrink.py [--reps 200] [--threads 1] [--out benchmarks/results] [--skip prune|exit]
 
-Trains both models (seconds to a couple of minutes on a shared 2-core CPU), applies the
-passes, and prints one table: accuracy, parameters, attention FLOPs and ONNX Runtime CPU
+Trains two digits ViTs (4 x 4 and 6 x 8 heads) and four VQA VLMs (16 and 64 visual tokens, plain
+and exit-aware), about 9 minutes on a shared 2-core CPU; applies the passes (pruning: weight,
+activation, gradient and ablation scores, one-shot and iterative, with and without a short
+fine-tune) and prints the tables: accuracy, parameters, attention FLOPs and ONNX Runtime CPU
 latency before/after. Latencies of a "before" and its "after" are measured side by side
 (runs interleaved round-robin in the same process, median of ``--reps``). Raw numbers go
 to ``<out>/shrink-<date>.json`` with the machine description.
@@ -31,7 +33,7 @@ import torch
 from attnc.compiler.export import export_onnx
 from attnc.models.train import accuracy, fit, train_digits_vit, train_vqa_vlm
 from attnc.passes.prune_heads import (find_attention_layers, gates_from_keep, head_gates, prune_heads,
-                                      score_heads, select_heads)
+                                      score_heads, select_heads, select_heads_iteratively)
 from attnc.passes.token_exit import (apply_dynamic_token_exit, apply_static_token_exit, choose_exit_layer,
                                      train_exit_gate)
 
@@ -70,58 +72,100 @@ def export(model, inputs, path, names, dynamic_axes) -> onnx.ModelProto:
     return onnx.load(str(path))
 
 
-def bench_pruning(tmp: Path, reps: int, threads: int) -> dict:
+# Digits ViTs: the 4 x 4-head model of the first measurement (almost no redundant heads), and
+# one with 8 heads per layer, where 25 % means two heads of every layer on average.
+PRUNE_MODELS = {
+    "tiny": {"size": {"dim": 32, "depth": 4, "num_heads": 4}, "epochs": 12, "lr": 4e-3},
+    "base": {"size": {"dim": 64, "depth": 6, "num_heads": 8}, "epochs": 30, "lr": 1e-3},
+}
+
+
+def bench_pruning(tmp: Path, reps: int, threads: int, name: str) -> dict:
+    config = PRUNE_MODELS[name]
     t0 = time.perf_counter()
-    model, train, test = train_digits_vit()
+    model, train, test = train_digits_vit(epochs=config["epochs"], lr=config["lr"], **config["size"])
     train_s = time.perf_counter() - t0
     axes = {"image": {0: "batch"}}
-    base = export(model, train.inputs[0][:4], tmp / "digits.onnx", ["image"], axes)
+    base = export(model, train.inputs[0][:4], tmp / f"digits-{name}.onnx", ["image"], axes)
     test_feeds = {"image": test.inputs[0].numpy()}
     labels = test.labels.numpy()
     acc_before = onnx_accuracy(base, test_feeds, labels, threads)
     calibration = [{"image": train.inputs[0][i:i + 128].numpy(), "labels": train.labels[i:i + 128].numpy()}
                    for i in range(0, 512, 128)]
     loss = lambda out, feeds: torch.nn.functional.cross_entropy(out, torch.from_numpy(feeds["labels"]))  # noqa: E731
-    layers = find_attention_layers(base)
-    heads = {l.index: l.heads for l in layers}
+    heads = {l.index: l.heads for l in find_attention_layers(base)}
+    # Short fine-tune: 2 epochs at a quarter of the training peak learning rate. The same
+    # fine-tune of the unpruned model is the control (what the recipe alone does).
+    finetune_lr = config["lr"] / 4
+    control = copy.deepcopy(model)
+    fit(control, train, 2, lr=finetune_lr)
+    acc_control = onnx_accuracy(export(control, train.inputs[0][:4], tmp / f"control-{name}.onnx", ["image"], axes),
+                                test_feeds, labels, threads)
     rows = []
-    for method in ("activation", "gradient"):
-        scores = score_heads(base, calibration, method=method, torch_model=model, loss_fn=loss)
-        keep = select_heads(heads, scores, ratio=0.25)
+    for method, selection in [("weight", "one-shot"), ("activation", "one-shot"), ("activation", "iterative"),
+                              ("gradient", "one-shot"), ("gradient", "iterative"), ("ablation", "one-shot"),
+                              ("ablation", "iterative")]:
+        t = time.perf_counter()
+        if selection == "iterative":
+            keep = select_heads_iteratively(base, calibration, ratio=0.25, step=1, method=method,
+                                            torch_model=model, loss_fn=loss)
+        else:
+            scores = score_heads(base, calibration, method=method, torch_model=model, loss_fn=loss)
+            keep = select_heads(heads, scores, ratio=0.25, normalise=method != "ablation")
+        select_s = time.perf_counter() - t
         pruned, report = prune_heads(base, keep=keep)
         acc_pruned = onnx_accuracy(pruned, test_feeds, labels, threads)
         tuned = copy.deepcopy(model)
         with head_gates(tuned, gates_from_keep(keep, heads)):
-            fit(tuned, train, 2, lr=1e-3)
-        recovered, _ = prune_heads(export(tuned, train.inputs[0][:4], tmp / f"tuned-{method}.onnx", ["image"], axes),
-                                   keep=keep)
+            fit(tuned, train, 2, lr=finetune_lr)
+        recovered, _ = prune_heads(export(tuned, train.inputs[0][:4], tmp / f"tuned-{name}-{method}-{selection}.onnx",
+                                          ["image"], axes), keep=keep)
         acc_recovered = onnx_accuracy(recovered, test_feeds, labels, threads)
-        latency = {}
-        for batch in (1, 64):
-            feeds = {"image": test.inputs[0][:batch].numpy()}
-            latency[batch] = side_by_side({"before": base, "after": pruned}, feeds, reps, threads)
+        if method == "gradient" and selection == "iterative":
+            timed = pruned
         rows.append({
-            "method": method, "keep": {str(k): v for k, v in keep.items()},
+            "method": method, "selection": selection, "select_seconds": select_s,
+            "keep": {str(k): v for k, v in keep.items()},
             "heads_before": report.heads_before, "heads_after": report.heads_after,
             "accuracy_before": acc_before, "accuracy_after": acc_pruned, "accuracy_after_finetune": acc_recovered,
             "params_before": report.params_before, "params_after": report.params_after,
             "attention_flops_before": report.attention_flops_before,
-            "attention_flops_after": report.attention_flops_after,
-            "latency_ms": {str(b): v for b, v in latency.items()}, "report": report.to_dict(),
+            "attention_flops_after": report.attention_flops_after, "report": report.to_dict(),
         })
-    return {"task": "digits (sklearn, 8x8, 10 classes; 1347 train / 450 test)",
-            "model": "VisionTransformer(img 8, patch 2, 1 channel, dim 32, depth 4, heads 4, mhsa)",
-            "train_seconds": train_s, "prune_ratio": 0.25, "finetune": "2 epochs, lr 1e-3, pruned heads masked",
-            "rows": rows}
+    # Latency depends little on which heads go (every layer has the same width): measured
+    # once, for the gradient-iterative pruned model.
+    latency = {}
+    for batch in (1, 64):
+        feeds = {"image": test.inputs[0][:batch].numpy()}
+        latency[batch] = side_by_side({"before": base, "after": timed}, feeds, reps, threads)
+    size = config["size"]
+    return {"name": name, "task": "digits (sklearn, 8x8, 10 classes; 1347 train / 450 test)",
+            "model": f"VisionTransformer(img 8, patch 2, 1 channel, dim {size['dim']}, depth {size['depth']}, "
+                     f"heads {size['num_heads']}, mhsa)",
+            "train": f"{config['epochs']} epochs, lr {config['lr']}", "train_seconds": train_s, "prune_ratio": 0.25,
+            "finetune": f"2 epochs, lr {finetune_lr:g}, pruned heads masked", "accuracy_unpruned_finetune": acc_control,
+            "iterative_step": 1,
+            "latency_ms": {str(b): v for b, v in latency.items()}, "latency_of": "gradient, iterative", "rows": rows}
 
 
-def bench_token_exit(tmp: Path, reps: int, threads: int, exit_aware: bool) -> dict:
+# TinyVLMs on the generated VQA task: the first measurement's (16 visual + 3 text tokens, the
+# decoder no wider than the vision tokens' share), and one closer to LLaVA's proportions (far
+# more visual than text tokens: 64 + 3, a wider decoder that dominates the cost).
+VLM_CONFIGS = {
+    "tiny": {"size": {}, "n_train": 8000, "epochs": 6},
+    "base": {"size": {"img_size": 64, "dim": 64, "depth": 4}, "n_train": 4000, "epochs": 6},
+}
+
+
+def bench_token_exit(tmp: Path, reps: int, threads: int, name: str, exit_aware: bool) -> dict:
+    config = VLM_CONFIGS[name]
     t0 = time.perf_counter()
-    model, train, test = train_vqa_vlm(n_train=8000, epochs=6, exit_aware=exit_aware)
+    model, train, test = train_vqa_vlm(n_train=config["n_train"], epochs=config["epochs"], exit_aware=exit_aware,
+                                       **config["size"])
     train_s = time.perf_counter() - t0
     names = ["image", "text_ids"]
     axes = {"image": {0: "batch"}, "text_ids": {0: "batch", 1: "text_len"}}
-    base = export(model, (train.inputs[0][:2], train.inputs[1][:2]), tmp / f"vlm-{exit_aware}.onnx", names, axes)
+    base = export(model, (train.inputs[0][:2], train.inputs[1][:2]), tmp / f"vlm-{name}-{exit_aware}.onnx", names, axes)
     p = model.num_visual_tokens
     calib_n = 512
     calibration = [{"image": train.inputs[0][i:i + 128].numpy(), "text_ids": train.inputs[1][i:i + 128].numpy()}
@@ -138,12 +182,24 @@ def bench_token_exit(tmp: Path, reps: int, threads: int, exit_aware: bool) -> di
     gate, gate_stats = train_exit_gate(model, tuple(x[:calib_n] for x in train.inputs), gate_layer,
                                        min_precision=0.99)
     dynamic, _ = apply_dynamic_token_exit(base, gate, p)
-    dyn_session = session(dynamic, threads)
-    n_dyn = 300   # batch 1: each sample takes its own branch
+    # Batch 1 over the whole test set: each sample takes its own branch, so the dynamic model's
+    # expected latency is this mean (the fixed-input medians below time one sample's branch).
+    n_dyn = len(test)
+    sessions = {"full": session(base, threads), "static": session(static, threads),
+                "dynamic": session(dynamic, threads)}
+    for s in sessions.values():
+        for _ in range(5):
+            s.run(None, {k: v[:1] for k, v in test_feeds.items()})
+    per_sample = {k: [] for k in sessions}
     correct = 0
     for i in range(n_dyn):
-        out = dyn_session.run(None, {"image": test_feeds["image"][i:i + 1], "text_ids": test_feeds["text_ids"][i:i + 1]})
-        correct += int(out[0].argmax(-1)[0] == truth[i])
+        feeds = {k: v[i:i + 1] for k, v in test_feeds.items()}
+        outputs = {}
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            outputs[k] = s.run(None, feeds)[0]
+            per_sample[k].append(time.perf_counter() - t)
+        correct += int(outputs["dynamic"].argmax(-1)[0] == truth[i])
     with torch.no_grad():
         from attnc.passes.token_exit import gate_features
         fire_rate = float(gate.fires(gate_features(model, test.inputs[0][:n_dyn], test.inputs[1][:n_dyn],
@@ -152,9 +208,12 @@ def bench_token_exit(tmp: Path, reps: int, threads: int, exit_aware: bool) -> di
     for batch in (1, 32):
         feeds = {k: v[:batch] for k, v in test_feeds.items()}
         latency[batch] = side_by_side({"full": base, "static": static, "dynamic": dynamic}, feeds, reps, threads)
-    return {"task": "generated VQA: 4 objects (square/cross x 4 colours) per image, questions "
-                    "[BOS, colour|shape, quadrant]; 8000 train / 1000 test",
-            "model": "TinyVLM(img 32, patch 8 -> 16 visual tokens, vision dim 32 x1, decoder dim 32 x4, heads 4)",
+    size = {"img_size": 32, "dim": 32, "depth": 4, **config["size"]}
+    return {"name": name, "task": f"generated VQA: 4 objects (square/cross x 4 colours) per {size['img_size']} px "
+                                  f"image, questions [BOS, colour|shape, quadrant]; {config['n_train']} train / "
+                                  f"{len(test)} test, {config['epochs']} epochs",
+            "model": f"TinyVLM(img {size['img_size']}, patch 8 -> {p} visual tokens, vision dim 32 x1, "
+                     f"decoder dim {size['dim']} x{size['depth']}, heads 4)",
             "exit_aware_training": exit_aware, "train_seconds": train_s, "text_tokens": 3, "visual_tokens": p,
             "torch_accuracy_by_exit_layer": {str(k): accuracy(model, test, exit_layer=k)
                                              for k in range(len(model.layers) + 1)},
@@ -162,6 +221,7 @@ def bench_token_exit(tmp: Path, reps: int, threads: int, exit_aware: bool) -> di
             "accuracy_full": acc_full, "accuracy_static": acc_static,
             "dynamic": {"gate": gate_stats, "accuracy_batch1": correct / n_dyn, "fire_rate_test": fire_rate,
                         "samples": n_dyn},
+            "latency_b1_test_mean_ms": {k: float(np.mean(v) * 1e3) for k, v in per_sample.items()},
             "latency_ms": {str(b): v for b, v in latency.items()}}
 
 
@@ -185,10 +245,11 @@ def main(argv=None) -> int:
                "threads": args.threads}
     with tempfile.TemporaryDirectory() as tmp:
         if "prune" not in args.skip:
-            results["prune_heads"] = bench_pruning(Path(tmp), args.reps, args.threads)
+            results["prune_heads"] = [bench_pruning(Path(tmp), args.reps, args.threads, name)
+                                      for name in PRUNE_MODELS]
         if "exit" not in args.skip:
-            results["token_exit"] = [bench_token_exit(Path(tmp), args.reps, args.threads, aware)
-                                     for aware in (False, True)]
+            results["token_exit"] = [bench_token_exit(Path(tmp), args.reps, args.threads, name, aware)
+                                     for name in VLM_CONFIGS for aware in (False, True)]
     print(table(results))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,22 +263,29 @@ def table(results: dict) -> str:
     lines = [f"machine: {results['machine']['processor']}, {results['machine']['cpu_count']} CPUs, "
              f"load {results['machine']['load_avg'][0]:.1f}; ORT CPU, {results['threads']} thread(s), "
              f"median of {results['reps']} interleaved runs", ""]
-    if "prune_heads" in results:
-        lines.append("Head pruning, 25 % of heads, digits ViT (16 heads):")
-        lines.append(f"{'score':<11}{'heads':>7}{'acc before':>11}{'acc after':>10}{'+2ep ft':>9}"
-                     f"{'params':>17}{'attn MFLOPs':>16}{'ms b1':>15}{'ms b64':>15}")
-        for r in results["prune_heads"]["rows"]:
-            lat = r["latency_ms"]
+    for p in results.get("prune_heads", []):
+        r0 = p["rows"][0]
+        lat = p["latency_ms"]
+        lines.append(f"Head pruning, 25 % of heads ({r0['heads_before']} -> {r0['heads_after']}), {p['model']}: "
+                     f"params {r0['params_before']} -> {r0['params_after']}, attention MFLOPs/image "
+                     f"{r0['attention_flops_before'] / 1e6:.2f} -> {r0['attention_flops_after'] / 1e6:.2f}; "
+                     f"latency ({p['latency_of']}) b1 {lat['1']['before']:.3f} -> {lat['1']['after']:.3f} ms, "
+                     f"b64 {lat['64']['before']:.2f} -> {lat['64']['after']:.2f} ms")
+        lines.append(f"  fine-tune: {p['finetune']}; the unpruned model after the same fine-tune: "
+                     f"{r0['accuracy_before']:.1%} -> {p['accuracy_unpruned_finetune']:.1%}")
+        lines.append(f"  {'score':<11}{'selection':<11}{'acc before':>11}{'after':>8}{'delta':>7}"
+                     f"{'+2ep ft':>9}{'delta':>7}{'select s':>10}  kept per layer")
+        for r in p["rows"]:
             lines.append(
-                f"{r['method']:<11}{r['heads_before']:>3}->{r['heads_after']:<3}{r['accuracy_before']:>10.1%}"
-                f"{r['accuracy_after']:>10.1%}{r['accuracy_after_finetune']:>9.1%}"
-                f"{r['params_before']:>8}->{r['params_after']:<7}"
-                f"{r['attention_flops_before'] / 1e6:>8.2f}->{r['attention_flops_after'] / 1e6:<6.2f}"
-                f"{lat['1']['before']:>7.3f}->{lat['1']['after']:<6.3f}{lat['64']['before']:>7.2f}->{lat['64']['after']:<6.2f}")
+                f"  {r['method']:<11}{r['selection']:<11}{r['accuracy_before']:>10.1%}{r['accuracy_after']:>9.1%}"
+                f"{100 * (r['accuracy_after'] - r['accuracy_before']):>+7.1f}{r['accuracy_after_finetune']:>9.1%}"
+                f"{100 * (r['accuracy_after_finetune'] - r['accuracy_before']):>+7.1f}{r['select_seconds']:>10.1f}  "
+                + " ".join(str(len(k)) for k in r["keep"].values()))
         lines.append("")
     for r in results.get("token_exit", []):
-        lines.append(f"Visual-token exit, VQA VLM ({'exit-aware' if r['exit_aware_training'] else 'plain'} training; "
-                     f"{r['visual_tokens']} visual + {r['text_tokens']} text tokens):")
+        lines.append(f"Visual-token exit, {r['model']} ({'exit-aware' if r['exit_aware_training'] else 'plain'} "
+                     f"training; {r['visual_tokens']} visual + {r['text_tokens']} text tokens, "
+                     f"trained in {r['train_seconds']:.0f} s):")
         lines.append("  torch accuracy by exit layer: "
                      + ", ".join(f"{k}: {v:.1%}" for k, v in r["torch_accuracy_by_exit_layer"].items()))
         lines.append(f"  static exit after layer {r['choice']['exit_layer']} ({r['choice']['criterion']}): accuracy "
@@ -225,10 +293,15 @@ def table(results: dict) -> str:
         d = r["dynamic"]
         lines.append(f"  dynamic gate at layer {d['gate']['layer']}: fires on {d['fire_rate_test']:.0%} of test "
                      f"inputs, batch-1 accuracy {d['accuracy_batch1']:.1%} ({d['samples']} samples)")
+        lat = r["latency_b1_test_mean_ms"]
+        lines.append(f"  latency batch 1, mean over the {d['samples']} test inputs: full {lat['full']:.3f} ms, "
+                     f"static {lat['static']:.3f} ms ({lat['static'] / lat['full'] - 1:+.0%}), dynamic "
+                     f"{lat['dynamic']:.3f} ms ({lat['dynamic'] / lat['full'] - 1:+.0%})")
         for b, lat in r["latency_ms"].items():
-            lines.append(f"  latency batch {b}: full {lat['full']:.3f} ms, static {lat['static']:.3f} ms "
-                         f"({1 - lat['static'] / lat['full']:.0%} less), dynamic {lat['dynamic']:.3f} ms "
-                         f"({1 - lat['dynamic'] / lat['full']:.0%} less)")
+            lines.append(f"  latency batch {b}, first test input(s), median: full {lat['full']:.3f} ms, "
+                         f"static {lat['static']:.3f} ms ({lat['static'] / lat['full'] - 1:+.0%}), "
+                         f"dynamic {lat['dynamic']:.3f} ms "
+                         f"({lat['dynamic'] / lat['full'] - 1:+.0%})")
         lines.append("")
     return "\n".join(lines)
 

@@ -100,12 +100,13 @@ def accuracy(model, split: Split, batch: int = 256, **kwargs) -> float:
     return correct / len(split)
 
 
-def train_digits_vit(epochs: int = 12, seed: int = 0, **kwargs) -> tuple[VisionTransformer, Split, Split]:
-    """Train :func:`digits_vit` on the digits train split; returns ``(model, train, test)``."""
+def train_digits_vit(epochs: int = 12, seed: int = 0, lr: float = 4e-3,
+                     **kwargs) -> tuple[VisionTransformer, Split, Split]:
+    """Train :func:`digits_vit` (``kwargs``: its size) on the digits train split; returns ``(model, train, test)``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         train, test = digits_data(seed=seed)
-        model = fit(digits_vit(seed=seed, **kwargs), train, epochs, lr=4e-3, seed=seed)
+        model = fit(digits_vit(seed=seed, **kwargs), train, epochs, lr=lr, seed=seed)
     return model, train, test
 
 
@@ -157,14 +158,15 @@ def vqa_vlm(seed: int = 0, **overrides) -> TinyVLM:
 
 def train_vqa_vlm(n_train: int = 3000, n_test: int = 1000, epochs: int = 8, seed: int = 0,
                   exit_aware: bool = False, **overrides) -> tuple[TinyVLM, Split, Split]:
-    """Train :func:`vqa_vlm` on :func:`vqa_data`; returns ``(model, train, test)``.
+    """Train :func:`vqa_vlm` (``overrides``: its configuration) on :func:`vqa_data`; returns ``(model, train, test)``.
 
     ``exit_aware``: each batch also adds the loss with the visual tokens dropped after a
     random decoder layer ≥ 1 (the model learns to move what it needs from the image into
     the text tokens early, which is what visual-token exit relies on).
     """
-    train = vqa_data(n_train, seed=seed)
-    test = vqa_data(n_test, seed=seed + 1)
+    img_size = overrides.get("img_size", 32)
+    train = vqa_data(n_train, img_size=img_size, seed=seed)
+    test = vqa_data(n_test, img_size=img_size, seed=seed + 1)
 
     def loss_fn(model, inputs, labels):
         loss = nn.functional.cross_entropy(model(*inputs), labels)

@@ -4,7 +4,9 @@ Finds every attention layer in an exported graph, whatever its core looks like:
 
 - the decomposed form ``MatMul(Q, Kᵀ) [·s] [+mask] -> Softmax -> MatMul(P, V)`` (both exporters);
 - an ONNX ``Attention`` node with 4-D ``[B, H, S, D]`` inputs (what ``passes/softmax.py`` emits);
-- a fused ``attnc::*`` node (heads-first ``[B, H, ..., D]`` Q/K/V and output, see ``plugins/``).
+- a fused ``attnc::*`` node (heads-first ``[B, H, ..., D]`` Q/K/V and output, see ``plugins/``);
+- agent attention unfused: two softmax cores chained through the agent tokens, as
+  ``passes.agent`` matches them, taken as one layer.
 
 From the core, Q, K and V are walked back to their projection (``MatMul`` by a constant
 weight ``[C_in, C_out]``, optional bias ``Add``, optional channel ``Split``) through the
@@ -13,7 +15,15 @@ data-movement ops exporters emit for the head split (``Reshape`` to ``[.., (3,) 
 Tracking the head axis through that chain gives, for every head, the projection columns it
 owns, whatever the layout (fused ``qkv`` as ``[3, H, D]``, separate q/k/v, heads-outer
 ``[H, 3, D]``). The output is walked forward (``Transpose``, ``Reshape`` to ``[.., H·D]``) to the
-output projection, whose input rows per head follow the same way.
+output projection, whose input rows per head follow the same way (through Slice/Concat on the
+token axis and the Add of a term computed from V).
+
+Agent attention keeps heads on channel axes outside the core too: its agent tokens are Q's
+grid average-pooled per channel, and a depthwise conv of V's grid is added to the merged
+heads. Both paths are walked from Q / V tracking which factors (head, head dim, other) each
+axis is made of, which gives the Reshape entries holding the heads and the conv channels of
+each head; bias tables are sliced on their heads axis (folded first when TorchScript left
+them computed from parameters).
 
 :func:`prune_heads` keeps the columns/rows of the kept heads *in their original order*,
 which keeps every layout valid with ``H`` replaced by ``H'``, and rewrites the head-count
@@ -24,9 +34,11 @@ its own shape (``Concat(original[:lead], constants)`` when the leading dims are 
 :func:`score_heads` ranks heads: ``"activation"`` (ONNX route, any exported model): the
 norm of each head's contribution through the output projection, ``‖O_h · W_o[h]‖``, from the
 output projection's input exposed as an extra graph output and run in ONNX Runtime;
-``"gradient"`` (Michel et al. 2019, torch route): ``Σ |∂L/∂g_h|`` for a gate ``g_h = 1``
-multiplied into each head's output by a forward pre-hook on the output projection;
-``"weight"``: ``‖W_o[h]‖`` (data-free baseline).
+``"gradient"`` (Michel et al. 2019, torch route): ``Σ_x |∂L/∂g_h(x)|`` for a per-sample gate
+``g_h = 1`` multiplied into each head's output by a forward pre-hook on the output projection;
+``"ablation"`` (torch route): the rise of the calibration loss with the head gated off;
+``"weight"``: ``‖W_o[h]‖`` (data-free baseline). :func:`select_heads_iteratively` prunes a
+few heads at a time and re-scores the rest with those gone (Michel et al.'s iterative pruning).
 
 Tests: ``tests/passes/test_prune_heads.py``; numbers: ``benchmarks/bench_shrink.py``; docs: ``docs/shrink.md``.
 """
@@ -42,16 +54,20 @@ import onnx
 from onnx import helper, numpy_helper
 
 from attnc.compiler.errors import AttncError
-from attnc.passes.core import (constant_value, consumers, name_nodes, producers, remove_dead_nodes,
-                               toposort, value_shapes)
+from attnc.passes.core import (constant_value, consumers, depends_on_data, evaluate_tensors, name_nodes,
+                               producers, remove_dead_nodes, toposort, value_shapes)
 
 log = logging.getLogger(__name__)
 
-METHODS = ("activation", "gradient", "weight")
+METHODS = ("activation", "gradient", "ablation", "weight")
 # Ops that only move data or scale it by a constant: the head axis can be tracked through them.
 _SCALAR_OPS = ("Mul", "Div")
 # Per-head constant inputs of fused attnc nodes: input index -> heads axis (see plugins/*).
-_PER_HEAD_INPUTS = {"NeighborhoodAttention": {3: 0}, "AgentAttention": {4: 1, 5: 1}, "KernelLinearAttention": {3: 0}}
+# Negative axes count from the end: agent biases broadcast to [B, H, n, M], so a folded
+# [H, n, M] table and a [1, H, n, M] one both have their heads at -3 (learned agents too).
+_PER_HEAD_INPUTS = {"NeighborhoodAttention": {3: 0}, "AgentAttention": {3: -3, 4: -3, 5: -3},
+                    "KernelLinearAttention": {3: 0}}
+_AGENT_CORES = ("agent", "attnc::AgentAttention")
 
 
 class _Unrecognised(Exception):
@@ -83,16 +99,28 @@ class _HeadSplit:
 
 
 @dataclass
+class _Depthwise:
+    """A depthwise ``Conv`` over channels that belong to heads (agent attention's conv of V)."""
+
+    node: str
+    channel_heads: np.ndarray   # [C]: the head each channel belongs to
+    positions: int | None       # output positions per channel (FLOPs), when static
+
+
+@dataclass
 class AttentionLayer:
     """One attention layer as found in the graph.
 
     Attributes:
         index: position in graph order (the key used by scores / keep dicts).
-        anchor: name of the core node (``Softmax``, ``Attention`` or the fused node).
-        core: ``"softmax"``, ``"Attention"`` or ``"attnc::<Op>"``.
+        anchor: name of the core node (``Softmax``, ``Attention`` or the fused node; the
+            second stage's ``Softmax`` for unfused agent attention).
+        core: ``"softmax"``, ``"Attention"``, ``"attnc::<Op>"`` or ``"agent"`` (agent
+            attention's two chained softmax stages, unfused).
         heads: number of heads ``H``.
         head_dim: ``D`` of Q/K; ``value_dim``: ``Dv``.
         tokens: query tokens when static, else ``None``.
+        agents: agent tokens ``n`` of agent attention (FLOPs), else ``None``.
     """
 
     index: int
@@ -108,21 +136,36 @@ class AttentionLayer:
     out_proj: _Projection | None = field(default=None, repr=False)
     per_head_constants: list[tuple[str, int, int]] = field(default_factory=list, repr=False)  # (node, input, axis)
     merged: str = ""   # the output projection's input [.., H·Dv] (what activation scoring exposes)
+    agents: int | None = None
+    # Outside the core, heads on a channel axis (agent attention: pooled agent tokens, conv of V):
+    channel_reshapes: list[_HeadSplit] = field(default_factory=list, repr=False)  # rest[0]: heads × other dims
+    depthwise: list[_Depthwise] = field(default_factory=list, repr=False)
+    folded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # computed per-head inputs, folded
 
     def params(self, model: onnx.ModelProto) -> int:
-        """Weights + biases of the projections and per-head constants of this layer."""
+        """Weights + biases of the projections, depthwise convs and per-head constants of this layer."""
         names = set()
         for _, proj in self.roles.values():
             names.update(n for n in (proj.weight, proj.bias) if n)
         names.update(n for n in (self.out_proj.weight, self.out_proj.bias) if n)
-        total = sum(int(np.prod(constant_value(model, n).shape)) for n in names)
         node_by_name = {n.name: n for n in model.graph.node}
+        for conv in self.depthwise:
+            names.update(node_by_name[conv.node].input[1:3])
+        total = sum(int(np.prod(constant_value(model, n).shape)) for n in names if n)
         for node, i, _ in self.per_head_constants:
-            total += int(constant_value(model, node_by_name[node].input[i]).size)
+            total += int(self._per_head_value(model, node_by_name[node].input[i]).size)
         return total
 
+    def _per_head_value(self, model: onnx.ModelProto, name: str) -> np.ndarray:
+        value = self.folded.get(name)
+        return constant_value(model, name) if value is None else value
+
     def flops(self, model: onnx.ModelProto, heads: int | None = None, tokens: int | None = None) -> int | None:
-        """Multiply-adds ×2 of projections and core at ``heads`` heads (default: all)."""
+        """Multiply-adds ×2 of projections and core at ``heads`` heads (default: all).
+
+        The core is ``N·M`` scores per head, or for agent attention its two stages through
+        ``n`` agents (``n·M + N·n`` scores) plus the depthwise conv of V.
+        """
         n = tokens or self.tokens
         m = tokens if tokens and self.key_tokens == self.tokens else (self.key_tokens or n)
         if n is None:
@@ -131,8 +174,19 @@ class AttentionLayer:
         projections = sum(constant_value(model, proj.weight).shape[0] * proj.columns.shape[1] * h
                           for _, proj in self.roles.values())
         c_out = constant_value(model, self.out_proj.weight).shape[1]
-        return int(2 * n * projections + 2 * n * m * h * (self.head_dim + self.value_dim)
-                   + 2 * n * h * self.value_dim * c_out)
+        scores = n * m
+        if self.core in _AGENT_CORES:
+            if self.agents is None:
+                return None
+            scores = self.agents * (m + n)
+        convs = 0
+        for conv in self.depthwise:
+            if conv.positions is None:
+                return None
+            weight = constant_value(model, next(x for x in model.graph.node if x.name == conv.node).input[1])
+            convs += 2 * conv.positions * int(np.prod(weight.shape[2:])) * len(conv.channel_heads) * h // self.heads
+        return int(2 * n * projections + 2 * scores * h * (self.head_dim + self.value_dim)
+                   + 2 * n * h * self.value_dim * c_out + convs)
 
 
 # ----------------------------------------------------------------------------- finding layers
@@ -151,12 +205,25 @@ def find_attention_layers(model: onnx.ModelProto) -> list[AttentionLayer]:
     _SHAPES_CACHE[id(model)] = shapes
     layers: list[AttentionLayer] = []
     misses: list[str] = []
-    for node in model.graph.node:
-        core = _core(node, prod, cons)
-        if core is None:
+    cores = [(node, core) for node in model.graph.node if (core := _core(node, prod, cons)) is not None]
+    agents = _unfused_agents(model, cores, prod, cons)
+    first_stages = {stage1.name for stage1, _ in agents.values()}
+    outputs, values = {core[4] for _, core in cores}, {core[3] for _, core in cores}
+    for node, (kind, q, k, v, out) in cores:
+        if node.name in first_stages:
+            continue  # one layer with its second stage
+        if node.name not in agents and (v in outputs or out in values):
+            misses.append(f"{node.name}: one of two chained attention stages that are not agent attention as "
+                          "passes.agent matches it (e.g. lowered to two ONNX Attention nodes: prune before lowering)")
             continue
-        kind, q, k, v, out = core
         try:
+            if node.name in agents:
+                # Q and the output from the second stage, K and V from the first.
+                stage1, match = agents[node.name]
+                _, _, k, v, _ = _core(stage1, prod, cons)
+                layers.append(_layer(model, len(layers), node, "agent", q, k, v, out, prod, cons, shapes,
+                                     _agent_parts(model, match, q, prod)))
+                continue
             layers.append(_layer(model, len(layers), node, kind, q, k, v, out, prod, cons, shapes))
         except _Unrecognised as why:
             misses.append(f"{node.name}: {why}")
@@ -189,6 +256,48 @@ def value_projection(model: onnx.ModelProto, v: str) -> onnx.NodeProto | None:
     except _Unrecognised:
         return None
     return next(n for n in model.graph.node if n.name == proj.matmul)
+
+
+@dataclass
+class _AgentParts:
+    """What agent attention adds to a layer: agent tokens pooled from Q, per-head biases."""
+
+    q: str                      # heads-first Q the agents are pooled from
+    agents: str                 # the agent tokens A [B, H, n, D] (or a constant)
+    core_nodes: set[str]        # nodes of the core itself (not followed when walking from Q or V)
+    biases: list[tuple[str, int]]   # (node, input) of each bias
+
+
+def _unfused_agents(model, cores, prod, cons) -> dict[str, tuple[onnx.NodeProto, Any]]:
+    """``{second-stage Softmax: (first-stage Softmax, passes.agent Match)}`` for each unfused
+    agent attention: two softmax cores chained by their values, as ``passes.agent`` matches them."""
+    by_out = {core[4]: node for node, core in cores}
+    if not any(core[3] in by_out for _, core in cores):
+        return {}  # no chained stages: skip the agent matcher's copy of the graph
+    from attnc.passes import agent as agent_pass
+
+    found = {}
+    for match in agent_pass.find(model).matches:
+        stage2 = by_out.get(match.outputs[0])
+        stage1 = by_out.get(_core(stage2, prod, cons)[3]) if stage2 is not None else None
+        if stage1 is not None:
+            found[stage2.name] = (stage1, match)
+    return found
+
+
+def _agent_parts(model, match, q, prod) -> _AgentParts:
+    """The agent parts of an unfused match (``passes.agent``'s roles and node list); the agents
+    are followed from the second stage's queries ``q`` before their scale (a heads-first tensor,
+    where the match's ``Q`` may lie before the head-split Transpose)."""
+    if constant_value(model, match.inputs["A"]) is not None:
+        raise _Unrecognised("learned agent tokens are constants inside both stages here; fuse the graph with "
+                            "passes.agent first (the fused op's agents are sliced on their heads axis)")
+    biases = [(n.name, list(n.input).index(match.inputs[role])) for role in ("agent_bias", "query_bias")
+              if role in match.inputs for n in model.graph.node
+              if n.name in match.nodes and match.inputs[role] in n.input]
+    while (node := prod.get(q)) is not None and node.op_type in _SCALAR_OPS and node.name in match.nodes:
+        q = next(i for i in node.input if constant_value(model, i) is None)
+    return _AgentParts(q, match.inputs["A"], set(match.nodes), biases)
 
 
 def _named(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -240,7 +349,8 @@ def _walk_scores(t, prod):
     return None
 
 
-def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes) -> AttentionLayer:
+def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
+           agent: _AgentParts | None = None) -> AttentionLayer:
     roles = {}
     heads = {}
     for role, t in (("Q", q), ("K", k), ("V", v)):
@@ -252,26 +362,79 @@ def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes) -> Attent
     h = heads["Q"]
     qd = roles["Q"][1].columns.shape[1]
     vd = roles["V"][1].columns.shape[1]
-    merge, out_proj, merged = _trace_output(model, out, h, vd, prod, cons)
+    merge, out_proj, merged, added = _trace_output(model, out, h, vd, prod, cons)
     if out_proj.columns.shape != (h, vd):
         raise _Unrecognised(f"output projection rows {out_proj.columns.shape} do not match {h} heads x {vd}")
-    per_head = []
-    if kind.startswith("attnc::"):
-        for i, axis in _PER_HEAD_INPUTS.get(node.op_type, {}).items():
-            if i < len(node.input) and node.input[i]:
-                value = constant_value(model, node.input[i])
-                if value is None:
-                    raise _Unrecognised(f"per-head input {i} of {node.name} is not a constant")
-                if value.shape[axis] == h:
-                    per_head.append((node.name, i, axis))
-                elif value.shape[axis] != 1:
-                    raise _Unrecognised(f"per-head input {i} of {node.name} has {value.shape[axis]} heads, not {h}")
+    if kind == "attnc::AgentAttention":
+        agent = _AgentParts(node.input[0], node.input[3], {node.name}, [])
+    core_nodes = agent.core_nodes if agent else {prod[out].name}
+    reshapes: list[_HeadSplit] = []
+    depthwise: list[_Depthwise] = []
+    # Terms added to the merged heads (agent attention's depthwise conv of V) lose the same channels.
+    merged_heads = np.empty(h * vd, dtype=np.int64)
+    for i, rows in enumerate(out_proj.columns):
+        merged_heads[rows] = i
+    for add, term in added:
+        layout, found_reshapes, found_convs = _follow_channels(model, v, term, h, vd, core_nodes, prod, cons)
+        if any(_holds_heads(axis) for axis in layout[:-1]) \
+                or not np.array_equal(_channel_heads(layout[-1], term), merged_heads):
+            raise _Unrecognised(f"{add}: the term added to the merged heads does not carry V's heads on the "
+                                "same channels")
+        reshapes += found_reshapes
+        depthwise += found_convs
+    per_head, folded = [], {}
+    constants = [(node, i, axis) for i, axis in _PER_HEAD_INPUTS.get(node.op_type, {}).items()
+                 if kind.startswith("attnc::") and i < len(node.input) and node.input[i]]
+    node_by_name = {n.name: n for n in model.graph.node}
+    constants += [(node_by_name[name], i, -3) for name, i in (agent.biases if agent else [])]
+    for owner, i, axis in constants:
+        t = owner.input[i]
+        value = constant_value(model, t)
+        if value is None and agent is not None and t == agent.agents:
+            continue  # agents pooled from Q: followed below
+        computed = value is None
+        if computed:
+            value = _fold(model, t)
+        if not -value.ndim <= axis < value.ndim:
+            continue  # too few dims to reach the heads: broadcast over them
+        if value.shape[axis] not in (h, 1):
+            raise _Unrecognised(f"per-head input {i} of {owner.name} of shape {value.shape} does not have "
+                                f"{h} heads on axis {axis}")
+        if value.shape[axis] != h:
+            continue  # broadcast over the heads
+        per_head.append((owner.name, i, axis))
+        if computed:
+            folded[t] = value
+    agents = None
+    if agent is not None:
+        a_shape = shapes.get(agent.agents) or []
+        agents = a_shape[2] if len(a_shape) == 4 and isinstance(a_shape[2], int) else None
+        if constant_value(model, agent.agents) is None:
+            layout, found_reshapes, found_convs = _follow_channels(model, agent.q, agent.agents, h, qd,
+                                                                   agent.core_nodes, prod, cons)
+            # [B, H, n, D], or [B, H, D, n] where the unfused stages transpose it
+            if len(layout) != 4 or layout[1] != [("h", h)] or _holds_heads(layout[0]) \
+                    or sorted(_holds_heads(axis) for axis in layout[2:]) != [False, True] \
+                    or [("d", qd)] not in layout[2:]:
+                raise _Unrecognised(f"the agent tokens {agent.agents} do not keep Q's heads apart")
+            agents = _size(next(axis for axis in layout[2:] if not _holds_heads(axis)))
+            reshapes += found_reshapes
+            depthwise += found_convs
     q_shape = shapes.get(q) or []
     v_shape = shapes.get(v) or []
     tokens = q_shape[2] if len(q_shape) == 4 and isinstance(q_shape[2], int) else None
     key_tokens = v_shape[2] if len(v_shape) == 4 and isinstance(v_shape[2], int) else None
     return AttentionLayer(index, node.name, kind, h, qd, vd, tokens, key_tokens, roles, merge, out_proj, per_head,
-                          merged)
+                          merged, agents, reshapes, depthwise, folded)
+
+
+def _fold(model, name) -> np.ndarray:
+    """The value of ``name`` computed from constants only, e.g. the agent bias tables that the
+    TorchScript exporter leaves as Resize/Reshape/Concat of parameters (dynamo folds them)."""
+    values = [] if depends_on_data(model, name) else [r[name] for r in evaluate_tensors(model, [name])]
+    if not values or any(not np.array_equal(values[0], v) for v in values[1:]):
+        raise _Unrecognised(f"per-head input {name} is computed from the model's inputs")
+    return values[0]
 
 
 def _trace_input(model, t, prod, cons) -> tuple[_HeadSplit, _Projection]:
@@ -419,6 +582,8 @@ def _trace_output(model, t, heads, value_dim, prod, cons):
 
     The core's output is ``[B, H, N, Dv]`` by contract; its dims are carried through the
     Transposes so the merge works where shape inference knows nothing (fused nodes' outputs).
+    Returns the merge, the output projection, its input and the terms added on the way
+    (see :func:`_output_projection`).
     """
     dims: list = [None, heads, None, value_dim]
     head_axis = 1
@@ -445,15 +610,243 @@ def _trace_output(model, t, heads, value_dim, prod, cons):
             grid = np.moveaxis(np.arange(int(np.prod(rest))).reshape(rest), head_axis - lead, 0)
             rows = grid.reshape(heads, -1)
             merge = _HeadSplit(node.name, lead, [int(np.prod(rest))], 0)
-            merged = node.output[0]
-            users = cons.get(merged, [])
-            if len(users) != 1 or users[0].op_type != "MatMul" or constant_value(model, users[0].input[1]) is None:
-                raise _Unrecognised(f"{node.name}: merged heads do not feed a constant output projection")
-            mm = users[0]
-            return merge, _Projection(mm.name, mm.input[1], None, None, None, rows), merged
+            mm, added = _output_projection(model, node, len(target), cons)
+            return merge, _Projection(mm.name, mm.input[1], None, None, None, rows), mm.input[0], added
         else:
             raise _Unrecognised(f"{node.name}: {node.op_type} after the attention core")
     raise _Unrecognised(f"{t}: output path too long")
+
+
+def _output_projection(model, merge, rank, cons) -> tuple[onnx.NodeProto, list[tuple[str, str]]]:
+    """From the merge Reshape's output ``[.., tokens, H·Dv]`` to the constant output projection.
+
+    On the way only the token axes may change: ``Slice`` (agent attention sets the CLS token
+    apart), ``Concat`` of those pieces, and ``Add`` of a term (agent attention's depthwise conv of
+    V on the grid tokens; the caller checks it carries the heads on the same channels).
+
+    Returns:
+        The output projection ``MatMul`` and ``(Add node, added tensor)`` of each term.
+    """
+    merged = merge.output[0]
+    inside, todo = {merged}, [merged]
+    found, concats, adds = [], [], []
+    while todo:
+        t = todo.pop()
+        for user in cons.get(t, []):
+            op = user.op_type
+            if op == "Shape":
+                continue
+            if op == "MatMul" and user.input[0] == t and constant_value(model, user.input[1]) is not None:
+                found.append(user)
+                continue
+            if op == "Slice" and user.input[0] == t:
+                axes = constant_value(model, user.input[3]) if len(user.input) > 3 and user.input[3] else None
+                if axes is None or any(int(a) % rank == rank - 1 for a in axes):
+                    raise _Unrecognised(f"{user.name}: Slice of the merged heads' channels")
+            elif op == "Concat" and _attr(user, "axis", 0) % rank != rank - 1:
+                concats.append(user)
+            elif op == "Add" and list(user.input).count(t) == 1:
+                adds.append((user, t))
+            else:
+                raise _Unrecognised(f"{merge.name}: merged heads go through {op} {user.name}, not straight "
+                                    "into a constant output projection")
+            if user.output[0] not in inside:
+                inside.add(user.output[0])
+                todo.append(user.output[0])
+    if len(found) != 1:
+        raise _Unrecognised(f"{merge.name}: merged heads feed {len(found)} constant output projections, not one")
+    if any(i not in inside for c in concats for i in c.input):
+        raise _Unrecognised(f"{merge.name}: merged heads are concatenated with other tokens")
+    added = [(add.name, next(i for i in add.input if i != t)) for add, t in adds]
+    if any(term in inside for _, term in added):
+        raise _Unrecognised(f"{merge.name}: merged heads are added to themselves")
+    return found[0], added
+
+
+def _follow_channels(model, start, stop, heads, head_dim, core_nodes, prod, cons
+                     ) -> tuple[list[list[tuple[str, int | None]]], list[_HeadSplit], list[_Depthwise]]:
+    """Walk from the heads-first ``start`` ``[B, H, N, D]`` forward to ``stop`` (not through the
+    attention core's ``core_nodes``) over ops that keep each head's channels to themselves:
+    Transpose, Reshape, Slice of other axes, scalar Mul/Div, pooling and depthwise Conv.
+
+    Agent attention does this twice: Q's grid tokens average-pooled to the agent tokens, and
+    V's grid tokens through a depthwise conv added to the merged heads. Each axis is tracked as
+    the factors it is made of, major first (``("h", H)``, ``("d", D)``, ``("x", size or None)``
+    for anything else), which says which Reshape entry holds the heads and which head each
+    conv channel belongs to.
+
+    Returns:
+        (the axes' factors at ``stop``, the Reshapes (``lead`` = the entry holding the heads,
+        ``rest`` = the static entries from there on), the convs).
+    """
+    shapes = _shapes(model)
+    dims = shapes.get(start) or [None] * 4
+    if len(dims) != 4:
+        raise _Unrecognised(f"{start}: not a heads-first [B, H, N, D] tensor")
+    layout = [[("x", _static(dims[0]))], [("h", heads)], [("x", _static(dims[2]))], [("d", head_dim)]]
+    # The path may leave before the head-split Transpose (TorchScript cancels transpose pairs):
+    # it starts at the one tensor up the Transposes with a consumer off the way to the core.
+    t, towards_core, branches = start, None, []
+    while True:
+        branches += [(t, layout, u) for u in cons.get(t, [])
+                     if u.op_type != "Shape" and u.name not in core_nodes and u is not towards_core]
+        node = prod.get(t)
+        if node is None or node.op_type not in ("Transpose", "Cast", "Identity"):
+            break
+        if node.op_type == "Transpose":
+            perm = list(_attr(node, "perm"))
+            layout = [layout[perm.index(a)] for a in range(len(perm))]
+        t, towards_core = node.input[0], node
+    if len(branches) != 1 or branches[0][2].input[0] != branches[0][0]:
+        raise _Unrecognised(f"{start}: {len(branches)} paths leave it on the way to {stop}")
+    t, layout, first = branches[0]
+    reshapes, convs = [], []
+    for _ in range(32):
+        if t == stop:
+            return layout, reshapes, convs
+        users = [first] if first is not None else \
+            [u for u in cons.get(t, []) if u.op_type != "Shape" and u.name not in core_nodes]
+        first = None
+        if len(users) != 1 or users[0].input[0] != t:
+            raise _Unrecognised(f"{t}: {len(users)} consumers on the way to {stop}")
+        node = users[0]
+        op = node.op_type
+        out_dims = shapes.get(node.output[0]) or []
+        static = [_static(out_dims[a]) if a < len(out_dims) else None for a in range(len(layout))]
+        if op in ("Cast", "Identity"):
+            pass
+        elif op in _SCALAR_OPS:
+            value = constant_value(model, node.input[1])
+            if value is None or value.size != 1:
+                raise _Unrecognised(f"{node.name}: {op} by a non-scalar on the way to {stop}")
+        elif op == "Transpose":
+            layout = [layout[p] for p in _attr(node, "perm")]
+        elif op == "Slice":
+            axes = constant_value(model, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            if axes is None or any(_holds_heads(layout[int(a) % len(layout)]) for a in axes):
+                raise _Unrecognised(f"{node.name}: Slice across the heads on the way to {stop}")
+            for a in axes:
+                layout[int(a) % len(layout)] = [("x", static[int(a) % len(layout)])]
+        elif op in ("AveragePool", "MaxPool", "Conv"):
+            if any(_holds_heads(axis) for a, axis in enumerate(layout) if a != 1):
+                raise _Unrecognised(f"{node.name}: {op} does not have the heads on its channel axis")
+            if op == "Conv":
+                weight = constant_value(model, node.input[1])
+                channels = _size(layout[1])
+                if weight is None or channels is None or _attr(node, "group", 1) != channels \
+                        or tuple(weight.shape[:2]) != (channels, 1):
+                    raise _Unrecognised(f"{node.name}: Conv over the heads' channels is not depthwise")
+                positions = int(np.prod(static[2:])) if None not in static[2:] else None
+                convs.append(_Depthwise(node.name, _channel_heads(layout[1], node.name), positions))
+            layout = layout[:2] + [[("x", d)] for d in static[2:]]
+        elif op == "Reshape":
+            target = _reshape_target(model, node)
+            groups = None if target is None else _regroup(
+                [f for axis in layout for f in axis], [d if isinstance(d, int) and d > 0 else None for d in target])
+            if groups is None:
+                raise _Unrecognised(f"{node.name}: Reshape to {target} splits a head on the way to {stop}")
+            # The entry holding the heads is rewritten as a constant, and with it everything after:
+            # TorchScript computes it from the layer input's width (``x.shape[-1]``), which pruning keeps.
+            lead = next(j for j, axis in enumerate(groups) if _holds_heads(axis, "h"))
+            if any(_size(axis) is None for axis in groups[lead:]):
+                raise _Unrecognised(f"{node.name}: Reshape to {target} has dynamic dims after the heads")
+            reshapes.append(_HeadSplit(node.name, lead, [_size(axis) for axis in groups[lead:]], 0))
+            layout = groups
+        else:
+            raise _Unrecognised(f"{node.name}: {op} on the way from {start} to {stop}")
+        t = node.output[0]
+    raise _Unrecognised(f"{start}: path to {stop} too long")
+
+
+def _regroup(factors, target) -> list[list[tuple[str, int | None]]] | None:
+    """A Reshape's input factors grouped into its output axes (``target``: ints, ``None`` when
+    unknown), or ``None`` when an output axis would cut a head or head-dim factor.
+
+    Factors are matched from both ends; dims of unknown size (batch, TorchScript's token
+    counts) pair one to one, and whatever stays unmatched in the middle goes to the one dim
+    left there, or must be plain ``x`` when several are left.
+    """
+    left = _match_from_start(list(factors), list(target))
+    if left is None:
+        return None
+    groups, rest, rest_target = left
+    right = _match_from_start(rest[::-1], rest_target[::-1])
+    if right is None:
+        return None
+    tail, middle, middle_target = right
+    middle, middle_target = middle[::-1], middle_target[::-1]
+    tail = [g[::-1] for g in tail[::-1]]
+    # A token count of unknown size at an end of the middle becomes the known dims at that end
+    # (TorchScript: [B, H, D, N] -> [B, H·D, G, G] with N and H·D computed at run time).
+    if len(middle) > 1 and middle[-1] == ("x", None) and middle_target and middle_target[-1] is not None:
+        known = len(middle_target) - next(j for j in range(len(middle_target), 0, -1) if middle_target[j - 1] is None)
+        middle, tail = middle[:-1], [[("x", d)] for d in middle_target[-known:]] + tail
+        middle_target = middle_target[:-known]
+    elif len(middle) > 1 and middle[0] == ("x", None) and middle_target and middle_target[0] is not None:
+        known = next(j for j, d in enumerate(middle_target + [None]) if d is None)
+        middle, groups = middle[1:], groups + [[("x", d)] for d in middle_target[:known]]
+        middle_target = middle_target[known:]
+    if len(middle_target) == 1:  # one dim takes whatever is left
+        return groups + [middle] + tail
+    if any(tag != "x" for tag, _ in middle) or (not middle_target and any(n != 1 for _, n in middle)):
+        return None
+    return groups + [[("x", d)] for d in middle_target] + tail
+
+
+def _match_from_start(factors, target):
+    """Group leading ``factors`` into leading ``target`` dims while sizes are known.
+
+    Returns ``(groups, factors left, target dims left)``, or ``None`` when a dim would cut a
+    head or head-dim factor (``x`` factors may be split).
+    """
+    groups = []
+    for j, dim in enumerate(target):
+        if dim is None:
+            if factors and factors[0] == ("x", None):
+                groups.append([factors.pop(0)])
+                continue
+            return groups, factors, target[j:]
+        group, size = [], 1
+        if dim == 1 and factors and factors[0][1] == 1:
+            group.append(factors.pop(0))  # a single head (or agent, or token) keeps its own axis
+        while size < dim:
+            if not factors or factors[0][1] is None:
+                return groups, group + factors, target[j:]
+            tag, n = factors[0]
+            need = dim // size
+            if need % n == 0:
+                group.append(factors.pop(0))
+                size *= n
+            elif tag == "x" and n % need == 0:
+                group.append(("x", need))
+                factors[0] = ("x", n // need)
+                size = dim
+            else:
+                return None
+        groups.append(group)
+    return groups, factors, []
+
+
+def _holds_heads(axis, tags: str = "hd") -> bool:
+    return any(tag in tags for tag, _ in axis)
+
+
+def _size(axis) -> int | None:
+    sizes = [n for _, n in axis]
+    return None if None in sizes else int(np.prod(sizes))
+
+
+def _static(dim) -> int | None:
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def _channel_heads(axis, where: str) -> np.ndarray:
+    """The head of each channel of an axis made of ``axis`` factors (exactly one ``h``)."""
+    tags = [tag for tag, _ in axis]
+    sizes = [n for _, n in axis]
+    if tags.count("h") != 1 or None in sizes:
+        raise _Unrecognised(f"{where}: channels are not one head axis times known sizes")
+    return np.indices(sizes)[tags.index("h")].reshape(-1)
 
 
 _SHAPES_CACHE: dict[int, dict] = {}
@@ -541,7 +934,8 @@ def _attr(node, name, default=None):
 
 def score_heads(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, np.ndarray]],
                 method: str = "activation", torch_model=None,
-                loss_fn: Callable[[Any, dict], Any] | None = None) -> dict[int, np.ndarray]:
+                loss_fn: Callable[[Any, dict], Any] | None = None,
+                keep: dict[int, list[int]] | None = None) -> dict[int, np.ndarray]:
     """Importance of every head of every prunable layer (higher = more important).
 
     Args:
@@ -550,35 +944,67 @@ def score_heads(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, n
             are ignored by the ONNX route and handed to ``loss_fn``.
         method: ``"activation"``: mean over batches of ``‖O_h · W_o[h]‖`` per sample
             (ONNX Runtime, works on any exported model); ``"gradient"``: ``Σ |∂L/∂g_h|``
-            over batches (Michel et al. 2019) with a unit gate on each head's output in
-            ``torch_model``; ``"weight"``: ``‖W_o[h]‖_F`` (no data).
-        torch_model: the PyTorch model the ONNX file was exported from (``"gradient"``);
+            over samples (Michel et al. 2019) with a unit gate per sample on each head's output
+            in ``torch_model``; ``"ablation"``: the rise of the mean calibration loss when the
+            head alone is gated off in ``torch_model`` (one pass over the data per head; in
+            loss units, so select with ``normalise=False``); ``"weight"``: ``‖W_o[h]‖_F`` (no data).
+        torch_model: the PyTorch model the ONNX file was exported from (``"gradient"``, ``"ablation"``);
             its attention modules must expose ``num_heads`` (directly or via ``in_proj``)
             and an output projection (``proj`` / ``o_proj`` / ``out_proj``), in the graph's
             layer order.
-        loss_fn: ``loss_fn(output, feeds) -> scalar tensor`` (``"gradient"``).
+        loss_fn: ``loss_fn(output, feeds) -> scalar tensor``, the batch mean (``"gradient"``, ``"ablation"``).
+        keep: ``{layer: [head, ...]}`` still present (layers not named keep all): the
+            other heads are scored as already pruned — ``"activation"`` runs the model
+            pruned to ``keep``, ``"gradient"`` gates them to zero — and score 0. This is
+            the re-scoring step of :func:`select_heads_iteratively`.
 
     Returns:
         ``{layer_index: scores [H]}`` keyed like :func:`find_attention_layers`.
 
     Raises:
-        AttncError: unknown method, missing torch model / loss, no calibration data, or
-            no attention in the model.
+        AttncError: unknown method, missing torch model / loss, no calibration data, no
+            attention in the model, or a ``keep`` that is not a head subset of each layer.
     """
     if method not in METHODS:
         raise AttncError(f"unknown head-scoring method {method!r}", f"use one of {', '.join(METHODS)}")
     layers = find_attention_layers(onnx_model)
+    masks = _keep_masks(layers, keep)
     if method == "weight":
-        return {l.index: np.linalg.norm(constant_value(onnx_model, l.out_proj.weight)[l.out_proj.columns], axis=(1, 2))
-                for l in layers}
+        return {l.index: masks[l.index] * np.linalg.norm(
+            constant_value(onnx_model, l.out_proj.weight)[l.out_proj.columns], axis=(1, 2)) for l in layers}
     if not calibration_feeds:
         raise AttncError("head scoring needs calibration data", "pass at least one batch of inputs")
-    if method == "gradient":
+    if method in ("gradient", "ablation"):
         if torch_model is None or loss_fn is None:
-            raise AttncError("gradient head scoring needs the PyTorch model and a loss function",
+            raise AttncError(f"{method} head scoring needs the PyTorch model and a loss function",
                              "pass torch_model= and loss_fn=, or use method='activation'")
-        return _gradient_scores(onnx_model, layers, calibration_feeds, torch_model, loss_fn)
-    return _activation_scores(onnx_model, layers, calibration_feeds)
+        torch_scores = _gradient_scores if method == "gradient" else _ablation_scores
+        scores = torch_scores(onnx_model, layers, calibration_feeds, torch_model, loss_fn, masks)
+        return {i: s * masks[i] for i, s in scores.items()}
+    if all(m.all() for m in masks.values()):
+        return _activation_scores(onnx_model, layers, calibration_feeds)
+    # Score what is left on the model pruned to `keep` (kept heads stay in order), then put
+    # each score back at its head's original index.
+    pruned, _ = prune_heads(onnx_model, keep={i: [int(j) for j in np.flatnonzero(m)] for i, m in masks.items()})
+    left = _activation_scores(pruned, find_attention_layers(pruned), calibration_feeds)
+    scores = {i: np.zeros(len(m)) for i, m in masks.items()}
+    for i, m in masks.items():
+        scores[i][m] = left[i]
+    return scores
+
+
+def _keep_masks(layers, keep: dict[int, list[int]] | None) -> dict[int, np.ndarray]:
+    """``{layer: bool [H]}``, True on the heads ``keep`` keeps (all of them when ``keep`` is None)."""
+    masks = {l.index: np.ones(l.heads, dtype=bool) for l in layers}
+    for i, kept in (keep or {}).items():
+        if i not in masks:
+            raise AttncError(f"no attention layer {i}", f"layers are 0..{len(layers) - 1}")
+        h = len(masks[i])
+        if not kept or not all(0 <= j < h for j in kept):
+            raise AttncError(f"layer {i}: heads to keep {list(kept)} are not a non-empty subset of [0, {h})")
+        masks[i][:] = False
+        masks[i][list(kept)] = True
+    return masks
 
 
 def _activation_scores(model, layers, feeds_list) -> dict[int, np.ndarray]:
@@ -624,7 +1050,10 @@ def head_gates(torch_model, gates: dict[int, Any]):
     """Context manager multiplying head ``h`` of attention module ``i`` by ``gates[i][h]``.
 
     The gate acts on the output projection's input ``[.., H·Dv]`` (heads-major), which is
-    exactly what pruning removes: a zero gate is the torch reference for a pruned head.
+    exactly what pruning removes: a zero gate is the torch reference for a pruned head. For
+    agent attention that input is the head's attention output plus its channels of the
+    depthwise conv of V, and pruning removes both.
+    A gate ``[B, H]`` gates each sample separately (the batch on the input's first axis).
     """
     import contextlib
 
@@ -639,7 +1068,12 @@ def head_gates(torch_model, gates: dict[int, Any]):
 
             def pre_hook(_module, args, gate=gate, heads=heads):
                 x = args[0]
-                shaped = x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads) * gate.reshape(-1, 1).to(x.dtype)
+                if gate.ndim == 2:
+                    if x.ndim < 2 or x.shape[0] != gate.shape[0]:
+                        raise AttncError(f"per-sample head gates {tuple(gate.shape)} do not match the output "
+                                         f"projection's input {tuple(x.shape)} (batch first)")
+                    gate = gate.reshape(gate.shape[0], *([1] * (x.ndim - 2)), heads)
+                shaped = x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads) * gate.unsqueeze(-1).to(x.dtype)
                 return (shaped.reshape(x.shape), *args[1:])
 
             handles.append(proj.register_forward_pre_hook(pre_hook))
@@ -664,27 +1098,74 @@ def gates_from_keep(keep: dict[int, list[int]], heads: dict[int, int]) -> dict[i
     return gates
 
 
-def _gradient_scores(model, layers, feeds_list, torch_model, loss_fn) -> dict[int, np.ndarray]:
-    import torch
-
+def _torch_inputs(model, layers, torch_model) -> list[str]:
+    """The graph inputs ``torch_model`` takes, in order, after checking it matches the graph's layers."""
     modules = torch_attention_modules(torch_model)
     if len(modules) != len(layers) or any(m[1] != l.heads for m, l in zip(modules, layers)):
         raise AttncError(f"the PyTorch model has {len(modules)} attention modules "
                          f"({[m[1] for m in modules]} heads), the ONNX graph {len(layers)} "
                          f"({[l.heads for l in layers]} heads)", "pass the model the ONNX file was exported from")
-    input_names = [i.name for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
-    gates = {i: torch.ones(l.heads, requires_grad=True) for i, l in enumerate(layers)}
-    totals = {l.index: np.zeros(l.heads) for l in layers}
+    return [i.name for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
+
+
+def _ablation_scores(model, layers, feeds_list, torch_model, loss_fn, masks) -> dict[int, np.ndarray]:
+    import torch
+
+    input_names = _torch_inputs(model, layers, torch_model)
+    batches = [([torch.from_numpy(np.asarray(feeds[n])) for n in input_names], feeds) for feeds in feeds_list]
+    gates = {i: torch.tensor(masks[l.index], dtype=torch.float32) for i, l in enumerate(layers)}
+    scores = {l.index: np.zeros(l.heads) for l in layers}
     was_training = torch_model.training
     torch_model.eval()
     try:
-        with head_gates(torch_model, gates):
-            for feeds in feeds_list:
-                args = [torch.from_numpy(np.asarray(feeds[n])) for n in input_names]
-                loss = loss_fn(torch_model(*args), feeds)
-                grads = torch.autograd.grad(loss, [gates[i] for i in range(len(layers))])
-                for l, g in zip(layers, grads):
-                    totals[l.index] += g.abs().detach().numpy()
+        # The hooks read the gate tensors at call time: flipping one entry ablates that head.
+        with torch.no_grad(), head_gates(torch_model, gates):
+            def mean_loss() -> float:
+                return float(np.mean([float(loss_fn(torch_model(*args), feeds)) for args, feeds in batches]))
+
+            reference = mean_loss()
+            for i, l in enumerate(layers):
+                for j in np.flatnonzero(masks[l.index]):
+                    gates[i][j] = 0.0
+                    scores[l.index][j] = mean_loss() - reference
+                    gates[i][j] = 1.0
+    finally:
+        torch_model.train(was_training)
+    return scores
+
+
+def _gradient_scores(model, layers, feeds_list, torch_model, loss_fn, masks) -> dict[int, np.ndarray]:
+    import torch
+
+    input_names = _torch_inputs(model, layers, torch_model)
+    totals = {l.index: np.zeros(l.heads) for l in layers}
+    was_training = torch_model.training
+    torch_model.eval()
+    per_sample = True
+    try:
+        for feeds in feeds_list:
+            args = [torch.from_numpy(np.asarray(feeds[n])) for n in input_names]
+            # One gate per sample and head: the score sums |∂L/∂g| over samples (Michel et al.'s
+            # E_x |∂L(x)/∂ξ_h|). A gate shared by the batch would sum signed per-sample gradients
+            # first, which nearly cancel on the data a model was trained on.
+            batch = args[0].shape[0] if per_sample and args and args[0].ndim else None
+            gates = {i: torch.tensor(np.broadcast_to(masks[l.index], (batch, l.heads)) if batch else masks[l.index],
+                                     dtype=torch.float32, requires_grad=True) for i, l in enumerate(layers)}
+            try:
+                with head_gates(torch_model, gates):
+                    loss = loss_fn(torch_model(*args), feeds)
+            except AttncError as exc:
+                if not batch:
+                    raise
+                log.warning("gradient head scores: %s; falling back to one gate per batch", exc.problem)
+                per_sample = False
+                gates = {i: torch.tensor(masks[l.index], dtype=torch.float32, requires_grad=True)
+                         for i, l in enumerate(layers)}
+                with head_gates(torch_model, gates):
+                    loss = loss_fn(torch_model(*args), feeds)
+            grads = torch.autograd.grad(loss, [gates[i] for i in range(len(layers))])
+            for l, g in zip(layers, grads):
+                totals[l.index] += g.abs().reshape(-1, l.heads).sum(0).detach().numpy()
     finally:
         torch_model.train(was_training)
     return totals
@@ -744,29 +1225,21 @@ class PruneReport:
 
 
 def select_heads(layers_heads: dict[int, int], scores: dict[int, np.ndarray], ratio: float | None = None,
-                 count: int | None = None) -> dict[int, list[int]]:
+                 count: int | None = None, normalise: bool = True) -> dict[int, list[int]]:
     """Heads to keep: drop the globally lowest-scoring ones, at least one head per layer.
 
-    Scores are normalised per layer (divided by the layer's L2 norm, as Michel et al. do)
-    so layers with larger activations do not keep all their heads by scale alone.
+    With ``normalise`` scores are divided by their layer's L2 norm (as Michel et al. do) so
+    layers with larger activations do not keep all their heads by scale alone; ``"ablation"``
+    scores are loss differences, comparable across layers as they are (``normalise=False``).
     """
-    total = sum(layers_heads.values())
-    if (ratio is None) == (count is None):
-        raise AttncError("give exactly one of ratio and count", "e.g. ratio=0.25 or count=4")
-    if ratio is not None:
-        if not 0 < ratio < 1:
-            raise AttncError(f"prune ratio must be in (0, 1), got {ratio}", "e.g. 0.25 prunes a quarter of the heads")
-        count = int(round(ratio * total))
-    if not isinstance(count, (int, np.integer)) or count < 0 or count > total - len(layers_heads):
-        raise AttncError(f"cannot prune {count} of {total} heads in {len(layers_heads)} layers",
-                         f"prune between 0 and {total - len(layers_heads)} heads (each layer keeps one)")
+    count = _prune_count(layers_heads, ratio, count)
     ranked = []
     for i, h in layers_heads.items():
         s = np.asarray(scores.get(i), dtype=np.float64)
         if s.shape != (h,):
             raise AttncError(f"scores for layer {i} have shape {s.shape}, the layer has {h} heads",
                              "score with score_heads() on the same model")
-        norm = np.linalg.norm(s) or 1.0
+        norm = (np.linalg.norm(s) or 1.0) if normalise else 1.0
         ranked.extend((s[j] / norm, i, j) for j in range(h))
     ranked.sort()
     left = dict(layers_heads)
@@ -778,6 +1251,62 @@ def select_heads(layers_heads: dict[int, int], scores: dict[int, np.ndarray], ra
             dropped.add((i, j))
             left[i] -= 1
     return {i: [j for j in range(h) if (i, j) not in dropped] for i, h in layers_heads.items()}
+
+
+def _prune_count(layers_heads: dict[int, int], ratio: float | None, count: int | None) -> int:
+    """Heads to remove for ``ratio`` (of all heads) or ``count``; each layer keeps one."""
+    total = sum(layers_heads.values())
+    if (ratio is None) == (count is None):
+        raise AttncError("give exactly one of ratio and count", "e.g. ratio=0.25 or count=4")
+    if ratio is not None:
+        if not 0 < ratio < 1:
+            raise AttncError(f"prune ratio must be in (0, 1), got {ratio}", "e.g. 0.25 prunes a quarter of the heads")
+        count = int(round(ratio * total))
+    if not isinstance(count, (int, np.integer)) or count < 0 or count > total - len(layers_heads):
+        raise AttncError(f"cannot prune {count} of {total} heads in {len(layers_heads)} layers",
+                         f"prune between 0 and {total - len(layers_heads)} heads (each layer keeps one)")
+    return int(count)
+
+
+def select_heads_iteratively(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, np.ndarray]],
+                             ratio: float | None = None, count: int | None = None, *, step: int = 1,
+                             method: str = "activation", torch_model=None,
+                             loss_fn: Callable[[Any, dict], Any] | None = None) -> dict[int, list[int]]:
+    """Heads to keep, pruned ``step`` at a time with re-scoring in between (Michel et al. 2019, §4).
+
+    Each round scores the heads still present with the ones already dropped pruned
+    (:func:`score_heads` with ``keep=``), then drops the ``step`` globally lowest of them
+    (:func:`select_heads`: per-layer normalised except ``"ablation"``, each layer keeps one
+    head). A head that takes over a dropped head's job is re-ranked before it goes, which
+    one-shot selection cannot do. Costs one scoring pass per round (``"ablation"``: one
+    pass over the calibration data per remaining head, i.e. greedy backward elimination).
+
+    Args:
+        onnx_model, calibration_feeds, method, torch_model, loss_fn: as for :func:`score_heads`.
+        ratio, count: how many heads to remove in all, as for :func:`select_heads`.
+        step: heads removed per round (``1``: re-score after every head).
+
+    Returns:
+        ``{layer: [head, ...]}`` to keep, for ``prune_heads(onnx_model, keep=...)``.
+
+    Raises:
+        AttncError: a bad ratio/count/step, or anything :func:`score_heads` raises.
+    """
+    layers_heads = {l.index: l.heads for l in find_attention_layers(onnx_model)}
+    target = _prune_count(layers_heads, ratio, count)
+    if not isinstance(step, (int, np.integer)) or step < 1:
+        raise AttncError(f"step must be a whole number of heads >= 1, got {step!r}", "e.g. step=1")
+    keep = {i: list(range(h)) for i, h in layers_heads.items()}
+    dropped = 0
+    while dropped < target:
+        n = min(step, target - dropped)
+        scores = score_heads(onnx_model, calibration_feeds, method, torch_model, loss_fn, keep=keep)
+        left = select_heads({i: len(k) for i, k in keep.items()}, {i: scores[i][k] for i, k in keep.items()}, count=n,
+                            normalise=method != "ablation")
+        keep = {i: [keep[i][j] for j in left[i]] for i in keep}
+        dropped += n
+        log.debug("select_heads_iteratively: %d of %d heads dropped, keep %s", dropped, target, keep)
+    return keep
 
 
 def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | None = None, *,
@@ -897,8 +1426,19 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
     _replace_input(model, nodes[layer.out_proj.matmul], 1, w_o[rows], f"{layer.out_proj.weight}.{tag}")
     for node_name, i, axis in layer.per_head_constants:
         node = nodes[node_name]
-        value = constant_value(model, node.input[i])
+        value = layer._per_head_value(model, node.input[i])
         _replace_input(model, node, i, np.take(value, kept, axis=axis), f"{node.input[i]}.{tag}")
+    # Agent attention outside the core: Reshapes around the pooling and the conv, conv channels.
+    for split in layer.channel_reshapes:
+        _set_reshape(model, nodes[split.node], split.lead, [split.rest[0] // layer.heads * len(kept), *split.rest[1:]],
+                     tag)
+    for conv in layer.depthwise:
+        node = nodes[conv.node]
+        channels = np.flatnonzero(np.isin(conv.channel_heads, kept))
+        for i in range(1, min(3, len(node.input))):
+            if node.input[i]:
+                _replace_input(model, node, i, constant_value(model, node.input[i])[channels], f"{node.input[i]}.{tag}")
+        next(a for a in node.attribute if a.name == "group").i = len(channels)
 
 
 def _replace_input(model, node, i, value: np.ndarray, name: str) -> None:

@@ -236,3 +236,21 @@ def test_pipeline_entry_point(vlm):
         pass_module.apply(onnx_model, "dynamic", model.num_visual_tokens)
     with pytest.raises(AttncError, match="unknown token-exit mode"):
         pass_module.apply(onnx_model, "sometimes", model.num_visual_tokens)
+
+
+def test_vqa_model_with_more_visual_tokens(tmp_path):
+    """The benchmark's LLaVA-like proportions: 64 px images give 64 visual tokens in front of 3 text
+    tokens; the training data follows the image size, and the static exit equals torch's."""
+    from attnc.models.train import train_vqa_vlm
+
+    model, train, test = train_vqa_vlm(n_train=64, n_test=8, epochs=1, img_size=64, dim=32, depth=2)
+    assert model.num_visual_tokens == 64
+    assert tuple(train.inputs[0].shape[1:]) == (3, 64, 64) and tuple(test.inputs[0].shape[1:]) == (3, 64, 64)
+    path = tmp_path / "vlm64.onnx"
+    export_onnx(model, tuple(x[:2] for x in train.inputs), path, input_names=["image", "text_ids"],
+                dynamic_axes={"image": {0: "batch"}, "text_ids": {0: "batch", 1: "text_len"}})
+    exited, _ = apply_static_token_exit(onnx.load(str(path)), 1, model.num_visual_tokens)
+    with torch.no_grad():
+        expected = model(*test.inputs, exit_layer=1).numpy()
+    got = _run(exited, {"image": test.inputs[0].numpy(), "text_ids": test.inputs[1].numpy()})
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=ATOL)
