@@ -6,17 +6,33 @@ broadcastable to ``[B, H, n, D]``, optional biases ``b1`` (to ``[B, H, n, M]``) 
 
     V_A = softmax(s A Kᵀ + b1) V        O = softmax(s Q Aᵀ + b2) V_A
 
-A program owns one head. Stage 1 runs flash-style over the M keys with the n agents as queries
-(n <= 256, all of them in one register tile; 49 in Agent-DeiT) and keeps ``V_A`` in registers
-(fp32); stage 2 then streams query tiles: their n scores fit one tile, so it is a plain
-softmax and one product with ``V_A``. Neither the ``[n, M]`` nor the ``[N, n]`` probabilities
-nor ``V_A`` touch memory. The probabilities are multiplied in fp32 (tf32 for half inputs):
-rounding them to bf16 put the two chained stages at up to 8.5e-3 relative error vs float64,
-too close to the 1e-2 budget; the agent stages are small next to the rest of the model.
+Two kernels, one launch each:
 
-When ``B·H`` programs are too few to fill the GPU the launcher splits the query tiles of a
-head over several programs (:func:`attnc.plugins.kernels_common.agent_grid`), each
-recomputing stage 1 (cost ``n·M·D``, small next to ``N·n·D`` per split).
+- :func:`agent_attention_kernel` (the PyTorch path): a program owns one head. Stage 1 runs
+  flash-style over the M keys with the n agents as queries (n <= 256, all of them in one
+  register tile; 49 in Agent-DeiT) and keeps ``V_A`` in registers (fp32); stage 2 then streams
+  query tiles: their n scores fit one tile, so it is a plain softmax and one product with
+  ``V_A``. When ``B·H`` programs are too few to fill the GPU the launcher splits the query
+  tiles of a head over several programs (:func:`attnc.plugins.kernels_common.agent_grid`),
+  each recomputing stage 1 (cost ``n·M·D``, small next to ``N·n·D`` per split). Its launcher
+  opts in to more than 48 KB of shared memory.
+- :func:`agent_tiled_kernel` (TensorRT's entry points, which get 48 KB and no opt-in): a
+  program owns one head and one query tile and streams the agents 16 at a time; each agent
+  tile's stage 1 yields its ``V_A`` rows, which stage 2 folds in with an online softmax over
+  the agents. No program holds more than one agent tile, so any agent count fits, and the
+  score products run over 32-wide head-dim slices (fp32 ``tl.dot`` on CUDA cores holds whole
+  operand rows in registers). Cost: every query tile recomputes stage 1, so a head does
+  ``T·n·M·(D+Dv)`` + ``N·n·(D+Dv)`` multiply-adds for ``T = ⌈N/BLOCK_M⌉`` query tiles, against
+  ``(M + N)·n·(D+Dv)`` for the two stages done once: ``(T·M + N)/(M + N)`` times the minimum,
+  2.5x at Agent-DeiT's N = M = 197 with 64-query tiles (4x with fp32's 32-query tiles above
+  head dim 64), and ``≈ T/2`` for long sequences (33x at N = M = 4096, AgentSD-like). There a
+  single launch cannot keep ``V_A`` anywhere (no scratch memory in an AOT plugin), so the
+  two-``Attention`` lowering (``attnc.plugins.agent.lower_to_attention_nodes``) is cheaper.
+
+Neither the ``[n, M]`` nor the ``[N, n]`` probabilities nor ``V_A`` touch memory. The
+probabilities are multiplied in fp32 (tf32 for half inputs): rounding them to bf16 put the two
+chained stages at up to 8.5e-3 relative error vs float64, too close to the 1e-2 budget; the
+agent stages are small next to the rest of the model.
 """
 
 from __future__ import annotations
@@ -93,22 +109,113 @@ def agent_attention_kernel(
                  out.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
 
 
+@triton.jit
+def _scores(X, offs_x, x_ok, sx, Y, offs_y, y_ok, sy, head_dim, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """``X[offs_x] · Y[offs_y]ᵀ`` (fp32 ``[len(offs_x), len(offs_y)]``), ``BLOCK_DK`` head-dim
+    columns at a time: fp32 ``tl.dot`` runs on CUDA cores and holds a thread's operand rows
+    across the whole reduction dim in registers, so 128-wide rows spilled."""
+    s = tl.zeros([offs_x.shape[0], offs_y.shape[0]], tl.float32)
+    for d0 in tl.static_range(0, BLOCK_D, BLOCK_DK):
+        offs_k = d0 + tl.arange(0, BLOCK_DK)
+        k_ok = offs_k < head_dim
+        x = tl.load(X + offs_x[:, None] * sx + offs_k[None, :], mask=x_ok[:, None] & k_ok[None, :], other=0.0)
+        y = tl.load(Y + offs_y[:, None] * sy + offs_k[None, :], mask=y_ok[:, None] & k_ok[None, :], other=0.0)
+        s += dot(x, tl.trans(y), PRECISION)
+    return s
+
+
+@triton.jit
+def agent_tiled_kernel(
+    Q, K, V, A, B1, B2, O,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sa_b, sa_h, sa_n,
+    s1_b, s1_h, s1_a, s1_m, s2_b, s2_h, s2_n, s2_a, so_b, so_h, so_n,
+    heads, queries, keys, agents, head_dim, value_dim, qk_scale,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Both stages for one query tile, streaming the agents ``BLOCK_A`` at a time.
+
+    Per agent tile, stage 1 (flash-style over the keys) yields that tile's rows of ``V_A``,
+    which stage 2 folds in at once with an online softmax over the agents; so a program holds
+    one agent tile and its ``V_A`` rows, whatever the agent count. Scores are summed over
+    ``BLOCK_DK``-wide slices of the head dim (:func:`_scores`).
+    """
+    pid_bh, pid_m = tl.program_id(0), tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    q_head, k_head = Q + b * sq_b + h * sq_h, K + b * sk_b + h * sk_h
+    a_head = A + b * sa_b + h * sa_h
+    # Stage 1's loop matches agent_attention_kernel's but for the sliced scores: sharing it made
+    # that kernel reload its resident agents per key block (fp32 spills 1.5 KB -> 5-7 KB).
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok, dv_ok = offs_m < queries, offs_dv < value_dim
+    m_q = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_q = tl.zeros([BLOCK_M], tl.float32)
+    out = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for a0 in range(0, agents, BLOCK_A):
+        offs_a = a0 + tl.arange(0, BLOCK_A)
+        a_ok = offs_a < agents
+        # Stage 1 for this tile: its V_A rows, online softmax over key blocks (base 2).
+        m_a = tl.full([BLOCK_A], -1.0e30, tl.float32)
+        l_a = tl.zeros([BLOCK_A], tl.float32)
+        agent_v = tl.zeros([BLOCK_A, BLOCK_DV], tl.float32)
+        for n0 in range(0, keys, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < keys
+            s = _scores(a_head, offs_a, a_ok, sa_n, k_head, offs_n, n_ok, sk_n, head_dim, BLOCK_D, BLOCK_DK,
+                        PRECISION) * qk_scale
+            if HAS_B1:
+                bias = tl.load(B1 + b * s1_b + h * s1_h + offs_a[:, None] * s1_a + offs_n[None, :] * s1_m,
+                               mask=a_ok[:, None] & n_ok[None, :], other=0.0)
+                s += bias.to(tl.float32) * 1.4426950408889634
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_a, tl.max(s, 1))
+            alpha = tl.exp2(m_a - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_a = l_a * alpha + tl.sum(p, 1)
+            v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_dv[None, :],
+                        mask=n_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+            agent_v = agent_v * alpha[:, None] + dot(p, v, PRECISION)
+            m_a = m_new
+        # Padding agents (a_ok false) have finite rows; stage 2 gives them zero weight.
+        agent_v = agent_v / tl.where(a_ok, l_a, 1.0)[:, None]
+        # Stage 2: fold the tile into the queries' online softmax over the agents.
+        s = _scores(q_head, offs_m, m_ok, sq_n, a_head, offs_a, a_ok, sa_n, head_dim, BLOCK_D, BLOCK_DK,
+                    PRECISION) * qk_scale
+        if HAS_B2:
+            bias = tl.load(B2 + b * s2_b + h * s2_h + offs_m[:, None] * s2_n + offs_a[None, :] * s2_a,
+                           mask=m_ok[:, None] & a_ok[None, :], other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        s = tl.where(a_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_q, tl.max(s, 1))
+        alpha = tl.exp2(m_q - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_q = l_q * alpha + tl.sum(p, 1)
+        out = out * alpha[:, None] + dot(p, agent_v, PRECISION)
+        m_q = m_new
+    out = out / l_q[:, None]
+    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_dv[None, :],
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+
 
 # TensorRT AOT entry points: TensorRT launches a plugin's kernel with (*inputs, *int32 scalars,
 # *outputs) only, so these take contiguous tensors and derive every stride from the sizes;
 # which of A / the biases broadcast over batch or heads is static (constexpr) in a built engine.
 
 @triton.jit
-def _agent_trt_body(Q, K, V, A, B1, B2, heads, queries, keys, O, splits,
+def _agent_trt_body(Q, K, V, A, B1, B2, heads, queries, keys, O,
                     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, AGENTS: tl.constexpr, QK_SCALE: tl.constexpr,
                     A_BATCH: tl.constexpr, A_HEADS: tl.constexpr, B1_BATCH: tl.constexpr, B1_HEADS: tl.constexpr,
                     B2_BATCH: tl.constexpr, B2_HEADS: tl.constexpr, HAS_BIASES: tl.constexpr,
                     BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     a_head = AGENTS * HEAD_DIM if A_HEADS else 0
     b1_head = AGENTS * keys if B1_HEADS else 0
     b2_head = queries * AGENTS if B2_HEADS else 0
-    agent_attention_kernel(
+    agent_tiled_kernel(
         Q, K, V, A, B1, B2, O,
         heads * queries * HEAD_DIM, queries * HEAD_DIM, HEAD_DIM,
         heads * keys * HEAD_DIM, keys * HEAD_DIM, HEAD_DIM,
@@ -117,8 +224,8 @@ def _agent_trt_body(Q, K, V, A, B1, B2, heads, queries, keys, O, splits,
         (heads * AGENTS * keys if B1_HEADS else AGENTS * keys) if B1_BATCH else 0, b1_head, keys, 1,
         (heads * queries * AGENTS if B2_HEADS else queries * AGENTS) if B2_BATCH else 0, b2_head, AGENTS, 1,
         heads * queries * VALUE_DIM, queries * VALUE_DIM, VALUE_DIM,
-        heads, queries, keys, AGENTS, HEAD_DIM, VALUE_DIM, QK_SCALE, splits,
-        HAS_BIASES, HAS_BIASES, BLOCK_A, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+        heads, queries, keys, AGENTS, HEAD_DIM, VALUE_DIM, QK_SCALE,
+        HAS_BIASES, HAS_BIASES, BLOCK_A, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, BLOCK_DV, PRECISION)
 
 
 @triton.jit
@@ -126,10 +233,10 @@ def agent_attention_trt(Q, K, V, A, heads, queries, keys, O,
                         HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, AGENTS: tl.constexpr,
                         QK_SCALE: tl.constexpr, A_BATCH: tl.constexpr, A_HEADS: tl.constexpr,
                         BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    _agent_trt_body(Q, K, V, A, Q, Q, heads, queries, keys, O, tl.cdiv(queries, BLOCK_M),
+                        BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    _agent_trt_body(Q, K, V, A, Q, Q, heads, queries, keys, O,
                     HEAD_DIM, VALUE_DIM, AGENTS, QK_SCALE, A_BATCH, A_HEADS, False, False, False, False, False,
-                    BLOCK_A, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+                    BLOCK_A, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, BLOCK_DV, PRECISION)
 
 
 @triton.jit
@@ -138,17 +245,36 @@ def agent_attention_biases_trt(Q, K, V, A, B1, B2, heads, queries, keys, O,
                                QK_SCALE: tl.constexpr, A_BATCH: tl.constexpr, A_HEADS: tl.constexpr,
                                B1_BATCH: tl.constexpr, B1_HEADS: tl.constexpr, B2_BATCH: tl.constexpr,
                                B2_HEADS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                               PRECISION: tl.constexpr):
-    _agent_trt_body(Q, K, V, A, B1, B2, heads, queries, keys, O, tl.cdiv(queries, BLOCK_M),
+                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
+                               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    _agent_trt_body(Q, K, V, A, B1, B2, heads, queries, keys, O,
                     HEAD_DIM, VALUE_DIM, AGENTS, QK_SCALE, A_BATCH, A_HEADS, B1_BATCH, B1_HEADS, B2_BATCH,
-                    B2_HEADS, True, BLOCK_A, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+                    B2_HEADS, True, BLOCK_A, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, BLOCK_DV, PRECISION)
 
 # ----------------------------------------------------------------------------- launcher
 
 def agent_blocks(agents: int, head_dim: int, value_dim: int) -> dict[str, int]:
     return {"BLOCK_A": block_dim(agents), "BLOCK_M": 64, "BLOCK_N": 64,
             "BLOCK_D": block_dim(head_dim), "BLOCK_DV": block_dim(value_dim)}
+
+
+def agent_trt_config(dtype: torch.dtype, head_dim: int, value_dim: int) -> dict[str, int]:
+    """Tiles, ``num_warps`` and ``num_stages`` of :func:`agent_tiled_kernel` in a TensorRT engine
+    (48 KB of shared memory without opting in, no register spills), for any agent count.
+
+    16-agent tiles (``tl.dot``'s smallest) keep one tile's agents and fp32 ``V_A`` rows small;
+    scores are summed over 32-wide head-dim slices; the query tile is as large as fits, since
+    every query tile recomputes stage 1. Measured on sm_80-90 at head dim 96/128: whole
+    128-wide rows in the score products spilled 150-270 B in fp32 (CUDA-core ``tl.dot``), 4
+    warps spilled in every dtype, 32-agent tiles took 52-68 KB and 64-query tiles 49-58 KB in
+    fp32; 32 x 32 (fp32, head dims > 64) or 64 x 32 query x key tiles with 8 warps fit with room.
+    Two pipeline stages only where they fit (half precision, head dims <= 64).
+    """
+    wide = max(head_dim, value_dim) > 64
+    half = dtype != torch.float32
+    return {"BLOCK_A": 16, "BLOCK_M": 32 if wide and not half else 64, "BLOCK_N": 64 if half and not wide else 32,
+            "BLOCK_D": block_dim(head_dim), "BLOCK_DK": min(32, block_dim(head_dim)),
+            "BLOCK_DV": block_dim(value_dim), "num_warps": 8, "num_stages": 2 if half and not wide else 1}
 
 
 def _strides4(t: torch.Tensor | None, shape) -> tuple[int, int, int, int]:
@@ -202,7 +328,8 @@ _NUMPY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 def kernel_for(op_type: str, attrs: dict, dtypes: list, shapes: list, arch: int | None = None):
     """TensorRT's AOT kernel for one ``AgentAttention`` node (``KernelProvider``): inputs
     ``Q, K, V, A`` or ``Q, K, V, A, agent_bias, query_bias`` (contiguous; A and the biases may
-    broadcast over batch and heads), int32 scalars ``heads, queries, keys``, output ``O``."""
+    broadcast over batch and heads), int32 scalars ``heads, queries, keys``, output ``O``.
+    Any static agent count."""
     from attnc.plugins.kernels_common import aot_kernel
 
     return aot_kernel(*trt_launch(attrs, dtypes, shapes), arch)
@@ -211,9 +338,10 @@ def kernel_for(op_type: str, attrs: dict, dtypes: list, shapes: list, arch: int 
 def trt_launch(attrs: dict, dtypes: list, shapes: list):
     """``(KernelSpec, grid(output_shapes), scalars(input_shapes))`` of the TensorRT entry point.
 
-    Every program takes one query tile (``splits`` = query tiles): a TensorRT grid cannot
+    :func:`agent_tiled_kernel`, one program per head and query tile: a TensorRT grid cannot
     depend on the batch through ``min``/``max``, and one tile per program keeps small batches
-    busy at the price of recomputing the agent stage per tile.
+    busy at the price of recomputing stage 1 per tile (see the module docstring). Any agent
+    count: the kernel streams them 16 at a time.
     """
     from attnc.compiler.errors import AttncError
 
@@ -223,8 +351,9 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
                          "run the node through its ONNX function body or lower it to two Attention nodes")
     q_shape, v_shape, a_shape = list(shapes[0]), list(shapes[2]), list(shapes[3])
     head_dim, value_dim, agents = q_shape[-1], v_shape[-1], a_shape[-2]
-    if None in (head_dim, value_dim, agents) or agents > MAX_AGENTS:
-        raise AttncError(f"AgentAttention kernel needs static head dims and <= {MAX_AGENTS} static agents")
+    if None in (head_dim, value_dim, agents):
+        raise AttncError(f"AgentAttention kernel needs static head dims and a static agent count, got "
+                         f"{q_shape}, {v_shape}, {a_shape}", "export the model with static agent and head dims")
 
     def broadcast_flags(shape):  # (varies over batch, varies over heads) of a rank-2..4 tensor
         full = [1] * (4 - len(shape)) + list(shape)
@@ -232,16 +361,8 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
 
     torch_dtype = _NUMPY_DTYPES[dtypes[0]]
     ptr = POINTER_TYPES[torch_dtype]
-    blocks = agent_blocks(agents, head_dim, value_dim)
-    # 48 KB of shared memory without opting in, no register spills: fp32 (CUDA-core products holding
-    # whole operand rows in registers) and wide heads get 32-row query/key tiles, 8 warps and one
-    # stage. Measured with 64-row tiles, 4 warps, two stages at 49 agents: fp32 took
-    # 56-128 KB and spilled at every head dim (sm_86), fp16 spilled at head dim 128 (sm_86) and
-    # took 64 KB there with two stages and 8 warps (sm_90).
-    launch = dict(num_warps=4, num_stages=2)
-    if torch_dtype == torch.float32 or max(head_dim, value_dim) > 64:
-        blocks.update(BLOCK_M=32, BLOCK_N=32)
-        launch = dict(num_warps=8, num_stages=1)
+    blocks = agent_trt_config(torch_dtype, head_dim, value_dim)
+    launch = {key: blocks.pop(key) for key in ("num_warps", "num_stages")}
     a_batch, a_heads = broadcast_flags(a_shape)
     constexprs = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, AGENTS=agents,
                       QK_SCALE=(float(attrs.get("scale") or 0.0) or head_dim ** -0.5) * LOG2E,
@@ -282,4 +403,5 @@ def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
 
 
 __all__ = ["MAX_AGENTS", "agent_attention_biases_trt", "agent_attention_kernel", "agent_attention_trt",
-           "agent_blocks", "agent_forward", "aot_specs", "kernel_for", "trt_launch"]
+           "agent_blocks", "agent_forward", "agent_tiled_kernel", "agent_trt_config", "aot_specs", "kernel_for",
+           "trt_launch"]

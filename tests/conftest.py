@@ -1,0 +1,18 @@
+"""Test-session settings shared by every test module."""
+
+from __future__ import annotations
+
+import os
+
+
+def pytest_configure(config):
+    """Give each pytest-xdist worker its share of the cores for torch's intra-op pool.
+
+    Each worker's torch would otherwise start one thread per core, and on CI's 2 cores two
+    workers' spinning pools slow training-based tests (the digits ViT) by 20x or more.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
