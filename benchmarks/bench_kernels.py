@@ -362,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     if ceilings:
         print(f"ceilings: {ceilings['matmul_tflops']:.0f} TFLOP/s ({ceilings['matmul']}), "
               f"{ceilings['copy_gbps']:.0f} GB/s ({ceilings['copy']})", flush=True)
+    save = _saver(args, device_name, ceilings)
     rows = []
     for op in args.ops:
         for cfg in CONFIGS[op]:
@@ -387,26 +388,38 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 row = {"op": op, "config": cfg, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             rows.append(row)
+            save(rows)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     _print_table(rows, device_name, args.dtype)
-    if not args.no_save and (args.out is not None or not args.smoke):
-        args.out = args.out or RESULTS
-        args.out.mkdir(parents=True, exist_ok=True)
-        now = datetime.datetime.now(datetime.timezone.utc)
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower()
-        path = args.out / f"kernels-{slug}-{args.dtype}-{now:%Y%m%d-%H%M%S}.json"
-        meta = {"device": device_name, "date": now.isoformat(), "dtype": args.dtype, "smoke": args.smoke,
-                "torch": torch.__version__, "python": platform.python_version(),
-                "cuda": torch.version.cuda, "ceilings": ceilings}
-        try:
-            import triton
-            meta["triton"] = triton.__version__
-        except ImportError:
-            pass
-        path.write_text(json.dumps({"machine": meta, "results": rows}, indent=1, default=str))
-        print(f"raw results: {path}")
     return 0 if all("error" not in r for r in rows) else 1
+
+
+def _saver(args, device_name: str, ceilings: dict | None) -> Callable[[list[dict]], None]:
+    """``save(rows)``: rewrite the raw-results file after every case, so a run stopped by a
+    time limit (a lent GPU's minutes) keeps what it measured. No-op unless results are saved."""
+    if args.no_save or (args.out is None and args.smoke):
+        return lambda rows: None
+    out = args.out or RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower()
+    path = out / f"kernels-{slug}-{args.dtype}-{now:%Y%m%d-%H%M%S}.json"
+    meta = {"device": device_name, "date": now.isoformat(), "dtype": args.dtype, "smoke": args.smoke,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.version.cuda, "ceilings": ceilings}
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(f"raw results: {path}", flush=True)
+
+    def save(rows: list[dict]) -> None:
+        partial = path.with_name(f".{path.name}.tmp")
+        partial.write_text(json.dumps({"machine": meta, "results": rows}, indent=1, default=str))
+        partial.replace(path)
+    return save
 
 
 def _print_table(rows: list[dict], device_name: str, dtype: str) -> None:

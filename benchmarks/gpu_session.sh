@@ -46,7 +46,7 @@ $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$LOG" 2
     || { step "attnc did not install: see $LOG"; exit 1; }
 
 step "kernel correctness on hardware (the interpreter sweep's cases, compiled)"
-(cd tests/plugins && ATTNC_KERNEL_DEVICE=cuda timeout 150 $PY test_kernels.py gpu all) \
+(cd tests/plugins && ATTNC_KERNEL_DEVICE=cuda timeout 120 $PY test_kernels.py gpu all) \
     > "$OUT/kernels-gpu-sweep.jsonl" 2>> "$LOG"
 $PY - "$OUT/kernels-gpu-sweep.jsonl" <<'SUMMARY' 2>&1 | tee -a "$LOG"
 import json, sys
@@ -58,12 +58,12 @@ for r in bad:
 SUMMARY
 
 step "kernels fp16"
-timeout 300 $PY benchmarks/bench_kernels.py --dtype fp16 --out "$OUT" 2>&1 | tee -a "$LOG"
+timeout 240 $PY benchmarks/bench_kernels.py --dtype fp16 --out "$OUT" 2>&1 | tee -a "$LOG"
 for dtype in bf16 fp32; do
     step "kernels $dtype"
-    timeout 90 $PY benchmarks/bench_kernels.py --dtype "$dtype" --out "$OUT" 2>&1 | tee -a "$LOG"
+    timeout 75 $PY benchmarks/bench_kernels.py --dtype "$dtype" --out "$OUT" 2>&1 | tee -a "$LOG"
 done
 
 step "gpu-marked tests"
-timeout 60 $PY -m pytest -m gpu -p no:xdist -p no:cacheprovider -q tests 2>&1 | tail -20 | tee -a "$LOG"
+timeout 45 $PY -m pytest -m gpu -p no:xdist -p no:cacheprovider -q tests 2>&1 | tail -20 | tee -a "$LOG"
 step "done"
