@@ -16,3 +16,9 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run ``slow``-marked tests first: under pytest-xdist the multi-minute ones (the kernels'
+    ahead-of-time compiles) then overlap with the rest instead of queueing at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -384,6 +384,16 @@ TRT_CASES = [
 ]
 
 
+def aot_dtypes(arch: int) -> tuple[str, ...]:
+    """Dtypes compiled for ``arch`` in CI. sm_86 and sm_89 build the same code as sm_80 with the
+    same shared memory and registers to within a few (measured for every kernel and dtype,
+    docs/STATUS.md), so they compile fp16 only, a compile-break check that keeps CI's 2 cores
+    at ~2 minutes per arch less; ``ATTNC_KERNEL_ALL_DTYPES=1`` compiles every dtype everywhere."""
+    if arch in (80, 90) or os.environ.get("ATTNC_KERNEL_ALL_DTYPES") == "1":
+        return ("fp16", "fp32", "bf16")
+    return ("fp16",)
+
+
 def _aot_main(arch: int) -> None:
     """Child process (no TRITON_INTERPRET): compile every kernel spec for ``arch``, all dtypes, and
     every TensorRT kernel; one record per build with its resources (shared memory, registers,
@@ -398,7 +408,7 @@ def _aot_main(arch: int) -> None:
     providers = {"NeighborhoodAttention": neighborhood, "AgentAttention": agent, "KernelLinearAttention": linear,
                  "FlowAttention": flow}
     head_dims = [int(d) for d in os.environ.get("ATTNC_KERNEL_HEAD_DIMS", "128").split(",")]
-    for dtype in ("fp16", "fp32", "bf16"):
+    for dtype in aot_dtypes(arch):
         if not kernels_common.arch_supports(arch, dtype):
             continue
         # The PyTorch path's kernels: its launcher opts in to more than 48 KB, up to the arch's limit.
@@ -503,6 +513,7 @@ def test_other_grids():
 
 # ----------------------------------------------------------------------------- tests: interpreter
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", OPS)
 def test_kernel_matches_float64_reference_interpreted(op):
     pytest.importorskip("triton")
@@ -521,6 +532,7 @@ def test_kernel_matches_float64_reference_interpreted(op):
 # ----------------------------------------------------------------------------- tests: AOT
 
 @functools.cache
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", (80, 86, 89, 90))
 def test_kernels_compile_ahead_of_time(arch):
     """Every kernel compiles for ``arch`` in every dtype, in TensorRT's calling convention where it
@@ -530,7 +542,7 @@ def test_kernels_compile_ahead_of_time(arch):
     records = _child(["aot", str(arch)], interpret=False)
     failures = [f"{r['dtype']} {r['kernel']} {r.get('config')}: {r['exception']}" for r in records if "exception" in r]
     assert not failures, "\n".join(failures)
-    assert {r["dtype"] for r in records} == {"fp16", "fp32", "bf16"}
+    assert {r["dtype"] for r in records} == set(aot_dtypes(arch))
     assert {r["kernel"] for r in records} >= {f"kernel_for({op_type})" for op_type, _, _ in TRT_CASES}
     for r in records:
         assert r["ptx"] > 0 and r["ptx_target"].startswith(f"sm_{arch}"), r
