@@ -23,6 +23,7 @@ where both sides are finite.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -679,6 +680,17 @@ def validate(
     return ValidationResult(precision, default, overrides, outputs)
 
 
+@contextlib.contextmanager
+def eval_mode(module):
+    """Run the block with ``module.eval()``, then restore its train/eval mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def torch_reference(model, input_names: Sequence[str], output_names: Sequence[str]
                     ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """Wrap an ``nn.Module`` as ``feeds -> {output_name: array}`` for :func:`validate`.
@@ -705,13 +717,8 @@ def torch_reference(model, input_names: Sequence[str], output_names: Sequence[st
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
         args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in input_names]
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                result = model(*args)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.no_grad():
+            result = model(*args)
         tensors = _flatten(result)
         if len(tensors) != len(output_names):
             raise AttncError(f"the PyTorch model returns {len(tensors)} tensors but the artefact has "

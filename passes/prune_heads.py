@@ -54,6 +54,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from attnc.compiler.errors import AttncError
+from attnc.compiler.validate import eval_mode
 from attnc.passes.core import (constant_value, consumers, depends_on_data, evaluate_tensors, name_nodes,
                                producers, remove_dead_nodes, toposort, value_shapes)
 
@@ -1115,22 +1116,17 @@ def _ablation_scores(model, layers, feeds_list, torch_model, loss_fn, masks) -> 
     batches = [([torch.from_numpy(np.asarray(feeds[n])) for n in input_names], feeds) for feeds in feeds_list]
     gates = {i: torch.tensor(masks[l.index], dtype=torch.float32) for i, l in enumerate(layers)}
     scores = {l.index: np.zeros(l.heads) for l in layers}
-    was_training = torch_model.training
-    torch_model.eval()
-    try:
-        # The hooks read the gate tensors at call time: flipping one entry ablates that head.
-        with torch.no_grad(), head_gates(torch_model, gates):
-            def mean_loss() -> float:
-                return float(np.mean([float(loss_fn(torch_model(*args), feeds)) for args, feeds in batches]))
+    # The hooks read the gate tensors at call time: flipping one entry ablates that head.
+    with eval_mode(torch_model), torch.no_grad(), head_gates(torch_model, gates):
+        def mean_loss() -> float:
+            return float(np.mean([float(loss_fn(torch_model(*args), feeds)) for args, feeds in batches]))
 
-            reference = mean_loss()
-            for i, l in enumerate(layers):
-                for j in np.flatnonzero(masks[l.index]):
-                    gates[i][j] = 0.0
-                    scores[l.index][j] = mean_loss() - reference
-                    gates[i][j] = 1.0
-    finally:
-        torch_model.train(was_training)
+        reference = mean_loss()
+        for i, l in enumerate(layers):
+            for j in np.flatnonzero(masks[l.index]):
+                gates[i][j] = 0.0
+                scores[l.index][j] = mean_loss() - reference
+                gates[i][j] = 1.0
     return scores
 
 
@@ -1139,10 +1135,8 @@ def _gradient_scores(model, layers, feeds_list, torch_model, loss_fn, masks) -> 
 
     input_names = _torch_inputs(model, layers, torch_model)
     totals = {l.index: np.zeros(l.heads) for l in layers}
-    was_training = torch_model.training
-    torch_model.eval()
     per_sample = True
-    try:
+    with eval_mode(torch_model):
         for feeds in feeds_list:
             args = [torch.from_numpy(np.asarray(feeds[n])) for n in input_names]
             # One gate per sample and head: the score sums |∂L/∂g| over samples (Michel et al.'s
@@ -1166,8 +1160,6 @@ def _gradient_scores(model, layers, feeds_list, torch_model, loss_fn, masks) -> 
             grads = torch.autograd.grad(loss, [gates[i] for i in range(len(layers))])
             for l, g in zip(layers, grads):
                 totals[l.index] += g.abs().reshape(-1, l.heads).sum(0).detach().numpy()
-    finally:
-        torch_model.train(was_training)
     return totals
 
 
