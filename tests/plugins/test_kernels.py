@@ -341,8 +341,9 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- subprocess entry points
 
-def _interpret_main(op: str) -> None:
-    """Child process (TRITON_INTERPRET=1): run every case of ``op``, one JSON line each."""
+def _sweep_main(op: str) -> None:
+    """Child process: run every case of ``op`` on ``DEVICE`` (the CPU under TRITON_INTERPRET=1, or
+    a GPU in ``gpu`` mode), one JSON line each."""
     import warnings
 
     warnings.simplefilter("ignore")  # masked padding rows divide 0/0 in the interpreter's numpy
@@ -586,12 +587,12 @@ def _check_resources(records: list[dict], arch: int) -> None:
 if __name__ == "__main__":
     mode, arg = sys.argv[1], sys.argv[2]
     if mode == "interpret":
-        _interpret_main(arg)
+        _sweep_main(arg)
     elif mode == "gpu":  # the interpreter's cases, compiled for and run on the GPU
         if os.environ.get("TRITON_INTERPRET") == "1" or DEVICE.type != "cuda":
             raise SystemExit("gpu mode: set ATTNC_KERNEL_DEVICE=cuda and leave TRITON_INTERPRET unset")
         for op in (OPS if arg == "all" else [arg]):
-            _interpret_main(op)
+            _sweep_main(op)
     elif mode == "aot":
         _aot_main(int(arg))
     else:
