@@ -470,6 +470,8 @@ def _run_isolated(script: str, *args: str) -> subprocess.CompletedProcess:
     return run
 
 
+_CLI_SCRIPT = "from attnc.compiler.cli import cli; cli()"   # `attnc ARGS...` in its own process
+
 _COMPILE_SCRIPT = """
     import json, sys
     from attnc.compiler.pipeline import CompileOptions, compile_model
@@ -843,15 +845,10 @@ def test_cli_compiles_exported_vits_to_engines(tmp_path, model_name, lower, atte
     attention reaches TensorRT as a native layer (no plugin), with a dynamic-batch profile."""
     trt, flavour = _trt_or_skip()
     model = tmp_path / "model.onnx"
-    attnc = [sys.executable, "-m", "attnc.compiler.cli"]
-    subprocess.run([*attnc, "export", model_name, "-o", str(model)], check=True, capture_output=True, timeout=300)
-    args = [*attnc, "compile", str(model), "-o", str(tmp_path / "out"), "--backend", "tensorrt",
-            "--precision", "fp16", "--opt-shape", "image:2x3x36x36", "--max-shape", "image:4x3x36x36"]
-    for family in lower:
-        args += ["--lower", family]
-    run = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert run.returncode != -11, "TensorRT segfaulted building the engine (see unshare_attention_scales)"
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    _run_isolated(_CLI_SCRIPT, "export", model_name, "-o", str(model))
+    _run_isolated(_CLI_SCRIPT, "compile", str(model), "-o", str(tmp_path / "out"), "--backend", "tensorrt",
+                  "--precision", "fp16", "--opt-shape", "image:2x3x36x36", "--max-shape", "image:4x3x36x36",
+                  *[arg for family in lower for arg in ("--lower", family)])
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["lowered"] == lower
     assert manifest["ops_after"]["Attention"] == attention_layers
