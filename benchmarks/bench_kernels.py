@@ -10,7 +10,10 @@ For each fused op at realistic sizes it times attnc's kernel and every peer that
   no feature map and normalises its own way), Lightning Attention-2's kernel
   (``lightning_attn.ops.triton.lightning_attn2``, slope ``-log λ``) for lightning attention,
   and the op's torch reference eager and ``torch.compile``-d;
-- FlowAttention, AgentAttention: the op's torch reference, eager and ``torch.compile``-d.
+- FlowAttention, AgentAttention: the op's torch reference, eager and ``torch.compile``-d;
+  agent attention also against its two stages as two SDPA calls (the lowered route) and the
+  fused kernel a TensorRT engine launches. ``--agent-routes FILE`` records those two per shape
+  class for ``attnc compile``'s per-node choice (``attnc.plugins.agent.routes``).
 
 It prints one table of ratios ``peer time / attnc time`` (> 1: attnc is faster) plus attnc's
 max relative error against the float64 reference (the only check of the GPU-only paths: tf32
@@ -198,10 +201,48 @@ def case_agent(cfg, dtype, device):
     peers = {"torch eager": lambda: reference(q, k, v, a, b1, b2),
              "torch.compile": lambda: compiled(q, k, v, a, b1, b2)}
     # Each stage is exactly SDPA with an additive mask: the "lower to Attention" alternative.
-    peers["2x sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(
+    peers[LOWERED_AGENT] = lambda: torch.nn.functional.scaled_dot_product_attention(
         q, a, torch.nn.functional.scaled_dot_product_attention(a, k, v, attn_mask=b1), attn_mask=b2)
+    peers[FUSED_AGENT_TRT] = _agent_trt_kernel(q, k, v, a, b1, b2)
     return (lambda: agent_forward(q, k, v, a, b1, b2),
             peers, lambda: reference(*(None if t is None else t.double() for t in (q, k, v, a, b1, b2))))
+
+
+LOWERED_AGENT = "2x sdpa"
+FUSED_AGENT_TRT = "attnc TensorRT kernel"
+
+
+def _agent_trt_kernel(q, k, v, a, b1, b2) -> Callable:
+    """The fused kernel a TensorRT engine launches (one program per head and query tile,
+    stage 1 recomputed per tile), launched as the plugin does, with the plugin's config."""
+    from attnc.plugins.agent.kernels import trt_launch
+
+    inputs = [t for t in (q, k, v, a, b1, b2) if t is not None]
+    shapes = [list(t.shape) for t in inputs]
+    spec, grid, scalars = trt_launch({"scale": 0.0}, [str(q.dtype).removeprefix("torch.")] * len(inputs), shapes)
+    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    launch_grid, ints = grid([list(out.shape)]), scalars(shapes)
+
+    def run():
+        spec.kernel[launch_grid](*inputs, *ints, out, **spec.constexprs, num_warps=spec.num_warps,
+                                 num_stages=spec.num_stages)
+        return out
+    return run
+
+
+def record_agent_route(path: Path, row: dict, dtype: torch.dtype, device_name: str, date: str) -> bool:
+    """Add one agent case's fused-TensorRT-kernel and lowered timings to the route table that
+    ``attnc compile`` reads (``attnc.plugins.agent.routes``); False when either is missing."""
+    from attnc.plugins.agent import routes
+
+    fused, lowered = (row.get("peers_ms", {}).get(name) for name in (FUSED_AGENT_TRT, LOWERED_AGENT))
+    if not fused or not lowered:
+        return False
+    cfg = row["config"]
+    shape = routes.ShapeClass(str(dtype).removeprefix("torch."), cfg["seq"], cfg["seq"], cfg["agents"], cfg["dim"],
+                              cfg["dim"], bool(cfg.get("bias")))
+    routes.record(path, shape, fused, lowered, device_name, date)
+    return True
 
 
 CASES = {"neighborhood": case_neighborhood, "linear": case_linear, "flow": case_flow, "agent": case_agent}
@@ -226,7 +267,9 @@ CONFIGS = {
         dict(name="causal LM N2048 D64", batch=8, heads=8, seq=2048, dim=64, causal=1),
     ],
     "agent": [
+        dict(name="one query tile N64 n16", batch=256, heads=4, seq=64, agents=16, dim=64),
         dict(name="Agent-DeiT-S N197 n49", batch=64, heads=6, seq=197, agents=49, dim=64, bias=True),
+        dict(name="Agent-PVT-T stage1 N3136 n49", batch=16, heads=1, seq=3136, agents=49, dim=64, bias=True),
         dict(name="AgentSD-like N4096 n256", batch=2, heads=8, seq=4096, agents=256, dim=64),
     ],
 }
@@ -350,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-save", action="store_true", help="do not write results")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"folder for the raw results (default {RESULTS}; with --smoke, only when given)")
+    parser.add_argument("--agent-routes", type=Path, default=None, metavar="JSON",
+                        help="add each agent case's fused-TensorRT-kernel vs two-SDPA timings to this route "
+                             "table (copy it to plugins/agent/routes.json for attnc compile to use)")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         print("bench_kernels: no CUDA GPU visible (torch.cuda.is_available() is False); the kernel "
@@ -389,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"op": op, "config": cfg, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             rows.append(row)
             save(rows)
+            if op == "agent" and args.agent_routes and "error" not in row:
+                date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+                record_agent_route(args.agent_routes, row, dtype, device_name, date)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     _print_table(rows, device_name, args.dtype)

@@ -15,7 +15,8 @@
 #      against its peers at realistic sizes, with its error against float64 on hardware;
 #   3. the gpu-marked tests (TensorRT engines run only where TensorRT imports).
 # Raw results and the log land in $OUT (at most 8 files come back); copy them into
-# benchmarks/results/ and summarise them in benchmarks/RESULTS.md.
+# benchmarks/results/ and summarise them in benchmarks/RESULTS.md; copy agent-routes.json to
+# plugins/agent/routes.json (the measured agent routes attnc compile then follows).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,10 +59,12 @@ for r in bad:
 SUMMARY
 
 step "kernels fp16"
-timeout 240 $PY benchmarks/bench_kernels.py --dtype fp16 --out "$OUT" 2>&1 | tee -a "$LOG"
+ROUTES="$OUT/agent-routes.json"   # -> plugins/agent/routes.json (attnc compile's agent routes)
+timeout 240 $PY benchmarks/bench_kernels.py --dtype fp16 --out "$OUT" --agent-routes "$ROUTES" 2>&1 | tee -a "$LOG"
 for dtype in bf16 fp32; do
     step "kernels $dtype"
-    timeout 75 $PY benchmarks/bench_kernels.py --dtype "$dtype" --out "$OUT" 2>&1 | tee -a "$LOG"
+    timeout 75 $PY benchmarks/bench_kernels.py --dtype "$dtype" --out "$OUT" --agent-routes "$ROUTES" 2>&1 \
+        | tee -a "$LOG"
 done
 
 step "gpu-marked tests"

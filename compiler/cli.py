@@ -203,10 +203,12 @@ def _dims(shape) -> str:
 @click.option("--family", "families", multiple=True,
               help="Only run these fusion passes (repeatable); default: all.")
 @click.option("--no-fuse", is_flag=True, help="Skip the fusion passes.")
-@click.option("--lower", "lower", multiple=True, type=click.Choice(["agent", "linear"]),
+@click.option("--lower", "lower", multiple=True, type=click.Choice(["agent", "linear", "auto", "none"]),
               help="Emit standard ONNX ops for this family instead of an attnc node (repeatable): agent "
-                   "attention as two Attention nodes, lightning attention as LinearAttention. TensorRT "
-                   "then runs native layers, no plugin.")
+                   "attention as two Attention nodes, lightning attention as LinearAttention; TensorRT "
+                   "then runs native layers, no plugin. auto: each agent attention takes whichever of its "
+                   "plugin and two Attention layers wins for its shape class (the default for TensorRT "
+                   "plugins); none: lower nothing.")
 @click.option("--prune-heads", metavar="RATIO|COUNT",
               help="Prune attention heads: a ratio in (0, 1) (0.25) or a number of heads (4).")
 @click.option("--prune-method", type=click.Choice(["activation", "weight"]), default="activation",
@@ -242,8 +244,11 @@ def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, lowe
         backend_options = {"min_shapes": list(min_shapes), "opt_shapes": list(opt_shapes),
                            "max_shapes": list(max_shapes), "fused_ops": fused_ops,
                            "workspace": workspace << 20 if workspace else None, "timing_cache": timing_cache}
+    if "none" in lower and len(lower) > 1:
+        raise click.UsageError("--lower none cannot be combined with other --lower values")
     options = CompileOptions(backend=backend, precision=precision, fuse=not no_fuse,
-                             families=list(families) or None, lower=list(lower) or None,
+                             families=list(families) or None,
+                             lower=None if not lower else [f for f in lower if f != "none"],
                              backend_options=backend_options, prune_heads=prune_heads, prune_method=prune_method, calibration=calibration,
                              token_exit=token_exit, visual_tokens=visual_tokens, exit_layer=exit_layer,
                              exit_gate=exit_gate)

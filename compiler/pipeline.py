@@ -41,7 +41,9 @@ class CompileOptions:
     precision: str = "fp32"
     fuse: bool = True
     families: list[str] | None = None  # None: every available fusion pass
-    lower: list[str] | None = None      # families lowered to standard ONNX ops (passes.LOWERINGS)
+    # Families lowered to standard ONNX ops (passes.LOWERINGS), "auto" (agent attention picks
+    # per node, plugins/agent/routes.py); None: the backend's default (default_lowering).
+    lower: list[str] | None = None
     backend_options: dict = field(default_factory=dict)
     # Shrink passes (docs/shrink.md); they run before fusion, on the exported graph.
     prune_heads: str | None = None      # a ratio ("0.25") or a head count ("4")
@@ -87,10 +89,11 @@ def compile_model(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     model = shrink.pop("model")
 
     reports = []
+    lowering = default_lowering(options) if options.lower is None else list(options.lower)
     if options.fuse:
         t = time.perf_counter()
         step("running fusion passes")
-        model, reports = passes.fuse_attention(model, options.families, options.lower)
+        model, reports = passes.fuse_attention(model, options.families, lowering, options.precision)
         timings["passes_s"] = time.perf_counter() - t
 
     out_dir = Path(out_dir)
@@ -118,7 +121,7 @@ def compile_model(model_path: str | os.PathLike, out_dir: str | os.PathLike,
             "ops_before": ops_before,
             "ops_after": onnx_io.op_counts(model),
             "passes": [r.to_dict() for r in reports],
-            "lowered": sorted(options.lower or []) if options.fuse else [],
+            "lowered": sorted(lowering) if options.fuse else [],
             "shrink": shrink,
             "backend_info": getattr(backend, "describe", lambda _p: {})(artefact),
             "timings": {k: round(v, 4) for k, v in timings.items()},
@@ -131,6 +134,16 @@ def compile_model(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def default_lowering(options: CompileOptions) -> list[str]:
+    """What ``lower=None`` means: TensorRT running fused nodes as plugins picks per agent
+    attention node between its plugin and two native attention layers (``["auto"]``);
+    otherwise nothing is lowered (ONNX Runtime and ``fused_ops="inline"`` run the ops' ONNX
+    function bodies, where the choice buys nothing)."""
+    if options.backend == "tensorrt" and options.backend_options.get("fused_ops", "plugin") == "plugin":
+        return [passes.AUTO]
+    return []
 
 
 def _shrink(model: onnx.ModelProto, options: CompileOptions, step) -> dict:

@@ -35,6 +35,10 @@ LOWERINGS = {
     "agent": "lower_to_attention",
     "linear": "lower_lightning_to_onnx",
 }
+# ``lower=["auto"]``: families that choose per match, by shape class, whether to lower it
+# (agent attention: fused TensorRT kernel or two native attention layers, plugins/agent/routes.py).
+AUTO = "auto"
+ROUTED = ("agent",)
 
 
 def _load(family: str):
@@ -55,34 +59,40 @@ def available_families() -> list[str]:
 
 
 def find_attention(model: onnx.ModelProto, families: list[str] | None = None,
-                   lower: list[str] | None = None) -> list[PassReport]:
+                   lower: list[str] | None = None, precision: str | None = None) -> list[PassReport]:
     """Report what :func:`fuse_attention` would rewrite (and its near-misses); ``model`` is unchanged.
 
     This is a dry run of the pipeline rather than each pass's ``find`` on the input: a
     subgraph that an earlier pass consumes (agent attention's two softmax stages) is
     not also reported by a later one.
     """
-    return fuse_attention(model, families, lower)[1]
+    return fuse_attention(model, families, lower, precision)[1]
 
 
 def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None,
-                   lower: list[str] | None = None) -> tuple[onnx.ModelProto, list[PassReport]]:
+                   lower: list[str] | None = None,
+                   precision: str | None = None) -> tuple[onnx.ModelProto, list[PassReport]]:
     """Run the fusion passes in order; return the rewritten model and one report per pass.
 
     Args:
         model: the model (not modified).
         families: the passes to run (default: every available one), in ``FUSION_PASSES`` order.
         lower: families whose matches become standard ONNX ops rather than attnc nodes
-            (``LOWERINGS``); the model's opset is raised to what those ops need.
+            (``LOWERINGS``); the model's opset is raised to what those ops need. ``"auto"``:
+            the ``ROUTED`` families not named choose per match (the agent pass by shape class
+            for TensorRT; each match's ``route`` says which way and why).
+        precision: what the kernels will run in (``"fp16"``, ...); read by ``"auto"``.
 
     A near-miss whose anchor node a later pass fused (a plain softmax attention that the
     neighborhood pass looked at and the softmax pass rewrote) is dropped: it was not missed.
     """
     lower = list(lower or [])
+    auto = AUTO in lower
+    lower = [f for f in lower if f != AUTO]
     unknown = [f for f in lower if f not in LOWERINGS]
     if unknown:
         raise AttncError(f"attention family {unknown[0]!r} has no lowering to standard ONNX ops",
-                         f"lower one of {', '.join(LOWERINGS)}")
+                         f"lower one of {', '.join(LOWERINGS)}, or {AUTO}")
     order = families or available_families()
     skipped = [f for f in lower if f not in order]
     if skipped:
@@ -95,7 +105,13 @@ def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None,
         module = _load(family)
         if module is None:
             continue
-        model, report = module.apply(model, **({LOWERINGS[family]: True} if family in lower else {}))
+        if family in lower:
+            options = {LOWERINGS[family]: True}
+        elif auto and family in ROUTED:
+            options = {LOWERINGS[family]: AUTO, "precision": precision}
+        else:
+            options = {}
+        model, report = module.apply(model, **options)
         log.info("%s: %d rewritten, %d near-misses", family, report.rewritten, len(report.near_misses))
         reports.append(report)
     remaining = {node.name for node in model.graph.node}
@@ -104,5 +120,5 @@ def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None,
     return model, reports
 
 
-__all__ = ["FUSION_PASSES", "LOWERINGS", "Match", "NearMiss", "PassReport", "available_families",
+__all__ = ["AUTO", "FUSION_PASSES", "LOWERINGS", "ROUTED", "Match", "NearMiss", "PassReport", "available_families",
            "find_attention", "fuse_attention"]

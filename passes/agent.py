@@ -49,8 +49,9 @@ from onnx import helper
 
 from attnc.passes.core import (GraphIndex, Match, NearMiss, PassReport, canonical_einsum,
                                convert_opset, default_opset, named_copy, node_attribute, remove_dead_nodes,
-                               toposort, value_shapes)
+                               toposort, value_shapes, value_types)
 from attnc.plugins import agent as plugin
+from attnc.plugins.agent import routes
 
 FAMILY = "agent"
 ATTENTION_OPSET = 23
@@ -425,31 +426,68 @@ def find(model: onnx.ModelProto) -> PassReport:
     return report
 
 
-def apply(model: onnx.ModelProto, lower_to_attention: bool = False) -> tuple[onnx.ModelProto, PassReport]:
+def apply(model: onnx.ModelProto, lower_to_attention: bool | str = False,
+          precision: str | None = None) -> tuple[onnx.ModelProto, PassReport]:
     """Replace each agent attention by one ``attnc::AgentAttention`` node.
 
     Args:
         model: the model (not modified).
-        lower_to_attention: emit two ONNX opset-23 ``Attention`` nodes per match instead
-            (the model is converted to opset 23 first, only when something matches).
+        lower_to_attention: ``True``: emit two ONNX opset-23 ``Attention`` nodes per match
+            instead (the model is converted to opset 23 first, only when something is
+            lowered); ``"auto"``: choose per match, fused or lowered, by its shape class
+            (:func:`attnc.plugins.agent.routes.choose`; each match's ``route`` says why).
+        precision: ``"fp32"``/``"fp16"``/``"bf16"``, what the kernels will run in (the
+            engine's precision; default: the model's Q dtype); only ``"auto"`` reads it.
 
     Returns:
         The rewritten model (``model`` itself when nothing matched) and the report.
     """
+    if lower_to_attention not in (False, True, "auto"):
+        raise ValueError(f"lower_to_attention must be True, False or 'auto', got {lower_to_attention!r}")
     report = PassReport(FAMILY)
     work = named_copy(model)
     cands = _candidates(GraphIndex(work), report)
     if not cands:
         return model, report
-    if lower_to_attention and default_opset(work) < ATTENTION_OPSET:
+    chosen = [None] * len(cands)
+    if lower_to_attention == "auto":
+        shapes, types = value_shapes(work), value_types(work)
+        chosen = [_route(cand, shapes, types, precision) for cand in cands]
+    lowered = [r.lowered if r is not None else bool(lower_to_attention) for r in chosen]
+    if any(lowered) and default_opset(work) < ATTENTION_OPSET:
         work = named_copy(convert_opset(work, ATTENTION_OPSET))  # keeps earlier passes' functions
         report = PassReport(FAMILY)
         cands = _candidates(GraphIndex(work), report)
     shapes = value_shapes(work)
-    for cand in cands:
-        _rewrite(work, cand, lower_to_attention, shapes)
-        report.matches.append(_to_match(cand, lower_to_attention))
+    for cand, lower, route in zip(cands, lowered, chosen):
+        _rewrite(work, cand, lower, shapes)
+        match = _to_match(cand, lower)
+        if route is not None:
+            match.route = route.to_dict()
+        report.matches.append(match)
     report.rewritten = len(cands)
     toposort(work)
     remove_dead_nodes(work)
     return work, report
+
+
+_PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _route(cand: _Candidate, shapes: dict, types: dict, precision: str | None) -> routes.Route:
+    """The route :mod:`attnc.plugins.agent.routes` picks for ``cand``'s shape class."""
+
+    def dims(operand: _Operand) -> list:
+        shape = shapes.get(operand.base)
+        if shape is None or len(shape) != 4:
+            return [None] * 4
+        return [d if isinstance(d, int) and d > 0 else None for d in (shape[i] for i in operand.key()[1])]
+
+    q, k, a = dims(cand.stage2.q), dims(cand.stage1.k), dims(cand.stage1.q)
+    v = dims(_Operand(cand.stage1.v, None, 1.0))
+    dtype = _PRECISION_DTYPES.get(precision or "") or {
+        onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}.get(
+        types.get(cand.stage2.q.base), "float32")
+    shape = routes.ShapeClass(dtype, q[2], k[2], a[2], q[3] or k[3], v[3],
+                              bool(cand.stage1.bias or cand.stage2.bias))
+    return routes.choose(shape)

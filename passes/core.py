@@ -37,6 +37,8 @@ class Match:
         outputs: tensor names the fused node produces.
         attributes: attributes of the fused node.
         shapes: role -> shape as far as known (ints or symbolic names).
+        route: for a match whose form was chosen per shape class (agent attention under
+            ``lower_to_attention="auto"``): ``{"route": "fused"|"lowered", "source", "reason"}``.
     """
 
     family: str
@@ -46,6 +48,7 @@ class Match:
     outputs: list[str]
     attributes: dict[str, Any] = field(default_factory=dict)
     shapes: dict[str, list] = field(default_factory=dict)
+    route: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -247,6 +250,19 @@ def value_shapes(model: onnx.ModelProto) -> dict[str, list]:
     for init in g.initializer:
         shapes[init.name] = list(init.dims)
     return shapes
+
+
+def value_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name -> ONNX element type (``TensorProto.FLOAT``, ...) where inference knows it."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # a hint, as for value_shapes
+        inferred = model
+    g = inferred.graph
+    types = {info.name: info.type.tensor_type.elem_type for info in list(g.input) + list(g.output) + list(g.value_info)
+             if info.type.tensor_type.elem_type}
+    types.update({init.name: init.data_type for init in g.initializer})
+    return types
 
 
 # ----------------------------------------------------------------------------- evaluation

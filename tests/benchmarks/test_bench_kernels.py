@@ -80,8 +80,9 @@ def test_achieved_against_ceilings(bench):
 def test_smoke_run_of_one_op(tmp_path):
     """The script end to end on CPU (interpreter, toy sizes): every case runs and its raw results
     carry attnc's error against float64, timings of every peer and the work model."""
-    run = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--ops", "agent", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+    table = tmp_path / "routes.json"
+    run = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--ops", "agent", "--out", str(tmp_path),
+                          "--agent-routes", str(table)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     (path,) = tmp_path.glob("kernels-cpu-smoke-fp16-*.json")
     saved = json.loads(path.read_text())
@@ -90,8 +91,20 @@ def test_smoke_run_of_one_op(tmp_path):
     assert [r["config"]["name"] for r in rows] == [c["name"] for c in _configs("agent")]
     for row in rows:
         assert "error" not in row and row["attnc_rel_err"] <= 1e-2, row
-        assert set(row["peers_ms"]) == {"torch eager", "torch.compile", "2x sdpa"}
+        assert set(row["peers_ms"]) == {"torch eager", "torch.compile", "2x sdpa", "attnc TensorRT kernel"}
+        assert all(row["peers_ms"].values()), row.get("peer_errors")
         assert row["flops"] > 0 and row["achieved"]["tflops"] > 0
+    # The route table attnc compile reads: one entry per distinct smoke shape class, from this run.
+    from attnc.plugins.agent import routes
+    entries = routes.load_measurements(table)
+    classes = {(r["config"]["seq"], r["config"]["agents"], bool(r["config"].get("bias"))) for r in rows}
+    assert len(entries) == len(classes)
+    for entry in entries:
+        assert entry["device"] == "cpu (smoke)" and entry["shape"]["dtype"] == "float16"
+        match = [r for r in rows if (r["config"]["seq"], r["config"]["agents"], bool(r["config"].get("bias")))
+                 == (entry["shape"]["queries"], entry["shape"]["agents"], entry["shape"]["biases"])][-1]
+        assert entry["fused_ms"] == match["peers_ms"]["attnc TensorRT kernel"]
+        assert entry["lowered_ms"] == match["peers_ms"]["2x sdpa"]
 
 
 def _configs(op):

@@ -308,6 +308,40 @@ def test_compile_dynamic_token_exit_with_saved_gate(tmp_path, fires):
     np.testing.assert_allclose(got["output"], expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_compile_auto_lowering_records_each_nodes_route(tmp_path):
+    """``--lower auto``: the agent node's route (fused or two ``Attention``) is chosen by its
+    shape class and written to the manifest with the reason; the op counts follow it."""
+    path = tmp_path / "agent.onnx"
+    run("export", "agent-small", "-o", path)
+    out = tmp_path / "auto"
+    run("compile", path, "-o", out, "--lower", "auto", "--precision", "fp32")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["lowered"] == ["auto"]
+    (match,) = next(r for r in manifest["passes"] if r["family"] == "agent")["matches"]
+    assert match["route"]["source"] == "work model" and match["route"]["reason"]
+    lowered = match["route"]["route"] == "lowered"
+    assert manifest["ops_after"].get("Attention", 0) == (2 if lowered else 0)
+    assert manifest["ops_after"].get("AgentAttention", 0) == (0 if lowered else 1)
+    run("validate", out, "--model", "agent-small", "--seed", "2")
+    assert json.loads((out / "report.json").read_text())["passed"] is True
+
+
+def test_lower_none_stands_alone(tmp_path):
+    path = tmp_path / "agent.onnx"
+    run("export", "agent-small", "-o", path)
+    result = run("compile", path, "-o", tmp_path / "out", "--lower", "none", "--lower", "agent", ok=False)
+    assert "--lower none cannot be combined" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_lowering_per_backend():
+    from attnc.compiler.pipeline import CompileOptions, default_lowering
+
+    assert default_lowering(CompileOptions()) == []
+    assert default_lowering(CompileOptions(backend="tensorrt")) == ["auto"]
+    assert default_lowering(CompileOptions(backend="tensorrt", backend_options={"fused_ops": "inline"})) == []
+
+
 def test_exit_gate_file_must_be_a_gate(tmp_path):
     path = tmp_path / "vlm.onnx"
     run("export", "vlm-small", "-o", path, "--exporter", "torchscript")

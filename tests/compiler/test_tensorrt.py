@@ -838,11 +838,13 @@ def test_cli_compile_with_tensorrt_flags(tmp_path):
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("model_name, lower, attention_layers", [
     ("vit-mhsa-small", [], 2),             # softmax pass -> one Attention per layer
-    ("vit-agent-small", ["agent"], 4),     # agent pass lowered -> two Attention per layer
+    ("vit-agent-small", [], 4),            # agent pass, auto route: 82 tokens, lowered -> two Attention per layer
 ])
 def test_cli_compiles_exported_vits_to_engines(tmp_path, model_name, lower, attention_layers):
     """``attnc export`` + ``attnc compile --backend tensorrt`` on the bundled 2-layer ViTs: every
-    attention reaches TensorRT as a native layer (no plugin), with a dynamic-batch profile."""
+    attention reaches TensorRT as a native layer (no plugin), with a dynamic-batch profile. The
+    agent ViT gets there by the default per-node route (``--lower auto``): at 82 tokens the fused
+    kernel would recompute stage 1 for two query tiles."""
     trt, flavour = _trt_or_skip()
     model = tmp_path / "model.onnx"
     _run_isolated(_CLI_SCRIPT, "export", model_name, "-o", str(model))
@@ -850,7 +852,9 @@ def test_cli_compiles_exported_vits_to_engines(tmp_path, model_name, lower, atte
                   "--precision", "fp16", "--opt-shape", "image:2x3x36x36", "--max-shape", "image:4x3x36x36",
                   *[arg for family in lower for arg in ("--lower", family)])
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["lowered"] == lower
+    assert manifest["lowered"] == (lower or ["auto"])
+    routes = [m["route"] for r in manifest["passes"] if r["family"] == "agent" for m in r["matches"]]
+    assert [r["route"] for r in routes] == (["lowered"] * 2 if model_name == "vit-agent-small" else [])
     assert manifest["ops_after"]["Attention"] == attention_layers
     assert not [op for op in manifest["ops_after"] if op in ("Softmax", "AgentAttention")]
     info = manifest["backend_info"]

@@ -249,3 +249,76 @@ def test_random_configs(heads, head_dim, agents, n, style, scale_at, bias, opset
     assert report.rewritten == 1, report.near_misses
     check_fused(model, fused, module, [_qkv(1, heads, n + 2, head_dim, seed + 1),
                                        _qkv(3, heads, max(1, n - 1), head_dim, seed + 2)], 1)
+
+
+# ----------------------------------------------------------------------------- the pass's "auto" mode
+
+class TwoAgentAttentions(torch.nn.Module):
+    """Agent attention over all N tokens and over the first 40 only: two shape classes in one graph."""
+
+    def __init__(self, heads=2, head_dim=8, agents=4):
+        super().__init__()
+        self.long, self.short = (TinyAgent(heads, head_dim, agents, bias=True) for _ in range(2))
+
+    def forward(self, q, k, v):
+        return self.long(q, k, v), self.short(q[:, :, :40], k[:, :, :40], v[:, :, :40])
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_auto_routes_each_node_by_its_shape_class(exporter):
+    """N = 200 needs 4 query tiles (lowered: two Attention nodes), N = 40 one (fused); the
+    model still computes what the module does, and each match says why."""
+    torch.manual_seed(3)
+    module = TwoAgentAttentions().eval()
+    gen = torch.Generator().manual_seed(4)
+    qkv = tuple(torch.randn(2, 2, 200, 8, generator=gen) for _ in range(3))
+    model = export(module, qkv, exporter, 18, names=["q", "k", "v"])
+    routed, report = agent.apply(model, lower_to_attention="auto", precision="fp16")
+    assert report.rewritten == 2
+    by_route = {m.route["route"]: m for m in report.matches}
+    assert set(by_route) == {"fused", "lowered"}
+    assert by_route["fused"].op_type == "AgentAttention" and by_route["lowered"].op_type == "Attention"
+    assert "4 query tile(s)" in by_route["lowered"].route["reason"]
+    assert count(routed, "AgentAttention") == 1 and count(routed, "Attention", "") == 2
+    assert count(routed, "Softmax", "") == 0
+    onnx.checker.check_model(routed, full_check=True)
+    feeds = {name: t.numpy() for name, t in zip("qkv", qkv)}
+    sess_out = _run_all(routed, feeds)
+    with torch.no_grad():
+        expected = module.double()(*(t.double() for t in qkv))
+    for out, ref in zip(sess_out, expected):
+        np.testing.assert_allclose(out, ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _run_all(model, feeds):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def test_auto_reads_the_engine_precision():
+    """Head dim 96, N = 48: one 64-query tile in fp16, two 32-query tiles in fp32 (1.5x the work)."""
+    torch.manual_seed(6)
+    module = TinyAgent(heads=1, head_dim=96, agents=4).eval()
+    qkv = tuple(torch.randn(1, 1, 48, 96) for _ in range(3))
+    model = export(module, qkv, "torchscript", 17, names=["q", "k", "v"])
+    fp16 = agent.apply(model, lower_to_attention="auto", precision="fp16")[1].matches[0].route
+    fp32 = agent.apply(model, lower_to_attention="auto", precision="fp32")[1].matches[0].route
+    default = agent.apply(model, lower_to_attention="auto")[1].matches[0].route   # the model's dtype: fp32
+    assert fp16["route"] == "fused" and fp32["route"] == "lowered" and default == fp32
+
+
+def test_fuse_attention_auto_and_forced_lowering():
+    torch.manual_seed(7)
+    module = TinyAgent(bias=True).eval()
+    qkv = tuple(torch.randn(1, 2, 200, 8) for _ in range(3))
+    model = export(module, qkv, "torchscript", 18, names=["q", "k", "v"])
+    auto = {r.family: r for r in fuse_attention(model, ["agent"], ["auto"])[1]}["agent"]
+    assert auto.matches[0].route["route"] == "lowered"
+    forced = {r.family: r for r in fuse_attention(model, ["agent"], ["agent", "auto"])[1]}["agent"]
+    assert forced.matches[0].op_type == "Attention" and not forced.matches[0].route   # forced: no choice made
+    plain = {r.family: r for r in fuse_attention(model, ["agent"])[1]}["agent"]
+    assert plain.matches[0].op_type == "AgentAttention" and not plain.matches[0].route
+    with pytest.raises(ValueError, match="True, False or 'auto'"):
+        agent.apply(model, lower_to_attention="sometimes")
