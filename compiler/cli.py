@@ -144,8 +144,13 @@ def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset
 @cli.command("inspect")
 @click.argument("model_path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--lower", "lower", multiple=True, type=click.Choice(["agent", "linear", "auto"]),
+              help="As for compile: preview lowerings; auto shows the route each agent attention would "
+                   "take in a TensorRT build, and why.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="The engine precision --lower auto decides for (default: the model's dtype).")
 @_handle_errors
-def inspect_cmd(model_path, as_json) -> None:
+def inspect_cmd(model_path, as_json, lower, precision) -> None:
     """List the attention subgraphs attnc finds in an ONNX model, near-misses and op counts."""
     from attnc import passes
     from attnc.compiler import onnx_io
@@ -153,7 +158,7 @@ def inspect_cmd(model_path, as_json) -> None:
     from attnc.passes.core import value_shapes
 
     model = onnx_io.load_model(model_path)
-    reports = passes.find_attention(model)
+    reports = passes.find_attention(model, lower=list(lower), precision=precision)
     shapes = value_shapes(model)
     for match in (m for r in reports for m in r.matches):
         for role, tensor in match.inputs.items():
@@ -178,6 +183,13 @@ def inspect_cmd(model_path, as_json) -> None:
                       escape(", ".join(f"{k}={_dims(m['shapes'].get(k))}" for k in m["inputs"])),
                       escape(", ".join(f"{k}={v}" for k, v in m["attributes"].items())))
     console.print(table if data["matches"] else "no attention subgraphs found")
+    routed = [m for m in data["matches"] if m["route"]]
+    if routed:
+        routes = Table("family", "at node", "route", "why", title="routes (--lower auto)")
+        for m in routed:
+            routes.add_row(m["family"], escape(m["nodes"][0]), f"{m['route']['route']} ({m['route']['source']})",
+                           escape(m["route"]["reason"]))
+        console.print(routes)
     if data["near_misses"]:
         near = Table("family", "at node", "why not", title="near-misses (left unchanged)")
         for n in data["near_misses"]:

@@ -326,6 +326,20 @@ def test_compile_auto_lowering_records_each_nodes_route(tmp_path):
     assert json.loads((out / "report.json").read_text())["passed"] is True
 
 
+def test_inspect_previews_agent_routes(tmp_path):
+    """``inspect --lower auto`` shows the route compile would take, and why, in the table and
+    the JSON; without ``--lower`` no route is chosen."""
+    path = tmp_path / "agent.onnx"
+    run("export", "vit-agent-small", "-o", path)
+    data = json.loads(run("inspect", path, "--json", "--lower", "auto", "--precision", "fp16").output)
+    routes = [m["route"] for m in data["matches"] if m["family"] == "agent"]
+    assert [r["route"] for r in routes] == ["lowered", "lowered"] and "1.50x" in routes[0]["reason"]
+    table = run("inspect", path, "--lower", "auto").output
+    assert "routes (--lower auto)" in table and "lowered (work model)" in table
+    plain = json.loads(run("inspect", path, "--json").output)
+    assert all(not m["route"] for m in plain["matches"])
+
+
 def test_lower_none_stands_alone(tmp_path):
     path = tmp_path / "agent.onnx"
     run("export", "agent-small", "-o", path)
