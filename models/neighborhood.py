@@ -1,8 +1,10 @@
-"""Neighborhood attention (Hassani et al., NAT / DiNAT) on 1-D and 2-D token grids.
+"""Neighborhood attention (Hassani et al., NAT / DiNAT) on 1-D, 2-D and 3-D token grids.
 
 Shapes: :class:`NeighborhoodAttention1D` maps ``x [B, L, C] -> [B, L, C]``,
 :class:`NeighborhoodAttention2D` maps ``x [B, H, W, C] -> [B, H, W, C]`` (channels last,
-as in NAT). Each query attends to a window of keys around itself, per spatial axis:
+as in NAT), :class:`NeighborhoodAttention3D` maps ``x [B, T, H, W, C] -> [B, T, H, W, C]``
+(video: frames, rows, columns). Tokens are flattened row-major over the grid. Each query
+attends to a window of keys around itself, per grid axis:
 
 - **NATTEN >= 0.20 windows.** The axis is split into ``dilation`` sub-grids
   (positions ``g, g + d, g + 2d, ...``); a query only sees keys of its own sub-grid,
@@ -13,7 +15,8 @@ as in NAT). Each query attends to a window of keys around itself, per spatial ax
   instead (fewer keys near the start, never shifted). Every sub-grid must hold at
   least ``kernel_size`` positions: ``length >= kernel_size * dilation``.
 - **Relative positional bias** (NAT / DiNAT with NATTEN <= 0.17): a learned
-  ``rpb [heads, 2k-1]`` (1-D) or ``[heads, 2k-1, 2k-1]`` (2-D) added to the scores;
+  ``rpb [heads, 2k-1]`` (1-D), ``[heads, 2k-1, 2k-1]`` (2-D) or
+  ``[heads, 2k-1, 2k-1, 2k-1]`` (3-D) added to the scores;
   query ``i`` and key ``j`` use ``rpb[h, (j - i)/d + k - 1]`` per axis (the offset is
   counted in sub-grid steps, so it always lies in ``[0, 2k-2]``).
 - Scores are ``(q · 1/sqrt(D)) · kᵀ``, softmax over the window, times ``v``.
@@ -77,7 +80,7 @@ def _outer(first: torch.Tensor, second: torch.Tensor, op) -> torch.Tensor:
 
 
 class _NeighborhoodAttention(nn.Module):
-    """Shared body of the 1-D and 2-D modules; ``ndim`` is the number of grid axes."""
+    """Shared body of the 1-D, 2-D and 3-D modules; ``ndim`` is the number of grid axes."""
 
     ndim: int
 
@@ -194,6 +197,18 @@ class NeighborhoodAttention2D(_NeighborhoodAttention):
     """
 
     ndim = 2
+
+
+class NeighborhoodAttention3D(_NeighborhoodAttention):
+    """3-D neighborhood attention. ``x [B, T, H, W, C] -> [B, T, H, W, C]``.
+
+    Arguments as :class:`NeighborhoodAttention1D`; ``kernel_size``, ``dilation`` and
+    ``is_causal`` take one value or a ``(frames, rows, cols)`` triple (``is_causal=(True,
+    False, False)`` is the usual causal-in-time video setting), and ``rpb`` has shape
+    ``[heads, 2k_t - 1, 2k_r - 1, 2k_c - 1]``.
+    """
+
+    ndim = 3
 
 
 def _per_axis(value, ndim: int, name: str) -> tuple:

@@ -12,11 +12,11 @@ Each factory is also a module-level function named after the spec with ``-`` -> 
 so the CLI can load ``attnc.models.registry:vit_agent_small``.
 
 Small configs (``*-small``) use widths 32-64, 2-4 heads, odd token counts (37-token
-sequences, 9x9 / 9x11 grids); each exports in seconds and runs in milliseconds. Realistic configs
-(``*-realistic``) are DeiT-Tiny-sized classifiers (224 px / 16 -> 14x14 tokens, dim
-192, 3 heads, 12 blocks) with each attention family, a NAT-Mini first stage (56x56
-tokens, kernel 7, RPB), 4-block causal LMs at 4096 tokens (dynamic, up to 8192), and a
-VLM with a DeiT-Tiny-wide encoder.
+sequences, 9x9 / 9x11 grids, a 4x6x5 video grid); each exports in seconds and runs in
+milliseconds. Realistic configs (``*-realistic``) are DeiT-Tiny-sized classifiers (224
+px / 16 -> 14x14 tokens, dim 192, 3 heads, 12 blocks) with each attention family, a
+NAT-Mini first stage (56x56 tokens, kernel 7, RPB), 4-block causal LMs at 4096 tokens
+(dynamic, up to 8192), and a VLM with a DeiT-Tiny-wide encoder.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from attnc.models.blocks import VIT_ATTENTIONS, CausalLM, VisionTransformer
 from attnc.models.flow import FlowAttention
 from attnc.models.linear import LightningAttention, LinearAttention
 from attnc.models.mhsa import MultiHeadSelfAttention
-from attnc.models.neighborhood import NeighborhoodAttention1D, NeighborhoodAttention2D
+from attnc.models.neighborhood import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 from attnc.models.vlm import TinyVLM
 
 SEED = 0
@@ -151,13 +151,14 @@ def _tokens(name: str, family: str, cls: type[nn.Module], dim: int, tokens: int,
          {"batch": 1}, ("batch",), shape)
 
 
-def _grid(name: str, cls: type[nn.Module], dim: int, grid: tuple[int, int], dynamic_grid: bool = False,
+def _grid(name: str, cls: type[nn.Module], dim: int, grid: tuple[int, ...], dynamic_grid: bool = False,
           **kwargs: Any) -> None:
-    """2-D neighborhood attention on ``x [batch, H, W, dim]``."""
-    shape = ("batch", "height", "width", dim) if dynamic_grid else ("batch", *grid, dim)
-    dynamic = ("batch", "height", "width") if dynamic_grid else ("batch",)
+    """2-D / 3-D neighborhood attention on ``x [batch, H, W, dim]`` / ``x [batch, T, H, W, dim]``."""
+    axes = ("frames", "height", "width")[-len(grid):]
+    shape = ("batch", *axes, dim) if dynamic_grid else ("batch", *grid, dim)
+    dynamic = ("batch", *axes) if dynamic_grid else ("batch",)
     _add(name, "neighborhood", "attention", cls, {"dim": dim, **kwargs}, (InputSpec("x", shape),),
-         {"batch": 1, "height": grid[0], "width": grid[1]} if dynamic_grid else {"batch": 1}, dynamic, shape)
+         {"batch": 1, **dict(zip(axes, grid))} if dynamic_grid else {"batch": 1}, dynamic, shape)
 
 
 def _vit(name: str, attention: str, img_size: int, **kwargs: Any) -> None:
@@ -210,6 +211,9 @@ _grid("na2d-causal-small", NeighborhoodAttention2D, 32, (9, 11), num_heads=2, ke
       is_causal=(True, False), rpb=True)
 _grid("na2d-dynamic-small", NeighborhoodAttention2D, 32, (9, 11), dynamic_grid=True, num_heads=2, kernel_size=3,
       dilation=2)
+# video-like: 4 frames of 6x5 tokens, causal in time
+_grid("na3d-small", NeighborhoodAttention3D, 32, (4, 6, 5), num_heads=2, kernel_size=3, dilation=(1, 2, 1),
+      is_causal=(True, False, False), rpb=True)
 
 _sequence("linear-elu-small", "linear", LinearAttention, num_heads=4, feature_map="elu1")
 _sequence("linear-identity-small", "linear", LinearAttention, num_heads=4, feature_map="identity",

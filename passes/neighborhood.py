@@ -25,30 +25,35 @@ decomposition):
 The scale may sit on Q, on Kᵀ or on the scores (Mul or Div by a scalar, before or after the bias);
 Kᵀ may be any Transpose of K. The bias / mask tensors are *evaluated* (ONNX Runtime on the subgraph
 that computes them) and analysed: the allowed-key pattern must be exactly a NATTEN >= 0.20
-neighborhood on a 1-D or 2-D grid (kernel size, dilation, causal per axis are recovered from it, and
-for 2-D grids the H x W factorisation of N), masked entries must be ``<= -1e4`` (``-inf``, dtype
-minimum, ``-1e9``: exp underflows to exactly 0), and the finite entries must be a relative positional
-bias ``rpb[h, (j-i)/d + k - 1, ...]`` (the table is extracted). Then the whole dense bias is rebuilt
-from the recovered parameters and compared entry by entry; anything else is a :class:`NearMiss`
-with the reason. When the bias depends on a dynamic axis (a sequence or grid size), it is evaluated
-and verified at two sampled sizes and the grid sizes are taken from the matching input dimensions
-at run time (``Shape``); the sampling is the only non-exhaustive step.
+neighborhood on a 1-D, 2-D or 3-D grid (kernel size, dilation, causal per axis are recovered from it,
+and the H x W or T x H x W factorisation of N: every factorisation is a candidate, cheap O(N) checks
+reject most, and the first on which the mask is exactly a neighborhood is taken), masked entries
+must be ``<= -1e4`` (``-inf``, dtype minimum, ``-1e9``: exp underflows to exactly 0), and the finite
+entries must be a relative positional bias ``rpb[h, (j-i)/d + k - 1, ...]`` (the table is
+extracted). Then the whole dense bias is rebuilt from the recovered parameters and compared entry by
+entry; anything else is a :class:`NearMiss` with the reason (for a mask that is no neighborhood, the
+closest candidate grid and the first query it gets wrong). When the bias depends on a dynamic axis (a
+sequence or grid size), it is evaluated and verified at two sampled sizes (smaller ones, fitting
+kernel * dilation <= 7 per axis, when the default ones would give more than 8192 tokens, as a
+dynamic 3-D grid does) and the grid sizes are taken from the matching input dimensions at run time
+(``Shape``); the sampling is the only non-exhaustive step.
 
 It also completes ``attnc::NeighborhoodAttention`` nodes that the NATTEN export-time translation
 (``attnc.plugins.neighborhood.natten_compat``) put in the graph, by attaching their function body.
 
 What it emits: one ``attnc::NeighborhoodAttention`` node per match (function body from
-``attnc.plugins.neighborhood``), with ``Reshape`` nodes around it for 2-D grids ([B, heads, N, D] ->
-[B, heads, H, W, D] and back) and the RPB table as a new initializer; the scale is explicit. When
-the grid is static the node gets the ``grid`` attribute (its ``*_static`` function overload lets
-ONNX Runtime precompute every index/bias tensor). The dead subgraph (scores, mask computation) is
-removed.
+``attnc.plugins.neighborhood``), with ``Reshape`` nodes around it for 2-D and 3-D grids
+([B, heads, N, D] -> [B, heads, *grid, D] and back) and the RPB table as a new initializer; the
+scale is explicit. When the grid is static the node gets the ``grid`` attribute (its ``*_static``
+function overload lets ONNX Runtime precompute every index/bias tensor). The dead subgraph (scores,
+mask computation) is removed.
 
 Not matched (near-miss): mask not a neighborhood (e.g. blocked local attention, non-causal
 local-attention windows, which are clipped at the borders where NA shifts them), mask that allows
 every key (plain attention: left to the softmax pass), data-dependent bias, rank-3 Q/K/V outside the
-bucketed form, 3-D grids in the masked form, K/V gathered with different indices, buckets computed by
-more than element moves (rotary embeddings after bucketing), bucketed graphs that are not float32.
+bucketed form, K/V gathered with different indices, buckets computed by more than element moves
+(rotary embeddings after bucketing), bucketed graphs that are not float32, size-dependent masks with
+more than 8192 tokens even at the small sampled sizes (dynamic frames of large static planes).
 
 Tests: ``tests/passes/test_neighborhood.py``; op contract: ``attnc.plugins.neighborhood``.
 """
@@ -69,9 +74,13 @@ from attnc.plugins import attach_function_bodies
 
 FAMILY = "neighborhood"
 MASKED = -1e4  # bias entries at or below this are "masked": exp(x - max) underflows to 0 in fp16/fp32
-# Sizes given to dynamic input axes when a bias depends on them; distinct within a sample so a grid
-# size can be traced back to exactly one input axis.
-_SAMPLES = ([23, 29, 31, 37, 41, 43, 47, 53], [19, 25, 27, 33, 35, 39, 45, 51])
+# Sizes given to dynamic input axes when a bias depends on them; distinct within a sample and
+# different between the two samples of a pair, so a grid size traces back to exactly one input axis.
+# Samples 0/1 by default; 2/3 when sample 0 has more than _MAX_SAMPLED_TOKENS tokens (a dynamic 3-D
+# grid: 29 x 31 x 37 tokens would make a 4 GB dense bias); they fit kernel * dilation <= 7 per axis.
+_SAMPLES = ([23, 29, 31, 37, 41, 43, 47, 53], [19, 25, 27, 33, 35, 39, 45, 51],
+            [7, 9, 11, 13, 8, 10, 12, 14], [8, 10, 12, 7, 9, 11, 13, 15])
+_MAX_SAMPLED_TOKENS = 8192  # dense [N, N] bias of a sample: 512 MB in float64
 
 
 class _Mismatch(Exception):
@@ -181,6 +190,15 @@ class _Evaluator:
     def dim_sample(self, dim_name: str, sample: int) -> int:
         return dict(zip(self.dynamic_dims, _SAMPLES[sample]))[dim_name]
 
+    def tokens(self, name: str, sample: int) -> int:
+        """Size of the token axis (-2) of ``name`` ``[.., N, D]`` at a sample, from zero inputs."""
+        try:
+            shape = self.values([name + _SHAPE], sample, probes=(name,))[0]
+        except Exception as exc:  # noqa: BLE001  (ORT's errors subclass Exception only)
+            error = str(exc).splitlines()[0][:160]
+            raise _Mismatch(f"{name} cannot be computed at sampled sizes: {error}") from None
+        return int(shape[-2])
+
 
 _SHAPE = "::probe_shape"
 _PROBE = "::probe"
@@ -261,10 +279,27 @@ def _axis_params(allowed: np.ndarray) -> tuple[int, int, int]:
 
 
 def _grids(n: int):
+    """Every grid of ``n`` tokens, row-major: ``(n,)``, then ``(H, W)``, then ``(T, H, W)``, axes >= 2."""
     yield (n,)
     for rows in range(2, n // 2 + 1):
         if n % rows == 0:
             yield (rows, n // rows)
+    for frames in range(2, n // 4 + 1):
+        if n % frames == 0:
+            plane = n // frames
+            for rows in range(2, plane // 2 + 1):
+                if plane % rows == 0:
+                    yield (frames, rows, plane // rows)
+
+
+class _GridMiss(_Mismatch):
+    """A grid that ``allowed`` is not a neighborhood on; ``distance`` (the share of the queries that
+    were seen to differ) picks the candidate a near-miss reports, e.g. the true grid of a mask with
+    one entry flipped (one query of N) rather than a wrong factorization."""
+
+    def __init__(self, reason: str, distance: float):
+        super().__init__(reason)
+        self.distance = distance
 
 
 def analyse_bias(bias: np.ndarray) -> Neighborhood:
@@ -284,50 +319,72 @@ def analyse_bias(bias: np.ndarray) -> Neighborhood:
         raise _Mismatch("the mask allows every key (plain attention, left to the softmax pass)")
     if not (np.triu(allowed, 1).any()) and np.tril(allowed).all():
         raise _Mismatch("the mask is plain causal (every earlier key allowed), left to the softmax pass")
-    first_reason = None
+    key_counts = allowed.sum(1)
+    closest = None
     for grid in _grids(n):
         try:
-            found = _try_grid(allowed, grid)
-        except _Mismatch as exc:
-            first_reason = first_reason or str(exc)
+            found = _try_grid(allowed, key_counts, grid)
+        except _GridMiss as miss:
+            closest = miss if closest is None or miss.distance < closest.distance else closest
             continue
-        if found is not None:
-            found.rpb = _extract_rpb(bias, allowed, found)
-            return found
-    raise _Mismatch(f"the mask is not a neighborhood mask on any 1-D or 2-D grid of {n} tokens"
-                    + (f" (as 1-D: {first_reason})" if first_reason else ""))
+        found.rpb = _extract_rpb(bias, allowed, found)
+        return found
+    raise _Mismatch(f"the mask is not a neighborhood mask on any 1-D, 2-D or 3-D grid of {n} tokens"
+                    + (f" (closest: {closest})" if closest else ""))
 
 
-def _try_grid(allowed: np.ndarray, grid: tuple[int, ...]) -> Neighborhood | None:
-    if len(grid) == 1:
-        axes = [allowed]
-    else:
-        rows, cols = grid
-        m = allowed.reshape(rows, cols, rows, cols)
-        axes = [m[:, 0, :, :].any(-1), m[0, :, :, :].any(1)]
-    params = [_axis_params(a) for a in axes]
-    ks, ds, cs = (list(p) for p in zip(*params))
+def _try_grid(allowed: np.ndarray, key_counts: np.ndarray, grid: tuple[int, ...]) -> Neighborhood:
+    """The neighborhood that ``allowed [N, N]`` is on ``grid``, proven entry by entry, or _GridMiss.
+
+    The per-axis parameters are read off the queries on the grid lines through the origin; a
+    candidate must then pass two O(N) checks (keys per query; the rows of the grid's corner, edge
+    and centre queries) before the O(N^2) comparison, which wrong factorizations rarely reach.
+    """
+    ndim = len(grid)
+    m = allowed.reshape(grid + grid)
+    axes = []
+    for axis in range(ndim):
+        line = m[tuple(slice(None) if a == axis else 0 for a in range(ndim))]  # [L_axis, *grid]
+        axes.append(line.any(axis=tuple(1 + a for a in range(ndim) if a != axis)) if ndim > 1 else line)
+    ks, ds, cs = (list(p) for p in zip(*(_axis_params(a) for a in axes)))
     for length, k, d in zip(grid, ks, ds):
         if length < k * d:
-            raise _Mismatch(f"kernel {k} x dilation {d} does not fit an axis of {length}")
-    per_axis = [plugin.dense_mask_and_rel((n,), [k], [d], [c])[0] for n, k, d, c in zip(grid, ks, ds, cs)]
+            raise _GridMiss(f"kernel {k} x dilation {d} does not fit an axis of {length} of grid {grid}", 1.0)
+    per_axis = [plugin.dense_mask_and_rel((length,), [k], [d], [c])[0] for length, k, d, c in zip(grid, ks, ds, cs)]
+    described = f"grid {grid} with kernel {ks}, dilation {ds}, causal {cs}"
     counts = per_axis[0].sum(1)
-    for extra in per_axis[1:]:  # O(N) pre-check before the O(N^2) comparison
+    for extra in per_axis[1:]:
         counts = np.outer(counts, extra.sum(1)).reshape(-1)
-    if not np.array_equal(counts, allowed.sum(1)):
-        row = int(np.argmax(counts != allowed.sum(1)))
-        raise _Mismatch(f"query {row} sees {int(allowed[row].sum())} keys, a neighborhood on grid {grid} "
-                        f"with kernel {ks}, dilation {ds}, causal {cs} sees {int(counts[row])}")
+    corners = np.meshgrid(*([0, length // 2, length - 1] for length in grid), indexing="ij")
+    spots = np.unique(np.ravel_multi_index(tuple(c.reshape(-1) for c in corners), grid))
+    coords = np.unravel_index(spots, grid)
+    rows = per_axis[0][coords[0]]  # the spot queries' rows of the candidate's mask, [len(spots), N]
+    for mask, coord in zip(per_axis[1:], coords[1:]):
+        rows = (rows[:, :, None] & mask[coord][:, None, :]).reshape(len(spots), -1)
+    # both shares rank the candidate: on the true grid of a mask with one flipped entry one count
+    # differs and (usually) no spot row, while grids that only share the counts differ in spot rows
+    miscounted, spot_differs = counts != key_counts, (rows != allowed[spots]).any(1)
+    if miscounted.any():
+        row = int(np.argmax(miscounted))
+        raise _GridMiss(f"query {row} sees {int(key_counts[row])} keys, a neighborhood on {described} "
+                        f"sees {int(counts[row])}", float(miscounted.mean() + spot_differs.mean()))
+    _raise_on_difference(rows, allowed[spots], spots, described)
     expected = per_axis[0]
     for extra in per_axis[1:]:
         a, b = expected.shape[0], extra.shape[0]
         expected = (expected[:, None, :, None] & extra[None, :, None, :]).reshape(a * b, a * b)
-    if not np.array_equal(expected, allowed):
-        bad = np.argwhere(expected != allowed)[0]
-        want = "-inf" if not expected[tuple(bad)] else "finite"
-        raise _Mismatch(f"entry [{bad[0]},{bad[1]}] should be {want} for grid {grid}, kernel {ks}, "
-                        f"dilation {ds}, causal {cs}")
+    _raise_on_difference(expected, allowed, np.arange(len(allowed)), described)
     return Neighborhood(grid, ks, ds, cs)
+
+
+def _raise_on_difference(expected: np.ndarray, allowed: np.ndarray, queries: np.ndarray, described: str) -> None:
+    """_GridMiss naming the first entry where the ``expected`` rows of ``queries`` differ from ``allowed``."""
+    differ = (expected != allowed).any(1)
+    if differ.any():
+        row = int(np.argmax(differ))
+        key = int(np.argmax(expected[row] != allowed[row]))
+        raise _GridMiss(f"entry [{int(queries[row])},{key}] should be {'finite' if expected[row, key] else '-inf'} "
+                        f"for {described}", float(differ.mean()))
 
 
 def _extract_rpb(bias: np.ndarray, allowed: np.ndarray, nb: Neighborhood) -> np.ndarray | None:
@@ -814,7 +871,9 @@ class _Matcher:
         return dense
 
 
-def _find_sites(model: onnx.ModelProto) -> tuple[_Matcher, list[tuple[_Site, list[Neighborhood]]], list[NearMiss]]:
+def _find_sites(model: onnx.ModelProto) -> tuple[_Matcher, list[tuple[_Site, list[int], list[Neighborhood]]],
+                                                  list[NearMiss]]:
+    """Every proven site with the samples it was evaluated at and one proof per sample, and the near-misses."""
     matcher = _Matcher(model)
     found, misses = [], []
     for node in list(model.graph.node):
@@ -825,10 +884,7 @@ def _find_sites(model: onnx.ModelProto) -> tuple[_Matcher, list[tuple[_Site, lis
             site = matcher.match(softmax, node.name)
             if not site.biases and not site.masks and site.window_index is None and site.bucket is None:
                 raise _Mismatch("no mask or bias before the softmax (plain attention)")
-            samples = [0, 1] if (site.bucket is not None and matcher.eval.dynamic_dims) or any(
-                matcher.eval.kind(b) == 1 for b, _ in site.biases) or any(
-                matcher.eval.kind(m) == 1 for m, _ in site.masks) or (
-                site.window_index and matcher.eval.kind(site.window_index) == 1) else [0]
+            samples = _samples(matcher, site)
             proofs = []
             for sample in samples:
                 bias = matcher.dense_bias(site, sample)
@@ -844,14 +900,43 @@ def _find_sites(model: onnx.ModelProto) -> tuple[_Matcher, list[tuple[_Site, lis
                         (other.rpb is None and first.rpb is None) or (
                         other.rpb is not None and first.rpb is not None and np.array_equal(other.rpb, first.rpb))):
                     raise _Mismatch("the mask's neighborhood changes with the input size")
-            found.append((site, proofs))
+            found.append((site, samples, proofs))
         except _Mismatch as exc:
             misses.append(NearMiss(FAMILY, node.name, str(exc)))
     return matcher, found, misses
 
 
-def _grid_dims(matcher: _Matcher, proofs: list[Neighborhood], site: _Site) -> list:
-    """Per grid axis: an int (static) or ``(input, axis)`` read with Shape at run time."""
+def _samples(matcher: _Matcher, site: _Site) -> list[int]:
+    """Which samples of the dynamic sizes (``_SAMPLES``) the site's dense bias is evaluated at.
+
+    One when the bias is a constant; otherwise a pair, the smaller one when the default pair would
+    make a dense bias of more than ``_MAX_SAMPLED_TOKENS`` squared entries and the smaller sizes
+    shrink it (a static token count is evaluated at its own size, as large as the graph's own mask).
+    """
+    ev = matcher.eval
+    if not ((site.bucket is not None and ev.dynamic_dims) or any(ev.kind(b) == 1 for b, _ in site.biases) or any(
+            ev.kind(m) == 1 for m, _ in site.masks) or (site.window_index and ev.kind(site.window_index) == 1)):
+        return [0]
+    if site.bucket is not None:
+        return [0, 1]
+    tokens = ev.tokens(site.q, 0)
+    if tokens <= _MAX_SAMPLED_TOKENS:
+        return [0, 1]
+    small = ev.tokens(site.q, 2)
+    if small == tokens:
+        return [0, 1]
+    if small > _MAX_SAMPLED_TOKENS:
+        raise _Mismatch(f"the mask depends on the input sizes and has {small} tokens even at the small "
+                        f"sampled sizes, too many to prove it on a dense [{small}, {small}] mask")
+    return [2, 3]
+
+
+def _grid_dims(matcher: _Matcher, samples: list[int], proofs: list[Neighborhood]) -> list:
+    """Per grid axis: an int (static) or ``(input, axis)`` read with Shape at run time.
+
+    A grid axis whose size changes between the samples must be the input dimension that took
+    exactly those sizes (``_SAMPLES`` makes that dimension unique).
+    """
     dims = []
     for axis in range(len(proofs[0].grid)):
         values = [p.grid[axis] for p in proofs]
@@ -864,7 +949,7 @@ def _grid_dims(matcher: _Matcher, proofs: list[Neighborhood], site: _Site) -> li
                 if d.dim_value:
                     continue
                 key = d.dim_param or f"{info.name}:{a}"
-                if [matcher.eval.dim_sample(key, s) for s in range(len(proofs))] == values:
+                if [matcher.eval.dim_sample(key, s) for s in samples] == values:
                     hit = (info.name, a)
         if hit is None:
             raise _Mismatch(f"grid axis {axis} of the mask ({values} at sampled sizes) is no input dimension")
@@ -881,10 +966,10 @@ def _run(model: onnx.ModelProto, rewrite: bool) -> tuple[onnx.ModelProto, PassRe
     report.near_misses.extend(misses)
     new_nodes, new_inits = [], []
     types = matcher.eval.types
-    for site, proofs in found:
+    for site, samples, proofs in found:
         nb = proofs[0]
         try:
-            dims = _grid_dims(matcher, proofs, site) if len(nb.grid) > 1 else (
+            dims = _grid_dims(matcher, samples, proofs) if len(nb.grid) > 1 else (
                 list(nb.grid) if len({p.grid for p in proofs}) == 1 else  # 1-D: Q's own token axis
                 [(site.q, 1 if site.bucket is not None and site.bucket.rank == 3 else 2)])
         except _Mismatch as exc:

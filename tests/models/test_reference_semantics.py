@@ -17,6 +17,7 @@ import torch
 
 from attnc.models import (AgentAttention, FlowAttention, LightningAttention, LinearAttention,
                           MultiHeadSelfAttention, NeighborhoodAttention1D, NeighborhoodAttention2D)
+from attnc.models.neighborhood import NeighborhoodAttention3D
 
 TOL = {"rtol": 1e-9, "atol": 1e-10}
 
@@ -141,6 +142,10 @@ NA2D_CASES = [  # grid, kernel, dilation, causal
     ((7, 9), (3, 5), (2, 1), (False, False)), ((8, 7), 3, 2, (True, False)), ((5, 5), 5, 1, False),
     ((6, 9), (3, 3), (1, 3), (False, True)), ((7, 6), 3, (1, 2), True),
 ]
+NA3D_CASES = [  # grid (frames, rows, cols), kernel, dilation, causal
+    ((4, 6, 5), 3, (1, 2, 1), (True, False, False)), ((3, 5, 7), (3, 5, 3), 1, False),
+    ((5, 4, 6), (1, 3, 3), (1, 1, 2), (False, True, True)), ((6, 3, 4), (5, 3, 1), (1, 1, 3), (True, False, False)),
+]
 
 
 @pytest.mark.parametrize("impl", ["masked", "gather"])
@@ -157,11 +162,12 @@ def test_neighborhood_1d(impl, rpb, length, kernel, dilation, causal):
 
 @pytest.mark.parametrize("impl", ["masked", "gather"])
 @pytest.mark.parametrize("rpb", [False, True])
-@pytest.mark.parametrize("grid,kernel,dilation,causal", NA2D_CASES)
-def test_neighborhood_2d(impl, rpb, grid, kernel, dilation, causal):
+@pytest.mark.parametrize("grid,kernel,dilation,causal", NA2D_CASES + NA3D_CASES)
+def test_neighborhood_2d_3d(impl, rpb, grid, kernel, dilation, causal):
     torch.manual_seed(sum(grid))
-    m = NeighborhoodAttention2D(16, 2, kernel_size=kernel, dilation=dilation, is_causal=causal, rpb=rpb,
-                                impl=impl)
+    cls = {2: NeighborhoodAttention2D, 3: NeighborhoodAttention3D}[len(grid)]
+    m = cls(16, 2, kernel_size=kernel, dilation=dilation, is_causal=causal, rpb=rpb, impl=impl,
+            fused_qkv=len(grid) == 2 or bool(grid[0] % 2))
     randomize(m)
     x = torch.randn(2, *grid, 16, dtype=torch.float64)
     np.testing.assert_allclose(run64(m, x), na_reference(m, np64(x)), **TOL)
@@ -191,6 +197,10 @@ def test_neighborhood_rejects_small_grid_and_even_kernel():
         NeighborhoodAttention1D(16, 2, kernel_size=5, dilation=2)(torch.randn(1, 9, 16))
     with pytest.raises(ValueError, match="odd"):
         NeighborhoodAttention2D(16, 2, kernel_size=(3, 4))
+    with pytest.raises(ValueError, match="smaller than kernel_size"):
+        NeighborhoodAttention3D(16, 2, kernel_size=3, dilation=(1, 2, 1))(torch.randn(1, 4, 5, 6, 16))
+    with pytest.raises(ValueError, match="3 value"):
+        NeighborhoodAttention3D(16, 2, kernel_size=(3, 3))
 
 
 # --- flow attention -------------------------------------------------------------------------

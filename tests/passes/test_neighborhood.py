@@ -1,13 +1,15 @@
 """Neighborhood-attention fusion: export, fuse, and compare ORT before / after / PyTorch.
 
-Models: the registry's NA specs (masked and gather forms, 1-D / 2-D, dilation, causal, RPB,
-dynamic grid), an independent masked NA written here from the NATTEN docs (hypothesis sweep), a
+Models: the registry's NA specs (masked and gather forms, 1-D / 2-D / 3-D, dilation, causal, RPB,
+dynamic grid), 3-D (video) grids of ``NeighborhoodAttention3D`` in both forms, static and dynamic,
+an independent masked NA written here from the NATTEN docs (hypothesis sweeps), a
 NAT (NATTEN <= 0.17) style ``NeighborhoodAttention2D`` with ``natten2dqkrpb`` / ``natten2dav``
 written in the masked form, lucidrains' ``local-attention`` and near-miss variants.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 
@@ -21,6 +23,7 @@ from torch import nn
 
 from attnc.compiler.backends.onnxruntime import load
 from attnc.compiler.export import export_onnx
+from attnc.models.neighborhood import NeighborhoodAttention3D
 from attnc.models.registry import get_spec
 from attnc.passes import fuse_attention
 from attnc.passes import neighborhood as na_pass
@@ -47,12 +50,16 @@ def _fused_count(model) -> int:
     return sum(n.op_type == OP and n.domain == "attnc" for n in model.graph.node)
 
 
-def _check_fused(model, onnx_model, input_sets, n_fused=1, rtol=1e-5, atol=1e-6, names=("x",)):
+def _check_fused(model, onnx_model, input_sets, n_fused=1, rtol=1e-5, atol=1e-6, names=("x",), float64=False):
+    """Fuse, then compare ORT after vs before vs PyTorch (and PyTorch in float64 with ``float64``)."""
     fused, report = na_pass.apply(onnx_model)
     assert report.rewritten == n_fused, report.to_dict()
     assert _fused_count(fused) == n_fused
     assert len(fused.graph.node) < len(onnx_model.graph.node)
+    matched = {name for m in report.matches for name in m.nodes}
+    assert not [n.name for n in fused.graph.node if n.op_type in ("Softmax", "Exp") and n.name in matched]
     onnx.checker.check_model(fused)
+    model64 = copy.deepcopy(model).double() if float64 else None
     for inputs in input_sets:
         feeds = {n: t.numpy() for n, t in zip(names, inputs)}
         before, after = _run(onnx_model, feeds), _run(fused, feeds)
@@ -60,6 +67,10 @@ def _check_fused(model, onnx_model, input_sets, n_fused=1, rtol=1e-5, atol=1e-6,
             expected = model(*inputs).float().numpy()
         np.testing.assert_allclose(after, before, rtol=rtol, atol=atol)
         np.testing.assert_allclose(after, expected, rtol=rtol, atol=atol)
+        if model64 is not None:
+            with torch.no_grad():
+                exact = model64(*(t.double() for t in inputs)).numpy()
+            np.testing.assert_allclose(after, exact, rtol=rtol, atol=atol)
     return fused, report
 
 
@@ -79,13 +90,13 @@ def _spec_case(name, tmp_path, exporter, opset=18):
 
 NA_SPECS = ["na1d-small", "na1d-gather-small", "na1d-causal-small", "na1d-causal-gather-small", "na2d-small",
             "na2d-gather-small", "na2d-rpb-small", "na2d-rpb-gather-small", "na2d-causal-small",
-            "na2d-dynamic-small"]
+            "na2d-dynamic-small", "na3d-small"]
 EXPECTED = {  # spec -> (kernel_size, dilation, is_causal)
     "na1d-small": ([7], [1], [0]), "na1d-gather-small": ([5], [2], [0]), "na1d-causal-small": ([7], [1], [1]),
     "na1d-causal-gather-small": ([5], [3], [1]), "na2d-small": ([5, 5], [1, 1], [0, 0]),
     "na2d-gather-small": ([3, 3], [2, 3], [0, 0]), "na2d-rpb-small": ([5, 5], [1, 1], [0, 0]),
     "na2d-rpb-gather-small": ([5, 3], [1, 1], [0, 0]), "na2d-causal-small": ([3, 3], [1, 1], [1, 0]),
-    "na2d-dynamic-small": ([3, 3], [2, 2], [0, 0]),
+    "na2d-dynamic-small": ([3, 3], [2, 2], [0, 0]), "na3d-small": ([3, 3, 3], [1, 2, 1], [1, 0, 0]),
 }
 
 
@@ -102,7 +113,7 @@ def test_registry_models_torchscript(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["na1d-causal-small", "na2d-rpb-small", "na2d-rpb-gather-small",
-                                  "na2d-dynamic-small"])
+                                  "na2d-dynamic-small", "na3d-small"])
 def test_registry_models_dynamo(name, tmp_path):
     model, onnx_model, inputs, spec = _spec_case(name, tmp_path, "dynamo")
     _check_fused(model, onnx_model, inputs, names=spec.input_names)
@@ -145,7 +156,8 @@ def test_pipeline_runs_the_pass(tmp_path):
 # ----------------------------------------------------------------------------- independent models
 
 def _oracle_mask(grid, kernel, dilation, causal):
-    """Allowed [N, N] from the NATTEN docs' centre formula, with Python loops."""
+    """Allowed [N, N] from the NATTEN docs' centre formula: per-axis key sets with Python loops; a key
+    is allowed when each of its coordinates (row-major ``unravel_index``) is in the query's set."""
     def keys(i, n, k, d, c):
         g, p = i % d, i // d
         m = len(range(g, n, d))
@@ -154,9 +166,12 @@ def _oracle_mask(grid, kernel, dilation, causal):
         left, right = k // 2, k // 2 + k % 2 - 1
         centre = min(max(p, left), m - 1 - right)
         return {g + d * s for s in range(centre - left, centre + right + 1)}
-    coords = np.array(np.unravel_index(np.arange(int(np.prod(grid))), grid)).T
-    return np.array([[all(b[a] in keys(q[a], grid[a], kernel[a], dilation[a], causal[a]) for a in range(len(grid)))
-                      for b in coords] for q in coords])
+    coords = np.unravel_index(np.arange(int(np.prod(grid))), grid)
+    allowed = np.ones((len(coords[0]),) * 2, dtype=bool)
+    for a, (n, k, d, c) in enumerate(zip(grid, kernel, dilation, causal)):
+        axis = np.array([[j in keys(i, n, k, d, c) for j in range(n)] for i in range(n)])
+        allowed &= axis[coords[a][:, None], coords[a][None, :]]
+    return allowed
 
 
 class MaskedNA(nn.Module):
@@ -294,6 +309,115 @@ def test_masked_na_written_with_einsum(tmp_path):
     assert (attrs["kernel_size"], attrs["dilation"], attrs["is_causal"]) == ([3, 3], [1, 2], [0, 1])
 
 
+# ----------------------------------------------------------------------------- 3-D (video) grids
+
+NA3D = {  # id -> (grid, NeighborhoodAttention3D options, impl, dynamic axes of x, exporters)
+    "masked-odd-grid": ((3, 5, 7), dict(kernel_size=(3, 3, 5)), "masked", (), ("torchscript",)),
+    "masked-dilated-rpb": ((5, 7, 6), dict(kernel_size=3, dilation=(1, 2, 2), rpb=True), "masked", (),
+                           ("torchscript", "dynamo")),
+    "masked-causal-time-dynamic-frames": ((4, 6, 5), dict(kernel_size=3, dilation=(1, 2, 1),
+                                                          is_causal=(True, False, False), rpb=True),
+                                          "masked", (1,), ("torchscript", "dynamo")),
+    "masked-dynamic-grid": ((4, 5, 6), dict(kernel_size=(3, 3, 5), is_causal=(False, False, True)), "masked",
+                            (1, 2, 3), ("torchscript",)),
+    "gather-causal-rpb": ((5, 4, 6), dict(kernel_size=(3, 3, 5), is_causal=(True, True, False), rpb=True),
+                          "gather", (), ("torchscript", "dynamo")),
+    "gather-dilated-dynamic-grid": ((4, 5, 6), dict(kernel_size=3, dilation=(1, 1, 2),
+                                                    is_causal=(False, True, False)),
+                                    "gather", (1, 2, 3), ("torchscript", "dynamo")),
+}
+
+
+def _na3d_case(case, exporter, tmp_path):
+    grid, options, impl, dynamic, _ = NA3D[case]
+    torch.manual_seed(0)
+    model = NeighborhoodAttention3D(16, 2, impl=impl, **options).eval()
+    if model.rpb is not None:
+        with torch.no_grad():
+            model.rpb.normal_(0, 0.5)  # visible next to the scores (init std is 0.02)
+    axes = {0: "batch", **{a: ("frames", "height", "width")[a - 1] for a in dynamic}}
+    onnx_model = _export(model, (torch.randn(2, *grid, 16),), tmp_path, exporter,
+                         dynamic_axes={"x": axes, "output": axes}, names=["x"])
+    other = tuple(n + (-1, 2, 1)[a] if a + 1 in dynamic else n for a, n in enumerate(grid))
+    return model, onnx_model, [(torch.randn(1, *grid, 16),), (torch.randn(3, *other, 16),)]
+
+
+@pytest.mark.parametrize("case,exporter", [(c, e) for c, v in NA3D.items() for e in v[-1]])
+def test_3d_grids(case, exporter, tmp_path):
+    """One NeighborhoodAttention node with the module's parameters; ORT equals PyTorch (float32 and
+    float64) at the export grid and, for a dynamic grid, at another grid."""
+    model, onnx_model, inputs = _na3d_case(case, exporter, tmp_path)
+    fused, report = _check_fused(model, onnx_model, inputs, float64=True)
+    assert not [n for n in fused.graph.node if n.op_type == "Softmax"]
+    match = report.matches[0]
+    attrs = match.attributes
+    assert (attrs["kernel_size"], attrs["dilation"], attrs["is_causal"]) == (
+        list(model.kernel_size), list(model.dilation), [int(c) for c in model.is_causal])
+    assert attrs["scale"] == pytest.approx(model.scale)
+    grid, dynamic = NA3D[case][0], NA3D[case][3]
+    assert match.shapes["grid"] == [["x", a + 1] if a + 1 in dynamic else n for a, n in enumerate(grid)]
+    node = next(n for n in fused.graph.node if n.op_type == OP)
+    assert node.overload == na_plugin.overload_name(3, model.rpb is not None, static_grid=not dynamic)
+
+
+@pytest.mark.parametrize("case,attribute,wrong", [
+    ("masked-odd-grid", "kernel_size", [3, 3, 3]), ("masked-odd-grid", "kernel_size", [1, 3, 5]),
+    ("masked-dilated-rpb", "dilation", [1, 1, 2]), ("masked-dilated-rpb", "is_causal", [1, 0, 0]),
+])
+def test_3d_comparison_catches_a_wrong_fused_node(case, attribute, wrong, tmp_path):
+    """The comparison the 3-D tests make fails when the fused node has one wrong attribute."""
+    model, onnx_model, inputs = _na3d_case(case, "torchscript", tmp_path)
+    fused, _ = _check_fused(model, onnx_model, inputs)
+    node = next(n for n in fused.graph.node if n.op_type == OP)
+    next(a for a in node.attribute if a.name == attribute).ints[:] = wrong
+    x = inputs[1][0]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    with pytest.raises(AssertionError, match="Not equal to tolerance"):
+        np.testing.assert_allclose(_run(fused, {"x": x.numpy()}), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_3d_mask_written_without_natten(exporter, tmp_path):
+    """A 3-D mask buffer from the NATTEN docs' formula on flat tokens [B, T*H*W, C] (scale after the
+    matmul, decomposed softmax) fuses into a node on the T x H x W grid."""
+    torch.manual_seed(0)
+    model = MaskedNA(16, 2, (4, 6, 5), [3, 3, 3], [1, 2, 1], [1, 0, 0], manual_softmax=True).eval()
+    onnx_model = _export(model, (torch.randn(2, 120, 16),), tmp_path, exporter, dynamic_axes={"x": {0: "batch"}},
+                         names=["x"])
+    _, report = _check_fused(model, onnx_model, [(torch.randn(1, 120, 16),), (torch.randn(3, 120, 16),)],
+                             float64=True)
+    attrs = report.matches[0].attributes
+    assert (attrs["kernel_size"], attrs["dilation"], attrs["is_causal"]) == ([3, 3, 3], [1, 2, 1], [1, 0, 0])
+    assert report.matches[0].shapes["grid"] == [4, 6, 5]
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data())
+def test_3d_masks_are_proven_exactly(data):
+    """``analyse_bias`` on random 3-D neighborhood masks (+ RPB): it recovers the configuration, and
+    the bias rebuilt from what it found is the input, entry for entry."""
+    kernel = [data.draw(st.sampled_from([1, 3, 5])) for _ in range(3)]
+    dilation = [data.draw(st.integers(1, 2)) for _ in range(3)]
+    grid = tuple(max(2, k * d + data.draw(st.integers(0, 2))) for k, d in zip(kernel, dilation))
+    causal = [int(data.draw(st.booleans())) for _ in range(3)]
+    allowed = _oracle_mask(grid, kernel, dilation, causal)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16)))
+    table = rng.normal(size=(2, *(2 * k - 1 for k in kernel)))
+    _, rel = na_plugin.dense_mask_and_rel(grid, kernel, dilation, causal)
+    bias = np.where(allowed, table[(slice(None), *np.moveaxis(rel, -1, 0))], -np.inf)
+    if allowed.all() or (np.tril(allowed).all() and not np.triu(allowed, 1).any()):
+        with pytest.raises(na_pass._Mismatch, match="plain"):
+            na_pass.analyse_bias(bias)
+        return
+    found = na_pass.analyse_bias(bias)
+    if min(kernel) > 1:  # a kernel-1 axis can merge into a neighbour as a dilation: same mask, other grid
+        assert (found.grid, found.kernel_size, found.dilation, found.is_causal) == (grid, kernel, dilation, causal)
+    again, rel = na_plugin.dense_mask_and_rel(found.grid, found.kernel_size, found.dilation, found.is_causal)
+    rebuilt = np.where(again, found.rpb[(slice(None), *np.moveaxis(rel, -1, 0))], -np.inf)
+    np.testing.assert_array_equal(rebuilt, bias)
+
+
 # ----------------------------------------------------------------------------- near-misses
 
 class WrongMaskNA(MaskedNA):
@@ -310,6 +434,35 @@ def test_near_miss_on_corrupted_mask(tmp_path):
     fused, report = na_pass.apply(onnx_model)
     assert report.rewritten == 0 and fused is onnx_model
     assert report.near_misses and "not a neighborhood mask" in report.near_misses[0].reason
+
+
+@pytest.mark.parametrize("allow", [True, False])
+def test_near_miss_on_3d_mask_with_one_flipped_entry(allow, tmp_path):
+    """One key allowed or masked too many on a 3-D mask: unchanged, and the reason names the query
+    and the grid the mask nearly is a neighborhood on."""
+    model = MaskedNA(16, 2, (4, 6, 5), [3, 3, 3], [1, 2, 1], [1, 0, 0]).eval()
+    query = 66  # (2, 1, 1): key 61 (2, 0, 1) is on the other row sub-grid (dilation 2), key 36 (1, 1, 1) is not
+    assert model.mask[query, 61] == float("-inf") and model.mask[query, 36] == 0
+    model.mask[query, 61 if allow else 36] = 0.0 if allow else float("-inf")
+    onnx_model = _export(model, (torch.randn(2, 120, 16),), tmp_path, names=["x"])
+    fused, report = na_pass.apply(onnx_model)
+    assert report.rewritten == 0 and fused is onnx_model
+    reason = report.near_misses[0].reason
+    assert "not a neighborhood mask on any 1-D, 2-D or 3-D grid of 120 tokens" in reason, reason
+    assert f"query {query} sees {9 * 3 + (1 if allow else -1)} keys" in reason, reason
+    assert "grid (4, 6, 5) with kernel [3, 3, 3], dilation [1, 2, 1], causal [1, 0, 0]" in reason, reason
+
+
+def test_near_miss_on_dynamic_frames_too_large_to_sample(tmp_path):
+    """A mask computed from dynamic frames of a large static plane: too many tokens to evaluate densely
+    even at the small sampled sizes, so a near-miss (before any N x N tensor is computed)."""
+    torch.manual_seed(0)
+    model = NeighborhoodAttention3D(8, 1, kernel_size=3, is_causal=(True, False, False)).eval()
+    onnx_model = _export(model, (torch.randn(1, 3, 32, 32, 8),), tmp_path,
+                         dynamic_axes={"x": {0: "batch", 1: "frames"}}, names=["x"])
+    report = na_pass.find(onnx_model)
+    assert not report.matches
+    assert "tokens even at the small sampled sizes" in report.near_misses[0].reason
 
 
 def test_near_miss_on_rpb_that_is_not_relative(tmp_path):
