@@ -9,7 +9,10 @@ graphs side by side in one process (interleaved runs, same inputs, same thread c
 
 Raw numbers and a machine description go to ``benchmarks/results/neighborhood_fusion_<date>.json``.
 
-    python benchmarks/bench_neighborhood_fusion.py [--threads 1] [--runs 20] [--gather]
+    python benchmarks/bench_neighborhood_fusion.py [--threads 1] [--runs 20] [--gather] [--video]
+
+``--video`` times the 3-D models instead (``na3d-realistic``: 8 frames of 14x14 tokens,
+kernel 3x7x7, dim 64, 2 heads).
 """
 
 from __future__ import annotations
@@ -106,16 +109,19 @@ def main() -> None:
     # the mask computation in the graph (before is then ~5x slower still).
     parser.add_argument("--exporter", default="dynamo", choices=["torchscript", "dynamo"])
     parser.add_argument("--gather", action="store_true", help="also time the gather-form model")
+    parser.add_argument("--video", action="store_true",
+                        help="the 3-D models instead: na3d-realistic (8x14x14 tokens, kernel 3x7x7, dim 64)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     logging.disable(logging.WARNING)
-    names = ["na2d-realistic"] + (["na2d-gather-realistic"] if args.gather else [])
+    stem = "na3d" if args.video else "na2d"
+    names = [f"{stem}-realistic"] + ([f"{stem}-gather-realistic"] if args.gather else [])
     rows = [bench(n, args.exporter, args.threads, args.runs, args.batch) for n in names]
     print(f"{'model':24} {'nodes':>11} {'before ms':>10} {'after ms':>9} {'speed-up':>8}  max|err|")
     for r in rows:
         print(f"{r['model']:24} {r['nodes_before']:>4} -> {r['nodes_after']:<4} {r['median_ms_before']:>10.2f} "
               f"{r['median_ms_after']:>9.2f} {r['speedup']:>7.2f}x  {r['max_abs_err_after_vs_torch']:.1e}")
-    out = args.out or RESULTS / f"neighborhood_fusion_{dt.date.today().isoformat()}.json"
+    out = args.out or RESULTS / f"neighborhood_fusion{'_3d' if args.video else ''}_{dt.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "results": rows}, indent=1))
     print(f"saved {out}")

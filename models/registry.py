@@ -253,6 +253,10 @@ _vlm("vlm-small", 32, 13, 97, patch_size=8, vision_dim=32, vision_depth=2, visio
 _grid("na2d-realistic", NeighborhoodAttention2D, 64, (56, 56), num_heads=2, kernel_size=7, rpb=True)
 _grid("na2d-gather-realistic", NeighborhoodAttention2D, 64, (56, 56), num_heads=2, kernel_size=7, rpb=True,
       impl="gather")
+# video: 8 frames of 14x14 tokens, kernel 3x7x7 (NATTEN 3-D, no RPB)
+_grid("na3d-realistic", NeighborhoodAttention3D, 64, (8, 14, 14), num_heads=2, kernel_size=(3, 7, 7))
+_grid("na3d-gather-realistic", NeighborhoodAttention3D, 64, (8, 14, 14), num_heads=2, kernel_size=(3, 7, 7),
+      impl="gather")
 
 _LM = {"dim": 512, "depth": 4, "num_heads": 8, "max_seq_len": 8192}
 _lm("lm-mhsa-realistic", "mhsa", "mhsa", 32000, 4096, **_LM)
