@@ -3,13 +3,16 @@
 NATTEN (SHI-Labs) has no ONNX export: its ops are CUDA/CPU extension kernels. Models written
 against its functional API (NATTEN >= 0.20)::
 
-    natten.functional.na1d(query, key, value, kernel_size, dilation=1, is_causal=False, scale=None)
+    natten.functional.na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False,
+                           scale=None, additional_keys=None, additional_values=None, <performance options>)
     natten.functional.na2d(...)   # query/key/value [B, X, Y, heads, D] (heads-last)
-    natten.functional.na3d(...)   # [B, X, Y, Z, heads, D]
+    natten.functional.na3d(...)   # [B, X, Y, Z, heads, D]     (also natten.na1d/na2d/na3d)
 
-can call :func:`na1d` / :func:`na2d` / :func:`na3d` here instead (same signatures and layout, plus
-an optional ``rpb``), or be exported inside :func:`patch_natten`, which swaps those three into
-``natten.functional`` while active (when NATTEN is installed). Behaviour:
+can call :func:`na1d` / :func:`na2d` / :func:`na3d` here instead (same signatures, positional order
+and layout, plus an optional keyword ``rpb``; stride other than 1 and ``additional_keys`` raise
+NotImplementedError, performance options such as ``backend`` are ignored), or be exported inside
+:func:`patch_natten`, which swaps those three into ``natten`` and ``natten.functional`` while
+active (when NATTEN is installed). Behaviour:
 
 - eager: the op's reference semantics (``attnc.plugins.neighborhood.reference``; dense, float64
   capable: a correctness path, not a fast one);
@@ -77,10 +80,28 @@ def neighborhood_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     return plugin.reference(query, key, value, ks, ds, cs, scale, rpb=rpb)
 
 
+# NATTEN's keyword arguments that choose how, not what, it computes: accepted and ignored.
+_PERFORMANCE_ARGS = frozenset({
+    "attention_kwargs", "backend", "q_tile_size", "kv_tile_size", "q_tile_shape", "kv_tile_shape",
+    "backward_q_tile_size", "backward_kv_tile_size", "backward_q_tile_shape", "backward_kv_tile_shape",
+    "backward_kv_splits", "backward_use_pt_reduction", "run_persistent_kernel", "kernel_schedule",
+    "torch_compile"})
+
+
 def _heads_last(fn_ndim: int):
-    def na(query, key, value, kernel_size, dilation=1, is_causal=False, scale=None, rpb=None, **unsupported):
-        if unsupported:
-            raise NotImplementedError(f"attnc's NATTEN translation does not support {sorted(unsupported)}")
+    def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
+           additional_keys=None, additional_values=None, *, rpb=None, **options):
+        unknown = sorted(set(options) - _PERFORMANCE_ARGS)
+        if unknown:
+            raise TypeError(f"na{fn_ndim}d() got unexpected keyword argument(s) {unknown}")
+        if any(s != 1 for s in _per_axis(stride, fn_ndim)):
+            raise NotImplementedError(
+                f"attnc's NATTEN translation supports stride 1 only, got stride={stride!r}: strided "
+                "neighborhood attention is not an attnc::NeighborhoodAttention yet; keep NATTEN for it")
+        if additional_keys is not None or additional_values is not None:
+            raise NotImplementedError(
+                "attnc's NATTEN translation does not support additional_keys/additional_values (neighborhood "
+                "cross-attention); merge that attention outside the na call")
         if query.dim() != fn_ndim + 3:
             raise ValueError(f"na{fn_ndim}d expects [B, *grid({fn_ndim}), heads, D], got {tuple(query.shape)}")
         to_heads_first = [0, fn_ndim + 1, *range(1, fn_ndim + 1), fn_ndim + 2]
@@ -90,8 +111,11 @@ def _heads_last(fn_ndim: int):
         return out.permute(back)
 
     na.__name__ = na.__qualname__ = f"na{fn_ndim}d"
-    na.__doc__ = (f"NATTEN >= 0.20 ``na{fn_ndim}d``: query/key/value ``[B, *grid({fn_ndim}), heads, D]`` -> "
-                  f"``[B, *grid, heads, Dv]``; ``rpb`` ``[heads, 2k-1, ...]`` is an attnc extension.")
+    na.__doc__ = (f"NATTEN >= 0.20 ``na{fn_ndim}d(query, key, value, kernel_size, stride=1, dilation=1, "
+                  f"is_causal=False, scale=None, ...)``: query/key/value ``[B, *grid({fn_ndim}), heads, D]`` -> "
+                  f"``[B, *grid, heads, Dv]``, NATTEN's positional order. Performance options (``backend``, "
+                  f"tile shapes, ...) are ignored; ``stride`` other than 1 and ``additional_keys`` raise "
+                  f"NotImplementedError; ``rpb`` ``[heads, 2k-1, ...]`` (keyword) is an attnc extension.")
     return na
 
 
@@ -102,26 +126,31 @@ na3d = _heads_last(3)
 
 @contextlib.contextmanager
 def patch_natten() -> Iterator[bool]:
-    """Swap ``natten.functional.na{1,2,3}d`` for the exportable ones while active.
+    """Swap NATTEN's ``na{1,2,3}d`` for the exportable ones while active: in ``natten.functional``
+    and at the package's top level (``natten.na2d``), where NATTEN >= 0.20 exports them too.
 
     Yields whether NATTEN was found (nothing is patched when it is not installed).
     """
     try:
-        functional = importlib.import_module("natten.functional")
+        modules = [importlib.import_module("natten")]
+        modules.append(importlib.import_module("natten.functional"))
     except ImportError:
         yield False
         return
-    saved = {name: getattr(functional, name, None) for name in ("na1d", "na2d", "na3d")}
+    names = ("na1d", "na2d", "na3d")
+    saved = [(module, {name: getattr(module, name, None) for name in names}) for module in modules]
     try:
-        for name, fn in (("na1d", na1d), ("na2d", na2d), ("na3d", na3d)):
-            setattr(functional, name, fn)
+        for module in modules:
+            for name, fn in zip(names, (na1d, na2d, na3d)):
+                setattr(module, name, fn)
         yield True
     finally:
-        for name, fn in saved.items():
-            if fn is None:
-                delattr(functional, name)
-            else:
-                setattr(functional, name, fn)
+        for module, functions in saved:
+            for name, fn in functions.items():
+                if fn is None:
+                    delattr(module, name)
+                else:
+                    setattr(module, name, fn)
 
 
 __all__: Sequence[str] = ["na1d", "na2d", "na3d", "neighborhood_attention", "patch_natten"]

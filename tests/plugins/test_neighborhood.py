@@ -207,4 +207,27 @@ def test_patch_natten_swaps_and_restores(monkeypatch):
     monkeypatch.setitem(sys.modules, "natten.functional", functional)
     with natten_compat.patch_natten() as found:
         assert found and functional.na2d is natten_compat.na2d and functional.na1d is natten_compat.na1d
-    assert functional.na2d is original and not hasattr(functional, "na1d")
+        assert natten.na2d is natten_compat.na2d and natten.na3d is natten_compat.na3d   # top level too
+    assert functional.na2d is original and not hasattr(functional, "na1d") and not hasattr(natten, "na2d")
+
+
+def test_natten_positional_order_and_options():
+    """NATTEN >= 0.20's order is (q, k, v, kernel_size, stride, dilation, is_causal, scale): a
+    positional call must mean what it means to NATTEN. Performance options are ignored; what
+    attnc cannot compute (stride, neighborhood cross-attention) is refused, not approximated."""
+    rng = np.random.default_rng(8)
+    q, k, v = (torch.from_numpy(rng.standard_normal((2, 7, 9, 3, 4))) for _ in range(3))
+    got = natten_compat.na2d(q, k, v, 3, 1, (1, 2), (True, False), 0.3, backend="cutlass-fna",
+                             q_tile_shape=(8, 8), torch_compile=False)
+    oracle = numpy_oracle(*(_heads_first(t.numpy()) for t in (q, k, v)), [3, 3], [1, 2], [1, 0], scale=0.3)
+    np.testing.assert_allclose(got.numpy(), np.moveaxis(oracle, 1, -2), rtol=1e-10, atol=1e-12)
+    same = natten_compat.na2d(q, k, v, kernel_size=3, stride=(1, 1), dilation=(1, 2), is_causal=(True, False),
+                              scale=0.3)
+    torch.testing.assert_close(same, got, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="stride 1 only"):
+        natten_compat.na2d(q, k, v, 3, (2, 1))
+    with pytest.raises(NotImplementedError, match="additional_keys"):
+        natten_compat.na2d(q, k, v, 3, additional_keys=k[:, :1, :1].flatten(1, 2),
+                           additional_values=v[:, :1, :1].flatten(1, 2))
+    with pytest.raises(TypeError, match="dilatoin"):
+        natten_compat.na2d(q, k, v, 3, dilatoin=2)
