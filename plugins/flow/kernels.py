@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnc.plugins.kernels_common import (DTYPE_NAMES, POINTER_TYPES, KernelSpec, block_dim, check_inputs,
+from attnc.plugins.kernels_common import (DTYPE_NAMES, POINTER_TYPES, KernelSpec, block_dim, cdiv, check_inputs,
                                           dot, dot_precision, per_head_grid, rows_grid)
 
 
@@ -149,72 +149,117 @@ def flow_output_kernel(
 
 
 @triton.jit
+def _phi_slice(X, base, offs_n, n_ok, stride_n, d0, head_dim, D_SLICE: tl.constexpr, EVICT: tl.constexpr):
+    """φ = sigmoid of rows ``offs_n``, head-dim lanes ``d0 .. d0+D_SLICE`` (fp32, 0 where masked)."""
+    offs_d = d0 + tl.arange(0, D_SLICE)
+    ok = n_ok[:, None] & (offs_d < head_dim)[None, :]
+    x = tl.load(X + base + offs_n[:, None] * stride_n + offs_d[None, :], mask=ok, other=0.0, eviction_policy=EVICT)
+    return tl.where(ok, tl.sigmoid(x.to(tl.float32)), 0.0)
+
+
+@triton.jit
+def _eps_dot(phi, total, d_ok, eps):
+    """Σ_d (φ_d+ε)·(total_d+ε) per row, over the unmasked lanes."""
+    return tl.sum(tl.where(d_ok[None, :], phi + eps, 0.0) * (total + eps)[None, :], 1)
+
+
+@triton.jit
 def flow_causal_kernel(
     Q, K, V, O, heads, length, head_dim, value_dim, eps,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D_SLICE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Causal flow attention in one chunked pass (one program per head and value-column block).
 
-    Every cumulative sum is a prefix sum, so one walk over the sequence suffices: per chunk,
-    in-chunk prefix sums plus the running totals of the chunks before give ``Σ_{s<=t}``;
-    the output is causal linear attention of ``q' = φq·I/n`` and ``v' = v·competition``
-    (masked C x C scores plus the running ``[D, Dv]`` state), scaled by the allocation.
+    Every cumulative sum is a prefix sum, so one walk over the sequence suffices: the chunks
+    before contribute running totals, the chunk itself in-chunk prefix sums. Every in-chunk
+    prefix sum the flow terms need is contracted with a ``φq+ε`` or ``φk+ε`` row right away,
+    so it is a masked row or column sum of the one ``C x C`` Gram matrix ``G = φq φkᵀ``
+    (``(φq_t+ε)·φk_s = G[t, s] + ε·Σφk_s``); no ``[C, D]`` prefix sum is ever built. The output
+    is causal linear attention of ``φq`` and ``v' = v·competition`` (masked ``G`` plus the
+    running ``[D, Dv]`` state), scaled per row by ``I/n · allocation``.
+
+    Register pressure: the head dim is walked in ``D_SLICE``-wide slices (the state and the
+    running sums are tuples of slices), so no ``tl.dot`` operand is wider than ``[C, D_SLICE]``
+    (an operand holds whole K-wide rows in every warp). The in-chunk product ``tril(G)·v'`` is the
+    last ``tl.dot`` of the loop on purpose: Triton gives all chained dots of a program the warp
+    layout it picks for the dot it converts first, the last one, and for a ``[C, Dv]`` product that
+    layout splits the value columns over the warps. Last, the ``[D_SLICE, Dv]`` state update
+    picks one that splits rows once ``Dv <= D_SLICE``, which for ``C = 16`` replicates every
+    ``[C, ·]`` product and the whole state operand in every warp (head dim 128, value dim 32:
+    255 registers and 32 B of spills on sm_90, against 200 registers and none).
     """
+    SLICES: tl.constexpr = BLOCK_D // D_SLICE
     pid_bh, pid_v = tl.program_id(0), tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
     h = (pid_bh % heads).to(tl.int64)
+    q_base, k_base = b * sq_b + h * sq_h, b * sk_b + h * sk_h
     offs_c = tl.arange(0, CHUNK)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    d_ok, v_ok = offs_d < head_dim, offs_v < value_dim
-    k_total = tl.zeros([BLOCK_D], tl.float32)       # Σ φk
-    q_total = tl.zeros([BLOCK_D], tl.float32)       # Σ φq
-    k_out_total = tl.zeros([BLOCK_D], tl.float32)   # Σ φk·O
-    q_in_total = tl.zeros([BLOCK_D], tl.float32)    # Σ φq·I
+    v_ok = offs_v < value_dim
+    zeros_d = tl.zeros([D_SLICE], tl.float32)
+    k_total = (zeros_d,) * SLICES          # Σ φk
+    q_total = (zeros_d,) * SLICES          # Σ φq
+    k_out_total = (zeros_d,) * SLICES      # Σ φk·O
+    q_in_total = (zeros_d,) * SLICES       # Σ φq·I
+    state = (tl.zeros([D_SLICE, BLOCK_DV], tl.float32),) * SLICES
     src_total = tl.zeros([CHUNK], tl.float32)       # Σ exp(Ô), kept as a vector (sum at use)
-    state = tl.zeros([BLOCK_D, BLOCK_DV], tl.float32)
-    causal = offs_c[:, None] >= offs_c[None, :]
-    # In-chunk prefix sums as products with a lower-triangular ones matrix: tensor-core work,
-    # where tl.cumsum's scans over [C, D] tiles took 64-98 KB of shared memory on sm_86/90.
-    prefix = tl.where(causal, 1.0, 0.0)
+    causal = offs_c[:, None] >= offs_c[None, :]     # [t, s]: s <= t
+    anticausal = offs_c[:, None] <= offs_c[None, :]  # [s, t]: s <= t
     for n0 in range(0, length, CHUNK):
         offs_n = n0 + offs_c
         n_ok = offs_n < length
-        ok = n_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_n[:, None] * sq_n + offs_d[None, :], mask=ok, other=0.0)
-        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=ok, other=0.0)
+        visible = (offs_n + 1).to(tl.float32)           # n_t
+        gram = tl.zeros([CHUNK, CHUNK], tl.float32)     # [t, s] = φq_t·φk_s
+        q_sum = tl.zeros([CHUNK], tl.float32)           # Σ_d φq_t
+        k_sum = tl.zeros([CHUNK], tl.float32)
+        q_on_k_total = tl.zeros([CHUNK], tl.float32)    # (φq_t+ε)·(Σ φk + ε) over the chunks before
+        k_on_q_total = tl.zeros([CHUNK], tl.float32)
+        q_on_k_out = tl.zeros([CHUNK], tl.float32)      # (φq_t+ε)·(Σ φk·O + ε)
+        k_on_q_in = tl.zeros([CHUNK], tl.float32)
+        for j in tl.static_range(SLICES):
+            d_ok = j * D_SLICE + tl.arange(0, D_SLICE) < head_dim
+            phi_q = _phi_slice(Q, q_base, offs_n, n_ok, sq_n, j * D_SLICE, head_dim, D_SLICE, "evict_last")
+            phi_k = _phi_slice(K, k_base, offs_n, n_ok, sk_n, j * D_SLICE, head_dim, D_SLICE, "evict_last")
+            gram += dot(phi_q, tl.trans(phi_k), PRECISION)
+            q_sum += tl.sum(phi_q, 1)
+            k_sum += tl.sum(phi_k, 1)
+            q_on_k_total += _eps_dot(phi_q, k_total[j], d_ok, eps)
+            k_on_q_total += _eps_dot(phi_k, q_total[j], d_ok, eps)
+            q_on_k_out += _eps_dot(phi_q, k_out_total[j], d_ok, eps)
+            k_on_q_in += _eps_dot(phi_k, q_in_total[j], d_ok, eps)
+        # (φq_t+ε)·φk_s on [t, s] and (φk_t+ε)·φq_s transposed, on [s, t], both zero outside s <= t.
+        q_on_k = tl.where(causal, gram + eps * k_sum[None, :], 0.0)
+        k_on_q = tl.where(anticausal, gram + eps * q_sum[:, None], 0.0)
+        incoming = visible / (tl.sum(q_on_k, 1) + q_on_k_total)
+        outgoing = visible / (tl.sum(k_on_q, 0) + k_on_q_total)
+        sink = (tl.sum(q_on_k * outgoing[None, :], 1) + q_on_k_out) / visible
+        source = (tl.sum(k_on_q * incoming[:, None], 0) + k_on_q_in) / visible
+        src = tl.where(n_ok, tl.exp(tl.minimum(tl.maximum(source, -1.0), 1.0)), 0.0)
+        competition = src / (tl.sum(tl.where(causal, src[None, :], 0.0), 1) + tl.sum(src_total, 0)) * visible
         v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_v[None, :],
                     mask=n_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-        phi_q = tl.where(ok, tl.sigmoid(q.to(tl.float32)), 0.0)
-        phi_k = tl.where(ok, tl.sigmoid(k.to(tl.float32)), 0.0)
-        q_eps = tl.where(d_ok[None, :], phi_q + eps, 0.0)
-        k_eps = tl.where(d_ok[None, :], phi_k + eps, 0.0)
-        visible = (offs_n + 1).to(tl.float32)           # n_t
-        k_cum = dot(prefix, phi_k, PRECISION) + k_total[None, :]
-        q_cum = dot(prefix, phi_q, PRECISION) + q_total[None, :]
-        incoming = visible / tl.sum(q_eps * (k_cum + eps), 1)
-        outgoing = visible / tl.sum(k_eps * (q_cum + eps), 1)
-        k_out = phi_k * outgoing[:, None]
-        q_in = phi_q * incoming[:, None]
-        sink = tl.sum(q_eps * (dot(prefix, k_out, PRECISION) + k_out_total[None, :] + eps), 1) / visible
-        source = tl.sum(k_eps * (dot(prefix, q_in, PRECISION) + q_in_total[None, :] + eps), 1) / visible
-        allocation = tl.sigmoid(sink)
-        src = tl.where(n_ok, tl.exp(tl.minimum(tl.maximum(source, -1.0), 1.0)), 0.0)
-        competition = src / (tl.sum(prefix * src[None, :], 1) + tl.sum(src_total, 0)) * visible
-        q_scaled = q_in / visible[:, None]
         v_scaled = v * competition[:, None]
-        scores = tl.where(causal, dot(q_scaled, tl.trans(phi_k), PRECISION), 0.0)
-        out = dot(scores, v_scaled, PRECISION) + dot(q_scaled, state, PRECISION)
-        out = out * allocation[:, None]
+        out = tl.zeros([CHUNK, BLOCK_DV], tl.float32)
+        new_state, new_k_total, new_q_total, new_k_out, new_q_in = (), (), (), (), ()
+        for j in tl.static_range(SLICES):
+            # Reloaded, not kept from the loop above: cache hits instead of [C, D] live registers
+            # (the loads differ in eviction policy, or the compiler merges them into one).
+            phi_q = _phi_slice(Q, q_base, offs_n, n_ok, sq_n, j * D_SLICE, head_dim, D_SLICE, "evict_first")
+            phi_k = _phi_slice(K, k_base, offs_n, n_ok, sk_n, j * D_SLICE, head_dim, D_SLICE, "evict_first")
+            out += dot(phi_q, state[j], PRECISION)
+            new_state += (state[j] + dot(tl.trans(phi_k), v_scaled, PRECISION),)
+            new_k_total += (k_total[j] + tl.sum(phi_k, 0),)
+            new_q_total += (q_total[j] + tl.sum(phi_q, 0),)
+            new_k_out += (k_out_total[j] + tl.sum(phi_k * outgoing[:, None], 0),)
+            new_q_in += (q_in_total[j] + tl.sum(phi_q * incoming[:, None], 0),)
+        state, k_total, q_total, k_out_total, q_in_total = new_state, new_k_total, new_q_total, new_k_out, new_q_in
+        src_total += src
+        out += dot(tl.where(causal, gram, 0.0), v_scaled, PRECISION)   # the last tl.dot: see above
+        out = out * (incoming / visible * tl.sigmoid(sink))[:, None]
         tl.store(O + b * so_b + h * so_h + offs_n[:, None] * so_n + offs_v[None, :],
                  out.to(O.dtype.element_ty), mask=n_ok[:, None] & v_ok[None, :])
-        state += dot(tl.trans(phi_k), v_scaled, PRECISION)
-        k_total += tl.sum(phi_k, 0)
-        q_total += tl.sum(phi_q, 0)
-        k_out_total += tl.sum(k_out, 0)
-        q_in_total += tl.sum(q_in, 0)
-        src_total += src
 
 
 # ----------------------------------------------------------------------------- TensorRT AOT entry points
@@ -295,42 +340,50 @@ def flow_global_trt(
 def flow_causal_trt(
     Q, K, V, heads, length, O,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, EPS: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D_SLICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tokens = length.to(tl.int64)
     flow_causal_kernel(
         Q, K, V, O, heads, length, HEAD_DIM, VALUE_DIM, EPS,
         heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM, heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM,
         heads * tokens * VALUE_DIM, tokens * VALUE_DIM, VALUE_DIM, heads * tokens * VALUE_DIM, tokens * VALUE_DIM,
-        VALUE_DIM, CHUNK, BLOCK_D, BLOCK_DV, PRECISION)
+        VALUE_DIM, CHUNK, BLOCK_D, BLOCK_DV, D_SLICE, PRECISION)
 
 
 # ----------------------------------------------------------------------------- launcher
 
 def flow_blocks(head_dim: int, value_dim: int) -> dict[str, int]:
-    # The causal kernel holds seven [CHUNK, 64] fp32 products at once; 32-token chunks keep its
-    # shared memory within 48 KB, the no-opt-in limit (64-token chunks needed 64-98 KB; sm_86 caps at 99 KB).
-    return {"BLOCK_N": 64, "CHUNK": 32, "BLOCK_D": block_dim(head_dim), "BLOCK_DV": min(64, block_dim(value_dim))}
+    """Tiles of the launcher's non-causal kernels (the causal one: :func:`flow_trt_config`)."""
+    return {"BLOCK_N": 64, "BLOCK_D": block_dim(head_dim), "BLOCK_DV": min(64, block_dim(value_dim))}
 
 
 def flow_trt_config(causal: bool, dtype: torch.dtype, head_dim: int, value_dim: int) -> dict[str, int]:
     """Tiles, ``num_warps`` and ``num_stages`` of the TensorRT kernels (one launch, no opt-in to
-    more than 48 KB of shared memory).
+    more than 48 KB of shared memory, no register spills), and of the launcher's causal kernel.
 
-    The causal kernel holds seven ``[CHUNK, D]`` fp32 products, five running sums and the
-    ``[D, BLOCK_DV]`` state at once; fp32 inputs multiply on CUDA cores, whose ``tl.dot`` holds
-    whole operand rows in registers. Measured on sm_86 with 32-token chunks/blocks and two
-    stages: fp32 took 49-98 KB of shared memory from head dim 64 on, and both kernels spilled
-    registers at head dim 128 in every dtype. Hence 16-token chunks, one stage and 8 warps for
-    the causal kernel (fewer value columns per program in fp32), 16-token blocks and one stage for
-    the non-causal one in fp32.
+    Causal: 16-token chunks, 8 warps, one stage; the head dim in 32-wide slices (16 in fp32, whose
+    ``tl.dot`` runs on CUDA cores and holds whole operand rows in registers) and 64 value columns
+    per program (32 in fp32). Measured with ``kernels_common.resource_usage`` for head dims 32, 64,
+    96 and 128 (value dims the same, and 32) on sm_80 and sm_90 in every dtype: at most 204
+    registers, no spills, 4-5 KB of shared memory.
+    Without the slices (one ``[C, D]`` operand) the kernel spilled 24 B-8 KB from head dim 64 on;
+    fp32 with 32-wide slices and 32 value columns still spilled 24-56 B at head dims 64 and 128;
+    the launcher's former 32-token chunks and 4 warps spilled 40 B (fp16) to 1.8 KB (fp32) at
+    head dim 64.
+
+    Non-causal: measured on sm_86 with 32-token blocks and two stages, fp32 took 49-98 KB of shared
+    memory from head dim 64 on and spilled registers at head dim 128; hence 16-token blocks and
+    one stage in fp32, and fewer value columns per program in fp32 above head dim 64.
     """
-    wide = max(head_dim, value_dim) > 64
     half = dtype != torch.float32
-    config = {"BLOCK_D": block_dim(head_dim), "BLOCK_DV": min(64 if half else 16 if wide else 32,
-                                                                block_dim(value_dim))}
+    block_d = block_dim(head_dim)
     if causal:
-        return {**config, "CHUNK": 16, "num_warps": 8, "num_stages": 1}
+        # BLOCK_D: the head dim padded to whole slices only (96 = 3 x 32, not 4), no all-masked slice.
+        d_slice = min(32 if half else 16, block_d)
+        return {"BLOCK_D": d_slice * cdiv(head_dim, d_slice), "BLOCK_DV": min(64 if half else 32, block_dim(value_dim)),
+                "CHUNK": 16, "D_SLICE": d_slice, "num_warps": 8, "num_stages": 1}
+    wide = max(head_dim, value_dim) > 64
+    config = {"BLOCK_D": block_d, "BLOCK_DV": min(64 if half else 16 if wide else 32, block_dim(value_dim))}
     if half:
         return {**config, "BLOCK_N": 32, "num_warps": 8 if wide else 4, "num_stages": 2}
     return {**config, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
@@ -354,10 +407,10 @@ def flow_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: int 
         if sources != length:
             raise ValueError("causal flow attention needs as many keys as queries")
         out = torch.empty(batch, heads, length, value_dim, dtype=q.dtype, device=q.device)
-        flow_causal_kernel[per_head_grid(batch, heads, value_dim, blocks["BLOCK_DV"])](
+        config = flow_trt_config(True, q.dtype, head_dim, value_dim)
+        flow_causal_kernel[per_head_grid(batch, heads, value_dim, config["BLOCK_DV"])](
             q, k, v, out, heads, length, head_dim, value_dim, eps, *q.stride()[:3], *k.stride()[:3],
-            *v.stride()[:3], *out.stride()[:3], CHUNK=blocks["CHUNK"], BLOCK_D=blocks["BLOCK_D"],
-            BLOCK_DV=blocks["BLOCK_DV"], PRECISION=dot_precision(q.dtype))
+            *v.stride()[:3], *out.stride()[:3], PRECISION=dot_precision(q.dtype), **config)
         return out
     f32 = dict(dtype=torch.float32, device=q.device)
     k_sum, q_sum, q_incoming, k_outgoing = (torch.empty(batch * heads, head_dim, **f32) for _ in range(4))
@@ -411,7 +464,6 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
     value-column block. Shared by :func:`kernel_for` and the interpreter test.
     """
     from attnc.compiler.errors import AttncError
-    from attnc.plugins.kernels_common import cdiv
 
     if len(shapes) != 3 or dtypes[0] not in _NUMPY_DTYPES:
         raise AttncError(f"the FlowAttention kernel takes Q, K, V in fp32/fp16/bf16, got {len(shapes)} inputs of "
@@ -434,7 +486,7 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
     signature = {"Q": ptr, "K": ptr, "V": ptr, "heads": "i32", "length": "i32"}
     if causal:
         kernel = flow_causal_trt
-        constexprs["CHUNK"] = blocks["CHUNK"]
+        constexprs.update(CHUNK=blocks["CHUNK"], D_SLICE=blocks["D_SLICE"])
     else:
         kernel = flow_global_trt
         constexprs["BLOCK_N"] = blocks["BLOCK_N"]
@@ -458,6 +510,8 @@ def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
     torch_dtype = DTYPE_NAMES[dtype]
     ptr = POINTER_TYPES[torch_dtype]
     blocks = flow_blocks(head_dim, head_dim)
+    causal_launch = flow_trt_config(True, torch_dtype, head_dim, head_dim)
+    causal = {k: v for k, v in causal_launch.items() if k not in ("num_warps", "num_stages")}
     strides = lambda *names: {f"s{t}_{a}": "i32" for t in names for a in "bhn"}  # noqa: E731
     reduce_sig = {"X": ptr, "OTHER": "*fp32", "OUT": "*fp32", "heads": "i32", "length": "i32",
                   "head_dim": "i32", **strides("x"), "eps": "fp32"}
@@ -474,8 +528,8 @@ def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
         KernelSpec(flow_causal_kernel, {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "heads": "i32", "length": "i32",
                                         "head_dim": "i32", "value_dim": "i32", "eps": "fp32",
                                         **strides("q", "k", "v", "o")},
-                   {"CHUNK": blocks["CHUNK"], "BLOCK_D": blocks["BLOCK_D"], "BLOCK_DV": blocks["BLOCK_DV"],
-                    "PRECISION": dot_precision(torch_dtype)}),
+                   {**causal, "PRECISION": dot_precision(torch_dtype)}, num_warps=causal_launch["num_warps"],
+                   num_stages=causal_launch["num_stages"]),
         KernelSpec(flow_output_kernel, {"Q": ptr, "K_SUM": "*fp32", "K_OUTGOING": "*fp32", "KV": "*fp32",
                                         "E_SUM": "*fp32", "O": ptr, "heads": "i32", "length": "i32",
                                         "sources": "i32", "head_dim": "i32", "value_dim": "i32",
