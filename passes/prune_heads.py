@@ -11,12 +11,24 @@ Finds every attention layer in an exported graph, whatever its core looks like:
 From the core, Q, K and V are walked back to their projection (``MatMul`` by a constant
 weight ``[C_in, C_out]``, optional bias ``Add``, optional channel ``Split``) through the
 data-movement ops exporters emit for the head split (``Reshape`` to ``[.., (3,) H, D]``,
-``Transpose``, ``Slice``/``Gather``/``Split``/``Squeeze`` of the q/k/v slot, scalar ``Mul``/``Div``).
-Tracking the head axis through that chain gives, for every head, the projection columns it
-owns, whatever the layout (fused ``qkv`` as ``[3, H, D]``, separate q/k/v, heads-outer
+``Transpose``, ``Slice``/``Gather``/``Split``/``Squeeze`` of the q/k/v slot, scalar ``Mul``/``Div``)
+and the ops that act within each head: rotary embeddings ``q·cos + rotate_half(q)·sin`` (``Neg``,
+``Slice``/``Split``/``Concat`` on the last, head-dim axis, elementwise ops with a table that is
+constant over the heads axis — checked in the shapes, or by evaluating a table computed from
+shapes only). Where several inputs carry the data, each is walked and all must reach the same
+head split. Tracking the head axis through that chain gives, for every head, the projection
+columns it owns, whatever the layout (fused ``qkv`` as ``[3, H, D]``, separate q/k/v, heads-outer
 ``[H, 3, D]``). The output is walked forward (``Transpose``, ``Reshape`` to ``[.., H·D]``) to the
 output projection, whose input rows per head follow the same way (through Slice/Concat on the
 token axis and the Add of a term computed from V).
+
+Grouped-query attention (K/V with ``H_kv = H / g`` heads) is found from the repeat of the K/V
+heads in front of the core (``Reshape(Expand|Tile(Unsqueeze))`` next to the heads axis:
+``repeat_kv``, ``repeat_interleave``), an ONNX ``Attention`` with fewer K/V heads, or one K/V head
+broadcast by the score ``MatMul``. Heads are still indexed per query head, but only whole groups
+are pruned (a K/V head with its ``g`` query heads; a group scores the sum of its heads' scores);
+the repeat's constant head counts are rewritten, computed ones are checked to follow the K/V
+shape.
 
 Agent attention keeps heads on channel axes outside the core too: its agent tokens are Q's
 grid average-pooled per channel, and a depthwise conv of V's grid is added to the merged
@@ -63,6 +75,8 @@ log = logging.getLogger(__name__)
 METHODS = ("activation", "gradient", "ablation", "weight")
 # Ops that only move data or scale it by a constant: the head axis can be tracked through them.
 _SCALAR_OPS = ("Mul", "Div")
+# Elementwise ops on the Q/K/V path: passed where the other operand is constant over the heads (rotary tables).
+_ELEMENTWISE = ("Add", "Sub", "Mul", "Div")
 # Per-head constant inputs of fused attnc nodes: input index -> heads axis (see plugins/*).
 # Negative axes count from the end: agent biases broadcast to [B, H, n, M], so a folded
 # [H, n, M] table and a [1, H, n, M] one both have their heads at -3 (learned agents too).
@@ -109,6 +123,22 @@ class _Depthwise:
 
 
 @dataclass
+class _Repeat:
+    """Grouped-query attention's repeat of the K/V heads in front of the core: an ``Unsqueeze``
+    next to the heads axis, ``Expand`` (or ``Tile``) of that axis to the group size ``g`` and a
+    ``Reshape`` merging the two (transformers' ``repeat_kv``, ``repeat_interleave``)."""
+
+    expand: str                 # the Expand / Tile node
+    reshape: str                # the merge Reshape
+    kv_axis: int                # axis of the KV heads in the Expand's output
+    head_axis: int              # axis of the merged heads in the Reshape's output
+    kv_major: bool              # query head h reads KV head h // g (repeat_kv), else h % H_kv (tiled)
+    group: int | None           # g where the graph states it as a constant
+    rewrite_expand: bool = False    # the Expand's KV-head entry is a constant H_kv (rewritten on pruning)
+    rewrite_reshape: bool = False   # the Reshape's head entry is a constant H (rewritten on pruning)
+
+
+@dataclass
 class AttentionLayer:
     """One attention layer as found in the graph.
 
@@ -142,6 +172,20 @@ class AttentionLayer:
     channel_reshapes: list[_HeadSplit] = field(default_factory=list, repr=False)  # rest[0]: heads × other dims
     depthwise: list[_Depthwise] = field(default_factory=list, repr=False)
     folded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # computed per-head inputs, folded
+    # Grouped-query attention: the K/V head each query head reads ([H]), None when K/V have H heads.
+    kv_of_head: np.ndarray | None = field(default=None, repr=False)
+    repeats: list[_Repeat] = field(default_factory=list, repr=False)  # repeats of the K/V heads to rewrite
+
+    @property
+    def kv_heads(self) -> int:
+        """K/V heads: ``H_kv`` for grouped-query attention, else ``H``."""
+        return self.heads if self.kv_of_head is None else int(self.kv_of_head.max()) + 1
+
+    def kv_groups(self) -> list[list[int]] | None:
+        """The query heads of each K/V head (pruned together), or ``None`` without grouping."""
+        if self.kv_of_head is None:
+            return None
+        return [[int(h) for h in np.flatnonzero(self.kv_of_head == j)] for j in range(self.kv_heads)]
 
     def params(self, model: onnx.ModelProto) -> int:
         """Weights + biases of the projections, depthwise convs and per-head constants of this layer."""
@@ -172,8 +216,9 @@ class AttentionLayer:
         if n is None:
             return None
         h = self.heads if heads is None else heads
-        projections = sum(constant_value(model, proj.weight).shape[0] * proj.columns.shape[1] * h
-                          for _, proj in self.roles.values())
+        h_kv = h * self.kv_heads // self.heads  # whole K/V groups go with their query heads
+        projections = sum(constant_value(model, proj.weight).shape[0] * proj.columns.shape[1] * (h if role == "Q" else h_kv)
+                          for role, (_, proj) in self.roles.items())
         c_out = constant_value(model, self.out_proj.weight).shape[1]
         scores = n * m
         if self.core in _AGENT_CORES:
@@ -318,7 +363,10 @@ def _core(node, prod, cons):
         return "Attention", node.input[0], node.input[1], node.input[2], node.output[0]
     if node.op_type != "Softmax":
         return None
-    pv = [c for c in cons.get(node.output[0], []) if c.op_type == "MatMul" and c.input[0] == node.output[0]]
+    probs = node.output[0]
+    while len(users := cons.get(probs, [])) == 1 and users[0].op_type in ("Cast", "Identity"):
+        probs = users[0].output[0]  # TorchScript casts the probabilities back to the input dtype
+    pv = [c for c in cons.get(probs, []) if c.op_type == "MatMul" and c.input[0] == probs]
     if len(pv) != 1:
         return None
     scores = _walk_scores(node.input[0], prod)
@@ -352,15 +400,15 @@ def _walk_scores(t, prod):
 
 def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
            agent: _AgentParts | None = None) -> AttentionLayer:
-    roles = {}
-    heads = {}
-    for role, t in (("Q", q), ("K", k), ("V", v)):
-        split, proj = _trace_input(model, t, prod, cons)
-        roles[role] = (split, proj)
-        heads[role] = split.rest[split.head_pos]
-    if len(set(heads.values())) != 1:
-        raise _Unrecognised(f"Q/K/V head counts differ {heads} (grouped-query attention is not supported)")
+    walks = {role: _walk_back(model, t, prod) for role, t in (("Q", q), ("K", k), ("V", v))}
+    roles = {role: (walk.split, walk.proj) for role, walk in walks.items()}
+    heads = {role: walk.split.rest[walk.split.head_pos] for role, walk in walks.items()}
     h = heads["Q"]
+    kv_of_head, repeats = None, []
+    if heads["K"] != h or heads["V"] != h or walks["K"].repeat or walks["V"].repeat:
+        kv_of_head, repeats = _grouping(model, kind, heads, walks, prod)
+    elif walks["Q"].repeat:
+        raise _Unrecognised(f"{walks['Q'].repeat.reshape}: the query heads are repeated")
     qd = roles["Q"][1].columns.shape[1]
     vd = roles["V"][1].columns.shape[1]
     merge, out_proj, merged, added = _trace_output(model, out, h, vd, prod, cons)
@@ -426,7 +474,31 @@ def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
     tokens = q_shape[2] if len(q_shape) == 4 and isinstance(q_shape[2], int) else None
     key_tokens = v_shape[2] if len(v_shape) == 4 and isinstance(v_shape[2], int) else None
     return AttentionLayer(index, node.name, kind, h, qd, vd, tokens, key_tokens, roles, merge, out_proj, per_head,
-                          merged, agents, reshapes, depthwise, folded)
+                          merged, agents, reshapes, depthwise, folded, kv_of_head=kv_of_head, repeats=repeats)
+
+
+def _grouping(model, kind, heads: dict[str, int], walks: dict[str, _Walk], prod
+              ) -> tuple[np.ndarray, list[_Repeat]]:
+    """Grouped-query attention: the KV head each query head reads, and the repeats of the K/V
+    heads in front of the core (whose shape entries pruning rewrites)."""
+    h, kv_heads = heads["Q"], heads["K"]
+    repeat_k, repeat_v = walks["K"].repeat, walks["V"].repeat
+    if heads["V"] != kv_heads or walks["Q"].repeat is not None or h % kv_heads:
+        raise _Unrecognised(f"Q/K/V head counts {heads} are not grouped-query attention (query heads in whole "
+                            "groups per K/V head, K and V alike)")
+    group = h // kv_heads
+    if repeat_k is None and repeat_v is None:
+        if kind == "Attention" or (kind == "softmax" and kv_heads == 1):
+            # ONNX Attention repeats each KV head g times (h // g); a MatMul broadcasts one KV head.
+            return np.arange(h) // group, []
+        raise _Unrecognised(f"Q/K/V head counts differ {heads} and the K/V heads are not repeated in a way "
+                            "pruning can follow")
+    if repeat_k is None or repeat_v is None or repeat_k.kv_major != repeat_v.kv_major:
+        raise _Unrecognised(f"K and V heads are not repeated alike ({repeat_k and repeat_k.reshape}, "
+                            f"{repeat_v and repeat_v.reshape})")
+    for role, repeat in (("K", repeat_k), ("V", repeat_v)):
+        _check_repeat(model, repeat, h, kv_heads, walks[role].path, prod)
+    return (np.arange(h) // group if repeat_k.kv_major else np.arange(h) % kv_heads), [repeat_k, repeat_v]
 
 
 def _fold(model, name) -> np.ndarray:
@@ -438,22 +510,73 @@ def _fold(model, name) -> np.ndarray:
     return values[0]
 
 
+@dataclass
+class _Walk:
+    """Where one of Q/K/V comes from: its head split and projection, the repeat of its heads
+    (grouped-query K/V) and each tensor on the way with its heads axis."""
+
+    split: _HeadSplit
+    proj: _Projection
+    repeat: _Repeat | None
+    path: dict[str, int]
+
+
 def _trace_input(model, t, prod, cons) -> tuple[_HeadSplit, _Projection]:
     """Walk a heads-first ``[B, H, ..., D]`` tensor back to its head split and projection."""
-    head_axis = 1
-    fixed: dict[int, int] = {}          # axis -> selected index (the q/k/v slot)
-    for _ in range(16):
+    walk = _walk_back(model, t, prod)
+    return walk.split, walk.proj
+
+
+def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None = None,
+               path: dict[str, int] | None = None, budget: list[int] | None = None) -> _Walk:
+    """Walk ``t`` (heads on ``head_axis``) back to its head-split Reshape and projection.
+
+    Besides the data movement of the head split, it passes the ops that act within each head:
+    unary ``Neg``/``Cast``, ``Slice``/``Split``/``Concat`` on the last (head-dim) axis, and
+    elementwise ``Add``/``Sub``/``Mul``/``Div`` whose other operand is a table constant over the
+    heads axis (rotary embeddings: ``q·cos + rotate_half(q)·sin``). Where several inputs carry
+    the data (the two rotary terms, the halves of ``rotate_half``), each is walked and all must
+    reach the same head split with the same columns. A ``Reshape`` of an ``Expand``/``Tile`` of
+    an ``Unsqueeze`` next to the heads is grouped-query attention's repeat of the K/V heads.
+    ``fixed`` holds the q/k/v slot selected on an axis (fused ``qkv``).
+    """
+    fixed = dict(fixed or {})
+    path = {} if path is None else path
+    budget = [48] if budget is None else budget
+    repeat = None
+
+    def done(walk: _Walk) -> _Walk:
+        if repeat is not None and walk.repeat is not None:
+            raise _Unrecognised(f"{repeat.reshape}: the heads are repeated twice on the way to the core")
+        walk.repeat = walk.repeat or repeat
+        return walk
+
+    while budget[0] > 0:
+        budget[0] -= 1
+        path[t] = head_axis
         node = prod.get(t)
         if node is None:
             raise _Unrecognised(f"{t} is not produced by a projection")
         op = node.op_type
-        if op in _SCALAR_OPS or op in ("Cast", "Identity"):
-            if op in _SCALAR_OPS:
-                other = node.input[1]
-                value = constant_value(model, other)
-                if value is None or value.size != 1:
-                    raise _Unrecognised(f"{node.name}: {op} by a non-scalar on the Q/K/V path")
+        rank = _rank(model, t)
+        last = None if rank is None else rank - 1
+        within_head = last is not None and last != head_axis and last not in fixed
+        if op in ("Cast", "Identity", "Neg") or (op == "Concat" and len(node.input) == 1):
             t = node.input[0]
+        elif op in _ELEMENTWISE:
+            data = _data_operands(model, node, head_axis, rank)
+            if len(data) == 1:
+                t = data[0]
+                continue
+            walks = [_walk_back(model, x, prod, head_axis, fixed, path, budget) for x in data]
+            return done(_same_walks(node, walks))
+        elif op == "Concat":
+            if not within_head or _attr(node, "axis", 0) % rank != last:
+                raise _Unrecognised(f"{node.name}: Concat on the Q/K/V path is not along the head dim (last axis)")
+            if any(constant_value(model, x) is not None for x in node.input):
+                raise _Unrecognised(f"{node.name}: Concat of a constant onto the Q/K/V heads")
+            walks = [_walk_back(model, x, prod, head_axis, fixed, path, budget) for x in node.input]
+            return done(_same_walks(node, walks))
         elif op == "Transpose":
             perm = list(_attr(node, "perm"))
             head_axis = perm[head_axis]
@@ -464,25 +587,30 @@ def _trace_input(model, t, prod, cons) -> tuple[_HeadSplit, _Projection]:
             in_shape = _shapes(model).get(node.input[0])
             if not in_shape:
                 raise _Unrecognised(f"{node.name}: Squeeze input rank unknown")
-            rank = len(in_shape)
-            axes = sorted(a % rank for a in axes)
-            kept = [a for a in range(rank) if a not in axes]
+            in_rank = len(in_shape)
+            axes = sorted(a % in_rank for a in axes)
+            kept = [a for a in range(in_rank) if a not in axes]
             head_axis = kept[head_axis]
             fixed = {kept[a]: i for a, i in fixed.items()}
             for a in axes:
                 fixed.setdefault(a, 0)
             t = node.input[0]
         elif op == "Slice":
+            axes = constant_value(model, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            if axes is not None and within_head and all(int(a) % rank == last for a in axes):
+                t = node.input[0]  # a range of the head dim (rotate_half): starts/ends may be computed (D // 2)
+                continue
             starts = constant_value(model, node.input[1])
             ends = constant_value(model, node.input[2])
-            axes = constant_value(model, node.input[3]) if len(node.input) > 3 and node.input[3] else None
             if starts is None or ends is None or (len(node.input) > 4 and node.input[4]
                                                    and np.any(constant_value(model, node.input[4]) != 1)):
                 raise _Unrecognised(f"{node.name}: non-constant or strided Slice on the Q/K/V path")
-            axes = list(range(len(starts))) if axes is None else list(axes)
+            axes = list(range(len(starts))) if axes is None else [int(a) for a in axes]
             for a, s, e in zip(axes, starts, ends):
                 if a < 0:
-                    raise _Unrecognised(f"{node.name}: negative Slice axis on the Q/K/V path")
+                    if rank is None:
+                        raise _Unrecognised(f"{node.name}: negative Slice axis on the Q/K/V path, rank unknown")
+                    a %= rank
                 if a == head_axis or e - s != 1:
                     raise _Unrecognised(f"{node.name}: Slice of more than one slot (axis {a})")
                 fixed[a] = fixed.get(a, 0) + int(s)
@@ -499,6 +627,9 @@ def _trace_input(model, t, prod, cons) -> tuple[_HeadSplit, _Projection]:
             t = node.input[0]
         elif op == "Split":
             a = _attr(node, "axis", 0)
+            if within_head and a % rank == last:
+                t = node.input[0]  # halves of the head dim (rotate_half written with chunk)
+                continue
             sizes = _split_sizes(model, node)
             j = list(node.output).index(t)
             if sizes is None or a == head_axis or sizes[j] != 1:
@@ -506,10 +637,240 @@ def _trace_input(model, t, prod, cons) -> tuple[_HeadSplit, _Projection]:
             fixed[a] = fixed.get(a, 0) + int(sum(sizes[:j]))
             t = node.input[0]
         elif op == "Reshape":
-            return _head_split(model, node, head_axis, fixed, prod)
+            found = _repeat_of_heads(model, node, head_axis, fixed, prod)
+            if found is None:
+                split, proj = _head_split(model, node, head_axis, fixed, prod)
+                return done(_Walk(split, proj, None, path))
+            if repeat is not None:
+                raise _Unrecognised(f"{node.name}: the heads are repeated twice on the way to the core")
+            repeat, t = found
         else:
             raise _Unrecognised(f"{node.name}: {op} on the Q/K/V path")
     raise _Unrecognised(f"{t}: Q/K/V path too long")
+
+
+def _same_walks(node, walks: list[_Walk]) -> _Walk:
+    """The one walk that every data input of ``node`` took, or ``_Unrecognised``."""
+    first = walks[0]
+    for other in walks[1:]:
+        same_repeat = (first.repeat is None) == (other.repeat is None) and \
+            (first.repeat is None or first.repeat.reshape == other.repeat.reshape)
+        if other.split.node != first.split.node or other.proj.matmul != first.proj.matmul \
+                or not np.array_equal(other.proj.columns, first.proj.columns) or not same_repeat:
+            raise _Unrecognised(f"{node.name}: its inputs come from different heads or projections "
+                                f"({first.split.node} and {other.split.node})")
+    return first
+
+
+def _data_operands(model, node, head_axis: int, rank: int | None) -> list[str]:
+    """The inputs of an elementwise ``node`` on the Q/K/V path that carry the heads.
+
+    The others are tables and must be constant over the heads axis: size 1 there (or
+    broadcast), seen in the inferred shapes or, for a table computed from the input shapes
+    only (rotary cos/sin from positions), in its value at two sequence lengths. A table with
+    ``H`` entries on the heads axis (a per-head scale) is refused: slicing it is not done here.
+    """
+    if rank is None:
+        raise _Unrecognised(f"{node.name}: rank of the {node.op_type} on the Q/K/V path is unknown")
+    shapes = _shapes(model)
+    out = shapes.get(node.output[0]) or []
+    heads_out = out[head_axis] if len(out) == rank else None
+    data, tables = [], []
+    for x in node.input:
+        value = constant_value(model, x)
+        shape = list(value.shape) if value is not None else shapes.get(x)
+        at_heads = _dim_at(shape, head_axis, rank)
+        if value is not None or not depends_on_data(model, x) or \
+                (at_heads in ("absent", 1) and isinstance(heads_out, int) and heads_out > 1):
+            tables.append((x, shape, at_heads))
+        else:
+            data.append(x)
+    if not data:
+        raise _Unrecognised(f"{node.name}: no input of the {node.op_type} on the Q/K/V path carries the heads")
+    for x, shape, at_heads in tables:
+        if at_heads in ("absent", 1):
+            continue
+        if isinstance(at_heads, int):
+            raise _Unrecognised(f"{node.name}: {node.op_type} by {x}, a table with {at_heads} entries on the heads "
+                                "axis (only tables constant over the heads are passed)")
+        if depends_on_data(model, x):
+            raise _Unrecognised(f"{node.name}: cannot tell whether {x} is constant over the heads (its size there "
+                                "is unknown and it is computed from the model's input values)")
+        sizes = {_dim_at(list(r[x].shape), head_axis, rank) for r in evaluate_tensors(model, [x])}
+        if not sizes <= {"absent", 1}:
+            raise _Unrecognised(f"{node.name}: {node.op_type} by {x}, which is not constant over the heads axis")
+    return data
+
+
+def _dim_at(shape, axis: int, rank: int):
+    """Size of ``shape`` broadcast to ``rank`` dims at ``axis``: an int, ``"absent"`` (broadcast
+    from fewer dims), or ``None`` when unknown."""
+    if shape is None:
+        return None
+    offset = rank - len(shape)
+    if axis < offset:
+        return "absent"
+    d = shape[axis - offset]
+    return d if isinstance(d, int) and d > 0 else None
+
+
+def _rank(model, t) -> int | None:
+    shape = _shapes(model).get(t)
+    return None if shape is None else len(shape)
+
+
+def _repeat_of_heads(model, reshape, head_axis: int, fixed, prod) -> tuple[_Repeat, str] | None:
+    """``(repeat, the K/V tensor before it)`` if ``reshape`` merges a repeated axis into the heads
+    axis (grouped-query attention), else ``None``.
+
+    The pattern is ``Reshape(Expand|Tile(Unsqueeze(x, u)))`` with the new axis ``u`` next to the
+    heads axis ``a`` of ``x`` and the Reshape's output of ``x``'s rank: ``u = a + 1`` gives each KV
+    head's ``g`` copies one after the other (``repeat_kv``, ``repeat_interleave``: query head ``h``
+    reads KV head ``h // g``), ``u = a`` tiles the KV heads (``h % H_kv``). The shape entries are
+    checked against the head counts in :func:`_check_repeat`, once those are known.
+    """
+    src = prod.get(reshape.input[0])
+    if src is None or src.op_type not in ("Expand", "Tile"):
+        return None
+    unsqueeze = prod.get(src.input[0])
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze":
+        return None
+    x = unsqueeze.input[0]
+    rank, out_rank = _rank(model, x), _rank(model, reshape.output[0])
+    axes = _axes(model, unsqueeze, 1)
+    if rank is None or len(axes) != 1 or out_rank != rank or fixed:
+        raise _Unrecognised(f"{reshape.name}: Reshape of {src.op_type}(Unsqueeze) on the Q/K/V path is not a "
+                            "repeat of the heads that can be followed")
+    u = axes[0] % (rank + 1)
+    if u not in (head_axis, head_axis + 1):
+        raise _Unrecognised(f"{reshape.name}: {src.op_type} repeats axis {u}, not next to the heads axis {head_axis}")
+    kv_major = u == head_axis + 1
+    kv_axis = head_axis if kv_major else head_axis + 1
+    if src.op_type == "Tile":
+        repeats = constant_value(model, src.input[1])
+        if repeats is None or any(int(r) != 1 for j, r in enumerate(repeats) if j != u):
+            raise _Unrecognised(f"{src.name}: Tile repeats {repeats} are not constant or tile more than the new axis")
+        group = int(repeats[u])
+    else:
+        entries = _shape_entries(model, src.input[1], prod)
+        group = entries[u] if entries and len(entries) == rank + 1 and isinstance(entries[u], int) else None
+    return _Repeat(src.name, reshape.name, kv_axis, head_axis, kv_major, group), x
+
+
+def _check_repeat(model, repeat: _Repeat, heads: int, kv_heads: int, path: dict[str, int], prod) -> None:
+    """Check that pruning can follow ``repeat``: its group is ``heads / kv_heads`` and the
+    Expand's KV-head entry and the Reshape's head entry are constants (rewritten on pruning)
+    or read from the shape of a tensor on the K/V path (they follow by themselves)."""
+    group = heads // kv_heads
+    if heads % kv_heads or (repeat.group is not None and repeat.group != group):
+        raise _Unrecognised(f"{repeat.reshape}: {kv_heads} K/V heads repeated {repeat.group} times do not make "
+                            f"the {heads} query heads")
+    nodes = {n.name: n for n in model.graph.node}
+
+    def follows(entry, times: int) -> bool:
+        """Whether ``entry`` is ``times`` × the heads of a tensor on the path (pruning keeps it right)."""
+        if times != 1:
+            return isinstance(entry, tuple) and entry[0] == "mul" and entry[2] == times and follows(entry[1], 1)
+        return isinstance(entry, tuple) and entry[0] == "dim" and path.get(entry[1]) == entry[2]
+
+    expand = nodes[repeat.expand]
+    if expand.op_type == "Expand":
+        entries = _shape_entries(model, expand.input[1], prod)
+        entry = entries[repeat.kv_axis] if entries and repeat.kv_axis < len(entries) else None
+        if entry == kv_heads and kv_heads > 1:
+            repeat.rewrite_expand = True
+        elif entry != 1 and not follows(entry, 1):
+            raise _Unrecognised(f"{expand.name}: cannot tell how its KV-head entry ({entry}) follows pruning")
+    entries = _shape_entries(model, nodes[repeat.reshape].input[1], prod)
+    entry = entries[repeat.head_axis] if entries and repeat.head_axis < len(entries) else None
+    if entry == heads:
+        repeat.rewrite_reshape = True
+    elif entry != -1 and not follows(entry, group) and not (group == 1 and follows(entry, 1)):
+        raise _Unrecognised(f"{repeat.reshape}: cannot tell how its head entry ({entry}) follows pruning")
+
+
+def _shape_entries(model, name: str, prod, depth: int = 0) -> list | None:
+    """The entries of a 1-D shape tensor as far as they can be read from the graph: ints where
+    constant, ``("dim", tensor, axis)`` where read from a tensor's shape, ``("mul", entry, k)``,
+    booleans for comparisons, ``None`` where unknown; ``None`` when even the length is unknown.
+
+    Enough for the shape arithmetic exporters emit around ``repeat_kv``: constants, ``Shape``,
+    ``Gather``/``Slice`` of it, ``Concat``, ``Mul`` by a constant and TorchScript's
+    ``Where(Equal(s, -1), 1, s)`` over ``ConstantOfShape``.
+    """
+    value = constant_value(model, name)
+    if value is not None:
+        return [v.item() if v.dtype.kind != "b" else bool(v) for v in value.reshape(-1)]
+    node = prod.get(name)
+    if node is None or depth > 12:
+        return None
+    op, args = node.op_type, node.input
+    entries = lambda i: _shape_entries(model, args[i], prod, depth + 1) if len(args) > i and args[i] else None  # noqa: E731
+    if op in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape"):
+        return entries(0)
+    if op == "Shape":
+        as_vector = entries(0)
+        if as_vector is not None:
+            return [len(as_vector)]  # the shape of a shape vector
+        rank = _rank(model, args[0])
+        if rank is None:
+            return None
+        start, end = _attr(node, "start", 0), _attr(node, "end", rank)
+        return [("dim", args[0], a) for a in range(rank)[start:end]]
+    if op == "Concat":
+        parts = [_shape_entries(model, i, prod, depth + 1) for i in args]
+        return None if any(p is None for p in parts) else [e for p in parts for e in p]
+    if op == "Gather":
+        data, idx = entries(0), constant_value(model, args[1])
+        if data is None or idx is None:
+            return None
+        return [data[int(i)] for i in idx.reshape(-1)]
+    if op == "Slice":
+        data = entries(0)
+        starts, ends = constant_value(model, args[1]), constant_value(model, args[2])
+        steps = constant_value(model, args[4]) if len(args) > 4 and args[4] else None
+        if data is None or starts is None or ends is None or (steps is not None and np.any(steps != 1)):
+            return None
+        n = len(data)
+        return data[slice(*(int(np.clip(v if v >= 0 else v + n, 0, n)) for v in (starts[0], ends[0])))]
+    if op == "ConstantOfShape":
+        length = entries(0)
+        fill = _attr(node, "value", None)
+        fill = numpy_helper.to_array(fill).reshape(-1)[0].item() if fill is not None else 0.0
+        return [fill] * length[0] if length and len(length) == 1 and isinstance(length[0], int) else None
+    if op in ("Mul", "Equal"):
+        a, b = entries(0), entries(1)
+        if a is None or b is None or min(len(a), len(b)) != 1 and len(a) != len(b):
+            return None
+        n = max(len(a), len(b))
+        a, b = (a * n if len(a) == 1 else a), (b * n if len(b) == 1 else b)
+        return [_entry_op(op, x, y) for x, y in zip(a, b)]
+    if op == "Where":
+        c, x, y = entries(0), entries(1), entries(2)
+        if c is None or x is None or y is None:
+            return None
+        n = max(len(c), len(x), len(y))
+        c, x, y = ([e] * n if len(e) == 1 else e for e in (c, x, y))
+        return [None if not isinstance(ci, bool) else (xi if ci else yi) for ci, xi, yi in zip(c, x, y)]
+    return None
+
+
+def _entry_op(op: str, x, y):
+    """``x * y`` or ``x == y`` for one shape entry (a dim read from a shape is never negative)."""
+    known = lambda e: isinstance(e, (int, float)) and not isinstance(e, bool)  # noqa: E731
+    if op == "Mul":
+        if known(x) and known(y):
+            return x * y
+        if x is not None and known(y) and not isinstance(x, bool):
+            return ("mul", x, int(y)) if y != 1 else x
+        if y is not None and known(x) and not isinstance(y, bool):
+            return ("mul", y, int(x)) if x != 1 else y
+        return None
+    if known(x) and known(y):
+        return x == y
+    if isinstance(x, tuple) and known(y) and y < 0 or isinstance(y, tuple) and known(x) and x < 0:
+        return False
+    return None
 
 
 def _head_split(model, reshape, head_axis, fixed, prod) -> tuple[_HeadSplit, _Projection]:
@@ -518,6 +879,10 @@ def _head_split(model, reshape, head_axis, fixed, prod) -> tuple[_HeadSplit, _Pr
     if shape_out is None or not in_shape:
         raise _Unrecognised(f"{reshape.name}: head-split Reshape shape is not known")
     lead = len(in_shape) - 1
+    if head_axis < lead:
+        # e.g. SDPA with enable_gqa as the dynamo exporter decomposes it: [B·H, S, D] -> [B, H, S, D]
+        raise _Unrecognised(f"{reshape.name}: Reshape {in_shape} -> {shape_out} takes the heads from a leading "
+                            "axis, not from the projection's channels")
     rest = list(shape_out[lead:])
     channels = in_shape[-1]
     unknown = [j for j, d in enumerate(rest) if not isinstance(d, int) or d <= 0]
@@ -1040,7 +1405,9 @@ def torch_attention_modules(torch_model) -> list[tuple[Any, int, Any]]:
     """``(module, num_heads, output_projection)`` of each attention module, in registration order."""
     found = []
     for module in torch_model.modules():
-        heads = getattr(module, "num_heads", None) or getattr(getattr(module, "in_proj", None), "num_heads", None)
+        heads = getattr(module, "num_heads", None) or getattr(getattr(module, "in_proj", None), "num_heads", None) \
+            or (getattr(getattr(module, "config", None), "num_attention_heads", None)   # transformers' attention
+                if hasattr(module, "o_proj") else None)
         proj = next((getattr(module, n) for n in ("proj", "o_proj", "out_proj") if hasattr(module, n)), None)
         if heads and proj is not None and hasattr(proj, "weight"):
             found.append((module, int(heads), proj))
@@ -1179,6 +1546,8 @@ class LayerPrune:
     params_after: int
     flops_before: int | None
     flops_after: int | None
+    kv_heads_before: int | None = None   # grouped-query attention: K/V heads (whole groups pruned)
+    kv_heads_after: int | None = None
 
 
 @dataclass
@@ -1217,46 +1586,72 @@ class PruneReport:
 
 
 def select_heads(layers_heads: dict[int, int], scores: dict[int, np.ndarray], ratio: float | None = None,
-                 count: int | None = None, normalise: bool = True) -> dict[int, list[int]]:
+                 count: int | None = None, normalise: bool = True,
+                 groups: dict[int, np.ndarray] | None = None) -> dict[int, list[int]]:
     """Heads to keep: drop the globally lowest-scoring ones, at least one head per layer.
 
     With ``normalise`` scores are divided by their layer's L2 norm (as Michel et al. do) so
     layers with larger activations do not keep all their heads by scale alone; ``"ablation"``
     scores are loss differences, comparable across layers as they are (``normalise=False``).
+
+    ``groups`` (``{layer: [H] K/V head of each query head}``, grouped-query layers) makes a
+    layer's units its K/V groups: a group scores the sum of its query heads' scores and is
+    kept or dropped whole; each layer keeps one group.
+
+    Raises:
+        AttncError: a bad ratio or count, or a count that is not a whole number of groups.
     """
-    count = _prune_count(layers_heads, ratio, count)
-    ranked = []
+    groups = groups or {}
+    units = []   # (score, layer, first head, heads)
     for i, h in layers_heads.items():
         s = np.asarray(scores.get(i), dtype=np.float64)
         if s.shape != (h,):
             raise AttncError(f"scores for layer {i} have shape {s.shape}, the layer has {h} heads",
                              "score with score_heads() on the same model")
         norm = (np.linalg.norm(s) or 1.0) if normalise else 1.0
-        ranked.extend((s[j] / norm, i, j) for j in range(h))
-    ranked.sort()
-    left = dict(layers_heads)
+        owner = np.asarray(groups[i]) if i in groups else np.arange(h)
+        for g in dict.fromkeys(owner.tolist()):
+            members = [int(j) for j in np.flatnonzero(owner == g)]
+            units.append((float(s[members].sum()) / norm, i, members[0], members))
+    count = _prune_count(layers_heads, ratio, count, {i: [len(u[3]) for u in units if u[1] == i] for i in layers_heads})
+    units.sort(key=lambda u: u[:3])
+    left = {i: sum(u[1] == i for u in units) for i in layers_heads}
     dropped: set[tuple[int, int]] = set()
-    for _, i, j in ranked:
+    for _, i, _, members in units:
         if len(dropped) == count:
             break
-        if left[i] > 1:
-            dropped.add((i, j))
+        if left[i] > 1 and len(dropped) + len(members) <= count:
+            dropped.update((i, j) for j in members)
             left[i] -= 1
+    if len(dropped) != count:
+        raise AttncError(f"cannot prune exactly {count} heads in whole K/V groups (grouped-query layers "
+                         f"drop a K/V head with all its query heads)",
+                         f"prune {len(dropped)} heads, or keep= whole groups")
     return {i: [j for j in range(h) if (i, j) not in dropped] for i, h in layers_heads.items()}
 
 
-def _prune_count(layers_heads: dict[int, int], ratio: float | None, count: int | None) -> int:
-    """Heads to remove for ``ratio`` (of all heads) or ``count``; each layer keeps one."""
+def _prune_count(layers_heads: dict[int, int], ratio: float | None, count: int | None,
+                 unit_sizes: dict[int, list[int]] | None = None) -> int:
+    """Heads to remove for ``ratio`` (of all heads) or ``count``; each layer keeps one unit
+    (a head, or a K/V group of ``unit_sizes`` query heads in grouped-query layers)."""
     total = sum(layers_heads.values())
+    unit_sizes = unit_sizes or {i: [1] * h for i, h in layers_heads.items()}
+    unit = int(np.gcd.reduce([n for sizes in unit_sizes.values() for n in sizes]))
+    most = total - sum(min(sizes) for sizes in unit_sizes.values())
     if (ratio is None) == (count is None):
         raise AttncError("give exactly one of ratio and count", "e.g. ratio=0.25 or count=4")
     if ratio is not None:
         if not 0 < ratio < 1:
             raise AttncError(f"prune ratio must be in (0, 1), got {ratio}", "e.g. 0.25 prunes a quarter of the heads")
-        count = int(round(ratio * total))
-    if not isinstance(count, (int, np.integer)) or count < 0 or count > total - len(layers_heads):
+        count = int(round(ratio * total / unit)) * unit   # whole K/V groups
+    if not isinstance(count, (int, np.integer)) or count < 0 or count > most:
         raise AttncError(f"cannot prune {count} of {total} heads in {len(layers_heads)} layers",
-                         f"prune between 0 and {total - len(layers_heads)} heads (each layer keeps one)")
+                         f"prune between 0 and {most} heads (each layer keeps one"
+                         + (" K/V group)" if unit > 1 else ")"))
+    if count % unit:
+        raise AttncError(f"cannot prune {count} heads: grouped-query attention prunes whole K/V groups of {unit} "
+                         "query heads", f"prune a multiple of {unit} heads, e.g. {count // unit * unit or unit} "
+                         f"or {(count // unit + 1) * unit}")
     return int(count)
 
 
@@ -1276,7 +1671,8 @@ def select_heads_iteratively(onnx_model: onnx.ModelProto, calibration_feeds: lis
     Args:
         onnx_model, calibration_feeds, method, torch_model, loss_fn: as for :func:`score_heads`.
         ratio, count: how many heads to remove in all, as for :func:`select_heads`.
-        step: heads removed per round (``1``: re-score after every head).
+        step: heads removed per round (``1``: re-score after every head; rounded up to whole
+            K/V groups in grouped-query models).
 
     Returns:
         ``{layer: [head, ...]}`` to keep, for ``prune_heads(onnx_model, keep=...)``.
@@ -1284,17 +1680,23 @@ def select_heads_iteratively(onnx_model: onnx.ModelProto, calibration_feeds: lis
     Raises:
         AttncError: a bad ratio/count/step, or anything :func:`score_heads` raises.
     """
-    layers_heads = {l.index: l.heads for l in find_attention_layers(onnx_model)}
-    target = _prune_count(layers_heads, ratio, count)
+    layers = find_attention_layers(onnx_model)
+    layers_heads = {l.index: l.heads for l in layers}
+    groups = _groups(layers)
+    sizes = _unit_sizes(layers)
+    target = _prune_count(layers_heads, ratio, count, sizes)
     if not isinstance(step, (int, np.integer)) or step < 1:
         raise AttncError(f"step must be a whole number of heads >= 1, got {step!r}", "e.g. step=1")
+    unit = int(np.gcd.reduce([n for s in sizes.values() for n in s]))
+    step = -(-step // unit) * unit   # whole K/V groups per round
     keep = {i: list(range(h)) for i, h in layers_heads.items()}
     dropped = 0
     while dropped < target:
         n = min(step, target - dropped)
         scores = score_heads(onnx_model, calibration_feeds, method, torch_model, loss_fn, keep=keep)
         left = select_heads({i: len(k) for i, k in keep.items()}, {i: scores[i][k] for i, k in keep.items()}, count=n,
-                            normalise=method != "ablation")
+                            normalise=method != "ablation",
+                            groups={i: np.asarray(g)[keep[i]] for i, g in groups.items()})
         keep = {i: [keep[i][j] for j in left[i]] for i in keep}
         dropped += n
         log.debug("select_heads_iteratively: %d of %d heads dropped, keep %s", dropped, target, keep)
@@ -1332,7 +1734,7 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
         if scores is None:
             raise AttncError("prune_heads needs scores (with ratio or count) or keep",
                              "score heads with score_heads() first")
-        keep = select_heads({l.index: l.heads for l in layers}, scores, ratio, count)
+        keep = select_heads({l.index: l.heads for l in layers}, scores, ratio, count, groups=_groups(layers))
     elif ratio is not None or count is not None:
         raise AttncError("give keep or ratio/count, not both")
     for i, kept in keep.items():
@@ -1343,6 +1745,7 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
             raise AttncError(f"layer {i} would have no heads left", "keep at least one head per layer")
         if len(set(kept)) != len(kept) or not all(0 <= j < h for j in kept):
             raise AttncError(f"layer {i}: heads to keep {kept} are not distinct indices in [0, {h})")
+        _check_whole_groups(by_index[i], kept)
     params_before = _param_count(model)
     report_layers = []
     layer_params = {l.index: l.params(model) for l in layers}
@@ -1361,13 +1764,39 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
                          "please report this model")
     for l, new in zip(layers, after):
         kept = sorted(keep.get(l.index, range(l.heads)))
+        grouped = l.kv_of_head is not None
         report_layers.append(LayerPrune(
             l.index, l.anchor, l.core, l.heads, len(kept), kept, layer_params[l.index], new.params(model),
-            layer_flops[l.index], new.flops(model, tokens=tokens)))
+            layer_flops[l.index], new.flops(model, tokens=tokens), l.kv_heads if grouped else None,
+            new.kv_heads if grouped else None))
     report = PruneReport(report_layers, params_before, _param_count(model), tokens or layers[0].tokens)
     log.info("prune_heads: %d -> %d heads, %d -> %d parameters", report.heads_before, report.heads_after,
              report.params_before, report.params_after)
     return model, report
+
+
+def _groups(layers: list[AttentionLayer]) -> dict[int, np.ndarray]:
+    """``{layer: K/V head of each query head}`` of the grouped-query layers (for :func:`select_heads`)."""
+    return {l.index: l.kv_of_head for l in layers if l.kv_of_head is not None}
+
+
+def _unit_sizes(layers: list[AttentionLayer]) -> dict[int, list[int]]:
+    """``{layer: heads in each unit pruned at once}``: K/V groups in grouped-query layers, else 1s."""
+    return {l.index: [len(g) for g in l.kv_groups() or [[h] for h in range(l.heads)]] for l in layers}
+
+
+def _check_whole_groups(layer: AttentionLayer, kept) -> None:
+    """Grouped-query attention prunes whole K/V groups: a K/V head goes with all its query heads."""
+    groups = layer.kv_groups()
+    if groups is None:
+        return
+    split = [g for g in groups if 0 < len(set(g) & set(kept)) < len(g)]
+    if split:
+        whole = [h for g in groups if set(g) & set(kept) for h in g]
+        raise AttncError(
+            f"layer {layer.index}: keeping heads {sorted(kept)} splits the K/V groups {split} (grouped-query "
+            f"attention: {layer.kv_heads} K/V heads, each read by {layer.heads // layer.kv_heads} query heads)",
+            f"keep or prune whole groups, e.g. keep {whole}")
 
 
 def _param_count(model) -> int:
@@ -1385,12 +1814,15 @@ def _param_count(model) -> int:
 def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int]) -> None:
     nodes = {n.name: n for n in model.graph.node}
     tag = f"pruned{layer.index}"
+    # Grouped-query attention: K and V keep the KV heads of the kept query heads (whole groups).
+    kept_kv = kept if layer.kv_of_head is None else sorted({int(layer.kv_of_head[h]) for h in kept})
+    role_kept = {role: kept if role == "Q" else kept_kv for role in layer.roles}
     # Input projections: one weight may serve several roles (fused qkv).
     columns: dict[str, list[np.ndarray]] = {}
     all_columns: dict[str, list[np.ndarray]] = {}
     projections: dict[str, _Projection] = {}
-    for split, proj in layer.roles.values():
-        columns.setdefault(proj.matmul, []).append(proj.columns[kept].reshape(-1))
+    for role, (split, proj) in layer.roles.items():
+        columns.setdefault(proj.matmul, []).append(proj.columns[role_kept[role]].reshape(-1))
         all_columns.setdefault(proj.matmul, []).append(proj.columns.reshape(-1))
         projections[proj.matmul] = proj
     for mm, proj in projections.items():
@@ -1406,11 +1838,17 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
             _replace_input(model, nodes[proj.bias_node], list(nodes[proj.bias_node].input).index(proj.bias),
                            b[cols], f"{proj.bias}.{tag}")
     for split_node in {p.split[0] for p in projections.values() if p.split}:
-        _resize_split(model, nodes[split_node], layer, kept)
-    for split in {split.node: split for split, _ in layer.roles.values()}.values():
+        _resize_split(model, nodes[split_node], layer, role_kept)
+    for split, role in {split.node: (split, role) for role, (split, _) in layer.roles.items()}.values():
         rest = list(split.rest)
-        rest[split.head_pos] = len(kept)
+        rest[split.head_pos] = len(role_kept[role])
         _set_reshape(model, nodes[split.node], split.lead, rest, tag)
+    for repeat in layer.repeats:  # constant head counts of repeat_kv; computed ones follow the K/V shapes
+        group = layer.heads // layer.kv_heads
+        if repeat.rewrite_expand:
+            _set_shape_entries(model, nodes[repeat.expand], {repeat.kv_axis: len(kept_kv)}, tag)
+        if repeat.rewrite_reshape:
+            _set_shape_entries(model, nodes[repeat.reshape], {repeat.head_axis: len(kept_kv) * group}, tag)
     # Output side: merge Reshape and output-projection rows.
     _set_reshape(model, nodes[layer.out_merge.node], layer.out_merge.lead, [len(kept) * layer.value_dim], tag)
     rows = np.sort(layer.out_proj.columns[kept].reshape(-1))
@@ -1455,13 +1893,43 @@ def _set_reshape(model, node, lead: int, rest: list[int], tag: str) -> None:
     node.input[1] = base
 
 
-def _resize_split(model, node, layer: AttentionLayer, kept: list[int]) -> None:
+def _set_shape_entries(model, node, entries: dict[int, int], tag: str) -> None:
+    """Point ``node`` (a Reshape or Expand) at its own shape with ``entries`` replaced: a new
+    constant, or ``Concat`` of slices of the computed shape and the new constants."""
+    base = f"{node.name}.shape.{tag}"
+    value = constant_value(model, node.input[1])
+    if value is not None:
+        value = value.copy()
+        for j, v in entries.items():
+            value[j] = v
+        _replace_input(model, node, 1, value.astype(np.int64), base)
+        return
+    pieces, start = [], 0
+    for j in sorted(entries) + [None]:
+        end = j if j is not None else np.iinfo(np.int64).max
+        if j is None or j > start:
+            name = f"{base}.{start}"
+            for suffix, v in ((".starts", [start]), (".ends", [end])):
+                model.graph.initializer.append(numpy_helper.from_array(np.array(v, dtype=np.int64), name + suffix))
+            model.graph.node.append(helper.make_node("Slice", [node.input[1], name + ".starts", name + ".ends"],
+                                                     [name], name=name + "/slice"))
+            pieces.append(name)
+        if j is not None:
+            model.graph.initializer.append(numpy_helper.from_array(np.array([entries[j]], dtype=np.int64),
+                                                                   f"{base}.{j}.value"))
+            pieces.append(f"{base}.{j}.value")
+            start = j + 1
+    model.graph.node.append(helper.make_node("Concat", pieces, [base], name=base + "/concat", axis=0))
+    node.input[1] = base
+
+
+def _resize_split(model, node, layer: AttentionLayer, role_kept: dict[str, list[int]]) -> None:
     sizes = _split_sizes(model, node)
     new_sizes = list(sizes)
-    for _, proj in layer.roles.values():
+    for role, (_, proj) in layer.roles.items():
         if proj.split and proj.split[0] == node.name:
             j = proj.split[1]
-            new_sizes[j] = int(proj.columns[kept].size)
+            new_sizes[j] = int(proj.columns[role_kept[role]].size)
     name = f"{node.name}.split.pruned{layer.index}"
     if len(node.input) > 1 and node.input[1]:
         model.graph.initializer.append(numpy_helper.from_array(np.array(new_sizes, dtype=np.int64), name))
@@ -1507,6 +1975,8 @@ def apply(model: onnx.ModelProto, amount: str | float | int, calibration_feeds: 
     if (ratio is not None and not 0 < ratio < 1) or (count is not None and count < 1):
         raise AttncError(f"--prune-heads {text} prunes nothing or everything",
                          "give a ratio in (0, 1) such as 0.25, or a head count of at least 1")
+    layers = find_attention_layers(model)   # a count that splits K/V groups fails here, before scoring
+    _prune_count({l.index: l.heads for l in layers}, ratio, count, _unit_sizes(layers))
     if method != "weight" and not calibration_feeds:
         from attnc.compiler.backends.onnxruntime import load
         from attnc.compiler.validate import make_inputs

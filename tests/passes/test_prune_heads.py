@@ -1,11 +1,13 @@
 """Head pruning (passes/prune_heads.py) against an independent torch reference: the same
 model with the pruned heads' outputs multiplied by zero (a forward pre-hook on the output
-projection), on a ViT trained on scikit-learn's digits, on the registry's MHSA models and on
-fused and unfused agent attention."""
+projection), on a ViT trained on scikit-learn's digits, on the registry's MHSA models, on
+fused and unfused agent attention and on Llama-family attention (rotary embeddings, grouped-query
+K/V heads; hand-written and transformers' LlamaForCausalLM)."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import onnx
@@ -499,3 +501,288 @@ def test_iterative_selection(digits):
         select_heads_iteratively(onnx_model, calibration, count=13)
     with pytest.raises(AttncError, match="subset"):
         score_heads(onnx_model, calibration, keep={0: [4]})
+
+
+# --- Llama-family attention: rotary embeddings on Q/K, grouped-query attention (GQA) ---------
+# Pruning a K/V head of a grouped layer removes it with its g query heads; the independent
+# reference is the same gate on the output projection's input: zero on those query heads.
+
+def _rotate_half(x, split):
+    if split == "chunk":   # torch.chunk: one Split node
+        x1, x2 = x.chunk(2, dim=-1)
+    else:                  # transformers' rotate_half: two Slices of the last axis
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class _LlamaAttention(torch.nn.Module):
+    """Llama's attention as transformers writes it (``modeling_llama``): q/k/v/o without bias,
+    ``q·cos + rotate_half(q)·sin`` on Q and K, the K/V heads repeated to the query heads
+    (``repeat_kv``'s Unsqueeze/Expand/Reshape, or ``repeat_interleave``), a causal mask."""
+
+    def __init__(self, dim, heads, kv_heads, repeat="repeat_kv", split="slice", head_scale=False):
+        super().__init__()
+        self.num_heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.repeat, self.split = repeat, split
+        # a learned per-head scale of Q ([1, H, 1, 1]): not constant over the heads, so refused
+        self.head_scale = torch.nn.Parameter(torch.rand(1, heads, 1, 1) + 0.5) if head_scale else None
+        self.q_proj = torch.nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.k_proj = torch.nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.v_proj = torch.nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.o_proj = torch.nn.Linear(heads * self.head_dim, dim, bias=False)
+
+    def _repeat(self, x):
+        g = self.num_heads // self.kv_heads
+        if g == 1:
+            return x
+        if self.repeat == "repeat_interleave":
+            return x.repeat_interleave(g, dim=1)
+        b, h, n, d = x.shape
+        return x[:, :, None].expand(b, h, g, n, d).reshape(b, h * g, n, d)
+
+    def forward(self, x, cos, sin, mask):
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q, self.split) * sin
+        if self.head_scale is not None:
+            q = q * self.head_scale
+        k = k * cos + _rotate_half(k, self.split) * sin
+        k, v = self._repeat(k), self._repeat(v)
+        scores = q @ k.transpose(2, 3) * self.head_dim ** -0.5 + mask
+        out = torch.softmax(scores, dim=-1) @ v
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class _TinyLlama(torch.nn.Module):
+    """Pre-norm (RMSNorm) residual attention layers with rotary embeddings from positions."""
+
+    def __init__(self, dim=32, heads=4, kv_heads=2, layers=2, **kwargs):
+        super().__init__()
+        self.attn = torch.nn.ModuleList(_LlamaAttention(dim, heads, kv_heads, **kwargs) for _ in range(layers))
+        self.norms = torch.nn.ParameterList(torch.nn.Parameter(1 + 0.1 * torch.randn(dim)) for _ in range(layers))
+        d = dim // heads
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d), persistent=False)
+
+    def forward(self, x):
+        n = x.shape[1]
+        freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq[None]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos()[None, None], emb.sin()[None, None]     # [1, 1, N, D]: broadcast over heads
+        mask = torch.full((n, n), float("-inf")).triu(1)
+        for attn, weight in zip(self.attn, self.norms):   # RMSNorm written out (TorchScript has no rms_norm)
+            x = x + attn(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight, cos, sin, mask)
+        return x
+
+
+def _llama_params(m: _LlamaAttention, kept_heads: int) -> int:
+    """Weights of one layer at ``kept_heads`` query heads (whole K/V groups), counted from the module."""
+    c, d = m.q_proj.in_features, m.head_dim
+    kv = kept_heads * m.kv_heads // m.num_heads
+    return c * d * (kept_heads + 2 * kv) + kept_heads * d * m.o_proj.out_features
+
+
+def _llama_flops(m: _LlamaAttention, heads: int, n: int) -> int:
+    """Projections (K/V at the kept groups' heads) and the core at ``heads`` query heads, ``n`` tokens."""
+    return 2 * n * _llama_params(m, heads) + 2 * n * n * heads * 2 * m.head_dim
+
+
+def _export_llama(model, tmp_path, exporter, dim) -> onnx.ModelProto:
+    path = tmp_path / f"llama-{exporter}.onnx"
+    export_onnx(model, (torch.randn(2, 7, dim),), path, exporter=exporter,
+                dynamic_axes={"x": {0: "batch", 1: "seq"}}, input_names=["x"])
+    return onnx.load(str(path))
+
+
+def _complement(keep: dict[int, list[int]], layers) -> dict[int, list[int]]:
+    """The other heads of each layer named in ``keep`` (whole K/V groups when ``keep`` has them)."""
+    return {i: [h for h in range(layers[i].heads) if h not in kept] for i, kept in keep.items()}
+
+
+_LLAMA_CASES = {   # model arguments, heads to keep
+    "rope": (dict(heads=4, kv_heads=4), {0: [1, 3], 1: [0]}),                         # RoPE, K/V not grouped
+    "gqa": (dict(dim=48, heads=6, kv_heads=2), {0: [3, 4, 5], 1: [0, 1, 2]}),        # repeat_kv, groups of 3
+    "gqa-interleave": (dict(heads=4, kv_heads=2, repeat="repeat_interleave", split="chunk"),
+                       {0: [0, 1]}),          # TorchScript: Unsqueeze/Tile; rotate_half by one Split
+}
+
+
+@pytest.mark.parametrize("case, exporter", [
+    ("rope", "torchscript"), ("gqa", "torchscript"), ("gqa", "dynamo"),     # dynamo's RoPE: the HF test below
+    ("gqa-interleave", "torchscript"), ("gqa-interleave", "dynamo"),
+])
+def test_prunes_rope_and_grouped_query_attention(tmp_path, exporter, case):
+    kwargs, keep = _LLAMA_CASES[case]
+    torch.manual_seed(0)
+    model = _TinyLlama(**kwargs).eval()
+    dim = model.norms[0].shape[0]
+    onnx_model = _export_llama(model, tmp_path, exporter, dim)
+    layers = find_attention_layers(onnx_model)
+    assert [(l.heads, l.kv_heads) for l in layers] == [(kwargs["heads"], kwargs["kv_heads"])] * 2
+    pruned, report = prune_heads(onnx_model, keep=keep, tokens=7)
+    for m, l in zip(model.attn, report.layers):   # exactly the kept heads' and K/V groups' weights are left
+        assert l.params_after == _llama_params(m, l.heads_after)
+        assert (l.flops_before, l.flops_after) == (_llama_flops(m, l.heads_before, 7), _llama_flops(m, l.heads_after, 7))
+        assert l.params_before - l.params_after == _llama_params(m, l.heads_before) - _llama_params(m, l.heads_after)
+        if m.kv_heads < m.num_heads:
+            assert (l.kv_heads_before, l.kv_heads_after) == (m.kv_heads, l.heads_after * m.kv_heads // m.num_heads)
+    assert report.params_before - report.params_after == sum(l.params_before - l.params_after for l in report.layers)
+    gen = torch.Generator().manual_seed(5)
+    for shape in [(3, 13, dim), (1, 5, dim)]:   # another batch and odd sequence lengths than the export's
+        x = torch.randn(*shape, generator=gen)
+        expected = _masked_reference(model, keep, layers, (x,))
+        got = _ort(pruned, {"x": x.numpy()})
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+        # The comparison can fail: the unpruned graph, and the model with the other heads kept, differ from it.
+        assert not np.allclose(_ort(onnx_model, {"x": x.numpy()}), expected, atol=1e-3)
+        assert not np.allclose(got, _masked_reference(model, _complement(keep, layers), layers, (x,)), atol=1e-3)
+
+
+def test_wrong_kv_group_would_be_caught(tmp_path, monkeypatch):
+    """Slicing K/V columns of the wrong group (query heads right) breaks the match with the reference."""
+    from attnc.passes import prune_heads as pass_module
+
+    kwargs, keep = _LLAMA_CASES["gqa"]
+    torch.manual_seed(0)
+    model = _TinyLlama(**kwargs).eval()
+    onnx_model = _export_llama(model, tmp_path, "torchscript", 48)
+    layers = find_attention_layers(onnx_model)
+    x = torch.randn(2, 9, 48)
+    grouping = pass_module._grouping
+    monkeypatch.setattr(pass_module, "_grouping", lambda *args: (lambda g: (g[0][::-1].copy(), g[1]))(grouping(*args)))
+    wrong, _ = prune_heads(onnx_model, keep=keep)      # query heads 3-5 kept with K/V head 0 instead of 1
+    assert not np.allclose(_ort(wrong, {"x": x.numpy()}), _masked_reference(model, keep, layers, (x,)), atol=1e-3)
+
+
+def test_refuses_a_per_head_table_on_the_query_path(tmp_path):
+    torch.manual_seed(0)
+    onnx_model = _export_llama(_TinyLlama(heads=4, kv_heads=2, head_scale=True).eval(), tmp_path, "torchscript", 32)
+    with pytest.raises(AttncError, match="a table with 4 entries on the heads axis"):
+        prune_heads(onnx_model, keep={0: [0, 1]})
+
+
+def test_grouped_heads_prune_whole_groups(tmp_path):
+    torch.manual_seed(0)
+    model = _TinyLlama(heads=4, kv_heads=2).eval()
+    onnx_model = _export_llama(model, tmp_path, "torchscript", 32)
+    x = torch.randn(4, 9, 32)
+    scores = score_heads(onnx_model, [{"x": x.numpy()}], method="activation")
+    assert {i: s.shape for i, s in scores.items()} == {0: (4,), 1: (4,)}   # one score per query head
+    pruned, report = prune_heads(onnx_model, scores, count=2)
+    kept = {l.index: l.kept for l in report.layers}
+    assert report.heads_after == 6 and sorted(map(len, kept.values())) == [2, 4]
+    layer, score = next((i, scores[i]) for i, k in kept.items() if len(k) == 2)
+    # The pruned group is the one whose query heads' scores sum lowest (after the layer's normalisation).
+    assert kept[layer] == ([0, 1] if score[:2].sum() > score[2:].sum() else [2, 3])
+    np.testing.assert_allclose(_ort(pruned, {"x": x.numpy()}),
+                               _masked_reference(model, kept, find_attention_layers(onnx_model), (x,)),
+                               atol=1e-5, rtol=1e-5)
+    assert prune_heads(onnx_model, scores, ratio=0.3)[1].heads_after == 6    # round(0.3 · 4 groups) = 1 group
+    with pytest.raises(AttncError, match="multiple of 2 heads, e.g. 2 or 4"):
+        prune_heads(onnx_model, scores, count=3)
+    with pytest.raises(AttncError, match=r"splits the K/V groups \[\[0, 1\]\].*keep \[0, 1, 2, 3\]"):
+        prune_heads(onnx_model, keep={0: [0, 2, 3]})
+    with pytest.raises(AttncError, match="each layer keeps one K/V group"):
+        prune_heads(onnx_model, scores, count=6)
+    keep = select_heads_iteratively(onnx_model, [{"x": x.numpy()}], count=2)   # step 1 -> one group per round
+    assert sorted(map(len, keep.values())) == [2, 4]
+
+
+class _HFLogits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).logits
+
+
+def _tiny_hf_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config._attn_implementation = "eager"   # Softmax in the graph rather than SDPA
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_prunes_hf_llama_kv_groups(tmp_path, exporter):
+    """transformers' LlamaForCausalLM, 4 query heads on 2 K/V heads: RoPE, repeat_kv, causal mask."""
+    hf = _tiny_hf_llama()
+    model = _HFLogits(hf).eval()
+    path = tmp_path / f"hf-llama-{exporter}.onnx"
+    export_onnx(model, (torch.randint(0, 64, (2, 9)),), path, exporter=exporter,
+                dynamic_axes={"x": {0: "batch", 1: "seq"}}, input_names=["x"])
+    onnx_model = onnx.load(str(path))
+    layers = find_attention_layers(onnx_model)
+    assert [(l.heads, l.kv_heads, l.kv_groups()) for l in layers] == [(4, 2, [[0, 1], [2, 3]])] * 2
+    keep = {0: [2, 3], 1: [0, 1]}
+    pruned, report = prune_heads(onnx_model, keep=keep)
+    c, d = hf.config.hidden_size, hf.config.hidden_size // 4
+    # One K/V group per layer: 2 query heads' q columns and o rows, 1 K/V head's k and v columns.
+    assert report.params_before - report.params_after == 2 * (2 * c * d + 2 * c * d + 2 * d * c)
+    assert [(l.kv_heads_before, l.kv_heads_after) for l in report.layers] == [(2, 1)] * 2
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(3, 11), (1, 5)]:
+        ids = torch.randint(0, 64, shape, generator=gen)
+        expected = _masked_reference(model, keep, layers, (ids,))
+        got = _ort(pruned, {"x": ids.numpy()})
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+        assert not np.allclose(got, _masked_reference(model, _complement(keep, layers), layers, (ids,)), atol=1e-3)
+
+
+def test_compile_cli_prunes_kv_groups(tmp_path):
+    """``attnc compile --prune-heads`` on a grouped-query model: a count of whole groups works, one
+    that splits a group is a clean error with the fix."""
+    from click.testing import CliRunner
+
+    from attnc.compiler.cli import cli
+
+    torch.manual_seed(0)
+    model = _TinyLlama(heads=4, kv_heads=2).eval()
+    path = tmp_path / "llama.onnx"
+    onnx.save(_export_llama(model, tmp_path, "torchscript", 32), str(path))
+    np.savez(tmp_path / "calib.npz", x=torch.randn(4, 9, 32).numpy())
+    run = lambda *args: CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)  # noqa: E731
+    result = run("compile", path, "-o", tmp_path / "out", "--prune-heads", "2", "--calibration", tmp_path / "calib.npz")
+    assert result.exit_code == 0, result.output
+    pruned = json.loads((tmp_path / "out" / "manifest.json").read_text())["shrink"]["prune_heads"]
+    assert (pruned["heads_before"], pruned["heads_after"]) == (8, 6)
+    assert sorted(l["kv_heads_after"] for l in pruned["layers"]) == [1, 2]
+    result = run("compile", path, "-o", tmp_path / "bad", "--prune-heads", "3")
+    assert result.exit_code != 0 and "multiple of 2 heads" in result.output and "Traceback" not in result.output
+
+
+def test_prunes_grouped_onnx_attention(tmp_path):
+    """ONNX ``Attention`` after ``passes/softmax.py``, with the repeat of K/V in front of it, and
+    reading the K/V heads directly (native grouped-query attention: KV head ``h // g``)."""
+    softmax = pytest.importorskip("attnc.passes.softmax")
+    from attnc.passes.core import producers, remove_dead_nodes
+
+    torch.manual_seed(0)
+    model = _TinyLlama(heads=4, kv_heads=2).eval()
+    fused, fusion = softmax.apply(_export_llama(model, tmp_path, "torchscript", 32))
+    if fusion.rewritten != 2:
+        pytest.skip("the softmax fusion pass did not fire on this export")
+    native = onnx.ModelProto()
+    native.CopyFrom(fused)
+    prod = producers(native)
+    for node in native.graph.node:
+        if node.op_type == "Attention":
+            for i in (1, 2):   # K, V: back over the repeat to the Unsqueeze's input
+                t = node.input[i]
+                while prod[t].op_type != "Unsqueeze":
+                    t = prod[t].input[0]
+                node.input[i] = prod[t].input[0]
+    remove_dead_nodes(native)
+    keep = {0: [2, 3], 1: [0, 1]}
+    x = torch.randn(3, 11, 32)
+    for graph, repeats in ((fused, 2), (native, 0)):
+        layers = find_attention_layers(graph)
+        assert [(l.core, l.heads, l.kv_heads, len(l.repeats)) for l in layers] == [("Attention", 4, 2, repeats)] * 2
+        pruned, _ = prune_heads(graph, keep=keep)
+        np.testing.assert_allclose(_ort(pruned, {"x": x.numpy()}), _masked_reference(model, keep, layers, (x,)),
+                                   atol=1e-5, rtol=1e-5)
