@@ -61,21 +61,22 @@ def _rand(*shape, dtype, device):
     return torch.randn(*shape, dtype=dtype, device=device)
 
 
-def _neighborhood_mask_mod(grid, ks, ds, cs):
-    """A flex_attention mask_mod for the op's semantics on flattened 1-D/2-D grids."""
-    def axis_ok(qi, ki, length, k, d, causal):
+def _neighborhood_mask_mod(grid, ks, ds, cs, ss):
+    """A flex_attention mask_mod for the op's semantics on flattened 1-D/2-D/3-D grids."""
+    def axis_ok(qi, ki, length, k, d, causal, s):
         gq, pq = qi % d, qi // d
         pk = ki // d
         n = (length - 1 - gq) // d + 1
-        start = pq - k + 1 if causal else torch.minimum(torch.clamp(pq - k // 2, min=0), n - k)
-        return (ki % d == gq) & (pk >= start) & (pk < start + k)
+        leader = torch.minimum((pq // s) * s + (s - 1 if causal else s // 2), n - 1)  # stride block's leader
+        start = leader - k + 1 if causal else torch.minimum(torch.clamp(leader - k // 2, min=0), n - k)
+        return (ki % d == gq) & (pk >= start) & (pk <= pq if causal else pk < start + k)
 
     def mask_mod(b, h, q_idx, kv_idx):
         ok = None
         rest_q, rest_k = q_idx, kv_idx
         for axis in reversed(range(len(grid))):
             length = grid[axis]
-            term = axis_ok(rest_q % length, rest_k % length, length, ks[axis], ds[axis], cs[axis])
+            term = axis_ok(rest_q % length, rest_k % length, length, ks[axis], ds[axis], cs[axis], ss[axis])
             ok = term if ok is None else ok & term
             rest_q, rest_k = rest_q // length, rest_k // length
         return ok
@@ -89,15 +90,16 @@ def case_neighborhood(cfg, dtype, device):
     b, h, grid, d = cfg["batch"], cfg["heads"], cfg["grid"], cfg["dim"]
     ks, ds = cfg["kernel_size"], cfg.get("dilation", (1,) * len(grid))
     cs = cfg.get("is_causal", (0,) * len(grid))
+    ss = cfg.get("stride", (1,) * len(grid))
     q, k, v = (_rand(b, h, *grid, d, dtype=dtype, device=device) for _ in range(3))
     rpb = _rand(h, *(2 * x - 1 for x in ks), dtype=dtype, device=device) if cfg.get("rpb") else None
-    ours = lambda: neighborhood_forward(q, k, v, ks, ds, cs, 0.0, rpb)  # noqa: E731
+    ours = lambda: neighborhood_forward(q, k, v, ks, ds, cs, 0.0, rpb, stride=ss)  # noqa: E731
     ref = lambda: reference(q.double(), k.double(), v.double(), ks, ds, cs, 0.0,  # noqa: E731
-                            None if rpb is None else rpb.double())
+                            None if rpb is None else rpb.double(), stride=ss)
     peers: dict[str, Callable] = {}
     n_tokens = math.prod(grid)
     flat = lambda t: t.reshape(b, h, n_tokens, t.shape[-1])  # noqa: E731
-    allowed, rel = dense_mask_and_rel(grid, ks, ds, cs)
+    allowed, rel = dense_mask_and_rel(grid, ks, ds, cs, ss)
     allowed_t = torch.from_numpy(allowed).to(device)
     if rpb is None:
         sdpa_mask = allowed_t
@@ -110,7 +112,7 @@ def case_neighborhood(cfg, dtype, device):
     peers["sdpa+mask"] = lambda: torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, attn_mask=sdpa_mask)
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        block_mask = create_block_mask(_neighborhood_mask_mod(grid, ks, ds, cs), None, None, n_tokens, n_tokens,
+        block_mask = create_block_mask(_neighborhood_mask_mod(grid, ks, ds, cs, ss), None, None, n_tokens, n_tokens,
                                        device=device.type)
         score_mod = None
         if rpb is not None:
@@ -127,7 +129,8 @@ def case_neighborhood(cfg, dtype, device):
         heads_last = [t.movedim(1, -2).contiguous() for t in (q, k, v)]       # [B, *grid, H, D]
         fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[len(grid)]
         kwargs = dict(kernel_size=ks if len(ks) > 1 else ks[0], dilation=ds if len(ds) > 1 else ds[0],
-                      is_causal=tuple(bool(c) for c in cs) if len(cs) > 1 else bool(cs[0]))
+                      is_causal=tuple(bool(c) for c in cs) if len(cs) > 1 else bool(cs[0]),
+                      stride=ss if len(ss) > 1 else ss[0])
         if rpb is None:  # NATTEN >= 0.20 has no RPB
             peers["natten"] = lambda: fn(*heads_last, **kwargs)
     except ImportError:
@@ -254,6 +257,8 @@ CONFIGS = {
         dict(name="2-D 64x64 k13 D64", batch=4, heads=4, grid=(64, 64), dim=64, kernel_size=(13, 13)),
         dict(name="1-D 4096 k31 causal D64", batch=4, heads=8, grid=(4096,), dim=64, kernel_size=(31,), is_causal=(1,)),
         dict(name="3-D video 8x28x28 k3x7x7 D64", batch=2, heads=4, grid=(8, 28, 28), dim=64, kernel_size=(3, 7, 7)),
+        dict(name="3-D video strided s1x4x4 causal-t", batch=2, heads=4, grid=(8, 28, 28), dim=64,
+             kernel_size=(3, 7, 7), stride=(1, 4, 4), is_causal=(1, 0, 0)),
     ],
     "linear": [
         dict(name="non-causal N4096 D64 elu1", batch=4, heads=8, seq=4096, dim=64, causal=0),
@@ -281,6 +286,8 @@ def _smoke_config(op: str, cfg: dict) -> dict:
     if op == "neighborhood":
         ndim = len(cfg["grid"])
         small["kernel_size"] = tuple(min(k, 5) for k in cfg["kernel_size"])
+        if "stride" in cfg:
+            small["stride"] = tuple(min(s, k) for s, k in zip(cfg["stride"], small["kernel_size"]))
         dilation = cfg.get("dilation", (1,) * ndim)
         small["grid"] = tuple(min(g, k * d + (3 if axis < ndim - 1 else 9))
                               for axis, (g, k, d) in enumerate(zip(cfg["grid"], small["kernel_size"], dilation)))
@@ -297,15 +304,17 @@ def _smoke_config(op: str, cfg: dict) -> dict:
 # (exp, normalisers and feature maps are O(N·D) and left out); bytes are the minimum traffic:
 # every input read once and the output written once.
 
-def neighborhood_keys_per_axis(length: int, kernel: int, dilation: int, causal: int) -> int:
+def neighborhood_keys_per_axis(length: int, kernel: int, dilation: int, causal: int, stride: int = 1) -> int:
     """Number of (query, key) pairs along one axis: the window is clamped inside each dilation
     group (of ``n`` tokens), so a non-causal query sees ``min(kernel, n)`` keys and a causal one
-    ``min(p + 1, kernel)`` (``p``: its position in the group)."""
+    ``p + 1 - max(0, P - kernel + 1)`` (``p``: its position in the group, ``P``: its stride
+    block's last position, ``p`` itself at stride 1)."""
     total = 0
     for i in range(length):
         p, group = i // dilation, i % dilation
         n = (length - 1 - group) // dilation + 1
-        total += min(p + 1, kernel) if causal else min(kernel, n)
+        leader = min(p - p % stride + stride - 1, n - 1)
+        total += p + 1 - max(0, leader - kernel + 1) if causal else min(kernel, n)
     return total
 
 
@@ -316,8 +325,9 @@ def work(op: str, cfg: dict, dtype: torch.dtype) -> tuple[int, int]:
     if op == "neighborhood":
         grid = cfg["grid"]
         ndim = len(grid)
-        pairs = math.prod(neighborhood_keys_per_axis(n, k, dl, c) for n, k, dl, c in zip(
-            grid, cfg["kernel_size"], cfg.get("dilation", (1,) * ndim), cfg.get("is_causal", (0,) * ndim)))
+        pairs = math.prod(neighborhood_keys_per_axis(n, k, dl, c, s) for n, k, dl, c, s in zip(
+            grid, cfg["kernel_size"], cfg.get("dilation", (1,) * ndim), cfg.get("is_causal", (0,) * ndim),
+            cfg.get("stride", (1,) * ndim)))
         tokens = math.prod(grid)
         rpb = h * math.prod(2 * k - 1 for k in cfg["kernel_size"]) if cfg.get("rpb") else 0
         return b * h * pairs * 4 * d, (4 * b * h * tokens * d + rpb) * size

@@ -320,15 +320,24 @@ def analyse_bias(bias: np.ndarray) -> Neighborhood:
     if not (np.triu(allowed, 1).any()) and np.tril(allowed).all():
         raise _Mismatch("the mask is plain causal (every earlier key allowed), left to the softmax pass")
     key_counts = allowed.sum(1)
-    closest = None
+    closest, rpb_miss = None, None
     for grid in _grids(n):
         try:
             found = _try_grid(allowed, key_counts, grid)
         except _GridMiss as miss:
             closest = miss if closest is None or miss.distance < closest.distance else closest
             continue
-        found.rpb = _extract_rpb(bias, allowed, found)
+        try:
+            found.rpb = _extract_rpb(bias, allowed, found)
+        except _Mismatch as exc:
+            # A kernel-1 axis lets the same mask be a neighborhood on a coarser grid too (frames x
+            # (H*W) for a per-frame 2-D window), where the bias's offsets collide; a finer grid may
+            # still carry it.
+            rpb_miss = rpb_miss or f"{exc} on grid {grid}"
+            continue
         return found
+    if rpb_miss:
+        raise _Mismatch(rpb_miss)
     raise _Mismatch(f"the mask is not a neighborhood mask on any 1-D, 2-D or 3-D grid of {n} tokens"
                     + (f" (closest: {closest})" if closest else ""))
 

@@ -18,6 +18,9 @@ Attributes (one entry per grid axis):
   ``length >= k * dilation`` at run time.
 - ``dilation`` (ints, default all 1).
 - ``is_causal`` (ints, default all 0).
+- ``stride`` (ints, default all 1): NATTEN's strided NA, ``1 <= s <= k`` per axis; queries in blocks
+  of ``s`` share the window of the block's leader (below). RPB with a stride other than 1 is refused
+  (NATTEN >= 0.20 has no RPB, and NATTEN <= 0.17 had no stride).
 - ``scale`` (float, default 0 -> ``1/sqrt(D)``).
 - ``grid`` (ints, optional): the grid sizes when they are static; must equal Q's grid dims. Only a
   performance hint (index tensors become constants a runtime can fold); semantics unchanged.
@@ -26,9 +29,14 @@ Semantics (NATTEN >= 0.20): per axis of length ``L`` a query at index ``i`` live
 dilation sub-grid ``g = i mod d`` at position ``p = i div d``; the sub-grid has
 ``n = (L - 1 - g) div d + 1`` positions. Its window is the ``k`` consecutive sub-grid positions
 starting at ``clamp(p - k//2, 0, n - k)`` (shifted at the borders, so every query sees exactly ``k``
-keys), or ``p - k + 1 .. p`` when the axis is causal (fewer keys near the start). The
-neighborhood of a query is the product of its per-axis windows. With ``s = scale`` the output is
-``softmax_j(s * q_i . k_j + rpb[h, r_0, ..., r_{n-1}]) v_j`` over the neighborhood, where the RPB
+keys), or ``p - k + 1 .. p`` when the axis is causal (fewer keys near the start).
+With stride ``s`` the queries form blocks of ``s`` consecutive sub-grid positions (``p div s``) and
+each uses the window of its block's *leader* ``P``: non-causal ``P = min((p div s) s + s div 2, n - 1)``
+(the block's centre, the right one for even ``s``) and the window above with ``P`` in place of ``p``;
+causal ``P = min((p div s) s + s - 1, n - 1)`` (the block's last position) and the keys
+``P - k < j <= p`` (never a later key; fewer than ``k`` for queries before the leader). Stride 1
+gives ``P = p``. The neighborhood of a query is the product of its per-axis windows. The output is
+``softmax_j(scale * q_i . k_j + rpb[h, r_0, ..., r_{n-1}]) v_j`` over the neighborhood, where the RPB
 index per axis is ``r = p_j - p_i + k - 1`` (the offset in sub-grid steps, in ``[0, 2k-2]``).
 
 Implementation in ONNX (:func:`function_proto`): the *windowed* algorithm, not masked full
@@ -58,7 +66,7 @@ from onnx import TensorProto, helper
 from attnc import DOMAIN
 
 OP_TYPE = "NeighborhoodAttention"
-ATTRIBUTES = {"kernel_size": None, "dilation": None, "is_causal": None, "scale": 0.0}
+ATTRIBUTES = {"kernel_size": None, "dilation": None, "is_causal": None, "stride": None, "scale": 0.0}
 BLOCK = 28  # queries per block on the last grid axis (2-D/3-D); divides NAT's 56/28 grids at 224 px
 OPSET = 18  # default-domain opset of the body; any of 15..23 works (the body uses no op that changed since 15)
 
@@ -74,6 +82,25 @@ def _per_axis(value, ndim: int, default: int) -> list[int]:
     return [int(v) for v in values]
 
 
+def strides(stride, kernel_size: Sequence[int], has_rpb: bool = False) -> list[int]:
+    """Per-axis ``stride`` (default all 1) checked against ``kernel_size``: ``1 <= s <= k``, and no
+    RPB unless every stride is 1.
+
+    Raises:
+        ValueError: a stride out of range, or RPB with a stride other than 1.
+    """
+    ks = list(kernel_size)
+    ss = _per_axis(stride, len(ks), 1)
+    bad = [(s, k) for s, k in zip(ss, ks) if not 1 <= s <= k]
+    if bad:
+        raise ValueError(f"stride must satisfy 1 <= stride <= kernel_size per axis, got stride={ss} "
+                         f"for kernel_size={ks}")
+    if has_rpb and any(s != 1 for s in ss):
+        raise ValueError(f"relative positional bias with stride {ss} is not defined (NATTEN >= 0.20 has "
+                         "no RPB, NATTEN <= 0.17 no stride); use stride 1 or drop the RPB")
+    return ss
+
+
 def output_shape(input_shapes: Sequence[Sequence], **attrs) -> list:
     """``[B, heads, *grid, Dv]`` from the shapes of Q, K, V (and RPB); dims may be symbolic."""
     q, v = list(input_shapes[0]), list(input_shapes[2])
@@ -85,30 +112,35 @@ def output_shape(input_shapes: Sequence[Sequence], **attrs) -> list:
     return q[:-1] + [v[-1]]
 
 
-def axis_windows(length: int, kernel_size: int, dilation: int, is_causal: bool):
+def axis_windows(length: int, kernel_size: int, dilation: int, is_causal: bool, stride: int = 1):
     """Per-axis window of every query: ``(key_index [L, k], valid [L, k], rel [L, k])`` numpy arrays.
 
     ``key_index`` holds the key's axis index (clamped to 0 where ``valid`` is False: causal
-    queries near the start have fewer than ``k`` keys); ``rel`` the RPB index ``p_j - p_i + k - 1``.
+    queries near the start have fewer than ``k`` keys, strided causal queries before their
+    leader too); ``rel`` the RPB index ``p_j - p_i + k - 1``.
     """
+    strides([stride], [kernel_size])
     if length < kernel_size * dilation:
         raise ValueError(f"axis of length {length} is shorter than kernel_size * dilation "
                          f"= {kernel_size} * {dilation}")
     i = np.arange(length)
     group, pos = i % dilation, i // dilation
     n = (length - 1 - group) // dilation + 1
+    block = (pos // stride) * stride
     if is_causal:
-        start = pos - kernel_size + 1
+        leader = np.minimum(block + stride - 1, n - 1)
+        start = leader - kernel_size + 1
     else:
-        start = np.minimum(np.maximum(pos - kernel_size // 2, 0), n - kernel_size)
+        leader = np.minimum(block + stride // 2, n - 1)
+        start = np.minimum(np.maximum(leader - kernel_size // 2, 0), n - kernel_size)
     key_pos = start[:, None] + np.arange(kernel_size)[None, :]
-    valid = key_pos >= 0
+    valid = (key_pos >= 0) & (key_pos <= pos[:, None]) if is_causal else key_pos >= 0
     key_index = group[:, None] + dilation * np.maximum(key_pos, 0)
     rel = np.maximum(key_pos, 0) - pos[:, None] + kernel_size - 1
     return key_index, valid, rel
 
 
-def dense_mask_and_rel(grid: Sequence[int], kernel_size, dilation=None, is_causal=None):
+def dense_mask_and_rel(grid: Sequence[int], kernel_size, dilation=None, is_causal=None, stride=None):
     """``allowed [N, N]`` (bool) and ``rel [N, N, ndim]`` (RPB index per axis) for a grid.
 
     The dense form of the op: what masked full attention must add to be this op. Used by the
@@ -116,11 +148,11 @@ def dense_mask_and_rel(grid: Sequence[int], kernel_size, dilation=None, is_causa
     """
     ndim = len(grid)
     ks, ds = _per_axis(kernel_size, ndim, 1), _per_axis(dilation, ndim, 1)
-    cs = _per_axis(is_causal, ndim, 0)
+    cs, ss = _per_axis(is_causal, ndim, 0), strides(stride, ks)
     allowed = np.ones((1, 1), dtype=bool)
     rel = np.zeros((1, 1, 0), dtype=np.int64)
-    for length, k, d, c in zip(grid, ks, ds, cs):
-        index, valid, r = axis_windows(length, k, d, bool(c))
+    for length, k, d, c, st in zip(grid, ks, ds, cs, ss):
+        index, valid, r = axis_windows(length, k, d, bool(c), st)
         axis_allowed = np.zeros((length, length), dtype=bool)
         axis_rel = np.zeros((length, length), dtype=np.int64)
         rows = np.repeat(np.arange(length)[:, None], k, axis=1)
@@ -137,15 +169,17 @@ def dense_mask_and_rel(grid: Sequence[int], kernel_size, dilation=None, is_causa
 
 def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size,
               dilation=None, is_causal=None, scale: float | None = 0.0,
-              rpb: torch.Tensor | None = None) -> torch.Tensor:
+              rpb: torch.Tensor | None = None, stride=None) -> torch.Tensor:
     """The op in plain torch (any float dtype, float64 included): dense masked attention.
 
     ``query``/``key`` ``[B, heads, *grid, D]``, ``value`` ``[B, heads, *grid, Dv]``,
-    ``rpb`` ``[heads or 1, 2k-1, ...]`` -> ``[B, heads, *grid, Dv]``.
+    ``rpb`` ``[heads or 1, 2k-1, ...]`` -> ``[B, heads, *grid, Dv]``; ``stride`` per axis (default 1,
+    not with ``rpb``).
     """
     grid = tuple(int(s) for s in query.shape[2:-1])  # int(): sizes may be traced values
     batch, heads, head_dim = query.shape[0], query.shape[1], query.shape[-1]
-    allowed, rel = dense_mask_and_rel(grid, kernel_size, dilation, is_causal)
+    strides(stride, _per_axis(kernel_size, len(grid), 1), rpb is not None)
+    allowed, rel = dense_mask_and_rel(grid, kernel_size, dilation, is_causal, stride)
     scale = scale or 1.0 / math.sqrt(head_dim)
     q = query.reshape(batch, heads, -1, head_dim)
     k = key.reshape(batch, heads, -1, head_dim)
@@ -222,6 +256,7 @@ def function_proto(ndim: int = 2, has_rpb: bool = False, opset: int = OPSET,
     ks = b.attr_const("kernel_size", onnx.AttributeProto.INTS)
     ds = b.attr_const("dilation", onnx.AttributeProto.INTS)
     cs = b.attr_const("is_causal", onnx.AttributeProto.INTS)
+    ss = b.attr_const("stride", onnx.AttributeProto.INTS)
     scale_attr = b.attr_const("scale", onnx.AttributeProto.FLOAT)
     # Sizes come from Shape(Q, start=2) = [*grid, D] only, never from the batch: then ONNX Runtime
     # constant-folds every index, mask and RPB tensor at session creation when the grid is static,
@@ -236,15 +271,20 @@ def function_proto(ndim: int = 2, has_rpb: bool = False, opset: int = OPSET,
         return b("Slice", vec, b.const([axis]), b.const([axis + 1]))
 
     def axis_window(axis: int) -> dict:
-        k, d = axis_scalar(ks, axis), axis_scalar(ds, axis)
+        k, d, s = axis_scalar(ks, axis), axis_scalar(ds, axis), axis_scalar(ss, axis)
         causal = b("Cast", axis_scalar(cs, axis), to=TensorProto.BOOL)
         length = axis_scalar(grid_d, axis)
         i = b("Range", b.const(0), b("Squeeze", length, zero), b.const(1))       # [L]
         group, pos = b("Mod", i, d), b("Div", i, d)
         subgrid = b("Add", b("Div", b("Sub", b("Sub", length, one), group), d), one)
-        centred = b("Max", b("Sub", pos, b("Div", k, two)), zero)
-        start = b("Where", causal, b("Add", b("Sub", pos, k), one), b("Min", centred, b("Sub", subgrid, k)))
-        return dict(k=k, d=d, length=length, group=group, pos=pos, start=start)
+        # Stride: the window is the one of the block's leader (stride 1: the query itself).
+        offset = b("Where", causal, b("Sub", s, one), b("Div", s, two))
+        leader = b("Min", b("Add", b("Mul", b("Div", pos, s), s), offset), b("Sub", subgrid, one))
+        centred = b("Max", b("Sub", leader, b("Div", k, two)), zero)
+        start = b("Where", causal, b("Add", b("Sub", leader, k), one), b("Min", centred, b("Sub", subgrid, k)))
+        # Last key position: a causal query never sees a later key (past it only with stride).
+        last_key = b("Where", causal, pos, b("Sub", b("Add", start, k), one))
+        return dict(k=k, d=d, length=length, group=group, pos=pos, start=start, last_key=last_key)
 
     def gathered(w: dict) -> tuple[str, str, str]:
         """(key index [L, k], valid [L, k], rpb index [L, k]) of one axis."""
@@ -254,7 +294,9 @@ def function_proto(ndim: int = 2, has_rpb: bool = False, opset: int = OPSET,
         clamped = b("Max", key_pos, zero)
         index = b("Add", b("Unsqueeze", w["group"], one), b("Mul", w["d"], clamped))
         rel = b("Add", b("Sub", clamped, b("Unsqueeze", w["pos"], one)), b("Sub", k, one))
-        return index, b("GreaterOrEqual", key_pos, zero), rel
+        valid = b("And", b("GreaterOrEqual", key_pos, zero),
+                  b("LessOrEqual", key_pos, b("Unsqueeze", w["last_key"], one)))
+        return index, valid, rel
 
     def combine(acc, new, op, factor=None):
         """Row-major flattening of two axes: [A, X] (x) [L, k] -> [A*L, X*k]."""
@@ -325,7 +367,7 @@ def function_proto(ndim: int = 2, has_rpb: bool = False, opset: int = OPSET,
         same_group = b("Equal", b("Unsqueeze", b("Gather", wz["group"], zq), two),
                        b("Unsqueeze", b("Gather", wz["group"], zk), one))
         in_window = b("And", b("GreaterOrEqual", k_pos, q_start),
-                      b("LessOrEqual", k_pos, b("Sub", b("Add", q_start, wz["k"]), one)))
+                      b("LessOrEqual", k_pos, b("Unsqueeze", b("Gather", wz["last_key"], zq), two)))
         band = b("And", same_group, in_window)
         rel_z = b("Add", b("Sub", k_pos, b("Unsqueeze", b("Gather", wz["pos"], zq), two)), b("Sub", wz["k"], one))
         # Keys of (block b, query row n): the key range [c0_b, c0_b + W) of each of n's Kl lead rows.
@@ -393,7 +435,7 @@ def function_proto(ndim: int = 2, has_rpb: bool = False, opset: int = OPSET,
     inputs = ["Q", "K", "V"] + (["RPB"] if has_rpb else [])
     fn = helper.make_function(DOMAIN, OP_TYPE, inputs, ["O"], b.nodes,
                               [helper.make_opsetid("", opset)],
-                              attributes=["kernel_size", "dilation", "is_causal", "scale"]
+                              attributes=["kernel_size", "dilation", "is_causal", "stride", "scale"]
                               + (["grid"] if static_grid else []))
     fn.overload = overload_name(ndim, has_rpb, static_grid)
     fn.doc_string = f"NeighborhoodAttention on a {ndim}-D grid{' with RPB' if has_rpb else ''} (windowed)."
@@ -401,20 +443,25 @@ def function_proto(ndim: int = 2, has_rpb: bool = False, opset: int = OPSET,
 
 
 def make_node(inputs: Sequence[str], outputs: Sequence[str], name: str, *, kernel_size, ndim: int | None = None,
-              dilation=None, is_causal=None, scale: float = 0.0, grid=None) -> onnx.NodeProto:
+              dilation=None, is_causal=None, stride=None, scale: float = 0.0, grid=None) -> onnx.NodeProto:
     """A ``NeighborhoodAttention`` node; ``inputs`` is ``[Q, K, V]`` or ``[Q, K, V, RPB]``.
 
     ``ndim`` (grid rank) defaults to ``len(kernel_size)``; with ``grid`` (the static grid sizes,
     which must equal Q's) it selects the ``*_static`` function overload.
+
+    Raises:
+        ValueError: a ``stride`` outside ``1..kernel_size``, or one other than 1 with an RPB input.
     """
     ndim = ndim or len(kernel_size)
+    has_rpb = len(inputs) > 3 and bool(inputs[3])
+    ks = _per_axis(kernel_size, ndim, 1)
     node = helper.make_node(
         OP_TYPE, list(inputs), list(outputs), name=name, domain=DOMAIN,
-        kernel_size=_per_axis(kernel_size, ndim, 1), dilation=_per_axis(dilation, ndim, 1),
-        is_causal=_per_axis(is_causal, ndim, 0), scale=float(scale))
+        kernel_size=ks, dilation=_per_axis(dilation, ndim, 1), is_causal=_per_axis(is_causal, ndim, 0),
+        stride=strides(stride, ks, has_rpb), scale=float(scale))
     if grid is not None:
         node.attribute.append(helper.make_attribute("grid", [int(g) for g in grid]))
-    node.overload = overload_name(ndim, len(inputs) > 3 and bool(inputs[3]), grid is not None)
+    node.overload = overload_name(ndim, has_rpb, grid is not None)
     return node
 
 
@@ -423,6 +470,11 @@ def add_to_model(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
     from attnc.passes.core import add_function
 
     ndim = len(next(a.ints for a in node.attribute if a.name == "kernel_size"))
+    # The body reads every per-axis attribute; a node written before ``stride`` existed lacks it.
+    present = {a.name for a in node.attribute}
+    for name, default in (("dilation", 1), ("is_causal", 0), ("stride", 1)):
+        if name not in present:
+            node.attribute.append(helper.make_attribute(name, [default] * ndim))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
     static = any(a.name == "grid" for a in node.attribute)
     has_rpb = len(node.input) > 3 and bool(node.input[3])

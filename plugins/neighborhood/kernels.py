@@ -8,7 +8,8 @@ one as ``1 x X x Y`` (the length-1 axes cost one loop iteration). Semantics as
 
 How it works (the tiling of NATTEN's fused kernels, written from their description): a
 program owns a tile of ``BX x BY x BZ`` queries of one dilation group (so every key any of them
-can see lies on the same sub-grid). Window starts are monotone in the query position, so the
+can see lies on the same sub-grid). Window starts are monotone in the query position (with a
+stride too: a query takes the window of its block's leader, and leaders are monotone), so the
 union of the tile's windows is a box of at most ``(BX + kx - 1) x (BY + ky - 1) x (BZ + kz - 1)``
 sub-grid keys; the program walks its ``(x, y)`` rows and each row in ``BLOCK_K``-wide key blocks
 along ``z``, scores each block with one ``tl.dot``, masks the pairs outside each query's own
@@ -32,16 +33,32 @@ import triton.language as tl
 from attnc.plugins.kernels_common import (DTYPE_NAMES, LOG2E, POINTER_TYPES, KernelSpec, block_dim,
                                           check_inputs, dot, dot_precision, neighborhood_grid,
                                           next_power_of_2)
-from attnc.plugins.neighborhood import _per_axis  # the op's own per-axis attribute normaliser
+from attnc.plugins.neighborhood import _per_axis, strides  # the op's own attribute normalisers
 
 
 @triton.jit
-def _window_start(p, n, K: tl.constexpr, CAUSAL: tl.constexpr):
-    # First sub-grid position of the window of a query at sub-grid position p (axis of n).
+def _window_start(p, n, K: tl.constexpr, CAUSAL: tl.constexpr, S: tl.constexpr):
+    # First sub-grid position of the window of a query at sub-grid position p (axis of n): the
+    # window of its stride block's leader (the block's centre, or its last position when causal).
+    if S != 1:
+        if CAUSAL:
+            p = tl.minimum((p // S) * S + (S - 1), n - 1)
+        else:
+            p = tl.minimum((p // S) * S + S // 2, n - 1)
     if CAUSAL:
         return p - K + 1
     else:
         return tl.minimum(tl.maximum(p - K // 2, 0), n - K)
+
+
+@triton.jit
+def _window_end(p, start, K: tl.constexpr, CAUSAL: tl.constexpr):
+    # One past the last key position: a causal query never sees a later key, even when its
+    # stride leader's window reaches further.
+    if CAUSAL:
+        return p + 1
+    else:
+        return start + K
 
 
 @triton.jit
@@ -53,6 +70,7 @@ def neighborhood_attention_fwd(
     KX: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, CAUSAL_X: tl.constexpr, CAUSAL_Y: tl.constexpr,
     CAUSAL_Z: tl.constexpr, HAS_RPB: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr, BZ: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    SX: tl.constexpr, SY: tl.constexpr, SZ: tl.constexpr,
 ):
     pid_bh, pid_xy, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (pid_bh // heads).to(tl.int64)
@@ -75,16 +93,19 @@ def neighborhood_attention_fwd(
               + (gz + DZ * qpz)[:, None] * sq_z + offs_d[None, :])
     q = tl.load(q_ptrs, mask=q_valid[:, None] & (offs_d[None, :] < head_dim), other=0.0)
 
-    start_x = _window_start(qpx, nx, KX, CAUSAL_X)
-    start_y = _window_start(qpy, ny, KY, CAUSAL_Y)
-    start_z = _window_start(qpz, nz, KZ, CAUSAL_Z)
+    start_x = _window_start(qpx, nx, KX, CAUSAL_X, SX)
+    start_y = _window_start(qpy, ny, KY, CAUSAL_Y, SY)
+    start_z = _window_start(qpz, nz, KZ, CAUSAL_Z, SZ)
+    end_x = _window_end(qpx, start_x, KX, CAUSAL_X)
+    end_y = _window_end(qpy, start_y, KY, CAUSAL_Y)
+    end_z = _window_end(qpz, start_z, KZ, CAUSAL_Z)
     # Union of the tile's windows: windows only move forward with the query position.
-    lo_x = tl.maximum(_window_start(px0, nx, KX, CAUSAL_X), 0)
-    hi_x = _window_start(tl.minimum(px0 + BX - 1, nx - 1), nx, KX, CAUSAL_X) + KX
-    lo_y = tl.maximum(_window_start(py0, ny, KY, CAUSAL_Y), 0)
-    hi_y = _window_start(tl.minimum(py0 + BY - 1, ny - 1), ny, KY, CAUSAL_Y) + KY
-    lo_z = tl.maximum(_window_start(pz0, nz, KZ, CAUSAL_Z), 0)
-    hi_z = _window_start(tl.minimum(pz0 + BZ - 1, nz - 1), nz, KZ, CAUSAL_Z) + KZ
+    lo_x = tl.maximum(_window_start(px0, nx, KX, CAUSAL_X, SX), 0)
+    hi_x = _window_start(tl.minimum(px0 + BX - 1, nx - 1), nx, KX, CAUSAL_X, SX) + KX
+    lo_y = tl.maximum(_window_start(py0, ny, KY, CAUSAL_Y, SY), 0)
+    hi_y = _window_start(tl.minimum(py0 + BY - 1, ny - 1), ny, KY, CAUSAL_Y, SY) + KY
+    lo_z = tl.maximum(_window_start(pz0, nz, KZ, CAUSAL_Z, SZ), 0)
+    hi_z = _window_start(tl.minimum(pz0 + BZ - 1, nz - 1), nz, KZ, CAUSAL_Z, SZ) + KZ
 
     # Finite floor instead of -inf: a row whose keys so far are all masked keeps m = -1e30,
     # so alpha = exp2(0) = 1 and p = exp2(-inf) = 0 (no inf - inf NaN).
@@ -94,9 +115,9 @@ def neighborhood_attention_fwd(
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
     for kpx in range(lo_x, hi_x):
-        in_x = (kpx >= start_x) & (kpx < start_x + KX)
+        in_x = (kpx >= start_x) & (kpx < end_x)
         for kpy in range(lo_y, hi_y):
-            in_xy = in_x & (kpy >= start_y) & (kpy < start_y + KY)
+            in_xy = in_x & (kpy >= start_y) & (kpy < end_y)
             k_row = k_base + (gx + DX * kpx) * sk_x + (gy + DY * kpy) * sk_y
             v_row = v_base + (gx + DX * kpx) * sv_x + (gy + DY * kpy) * sv_y
             for kpz0 in range(lo_z, hi_z, BLOCK_K):
@@ -105,7 +126,7 @@ def neighborhood_attention_fwd(
                 k = tl.load(k_row + ((gz + DZ * kpz) * sk_z)[:, None] + offs_d[None, :],
                             mask=k_valid[:, None] & (offs_d[None, :] < head_dim), other=0.0)
                 s = dot(q, tl.trans(k), PRECISION) * qk_scale
-                in_z = (kpz[None, :] >= start_z[:, None]) & (kpz[None, :] < start_z[:, None] + KZ)
+                in_z = (kpz[None, :] >= start_z[:, None]) & (kpz[None, :] < end_z[:, None])
                 allowed = in_xy[:, None] & in_z & k_valid[None, :]
                 if HAS_RPB:
                     rel_xy = (kpx - qpx + KX - 1) * sr_x + (kpy - qpy + KY - 1) * sr_y
@@ -131,7 +152,7 @@ def neighborhood_attention_fwd(
 # TensorRT AOT entry points: TensorRT launches a plugin's kernel with (*inputs, *int32 scalars,
 # *outputs) and nothing else, so these take contiguous tensors, derive the strides from the
 # grid sizes and inline the kernel above. Every grid is passed as 3-D (1-D: 1 x 1 x L, 2-D:
-# 1 x X x Y). Static attributes (window, dilation, scale) are constexprs: a TensorRT node's
+# 1 x X x Y). Static attributes (window, dilation, stride, scale) are constexprs: a TensorRT node's
 # attributes never change after the build.
 
 @triton.jit
@@ -141,7 +162,7 @@ def _neighborhood_contiguous(
     QK_SCALE: tl.constexpr, HAS_RPB: tl.constexpr, RPB_PER_HEAD: tl.constexpr, KX: tl.constexpr,
     KY: tl.constexpr, KZ: tl.constexpr, CAUSAL_X: tl.constexpr, CAUSAL_Y: tl.constexpr, CAUSAL_Z: tl.constexpr,
     BX: tl.constexpr, BY: tl.constexpr, BZ: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, SX: tl.constexpr, SY: tl.constexpr, SZ: tl.constexpr,
 ):
     """:func:`neighborhood_attention_fwd` on contiguous ``[B, H, LX, LY, LZ, D]`` tensors and a
     contiguous ``[H or 1, 2KX-1, 2KY-1, 2KZ-1]`` RPB table."""
@@ -156,7 +177,8 @@ def _neighborhood_contiguous(
         heads * tokens * VALUE_DIM, tokens * VALUE_DIM, LY * LZ * VALUE_DIM, LZ * VALUE_DIM, VALUE_DIM,
         (2 * KX - 1) * table_yz if RPB_PER_HEAD else 0, table_yz, table_z, 1,
         heads, LX, LY, LZ, DX, DY, DZ, HEAD_DIM, VALUE_DIM, QK_SCALE,
-        KX, KY, KZ, CAUSAL_X, CAUSAL_Y, CAUSAL_Z, HAS_RPB, BX, BY, BZ, BLOCK_K, BLOCK_D, BLOCK_DV, PRECISION)
+        KX, KY, KZ, CAUSAL_X, CAUSAL_Y, CAUSAL_Z, HAS_RPB, BX, BY, BZ, BLOCK_K, BLOCK_D, BLOCK_DV, PRECISION,
+        SX, SY, SZ)
 
 
 @triton.jit
@@ -166,11 +188,12 @@ def neighborhood_attention_trt(
     QK_SCALE: tl.constexpr, KX: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, CAUSAL_X: tl.constexpr,
     CAUSAL_Y: tl.constexpr, CAUSAL_Z: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr, BZ: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    SX: tl.constexpr, SY: tl.constexpr, SZ: tl.constexpr,
 ):
     # No RPB input: Q stands in for the RPB pointer, which HAS_RPB=False never reads.
     _neighborhood_contiguous(Q, K, V, Q, heads, LX, LY, LZ, O, HEAD_DIM, VALUE_DIM, DX, DY, DZ, QK_SCALE, False,
                              False, KX, KY, KZ, CAUSAL_X, CAUSAL_Y, CAUSAL_Z, BX, BY, BZ, BLOCK_K, BLOCK_D,
-                             BLOCK_DV, PRECISION)
+                             BLOCK_DV, PRECISION, SX, SY, SZ)
 
 
 @triton.jit
@@ -182,9 +205,10 @@ def neighborhood_attention_rpb_trt(
     BZ: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    # RPB excludes a stride (the op's contract): stride 1 on every axis.
     _neighborhood_contiguous(Q, K, V, RPB, heads, LX, LY, LZ, O, HEAD_DIM, VALUE_DIM, DX, DY, DZ, QK_SCALE, True,
                              RPB_PER_HEAD, KX, KY, KZ, CAUSAL_X, CAUSAL_Y, CAUSAL_Z, BX, BY, BZ, BLOCK_K, BLOCK_D,
-                             BLOCK_DV, PRECISION)
+                             BLOCK_DV, PRECISION, 1, 1, 1)
 
 # ----------------------------------------------------------------------------- launcher
 
@@ -218,7 +242,7 @@ def _as_3d(values: list[int], fill: int) -> list[int]:
 
 def neighborhood_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size,
                          dilation=None, is_causal=None, scale: float = 0.0,
-                         rpb: torch.Tensor | None = None) -> torch.Tensor:
+                         rpb: torch.Tensor | None = None, stride=None) -> torch.Tensor:
     """Neighborhood attention with the fused Triton kernel.
 
     Args:
@@ -227,20 +251,24 @@ def neighborhood_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         kernel_size, dilation, is_causal: an int or one per grid axis (odd or even sizes).
         scale: 0 means ``1/sqrt(D)``.
         rpb: ``[heads or 1, 2k_0-1, ...]`` relative positional bias, or None.
+        stride: an int or one per grid axis, ``1 <= stride <= kernel_size`` (not with ``rpb``).
     Returns:
         ``[B, heads, *grid, Dv]`` in the query's dtype.
+    Raises:
+        ValueError: a grid axis shorter than its window, a stride out of range, RPB with a stride.
     """
     check_inputs(query, key, value, rpb)
     ndim = query.dim() - 3
     if ndim not in (1, 2, 3):
         raise ValueError(f"neighborhood attention takes 1 to 3 grid axes, got {ndim}")
     ks, ds = _per_axis(kernel_size, ndim, 1), _per_axis(dilation, ndim, 1)
-    cs = _per_axis(is_causal, ndim, 0)
+    cs, ss = _per_axis(is_causal, ndim, 0), strides(stride, ks, rpb is not None)
     for length, k, d in zip(query.shape[2:-1], ks, ds):
         if length < k * d:
             raise ValueError(f"axis of length {length} is shorter than kernel_size * dilation = {k} * {d}")
     batch, heads, head_dim, value_dim = query.shape[0], query.shape[1], query.shape[-1], value.shape[-1]
-    grid, ks3, ds, cs = _as_3d(query.shape[2:-1], 1), _as_3d(ks, 1), _as_3d(ds, 1), _as_3d(cs, 0)
+    grid, ks3, ds, cs, ss = (_as_3d(query.shape[2:-1], 1), _as_3d(ks, 1), _as_3d(ds, 1), _as_3d(cs, 0),
+                             _as_3d(ss, 1))
     as_3d = lambda t, last: t.contiguous().reshape(batch, heads, *grid, last)  # noqa: E731
     q, k, v = as_3d(query, head_dim), as_3d(key, head_dim), as_3d(value, value_dim)
     out = torch.empty(batch, heads, *grid, value_dim, dtype=query.dtype, device=query.device)
@@ -256,8 +284,8 @@ def neighborhood_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         q, k, v, table, out, *q.stride()[:5], *k.stride()[:5], *v.stride()[:5], *out.stride()[:5],
         *rpb_strides, heads, *grid, *ds, head_dim, value_dim, scale * LOG2E,
         KX=ks3[0], KY=ks3[1], KZ=ks3[2], CAUSAL_X=bool(cs[0]), CAUSAL_Y=bool(cs[1]), CAUSAL_Z=bool(cs[2]),
-        HAS_RPB=rpb is not None, BLOCK_D=block_dim(head_dim), BLOCK_DV=block_dim(value_dim),
-        PRECISION=dot_precision(query.dtype), **config)
+        SX=ss[0], SY=ss[1], SZ=ss[2], HAS_RPB=rpb is not None, BLOCK_D=block_dim(head_dim),
+        BLOCK_DV=block_dim(value_dim), PRECISION=dot_precision(query.dtype), **config)
     return out.reshape(*query.shape[:-1], value_dim)
 
 
@@ -268,7 +296,7 @@ def kernel_for(op_type: str, attrs: dict, dtypes: list, shapes: list, arch: int 
     """TensorRT's AOT kernel for one ``NeighborhoodAttention`` node (``KernelProvider``).
 
     Args:
-        attrs: the node's ``kernel_size``, ``dilation``, ``is_causal``, ``scale``.
+        attrs: the node's ``kernel_size``, ``dilation``, ``is_causal``, ``stride``, ``scale``.
         dtypes: numpy dtype names of the inputs; shapes: input shapes (``None``: dynamic dim).
         arch: target architecture (default :func:`~attnc.plugins.kernels_common.default_arch`).
     Returns:
@@ -299,11 +327,15 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
                          f"{q_shape}, {v_shape}, {dtypes[0]}")
     ks = _per_axis(attrs.get("kernel_size"), ndim, 1)
     ds, cs = _per_axis(attrs.get("dilation"), ndim, 1), _per_axis(attrs.get("is_causal"), ndim, 0)
+    has_rpb = len(shapes) > 3 and shapes[3] is not None
+    try:
+        ss = _as_3d(strides(attrs.get("stride"), ks, has_rpb), 1)
+    except ValueError as exc:
+        raise AttncError(f"NeighborhoodAttention: {exc}", "fix the node's stride attribute") from exc
     torch_dtype = _NUMPY_DTYPES[dtypes[0]]
     config = neighborhood_config(ndim, ks, torch_dtype, head_dim, value_dim)
     num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
     ks, ds, cs = _as_3d(ks, 1), _as_3d(ds, 1), _as_3d(cs, 0)
-    has_rpb = len(shapes) > 3 and shapes[3] is not None
     ptr = POINTER_TYPES[torch_dtype]
     constexprs = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, DX=ds[0], DY=ds[1], DZ=ds[2],
                       QK_SCALE=(float(attrs.get("scale") or 0.0) or head_dim ** -0.5) * LOG2E,
@@ -312,10 +344,12 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
                       PRECISION=dot_precision(torch_dtype), **config)
     signature = {"Q": ptr, "K": ptr, "V": ptr, "heads": "i32", "LX": "i32", "LY": "i32", "LZ": "i32", "O": ptr}
     kernel = neighborhood_attention_trt
-    if has_rpb:
+    if has_rpb:  # stride 1 (strides() refused anything else): the RPB entry point has none
         kernel = neighborhood_attention_rpb_trt
         signature["RPB"] = ptr
         constexprs["RPB_PER_HEAD"] = shapes[3][0] != 1
+    else:
+        constexprs.update(SX=ss[0], SY=ss[1], SZ=ss[2])
     spec = KernelSpec(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages)
 
     def grid_lengths(shape):
@@ -348,7 +382,7 @@ def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
         launch = dict(num_warps=config.pop("num_warps"), num_stages=config.pop("num_stages"))
         ks3, cs3 = _as_3d(list(ks), 1), _as_3d(list(causal), 0)
         constexprs = dict(KX=ks3[0], KY=ks3[1], KZ=ks3[2], CAUSAL_X=bool(cs3[0]), CAUSAL_Y=bool(cs3[1]),
-                          CAUSAL_Z=bool(cs3[2]), HAS_RPB=rpb, **config, **common)
+                          CAUSAL_Z=bool(cs3[2]), HAS_RPB=rpb, SX=1, SY=1, SZ=1, **config, **common)
         specs.append(KernelSpec(neighborhood_attention_fwd, signature, constexprs, **launch))
     return specs
 

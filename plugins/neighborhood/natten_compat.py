@@ -9,8 +9,9 @@ against its functional API (NATTEN >= 0.20)::
     natten.functional.na3d(...)   # [B, X, Y, Z, heads, D]     (also natten.na1d/na2d/na3d)
 
 can call :func:`na1d` / :func:`na2d` / :func:`na3d` here instead (same signatures, positional order
-and layout, plus an optional keyword ``rpb``; stride other than 1 and ``additional_keys`` raise
-NotImplementedError, performance options such as ``backend`` are ignored), or be exported inside
+and layout, plus an optional keyword ``rpb``; ``stride`` becomes the op's ``stride`` attribute,
+``additional_keys`` raises NotImplementedError, performance options such as ``backend`` are
+ignored), or be exported inside
 :func:`patch_natten`, which swaps those three into ``natten`` and ``natten.functional`` while
 active (when NATTEN is installed). Behaviour:
 
@@ -47,14 +48,15 @@ class _TracedNeighborhoodAttention(torch.autograd.Function):
     """TorchScript export path: ``symbolic`` emits the attnc node."""
 
     @staticmethod
-    def forward(ctx, q, k, v, rpb, kernel_size, dilation, is_causal, scale):  # noqa: D401
-        return plugin.reference(q, k, v, kernel_size, dilation, is_causal, scale, rpb=rpb)
+    def forward(ctx, q, k, v, rpb, kernel_size, dilation, is_causal, scale, stride):  # noqa: D401
+        return plugin.reference(q, k, v, kernel_size, dilation, is_causal, scale, rpb=rpb, stride=stride)
 
     @staticmethod
-    def symbolic(g, q, k, v, rpb, kernel_size, dilation, is_causal, scale):
+    def symbolic(g, q, k, v, rpb, kernel_size, dilation, is_causal, scale, stride):
         inputs = [q, k, v] + ([rpb] if rpb is not None and not _is_none(rpb) else [])
         return g.op(f"{DOMAIN}::{plugin.OP_TYPE}", *inputs, kernel_size_i=list(kernel_size),
-                    dilation_i=list(dilation), is_causal_i=list(is_causal), scale_f=float(scale))
+                    dilation_i=list(dilation), is_causal_i=list(is_causal), stride_i=list(stride),
+                    scale_f=float(scale))
 
 
 def _is_none(value) -> bool:
@@ -63,21 +65,26 @@ def _is_none(value) -> bool:
 
 def neighborhood_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size,
                            dilation=1, is_causal=False, scale: float | None = None,
-                           rpb: torch.Tensor | None = None) -> torch.Tensor:
-    """Heads-first NA: ``[B, heads, *grid, D] -> [B, heads, *grid, Dv]`` (the fused op's layout)."""
+                           rpb: torch.Tensor | None = None, stride=1) -> torch.Tensor:
+    """Heads-first NA: ``[B, heads, *grid, D] -> [B, heads, *grid, Dv]`` (the fused op's layout).
+
+    Raises:
+        ValueError: a ``stride`` outside ``1..kernel_size``, or one other than 1 with ``rpb``.
+    """
     ndim = query.dim() - 3
     ks, ds = _per_axis(kernel_size, ndim), _per_axis(dilation, ndim)
     cs = [int(bool(c)) for c in (is_causal if isinstance(is_causal, (list, tuple)) else [is_causal] * ndim)]
+    ss = plugin.strides(_per_axis(stride, ndim), ks, rpb is not None)  # refuse at trace time, not in ORT
     scale = float(scale) if scale else 0.0  # 0 -> 1/sqrt(D) (the op's default; keeps D out of the trace)
     if torch.jit.is_tracing():
-        return _TracedNeighborhoodAttention.apply(query, key, value, rpb, ks, ds, cs, scale)
+        return _TracedNeighborhoodAttention.apply(query, key, value, rpb, ks, ds, cs, scale, ss)
     if torch.onnx.is_in_onnx_export():
         inputs = [query, key, value] + ([rpb] if rpb is not None else [])
         return torch.onnx.ops.symbolic(
             f"{DOMAIN}::{plugin.OP_TYPE}", inputs,
-            {"kernel_size": ks, "dilation": ds, "is_causal": cs, "scale": scale},
+            {"kernel_size": ks, "dilation": ds, "is_causal": cs, "stride": ss, "scale": scale},
             dtype=query.dtype, shape=[*query.shape[:-1], value.shape[-1]], version=1)
-    return plugin.reference(query, key, value, ks, ds, cs, scale, rpb=rpb)
+    return plugin.reference(query, key, value, ks, ds, cs, scale, rpb=rpb, stride=ss)
 
 
 # NATTEN's keyword arguments that choose how, not what, it computes: accepted and ignored.
@@ -94,10 +101,6 @@ def _heads_last(fn_ndim: int):
         unknown = sorted(set(options) - _PERFORMANCE_ARGS)
         if unknown:
             raise TypeError(f"na{fn_ndim}d() got unexpected keyword argument(s) {unknown}")
-        if any(s != 1 for s in _per_axis(stride, fn_ndim)):
-            raise NotImplementedError(
-                f"attnc's NATTEN translation supports stride 1 only, got stride={stride!r}: strided "
-                "neighborhood attention is not an attnc::NeighborhoodAttention yet; keep NATTEN for it")
         if additional_keys is not None or additional_values is not None:
             raise NotImplementedError(
                 "attnc's NATTEN translation does not support additional_keys/additional_values (neighborhood "
@@ -107,15 +110,15 @@ def _heads_last(fn_ndim: int):
         to_heads_first = [0, fn_ndim + 1, *range(1, fn_ndim + 1), fn_ndim + 2]
         back = [0, *range(2, fn_ndim + 2), 1, fn_ndim + 2]
         out = neighborhood_attention(*(t.permute(to_heads_first) for t in (query, key, value)),
-                                     kernel_size, dilation, is_causal, scale, rpb)
+                                     kernel_size, dilation, is_causal, scale, rpb, stride)
         return out.permute(back)
 
     na.__name__ = na.__qualname__ = f"na{fn_ndim}d"
     na.__doc__ = (f"NATTEN >= 0.20 ``na{fn_ndim}d(query, key, value, kernel_size, stride=1, dilation=1, "
                   f"is_causal=False, scale=None, ...)``: query/key/value ``[B, *grid({fn_ndim}), heads, D]`` -> "
                   f"``[B, *grid, heads, Dv]``, NATTEN's positional order. Performance options (``backend``, "
-                  f"tile shapes, ...) are ignored; ``stride`` other than 1 and ``additional_keys`` raise "
-                  f"NotImplementedError; ``rpb`` ``[heads, 2k-1, ...]`` (keyword) is an attnc extension.")
+                  f"tile shapes, ...) are ignored; ``additional_keys`` raises NotImplementedError; "
+                  f"``rpb`` ``[heads, 2k-1, ...]`` (keyword) is an attnc extension.")
     return na
 
 

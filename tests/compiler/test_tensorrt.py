@@ -261,7 +261,7 @@ def test_every_fused_op_has_a_plugin_spec_and_node_fields_round_trip():
 
     nodes = [agent.make_node(["q", "k", "v", "a"], ["o"], "n", scale=0.25),
              linear.make_node(["q", "k", "v"], ["o"], "n", feature_map="relu", causal=1),
-             neighborhood.make_node(["q", "k", "v"], ["o"], "n", kernel_size=[7, 5], dilation=[1, 2])]
+             neighborhood.make_node(["q", "k", "v"], ["o"], "n", kernel_size=[7, 5], dilation=[1, 2], stride=[3, 2])]
     for node in nodes:
         fields = tp.encode_node_fields(node)
         decoded = tp.decode_fields(node.op_type, {f.name: (f.type, f.data) for f in fields})
@@ -724,7 +724,7 @@ def test_rtx_python_plugin_engines_build_with_the_library_link(tmp_path):
     assert decoded["KernelLinearAttention"] == {"feature_map": "relu", "causal": 1, "normalize": 1,
                                                 "eps": pytest.approx(1e-6), "scale": 1.0}
     assert decoded["NeighborhoodAttention"] == {"kernel_size": [3, 5], "dilation": [1, 2], "is_causal": [0, 0],
-                                                "scale": 0.0}
+                                                "stride": [1, 1], "scale": 0.0}
     expected = {"agent": [-1, 2, 16, 32], "flow": [2, 2, 16, 32], "linear": [2, 2, 16, 32],
                 "neighborhood": [1, 2, 8, 10, 32]}
     for name, shape in expected.items():

@@ -41,19 +41,22 @@ DEVICE = torch.device(os.environ.get("ATTNC_KERNEL_DEVICE", "cpu"))
 # ----------------------------------------------------------------------------- float64 references
 # Independent of the plugins' own ``reference`` functions (each is checked against those below).
 
-def na_reference(q, k, v, kernel_size, dilation, is_causal, scale, rpb):
-    """Neighborhood attention by explicit per-query window enumeration."""
+def na_reference(q, k, v, kernel_size, dilation, is_causal, scale, rpb, stride=None):
+    """Neighborhood attention by explicit per-query window enumeration (strided: the window of the
+    query's stride-block leader, causal keys never past the query)."""
     grid = q.shape[2:-1]
     ndim = len(grid)
     scale = scale or q.shape[-1] ** -0.5
     windows = []  # per axis: for each index, list of (key index, relative offset)
-    for length, ks, d, c in zip(grid, kernel_size, dilation, is_causal):
+    for length, ks, d, c, st in zip(grid, kernel_size, dilation, is_causal, stride or [1] * ndim):
         axis = []
         for i in range(length):
             g, p = i % d, i // d
             n = (length - 1 - g) // d + 1
-            start = p - ks + 1 if c else min(max(p - ks // 2, 0), n - ks)
-            axis.append([(g + d * kp, kp - p + ks - 1) for kp in range(start, start + ks) if kp >= 0])
+            leader = min(p - p % st + (st - 1 if c else st // 2), n - 1)
+            start = leader - ks + 1 if c else min(max(leader - ks // 2, 0), n - ks)
+            axis.append([(g + d * kp, kp - p + ks - 1) for kp in range(start, start + ks) if 0 <= kp and
+                         (not c or kp <= p)])
         windows.append(axis)
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float64)
     for index in np.ndindex(*grid):
@@ -152,6 +155,15 @@ NA_CASES = [
     dict(grid=(4, 7, 9), ks=(3, 3, 3), dil=(1, 2, 1), causal=(0, 1, 0), rpb="shared", d=20, dtype="bf16"),
     dict(grid=(3, 5, 7), ks=(3, 3, 5), dil=(1, 1, 1), causal=(0, 0, 1), rpb=True, d=16, dtype="fp16",
          entry="tensorrt"),
+    # Stride (NATTEN's strided NA): even, odd and == kernel, causal and not, with dilation; the
+    # 64-query 1-D tile spans several stride blocks, one of them cut by the sub-grid's end.
+    dict(grid=(37,), ks=(7,), dil=(2,), causal=(0,), stride=(4,), rpb=False, d=24, dtype="fp32"),
+    dict(grid=(29,), ks=(5,), dil=(1,), causal=(1,), stride=(3,), rpb=False, d=40, dtype="bf16"),
+    dict(grid=(9, 11), ks=(3, 5), dil=(2, 1), causal=(1, 0), stride=(3, 2), rpb=False, d=32, dtype="fp16"),
+    dict(grid=(4, 7, 9), ks=(3, 3, 3), dil=(1, 2, 1), causal=(0, 1, 0), stride=(2, 3, 3), rpb=False, d=20,
+         dtype="fp32", entry="tensorrt"),
+    dict(grid=(7, 13), ks=(5, 3), dil=(1, 2), causal=(0, 1), stride=(5, 2), rpb=False, d=16, dtype="bf16",
+         entry="tensorrt"),
 ]
 LINEAR_CASES = [
     dict(n=37, d=32, dv=48, feature_map="elu1", causal=0, normalize=1, decay=False, dtype="fp32"),
@@ -211,8 +223,9 @@ def random_case(op: str, rng: np.random.Generator) -> dict:
         grid = tuple(int(k * d + rng.integers(0, 12 if axis == ndim - 1 else 3))
                      for axis, (k, d) in enumerate(zip(ks, dil)))
         causal = tuple(int(rng.integers(0, 2)) for _ in range(ndim))
-        return dict(grid=grid, ks=ks, dil=dil, causal=causal, rpb=bool(rng.integers(0, 2)),
-                    d=int(rng.integers(8, 65)), dtype=dtype)
+        stride = tuple(int(rng.integers(1, k + 1)) if rng.integers(0, 2) else 1 for k in ks)
+        return dict(grid=grid, ks=ks, dil=dil, causal=causal, stride=stride,
+                    rpb=bool(rng.integers(0, 2)) and max(stride) == 1, d=int(rng.integers(8, 65)), dtype=dtype)
     if op == "linear":
         return dict(n=int(rng.integers(1, 140)), d=int(rng.integers(8, 65)), dv=int(rng.integers(8, 97)),
                     feature_map=str(rng.choice(["elu1", "relu", "identity"])), causal=int(rng.integers(0, 2)),
@@ -239,21 +252,23 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
             rpb = rand(1 if case["rpb"] == "shared" else heads, *(2 * x - 1 for x in case["ks"]))
         q, k, v, rpb = (None if t is None else t.to(dtype).double() for t in (q, k, v, rpb))
         args = (case["ks"], case["dil"], case["causal"], case.get("scale", 0.0))
+        stride = list(case.get("stride", [1] * len(case["ks"])))
         low = [None if t is None else t.to(DEVICE, dtype) for t in (q, k, v, rpb)]
         if case.get("entry") == "tensorrt":  # the AOT entry point TensorRT launches
             from attnc.plugins.neighborhood.kernels import trt_launch
-            attrs = dict(kernel_size=list(args[0]), dilation=list(args[1]), is_causal=list(args[2]), scale=args[3])
+            attrs = dict(kernel_size=list(args[0]), dilation=list(args[1]), is_causal=list(args[2]), scale=args[3],
+                         stride=stride)
             inputs = [t for t in low if t is not None]
             shapes = [list(t.shape) for t in inputs]
             spec, grid, scalars = trt_launch(attrs, [str(dtype).removeprefix("torch.")] * len(inputs), shapes)
             out = torch.empty_like(low[2])
             spec.kernel[grid([list(out.shape)])](*inputs, *scalars(shapes), out, **spec.constexprs)
         else:
-            out = neighborhood_forward(*low[:3], *args, rpb=low[3])
-        refs = [na_reference(q, k, v, *args, rpb)]
+            out = neighborhood_forward(*low[:3], *args, rpb=low[3], stride=stride)
+        refs = [na_reference(q, k, v, *args, rpb, stride)]
         try:
             from attnc.plugins.neighborhood import reference
-            refs.append(reference(q, k, v, *args, rpb=rpb))
+            refs.append(reference(q, k, v, *args, rpb=rpb, stride=stride))
         except ImportError:
             pass
         return out.cpu(), refs
@@ -373,6 +388,8 @@ TRT_CASES = [
     ("NeighborhoodAttention", dict(kernel_size=[7], dilation=[2], is_causal=[1]), lambda d: [[None, 4, None, d]] * 3),
     ("NeighborhoodAttention", dict(kernel_size=[3, 3, 5], dilation=[1, 2, 1], is_causal=[0, 0, 1]),
      lambda d: [[None, 4, 8, 16, 16, d]] * 3 + [[1, 5, 5, 9]]),
+    ("NeighborhoodAttention", dict(kernel_size=[3, 5, 7], dilation=[1, 1, 2], is_causal=[0, 1, 0], stride=[2, 3, 4]),
+     lambda d: [[None, 4, 8, 16, 16, d]] * 3),
     ("AgentAttention", {"scale": 0.0},
      lambda d: [[None, 6, 197, d]] * 3 + [[None, 6, 49, d], [1, 6, 49, 197], [1, 6, 197, 49]]),
     # AgentSD-like: 256 agents, dynamic token count (the kernel streams agents; the count only sets its loop).
@@ -462,7 +479,7 @@ def _aot_main(arch: int) -> None:
 def _config(spec) -> dict:
     """The launch configuration of a build, for failure messages (no pointers/dims)."""
     keep = ("BLOCK_N", "BLOCK_M", "BLOCK_A", "BLOCK_K", "BLOCK_D", "BLOCK_DV", "CHUNK", "BX", "BY", "BZ",
-            "KX", "KY", "KZ", "HAS_RPB", "D_SLICE", "PRECISION")
+            "KX", "KY", "KZ", "SX", "SY", "SZ", "HAS_RPB", "D_SLICE", "PRECISION")
     return {**{k: v for k, v in spec.constexprs.items() if k in keep}, "num_warps": spec.num_warps,
             "num_stages": spec.num_stages}
 
@@ -513,6 +530,19 @@ def test_other_grids():
     assert agent_grid(64, 6, 197, 64) == (384, 1)        # enough heads: fully fused, no recompute
     assert agent_grid(1, 3, 197, 64) == (3, 4)           # batch 1: split up to the 4 query tiles
     assert agent_grid(1, 3, 30, 64) == (3, 1)
+
+
+def test_neighborhood_kernel_refuses_rpb_with_a_stride():
+    from attnc.compiler.errors import AttncError
+    from attnc.plugins.neighborhood.kernels import trt_launch
+
+    shapes = [[1, 2, 9, 11, 16]] * 3
+    with pytest.raises(AttncError, match="positional bias with stride"):
+        trt_launch(dict(kernel_size=[3, 5], stride=[1, 2]), ["float16"] * 4, shapes + [[2, 5, 9]])
+    with pytest.raises(AttncError, match="1 <= stride <= kernel_size"):
+        trt_launch(dict(kernel_size=[3, 5], stride=[4, 1]), ["float16"] * 3, shapes)
+    spec, _, _ = trt_launch(dict(kernel_size=[3, 5], stride=[3, 2]), ["float16"] * 3, shapes)
+    assert (spec.constexprs["SX"], spec.constexprs["SY"], spec.constexprs["SZ"]) == (1, 3, 2)
 
 
 # ----------------------------------------------------------------------------- tests: interpreter
