@@ -213,7 +213,7 @@ def neighborhood_attention_rpb_trt(
 # ----------------------------------------------------------------------------- launcher
 
 def neighborhood_config(ndim: int, kernel_size: Sequence[int], dtype: torch.dtype, head_dim: int,
-                        value_dim: int) -> dict[str, int]:
+                        value_dim: int, strided: bool = False) -> dict[str, int]:
     """Launch configuration for an ``ndim``-D grid: query tile ``BX x BY x BZ`` and key-block width
     ``BLOCK_K`` of the 3-D view, ``num_warps``, ``num_stages``; ``kernel_size`` per grid axis.
 
@@ -224,15 +224,18 @@ def neighborhood_config(ndim: int, kernel_size: Sequence[int], dtype: torch.dtyp
     whole operand rows in registers: 32-query tiles, key blocks of at most 32 (16 past head dim
     64) and no software pipelining. With the half-precision tiles fp32 took 41-112 KB of shared memory and spilled
     registers on sm_86 at every head dim; tests/plugins/test_kernels.py checks the resources of
-    the TensorRT kernels on every architecture.
+    the TensorRT kernels on every architecture. Strided 3-D half-precision tiles run 4 warps:
+    with 8, ptxas on sm_86/89 capped the strided kernel at 128 registers and spilled 16-40 B
+    (kernel 3x5x7, stride 2x3x4, head dim 128); 4 warps take 220 and spill nothing.
     """
     half = dtype != torch.float32
     wide = max(head_dim, value_dim) > 64
     tile = {1: (1, 1, 64 if half and not wide else 32), 2: (1, 4 if half else 2, 16),
             3: (2, 4, 8) if half else (1, 4, 8)}[ndim]
     block_k = min(64 if half else 16 if wide else 32, max(16, next_power_of_2(tile[2] + list(kernel_size)[-1] - 1)))
-    return dict(BX=tile[0], BY=tile[1], BZ=tile[2], BLOCK_K=block_k,
-                num_warps=8 if wide or block_k == 64 else 4, num_stages=2 if half else 1)
+    warps = 4 if strided and half and ndim == 3 else 8 if wide or block_k == 64 else 4
+    return dict(BX=tile[0], BY=tile[1], BZ=tile[2], BLOCK_K=block_k, num_warps=warps,
+                num_stages=2 if half else 1)
 
 
 def _as_3d(values: list[int], fill: int) -> list[int]:
@@ -277,7 +280,7 @@ def neighborhood_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         rpb_strides = (0 if table.shape[0] == 1 else table.stride(0), *table.stride()[1:])
     else:
         table, rpb_strides = q, (0, 0, 0, 0)
-    config = neighborhood_config(ndim, ks, query.dtype, head_dim, value_dim)
+    config = neighborhood_config(ndim, ks, query.dtype, head_dim, value_dim, strided=any(x != 1 for x in ss))
     launch = neighborhood_grid(batch, heads, grid, ds, (config["BX"], config["BY"], config["BZ"]))
     scale = scale or head_dim ** -0.5
     neighborhood_attention_fwd[launch](
@@ -333,7 +336,7 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
     except ValueError as exc:
         raise AttncError(f"NeighborhoodAttention: {exc}", "fix the node's stride attribute") from exc
     torch_dtype = _NUMPY_DTYPES[dtypes[0]]
-    config = neighborhood_config(ndim, ks, torch_dtype, head_dim, value_dim)
+    config = neighborhood_config(ndim, ks, torch_dtype, head_dim, value_dim, strided=any(x != 1 for x in ss))
     num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
     ks, ds, cs = _as_3d(ks, 1), _as_3d(ds, 1), _as_3d(cs, 0)
     ptr = POINTER_TYPES[torch_dtype]
