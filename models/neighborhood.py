@@ -14,6 +14,14 @@ attends to a window of keys around itself, per grid axis:
   sees exactly ``kernel_size`` keys per axis. Causal axes use ``[p - k + 1, p]``
   instead (fewer keys near the start, never shifted). Every sub-grid must hold at
   least ``kernel_size`` positions: ``length >= kernel_size * dilation``.
+- **Stride** (NATTEN >= 0.20, ``1 <= stride <= kernel_size`` per axis, default 1): the
+  queries of a sub-grid form blocks of ``stride`` consecutive positions (``p // s``), and
+  every query uses the window of its block's *leader* ``P`` instead of its own. Non-causal:
+  ``P = min((p // s) * s + s // 2, n - 1)`` (the block's centre, the right one for an even
+  stride), window as above with ``P`` for ``p``. Causal: ``P = min((p // s) * s + s - 1, n - 1)``
+  (the block's last position) and the keys ``P - k < j <= p``: never a later key, so queries
+  before their leader see fewer. Not combinable with the relative positional bias (NATTEN
+  >= 0.20 has no RPB, NATTEN <= 0.17 had no stride).
 - **Relative positional bias** (NAT / DiNAT with NATTEN <= 0.17): a learned
   ``rpb [heads, 2k-1]`` (1-D), ``[heads, 2k-1, 2k-1]`` (2-D) or
   ``[heads, 2k-1, 2k-1, 2k-1]`` (3-D) added to the scores;
@@ -54,23 +62,29 @@ class AxisWindow(NamedTuple):
     pos: torch.Tensor    # position of the query within its dilation sub-grid
     group: torch.Tensor  # which sub-grid (index modulo dilation)
     start: torch.Tensor  # first window position on the sub-grid (may be < 0 when causal)
+    last: torch.Tensor   # last visible key position: start + k - 1, or the query's own when causal
 
 
-def axis_window(length, kernel_size: int, dilation: int, is_causal: bool,
+def axis_window(length, kernel_size: int, dilation: int, is_causal: bool, stride: int = 1,
                 device: torch.device | None = None) -> AxisWindow:
     """The NATTEN >= 0.20 window of every query on an axis of ``length`` tokens.
 
+    With ``stride`` > 1 a query takes the window of its block's leader (module docstring).
     ``length`` may be a Python int, a SymInt (dynamo export) or a traced size
     (TorchScript export); only tensor arithmetic touches it.
     """
     index = torch.arange(length, device=device)
     group = index % dilation
     pos = torch.div(index, dilation, rounding_mode="floor")
-    if is_causal:
-        return AxisWindow(pos, group, pos - (kernel_size - 1))
     subgrid_len = torch.div(length - 1 - group, dilation, rounding_mode="floor") + 1
-    start = torch.minimum((pos - kernel_size // 2).clamp(min=0), subgrid_len - kernel_size)
-    return AxisWindow(pos, group, start)
+    leader = pos  # stride 1 adds no ops to the exported graph
+    if stride != 1:
+        block = torch.div(pos, stride, rounding_mode="floor") * stride
+        leader = torch.minimum(block + (stride - 1 if is_causal else stride // 2), subgrid_len - 1)
+    if is_causal:
+        return AxisWindow(pos, group, leader - (kernel_size - 1), pos)
+    start = torch.minimum((leader - kernel_size // 2).clamp(min=0), subgrid_len - kernel_size)
+    return AxisWindow(pos, group, start, start + (kernel_size - 1))
 
 
 def _outer(first: torch.Tensor, second: torch.Tensor, op) -> torch.Tensor:
@@ -85,15 +99,23 @@ class _NeighborhoodAttention(nn.Module):
     ndim: int
 
     def __init__(self, dim: int, num_heads: int, kernel_size, dilation=1, is_causal=False,
-                 rpb: bool = False, impl: str = "masked", qkv_bias: bool = True, fused_qkv: bool = True):
+                 rpb: bool = False, impl: str = "masked", qkv_bias: bool = True, fused_qkv: bool = True,
+                 stride=1):
         super().__init__()
         self.kernel_size = _per_axis(kernel_size, self.ndim, "kernel_size")
         self.dilation = _per_axis(dilation, self.ndim, "dilation")
         self.is_causal = tuple(bool(c) for c in _per_axis(is_causal, self.ndim, "is_causal"))
+        self.stride = tuple(int(s) for s in _per_axis(stride, self.ndim, "stride"))
         if any(k < 1 or k % 2 == 0 for k in self.kernel_size):
             raise ValueError(f"kernel_size must be odd and positive, got {self.kernel_size}")
         if any(d < 1 for d in self.dilation):
             raise ValueError(f"dilation must be positive, got {self.dilation}")
+        if not all(1 <= s <= k for s, k in zip(self.stride, self.kernel_size)):
+            raise ValueError(f"stride must satisfy 1 <= stride <= kernel_size per axis, got stride={self.stride} "
+                             f"for kernel_size={self.kernel_size}")
+        if rpb and any(s != 1 for s in self.stride):
+            raise ValueError(f"relative positional bias with stride {self.stride} is not defined (NATTEN >= 0.20 "
+                             "has no RPB, NATTEN <= 0.17 no stride)")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.impl = impl
@@ -116,8 +138,8 @@ class _NeighborhoodAttention(nn.Module):
         tokens = x.reshape(x.shape[0], -1, x.shape[-1])
         q, k, v = self.in_proj(tokens)
         q = q * self.scale
-        windows = [axis_window(length, ks, dil, causal, device=x.device) for length, ks, dil, causal
-                   in zip(grid, self.kernel_size, self.dilation, self.is_causal)]
+        windows = [axis_window(length, ks, dil, causal, st, device=x.device) for length, ks, dil, causal, st
+                   in zip(grid, self.kernel_size, self.dilation, self.is_causal, self.stride)]
         if self.impl == "masked":
             out = self._masked(q, k, v, windows)
         else:
@@ -136,8 +158,9 @@ class _NeighborhoodAttention(nn.Module):
     def _masked(self, q, k, v, windows: list[AxisWindow]) -> torch.Tensor:
         allowed, rel = [], []
         for w, ks in zip(windows, self.kernel_size):
-            offset = w.pos[None, :] - w.start[:, None]  # key's place in the query's window
-            allowed.append((w.group[:, None] == w.group[None, :]) & (offset >= 0) & (offset < ks))
+            key = w.pos[None, :]
+            allowed.append((w.group[:, None] == w.group[None, :]) & (key >= w.start[:, None])
+                           & (key <= w.last[:, None]))
             rel.append((w.pos[None, :] - w.pos[:, None] + ks - 1).clamp(0, 2 * ks - 2))
         mask = allowed[0]
         for axis in range(1, self.ndim):
@@ -152,7 +175,7 @@ class _NeighborhoodAttention(nn.Module):
         for w, ks, dil in zip(windows, self.kernel_size, self.dilation):
             key_pos = w.start[:, None] + torch.arange(ks, device=q.device)[None, :]
             index.append(w.group[:, None] + dil * key_pos.clamp(min=0))
-            valid.append(key_pos >= 0)
+            valid.append((key_pos >= 0) & (key_pos <= w.last[:, None]))
             rel.append((key_pos - w.pos[:, None] + ks - 1).clamp(0, 2 * ks - 2))
         key_index, key_valid = index[0], valid[0]
         for axis in range(1, self.ndim):
@@ -180,6 +203,8 @@ class NeighborhoodAttention1D(_NeighborhoodAttention):
         kernel_size: odd window size ``k``.
         dilation: dilation ``d``; ``L >= k * d``.
         is_causal: key ``j`` visible only when ``j <= i`` (the last ``k`` keys of the sub-grid).
+        stride: NATTEN >= 0.20 stride ``s``, ``1 <= s <= k``: blocks of ``s`` queries share their
+            leader's window (see the module docstring); not with ``rpb``.
         rpb: learn a relative positional bias ``rpb [heads, 2k-1]``.
         impl: ``"masked"`` or ``"gather"`` (see the module docstring).
         qkv_bias, fused_qkv: see :class:`~attnc.models.projections.QKVProjection`.
@@ -191,7 +216,7 @@ class NeighborhoodAttention1D(_NeighborhoodAttention):
 class NeighborhoodAttention2D(_NeighborhoodAttention):
     """2-D neighborhood attention. ``x [B, H, W, C] -> [B, H, W, C]``.
 
-    Arguments as :class:`NeighborhoodAttention1D`; ``kernel_size``, ``dilation`` and
+    Arguments as :class:`NeighborhoodAttention1D`; ``kernel_size``, ``dilation``, ``stride`` and
     ``is_causal`` take one value or a ``(rows, cols)`` pair, and ``rpb`` has shape
     ``[heads, 2k_r - 1, 2k_c - 1]``.
     """
@@ -202,7 +227,7 @@ class NeighborhoodAttention2D(_NeighborhoodAttention):
 class NeighborhoodAttention3D(_NeighborhoodAttention):
     """3-D neighborhood attention. ``x [B, T, H, W, C] -> [B, T, H, W, C]``.
 
-    Arguments as :class:`NeighborhoodAttention1D`; ``kernel_size``, ``dilation`` and
+    Arguments as :class:`NeighborhoodAttention1D`; ``kernel_size``, ``dilation``, ``stride`` and
     ``is_causal`` take one value or a ``(frames, rows, cols)`` triple (``is_causal=(True,
     False, False)`` is the usual causal-in-time video setting), and ``rpb`` has shape
     ``[heads, 2k_t - 1, 2k_r - 1, 2k_c - 1]``.

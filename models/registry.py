@@ -211,6 +211,9 @@ _grid("na2d-causal-small", NeighborhoodAttention2D, 32, (9, 11), num_heads=2, ke
       is_causal=(True, False), rpb=True)
 _grid("na2d-dynamic-small", NeighborhoodAttention2D, 32, (9, 11), dynamic_grid=True, num_heads=2, kernel_size=3,
       dilation=2)
+# NATTEN >= 0.20 strided NA: blocks of 2 x 3 queries share their leader's window
+_grid("na2d-strided-small", NeighborhoodAttention2D, 32, (9, 11), num_heads=2, kernel_size=(5, 3), dilation=(1, 2),
+      stride=(2, 3))
 # video-like: 4 frames of 6x5 tokens, causal in time
 _grid("na3d-small", NeighborhoodAttention3D, 32, (4, 6, 5), num_heads=2, kernel_size=3, dilation=(1, 2, 1),
       is_causal=(True, False, False), rpb=True)

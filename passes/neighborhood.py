@@ -25,18 +25,20 @@ decomposition):
 The scale may sit on Q, on Kᵀ or on the scores (Mul or Div by a scalar, before or after the bias);
 Kᵀ may be any Transpose of K. The bias / mask tensors are *evaluated* (ONNX Runtime on the subgraph
 that computes them) and analysed: the allowed-key pattern must be exactly a NATTEN >= 0.20
-neighborhood on a 1-D, 2-D or 3-D grid (kernel size, dilation, causal per axis are recovered from it,
+neighborhood on a 1-D, 2-D or 3-D grid (kernel size, dilation, causal and stride per axis are
+recovered from it, the stride as the smallest whose per-axis window pattern is the mask's exactly,
 and the H x W or T x H x W factorisation of N: every factorisation is a candidate, cheap O(N) checks
 reject most, and the first on which the mask is exactly a neighborhood is taken), masked entries
 must be ``<= -1e4`` (``-inf``, dtype minimum, ``-1e9``: exp underflows to exactly 0), and the finite
 entries must be a relative positional bias ``rpb[h, (j-i)/d + k - 1, ...]`` (the table is
-extracted). Then the whole dense bias is rebuilt from the recovered parameters and compared entry by
-entry; anything else is a :class:`NearMiss` with the reason (for a mask that is no neighborhood, the
-closest candidate grid and the first query it gets wrong). When the bias depends on a dynamic axis (a
-sequence or grid size), it is evaluated and verified at two sampled sizes (smaller ones, fitting
-kernel * dilation <= 7 per axis, when the default ones would give more than 8192 tokens, as a
-dynamic 3-D grid does) and the grid sizes are taken from the matching input dimensions at run time
-(``Shape``); the sampling is the only non-exhaustive step.
+extracted; only with every stride 1: the op refuses an RPB with a stride). Then the whole dense bias
+is rebuilt from the recovered parameters and compared entry by entry; anything else is a
+:class:`NearMiss` with the reason (for a mask that is no neighborhood, the closest candidate grid and
+the first query it gets wrong). When the bias depends on a dynamic axis (a sequence or grid size), it
+is evaluated and verified at two sampled sizes (smaller ones, fitting kernel * dilation <= 7 per axis,
+when the default ones would give more than 8192 tokens, as a dynamic 3-D grid does) and the grid
+sizes are taken from the matching input dimensions at run time (``Shape``); the sampling is the only
+non-exhaustive step.
 
 It also completes ``attnc::NeighborhoodAttention`` nodes that the NATTEN export-time translation
 (``attnc.plugins.neighborhood.natten_compat``) put in the graph, by attaching their function body.
@@ -44,12 +46,13 @@ It also completes ``attnc::NeighborhoodAttention`` nodes that the NATTEN export-
 What it emits: one ``attnc::NeighborhoodAttention`` node per match (function body from
 ``attnc.plugins.neighborhood``), with ``Reshape`` nodes around it for 2-D and 3-D grids
 ([B, heads, N, D] -> [B, heads, *grid, D] and back) and the RPB table as a new initializer; the
-scale is explicit. When the grid is static the node gets the ``grid`` attribute (its ``*_static``
-function overload lets ONNX Runtime precompute every index/bias tensor). The dead subgraph (scores,
-mask computation) is removed.
+scale is explicit and ``stride`` is the recovered one. When the grid is static the node gets the
+``grid`` attribute (its ``*_static`` function overload lets ONNX Runtime precompute every index/bias
+tensor). The dead subgraph (scores, mask computation) is removed.
 
 Not matched (near-miss): mask not a neighborhood (e.g. blocked local attention, non-causal
-local-attention windows, which are clipped at the borders where NA shifts them), mask that allows
+local-attention windows, which are clipped at the borders where NA shifts them), strided mask with
+finite non-zero bias entries (an RPB with a stride, which the op refuses), mask that allows
 every key (plain attention: left to the softmax pass), data-dependent bias, rank-3 Q/K/V outside the
 bucketed form, K/V gathered with different indices, buckets computed by more than element moves
 (rotary embeddings after bucketing), bucketed graphs that are not float32, size-dependent masks with
@@ -263,19 +266,46 @@ class Neighborhood:
     dilation: list[int]
     is_causal: list[int]
     rpb: np.ndarray | None = None  # [heads or 1, 2k-1, ...] float64
+    stride: list[int] = field(default_factory=list)  # per axis; empty means all 1
+
+    def __post_init__(self):
+        self.stride = list(self.stride) or [1] * len(self.grid)
 
 
-def _axis_params(allowed: np.ndarray) -> tuple[int, int, int]:
-    """(kernel_size, dilation, is_causal) of a per-axis allowed matrix ``[L, L]`` (not yet verified)."""
+def _axis_params(allowed: np.ndarray) -> tuple[int, int, int, int]:
+    """(kernel_size, dilation, is_causal, stride) of a per-axis allowed matrix ``[L, L]``.
+
+    The stride is the smallest one whose window pattern is ``allowed`` exactly (stride 1 first, so
+    every mask that has a stride-1 reading keeps it); 1 when none is, and the caller's verification
+    then names the difference. Strides above 1 are only tried for odd kernels (strided NA as NATTEN
+    and :mod:`attnc.models.neighborhood` define it): an even one would also read lucidrains' causal
+    blocked local attention (``exact_windowsize=False``) as stride ``w``, kernel ``w * (look_backward
+    + 1)``, which this pass reports as a near-miss.
+    """
     counts = allowed.sum(1)
     kernel = int(counts.max())
     if kernel <= 1:
-        return 1, 1, 0
+        return 1, 1, 0, 1
     causal = int(not np.triu(allowed, 1).any())
     rows, cols = np.nonzero(allowed)
     gaps = np.abs(rows - cols)
     dilation = int(gaps[gaps > 0].min())
-    return kernel, dilation, causal
+    length = len(allowed)
+    if length < kernel * dilation or kernel % 2 == 0:
+        return kernel, dilation, causal, 1
+    first_key = allowed.argmax(1)
+    last_key = length - 1 - allowed[:, ::-1].argmax(1)
+    if not np.array_equal(last_key - first_key, dilation * (counts - 1)):
+        return kernel, dilation, causal, 1  # some row is no run of sub-grid keys: no stride fits
+    for stride in range(1, kernel + 1):
+        # O(L k) screen (first key and key count per query) before the exact O(L^2) comparison
+        index, valid, _ = plugin.axis_windows(length, kernel, dilation, bool(causal), stride)
+        if not (np.array_equal(index[:, 0], first_key) and np.array_equal(valid.sum(1), counts)):
+            continue
+        mask = plugin.dense_mask_and_rel((length,), [kernel], [dilation], [causal], stride=[stride])[0]
+        if np.array_equal(mask, allowed):
+            return kernel, dilation, causal, stride
+    return kernel, dilation, causal, 1
 
 
 def _grids(n: int):
@@ -355,12 +385,14 @@ def _try_grid(allowed: np.ndarray, key_counts: np.ndarray, grid: tuple[int, ...]
     for axis in range(ndim):
         line = m[tuple(slice(None) if a == axis else 0 for a in range(ndim))]  # [L_axis, *grid]
         axes.append(line.any(axis=tuple(1 + a for a in range(ndim) if a != axis)) if ndim > 1 else line)
-    ks, ds, cs = (list(p) for p in zip(*(_axis_params(a) for a in axes)))
+    ks, ds, cs, ss = (list(p) for p in zip(*(_axis_params(a) for a in axes)))
     for length, k, d in zip(grid, ks, ds):
         if length < k * d:
             raise _GridMiss(f"kernel {k} x dilation {d} does not fit an axis of {length} of grid {grid}", 1.0)
-    per_axis = [plugin.dense_mask_and_rel((length,), [k], [d], [c])[0] for length, k, d, c in zip(grid, ks, ds, cs)]
-    described = f"grid {grid} with kernel {ks}, dilation {ds}, causal {cs}"
+    per_axis = [plugin.dense_mask_and_rel((length,), [k], [d], [c], stride=[st])[0]
+                for length, k, d, c, st in zip(grid, ks, ds, cs, ss)]
+    described = f"grid {grid} with kernel {ks}, dilation {ds}, causal {cs}" + (
+        f", stride {ss}" if any(st != 1 for st in ss) else "")
     counts = per_axis[0].sum(1)
     for extra in per_axis[1:]:
         counts = np.outer(counts, extra.sum(1)).reshape(-1)
@@ -383,7 +415,7 @@ def _try_grid(allowed: np.ndarray, key_counts: np.ndarray, grid: tuple[int, ...]
         a, b = expected.shape[0], extra.shape[0]
         expected = (expected[:, None, :, None] & extra[None, :, None, :]).reshape(a * b, a * b)
     _raise_on_difference(expected, allowed, np.arange(len(allowed)), described)
-    return Neighborhood(grid, ks, ds, cs)
+    return Neighborhood(grid, ks, ds, cs, stride=ss)
 
 
 def _raise_on_difference(expected: np.ndarray, allowed: np.ndarray, queries: np.ndarray, described: str) -> None:
@@ -400,6 +432,9 @@ def _extract_rpb(bias: np.ndarray, allowed: np.ndarray, nb: Neighborhood) -> np.
     values = np.where(allowed, bias, 0.0)
     if not values.any():
         return None
+    if any(st != 1 for st in nb.stride):
+        raise _Mismatch(f"the mask is strided NA (stride {nb.stride}) but has finite non-zero bias entries: the "
+                        "op refuses a relative positional bias with a stride other than 1")
     _, rel = plugin.dense_mask_and_rel(nb.grid, nb.kernel_size, nb.dilation, nb.is_causal)
     spans = [2 * k - 1 for k in nb.kernel_size]
     flat = np.ravel_multi_index(tuple(np.moveaxis(rel, -1, 0)), spans)[allowed]
@@ -904,8 +939,8 @@ def _find_sites(model: onnx.ModelProto) -> tuple[_Matcher, list[tuple[_Site, lis
                     raise _Mismatch(f"matched {form} but {exc}") from None
             first = proofs[0]
             for other in proofs[1:]:
-                if (other.kernel_size, other.dilation, other.is_causal, len(other.grid)) != (
-                        first.kernel_size, first.dilation, first.is_causal, len(first.grid)) or not (
+                if (other.kernel_size, other.dilation, other.is_causal, other.stride, len(other.grid)) != (
+                        first.kernel_size, first.dilation, first.is_causal, first.stride, len(first.grid)) or not (
                         (other.rpb is None and first.rpb is None) or (
                         other.rpb is not None and first.rpb is not None and np.array_equal(other.rpb, first.rpb))):
                     raise _Mismatch("the mask's neighborhood changes with the input size")
@@ -986,6 +1021,8 @@ def _run(model: onnx.ModelProto, rewrite: bool) -> tuple[onnx.ModelProto, PassRe
             continue
         attrs = {"kernel_size": nb.kernel_size, "dilation": nb.dilation, "is_causal": nb.is_causal,
                  "scale": site.scale}
+        if any(st != 1 for st in nb.stride):  # stride-1 reports keep the keys they always had
+            attrs["stride"] = nb.stride
         prefix = f"{site.anchor}/neighborhood"
         report.matches.append(Match(FAMILY, plugin.OP_TYPE, sorted(set(site.nodes)),
                                     {"Q": site.q, "K": site.k or site.k_perm[0], "V": site.v},

@@ -98,14 +98,18 @@ def test_mhsa(causal, scale_after, fused_qkv, n):
 
 
 # --- neighborhood attention -------------------------------------------------------------
-def natten_window(i: int, length: int, k: int, d: int, causal: bool) -> list[int]:
-    """Key indices query ``i`` sees on one axis (NATTEN >= 0.20, DESIGN.md)."""
+def natten_window(i: int, length: int, k: int, d: int, causal: bool, s: int = 1) -> list[int]:
+    """Key indices query ``i`` sees on one axis (NATTEN >= 0.20, DESIGN.md): with stride ``s``
+    the window of its block's leader, causal keys never after the query itself."""
     subgrid = list(range(i % d, length, d))
     p = subgrid.index(i)
+    first = (p // s) * s
     if causal:
-        return subgrid[max(0, p - k + 1): p + 1]
+        leader = min(first + s - 1, len(subgrid) - 1)
+        return [subgrid[j] for j in range(len(subgrid)) if leader - k < j <= p]
+    leader = min(first + s // 2, len(subgrid) - 1)
     left, right = k // 2, k // 2 + k % 2 - 1
-    centre = min(max(p, left), len(subgrid) - 1 - right)
+    centre = min(max(leader, left), len(subgrid) - 1 - right)
     window = subgrid[centre - left: centre + right + 1]
     assert len(window) == k
     return window
@@ -120,8 +124,8 @@ def na_reference(module, x: np.ndarray) -> np.ndarray:
     rpb = np64(module.rpb) if module.rpb is not None else None
     out = np.zeros_like(q)
     for query in itertools.product(*(range(n) for n in grid)):
-        windows = [natten_window(i, n, ks, d, c) for i, n, ks, d, c
-                   in zip(query, grid, module.kernel_size, module.dilation, module.is_causal)]
+        windows = [natten_window(i, n, ks, d, c, st) for i, n, ks, d, c, st
+                   in zip(query, grid, module.kernel_size, module.dilation, module.is_causal, module.stride)]
         keys = list(itertools.product(*windows))
         qi = np.ravel_multi_index(query, grid)
         kj = [np.ravel_multi_index(key, grid) for key in keys]
@@ -173,6 +177,36 @@ def test_neighborhood_2d_3d(impl, rpb, grid, kernel, dilation, causal):
     np.testing.assert_allclose(run64(m, x), na_reference(m, np64(x)), **TOL)
 
 
+NA_STRIDED_CASES = [  # grid, kernel, dilation, causal, stride: even/odd strides, stride == kernel, odd grids
+    ((13,), 5, 1, False, 2), ((17,), 5, 2, False, 3), ((11,), 3, 1, False, 3), ((14,), 5, 1, True, 2),
+    ((19,), 5, 2, True, 5), ((13,), 7, 1, True, 4),
+    ((7, 9), (3, 5), (2, 1), (False, False), (3, 4)), ((9, 7), 3, (1, 2), (True, False), (2, 3)),
+    ((5, 11), (5, 3), 1, (False, True), (5, 2)),
+    ((5, 7, 6), 3, (1, 2, 1), (True, False, False), (2, 1, 3)), ((4, 5, 7), (1, 3, 5), 1, False, (1, 3, 2)),
+]
+
+
+@pytest.mark.parametrize("impl", ["masked", "gather"])
+@pytest.mark.parametrize("grid,kernel,dilation,causal,stride", NA_STRIDED_CASES)
+def test_neighborhood_strided(impl, grid, kernel, dilation, causal, stride):
+    torch.manual_seed(sum(grid) + len(grid))
+    cls = {1: NeighborhoodAttention1D, 2: NeighborhoodAttention2D, 3: NeighborhoodAttention3D}[len(grid)]
+    m = cls(16, 2, kernel_size=kernel, dilation=dilation, is_causal=causal, stride=stride, impl=impl)
+    x = torch.randn(2, *grid, 16, dtype=torch.float64)
+    np.testing.assert_allclose(run64(m, x), na_reference(m, np64(x)), **TOL)
+
+
+def test_natten_window_strided_by_hand():
+    """The reference's strided windows on a few hand-checked queries (length 10, k = 5)."""
+    assert natten_window(0, 10, 5, 1, False, 2) == [0, 1, 2, 3, 4]     # leader 1
+    assert natten_window(6, 10, 5, 1, False, 2) == [5, 6, 7, 8, 9]     # leader 7 -> shifted
+    assert natten_window(3, 10, 5, 1, False, 4) == [0, 1, 2, 3, 4]     # leader 2
+    assert natten_window(9, 10, 5, 1, False, 4) == [5, 6, 7, 8, 9]     # block 8, leader min(10, 9)
+    assert natten_window(4, 10, 5, 1, True, 3) == [1, 2, 3, 4]         # leader 5: keys 1..5, not 5
+    assert natten_window(9, 10, 5, 1, True, 4) == [5, 6, 7, 8, 9]      # leader min(11, 9)
+    assert natten_window(5, 10, 3, 2, True, 2) == [3, 5]               # sub-grid 1,3,5,7,9; p 2, leader 3
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_neighborhood_impls_agree_fp32(seed):
     """masked and gather on random 2-D configs agree to float32 rounding."""
@@ -192,7 +226,7 @@ def test_neighborhood_impls_agree_fp32(seed):
         np.testing.assert_allclose(masked(x).numpy(), gather(x).numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_neighborhood_rejects_small_grid_and_even_kernel():
+def test_neighborhood_rejects_bad_arguments():
     with pytest.raises(ValueError, match="smaller than kernel_size"):
         NeighborhoodAttention1D(16, 2, kernel_size=5, dilation=2)(torch.randn(1, 9, 16))
     with pytest.raises(ValueError, match="odd"):
@@ -201,6 +235,12 @@ def test_neighborhood_rejects_small_grid_and_even_kernel():
         NeighborhoodAttention3D(16, 2, kernel_size=3, dilation=(1, 2, 1))(torch.randn(1, 4, 5, 6, 16))
     with pytest.raises(ValueError, match="3 value"):
         NeighborhoodAttention3D(16, 2, kernel_size=(3, 3))
+    with pytest.raises(ValueError, match="stride must satisfy"):
+        NeighborhoodAttention2D(16, 2, kernel_size=3, stride=(1, 4))
+    with pytest.raises(ValueError, match="stride must satisfy"):
+        NeighborhoodAttention1D(16, 2, kernel_size=3, stride=0)
+    with pytest.raises(ValueError, match="relative positional bias with stride"):
+        NeighborhoodAttention2D(16, 2, kernel_size=3, stride=2, rpb=True)
 
 
 # --- flow attention -------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from torch import nn
 
 from attnc.compiler.backends.onnxruntime import load
 from attnc.compiler.export import export_onnx
-from attnc.models.neighborhood import NeighborhoodAttention3D
+from attnc.models.neighborhood import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
+from attnc.models.projections import merge_heads
 from attnc.models.registry import get_spec
 from attnc.passes import fuse_attention
 from attnc.passes import neighborhood as na_pass
@@ -90,13 +91,14 @@ def _spec_case(name, tmp_path, exporter, opset=18):
 
 NA_SPECS = ["na1d-small", "na1d-gather-small", "na1d-causal-small", "na1d-causal-gather-small", "na2d-small",
             "na2d-gather-small", "na2d-rpb-small", "na2d-rpb-gather-small", "na2d-causal-small",
-            "na2d-dynamic-small", "na3d-small"]
+            "na2d-dynamic-small", "na3d-small", "na2d-strided-small"]
 EXPECTED = {  # spec -> (kernel_size, dilation, is_causal)
     "na1d-small": ([7], [1], [0]), "na1d-gather-small": ([5], [2], [0]), "na1d-causal-small": ([7], [1], [1]),
     "na1d-causal-gather-small": ([5], [3], [1]), "na2d-small": ([5, 5], [1, 1], [0, 0]),
     "na2d-gather-small": ([3, 3], [2, 3], [0, 0]), "na2d-rpb-small": ([5, 5], [1, 1], [0, 0]),
     "na2d-rpb-gather-small": ([5, 3], [1, 1], [0, 0]), "na2d-causal-small": ([3, 3], [1, 1], [1, 0]),
     "na2d-dynamic-small": ([3, 3], [2, 2], [0, 0]), "na3d-small": ([3, 3, 3], [1, 2, 1], [1, 0, 0]),
+    "na2d-strided-small": ([5, 3], [1, 2], [0, 0]),
 }
 
 
@@ -113,7 +115,7 @@ def test_registry_models_torchscript(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["na1d-causal-small", "na2d-rpb-small", "na2d-rpb-gather-small",
-                                  "na2d-dynamic-small", "na3d-small"])
+                                  "na2d-dynamic-small", "na3d-small", "na2d-strided-small"])
 def test_registry_models_dynamo(name, tmp_path):
     model, onnx_model, inputs, spec = _spec_case(name, tmp_path, "dynamo")
     _check_fused(model, onnx_model, inputs, names=spec.input_names)
@@ -155,21 +157,26 @@ def test_pipeline_runs_the_pass(tmp_path):
 
 # ----------------------------------------------------------------------------- independent models
 
-def _oracle_mask(grid, kernel, dilation, causal):
+def _oracle_mask(grid, kernel, dilation, causal, stride=None):
     """Allowed [N, N] from the NATTEN docs' centre formula: per-axis key sets with Python loops; a key
-    is allowed when each of its coordinates (row-major ``unravel_index``) is in the query's set."""
-    def keys(i, n, k, d, c):
+    is allowed when each of its coordinates (row-major ``unravel_index``) is in the query's set. With
+    ``stride`` (NATTEN >= 0.20) a query uses the window of its block's leader, causal keys never after
+    the query."""
+    def keys(i, n, k, d, c, st):
         g, p = i % d, i // d
         m = len(range(g, n, d))
+        block = (p // st) * st
         if c:
-            return {g + d * s for s in range(max(0, p - k + 1), p + 1)}
+            leader = min(block + st - 1, m - 1)
+            return {g + d * s for s in range(max(0, leader - k + 1), p + 1)}
+        leader = min(block + st // 2, m - 1)
         left, right = k // 2, k // 2 + k % 2 - 1
-        centre = min(max(p, left), m - 1 - right)
+        centre = min(max(leader, left), m - 1 - right)
         return {g + d * s for s in range(centre - left, centre + right + 1)}
     coords = np.unravel_index(np.arange(int(np.prod(grid))), grid)
     allowed = np.ones((len(coords[0]),) * 2, dtype=bool)
-    for a, (n, k, d, c) in enumerate(zip(grid, kernel, dilation, causal)):
-        axis = np.array([[j in keys(i, n, k, d, c) for j in range(n)] for i in range(n)])
+    for a, (n, k, d, c, st) in enumerate(zip(grid, kernel, dilation, causal, stride or [1] * len(grid))):
+        axis = np.array([[j in keys(i, n, k, d, c, st) for j in range(n)] for i in range(n)])
         allowed &= axis[coords[a][:, None], coords[a][None, :]]
     return allowed
 
@@ -177,11 +184,12 @@ def _oracle_mask(grid, kernel, dilation, causal):
 class MaskedNA(nn.Module):
     """NA written the way people without NATTEN do: separate q/k/v, scale after the matmul, mask buffer."""
 
-    def __init__(self, dim, heads, grid, kernel, dilation, causal, scale_after=True, manual_softmax=False):
+    def __init__(self, dim, heads, grid, kernel, dilation, causal, scale_after=True, manual_softmax=False,
+                 stride=None):
         super().__init__()
         self.heads, self.grid, self.scale_after, self.manual_softmax = heads, grid, scale_after, manual_softmax
         self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
-        mask = _oracle_mask(grid, kernel, dilation, causal)
+        mask = _oracle_mask(grid, kernel, dilation, causal, stride)
         self.register_buffer("mask", torch.zeros(mask.shape).masked_fill(torch.from_numpy(~mask), float("-inf")))
 
     def forward(self, x):
@@ -416,6 +424,144 @@ def test_3d_masks_are_proven_exactly(data):
     again, rel = na_plugin.dense_mask_and_rel(found.grid, found.kernel_size, found.dilation, found.is_causal)
     rebuilt = np.where(again, found.rpb[(slice(None), *np.moveaxis(rel, -1, 0))], -np.inf)
     np.testing.assert_array_equal(rebuilt, bias)
+
+
+# ----------------------------------------------------------------------------- strided NA (NATTEN >= 0.20)
+
+_BOTH = ("torchscript", "dynamo")
+# Every stride here is the smallest giving its windows (on 4 rows, kernel 3, strides 1 and 2 give the same
+# ones, and the pass reports the smaller), so the fused node must carry the module's stride.
+STRIDED = {  # id -> (module class, grid, options, impl, dynamic grid axes of x, exporters)
+    "1d-masked-dilated-even": (NeighborhoodAttention1D, (13,), dict(kernel_size=5, dilation=2, stride=2), "masked",
+                               (), _BOTH),
+    "1d-gather-causal-stride-is-kernel": (NeighborhoodAttention1D, (14,), dict(kernel_size=5, is_causal=True,
+                                                                               stride=5), "gather", (), _BOTH),
+    "2d-masked-dilated-causal": (NeighborhoodAttention2D, (9, 11), dict(kernel_size=(3, 5), dilation=(2, 1),
+                                                                        is_causal=(True, False), stride=(3, 2)),
+                                 "masked", (), _BOTH),
+    "2d-gather-odd": (NeighborhoodAttention2D, (7, 9), dict(kernel_size=3, dilation=(1, 2), stride=(2, 3)), "gather",
+                      (), _BOTH),
+    "2d-masked-dynamic-grid": (NeighborhoodAttention2D, (9, 11), dict(kernel_size=(3, 5), stride=(2, 5)), "masked",
+                               (1, 2), ("torchscript",)),
+    "3d-masked-causal-time": (NeighborhoodAttention3D, (4, 5, 7), dict(kernel_size=(3, 3, 5), stride=(2, 3, 4),
+                                                                       is_causal=(True, False, False)),
+                              "masked", (), ("torchscript",)),
+    "3d-gather-dilated": (NeighborhoodAttention3D, (5, 5, 7), dict(kernel_size=3, dilation=(1, 1, 2),
+                                                                   stride=(3, 2, 1)), "gather", (), ("dynamo",)),
+}
+
+
+def _strided_case(case, exporter, tmp_path):
+    cls, grid, options, impl, dynamic, _ = STRIDED[case]
+    torch.manual_seed(0)
+    model = cls(16, 2, impl=impl, **options).eval()
+    names = ("frames", "height", "width")[-len(grid):]
+    axes = {0: "batch", **{a: names[a - 1] for a in dynamic}}
+    onnx_model = _export(model, (torch.randn(2, *grid, 16),), tmp_path, exporter,
+                         dynamic_axes={"x": axes, "output": axes}, names=["x"])
+    other = tuple(n + (2, -1, 1)[a] if a + 1 in dynamic else n for a, n in enumerate(grid))
+    return model, onnx_model, [(torch.randn(1, *grid, 16),), (torch.randn(3, *other, 16),)]
+
+
+def _op_reference(model, x: torch.Tensor) -> np.ndarray:
+    """The module's projections around the op's float64 ``reference`` (dense masked attention)."""
+    m = copy.deepcopy(model).double()
+    grid = x.shape[1:-1]
+    with torch.no_grad():
+        q, k, v = m.in_proj(x.double().reshape(x.shape[0], -1, x.shape[-1]))
+        q, k, v = (t.reshape(*t.shape[:2], *grid, t.shape[-1]) for t in (q, k, v))
+        out = na_plugin.reference(q, k, v, list(m.kernel_size), list(m.dilation), [int(c) for c in m.is_causal],
+                                  m.scale, stride=list(m.stride))
+        return m.proj(merge_heads(out.reshape(*out.shape[:2], -1, out.shape[-1]))).reshape(x.shape).numpy()
+
+
+def _node_attr(node, name):
+    return list(next(a for a in node.attribute if a.name == name).ints)
+
+
+@pytest.mark.parametrize("case,exporter", [(c, e) for c, v in STRIDED.items() for e in v[-1]])
+def test_strided(case, exporter, tmp_path):
+    """A strided module (masked or gather form) fuses into one node with the module's stride; ORT
+    equals PyTorch (float32 and float64) and the op's float64 reference, also at another grid size."""
+    model, onnx_model, inputs = _strided_case(case, exporter, tmp_path)
+    fused, report = _check_fused(model, onnx_model, inputs, float64=True)
+    attrs = report.matches[0].attributes
+    assert (attrs["kernel_size"], attrs["dilation"], attrs["is_causal"], attrs["stride"]) == (
+        list(model.kernel_size), list(model.dilation), [int(c) for c in model.is_causal], list(model.stride))
+    node = next(n for n in fused.graph.node if n.op_type == OP)
+    assert _node_attr(node, "stride") == list(model.stride)
+    assert node.overload.endswith("_static") == (not STRIDED[case][4])
+    for (x,) in inputs:
+        np.testing.assert_allclose(_run(fused, {"x": x.numpy()}), _op_reference(model, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["2d-masked-dilated-causal", "1d-gather-causal-stride-is-kernel"])
+def test_strided_comparison_catches_a_wrong_stride(case, tmp_path):
+    """The strided comparison fails when the fused node carries stride 1 or a smaller stride."""
+    model, onnx_model, inputs = _strided_case(case, "torchscript", tmp_path)
+    fused, _ = _check_fused(model, onnx_model, inputs)
+    node = next(n for n in fused.graph.node if n.op_type == OP)
+    stride = next(a for a in node.attribute if a.name == "stride")
+    x = inputs[1][0]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    for wrong in ([1] * len(stride.ints), [max(1, s - 1) for s in model.stride]):
+        stride.ints[:] = wrong
+        with pytest.raises(AssertionError, match="Not equal to tolerance"):
+            np.testing.assert_allclose(_run(fused, {"x": x.numpy()}), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_stride_one_reports_no_stride(tmp_path):
+    """Stride 1 everywhere (here with a kernel-1 axis) keeps today's report (no ``stride`` key) and
+    node (stride all 1)."""
+    torch.manual_seed(0)
+    model = NeighborhoodAttention2D(16, 2, kernel_size=(1, 3), stride=(1, 1)).eval()
+    onnx_model = _export(model, (torch.randn(2, 5, 7, 16),), tmp_path, dynamic_axes={"x": {0: "batch"}},
+                         names=["x"])
+    fused, report = _check_fused(model, onnx_model, [(torch.randn(1, 5, 7, 16),), (torch.randn(3, 5, 7, 16),)])
+    assert "stride" not in report.matches[0].attributes
+    assert _node_attr(next(n for n in fused.graph.node if n.op_type == OP), "stride") == [1] * len(
+        report.matches[0].attributes["kernel_size"])
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data())
+def test_strided_masks_are_proven_exactly(data):
+    """``analyse_bias`` on random strided 1-D/2-D/3-D masks from the oracle: the stride it recovers
+    is the smallest one giving the same mask, and the mask rebuilt from what it found is the input."""
+    ndim = data.draw(st.integers(1, 3))
+    kernel = [data.draw(st.sampled_from([3, 5])) for _ in range(ndim)]
+    dilation = [data.draw(st.integers(1, 2)) for _ in range(ndim)]
+    stride = [data.draw(st.integers(1, k)) for k in kernel]
+    grid = tuple(k * d + data.draw(st.integers(0, 4)) for k, d in zip(kernel, dilation))
+    causal = [int(data.draw(st.booleans())) for _ in range(ndim)]
+    allowed = _oracle_mask(grid, kernel, dilation, causal, stride)
+    if allowed.all() or (np.tril(allowed).all() and not np.triu(allowed, 1).any()):
+        return  # the window covers the whole grid: plain (causal) attention
+    found = na_pass.analyse_bias(np.where(allowed, 0.0, -np.inf)[None])
+    assert found.rpb is None
+    again = na_plugin.dense_mask_and_rel(found.grid, found.kernel_size, found.dilation, found.is_causal,
+                                         found.stride)[0]
+    np.testing.assert_array_equal(again, allowed)
+    if found.grid == grid:
+        smallest = [next(t for t in range(1, s + 1) if np.array_equal(
+            _oracle_mask((n,), [k], [d], [c], [t]), _oracle_mask((n,), [k], [d], [c], [s])))
+            for n, k, d, c, s in zip(grid, kernel, dilation, causal, stride)]
+        assert (found.kernel_size, found.dilation, found.is_causal, found.stride) == (
+            kernel, dilation, causal, smallest)
+
+
+def test_near_miss_on_strided_mask_with_a_bias(tmp_path):
+    """A strided mask with finite non-zero entries (an RPB-like bias): the op has no RPB with a stride."""
+    model = MaskedNA(16, 2, (5, 7), [3, 3], [1, 1], [0, 0], stride=[2, 3]).eval()
+    model.mask[model.mask == 0] = 0.25
+    onnx_model = _export(model, (torch.randn(2, 35, 16),), tmp_path, names=["x"])
+    fused, report = na_pass.apply(onnx_model)
+    assert report.rewritten == 0 and fused is onnx_model
+    assert "refuses a relative positional bias with a stride" in report.near_misses[0].reason, report.to_dict()
+    model.mask[model.mask == 0.25] = 0.0  # the same mask without the bias fuses
+    onnx_model = _export(model, (torch.randn(2, 35, 16),), tmp_path, names=["x"])
+    assert na_pass.find(onnx_model).matches[0].attributes["stride"] == [2, 3]
 
 
 # ----------------------------------------------------------------------------- near-misses
