@@ -17,8 +17,11 @@ decomposition):
   that copies and padding constants separate), which shows exactly which key (and value) each live
   slot of each output query holds. That per-query key set becomes the dense bias below and is
   verified like the masked form. ``[B*heads, N, D]`` Q/K/V get an ``Unsqueeze`` to one head.
-  NA-equivalent: ``causal=True, exact_windowsize=True`` (k = window_size * look_backward + 1), and
-  causal ``window_size=1``; every other configuration is blocked local attention (near-miss). A
+  NA-equivalent: ``causal=True, exact_windowsize=True`` (k = window_size * look_backward + 1),
+  causal ``window_size=1``, and its default causal blocks (``exact_windowsize=False``: strided
+  causal NA, k = window_size * (look_backward + 1), stride window_size, on lengths that are
+  multiples of the window); non-causal configurations clip their windows at the borders where NA
+  shifts them (near-miss). A
   dynamic token axis that the bucketing cannot reshape at the sampled sizes (no autopad) is sampled
   at 7 and 11 buckets instead. The same path proves masked NA written with ``einsum`` (no buckets).
 
@@ -277,10 +280,10 @@ def _axis_params(allowed: np.ndarray) -> tuple[int, int, int, int]:
 
     The stride is the smallest one whose window pattern is ``allowed`` exactly (stride 1 first, so
     every mask that has a stride-1 reading keeps it); 1 when none is, and the caller's verification
-    then names the difference. Strides above 1 are only tried for odd kernels (strided NA as NATTEN
-    and :mod:`attnc.models.neighborhood` define it): an even one would also read lucidrains' causal
-    blocked local attention (``exact_windowsize=False``) as stride ``w``, kernel ``w * (look_backward
-    + 1)``, which this pass reports as a near-miss.
+    then names the difference. Even kernels take strides too: lucidrains' causal blocked local
+    attention (``exact_windowsize=False``, its default) is exactly causal NA with kernel
+    ``w * (look_backward + 1)`` and stride ``w`` (every query of a block sees from the start of the
+    block ``look_backward`` blocks back up to itself).
     """
     counts = allowed.sum(1)
     kernel = int(counts.max())
@@ -291,7 +294,7 @@ def _axis_params(allowed: np.ndarray) -> tuple[int, int, int, int]:
     gaps = np.abs(rows - cols)
     dilation = int(gaps[gaps > 0].min())
     length = len(allowed)
-    if length < kernel * dilation or kernel % 2 == 0:
+    if length < kernel * dilation:
         return kernel, dilation, causal, 1
     first_key = allowed.argmax(1)
     last_key = length - 1 - allowed[:, ::-1].argmax(1)
@@ -347,7 +350,7 @@ def analyse_bias(bias: np.ndarray) -> Neighborhood:
         raise _Mismatch("some query has every key masked")
     if allowed.all():
         raise _Mismatch("the mask allows every key (plain attention, left to the softmax pass)")
-    if not (np.triu(allowed, 1).any()) and np.tril(allowed).all():
+    if not np.triu(allowed, 1).any() and allowed[np.tril_indices(n)].all():
         raise _Mismatch("the mask is plain causal (every earlier key allowed), left to the softmax pass")
     key_counts = allowed.sum(1)
     closest, rpb_miss = None, None

@@ -222,7 +222,7 @@ def test_random_masked_configs(tmp_path_factory, data):
     n = int(np.prod(grid))
     onnx_model = _export(model, (torch.randn(2, n, 8 * heads),), tmp_path_factory.mktemp("m"),
                          dynamic_axes={"x": {0: "batch"}}, names=["x"])
-    if allowed.all() or (np.tril(allowed).all() and not np.triu(allowed, 1).any()):
+    if allowed.all() or (allowed[np.tril_indices(len(allowed))].all() and not np.triu(allowed, 1).any()):
         # the window covers the whole grid: plain (causal) attention, left to the softmax pass
         report = na_pass.find(onnx_model)
         assert not report.matches and "plain" in report.near_misses[0].reason
@@ -414,7 +414,7 @@ def test_3d_masks_are_proven_exactly(data):
     table = rng.normal(size=(2, *(2 * k - 1 for k in kernel)))
     _, rel = na_plugin.dense_mask_and_rel(grid, kernel, dilation, causal)
     bias = np.where(allowed, table[(slice(None), *np.moveaxis(rel, -1, 0))], -np.inf)
-    if allowed.all() or (np.tril(allowed).all() and not np.triu(allowed, 1).any()):
+    if allowed.all() or (allowed[np.tril_indices(len(allowed))].all() and not np.triu(allowed, 1).any()):
         with pytest.raises(na_pass._Mismatch, match="plain"):
             na_pass.analyse_bias(bias)
         return
@@ -536,7 +536,7 @@ def test_strided_masks_are_proven_exactly(data):
     grid = tuple(k * d + data.draw(st.integers(0, 4)) for k, d in zip(kernel, dilation))
     causal = [int(data.draw(st.booleans())) for _ in range(ndim)]
     allowed = _oracle_mask(grid, kernel, dilation, causal, stride)
-    if allowed.all() or (np.tril(allowed).all() and not np.triu(allowed, 1).any()):
+    if allowed.all() or (allowed[np.tril_indices(len(allowed))].all() and not np.triu(allowed, 1).any()):
         return  # the window covers the whole grid: plain (causal) attention
     found = na_pass.analyse_bias(np.where(allowed, 0.0, -np.inf)[None])
     assert found.rpb is None
@@ -647,17 +647,33 @@ def _local_attention_allowed(n, **options):
 
 
 def test_local_attention_semantics():
-    """Blocked local attention is NA only with exact_windowsize=True and look_forward=0 (causal NA, k = w*lb + 1)."""
+    """Blocked local attention is NA only when causal (look_forward=0): with exact_windowsize=True
+    causal NA with k = w*lb + 1; by default (blocks) strided causal NA with k = w*(lb + 1), s = w."""
     n = 24
     for options in [dict(window_size=4, causal=False, look_backward=1, look_forward=1),
-                    dict(window_size=4, causal=True, look_backward=1),
                     dict(window_size=3, causal=False, look_backward=1, look_forward=1, exact_windowsize=True)]:
         allowed = _local_attention_allowed(n, **options)
         with pytest.raises(na_pass._Mismatch):
             na_pass.analyse_bias(np.where(allowed, 0.0, -np.inf)[None])
     allowed = _local_attention_allowed(n, window_size=4, causal=True, look_backward=1, exact_windowsize=True)
     found = na_pass.analyse_bias(np.where(allowed, 0.0, -np.inf)[None])
-    assert (found.grid, found.kernel_size, found.is_causal) == ((n,), [5], [1])
+    assert (found.grid, found.kernel_size, found.is_causal, found.stride) == ((n,), [5], [1], [1])
+    for window, back in [(4, 1), (3, 2), (2, 3)]:
+        allowed = _local_attention_allowed(n, window_size=window, causal=True, look_backward=back)
+        found = na_pass.analyse_bias(np.where(allowed, 0.0, -np.inf)[None])
+        assert (found.grid, found.kernel_size, found.is_causal, found.stride) == (
+            (n,), [window * (back + 1)], [1], [window])
+
+
+def test_plain_causal_mask_is_left_to_the_softmax_pass():
+    """A causal mask that allows every earlier key is plain causal attention, which the softmax
+    pass turns into a native ``Attention`` (is_causal); reading it as NA with k = N would not help."""
+    n = 12
+    causal = np.where(np.tril(np.ones((n, n), bool)), 0.0, -np.inf)[None]
+    with pytest.raises(na_pass._Mismatch, match="plain causal"):
+        na_pass.analyse_bias(causal)
+    causal[0, n - 1, 0] = -np.inf   # the last query misses its first key: a causal window of n - 1
+    assert na_pass.analyse_bias(causal).kernel_size == [n - 1]
 
 
 def test_local_attention_matches_the_op_reference():
@@ -673,6 +689,13 @@ def test_local_attention_matches_the_op_reference():
         q, k, v = (torch.randn(2, 3, length, 8, dtype=torch.float64) for _ in range(3))
         expected = na_plugin.reference(q, k, v, [window * back + 1], [1], [1])
         torch.testing.assert_close(attn(q, k, v), expected, rtol=1e-12, atol=1e-12)
+    # Its default blocks (exact_windowsize=False) on lengths that are multiples of the window:
+    # strided causal NA, kernel w * (lb + 1), stride w.
+    for window, back, length in [(4, 1, 24), (3, 2, 30), (2, 3, 18)]:
+        attn = LocalAttention(window_size=window, causal=True, look_backward=back, use_rotary_pos_emb=False)
+        q, k, v = (torch.randn(2, 3, length, 8, dtype=torch.float64) for _ in range(3))
+        expected = na_plugin.reference(q, k, v, [window * (back + 1)], [1], [1], stride=[window])
+        torch.testing.assert_close(attn(q, k, v), expected, rtol=1e-12, atol=1e-12)
 
 
 LOCAL_NA = {  # id -> (options, example shape, dynamic token axis or None, token lengths to check)
@@ -684,6 +707,9 @@ LOCAL_NA = {  # id -> (options, example shape, dynamic token axis or None, token
     "dynamic-without-autopad": (dict(window_size=4, look_backward=1, exact_windowsize=True), (2, 2, 24, 8), 2,
                                 [24, 32, 8]),
     "window-1-not-exact": (dict(window_size=1, look_backward=3), (3, 16, 8), None, [16]),
+    # the default blocks: strided causal NA (kernel w * (lb + 1), stride w)
+    "blocks-heads-first-static": (dict(window_size=4, look_backward=1), (2, 2, 24, 8), None, [24]),
+    "blocks-flat-heads-static": (dict(window_size=3, look_backward=2), (4, 21, 8), None, [21]),
 }
 
 
@@ -700,14 +726,17 @@ def test_local_attention_na_config_fuses(case, tmp_path):
     inputs = [tuple(torch.randn(s) for _ in names) for s in sized]
     _, report = _check_fused(model, onnx_model, inputs, names=names)
     attrs = report.matches[0].attributes
-    assert attrs["kernel_size"] == [options["window_size"] * options["look_backward"] + 1]
+    window, back = options["window_size"], options["look_backward"]
+    if options.get("exact_windowsize") or window == 1:
+        assert attrs["kernel_size"] == [window * back + 1] and attrs.get("stride", [1]) == [1]
+    else:
+        assert attrs["kernel_size"] == [window * (back + 1)] and attrs["stride"] == [window]
     assert attrs["is_causal"] == [1] and attrs["dilation"] == [1]
     assert attrs["scale"] == pytest.approx(shape[-1] ** -0.5)
 
 
 @pytest.mark.parametrize("options,reason", [
     (dict(window_size=4, causal=False, look_backward=1, look_forward=1), "not a neighborhood mask"),
-    (dict(window_size=4, causal=True, look_backward=1), "not a neighborhood mask"),  # exact_windowsize=False
     (dict(window_size=3, causal=False, look_backward=1, look_forward=1, exact_windowsize=True),
      "not a neighborhood mask"),  # clipped at the borders: NA shifts its window there
     (dict(window_size=4, causal=True, look_backward=1, exact_windowsize=True, use_rotary_pos_emb=True, dim=8),

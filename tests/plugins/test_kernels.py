@@ -164,6 +164,10 @@ NA_CASES = [
          dtype="fp32", entry="tensorrt"),
     dict(grid=(7, 13), ks=(5, 3), dil=(1, 2), causal=(0, 1), stride=(5, 2), rpb=False, d=16, dtype="bf16",
          entry="tensorrt"),
+    # local-attention's default causal blocks: even kernel w * (lb + 1), stride w (several 64-query
+    # tiles, lengths that are no multiple of the block).
+    dict(grid=(150,), ks=(8,), dil=(1,), causal=(1,), stride=(4,), rpb=False, d=32, dtype="fp16", entry="tensorrt"),
+    dict(grid=(70,), ks=(12,), dil=(1,), causal=(1,), stride=(6,), rpb=False, d=24, dtype="fp32"),
 ]
 LINEAR_CASES = [
     dict(n=37, d=32, dv=48, feature_map="elu1", causal=0, normalize=1, decay=False, dtype="fp32"),
