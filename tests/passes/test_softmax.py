@@ -124,6 +124,21 @@ def test_constant_causal_additive_mask_becomes_is_causal(tmp_path):
     _check(module, model, fused, report, 1, [(2, 6, 24)], atol=2e-6)
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_static_causal_attention_is_not_taken_for_neighborhood_attention(exporter, tmp_path):
+    """With every pass on and a static sequence, the causal mask reaches the softmax pass (native
+    causal ``Attention``), not the neighborhood pass as causal NA with a window of the whole
+    sequence (which it had been, both exporters, until its plain-causal check was fixed)."""
+    torch.manual_seed(4)
+    module = MultiHeadSelfAttention(24, 3, causal=True)
+    model = _export(module, torch.randn(2, 12, 24), tmp_path, exporter)
+    fused, reports = fuse_attention(model)
+    by_family = {r.family: r for r in reports}
+    assert by_family["neighborhood"].rewritten == 0 and by_family["softmax"].rewritten == 1
+    assert by_family["softmax"].matches[0].attributes["is_causal"] == 1
+    assert not [n for n in fused.graph.node if n.op_type == "NeighborhoodAttention"]
+
+
 class _FiniteFillAttention(MultiHeadSelfAttention):
     """Causal attention that fills with -1e4: fully masked rows would differ from -inf."""
 
