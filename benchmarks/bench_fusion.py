@@ -52,7 +52,8 @@ def machine() -> dict:
             "onnxruntime": ort.__version__, "onnx": onnx.__version__, "platform": platform.platform()}
 
 
-def bench_model(name: str, sizes: dict[str, int], repeats: int, threads: int, exporter: str) -> dict:
+def bench_model(name: str, sizes: dict[str, int], repeats: int, threads: int, exporter: str,
+                lower: list[str] | None = None) -> dict:
     spec = get_spec(name)
     inputs = spec.example_inputs(batch=1, **{k: v for k, v in sizes.items() if k in spec.sizes})
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,20 +61,28 @@ def bench_model(name: str, sizes: dict[str, int], repeats: int, threads: int, ex
                            input_names=spec.input_names)
         before = onnx.load(str(path))
     after, reports = passes.fuse_attention(before)
-    runners = {"before": OnnxRuntimeRunner(before, providers=["CPUExecutionProvider"], threads=threads),
-               "after": OnnxRuntimeRunner(after, providers=["CPUExecutionProvider"], threads=threads)}
+    graphs = {"before": before, "after": after}
+    if lower:  # the same fusion with these families lowered to standard ONNX ops, timed in the same loop
+        graphs["lowered"] = passes.fuse_attention(before, lower=lower)[0]
+    runners = {key: OnnxRuntimeRunner(graph, providers=["CPUExecutionProvider"], threads=threads)
+               for key, graph in graphs.items()}
     feeds = {n: t.numpy() for n, t in zip(spec.input_names, inputs)}
     outputs = {k: r.infer(feeds) for k, r in runners.items()}  # also the warm-up
-    ref, got = outputs["before"], outputs["after"]
-    max_rel = max(float(np.max(np.abs(got[k] - ref[k])) / (np.max(np.abs(ref[k])) + 1e-12)) for k in ref)
-    times: dict[str, list[float]] = {"before": [], "after": []}
+    ref = outputs["before"]
+    max_rel = max(float(np.max(np.abs(got[k] - ref[k])) / (np.max(np.abs(ref[k])) + 1e-12))
+                  for key, got in outputs.items() if key != "before" for k in ref)
+    times: dict[str, list[float]] = {key: [] for key in runners}
     for _ in range(repeats):
         for key, runner in runners.items():
             t = time.perf_counter()
             runner.infer(feeds)
             times[key].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {
+    extra = {}
+    if lower:
+        extra = {"lowered": lower, "nodes_lowered": len(graphs["lowered"].graph.node),
+                 "median_s_lowered": med["lowered"], "lowered_vs_fused": med["after"] / med["lowered"]}
+    return {**extra, 
         "model": name, "family": spec.family, "exporter": exporter, "ort_threads": threads or "default",
         "input_shapes": {n: list(t.shape) for n, t in zip(spec.input_names, inputs)},
         "nodes_before": len(before.graph.node), "nodes_after": len(after.graph.node),
@@ -92,6 +101,9 @@ def main() -> None:
     parser.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
     parser.add_argument("--size", action="append", default=[], help="override a size, e.g. seq=2048")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--lower", action="append", default=[], choices=["agent", "linear"],
+                        help="also time the fused graph with this family lowered to standard ONNX ops, "
+                             "interleaved with the other two (column 'lowered vs fused': > 1, lowering is faster)")
     args = parser.parse_args()
     sizes = {k: int(v) for k, v in (s.split("=") for s in args.size)}
 
@@ -99,13 +111,17 @@ def main() -> None:
     rows = []
     for name in args.models:
         with console.status(f"{name}"):
-            rows.append(bench_model(name, sizes, args.repeats, args.threads, args.exporter))
-    table = Table("model", "fused", "nodes before", "nodes after", "ORT before (ms)", "ORT after (ms)",
-                  "speed-up", "max rel diff", title=f"fusion on ONNX Runtime CPU ({machine()['cpu']})")
+            rows.append(bench_model(name, sizes, args.repeats, args.threads, args.exporter, args.lower))
+    columns = ["model", "fused", "nodes before", "nodes after", "ORT before (ms)", "ORT after (ms)", "speed-up",
+               "max rel diff"] + (["ORT lowered (ms)", "lowered vs fused"] if args.lower else [])
+    table = Table(*columns, title=f"fusion on ONNX Runtime CPU ({machine()['cpu']})")
     for r in rows:
-        table.add_row(r["model"], ", ".join(f"{k}×{v}" for k, v in r["fused"].items()) or "-",
-                      str(r["nodes_before"]), str(r["nodes_after"]), f"{r['median_s_before'] * 1e3:.2f}",
-                      f"{r['median_s_after'] * 1e3:.2f}", f"{r['speedup']:.2f}×", f"{r['max_rel_diff']:.1e}")
+        cells = [r["model"], ", ".join(f"{k}×{v}" for k, v in r["fused"].items()) or "-",
+                 str(r["nodes_before"]), str(r["nodes_after"]), f"{r['median_s_before'] * 1e3:.2f}",
+                 f"{r['median_s_after'] * 1e3:.2f}", f"{r['speedup']:.2f}×", f"{r['max_rel_diff']:.1e}"]
+        if args.lower:
+            cells += [f"{r['median_s_lowered'] * 1e3:.2f}", f"{r['lowered_vs_fused']:.2f}×"]
+        table.add_row(*cells)
     console.print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"fusion-{time.strftime('%Y-%m-%d')}.json"
