@@ -403,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-save", action="store_true", help="do not write results")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"folder for the raw results (default {RESULTS}; with --smoke, only when given)")
+    parser.add_argument("--peers", nargs="*", default=None, metavar="NAME",
+                        help="time only these peers (attnc's kernel is always timed); e.g. the agent route pair: "
+                             f"--ops agent --peers '{FUSED_AGENT_TRT}' '{LOWERED_AGENT}'")
     parser.add_argument("--agent-routes", type=Path, default=None, metavar="JSON",
                         help="add each agent case's fused-TensorRT-kernel vs two-SDPA timings to this route "
                              "table (copy it to plugins/agent/routes.json for attnc compile to use)")
@@ -436,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                 except (RuntimeError, MemoryError) as exc:  # float64 reference too big for the device
                     row["reference_error"] = str(exc)[:200]
                 for name, fn in peers.items():
+                    if args.peers is not None and name not in args.peers:
+                        continue
                     try:
                         row["peers_ms"][name] = _time(fn, args.smoke)
                     except Exception as exc:

@@ -11,8 +11,9 @@
 # that needs a long CUDA build, so its peer is skipped), then
 #   1. tests/plugins/test_kernels.py's interpreter sweep (every op, dtype, odd size and the
 #      TensorRT entry points) compiled and run on the GPU against float64;
-#   2. benchmarks/bench_kernels.py in fp16, then bf16 and fp32 as time allows: every kernel
-#      against its peers at realistic sizes, with its error against float64 on hardware;
+#   2. the agent route table (fused TensorRT kernel vs two SDPA calls per shape class, three
+#      dtypes), then benchmarks/bench_kernels.py in fp16, then bf16 and fp32 as time allows:
+#      every kernel against its peers at realistic sizes, with its error against float64;
 #   3. the gpu-marked tests (TensorRT engines run only where TensorRT imports).
 # Raw results and the log land in $OUT (at most 8 files come back); copy them into
 # benchmarks/results/ and summarise them in benchmarks/RESULTS.md; copy agent-routes.json to
@@ -58,13 +59,18 @@ for r in bad:
     print("  FAIL", r["op"], r["case"], r.get("exception") or r["errors"], "seed", r["seed"])
 SUMMARY
 
-step "kernels fp16"
 ROUTES="$OUT/agent-routes.json"   # -> plugins/agent/routes.json (attnc compile's agent routes)
-timeout 240 $PY benchmarks/bench_kernels.py --dtype fp16 --out "$OUT" --agent-routes "$ROUTES" 2>&1 | tee -a "$LOG"
+for dtype in fp16 bf16 fp32; do   # the route pair only (no torch.compile peers): seconds per dtype
+    step "agent routes $dtype"
+    timeout 40 $PY benchmarks/bench_kernels.py --ops agent --dtype "$dtype" --no-save --agent-routes "$ROUTES" \
+        --peers "attnc TensorRT kernel" "2x sdpa" 2>&1 | tee -a "$LOG"
+done
+
+step "kernels fp16"
+timeout 240 $PY benchmarks/bench_kernels.py --dtype fp16 --out "$OUT" 2>&1 | tee -a "$LOG"
 for dtype in bf16 fp32; do
     step "kernels $dtype"
-    timeout 75 $PY benchmarks/bench_kernels.py --dtype "$dtype" --out "$OUT" --agent-routes "$ROUTES" 2>&1 \
-        | tee -a "$LOG"
+    timeout 60 $PY benchmarks/bench_kernels.py --dtype "$dtype" --out "$OUT" 2>&1 | tee -a "$LOG"
 done
 
 step "gpu-marked tests"

@@ -107,6 +107,21 @@ def test_smoke_run_of_one_op(tmp_path):
         assert entry["lowered_ms"] == match["peers_ms"]["2x sdpa"]
 
 
+def test_smoke_run_times_only_the_peers_asked_for(tmp_path):
+    """``--peers``: the agent route pair alone (what gpu_session.sh runs first, without the
+    torch.compile peers), still recorded in the route table."""
+    table = tmp_path / "routes.json"
+    run = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--ops", "agent", "--out", str(tmp_path),
+                          "--agent-routes", str(table), "--peers", "attnc TensorRT kernel", "2x sdpa"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (path,) = tmp_path.glob("kernels-cpu-smoke-fp16-*.json")
+    for row in json.loads(path.read_text())["results"]:
+        assert set(row["peers_ms"]) == {"attnc TensorRT kernel", "2x sdpa"} and all(row["peers_ms"].values())
+    from attnc.plugins.agent import routes
+    assert routes.load_measurements(table)
+
+
 def _configs(op):
     spec = importlib.util.spec_from_file_location("bench_kernels_configs", SCRIPT)
     module = importlib.util.module_from_spec(spec)
