@@ -1,14 +1,19 @@
-"""Shrink passes measured on small real tasks: head pruning (digits ViT) and visual-token exit (VQA VLM).
+"""Shrink passes measured on small real tasks: head pruning (digits ViT, digits Llama) and visual-token exit (VQA VLM).
 
-    python benchmarks/bench_shrink.py [--reps 200] [--threads 1] [--out benchmarks/results] [--skip prune|exit]
+    python benchmarks/bench_shrink.py [--reps 200] [--threads 1] [--out benchmarks/results]
+                                      [--skip prune|exit|llama] [--only prune|exit|llama] [--smoke]
 
-Trains two digits ViTs (4 x 4 and 6 x 8 heads) and four VQA VLMs (16 and 64 visual tokens, plain
-and exit-aware), about 9 minutes on a shared 2-core CPU; applies the passes (pruning: weight,
-activation, gradient and ablation scores, one-shot and iterative, with and without a short
-fine-tune) and prints the tables: accuracy, parameters, attention FLOPs and ONNX Runtime CPU
-latency before/after. Latencies of a "before" and its "after" are measured side by side
-(runs interleaved round-robin in the same process, median of ``--reps``). Raw numbers go
-to ``<out>/shrink-<date>.json`` with the machine description.
+Sections: ``prune`` trains two digits ViTs (4 x 4 and 6 x 8 heads); ``exit`` four VQA VLMs (16 and
+64 visual tokens, plain and exit-aware), together about 9 minutes on a shared 2-core CPU; ``llama``
+(about 6 minutes) a transformers ``LlamaForCausalLM`` (RoPE, 8 query heads on 4 K/V heads) on the
+digits as 65-token sequences, pruned by whole K/V groups (25 % and 50 %). The passes are applied
+(pruning: weight, activation, gradient and ablation scores, one-shot and iterative, with and
+without a short fine-tune) and the tables printed: accuracy, parameters, attention FLOPs and ONNX
+Runtime CPU latency before/after. Latencies of a "before" and its "after" are measured side by
+side (runs interleaved round-robin in the same process, median of ``--reps``). Raw numbers go to
+``<out>/shrink-<date>.json`` with the machine description (a run of some sections only:
+``shrink-<sections>-<date>.json``, e.g. ``shrink-llama-<date>.json``). ``--smoke`` runs the
+``llama`` section at toy sizes (about a minute; its numbers mean nothing).
 
 Issue #6 targets: 25 % of heads pruned keeps accuracy within 1 point and cuts attention
 FLOPs by >= 20 %; token exit cuts VLM latency by >= 30 % with accuracy within 1 point.
@@ -139,7 +144,7 @@ def bench_pruning(tmp: Path, reps: int, threads: int, name: str) -> dict:
         feeds = {"image": test.inputs[0][:batch].numpy()}
         latency[batch] = side_by_side({"before": base, "after": timed}, feeds, reps, threads)
     size = config["size"]
-    return {"name": name, "task": "digits (sklearn, 8x8, 10 classes; 1347 train / 450 test)",
+    return {"name": name, "task": "digits (sklearn, 8x8, 10 classes; 1348 train / 449 test)",
             "model": f"VisionTransformer(img 8, patch 2, 1 channel, dim {size['dim']}, depth {size['depth']}, "
                      f"heads {size['num_heads']}, mhsa)",
             "train": f"{config['epochs']} epochs, lr {config['lr']}", "train_seconds": train_s, "prune_ratio": 0.25,
@@ -225,6 +230,172 @@ def bench_token_exit(tmp: Path, reps: int, threads: int, name: str, exit_aware: 
             "latency_ms": {str(b): v for b, v in latency.items()}}
 
 
+# A Llama-style decoder (transformers' LlamaForCausalLM: RoPE, RMSNorm, SwiGLU, grouped-query
+# attention) on the digits as a token sequence: the 64 pixels (0..16, already integers in
+# scikit-learn's data) in raster order, then a query token; the class is read from the LM head's
+# logits of the ten class tokens at the last position. 8 query heads on 4 K/V heads: pruning goes
+# by whole K/V groups of 2 query heads.
+LLAMA_PIXEL_LEVELS = 17
+LLAMA_QUERY = LLAMA_PIXEL_LEVELS
+LLAMA_CLASSES = slice(LLAMA_QUERY + 1, LLAMA_QUERY + 11)
+LLAMA_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 8,
+                "num_key_value_heads": 4, "epochs": 20, "lr": 3e-3}
+LLAMA_SMOKE = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "epochs": 1, "lr": 3e-3}
+
+
+class DigitsLlama(torch.nn.Module):
+    """``ids [B, 65] -> class logits [B, 10]``: a causal LM's logits of the class tokens at the last position."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(ids).logits[:, -1, LLAMA_CLASSES]
+
+
+def digit_tokens(split):
+    """Digits images ``[N, 1, 8, 8]`` in [0, 1] as ``[N, 65]`` token ids: 64 pixel levels, then the query token."""
+    from attnc.models.train import Split
+
+    pixels = (split.inputs[0][:, 0] * (LLAMA_PIXEL_LEVELS - 1)).round().long().reshape(len(split), 64)
+    return Split((torch.cat([pixels, torch.full((len(split), 1), LLAMA_QUERY)], 1),), split.labels)
+
+
+def train_digits_llama(config: dict, seed: int = 0):
+    """Train :class:`DigitsLlama` on the digits token sequences; returns ``(model, train, test)``."""
+    import transformers
+
+    from attnc.models.train import digits_data
+
+    size = {k: v for k, v in config.items() if k not in ("epochs", "lr")}
+    lm_config = transformers.LlamaConfig(vocab_size=LLAMA_QUERY + 11, max_position_embeddings=1024, **size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        train, test = (digit_tokens(s) for s in digits_data(seed=seed))
+        model = DigitsLlama(transformers.LlamaForCausalLM(lm_config))
+        model.lm.set_attn_implementation("sdpa")    # same numbers, faster training
+        fit(model, train, config["epochs"], lr=config["lr"], seed=seed)
+    # Eager attention exports the decomposed MatMul -> Softmax -> MatMul core the pass reads.
+    model.lm.set_attn_implementation("eager")
+    return model.eval(), train, test
+
+
+def llama_attention_counts(model: DigitsLlama, keep: dict[int, list[int]], tokens: int) -> tuple[int, int]:
+    """Attention parameters and FLOPs (projections + dense core) counted from the torch modules'
+    shapes, with each layer's kept query heads ``keep`` (and their K/V heads)."""
+    params = flops = 0
+    for i, layer in enumerate(model.lm.model.layers):
+        attn = layer.self_attn
+        heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
+        h = len(keep.get(i, range(heads)))
+        h_kv = h * kv_heads // heads
+        c, d = attn.q_proj.in_features, attn.head_dim
+        p = c * d * (2 * h + 2 * h_kv)
+        params += p
+        flops += 2 * tokens * p + 2 * tokens * tokens * h * 2 * d
+    return params, flops
+
+
+def bench_llama(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
+    config = LLAMA_SMOKE if smoke else LLAMA_CONFIG
+    t0 = time.perf_counter()
+    model, train, test = train_digits_llama(config)
+    train_s = time.perf_counter() - t0
+    tokens = train.inputs[0].shape[1]
+    axes = {"ids": {0: "batch", 1: "seq"}}
+    base = export(model, train.inputs[0][:2], tmp / "digits-llama.onnx", ["ids"], axes)
+    test_feeds = {"ids": test.inputs[0].numpy()}
+    labels = test.labels.numpy()
+    acc_before = onnx_accuracy(base, test_feeds, labels, threads)
+    calib_n, calib_b = (64, 32) if smoke else (256, 128)
+    calibration = [{"ids": train.inputs[0][i:i + calib_b].numpy(), "labels": train.labels[i:i + calib_b].numpy()}
+                   for i in range(0, calib_n, calib_b)]
+    loss = lambda out, feeds: torch.nn.functional.cross_entropy(out, torch.from_numpy(feeds["labels"]))  # noqa: E731
+    layers = find_attention_layers(base)
+    heads = {l.index: l.heads for l in layers}
+    groups = {l.index: l.kv_of_head for l in layers if l.kv_of_head is not None}
+    if len(groups) != len(layers):
+        raise RuntimeError(f"grouped-query attention not found in {len(layers) - len(groups)} of {len(layers)} layers")
+    finetune_lr = config["lr"] / 4
+    finetune_epochs = 1 if smoke else 2
+    control = copy.deepcopy(model)
+    fit(control, train, finetune_epochs, lr=finetune_lr)
+    acc_control = onnx_accuracy(export(control, train.inputs[0][:2], tmp / "control-llama.onnx", ["ids"], axes),
+                                test_feeds, labels, threads)
+    params_torch, flops_torch = llama_attention_counts(model, {}, tokens)
+    selections = [("activation", "one-shot"), ("gradient", "one-shot"), ("ablation", "one-shot")]
+    if not smoke:
+        selections += [("activation", "iterative"), ("ablation", "iterative")]
+    rows, timed = [], {}
+    for ratio in (0.25, 0.5):
+        for method, selection in selections:
+            t = time.perf_counter()
+            if selection == "iterative":
+                # step 1 rounds up to one K/V group (2 query heads) per round.
+                keep = select_heads_iteratively(base, calibration, ratio=ratio, step=1, method=method,
+                                                torch_model=model, loss_fn=loss)
+            else:
+                scores = score_heads(base, calibration, method=method, torch_model=model, loss_fn=loss)
+                keep = select_heads(heads, scores, ratio=ratio, normalise=method != "ablation", groups=groups)
+            select_s = time.perf_counter() - t
+            pruned, report = prune_heads(base, keep=keep, tokens=tokens)
+            acc_pruned = onnx_accuracy(pruned, test_feeds, labels, threads)
+            tuned = copy.deepcopy(model)
+            with head_gates(tuned, gates_from_keep(keep, heads)):
+                fit(tuned, train, finetune_epochs, lr=finetune_lr)
+            path = tmp / f"tuned-llama-{ratio}-{method}-{selection}.onnx"
+            recovered, _ = prune_heads(export(tuned, train.inputs[0][:2], path, ["ids"], axes), keep=keep)
+            acc_recovered = onnx_accuracy(recovered, test_feeds, labels, threads)
+            if (method, selection) == ("ablation", "one-shot"):
+                timed[ratio] = pruned
+            params_after_torch, flops_after_torch = llama_attention_counts(model, keep, tokens)
+            attention_params = (sum(l.params_before for l in report.layers), sum(l.params_after for l in report.layers))
+            flops = (report.attention_flops_before, report.attention_flops_after)
+            if attention_params != (params_torch, params_after_torch) or flops != (flops_torch, flops_after_torch):
+                raise RuntimeError(f"prune report {attention_params}, {report.attention_flops_before} -> "
+                                   f"{report.attention_flops_after} FLOPs disagrees with the torch module's count "
+                                   f"{params_torch} -> {params_after_torch}, {flops_torch} -> {flops_after_torch}")
+            rows.append({
+                "ratio": ratio, "method": method, "selection": selection, "select_seconds": select_s,
+                "keep": {str(k): v for k, v in keep.items()},
+                "heads_before": report.heads_before, "heads_after": report.heads_after,
+                "kv_heads_before": sum(l.kv_heads_before for l in report.layers),
+                "kv_heads_after": sum(l.kv_heads_after for l in report.layers),
+                "accuracy_before": acc_before, "accuracy_after": acc_pruned, "accuracy_after_finetune": acc_recovered,
+                "params_before": report.params_before, "params_after": report.params_after,
+                "attention_params_before": attention_params[0], "attention_params_after": attention_params[1],
+                "attention_flops_before": report.attention_flops_before,
+                "attention_flops_after": report.attention_flops_after, "report": report.to_dict(),
+            })
+    # Latency: unpruned and both pruned models (ablation one-shot selections) in one interleaved
+    # loop, at the task's length (64 pixels + query) and at a longer prompt-like length.
+    shapes = [(1, tokens), (32, tokens), (1, 512)] if not smoke else [(1, tokens), (4, tokens)]
+    latency = {}
+    gen = torch.Generator().manual_seed(0)
+    for batch, seq in shapes:
+        ids = (test.inputs[0][:batch] if seq == tokens
+               else torch.randint(0, LLAMA_QUERY + 1, (batch, seq), generator=gen))
+        latency[f"b{batch}-s{seq}"] = side_by_side({"before": base, "25%": timed[0.25], "50%": timed[0.5]},
+                                                  {"ids": ids.numpy()}, reps, threads)
+    size = {k: v for k, v in config.items() if k not in ("epochs", "lr")}
+    return {"task": f"digits (sklearn, 8x8, 10 classes; {len(train)} train / {len(test)} test) as {tokens} tokens: "
+                    f"64 pixel levels 0..16 in raster order + a query token; class = LM logits of 10 class tokens "
+                    f"at the last position",
+            "model": f"transformers LlamaForCausalLM(vocab {LLAMA_QUERY + 11}, hidden {size['hidden_size']}, "
+                     f"MLP {size['intermediate_size']}, {size['num_hidden_layers']} layers, "
+                     f"{size['num_attention_heads']} query / {size['num_key_value_heads']} K/V heads, RoPE, eager "
+                     f"attention for export)",
+            "train": f"{config['epochs']} epochs, lr {config['lr']}, AdamW one-cycle, batch 64",
+            "train_seconds": train_s,
+            "tokens": tokens, "calibration": f"{calib_n} training sequences",
+            "finetune": f"{finetune_epochs} epochs, lr {finetune_lr:g}, pruned heads masked",
+            "accuracy_unpruned_finetune": acc_control, "selection": "global over layers, whole K/V groups",
+            "counts_checked_against_torch": True,
+            "latency_ms": latency, "latency_of": "ablation, one-shot", "rows": rows}
+
+
 def machine() -> dict:
     import onnxruntime
 
@@ -233,27 +404,41 @@ def machine() -> dict:
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
 
 
+SECTIONS = ("prune", "exit", "llama")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    parser.add_argument("--skip", choices=["prune", "exit"], action="append", default=[])
+    parser.add_argument("--skip", choices=SECTIONS, action="append", default=[])
+    parser.add_argument("--only", choices=SECTIONS, action="append", default=[],
+                        help="run these sections only (repeatable)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the Llama section at toy sizes (seconds; checks it runs, numbers mean nothing)")
     args = parser.parse_args(argv)
+    sections = [s for s in SECTIONS if s not in args.skip and (not args.only or s in args.only)]
     torch.set_num_threads(args.threads)
     results = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), "reps": args.reps,
-               "threads": args.threads}
+               "threads": args.threads, "sections": sections}
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        if "prune" not in args.skip:
+        if "prune" in sections:
             results["prune_heads"] = [bench_pruning(Path(tmp), args.reps, args.threads, name)
                                       for name in PRUNE_MODELS]
-        if "exit" not in args.skip:
+        if "exit" in sections:
             results["token_exit"] = [bench_token_exit(Path(tmp), args.reps, args.threads, name, aware)
                                      for name in VLM_CONFIGS for aware in (False, True)]
+        if "llama" in sections:
+            results["prune_llama"] = bench_llama(Path(tmp), args.reps, args.threads, smoke=args.smoke)
+    results["seconds"] = time.perf_counter() - t0
     print(table(results))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"shrink-{time.strftime('%Y-%m-%d')}.json"
+    # A partial run gets its own file (shrink-llama-<date>.json) rather than replacing a full one.
+    part = "" if len(sections) == len(SECTIONS) else "-".join(sections) + "-"
+    path = out / f"shrink-{part}{'smoke-' if args.smoke else ''}{time.strftime('%Y-%m-%d')}.json"
     path.write_text(json.dumps(results, indent=2, default=float) + "\n")
     print(f"\nraw numbers: {path}")
     return 0
@@ -303,7 +488,38 @@ def table(results: dict) -> str:
                          f"dynamic {lat['dynamic']:.3f} ms "
                          f"({lat['dynamic'] / lat['full'] - 1:+.0%})")
         lines.append("")
+    if "prune_llama" in results:
+        lines.extend(llama_table(results["prune_llama"]))
     return "\n".join(lines)
+
+
+def llama_table(p: dict) -> list[str]:
+    r0 = p["rows"][0]
+    lines = [f"Head pruning by K/V groups, {p['model']}, trained in {p['train_seconds']:.0f} s; {p['tokens']} tokens; "
+             f"fine-tune: {p['finetune']}; the unpruned model after the same fine-tune: "
+             f"{r0['accuracy_before']:.1%} -> {p['accuracy_unpruned_finetune']:.1%}",
+             f"  {'pruned':<8}{'score':<11}{'selection':<11}{'acc before':>11}{'after':>8}{'delta':>7}"
+             f"{'+ft':>8}{'delta':>7}{'select s':>10}{'heads':>9}{'kv':>7}{'attn params':>17}{'attn MFLOPs':>15}"
+             "  kept per layer"]
+    for r in p["rows"]:
+        lines.append(
+            f"  {r['ratio']:<8.0%}{r['method']:<11}{r['selection']:<11}{r['accuracy_before']:>10.1%}"
+            f"{r['accuracy_after']:>9.1%}{100 * (r['accuracy_after'] - r['accuracy_before']):>+7.1f}"
+            f"{r['accuracy_after_finetune']:>8.1%}{100 * (r['accuracy_after_finetune'] - r['accuracy_before']):>+7.1f}"
+            f"{r['select_seconds']:>10.1f}{r['heads_before']:>4}->{r['heads_after']:<3}"
+            f"{r['kv_heads_before']:>3}->{r['kv_heads_after']:<3}"
+            f"{r['attention_params_before']:>8}->{r['attention_params_after']:<7}"
+            f"{r['attention_flops_before'] / 1e6:>7.2f}->{r['attention_flops_after'] / 1e6:<6.2f}  "
+            + " ".join(str(len(k)) for k in r["keep"].values()))
+    lines.append(f"  params (whole model) {r0['params_before']} -> "
+                 + ", ".join(f"{r['params_after']} ({r['ratio']:.0%}, {r['method']} {r['selection']})"
+                             for r in p["rows"] if r["method"] == "ablation" and r["selection"] == "one-shot"))
+    for shape, lat in p["latency_ms"].items():
+        lines.append(f"  latency {shape} ({p['latency_of']} selections), median: before {lat['before']:.3f} ms, "
+                     + ", ".join(f"{k} pruned {v:.3f} ms ({v / lat['before']:.2f}x)" for k, v in lat.items()
+                                 if k != "before"))
+    lines.append("")
+    return lines
 
 
 if __name__ == "__main__":
