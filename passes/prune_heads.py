@@ -1313,7 +1313,8 @@ def score_heads(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, n
             over samples (Michel et al. 2019) with a unit gate per sample on each head's output
             in ``torch_model``; ``"ablation"``: the rise of the mean calibration loss when the
             head alone is gated off in ``torch_model`` (one pass over the data per head; in
-            loss units, so select with ``normalise=False``); ``"weight"``: ``‖W_o[h]‖_F`` (no data).
+            loss units, so select with ``normalise=False``; in a grouped-query layer its whole
+            K/V group is gated off at once and each of the group's heads scores an equal share); ``"weight"``: ``‖W_o[h]‖_F`` (no data).
         torch_model: the PyTorch model the ONNX file was exported from (``"gradient"``, ``"ablation"``);
             its attention modules must expose ``num_heads`` (directly or via ``in_proj``)
             and an output projection (``proj`` / ``o_proj`` / ``out_proj``), in the graph's
@@ -1490,10 +1491,17 @@ def _ablation_scores(model, layers, feeds_list, torch_model, loss_fn, masks) -> 
 
         reference = mean_loss()
         for i, l in enumerate(layers):
-            for j in np.flatnonzero(masks[l.index]):
-                gates[i][j] = 0.0
-                scores[l.index][j] = mean_loss() - reference
-                gates[i][j] = 1.0
+            # Grouped-query layers lose a K/V head with all its query heads, so a group is
+            # ablated as a whole; each of its heads gets an equal share of the rise, which makes
+            # the group's summed score (what select_heads ranks) the loss of pruning it.
+            units = l.kv_groups() or [[h] for h in range(l.heads)]
+            for unit in units:
+                live = [j for j in unit if masks[l.index][j]]
+                if not live:
+                    continue
+                gates[i][live] = 0.0
+                scores[l.index][live] = (mean_loss() - reference) / len(live)
+                gates[i][live] = 1.0
     return scores
 
 

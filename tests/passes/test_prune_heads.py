@@ -786,3 +786,31 @@ def test_prunes_grouped_onnx_attention(tmp_path):
         pruned, _ = prune_heads(graph, keep=keep)
         np.testing.assert_allclose(_ort(pruned, {"x": x.numpy()}), _masked_reference(model, keep, layers, (x,)),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_ablation_scores_whole_kv_groups(tmp_path):
+    """In a grouped-query layer the ablation score gates a K/V group off as a whole (that is the
+    unit pruning removes): its heads share the rise equally, and the group's sum equals the loss
+    rise of the ONNX model pruned without that group, run in ONNX Runtime."""
+    torch.manual_seed(11)
+    model = _TinyLlama(dim=48, heads=6, kv_heads=2).eval()
+    onnx_model = _export_llama(model, tmp_path, "torchscript", 48)
+    x, target = torch.randn(8, 9, 48), torch.randn(8, 9, 48)
+
+    def loss(output, feeds):
+        return ((output - torch.from_numpy(feeds["target"])) ** 2).mean()
+
+    calibration = [{"x": x.numpy(), "target": target.numpy()}]
+    got = score_heads(onnx_model, calibration, method="ablation", torch_model=model, loss_fn=loss)
+
+    def onnx_loss(keep) -> float:
+        out = _ort(prune_heads(onnx_model, keep=keep)[0] if keep else onnx_model, {"x": x.numpy()})
+        return float(((out.astype(np.float64) - target.numpy()) ** 2).mean())
+
+    reference = onnx_loss(None)
+    for layer in (0, 1):
+        for group in ([0, 1, 2], [3, 4, 5]):          # 6 query heads on 2 K/V heads: groups of 3
+            shares = got[layer][group]
+            np.testing.assert_allclose(shares, shares[0], rtol=1e-6)
+            others = [h for h in range(6) if h not in group]
+            np.testing.assert_allclose(shares.sum(), onnx_loss({layer: others}) - reference, rtol=1e-3, atol=1e-6)
