@@ -162,21 +162,21 @@ def _oracle_mask(grid, kernel, dilation, causal, stride=None):
     is allowed when each of its coordinates (row-major ``unravel_index``) is in the query's set. With
     ``stride`` (NATTEN >= 0.20) a query uses the window of its block's leader, causal keys never after
     the query."""
-    def keys(i, n, k, d, c, st):
+    def keys(i, n, k, d, c, step):
         g, p = i % d, i // d
         m = len(range(g, n, d))
-        block = (p // st) * st
+        block = (p // step) * step
         if c:
-            leader = min(block + st - 1, m - 1)
+            leader = min(block + step - 1, m - 1)
             return {g + d * s for s in range(max(0, leader - k + 1), p + 1)}
-        leader = min(block + st // 2, m - 1)
+        leader = min(block + step // 2, m - 1)
         left, right = k // 2, k // 2 + k % 2 - 1
         centre = min(max(leader, left), m - 1 - right)
         return {g + d * s for s in range(centre - left, centre + right + 1)}
     coords = np.unravel_index(np.arange(int(np.prod(grid))), grid)
     allowed = np.ones((len(coords[0]),) * 2, dtype=bool)
-    for a, (n, k, d, c, st) in enumerate(zip(grid, kernel, dilation, causal, stride or [1] * len(grid))):
-        axis = np.array([[j in keys(i, n, k, d, c, st) for j in range(n)] for i in range(n)])
+    for a, (n, k, d, c, step) in enumerate(zip(grid, kernel, dilation, causal, stride or [1] * len(grid))):
+        axis = np.array([[j in keys(i, n, k, d, c, step) for j in range(n)] for i in range(n)])
         allowed &= axis[coords[a][:, None], coords[a][None, :]]
     return allowed
 
