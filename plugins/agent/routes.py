@@ -27,12 +27,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from attnc.compiler.onnx_io import atomic_path
 
 MEASUREMENTS = Path(__file__).with_name("routes.json")
 WORK_TOLERANCE = 1.10
@@ -81,8 +82,12 @@ def work_ratio(shape: ShapeClass) -> float | None:
     stages scale with ``n·(D + Dv)``, which cancels. ``None`` when N or M is dynamic."""
     if shape.queries is None or shape.keys is None:
         return None
-    tiles = math.ceil(shape.queries / query_tile(shape))
-    return (tiles * shape.keys + shape.queries) / (shape.keys + shape.queries)
+    return (_query_tiles(shape) * shape.keys + shape.queries) / (shape.keys + shape.queries)
+
+
+def _query_tiles(shape: ShapeClass) -> int:
+    """``T``: the query tiles per head of the fused kernel, each recomputing stage 1."""
+    return math.ceil(shape.queries / query_tile(shape))
 
 
 def choose(shape: ShapeClass, measurements: Sequence[dict] | None = None, device: str | None = None) -> Route:
@@ -110,7 +115,7 @@ def choose(shape: ShapeClass, measurements: Sequence[dict] | None = None, device
     verdict = "at most" if ratio <= WORK_TOLERANCE else "more than"
     return Route(ratio > WORK_TOLERANCE, "work model",
                  f"the fused kernel does {ratio:.2f}x the lowered route's work ({verdict} {WORK_TOLERANCE}x): "
-                 f"{math.ceil(shape.queries / query_tile(shape))} query tile(s) each recompute stage 1")
+                 f"{_query_tiles(shape)} query tile(s) each recompute stage 1")
 
 
 def nearest_measurement(shape: ShapeClass, measurements: Sequence[dict], device: str | None = None) -> dict | None:
@@ -156,14 +161,8 @@ def record(path: str | os.PathLike, shape: ShapeClass, fused_ms: float, lowered_
     entries.append({"shape": asdict(shape), "fused_ms": float(fused_ms), "lowered_ms": float(lowered_ms),
                     "device": device, "date": date})
     text = json.dumps({"schema": "attnc.agent-routes/1", "entries": entries}, indent=1) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".json") as tmp:
+        tmp.write_text(text)
 
 
 def _cuda_device() -> str | None:
