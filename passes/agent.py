@@ -49,7 +49,7 @@ from onnx import helper
 
 from attnc.passes.core import (GraphIndex, Match, NearMiss, PassReport, canonical_einsum,
                                convert_opset, default_opset, named_copy, node_attribute, remove_dead_nodes,
-                               toposort, value_shapes, value_types)
+                               toposort, value_shapes, value_shapes_and_types)
 from attnc.plugins import agent as plugin
 from attnc.plugins.agent import routes
 
@@ -451,8 +451,8 @@ def apply(model: onnx.ModelProto, lower_to_attention: bool | str = False,
         return model, report
     chosen = [None] * len(cands)
     if lower_to_attention == "auto":
-        shapes, types = value_shapes(work), value_types(work)
-        chosen = [_route(cand, shapes, types, precision) for cand in cands]
+        (shapes, types), measured = value_shapes_and_types(work), routes.load_measurements()
+        chosen = [_route(cand, shapes, types, precision, measured) for cand in cands]
     lowered = [r.lowered if r is not None else bool(lower_to_attention) for r in chosen]
     if any(lowered) and default_opset(work) < ATTENTION_OPSET:
         work = named_copy(convert_opset(work, ATTENTION_OPSET))  # keeps earlier passes' functions
@@ -474,7 +474,8 @@ def apply(model: onnx.ModelProto, lower_to_attention: bool | str = False,
 _PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def _route(cand: _Candidate, shapes: dict, types: dict, precision: str | None) -> routes.Route:
+def _route(cand: _Candidate, shapes: dict, types: dict, precision: str | None,
+           measured: list[dict]) -> routes.Route:
     """The route :mod:`attnc.plugins.agent.routes` picks for ``cand``'s shape class."""
 
     def dims(operand: _Operand) -> list:
@@ -490,4 +491,4 @@ def _route(cand: _Candidate, shapes: dict, types: dict, precision: str | None) -
         types.get(cand.stage2.q.base), "float32")
     shape = routes.ShapeClass(dtype, q[2], k[2], a[2], q[3] or k[3], v[3],
                               bool(cand.stage1.bias or cand.stage2.bias))
-    return routes.choose(shape)
+    return routes.choose(shape, measured)

@@ -236,33 +236,30 @@ def _outer_free(node: onnx.NodeProto) -> set[str]:
 
 def value_shapes(model: onnx.ModelProto) -> dict[str, list]:
     """Tensor name -> shape (ints, symbolic names or None) after ONNX shape inference."""
+    return value_shapes_and_types(model)[0]
+
+
+def value_shapes_and_types(model: onnx.ModelProto, data_prop: bool = True) -> tuple[dict[str, list], dict[str, int]]:
+    """Tensor name -> shape (as :func:`value_shapes`) and -> ONNX element type, from one inference.
+
+    ``data_prop=False`` skips data propagation, which takes seconds on graphs with large
+    constant masks.
+    """
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:  # shape inference is a hint for matching, never a requirement
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=data_prop)
+    except Exception:  # shapes and types are hints for matching, never a requirement
         inferred = model
-    shapes: dict[str, list] = {}
     g = inferred.graph
+    shapes, types = {}, {}
     for info in list(g.input) + list(g.output) + list(g.value_info):
         t = info.type.tensor_type
+        types[info.name] = t.elem_type
         if t.HasField("shape"):
             shapes[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                                  for d in t.shape.dim]
     for init in g.initializer:
-        shapes[init.name] = list(init.dims)
-    return shapes
-
-
-def value_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor name -> ONNX element type (``TensorProto.FLOAT``, ...) where inference knows it."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # a hint, as for value_shapes
-        inferred = model
-    g = inferred.graph
-    types = {info.name: info.type.tensor_type.elem_type for info in list(g.input) + list(g.output) + list(g.value_info)
-             if info.type.tensor_type.elem_type}
-    types.update({init.name: init.data_type for init in g.initializer})
-    return types
+        shapes[init.name], types[init.name] = list(init.dims), init.data_type
+    return shapes, types
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -74,7 +74,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from attnc.passes.core import (Match, NearMiss, PassReport, canonical_einsum, constant_value, consumers,
-                               name_nodes, producers, remove_dead_nodes, toposort)
+                               name_nodes, producers, remove_dead_nodes, toposort, value_shapes_and_types)
 from attnc.plugins import neighborhood as plugin
 from attnc.plugins import attach_function_bodies
 
@@ -104,7 +104,8 @@ class _Evaluator:
         self.inits = {i.name for i in model.graph.initializer}
         self.graph_inputs = {i.name: i for i in model.graph.input if i.name not in self.inits}
         self._kind: dict[str, int] = {}
-        self.shapes, self.types = _infer(model)
+        # no data propagation: it took seconds on graphs with large constant masks
+        self.shapes, self.types = value_shapes_and_types(model, data_prop=False)
         self.dynamic_dims = sorted({d.dim_param or f"{i.name}:{a}"
                                     for i in self.graph_inputs.values()
                                     for a, d in enumerate(i.type.tensor_type.shape.dim) if not d.dim_value})
@@ -238,24 +239,6 @@ def _index_probe(x: str, elem_type: int, offset: float) -> list[onnx.NodeProto]:
             helper.make_node("Range", [p + "offset", p + "end", p + "one"], [p + "flat"]),
             helper.make_node("Cast", [p + "flat"], [p + "typed"], to=elem_type),
             helper.make_node("Reshape", [p + "typed", x + _SHAPE], [x + _PROBE])]
-
-
-def _infer(model: onnx.ModelProto) -> tuple[dict[str, list], dict[str, int]]:
-    """Tensor name -> shape (ints, symbolic names or None) and -> element type, from one inference."""
-    try:  # no data propagation: it took seconds on graphs with large constant masks
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # shapes and types are hints for matching, never a requirement
-        inferred = model
-    g = inferred.graph
-    shapes, types = {}, {}
-    for info in list(g.input) + list(g.output) + list(g.value_info):
-        t = info.type.tensor_type
-        types[info.name] = t.elem_type
-        if t.HasField("shape"):
-            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-    for init in g.initializer:
-        shapes[init.name], types[init.name] = list(init.dims), init.data_type
-    return shapes, types
 
 
 # ----------------------------------------------------------------------------- mask analysis
