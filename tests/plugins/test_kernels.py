@@ -243,6 +243,15 @@ def random_case(op: str, rng: np.random.Generator) -> dict:
                 b2=bool(rng.integers(0, 2)), dtype=dtype, splits=int(rng.integers(1, 3)))
 
 
+def _run_trt_entry(trt_launch, attrs: dict, inputs: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Launch an op's TensorRT entry point (its ``trt_launch``) on ``inputs`` into ``out``, in the
+    plugin's argument order: the inputs, the int scalars from their shapes, the output."""
+    shapes = [list(t.shape) for t in inputs]
+    spec, grid, scalars = trt_launch(attrs, [str(t.dtype).removeprefix("torch.") for t in inputs], shapes)
+    spec.kernel[grid([list(out.shape)])](*inputs, *scalars(shapes), out, **spec.constexprs)
+    return out
+
+
 def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run one case: the kernel's output and the float64 references it must match."""
     dtype = DTYPES[case["dtype"]]
@@ -262,11 +271,7 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
             from attnc.plugins.neighborhood.kernels import trt_launch
             attrs = dict(kernel_size=list(args[0]), dilation=list(args[1]), is_causal=list(args[2]), scale=args[3],
                          stride=stride)
-            inputs = [t for t in low if t is not None]
-            shapes = [list(t.shape) for t in inputs]
-            spec, grid, scalars = trt_launch(attrs, [str(dtype).removeprefix("torch.")] * len(inputs), shapes)
-            out = torch.empty_like(low[2])
-            spec.kernel[grid([list(out.shape)])](*inputs, *scalars(shapes), out, **spec.constexprs)
+            out = _run_trt_entry(trt_launch, attrs, [t for t in low if t is not None], torch.empty_like(low[2]))
         else:
             out = neighborhood_forward(*low[:3], *args, rpb=low[3], stride=stride)
         refs = [na_reference(q, k, v, *args, rpb, stride)]
@@ -287,11 +292,8 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
             from attnc.plugins.linear.kernels import trt_launch
             inputs = [t.to(DEVICE, dtype) for t in (q, k, v)]
             inputs += [] if decay is None else [decay.to(DEVICE, torch.float32)]
-            shapes = [list(t.shape) for t in inputs]
-            dtypes = [str(t.dtype).removeprefix("torch.") for t in inputs]
-            spec, grid, scalars = trt_launch(attrs, dtypes, shapes)
-            out = torch.empty(*q.shape[:3], v.shape[-1], dtype=dtype, device=DEVICE)
-            spec.kernel[grid([list(out.shape)])](*inputs, *scalars(shapes), out, **spec.constexprs)
+            out = _run_trt_entry(trt_launch, attrs, inputs,
+                                 torch.empty(*q.shape[:3], v.shape[-1], dtype=dtype, device=DEVICE))
         else:
             out = linear_forward(*(t.to(DEVICE, dtype) for t in (q, k, v)), None if decay is None else decay.to(DEVICE),
                                  **attrs)
@@ -310,12 +312,8 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
         eps, causal = case.get("eps", 1e-6), case.get("causal", 0)
         if case.get("entry") == "tensorrt":  # the AOT entry point TensorRT launches
             from attnc.plugins.flow.kernels import trt_launch
-            inputs = [t.to(DEVICE, dtype) for t in (q, k, v)]
-            shapes = [list(t.shape) for t in inputs]
-            spec, grid, scalars = trt_launch({"causal": causal, "eps": eps}, [str(dtype).removeprefix("torch.")] * 3,
-                                             shapes)
-            out = torch.empty(*q.shape[:3], v.shape[-1], dtype=dtype, device=DEVICE)
-            spec.kernel[grid([list(out.shape)])](*inputs, *scalars(shapes), out, **spec.constexprs)
+            out = _run_trt_entry(trt_launch, {"causal": causal, "eps": eps}, [t.to(DEVICE, dtype) for t in (q, k, v)],
+                                 torch.empty(*q.shape[:3], v.shape[-1], dtype=dtype, device=DEVICE))
         else:
             out = flow_forward(*(t.to(DEVICE, dtype) for t in (q, k, v)), causal=causal, eps=eps)
         refs = [flow_reference(q, k, v, eps, causal)]
@@ -337,12 +335,8 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
         low = [None if t is None else t.to(DEVICE, dtype) for t in (q, k, v, a, b1, b2)]
         if case.get("entry") == "tensorrt":  # the AOT entry point TensorRT launches
             from attnc.plugins.agent.kernels import trt_launch
-            inputs = [t for t in low if t is not None]
-            shapes = [list(t.shape) for t in inputs]
-            spec, grid, scalars = trt_launch({"scale": scale}, [str(dtype).removeprefix("torch.")] * len(inputs),
-                                             shapes)
-            out = torch.empty(*q.shape[:3], v.shape[-1], dtype=dtype, device=DEVICE)
-            spec.kernel[grid([list(out.shape)])](*inputs, *scalars(shapes), out, **spec.constexprs)
+            out = _run_trt_entry(trt_launch, {"scale": scale}, [t for t in low if t is not None],
+                                 torch.empty(*q.shape[:3], v.shape[-1], dtype=dtype, device=DEVICE))
         else:
             out = agent_forward(*low, scale=scale, splits=case.get("splits"))
         refs = [agent_reference(q, k, v, a, b1, b2, scale)]
