@@ -149,16 +149,22 @@ def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset
                    "take in a TensorRT build, and why.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="The engine precision --lower auto decides for (default: the model's dtype).")
+@click.option("--opt-shape", "opt_shapes", multiple=True, metavar="NAME:1x3x224x224",
+              help="The shape --lower auto decides dynamic inputs at, as compile's TensorRT --opt-shape.")
 @_handle_errors
-def inspect_cmd(model_path, as_json, lower, precision) -> None:
+def inspect_cmd(model_path, as_json, lower, precision, opt_shapes) -> None:
     """List the attention subgraphs attnc finds in an ONNX model, near-misses and op counts."""
     from attnc import passes
     from attnc.compiler import onnx_io
-
+    from attnc.compiler.backends import tensorrt
     from attnc.passes.core import value_shapes
 
     model = onnx_io.load_model(model_path)
-    reports = passes.find_attention(model, lower=list(lower), precision=precision)
+    at = None
+    if opt_shapes:
+        profile = tensorrt.resolve_profile(tensorrt.model_inputs(model), opt_shapes=list(opt_shapes))
+        at = {name: list(opt) for name, (_, opt, _) in profile.items()}
+    reports = passes.find_attention(model, lower=list(lower), precision=precision, input_shapes=at)
     shapes = value_shapes(model)
     for match in (m for r in reports for m in r.matches):
         for role, tensor in match.inputs.items():

@@ -93,7 +93,8 @@ def compile_model(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     if options.fuse:
         t = time.perf_counter()
         step("running fusion passes")
-        model, reports = passes.fuse_attention(model, options.families, lowering, options.precision)
+        model, reports = passes.fuse_attention(model, options.families, lowering, options.precision,
+                                               route_shapes(model, options) if passes.AUTO in lowering else None)
         timings["passes_s"] = time.perf_counter() - t
 
     out_dir = Path(out_dir)
@@ -144,6 +145,22 @@ def default_lowering(options: CompileOptions) -> list[str]:
     if options.backend == "tensorrt" and options.backend_options.get("fused_ops", "plugin") == "plugin":
         return [passes.AUTO]
     return []
+
+
+def route_shapes(model: onnx.ModelProto, options: CompileOptions) -> dict[str, list[int]] | None:
+    """The input shapes per-node routes are chosen at: TensorRT's ``opt`` profile shapes (the
+    engine is tuned for them), or ``None`` when the backend has no profile or the profile is
+    incomplete (the build reports that itself, naming the input)."""
+    if options.backend != "tensorrt":
+        return None
+    from attnc.compiler.backends import tensorrt
+
+    given = {k: options.backend_options.get(k) for k in ("min_shapes", "opt_shapes", "max_shapes")}
+    try:
+        profile = tensorrt.resolve_profile(tensorrt.model_inputs(model), **given)
+    except AttncError:
+        return None
+    return {name: list(opt) for name, (_, opt, _) in profile.items()}
 
 
 def _shrink(model: onnx.ModelProto, options: CompileOptions, step) -> dict:

@@ -59,19 +59,21 @@ def available_families() -> list[str]:
 
 
 def find_attention(model: onnx.ModelProto, families: list[str] | None = None,
-                   lower: list[str] | None = None, precision: str | None = None) -> list[PassReport]:
+                   lower: list[str] | None = None, precision: str | None = None,
+                   input_shapes: dict[str, list[int]] | None = None) -> list[PassReport]:
     """Report what :func:`fuse_attention` would rewrite (and its near-misses); ``model`` is unchanged.
 
     This is a dry run of the pipeline rather than each pass's ``find`` on the input: a
     subgraph that an earlier pass consumes (agent attention's two softmax stages) is
     not also reported by a later one.
     """
-    return fuse_attention(model, families, lower, precision)[1]
+    return fuse_attention(model, families, lower, precision, input_shapes)[1]
 
 
 def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None,
                    lower: list[str] | None = None,
-                   precision: str | None = None) -> tuple[onnx.ModelProto, list[PassReport]]:
+                   precision: str | None = None,
+                   input_shapes: dict[str, list[int]] | None = None) -> tuple[onnx.ModelProto, list[PassReport]]:
     """Run the fusion passes in order; return the rewritten model and one report per pass.
 
     Args:
@@ -82,6 +84,8 @@ def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None,
             the ``ROUTED`` families not named choose per match (the agent pass by shape class
             for TensorRT; each match's ``route`` says which way and why).
         precision: what the kernels will run in (``"fp16"``, ...); read by ``"auto"``.
+        input_shapes: the shapes the model will mostly run at (TensorRT's ``opt`` profile);
+            ``"auto"`` routes nodes whose token counts are dynamic by these.
 
     A near-miss whose anchor node a later pass fused (a plain softmax attention that the
     neighborhood pass looked at and the softmax pass rewrote) is dropped: it was not missed.
@@ -108,7 +112,7 @@ def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None,
         if family in lower:
             options = {LOWERINGS[family]: True}
         elif auto and family in ROUTED:
-            options = {LOWERINGS[family]: AUTO, "precision": precision}
+            options = {LOWERINGS[family]: AUTO, "precision": precision, "input_shapes": input_shapes}
         else:
             options = {}
         model, report = module.apply(model, **options)

@@ -41,6 +41,7 @@ Tests: ``tests/passes/test_agent.py``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,7 +50,7 @@ from onnx import helper
 
 from attnc.passes.core import (GraphIndex, Match, NearMiss, PassReport, canonical_einsum,
                                convert_opset, default_opset, named_copy, node_attribute, remove_dead_nodes,
-                               toposort, value_shapes, value_shapes_and_types)
+                               toposort, value_shapes, value_shapes_and_types, with_input_shapes)
 from attnc.plugins import agent as plugin
 from attnc.plugins.agent import routes
 
@@ -427,7 +428,8 @@ def find(model: onnx.ModelProto) -> PassReport:
 
 
 def apply(model: onnx.ModelProto, lower_to_attention: bool | str = False,
-          precision: str | None = None) -> tuple[onnx.ModelProto, PassReport]:
+          precision: str | None = None,
+          input_shapes: Mapping[str, Sequence[int]] | None = None) -> tuple[onnx.ModelProto, PassReport]:
     """Replace each agent attention by one ``attnc::AgentAttention`` node.
 
     Args:
@@ -438,6 +440,9 @@ def apply(model: onnx.ModelProto, lower_to_attention: bool | str = False,
             (:func:`attnc.plugins.agent.routes.choose`; each match's ``route`` says why).
         precision: ``"fp32"``/``"fp16"``/``"bf16"``, what the kernels will run in (the
             engine's precision; default: the model's Q dtype); only ``"auto"`` reads it.
+        input_shapes: ``{input name: shape}`` the model will mostly run at (TensorRT's
+            optimization-profile ``opt`` shapes); ``"auto"`` reads dynamic token counts at
+            these, so a dynamic-resolution model is routed by its typical size.
 
     Returns:
         The rewritten model (``model`` itself when nothing matched) and the report.
@@ -451,7 +456,8 @@ def apply(model: onnx.ModelProto, lower_to_attention: bool | str = False,
         return model, report
     chosen = [None] * len(cands)
     if lower_to_attention == "auto":
-        (shapes, types), measured = value_shapes_and_types(work), routes.load_measurements()
+        at = with_input_shapes(work, input_shapes) if input_shapes else work
+        (shapes, types), measured = value_shapes_and_types(at), routes.load_measurements()
         chosen = [_route(cand, shapes, types, precision, measured) for cand in cands]
     lowered = [r.lowered if r is not None else bool(lower_to_attention) for r in chosen]
     if any(lowered) and default_opset(work) < ATTENTION_OPSET:

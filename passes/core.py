@@ -14,6 +14,7 @@ nothing of attnc still runs them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -262,6 +263,28 @@ def value_shapes_and_types(model: onnx.ModelProto, data_prop: bool = True) -> tu
     return shapes, types
 
 
+def with_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph inputs named in ``input_shapes`` have those static shapes
+    (for shape inference at a given size; the copy is not meant to be run or saved).
+
+    Raises:
+        ValueError: a shape's rank differs from its input's.
+    """
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(model)
+    for value in pinned.graph.input:
+        shape = input_shapes.get(value.name)
+        if shape is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            raise ValueError(f"input {value.name!r} has rank {len(dims)}, the shape given for it {list(shape)}")
+        for dim, size in zip(dims, shape):
+            dim.Clear()
+            dim.dim_value = int(size)
+    return pinned
+
+
 # ----------------------------------------------------------------------------- evaluation
 # Shared by the fusion passes that must *prove* a mask or decay table (softmax causal
 # masks, linear-attention causal/decay masks): such tensors are either constants or
@@ -482,6 +505,8 @@ _COMPATIBLE_CHANGES = {
     "Constant", "ConstantOfShape", "Cast", "CastLike", "Shape", "Size", "Reshape", "Transpose", "Squeeze",
     "Unsqueeze", "Flatten", "Identity", "If", "Loop", "Scan", "Equal", "Pad", "AveragePool", "ReduceMax",
     "ReduceMin", "Resize", "Split",
+    # opset 27 added float16/bfloat16 to Range
+    "Range",
     # opset 22 added bfloat16 to these
     "Elu", "Selu", "HardSigmoid", "HardSwish", "Softplus", "Softsign", "ThresholdedRelu", "Mish", "Dropout",
     "Conv", "ConvTranspose", "MaxPool", "GlobalAveragePool", "GlobalMaxPool", "InstanceNormalization",

@@ -340,6 +340,31 @@ def test_inspect_previews_agent_routes(tmp_path):
     assert all(not m["route"] for m in plain["matches"])
 
 
+def test_dynamic_token_counts_are_routed_at_the_opt_shape(tmp_path):
+    """A sequence-dynamic agent model: ``inspect --opt-shape`` and the TensorRT compile path
+    (``route_shapes``, from the profile flags) decide at the shape the engine is tuned for."""
+    from attnc.compiler import onnx_io
+    from attnc.compiler.pipeline import CompileOptions, route_shapes
+
+    path = tmp_path / "agent.onnx"
+    run("export", "agent-small", "-o", path, "--exporter", "torchscript", "--dynamic", "x:0=batch",
+        "--dynamic", "x:1=seq")
+    routes = {}
+    for tokens in (40, 200):
+        data = json.loads(run("inspect", path, "--json", "--lower", "auto", "--precision", "fp16",
+                              "--opt-shape", f"x:1x{tokens}x48").output)
+        routes[tokens] = [m["route"]["route"] for m in data["matches"] if m["route"]]
+    assert routes == {40: ["fused"], 200: ["lowered"]}
+    assert "model fixes it to 48" in run("inspect", path, "--lower", "auto", "--opt-shape", "x:1x40x47",
+                                         ok=False).output
+    model = onnx_io.load_model(path)
+    tensorrt = lambda **shapes: CompileOptions(backend="tensorrt", backend_options=shapes)  # noqa: E731
+    assert route_shapes(model, tensorrt(opt_shapes=["x:2x40x48"])) == {"x": [2, 40, 48]}
+    assert route_shapes(model, tensorrt(max_shapes=["x:4x300x48"])) == {"x": [4, 300, 48]}  # opt defaults to max
+    assert route_shapes(model, tensorrt()) is None   # no profile: the build says so, naming the input
+    assert route_shapes(model, CompileOptions(backend="onnxruntime")) is None
+
+
 def test_lower_none_stands_alone(tmp_path):
     path = tmp_path / "agent.onnx"
     run("export", "agent-small", "-o", path)

@@ -309,6 +309,32 @@ def test_auto_reads_the_engine_precision():
     assert fp16["route"] == "fused" and fp32["route"] == "lowered" and default == fp32
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_auto_routes_dynamic_token_counts_at_the_given_shapes(exporter):
+    """With N dynamic the work model cannot tell (lowered, "dynamic"); at TensorRT's opt shape it
+    can: 40 tokens is one query tile (fused), 200 is four (lowered)."""
+    torch.manual_seed(8)
+    module = TinyAgent(bias=True).eval()
+    qkv = tuple(torch.randn(1, 2, 40, 8) for _ in range(3))
+    model = export(module, qkv, exporter, 18, QKV_AXES, names=["q", "k", "v"])
+    unknown = agent.apply(model, lower_to_attention="auto", precision="fp16")[1].matches[0].route
+    assert unknown["route"] == "lowered" and "dynamic" in unknown["reason"]
+    at = lambda n: {name: [1, 2, n, 8] for name in "qkv"}  # noqa: E731
+    short, report = agent.apply(model, lower_to_attention="auto", precision="fp16", input_shapes=at(40))
+    assert report.matches[0].route["route"] == "fused" and count(short, "AgentAttention") == 1
+    long = fuse_attention(model, ["agent"], ["auto"], "fp16", input_shapes=at(200))[1][0].matches[0].route
+    assert long["route"] == "lowered" and "4 query tile(s)" in long["reason"]
+    # the fused model stays dynamic: it runs at other sizes and matches the module
+    feeds = [tuple(torch.randn(b, 2, n, 8) for _ in range(3)) for b, n in ((2, 23), (1, 71))]
+    for qkv in feeds:
+        with torch.no_grad():
+            expected = module.double()(*(t.double() for t in qkv))
+        out = _run_all(short, {name: t.numpy() for name, t in zip("qkv", qkv)})[0]
+        np.testing.assert_allclose(out, expected.numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="rank 4"):
+        agent.apply(model, lower_to_attention="auto", input_shapes={"q": [1, 40]})
+
+
 def test_fuse_attention_auto_and_forced_lowering():
     torch.manual_seed(7)
     module = TinyAgent(bias=True).eval()
