@@ -23,10 +23,15 @@ is not causal / a table that is not ``λ^{t−s}`` is a near-miss that cites the
 wrong entry.
 
 Emits ``attnc::KernelLinearAttention(Q, K, V[, decay])`` (contract and function body in
-``attnc.plugins.linear``); with ``apply(model, lower_lightning_to_onnx=True)`` lightning
-matches (causal, identity map, no normaliser) become ONNX ``LinearAttention`` (opset 27,
-``update_rule="gated"`` with decay ``log λ``, or ``"linear"`` without decay; ``scale=1``);
-the model is then converted to opset 27 (``passes.core.convert_opset``).
+``attnc.plugins.linear``), and gives every ``KernelLinearAttention`` node already in the
+model (fla's export-time translation, with or without ``state`` / ``state_out``) its
+function body. With ``apply(model, lower_lightning_to_onnx=True)`` lightning attention
+(causal, identity map, no normaliser, decay absent or constant) becomes ONNX
+``LinearAttention`` (opset 27, ``update_rule="gated"`` with decay ``log λ``, or ``"linear"``
+without decay): the matches, and ``KernelLinearAttention`` nodes already in the model,
+whose ``state`` / ``state_out`` become ``past_state`` / ``present_state`` (same
+``[B, H, D, Dv]`` layout). The model is then converted to opset 27
+(``passes.core.convert_opset``).
 
 Tests: ``tests/passes/test_linear.py`` (and ``tests/plugins/test_linear.py`` for the op).
 """
@@ -39,6 +44,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from attnc import DOMAIN
 from attnc.passes.core import (Match, NearMiss, PassReport, constant_value, consumers,
                                convert_opset, default_opset, depends_on_data, evaluate_tensors,
                                named_copy, node_attribute, producers, remove_dead_nodes,
@@ -90,22 +96,25 @@ def apply(model: onnx.ModelProto, lower_lightning_to_onnx: bool = False
     Args:
         model: the model (not modified).
         lower_lightning_to_onnx: emit ONNX ``LinearAttention`` (opset 27) for lightning
-            attention matches instead of ``attnc::KernelLinearAttention``.
+            attention matches instead of ``attnc::KernelLinearAttention``, and lower the
+            lightning ``KernelLinearAttention`` nodes already in the model too.
 
     Returns:
-        The rewritten model (the input itself when nothing matched) and the report.
+        The rewritten model (the input itself when nothing changed) and the report.
     """
     original, model = model, named_copy(model)
     attached = attach_function_bodies(model)
     report = PassReport(FAMILY)
     cands = _candidates(model, report)
-    if not cands:
+    fused = _fused_lightning(model, report) if lower_lightning_to_onnx else []
+    if not cands and not fused:
         return (model if attached else original), report
-    lower = [c for c in cands if lower_lightning_to_onnx and _is_lightning(c)]
+    lower = fused or [c for c in cands if lower_lightning_to_onnx and _is_lightning(c)]
     if lower and default_opset(model) < ONNX_LINEAR_ATTENTION_OPSET:
         model = named_copy(convert_opset(model, ONNX_LINEAR_ATTENTION_OPSET))
         report = PassReport(FAMILY)
         cands = _candidates(model, report)
+        fused = _fused_lightning(model, report)
     for cand in cands:
         if lower_lightning_to_onnx and _is_lightning(cand):
             _rewrite_onnx_linear_attention(model, cand)
@@ -113,9 +122,14 @@ def apply(model: onnx.ModelProto, lower_lightning_to_onnx: bool = False
         else:
             _rewrite(model, cand)
             report.matches.append(_to_match(cand, OP_TYPE))
-    report.rewritten = len(cands)
+    for lightning in fused:
+        _lower_fused_node(model, lightning)
+        report.matches.append(lightning.match)
+    report.rewritten = len(cands) + len(fused)
     toposort(model)
     remove_dead_nodes(model)
+    if fused:
+        _drop_unused_functions(model)
     return model, report
 
 
@@ -535,11 +549,18 @@ def _rewrite(model, cand: _Candidate) -> None:
 
 
 def _rewrite_onnx_linear_attention(model, cand: _Candidate) -> None:
-    """Lightning attention as ONNX ``LinearAttention`` (3-D packed ``[B, T, H·D]`` layout)."""
+    """A lightning match as ONNX ``LinearAttention``."""
     prefix = cand.anchor + "/onnx_linear_attention"
     _drop_producer(model, cand.out)
-    k = _k_input(model, cand, prefix)
-    heads = cand.heads
+    _emit_onnx_linear_attention(model, prefix, cand.q, _k_input(model, cand, prefix), cand.v, cand.out,
+                                cand.heads, cand.decay, cand.scale)
+
+
+def _emit_onnx_linear_attention(model, prefix: str, q: str, k: str, v: str, out: str, heads: int,
+                                decay: list[float] | None, scale: float, state: str = "",
+                                state_out: str = "") -> None:
+    """ONNX ``LinearAttention`` on ``[B, H, N, D]`` tensors (packed to its 3-D ``[B, T, H·D]``
+    layout and back); ``state`` / ``state_out`` are its 4-D ``past_state`` / ``present_state``."""
     nodes, inits = [], []
 
     def const(name, arr):
@@ -548,17 +569,17 @@ def _rewrite_onnx_linear_attention(model, cand: _Candidate) -> None:
 
     packed_shape = const("packed_shape", np.array([0, 0, -1], np.int64))
     packed = []
-    for role, t in (("q", cand.q), ("k", k), ("v", cand.v)):
+    for role, t in (("q", q), ("k", k), ("v", v)):
         nodes.append(helper.make_node("Transpose", [t], [f"{prefix}/{role}_bthd"], perm=[0, 2, 1, 3],
                                       name=f"{prefix}/{role}_transpose"))
         nodes.append(helper.make_node("Reshape", [f"{prefix}/{role}_bthd", packed_shape], [f"{prefix}/{role}_packed"],
                                       name=f"{prefix}/{role}_pack"))
         packed.append(f"{prefix}/{role}_packed")
-    inputs = packed + ["", ""]
+    inputs = packed + [state, ""]
     rule = "linear"
-    if cand.decay is not None:
+    if decay is not None and any(abs(d - 1.0) > 1e-7 for d in decay):
         rule = "gated"
-        log_decay = const("log_decay", np.log(np.asarray(cand.decay, np.float64)).astype(np.float32))
+        log_decay = const("log_decay", np.log(np.asarray(decay, np.float64)).astype(np.float32))
         nodes += [
             helper.make_node("Shape", [packed[0]], [prefix + "/q_shape"], end=2, name=prefix + "/shape"),
             helper.make_node("Concat", [prefix + "/q_shape", const("heads", np.array([heads], np.int64))],
@@ -569,17 +590,116 @@ def _rewrite_onnx_linear_attention(model, cand: _Candidate) -> None:
                              name=prefix + "/decay_cast"),
         ]
         inputs[4] = prefix + "/decay"
+    while inputs[-1] == "":
+        inputs.pop()
     # present_state is a required output in the schema even when nothing reads it
-    nodes.append(helper.make_node("LinearAttention", inputs[:5], [prefix + "/y", prefix + "/present_state"],
-                                  name=prefix,
-                                  q_num_heads=heads, kv_num_heads=heads, update_rule=rule,
-                                  scale=float(cand.scale)))
+    nodes.append(helper.make_node("LinearAttention", inputs, [prefix + "/y", state_out or prefix + "/present_state"],
+                                  name=prefix, q_num_heads=heads, kv_num_heads=heads, update_rule=rule,
+                                  scale=float(scale)))
     unpack_shape = const("unpack_shape", np.array([0, 0, heads, -1], np.int64))
     nodes.append(helper.make_node("Reshape", [prefix + "/y", unpack_shape], [prefix + "/y4"], name=prefix + "/unpack"))
-    nodes.append(helper.make_node("Transpose", [prefix + "/y4"], [cand.out], perm=[0, 2, 1, 3],
+    nodes.append(helper.make_node("Transpose", [prefix + "/y4"], [out], perm=[0, 2, 1, 3],
                                   name=prefix + "/y_transpose"))
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(inits)
+
+
+# ----------------------------------------------------------------------------- fused nodes -> LinearAttention
+
+@dataclass
+class _FusedLightning:
+    """A ``KernelLinearAttention`` node that is lightning attention, ready to lower."""
+
+    node: onnx.NodeProto
+    heads: int
+    decay: list[float] | None
+    scale: float
+    match: Match
+
+
+def _fused_lightning(model, report: PassReport) -> list[_FusedLightning]:
+    """``KernelLinearAttention`` nodes ONNX ``LinearAttention`` computes; near-misses say why not."""
+    found, shapes = [], None
+    for node in model.graph.node:
+        if node.domain != DOMAIN or node.op_type != OP_TYPE:
+            continue
+        attrs = {**plugin.ATTRIBUTES, **{a.name: helper.get_attribute_value(a) for a in node.attribute}}
+        feature_map = attrs["feature_map"].decode() if isinstance(attrs["feature_map"], bytes) else attrs["feature_map"]
+        if not (int(attrs["causal"]) and feature_map == "identity" and not int(attrs["normalize"])):
+            continue  # not lightning attention: stays a fused node, nothing to report
+        miss = f"{OP_TYPE} is lightning attention but stays fused (not ONNX LinearAttention): "
+        decay, decay_name = None, node.input[3] if len(node.input) > 3 else ""
+        if decay_name:
+            decay = _constant_vector(model, decay_name)
+            if decay is None:
+                report.near_misses.append(NearMiss(FAMILY, node.name, miss + "its decay is not a constant"))
+                continue
+            if any(not 0.0 < d <= 1.0 for d in decay):
+                report.near_misses.append(NearMiss(FAMILY, node.name, miss + f"its decay {decay} is not in (0, 1]"))
+                continue
+        scale = float(attrs["scale"])
+        if scale == 0.0:  # LinearAttention reads scale=0 as 1/sqrt(d_k)
+            report.near_misses.append(NearMiss(FAMILY, node.name, miss + "its scale is 0"))
+            continue
+        heads = len(decay) if decay is not None else None
+        if heads is None:
+            shapes = value_shapes(model) if shapes is None else shapes
+            heads = _static_heads(shapes, [node.input[0], *node.input[4:5], *node.output[1:2]])
+        if heads is None:
+            report.near_misses.append(NearMiss(FAMILY, node.name, miss + "its number of heads (Q's axis 1) is "
+                                               "not static; LinearAttention needs it as an attribute"))
+            continue
+        match_attrs = {"feature_map": "identity", "causal": 1, "normalize": 0, "eps": float(attrs["eps"]),
+                       "scale": scale, "form": "fused"}
+        if decay is not None:
+            match_attrs["decay"] = decay
+        inputs = {"Q": node.input[0], "K": node.input[1], "V": node.input[2]}
+        if len(node.input) > 4 and node.input[4]:
+            inputs["state"] = node.input[4]
+        match = Match(FAMILY, "LinearAttention", [node.name], inputs, [o for o in node.output if o], match_attrs)
+        found.append(_FusedLightning(node, heads, decay, scale, match))
+    return found
+
+
+def _static_heads(shapes: dict, tensors: list[str]) -> int | None:
+    """Axis 1 (heads) of the first ``[B, H, ., .]`` tensor whose axis 1 is a number."""
+    for t in tensors:
+        shape = shapes.get(t) or []
+        if len(shape) == 4 and isinstance(shape[1], int) and shape[1] > 0:
+            return shape[1]
+    return None
+
+
+def _constant_vector(model, name: str) -> list[float] | None:
+    """The values of ``name`` when it reads no input values (the same at every input shape)."""
+    value = constant_value(model, name)
+    if value is None and not depends_on_data(model, name):
+        try:
+            runs = [np.asarray(r[name], np.float64).ravel() for r in evaluate_tensors(model, [name])]
+        except Exception:  # noqa: BLE001 - not evaluable: not a constant we can use
+            return None
+        if any(r.shape != runs[0].shape or not np.array_equal(r, runs[0]) for r in runs):
+            return None
+        value = runs[0]
+    return None if value is None else [float(v) for v in np.asarray(value, np.float64).ravel()]
+
+
+def _lower_fused_node(model, lightning: _FusedLightning) -> None:
+    node = lightning.node
+    inputs, outputs = list(node.input) + [""] * 5, list(node.output) + [""]
+    prefix = node.name + "/onnx_linear_attention"
+    model.graph.node.remove(node)
+    _emit_onnx_linear_attention(model, prefix, inputs[0], inputs[1], inputs[2], outputs[0], lightning.heads,
+                                lightning.decay, lightning.scale, state=inputs[4], state_out=outputs[1])
+
+
+def _drop_unused_functions(model) -> None:
+    """Remove ``KernelLinearAttention`` function bodies no node calls any more."""
+    used = {(n.domain, n.op_type, n.overload) for n in model.graph.node}
+    keep = [f for f in model.functions
+            if (f.domain, f.name) != (DOMAIN, OP_TYPE) or (f.domain, f.name, f.overload) in used]
+    del model.functions[:]
+    model.functions.extend(keep)
 
 
 def _to_match(cand: _Candidate, op_type: str) -> Match:

@@ -432,6 +432,10 @@ def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
         reshapes += found_reshapes
         depthwise += found_convs
     per_head, folded = [], {}
+    if kind == "attnc::KernelLinearAttention" and (node.input[4:5] not in ([], [""]) or
+                                                   node.output[1:2] not in ([], [""])):
+        raise _Unrecognised(f"{node.name} carries a recurrent state (input 4 / output 1) whose heads are part of "
+                            "the model's inputs and outputs; prune the model before exporting its decode step")
     constants = [(node, i, axis) for i, axis in _PER_HEAD_INPUTS.get(node.op_type, {}).items()
                  if kind.startswith("attnc::") and i < len(node.input) and node.input[i]]
     node_by_name = {n.name: n for n in model.graph.node}

@@ -226,14 +226,17 @@ def convert_float_precision(model: onnx.ModelProto, precision: str) -> onnx.Mode
     """Retype every float32 tensor of ``model`` (in place) to fp16/bf16 for a strongly typed build.
 
     Initializers, graph inputs/outputs, ``Cast(to=FLOAT)``, ``Constant``/``ConstantOfShape``
-    values are converted; ``value_info`` is dropped (TensorRT infers shapes itself).
+    values are converted; ``value_info`` is dropped (TensorRT infers shapes itself). Tensors a
+    fused op's contract keeps float32 (linear attention's decay and recurrent state, in and
+    out) stay float32 where they are initializers or graph inputs/outputs.
     """
     target = _FLOAT_TYPES[precision]
     if target == TensorProto.FLOAT:
         return model
+    keep = float32_tensors(model)
 
     def convert_tensor(tensor: TensorProto) -> None:
-        if tensor.data_type != TensorProto.FLOAT:
+        if tensor.data_type != TensorProto.FLOAT or tensor.name in keep:
             return
         array = numpy_helper.to_array(tensor).astype(np.float32)
         np_type = onnx.helper.tensor_dtype_to_np_dtype(target)
@@ -253,7 +256,7 @@ def convert_float_precision(model: onnx.ModelProto, precision: str) -> onnx.Mode
         for tensor in graph.initializer:
             convert_tensor(tensor)
         for value in list(graph.input) + list(graph.output):
-            if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            if value.type.tensor_type.elem_type == TensorProto.FLOAT and value.name not in keep:
                 value.type.tensor_type.elem_type = target
         del graph.value_info[:]
         convert_nodes(graph.node)
@@ -264,12 +267,34 @@ def convert_float_precision(model: onnx.ModelProto, precision: str) -> onnx.Mode
     return model
 
 
+def float32_tensors(model: onnx.ModelProto) -> set[str]:
+    """Names of the tensors that fused nodes of ``model`` take or give as float32 by contract
+    (``FLOAT32_INPUTS`` of the op's module, and every output after the first)."""
+    names = set()
+    for node in model.graph.node:
+        if node.domain != DOMAIN:
+            continue
+        try:
+            spec = plugins.plugin_spec(node.op_type)
+        except AttncError:
+            continue
+        # A fused op's node lists its inputs by position ("" for absent ones); a plugin
+        # variant's (a prepared model) only the ones it has.
+        indexed = enumerate(node.input) if node.op_type == spec.op_type else zip(spec.present, node.input)
+        names.update(name for index, name in indexed if name and index in spec.float32_inputs)
+        names.update(name for name in node.output[1:] if name)
+    return names
+
+
 def prepare_model(model: onnx.ModelProto, precision: str = "fp32", fused_ops: str = "plugin",
                   supports=None) -> tuple[onnx.ModelProto, list[str]]:
-    """The model TensorRT parses, and the fused op types that must be plugins.
+    """The model TensorRT parses, and the plugins (variant names) it needs.
 
     ``fused_ops="plugin"``: attnc's function bodies are removed so the fused nodes reach
-    the plugin registry, and each gets ``plugin_namespace``/``plugin_version`` attributes
+    the plugin registry; each node becomes the plugin variant of the inputs and outputs it
+    has (``tensorrt_plugins.node_plugin_spec``: absent optional inputs dropped, op type
+    ``<op>_in<indices>_out<n>`` unless it has just the required inputs and one output), and
+    gets ``plugin_namespace``/``plugin_version`` attributes
     (parsers before TensorRT 10.10 read the namespace only from there, later ones also from
     the domain). ``fused_ops="inline"``: bodies stay and the parser inlines them as ordinary
     layers (no plugins needed; slower, but it runs anywhere).
@@ -295,6 +320,7 @@ def prepare_model(model: onnx.ModelProto, precision: str = "fp32", fused_ops: st
     local = {(f.domain, f.name) for f in model.functions}
     arity = {(f.domain, f.name, f.overload): len(f.input) for f in model.functions}
     with_plugins = set(plugins.registered_ops())
+    variants: set[str] = set()
     for index, node in enumerate(model.graph.node):
         label = f"node {node.name or index!r} ({node.domain or 'ai.onnx'}::{node.op_type})"
         if node.domain in ("", "ai.onnx") or (node.domain, node.op_type) in local:
@@ -307,6 +333,15 @@ def prepare_model(model: onnx.ModelProto, precision: str = "fp32", fused_ops: st
             if node.op_type not in with_plugins:
                 raise AttncError(f"{label} has no TensorRT plugin", "compile with --backend onnxruntime, "
                                  "or add the op to attnc.plugins.FUSED_OPS with its plugin")
+            if fused_ops == "plugin":
+                # A plugin takes a fixed set of inputs and outputs: the node becomes the plugin
+                # variant of the ones it has, absent optional inputs dropped.
+                spec = plugins.node_plugin_spec(node)
+                variants.add(spec.name)
+                kept_inputs = [name for name in node.input if name]
+                del node.input[:]
+                node.input.extend(kept_inputs)
+                node.op_type = spec.name
             node.ClearField("overload")
             names = {a.name for a in node.attribute}
             if "plugin_namespace" not in names:
@@ -318,7 +353,7 @@ def prepare_model(model: onnx.ModelProto, precision: str = "fp32", fused_ops: st
             continue
         raise AttncError(f"{label} is not a standard ONNX op and has no TensorRT plugin or function body",
                          "remove it before compiling, or compile with --backend onnxruntime")
-    plugin_ops = fused if fused_ops == "plugin" else []
+    plugin_ops = sorted(variants)
     return convert_float_precision(model, precision), plugin_ops
 
 

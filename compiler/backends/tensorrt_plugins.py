@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,24 +44,85 @@ PLUGIN_VERSION = "1"
 
 @dataclass(frozen=True)
 class PluginSpec:
-    """What TensorRT needs to know about one fused op.
+    """What TensorRT needs to know about one fused op, for one input/output arity.
+
+    A TensorRT plugin has a fixed number of inputs and outputs (Quick Deployable Plugins take
+    their inputs as positional parameters; the ONNX parser's plugin importer cannot pass an
+    absent optional input), while an ONNX node may leave optional inputs out. So a fused node
+    becomes the plugin *variant* of the inputs it has (:func:`variant_name`): the plain op name
+    when it has exactly the required inputs and one output, ``<op>_in<indices>_out<n>``
+    otherwise (``KernelLinearAttention_in0124_out2``: Q, K, V, state; O and state_out).
 
     Attributes:
-        op_type: ONNX op type == TensorRT plugin name.
+        op_type: the fused op (ONNX op type of the original node).
         fields: attribute name -> ``(kind, default)``; kind is one of ``"float"``, ``"int"``,
             ``"ints"``, ``"floats"``, ``"string"`` (the ONNX attribute kinds the parser
             turns into ``PluginField``s).
-        output_shape: ``(input_shapes, **attrs) -> shape`` of the single output; dims may be
-            ints or symbolic objects.
+        output_shape: ``(input_shapes, **attrs) -> shape`` of output 0; dims may be ints or
+            symbolic objects. ``input_shapes`` is positional over the op's inputs, ``None``
+            where the node has none.
+        inputs: the op's input names, in order (``INPUTS`` of its module).
+        required: how many leading inputs every node has.
+        present: indices of the inputs this variant takes.
+        n_outputs: outputs this variant produces.
+        extra_outputs: ``(input_shapes, **attrs) -> [(shape, numpy dtype name)]`` of outputs
+            1, 2, ... (``extra_outputs`` of the module); output 0 has input 0's dtype.
+        float32_inputs: input indices that stay float32 in fp16/bf16 engines (decay, state).
     """
 
     op_type: str
     fields: dict[str, tuple[str, Any]]
     output_shape: Callable[..., list]
+    inputs: tuple[str, ...] = ("Q", "K", "V")
+    required: int = 3
+    present: tuple[int, ...] = (0, 1, 2)
+    n_outputs: int = 1
+    extra_outputs: Callable[..., list] | None = None
+    float32_inputs: tuple[int, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The plugin's name (== the op type of the node TensorRT parses)."""
+        return variant_name(self.op_type, self.present, self.n_outputs, self.required)
 
     @property
     def plugin_id(self) -> str:
-        return f"{NAMESPACE}::{self.op_type}"
+        return f"{NAMESPACE}::{self.name}"
+
+    def positional(self, values: Sequence) -> list:
+        """This variant's per-input ``values`` (one per present input) spread over all of the
+        op's inputs, ``None`` where the variant has none (the form kernel providers take)."""
+        full = [None] * len(self.inputs)
+        for index, value in zip(self.present, values):
+            full[index] = value
+        return full
+
+    def output_specs(self, input_shapes: Sequence, input_dtype, float32, attrs: dict) -> list[tuple[list, Any]]:
+        """``[(shape, dtype)]`` of the variant's outputs from its (present) input shapes.
+
+        ``input_dtype`` is output 0's dtype; ``float32`` is whatever stands for float32 to the
+        caller (a ``trt.DataType``, a numpy name), used for the extra outputs' declared dtype."""
+        full = self.positional(input_shapes)
+        outputs = [(list(self.output_shape(full, **attrs)), input_dtype)]
+        if self.n_outputs > 1:
+            extra = self.extra_outputs(full, **attrs)[: self.n_outputs - 1]
+            for shape, dtype in extra:
+                if dtype != "float32":
+                    raise AttncError(f"{self.op_type} declares an output of dtype {dtype}",
+                                     "extra plugin outputs are float32 or follow input 0")
+                outputs.append((list(shape), float32))
+        return outputs
+
+
+_VARIANT = re.compile(r"(?P<op>[A-Za-z]\w*?)_in(?P<present>\d+)_out(?P<outputs>\d+)")
+
+
+def variant_name(op_type: str, present: Sequence[int], n_outputs: int, required: int) -> str:
+    """The plugin name of ``op_type`` with inputs ``present`` and ``n_outputs`` outputs."""
+    present = tuple(present)
+    if present == tuple(range(required)) and n_outputs == 1:
+        return op_type
+    return f"{op_type}_in{''.join(str(i) for i in present)}_out{n_outputs}"
 
 
 def _kind_of(name: str, default) -> str:
@@ -76,16 +138,28 @@ def _kind_of(name: str, default) -> str:
     return "ints"
 
 
-def plugin_spec(op_type: str) -> PluginSpec:
-    """The :class:`PluginSpec` of fused op ``op_type``, read from its ``plugins/<op>`` module.
+def plugin_spec(name: str, present: Sequence[int] | None = None, n_outputs: int | None = None) -> PluginSpec:
+    """The :class:`PluginSpec` of a fused op or plugin variant, read from its ``plugins/<op>`` module.
+
+    Args:
+        name: an op type (``"KernelLinearAttention"``) or a variant name
+            (``"KernelLinearAttention_in0124_out2"``).
+        present, n_outputs: the variant's inputs and outputs, when ``name`` is an op type
+            (default: the required inputs, one output).
 
     Raises:
-        AttncError: ``op_type`` is not a registered fused op, or its module lacks the contract.
+        AttncError: not a registered fused op, its module lacks the contract, or the variant
+            asks for inputs or outputs the op does not have.
     """
     from attnc import plugins
 
+    op_type = name
+    match = _VARIANT.fullmatch(name) if name not in plugins.FUSED_OPS else None
+    if match is not None:
+        op_type = match["op"]
+        present, n_outputs = tuple(int(c) for c in match["present"]), int(match["outputs"])
     if op_type not in plugins.FUSED_OPS:
-        raise AttncError(f"{op_type!r} is not an attnc fused op",
+        raise AttncError(f"{name!r} is not an attnc fused op",
                          f"known fused ops: {', '.join(plugins.FUSED_OPS)}")
     module = plugins.plugin(op_type)
     attributes = getattr(module, "ATTRIBUTES", None)
@@ -93,7 +167,37 @@ def plugin_spec(op_type: str) -> PluginSpec:
     if attributes is None or rule is None:
         raise AttncError(f"{module.__name__} does not define ATTRIBUTES and output_shape",
                          "every plugins/<op>/__init__.py must state its contract")
-    return PluginSpec(op_type, {n: (_kind_of(n, d), d) for n, d in attributes.items()}, rule)
+    inputs = tuple(getattr(module, "INPUTS", ("Q", "K", "V")))
+    required = int(getattr(module, "REQUIRED_INPUTS", 3))
+    outputs = tuple(getattr(module, "OUTPUTS", ("O",)))
+    present = tuple(range(required)) if present is None else tuple(present)
+    n_outputs = 1 if n_outputs is None else int(n_outputs)
+    if (present[:required] != tuple(range(required)) or list(present) != sorted(set(present))
+            or present[-1] >= len(inputs)):
+        raise AttncError(f"{op_type} has inputs {', '.join(inputs)} (the first {required} required); a node "
+                         f"with inputs {list(present)} does not fit", "check the node's inputs against the op's contract")
+    if not 1 <= n_outputs <= len(outputs) or (n_outputs > 1 and not hasattr(module, "extra_outputs")):
+        raise AttncError(f"{op_type} has outputs {', '.join(outputs)}; a node with {n_outputs} does not fit",
+                         "check the node's outputs against the op's contract")
+    return PluginSpec(op_type, {n: (_kind_of(n, d), d) for n, d in attributes.items()}, rule, inputs, required,
+                      present, n_outputs, getattr(module, "extra_outputs", None),
+                      tuple(getattr(module, "FLOAT32_INPUTS", ())))
+
+
+def node_plugin_spec(node: onnx.NodeProto) -> PluginSpec:
+    """The plugin variant a fused ``node`` needs, from the inputs and outputs it has.
+
+    Raises:
+        AttncError: an output is left out before a later one (TensorRT outputs are positional).
+    """
+    present = [i for i, name in enumerate(node.input) if name]
+    outputs = list(node.output)
+    while outputs and not outputs[-1]:
+        outputs.pop()
+    if "" in outputs:
+        raise AttncError(f"node {node.name!r} ({node.op_type}) leaves out output {outputs.index('')} but "
+                         "produces a later one", "give every output before the last one a name")
+    return plugin_spec(node.op_type, present, len(outputs))
 
 
 def registered_ops() -> list[str]:
@@ -226,12 +330,14 @@ class AotKernel:
     scalars: Callable[[list], list] = field(default=lambda shapes: [])
 
 
-KernelProvider = Callable[[str, dict, list, list], AotKernel]
-"""``kernel_for(op_type, attrs, dtypes, shapes) -> AotKernel``.
+KernelProvider = Callable[..., AotKernel]
+"""``kernel_for(op_type, attrs, dtypes, shapes[, n_outputs=...]) -> AotKernel``.
 
 ``dtypes`` are numpy dtype names of the inputs (``"float16"``...), ``shapes`` the input
-shapes with ``None`` for dims only known at run time. Raise :class:`AttncError` when there
-is no kernel for that combination.
+shapes with ``None`` for dims only known at run time; both are positional over the op's
+inputs, ``None`` where the node has no such input. ``n_outputs`` is passed only when the
+node has more than one output. Raise :class:`AttncError` when there is no kernel for that
+combination.
 """
 
 _KERNEL_PROVIDERS: dict[str, KernelProvider] = {}
@@ -242,9 +348,13 @@ def register_kernel_provider(op_type: str, provider: KernelProvider) -> None:
     _KERNEL_PROVIDERS[op_type] = provider
 
 
-def kernel_for(op_type: str, attrs: dict, dtypes: list, shapes: list) -> AotKernel:
+def kernel_for(op_type: str, attrs: dict, dtypes: list, shapes: list, **options) -> AotKernel:
     """The AOT kernel for one fused node: a registered provider, else ``kernel_for`` of
     ``plugins/<op>/kernels.py``.
+
+    ``dtypes`` and ``shapes`` are positional over the op's inputs (``None`` for an input the
+    node does not have); ``options`` carries ``n_outputs`` when the node has more than one
+    output (the providers of single-output ops never see it).
 
     Raises:
         AttncError: no Triton kernel exists for the op yet.
@@ -263,7 +373,7 @@ def kernel_for(op_type: str, attrs: dict, dtypes: list, shapes: list) -> AotKern
             raise AttncError(f"no AOT kernel provider for {op_type}, so TensorRT cannot run it as a plugin",
                              f"compile with --fused-ops inline or --backend onnxruntime, or add "
                              f"kernel_for(op_type, attrs, dtypes, shapes) to {folder}/kernels.py")
-    return provider(op_type, attrs, dtypes, shapes)
+    return provider(op_type, attrs, dtypes, shapes, **options)
 
 
 def compile_triton_ptx(fn, signature: dict[str, str], constexprs: dict[str, Any],
@@ -302,40 +412,54 @@ def _static_shape(desc) -> list:
     return dims
 
 
-def register_qdp(trtp, spec: PluginSpec, kernels: KernelProvider = kernel_for) -> None:
+def register_qdp(trtp, spec: PluginSpec, kernels: KernelProvider = kernel_for, float32=None) -> None:
     """Register ``spec`` with ``tensorrt.plugin`` (module ``trtp``) as an AOT Quick Deployable Plugin.
 
     ``trtp.register`` reads the descriptor's signature, so both functions get a real
-    ``inspect.Signature``: inputs as ``trtp.TensorDesc``, attributes typed by their kind.
+    ``inspect.Signature`` (tensorrt.plugin's ``_validate`` rules): one ``trtp.TensorDesc`` per
+    input of the variant, attributes typed by their kind, a ``TensorDesc`` return (a tuple of
+    them for several outputs, which is how QDP counts outputs), and the AOT function annotated
+    ``tuple[str | bytes, str | bytes, KernelLaunchParams, SymIntExprs]``.
+
+    Args:
+        float32: the ``trt.DataType`` of float32 (extra outputs such as linear attention's
+            state are float32); default ``tensorrt.DataType.FLOAT``.
     """
+    import typing
+
     import numpy.typing as npt
 
+    if float32 is None and spec.n_outputs > 1:
+        float32 = importlib.import_module(trtp.__name__.rsplit(".", 1)[0]).DataType.FLOAT
     # QDP attribute types (tensorrt.plugin docs): int, float, str, and 1-D numpy arrays.
     py_types = {"float": float, "int": int, "string": str,
                 "ints": npt.NDArray[np.int32], "floats": npt.NDArray[np.float32]}
-    # QDP has no optional inputs: the plugin takes the required Q, K, V (+ A for agent).
-    n_required = 4 if spec.op_type == "AgentAttention" else 3
     tensor_params = [inspect.Parameter(f"in{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                       annotation=trtp.TensorDesc) for i in range(n_required)]
+                                       annotation=trtp.TensorDesc) for i in spec.present]
     attr_params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=py_types[kind])
                    for name, (kind, _) in spec.fields.items()]
-
-    desc_signature = inspect.Signature(tensor_params + attr_params, return_annotation=trtp.TensorDesc)
+    returns = trtp.TensorDesc if spec.n_outputs == 1 else typing.Tuple[(trtp.TensorDesc,) * spec.n_outputs]
+    desc_signature = inspect.Signature(tensor_params + attr_params, return_annotation=returns)
 
     def describe(*args, **kwargs):
         bound = desc_signature.bind(*args, **kwargs).arguments
         inputs = [bound[p.name] for p in tensor_params]
         attrs = {name: bound[name] for name in spec.fields if name in bound}
-        shape = spec.output_shape([list(d.shape_expr) for d in inputs], **attrs)
-        return trtp.from_shape_expr(trtp.ShapeExprs.from_tuple(tuple(shape)), dtype=inputs[0].dtype)
+        outs = [trtp.from_shape_expr(trtp.ShapeExprs.from_tuple(tuple(shape)), dtype=dtype)
+                for shape, dtype in spec.output_specs([list(d.shape_expr) for d in inputs], inputs[0].dtype,
+                                                      float32, attrs)]
+        return outs[0] if spec.n_outputs == 1 else tuple(outs)
 
-    describe.__name__ = f"{spec.op_type}_desc"
+    describe.__name__ = f"{spec.name}_desc"
     describe.__signature__ = desc_signature
     trtp.register(spec.plugin_id)(describe)
 
     out_param = inspect.Parameter("outputs", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     tactic_param = inspect.Parameter("tactic", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int)
-    signature = inspect.Signature(tensor_params + attr_params + [out_param, tactic_param])
+    aot_returns = typing.Tuple[typing.Union[str, bytes], typing.Union[str, bytes], trtp.KernelLaunchParams,
+                               trtp.SymIntExprs]
+    signature = inspect.Signature(tensor_params + attr_params + [out_param, tactic_param],
+                                  return_annotation=aot_returns)
 
     def aot(*args, **kwargs):
         # Bind like the documented schema (inputs, attributes, outputs, tactic), whether
@@ -344,21 +468,22 @@ def register_qdp(trtp, spec: PluginSpec, kernels: KernelProvider = kernel_for) -
         inputs = [bound[p.name] for p in tensor_params]
         attrs = {name: bound[name] for name in spec.fields if name in bound}
         outputs = bound["outputs"]
-        kernel = kernels(spec.op_type, attrs, [trtp_dtype_name(d.dtype) for d in inputs],
-                         [_static_shape(d) for d in inputs])
+        kernel = kernels(spec.op_type, attrs, spec.positional([trtp_dtype_name(d.dtype) for d in inputs]),
+                         spec.positional([_static_shape(d) for d in inputs]),
+                         **({"n_outputs": spec.n_outputs} if spec.n_outputs > 1 else {}))
         launch = trtp.KernelLaunchParams()
         out_shapes = [list(o.shape_expr) for o in outputs]
         # Providers may give a 1-, 2- or 3-D grid (as Triton launch grids are); TensorRT wants 3.
         launch.grid_x, launch.grid_y, launch.grid_z = (tuple(kernel.grid(out_shapes)) + (1, 1))[:3]
         launch.block_x, launch.block_y, launch.block_z = kernel.block
         launch.shared_mem = kernel.shared_mem
-        scalars = kernel.scalars([list(d.shape_expr) for d in inputs])
+        scalars = kernel.scalars(spec.positional([list(d.shape_expr) for d in inputs]))
         extra = trtp.SymIntExprs(len(scalars))
         for i, value in enumerate(scalars):
             extra[i] = trtp.SymInt32(value)
         return kernel.name, kernel.ptx, launch, extra
 
-    aot.__name__ = f"{spec.op_type}_aot"
+    aot.__name__ = f"{spec.name}_aot"
     aot.__signature__ = signature
     trtp.aot_impl(spec.plugin_id)(aot)
 
@@ -378,8 +503,9 @@ TRT_TO_NUMPY = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT3
 def register_python_plugins(trt, ops: Sequence[str], run: Callable | None = None) -> list[str]:
     """Register a Python ``IPluginCreatorV3One`` for each op in ``ops`` with ``trt``'s registry.
 
-    Used where ``tensorrt.plugin`` is missing (TensorRT-RTX). ``run(op_type, attrs,
-    input_ptrs, input_descs, output_ptrs, output_descs, stream)`` executes the op at run time;
+    Used where ``tensorrt.plugin`` is missing (TensorRT-RTX). ``ops`` are plugin (variant)
+    names. ``run(name, attrs, input_ptrs, input_descs, output_ptrs, output_descs, stream)``
+    executes the op at run time, ``name`` being the variant's;
     without it the plugin builds but raises if an engine tries to run it. Returns the names
     registered (already-registered ones are skipped, so this is idempotent).
     """
@@ -387,15 +513,15 @@ def register_python_plugins(trt, ops: Sequence[str], run: Callable | None = None
     if run is not None:
         _RUN[0] = run  # creators registered earlier (e.g. by a build) pick it up too
     done = []
-    for op_type in ops:
-        if registry.get_creator(op_type, PLUGIN_VERSION, NAMESPACE) is not None:
-            done.append(op_type)
+    for name in ops:
+        if registry.get_creator(name, PLUGIN_VERSION, NAMESPACE) is not None:
+            done.append(name)
             continue
-        creator = _make_creator(trt, plugin_spec(op_type))
+        creator = _make_creator(trt, plugin_spec(name))
         if not registry.register_creator(creator, NAMESPACE):
-            raise AttncError(f"TensorRT refused to register the {op_type} plugin", "see the TensorRT log")
+            raise AttncError(f"TensorRT refused to register the {name} plugin", "see the TensorRT log")
         _CREATORS.append(creator)  # the registry keeps a raw pointer: keep the Python object alive
-        done.append(op_type)
+        done.append(name)
     return done
 
 
@@ -403,6 +529,44 @@ _CREATORS: list = []
 _RUN: list = [None]
 _FIELD_TYPE_OF_KIND = {"float": "FLOAT32", "floats": "FLOAT32", "int": "INT32", "ints": "INT32",
                        "string": "CHAR"}
+
+
+class _SymDim:
+    """A ``trt.IDimensionExpr`` with ``+ - * //`` (through the ``IExprBuilder``), so the ops'
+    output-shape rules (``v[3] + normalize``) run unchanged on TensorRT's symbolic dims."""
+
+    def __init__(self, trt, builder, expr):
+        self.trt, self.builder, self.expr = trt, builder, expr
+
+    @staticmethod
+    def unwrap(trt, builder, value):
+        if isinstance(value, _SymDim):
+            return value.expr
+        return builder.constant(int(value)) if isinstance(value, int) else value
+
+    def _op(self, name, other, reverse=False):
+        other = _SymDim.unwrap(self.trt, self.builder, other)
+        a, b = (other, self.expr) if reverse else (self.expr, other)
+        return _SymDim(self.trt, self.builder, self.builder.operation(getattr(self.trt.DimensionOperation, name), a, b))
+
+    def __add__(self, other):
+        return self._op("SUM", other)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return self._op("SUB", other)
+
+    def __rsub__(self, other):
+        return self._op("SUB", other, reverse=True)
+
+    def __mul__(self, other):
+        return self._op("PROD", other)
+
+    __rmul__ = __mul__
+
+    def __floordiv__(self, other):
+        return self._op("FLOOR_DIV", other)
 
 
 def _make_creator(trt, spec: PluginSpec):
@@ -415,23 +579,33 @@ def _make_creator(trt, spec: PluginSpec):
             trt.IPluginV3OneCore.__init__(self)
             trt.IPluginV3OneBuild.__init__(self)
             trt.IPluginV3OneRuntime.__init__(self)
-            self.plugin_name, self.plugin_version, self.plugin_namespace = spec.op_type, PLUGIN_VERSION, NAMESPACE
-            self.num_outputs = 1
+            self.plugin_name, self.plugin_version, self.plugin_namespace = spec.name, PLUGIN_VERSION, NAMESPACE
+            self.num_outputs = spec.n_outputs
             self.attrs = attrs
 
         def get_capability_interface(self, _type):
             return self
 
         def get_output_data_types(self, input_types):
-            return [input_types[0]]
+            return [input_types[0]] + [trt.DataType.FLOAT] * (spec.n_outputs - 1)
 
         def get_output_shapes(self, inputs, shape_inputs, expr_builder):
-            return [trt.DimsExprs(spec.output_shape([list(i) for i in inputs], **self.attrs))]
+            dims = [[_SymDim(trt, expr_builder, d) for d in i] for i in inputs]
+            outs = spec.output_specs(dims, None, None, self.attrs)
+            return [trt.DimsExprs([_SymDim.unwrap(trt, expr_builder, d) for d in shape]) for shape, _ in outs]
 
         def supports_format_combination(self, pos, in_out, num_inputs):
             desc = in_out[pos].desc
-            ok_type = desc.type in (trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16)
-            return desc.format == trt.TensorFormat.LINEAR and ok_type and desc.type == in_out[0].desc.type
+            if desc.format != trt.TensorFormat.LINEAR:
+                return False
+            # Inputs and output 0 share Q's float type; the extra outputs (state_out) are float32,
+            # and the contract's float32 inputs (decay, state) may be either.
+            if pos >= num_inputs + 1:
+                return desc.type == trt.DataType.FLOAT
+            if pos < num_inputs and spec.present[pos] in spec.float32_inputs and desc.type == trt.DataType.FLOAT:
+                return True
+            return desc.type in (trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16) \
+                and desc.type == in_out[0].desc.type
 
         def configure_plugin(self, inputs, outputs):
             pass
@@ -462,8 +636,8 @@ def _make_creator(trt, spec: PluginSpec):
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             if _RUN[0] is None:
-                raise RuntimeError(f"attnc {spec.op_type} plugin: no run-time implementation registered")
-            _RUN[0](spec.op_type, self.attrs, inputs, input_desc, outputs, output_desc, stream)
+                raise RuntimeError(f"attnc {spec.name} plugin: no run-time implementation registered")
+            _RUN[0](spec.name, self.attrs, inputs, input_desc, outputs, output_desc, stream)
 
         def clone(self):
             return Plugin(dict(self.attrs))
@@ -471,7 +645,7 @@ def _make_creator(trt, spec: PluginSpec):
     class Creator(trt.IPluginCreatorV3One):
         def __init__(self):
             trt.IPluginCreatorV3One.__init__(self)
-            self.name, self.plugin_namespace, self.plugin_version = spec.op_type, NAMESPACE, PLUGIN_VERSION
+            self.name, self.plugin_namespace, self.plugin_version = spec.name, NAMESPACE, PLUGIN_VERSION
             self.field_names = trt.PluginFieldCollection([
                 trt.PluginField(name, np.array([]), getattr(trt.PluginFieldType, _FIELD_TYPE_OF_KIND[kind]))
                 for name, (kind, _) in spec.fields.items()])
@@ -480,7 +654,7 @@ def _make_creator(trt, spec: PluginSpec):
             raw = {}
             for f in fields:
                 raw[f.name] = (str(f.type).split(".")[-1], field_bytes(f))
-            return Plugin(decode_fields(spec.op_type, raw))
+            return Plugin(decode_fields(spec.name, raw))
 
     return Creator()
 
@@ -491,16 +665,14 @@ def _make_creator(trt, spec: PluginSpec):
 _TYPESTR = {"FLOAT": ("<f4", None), "HALF": ("<f2", None), "BF16": ("<i2", "bfloat16")}
 
 
-def torch_reference_run(op_type, attrs, input_ptrs, input_descs, output_ptrs, output_descs, stream) -> None:
+def torch_reference_run(name, attrs, input_ptrs, input_descs, output_ptrs, output_descs, stream) -> None:
     """Run a fused op inside a Python-plugin engine with its torch ``reference`` on TensorRT's stream.
 
-    TensorRT-RTX's Python plugins call this from ``enqueue``; TensorRT's device pointers are
-    wrapped as torch tensors through ``__cuda_array_interface__`` (bf16 travels as int16).
-    Correct but unfused: the Triton kernels replace it once they exist.
+    TensorRT-RTX's Python plugins call this from ``enqueue`` with their variant's ``name``;
+    TensorRT's device pointers are wrapped as torch tensors through ``__cuda_array_interface__``
+    (bf16 travels as int16).
     """
     import torch
-
-    from attnc import plugins as fused
 
     def wrap(ptr, desc):
         typestr, view = _TYPESTR[str(desc.type).split(".")[-1]]
@@ -510,11 +682,26 @@ def torch_reference_run(op_type, attrs, input_ptrs, input_descs, output_ptrs, ou
         tensor = torch.as_tensor(holder, device="cuda")
         return tensor.view(getattr(torch, view)) if view else tensor
 
-    reference = fused.plugin(op_type).reference
+    spec = plugin_spec(name)
+    results = reference_outputs(spec, attrs, [wrap(p, d) for p, d in zip(input_ptrs, input_descs)])
+    outs = [wrap(p, d) for p, d in zip(output_ptrs, output_descs)]
+    with torch.cuda.stream(torch.cuda.ExternalStream(int(stream))):
+        for out, result in zip(outs, results):
+            out.copy_(result.to(out.dtype))
+
+
+def reference_outputs(spec: PluginSpec, attrs: dict, inputs: Sequence) -> list:
+    """The op's torch ``reference`` on a plugin variant's (present) ``inputs``: one tensor per
+    output of the variant. Inputs are matched to the reference's tensor parameters by their
+    position in the op's contract; several outputs are asked for with ``return_state=True``."""
+    from attnc import plugins as fused
+
+    reference = fused.plugin(spec.op_type).reference
     params = inspect.signature(reference).parameters
     tensor_params = [n for n, p in params.items() if "Tensor" in str(p.annotation)]
-    kwargs = {n: t for n, t in zip(tensor_params, (wrap(p, d) for p, d in zip(input_ptrs, input_descs)))}
+    kwargs = {tensor_params[i]: t for i, t in zip(spec.present, inputs)}
     kwargs.update({k: v for k, v in attrs.items() if k in params and v is not None})
-    out = wrap(output_ptrs[0], output_descs[0])
-    with torch.cuda.stream(torch.cuda.ExternalStream(int(stream))):
-        out.copy_(reference(**kwargs).to(out.dtype))
+    if spec.n_outputs > 1:
+        kwargs["return_state"] = True
+        return list(reference(**kwargs))[: spec.n_outputs]
+    return [reference(**kwargs)]

@@ -45,6 +45,7 @@ from attnc import DOMAIN
 OP_TYPE = "AgentAttention"
 ATTRIBUTES = {"scale": 0.0}
 INPUTS = ("Q", "K", "V", "A", "agent_bias", "query_bias")
+REQUIRED_INPUTS = 4  # the biases are optional
 OPSET = 17  # lowest default-domain opset the body is valid in; every op used is unchanged up to 28
 
 

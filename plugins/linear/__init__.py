@@ -6,14 +6,20 @@ domain, so a node of that name would never reach the attnc plugin.
 
 Contract
 --------
-Inputs:
+Inputs (an absent optional input is ``""`` when a later one is present):
     Q      ``[B, H, N, D]``  queries, *before* the feature map.
     K      ``[B, H, N, D]``  keys, before the feature map (same N as Q).
     V      ``[B, H, N, Dv]`` values (Dv may differ from D).
     decay  ``[H]`` optional, float32 (also in fp16 models), per-head decay λ_h in (0, 1];
            only meaningful with ``causal=1`` (ignored otherwise).
-Output:
-    O      ``[B, H, N, Dv]``.
+    state  ``[B, H, D, Dv + normalize]`` optional, float32 (also in fp16/bf16 models), causal
+           only: the recurrent state before token 0. Columns ``[:Dv]`` hold
+           S = Σ λ^{..} φ(k_s) v_sᵀ; with ``normalize=1`` column ``Dv`` holds the normaliser's
+           running sum z = Σ λ^{..} φ(k_s). Absent = zeros.
+Outputs:
+    O          ``[B, H, N, Dv]``, the dtype of Q.
+    state_out  ``[B, H, D, Dv + normalize]`` optional, float32, causal only: the state after
+               the last token (same layout as ``state``).
 Attributes:
     feature_map  ``"elu1"`` (elu(x)+1), ``"relu"`` or ``"identity"``; default ``"elu1"``.
     causal       int, default 0.
@@ -21,12 +27,18 @@ Attributes:
     eps          float, default 1e-6.
     scale        float, default 1.0: multiplies φ(Q) (so φ(Q)·scale replaces φ(Q) below).
 
-Semantics (q = scale·φ(Q), k = φ(K), per batch and head):
+Semantics (q = scale·φ(Q), k = φ(K), per batch and head; S0, z0 from ``state``, else 0):
     non-causal:  O = q (kᵀ V)                    [/ (q · Σ_s k_s + eps)]
-    causal:      O_t = Σ_{s≤t} λ^{t−s} (q_t·k_s) v_s  [/ (Σ_{s≤t} λ^{t−s} q_t·k_s + eps)]
-with λ = 1 when ``decay`` is absent. Causal + decay + identity + normalize=0 is
-lightning attention (TransNormerLLM), which ONNX opset 27 ``LinearAttention``
-(``update_rule="gated"``, decay ``log λ``, ``scale=1``) also computes.
+    causal:      O_t = q_t·(λ^{t+1} S0 + Σ_{s≤t} λ^{t−s} k_s v_sᵀ)
+                       [/ (q_t·(λ^{t+1} z0 + Σ_{s≤t} λ^{t−s} k_s) + eps)]
+                 state_out = [S_N | z_N],  S_N = λ^N S0 + Σ_{s<N} λ^{N−1−s} k_s v_sᵀ,  z_N likewise
+with λ = 1 when ``decay`` is absent. So running the op on tokens [0, N) equals running it
+on [0, m) and then on [m, N) with the first call's ``state_out`` as the second's ``state``
+(prefill, then decode one token at a time). The scale is not in the state. ``state`` and
+``state_out`` need ``causal=1`` (:func:`make_node` refuses them otherwise). Causal + decay
++ identity + normalize=0 is lightning attention (TransNormerLLM), which ONNX opset 27
+``LinearAttention`` (``update_rule="gated"``, decay ``log λ``, ``scale=1``; ``past_state`` /
+``present_state`` in the same ``[B, H, D, Dv]`` layout) also computes.
 
 ONNX function body: non-causal uses the associative form q(kᵀV) (O(N·D·Dv)); causal
 uses the masked quadratic form (qkᵀ ⊙ M)V with M[t, s] = λ^{t−s}·[s ≤ t]. Measured on
@@ -34,10 +46,15 @@ ORT 1.32 CPU, 1 thread, B=1, H=4, N=2048, D=Dv=64: quadratic 0.18 s, prefix sums
 the outer products (Unsqueeze·Mul·CumSum·MatMul) 0.37 s. The prefix-sum form
 materialises ``[B, H, N, D, Dv]`` (134 MB here, vs 67 MB of scores) and runs N tiny
 ``[1, D]×[D, Dv]`` GEMMs per head, while the quadratic form is two large GEMMs.
+The state adds ``(q_t·λ^{t+1}) S0`` to the scores' product and
+``(k_s·λ^{N−1−s})ᵀ [V | 1]`` (one GEMM for S_N and z_N) outside it, both in float32.
 The feature map is picked with ``LabelEncoder`` (ai.onnx.ml) on the string attribute,
 since ``Equal`` on strings needs opset 19 and attnc targets opset 17 and up; an absent
 ``decay`` is detected through ``Gemm``'s optional C input (λ > 0 by contract, so a 0
 means "absent") to stay within opset 17 (``OptionalHasElement`` on tensors is 18+).
+``state`` and ``state_out`` select a function overload instead (:func:`overload_name`):
+ONNX Runtime 1.32 rejects a node with fewer outputs than its function ("output index 1 is
+out of range"), and its function type inference fails on ``Optional`` of an absent input.
 """
 
 from __future__ import annotations
@@ -51,13 +68,32 @@ from attnc import DOMAIN
 OP_TYPE = "KernelLinearAttention"
 FEATURE_MAPS = ("elu1", "relu", "identity")
 ATTRIBUTES = {"feature_map": "elu1", "causal": 0, "normalize": 1, "eps": 1e-6, "scale": 1.0}
+INPUTS = ("Q", "K", "V", "decay", "state")
+OUTPUTS = ("O", "state_out")
+# Inputs / outputs that stay float32 in fp16 and bf16 models (the TensorRT precision
+# conversion reads these): decay and state in, state_out out.
+FLOAT32_INPUTS = (3, 4)
+FLOAT32_OUTPUTS = (1,)
 OPSET = 17
 
 
 def output_shape(input_shapes, **attrs):
-    """``[B, H, N, Dv]`` from the shapes of Q, K, V (and decay)."""
+    """``[B, H, N, Dv]`` (output 0) from the shapes of Q, K, V (and decay, state)."""
     q, _, v = input_shapes[:3]
     return [q[0], q[1], q[2], v[3]]
+
+
+def extra_outputs(input_shapes, **attrs) -> list[tuple[list, str]]:
+    """``[(shape, dtype)]`` of output 1, ``state_out``: ``[B, H, D, Dv + normalize]``, float32."""
+    q, _, v = input_shapes[:3]
+    normalize = int(attrs.get("normalize", ATTRIBUTES["normalize"]))
+    return [([q[0], q[1], q[3], v[3] + normalize], "float32")]
+
+
+def overload_name(has_state: bool, has_state_out: bool) -> str:
+    """The function overload for a node with / without ``state`` and ``state_out``."""
+    return {(False, False): "", (True, False): "state", (False, True): "state_out",
+            (True, True): "state_in_out"}[(bool(has_state), bool(has_state_out))]
 
 
 def feature(x: torch.Tensor, feature_map: str) -> torch.Tensor:
@@ -71,55 +107,116 @@ def feature(x: torch.Tensor, feature_map: str) -> torch.Tensor:
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None = None, *,
-              feature_map: str = "elu1", causal: int = 0, normalize: int = 1, eps: float = 1e-6,
-              scale: float = 1.0) -> torch.Tensor:
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None = None,
+              state: torch.Tensor | None = None, *, feature_map: str = "elu1", causal: int = 0,
+              normalize: int = 1, eps: float = 1e-6, scale: float = 1.0, return_state: bool = False):
     """The op's semantics in plain torch (any float dtype, float64 included).
 
     Written as the recurrence over t (causal) / the associative product (non-causal),
-    deliberately *not* the way the ONNX function body computes it.
+    deliberately *not* the way the ONNX function body computes it. The causal recurrence
+    runs in Q's dtype promoted to at least float32 (float64 stays float64), O is returned in
+    Q's dtype.
+
+    Returns:
+        O, or ``(O, state_out)`` with ``return_state=True`` (``state_out`` float32, float64
+        for float64 inputs).
     """
+    if (state is not None or return_state) and not causal:
+        raise ValueError("state / state_out need causal=1 (non-causal attention has no recurrent state)")
     q = feature(q, feature_map) * scale
     k = feature(k, feature_map)
     if not causal:
         out = q @ (k.transpose(-2, -1) @ v)
         den = q @ k.sum(dim=-2, keepdim=True).transpose(-2, -1)
         return out / (den + eps) if normalize else out
+    out_dtype = q.dtype
+    acc = torch.promote_types(q.dtype, torch.float32)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
     b, h, n, d = q.shape
-    lam = (torch.ones(h, dtype=q.dtype, device=q.device) if decay is None
-           else decay.to(q.dtype)).view(1, h, 1, 1)
-    state = q.new_zeros(b, h, d, v.shape[-1])
-    zsum = q.new_zeros(b, h, d, 1)
+    dv = v.shape[-1]
+    lam = (torch.ones(h, dtype=acc, device=q.device) if decay is None
+           else decay.to(acc)).view(1, h, 1, 1)
+    if state is None:
+        kv, zsum = q.new_zeros(b, h, d, dv), q.new_zeros(b, h, d, 1)
+    else:
+        if tuple(state.shape) != (b, h, d, dv + int(normalize)):
+            raise ValueError(f"state must be [B, H, D, Dv + normalize] = {[b, h, d, dv + int(normalize)]}, "
+                             f"got {list(state.shape)}")
+        state = state.to(acc)
+        kv = state[..., :dv]
+        zsum = state[..., dv:] if normalize else q.new_zeros(b, h, d, 1)
     outs = []
     for t in range(n):
         kt, vt, qt = k[:, :, t:t + 1], v[:, :, t:t + 1], q[:, :, t:t + 1]
-        state = lam * state + kt.transpose(-2, -1) @ vt
+        kv = lam * kv + kt.transpose(-2, -1) @ vt
         zsum = lam * zsum + kt.transpose(-2, -1)
-        o = qt @ state
+        o = qt @ kv
         if normalize:
             o = o / (qt @ zsum + eps)
         outs.append(o)
-    return torch.cat(outs, dim=2)
+    out = torch.cat(outs, dim=2).to(out_dtype) if outs else q.new_zeros(b, h, 0, dv).to(out_dtype)
+    if not return_state:
+        return out
+    state_out = torch.cat([kv, zsum], dim=-1) if normalize else kv
+    return out, state_out.to(torch.promote_types(acc, torch.float32))
+
+
+def _has(names, index: int) -> bool:
+    return len(names) > index and bool(names[index])
 
 
 def add_to_model(model: onnx.ModelProto, node: onnx.NodeProto | None = None) -> None:
-    """Attach the (single, attribute-driven) function body to ``model``."""
+    """Attach the function overload ``node`` needs (the plain one without a node) to ``model``."""
     from attnc.passes.core import add_function, default_opset
 
-    add_function(model, function_proto(max(default_opset(model), OPSET)))
+    has_state = has_state_out = False
+    if node is not None:
+        while len(node.output) > 1 and not node.output[-1]:
+            node.output.pop()  # ORT wants a node's outputs to match its function's
+        has_state, has_state_out = _has(node.input, 4), _has(node.output, 1)
+        node.overload = overload_name(has_state, has_state_out)
+    add_function(model, function_proto(max(default_opset(model), OPSET), has_state, has_state_out))
 
 
 def make_node(inputs, outputs, name, **attrs) -> onnx.NodeProto:
-    """A ``KernelLinearAttention`` node; ``inputs`` = [Q, K, V] or [Q, K, V, decay]."""
+    """A ``KernelLinearAttention`` node; its ``overload`` follows ``state`` / ``state_out``.
+
+    Args:
+        inputs: ``[Q, K, V]``, ``[Q, K, V, decay]`` or ``[Q, K, V, decay, state]``
+            (``decay`` may be ``""``).
+        outputs: ``[O]`` or ``[O, state_out]``.
+        name: the node's name.
+        **attrs: any of :data:`ATTRIBUTES`; the rest take their defaults.
+
+    Raises:
+        ValueError: unknown attribute or feature map, wrong input/output count, or
+            ``state`` / ``state_out`` without ``causal=1``.
+    """
     unknown = set(attrs) - set(ATTRIBUTES)
     if unknown:
         raise ValueError(f"unknown attributes {sorted(unknown)}; known: {sorted(ATTRIBUTES)}")
     if attrs.get("feature_map", "elu1") not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {FEATURE_MAPS}")
+    inputs, outputs = list(inputs), list(outputs)
+    while len(inputs) > 3 and not inputs[-1]:
+        inputs.pop()
+    while len(outputs) > 1 and not outputs[-1]:
+        outputs.pop()
+    if not 3 <= len(inputs) <= len(INPUTS) or not all(inputs[:3]):
+        raise ValueError(f"KernelLinearAttention takes inputs {', '.join(INPUTS)} (the first 3 required), "
+                         f"got {inputs}")
+    if not 1 <= len(outputs) <= len(OUTPUTS) or not outputs[0]:
+        raise ValueError(f"KernelLinearAttention has outputs {', '.join(OUTPUTS)}, got {outputs}")
     full = {**ATTRIBUTES, **attrs}
     full["causal"], full["normalize"] = int(full["causal"]), int(full["normalize"])
     full["eps"], full["scale"] = float(full["eps"]), float(full["scale"])
-    return helper.make_node(OP_TYPE, list(inputs), list(outputs), name=name, domain=DOMAIN, **full)
+    has_state, has_state_out = _has(inputs, 4), _has(outputs, 1)
+    if (has_state or has_state_out) and not full["causal"]:
+        raise ValueError("state / state_out need causal=1: non-causal linear attention has no recurrent "
+                         "state (drop them, or set causal=1)")
+    node = helper.make_node(OP_TYPE, inputs, outputs, name=name, domain=DOMAIN, **full)
+    node.overload = overload_name(has_state, has_state_out)
+    return node
 
 
 def _ref(attr_name: str, ref: str, attr_type) -> onnx.AttributeProto:
@@ -132,7 +229,7 @@ def _const(name, value, dtype=TensorProto.FLOAT):
     return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, dims, vals))
 
 
-def function_proto(opset: int = OPSET) -> onnx.FunctionProto:
+def function_proto(opset: int = OPSET, has_state: bool = False, has_state_out: bool = False) -> onnx.FunctionProto:
     """The op's body in standard ONNX, plus ai.onnx.ml for LabelEncoder.
 
     Args:
@@ -140,6 +237,8 @@ def function_proto(opset: int = OPSET) -> onnx.FunctionProto:
             higher: the ops used have the same semantics from 17 to 23+), since the
             ONNX checker rejects a function whose opset differs from the model's
             where an op's schema changed in between (e.g. ``Constant`` at 21).
+        has_state: the overload that reads input ``state``.
+        has_state_out: the overload with output ``state_out``.
     """
     if opset < OPSET:
         raise ValueError(f"KernelLinearAttention's body needs opset >= {OPSET}, got {opset}")
@@ -158,6 +257,7 @@ def function_proto(opset: int = OPSET) -> onnx.FunctionProto:
         _const("i0", 0, TensorProto.INT64), _const("i1", 1, TensorProto.INT64),
         _const("i2", 2, TensorProto.INT64),
         _const("ax_m1", [-1], TensorProto.INT64), _const("ax_m2", [-2], TensorProto.INT64),
+        _const("ax_zero", [0], TensorProto.INT64), _const("ax_3", [3], TensorProto.INT64),
         # dtype-following constants (fp16 models): CastLike to Q
         n("CastLike", ["one", "Q"], ["one_t"]), n("CastLike", ["zero", "Q"], ["zero_t"]),
         n("CastLike", ["eps_f", "Q"], ["eps_t"]), n("CastLike", ["scale_f", "Q"], ["scale_t"]),
@@ -170,17 +270,29 @@ def function_proto(opset: int = OPSET) -> onnx.FunctionProto:
         n("Relu", ["K"], ["k_relu"]),
         n("Where", ["is_relu", "k_relu", "K"], ["k_nr"]), n("Where", ["is_elu", "k_elu", "k_nr"], ["kf"]),
         n("Mul", ["q_phi", "scale_t"], ["qf"]),
+        *_decay_and_positions(),
+    ]
+    if has_state or has_state_out:
+        nodes += [n("Shape", ["V"], ["dv"], start=3, end=4)]                  # [1]: Dv
+    if has_state:
+        nodes += _state_columns()
+    nodes += [
         n("Cast", ["causal_i"], ["is_causal"], to=TensorProto.BOOL),
-        n("If", ["is_causal"], ["num", "den"], then_branch=_causal_branch(), else_branch=_noncausal_branch()),
+        n("If", ["is_causal"], ["num", "den"], then_branch=_causal_branch(has_state),
+          else_branch=_noncausal_branch()),
         n("Add", ["den", "eps_t"], ["den_eps"]), n("Div", ["num", "den_eps"], ["normed"]),
         n("Cast", ["normalize_i"], ["is_norm"], to=TensorProto.BOOL),
         n("Where", ["is_norm", "normed", "num"], ["O"]),
     ]
+    if has_state_out:
+        nodes += _state_out(has_state)
     defaults = [helper.make_attribute(k, v) for k, v in ATTRIBUTES.items()]
+    outputs = list(OUTPUTS) if has_state_out else ["O"]
     return helper.make_function(
-        DOMAIN, OP_TYPE, ["Q", "K", "V", "decay"], ["O"], nodes,
+        DOMAIN, OP_TYPE, list(INPUTS), outputs, nodes,
         [helper.make_opsetid("", opset), helper.make_opsetid("ai.onnx.ml", 2)],
-        attribute_protos=defaults, doc_string="attnc KernelLinearAttention; see attnc.plugins.linear")
+        attribute_protos=defaults, overload=overload_name(has_state, has_state_out),
+        doc_string="attnc KernelLinearAttention; see attnc.plugins.linear")
 
 
 def _attr_const(out: str, const_attr: str, ref: str, attr_type) -> onnx.NodeProto:
@@ -193,23 +305,12 @@ def _graph(name, nodes, outputs):
     return helper.make_graph(nodes, name, [], [helper.make_value_info(o, onnx.TypeProto()) for o in outputs])
 
 
-def _noncausal_branch() -> onnx.GraphProto:
+def _decay_and_positions() -> list[onnx.NodeProto]:
+    """``log_lam`` [H, 1, 1] (0 without decay), ``seq`` (N, int64 scalar) and ``pos`` (0..N-1, float32)."""
     n = helper.make_node
-    return _graph("noncausal", [
-        n("Transpose", ["kf"], ["kf_t"], perm=[0, 1, 3, 2]),
-        n("MatMul", ["kf_t", "V"], ["kv"]),                       # [B, H, D, Dv]
-        n("MatMul", ["qf", "kv"], ["nc_num"]),
-        n("ReduceSum", ["kf", "ax_m2"], ["ksum"], keepdims=1),      # [B, H, 1, D]
-        n("Transpose", ["ksum"], ["ksum_t"], perm=[0, 1, 3, 2]),
-        n("MatMul", ["qf", "ksum_t"], ["nc_den"]),                 # [B, H, N, 1]
-    ], ["nc_num", "nc_den"])
-
-
-def _causal_branch() -> onnx.GraphProto:
-    n = helper.make_node
-    return _graph("causal", [
+    return [
         # decay: Gemm's optional C gives λ (> 0) when the input is present, 0 when absent
-        _const("ax_zero", [0], TensorProto.INT64), _const("one_i", [1], TensorProto.INT64),
+        _const("one_i", [1], TensorProto.INT64),
         _const("one_11", [1.0]), _const("two_ones", [1, 1], TensorProto.INT64),
         n("Shape", ["Q"], ["q_shape"]),
         n("Gather", ["q_shape", "i1"], ["heads"], axis=0),
@@ -224,10 +325,74 @@ def _causal_branch() -> onnx.GraphProto:
         n("Log", ["lam"], ["log_lam_row"]),
         _const("hw_shape", [-1, 1, 1], TensorProto.INT64),
         n("Reshape", ["log_lam_row", "hw_shape"], ["log_lam"]),                 # [H, 1, 1]
-        # distance t - s, mask M[t, s] = λ^{t-s} for s <= t, else 0
         n("Range", ["i0", "seq", "i1"], ["pos_i"]),
-        n("Cast", ["pos_i"], ["pos"], to=TensorProto.FLOAT),
-        n("Unsqueeze", ["pos", "ax_m1"], ["pos_col"]), n("Unsqueeze", ["pos", "ax_zero"], ["pos_row"]),
+        n("Cast", ["pos_i"], ["pos"], to=TensorProto.FLOAT),                    # [N]
+        n("Unsqueeze", ["pos", "ax_m1"], ["pos_col"]),                           # [N, 1]
+    ]
+
+
+def _state_columns() -> list[onnx.NodeProto]:
+    """``state_aug`` [B, H, D, Dv + 1] float32: ``[S0 | z0]``, z0 = 0 when ``normalize=0``."""
+    n = helper.make_node
+    return [
+        _const("pad_last", [0, 0, 0, 0, 0, 0, 0, 1], TensorProto.INT64),
+        n("Pad", ["state", "pad_last"], ["state_pad"]),                          # one zero column
+        n("Add", ["dv", "one_i"], ["dv_1"]),
+        n("Slice", ["state_pad", "ax_zero", "dv_1", "ax_3"], ["state_aug"]),
+    ]
+
+
+def _state_out(has_state: bool) -> list[onnx.NodeProto]:
+    """``state_out`` = [S_N | z_N] in float32: one GEMM of λ^{N−1−s}-weighted keys by [V | 1]."""
+    n = helper.make_node
+    nodes = [
+        n("Cast", ["seq"], ["n_f"], to=TensorProto.FLOAT),
+        n("Sub", ["n_f", "one"], ["last_f"]),
+        n("Sub", ["last_f", "pos_col"], ["age"]),                                # [N, 1]: N-1-s
+        n("Mul", ["log_lam", "age"], ["log_w"]),
+        n("Exp", ["log_w"], ["w"]),                                              # [H, N, 1]
+        n("Cast", ["kf"], ["k32"], to=TensorProto.FLOAT),
+        n("Mul", ["k32", "w"], ["kw"]),
+        n("Transpose", ["kw"], ["kw_t"], perm=[0, 1, 3, 2]),
+        n("Cast", ["V"], ["v32"], to=TensorProto.FLOAT),
+        _const("pad_last_out", [0, 0, 0, 0, 0, 0, 0, 1], TensorProto.INT64),
+        n("Pad", ["v32", "pad_last_out", "one"], ["v_ones"]),                    # [V | 1]
+        n("MatMul", ["kw_t", "v_ones"], ["s_new"]),                              # [B, H, D, Dv + 1]
+    ]
+    if has_state:
+        nodes += [
+            n("Mul", ["log_lam", "n_f"], ["log_lam_n"]),
+            n("Exp", ["log_lam_n"], ["lam_n"]),                                  # [H, 1, 1]
+            n("Mul", ["state_aug", "lam_n"], ["s_carried"]),
+            n("Add", ["s_new", "s_carried"], ["s_all"]),
+        ]
+    else:
+        nodes += [n("Identity", ["s_new"], ["s_all"])]
+    nodes += [
+        n("Unsqueeze", ["normalize_i", "ax_zero"], ["norm_1"]),
+        n("Add", ["dv", "norm_1"], ["width"]),                                   # Dv + normalize
+        n("Slice", ["s_all", "ax_zero", "width", "ax_3"], ["state_out"]),
+    ]
+    return nodes
+
+
+def _noncausal_branch() -> onnx.GraphProto:
+    n = helper.make_node
+    return _graph("noncausal", [
+        n("Transpose", ["kf"], ["kf_t"], perm=[0, 1, 3, 2]),
+        n("MatMul", ["kf_t", "V"], ["kv"]),                       # [B, H, D, Dv]
+        n("MatMul", ["qf", "kv"], ["nc_num"]),
+        n("ReduceSum", ["kf", "ax_m2"], ["ksum"], keepdims=1),      # [B, H, 1, D]
+        n("Transpose", ["ksum"], ["ksum_t"], perm=[0, 1, 3, 2]),
+        n("MatMul", ["qf", "ksum_t"], ["nc_den"]),                 # [B, H, N, 1]
+    ], ["nc_num", "nc_den"])
+
+
+def _causal_branch(has_state: bool) -> onnx.GraphProto:
+    n = helper.make_node
+    nodes = [
+        # distance t - s, mask M[t, s] = λ^{t-s} for s <= t, else 0
+        n("Unsqueeze", ["pos", "ax_zero"], ["pos_row"]),
         n("Sub", ["pos_col", "pos_row"], ["dist"]),                              # [N, N]
         n("GreaterOrEqual", ["dist", "zero"], ["visible"]),
         n("Mul", ["log_lam", "dist"], ["log_m"]),
@@ -237,6 +402,25 @@ def _causal_branch() -> onnx.GraphProto:
         n("Transpose", ["kf"], ["kf_t"], perm=[0, 1, 3, 2]),
         n("MatMul", ["qf", "kf_t"], ["scores"]),
         n("Mul", ["scores", "m"], ["p"]),
-        n("MatMul", ["p", "V"], ["c_num"]),
-        n("ReduceSum", ["p", "ax_m1"], ["c_den"], keepdims=1),
-    ], ["c_num", "c_den"])
+    ]
+    if not has_state:
+        nodes += [n("MatMul", ["p", "V"], ["c_num"]),
+                  n("ReduceSum", ["p", "ax_m1"], ["c_den"], keepdims=1)]
+        return _graph("causal", nodes, ["c_num", "c_den"])
+    nodes += [
+        # the carried state, seen by token t through λ^{t+1}: (q_t·λ^{t+1}) [S0 | z0] in float32
+        n("Add", ["pos_col", "one"], ["pos_1"]),
+        n("Mul", ["log_lam", "pos_1"], ["log_q_decay"]),
+        n("Exp", ["log_q_decay"], ["q_decay"]),                                  # [H, N, 1]
+        n("Cast", ["qf"], ["q32"], to=TensorProto.FLOAT),
+        n("Mul", ["q32", "q_decay"], ["q_carry"]),
+        n("MatMul", ["q_carry", "state_aug"], ["carry32"]),                     # [B, H, N, Dv + 1]
+        n("CastLike", ["carry32", "Q"], ["carry"]),
+        n("Slice", ["carry", "ax_zero", "dv", "ax_m1"], ["carry_num"]),
+        n("Slice", ["carry", "dv", "dv_1", "ax_m1"], ["carry_den"]),
+        n("MatMul", ["p", "V"], ["p_num"]),
+        n("ReduceSum", ["p", "ax_m1"], ["p_den"], keepdims=1),
+        n("Add", ["p_num", "carry_num"], ["c_num"]),
+        n("Add", ["p_den", "carry_den"], ["c_den"]),
+    ]
+    return _graph("causal", nodes, ["c_num", "c_den"])

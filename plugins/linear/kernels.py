@@ -12,10 +12,13 @@
   ``M[t, s] = λ^{t-s}[s <= t]`` and multiplied with V (quadratic, but only C x C); the chunk's
   past enters through the running state, ``λ^{t+1} q_t S``; then
   ``S <- λ^C S + Σ_s λ^{C-1-s} k_sᵀ v_s``. The normaliser uses the row sums of the masked
-  scores and the running ``z`` the same way.
+  scores and the running ``z`` the same way. The running ``S | z`` is the op's recurrent state
+  (prefill, then decode): optionally loaded before the first chunk and stored after the last,
+  fp32 ``[B, H, D, Dv + normalize]``.
 - TensorRT (one kernel per AOT plugin, arguments ``(*inputs, *int32 scalars, *outputs)``):
-  :func:`trt_launch` / :func:`kernel_for` pick ``linear_causal[_decay]_trt`` or, non-causal,
-  ``linear_global[_decay]_trt``, which runs the state and output passes in one program.
+  :func:`trt_launch` / :func:`kernel_for` pick :func:`linear_causal_trt` or, non-causal,
+  :func:`linear_global_trt`, which runs the state and output passes in one program. Absent
+  optional tensors are ``None`` constexprs, which are no kernel parameters.
 
 Everything after the loads is fp32: φ, states and every product (``PRECISION`` "tf32" for
 half inputs, whose values tf32 holds exactly; with bf16 products the masked C x C scores and
@@ -118,13 +121,17 @@ def linear_output_kernel(
 
 @triton.jit
 def linear_causal_kernel(
-    Q, K, V, DECAY, O, heads, seq_len, head_dim, value_dim, scale, eps,
+    Q, K, V, DECAY, STATE, O, STATE_OUT, heads, seq_len, head_dim, value_dim, scale, eps,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-    FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_STATE: tl.constexpr,
+    STORE_STATE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Chunked causal linear attention with optional per-head decay (one program per head and
-    value-column block, sequential over chunks)."""
+    value-column block, sequential over chunks), starting from ``STATE`` (``HAS_STATE``, else
+    zeros) and writing the state after the last token to ``STATE_OUT`` (``STORE_STATE``). Both
+    are contiguous fp32 ``[B, H, D, Dv + NORMALIZE]``: ``S`` in the first ``Dv`` columns, ``z``
+    in the last when ``NORMALIZE``."""
     pid_bh, pid_v = tl.program_id(0), tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
     h = (pid_bh % heads).to(tl.int64)
@@ -136,14 +143,23 @@ def linear_causal_kernel(
         log2_decay = tl.log2(tl.load(DECAY + h).to(tl.float32))
     else:
         log2_decay = 0.0
-    # λ^{t-s} on and below the diagonal, 0 above; λ^{t+1} for the state; λ^{C-1-s} for the update.
+    # λ^{t-s} on and below the diagonal, 0 above; λ^{t+1} for the state.
     gap = (offs_c[:, None] - offs_c[None, :]).to(tl.float32)
     intra = tl.where(offs_c[:, None] >= offs_c[None, :], tl.exp2(gap * log2_decay), 0.0)
     to_query = tl.exp2((offs_c + 1).to(tl.float32) * log2_decay)
-    to_state = tl.exp2((CHUNK - 1 - offs_c).to(tl.float32) * log2_decay)
-    chunk_decay = tl.exp2(CHUNK * log2_decay)
-    state = tl.zeros([BLOCK_D, BLOCK_DV], tl.float32)
-    norm = tl.zeros([BLOCK_D], tl.float32)
+    # The state rows of this head: row stride Dv + NORMALIZE (z is the extra column).
+    state_row = value_dim + NORMALIZE
+    state_head = pid_bh.to(tl.int64) * head_dim * state_row + offs_d * state_row
+    state_block = state_head[:, None] + offs_v[None, :]
+    if HAS_STATE:
+        state = tl.load(STATE + state_block, mask=d_ok[:, None] & v_ok[None, :], other=0.0)
+        if NORMALIZE:   # every value-column block needs all of z for its normaliser
+            norm = tl.load(STATE + state_head + value_dim, mask=d_ok, other=0.0)
+        else:
+            norm = tl.zeros([BLOCK_D], tl.float32)
+    else:
+        state = tl.zeros([BLOCK_D, BLOCK_DV], tl.float32)
+        norm = tl.zeros([BLOCK_D], tl.float32)
     for n0 in range(0, seq_len, CHUNK):
         offs_n = n0 + offs_c
         n_ok = offs_n < seq_len
@@ -162,9 +178,18 @@ def linear_causal_kernel(
             out = out / (den + eps)[:, None]
         tl.store(O + b * so_b + h * so_h + offs_n[:, None] * so_n + offs_v[None, :],
                  out.to(O.dtype.element_ty), mask=n_ok[:, None] & v_ok[None, :])
-        weighted_k = phi_k * to_state[:, None]
+        # S <- λ^L S + Σ_s λ^{L-1-s} k_sᵀ v_s over the chunk's L valid tokens: L < C in the last
+        # chunk, where λ^C would decay the state past the sequence's end (wrong state out). The
+        # clamp keeps λ^{-...} of the padding rows (whose k is 0) from overflowing to 0 * inf.
+        steps = tl.minimum(seq_len - n0, CHUNK)
+        weighted_k = phi_k * tl.exp2(tl.maximum(steps - 1 - offs_c, 0).to(tl.float32) * log2_decay)[:, None]
+        chunk_decay = tl.exp2(steps.to(tl.float32) * log2_decay)
         state = state * chunk_decay + dot(tl.trans(weighted_k), v, PRECISION)
         norm = norm * chunk_decay + tl.sum(weighted_k, 0)
+    if STORE_STATE:
+        tl.store(STATE_OUT + state_block, state, mask=d_ok[:, None] & v_ok[None, :])
+        if NORMALIZE:   # all blocks hold the same z: the first one writes it
+            tl.store(STATE_OUT + state_head + value_dim, norm, mask=offs_d < tl.where(pid_v == 0, head_dim, 0))
 
 
 # ----------------------------------------------------------------------------- TensorRT AOT entry points
@@ -206,69 +231,41 @@ def _linear_global(
 
 
 @triton.jit
-def _linear_causal_contiguous(
-    Q, K, V, DECAY, O, heads, seq_len,
+def linear_causal_trt(
+    Q, K, V, DECAY, STATE, heads, seq_len, O, STATE_OUT,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SCALE: tl.constexpr, EPS: tl.constexpr,
-    FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """:func:`linear_causal_kernel` on contiguous ``[B, H, N, D]`` tensors (TensorRT's layout)."""
+    """:func:`linear_causal_kernel` on contiguous ``[B, H, N, D]`` tensors (TensorRT's layout).
+
+    ``DECAY``, ``STATE`` and ``STATE_OUT`` are ``None`` (constexpr) when the node lacks them:
+    triton then drops them from the compiled kernel's parameters, so this one function has
+    TensorRT's ``(present inputs, scalars, outputs)`` order for all eight combinations."""
     tokens = seq_len.to(tl.int64)
     linear_causal_kernel(
-        Q, K, V, DECAY, O, heads, seq_len, HEAD_DIM, VALUE_DIM, SCALE, EPS,
+        Q, K, V, DECAY, STATE, O, STATE_OUT, heads, seq_len, HEAD_DIM, VALUE_DIM, SCALE, EPS,
         heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM, heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM,
         heads * tokens * VALUE_DIM, tokens * VALUE_DIM, VALUE_DIM, heads * tokens * VALUE_DIM, tokens * VALUE_DIM,
-        VALUE_DIM, FEATURE, NORMALIZE, HAS_DECAY, CHUNK, BLOCK_D, BLOCK_DV, PRECISION)
-
-
-@triton.jit
-def linear_causal_trt(
-    Q, K, V, heads, seq_len, O,
-    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SCALE: tl.constexpr, EPS: tl.constexpr,
-    FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-):
-    # No decay input: Q stands in for the DECAY pointer, which HAS_DECAY=False never reads.
-    _linear_causal_contiguous(Q, K, V, Q, O, heads, seq_len, HEAD_DIM, VALUE_DIM, SCALE, EPS, FEATURE, NORMALIZE,
-                              False, CHUNK, BLOCK_D, BLOCK_DV, PRECISION)
-
-
-@triton.jit
-def linear_causal_decay_trt(
-    Q, K, V, DECAY, heads, seq_len, O,
-    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SCALE: tl.constexpr, EPS: tl.constexpr,
-    FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-):
-    _linear_causal_contiguous(Q, K, V, DECAY, O, heads, seq_len, HEAD_DIM, VALUE_DIM, SCALE, EPS, FEATURE,
-                              NORMALIZE, True, CHUNK, BLOCK_D, BLOCK_DV, PRECISION)
+        VALUE_DIM, FEATURE, NORMALIZE, DECAY is not None, STATE is not None, STATE_OUT is not None, CHUNK, BLOCK_D,
+        BLOCK_DV, PRECISION)
 
 
 @triton.jit
 def linear_global_trt(
-    Q, K, V, heads, seq_len, O,
+    Q, K, V, DECAY, heads, seq_len, O,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SCALE: tl.constexpr, EPS: tl.constexpr,
     FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """:func:`_linear_global` on contiguous tensors. ``DECAY``: ``None`` (constexpr) without a
+    decay input; with one, TensorRT still passes the pointer, which the non-causal op ignores."""
     tokens = seq_len.to(tl.int64)
     _linear_global(
         Q, K, V, O, heads, seq_len, HEAD_DIM, VALUE_DIM, SCALE, EPS,
         heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM, heads * tokens * HEAD_DIM, tokens * HEAD_DIM, HEAD_DIM,
         heads * tokens * VALUE_DIM, tokens * VALUE_DIM, VALUE_DIM, heads * tokens * VALUE_DIM, tokens * VALUE_DIM,
         VALUE_DIM, FEATURE, NORMALIZE, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
-
-
-@triton.jit
-def linear_global_decay_trt(
-    Q, K, V, DECAY, heads, seq_len, O,
-    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SCALE: tl.constexpr, EPS: tl.constexpr,
-    FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-):
-    # A non-causal node with a decay input: TensorRT still passes the pointer; the op ignores it.
-    linear_global_trt(Q, K, V, heads, seq_len, O, HEAD_DIM, VALUE_DIM, SCALE, EPS, FEATURE, NORMALIZE, BLOCK_N,
-                      BLOCK_D, BLOCK_DV, PRECISION)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -288,48 +285,74 @@ def linear_trt_config(causal: bool, dtype: torch.dtype, head_dim: int, value_dim
     sm_86 with the PyTorch path's tiles (64-token chunks/blocks, two stages): fp32 took 45-115 KB
     of shared memory with register spills from head dim 64 on, fp16 spilled at head dim 128.
     Hence 16-token chunks, one stage and 8 warps for fp32 and wide causal heads, and
-    16 value columns per program for fp32 past head dim 64.
+    16 value columns per program for fp32 past head dim 64. Half-precision causal heads of dim
+    <= 64 (4 warps, two stages) also take 16-token chunks: with 32 at head dim 64, ptxas used all
+    255 registers and spilled 16-72 B on sm_90, and 56-144 B on sm_80/90 once the kernel stores
+    its recurrent state; with 16, 206-248 registers and no spills.
     """
     wide = max(head_dim, value_dim) > 64
     half = dtype != torch.float32
     config = {"BLOCK_D": block_dim(head_dim), "BLOCK_DV": min(64 if half or not wide else 16, block_dim(value_dim))}
     if causal:
-        chunk, stages = (32, 2) if half and not wide else (16, 1)
-        return {**config, "CHUNK": chunk, "num_warps": 4 if half and not wide else 8, "num_stages": stages}
+        return {**config, "CHUNK": 16, "num_warps": 4 if half and not wide else 8,
+                "num_stages": 2 if half and not wide else 1}
     if wide:
         return {**config, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     return {**config, "BLOCK_N": 64, "num_warps": 4 if half else 8, "num_stages": 2}
 
 
+def state_shape(q_shape, value_dim, normalize) -> list:
+    """``[B, H, D, Dv + normalize]``: the recurrent state of a causal node (``S | z``)."""
+    return [*q_shape[:2], q_shape[3], value_dim + int(bool(normalize))]
+
+
 def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None = None, *,
                    feature_map: str = "elu1", causal: int = 0, normalize: int = 1, eps: float = 1e-6,
-                   scale: float = 1.0) -> torch.Tensor:
+                   scale: float = 1.0, state: torch.Tensor | None = None,
+                   return_state: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Kernelized linear attention with the Triton kernels.
 
     Args:
         q, k: ``[B, H, N, D]`` before the feature map; v: ``[B, H, N, Dv]``.
         decay: ``[H]`` per-head λ in (0, 1], used only when ``causal``.
         feature_map: ``"elu1"``, ``"relu"`` or ``"identity"``.
+        state: causal only, float32 ``[B, H, D, Dv + normalize]``: the recurrent state before
+            token 0 (``S`` in columns ``[:Dv]``, ``z`` in column ``Dv`` when ``normalize``), e.g.
+            the ``state_out`` of the call on the previous tokens. None: zeros.
+        return_state: causal only: also return the state after the last token, same layout.
     Returns:
-        ``[B, H, N, Dv]`` in q's dtype.
+        ``O`` ``[B, H, N, Dv]`` in q's dtype, or ``(O, state_out)`` when ``return_state``.
     """
-    check_inputs(q, k, v)
+    if (state is not None or return_state) and not causal:
+        raise ValueError("linear_forward: state and return_state need causal=1 (a non-causal node has no "
+                         "recurrent state); pass causal=1 or drop them")
+    batch, heads, seq_len, head_dim = q.shape
+    value_dim = v.shape[-1]
+    state_dims = state_shape(q.shape, value_dim, normalize)
+    if state is not None and (list(state.shape) != state_dims or state.dtype != torch.float32):
+        raise ValueError(f"linear_forward: state must be float32 {state_dims} ([B, H, D, Dv + normalize]), got "
+                         f"{state.dtype} {list(state.shape)}; pass the state_out of the previous call "
+                         f"(return_state=True), or None for zeros")
+    check_inputs(q, k, v, state)
     if feature_map not in FEATURE_MAP_IDS:
         raise ValueError(f"feature_map must be one of {tuple(FEATURE_MAP_IDS)}, got {feature_map!r}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    batch, heads, seq_len, head_dim = q.shape
-    value_dim = v.shape[-1]
+    state = None if state is None else state.contiguous()
     blocks = linear_blocks(head_dim, value_dim)
     out = torch.empty(batch, heads, seq_len, value_dim, dtype=q.dtype, device=q.device)
     common = dict(FEATURE=FEATURE_MAP_IDS[feature_map], BLOCK_D=blocks["BLOCK_D"],
                   BLOCK_DV=blocks["BLOCK_DV"], PRECISION=dot_precision(q.dtype))
     if causal:
+        state_out = torch.empty(state_dims, dtype=torch.float32, device=q.device) if return_state else None
         lam = (decay.to(device=q.device, dtype=torch.float32).contiguous() if decay is not None else q)
+        # Absent pointers: q stands in (never read, the HAS_/STORE_ constexprs are False).
         linear_causal_kernel[per_head_grid(batch, heads, value_dim, blocks["BLOCK_DV"])](
-            q, k, v, lam, out, heads, seq_len, head_dim, value_dim, float(scale), float(eps),
+            q, k, v, lam, q if state is None else state, out, q if state_out is None else state_out,
+            heads, seq_len, head_dim, value_dim, float(scale), float(eps),
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            NORMALIZE=bool(normalize), HAS_DECAY=decay is not None, CHUNK=blocks["CHUNK"], **common)
-        return out
+            NORMALIZE=bool(normalize), HAS_DECAY=decay is not None, HAS_STATE=state is not None,
+            STORE_STATE=return_state, CHUNK=blocks["CHUNK"], **common)
+        return (out, state_out) if return_state else out
     state = torch.empty(batch * heads, head_dim, value_dim, dtype=torch.float32, device=q.device)
     norm = torch.empty(batch * heads, head_dim, dtype=torch.float32, device=q.device)
     linear_state_kernel[per_head_grid(batch, heads, value_dim, blocks["BLOCK_DV"])](
@@ -344,37 +367,45 @@ def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: tor
 _NUMPY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def kernel_for(op_type: str, attrs: dict, dtypes: list, shapes: list, arch: int | None = None):
+def kernel_for(op_type: str, attrs: dict, dtypes: list, shapes: list, arch: int | None = None, *,
+               n_outputs: int = 1):
     """TensorRT's AOT kernel for one ``KernelLinearAttention`` node (``KernelProvider``).
 
     Args:
         attrs: the node's ``feature_map``, ``causal``, ``normalize``, ``eps``, ``scale``.
-        dtypes: numpy dtype names of the inputs; shapes: input shapes (``None``: dynamic dim).
+        dtypes, shapes: numpy dtype names and shapes (``None``: dynamic dim) of the inputs
+            ``Q, K, V[, decay[, state]]``, positional: ``None`` for an absent optional input.
         arch: target architecture (default :func:`~attnc.plugins.kernels_common.default_arch`).
+        n_outputs: 1 (``O``) or 2 (``O, state_out``; causal only).
     Returns:
         ``attnc.compiler.backends.tensorrt_plugins.AotKernel`` taking contiguous
-        ``Q, K, V[, decay], heads, seq_len, O`` (one launch, causal or not).
+        ``Q, K, V[, decay][, state], heads, seq_len, O[, state_out]`` (one launch, causal or not).
     """
     from attnc.plugins.kernels_common import aot_kernel
 
-    return aot_kernel(*trt_launch(attrs, dtypes, shapes), arch)
+    return aot_kernel(*trt_launch(attrs, dtypes, shapes, n_outputs=n_outputs), arch)
 
 
-def trt_launch(attrs: dict, dtypes: list, shapes: list):
+def trt_launch(attrs: dict, dtypes: list, shapes: list, *, n_outputs: int = 1):
     """``(KernelSpec, grid(output_shapes), scalars(input_shapes))`` of the TensorRT entry point.
 
-    Causal: :func:`linear_causal_trt` (or ``linear_causal_decay_trt`` with a ``decay`` input, read
-    as its own dtype, float32 by contract). Non-causal: :func:`linear_global_trt`, the state and
-    output passes fused into one program per head and value-column block (the Python launcher's
-    two launches do not fit TensorRT's one kernel per AOT plugin). ``decay`` is ignored without
-    ``causal``, as the op's contract says. Shared by :func:`kernel_for` and the interpreter test.
+    Causal: :func:`linear_causal_trt`, specialised to the node's inputs (``decay`` read as its own
+    dtype, float32 by contract; ``state`` float32) and outputs (``n_outputs`` 2: ``state_out``,
+    float32). Non-causal: :func:`linear_global_trt`, the state and output passes fused into one
+    program per head and value-column block (the Python launcher's two launches do not fit
+    TensorRT's one kernel per AOT plugin); ``decay`` is ignored without ``causal``, as the op's
+    contract says, and a recurrent state is refused. ``dtypes``/``shapes`` are positional, ``None``
+    for an absent optional input (3 or 4 entries: no state). Shared by :func:`kernel_for` and the
+    interpreter test.
     """
     from attnc.compiler.errors import AttncError
     from attnc.plugins.kernels_common import cdiv
 
-    if len(shapes) < 3 or dtypes[0] not in _NUMPY_DTYPES:
-        raise AttncError(f"the KernelLinearAttention kernel takes Q, K, V[, decay] in fp32/fp16/bf16, got "
-                         f"{len(shapes)} inputs of {dtypes[0] if dtypes else None}",
+    shapes = list(shapes) + [None] * (5 - len(shapes))
+    dtypes = list(dtypes) + [None] * (5 - len(dtypes))
+    if len(shapes) > 5 or None in shapes[:3] or dtypes[0] not in _NUMPY_DTYPES or n_outputs not in (1, 2):
+        raise AttncError(f"the KernelLinearAttention kernel takes Q, K, V[, decay][, state] in fp32/fp16/bf16 and "
+                         f"returns O[, state_out], got inputs {shapes} of {dtypes[0]} and {n_outputs} outputs",
                          "run the node through its ONNX function body (--fused-ops inline)")
     q_shape, v_shape = list(shapes[0]), list(shapes[2])
     head_dim, value_dim = q_shape[-1], v_shape[-1]
@@ -386,31 +417,45 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
         raise AttncError(f"KernelLinearAttention feature_map {feature_map!r} has no kernel",
                          f"use one of {tuple(FEATURE_MAP_IDS)}")
     causal = bool(attrs.get("causal") or 0)
-    normalize = attrs.get("normalize")
+    normalize = bool(1 if attrs.get("normalize") is None else attrs.get("normalize"))
     eps, scale = attrs.get("eps"), attrs.get("scale")
+    has_decay, has_state, store_state = shapes[3] is not None, shapes[4] is not None, n_outputs == 2
+    if (has_state or store_state) and not causal:
+        raise AttncError("KernelLinearAttention: state / state_out need causal=1",
+                         "drop the state input and output, or export the node with causal=1")
+    decay_dtype = dtypes[3] or "float32"
+    if has_decay and decay_dtype not in _NUMPY_DTYPES:
+        raise AttncError(f"KernelLinearAttention decay of dtype {decay_dtype} has no kernel",
+                         "give decay as float32 (the op's contract)")
+    if has_state:
+        want = state_shape(q_shape, value_dim, normalize)
+        if dtypes[4] != "float32" or len(shapes[4]) != 4 or any(
+                got not in (None, dim) for got, dim in zip(shapes[4][2:], want[2:])):
+            raise AttncError(f"KernelLinearAttention state must be float32 {want}, got {dtypes[4]} {shapes[4]}",
+                             "give the state as float32 [B, H, D, Dv + normalize] (the op's contract)")
     torch_dtype = _NUMPY_DTYPES[dtypes[0]]
     ptr = POINTER_TYPES[torch_dtype]
     blocks = linear_trt_config(causal, torch_dtype, head_dim, value_dim)
     constexprs = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, SCALE=float(1.0 if scale is None else scale),
                       EPS=float(1e-6 if eps is None else eps), FEATURE=FEATURE_MAP_IDS[feature_map],
-                      NORMALIZE=bool(1 if normalize is None else normalize), BLOCK_D=blocks["BLOCK_D"],
-                      BLOCK_DV=blocks["BLOCK_DV"], PRECISION=dot_precision(torch_dtype))
-    signature = {"Q": ptr, "K": ptr, "V": ptr}
-    # A decay input is passed by TensorRT whenever the node has one (read only when causal).
-    has_decay = len(shapes) > 3 and shapes[3] is not None
-    if has_decay:
-        decay_dtype = dtypes[3] if len(dtypes) > 3 else "float32"
-        if decay_dtype not in _NUMPY_DTYPES:
-            raise AttncError(f"KernelLinearAttention decay of dtype {decay_dtype} has no kernel",
-                             "give decay as float32 (the op's contract)")
-        signature["DECAY"] = POINTER_TYPES[_NUMPY_DTYPES[decay_dtype]]
+                      NORMALIZE=normalize, BLOCK_D=blocks["BLOCK_D"], BLOCK_DV=blocks["BLOCK_DV"],
+                      PRECISION=dot_precision(torch_dtype))
+    signature = {"Q": ptr, "K": ptr, "V": ptr, "heads": "i32", "seq_len": "i32", "O": ptr}
+    # TensorRT passes decay whenever the node has one (read only when causal).
+    optional = {"DECAY": POINTER_TYPES[_NUMPY_DTYPES[decay_dtype]] if has_decay else None}
     if causal:
-        kernel = linear_causal_decay_trt if has_decay else linear_causal_trt
+        kernel = linear_causal_trt
         constexprs["CHUNK"] = blocks["CHUNK"]
+        optional.update(STATE="*fp32" if has_state else None, STATE_OUT="*fp32" if store_state else None)
     else:
-        kernel = linear_global_decay_trt if has_decay else linear_global_trt
+        kernel = linear_global_trt
         constexprs["BLOCK_N"] = blocks["BLOCK_N"]
-    signature.update(heads="i32", seq_len="i32", O=ptr)
+    for name, pointer in optional.items():
+        # An absent tensor is a None constexpr, which is no parameter of the compiled kernel.
+        if pointer is None:
+            constexprs[name] = None
+        else:
+            signature[name] = pointer
     spec = KernelSpec(kernel, signature, constexprs, num_warps=blocks["num_warps"], num_stages=blocks["num_stages"])
 
     def grid(output_shapes):
@@ -424,7 +469,7 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
 
 
 def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
-    """The state, output and causal kernels (causal with decay), elu1 features."""
+    """The state, output and causal kernels (causal with decay, state in and out), elu1 features."""
     torch_dtype = DTYPE_NAMES[dtype]
     ptr = POINTER_TYPES[torch_dtype]
     blocks = linear_blocks(head_dim, head_dim)
@@ -439,12 +484,14 @@ def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
         KernelSpec(linear_output_kernel, {"Q": ptr, "S": "*fp32", "Z": "*fp32", "O": ptr, **dims,
                                           "scale": "fp32", "eps": "fp32", **strides("q", "o")},
                    {**common, "NORMALIZE": True, "BLOCK_N": blocks["BLOCK_N"]}),
-        KernelSpec(linear_causal_kernel, {"Q": ptr, "K": ptr, "V": ptr, "DECAY": "*fp32", "O": ptr, **dims,
-                                          "scale": "fp32", "eps": "fp32", **strides("q", "k", "v", "o")},
-                   {**common, "NORMALIZE": True, "HAS_DECAY": True, "CHUNK": blocks["CHUNK"]}),
+        KernelSpec(linear_causal_kernel, {"Q": ptr, "K": ptr, "V": ptr, "DECAY": "*fp32", "STATE": "*fp32", "O": ptr,
+                                          "STATE_OUT": "*fp32", **dims, "scale": "fp32", "eps": "fp32",
+                                          **strides("q", "k", "v", "o")},
+                   {**common, "NORMALIZE": True, "HAS_DECAY": True, "HAS_STATE": True, "STORE_STATE": True,
+                    "CHUNK": blocks["CHUNK"]}),
     ]
 
 
-__all__ = ["FEATURE_MAP_IDS", "aot_specs", "kernel_for", "linear_blocks", "linear_causal_decay_trt",
-           "linear_causal_kernel", "linear_causal_trt", "linear_forward", "linear_global_decay_trt",
-           "linear_global_trt", "linear_output_kernel", "linear_state_kernel", "linear_trt_config", "trt_launch"]
+__all__ = ["FEATURE_MAP_IDS", "aot_specs", "kernel_for", "linear_blocks", "linear_causal_kernel", "linear_causal_trt",
+           "linear_forward", "linear_global_trt", "linear_output_kernel", "linear_state_kernel", "linear_trt_config",
+           "state_shape", "trt_launch"]

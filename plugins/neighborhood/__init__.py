@@ -67,6 +67,7 @@ from attnc import DOMAIN
 
 OP_TYPE = "NeighborhoodAttention"
 ATTRIBUTES = {"kernel_size": None, "dilation": None, "is_causal": None, "stride": None, "scale": 0.0}
+INPUTS = ("Q", "K", "V", "RPB")  # RPB optional
 BLOCK = 28  # queries per block on the last grid axis (2-D/3-D); divides NAT's 56/28 grids at 224 px
 OPSET = 18  # default-domain opset of the body; any of 15..23 works (the body uses no op that changed since 15)
 

@@ -289,12 +289,17 @@ def test_launch_grid_helper():
 
 
 class _FakeDim:
+    """A ``trtp.ShapeExpr``: a constant or a dynamic dim (``None``), with ``+`` as QDP has."""
+
     def __init__(self, value):
         self.value = value
         self.is_constant = value is not None
 
     def constant_value(self):
         return self.value
+
+    def __add__(self, other):
+        return _FakeDim(None if self.value is None else self.value + other)
 
 
 class _FakeDesc:
@@ -304,12 +309,25 @@ class _FakeDesc:
 
 
 class _FakeTrtp:
-    """Records what attnc hands to ``tensorrt.plugin`` (no TensorRT needed)."""
+    """Records what attnc hands to ``tensorrt.plugin`` (no TensorRT needed), and refuses what
+    tensorrt.plugin's own validation (``tensorrt/plugin/_validate.py``) refuses: names with
+    dots, unannotated or interleaved parameters, attribute types QDP cannot serialise, a
+    register function without a ``TensorDesc``/``Tuple[TensorDesc, ...]`` return, an AOT function
+    whose parameters are not (tensors, attributes, outputs, tactic) or that lacks the
+    ``tuple[str | bytes, str | bytes, KernelLaunchParams, SymIntExprs]`` return annotation."""
 
     TensorDesc = _FakeDesc
+    DataType = type("DataType", (), {"FLOAT": "DataType.FLOAT"})
 
     class KernelLaunchParams:
         pass
+
+    class SymExprs(list):
+        pass
+
+    class SymIntExprs(SymExprs):
+        def __init__(self, n):
+            super().__init__([None] * n)
 
     class ShapeExprs(list):
         @classmethod
@@ -317,8 +335,7 @@ class _FakeTrtp:
             return cls(dims)
 
     def __init__(self):
-        self.registered, self.aot = {}, {}
-        self.SymIntExprs = lambda n: [None] * n
+        self.registered, self.aot, self.num_outputs, self.tensors = {}, {}, {}, {}
         self.SymInt32 = lambda v: ("sym", v)
 
     @staticmethod
@@ -327,11 +344,56 @@ class _FakeTrtp:
         desc.shape_expr = list(shape_expr)
         return desc
 
+    @staticmethod
+    def _check_id(plugin_id):
+        namespace, name = plugin_id.split("::")
+        assert "." not in namespace and "." not in name and namespace not in ("", "trt", "tensorrt", "std"), plugin_id
+
     def register(self, plugin_id):
-        return lambda fn: self.registered.setdefault(plugin_id, fn)
+        import inspect
+        import typing
+
+        def wrap(fn):
+            self._check_id(plugin_id)
+            tensors, seen_attr = [], False
+            for name, param in inspect.signature(fn).parameters.items():
+                assert param.annotation is not inspect.Parameter.empty, f"{name}: no type annotation"
+                if param.annotation is _FakeDesc:
+                    assert not seen_attr, "TensorDescs and attributes interspersed"
+                    tensors.append(name)
+                else:
+                    seen_attr = True
+                    assert name not in ("outputs", "stream", "tactic")
+                    assert param.annotation in (int, float, bytes, bool, str) or "NDArray" in str(param.annotation)
+            returns = inspect.signature(fn).return_annotation
+            if typing.get_origin(returns) is tuple:
+                assert all(arg is _FakeDesc for arg in typing.get_args(returns)), returns
+                self.num_outputs[plugin_id] = len(typing.get_args(returns))
+            else:
+                assert returns is _FakeDesc, f"return annotation {returns}"
+                self.num_outputs[plugin_id] = 1
+            self.tensors[plugin_id] = tensors
+            return self.registered.setdefault(plugin_id, fn)
+
+        return wrap
 
     def aot_impl(self, plugin_id):
-        return lambda fn: self.aot.setdefault(plugin_id, fn)
+        import inspect
+        import typing
+
+        def wrap(fn):
+            self._check_id(plugin_id)
+            register = inspect.signature(self.registered[plugin_id]).parameters
+            assert list(inspect.signature(fn).parameters) == list(register) + ["outputs", "tactic"]
+            returns = inspect.signature(fn).return_annotation
+            assert typing.get_origin(returns) is tuple, "aot_impl needs a return annotation"
+            args = typing.get_args(returns)
+            assert len(args) == 4 and args[2] is self.KernelLaunchParams and issubclass(args[3], self.SymExprs)
+            for arg in args[:2]:
+                assert set(typing.get_args(arg)) <= {str, bytes} if typing.get_args(arg) else arg in (str, bytes)
+            return self.aot.setdefault(plugin_id, fn)
+
+        return wrap
 
 
 def test_qdp_registration_builds_signatures_and_launch_params():
@@ -358,8 +420,105 @@ def test_qdp_registration_builds_signatures_and_launch_params():
     assert (name, ptx) == ("agent_fwd", ".version 8.0")
     assert (launch.grid_x, launch.grid_y, launch.grid_z, launch.block_x, launch.shared_mem) == (16, 4, 1, 128, 1024)
     assert extra == [("sym", 16)]
-    assert calls[0] == ("AgentAttention", {"scale": 0.125}, ["float16"] * 4,
-                        [[None, 2, 16, 64], [None, 2, 16, 64], [None, 2, 16, 32], [1, 2, 4, 64]])
+    # dtypes and shapes are positional over the op's inputs: the absent biases are None
+    assert calls[0] == ("AgentAttention", {"scale": 0.125}, ["float16"] * 4 + [None, None],
+                        [[None, 2, 16, 64], [None, 2, 16, 64], [None, 2, 16, 32], [1, 2, 4, 64], None, None])
+
+
+def test_plugin_variants_name_the_inputs_and_outputs_a_node_has():
+    assert tp.plugin_spec("NeighborhoodAttention").name == "NeighborhoodAttention"
+    rpb = tp.plugin_spec("NeighborhoodAttention", (0, 1, 2, 3))
+    assert rpb.name == "NeighborhoodAttention_in0123_out1" and rpb.plugin_id == "attnc::" + rpb.name
+    again = tp.plugin_spec(rpb.name)
+    assert (again.op_type, again.present, again.n_outputs) == ("NeighborhoodAttention", (0, 1, 2, 3), 1)
+    state = tp.plugin_spec("KernelLinearAttention_in0124_out2")
+    assert (state.op_type, state.present, state.n_outputs) == ("KernelLinearAttention", (0, 1, 2, 4), 2)
+    assert state.positional(["q", "k", "v", "s"]) == ["q", "k", "v", None, "s"]
+    assert 3 in state.float32_inputs and 4 in state.float32_inputs
+    shapes = state.output_specs([[2, 3, 5, 8], [2, 3, 5, 8], [2, 3, 5, 6], [2, 3, 8, 6]], "HALF", "FLOAT",
+                                {"normalize": 0, "causal": 1})
+    assert shapes == [([2, 3, 5, 6], "HALF"), ([2, 3, 8, 6], "FLOAT")]
+    normalized = state.output_specs([[2, 3, 5, 8], [2, 3, 5, 8], [2, 3, 5, 6], [2, 3, 8, 7]], "HALF", "FLOAT",
+                                    {"normalize": 1, "causal": 1})
+    assert normalized[1] == ([2, 3, 8, 7], "FLOAT")  # S and the normaliser's running sum
+    assert tp.plugin_spec("AgentAttention", (0, 1, 2, 3, 4, 5)).name == "AgentAttention_in012345_out1"
+    for name, message in (("KernelLinearAttention_in013_out1", "first 3 required"),
+                          ("KernelLinearAttention_in0127_out1", "does not fit"),
+                          ("NeighborhoodAttention_in012_out2", "outputs O"),
+                          ("Mystery_in012_out1", "not an attnc fused op")):
+        with pytest.raises(AttncError, match=message):
+            tp.plugin_spec(name)
+
+
+def test_node_plugin_spec_reads_the_node():
+    node = helper.make_node("KernelLinearAttention", ["q", "k", "v", "", "s"], ["o", "s_out"], domain=DOMAIN)
+    assert tp.node_plugin_spec(node).name == "KernelLinearAttention_in0124_out2"
+    node = helper.make_node("KernelLinearAttention", ["q", "k", "v", "d", ""], ["o", ""], domain=DOMAIN)
+    assert tp.node_plugin_spec(node).name == "KernelLinearAttention_in0123_out1"
+    node = helper.make_node("KernelLinearAttention", ["q", "k", "v"], ["", "s_out"], name="gap", domain=DOMAIN)
+    with pytest.raises(AttncError, match="'gap'.*leaves out output 0"):
+        tp.node_plugin_spec(node)
+
+
+def test_qdp_variant_with_optional_inputs_and_two_outputs():
+    """A linear attention node with decay absent, a state input and a state output: the QDP
+    plugin takes exactly its four tensors, declares two outputs (the state float32 whatever Q
+    is), and the kernel provider sees the inputs at their contract positions."""
+    import inspect
+
+    fake, calls = _FakeTrtp(), []
+
+    def provider(op_type, attrs, dtypes, shapes, **options):
+        calls.append((op_type, dtypes, shapes, options))
+        return tp.AotKernel("linear_state", ".version 8.0", grid=lambda outs: (outs[0][1].value, 1),
+                            scalars=lambda ins: [ins[0][1].value, ins[0][2].value])
+
+    spec = tp.plugin_spec("KernelLinearAttention", (0, 1, 2, 4), 2)
+    tp.register_qdp(fake, spec, provider, float32=fake.DataType.FLOAT)
+    plugin_id = "attnc::KernelLinearAttention_in0124_out2"
+    assert fake.num_outputs[plugin_id] == 2 and fake.tensors[plugin_id] == ["in0", "in1", "in2", "in4"]
+    desc_fn, aot_fn = fake.registered[plugin_id], fake.aot[plugin_id]
+    q, v, st = _FakeDesc([None, 2, 16, 64]), _FakeDesc([None, 2, 16, 32]), _FakeDesc([None, 2, 64, 33], "FLOAT")
+    attrs = dict(feature_map="elu1", causal=1, normalize=1, eps=1e-6, scale=1.0)
+    out, state = desc_fn(q, q, v, st, **attrs)
+    assert [d.value for d in out.shape_expr] == [None, 2, 16, 32] and out.dtype == q.dtype
+    assert [d.value for d in state.shape_expr] == [None, 2, 64, 33] and state.dtype == "DataType.FLOAT"
+    name, _, launch, extra = aot_fn(q, q, v, st, *attrs.values(), outputs=(out, state), tactic=0)
+    assert name == "linear_state" and extra == [("sym", 2), ("sym", 16)]
+    op, dtypes, shapes, options = calls[0]
+    assert op == "KernelLinearAttention" and options == {"n_outputs": 2}
+    assert dtypes == ["float16", "float16", "float16", None, "float32"]
+    assert shapes[3] is None and shapes[4] == [None, 2, 64, 33]
+    assert list(inspect.signature(aot_fn).parameters)[:4] == ["in0", "in1", "in2", "in4"]
+
+
+def test_prepare_model_makes_variants_and_keeps_the_state_float32():
+    """Absent optional inputs are dropped from plugin nodes, each node is renamed to its
+    variant, and an fp16 build keeps the contract's float32 tensors (state in and out, decay)."""
+    f, nodes = TensorProto.FLOAT, []
+    nodes.append(helper.make_node("KernelLinearAttention", ["q", "k", "v", "", "state"], ["o", "state_out"],
+                                  name="la0", domain=DOMAIN, causal=1, normalize=0))
+    nodes.append(helper.make_node("KernelLinearAttention", ["o", "k", "v", "decay"], ["y"], name="la1",
+                                  domain=DOMAIN, causal=1))
+    inputs = [helper.make_tensor_value_info(n, f, [1, 2, 5, 8]) for n in "qkv"]
+    inputs.append(helper.make_tensor_value_info("state", f, [1, 2, 8, 8]))
+    outputs = [helper.make_tensor_value_info("y", f, [1, 2, 5, 8]),
+               helper.make_tensor_value_info("state_out", f, [1, 2, 8, 8])]
+    decay = onnx.numpy_helper.from_array(np.array([0.9, 0.5], np.float32), "decay")
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, [decay]),
+                              opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(DOMAIN, 1)])
+    prepared, ops = trt_backend.prepare_model(model, "fp16")
+    assert ops == ["KernelLinearAttention_in0123_out1", "KernelLinearAttention_in0124_out2"]
+    first, second = prepared.graph.node
+    assert first.op_type == "KernelLinearAttention_in0124_out2" and list(first.input) == ["q", "k", "v", "state"]
+    assert second.op_type == "KernelLinearAttention_in0123_out1" and len(second.input) == 4
+    types = {v.name: v.type.tensor_type.elem_type for v in list(prepared.graph.input) + list(prepared.graph.output)}
+    assert types == {"q": TensorProto.FLOAT16, "k": TensorProto.FLOAT16, "v": TensorProto.FLOAT16,
+                     "state": f, "y": TensorProto.FLOAT16, "state_out": f}
+    assert prepared.graph.initializer[0].data_type == f
+    assert list(model.graph.node[0].input) == ["q", "k", "v", "", "state"]  # the caller's model is untouched
+    inline, ops = trt_backend.prepare_model(model, "fp16", fused_ops="inline")
+    assert ops == [] and inline.graph.node[0].op_type == "KernelLinearAttention"
 
 
 def test_kernel_for_without_a_provider_says_where_it_goes(monkeypatch):
@@ -690,11 +849,24 @@ _ALL_OPS_SCRIPT = textwrap.dedent('''
                    {"q": [2, 2, 16, 64], "k": [2, 2, 16, 64], "v": [2, 2, 16, 32]}, [2, 2, 16, 32]),
         "neighborhood": (neighborhood.make_node(["q", "k", "v"], ["o"], "n0", kernel_size=[3, 5], dilation=[1, 2]),
                          {n: [1, 2, 8, 10, 32] for n in "qkv"}, [1, 2, 8, 10, 32]),
+        # plugin variants: an optional input (RPB), and linear attention's state in and out with
+        # decay left out (float32 state next to fp16 Q, K, V)
+        "neighborhood_rpb": (neighborhood.make_node(["q", "k", "v", "rpb"], ["o"], "n0", kernel_size=[3, 5]),
+                             {**{n: [1, 2, 8, 10, 32] for n in "qkv"}, "rpb": [2, 5, 9]}, [1, 2, 8, 10, 32]),
+        # normalize=1: the state carries the normaliser's sum as column Dv (Dv + 1 through
+        # TensorRT's expression builder)
+        "linear_state": (h.make_node("KernelLinearAttention", ["q", "k", "v", "", "state"], ["o", "state_out"],
+                                     "n0", domain="attnc", causal=1, normalize=1, feature_map="elu1"),
+                         {"q": [2, 2, 16, 64], "k": [2, 2, 16, 64], "v": [2, 2, 16, 32], "state": [2, 2, 64, 33]},
+                         [2, 2, 16, 32]),
     }
     out_dir = sys.argv[1]
     for name, (node, shapes, out_shape) in cases.items():
         inputs = [h.make_tensor_value_info(n, T.FLOAT, s) for n, s in shapes.items()]
-        model = h.make_model(h.make_graph([node], name, inputs, [h.make_tensor_value_info("o", T.FLOAT, out_shape)]),
+        outputs = [h.make_tensor_value_info("o", T.FLOAT, out_shape)]
+        if len(node.output) > 1:
+            outputs.append(h.make_tensor_value_info("state_out", T.FLOAT, shapes["state"]))
+        model = h.make_model(h.make_graph([node], name, inputs, outputs),
                              opset_imports=[h.make_opsetid("", 23), h.make_opsetid("attnc", 1)])
         onnx.save(model, f"{out_dir}/{name}.onnx")
         profile = {"opt_shapes": {n: [2] + s[1:] for n, s in shapes.items()}} if name == "agent" else {}
@@ -725,13 +897,20 @@ def test_rtx_python_plugin_engines_build_with_the_library_link(tmp_path):
                                                 "eps": pytest.approx(1e-6), "scale": 1.0}
     assert decoded["NeighborhoodAttention"] == {"kernel_size": [3, 5], "dilation": [1, 2], "is_causal": [0, 0],
                                                 "stride": [1, 1], "scale": 0.0}
+    assert decoded["NeighborhoodAttention_in0123_out1"]["kernel_size"] == [3, 5]
+    assert decoded["KernelLinearAttention_in0124_out2"]["normalize"] == 1
     expected = {"agent": [-1, 2, 16, 32], "flow": [2, 2, 16, 32], "linear": [2, 2, 16, 32],
-                "neighborhood": [1, 2, 8, 10, 32]}
+                "neighborhood": [1, 2, 8, 10, 32], "neighborhood_rpb": [1, 2, 8, 10, 32],
+                "linear_state": [2, 2, 16, 32]}
     for name, shape in expected.items():
         info = json.loads((tmp_path / name / "engine.json").read_text())
         assert info["plugins"]["mode"] == "python-v3" and info["plugins"]["namespace"] == "attnc"
         assert info["outputs"][0]["shape"] == shape and info["outputs"][0]["dtype"] == "float16"
         assert "PLUGIN_V3" in (tmp_path / name / "build.log").read_text()
+    info = json.loads((tmp_path / "linear_state" / "engine.json").read_text())
+    assert info["plugins"]["ops"] == ["KernelLinearAttention_in0124_out2"]
+    assert {"name": "state", "dtype": "float32", "shape": [2, 2, 64, 33]} in info["inputs"]
+    assert info["outputs"][1] == {"name": "state_out", "dtype": "float32", "shape": [2, 2, 64, 33]}
 
 
 @pytest.mark.tensorrt

@@ -378,3 +378,291 @@ def test_fla_linear_attention_layer_exports_fused_node(exporter, tmp_path):
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     assert attrs["causal"] == 1 and attrs["normalize"] == 1 and attrs["feature_map"] == b"identity"
     np.testing.assert_allclose(load(fused).infer({"x": x.numpy()})["output"], expected, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- recurrent state (prefill / decode)
+
+def _numpy_fla(q, k, v, scale, s0=None, z0=None, normalize=False, decay=None):
+    """fla's semantics (``[B, T, H, D]``) as a float64 recurrence written from fla's source:
+    o_t = scale·q_t·S_t, S_t = λ S_{t-1} + k_t v_tᵀ (S_{-1} = s0); with ``normalize`` divided by
+    scale·q_t·(z0 + Σ_{s≤t} k_s) + 1e-10. Returns (o, S_T, z_T [B, 1, H, D])."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, t_len, h, d = q.shape
+    lam = np.ones(h) if decay is None else np.asarray(decay, np.float64)
+    s = np.zeros((b, h, d, v.shape[-1])) if s0 is None else np.asarray(s0, np.float64).copy()
+    z = np.zeros((b, h, d)) if z0 is None else np.asarray(z0, np.float64)[:, 0].copy()
+    o = np.zeros((b, t_len, h, v.shape[-1]))
+    for t in range(t_len):
+        s = lam[None, :, None, None] * s + k[:, t, :, :, None] * v[:, t, :, None, :]
+        z = z + k[:, t]
+        o[:, t] = scale * np.einsum("bhd,bhdv->bhv", q[:, t], s)
+        if normalize:
+            o[:, t] /= scale * np.einsum("bhd,bhd->bh", q[:, t], z)[..., None] + 1e-10
+    return o, s, z[:, None]
+
+
+class _FlaStep(nn.Module):
+    """One fla call with an explicit state in and out (what a decode step exports)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q, k, v, s, z=None):
+        if self.kind == "chunk_linear_attn":           # normalize=True: state (kv, z)
+            import fla.ops.linear_attn as fl
+            o, (s2, z2) = fl.chunk_linear_attn(q, k, v, initial_state=(s, z), output_final_state=True)
+            return o, s2, z2
+        if self.kind == "fused_recurrent_linear_attn":
+            import fla.ops.linear_attn as fl
+            return fl.fused_recurrent_linear_attn(q, k, v, scale=0.3, initial_state=s, output_final_state=True)
+        import fla.ops.lightning_attn as fa
+        op = fa.chunk_lightning_attn if self.kind == "chunk_lightning_attn" else fa.fused_recurrent_lightning_attn
+        return op(q, k, v, layer_idx=1, num_layers=4, initial_state=s, output_final_state=True)
+
+
+FLA_STEP_KINDS = ["chunk_linear_attn", "fused_recurrent_linear_attn", "chunk_lightning_attn",
+                  "fused_recurrent_lightning_attn"]
+
+
+def _fla_inputs(kind, b, t, h, d, dv, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(b, t, h, d, generator=gen), torch.randn(b, t, h, d, generator=gen)
+    if kind == "chunk_linear_attn":   # fla's layers apply a positive feature map before a normalised op
+        q, k = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
+    return q, k, torch.randn(b, t, h, dv, generator=gen)
+
+
+def _fla_expected(kind, q, k, v, s0=None, z0=None):
+    from attnc.plugins.linear.fla_compat import lightning_decay
+    d = q.shape[-1]
+    if kind == "chunk_linear_attn":
+        return _numpy_fla(q, k, v, d ** -0.5, s0, z0, normalize=True)
+    if kind == "fused_recurrent_linear_attn":
+        return _numpy_fla(q, k, v, 0.3, s0)
+    return _numpy_fla(q, k, v, d ** -0.5, s0, decay=lightning_decay(q.shape[2], 1, 4).double().numpy())
+
+
+@pytest.mark.parametrize("kind", FLA_STEP_KINDS)
+def test_fla_state_translation_eager_matches_numpy(kind):
+    from attnc.plugins.linear.fla_compat import translate_fla
+    b, t, h, d, dv = 2, 7, 3, 5, 4
+    q, k, v = _fla_inputs(kind, b, t, h, d, dv, seed=21)
+    s0 = torch.randn(b, h, d, dv)
+    z0 = torch.rand(b, 1, h, d) + 0.5
+    with torch.no_grad(), translate_fla():
+        got = _FlaStep(kind)(q, k, v, s0, z0)
+    expected = _fla_expected(kind, q, k, v, s0, z0)
+    assert len(got) == (3 if kind == "chunk_linear_attn" else 2)
+    assert got[1].dtype == torch.float32 and tuple(got[1].shape) == (b, h, d, dv)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g.numpy(), e, rtol=1e-5, atol=1e-5)
+
+
+def test_fla_normalised_state_forms():
+    """fla's normalised ops: a plain tensor state is kv with z = 0, (None, z) is z alone, and the
+    result carries z even without output_final_state (fla's chunk ops return (None, z) then)."""
+    import fla.ops.linear_attn as fl
+    from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
+
+    from attnc.plugins.linear.fla_compat import translate_fla
+    q, k, v = _fla_inputs("chunk_linear_attn", 1, 6, 2, 3, 5, seed=22)
+    s0, z0 = torch.randn(1, 2, 3, 5), torch.rand(1, 1, 2, 3) + 0.5
+    scale = 3 ** -0.5
+    with torch.no_grad(), translate_fla():
+        o, (s_none, z) = fl.fused_chunk_linear_attn(q, k, v, initial_state=s0)
+        np.testing.assert_allclose(o.numpy(), _numpy_fla(q, k, v, scale, s0, None, True)[0], rtol=1e-5, atol=1e-6)
+        assert s_none is None
+        np.testing.assert_allclose(z.numpy(), k.sum(1, keepdim=True).numpy(), rtol=1e-6)
+        o, (s1, z1) = fl.fused_recurrent_linear_attn(q, k, v, initial_state=(None, z0), output_final_state=True,
+                                                     normalize=True)
+        expected = _numpy_fla(q, k, v, scale, None, z0, True)
+        for g, e in zip((o, s1, z1), expected):
+            np.testing.assert_allclose(g.numpy(), e, rtol=1e-5, atol=1e-6)
+        # fla's own naive recurrence agrees where it returns the state
+        o, (s2, z2) = fl.chunk_linear_attn(q, k, v, initial_state=(s0, z0), output_final_state=True)
+    o_fla, (s_fla, z_fla) = naive_recurrent_linear_attn(q, k, v, initial_state=(s0, z0), output_final_state=True,
+                                                         normalize=True)
+    for g, e in ((o, o_fla), (s2, s_fla), (z2, z_fla)):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_fla_state_refusals():
+    import fla.ops.lightning_attn as fa
+    import fla.ops.linear_attn as fl
+
+    from attnc.plugins.linear.fla_compat import translate_fla
+    q = torch.randn(1, 4, 2, 3)
+    with translate_fla():
+        with pytest.raises(NotImplementedError, match="cu_seqlens"):
+            fl.chunk_linear_attn(q, q, q, initial_state=torch.zeros(1, 2, 3, 3), cu_seqlens=torch.tensor([0, 4]))
+        with pytest.raises(NotImplementedError, match="reverse"):
+            fa.fused_recurrent_lightning_attn(q, q, q, 0, 2, reverse=True)
+        with pytest.raises(TypeError, match="normalize=False"):
+            fl.chunk_linear_attn(q, q, q, initial_state=(torch.zeros(1, 2, 3, 3), None), normalize=False)
+
+
+def _export_fla_step(kind, exporter, tmp_path, b=2, h=3, d=5, dv=4):
+    from attnc.plugins.linear.fla_compat import translate_fla
+    q, k, v = _fla_inputs(kind, b, 5, h, d, dv, seed=23)
+    names = ["q", "k", "v", "s"] + (["z"] if kind == "chunk_linear_attn" else [])
+    outputs = ["o", "s_out"] + (["z_out"] if kind == "chunk_linear_attn" else [])
+    args = (q, k, v, torch.zeros(b, h, d, dv)) + ((torch.zeros(b, 1, h, d),) if kind == "chunk_linear_attn" else ())
+    dynamic = {n: {0: "batch", 1: "seq"} for n in ("q", "k", "v", "o")} | {n: {0: "batch"} for n in names[3:] + outputs[1:]}
+    with translate_fla():
+        path = export_onnx(_FlaStep(kind).eval(), args, tmp_path / f"{kind}_{exporter}.onnx", exporter=exporter,
+                           input_names=names, output_names=outputs, dynamic_axes=dynamic)
+    return onnx.load(path)
+
+
+def _decode_in_pieces(session, kind, q, k, v, splits):
+    """Run the exported step on [0, s1), [s1, s2), ... (first from a zero state); (o, state, z)."""
+    b, _, h, d = q.shape
+    s, z = np.zeros((b, h, d, v.shape[-1]), np.float32), np.zeros((b, 1, h, d), np.float32)
+    outs = []
+    bounds = [0, *splits, q.shape[1]]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        feeds = {"q": q[:, lo:hi].numpy(), "k": k[:, lo:hi].numpy(), "v": v[:, lo:hi].numpy(), "s": s}
+        if kind == "chunk_linear_attn":
+            feeds["z"] = z
+        run = session.infer(feeds)
+        outs.append(run["o"])
+        s, z = run["s_out"], run.get("z_out")
+    return np.concatenate(outs, axis=1), s, z
+
+
+@pytest.mark.parametrize("kind", FLA_STEP_KINDS)
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_fla_state_exports_and_decodes(kind, exporter, tmp_path):
+    """One node with state in / state_out; through ONNX Runtime, prefill [0, m) + decode equals
+    fla's semantics over [0, N) in one shot, for several m and token by token."""
+    model = _export_fla_step(kind, exporter, tmp_path)
+    nodes = [n for n in model.graph.node if n.op_type == OP]
+    assert len(nodes) == 1 and len(nodes[0].input) == 5 and len(nodes[0].output) == 2
+    fused, _ = linear.apply(model)
+    assert nodes[0].overload == "state_in_out" or next(n for n in fused.graph.node if n.op_type == OP).overload \
+        == "state_in_out"
+    onnx.checker.check_model(fused)
+    session = load(fused)
+    q, k, v = _fla_inputs(kind, 2, 37, 3, 5, 4, seed=24)
+    expected = _fla_expected(kind, q, k, v)
+    for splits in ([1], [16], [36], list(range(1, 37))):
+        o, s, z = _decode_in_pieces(session, kind, q, k, v, splits)
+        np.testing.assert_allclose(o, expected[0], rtol=1e-4, atol=1e-4, err_msg=f"splits {splits}")
+        np.testing.assert_allclose(s, expected[1], rtol=1e-4, atol=1e-4 * np.abs(expected[1]).max())
+        if kind == "chunk_linear_attn":
+            np.testing.assert_allclose(z, expected[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_fla_linear_attention_layer_decode_step(exporter, tmp_path):
+    """fla.layers.LinearAttention with its cache (``past_key_values``, ``use_cache=True``): the
+    layer's recurrent_state (kv, z) goes in and out of one node; prefill + token-by-token decode
+    through ONNX Runtime equals the layer's one-shot output."""
+    from fla.layers import LinearAttention as FlaLinearAttention
+    from fla.models.utils import Cache
+
+    from attnc.plugins.linear.fla_compat import translate_fla
+
+    torch.manual_seed(25)
+    layer = FlaLinearAttention(mode="chunk", hidden_size=32, num_heads=4, feature_map="hedgehog",
+                               output_norm="identity", do_feature_map_norm=True, layer_idx=0)
+
+    class Step(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x, s, z):
+            cache = Cache()
+            cache.update(recurrent_state=(s, z), layer_idx=0, offset=0)
+            o, _, cache = self.layer(x, past_key_values=cache, use_cache=True)
+            s_out, z_out = cache[0]["recurrent_state"]
+            return o, s_out, z_out
+
+    module = Step().eval()
+    s0, z0 = torch.zeros(2, 4, 16, 8), torch.zeros(2, 1, 4, 16)     # hedgehog doubles the key dim
+    x = torch.randn(2, 11, 32)
+    dynamic = {"x": {0: "batch", 1: "seq"}, "o": {0: "batch", 1: "seq"}} | {n: {0: "batch"} for n in ("s", "z")}
+    with translate_fla():
+        # a contiguous example: a sliced one exports its strides (aten.sym_stride has no ONNX function)
+        path = export_onnx(module, (x[:, :3].contiguous(), s0, z0), tmp_path / "layer.onnx", exporter=exporter,
+                           input_names=["x", "s", "z"], output_names=["o", "s_out", "z_out"], dynamic_axes=dynamic)
+        with torch.no_grad():
+            expected = module(x, s0, z0)
+    fused, _ = linear.apply(onnx.load(path))
+    assert [len(n.output) for n in fused.graph.node if n.op_type == OP] == [2]
+    session = load(fused)
+    s, z, outs = s0.numpy(), z0.numpy(), []
+    for lo, hi in [(0, 6)] + [(t, t + 1) for t in range(6, 11)]:
+        run = session.infer({"x": x[:, lo:hi].numpy(), "s": s, "z": z})
+        outs.append(run["o"])
+        s, z = run["s_out"], run["z_out"]
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), expected[0].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(s, expected[1].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(z, expected[2].numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["chunk_lightning_attn", "fused_recurrent_linear_attn"])
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_fused_lightning_node_with_state_lowered_to_onnx_linear_attention(kind, exporter, tmp_path):
+    """--lower linear: a KernelLinearAttention node (fla's export) with state becomes ONNX
+    LinearAttention with past_state / present_state; prefill + decode still equals one shot."""
+    model = _export_fla_step(kind, exporter, tmp_path)
+    lowered, report = linear.apply(model, lower_lightning_to_onnx=True)
+    assert report.rewritten == 1 and report.matches[0].op_type == "LinearAttention", report.to_dict()
+    assert _count(lowered, OP) == 0 and not any(f.name == OP for f in lowered.functions)
+    node = next(n for n in lowered.graph.node if n.op_type == "LinearAttention")
+    rule = onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "update_rule"))
+    assert rule == (b"gated" if kind == "chunk_lightning_attn" else b"linear")
+    assert node.input[3] == "s" and node.output[1] == "s_out"
+    assert next(o.version for o in lowered.opset_import if o.domain == "") == 27
+    onnx.checker.check_model(lowered)
+    session = load(lowered)
+    q, k, v = _fla_inputs(kind, 2, 23, 3, 5, 4, seed=26)
+    expected = _fla_expected(kind, q, k, v)
+    for splits in ([9], list(range(1, 23))):
+        o, s, _ = _decode_in_pieces(session, kind, q, k, v, splits)
+        np.testing.assert_allclose(o, expected[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(s, expected[1], rtol=1e-4, atol=1e-4)
+
+
+def test_lowering_fused_nodes_keeps_the_others_fused():
+    """Of three fused nodes only the lightning one with a constant decay is lowered; the
+    normalised one keeps its function overload, the one with a decay read from an input stays
+    fused with a near-miss saying why. ONNX Runtime gives the same outputs before and after."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from attnc.plugins import linear as plugin
+
+    h, d, dv = 3, 4, 5
+    qkv = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", h, "n", dd]) for n, dd in
+           (("Q", d), ("K", d), ("V", dv))]
+    states = [helper.make_tensor_value_info(f"s{i}", TensorProto.FLOAT, ["b", h, d, dv + (i == 1)]) for i in range(3)]
+    nodes = [plugin.make_node(["Q", "K", "V", "lam", "s0"], ["o0", "so0"], "lightning", feature_map="identity",
+                              causal=1, normalize=0, scale=0.5),
+             plugin.make_node(["Q", "K", "V", "lam", "s1"], ["o1", "so1"], "normalised", causal=1),
+             plugin.make_node(["Q", "K", "V", "lam_in", "s2"], ["o2"], "input_decay", feature_map="identity",
+                              causal=1, normalize=0)]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in
+            (("o0", ["b", h, "n", dv]), ("so0", ["b", h, d, dv]), ("o1", ["b", h, "n", dv]),
+             ("so1", ["b", h, d, dv + 1]), ("o2", ["b", h, "n", dv]))]
+    graph = helper.make_graph(nodes, "three", qkv + states + [helper.make_tensor_value_info("lam_in", TensorProto.FLOAT, [h])],
+                              outs, initializer=[numpy_helper.from_array(np.array([0.9, 0.7, 0.5], np.float32), "lam")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    lowered, report = linear.apply(model, lower_lightning_to_onnx=True)
+    assert report.rewritten == 1
+    assert any("decay is not a constant" in nm.reason for nm in report.near_misses), report.to_dict()
+    assert _count(lowered, "LinearAttention") == 1 and _count(lowered, OP) == 2
+    assert sorted(f.overload for f in lowered.functions if f.name == OP) == ["state", "state_in_out"]
+    onnx.checker.check_model(lowered)
+    rng = np.random.default_rng(27)
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in
+             (("Q", (2, h, 7, d)), ("K", (2, h, 7, d)), ("V", (2, h, 7, dv)), ("s0", (2, h, d, dv)),
+              ("s1", (2, h, d, dv + 1)), ("s2", (2, h, d, dv)))}
+    feeds["s1"][..., dv] = np.abs(feeds["s1"][..., dv]) + 1.0
+    feeds["lam_in"] = np.array([0.9, 0.8, 0.6], np.float32)
+    fused, _ = linear.apply(model)
+    before, after = load(fused).infer(feeds), load(lowered).infer(feeds)
+    for name in before:
+        np.testing.assert_allclose(after[name], before[name], rtol=1e-5, atol=1e-5, err_msg=name)

@@ -199,6 +199,22 @@ def test_prunes_fused_attnc_nodes(tmp_path, name, family):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_linear_attention_with_a_recurrent_state_is_not_pruned(tmp_path):
+    """A decode-step graph's state is [B, H, D, Dv] at the model's interface: pruning would change
+    what callers feed, so such layers are skipped, saying why."""
+    from attnc.passes import linear
+
+    spec = get_spec("lm-lightning-small")
+    model = spec.factory()
+    fused, _ = linear.apply(_export(model, spec.example_inputs(batch=2, seed=1), tmp_path, "dynamo", spec))
+    assert len(find_attention_layers(fused)) >= 1
+    for i, node in enumerate(n for n in fused.graph.node if n.op_type == "KernelLinearAttention"):
+        node.input.extend([""] * (4 - len(node.input)) + [f"state{i}"])
+        fused.graph.input.append(onnx.helper.make_tensor_value_info(f"state{i}", onnx.TensorProto.FLOAT, None))
+    with pytest.raises(AttncError, match="recurrent state"):
+        find_attention_layers(fused)
+
+
 # Agent attention: pruning head h also removes its pooled agents, its bias tables and its channels
 # of the depthwise conv of V. That conv is added to the merged heads before the output projection,
 # so the gate on the projection's input (head_gates) masks exactly the head's attention output and

@@ -75,7 +75,10 @@ def na_reference(q, k, v, kernel_size, dilation, is_causal, scale, rpb, stride=N
     return out
 
 
-def linear_reference(q, k, v, decay, feature_map, causal, normalize, eps, scale):
+def linear_reference(q, k, v, decay, feature_map, causal, normalize, eps, scale, state=None, return_state=False):
+    """The quadratic form: masked scores ``λ^{t-s}[s <= t]`` times V; an initial state enters
+    every query as ``λ^{t+1} q_t S0`` (and ``z0`` in the normaliser); the state after the last
+    token is ``λ^N S0 + Σ_s λ^{N-1-s} k_sᵀ v_s``."""
     phi = {"elu1": lambda x: torch.nn.functional.elu(x) + 1, "relu": torch.relu, "identity": lambda x: x}
     q, k = phi[feature_map](q) * scale, phi[feature_map](k)
     scores = q @ k.transpose(-2, -1)
@@ -85,8 +88,39 @@ def linear_reference(q, k, v, decay, feature_map, causal, normalize, eps, scale)
         lam = torch.ones(q.shape[1], dtype=torch.float64) if decay is None else decay.double()
         mask = torch.where(gap >= 0, lam[:, None, None] ** gap.clamp(min=0), 0.0)   # [H, N, N]
         scores = scores * mask
+        to_query = lam[:, None] ** torch.arange(1, n + 1)                              # [H, N] λ^{t+1}
+        to_end = lam[:, None] ** torch.arange(n - 1, -1, -1)                           # [H, N] λ^{N-1-s}
     out = scores @ v
-    return out / (scores.sum(-1, keepdim=True) + eps) if normalize else out
+    den = scores.sum(-1, keepdim=True)
+    if state is not None:
+        past = (q @ state) * to_query[:, :, None]                                      # [B, H, N, Dv (+1)]
+        out = out + past[..., :v.shape[-1]]
+        den = den + past[..., v.shape[-1]:] if normalize else den
+    out = out / (den + eps) if normalize else out
+    if not return_state:
+        return out
+    start = torch.zeros(*q.shape[:2], q.shape[-1], v.shape[-1] + normalize, dtype=torch.float64)
+    start = start if state is None else state
+    values = torch.cat([v, torch.ones_like(v[..., :1])], -1) if normalize else v   # z = Σ k_s · 1
+    return out, lam[:, None, None] ** n * start + (k * to_end[..., None]).transpose(-2, -1) @ values
+
+
+def linear_recurrent_reference(q, k, v, decay, feature_map, normalize, eps, scale, state=None):
+    """Causal linear attention token by token, the op's recurrence:
+    ``S_t = λ S_{t-1} + k_tᵀ v_t``, ``O_t = q_t S_t [/ (q_t·z_t + eps)]``. Returns ``(O, S_N | z_N)``."""
+    phi = {"elu1": lambda x: torch.nn.functional.elu(x) + 1, "relu": torch.relu, "identity": lambda x: x}
+    q, k = phi[feature_map](q) * scale, phi[feature_map](k)
+    dv = v.shape[-1]
+    s = torch.zeros(*q.shape[:2], q.shape[-1], dv + normalize, dtype=torch.float64) if state is None else state.clone()
+    lam = torch.ones(q.shape[1], dtype=torch.float64) if decay is None else decay.double()
+    out = torch.empty(*q.shape[:-1], dv, dtype=torch.float64)
+    for t in range(q.shape[2]):
+        s[..., :dv] = lam[:, None, None] * s[..., :dv] + k[:, :, t, :, None] * v[:, :, t, None, :]
+        if normalize:
+            s[..., dv] = lam[:, None] * s[..., dv] + k[:, :, t]
+        read = torch.einsum("bhd,bhde->bhe", q[:, :, t], s)
+        out[:, :, t] = read[..., :dv] / (read[..., dv:] + eps) if normalize else read
+    return out, s
 
 
 def flow_reference(q, k, v, eps, causal=0):
@@ -184,6 +218,38 @@ LINEAR_CASES = [
     dict(n=45, d=20, dv=80, feature_map="elu1", causal=0, normalize=1, decay=False, dtype="fp16", entry="tensorrt"),
     dict(n=33, d=16, dv=24, feature_map="identity", causal=0, normalize=0, decay=True, dtype="fp32",
          entry="tensorrt"),
+    # The recurrent state (causal only): ``state`` in ("random": a 13-token prefix's, "zeros": must
+    # give the stateless kernel's bits), ``state_out`` returned, ``split``: the sequence run in
+    # segments, each from the previous one's state (prefill then decode; 1-token segments are decode
+    # steps). Value dims 72/80 > the 64-column blocks: several programs per head share z.
+    dict(n=37, d=20, dv=80, feature_map="elu1", causal=1, normalize=1, decay=True, dtype="fp32", state="random",
+         state_out=True),
+    dict(n=5, d=24, dv=72, feature_map="relu", causal=1, normalize=0, decay=False, dtype="fp16", state="random",
+         state_out=True, scale=0.5),
+    dict(n=1, d=16, dv=40, feature_map="elu1", causal=1, normalize=1, decay=True, dtype="bf16", state="random",
+         state_out=True),
+    dict(n=37, d=40, dv=24, feature_map="elu1", causal=1, normalize=1, decay=False, dtype="bf16", state="random"),
+    dict(n=70, d=24, dv=72, feature_map="elu1", causal=1, normalize=1, decay=True, dtype="fp32", state="zeros",
+         state_out=True),
+    dict(n=37, d=20, dv=24, feature_map="relu", causal=1, normalize=0, decay=True, dtype="fp16", state="zeros"),
+    dict(n=37, d=20, dv=80, feature_map="elu1", causal=1, normalize=1, decay=True, dtype="fp32", state="random",
+         split=[20, 36]),
+    dict(n=5, d=24, dv=40, feature_map="relu", causal=1, normalize=0, decay=True, dtype="bf16", split=[1, 2, 3, 4]),
+    dict(n=70, d=32, dv=72, feature_map="elu1", causal=1, normalize=1, decay=False, dtype="fp16", state="random",
+         split=[64, 69]),
+    # ... through the TensorRT entry point: every combination of decay, state and state_out.
+    dict(n=37, d=20, dv=72, feature_map="elu1", causal=1, normalize=1, decay=True, dtype="fp32", state="random",
+         state_out=True, entry="tensorrt"),
+    dict(n=5, d=24, dv=72, feature_map="relu", causal=1, normalize=0, decay=True, dtype="fp16", state="random",
+         entry="tensorrt"),
+    dict(n=37, d=16, dv=40, feature_map="elu1", causal=1, normalize=1, decay=True, dtype="bf16", state_out=True,
+         entry="tensorrt"),
+    dict(n=1, d=40, dv=24, feature_map="elu1", causal=1, normalize=1, decay=False, dtype="fp16", state="random",
+         state_out=True, entry="tensorrt"),
+    dict(n=37, d=16, dv=16, feature_map="identity", causal=1, normalize=0, decay=False, dtype="fp32",
+         state="random", entry="tensorrt", scale=0.25),
+    dict(n=70, d=24, dv=72, feature_map="elu1", causal=1, normalize=1, decay=False, dtype="bf16", state_out=True,
+         entry="tensorrt"),
 ]
 FLOW_CASES = [
     dict(l=37, s=50, d=32, dv=48, dtype="fp32"),
@@ -231,9 +297,12 @@ def random_case(op: str, rng: np.random.Generator) -> dict:
         return dict(grid=grid, ks=ks, dil=dil, causal=causal, stride=stride,
                     rpb=bool(rng.integers(0, 2)) and max(stride) == 1, d=int(rng.integers(8, 65)), dtype=dtype)
     if op == "linear":
+        causal = int(rng.integers(0, 2))
+        state = dict(state=str(rng.choice(["none", "random", "zeros"])), state_out=bool(rng.integers(0, 2)))
         return dict(n=int(rng.integers(1, 140)), d=int(rng.integers(8, 65)), dv=int(rng.integers(8, 97)),
-                    feature_map=str(rng.choice(["elu1", "relu", "identity"])), causal=int(rng.integers(0, 2)),
-                    normalize=int(rng.integers(0, 2)), decay=bool(rng.integers(0, 2)), dtype=dtype)
+                    feature_map=str(rng.choice(["elu1", "relu", "identity"])), causal=causal,
+                    normalize=int(rng.integers(0, 2)), decay=bool(rng.integers(0, 2)), dtype=dtype,
+                    **(state if causal else {}))
     if op == "flow":
         length, causal = int(rng.integers(1, 100)), int(rng.integers(0, 2))
         return dict(l=length, s=length if causal else int(rng.integers(1, 100)), d=int(rng.integers(8, 65)),
@@ -243,13 +312,63 @@ def random_case(op: str, rng: np.random.Generator) -> dict:
                 b2=bool(rng.integers(0, 2)), dtype=dtype, splits=int(rng.integers(1, 3)))
 
 
-def _run_trt_entry(trt_launch, attrs: dict, inputs: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """Launch an op's TensorRT entry point (its ``trt_launch``) on ``inputs`` into ``out``, in the
-    plugin's argument order: the inputs, the int scalars from their shapes, the output."""
-    shapes = [list(t.shape) for t in inputs]
-    spec, grid, scalars = trt_launch(attrs, [str(t.dtype).removeprefix("torch.") for t in inputs], shapes)
-    spec.kernel[grid([list(out.shape)])](*inputs, *scalars(shapes), out, **spec.constexprs)
-    return out
+def _run_trt_entry(trt_launch, attrs: dict, inputs: list, *outputs: torch.Tensor):
+    """Launch an op's TensorRT entry point (its ``trt_launch``) as TensorRT launches the compiled
+    kernel: ``inputs`` are positional (``None`` for an absent optional input), and the kernel's
+    parameters that are no constexpr (the ones its PTX keeps) take the present inputs, the int
+    scalars from their shapes, then ``outputs``. Returns the first output, or all of them."""
+    shapes = [None if t is None else list(t.shape) for t in inputs]
+    dtypes = [None if t is None else str(t.dtype).removeprefix("torch.") for t in inputs]
+    spec, grid, scalars = trt_launch(attrs, dtypes, shapes, **({"n_outputs": len(outputs)} if len(outputs) > 1
+                                                               else {}))
+    present = [t for t in inputs if t is not None]
+    values = [*present, *scalars([list(t.shape) for t in present]), *outputs]
+    params = [name for name in spec.kernel.arg_names if name not in spec.constexprs]
+    assert len(params) == len(values), f"{spec.name}{tuple(params)} launched with {len(values)} arguments"
+    spec.kernel[grid([list(t.shape) for t in outputs])](**dict(zip(params, values)), **spec.constexprs)
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _linear_state_case(case, q, k, v, decay, attrs, gen):
+    """Run a causal linear case with a recurrent state (keys ``state``, ``state_out``, ``split``,
+    ``entry``): the kernel's ``O`` (and final state) and the two float64 oracles'."""
+    from attnc.plugins.linear.kernels import linear_forward, trt_launch
+
+    dtype, (batch, heads, _, d), dv, normalize = DTYPES[case["dtype"]], q.shape, v.shape[-1], attrs["normalize"]
+    state = None
+    if case.get("state") == "zeros":
+        state = torch.zeros(batch, heads, d, dv + normalize, dtype=torch.float64)
+    elif case.get("state") == "random":   # a realistic state: a 13-token prefix's (z > 0 for elu1/relu)
+        prefix = [torch.randn(batch, heads, 13, n, generator=gen, dtype=torch.float64) for n in (d, d, dv)]
+        state = linear_recurrent_reference(*prefix, decay, attrs["feature_map"], normalize, attrs["eps"],
+                                           attrs["scale"])[1].float().double()
+    low = [t.to(DEVICE, dtype) for t in (q, k, v)] + [None if decay is None else decay.to(DEVICE, torch.float32)]
+    low_state = None if state is None else state.to(DEVICE, torch.float32)
+    want_state = bool(case.get("state_out") or case.get("split"))
+    if case.get("entry") == "tensorrt":
+        outputs = [torch.empty(*q.shape[:3], dv, dtype=dtype, device=DEVICE)]
+        outputs += [torch.empty(batch, heads, d, dv + normalize, device=DEVICE)] if want_state else []
+        out = _run_trt_entry(trt_launch, attrs, low + [low_state], *outputs)
+    elif case.get("split"):   # segments [0, m1), [m1, m2), ..., each from the previous one's state
+        bounds, outs, chained = [0, *case["split"], q.shape[2]], [], low_state
+        for start, stop in itertools.pairwise(bounds):
+            segment = [t[:, :, start:stop] for t in low[:3]]
+            o, chained = linear_forward(*segment, low[3], state=chained, return_state=True, **attrs)
+            outs.append(o)
+        out = (torch.cat(outs, 2), chained)
+    else:
+        if case.get("state") == "random":   # a strided view: the launcher copies it
+            low_state = low_state.transpose(2, 3).contiguous().transpose(2, 3)
+        out = linear_forward(*low, state=low_state, return_state=want_state, **attrs)
+        if case.get("state") == "zeros":
+            stateless = linear_forward(*low, **attrs)
+            if not torch.equal(out[0] if want_state else out, stateless):
+                raise AssertionError("a zero initial state changed the output bits")
+    refs = [linear_recurrent_reference(q, k, v, decay, attrs["feature_map"], normalize, attrs["eps"], attrs["scale"],
+                                       state),
+            linear_reference(q, k, v, decay, **attrs, state=state, return_state=True)]
+    out = tuple(t.cpu() for t in out) if want_state else out.cpu()
+    return out, refs if want_state else [ref[0] for ref in refs]
 
 
 def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -288,6 +407,8 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
         decay = (0.7 + 0.3 * torch.rand(heads, generator=gen, dtype=torch.float64)) if case["decay"] else None
         attrs = dict(feature_map=case["feature_map"], causal=case["causal"], normalize=case["normalize"],
                      eps=1e-6, scale=case.get("scale", 1.0))
+        if case.get("state", "none") != "none" or case.get("state_out") or case.get("split"):
+            return _linear_state_case(case, q, k, v, decay, attrs, gen)
         if case.get("entry") == "tensorrt":  # the AOT entry point TensorRT launches
             from attnc.plugins.linear.kernels import trt_launch
             inputs = [t.to(DEVICE, dtype) for t in (q, k, v)]
@@ -349,7 +470,10 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
     raise KeyError(op)
 
 
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+def _relative_error(out, ref) -> float:
+    """Max abs error over max abs reference; of several outputs (tuples), the worst."""
+    if isinstance(out, tuple):
+        return max(_relative_error(o, r) for o, r in zip(out, ref, strict=True))
     return float((out.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
 
 
@@ -377,9 +501,10 @@ def _sweep_main(op: str) -> None:
 
 
 # TensorRT kernels compiled by the AOT test, through the provider TensorRT's plugin code calls:
-# (op_type, attrs, input shapes for head dim d). Every shape class each provider has a separate
-# kernel or launch configuration for; ATTNC_KERNEL_HEAD_DIMS (default "128", the largest blocks,
-# hence the most shared memory and registers) picks the head dims, e.g. "32,64,96,128".
+# (op_type, attrs, input shapes for head dim d[, number of outputs]); shapes are positional, None
+# for an absent optional input. Every shape class each provider has a separate kernel or launch
+# configuration for; ATTNC_KERNEL_HEAD_DIMS (default "128", the largest blocks, hence the most
+# shared memory and registers) picks the head dims, e.g. "32,64,96,128".
 TRT_CASES = [
     ("NeighborhoodAttention", dict(kernel_size=[7, 7], dilation=[1, 1], is_causal=[0, 0]),
      lambda d: [[None, 4, 56, 56, d]] * 3 + [[4, 13, 13]]),
@@ -394,6 +519,14 @@ TRT_CASES = [
     ("AgentAttention", {"scale": 0.0}, lambda d: [[None, 8, None, d]] * 3 + [[None, 8, 256, d]]),
     ("KernelLinearAttention", dict(feature_map="elu1", causal=1, normalize=1, eps=1e-6, scale=1.0),
      lambda d: [[None, 8, None, d]] * 3 + [[8]]),
+    # The recurrent state: everything present (decay, state in and out; also at half the head dim,
+    # the <= 64 tiles, where it spilled first), and state in only.
+    ("KernelLinearAttention", dict(feature_map="elu1", causal=1, normalize=1, eps=1e-6, scale=1.0),
+     lambda d: [[None, 8, None, d]] * 3 + [[8], [None, 8, d, d + 1]], 2),
+    ("KernelLinearAttention", dict(feature_map="elu1", causal=1, normalize=1, eps=1e-6, scale=1.0),
+     lambda d: [[None, 8, None, d // 2]] * 3 + [[8], [None, 8, d // 2, d // 2 + 1]], 2),
+    ("KernelLinearAttention", dict(feature_map="relu", causal=1, normalize=0, eps=1e-6, scale=0.125),
+     lambda d: [[None, 8, None, d]] * 3 + [None, [None, 8, d, d]]),
     ("KernelLinearAttention", dict(feature_map="relu", causal=0, normalize=1, eps=1e-6, scale=0.125),
      lambda d: [[None, 8, None, d]] * 3),
     ("FlowAttention", dict(causal=1, eps=1e-6), lambda d: [[None, 8, None, d]] * 3),
@@ -449,21 +582,24 @@ def _aot_main(arch: int) -> None:
                 print(json.dumps(record), flush=True)
         # The TensorRT entry points, through the provider TensorRT's plugin code calls; no opt-in there.
         numpy_dtype = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}[dtype]
-        for (op_type, attrs, shapes_for), head_dim in itertools.product(TRT_CASES, head_dims):
+        for (op_type, attrs, shapes_for, *outputs), head_dim in itertools.product(TRT_CASES, head_dims):
             module, shapes = providers[op_type], shapes_for(head_dim)
+            extra = {"n_outputs": outputs[0]} if outputs else {}   # only providers with several outputs take it
             start = time.perf_counter()
-            record = {"arch": arch, "dtype": dtype, "kernel": f"kernel_for({op_type})", "head_dim": head_dim,
+            record = {"arch": arch, "dtype": dtype, "kernel": f"kernel_for({op_type})", "head_dim": shapes[0][-1],
                       "shared_limit": kernels_common.SHARED_MEMORY_NO_OPT_IN}
             try:
-                # KernelLinearAttention's decay is float32 in every model (the op's contract).
-                dtypes = [numpy_dtype] * 3 + ["float32" if op_type == "KernelLinearAttention" else numpy_dtype
-                                              ] * (len(shapes) - 3)
-                spec, _, _ = module.trt_launch(attrs, dtypes, shapes)
-                record["config"] = {**attrs, **_config(spec)}
+                # KernelLinearAttention's decay and state are float32 in every model (the op's contract).
+                dtypes = [None if shape is None else "float32" if i >= 3 and op_type == "KernelLinearAttention"
+                          else numpy_dtype for i, shape in enumerate(shapes)]
+                spec, _, _ = module.trt_launch(attrs, dtypes, shapes, **extra)
+                params = [name for name in spec.kernel.arg_names if name not in spec.constexprs]
+                record["config"] = {**attrs, **_config(spec), "params": ",".join(params), **extra}
                 record.update(kernels_common.resource_usage(kernels_common.compile_spec(spec, arch)))
-                aot = module.kernel_for(op_type, attrs, dtypes, shapes, arch)   # the same build: triton's cache
-                # TensorRT passes inputs + int32 scalars + 1 output; Triton's 2 scratch pointers stay unused.
-                expected = len(shapes) + len(aot.scalars(shapes)) + 1
+                aot = module.kernel_for(op_type, attrs, dtypes, shapes, arch, **extra)  # the same build: cached
+                # TensorRT passes the present inputs + int32 scalars + outputs; Triton's 2 scratch pointers stay unused.
+                present = [shape for shape in shapes if shape is not None]
+                expected = len(present) + len(aot.scalars(present)) + extra.get("n_outputs", 1)
                 record["params"] = ptx_param_count(aot.ptx, aot.name) - 2 == expected
                 record["ptx"], record["cubin"] = len(aot.ptx), None  # TensorRT takes PTX only
                 record["ptx_target"] = next(line.split()[1] for line in aot.ptx.splitlines()
@@ -543,6 +679,47 @@ def test_neighborhood_kernel_refuses_rpb_with_a_stride():
     assert (spec.constexprs["SX"], spec.constexprs["SY"], spec.constexprs["SZ"]) == (1, 3, 2)
 
 
+def test_linear_forward_refuses_a_state_it_cannot_use():
+    from attnc.plugins.linear.kernels import linear_forward
+
+    q, v = torch.zeros(2, 3, 5, 16), torch.zeros(2, 3, 5, 24)
+    with pytest.raises(ValueError, match="need causal=1"):
+        linear_forward(q, q, v, state=torch.zeros(2, 3, 16, 25))
+    with pytest.raises(ValueError, match="need causal=1"):
+        linear_forward(q, q, v, return_state=True)
+    with pytest.raises(ValueError, match=r"float32 \[2, 3, 16, 24\].*state_out of the previous call"):
+        linear_forward(q, q, v, causal=1, normalize=0, state=torch.zeros(2, 3, 16, 25))
+    with pytest.raises(ValueError, match="float32"):
+        linear_forward(q, q, v, causal=1, state=torch.zeros(2, 3, 16, 25, dtype=torch.float16))
+
+
+def test_linear_trt_launch_specialises_to_the_present_tensors():
+    """Absent decay/state/state_out are None constexprs (no kernel parameters); old 3- and
+    4-input call sites still work; a state without ``causal`` or of the wrong dtype is refused."""
+    from attnc.compiler.errors import AttncError
+    from attnc.plugins.linear.kernels import trt_launch
+
+    qkv, state = [[None, 8, None, 64]] * 3, [None, 8, 64, 65]
+    causal = dict(causal=1, normalize=1)
+    cases = {(3, 1): (qkv, ["float16"] * 3), (4, 1): (qkv + [[8]], ["float16"] * 3 + ["float32"]),
+             (5, 2): (qkv + [None, state], ["float16"] * 3 + [None, "float32"])}
+    for (n_shapes, n_outputs), (shapes, dtypes) in cases.items():
+        spec, _, _ = trt_launch(causal, dtypes, shapes, **({"n_outputs": 2} if n_outputs == 2 else {}))
+        params = [name for name in spec.kernel.arg_names if name not in spec.constexprs]
+        want = {3: ["Q", "K", "V"], 4: ["Q", "K", "V", "DECAY"], 5: ["Q", "K", "V", "STATE"]}[n_shapes]
+        assert params == want + ["heads", "seq_len", "O"] + ["STATE_OUT"] * (n_outputs == 2), params
+    spec, _, _ = trt_launch({}, ["float32"] * 4, qkv + [[8]])   # non-causal: decay passed, ignored
+    assert [name for name in spec.kernel.arg_names if name not in spec.constexprs][3] == "DECAY"
+    with pytest.raises(AttncError, match="need causal=1"):
+        trt_launch({}, ["float16"] * 3, qkv, n_outputs=2)
+    with pytest.raises(AttncError, match="need causal=1"):
+        trt_launch({}, ["float16"] * 3 + [None, "float32"], qkv + [None, state])
+    with pytest.raises(AttncError, match="state must be float32"):
+        trt_launch(causal, ["float16"] * 5, qkv + [None, state])
+    with pytest.raises(AttncError, match="state must be float32"):
+        trt_launch(dict(causal=1, normalize=0), ["float16"] * 3 + [None, "float32"], qkv + [None, state])
+
+
 # ----------------------------------------------------------------------------- tests: interpreter
 
 @pytest.mark.slow
@@ -575,7 +752,7 @@ def test_kernels_compile_ahead_of_time(arch):
     failures = [f"{r['dtype']} {r['kernel']} {r.get('config')}: {r['exception']}" for r in records if "exception" in r]
     assert not failures, "\n".join(failures)
     assert {r["dtype"] for r in records} == set(aot_dtypes(arch))
-    assert {r["kernel"] for r in records} >= {f"kernel_for({op_type})" for op_type, _, _ in TRT_CASES}
+    assert {r["kernel"] for r in records} >= {f"kernel_for({case[0]})" for case in TRT_CASES}
     for r in records:
         assert r["ptx"] > 0 and r["ptx_target"].startswith(f"sm_{arch}"), r
         assert r["cubin"] is None or r["cubin"] > 0, r  # triton ships its own ptxas: a cubin is expected

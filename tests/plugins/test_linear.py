@@ -128,3 +128,183 @@ def test_one_function_serves_nodes_with_different_attributes():
                                rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got["B"], _numpy_linear_attention(q, k, v, None, "elu1", 0, 1, 1e-6, 2.0),
                                rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- recurrent state
+
+def _numpy_with_state(q, k, v, decay, state, feature_map, normalize, eps, scale):
+    """Float64 closed form of the contract (explicit λ powers, no recurrence): (O, state_out)."""
+    phi = {"elu1": lambda x: np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0))),
+           "relu": lambda x: np.maximum(x, 0.0), "identity": lambda x: x}[feature_map]
+    q, k = phi(q) * scale, phi(k)
+    b, h, n, d = q.shape
+    dv = v.shape[-1]
+    out, state_out = np.zeros((b, h, n, dv)), np.zeros((b, h, d, dv + normalize))
+    for bi in range(b):
+        for hi in range(h):
+            lam = 1.0 if decay is None else float(decay[hi])
+            s0 = np.zeros((d, dv)) if state is None else state[bi, hi, :, :dv]
+            z0 = np.zeros(d) if state is None or not normalize else state[bi, hi, :, dv]
+            for t in range(n):
+                w = np.array([lam ** (t - s) for s in range(t + 1)])
+                kv = lam ** (t + 1) * s0 + (k[bi, hi, :t + 1] * w[:, None]).T @ v[bi, hi, :t + 1]
+                o = q[bi, hi, t] @ kv
+                if normalize:
+                    o = o / (q[bi, hi, t] @ (lam ** (t + 1) * z0 + (k[bi, hi, :t + 1] * w[:, None]).sum(0)) + eps)
+                out[bi, hi, t] = o
+            w = np.array([lam ** (n - 1 - s) for s in range(n)])
+            state_out[bi, hi, :, :dv] = lam ** n * s0 + (k[bi, hi] * w[:, None]).T @ v[bi, hi]
+            if normalize:
+                state_out[bi, hi, :, dv] = lam ** n * z0 + (k[bi, hi] * w[:, None]).sum(0)
+    return out, state_out
+
+
+def _state_model(with_decay, with_state, with_state_out, opset=17, dtype=TensorProto.FLOAT, **attrs):
+    """One node with the given optional inputs/outputs; decay and state are float32 in every model."""
+    inputs = ["Q", "K", "V", "decay" if with_decay else "", "state" if with_state else ""]
+    shapes = {"Q": ["b", "h", "n", "d"], "K": ["b", "h", "n", "d"], "V": ["b", "h", "n", "dv"], "decay": ["h"],
+              "state": ["b", "h", "d", "w"]}
+    infos = [helper.make_tensor_value_info(n, TensorProto.FLOAT if n in ("decay", "state") else dtype, shapes[n])
+             for n in inputs if n]
+    outputs = ["O"] + (["state_out"] if with_state_out else [])
+    node = plugin.make_node(inputs, outputs, "kla", **attrs)
+    out_infos = [helper.make_tensor_value_info("O", dtype, ["b", "h", "n", "dv"])]
+    if with_state_out:
+        out_infos.append(helper.make_tensor_value_info("state_out", TensorProto.FLOAT, ["b", "h", "d", "w"]))
+    model = helper.make_model(helper.make_graph([node], "kla", infos, out_infos),
+                              opset_imports=[helper.make_opsetid("", opset)])
+    plugin.add_to_model(model, node)
+    onnx.checker.check_model(model)
+    return model
+
+
+STATE_CONFIGS = [("elu1", 1, True), ("relu", 1, False), ("identity", 0, True), ("identity", 0, False),
+                 ("elu1", 0, False), ("relu", 0, True)]
+
+
+@pytest.mark.parametrize("feature_map,normalize,with_decay", STATE_CONFIGS)
+@pytest.mark.parametrize("n", [1, 7, 37])
+def test_reference_with_state_matches_numpy(feature_map, normalize, with_decay, n):
+    rng = np.random.default_rng(n * 7 + normalize)
+    b, h, d, dv = 2, 3, 5, 4
+    q, k, v = rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, dv))
+    decay = rng.uniform(0.6, 1.0, h) if with_decay else None
+    state = rng.standard_normal((b, h, d, dv + normalize))
+    if normalize:
+        state[..., dv] = rng.uniform(0.5, 2.0, (b, h, d))   # a running sum of positive φ(k)
+    attrs = dict(feature_map=feature_map, causal=1, normalize=normalize, eps=1e-3, scale=0.6)
+    expected, expected_state = _numpy_with_state(q, k, v, decay, state, feature_map, normalize, 1e-3, 0.6)
+    o, state_out = plugin.reference(*(torch.from_numpy(a) for a in (q, k, v)),
+                                    None if decay is None else torch.from_numpy(decay), torch.from_numpy(state),
+                                    return_state=True, **attrs)
+    assert o.dtype == state_out.dtype == torch.float64
+    np.testing.assert_allclose(o.numpy(), expected, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(state_out.numpy(), expected_state, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("feature_map,normalize,with_decay", STATE_CONFIGS)
+@pytest.mark.parametrize("with_state,with_state_out", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("opset", [17, 23])
+def test_function_body_with_state_matches_numpy(feature_map, normalize, with_decay, with_state, with_state_out,
+                                                opset):
+    rng = np.random.default_rng(hash((feature_map, normalize, with_decay, with_state, with_state_out)) % 2**32)
+    b, h, n, d, dv = 2, 3, 7, 5, 3
+    q, k, v = rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, dv))
+    decay = rng.uniform(0.5, 1.0, h) if with_decay else None
+    state = rng.uniform(0.0, 1.0, (b, h, d, dv + normalize)) if with_state else None
+    attrs = dict(feature_map=feature_map, causal=1, normalize=normalize, eps=1e-2, scale=0.8)
+    expected, expected_state = _numpy_with_state(q, k, v, decay, state, feature_map, normalize, 1e-2, 0.8)
+    model = _state_model(with_decay, with_state, with_state_out, opset, **attrs)
+    feeds = {"Q": q, "K": k, "V": v} | ({"decay": decay} if with_decay else {}) | ({"state": state} if with_state else {})
+    got = load(model).infer({name: a.astype(np.float32) for name, a in feeds.items()})
+    np.testing.assert_allclose(got["O"], expected, rtol=1e-4, atol=1e-4)
+    if with_state_out:
+        assert got["state_out"].dtype == np.float32
+        assert list(got["state_out"].shape) == plugin.extra_outputs([q.shape, k.shape, v.shape], **attrs)[0][0]
+        np.testing.assert_allclose(got["state_out"], expected_state, rtol=1e-4, atol=1e-4)
+
+
+def _run_in_pieces(session, feeds, splits, with_decay):
+    """Run ``session`` on tokens [0, s1), [s1, s2), ... passing state_out on as state; (O, last state)."""
+    outs, state = [], None
+    bounds = [0, *splits, feeds["Q"].shape[2]]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        piece = {name: feeds[name][:, :, lo:hi] for name in ("Q", "K", "V")}
+        if with_decay:
+            piece["decay"] = feeds["decay"]
+        run = session["first" if state is None else "next"].infer(piece | ({} if state is None else {"state": state}))
+        outs.append(run["O"])
+        state = run["state_out"]
+    return np.concatenate(outs, axis=2), state
+
+
+@pytest.mark.parametrize("feature_map,normalize,with_decay", STATE_CONFIGS)
+def test_prefill_then_decode_equals_one_shot(feature_map, normalize, with_decay):
+    """The contract's key property through ONNX Runtime: [0, m) then [m, N) with the state == [0, N),
+    for several m, and token by token (N = 1 calls) from the first token."""
+    rng = np.random.default_rng(11 + normalize)
+    b, h, n, d, dv = 2, 2, 37, 6, 5
+    q, k, v = rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, dv))
+    decay = rng.uniform(0.7, 1.0, h) if with_decay else None
+    attrs = dict(feature_map=feature_map, causal=1, normalize=normalize, eps=1e-2, scale=0.5)
+    expected, expected_state = _numpy_with_state(q, k, v, decay, None, feature_map, normalize, 1e-2, 0.5)
+    session = {"first": load(_state_model(with_decay, False, True, **attrs)),
+               "next": load(_state_model(with_decay, True, True, **attrs))}
+    feeds = {"Q": q, "K": k, "V": v} | ({"decay": decay} if with_decay else {})
+    feeds = {name: a.astype(np.float32) for name, a in feeds.items()}
+    # identity without normaliser over 37 tokens: values grow to ~1e2, so compare relative to the scale
+    atol = 1e-4 * max(1.0, np.abs(expected).max())
+    for splits in ([1], [17], [36], [30, 31, 32, 33, 34, 35, 36], list(range(1, n))):
+        got, state = _run_in_pieces(session, feeds, splits, with_decay)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=atol, err_msg=f"splits {splits}")
+        np.testing.assert_allclose(state, expected_state, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(expected_state).max()))
+
+
+def test_function_body_float16_with_float32_state():
+    """fp16 Q/K/V, float32 decay/state/state_out: prefill + token-by-token decode."""
+    rng = np.random.default_rng(13)
+    b, h, n, d, dv = 1, 2, 9, 8, 6
+    q, k, v = (rng.standard_normal((b, h, n, dd)) for dd in (d, d, dv))
+    decay = np.array([0.9, 0.99])
+    attrs = dict(feature_map="elu1", causal=1, normalize=1, eps=1e-4, scale=0.25)
+    expected, expected_state = _numpy_with_state(q, k, v, decay, None, "elu1", 1, 1e-4, 0.25)
+    session = {"first": load(_state_model(True, False, True, dtype=TensorProto.FLOAT16, **attrs)),
+               "next": load(_state_model(True, True, True, dtype=TensorProto.FLOAT16, **attrs))}
+    feeds = {"Q": q.astype(np.float16), "K": k.astype(np.float16), "V": v.astype(np.float16),
+             "decay": decay.astype(np.float32)}
+    got, state = _run_in_pieces(session, feeds, [5, 6, 7, 8], with_decay=True)
+    assert got.dtype == np.float16 and state.dtype == np.float32
+    np.testing.assert_allclose(got.astype(np.float64), expected, rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(state, expected_state, rtol=1e-2, atol=1e-2)
+
+
+def test_state_contract_errors_and_overloads():
+    for inputs, outputs in ((["q", "k", "v", "", "s"], ["o"]), (["q", "k", "v"], ["o", "s_out"])):
+        with pytest.raises(ValueError, match="causal=1"):
+            plugin.make_node(inputs, outputs, "n", causal=0)
+    with pytest.raises(ValueError, match="causal=1"):
+        plugin.reference(*(torch.zeros(1, 1, 2, 2) for _ in range(3)), state=torch.zeros(1, 1, 2, 3), causal=0)
+    with pytest.raises(ValueError, match="outputs"):
+        plugin.make_node(["q", "k", "v"], ["o", "s", "x"], "n", causal=1)
+    with pytest.raises(ValueError, match="state must be"):
+        plugin.reference(*(torch.zeros(1, 1, 2, 2) for _ in range(3)), state=torch.zeros(1, 1, 2, 2), causal=1)
+    overloads = {(tuple(i), tuple(o)): plugin.make_node(i, o, "n", causal=1).overload
+                 for i, o in ((["q", "k", "v"], ["o"]), (["q", "k", "v", "d", ""], ["o", ""]),
+                              (["q", "k", "v", "", "s"], ["o"]), (["q", "k", "v", "d"], ["o", "so"]),
+                              (["q", "k", "v", "", "s"], ["o", "so"]))}
+    assert list(overloads.values()) == ["", "", "state", "state_out", "state_in_out"]
+    node = plugin.make_node(["q", "k", "v", "d", ""], ["o", ""], "n", causal=1)
+    assert list(node.input) == ["q", "k", "v", "d"] and list(node.output) == ["o"]
+    assert plugin.extra_outputs([["B", 2, "N", 5], ["B", 2, "N", 5], ["B", 2, "N", 4]], normalize=1) == \
+        [(["B", 2, 5, 5], "float32")]
+    assert plugin.extra_outputs([[1, 2, 3, 5], [1, 2, 3, 5], [1, 2, 3, 4]], normalize=0)[0][0] == [1, 2, 5, 4]
+    assert plugin.INPUTS[plugin.FLOAT32_INPUTS[1]] == "state"
+    assert plugin.OUTPUTS[plugin.FLOAT32_OUTPUTS[0]] == "state_out"
+
+
+def test_reference_keeps_dtype_and_accumulates_state_in_float32():
+    q, k, v = (torch.randn(1, 2, 5, 4).half() for _ in range(3))
+    o, state = plugin.reference(q, k, v, causal=1, normalize=0, feature_map="relu", return_state=True)
+    assert o.dtype == torch.float16 and state.dtype == torch.float32 and state.shape == (1, 2, 4, 4)
+    o64 = plugin.reference(q.double(), k.double(), v.double(), causal=1, normalize=0, feature_map="relu")
+    np.testing.assert_allclose(o.double().numpy(), o64.numpy(), rtol=1e-2, atol=1e-2)
