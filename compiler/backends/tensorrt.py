@@ -727,6 +727,11 @@ class EngineRunner:
 
     Args:
         engine: path to ``engine.plan`` or a directory holding it.
+        plugin_impl: how the fused ops of a TensorRT-RTX engine (Python plugins) run:
+            ``"triton"``, their Triton kernels, or ``"reference"``, their torch reference
+            (slow; for checking the kernels). The plugin creators are process-wide, so the
+            last engine loaded decides for every engine in the process. Ignored for engines
+            without Python plugins (TensorRT 10/11 embeds the kernels).
 
     ``infer(feeds)`` takes numpy arrays or torch tensors (any device) keyed by input name,
     sets the input shapes (dynamic profiles), binds addresses with ``set_tensor_address``
@@ -737,7 +742,10 @@ class EngineRunner:
         AttncError: no TensorRT, no GPU, or an engine this TensorRT cannot deserialize.
     """
 
-    def __init__(self, engine: str | os.PathLike):
+    def __init__(self, engine: str | os.PathLike, plugin_impl: str = "triton"):
+        if plugin_impl not in plugins.RUN_IMPLS:
+            raise AttncError(f"plugin_impl={plugin_impl!r} is not one of {', '.join(plugins.RUN_IMPLS)}",
+                             'use "triton" (the kernels) or "reference" (the torch reference, slow)')
         trt, flavour = import_tensorrt()
         path = Path(engine)
         if path.is_dir():
@@ -752,7 +760,7 @@ class EngineRunner:
         info = describe(path)
         plugin_ops = info.get("plugins", {}).get("ops", [])
         if info.get("plugins", {}).get("mode") == "python-v3":
-            plugins.register_python_plugins(trt, plugin_ops, run=plugins.torch_reference_run)
+            plugins.register_python_plugins(trt, plugin_ops, run=plugins.RUN_IMPLS[plugin_impl])
         self._trt, self._torch = trt, torch
         self._log = _Log(trt)
         self._runtime = trt.Runtime(self._log.logger)

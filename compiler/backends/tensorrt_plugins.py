@@ -23,9 +23,11 @@ output-shape rules, launch-grid helpers and the kernel-provider interface.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -660,18 +662,40 @@ def _make_creator(trt, spec: PluginSpec):
 
 
 # ----------------------------------------------------------------------------- Python run time
+# TensorRT-RTX's Python plugins execute their op through the run function registered with
+# register_python_plugins: ``triton_run`` (the op's Triton launcher, ``plugins/<op>/kernels.py``'s
+# ``run``) or ``torch_reference_run`` (its torch ``reference``, a per-token loop for causal
+# linear attention); ``attnc.runtime.Engine(..., plugin_impl=...)`` picks one of RUN_IMPLS.
 
 
 _TYPESTR = {"FLOAT": ("<f4", None), "HALF": ("<f2", None), "BF16": ("<i2", "bfloat16")}
 
 
-def torch_reference_run(name, attrs, input_ptrs, input_descs, output_ptrs, output_descs, stream) -> None:
-    """Run a fused op inside a Python-plugin engine with its torch ``reference`` on TensorRT's stream.
+def triton_run(name, attrs, input_ptrs, input_descs, output_ptrs, output_descs, stream) -> None:
+    """Run a fused op inside a Python-plugin engine with its Triton kernels on TensorRT's stream.
 
-    TensorRT-RTX's Python plugins call this from ``enqueue`` with their variant's ``name``;
-    TensorRT's device pointers are wrapped as torch tensors through ``__cuda_array_interface__``
-    (bf16 travels as int16).
+    TensorRT-RTX's Python plugins call this from ``enqueue`` with their variant's ``name``
+    (:func:`fused_outputs` computes the outputs); TensorRT's device pointers are wrapped as
+    torch tensors through ``__cuda_array_interface__`` (bf16 travels as int16).
     """
+    _run_on_stream(fused_outputs, name, attrs, input_ptrs, input_descs, output_ptrs, output_descs, stream)
+
+
+def torch_reference_run(name, attrs, input_ptrs, input_descs, output_ptrs, output_descs, stream) -> None:
+    """:func:`triton_run` with the op's torch ``reference`` (:func:`reference_outputs`): slow
+    (causal linear attention loops over tokens in Python), for checking the kernels."""
+    _run_on_stream(reference_outputs, name, attrs, input_ptrs, input_descs, output_ptrs, output_descs, stream)
+
+
+RUN_IMPLS: dict[str, Callable] = {"triton": triton_run, "reference": torch_reference_run}
+
+
+@functools.cache
+def _cached_spec(name: str) -> PluginSpec:
+    return plugin_spec(name)
+
+
+def _run_on_stream(outputs_of, name, attrs, input_ptrs, input_descs, output_ptrs, output_descs, stream) -> None:
     import torch
 
     def wrap(ptr, desc):
@@ -682,12 +706,45 @@ def torch_reference_run(name, attrs, input_ptrs, input_descs, output_ptrs, outpu
         tensor = torch.as_tensor(holder, device="cuda")
         return tensor.view(getattr(torch, view)) if view else tensor
 
-    spec = plugin_spec(name)
-    results = reference_outputs(spec, attrs, [wrap(p, d) for p, d in zip(input_ptrs, input_descs)])
+    spec = _cached_spec(name)
+    inputs = [wrap(p, d) for p, d in zip(input_ptrs, input_descs)]
     outs = [wrap(p, d) for p, d in zip(output_ptrs, output_descs)]
+    # The whole op, not only the copies, goes on TensorRT's stream: the inputs are ready in
+    # that stream's order, and the next layer reads the outputs in it. (Triton launches on
+    # torch's current stream, which this context sets.)
     with torch.cuda.stream(torch.cuda.ExternalStream(int(stream))):
+        results = outputs_of(spec, attrs, inputs)
         for out, result in zip(outs, results):
             out.copy_(result.to(out.dtype))
+
+
+def fused_outputs(spec: PluginSpec, attrs: dict, inputs: Sequence) -> list:
+    """The op's Triton launcher on a plugin variant's (present) ``inputs``: one tensor per
+    output of the variant, as :func:`reference_outputs`.
+
+    The launcher is ``run(attrs, inputs, n_outputs)`` of ``plugins/<op>/kernels.py``, which
+    takes the inputs at their contract positions (``None`` for absent ones). An op without one
+    (or where triton does not import) runs its ``reference``, with a warning once per op.
+    """
+    run = _kernels_run(spec.op_type)
+    if run is None:
+        return reference_outputs(spec, attrs, inputs)
+    return list(run(dict(attrs), spec.positional(inputs), spec.n_outputs))[: spec.n_outputs]
+
+
+@functools.cache
+def _kernels_run(op_type: str) -> Callable | None:
+    from attnc import plugins as fused
+
+    package = fused.FUSED_OPS[op_type]
+    try:
+        run = getattr(importlib.import_module(f"{package}.kernels"), "run", None)
+        reason = f"{package}.kernels has no run(attrs, inputs, n_outputs)"
+    except ImportError as exc:
+        run, reason = None, f"{package}.kernels does not import ({exc})"
+    if run is None:
+        warnings.warn(f"attnc {op_type} plugin runs its torch reference (slow): {reason}", stacklevel=2)
+    return run
 
 
 def reference_outputs(spec: PluginSpec, attrs: dict, inputs: Sequence) -> list:

@@ -322,6 +322,29 @@ def agent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Te
     return out
 
 
+def run(attrs: dict, inputs: list, n_outputs: int = 1) -> list[torch.Tensor]:
+    """One ``AgentAttention`` node with :func:`agent_forward` (what TensorRT-RTX's Python plugins
+    run, ``tensorrt_plugins.fused_outputs``); any combination of the two biases.
+
+    Args:
+        attrs: ``scale`` (missing or ``None``: 0, i.e. ``1/sqrt(D)``).
+        inputs: ``[Q, K, V, A, agent_bias, query_bias]`` at their contract positions, ``None``
+            for an absent bias.
+        n_outputs: 1 (the op has one output).
+    Returns:
+        ``[O]``.
+    """
+    from attnc.plugins.agent import ATTRIBUTES, reference
+
+    scale = float(attrs.get("scale") or ATTRIBUTES["scale"])
+    q, k, v, a, agent_bias, query_bias = (list(inputs) + [None] * 2)[:6]
+    if a.shape[-2] > MAX_AGENTS:
+        # agent_forward keeps all agents in registers; the tiled kernel that streams them is
+        # TensorRT's AOT entry point only, so more agents than that run the op's reference.
+        return [reference(q, k, v, a, agent_bias, query_bias, scale=scale)]
+    return [agent_forward(q, k, v, a, agent_bias, query_bias, scale=scale)]
+
+
 _NUMPY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

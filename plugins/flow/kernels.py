@@ -437,6 +437,24 @@ def flow_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: int 
     return out
 
 
+def run(attrs: dict, inputs: list, n_outputs: int = 1) -> list[torch.Tensor]:
+    """One ``FlowAttention`` node with :func:`flow_forward` (what TensorRT-RTX's Python plugins
+    run, ``tensorrt_plugins.fused_outputs``).
+
+    Args:
+        attrs: ``causal`` and ``eps`` (missing or ``None``: ``ATTRIBUTES``' defaults).
+        inputs: ``[Q, K, V]``.
+        n_outputs: 1 (the op has one output).
+    Returns:
+        ``[O]``.
+    """
+    from attnc.plugins.flow import ATTRIBUTES
+
+    attrs = {**ATTRIBUTES, **{k: v for k, v in attrs.items() if v is not None}}
+    q, k, v = inputs[:3]
+    return [flow_forward(q, k, v, causal=int(attrs["causal"]), eps=float(attrs["eps"]))]
+
+
 _NUMPY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -364,6 +364,32 @@ def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: tor
     return out
 
 
+def run(attrs: dict, inputs: list, n_outputs: int = 1) -> list[torch.Tensor]:
+    """One ``KernelLinearAttention`` node with :func:`linear_forward` (what TensorRT-RTX's Python
+    plugins run, ``tensorrt_plugins.fused_outputs``).
+
+    Args:
+        attrs: ``feature_map``, ``causal``, ``normalize``, ``eps``, ``scale`` (missing or
+            ``None``: ``ATTRIBUTES``' defaults).
+        inputs: ``[Q, K, V, decay, state]`` at their contract positions, ``None`` where the
+            node has no such input.
+        n_outputs: 1 (``O``) or 2 (``O, state_out``; causal only).
+    Returns:
+        ``[O]`` or ``[O, state_out]`` (``state_out`` float32).
+    """
+    from attnc.plugins.linear import ATTRIBUTES
+
+    attrs = {**ATTRIBUTES, **{k: v for k, v in attrs.items() if v is not None}}
+    q, k, v, decay, state = (list(inputs) + [None] * 2)[:5]
+    # TensorRT may hand a float32-by-contract state over in Q's half dtype (the plugin accepts
+    # either); the kernel's running state is float32.
+    state = None if state is None else state.float()
+    result = linear_forward(q, k, v, decay, feature_map=attrs["feature_map"], causal=int(attrs["causal"]),
+                            normalize=int(attrs["normalize"]), eps=float(attrs["eps"]), scale=float(attrs["scale"]),
+                            state=state, return_state=n_outputs > 1)
+    return list(result) if n_outputs > 1 else [result]
+
+
 _NUMPY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

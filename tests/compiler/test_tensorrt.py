@@ -561,6 +561,128 @@ def test_triton_kernel_compiles_to_sm90_ptx_without_a_gpu(tmp_path, monkeypatch)
     assert tp.ptx_param_count(ptx, name) == 3 + 2
 
 
+# ----------------------------------------------------------------------------- Python plugins' run time (RTX)
+
+# Plugin variants run by fused_outputs and reference_outputs on the same fresh random CPU
+# inputs under Triton's interpreter: (variant, attributes, shapes of the present inputs, dtype).
+# Inputs named "decay" / "state" are float32 whatever Q is, as in an fp16 engine.
+_RUN_CASES = [
+    ("NeighborhoodAttention", {"kernel_size": [3]}, [[1, 2, 9, 8]] * 3, "float32"),
+    ("NeighborhoodAttention", {"kernel_size": [3, 3], "dilation": [1, 2], "is_causal": [0, 1], "stride": [2, 1]},
+     [[1, 2, 6, 7, 8]] * 3, "float32"),
+    ("NeighborhoodAttention_in0123_out1", {"kernel_size": [3, 3], "dilation": [2, 1], "scale": 0.3},
+     [[1, 2, 6, 5, 8]] * 3 + [[2, 5, 5]], "float32"),
+    ("NeighborhoodAttention_in0123_out1", {"kernel_size": [5], "is_causal": [1]}, [[2, 1, 11, 8]] * 3 + [[1, 9]],
+     "float32"),
+    ("AgentAttention", {}, [[1, 2, 10, 8], [1, 2, 12, 8], [1, 2, 12, 4], [1, 2, 5, 8]], "float32"),
+    ("AgentAttention_in012345_out1", {"scale": 0.3},
+     [[1, 2, 10, 8], [1, 2, 12, 8], [1, 2, 12, 8], [1, 2, 5, 8], [2, 5, 12], [1, 2, 10, 5]], "float32"),
+    ("AgentAttention_in01234_out1", {}, [[1, 2, 10, 8], [1, 2, 12, 8], [1, 2, 12, 8], [1, 2, 5, 8], [2, 5, 12]],
+     "float32"),
+    ("AgentAttention_in01235_out1", {}, [[1, 2, 10, 8], [1, 2, 12, 8], [1, 2, 12, 8], [1, 2, 5, 8], [1, 2, 10, 5]],
+     "float32"),
+    # more agents than agent_forward holds in registers: run() falls back to the reference
+    ("AgentAttention", {}, [[1, 1, 3, 8], [1, 1, 4, 8], [1, 1, 4, 8], [1, 1, 257, 8]], "float32"),
+    ("FlowAttention", {}, [[1, 2, 9, 8], [1, 2, 11, 8], [1, 2, 11, 4]], "float32"),
+    ("FlowAttention", {"causal": 1, "eps": 1e-5}, [[1, 2, 10, 8], [1, 2, 10, 8], [1, 2, 10, 8]], "float32"),
+    ("KernelLinearAttention", {}, [[1, 2, 9, 8], [1, 2, 9, 8], [1, 2, 9, 4]], "float32"),
+    ("KernelLinearAttention_in0123_out1", {"causal": 1, "feature_map": "relu", "scale": 0.5},
+     [[1, 2, 11, 8]] * 3 + [[2]], "float32"),
+    ("KernelLinearAttention_in01234_out2", {"causal": 1},
+     [[1, 2, 11, 8], [1, 2, 11, 8], [1, 2, 11, 4], [2], [1, 2, 8, 5]], "float32"),
+    ("KernelLinearAttention_in012_out2", {"causal": 1, "normalize": 0}, [[1, 2, 9, 8]] * 3, "float32"),
+    ("KernelLinearAttention_in01234_out2", {"causal": 1},
+     [[1, 2, 11, 8], [1, 2, 11, 8], [1, 2, 11, 4], [2], [1, 2, 8, 5]], "float16"),
+]
+
+_FUSED_OUTPUTS_SCRIPT = textwrap.dedent("""
+    import json, os, sys, time, warnings
+    import torch
+    from onnx import helper
+    from attnc.compiler.backends import tensorrt_plugins as tp
+
+    warnings.simplefilter("ignore")  # masked padding rows divide 0/0 in the interpreter's numpy
+    seed = int(os.environ.get("ATTNC_RUN_SEED") or time.time_ns() % 2 ** 31)
+    for index, (name, given, shapes, dtype) in enumerate(json.loads(sys.argv[1])):
+        gen = torch.Generator().manual_seed(seed + index)
+        spec = tp.plugin_spec(name)
+        # the attributes as the plugin gets them: through the parser's PluginFields, defaults filled in
+        fields = [tp.encode_attribute(helper.make_attribute(k, v)) for k, v in given.items()]
+        attrs = tp.decode_fields(name, {f.name: (f.type, f.data) for f in fields})
+        inputs = []
+        for position, shape in zip(spec.present, shapes):
+            role = spec.inputs[position]
+            if role == "decay":
+                inputs.append(0.7 + 0.3 * torch.rand(shape, generator=gen))
+            elif role == "state":  # S | z of earlier tokens: the normaliser's sums are positive
+                inputs.append(torch.rand(shape, generator=gen))
+            else:
+                inputs.append(torch.randn(shape, generator=gen).to(getattr(torch, dtype)))
+        start = time.perf_counter()
+        fused = tp.fused_outputs(spec, attrs, inputs)
+        # half inputs: the reference runs on their float32 values
+        reference = tp.reference_outputs(spec, attrs, [t.float() for t in inputs])
+        errors = []
+        for f, r in zip(fused, reference):
+            error = float((f.double() - r.double()).abs().max())
+            errors.append([error, error / float(r.double().abs().max())])
+        print(json.dumps({"case": [name, given, dtype], "seed": seed, "errors": errors,
+                          "dtypes": [str(f.dtype) for f in fused], "n": len(fused),
+                          "seconds": round(time.perf_counter() - start, 2)}), flush=True)
+""")
+
+
+def test_fused_outputs_match_the_reference_outputs_interpreted():
+    """Every op through the Triton launcher TensorRT-RTX's Python plugins run (``fused_outputs``)
+    equals its torch reference (``reference_outputs``): plugin variants with and without optional
+    inputs, several outputs, attributes through the PluginField round trip. One process under
+    TRITON_INTERPRET=1 (triton decides interpreted or compiled at import)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", _FUSED_OUTPUTS_SCRIPT, json.dumps(_RUN_CASES)], env=env,
+                         capture_output=True, text=True, timeout=300, check=False)
+    records = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert run.returncode == 0 and len(records) == len(_RUN_CASES), run.stderr[-3000:]
+    failures = []
+    for record, (name, _, _, dtype) in zip(records, _RUN_CASES):
+        spec = tp.plugin_spec(name)
+        tol = 1e-2 if dtype == "float16" else 1e-4  # max abs error / max abs reference
+        if record["n"] != spec.n_outputs or max(rel for _, rel in record["errors"]) > tol:
+            failures.append(f"{record['case']}: {record['n']} outputs, [abs, rel] errors {record['errors']}")
+        assert record["dtypes"] == [f"torch.{dtype}"] + ["torch.float32"] * (spec.n_outputs - 1)
+    assert not failures, f"ATTNC_RUN_SEED={records[0]['seed']}:\n" + "\n".join(failures)
+
+
+def test_rtx_engines_run_their_plugins_with_triton(tmp_path, monkeypatch):
+    """``attnc.runtime.Engine`` registers ``triton_run`` as the run time of a Python-plugin
+    (TensorRT-RTX) engine's fused ops, ``torch_reference_run`` with ``plugin_impl="reference"``."""
+    import types
+
+    from attnc.runtime import Engine
+
+    (tmp_path / trt_backend.ARTEFACT).write_bytes(b"plan")
+    ops = ["KernelLinearAttention_in0124_out2", "NeighborhoodAttention"]
+    (tmp_path / trt_backend.BUILD_INFO).write_text(json.dumps({"plugins": {"mode": "python-v3", "ops": ops}}))
+    registered = []
+
+    class Refused(Exception):
+        pass
+
+    def runtime(logger):
+        raise Refused  # stop after the plugins are registered: deserializing needs a GPU
+
+    fake = types.SimpleNamespace(__version__="1.7", ILogger=object, Runtime=runtime)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: (fake, "tensorrt_rtx"))
+    monkeypatch.setattr(trt_backend, "gpu_name", lambda: "a GPU")
+    monkeypatch.setattr(tp, "register_python_plugins", lambda trt, names, run=None: registered.append((names, run)))
+    for kwargs, run in (({}, tp.triton_run), ({"plugin_impl": "reference"}, tp.torch_reference_run)):
+        with pytest.raises(Refused):
+            Engine(tmp_path, **kwargs)
+        assert registered.pop() == (ops, run)
+    with pytest.raises(AttncError, match="plugin_impl='numpy'"):
+        Engine(tmp_path, plugin_impl="numpy")
+
+
 # ----------------------------------------------------------------------------- real builds (TensorRT-RTX on CPU)
 
 
