@@ -9,7 +9,9 @@ For each fused op at realistic sizes it times attnc's kernel and every peer that
   ``chunk_simple_gla`` with ``g_gamma = log λ`` for per-head decay; timings only: fla applies
   no feature map and normalises its own way), Lightning Attention-2's kernel
   (``lightning_attn.ops.triton.lightning_attn2``, slope ``-log λ``) for lightning attention,
-  and the op's torch reference eager and ``torch.compile``-d;
+  and the op's torch reference eager and ``torch.compile``-d; with a recurrent state (a decode
+  step, and a prefill that carries one), fla's ``fused_recurrent_simple_gla`` /
+  ``fused_recurrent_linear_attn`` with ``initial_state`` and ``output_final_state``;
 - FlowAttention, AgentAttention: the op's torch reference, eager and ``torch.compile``-d;
   agent attention also against its two stages as two SDPA calls (the lowered route) and the
   fused kernel a TensorRT engine launches. ``--agent-routes FILE`` records those two per shape
@@ -146,29 +148,42 @@ def case_linear(cfg, dtype, device):
     q, k, v = (_rand(b, h, n, d, dtype=dtype, device=device) for _ in range(3))
     decay = (0.9 + 0.1 * torch.rand(h, device=device)) if cfg.get("decay") else None
     attrs = dict(feature_map=cfg.get("feature_map", "elu1"), causal=cfg["causal"], normalize=cfg.get("normalize", 1))
-    ours = lambda: linear_forward(q, k, v, decay, **attrs)  # noqa: E731
+    # A decode step (``state``): the running state in, the new state out, both float32.
+    state = (0.1 * torch.randn(b, h, d, d + attrs["normalize"], device=device)) if cfg.get("state") else None
+    with_state = dict(state=state, return_state=True) if state is not None else {}
+    ours = lambda: linear_forward(q, k, v, decay, **attrs, **with_state)  # noqa: E731
     ref = lambda: reference(q.double(), k.double(), v.double(),  # noqa: E731
-                            None if decay is None else decay.double(), **attrs)
+                            None if decay is None else decay.double(), **attrs,
+                            **({} if state is None else dict(state=state.double(), return_state=True)))
     peers: dict[str, Callable] = {}
     if not cfg["causal"] or n <= 4096:  # the eager causal reference is a Python loop over t
-        peers["torch eager"] = lambda: reference(q, k, v, decay, **attrs)
+        peers["torch eager"] = lambda: reference(q, k, v, decay, **attrs, **with_state)
     if not cfg["causal"]:
         compiled = torch.compile(reference, dynamic=False)
         peers["torch.compile"] = lambda: compiled(q, k, v, decay, **attrs)
     if cfg["causal"]:
         try:
-            from fla.ops.linear_attn import chunk_linear_attn
-            from fla.ops.simple_gla import chunk_simple_gla
+            from fla.ops.linear_attn import chunk_linear_attn, fused_recurrent_linear_attn
+            from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
             qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))     # [B, T, H, D]
-            if decay is None:
+            if state is not None and not attrs["normalize"]:   # fla's decode kernels: state [B, H, K, V]
+                s0 = state.contiguous()
+                if decay is None:
+                    peers["fla fused_recurrent_linear_attn"] = lambda: fused_recurrent_linear_attn(
+                        qt, kt, vt, scale=1.0, initial_state=s0, output_final_state=True)
+                else:
+                    g_gamma = decay.float().log()
+                    peers["fla fused_recurrent_simple_gla"] = lambda: fused_recurrent_simple_gla(
+                        qt, kt, vt, g_gamma=g_gamma, scale=1.0, initial_state=s0, output_final_state=True)
+            elif state is None and decay is None:
                 peers["fla chunk_linear_attn"] = lambda: chunk_linear_attn(
                     qt, kt, vt, scale=1.0, normalize=bool(attrs["normalize"]))[0]
-            else:
+            elif state is None:
                 g_gamma = decay.float().log()
                 peers["fla chunk_simple_gla"] = lambda: chunk_simple_gla(qt, kt, vt, g_gamma=g_gamma, scale=1.0)[0]
         except ImportError:
             pass
-    if decay is not None and attrs["feature_map"] == "identity" and not attrs["normalize"]:
+    if state is None and decay is not None and attrs["feature_map"] == "identity" and not attrs["normalize"]:
         try:  # Lightning Attention-2's own Triton kernel: the same op, decay exp(-s) per head
             from lightning_attn.ops.triton import lightning_attn2
             slope = (-decay.float().log()).contiguous()
@@ -265,6 +280,11 @@ CONFIGS = {
         dict(name="causal N2048 D64", batch=4, heads=8, seq=2048, dim=64, causal=1),
         dict(name="lightning N4096 D128 decay", batch=2, heads=16, seq=4096, dim=128, causal=1, decay=True,
              feature_map="identity", normalize=0),
+        # decode: one token per sequence against the recurrent state (bandwidth: the state's read + write)
+        dict(name="lightning decode B64 D128", batch=64, heads=16, seq=1, dim=128, causal=1, decay=True,
+             feature_map="identity", normalize=0, state=True),
+        dict(name="lightning N1000 +state", batch=4, heads=16, seq=1000, dim=128, causal=1, decay=True,
+             feature_map="identity", normalize=0, state=True),
     ],
     "flow": [
         dict(name="Flowformer N4096 D64", batch=8, heads=8, seq=4096, dim=64),
@@ -292,7 +312,7 @@ def _smoke_config(op: str, cfg: dict) -> dict:
         small["grid"] = tuple(min(g, k * d + (3 if axis < ndim - 1 else 9))
                               for axis, (g, k, d) in enumerate(zip(cfg["grid"], small["kernel_size"], dilation)))
     else:
-        small["seq"] = 40
+        small["seq"] = min(cfg["seq"], 40)
     if op == "agent":
         small["agents"] = 8
     return small
@@ -333,10 +353,12 @@ def work(op: str, cfg: dict, dtype: torch.dtype) -> tuple[int, int]:
         return b * h * pairs * 4 * d, (4 * b * h * tokens * d + rpb) * size
     n = cfg["seq"]
     io = 4 * b * h * n * d * size
+    if op == "linear" and cfg.get("state"):  # plus the float32 state, read and written
+        io += 2 * b * h * d * (d + cfg.get("normalize", 1)) * 4
     if op == "linear":
         if not cfg["causal"]:   # state φ(K)ᵀV, then φ(Q)·state
             return b * h * 4 * n * d * d, io
-        chunk = 64              # intra-chunk QKᵀ and PV, inter-chunk Q·S and the state update
+        chunk = min(64, n)      # intra-chunk QKᵀ and PV, inter-chunk Q·S and the state update
         chunks = math.ceil(n / chunk)
         return b * h * chunks * (4 * chunk * chunk * d + 4 * chunk * d * d), io
     if op == "flow":            # KᵀV and Q(KᵀV); causal: the same products, chunked
@@ -358,12 +380,17 @@ def measure_ceilings(dtype: torch.dtype) -> dict:
     import triton.testing
 
     n = 8192
-    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
-    matmul_ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=200)
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=100)
-    del a, b, src, dst
+
+    def matmul_time() -> float:   # the operands are freed when it returns
+        a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+        return triton.testing.do_bench(lambda: a @ b, warmup=25, rep=200)
+
+    def copy_time() -> float:
+        src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        return triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=100)
+
+    matmul_ms, copy_ms = matmul_time(), copy_time()
     torch.cuda.empty_cache()
     return {"matmul_tflops": 2 * n ** 3 / matmul_ms / 1e9, "copy_gbps": 2 * (1 << 30) / copy_ms / 1e6,
             "matmul": f"{n}x{n}x{n} {dtype}", "copy": "1 GiB device-to-device"}
@@ -391,7 +418,10 @@ def _time(fn: Callable, smoke: bool) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=200))
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+def _rel_err(out, ref) -> float:
+    """Max abs error relative to the reference's largest magnitude; the worst output of a tuple."""
+    if isinstance(out, (tuple, list)):
+        return max(_rel_err(o, r) for o, r in zip(out, ref))
     return float((out.double() - ref).abs().max() / ref.abs().max())
 
 

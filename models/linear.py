@@ -13,7 +13,11 @@ Both map ``x [B, N, C] -> [B, N, C]``; per head, with ``φ`` a feature map on ``
   quadratic form ``(QKᵀ ⊙ M)·V`` with ``M[t, s] = exp(−slope_h·(t−s))`` for ``s ≤ t``
   and 0 above the diagonal (``λ_h = exp(−slope_h)``, ALiBi slopes by default).
   TransNormerLLM's SiLU feature map, output norm and gate are left out: the fused op
-  covers only the decayed attention itself.
+  covers only the decayed attention itself. :meth:`LightningAttention.recurrent` is the
+  same attention as an RNN step over a chunk of tokens, with the state carried in and out.
+- :class:`LightningLM`: a causal LM of lightning-attention blocks for autoregressive
+  decoding: ``forward(ids, *states) -> (logits, *new_states)`` is both the prefill graph
+  (no states in) and the decode graph (one state per layer in).
 
 No ``1/sqrt(D)`` scale is applied in either (the ONNX ``LinearAttention`` op is used
 with ``scale=1``).
@@ -21,6 +25,7 @@ with ``scale=1``).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -30,6 +35,7 @@ from torch.nn import functional as F
 
 from attnc.models.mhsa import causal_mask
 from attnc.models.projections import QKVProjection, merge_heads
+from attnc.plugins.linear.fla_compat import fused_linear_attention
 
 FEATURE_MAPS = {
     "elu1": lambda x: F.elu(x) + 1.0,
@@ -131,6 +137,100 @@ class LightningAttention(nn.Module):
             ~causal_mask(n, n, device=x.device), float("-inf"))
         out = ((q @ k.transpose(-2, -1)) * torch.exp(log_decay)) @ v
         return self.proj(merge_heads(out))
+
+    def recurrent(self, x: torch.Tensor, state: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention over the chunk ``x [B, T, C]`` that follows ``state``.
+
+        Args:
+            x: the chunk's tokens (the whole prompt in prefill, one or a few tokens in decode).
+            state: ``[B, H, D, D]`` float32, ``Σ_s λ_h^{..} k_s v_sᵀ`` of every earlier token;
+                None before the first token.
+
+        Returns:
+            ``(out [B, T, C], state_out [B, H, D, D] float32)``. Exports as one
+            ``attnc::KernelLinearAttention`` node with ``state`` / ``state_out`` (the fusion
+            pass does not match a hand-written recurrence), which is why this is not
+            :meth:`forward`'s masked form.
+        """
+        q, k, v = self.in_proj(x)
+        # decay and state are float32 by the op's contract, also in a float64 model
+        decay = torch.exp(-self.slope)
+        decay = decay if decay.dtype == torch.float32 else decay.float()
+        out, state_out = fused_linear_attention(q, k, v, decay, state, feature_map=self.feature_map, causal=1,
+                                                normalize=0, eps=0.0, scale=1.0, return_state=True)
+        return self.proj(merge_heads(out)), state_out
+
+
+class LightningLM(nn.Module):
+    """Decoder-only LM of lightning-attention blocks, for prefill + token-by-token decode.
+
+    ``forward(ids [B, T] int64, *states) -> (logits [B, T, vocab_size], state_0, ..., state_{L-1})``
+    with ``state_i [B, H, D, D]`` float32 (``D = dim // num_heads``) the recurrent state of
+    layer ``i`` after the last of ``ids``. Without states it is the prefill; with the states of
+    the previous call it continues the sequence (decode), so prefill on ``ids[:, :m]`` then
+    decode of ``ids[:, m:]`` gives the logits of one call on ``ids``. Every layer's attention
+    exports as one fused node with state in and out (:meth:`LightningAttention.recurrent`).
+
+    There is no positional embedding: the per-head decay is the only position signal (as in
+    RetNet / TransNormerLLM), so a decode step needs no position input. :meth:`logits` runs
+    the same weights on a whole sequence with the masked quadratic form and no state.
+
+    Args:
+        vocab_size: token vocabulary.
+        dim, depth, num_heads, mlp_ratio: widths.
+        slopes: per-head ``slope_h`` shared by every layer (ALiBi by default), see
+            :class:`LightningAttention`.
+    """
+
+    def __init__(self, vocab_size: int = 32000, dim: int = 512, depth: int = 4, num_heads: int = 8,
+                 mlp_ratio: float = 4.0, slopes: Sequence[float] | None = None):
+        super().__init__()
+        from attnc.models.blocks import Block  # blocks imports this module
+
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(Block(dim, LightningAttention(dim, num_heads, slopes=slopes), mlp_ratio)
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+
+    def forward(self, ids: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # signature: ids, state_0=None, state_1=None, ... (see below the class); the
+        # TorchScript exporter passes the unused ones as None
+        states = tuple(s for s in states if s is not None)
+        if states and len(states) != len(self.blocks):
+            raise ValueError(f"pass no states (prefill) or one per layer ({len(self.blocks)}), got {len(states)}")
+        x = self.embed(ids)
+        new_states = []
+        for block, state in zip(self.blocks, states or (None,) * len(self.blocks)):
+            attended, state_out = block.attn.recurrent(block.norm1(x), state)
+            x = x + attended
+            x = x + block.mlp(block.norm2(x))
+            new_states.append(state_out)
+        return (self.lm_head(self.norm(x)), *new_states)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids [B, N] -> logits [B, N, vocab_size]`` in one stateless pass (each attention's
+        masked quadratic form, :meth:`LightningAttention.forward`): a reference for
+        :meth:`forward` that shares none of its recurrence."""
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.norm(x))
+
+
+# torch.onnx's dynamo exporter maps dynamic_axes onto forward()'s named parameters and
+# drops all but the first tensor a ``*states`` parameter collects ("Failed to convert
+# 'dynamic_axes' to 'dynamic_shapes'"); naming the states state_0 ... lets it (and
+# attnc.compiler.export.input_names_for) see each one as its own input. Parameters past the
+# arguments given are ignored, so one signature serves every depth up to _MAX_LAYERS.
+_MAX_LAYERS = 256
+_P = inspect.Parameter
+LightningLM.forward.__signature__ = inspect.Signature(
+    [_P("self", _P.POSITIONAL_OR_KEYWORD), _P("ids", _P.POSITIONAL_OR_KEYWORD, annotation=torch.Tensor),
+     *(_P(f"state_{i}", _P.POSITIONAL_OR_KEYWORD, default=None, annotation=torch.Tensor | None)
+       for i in range(_MAX_LAYERS))],
+    return_annotation=tuple[torch.Tensor, ...])
 
 
 def alibi_slopes(num_heads: int) -> list[float]:

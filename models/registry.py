@@ -17,6 +17,11 @@ milliseconds. Realistic configs (``*-realistic``) are DeiT-Tiny-sized classifier
 px / 16 -> 14x14 tokens, dim 192, 3 heads, 12 blocks) with each attention family, a
 NAT-Mini first stage (56x56 tokens, kernel 7, RPB), 4-block causal LMs at 4096 tokens
 (dynamic, up to 8192), and a VLM with a DeiT-Tiny-wide encoder.
+
+``lm-lightning-prefill-small`` and ``lm-lightning-decode-small`` are one
+:class:`~attnc.models.linear.LightningLM` (same seed, same weights) exported two ways:
+``ids -> (logits, state_0, state_1)`` and ``(ids, state_0, state_1) -> (logits, state_0',
+state_1')``; their outputs are ``output``, ``output_1``, ... (:attr:`ModelSpec.output_names`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from attnc.compiler.errors import AttncError
 from attnc.models.agent import AgentAttention
 from attnc.models.blocks import VIT_ATTENTIONS, CausalLM, VisionTransformer
 from attnc.models.flow import FlowAttention
-from attnc.models.linear import LightningAttention, LinearAttention
+from attnc.models.linear import LightningAttention, LightningLM, LinearAttention
 from attnc.models.mhsa import MultiHeadSelfAttention
 from attnc.models.neighborhood import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 from attnc.models.vlm import TinyVLM
@@ -65,6 +70,7 @@ class ModelSpec:
         sizes: default value of every size name used in ``inputs`` (``batch`` included).
         dynamic: the size names exported as dynamic axes.
         output_axes: size names of the output's axes, for its dynamic axes.
+        more_output_axes: the same for each further output (``output_1``, ``output_2``, ...).
         realistic: benchmark-sized (True) or test-sized (False).
         description: the constructor call the factory makes, for listings.
     """
@@ -79,16 +85,23 @@ class ModelSpec:
     output_axes: tuple[int | str, ...] = ()
     realistic: bool = False
     description: str = field(default="", compare=False)
+    more_output_axes: tuple[tuple[int | str, ...], ...] = ()
 
     @property
     def input_names(self) -> list[str]:
         return [i.name for i in self.inputs]
 
     @property
+    def output_names(self) -> list[str]:
+        """``output``, ``output_1``, ...: the names ``export_onnx`` gives the outputs by default."""
+        return ["output"] + [f"output_{i}" for i in range(1, 1 + len(self.more_output_axes))]
+
+    @property
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """``{input_or_output_name: {axis: size_name}}`` for :func:`attnc.compiler.export.export_onnx`."""
         axes = {}
-        for name, shape in [(i.name, i.shape) for i in self.inputs] + [("output", self.output_axes)]:
+        outputs = zip(self.output_names, (self.output_axes, *self.more_output_axes))
+        for name, shape in [(i.name, i.shape) for i in self.inputs] + list(outputs):
             dyn = {axis: dim for axis, dim in enumerate(shape) if dim in self.dynamic}
             if dyn:
                 axes[name] = dyn
@@ -131,10 +144,11 @@ SPECS: dict[str, ModelSpec] = {}
 
 def _add(name: str, family: str, kind: str, cls: type[nn.Module], kwargs: dict[str, Any],
          inputs: tuple[InputSpec, ...], sizes: dict[str, int], dynamic: tuple[str, ...],
-         output_axes: tuple[int | str, ...]) -> None:
+         output_axes: tuple[int | str, ...], more_output_axes: tuple[tuple[int | str, ...], ...] = ()) -> None:
     description = f"{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
     SPECS[name] = ModelSpec(name, family, kind, _factory(name, cls, kwargs, description), inputs, sizes, dynamic,
-                            output_axes, realistic=name.endswith("-realistic"), description=description)
+                            output_axes, realistic=name.endswith("-realistic"), description=description,
+                            more_output_axes=more_output_axes)
 
 
 def _sequence(name: str, family: str, cls: type[nn.Module], dim: int = 32, seq: int = 37, **kwargs: Any) -> None:
@@ -170,6 +184,17 @@ def _lm(name: str, family: str, attention: str, vocab_size: int, seq: int, **kwa
     _add(name, family, "lm", CausalLM, {"vocab_size": vocab_size, "attention": attention, **kwargs},
          (InputSpec("ids", ("batch", "seq"), torch.int64, vocab_size),), {"batch": 1, "seq": seq},
          ("batch", "seq"), ("batch", "seq", "vocab"))
+
+
+def _lightning_lm(name: str, vocab_size: int, seq: int, decode: bool, dim: int, depth: int, num_heads: int,
+                  **kwargs: Any) -> None:
+    """A :class:`LightningLM`'s prefill (``ids``) or decode (``ids`` and one state per layer) graph."""
+    state = ("batch", num_heads, dim // num_heads, dim // num_heads)
+    states = tuple(InputSpec(f"state_{i}", state) for i in range(depth)) if decode else ()
+    _add(name, "linear", "lm", LightningLM,
+         {"vocab_size": vocab_size, "dim": dim, "depth": depth, "num_heads": num_heads, **kwargs},
+         (InputSpec("ids", ("batch", "seq"), torch.int64, vocab_size), *states), {"batch": 1, "seq": seq},
+         ("batch", "seq"), ("batch", "seq", "vocab"), (state,) * depth)
 
 
 def _vlm(name: str, img_size: int, text_len: int, vocab_size: int, **kwargs: Any) -> None:
@@ -247,6 +272,10 @@ _lm("lm-lightning-small", "linear", "lightning", 97, 37, **_SMALL_LM)
 _lm("lm-flow-small", "flow", "flow", 97, 37, **_SMALL_LM)
 _lm("lm-neighborhood-small", "neighborhood", "neighborhood", 97, 37, **_SMALL_LM,
     attention_options={"kernel_size": 7})
+# autoregressive decoding: prefill on 13 tokens, decode steps of 3 (an export example of 1
+# token would let torch.export specialise the step length to 1)
+_lightning_lm("lm-lightning-prefill-small", 97, 13, decode=False, dim=32, depth=2, num_heads=4)
+_lightning_lm("lm-lightning-decode-small", 97, 3, decode=True, dim=32, depth=2, num_heads=4)
 
 _vlm("vlm-small", 32, 13, 97, patch_size=8, vision_dim=32, vision_depth=2, vision_heads=2, dim=32, depth=4,
      num_heads=4, max_text_len=32)

@@ -37,14 +37,17 @@ def export(spec: ModelSpec, model: torch.nn.Module, exporter: str, tmp_path) -> 
 
 def assert_matches_pytorch(proto: onnx.ModelProto, model: torch.nn.Module, spec: ModelSpec) -> None:
     runner = load(proto, threads=1)  # tiny graphs; spare the other xdist worker's core
-    assert runner.output_names == ["output"]
+    assert runner.output_names == spec.output_names
     for sizes in check_sizes(spec):
         inputs = spec.example_inputs(seed=1, **sizes)
         with torch.no_grad():
-            expected = model(*inputs).numpy()
-        got = runner.infer({name: t.numpy() for name, t in zip(spec.input_names, inputs)})["output"]
-        assert got.shape == expected.shape, f"{spec.name} at {sizes}"
-        np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL, err_msg=f"{spec.name} at {sizes}")
+            expected = model(*inputs)
+        got = runner.infer({name: t.numpy() for name, t in zip(spec.input_names, inputs)})
+        for name, want in zip(spec.output_names, expected if isinstance(expected, tuple) else (expected,),
+                              strict=True):
+            assert got[name].shape == want.shape, f"{spec.name} {name} at {sizes}"
+            np.testing.assert_allclose(got[name], want.numpy(), rtol=RTOL, atol=ATOL,
+                                       err_msg=f"{spec.name} {name} at {sizes}")
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
