@@ -263,12 +263,21 @@ def translate_fla(opset: int = 9) -> Iterator[None]:
                 if value is original:
                     patched.append((module, attr, value))
                     setattr(module, attr, replacement)
-    torch.onnx.register_custom_op_symbolic(_OP, _torchscript_symbolic, opset)
-    torch.onnx.register_custom_op_symbolic(_OP_STATE, _torchscript_symbolic_state, opset)
+    # Nested blocks share one registration: an inner block's exit must not take the outer
+    # block's TorchScript symbolics away.
+    if _SYMBOLIC_DEPTH.get(opset, 0) == 0:
+        torch.onnx.register_custom_op_symbolic(_OP, _torchscript_symbolic, opset)
+        torch.onnx.register_custom_op_symbolic(_OP_STATE, _torchscript_symbolic_state, opset)
+    _SYMBOLIC_DEPTH[opset] = _SYMBOLIC_DEPTH.get(opset, 0) + 1
     try:
         yield
     finally:
-        torch.onnx.unregister_custom_op_symbolic(_OP_STATE, opset)
-        torch.onnx.unregister_custom_op_symbolic(_OP, opset)
+        _SYMBOLIC_DEPTH[opset] -= 1
+        if _SYMBOLIC_DEPTH[opset] == 0:
+            torch.onnx.unregister_custom_op_symbolic(_OP_STATE, opset)
+            torch.onnx.unregister_custom_op_symbolic(_OP, opset)
         for module, attr, value in reversed(patched):
             setattr(module, attr, value)
+
+
+_SYMBOLIC_DEPTH: dict[int, int] = {}

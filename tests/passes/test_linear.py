@@ -317,6 +317,25 @@ def _fla_reference(kind, module, x):
     return o.reshape(b, t, c)
 
 
+def test_nested_fla_translations_keep_the_outer_symbolics(tmp_path):
+    """export_onnx enters translate_fla itself, usually inside a caller's block: leaving the
+    inner block must leave the outer one's TorchScript symbolics registered."""
+    from torch.onnx import _internal
+
+    from attnc.plugins.linear.fla_compat import translate_fla
+
+    registry = _internal.torchscript_exporter.registration.registry
+    torch.manual_seed(7)
+    module = _FlaModule("chunk_lightning_attn").eval()
+    with translate_fla():
+        with translate_fla():
+            pass
+        assert registry.is_registered_op("attnc::kernel_linear_attention", 9)
+        model = _export(module, torch.randn(2, 7, 32), tmp_path, "torchscript", dynamic=True)
+    assert _count(model, OP) == 1
+    assert not registry.is_registered_op("attnc::kernel_linear_attention", 9)
+
+
 @pytest.mark.parametrize("kind", ["chunk_linear_attn", "chunk_lightning_attn"])
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_fla_translation_exports_fused_node(kind, exporter, tmp_path):
