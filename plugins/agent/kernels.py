@@ -253,9 +253,28 @@ def agent_attention_biases_trt(Q, K, V, A, B1, B2, heads, queries, keys, O,
 
 # ----------------------------------------------------------------------------- launcher
 
-def agent_blocks(agents: int, head_dim: int, value_dim: int) -> dict[str, int]:
-    return {"BLOCK_A": block_dim(agents), "BLOCK_M": 64, "BLOCK_N": 64,
-            "BLOCK_D": block_dim(head_dim), "BLOCK_DV": block_dim(value_dim)}
+def agent_config(agents: int, dtype: torch.dtype, head_dim: int, value_dim: int) -> dict[str, int]:
+    """Tiles, ``num_warps`` and ``num_stages`` of :func:`agent_attention_kernel` (the PyTorch path:
+    :func:`agent_forward` and :func:`aot_specs`; its launcher may opt in to more than 48 KB).
+
+    All ``n`` agents (``BLOCK_A``) and their fp32 ``V_A`` rows stay in registers through both
+    stages, so the key (``BLOCK_N``) and query (``BLOCK_M``) tiles take what is left. The former
+    64 x 64 tiles with 4 warps spilled 136 B-11 KB per thread in fp32 and 192-696 B in half
+    precision (49 agents, sm_80/90, head dims 32-128). Measured with
+    ``kernels_common.resource_usage`` at 49 agents (value dim = head dim), 8 warps, no spills:
+    half 64-key/64-query tiles up to head dim 32, 32 x 64 up to 64 (64 x 64 spilled 96 B on
+    sm_80), 32 x 32 past 64 (32 x 64 spilled 112 B on sm_80); fp32 (CUDA-core ``tl.dot``) 32 x 32
+    up to head dim 32, 16 x 32 up to 64 (32 x 32 spilled 72 B on sm_90) and 16 x 16 with one stage
+    past 64 (16 x 32 spilled 344-752 B on sm_80), at most 72 KB of shared memory. More agents
+    than 64 leave less: 128 agents fit at head dim 64 in fp16, 256 spilled ~700 B there.
+    """
+    half, widest = dtype != torch.float32, max(head_dim, value_dim)
+    if half:
+        tiles = (64, 64, 2) if widest <= 32 else (32, 64, 2) if widest <= 64 else (32, 32, 2)
+    else:
+        tiles = (32, 32, 2) if widest <= 32 else (16, 32, 2) if widest <= 64 else (16, 16, 1)
+    return {"BLOCK_A": block_dim(agents), "BLOCK_N": tiles[0], "BLOCK_M": tiles[1], "BLOCK_D": block_dim(head_dim),
+            "BLOCK_DV": block_dim(value_dim), "num_warps": 8, "num_stages": tiles[2]}
 
 
 def agent_trt_config(dtype: torch.dtype, head_dim: int, value_dim: int) -> dict[str, int]:
@@ -304,8 +323,8 @@ def agent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Te
     tensors = [t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
                for t in (q, k, v, a, agent_bias, query_bias)]
     q, k, v, a, agent_bias, query_bias = tensors
-    blocks = agent_blocks(agents, head_dim, value_dim)
-    grid = agent_grid(batch, heads, queries, blocks["BLOCK_M"])
+    config = agent_config(agents, q.dtype, head_dim, value_dim)
+    grid = agent_grid(batch, heads, queries, config["BLOCK_M"])
     if splits is not None:
         grid = (grid[0], max(1, int(splits)))
     out = torch.empty(batch, heads, queries, value_dim, dtype=q.dtype, device=q.device)
@@ -318,7 +337,7 @@ def agent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Te
         out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *sa, *s1, *s2, *out.stride()[:3],
         heads, queries, keys, agents, head_dim, value_dim, scale * LOG2E, grid[1],
         HAS_B1=agent_bias is not None, HAS_B2=query_bias is not None, PRECISION=dot_precision(q.dtype),
-        num_warps=4, **blocks)
+        **config)
     return out
 
 
@@ -411,7 +430,8 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
 
 
 def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
-    """Agent-DeiT's shape class: 49 agents, both biases (the bias-free form compiles a subset)."""
+    """Agent-DeiT's shape class: 49 agents, both biases (the bias-free form compiles a subset), in
+    :func:`agent_config`'s launch configuration (value dim = head dim)."""
     torch_dtype = DTYPE_NAMES[dtype]
     ptr = POINTER_TYPES[torch_dtype]
     ints = [f"s{t}_{a}" for t in "qkva" for a in ("b", "h", "n")]
@@ -419,12 +439,12 @@ def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
              "heads", "queries", "keys", "agents", "head_dim", "value_dim"]
     signature = {**{n: ptr for n in ("Q", "K", "V", "A", "B1", "B2", "O")}, **{n: "i32" for n in ints},
                  "qk_scale": "fp32", "splits": "i32"}
-    blocks = agent_blocks(49, head_dim, head_dim)
-    precision = dot_precision(torch_dtype)
+    config = agent_config(49, torch_dtype, head_dim, head_dim)
+    launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
     return [KernelSpec(agent_attention_kernel, signature,
-                       {**blocks, "HAS_B1": True, "HAS_B2": True, "PRECISION": precision})]
+                       {**config, "HAS_B1": True, "HAS_B2": True, "PRECISION": dot_precision(torch_dtype)}, **launch)]
 
 
 __all__ = ["MAX_AGENTS", "agent_attention_biases_trt", "agent_attention_kernel", "agent_attention_trt",
-           "agent_blocks", "agent_forward", "agent_tiled_kernel", "agent_trt_config", "aot_specs", "kernel_for",
+           "agent_config", "agent_forward", "agent_tiled_kernel", "agent_trt_config", "aot_specs", "kernel_for",
            "trt_launch"]

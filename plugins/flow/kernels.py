@@ -352,14 +352,52 @@ def flow_causal_trt(
 
 # ----------------------------------------------------------------------------- launcher
 
-def flow_blocks(head_dim: int, value_dim: int) -> dict[str, int]:
-    """Tiles of the launcher's non-causal kernels (the causal one: :func:`flow_trt_config`)."""
-    return {"BLOCK_N": 64, "BLOCK_D": block_dim(head_dim), "BLOCK_DV": min(64, block_dim(value_dim))}
+def flow_config(kernel: str, dtype: torch.dtype, head_dim: int, value_dim: int) -> dict[str, int]:
+    """Tiles, ``num_warps`` and ``num_stages`` of one PyTorch-path kernel (:func:`flow_forward` and
+    :func:`aot_specs`): ``kernel`` is ``"reduce"`` (:func:`flow_reduce_kernel`), ``"kv"``
+    (:func:`flow_kv_kernel`), ``"output"`` (:func:`flow_output_kernel`) or ``"causal"``
+    (:func:`flow_causal_kernel`). The non-causal kernels pass their sums through memory, so each
+    takes its own tiles. None needs more than 48 KB of shared memory.
+
+    Measured with ``kernels_common.resource_usage`` on sm_80 and sm_90, value dim = head dim = 32,
+    64, 128. The launcher's former 64-token blocks, 64 value columns and 4 warps spilled in the
+    key/value pass (fp32 0.5-14 KB, half 32 B-1.5 KB from head dim 64 on) and the output pass
+    (fp32 0.9-9 KB from head dim 64 on, half 216-264 B at 128). Now:
+
+    - key/value (a ``[BLOCK_N, D]`` φ tile, its flow row sums and the ``[D, BLOCK_DV]`` product
+      live at once): fp32 (CUDA-core ``tl.dot``) 16-token blocks, 32 value columns, 8 warps (with
+      32 tokens 8-32 B spilled on sm_90); half 64-token blocks (32 past head dim 64) and 8 warps.
+    - output: 32 value columns and 8 warps in fp32, 64-token tiles (32 past head dim 64: 64 with
+      16 columns spilled 72 B on sm_90); half keeps 64 x 64 tiles with 8 warps (4 spilled 8 B on
+      sm_86/89 at head dim 64 and 216-264 B on sm_80/90 at 128).
+    - causal: :func:`flow_trt_config`'s (the same kernel as TensorRT's), but 32 value columns
+      for half precision past head dim 64: with 64, this kernel (run-time strides and dims) spilled
+      24 B on sm_90 at head dim 128.
+    - reductions: 64-token blocks, 4 warps (no products, few registers).
+    """
+    half, wide = dtype != torch.float32, max(head_dim, value_dim) > 64
+    if kernel == "causal":
+        config = flow_trt_config(True, dtype, head_dim, value_dim)
+        return {**config, "BLOCK_DV": min(32, config["BLOCK_DV"])} if half and wide else config
+    config = {"BLOCK_D": block_dim(head_dim), "num_stages": 2}
+    if kernel == "reduce":
+        return {**config, "BLOCK_N": 64, "num_warps": 4}
+    block_dv = lambda most: min(most, block_dim(value_dim))  # noqa: E731
+    if kernel == "kv":
+        if half:
+            return {**config, "BLOCK_N": 32 if wide else 64, "BLOCK_DV": block_dv(64), "num_warps": 8}
+        return {**config, "BLOCK_N": 16, "BLOCK_DV": block_dv(32), "num_warps": 8}
+    if kernel == "output":
+        if half:
+            return {**config, "BLOCK_N": 64, "BLOCK_DV": block_dv(64), "num_warps": 8}
+        return {**config, "BLOCK_N": 32 if wide else 64, "BLOCK_DV": block_dv(32), "num_warps": 8}
+    raise ValueError(f"flow_config: no kernel {kernel!r}")
 
 
 def flow_trt_config(causal: bool, dtype: torch.dtype, head_dim: int, value_dim: int) -> dict[str, int]:
     """Tiles, ``num_warps`` and ``num_stages`` of the TensorRT kernels (one launch, no opt-in to
-    more than 48 KB of shared memory, no register spills), and of the launcher's causal kernel.
+    more than 48 KB of shared memory, no register spills); the launcher's causal kernel starts from
+    them (:func:`flow_config`).
 
     Causal: 16-token chunks, 8 warps, one stage; the head dim in 32-wide slices (16 in fp32, whose
     ``tl.dot`` runs on CUDA cores and holds whole operand rows in registers) and 64 value columns
@@ -402,12 +440,11 @@ def flow_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: int 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     batch, heads, length, head_dim = q.shape
     sources, value_dim = k.shape[2], v.shape[-1]
-    blocks = flow_blocks(head_dim, value_dim)
     if causal:
         if sources != length:
             raise ValueError("causal flow attention needs as many keys as queries")
         out = torch.empty(batch, heads, length, value_dim, dtype=q.dtype, device=q.device)
-        config = flow_trt_config(True, q.dtype, head_dim, value_dim)
+        config = flow_config("causal", q.dtype, head_dim, value_dim)
         flow_causal_kernel[per_head_grid(batch, heads, value_dim, config["BLOCK_DV"])](
             q, k, v, out, heads, length, head_dim, value_dim, eps, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *out.stride()[:3], PRECISION=dot_precision(q.dtype), **config)
@@ -417,7 +454,7 @@ def flow_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: int 
     kv = torch.empty(batch * heads, head_dim, value_dim, **f32)
     e_sum = torch.empty(batch * heads, **f32)
     out = torch.empty(batch, heads, length, value_dim, dtype=q.dtype, device=q.device)
-    reduce = dict(BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"])
+    reduce = flow_config("reduce", q.dtype, head_dim, value_dim)
     heads_grid = per_head_grid(batch, heads)
     flow_reduce_kernel[heads_grid](k, k, k_sum, heads, sources, head_dim, *k.stride()[:3], eps,
                                    WEIGHTED=False, **reduce)
@@ -426,14 +463,14 @@ def flow_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: int 
     flow_reduce_kernel[heads_grid](q, k_sum, q_incoming, heads, length, head_dim, *q.stride()[:3], eps,
                                    WEIGHTED=True, **reduce)
     precision = dot_precision(q.dtype)
-    flow_kv_kernel[per_head_grid(batch, heads, value_dim, blocks["BLOCK_DV"])](
+    config = flow_config("kv", q.dtype, head_dim, value_dim)
+    flow_kv_kernel[per_head_grid(batch, heads, value_dim, config["BLOCK_DV"])](
         k, v, q_sum, q_incoming, kv, k_outgoing, e_sum, heads, sources, head_dim, value_dim, eps,
-        *k.stride()[:3], *v.stride()[:3], PRECISION=precision, BLOCK_N=blocks["BLOCK_N"],
-        BLOCK_D=blocks["BLOCK_D"], BLOCK_DV=blocks["BLOCK_DV"])
-    flow_output_kernel[rows_grid(batch, heads, length, blocks["BLOCK_N"], value_dim, blocks["BLOCK_DV"])](
+        *k.stride()[:3], *v.stride()[:3], PRECISION=precision, **config)
+    config = flow_config("output", q.dtype, head_dim, value_dim)
+    flow_output_kernel[rows_grid(batch, heads, length, config["BLOCK_N"], value_dim, config["BLOCK_DV"])](
         q, k_sum, k_outgoing, kv, e_sum, out, heads, length, sources, head_dim, value_dim, eps,
-        *q.stride()[:3], *out.stride()[:3], PRECISION=precision, BLOCK_N=blocks["BLOCK_N"],
-        BLOCK_D=blocks["BLOCK_D"], BLOCK_DV=blocks["BLOCK_DV"])
+        *q.stride()[:3], *out.stride()[:3], PRECISION=precision, **config)
     return out
 
 
@@ -524,36 +561,36 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
 
 
 def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
-    """The reduction (plain and weighted), key/value, causal and output kernels."""
+    """The reduction (plain and weighted), key/value, causal and output kernels, in
+    :func:`flow_config`'s launch configurations (value dim = head dim)."""
     torch_dtype = DTYPE_NAMES[dtype]
     ptr = POINTER_TYPES[torch_dtype]
-    blocks = flow_blocks(head_dim, head_dim)
-    causal_launch = flow_trt_config(True, torch_dtype, head_dim, head_dim)
-    causal = {k: v for k, v in causal_launch.items() if k not in ("num_warps", "num_stages")}
     strides = lambda *names: {f"s{t}_{a}": "i32" for t in names for a in "bhn"}  # noqa: E731
+
+    def spec(kernel, name, signature, **constexprs):
+        config = flow_config(name, torch_dtype, head_dim, head_dim)
+        launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+        if name != "reduce":
+            constexprs["PRECISION"] = dot_precision(torch_dtype)
+        return KernelSpec(kernel, signature, {**config, **constexprs}, **launch)
+
     reduce_sig = {"X": ptr, "OTHER": "*fp32", "OUT": "*fp32", "heads": "i32", "length": "i32",
                   "head_dim": "i32", **strides("x"), "eps": "fp32"}
-    reduce = {"BLOCK_N": blocks["BLOCK_N"], "BLOCK_D": blocks["BLOCK_D"]}
-    tiles = {"BLOCK_N": blocks["BLOCK_N"], "BLOCK_D": blocks["BLOCK_D"], "BLOCK_DV": blocks["BLOCK_DV"],
-             "PRECISION": dot_precision(torch_dtype)}
     return [
-        KernelSpec(flow_reduce_kernel, reduce_sig, {**reduce, "WEIGHTED": False}),
-        KernelSpec(flow_reduce_kernel, reduce_sig, {**reduce, "WEIGHTED": True}),
-        KernelSpec(flow_kv_kernel, {"K": ptr, "V": ptr, "Q_SUM": "*fp32", "Q_INCOMING": "*fp32",
-                                    "KV": "*fp32", "K_OUTGOING": "*fp32", "E_SUM": "*fp32", "heads": "i32",
-                                    "sources": "i32", "head_dim": "i32", "value_dim": "i32", "eps": "fp32",
-                                    **strides("k", "v")}, tiles),
-        KernelSpec(flow_causal_kernel, {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "heads": "i32", "length": "i32",
-                                        "head_dim": "i32", "value_dim": "i32", "eps": "fp32",
-                                        **strides("q", "k", "v", "o")},
-                   {**causal, "PRECISION": dot_precision(torch_dtype)}, num_warps=causal_launch["num_warps"],
-                   num_stages=causal_launch["num_stages"]),
-        KernelSpec(flow_output_kernel, {"Q": ptr, "K_SUM": "*fp32", "K_OUTGOING": "*fp32", "KV": "*fp32",
-                                        "E_SUM": "*fp32", "O": ptr, "heads": "i32", "length": "i32",
-                                        "sources": "i32", "head_dim": "i32", "value_dim": "i32",
-                                        "eps": "fp32", **strides("q", "o")}, tiles),
+        spec(flow_reduce_kernel, "reduce", reduce_sig, WEIGHTED=False),
+        spec(flow_reduce_kernel, "reduce", reduce_sig, WEIGHTED=True),
+        spec(flow_kv_kernel, "kv", {"K": ptr, "V": ptr, "Q_SUM": "*fp32", "Q_INCOMING": "*fp32", "KV": "*fp32",
+                                    "K_OUTGOING": "*fp32", "E_SUM": "*fp32", "heads": "i32", "sources": "i32",
+                                    "head_dim": "i32", "value_dim": "i32", "eps": "fp32", **strides("k", "v")}),
+        spec(flow_causal_kernel, "causal", {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "heads": "i32", "length": "i32",
+                                            "head_dim": "i32", "value_dim": "i32", "eps": "fp32",
+                                            **strides("q", "k", "v", "o")}),
+        spec(flow_output_kernel, "output", {"Q": ptr, "K_SUM": "*fp32", "K_OUTGOING": "*fp32", "KV": "*fp32",
+                                            "E_SUM": "*fp32", "O": ptr, "heads": "i32", "length": "i32",
+                                            "sources": "i32", "head_dim": "i32", "value_dim": "i32",
+                                            "eps": "fp32", **strides("q", "o")}),
     ]
 
 
-__all__ = ["aot_specs", "flow_blocks", "flow_causal_kernel", "flow_causal_trt", "flow_forward", "flow_global_trt",
+__all__ = ["aot_specs", "flow_causal_kernel", "flow_config", "flow_causal_trt", "flow_forward", "flow_global_trt",
            "flow_trt_config", "flow_kv_kernel", "flow_output_kernel", "flow_reduce_kernel", "kernel_for", "trt_launch"]

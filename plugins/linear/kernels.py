@@ -270,10 +270,44 @@ def linear_global_trt(
 
 # ----------------------------------------------------------------------------- launcher
 
-def linear_blocks(head_dim: int, value_dim: int) -> dict[str, int]:
-    """Tile sizes: value columns split in blocks of at most 64 (a [D, 64] fp32 state per program)."""
-    return {"BLOCK_N": 64, "CHUNK": 64, "BLOCK_D": block_dim(head_dim),
-            "BLOCK_DV": min(64, block_dim(value_dim))}
+def linear_config(causal: bool, dtype: torch.dtype, head_dim: int, value_dim: int) -> dict[str, int]:
+    """Tiles, ``num_warps`` and ``num_stages`` of the PyTorch path's kernels (:func:`linear_forward`
+    and :func:`aot_specs`): causal :func:`linear_causal_kernel`, or non-causal
+    :func:`linear_state_kernel` and :func:`linear_output_kernel` (one configuration for both).
+    Its launcher may opt in to more than 48 KB of shared memory; none of these needs it.
+
+    Causal: :func:`linear_trt_config`'s 16-token chunks (the same kernel as TensorRT's), with
+    more registers' worth of room: this kernel takes its strides and dims at run time, and with
+    TensorRT's tiles it spilled 24-136 B (half precision, head dims 64-128) and 8 B (fp32, head
+    dim 32, sm_80). So half precision runs 8 warps, 32 value columns past head dim 64 (64 spilled
+    24-136 B) and 32-token chunks with 4 warps up to head dim 32 (220-229 registers; at head dim
+    64 they spilled 88 B with 64 value columns); fp32 up to head dim 32 runs 4 warps, two stages.
+    The launcher's former 64-token chunks with 4 warps spilled 0.6-2.3 KB per thread in half
+    precision and 1.4-25 KB in fp32 (sm_80/90, head dims 32-128); fp32 32-token chunks with 8 warps
+    still spilled 0.5 KB at head dim 64. More shared memory does not help: the chunk's operands
+    and the ``[D, BLOCK_DV]`` state live in registers.
+
+    Non-causal: 64-token blocks. Half precision keeps 64 value columns, 4 warps and two stages (no
+    spills, <= 64 KB). fp32 multiplies on CUDA cores, whose ``tl.dot`` holds whole operand rows in
+    registers: with 64 value columns and 4 warps both kernels spilled 0.7-10 KB from head dim 64 on;
+    8 warps with 32 value columns (16 past head dim 64) spill nothing, at 2-4x the programs of the
+    state pass. Measured with ``kernels_common.resource_usage`` on sm_80 and sm_90 (value dim =
+    head dim = 32, 64, 128).
+    """
+    half, widest = dtype != torch.float32, max(head_dim, value_dim)
+    if causal:
+        config = linear_trt_config(True, dtype, head_dim, value_dim)
+        if half and widest <= 32:
+            return {**config, "CHUNK": 32, "num_warps": 4, "num_stages": 2}
+        if half:
+            return {**config, "BLOCK_DV": min(32 if widest > 64 else 64, config["BLOCK_DV"]), "num_warps": 8}
+        return {**config, "num_warps": 4, "num_stages": 2} if widest <= 32 else config
+    block_d = block_dim(head_dim)
+    if half:
+        return {"BLOCK_D": block_d, "BLOCK_DV": min(64, block_dim(value_dim)), "BLOCK_N": 64, "num_warps": 4,
+                "num_stages": 2}
+    return {"BLOCK_D": block_d, "BLOCK_DV": min(16 if widest > 64 else 32, block_dim(value_dim)), "BLOCK_N": 64,
+            "num_warps": 8, "num_stages": 2}
 
 
 def linear_trt_config(causal: bool, dtype: torch.dtype, head_dim: int, value_dim: int) -> dict[str, int]:
@@ -338,29 +372,30 @@ def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: tor
         raise ValueError(f"feature_map must be one of {tuple(FEATURE_MAP_IDS)}, got {feature_map!r}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     state = None if state is None else state.contiguous()
-    blocks = linear_blocks(head_dim, value_dim)
+    config = linear_config(bool(causal), q.dtype, head_dim, value_dim)
+    launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
     out = torch.empty(batch, heads, seq_len, value_dim, dtype=q.dtype, device=q.device)
-    common = dict(FEATURE=FEATURE_MAP_IDS[feature_map], BLOCK_D=blocks["BLOCK_D"],
-                  BLOCK_DV=blocks["BLOCK_DV"], PRECISION=dot_precision(q.dtype))
+    common = dict(FEATURE=FEATURE_MAP_IDS[feature_map], BLOCK_D=config["BLOCK_D"],
+                  BLOCK_DV=config["BLOCK_DV"], PRECISION=dot_precision(q.dtype), **launch)
     if causal:
         state_out = torch.empty(state_dims, dtype=torch.float32, device=q.device) if return_state else None
         lam = (decay.to(device=q.device, dtype=torch.float32).contiguous() if decay is not None else q)
         # Absent pointers: q stands in (never read, the HAS_/STORE_ constexprs are False).
-        linear_causal_kernel[per_head_grid(batch, heads, value_dim, blocks["BLOCK_DV"])](
+        linear_causal_kernel[per_head_grid(batch, heads, value_dim, config["BLOCK_DV"])](
             q, k, v, lam, q if state is None else state, out, q if state_out is None else state_out,
             heads, seq_len, head_dim, value_dim, float(scale), float(eps),
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             NORMALIZE=bool(normalize), HAS_DECAY=decay is not None, HAS_STATE=state is not None,
-            STORE_STATE=return_state, CHUNK=blocks["CHUNK"], **common)
+            STORE_STATE=return_state, CHUNK=config["CHUNK"], **common)
         return (out, state_out) if return_state else out
     state = torch.empty(batch * heads, head_dim, value_dim, dtype=torch.float32, device=q.device)
     norm = torch.empty(batch * heads, head_dim, dtype=torch.float32, device=q.device)
-    linear_state_kernel[per_head_grid(batch, heads, value_dim, blocks["BLOCK_DV"])](
+    linear_state_kernel[per_head_grid(batch, heads, value_dim, config["BLOCK_DV"])](
         k, v, state, norm, heads, seq_len, head_dim, value_dim, *k.stride()[:3], *v.stride()[:3],
-        BLOCK_N=blocks["BLOCK_N"], **common)
-    linear_output_kernel[rows_grid(batch, heads, seq_len, blocks["BLOCK_N"], value_dim, blocks["BLOCK_DV"])](
+        BLOCK_N=config["BLOCK_N"], **common)
+    linear_output_kernel[rows_grid(batch, heads, seq_len, config["BLOCK_N"], value_dim, config["BLOCK_DV"])](
         q, state, norm, out, heads, seq_len, head_dim, value_dim, float(scale), float(eps),
-        *q.stride()[:3], *out.stride()[:3], NORMALIZE=bool(normalize), BLOCK_N=blocks["BLOCK_N"], **common)
+        *q.stride()[:3], *out.stride()[:3], NORMALIZE=bool(normalize), BLOCK_N=config["BLOCK_N"], **common)
     return out
 
 
@@ -495,29 +530,32 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list, *, n_outputs: int = 1):
 
 
 def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
-    """The state, output and causal kernels (causal with decay, state in and out), elu1 features."""
+    """The state, output and causal kernels (causal with decay, state in and out), elu1 features,
+    in :func:`linear_config`'s launch configurations (value dim = head dim)."""
     torch_dtype = DTYPE_NAMES[dtype]
     ptr = POINTER_TYPES[torch_dtype]
-    blocks = linear_blocks(head_dim, head_dim)
-    common = dict(FEATURE=0, BLOCK_D=blocks["BLOCK_D"], BLOCK_DV=blocks["BLOCK_DV"],
-                  PRECISION=dot_precision(torch_dtype))
     dims = {n: "i32" for n in ("heads", "seq_len", "head_dim", "value_dim")}
     strides = lambda *names: {f"s{t}_{a}": "i32" for t in names for a in "bhn"}  # noqa: E731
+
+    def spec(kernel, signature, causal, **constexprs):
+        config = linear_config(causal, torch_dtype, head_dim, head_dim)
+        tiles = {k: config[k] for k in (("CHUNK",) if causal else ("BLOCK_N",)) + ("BLOCK_D", "BLOCK_DV")}
+        return KernelSpec(kernel, signature, {"FEATURE": 0, "PRECISION": dot_precision(torch_dtype), **tiles,
+                                              **constexprs},
+                          num_warps=config["num_warps"], num_stages=config["num_stages"])
+
     return [
-        KernelSpec(linear_state_kernel, {"K": ptr, "V": ptr, "S": "*fp32", "Z": "*fp32", **dims,
-                                         **strides("k", "v")},
-                   {**common, "BLOCK_N": blocks["BLOCK_N"]}),
-        KernelSpec(linear_output_kernel, {"Q": ptr, "S": "*fp32", "Z": "*fp32", "O": ptr, **dims,
-                                          "scale": "fp32", "eps": "fp32", **strides("q", "o")},
-                   {**common, "NORMALIZE": True, "BLOCK_N": blocks["BLOCK_N"]}),
-        KernelSpec(linear_causal_kernel, {"Q": ptr, "K": ptr, "V": ptr, "DECAY": "*fp32", "STATE": "*fp32", "O": ptr,
-                                          "STATE_OUT": "*fp32", **dims, "scale": "fp32", "eps": "fp32",
-                                          **strides("q", "k", "v", "o")},
-                   {**common, "NORMALIZE": True, "HAS_DECAY": True, "HAS_STATE": True, "STORE_STATE": True,
-                    "CHUNK": blocks["CHUNK"]}),
+        spec(linear_state_kernel, {"K": ptr, "V": ptr, "S": "*fp32", "Z": "*fp32", **dims, **strides("k", "v")},
+             False),
+        spec(linear_output_kernel, {"Q": ptr, "S": "*fp32", "Z": "*fp32", "O": ptr, **dims, "scale": "fp32",
+                                    "eps": "fp32", **strides("q", "o")}, False, NORMALIZE=True),
+        spec(linear_causal_kernel, {"Q": ptr, "K": ptr, "V": ptr, "DECAY": "*fp32", "STATE": "*fp32", "O": ptr,
+                                    "STATE_OUT": "*fp32", **dims, "scale": "fp32", "eps": "fp32",
+                                    **strides("q", "k", "v", "o")},
+             True, NORMALIZE=True, HAS_DECAY=True, HAS_STATE=True, STORE_STATE=True),
     ]
 
 
-__all__ = ["FEATURE_MAP_IDS", "aot_specs", "kernel_for", "linear_blocks", "linear_causal_kernel", "linear_causal_trt",
+__all__ = ["FEATURE_MAP_IDS", "aot_specs", "kernel_for", "linear_causal_kernel", "linear_causal_trt", "linear_config",
            "linear_forward", "linear_global_trt", "linear_output_kernel", "linear_state_kernel", "linear_trt_config",
            "state_shape", "trt_launch"]

@@ -213,7 +213,7 @@ def neighborhood_attention_rpb_trt(
 # ----------------------------------------------------------------------------- launcher
 
 def neighborhood_config(ndim: int, kernel_size: Sequence[int], dtype: torch.dtype, head_dim: int,
-                        value_dim: int, strided: bool = False) -> dict[str, int]:
+                        value_dim: int, strided: bool = False, pytorch: bool = False) -> dict[str, int]:
     """Launch configuration for an ``ndim``-D grid: query tile ``BX x BY x BZ`` and key-block width
     ``BLOCK_K`` of the 3-D view, ``num_warps``, ``num_stages``; ``kernel_size`` per grid axis.
 
@@ -227,13 +227,24 @@ def neighborhood_config(ndim: int, kernel_size: Sequence[int], dtype: torch.dtyp
     the TensorRT kernels on every architecture. Strided 3-D half-precision tiles run 4 warps:
     with 8, ptxas on sm_86/89 capped the strided kernel at 128 registers and spilled 16-40 B
     (kernel 3x5x7, stride 2x3x4, head dim 128); 4 warps take 220 and spill nothing.
+
+    ``pytorch``: the launcher's kernel (:func:`neighborhood_forward`, :func:`aot_specs`), whose
+    strides and dims are run-time arguments. The same tiles, but half-precision tiles that
+    TensorRT runs with 4 warps (non-strided) take 8: with 4, the 2-D 7x7 RPB kernel used 255
+    registers and spilled 16-32 B on sm_80 at head dims 32 and 64; with 8, 223 and none. 1-D
+    half-precision tiles take 32-key blocks: with 64, the 1-D kernel (k=7, head dim 64) spilled
+    80 B on sm_86/89; with 32, 180 registers and none. fp32
+    keeps TensorRT's configuration and its ptxas-budget spills (see tests/plugins/test_kernels.py
+    ``_known_gap``).
     """
     half = dtype != torch.float32
     wide = max(head_dim, value_dim) > 64
     tile = {1: (1, 1, 64 if half and not wide else 32), 2: (1, 4 if half else 2, 16),
             3: (2, 4, 8) if half else (1, 4, 8)}[ndim]
-    block_k = min(64 if half else 16 if wide else 32, max(16, next_power_of_2(tile[2] + list(kernel_size)[-1] - 1)))
-    warps = 4 if strided and half and ndim == 3 else 8 if wide or block_k == 64 else 4
+    widest_k = 32 if pytorch and ndim == 1 and max(head_dim, value_dim) > 32 else 64   # see ``pytorch`` above
+    block_k = min(widest_k if half else 16 if wide else 32,
+                  max(16, next_power_of_2(tile[2] + list(kernel_size)[-1] - 1)))
+    warps = 4 if strided and half and ndim == 3 else 8 if wide or block_k == 64 or (pytorch and half) else 4
     return dict(BX=tile[0], BY=tile[1], BZ=tile[2], BLOCK_K=block_k, num_warps=warps,
                 num_stages=2 if half else 1)
 
@@ -280,7 +291,8 @@ def neighborhood_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         rpb_strides = (0 if table.shape[0] == 1 else table.stride(0), *table.stride()[1:])
     else:
         table, rpb_strides = q, (0, 0, 0, 0)
-    config = neighborhood_config(ndim, ks, query.dtype, head_dim, value_dim, strided=any(x != 1 for x in ss))
+    config = neighborhood_config(ndim, ks, query.dtype, head_dim, value_dim, strided=any(x != 1 for x in ss),
+                                 pytorch=True)
     launch = neighborhood_grid(batch, heads, grid, ds, (config["BX"], config["BY"], config["BZ"]))
     scale = scale or head_dim ** -0.5
     neighborhood_attention_fwd[launch](
@@ -389,8 +401,9 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
 
 
 def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
-    """Representative builds of the PyTorch path's kernel: 2-D 7x7 with RPB (NAT), 1-D causal
-    k=7, 3-D 3x3x5 with RPB."""
+    """Representative builds of the PyTorch path's kernel in :func:`neighborhood_config`'s
+    launch configurations (``pytorch=True``, value dim = head dim): 2-D 7x7 with RPB (NAT), 1-D
+    causal k=7, 3-D 3x3x5 with RPB."""
     torch_dtype = DTYPE_NAMES[dtype]
     ptr = POINTER_TYPES[torch_dtype]
     ints = [f"s{t}_{a}" for t in "qkvo" for a in ("b", "h", "x", "y", "z")]
@@ -401,7 +414,7 @@ def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
               "PRECISION": dot_precision(torch_dtype)}
     specs = []
     for ndim, ks, causal, rpb in [(2, (7, 7), (0, 0), True), (1, (7,), (1,), False), (3, (3, 3, 5), (0, 0, 1), True)]:
-        config = neighborhood_config(ndim, ks, torch_dtype, head_dim, head_dim)
+        config = neighborhood_config(ndim, ks, torch_dtype, head_dim, head_dim, pytorch=True)
         launch = dict(num_warps=config.pop("num_warps"), num_stages=config.pop("num_stages"))
         ks3, cs3 = _as_3d(list(ks), 1), _as_3d(list(causal), 0)
         constexprs = dict(KX=ks3[0], KY=ks3[1], KZ=ks3[2], CAUSAL_X=bool(cs3[0]), CAUSAL_Y=bool(cs3[1]),
