@@ -187,6 +187,29 @@ def resource_usage(compiled) -> dict[str, int]:
             "registers": int(fields["REG"]), "stack": int(fields["STACK"])}
 
 
+def launch_trt_entry(trt_launch, attrs: dict, inputs: Sequence, *outputs: torch.Tensor):
+    """Launch an op's TensorRT entry point (its ``trt_launch``) from PyTorch, as TensorRT launches
+    the compiled kernel: ``inputs`` are positional (``None`` for an absent optional input) and
+    contiguous; the kernel's parameters that are no constexpr (the ones its PTX keeps) take the
+    present inputs, the int32 scalars from their shapes, then ``outputs``.
+
+    Returns:
+        The first output, or all of them.
+    """
+    shapes = [None if t is None else list(t.shape) for t in inputs]
+    dtypes = [None if t is None else str(t.dtype).removeprefix("torch.") for t in inputs]
+    options = {"n_outputs": len(outputs)} if len(outputs) > 1 else {}
+    spec, grid, scalars = trt_launch(attrs, dtypes, shapes, **options)
+    present = [t for t in inputs if t is not None]
+    values = [*present, *scalars([list(t.shape) for t in present]), *outputs]
+    params = [name for name in spec.kernel.arg_names if name not in spec.constexprs]
+    if len(params) != len(values):
+        raise ValueError(f"{spec.name}{tuple(params)} launched with {len(values)} arguments")
+    spec.kernel[grid([list(t.shape) for t in outputs])](**dict(zip(params, values)), **spec.constexprs,
+                                                         num_warps=spec.num_warps, num_stages=spec.num_stages)
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
 def aot_kernel(spec: KernelSpec, grid, scalars, arch: int | None = None):
     """Compile ``spec`` into the ``AotKernel`` TensorRT's AOT plugins launch.
 

@@ -40,11 +40,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from attnc.plugins.kernels_common import (DTYPE_NAMES, LOG2E, POINTER_TYPES, KernelSpec, agent_grid,
                                           block_dim, cdiv, check_inputs, dot, dot_precision)
 
-MAX_AGENTS = 256
+MAX_AGENTS = 256  # agents agent_attention_kernel keeps in one register tile
 
 
 @triton.jit
@@ -308,7 +309,9 @@ def agent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Te
 
     Args:
         q: ``[B, H, N, D]``; k: ``[B, H, M, D]``; v: ``[B, H, M, Dv]``.
-        a: agents, broadcastable to ``[B, H, n, D]`` (n <= 256).
+        a: agents, broadcastable to ``[B, H, n, D]``. Up to :data:`MAX_AGENTS` they stay in
+            registers (:func:`agent_attention_kernel`); more, or more than the GPU's shared
+            memory holds, run the streaming kernel (:func:`agent_tiled_kernel`).
         agent_bias: broadcastable to ``[B, H, n, M]``; query_bias: to ``[B, H, N, n]``.
         scale: 0 means ``1/sqrt(D)``.
         splits: programs per head (default :func:`agent_grid`'s choice).
@@ -319,7 +322,7 @@ def agent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Te
     batch, heads, queries, head_dim = q.shape
     keys, value_dim, agents = k.shape[2], v.shape[-1], a.shape[-2]
     if agents > MAX_AGENTS:
-        raise ValueError(f"the fused agent kernel holds at most {MAX_AGENTS} agents in registers, got {agents}")
+        return _agent_streamed(q, k, v, a, agent_bias, query_bias, scale)
     tensors = [t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
                for t in (q, k, v, a, agent_bias, query_bias)]
     q, k, v, a, agent_bias, query_bias = tensors
@@ -332,13 +335,36 @@ def agent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Te
     s1 = _strides4(agent_bias, (batch, heads, agents, keys))
     s2 = _strides4(query_bias, (batch, heads, queries, agents))
     scale = scale or head_dim ** -0.5
-    agent_attention_kernel[grid](
-        q, k, v, a, agent_bias if agent_bias is not None else q, query_bias if query_bias is not None else q,
-        out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *sa, *s1, *s2, *out.stride()[:3],
-        heads, queries, keys, agents, head_dim, value_dim, scale * LOG2E, grid[1],
-        HAS_B1=agent_bias is not None, HAS_B2=query_bias is not None, PRECISION=dot_precision(q.dtype),
-        **config)
+    try:
+        agent_attention_kernel[grid](
+            q, k, v, a, agent_bias if agent_bias is not None else q, query_bias if query_bias is not None else q,
+            out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *sa, *s1, *s2, *out.stride()[:3],
+            heads, queries, keys, agents, head_dim, value_dim, scale * LOG2E, grid[1],
+            HAS_B1=agent_bias is not None, HAS_B2=query_bias is not None, PRECISION=dot_precision(q.dtype),
+            **config)
+    except OutOfResources:
+        # n agents' register tiles need more shared memory than this GPU has (256 agents at
+        # head dim 128 in fp16 take 262 KB): the streaming kernel fits any agent count, at the
+        # price of recomputing stage 1 per query tile.
+        return _agent_streamed(q, k, v, a, agent_bias, query_bias, scale)
     return out
+
+
+def _agent_streamed(q, k, v, a, agent_bias, query_bias, scale: float) -> torch.Tensor:
+    """:func:`agent_forward` with the TensorRT entry point's kernel (:func:`agent_tiled_kernel`),
+    which streams the agents 16 at a time: any agent count, within 48 KB and without spills,
+    where :func:`agent_attention_kernel` would keep them all in registers. It takes contiguous
+    tensors and both biases or none (an absent one is a zero table that broadcasts)."""
+    from attnc.plugins.kernels_common import launch_trt_entry
+
+    queries, keys, agents = q.shape[2], k.shape[2], a.shape[-2]
+    if (agent_bias is None) != (query_bias is None):
+        agent_bias = agent_bias if agent_bias is not None else q.new_zeros(agents, keys)
+        query_bias = query_bias if query_bias is not None else q.new_zeros(queries, agents)
+    inputs = [t.contiguous() for t in (q, k, v, a)]
+    inputs += [None, None] if agent_bias is None else [agent_bias.contiguous(), query_bias.contiguous()]
+    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    return launch_trt_entry(trt_launch, {"scale": scale}, inputs, out)
 
 
 def run(attrs: dict, inputs: list, n_outputs: int = 1) -> list[torch.Tensor]:
@@ -353,14 +379,10 @@ def run(attrs: dict, inputs: list, n_outputs: int = 1) -> list[torch.Tensor]:
     Returns:
         ``[O]``.
     """
-    from attnc.plugins.agent import ATTRIBUTES, reference
+    from attnc.plugins.agent import ATTRIBUTES
 
     scale = float(attrs.get("scale") or ATTRIBUTES["scale"])
     q, k, v, a, agent_bias, query_bias = (list(inputs) + [None] * 2)[:6]
-    if a.shape[-2] > MAX_AGENTS:
-        # agent_forward keeps all agents in registers; the tiled kernel that streams them is
-        # TensorRT's AOT entry point only, so more agents than that run the op's reference.
-        return [reference(q, k, v, a, agent_bias, query_bias, scale=scale)]
     return [agent_forward(q, k, v, a, agent_bias, query_bias, scale=scale)]
 
 

@@ -581,7 +581,7 @@ _RUN_CASES = [
      "float32"),
     ("AgentAttention_in01235_out1", {}, [[1, 2, 10, 8], [1, 2, 12, 8], [1, 2, 12, 8], [1, 2, 5, 8], [1, 2, 10, 5]],
      "float32"),
-    # more agents than agent_forward holds in registers: run() falls back to the reference
+    # more agents than the register kernel holds: agent_forward streams them (the TensorRT entry kernel)
     ("AgentAttention", {}, [[1, 1, 3, 8], [1, 1, 4, 8], [1, 1, 4, 8], [1, 1, 257, 8]], "float32"),
     ("FlowAttention", {}, [[1, 2, 9, 8], [1, 2, 11, 8], [1, 2, 11, 4]], "float32"),
     ("FlowAttention", {"causal": 1, "eps": 1e-5}, [[1, 2, 10, 8], [1, 2, 10, 8], [1, 2, 10, 8]], "float32"),

@@ -271,6 +271,9 @@ AGENT_CASES = [
     dict(n=70, m=33, agents=49, d=40, dv=24, b1=False, b2=True, dtype="fp16", splits=2),
     dict(n=70, m=90, agents=7, d=16, dv=80, b1=True, b2=False, dtype="bf16", splits=1),
     dict(n=5, m=3, agents=2, d=16, dv=16, b1=False, b2=False, dtype="fp32", scale=0.5),
+    # more agents than the register kernel holds: agent_forward streams them (the TensorRT
+    # entry point's kernel), with a zero table standing in for the absent bias
+    dict(n=20, m=17, agents=257, d=16, dv=8, b1=True, b2=False, dtype="fp16"),
     # The TensorRT entry point streams agents 16 at a time: counts that leave a partial last tile
     # (9 = one partial tile, 37 and 49 = several), every dtype, head dims of one and several
     # 32-wide slices (partial ones too), and the fp32 32-query tiles (head dim > 64).
@@ -313,20 +316,10 @@ def random_case(op: str, rng: np.random.Generator) -> dict:
 
 
 def _run_trt_entry(trt_launch, attrs: dict, inputs: list, *outputs: torch.Tensor):
-    """Launch an op's TensorRT entry point (its ``trt_launch``) as TensorRT launches the compiled
-    kernel: ``inputs`` are positional (``None`` for an absent optional input), and the kernel's
-    parameters that are no constexpr (the ones its PTX keeps) take the present inputs, the int
-    scalars from their shapes, then ``outputs``. Returns the first output, or all of them."""
-    shapes = [None if t is None else list(t.shape) for t in inputs]
-    dtypes = [None if t is None else str(t.dtype).removeprefix("torch.") for t in inputs]
-    spec, grid, scalars = trt_launch(attrs, dtypes, shapes, **({"n_outputs": len(outputs)} if len(outputs) > 1
-                                                               else {}))
-    present = [t for t in inputs if t is not None]
-    values = [*present, *scalars([list(t.shape) for t in present]), *outputs]
-    params = [name for name in spec.kernel.arg_names if name not in spec.constexprs]
-    assert len(params) == len(values), f"{spec.name}{tuple(params)} launched with {len(values)} arguments"
-    spec.kernel[grid([list(t.shape) for t in outputs])](**dict(zip(params, values)), **spec.constexprs)
-    return outputs[0] if len(outputs) == 1 else outputs
+    """``kernels_common.launch_trt_entry``: an op's TensorRT entry point launched as TensorRT would."""
+    from attnc.plugins.kernels_common import launch_trt_entry
+
+    return launch_trt_entry(trt_launch, attrs, inputs, *outputs)
 
 
 def _linear_state_case(case, q, k, v, decay, attrs, gen):
