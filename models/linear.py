@@ -18,6 +18,8 @@ Both map ``x [B, N, C] -> [B, N, C]``; per head, with ``φ`` a feature map on ``
 - :class:`LightningLM`: a causal LM of lightning-attention blocks for autoregressive
   decoding: ``forward(ids, *states) -> (logits, *new_states)`` is both the prefill graph
   (no states in) and the decode graph (one state per layer in).
+  :class:`RecurrentLightningLM` is its one-token decode step written as plain-PyTorch
+  recurrences (:meth:`LightningAttention.step`), as RetNet / TransNormerLLM inference code is.
 
 No ``1/sqrt(D)`` scale is applied in either (the ONNX ``LinearAttention`` op is used
 with ``scale=1``).
@@ -150,8 +152,8 @@ class LightningAttention(nn.Module):
         Returns:
             ``(out [B, T, C], state_out [B, H, D, D] float32)``. Exports as one
             ``attnc::KernelLinearAttention`` node with ``state`` / ``state_out`` (the fusion
-            pass does not match a hand-written recurrence), which is why this is not
-            :meth:`forward`'s masked form.
+            pass matches a hand-written recurrence only one token at a time, :meth:`step`),
+            which is why this is not :meth:`forward`'s masked form.
         """
         q, k, v = self.in_proj(x)
         # decay and state are float32 by the op's contract, also in a float64 model
@@ -160,6 +162,31 @@ class LightningAttention(nn.Module):
         out, state_out = fused_linear_attention(q, k, v, decay, state, feature_map=self.feature_map, causal=1,
                                                 normalize=0, eps=0.0, scale=1.0, return_state=True)
         return self.proj(merge_heads(out)), state_out
+
+    def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode token as the RNN step, in plain PyTorch (RetNet / TransNormerLLM style).
+
+        ``S' = λ_h·S + φ(k)ᵀ v`` and ``out = φ(q)·S'``: :meth:`recurrent` for one token, written
+        the way inference code spells it rather than through the attnc op. The linear-attention
+        fusion pass turns the exported step back into one ``KernelLinearAttention`` node with
+        ``state`` / ``state_out``.
+
+        Args:
+            x: ``[B, 1, C]``, the one new token (more tokens would let each see the chunk's
+                later keys: not causal attention).
+            state: ``[B, H, D, D]``, ``Σ_s λ_h^{..} k_s v_sᵀ`` of every earlier token (zeros before
+                the first), in the model's dtype.
+
+        Returns:
+            ``(out [B, 1, C], state' [B, H, D, D])``.
+        """
+        if x.shape[1] != 1:
+            raise ValueError(f"step() takes one token, got {x.shape[1]}; use recurrent() for a chunk")
+        q, k, v = self.in_proj(x)
+        q, k = self.phi(q), self.phi(k)
+        decay = torch.exp(-self.slope).to(state.dtype)
+        state = decay[:, None, None] * state + k.transpose(-2, -1) @ v
+        return self.proj(merge_heads(q @ state)), state
 
 
 class LightningLM(nn.Module):
@@ -219,6 +246,37 @@ class LightningLM(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+class RecurrentLightningLM(LightningLM):
+    """:class:`LightningLM`'s decode step written as plain-PyTorch recurrences (no attnc op).
+
+    ``forward(ids [B, 1] int64, state_0, ..., state_{L-1}) -> (logits [B, 1, vocab_size],
+    state_0', ...)``, every layer through :meth:`LightningAttention.step`: the shape of the
+    inference code users write for RetNet / TransNormerLLM-style models, which the
+    linear-attention fusion pass rewrites into one fused node per layer. Same constructor and
+    parameters as :class:`LightningLM` (the same seed gives the same weights), so decoding a
+    sequence token by token from zero states reproduces :meth:`LightningLM.logits`.
+    """
+
+    def forward(self, ids: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        states = tuple(s for s in states if s is not None)
+        if len(states) != len(self.blocks):
+            raise ValueError(f"pass one state per layer ({len(self.blocks)}), got {len(states)}")
+        x = self.embed(ids)
+        new_states = []
+        for block, state in zip(self.blocks, states):
+            attended, state = block.attn.step(block.norm1(x), state)
+            x = x + attended
+            x = x + block.mlp(block.norm2(x))
+            new_states.append(state)
+        return (self.lm_head(self.norm(x)), *new_states)
+
+    def zero_states(self, batch: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """The states before the first token: one ``[batch, H, D, D]`` zero tensor per layer."""
+        attn = self.blocks[0].attn.in_proj
+        return [torch.zeros(batch, attn.num_heads, attn.head_dim, attn.head_dim, dtype=dtype)
+                for _ in self.blocks]
+
+
 # torch.onnx's dynamo exporter maps dynamic_axes onto forward()'s named parameters and
 # drops all but the first tensor a ``*states`` parameter collects ("Failed to convert
 # 'dynamic_axes' to 'dynamic_shapes'"); naming the states state_0 ... lets it (and
@@ -231,6 +289,7 @@ LightningLM.forward.__signature__ = inspect.Signature(
      *(_P(f"state_{i}", _P.POSITIONAL_OR_KEYWORD, default=None, annotation=torch.Tensor | None)
        for i in range(_MAX_LAYERS))],
     return_annotation=tuple[torch.Tensor, ...])
+RecurrentLightningLM.forward.__signature__ = LightningLM.forward.__signature__
 
 
 def alibi_slopes(num_heads: int) -> list[float]:

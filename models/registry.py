@@ -22,6 +22,8 @@ NAT-Mini first stage (56x56 tokens, kernel 7, RPB), 4-block causal LMs at 4096 t
 :class:`~attnc.models.linear.LightningLM` (same seed, same weights) exported two ways:
 ``ids -> (logits, state_0, state_1)`` and ``(ids, state_0, state_1) -> (logits, state_0',
 state_1')``; their outputs are ``output``, ``output_1``, ... (:attr:`ModelSpec.output_names`).
+``lm-lightning-step-small`` is the same LM's one-token decode step written as plain-PyTorch
+recurrences (:class:`~attnc.models.linear.RecurrentLightningLM`), which the linear pass fuses.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from attnc.compiler.errors import AttncError
 from attnc.models.agent import AgentAttention
 from attnc.models.blocks import VIT_ATTENTIONS, CausalLM, VisionTransformer
 from attnc.models.flow import FlowAttention
-from attnc.models.linear import LightningAttention, LightningLM, LinearAttention
+from attnc.models.linear import LightningAttention, LightningLM, LinearAttention, RecurrentLightningLM
 from attnc.models.mhsa import MultiHeadSelfAttention
 from attnc.models.neighborhood import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 from attnc.models.vlm import TinyVLM
@@ -197,6 +199,16 @@ def _lightning_lm(name: str, vocab_size: int, seq: int, decode: bool, dim: int, 
          ("batch", "seq"), ("batch", "seq", "vocab"), (state,) * depth)
 
 
+def _lightning_step(name: str, vocab_size: int, dim: int, depth: int, num_heads: int) -> None:
+    """A :class:`RecurrentLightningLM` decode step: one token and one state per layer, in plain PyTorch."""
+    state = ("batch", num_heads, dim // num_heads, dim // num_heads)
+    _add(name, "linear", "lm", RecurrentLightningLM,
+         {"vocab_size": vocab_size, "dim": dim, "depth": depth, "num_heads": num_heads},
+         (InputSpec("ids", ("batch", 1), torch.int64, vocab_size),
+          *(InputSpec(f"state_{i}", state) for i in range(depth))),
+         {"batch": 1}, ("batch",), ("batch", 1, "vocab"), (state,) * depth)
+
+
 def _vlm(name: str, img_size: int, text_len: int, vocab_size: int, **kwargs: Any) -> None:
     _add(name, "mhsa", "vlm", TinyVLM, {"img_size": img_size, "vocab_size": vocab_size, **kwargs},
          (InputSpec("image", ("batch", 3, img_size, img_size)),
@@ -276,6 +288,9 @@ _lm("lm-neighborhood-small", "neighborhood", "neighborhood", 97, 37, **_SMALL_LM
 # token would let torch.export specialise the step length to 1)
 _lightning_lm("lm-lightning-prefill-small", 97, 13, decode=False, dim=32, depth=2, num_heads=4)
 _lightning_lm("lm-lightning-decode-small", 97, 3, decode=True, dim=32, depth=2, num_heads=4)
+# the same LM's decode step as users write it (S' = λS + kᵀv, o = q·S' per layer), which the
+# linear pass fuses; one token, so the token axis is static
+_lightning_step("lm-lightning-step-small", 97, dim=32, depth=2, num_heads=4)
 
 _vlm("vlm-small", 32, 13, 97, patch_size=8, vision_dim=32, vision_depth=2, vision_heads=2, dim=32, depth=4,
      num_heads=4, max_text_len=32)

@@ -22,14 +22,30 @@ sequence lengths under dynamic axes; see ``passes.core.evaluate_tensors``); a ma
 is not causal / a table that is not ``λ^{t−s}`` is a near-miss that cites the first
 wrong entry.
 
-Emits ``attnc::KernelLinearAttention(Q, K, V[, decay])`` (contract and function body in
-``attnc.plugins.linear``), and gives every ``KernelLinearAttention`` node already in the
-model (fla's export-time translation, with or without ``state`` / ``state_out``) its
-function body. With ``apply(model, lower_lightning_to_onnx=True)`` lightning attention
-(causal, identity map, no normaliser, decay absent or constant) becomes ONNX
-``LinearAttention`` (opset 27, ``update_rule="gated"`` with decay ``log λ``, or ``"linear"``
-without decay): the matches, and ``KernelLinearAttention`` nodes already in the model,
-whose ``state`` / ``state_out`` become ``past_state`` / ``present_state`` (same
+The **recurrent step** (one decode token, as RetNet / TransNormerLLM inference code writes
+it): ``o = q @ S'`` (or ``Einsum("bhnd,bhde->bhne")``) with ``S' = λ·S + kᵀV``, the outer
+product spelt ``MatMul(Transpose(k), V)``, ``Einsum("bhnd,bhne->bhde")``,
+``Mul(Transpose(k), V)`` or ``ReduceSum`` / ``Squeeze`` over axis 2 of ``Unsqueeze(k, -1) *
+Unsqueeze(V, -2)``; ``λ`` absent, a scalar, or one value per head (``[H, 1, 1]`` /
+``[1, H, 1, 1]``). ``S`` (any ``[B, H, D, Dv]`` tensor) and ``S'`` become the fused node's
+``state`` / ``state_out``; ``S'`` keeps its name, so graph outputs do. Proven, else a
+near-miss: q, k, V hold exactly one token (inferred, or evaluated at two input sizes: an
+update over several tokens adds all their kᵀV before any query reads the state, which is
+not causal attention); ``λ`` reads no input value, is the same at every input size and lies
+in (0, 1]; the state is float32, or float16 / bfloat16 cast to float32 and back around the
+node (the op's state is float32; a float64 state is refused rather than narrowed).
+Different feature maps on q and k are passed as the mapped tensors with the identity map.
+A normaliser ``z`` carried beside ``S`` is not fused: its division stays after the node.
+
+Emits ``attnc::KernelLinearAttention(Q, K, V[, decay][, state])`` (with ``state_out`` for the
+recurrent step; contract and function body in ``attnc.plugins.linear``), and gives every
+``KernelLinearAttention`` node already in the model (fla's export-time translation, with or
+without ``state`` / ``state_out``) its function body. With ``apply(model,
+lower_lightning_to_onnx=True)`` lightning attention (causal, identity map, no normaliser,
+decay absent or constant) becomes ONNX ``LinearAttention`` (opset 27, ``update_rule="gated"``
+with decay ``log λ``, or ``"linear"`` without decay): the matches (a recurrent step's state
+as ``past_state`` / ``present_state``), and ``KernelLinearAttention`` nodes already in the
+model, whose ``state`` / ``state_out`` become ``past_state`` / ``present_state`` (same
 ``[B, H, D, Dv]`` layout). The model is then converted to opset 27
 (``passes.core.convert_opset``).
 
@@ -42,13 +58,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from attnc import DOMAIN
-from attnc.passes.core import (Match, NearMiss, PassReport, constant_value, consumers,
+from attnc.passes.core import (Match, NearMiss, PassReport, canonical_einsum, constant_value, consumers,
                                convert_opset, default_opset, depends_on_data, evaluate_tensors,
                                named_copy, node_attribute, producers, remove_dead_nodes,
-                               scalar_constant, toposort, value_shapes)
+                               scalar_constant, toposort, value_shapes, value_shapes_and_types)
 from attnc.plugins import attach_function_bodies
 from attnc.plugins import linear as plugin
 
@@ -64,7 +80,7 @@ class _Miss(Exception):
 @dataclass
 class _Candidate:
     anchor: str
-    form: str                     # "right" | "quadratic" | "cumsum"
+    form: str                     # "right" | "quadratic" | "cumsum" | "recurrent"
     nodes: list[str]
     q: str
     k: str
@@ -78,6 +94,9 @@ class _Candidate:
     scale: float = 1.0
     decay: list[float] | None = None
     heads: int | None = None
+    state: str | None = None      # recurrent form: the state before the step ...
+    state_out: str | None = None  # ... and after it (the tensor name the graph keeps)
+    state_type: int = TensorProto.FLOAT  # their element type; others are cast to/from float32
 
 
 def find(model: onnx.ModelProto) -> PassReport:
@@ -146,7 +165,7 @@ class _Graph:
         self.model = model
         self.prod = producers(model)
         self.cons = consumers(model)
-        self.shapes = value_shapes(model)
+        self.shapes, self.types = value_shapes_and_types(model)
         self._scalars: dict[str, float | None] = {}
 
     def op(self, t, *types):
@@ -184,10 +203,12 @@ def _candidates(model, report) -> list[_Candidate]:
     g = _Graph(model)
     found, used = [], set()
     for node in model.graph.node:
-        if node.op_type != "MatMul" or node.name in used:
+        if node.op_type not in ("MatMul", "Einsum") or node.name in used:
             continue
         try:
-            cand = (_match_cumsum(g, node) or _match_right(g, node) or _match_quadratic(g, node))
+            cand = _match_recurrent(g, node)
+            if cand is None and node.op_type == "MatMul":
+                cand = _match_cumsum(g, node) or _match_right(g, node) or _match_quadratic(g, node)
         except _Miss as miss:
             report.near_misses.append(NearMiss(FAMILY, node.name, str(miss)))
             continue
@@ -444,16 +465,10 @@ def _match_cumsum(g: _Graph, mm) -> _Candidate | None:
     if cs is None or uq is None or g.ints(cs.input[1]) not in ([2], [-3]) or node_attribute(cs, "reverse", 0) \
             or node_attribute(cs, "exclusive", 0) or g.ints(uq.input[1]) not in ([3], [-2]):
         return None
-    outer = g.op(cs.input[0], "Mul")
-    if outer is None:
+    found = _unsqueezed_outer(g, cs.input[0])
+    if found is None:
         return None
-    uk, uv = g.op(outer.input[0], "Unsqueeze"), g.op(outer.input[1], "Unsqueeze")
-    if uk is None or uv is None:
-        return None
-    if g.ints(uk.input[1]) not in ([4], [-1]):
-        uk, uv = uv, uk
-    if g.ints(uk.input[1]) not in ([4], [-1]) or g.ints(uv.input[1]) not in ([3], [-2]):
-        return None
+    outer, uk, uv = found
     sq = next((c for c in g.cons.get(mm.output[0], []) if c.op_type == "Squeeze"), None)
     if sq is None or not g.single_use(mm.output[0]) or g.ints(sq.input[1] if len(sq.input) > 1 else "") \
             not in ([3], [-2]):
@@ -483,6 +498,217 @@ def _match_cumsum(g: _Graph, mm) -> _Candidate | None:
 
     _normaliser(g, cand, den_nodes)
     return cand
+
+
+# ----------------------------------------------------------------------------- recurrent (decode) step
+
+_READOUT = "abcd,abde->abce"        # einsum q·S: [B, H, 1, D] x [B, H, D, Dv] -> [B, H, 1, Dv]
+_OUTER = "abcd,abce->abde"          # einsum kᵀv: [B, H, 1, D] x [B, H, 1, Dv] -> [B, H, D, Dv]
+_STATE_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def _match_recurrent(g: _Graph, readout) -> _Candidate | None:
+    """``o = q @ S'`` with ``S' = λ ⊙ S + φ(k)ᵀ v`` over one token: a decode step (the RNN view).
+
+    ``readout`` is ``MatMul(q, S')`` or ``Einsum("bhnd,bhde->bhne", q, S')``; ``λ`` is absent
+    or a per-head constant in (0, 1]; q, k, v hold exactly one token (statically). ``S`` and
+    ``S'`` become the fused node's ``state`` / ``state_out``.
+    """
+    if readout.op_type == "Einsum" and (len(readout.input) != 2 or canonical_einsum(
+            node_attribute(readout, "equation", "")) != _READOUT):
+        return None
+    add = g.op(readout.input[1], "Add")
+    if add is None or readout.input[0] == readout.input[1]:
+        return None
+    nodes = [readout.name, add.name]
+    outer = side = None
+    for side in (0, 1):
+        outer = _outer_product(g, add.input[side], nodes)
+        if outer is not None:
+            break
+    if outer is None:
+        return None
+    kf, v = outer
+    form = "matched the recurrent step o = q·S', S' = λ·S + kᵀv"
+    state, decay = _decayed_state(g, add.input[1 - side], nodes)
+    qf, scale = _peel_scale(g, readout.input[0], nodes)
+    peeled = list(nodes)
+    fm_q, q = _feature(g, qf, peeled)
+    fm_k, k = _feature(g, kf, peeled)
+    if fm_q == fm_k:
+        nodes = peeled
+    else:  # the maps are plain tensors to the op: pass φ(q), φ(k) with the identity map
+        fm_q, q, k = "identity", qf, kf
+    _prove_one_token(g, [qf, kf, v], form)
+    heads = _prove_state(g, state, add.output[0], readout.input[0], v, form)
+    cand = _Candidate(readout.name, "recurrent", nodes, q, k, None, v, readout.output[0], fm_q, causal=True,
+                      scale=scale, state=state, state_out=add.output[0],
+                      state_type=g.types.get(state, TensorProto.FLOAT))
+    if decay is not None:
+        lam = _prove_decay(g, decay, heads, form)
+        heads = len(lam)
+        if any(abs(d - 1.0) > 1e-7 for d in lam):
+            cand.decay = lam
+    cand.heads = heads
+    return cand
+
+
+def _outer_product(g: _Graph, t: str, nodes: list[str]) -> tuple[str, str] | None:
+    """``(k, v)`` when ``t`` is ``kᵀv`` of ``[B, H, T, D]`` / ``[B, H, T, Dv]`` tensors.
+
+    Spellings: ``MatMul(Transpose(k), v)``, ``Einsum("bhnd,bhne->bhde")``, ``Mul(Transpose(k), v)``
+    (broadcasting, one token), ``ReduceSum`` / ``Squeeze`` over axis 2 of
+    ``Mul(Unsqueeze(k, -1), Unsqueeze(v, -2))``.
+    """
+    node = g.op(t)
+    if node is None:
+        return None
+    if node.op_type in ("MatMul", "Mul"):
+        for side in ((0, 1) if node.op_type == "Mul" else (0,)):
+            tr = g.op(node.input[side], "Transpose")
+            if tr is not None and list(node_attribute(tr, "perm", [])) == [0, 1, 3, 2] \
+                    and g.rank(node.input[1 - side]) in (4, None):
+                nodes.extend([node.name, tr.name])
+                return tr.input[0], node.input[1 - side]
+        if node.op_type == "MatMul":
+            return None
+    if node.op_type == "Einsum" and len(node.input) == 2 \
+            and canonical_einsum(node_attribute(node, "equation", "")) == _OUTER:
+        nodes.append(node.name)
+        return node.input[0], node.input[1]
+    if node.op_type in ("ReduceSum", "Squeeze"):
+        axes = _axes(g, node) if node.op_type == "ReduceSum" else g.ints(node.input[1] if len(node.input) > 1
+                                                                          else "")
+        if axes not in ([2], [-3]) or (node.op_type == "ReduceSum" and _keepdims(node)):
+            return None
+        found = _unsqueezed_outer(g, node.input[0])
+        if found is None:
+            return None
+        mul, uk, uv = found
+        nodes.extend([node.name, mul.name, uk.name, uv.name])
+        return uk.input[0], uv.input[0]
+    return None
+
+
+def _decayed_state(g: _Graph, carried: str, nodes: list[str]) -> tuple[str, str | None]:
+    """``(S, λ)`` for the carried term ``λ ⊙ S`` (``λ`` None when there is no decay).
+
+    A ``Mul`` is a decay when one factor broadcasts against the other (a smaller tensor or a
+    constant); a product of two state-sized tensors is simply the state.
+    """
+    mul = g.op(carried, "Mul")
+    if mul is None:
+        return carried, None
+    out_shape = g.shapes.get(carried)
+    for side in (0, 1):
+        lam, state = mul.input[side], mul.input[1 - side]
+        lam_shape = g.shapes.get(lam)
+        if constant_value(g.model, lam) is not None or (
+                lam_shape is not None and out_shape is not None and lam_shape != out_shape
+                and g.shapes.get(state) == out_shape):
+            nodes.append(mul.name)
+            return state, lam
+    return carried, None
+
+
+def _prove_one_token(g: _Graph, tensors: list[str], form: str) -> None:
+    """Axis 2 (tokens) of ``tensors`` is 1 whatever the input sizes (inferred, else evaluated)."""
+    dims = [(g.shapes.get(t) or [None] * 3)[2] if g.rank(t) in (4, None) else None for t in tensors]
+    if all(d == 1 for d in dims):
+        return
+    over = ("a state update over several tokens adds every token's kᵀv before any query reads "
+            "the state, so each token sees the chunk's later keys: not causal attention")
+    for t, d in zip(tensors, dims):
+        if isinstance(d, int) and d != 1:
+            raise _Miss(f"{form}, but the step has {d} tokens (axis 2 of {t}), not 1: {over}")
+        if isinstance(d, str) and not d.startswith("unk__") and d in _input_dim_names(g.model):
+            raise _Miss(f"{form}, but the token axis is dynamic ({d!r}), not statically 1: {over}")
+    # unknown after shape inference (e.g. behind a Reshape with -1): evaluate at two input sizes
+    shapes = [f"{t}/attnc_shape" for t in tensors]
+    probe = [helper.make_node("Shape", [t], [s], name=s) for t, s in zip(tensors, shapes)]
+    g.model.graph.node.extend(probe)
+    try:
+        runs = evaluate_tensors(g.model, shapes)
+    except Exception as exc:  # noqa: BLE001 - any failure means "cannot prove"
+        raise _Miss(f"{form}, but its token axis could not be evaluated: "
+                    f"{str(exc).splitlines()[0][:200]}") from None
+    finally:
+        for node in probe:
+            g.model.graph.node.remove(node)
+    counts = sorted({int(run[s][2]) for run in runs for s in shapes})
+    if counts != [1]:
+        raise _Miss(f"{form}, but the step has {' / '.join(map(str, counts))} tokens at different input "
+                    f"sizes, not statically 1: {over}")
+
+
+def _input_dim_names(model) -> set[str]:
+    return {d.dim_param for i in model.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+
+
+def _prove_state(g: _Graph, state: str, state_out: str, qf: str, v: str, form: str) -> int | None:
+    """Checks ``S`` is a ``[B, H, D, Dv]`` float32 (or fp16/bf16) tensor the update does not
+    broadcast; returns H when static."""
+    elem = g.types.get(state, 0)
+    if elem not in _STATE_TYPES:
+        name = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name if elem else "of unknown type"
+        raise _Miss(f"{form}, but the state {state} is {name}; the op carries its state in float32 "
+                    "(float16 / bfloat16 states are cast to it, a wider one would lose precision)")
+    shape, out_shape = g.shapes.get(state), g.shapes.get(state_out)
+    if shape is not None and (len(shape) != 4 or (out_shape is not None and any(
+            a != b for a, b in zip(shape, out_shape) if a is not None and b is not None))):
+        raise _Miss(f"{form}, but the state {state} has shape {shape}, not the update's "
+                    f"[B, H, D, Dv] = {out_shape} (the op does not broadcast its state)")
+    for t in (state, state_out, qf, v):
+        h = (g.shapes.get(t) or [None, None])[1]
+        if isinstance(h, int) and h > 0:
+            return h
+    return None
+
+
+def _prove_decay(g: _Graph, lam: str, heads: int | None, form: str) -> list[float]:
+    """λ as one value per head: constant, shaped ``[1, H, 1, 1]`` (or fewer leading axes, or
+    one value for every head), each in (0, 1]."""
+    what = f"{form} with λ = {lam}"
+    if depends_on_data(g.model, lam):
+        raise _Miss(f"{what}, but λ reads input values: only a constant per-head decay is the op's")
+    value = constant_value(g.model, lam)
+    if value is None:
+        try:
+            runs = [np.asarray(r[lam]) for r in evaluate_tensors(g.model, [lam])]
+        except Exception as exc:  # noqa: BLE001 - any failure means "cannot prove"
+            raise _Miss(f"{what}, but λ could not be evaluated: {str(exc).splitlines()[0][:200]}") from None
+        if any(r.shape != runs[0].shape or not np.array_equal(r, runs[0]) for r in runs):
+            raise _Miss(f"{what}, but λ changes with the input sizes")
+        value = runs[0]
+    value = np.asarray(value, np.float64)
+    shape = [1] * (4 - value.ndim) + list(value.shape)
+    if value.ndim > 4 or shape[0] != 1 or shape[2:] != [1, 1]:
+        raise _Miss(f"{what}, but λ has shape {list(value.shape)}, not one value per head ([1, H, 1, 1])")
+    lam_values = value.ravel()
+    if len(lam_values) == 1 and heads is not None:
+        lam_values = np.repeat(lam_values, heads)
+    elif len(lam_values) == 1 or (heads is not None and len(lam_values) != heads):
+        raise _Miss(f"{what}, but λ has {len(lam_values)} values for {heads or 'a dynamic number of'} heads")
+    bad = [float(d) for d in lam_values if not 0.0 < d <= 1.0]
+    if bad:
+        raise _Miss(f"{what}, but λ = {bad[0]:.6g} is not in (0, 1] (the op's decay contract)")
+    return [float(d) for d in lam_values]
+
+
+def _unsqueezed_outer(g: _Graph, t: str):
+    """``(Mul, Unsqueeze of k, Unsqueeze of V)`` for ``t = Unsqueeze(k, -1) * Unsqueeze(V, -2)``
+    (the per-token outer products ``[B, H, N, D, Dv]``), else None."""
+    mul = g.op(t, "Mul")
+    if mul is None:
+        return None
+    uk, uv = g.op(mul.input[0], "Unsqueeze"), g.op(mul.input[1], "Unsqueeze")
+    if uk is None or uv is None:
+        return None
+    if g.ints(uk.input[1]) not in ([4], [-1]):
+        uk, uv = uv, uk
+    if g.ints(uk.input[1]) not in ([4], [-1]) or g.ints(uv.input[1]) not in ([3], [-2]):
+        return None
+    return mul, uk, uv
 
 
 def _normaliser(g: _Graph, cand: _Candidate, den_matcher) -> None:
@@ -537,23 +763,46 @@ def _rewrite(model, cand: _Candidate) -> None:
     prefix = cand.anchor + "/attnc_linear"
     _drop_producer(model, cand.out)
     k = _k_input(model, cand, prefix)
-    inputs = [cand.q, k, cand.v]
+    inputs = [cand.q, k, cand.v, ""]
     if cand.decay is not None:
-        decay = prefix + "/decay"
-        model.graph.initializer.append(numpy_helper.from_array(np.asarray(cand.decay, np.float32), decay))
-        inputs.append(decay)
-    model.graph.node.append(plugin.make_node(
-        inputs, [cand.out], prefix, feature_map=cand.feature_map, causal=int(cand.causal),
-        normalize=int(cand.normalize), eps=float(cand.eps), scale=float(cand.scale)))
-    plugin.add_to_model(model)
+        inputs[3] = prefix + "/decay"
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(cand.decay, np.float32), inputs[3]))
+    state, state_out = _float32_state(model, cand, prefix)
+    node = plugin.make_node(
+        inputs + [state], [cand.out, state_out], prefix, feature_map=cand.feature_map, causal=int(cand.causal),
+        normalize=int(cand.normalize), eps=float(cand.eps), scale=float(cand.scale))
+    model.graph.node.append(node)
+    plugin.add_to_model(model, node)
+
+
+def _float32_state(model, cand: _Candidate, prefix: str) -> tuple[str, str]:
+    """The recurrent form's ``(state, state_out)`` for the op (``("", "")`` for the others).
+
+    ``state_out`` takes over the update's tensor name, so graph outputs keep theirs. The op's
+    state is float32: a float16 / bfloat16 state is cast to float32 on the way in and back on
+    the way out, so the update itself runs in float32 and rounds once per step, as the
+    model's own ``λ·S + kᵀv`` does.
+    """
+    if cand.state is None:
+        return "", ""
+    _drop_producer(model, cand.state_out)
+    if cand.state_type == TensorProto.FLOAT:
+        return cand.state, cand.state_out
+    state, state_out = prefix + "/state_f32", prefix + "/state_out_f32"
+    model.graph.node.extend([
+        helper.make_node("Cast", [cand.state], [state], name=prefix + "/state_cast", to=TensorProto.FLOAT),
+        helper.make_node("Cast", [state_out], [cand.state_out], name=prefix + "/state_out_cast",
+                         to=cand.state_type)])
+    return state, state_out
 
 
 def _rewrite_onnx_linear_attention(model, cand: _Candidate) -> None:
     """A lightning match as ONNX ``LinearAttention``."""
     prefix = cand.anchor + "/onnx_linear_attention"
     _drop_producer(model, cand.out)
+    state, state_out = _float32_state(model, cand, prefix)
     _emit_onnx_linear_attention(model, prefix, cand.q, _k_input(model, cand, prefix), cand.v, cand.out,
-                                cand.heads, cand.decay, cand.scale)
+                                cand.heads, cand.decay, cand.scale, state, state_out)
 
 
 def _emit_onnx_linear_attention(model, prefix: str, q: str, k: str, v: str, out: str, heads: int,
@@ -703,9 +952,9 @@ def _drop_unused_functions(model) -> None:
 
 
 def _to_match(cand: _Candidate, op_type: str) -> Match:
-    inputs = {"Q": cand.q, "K": cand.k, "V": cand.v}
+    inputs = {"Q": cand.q, "K": cand.k, "V": cand.v, **({"state": cand.state} if cand.state else {})}
     attrs = {"feature_map": cand.feature_map, "causal": int(cand.causal), "normalize": int(cand.normalize),
              "eps": cand.eps, "scale": cand.scale, "form": cand.form}
     if cand.decay is not None:
         attrs["decay"] = cand.decay
-    return Match(FAMILY, op_type, cand.nodes, inputs, [cand.out], attrs)
+    return Match(FAMILY, op_type, cand.nodes, inputs, [cand.out] + ([cand.state_out] if cand.state else []), attrs)

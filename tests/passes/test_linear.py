@@ -685,3 +685,222 @@ def test_lowering_fused_nodes_keeps_the_others_fused():
     before, after = load(fused).infer(feeds), load(lowered).infer(feeds)
     for name in before:
         np.testing.assert_allclose(after[name], before[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+# ----------------------------------------------------------------------------- recurrent decode step in plain PyTorch
+
+class _RecurrentStep(nn.Module):
+    """One decode step ``S' = λ·S + φ(k)ᵀv``, ``o = (φ(q)·scale)·S'`` in the spellings
+    inference code uses; ``forward(q, k, v, s[, lam])`` on ``[B, H, T, D]`` tensors."""
+
+    def __init__(self, spelling, feature_map="identity", decay=(0.9, 0.75, 0.5), scale=1.0):
+        super().__init__()
+        from attnc.models.linear import FEATURE_MAPS
+        self.spelling, self.phi, self.scale = spelling, FEATURE_MAPS[feature_map], scale
+        self.register_buffer("decay", None if decay is None or isinstance(decay, float) else torch.tensor(decay))
+        self.scalar_decay = decay if isinstance(decay, float) else None
+
+    def forward(self, q, k, v, s, lam=None):
+        q, k = self.phi(q), self.phi(k)
+        if self.scale != 1.0:
+            q = q * self.scale
+        lam = self.decay if lam is None else lam
+        if self.scalar_decay is not None:
+            carried = self.scalar_decay * s
+        elif lam is None:
+            carried = s
+        elif self.spelling in ("matmul", "einsum"):
+            carried = s * lam.view(1, -1, 1, 1)
+        else:
+            carried = lam[:, None, None] * s
+        if self.spelling == "matmul":
+            kv = k.transpose(-1, -2) @ v
+        elif self.spelling == "outer_sum":
+            kv = (k.unsqueeze(-1) * v.unsqueeze(-2)).sum(2)
+        elif self.spelling == "outer_squeeze":
+            kv = (k.unsqueeze(-1) * v.unsqueeze(-2)).squeeze(2)
+        elif self.spelling == "broadcast":
+            kv = k.transpose(-1, -2) * v
+        else:
+            kv = torch.einsum("bhnd,bhne->bhde", k, v)
+        s = carried + kv
+        o = torch.einsum("bhnd,bhde->bhne", q, s) if self.spelling == "einsum" else q @ s
+        return o, s
+
+
+STEP_H, STEP_D, STEP_DV = 3, 5, 4
+
+
+def _step_args(b, t=1, dtype=torch.float32, seed=0, lam=False):
+    gen = torch.Generator().manual_seed(seed)
+    args = [torch.randn(b, STEP_H, t, STEP_D, generator=gen), torch.randn(b, STEP_H, t, STEP_D, generator=gen),
+            torch.randn(b, STEP_H, t, STEP_DV, generator=gen), torch.randn(b, STEP_H, STEP_D, STEP_DV, generator=gen)]
+    if lam:
+        args.append(torch.tensor([0.9, 0.8, 0.7]))
+    return [a.to(dtype) for a in args]
+
+
+def _export_step(module, exporter, tmp_path, t=1, dtype=torch.float32, lam=False, dynamic_tokens=False):
+    names = ["q", "k", "v", "s"] + (["lam"] if lam else [])
+    dynamic = {n: {0: "batch"} for n in names[:4] + ["o", "s_out"]}
+    if dynamic_tokens:
+        for n in ("q", "k", "v", "o"):
+            dynamic[n][2] = "tokens"
+    path = export_onnx(module.eval().to(dtype), _step_args(2, t, dtype, lam=lam), tmp_path / f"step_{exporter}.onnx",
+                       exporter=exporter, input_names=names, output_names=["o", "s_out"], dynamic_axes=dynamic)
+    return onnx.load(path)
+
+
+STEP_CASES = [  # spelling, feature map, decay, scale
+    ("matmul", "identity", (0.9, 0.75, 0.5), 0.5),
+    ("outer_sum", "elu1", (0.9, 0.75, 0.5), 1.0),
+    ("outer_squeeze", "relu", None, 1.0),
+    ("einsum", "relu", (0.95, 1.0, 0.25), STEP_D ** -0.5),
+    ("broadcast", "identity", 0.875, 1.0),
+]
+
+
+@pytest.mark.parametrize("spelling,feature_map,decay,scale", STEP_CASES)
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_recurrent_step_fuses_with_state(spelling, feature_map, decay, scale, exporter, tmp_path):
+    """One fused node with ``state`` in and ``state_out`` out (the graph's names kept); ONNX
+    Runtime equals the step in float64 on fresh inputs and states at batch 1 and 3 (D != Dv)."""
+    module = _RecurrentStep(spelling, feature_map, decay, scale)
+    model = _export_step(module, exporter, tmp_path)
+    fused, report = linear.apply(model)
+    assert report.rewritten == 1 and not report.near_misses, report.to_dict()
+    assert [n.op_type for n in fused.graph.node] == [OP]
+    node = fused.graph.node[0]
+    assert list(node.input)[:3] == ["q", "k", "v"] and node.input[4] == "s" and list(node.output) == ["o", "s_out"]
+    assert node.overload == "state_in_out"
+    assert [o.name for o in fused.graph.output] == ["o", "s_out"]
+    attrs = report.matches[0].attributes
+    assert attrs["feature_map"] == feature_map and attrs["causal"] == 1 and attrs["normalize"] == 0
+    assert attrs["form"] == "recurrent" and attrs["scale"] == pytest.approx(scale, rel=1e-6)
+    lam = [decay] * STEP_H if isinstance(decay, float) else decay
+    if lam is None or all(d == 1.0 for d in lam):
+        assert "decay" not in attrs and not node.input[3]
+    else:
+        np.testing.assert_allclose(attrs["decay"], lam, rtol=1e-6)
+    onnx.checker.check_model(fused)
+    session = load(fused)
+    reference = _RecurrentStep(spelling, feature_map, decay, scale).double()
+    for b, seed in ((1, 11), (3, 12)):
+        args = _step_args(b, seed=seed)
+        got = session.infer({n: a.numpy() for n, a in zip("qkvs", args)})
+        with torch.no_grad():
+            want = reference(*(a.double() for a in args))
+        for name, w in zip(("o", "s_out"), want):
+            assert got[name].dtype == np.float32
+            np.testing.assert_allclose(got[name], w.numpy(), rtol=1e-5, atol=1e-5, err_msg=f"{name} at batch {b}")
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_recurrent_float16_state_is_cast_around_the_node(exporter, tmp_path):
+    """A float16 step keeps its float16 graph; the op's float32 state is cast in and out."""
+    module = _RecurrentStep("matmul", "elu1", (0.9, 0.75, 0.5), 0.5)
+    model = _export_step(module, exporter, tmp_path, dtype=torch.float16)
+    fused, report = linear.apply(model)
+    assert report.rewritten == 1 and sorted(n.op_type for n in fused.graph.node) == ["Cast", "Cast", OP]
+    node = next(n for n in fused.graph.node if n.op_type == OP)
+    assert node.input[4] != "s" and node.output[1] != "s_out"
+    onnx.checker.check_model(fused)
+    args = _step_args(3, seed=13)
+    got = load(fused).infer({n: a.half().numpy() for n, a in zip("qkvs", args)})
+    with torch.no_grad():
+        want = _RecurrentStep("matmul", "elu1", (0.9, 0.75, 0.5), 0.5).double()(*(a.half().double() for a in args))
+    for name, w in zip(("o", "s_out"), want):
+        assert got[name].dtype == np.float16
+        np.testing.assert_allclose(got[name].astype(np.float64), w.numpy(), rtol=2e-3, atol=2e-3)
+
+
+NEAR_MISSES = [  # what the export does differently, the reason the pass gives
+    ("two_tokens", "has 2 tokens"),
+    ("dynamic_tokens", "token axis is dynamic"),
+    ("input_decay", "reads input values"),
+    ("decay_above_one", "not in (0, 1]"),
+    ("float64_state", "float64"),
+]
+
+
+@pytest.mark.parametrize("case,reason", NEAR_MISSES)
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_recurrent_step_near_misses_leave_the_graph_alone(case, reason, exporter, tmp_path):
+    """A step over several (or a dynamic number of) tokens is not causal attention; a decay
+    read from an input or above 1 is not the op's; a float64 state would lose precision."""
+    decay = (0.9, 1.25, 0.5) if case == "decay_above_one" else (0.9, 0.75, 0.5)
+    module = _RecurrentStep("matmul", "identity", decay)
+    model = _export_step(module, exporter, tmp_path, t=2 if case in ("two_tokens", "dynamic_tokens") else 1,
+                         lam=case == "input_decay", dynamic_tokens=case == "dynamic_tokens",
+                         dtype=torch.float64 if case == "float64_state" else torch.float32)
+    fused, report = linear.apply(model)
+    assert report.rewritten == 0 and fused is model and _count(fused, OP) == 0
+    assert len(report.near_misses) == 1 and reason in report.near_misses[0].reason, report.to_dict()
+    assert "recurrent step" in report.near_misses[0].reason
+    assert linear.find(model).near_misses[0].reason == report.near_misses[0].reason
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_recurrent_lm_decode_step_fuses_every_layer(exporter, tmp_path):
+    """``lm-lightning-step-small`` (RecurrentLightningLM, plain-PyTorch steps): one fused node per
+    layer; ONNX Runtime equals the step in float64 at batch 1 and 3; decoding a sequence token
+    by token from zero states through the fused graph equals LightningLM.logits (the masked
+    quadratic form, float64) on the whole sequence."""
+    from attnc.models.linear import LightningLM
+    from attnc.models.registry import get_spec
+
+    spec = get_spec("lm-lightning-step-small")
+    step = spec.factory()
+    path = export_onnx(step, spec.example_inputs(batch=2), tmp_path / f"lm_step_{exporter}.onnx", exporter=exporter,
+                       dynamic_axes=spec.dynamic_axes, input_names=spec.input_names)
+    fused, report = linear.apply(onnx.load(path))
+    depth = len(step.blocks)
+    assert report.rewritten == depth and _count(fused, OP) == depth and not report.near_misses, report.to_dict()
+    assert [o.name for o in fused.graph.output] == spec.output_names
+    assert {n.output[1] for n in fused.graph.node if n.op_type == OP} == set(spec.output_names[1:])
+    assert all(m.attributes["decay"] for m in report.matches)
+    onnx.checker.check_model(fused)
+    session = load(fused)
+    step64 = spec.factory().double()
+    for b in (1, 3):
+        inputs = spec.example_inputs(batch=b, seed=b)
+        got = session.infer({n: t.numpy() for n, t in zip(spec.input_names, inputs)})
+        with torch.no_grad():
+            want = step64(inputs[0], *(s.double() for s in inputs[1:]))
+        for name, w in zip(spec.output_names, want):
+            np.testing.assert_allclose(got[name], w.numpy(), rtol=1e-5, atol=2e-5, err_msg=f"{name} at batch {b}")
+
+    lm = LightningLM(vocab_size=97, dim=32, depth=depth, num_heads=4).double().eval()
+    lm.load_state_dict(step64.state_dict())
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = lm.logits(ids).numpy()
+    states, logits = [s.numpy() for s in step.zero_states(3)], []
+    for t in range(ids.shape[1]):
+        run = session.infer({"ids": ids[:, t:t + 1].numpy(), **dict(zip(spec.input_names[1:], states))})
+        logits.append(run["output"])
+        states = [run[n] for n in spec.output_names[1:]]
+    np.testing.assert_allclose(np.concatenate(logits, axis=1), full, rtol=1e-5, atol=5e-6)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_recurrent_lm_decode_step_lowered_to_onnx_linear_attention(exporter, tmp_path):
+    """--lower linear: each layer's step becomes ONNX LinearAttention with past_state /
+    present_state under the graph's state names, with the plain step's numbers."""
+    from attnc.models.registry import get_spec
+
+    spec = get_spec("lm-lightning-step-small")
+    step = spec.factory()
+    path = export_onnx(step, spec.example_inputs(batch=2), tmp_path / f"lm_step_{exporter}.onnx", exporter=exporter,
+                       dynamic_axes=spec.dynamic_axes, input_names=spec.input_names)
+    lowered, report = linear.apply(onnx.load(path), lower_lightning_to_onnx=True)
+    nodes = [n for n in lowered.graph.node if n.op_type == "LinearAttention"]
+    assert report.rewritten == len(nodes) == len(step.blocks) and _count(lowered, OP) == 0, report.to_dict()
+    assert sorted((n.input[3], n.output[1]) for n in nodes) == [("state_0", "output_1"), ("state_1", "output_2")]
+    onnx.checker.check_model(lowered)
+    inputs = spec.example_inputs(batch=3, seed=6)
+    got = load(lowered).infer({n: t.numpy() for n, t in zip(spec.input_names, inputs)})
+    with torch.no_grad():
+        want = spec.factory().double()(inputs[0], *(s.double() for s in inputs[1:]))
+    for name, w in zip(spec.output_names, want):
+        np.testing.assert_allclose(got[name], w.numpy(), rtol=1e-5, atol=2e-5, err_msg=name)
