@@ -22,18 +22,24 @@ sequence lengths under dynamic axes; see ``passes.core.evaluate_tensors``); a ma
 is not causal / a table that is not ``λ^{t−s}`` is a near-miss that cites the first
 wrong entry.
 
-The **recurrent step** (one decode token, as RetNet / TransNormerLLM inference code writes
-it): ``o = q @ S'`` (or ``Einsum("bhnd,bhde->bhne")``) with ``S' = λ·S + kᵀV``, the outer
-product spelt ``MatMul(Transpose(k), V)``, ``Einsum("bhnd,bhne->bhde")``,
+The **recurrent step** (one decode token, as RetNet / TransNormerLLM / GLA inference code
+writes it): ``o = q @ S'`` (or ``Einsum("bhnd,bhde->bhne")``) with ``S' = g ⊙ S + kᵀV``, the
+outer product spelt ``MatMul(Transpose(k), V)``, ``Einsum("bhnd,bhne->bhde")``,
 ``Mul(Transpose(k), V)`` or ``ReduceSum`` / ``Squeeze`` over axis 2 of ``Unsqueeze(k, -1) *
-Unsqueeze(V, -2)``; ``λ`` absent, a scalar, or one value per head (``[H, 1, 1]`` /
-``[1, H, 1, 1]``). ``S`` (any ``[B, H, D, Dv]`` tensor) and ``S'`` become the fused node's
-``state`` / ``state_out``; ``S'`` keeps its name, so graph outputs do. Proven, else a
-near-miss: q, k, V hold exactly one token (inferred, or evaluated at two input sizes: an
-update over several tokens adds all their kᵀV before any query reads the state, which is
-not causal attention); ``λ`` reads no input value, is the same at every input size and lies
-in (0, 1]; the state is float32, or float16 / bfloat16 cast to float32 and back around the
-node (the op's state is float32; a float64 state is refused rather than narrowed).
+Unsqueeze(V, -2)``, and the gate ``g`` absent or any factor of a ``Mul`` that broadcasts to
+``S``. ``S'`` becomes the fused node's ``state_out`` (keeping its name, so graph outputs do).
+A gate that is a per-head constant in (0, 1] (a scalar, ``[H, 1, 1]`` or ``[1, H, 1, 1]``; the
+same at every input size) becomes the op's ``decay`` and ``S`` its ``state``. Any other gate
+(read from the input as in GLA / Mamba2-style scalar gates, per batch, per key dim, or a
+constant outside (0, 1]) keeps its ``Mul`` in the graph and ``g ⊙ S`` is the ``state``, with
+no decay: over one token the decay only ever multiplies the incoming state, so that is the
+same step; it must be proven not to change ``S``'s shape (the gate's dims are 1, the state's
+own, or face a state dim known to be above 1), else a near-miss. Proven, else a near-miss:
+q, k, V hold exactly one token (inferred, or evaluated at two input sizes: an update over
+several tokens adds all their kᵀV before any query reads the state, which is not causal
+attention, and a gate would need a power per token); the state is float32, or float16 /
+bfloat16 cast to float32 and back around the node (the op's state is float32; a float64
+state is refused rather than narrowed).
 Different feature maps on q and k are passed as the mapped tensors with the identity map.
 A normaliser ``z`` carried beside ``S`` is not fused: its division stays after the node.
 
@@ -508,11 +514,12 @@ _STATE_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 def _match_recurrent(g: _Graph, readout) -> _Candidate | None:
-    """``o = q @ S'`` with ``S' = λ ⊙ S + φ(k)ᵀ v`` over one token: a decode step (the RNN view).
+    """``o = q @ S'`` with ``S' = g ⊙ S + φ(k)ᵀ v`` over one token: a decode step (the RNN view).
 
-    ``readout`` is ``MatMul(q, S')`` or ``Einsum("bhnd,bhde->bhne", q, S')``; ``λ`` is absent
-    or a per-head constant in (0, 1]; q, k, v hold exactly one token (statically). ``S`` and
-    ``S'`` become the fused node's ``state`` / ``state_out``.
+    ``readout`` is ``MatMul(q, S')`` or ``Einsum("bhnd,bhde->bhne", q, S')``; q, k, v hold
+    exactly one token (statically). A gate ``g`` that is a per-head constant in (0, 1] becomes
+    the op's ``decay`` (``S`` its ``state``); any other gate keeps its ``Mul`` in the graph and
+    ``g ⊙ S`` is the ``state``, which over one token is the same step. ``S'`` is ``state_out``.
     """
     if readout.op_type == "Einsum" and (len(readout.input) != 2 or canonical_einsum(
             node_attribute(readout, "equation", "")) != _READOUT):
@@ -520,17 +527,21 @@ def _match_recurrent(g: _Graph, readout) -> _Candidate | None:
     add = g.op(readout.input[1], "Add")
     if add is None or readout.input[0] == readout.input[1]:
         return None
-    nodes = [readout.name, add.name]
-    outer = side = None
+    outers = []
     for side in (0, 1):
+        nodes = [readout.name, add.name]
         outer = _outer_product(g, add.input[side], nodes)
         if outer is not None:
-            break
-    if outer is None:
+            outers.append((side, outer, nodes))
+    if not outers:
         return None
-    kf, v = outer
+    # A gate spelt S * Transpose(g) looks like the broadcast kᵀ * v: kᵀv is the side whose v
+    # holds one token.
+    one_token = [o for o in outers if (g.shapes.get(o[1][1]) or [None] * 3)[2:3] == [1]]
+    side, (kf, v), nodes = (one_token or outers)[0]
     form = "matched the recurrent step o = q·S', S' = λ·S + kᵀv"
-    state, decay = _decayed_state(g, add.input[1 - side], nodes)
+    carried = add.input[1 - side]
+    state, gate = _gated_state(g, carried)
     qf, scale = _peel_scale(g, readout.input[0], nodes)
     peeled = list(nodes)
     fm_q, q = _feature(g, qf, peeled)
@@ -544,11 +555,20 @@ def _match_recurrent(g: _Graph, readout) -> _Candidate | None:
     cand = _Candidate(readout.name, "recurrent", nodes, q, k, None, v, readout.output[0], fm_q, causal=True,
                       scale=scale, state=state, state_out=add.output[0],
                       state_type=g.types.get(state, TensorProto.FLOAT))
-    if decay is not None:
-        lam = _prove_decay(g, decay, heads, form)
-        heads = len(lam)
-        if any(abs(d - 1.0) > 1e-7 for d in lam):
-            cand.decay = lam
+    if gate is not None:
+        try:
+            lam = _prove_decay(g, gate, heads, form)
+        except _Miss:
+            # Not the op's decay (read from the input, per key dim, outside (0, 1], ...). With
+            # one token the gate only multiplies the incoming state, so the graph's own Mul
+            # computes g ⊙ S and that product is the op's state, with no decay.
+            _prove_gate_keeps_state_shape(g, gate, state, carried, form)
+            cand.state = carried
+        else:
+            cand.nodes.append(g.prod[carried].name)
+            heads = len(lam)
+            if any(abs(d - 1.0) > 1e-7 for d in lam):
+                cand.decay = lam
     cand.heads = heads
     return cand
 
@@ -590,25 +610,48 @@ def _outer_product(g: _Graph, t: str, nodes: list[str]) -> tuple[str, str] | Non
     return None
 
 
-def _decayed_state(g: _Graph, carried: str, nodes: list[str]) -> tuple[str, str | None]:
-    """``(S, λ)`` for the carried term ``λ ⊙ S`` (``λ`` None when there is no decay).
+def _gated_state(g: _Graph, carried: str) -> tuple[str, str | None]:
+    """``(S, g)`` for the carried term ``g ⊙ S`` (``g`` None when there is no gate).
 
-    A ``Mul`` is a decay when one factor broadcasts against the other (a smaller tensor or a
-    constant); a product of two state-sized tensors is simply the state.
+    A ``Mul`` factor is the gate when it is a constant, or when it is smaller than the product
+    while the other factor is not; a product of two state-sized tensors is simply the state.
     """
     mul = g.op(carried, "Mul")
     if mul is None:
         return carried, None
     out_shape = g.shapes.get(carried)
     for side in (0, 1):
-        lam, state = mul.input[side], mul.input[1 - side]
-        lam_shape = g.shapes.get(lam)
-        if constant_value(g.model, lam) is not None or (
-                lam_shape is not None and out_shape is not None and lam_shape != out_shape
+        gate, state = mul.input[side], mul.input[1 - side]
+        gate_shape = g.shapes.get(gate)
+        if constant_value(g.model, gate) is not None or (
+                gate_shape is not None and out_shape is not None and gate_shape != out_shape
                 and g.shapes.get(state) == out_shape):
-            nodes.append(mul.name)
-            return state, lam
+            return state, gate
     return carried, None
+
+
+def _prove_gate_keeps_state_shape(g: _Graph, gate: str, state: str, gated: str, form: str) -> None:
+    """``gated = gate ⊙ state`` has ``state``'s shape whatever the input sizes: the gate has no
+    more axes than the state and each of its dims is 1, the state's own dim (the same number or
+    symbol), or faces a state dim known to be above 1 (which broadcasting cannot change)."""
+    s_shape, o_shape = g.shapes.get(state), g.shapes.get(gated)
+    if s_shape is not None and o_shape == s_shape and None not in s_shape:
+        return
+    value = constant_value(g.model, gate)
+    g_shape = list(np.shape(value)) if value is not None else g.shapes.get(gate)
+    why = None
+    if s_shape is None or g_shape is None:
+        why = "their shapes are not known"
+    elif len(g_shape) > len(s_shape):
+        why = f"the gate's shape {g_shape} has more axes than the state's {s_shape}"
+    else:
+        for gd, sd in zip(g_shape[::-1], s_shape[::-1]):
+            if not (gd == 1 or (gd is not None and gd == sd) or (isinstance(sd, int) and sd > 1)):
+                why = f"the gate's shape {g_shape} could broadcast the state's {s_shape} to a larger one"
+                break
+    if why is not None:
+        raise _Miss(f"{form} with a gate g = {gate} kept in the graph (g ⊙ S as the op's state), "
+                    f"but g ⊙ S may not have the state's shape: {why}")
 
 
 def _prove_one_token(g: _Graph, tensors: list[str], form: str) -> None:
