@@ -129,11 +129,14 @@ def apply(model: onnx.ModelProto, lower_lightning_to_onnx: bool = False
     """
     original, model = model, named_copy(model)
     attached = attach_function_bodies(model)
+    folded = _fold_constant_decays(model)
     report = PassReport(FAMILY)
     cands = _candidates(model, report)
     fused = _fused_lightning(model, report) if lower_lightning_to_onnx else []
     if not cands and not fused:
-        return (model if attached else original), report
+        if folded:
+            remove_dead_nodes(model)
+        return (model if attached or folded else original), report
     lower = fused or [c for c in cands if lower_lightning_to_onnx and _is_lightning(c)]
     if lower and default_opset(model) < ONNX_LINEAR_ATTENTION_OPSET:
         model = named_copy(convert_opset(model, ONNX_LINEAR_ATTENTION_OPSET))
@@ -960,6 +963,28 @@ def _static_heads(shapes: dict, tensors: list[str]) -> int | None:
         if len(shape) == 4 and isinstance(shape[1], int) and shape[1] > 0:
             return shape[1]
     return None
+
+
+def _fold_constant_decays(model) -> int:
+    """Give every ``KernelLinearAttention`` whose ``decay`` is computed from constants (an
+    export's ``Exp(-slope)``) a float32 initializer of its values instead, as the op's contract
+    has it: an fp16 engine then keeps λ in float32 (λ near 1 loses ~2e-4 per token in fp16).
+    Returns how many inputs were replaced; the computation left unused is dead code."""
+    initializers = {i.name for i in model.graph.initializer}
+    folded = 0
+    for node in model.graph.node:
+        if node.domain != DOMAIN or node.op_type != OP_TYPE or len(node.input) < 4 or not node.input[3] \
+                or node.input[3] in initializers:
+            continue
+        values = _constant_vector(model, node.input[3])
+        if values is None:
+            continue
+        name = f"{node.name or node.output[0]}/decay_float32"
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(values, np.float32), name))
+        node.input[3] = name
+        initializers.add(name)
+        folded += 1
+    return folded
 
 
 def _constant_vector(model, name: str) -> list[float] | None:

@@ -264,7 +264,39 @@ def convert_float_precision(model: onnx.ModelProto, precision: str) -> onnx.Mode
     # Function bodies are left alone: they adapt to their inputs' type (CastLike), and a
     # retyped Cast inside one would clash with the float32 constants next to it.
     convert_graph(model.graph)
+    _cast_float32_operands(model)
     return model
+
+
+def _cast_float32_operands(model: onnx.ModelProto) -> None:
+    """Put a ``Cast(to=FLOAT)`` in front of every float32-by-contract operand of a fused node
+    (``FLOAT32_INPUTS``: decay, state) that the graph computes: after the conversion such a
+    tensor is in the target type, which the plugin would read as float32 (or refuse) and the
+    function body's float32 constants would clash with. Initializers and graph inputs were
+    kept float32 and need none."""
+    outside = {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
+    casts: dict[str, str] = {}
+    nodes = []
+    for node in model.graph.node:
+        try:
+            spec = plugins.plugin_spec(node.op_type) if node.domain == DOMAIN else None
+        except AttncError:
+            spec = None
+        if spec is not None:
+            # a fused op's node lists its inputs by position, a plugin variant's only the ones it has
+            positions = range(len(node.input)) if node.op_type == spec.op_type else spec.present
+            for slot, index in enumerate(positions):
+                name = node.input[slot]
+                if not name or index not in spec.float32_inputs or name in outside:
+                    continue
+                if name not in casts:
+                    casts[name] = f"{name}/float32"
+                    nodes.append(onnx.helper.make_node("Cast", [name], [casts[name]], name=f"{name}/to_float32",
+                                                       to=TensorProto.FLOAT))
+                node.input[slot] = casts[name]
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 def float32_tensors(model: onnx.ModelProto) -> set[str]:
@@ -341,6 +373,7 @@ def prepare_model(model: onnx.ModelProto, precision: str = "fp32", fused_ops: st
                 kept_inputs = [name for name in node.input if name]
                 del node.input[:]
                 node.input.extend(kept_inputs)
+                del node.output[spec.n_outputs:]   # trailing unnamed outputs: not the variant's
                 node.op_type = spec.name
             node.ClearField("overload")
             names = {a.name for a in node.attribute}

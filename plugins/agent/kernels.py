@@ -361,8 +361,14 @@ def _agent_streamed(q, k, v, a, agent_bias, query_bias, scale: float) -> torch.T
     if (agent_bias is None) != (query_bias is None):
         agent_bias = agent_bias if agent_bias is not None else q.new_zeros(agents, keys)
         query_bias = query_bias if query_bias is not None else q.new_zeros(queries, agents)
+
+    def rows_by_columns(bias, rows, cols):
+        # The entry kernel broadcasts a bias over batch and heads only: its last two dims are whole.
+        return bias.expand(*bias.shape[:-2], rows, cols).contiguous()
+
     inputs = [t.contiguous() for t in (q, k, v, a)]
-    inputs += [None, None] if agent_bias is None else [agent_bias.contiguous(), query_bias.contiguous()]
+    inputs += [None, None] if agent_bias is None else [rows_by_columns(agent_bias, agents, keys),
+                                                       rows_by_columns(query_bias, queries, agents)]
     out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
     return launch_trt_entry(trt_launch, {"scale": scale}, inputs, out)
 

@@ -70,10 +70,9 @@ FEATURE_MAPS = ("elu1", "relu", "identity")
 ATTRIBUTES = {"feature_map": "elu1", "causal": 0, "normalize": 1, "eps": 1e-6, "scale": 1.0}
 INPUTS = ("Q", "K", "V", "decay", "state")
 OUTPUTS = ("O", "state_out")
-# Inputs / outputs that stay float32 in fp16 and bf16 models (the TensorRT precision
-# conversion reads these): decay and state in, state_out out.
+# Inputs that stay float32 in fp16 and bf16 models (the TensorRT precision conversion reads
+# these): decay and state. Outputs after the first are float32 as extra_outputs declares them.
 FLOAT32_INPUTS = (3, 4)
-FLOAT32_OUTPUTS = (1,)
 OPSET = 17
 
 

@@ -186,6 +186,46 @@ def test_prepare_model_strips_attnc_bodies_and_tags_plugin_nodes():
     assert ops == [] and len(inline.functions) == 2 and len(inline.graph.node[0].input) == 6
 
 
+def test_fp16_preparation_casts_computed_float32_operands():
+    """A decay and a state the graph computes (``Exp(-slope)``, a gate times the state) end up
+    in fp16 after the conversion: each gets a Cast to float32 in front of the fused node, so the
+    plugin reads float32 as its contract says, and the inlined function body (whose constants
+    are float32) still runs in ONNX Runtime, matching the float32 model."""
+    import onnxruntime as ort
+
+    from attnc.plugins import linear
+
+    f = TensorProto.FLOAT
+    slope = onnx.numpy_helper.from_array(np.array([0.05, 0.4], np.float32), "slope")
+    nodes = [helper.make_node("Neg", ["slope"], ["neg"]), helper.make_node("Exp", ["neg"], ["decay"]),
+             helper.make_node("Mul", ["gate", "s"], ["gated"])]
+    node = linear.make_node(["q", "k", "v", "decay", "gated"], ["o", "s_out"], "la", causal=1, normalize=0,
+                            feature_map="identity")
+    nodes.append(node)
+    inputs = [helper.make_tensor_value_info(n, f, [1, 2, 3, 4]) for n in "qkv"]
+    inputs += [helper.make_tensor_value_info("gate", f, [1, 2, 1, 1]), helper.make_tensor_value_info("s", f, [1, 2, 4, 4])]
+    outputs = [helper.make_tensor_value_info("o", f, [1, 2, 3, 4]), helper.make_tensor_value_info("s_out", f, [1, 2, 4, 4])]
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, [slope]),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+    linear.add_to_model(model, node)
+    prepared, _ = trt_backend.prepare_model(model, "fp16")
+    fused = next(n for n in prepared.graph.node if n.domain == DOMAIN)
+    casts = {n.output[0]: n for n in prepared.graph.node if n.op_type == "Cast"}
+    assert [fused.input[3], fused.input[4]] == ["decay/float32", "gated/float32"]
+    assert all(casts[name].attribute[0].i == f for name in fused.input[3:])
+    inline, _ = trt_backend.prepare_model(model, "fp16", fused_ops="inline")
+    gen = np.random.default_rng(3)
+    feeds = {n: gen.standard_normal(shape).astype(np.float32) for n, shape in
+             (("q", (1, 2, 3, 4)), ("k", (1, 2, 3, 4)), ("v", (1, 2, 3, 4)), ("gate", (1, 2, 1, 1)), ("s", (1, 2, 4, 4)))}
+    run = lambda m, fs: ort.InferenceSession(m.SerializeToString(),  # noqa: E731
+                                             providers=["CPUExecutionProvider"]).run(None, fs)
+    expected = run(model, feeds)
+    got = run(inline, {n: (x if n in ("s_out",) else x.astype(np.float16)) for n, x in feeds.items()})
+    assert got[1].dtype == np.float32   # state_out stays float32
+    for out, ref in zip(got, expected):
+        np.testing.assert_allclose(out.astype(np.float32), ref, rtol=2e-2, atol=2e-2)
+
+
 def test_prepare_model_rejects_nodes_without_importer_naming_them():
     model = attention_model()
     model.graph.node.append(helper.make_node("Mystery", ["o"], ["p"], name="odd", domain="acme"))

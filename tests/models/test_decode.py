@@ -185,6 +185,11 @@ def test_fp16_tensorrt_preparation_keeps_the_state_float32(compiled, exporter):
     f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
     assert types == {"ids": onnx.TensorProto.INT64, "state_0": f32, "state_1": f32,
                      "output": f16, "output_1": f32, "output_2": f32}
+    # the decay (computed from the slopes in the export) reaches every node as a float32 constant
+    initializers = {i.name: i for i in prepared.graph.initializer}
+    for node in nodes:
+        decay = initializers[node.input[3]]
+        assert decay.data_type == f32 and decay.dims == [4]
 
 
 _RTX_BUILD = textwrap.dedent('''

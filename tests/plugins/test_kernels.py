@@ -274,6 +274,7 @@ AGENT_CASES = [
     # more agents than the register kernel holds: agent_forward streams them (the TensorRT
     # entry point's kernel), with a zero table standing in for the absent bias
     dict(n=20, m=17, agents=257, d=16, dv=8, b1=True, b2=False, dtype="fp16"),
+    dict(n=9, m=11, agents=260, d=16, dv=8, b1="column", b2=True, dtype="fp32"),  # agent_bias [n, 1]
     # The TensorRT entry point streams agents 16 at a time: counts that leave a partial last tile
     # (9 = one partial tile, 37 and 49 = several), every dtype, head dims of one and several
     # 32-wide slices (partial ones too), and the fp32 32-query tiles (head dim > 64).
@@ -443,7 +444,8 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
         k = rand(batch, heads, case["m"], case["d"]).to(dtype).double()
         v = rand(batch, heads, case["m"], case["dv"]).to(dtype).double()
         a = rand(1, heads, case["agents"], case["d"]).to(dtype).double()          # learned agents
-        b1 = rand(heads, case["agents"], case["m"]).to(dtype).double() if case["b1"] else None  # broadcast B
+        b1_shape = (case["agents"], 1) if case["b1"] == "column" else (heads, case["agents"], case["m"])
+        b1 = rand(*b1_shape).to(dtype).double() if case["b1"] else None  # broadcast over B (and M)
         b2 = rand(batch, heads, case["n"], case["agents"]).to(dtype).double() if case["b2"] else None
         scale = case.get("scale", 0.0)
         low = [None if t is None else t.to(DEVICE, dtype) for t in (q, k, v, a, b1, b2)]

@@ -299,7 +299,7 @@ def test_state_contract_errors_and_overloads():
         [(["B", 2, 5, 5], "float32")]
     assert plugin.extra_outputs([[1, 2, 3, 5], [1, 2, 3, 5], [1, 2, 3, 4]], normalize=0)[0][0] == [1, 2, 5, 4]
     assert plugin.INPUTS[plugin.FLOAT32_INPUTS[1]] == "state"
-    assert plugin.OUTPUTS[plugin.FLOAT32_OUTPUTS[0]] == "state_out"
+    assert plugin.OUTPUTS[1] == "state_out"
 
 
 def test_reference_keeps_dtype_and_accumulates_state_in_float32():
