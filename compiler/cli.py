@@ -160,10 +160,7 @@ def inspect_cmd(model_path, as_json, lower, precision, opt_shapes) -> None:
     from attnc.passes.core import value_shapes
 
     model = onnx_io.load_model(model_path)
-    at = None
-    if opt_shapes:
-        profile = tensorrt.resolve_profile(tensorrt.model_inputs(model), opt_shapes=list(opt_shapes))
-        at = {name: list(opt) for name, (_, opt, _) in profile.items()}
+    at = tensorrt.profile_opt_shapes(model, opt_shapes=list(opt_shapes)) if opt_shapes else None
     reports = passes.find_attention(model, lower=list(lower), precision=precision, input_shapes=at)
     shapes = value_shapes(model)
     for match in (m for r in reports for m in r.matches):

@@ -157,10 +157,9 @@ def route_shapes(model: onnx.ModelProto, options: CompileOptions) -> dict[str, l
 
     given = {k: options.backend_options.get(k) for k in ("min_shapes", "opt_shapes", "max_shapes")}
     try:
-        profile = tensorrt.resolve_profile(tensorrt.model_inputs(model), **given)
+        return tensorrt.profile_opt_shapes(model, **given)
     except AttncError:
         return None
-    return {name: list(opt) for name, (_, opt, _) in profile.items()}
 
 
 def _shrink(model: onnx.ModelProto, options: CompileOptions, step) -> dict:

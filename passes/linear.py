@@ -715,17 +715,10 @@ def _prove_decay(g: _Graph, lam: str, heads: int | None, form: str) -> list[floa
     """λ as one value per head: constant, shaped ``[1, H, 1, 1]`` (or fewer leading axes, or
     one value for every head), each in (0, 1]."""
     what = f"{form} with λ = {lam}"
-    if depends_on_data(g.model, lam):
-        raise _Miss(f"{what}, but λ reads input values: only a constant per-head decay is the op's")
-    value = constant_value(g.model, lam)
-    if value is None:
-        try:
-            runs = [np.asarray(r[lam]) for r in evaluate_tensors(g.model, [lam])]
-        except Exception as exc:  # noqa: BLE001 - any failure means "cannot prove"
-            raise _Miss(f"{what}, but λ could not be evaluated: {str(exc).splitlines()[0][:200]}") from None
-        if any(r.shape != runs[0].shape or not np.array_equal(r, runs[0]) for r in runs):
-            raise _Miss(f"{what}, but λ changes with the input sizes")
-        value = runs[0]
+    value = _constant_arrays(g.model, [lam])[lam]
+    if isinstance(value, str):
+        detail = ": only a constant per-head decay is the op's" if value == _READS_INPUTS else ""
+        raise _Miss(f"{what}, but λ {value}{detail}")
     value = np.asarray(value, np.float64)
     shape = [1] * (4 - value.ndim) + list(value.shape)
     if value.ndim > 4 or shape[0] != 1 or shape[2:] != [1, 1]:
@@ -971,34 +964,57 @@ def _fold_constant_decays(model) -> int:
     has it: an fp16 engine then keeps λ in float32 (λ near 1 loses ~2e-4 per token in fp16).
     Returns how many inputs were replaced; the computation left unused is dead code."""
     initializers = {i.name for i in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE and len(n.input) > 3
+             and n.input[3] and n.input[3] not in initializers]
+    values = _constant_arrays(model, [n.input[3] for n in nodes])   # one evaluation for every layer
     folded = 0
-    for node in model.graph.node:
-        if node.domain != DOMAIN or node.op_type != OP_TYPE or len(node.input) < 4 or not node.input[3] \
-                or node.input[3] in initializers:
-            continue
-        values = _constant_vector(model, node.input[3])
-        if values is None:
+    for node in nodes:
+        value = values[node.input[3]]
+        if isinstance(value, str):
             continue
         name = f"{node.name or node.output[0]}/decay_float32"
-        model.graph.initializer.append(numpy_helper.from_array(np.asarray(values, np.float32), name))
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32).ravel(), name))
         node.input[3] = name
-        initializers.add(name)
         folded += 1
     return folded
 
 
+_READS_INPUTS = "reads input values"
+
+
+def _constant_arrays(model, names: list[str]) -> dict[str, np.ndarray | str]:
+    """For each of ``names``: its value when it reads no input values and is the same at every
+    input size (constants, or evaluated at two sizes, all names in one evaluation), else why not:
+    ``"reads input values"``, ``"could not be evaluated: ..."`` or ``"changes with the input sizes"``."""
+    found: dict[str, np.ndarray | str] = {}
+    pending = []
+    for name in dict.fromkeys(names):
+        value = constant_value(model, name)
+        if value is not None:
+            found[name] = value
+        elif depends_on_data(model, name):
+            found[name] = _READS_INPUTS
+        else:
+            pending.append(name)
+    if not pending:
+        return found
+    try:
+        runs = evaluate_tensors(model, pending)
+    except Exception as exc:  # noqa: BLE001 - any failure means "cannot prove"
+        if len(pending) > 1:   # one name's failure must not cost the others theirs
+            return {**found, **{name: _constant_arrays(model, [name])[name] for name in pending}}
+        return {**found, pending[0]: f"could not be evaluated: {str(exc).splitlines()[0][:200]}"}
+    for name in pending:
+        values = [np.asarray(run[name]) for run in runs]
+        same = all(v.shape == values[0].shape and np.array_equal(v, values[0]) for v in values)
+        found[name] = values[0] if same else "changes with the input sizes"
+    return found
+
+
 def _constant_vector(model, name: str) -> list[float] | None:
     """The values of ``name`` when it reads no input values (the same at every input shape)."""
-    value = constant_value(model, name)
-    if value is None and not depends_on_data(model, name):
-        try:
-            runs = [np.asarray(r[name], np.float64).ravel() for r in evaluate_tensors(model, [name])]
-        except Exception:  # noqa: BLE001 - not evaluable: not a constant we can use
-            return None
-        if any(r.shape != runs[0].shape or not np.array_equal(r, runs[0]) for r in runs):
-            return None
-        value = runs[0]
-    return None if value is None else [float(v) for v in np.asarray(value, np.float64).ravel()]
+    value = _constant_arrays(model, [name])[name]
+    return None if isinstance(value, str) else [float(v) for v in np.asarray(value, np.float64).ravel()]
 
 
 def _lower_fused_node(model, lightning: _FusedLightning) -> None:

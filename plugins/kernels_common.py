@@ -191,7 +191,8 @@ def launch_trt_entry(trt_launch, attrs: dict, inputs: Sequence, *outputs: torch.
     """Launch an op's TensorRT entry point (its ``trt_launch``) from PyTorch, as TensorRT launches
     the compiled kernel: ``inputs`` are positional (``None`` for an absent optional input) and
     contiguous; the kernel's parameters that are no constexpr (the ones its PTX keeps) take the
-    present inputs, the int32 scalars from their shapes, then ``outputs``.
+    present inputs, the int32 scalars from their shapes (positional, as ``register_qdp`` gives
+    them), then ``outputs``.
 
     Returns:
         The first output, or all of them.
@@ -201,7 +202,7 @@ def launch_trt_entry(trt_launch, attrs: dict, inputs: Sequence, *outputs: torch.
     options = {"n_outputs": len(outputs)} if len(outputs) > 1 else {}
     spec, grid, scalars = trt_launch(attrs, dtypes, shapes, **options)
     present = [t for t in inputs if t is not None]
-    values = [*present, *scalars([list(t.shape) for t in present]), *outputs]
+    values = [*present, *scalars(shapes), *outputs]
     params = [name for name in spec.kernel.arg_names if name not in spec.constexprs]
     if len(params) != len(values):
         raise ValueError(f"{spec.name}{tuple(params)} launched with {len(values)} arguments")

@@ -204,6 +204,14 @@ def resolve_profile(inputs: Mapping[str, tuple], min_shapes=None, opt_shapes=Non
     return profile
 
 
+def profile_opt_shapes(model: onnx.ModelProto, min_shapes=None, opt_shapes=None,
+                       max_shapes=None) -> dict[str, list[int]]:
+    """The ``opt`` shape of every input of ``model``'s profile (:func:`resolve_profile`, whose
+    errors it raises): the shapes the engine is tuned for, which per-node routes are chosen at."""
+    profile = resolve_profile(model_inputs(model), min_shapes, opt_shapes, max_shapes)
+    return {name: list(opt) for name, (_, opt, _) in profile.items()}
+
+
 # ----------------------------------------------------------------------------- model preparation
 
 
@@ -278,13 +286,9 @@ def _cast_float32_operands(model: onnx.ModelProto) -> None:
     casts: dict[str, str] = {}
     nodes = []
     for node in model.graph.node:
-        try:
-            spec = plugins.plugin_spec(node.op_type) if node.domain == DOMAIN else None
-        except AttncError:
-            spec = None
-        if spec is not None:
-            # a fused op's node lists its inputs by position, a plugin variant's only the ones it has
-            positions = range(len(node.input)) if node.op_type == spec.op_type else spec.present
+        contract = _fused_contract(node)
+        if contract is not None:
+            spec, positions = contract
             for slot, index in enumerate(positions):
                 name = node.input[slot]
                 if not name or index not in spec.float32_inputs or name in outside:
@@ -304,18 +308,27 @@ def float32_tensors(model: onnx.ModelProto) -> set[str]:
     (``FLOAT32_INPUTS`` of the op's module, and every output after the first)."""
     names = set()
     for node in model.graph.node:
-        if node.domain != DOMAIN:
+        contract = _fused_contract(node)
+        if contract is None:
             continue
-        try:
-            spec = plugins.plugin_spec(node.op_type)
-        except AttncError:
-            continue
-        # A fused op's node lists its inputs by position ("" for absent ones); a plugin
-        # variant's (a prepared model) only the ones it has.
-        indexed = enumerate(node.input) if node.op_type == spec.op_type else zip(spec.present, node.input)
-        names.update(name for index, name in indexed if name and index in spec.float32_inputs)
+        spec, positions = contract
+        names.update(name for name, index in zip(node.input, positions) if name and index in spec.float32_inputs)
         names.update(name for name in node.output[1:] if name)
     return names
+
+
+def _fused_contract(node: onnx.NodeProto) -> tuple[plugins.PluginSpec, list[int]] | None:
+    """``(PluginSpec, the op's input index of each of the node's input slots)`` of a fused node,
+    or of a plugin variant (a prepared model's node); ``None`` for any other node."""
+    if node.domain != DOMAIN:
+        return None
+    try:
+        spec = plugins.plugin_spec(node.op_type)
+    except AttncError:
+        return None
+    # A fused op's node lists its inputs by position ("" for absent ones); a plugin variant's
+    # only the ones it has.
+    return spec, list(range(len(node.input))) if node.op_type == spec.op_type else list(spec.present)
 
 
 def prepare_model(model: onnx.ModelProto, precision: str = "fp32", fused_ops: str = "plugin",

@@ -723,13 +723,16 @@ def fused_outputs(spec: PluginSpec, attrs: dict, inputs: Sequence) -> list:
     output of the variant, as :func:`reference_outputs`.
 
     The launcher is ``run(attrs, inputs, n_outputs)`` of ``plugins/<op>/kernels.py``, which
-    takes the inputs at their contract positions (``None`` for absent ones). An op without one
-    (or where triton does not import) runs its ``reference``, with a warning once per op.
+    takes every attribute (``None`` or missing ones here get the op's defaults) and the inputs at
+    their contract positions (``None`` for absent ones). An op without one (or where triton does
+    not import) runs its ``reference``, with a warning once per op.
     """
     run = _kernels_run(spec.op_type)
     if run is None:
         return reference_outputs(spec, attrs, inputs)
-    return list(run(dict(attrs), spec.positional(inputs), spec.n_outputs))[: spec.n_outputs]
+    full = {name: default for name, (_, default) in spec.fields.items()}
+    full.update({name: value for name, value in attrs.items() if value is not None})
+    return list(run(full, spec.positional(inputs), spec.n_outputs))[: spec.n_outputs]
 
 
 @functools.cache

@@ -378,18 +378,15 @@ def run(attrs: dict, inputs: list, n_outputs: int = 1) -> list[torch.Tensor]:
     run, ``tensorrt_plugins.fused_outputs``); any combination of the two biases.
 
     Args:
-        attrs: ``scale`` (missing or ``None``: 0, i.e. ``1/sqrt(D)``).
+        attrs: ``scale`` (0: ``1/sqrt(D)``; ``fused_outputs`` fills in the default).
         inputs: ``[Q, K, V, A, agent_bias, query_bias]`` at their contract positions, ``None``
             for an absent bias.
         n_outputs: 1 (the op has one output).
     Returns:
         ``[O]``.
     """
-    from attnc.plugins.agent import ATTRIBUTES
-
-    scale = float(attrs.get("scale") or ATTRIBUTES["scale"])
-    q, k, v, a, agent_bias, query_bias = (list(inputs) + [None] * 2)[:6]
-    return [agent_forward(q, k, v, a, agent_bias, query_bias, scale=scale)]
+    q, k, v, a, agent_bias, query_bias = inputs
+    return [agent_forward(q, k, v, a, agent_bias, query_bias, scale=float(attrs["scale"]))]
 
 
 _NUMPY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -479,16 +479,13 @@ def run(attrs: dict, inputs: list, n_outputs: int = 1) -> list[torch.Tensor]:
     run, ``tensorrt_plugins.fused_outputs``).
 
     Args:
-        attrs: ``causal`` and ``eps`` (missing or ``None``: ``ATTRIBUTES``' defaults).
+        attrs: ``causal`` and ``eps`` (``fused_outputs`` fills in the defaults).
         inputs: ``[Q, K, V]``.
         n_outputs: 1 (the op has one output).
     Returns:
         ``[O]``.
     """
-    from attnc.plugins.flow import ATTRIBUTES
-
-    attrs = {**ATTRIBUTES, **{k: v for k, v in attrs.items() if v is not None}}
-    q, k, v = inputs[:3]
+    q, k, v = inputs
     return [flow_forward(q, k, v, causal=int(attrs["causal"]), eps=float(attrs["eps"]))]
 
 

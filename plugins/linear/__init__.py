@@ -82,11 +82,16 @@ def output_shape(input_shapes, **attrs):
     return [q[0], q[1], q[2], v[3]]
 
 
+def state_shape(q_shape, value_dim, normalize) -> list:
+    """``[B, H, D, Dv + normalize]``: the recurrent state (``S | z``) of a node with queries of
+    shape ``q_shape`` (dims may be ints or symbolic)."""
+    return [q_shape[0], q_shape[1], q_shape[3], value_dim + int(bool(normalize))]
+
+
 def extra_outputs(input_shapes, **attrs) -> list[tuple[list, str]]:
     """``[(shape, dtype)]`` of output 1, ``state_out``: ``[B, H, D, Dv + normalize]``, float32."""
     q, _, v = input_shapes[:3]
-    normalize = int(attrs.get("normalize", ATTRIBUTES["normalize"]))
-    return [([q[0], q[1], q[3], v[3] + normalize], "float32")]
+    return [(state_shape(q, v[3], attrs.get("normalize", ATTRIBUTES["normalize"])), "float32")]
 
 
 def overload_name(has_state: bool, has_state_out: bool) -> str:
@@ -138,9 +143,9 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Te
     if state is None:
         kv, zsum = q.new_zeros(b, h, d, dv), q.new_zeros(b, h, d, 1)
     else:
-        if tuple(state.shape) != (b, h, d, dv + int(normalize)):
-            raise ValueError(f"state must be [B, H, D, Dv + normalize] = {[b, h, d, dv + int(normalize)]}, "
-                             f"got {list(state.shape)}")
+        expected = state_shape(q.shape, dv, normalize)
+        if list(state.shape) != expected:
+            raise ValueError(f"state must be [B, H, D, Dv + normalize] = {expected}, got {list(state.shape)}")
         state = state.to(acc)
         kv = state[..., :dv]
         zsum = state[..., dv:] if normalize else q.new_zeros(b, h, d, 1)

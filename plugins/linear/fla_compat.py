@@ -87,7 +87,7 @@ def kernel_linear_attention_state(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 @kernel_linear_attention_state.register_fake
 def _(q, k, v, decay, state, feature_map, causal, normalize, eps, scale):
     return (q.new_empty((*q.shape[:-1], v.shape[-1])),
-            q.new_empty((*q.shape[:2], q.shape[-1], v.shape[-1] + normalize), dtype=torch.float32))
+            q.new_empty(plugin.state_shape(q.shape, v.shape[-1], normalize), dtype=torch.float32))
 
 
 def _torchscript_symbolic(g, q, k, v, decay, state, feature_map, causal, normalize, eps, scale, outputs=1):
@@ -127,10 +127,9 @@ def fused_linear_attention(q, k, v, decay=None, state=None, *, feature_map="iden
         if not return_state:
             return torch.onnx.ops.symbolic("attnc::KernelLinearAttention", inputs, attrs, dtype=q.dtype,
                                            shape=out_shape, version=1)
-        state_shape = (*q.shape[:2], q.shape[-1], v.shape[-1] + int(normalize))
         o, state_out = torch.onnx.ops.symbolic_multi_out(
             "attnc::KernelLinearAttention", inputs, attrs, dtypes=(q.dtype, torch.float32),
-            shapes=(out_shape, state_shape), version=1)
+            shapes=(out_shape, tuple(plugin.state_shape(q.shape, v.shape[-1], normalize))), version=1)
         return o, state_out
     if return_state:
         return kernel_linear_attention_state(q, k, v, decay, state, **attrs)

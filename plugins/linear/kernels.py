@@ -34,6 +34,7 @@ import triton.language as tl
 
 from attnc.plugins.kernels_common import (DTYPE_NAMES, POINTER_TYPES, KernelSpec, block_dim, check_inputs,
                                           dot, dot_precision, per_head_grid, rows_grid)
+from attnc.plugins.linear import state_shape  # the op's contract
 
 FEATURE_MAP_IDS = {"elu1": 0, "relu": 1, "identity": 2}
 
@@ -335,11 +336,6 @@ def linear_trt_config(causal: bool, dtype: torch.dtype, head_dim: int, value_dim
     return {**config, "BLOCK_N": 64, "num_warps": 4 if half else 8, "num_stages": 2}
 
 
-def state_shape(q_shape, value_dim, normalize) -> list:
-    """``[B, H, D, Dv + normalize]``: the recurrent state of a causal node (``S | z``)."""
-    return [*q_shape[:2], q_shape[3], value_dim + int(bool(normalize))]
-
-
 def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None = None, *,
                    feature_map: str = "elu1", causal: int = 0, normalize: int = 1, eps: float = 1e-6,
                    scale: float = 1.0, state: torch.Tensor | None = None,
@@ -404,18 +400,15 @@ def run(attrs: dict, inputs: list, n_outputs: int = 1) -> list[torch.Tensor]:
     plugins run, ``tensorrt_plugins.fused_outputs``).
 
     Args:
-        attrs: ``feature_map``, ``causal``, ``normalize``, ``eps``, ``scale`` (missing or
-            ``None``: ``ATTRIBUTES``' defaults).
+        attrs: ``feature_map``, ``causal``, ``normalize``, ``eps``, ``scale``, every one given
+            (``fused_outputs`` fills in the defaults).
         inputs: ``[Q, K, V, decay, state]`` at their contract positions, ``None`` where the
             node has no such input.
         n_outputs: 1 (``O``) or 2 (``O, state_out``; causal only).
     Returns:
         ``[O]`` or ``[O, state_out]`` (``state_out`` float32).
     """
-    from attnc.plugins.linear import ATTRIBUTES
-
-    attrs = {**ATTRIBUTES, **{k: v for k, v in attrs.items() if v is not None}}
-    q, k, v, decay, state = (list(inputs) + [None] * 2)[:5]
+    q, k, v, decay, state = inputs
     # TensorRT may hand a float32-by-contract state over in Q's half dtype (the plugin accepts
     # either); the kernel's running state is float32.
     state = None if state is None else state.float()

@@ -309,17 +309,14 @@ def run(attrs: dict, inputs: list, n_outputs: int = 1) -> list[torch.Tensor]:
     Python plugins run, ``tensorrt_plugins.fused_outputs``).
 
     Args:
-        attrs: the node's attributes (missing or ``None`` ones take ``ATTRIBUTES``' defaults;
-            ``scale`` 0 means ``1/sqrt(D)``).
+        attrs: the node's attributes, every one given (``fused_outputs`` fills in the
+            defaults; ``scale`` 0 means ``1/sqrt(D)``).
         inputs: ``[Q, K, V, RPB]`` at their contract positions, ``None`` for an absent RPB.
         n_outputs: 1 (the op has one output).
     Returns:
         ``[O]``.
     """
-    from attnc.plugins.neighborhood import ATTRIBUTES
-
-    attrs = {**ATTRIBUTES, **{k: v for k, v in attrs.items() if v is not None}}
-    query, key, value, rpb = (list(inputs) + [None])[:4]
+    query, key, value, rpb = inputs
     return [neighborhood_forward(query, key, value, attrs["kernel_size"], attrs["dilation"], attrs["is_causal"],
                                  attrs["scale"] or 0.0, rpb=rpb, stride=attrs["stride"])]
 
