@@ -149,7 +149,7 @@ def remove_dead_nodes(model: onnx.ModelProto) -> None:
         if any(o in needed for o in node.output):
             keep.append(node)
             needed.update(i for i in node.input if i)
-            needed.update(_subgraph_inputs(node))
+            needed.update(subgraph_inputs(node))
     keep.reverse()
     del graph.node[:]
     graph.node.extend(keep)
@@ -161,14 +161,15 @@ def remove_dead_nodes(model: onnx.ModelProto) -> None:
     graph.value_info.extend(infos)
 
 
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name the nodes of ``node``'s subgraphs (If/Loop/Scan bodies) read."""
     names: set[str] = set()
     for attr in node.attribute:
         graphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
         for g in graphs:
             for n in g.node:
                 names.update(n.input)
-                names.update(_subgraph_inputs(n))
+                names.update(subgraph_inputs(n))
     return names
 
 
@@ -208,7 +209,7 @@ def toposort(model: onnx.ModelProto) -> None:
         progressed = False
         rest = []
         for node in pending:
-            if all(i in available for i in node.input) and _subgraph_inputs(node) <= available | _outer_free(node):
+            if all(i in available for i in node.input) and subgraph_inputs(node) <= available | _outer_free(node):
                 ordered.append(node)
                 available.update(node.output)
                 progressed = True
@@ -315,7 +316,7 @@ def depends_on_data(model: onnx.ModelProto, name: str) -> bool:
         if node is None or node.op_type in ("Shape", "Size"):
             continue
         stack.extend(node.input)
-        stack.extend(_subgraph_inputs(node))
+        stack.extend(subgraph_inputs(node))
     return False
 
 
@@ -342,7 +343,7 @@ def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int,
         node = produced.get(t)
         if node is not None:
             stack.extend(node.input)
-            stack.extend(_subgraph_inputs(node))
+            stack.extend(subgraph_inputs(node))
     # a new model holding only what ``names`` need (not a copy: an LLM's embedding table
     # would be serialised for every evaluation)
     src = model.graph

@@ -37,6 +37,8 @@ AOT_ARCHS = (80, 86, 89, 90)
 POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 #: Short dtype names used by ``aot_specs`` and the plugin code.
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: numpy dtype names (how ``kernel_for`` / ``trt_launch`` get TensorRT's dtypes) -> torch dtype.
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SUPPORTED_DTYPES = tuple(POINTER_TYPES)
 
 

@@ -40,6 +40,7 @@ from attnc.compiler.backends import TensorSpec, check_feeds
 from attnc.compiler.backends import tensorrt_plugins as plugins
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import atomic_path
+from attnc.passes.core import subgraph_inputs
 
 NAME = "tensorrt"
 ARTEFACT = "engine.plan"
@@ -234,9 +235,10 @@ def convert_float_precision(model: onnx.ModelProto, precision: str) -> onnx.Mode
     """Retype every float32 tensor of ``model`` (in place) to fp16/bf16 for a strongly typed build.
 
     Initializers, graph inputs/outputs, ``Cast(to=FLOAT)``, ``Constant``/``ConstantOfShape``
-    values are converted; ``value_info`` is dropped (TensorRT infers shapes itself). Tensors a
+    values are converted; ``value_info`` is dropped (TensorRT infers shapes itself). What a
     fused op's contract keeps float32 (linear attention's decay and recurrent state, in and
-    out) stay float32 where they are initializers or graph inputs/outputs.
+    out) stays float32, with the elementwise arithmetic that leads to it from the graph's
+    inputs (:func:`float32_tensors`: a gated state ``g ⊙ S`` keeps S float32 and casts g up).
     """
     target = _FLOAT_TYPES[precision]
     if target == TensorProto.FLOAT:
@@ -255,7 +257,8 @@ def convert_float_precision(model: onnx.ModelProto, precision: str) -> onnx.Mode
             for attr in node.attribute:
                 if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
                     attr.i = target
-                if attr.type == onnx.AttributeProto.TENSOR:
+                if attr.type == onnx.AttributeProto.TENSOR and not (node.op_type == "Constant"
+                                                                    and node.output[0] in keep):
                     convert_tensor(attr.t)
                 if attr.type == onnx.AttributeProto.GRAPH:
                     convert_graph(attr.g)
@@ -272,49 +275,105 @@ def convert_float_precision(model: onnx.ModelProto, precision: str) -> onnx.Mode
     # Function bodies are left alone: they adapt to their inputs' type (CastLike), and a
     # retyped Cast inside one would clash with the float32 constants next to it.
     convert_graph(model.graph)
-    _cast_float32_operands(model)
+    _cast_float32_operands(model, keep)
     return model
 
 
-def _cast_float32_operands(model: onnx.ModelProto) -> None:
-    """Put a ``Cast(to=FLOAT)`` in front of every float32-by-contract operand of a fused node
-    (``FLOAT32_INPUTS``: decay, state) that the graph computes: after the conversion such a
-    tensor is in the target type, which the plugin would read as float32 (or refuse) and the
-    function body's float32 constants would clash with. Initializers and graph inputs were
-    kept float32 and need none."""
-    outside = {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
+# Ops that compute in the float type of their inputs, so a chain of them from the graph's
+# float32 tensors to a float32-by-contract input can run in float32 (the gate of g ⊙ S).
+_FLOAT32_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Abs", "Exp", "Log", "Sigmoid",
+                                  "Reciprocal", "Sqrt", "Identity"})
+
+
+def _cast_float32_operands(model: onnx.ModelProto, keep: set[str]) -> None:
+    """Put a ``Cast(to=FLOAT)`` in front of every operand that must be float32 but is not in
+    ``keep`` (:func:`float32_tensors`), so was converted to the target type: a float32-by-contract
+    input of a fused node (``FLOAT32_INPUTS``: decay, state) that the graph computes, which the
+    plugin would read as float32 (or refuse) and the function body's float32 constants would
+    clash with; and the other operands (a gate) of the elementwise ops that compute a kept
+    tensor in float32."""
     casts: dict[str, str] = {}
     nodes = []
     for node in model.graph.node:
         contract = _fused_contract(node)
         if contract is not None:
             spec, positions = contract
-            for slot, index in enumerate(positions):
-                name = node.input[slot]
-                if not name or index not in spec.float32_inputs or name in outside:
-                    continue
-                if name not in casts:
-                    casts[name] = f"{name}/float32"
-                    nodes.append(onnx.helper.make_node("Cast", [name], [casts[name]], name=f"{name}/to_float32",
-                                                       to=TensorProto.FLOAT))
-                node.input[slot] = casts[name]
+            slots = [slot for slot, index in enumerate(positions) if index in spec.float32_inputs]
+        elif node.op_type in _FLOAT32_ELEMENTWISE and node.output[0] in keep:
+            slots = range(len(node.input))
+        else:
+            slots = []
+        for slot in slots:
+            name = node.input[slot]
+            if not name or name in keep:
+                continue
+            if name not in casts:
+                casts[name] = f"{name}/float32"
+                nodes.append(onnx.helper.make_node("Cast", [name], [casts[name]], name=f"{name}/to_float32",
+                                                   to=TensorProto.FLOAT))
+            node.input[slot] = casts[name]
         nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
 
 
 def float32_tensors(model: onnx.ModelProto) -> set[str]:
-    """Names of the tensors that fused nodes of ``model`` take or give as float32 by contract
-    (``FLOAT32_INPUTS`` of the op's module, and every output after the first)."""
-    names = set()
-    for node in model.graph.node:
+    """Names of the tensors of ``model`` that stay float32 in an fp16/bf16 build.
+
+    Those fused nodes give as float32 by contract (every output after the first), the
+    contract's float32 inputs (``FLOAT32_INPUTS`` of the op's module) that are initializers,
+    ``Constant`` outputs or graph inputs, and each such float32 tensor whose every use leads
+    through :data:`_FLOAT32_ELEMENTWISE` ops to float32 contract inputs only, with those ops'
+    outputs: in a gated decode step ``state = g ⊙ S``, S (a graph input) stays float32 and the
+    ``Mul`` runs in float32, so the engine takes the state in the type ``state_out`` gives it.
+    """
+    graph = model.graph
+    float32_slots, names = set(), set()
+    consumers: dict[str, list[tuple[int, int | None]]] = {}
+    for index, node in enumerate(graph.node):
+        for slot, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((index, slot))
+        for name in subgraph_inputs(node):  # used inside an If/Loop/Scan body: not elementwise
+            consumers.setdefault(name, []).append((index, None))
         contract = _fused_contract(node)
-        if contract is None:
-            continue
-        spec, positions = contract
-        names.update(name for name, index in zip(node.input, positions) if name and index in spec.float32_inputs)
-        names.update(name for name in node.output[1:] if name)
+        if contract is not None:
+            spec, positions = contract
+            float32_slots.update((index, slot) for slot, i in enumerate(positions) if i in spec.float32_inputs)
+            names.update(name for name in node.output[1:] if name)
+    sources = [t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT]
+    sources += [v.name for v in graph.input if v.type.tensor_type.elem_type == TensorProto.FLOAT]
+    sources += [n.output[0] for n in graph.node if n.op_type == "Constant"
+                and [(a.name, a.t.data_type) for a in n.attribute] == [("value", TensorProto.FLOAT)]]
+    outputs = {v.name for v in graph.output}
+    for source in sources:
+        if any(use in float32_slots for use in consumers.get(source, [])):
+            names.add(source)  # read by a fused node itself: float32 whatever else reads it
+        else:
+            names |= _elementwise_chain(graph, source, consumers, float32_slots, outputs) or set()
     return names
+
+
+def _elementwise_chain(graph: onnx.GraphProto, source: str, consumers: dict, float32_slots: set,
+                       outputs: set) -> set[str] | None:
+    """``source`` and the tensors computed from it when every use of them is a float32 contract
+    input (``float32_slots``: ``(node index, input slot)``) or a :data:`_FLOAT32_ELEMENTWISE` op,
+    and none is a graph output; ``None`` otherwise."""
+    reached, todo = set(), [source]
+    while todo:
+        name = todo.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        if name in outputs or name not in consumers:
+            return None
+        for index, slot in consumers[name]:
+            if (index, slot) in float32_slots:
+                continue
+            node = graph.node[index]
+            if slot is None or node.op_type not in _FLOAT32_ELEMENTWISE:
+                return None
+            todo.extend(node.output)
+    return reached
 
 
 def _fused_contract(node: onnx.NodeProto) -> tuple[plugins.PluginSpec, list[int]] | None:
@@ -775,9 +834,11 @@ class EngineRunner:
         engine: path to ``engine.plan`` or a directory holding it.
         plugin_impl: how the fused ops of a TensorRT-RTX engine (Python plugins) run:
             ``"triton"``, their Triton kernels, or ``"reference"``, their torch reference
-            (slow; for checking the kernels). The plugin creators are process-wide, so the
-            last engine loaded decides for every engine in the process. Ignored for engines
-            without Python plugins (TensorRT 10/11 embeds the kernels).
+            (slow; for checking the kernels). Chosen per engine: the plugin creators are
+            process-wide, but :meth:`infer` tells the plugins which implementation to run
+            (``tensorrt_plugins.run_plugins_with``), so engines loaded with different
+            choices run side by side. Ignored for engines without Python plugins (TensorRT
+            10/11 embeds the kernels).
 
     ``infer(feeds)`` takes numpy arrays or torch tensors (any device) keyed by input name,
     sets the input shapes (dynamic profiles), binds addresses with ``set_tensor_address``
@@ -806,7 +867,8 @@ class EngineRunner:
         info = describe(path)
         plugin_ops = info.get("plugins", {}).get("ops", [])
         if info.get("plugins", {}).get("mode") == "python-v3":
-            plugins.register_python_plugins(trt, plugin_ops, run=plugins.RUN_IMPLS[plugin_impl])
+            plugins.register_python_plugins(trt, plugin_ops)
+        self._plugin_run = plugins.RUN_IMPLS[plugin_impl]
         self._trt, self._torch = trt, torch
         self._log = _Log(trt)
         self._runtime = trt.Runtime(self._log.logger)
@@ -846,9 +908,12 @@ class EngineRunner:
             outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
             self.context.set_tensor_address(name, outputs[name].data_ptr())
         self.stream.wait_stream(torch.cuda.current_stream())
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise AttncError(f"TensorRT failed to run the engine: {(self._log.errors or ['?'])[-1][:300]}", "")
-        self.stream.synchronize()
+        # Python plugins enqueue their op during execute_async_v3, on this thread, with this
+        # engine's implementation; the block ends once the stream has run it.
+        with plugins.run_plugins_with(self._plugin_run):
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise AttncError(f"TensorRT failed to run the engine: {(self._log.errors or ['?'])[-1][:300]}", "")
+            self.stream.synchronize()
         if as_torch:
             return outputs
         return {k: (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy() for k, v in outputs.items()}

@@ -23,6 +23,8 @@ output-shape rules, launch-grid helpers and the kernel-provider interface.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import inspect
@@ -502,18 +504,17 @@ TRT_TO_NUMPY = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT3
 # ----------------------------------------------------------------------------- TensorRT-RTX: V3One
 
 
-def register_python_plugins(trt, ops: Sequence[str], run: Callable | None = None) -> list[str]:
+def register_python_plugins(trt, ops: Sequence[str]) -> list[str]:
     """Register a Python ``IPluginCreatorV3One`` for each op in ``ops`` with ``trt``'s registry.
 
     Used where ``tensorrt.plugin`` is missing (TensorRT-RTX). ``ops`` are plugin (variant)
-    names. ``run(name, attrs, input_ptrs, input_descs, output_ptrs, output_descs, stream)``
-    executes the op at run time, ``name`` being the variant's;
-    without it the plugin builds but raises if an engine tries to run it. Returns the names
-    registered (already-registered ones are skipped, so this is idempotent).
+    names. The creators are process-wide, but which function runs an op is not part of them:
+    a plugin's ``enqueue`` calls the run function :func:`run_plugins_with` set around
+    ``execute_async_v3`` (``attnc.runtime.Engine`` does, per engine), and raises without one
+    (a build needs none). Returns the names registered (already-registered ones are skipped,
+    so this is idempotent).
     """
     registry = trt.get_plugin_registry()
-    if run is not None:
-        _RUN[0] = run  # creators registered earlier (e.g. by a build) pick it up too
     done = []
     for name in ops:
         if registry.get_creator(name, PLUGIN_VERSION, NAMESPACE) is not None:
@@ -527,8 +528,25 @@ def register_python_plugins(trt, ops: Sequence[str], run: Callable | None = None
     return done
 
 
+@contextlib.contextmanager
+def run_plugins_with(run: Callable):
+    """Within this block, the Python plugins TensorRT enqueues run their op with ``run``
+    (one of :data:`RUN_IMPLS`, or any function with their signature).
+
+    ``run(name, attrs, input_ptrs, input_descs, output_ptrs, output_descs, stream)``, ``name``
+    being the plugin variant's. TensorRT calls a plugin's ``enqueue`` while
+    ``execute_async_v3`` runs, on the calling thread, so wrapping that call is enough; the
+    choice is a context variable, so engines run by other threads keep their own.
+    """
+    token = _PLUGIN_RUN.set(run)
+    try:
+        yield
+    finally:
+        _PLUGIN_RUN.reset(token)
+
+
 _CREATORS: list = []
-_RUN: list = [None]
+_PLUGIN_RUN: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("attnc_plugin_run", default=None)
 _FIELD_TYPE_OF_KIND = {"float": "FLOAT32", "floats": "FLOAT32", "int": "INT32", "ints": "INT32",
                        "string": "CHAR"}
 
@@ -637,9 +655,11 @@ def _make_creator(trt, spec: PluginSpec):
             return self.clone()
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
-            if _RUN[0] is None:
-                raise RuntimeError(f"attnc {spec.name} plugin: no run-time implementation registered")
-            _RUN[0](spec.name, self.attrs, inputs, input_desc, outputs, output_desc, stream)
+            run = _PLUGIN_RUN.get()
+            if run is None:
+                raise RuntimeError(f"attnc {spec.name} plugin: no run-time implementation; run the engine with "
+                                   "attnc.runtime.Engine or inside tensorrt_plugins.run_plugins_with(...)")
+            run(spec.name, self.attrs, inputs, input_desc, outputs, output_desc, stream)
 
         def clone(self):
             return Plugin(dict(self.attrs))
@@ -662,8 +682,8 @@ def _make_creator(trt, spec: PluginSpec):
 
 
 # ----------------------------------------------------------------------------- Python run time
-# TensorRT-RTX's Python plugins execute their op through the run function registered with
-# register_python_plugins: ``triton_run`` (the op's Triton launcher, ``plugins/<op>/kernels.py``'s
+# TensorRT-RTX's Python plugins execute their op through the run function set by
+# run_plugins_with: ``triton_run`` (the op's Triton launcher, ``plugins/<op>/kernels.py``'s
 # ``run``) or ``torch_reference_run`` (its torch ``reference``, a per-token loop for causal
 # linear attention); ``attnc.runtime.Engine(..., plugin_impl=...)`` picks one of RUN_IMPLS.
 

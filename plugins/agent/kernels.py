@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from attnc.plugins.kernels_common import (DTYPE_NAMES, LOG2E, POINTER_TYPES, KernelSpec, agent_grid,
+from attnc.plugins.kernels_common import (DTYPE_NAMES, LOG2E, POINTER_TYPES, TORCH_DTYPES, KernelSpec, agent_grid,
                                           block_dim, cdiv, check_inputs, dot, dot_precision)
 
 MAX_AGENTS = 256  # agents agent_attention_kernel keeps in one register tile
@@ -389,9 +389,6 @@ def run(attrs: dict, inputs: list, n_outputs: int = 1) -> list[torch.Tensor]:
     return [agent_forward(q, k, v, a, agent_bias, query_bias, scale=float(attrs["scale"]))]
 
 
-_NUMPY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def kernel_for(op_type: str, attrs: dict, dtypes: list, shapes: list, arch: int | None = None):
     """TensorRT's AOT kernel for one ``AgentAttention`` node (``KernelProvider``): inputs
     ``Q, K, V, A`` or ``Q, K, V, A, agent_bias, query_bias`` (contiguous; A and the biases may
@@ -413,7 +410,7 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
     from attnc.compiler.errors import AttncError
 
     present = [s for s in shapes if s is not None]
-    if len(present) not in (4, 6) or dtypes[0] not in _NUMPY_DTYPES:
+    if len(present) not in (4, 6) or dtypes[0] not in TORCH_DTYPES:
         raise AttncError("the AgentAttention kernel takes Q, K, V, A with both biases or none, in fp32/fp16/bf16",
                          "run the node through its ONNX function body or lower it to two Attention nodes")
     q_shape, v_shape, a_shape = list(shapes[0]), list(shapes[2]), list(shapes[3])
@@ -426,7 +423,7 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
         full = [1] * (4 - len(shape)) + list(shape)
         return full[0] != 1, full[1] != 1
 
-    torch_dtype = _NUMPY_DTYPES[dtypes[0]]
+    torch_dtype = TORCH_DTYPES[dtypes[0]]
     ptr = POINTER_TYPES[torch_dtype]
     blocks = agent_trt_config(torch_dtype, head_dim, value_dim)
     launch = {key: blocks.pop(key) for key in ("num_warps", "num_stages")}

@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attnc.plugins.kernels_common import (DTYPE_NAMES, POINTER_TYPES, KernelSpec, block_dim, cdiv, check_inputs,
-                                          dot, dot_precision, per_head_grid, rows_grid)
+from attnc.plugins.kernels_common import (DTYPE_NAMES, POINTER_TYPES, TORCH_DTYPES, KernelSpec, block_dim, cdiv,
+                                          check_inputs, dot, dot_precision, per_head_grid, rows_grid)
 
 
 @triton.jit
@@ -489,9 +489,6 @@ def run(attrs: dict, inputs: list, n_outputs: int = 1) -> list[torch.Tensor]:
     return [flow_forward(q, k, v, causal=int(attrs["causal"]), eps=float(attrs["eps"]))]
 
 
-_NUMPY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def kernel_for(op_type: str, attrs: dict, dtypes: list, shapes: list, arch: int | None = None):
     """TensorRT's AOT kernel for one ``FlowAttention`` node (``KernelProvider``).
 
@@ -517,7 +514,7 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
     """
     from attnc.compiler.errors import AttncError
 
-    if len(shapes) != 3 or dtypes[0] not in _NUMPY_DTYPES:
+    if len(shapes) != 3 or dtypes[0] not in TORCH_DTYPES:
         raise AttncError(f"the FlowAttention kernel takes Q, K, V in fp32/fp16/bf16, got {len(shapes)} inputs of "
                          f"{dtypes[0] if dtypes else None}",
                          "run the node through its ONNX function body (--fused-ops inline)")
@@ -530,7 +527,7 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
     if causal and None not in (q_shape[2], k_shape[2]) and q_shape[2] != k_shape[2]:
         raise AttncError(f"causal FlowAttention needs as many keys as queries, got {q_shape[2]} and {k_shape[2]}")
     eps = attrs.get("eps")
-    torch_dtype = _NUMPY_DTYPES[dtypes[0]]
+    torch_dtype = TORCH_DTYPES[dtypes[0]]
     ptr = POINTER_TYPES[torch_dtype]
     blocks = flow_trt_config(causal, torch_dtype, head_dim, value_dim)
     constexprs = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, EPS=float(1e-6 if eps is None else eps),

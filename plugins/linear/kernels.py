@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attnc.plugins.kernels_common import (DTYPE_NAMES, POINTER_TYPES, KernelSpec, block_dim, check_inputs,
-                                          dot, dot_precision, per_head_grid, rows_grid)
+from attnc.plugins.kernels_common import (DTYPE_NAMES, POINTER_TYPES, TORCH_DTYPES, KernelSpec, block_dim,
+                                          check_inputs, dot, dot_precision, per_head_grid, rows_grid)
 from attnc.plugins.linear import state_shape  # the op's contract
 
 FEATURE_MAP_IDS = {"elu1": 0, "relu": 1, "identity": 2}
@@ -418,9 +418,6 @@ def run(attrs: dict, inputs: list, n_outputs: int = 1) -> list[torch.Tensor]:
     return list(result) if n_outputs > 1 else [result]
 
 
-_NUMPY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def kernel_for(op_type: str, attrs: dict, dtypes: list, shapes: list, arch: int | None = None, *,
                n_outputs: int = 1):
     """TensorRT's AOT kernel for one ``KernelLinearAttention`` node (``KernelProvider``).
@@ -457,7 +454,7 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list, *, n_outputs: int = 1):
 
     shapes = list(shapes) + [None] * (5 - len(shapes))
     dtypes = list(dtypes) + [None] * (5 - len(dtypes))
-    if len(shapes) > 5 or None in shapes[:3] or dtypes[0] not in _NUMPY_DTYPES or n_outputs not in (1, 2):
+    if len(shapes) > 5 or None in shapes[:3] or dtypes[0] not in TORCH_DTYPES or n_outputs not in (1, 2):
         raise AttncError(f"the KernelLinearAttention kernel takes Q, K, V[, decay][, state] in fp32/fp16/bf16 and "
                          f"returns O[, state_out], got inputs {shapes} of {dtypes[0]} and {n_outputs} outputs",
                          "run the node through its ONNX function body (--fused-ops inline)")
@@ -478,7 +475,7 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list, *, n_outputs: int = 1):
         raise AttncError("KernelLinearAttention: state / state_out need causal=1",
                          "drop the state input and output, or export the node with causal=1")
     decay_dtype = dtypes[3] or "float32"
-    if has_decay and decay_dtype not in _NUMPY_DTYPES:
+    if has_decay and decay_dtype not in TORCH_DTYPES:
         raise AttncError(f"KernelLinearAttention decay of dtype {decay_dtype} has no kernel",
                          "give decay as float32 (the op's contract)")
     if has_state:
@@ -487,7 +484,7 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list, *, n_outputs: int = 1):
                 got not in (None, dim) for got, dim in zip(shapes[4][2:], want[2:])):
             raise AttncError(f"KernelLinearAttention state must be float32 {want}, got {dtypes[4]} {shapes[4]}",
                              "give the state as float32 [B, H, D, Dv + normalize] (the op's contract)")
-    torch_dtype = _NUMPY_DTYPES[dtypes[0]]
+    torch_dtype = TORCH_DTYPES[dtypes[0]]
     ptr = POINTER_TYPES[torch_dtype]
     blocks = linear_trt_config(causal, torch_dtype, head_dim, value_dim)
     constexprs = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, SCALE=float(1.0 if scale is None else scale),
@@ -496,7 +493,7 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list, *, n_outputs: int = 1):
                       PRECISION=dot_precision(torch_dtype))
     signature = {"Q": ptr, "K": ptr, "V": ptr, "heads": "i32", "seq_len": "i32", "O": ptr}
     # TensorRT passes decay whenever the node has one (read only when causal).
-    optional = {"DECAY": POINTER_TYPES[_NUMPY_DTYPES[decay_dtype]] if has_decay else None}
+    optional = {"DECAY": POINTER_TYPES[TORCH_DTYPES[decay_dtype]] if has_decay else None}
     if causal:
         kernel = linear_causal_trt
         constexprs["CHUNK"] = blocks["CHUNK"]

@@ -30,9 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attnc.plugins.kernels_common import (DTYPE_NAMES, LOG2E, POINTER_TYPES, KernelSpec, block_dim,
-                                          check_inputs, dot, dot_precision, neighborhood_grid,
-                                          next_power_of_2)
+from attnc.plugins.kernels_common import (DTYPE_NAMES, LOG2E, POINTER_TYPES, TORCH_DTYPES, KernelSpec, block_dim,
+                                          check_inputs, dot, dot_precision, neighborhood_grid, next_power_of_2)
 from attnc.plugins.neighborhood import _per_axis, strides  # the op's own attribute normalisers
 
 
@@ -321,9 +320,6 @@ def run(attrs: dict, inputs: list, n_outputs: int = 1) -> list[torch.Tensor]:
                                  attrs["scale"] or 0.0, rpb=rpb, stride=attrs["stride"])]
 
 
-_NUMPY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def kernel_for(op_type: str, attrs: dict, dtypes: list, shapes: list, arch: int | None = None):
     """TensorRT's AOT kernel for one ``NeighborhoodAttention`` node (``KernelProvider``).
 
@@ -354,7 +350,7 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
         raise AttncError(f"the NeighborhoodAttention kernel covers 1-D to 3-D grids, not {ndim}-D",
                          "run the node through its ONNX function body (--fused-ops inline)")
     head_dim, value_dim = q_shape[-1], v_shape[-1]
-    if head_dim is None or value_dim is None or dtypes[0] not in _NUMPY_DTYPES:
+    if head_dim is None or value_dim is None or dtypes[0] not in TORCH_DTYPES:
         raise AttncError(f"NeighborhoodAttention kernel needs static head dims and fp32/fp16/bf16, got "
                          f"{q_shape}, {v_shape}, {dtypes[0]}")
     ks = _per_axis(attrs.get("kernel_size"), ndim, 1)
@@ -364,7 +360,7 @@ def trt_launch(attrs: dict, dtypes: list, shapes: list):
         ss = _as_3d(strides(attrs.get("stride"), ks, has_rpb), 1)
     except ValueError as exc:
         raise AttncError(f"NeighborhoodAttention: {exc}", "fix the node's stride attribute") from exc
-    torch_dtype = _NUMPY_DTYPES[dtypes[0]]
+    torch_dtype = TORCH_DTYPES[dtypes[0]]
     config = neighborhood_config(ndim, ks, torch_dtype, head_dim, value_dim, strided=any(x != 1 for x in ss))
     num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
     ks, ds, cs = _as_3d(ks, 1), _as_3d(ds, 1), _as_3d(cs, 0)

@@ -186,44 +186,86 @@ def test_prepare_model_strips_attnc_bodies_and_tags_plugin_nodes():
     assert ops == [] and len(inline.functions) == 2 and len(inline.graph.node[0].input) == 6
 
 
-def test_fp16_preparation_casts_computed_float32_operands():
-    """A decay and a state the graph computes (``Exp(-slope)``, a gate times the state) end up
-    in fp16 after the conversion: each gets a Cast to float32 in front of the fused node, so the
-    plugin reads float32 as its contract says, and the inlined function body (whose constants
-    are float32) still runs in ONNX Runtime, matching the float32 model."""
-    import onnxruntime as ort
-
+def gated_step_model() -> onnx.ModelProto:
+    """A gated one-token linear-attention step as the linear pass leaves it: the gate
+    ``g = sigmoid(x @ W)`` (per batch and head, GLA / Mamba2 style) is not the op's decay, so its
+    ``Mul`` stays in the graph and ``g ⊙ S`` (S a graph input) is the fused node's state; the
+    decay ``Exp(-slope)`` is computed from a reshaped slope."""
     from attnc.plugins import linear
 
     f = TensorProto.FLOAT
-    slope = onnx.numpy_helper.from_array(np.array([0.05, 0.4], np.float32), "slope")
-    nodes = [helper.make_node("Neg", ["slope"], ["neg"]), helper.make_node("Exp", ["neg"], ["decay"]),
-             helper.make_node("Mul", ["gate", "s"], ["gated"])]
+    init = [onnx.numpy_helper.from_array(np.array([[0.05, 0.4]], np.float32), "slope"),
+            onnx.numpy_helper.from_array(np.array([2], np.int64), "heads"),
+            onnx.numpy_helper.from_array(np.linspace(-1, 1, 12, dtype=np.float32).reshape(6, 2), "w"),
+            onnx.numpy_helper.from_array(np.array([1, 2, 1, 1], np.int64), "gate_shape")]
+    nodes = [helper.make_node("Reshape", ["slope", "heads"], ["slope_h"]),
+             helper.make_node("Neg", ["slope_h"], ["neg"]), helper.make_node("Exp", ["neg"], ["decay"]),
+             helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Sigmoid", ["xw"], ["g"]),
+             helper.make_node("Reshape", ["g", "gate_shape"], ["gate"]),
+             helper.make_node("Mul", ["gate", "s"], ["gated"], name="gate_mul")]
     node = linear.make_node(["q", "k", "v", "decay", "gated"], ["o", "s_out"], "la", causal=1, normalize=0,
                             feature_map="identity")
     nodes.append(node)
-    inputs = [helper.make_tensor_value_info(n, f, [1, 2, 3, 4]) for n in "qkv"]
-    inputs += [helper.make_tensor_value_info("gate", f, [1, 2, 1, 1]), helper.make_tensor_value_info("s", f, [1, 2, 4, 4])]
-    outputs = [helper.make_tensor_value_info("o", f, [1, 2, 3, 4]), helper.make_tensor_value_info("s_out", f, [1, 2, 4, 4])]
-    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, [slope]),
+    inputs = [helper.make_tensor_value_info(n, f, [1, 2, 1, 4]) for n in "qkv"]
+    inputs += [helper.make_tensor_value_info("x", f, [1, 6]), helper.make_tensor_value_info("s", f, [1, 2, 4, 4])]
+    outputs = [helper.make_tensor_value_info("o", f, [1, 2, 1, 4]),
+               helper.make_tensor_value_info("s_out", f, [1, 2, 4, 4])]
+    model = helper.make_model(helper.make_graph(nodes, "gated_step", inputs, outputs, init),
                               opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
     linear.add_to_model(model, node)
-    prepared, _ = trt_backend.prepare_model(model, "fp16")
-    fused = next(n for n in prepared.graph.node if n.domain == DOMAIN)
+    return model
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_fp16_preparation_keeps_a_gated_state_float32(precision):
+    """In an fp16/bf16 gated step the state S, a graph input that reaches the node's float32
+    state only through the gate's ``Mul``, stays float32 like ``state_out`` (a caller feeds the
+    new state straight back): the Mul runs in float32 with the gate cast up, and nothing is cast
+    in front of the node's state. The decay, computed through a ``Reshape`` (not elementwise),
+    is computed in the target type and cast to float32 in front of the node. The inlined
+    function body runs in ONNX Runtime and matches the float32 model."""
+    import onnxruntime as ort
+
+    model = gated_step_model()
+    target = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}[precision]
+    f = TensorProto.FLOAT
+    prepared, _ = trt_backend.prepare_model(model, precision)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*prepared.graph.input, *prepared.graph.output]}
+    assert types == {"q": target, "k": target, "v": target, "x": target, "s": f, "o": target, "s_out": f}
+    nodes = {n.name: n for n in prepared.graph.node}
+    fused = nodes["la"]
+    assert list(fused.input[3:]) == ["decay/float32", "gated"]
+    assert list(nodes["gate_mul"].input) == ["gate/float32", "s"]
     casts = {n.output[0]: n for n in prepared.graph.node if n.op_type == "Cast"}
-    assert [fused.input[3], fused.input[4]] == ["decay/float32", "gated/float32"]
-    assert all(casts[name].attribute[0].i == f for name in fused.input[3:])
-    inline, _ = trt_backend.prepare_model(model, "fp16", fused_ops="inline")
+    assert sorted(casts) == ["decay/float32", "gate/float32"]
+    assert all(helper.get_attribute_value(c.attribute[0]) == f for c in casts.values())
+    initializers = {t.name: t.data_type for t in prepared.graph.initializer}
+    assert initializers["slope"] == target and initializers["w"] == target
+    if precision == "bf16":
+        return  # ONNX Runtime's CPU kernels lack bf16 MatMul/Sigmoid
+    inline, _ = trt_backend.prepare_model(model, precision, fused_ops="inline")
     gen = np.random.default_rng(3)
     feeds = {n: gen.standard_normal(shape).astype(np.float32) for n, shape in
-             (("q", (1, 2, 3, 4)), ("k", (1, 2, 3, 4)), ("v", (1, 2, 3, 4)), ("gate", (1, 2, 1, 1)), ("s", (1, 2, 4, 4)))}
+             (("q", (1, 2, 1, 4)), ("k", (1, 2, 1, 4)), ("v", (1, 2, 1, 4)), ("x", (1, 6)), ("s", (1, 2, 4, 4)))}
     run = lambda m, fs: ort.InferenceSession(m.SerializeToString(),  # noqa: E731
                                              providers=["CPUExecutionProvider"]).run(None, fs)
     expected = run(model, feeds)
-    got = run(inline, {n: (x if n in ("s_out",) else x.astype(np.float16)) for n, x in feeds.items()})
-    assert got[1].dtype == np.float32   # state_out stays float32
+    got = run(inline, {n: (x if n == "s" else x.astype(np.float16)) for n, x in feeds.items()})
+    assert got[0].dtype == np.float16 and got[1].dtype == np.float32
     for out, ref in zip(got, expected):
         np.testing.assert_allclose(out.astype(np.float32), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_float32_chains_stop_at_other_uses():
+    """A float32 tensor stays float32 through elementwise ops only when every use leads to a
+    float32 contract input: not when it is also a graph output or read by another op."""
+    model = gated_step_model()
+    assert {"s", "gated", "s_out"} <= trt_backend.float32_tensors(model)
+    for extra in (helper.make_node("Identity", ["s"], ["s_copy"]), helper.make_node("Relu", ["s"], ["s_relu"])):
+        other = gated_step_model()
+        other.graph.node.append(extra)
+        other.graph.output.append(helper.make_tensor_value_info(extra.output[0], TensorProto.FLOAT, [1, 2, 4, 4]))
+        assert not {"s", "gated"} & trt_backend.float32_tensors(other), extra.op_type
 
 
 def test_prepare_model_rejects_nodes_without_importer_naming_them():
@@ -693,34 +735,105 @@ def test_fused_outputs_match_the_reference_outputs_interpreted():
     assert not failures, f"ATTNC_RUN_SEED={records[0]['seed']}:\n" + "\n".join(failures)
 
 
-def test_rtx_engines_run_their_plugins_with_triton(tmp_path, monkeypatch):
-    """``attnc.runtime.Engine`` registers ``triton_run`` as the run time of a Python-plugin
-    (TensorRT-RTX) engine's fused ops, ``torch_reference_run`` with ``plugin_impl="reference"``."""
+def _fake_rtx(ops_of_engine: dict):
+    """A stand-in for ``tensorrt_rtx`` just deep enough for :class:`EngineRunner` and the Python
+    plugins: a plugin registry, and engines (no I/O tensors) whose ``execute_async_v3`` enqueues
+    one plugin per op listed in ``ops_of_engine[plan bytes]``, created from the registry's
+    creators as TensorRT does when it deserializes an engine."""
     import types
+
+    def interface(name):
+        return type(name, (), {"__init__": lambda self, *args: None})
+
+    creators = {}
+
+    class Registry:
+        def get_creator(self, name, version, namespace):
+            return creators.get((name, version, namespace))
+
+        def register_creator(self, creator, namespace):
+            creators[(creator.name, creator.plugin_version, namespace)] = creator
+            return True
+
+    class Context:
+        def __init__(self, plugins):
+            self.plugins = plugins
+
+        def execute_async_v3(self, stream):
+            for plugin in self.plugins:
+                plugin.enqueue([], [], [], [], 0, stream)
+            return True
+
+    class Engine:
+        num_io_tensors = 0
+
+        def __init__(self, ops):
+            self.plugins = [creators[(op, tp.PLUGIN_VERSION, tp.NAMESPACE)].create_plugin(op, [], "RUNTIME")
+                            for op in ops]
+
+        def create_execution_context(self):
+            return Context([plugin.attach_to_context(None) for plugin in self.plugins])
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, plan):
+            return Engine(ops_of_engine[plan])
+
+    kinds = types.SimpleNamespace(FLOAT32="FLOAT32", INT32="INT32", CHAR="CHAR")
+    trt = types.SimpleNamespace(__version__="1.7", ILogger=interface("ILogger"), Runtime=Runtime,
+                                get_plugin_registry=Registry, PluginFieldType=kinds, PluginFieldCollection=list,
+                                PluginField=lambda name, data, kind: (name, kind),
+                                **{name: interface(name) for name in ("IPluginV3", "IPluginV3OneCore",
+                                                                      "IPluginV3OneBuild", "IPluginV3OneRuntime",
+                                                                      "IPluginCreatorV3One")})
+    return trt, creators
+
+
+def test_engines_in_one_process_run_their_plugins_with_their_own_implementation(tmp_path, monkeypatch):
+    """Two TensorRT-RTX (Python plugin) engines loaded side by side, one with ``triton_run``
+    and one with ``plugin_impl="reference"``: each engine's plugins run with its own choice,
+    whichever was loaded last, and the creators are registered once."""
+    import types
+
+    import torch
 
     from attnc.runtime import Engine
 
-    (tmp_path / trt_backend.ARTEFACT).write_bytes(b"plan")
-    ops = ["KernelLinearAttention_in0124_out2", "NeighborhoodAttention"]
-    (tmp_path / trt_backend.BUILD_INFO).write_text(json.dumps({"plugins": {"mode": "python-v3", "ops": ops}}))
-    registered = []
-
-    class Refused(Exception):
-        pass
-
-    def runtime(logger):
-        raise Refused  # stop after the plugins are registered: deserializing needs a GPU
-
-    fake = types.SimpleNamespace(__version__="1.7", ILogger=object, Runtime=runtime)
+    linear_ops = ["KernelLinearAttention_in0124_out2", "NeighborhoodAttention"]
+    engines = {"triton": (tmp_path / "a", b"plan a", linear_ops),
+               "reference": (tmp_path / "b", b"plan b", ["NeighborhoodAttention"])}
+    for folder, plan, ops in engines.values():
+        folder.mkdir()
+        (folder / trt_backend.ARTEFACT).write_bytes(plan)
+        (folder / trt_backend.BUILD_INFO).write_text(json.dumps({"plugins": {"mode": "python-v3", "ops": ops}}))
+    fake, creators = _fake_rtx({plan: ops for _, plan, ops in engines.values()})
+    calls = []
+    for impl in tp.RUN_IMPLS:
+        monkeypatch.setitem(tp.RUN_IMPLS, impl, lambda name, *args, impl=impl: calls.append((impl, name)))
     monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: (fake, "tensorrt_rtx"))
     monkeypatch.setattr(trt_backend, "gpu_name", lambda: "a GPU")
-    monkeypatch.setattr(tp, "register_python_plugins", lambda trt, names, run=None: registered.append((names, run)))
-    for kwargs, run in (({}, tp.triton_run), ({"plugin_impl": "reference"}, tp.torch_reference_run)):
-        with pytest.raises(Refused):
-            Engine(tmp_path, **kwargs)
-        assert registered.pop() == (ops, run)
+    stream = types.SimpleNamespace(cuda_stream=7, wait_stream=lambda other: None, synchronize=lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: None)
+
+    triton = Engine(engines["triton"][0])
+    reference = Engine(engines["reference"][0], plugin_impl="reference")
+    assert sorted(name for name, _, _ in creators) == sorted(linear_ops)
+    for _ in range(2):
+        assert triton.infer({}) == {} and reference.infer({}) == {}
+    assert calls == [("triton", op) for op in linear_ops] + [("reference", "NeighborhoodAttention")] \
+        + [("triton", op) for op in linear_ops] + [("reference", "NeighborhoodAttention")]
+    # outside an Engine's infer (a build, another runner) no implementation is chosen
+    plugin = creators[("NeighborhoodAttention", tp.PLUGIN_VERSION, tp.NAMESPACE)].create_plugin("n", [], "RUNTIME")
+    with pytest.raises(RuntimeError, match="no run-time implementation"):
+        plugin.enqueue([], [], [], [], 0, 7)
+    with tp.run_plugins_with(tp.RUN_IMPLS["reference"]):
+        plugin.enqueue([], [], [], [], 0, 7)
+    assert calls[-1] == ("reference", "NeighborhoodAttention")
     with pytest.raises(AttncError, match="plugin_impl='numpy'"):
-        Engine(tmp_path, plugin_impl="numpy")
+        Engine(engines["triton"][0], plugin_impl="numpy")
 
 
 # ----------------------------------------------------------------------------- real builds (TensorRT-RTX on CPU)
@@ -1037,20 +1150,26 @@ _ALL_OPS_SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.tensorrt
-def test_rtx_python_plugin_engines_build_with_the_library_link(tmp_path):
-    """Each fused op reaches a Python IPluginV3 through TensorRT-RTX's parser, gets its
-    attributes back from the parser's PluginFields, and the engine builds."""
-    trt, flavour = _trt_or_skip()
+def _rtx_plugin_env(tmp_path) -> dict:
+    """The environment of a subprocess whose TensorRT-RTX parser can add Python plugin layers:
+    ``libtensorrt_rtx.so`` linked to the wheel's ``.so.1`` on LD_LIBRARY_PATH (docs/tensorrt.md);
+    skips unless TensorRT-RTX is what imports."""
+    _, flavour = _trt_or_skip()
     if flavour != "tensorrt_rtx":
         pytest.skip("TensorRT-RTX specific")
     libs = Path(importlib.util.find_spec("tensorrt_rtx_libs").origin).parent
     shim = tmp_path / "lib"
     shim.mkdir()
     (shim / "libtensorrt_rtx.so").symlink_to(libs / "libtensorrt_rtx.so.1")
-    env = {**os.environ, "LD_LIBRARY_PATH": f"{shim}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-    run = subprocess.run([sys.executable, "-c", _ALL_OPS_SCRIPT, str(tmp_path)], env=env, capture_output=True,
-                         text=True, timeout=300)
+    return {**os.environ, "LD_LIBRARY_PATH": f"{shim}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+
+
+@pytest.mark.tensorrt
+def test_rtx_python_plugin_engines_build_with_the_library_link(tmp_path):
+    """Each fused op reaches a Python IPluginV3 through TensorRT-RTX's parser, gets its
+    attributes back from the parser's PluginFields, and the engine builds."""
+    run = subprocess.run([sys.executable, "-c", _ALL_OPS_SCRIPT, str(tmp_path)], env=_rtx_plugin_env(tmp_path),
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     decoded = {op: attrs for op, attrs in json.loads(run.stdout.strip().splitlines()[-1])}
     assert decoded["AgentAttention"] == {"scale": pytest.approx(0.1)}
@@ -1073,6 +1192,22 @@ def test_rtx_python_plugin_engines_build_with_the_library_link(tmp_path):
     assert info["plugins"]["ops"] == ["KernelLinearAttention_in0124_out2"]
     assert {"name": "state", "dtype": "float32", "shape": [2, 2, 64, 33]} in info["inputs"]
     assert info["outputs"][1] == {"name": "state_out", "dtype": "float32", "shape": [2, 2, 64, 33]}
+
+
+@pytest.mark.tensorrt
+def test_rtx_builds_a_gated_step_with_float32_state_in_and_out(tmp_path):
+    """The fp16 engine of a gated one-token step takes its state in float32 and gives the new
+    state in float32, so a caller feeds ``s_out`` straight back as ``s``."""
+    model = _save(gated_step_model(), tmp_path / "step.onnx")
+    script = "import sys; from attnc.compiler.backends import tensorrt as b; b.build(sys.argv[1], sys.argv[2], 'fp16')"
+    run = subprocess.run([sys.executable, "-c", script, str(model), str(tmp_path / "out")],
+                         env=_rtx_plugin_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    info = json.loads((tmp_path / "out" / "engine.json").read_text())
+    assert info["plugins"]["ops"] == ["KernelLinearAttention_in01234_out2"]
+    assert {t["name"]: t["dtype"] for t in info["inputs"]} == {
+        "q": "float16", "k": "float16", "v": "float16", "x": "float16", "s": "float32"}
+    assert {t["name"]: t["dtype"] for t in info["outputs"]} == {"o": "float16", "s_out": "float32"}
 
 
 @pytest.mark.tensorrt
