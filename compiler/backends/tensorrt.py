@@ -41,6 +41,7 @@ from attnc.compiler.backends import tensorrt_plugins as plugins
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import atomic_path
 from attnc.passes.core import subgraph_inputs
+from attnc.plugins.chunked import chunks_only
 
 NAME = "tensorrt"
 ARTEFACT = "engine.plan"
@@ -381,13 +382,14 @@ def _fused_contract(node: onnx.NodeProto) -> tuple[plugins.PluginSpec, list[int]
     or of a plugin variant (a prepared model's node); ``None`` for any other node."""
     if node.domain != DOMAIN:
         return None
+    op_type = node.op_type.split(_OVERLOAD_SEPARATOR)[0]  # an inlined body's node: <op>__<overload>
     try:
-        spec = plugins.plugin_spec(node.op_type)
+        spec = plugins.plugin_spec(op_type)
     except AttncError:
         return None
     # A fused op's node lists its inputs by position ("" for absent ones); a plugin variant's
     # only the ones it has.
-    return spec, list(range(len(node.input))) if node.op_type == spec.op_type else list(spec.present)
+    return spec, list(range(len(node.input))) if op_type == spec.op_type else list(spec.present)
 
 
 def prepare_model(model: onnx.ModelProto, precision: str = "fp32", fused_ops: str = "plugin",
@@ -421,6 +423,8 @@ def prepare_model(model: onnx.ModelProto, precision: str = "fp32", fused_ops: st
         kept = [f for f in model.functions if f.domain != DOMAIN]
         del model.functions[:]
         model.functions.extend(kept)
+    else:
+        _inline_ready_functions(model)
     local = {(f.domain, f.name) for f in model.functions}
     arity = {(f.domain, f.name, f.overload): len(f.input) for f in model.functions}
     with_plugins = set(plugins.registered_ops())
@@ -460,6 +464,31 @@ def prepare_model(model: onnx.ModelProto, precision: str = "fp32", fused_ops: st
                          "remove it before compiling, or compile with --backend onnxruntime")
     plugin_ops = sorted(variants)
     return convert_float_precision(model, precision), plugin_ops
+
+
+_OVERLOAD_SEPARATOR = "__"
+
+
+def _inline_ready_functions(model: onnx.ModelProto) -> None:
+    """Ready attnc's function bodies for the parser's ``LocalFunctionImporter``: it looks a
+    function up by name alone (onnx-tensorrt's ``importLocalFunctions`` keys them by
+    ``name()``, the first one kept), so each overload gets its own name (``<op>__<overload>``)
+    and its nodes that name; and causal products always run in chunks
+    (:func:`attnc.plugins.chunked.chunks_only`)."""
+    renamed = {}
+    for index, function in enumerate(model.functions):
+        if function.domain != DOMAIN:
+            continue
+        function = chunks_only(function)
+        if function.overload:
+            renamed[(function.name, function.overload)] = function.name + _OVERLOAD_SEPARATOR + function.overload
+            function.name = renamed[(function.name, function.overload)]
+            function.ClearField("overload")
+        model.functions[index].CopyFrom(function)
+    for node in model.graph.node:
+        if node.domain == DOMAIN and (node.op_type, node.overload) in renamed:
+            node.op_type = renamed[(node.op_type, node.overload)]
+            node.ClearField("overload")
 
 
 # ----------------------------------------------------------------------------- build

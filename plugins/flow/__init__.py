@@ -27,8 +27,9 @@ sum becomes a cumulative sum over positions ``<= t``; ``I`` and ``O`` are multip
 
 The function body (:func:`function_proto`, overload ``""`` or ``"causal"`` following the
 ``causal`` attribute) computes the same in few ops: key-side sums as one ``MatMul`` with
-``φKᵀ``, and the causal dot product as a lower-triangular (``Trilu``) ``[L, L]`` score
-matrix instead of thuml's ``[L, D, Dv]`` running state.
+``φKᵀ``, and the causal dot product in float32 as one masked ``[L, L]`` product up to 128
+tokens and in chunks beyond (:func:`attnc.plugins.chunked.causal_product`), instead of
+thuml's ``[L, D, Dv]`` running state.
 
 Tests: ``tests/plugins/test_flow.py``; the pass that emits the op: ``attnc.passes.flow``
 (tests in ``tests/passes/test_flow.py``).
@@ -43,6 +44,7 @@ import torch
 from onnx import helper
 
 from attnc import DOMAIN
+from attnc.plugins.chunked import causal_product
 
 OP_TYPE = "FlowAttention"
 ATTRIBUTES = {"causal": 0, "eps": 1e-6}
@@ -190,13 +192,15 @@ def function_proto(causal: bool = False, opset: int = OPSET) -> onnx.FunctionPro
             _n("Div", ["source_exp", "source_exp_cum"], "source_share"),
             _n("Mul", ["source_share", "normal"], "competition"),
             _n("Mul", ["V", "competition"], "v_comp"),
-            # Σ_{s<=t} (q_t·k_s) v_s as a masked [L, L] product: thuml's causal_dot_product
-            # without its [L, D, Dv] running state.
+            # Σ_{s<=t} (q_t·k_s) v_s, thuml's causal_dot_product, in chunks and float32
+            # (attnc.plugins.chunked): one masked [L, L] product up to 128 tokens, beyond that
+            # chunks with a [D, Dv] state between them.
             _n("Mul", ["phi_q", "incoming_raw"], "q_weighted"),
-            _n("Transpose", ["phi_k"], "phi_k_t", perm=[0, 1, 3, 2]),
-            _n("MatMul", ["q_weighted", "phi_k_t"], "weights_full"),
-            _n("Trilu", ["weights_full"], "weights", upper=0),
-            _n("MatMul", ["weights", "v_comp"], "flow"),
+            _n("Cast", ["q_weighted"], "q_weighted32", to=onnx.TensorProto.FLOAT),
+            _n("Cast", ["phi_k"], "phi_k32", to=onnx.TensorProto.FLOAT),
+            _n("Cast", ["v_comp"], "v_comp32", to=onnx.TensorProto.FLOAT),
+            *causal_product("q_weighted32", "phi_k32", "v_comp32", None, "flow32"),
+            _n("CastLike", ["flow32", "Q"], "flow"),
             _n("Mul", ["flow", "allocation"], "O"),
         ]
     return helper.make_function(

@@ -40,21 +40,22 @@ on [0, m) and then on [m, N) with the first call's ``state_out`` as the second's
 ``LinearAttention`` (``update_rule="gated"``, decay ``log λ``, ``scale=1``; ``past_state`` /
 ``present_state`` in the same ``[B, H, D, Dv]`` layout) also computes.
 
-ONNX function body: non-causal uses the associative form q(kᵀV) (O(N·D·Dv)); causal
-uses the masked quadratic form (qkᵀ ⊙ M)V with M[t, s] = λ^{t−s}·[s ≤ t]. Measured on
-ORT 1.32 CPU, 1 thread, B=1, H=4, N=2048, D=Dv=64: quadratic 0.18 s, prefix sums over
-the outer products (Unsqueeze·Mul·CumSum·MatMul) 0.37 s. The prefix-sum form
-materialises ``[B, H, N, D, Dv]`` (134 MB here, vs 67 MB of scores) and runs N tiny
-``[1, D]×[D, Dv]`` GEMMs per head, while the quadratic form is two large GEMMs.
-The state adds ``(q_t·λ^{t+1}) S0`` to the scores' product and
+ONNX function body (what ONNX Runtime runs): non-causal uses the associative form q(kᵀV)
+(O(N·D·Dv)); causal computes Σ_{s≤t} λ^{t−s}(q_t·k_s)[v_s | 1] in float32 (the last column is
+the normaliser) with :func:`attnc.plugins.chunked.causal_product`: one masked quadratic product
+up to 128 tokens, Lightning Attention-2's chunks beyond (O(N·C·(D+Dv)) instead of O(N²·(D+Dv)),
+and no ``[H, N, N]`` mask; measured in ``benchmarks/RESULTS.md``). Before that the body used
+the masked quadratic form at every length, and before that prefix sums over the outer products
+(``[B, H, N, D, Dv]``, slower than both). The state adds ``(q_t·λ^{t+1}) [S0 | z0]`` to the product and
 ``(k_s·λ^{N−1−s})ᵀ [V | 1]`` (one GEMM for S_N and z_N) outside it, both in float32.
 The feature map is picked with ``LabelEncoder`` (ai.onnx.ml) on the string attribute,
 since ``Equal`` on strings needs opset 19 and attnc targets opset 17 and up; an absent
 ``decay`` is detected through ``Gemm``'s optional C input (λ > 0 by contract, so a 0
 means "absent") to stay within opset 17 (``OptionalHasElement`` on tensors is 18+).
-``state`` and ``state_out`` select a function overload instead (:func:`overload_name`):
-ONNX Runtime 1.32 rejects a node with fewer outputs than its function ("output index 1 is
-out of range"), and its function type inference fails on ``Optional`` of an absent input.
+``causal``, ``state`` and ``state_out`` select a function overload (:func:`overload_name`)
+instead of an ``If`` (ONNX Runtime 1.32 fails to inline an ``If`` nested in a constant-folded
+``If``; and it rejects a node with fewer outputs than its function, "output index 1 is out of
+range", while its function type inference fails on ``Optional`` of an absent input).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ import torch
 from onnx import TensorProto, helper
 
 from attnc import DOMAIN
+from attnc.plugins.chunked import causal_product
 
 OP_TYPE = "KernelLinearAttention"
 FEATURE_MAPS = ("elu1", "relu", "identity")
@@ -94,9 +96,14 @@ def extra_outputs(input_shapes, **attrs) -> list[tuple[list, str]]:
     return [(state_shape(q, v[3], attrs.get("normalize", ATTRIBUTES["normalize"])), "float32")]
 
 
-def overload_name(has_state: bool, has_state_out: bool) -> str:
-    """The function overload for a node with / without ``state`` and ``state_out``."""
-    return {(False, False): "", (True, False): "state", (False, True): "state_out",
+def overload_name(has_state: bool, has_state_out: bool, causal: bool = True) -> str:
+    """The function overload for a node: non-causal (``""``), causal (``"causal"``), or causal with
+    ``state`` and/or ``state_out`` (``"state"``, ``"state_out"``, ``"state_in_out"``)."""
+    if not causal:
+        if has_state or has_state_out:
+            raise ValueError("state / state_out need causal=1")
+        return ""
+    return {(False, False): "causal", (True, False): "state", (False, True): "state_out",
             (True, True): "state_in_out"}[(bool(has_state), bool(has_state_out))]
 
 
@@ -169,17 +176,16 @@ def _has(names, index: int) -> bool:
     return len(names) > index and bool(names[index])
 
 
-def add_to_model(model: onnx.ModelProto, node: onnx.NodeProto | None = None) -> None:
-    """Attach the function overload ``node`` needs (the plain one without a node) to ``model``."""
-    from attnc.passes.core import add_function, default_opset
+def add_to_model(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+    """Attach the function overload ``node`` needs to ``model`` (and name it in ``node.overload``)."""
+    from attnc.passes.core import add_function, default_opset, node_attribute
 
-    has_state = has_state_out = False
-    if node is not None:
-        while len(node.output) > 1 and not node.output[-1]:
-            node.output.pop()  # ORT wants a node's outputs to match its function's
-        has_state, has_state_out = _has(node.input, 4), _has(node.output, 1)
-        node.overload = overload_name(has_state, has_state_out)
-    add_function(model, function_proto(max(default_opset(model), OPSET), has_state, has_state_out))
+    while len(node.output) > 1 and not node.output[-1]:
+        node.output.pop()  # ORT wants a node's outputs to match its function's
+    has_state, has_state_out = _has(node.input, 4), _has(node.output, 1)
+    causal = bool(node_attribute(node, "causal", ATTRIBUTES["causal"]))
+    node.overload = overload_name(has_state, has_state_out, causal)
+    add_function(model, function_proto(max(default_opset(model), OPSET), has_state, has_state_out, causal))
 
 
 def make_node(inputs, outputs, name, **attrs) -> onnx.NodeProto:
@@ -219,7 +225,7 @@ def make_node(inputs, outputs, name, **attrs) -> onnx.NodeProto:
         raise ValueError("state / state_out need causal=1: non-causal linear attention has no recurrent "
                          "state (drop them, or set causal=1)")
     node = helper.make_node(OP_TYPE, inputs, outputs, name=name, domain=DOMAIN, **full)
-    node.overload = overload_name(has_state, has_state_out)
+    node.overload = overload_name(has_state, has_state_out, bool(full["causal"]))
     return node
 
 
@@ -233,7 +239,8 @@ def _const(name, value, dtype=TensorProto.FLOAT):
     return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, dims, vals))
 
 
-def function_proto(opset: int = OPSET, has_state: bool = False, has_state_out: bool = False) -> onnx.FunctionProto:
+def function_proto(opset: int = OPSET, has_state: bool = False, has_state_out: bool = False,
+                   causal: bool = False) -> onnx.FunctionProto:
     """The op's body in standard ONNX, plus ai.onnx.ml for LabelEncoder.
 
     Args:
@@ -243,7 +250,11 @@ def function_proto(opset: int = OPSET, has_state: bool = False, has_state_out: b
             where an op's schema changed in between (e.g. ``Constant`` at 21).
         has_state: the overload that reads input ``state``.
         has_state_out: the overload with output ``state_out``.
+        causal: the causal body (implied by ``has_state`` / ``has_state_out``). The overload,
+            not the node's ``causal`` attribute, decides which body runs: :func:`make_node` and
+            :func:`add_to_model` name the overload that matches the attribute.
     """
+    causal = bool(causal or has_state or has_state_out)
     if opset < OPSET:
         raise ValueError(f"KernelLinearAttention's body needs opset >= {OPSET}, got {opset}")
     A = onnx.AttributeProto
@@ -253,7 +264,6 @@ def function_proto(opset: int = OPSET, has_state: bool = False, has_state_out: b
         _attr_const("fm_name", "value_string", "feature_map", A.STRING),
         n("LabelEncoder", ["fm_name"], ["fm_id"], domain="ai.onnx.ml",
           keys_strings=list(FEATURE_MAPS), values_int64s=[0, 1, 2], default_int64=-1),
-        _attr_const("causal_i", "value_int", "causal", A.INT),
         _attr_const("normalize_i", "value_int", "normalize", A.INT),
         _attr_const("eps_f", "value_float", "eps", A.FLOAT),
         _attr_const("scale_f", "value_float", "scale", A.FLOAT),
@@ -265,28 +275,29 @@ def function_proto(opset: int = OPSET, has_state: bool = False, has_state_out: b
         # dtype-following constants (fp16 models): CastLike to Q
         n("CastLike", ["one", "Q"], ["one_t"]), n("CastLike", ["zero", "Q"], ["zero_t"]),
         n("CastLike", ["eps_f", "Q"], ["eps_t"]), n("CastLike", ["scale_f", "Q"], ["scale_t"]),
-        # feature maps: Where over the three candidates (elementwise, cheap next to the GEMMs)
+        # feature maps: two sequential If nodes (not nested, see the module docstring) on
+        # conditions that are constants once ONNX Runtime inlines the function, so it folds
+        # them and runs only the chosen map's ops
         n("Equal", ["fm_id", "i0"], ["is_elu"]), n("Equal", ["fm_id", "i1"], ["is_relu"]),
-        n("Elu", ["Q"], ["q_elu0"], alpha=1.0), n("Add", ["q_elu0", "one_t"], ["q_elu"]),
-        n("Relu", ["Q"], ["q_relu"]),
-        n("Where", ["is_relu", "q_relu", "Q"], ["q_nr"]), n("Where", ["is_elu", "q_elu", "q_nr"], ["q_phi"]),
-        n("Elu", ["K"], ["k_elu0"], alpha=1.0), n("Add", ["k_elu0", "one_t"], ["k_elu"]),
-        n("Relu", ["K"], ["k_relu"]),
-        n("Where", ["is_relu", "k_relu", "K"], ["k_nr"]), n("Where", ["is_elu", "k_elu", "k_nr"], ["kf"]),
+        _if("is_elu", ["q_e", "k_e"],
+            [n("Elu", ["Q"], ["q_elu0"], alpha=1.0), n("Add", ["q_elu0", "one_t"], ["q_elu"]),
+             n("Elu", ["K"], ["k_elu0"], alpha=1.0), n("Add", ["k_elu0", "one_t"], ["k_elu"])], ["q_elu", "k_elu"],
+            [n("Identity", ["Q"], ["q_id"]), n("Identity", ["K"], ["k_id"])], ["q_id", "k_id"]),
+        _if("is_relu", ["q_phi", "kf"],
+            [n("Relu", ["Q"], ["q_relu"]), n("Relu", ["K"], ["k_relu"])], ["q_relu", "k_relu"],
+            [n("Identity", ["q_e"], ["q_other"]), n("Identity", ["k_e"], ["k_other"])], ["q_other", "k_other"]),
         n("Mul", ["q_phi", "scale_t"], ["qf"]),
         *_decay_and_positions(),
     ]
-    if has_state or has_state_out:
-        nodes += [n("Shape", ["V"], ["dv"], start=3, end=4)]                  # [1]: Dv
+    nodes += [n("Shape", ["V"], ["dv"], start=3, end=4)]                      # [1]: Dv
     if has_state:
         nodes += _state_columns()
     nodes += [
-        n("Cast", ["causal_i"], ["is_causal"], to=TensorProto.BOOL),
-        n("If", ["is_causal"], ["num", "den"], then_branch=_causal_branch(has_state),
-          else_branch=_noncausal_branch()),
-        n("Add", ["den", "eps_t"], ["den_eps"]), n("Div", ["num", "den_eps"], ["normed"]),
+        *(_causal_nodes(has_state) if causal else _noncausal_nodes()),
         n("Cast", ["normalize_i"], ["is_norm"], to=TensorProto.BOOL),
-        n("Where", ["is_norm", "normed", "num"], ["O"]),
+        _if("is_norm", ["O"],
+            [n("Add", ["den", "eps_t"], ["den_eps"]), n("Div", ["num", "den_eps"], ["normed"])], ["normed"],
+            [n("Identity", ["num"], ["unnormed"])], ["unnormed"]),
     ]
     if has_state_out:
         nodes += _state_out(has_state)
@@ -295,18 +306,23 @@ def function_proto(opset: int = OPSET, has_state: bool = False, has_state_out: b
     return helper.make_function(
         DOMAIN, OP_TYPE, list(INPUTS), outputs, nodes,
         [helper.make_opsetid("", opset), helper.make_opsetid("ai.onnx.ml", 2)],
-        attribute_protos=defaults, overload=overload_name(has_state, has_state_out),
+        attribute_protos=defaults, overload=overload_name(has_state, has_state_out, causal),
         doc_string="attnc KernelLinearAttention; see attnc.plugins.linear")
+
+
+def _if(cond: str, outputs: list[str], then_nodes: list[onnx.NodeProto], then_outputs: list[str],
+        else_nodes: list[onnx.NodeProto], else_outputs: list[str]) -> onnx.NodeProto:
+    def branch(name, nodes, results):
+        return helper.make_graph(nodes, name, [], [helper.make_value_info(r, onnx.TypeProto()) for r in results])
+
+    return helper.make_node("If", [cond], outputs, then_branch=branch(cond + "_then", then_nodes, then_outputs),
+                            else_branch=branch(cond + "_else", else_nodes, else_outputs))
 
 
 def _attr_const(out: str, const_attr: str, ref: str, attr_type) -> onnx.NodeProto:
     node = helper.make_node("Constant", [], [out])
     node.attribute.append(_ref(const_attr, ref, attr_type))
     return node
-
-
-def _graph(name, nodes, outputs):
-    return helper.make_graph(nodes, name, [], [helper.make_value_info(o, onnx.TypeProto()) for o in outputs])
 
 
 def _decay_and_positions() -> list[onnx.NodeProto]:
@@ -380,51 +396,47 @@ def _state_out(has_state: bool) -> list[onnx.NodeProto]:
     return nodes
 
 
-def _noncausal_branch() -> onnx.GraphProto:
+def _noncausal_nodes() -> list[onnx.NodeProto]:
+    """``num`` = q (kᵀ V), ``den`` = q Σ_s k_s."""
     n = helper.make_node
-    return _graph("noncausal", [
+    return [
         n("Transpose", ["kf"], ["kf_t"], perm=[0, 1, 3, 2]),
         n("MatMul", ["kf_t", "V"], ["kv"]),                       # [B, H, D, Dv]
-        n("MatMul", ["qf", "kv"], ["nc_num"]),
+        n("MatMul", ["qf", "kv"], ["num"]),
         n("ReduceSum", ["kf", "ax_m2"], ["ksum"], keepdims=1),      # [B, H, 1, D]
         n("Transpose", ["ksum"], ["ksum_t"], perm=[0, 1, 3, 2]),
-        n("MatMul", ["qf", "ksum_t"], ["nc_den"]),                 # [B, H, N, 1]
-    ], ["nc_num", "nc_den"])
+        n("MatMul", ["qf", "ksum_t"], ["den"]),                    # [B, H, N, 1]
+    ]
 
 
-def _causal_branch(has_state: bool) -> onnx.GraphProto:
+def _causal_nodes(has_state: bool) -> list[onnx.NodeProto]:
+    """Σ_{s≤t} λ^{t−s} (q_t·k_s) [v_s | 1] in chunks (:func:`attnc.plugins.chunked.causal_product`),
+    in float32 whatever Q's dtype; with ``state``, plus the carried ``(q_t·λ^{t+1}) [S0 | z0]``."""
     n = helper.make_node
     nodes = [
-        # distance t - s, mask M[t, s] = λ^{t-s} for s <= t, else 0
-        n("Unsqueeze", ["pos", "ax_zero"], ["pos_row"]),
-        n("Sub", ["pos_col", "pos_row"], ["dist"]),                              # [N, N]
-        n("GreaterOrEqual", ["dist", "zero"], ["visible"]),
-        n("Mul", ["log_lam", "dist"], ["log_m"]),
-        n("Exp", ["log_m"], ["m_raw"]),
-        n("Where", ["visible", "m_raw", "zero"], ["m32"]),                       # [H, N, N]
-        n("CastLike", ["m32", "Q"], ["m"]),
-        n("Transpose", ["kf"], ["kf_t"], perm=[0, 1, 3, 2]),
-        n("MatMul", ["qf", "kf_t"], ["scores"]),
-        n("Mul", ["scores", "m"], ["p"]),
+        n("Cast", ["qf"], ["cq32"], to=TensorProto.FLOAT),
+        n("Cast", ["kf"], ["ck32"], to=TensorProto.FLOAT),
+        n("Cast", ["V"], ["cv32"], to=TensorProto.FLOAT),
+        _const("c_pad_last", [0, 0, 0, 0, 0, 0, 0, 1], TensorProto.INT64),
+        n("Pad", ["cv32", "c_pad_last", "one"], ["cv_ones"]),                   # [V | 1]
+        *causal_product("cq32", "ck32", "cv_ones", "log_lam", "prod32"),        # [B, H, N, Dv + 1]
     ]
-    if not has_state:
-        nodes += [n("MatMul", ["p", "V"], ["c_num"]),
-                  n("ReduceSum", ["p", "ax_m1"], ["c_den"], keepdims=1)]
-        return _graph("causal", nodes, ["c_num", "c_den"])
+    if has_state:
+        nodes += [
+            # the carried state, seen by token t through λ^{t+1}
+            n("Add", ["pos_col", "one"], ["pos_1"]),
+            n("Mul", ["log_lam", "pos_1"], ["log_q_decay"]),
+            n("Exp", ["log_q_decay"], ["q_decay"]),                              # [H, N, 1]
+            n("Mul", ["cq32", "q_decay"], ["q_carry"]),
+            n("MatMul", ["q_carry", "state_aug"], ["carry32"]),                 # [B, H, N, Dv + 1]
+            n("Add", ["prod32", "carry32"], ["total32"]),
+        ]
+    else:
+        nodes += [n("Identity", ["prod32"], ["total32"])]
     nodes += [
-        # the carried state, seen by token t through λ^{t+1}: (q_t·λ^{t+1}) [S0 | z0] in float32
-        n("Add", ["pos_col", "one"], ["pos_1"]),
-        n("Mul", ["log_lam", "pos_1"], ["log_q_decay"]),
-        n("Exp", ["log_q_decay"], ["q_decay"]),                                  # [H, N, 1]
-        n("Cast", ["qf"], ["q32"], to=TensorProto.FLOAT),
-        n("Mul", ["q32", "q_decay"], ["q_carry"]),
-        n("MatMul", ["q_carry", "state_aug"], ["carry32"]),                     # [B, H, N, Dv + 1]
-        n("CastLike", ["carry32", "Q"], ["carry"]),
-        n("Slice", ["carry", "ax_zero", "dv", "ax_m1"], ["carry_num"]),
-        n("Slice", ["carry", "dv", "dv_1", "ax_m1"], ["carry_den"]),
-        n("MatMul", ["p", "V"], ["p_num"]),
-        n("ReduceSum", ["p", "ax_m1"], ["p_den"], keepdims=1),
-        n("Add", ["p_num", "carry_num"], ["c_num"]),
-        n("Add", ["p_den", "carry_den"], ["c_den"]),
+        n("CastLike", ["total32", "Q"], ["total"]),
+        n("Slice", ["total", "ax_zero", "dv", "ax_m1"], ["num"]),
+        n("Add", ["dv", "one_i"], ["c_dv_1"]),
+        n("Slice", ["total", "dv", "c_dv_1", "ax_m1"], ["den"]),
     ]
-    return _graph("causal", nodes, ["c_num", "c_den"])
+    return nodes

@@ -1094,6 +1094,80 @@ def test_inline_mode_builds_a_fused_node_from_its_function_body(tmp_path):
     assert trt_backend.describe(engine)["fused_ops"] == "inline"
 
 
+def _mixed_overloads_model() -> onnx.ModelProto:
+    """Causal and non-causal flow and linear attention on one Q, K, V (dynamic tokens): four
+    nodes, four function overloads, two of each name."""
+    from attnc.plugins import flow, linear
+
+    shape = [1, 2, "n", 8]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("q", "k", "v")]
+    nodes = [flow.make_node(["q", "k", "v"], ["flow_causal"], "f1", causal=1),
+             flow.make_node(["q", "k", "v"], ["flow_full"], "f0", causal=0),
+             linear.make_node(["q", "k", "v"], ["lin_causal"], "l1", feature_map="relu", causal=1, normalize=1),
+             linear.make_node(["q", "k", "v"], ["lin_full"], "l0", feature_map="relu", causal=0, normalize=1)]
+    outputs = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, shape) for n in nodes]
+    model = helper.make_model(helper.make_graph(nodes, "mixed", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(DOMAIN, 1)])
+    for node in nodes:
+        (flow if node.op_type == "FlowAttention" else linear).add_to_model(model, node)
+    return model
+
+
+def test_inline_bodies_get_one_name_per_overload_and_run_in_chunks():
+    """TensorRT's parser finds a local function by name alone, so two overloads of one op would
+    both run the first body: inline mode names each overload apart. Its causal products always
+    run in chunks (no length switch), which must still compute the op: checked with ONNX
+    Runtime against the float64 references at one chunk and at several (odd) chunks."""
+    import torch
+
+    from attnc.compiler.backends.onnxruntime import load
+    from attnc.plugins import flow, linear
+
+    model = _mixed_overloads_model()
+    assert sorted((f.name, f.overload) for f in model.functions) == [
+        ("FlowAttention", ""), ("FlowAttention", "causal"), ("KernelLinearAttention", ""),
+        ("KernelLinearAttention", "causal")]
+    prepared, ops = trt_backend.prepare_model(model, "fp32", fused_ops="inline")
+    assert ops == []
+    names = [f.name for f in prepared.functions]
+    assert sorted(names) == ["FlowAttention", "FlowAttention__causal", "KernelLinearAttention",
+                             "KernelLinearAttention__causal"]
+    assert not any(f.overload for f in prepared.functions) and not any(n.overload for n in prepared.graph.node)
+    assert [n.op_type for n in prepared.graph.node] == ["FlowAttention__causal", "FlowAttention",
+                                                        "KernelLinearAttention__causal", "KernelLinearAttention"]
+    assert not any(n.op_type == "If" and n.name.endswith("length_switch") for f in prepared.functions for n in f.node)
+    rng = np.random.default_rng(4)
+    for tokens in (5, 150):
+        q, k, v = (rng.standard_normal((1, 2, tokens, 8)) for _ in range(3))
+        got = load(prepared).infer({"q": q.astype(np.float32), "k": k.astype(np.float32), "v": v.astype(np.float32)})
+        t = [torch.from_numpy(x) for x in (q, k, v)]
+        expected = {"flow_causal": flow.reference(*t, causal=1), "flow_full": flow.reference(*t, causal=0),
+                    "lin_causal": linear.reference(*t, feature_map="relu", causal=1),
+                    "lin_full": linear.reference(*t, feature_map="relu", causal=0)}
+        for name, want in expected.items():
+            np.testing.assert_allclose(got[name], want.numpy(), rtol=1e-4, atol=1e-5, err_msg=f"{name} N={tokens}")
+
+
+@pytest.mark.tensorrt
+def test_inline_mode_builds_causal_flow_with_its_chunked_body(tmp_path):
+    """RTX 1.7's CPU build crashed on the causal body's length switch (an If); inline mode
+    builds the chunked form, for a dynamic token count."""
+    from attnc.plugins import flow
+
+    _trt_or_skip()
+    shape = [1, 2, "n", 8]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("q", "k", "v")]
+    node = flow.make_node(["q", "k", "v"], ["o"], "f1", causal=1)
+    model = helper.make_model(helper.make_graph([node], "causal_flow", inputs,
+                                                [helper.make_tensor_value_info("o", TensorProto.FLOAT, shape)]),
+                              opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(DOMAIN, 1)])
+    flow.add_to_model(model, node)
+    qkv = lambda n: {x: (1, 2, n, 8) for x in "qkv"}  # noqa: E731
+    engine = trt_backend.build(_save(model, tmp_path / "flow.onnx"), tmp_path / "out", "fp32", fused_ops="inline",
+                               min_shapes=qkv(1), opt_shapes=qkv(200), max_shapes=qkv(512))
+    assert trt_backend.describe(engine)["fused_ops"] == "inline"
+
+
 @pytest.mark.tensorrt
 def test_rtx_plugin_build_without_loadable_lib_is_an_error_not_an_abort(tmp_path):
     trt, flavour = _trt_or_skip()

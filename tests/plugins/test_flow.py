@@ -104,6 +104,17 @@ def test_fp16_body_runs():
         np.testing.assert_allclose(got.astype(np.float64), numpy_flow(q, k, v, causal, 1e-6), rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("length,dtype", [(129, np.float32), (261, np.float32), (200, np.float16)])
+def test_causal_body_on_long_sequences_runs_in_chunks(length, dtype):
+    """Beyond 128 tokens the causal dot product runs in chunks (attnc.plugins.chunked), odd lengths
+    padding the last one; against thuml's running state in float64."""
+    rng = np.random.default_rng(length)
+    q, k, v = _inputs(rng, 2, 2, length, length, 6, 5, spread=1.0)
+    got = run_function(*(t.astype(dtype) for t in (q, k, v)), 1, 1e-6)
+    tol = 2e-5 if dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(got.astype(np.float64), numpy_flow(q, k, v, 1, 1e-6), rtol=tol, atol=tol / 10)
+
+
 def test_output_shape_and_node_contract():
     assert plugin.output_shape([["B", 2, "L", 8], ["B", 2, "S", 8], ["B", 2, "S", 5]]) == ["B", 2, "L", 5]
     node = plugin.make_node(["q", "k", "v"], ["o"], "n", causal=1, eps=1e-5)

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from attnc.compiler.backends.onnxruntime import load
-from attnc.passes.core import add_function
 from attnc.plugins import linear as plugin
 
 
@@ -42,7 +41,7 @@ def _model(with_decay: bool, opset: int, dtype=TensorProto.FLOAT, **attrs) -> on
     node = plugin.make_node(names, ["O"], "kla", **attrs)
     graph = helper.make_graph([node], "kla", inputs, [helper.make_tensor_value_info("O", dtype, ["b", "h", "n", "dv"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    add_function(model, plugin.function_proto(opset))
+    plugin.add_to_model(model, node)
     onnx.checker.check_model(model)
     return model
 
@@ -98,6 +97,50 @@ def test_function_body_float16():
     np.testing.assert_allclose(got.astype(np.float64), expected, rtol=2e-2, atol=2e-2)
 
 
+def _numpy_causal_vectorised(q, k, v, decay, feature_map, normalize, eps, scale):
+    """Float64 causal linear attention as one masked product per head (for long sequences)."""
+    phi = {"elu1": lambda x: np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0))),
+           "relu": lambda x: np.maximum(x, 0.0), "identity": lambda x: x}[feature_map]
+    q, k = phi(q) * scale, phi(k)
+    n = q.shape[2]
+    dist = np.arange(n)[:, None] - np.arange(n)[None, :]
+    lam = np.ones(q.shape[1]) if decay is None else decay
+    w = np.where(dist >= 0, lam[:, None, None] ** np.maximum(dist, 0), 0.0)      # [H, N, N]
+    a = (q @ k.swapaxes(-1, -2)) * w
+    out = a @ v
+    return out / (a.sum(-1, keepdims=True) + eps) if normalize else out
+
+
+@pytest.mark.parametrize("n", [129, 200, 333])
+@pytest.mark.parametrize("feature_map,normalize,with_decay", [("elu1", 1, False), ("elu1", 1, True),
+                                                               ("identity", 0, True), ("relu", 0, False)])
+def test_function_body_long_sequences_run_in_chunks(n, feature_map, normalize, with_decay):
+    """Beyond 128 tokens the causal body works in chunks (attnc.plugins.chunked): odd lengths pad
+    the last chunk; strong decays (down to 0.3) underflow across chunks instead of overflowing."""
+    rng = np.random.default_rng(n + 3 * normalize + with_decay)
+    b, h, d, dv = 2, 3, 5, 6
+    q, k, v = rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, dv))
+    decay = np.array([0.3, 0.9, 0.999]) if with_decay else None
+    attrs = dict(feature_map=feature_map, causal=1, normalize=normalize, eps=1e-2, scale=0.5)
+    expected = _numpy_causal_vectorised(q, k, v, decay, feature_map, normalize, 1e-2, 0.5)
+    feeds = {"Q": q, "K": k, "V": v} | ({"decay": decay} if with_decay else {})
+    got = load(_model(with_decay, 17, **attrs)).infer({x: a.astype(np.float32) for x, a in feeds.items()})["O"]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(expected).max()))
+
+
+def test_function_body_chunk_size_grows_with_the_sequence():
+    """N·D > 64³ picks chunks longer than 64 tokens (here 66: N = 1100, D = 256), still exact."""
+    rng = np.random.default_rng(17)
+    q, k = rng.standard_normal((1, 1, 1100, 256)) * 0.2, rng.standard_normal((1, 1, 1100, 256)) * 0.2
+    v = rng.standard_normal((1, 1, 1100, 3))
+    decay = np.array([0.995])
+    attrs = dict(feature_map="identity", causal=1, normalize=0, eps=1e-6, scale=0.1)
+    expected = _numpy_causal_vectorised(q, k, v, decay, "identity", 0, 1e-6, 0.1)
+    got = load(_model(True, 17, **attrs)).infer({"Q": q.astype(np.float32), "K": k.astype(np.float32),
+                                                 "V": v.astype(np.float32), "decay": decay.astype(np.float32)})["O"]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 def test_make_node_validates_and_fills_defaults():
     node = plugin.make_node(["q", "k", "v"], ["o"], "n", causal=1)
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -109,24 +152,29 @@ def test_make_node_validates_and_fills_defaults():
         plugin.make_node(["q", "k", "v"], ["o"], "n", feature_map="softmax")
 
 
-def test_one_function_serves_nodes_with_different_attributes():
-    """Attribute references: two nodes, one FunctionProto, each computes its own semantics."""
+def test_one_function_per_overload_serves_nodes_with_different_attributes():
+    """Attribute references: three nodes, one FunctionProto per overload (non-causal, causal), each
+    node computes its own semantics."""
     rng = np.random.default_rng(5)
     q, k, v = (rng.standard_normal((1, 2, 6, 4)) for _ in range(3))
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 6, 4]) for n in "QKV"]
     nodes = [plugin.make_node(["Q", "K", "V"], ["A"], "a", feature_map="relu", causal=1),
-             plugin.make_node(["Q", "K", "V"], ["B"], "b", feature_map="elu1", causal=0, scale=2.0)]
-    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 6, 4]) for n in "AB"]
-    model = helper.make_model(helper.make_graph(nodes, "two", inputs, outs),
+             plugin.make_node(["Q", "K", "V"], ["B"], "b", feature_map="elu1", causal=0, scale=2.0),
+             plugin.make_node(["Q", "K", "V"], ["C"], "c", feature_map="identity", causal=1, normalize=0)]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 6, 4]) for n in "ABC"]
+    model = helper.make_model(helper.make_graph(nodes, "three", inputs, outs),
                               opset_imports=[helper.make_opsetid("", 23)])
-    add_function(model, plugin.function_proto(23))
-    add_function(model, plugin.function_proto(23))
+    for node in nodes:
+        plugin.add_to_model(model, node)
     onnx.checker.check_model(model)
-    assert len(model.functions) == 1
+    assert sorted(f.overload for f in model.functions) == ["", "causal"]
+    assert [n.overload for n in nodes] == ["causal", "", "causal"]
     got = load(model).infer({"Q": q.astype(np.float32), "K": k.astype(np.float32), "V": v.astype(np.float32)})
     np.testing.assert_allclose(got["A"], _numpy_linear_attention(q, k, v, None, "relu", 1, 1, 1e-6, 1.0),
                                rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got["B"], _numpy_linear_attention(q, k, v, None, "elu1", 0, 1, 1e-6, 2.0),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["C"], _numpy_linear_attention(q, k, v, None, "identity", 1, 0, 1e-6, 1.0),
                                rtol=1e-4, atol=1e-5)
 
 
@@ -204,11 +252,11 @@ def test_reference_with_state_matches_numpy(feature_map, normalize, with_decay, 
 
 @pytest.mark.parametrize("feature_map,normalize,with_decay", STATE_CONFIGS)
 @pytest.mark.parametrize("with_state,with_state_out", [(True, False), (False, True), (True, True)])
-@pytest.mark.parametrize("opset", [17, 23])
+@pytest.mark.parametrize("opset,n", [(17, 7), (23, 7), (17, 150)])
 def test_function_body_with_state_matches_numpy(feature_map, normalize, with_decay, with_state, with_state_out,
-                                                opset):
-    rng = np.random.default_rng(hash((feature_map, normalize, with_decay, with_state, with_state_out)) % 2**32)
-    b, h, n, d, dv = 2, 3, 7, 5, 3
+                                                opset, n):
+    rng = np.random.default_rng(hash((feature_map, normalize, with_decay, with_state, with_state_out, n)) % 2**32)
+    b, h, d, dv = 2, 3, 5, 3
     q, k, v = rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, dv))
     decay = rng.uniform(0.5, 1.0, h) if with_decay else None
     state = rng.uniform(0.0, 1.0, (b, h, d, dv + normalize)) if with_state else None
@@ -260,6 +308,26 @@ def test_prefill_then_decode_equals_one_shot(feature_map, normalize, with_decay)
         np.testing.assert_allclose(state, expected_state, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(expected_state).max()))
 
 
+@pytest.mark.parametrize("feature_map,normalize,with_decay", [("elu1", 1, True), ("identity", 0, True)])
+def test_long_prefill_then_decode_equals_one_shot(feature_map, normalize, with_decay):
+    """The state across the chunked (> 128 tokens) and the short bodies: a long prefill then short
+    pieces, a short prefill then a long piece."""
+    rng = np.random.default_rng(23 + normalize)
+    b, h, n, d, dv = 1, 2, 300, 4, 3
+    q, k, v = rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, dv))
+    decay = np.array([0.95, 0.999])
+    attrs = dict(feature_map=feature_map, causal=1, normalize=normalize, eps=1e-2, scale=0.5)
+    expected, expected_state = _numpy_with_state(q, k, v, decay, None, feature_map, normalize, 1e-2, 0.5)
+    session = {"first": load(_state_model(with_decay, False, True, **attrs)),
+               "next": load(_state_model(with_decay, True, True, **attrs))}
+    feeds = {name: a.astype(np.float32) for name, a in {"Q": q, "K": k, "V": v, "decay": decay}.items()}
+    atol = 1e-4 * max(1.0, np.abs(expected).max())
+    for splits in ([200], [200, 201, 202], [5], [129, 130]):
+        got, state = _run_in_pieces(session, feeds, splits, with_decay)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=atol, err_msg=f"splits {splits}")
+        np.testing.assert_allclose(state, expected_state, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(expected_state).max()))
+
+
 def test_function_body_float16_with_float32_state():
     """fp16 Q/K/V, float32 decay/state/state_out: prefill + token-by-token decode."""
     rng = np.random.default_rng(13)
@@ -292,7 +360,8 @@ def test_state_contract_errors_and_overloads():
                  for i, o in ((["q", "k", "v"], ["o"]), (["q", "k", "v", "d", ""], ["o", ""]),
                               (["q", "k", "v", "", "s"], ["o"]), (["q", "k", "v", "d"], ["o", "so"]),
                               (["q", "k", "v", "", "s"], ["o", "so"]))}
-    assert list(overloads.values()) == ["", "", "state", "state_out", "state_in_out"]
+    assert list(overloads.values()) == ["causal", "causal", "state", "state_out", "state_in_out"]
+    assert plugin.make_node(["q", "k", "v"], ["o"], "n", causal=0).overload == ""
     node = plugin.make_node(["q", "k", "v", "d", ""], ["o", ""], "n", causal=1)
     assert list(node.input) == ["q", "k", "v", "d"] and list(node.output) == ["o"]
     assert plugin.extra_outputs([["B", 2, "N", 5], ["B", 2, "N", 5], ["B", 2, "N", 4]], normalize=1) == \
