@@ -20,6 +20,9 @@ Both map ``x [B, N, C] -> [B, N, C]``; per head, with ``φ`` a feature map on ``
   (no states in) and the decode graph (one state per layer in).
   :class:`RecurrentLightningLM` is its one-token decode step written as plain-PyTorch
   recurrences (:meth:`LightningAttention.step`), as RetNet / TransNormerLLM inference code is.
+- :class:`BlockwiseLightningAttention` / :class:`BlockwiseLightningLM`: the same attention
+  computed block by block in a Python loop (Lightning Attention-2's prefill, as
+  MiniMax-Text-01's Hugging Face code writes it), which an export unrolls.
 
 No ``1/sqrt(D)`` scale is applied in either (the ONNX ``LinearAttention`` op is used
 with ``scale=1``).
@@ -189,6 +192,76 @@ class LightningAttention(nn.Module):
         return self.proj(merge_heads(q @ state)), state
 
 
+class BlockwiseLightningAttention(LightningAttention):
+    """:class:`LightningAttention` computed block by block, as prefill code writes it.
+
+    Lightning Attention-2 (Qin et al. 2024) and MiniMax-Text-01's Hugging Face code loop over
+    blocks of ``block_size`` tokens in Python: per block ``i`` with rows ``q_i, k_i, v_i`` (``L``
+    of them, ``L = block_size`` but for the last block) and ``j, s`` positions in the block,
+
+    - intra-block: ``((q_i k_iᵀ) ⊙ M) v_i`` with ``M[j, s] = λ^{j−s}·[s ≤ j]``;
+    - inter-block: ``(q_i ⊙ λ^{j+1}) KV`` with ``KV`` the state of every earlier block;
+    - ``KV ← λ^L KV + (k_i ⊙ λ^{L−1−s})ᵀ v_i``;
+
+    and the output is the blocks' outputs concatenated along the tokens. The same numbers as
+    :meth:`LightningAttention.forward` (same parameters, so the same seed gives the same
+    weights). The loop runs in Python, so an ONNX export unrolls it for the example's
+    sequence length: export with a static token axis. The linear-attention fusion pass
+    rewrites the unrolled blocks into one ``attnc::KernelLinearAttention`` node.
+
+    Args:
+        dim, num_heads, feature_map, slopes, qkv_bias, fused_qkv: see :class:`LightningAttention`.
+        block_size: tokens per block (MiniMax-Text-01 uses 256).
+    """
+
+    def __init__(self, dim: int, num_heads: int, block_size: int = 256, feature_map: str = "identity",
+                 slopes: Sequence[float] | None = None, qkv_bias: bool = True, fused_qkv: bool = True):
+        super().__init__(dim, num_heads, feature_map, slopes, qkv_bias, fused_qkv)
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.block_size = block_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.recurrent(x)[0]
+
+    def recurrent(self, x: torch.Tensor, state: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention over ``x [B, T, C]`` after ``state`` (see :meth:`LightningAttention.recurrent`),
+        in plain PyTorch: ``(out [B, T, C], state_out [B, H, D, D])``, the state in ``x``'s dtype
+        unless one is passed (then in its dtype)."""
+        q, k, v = self.in_proj(x)
+        q, k = self.phi(q), self.phi(k)
+        out, state_out = self.blocks(q, k, v, state)
+        return self.proj(merge_heads(out)), state_out
+
+    def blocks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blockwise loop on ``q, k [B, H, N, D]``, ``v [B, H, N, Dv]`` after the state ``kv
+        [B, H, D, Dv]`` (zeros when None): ``(out [B, H, N, Dv], kv after the last token)``."""
+        b, h, n, d = q.shape
+        block = self.block_size
+        slope = self.slope.to(q.dtype)[:, None, None]                          # [H, 1, 1]
+        array = torch.arange(block, device=q.device, dtype=q.dtype) + 1
+        q_decay = torch.exp(-slope * array[:, None])                           # λ^{j+1}
+        k_decay = torch.exp(-slope * (block - array[:, None]))                 # λ^{block−1−s}
+        index = array[:, None] - array[None, :]                                # j − s
+        diag_decay = torch.exp(torch.where(index >= 0, -slope * index, float("-inf")))
+        if kv is None:
+            kv = torch.zeros(b, h, d, v.shape[-1], dtype=q.dtype, device=q.device)
+        outs = []
+        for start in range(0, n, block):
+            end = min(start + block, n)
+            m = end - start
+            qi, ki, vi = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
+            intra = ((qi @ ki.transpose(-1, -2)) * diag_decay[:, :m, :m]) @ vi
+            inter = (qi * q_decay[:, :m]).to(kv.dtype) @ kv
+            outs.append(intra + inter.to(intra.dtype))
+            # the last block may be shorter: its own length m, k_decay's last m rows (λ^{m−1−s})
+            update = (ki * k_decay[:, -m:]).transpose(-1, -2) @ vi
+            kv = torch.exp(-slope * m).to(kv.dtype) * kv + update.to(kv.dtype)
+        return torch.cat(outs, dim=2), kv
+
+
 class LightningLM(nn.Module):
     """Decoder-only LM of lightning-attention blocks, for prefill + token-by-token decode.
 
@@ -216,10 +289,13 @@ class LightningLM(nn.Module):
         from attnc.models.blocks import Block  # blocks imports this module
 
         self.embed = nn.Embedding(vocab_size, dim)
-        self.blocks = nn.ModuleList(Block(dim, LightningAttention(dim, num_heads, slopes=slopes), mlp_ratio)
+        self.blocks = nn.ModuleList(Block(dim, self._attention(dim, num_heads, slopes), mlp_ratio)
                                     for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+
+    def _attention(self, dim: int, num_heads: int, slopes: Sequence[float] | None) -> LightningAttention:
+        return LightningAttention(dim, num_heads, slopes=slopes)
 
     def forward(self, ids: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # signature: ids, state_0=None, state_1=None, ... (see below the class); the
@@ -244,6 +320,27 @@ class LightningLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.norm(x))
+
+
+class BlockwiseLightningLM(LightningLM):
+    """:class:`LightningLM` whose attentions run blockwise in plain PyTorch
+    (:class:`BlockwiseLightningAttention`, blocks of ``block_size`` tokens), as MiniMax-Text-01's
+    prefill does: ``forward(ids [B, T], *states) -> (logits, state_0', ...)`` with the same
+    weights as :class:`LightningLM` for the same seed. The loop unrolls at export, so export it
+    with a static ``T``; the linear-attention fusion pass makes each layer one fused node with
+    ``state_out`` (and ``state`` when states are passed).
+
+    Args:
+        block_size: tokens per block; the rest as :class:`LightningLM`.
+    """
+
+    def __init__(self, vocab_size: int = 32000, dim: int = 512, depth: int = 4, num_heads: int = 8,
+                 mlp_ratio: float = 4.0, slopes: Sequence[float] | None = None, block_size: int = 256):
+        self._block_size = block_size   # read by _attention during LightningLM.__init__
+        super().__init__(vocab_size, dim, depth, num_heads, mlp_ratio, slopes)
+
+    def _attention(self, dim: int, num_heads: int, slopes: Sequence[float] | None) -> LightningAttention:
+        return BlockwiseLightningAttention(dim, num_heads, self._block_size, slopes=slopes)
 
 
 class RecurrentLightningLM(LightningLM):
@@ -290,6 +387,7 @@ LightningLM.forward.__signature__ = inspect.Signature(
        for i in range(_MAX_LAYERS))],
     return_annotation=tuple[torch.Tensor, ...])
 RecurrentLightningLM.forward.__signature__ = LightningLM.forward.__signature__
+BlockwiseLightningLM.forward.__signature__ = LightningLM.forward.__signature__
 
 
 def alibi_slopes(num_heads: int) -> list[float]:

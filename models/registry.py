@@ -23,7 +23,9 @@ NAT-Mini first stage (56x56 tokens, kernel 7, RPB), 4-block causal LMs at 4096 t
 ``ids -> (logits, state_0, state_1)`` and ``(ids, state_0, state_1) -> (logits, state_0',
 state_1')``; their outputs are ``output``, ``output_1``, ... (:attr:`ModelSpec.output_names`).
 ``lm-lightning-step-small`` is the same LM's one-token decode step written as plain-PyTorch
-recurrences (:class:`~attnc.models.linear.RecurrentLightningLM`), which the linear pass fuses.
+recurrences (:class:`~attnc.models.linear.RecurrentLightningLM`), which the linear pass fuses;
+``lm-lightning-blockwise-prefill-small`` is its prefill computed block by block
+(:class:`~attnc.models.linear.BlockwiseLightningLM`, static sequence length), which it fuses too.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from attnc.compiler.errors import AttncError
 from attnc.models.agent import AgentAttention
 from attnc.models.blocks import VIT_ATTENTIONS, CausalLM, VisionTransformer
 from attnc.models.flow import FlowAttention
-from attnc.models.linear import LightningAttention, LightningLM, LinearAttention, RecurrentLightningLM
+from attnc.models.linear import (BlockwiseLightningAttention, BlockwiseLightningLM, LightningAttention, LightningLM,
+                                 LinearAttention, RecurrentLightningLM)
 from attnc.models.mhsa import MultiHeadSelfAttention
 from attnc.models.neighborhood import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 from attnc.models.vlm import TinyVLM
@@ -209,6 +212,17 @@ def _lightning_step(name: str, vocab_size: int, dim: int, depth: int, num_heads:
          {"batch": 1}, ("batch",), ("batch", 1, "vocab"), (state,) * depth)
 
 
+def _blockwise_lightning_lm(name: str, vocab_size: int, seq: int, dim: int, depth: int, num_heads: int,
+                            block_size: int) -> None:
+    """A :class:`BlockwiseLightningLM`'s prefill ``ids -> (logits, state_0, ...)``; the block loop
+    unrolls at export, so the sequence length is static (dynamic in batch only)."""
+    state = ("batch", num_heads, dim // num_heads, dim // num_heads)
+    _add(name, "linear", "lm", BlockwiseLightningLM,
+         {"vocab_size": vocab_size, "dim": dim, "depth": depth, "num_heads": num_heads, "block_size": block_size},
+         (InputSpec("ids", ("batch", seq), torch.int64, vocab_size),), {"batch": 1}, ("batch",),
+         ("batch", seq, "vocab"), (state,) * depth)
+
+
 def _vlm(name: str, img_size: int, text_len: int, vocab_size: int, **kwargs: Any) -> None:
     _add(name, "mhsa", "vlm", TinyVLM, {"img_size": img_size, "vocab_size": vocab_size, **kwargs},
          (InputSpec("image", ("batch", 3, img_size, img_size)),
@@ -263,6 +277,9 @@ _sequence("linear-relu-causal-small", "linear", LinearAttention, num_heads=4, fe
 _sequence("linear-elu-causal-small", "linear", LinearAttention, num_heads=4, feature_map="elu1", causal=True,
           causal_form="cumsum")
 _sequence("lightning-small", "linear", LightningAttention, num_heads=4)
+# Lightning Attention-2's blockwise prefill loop (MiniMax-Text-01 style): 37 tokens in blocks of 16,
+# the last one partial; the loop unrolls at export, so the token count is static
+_tokens("lightning-blockwise-small", "linear", BlockwiseLightningAttention, 32, 37, num_heads=4, block_size=16)
 
 # ViT classifiers with every attention family, small (9x9 tokens) and DeiT-Tiny sized
 # (14x14 tokens); 2-D neighborhood attention has no CLS token.
@@ -291,6 +308,8 @@ _lightning_lm("lm-lightning-decode-small", 97, 3, decode=True, dim=32, depth=2, 
 # the same LM's decode step as users write it (S' = λS + kᵀv, o = q·S' per layer), which the
 # linear pass fuses; one token, so the token axis is static
 _lightning_step("lm-lightning-step-small", 97, dim=32, depth=2, num_heads=4)
+# the same LM's prefill computed blockwise (blocks of 4 over 13 tokens), each layer's final state returned
+_blockwise_lightning_lm("lm-lightning-blockwise-prefill-small", 97, 13, dim=32, depth=2, num_heads=4, block_size=4)
 
 _vlm("vlm-small", 32, 13, 97, patch_size=8, vision_dim=32, vision_depth=2, vision_heads=2, dim=32, depth=4,
      num_heads=4, max_text_len=32)

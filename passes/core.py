@@ -320,6 +320,18 @@ def depends_on_data(model: onnx.ModelProto, name: str) -> bool:
     return False
 
 
+def probe_session(model: onnx.ModelProto):
+    """A one-thread CPU ONNX Runtime session for a pass's probe of ``model``, silent on failures:
+    a probe that cannot run raises, and the pass turns that into a near-miss (ONNX Runtime would
+    also log each failed run as an error line)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int, ...] = (5, 8)
                      ) -> list[dict[str, np.ndarray]]:
     """Compute tensors ``names`` with ONNX Runtime on synthetic inputs.
@@ -330,8 +342,6 @@ def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int,
     Meant for tensors that depend on input *shapes* only (see :func:`depends_on_data`):
     it is how a pass checks that a mask is causal at several sequence lengths.
     """
-    import onnxruntime as ort
-
     produced = producers(model)
     needed: set[str] = set()
     stack = list(names)
@@ -354,10 +364,7 @@ def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int,
         initializer=[i for i in src.initializer if i.name in needed])
     sub = onnx.helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     sub.functions.extend(model.functions)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = probe_session(sub)
     static = all(d.HasField("dim_value") for i in inputs for d in i.type.tensor_type.shape.dim)
     rng = np.random.default_rng(0)
     results = []

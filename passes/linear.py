@@ -43,10 +43,31 @@ state is refused rather than narrowed).
 Different feature maps on q and k are passed as the mapped tensors with the identity map.
 A normaliser ``z`` carried beside ``S`` is not fused: its division stays after the node.
 
+**Blockwise lightning attention** (Lightning Attention-2's prefill loop, as MiniMax-Text-01's
+code writes it, unrolled by the export; matched before the forms above): ``Concat`` along the
+tokens of per-block outputs ``((q_i·k_iᵀ) ⊙ M)·v_i + (q_i ⊙ λ^(j+1))·KV_i`` (the intra term
+proven as the quadratic form, the inter term any ``MatMul`` of the block's queries with a
+state; a block may lack it), ``KV_(i+1) = λ^L·KV_i + (k_i ⊙ λ^(L−1−s))ᵀv_i``, or a lone such
+block (a sequence within one block). The blocks' rows must be slices of one Q, K, V; block 0's
+state, when it reads input values, becomes the op's ``state`` (else it must be zeros), and the
+update after the last block, when the graph uses it, ``state_out``. The chain is *proven* by
+evaluation (``_prove_blockwise``): every node between Q, K, V, the state and the outputs
+must be a sum, product, cast or reshape of them (a polynomial in them), everything else it
+reads must not read input values; then it runs in float64 on random Q, K, V, state at every
+input size (two batch sizes when dynamic) and must equal the op's reference with λ read off the
+longest block's decay table, to 1e-5 of the terms' magnitude (float32-rounded tables pass, a
+wrong power of λ, a missing inter term or a wrong state update do not: a near-miss naming the
+first block that differs). The token count must not follow the input sizes: a loop unrolled for
+one length under a dynamic sequence axis is a near-miss, not fused. A recognised chain that is
+not proven stays as it is (its blocks' quadratic terms are not fused one by one). Writing the
+blocks into a preallocated output (``output[:, :, s:e] = ...``, a ``ScatterND`` chain) is not
+matched.
+
 Emits ``attnc::KernelLinearAttention(Q, K, V[, decay][, state])`` (with ``state_out`` for the
-recurrent step; contract and function body in ``attnc.plugins.linear``), and gives every
-``KernelLinearAttention`` node already in the model (fla's export-time translation, with or
-without ``state`` / ``state_out``) its function body. With ``apply(model,
+recurrent step and for a blockwise chain whose final state is used; contract and function body
+in ``attnc.plugins.linear``), and gives every ``KernelLinearAttention`` node already in the
+model (fla's export-time translation, with or without ``state`` / ``state_out``) its function
+body. With ``apply(model,
 lower_lightning_to_onnx=True)`` lightning attention (causal, identity map, no normaliser,
 decay absent or constant) becomes ONNX ``LinearAttention`` (opset 27, ``update_rule="gated"``
 with decay ``log λ``, or ``"linear"`` without decay): the matches (a recurrent step's state
@@ -55,7 +76,8 @@ model, whose ``state`` / ``state_out`` become ``past_state`` / ``present_state``
 ``[B, H, D, Dv]`` layout). The model is then converted to opset 27
 (``passes.core.convert_opset``).
 
-Tests: ``tests/passes/test_linear.py`` (and ``tests/plugins/test_linear.py`` for the op).
+Tests: ``tests/passes/test_linear.py``, ``tests/passes/test_linear_blockwise.py`` (and
+``tests/plugins/test_linear.py`` for the op).
 """
 
 from __future__ import annotations
@@ -69,7 +91,7 @@ from onnx import TensorProto, helper, numpy_helper
 from attnc import DOMAIN
 from attnc.passes.core import (Match, NearMiss, PassReport, canonical_einsum, constant_value, consumers,
                                convert_opset, default_opset, depends_on_data, evaluate_tensors,
-                               named_copy, node_attribute, producers, remove_dead_nodes,
+                               named_copy, node_attribute, probe_session, producers, remove_dead_nodes,
                                scalar_constant, toposort, value_shapes, value_shapes_and_types)
 from attnc.plugins import attach_function_bodies
 from attnc.plugins import linear as plugin
@@ -86,7 +108,7 @@ class _Miss(Exception):
 @dataclass
 class _Candidate:
     anchor: str
-    form: str                     # "right" | "quadratic" | "cumsum" | "recurrent"
+    form: str                     # "right" | "quadratic" | "cumsum" | "recurrent" | "blockwise"
     nodes: list[str]
     q: str
     k: str
@@ -103,6 +125,7 @@ class _Candidate:
     state: str | None = None      # recurrent form: the state before the step ...
     state_out: str | None = None  # ... and after it (the tensor name the graph keeps)
     state_type: int = TensorProto.FLOAT  # their element type; others are cast to/from float32
+    mask: str | None = None       # quadratic form: the decay table M multiplying q·kᵀ (None: none / a keep mask)
 
 
 def find(model: onnx.ModelProto) -> PassReport:
@@ -176,6 +199,7 @@ class _Graph:
         self.cons = consumers(model)
         self.shapes, self.types = value_shapes_and_types(model)
         self._scalars: dict[str, float | None] = {}
+        self.claimed: set[str] = set()   # nodes of near-misses no other matcher may take apart
 
     def op(self, t, *types):
         node = self.prod.get(t)
@@ -210,7 +234,10 @@ class _Graph:
 
 def _candidates(model, report) -> list[_Candidate]:
     g = _Graph(model)
-    found, used = [], set()
+    found, used = _blockwise_candidates(g, report), set()
+    for cand in found:
+        used.update(cand.nodes)
+    used.update(g.claimed)
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Einsum") or node.name in used:
             continue
@@ -382,6 +409,7 @@ def _match_quadratic(g: _Graph, mm) -> _Candidate | None:
                       mm.output[0], parts["fm"], scale=scale * parts["scale"])
     if keep is not None or weight is not None:
         _prove_mask(g, cand, keep, keep_inverted, weight, x)
+        cand.mask = weight
     _normaliser(g, cand, lambda den: _rowsum_den(g, den, masked))
     return cand
 
@@ -750,6 +778,407 @@ def _unsqueezed_outer(g: _Graph, t: str):
     return mul, uk, uv
 
 
+# ----------------------------------------------------------------------------- blockwise (chunked) prefill
+
+_BLOCKWISE = ("matched blockwise lightning attention (per block: intra ((q_i·k_iᵀ) ⊙ M)·v_i + inter "
+              "(q_i ⊙ λ^(j+1))·KV)")
+# Ops a tensor computed from Q, K, V or the state may go through inside a proven block chain, with
+# the inputs that must not read them (shapes, indices, divisors, conditions): the chain is then a
+# polynomial in Q, K, V and the state, so agreeing with the op on random inputs proves it equal.
+_POLYNOMIAL_OPS = {
+    "MatMul": (), "Mul": (), "Add": (), "Sub": (), "Neg": (), "Identity": (), "Transpose": (), "Concat": (),
+    "Einsum": (), "Cast": (), "CastLike": (), "Div": (1,), "Slice": (1, 2, 3, 4), "Reshape": (1,),
+    "Unsqueeze": (1,), "Squeeze": (1,), "Expand": (1,), "Split": (1,), "Tile": (1,), "Flatten": (),
+    "Gather": (1,), "ReduceSum": (1,), "Where": (0,), "ScatterND": (1,),
+}
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+# The region is evaluated in float64; its decay tables may hold float32-rounded λ^t (a constant-folded
+# export), which the op's λ^t can only match to float32 precision. A wrong power of λ < 1 - 1e-4 shifts
+# a term by more than this.
+_BLOCKWISE_RTOL = 1e-5
+
+
+@dataclass
+class _Block:
+    out: str                      # the block's output rows (a Concat input)
+    intra: _Candidate             # ((q_i·k_iᵀ) ⊙ M)·v_i as the quadratic matcher proved it
+    inter: onnx.NodeProto | None  # MatMul(q_i ⊙ λ^(j+1), KV), None when the block has none
+    kv: str | None                # the state the inter term reads
+    nodes: list[str]
+
+
+def _blockwise_candidates(g: _Graph, report: PassReport) -> list[_Candidate]:
+    """Unrolled blockwise lightning attention (Lightning Attention-2's prefill loop) -> one node each.
+
+    Anchors: a ``Concat`` on the token axis whose inputs are blocks (at least one with an
+    inter-block term), then a lone block ``intra + inter`` (a sequence within one block). A chain
+    recognised but not proven is a near-miss whose nodes stay as they are (claimed, so the
+    quadratic matcher does not fuse its intra-block terms one by one).
+    """
+    found, used = [], set()
+    anchors = [n for n in g.model.graph.node if n.op_type == "Concat" and g.rank(n.output[0]) in (4, None)
+               and node_attribute(n, "axis", None) in (2, -2)]
+    anchors += [n for n in g.model.graph.node if n.op_type == "Add"]
+    for node in anchors:
+        if node.name in used or node.name in g.claimed:
+            continue
+        recognised: list[str] = []
+        try:
+            blocks = _chain(g, node, recognised)
+            if blocks is None:
+                continue
+            cand = _blockwise(g, node, blocks)
+        except _Miss as miss:
+            report.near_misses.append(NearMiss(FAMILY, node.name, str(miss)))
+            g.claimed.update(recognised)
+            continue
+        if used & set(cand.nodes):
+            continue
+        used.update(cand.nodes)
+        found.append(cand)
+    return found
+
+
+def _chain(g: _Graph, anchor, recognised: list[str]) -> list[_Block] | None:
+    """The blocks ``anchor`` concatenates (or the one block it is), None when it is not such a chain;
+    the nodes of the blocks it recognised go to ``recognised`` (for a near-miss to claim)."""
+    inputs = list(anchor.input) if anchor.op_type == "Concat" else [anchor.output[0]]
+    if anchor.op_type == "Add" and any(c.op_type == "Concat" for c in g.cons.get(anchor.output[0], [])):
+        return None  # one block of a chain whose Concat was no anchor: not a whole sequence
+    blocks: list[_Block | _Miss | None] = []
+    for t in inputs:
+        try:
+            blocks.append(_block(g, t))
+        except _Miss as miss:
+            blocks.append(miss)
+    whole = [b for b in blocks if isinstance(b, _Block)]
+    if not any(b.inter is not None for b in whole) or (anchor.op_type == "Add" and len(whole) != 1):
+        if anchor.op_type == "Concat" and len(inputs) > 1 and any(isinstance(b, _Miss) for b in blocks):
+            _refuse_if_unrolled(g, inputs)   # why its decay tables do not fit: a dynamic length
+        return None
+    recognised.extend([anchor.name] + [name for b in whole for name in b.nodes])
+    if any(isinstance(b, _Miss) for b in blocks):
+        _refuse_if_unrolled(g, inputs)
+    for i, b in enumerate(blocks):
+        if isinstance(b, _Miss):
+            raise _Miss(f"{_BLOCKWISE}, but block {i}'s intra-block term is not proven: {b}")
+        if b is None:
+            raise _Miss(f"{_BLOCKWISE}, but Concat input {i} ({inputs[i]}) is not a block: neither "
+                        "((q_i·k_iᵀ) ⊙ M)·v_i nor that plus an inter-block term")
+    return blocks
+
+
+def _refuse_if_unrolled(g: _Graph, inputs: list[str]) -> None:
+    """A near-miss when the rows the blocks slice (the first token-axis ``Slice`` above ``inputs``)
+    have a token count that follows the input sizes: a loop unrolled for one length."""
+    stack, seen = [(t, 0) for t in inputs], set()
+    while stack:
+        t, depth = stack.pop()
+        node = g.op(t)
+        if node is None or t in seen or depth > 6:
+            continue
+        seen.add(t)
+        if node.op_type == "Slice" and g.rank(node.input[0]) == 4 and depends_on_data(g.model, node.input[0]):
+            probe = helper.make_node("Shape", [node.input[0]], [node.input[0] + "/attnc_shape"])
+            g.model.graph.node.append(probe)
+            try:
+                counts = sorted({int(run[probe.output[0]][2]) for run in evaluate_tensors(g.model, [probe.output[0]],
+                                                                                          sizes=(2, 3))})
+            except Exception:  # noqa: BLE001 - not evaluable: no verdict on the length
+                return
+            finally:
+                g.model.graph.node.remove(probe)
+            if len(counts) > 1:
+                _unrolled(node.input[0], " / ".join(map(str, counts)) + " tokens at different input sizes",
+                          inputs)
+            return
+        stack.extend((i, depth + 1) for i in node.input if i)
+
+
+def _strip_casts(g: _Graph, t: str) -> str:
+    while (node := g.op(t, "Cast", "Identity")) is not None:
+        if node.op_type == "Cast" and node_attribute(node, "to", 0) not in _FLOAT_TYPES:
+            break
+        t = node.input[0]
+    return t
+
+
+def _block(g: _Graph, t: str) -> _Block | None:
+    """``intra`` or ``intra + inter`` (either order, through float Casts) for one block's rows."""
+    t = _strip_casts(g, t)
+    node = g.op(t, "MatMul", "Add")
+    if node is None:
+        return None
+    if node.op_type == "MatMul":
+        intra = _intra(g, node)
+        return None if intra is None else _Block(t, intra, None, None, list(intra.nodes))
+    for side in (0, 1):
+        mm = g.op(_strip_casts(g, node.input[side]), "MatMul")
+        other = g.op(_strip_casts(g, node.input[1 - side]), "MatMul")
+        if mm is None or other is None:
+            continue
+        intra = _intra(g, mm)
+        if intra is None:
+            continue
+        # inter: MatMul(a, KV) where a is computed from the block's queries (q_i ⊙ λ^(j+1))
+        if not _reaches(g, other.input[0], intra.q, depth=4):
+            return None
+        return _Block(t, intra, other, other.input[1], list(intra.nodes) + [node.name, other.name])
+    return None
+
+
+def _intra(g: _Graph, mm) -> _Candidate | None:
+    cand = _match_quadratic(g, mm)
+    if cand is None or cand.normalize or cand.k_perm is not None or cand.feature_map != "identity":
+        return None
+    return cand
+
+
+def _reaches(g: _Graph, t: str, target: str, depth: int) -> bool:
+    if t == target:
+        return True
+    node = g.op(t)
+    return depth > 0 and node is not None and any(_reaches(g, i, target, depth - 1) for i in node.input if i)
+
+
+def _slice_source(g: _Graph, t: str) -> str:
+    node = g.op(t, "Slice")
+    return t if node is None else node.input[0]
+
+
+def _blockwise(g: _Graph, anchor, blocks: list[_Block]) -> _Candidate:
+    """The fused candidate for a chain of blocks, proven by :func:`_prove_blockwise`."""
+    out = anchor.output[0]
+    sources = {}
+    for role in ("q", "k", "v"):
+        tensors = [getattr(b.intra, role) for b in blocks]
+        found = {_slice_source(g, t) for t in tensors}
+        if len(found) != 1 or (len(blocks) > 1 and found == {tensors[0]}):
+            raise _Miss(f"{_BLOCKWISE}, but the blocks' {role.upper()} rows are not slices of one tensor")
+        sources[role] = found.pop()
+    scales = {b.intra.scale for b in blocks}
+    if len(scales) != 1:
+        raise _Miss(f"{_BLOCKWISE}, but the blocks scale q·kᵀ differently ({sorted(scales)})")
+    q, k, v = sources["q"], sources["k"], sources["v"]
+    n = (g.shapes.get(q) or [None] * 3)[2]
+    if isinstance(n, str) and n in _input_dim_names(g.model):
+        _unrolled(q, n, blocks)
+    state = blocks[0].kv if blocks[0].inter is not None else None
+    if state is not None and not depends_on_data(g.model, state):
+        state = None      # zeros (proven below), or not the op's state at all: the proof says which
+    if state is not None and g.types.get(state) != TensorProto.FLOAT:
+        raise _Miss(f"{_BLOCKWISE}, but the initial state {state} is not float32 (the op's state)")
+    state_out = _final_state(g, blocks[-1])
+    nodes, lam = _prove_blockwise(g, out, state_out, [t for t in (q, k, v, state) if t], blocks,
+                                  blocks[0].intra.scale)
+    heads = len(lam)
+    cand = _Candidate(anchor.name, "blockwise", nodes, q, k, None, v, out, "identity", causal=True,
+                      scale=blocks[0].intra.scale, heads=heads, state=state, state_out=state_out)
+    if any(abs(d - 1.0) > 1e-7 for d in lam):
+        cand.decay = lam
+    return cand
+
+
+def _unrolled(q: str, n, blocks: list) -> None:
+    raise _Miss(f"{_BLOCKWISE}, but the token axis of {q}, which the blocks slice, is dynamic ({n}): the "
+                f"export unrolled its {len(blocks)} block(s) for one sequence length, so a fused node would be "
+                "right only there; export with a static sequence length")
+
+
+def _final_state(g: _Graph, last: _Block) -> str | None:
+    """``λ^L·KV + (k ⊙ λ^(L−1−s))ᵀ v`` after the last block when the graph uses it (returned,
+    read on): the node's ``state_out``; None when it is not computed or nothing reads it."""
+    if last.kv is None:
+        return None
+    updates = []
+    for mul in g.cons.get(last.kv, []):
+        if mul.op_type != "Mul":
+            continue
+        for add in g.cons.get(mul.output[0], []):
+            if add.op_type == "Add" and g.op(_strip_casts(g, add.input[1 - list(add.input).index(mul.output[0])]),
+                                             "MatMul") is not None:
+                updates.append(add.output[0])
+    outputs = {o.name for o in g.model.graph.output}
+    used = [u for u in updates if u in outputs or g.cons.get(u)]
+    if len(used) != 1:
+        return None
+    if g.types.get(used[0]) != TensorProto.FLOAT:
+        raise _Miss(f"{_BLOCKWISE}, but the final state {used[0]} is not float32 (the op's state_out)")
+    return used[0]
+
+
+def _prove_blockwise(g: _Graph, out: str, state_out: str | None, stops: list[str], blocks: list[_Block],
+                     scale: float) -> tuple[list[str], list[float]]:
+    """Proves that the nodes computing ``out`` (and ``state_out``) from ``stops`` = Q, K, V (and the
+    state) are lightning attention; returns them (the data path) and λ per head.
+
+    The region between them is cut out of the graph, every tensor it reads besides Q, K, V and the
+    state must not read input values (constants, shapes: those are evaluated on the model), and every
+    node on the data path must be polynomial in the data (:data:`_POLYNOMIAL_OPS`). The region then
+    runs in float64 on random Q, K, V (and state), twice at each input size (two batch sizes when
+    dynamic), against :func:`attnc.plugins.linear.reference` with λ read off the longest block's decay
+    table; a polynomial that agrees on random points is that polynomial. Differences must stay below
+    ``1e-5`` of the terms' magnitude (the same reference on |Q|, |K|, |V|), which float32-rounded
+    decay tables meet and a wrong power of λ, a dropped term or a different state do not.
+    """
+    model = g.model
+    index = {n.name: i for i, n in enumerate(model.graph.node)}
+    inits = {i.name: i for i in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input}
+    masks = list(dict.fromkeys(b.intra.mask for b in blocks if b.intra.mask))
+    wanted = [out, *([state_out] if state_out else []), *dict.fromkeys(b.out for b in blocks)]
+    region, side, seen = {}, [], set(stops)
+    stack = wanted + masks
+    while stack:
+        t = stack.pop()
+        if not t or t in seen:
+            continue
+        seen.add(t)
+        if t in inits:
+            continue
+        node = g.prod.get(t)
+        if node is None or node.op_type in ("Shape", "Size"):
+            if node is None and t in inputs:
+                raise _Miss(f"{_BLOCKWISE}, but it reads the input {t} besides Q, K, V and the state")
+            side.append(t)
+            continue
+        region[node.name] = node
+        stack.extend(node.input)
+    nodes = sorted(region.values(), key=lambda n: index[n.name])
+    data = set(stops)
+    for node in nodes:
+        if not any(i in data for i in node.input):
+            continue
+        allowed = _POLYNOMIAL_OPS.get(node.op_type)
+        bad_input = allowed is not None and any(node.input[i] in data for i in allowed if i < len(node.input))
+        if allowed is None or bad_input or (node.op_type == "Cast" and node_attribute(node, "to", 0)
+                                             not in _FLOAT_TYPES):
+            raise _Miss(f"{_BLOCKWISE}, but node {node.name} ({node.op_type}) computes on Q, K, V or the state "
+                        "in a way the proof does not cover (only sums, products, casts and reshapes)")
+        data.update(node.output)
+    side = [t for t in side if t not in data]
+    if any(depends_on_data(model, t) for t in side):
+        raise _Miss(f"{_BLOCKWISE}, but the chain reads input values besides Q, K, V and the state")
+    try:
+        runs = evaluate_tensors(model, stops + side, sizes=(2, 3))
+        types = {t: TensorProto.DOUBLE for t in stops}
+        types.update({t: (TensorProto.DOUBLE if np.issubdtype(runs[0][t].dtype, np.floating)
+                          else helper.np_dtype_to_tensor_dtype(runs[0][t].dtype)) for t in side})
+        tables = {m: numpy_helper.to_array(inits[m]).astype(np.float64) for m in masks if m in inits}
+        outputs = wanted + [m for m in masks if m not in tables]
+        session = _float64_session(model, nodes, types, outputs, inits)
+    except Exception as exc:  # noqa: BLE001 - any failure means "cannot prove"
+        raise _Miss(f"{_BLOCKWISE}, but it could not be evaluated: {str(exc).splitlines()[0][:200]}") from None
+    lengths = sorted({run[stops[0]].shape[2] for run in runs})
+    if len(lengths) > 1:   # Q's token axis follows the input sizes: not the length the loop unrolled for
+        _unrolled(stops[0], " / ".join(map(str, lengths)) + " tokens at different input sizes", blocks)
+    rng = np.random.default_rng(0)
+    lam = None
+    for run in runs:
+        for _ in range(2):
+            feeds = {t: rng.standard_normal(np.shape(run[t])) for t in stops}
+            feeds.update({t: np.asarray(run[t]).astype(np.float64 if types[t] == TensorProto.DOUBLE
+                                                       else np.asarray(run[t]).dtype) for t in side})
+            try:
+                got = {**tables, **dict(zip(outputs, session.run(outputs, feeds)))}
+                if lam is None:   # from the longest block's table: the most powers of λ, rounded once each
+                    longest = max(blocks, key=lambda b: got[b.out].shape[2])
+                    lam = _decay_from_table(got[longest.intra.mask] if longest.intra.mask else None,
+                                            feeds[stops[0]].shape[1], got[longest.out].shape[2])
+                _compare_blockwise(got, feeds, stops, out, state_out, blocks, lam, scale)
+            except _Miss:
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. shapes the op's reference refuses: no proof
+                raise _Miss(f"{_BLOCKWISE}, but it is not the op on [B, H, N, D] rows and a [B, H, D, Dv] "
+                            f"state: {str(exc).splitlines()[0][:200]}") from None
+    return [n.name for n in nodes if any(o in data for o in n.output)], lam
+
+
+def _decay_from_table(table: np.ndarray | None, heads: int, n: int) -> list[float]:
+    """λ per head from a block's causal decay table ``M[h, t, s] = λ^(t−s)`` (``n`` tokens; None:
+    λ = 1): ``M[h, t, 0]^(1/t)`` at the largest ``t`` whose entry is a normal float32 (a float32
+    table rounds each λ^t once, so the root of a high power is the closest λ)."""
+    if table is None or n < 2:
+        return [1.0] * heads
+    while table.ndim > 3:
+        table = table[0]
+    table = np.broadcast_to(table, (heads, n, n))
+    lam = []
+    for h in range(heads):
+        col = table[h, :, 0]
+        ok = [t for t in range(1, n) if col[t] >= 1e-30]
+        lam.append(float(col[ok[-1]] ** (1.0 / ok[-1])) if ok else 1.0)
+    return lam
+
+
+def _compare_blockwise(got, feeds, stops, out, state_out, blocks, lam, scale) -> None:
+    import torch
+
+    q, k, v = (torch.from_numpy(feeds[t]) for t in stops[:3])
+    s0 = torch.from_numpy(feeds[stops[3]]) if len(stops) > 3 else None
+    decay = torch.tensor(lam, dtype=torch.float64)
+    kwargs = dict(feature_map="identity", causal=1, normalize=0, eps=0.0, scale=scale, return_state=True)
+    ref, ref_state = (x.numpy() for x in plugin.reference(q, k, v, decay, s0, **kwargs))
+    mag, mag_state = (x.numpy() for x in plugin.reference(q.abs(), k.abs(), v.abs(), decay,
+                                                          None if s0 is None else s0.abs(), **kwargs))
+    o = got[out]
+    if o.shape != ref.shape:
+        raise _Miss(f"{_BLOCKWISE}, but its output has shape {list(o.shape)}, not Q's rows [B, H, N, Dv] = "
+                    f"{list(ref.shape)}: the blocks do not cover the sequence once")
+    bad = np.abs(o - ref) > _BLOCKWISE_RTOL * mag + 1e-12
+    if bad.any():
+        row = int(np.argwhere(bad)[0][2])
+        start = 0
+        for i, b in enumerate(blocks):
+            length = got[b.out].shape[2]
+            if row < start + length:
+                break
+            start += length
+        err = float(np.max(np.abs(o - ref)[..., start:start + length, :] / (mag[..., start:start + length, :]
+                                                                             + 1e-300)))
+        hint = " (it has no inter-block term)" if blocks[i].inter is None and (i > 0 or s0 is not None) else ""
+        raise _Miss(f"{_BLOCKWISE}, but block {i} (tokens {start}-{start + length - 1}){hint} differs from "
+                    f"lightning attention with λ = {[round(x, 6) for x in lam]} by up to {err:.2g} of its terms' "
+                    "magnitude: a decay power, the inter-block term or the state it reads is not the blockwise form's")
+    if state_out is not None:
+        diff = np.abs(got[state_out] - ref_state)
+        if got[state_out].shape != ref_state.shape or (diff > _BLOCKWISE_RTOL * mag_state + 1e-12).any():
+            raise _Miss(f"{_BLOCKWISE}, but the state it returns ({state_out}) is not "
+                        "λ^N·S0 + Σ_s λ^(N−1−s) k_sᵀv_s")
+
+
+def _float64_session(model, nodes, inputs: dict[str, int], outputs: list[str], inits: dict):
+    """An ONNX Runtime session computing ``outputs`` from ``inputs`` (name -> element type) with
+    ``nodes``, every float tensor (initializers, constants, casts) widened to float64."""
+
+    def wide(tensor):
+        if tensor.data_type in _FLOAT_TYPES:
+            return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float64), tensor.name)
+        return tensor
+
+    converted, used = [], set()
+    for node in nodes:
+        node = onnx.NodeProto.FromString(node.SerializeToString())
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                attr.t.CopyFrom(wide(attr.t))
+            elif attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i in _FLOAT_TYPES:
+                attr.i = TensorProto.DOUBLE
+        floats = [a for a in node.attribute if a.name in ("value_float", "value_floats")]
+        if node.op_type == "Constant" and floats:
+            value = np.asarray(helper.get_attribute_value(floats[0]), np.float64)
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value)))
+        converted.append(node)
+        used.update(node.input)
+    graph = helper.make_graph(
+        converted, "blockwise_proof",
+        [helper.make_tensor_value_info(t, elem, None) for t, elem in inputs.items()],
+        [helper.make_value_info(t, onnx.TypeProto()) for t in outputs],
+        initializer=[wide(inits[t]) for t in sorted(used) if t in inits])
+    return probe_session(helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version))
+
+
 def _normaliser(g: _Graph, cand: _Candidate, den_matcher) -> None:
     """Extend ``cand`` over ``out / (den + eps)`` when ``den`` is the matching normaliser."""
     users = g.cons.get(cand.out, [])
@@ -822,11 +1251,11 @@ def _float32_state(model, cand: _Candidate, prefix: str) -> tuple[str, str]:
     the way out, so the update itself runs in float32 and rounds once per step, as the
     model's own ``λ·S + kᵀv`` does.
     """
-    if cand.state is None:
-        return "", ""
+    if cand.state_out is None:
+        return cand.state or "", ""
     _drop_producer(model, cand.state_out)
     if cand.state_type == TensorProto.FLOAT:
-        return cand.state, cand.state_out
+        return cand.state or "", cand.state_out
     state, state_out = prefix + "/state_f32", prefix + "/state_out_f32"
     model.graph.node.extend([
         helper.make_node("Cast", [cand.state], [state], name=prefix + "/state_cast", to=TensorProto.FLOAT),
@@ -1041,4 +1470,5 @@ def _to_match(cand: _Candidate, op_type: str) -> Match:
              "eps": cand.eps, "scale": cand.scale, "form": cand.form}
     if cand.decay is not None:
         attrs["decay"] = cand.decay
-    return Match(FAMILY, op_type, cand.nodes, inputs, [cand.out] + ([cand.state_out] if cand.state else []), attrs)
+    return Match(FAMILY, op_type, cand.nodes, inputs, [cand.out] + ([cand.state_out] if cand.state_out else []),
+                 attrs)

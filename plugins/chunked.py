@@ -20,8 +20,9 @@ backend), so the form matters:
 ``C = clamp(⌈(N·D)^{1/3}⌉, 64, N)`` balances the first two terms (64 up to N = 4096 at
 D = 64, 128 at N = 32k); the sequence is padded with zero rows to a multiple of ``C`` at
 its end, which no earlier query sees. Every exponent is ≥ 0, so a strong decay underflows
-to 0 instead of overflowing. Measured (ORT 1.32 CPU, 1 thread, B = 1, H = 4, D = 64): see
-``benchmarks/RESULTS.md``.
+to 0 instead of overflowing. Up to ``SHORT`` = 128 tokens (prompts, one-token decode steps)
+an ``If`` takes the masked quadratic form instead, which has fewer ops; :func:`chunks_only`
+removes that switch (TensorRT). Measured: ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
