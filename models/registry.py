@@ -317,6 +317,12 @@ _vlm("vlm-small", 32, 13, 97, patch_size=8, vision_dim=32, vision_depth=2, visio
 # --- realistic: benchmark sizes (the DeiT-Tiny ViTs are above) ----------------------
 # NAT-Mini's first stage: 224 px / 4 -> 56x56 tokens, dim 64, 2 heads, kernel 7, RPB.
 _grid("na2d-realistic", NeighborhoodAttention2D, 64, (56, 56), num_heads=2, kernel_size=7, rpb=True)
+# One causal attention layer of an LLM (dim 512, 8 heads of 64), 2048 tokens: what the causal
+# bodies' chunks are measured on (benchmarks/bench_fusion.py), without an LM head's cost around it
+_sequence("lightning-realistic", "linear", LightningAttention, dim=512, seq=2048, num_heads=8)
+_sequence("linear-causal-realistic", "linear", LinearAttention, dim=512, seq=2048, num_heads=8, feature_map="elu1",
+          causal=True, causal_form="masked")
+_sequence("flow-causal-realistic", "flow", FlowAttention, dim=512, seq=2048, num_heads=8, causal=True)
 _grid("na2d-gather-realistic", NeighborhoodAttention2D, 64, (56, 56), num_heads=2, kernel_size=7, rpb=True,
       impl="gather")
 # video: 8 frames of 14x14 tokens, kernel 3x7x7 (NATTEN 3-D, no RPB)
