@@ -473,21 +473,35 @@ def _inline_ready_functions(model: onnx.ModelProto) -> None:
     """Ready attnc's function bodies for the parser's ``LocalFunctionImporter``: it looks a
     function up by name alone (onnx-tensorrt's ``importLocalFunctions`` keys them by
     ``name()``, the first one kept), so each overload gets its own name (``<op>__<overload>``)
-    and its nodes that name; and causal products always run in chunks
-    (:func:`attnc.plugins.chunked.chunks_only`)."""
-    renamed = {}
+    and its nodes that name; inputs a body never reads are dropped from it and its nodes; and
+    causal products always run in chunks (:func:`attnc.plugins.chunked.chunks_only`)."""
+    renamed, arity = {}, {}
     for index, function in enumerate(model.functions):
         if function.domain != DOMAIN:
             continue
         function = chunks_only(function)
+        # Trailing inputs the body never reads (the state of an overload without one, agent
+        # biases of the bias-free overload) go: the importer wants a node with as many inputs as
+        # its function, and RTX's rejects a node whose trailing inputs are "" ("Invalid Node").
+        read = set().union(*(set(node.input) | subgraph_inputs(node) for node in function.node))
+        while function.input and function.input[-1] not in read:
+            function.input.pop()
+        arity[(function.name, function.overload)] = len(function.input)
         if function.overload:
             renamed[(function.name, function.overload)] = function.name + _OVERLOAD_SEPARATOR + function.overload
             function.name = renamed[(function.name, function.overload)]
             function.ClearField("overload")
         model.functions[index].CopyFrom(function)
     for node in model.graph.node:
-        if node.domain == DOMAIN and (node.op_type, node.overload) in renamed:
-            node.op_type = renamed[(node.op_type, node.overload)]
+        key = (node.op_type, node.overload)
+        if node.domain != DOMAIN or key not in arity:
+            continue
+        if any(node.input[arity[key]:]):
+            raise AttncError(f"node {node.name!r} ({node.op_type}) has inputs its function body does not read",
+                             "re-run the fusion pass that made it (the node and its overload disagree)")
+        del node.input[arity[key]:]
+        if key in renamed:
+            node.op_type = renamed[key]
             node.ClearField("overload")
 
 

@@ -48,14 +48,15 @@ and no ``[H, N, N]`` mask; measured in ``benchmarks/RESULTS.md``). Before that t
 the masked quadratic form at every length, and before that prefix sums over the outer products
 (``[B, H, N, D, Dv]``, slower than both). The state adds ``(q_t·λ^{t+1}) [S0 | z0]`` to the product and
 ``(k_s·λ^{N−1−s})ᵀ [V | 1]`` (one GEMM for S_N and z_N) outside it, both in float32.
-The feature map is picked with ``LabelEncoder`` (ai.onnx.ml) on the string attribute,
-since ``Equal`` on strings needs opset 19 and attnc targets opset 17 and up; an absent
-``decay`` is detected through ``Gemm``'s optional C input (λ > 0 by contract, so a 0
-means "absent") to stay within opset 17 (``OptionalHasElement`` on tensors is 18+).
-``causal``, ``state`` and ``state_out`` select a function overload (:func:`overload_name`)
-instead of an ``If`` (ONNX Runtime 1.32 fails to inline an ``If`` nested in a constant-folded
-``If``; and it rejects a node with fewer outputs than its function, "output index 1 is out of
-range", while its function type inference fails on ``Optional`` of an absent input).
+An absent ``decay`` is detected through ``Gemm``'s optional C input (λ > 0 by contract, so
+a 0 means "absent") to stay within opset 17 (``OptionalHasElement`` on tensors is 18+).
+``feature_map``, ``causal``, ``state`` and ``state_out`` select a function overload
+(:func:`overload_name`, e.g. ``"identity_state_in_out"``) instead of branching inside one body:
+a string attribute could only be compared with ``LabelEncoder`` (ai.onnx.ml; ``Equal`` on
+strings is opset 19+), which TensorRT's parser cannot import, and ``If`` costs ONNX Runtime
+time unless it folds it (and it fails to inline an ``If`` nested in a constant-folded ``If``);
+ONNX Runtime also rejects a node with fewer outputs than its function ("output index 1 is out
+of range"), and its function type inference fails on ``Optional`` of an absent input.
 """
 
 from __future__ import annotations
@@ -96,15 +97,18 @@ def extra_outputs(input_shapes, **attrs) -> list[tuple[list, str]]:
     return [(state_shape(q, v[3], attrs.get("normalize", ATTRIBUTES["normalize"])), "float32")]
 
 
-def overload_name(has_state: bool, has_state_out: bool, causal: bool = True) -> str:
-    """The function overload for a node: non-causal (``""``), causal (``"causal"``), or causal with
-    ``state`` and/or ``state_out`` (``"state"``, ``"state_out"``, ``"state_in_out"``)."""
+def overload_name(has_state: bool, has_state_out: bool, causal: bool = True, feature_map: str = "elu1") -> str:
+    """The function overload for a node: its feature map, then nothing (non-causal), ``causal``,
+    or causal with ``state`` and/or ``state_out`` (``state``, ``state_out``, ``state_in_out``),
+    e.g. ``"relu"``, ``"identity_causal"``, ``"elu1_state_in_out"``."""
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
     if not causal:
         if has_state or has_state_out:
             raise ValueError("state / state_out need causal=1")
-        return ""
-    return {(False, False): "causal", (True, False): "state", (False, True): "state_out",
-            (True, True): "state_in_out"}[(bool(has_state), bool(has_state_out))]
+        return feature_map
+    return feature_map + {(False, False): "_causal", (True, False): "_state", (False, True): "_state_out",
+                          (True, True): "_state_in_out"}[(bool(has_state), bool(has_state_out))]
 
 
 def feature(x: torch.Tensor, feature_map: str) -> torch.Tensor:
@@ -184,8 +188,11 @@ def add_to_model(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
         node.output.pop()  # ORT wants a node's outputs to match its function's
     has_state, has_state_out = _has(node.input, 4), _has(node.output, 1)
     causal = bool(node_attribute(node, "causal", ATTRIBUTES["causal"]))
-    node.overload = overload_name(has_state, has_state_out, causal)
-    add_function(model, function_proto(max(default_opset(model), OPSET), has_state, has_state_out, causal))
+    feature_map = node_attribute(node, "feature_map", ATTRIBUTES["feature_map"])
+    feature_map = feature_map.decode() if isinstance(feature_map, bytes) else feature_map
+    node.overload = overload_name(has_state, has_state_out, causal, feature_map)
+    add_function(model, function_proto(max(default_opset(model), OPSET), has_state, has_state_out, causal,
+                                       feature_map))
 
 
 def make_node(inputs, outputs, name, **attrs) -> onnx.NodeProto:
@@ -225,7 +232,7 @@ def make_node(inputs, outputs, name, **attrs) -> onnx.NodeProto:
         raise ValueError("state / state_out need causal=1: non-causal linear attention has no recurrent "
                          "state (drop them, or set causal=1)")
     node = helper.make_node(OP_TYPE, inputs, outputs, name=name, domain=DOMAIN, **full)
-    node.overload = overload_name(has_state, has_state_out, bool(full["causal"]))
+    node.overload = overload_name(has_state, has_state_out, bool(full["causal"]), full["feature_map"])
     return node
 
 
@@ -240,8 +247,9 @@ def _const(name, value, dtype=TensorProto.FLOAT):
 
 
 def function_proto(opset: int = OPSET, has_state: bool = False, has_state_out: bool = False,
-                   causal: bool = False) -> onnx.FunctionProto:
-    """The op's body in standard ONNX, plus ai.onnx.ml for LabelEncoder.
+                   causal: bool = False, feature_map: str = "elu1") -> onnx.FunctionProto:
+    """The op's body in standard ONNX (no ``If`` but the causal product's length switch, no
+    string or ``ai.onnx.ml`` op: TensorRT's parser inlines it too).
 
     Args:
         opset: default-domain opset the body declares; pass the model's own (17 or
@@ -250,20 +258,27 @@ def function_proto(opset: int = OPSET, has_state: bool = False, has_state_out: b
             where an op's schema changed in between (e.g. ``Constant`` at 21).
         has_state: the overload that reads input ``state``.
         has_state_out: the overload with output ``state_out``.
-        causal: the causal body (implied by ``has_state`` / ``has_state_out``). The overload,
-            not the node's ``causal`` attribute, decides which body runs: :func:`make_node` and
-            :func:`add_to_model` name the overload that matches the attribute.
+        causal: the causal body (implied by ``has_state`` / ``has_state_out``).
+        feature_map: the body's feature map.
+
+    The overload, not the node's ``causal`` and ``feature_map`` attributes, decides which body
+    runs: :func:`make_node` and :func:`add_to_model` name the overload matching the attributes.
     """
     causal = bool(causal or has_state or has_state_out)
     if opset < OPSET:
         raise ValueError(f"KernelLinearAttention's body needs opset >= {OPSET}, got {opset}")
     A = onnx.AttributeProto
     n = helper.make_node
+
+    def phi(x: str, out: str) -> list[onnx.NodeProto]:
+        if feature_map == "elu1":
+            return [n("Elu", [x], [out + "_elu"], alpha=1.0), n("Add", [out + "_elu", "one_t"], [out])]
+        return [n("Relu" if feature_map == "relu" else "Identity", [x], [out])]
+
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
     nodes = [
         # attributes as tensors
-        _attr_const("fm_name", "value_string", "feature_map", A.STRING),
-        n("LabelEncoder", ["fm_name"], ["fm_id"], domain="ai.onnx.ml",
-          keys_strings=list(FEATURE_MAPS), values_int64s=[0, 1, 2], default_int64=-1),
         _attr_const("normalize_i", "value_int", "normalize", A.INT),
         _attr_const("eps_f", "value_float", "eps", A.FLOAT),
         _attr_const("scale_f", "value_float", "scale", A.FLOAT),
@@ -275,17 +290,7 @@ def function_proto(opset: int = OPSET, has_state: bool = False, has_state_out: b
         # dtype-following constants (fp16 models): CastLike to Q
         n("CastLike", ["one", "Q"], ["one_t"]), n("CastLike", ["zero", "Q"], ["zero_t"]),
         n("CastLike", ["eps_f", "Q"], ["eps_t"]), n("CastLike", ["scale_f", "Q"], ["scale_t"]),
-        # feature maps: two sequential If nodes (not nested, see the module docstring) on
-        # conditions that are constants once ONNX Runtime inlines the function, so it folds
-        # them and runs only the chosen map's ops
-        n("Equal", ["fm_id", "i0"], ["is_elu"]), n("Equal", ["fm_id", "i1"], ["is_relu"]),
-        _if("is_elu", ["q_e", "k_e"],
-            [n("Elu", ["Q"], ["q_elu0"], alpha=1.0), n("Add", ["q_elu0", "one_t"], ["q_elu"]),
-             n("Elu", ["K"], ["k_elu0"], alpha=1.0), n("Add", ["k_elu0", "one_t"], ["k_elu"])], ["q_elu", "k_elu"],
-            [n("Identity", ["Q"], ["q_id"]), n("Identity", ["K"], ["k_id"])], ["q_id", "k_id"]),
-        _if("is_relu", ["q_phi", "kf"],
-            [n("Relu", ["Q"], ["q_relu"]), n("Relu", ["K"], ["k_relu"])], ["q_relu", "k_relu"],
-            [n("Identity", ["q_e"], ["q_other"]), n("Identity", ["k_e"], ["k_other"])], ["q_other", "k_other"]),
+        *phi("Q", "q_phi"), *phi("K", "kf"),
         n("Mul", ["q_phi", "scale_t"], ["qf"]),
         *_decay_and_positions(),
     ]
@@ -294,10 +299,11 @@ def function_proto(opset: int = OPSET, has_state: bool = False, has_state_out: b
         nodes += _state_columns()
     nodes += [
         *(_causal_nodes(has_state) if causal else _noncausal_nodes()),
+        # normalize=0 divides by one: a Where on the [B, H, N, 1] normaliser, not an If
         n("Cast", ["normalize_i"], ["is_norm"], to=TensorProto.BOOL),
-        _if("is_norm", ["O"],
-            [n("Add", ["den", "eps_t"], ["den_eps"]), n("Div", ["num", "den_eps"], ["normed"])], ["normed"],
-            [n("Identity", ["num"], ["unnormed"])], ["unnormed"]),
+        n("Add", ["den", "eps_t"], ["den_eps"]),
+        n("Where", ["is_norm", "den_eps", "one_t"], ["divisor"]),
+        n("Div", ["num", "divisor"], ["O"]),
     ]
     if has_state_out:
         nodes += _state_out(has_state)
@@ -305,18 +311,9 @@ def function_proto(opset: int = OPSET, has_state: bool = False, has_state_out: b
     outputs = list(OUTPUTS) if has_state_out else ["O"]
     return helper.make_function(
         DOMAIN, OP_TYPE, list(INPUTS), outputs, nodes,
-        [helper.make_opsetid("", opset), helper.make_opsetid("ai.onnx.ml", 2)],
-        attribute_protos=defaults, overload=overload_name(has_state, has_state_out, causal),
+        [helper.make_opsetid("", opset)],
+        attribute_protos=defaults, overload=overload_name(has_state, has_state_out, causal, feature_map),
         doc_string="attnc KernelLinearAttention; see attnc.plugins.linear")
-
-
-def _if(cond: str, outputs: list[str], then_nodes: list[onnx.NodeProto], then_outputs: list[str],
-        else_nodes: list[onnx.NodeProto], else_outputs: list[str]) -> onnx.NodeProto:
-    def branch(name, nodes, results):
-        return helper.make_graph(nodes, name, [], [helper.make_value_info(r, onnx.TypeProto()) for r in results])
-
-    return helper.make_node("If", [cond], outputs, then_branch=branch(cond + "_then", then_nodes, then_outputs),
-                            else_branch=branch(cond + "_else", else_nodes, else_outputs))
 
 
 def _attr_const(out: str, const_attr: str, ref: str, attr_type) -> onnx.NodeProto:

@@ -183,7 +183,10 @@ def test_prepare_model_strips_attnc_bodies_and_tags_plugin_nodes():
     assert node.overload == ""
     assert len(model.functions) == 2  # the caller's model is untouched
     inline, ops = trt_backend.prepare_model(model, "fp32", fused_ops="inline")
-    assert ops == [] and len(inline.functions) == 2 and len(inline.graph.node[0].input) == 6
+    # the bias-free body reads Q, K, V, A only: its function and node keep just those
+    body = next(f for f in inline.functions if f.domain == DOMAIN)
+    assert ops == [] and len(inline.functions) == 2 and list(body.input) == ["Q", "K", "V", "A"]
+    assert list(inline.graph.node[0].input) == ["q", "k", "v", "a"]
 
 
 def gated_step_model() -> onnx.ModelProto:
@@ -1125,16 +1128,17 @@ def test_inline_bodies_get_one_name_per_overload_and_run_in_chunks():
 
     model = _mixed_overloads_model()
     assert sorted((f.name, f.overload) for f in model.functions) == [
-        ("FlowAttention", ""), ("FlowAttention", "causal"), ("KernelLinearAttention", ""),
-        ("KernelLinearAttention", "causal")]
+        ("FlowAttention", ""), ("FlowAttention", "causal"), ("KernelLinearAttention", "relu"),
+        ("KernelLinearAttention", "relu_causal")]
     prepared, ops = trt_backend.prepare_model(model, "fp32", fused_ops="inline")
     assert ops == []
     names = [f.name for f in prepared.functions]
-    assert sorted(names) == ["FlowAttention", "FlowAttention__causal", "KernelLinearAttention",
-                             "KernelLinearAttention__causal"]
+    assert sorted(names) == ["FlowAttention", "FlowAttention__causal", "KernelLinearAttention__relu",
+                             "KernelLinearAttention__relu_causal"]
     assert not any(f.overload for f in prepared.functions) and not any(n.overload for n in prepared.graph.node)
     assert [n.op_type for n in prepared.graph.node] == ["FlowAttention__causal", "FlowAttention",
-                                                        "KernelLinearAttention__causal", "KernelLinearAttention"]
+                                                        "KernelLinearAttention__relu_causal",
+                                                        "KernelLinearAttention__relu"]
     assert not any(n.op_type == "If" and n.name.endswith("length_switch") for f in prepared.functions for n in f.node)
     rng = np.random.default_rng(4)
     for tokens in (5, 150):
@@ -1148,24 +1152,47 @@ def test_inline_bodies_get_one_name_per_overload_and_run_in_chunks():
             np.testing.assert_allclose(got[name], want.numpy(), rtol=1e-4, atol=1e-5, err_msg=f"{name} N={tokens}")
 
 
-@pytest.mark.tensorrt
-def test_inline_mode_builds_causal_flow_with_its_chunked_body(tmp_path):
-    """RTX 1.7's CPU build crashed on the causal body's length switch (an If); inline mode
-    builds the chunked form, for a dynamic token count."""
-    from attnc.plugins import flow
+def _inline_case(name: str):
+    """(node, input shapes, op module, profile) for :func:`test_inline_mode_builds_each_fused_op`."""
+    from attnc.plugins import agent, flow, linear, neighborhood
 
+    qkv = lambda shape: {x: shape for x in "qkv"}  # noqa: E731
+    return {
+        # the causal product's chunked form, a dynamic token count
+        "flow_causal": (flow.make_node(["q", "k", "v"], ["o"], "n", causal=1), qkv([1, 2, "n", 8]), flow,
+                        {"min_shapes": qkv((1, 2, 1, 8)), "opt_shapes": qkv((1, 2, 200, 8)),
+                         "max_shapes": qkv((1, 2, 512, 8))}),
+        # decay and a recurrent state in and out; no string attribute or ai.onnx.ml op in the body
+        "linear_state": (linear.make_node(["q", "k", "v", "decay", "state"], ["o", "state_out"], "n", causal=1,
+                                          normalize=0, feature_map="identity"),
+                         {**qkv([2, 2, 16, 32]), "decay": [2], "state": [2, 2, 32, 32]}, linear, {}),
+        # the bias-free overload: its unread bias inputs are dropped (RTX rejects trailing "" inputs)
+        "agent_nobias": (agent.make_node(["q", "k", "v", "a"], ["o"], "n"), {**qkv([2, 2, 16, 32]), "a": [2, 2, 4, 32]},
+                         agent, {}),
+        "na2d_rpb": (neighborhood.make_node(["q", "k", "v", "rpb"], ["o"], "n", kernel_size=[3, 5], dilation=[1, 2]),
+                     {**qkv([1, 2, 8, 10, 32]), "rpb": [2, 5, 9]}, neighborhood, {}),
+    }[name]
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("case", ["flow_causal", "linear_state", "agent_nobias", "na2d_rpb"])
+def test_inline_mode_builds_each_fused_op(tmp_path, case):
+    """``--fused-ops inline`` (no plugin) builds every op's body with TensorRT-RTX's parser.
+    Before: causal flow's length switch crashed the build, linear attention's body used a string
+    ``Constant`` and ``LabelEncoder``, and agent attention without biases was an "Invalid Node".
+    (fp32: RTX's CPU build targets Turing, where the float32 GEMMs these bodies keep in fp16
+    engines "are not supported".)"""
     _trt_or_skip()
-    shape = [1, 2, "n", 8]
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("q", "k", "v")]
-    node = flow.make_node(["q", "k", "v"], ["o"], "f1", causal=1)
-    model = helper.make_model(helper.make_graph([node], "causal_flow", inputs,
-                                                [helper.make_tensor_value_info("o", TensorProto.FLOAT, shape)]),
+    node, shapes, module, profile = _inline_case(case)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()]
+    outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in node.output]
+    model = helper.make_model(helper.make_graph([node], case, inputs, outputs),
                               opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(DOMAIN, 1)])
-    flow.add_to_model(model, node)
-    qkv = lambda n: {x: (1, 2, n, 8) for x in "qkv"}  # noqa: E731
-    engine = trt_backend.build(_save(model, tmp_path / "flow.onnx"), tmp_path / "out", "fp32", fused_ops="inline",
-                               min_shapes=qkv(1), opt_shapes=qkv(200), max_shapes=qkv(512))
-    assert trt_backend.describe(engine)["fused_ops"] == "inline"
+    module.add_to_model(model, node)
+    engine = trt_backend.build(_save(model, tmp_path / "m.onnx"), tmp_path / "out", "fp32", fused_ops="inline",
+                               **profile)
+    info = trt_backend.describe(engine)
+    assert info["fused_ops"] == "inline" and not info.get("plugins", {}).get("ops")
 
 
 @pytest.mark.tensorrt

@@ -106,7 +106,7 @@ def test_exported_attention_is_one_stateful_node_per_layer(compiled, exporter):
         assert len(nodes) == LAYERS
         for i, node in enumerate(nodes):
             assert node.domain == "attnc" and len(node.output) == 2 and node.output[1] == f"output_{i + 1}"
-            assert node.overload == ("state_in_out" if role == "decode" else "state_out")
+            assert node.overload == ("identity_state_in_out" if role == "decode" else "identity_state_out")
             assert (node.input[4] == f"state_{i}") if role == "decode" else len(node.input) == 4
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             assert attrs["causal"] == 1 and attrs["normalize"] == 0 and attrs["feature_map"] == b"identity"

@@ -153,8 +153,8 @@ def test_make_node_validates_and_fills_defaults():
 
 
 def test_one_function_per_overload_serves_nodes_with_different_attributes():
-    """Attribute references: three nodes, one FunctionProto per overload (non-causal, causal), each
-    node computes its own semantics."""
+    """One FunctionProto per overload (feature map, causal or not), attribute references for the
+    rest: each node computes its own semantics."""
     rng = np.random.default_rng(5)
     q, k, v = (rng.standard_normal((1, 2, 6, 4)) for _ in range(3))
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 6, 4]) for n in "QKV"]
@@ -167,8 +167,8 @@ def test_one_function_per_overload_serves_nodes_with_different_attributes():
     for node in nodes:
         plugin.add_to_model(model, node)
     onnx.checker.check_model(model)
-    assert sorted(f.overload for f in model.functions) == ["", "causal"]
-    assert [n.overload for n in nodes] == ["causal", "", "causal"]
+    assert sorted(f.overload for f in model.functions) == ["elu1", "identity_causal", "relu_causal"]
+    assert [n.overload for n in nodes] == ["relu_causal", "elu1", "identity_causal"]
     got = load(model).infer({"Q": q.astype(np.float32), "K": k.astype(np.float32), "V": v.astype(np.float32)})
     np.testing.assert_allclose(got["A"], _numpy_linear_attention(q, k, v, None, "relu", 1, 1, 1e-6, 1.0),
                                rtol=1e-4, atol=1e-5)
@@ -360,8 +360,9 @@ def test_state_contract_errors_and_overloads():
                  for i, o in ((["q", "k", "v"], ["o"]), (["q", "k", "v", "d", ""], ["o", ""]),
                               (["q", "k", "v", "", "s"], ["o"]), (["q", "k", "v", "d"], ["o", "so"]),
                               (["q", "k", "v", "", "s"], ["o", "so"]))}
-    assert list(overloads.values()) == ["causal", "causal", "state", "state_out", "state_in_out"]
-    assert plugin.make_node(["q", "k", "v"], ["o"], "n", causal=0).overload == ""
+    assert list(overloads.values()) == ["elu1_causal", "elu1_causal", "elu1_state", "elu1_state_out",
+                                        "elu1_state_in_out"]
+    assert plugin.make_node(["q", "k", "v"], ["o"], "n", causal=0, feature_map="relu").overload == "relu"
     node = plugin.make_node(["q", "k", "v", "d", ""], ["o", ""], "n", causal=1)
     assert list(node.input) == ["q", "k", "v", "d"] and list(node.output) == ["o"]
     assert plugin.extra_outputs([["B", 2, "N", 5], ["B", 2, "N", 5], ["B", 2, "N", 4]], normalize=1) == \
