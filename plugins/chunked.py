@@ -20,7 +20,7 @@ backend), so the form matters:
 ``C = clamp(⌈(N·D)^{1/3}⌉, 64, N)`` balances the first two terms (64 up to N = 4096 at
 D = 64, 128 at N = 32k); the sequence is padded with zero rows to a multiple of ``C`` at
 its end, which no earlier query sees. Every exponent is ≥ 0, so a strong decay underflows
-to 0 instead of overflowing. Up to ``SHORT`` = 128 tokens (prompts, one-token decode steps)
+to 0 instead of overflowing. Up to ``SHORT`` = 192 tokens (prompts, one-token decode steps)
 an ``If`` takes the masked quadratic form instead, which has fewer ops; :func:`chunks_only`
 removes that switch (TensorRT). Measured: ``benchmarks/RESULTS.md``.
 """
@@ -31,9 +31,9 @@ import onnx
 from onnx import TensorProto, helper
 
 MIN_CHUNK = 64
-# Up to this many tokens one masked quadratic product is faster than chunks (measured on ORT CPU:
-# 65 tokens in two 64-token chunks took twice the time, 197 tokens broke even).
-SHORT = 128
+# Up to this many tokens one masked quadratic product is faster than chunks (ORT CPU, D = 64,
+# benchmarks/bench_bodies.py: chunks 0.7-0.8x at 129 tokens, 0.9-1.0x at 197, 1.1-2.2x at 256).
+SHORT = 192
 SWITCH = "length_switch"  # the name (after the prefix) of the If choosing the short or the chunked form
 
 

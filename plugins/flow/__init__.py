@@ -193,7 +193,7 @@ def function_proto(causal: bool = False, opset: int = OPSET) -> onnx.FunctionPro
             _n("Mul", ["source_share", "normal"], "competition"),
             _n("Mul", ["V", "competition"], "v_comp"),
             # Σ_{s<=t} (q_t·k_s) v_s, thuml's causal_dot_product, in chunks and float32
-            # (attnc.plugins.chunked): one masked [L, L] product up to 128 tokens, beyond that
+            # (attnc.plugins.chunked): one masked [L, L] product up to 192 tokens, beyond that
             # chunks with a [D, Dv] state between them.
             _n("Mul", ["phi_q", "incoming_raw"], "q_weighted"),
             _n("Cast", ["q_weighted"], "q_weighted32", to=onnx.TensorProto.FLOAT),

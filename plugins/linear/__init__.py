@@ -43,7 +43,7 @@ on [0, m) and then on [m, N) with the first call's ``state_out`` as the second's
 ONNX function body (what ONNX Runtime runs): non-causal uses the associative form q(kᵀV)
 (O(N·D·Dv)); causal computes Σ_{s≤t} λ^{t−s}(q_t·k_s)[v_s | 1] in float32 (the last column is
 the normaliser) with :func:`attnc.plugins.chunked.causal_product`: one masked quadratic product
-up to 128 tokens, Lightning Attention-2's chunks beyond (O(N·C·(D+Dv)) instead of O(N²·(D+Dv)),
+up to 192 tokens, Lightning Attention-2's chunks beyond (O(N·C·(D+Dv)) instead of O(N²·(D+Dv)),
 and no ``[H, N, N]`` mask; measured in ``benchmarks/RESULTS.md``). Before that the body used
 the masked quadratic form at every length, and before that prefix sums over the outer products
 (``[B, H, N, D, Dv]``, slower than both). The state adds ``(q_t·λ^{t+1}) [S0 | z0]`` to the product and
