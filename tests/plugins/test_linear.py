@@ -128,6 +128,20 @@ def test_function_body_long_sequences_run_in_chunks(n, feature_map, normalize, w
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(expected).max()))
 
 
+def test_function_body_float16_long_sequence():
+    """fp16 Q/K/V beyond the chunk switch: the chunks run in float32, O comes back in fp16."""
+    rng = np.random.default_rng(29)
+    q, k, v = (rng.standard_normal((1, 2, 260, 16)) for _ in range(3))
+    decay = np.array([0.8, 0.995])
+    attrs = dict(feature_map="identity", causal=1, normalize=0, eps=1e-6, scale=0.25)
+    expected = _numpy_causal_vectorised(q, k, v, decay, "identity", 0, 1e-6, 0.25)
+    got = load(_model(True, 17, dtype=TensorProto.FLOAT16, **attrs)).infer(
+        {"Q": q.astype(np.float16), "K": k.astype(np.float16), "V": v.astype(np.float16),
+         "decay": decay.astype(np.float32)})["O"]
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float64), expected, rtol=2e-2, atol=2e-2 * np.abs(expected).max())
+
+
 def test_function_body_chunk_size_grows_with_the_sequence():
     """N·D > 64³ picks chunks longer than 64 tokens (here 66: N = 1100, D = 256), still exact."""
     rng = np.random.default_rng(17)
