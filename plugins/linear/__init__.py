@@ -310,10 +310,26 @@ def function_proto(opset: int = OPSET, has_state: bool = False, has_state_out: b
     defaults = [helper.make_attribute(k, v) for k, v in ATTRIBUTES.items()]
     outputs = list(OUTPUTS) if has_state_out else ["O"]
     return helper.make_function(
-        DOMAIN, OP_TYPE, list(INPUTS), outputs, nodes,
+        DOMAIN, OP_TYPE, list(INPUTS), outputs, _used_only(nodes, outputs),
         [helper.make_opsetid("", opset)],
         attribute_protos=defaults, overload=overload_name(has_state, has_state_out, causal, feature_map),
         doc_string="attnc KernelLinearAttention; see attnc.plugins.linear")
+
+
+def _used_only(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
+    """``nodes`` without those whose outputs nothing reads (the pieces the overloads share are
+    written once, for the overload that needs most of them)."""
+    read = set(outputs)
+    kept = []
+    for node in reversed(nodes):
+        if not any(o in read for o in node.output):
+            continue
+        kept.append(node)
+        read.update(node.input)
+        for attr in node.attribute:
+            for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else []:
+                read.update(i for inner in graph.node for i in inner.input)
+    return kept[::-1]
 
 
 def _attr_const(out: str, const_attr: str, ref: str, attr_type) -> onnx.NodeProto:
