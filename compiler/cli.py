@@ -228,6 +228,10 @@ def _dims(shape) -> str:
               help="Prune attention heads: a ratio in (0, 1) (0.25) or a number of heads (4).")
 @click.option("--prune-method", type=click.Choice(["activation", "weight"]), default="activation",
               show_default=True, help="How heads are scored (gradient scores: Python API).")
+@click.option("--prune-granularity", type=click.Choice(["group", "query"]), default="group", show_default=True,
+              help="Grouped-query attention: prune whole K/V groups (a K/V head with its query heads), or the "
+                   "same number of query heads inside every group, keeping all K/V heads (query; the only way "
+                   "to prune a multi-query model).")
 @click.option("--calibration", type=click.Path(dir_okay=False),
               help="Calibration inputs (.npz keyed by input name) for head scores / the exit layer.")
 @click.option("--token-exit", type=click.Choice(["static", "dynamic"]),
@@ -249,7 +253,7 @@ def _dims(shape) -> str:
               help="TensorRT: run fused nodes as attnc plugins, or inline their ONNX function bodies.")
 @_handle_errors
 def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, lower, prune_heads, prune_method,
-                calibration, token_exit, visual_tokens, exit_layer, exit_gate, min_shapes, opt_shapes,
+                prune_granularity, calibration, token_exit, visual_tokens, exit_layer, exit_gate, min_shapes, opt_shapes,
                 max_shapes, workspace, timing_cache, fused_ops) -> None:
     """Run the pass pipeline on an ONNX model and build a BACKEND artefact in OUT_DIR."""
     from attnc.compiler.pipeline import CompileOptions, compile_model
@@ -264,7 +268,8 @@ def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, lowe
     options = CompileOptions(backend=backend, precision=precision, fuse=not no_fuse,
                              families=list(families) or None,
                              lower=None if not lower else [f for f in lower if f != "none"],
-                             backend_options=backend_options, prune_heads=prune_heads, prune_method=prune_method, calibration=calibration,
+                             backend_options=backend_options, prune_heads=prune_heads, prune_method=prune_method,
+                             prune_granularity=prune_granularity, calibration=calibration,
                              token_exit=token_exit, visual_tokens=visual_tokens, exit_layer=exit_layer,
                              exit_gate=exit_gate)
     with console.status("compiling") as status:

@@ -48,6 +48,7 @@ class CompileOptions:
     # Shrink passes (docs/shrink.md); they run before fusion, on the exported graph.
     prune_heads: str | None = None      # a ratio ("0.25") or a head count ("4")
     prune_method: str = "activation"
+    prune_granularity: str = "group"    # grouped-query layers: "group" (whole K/V groups) or "query"
     calibration: str | None = None      # .npz of calibration inputs (one batch), keyed by input name
     token_exit: str | None = None       # "static" or "dynamic"
     visual_tokens: int | None = None
@@ -186,9 +187,11 @@ def _shrink(model: onnx.ModelProto, options: CompileOptions, step) -> dict:
     if options.prune_heads:
         from attnc.passes import prune_heads
 
-        step(f"pruning heads ({options.prune_heads}, {options.prune_method} scores)")
+        step(f"pruning heads ({options.prune_heads}, {options.prune_method} scores, "
+             f"{options.prune_granularity} granularity)")
         result["model"], report = prune_heads.apply(result["model"], options.prune_heads,
-                                                    calibration_feeds=calibration, method=options.prune_method)
+                                                    calibration_feeds=calibration, method=options.prune_method,
+                                                    granularity=options.prune_granularity)
         result["prune_heads"] = report.to_dict()
     return result
 

@@ -25,10 +25,16 @@ token axis and the Add of a term computed from V).
 Grouped-query attention (K/V with ``H_kv = H / g`` heads) is found from the repeat of the K/V
 heads in front of the core (``Reshape(Expand|Tile(Unsqueeze))`` next to the heads axis:
 ``repeat_kv``, ``repeat_interleave``), an ONNX ``Attention`` with fewer K/V heads, or one K/V head
-broadcast by the score ``MatMul``. Heads are still indexed per query head, but only whole groups
-are pruned (a K/V head with its ``g`` query heads; a group scores the sum of its heads' scores);
-the repeat's constant head counts are rewritten, computed ones are checked to follow the K/V
-shape.
+broadcast by the score ``MatMul``. Heads are indexed per query head; what goes is chosen by a
+``granularity``: ``"group"`` (default) prunes whole groups (a K/V head with its ``g`` query heads;
+a group scores the sum of its heads' scores), ``"query"`` keeps every K/V head and drops the same
+``r`` query heads from each group (``g -> g' = g - r``; the r-th heads to go are each group's
+r-th lowest, scored as one unit of ``H_kv`` heads), the only way to prune a multi-query layer.
+The repeat's constant head counts are rewritten; entries computed from the K/V shape are checked
+to follow it, and where the group size itself changes the Expand/Tile group entry becomes ``g'``
+and the merge Reshape's head entry the constant ``H'`` (unless it is ``-1``). A tiled repeat
+(query head ``h`` reads ``h % H_kv``) keeps that mapping by reordering the kept query heads
+slot-major in the Q projection columns and output-projection rows.
 
 Agent attention keeps heads on channel axes outside the core too: its agent tokens are Q's
 grid average-pooled per channel, and a depthwise conv of V's grid is added to the merged
@@ -73,6 +79,8 @@ from attnc.passes.core import (constant_value, consumers, depends_on_data, evalu
 log = logging.getLogger(__name__)
 
 METHODS = ("activation", "gradient", "ablation", "weight")
+# What grouped-query layers lose: whole K/V groups, or the same number of query heads in every group.
+GRANULARITIES = ("group", "query")
 # Ops that only move data or scale it by a constant: the head axis can be tracked through them.
 _SCALAR_OPS = ("Mul", "Div")
 # Elementwise ops on the Q/K/V path: passed where the other operand is constant over the heads (rotary tables).
@@ -134,8 +142,10 @@ class _Repeat:
     head_axis: int              # axis of the merged heads in the Reshape's output
     kv_major: bool              # query head h reads KV head h // g (repeat_kv), else h % H_kv (tiled)
     group: int | None           # g where the graph states it as a constant
+    group_entry: int | None = None  # index of g in the Expand's shape / Tile's repeats (known once checked)
     rewrite_expand: bool = False    # the Expand's KV-head entry is a constant H_kv (rewritten on pruning)
     rewrite_reshape: bool = False   # the Reshape's head entry is a constant H (rewritten on pruning)
+    reshape_infers: bool = False    # the Reshape's head entry is -1 (follows a new group size by itself)
 
 
 @dataclass
@@ -754,11 +764,14 @@ def _repeat_of_heads(model, reshape, head_axis: int, fixed, prod) -> tuple[_Repe
         repeats = constant_value(model, src.input[1])
         if repeats is None or any(int(r) != 1 for j, r in enumerate(repeats) if j != u):
             raise _Unrecognised(f"{src.name}: Tile repeats {repeats} are not constant or tile more than the new axis")
-        group = int(repeats[u])
+        group, group_entry = int(repeats[u]), u
     else:
         entries = _shape_entries(model, src.input[1], prod)
         group = entries[u] if entries and len(entries) == rank + 1 and isinstance(entries[u], int) else None
-    return _Repeat(src.name, reshape.name, kv_axis, head_axis, kv_major, group), x
+        # Expand broadcasts from the right: a shorter shape vector holds axis u further left.
+        length = len(entries) if entries is not None else (_shapes(model).get(src.input[1]) or [None])[0]
+        group_entry = u - (rank + 1 - length) if isinstance(length, int) and u >= rank + 1 - length else None
+    return _Repeat(src.name, reshape.name, kv_axis, head_axis, kv_major, group, group_entry), x
 
 
 def _check_repeat(model, repeat: _Repeat, heads: int, kv_heads: int, path: dict[str, int], prod) -> None:
@@ -787,6 +800,7 @@ def _check_repeat(model, repeat: _Repeat, heads: int, kv_heads: int, path: dict[
             raise _Unrecognised(f"{expand.name}: cannot tell how its KV-head entry ({entry}) follows pruning")
     entries = _shape_entries(model, nodes[repeat.reshape].input[1], prod)
     entry = entries[repeat.head_axis] if entries and repeat.head_axis < len(entries) else None
+    repeat.reshape_infers = entry == -1
     if entry == heads:
         repeat.rewrite_reshape = True
     elif entry != -1 and not follows(entry, group) and not (group == 1 and follows(entry, 1)):
@@ -1305,7 +1319,7 @@ def _attr(node, name, default=None):
 def score_heads(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, np.ndarray]],
                 method: str = "activation", torch_model=None,
                 loss_fn: Callable[[Any, dict], Any] | None = None,
-                keep: dict[int, list[int]] | None = None) -> dict[int, np.ndarray]:
+                keep: dict[int, list[int]] | None = None, granularity: str = "group") -> dict[int, np.ndarray]:
     """Importance of every head of every prunable layer (higher = more important).
 
     Args:
@@ -1317,8 +1331,9 @@ def score_heads(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, n
             over samples (Michel et al. 2019) with a unit gate per sample on each head's output
             in ``torch_model``; ``"ablation"``: the rise of the mean calibration loss when the
             head alone is gated off in ``torch_model`` (one pass over the data per head; in
-            loss units, so select with ``normalise=False``; in a grouped-query layer its whole
-            K/V group is gated off at once and each of the group's heads scores an equal share); ``"weight"``: ``‖W_o[h]‖_F`` (no data).
+            loss units, so select with ``normalise=False``; with ``granularity="group"`` a
+            grouped-query layer's whole K/V group is gated off at once and each of the group's
+            heads scores an equal share); ``"weight"``: ``‖W_o[h]‖_F`` (no data).
         torch_model: the PyTorch model the ONNX file was exported from (``"gradient"``, ``"ablation"``);
             its attention modules must expose ``num_heads`` (directly or via ``in_proj``)
             and an output projection (``proj`` / ``o_proj`` / ``out_proj``), in the graph's
@@ -1328,6 +1343,8 @@ def score_heads(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, n
             other heads are scored as already pruned — ``"activation"`` runs the model
             pruned to ``keep``, ``"gradient"`` gates them to zero — and score 0. This is
             the re-scoring step of :func:`select_heads_iteratively`.
+        granularity: the unit pruning will remove in grouped-query layers (see
+            :func:`prune_heads`): what ``keep`` may look like and what ``"ablation"`` gates off.
 
     Returns:
         ``{layer_index: scores [H]}`` keyed like :func:`find_attention_layers`.
@@ -1338,6 +1355,7 @@ def score_heads(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, n
     """
     if method not in METHODS:
         raise AttncError(f"unknown head-scoring method {method!r}", f"use one of {', '.join(METHODS)}")
+    _check_granularity(granularity)
     layers = find_attention_layers(onnx_model)
     masks = _keep_masks(layers, keep)
     if method == "weight":
@@ -1349,14 +1367,18 @@ def score_heads(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, n
         if torch_model is None or loss_fn is None:
             raise AttncError(f"{method} head scoring needs the PyTorch model and a loss function",
                              "pass torch_model= and loss_fn=, or use method='activation'")
-        torch_scores = _gradient_scores if method == "gradient" else _ablation_scores
-        scores = torch_scores(onnx_model, layers, calibration_feeds, torch_model, loss_fn, masks)
+        if method == "gradient":
+            scores = _gradient_scores(onnx_model, layers, calibration_feeds, torch_model, loss_fn, masks)
+        else:
+            scores = _ablation_scores(onnx_model, layers, calibration_feeds, torch_model, loss_fn, masks,
+                                      granularity)
         return {i: s * masks[i] for i, s in scores.items()}
     if all(m.all() for m in masks.values()):
         return _activation_scores(onnx_model, layers, calibration_feeds)
     # Score what is left on the model pruned to `keep` (kept heads stay in order), then put
     # each score back at its head's original index.
-    pruned, _ = prune_heads(onnx_model, keep={i: [int(j) for j in np.flatnonzero(m)] for i, m in masks.items()})
+    pruned, _ = prune_heads(onnx_model, keep={i: [int(j) for j in np.flatnonzero(m)] for i, m in masks.items()},
+                            granularity=granularity)
     left = _activation_scores(pruned, find_attention_layers(pruned), calibration_feeds)
     scores = {i: np.zeros(len(m)) for i, m in masks.items()}
     for i, m in masks.items():
@@ -1481,7 +1503,7 @@ def _torch_inputs(model, layers, torch_model) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
 
 
-def _ablation_scores(model, layers, feeds_list, torch_model, loss_fn, masks) -> dict[int, np.ndarray]:
+def _ablation_scores(model, layers, feeds_list, torch_model, loss_fn, masks, granularity) -> dict[int, np.ndarray]:
     import torch
 
     input_names = _torch_inputs(model, layers, torch_model)
@@ -1495,10 +1517,10 @@ def _ablation_scores(model, layers, feeds_list, torch_model, loss_fn, masks) -> 
 
         reference = mean_loss()
         for i, l in enumerate(layers):
-            # Grouped-query layers lose a K/V head with all its query heads, so a group is
-            # ablated as a whole; each of its heads gets an equal share of the rise, which makes
-            # the group's summed score (what select_heads ranks) the loss of pruning it.
-            units = l.kv_groups() or [[h] for h in range(l.heads)]
+            # Grouped-query layers pruned by group lose a K/V head with all its query heads, so a
+            # group is ablated as a whole; each of its heads gets an equal share of the rise, which
+            # makes the group's summed score (what select_heads ranks) the loss of pruning it.
+            units = (granularity == "group" and l.kv_groups()) or [[h] for h in range(l.heads)]
             for unit in units:
                 live = [j for j in unit if masks[l.index][j]]
                 if not live:
@@ -1558,7 +1580,7 @@ class LayerPrune:
     params_after: int
     flops_before: int | None
     flops_after: int | None
-    kv_heads_before: int | None = None   # grouped-query attention: K/V heads (whole groups pruned)
+    kv_heads_before: int | None = None   # grouped-query attention: K/V heads (groups of heads / kv_heads)
     kv_heads_after: int | None = None
 
 
@@ -1570,6 +1592,7 @@ class PruneReport:
     params_before: int
     params_after: int
     tokens: int | None
+    granularity: str = "group"   # what grouped-query layers lost: whole K/V groups or query heads in them
 
     @property
     def heads_before(self) -> int:
@@ -1592,6 +1615,7 @@ class PruneReport:
     def to_dict(self) -> dict:
         return {"pass": "prune_heads", "heads_before": self.heads_before, "heads_after": self.heads_after,
                 "params_before": self.params_before, "params_after": self.params_after, "tokens": self.tokens,
+                "granularity": self.granularity,
                 "attention_flops_before": self.attention_flops_before,
                 "attention_flops_after": self.attention_flops_after,
                 "layers": [asdict(l) for l in self.layers]}
@@ -1599,22 +1623,28 @@ class PruneReport:
 
 def select_heads(layers_heads: dict[int, int], scores: dict[int, np.ndarray], ratio: float | None = None,
                  count: int | None = None, normalise: bool = True,
-                 groups: dict[int, np.ndarray] | None = None) -> dict[int, list[int]]:
-    """Heads to keep: drop the globally lowest-scoring ones, at least one head per layer.
+                 groups: dict[int, np.ndarray] | None = None, granularity: str = "group") -> dict[int, list[int]]:
+    """Heads to keep: drop the globally lowest-scoring units, at least one unit per layer.
 
     With ``normalise`` scores are divided by their layer's L2 norm (as Michel et al. do) so
     layers with larger activations do not keep all their heads by scale alone; ``"ablation"``
     scores are loss differences, comparable across layers as they are (``normalise=False``).
 
-    ``groups`` (``{layer: [H] K/V head of each query head}``, grouped-query layers) makes a
-    layer's units its K/V groups: a group scores the sum of its query heads' scores and is
-    kept or dropped whole; each layer keeps one group.
+    ``groups`` (``{layer: [H] K/V head of each query head}``, grouped-query layers) sets a
+    layer's units. ``granularity="group"``: its K/V groups; a group scores the sum of its query
+    heads' scores and is kept or dropped whole; each layer keeps one group. ``"query"``: rank
+    slices across the groups: slice ``k`` holds each group's ``k``-th lowest-scoring query head
+    and scores their sum, so dropping ``r`` slices drops each group's ``r`` lowest heads (the
+    slices' scores only grow with ``k``, so they go in order); each group keeps one head. Layers
+    without grouping (or with one query head per K/V head) have one unit per head either way.
 
     Raises:
-        AttncError: a bad ratio or count, or a count that is not a whole number of groups.
+        AttncError: a bad ratio, count or granularity, or a count that is not a whole number of
+            units.
     """
+    _check_granularity(granularity)
     groups = groups or {}
-    units = []   # (score, layer, first head, heads)
+    units = []   # (score, layer, order within the layer, heads)
     for i, h in layers_heads.items():
         s = np.asarray(scores.get(i), dtype=np.float64)
         if s.shape != (h,):
@@ -1622,10 +1652,18 @@ def select_heads(layers_heads: dict[int, int], scores: dict[int, np.ndarray], ra
                              "score with score_heads() on the same model")
         norm = (np.linalg.norm(s) or 1.0) if normalise else 1.0
         owner = np.asarray(groups[i]) if i in groups else np.arange(h)
-        for g in dict.fromkeys(owner.tolist()):
-            members = [int(j) for j in np.flatnonzero(owner == g)]
-            units.append((float(s[members].sum()) / norm, i, members[0], members))
-    count = _prune_count(layers_heads, ratio, count, {i: [len(u[3]) for u in units if u[1] == i] for i in layers_heads})
+        members = [[int(j) for j in np.flatnonzero(owner == g)] for g in dict.fromkeys(owner.tolist())]
+        if granularity == "query" and len(members) < h:
+            if len({len(m) for m in members}) != 1:
+                raise AttncError(f"layer {i}: K/V groups of unequal sizes {[len(m) for m in members]} cannot lose "
+                                 "the same number of query heads each", "keep= the same number per group")
+            ranked = [sorted(m, key=lambda j: (s[j], j)) for m in members]
+            members = [sorted(column) for column in zip(*ranked)]
+            units += [(float(s[m].sum()) / norm, i, k, m) for k, m in enumerate(members)]
+        else:
+            units += [(float(s[m].sum()) / norm, i, m[0], m) for m in members]
+    sizes = {i: [len(u[3]) for u in units if u[1] == i] for i in layers_heads}
+    count = _prune_count(layers_heads, ratio, count, sizes, granularity)
     units.sort(key=lambda u: u[:3])
     left = {i: sum(u[1] == i for u in units) for i in layers_heads}
     dropped: set[tuple[int, int]] = set()
@@ -1636,41 +1674,50 @@ def select_heads(layers_heads: dict[int, int], scores: dict[int, np.ndarray], ra
             dropped.update((i, j) for j in members)
             left[i] -= 1
     if len(dropped) != count:
-        raise AttncError(f"cannot prune exactly {count} heads in whole K/V groups (grouped-query layers "
-                         f"drop a K/V head with all its query heads)",
-                         f"prune {len(dropped)} heads, or keep= whole groups")
+        unit = ("whole K/V groups (grouped-query layers drop a K/V head with all its query heads)"
+                if granularity == "group" else "units of one query head per K/V group")
+        raise AttncError(f"cannot prune exactly {count} heads in {unit}", f"prune {len(dropped)} heads, or pass keep=")
     return {i: [j for j in range(h) if (i, j) not in dropped] for i, h in layers_heads.items()}
 
 
 def _prune_count(layers_heads: dict[int, int], ratio: float | None, count: int | None,
-                 unit_sizes: dict[int, list[int]] | None = None) -> int:
-    """Heads to remove for ``ratio`` (of all heads) or ``count``; each layer keeps one unit
-    (a head, or a K/V group of ``unit_sizes`` query heads in grouped-query layers)."""
+                 unit_sizes: dict[int, list[int]] | None = None, granularity: str = "group") -> int:
+    """Heads to remove for ``ratio`` (of all heads) or ``count``, a multiple of the units' common
+    size; each layer keeps one unit (``unit_sizes``: a head, or in grouped-query layers a K/V group
+    of query heads, or with ``granularity="query"`` one query head of each group)."""
     total = sum(layers_heads.values())
     unit_sizes = unit_sizes or {i: [1] * h for i, h in layers_heads.items()}
     unit = int(np.gcd.reduce([n for sizes in unit_sizes.values() for n in sizes]))
     most = total - sum(min(sizes) for sizes in unit_sizes.values())
+    grouped = granularity == "group" and any(n > 1 for sizes in unit_sizes.values() for n in sizes)
+    other_mode = "; or granularity='query' (--prune-granularity query) to drop query heads inside the groups" \
+        if grouped else ""
     if (ratio is None) == (count is None):
         raise AttncError("give exactly one of ratio and count", "e.g. ratio=0.25 or count=4")
     if ratio is not None:
         if not 0 < ratio < 1:
             raise AttncError(f"prune ratio must be in (0, 1), got {ratio}", "e.g. 0.25 prunes a quarter of the heads")
-        count = int(round(ratio * total / unit)) * unit   # whole K/V groups
-    if not isinstance(count, (int, np.integer)) or count < 0 or count > most:
-        raise AttncError(f"cannot prune {count} of {total} heads in {len(layers_heads)} layers",
-                         f"prune between 0 and {most} heads (each layer keeps one"
-                         + (" K/V group)" if unit > 1 else ")"))
+        count = int(round(ratio * total / unit)) * unit   # whole units
+    # most == 0: nothing can go at this granularity (a multi-query model pruned by whole groups)
+    if not isinstance(count, (int, np.integer)) or count < 0 or count > most or (ratio is not None and most == 0):
+        kept = {"group": " K/V group", "query": " query head per K/V group"}[granularity] if unit > 1 else ""
+        amount = count if ratio is None else f"a ratio {ratio:g}"
+        raise AttncError(f"cannot prune {amount} of {total} heads in {len(layers_heads)} layers",
+                         f"prune between 0 and {most} heads (each layer keeps one{kept}){other_mode}")
     if count % unit:
-        raise AttncError(f"cannot prune {count} heads: grouped-query attention prunes whole K/V groups of {unit} "
-                         "query heads", f"prune a multiple of {unit} heads, e.g. {count // unit * unit or unit} "
-                         f"or {(count // unit + 1) * unit}")
+        unit_text = (f"whole K/V groups of {unit} query heads" if granularity == "group" else
+                     f"the same number of query heads from each K/V group, in units of {unit} heads")
+        raise AttncError(f"cannot prune {count} heads: grouped-query attention prunes {unit_text}",
+                         f"prune a multiple of {unit} heads, e.g. {count // unit * unit or unit} "
+                         f"or {(count // unit + 1) * unit}{other_mode}")
     return int(count)
 
 
 def select_heads_iteratively(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, np.ndarray]],
                              ratio: float | None = None, count: int | None = None, *, step: int = 1,
                              method: str = "activation", torch_model=None,
-                             loss_fn: Callable[[Any, dict], Any] | None = None) -> dict[int, list[int]]:
+                             loss_fn: Callable[[Any, dict], Any] | None = None,
+                             granularity: str = "group") -> dict[int, list[int]]:
     """Heads to keep, pruned ``step`` at a time with re-scoring in between (Michel et al. 2019, §4).
 
     Each round scores the heads still present with the ones already dropped pruned
@@ -1684,7 +1731,9 @@ def select_heads_iteratively(onnx_model: onnx.ModelProto, calibration_feeds: lis
         onnx_model, calibration_feeds, method, torch_model, loss_fn: as for :func:`score_heads`.
         ratio, count: how many heads to remove in all, as for :func:`select_heads`.
         step: heads removed per round (``1``: re-score after every head; rounded up to whole
-            K/V groups in grouped-query models).
+            units in grouped-query models: a K/V group, or with ``granularity="query"`` one
+            query head per group).
+        granularity: ``"group"`` or ``"query"``, as for :func:`prune_heads`.
 
     Returns:
         ``{layer: [head, ...]}`` to keep, for ``prune_heads(onnx_model, keep=...)``.
@@ -1695,20 +1744,21 @@ def select_heads_iteratively(onnx_model: onnx.ModelProto, calibration_feeds: lis
     layers = find_attention_layers(onnx_model)
     layers_heads = {l.index: l.heads for l in layers}
     groups = _groups(layers)
-    sizes = _unit_sizes(layers)
-    target = _prune_count(layers_heads, ratio, count, sizes)
+    sizes = _unit_sizes(layers, granularity)
+    target = _prune_count(layers_heads, ratio, count, sizes, granularity)
     if not isinstance(step, (int, np.integer)) or step < 1:
         raise AttncError(f"step must be a whole number of heads >= 1, got {step!r}", "e.g. step=1")
     unit = int(np.gcd.reduce([n for s in sizes.values() for n in s]))
-    step = -(-step // unit) * unit   # whole K/V groups per round
+    step = -(-step // unit) * unit   # whole units per round
     keep = {i: list(range(h)) for i, h in layers_heads.items()}
     dropped = 0
     while dropped < target:
         n = min(step, target - dropped)
-        scores = score_heads(onnx_model, calibration_feeds, method, torch_model, loss_fn, keep=keep)
+        scores = score_heads(onnx_model, calibration_feeds, method, torch_model, loss_fn, keep=keep,
+                             granularity=granularity)
         left = select_heads({i: len(k) for i, k in keep.items()}, {i: scores[i][k] for i, k in keep.items()}, count=n,
                             normalise=method != "ablation",
-                            groups={i: np.asarray(g)[keep[i]] for i, g in groups.items()})
+                            groups={i: np.asarray(g)[keep[i]] for i, g in groups.items()}, granularity=granularity)
         keep = {i: [keep[i][j] for j in left[i]] for i in keep}
         dropped += n
         log.debug("select_heads_iteratively: %d of %d heads dropped, keep %s", dropped, target, keep)
@@ -1717,7 +1767,8 @@ def select_heads_iteratively(onnx_model: onnx.ModelProto, calibration_feeds: lis
 
 def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | None = None, *,
                 keep: dict[int, list[int]] | None = None, ratio: float | None = None,
-                count: int | None = None, tokens: int | None = None) -> tuple[onnx.ModelProto, PruneReport]:
+                count: int | None = None, tokens: int | None = None,
+                granularity: str = "group") -> tuple[onnx.ModelProto, PruneReport]:
     """Physically remove attention heads from an ONNX model.
 
     Args:
@@ -1728,15 +1779,23 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
         ratio: fraction of all heads to remove, in ``(0, 1)``.
         count: number of heads to remove.
         tokens: sequence length for FLOP counts when the graph's is dynamic.
+        granularity: what grouped-query layers (``H`` query heads on ``H_kv`` K/V heads, groups
+            of ``g``) lose. ``"group"``: whole K/V groups, a K/V head with its ``g`` query heads
+            (K/V projections and K/V cache shrink too). ``"query"``: every K/V head stays and each
+            group loses the same number of its query heads (``g -> g'``; K/V projections
+            untouched; a multi-query layer, ``H_kv = 1``, can only be pruned this way). Layers
+            without grouping lose single heads either way.
 
     Returns:
         ``(pruned model, PruneReport)``; ONNX Runtime runs the pruned model with the same
         inputs and outputs.
 
     Raises:
-        AttncError: no recognisable attention, a bad ratio/count, a layer pruned to zero
-            heads, head indices out of range.
+        AttncError: no recognisable attention, a bad ratio/count/granularity, a layer pruned to
+            zero heads, head indices out of range, a ``keep`` that is not whole groups / the same
+            number of query heads in every group (``"query"``: one group size for the repeat).
     """
+    _check_granularity(granularity)
     model = onnx.ModelProto()
     model.CopyFrom(onnx_model)
     name_nodes(model)
@@ -1746,7 +1805,8 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
         if scores is None:
             raise AttncError("prune_heads needs scores (with ratio or count) or keep",
                              "score heads with score_heads() first")
-        keep = select_heads({l.index: l.heads for l in layers}, scores, ratio, count, groups=_groups(layers))
+        keep = select_heads({l.index: l.heads for l in layers}, scores, ratio, count, groups=_groups(layers),
+                            granularity=granularity)
     elif ratio is not None or count is not None:
         raise AttncError("give keep or ratio/count, not both")
     for i, kept in keep.items():
@@ -1757,7 +1817,7 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
             raise AttncError(f"layer {i} would have no heads left", "keep at least one head per layer")
         if len(set(kept)) != len(kept) or not all(0 <= j < h for j in kept):
             raise AttncError(f"layer {i}: heads to keep {kept} are not distinct indices in [0, {h})")
-        _check_whole_groups(by_index[i], kept)
+        _check_groups(by_index[i], kept, granularity)
     params_before = _param_count(model)
     report_layers = []
     layer_params = {l.index: l.params(model) for l in layers}
@@ -1781,7 +1841,7 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
             l.index, l.anchor, l.core, l.heads, len(kept), kept, layer_params[l.index], new.params(model),
             layer_flops[l.index], new.flops(model, tokens=tokens), l.kv_heads if grouped else None,
             new.kv_heads if grouped else None))
-    report = PruneReport(report_layers, params_before, _param_count(model), tokens or layers[0].tokens)
+    report = PruneReport(report_layers, params_before, _param_count(model), tokens or layers[0].tokens, granularity)
     log.info("prune_heads: %d -> %d heads, %d -> %d parameters", report.heads_before, report.heads_after,
              report.params_before, report.params_after)
     return model, report
@@ -1792,23 +1852,52 @@ def _groups(layers: list[AttentionLayer]) -> dict[int, np.ndarray]:
     return {l.index: l.kv_of_head for l in layers if l.kv_of_head is not None}
 
 
-def _unit_sizes(layers: list[AttentionLayer]) -> dict[int, list[int]]:
-    """``{layer: heads in each unit pruned at once}``: K/V groups in grouped-query layers, else 1s."""
-    return {l.index: [len(g) for g in l.kv_groups() or [[h] for h in range(l.heads)]] for l in layers}
+def _unit_sizes(layers: list[AttentionLayer], granularity: str = "group") -> dict[int, list[int]]:
+    """``{layer: heads in each unit pruned at once}``: K/V groups in grouped-query layers (with
+    ``granularity="query"``: ``g`` units of one query head per group), else 1s."""
+    _check_granularity(granularity)
+    sizes = {}
+    for l in layers:
+        if granularity == "query" and l.kv_heads < l.heads:
+            sizes[l.index] = [l.kv_heads] * (l.heads // l.kv_heads)
+        else:
+            sizes[l.index] = [len(g) for g in l.kv_groups() or [[h] for h in range(l.heads)]]
+    return sizes
 
 
-def _check_whole_groups(layer: AttentionLayer, kept) -> None:
-    """Grouped-query attention prunes whole K/V groups: a K/V head goes with all its query heads."""
+def _check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise AttncError(f"unknown pruning granularity {granularity!r}", f"use one of {', '.join(GRANULARITIES)}")
+
+
+def _check_groups(layer: AttentionLayer, kept, granularity: str) -> None:
+    """What a grouped-query layer may keep: whole K/V groups (``"group"``), or every K/V head
+    with the same number of its query heads (``"query"``): the repeat of the K/V heads in front
+    of the core has one group size."""
     groups = layer.kv_groups()
     if groups is None:
         return
-    split = [g for g in groups if 0 < len(set(g) & set(kept)) < len(g)]
-    if split:
-        whole = [h for g in groups if set(g) & set(kept) for h in g]
+    g = layer.heads // layer.kv_heads
+    counts = [len(set(group) & set(kept)) for group in groups]
+    if granularity == "group" or g == 1:
+        split = [group for group, n in zip(groups, counts) if 0 < n < len(group)]
+        if split:
+            whole = [h for group, n in zip(groups, counts) if n for h in group]
+            raise AttncError(
+                f"layer {layer.index}: keeping heads {sorted(kept)} splits the K/V groups {split} (grouped-query "
+                f"attention: {layer.kv_heads} K/V heads, each read by {g} query heads)",
+                f"keep or prune whole groups, e.g. keep {whole}, or pass granularity='query' to keep every K/V "
+                "head and the same number of query heads in each group")
+        return
+    if len(set(counts)) != 1 or counts[0] == 0:
+        n = max(1, min(counts))
+        even = sorted(h for group in groups
+                      for h in ([j for j in group if j in kept] + [j for j in group if j not in kept])[:n])
         raise AttncError(
-            f"layer {layer.index}: keeping heads {sorted(kept)} splits the K/V groups {split} (grouped-query "
-            f"attention: {layer.kv_heads} K/V heads, each read by {layer.heads // layer.kv_heads} query heads)",
-            f"keep or prune whole groups, e.g. keep {whole}")
+            f"layer {layer.index}: keeping heads {sorted(kept)} keeps {counts} query heads of its K/V groups "
+            f"{groups}; granularity='query' keeps every K/V head and the same number of query heads in each group "
+            f"(one group size for the repeat of the K/V heads)",
+            f"keep e.g. {even}, or pass granularity='group' to prune whole groups")
 
 
 def _param_count(model) -> int:
@@ -1826,9 +1915,12 @@ def _param_count(model) -> int:
 def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int]) -> None:
     nodes = {n.name: n for n in model.graph.node}
     tag = f"pruned{layer.index}"
-    # Grouped-query attention: K and V keep the KV heads of the kept query heads (whole groups).
+    # Grouped-query attention: K and V keep the KV heads of the kept query heads (whole groups;
+    # all of them when query heads go inside the groups).
     kept_kv = kept if layer.kv_of_head is None else sorted({int(layer.kv_of_head[h]) for h in kept})
     role_kept = {role: kept if role == "Q" else kept_kv for role in layer.roles}
+    order = _query_order(layer, kept)
+    q_proj = layer.roles["Q"][1]
     # Input projections: one weight may serve several roles (fused qkv).
     columns: dict[str, list[np.ndarray]] = {}
     all_columns: dict[str, list[np.ndarray]] = {}
@@ -1844,6 +1936,8 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
             raise AttncError(f"layer {layer.index}: projection {proj.weight} has columns that are not "
                              "Q/K/V heads", "cannot slice it safely")
         cols = np.sort(np.concatenate(columns[mm]))
+        if mm == q_proj.matmul:
+            cols = _reordered(cols, q_proj.columns, kept, order)
         _replace_input(model, nodes[mm], 1, w[:, cols], f"{proj.weight}.{tag}")
         if proj.bias:
             b = constant_value(model, proj.bias)
@@ -1855,21 +1949,34 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
         rest = list(split.rest)
         rest[split.head_pos] = len(role_kept[role])
         _set_reshape(model, nodes[split.node], split.lead, rest, tag)
-    for repeat in layer.repeats:  # constant head counts of repeat_kv; computed ones follow the K/V shapes
-        group = layer.heads // layer.kv_heads
-        if repeat.rewrite_expand:
-            _set_shape_entries(model, nodes[repeat.expand], {repeat.kv_axis: len(kept_kv)}, tag)
-        if repeat.rewrite_reshape:
-            _set_shape_entries(model, nodes[repeat.reshape], {repeat.head_axis: len(kept_kv) * group}, tag)
+    # The repeat of the K/V heads: constant K/V-head and head counts are rewritten, computed ones
+    # follow the K/V shapes; a new group size (query heads pruned inside the groups) is written into
+    # the Expand/Tile and, unless -1, the merge Reshape's head entry (computed as H_kv · g there).
+    group, new_group = layer.heads // layer.kv_heads, len(kept) // len(kept_kv)
+    for repeat in layer.repeats:
+        expand = nodes[repeat.expand]
+        if expand.op_type == "Tile":
+            if new_group != group:
+                repeats = constant_value(model, expand.input[1]).astype(np.int64)
+                repeats[repeat.group_entry] = new_group
+                _replace_input(model, expand, 1, repeats, f"{expand.name}.repeats.{tag}")
+        else:
+            entries = {repeat.kv_axis: len(kept_kv)} if repeat.rewrite_expand else {}
+            if new_group != group:
+                entries[repeat.group_entry] = new_group
+            if entries:
+                _set_shape_entries(model, expand, entries, tag)
+        if repeat.rewrite_reshape or (new_group != group and not repeat.reshape_infers):
+            _set_shape_entries(model, nodes[repeat.reshape], {repeat.head_axis: len(kept)}, tag)
     # Output side: merge Reshape and output-projection rows.
     _set_reshape(model, nodes[layer.out_merge.node], layer.out_merge.lead, [len(kept) * layer.value_dim], tag)
-    rows = np.sort(layer.out_proj.columns[kept].reshape(-1))
+    rows = _reordered(np.sort(layer.out_proj.columns[kept].reshape(-1)), layer.out_proj.columns, kept, order)
     w_o = constant_value(model, layer.out_proj.weight)
     _replace_input(model, nodes[layer.out_proj.matmul], 1, w_o[rows], f"{layer.out_proj.weight}.{tag}")
     for node_name, i, axis in layer.per_head_constants:
         node = nodes[node_name]
         value = layer._per_head_value(model, node.input[i])
-        _replace_input(model, node, i, np.take(value, kept, axis=axis), f"{node.input[i]}.{tag}")
+        _replace_input(model, node, i, np.take(value, order, axis=axis), f"{node.input[i]}.{tag}")
     # Agent attention outside the core: Reshapes around the pooling and the conv, conv channels.
     for split in layer.channel_reshapes:
         _set_reshape(model, nodes[split.node], split.lead, [split.rest[0] // layer.heads * len(kept), *split.rest[1:]],
@@ -1881,6 +1988,27 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
             if node.input[i]:
                 _replace_input(model, node, i, constant_value(model, node.input[i])[channels], f"{node.input[i]}.{tag}")
         next(a for a in node.attribute if a.name == "group").i = len(channels)
+
+
+def _query_order(layer: AttentionLayer, kept: list[int]) -> list[int]:
+    """The kept query heads (sorted) in the order the pruned layer holds them: the same order,
+    except under a tiled repeat (query head ``h`` reads K/V head ``h % H_kv``) where groups that
+    keep different query heads need them slot-major for ``h % H_kv`` to hold again."""
+    if layer.kv_of_head is None or np.array_equal(layer.kv_of_head,
+                                                  np.arange(layer.heads) // (layer.heads // layer.kv_heads)):
+        return kept
+    groups = [kept_heads for group in layer.kv_groups() if (kept_heads := [h for h in group if h in kept])]
+    return [group[slot] for slot in range(len(groups[0])) for group in groups]
+
+
+def _reordered(index: np.ndarray, head_index: np.ndarray, kept: list[int], order: list[int]) -> np.ndarray:
+    """``index`` (the sorted projection columns / rows of the ``kept`` heads, ``head_index[h]``
+    being head ``h``'s) with head ``order[k]``'s entries where head ``kept[k]``'s were: the heads
+    move, the layout (which positions hold head ``k`` after slicing) stays."""
+    if order == kept:
+        return index
+    moved = dict(zip(head_index[kept].reshape(-1).tolist(), head_index[order].reshape(-1).tolist()))
+    return np.array([moved.get(int(i), int(i)) for i in index])
 
 
 def _replace_input(model, node, i, value: np.ndarray, name: str) -> None:
@@ -1967,8 +2095,9 @@ def _opset(model) -> int:
 
 
 def apply(model: onnx.ModelProto, amount: str | float | int, calibration_feeds: list[dict] | None = None,
-          method: str = "activation", seed: int = 0) -> tuple[onnx.ModelProto, PruneReport]:
-    """What ``attnc compile --prune-heads RATIO|COUNT`` runs.
+          method: str = "activation", seed: int = 0,
+          granularity: str = "group") -> tuple[onnx.ModelProto, PruneReport]:
+    """What ``attnc compile --prune-heads RATIO|COUNT [--prune-granularity group|query]`` runs.
 
     Args:
         amount: a ratio in ``(0, 1)`` (``"0.25"``) or a whole number of heads (``"4"``).
@@ -1976,6 +2105,7 @@ def apply(model: onnx.ModelProto, amount: str | float | int, calibration_feeds: 
             (:func:`attnc.compiler.validate.make_inputs`, logged as a warning: random inputs
             rank heads far worse than real data).
         method: see :func:`score_heads` (``"gradient"`` needs the torch model: not from the CLI).
+        granularity: ``"group"`` or ``"query"``, see :func:`prune_heads`.
     """
     text = str(amount).strip()
     try:
@@ -1988,7 +2118,7 @@ def apply(model: onnx.ModelProto, amount: str | float | int, calibration_feeds: 
         raise AttncError(f"--prune-heads {text} prunes nothing or everything",
                          "give a ratio in (0, 1) such as 0.25, or a head count of at least 1")
     layers = find_attention_layers(model)   # a count that splits K/V groups fails here, before scoring
-    _prune_count({l.index: l.heads for l in layers}, ratio, count, _unit_sizes(layers))
+    _prune_count({l.index: l.heads for l in layers}, ratio, count, _unit_sizes(layers, granularity), granularity)
     if method != "weight" and not calibration_feeds:
         from attnc.compiler.backends.onnxruntime import load
         from attnc.compiler.validate import make_inputs
@@ -2001,5 +2131,5 @@ def apply(model: onnx.ModelProto, amount: str | float | int, calibration_feeds: 
         except AttncError:
             raise AttncError("head scoring needs inputs, and this model has symbolic dims other than batch",
                              "pass calibration inputs: --calibration inputs.npz (keyed by input name)") from None
-    scores = score_heads(model, calibration_feeds or [], method=method)
-    return prune_heads(model, scores, ratio=ratio, count=count)
+    scores = score_heads(model, calibration_feeds or [], method=method, granularity=granularity)
+    return prune_heads(model, scores, ratio=ratio, count=count, granularity=granularity)

@@ -18,6 +18,7 @@ from attnc.compiler.errors import AttncError
 from attnc.compiler.export import export_onnx
 from attnc.models.registry import get_spec
 from attnc.models.train import accuracy, fit, train_digits_vit
+from attnc.passes.core import constant_value
 from attnc.passes.prune_heads import (find_attention_layers, gates_from_keep, head_gates, prune_heads,
                                       score_heads, select_heads, select_heads_iteratively)
 
@@ -534,7 +535,9 @@ def _rotate_half(x, split):
 class _LlamaAttention(torch.nn.Module):
     """Llama's attention as transformers writes it (``modeling_llama``): q/k/v/o without bias,
     ``q·cos + rotate_half(q)·sin`` on Q and K, the K/V heads repeated to the query heads
-    (``repeat_kv``'s Unsqueeze/Expand/Reshape, or ``repeat_interleave``), a causal mask."""
+    (``repeat_kv``'s Unsqueeze/Expand/Reshape, or ``repeat_interleave``; ``tile``: the K/V heads
+    tiled, query head ``h`` reads ``h % H_kv``; ``broadcast``: not repeated, one K/V head broadcast
+    by the score MatMul), a causal mask."""
 
     def __init__(self, dim, heads, kv_heads, repeat="repeat_kv", split="slice", head_scale=False):
         super().__init__()
@@ -549,11 +552,13 @@ class _LlamaAttention(torch.nn.Module):
 
     def _repeat(self, x):
         g = self.num_heads // self.kv_heads
-        if g == 1:
+        if g == 1 or self.repeat == "broadcast":
             return x
         if self.repeat == "repeat_interleave":
             return x.repeat_interleave(g, dim=1)
         b, h, n, d = x.shape
+        if self.repeat == "tile":
+            return x[:, None].expand(b, g, h, n, d).reshape(b, g * h, n, d)
         return x[:, :, None].expand(b, h, g, n, d).reshape(b, h * g, n, d)
 
     def forward(self, x, cos, sin, mask):
@@ -726,7 +731,8 @@ def _tiny_hf_llama():
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_prunes_hf_llama_kv_groups(tmp_path, exporter):
-    """transformers' LlamaForCausalLM, 4 query heads on 2 K/V heads: RoPE, repeat_kv, causal mask."""
+    """transformers' LlamaForCausalLM, 4 query heads on 2 K/V heads: RoPE, repeat_kv, causal mask;
+    pruned by whole K/V groups, and by one query head in each group (``granularity="query"``)."""
     hf = _tiny_hf_llama()
     model = _HFLogits(hf).eval()
     path = tmp_path / f"hf-llama-{exporter}.onnx"
@@ -741,18 +747,26 @@ def test_prunes_hf_llama_kv_groups(tmp_path, exporter):
     # One K/V group per layer: 2 query heads' q columns and o rows, 1 K/V head's k and v columns.
     assert report.params_before - report.params_after == 2 * (2 * c * d + 2 * c * d + 2 * d * c)
     assert [(l.kv_heads_before, l.kv_heads_after) for l in report.layers] == [(2, 1)] * 2
+    # Query heads inside the groups: both K/V heads stay, the repeat goes from 2 to 1 per K/V head.
+    keep_q = {0: [1, 2], 1: [0, 3]}
+    pruned_q, report_q = prune_heads(onnx_model, keep=keep_q, granularity="query")
+    assert report_q.params_before - report_q.params_after == 2 * 2 * (c * d + d * c)   # q columns, o rows only
+    assert [(l.kv_heads_before, l.kv_heads_after) for l in report_q.layers] == [(2, 2)] * 2
     gen = torch.Generator().manual_seed(3)
     for shape in [(3, 11), (1, 5)]:
         ids = torch.randint(0, 64, shape, generator=gen)
-        expected = _masked_reference(model, keep, layers, (ids,))
-        got = _ort(pruned, {"x": ids.numpy()})
-        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
-        assert not np.allclose(got, _masked_reference(model, _complement(keep, layers), layers, (ids,)), atol=1e-3)
+        for kept, graph in ((keep, pruned), (keep_q, pruned_q)):
+            expected = _masked_reference(model, kept, layers, (ids,))
+            got = _ort(graph, {"x": ids.numpy()})
+            np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+            assert not np.allclose(got, _masked_reference(model, _complement(kept, layers), layers, (ids,)),
+                                   atol=1e-3)
 
 
 def test_compile_cli_prunes_kv_groups(tmp_path):
     """``attnc compile --prune-heads`` on a grouped-query model: a count of whole groups works, one
-    that splits a group is a clean error with the fix."""
+    that splits a group is a clean error with the fix; ``--prune-granularity query`` keeps every
+    K/V head."""
     from click.testing import CliRunner
 
     from attnc.compiler.cli import cli
@@ -770,6 +784,13 @@ def test_compile_cli_prunes_kv_groups(tmp_path):
     assert sorted(l["kv_heads_after"] for l in pruned["layers"]) == [1, 2]
     result = run("compile", path, "-o", tmp_path / "bad", "--prune-heads", "3")
     assert result.exit_code != 0 and "multiple of 2 heads" in result.output and "Traceback" not in result.output
+    assert "--prune-granularity query" in result.output
+    result = run("compile", path, "-o", tmp_path / "query", "--prune-heads", "2", "--prune-granularity", "query",
+                 "--calibration", tmp_path / "calib.npz")
+    assert result.exit_code == 0, result.output
+    pruned = json.loads((tmp_path / "query" / "manifest.json").read_text())["shrink"]["prune_heads"]
+    assert (pruned["heads_before"], pruned["heads_after"], pruned["granularity"]) == (8, 6, "query")
+    assert [l["kv_heads_after"] for l in pruned["layers"]] == [2, 2]
 
 
 def test_prunes_grouped_onnx_attention(tmp_path):
@@ -830,3 +851,134 @@ def test_ablation_scores_whole_kv_groups(tmp_path):
             np.testing.assert_allclose(shares, shares[0], rtol=1e-6)
             others = [h for h in range(6) if h not in group]
             np.testing.assert_allclose(shares.sum(), onnx_loss({layer: others}) - reference, rtol=1e-3, atol=1e-6)
+
+
+# --- query heads pruned inside K/V groups (granularity="query") -----------------------------
+# Every K/V head stays and each group keeps the same number g' of its query heads; the repeat of
+# the K/V heads goes from g to g'. The reference is the same gate as above: zero on the pruned
+# query heads (each kept query head still reads its own K/V head).
+
+_QUERY_CASES = {   # 8 query heads of width 4 (dim 32) on H_kv K/V heads; heads to keep, as many in each group
+    "8-on-2": (dict(kv_heads=2), {0: [1, 3, 4, 7], 1: [0, 2, 3, 5, 6, 7]}),            # repeat_kv, g 4 -> 2, 3
+    "8-on-4-interleave": (dict(kv_heads=4, repeat="repeat_interleave"), {0: [1, 2, 4, 7]}),   # g 2 -> 1
+    # query head h reads K/V head h % 2: the kept heads differ between groups, so they are reordered
+    "8-on-2-tiled": (dict(kv_heads=2, repeat="tile"), {0: [0, 3, 5, 6], 1: [1, 2, 3, 4, 6, 7]}),
+    "multi-query": (dict(kv_heads=1), {0: [2, 5], 1: [0, 1, 3, 4, 6, 7]}),             # g 8 -> 2, 6
+    "multi-query-broadcast": (dict(kv_heads=1, repeat="broadcast"), {0: [2, 5]}),      # K/V not repeated
+}
+
+
+@pytest.mark.parametrize("case, exporter", [
+    ("8-on-2", "torchscript"), ("8-on-2", "dynamo"), ("8-on-4-interleave", "torchscript"),
+    ("8-on-4-interleave", "dynamo"), ("8-on-2-tiled", "torchscript"), ("multi-query", "torchscript"),
+    ("multi-query", "dynamo"), ("multi-query-broadcast", "torchscript"),
+])
+def test_prunes_query_heads_inside_kv_groups(tmp_path, case, exporter):
+    kwargs, keep = _QUERY_CASES[case]
+    torch.manual_seed(0)
+    model = _TinyLlama(heads=8, **kwargs).eval()
+    onnx_model = _export_llama(model, tmp_path, exporter, 32)
+    layers = find_attention_layers(onnx_model)
+    assert [(l.heads, l.kv_heads) for l in layers] == [(8, kwargs["kv_heads"])] * 2
+    pruned, report = prune_heads(onnx_model, keep=keep, granularity="query", tokens=7)
+    weight = lambda graph, proj: constant_value(graph, proj.weight)   # noqa: E731
+    for l, new, r in zip(layers, find_attention_layers(pruned), report.layers):
+        kept = len(keep.get(l.index, range(8)))
+        assert (new.heads, new.kv_heads) == (r.heads_after, r.kv_heads_after) == (kept, l.kv_heads)
+        assert weight(pruned, new.roles["Q"][1]).shape == (32, kept * 4)
+        assert weight(pruned, new.out_proj).shape == (kept * 4, 32)
+        for role in "KV":   # K/V projections untouched
+            np.testing.assert_array_equal(weight(pruned, new.roles[role][1]), weight(onnx_model, l.roles[role][1]))
+        # q columns and o rows of the kept heads, all K/V columns; the core at the kept query heads
+        assert r.params_after == 32 * 4 * (kept + 2 * l.kv_heads) + kept * 4 * 32
+        assert r.flops_after == 2 * 7 * r.params_after + 2 * 7 * 7 * kept * 2 * 4
+    gen = torch.Generator().manual_seed(5)
+    for shape in [(3, 13, 32), (1, 5, 32)]:   # another batch and odd sequence lengths than the export's
+        x = torch.randn(*shape, generator=gen)
+        got = _ort(pruned, {"x": x.numpy()})
+        np.testing.assert_allclose(got, _masked_reference(model, keep, layers, (x,)), atol=1e-5, rtol=1e-5)
+        assert not np.allclose(got, _masked_reference(model, _complement(keep, layers), layers, (x,)), atol=1e-3)
+
+
+def test_select_heads_query_granularity():
+    """Dropping r units of a grouped layer drops each group's r lowest-scoring query heads; units
+    are ranked globally with the other layers' heads; a multi-query layer prunes only this way."""
+    groups = {0: np.repeat([0, 1], 4)}                          # 8 query heads on 2 K/V heads
+    scores = {0: np.array([5, 1, 3, 2, 0.5, 4, 6, 7.0])}
+
+    def select(heads=None, scores=scores, **kwargs):
+        return select_heads(heads or {0: 8}, scores, groups=groups, granularity="query", normalise=False, **kwargs)
+
+    assert select(ratio=0.25) == {0: [0, 2, 3, 5, 6, 7]}          # r = 1: heads 1 and 4 go
+    assert select(count=4) == {0: [0, 2, 6, 7]}
+    assert select(count=6) == {0: [0, 7]}                         # each group keeps one query head
+    with pytest.raises(AttncError, match="multiple of 2 heads, e.g. 2 or 4"):
+        select(count=3)
+    with pytest.raises(AttncError, match="each layer keeps one query head per K/V group"):
+        select(count=8)
+    # With a plain 2-head layer: its weak head (0.1) goes first, then the cheapest unit of layer 0.
+    assert select({0: 8, 1: 2}, {**scores, 1: np.array([0.1, 9.0])}, count=3) == {0: [0, 2, 3, 5, 6, 7], 1: [1]}
+    multi_query, scores_mq = {0: np.zeros(4, dtype=int)}, {0: np.array([3, 1, 2, 4.0])}
+    assert select_heads({0: 4}, scores_mq, count=2, groups=multi_query, granularity="query") == {0: [0, 3]}
+    with pytest.raises(AttncError, match="between 0 and 0 heads.*granularity='query'"):
+        select_heads({0: 4}, scores_mq, count=2, groups=multi_query)
+
+
+def test_query_granularity_selects_each_groups_lowest_heads(tmp_path):
+    """Scores per query head, ratio 0.25 on 2 layers of 8 query heads on 2 K/V heads: 4 heads go,
+    two units of one query head per group; ablation scores gate single query heads; iterative
+    selection keeps groups even."""
+    torch.manual_seed(0)
+    model = _TinyLlama(heads=8, kv_heads=2).eval()
+    onnx_model = _export_llama(model, tmp_path, "torchscript", 32)
+    x, target = torch.randn(4, 9, 32), torch.randn(4, 9, 32)
+    calibration = [{"x": x.numpy(), "target": target.numpy()}]
+    layers = find_attention_layers(onnx_model)
+    scores = score_heads(onnx_model, calibration)
+    pruned, report = prune_heads(onnx_model, scores, ratio=0.25, granularity="query")
+    assert report.heads_after == 12 and report.to_dict()["granularity"] == "query"
+    for l, r in zip(layers, report.layers):
+        r_per_group = (8 - r.heads_after) // 2
+        for group in l.kv_groups():
+            lowest = sorted(group, key=lambda h: scores[l.index][h])[:r_per_group]
+            assert sorted(set(group) - set(r.kept)) == sorted(lowest)
+    keep = {l.index: l.kept for l in report.layers}
+    np.testing.assert_allclose(_ort(pruned, {"x": x.numpy()}), _masked_reference(model, keep, layers, (x,)),
+                               atol=1e-5, rtol=1e-5)
+
+    def loss(output, feeds):
+        return ((output - torch.from_numpy(feeds["target"])) ** 2).mean()
+
+    ablation = score_heads(onnx_model, calibration, method="ablation", torch_model=model, loss_fn=loss,
+                           granularity="query")
+    with torch.no_grad():
+        reference = float(loss(model(x), calibration[0]))
+        for i in range(len(layers)):   # head 0 alone gated off, not its group shared out
+            with head_gates(model, {i: torch.tensor([0.0] + [1.0] * 7)}):
+                np.testing.assert_allclose(ablation[i][0], float(loss(model(x), calibration[0])) - reference,
+                                           rtol=1e-5)
+    keep = select_heads_iteratively(onnx_model, calibration, count=4, granularity="query")
+    assert sum(map(len, keep.values())) == 12
+    for l in layers:
+        assert len({len(set(group) & set(keep[l.index])) for group in l.kv_groups()}) == 1
+
+
+def test_query_granularity_refusals(tmp_path):
+    """Keeps the repeat cannot express (one group size for all K/V heads) are refused with the
+    fix; the default granularity says when "query" would do."""
+    torch.manual_seed(0)
+    onnx_model = _export_llama(_TinyLlama(heads=8, kv_heads=2).eval(), tmp_path, "torchscript", 32)
+    with pytest.raises(AttncError, match=r"keeps \[3, 1\] query heads.*keep e.g. \[0, 4\]"):
+        prune_heads(onnx_model, keep={0: [0, 1, 2, 4]}, granularity="query")
+    with pytest.raises(AttncError, match=r"keeps \[4, 0\] query heads.*granularity='group'"):   # drops a K/V head
+        prune_heads(onnx_model, keep={0: [0, 1, 2, 3]}, granularity="query")
+    with pytest.raises(AttncError, match=r"splits the K/V groups.*granularity='query'"):
+        prune_heads(onnx_model, keep={0: [0, 1, 4, 5]})
+    with pytest.raises(AttncError, match="unknown pruning granularity 'head'"):
+        prune_heads(onnx_model, keep={0: [0]}, granularity="head")
+    torch.manual_seed(0)
+    multi_query = _export_llama(_TinyLlama(heads=8, kv_heads=1).eval(), tmp_path, "torchscript", 32)
+    scores = score_heads(multi_query, [], method="weight")
+    with pytest.raises(AttncError, match="between 0 and 0 heads.*granularity='query'"):
+        prune_heads(multi_query, scores, ratio=0.25)
+    assert prune_heads(multi_query, scores, ratio=0.25, granularity="query")[1].heads_after == 12
