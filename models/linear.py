@@ -22,7 +22,8 @@ Both map ``x [B, N, C] -> [B, N, C]``; per head, with ``φ`` a feature map on ``
   recurrences (:meth:`LightningAttention.step`), as RetNet / TransNormerLLM inference code is.
 - :class:`BlockwiseLightningAttention` / :class:`BlockwiseLightningLM`: the same attention
   computed block by block in a Python loop (Lightning Attention-2's prefill, as
-  MiniMax-Text-01's Hugging Face code writes it), which an export unrolls.
+  MiniMax-Text-01's Hugging Face code writes it), which an export unrolls; the blocks'
+  outputs concatenated, or written into a preallocated output as MiniMax does.
 
 No ``1/sqrt(D)`` scale is applied in either (the ONNX ``LinearAttention`` op is used
 with ``scale=1``).
@@ -203,7 +204,10 @@ class BlockwiseLightningAttention(LightningAttention):
     - inter-block: ``(q_i ⊙ λ^{j+1}) KV`` with ``KV`` the state of every earlier block;
     - ``KV ← λ^L KV + (k_i ⊙ λ^{L−1−s})ᵀ v_i``;
 
-    and the output is the blocks' outputs concatenated along the tokens. The same numbers as
+    and the output is the blocks' outputs concatenated along the tokens (``write="cat"``) or, as
+    MiniMax-Text-01 writes it, each block's rows assigned into a preallocated output
+    (``write="slice_assign"``: ``out = torch.empty(b, h, n, e); out[:, :, s:e] = inter + intra``,
+    which the exporters turn into a chain of ``ScatterND``). The same numbers as
     :meth:`LightningAttention.forward` (same parameters, so the same seed gives the same
     weights). The loop runs in Python, so an ONNX export unrolls it for the example's
     sequence length: export with a static token axis. The linear-attention fusion pass
@@ -212,14 +216,21 @@ class BlockwiseLightningAttention(LightningAttention):
     Args:
         dim, num_heads, feature_map, slopes, qkv_bias, fused_qkv: see :class:`LightningAttention`.
         block_size: tokens per block (MiniMax-Text-01 uses 256).
+        write: ``"cat"`` (``torch.cat`` of the blocks' outputs) or ``"slice_assign"`` (each
+            block written into a preallocated ``torch.empty`` output, MiniMax-Text-01's spelling).
     """
 
+    WRITES = ("cat", "slice_assign")
+
     def __init__(self, dim: int, num_heads: int, block_size: int = 256, feature_map: str = "identity",
-                 slopes: Sequence[float] | None = None, qkv_bias: bool = True, fused_qkv: bool = True):
+                 slopes: Sequence[float] | None = None, qkv_bias: bool = True, fused_qkv: bool = True,
+                 write: str = "cat"):
         super().__init__(dim, num_heads, feature_map, slopes, qkv_bias, fused_qkv)
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
-        self.block_size = block_size
+        if write not in self.WRITES:
+            raise ValueError(f"write must be one of {self.WRITES}, got {write!r}")
+        self.block_size, self.write = block_size, write
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.recurrent(x)[0]
@@ -249,17 +260,22 @@ class BlockwiseLightningAttention(LightningAttention):
         if kv is None:
             kv = torch.zeros(b, h, d, v.shape[-1], dtype=q.dtype, device=q.device)
         outs = []
+        if self.write == "slice_assign":
+            output = torch.empty(b, h, n, v.shape[-1], dtype=q.dtype, device=q.device)
         for start in range(0, n, block):
             end = min(start + block, n)
             m = end - start
             qi, ki, vi = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
             intra = ((qi @ ki.transpose(-1, -2)) * diag_decay[:, :m, :m]) @ vi
             inter = (qi * q_decay[:, :m]).to(kv.dtype) @ kv
-            outs.append(intra + inter.to(intra.dtype))
+            if self.write == "slice_assign":
+                output[:, :, start:end] = inter.to(intra.dtype) + intra
+            else:
+                outs.append(intra + inter.to(intra.dtype))
             # the last block may be shorter: its own length m, k_decay's last m rows (λ^{m−1−s})
             update = (ki * k_decay[:, -m:]).transpose(-1, -2) @ vi
             kv = torch.exp(-slope * m).to(kv.dtype) * kv + update.to(kv.dtype)
-        return torch.cat(outs, dim=2), kv
+        return (output if self.write == "slice_assign" else torch.cat(outs, dim=2)), kv
 
 
 class LightningLM(nn.Module):

@@ -280,6 +280,10 @@ _sequence("lightning-small", "linear", LightningAttention, num_heads=4)
 # Lightning Attention-2's blockwise prefill loop (MiniMax-Text-01 style): 37 tokens in blocks of 16,
 # the last one partial; the loop unrolls at export, so the token count is static
 _tokens("lightning-blockwise-small", "linear", BlockwiseLightningAttention, 32, 37, num_heads=4, block_size=16)
+# the same loop as MiniMax-Text-01's code writes it: each block assigned into a preallocated output
+# (output[:, :, s:e] = ..., a ScatterND chain)
+_tokens("lightning-blockwise-inplace-small", "linear", BlockwiseLightningAttention, 32, 37, num_heads=4,
+        block_size=16, write="slice_assign")
 
 # ViT classifiers with every attention family, small (9x9 tokens) and DeiT-Tiny sized
 # (14x14 tokens); 2-D neighborhood attention has no CLS token.
@@ -317,18 +321,18 @@ _vlm("vlm-small", 32, 13, 97, patch_size=8, vision_dim=32, vision_depth=2, visio
 # --- realistic: benchmark sizes (the DeiT-Tiny ViTs are above) ----------------------
 # NAT-Mini's first stage: 224 px / 4 -> 56x56 tokens, dim 64, 2 heads, kernel 7, RPB.
 _grid("na2d-realistic", NeighborhoodAttention2D, 64, (56, 56), num_heads=2, kernel_size=7, rpb=True)
-# One causal attention layer of an LLM (dim 512, 8 heads of 64), 2048 tokens: what the causal
-# bodies' chunks are measured on (benchmarks/bench_fusion.py), without an LM head's cost around it
-_sequence("lightning-realistic", "linear", LightningAttention, dim=512, seq=2048, num_heads=8)
-_sequence("linear-causal-realistic", "linear", LinearAttention, dim=512, seq=2048, num_heads=8, feature_map="elu1",
-          causal=True, causal_form="masked")
-_sequence("flow-causal-realistic", "flow", FlowAttention, dim=512, seq=2048, num_heads=8, causal=True)
 _grid("na2d-gather-realistic", NeighborhoodAttention2D, 64, (56, 56), num_heads=2, kernel_size=7, rpb=True,
       impl="gather")
 # video: 8 frames of 14x14 tokens, kernel 3x7x7 (NATTEN 3-D, no RPB)
 _grid("na3d-realistic", NeighborhoodAttention3D, 64, (8, 14, 14), num_heads=2, kernel_size=(3, 7, 7))
 _grid("na3d-gather-realistic", NeighborhoodAttention3D, 64, (8, 14, 14), num_heads=2, kernel_size=(3, 7, 7),
       impl="gather")
+# One causal attention layer of an LLM (dim 512, 8 heads of 64), 2048 tokens: what the causal
+# bodies' chunks are measured on (benchmarks/bench_fusion.py), without an LM head's cost around it
+_sequence("lightning-realistic", "linear", LightningAttention, dim=512, seq=2048, num_heads=8)
+_sequence("linear-causal-realistic", "linear", LinearAttention, dim=512, seq=2048, num_heads=8, feature_map="elu1",
+          causal=True, causal_form="masked")
+_sequence("flow-causal-realistic", "flow", FlowAttention, dim=512, seq=2048, num_heads=8, causal=True)
 
 _LM = {"dim": 512, "depth": 4, "num_heads": 8, "max_seq_len": 8192}
 _lm("lm-mhsa-realistic", "mhsa", "mhsa", 32000, 4096, **_LM)

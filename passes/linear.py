@@ -44,24 +44,31 @@ Different feature maps on q and k are passed as the mapped tensors with the iden
 A normaliser ``z`` carried beside ``S`` is not fused: its division stays after the node.
 
 **Blockwise lightning attention** (Lightning Attention-2's prefill loop, as MiniMax-Text-01's
-code writes it, unrolled by the export; matched before the forms above): ``Concat`` along the
-tokens of per-block outputs ``((q_i·k_iᵀ) ⊙ M)·v_i + (q_i ⊙ λ^(j+1))·KV_i`` (the intra term
-proven as the quadratic form, the inter term any ``MatMul`` of the block's queries with a
-state; a block may lack it), ``KV_(i+1) = λ^L·KV_i + (k_i ⊙ λ^(L−1−s))ᵀv_i``, or a lone such
-block (a sequence within one block). The blocks' rows must be slices of one Q, K, V; block 0's
+code writes it, unrolled by the export; matched before the forms above): per-block outputs
+``((q_i·k_iᵀ) ⊙ M)·v_i + (q_i ⊙ λ^(j+1))·KV_i`` (the intra term proven as the quadratic form,
+the inter term any ``MatMul`` of the block's queries with a state; a block may lack it),
+``KV_(i+1) = λ^L·KV_i + (k_i ⊙ λ^(L−1−s))ᵀv_i``, joined by a ``Concat`` along the tokens, or
+written into a preallocated output (``output = torch.empty(...); output[:, :, s:e] = ...``,
+MiniMax's spelling: a chain of ``ScatterND`` on one buffer, anchored on the last one, through
+the Transposes dynamo puts around each write), or a lone such block (a sequence within one
+block). Writes are *proven* (``_prove_writes``): their indices, evaluated at two batch sizes
+along the buffer's Transposes, must set every element of the output exactly once (an element
+never written would keep the buffer's content, one written twice is a block overwriting
+another's rows: near-misses); a buffer that holds the output transposed (``[N, H, B, Dv]``, or
+past a Transpose folded into the head merge) gets that Transpose after the fused node. The blocks' rows must be slices of one Q, K, V; block 0's
 state, when it reads input values, becomes the op's ``state`` (else it must be zeros), and the
 update after the last block, when the graph uses it, ``state_out``. The chain is *proven* by
 evaluation (``_prove_blockwise``): every node between Q, K, V, the state and the outputs
 must be a sum, product, cast or reshape of them (a polynomial in them), everything else it
 reads must not read input values; then it runs in float64 on random Q, K, V, state at every
-input size (two batch sizes when dynamic) and must equal the op's reference with λ read off the
-longest block's decay table, to 1e-5 of the terms' magnitude (float32-rounded tables pass, a
-wrong power of λ, a missing inter term or a wrong state update do not: a near-miss naming the
-first block that differs). The token count must not follow the input sizes: a loop unrolled for
-one length under a dynamic sequence axis is a near-miss, not fused. A recognised chain that is
-not proven stays as it is (its blocks' quadratic terms are not fused one by one). Writing the
-blocks into a preallocated output (``output[:, :, s:e] = ...``, a ``ScatterND`` chain) is not
-matched.
+input size (two batch sizes when dynamic) and must equal the op's semantics (its reference,
+computed chunk by chunk in float64: ``_lightning_float64``) with λ read off the longest block's
+decay table, to 1e-5 of the terms' magnitude (float32-rounded tables pass, a wrong power of λ,
+a missing inter term or a wrong state update do not: a near-miss naming the first block that
+differs); the output's layout is the transpose of ``[B, H, N, Dv]`` whose values agree. The
+token count must not follow the input sizes: a loop unrolled for one length under a dynamic
+sequence axis is a near-miss, not fused. A recognised chain that is not proven stays as it is
+(its blocks' quadratic terms are not fused one by one).
 
 Emits ``attnc::KernelLinearAttention(Q, K, V[, decay][, state])`` (with ``state_out`` for the
 recurrent step and for a blockwise chain whose final state is used; contract and function body
@@ -82,6 +89,7 @@ Tests: ``tests/passes/test_linear.py``, ``tests/passes/test_linear_blockwise.py`
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,6 +134,7 @@ class _Candidate:
     state_out: str | None = None  # ... and after it (the tensor name the graph keeps)
     state_type: int = TensorProto.FLOAT  # their element type; others are cast to/from float32
     mask: str | None = None       # quadratic form: the decay table M multiplying q·kᵀ (None: none / a keep mask)
+    out_perm: list[int] | None = None  # blockwise: ``out`` is Transpose(O [B, H, N, Dv], out_perm) (None: O itself)
 
 
 def find(model: onnx.ModelProto) -> PassReport:
@@ -782,6 +791,7 @@ def _unsqueezed_outer(g: _Graph, t: str):
 
 _BLOCKWISE = ("matched blockwise lightning attention (per block: intra ((q_i·k_iᵀ) ⊙ M)·v_i + inter "
               "(q_i ⊙ λ^(j+1))·KV)")
+_BLOCKWISE_WRITES = _BLOCKWISE + " written block by block into a preallocated output (ScatterND)"
 # Ops a tensor computed from Q, K, V or the state may go through inside a proven block chain, with
 # the inputs that must not read them (shapes, indices, divisors, conditions): the chain is then a
 # polynomial in Q, K, V and the state, so agreeing with the op on random inputs proves it equal.
@@ -800,34 +810,57 @@ _BLOCKWISE_RTOL = 1e-5
 
 @dataclass
 class _Block:
-    out: str                      # the block's output rows (a Concat input)
+    out: str                      # the block's output rows (a Concat input, or a ScatterND's updates)
     intra: _Candidate             # ((q_i·k_iᵀ) ⊙ M)·v_i as the quadratic matcher proved it
     inter: onnx.NodeProto | None  # MatMul(q_i ⊙ λ^(j+1), KV), None when the block has none
     kv: str | None                # the state the inter term reads
     nodes: list[str]
 
 
+@dataclass
+class _Writes:
+    """The blocks written into a preallocated output: ``ScatterND`` after ``ScatterND`` on one buffer
+    (``output[:, :, s:e] = block``), with the Transposes an export puts around them."""
+
+    buffer: str                   # the preallocated tensor the first write goes into
+    steps: list                   # buffer -> out, in order: ScatterND nodes and Transpose perms
+    out: str                      # the last write's result, past Transposes that are its only reader
+    updates: list[str]            # each write's rows, with layout ops (_LAYOUT_OPS) and float Casts taken off
+    nodes: list[str]              # the ScatterND and Transpose nodes
+
+
+# What an export puts between a block's rows and the ScatterND that writes them: no arithmetic, so the
+# block is found through them (a Slice too: which of its rows are written is _prove_writes' question);
+# the proof evaluates them all the same.
+_LAYOUT_OPS = ("Reshape", "Expand", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Slice")
+
+
 def _blockwise_candidates(g: _Graph, report: PassReport) -> list[_Candidate]:
     """Unrolled blockwise lightning attention (Lightning Attention-2's prefill loop) -> one node each.
 
     Anchors: a ``Concat`` on the token axis whose inputs are blocks (at least one with an
-    inter-block term), then a lone block ``intra + inter`` (a sequence within one block). A chain
+    inter-block term), the last ``ScatterND`` of a chain writing blocks into a preallocated
+    output, then a lone block ``intra + inter`` (a sequence within one block). A chain
     recognised but not proven is a near-miss whose nodes stay as they are (claimed, so the
     quadratic matcher does not fuse its intra-block terms one by one).
     """
     found, used = [], set()
     anchors = [n for n in g.model.graph.node if n.op_type == "Concat" and g.rank(n.output[0]) in (4, None)
                and node_attribute(n, "axis", None) in (2, -2)]
+    anchors += [n for n in g.model.graph.node if n.op_type == "ScatterND"]
     anchors += [n for n in g.model.graph.node if n.op_type == "Add"]
     for node in anchors:
         if node.name in used or node.name in g.claimed:
             continue
         recognised: list[str] = []
         try:
-            blocks = _chain(g, node, recognised)
+            writes = _scatter_chain(g, node) if node.op_type == "ScatterND" else None
+            if node.op_type == "ScatterND" and writes is None:
+                continue
+            blocks = _chain(g, node, writes, recognised)
             if blocks is None:
                 continue
-            cand = _blockwise(g, node, blocks)
+            cand = _blockwise(g, node, blocks, writes)
         except _Miss as miss:
             report.near_misses.append(NearMiss(FAMILY, node.name, str(miss)))
             g.claimed.update(recognised)
@@ -839,12 +872,13 @@ def _blockwise_candidates(g: _Graph, report: PassReport) -> list[_Candidate]:
     return found
 
 
-def _chain(g: _Graph, anchor, recognised: list[str]) -> list[_Block] | None:
-    """The blocks ``anchor`` concatenates (or the one block it is), None when it is not such a chain;
-    the nodes of the blocks it recognised go to ``recognised`` (for a near-miss to claim)."""
-    inputs = list(anchor.input) if anchor.op_type == "Concat" else [anchor.output[0]]
-    if anchor.op_type == "Add" and any(c.op_type == "Concat" for c in g.cons.get(anchor.output[0], [])):
-        return None  # one block of a chain whose Concat was no anchor: not a whole sequence
+def _chain(g: _Graph, anchor, writes: _Writes | None, recognised: list[str]) -> list[_Block] | None:
+    """The blocks ``anchor`` concatenates or ``writes`` writes (or the one block it is), None when it is
+    not such a chain; the nodes of the blocks it recognised go to ``recognised`` (for a near-miss to claim)."""
+    inputs = (writes.updates if writes else list(anchor.input) if anchor.op_type == "Concat"
+              else [anchor.output[0]])
+    if anchor.op_type == "Add" and _in_chain(g, anchor.output[0]):
+        return None  # one block of a chain whose Concat / ScatterND was no anchor: not a whole sequence
     blocks: list[_Block | _Miss | None] = []
     for t in inputs:
         try:
@@ -853,19 +887,87 @@ def _chain(g: _Graph, anchor, recognised: list[str]) -> list[_Block] | None:
             blocks.append(miss)
     whole = [b for b in blocks if isinstance(b, _Block)]
     if not any(b.inter is not None for b in whole) or (anchor.op_type == "Add" and len(whole) != 1):
-        if anchor.op_type == "Concat" and len(inputs) > 1 and any(isinstance(b, _Miss) for b in blocks):
+        if anchor.op_type != "Add" and len(inputs) > 1 and any(isinstance(b, _Miss) for b in blocks):
             _refuse_if_unrolled(g, inputs)   # why its decay tables do not fit: a dynamic length
         return None
-    recognised.extend([anchor.name] + [name for b in whole for name in b.nodes])
+    recognised.extend([anchor.name] + (writes.nodes if writes else []) + [name for b in whole for name in b.nodes])
     if any(isinstance(b, _Miss) for b in blocks):
         _refuse_if_unrolled(g, inputs)
     for i, b in enumerate(blocks):
         if isinstance(b, _Miss):
             raise _Miss(f"{_BLOCKWISE}, but block {i}'s intra-block term is not proven: {b}")
         if b is None:
-            raise _Miss(f"{_BLOCKWISE}, but Concat input {i} ({inputs[i]}) is not a block: neither "
+            where = f"write {i} (ScatterND updates" if writes else f"Concat input {i} ("
+            raise _Miss(f"{_BLOCKWISE}, but {where} {inputs[i]}) is not a block: neither "
                         "((q_i·k_iᵀ) ⊙ M)·v_i nor that plus an inter-block term")
     return blocks
+
+
+def _scatter_chain(g: _Graph, last) -> _Writes | None:
+    """The writes ending in ScatterND ``last`` (None when another ScatterND writes on into its result,
+    or a write is not a plain overwrite): back along the buffer through Transposes, Identities and
+    float Casts to the first tensor no ScatterND made, forward through the Transposes that alone read
+    the result (dynamo moves the token axis first for each write and back after it)."""
+    if _written_on(g, last.output[0]):
+        return None
+    steps: list = []
+    nodes, t = [], last.output[0]
+    outputs = {o.name for o in g.model.graph.output}
+    while t not in outputs and len(users := g.cons.get(t, [])) == 1 and users[0].op_type in ("Transpose",
+                                                                                              "Identity"):
+        if users[0].op_type == "Transpose":
+            steps.append(node_attribute(users[0], "perm"))
+        nodes.append(users[0].name)
+        t = users[0].output[0]
+    out, t, before = t, last.output[0], []
+    while (node := g.op(t, "ScatterND", "Transpose", "Identity", "Cast")) is not None:
+        if node.op_type == "ScatterND":
+            if node_attribute(node, "reduction", b"none") not in (b"none", "none"):
+                return None
+            before.append(node)
+        elif node.op_type == "Transpose":
+            before.append(node_attribute(node, "perm"))
+        elif node.op_type == "Cast" and node_attribute(node, "to", 0) not in _FLOAT_TYPES:
+            break
+        nodes.append(node.name)
+        t = node.input[0]
+    steps = before[::-1] + steps
+    if any(step is None for step in steps):
+        return None   # a Transpose without perm (reversing every axis): not an export's slice write
+    scatters = [step for step in steps if isinstance(step, onnx.NodeProto)]
+    return _Writes(t, steps, out, [_strip_layout(g, w.input[2]) for w in scatters], nodes)
+
+
+def _feeds_scatter(g: _Graph, t: str, slot: int, through) -> bool:
+    """Whether ``t`` reaches input ``slot`` of a ScatterND, passing only nodes ``through`` accepts."""
+    stack = [t]
+    while stack:
+        t = stack.pop()
+        for user in g.cons.get(t, []):
+            if user.op_type == "ScatterND" and user.input[slot] == t:
+                return True
+            if through(user):
+                stack.append(user.output[0])
+    return False
+
+
+def _written_on(g: _Graph, t: str) -> bool:
+    """Whether a ScatterND writes into ``t`` (through Transposes, Identities and float Casts)."""
+    return _feeds_scatter(g, t, 0, lambda user: user.op_type in ("Transpose", "Identity") or (
+        user.op_type == "Cast" and node_attribute(user, "to", 0) in _FLOAT_TYPES))
+
+
+def _strip_layout(g: _Graph, t: str) -> str:
+    while (node := g.op(_strip_casts(g, t), *_LAYOUT_OPS)) is not None:
+        t = node.input[0]
+    return _strip_casts(g, t)
+
+
+def _in_chain(g: _Graph, t: str) -> bool:
+    """Whether ``t`` is a Concat input or (through layout ops) the rows a ScatterND writes."""
+    if any(user.op_type == "Concat" for user in g.cons.get(t, [])):
+        return True
+    return _feeds_scatter(g, t, 2, lambda user: user.op_type in _LAYOUT_OPS or user.op_type == "Cast")
 
 
 def _refuse_if_unrolled(g: _Graph, inputs: list[str]) -> None:
@@ -946,9 +1048,10 @@ def _slice_source(g: _Graph, t: str) -> str:
     return t if node is None else node.input[0]
 
 
-def _blockwise(g: _Graph, anchor, blocks: list[_Block]) -> _Candidate:
-    """The fused candidate for a chain of blocks, proven by :func:`_prove_blockwise`."""
-    out = anchor.output[0]
+def _blockwise(g: _Graph, anchor, blocks: list[_Block], writes: _Writes | None) -> _Candidate:
+    """The fused candidate for a chain of blocks, proven by :func:`_prove_writes` (when the blocks are
+    written into a preallocated output) and :func:`_prove_blockwise`."""
+    out = writes.out if writes else anchor.output[0]
     sources = {}
     for role in ("q", "k", "v"):
         tensors = [getattr(b.intra, role) for b in blocks]
@@ -969,11 +1072,13 @@ def _blockwise(g: _Graph, anchor, blocks: list[_Block]) -> _Candidate:
     if state is not None and g.types.get(state) != TensorProto.FLOAT:
         raise _Miss(f"{_BLOCKWISE}, but the initial state {state} is not float32 (the op's state)")
     state_out = _final_state(g, blocks[-1])
-    nodes, lam = _prove_blockwise(g, out, state_out, [t for t in (q, k, v, state) if t], blocks,
-                                  blocks[0].intra.scale)
+    owner = _prove_writes(g, writes) if writes else None
+    nodes, lam, perm = _prove_blockwise(g, out, state_out, [t for t in (q, k, v, state) if t], blocks,
+                                        blocks[0].intra.scale, owner)
     heads = len(lam)
     cand = _Candidate(anchor.name, "blockwise", nodes, q, k, None, v, out, "identity", causal=True,
-                      scale=blocks[0].intra.scale, heads=heads, state=state, state_out=state_out)
+                      scale=blocks[0].intra.scale, heads=heads, state=state, state_out=state_out,
+                      out_perm=None if perm == [0, 1, 2, 3] else perm)
     if any(abs(d - 1.0) > 1e-7 for d in lam):
         cand.decay = lam
     return cand
@@ -1007,19 +1112,67 @@ def _final_state(g: _Graph, last: _Block) -> str | None:
     return used[0]
 
 
+def _prove_writes(g: _Graph, writes: _Writes) -> np.ndarray:
+    """Which write (block) sets each element of ``writes.out``, from the ScatterNDs' indices evaluated
+    at two batch sizes, with the buffer's Transposes followed. Every element must be written exactly
+    once, else a near-miss: an element never written keeps the preallocated buffer's content (an
+    ``empty`` tensor's, garbage), one written twice is a block overwriting another's rows."""
+    scatters = [step for step in writes.steps if isinstance(step, onnx.NodeProto)]
+    try:
+        runs = evaluate_tensors(g.model, [writes.buffer] + [w.input[1] for w in scatters], sizes=(2, 3))
+    except Exception as exc:  # noqa: BLE001 - any failure means "cannot prove"
+        raise _Miss(f"{_BLOCKWISE_WRITES}, but its indices could not be evaluated: "
+                    f"{str(exc).splitlines()[0][:200]}") from None
+    owner = None
+    for run in runs:
+        count = np.zeros(np.shape(run[writes.buffer]), np.int64)
+        who = np.full(count.shape, -1)
+        i = 0
+        for step in writes.steps:
+            if not isinstance(step, onnx.NodeProto):
+                count, who = count.transpose(step), who.transpose(step)
+                continue
+            idx = np.asarray(run[step.input[1]])
+            at = tuple(idx.reshape(-1, idx.shape[-1]).T)
+            try:
+                earlier = who[at]
+                np.add.at(count, at, 1)
+            except IndexError:
+                raise _Miss(f"{_BLOCKWISE_WRITES}, but block {i}'s write ({step.name}) indexes outside the "
+                            f"buffer {list(count.shape)}") from None
+            twice = count[at] > 1
+            if twice.any():
+                prev = int(earlier[tuple(np.argwhere(twice)[0])])
+                whose = f"block {prev}'s rows" if prev >= 0 else "some of its rows twice"
+                raise _Miss(f"{_BLOCKWISE_WRITES}, but block {i}'s write ({step.name}) overwrites {whose}: "
+                            "the writes overlap")
+            who[at] = i
+            i += 1
+        if (count == 0).any():
+            raise _Miss(f"{_BLOCKWISE_WRITES}, but {int((count == 0).sum())} elements of {writes.out} (the first "
+                        f"at {np.argwhere(count == 0)[0].tolist()}) are never written and keep the buffer's "
+                        "content: the writes do not cover the output")
+        owner = who if owner is None else owner
+    return owner
+
+
 def _prove_blockwise(g: _Graph, out: str, state_out: str | None, stops: list[str], blocks: list[_Block],
-                     scale: float) -> tuple[list[str], list[float]]:
+                     scale: float, owner: np.ndarray | None = None) -> tuple[list[str], list[float], list[int]]:
     """Proves that the nodes computing ``out`` (and ``state_out``) from ``stops`` = Q, K, V (and the
-    state) are lightning attention; returns them (the data path) and λ per head.
+    state) are lightning attention; returns them (the data path), λ per head and ``out``'s layout
+    (the Transpose perm of ``[B, H, N, Dv]`` it holds; ``owner``: which block wrote each of its
+    elements, from :func:`_prove_writes`, else the blocks are concatenated in order).
 
     The region between them is cut out of the graph, every tensor it reads besides Q, K, V and the
     state must not read input values (constants, shapes: those are evaluated on the model), and every
     node on the data path must be polynomial in the data (:data:`_POLYNOMIAL_OPS`). The region then
     runs in float64 on random Q, K, V (and state), twice at each input size (two batch sizes when
-    dynamic), against :func:`attnc.plugins.linear.reference` with λ read off the longest block's decay
-    table; a polynomial that agrees on random points is that polynomial. Differences must stay below
-    ``1e-5`` of the terms' magnitude (the same reference on |Q|, |K|, |V|), which float32-rounded
-    decay tables meet and a wrong power of λ, a dropped term or a different state do not.
+    dynamic), against the op's semantics (:func:`_lightning_float64`, the op's reference vectorised)
+    with λ read off the longest block's decay table; a polynomial that agrees on random points is that
+    polynomial. Differences must stay below ``1e-5`` of the terms' magnitude (the same attention on
+    |Q|, |K|, |V|), which float32-rounded decay tables meet and a wrong power of λ, a dropped term or
+    a different state do not. ``out`` may hold the output transposed (a buffer written token-axis
+    first): the layout whose values agree is the one returned.
     """
     model = g.model
     index = {n.name: i for i, n in enumerate(model.graph.node)}
@@ -1073,7 +1226,7 @@ def _prove_blockwise(g: _Graph, out: str, state_out: str | None, stops: list[str
     if len(lengths) > 1:   # Q's token axis follows the input sizes: not the length the loop unrolled for
         _unrolled(stops[0], " / ".join(map(str, lengths)) + " tokens at different input sizes", blocks)
     rng = np.random.default_rng(0)
-    lam = None
+    lam = perm = None
     for run in runs:
         for _ in range(2):
             feeds = {t: rng.standard_normal(np.shape(run[t])) for t in stops}
@@ -1085,13 +1238,13 @@ def _prove_blockwise(g: _Graph, out: str, state_out: str | None, stops: list[str
                     longest = max(blocks, key=lambda b: got[b.out].shape[2])
                     lam = _decay_from_table(got[longest.intra.mask] if longest.intra.mask else None,
                                             feeds[stops[0]].shape[1], got[longest.out].shape[2])
-                _compare_blockwise(got, feeds, stops, out, state_out, blocks, lam, scale)
+                perm = _compare_blockwise(got, feeds, stops, out, state_out, blocks, lam, scale, perm, owner)
             except _Miss:
                 raise
             except Exception as exc:  # noqa: BLE001 - e.g. shapes the op's reference refuses: no proof
                 raise _Miss(f"{_BLOCKWISE}, but it is not the op on [B, H, N, D] rows and a [B, H, D, Dv] "
                             f"state: {str(exc).splitlines()[0][:200]}") from None
-    return [n.name for n in nodes if any(o in data for o in n.output)], lam
+    return [n.name for n in nodes if any(o in data for o in n.output)], lam, perm
 
 
 def _decay_from_table(table: np.ndarray | None, heads: int, n: int) -> list[float]:
@@ -1111,33 +1264,32 @@ def _decay_from_table(table: np.ndarray | None, heads: int, n: int) -> list[floa
     return lam
 
 
-def _compare_blockwise(got, feeds, stops, out, state_out, blocks, lam, scale) -> None:
+def _compare_blockwise(got, feeds, stops, out, state_out, blocks, lam, scale, perm, owner) -> list[int]:
+    """Raises the near-miss naming the first block that differs; returns ``out``'s layout (``perm``
+    when given, else found)."""
     import torch
 
     q, k, v = (torch.from_numpy(feeds[t]) for t in stops[:3])
     s0 = torch.from_numpy(feeds[stops[3]]) if len(stops) > 3 else None
     decay = torch.tensor(lam, dtype=torch.float64)
-    kwargs = dict(feature_map="identity", causal=1, normalize=0, eps=0.0, scale=scale, return_state=True)
-    ref, ref_state = (x.numpy() for x in plugin.reference(q, k, v, decay, s0, **kwargs))
-    mag, mag_state = (x.numpy() for x in plugin.reference(q.abs(), k.abs(), v.abs(), decay,
-                                                          None if s0 is None else s0.abs(), **kwargs))
+    ref, ref_state = (x.numpy() for x in _lightning_float64(q, k, v, decay, s0, scale))
+    mag, mag_state = (x.numpy() for x in _lightning_float64(q.abs(), k.abs(), v.abs(), decay,
+                                                            None if s0 is None else s0.abs(), scale))
+    tol = _BLOCKWISE_RTOL * mag + 1e-12
     o = got[out]
-    if o.shape != ref.shape:
-        raise _Miss(f"{_BLOCKWISE}, but its output has shape {list(o.shape)}, not Q's rows [B, H, N, Dv] = "
-                    f"{list(ref.shape)}: the blocks do not cover the sequence once")
-    bad = np.abs(o - ref) > _BLOCKWISE_RTOL * mag + 1e-12
+    perm = perm or _layout(o, ref, tol)
+    o = o.transpose(np.argsort(perm))
+    bad = np.abs(o - ref) > tol
     if bad.any():
-        row = int(np.argwhere(bad)[0][2])
-        start = 0
-        for i, b in enumerate(blocks):
-            length = got[b.out].shape[2]
-            if row < start + length:
-                break
-            start += length
-        err = float(np.max(np.abs(o - ref)[..., start:start + length, :] / (mag[..., start:start + length, :]
-                                                                             + 1e-300)))
+        # the block that wrote each token row: the writes' owners, else the concatenation's order
+        rows = (owner.transpose(np.argsort(perm))[0, 0, :, 0] if owner is not None
+                else np.repeat(np.arange(len(blocks)), [got[b.out].shape[2] for b in blocks]))
+        i = int(rows[np.argwhere(bad)[0][2]])
+        span = np.flatnonzero(rows == i)
+        start, end = int(span[0]), int(span[-1])
+        err = float(np.max(np.abs(o - ref)[..., span, :] / (mag[..., span, :] + 1e-300)))
         hint = " (it has no inter-block term)" if blocks[i].inter is None and (i > 0 or s0 is not None) else ""
-        raise _Miss(f"{_BLOCKWISE}, but block {i} (tokens {start}-{start + length - 1}){hint} differs from "
+        raise _Miss(f"{_BLOCKWISE}, but block {i} (tokens {start}-{end}){hint} differs from "
                     f"lightning attention with λ = {[round(x, 6) for x in lam]} by up to {err:.2g} of its terms' "
                     "magnitude: a decay power, the inter-block term or the state it reads is not the blockwise form's")
     if state_out is not None:
@@ -1145,6 +1297,49 @@ def _compare_blockwise(got, feeds, stops, out, state_out, blocks, lam, scale) ->
         if got[state_out].shape != ref_state.shape or (diff > _BLOCKWISE_RTOL * mag_state + 1e-12).any():
             raise _Miss(f"{_BLOCKWISE}, but the state it returns ({state_out}) is not "
                         "λ^N·S0 + Σ_s λ^(N−1−s) k_sᵀv_s")
+    return perm
+
+
+def _layout(o: np.ndarray, ref: np.ndarray, tol: np.ndarray) -> list[int]:
+    """The perm with ``o = Transpose(ref, perm)``: of those whose shape fits (the identity first),
+    the one whose values agree, else the first (for the near-miss to name the block that differs)."""
+    fits = [list(p) for p in itertools.permutations(range(ref.ndim))
+            if o.ndim == ref.ndim and tuple(ref.shape[a] for a in p) == o.shape]
+    if not fits:
+        raise _Miss(f"{_BLOCKWISE}, but its output has shape {list(o.shape)}, not Q's rows [B, H, N, Dv] = "
+                    f"{list(ref.shape)} (or a transpose of them): the blocks do not cover the sequence once")
+    return next((p for p in fits if not (np.abs(o - ref.transpose(p)) > tol.transpose(p)).any()), fits[0])
+
+
+def _lightning_float64(q, k, v, decay, state, scale: float, chunk: int = 64):
+    """The op's causal lightning attention (identity map, no normaliser) on float64 ``[B, H, N, D]``
+    tensors: ``(O, state_out)`` with ``O_t = Σ_{s≤t} λ^(t−s) (s·q_t·k_s) v_s + λ^(t+1) s·q_t·S0`` and
+    ``state_out = λ^N S0 + Σ_s λ^(N−1−s) k_sᵀv_s``, as :func:`attnc.plugins.linear.reference` defines them.
+
+    That reference loops over tokens in Python (about 1.5 s per call at N = 2048, and the proof
+    calls it four times per input size); this is the masked quadratic form over ``chunk`` query rows
+    at a time, the state carried between chunks, so it stays O(N·chunk) in time and memory where the
+    whole quadratic form would hold ``[B, H, N, N]``. Powers of λ are taken with ``pow`` in float64
+    (exact at the proof's tolerance, λ = 0 included). Equal to the reference to 1e-12
+    (``tests/passes/test_linear_blockwise.py``).
+    """
+    import torch
+
+    b, h, n, _ = q.shape
+    lam = decay.to(torch.float64).view(h, 1, 1)
+    q = q * scale
+    kv = q.new_zeros(b, h, q.shape[-1], v.shape[-1]) if state is None else state.to(torch.float64)
+    outs = []
+    for start in range(0, n, chunk):
+        qc, kc, vc = q[:, :, start:start + chunk], k[:, :, start:start + chunk], v[:, :, start:start + chunk]
+        m = qc.shape[2]
+        j = torch.arange(m, dtype=torch.float64)
+        dist = j[:, None] - j[None, :]
+        table = torch.where(dist >= 0, lam ** dist.clamp(min=0), 0.0)                 # [H, m, m]
+        outs.append(((qc @ kc.transpose(-1, -2)) * table) @ vc + (qc * lam ** (j[:, None] + 1)) @ kv)
+        kv = lam ** m * kv + (kc * lam ** (m - 1 - j[:, None])).transpose(-1, -2) @ vc
+    out = torch.cat(outs, dim=2) if outs else q.new_zeros(b, h, 0, v.shape[-1])
+    return out, kv
 
 
 def _float64_session(model, nodes, inputs: dict[str, int], outputs: list[str], inits: dict):
@@ -1227,9 +1422,21 @@ def _drop_producer(model, tensor: str) -> None:
         model.graph.node.remove(n)
 
 
+def _output(model, cand: _Candidate, prefix: str) -> str:
+    """The tensor the fused node writes ``O [B, H, N, Dv]`` to: ``cand.out`` (its producer dropped), or,
+    when ``cand.out`` holds O transposed (a preallocated buffer's layout), a new tensor behind a
+    Transpose that makes ``cand.out``."""
+    _drop_producer(model, cand.out)
+    if cand.out_perm is None:
+        return cand.out
+    model.graph.node.append(helper.make_node("Transpose", [prefix + "/O"], [cand.out], name=prefix + "/o_transpose",
+                                             perm=cand.out_perm))
+    return prefix + "/O"
+
+
 def _rewrite(model, cand: _Candidate) -> None:
     prefix = cand.anchor + "/attnc_linear"
-    _drop_producer(model, cand.out)
+    out = _output(model, cand, prefix)
     k = _k_input(model, cand, prefix)
     inputs = [cand.q, k, cand.v, ""]
     if cand.decay is not None:
@@ -1237,7 +1444,7 @@ def _rewrite(model, cand: _Candidate) -> None:
         model.graph.initializer.append(numpy_helper.from_array(np.asarray(cand.decay, np.float32), inputs[3]))
     state, state_out = _float32_state(model, cand, prefix)
     node = plugin.make_node(
-        inputs + [state], [cand.out, state_out], prefix, feature_map=cand.feature_map, causal=int(cand.causal),
+        inputs + [state], [out, state_out], prefix, feature_map=cand.feature_map, causal=int(cand.causal),
         normalize=int(cand.normalize), eps=float(cand.eps), scale=float(cand.scale))
     model.graph.node.append(node)
     plugin.add_to_model(model, node)
@@ -1267,9 +1474,9 @@ def _float32_state(model, cand: _Candidate, prefix: str) -> tuple[str, str]:
 def _rewrite_onnx_linear_attention(model, cand: _Candidate) -> None:
     """A lightning match as ONNX ``LinearAttention``."""
     prefix = cand.anchor + "/onnx_linear_attention"
-    _drop_producer(model, cand.out)
+    out = _output(model, cand, prefix)
     state, state_out = _float32_state(model, cand, prefix)
-    _emit_onnx_linear_attention(model, prefix, cand.q, _k_input(model, cand, prefix), cand.v, cand.out,
+    _emit_onnx_linear_attention(model, prefix, cand.q, _k_input(model, cand, prefix), cand.v, out,
                                 cand.heads, cand.decay, cand.scale, state, state_out)
 
 

@@ -1,17 +1,20 @@
 """passes/linear.py on blockwise (chunked) lightning attention: Lightning Attention-2's prefill loop,
 unrolled by the export, -> one attnc::KernelLinearAttention.
 
-The module is :class:`attnc.models.linear.BlockwiseLightningAttention` (first checked in float64
-against :class:`LightningAttention`, an independent numpy loop and the op's reference); each test
-exports it with a static sequence length (dynamic batch), runs the pass, and compares ONNX Runtime
-after the pass with ONNX Runtime before it and with the module in float64 at batches 2 and 3.
-Near-misses (one block wrong) must leave the graph as it was.
+The module is :class:`attnc.models.linear.BlockwiseLightningAttention`, its blocks joined with
+``torch.cat`` or written into a preallocated output as MiniMax-Text-01 does (``write="slice_assign"``,
+a ScatterND chain), first checked in float64 against :class:`LightningAttention`, an independent
+numpy loop and the op's reference; each test exports it with a static sequence length (dynamic
+batch), runs the pass, and compares ONNX Runtime after the pass with ONNX Runtime before it and with
+the module in float64 at batches 2 and 3. Near-misses (one block wrong, writes that overlap or
+leave rows unwritten) must leave the graph as it was.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import helper
 import pytest
 import torch
 from torch import nn
@@ -26,6 +29,7 @@ from attnc.testing import export_spec
 OP = "KernelLinearAttention"
 DIM, HEADS, BLOCK = 24, 3, 8
 NO_DECAY = [0.0] * HEADS   # slopes 0: λ = 1
+WRITES = BlockwiseLightningAttention.WRITES
 
 
 def _count(model, op_type=OP):
@@ -68,9 +72,10 @@ def _numpy_lightning(q, k, v, lam, s0=None):
 
 @pytest.mark.parametrize("n", [1, 5, 8, 16, 21])
 @pytest.mark.parametrize("slopes", [None, NO_DECAY], ids=["alibi", "no-decay"])
-def test_blockwise_module_equals_lightning_attention(n, slopes):
+@pytest.mark.parametrize("write", WRITES)
+def test_blockwise_module_equals_lightning_attention(n, slopes, write):
     torch.manual_seed(n)
-    blockwise = BlockwiseLightningAttention(DIM, HEADS, BLOCK, slopes=slopes).double()
+    blockwise = BlockwiseLightningAttention(DIM, HEADS, BLOCK, slopes=slopes, write=write).double()
     quadratic = LightningAttention(DIM, HEADS, slopes=slopes).double()
     quadratic.load_state_dict(blockwise.state_dict())
     x = torch.randn(2, n, DIM, dtype=torch.float64)
@@ -87,6 +92,25 @@ def test_blockwise_module_equals_lightning_attention(n, slopes):
                                       return_state=True)
     np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(state_out.numpy(), ref_state.numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 64, 65, 150])
+@pytest.mark.parametrize("decay", ["alibi", "none", "zero"])
+@pytest.mark.parametrize("state", [False, True])
+def test_proof_expectation_equals_the_op_reference(n, decay, state):
+    """The proof's float64 lightning attention (chunked masked quadratic form, for speed at N in the
+    thousands) is the op's token-by-token reference, across chunk edges, with and without a state."""
+    gen = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(2, HEADS, n, dv, dtype=torch.float64, generator=gen) for dv in (5, 5, 4))
+    s0 = torch.randn(2, HEADS, 5, 4, dtype=torch.float64, generator=gen) if state else None
+    lam = {"alibi": torch.tensor([0.5, 0.9, 0.999]), "none": torch.ones(HEADS),
+           "zero": torch.tensor([0.0, 0.7, 1.0])}[decay].double()
+    want, want_state = plugin.reference(q, k, v, lam, s0, feature_map="identity", causal=1, normalize=0, eps=0.0,
+                                        scale=0.7, return_state=True)
+    for chunk in (1, 8, 64):
+        got, got_state = linear._lightning_float64(q, k, v, lam, s0, 0.7, chunk=chunk)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got_state.numpy(), want_state.numpy(), rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- fused
@@ -116,11 +140,13 @@ FUSE_CASES = [(21, None), (16, NO_DECAY), (5, None)]   # N: partial last block, 
 
 @pytest.mark.parametrize("n,slopes", FUSE_CASES, ids=["21-alibi", "16-no-decay", "5-alibi"])
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_blockwise_prefill_fuses_into_one_node(n, slopes, exporter, tmp_path):
+@pytest.mark.parametrize("write", WRITES)
+def test_blockwise_prefill_fuses_into_one_node(n, slopes, exporter, write, tmp_path):
     torch.manual_seed(n)
-    module = BlockwiseLightningAttention(DIM, HEADS, BLOCK, slopes=slopes)
+    module = BlockwiseLightningAttention(DIM, HEADS, BLOCK, slopes=slopes, write=write)
     model = _export(module, (torch.randn(2, n, DIM),), tmp_path, exporter)
     fused, report = linear.apply(model)
+    assert _count(fused, "ScatterND") == 0
     attrs = report.matches[0].attributes
     assert {k: attrs[k] for k in ("feature_map", "causal", "normalize", "scale")} == \
         {"feature_map": "identity", "causal": 1, "normalize": 0, "scale": 1.0}
@@ -132,9 +158,10 @@ def test_blockwise_prefill_fuses_into_one_node(n, slopes, exporter, tmp_path):
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_blockwise_with_initial_state_fuses_with_state_in_and_out(exporter, tmp_path):
+@pytest.mark.parametrize("write", WRITES)
+def test_blockwise_with_initial_state_fuses_with_state_in_and_out(exporter, write, tmp_path):
     torch.manual_seed(3)
-    module = _Prefill(BlockwiseLightningAttention(DIM, HEADS, BLOCK))
+    module = _Prefill(BlockwiseLightningAttention(DIM, HEADS, BLOCK, write=write))
     x, s0 = torch.randn(2, 19, DIM), torch.randn(2, HEADS, DIM // HEADS, DIM // HEADS)
     model = _export(module, (x, s0), tmp_path, exporter, names=("x", "state"))
     fused, report = linear.apply(model)
@@ -145,16 +172,82 @@ def test_blockwise_with_initial_state_fuses_with_state_in_and_out(exporter, tmp_
     _check(module, model, fused, report, 19, state=True)
 
 
-def test_blockwise_lowered_to_onnx_linear_attention(tmp_path):
+@pytest.mark.parametrize("write,exporter", [("cat", "torchscript"), ("slice_assign", "dynamo")])
+def test_blockwise_lowered_to_onnx_linear_attention(write, exporter, tmp_path):
     torch.manual_seed(4)
-    module = _Prefill(BlockwiseLightningAttention(DIM, HEADS, BLOCK))
-    model = _export(module, (torch.randn(2, 13, DIM),), tmp_path, "torchscript")
+    module = _Prefill(BlockwiseLightningAttention(DIM, HEADS, BLOCK, write=write))
+    model = _export(module, (torch.randn(2, 13, DIM),), tmp_path, exporter)
     fused, report = linear.apply(model, lower_lightning_to_onnx=True)
     assert report.rewritten == 1 and _count(fused, "LinearAttention") == 1 and _count(fused) == 0
     x = np.random.default_rng(0).standard_normal((3, 13, DIM)).astype(np.float32)
     got, want = load(fused).infer({"x": x}), load(model).infer({"x": x})
     for name in ("output", "output_1"):   # output_1: the final state, LinearAttention's present_state
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=5e-6)
+
+
+def _fold_transposes(model):
+    """``model`` as a graph optimiser leaves dynamo's slice writes: Identities bypassed, a Transpose
+    of a Transpose composed into one (the inner one kept while a Shape still reads it) and identity
+    ones dropped, so the blocks are written into one ``[N, H, B, Dv]`` buffer whose last Transpose is
+    folded into the head merge's (``[2, 0, 1, 3]``)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph, outputs = model.graph, {o.name for o in model.graph.output}
+
+    def perm(node):
+        return next(list(a.ints) for a in node.attribute if a.name == "perm")
+
+    changed = True
+    while changed:
+        changed = False
+        producer = {o: n for n in graph.node for o in n.output}
+        for node in list(graph.node):
+            first = producer.get(node.input[0]) if node.input else None
+            if node.output[0] in outputs or node.op_type not in ("Identity", "Transpose"):
+                continue
+            if node.op_type == "Identity" or perm(node) == sorted(perm(node)):
+                for other in graph.node:
+                    other.input[:] = [node.input[0] if i == node.output[0] else i for i in other.input]
+                graph.node.remove(node)
+            elif first is not None and first.op_type == "Transpose":
+                composed = [perm(first)[a] for a in perm(node)]
+                node.input[0] = first.input[0]
+                del node.attribute[:]
+                node.attribute.append(helper.make_attribute("perm", composed))
+                if not any(first.output[0] in n.input for n in graph.node) and first.output[0] not in outputs:
+                    graph.node.remove(first)
+            else:
+                continue
+            changed = True
+            break
+    return model
+
+
+def test_blockwise_inplace_into_a_transposed_buffer_fuses_with_a_transpose(tmp_path):
+    """dynamo's slice writes with their Transposes folded: a ``[N, H, B, Dv]`` buffer, read through one
+    ``[2, 0, 1, 3]`` Transpose; the fused node's output goes through the Transpose that matches."""
+    torch.manual_seed(6)
+    module = BlockwiseLightningAttention(DIM, HEADS, BLOCK, write="slice_assign")
+    model = _fold_transposes(_export(module, (torch.randn(2, 21, DIM),), tmp_path, "dynamo"))
+    last = [n for n in model.graph.node if n.op_type == "ScatterND"][-1]
+    (reader,) = [n for n in model.graph.node if last.output[0] in n.input]
+    assert reader.op_type == "Transpose" and list(reader.attribute[0].ints) == [2, 0, 1, 3]
+    fused, report = linear.apply(model)
+    node = next(n for n in fused.graph.node if n.op_type == OP)
+    (after,) = [n for n in fused.graph.node if node.output[0] in n.input]
+    assert after.op_type == "Transpose" and list(after.attribute[0].ints) == [0, 2, 1, 3]
+    _check(module, model, fused, report, 21)
+
+
+def test_blockwise_inplace_registry_model_fuses():
+    spec, module, model = export_spec("lightning-blockwise-inplace-small", "torchscript")
+    fused, report = linear.apply(model)
+    assert report.rewritten == 1 and _count(fused) == 1 and _count(fused, "ScatterND") == 0, report.to_dict()
+    x = spec.example_inputs(batch=3, seed=1)[0]
+    with torch.no_grad():
+        want = module(x).numpy()
+    got, unfused = load(fused).infer({"x": x.numpy()})["output"], load(model).infer({"x": x.numpy()})["output"]
+    np.testing.assert_allclose(got, unfused, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_blockwise_lm_prefill_fuses_every_layer():
@@ -182,11 +275,14 @@ class _Faulty(BlockwiseLightningAttention):
     - ``no_inter``: the block has no inter-block term;
     - ``intra_power``: its intra-block table is ``λ^(j−s+1)``;
     - ``k_decay_end``: its state update takes ``λ^(Bs−1−s)``'s first rows instead of the last
-      (the same for a whole block, wrong for the short last one: only the final state differs).
+      (the same for a whole block, wrong for the short last one: only the final state differs);
+    - ``shifted`` (``write="slice_assign"``): the block is written one row late, over the next
+      block's first row, and its own first row is never written;
+    - ``short`` (``write="slice_assign"``): the block's last row is not written.
     """
 
-    def __init__(self, fault: str, at: int):
-        super().__init__(DIM, HEADS, BLOCK)
+    def __init__(self, fault: str, at: int, write: str = "cat"):
+        super().__init__(DIM, HEADS, BLOCK, write=write)
         self.fault, self.at = fault, at
 
     def blocks(self, q, k, v, kv=None):
@@ -198,7 +294,7 @@ class _Faulty(BlockwiseLightningAttention):
         index = array[:, None] - array[None, :]
         diag_decay = torch.exp(torch.where(index >= 0, -slope * index, float("-inf")))
         kv = torch.zeros(b, h, d, v.shape[-1]) if kv is None else kv
-        outs = []
+        outs, output = [], torch.empty(b, h, n, v.shape[-1])
         for i, start in enumerate(range(0, n, block)):
             end = min(start + block, n)
             m, wrong = end - start, i == self.at
@@ -212,32 +308,42 @@ class _Faulty(BlockwiseLightningAttention):
             kd = k_decay[:, :m] if wrong and self.fault == "k_decay_end" else k_decay[:, -m:]
             kv = torch.exp(-slope * m) * kv + (ki * kd).transpose(-1, -2) @ vi
             outs.append(out)
-        return torch.cat(outs, dim=2), kv
+            if wrong and self.fault == "shifted":
+                output[:, :, start + 1:end + 1] = out
+            elif wrong and self.fault == "short":
+                output[:, :, start:end - 1] = out[:, :, :-1]
+            else:
+                output[:, :, start:end] = out
+        return (output if self.write == "slice_assign" else torch.cat(outs, dim=2)), kv
 
 
-NEAR_MISSES = [  # fault, block, exporters, reason
-    ("q_power", 1, ["dynamo", "torchscript"], "block 1 (tokens 8-15) differs from lightning attention"),
-    ("no_inter", 1, ["torchscript"], "block 1 (tokens 8-15) (it has no inter-block term) differs"),
-    ("intra_power", 2, ["torchscript"], "block 2's intra-block term is not proven"),
-    ("k_decay_end", 2, ["torchscript"], "the state it returns (output_1) is not"),
+NEAR_MISSES = [  # fault, block, write, exporters, reason
+    ("q_power", 1, "cat", ["dynamo", "torchscript"], "block 1 (tokens 8-15) differs from lightning attention"),
+    ("no_inter", 1, "cat", ["torchscript"], "block 1 (tokens 8-15) (it has no inter-block term) differs"),
+    ("intra_power", 2, "cat", ["torchscript"], "block 2's intra-block term is not proven"),
+    ("k_decay_end", 2, "cat", ["torchscript"], "the state it returns (output_1) is not"),
+    ("no_inter", 1, "slice_assign", ["dynamo"], "block 1 (tokens 8-15) (it has no inter-block term) differs"),
+    ("shifted", 1, "slice_assign", ["dynamo", "torchscript"], "overwrites block 1's rows: the writes overlap"),
+    ("short", 1, "slice_assign", ["torchscript"], "are never written and keep the buffer's content"),
 ]
+NEAR_MISS_CASES = [(f, a, w, e, r) for f, a, w, exporters, r in NEAR_MISSES for e in exporters]
 
 
-@pytest.mark.parametrize("fault,at,exporter,reason",
-                         [(f, a, e, r) for f, a, exporters, r in NEAR_MISSES for e in exporters],
-                         ids=[f"{f}-{e}" for f, _, exporters, _ in NEAR_MISSES for e in exporters])
-def test_blockwise_near_misses_leave_the_graph_alone(fault, at, exporter, reason, tmp_path):
+@pytest.mark.parametrize("fault,at,write,exporter,reason", NEAR_MISS_CASES,
+                         ids=[f"{f}-{w}-{e}" for f, _, w, e, _ in NEAR_MISS_CASES])
+def test_blockwise_near_misses_leave_the_graph_alone(fault, at, write, exporter, reason, tmp_path):
     torch.manual_seed(5)
-    module = _Prefill(_Faulty(fault, at))
+    module = _Prefill(_Faulty(fault, at, write))
     model = _export(module, (torch.randn(2, 21, DIM),), tmp_path, exporter)
     fused, report = linear.apply(model)
     assert report.rewritten == 0 and _count(fused) == 0 and fused is model, report.to_dict()
     assert any(reason in nm.reason for nm in report.near_misses), report.to_dict()
 
 
-def test_blockwise_with_dynamic_sequence_length_is_not_fused(tmp_path):
+@pytest.mark.parametrize("write", WRITES)
+def test_blockwise_with_dynamic_sequence_length_is_not_fused(write, tmp_path):
     """The loop unrolled for 21 tokens; under a dynamic ``seq`` axis the graph is right only there."""
-    module = BlockwiseLightningAttention(DIM, HEADS, BLOCK)
+    module = BlockwiseLightningAttention(DIM, HEADS, BLOCK, write=write)
     model = _export(module, (torch.randn(2, 21, DIM),), tmp_path, "torchscript", dynamic_tokens=True)
     fused, report = linear.apply(model)
     assert report.rewritten == 0 and _count(fused) == 0, report.to_dict()
