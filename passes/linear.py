@@ -460,17 +460,16 @@ def _prove_mask(g: _Graph, cand: _Candidate, keep, keep_inverted, weight, scores
     if depends_on_data(g.model, mask):
         raise _Miss(f"{form}, but M reads input values: not a fixed causal/decay mask")
     try:
-        runs = evaluate_tensors(g.model, [mask, scores])
+        runs = _mask_and_scores_shapes(g, mask, scores)
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot prove"
         raise _Miss(f"{form}, but M could not be evaluated: {str(exc).splitlines()[0][:200]}") from None
     decays = None
-    for run in runs:
-        s = run[scores]
-        b, h, n, m = s.shape
+    for mask_value, scores_shape in runs:
+        b, h, n, m = scores_shape
         try:
-            mv = np.broadcast_to(np.asarray(run[mask]), s.shape)
+            mv = np.broadcast_to(np.asarray(mask_value), scores_shape)
         except ValueError:
-            raise _Miss(f"{form}, but M of shape {run[mask].shape} does not broadcast to the scores") from None
+            raise _Miss(f"{form}, but M of shape {np.shape(mask_value)} does not broadcast to the scores") from None
         if not np.all(mv == mv[:1]):
             raise _Miss(f"{form}, but M differs between batch entries")
         mv = mv[0]
@@ -502,6 +501,23 @@ def _prove_mask(g: _Graph, cand: _Candidate, keep, keep_inverted, weight, scores
     cand.heads = len(decays)
     if any(abs(d - 1.0) > 1e-7 for d in decays):
         cand.decay = decays
+
+
+def _mask_and_scores_shapes(g: _Graph, mask: str, scores: str, sizes: tuple[int, ...] = (5, 8)) -> list[tuple]:
+    """``(M's value, the scores' shape)`` with every symbolic input dimension at each of ``sizes``.
+
+    The scores' shape comes from shape inference when it is made of numbers and input
+    dimensions, so only M is evaluated: computing the scores themselves runs the model up to
+    Q and K (a blockwise chain repeats that for each block, seconds at 2k tokens).
+    """
+    shape = g.shapes.get(scores)
+    inputs = _input_dim_names(g.model)
+    if not shape or len(shape) != 4 or not all(isinstance(d, int) or d in inputs for d in shape):
+        return [(run[mask], run[scores].shape) for run in evaluate_tensors(g.model, [mask, scores], sizes)]
+    runs = evaluate_tensors(g.model, [mask], sizes)
+    if len(runs) == 1:   # M reads no dynamic input: the same at every size
+        runs = runs * len(sizes)
+    return [(run[mask], tuple(d if isinstance(d, int) else size for d in shape)) for run, size in zip(runs, sizes)]
 
 
 def _match_cumsum(g: _Graph, mm) -> _Candidate | None:
