@@ -470,23 +470,28 @@ _OVERLOAD_SEPARATOR = "__"
 
 
 def _inline_ready_functions(model: onnx.ModelProto) -> None:
-    """Ready attnc's function bodies for the parser's ``LocalFunctionImporter``: it looks a
-    function up by name alone (onnx-tensorrt's ``importLocalFunctions`` keys them by
-    ``name()``, the first one kept), so each overload gets its own name (``<op>__<overload>``)
-    and its nodes that name; inputs a body never reads are dropped from it and its nodes; and
-    causal products always run in chunks (:func:`attnc.plugins.chunked.chunks_only`)."""
-    renamed, arity = {}, {}
+    """Ready attnc's function bodies for the parser's ``LocalFunctionImporter``.
+
+    - It looks a function up by name alone (onnx-tensorrt's ``importLocalFunctions`` keys them
+      by ``name()``, the first one kept): each overload gets its own name (``<op>__<overload>``)
+      and its nodes that name.
+    - It wants a node with as many inputs as its function, and RTX's rejects a node with an
+      empty (``""``) input ("Invalid Node"): inputs a body never reads (the state of an
+      overload without one, agent attention's absent biases) go from the function and its
+      nodes; an absent input a body does read gets the constant the op's module declares it
+      equals (``ABSENT_INPUTS``: linear attention's decay, λ = 1).
+    - Causal products always run in chunks (:func:`attnc.plugins.chunked.chunks_only`).
+    """
+    renamed, kept = {}, {}
     for index, function in enumerate(model.functions):
         if function.domain != DOMAIN:
             continue
         function = chunks_only(function)
-        # Trailing inputs the body never reads (the state of an overload without one, agent
-        # biases of the bias-free overload) go: the importer wants a node with as many inputs as
-        # its function, and RTX's rejects a node whose trailing inputs are "" ("Invalid Node").
         read = set().union(*(set(node.input) | subgraph_inputs(node) for node in function.node))
-        while function.input and function.input[-1] not in read:
-            function.input.pop()
-        arity[(function.name, function.overload)] = len(function.input)
+        kept[(function.name, function.overload)] = [i for i, name in enumerate(function.input) if name in read]
+        names = [name for name in function.input if name in read]
+        del function.input[:]
+        function.input.extend(names)
         if function.overload:
             renamed[(function.name, function.overload)] = function.name + _OVERLOAD_SEPARATOR + function.overload
             function.name = renamed[(function.name, function.overload)]
@@ -494,12 +499,27 @@ def _inline_ready_functions(model: onnx.ModelProto) -> None:
         model.functions[index].CopyFrom(function)
     for node in model.graph.node:
         key = (node.op_type, node.overload)
-        if node.domain != DOMAIN or key not in arity:
+        if node.domain != DOMAIN or key not in kept:
             continue
-        if any(node.input[arity[key]:]):
+        given = list(node.input) + [""] * (max(kept[key], default=-1) + 1 - len(node.input))
+        if any(name for i, name in enumerate(given) if i not in kept[key]):
             raise AttncError(f"node {node.name!r} ({node.op_type}) has inputs its function body does not read",
                              "re-run the fusion pass that made it (the node and its overload disagree)")
-        del node.input[arity[key]:]
+        spec = plugins.plugin_spec(node.op_type)
+        absent = dict(spec.absent_inputs)
+        inputs = []
+        for i in kept[key]:
+            if not given[i]:
+                if i not in absent:
+                    raise AttncError(f"node {node.name!r} ({node.op_type}) leaves out input {spec.inputs[i]!r}, and "
+                                     "TensorRT's parser rejects an inlined node with an absent input",
+                                     "give the input a value, or build with --fused-ops plugin")
+                given[i] = f"{node.name}/absent_{spec.inputs[i]}"
+                model.graph.initializer.append(onnx.numpy_helper.from_array(
+                    np.array([absent[i]], np.float32), given[i]))
+            inputs.append(given[i])
+        del node.input[:]
+        node.input.extend(inputs)
         if key in renamed:
             node.op_type = renamed[key]
             node.ClearField("overload")

@@ -72,6 +72,8 @@ class PluginSpec:
         extra_outputs: ``(input_shapes, **attrs) -> [(shape, numpy dtype name)]`` of outputs
             1, 2, ... (``extra_outputs`` of the module); output 0 has input 0's dtype.
         float32_inputs: input indices that stay float32 in fp16/bf16 engines (decay, state).
+        absent_inputs: ``(input index, the scalar an absent optional input equals)`` where one
+            does (``ABSENT_INPUTS`` of the module; linear attention's decay: 1.0).
     """
 
     op_type: str
@@ -83,6 +85,7 @@ class PluginSpec:
     n_outputs: int = 1
     extra_outputs: Callable[..., list] | None = None
     float32_inputs: tuple[int, ...] = ()
+    absent_inputs: tuple[tuple[int, float], ...] = ()
 
     @property
     def name(self) -> str:
@@ -185,7 +188,8 @@ def plugin_spec(name: str, present: Sequence[int] | None = None, n_outputs: int 
                          "check the node's outputs against the op's contract")
     return PluginSpec(op_type, {n: (_kind_of(n, d), d) for n, d in attributes.items()}, rule, inputs, required,
                       present, n_outputs, getattr(module, "extra_outputs", None),
-                      tuple(getattr(module, "FLOAT32_INPUTS", ())))
+                      tuple(getattr(module, "FLOAT32_INPUTS", ())),
+                      tuple(sorted(getattr(module, "ABSENT_INPUTS", {}).items())))
 
 
 def node_plugin_spec(node: onnx.NodeProto) -> PluginSpec:

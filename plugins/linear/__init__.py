@@ -76,6 +76,9 @@ OUTPUTS = ("O", "state_out")
 # Inputs that stay float32 in fp16 and bf16 models (the TensorRT precision conversion reads
 # these): decay and state. Outputs after the first are float32 as extra_outputs declares them.
 FLOAT32_INPUTS = (3, 4)
+# What an absent optional input equals, where a constant does (TensorRT's inlined bodies need
+# every input they read): no decay is λ = 1.
+ABSENT_INPUTS = {3: 1.0}
 OPSET = 17
 
 

@@ -1169,13 +1169,42 @@ def _inline_case(name: str):
         # the bias-free overload: its unread bias inputs are dropped (RTX rejects trailing "" inputs)
         "agent_nobias": (agent.make_node(["q", "k", "v", "a"], ["o"], "n"), {**qkv([2, 2, 16, 32]), "a": [2, 2, 4, 32]},
                          agent, {}),
+        # a state without decay: the absent decay (read by the body) becomes the constant λ = 1
+        "linear_state_nodecay": (linear.make_node(["q", "k", "v", "", "state"], ["o", "state_out"], "n", causal=1,
+                                                  normalize=1, feature_map="elu1"),
+                                 {**qkv([2, 2, 16, 32]), "state": [2, 2, 32, 33]}, linear, {}),
+        # the agent bias absent before a present query bias: unread by that overload, dropped
+        "agent_query_bias": (agent.make_node(["q", "k", "v", "a", "", "qb"], ["o"], "n"),
+                             {**qkv([2, 2, 16, 32]), "a": [2, 2, 4, 32], "qb": [1, 2, 16, 4]}, agent, {}),
         "na2d_rpb": (neighborhood.make_node(["q", "k", "v", "rpb"], ["o"], "n", kernel_size=[3, 5], dilation=[1, 2]),
                      {**qkv([1, 2, 8, 10, 32]), "rpb": [2, 5, 9]}, neighborhood, {}),
     }[name]
 
 
+@pytest.mark.parametrize("case", ["linear_state_nodecay", "agent_query_bias"])
+def test_inline_inputs_absent_or_unread_keep_the_op(case):
+    """The inline preparation's input edits (an unread input dropped, an absent one read as its
+    declared constant) leave what the node computes unchanged: ONNX Runtime, before and after."""
+    from attnc.compiler.backends.onnxruntime import load
+
+    node, shapes, module, _ = _inline_case(case)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()]
+    outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in node.output]
+    model = helper.make_model(helper.make_graph([node], case, inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(DOMAIN, 1)])
+    module.add_to_model(model, node)
+    prepared, _ = trt_backend.prepare_model(model, "fp32", fused_ops="inline")
+    assert "" not in prepared.graph.node[0].input
+    rng = np.random.default_rng(8)
+    feeds = {n: rng.uniform(0.1, 1.0, s).astype(np.float32) for n, s in shapes.items()}
+    want, got = load(model).infer(feeds), load(prepared).infer(feeds)
+    for name in node.output:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.tensorrt
-@pytest.mark.parametrize("case", ["flow_causal", "linear_state", "agent_nobias", "na2d_rpb"])
+@pytest.mark.parametrize("case", ["flow_causal", "linear_state", "linear_state_nodecay", "agent_nobias",
+                                  "agent_query_bias", "na2d_rpb"])
 def test_inline_mode_builds_each_fused_op(tmp_path, case):
     """``--fused-ops inline`` (no plugin) builds every op's body with TensorRT-RTX's parser.
     Before: causal flow's length switch crashed the build, linear attention's body used a string
