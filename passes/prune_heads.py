@@ -1653,7 +1653,9 @@ def select_heads(layers_heads: dict[int, int], scores: dict[int, np.ndarray], ra
         norm = (np.linalg.norm(s) or 1.0) if normalise else 1.0
         owner = np.asarray(groups[i]) if i in groups else np.arange(h)
         members = [[int(j) for j in np.flatnonzero(owner == g)] for g in dict.fromkeys(owner.tolist())]
-        if granularity == "query" and len(members) < h:
+        if granularity == "query" and i in groups:
+            # a grouped layer stays grouped at one query head per K/V head: its one slice is all of
+            # its heads, so it can lose no more (its single heads would be whole K/V groups)
             if len({len(m) for m in members}) != 1:
                 raise AttncError(f"layer {i}: K/V groups of unequal sizes {[len(m) for m in members]} cannot lose "
                                  "the same number of query heads each", "keep= the same number per group")
@@ -1858,7 +1860,7 @@ def _unit_sizes(layers: list[AttentionLayer], granularity: str = "group") -> dic
     _check_granularity(granularity)
     sizes = {}
     for l in layers:
-        if granularity == "query" and l.kv_heads < l.heads:
+        if granularity == "query" and l.kv_of_head is not None:
             sizes[l.index] = [l.kv_heads] * (l.heads // l.kv_heads)
         else:
             sizes[l.index] = [len(g) for g in l.kv_groups() or [[h] for h in range(l.heads)]]

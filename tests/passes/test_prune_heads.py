@@ -922,6 +922,14 @@ def test_select_heads_query_granularity():
     assert select_heads({0: 4}, scores_mq, count=2, groups=multi_query, granularity="query") == {0: [0, 3]}
     with pytest.raises(AttncError, match="between 0 and 0 heads.*granularity='query'"):
         select_heads({0: 4}, scores_mq, count=2, groups=multi_query)
+    # A grouped layer already at one query head per K/V head stays grouped: its single heads are
+    # whole K/V groups, which query granularity never drops (iterative selection reaches this).
+    pruned = {0: np.arange(4), 1: np.repeat(np.arange(4), 2)}
+    two_layers = {0: np.array([1.0, 2, 3, 4]), 1: np.arange(8.0) + 10}
+    assert select_heads({0: 4, 1: 8}, two_layers, count=4, normalise=False, groups=pruned,
+                        granularity="query") == {0: [0, 1, 2, 3], 1: [1, 3, 5, 7]}
+    with pytest.raises(AttncError, match="multiple of 4 heads"):
+        select_heads({0: 4, 1: 8}, two_layers, count=2, normalise=False, groups=pruned, granularity="query")
 
 
 def test_query_granularity_selects_each_groups_lowest_heads(tmp_path):
