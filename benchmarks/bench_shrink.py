@@ -2,17 +2,20 @@
 
     python benchmarks/bench_shrink.py [--reps 200] [--threads 1] [--out benchmarks/results]
                                       [--skip prune|exit|llama] [--only prune|exit|llama] [--smoke]
+                                      [--tag NAME]
 
 Sections: ``prune`` trains two digits ViTs (4 x 4 and 6 x 8 heads); ``exit`` four VQA VLMs (16 and
 64 visual tokens, plain and exit-aware), together about 9 minutes on a shared 2-core CPU; ``llama``
-(about 6 minutes) a transformers ``LlamaForCausalLM`` (RoPE, 8 query heads on 4 K/V heads) on the
-digits as 65-token sequences, pruned by whole K/V groups (25 % and 50 %). The passes are applied
-(pruning: weight, activation, gradient and ablation scores, one-shot and iterative, with and
-without a short fine-tune) and the tables printed: accuracy, parameters, attention FLOPs and ONNX
+(about 11 minutes) a transformers ``LlamaForCausalLM`` (RoPE, 8 query heads on 4 K/V heads) on the
+digits as 65-token sequences, pruned by whole K/V groups (25 % and 50 % of the query heads) and by
+query heads inside the groups (``granularity="query"``: the same ratios, and the ratio whose attention
+FLOPs match the groups' 50 %). The passes are applied (pruning: weight, activation, gradient and
+ablation scores, one-shot and iterative, with and without a short fine-tune) and the tables printed: accuracy, parameters, attention FLOPs and ONNX
 Runtime CPU latency before/after. Latencies of a "before" and its "after" are measured side by
 side (runs interleaved round-robin in the same process, median of ``--reps``). Raw numbers go to
 ``<out>/shrink-<date>.json`` with the machine description (a run of some sections only:
-``shrink-<sections>-<date>.json``, e.g. ``shrink-llama-<date>.json``). ``--smoke`` runs the
+``shrink-<sections>-<date>.json``, e.g. ``shrink-llama-<date>.json``; ``--tag granularity``:
+``shrink-llama-granularity-<date>.json``, to keep an earlier run of the same day). ``--smoke`` runs the
 ``llama`` section at toy sizes (about a minute; its numbers mean nothing).
 
 Issue #6 targets: 25 % of heads pruned keeps accuracy within 1 point and cuts attention
@@ -234,7 +237,7 @@ def bench_token_exit(tmp: Path, reps: int, threads: int, name: str, exit_aware: 
 # attention) on the digits as a token sequence: the 64 pixels (0..16, already integers in
 # scikit-learn's data) in raster order, then a query token; the class is read from the LM head's
 # logits of the ten class tokens at the last position. 8 query heads on 4 K/V heads: pruning goes
-# by whole K/V groups of 2 query heads.
+# by whole K/V groups of 2 query heads, or (granularity="query") by one query head of every group.
 LLAMA_PIXEL_LEVELS = 17
 LLAMA_QUERY = LLAMA_PIXEL_LEVELS
 LLAMA_CLASSES = slice(LLAMA_QUERY + 1, LLAMA_QUERY + 11)
@@ -284,13 +287,14 @@ def train_digits_llama(config: dict, seed: int = 0):
 
 def llama_attention_counts(model: DigitsLlama, keep: dict[int, list[int]], tokens: int) -> tuple[int, int]:
     """Attention parameters and FLOPs (projections + dense core) counted from the torch modules'
-    shapes, with each layer's kept query heads ``keep`` (and their K/V heads)."""
+    shapes, with each layer's kept query heads ``keep`` and the K/V heads they read (``repeat_kv``:
+    query head ``j`` reads K/V head ``j // g``), whole groups or query heads inside the groups."""
     params = flops = 0
     for i, layer in enumerate(model.lm.model.layers):
         attn = layer.self_attn
         heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
-        h = len(keep.get(i, range(heads)))
-        h_kv = h * kv_heads // heads
+        kept = keep.get(i, range(heads))
+        h, h_kv = len(kept), len({j // (heads // kv_heads) for j in kept})
         c, d = attn.q_proj.in_features, attn.head_dim
         p = c * d * (2 * h + 2 * h_kv)
         params += p
@@ -325,31 +329,51 @@ def bench_llama(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict
     acc_control = onnx_accuracy(export(control, train.inputs[0][:2], tmp / "control-llama.onnx", ["ids"], axes),
                                 test_feeds, labels, threads)
     params_torch, flops_torch = llama_attention_counts(model, {}, tokens)
-    selections = [("activation", "one-shot"), ("gradient", "one-shot"), ("ablation", "one-shot")]
-    if not smoke:
-        selections += [("activation", "iterative"), ("ablation", "iterative")]
+    one_shot = [("activation", "one-shot"), ("gradient", "one-shot"), ("ablation", "one-shot")]
+    selections = one_shot + ([("activation", "iterative")] if smoke else
+                             [("activation", "iterative"), ("ablation", "iterative")])
+    # Whole K/V groups at 25 % and 50 % of the query heads; query heads inside the groups at the
+    # same ratios (fewer FLOPs go: the K/V projections stay). With groups of 2 query heads, 50 %
+    # is the most query granularity can remove, so no ratio of it matches the groups' FLOPs.
+    settings = [(g, r, selections) for g in ("group", "query") for r in (0.25, 0.5)]
+    check_ids = test.inputs[0][:64]
     rows, timed = [], {}
-    for ratio in (0.25, 0.5):
-        for method, selection in selections:
+    for granularity, ratio, setting_selections in settings:
+        for method, selection in setting_selections:
             t = time.perf_counter()
             if selection == "iterative":
-                # step 1 rounds up to one K/V group (2 query heads) per round.
+                # step 1 rounds up to one unit per round: a K/V group (2 query heads), or with
+                # granularity="query" one query head in every K/V group of a layer.
                 keep = select_heads_iteratively(base, calibration, ratio=ratio, step=1, method=method,
-                                                torch_model=model, loss_fn=loss)
+                                                torch_model=model, loss_fn=loss, granularity=granularity)
             else:
-                scores = score_heads(base, calibration, method=method, torch_model=model, loss_fn=loss)
-                keep = select_heads(heads, scores, ratio=ratio, normalise=method != "ablation", groups=groups)
+                scores = score_heads(base, calibration, method=method, torch_model=model, loss_fn=loss,
+                                     granularity=granularity)
+                keep = select_heads(heads, scores, ratio=ratio, normalise=method != "ablation", groups=groups,
+                                    granularity=granularity)
             select_s = time.perf_counter() - t
-            pruned, report = prune_heads(base, keep=keep, tokens=tokens)
+            pruned, report = prune_heads(base, keep=keep, tokens=tokens, granularity=granularity)
             acc_pruned = onnx_accuracy(pruned, test_feeds, labels, threads)
+            # The gates act on o_proj's input, one slice per query head, so gating the dropped
+            # query heads is the torch counterpart of either granularity (a dropped group is all
+            # of its query heads; under "query" the K/V heads stay and keep their gradients).
             tuned = copy.deepcopy(model)
-            with head_gates(tuned, gates_from_keep(keep, heads)):
+            gates = gates_from_keep(keep, heads)
+            with head_gates(tuned, gates):
                 fit(tuned, train, finetune_epochs, lr=finetune_lr)
-            path = tmp / f"tuned-llama-{ratio}-{method}-{selection}.onnx"
-            recovered, _ = prune_heads(export(tuned, train.inputs[0][:2], path, ["ids"], axes), keep=keep)
+            path = tmp / f"tuned-llama-{granularity}-{ratio}-{method}-{selection}.onnx"
+            recovered, _ = prune_heads(export(tuned, train.inputs[0][:2], path, ["ids"], axes), keep=keep,
+                                       granularity=granularity)
+            with torch.no_grad(), head_gates(tuned, gates):
+                masked = tuned(check_ids).numpy()
+            recovered_error = float(np.abs(session(recovered, threads).run(None, {"ids": check_ids.numpy()})[0]
+                                           - masked).max())
+            if recovered_error > 1e-4:
+                raise RuntimeError(f"{granularity} {ratio:g} {method} {selection}: the pruned fine-tuned ONNX model "
+                                   f"differs from the masked torch model by {recovered_error:.2e}")
             acc_recovered = onnx_accuracy(recovered, test_feeds, labels, threads)
             if (method, selection) == ("ablation", "one-shot"):
-                timed[ratio] = pruned
+                timed[f"{granularity} {100 * ratio:g}%"] = pruned
             params_after_torch, flops_after_torch = llama_attention_counts(model, keep, tokens)
             attention_params = (sum(l.params_before for l in report.layers), sum(l.params_after for l in report.layers))
             flops = (report.attention_flops_before, report.attention_flops_after)
@@ -358,18 +382,19 @@ def bench_llama(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict
                                    f"{report.attention_flops_after} FLOPs disagrees with the torch module's count "
                                    f"{params_torch} -> {params_after_torch}, {flops_torch} -> {flops_after_torch}")
             rows.append({
-                "ratio": ratio, "method": method, "selection": selection, "select_seconds": select_s,
-                "keep": {str(k): v for k, v in keep.items()},
+                "granularity": granularity, "ratio": ratio, "method": method, "selection": selection,
+                "select_seconds": select_s, "keep": {str(k): v for k, v in keep.items()},
                 "heads_before": report.heads_before, "heads_after": report.heads_after,
                 "kv_heads_before": sum(l.kv_heads_before for l in report.layers),
                 "kv_heads_after": sum(l.kv_heads_after for l in report.layers),
                 "accuracy_before": acc_before, "accuracy_after": acc_pruned, "accuracy_after_finetune": acc_recovered,
+                "finetuned_onnx_vs_masked_torch": recovered_error,
                 "params_before": report.params_before, "params_after": report.params_after,
                 "attention_params_before": attention_params[0], "attention_params_after": attention_params[1],
                 "attention_flops_before": report.attention_flops_before,
                 "attention_flops_after": report.attention_flops_after, "report": report.to_dict(),
             })
-    # Latency: unpruned and both pruned models (ablation one-shot selections) in one interleaved
+    # Latency: unpruned and every pruned model (ablation one-shot selections) in one interleaved
     # loop, at the task's length (64 pixels + query) and at a longer prompt-like length.
     shapes = [(1, tokens), (32, tokens), (1, 512)] if not smoke else [(1, tokens), (4, tokens)]
     latency = {}
@@ -377,8 +402,7 @@ def bench_llama(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict
     for batch, seq in shapes:
         ids = (test.inputs[0][:batch] if seq == tokens
                else torch.randint(0, LLAMA_QUERY + 1, (batch, seq), generator=gen))
-        latency[f"b{batch}-s{seq}"] = side_by_side({"before": base, "25%": timed[0.25], "50%": timed[0.5]},
-                                                  {"ids": ids.numpy()}, reps, threads)
+        latency[f"b{batch}-s{seq}"] = side_by_side({"before": base, **timed}, {"ids": ids.numpy()}, reps, threads)
     size = {k: v for k, v in config.items() if k not in ("epochs", "lr")}
     return {"task": f"digits (sklearn, 8x8, 10 classes; {len(train)} train / {len(test)} test) as {tokens} tokens: "
                     f"64 pixel levels 0..16 in raster order + a query token; class = LM logits of 10 class tokens "
@@ -391,7 +415,9 @@ def bench_llama(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict
             "train_seconds": train_s,
             "tokens": tokens, "calibration": f"{calib_n} training sequences",
             "finetune": f"{finetune_epochs} epochs, lr {finetune_lr:g}, pruned heads masked",
-            "accuracy_unpruned_finetune": acc_control, "selection": "global over layers, whole K/V groups",
+            "accuracy_unpruned_finetune": acc_control,
+            "selection": "global over layers; granularity group: whole K/V groups, query: one query head in every "
+                         "K/V group of a layer per unit (rank slices)",
             "counts_checked_against_torch": True,
             "latency_ms": latency, "latency_of": "ablation, one-shot", "rows": rows}
 
@@ -417,6 +443,7 @@ def main(argv=None) -> int:
                         help="run these sections only (repeatable)")
     parser.add_argument("--smoke", action="store_true",
                         help="the Llama section at toy sizes (seconds; checks it runs, numbers mean nothing)")
+    parser.add_argument("--tag", default="", help="added to the raw file's name: shrink-<sections>-<tag>-<date>.json")
     args = parser.parse_args(argv)
     sections = [s for s in SECTIONS if s not in args.skip and (not args.only or s in args.only)]
     torch.set_num_threads(args.threads)
@@ -438,7 +465,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # A partial run gets its own file (shrink-llama-<date>.json) rather than replacing a full one.
     part = "" if len(sections) == len(SECTIONS) else "-".join(sections) + "-"
-    path = out / f"shrink-{part}{'smoke-' if args.smoke else ''}{time.strftime('%Y-%m-%d')}.json"
+    tag = f"{args.tag}-" if args.tag else ""
+    path = out / f"shrink-{part}{tag}{'smoke-' if args.smoke else ''}{time.strftime('%Y-%m-%d')}.json"
     path.write_text(json.dumps(results, indent=2, default=float) + "\n")
     print(f"\nraw numbers: {path}")
     return 0
@@ -495,24 +523,26 @@ def table(results: dict) -> str:
 
 def llama_table(p: dict) -> list[str]:
     r0 = p["rows"][0]
-    lines = [f"Head pruning by K/V groups, {p['model']}, trained in {p['train_seconds']:.0f} s; {p['tokens']} tokens; "
-             f"fine-tune: {p['finetune']}; the unpruned model after the same fine-tune: "
-             f"{r0['accuracy_before']:.1%} -> {p['accuracy_unpruned_finetune']:.1%}",
-             f"  {'pruned':<8}{'score':<11}{'selection':<11}{'acc before':>11}{'after':>8}{'delta':>7}"
+    lines = [f"Head pruning by K/V groups and by query heads inside them, {p['model']}, trained in "
+             f"{p['train_seconds']:.0f} s; {p['tokens']} tokens; fine-tune: {p['finetune']}; the unpruned model after "
+             f"the same fine-tune: {r0['accuracy_before']:.1%} -> {p['accuracy_unpruned_finetune']:.1%}",
+             f"  {'unit':<7}{'pruned':<8}{'score':<11}{'selection':<11}{'acc before':>11}{'after':>8}{'delta':>7}"
              f"{'+ft':>8}{'delta':>7}{'select s':>10}{'heads':>9}{'kv':>7}{'attn params':>17}{'attn MFLOPs':>15}"
-             "  kept per layer"]
+             f"{'':>6}  kept per layer"]
     for r in p["rows"]:
+        flops_change = r["attention_flops_after"] / r["attention_flops_before"] - 1
         lines.append(
-            f"  {r['ratio']:<8.0%}{r['method']:<11}{r['selection']:<11}{r['accuracy_before']:>10.1%}"
+            f"  {r.get('granularity', 'group'):<7}{100 * r['ratio']:<8.3g}{r['method']:<11}{r['selection']:<11}"
+            f"{r['accuracy_before']:>10.1%}"
             f"{r['accuracy_after']:>9.1%}{100 * (r['accuracy_after'] - r['accuracy_before']):>+7.1f}"
             f"{r['accuracy_after_finetune']:>8.1%}{100 * (r['accuracy_after_finetune'] - r['accuracy_before']):>+7.1f}"
             f"{r['select_seconds']:>10.1f}{r['heads_before']:>4}->{r['heads_after']:<3}"
             f"{r['kv_heads_before']:>3}->{r['kv_heads_after']:<3}"
             f"{r['attention_params_before']:>8}->{r['attention_params_after']:<7}"
-            f"{r['attention_flops_before'] / 1e6:>7.2f}->{r['attention_flops_after'] / 1e6:<6.2f}  "
+            f"{r['attention_flops_before'] / 1e6:>7.2f}->{r['attention_flops_after'] / 1e6:<6.2f}{flops_change:>+6.1%}  "
             + " ".join(str(len(k)) for k in r["keep"].values()))
     lines.append(f"  params (whole model) {r0['params_before']} -> "
-                 + ", ".join(f"{r['params_after']} ({r['ratio']:.0%}, {r['method']} {r['selection']})"
+                 + ", ".join(f"{r['params_after']} ({r.get('granularity', 'group')} {100 * r['ratio']:g}%)"
                              for r in p["rows"] if r["method"] == "ablation" and r["selection"] == "one-shot"))
     for shape, lat in p["latency_ms"].items():
         lines.append(f"  latency {shape} ({p['latency_of']} selections), median: before {lat['before']:.3f} ms, "
