@@ -1181,18 +1181,24 @@ def _inline_case(name: str):
     }[name]
 
 
+def _inline_model(case: str):
+    """(one-node model with its function body, node, input shapes, profile) of :func:`_inline_case`."""
+    node, shapes, module, profile = _inline_case(case)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()]
+    outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in node.output]
+    model = helper.make_model(helper.make_graph([node], case, inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(DOMAIN, 1)])
+    module.add_to_model(model, node)
+    return model, node, shapes, profile
+
+
 @pytest.mark.parametrize("case", ["linear_state_nodecay", "agent_query_bias"])
 def test_inline_inputs_absent_or_unread_keep_the_op(case):
     """The inline preparation's input edits (an unread input dropped, an absent one read as its
     declared constant) leave what the node computes unchanged: ONNX Runtime, before and after."""
     from attnc.compiler.backends.onnxruntime import load
 
-    node, shapes, module, _ = _inline_case(case)
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()]
-    outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in node.output]
-    model = helper.make_model(helper.make_graph([node], case, inputs, outputs),
-                              opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(DOMAIN, 1)])
-    module.add_to_model(model, node)
+    model, node, shapes, _ = _inline_model(case)
     prepared, _ = trt_backend.prepare_model(model, "fp32", fused_ops="inline")
     assert "" not in prepared.graph.node[0].input
     rng = np.random.default_rng(8)
@@ -1212,12 +1218,7 @@ def test_inline_mode_builds_each_fused_op(tmp_path, case):
     (fp32: RTX's CPU build targets Turing, where the float32 GEMMs these bodies keep in fp16
     engines "are not supported".)"""
     _trt_or_skip()
-    node, shapes, module, profile = _inline_case(case)
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()]
-    outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in node.output]
-    model = helper.make_model(helper.make_graph([node], case, inputs, outputs),
-                              opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(DOMAIN, 1)])
-    module.add_to_model(model, node)
+    model, _, _, profile = _inline_model(case)
     engine = trt_backend.build(_save(model, tmp_path / "m.onnx"), tmp_path / "out", "fp32", fused_ops="inline",
                                **profile)
     info = trt_backend.describe(engine)
