@@ -140,17 +140,22 @@ def add_function(model: onnx.ModelProto, function: onnx.FunctionProto) -> None:
             ensure_opset(model, entry.domain, entry.version)
 
 
-def remove_dead_nodes(model: onnx.ModelProto) -> None:
-    """Drop nodes (and initializers) that no graph output depends on any more."""
-    graph = model.graph
-    needed = {o.name for o in graph.output}
+def live_nodes(nodes: Sequence[onnx.NodeProto], outputs: Sequence[str]) -> tuple[list[onnx.NodeProto], set[str]]:
+    """The nodes (in order) that ``outputs`` depend on, and every tensor name they read."""
+    needed = set(outputs)
     keep: list[onnx.NodeProto] = []
-    for node in reversed(graph.node):
+    for node in reversed(nodes):
         if any(o in needed for o in node.output):
             keep.append(node)
             needed.update(i for i in node.input if i)
             needed.update(subgraph_inputs(node))
-    keep.reverse()
+    return keep[::-1], needed
+
+
+def remove_dead_nodes(model: onnx.ModelProto) -> None:
+    """Drop nodes (and initializers) that no graph output depends on any more."""
+    graph = model.graph
+    keep, needed = live_nodes(graph.node, [o.name for o in graph.output])
     del graph.node[:]
     graph.node.extend(keep)
     inits = [i for i in graph.initializer if i.name in needed]

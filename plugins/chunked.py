@@ -37,6 +37,13 @@ SHORT = 192
 SWITCH = "length_switch"  # the name (after the prefix) of the If choosing the short or the chunked form
 
 
+def constant(name: str, value, dtype=TensorProto.FLOAT) -> onnx.NodeProto:
+    """A ``Constant`` node ``name``: a scalar, or a 1-D tensor for a list or tuple ``value``."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    dims = [len(values)] if isinstance(value, (list, tuple)) else []
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, dims, values))
+
+
 def causal_product(q: str, k: str, w: str, log_decay: str | None, out: str, prefix: str = "cp_"
                    ) -> list[onnx.NodeProto]:
     """Nodes computing ``out`` = the chunked causal product of ``q``, ``k``, ``w`` (see the module).
@@ -58,9 +65,7 @@ def causal_product(q: str, k: str, w: str, log_decay: str | None, out: str, pref
         return helper.make_node(op, [outer[x] if x in outer else p(x) for x in inputs], [p(output)], **attrs)
 
     def const(name: str, values, dtype=TensorProto.INT64) -> onnx.NodeProto:
-        vals = values if isinstance(values, list) else [values]
-        dims = [len(vals)] if isinstance(values, list) else []
-        return helper.make_node("Constant", [], [p(name)], value=helper.make_tensor(p(name), dtype, dims, vals))
+        return constant(p(name), values, dtype)
 
     nodes = [
         const("i0", 0), const("i1", 1), const("ax0", [0]), const("ax2", [2]), const("min_c", MIN_CHUNK),

@@ -67,6 +67,7 @@ from onnx import TensorProto, helper
 
 from attnc import DOMAIN
 from attnc.plugins.chunked import causal_product
+from attnc.plugins.chunked import constant as _const
 
 OP_TYPE = "KernelLinearAttention"
 FEATURE_MAPS = ("elu1", "relu", "identity")
@@ -243,12 +244,6 @@ def _ref(attr_name: str, ref: str, attr_type) -> onnx.AttributeProto:
     return helper.make_attribute_ref(attr_name, attr_type, ref_attr_name=ref)
 
 
-def _const(name, value, dtype=TensorProto.FLOAT):
-    vals = value if isinstance(value, (list, tuple)) else [value]
-    dims = [len(vals)] if isinstance(value, (list, tuple)) else []
-    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, dims, vals))
-
-
 def function_proto(opset: int = OPSET, has_state: bool = False, has_state_out: bool = False,
                    causal: bool = False, feature_map: str = "elu1") -> onnx.FunctionProto:
     """The op's body in standard ONNX (no ``If`` but the causal product's length switch, no
@@ -267,6 +262,8 @@ def function_proto(opset: int = OPSET, has_state: bool = False, has_state_out: b
     The overload, not the node's ``causal`` and ``feature_map`` attributes, decides which body
     runs: :func:`make_node` and :func:`add_to_model` name the overload matching the attributes.
     """
+    from attnc.passes.core import live_nodes  # passes import this module
+
     causal = bool(causal or has_state or has_state_out)
     if opset < OPSET:
         raise ValueError(f"KernelLinearAttention's body needs opset >= {OPSET}, got {opset}")
@@ -312,27 +309,13 @@ def function_proto(opset: int = OPSET, has_state: bool = False, has_state_out: b
         nodes += _state_out(has_state)
     defaults = [helper.make_attribute(k, v) for k, v in ATTRIBUTES.items()]
     outputs = list(OUTPUTS) if has_state_out else ["O"]
+    # the pieces the overloads share are written once, for the overload that reads most of them:
+    # each overload keeps only what its outputs read
     return helper.make_function(
-        DOMAIN, OP_TYPE, list(INPUTS), outputs, _used_only(nodes, outputs),
+        DOMAIN, OP_TYPE, list(INPUTS), outputs, live_nodes(nodes, outputs)[0],
         [helper.make_opsetid("", opset)],
         attribute_protos=defaults, overload=overload_name(has_state, has_state_out, causal, feature_map),
         doc_string="attnc KernelLinearAttention; see attnc.plugins.linear")
-
-
-def _used_only(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
-    """``nodes`` without those whose outputs nothing reads (the pieces the overloads share are
-    written once, for the overload that needs most of them)."""
-    read = set(outputs)
-    kept = []
-    for node in reversed(nodes):
-        if not any(o in read for o in node.output):
-            continue
-        kept.append(node)
-        read.update(node.input)
-        for attr in node.attribute:
-            for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else []:
-                read.update(i for inner in graph.node for i in inner.input)
-    return kept[::-1]
 
 
 def _attr_const(out: str, const_attr: str, ref: str, attr_type) -> onnx.NodeProto:
