@@ -142,6 +142,35 @@ def test_function_body_float16_long_sequence():
     np.testing.assert_allclose(got.astype(np.float64), expected, rtol=2e-2, atol=2e-2 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_function_body_long_sequences_match_fla_naive(seed):
+    """Past the chunk switch, against flash-linear-attention's own naive implementations on fresh
+    random shapes: lightning = ``naive_parallel_simple_gla`` with a constant log-decay per head;
+    normalised elu+1 = ``naive_recurrent_linear_attn(..., normalize=True)`` on φ(Q), φ(K)."""
+    from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
+    from fla.ops.simple_gla.naive import naive_parallel_simple_gla
+
+    rng = np.random.default_rng(seed)
+    b, h, n, d, dv = int(rng.integers(1, 3)), int(rng.integers(1, 4)), int(rng.integers(193, 400)), \
+        int(rng.integers(3, 17)), int(rng.integers(2, 13))
+    q, k = rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, d))
+    v = rng.standard_normal((b, h, n, dv))
+    decay = rng.uniform(0.8, 1.0, h)
+    feeds = {"Q": q, "K": k, "V": v, "decay": decay}
+    bthd = [torch.from_numpy(a).transpose(1, 2).contiguous() for a in (q, k, v)]
+    scale = d ** -0.5
+    got = load(_model(True, 17, feature_map="identity", causal=1, normalize=0, scale=scale)).infer(
+        {x: a.astype(np.float32) for x, a in feeds.items()})["O"]
+    g = torch.from_numpy(np.log(decay)).view(1, 1, h).expand(b, n, h).contiguous()
+    o, _ = naive_parallel_simple_gla(*bthd, g, scale=scale)
+    np.testing.assert_allclose(got, o.transpose(1, 2).numpy(), rtol=1e-4, atol=1e-4 * np.abs(o.numpy()).max())
+    got = load(_model(False, 17, feature_map="elu1", causal=1, normalize=1, eps=0.0)).infer(
+        {x: feeds[x].astype(np.float32) for x in "QKV"})["O"]
+    phi = [torch.nn.functional.elu(t) + 1.0 for t in bthd[:2]]
+    o, _ = naive_recurrent_linear_attn(*phi, bthd[2], scale=1.0, normalize=True)
+    np.testing.assert_allclose(got, o.transpose(1, 2).numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_function_body_chunk_size_grows_with_the_sequence():
     """N·D > 64³ picks chunks longer than 64 tokens (here 66: N = 1100, D = 256), still exact."""
     rng = np.random.default_rng(17)
