@@ -114,8 +114,10 @@ def export_onnx(
         with atomic_path(path, suffix=".onnx") as tmp:
             onnx.save_model(proto, str(tmp))
         return path
+    others = [f"--exporter {e}" for e in ("dynamo", "torchscript") if e not in order]
     raise AttncError("ONNX export failed: " + "; ".join(errors),
-                     "try --exporter torchscript or --exporter auto, or simplify the model's forward")
+                     f"try {others[0]}, or simplify the model's forward" if others
+                     else "simplify the model's forward (the message names the op neither exporter supports)")
 
 
 def _speed_up_torchlib_registry() -> None:

@@ -13,7 +13,7 @@ import logging
 import onnx
 
 from attnc.compiler.errors import AttncError
-from attnc.passes.core import Match, NearMiss, PassReport, named_copy
+from attnc.passes.core import Match, NearMiss, PassReport, collapse_flat_transposes, named_copy
 from attnc.plugins import attach_function_bodies
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None,
         raise AttncError(f"--lower {skipped[0]} asks for a family that is not being fused",
                          f"add --family {skipped[0]} or drop --lower {skipped[0]}")
     model = named_copy(model)
+    collapse_flat_transposes(model)   # the SDPA decomposition's Kᵀ, as one Transpose for every pass
     attach_function_bodies(model)
     reports = []
     for family in order:

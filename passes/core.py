@@ -97,11 +97,14 @@ def _jsonable(value):
 # ----------------------------------------------------------------------------- plumbing
 
 def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
-    """The value of tensor ``name`` if it is an initializer or a ``Constant`` output."""
+    """The value of tensor ``name`` if it is an initializer, a ``Constant`` output, or an ``Identity``
+    of one (the TorchScript exporter shares equal initializers, e.g. zero-initialised biases, that way)."""
     for init in model.graph.initializer:
         if init.name == name:
             return numpy_helper.to_array(init, base_dir="")
     for node in model.graph.node:
+        if node.op_type == "Identity" and node.output and node.output[0] == name:
+            return constant_value(model, node.input[0])
         if node.op_type == "Constant" and node.output and node.output[0] == name:
             for attr in node.attribute:
                 if attr.name == "value":
@@ -302,6 +305,114 @@ def scalar_constant(model: onnx.ModelProto, name: str) -> float | None:
     if value is None or value.size != 1:
         return None
     return float(value.reshape(()))
+
+
+def flat_transposes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]]:
+    """``(outer Reshape, Transpose, inner Reshape)`` of every ``Reshape(Transpose(Reshape(x), [0, 2, 1]))``
+    (unproven: :func:`collapse_flat_transposes` checks the shapes)."""
+    prod = producers(model)
+    found = []
+    for outer in model.graph.node:
+        t = prod.get(outer.input[0]) if outer.op_type == "Reshape" else None
+        inner = prod.get(t.input[0]) if t is not None and t.op_type == "Transpose" else None
+        if inner is not None and inner.op_type == "Reshape" and list(node_attribute(t, "perm", [])) == [0, 2, 1]:
+            found.append((outer, t, inner))
+    return found
+
+
+def collapse_flat_transposes(model: onnx.ModelProto) -> int:
+    """Rewrite ``Reshape(Transpose(Reshape(x, [L, a, b]), [0, 2, 1]), [*lead, b, a])`` as a
+    ``Transpose`` swapping the last two axes of ``x [*lead_x, a, b]``, in place; returns how many.
+
+    That sandwich (leading axes flattened, a rank-3 transpose, leading axes restored) is how the
+    dynamo exporter's ``scaled_dot_product_attention`` decomposition transposes K. Its shape
+    constants hold ``B·H`` in static exports, which head pruning could not follow; the passes
+    read a plain Transpose. When ``x``'s leading axes are not ``lead`` (the exporter merged
+    ``repeat_kv``'s ``[B, H_kv, g, S, D] -> [B, H, S, D]`` into the flattening), a Reshape to
+    ``[*lead, a, b]`` goes first; that needs both static. Only sandwiches whose shapes inference
+    proves are rewritten: the flattened tensor keeps ``x``'s last two dims and the result ends
+    in the two swapped (the Reshapes keep the element count, so the flattened axis is the
+    product of the leading ones, in the same order). The new Transpose keeps the outer
+    Reshape's name and output.
+    """
+    sandwiches = flat_transposes(model)
+    if not sandwiches:
+        return 0
+    shapes, cons = value_shapes(model), consumers(model)
+
+    def same(a, b) -> bool:
+        return (isinstance(a, int) and a > 0 and a == b) or (isinstance(a, str) and bool(a) and a == b)
+
+    count = 0
+    for outer, t, inner in sandwiches:
+        x = inner.input[0]
+        xs, flat, out = shapes.get(x) or [], shapes.get(inner.output[0]) or [], shapes.get(outer.output[0]) or []
+        if len(xs) < 3 or len(flat) != 3 or len(out) < 3 or len(cons.get(inner.output[0], [])) != 1 \
+                or len(cons.get(t.output[0], [])) != 1:
+            continue
+        if not all(same(a, b) for a, b in zip(list(flat[1:]) + list(out[-2:]), list(xs[-2:]) + [xs[-1], xs[-2]])):
+            continue
+        lead, lead_x = list(out[:-2]), list(xs[:-2])
+        merge = len(lead) != len(lead_x) or not all(same(a, b) for a, b in zip(lead, lead_x))
+        if merge and not all(isinstance(d, int) and d > 0 for d in lead + lead_x + list(xs[-2:])):
+            continue
+        rank = len(out)
+        perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+        src = x
+        if merge:
+            src, shape = outer.name + "/lead", outer.name + "/lead_shape"
+            model.graph.initializer.append(numpy_helper.from_array(np.array(lead + list(xs[-2:]), np.int64), shape))
+            model.graph.node.append(onnx.helper.make_node("Reshape", [x, shape], [src], name=outer.name + "/merge"))
+        outer.CopyFrom(onnx.helper.make_node("Transpose", [src], [outer.output[0]], name=outer.name, perm=perm))
+        count += 1
+    if count:
+        toposort(model)   # the merge Reshapes were appended
+        remove_dead_nodes(model)
+    return count
+
+
+def nan_guard(model: onnx.ModelProto, probs: str, cons: Mapping[str, list[onnx.NodeProto]]
+              ) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
+    """``(IsNaN, Where)`` if ``probs`` is read only by ``Where(IsNaN(probs), 0, probs)``, else None.
+
+    That guard is how the dynamo exporter's decomposition of ``scaled_dot_product_attention``
+    ends its softmax: a fully masked row (all scores -inf) gives zeros instead of NaN. ONNX
+    ``Attention`` (opset 23, with its errata) gives zeros for such a row too, and the fused
+    ops' windows never mask a whole row, so a pass may absorb the guard. Only inputs that are
+    already NaN or infinite come out differently (NaN instead of a zero row).
+    """
+    users = cons.get(probs, [])
+    if len(users) != 2:
+        return None
+    isnan = next((u for u in users if u.op_type == "IsNaN"), None)
+    where = next((u for u in users if u.op_type == "Where"), None)
+    if isnan is None or where is None or [u.name for u in cons.get(isnan.output[0], [])] != [where.name]:
+        return None
+    if list(where.input) != [isnan.output[0], where.input[1], probs] or scalar_constant(model, where.input[1]) != 0:
+        return None
+    return isnan, where
+
+
+def past_probability_casts(model: onnx.ModelProto, probs: str, cons: Mapping[str, list[onnx.NodeProto]]
+                           ) -> tuple[str, list[str]]:
+    """Follow softmax probabilities past what exporters put before the product with V.
+
+    That is a ``Cast`` back to the input dtype (HF's ``softmax(dim=-1, dtype=float32).to(dtype)``),
+    an ``Identity``, and the SDPA decomposition's NaN guard (``nan_guard``). Returns the tensor the
+    P·V product reads and the names of the nodes passed (each read by nothing else).
+    """
+    passed: list[str] = []
+    while True:
+        users = cons.get(probs, [])
+        if len(users) == 1 and users[0].op_type in ("Cast", "Identity"):
+            passed.append(users[0].name)
+            probs = users[0].output[0]
+            continue
+        guard = nan_guard(model, probs, cons)
+        if guard is None:
+            return probs, passed
+        passed += [guard[0].name, guard[1].name]
+        probs = guard[1].output[0]
 
 
 def depends_on_data(model: onnx.ModelProto, name: str) -> bool:

@@ -73,8 +73,9 @@ from onnx import helper, numpy_helper
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.validate import eval_mode
-from attnc.passes.core import (constant_value, consumers, depends_on_data, evaluate_tensors, name_nodes,
-                               producers, remove_dead_nodes, toposort, value_shapes)
+from attnc.passes.core import (collapse_flat_transposes, constant_value, consumers, depends_on_data, evaluate_tensors,
+                               flat_transposes, name_nodes,
+                               past_probability_casts, producers, remove_dead_nodes, toposort, value_shapes)
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +104,24 @@ class _Unrecognised(Exception):
 class _Projection:
     """A ``MatMul`` by a constant weight (+ bias) whose output columns feed one role."""
 
-    matmul: str                 # node name
-    weight: str                 # initializer / constant name, [C_in, C_out]
+    matmul: str                 # node name (a MatMul, or a Gemm: HF's Conv1D in GPT-2)
+    weight: str                 # initializer / constant name, [C_in, C_out] ([C_out, C_in] if transposed)
     bias_node: str | None
     bias: str | None
     split: tuple[str, int] | None  # (Split node, output index) between projection and reshape
     columns: np.ndarray         # [H, D]: projection output columns of each head (after the split offset)
+    transposed: bool = False    # a Gemm with transB=1
+    reshapes: tuple[str, ...] = ()  # Reshapes of the token axes between it and the heads whose channel
+                                    # entry is written out (set to the new channel count on pruning)
+
+    def matrix(self, model: onnx.ModelProto) -> np.ndarray:
+        """The weight as ``[C_in, C_out]``."""
+        w = constant_value(model, self.weight)
+        return w.T if self.transposed else w
+
+    def set_matrix(self, model: onnx.ModelProto, node: onnx.NodeProto, w: np.ndarray, name: str) -> None:
+        """Point the projection ``node`` at a new ``[C_in', C_out']`` weight."""
+        _replace_input(model, node, 1, w.T if self.transposed else w, name)
 
 
 @dataclass
@@ -227,9 +240,9 @@ class AttentionLayer:
             return None
         h = self.heads if heads is None else heads
         h_kv = h * self.kv_heads // self.heads  # whole K/V groups go with their query heads
-        projections = sum(constant_value(model, proj.weight).shape[0] * proj.columns.shape[1] * (h if role == "Q" else h_kv)
+        projections = sum(proj.matrix(model).shape[0] * proj.columns.shape[1] * (h if role == "Q" else h_kv)
                           for role, (_, proj) in self.roles.items())
-        c_out = constant_value(model, self.out_proj.weight).shape[1]
+        c_out = self.out_proj.matrix(model).shape[1]
         scores = n * m
         if self.core in _AGENT_CORES:
             if self.agents is None:
@@ -254,14 +267,14 @@ def find_attention_layers(model: onnx.ModelProto) -> list[AttentionLayer]:
         AttncError: the graph has no attention core at all, or none whose Q/K/V and
             output could be traced to constant projections (the reason is in the message).
     """
-    model = _named(model)
+    model = _prepared(model)
     prod, cons = producers(model), consumers(model)
     shapes = value_shapes(model)
     _SHAPES_CACHE.clear()
     _SHAPES_CACHE[id(model)] = shapes
     layers: list[AttentionLayer] = []
     misses: list[str] = []
-    cores = [(node, core) for node in model.graph.node if (core := _core(node, prod, cons)) is not None]
+    cores = [(node, core) for node in model.graph.node if (core := _core(model, node, prod, cons)) is not None]
     agents = _unfused_agents(model, cores, prod, cons)
     first_stages = {stage1.name for stage1, _ in agents.values()}
     outputs, values = {core[4] for _, core in cores}, {core[3] for _, core in cores}
@@ -276,7 +289,7 @@ def find_attention_layers(model: onnx.ModelProto) -> list[AttentionLayer]:
             if node.name in agents:
                 # Q and the output from the second stage, K and V from the first.
                 stage1, match = agents[node.name]
-                _, _, k, v, _ = _core(stage1, prod, cons)
+                _, _, k, v, _ = _core(model, stage1, prod, cons)
                 layers.append(_layer(model, len(layers), node, "agent", q, k, v, out, prod, cons, shapes,
                                      _agent_parts(model, match, q, prod)))
                 continue
@@ -297,7 +310,7 @@ def find_attention_layers(model: onnx.ModelProto) -> list[AttentionLayer]:
 def attention_cores(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, str, str, str]]:
     """``(core node, Q, K, V, output)`` of every attention core in graph order (no head analysis)."""
     prod, cons = producers(model), consumers(model)
-    return [(node, *core[1:]) for node in model.graph.node if (core := _core(node, prod, cons)) is not None]
+    return [(node, *core[1:]) for node in model.graph.node if (core := _core(model, node, prod, cons)) is not None]
 
 
 def value_projection(model: onnx.ModelProto, v: str) -> onnx.NodeProto | None:
@@ -335,7 +348,7 @@ def _unfused_agents(model, cores, prod, cons) -> dict[str, tuple[onnx.NodeProto,
     found = {}
     for match in agent_pass.find(model).matches:
         stage2 = by_out.get(match.outputs[0])
-        stage1 = by_out.get(_core(stage2, prod, cons)[3]) if stage2 is not None else None
+        stage1 = by_out.get(_core(model, stage2, prod, cons)[3]) if stage2 is not None else None
         if stage1 is not None:
             found[stage2.name] = (stage1, match)
     return found
@@ -356,16 +369,19 @@ def _agent_parts(model, match, q, prod) -> _AgentParts:
     return _AgentParts(q, match.inputs["A"], set(match.nodes), biases)
 
 
-def _named(model: onnx.ModelProto) -> onnx.ModelProto:
-    if all(n.name for n in model.graph.node):
+def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy with every node named and the SDPA decomposition's Kᵀ as one Transpose
+    (``passes.core.collapse_flat_transposes``; names of the tensors on Q/K/V paths stay valid)."""
+    if all(n.name for n in model.graph.node) and not flat_transposes(model):
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     name_nodes(copy)
+    collapse_flat_transposes(copy)
     return copy
 
 
-def _core(node, prod, cons):
+def _core(model, node, prod, cons):
     """``(kind, Q, Kᵀ-or-K, V, out)`` if ``node`` is an attention core, else ``None``."""
     if node.domain == "attnc" and len(node.input) >= 3:
         return f"attnc::{node.op_type}", node.input[0], node.input[1], node.input[2], node.output[0]
@@ -373,9 +389,7 @@ def _core(node, prod, cons):
         return "Attention", node.input[0], node.input[1], node.input[2], node.output[0]
     if node.op_type != "Softmax":
         return None
-    probs = node.output[0]
-    while len(users := cons.get(probs, [])) == 1 and users[0].op_type in ("Cast", "Identity"):
-        probs = users[0].output[0]  # TorchScript casts the probabilities back to the input dtype
+    probs, _ = past_probability_casts(model, node.output[0], cons)
     pv = [c for c in cons.get(probs, []) if c.op_type == "MatMul" and c.input[0] == probs]
     if len(pv) != 1:
         return None
@@ -421,7 +435,15 @@ def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
         raise _Unrecognised(f"{walks['Q'].repeat.reshape}: the query heads are repeated")
     qd = roles["Q"][1].columns.shape[1]
     vd = roles["V"][1].columns.shape[1]
-    merge, out_proj, merged, added = _trace_output(model, out, h, vd, prod, cons)
+    # Tensors whose dims the core output shares on axes 0 (batch), 2 (queries) and 3 (value dim):
+    # a Reshape after the core that reads its other entries from them keeps the heads axis.
+    same_dims = {0: {out}, 2: {out}, 3: {out}}
+    for role, axes in (("Q", (0, 2)), ("K", (0,)), ("V", (0, 3))):
+        for tensor, head_axis in walks[role].path.items():
+            if head_axis == 1 and _rank(model, tensor) == 4:
+                for axis in axes:
+                    same_dims[axis].add(tensor)
+    merge, out_proj, merged, added = _trace_output(model, out, h, vd, prod, cons, same_dims)
     if out_proj.columns.shape != (h, vd):
         raise _Unrecognised(f"output projection rows {out_proj.columns.shape} do not match {h} heads x {vd}")
     if kind == "attnc::AgentAttention":
@@ -930,13 +952,28 @@ def _head_split(model, reshape, head_axis, fixed, prod) -> tuple[_HeadSplit, _Pr
 
 
 def _projection(model, t, columns, prod) -> _Projection:
-    """Walk ``[.., C]`` back over ``Add(bias)`` and channel ``Split`` to ``MatMul(x, W)``."""
+    """Walk ``[.., C]`` back over ``Add(bias)``, channel ``Split`` and Reshapes of the token axes to
+    ``MatMul(x, W)`` or ``Gemm(x, W[, bias])`` (GPT-2's ``Conv1D``: ``addmm`` on flattened tokens)."""
     bias_node = bias = split = None
     offset = 0
-    for _ in range(6):
+    reshapes: list[str] = []
+    for _ in range(8):
         node = prod.get(t)
         if node is None:
             break
+        if node.op_type == "Reshape" and _keeps_channels(model, node):
+            if _channels_written(model, node):
+                reshapes.append(node.name)
+            t = node.input[0]
+            continue
+        if node.op_type == "Gemm":
+            gemm = _gemm_projection(model, node, bias is None)
+            if gemm is None:
+                break
+            weight, transposed, gemm_bias = gemm
+            if gemm_bias is not None:
+                bias_node, bias = node.name, gemm_bias
+            return _Projection(node.name, weight, bias_node, bias, split, columns + offset, transposed, tuple(reshapes))
         if node.op_type == "Split" and split is None:
             sizes = _split_sizes(model, node)
             j = list(node.output).index(t)
@@ -955,13 +992,60 @@ def _projection(model, t, columns, prod) -> _Projection:
             w = constant_value(model, node.input[1])
             if w is None or w.ndim != 2:
                 break
-            return _Projection(node.name, node.input[1], bias_node, bias, split, columns + offset)
+            return _Projection(node.name, node.input[1], bias_node, bias, split, columns + offset,
+                               reshapes=tuple(reshapes))
         else:
             break
     raise _Unrecognised(f"{t}: no constant MatMul projection before the head split")
 
 
-def _trace_output(model, t, heads, value_dim, prod, cons):
+def _keeps_channels(model, reshape) -> bool:
+    """Whether ``reshape`` only regroups the token axes: the last (channel) axis keeps its size, static
+    or read from the input's last axis (TorchScript under dynamic axes)."""
+    shapes = _shapes(model)
+    before, after = shapes.get(reshape.input[0]), shapes.get(reshape.output[0])
+    if before and after and isinstance(before[-1], int) and before[-1] > 0 and before[-1] == after[-1]:
+        return True
+    entries = _shape_entries(model, reshape.input[1], producers(model))
+    return bool(entries) and bool(before) and entries[-1] == ("dim", reshape.input[0], len(before) - 1)
+
+
+def _channels_written(model, reshape) -> bool:
+    """Whether a channel-keeping Reshape spells its channel count out (a constant, not -1 and not
+    read from its input's shape): pruning must then write the new count."""
+    entries = _shape_entries(model, reshape.input[1], producers(model))
+    rank = len(_shapes(model).get(reshape.input[0]) or [])
+    return not (entries and (entries[-1] == -1 or entries[-1] == ("dim", reshape.input[0], rank - 1)))
+
+
+def _last_entry(model, reshape) -> int:
+    """Index of the last entry of ``reshape``'s target shape (the channel entry)."""
+    out = _shapes(model).get(reshape.output[0])
+    if out:
+        return len(out) - 1
+    entries = _shape_entries(model, reshape.input[1], producers(model))
+    if entries is None:
+        raise AttncError(f"{reshape.name}: the length of its target shape is unknown", "please report this model")
+    return len(entries) - 1
+
+
+def _gemm_projection(model, gemm, bias_allowed: bool) -> tuple[str, bool, str | None] | None:
+    """``(weight, transposed, bias or None)`` if ``gemm`` is ``x·W [+ b]``: constant 2-D ``W``, no
+    transA, alpha = beta = 1, and ``b`` absent or a constant vector over the output channels."""
+    w = constant_value(model, gemm.input[1])
+    if w is None or w.ndim != 2 or _attr(gemm, "transA", 0) or _attr(gemm, "alpha", 1.0) != 1.0:
+        return None
+    transposed = bool(_attr(gemm, "transB", 0))
+    if len(gemm.input) < 3 or not gemm.input[2]:
+        return gemm.input[1], transposed, None
+    b = constant_value(model, gemm.input[2])
+    if not bias_allowed or b is None or b.shape != (w.shape[0 if transposed else 1],) \
+            or _attr(gemm, "beta", 1.0) != 1.0:
+        return None
+    return gemm.input[1], transposed, gemm.input[2]
+
+
+def _trace_output(model, t, heads, value_dim, prod, cons, same_dims=None):
     """Walk the heads-first core output forward to the merge Reshape and output projection.
 
     The core's output is ``[B, H, N, Dv]`` by contract; its dims are carried through the
@@ -970,6 +1054,7 @@ def _trace_output(model, t, heads, value_dim, prod, cons):
     (see :func:`_output_projection`).
     """
     dims: list = [None, heads, None, value_dim]
+    start = dims
     head_axis = 1
     for _ in range(8):
         # Shape readers (the TorchScript exporter computes the merge shape from them) follow the
@@ -983,25 +1068,58 @@ def _trace_output(model, t, heads, value_dim, prod, cons):
             head_axis = perm.index(head_axis)
             dims = [dims[p] for p in perm]
             t = node.output[0]
+        elif node.op_type == "Reshape" and _keeps_heads(model, node, head_axis, same_dims if dims is start else None,
+                                                         prod):
+            t = node.output[0]
         elif node.op_type == "Reshape":
             target = _reshape_target(model, node)
             if target is None:
                 raise _Unrecognised(f"{node.name}: merge Reshape target unknown")
             lead = len(target) - 1
-            rest = dims[lead:]
-            if head_axis < lead or len(rest) < 2 or any(not isinstance(d, int) for d in rest):
+            start = lead
+            if head_axis < lead or any(not isinstance(d, int) for d in dims[lead:]):
+                start = head_axis   # the token axes are merged too: [B, N, H, Dv] -> [B·N, H·Dv] (GPT-2)
+                if any(not isinstance(d, int) for d in dims[start:]) or target[-1] != int(np.prod(dims[start:])):
+                    start = None
+            rest = dims[start:] if start is not None else []
+            if len(rest) < 2 or any(not isinstance(d, int) for d in rest):
                 raise _Unrecognised(f"{node.name}: merge Reshape to {target} does not merge heads with head dims")
-            grid = np.moveaxis(np.arange(int(np.prod(rest))).reshape(rest), head_axis - lead, 0)
+            grid = np.moveaxis(np.arange(int(np.prod(rest))).reshape(rest), head_axis - start, 0)
             rows = grid.reshape(heads, -1)
             merge = _HeadSplit(node.name, lead, [int(np.prod(rest))], 0)
-            mm, added = _output_projection(model, node, len(target), cons)
-            return merge, _Projection(mm.name, mm.input[1], None, None, None, rows), mm.input[0], added
+            mm, added, reshapes = _output_projection(model, node, len(target), cons)
+            transposed = mm.op_type == "Gemm" and bool(_attr(mm, "transB", 0))
+            return merge, _Projection(mm.name, mm.input[1], None, None, None, rows, transposed, reshapes), \
+                mm.input[0], added
         else:
             raise _Unrecognised(f"{node.name}: {node.op_type} after the attention core")
     raise _Unrecognised(f"{t}: output path too long")
 
 
-def _output_projection(model, merge, rank, cons) -> tuple[onnx.NodeProto, list[tuple[str, str]]]:
+def _keeps_heads(model, reshape, head_axis: int, same_dims: dict[int, set[str]] | None, prod) -> bool:
+    """Whether ``reshape`` leaves its input's shape as it is with -1 (or 0) for the heads, so that it
+    follows a pruned head count by itself: transformers' ``attn_output.reshape(B, -1, N, Dv)``
+    after SDPA. The other entries are static sizes equal to the input's, or read from the shape of
+    a tensor in ``same_dims[axis]`` (the core's output, Q, K, V: under dynamic axes TorchScript
+    computes them so; inferred shapes then say nothing)."""
+    entries = _shape_entries(model, reshape.input[1], prod)
+    before = _shapes(model).get(reshape.input[0])
+    if not entries or not before or len(entries) != len(before) or head_axis >= len(entries) \
+            or entries[head_axis] not in (-1, 0):
+        return False
+    for axis, (entry, dim) in enumerate(zip(entries, before)):
+        if axis == head_axis:
+            continue
+        static = isinstance(entry, int) and not isinstance(entry, bool) and entry > 0 and entry == dim
+        read = isinstance(entry, tuple) and entry[0] == "dim" and entry[2] == axis and same_dims is not None \
+            and entry[1] in same_dims.get(axis, ())
+        if not (static or read or (isinstance(entry, tuple) and entry[:1] == ("dim",) and entry[1] == reshape.input[0]
+                                   and entry[2] == axis)):
+            return False
+    return True
+
+
+def _output_projection(model, merge, rank, cons) -> tuple[onnx.NodeProto, list[tuple[str, str]], tuple[str, ...]]:
     """From the merge Reshape's output ``[.., tokens, H·Dv]`` to the constant output projection.
 
     On the way only the token axes may change: ``Slice`` (agent attention sets the CLS token
@@ -1009,18 +1127,20 @@ def _output_projection(model, merge, rank, cons) -> tuple[onnx.NodeProto, list[t
     V on the grid tokens; the caller checks it carries the heads on the same channels).
 
     Returns:
-        The output projection ``MatMul`` and ``(Add node, added tensor)`` of each term.
+        The output projection (``MatMul`` or ``Gemm``), ``(Add node, added tensor)`` of each term, and
+        the Reshapes of the token axes on the way whose channel count is written out.
     """
     merged = merge.output[0]
     inside, todo = {merged}, [merged]
-    found, concats, adds = [], [], []
+    found, concats, adds, reshapes = [], [], [], []
     while todo:
         t = todo.pop()
         for user in cons.get(t, []):
             op = user.op_type
             if op == "Shape":
                 continue
-            if op == "MatMul" and user.input[0] == t and constant_value(model, user.input[1]) is not None:
+            if user.input[0] == t and (op == "MatMul" and constant_value(model, user.input[1]) is not None
+                                       or op == "Gemm" and _gemm_projection(model, user, True) is not None):
                 found.append(user)
                 continue
             if op == "Slice" and user.input[0] == t:
@@ -1031,6 +1151,9 @@ def _output_projection(model, merge, rank, cons) -> tuple[onnx.NodeProto, list[t
                 concats.append(user)
             elif op == "Add" and list(user.input).count(t) == 1:
                 adds.append((user, t))
+            elif op == "Reshape" and user.input[0] == t and _keeps_channels(model, user):
+                if _channels_written(model, user):   # tokens flattened for a Gemm (GPT-2's Conv1D)
+                    reshapes.append(user.name)
             else:
                 raise _Unrecognised(f"{merge.name}: merged heads go through {op} {user.name}, not straight "
                                     "into a constant output projection")
@@ -1044,7 +1167,7 @@ def _output_projection(model, merge, rank, cons) -> tuple[onnx.NodeProto, list[t
     added = [(add.name, next(i for i in add.input if i != t)) for add, t in adds]
     if any(term in inside for _, term in added):
         raise _Unrecognised(f"{merge.name}: merged heads are added to themselves")
-    return found[0], added
+    return found[0], added, tuple(reshapes)
 
 
 def _follow_channels(model, start, stop, heads, head_dim, core_nodes, prod, cons
@@ -1336,7 +1459,7 @@ def score_heads(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, n
             heads scores an equal share); ``"weight"``: ``‖W_o[h]‖_F`` (no data).
         torch_model: the PyTorch model the ONNX file was exported from (``"gradient"``, ``"ablation"``);
             its attention modules must expose ``num_heads`` (directly or via ``in_proj``)
-            and an output projection (``proj`` / ``o_proj`` / ``out_proj``), in the graph's
+            and an output projection (``proj`` / ``o_proj`` / ``out_proj`` / GPT-2's ``c_proj``), in the graph's
             layer order.
         loss_fn: ``loss_fn(output, feeds) -> scalar tensor``, the batch mean (``"gradient"``, ``"ablation"``).
         keep: ``{layer: [head, ...]}`` still present (layers not named keep all): the
@@ -1360,7 +1483,7 @@ def score_heads(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, n
     masks = _keep_masks(layers, keep)
     if method == "weight":
         return {l.index: masks[l.index] * np.linalg.norm(
-            constant_value(onnx_model, l.out_proj.weight)[l.out_proj.columns], axis=(1, 2)) for l in layers}
+            l.out_proj.matrix(onnx_model)[l.out_proj.columns], axis=(1, 2)) for l in layers}
     if not calibration_feeds:
         raise AttncError("head scoring needs calibration data", "pass at least one batch of inputs")
     if method in ("gradient", "ablation"):
@@ -1413,7 +1536,7 @@ def _activation_scores(model, layers, feeds_list) -> dict[int, np.ndarray]:
     options.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     inputs = [i.name for i in session.get_inputs()]
-    weights = {l.index: constant_value(model, l.out_proj.weight) for l in layers}
+    weights = {l.index: l.out_proj.matrix(model) for l in layers}
     totals = {l.index: np.zeros(l.heads) for l in layers}
     count = 0
     for feeds in feeds_list:
@@ -1435,7 +1558,7 @@ def torch_attention_modules(torch_model) -> list[tuple[Any, int, Any]]:
         heads = getattr(module, "num_heads", None) or getattr(getattr(module, "in_proj", None), "num_heads", None) \
             or (getattr(getattr(module, "config", None), "num_attention_heads", None)   # transformers' attention
                 if hasattr(module, "o_proj") else None)
-        proj = next((getattr(module, n) for n in ("proj", "o_proj", "out_proj") if hasattr(module, n)), None)
+        proj = next((getattr(module, n) for n in ("proj", "o_proj", "out_proj", "c_proj") if hasattr(module, n)), None)
         if heads and proj is not None and hasattr(proj, "weight"):
             found.append((module, int(heads), proj))
     return found
@@ -1801,6 +1924,7 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
     model = onnx.ModelProto()
     model.CopyFrom(onnx_model)
     name_nodes(model)
+    collapse_flat_transposes(model)   # so no B·H shape constant stays behind in the pruned model
     layers = find_attention_layers(model)
     by_index = {l.index: l for l in layers}
     if keep is None:
@@ -1932,7 +2056,7 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
         all_columns.setdefault(proj.matmul, []).append(proj.columns.reshape(-1))
         projections[proj.matmul] = proj
     for mm, proj in projections.items():
-        w = constant_value(model, proj.weight)
+        w = proj.matrix(model)
         owned = np.concatenate(all_columns[mm])
         if sorted(owned.tolist()) != list(range(w.shape[1])):
             raise AttncError(f"layer {layer.index}: projection {proj.weight} has columns that are not "
@@ -1940,7 +2064,9 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
         cols = np.sort(np.concatenate(columns[mm]))
         if mm == q_proj.matmul:
             cols = _reordered(cols, q_proj.columns, kept, order)
-        _replace_input(model, nodes[mm], 1, w[:, cols], f"{proj.weight}.{tag}")
+        proj.set_matrix(model, nodes[mm], w[:, cols], f"{proj.weight}.{tag}")
+        for reshape in proj.reshapes:
+            _set_shape_entries(model, nodes[reshape], {_last_entry(model, nodes[reshape]): len(cols)}, tag)
         if proj.bias:
             b = constant_value(model, proj.bias)
             _replace_input(model, nodes[proj.bias_node], list(nodes[proj.bias_node].input).index(proj.bias),
@@ -1973,8 +2099,10 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
     # Output side: merge Reshape and output-projection rows.
     _set_reshape(model, nodes[layer.out_merge.node], layer.out_merge.lead, [len(kept) * layer.value_dim], tag)
     rows = _reordered(np.sort(layer.out_proj.columns[kept].reshape(-1)), layer.out_proj.columns, kept, order)
-    w_o = constant_value(model, layer.out_proj.weight)
-    _replace_input(model, nodes[layer.out_proj.matmul], 1, w_o[rows], f"{layer.out_proj.weight}.{tag}")
+    w_o = layer.out_proj.matrix(model)
+    layer.out_proj.set_matrix(model, nodes[layer.out_proj.matmul], w_o[rows], f"{layer.out_proj.weight}.{tag}")
+    for reshape in layer.out_proj.reshapes:
+        _set_shape_entries(model, nodes[reshape], {_last_entry(model, nodes[reshape]): len(rows)}, tag)
     for node_name, i, axis in layer.per_head_constants:
         node = nodes[node_name]
         value = layer._per_head_value(model, node.input[i])
@@ -2084,6 +2212,9 @@ def _resize_split(model, node, layer: AttentionLayer, role_kept: dict[str, list[
                 return
         if _opset(model) >= 13:
             model.graph.initializer.append(numpy_helper.from_array(np.array(new_sizes, dtype=np.int64), name))
+            for i, a in reversed(list(enumerate(node.attribute))):
+                if a.name == "num_outputs":   # opset 18: a split input and num_outputs exclude each other
+                    del node.attribute[i]
             if len(node.input) == 1:
                 node.input.append(name)
             else:

@@ -15,7 +15,10 @@ Matches, anchored at each ``Softmax`` over the last axis (or its spelled-out for
 - Q/K/V of rank 4 ``[B, H, S, D]`` or rank 3 ``[B·H, S, D]`` (emitted with
   ``q_num_heads = kv_num_heads = 1``);
 - ``Cast``/``Identity`` between Softmax and the P·V MatMul (HF's
-  ``softmax(dim=-1, dtype=float32).to(query.dtype)``) and on the scores;
+  ``softmax(dim=-1, dtype=float32).to(query.dtype)``) and on the scores, and the dynamo
+  exporter's NaN guard from its ``scaled_dot_product_attention`` decomposition,
+  ``Where(IsNaN(P), 0, P)`` (``passes.core.nan_guard``: ONNX ``Attention`` gives a fully
+  masked row zeros as well);
 - masks: an additive float mask, or ``Where(cond, -inf, scores)`` /
   ``Where(cond, scores, -inf)``; a mask that does not read input values is evaluated
   (as a constant, or at two sequence lengths under dynamic axes) and, when it is the
@@ -45,7 +48,8 @@ from onnx import helper
 
 from attnc.passes.core import (Match, NearMiss, PassReport, consumers, constant_value, convert_opset,
                                default_opset, depends_on_data, evaluate_tensors, named_copy,
-                               node_attribute, producers, remove_dead_nodes, scalar_constant,
+                               node_attribute, past_probability_casts, producers, remove_dead_nodes,
+                               scalar_constant,
                                toposort, value_shapes)
 
 FAMILY = "softmax"
@@ -73,6 +77,7 @@ class _Candidate:
     keep: str | None = None          # bool tensor, True = attend
     keep_inverted: bool = False      # keep is a "masked" bool (True = drop)
     is_causal: bool = False
+    expand_mask: bool = False        # the mask broadcasts over the query or key axis: spell it out
 
 
 def find(model: onnx.ModelProto) -> PassReport:
@@ -116,13 +121,8 @@ def _candidates(model: onnx.ModelProto, report: PassReport, causal_cache: dict |
         probs = _softmax_output(model, node, prod, shapes)
         if probs is None:
             continue
+        probs, passed = past_probability_casts(model, probs, cons)
         users = cons.get(probs, [])
-        passed = []
-        while len(users) == 1 and users[0].op_type in ("Cast", "Identity"):
-            # HF: softmax(dim=-1, dtype=float32).to(query.dtype)
-            passed.append(users[0].name)
-            probs = users[0].output[0]
-            users = cons.get(probs, [])
         mm = [u for u in users if u.op_type == "MatMul" and u.input[0] == probs]
         if len(mm) != 1 or len(users) != 1:
             continue  # a softmax that does not feed exactly one P·V is not attention
@@ -249,8 +249,23 @@ def _match(model, softmax, pv, prod, cons, shapes) -> _Candidate | None:
         k_perm = None
     cand = _Candidate(softmax.name, nodes, q, k_src, k_perm, pv.input[1], pv.output[0], rank, scale,
                       mask, keep, keep_inverted)
+    if mask is not None or keep is not None:
+        cand.expand_mask = not _covers_scores(shapes.get(mask or keep), shapes.get(qk.output[0]))
     cand.nodes.append(pv.name)
     return cand
+
+
+def _covers_scores(mask_shape, scores_shape) -> bool:
+    """Whether the mask's last two dims are known to be the scores' ``[S_q, S_kv]``.
+
+    ONNX Runtime's ``Attention`` takes a mask only with those two dims in full: a key-padding
+    mask ``[B, 1, 1, S_kv]`` (BERT, ``F.scaled_dot_product_attention`` with a padding mask) is
+    expanded over the queries first.
+    """
+    if not mask_shape or not scores_shape or len(mask_shape) < 2:
+        return False
+    return all((isinstance(a, int) and a > 0 or isinstance(a, str) and a) and a == b
+               for a, b in zip(mask_shape[-2:], scores_shape[-2:]))
 
 
 def _scores_side(node, prod) -> int | None:
@@ -349,14 +364,31 @@ def _rewrite(model: onnx.ModelProto, cand: _Candidate) -> None:
         k = prefix + "/K"
         new.append(helper.make_node("Transpose", [cand.k_src], [k], name=prefix + "/k_transpose", perm=cand.k_perm))
     inputs = [cand.q, k, cand.v]
-    if cand.mask is not None:
-        inputs.append(cand.mask)
-    elif cand.keep is not None:
-        keep = cand.keep
+    mask = cand.mask
+    if cand.keep is not None:
+        mask = cand.keep
         if cand.keep_inverted:
-            keep = prefix + "/keep"
-            new.append(helper.make_node("Not", [cand.keep], [keep], name=prefix + "/not"))
-        inputs.append(keep)
+            mask = prefix + "/keep"
+            new.append(helper.make_node("Not", [cand.keep], [mask], name=prefix + "/not"))
+    if mask is not None and cand.expand_mask:
+        # [*mask lead, S_q, S_kv]: the mask's leading dims, Q's and K's sequence lengths
+        ends = {"lead": (0, -2), "rows": (-2, -1), "cols": (-2, -1)}
+        parts = []
+        for part, source in (("lead", mask), ("rows", cand.q), ("cols", k)):
+            for bound, value in zip(("start", "end"), ends[part]):
+                g.initializer.append(onnx.numpy_helper.from_array(np.array([value], np.int64),
+                                                                  f"{prefix}/{part}_{bound}"))
+            new.append(helper.make_node("Shape", [source], [f"{prefix}/{part}_shape"], name=f"{prefix}/{part}_shape"))
+            new.append(helper.make_node("Slice", [f"{prefix}/{part}_shape", f"{prefix}/{part}_start",
+                                                  f"{prefix}/{part}_end"], [f"{prefix}/{part}"],
+                                        name=f"{prefix}/{part}_slice"))
+            parts.append(f"{prefix}/{part}")
+        new.append(helper.make_node("Concat", parts, [prefix + "/mask_shape"], name=prefix + "/mask_shape", axis=0))
+        new.append(helper.make_node("Expand", [mask, prefix + "/mask_shape"], [prefix + "/mask"],
+                                    name=prefix + "/mask_expand"))
+        mask = prefix + "/mask"
+    if mask is not None:
+        inputs.append(mask)
     attrs = {"scale": float(cand.scale), "is_causal": int(cand.is_causal)}
     if cand.rank == 3:
         attrs.update(q_num_heads=1, kv_num_heads=1)

@@ -193,6 +193,23 @@ def test_export_failure_leaves_no_file(tmp_path):
     assert not (tmp_path / "m.onnx").exists() and leftovers(tmp_path) == []
 
 
+def test_export_failure_names_the_other_exporter(tmp_path):
+    """TorchScript cannot export SDPA with ``enable_gqa``: the fix offered is the other exporter."""
+    import torch
+
+    from attnc.compiler.errors import AttncError
+
+    class GQA(torch.nn.Module):
+        def forward(self, q, k):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, k, enable_gqa=True)
+
+    with pytest.raises(AttncError) as info:
+        export_onnx(GQA(), (torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)), tmp_path / "m.onnx",
+                    exporter="torchscript")
+    assert "enable_gqa" in str(info.value) and "--exporter dynamo" in str(info.value)
+    assert "--exporter torchscript" not in str(info.value) and not (tmp_path / "m.onnx").exists()
+
+
 @pytest.mark.parametrize("text,expected", [
     ("x:2x3x224x224", ("x", (2, 3, 224, 224), "float32")),
     ("2x37", (None, (2, 37), "float32")),

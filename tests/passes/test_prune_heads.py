@@ -763,6 +763,60 @@ def test_prunes_hf_llama_kv_groups(tmp_path, exporter):
                                    atol=1e-3)
 
 
+def _hf_default(name):
+    """A small transformers model with its default attention (SDPA), the way users export them:
+    the dynamo exporter decomposes SDPA with a NaN guard after the softmax and a flattened
+    transpose of K; GPT-2 projects with ``Conv1D`` (a ``Gemm`` on flattened tokens, fused QKV)."""
+    transformers = pytest.importorskip("transformers")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if name == "vit":
+            config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=64, image_size=16, patch_size=8, num_channels=3)
+            model = transformers.ViTForImageClassification(config)
+        elif name == "gpt2":
+            config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+            model = transformers.GPT2LMHeadModel(config)
+        else:
+            config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+            model = transformers.LlamaForCausalLM(config)
+        for p in model.parameters():   # trained-looking biases: zero-initialised ones are shared by TorchScript
+            p.data.add_(0.02 * torch.randn_like(p))
+    assert model.config._attn_implementation == "sdpa"
+    return _HFLogits(model.eval()).eval()
+
+
+@pytest.mark.parametrize("name,exporter,keep,granularity", [
+    ("vit", "dynamo", {0: [1, 3], 1: [0, 1, 2]}, "group"), ("vit", "torchscript", {0: [2], 1: [0, 3]}, "group"),
+    ("gpt2", "dynamo", {0: [0, 2], 1: [3]}, "group"), ("gpt2", "torchscript", {0: [1, 2, 3], 1: [0, 2]}, "group"),
+    ("llama", "dynamo", {0: [2, 3], 1: [0, 1]}, "group"), ("llama", "dynamo", {0: [1, 2], 1: [0, 3]}, "query"),
+])
+def test_prunes_transformers_default_attention(tmp_path, name, exporter, keep, granularity):
+    """Stock transformers models (SDPA attention) exported as users do, pruned and checked against the
+    torch model with the same heads masked, on fresh inputs of other shapes."""
+    model = _hf_default(name)
+    vit = name == "vit"
+    example = torch.randn(2, 3, 16, 16) if vit else torch.randint(0, 64, (2, 9))
+    dynamic = {"x": {0: "batch"}} if vit else {"x": {0: "batch", 1: "seq"}}
+    path = tmp_path / f"{name}-{exporter}.onnx"
+    export_onnx(model, (example,), path, exporter=exporter, dynamic_axes=dynamic, input_names=["x"])
+    onnx_model = onnx.load(str(path))
+    layers = find_attention_layers(onnx_model)
+    assert [(l.heads, l.kv_heads) for l in layers] == [(4, 2 if name == "llama" else 4)] * 2
+    pruned, report = prune_heads(onnx_model, keep=keep, granularity=granularity)
+    assert report.params_after < report.params_before
+    assert [l.heads_after for l in report.layers] == [len(keep[0]), len(keep[1])]
+    assert not any(n.op_type == "IsNaN" for n in pruned.graph.node) or exporter == "dynamo"
+    gen = torch.Generator().manual_seed(5)
+    for shape in ([(3, 3, 16, 16), (1, 3, 16, 16)] if vit else [(3, 11), (1, 4)]):
+        x = torch.randn(shape, generator=gen) if vit else torch.randint(0, 64, shape, generator=gen)
+        expected = _masked_reference(model, keep, layers, (x,))
+        got = _ort(pruned, {"x": x.numpy()})
+        np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
+        assert not np.allclose(got, _masked_reference(model, _complement(keep, layers), layers, (x,)), atol=1e-3)
+
+
 def test_compile_cli_prunes_kv_groups(tmp_path):
     """``attnc compile --prune-heads`` on a grouped-query model: a count of whole groups works, one
     that splits a group is a clean error with the fix; ``--prune-granularity query`` keeps every

@@ -233,33 +233,41 @@ class _LastHidden(nn.Module):
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def _hf(name):
+def _hf(name, attention="eager"):
+    """A small transformers model with ``attention`` as its attention implementation ("sdpa" is
+    transformers' default: ``F.scaled_dot_product_attention``, which the dynamo exporter decomposes
+    with a NaN guard after the softmax and a flattened transpose of K)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     if name == "vit":
         cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                      image_size=16, patch_size=8, num_channels=3)
-        cfg._attn_implementation = "eager"
+        cfg._attn_implementation = attention
         return transformers.ViTModel(cfg, add_pooling_layer=False), torch.randn(2, 3, 16, 16), False
     if name == "llama":
         cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
-        cfg._attn_implementation = "eager"
+        cfg._attn_implementation = attention
         return transformers.LlamaForCausalLM(cfg), torch.randint(0, 50, (2, 9)), True
     cfg = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    cfg._attn_implementation = "eager"
+    cfg._attn_implementation = attention
     return transformers.GPT2LMHeadModel(cfg), torch.randint(0, 50, (2, 9)), True
 
 
-@pytest.mark.parametrize("name,exporter", [("vit", "dynamo"), ("vit", "torchscript"), ("llama", "dynamo"),
-                                           ("llama", "torchscript"), ("gpt2", "dynamo")])
-def test_transformers_eager_attention(name, exporter, tmp_path):
-    hf, x, causal = _hf(name)
+@pytest.mark.parametrize("name,exporter,attention", [
+    ("vit", "dynamo", "eager"), ("vit", "torchscript", "eager"), ("llama", "dynamo", "eager"),
+    ("llama", "torchscript", "eager"), ("gpt2", "dynamo", "eager"),
+    # transformers' default attention (SDPA); TorchScript cannot export transformers 5's Llama mask (aten::diff)
+    ("vit", "dynamo", "sdpa"), ("vit", "torchscript", "sdpa"), ("llama", "dynamo", "sdpa"),
+    ("gpt2", "dynamo", "sdpa"), ("gpt2", "torchscript", "sdpa")])
+def test_transformers_attention(name, exporter, attention, tmp_path):
+    hf, x, causal = _hf(name, attention)
     module = _LastHidden(hf).eval()
     dynamic = causal and exporter == "torchscript"   # the causal mask then comes from Range/Shape arithmetic
     model = _export(module, x, tmp_path, exporter, dynamic=dynamic)
     fused, report = softmax.apply(model)
     assert report.rewritten == 2 and _count(fused, "Attention") == 2, report.to_dict()
+    assert _count(fused, "Softmax") == _count(fused, "IsNaN") == 0
     assert all(m.attributes["is_causal"] == int(causal) for m in report.matches)
     gen = torch.Generator().manual_seed(7)
     for shape in [tuple(x.shape)] + ([(3, 5)] if dynamic else []):
@@ -268,6 +276,62 @@ def test_transformers_eager_attention(name, exporter, tmp_path):
         np.testing.assert_allclose(got, load(model).infer({"x": x.numpy()})["output"], rtol=1e-5, atol=1e-5)
         with torch.no_grad():
             np.testing.assert_allclose(got, module(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _SDPA(nn.Module):
+    """Attention written with ``F.scaled_dot_product_attention``: a key-padding mask read from the
+    input (``pad``: the keys whose first channel is below 0; a sample may mask every key), causal,
+    or grouped-query by ``enable_gqa``."""
+
+    def __init__(self, dim=32, heads=4, kv_heads=4, mode="pad"):
+        super().__init__()
+        self.heads, self.kv_heads, self.mode, self.d = heads, kv_heads, mode, dim // heads
+        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.d)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, self.heads, self.d).transpose(1, 2)
+        k, v = self.kv(x).view(b, n, 2, self.kv_heads, self.d).permute(2, 0, 3, 1, 4)
+        f = nn.functional.scaled_dot_product_attention
+        if self.mode == "pad":
+            o = f(q, k, v, attn_mask=(x[..., 0] >= 0)[:, None, None, :])
+        else:
+            o = f(q, k, v, is_causal=self.mode == "causal", enable_gqa=self.kv_heads != self.heads)
+        return self.o(o.transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.mark.parametrize("exporter,mode,kv_heads", [
+    ("dynamo", "pad", 4), ("torchscript", "pad", 4), ("dynamo", "causal", 4), ("torchscript", "causal", 4),
+    ("dynamo", "gqa", 2)])   # TorchScript does not export enable_gqa
+def test_scaled_dot_product_attention(exporter, mode, kv_heads, tmp_path):
+    """F.scaled_dot_product_attention with a data-dependent key-padding mask ``[B, 1, 1, S]`` (expanded
+    over the queries for ONNX Runtime's ``Attention``; one sample masks every key, and the fused
+    node gives its rows zeros, as PyTorch does), causal, and grouped-query (``enable_gqa``); both
+    exporters, dynamic batch and length."""
+    torch.manual_seed(3)
+    module = _SDPA(kv_heads=kv_heads, mode=mode).eval()
+    model = _export(module, torch.randn(2, 7, 32), tmp_path, exporter, dynamic=True)
+    fused, report = softmax.apply(model)
+    assert report.rewritten == 1 and _count(fused, "Softmax") == _count(fused, "IsNaN") == 0, report.to_dict()
+    assert report.matches[0].attributes["is_causal"] == int(mode == "causal")
+    before, after = load(model), load(fused)
+    gen = torch.Generator().manual_seed(11)
+    for shape in [(2, 7, 32), (3, 12, 32), (1, 1, 32)]:
+        x = torch.randn(*shape, generator=gen)
+        if mode == "pad":
+            x[0, :, 0] = -1.0 - x[0, :, 0].abs()   # sample 0: every key masked
+        got = after.infer({"x": x.numpy()})["output"]
+        with torch.no_grad():
+            ref = module(x).numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+        # ONNX Runtime's Softmax gives a row of -inf uniform weights rather than NaN, so the exported
+        # graph's guard never fires and its fully masked rows differ from PyTorch's zeros.
+        live = slice(1, None) if mode == "pad" else slice(None)
+        np.testing.assert_allclose(got[live], before.infer({"x": x.numpy()})["output"][live], rtol=1e-5, atol=1e-6)
+        if mode == "pad":   # a zero row of attention leaves the output projection's bias
+            np.testing.assert_allclose(got[0], np.broadcast_to(module.o.bias.detach().numpy(), got[0].shape),
+                                       atol=1e-6)
 
 
 def test_opset_conversion_keeps_earlier_fused_functions(tmp_path):
