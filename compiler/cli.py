@@ -109,8 +109,10 @@ def models_cmd() -> None:
               show_default=True, help="auto: dynamo, then TorchScript if dynamo fails.")
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--int-high", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Random integer inputs (token ids) are drawn from [0, INT_HIGH): at most the vocabulary size.")
 @_handle_errors
-def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset, seed) -> None:
+def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset, seed, int_high) -> None:
     """Export MODEL (a bundled model name or MODULE:FACTORY) to ONNX."""
     import torch
 
@@ -123,7 +125,7 @@ def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset
         for text in input_shapes:
             _, shape, dtype = parse_shape(text)
             if dtype.startswith("int"):
-                inputs.append(torch.randint(0, 100, shape, generator=gen, dtype=getattr(torch, dtype)))
+                inputs.append(torch.randint(0, int_high, shape, generator=gen, dtype=getattr(torch, dtype)))
             else:
                 inputs.append(torch.randn(shape, generator=gen, dtype=getattr(torch, dtype)))
     elif spec is not None:
@@ -299,12 +301,14 @@ def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, lowe
 @click.option("--input-shape", "input_shapes", multiple=True,
               help="Shape of random inputs: NAME:2x3x224x224 (default: the bundled model's example).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--int-high", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Random integer inputs (token ids) are drawn from [0, INT_HIGH): at most the vocabulary size.")
 @click.option("--atol", type=float, help="Override the precision's absolute tolerance.")
 @click.option("--rtol", type=float, help="Override the precision's relative tolerance.")
 @click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where report.json/report.html go (default: ARTEFACT_DIR).")
 @_handle_errors
-def validate_cmd(artefact_dir, model_ref, inputs_npz, input_shapes, seed, atol, rtol, report_dir) -> None:
+def validate_cmd(artefact_dir, model_ref, inputs_npz, input_shapes, seed, int_high, atol, rtol, report_dir) -> None:
     """Run a compiled artefact and its PyTorch model on the same inputs; write the accuracy-diff report.
 
     Exits 1 when any output is outside tolerance.
@@ -314,7 +318,7 @@ def validate_cmd(artefact_dir, model_ref, inputs_npz, input_shapes, seed, atol, 
     result, paths = validate_artefact(
         artefact_dir, model_ref, inputs_npz=inputs_npz,
         shapes={n: s for n, s, _ in map(parse_shape, input_shapes) if n} or None,
-        seed=seed, atol=atol, rtol=rtol, report_dir=report_dir)
+        seed=seed, atol=atol, rtol=rtol, report_dir=report_dir, int_high=int_high)
     console.print(result.summary_table())
     console.print(f"report: {paths[0]} and {paths[1]}")
     result.raise_if_failed(str(paths[1]))

@@ -93,9 +93,11 @@ def export_onnx(
             outputs = model(*example_inputs)
     except Exception as exc:
         shapes = ", ".join("x".join(map(str, t.shape)) for t in example_inputs)
+        fix = "pass one --input-shape per forward() argument, in order"
+        if isinstance(exc, IndexError) and any(not t.is_floating_point() for t in example_inputs):
+            fix += "; integer inputs are token ids: --int-high at most the vocabulary size"
         raise AttncError(f"ONNX export failed: the model's forward fails on inputs of shape {shapes} "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
-                         "pass one --input-shape per forward() argument, in order") from None
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", fix) from None
     n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
     output_names = list(output_names or (["output"] + [f"output_{i}" for i in range(1, n_out)]))
 

@@ -236,12 +236,13 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
                       inputs_npz: str | os.PathLike | None = None,
                       shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0,
                       atol: float | None = None, rtol: float | None = None,
-                      report_dir: str | os.PathLike | None = None):
+                      report_dir: str | os.PathLike | None = None, int_high: int = 100):
     """Run a compiled artefact and the PyTorch model ``model_ref`` on the same inputs.
 
     Inputs come from ``inputs_npz``, else from random ``shapes``, else from the bundled
-    model's example inputs (seeded). Writes ``report.json`` and ``report.html`` into
-    ``report_dir`` (default ``artefact_dir``).
+    model's example inputs (seeded); random integer inputs (token ids) are drawn from
+    ``[0, int_high)``. Writes ``report.json`` and ``report.html`` into ``report_dir`` (default
+    ``artefact_dir``).
 
     Returns:
         ``(ValidationResult, (json_path, html_path))``.
@@ -267,7 +268,7 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
         feeds = {s.name: t.numpy() for s, t in zip(runner.input_specs, examples)}
         source = f"bundled example inputs of {spec.name}, seed {seed}"
     else:
-        feeds = validate.make_inputs(runner.input_specs, seed=seed, shapes=shapes)
+        feeds = validate.make_inputs(runner.input_specs, seed=seed, shapes=shapes, int_high=int_high)
         source = f"random, seed {seed}"
 
     precision = manifest["precision"]

@@ -74,7 +74,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from attnc.passes.core import (Match, NearMiss, PassReport, canonical_einsum, constant_value, consumers,
-                               name_nodes, producers, remove_dead_nodes, toposort, value_shapes_and_types)
+                               name_nodes, past_probability_casts, producers, remove_dead_nodes, toposort,
+                               value_shapes_and_types)
 from attnc.plugins import neighborhood as plugin
 from attnc.plugins import attach_function_bodies
 
@@ -596,7 +597,8 @@ class _Matcher:
 
     def match(self, softmax: tuple, anchor: str) -> _Site:
         src, out, names = softmax
-        site = _Site(anchor=anchor, q="", k="", v="", output="", scale=1.0, nodes=list(names))
+        out, passed = past_probability_casts(self.model, out, self.consumer)   # SDPA's NaN guard, casts
+        site = _Site(anchor=anchor, q="", k="", v="", output="", scale=1.0, nodes=list(names) + passed)
         scores = self.pre_softmax(site, src)
         node = self.producer.get(scores)
         if node is not None and node.op_type == "Squeeze":

@@ -1552,13 +1552,17 @@ def _activation_scores(model, layers, feeds_list) -> dict[int, np.ndarray]:
 
 
 def torch_attention_modules(torch_model) -> list[tuple[Any, int, Any]]:
-    """``(module, num_heads, output_projection)`` of each attention module, in registration order."""
+    """``(module, num_heads, output_projection)`` of each attention module, in registration order
+    (transformers' BERT-style attention: the ``BertAttention`` holding ``self`` and ``output.dense``)."""
     found = []
     for module in torch_model.modules():
         heads = getattr(module, "num_heads", None) or getattr(getattr(module, "in_proj", None), "num_heads", None) \
             or (getattr(getattr(module, "config", None), "num_attention_heads", None)   # transformers' attention
                 if hasattr(module, "o_proj") else None)
         proj = next((getattr(module, n) for n in ("proj", "o_proj", "out_proj", "c_proj") if hasattr(module, n)), None)
+        inner = getattr(module, "self", None)   # BERT-style: BertAttention(self=BertSelfAttention, output.dense)
+        if not heads and inner is not None and hasattr(getattr(module, "output", None), "dense"):
+            heads, proj = getattr(inner, "num_attention_heads", None), module.output.dense
         if heads and proj is not None and hasattr(proj, "weight"):
             found.append((module, int(heads), proj))
     return found

