@@ -886,6 +886,42 @@ def test_exported_mhsa_lowered_by_the_softmax_pass_builds(tmp_path):
 
 
 @pytest.mark.tensorrt
+def test_transformers_bert_with_padding_mask_builds(tmp_path):
+    """transformers' BertModel with its default SDPA attention and a padding-mask input, exported by
+    dynamo with dynamic batch and length -> two ``Attention`` layers reading the padding mask -> a
+    TensorRT engine."""
+    _trt_or_skip()
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from attnc.compiler.export import export_onnx
+    from attnc.compiler.pipeline import CompileOptions, compile_model
+
+    class Bert(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+            self.model = transformers.BertModel(config, add_pooling_layer=False)
+
+        def forward(self, ids, mask):
+            return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    torch.manual_seed(0)
+    axes = {n: {0: "batch", 1: "seq"} for n in ("ids", "mask")}
+    path = export_onnx(Bert().eval(), (torch.randint(0, 64, (2, 9)), torch.ones(2, 9, dtype=torch.int64)),
+                       tmp_path / "bert.onnx", exporter="dynamo", dynamic_axes=axes, input_names=["ids", "mask"])
+    shapes = {f"{kind}_shapes": {n: s for n in ("ids", "mask")}
+              for kind, s in (("min", [1, 4]), ("opt", [2, 9]), ("max", [4, 16]))}
+    manifest = compile_model(path, tmp_path / "out", CompileOptions(backend="tensorrt", backend_options=shapes))
+    assert manifest["ops_after"].get("Attention") == 2 and "Softmax" not in manifest["ops_after"]
+    fused = onnx.load(str(tmp_path / "out" / "model.fused.onnx"))
+    assert [len(n.input) for n in fused.graph.node if n.op_type == "Attention"] == [4, 4]   # with the padding mask
+    assert manifest["backend_info"]["profiles"] == [{n: {"min": [1, 4], "opt": [2, 9], "max": [4, 16]}
+                                                     for n in ("ids", "mask")}]
+
+
+@pytest.mark.tensorrt
 def test_timing_cache_option(tmp_path):
     trt, flavour = _trt_or_skip()
     model_path = _save(attention_model(), tmp_path / "attention.onnx")

@@ -841,6 +841,45 @@ def test_prunes_transformers_default_attention(tmp_path, name, exporter, keep, g
         assert not np.allclose(got, _masked_reference(model, _complement(keep, layers), layers, inputs), atol=1e-3)
 
 
+class _GQASDPA(torch.nn.Module):
+    """Grouped-query attention by ``F.scaled_dot_product_attention(..., enable_gqa=True)``, causal."""
+
+    def __init__(self, dim=32, heads=8, kv_heads=2):
+        super().__init__()
+        self.num_heads, self.kv_heads, self.d = heads, kv_heads, dim // heads
+        self.q_proj, self.o_proj = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
+        self.k_proj, self.v_proj = (torch.nn.Linear(dim, kv_heads * self.d) for _ in range(2))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, self.d).transpose(1, 2)
+        k, v = (p(x).view(b, n, self.kv_heads, self.d).transpose(1, 2) for p in (self.k_proj, self.v_proj))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("keep,granularity", [({0: [4, 5, 6, 7]}, "group"), ({0: [0, 3, 5, 6]}, "query")])
+def test_prunes_sdpa_enable_gqa(tmp_path, keep, granularity, dynamic):
+    """SDPA with ``enable_gqa=True`` as the dynamo exporter decomposes it (the K/V repeat merged into
+    the flattened transpose of K in static exports): whole K/V groups or query heads in each group."""
+    torch.manual_seed(4)
+    model = _GQASDPA().eval()
+    path = tmp_path / "gqa.onnx"
+    export_onnx(model, (torch.randn(2, 7, 32),), path, exporter="dynamo", input_names=["x"],
+                dynamic_axes={"x": {0: "batch", 1: "seq"}} if dynamic else None)
+    onnx_model = onnx.load(str(path))
+    layers = find_attention_layers(onnx_model)
+    assert [(l.heads, l.kv_heads, l.kv_groups()) for l in layers] == [(8, 2, [[0, 1, 2, 3], [4, 5, 6, 7]])]
+    pruned, report = prune_heads(onnx_model, keep=keep, granularity=granularity)
+    assert [(l.kv_heads_before, l.kv_heads_after) for l in report.layers] == [(2, 1 if granularity == "group" else 2)]
+    x = torch.randn(2, 7, 32) if not dynamic else torch.randn(3, 11, 32)
+    expected = _masked_reference(model, keep, layers, (x,))
+    np.testing.assert_allclose(_ort(pruned, {"x": x.numpy()}), expected, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(_ort(pruned, {"x": x.numpy()}),
+                           _masked_reference(model, _complement(keep, layers), layers, (x,)), atol=1e-3)
+
+
 def test_compile_cli_prunes_kv_groups(tmp_path):
     """``attnc compile --prune-heads`` on a grouped-query model: a count of whole groups works, one
     that splits a group is a clean error with the fix; ``--prune-granularity query`` keeps every
