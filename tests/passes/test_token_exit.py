@@ -149,7 +149,7 @@ def test_bad_requests(vlm, tmp_path):
         apply_static_token_exit(onnx.load(str(path)), 1, 4)
 
 
-def _tiny_llava():
+def _tiny_llava(attention="eager"):
     transformers = pytest.importorskip("transformers")
     vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32)
@@ -158,7 +158,7 @@ def _tiny_llava():
     config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=63,
                                       vision_feature_select_strategy="default", vision_feature_layer=-1)
     for c in (config, config.text_config, config.vision_config):
-        c._attn_implementation = "eager"   # Softmax in the graph rather than SDPA
+        c._attn_implementation = attention   # eager: Softmax in the graph; sdpa: the default
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return transformers.LlavaForConditionalGeneration(config).eval()
@@ -199,8 +199,9 @@ class _LlavaLastToken(torch.nn.Module):
         return self.llava.lm_head(lm.norm(x)[:, -1])
 
 
-def test_static_exit_on_hf_llava(tmp_path):
-    llava = _tiny_llava()
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_static_exit_on_hf_llava(tmp_path, attention):
+    llava = _tiny_llava(attention)
     pixels, ids = torch.randn(1, 3, 32, 32), torch.randint(1, 60, (1, 7))
     wrapper = _LlavaLastToken(llava)
     with torch.no_grad():
