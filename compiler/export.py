@@ -16,6 +16,7 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import atomic_path
+from attnc.compiler.validate import eval_mode
 from attnc.plugins import attach_function_bodies
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ def export_onnx(
     """Export ``model`` on ``example_inputs`` to an ONNX file, atomically.
 
     Args:
-        model: the module to export; it is put in eval mode.
+        model: the module to export; it runs in eval mode and, for transformers models, without
+            the KV cache (``config.use_cache``), both restored afterwards.
         example_inputs: one tensor or a sequence of positional tensors.
         path: where the ``.onnx`` file goes.
         exporter: ``"dynamo"`` (torch.export based), ``"torchscript"`` (tracing), or
@@ -86,7 +88,11 @@ def export_onnx(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
-    model = model.eval()
+    with eval_mode(model):   # also without transformers' KV cache (its DynamicCache does not export)
+        return _export_eval(model, example_inputs, path, exporter, opset, dynamic_axes, input_names, output_names)
+
+
+def _export_eval(model, example_inputs, path, exporter, opset, dynamic_axes, input_names, output_names) -> Path:
     input_names = list(input_names or input_names_for(model, len(example_inputs)))
     try:
         with torch.no_grad():

@@ -682,13 +682,23 @@ def validate(
 
 @contextlib.contextmanager
 def eval_mode(module):
-    """Run the block with ``module.eval()``, then restore its train/eval mode."""
+    """Run the block with ``module.eval()`` and without transformers' KV cache, then restore both.
+
+    A transformers model's forward returns its ``past_key_values`` when ``config.use_cache`` is
+    set: a ``DynamicCache`` that torch.export cannot return and that is no output of a prefill
+    graph. Every ``config`` in the module tree with ``use_cache`` set is switched off for the block.
+    """
     was_training = module.training
+    configs = {id(c): c for m in module.modules() if getattr(c := getattr(m, "config", None), "use_cache", False)}
     module.eval()
+    for config in configs.values():
+        config.use_cache = False
     try:
         yield module
     finally:
         module.train(was_training)
+        for config in configs.values():
+            config.use_cache = True
 
 
 def torch_reference(model, input_names: Sequence[str], output_names: Sequence[str]

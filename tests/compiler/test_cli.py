@@ -208,6 +208,37 @@ def test_export_int_high_bounds_token_ids(tmp_path):
     assert report["passed"] and report["outputs"][0]["actual"]["shape"] == [3, 41, 97]
 
 
+_HF_FACTORIES = """
+import torch, transformers
+
+def gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(config)
+"""
+
+
+def test_transformers_lm_as_it_is(tmp_path, monkeypatch):
+    """A transformers LM straight from its class (KV cache on, ModelOutput): export (the cache is
+    switched off for it and restored), compile with the softmax pass, validate on other shapes."""
+    pytest.importorskip("transformers")
+    (tmp_path / "hf_factories.py").write_text(_HF_FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run("export", "hf_factories:gpt2", "-o", tmp_path / "gpt2.onnx", "--input-shape", "input_ids:2x9:int64",
+        "--int-high", "64", "--dynamic", "input_ids:0=batch", "--dynamic", "input_ids:1=seq")
+    run("compile", tmp_path / "gpt2.onnx", "-o", tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["ops_after"].get("Attention") == 2 and "Softmax" not in manifest["ops_after"]
+    run("validate", tmp_path / "out", "--model", "hf_factories:gpt2", "--input-shape", "input_ids:3x13:int64",
+        "--int-high", "64")
+    import hf_factories
+    import torch
+
+    model = hf_factories.gpt2().train()
+    export_onnx(model, (torch.zeros(1, 4, dtype=torch.long),), tmp_path / "again.onnx")
+    assert model.training and model.config.use_cache   # both restored after the export
+
+
 def test_export_failure_names_the_other_exporter(tmp_path):
     """TorchScript cannot export SDPA with ``enable_gqa``: the fix offered is the other exporter."""
     import torch
