@@ -198,6 +198,12 @@ class AttentionLayer:
     # Grouped-query attention: the K/V head each query head reads ([H]), None when K/V have H heads.
     kv_of_head: np.ndarray | None = field(default=None, repr=False)
     repeats: list[_Repeat] = field(default_factory=list, repr=False)  # repeats of the K/V heads to rewrite
+    # Per-head terms on the scores (T5's / Swin's relative position bias, a per-head mask): (node,
+    # input, heads axis), each gathered to the kept heads at run time (they may follow the length).
+    score_terms: list[tuple[str, int, int]] = field(default_factory=list, repr=False)
+    # Reshapes after the core that keep its shape but write the head count out: (node, heads axis).
+    head_reshapes: list[tuple[str, int]] = field(default_factory=list, repr=False)
+    kept_reshapes: dict[str, str] = field(default_factory=dict, repr=False)   # name -> _keeps_heads verdict
 
     @property
     def kv_heads(self) -> int:
@@ -401,25 +407,75 @@ def _core(model, node, prod, cons):
 
 def _walk_scores(t, prod):
     """From the Softmax input back over mask / scale ops to ``MatMul(Q, Kᵀ)``."""
+    found = _scores_path(t, prod)
+    return None if found is None else found[0]
+
+
+def _scores_path(t, prod) -> tuple[onnx.NodeProto, list[tuple[onnx.NodeProto, str]]] | None:
+    """``(MatMul(Q, Kᵀ), [(node, the input carrying the scores)])`` from the Softmax input back over
+    mask / bias / scale ops, or ``None``."""
+    path = []
     for _ in range(8):
         node = prod.get(t)
         if node is None:
             return None
         if node.op_type == "MatMul":
-            return node
+            return node, path
         if node.op_type in ("Add", "Sub", "Mul", "Div"):
             computed = [i for i in node.input if i in prod and prod[i].op_type != "Constant"]
             matmul = [i for i in computed if prod[i].op_type in ("MatMul", "Mul", "Div", "Add", "Where")]
             if not matmul:
                 return None
-            t = next((i for i in matmul if prod[i].op_type == "MatMul"), matmul[0])
+            nxt = next((i for i in matmul if prod[i].op_type == "MatMul"), matmul[0])
         elif node.op_type == "Where":
-            t = node.input[2] if node.input[2] in prod and prod[node.input[2]].op_type != "Constant" else node.input[1]
+            nxt = node.input[2] if node.input[2] in prod and prod[node.input[2]].op_type != "Constant" else node.input[1]
         elif node.op_type in ("Cast", "Identity"):
-            t = node.input[0]
+            nxt = node.input[0]
         else:
             return None
+        path.append((node, nxt))
+        t = nxt
     return None
+
+
+def _score_terms(model, kind, node, prod, heads: int) -> list[tuple[str, int, int]]:
+    """``(node, input, -3)`` of each operand added to (or masking, scaling) the ``[B, H, S_q, S_kv]``
+    scores that has ``heads`` entries on the heads axis: pruning gathers the kept heads from it.
+
+    A softmax core's scores path (``_scores_path``) and an ONNX ``Attention`` node's ``attn_mask``
+    are read; operands of size 1 there (HF's ``[B, 1, S, S]`` masks) or of rank < 3 broadcast.
+    Where inference leaves the size unknown the operand is evaluated at two input sizes.
+    """
+    if kind == "softmax":
+        found = _scores_path(node.input[0], prod)
+        operands = [(n, i) for n, path in (found[1] if found else []) for i, x in enumerate(n.input)
+                    if x and x != path]
+    elif kind == "Attention" and len(node.input) > 3 and node.input[3]:
+        operands = [(node, 3)]
+    else:
+        return []
+    terms = []
+    for owner, i in operands:
+        x = owner.input[i]
+        value = constant_value(model, x)
+        shape = list(value.shape) if value is not None else _shapes(model).get(x)
+        size = _dim_at(shape, 1, 4) if shape is None or len(shape) <= 4 else None
+        if size is None:
+            try:
+                sizes = {_dim_at(list(r[x].shape), 1, 4) for r in evaluate_tensors(model, [x])}
+            except Exception as exc:  # noqa: BLE001 - an operand that cannot be evaluated is not provably shared
+                raise _Unrecognised(f"{owner.name}: cannot tell whether {x} on the scores has a heads axis "
+                                    f"({type(exc).__name__})") from None
+            if len(sizes) != 1:
+                raise _Unrecognised(f"{owner.name}: {x} on the scores has {sorted(map(str, sizes))} entries on the "
+                                    "heads axis at different input sizes")
+            size = sizes.pop()
+        if size in ("absent", 1):
+            continue
+        if size != heads:
+            raise _Unrecognised(f"{owner.name}: {x} on the scores has {size} entries on the heads axis, not {heads}")
+        terms.append((owner.name, i, -3))
+    return terms
 
 
 def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
@@ -443,7 +499,8 @@ def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
             if head_axis == 1 and _rank(model, tensor) == 4:
                 for axis in axes:
                     same_dims[axis].add(tensor)
-    merge, out_proj, merged, added = _trace_output(model, out, h, vd, prod, cons, same_dims)
+    merge, out_proj, merged, added, head_reshapes, kept_reshapes = _trace_output(model, out, h, vd, prod, cons,
+                                                                                 same_dims)
     if out_proj.columns.shape != (h, vd):
         raise _Unrecognised(f"output projection rows {out_proj.columns.shape} do not match {h} heads x {vd}")
     if kind == "attnc::AgentAttention":
@@ -510,7 +567,9 @@ def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
     tokens = q_shape[2] if len(q_shape) == 4 and isinstance(q_shape[2], int) else None
     key_tokens = v_shape[2] if len(v_shape) == 4 and isinstance(v_shape[2], int) else None
     return AttentionLayer(index, node.name, kind, h, qd, vd, tokens, key_tokens, roles, merge, out_proj, per_head,
-                          merged, agents, reshapes, depthwise, folded, kv_of_head=kv_of_head, repeats=repeats)
+                          merged, agents, reshapes, depthwise, folded, kv_of_head=kv_of_head, repeats=repeats,
+                          score_terms=_score_terms(model, kind, node, prod, h), head_reshapes=head_reshapes,
+                          kept_reshapes=kept_reshapes)
 
 
 def _grouping(model, kind, heads: dict[str, int], walks: dict[str, _Walk], prod
@@ -952,7 +1011,7 @@ def _head_split(model, reshape, head_axis, fixed, prod) -> tuple[_HeadSplit, _Pr
 
 
 def _projection(model, t, columns, prod) -> _Projection:
-    """Walk ``[.., C]`` back over ``Add(bias)``, channel ``Split`` and Reshapes of the token axes to
+    """Walk ``[.., C]`` back over ``Add(bias)``, a scalar ``Mul``/``Div``, channel ``Split`` and Reshapes of the token axes to
     ``MatMul(x, W)`` or ``Gemm(x, W[, bias])`` (GPT-2's ``Conv1D``: ``addmm`` on flattened tokens)."""
     bias_node = bias = split = None
     offset = 0
@@ -965,6 +1024,10 @@ def _projection(model, t, columns, prod) -> _Projection:
             if _channels_written(model, node):
                 reshapes.append(node.name)
             t = node.input[0]
+            continue
+        scalars = [i for i in node.input if (c := constant_value(model, i)) is not None and c.size == 1]
+        if node.op_type in ("Mul", "Div") and len(scalars) == 1 and (node.op_type == "Mul" or node.input[1] in scalars):
+            t = next(i for i in node.input if i not in scalars)   # a scale on the projection (OPT's q · scaling)
             continue
         if node.op_type == "Gemm":
             gemm = _gemm_projection(model, node, bias is None)
@@ -1050,12 +1113,16 @@ def _trace_output(model, t, heads, value_dim, prod, cons, same_dims=None):
 
     The core's output is ``[B, H, N, Dv]`` by contract; its dims are carried through the
     Transposes so the merge works where shape inference knows nothing (fused nodes' outputs).
-    Returns the merge, the output projection, its input and the terms added on the way
-    (see :func:`_output_projection`).
+    Returns the merge, the output projection, its input, the terms added on the way (see
+    :func:`_output_projection`), ``(Reshape, heads axis)`` of each shape-keeping Reshape on the
+    way that writes the head count out (rewritten on pruning), and every shape-keeping Reshape's
+    verdict (:func:`_keeps_heads`).
     """
     dims: list = [None, heads, None, value_dim]
     start = dims
     head_axis = 1
+    head_reshapes: list[tuple[str, int]] = []
+    kept_reshapes: dict[str, str] = {}
     for _ in range(8):
         # Shape readers (the TorchScript exporter computes the merge shape from them) follow the
         # new sizes by themselves.
@@ -1068,8 +1135,11 @@ def _trace_output(model, t, heads, value_dim, prod, cons, same_dims=None):
             head_axis = perm.index(head_axis)
             dims = [dims[p] for p in perm]
             t = node.output[0]
-        elif node.op_type == "Reshape" and _keeps_heads(model, node, head_axis, same_dims if dims is start else None,
-                                                         prod):
+        elif node.op_type == "Reshape" and (kept := _PROVEN_KEEPS.get(node.name) or _keeps_heads(
+                model, node, head_axis, heads, same_dims if dims is start else None, prod)):
+            if kept == "written":
+                head_reshapes.append((node.name, head_axis))
+            kept_reshapes[node.name] = kept
             t = node.output[0]
         elif node.op_type == "Reshape":
             target = _reshape_target(model, node)
@@ -1090,33 +1160,55 @@ def _trace_output(model, t, heads, value_dim, prod, cons, same_dims=None):
             mm, added, reshapes = _output_projection(model, node, len(target), cons)
             transposed = mm.op_type == "Gemm" and bool(_attr(mm, "transB", 0))
             return merge, _Projection(mm.name, mm.input[1], None, None, None, rows, transposed, reshapes), \
-                mm.input[0], added
+                mm.input[0], added, head_reshapes, kept_reshapes
         else:
             raise _Unrecognised(f"{node.name}: {node.op_type} after the attention core")
     raise _Unrecognised(f"{t}: output path too long")
 
 
-def _keeps_heads(model, reshape, head_axis: int, same_dims: dict[int, set[str]] | None, prod) -> bool:
-    """Whether ``reshape`` leaves its input's shape as it is with -1 (or 0) for the heads, so that it
-    follows a pruned head count by itself: transformers' ``attn_output.reshape(B, -1, N, Dv)``
-    after SDPA. The other entries are static sizes equal to the input's, or read from the shape of
-    a tensor in ``same_dims[axis]`` (the core's output, Q, K, V: under dynamic axes TorchScript
-    computes them so; inferred shapes then say nothing)."""
+# Shape-keeping Reshapes proven on the unpruned graph (name -> verdict), trusted while the pruned
+# graph is analysed again: pruning does not touch their other entries, but inference on the pruned
+# graph may no longer name the dims that proved them.
+_PROVEN_KEEPS: dict[str, str] = {}
+
+
+def _keeps_heads(model, reshape, head_axis: int, heads, same_dims: dict[int, set[str]] | None, prod
+                 ) -> str | None:
+    """Whether ``reshape`` leaves its input's shape as it is: ``"follows"`` when it reads the heads as
+    -1 (or 0), following a pruned head count by itself (transformers' ``attn_output.reshape(B, -1,
+    N, Dv)`` after SDPA); ``"written"`` when it writes the head count out (rewritten on pruning; one
+    other entry may then be -1: Swin's ``[-1, H, N, Dv]`` over batch × windows); else ``None``.
+    The other entries are static sizes equal to the input's, or read from the shape of a tensor in
+    ``same_dims[axis]`` (the core's output, Q, K, V: under dynamic axes TorchScript computes them
+    so; inferred shapes then say nothing), or from a dim that inference names like the input's
+    (the model input's ``batch`` / ``seq``)."""
     entries = _shape_entries(model, reshape.input[1], prod)
     before = _shapes(model).get(reshape.input[0])
-    if not entries or not before or len(entries) != len(before) or head_axis >= len(entries) \
-            or entries[head_axis] not in (-1, 0):
-        return False
+    if not entries or not before or len(entries) != len(before) or head_axis >= len(entries):
+        return None
+    if entries[head_axis] in (-1, 0):
+        kept = "follows"
+    elif isinstance(heads, int) and entries[head_axis] == heads:
+        kept = "written"
+    else:
+        return None
     for axis, (entry, dim) in enumerate(zip(entries, before)):
         if axis == head_axis:
             continue
         static = isinstance(entry, int) and not isinstance(entry, bool) and entry > 0 and entry == dim
-        read = isinstance(entry, tuple) and entry[0] == "dim" and entry[2] == axis and same_dims is not None \
-            and entry[1] in same_dims.get(axis, ())
-        if not (static or read or (isinstance(entry, tuple) and entry[:1] == ("dim",) and entry[1] == reshape.input[0]
-                                   and entry[2] == axis)):
-            return False
-    return True
+        inferred = kept == "written" and entry == -1
+        read = isinstance(entry, tuple) and entry[0] == "dim" and (entry[2] == axis and (
+            entry[1] == reshape.input[0] or same_dims is not None and entry[1] in same_dims.get(axis, ()))
+            or isinstance(dim, str) and dim and _dim_name(model, entry[1], entry[2]) == dim)   # same symbolic dim
+        if not (static or inferred or read):
+            return None
+    return kept
+
+
+def _dim_name(model, tensor: str, axis: int):
+    """The inferred size of ``tensor`` on ``axis`` (an int, a symbolic name, or None)."""
+    shape = _shapes(model).get(tensor) or []
+    return shape[axis] if -len(shape) <= axis < len(shape) else None
 
 
 def _output_projection(model, merge, rank, cons) -> tuple[onnx.NodeProto, list[tuple[str, str]], tuple[str, ...]]:
@@ -1552,19 +1644,28 @@ def _activation_scores(model, layers, feeds_list) -> dict[int, np.ndarray]:
 
 
 def torch_attention_modules(torch_model) -> list[tuple[Any, int, Any]]:
-    """``(module, num_heads, output_projection)`` of each attention module, in registration order
-    (transformers' BERT-style attention: the ``BertAttention`` holding ``self`` and ``output.dense``)."""
+    """``(module, num_heads, output_projection)`` of each attention module, in registration order.
+
+    A module counts when it has a head count (``num_heads``, ``n_heads``, ``in_proj.num_heads``, or
+    for transformers' attention with a ``q_proj`` its ``config.num_attention_heads``) and an output
+    projection (``proj``, ``o_proj``, ``out_proj``, ``c_proj`` (GPT-2), ``out_lin`` (DistilBERT),
+    ``dense`` (Phi), ``o`` (T5)); BERT-style attention counts as the ``BertAttention`` holding
+    ``self`` (with ``num_attention_heads``) and ``output.dense``.
+    """
     found = []
     for module in torch_model.modules():
-        heads = getattr(module, "num_heads", None) or getattr(getattr(module, "in_proj", None), "num_heads", None) \
-            or (getattr(getattr(module, "config", None), "num_attention_heads", None)   # transformers' attention
-                if hasattr(module, "o_proj") else None)
-        proj = next((getattr(module, n) for n in ("proj", "o_proj", "out_proj", "c_proj") if hasattr(module, n)), None)
+        heads = next((h for h in (getattr(module, "num_heads", None), getattr(module, "n_heads", None),
+                                  getattr(getattr(module, "in_proj", None), "num_heads", None)) if isinstance(h, int)),
+                     None)
+        if heads is None and hasattr(module, "q_proj"):   # transformers' attention modules
+            heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
+        proj = next((getattr(module, n) for n in ("proj", "o_proj", "out_proj", "c_proj", "out_lin", "dense", "o")
+                     if hasattr(module, n)), None)
         inner = getattr(module, "self", None)   # BERT-style: BertAttention(self=BertSelfAttention, output.dense)
-        if not heads and inner is not None and hasattr(getattr(module, "output", None), "dense"):
+        if heads is None and inner is not None and hasattr(getattr(module, "output", None), "dense"):
             heads, proj = getattr(inner, "num_attention_heads", None), module.output.dense
-        if heads and proj is not None and hasattr(proj, "weight"):
-            found.append((module, int(heads), proj))
+        if isinstance(heads, int) and heads > 0 and proj is not None and hasattr(proj, "weight"):
+            found.append((module, heads, proj))
     return found
 
 
@@ -1960,7 +2061,11 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
     toposort(model)
     remove_dead_nodes(model)
     del model.graph.value_info[:]  # inferred shapes before pruning would contradict the new ones
-    after = find_attention_layers(model)
+    _PROVEN_KEEPS.update({name: kept for l in layers for name, kept in l.kept_reshapes.items()})
+    try:
+        after = find_attention_layers(model)
+    finally:
+        _PROVEN_KEEPS.clear()
     if [l.heads for l in after] != [len(keep.get(l.index, range(l.heads))) for l in layers]:
         raise AttncError("internal error: the pruned graph's heads do not match the request",
                          "please report this model")
@@ -2107,6 +2212,14 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
     layer.out_proj.set_matrix(model, nodes[layer.out_proj.matmul], w_o[rows], f"{layer.out_proj.weight}.{tag}")
     for reshape in layer.out_proj.reshapes:
         _set_shape_entries(model, nodes[reshape], {_last_entry(model, nodes[reshape]): len(rows)}, tag)
+    for node_name, axis in layer.head_reshapes:
+        _set_shape_entries(model, nodes[node_name], {axis: len(kept)}, tag)
+    for node_name, i, axis in layer.score_terms:
+        node, gathered = nodes[node_name], f"{nodes[node_name].input[i]}.heads.{tag}"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(order, dtype=np.int64), gathered + ".index"))
+        model.graph.node.append(helper.make_node("Gather", [node.input[i], gathered + ".index"], [gathered],
+                                                 name=gathered + "/gather", axis=axis))
+        node.input[i] = gathered
     for node_name, i, axis in layer.per_head_constants:
         node = nodes[node_name]
         value = layer._per_head_value(model, node.input[i])
