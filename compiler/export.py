@@ -16,7 +16,7 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import atomic_path
-from attnc.compiler.validate import eval_mode
+from attnc.compiler.validate import eval_mode, kv_cache_off
 from attnc.plugins import attach_function_bodies
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,8 @@ def export_onnx(
     """Export ``model`` on ``example_inputs`` to an ONNX file, atomically.
 
     Args:
-        model: the module to export; it runs in eval mode and, for transformers models, without
-            the KV cache (``config.use_cache``), both restored afterwards.
+        model: the module to export; it runs in eval mode (restored afterwards), and the dynamo
+            exporter runs a transformers model without its KV cache (``config.use_cache``, restored).
         example_inputs: one tensor or a sequence of positional tensors.
         path: where the ``.onnx`` file goes.
         exporter: ``"dynamo"`` (torch.export based), ``"torchscript"`` (tracing), or
@@ -88,7 +88,7 @@ def export_onnx(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
-    with eval_mode(model):   # also without transformers' KV cache (its DynamicCache does not export)
+    with eval_mode(model, kv_cache=True):
         return _export_eval(model, example_inputs, path, exporter, opset, dynamic_axes, input_names, output_names)
 
 
@@ -111,7 +111,9 @@ def _export_eval(model, example_inputs, path, exporter, opset, dynamic_axes, inp
     errors = []
     for name in order:
         try:
-            proto = _export_with(name, model, example_inputs, opset, dynamic_axes, input_names, output_names)
+            # dynamo: without transformers' KV cache, whose DynamicCache output torch.export cannot return
+            with kv_cache_off(model) if name == "dynamo" else contextlib.nullcontext():
+                proto = _export_with(name, model, example_inputs, opset, dynamic_axes, input_names, output_names)
         except Exception as exc:  # exporters raise a zoo of types
             log.warning("%s exporter failed: %s", name, str(exc).splitlines()[0] if str(exc) else exc)
             errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

@@ -681,22 +681,33 @@ def validate(
 
 
 @contextlib.contextmanager
-def eval_mode(module):
-    """Run the block with ``module.eval()`` and without transformers' KV cache, then restore both.
-
-    A transformers model's forward returns its ``past_key_values`` when ``config.use_cache`` is
-    set: a ``DynamicCache`` that torch.export cannot return and that is no output of a prefill
-    graph. Every ``config`` in the module tree with ``use_cache`` set is switched off for the block.
-    """
+def eval_mode(module, kv_cache: bool = False):
+    """Run the block with ``module.eval()``, then restore its train/eval mode; unless ``kv_cache``,
+    also without transformers' KV cache (:func:`kv_cache_off`)."""
     was_training = module.training
-    configs = {id(c): c for m in module.modules() if getattr(c := getattr(m, "config", None), "use_cache", False)}
     module.eval()
+    try:
+        with contextlib.nullcontext() if kv_cache else kv_cache_off(module):
+            yield module
+    finally:
+        module.train(was_training)
+
+
+@contextlib.contextmanager
+def kv_cache_off(module):
+    """Run the block with every transformers ``config.use_cache`` in ``module`` switched off.
+
+    With it on, a transformers model's forward returns its ``past_key_values``: a ``DynamicCache``
+    that torch.export cannot return and that is no output of a prefill graph. (TorchScript needs
+    it on: without a cache, transformers 5 builds its mask with ``aten::diff``, which TorchScript
+    does not export.)
+    """
+    configs = {id(c): c for m in module.modules() if getattr(c := getattr(m, "config", None), "use_cache", False)}
     for config in configs.values():
         config.use_cache = False
     try:
         yield module
     finally:
-        module.train(was_training)
         for config in configs.values():
             config.use_cache = True
 

@@ -64,7 +64,7 @@ Tests: ``tests/passes/test_prune_heads.py``; numbers: ``benchmarks/bench_shrink.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -481,6 +481,8 @@ def _score_terms(model, kind, node, prod, heads: int) -> list[tuple[str, int, in
 def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
            agent: _AgentParts | None = None) -> AttentionLayer:
     walks = {role: _walk_back(model, t, prod) for role, t in (("Q", q), ("K", k), ("V", v))}
+    for walk in walks.values():
+        _restrict_columns(walk)
     roles = {role: (walk.split, walk.proj) for role, walk in walks.items()}
     heads = {role: walk.split.rest[walk.split.head_pos] for role, walk in walks.items()}
     h = heads["Q"]
@@ -614,6 +616,9 @@ class _Walk:
     proj: _Projection
     repeat: _Repeat | None
     path: dict[str, int]
+    # Positions on the head split's last (within-head) axis that reach the core, where known:
+    # GPT-NeoX cuts Q, K and V out of one [.., H, 3·D] split by slices of that axis.
+    used: np.ndarray | None = None
 
 
 def _trace_input(model, t, prod, cons) -> tuple[_HeadSplit, _Projection]:
@@ -623,7 +628,8 @@ def _trace_input(model, t, prod, cons) -> tuple[_HeadSplit, _Projection]:
 
 
 def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None = None,
-               path: dict[str, int] | None = None, budget: list[int] | None = None) -> _Walk:
+               path: dict[str, int] | None = None, budget: list[int] | None = None,
+               used: np.ndarray | None | str = "start") -> _Walk:
     """Walk ``t`` (heads on ``head_axis``) back to its head-split Reshape and projection.
 
     Besides the data movement of the head split, it passes the ops that act within each head:
@@ -639,6 +645,14 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
     path = {} if path is None else path
     budget = [48] if budget is None else budget
     repeat = None
+    # ``used``: "start" (all of the current tensor's last axis: nothing cut yet), positions, or None
+    # (unknown). Kᵀ reaches the core transposed, so "start" is resolved at the first cut.
+
+    def resolve(used, tensor):
+        if not isinstance(used, str):
+            return used
+        last_dim = (_shapes(model).get(tensor) or [None])[-1]
+        return np.arange(last_dim) if isinstance(last_dim, int) and last_dim > 0 else None
 
     def done(walk: _Walk) -> _Walk:
         if repeat is not None and walk.repeat is not None:
@@ -663,17 +677,25 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
             if len(data) == 1:
                 t = data[0]
                 continue
-            walks = [_walk_back(model, x, prod, head_axis, fixed, path, budget) for x in data]
+            walks = [_walk_back(model, x, prod, head_axis, fixed, path, budget, used) for x in data]
             return done(_same_walks(node, walks))
         elif op == "Concat":
             if not within_head or _attr(node, "axis", 0) % rank != last:
                 raise _Unrecognised(f"{node.name}: Concat on the Q/K/V path is not along the head dim (last axis)")
             if any(constant_value(model, x) is not None for x in node.input):
                 raise _Unrecognised(f"{node.name}: Concat of a constant onto the Q/K/V heads")
-            walks = [_walk_back(model, x, prod, head_axis, fixed, path, budget) for x in node.input]
+            sizes = [(_shapes(model).get(x) or [None])[-1] for x in node.input]
+            starts = np.cumsum([0] + sizes[:-1]) if all(isinstance(n, int) and n > 0 for n in sizes) else None
+            used = resolve(used, t)
+            walks = [_walk_back(model, x, prod, head_axis, fixed, path, budget,
+                                None if used is None or starts is None else
+                                used[(used >= o) & (used < o + n)] - o)
+                     for x, o, n in zip(node.input, starts if starts is not None else sizes, sizes)]
             return done(_same_walks(node, walks))
         elif op == "Transpose":
             perm = list(_attr(node, "perm"))
+            if perm[-1] != len(perm) - 1 and not isinstance(used, str):
+                used = None
             head_axis = perm[head_axis]
             fixed = {perm[a]: i for a, i in fixed.items()}
             t = node.input[0]
@@ -693,7 +715,10 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
         elif op == "Slice":
             axes = constant_value(model, node.input[3]) if len(node.input) > 3 and node.input[3] else None
             if axes is not None and within_head and all(int(a) % rank == last for a in axes):
-                t = node.input[0]  # a range of the head dim (rotate_half): starts/ends may be computed (D // 2)
+                # a range of the head dim (rotate_half; GPT-NeoX's q/k/v): starts may be computed (D // 2)
+                used = _shift_used(model, resolve(used, t), node.input[1], node.input[4] if len(node.input) > 4 else "",
+                                   (_shapes(model).get(node.input[0]) or [None])[-1])
+                t = node.input[0]
                 continue
             starts = constant_value(model, node.input[1])
             ends = constant_value(model, node.input[2])
@@ -723,7 +748,11 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
         elif op == "Split":
             a = _attr(node, "axis", 0)
             if within_head and a % rank == last:
-                t = node.input[0]  # halves of the head dim (rotate_half written with chunk)
+                sizes = _split_sizes(model, node)   # halves of the head dim (rotate_half written with chunk)
+                j = list(node.output).index(t)
+                used = resolve(used, t)
+                used = None if used is None or sizes is None else used + int(sum(sizes[:j]))
+                t = node.input[0]
                 continue
             sizes = _split_sizes(model, node)
             j = list(node.output).index(t)
@@ -735,13 +764,25 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
             found = _repeat_of_heads(model, node, head_axis, fixed, prod)
             if found is None:
                 split, proj = _head_split(model, node, head_axis, fixed, prod)
-                return done(_Walk(split, proj, None, path))
+                return done(_Walk(split, proj, None, path, None if isinstance(used, str) else used))
             if repeat is not None:
                 raise _Unrecognised(f"{node.name}: the heads are repeated twice on the way to the core")
             repeat, t = found
         else:
             raise _Unrecognised(f"{node.name}: {op} on the Q/K/V path")
     raise _Unrecognised(f"{t}: Q/K/V path too long")
+
+
+def _restrict_columns(walk: _Walk) -> None:
+    """Keep the projection columns of the within-head positions that reach the core (``walk.used``)
+    when the split's columns per head are its last axis (``[.., H, 3·D]``: GPT-NeoX's q, k and v)."""
+    used, columns = walk.used, walk.proj.columns
+    if used is None or len(used) == columns.shape[1] or walk.split.rest[-1] != columns.shape[1] \
+            or walk.split.head_pos == len(walk.split.rest) - 1:
+        return
+    if used.min() < 0 or used.max() >= columns.shape[1]:
+        raise _Unrecognised(f"{walk.split.node}: within-head slices reach outside the head")
+    walk.proj = replace(walk.proj, columns=columns[:, used])
 
 
 def _same_walks(node, walks: list[_Walk]) -> _Walk:
@@ -754,7 +795,25 @@ def _same_walks(node, walks: list[_Walk]) -> _Walk:
                 or not np.array_equal(other.proj.columns, first.proj.columns) or not same_repeat:
             raise _Unrecognised(f"{node.name}: its inputs come from different heads or projections "
                                 f"({first.split.node} and {other.split.node})")
+    if any(w.used is None for w in walks):
+        first.used = None
+    else:
+        first.used = np.unique(np.concatenate([w.used for w in walks]))
     return first
+
+
+def _shift_used(model, used, starts: str, steps: str, size) -> np.ndarray | None:
+    """``used`` positions of a last-axis Slice's output as positions of its input (``+ start``);
+    None where the start is not a constant or the step is not 1."""
+    start = constant_value(model, starts)
+    if used is None or start is None or start.size != 1 or (steps and np.any(constant_value(model, steps) != 1)):
+        return None
+    start = int(start.reshape(-1)[0])
+    if start < 0:
+        if not isinstance(size, int):
+            return None
+        start += size
+    return used + start
 
 
 def _data_operands(model, node, head_axis: int, rank: int | None) -> list[str]:
@@ -1647,9 +1706,9 @@ def torch_attention_modules(torch_model) -> list[tuple[Any, int, Any]]:
     """``(module, num_heads, output_projection)`` of each attention module, in registration order.
 
     A module counts when it has a head count (``num_heads``, ``n_heads``, ``in_proj.num_heads``, or
-    for transformers' attention with a ``q_proj`` its ``config.num_attention_heads``) and an output
+    for transformers' attention with a ``q_proj`` / ``query_key_value`` its ``config.num_attention_heads``) and an output
     projection (``proj``, ``o_proj``, ``out_proj``, ``c_proj`` (GPT-2), ``out_lin`` (DistilBERT),
-    ``dense`` (Phi), ``o`` (T5)); BERT-style attention counts as the ``BertAttention`` holding
+    ``dense`` (Phi, GPT-NeoX), ``o`` (T5)); BERT-style attention counts as the ``BertAttention`` holding
     ``self`` (with ``num_attention_heads``) and ``output.dense``.
     """
     found = []
@@ -1657,7 +1716,7 @@ def torch_attention_modules(torch_model) -> list[tuple[Any, int, Any]]:
         heads = next((h for h in (getattr(module, "num_heads", None), getattr(module, "n_heads", None),
                                   getattr(getattr(module, "in_proj", None), "num_heads", None)) if isinstance(h, int)),
                      None)
-        if heads is None and hasattr(module, "q_proj"):   # transformers' attention modules
+        if heads is None and (hasattr(module, "q_proj") or hasattr(module, "query_key_value")):   # transformers
             heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
         proj = next((getattr(module, n) for n in ("proj", "o_proj", "out_proj", "c_proj", "out_lin", "dense", "o")
                      if hasattr(module, n)), None)

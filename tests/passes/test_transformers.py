@@ -3,7 +3,8 @@ random weights): the fusion passes and head pruning, each against the torch mode
 
 Per architecture what it exercises: T5 (a per-head relative position bias on the scores,
 gathered to the kept heads), OPT (the query scaled after its projection), Phi (a Reshape after
-the core that reads the sizes from the model input, ``dense`` output projection), DistilBERT
+the core that reads the sizes from the model input, ``dense`` output projection), GPT-NeoX (Q,
+K and V cut from one ``[.., H, 3·D]`` split by slices of its last axis; partial rotary), DistilBERT
 (``n_heads`` / ``out_lin``), Qwen2 (Q/K/V biases, grouped-query attention), Mistral (its sliding
 window is causal 1-D neighborhood attention; grouped-query attention), CLIP's text tower (causal
 mask), DeiT (distillation token). Models that need more are in docs/shrink.md.
@@ -36,6 +37,8 @@ def _build(name):
                                             vocab_size=64, max_position_embeddings=64, word_embed_proj_dim=32))
     if name == "phi":
         return t.PhiForCausalLM(t.PhiConfig(**_SMALL))
+    if name == "gpt_neox":
+        return t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**_SMALL))
     if name == "distilbert":
         return t.DistilBertModel(t.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=64,
                                                     max_position_embeddings=64))
@@ -65,6 +68,7 @@ CASES = {
     "t5": (["dynamo", "torchscript"], "softmax", {0: [0, 2, 3], 1: [1]}),
     "opt": (["dynamo"], "softmax", {0: [1, 2], 1: [0, 1, 3]}),
     "phi": (["dynamo"], "softmax", {0: [3], 1: [0, 2]}),
+    "gpt_neox": (["dynamo"], "softmax", {0: [0, 3], 1: [1, 2, 3]}),
     "distilbert": (["torchscript"], "softmax", {0: [0, 1], 1: [2, 3]}),
     "qwen2": (["dynamo"], "softmax", {0: [2, 3], 1: [0, 1]}),
     "mistral": (["dynamo"], "neighborhood", {0: [0, 1], 1: [2, 3]}),
