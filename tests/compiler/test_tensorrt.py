@@ -922,6 +922,38 @@ def test_transformers_bert_with_padding_mask_builds(tmp_path):
 
 
 @pytest.mark.tensorrt
+def test_pruned_transformers_t5_builds(tmp_path):
+    """transformers' T5 encoder with half its heads pruned (its per-head relative position bias gets a
+    Gather of the kept heads; dynamic batch and length) and fused -> a TensorRT engine."""
+    _trt_or_skip()
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from attnc.compiler.export import export_onnx
+    from attnc.compiler.pipeline import CompileOptions, compile_model
+
+    class T5(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            config = transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=64)
+            self.model = transformers.T5EncoderModel(config)
+
+        def forward(self, ids):
+            return self.model(ids).last_hidden_state
+
+    torch.manual_seed(0)
+    path = export_onnx(T5().eval(), (torch.randint(0, 64, (2, 9)),), tmp_path / "t5.onnx", exporter="dynamo",
+                       dynamic_axes={"ids": {0: "batch", 1: "seq"}}, input_names=["ids"])
+    np.savez(tmp_path / "calib.npz", ids=np.random.default_rng(0).integers(0, 64, (2, 9)))
+    shapes = {f"{kind}_shapes": {"ids": s} for kind, s in (("min", [1, 4]), ("opt", [2, 9]), ("max", [4, 16]))}
+    manifest = compile_model(path, tmp_path / "out", CompileOptions(
+        backend="tensorrt", backend_options=shapes, prune_heads="0.5", calibration=str(tmp_path / "calib.npz")))
+    assert manifest["shrink"]["prune_heads"]["heads_after"] == 4 and manifest["ops_after"].get("Attention") == 2
+    fused = onnx.load(str(tmp_path / "out" / "model.fused.onnx"))
+    assert sum(n.op_type == "Gather" and "heads.pruned" in n.name for n in fused.graph.node) == 2
+
+
+@pytest.mark.tensorrt
 def test_timing_cache_option(tmp_path):
     trt, flavour = _trt_or_skip()
     model_path = _save(attention_model(), tmp_path / "attention.onnx")
