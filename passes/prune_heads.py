@@ -204,6 +204,7 @@ class AttentionLayer:
     # Reshapes after the core that keep its shape but write the head count out: (node, heads axis).
     head_reshapes: list[tuple[str, int]] = field(default_factory=list, repr=False)
     kept_reshapes: dict[str, str] = field(default_factory=dict, repr=False)   # name -> _keeps_heads verdict
+    heads_ranges: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)  # role -> (first, count)
 
     @property
     def kv_heads(self) -> int:
@@ -483,8 +484,10 @@ def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
     walks = {role: _walk_back(model, t, prod) for role, t in (("Q", q), ("K", k), ("V", v))}
     for walk in walks.values():
         _restrict_columns(walk)
+        _restrict_heads(walk)
     roles = {role: (walk.split, walk.proj) for role, walk in walks.items()}
-    heads = {role: walk.split.rest[walk.split.head_pos] for role, walk in walks.items()}
+    heads = {role: walk.proj.columns.shape[0] for role, walk in walks.items()}
+    ranges = {role: walk.heads_range for role, walk in walks.items() if walk.heads_range is not None}
     h = heads["Q"]
     kv_of_head, repeats = None, []
     if heads["K"] != h or heads["V"] != h or walks["K"].repeat or walks["V"].repeat:
@@ -571,7 +574,7 @@ def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
     return AttentionLayer(index, node.name, kind, h, qd, vd, tokens, key_tokens, roles, merge, out_proj, per_head,
                           merged, agents, reshapes, depthwise, folded, kv_of_head=kv_of_head, repeats=repeats,
                           score_terms=_score_terms(model, kind, node, prod, h), head_reshapes=head_reshapes,
-                          kept_reshapes=kept_reshapes)
+                          kept_reshapes=kept_reshapes, heads_ranges=ranges)
 
 
 def _grouping(model, kind, heads: dict[str, int], walks: dict[str, _Walk], prod
@@ -619,6 +622,9 @@ class _Walk:
     # Positions on the head split's last (within-head) axis that reach the core, where known:
     # GPT-NeoX cuts Q, K and V out of one [.., H, 3·D] split by slices of that axis.
     used: np.ndarray | None = None
+    # (first, count) of the split's heads this role takes when a Slice or GatherND of the heads axis
+    # picks a range of them (Falcon: Q = heads[:-2], K = heads[[-2]], V = heads[[-1]]), else None.
+    heads_range: tuple[int, int] | None = None
 
 
 def _trace_input(model, t, prod, cons) -> tuple[_HeadSplit, _Projection]:
@@ -645,6 +651,7 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
     path = {} if path is None else path
     budget = [48] if budget is None else budget
     repeat = None
+    heads_range = None   # (first, count) within the current tensor's heads axis
     # ``used``: "start" (all of the current tensor's last axis: nothing cut yet), positions, or None
     # (unknown). Kᵀ reaches the core transposed, so "start" is resolved at the first cut.
 
@@ -658,6 +665,10 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
         if repeat is not None and walk.repeat is not None:
             raise _Unrecognised(f"{repeat.reshape}: the heads are repeated twice on the way to the core")
         walk.repeat = walk.repeat or repeat
+        if heads_range is not None:
+            if walk.heads_range is not None:
+                raise _Unrecognised(f"{walk.split.node}: the heads are sliced twice on the way to the core")
+            walk.heads_range = heads_range
         return walk
 
     while budget[0] > 0:
@@ -731,6 +742,10 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
                     if rank is None:
                         raise _Unrecognised(f"{node.name}: negative Slice axis on the Q/K/V path, rank unknown")
                     a %= rank
+                if a == head_axis and heads_range is None and not fixed:
+                    n = _dim_name(model, node.input[0], a)
+                    heads_range = _heads_range(node, n, int(s), (int(e) if e < (n or 0) or e < 0 else None))
+                    continue
                 if a == head_axis or e - s != 1:
                     raise _Unrecognised(f"{node.name}: Slice of more than one slot (axis {a})")
                 fixed[a] = fixed.get(a, 0) + int(s)
@@ -744,6 +759,16 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
             head_axis = shift(head_axis)
             fixed = {shift(x): i for x, i in fixed.items()}
             fixed[a] = int(idx)
+            t = node.input[0]
+        elif op == "GatherND" and head_axis == 0 and heads_range is None and not fixed:
+            # x[[i, ...]] on a leading heads axis (Falcon's K and V): rows of axis 0
+            idx = constant_value(model, node.input[1])
+            if idx is None or _attr(node, "batch_dims", 0) or idx.ndim != 2 or idx.shape[1] != 1 \
+                    or np.any(np.diff(idx[:, 0]) != 1):
+                raise _Unrecognised(f"{node.name}: GatherND on the Q/K/V path is not a range of the heads")
+            first, count = int(idx[0, 0]), int(idx.shape[0])
+            heads_range = _heads_range(node, _dim_name(model, node.input[0], 0), first,
+                                       first + count if first + count < 0 else None)
             t = node.input[0]
         elif op == "Split":
             a = _attr(node, "axis", 0)
@@ -773,6 +798,30 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
     raise _Unrecognised(f"{t}: Q/K/V path too long")
 
 
+def _heads_range(node, n, start: int, end: int | None) -> tuple[int, int]:
+    """``(first, count)`` of the heads a Slice / GatherND takes from a heads axis of static size ``n``
+    (``end`` None: to the end). Only bounds counted from the ends are taken (``start`` 0 or
+    negative, ``end`` negative or the end): they still pick the same heads once pruning shrinks
+    the axis (Falcon's ``[:-2]``, ``[[-2]]``, ``[[-1]]``)."""
+    if not isinstance(n, int) or n <= 0 or start > 0 or (end is not None and end >= 0):
+        raise _Unrecognised(f"{node.name}: {node.op_type} [{start}:{end}] of the heads axis is not counted from its "
+                            "ends (or the axis size is unknown)")
+    first, stop = start % n if start < 0 else 0, n if end is None else end + n
+    if stop <= first:
+        raise _Unrecognised(f"{node.name}: empty {node.op_type} of the heads axis")
+    return first, stop - first
+
+
+def _restrict_heads(walk: _Walk) -> None:
+    """Keep the projection rows of the heads a role takes from a shared split (``heads_range``)."""
+    if walk.heads_range is None:
+        return
+    first, count = walk.heads_range
+    if first + count > walk.proj.columns.shape[0]:
+        raise _Unrecognised(f"{walk.split.node}: the heads range reaches outside the split's heads")
+    walk.proj = replace(walk.proj, columns=walk.proj.columns[first:first + count])
+
+
 def _restrict_columns(walk: _Walk) -> None:
     """Keep the projection columns of the within-head positions that reach the core (``walk.used``)
     when the split's columns per head are its last axis (``[.., H, 3·D]``: GPT-NeoX's q, k and v)."""
@@ -792,7 +841,8 @@ def _same_walks(node, walks: list[_Walk]) -> _Walk:
         same_repeat = (first.repeat is None) == (other.repeat is None) and \
             (first.repeat is None or first.repeat.reshape == other.repeat.reshape)
         if other.split.node != first.split.node or other.proj.matmul != first.proj.matmul \
-                or not np.array_equal(other.proj.columns, first.proj.columns) or not same_repeat:
+                or not np.array_equal(other.proj.columns, first.proj.columns) or not same_repeat \
+                or other.heads_range != first.heads_range:
             raise _Unrecognised(f"{node.name}: its inputs come from different heads or projections "
                                 f"({first.split.node} and {other.split.node})")
     if any(w.used is None for w in walks):
@@ -2243,7 +2293,11 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
         _resize_split(model, nodes[split_node], layer, role_kept)
     for split, role in {split.node: (split, role) for role, (split, _) in layer.roles.items()}.values():
         rest = list(split.rest)
-        rest[split.head_pos] = len(role_kept[role])
+        sliced = [r for r, (other, _) in layer.roles.items() if other.node == split.node and r in layer.heads_ranges]
+        if sliced:   # roles take ranges of this split's heads (Falcon): it loses what they lose
+            rest[split.head_pos] -= sum(layer.heads_ranges[r][1] - len(role_kept[r]) for r in sliced)
+        else:
+            rest[split.head_pos] = len(role_kept[role])
         _set_reshape(model, nodes[split.node], split.lead, rest, tag)
     # The repeat of the K/V heads: constant K/V-head and head counts are rewritten, computed ones
     # follow the K/V shapes; a new group size (query heads pruned inside the groups) is written into

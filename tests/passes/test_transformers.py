@@ -4,7 +4,8 @@ random weights): the fusion passes and head pruning, each against the torch mode
 Per architecture what it exercises: T5 (a per-head relative position bias on the scores,
 gathered to the kept heads), OPT (the query scaled after its projection), Phi (a Reshape after
 the core that reads the sizes from the model input, ``dense`` output projection), GPT-NeoX (Q,
-K and V cut from one ``[.., H, 3·D]`` split by slices of its last axis; partial rotary), DistilBERT
+K and V cut from one ``[.., H, 3·D]`` split by slices of its last axis; partial rotary), Falcon
+(multi-query: Q, K and V as ranges of one split's heads, ``[:-2]``, ``[[-2]]``, ``[[-1]]``), DistilBERT
 (``n_heads`` / ``out_lin``), Qwen2 (Q/K/V biases, grouped-query attention), Mistral (its sliding
 window is causal 1-D neighborhood attention; grouped-query attention), CLIP's text tower (causal
 mask), DeiT (distillation token). Models that need more are in docs/shrink.md.
@@ -39,6 +40,9 @@ def _build(name):
         return t.PhiForCausalLM(t.PhiConfig(**_SMALL))
     if name == "gpt_neox":
         return t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**_SMALL))
+    if name == "falcon":
+        return t.FalconForCausalLM(t.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                  vocab_size=64, new_decoder_architecture=False, multi_query=True))
     if name == "distilbert":
         return t.DistilBertModel(t.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=64,
                                                     max_position_embeddings=64))
@@ -69,6 +73,7 @@ CASES = {
     "opt": (["dynamo"], "softmax", {0: [1, 2], 1: [0, 1, 3]}),
     "phi": (["dynamo"], "softmax", {0: [3], 1: [0, 2]}),
     "gpt_neox": (["dynamo"], "softmax", {0: [0, 3], 1: [1, 2, 3]}),
+    "falcon": (["dynamo"], "softmax", {0: [0, 2, 3], 1: [1]}),   # multi-query: query heads (granularity)
     "distilbert": (["torchscript"], "softmax", {0: [0, 1], 1: [2, 3]}),
     "qwen2": (["dynamo"], "softmax", {0: [2, 3], 1: [0, 1]}),
     "mistral": (["dynamo"], "neighborhood", {0: [0, 1], 1: [2, 3]}),
@@ -103,7 +108,7 @@ def test_fuses_and_prunes(name, exporter, tmp_path):
 
     layers = find_attention_layers(onnx_model)
     assert [l.heads for l in layers] == [4, 4]
-    pruned, report = prune_heads(onnx_model, keep=keep)
+    pruned, report = prune_heads(onnx_model, keep=keep, granularity="query" if name == "falcon" else "group")
     assert [l.heads_after for l in report.layers] == [len(keep[0]), len(keep[1])]
     got = load(pruned).infer({"x": x.numpy()})["output"]
 
