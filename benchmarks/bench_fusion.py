@@ -52,6 +52,18 @@ def machine() -> dict:
             "onnxruntime": ort.__version__, "onnx": onnx.__version__, "platform": platform.platform()}
 
 
+def time_interleaved(runners: dict, feeds: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Run every runner once per round, ``repeats`` rounds, so machine noise hits all alike:
+    ``({key: seconds per run}, {key: median})``."""
+    times: dict[str, list[float]] = {key: [] for key in runners}
+    for _ in range(repeats):
+        for key, runner in runners.items():
+            t = time.perf_counter()
+            runner.infer(feeds)
+            times[key].append(time.perf_counter() - t)
+    return times, {k: statistics.median(v) for k, v in times.items()}
+
+
 def bench_model(name: str, sizes: dict[str, int], repeats: int, threads: int, exporter: str,
                 lower: list[str] | None = None) -> dict:
     spec = get_spec(name)
@@ -71,13 +83,7 @@ def bench_model(name: str, sizes: dict[str, int], repeats: int, threads: int, ex
     ref = outputs["before"]
     max_rel = max(float(np.max(np.abs(got[k] - ref[k])) / (np.max(np.abs(ref[k])) + 1e-12))
                   for key, got in outputs.items() if key != "before" for k in ref)
-    times: dict[str, list[float]] = {key: [] for key in runners}
-    for _ in range(repeats):
-        for key, runner in runners.items():
-            t = time.perf_counter()
-            runner.infer(feeds)
-            times[key].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times, med = time_interleaved(runners, feeds, repeats)
     extra = {}
     if lower:
         extra = {"lowered": lower, "nodes_lowered": len(graphs["lowered"].graph.node),

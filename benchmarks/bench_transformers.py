@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_fusion import machine  # noqa: E402
+from bench_fusion import machine, time_interleaved  # noqa: E402
 
 from attnc.compiler.backends.onnxruntime import OnnxRuntimeRunner  # noqa: E402
 from attnc.compiler.export import export_onnx  # noqa: E402
@@ -78,13 +77,7 @@ def bench(name: str, tokens: int, repeats: int, threads: int) -> dict:
     graphs = {"export": exported, "fused": fused, "pruned": pruned_fused}
     runners = {k: OnnxRuntimeRunner(g, providers=["CPUExecutionProvider"], threads=threads) for k, g in graphs.items()}
     outputs = {k: r.infer(feeds)["output"] for k, r in runners.items()}   # also the warm-up
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(repeats):
-        for key, runner in runners.items():
-            start = time.perf_counter()
-            runner.infer(feeds)
-            times[key].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times, med = time_interleaved(runners, feeds, repeats)
     ref = outputs["export"]
     return {
         "model": name, "tokens": tokens, "ort_threads": threads,
