@@ -307,6 +307,12 @@ def scalar_constant(model: onnx.ModelProto, name: str) -> float | None:
     return float(value.reshape(()))
 
 
+def same_dim(a, b) -> bool:
+    """Whether two inferred dims (from :func:`value_shapes`) are known to be equal: the same positive
+    int, or the same symbolic name; an unknown dim equals nothing."""
+    return (isinstance(a, int) and a > 0 or isinstance(a, str) and bool(a)) and a == b
+
+
 def flat_transposes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]]:
     """``(outer Reshape, Transpose, inner Reshape)`` of every ``Reshape(Transpose(Reshape(x), [0, 2, 1]))``
     (unproven: :func:`collapse_flat_transposes` checks the shapes)."""
@@ -339,10 +345,6 @@ def collapse_flat_transposes(model: onnx.ModelProto) -> int:
     if not sandwiches:
         return 0
     shapes, cons = value_shapes(model), consumers(model)
-
-    def same(a, b) -> bool:
-        return (isinstance(a, int) and a > 0 and a == b) or (isinstance(a, str) and bool(a) and a == b)
-
     count = 0
     for outer, t, inner in sandwiches:
         x = inner.input[0]
@@ -350,10 +352,10 @@ def collapse_flat_transposes(model: onnx.ModelProto) -> int:
         if len(xs) < 3 or len(flat) != 3 or len(out) < 3 or len(cons.get(inner.output[0], [])) != 1 \
                 or len(cons.get(t.output[0], [])) != 1:
             continue
-        if not all(same(a, b) for a, b in zip(list(flat[1:]) + list(out[-2:]), list(xs[-2:]) + [xs[-1], xs[-2]])):
+        if not all(same_dim(a, b) for a, b in zip(list(flat[1:]) + list(out[-2:]), list(xs[-2:]) + [xs[-1], xs[-2]])):
             continue
         lead, lead_x = list(out[:-2]), list(xs[:-2])
-        merge = len(lead) != len(lead_x) or not all(same(a, b) for a, b in zip(lead, lead_x))
+        merge = len(lead) != len(lead_x) or not all(same_dim(a, b) for a, b in zip(lead, lead_x))
         if merge and not all(isinstance(d, int) and d > 0 for d in lead + lead_x + list(xs[-2:])):
             continue
         rank = len(out)
