@@ -49,8 +49,7 @@ from onnx import helper
 from attnc.passes.core import (Match, NearMiss, PassReport, consumers, constant_value, convert_opset,
                                default_opset, depends_on_data, evaluate_tensors, named_copy,
                                node_attribute, past_probability_casts, producers, remove_dead_nodes,
-                               scalar_constant,
-                               toposort, value_shapes)
+                               same_dim, scalar_constant, toposort, value_shapes)
 
 FAMILY = "softmax"
 OP_TYPE = "Attention"
@@ -264,8 +263,7 @@ def _covers_scores(mask_shape, scores_shape) -> bool:
     """
     if not mask_shape or not scores_shape or len(mask_shape) < 2:
         return False
-    return all((isinstance(a, int) and a > 0 or isinstance(a, str) and a) and a == b
-               for a, b in zip(mask_shape[-2:], scores_shape[-2:]))
+    return all(same_dim(a, b) for a, b in zip(mask_shape[-2:], scores_shape[-2:]))
 
 
 def _scores_side(node, prod) -> int | None:
@@ -372,17 +370,10 @@ def _rewrite(model: onnx.ModelProto, cand: _Candidate) -> None:
             new.append(helper.make_node("Not", [cand.keep], [mask], name=prefix + "/not"))
     if mask is not None and cand.expand_mask:
         # [*mask lead, S_q, S_kv]: the mask's leading dims, Q's and K's sequence lengths
-        ends = {"lead": (0, -2), "rows": (-2, -1), "cols": (-2, -1)}
         parts = []
-        for part, source in (("lead", mask), ("rows", cand.q), ("cols", k)):
-            for bound, value in zip(("start", "end"), ends[part]):
-                g.initializer.append(onnx.numpy_helper.from_array(np.array([value], np.int64),
-                                                                  f"{prefix}/{part}_{bound}"))
-            new.append(helper.make_node("Shape", [source], [f"{prefix}/{part}_shape"], name=f"{prefix}/{part}_shape"))
-            new.append(helper.make_node("Slice", [f"{prefix}/{part}_shape", f"{prefix}/{part}_start",
-                                                  f"{prefix}/{part}_end"], [f"{prefix}/{part}"],
-                                        name=f"{prefix}/{part}_slice"))
+        for part, source, start, end in (("lead", mask, 0, -2), ("rows", cand.q, -2, -1), ("cols", k, -2, -1)):
             parts.append(f"{prefix}/{part}")
+            new.append(helper.make_node("Shape", [source], [parts[-1]], name=parts[-1], start=start, end=end))
         new.append(helper.make_node("Concat", parts, [prefix + "/mask_shape"], name=prefix + "/mask_shape", axis=0))
         new.append(helper.make_node("Expand", [mask, prefix + "/mask_shape"], [prefix + "/mask"],
                                     name=prefix + "/mask_expand"))
