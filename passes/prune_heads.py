@@ -658,7 +658,7 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
     def resolve(used, tensor):
         if not isinstance(used, str):
             return used
-        last_dim = (_shapes(model).get(tensor) or [None])[-1]
+        last_dim = _dim_name(model, tensor, -1)
         return np.arange(last_dim) if isinstance(last_dim, int) and last_dim > 0 else None
 
     def done(walk: _Walk) -> _Walk:
@@ -695,7 +695,7 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
                 raise _Unrecognised(f"{node.name}: Concat on the Q/K/V path is not along the head dim (last axis)")
             if any(constant_value(model, x) is not None for x in node.input):
                 raise _Unrecognised(f"{node.name}: Concat of a constant onto the Q/K/V heads")
-            sizes = [(_shapes(model).get(x) or [None])[-1] for x in node.input]
+            sizes = [_dim_name(model, x, -1) for x in node.input]
             starts = np.cumsum([0] + sizes[:-1]) if all(isinstance(n, int) and n > 0 for n in sizes) else None
             used = resolve(used, t)
             walks = [_walk_back(model, x, prod, head_axis, fixed, path, budget,
@@ -728,7 +728,7 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
             if axes is not None and within_head and all(int(a) % rank == last for a in axes):
                 # a range of the head dim (rotate_half; GPT-NeoX's q/k/v): starts may be computed (D // 2)
                 used = _shift_used(model, resolve(used, t), node.input[1], node.input[4] if len(node.input) > 4 else "",
-                                   (_shapes(model).get(node.input[0]) or [None])[-1])
+                                   _dim_name(model, node.input[0], -1))
                 t = node.input[0]
                 continue
             starts = constant_value(model, node.input[1])
@@ -1129,8 +1129,8 @@ def _projection(model, t, columns, prod) -> _Projection:
         node = prod.get(t)
         if node is None:
             break
-        if node.op_type == "Reshape" and _keeps_channels(model, node):
-            if _channels_written(model, node):
+        if node.op_type == "Reshape" and (kept := _channel_reshape(model, node, prod)):
+            if kept == "written":
                 reshapes.append(node.name)
             t = node.input[0]
             continue
@@ -1171,23 +1171,19 @@ def _projection(model, t, columns, prod) -> _Projection:
     raise _Unrecognised(f"{t}: no constant MatMul projection before the head split")
 
 
-def _keeps_channels(model, reshape) -> bool:
-    """Whether ``reshape`` only regroups the token axes: the last (channel) axis keeps its size, static
-    or read from the input's last axis (TorchScript under dynamic axes)."""
+def _channel_reshape(model, reshape, prod) -> str | None:
+    """Whether ``reshape`` only regroups the token axes, its last (channel) axis keeping its size:
+    ``"follows"`` when its channel entry is -1 or read from the input's last axis (TorchScript under
+    dynamic axes), ``"written"`` when it spells the count out (pruning must write the new count;
+    the sizes are then static and equal), else ``None``."""
     shapes = _shapes(model)
     before, after = shapes.get(reshape.input[0]), shapes.get(reshape.output[0])
+    entries = _shape_entries(model, reshape.input[1], prod)
+    last = entries[-1] if entries else None
+    read = bool(before) and last == ("dim", reshape.input[0], len(before) - 1)
     if before and after and isinstance(before[-1], int) and before[-1] > 0 and before[-1] == after[-1]:
-        return True
-    entries = _shape_entries(model, reshape.input[1], producers(model))
-    return bool(entries) and bool(before) and entries[-1] == ("dim", reshape.input[0], len(before) - 1)
-
-
-def _channels_written(model, reshape) -> bool:
-    """Whether a channel-keeping Reshape spells its channel count out (a constant, not -1 and not
-    read from its input's shape): pruning must then write the new count."""
-    entries = _shape_entries(model, reshape.input[1], producers(model))
-    rank = len(_shapes(model).get(reshape.input[0]) or [])
-    return not (entries and (entries[-1] == -1 or entries[-1] == ("dim", reshape.input[0], rank - 1)))
+        return "follows" if read or last == -1 else "written"
+    return "follows" if read else None
 
 
 def _last_entry(model, reshape) -> int:
@@ -1266,7 +1262,7 @@ def _trace_output(model, t, heads, value_dim, prod, cons, same_dims=None):
             grid = np.moveaxis(np.arange(int(np.prod(rest))).reshape(rest), head_axis - start, 0)
             rows = grid.reshape(heads, -1)
             merge = _HeadSplit(node.name, lead, [int(np.prod(rest))], 0)
-            mm, added, reshapes = _output_projection(model, node, len(target), cons)
+            mm, added, reshapes = _output_projection(model, node, len(target), prod, cons)
             transposed = mm.op_type == "Gemm" and bool(_attr(mm, "transB", 0))
             return merge, _Projection(mm.name, mm.input[1], None, None, None, rows, transposed, reshapes), \
                 mm.input[0], added, head_reshapes, kept_reshapes
@@ -1320,7 +1316,7 @@ def _dim_name(model, tensor: str, axis: int):
     return shape[axis] if -len(shape) <= axis < len(shape) else None
 
 
-def _output_projection(model, merge, rank, cons) -> tuple[onnx.NodeProto, list[tuple[str, str]], tuple[str, ...]]:
+def _output_projection(model, merge, rank, prod, cons) -> tuple[onnx.NodeProto, list[tuple[str, str]], tuple[str, ...]]:
     """From the merge Reshape's output ``[.., tokens, H·Dv]`` to the constant output projection.
 
     On the way only the token axes may change: ``Slice`` (agent attention sets the CLS token
@@ -1352,8 +1348,8 @@ def _output_projection(model, merge, rank, cons) -> tuple[onnx.NodeProto, list[t
                 concats.append(user)
             elif op == "Add" and list(user.input).count(t) == 1:
                 adds.append((user, t))
-            elif op == "Reshape" and user.input[0] == t and _keeps_channels(model, user):
-                if _channels_written(model, user):   # tokens flattened for a Gemm (GPT-2's Conv1D)
+            elif op == "Reshape" and user.input[0] == t and (kept := _channel_reshape(model, user, prod)):
+                if kept == "written":   # tokens flattened for a Gemm (GPT-2's Conv1D)
                     reshapes.append(user.name)
             else:
                 raise _Unrecognised(f"{merge.name}: merged heads go through {op} {user.name}, not straight "
