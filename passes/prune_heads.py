@@ -73,6 +73,7 @@ from onnx import helper, numpy_helper
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.validate import eval_mode
+from attnc.passes import softmax
 from attnc.passes.core import (collapse_flat_transposes, constant_value, consumers, depends_on_data, evaluate_tensors,
                                flat_transposes, name_nodes,
                                past_probability_casts, producers, remove_dead_nodes, toposort, value_shapes)
@@ -377,15 +378,23 @@ def _agent_parts(model, match, q, prod) -> _AgentParts:
 
 
 def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model``, or a copy with every node named and the SDPA decomposition's Kᵀ as one Transpose
-    (``passes.core.collapse_flat_transposes``; names of the tensors on Q/K/V paths stay valid)."""
-    if all(n.name for n in model.graph.node) and not flat_transposes(model):
+    """``model``, or a copy with every node named, the SDPA decomposition's Kᵀ as one Transpose
+    (``passes.core.collapse_flat_transposes``; names of the tensors on Q/K/V paths stay valid) and
+    attention on flattened heads fused (:func:`_split_flattened_heads`)."""
+    if all(n.name for n in model.graph.node) and not flat_transposes(model) and not softmax.has_flattened_heads(model):
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     name_nodes(copy)
     collapse_flat_transposes(copy)
-    return copy
+    return _split_flattened_heads(copy)
+
+
+def _split_flattened_heads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with softmax attention computed on ``[B·H, S, D]`` (BLOOM's ``baddbmm``) fused into ONNX
+    ``Attention``, whose 4-D inputs hold the heads apart (the flat form mixes them into the batch axis);
+    the tensors the layers are scored by (each merge and output projection) keep their names."""
+    return softmax.apply(model, flattened_heads_only=True)[0]
 
 
 def _core(model, node, prod, cons):
@@ -2135,6 +2144,7 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
     model.CopyFrom(onnx_model)
     name_nodes(model)
     collapse_flat_transposes(model)   # so no B·H shape constant stays behind in the pruned model
+    model = _split_flattened_heads(model)
     layers = find_attention_layers(model)
     by_index = {l.index: l for l in layers}
     if keep is None:

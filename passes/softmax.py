@@ -4,11 +4,21 @@ Matches, anchored at each ``Softmax`` over the last axis (or its spelled-out for
 ``Exp(x [- ReduceMax x]) / ReduceSum(Exp(...))``) whose probabilities feed
 ``MatMul(P, V)``::
 
-    scores = MatMul(Q [·s_q], Kᵀ [·s_k])  [·s | /s]  [+ mask | Where(c, -inf, ·)]*
+    scores = MatMul(Q [·s_q], Kᵀ [·s_k])  ([·s | /s] | [+ mask | Where(c, -inf, ·)])*
     out    = MatMul(Softmax(scores), V)
 
 - the scale may sit on Q, on Kᵀ, on the scores, or several of those (all constant
-  scalars; their product becomes ``scale``);
+  scalars; their product becomes ``scale``); a scale applied after a mask scales that mask
+  (``(QKᵀ + bias) / √d``: the bias goes in times ``1/√d``);
+- any number of masks (ALiBi plus a causal fill, as BLOOM and MPT write them): one mask goes
+  to ``Attention`` as it is, several are summed into one float ``attn_mask`` (each ``Where``
+  keeping its own fill);
+- attention on flattened heads (BLOOM's ``baddbmm`` on ``[B·H, S, D]``): a ``Reshape`` of the
+  scores to ``[B, H, S_q, S_kv]`` before the softmax and of the probabilities back before
+  ``bmm`` with V. That split is proven at sampled sizes (``evaluate_tensors``, once for all
+  layers); Q, K, V go to ``Attention`` as the ``[B, H, S, D]`` tensors the export flattened
+  (or split by the same ``[B, H]``), masks added before the split are split like the scores,
+  and the output writes the export's view back to ``[B, H, S_q, D_v]`` where there is one;
 - ``Kᵀ`` is any ``Transpose`` that swaps the last two axes of K (a permute straight from
   ``[B, N, H, D]`` to ``[B, H, D, N]`` included: a new Transpose with the composed perm
   feeds ``Attention``);
@@ -22,7 +32,7 @@ Matches, anchored at each ``Softmax`` over the last axis (or its spelled-out for
 - masks: an additive float mask, or ``Where(cond, -inf, scores)`` /
   ``Where(cond, scores, -inf)``; a mask that does not read input values is evaluated
   (as a constant, or at two sequence lengths under dynamic axes) and, when it is the
-  causal lower triangle (0 / ≤ -1e30 or bool), dropped for ``is_causal=1`` (one
+  causal lower triangle (0 / ≤ -1e30 or bool) and the only mask, dropped for ``is_causal=1`` (one
   evaluation per mask tensor: all layers of an LM share it); any other
   mask is passed to ``Attention`` as ``attn_mask`` (bool ``True`` = attend), so its
   semantics are kept exactly.
@@ -31,7 +41,8 @@ Emits one ``Attention`` node (default domain) per match; the model's default ops
 raised to 23 first (``passes.core.convert_opset``: the version converter, keeping the
 functions earlier passes added), only when something matches.
 Near-misses: a Softmax->MatMul whose scores do not come from ``MatMul(Q, Kᵀ)``, a
-non-constant scale, a ``Where`` fill that is not -inf, more than one mask, unknown rank.
+non-constant scale, a ``Where`` fill that is not -inf, unknown rank, a rank 3 -> 4 Reshape of
+the scores that is not a split of the batch into heads.
 This pass uses no other family's pass; it runs last so that agent attention's softmax
 stages are consumed by the agent pass first.
 
@@ -40,11 +51,11 @@ Tests: ``tests/passes/test_softmax.py``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from attnc.passes.core import (Match, NearMiss, PassReport, consumers, constant_value, convert_opset,
                                default_opset, depends_on_data, evaluate_tensors, named_copy,
@@ -62,6 +73,17 @@ class _Miss(Exception):
 
 
 @dataclass
+class _Term:
+    """One mask on the scores: an additive tensor, or a ``Where`` that fills with -inf."""
+    tensor: str
+    keep: bool = False           # ``tensor`` is a bool condition, True = attend ...
+    inverted: bool = False       # ... or True = drop
+    fill: str | None = None      # a keep term's fill (≤ NEG_INF_BOUND)
+    factor: float = 1.0          # the constant scale the scores get after this term (it scales the term too)
+    flat: bool = False           # applied to the [B·H, S_q, S_kv] scores, before the heads split
+
+
+@dataclass
 class _Candidate:
     anchor: str                      # the Softmax (or the Div of the spelled-out form)
     nodes: list[str]
@@ -72,11 +94,16 @@ class _Candidate:
     out: str
     rank: int
     scale: float
-    mask: str | None = None          # additive float mask tensor
-    keep: str | None = None          # bool tensor, True = attend
-    keep_inverted: bool = False      # keep is a "masked" bool (True = drop)
+    terms: list[_Term] = field(default_factory=list)
     is_causal: bool = False
     expand_mask: bool = False        # the mask broadcasts over the query or key axis: spell it out
+    # flattened heads (BLOOM: ``baddbmm`` on [B·H, S, D]): the scores' split to [B, H, S_q, S_kv]
+    heads_shape: str | None = None   # that Reshape's shape input (its first two entries are B, H)
+    allowzero: int = 0
+    flat: tuple[str, str, str] | None = None   # (scores [B·H, ..], scores [B, H, ..], P [B·H, ..]) to prove
+    # q/k/v: the [B, H, ..] tensor it flattens; "out": the Reshape of the output back to [B, H, S_q, D_v];
+    # a flat mask term: "heads" (leads with B·H) or "broadcast" (1)
+    split_sources: dict[str, str | int | None] = field(default_factory=dict)
 
 
 def find(model: onnx.ModelProto) -> PassReport:
@@ -88,17 +115,23 @@ def find(model: onnx.ModelProto) -> PassReport:
     return report
 
 
-def apply(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
-    """Replace each softmax attention by one ONNX ``Attention`` node (opset >= 23)."""
+def apply(model: onnx.ModelProto, flattened_heads_only: bool = False) -> tuple[onnx.ModelProto, PassReport]:
+    """Replace each softmax attention by one ONNX ``Attention`` node (opset >= 23).
+
+    ``flattened_heads_only``: only attention computed on ``[B·H, S, D]`` (BLOOM's): head pruning
+    fuses those first, since their heads are separate tensors only in ``Attention``'s 4-D form.
+    """
+    if flattened_heads_only and not has_flattened_heads(model):
+        return model, PassReport(FAMILY)
     original, model = model, named_copy(model)
-    probe, causal_cache = PassReport(FAMILY), {}
-    if not _candidates(model, probe, causal_cache):
+    probe, cache = PassReport(FAMILY), {}
+    if not _candidates(model, probe, cache, flattened_heads_only):
         return original, probe
     if default_opset(model) < ATTENTION_OPSET:
         model = convert_opset(model, ATTENTION_OPSET)
         model = named_copy(model)
     report = PassReport(FAMILY)
-    cands = _candidates(model, report, causal_cache)  # tensor names survive the conversion
+    cands = _candidates(model, report, cache, flattened_heads_only)  # tensor names survive the conversion
     for cand in cands:
         _rewrite(model, cand)
         report.matches.append(_to_match(cand))
@@ -108,32 +141,54 @@ def apply(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
     return model, report
 
 
+def has_flattened_heads(model: onnx.ModelProto) -> bool:
+    """Whether some ``Softmax``'s probabilities are reshaped before their product with V (the sign of
+    attention on flattened heads; cheap, unproven: :func:`apply` proves each match)."""
+    cons = consumers(model)
+    for node in model.graph.node:
+        if node.op_type == "Softmax":
+            users = cons.get(past_probability_casts(model, node.output[0], cons)[0], [])
+            if len(users) == 1 and users[0].op_type == "Reshape" and any(
+                    u.op_type == "MatMul" for u in cons.get(users[0].output[0], [])):
+                return True
+    return False
+
+
 # ----------------------------------------------------------------------------- matching
 
-def _candidates(model: onnx.ModelProto, report: PassReport, causal_cache: dict | None = None
-                ) -> list[_Candidate]:
+def _candidates(model: onnx.ModelProto, report: PassReport, cache: dict | None = None,
+                flattened_heads_only: bool = False) -> list[_Candidate]:
+    """Every match, after its proofs; ``cache`` keeps the evaluations between the calls of one apply."""
     prod, cons = producers(model), consumers(model)
     shapes = value_shapes(model)
     found = []
-    causal_cache = {} if causal_cache is None else causal_cache
+    cache = {} if cache is None else cache
     for node in model.graph.node:
         probs = _softmax_output(model, node, prod, shapes)
         if probs is None:
             continue
         probs, passed = past_probability_casts(model, probs, cons)
+        merge = None
         users = cons.get(probs, [])
+        if len(users) == 1 and users[0].op_type == "Reshape" and users[0].input[0] == probs:
+            merge = users[0]  # P [B, H, S_q, S_kv] -> [B·H, S_q, S_kv] (BLOOM)
+            probs, more = past_probability_casts(model, merge.output[0], cons)
+            passed += [merge.name] + more
+            users = cons.get(probs, [])
         mm = [u for u in users if u.op_type == "MatMul" and u.input[0] == probs]
         if len(mm) != 1 or len(users) != 1:
             continue  # a softmax that does not feed exactly one P·V is not attention
         try:
-            cand = _match(model, node, mm[0], prod, cons, shapes)
+            cand = _match(model, node, mm[0], merge, prod, cons, shapes)
         except _Miss as miss:
             report.near_misses.append(NearMiss(FAMILY, node.name, str(miss)))
             continue
-        if cand is not None:
-            cand.nodes.extend(passed)
-            _detect_causal(model, cand, causal_cache)
+        cand.nodes.extend(passed)
+        if cand.flat is not None or not flattened_heads_only:
             found.append(cand)
+    found = _prove_heads_splits(model, found, report, cache)
+    for cand in found:
+        _detect_causal(model, cand, cache)
     return found
 
 
@@ -173,9 +228,9 @@ def _softmax_input(model, node, prod) -> tuple[str, list[str]]:
     return x, names
 
 
-def _match(model, softmax, pv, prod, cons, shapes) -> _Candidate | None:
+def _match(model, softmax, pv, merge, prod, cons, shapes) -> _Candidate:
     x, nodes = _softmax_input(model, softmax, prod)
-    scale, mask, keep, keep_inverted = 1.0, None, None, False
+    scale, terms, split = 1.0, [], None
     while True:
         node = prod.get(x)
         if node is None:
@@ -202,40 +257,57 @@ def _match(model, softmax, pv, prod, cons, shapes) -> _Candidate | None:
             side = _scores_side(node, prod)
             if side is None:
                 raise _Miss(f"Add {node.name}: cannot tell the scores from the mask")
-            if mask is not None or keep is not None:
-                raise _Miss("more than one mask on the scores")
-            mask, x = node.input[1 - side], node.input[side]
+            # a scale met before this term (applied after it) scales the term too
+            terms.append(_Term(node.input[1 - side], factor=scale, flat=split is not None))
+            x = node.input[side]
             nodes.append(node.name)
             continue
         if op == "Where":
             fills = [scalar_constant(model, node.input[1]), scalar_constant(model, node.input[2])]
-            if mask is not None or keep is not None:
-                raise _Miss("more than one mask on the scores")
             if fills[0] is not None and fills[0] <= NEG_INF_BOUND:
-                keep, keep_inverted, x = node.input[0], True, node.input[2]
+                term = _Term(node.input[0], keep=True, inverted=True, fill=node.input[1])
+                x = node.input[2]
             elif fills[1] is not None and fills[1] <= NEG_INF_BOUND:
-                keep, x = node.input[0], node.input[1]
+                term = _Term(node.input[0], keep=True, fill=node.input[2])
+                x = node.input[1]
             else:
                 fill = fills[0] if fills[0] is not None else fills[1]
                 raise _Miss(f"Where {node.name} on the scores fills with {fill}, not -inf: "
                             "fully masked rows would differ")
+            if scale <= 0:
+                raise _Miss(f"Where {node.name}'s -inf fill is scaled by {scale} after it")
+            term.flat = split is not None
+            terms.append(term)
             nodes.append(node.name)
             continue
         if op == "Cast" or op == "Identity":
             nodes.append(node.name)
             x = node.input[0]
             continue
-        raise _Miss(f"{op} {node.name} between Q·Kᵀ and Softmax is not a scale or a mask")
+        if op == "Reshape" and split is None and merge is not None:
+            ranks = (_rank(shapes, node.input[0]), _rank(shapes, node.output[0]) or _rank(shapes, node.input[1], 0))
+            if ranks != (3, 4):
+                raise _Miss(f"Reshape {node.name} takes the scores from rank {ranks[0]} to {ranks[1]}, "
+                            "not [B·H, S_q, S_kv] to [B, H, S_q, S_kv]")
+            split = node
+            nodes.append(node.name)
+            x = node.input[0]
+            continue
+        raise _Miss(f"{op} {node.name} between Q·Kᵀ and Softmax is not a scale, a mask or a heads split")
+    if (split is None) != (merge is None):
+        raise _Miss("the probabilities are reshaped before the product with V but the scores were not "
+                    "split into heads" if split is None else "the scores are reshaped but not the probabilities")
     qk = prod[x]
     q, scale_q = _peel_scale(model, qk.input[0], prod, cons, nodes)
     kt, scale_k = _peel_scale(model, qk.input[1], prod, cons, nodes)
     scale *= scale_q * scale_k
-    rank = len(shapes.get(q) or []) or len(shapes.get(kt) or []) or None
+    rank = _rank(shapes, q) or _rank(shapes, kt)
     tnode = prod.get(kt)
     if rank is None and tnode is not None and tnode.op_type == "Transpose":
         rank = len(node_attribute(tnode, "perm", []))
-    if rank not in (3, 4):
-        raise _Miss(f"Q·Kᵀ of rank {rank}; ONNX Attention takes rank 3 or 4")
+    if rank not in (3, 4) or (split is not None and rank != 3):
+        raise _Miss(f"Q·Kᵀ of rank {rank}; ONNX Attention takes rank 3 or 4"
+                    + (" (3 before a heads split)" if split is not None else ""))
     swap = list(range(rank - 2)) + [rank - 1, rank - 2]
     if tnode is not None and tnode.op_type == "Transpose" and len(cons.get(kt, [])) == 1:
         perm = node_attribute(tnode, "perm", None) or list(range(rank))[::-1]
@@ -246,12 +318,106 @@ def _match(model, softmax, pv, prod, cons, shapes) -> _Candidate | None:
         k_src, k_perm = kt, swap
     if k_perm == list(range(rank)):
         k_perm = None
-    cand = _Candidate(softmax.name, nodes, q, k_src, k_perm, pv.input[1], pv.output[0], rank, scale,
-                      mask, keep, keep_inverted)
-    if mask is not None or keep is not None:
-        cand.expand_mask = not _covers_scores(shapes.get(mask or keep), shapes.get(qk.output[0]))
+    cand = _Candidate(softmax.name, nodes, q, k_src, k_perm, pv.input[1], pv.output[0], rank, scale, terms)
+    if split is not None:
+        cand.rank, cand.heads_shape = 4, split.input[1]
+        cand.allowzero = node_attribute(split, "allowzero", 0)
+        cand.flat = (split.input[0], split.output[0], merge.output[0])
+    if terms:
+        cand.expand_mask = not any(_covers_scores(shapes.get(t.tensor), shapes.get(qk.output[0])) for t in terms)
     cand.nodes.append(pv.name)
     return cand
+
+
+def _rank(shapes, name, entry=None) -> int | None:
+    """The rank of ``name`` from inferred shapes (or, with ``entry``, that dim of a shape tensor's shape)."""
+    shape = shapes.get(name)
+    if entry is not None:
+        return shape[entry] if shape and isinstance(shape[entry], int) and shape[entry] > 0 else None
+    return len(shape) if shape else None
+
+
+def _prove_heads_splits(model, cands: list[_Candidate], report: PassReport, cache: dict) -> list[_Candidate]:
+    """Keep the flattened-heads candidates whose split is proven at sampled sizes.
+
+    ``Reshape(scores [N, S_q, S_kv]) -> [B, H, S_q, S_kv]`` with ``N = B·H``, the probabilities
+    reshaped back to ``[N, S_q, S_kv]``, and Q, K, V each with ``N`` leading (no batch broadcast in
+    the MatMuls): then Q, K and V split by the same ``[B, H]`` give the same attention. Inferred
+    shapes rarely prove it (``4*b`` against ``b, 4``), so it is evaluated, once for all layers.
+    Where Q, K or V is a Reshape of a tensor that is already ``[B, H, ..]`` (the exporters' view
+    before ``bmm``), ``Attention`` reads that tensor instead of splitting it again.
+    """
+    prod, cons = producers(model), consumers(model)
+
+    def source(t):
+        p = prod.get(t)
+        return p.input[0] if p is not None and p.op_type == "Reshape" else None
+
+    flat = [c for c in cands if c.flat is not None and ("heads", c.flat) not in cache]
+    if flat:
+        names = {n for c in flat for n in (*c.flat, c.q, c.k_src, c.v, c.heads_shape)}
+        names |= {t.tensor for c in flat for t in c.terms if t.flat}
+        names |= {source(t) for c in flat for t in (c.q, c.k_src, c.v)} - {None}
+        names |= {c.out for c in flat} | {u.output[0] for c in flat for u in cons.get(c.out, [])
+                                          if u.op_type == "Reshape"}
+        try:
+            runs = evaluate_tensors(model, sorted(names))
+            error = None
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors subclass Exception only
+            runs, error = [], str(exc).splitlines()[0][:160]
+        for c in flat:
+            failed = error or _heads_split_error(c, runs)
+            sources = {}
+            for role, t in (("q", c.q), ("k", c.k_src), ("v", c.v)):
+                src = source(t)
+                if not failed and src is not None and all(
+                        run[src].shape == run[c.flat[1]].shape[:2] + run[t].shape[1:] for run in runs):
+                    sources[role] = src
+            users = cons.get(c.out, [])
+            views = [u for u in users if u.op_type == "Reshape" and u.input[0] == c.out]
+            counts = {run[c.flat[1]].shape[1] for run in runs}
+            if not failed and len(views) == 1 and all(u.op_type == "Shape" for u in users if u is not views[0]) \
+                    and (len(users) == 1 or len(counts) == 1) \
+                    and all(run[views[0].output[0]].shape == run[c.flat[1]].shape[:2] + run[c.out].shape[1:]
+                            for run in runs):
+                sources["out"] = views[0].name  # the export's view back to [B, H, S_q, D_v]: Attention writes it
+                sources["heads"] = counts.pop() if len(counts) == 1 else None
+            for term in c.terms:
+                if term.flat and not failed:  # its [B·H | 1, .., S_kv] lead, kept per term
+                    leads = {run[term.tensor].shape[0] == run[c.flat[0]].shape[0] for run in runs}
+                    ones = {run[term.tensor].shape[0] == 1 for run in runs}
+                    if leads == {True}:
+                        sources[term.tensor] = "heads"
+                    elif ones == {True}:
+                        sources[term.tensor] = "broadcast"
+                    else:
+                        failed = f"the mask {term.tensor!r} on the flattened scores leads with neither B·H nor 1"
+            if not failed and not c.allowzero and any(
+                    0 in np.asarray(run[c.heads_shape]).reshape(-1)[:2] for run in runs):
+                failed = "the split's B or H entry is 0 (copied from the input)"
+            cache["heads", c.flat] = (failed, sources)
+    kept = []
+    for c in cands:
+        error, c.split_sources = cache["heads", c.flat] if c.flat is not None else (None, {})
+        if error:
+            report.near_misses.append(NearMiss(FAMILY, c.anchor, f"the scores' heads split is not proven: {error}"))
+        else:
+            kept.append(c)
+    return kept
+
+
+def _heads_split_error(c: _Candidate, runs) -> str | None:
+    scores, heads, probs = c.flat
+    for run in runs:
+        n, split = run[scores].shape, run[heads].shape
+        k_batch = run[c.k_src].shape[c.k_perm[0] if c.k_perm else 0]
+        if len(split) != 4 or split[0] * split[1] != n[0] or split[2:] != n[1:]:
+            return f"{list(n)} -> {list(split)} is not [B·H, S_q, S_kv] -> [B, H, S_q, S_kv]"
+        if run[probs].shape != n:
+            return f"the probabilities go back to {list(run[probs].shape)}, not {list(n)}"
+        if (run[c.q].shape[0], k_batch, run[c.v].shape[0]) != (n[0],) * 3:
+            return f"Q, K, V lead with {run[c.q].shape[0]}, {k_batch}, {run[c.v].shape[0]}, not B·H = {n[0]}"
+    return None
 
 
 def _covers_scores(mask_shape, scores_shape) -> bool:
@@ -278,7 +444,7 @@ def _scores_side(node, prod) -> int | None:
             if p.op_type == "MatMul":
                 hits.append(side)
                 break
-            if p.op_type not in ("Mul", "Div", "Add", "Where", "Cast", "Identity"):
+            if p.op_type not in ("Mul", "Div", "Add", "Where", "Cast", "Identity", "Reshape"):
                 break
             t = p.input[2] if p.op_type == "Where" else p.input[0]
             steps += 1
@@ -309,17 +475,18 @@ def _peel_scale(model, t, prod, cons, nodes) -> tuple[str, float]:
 def _detect_causal(model, cand: _Candidate, cache: dict) -> None:
     """Turn a provably causal mask into ``is_causal=1`` (ONNX Attention aligns it top-left for S_q == S_kv).
 
-    The mask alone is evaluated (cached per tensor: every layer of an LM shares one); a
-    causal mask is a full ``[.., S, S]`` lower triangle, identical over leading axes.
+    Only a candidate's single mask: the mask alone is evaluated (cached per tensor: every
+    layer of an LM shares one); a causal mask is a full ``[.., S, S]`` lower triangle,
+    identical over leading axes.
     """
-    mask = cand.mask or cand.keep
-    if mask is None:
-        return
-    key = (mask, cand.keep is not None, cand.keep_inverted)
+    if len(cand.terms) != 1 or cand.terms[0].flat or cand.terms[0].factor <= 0:
+        return  # (a positive scale keeps a 0 / -inf mask what it is)
+    term = cand.terms[0]
+    key = (term.tensor, term.keep, term.inverted)
     if key not in cache:
-        cache[key] = _is_causal_mask(model, mask, cand.keep is not None, cand.keep_inverted)
+        cache[key] = _is_causal_mask(model, term.tensor, term.keep, term.inverted)
     if cache[key]:
-        cand.is_causal, cand.mask, cand.keep = True, None, None
+        cand.is_causal, cand.terms = True, []
 
 
 def _is_causal_mask(model, mask: str, is_bool: bool, inverted: bool) -> bool:
@@ -357,43 +524,120 @@ def _rewrite(model: onnx.ModelProto, cand: _Candidate) -> None:
     g = model.graph
     prefix = cand.anchor + "/attnc_attention"
     new = []
-    k = cand.k_src
-    if cand.k_perm is not None:
-        k = prefix + "/K"
-        new.append(helper.make_node("Transpose", [cand.k_src], [k], name=prefix + "/k_transpose", perm=cand.k_perm))
-    inputs = [cand.q, k, cand.v]
-    mask = cand.mask
-    if cand.keep is not None:
-        mask = cand.keep
-        if cand.keep_inverted:
-            mask = prefix + "/keep"
-            new.append(helper.make_node("Not", [cand.keep], [mask], name=prefix + "/not"))
+
+    def add(op, inputs, name, **attrs) -> str:
+        new.append(helper.make_node(op, inputs, [f"{prefix}/{name}"], name=f"{prefix}/{name}", **attrs))
+        return new[-1].output[0]
+
+    def const(name, value, dtype=np.int64) -> str:
+        g.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), f"{prefix}/{name}"))
+        return g.initializer[-1].name
+
+    q, k, v = cand.q, cand.k_src, cand.v
+    sources, k_perm = cand.split_sources, cand.k_perm
+    heads = None
+    if cand.heads_shape is not None:
+        # [B·H, ..] -> [B, H, ..] by the scores' own split (its first two entries), or the [B, H, ..]
+        # tensor the export flattened
+        heads = add("Slice", [cand.heads_shape, const("zero", [0]), const("two", [2])], "heads")
+
+        def split(t, tag):
+            rest = add("Shape", [t], f"{tag}_rest", start=1)
+            return add("Reshape", [t, add("Concat", [heads, rest], f"{tag}_shape", axis=0)], f"{tag}4",
+                       allowzero=cand.allowzero)
+
+        q = sources.get("q") or split(q, "q")
+        v = sources.get("v") or split(v, "v")
+        if "k" in sources and (k_perm is None or k_perm[0] == 0):
+            k, k_perm = sources["k"], None if k_perm is None else [0, 1] + [p + 1 for p in k_perm[1:]]
+        else:
+            if k_perm is not None:
+                k, k_perm = add("Transpose", [k], "K3", perm=k_perm), None
+            k = split(k, "k")
+    if k_perm is not None:
+        k = add("Transpose", [k], "K", perm=k_perm)
+
+    def placed(term, tag):
+        if not term.flat:
+            return term.tensor
+        if sources[term.tensor] == "broadcast":
+            return add("Unsqueeze", [term.tensor, const(f"{tag}_axis", [0])], f"{tag}4")
+        return split(term.tensor, tag)
+
+    mask = _emit_mask(cand, add, const, placed)
     if mask is not None and cand.expand_mask:
         # [*mask lead, S_q, S_kv]: the mask's leading dims, Q's and K's sequence lengths
-        parts = []
-        for part, source, start, end in (("lead", mask, 0, -2), ("rows", cand.q, -2, -1), ("cols", k, -2, -1)):
-            parts.append(f"{prefix}/{part}")
-            new.append(helper.make_node("Shape", [source], [parts[-1]], name=parts[-1], start=start, end=end))
-        new.append(helper.make_node("Concat", parts, [prefix + "/mask_shape"], name=prefix + "/mask_shape", axis=0))
-        new.append(helper.make_node("Expand", [mask, prefix + "/mask_shape"], [prefix + "/mask"],
-                                    name=prefix + "/mask_expand"))
-        mask = prefix + "/mask"
-    if mask is not None:
-        inputs.append(mask)
+        parts = [add("Shape", [source], part, start=start, end=end)
+                 for part, source, start, end in (("lead", mask, 0, -2), ("rows", q, -2, -1), ("cols", k, -2, -1))]
+        mask = add("Expand", [mask, add("Concat", parts, "mask_shape", axis=0)], "mask")
+    inputs = [q, k, v] + ([mask] if mask is not None else [])
     attrs = {"scale": float(cand.scale), "is_causal": int(cand.is_causal)}
     if cand.rank == 3:
         attrs.update(q_num_heads=1, kv_num_heads=1)
-    new.append(helper.make_node(OP_TYPE, inputs, [cand.out], name=prefix, **attrs))
-    # the old P·V MatMul wrote cand.out: drop it so the tensor has one producer
-    old = [n for n in g.node if cand.out in n.output]
+    out, replaced = cand.out, {cand.out}
+    if "out" in sources:  # write the export's [B, H, S_q, D_v] view of the output directly
+        view = next(n for n in g.node if n.name == sources["out"])
+        out = view.output[0]
+        replaced.add(out)
+    elif heads is not None:
+        out = f"{prefix}/out4"
+    new.append(helper.make_node(OP_TYPE, inputs, [out], name=prefix, **attrs))
+    readers = [n for n in g.node if n.op_type == "Shape" and n.input[0] == cand.out]
+    if "out" in sources and readers:
+        # The flat output's other readers read its shape [B·H, S_q, D_v], to compute B as B·H // H (BLOOM's
+        # _merge_heads). They get B·H with H the model's head count as a constant: the same value, and
+        # still B after head pruning, which changes H but not these readers' constants.
+        flat = add("Concat", [add("Mul", [add("Shape", [out], "out_b", end=1), const("h", [sources["heads"]])],
+                                  "out_bh"), add("Shape", [out], "out_rest", start=2)], "out_flat_shape", axis=0)
+        for i, reader in enumerate(readers):
+            bounds = [const(f"shape{i}_start", [node_attribute(reader, "start", 0)]),
+                      const(f"shape{i}_end", [node_attribute(reader, "end", np.iinfo(np.int64).max)])]
+            g.node.remove(reader)
+            new.append(helper.make_node("Slice", [flat, *bounds], list(reader.output), name=reader.name))
+    elif heads is not None:  # [B, H, S_q, D_v] -> [B·H, S_q, D_v], as P·V was
+        shape = add("Concat", [const("minus_one", [-1]), add("Shape", [out], "out_rest", start=2)], "out_shape", axis=0)
+        new.append(helper.make_node("Reshape", [out, shape], [cand.out], name=f"{prefix}/out"))
+    # the old P·V MatMul (and the view) wrote these: drop them so each tensor has one producer
+    old = [n for n in g.node if replaced & set(n.output)]
     for n in old:
         g.node.remove(n)
     g.node.extend(new)
 
 
+def _emit_mask(cand: _Candidate, add, const, placed) -> str | None:
+    """One ``attn_mask`` for all of the candidate's terms (None without any).
+
+    A single unscaled term goes in as it is (a bool keep term, negated if it marks the dropped
+    positions). Several become one float mask: the additive terms (each times the scale the
+    scores get after it) summed, then each keep term's ``Where`` with its own fill. ``placed``
+    gives a term's tensor in ``[B, H, ..]`` layout (one added to flattened-heads scores is split).
+    """
+    terms = cand.terms
+    if not terms:
+        return None
+    if len(terms) == 1 and (terms[0].keep or terms[0].factor == 1.0):
+        term = terms[0]
+        value = placed(term, "term0")
+        return add("Not", [value], "keep") if term.inverted else value
+    mask = None
+    for i, term in enumerate(t for t in terms if not t.keep):
+        value = placed(term, f"term{i}")
+        if term.factor != 1.0:
+            factor = add("CastLike", [const(f"factor{i}", term.factor, np.float32), value], f"factor{i}_cast")
+            value = add("Mul", [value, factor], f"term{i}_scaled")
+        mask = value if mask is None else add("Add", [mask, value], f"sum{i}")
+    for i, term in enumerate(t for t in terms if t.keep):
+        cond = placed(term, f"keep{i}")
+        if mask is None:
+            mask = add("CastLike", [const(f"zero{i}", 0.0, np.float32), term.fill], f"zero{i}_cast")
+        branches = [term.fill, mask] if term.inverted else [mask, term.fill]
+        mask = add("Where", [cond, *branches], f"keep{i}_where")
+    return mask
+
+
 def _to_match(cand: _Candidate) -> Match:
     inputs = {"Q": cand.q, "K": cand.k_src, "V": cand.v}
-    if cand.mask or cand.keep:
-        inputs["attn_mask"] = cand.mask or cand.keep
+    for i, term in enumerate(cand.terms):
+        inputs["attn_mask" if i == 0 else f"attn_mask{i}"] = term.tensor
     return Match(FAMILY, OP_TYPE, cand.nodes, inputs, [cand.out],
                  {"scale": cand.scale, "is_causal": int(cand.is_causal)})

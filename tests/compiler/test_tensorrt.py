@@ -954,6 +954,38 @@ def test_pruned_transformers_t5_builds(tmp_path):
 
 
 @pytest.mark.tensorrt
+def test_pruned_transformers_bloom_builds(tmp_path):
+    """transformers' BLOOM (ALiBi attention on flattened heads, TorchScript export: the merge reads
+    B·H from the output's shape) with half its heads pruned -> ``Attention`` layers whose mask sums
+    the kept heads' ALiBi bias and the causal mask -> a TensorRT engine."""
+    _trt_or_skip()
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from attnc.compiler.export import export_onnx
+    from attnc.compiler.pipeline import CompileOptions, compile_model
+
+    class Bloom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            config = transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=64)
+            self.model = transformers.BloomForCausalLM(config)
+
+        def forward(self, ids):
+            return self.model(ids).logits
+
+    torch.manual_seed(0)
+    path = export_onnx(Bloom().eval(), (torch.randint(0, 64, (2, 9)),), tmp_path / "bloom.onnx",
+                       exporter="torchscript", dynamic_axes={"ids": {0: "batch", 1: "seq"}}, input_names=["ids"])
+    np.savez(tmp_path / "calib.npz", ids=np.random.default_rng(0).integers(0, 64, (2, 9)))
+    shapes = {f"{kind}_shapes": {"ids": s} for kind, s in (("min", [1, 4]), ("opt", [2, 9]), ("max", [4, 16]))}
+    manifest = compile_model(path, tmp_path / "out", CompileOptions(
+        backend="tensorrt", backend_options=shapes, prune_heads="0.5", calibration=str(tmp_path / "calib.npz")))
+    assert manifest["shrink"]["prune_heads"]["heads_after"] == 4 and manifest["ops_after"].get("Attention") == 2
+    assert "Softmax" not in manifest["ops_after"] and (tmp_path / "out" / "engine.plan").stat().st_size > 0
+
+
+@pytest.mark.tensorrt
 def test_timing_cache_option(tmp_path):
     trt, flavour = _trt_or_skip()
     model_path = _save(attention_model(), tmp_path / "attention.onnx")

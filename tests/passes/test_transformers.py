@@ -8,7 +8,9 @@ K and V cut from one ``[.., H, 3·D]`` split by slices of its last axis; partial
 (multi-query: Q, K and V as ranges of one split's heads, ``[:-2]``, ``[[-2]]``, ``[[-1]]``), DistilBERT
 (``n_heads`` / ``out_lin``), Qwen2 (Q/K/V biases, grouped-query attention), Mistral (its sliding
 window is causal 1-D neighborhood attention; grouped-query attention), CLIP's text tower (causal
-mask), DeiT (distillation token). Models that need more are in docs/shrink.md.
+mask), DeiT (distillation token), BLOOM (ALiBi on flattened heads: ``baddbmm`` on ``[B·H, S, D]``, the
+causal mask after the split into heads), MPT (ALiBi ``[H, 1, S]`` and a causal ``masked_fill``: two
+masks). Models that need more are in docs/shrink.md.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from attnc.compiler.backends.onnxruntime import load
 from attnc.compiler.export import export_onnx
-from attnc.passes import fuse_attention
+from attnc.passes import fuse_attention, neighborhood
 from attnc.passes.prune_heads import find_attention_layers, gates_from_keep, head_gates, prune_heads
 
 transformers = pytest.importorskip("transformers")
@@ -53,6 +55,11 @@ def _build(name):
     if name == "clip_text":
         return t.CLIPTextModel(t.CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                 num_attention_heads=4, vocab_size=64, max_position_embeddings=64))
+    if name == "bloom":
+        return t.BloomForCausalLM(t.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=64))
+    if name == "mpt":
+        return t.MptForCausalLM(t.MptConfig(d_model=32, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=64,
+                                            expansion_ratio=2))
     return t.DeiTModel(t.DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                     image_size=16, patch_size=8), add_pooling_layer=False)
 
@@ -79,6 +86,8 @@ CASES = {
     "mistral": (["dynamo"], "neighborhood", {0: [0, 1], 1: [2, 3]}),
     "clip_text": (["dynamo"], "softmax", {0: [1, 2, 3], 1: [0]}),
     "deit": (["torchscript"], "softmax", {0: [0, 3], 1: [1, 2]}),
+    "bloom": (["dynamo", "torchscript"], "softmax", {0: [0, 2], 1: [1, 2, 3]}),
+    "mpt": (["dynamo"], "softmax", {0: [3], 1: [0, 1]}),
 }
 
 
@@ -119,3 +128,20 @@ def test_fuses_and_prunes(name, exporter, tmp_path):
     np.testing.assert_allclose(got, masked(keep), rtol=1e-4, atol=2e-5)
     other = {i: [h for h in range(4) if h not in kept] for i, kept in keep.items()}
     assert not np.allclose(got, masked(other), atol=1e-3)
+
+
+def test_a_mask_onnx_runtime_cannot_evaluate_is_a_near_miss(tmp_path):
+    """Falcon with ALiBi builds its bias in bfloat16, which ONNX Runtime's CPU kernels do not compute:
+    the neighborhood pass, which evaluates masks to prove windows, reported that as a crash of
+    ``fuse_attention``; it is a near-miss naming the failure, and the softmax pass fuses both layers."""
+    torch.manual_seed(0)
+    hf = transformers.FalconForCausalLM(transformers.FalconConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64, alibi=True,
+        new_decoder_architecture=False, multi_query=False)).eval()
+    path = export_onnx(_Output(hf).eval(), (torch.randint(0, 64, (2, 9)),), tmp_path / "falcon.onnx",
+                       input_names=["x"], dynamic_axes={"x": {0: "batch", 1: "seq"}})
+    model = onnx.load(str(path))
+    misses = neighborhood.find(model).near_misses
+    assert len(misses) == 2 and all("cannot be computed at sampled sizes" in m.reason for m in misses), misses
+    _, reports = fuse_attention(model)
+    assert {r.family: r.rewritten for r in reports if r.rewritten} == {"softmax": 2}
