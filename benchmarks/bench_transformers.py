@@ -11,6 +11,7 @@ the ratios are the numbers to read. Raw timings go to
 
     python benchmarks/bench_transformers.py                       # bert, gpt2, llama at 128 and 512 tokens
     python benchmarks/bench_transformers.py --models bert --tokens 1024 --repeats 9
+    python benchmarks/bench_transformers.py --models bloom mpt   # ALiBi: transformers-bloom-mpt-<date>.json
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from attnc.passes import fuse_attention  # noqa: E402
 from attnc.passes.prune_heads import prune_heads, score_heads  # noqa: E402
 
 VOCAB = 1000
+MODELS = ("bert", "gpt2", "llama", "bloom", "mpt")
+DEFAULT_MODELS = ["bert", "gpt2", "llama"]
 
 
 def build(name: str) -> torch.nn.Module:
@@ -51,7 +54,11 @@ def build(name: str) -> torch.nn.Module:
     if name == "llama":   # 12 query heads on 4 K/V heads
         return t.LlamaForCausalLM(t.LlamaConfig(num_hidden_layers=2, hidden_size=768, intermediate_size=2048,
                                                 num_attention_heads=12, num_key_value_heads=4, vocab_size=VOCAB))
-    raise SystemExit(f"unknown model {name!r}: use bert, gpt2 or llama")
+    if name == "bloom":   # ALiBi on flattened heads
+        return t.BloomForCausalLM(t.BloomConfig(n_layer=2, hidden_size=768, n_head=12, vocab_size=VOCAB))
+    if name == "mpt":     # ALiBi [H, 1, S] and a causal masked_fill
+        return t.MptForCausalLM(t.MptConfig(n_layers=2, d_model=768, n_heads=12, vocab_size=VOCAB, max_seq_len=2048))
+    raise SystemExit(f"unknown model {name!r}: use {', '.join(MODELS)}")
 
 
 class _Output(torch.nn.Module):
@@ -93,7 +100,7 @@ def bench(name: str, tokens: int, repeats: int, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["bert", "gpt2", "llama"])
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=MODELS)
     parser.add_argument("--tokens", nargs="+", type=int, default=[128, 512])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
@@ -116,7 +123,8 @@ def main() -> None:
                       f"{r['fused_max_rel_diff']:.1e}")
     console.print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"transformers-{time.strftime('%Y-%m-%d')}.json"
+    tag = "" if args.models == DEFAULT_MODELS else "-" + "-".join(args.models)
+    path = args.out / f"transformers{tag}-{time.strftime('%Y-%m-%d')}.json"
     path.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats,
                                 "results": rows}, indent=1) + "\n")
     console.print(f"raw results: {path}")

@@ -142,15 +142,28 @@ def apply(model: onnx.ModelProto, flattened_heads_only: bool = False) -> tuple[o
 
 
 def has_flattened_heads(model: onnx.ModelProto) -> bool:
-    """Whether some ``Softmax``'s probabilities are reshaped before their product with V (the sign of
-    attention on flattened heads; cheap, unproven: :func:`apply` proves each match)."""
-    cons = consumers(model)
+    """Whether some ``Softmax``'s scores are reshaped on their way from a MatMul (the sign of attention
+    on flattened heads; cheap, unproven: :func:`apply` proves each match)."""
+    prod = producers(model)
     for node in model.graph.node:
-        if node.op_type == "Softmax":
-            users = cons.get(past_probability_casts(model, node.output[0], cons)[0], [])
-            if len(users) == 1 and users[0].op_type == "Reshape" and any(
-                    u.op_type == "MatMul" for u in cons.get(users[0].output[0], [])):
+        x = node.input[0] if node.op_type == "Softmax" else None
+        for _ in range(8):
+            step = prod.get(x) if x else None
+            if step is None or step.op_type == "MatMul":
+                break
+            if step.op_type == "Reshape":
                 return True
+            if step.op_type == "Add":
+                side = _scores_side(step, prod)
+                x = step.input[side] if side is not None else None
+            elif step.op_type == "Where":
+                x = step.input[2] if step.input[2] in prod else step.input[1]
+            elif step.op_type in ("Mul", "Div"):
+                x = next((i for i in step.input if scalar_constant(model, i) is None), None)
+            elif step.op_type in ("Cast", "Identity"):
+                x = step.input[0]
+            else:
+                break
     return False
 
 
@@ -284,7 +297,7 @@ def _match(model, softmax, pv, merge, prod, cons, shapes) -> _Candidate:
             nodes.append(node.name)
             x = node.input[0]
             continue
-        if op == "Reshape" and split is None and merge is not None:
+        if op == "Reshape" and split is None:
             ranks = (_rank(shapes, node.input[0]), _rank(shapes, node.output[0]) or _rank(shapes, node.input[1], 0))
             if ranks != (3, 4):
                 raise _Miss(f"Reshape {node.name} takes the scores from rank {ranks[0]} to {ranks[1]}, "
@@ -294,9 +307,12 @@ def _match(model, softmax, pv, merge, prod, cons, shapes) -> _Candidate:
             x = node.input[0]
             continue
         raise _Miss(f"{op} {node.name} between Q·Kᵀ and Softmax is not a scale, a mask or a heads split")
-    if (split is None) != (merge is None):
-        raise _Miss("the probabilities are reshaped before the product with V but the scores were not "
-                    "split into heads" if split is None else "the scores are reshaped but not the probabilities")
+    if split is None and merge is not None:
+        raise _Miss("the probabilities are reshaped before the product with V but the scores were not split "
+                    "into heads")
+    if split is not None and merge is None and _rank(shapes, pv.input[1]) != 4:
+        raise _Miss("the scores are split into heads, but neither the probabilities are flattened again nor "
+                    "is V [B, H, S, D]")
     qk = prod[x]
     q, scale_q = _peel_scale(model, qk.input[0], prod, cons, nodes)
     kt, scale_k = _peel_scale(model, qk.input[1], prod, cons, nodes)
@@ -322,7 +338,8 @@ def _match(model, softmax, pv, merge, prod, cons, shapes) -> _Candidate:
     if split is not None:
         cand.rank, cand.heads_shape = 4, split.input[1]
         cand.allowzero = node_attribute(split, "allowzero", 0)
-        cand.flat = (split.input[0], split.output[0], merge.output[0])
+        # without the merge (a static export folded it away) P·V is 4-D already: V and the output are [B, H, ..]
+        cand.flat = (split.input[0], split.output[0], merge.output[0] if merge is not None else None)
     if terms:
         cand.expand_mask = not any(_covers_scores(shapes.get(t.tensor), shapes.get(qk.output[0])) for t in terms)
     cand.nodes.append(pv.name)
@@ -355,7 +372,7 @@ def _prove_heads_splits(model, cands: list[_Candidate], report: PassReport, cach
 
     flat = [c for c in cands if c.flat is not None and ("heads", c.flat) not in cache]
     if flat:
-        names = {n for c in flat for n in (*c.flat, c.q, c.k_src, c.v, c.heads_shape)}
+        names = {n for c in flat for n in (*c.flat, c.q, c.k_src, c.v, c.heads_shape)} - {None}
         names |= {t.tensor for c in flat for t in c.terms if t.flat}
         names |= {source(t) for c in flat for t in (c.q, c.k_src, c.v)} - {None}
         names |= {c.out for c in flat} | {u.output[0] for c in flat for u in cons.get(c.out, [])
@@ -368,15 +385,17 @@ def _prove_heads_splits(model, cands: list[_Candidate], report: PassReport, cach
         for c in flat:
             failed = error or _heads_split_error(c, runs)
             sources = {}
+            if c.flat[2] is None:
+                sources["v"] = c.v   # P·V on [B, H, ..] already
             for role, t in (("q", c.q), ("k", c.k_src), ("v", c.v)):
-                src = source(t)
+                src = source(t) if role not in sources else None
                 if not failed and src is not None and all(
                         run[src].shape == run[c.flat[1]].shape[:2] + run[t].shape[1:] for run in runs):
                     sources[role] = src
             users = cons.get(c.out, [])
             views = [u for u in users if u.op_type == "Reshape" and u.input[0] == c.out]
             counts = {run[c.flat[1]].shape[1] for run in runs}
-            if not failed and len(views) == 1 and all(u.op_type == "Shape" for u in users if u is not views[0]) \
+            if not failed and c.flat[2] is not None and len(views) == 1 and all(u.op_type == "Shape" for u in users if u is not views[0]) \
                     and (len(users) == 1 or len(counts) == 1) \
                     and all(run[views[0].output[0]].shape == run[c.flat[1]].shape[:2] + run[c.out].shape[1:]
                             for run in runs):
@@ -413,10 +432,14 @@ def _heads_split_error(c: _Candidate, runs) -> str | None:
         k_batch = run[c.k_src].shape[c.k_perm[0] if c.k_perm else 0]
         if len(split) != 4 or split[0] * split[1] != n[0] or split[2:] != n[1:]:
             return f"{list(n)} -> {list(split)} is not [B·H, S_q, S_kv] -> [B, H, S_q, S_kv]"
-        if run[probs].shape != n:
+        if probs is None:   # V [B, H, S_kv, D_v]
+            if run[c.v].shape[:2] != split[:2]:
+                return f"V is {list(run[c.v].shape)}, not [B, H, ..] with [B, H] = {list(split[:2])}"
+        elif run[probs].shape != n:
             return f"the probabilities go back to {list(run[probs].shape)}, not {list(n)}"
-        if (run[c.q].shape[0], k_batch, run[c.v].shape[0]) != (n[0],) * 3:
-            return f"Q, K, V lead with {run[c.q].shape[0]}, {k_batch}, {run[c.v].shape[0]}, not B·H = {n[0]}"
+        v_batch = n[0] if probs is None else run[c.v].shape[0]
+        if (run[c.q].shape[0], k_batch, v_batch) != (n[0],) * 3:
+            return f"Q, K, V lead with {run[c.q].shape[0]}, {k_batch}, {v_batch}, not B·H = {n[0]}"
     return None
 
 
@@ -574,12 +597,13 @@ def _rewrite(model: onnx.ModelProto, cand: _Candidate) -> None:
     attrs = {"scale": float(cand.scale), "is_causal": int(cand.is_causal)}
     if cand.rank == 3:
         attrs.update(q_num_heads=1, kv_num_heads=1)
+    flat_out = heads is not None and cand.flat[2] is not None   # P·V was [B·H, S_q, D_v]
     out, replaced = cand.out, {cand.out}
     if "out" in sources:  # write the export's [B, H, S_q, D_v] view of the output directly
         view = next(n for n in g.node if n.name == sources["out"])
         out = view.output[0]
         replaced.add(out)
-    elif heads is not None:
+    elif flat_out:
         out = f"{prefix}/out4"
     new.append(helper.make_node(OP_TYPE, inputs, [out], name=prefix, **attrs))
     readers = [n for n in g.node if n.op_type == "Shape" and n.input[0] == cand.out]
@@ -594,7 +618,7 @@ def _rewrite(model: onnx.ModelProto, cand: _Candidate) -> None:
                       const(f"shape{i}_end", [node_attribute(reader, "end", np.iinfo(np.int64).max)])]
             g.node.remove(reader)
             new.append(helper.make_node("Slice", [flat, *bounds], list(reader.output), name=reader.name))
-    elif heads is not None:  # [B, H, S_q, D_v] -> [B·H, S_q, D_v], as P·V was
+    elif flat_out:  # [B, H, S_q, D_v] -> [B·H, S_q, D_v], as P·V was
         shape = add("Concat", [const("minus_one", [-1]), add("Shape", [out], "out_rest", start=2)], "out_shape", axis=0)
         new.append(helper.make_node("Reshape", [out, shape], [cand.out], name=f"{prefix}/out"))
     # the old P·V MatMul (and the view) wrote these: drop them so each tensor has one producer
