@@ -1103,6 +1103,8 @@ def _head_split(model, reshape, head_axis, fixed, prod) -> tuple[_HeadSplit, _Pr
     rest = list(shape_out[lead:])
     channels = in_shape[-1]
     unknown = [j for j, d in enumerate(rest) if not isinstance(d, int) or d <= 0]
+    if unknown and not isinstance(channels, int):
+        channels = _evaluated_channels(model, reshape.input[0])
     if len(unknown) == 1 and isinstance(channels, int):
         # e.g. TorchScript's ``x.shape[-1] // num_heads``: one entry computed at run time.
         known = int(np.prod([d for j, d in enumerate(rest) if j != unknown[0]]))
@@ -1126,6 +1128,16 @@ def _head_split(model, reshape, head_axis, fixed, prod) -> tuple[_HeadSplit, _Pr
     columns = picked.reshape(rest[head_pos], -1)
     split = _HeadSplit(reshape.name, lead, [int(d) for d in rest], head_pos)
     return split, _projection(model, reshape.input[0], columns, prod)
+
+
+def _evaluated_channels(model, t) -> int | None:
+    """The last dim of ``t`` where inference leaves it unknown (TorchScript's ``chunk`` of a fused QKV
+    projection), from evaluating the graph at two input sizes; ``None`` if it varies or fails."""
+    try:
+        widths = {run[t].shape[-1] for run in evaluate_tensors(model, [t])}
+    except Exception:  # noqa: BLE001 - ONNX Runtime's errors subclass Exception only
+        return None
+    return int(widths.pop()) if len(widths) == 1 else None
 
 
 def _projection(model, t, columns, prod) -> _Projection:
@@ -1154,8 +1166,14 @@ def _projection(model, t, columns, prod) -> _Projection:
             weight, transposed, gemm_bias = gemm
             if gemm_bias is not None:
                 bias_node, bias = node.name, gemm_bias
+            offset = _slice_offset(model, split, offset, columns,
+                                   constant_value(model, weight).shape[0 if transposed else 1])
             return _Projection(node.name, weight, bias_node, bias, split, columns + offset, transposed, tuple(reshapes))
-        if node.op_type == "Split" and split is None:
+        if node.op_type == "Slice" and split is None:
+            _channel_slice(model, node)   # its start is resolved against the projection's width
+            split = (node.name, -1)
+            t = node.input[0]
+        elif node.op_type == "Split" and split is None:
             sizes = _split_sizes(model, node)
             j = list(node.output).index(t)
             if sizes is None or _attr(node, "axis", 0) not in (-1, len(_shapes(model).get(t, [0, 0, 0])) - 1):
@@ -1173,11 +1191,45 @@ def _projection(model, t, columns, prod) -> _Projection:
             w = constant_value(model, node.input[1])
             if w is None or w.ndim != 2:
                 break
+            offset = _slice_offset(model, split, offset, columns, w.shape[1])
             return _Projection(node.name, node.input[1], bias_node, bias, split, columns + offset,
                                reshapes=tuple(reshapes))
         else:
             break
     raise _Unrecognised(f"{t}: no constant MatMul projection before the head split")
+
+
+def _channel_slice(model, node) -> tuple[int, int | None]:
+    """``(start, end)`` of a ``Slice`` taking one role's channels from a fused projection's last axis
+    (``qkv(x).chunk(3, -1)`` exported by TorchScript: bounds computed from the projection's shape,
+    which fold to constants here). ``end`` may exceed the width (an open slice): see :func:`_check_slice`."""
+    if len(node.input) < 3:
+        raise _Unrecognised(f"{node.name}: an opset < 10 Slice (bounds as attributes) before the head split")
+    bounds = [node.input[i] if i < len(node.input) and node.input[i] else None for i in range(1, 5)]
+    bounds = [None if b is None else constant_value(model, b) if constant_value(model, b) is not None
+              else _fold(model, b) for b in bounds]
+    starts, ends, axes, steps = (None if b is None else np.atleast_1d(np.asarray(b)).astype(np.int64).tolist()
+                                 for b in bounds)
+    rank = len(_shapes(model).get(node.input[0]) or [])
+    if starts is None or ends is None or len(starts) != 1 or (axes or [0])[0] not in (-1, rank - 1) or (
+            axes is None and rank != 1) or (steps or [1]) != [1]:
+        raise _Unrecognised(f"{node.name}: a Slice before the head split that is not a step-1 slice of the "
+                            "channel axis")
+    return starts[0], ends[0]
+
+
+def _slice_offset(model, split, offset: int, columns: np.ndarray, width: int) -> int:
+    """``offset``, or for a channel Slice (``split = (node, -1)``) its start in the projection's ``width``
+    channels, after checking that it takes exactly the channels of the heads that follow it."""
+    if split is None or split[1] != -1:
+        return offset
+    node = next(n for n in model.graph.node if n.name == split[0])
+    start, end = _channel_slice(model, node)
+    start, end = (min(max(b + width if b < 0 else b, 0), width) for b in (start, end))
+    if end - start != columns.size or columns.max() >= columns.size:
+        raise _Unrecognised(f"{node.name}: the Slice [{start}, {end}) of the projection's {width} channels is not "
+                            f"the {columns.size} channels of the heads that follow it")
+    return start
 
 
 def _channel_reshape(model, reshape, prod) -> str | None:
@@ -2275,6 +2327,7 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
     columns: dict[str, list[np.ndarray]] = {}
     all_columns: dict[str, list[np.ndarray]] = {}
     projections: dict[str, _Projection] = {}
+    new_columns: dict[str, np.ndarray] = {}
     for role, (split, proj) in layer.roles.items():
         columns.setdefault(proj.matmul, []).append(proj.columns[role_kept[role]].reshape(-1))
         all_columns.setdefault(proj.matmul, []).append(proj.columns.reshape(-1))
@@ -2289,14 +2342,22 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
         if mm == q_proj.matmul:
             cols = _reordered(cols, q_proj.columns, kept, order)
         proj.set_matrix(model, nodes[mm], w[:, cols], f"{proj.weight}.{tag}")
+        new_columns[mm] = cols
         for reshape in proj.reshapes:
             _set_shape_entries(model, nodes[reshape], {_last_entry(model, nodes[reshape]): len(cols)}, tag)
         if proj.bias:
             b = constant_value(model, proj.bias)
             _replace_input(model, nodes[proj.bias_node], list(nodes[proj.bias_node].input).index(proj.bias),
                            b[cols], f"{proj.bias}.{tag}")
-    for split_node in {p.split[0] for p in projections.values() if p.split}:
+    for split_node in {p.split[0] for p in projections.values() if p.split and p.split[1] >= 0}:
         _resize_split(model, nodes[split_node], layer, role_kept)
+    for _, proj in layer.roles.values():
+        if proj.split and proj.split[1] == -1:   # a channel Slice: its bounds among the kept columns
+            cols = new_columns[proj.matmul]
+            bounds = [int(np.sum(cols < proj.columns.min())), int(np.sum(cols <= proj.columns.max()))]
+            node = nodes[proj.split[0]]
+            for i, bound in zip((1, 2), bounds):
+                _replace_input(model, node, i, np.array([bound], dtype=np.int64), f"{node.name}.bound{i}.{tag}")
     for split, role in {split.node: (split, role) for role, (split, _) in layer.roles.items()}.values():
         rest = list(split.rest)
         sliced = [r for r, (other, _) in layer.roles.items() if other.node == split.node and r in layer.heads_ranges]

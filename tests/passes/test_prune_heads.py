@@ -880,6 +880,44 @@ def test_prunes_sdpa_enable_gqa(tmp_path, keep, granularity, dynamic):
                            _masked_reference(model, _complement(keep, layers), layers, (x,)), atol=1e-3)
 
 
+class _SlicedQKV(torch.nn.Module):
+    """One fused QKV projection cut into Q, K and V along its channels: ``chunk(3, -1)`` (TorchScript
+    exports three ``Slice`` nodes with bounds computed from the projection's shape), or Python slices
+    with an open end and a negative start (``[..., -C:]``)."""
+
+    def __init__(self, dim=32, heads=4, cut="chunk"):
+        super().__init__()
+        self.num_heads, self.cut = heads, cut
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x)
+        q, k, v = qkv.chunk(3, dim=-1) if self.cut == "chunk" else (qkv[..., :c], qkv[..., c:2 * c], qkv[..., -c:])
+        q, k, v = (t.reshape(b, n, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        o = torch.softmax(q @ k.transpose(-1, -2) * (c // self.num_heads) ** -0.5, -1) @ v
+        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("cut", ["chunk", "slices"])
+def test_prunes_a_fused_projection_cut_by_channel_slices(tmp_path, exporter, cut):
+    torch.manual_seed(6)
+    model = _SlicedQKV(cut=cut).eval()
+    path = tmp_path / "sliced.onnx"
+    export_onnx(model, (torch.randn(2, 5, 32),), path, exporter=exporter, input_names=["x"],
+                dynamic_axes={"x": {0: "batch", 1: "seq"}})
+    onnx_model = onnx.load(str(path))
+    layers = find_attention_layers(onnx_model)
+    keep = {0: [0, 3]}
+    pruned, report = prune_heads(onnx_model, keep=keep)
+    assert report.params_after == report.params_before - 2 * (3 * 32 * 8 + 3 * 8 + 8 * 32)
+    x = torch.randn(3, 9, 32)
+    got = _ort(pruned, {"x": x.numpy()})
+    np.testing.assert_allclose(got, _masked_reference(model, keep, layers, (x,)), atol=1e-5, rtol=1e-5)
+    assert not np.allclose(got, _masked_reference(model, _complement(keep, layers), layers, (x,)), atol=1e-3)
+
+
 def test_compile_cli_prunes_kv_groups(tmp_path):
     """``attnc compile --prune-heads`` on a grouped-query model: a count of whole groups works, one
     that splits a group is a clean error with the fix; ``--prune-granularity query`` keeps every

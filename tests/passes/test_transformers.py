@@ -87,7 +87,7 @@ CASES = {
     "clip_text": (["dynamo"], "softmax", {0: [1, 2, 3], 1: [0]}),
     "deit": (["torchscript"], "softmax", {0: [0, 3], 1: [1, 2]}),
     "bloom": (["dynamo", "torchscript"], "softmax", {0: [0, 2], 1: [1, 2, 3]}),
-    "mpt": (["dynamo"], "softmax", {0: [3], 1: [0, 1]}),
+    "mpt": (["dynamo", "torchscript"], "softmax", {0: [3], 1: [0, 1]}),
 }
 
 
