@@ -75,7 +75,7 @@ from attnc.compiler.errors import AttncError
 from attnc.compiler.validate import eval_mode
 from attnc.passes import softmax
 from attnc.passes.core import (collapse_flat_transposes, constant_value, consumers, depends_on_data, evaluate_tensors,
-                               flat_transposes, name_nodes,
+                               flat_transposes, name_nodes, same_dim,
                                past_probability_casts, producers, remove_dead_nodes, toposort, value_shapes)
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,11 @@ GRANULARITIES = ("group", "query")
 # Ops that only move data or scale it by a constant: the head axis can be tracked through them.
 _SCALAR_OPS = ("Mul", "Div")
 # Elementwise ops on the Q/K/V path: passed where the other operand is constant over the heads (rotary tables).
-_ELEMENTWISE = ("Add", "Sub", "Mul", "Div")
+_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Pow")
+# Unary ops on the Q/K/V path (each element on its own: within its head), e.g. a per-head RMSNorm's
+# rsqrt (Qwen3's q_norm / k_norm), and reductions over the head dim that keep it (that norm's mean).
+_UNARY = ("Cast", "Identity", "Neg", "Sqrt", "Reciprocal", "Abs", "Exp", "Log", "Tanh", "Sigmoid", "Erf", "Relu")
+_HEAD_DIM_REDUCTIONS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2", "ReduceSumSquare")
 # Per-head constant inputs of fused attnc nodes: input index -> heads axis (see plugins/*).
 # Negative axes count from the end: agent biases broadcast to [B, H, n, M], so a folded
 # [H, n, M] table and a [1, H, n, M] one both have their heads at -3 (learned agents too).
@@ -206,6 +210,9 @@ class AttentionLayer:
     head_reshapes: list[tuple[str, int]] = field(default_factory=list, repr=False)
     kept_reshapes: dict[str, str] = field(default_factory=dict, repr=False)   # name -> _keeps_heads verdict
     heads_ranges: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)  # role -> (first, count)
+    # Reshapes regrouping the axes inside each head on a role's path that write the head count out:
+    # (node, heads axis, role, whether the count there is the query heads', see _Walk.regroups).
+    head_regroups: list[tuple[str, int, str, bool]] = field(default_factory=list, repr=False)
 
     @property
     def kv_heads(self) -> int:
@@ -583,7 +590,10 @@ def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
     return AttentionLayer(index, node.name, kind, h, qd, vd, tokens, key_tokens, roles, merge, out_proj, per_head,
                           merged, agents, reshapes, depthwise, folded, kv_of_head=kv_of_head, repeats=repeats,
                           score_terms=_score_terms(model, kind, node, prod, h), head_reshapes=head_reshapes,
-                          kept_reshapes=kept_reshapes, heads_ranges=ranges)
+                          kept_reshapes=kept_reshapes, heads_ranges=ranges,
+                          head_regroups=list(dict.fromkeys((node_name, axis, role, query_count)
+                                                           for role, walk in walks.items()
+                                                           for node_name, axis, query_count in walk.regroups)))
 
 
 def _grouping(model, kind, heads: dict[str, int], walks: dict[str, _Walk], prod
@@ -634,6 +644,9 @@ class _Walk:
     # (first, count) of the split's heads this role takes when a Slice or GatherND of the heads axis
     # picks a range of them (Falcon: Q = heads[:-2], K = heads[[-2]], V = heads[[-1]]), else None.
     heads_range: tuple[int, int] | None = None
+    # Reshapes that regroup the axes inside each head and write the head count out: (node, heads
+    # axis, between the core and the K/V repeat or without one: the count there is the query heads').
+    regroups: list[tuple[str, int, bool]] = field(default_factory=list)
 
 
 def _trace_input(model, t, prod, cons) -> tuple[_HeadSplit, _Projection]:
@@ -644,13 +657,14 @@ def _trace_input(model, t, prod, cons) -> tuple[_HeadSplit, _Projection]:
 
 def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None = None,
                path: dict[str, int] | None = None, budget: list[int] | None = None,
-               used: np.ndarray | None | str = "start") -> _Walk:
+               used: np.ndarray | None | str = "start", repeated: bool = False) -> _Walk:
     """Walk ``t`` (heads on ``head_axis``) back to its head-split Reshape and projection.
 
     Besides the data movement of the head split, it passes the ops that act within each head:
-    unary ``Neg``/``Cast``, ``Slice``/``Split``/``Concat`` on the last (head-dim) axis, and
-    elementwise ``Add``/``Sub``/``Mul``/``Div`` whose other operand is a table constant over the
-    heads axis (rotary embeddings: ``q·cos + rotate_half(q)·sin``). Where several inputs carry
+    unary ops (``_UNARY``), ``Slice``/``Split``/``Concat`` on the last (head-dim) axis, reductions
+    over that axis (a per-head RMSNorm: Qwen3's ``q_norm``), and elementwise ``Add``/``Sub``/
+    ``Mul``/``Div``/``Pow`` whose other operand is a table constant over the heads axis (rotary
+    embeddings: ``q·cos + rotate_half(q)·sin``; the norm's weight ``[D]``). Where several inputs carry
     the data (the two rotary terms, the halves of ``rotate_half``), each is walked and all must
     reach the same head split with the same columns. A ``Reshape`` of an ``Expand``/``Tile`` of
     an ``Unsqueeze`` next to the heads is grouped-query attention's repeat of the K/V heads.
@@ -660,6 +674,7 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
     path = {} if path is None else path
     budget = [48] if budget is None else budget
     repeat = None
+    regroups: list[tuple[str, int, bool]] = []
     heads_range = None   # (first, count) within the current tensor's heads axis
     # ``used``: "start" (all of the current tensor's last axis: nothing cut yet), positions, or None
     # (unknown). Kᵀ reaches the core transposed, so "start" is resolved at the first cut.
@@ -674,6 +689,7 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
         if repeat is not None and walk.repeat is not None:
             raise _Unrecognised(f"{repeat.reshape}: the heads are repeated twice on the way to the core")
         walk.repeat = walk.repeat or repeat
+        walk.regroups = regroups + walk.regroups
         if heads_range is not None:
             if walk.heads_range is not None:
                 raise _Unrecognised(f"{walk.split.node}: the heads are sliced twice on the way to the core")
@@ -690,14 +706,19 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
         rank = _rank(model, t)
         last = None if rank is None else rank - 1
         within_head = last is not None and last != head_axis and last not in fixed
-        if op in ("Cast", "Identity", "Neg") or (op == "Concat" and len(node.input) == 1):
+        if op in _UNARY or (op == "Concat" and len(node.input) == 1):
+            t = node.input[0]
+        elif op in _HEAD_DIM_REDUCTIONS and within_head and _attr(node, "keepdims", 1) \
+                and [a % rank for a in _axes(model, node, 1)] == [last]:
+            used = "start"   # the whole head dim is read (an RMSNorm's mean square)
             t = node.input[0]
         elif op in _ELEMENTWISE:
             data = _data_operands(model, node, head_axis, rank)
             if len(data) == 1:
                 t = data[0]
                 continue
-            walks = [_walk_back(model, x, prod, head_axis, fixed, path, budget, used) for x in data]
+            walks = [_walk_back(model, x, prod, head_axis, fixed, path, budget, used, repeated or repeat is not None)
+                     for x in data]
             return done(_same_walks(node, walks))
         elif op == "Concat":
             if not within_head or _attr(node, "axis", 0) % rank != last:
@@ -709,7 +730,7 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
             used = resolve(used, t)
             walks = [_walk_back(model, x, prod, head_axis, fixed, path, budget,
                                 None if used is None or starts is None else
-                                used[(used >= o) & (used < o + n)] - o)
+                                used[(used >= o) & (used < o + n)] - o, repeated or repeat is not None)
                      for x, o, n in zip(node.input, starts if starts is not None else sizes, sizes)]
             return done(_same_walks(node, walks))
         elif op == "Transpose":
@@ -794,6 +815,16 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
                 raise _Unrecognised(f"{node.name}: Split on the Q/K/V path is not a per-slot split")
             fixed[a] = fixed.get(a, 0) + int(sum(sizes[:j]))
             t = node.input[0]
+        elif op == "Unsqueeze" and rank is not None and all(
+                a % rank > head_axis for a in _axes(model, node, 1)) and all(a < head_axis for a in fixed):
+            used = None   # a new axis inside the head (GPT-J's interleaved rotary stacks its two halves)
+            t = node.input[0]
+        elif op == "Reshape" and not any(a > head_axis for a in fixed) and \
+                (verdict := _regroups_head(model, node, head_axis, prod)):
+            used = None   # [.., H, D/2, 2] -> [.., H, D] (GPT-J's rotate_every_two flattens its pairs)
+            if verdict == "written":
+                regroups.append((node.name, head_axis, not repeated and repeat is None))
+            t = node.input[0]
         elif op == "Reshape":
             found = _repeat_of_heads(model, node, head_axis, fixed, prod)
             if found is None:
@@ -805,6 +836,46 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
         else:
             raise _Unrecognised(f"{node.name}: {op} on the Q/K/V path")
     raise _Unrecognised(f"{t}: Q/K/V path too long")
+
+
+def _regroups_head(model, reshape, head_axis: int, prod) -> str | None:
+    """Whether ``reshape`` keeps every axis up to the heads (and maybe more) and only regroups the last
+    ones, each head's elements staying in that head (``[.., H, D/2, 2] -> [.., H, D]``): ``"follows"`` when its
+    target reads the head count (-1, 0, the input's dim), ``"written"`` when it holds it as a constant
+    (rewritten on pruning), else None. A leading axis is kept when inference names it alike on both
+    sides, or the target copies it (0), reads it from the input or from a dim of the same name, or
+    writes the input's static size; the regrouped sizes are static (one may be -1)."""
+    shapes = _shapes(model)
+    src = shapes.get(reshape.input[0])
+    entries = _shape_entries(model, reshape.input[1], prod)
+    if not src or not entries or len(src) <= head_axis + 1 or len(entries) <= head_axis + 1 or \
+            len(src) == len(entries):
+        return None
+    dst = shapes.get(reshape.output[0]) or [None] * len(entries)
+
+    def kept(a) -> bool:
+        e = entries[a]
+        read = isinstance(e, tuple) and e[0] == "dim" and e[2] == a and (
+            e[1] == reshape.input[0] or isinstance(src[a], str) and _dim_name(model, e[1], e[2]) == src[a])
+        static = isinstance(e, int) and not isinstance(e, bool) and e > 0 and e == src[a]
+        return same_dim(src[a], dst[a]) or (e == 0 and not _attr(reshape, "allowzero", 0)) or read or static
+
+    # the kept leading axes: up to the heads, then any more (Cohere regroups [B, H, S, D/2, 2] after S)
+    k = head_axis + 1
+    while k < min(len(src), len(entries)) - 1 and kept(k):
+        k += 1
+    inner_src, inner_dst = src[k:], entries[k:]
+    if not all(isinstance(d, int) and d > 0 for d in inner_src) or \
+            not all(isinstance(e, int) and not isinstance(e, bool) and (e > 0 or e == -1) for e in inner_dst) or \
+            sum(e == -1 for e in inner_dst) > 1 or \
+            (-1 not in inner_dst and int(np.prod(inner_src)) != int(np.prod(inner_dst))) or \
+            not all(kept(a) for a in range(head_axis)):
+        return None
+    entry = entries[head_axis]
+    if entry == 0 and not _attr(reshape, "allowzero", 0) or entry == -1 and -1 not in inner_dst or \
+            entry == ("dim", reshape.input[0], head_axis):
+        return "follows"
+    return "written" if kept(head_axis) and isinstance(entry, int) and not isinstance(entry, bool) else None
 
 
 def _heads_range(node, n, start: int, end: int | None) -> tuple[int, int]:
@@ -854,6 +925,7 @@ def _same_walks(node, walks: list[_Walk]) -> _Walk:
                 or other.heads_range != first.heads_range:
             raise _Unrecognised(f"{node.name}: its inputs come from different heads or projections "
                                 f"({first.split.node} and {other.split.node})")
+    first.regroups = list(dict.fromkeys(r for w in walks for r in w.regroups))
     if any(w.used is None for w in walks):
         first.used = None
     else:
@@ -1812,8 +1884,9 @@ def _activation_scores(model, layers, feeds_list) -> dict[int, np.ndarray]:
 def torch_attention_modules(torch_model) -> list[tuple[Any, int, Any]]:
     """``(module, num_heads, output_projection)`` of each attention module, in registration order.
 
-    A module counts when it has a head count (``num_heads``, ``n_heads``, ``in_proj.num_heads``, or
-    for transformers' attention with a ``q_proj`` / ``query_key_value`` its ``config.num_attention_heads``) and an output
+    A module counts when it has a head count (``num_heads``, ``n_heads``, ``in_proj.num_heads``, for
+    transformers' attention with a ``q_proj`` / ``qkv_proj`` (Phi-3) / ``query_key_value`` its
+    ``config.num_attention_heads``, ALBERT's ``num_attention_heads`` beside ``query``) and an output
     projection (``proj``, ``o_proj``, ``out_proj``, ``c_proj`` (GPT-2), ``out_lin`` (DistilBERT),
     ``dense`` (Phi, GPT-NeoX), ``o`` (T5)); BERT-style attention counts as the ``BertAttention`` holding
     ``self`` (with ``num_attention_heads``) and ``output.dense``.
@@ -1823,8 +1896,10 @@ def torch_attention_modules(torch_model) -> list[tuple[Any, int, Any]]:
         heads = next((h for h in (getattr(module, "num_heads", None), getattr(module, "n_heads", None),
                                   getattr(getattr(module, "in_proj", None), "num_heads", None)) if isinstance(h, int)),
                      None)
-        if heads is None and (hasattr(module, "q_proj") or hasattr(module, "query_key_value")):   # transformers
-            heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
+        if heads is None and any(hasattr(module, n) for n in ("q_proj", "qkv_proj", "query_key_value")):
+            heads = getattr(getattr(module, "config", None), "num_attention_heads", None)   # transformers
+        if heads is None and hasattr(module, "query") and hasattr(module, "dense"):   # ALBERT: all in one module
+            heads = getattr(module, "num_attention_heads", None)
         proj = next((getattr(module, n) for n in ("proj", "o_proj", "out_proj", "c_proj", "out_lin", "dense", "o")
                      if hasattr(module, n)), None)
         inner = getattr(module, "self", None)   # BERT-style: BertAttention(self=BertSelfAttention, output.dense)
@@ -2394,6 +2469,9 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
         _set_shape_entries(model, nodes[reshape], {_last_entry(model, nodes[reshape]): len(rows)}, tag)
     for node_name, axis in layer.head_reshapes:
         _set_shape_entries(model, nodes[node_name], {axis: len(kept)}, tag)
+    for node_name, axis, role, query_count in layer.head_regroups:
+        count = len(kept) if role == "Q" or query_count else len(kept_kv)
+        _set_shape_entries(model, nodes[node_name], {axis: count}, tag)
     for node_name, i, axis in layer.score_terms:
         node, gathered = nodes[node_name], f"{nodes[node_name].input[i]}.heads.{tag}"
         model.graph.initializer.append(numpy_helper.from_array(np.array(order, dtype=np.int64), gathered + ".index"))

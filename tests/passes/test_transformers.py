@@ -10,7 +10,10 @@ K and V cut from one ``[.., H, 3·D]`` split by slices of its last axis; partial
 window is causal 1-D neighborhood attention; grouped-query attention), CLIP's text tower (causal
 mask), DeiT (distillation token), BLOOM (ALiBi on flattened heads: ``baddbmm`` on ``[B·H, S, D]``, the
 causal mask after the split into heads), MPT (ALiBi ``[H, 1, S]`` and a causal ``masked_fill``: two
-masks). Models that need more are in docs/shrink.md.
+masks; TorchScript cuts its fused QKV projection by ``Slice``), Qwen3 (an RMSNorm of each head's Q and
+K, ``q_norm`` / ``k_norm``), Phi-3 (a fused ``qkv_proj``), GPT-J (interleaved partial rotary: each head's
+pairs stacked and flattened by a Reshape that writes the head count out) and Cohere (the same after
+the sequence axis, grouped-query attention). Models that need more are in docs/shrink.md.
 """
 
 from __future__ import annotations
@@ -55,6 +58,15 @@ def _build(name):
     if name == "clip_text":
         return t.CLIPTextModel(t.CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                 num_attention_heads=4, vocab_size=64, max_position_embeddings=64))
+    if name == "qwen3":
+        return t.Qwen3ForCausalLM(t.Qwen3Config(**_SMALL, num_key_value_heads=2, head_dim=8))
+    if name == "phi3":
+        return t.Phi3ForCausalLM(t.Phi3Config(**_SMALL, pad_token_id=0))
+    if name == "gptj":
+        return t.GPTJForCausalLM(t.GPTJConfig(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64,
+                                              rotary_dim=4))
+    if name == "cohere":
+        return t.CohereForCausalLM(t.CohereConfig(**_SMALL, num_key_value_heads=2))
     if name == "bloom":
         return t.BloomForCausalLM(t.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=64))
     if name == "mpt":
@@ -88,6 +100,10 @@ CASES = {
     "deit": (["torchscript"], "softmax", {0: [0, 3], 1: [1, 2]}),
     "bloom": (["dynamo", "torchscript"], "softmax", {0: [0, 2], 1: [1, 2, 3]}),
     "mpt": (["dynamo", "torchscript"], "softmax", {0: [3], 1: [0, 1]}),
+    "qwen3": (["dynamo"], "softmax", {0: [0, 1], 1: [2, 3]}),   # K/V groups of 2
+    "phi3": (["torchscript"], "softmax", {0: [1, 2], 1: [0, 3]}),
+    "gptj": (["dynamo", "torchscript"], "softmax", {0: [0, 2], 1: [1, 2, 3]}),
+    "cohere": (["dynamo"], "softmax", {0: [2, 3], 1: [0, 1]}),   # K/V groups of 2
 }
 
 
