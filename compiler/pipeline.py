@@ -95,7 +95,8 @@ def compile_model(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         t = time.perf_counter()
         step("running fusion passes")
         model, reports = passes.fuse_attention(model, options.families, lowering, options.precision,
-                                               route_shapes(model, options) if passes.AUTO in lowering else None)
+                                               route_shapes(model, options) if passes.AUTO in lowering else None,
+                                               backend=options.backend)
         timings["passes_s"] = time.perf_counter() - t
 
     out_dir = Path(out_dir)

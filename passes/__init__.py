@@ -73,7 +73,8 @@ def find_attention(model: onnx.ModelProto, families: list[str] | None = None,
 def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None,
                    lower: list[str] | None = None,
                    precision: str | None = None,
-                   input_shapes: dict[str, list[int]] | None = None) -> tuple[onnx.ModelProto, list[PassReport]]:
+                   input_shapes: dict[str, list[int]] | None = None,
+                   backend: str | None = None) -> tuple[onnx.ModelProto, list[PassReport]]:
     """Run the fusion passes in order; return the rewritten model and one report per pass.
 
     Args:
@@ -86,6 +87,8 @@ def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None,
         precision: what the kernels will run in (``"fp16"``, ...); read by ``"auto"``.
         input_shapes: the shapes the model will mostly run at (TensorRT's ``opt`` profile);
             ``"auto"`` routes nodes whose token counts are dynamic by these.
+        backend: what will run the model, where a pass must leave out what it cannot run
+            (``"tensorrt"``: no soft-capped ``Attention``); None: anything ONNX allows.
 
     A near-miss whose anchor node a later pass fused (a plain softmax attention that the
     neighborhood pass looked at and the softmax pass rewrote) is dropped: it was not missed.
@@ -116,6 +119,8 @@ def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None,
             options = {LOWERINGS[family]: AUTO, "precision": precision, "input_shapes": input_shapes}
         else:
             options = {}
+        if family == "softmax" and backend == "tensorrt":
+            options["softcap"] = False
         model, report = module.apply(model, **options)
         log.info("%s: %d rewritten, %d near-misses", family, report.rewritten, len(report.near_misses))
         reports.append(report)

@@ -440,13 +440,13 @@ def _scores_path(t, prod) -> tuple[onnx.NodeProto, list[tuple[onnx.NodeProto, st
             return node, path
         if node.op_type in ("Add", "Sub", "Mul", "Div"):
             computed = [i for i in node.input if i in prod and prod[i].op_type != "Constant"]
-            matmul = [i for i in computed if prod[i].op_type in ("MatMul", "Mul", "Div", "Add", "Where")]
+            matmul = [i for i in computed if prod[i].op_type in ("MatMul", "Mul", "Div", "Add", "Where", "Tanh")]
             if not matmul:
                 return None
             nxt = next((i for i in matmul if prod[i].op_type == "MatMul"), matmul[0])
         elif node.op_type == "Where":
             nxt = node.input[2] if node.input[2] in prod and prod[node.input[2]].op_type != "Constant" else node.input[1]
-        elif node.op_type in ("Cast", "Identity"):
+        elif node.op_type in ("Cast", "Identity", "Tanh"):   # Tanh: Gemma 2's soft-capping
             nxt = node.input[0]
         else:
             return None

@@ -13,6 +13,8 @@ Matches, anchored at each ``Softmax`` over the last axis (or its spelled-out for
 - any number of masks (ALiBi plus a causal fill, as BLOOM and MPT write them): one mask goes
   to ``Attention`` as it is, several are summed into one float ``attn_mask`` (each ``Where``
   keeping its own fill);
+- soft-capped scores, ``cap · tanh(s / cap)`` before the masks (Gemma 2), become ``softcap``
+  (not for TensorRT: ``apply(..., softcap=False)``, which ``attnc compile --backend tensorrt`` runs);
 - attention on flattened heads (BLOOM's ``baddbmm`` on ``[B·H, S, D]``): a ``Reshape`` of the
   scores to ``[B, H, S_q, S_kv]`` before the softmax and of the probabilities back before
   ``bmm`` with V. That split is proven at sampled sizes (``evaluate_tensors``, once for all
@@ -96,6 +98,7 @@ class _Candidate:
     scale: float
     terms: list[_Term] = field(default_factory=list)
     is_causal: bool = False
+    softcap: float = 0.0             # cap · tanh(scores / cap) before the masks (Gemma 2); 0 = none
     expand_mask: bool = False        # the mask broadcasts over the query or key axis: spell it out
     # flattened heads (BLOOM: ``baddbmm`` on [B·H, S, D]): the scores' split to [B, H, S_q, S_kv]
     heads_shape: str | None = None   # that Reshape's shape input (its first two entries are B, H)
@@ -115,23 +118,26 @@ def find(model: onnx.ModelProto) -> PassReport:
     return report
 
 
-def apply(model: onnx.ModelProto, flattened_heads_only: bool = False) -> tuple[onnx.ModelProto, PassReport]:
+def apply(model: onnx.ModelProto, flattened_heads_only: bool = False,
+          softcap: bool = True) -> tuple[onnx.ModelProto, PassReport]:
     """Replace each softmax attention by one ONNX ``Attention`` node (opset >= 23).
 
     ``flattened_heads_only``: only attention computed on ``[B·H, S, D]`` (BLOOM's): head pruning
     fuses those first, since their heads are separate tensors only in ``Attention``'s 4-D form.
+    ``softcap=False``: soft-capped scores (Gemma 2) are near-misses (TensorRT's attention layer,
+    which the parser maps ``Attention`` to, has no soft-capping).
     """
     if flattened_heads_only and not has_flattened_heads(model):
         return model, PassReport(FAMILY)
     original, model = model, named_copy(model)
     probe, cache = PassReport(FAMILY), {}
-    if not _candidates(model, probe, cache, flattened_heads_only):
+    if not _candidates(model, probe, cache, flattened_heads_only, softcap):
         return original, probe
     if default_opset(model) < ATTENTION_OPSET:
         model = convert_opset(model, ATTENTION_OPSET)
         model = named_copy(model)
     report = PassReport(FAMILY)
-    cands = _candidates(model, report, cache, flattened_heads_only)  # tensor names survive the conversion
+    cands = _candidates(model, report, cache, flattened_heads_only, softcap)  # names survive the conversion
     for cand in cands:
         _rewrite(model, cand)
         report.matches.append(_to_match(cand))
@@ -170,7 +176,7 @@ def has_flattened_heads(model: onnx.ModelProto) -> bool:
 # ----------------------------------------------------------------------------- matching
 
 def _candidates(model: onnx.ModelProto, report: PassReport, cache: dict | None = None,
-                flattened_heads_only: bool = False) -> list[_Candidate]:
+                flattened_heads_only: bool = False, softcap: bool = True) -> list[_Candidate]:
     """Every match, after its proofs; ``cache`` keeps the evaluations between the calls of one apply."""
     prod, cons = producers(model), consumers(model)
     shapes = value_shapes(model)
@@ -192,7 +198,7 @@ def _candidates(model: onnx.ModelProto, report: PassReport, cache: dict | None =
         if len(mm) != 1 or len(users) != 1:
             continue  # a softmax that does not feed exactly one P·V is not attention
         try:
-            cand = _match(model, node, mm[0], merge, prod, cons, shapes)
+            cand = _match(model, node, mm[0], merge, prod, cons, shapes, softcap)
         except _Miss as miss:
             report.near_misses.append(NearMiss(FAMILY, node.name, str(miss)))
             continue
@@ -241,9 +247,9 @@ def _softmax_input(model, node, prod) -> tuple[str, list[str]]:
     return x, names
 
 
-def _match(model, softmax, pv, merge, prod, cons, shapes) -> _Candidate:
+def _match(model, softmax, pv, merge, prod, cons, shapes, allow_softcap: bool = True) -> _Candidate:
     x, nodes = _softmax_input(model, softmax, prod)
-    scale, terms, split = 1.0, [], None
+    scale, terms, split, softcap = 1.0, [], None, 0.0
     while True:
         node = prod.get(x)
         if node is None:
@@ -254,6 +260,15 @@ def _match(model, softmax, pv, merge, prod, cons, shapes) -> _Candidate:
         if op == "MatMul":
             nodes.append(node.name)
             break
+        if op == "Mul" and (cap := _softcap(model, node, prod, cons)) is not None:
+            if scale != 1.0 or softcap:
+                raise _Miss(f"Mul {node.name}: the soft-capped scores are scaled again (or capped twice)")
+            if not allow_softcap:
+                raise _Miss(f"Mul {node.name}: soft-capped scores (cap · tanh(s / cap)); TensorRT's attention "
+                            "layer has no soft-capping, so they stay as they are for this backend")
+            softcap, x = cap
+            nodes.extend(n.name for n in _softcap_nodes(node, prod))
+            continue
         if op in ("Mul", "Div"):
             c = [scalar_constant(model, i) for i in node.input]
             if op == "Mul" and (c[0] is not None or c[1] is not None):
@@ -270,6 +285,8 @@ def _match(model, softmax, pv, merge, prod, cons, shapes) -> _Candidate:
             side = _scores_side(node, prod)
             if side is None:
                 raise _Miss(f"Add {node.name}: cannot tell the scores from the mask")
+            if softcap:
+                raise _Miss(f"Add {node.name}: a mask inside the soft-capping (ONNX Attention adds it after)")
             # a scale met before this term (applied after it) scales the term too
             terms.append(_Term(node.input[1 - side], factor=scale, flat=split is not None))
             x = node.input[side]
@@ -287,8 +304,8 @@ def _match(model, softmax, pv, merge, prod, cons, shapes) -> _Candidate:
                 fill = fills[0] if fills[0] is not None else fills[1]
                 raise _Miss(f"Where {node.name} on the scores fills with {fill}, not -inf: "
                             "fully masked rows would differ")
-            if scale <= 0:
-                raise _Miss(f"Where {node.name}'s -inf fill is scaled by {scale} after it")
+            if scale <= 0 or softcap:
+                raise _Miss(f"Where {node.name}'s -inf fill is scaled by {scale} or soft-capped after it")
             term.flat = split is not None
             terms.append(term)
             nodes.append(node.name)
@@ -334,7 +351,8 @@ def _match(model, softmax, pv, merge, prod, cons, shapes) -> _Candidate:
         k_src, k_perm = kt, swap
     if k_perm == list(range(rank)):
         k_perm = None
-    cand = _Candidate(softmax.name, nodes, q, k_src, k_perm, pv.input[1], pv.output[0], rank, scale, terms)
+    cand = _Candidate(softmax.name, nodes, q, k_src, k_perm, pv.input[1], pv.output[0], rank, scale, terms,
+                      softcap=softcap)
     if split is not None:
         cand.rank, cand.heads_shape = 4, split.input[1]
         cand.allowzero = node_attribute(split, "allowzero", 0)
@@ -344,6 +362,37 @@ def _match(model, softmax, pv, merge, prod, cons, shapes) -> _Candidate:
         cand.expand_mask = not any(_covers_scores(shapes.get(t.tensor), shapes.get(qk.output[0])) for t in terms)
     cand.nodes.append(pv.name)
     return cand
+
+
+def _softcap(model, mul, prod, cons) -> tuple[float, str] | None:
+    """``(cap, x)`` when ``mul`` is ``cap · Tanh(x / cap)`` (``x · (1/cap)`` too), each step read only by the
+    next: Gemma 2's logit soft-capping, ONNX ``Attention``'s ``softcap``."""
+    found = _softcap_nodes(mul, prod)
+    if found is None or any(len(cons.get(n.output[0], [])) != 1 for n in found[1:]):
+        return None
+    _, tanh, div = found
+    cap = next((c for i in mul.input if (c := scalar_constant(model, i)) is not None), None)
+    consts = [scalar_constant(model, i) for i in div.input]
+    if div.op_type == "Div" and consts[1] is not None:
+        divisor, x = consts[1], div.input[0]
+    elif div.op_type == "Mul" and any(c for c in consts):
+        k = 1 if consts[1] else 0
+        divisor, x = 1.0 / consts[k], div.input[1 - k]
+    else:
+        return None
+    if cap is None or cap <= 0 or not np.isclose(divisor, cap, rtol=1e-6):
+        return None
+    return float(cap), x
+
+
+def _softcap_nodes(mul, prod) -> list | None:
+    """``[Mul, Tanh, Div-or-Mul]`` of a soft-capping ending at ``mul`` (unchecked), else None."""
+    data = [prod.get(i) for i in mul.input]
+    tanh = next((p for p in data if p is not None and p.op_type == "Tanh"), None)
+    div = prod.get(tanh.input[0]) if tanh is not None else None
+    if div is None or div.op_type not in ("Div", "Mul"):
+        return None
+    return [mul, tanh, div]
 
 
 def _rank(shapes, name, entry=None) -> int | None:
@@ -467,7 +516,7 @@ def _scores_side(node, prod) -> int | None:
             if p.op_type == "MatMul":
                 hits.append(side)
                 break
-            if p.op_type not in ("Mul", "Div", "Add", "Where", "Cast", "Identity", "Reshape"):
+            if p.op_type not in ("Mul", "Div", "Add", "Where", "Cast", "Identity", "Reshape", "Tanh"):
                 break
             t = p.input[2] if p.op_type == "Where" else p.input[0]
             steps += 1
@@ -595,6 +644,8 @@ def _rewrite(model: onnx.ModelProto, cand: _Candidate) -> None:
         mask = add("Expand", [mask, add("Concat", parts, "mask_shape", axis=0)], "mask")
     inputs = [q, k, v] + ([mask] if mask is not None else [])
     attrs = {"scale": float(cand.scale), "is_causal": int(cand.is_causal)}
+    if cand.softcap:
+        attrs["softcap"] = float(cand.softcap)
     if cand.rank == 3:
         attrs.update(q_num_heads=1, kv_num_heads=1)
     flat_out = heads is not None and cand.flat[2] is not None   # P·V was [B·H, S_q, D_v]
@@ -663,5 +714,7 @@ def _to_match(cand: _Candidate) -> Match:
     inputs = {"Q": cand.q, "K": cand.k_src, "V": cand.v}
     for i, term in enumerate(cand.terms):
         inputs["attn_mask" if i == 0 else f"attn_mask{i}"] = term.tensor
-    return Match(FAMILY, OP_TYPE, cand.nodes, inputs, [cand.out],
-                 {"scale": cand.scale, "is_causal": int(cand.is_causal)})
+    attributes = {"scale": cand.scale, "is_causal": int(cand.is_causal)}
+    if cand.softcap:
+        attributes["softcap"] = cand.softcap
+    return Match(FAMILY, OP_TYPE, cand.nodes, inputs, [cand.out], attributes)

@@ -886,6 +886,39 @@ def test_exported_mhsa_lowered_by_the_softmax_pass_builds(tmp_path):
 
 
 @pytest.mark.tensorrt
+def test_soft_capped_attention_stays_unfused_for_tensorrt(tmp_path):
+    """TensorRT's attention layer has no soft-capping (its parser rejects ``Attention`` with
+    ``softcap``): for this backend the softmax pass leaves Gemma 2-style capped scores as plain ops,
+    says why, and the engine builds; ONNX Runtime gets the fused node."""
+    _trt_or_skip()
+    import torch
+
+    from attnc.compiler.export import export_onnx
+    from attnc.compiler.pipeline import CompileOptions, compile_model
+
+    class Capped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = torch.nn.Linear(32, 96), torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+            s = 30.0 * torch.tanh(q @ k.transpose(-1, -2) / 8 ** 0.5 / 30.0)
+            s = s + torch.full((n, n), float("-inf")).triu(1)
+            return self.proj((s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
+
+    torch.manual_seed(0)
+    path = export_onnx(Capped().eval(), [torch.randn(2, 9, 32)], tmp_path / "capped.onnx", input_names=["x"])
+    manifest = compile_model(path, tmp_path / "trt", CompileOptions(backend="tensorrt", families=["softmax"]))
+    (report,) = manifest["passes"]
+    assert report["rewritten"] == 0 and any("no soft-capping" in m["reason"] for m in report["near_misses"])
+    assert "Attention" not in manifest["ops_after"] and (tmp_path / "trt" / "engine.plan").stat().st_size > 0
+    manifest = compile_model(path, tmp_path / "ort", CompileOptions(backend="onnxruntime", families=["softmax"]))
+    assert manifest["ops_after"].get("Attention") == 1
+
+
+@pytest.mark.tensorrt
 def test_transformers_bert_with_padding_mask_builds(tmp_path):
     """transformers' BertModel with its default SDPA attention and a padding-mask input, exported by
     dynamo with dynamic batch and length -> two ``Attention`` layers reading the padding mask -> a

@@ -201,6 +201,44 @@ def test_alibi_bias_and_causal_mask(exporter, flat, bias_in_scale, causal, dynam
            rtol=1e-5, atol=2e-6, fewer_nodes=flat or exporter == "dynamo")
 
 
+class _SoftcapAttention(MultiHeadSelfAttention):
+    """Causal attention with Gemma 2's logit soft-capping, ``cap · tanh(s / cap)`` of the scaled
+    scores, before the mask (``inside``: the mask added before the capping, which ONNX ``Attention``
+    cannot express: its ``softcap`` comes before ``attn_mask``)."""
+
+    def __init__(self, *a, cap=2.0, inside=False, **kw):
+        super().__init__(*a, **kw)
+        self.cap, self.inside = cap, inside
+
+    def forward(self, x):
+        q, k, v = self.in_proj(x)
+        s = (q @ k.transpose(-2, -1)) * self.scale
+        n = x.shape[1]
+        mask = torch.full((n, n), float("-inf")).triu(1)
+        s = self.cap * torch.tanh((s + mask if self.inside else s) / self.cap)
+        s = s if self.inside else s + mask
+        return self.proj((s.softmax(-1) @ v).transpose(1, 2).reshape(x.shape))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_soft_capped_scores(exporter, tmp_path):
+    """Soft-capping becomes ``Attention``'s ``softcap`` (the causal mask after it: ``is_causal``); for
+    TensorRT (``softcap=False``), whose attention layer has none, and with the mask inside the
+    capping, the graph stays as it is with a near-miss that says why."""
+    torch.manual_seed(7)
+    module = _SoftcapAttention(32, 4, cap=1.5)
+    model = _export(module, torch.randn(2, 7, 32), tmp_path, exporter, dynamic=True)
+    fused, report = softmax.apply(model)
+    assert report.matches[0].attributes == {"scale": pytest.approx(module.scale), "is_causal": 1, "softcap": 1.5}
+    _check(module, model, fused, report, 1, [(2, 7, 32), (3, 5, 32), (1, 12, 32)], rtol=1e-5, atol=2e-6)
+    kept, report = softmax.apply(model, softcap=False)
+    assert report.rewritten == 0 and kept is model
+    assert any("no soft-capping" in m.reason for m in report.near_misses), report.to_dict()
+    inside = _export(_SoftcapAttention(32, 4, inside=True), torch.randn(2, 7, 32), tmp_path, exporter)
+    kept, report = softmax.apply(inside)
+    assert report.rewritten == 0 and any("inside the soft-capping" in m.reason for m in report.near_misses)
+
+
 class _GroupedSoftmax(nn.Module):
     """Flat [B·H, S, S] scores reshaped to rank 4 for a softmax over halves of each row: a rank
     3 -> 4 Reshape that is not a heads split, so not attention ``Attention`` can compute."""

@@ -13,7 +13,7 @@ causal mask after the split into heads), MPT (ALiBi ``[H, 1, S]`` and a causal `
 masks; TorchScript cuts its fused QKV projection by ``Slice``), Qwen3 (an RMSNorm of each head's Q and
 K, ``q_norm`` / ``k_norm``), Phi-3 (a fused ``qkv_proj``), GPT-J (interleaved partial rotary: each head's
 pairs stacked and flattened by a Reshape that writes the head count out) and Cohere (the same after
-the sequence axis, grouped-query attention). Models that need more are in docs/shrink.md.
+the sequence axis, grouped-query attention), Gemma 2 (logit soft-capping: ``Attention``'s ``softcap``). Models that need more are in docs/shrink.md.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ def _build(name):
                                               rotary_dim=4))
     if name == "cohere":
         return t.CohereForCausalLM(t.CohereConfig(**_SMALL, num_key_value_heads=2))
+    if name == "gemma2":
+        return t.Gemma2ForCausalLM(t.Gemma2Config(**_SMALL, num_key_value_heads=2, head_dim=8))
     if name == "bloom":
         return t.BloomForCausalLM(t.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=64))
     if name == "mpt":
@@ -104,6 +106,7 @@ CASES = {
     "phi3": (["torchscript"], "softmax", {0: [1, 2], 1: [0, 3]}),
     "gptj": (["dynamo", "torchscript"], "softmax", {0: [0, 2], 1: [1, 2, 3]}),
     "cohere": (["dynamo"], "softmax", {0: [2, 3], 1: [0, 1]}),   # K/V groups of 2
+    "gemma2": (["dynamo"], "softmax", {0: [0, 1], 1: [2, 3]}),
 }
 
 
