@@ -1422,6 +1422,8 @@ def _keeps_heads(model, reshape, head_axis: int, heads, same_dims: dict[int, set
     (the model input's ``batch`` / ``seq``)."""
     entries = _shape_entries(model, reshape.input[1], prod)
     before = _shapes(model).get(reshape.input[0])
+    if entries is None:
+        return _keeps_heads_evaluated(model, reshape, head_axis, heads, prod)
     if not entries or not before or len(entries) != len(before) or head_axis >= len(entries):
         return None
     if entries[head_axis] in (-1, 0):
@@ -1439,6 +1441,36 @@ def _keeps_heads(model, reshape, head_axis: int, heads, same_dims: dict[int, set
             entry[1] == reshape.input[0] or same_dims is not None and entry[1] in same_dims.get(axis, ()))
             or isinstance(dim, str) and dim and _dim_name(model, entry[1], entry[2]) == dim)   # same symbolic dim
         if not (static or inferred or read):
+            return None
+    return kept
+
+
+def _keeps_heads_evaluated(model, reshape, head_axis: int, heads, prod) -> str | None:
+    """:func:`_keeps_heads` for a target whose entries are computed in ways ``_shape_entries`` does not
+    read (Wav2Vec2's ``(seq - 3) // 4`` from its convolutional front end): a ``Concat`` of one-entry
+    pieces whose heads piece is a constant (-1 / 0: ``"follows"``, the head count: ``"written"``) and
+    whose other entries equal the input's dims: named alike by inference, or evaluated at two input sizes."""
+    concat = prod.get(reshape.input[1])
+    if concat is None or concat.op_type != "Concat" or len(concat.input) <= head_axis or \
+            any(_shapes(model).get(i) != [1] for i in concat.input):
+        return None
+    piece = constant_value(model, concat.input[head_axis])
+    entry = int(piece.reshape(-1)[0]) if piece is not None and piece.size == 1 else None
+    kept = "follows" if entry in (-1, 0) else "written" if isinstance(heads, int) and entry == heads else None
+    if kept is None:
+        return None
+    before, after = _shapes(model).get(reshape.input[0]), _shapes(model).get(reshape.output[0])
+    if before and after and len(before) == len(after) == len(concat.input) and all(
+            same_dim(b, a) for axis, (b, a) in enumerate(zip(before, after)) if axis != head_axis):
+        return kept   # inference (with data propagation) names the other dims alike on both sides
+    try:
+        runs = evaluate_tensors(model, [reshape.input[1], reshape.input[0]])
+    except Exception:  # noqa: BLE001 - ONNX Runtime's errors subclass Exception only
+        return None
+    for run in runs:
+        target, shape = run[reshape.input[1]].reshape(-1), run[reshape.input[0]].shape
+        if len(target) != len(shape) or any(int(t) != d for a, (t, d) in enumerate(zip(target, shape))
+                                            if a != head_axis):
             return None
     return kept
 

@@ -13,7 +13,9 @@ causal mask after the split into heads), MPT (ALiBi ``[H, 1, S]`` and a causal `
 masks; TorchScript cuts its fused QKV projection by ``Slice``), Qwen3 (an RMSNorm of each head's Q and
 K, ``q_norm`` / ``k_norm``), Phi-3 (a fused ``qkv_proj``), GPT-J (interleaved partial rotary: each head's
 pairs stacked and flattened by a Reshape that writes the head count out) and Cohere (the same after
-the sequence axis, grouped-query attention), Gemma 2 (logit soft-capping: ``Attention``'s ``softcap``). Models that need more are in docs/shrink.md.
+the sequence axis, grouped-query attention), Gemma 2 (logit soft-capping: ``Attention``'s ``softcap``),
+Wav2Vec2 (raw audio; a Reshape after the core whose length entry is computed from the convolutional
+front end's arithmetic). Models that need more are in docs/shrink.md.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ def _build(name):
         return t.CohereForCausalLM(t.CohereConfig(**_SMALL, num_key_value_heads=2))
     if name == "gemma2":
         return t.Gemma2ForCausalLM(t.Gemma2Config(**_SMALL, num_key_value_heads=2, head_dim=8))
+    if name == "wav2vec2":
+        return t.Wav2Vec2Model(t.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                intermediate_size=64, conv_dim=(8, 8), conv_stride=(2, 2),
+                                                conv_kernel=(3, 3), num_conv_pos_embeddings=4,
+                                                num_conv_pos_embedding_groups=2))
     if name == "bloom":
         return t.BloomForCausalLM(t.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=64))
     if name == "mpt":
@@ -76,6 +83,15 @@ def _build(name):
                                             expansion_ratio=2))
     return t.DeiTModel(t.DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                     image_size=16, patch_size=8), add_pooling_layer=False)
+
+
+def _input(name, batch, tokens, gen=None):
+    """Token ids, a 16×16 image (DeiT) or raw audio giving about ``tokens`` frames (Wav2Vec2)."""
+    if name == "deit":
+        return torch.randn(batch, 3, 16, 16, generator=gen)
+    if name == "wav2vec2":
+        return torch.randn(batch, 4 * tokens + 3, generator=gen)
+    return torch.randint(0, 64, (batch, tokens), generator=gen)
 
 
 class _Output(torch.nn.Module):
@@ -107,6 +123,7 @@ CASES = {
     "gptj": (["dynamo", "torchscript"], "softmax", {0: [0, 2], 1: [1, 2, 3]}),
     "cohere": (["dynamo"], "softmax", {0: [2, 3], 1: [0, 1]}),   # K/V groups of 2
     "gemma2": (["dynamo"], "softmax", {0: [0, 1], 1: [2, 3]}),
+    "wav2vec2": (["dynamo", "torchscript"], "softmax", {0: [1, 3], 1: [0, 1, 2]}),
 }
 
 
@@ -120,13 +137,13 @@ def test_fuses_and_prunes(name, exporter, tmp_path):
             p.data.add_(0.02 * torch.randn_like(p))
     model = _Output(hf).eval()
     image = name == "deit"
-    example = torch.randn(2, 3, 16, 16) if image else torch.randint(0, 64, (2, 9))
+    example = _input(name, 2, 9)
     path = tmp_path / f"{name}.onnx"
     export_onnx(model, (example,), path, exporter=exporter, input_names=["x"],
                 dynamic_axes={"x": {0: "batch"}} if image else {"x": {0: "batch", 1: "seq"}})
     onnx_model = onnx.load(str(path))
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 3, 16, 16, generator=gen) if image else torch.randint(0, 64, (3, 11), generator=gen)
+    x = _input(name, 3, 11, gen)
 
     fused, reports = fuse_attention(onnx_model)
     assert {r.family: r.rewritten for r in reports if r.rewritten} == {family: 2}
