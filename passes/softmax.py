@@ -147,6 +147,35 @@ def apply(model: onnx.ModelProto, flattened_heads_only: bool = False,
     return model, report
 
 
+def _only_shape_readers_of_merge(model, probs: str, prod, cons) -> bool:
+    """Whether ``probs`` is read by one Reshape plus ``Shape`` nodes that feed nothing but that Reshape's
+    target (DeBERTa's ``probs.view(-1, probs.size(-2), probs.size(-1))`` under TorchScript): those
+    readers die with the merge once the attention is fused."""
+    users = cons.get(probs, [])
+    merges = [u for u in users if u.op_type == "Reshape" and u.input[0] == probs]
+    return len(merges) == 1 and _read_for_target(model, [u for u in users if u is not merges[0]], merges[0],
+                                                 prod, cons)
+
+
+def _read_for_target(model, readers, reshape, prod, cons) -> bool:
+    """Whether ``readers`` are ``Shape`` nodes whose outputs feed nothing but ``reshape``'s target."""
+    if any(r.op_type != "Shape" for r in readers):
+        return False
+    target, stack = set(), [reshape.input[1]]
+    while stack:   # the nodes computing the target
+        node = prod.get(stack.pop())
+        if node is not None and node.name not in target:
+            target.add(node.name)
+            stack.extend(i for i in node.input if i)
+    stack = list(readers)
+    while stack:   # everything the readers feed must be part of it
+        node = stack.pop()
+        if node.name not in target:
+            return False
+        stack.extend(c for o in node.output for c in cons.get(o, []) if c is not reshape)
+    return True
+
+
 def has_flattened_heads(model: onnx.ModelProto) -> bool:
     """Whether some ``Softmax``'s scores are reshaped on their way from a MatMul (the sign of attention
     on flattened heads; cheap, unproven: :func:`apply` proves each match)."""
@@ -189,6 +218,8 @@ def _candidates(model: onnx.ModelProto, report: PassReport, cache: dict | None =
         probs, passed = past_probability_casts(model, probs, cons)
         merge = None
         users = cons.get(probs, [])
+        if len(users) > 1 and _only_shape_readers_of_merge(model, probs, prod, cons):
+            users = [u for u in users if u.op_type != "Shape"]   # TorchScript reads P's shape for the merge
         if len(users) == 1 and users[0].op_type == "Reshape" and users[0].input[0] == probs:
             merge = users[0]  # P [B, H, S_q, S_kv] -> [B·H, S_q, S_kv] (BLOOM)
             probs, more = past_probability_casts(model, merge.output[0], cons)
@@ -198,7 +229,7 @@ def _candidates(model: onnx.ModelProto, report: PassReport, cache: dict | None =
         if len(mm) != 1 or len(users) != 1:
             continue  # a softmax that does not feed exactly one P·V is not attention
         try:
-            cand = _match(model, node, mm[0], merge, prod, cons, shapes, softcap)
+            cand = _match(model, node, mm[0], merge, prod, cons, shapes, softcap, cache)
         except _Miss as miss:
             report.near_misses.append(NearMiss(FAMILY, node.name, str(miss)))
             continue
@@ -247,14 +278,16 @@ def _softmax_input(model, node, prod) -> tuple[str, list[str]]:
     return x, names
 
 
-def _match(model, softmax, pv, merge, prod, cons, shapes, allow_softcap: bool = True) -> _Candidate:
+def _match(model, softmax, pv, merge, prod, cons, shapes, allow_softcap: bool = True,
+           cache: dict | None = None) -> _Candidate:
     x, nodes = _softmax_input(model, softmax, prod)
     scale, terms, split, softcap = 1.0, [], None, 0.0
     while True:
         node = prod.get(x)
         if node is None:
             raise _Miss("softmax input is not computed from MatMul(Q, Kᵀ)")
-        if any(c.name not in nodes for c in cons.get(x, [])):
+        outside = [c for c in cons.get(x, []) if c.name not in nodes]
+        if outside and not (split is not None and _read_for_target(model, outside, split, prod, cons)):
             raise _Miss(f"intermediate scores {x!r} are used outside the attention")
         op = node.op_type
         if op == "MatMul":
@@ -331,8 +364,8 @@ def _match(model, softmax, pv, merge, prod, cons, shapes, allow_softcap: bool = 
         raise _Miss("the scores are split into heads, but neither the probabilities are flattened again nor "
                     "is V [B, H, S, D]")
     qk = prod[x]
-    q, scale_q = _peel_scale(model, qk.input[0], prod, cons, nodes)
-    kt, scale_k = _peel_scale(model, qk.input[1], prod, cons, nodes)
+    q, scale_q = _peel_scale(model, qk.input[0], prod, cons, nodes, cache)
+    kt, scale_k = _peel_scale(model, qk.input[1], prod, cons, nodes, cache)
     scale *= scale_q * scale_k
     rank = _rank(shapes, q) or _rank(shapes, kt)
     tnode = prod.get(kt)
@@ -419,11 +452,19 @@ def _prove_heads_splits(model, cands: list[_Candidate], report: PassReport, cach
         p = prod.get(t)
         return p.input[0] if p is not None and p.op_type == "Reshape" else None
 
+    def transposed_source(t):
+        """(the [B, H, ..] tensor, its flattened view, the rank-3 perm) of ``t = Transpose(Reshape(x))``."""
+        p = prod.get(t)
+        perm = list(node_attribute(p, "perm", [])) if p is not None and p.op_type == "Transpose" else []
+        src = source(p.input[0]) if perm[:1] == [0] and len(perm) == 3 else None
+        return (src, p.input[0], perm) if src is not None else None
+
     flat = [c for c in cands if c.flat is not None and ("heads", c.flat) not in cache]
     if flat:
         names = {n for c in flat for n in (*c.flat, c.q, c.k_src, c.v, c.heads_shape)} - {None}
         names |= {t.tensor for c in flat for t in c.terms if t.flat}
         names |= {source(t) for c in flat for t in (c.q, c.k_src, c.v)} - {None}
+        names |= {n for c in flat if (via := transposed_source(c.k_src)) for n in via[:2]}
         names |= {c.out for c in flat} | {u.output[0] for c in flat for u in cons.get(c.out, [])
                                           if u.op_type == "Reshape"}
         try:
@@ -441,6 +482,9 @@ def _prove_heads_splits(model, cands: list[_Candidate], report: PassReport, cach
                 if not failed and src is not None and all(
                         run[src].shape == run[c.flat[1]].shape[:2] + run[t].shape[1:] for run in runs):
                     sources[role] = src
+                elif role == "k" and (via := transposed_source(t)) is not None and not failed and all(
+                        run[via[0]].shape == run[c.flat[1]].shape[:2] + run[via[1]].shape[1:] for run in runs):
+                    sources["k"], sources["k_perm"] = via[0], via[2]   # Kᵀ of a flattened view (DeBERTa)
             users = cons.get(c.out, [])
             views = [u for u in users if u.op_type == "Reshape" and u.input[0] == c.out]
             counts = {run[c.flat[1]].shape[1] for run in runs}
@@ -523,13 +567,13 @@ def _scores_side(node, prod) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def _peel_scale(model, t, prod, cons, nodes) -> tuple[str, float]:
+def _peel_scale(model, t, prod, cons, nodes, cache: dict | None = None) -> tuple[str, float]:
     scale = 1.0
     while True:
         node = prod.get(t)
         if node is None or node.op_type not in ("Mul", "Div") or len(cons.get(t, [])) != 1:
             return t, scale
-        c = [scalar_constant(model, i) for i in node.input]
+        c = [_fixed_scalar(model, i, cache) for i in node.input]
         if node.op_type == "Mul" and c[1] is not None:
             scale *= c[1]
             t = node.input[0]
@@ -542,6 +586,23 @@ def _peel_scale(model, t, prod, cons, nodes) -> tuple[str, float]:
         else:
             return t, scale
         nodes.append(node.name)
+
+
+def _fixed_scalar(model, name: str, cache: dict | None) -> float | None:
+    """A constant scalar, or one computed from input shapes only that is the same at two sampled sizes
+    (TorchScript's ``1 / sqrt(head_dim · factor)`` from ``size(-1)``: DeBERTa); evaluated once per tensor."""
+    value = scalar_constant(model, name)
+    if value is not None or cache is None or not name or depends_on_data(model, name):
+        return value
+    key = ("scalar", name)
+    if key not in cache:
+        try:
+            found = {float(np.asarray(r[name]).reshape(-1)[0]) for r in evaluate_tensors(model, [name])
+                     if np.asarray(r[name]).size == 1}
+        except Exception:  # noqa: BLE001 - best effort: an unevaluated scale stays part of Q or K
+            found = set()
+        cache[key] = found.pop() if len(found) == 1 else None
+    return cache[key]
 
 
 def _detect_causal(model, cand: _Candidate, cache: dict) -> None:
@@ -620,8 +681,12 @@ def _rewrite(model: onnx.ModelProto, cand: _Candidate) -> None:
 
         q = sources.get("q") or split(q, "q")
         v = sources.get("v") or split(v, "v")
-        if "k" in sources and (k_perm is None or k_perm[0] == 0):
-            k, k_perm = sources["k"], None if k_perm is None else [0, 1] + [p + 1 for p in k_perm[1:]]
+        composed = None
+        if "k" in sources:   # K = k_src through k_perm, k_src = the source's view through k_perm's own perm
+            inner = sources.get("k_perm", [0, 1, 2])
+            composed = [inner[i] for i in (k_perm or [0, 1, 2])]
+        if composed is not None and composed[0] == 0:
+            k, k_perm = sources["k"], None if composed == [0, 1, 2] else [0, 1] + [p + 1 for p in composed[1:]]
         else:
             if k_perm is not None:
                 k, k_perm = add("Transpose", [k], "K3", perm=k_perm), None

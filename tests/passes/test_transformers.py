@@ -15,7 +15,8 @@ K, ``q_norm`` / ``k_norm``), Phi-3 (a fused ``qkv_proj``), GPT-J (interleaved pa
 pairs stacked and flattened by a Reshape that writes the head count out) and Cohere (the same after
 the sequence axis, grouped-query attention), Gemma 2 (logit soft-capping: ``Attention``'s ``softcap``),
 Wav2Vec2 (raw audio; a Reshape after the core whose length entry is computed from the convolutional
-front end's arithmetic). Models that need more are in docs/shrink.md.
+front end's arithmetic), DeBERTa-v2 (TorchScript: flattened heads whose scores and probabilities are
+also read by Shape nodes for the views, a scale computed from ``size(-1)``). Models that need more are in docs/shrink.md.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def _build(name):
                                                 intermediate_size=64, conv_dim=(8, 8), conv_stride=(2, 2),
                                                 conv_kernel=(3, 3), num_conv_pos_embeddings=4,
                                                 num_conv_pos_embedding_groups=2))
+    if name == "deberta_v2":
+        return t.DebertaV2Model(t.DebertaV2Config(**_SMALL))
     if name == "bloom":
         return t.BloomForCausalLM(t.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=64))
     if name == "mpt":
@@ -124,6 +127,7 @@ CASES = {
     "cohere": (["dynamo"], "softmax", {0: [2, 3], 1: [0, 1]}),   # K/V groups of 2
     "gemma2": (["dynamo"], "softmax", {0: [0, 1], 1: [2, 3]}),
     "wav2vec2": (["dynamo", "torchscript"], "softmax", {0: [1, 3], 1: [0, 1, 2]}),
+    "deberta_v2": (["dynamo", "torchscript"], "softmax", {0: [0, 1, 3], 1: [2]}),
 }
 
 
