@@ -211,8 +211,8 @@ class AttentionLayer:
     kept_reshapes: dict[str, str] = field(default_factory=dict, repr=False)   # name -> _keeps_heads verdict
     heads_ranges: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)  # role -> (first, count)
     # Reshapes regrouping the axes inside each head on a role's path that write the head count out:
-    # (node, heads axis, role, whether the count there is the query heads', see _Walk.regroups).
-    head_regroups: list[tuple[str, int, str, bool]] = field(default_factory=list, repr=False)
+    # (node, heads axis, role, the head count there: H or H_kv, see _Walk.regroups).
+    head_regroups: list[tuple[str, int, str, int]] = field(default_factory=list, repr=False)
 
     @property
     def kv_heads(self) -> int:
@@ -591,9 +591,9 @@ def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
                           merged, agents, reshapes, depthwise, folded, kv_of_head=kv_of_head, repeats=repeats,
                           score_terms=_score_terms(model, kind, node, prod, h), head_reshapes=head_reshapes,
                           kept_reshapes=kept_reshapes, heads_ranges=ranges,
-                          head_regroups=list(dict.fromkeys((node_name, axis, role, query_count)
+                          head_regroups=list(dict.fromkeys((node_name, axis, role, count)
                                                            for role, walk in walks.items()
-                                                           for node_name, axis, query_count in walk.regroups)))
+                                                           for node_name, axis, count in walk.regroups)))
 
 
 def _grouping(model, kind, heads: dict[str, int], walks: dict[str, _Walk], prod
@@ -645,8 +645,8 @@ class _Walk:
     # picks a range of them (Falcon: Q = heads[:-2], K = heads[[-2]], V = heads[[-1]]), else None.
     heads_range: tuple[int, int] | None = None
     # Reshapes that regroup the axes inside each head and write the head count out: (node, heads
-    # axis, between the core and the K/V repeat or without one: the count there is the query heads').
-    regroups: list[tuple[str, int, bool]] = field(default_factory=list)
+    # axis, the head count there: the query heads' or the K/V heads').
+    regroups: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 def _trace_input(model, t, prod, cons) -> tuple[_HeadSplit, _Projection]:
@@ -657,7 +657,7 @@ def _trace_input(model, t, prod, cons) -> tuple[_HeadSplit, _Projection]:
 
 def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None = None,
                path: dict[str, int] | None = None, budget: list[int] | None = None,
-               used: np.ndarray | None | str = "start", repeated: bool = False) -> _Walk:
+               used: np.ndarray | None | str = "start") -> _Walk:
     """Walk ``t`` (heads on ``head_axis``) back to its head-split Reshape and projection.
 
     Besides the data movement of the head split, it passes the ops that act within each head:
@@ -674,7 +674,7 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
     path = {} if path is None else path
     budget = [48] if budget is None else budget
     repeat = None
-    regroups: list[tuple[str, int, bool]] = []
+    regroups: list[tuple[str, int, int]] = []
     heads_range = None   # (first, count) within the current tensor's heads axis
     # ``used``: "start" (all of the current tensor's last axis: nothing cut yet), positions, or None
     # (unknown). Kᵀ reaches the core transposed, so "start" is resolved at the first cut.
@@ -682,8 +682,8 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
     def resolve(used, tensor):
         if not isinstance(used, str):
             return used
-        last_dim = _dim_name(model, tensor, -1)
-        return np.arange(last_dim) if isinstance(last_dim, int) and last_dim > 0 else None
+        last_dim = _last_dim(model, tensor)
+        return np.arange(last_dim) if last_dim else None
 
     def done(walk: _Walk) -> _Walk:
         if repeat is not None and walk.repeat is not None:
@@ -717,20 +717,19 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
             if len(data) == 1:
                 t = data[0]
                 continue
-            walks = [_walk_back(model, x, prod, head_axis, fixed, path, budget, used, repeated or repeat is not None)
-                     for x in data]
+            walks = [_walk_back(model, x, prod, head_axis, fixed, path, budget, used) for x in data]
             return done(_same_walks(node, walks))
         elif op == "Concat":
             if not within_head or _attr(node, "axis", 0) % rank != last:
                 raise _Unrecognised(f"{node.name}: Concat on the Q/K/V path is not along the head dim (last axis)")
             if any(constant_value(model, x) is not None for x in node.input):
                 raise _Unrecognised(f"{node.name}: Concat of a constant onto the Q/K/V heads")
-            sizes = [_dim_name(model, x, -1) for x in node.input]
+            sizes = [_last_dim(model, x) for x in node.input]
             starts = np.cumsum([0] + sizes[:-1]) if all(isinstance(n, int) and n > 0 for n in sizes) else None
             used = resolve(used, t)
             walks = [_walk_back(model, x, prod, head_axis, fixed, path, budget,
                                 None if used is None or starts is None else
-                                used[(used >= o) & (used < o + n)] - o, repeated or repeat is not None)
+                                used[(used >= o) & (used < o + n)] - o)
                      for x, o, n in zip(node.input, starts if starts is not None else sizes, sizes)]
             return done(_same_walks(node, walks))
         elif op == "Transpose":
@@ -758,7 +757,7 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
             if axes is not None and within_head and all(int(a) % rank == last for a in axes):
                 # a range of the head dim (rotate_half; GPT-NeoX's q/k/v): starts may be computed (D // 2)
                 used = _shift_used(model, resolve(used, t), node.input[1], node.input[4] if len(node.input) > 4 else "",
-                                   _dim_name(model, node.input[0], -1))
+                                   _last_dim(model, node.input[0]))
                 t = node.input[0]
                 continue
             starts = constant_value(model, node.input[1])
@@ -779,6 +778,14 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
                 if a == head_axis or e - s != 1:
                     raise _Unrecognised(f"{node.name}: Slice of more than one slot (axis {a})")
                 fixed[a] = fixed.get(a, 0) + int(s)
+            t = node.input[0]
+        elif op == "Gather" and heads_range is None and not fixed and _attr(node, "axis", 0) % (rank or 1) == head_axis \
+                and (idx := constant_value(model, node.input[1])) is not None and idx.ndim == 1 and idx.size \
+                and np.all(np.diff(idx) == 1):
+            # x[:, :, [-2]] on the heads axis (Falcon's K and V under TorchScript): a range of the heads
+            first, count = int(idx[0]), int(idx.size)
+            heads_range = _heads_range(node, _dim_name(model, node.input[0], head_axis), first,
+                                       first + count if first + count < 0 else None)
             t = node.input[0]
         elif op == "Gather":
             idx = constant_value(model, node.input[1])
@@ -823,7 +830,10 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
                 (verdict := _regroups_head(model, node, head_axis, prod)):
             used = None   # [.., H, D/2, 2] -> [.., H, D] (GPT-J's rotate_every_two flattens its pairs)
             if verdict == "written":
-                regroups.append((node.name, head_axis, not repeated and repeat is None))
+                count = _dim_name(model, node.input[0], head_axis)
+                if not isinstance(count, int) or count <= 0:
+                    raise _Unrecognised(f"{node.name}: the head count its target writes out is not known")
+                regroups.append((node.name, head_axis, count))
             t = node.input[0]
         elif op == "Reshape":
             found = _repeat_of_heads(model, node, head_axis, fixed, prod)
@@ -840,7 +850,8 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
 
 def _regroups_head(model, reshape, head_axis: int, prod) -> str | None:
     """Whether ``reshape`` keeps every axis up to the heads (and maybe more) and only regroups the last
-    ones, each head's elements staying in that head (``[.., H, D/2, 2] -> [.., H, D]``): ``"follows"`` when its
+    ones, each head's elements staying in that head (``[.., H, D/2, 2] -> [.., H, D]``; or none: Falcon's
+    shape-keeping ``reshape(B, H, S, D)`` of Q under TorchScript): ``"follows"`` when its
     target reads the head count (-1, 0, the input's dim), ``"written"`` when it holds it as a constant
     (rewritten on pruning), else None. A leading axis is kept when inference names it alike on both
     sides, or the target copies it (0), reads it from the input or from a dim of the same name, or
@@ -848,8 +859,7 @@ def _regroups_head(model, reshape, head_axis: int, prod) -> str | None:
     shapes = _shapes(model)
     src = shapes.get(reshape.input[0])
     entries = _shape_entries(model, reshape.input[1], prod)
-    if not src or not entries or len(src) <= head_axis + 1 or len(entries) <= head_axis + 1 or \
-            len(src) == len(entries):
+    if not src or not entries or len(src) <= head_axis + 1 or len(entries) <= head_axis + 1:
         return None
     dst = shapes.get(reshape.output[0]) or [None] * len(entries)
 
@@ -937,6 +947,11 @@ def _shift_used(model, used, starts: str, steps: str, size) -> np.ndarray | None
     """``used`` positions of a last-axis Slice's output as positions of its input (``+ start``);
     None where the start is not a constant or the step is not 1."""
     start = constant_value(model, starts)
+    if start is None and used is not None and starts and not depends_on_data(model, starts):
+        try:   # TorchScript's chunk of the head dim: bounds computed from the shape (GPT-NeoX)
+            start = _fold(model, starts)
+        except _Unrecognised:
+            start = None
     if used is None or start is None or start.size != 1 or (steps and np.any(constant_value(model, steps) != 1)):
         return None
     start = int(start.reshape(-1)[0])
@@ -1176,7 +1191,7 @@ def _head_split(model, reshape, head_axis, fixed, prod) -> tuple[_HeadSplit, _Pr
     channels = in_shape[-1]
     unknown = [j for j, d in enumerate(rest) if not isinstance(d, int) or d <= 0]
     if unknown and not isinstance(channels, int):
-        channels = _evaluated_channels(model, reshape.input[0])
+        channels = _last_dim(model, reshape.input[0])
     if len(unknown) == 1 and isinstance(channels, int):
         # e.g. TorchScript's ``x.shape[-1] // num_heads``: one entry computed at run time.
         known = int(np.prod([d for j, d in enumerate(rest) if j != unknown[0]]))
@@ -1200,6 +1215,18 @@ def _head_split(model, reshape, head_axis, fixed, prod) -> tuple[_HeadSplit, _Pr
     columns = picked.reshape(rest[head_pos], -1)
     split = _HeadSplit(reshape.name, lead, [int(d) for d in rest], head_pos)
     return split, _projection(model, reshape.input[0], columns, prod)
+
+
+def _last_dim(model, t) -> int | None:
+    """The size of ``t``'s last axis: inferred, or where inference does not know it (TorchScript's
+    ``chunk`` outputs) evaluated, once per analysis."""
+    dim = _dim_name(model, t, -1)
+    if isinstance(dim, int) and dim > 0:
+        return dim
+    memo = _shapes(model).setdefault("::evaluated last dims", {})
+    if t not in memo:
+        memo[t] = _evaluated_channels(model, t)
+    return memo[t]
 
 
 def _evaluated_channels(model, t) -> int | None:
@@ -1440,8 +1467,8 @@ def _keeps_heads(model, reshape, head_axis: int, heads, same_dims: dict[int, set
         read = isinstance(entry, tuple) and entry[0] == "dim" and (entry[2] == axis and (
             entry[1] == reshape.input[0] or same_dims is not None and entry[1] in same_dims.get(axis, ()))
             or isinstance(dim, str) and dim and _dim_name(model, entry[1], entry[2]) == dim)   # same symbolic dim
-        if not (static or inferred or read):
-            return None
+        if not (static or inferred or read):   # e.g. read from a [B, S, H, D] tensor's dims (Falcon, TorchScript)
+            return _keeps_heads_evaluated(model, reshape, head_axis, heads, prod)
     return kept
 
 
@@ -2501,8 +2528,9 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
         _set_shape_entries(model, nodes[reshape], {_last_entry(model, nodes[reshape]): len(rows)}, tag)
     for node_name, axis in layer.head_reshapes:
         _set_shape_entries(model, nodes[node_name], {axis: len(kept)}, tag)
-    for node_name, axis, role, query_count in layer.head_regroups:
-        count = len(kept) if role == "Q" or query_count else len(kept_kv)
+    for node_name, axis, role, there in layer.head_regroups:
+        # the query heads' count (Q; K/V after their repeat) or the K/V heads' (before it, or broadcast)
+        count = len(kept) if there == layer.heads else len(kept_kv)
         _set_shape_entries(model, nodes[node_name], {axis: count}, tag)
     for node_name, i, axis in layer.score_terms:
         node, gathered = nodes[node_name], f"{nodes[node_name].input[i]}.heads.{tag}"

@@ -112,8 +112,8 @@ CASES = {
     "t5": (["dynamo", "torchscript"], "softmax", {0: [0, 2, 3], 1: [1]}),
     "opt": (["dynamo"], "softmax", {0: [1, 2], 1: [0, 1, 3]}),
     "phi": (["dynamo"], "softmax", {0: [3], 1: [0, 2]}),
-    "gpt_neox": (["dynamo"], "softmax", {0: [0, 3], 1: [1, 2, 3]}),
-    "falcon": (["dynamo"], "softmax", {0: [0, 2, 3], 1: [1]}),   # multi-query: query heads (granularity)
+    "gpt_neox": (["dynamo", "torchscript"], "softmax", {0: [0, 3], 1: [1, 2, 3]}),
+    "falcon": (["dynamo", "torchscript"], "softmax", {0: [0, 2, 3], 1: [1]}),   # multi-query: query heads
     "distilbert": (["torchscript"], "softmax", {0: [0, 1], 1: [2, 3]}),
     "qwen2": (["dynamo"], "softmax", {0: [2, 3], 1: [0, 1]}),
     "mistral": (["dynamo"], "neighborhood", {0: [0, 1], 1: [2, 3]}),
