@@ -438,6 +438,20 @@ def depends_on_data(model: onnx.ModelProto, name: str) -> bool:
     return False
 
 
+def fixed_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    """The value of ``name`` if it is a constant, or computed from constants and input *shapes* only
+    with the same value at two sampled sizes (:func:`evaluate_tensors`): TorchScript's
+    ``1 / sqrt(size(-1))``, a table it leaves as ops on parameters. ``None`` otherwise."""
+    value = constant_value(model, name)
+    if value is not None or not name or depends_on_data(model, name):
+        return value
+    try:
+        values = [np.asarray(run[name]) for run in evaluate_tensors(model, [name])]
+    except Exception:  # noqa: BLE001 - ONNX Runtime's errors subclass Exception only
+        return None
+    return values[0] if values and all(np.array_equal(values[0], v) for v in values[1:]) else None
+
+
 def probe_session(model: onnx.ModelProto):
     """A one-thread CPU ONNX Runtime session for a pass's probe of ``model``, silent on failures:
     a probe that cannot run raises, and the pass turns that into a near-miss (ONNX Runtime would

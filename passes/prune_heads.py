@@ -75,7 +75,7 @@ from attnc.compiler.errors import AttncError
 from attnc.compiler.validate import eval_mode
 from attnc.passes import softmax
 from attnc.passes.core import (collapse_flat_transposes, constant_value, consumers, depends_on_data, evaluate_tensors,
-                               flat_transposes, name_nodes, same_dim,
+                               fixed_value, flat_transposes, name_nodes, same_dim,
                                past_probability_casts, producers, remove_dead_nodes, toposort, value_shapes)
 
 log = logging.getLogger(__name__)
@@ -623,10 +623,10 @@ def _grouping(model, kind, heads: dict[str, int], walks: dict[str, _Walk], prod
 def _fold(model, name) -> np.ndarray:
     """The value of ``name`` computed from constants only, e.g. the agent bias tables that the
     TorchScript exporter leaves as Resize/Reshape/Concat of parameters (dynamo folds them)."""
-    values = [] if depends_on_data(model, name) else [r[name] for r in evaluate_tensors(model, [name])]
-    if not values or any(not np.array_equal(values[0], v) for v in values[1:]):
-        raise _Unrecognised(f"per-head input {name} is computed from the model's inputs")
-    return values[0]
+    value = fixed_value(model, name)
+    if value is None:
+        raise _Unrecognised(f"{name} is computed from the model's inputs")
+    return value
 
 
 @dataclass
@@ -864,11 +864,8 @@ def _regroups_head(model, reshape, head_axis: int, prod) -> str | None:
     dst = shapes.get(reshape.output[0]) or [None] * len(entries)
 
     def kept(a) -> bool:
-        e = entries[a]
-        read = isinstance(e, tuple) and e[0] == "dim" and e[2] == a and (
-            e[1] == reshape.input[0] or isinstance(src[a], str) and _dim_name(model, e[1], e[2]) == src[a])
-        static = isinstance(e, int) and not isinstance(e, bool) and e > 0 and e == src[a]
-        return same_dim(src[a], dst[a]) or (e == 0 and not _attr(reshape, "allowzero", 0)) or read or static
+        return same_dim(src[a], dst[a]) or (entries[a] == 0 and not _attr(reshape, "allowzero", 0)) or \
+            _entry_keeps(model, reshape, entries[a], a, src[a])
 
     # the kept leading axes: up to the heads, then any more (Cohere regroups [B, H, S, D/2, 2] after S)
     k = head_axis + 1
@@ -946,12 +943,7 @@ def _same_walks(node, walks: list[_Walk]) -> _Walk:
 def _shift_used(model, used, starts: str, steps: str, size) -> np.ndarray | None:
     """``used`` positions of a last-axis Slice's output as positions of its input (``+ start``);
     None where the start is not a constant or the step is not 1."""
-    start = constant_value(model, starts)
-    if start is None and used is not None and starts and not depends_on_data(model, starts):
-        try:   # TorchScript's chunk of the head dim: bounds computed from the shape (GPT-NeoX)
-            start = _fold(model, starts)
-        except _Unrecognised:
-            start = None
+    start = fixed_value(model, starts) if used is not None else None   # GPT-NeoX's chunk under TorchScript
     if used is None or start is None or start.size != 1 or (steps and np.any(constant_value(model, steps) != 1)):
         return None
     start = int(start.reshape(-1)[0])
@@ -1460,16 +1452,23 @@ def _keeps_heads(model, reshape, head_axis: int, heads, same_dims: dict[int, set
     else:
         return None
     for axis, (entry, dim) in enumerate(zip(entries, before)):
-        if axis == head_axis:
+        if axis == head_axis or (kept == "written" and entry == -1):
             continue
-        static = isinstance(entry, int) and not isinstance(entry, bool) and entry > 0 and entry == dim
-        inferred = kept == "written" and entry == -1
-        read = isinstance(entry, tuple) and entry[0] == "dim" and (entry[2] == axis and (
-            entry[1] == reshape.input[0] or same_dims is not None and entry[1] in same_dims.get(axis, ()))
-            or isinstance(dim, str) and dim and _dim_name(model, entry[1], entry[2]) == dim)   # same symbolic dim
-        if not (static or inferred or read):   # e.g. read from a [B, S, H, D] tensor's dims (Falcon, TorchScript)
+        if not _entry_keeps(model, reshape, entry, axis, dim, same_dims):
+            # e.g. read from a [B, S, H, D] tensor's dims (Falcon under TorchScript)
             return _keeps_heads_evaluated(model, reshape, head_axis, heads, prod)
     return kept
+
+
+def _entry_keeps(model, reshape, entry, axis: int, dim, same_dims: dict[int, set[str]] | None = None) -> bool:
+    """Whether a Reshape's target ``entry`` (from :func:`_shape_entries`) gives axis ``axis`` the input's
+    size ``dim``: that static size, or read from the input's shape there, from a tensor in
+    ``same_dims[axis]``, or from a dim that inference names like ``dim`` (the model input's ``batch``)."""
+    if isinstance(entry, int) and not isinstance(entry, bool):
+        return entry > 0 and entry == dim
+    return isinstance(entry, tuple) and entry[0] == "dim" and (entry[2] == axis and (
+        entry[1] == reshape.input[0] or same_dims is not None and entry[1] in same_dims.get(axis, ()))
+        or isinstance(dim, str) and bool(dim) and _dim_name(model, entry[1], entry[2]) == dim)
 
 
 def _keeps_heads_evaluated(model, reshape, head_axis: int, heads, prod) -> str | None:

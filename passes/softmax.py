@@ -60,7 +60,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from attnc.passes.core import (Match, NearMiss, PassReport, consumers, constant_value, convert_opset,
-                               default_opset, depends_on_data, evaluate_tensors, named_copy,
+                               default_opset, depends_on_data, evaluate_tensors, fixed_value, named_copy,
                                node_attribute, past_probability_casts, producers, remove_dead_nodes,
                                same_dim, scalar_constant, toposort, value_shapes)
 
@@ -592,16 +592,12 @@ def _fixed_scalar(model, name: str, cache: dict | None) -> float | None:
     """A constant scalar, or one computed from input shapes only that is the same at two sampled sizes
     (TorchScript's ``1 / sqrt(head_dim · factor)`` from ``size(-1)``: DeBERTa); evaluated once per tensor."""
     value = scalar_constant(model, name)
-    if value is not None or cache is None or not name or depends_on_data(model, name):
+    if value is not None or cache is None or not name:
         return value
     key = ("scalar", name)
-    if key not in cache:
-        try:
-            found = {float(np.asarray(r[name]).reshape(-1)[0]) for r in evaluate_tensors(model, [name])
-                     if np.asarray(r[name]).size == 1}
-        except Exception:  # noqa: BLE001 - best effort: an unevaluated scale stays part of Q or K
-            found = set()
-        cache[key] = found.pop() if len(found) == 1 else None
+    if key not in cache:   # an unevaluated scale stays part of Q or K
+        found = fixed_value(model, name)
+        cache[key] = float(found.reshape(-1)[0]) if found is not None and found.size == 1 else None
     return cache[key]
 
 
