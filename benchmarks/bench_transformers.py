@@ -34,6 +34,7 @@ from bench_fusion import machine, time_interleaved  # noqa: E402
 
 from attnc.compiler.backends.onnxruntime import OnnxRuntimeRunner  # noqa: E402
 from attnc.compiler.export import export_onnx  # noqa: E402
+from attnc.models.transformers_zoo import Output  # noqa: E402
 from attnc.passes import fuse_attention  # noqa: E402
 from attnc.passes.prune_heads import prune_heads, score_heads  # noqa: E402
 
@@ -61,18 +62,8 @@ def build(name: str) -> torch.nn.Module:
     raise SystemExit(f"unknown model {name!r}: use {', '.join(MODELS)}")
 
 
-class _Output(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        out = self.model(ids)
-        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
 def bench(name: str, tokens: int, repeats: int, threads: int) -> dict:
-    model = _Output(build(name)).eval()
+    model = Output(build(name)).eval()
     ids = torch.randint(0, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory() as tmp:
         exported = onnx.load(str(export_onnx(model, (ids,), Path(tmp) / "model.onnx", input_names=["ids"])))

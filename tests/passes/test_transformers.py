@@ -28,84 +28,11 @@ import torch
 
 from attnc.compiler.backends.onnxruntime import load
 from attnc.compiler.export import export_onnx
+from attnc.models.transformers_zoo import Output, build, dynamic_axes, example_input
 from attnc.passes import fuse_attention, neighborhood
 from attnc.passes.prune_heads import find_attention_layers, gates_from_keep, head_gates, prune_heads
 
 transformers = pytest.importorskip("transformers")
-
-_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
-              max_position_embeddings=64)
-
-
-def _build(name):
-    t = transformers
-    if name == "t5":
-        return t.T5EncoderModel(t.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=64))
-    if name == "opt":
-        return t.OPTForCausalLM(t.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                                            vocab_size=64, max_position_embeddings=64, word_embed_proj_dim=32))
-    if name == "phi":
-        return t.PhiForCausalLM(t.PhiConfig(**_SMALL))
-    if name == "gpt_neox":
-        return t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**_SMALL))
-    if name == "falcon":
-        return t.FalconForCausalLM(t.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                  vocab_size=64, new_decoder_architecture=False, multi_query=True))
-    if name == "distilbert":
-        return t.DistilBertModel(t.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=64,
-                                                    max_position_embeddings=64))
-    if name == "qwen2":
-        return t.Qwen2ForCausalLM(t.Qwen2Config(**_SMALL, num_key_value_heads=2))
-    if name == "mistral":
-        return t.MistralForCausalLM(t.MistralConfig(**_SMALL, num_key_value_heads=2, sliding_window=4))
-    if name == "clip_text":
-        return t.CLIPTextModel(t.CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                num_attention_heads=4, vocab_size=64, max_position_embeddings=64))
-    if name == "qwen3":
-        return t.Qwen3ForCausalLM(t.Qwen3Config(**_SMALL, num_key_value_heads=2, head_dim=8))
-    if name == "phi3":
-        return t.Phi3ForCausalLM(t.Phi3Config(**_SMALL, pad_token_id=0))
-    if name == "gptj":
-        return t.GPTJForCausalLM(t.GPTJConfig(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64,
-                                              rotary_dim=4))
-    if name == "cohere":
-        return t.CohereForCausalLM(t.CohereConfig(**_SMALL, num_key_value_heads=2))
-    if name == "gemma2":
-        return t.Gemma2ForCausalLM(t.Gemma2Config(**_SMALL, num_key_value_heads=2, head_dim=8))
-    if name == "wav2vec2":
-        return t.Wav2Vec2Model(t.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                intermediate_size=64, conv_dim=(8, 8), conv_stride=(2, 2),
-                                                conv_kernel=(3, 3), num_conv_pos_embeddings=4,
-                                                num_conv_pos_embedding_groups=2))
-    if name == "deberta_v2":
-        return t.DebertaV2Model(t.DebertaV2Config(**_SMALL))
-    if name == "bloom":
-        return t.BloomForCausalLM(t.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=64))
-    if name == "mpt":
-        return t.MptForCausalLM(t.MptConfig(d_model=32, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=64,
-                                            expansion_ratio=2))
-    return t.DeiTModel(t.DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                    image_size=16, patch_size=8), add_pooling_layer=False)
-
-
-def _input(name, batch, tokens, gen=None):
-    """Token ids, a 16×16 image (DeiT) or raw audio giving about ``tokens`` frames (Wav2Vec2)."""
-    if name == "deit":
-        return torch.randn(batch, 3, 16, 16, generator=gen)
-    if name == "wav2vec2":
-        return torch.randn(batch, 4 * tokens + 3, generator=gen)
-    return torch.randint(0, 64, (batch, tokens), generator=gen)
-
-
-class _Output(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        out = self.model(x)
-        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
 
 # name -> exporters, fused family, heads to keep per layer
 CASES = {
@@ -134,20 +61,12 @@ CASES = {
 @pytest.mark.parametrize("name,exporter", [(n, e) for n, (exporters, _, _) in CASES.items() for e in exporters])
 def test_fuses_and_prunes(name, exporter, tmp_path):
     _, family, keep = CASES[name]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        hf = _build(name).eval()
-        for p in hf.parameters():   # trained-looking: no zero biases or ones shared by the exporters
-            p.data.add_(0.02 * torch.randn_like(p))
-    model = _Output(hf).eval()
-    image = name == "deit"
-    example = _input(name, 2, 9)
+    model = Output(build(name)).eval()   # trained-looking weights: no zero biases or ones the exporters share
     path = tmp_path / f"{name}.onnx"
-    export_onnx(model, (example,), path, exporter=exporter, input_names=["x"],
-                dynamic_axes={"x": {0: "batch"}} if image else {"x": {0: "batch", 1: "seq"}})
+    export_onnx(model, (example_input(name, 2, 9),), path, exporter=exporter, input_names=["x"],
+                dynamic_axes=dynamic_axes(name))
     onnx_model = onnx.load(str(path))
-    gen = torch.Generator().manual_seed(1)
-    x = _input(name, 3, 11, gen)
+    x = example_input(name, 3, 11, torch.Generator().manual_seed(1))
 
     fused, reports = fuse_attention(onnx_model)
     assert {r.family: r.rewritten for r in reports if r.rewritten} == {family: 2}
@@ -178,7 +97,7 @@ def test_a_mask_onnx_runtime_cannot_evaluate_is_a_near_miss(tmp_path):
     hf = transformers.FalconForCausalLM(transformers.FalconConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64, alibi=True,
         new_decoder_architecture=False, multi_query=False)).eval()
-    path = export_onnx(_Output(hf).eval(), (torch.randint(0, 64, (2, 9)),), tmp_path / "falcon.onnx",
+    path = export_onnx(Output(hf).eval(), (torch.randint(0, 64, (2, 9)),), tmp_path / "falcon.onnx",
                        input_names=["x"], dynamic_axes={"x": {0: "batch", 1: "seq"}})
     model = onnx.load(str(path))
     misses = neighborhood.find(model).near_misses
