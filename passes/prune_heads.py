@@ -783,9 +783,7 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
                 and (idx := constant_value(model, node.input[1])) is not None and idx.ndim == 1 and idx.size \
                 and np.all(np.diff(idx) == 1):
             # x[:, :, [-2]] on the heads axis (Falcon's K and V under TorchScript): a range of the heads
-            first, count = int(idx[0]), int(idx.size)
-            heads_range = _heads_range(node, _dim_name(model, node.input[0], head_axis), first,
-                                       first + count if first + count < 0 else None)
+            heads_range = _indexed_heads(node, _dim_name(model, node.input[0], head_axis), idx)
             t = node.input[0]
         elif op == "Gather":
             idx = constant_value(model, node.input[1])
@@ -803,9 +801,7 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
             if idx is None or _attr(node, "batch_dims", 0) or idx.ndim != 2 or idx.shape[1] != 1 \
                     or np.any(np.diff(idx[:, 0]) != 1):
                 raise _Unrecognised(f"{node.name}: GatherND on the Q/K/V path is not a range of the heads")
-            first, count = int(idx[0, 0]), int(idx.shape[0])
-            heads_range = _heads_range(node, _dim_name(model, node.input[0], 0), first,
-                                       first + count if first + count < 0 else None)
+            heads_range = _indexed_heads(node, _dim_name(model, node.input[0], 0), idx[:, 0])
             t = node.input[0]
         elif op == "Split":
             a = _attr(node, "axis", 0)
@@ -897,6 +893,12 @@ def _heads_range(node, n, start: int, end: int | None) -> tuple[int, int]:
     if stop <= first:
         raise _Unrecognised(f"{node.name}: empty {node.op_type} of the heads axis")
     return first, stop - first
+
+
+def _indexed_heads(node, n, index: np.ndarray) -> tuple[int, int]:
+    """:func:`_heads_range` of the consecutive indices ``index`` of a heads axis of size ``n``."""
+    first, count = int(index[0]), int(index.size)
+    return _heads_range(node, n, first, first + count if first + count < 0 else None)
 
 
 def _restrict_heads(walk: _Walk) -> None:
@@ -1211,30 +1213,24 @@ def _head_split(model, reshape, head_axis, fixed, prod) -> tuple[_HeadSplit, _Pr
 
 def _last_dim(model, t) -> int | None:
     """The size of ``t``'s last axis: inferred, or where inference does not know it (TorchScript's
-    ``chunk`` outputs) evaluated, once per analysis."""
+    ``chunk`` outputs) evaluated at two input sizes, once per analysis; None if that varies or fails."""
     dim = _dim_name(model, t, -1)
     if isinstance(dim, int) and dim > 0:
         return dim
     memo = _shapes(model).setdefault("::evaluated last dims", {})
     if t not in memo:
-        memo[t] = _evaluated_channels(model, t)
+        try:
+            widths = {run[t].shape[-1] for run in evaluate_tensors(model, [t])}
+        except Exception:  # noqa: BLE001 - ONNX Runtime's errors subclass Exception only
+            widths = set()
+        memo[t] = int(widths.pop()) if len(widths) == 1 else None   # None: it varies, or fails
     return memo[t]
-
-
-def _evaluated_channels(model, t) -> int | None:
-    """The last dim of ``t`` where inference leaves it unknown (TorchScript's ``chunk`` of a fused QKV
-    projection), from evaluating the graph at two input sizes; ``None`` if it varies or fails."""
-    try:
-        widths = {run[t].shape[-1] for run in evaluate_tensors(model, [t])}
-    except Exception:  # noqa: BLE001 - ONNX Runtime's errors subclass Exception only
-        return None
-    return int(widths.pop()) if len(widths) == 1 else None
 
 
 def _projection(model, t, columns, prod) -> _Projection:
     """Walk ``[.., C]`` back over ``Add(bias)``, a scalar ``Mul``/``Div``, channel ``Split`` and Reshapes of the token axes to
     ``MatMul(x, W)`` or ``Gemm(x, W[, bias])`` (GPT-2's ``Conv1D``: ``addmm`` on flattened tokens)."""
-    bias_node = bias = split = None
+    bias_node = bias = split = bounds = None
     offset = 0
     reshapes: list[str] = []
     for _ in range(8):
@@ -1257,11 +1253,12 @@ def _projection(model, t, columns, prod) -> _Projection:
             weight, transposed, gemm_bias = gemm
             if gemm_bias is not None:
                 bias_node, bias = node.name, gemm_bias
-            offset = _slice_offset(model, split, offset, columns,
-                                   constant_value(model, weight).shape[0 if transposed else 1])
+            if bounds is not None:
+                offset = _slice_offset(split[0], bounds, columns,
+                                       constant_value(model, weight).shape[0 if transposed else 1])
             return _Projection(node.name, weight, bias_node, bias, split, columns + offset, transposed, tuple(reshapes))
         if node.op_type == "Slice" and split is None:
-            _channel_slice(model, node)   # its start is resolved against the projection's width
+            bounds = _channel_slice(model, node)   # resolved against the projection's width there
             split = (node.name, -1)
             t = node.input[0]
         elif node.op_type == "Split" and split is None:
@@ -1282,7 +1279,8 @@ def _projection(model, t, columns, prod) -> _Projection:
             w = constant_value(model, node.input[1])
             if w is None or w.ndim != 2:
                 break
-            offset = _slice_offset(model, split, offset, columns, w.shape[1])
+            if bounds is not None:
+                offset = _slice_offset(split[0], bounds, columns, w.shape[1])
             return _Projection(node.name, node.input[1], bias_node, bias, split, columns + offset,
                                reshapes=tuple(reshapes))
         else:
@@ -1293,12 +1291,11 @@ def _projection(model, t, columns, prod) -> _Projection:
 def _channel_slice(model, node) -> tuple[int, int | None]:
     """``(start, end)`` of a ``Slice`` taking one role's channels from a fused projection's last axis
     (``qkv(x).chunk(3, -1)`` exported by TorchScript: bounds computed from the projection's shape,
-    which fold to constants here). ``end`` may exceed the width (an open slice): see :func:`_check_slice`."""
+    which fold to constants here). ``end`` may exceed the width (an open slice): see :func:`_slice_offset`."""
     if len(node.input) < 3:
         raise _Unrecognised(f"{node.name}: an opset < 10 Slice (bounds as attributes) before the head split")
     bounds = [node.input[i] if i < len(node.input) and node.input[i] else None for i in range(1, 5)]
-    bounds = [None if b is None else constant_value(model, b) if constant_value(model, b) is not None
-              else _fold(model, b) for b in bounds]
+    bounds = [None if b is None else _fold(model, b) for b in bounds]
     starts, ends, axes, steps = (None if b is None else np.atleast_1d(np.asarray(b)).astype(np.int64).tolist()
                                  for b in bounds)
     rank = len(_shapes(model).get(node.input[0]) or [])
@@ -1309,16 +1306,12 @@ def _channel_slice(model, node) -> tuple[int, int | None]:
     return starts[0], ends[0]
 
 
-def _slice_offset(model, split, offset: int, columns: np.ndarray, width: int) -> int:
-    """``offset``, or for a channel Slice (``split = (node, -1)``) its start in the projection's ``width``
-    channels, after checking that it takes exactly the channels of the heads that follow it."""
-    if split is None or split[1] != -1:
-        return offset
-    node = next(n for n in model.graph.node if n.name == split[0])
-    start, end = _channel_slice(model, node)
-    start, end = (min(max(b + width if b < 0 else b, 0), width) for b in (start, end))
+def _slice_offset(name: str, bounds: tuple[int, int], columns: np.ndarray, width: int) -> int:
+    """The start of channel Slice ``name`` (``bounds`` from :func:`_channel_slice`) in the projection's
+    ``width`` channels, after checking that it takes exactly the channels of the heads that follow it."""
+    start, end = (min(max(b + width if b < 0 else b, 0), width) for b in bounds)
     if end - start != columns.size or columns.max() >= columns.size:
-        raise _Unrecognised(f"{node.name}: the Slice [{start}, {end}) of the projection's {width} channels is not "
+        raise _Unrecognised(f"{name}: the Slice [{start}, {end}) of the projection's {width} channels is not "
                             f"the {columns.size} channels of the heads that follow it")
     return start
 

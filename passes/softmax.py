@@ -299,8 +299,8 @@ def _match(model, softmax, pv, merge, prod, cons, shapes, allow_softcap: bool = 
             if not allow_softcap:
                 raise _Miss(f"Mul {node.name}: soft-capped scores (cap · tanh(s / cap)); TensorRT's attention "
                             "layer has no soft-capping, so they stay as they are for this backend")
-            softcap, x = cap
-            nodes.extend(n.name for n in _softcap_nodes(node, prod))
+            softcap, x, capping = cap
+            nodes.extend(n.name for n in capping)
             continue
         if op in ("Mul", "Div"):
             c = [scalar_constant(model, i) for i in node.input]
@@ -397,9 +397,9 @@ def _match(model, softmax, pv, merge, prod, cons, shapes, allow_softcap: bool = 
     return cand
 
 
-def _softcap(model, mul, prod, cons) -> tuple[float, str] | None:
-    """``(cap, x)`` when ``mul`` is ``cap · Tanh(x / cap)`` (``x · (1/cap)`` too), each step read only by the
-    next: Gemma 2's logit soft-capping, ONNX ``Attention``'s ``softcap``."""
+def _softcap(model, mul, prod, cons) -> tuple[float, str, list] | None:
+    """``(cap, x, [Mul, Tanh, Div])`` when ``mul`` is ``cap · Tanh(x / cap)`` (``x · (1/cap)`` too), each
+    step read only by the next: Gemma 2's logit soft-capping, ONNX ``Attention``'s ``softcap``."""
     found = _softcap_nodes(mul, prod)
     if found is None or any(len(cons.get(n.output[0], [])) != 1 for n in found[1:]):
         return None
@@ -415,7 +415,7 @@ def _softcap(model, mul, prod, cons) -> tuple[float, str] | None:
         return None
     if cap is None or cap <= 0 or not np.isclose(divisor, cap, rtol=1e-6):
         return None
-    return float(cap), x
+    return float(cap), x, found
 
 
 def _softcap_nodes(mul, prod) -> list | None:
