@@ -24,6 +24,12 @@ Matches, anchored at each ``Softmax`` over the last axis (or its spelled-out for
 - ``Kᵀ`` is any ``Transpose`` that swaps the last two axes of K (a permute straight from
   ``[B, N, H, D]`` to ``[B, H, D, N]`` included: a new Transpose with the composed perm
   feeds ``Attention``);
+- attention sinks (gpt-oss): a learned logit per head joined to every row of the scores,
+  ``softmax([scores, sink])[..., :-1]``, become one more key: K and V get a row of zeros (a zero key
+  scores 0 at any scale) and the mask a column holding the sinks, spelled out to
+  ``[B, H, S_q, S_kv + 1]`` (never ``is_causal``, whose key range would drop that column); the
+  sink values are proven constant over batch and queries, per head;
+- a max subtracted before the softmax (over its axis, or all axes) is dropped: it changes nothing;
 - Q/K/V of rank 4 ``[B, H, S, D]`` or rank 3 ``[B·H, S, D]`` (emitted with
   ``q_num_heads = kv_num_heads = 1``);
 - ``Cast``/``Identity`` between Softmax and the P·V MatMul (HF's
@@ -99,6 +105,7 @@ class _Candidate:
     terms: list[_Term] = field(default_factory=list)
     is_causal: bool = False
     softcap: float = 0.0             # cap · tanh(scores / cap) before the masks (Gemma 2); 0 = none
+    sink: np.ndarray | None = None   # attention sinks (gpt-oss): a logit per head, [1, H, 1, 1], joins each row
     expand_mask: bool = False        # the mask broadcasts over the query or key axis: spell it out
     # flattened heads (BLOOM: ``baddbmm`` on [B·H, S, D]): the scores' split to [B, H, S_q, S_kv]
     heads_shape: str | None = None   # that Reshape's shape input (its first two entries are B, H)
@@ -216,8 +223,13 @@ def _candidates(model: onnx.ModelProto, report: PassReport, cache: dict | None =
         if probs is None:
             continue
         probs, passed = past_probability_casts(model, probs, cons)
-        merge = None
+        merge, sink_drop = None, None
         users = cons.get(probs, [])
+        if len(users) == 1 and _drops_last_key(model, users[0], shapes):
+            sink_drop = users[0]   # softmax over [scores, sink], the sink's column dropped (gpt-oss)
+            probs, more = past_probability_casts(model, sink_drop.output[0], cons)
+            passed += [sink_drop.name] + more
+            users = cons.get(probs, [])
         if len(users) > 1 and _only_shape_readers_of_merge(model, probs, prod, cons):
             users = [u for u in users if u.op_type != "Shape"]   # TorchScript reads P's shape for the merge
         if len(users) == 1 and users[0].op_type == "Reshape" and users[0].input[0] == probs:
@@ -229,7 +241,7 @@ def _candidates(model: onnx.ModelProto, report: PassReport, cache: dict | None =
         if len(mm) != 1 or len(users) != 1:
             continue  # a softmax that does not feed exactly one P·V is not attention
         try:
-            cand = _match(model, node, mm[0], merge, prod, cons, shapes, softcap, cache)
+            cand = _match(model, node, mm[0], merge, prod, cons, shapes, softcap, cache, sink_drop is not None)
         except _Miss as miss:
             report.near_misses.append(NearMiss(FAMILY, node.name, str(miss)))
             continue
@@ -238,8 +250,22 @@ def _candidates(model: onnx.ModelProto, report: PassReport, cache: dict | None =
             found.append(cand)
     found = _prove_heads_splits(model, found, report, cache)
     for cand in found:
-        _detect_causal(model, cand, cache)
+        if cand.sink is None:   # (a causal key range would drop the sink's key, which comes last)
+            _detect_causal(model, cand, cache)
     return found
+
+
+def _drops_last_key(model, node, shapes) -> bool:
+    """``node`` is ``Slice(P, 0, -1)`` on the last axis: the sink's column dropped from the probabilities."""
+    if node.op_type != "Slice" or len(node.input) < 4:
+        return False
+    bounds = [constant_value(model, i) if i else None for i in node.input[1:5]]
+    if any(b is None for b in bounds[:3]) or (len(bounds) > 3 and bounds[3] is not None
+                                              and np.any(np.asarray(bounds[3]) != 1)):
+        return False
+    starts, ends, axes = (np.atleast_1d(b).tolist() for b in bounds[:3])
+    rank = len(shapes.get(node.input[0]) or [])
+    return starts == [0] and ends == [-1] and (axes == [-1] or (rank > 0 and axes == [rank - 1]))
 
 
 def _softmax_output(model, node, prod, shapes) -> str | None:
@@ -264,24 +290,37 @@ def _last(shapes, name):
     return ([rank - 1],) if rank else ()
 
 
-def _softmax_input(model, node, prod) -> tuple[str, list[str]]:
+def _softmax_input(model, node, prod, shapes) -> tuple[str, list[str]]:
     if node.op_type == "Softmax":
-        return node.input[0], [node.name]
-    exp = prod[node.input[0]]
-    den = prod[node.input[1]]
-    x, names = exp.input[0], [node.name, exp.name, den.name]
-    sub = prod.get(x)  # the max-subtraction does not change softmax
+        x, names = node.input[0], [node.name]
+    else:
+        exp, den = prod[node.input[0]], prod[node.input[1]]
+        x, names = exp.input[0], [node.name, exp.name, den.name]
+    sub = prod.get(x)  # subtracting a max over the softmax axis (or over all axes) does not change softmax
     if sub is not None and sub.op_type == "Sub":
         mx = prod.get(sub.input[1])
-        if mx is not None and mx.op_type == "ReduceMax" and mx.input[0] == sub.input[0]:
+        if mx is not None and mx.op_type == "ReduceMax" and mx.input[0] == sub.input[0] \
+                and node_attribute(mx, "keepdims", 1) and _reduces_last(model, mx, shapes):
             return sub.input[0], names + [sub.name, mx.name]
     return x, names
 
 
+def _reduces_last(model, node, shapes) -> bool:
+    axes = _reduce_axes(model, node)
+    if axes is None:   # no axes: all of them (unless noop_with_empty_axes)
+        return not node_attribute(node, "noop_with_empty_axes", 0)
+    rank = len(shapes.get(node.input[0]) or [])
+    return -1 in axes or (rank > 0 and rank - 1 in axes)
+
+
 def _match(model, softmax, pv, merge, prod, cons, shapes, allow_softcap: bool = True,
-           cache: dict | None = None) -> _Candidate:
-    x, nodes = _softmax_input(model, softmax, prod)
+           cache: dict | None = None, sink: bool = False) -> _Candidate:
+    x, nodes = _softmax_input(model, softmax, prod, shapes)
     scale, terms, split, softcap = 1.0, [], None, 0.0
+    if sink:
+        sink, x = _sink(model, x, prod, shapes, nodes)
+    else:
+        sink = None
     while True:
         node = prod.get(x)
         if node is None:
@@ -384,8 +423,10 @@ def _match(model, softmax, pv, merge, prod, cons, shapes, allow_softcap: bool = 
         k_src, k_perm = kt, swap
     if k_perm == list(range(rank)):
         k_perm = None
+    if sink is not None and (rank != 4 or split is not None or softcap):
+        raise _Miss("attention sinks on scores of rank 3, flattened heads or soft-capped scores")
     cand = _Candidate(softmax.name, nodes, q, k_src, k_perm, pv.input[1], pv.output[0], rank, scale, terms,
-                      softcap=softcap)
+                      softcap=softcap, sink=sink)
     if split is not None:
         cand.rank, cand.heads_shape = 4, split.input[1]
         cand.allowzero = node_attribute(split, "allowzero", 0)
@@ -395,6 +436,28 @@ def _match(model, softmax, pv, merge, prod, cons, shapes, allow_softcap: bool = 
         cand.expand_mask = not any(_covers_scores(shapes.get(t.tensor), shapes.get(qk.output[0])) for t in terms)
     cand.nodes.append(pv.name)
     return cand
+
+
+def _sink(model, x, prod, shapes, nodes) -> tuple[np.ndarray, str]:
+    """``x = Concat([scores, sink], -1)``: the sink logits as ``[1, H, 1, 1]`` (or ``[1, 1, 1, 1]``) and the
+    scores. The sink column must be a constant (or computed from shapes only) that varies with the heads
+    axis alone: a per-head parameter expanded over batch and queries, or a static export's folded copy."""
+    concat = prod.get(x)
+    if concat is None or concat.op_type != "Concat" or len(concat.input) != 2 \
+            or node_attribute(concat, "axis", 0) not in (-1, len(shapes.get(x) or []) - 1):
+        raise _Miss("the softmax's last key column is dropped, but its row is not [scores, sink]")
+    sink = concat.input[1]
+    expand = prod.get(sink)
+    value = fixed_value(model, expand.input[0] if expand is not None and expand.op_type == "Expand" else sink)
+    if value is None or value.ndim > 4 or value.shape[-1:] != (1,):
+        raise _Miss(f"Concat {concat.name}: the column joined to the scores is not a constant sink per head "
+                    f"({'computed from the inputs' if value is None else f'shape {list(value.shape)}'})")
+    value = value.reshape((1,) * (4 - value.ndim) + value.shape)
+    reduced = value[:1, :, :1, :]
+    if not np.array_equal(np.broadcast_to(reduced, value.shape), value):
+        raise _Miss(f"Concat {concat.name}: the sink column varies over the batch or the queries")
+    nodes.append(concat.name)
+    return reduced, concat.input[0]
 
 
 def _softcap(model, mul, prod, cons) -> tuple[float, str, list] | None:
@@ -698,7 +761,10 @@ def _rewrite(model: onnx.ModelProto, cand: _Candidate) -> None:
         return split(term.tensor, tag)
 
     mask = _emit_mask(cand, add, const, placed)
-    if mask is not None and cand.expand_mask:
+    if cand.sink is not None:
+        sink = const("sink", cand.sink, cand.sink.dtype)
+        k, v, mask = _sink_key(sink, q, k, v, mask, add, const)
+    elif mask is not None and cand.expand_mask:
         # [*mask lead, S_q, S_kv]: the mask's leading dims, Q's and K's sequence lengths
         parts = [add("Shape", [source], part, start=start, end=end)
                  for part, source, start, end in (("lead", mask, 0, -2), ("rows", q, -2, -1), ("cols", k, -2, -1))]
@@ -740,6 +806,30 @@ def _rewrite(model: onnx.ModelProto, cand: _Candidate) -> None:
     g.node.extend(new)
 
 
+def _sink_key(sink: str, q: str, k: str, v: str, mask: str | None, add, const) -> tuple[str, str, str]:
+    """Attention sinks as one more key: K and V get a row of zeros, the mask a column holding each head's
+    sink logit. A zero key scores 0 whatever the scale, so that column's score is exactly the sink, and
+    its zero value adds nothing: ``softmax([scores, sink])[..., :-1] · V``, as exported. The mask (a
+    float one: ``_emit_mask`` does not hand out a bool mask here) is spelled out to ``[B, H, S_q, S_kv]``."""
+    one = const("one", [1])
+
+    def zero_row(t, tag):
+        shape = add("Concat", [add("Shape", [t], f"{tag}_lead", end=-2), one,
+                               add("Shape", [t], f"{tag}_width", start=-1)], f"{tag}_zero_shape", axis=0)
+        zeros = add("CastLike", [add("ConstantOfShape", [shape], f"{tag}_zeros_f32"), t], f"{tag}_zeros")
+        return add("Concat", [t, zeros], f"{tag}_sink", axis=-2)
+
+    rows = add("Shape", [q], "sink_rows", end=-1)   # [B, H, S_q]
+    scores = add("Concat", [rows, add("Shape", [k], "sink_keys", start=-2, end=-1)], "scores_shape", axis=0)
+    if mask is None:
+        mask = add("CastLike", [add("ConstantOfShape", [scores], "mask_f32"), q], "mask_zeros")
+    else:
+        mask = add("Expand", [mask, scores], "mask_full")
+    column = add("Expand", [add("CastLike", [sink, mask], "sink_cast"),
+                            add("Concat", [rows, one], "sink_shape", axis=0)], "sink_column")
+    return zero_row(k, "k"), zero_row(v, "v"), add("Concat", [mask, column], "mask_sink", axis=-1)
+
+
 def _emit_mask(cand: _Candidate, add, const, placed) -> str | None:
     """One ``attn_mask`` for all of the candidate's terms (None without any).
 
@@ -751,7 +841,7 @@ def _emit_mask(cand: _Candidate, add, const, placed) -> str | None:
     terms = cand.terms
     if not terms:
         return None
-    if len(terms) == 1 and (terms[0].keep or terms[0].factor == 1.0):
+    if len(terms) == 1 and (terms[0].keep or terms[0].factor == 1.0) and not (cand.sink is not None and terms[0].keep):
         term = terms[0]
         value = placed(term, "term0")
         return add("Not", [value], "keep") if term.inverted else value
@@ -778,4 +868,6 @@ def _to_match(cand: _Candidate) -> Match:
     attributes = {"scale": cand.scale, "is_causal": int(cand.is_causal)}
     if cand.softcap:
         attributes["softcap"] = cand.softcap
+    if cand.sink is not None:
+        attributes["sinks"] = cand.sink.flatten().tolist()
     return Match(FAMILY, OP_TYPE, cand.nodes, inputs, [cand.out], attributes)

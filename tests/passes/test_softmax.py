@@ -239,6 +239,65 @@ def test_soft_capped_scores(exporter, tmp_path):
     assert report.rewritten == 0 and any("inside the soft-capping" in m.reason for m in report.near_misses)
 
 
+class _SinkAttention(MultiHeadSelfAttention):
+    """Attention sinks as gpt-oss writes them: a learned logit per head joins every row of the (masked)
+    scores, the softmax runs over both (its max subtracted first), and the sink's column is dropped."""
+
+    def __init__(self, *a, mask="none", **kw):
+        super().__init__(*a, **kw)
+        self.mask = mask
+        self.sinks = nn.Parameter(1.5 + torch.randn(self.in_proj.num_heads))   # large: the sink takes much of each row
+
+    def forward(self, x):
+        q, k, v = self.in_proj(x)
+        s = (q @ k.transpose(-2, -1)) * self.scale
+        i = torch.arange(x.shape[1])
+        if self.mask == "causal":
+            s = s + torch.full((x.shape[1],) * 2, float("-inf")).triu(1)
+        elif self.mask == "band":   # a bool window, both sides: neighborhood-like, but sinks keep it softmax
+            s = s.masked_fill((i[:, None] - i[None, :]).abs() > 2, float("-inf"))
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(x.shape[0], -1, x.shape[1], -1)
+        logits = torch.cat([s, sinks], dim=-1)
+        probs = (logits - logits.max(dim=-1, keepdim=True).values).softmax(-1)[..., :-1]
+        return self.proj((probs @ v).transpose(1, 2).reshape(x.shape))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("mask", ["none", "causal", "band"])
+def test_attention_sinks(exporter, mask, tmp_path):
+    """Sinks become a zero key and value with the sink logit in the mask's extra column: one
+    ``Attention``, on several shapes against torch (a band mask is not taken for neighborhood attention,
+    which has no sinks; it is exported static, where the expanded sinks are folded to a constant)."""
+    torch.manual_seed(11)
+    module = _SinkAttention(32, 4, mask=mask)
+    dynamic = mask != "band"
+    model = _export(module, torch.randn(2, 7, 32), tmp_path, exporter, dynamic=dynamic)
+    fused, reports = fuse_attention(model)
+    assert {r.family: r.rewritten for r in reports if r.rewritten} == {"softmax": 1}
+    attributes = next(r for r in reports if r.family == "softmax").matches[0].attributes
+    assert attributes["is_causal"] == 0
+    np.testing.assert_allclose(attributes["sinks"], module.sinks.detach().numpy(), rtol=1e-6)
+    _check(module, model, fused, next(r for r in reports if r.family == "softmax"), 1,
+           [(2, 7, 32), (3, 5, 32), (1, 12, 32)] if dynamic else [(2, 7, 32)], rtol=1e-5, atol=2e-6,
+           fewer_nodes=False)
+
+
+def test_gpt_oss_attention_sinks(tmp_path):
+    """transformers' gpt-oss (sinks, a sliding-window layer and a full one, grouped-query attention)."""
+    pytest.importorskip("transformers")
+    from attnc.models.transformers_zoo import Output, build, dynamic_axes, example_input
+
+    model = Output(build("gpt_oss")).eval()
+    path = export_onnx(model, (example_input("gpt_oss", 2, 9),), tmp_path / "gpt_oss.onnx", input_names=["x"],
+                       dynamic_axes=dynamic_axes("gpt_oss"))
+    fused, reports = fuse_attention(onnx.load(str(path)))
+    assert {r.family: r.rewritten for r in reports if r.rewritten} == {"softmax": 2}
+    x = example_input("gpt_oss", 3, 11, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        np.testing.assert_allclose(load(fused).infer({"x": x.numpy()})["output"], model(x).numpy(),
+                                   rtol=1e-4, atol=1e-5)
+
+
 class _GroupedSoftmax(nn.Module):
     """Flat [B·H, S, S] scores reshaped to rank 4 for a softmax over halves of each row: a rank
     3 -> 4 Reshape that is not a heads split, so not attention ``Attention`` can compute."""
