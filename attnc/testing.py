@@ -6,6 +6,8 @@ code; tests compare against independent references, never against these helpers.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,3 +83,23 @@ def assert_spec_fusion_preserves_outputs(spec, module, model: onnx.ModelProto, f
         np.testing.assert_allclose(got, before.infer(feeds)["output"], rtol=1e-5, atol=1e-5)
         with torch.no_grad():
             np.testing.assert_allclose(got, module(*fresh).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def rtx_plugin_env(directory: Path) -> dict[str, str] | None:
+    """The environment of a subprocess whose TensorRT-RTX parser can add Python plugin layers:
+    ``libtensorrt_rtx.so`` linked to the wheel's ``.so.1`` in ``directory``, put on LD_LIBRARY_PATH
+    (docs/tensorrt.md). None unless TensorRT-RTX is the TensorRT that imports."""
+    from attnc.compiler.backends import tensorrt
+    from attnc.compiler.errors import AttncError
+
+    try:
+        _, flavour = tensorrt.import_tensorrt()
+    except AttncError:
+        return None
+    if flavour != "tensorrt_rtx":
+        return None
+    shim = Path(directory) / "lib"
+    shim.mkdir(exist_ok=True)
+    libs = Path(importlib.util.find_spec("tensorrt_rtx_libs").origin).parent
+    (shim / "libtensorrt_rtx.so").symlink_to(libs / "libtensorrt_rtx.so.1")
+    return {**os.environ, "LD_LIBRARY_PATH": f"{shim}:{os.environ.get('LD_LIBRARY_PATH', '')}"}

@@ -26,6 +26,7 @@ import copy
 import ctypes
 import importlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -42,6 +43,8 @@ from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import atomic_path
 from attnc.passes.core import subgraph_inputs
 from attnc.plugins.chunked import chunks_only
+
+log = logging.getLogger(__name__)
 
 NAME = "tensorrt"
 ARTEFACT = "engine.plan"
@@ -232,6 +235,9 @@ def builtin_importer_collisions(op_types: Iterable[str], supports=None) -> list[
 _FLOAT_TYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 
 
+INFINITY_STAND_IN = 1e30   # |x| at or above this is "infinity" (mask fills): ±inf in fp16 silently
+
+
 def convert_float_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
     """Retype every float32 tensor of ``model`` (in place) to fp16/bf16 for a strongly typed build.
 
@@ -240,6 +246,8 @@ def convert_float_precision(model: onnx.ModelProto, precision: str) -> onnx.Mode
     fused op's contract keeps float32 (linear attention's decay and recurrent state, in and
     out) stays float32, with the elementwise arithmetic that leads to it from the graph's
     inputs (:func:`float32_tensors`: a gated state ``g ⊙ S`` keeps S float32 and casts g up).
+    Values beyond fp16's range become ±inf: silently for infinity stand-ins (``|x| ≥ 1e30``, a mask's
+    fill), with a warning naming the tensor for any other.
     """
     target = _FLOAT_TYPES[precision]
     if target == TensorProto.FLOAT:
@@ -251,7 +259,14 @@ def convert_float_precision(model: onnx.ModelProto, precision: str) -> onnx.Mode
             return
         array = numpy_helper.to_array(tensor).astype(np.float32)
         np_type = onnx.helper.tensor_dtype_to_np_dtype(target)
-        tensor.CopyFrom(numpy_helper.from_array(array.astype(np_type), tensor.name))
+        with np.errstate(over="ignore"):   # a mask's fill (≤ -1e30, float32's min) becomes -inf, as meant
+            converted = array.astype(np_type)
+        lost = np.isinf(converted.astype(np.float32)) & np.isfinite(array) & (np.abs(array) < INFINITY_STAND_IN)
+        if lost.any():
+            log.warning("%s: %d value(s) beyond %s's range become ±inf (largest |x| %.3g); keep this tensor "
+                        "float32 or build in another precision", tensor.name or "a constant", int(lost.sum()),
+                        precision, float(np.abs(array[lost]).max()))
+        tensor.CopyFrom(numpy_helper.from_array(converted, tensor.name))
 
     def convert_nodes(nodes) -> None:
         for node in nodes:

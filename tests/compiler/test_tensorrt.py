@@ -6,7 +6,6 @@ running an engine needs a GPU, which these tests only check is refused cleanly.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +23,7 @@ from attnc import DOMAIN, plugins as fused_ops
 from attnc.compiler.backends import tensorrt as trt_backend
 from attnc.compiler.backends import tensorrt_plugins as tp
 from attnc.compiler.errors import AttncError
+from attnc.testing import rtx_plugin_env
 
 
 def _trt_or_skip():
@@ -307,6 +307,26 @@ def test_precision_is_written_into_the_onnx_types(precision, elem):
     assert out.graph.node[1].attribute[0].t.data_type == elem
     onnx.checker.check_model(out, full_check=True)
     np.testing.assert_allclose(onnx.numpy_helper.to_array(out.graph.initializer[0]).astype(np.float32), [1.5, -2.0])
+
+
+def test_fp16_conversion_warns_of_finite_values_it_turns_into_infinity(caplog):
+    """A mask's fill (float32's min) becomes -inf in fp16 without a word; a finite value beyond fp16's
+    range is named in a warning."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])
+    fill = onnx.numpy_helper.from_array(np.array([0.0, np.finfo(np.float32).min, -1e30], np.float32), "fill")
+    big = onnx.numpy_helper.from_array(np.array([1.0, 7e4, -2e5], np.float32), "big")
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Add", ["x", "fill"], ["t"]), helper.make_node("Mul", ["t", "big"], ["y"])], "g", [x], [y],
+        [fill, big]), opset_imports=[helper.make_opsetid("", 23)])
+    with caplog.at_level("WARNING", logger="attnc.compiler.backends.tensorrt"):
+        out = trt_backend.convert_float_precision(model, "fp16")
+    values = {t.name: onnx.numpy_helper.to_array(t).astype(np.float32) for t in out.graph.initializer}
+    np.testing.assert_array_equal(values["fill"], [0.0, -np.inf, -np.inf])
+    np.testing.assert_array_equal(values["big"], [1.0, np.inf, -np.inf])
+    assert [r.getMessage() for r in caplog.records] == [
+        "big: 2 value(s) beyond fp16's range become ±inf (largest |x| 2e+05); keep this tensor float32 or build "
+        "in another precision"]
 
 
 def test_dtype_mapping():
@@ -919,6 +939,36 @@ def test_soft_capped_attention_stays_unfused_for_tensorrt(tmp_path):
 
 
 @pytest.mark.tensorrt
+def test_attention_sinks_build(tmp_path):
+    """gpt-oss-style sinks reach TensorRT's attention layer as one more (zero) key whose mask column holds
+    the sink logits: the layer takes the ``[B, H, S_q, S_kv + 1]`` float mask and the engine builds."""
+    _trt_or_skip()
+    import torch
+
+    from attnc.compiler.export import export_onnx
+    from attnc.compiler.pipeline import CompileOptions, compile_model
+
+    class Sinks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = torch.nn.Linear(32, 96), torch.nn.Linear(32, 32)
+            self.sinks = torch.nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+            s = q @ k.transpose(-1, -2) / 8 ** 0.5 + torch.full((n, n), float("-inf")).triu(1)
+            s = torch.cat([s, self.sinks.reshape(1, -1, 1, 1).expand(b, -1, n, -1)], dim=-1)
+            return self.proj((s.softmax(-1)[..., :-1] @ v).transpose(1, 2).reshape(b, n, c))
+
+    torch.manual_seed(0)
+    path = export_onnx(Sinks().eval(), [torch.randn(2, 9, 32)], tmp_path / "sinks.onnx", input_names=["x"])
+    manifest = compile_model(path, tmp_path / "trt", CompileOptions(backend="tensorrt", families=["softmax"]))
+    assert manifest["passes"][0]["rewritten"] == 1 and manifest["ops_after"].get("Attention") == 1
+    assert (tmp_path / "trt" / "engine.plan").stat().st_size > 0
+
+
+@pytest.mark.tensorrt
 def test_transformers_bert_with_padding_mask_builds(tmp_path):
     """transformers' BertModel with its default SDPA attention and a padding-mask input, exported by
     dynamo with dynamic batch and length -> two ``Attention`` layers reading the padding mask -> a
@@ -1418,14 +1468,11 @@ def _rtx_plugin_env(tmp_path) -> dict:
     """The environment of a subprocess whose TensorRT-RTX parser can add Python plugin layers:
     ``libtensorrt_rtx.so`` linked to the wheel's ``.so.1`` on LD_LIBRARY_PATH (docs/tensorrt.md);
     skips unless TensorRT-RTX is what imports."""
-    _, flavour = _trt_or_skip()
-    if flavour != "tensorrt_rtx":
+    _trt_or_skip()
+    env = rtx_plugin_env(tmp_path)
+    if env is None:
         pytest.skip("TensorRT-RTX specific")
-    libs = Path(importlib.util.find_spec("tensorrt_rtx_libs").origin).parent
-    shim = tmp_path / "lib"
-    shim.mkdir()
-    (shim / "libtensorrt_rtx.so").symlink_to(libs / "libtensorrt_rtx.so.1")
-    return {**os.environ, "LD_LIBRARY_PATH": f"{shim}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    return env
 
 
 @pytest.mark.tensorrt

@@ -13,7 +13,6 @@ engine build with TensorRT-RTX where it is installed, and ``examples/decode_ligh
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -31,6 +30,7 @@ from attnc.compiler.backends.onnxruntime import load
 from attnc.compiler.cli import cli
 from attnc.compiler.export import export_onnx
 from attnc.compiler.pipeline import CompileOptions, compile_model
+from attnc.testing import rtx_plugin_env
 from attnc.models.registry import get_spec
 
 PREFILL, DECODE = "lm-lightning-prefill-small", "lm-lightning-decode-small"
@@ -212,16 +212,10 @@ def test_decode_engine_builds_with_the_plugin(compiled, tmp_path):
     from attnc.compiler.errors import AttncError
 
     try:
-        _, flavour = trt_backend.import_tensorrt()
+        trt_backend.import_tensorrt()
     except AttncError as exc:
         pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc.problem}")
-    env = dict(os.environ)
-    if flavour == "tensorrt_rtx":  # the Python plugins' library link, as in tests/compiler/test_tensorrt.py
-        libs = Path(importlib.util.find_spec("tensorrt_rtx_libs").origin).parent
-        shim = tmp_path / "lib"
-        shim.mkdir()
-        (shim / "libtensorrt_rtx.so").symlink_to(libs / "libtensorrt_rtx.so.1")
-        env["LD_LIBRARY_PATH"] = f"{shim}:{env.get('LD_LIBRARY_PATH', '')}"
+    env = rtx_plugin_env(tmp_path) or dict(os.environ)   # the Python plugins' library link, for TensorRT-RTX
     out = tmp_path / "engine"
     run = subprocess.run([sys.executable, "-c", _RTX_BUILD, str(compiled["dynamo"]["decode"]), str(out)],
                          env=env, capture_output=True, text=True, timeout=300)
