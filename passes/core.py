@@ -417,6 +417,29 @@ def past_probability_casts(model: onnx.ModelProto, probs: str, cons: Mapping[str
         probs = guard[1].output[0]
 
 
+def past_max_shift(model: onnx.ModelProto, t: str, prod: Mapping[str, onnx.NodeProto], rank: int | None
+                   ) -> tuple[str, list[str]]:
+    """``(x, [Sub, ReduceMax])`` where ``t = x - ReduceMax(x, keepdims)`` over the last axis (``rank``: x's,
+    when known) or over all axes: a shift of each row, which a softmax over the last axis does not see
+    (gpt-oss writes it against overflow); else ``(t, [])``."""
+    sub = prod.get(t)
+    mx = prod.get(sub.input[1]) if sub is not None and sub.op_type == "Sub" else None
+    if mx is None or mx.op_type != "ReduceMax" or mx.input[0] != sub.input[0] or not node_attribute(mx, "keepdims", 1):
+        return t, []
+    if len(mx.input) > 1 and mx.input[1]:
+        axes = constant_value(model, mx.input[1])
+        axes = None if axes is None else [int(a) for a in np.atleast_1d(axes)]
+        if axes is None:
+            return t, []   # computed axes
+    else:
+        axes = node_attribute(mx, "axes", None)
+    if axes is None or len(axes) == 0:   # all of them, unless noop_with_empty_axes
+        last = not node_attribute(mx, "noop_with_empty_axes", 0)
+    else:
+        last = -1 in axes or (rank is not None and rank - 1 in axes)
+    return (sub.input[0], [sub.name, mx.name]) if last else (t, [])
+
+
 def depends_on_data(model: onnx.ModelProto, name: str) -> bool:
     """Whether ``name`` reads a graph input's *values* (not only its shape)."""
     produced = producers(model)

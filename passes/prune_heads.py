@@ -3,13 +3,24 @@
 Finds every attention layer in an exported graph, whatever its core looks like:
 
 - the decomposed form ``MatMul(Q, Kᵀ) [·s] [+mask] -> Softmax -> MatMul(P, V)`` (both exporters);
+- the same with attention sinks (gpt-oss): ``softmax(concat([scores, sink], -1) [- max])[..., :-1] · V``, the
+  probabilities' last column dropped by a ``Slice`` before P·V, the scores reached through the sink ``Concat``
+  (and the subtraction of the row's ``ReduceMax``); the sink logits are a per-head constant sliced with the
+  heads (the ``[1, H, 1, 1]`` parameter an ``Expand`` broadcasts over batch and queries, its target's heads entry
+  checked to be 1, or a static export's folded column), so the pruned graph still fuses (``passes/softmax.py``);
 - an ONNX ``Attention`` node with 4-D ``[B, H, S, D]`` inputs (what ``passes/softmax.py`` emits);
 - a fused ``attnc::*`` node (heads-first ``[B, H, ..., D]`` Q/K/V and output, see ``plugins/``);
 - agent attention unfused: two softmax cores chained through the agent tokens, as
-  ``passes.agent`` matches them, taken as one layer.
+  ``passes.agent`` matches them, taken as one layer;
+- lightning attention's blockwise loop (MiniMax's prefill, unrolled by the export at a static length),
+  which has no core of its own: where the graph has its intra-block term ``((q·kᵀ) ⊙ M)·v``,
+  ``passes.linear`` fuses the graph's linear attention first (in :func:`find_attention_layers` and
+  :func:`prune_heads`, so the pipeline's prune-before-fuse order finds it; the pruned graph holds the
+  fused ``attnc::KernelLinearAttention``, its per-head decay sliced).
 
 From the core, Q, K and V are walked back to their projection (``MatMul`` by a constant
-weight ``[C_in, C_out]``, optional bias ``Add``, optional channel ``Split``) through the
+weight ``[C_in, C_out]``, optional bias ``Add``, optional channel ``Split``, elementwise activations of
+all its channels: MiniMax's SiLU on ``qkv_proj``, exported as ``x·Sigmoid(x)``) through the
 data-movement ops exporters emit for the head split (``Reshape`` to ``[.., (3,) H, D]``,
 ``Transpose``, ``Slice``/``Gather``/``Split``/``Squeeze`` of the q/k/v slot, scalar ``Mul``/``Div``)
 and the ops that act within each head: rotary embeddings ``q·cos + rotate_half(q)·sin`` (``Neg``,
@@ -18,23 +29,41 @@ constant over the heads axis — checked in the shapes, or by evaluating a table
 shapes only). Where several inputs carry the data, each is walked and all must reach the same
 head split. Tracking the head axis through that chain gives, for every head, the projection
 columns it owns, whatever the layout (fused ``qkv`` as ``[3, H, D]``, separate q/k/v, heads-outer
-``[H, 3, D]``). The output is walked forward (``Transpose``, ``Reshape`` to ``[.., H·D]``) to the
-output projection, whose input rows per head follow the same way (through Slice/Concat on the
-token axis and the Add of a term computed from V).
+``[H, 3, D]``). The head split may also drop unit axes (GPT-BigCode's query: ``[B, 1, S, C] -> [B, S,
+H, D]``, the channel dims being the trailing target dims that multiply to ``C``), or be an
+``Unsqueeze`` that makes a heads axis of one (GPT-BigCode's multi-query K/V, cut from
+``c_attn(x).unsqueeze(1)`` beside the query). A normalisation across the heads between the
+projection and the head split (OLMo2's ``q_norm`` / ``k_norm`` over all ``H·D`` channels) is refused
+with that reason: every kept head's values depend on the pruned ones. So is a ``ScatterND`` (an in-place
+write ``x[..., a:b] = y``), saying when what it writes is shared by all the heads (DeepSeek-V3's multi-head
+latent attention writes its rotary key, one per token, into every head's K: no per-head projection columns). The output is walked forward
+(``Transpose``, ``Reshape`` to ``[.., H·D]``) to the output projection, whose input rows per head
+follow the same way (through Slice/Concat on the token axis and the Add of a term computed from V).
 
-Grouped-query attention (K/V with ``H_kv = H / g`` heads) is found from the repeat of the K/V
-heads in front of the core (``Reshape(Expand|Tile(Unsqueeze))`` next to the heads axis:
-``repeat_kv``, ``repeat_interleave``), an ONNX ``Attention`` with fewer K/V heads, or one K/V head
-broadcast by the score ``MatMul``. Heads are indexed per query head; what goes is chosen by a
-``granularity``: ``"group"`` (default) prunes whole groups (a K/V head with its ``g`` query heads;
-a group scores the sum of its heads' scores), ``"query"`` keeps every K/V head and drops the same
-``r`` query heads from each group (``g -> g' = g - r``; the r-th heads to go are each group's
-r-th lowest, scored as one unit of ``H_kv`` heads), the only way to prune a multi-query layer.
-The repeat's constant head counts are rewritten; entries computed from the K/V shape are checked
-to follow it, and where the group size itself changes the Expand/Tile group entry becomes ``g'``
-and the merge Reshape's head entry the constant ``H'`` (unless it is ``-1``). A tiled repeat
-(query head ``h`` reads ``h % H_kv``) keeps that mapping by reordering the kept query heads
-slot-major in the Q projection columns and output-projection rows.
+Between the merged heads and the output projection, ops that act on each channel on its own are
+followed and sliced with the heads: a constant ``[C]`` weight (a norm's), a gate computed elementwise
+from a constant projection of another tensor (its columns go; MiniMax's lightning attention is
+``out_proj(norm(o) · sigmoid(output_gate(x)))``), and an RMSNorm across all the channels (decomposed:
+``ReduceMean`` of the square, ``+ eps``, ``Sqrt``, divide; or ONNX ``RMSNormalization``). Semantics: a
+pruned head's output is zero where the heads are merged, in front of the norm, and the norm keeps
+dividing by the original channel count ``C``: its ``ReduceMean``, now over the ``C'`` kept channels, is
+multiplied by ``C'/C``; an ``RMSNormalization`` reads its input times ``√(C'/C)`` with its scale divided by
+that. The torch reference is the norm's input with those heads zeroed, which :func:`head_gates` does
+for modules with such a ``norm``. A LayerNorm (or any other statistic) across the merged heads is refused.
+
+Grouped-query attention (K/V with ``H_kv = H / g`` heads) is found from the repeat of the K/V heads
+in front of the core (``Reshape(Expand|Tile(Unsqueeze))`` next to the heads axis: ``repeat_kv``,
+``repeat_interleave``), an ONNX ``Attention`` with fewer K/V heads, or one K/V head broadcast by
+the score ``MatMul`` (or made by an ``Unsqueeze``: GPT-BigCode). Heads are indexed per query head;
+what goes is chosen by a ``granularity``: ``"group"`` (default) prunes whole groups (a K/V head
+with its ``g`` query heads; a group scores the sum of its heads' scores), ``"query"`` keeps every
+K/V head and drops the same ``r`` query heads from each group (``g -> g' = g - r``; the r-th heads
+to go are each group's r-th lowest, scored as one unit of ``H_kv`` heads), the only way to prune a
+multi-query layer. The repeat's constant head counts are rewritten; entries computed from the K/V
+shape are checked to follow it, and where the group size itself changes the Expand/Tile group entry
+becomes ``g'`` and the merge Reshape's head entry the constant ``H'`` (unless it is ``-1``). A
+tiled repeat (query head ``h`` reads ``h % H_kv``) keeps that mapping by reordering the kept query
+heads slot-major in the Q projection columns and output-projection rows.
 
 Agent attention keeps heads on channel axes outside the core too: its agent tokens are Q's
 grid average-pooled per channel, and a depthwise conv of V's grid is added to the merged
@@ -47,7 +76,9 @@ them computed from parameters).
 which keeps every layout valid with ``H`` replaced by ``H'``, and rewrites the head-count
 entry of each head-split ``Reshape`` (and the ``H·D`` entry of the merge ``Reshape``). Shape
 tensors shared between layers are never edited in place: each rewritten ``Reshape`` gets
-its own shape (``Concat(original[:lead], constants)`` when the leading dims are dynamic).
+its own shape (``Concat(original[:lead], constants)`` when the leading dims are dynamic). What it adds is
+named after the layer with a prefix no name in the graph holds yet (``pruned``, then ``pruned2_``, ...), so a
+pruned model can be pruned again.
 
 :func:`score_heads` ranks heads: ``"activation"`` (ONNX route, any exported model): the
 norm of each head's contribution through the output projection, ``‖O_h · W_o[h]‖``, from the
@@ -73,9 +104,9 @@ from onnx import helper, numpy_helper
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.validate import eval_mode
-from attnc.passes import softmax
+from attnc.passes import linear, softmax
 from attnc.passes.core import (collapse_flat_transposes, constant_value, consumers, depends_on_data, evaluate_tensors,
-                               fixed_value, flat_transposes, name_nodes, same_dim,
+                               fixed_value, flat_transposes, name_nodes, same_dim, past_max_shift,
                                past_probability_casts, producers, remove_dead_nodes, toposort, value_shapes)
 
 log = logging.getLogger(__name__)
@@ -90,6 +121,9 @@ _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Pow")
 # Unary ops on the Q/K/V path (each element on its own: within its head), e.g. a per-head RMSNorm's
 # rsqrt (Qwen3's q_norm / k_norm), and reductions over the head dim that keep it (that norm's mean).
 _UNARY = ("Cast", "Identity", "Neg", "Sqrt", "Reciprocal", "Abs", "Exp", "Log", "Tanh", "Sigmoid", "Erf", "Relu")
+# Elementwise ops of one input (activations): a projection's channels pass them one by one (MiniMax's SiLU).
+_ACTIVATIONS = ("Relu", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "LeakyRelu", "Softplus", "Softsign", "HardSigmoid",
+                "HardSwish", "Mish", "Swish", "Erf", "Cast", "Identity")
 _HEAD_DIM_REDUCTIONS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2", "ReduceSumSquare")
 # Per-head constant inputs of fused attnc nodes: input index -> heads axis (see plugins/*).
 # Negative axes count from the end: agent biases broadcast to [B, H, n, M], so a folded
@@ -146,6 +180,18 @@ class _Depthwise:
     node: str
     channel_heads: np.ndarray   # [C]: the head each channel belongs to
     positions: int | None       # output positions per channel (FLOPs), when static
+
+
+@dataclass
+class _ChannelOps:
+    """What acts on each merged channel ``[.., H·Dv]`` between the core and the output projection besides
+    moving it (MiniMax's lightning attention: ``out_proj(norm(o) · sigmoid(output_gate(x)))``)."""
+
+    # (ReduceMean of an RMSNorm's mean square or an ONNX RMSNormalization, its float type): across all the heads
+    norms: list[tuple[str, np.dtype]] = field(default_factory=list)
+    weights: list[tuple[str, int]] = field(default_factory=list)  # (Mul / Div, input): a constant [.., C]
+    gates: list[_Projection] = field(default_factory=list)  # projections of other tensors multiplied in;
+                                                            # columns [1, C]: the column of each channel
 
 
 @dataclass
@@ -213,6 +259,7 @@ class AttentionLayer:
     # Reshapes regrouping the axes inside each head on a role's path that write the head count out:
     # (node, heads axis, role, the head count there: H or H_kv, see _Walk.regroups).
     head_regroups: list[tuple[str, int, str, int]] = field(default_factory=list, repr=False)
+    channel_ops: _ChannelOps = field(default_factory=_ChannelOps, repr=False)
 
     @property
     def kv_heads(self) -> int:
@@ -226,7 +273,8 @@ class AttentionLayer:
         return [[int(h) for h in np.flatnonzero(self.kv_of_head == j)] for j in range(self.kv_heads)]
 
     def params(self, model: onnx.ModelProto) -> int:
-        """Weights + biases of the projections, depthwise convs and per-head constants of this layer."""
+        """Weights + biases of the projections, depthwise convs, per-head constants and per-channel ops
+        (gate projections, norm weights) of this layer."""
         names = set()
         for _, proj in self.roles.values():
             names.update(n for n in (proj.weight, proj.bias) if n)
@@ -234,6 +282,11 @@ class AttentionLayer:
         node_by_name = {n.name: n for n in model.graph.node}
         for conv in self.depthwise:
             names.update(node_by_name[conv.node].input[1:3])
+        ops = self.channel_ops
+        names.update(n for gate in ops.gates for n in (gate.weight, gate.bias) if n)
+        names.update(node_by_name[node].input[i] for node, i in ops.weights)
+        names.update(node_by_name[node].input[1] for node, _ in ops.norms
+                     if node_by_name[node].op_type == "RMSNormalization")
         total = sum(int(np.prod(constant_value(model, n).shape)) for n in names if n)
         for node, i, _ in self.per_head_constants:
             total += int(self._per_head_value(model, node_by_name[node].input[i]).size)
@@ -244,7 +297,8 @@ class AttentionLayer:
         return constant_value(model, name) if value is None else value
 
     def flops(self, model: onnx.ModelProto, heads: int | None = None, tokens: int | None = None) -> int | None:
-        """Multiply-adds ×2 of projections and core at ``heads`` heads (default: all).
+        """Multiply-adds ×2 of projections (gate projections of the merged heads too) and core at ``heads``
+        heads (default: all).
 
         The core is ``N·M`` scores per head, or for agent attention its two stages through
         ``n`` agents (``n·M + N·n`` scores) plus the depthwise conv of V.
@@ -257,6 +311,7 @@ class AttentionLayer:
         h_kv = h * self.kv_heads // self.heads  # whole K/V groups go with their query heads
         projections = sum(proj.matrix(model).shape[0] * proj.columns.shape[1] * (h if role == "Q" else h_kv)
                           for role, (_, proj) in self.roles.items())
+        projections += sum(gate.matrix(model).shape[0] for gate in self.channel_ops.gates) * h * self.value_dim
         c_out = self.out_proj.matrix(model).shape[1]
         scores = n * m
         if self.core in _AGENT_CORES:
@@ -324,6 +379,7 @@ def find_attention_layers(model: onnx.ModelProto) -> list[AttentionLayer]:
 
 def attention_cores(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, str, str, str]]:
     """``(core node, Q, K, V, output)`` of every attention core in graph order (no head analysis)."""
+    _SHAPES_CACHE.clear()   # (a sink's Slice is read with the shapes of this model)
     prod, cons = producers(model), consumers(model)
     return [(node, *core[1:]) for node in model.graph.node if (core := _core(model, node, prod, cons)) is not None]
 
@@ -387,21 +443,45 @@ def _agent_parts(model, match, q, prod) -> _AgentParts:
 def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model``, or a copy with every node named, the SDPA decomposition's Kᵀ as one Transpose
     (``passes.core.collapse_flat_transposes``; names of the tensors on Q/K/V paths stay valid) and
-    attention on flattened heads fused (:func:`_split_flattened_heads`)."""
-    if all(n.name for n in model.graph.node) and not flat_transposes(model) and not softmax.has_flattened_heads(model):
+    attention without a core pruning can read fused (:func:`_fused_for_pruning`)."""
+    if all(n.name for n in model.graph.node) and not flat_transposes(model) \
+            and not softmax.has_flattened_heads(model) and not _has_lightning_blocks(model):
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     name_nodes(copy)
     collapse_flat_transposes(copy)
-    return _split_flattened_heads(copy)
+    return _fused_for_pruning(copy)
 
 
-def _split_flattened_heads(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with softmax attention computed on ``[B·H, S, D]`` (BLOOM's ``baddbmm``) fused into ONNX
-    ``Attention``, whose 4-D inputs hold the heads apart (the flat form mixes them into the batch axis);
-    the tensors the layers are scored by (each merge and output projection) keep their names."""
+def _fused_for_pruning(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the attention that has no core pruning can read fused: softmax attention computed on
+    ``[B·H, S, D]`` (BLOOM's ``baddbmm``) into ONNX ``Attention``, whose 4-D inputs hold the heads apart (the
+    flat form mixes them into the batch axis), and, where the graph has lightning attention's blocks
+    (:func:`_has_lightning_blocks`), linear attention into ``attnc::KernelLinearAttention`` (``passes.linear``:
+    MiniMax's blockwise loop, unrolled by the export, is no layer otherwise). The tensors the layers are
+    scored by (each merge and output projection) keep their names."""
+    if _has_lightning_blocks(model):
+        model = linear.apply(model)[0]
     return softmax.apply(model, flattened_heads_only=True)[0]
+
+
+def _has_lightning_blocks(model: onnx.ModelProto) -> bool:
+    """Whether some ``MatMul`` of two computed tensors is multiplied by something and the product multiplied
+    by a computed tensor: the intra-block term ``((q·kᵀ) ⊙ M)·v`` of lightning attention (cheap, unproven:
+    ``passes.linear`` proves each match; a gated MLP's products meet constant weights)."""
+    prod = producers(model)
+
+    def computed(x) -> bool:
+        return (node := prod.get(x)) is not None and node.op_type not in ("Constant", "Identity")
+
+    for node in model.graph.node:
+        mul = prod.get(node.input[0]) if node.op_type == "MatMul" and computed(node.input[1]) else None
+        if mul is not None and mul.op_type == "Mul" and any(
+                (x := prod.get(i)) is not None and x.op_type == "MatMul" and all(map(computed, x.input))
+                for i in mul.input):
+            return True
+    return False
 
 
 def _core(model, node, prod, cons):
@@ -413,13 +493,63 @@ def _core(model, node, prod, cons):
     if node.op_type != "Softmax":
         return None
     probs, _ = past_probability_casts(model, node.output[0], cons)
+    if (sink_drop := _sink_drop(model, probs, cons)) is not None:
+        probs, _ = past_probability_casts(model, sink_drop.output[0], cons)
     pv = [c for c in cons.get(probs, []) if c.op_type == "MatMul" and c.input[0] == probs]
     if len(pv) != 1:
         return None
-    scores = _walk_scores(node.input[0], prod)
+    scores = _walk_scores(_scores_input(model, node, prod, cons), prod)
     if scores is None:
         return None
     return "softmax", scores.input[0], scores.input[1], pv[0].input[1], pv[0].output[0]
+
+
+def _sink_drop(model, probs, cons) -> onnx.NodeProto | None:
+    """The ``Slice(P, 0, -1)`` on the last axis that is the only reader of the probabilities ``probs``: the
+    sink's column dropped before P·V (attention sinks, gpt-oss), else ``None``."""
+    users = cons.get(probs, [])
+    if len(users) != 1 or users[0].op_type != "Slice":
+        return None
+    return users[0] if softmax._drops_last_key(model, users[0], _shapes(model)) else None
+
+
+def _sink_concat(model, node, prod, cons) -> onnx.NodeProto | None:
+    """For a Softmax ``node`` whose last probability column is dropped (:func:`_sink_drop`): the
+    ``Concat([scores, sink], -1)`` it normalises, past the max subtraction ``x - ReduceMax(x, -1)`` (gpt-oss's
+    guard against overflow; a softmax does not change with a shift of its row); else ``None``."""
+    if _sink_drop(model, past_probability_casts(model, node.output[0], cons)[0], cons) is None:
+        return None
+    x, _ = past_max_shift(model, node.input[0], prod, len(_shapes(model).get(node.input[0]) or []) or None)
+    concat = prod.get(x)
+    rank = len(_shapes(model).get(x) or [])
+    if concat is None or concat.op_type != "Concat" or len(concat.input) != 2 \
+            or _attr(concat, "axis") not in (-1, rank - 1):
+        return None
+    return concat
+
+
+def _sink_input(model, node, prod, cons) -> tuple[onnx.NodeProto, int] | None:
+    """``(node, input)`` holding the sink logits of a Softmax ``node`` with attention sinks, sliced with the
+    heads on axis -3: the ``[1, H, 1, 1]`` parameter an ``Expand`` broadcasts over batch and queries (its target's
+    heads entry must be 1, as ``expand(B, -1, S, -1)`` exports), or the joined column itself (a static export's
+    folded copy); ``None`` without sinks."""
+    concat = _sink_concat(model, node, prod, cons)
+    if concat is None:
+        return None
+    expand = prod.get(concat.input[1])
+    if expand is None or expand.op_type != "Expand":
+        return concat, 1
+    entries = _shape_entries(model, expand.input[1], prod)
+    if entries is None or len(entries) < 3 or entries[-3] != 1:
+        raise _Unrecognised(f"{expand.name}: the sinks are expanded to {entries}, whose heads entry is not 1 (pruning "
+                            "slices the sinks, not the shape they are expanded to)")
+    return expand, 0
+
+
+def _scores_input(model, node, prod, cons) -> str:
+    """Where a Softmax ``node``'s scores path starts: its input, or the scores joined to the sinks."""
+    concat = _sink_concat(model, node, prod, cons)
+    return node.input[0] if concat is None else concat.input[0]
 
 
 def _walk_scores(t, prod):
@@ -455,7 +585,7 @@ def _scores_path(t, prod) -> tuple[onnx.NodeProto, list[tuple[onnx.NodeProto, st
     return None
 
 
-def _score_terms(model, kind, node, prod, heads: int) -> list[tuple[str, int, int]]:
+def _score_terms(model, kind, node, prod, cons, heads: int) -> list[tuple[str, int, int]]:
     """``(node, input, -3)`` of each operand added to (or masking, scaling) the ``[B, H, S_q, S_kv]``
     scores that has ``heads`` entries on the heads axis: pruning gathers the kept heads from it.
 
@@ -464,7 +594,7 @@ def _score_terms(model, kind, node, prod, heads: int) -> list[tuple[str, int, in
     Where inference leaves the size unknown the operand is evaluated at two input sizes.
     """
     if kind == "softmax":
-        found = _scores_path(node.input[0], prod)
+        found = _scores_path(_scores_input(model, node, prod, cons), prod)
         operands = [(n, i) for n, path in (found[1] if found else []) for i, x in enumerate(n.input)
                     if x and x != path]
     elif kind == "Attention" and len(node.input) > 3 and node.input[3]:
@@ -520,8 +650,8 @@ def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
             if head_axis == 1 and _rank(model, tensor) == 4:
                 for axis in axes:
                     same_dims[axis].add(tensor)
-    merge, out_proj, merged, added, head_reshapes, kept_reshapes = _trace_output(model, out, h, vd, prod, cons,
-                                                                                 same_dims)
+    merge, out_proj, merged, added, head_reshapes, kept_reshapes, channel_ops = _trace_output(
+        model, out, h, vd, prod, cons, same_dims)
     if out_proj.columns.shape != (h, vd):
         raise _Unrecognised(f"output projection rows {out_proj.columns.shape} do not match {h} heads x {vd}")
     if kind == "attnc::AgentAttention":
@@ -550,6 +680,8 @@ def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
                  if kind.startswith("attnc::") and i < len(node.input) and node.input[i]]
     node_by_name = {n.name: n for n in model.graph.node}
     constants += [(node_by_name[name], i, -3) for name, i in (agent.biases if agent else [])]
+    if kind == "softmax" and (sink := _sink_input(model, node, prod, cons)) is not None:
+        constants.append((*sink, -3))
     for owner, i, axis in constants:
         t = owner.input[i]
         value = constant_value(model, t)
@@ -589,8 +721,8 @@ def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
     key_tokens = v_shape[2] if len(v_shape) == 4 and isinstance(v_shape[2], int) else None
     return AttentionLayer(index, node.name, kind, h, qd, vd, tokens, key_tokens, roles, merge, out_proj, per_head,
                           merged, agents, reshapes, depthwise, folded, kv_of_head=kv_of_head, repeats=repeats,
-                          score_terms=_score_terms(model, kind, node, prod, h), head_reshapes=head_reshapes,
-                          kept_reshapes=kept_reshapes, heads_ranges=ranges,
+                          score_terms=_score_terms(model, kind, node, prod, cons, h), head_reshapes=head_reshapes,
+                          kept_reshapes=kept_reshapes, heads_ranges=ranges, channel_ops=channel_ops,
                           head_regroups=list(dict.fromkeys((node_name, axis, role, count)
                                                            for role, walk in walks.items()
                                                            for node_name, axis, count in walk.regroups)))
@@ -672,7 +804,9 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
     """
     fixed = dict(fixed or {})
     path = {} if path is None else path
-    budget = [48] if budget is None else budget
+    # nodes walked over all branches: TorchScript's eager Qwen3 takes ~60 (its q_norm, both rotary terms, the
+    # repeat of the K/V heads, each op spelled out)
+    budget = [96] if budget is None else budget
     repeat = None
     regroups: list[tuple[str, int, int]] = []
     heads_range = None   # (first, count) within the current tensor's heads axis
@@ -790,6 +924,10 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
             if idx is None or idx.ndim != 0:
                 raise _Unrecognised(f"{node.name}: Gather on the Q/K/V path is not a constant scalar index")
             a = _attr(node, "axis", 0)
+            if a < 0:
+                if rank is None:
+                    raise _Unrecognised(f"{node.name}: negative Gather axis on the Q/K/V path, rank unknown")
+                a %= rank + 1   # the scalar index drops the axis: the input has one more
             shift = lambda x: x + 1 if x >= a else x  # noqa: E731
             head_axis = shift(head_axis)
             fixed = {shift(x): i for x, i in fixed.items()}
@@ -804,8 +942,10 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
             heads_range = _indexed_heads(node, _dim_name(model, node.input[0], 0), idx[:, 0])
             t = node.input[0]
         elif op == "Split":
-            a = _attr(node, "axis", 0)
-            if within_head and a % rank == last:
+            if rank is None:
+                raise _Unrecognised(f"{node.name}: Split on the Q/K/V path, rank unknown")
+            a = _attr(node, "axis", 0) % rank   # (ModernBERT's unbind(dim=-3) under TorchScript)
+            if within_head and a == last:
                 sizes = _split_sizes(model, node)   # halves of the head dim (rotate_half written with chunk)
                 j = list(node.output).index(t)
                 used = resolve(used, t)
@@ -818,6 +958,15 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
                 raise _Unrecognised(f"{node.name}: Split on the Q/K/V path is not a per-slot split")
             fixed[a] = fixed.get(a, 0) + int(sum(sizes[:j]))
             t = node.input[0]
+        elif op == "Unsqueeze" and rank is not None and not fixed and head_axis < rank - 1 and \
+                [a % rank for a in _axes(model, node, 1)] == [head_axis]:
+            # the heads axis made here: one head owning the input's channels (GPT-BigCode's multi-query
+            # K/V, cut from c_attn(x).unsqueeze(1) by a Split of the channels, walked as `used`)
+            if used is None:
+                raise _Unrecognised(f"{node.name}: which channels of the one head it makes reach the core is not known")
+            split = _HeadSplit(node.name, head_axis, [1, _channel_count(model, node)], 0)
+            proj = _projection(model, node.input[0], np.arange(split.rest[1])[None, :], prod)
+            return done(_Walk(split, proj, None, path, None if isinstance(used, str) else used))
         elif op == "Unsqueeze" and rank is not None and all(
                 a % rank > head_axis for a in _axes(model, node, 1)) and all(a < head_axis for a in fixed):
             used = None   # a new axis inside the head (GPT-J's interleaved rotary stacks its two halves)
@@ -839,9 +988,38 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
             if repeat is not None:
                 raise _Unrecognised(f"{node.name}: the heads are repeated twice on the way to the core")
             repeat, t = found
+        elif op == "ScatterND":
+            raise _Unrecognised(_scatter_reason(model, node, prod))
         else:
             raise _Unrecognised(f"{node.name}: {op} on the Q/K/V path")
     raise _Unrecognised(f"{t}: Q/K/V path too long")
+
+
+def _scatter_reason(model, node, prod) -> str:
+    """Why a ``ScatterND`` on the Q/K/V path is refused: a write into part of the tensor (``x[..., a:b] = y``),
+    which the walk does not follow (it follows a ``Concat`` of the parts on the head dim); where the part written
+    is a tensor expanded over a unit axis, that it is shared by all the heads."""
+    reason = (f"{node.name}: ScatterND on the Q/K/V path (an in-place write into part of the tensor, "
+              "x[..., a:b] = y, which pruning does not follow")
+    t = node.input[2]
+    for _ in range(6):
+        src = prod.get(t)
+        if src is None or src.op_type not in ("Transpose", "Reshape", "Expand", "Cast", "Identity"):
+            break
+        if src.op_type == "Expand" and 1 in (_shapes(model).get(src.input[0]) or [])[1:-1]:
+            return reason + ("; what it writes is expanded over a unit axis: a part shared by all the heads, which "
+                             "no per-head projection columns hold, e.g. DeepSeek-V3's rotary key in its multi-head "
+                             "latent attention; prune such a model in PyTorch)")
+        t = src.input[0]
+    return reason + ")"
+
+
+def _channel_count(model, unsqueeze) -> int:
+    """The static channel count (last axis) of the input of an Unsqueeze that makes a single-head axis."""
+    channels = _last_dim(model, unsqueeze.input[0])
+    if channels is None:
+        raise _Unrecognised(f"{unsqueeze.name}: the channel count of the single head it makes is not known")
+    return channels
 
 
 def _regroups_head(model, reshape, head_axis: int, prod) -> str | None:
@@ -1177,12 +1355,14 @@ def _head_split(model, reshape, head_axis, fixed, prod) -> tuple[_HeadSplit, _Pr
     if shape_out is None or not in_shape:
         raise _Unrecognised(f"{reshape.name}: head-split Reshape shape is not known")
     lead = len(in_shape) - 1
+    channels = in_shape[-1]
     if head_axis < lead:
+        lead = _channel_lead(model, reshape, shape_out, channels, head_axis, prod)
+    if lead is None:
         # e.g. SDPA with enable_gqa as the dynamo exporter decomposes it: [B·H, S, D] -> [B, H, S, D]
         raise _Unrecognised(f"{reshape.name}: Reshape {in_shape} -> {shape_out} takes the heads from a leading "
                             "axis, not from the projection's channels")
     rest = list(shape_out[lead:])
-    channels = in_shape[-1]
     unknown = [j for j, d in enumerate(rest) if not isinstance(d, int) or d <= 0]
     if unknown and not isinstance(channels, int):
         channels = _last_dim(model, reshape.input[0])
@@ -1209,6 +1389,36 @@ def _head_split(model, reshape, head_axis, fixed, prod) -> tuple[_HeadSplit, _Pr
     columns = picked.reshape(rest[head_pos], -1)
     split = _HeadSplit(reshape.name, lead, [int(d) for d in rest], head_pos)
     return split, _projection(model, reshape.input[0], columns, prod)
+
+
+def _channel_lead(model, reshape, target: list, channels, head_axis: int, prod) -> int | None:
+    """Where the channel dims start in a head-split Reshape's ``target`` whose leading dims differ from
+    its input's (GPT-BigCode's query drops a unit axis: ``[B, 1, S, C] -> [B, S, H, D]``), else None.
+
+    That is the last start up to the heads axis whose trailing dims multiply to the input's static
+    ``channels``: read as static sizes (row-major, they are then exactly the channel axis), or with one
+    entry left to the Reshape (-1: TorchScript) where the leading entries are the input's leading dims
+    without its unit axes (read from shapes that inference names alike)."""
+    if not isinstance(channels, int) or channels <= 0:
+        return None
+    src = [d for d in (_shapes(model).get(reshape.input[0]) or [])[:-1] if d != 1]
+    entries = _shape_entries(model, reshape.input[1], prod) or []
+    for k in range(head_axis, -1, -1):
+        known = [d for d in target[k:] if isinstance(d, int) and d > 0]
+        if len(known) == len(target) - k and int(np.prod(known)) == channels:
+            return k
+        lead = [e for e in entries[:k] if e != 1]
+        if len(known) == len(target) - k - 1 and channels % int(np.prod(known)) == 0 and len(entries) == len(target) \
+                and len(lead) == len(src) and all(_names_dim(model, e, d) for e, d in zip(lead, src)):
+            return k
+    return None
+
+
+def _names_dim(model, entry, dim) -> bool:
+    """Whether a shape ``entry`` (:func:`_shape_entries`) is known to equal the inferred ``dim``."""
+    if isinstance(entry, int) and not isinstance(entry, bool):
+        return same_dim(entry, dim)
+    return isinstance(entry, tuple) and entry[0] == "dim" and same_dim(_dim_name(model, entry[1], entry[2]), dim)
 
 
 def _last_dim(model, t) -> int | None:
@@ -1242,9 +1452,16 @@ def _projection(model, t, columns, prod) -> _Projection:
                 reshapes.append(node.name)
             t = node.input[0]
             continue
+        if node.op_type == "Unsqueeze" and (rank := _rank(model, node.output[0])) and \
+                all(a % rank != rank - 1 for a in _axes(model, node, 1)):
+            t = node.input[0]   # a unit token axis (GPT-BigCode's c_attn(x).unsqueeze(1))
+            continue
         scalars = [i for i in node.input if (c := constant_value(model, i)) is not None and c.size == 1]
         if node.op_type in ("Mul", "Div") and len(scalars) == 1 and (node.op_type == "Mul" or node.input[1] in scalars):
             t = next(i for i in node.input if i not in scalars)   # a scale on the projection (OPT's q · scaling)
+            continue
+        if (source := _elementwise_source(model, t, prod)) != t:
+            t = source   # an activation of every channel (MiniMax's SiLU on qkv_proj): each channel stays itself
             continue
         if node.op_type == "Gemm":
             gemm = _gemm_projection(model, node, bias is None)
@@ -1285,7 +1502,52 @@ def _projection(model, t, columns, prod) -> _Projection:
                                reshapes=tuple(reshapes))
         else:
             break
+    norm = _channel_statistic(model, t, prod)
+    if norm is not None:
+        raise _Unrecognised(f"{t}: {norm.op_type} {norm.name} is part of a normalisation across the heads between "
+                            "the projection and the head split (a statistic of all heads' channels, e.g. OLMo2's "
+                            "q_norm / k_norm over H·D): heads cannot be sliced out without changing the kept heads")
     raise _Unrecognised(f"{t}: no constant MatMul projection before the head split")
+
+
+def _channel_statistic(model, t, prod) -> onnx.NodeProto | None:
+    """A reduction over the channel (last) axis, or a Layer / RMS normalisation, that ``t`` is computed
+    from through elementwise ops: ``t`` divides channels by a statistic of all of them."""
+    todo, seen = [t], set()
+    while todo and len(seen) < 16:
+        node = prod.get(todo.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in ("LayerNormalization", "RMSNormalization"):
+            return node
+        if node.op_type.startswith("Reduce") and (rank := _rank(model, node.input[0])):
+            given = len(node.input) > 1 and node.input[1]
+            axes = constant_value(model, node.input[1]) if given else _attr(node, "axes")
+            if not given and axes is None or axes is not None and (rank - 1) in [int(a) % rank
+                                                                                for a in np.atleast_1d(axes)]:
+                return node   # no axes: all of them
+        if node.op_type in _ELEMENTWISE + _UNARY:
+            todo.extend(i for i in node.input if constant_value(model, i) is None)
+    return None
+
+
+def _elementwise_source(model, t, prod, depth: int = 0) -> str:
+    """The one tensor ``t`` is computed from element by element, with scalar constants only (an activation:
+    ``_ACTIVATIONS``, SiLU exported as ``x · Sigmoid(x)``, GELU's ``x · (1 + erf(x / √2)) / 2``), else ``t``:
+    slicing its channels slices that tensor's alike."""
+    node = prod.get(t)
+    if node is None or depth > 8:
+        return t
+    if node.op_type in _ACTIVATIONS and node.domain in ("", "ai.onnx", "com.microsoft"):
+        return _elementwise_source(model, node.input[0], prod, depth + 1)
+    if node.op_type not in _ELEMENTWISE:
+        return t
+    data = [i for i in node.input if (c := constant_value(model, i)) is None or c.size != 1]
+    if any(constant_value(model, i) is not None for i in data):
+        return t   # a constant with more than one value (a bias): not elementwise with scalars
+    sources = {_elementwise_source(model, i, prod, depth + 1) for i in data}
+    return sources.pop() if len(sources) == 1 else t
 
 
 def _channel_slice(model, node) -> tuple[int, int | None]:
@@ -1365,8 +1627,8 @@ def _trace_output(model, t, heads, value_dim, prod, cons, same_dims=None):
     Transposes so the merge works where shape inference knows nothing (fused nodes' outputs).
     Returns the merge, the output projection, its input, the terms added on the way (see
     :func:`_output_projection`), ``(Reshape, heads axis)`` of each shape-keeping Reshape on the
-    way that writes the head count out (rewritten on pruning), and every shape-keeping Reshape's
-    verdict (:func:`_keeps_heads`).
+    way that writes the head count out (rewritten on pruning), every shape-keeping Reshape's
+    verdict (:func:`_keeps_heads`) and the channel ops after the merge (:class:`_ChannelOps`).
     """
     dims: list = [None, heads, None, value_dim]
     start = dims
@@ -1407,10 +1669,10 @@ def _trace_output(model, t, heads, value_dim, prod, cons, same_dims=None):
             grid = np.moveaxis(np.arange(int(np.prod(rest))).reshape(rest), head_axis - start, 0)
             rows = grid.reshape(heads, -1)
             merge = _HeadSplit(node.name, lead, [int(np.prod(rest))], 0)
-            mm, added, reshapes = _output_projection(model, node, len(target), prod, cons)
+            mm, added, reshapes, channel_ops = _output_projection(model, node, len(target), rows.size, prod, cons)
             transposed = mm.op_type == "Gemm" and bool(_attr(mm, "transB", 0))
             return merge, _Projection(mm.name, mm.input[1], None, None, None, rows, transposed, reshapes), \
-                mm.input[0], added, head_reshapes, kept_reshapes
+                mm.input[0], added, head_reshapes, kept_reshapes, channel_ops
         else:
             raise _Unrecognised(f"{node.name}: {node.op_type} after the attention core")
     raise _Unrecognised(f"{t}: output path too long")
@@ -1500,31 +1762,45 @@ def _dim_name(model, tensor: str, axis: int):
     return shape[axis] if -len(shape) <= axis < len(shape) else None
 
 
-def _output_projection(model, merge, rank, prod, cons) -> tuple[onnx.NodeProto, list[tuple[str, str]], tuple[str, ...]]:
-    """From the merge Reshape's output ``[.., tokens, H·Dv]`` to the constant output projection.
+def _output_projection(model, merge, rank, channels: int, prod, cons
+                       ) -> tuple[onnx.NodeProto, list[tuple[str, str]], tuple[str, ...], _ChannelOps]:
+    """From the merge Reshape's output ``[.., tokens, H·Dv]`` (``channels`` wide) to the constant output projection.
 
     On the way only the token axes may change: ``Slice`` (agent attention sets the CLS token
     apart), ``Concat`` of those pieces, and ``Add`` of a term (agent attention's depthwise conv of
-    V on the grid tokens; the caller checks it carries the heads on the same channels).
+    V on the grid tokens; the caller checks it carries the heads on the same channels). Each channel
+    may also be scaled on its own (:func:`_channel_user`): an RMSNorm across all the channels, a
+    constant ``[C]`` weight, a gate computed from a constant projection of another tensor.
 
     Returns:
-        The output projection (``MatMul`` or ``Gemm``), ``(Add node, added tensor)`` of each term, and
-        the Reshapes of the token axes on the way whose channel count is written out.
+        The output projection (``MatMul`` or ``Gemm``), ``(Add node, added tensor)`` of each term,
+        the Reshapes of the token axes on the way whose channel count is written out, and the
+        channel ops on the way.
     """
     merged = merge.output[0]
     inside, todo = {merged}, [merged]
     found, concats, adds, reshapes = [], [], [], []
+    ops, handled = _ChannelOps(), set()
     while todo:
         t = todo.pop()
-        for user in cons.get(t, []):
+        users = [u for u in cons.get(t, []) if u.op_type != "Shape"]
+        # An RMSNorm's mean square first: the Mul / Div it ends in reads t too.
+        for user in users:
+            if _squares(model, user, t):
+                end, reduce, dtype = _rms_norm(model, user, t, cons)
+                ops.norms.append((reduce, dtype))
+                handled.add(end.name)
+        for user in users:
             op = user.op_type
-            if op == "Shape":
+            if _squares(model, user, t) or user.output[0] in inside:
                 continue
             if user.input[0] == t and (op == "MatMul" and constant_value(model, user.input[1]) is not None
                                        or op == "Gemm" and _gemm_projection(model, user, True) is not None):
                 found.append(user)
                 continue
-            if op == "Slice" and user.input[0] == t:
+            if user.name in handled:
+                pass
+            elif op == "Slice" and user.input[0] == t:
                 axes = constant_value(model, user.input[3]) if len(user.input) > 3 and user.input[3] else None
                 if axes is None or any(int(a) % rank == rank - 1 for a in axes):
                     raise _Unrecognised(f"{user.name}: Slice of the merged heads' channels")
@@ -1535,12 +1811,11 @@ def _output_projection(model, merge, rank, prod, cons) -> tuple[onnx.NodeProto, 
             elif op == "Reshape" and user.input[0] == t and (kept := _channel_reshape(model, user, prod)):
                 if kept == "written":   # tokens flattened for a Gemm (GPT-2's Conv1D)
                     reshapes.append(user.name)
-            else:
+            elif not _channel_user(model, user, t, rank, channels, merged, ops, prod):
                 raise _Unrecognised(f"{merge.name}: merged heads go through {op} {user.name}, not straight "
                                     "into a constant output projection")
-            if user.output[0] not in inside:
-                inside.add(user.output[0])
-                todo.append(user.output[0])
+            inside.add(user.output[0])
+            todo.append(user.output[0])
     if len(found) != 1:
         raise _Unrecognised(f"{merge.name}: merged heads feed {len(found)} constant output projections, not one")
     if any(i not in inside for c in concats for i in c.input):
@@ -1548,7 +1823,115 @@ def _output_projection(model, merge, rank, prod, cons) -> tuple[onnx.NodeProto, 
     added = [(add.name, next(i for i in add.input if i != t)) for add, t in adds]
     if any(term in inside for _, term in added):
         raise _Unrecognised(f"{merge.name}: merged heads are added to themselves")
-    return found[0], added, tuple(reshapes)
+    return found[0], added, tuple(reshapes), ops
+
+
+def _channel_user(model, user, t, rank: int, channels: int, merged: str, ops: _ChannelOps, prod) -> bool:
+    """Whether ``user`` of the merged channels ``t`` acts on each channel on its own, recording what pruning
+    slices in ``ops``: a float ``Cast``; ``Mul`` / ``Div`` by a scalar or a constant ``[.., C]`` (a norm's
+    weight); ``Mul`` by a gate computed elementwise from a constant projection of a tensor that does not
+    read the merged heads (MiniMax's ``sigmoid(output_gate(x))``: its columns go with the channels); an
+    ONNX ``RMSNormalization`` over the channel axis. Other cross-channel ops are refused with the reason."""
+    op = user.op_type
+    if op in ("Cast", "Identity"):
+        return True
+    if op == "RMSNormalization" and user.input[0] == t:
+        scale = constant_value(model, user.input[1]) if len(user.input) > 1 else None
+        if _attr(user, "axis", -1) % rank != rank - 1 or scale is None or scale.shape[-1:] != (channels,):
+            raise _Unrecognised(f"{user.name}: RMSNormalization of the merged heads over more than their channel "
+                                "axis, or with a scale that is not a constant per channel")
+        ops.norms.append((user.name, scale.dtype))
+        return True
+    if op in ("LayerNormalization", "ReduceMean", "ReduceSum", "Sub"):
+        raise _Unrecognised(f"{user.name}: {op} across the merged heads' channels that is not an RMSNorm (only "
+                            "an RMSNorm's mean square can be kept over the original channel count)")
+    if op not in ("Mul", "Div") or list(user.input).count(t) != 1 or (op == "Div" and user.input[0] != t):
+        return False
+    other = next(i for i in user.input if i != t)
+    value = constant_value(model, other)
+    if value is not None:
+        if value.size == 1:
+            return True
+        if value.shape[-1:] != (channels,) or value.size != channels:
+            raise _Unrecognised(f"{user.name}: {op} of the merged heads by a constant of shape {value.shape}, not "
+                                f"one value per channel ({channels})")
+        ops.weights.append((user.name, list(user.input).index(other)))
+        return True
+    if op == "Div" or _reads(prod, other, merged):
+        return False
+    try:
+        gate = _projection(model, other, np.arange(channels)[None, :], prod)
+    except _Unrecognised:
+        raise _Unrecognised(f"{user.name}: the merged heads are multiplied by {other}, which is not an "
+                            "elementwise function of a constant projection") from None
+    if gate.split is not None or gate.matrix(model).shape[1] != channels:
+        raise _Unrecognised(f"{user.name}: the gate {other} on the merged heads takes {channels} of its "
+                            f"projection's {gate.matrix(model).shape[1]} channels")
+    ops.gates.append(gate)
+    return True
+
+
+def _squares(model, node, t) -> bool:
+    """Whether ``node`` squares ``t``: ``Pow(t, 2)`` or ``Mul(t, t)``."""
+    if node.op_type == "Mul":
+        return list(node.input) == [t, t]
+    return node.op_type == "Pow" and node.input[0] == t and (e := constant_value(model, node.input[1])) is not None \
+        and e.size == 1 and float(e.reshape(-1)[0]) == 2.0
+
+
+def _rms_norm(model, square, t, cons) -> tuple[onnx.NodeProto, str, np.dtype]:
+    """``(the node dividing t by its RMS, the ReduceMean, eps's float type)`` of an RMSNorm of ``t`` over its
+    last axis, from its ``square`` of ``t``: ``ReduceMean`` of it over the last axis (keepdims), scalar
+    ``Mul``s and Casts (a rescale written by pruning), ``Add`` of a scalar ``eps``, ``Sqrt``, then ``Div(t, ·)``,
+    or ``Reciprocal`` / ``Div(1, ·)`` and ``Mul(t, ·)``; each step read by the next alone. Else
+    ``_Unrecognised``: a statistic of all the heads' channels that pruning cannot keep."""
+    def only_user(x):
+        users = [u for u in cons.get(x, []) if u.op_type != "Shape"]
+        if len(users) != 1:
+            raise _Unrecognised(f"{square.name}: the mean square of the merged heads is read by {len(users)} nodes, "
+                                "not by one RMSNorm")
+        return users[0]
+
+    def scalar(x) -> bool:
+        return (c := constant_value(model, x)) is not None and c.size == 1
+
+    node = only_user(square.output[0])
+    rank = _rank(model, t)
+    axes = (node.input[1:2] or [""])[0] or _attr(node, "axes") is not None   # none: every axis
+    if node.op_type != "ReduceMean" or not _attr(node, "keepdims", 1) or rank is None or not axes \
+            or [a % rank for a in _axes(model, node, 1)] != [rank - 1]:
+        raise _Unrecognised(f"{square.name}: the merged heads are squared into {node.op_type} {node.name}, not the "
+                            "mean over their channels of an RMSNorm")
+    reduce = node.name
+    node = only_user(node.output[0])
+    while node.op_type in ("Mul", "Cast") and (node.op_type == "Cast" or any(scalar(i) for i in node.input)):
+        node = only_user(node.output[0])
+    eps = next((constant_value(model, i) for i in node.input if scalar(i)), None) if node.op_type == "Add" else None
+    if eps is not None and eps.dtype.kind == "f" and (node := only_user(node.output[0])).op_type == "Sqrt":
+        x, node = node.output[0], only_user(node.output[0])
+        if node.op_type == "Div" and list(node.input) == [t, x]:
+            return node, reduce, eps.dtype
+        if node.op_type == "Reciprocal" or node.op_type == "Div" and node.input[1] == x and scalar(node.input[0]) \
+                and float(constant_value(model, node.input[0]).reshape(-1)[0]) == 1.0:
+            x, node = node.output[0], only_user(node.output[0])
+            if node.op_type == "Mul" and sorted(node.input) == sorted([t, x]):
+                return node, reduce, eps.dtype
+    raise _Unrecognised(f"{square.name}: the mean square of the merged heads reaches {node.op_type} {node.name}, "
+                        "not an RMSNorm of them (mean + eps, sqrt, divide)")
+
+
+def _reads(prod, t: str, target: str) -> bool:
+    """Whether ``t`` is computed from ``target``."""
+    seen, todo = set(), [t]
+    while todo:
+        x = todo.pop()
+        if x == target:
+            return True
+        node = prod.get(x)
+        if node is not None and x not in seen:
+            seen.add(x)
+            todo.extend(i for i in node.input if i)
+    return False
 
 
 def _follow_channels(model, start, stop, heads, head_dim, core_nodes, prod, cons
@@ -1936,23 +2319,32 @@ def torch_attention_modules(torch_model) -> list[tuple[Any, int, Any]]:
     """``(module, num_heads, output_projection)`` of each attention module, in registration order.
 
     A module counts when it has a head count (``num_heads``, ``n_heads``, ``in_proj.num_heads``, for
-    transformers' attention with a ``q_proj`` / ``qkv_proj`` (Phi-3) / ``query_key_value`` its
-    ``config.num_attention_heads``, ALBERT's ``num_attention_heads`` beside ``query``) and an output
-    projection (``proj``, ``o_proj``, ``out_proj``, ``c_proj`` (GPT-2), ``out_lin`` (DistilBERT),
-    ``dense`` (Phi, GPT-NeoX), ``o`` (T5)); BERT-style attention counts as the ``BertAttention`` holding
-    ``self`` (with ``num_attention_heads``) and ``output.dense``.
+    transformers' attention with a ``q_proj`` / ``qkv_proj`` (Phi-3) / ``query_key_value`` / ``Wqkv``
+    (ModernBERT) its ``config.num_attention_heads``, ALBERT's ``num_attention_heads`` beside ``query``) and an
+    output projection (``proj``, ``o_proj``, ``out_proj``, ``c_proj`` (GPT-2), ``out_lin`` (DistilBERT),
+    ``dense`` (Phi, GPT-NeoX), ``o`` (T5), ``Wo`` (ModernBERT)); BERT-style attention (Swin's too) counts as the
+    ``BertAttention`` holding ``self`` (with ``num_attention_heads``) and ``output.dense``. Where a ``norm`` as wide as the output
+    projection's input normalises the merged heads in front of it (MiniMax's lightning attention,
+    ``num_attention_heads`` beside ``qkv_proj``), that norm takes the projection's place: pruning zeroes a
+    head where the heads are merged, in front of the norm (see :func:`prune_heads`).
     """
     found = []
     for module in torch_model.modules():
         heads = next((h for h in (getattr(module, "num_heads", None), getattr(module, "n_heads", None),
                                   getattr(getattr(module, "in_proj", None), "num_heads", None)) if isinstance(h, int)),
                      None)
-        if heads is None and any(hasattr(module, n) for n in ("q_proj", "qkv_proj", "query_key_value")):
-            heads = getattr(getattr(module, "config", None), "num_attention_heads", None)   # transformers
+        if heads is None and any(hasattr(module, n) for n in ("q_proj", "qkv_proj", "query_key_value", "Wqkv")):
+            # transformers (MiniMax's lightning attention keeps its own count: it has no config)
+            heads = getattr(module, "num_attention_heads", None) or \
+                getattr(getattr(module, "config", None), "num_attention_heads", None)
         if heads is None and hasattr(module, "query") and hasattr(module, "dense"):   # ALBERT: all in one module
             heads = getattr(module, "num_attention_heads", None)
-        proj = next((getattr(module, n) for n in ("proj", "o_proj", "out_proj", "c_proj", "out_lin", "dense", "o")
+        proj = next((getattr(module, n) for n in ("proj", "o_proj", "out_proj", "c_proj", "out_lin", "dense", "o", "Wo")
                      if hasattr(module, n)), None)
+        norm = getattr(module, "norm", None)
+        if proj is not None and getattr(getattr(norm, "weight", None), "shape", None) == (proj.weight.shape[-1],):
+            proj = norm   # a norm across the merged heads (MiniMax's lightning attention): pruning zeroes a head in
+                          # front of it
         inner = getattr(module, "self", None)   # BERT-style: BertAttention(self=BertSelfAttention, output.dense)
         if heads is None and inner is not None and hasattr(getattr(module, "output", None), "dense"):
             heads, proj = getattr(inner, "num_attention_heads", None), module.output.dense
@@ -2322,7 +2714,7 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
     model.CopyFrom(onnx_model)
     name_nodes(model)
     collapse_flat_transposes(model)   # so no B·H shape constant stays behind in the pruned model
-    model = _split_flattened_heads(model)
+    model = _fused_for_pruning(model)
     layers = find_attention_layers(model)
     by_index = {l.index: l for l in layers}
     if keep is None:
@@ -2346,10 +2738,11 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
     report_layers = []
     layer_params = {l.index: l.params(model) for l in layers}
     layer_flops = {l.index: l.flops(model, tokens=tokens) for l in layers}
+    prefix = _name_prefix(model)
     for l in layers:
         kept = sorted(keep.get(l.index, range(l.heads)))
         if len(kept) < l.heads:
-            _prune_layer(model, l, kept)
+            _prune_layer(model, l, kept, prefix)
     _SHAPES_CACHE.clear()
     toposort(model)
     remove_dead_nodes(model)
@@ -2428,6 +2821,22 @@ def _check_groups(layer: AttentionLayer, kept, granularity: str) -> None:
             f"keep e.g. {even}, or pass granularity='group' to prune whole groups")
 
 
+def _name_prefix(model: onnx.ModelProto) -> str:
+    """The prefix of the names pruning adds (``<weight>.pruned0``, ``<node>.shape.pruned0``): ``pruned``, or
+    where some name in ``model`` already contains it (a model pruned before) the first of ``pruned2_``,
+    ``pruned3_``, ... that none contains: the same names again would add a second initializer of a name,
+    and readers take the first round's (the old shapes and weights)."""
+    graph = model.graph
+    names = {n.name for n in graph.node} | {t for n in graph.node for t in (*n.input, *n.output)} \
+        | {i.name for i in graph.initializer} | {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
+    text = "\n".join(names)
+    prefix, round_ = "pruned", 1
+    while prefix in text:
+        round_ += 1
+        prefix = f"pruned{round_}_"
+    return prefix
+
+
 def _param_count(model) -> int:
     """Float weights (initializers and Constant nodes); int64 shape constants are not parameters."""
     total = sum(int(np.prod(i.dims)) for i in model.graph.initializer
@@ -2440,9 +2849,11 @@ def _param_count(model) -> int:
     return total
 
 
-def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int]) -> None:
+def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int], prefix: str = "pruned") -> None:
+    """Slice ``layer`` to its ``kept`` heads; the tensors and nodes added are named with ``prefix`` and the
+    layer's index (see :func:`_name_prefix`)."""
     nodes = {n.name: n for n in model.graph.node}
-    tag = f"pruned{layer.index}"
+    tag = f"{prefix}{layer.index}"
     # Grouped-query attention: K and V keep the KV heads of the kept query heads (whole groups;
     # all of them when query heads go inside the groups).
     kept_kv = kept if layer.kv_of_head is None else sorted({int(layer.kv_of_head[h]) for h in kept})
@@ -2475,8 +2886,9 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
             b = constant_value(model, proj.bias)
             _replace_input(model, nodes[proj.bias_node], list(nodes[proj.bias_node].input).index(proj.bias),
                            b[cols], f"{proj.bias}.{tag}")
-    for split_node in {p.split[0] for p in projections.values() if p.split and p.split[1] >= 0}:
-        _resize_split(model, nodes[split_node], layer, role_kept)
+    # (every role's: one projection may reach its Split in some roles only, GPT-BigCode's Q)
+    for split_node in {p.split[0] for _, p in layer.roles.values() if p.split and p.split[1] >= 0}:
+        _resize_split(model, nodes[split_node], layer, role_kept, tag)
     for _, proj in layer.roles.values():
         if proj.split and proj.split[1] == -1:   # a channel Slice: its bounds among the kept columns
             cols = new_columns[proj.matmul]
@@ -2485,6 +2897,8 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
             for i, bound in zip((1, 2), bounds):
                 _replace_input(model, node, i, np.array([bound], dtype=np.int64), f"{node.name}.bound{i}.{tag}")
     for split, role in {split.node: (split, role) for role, (split, _) in layer.roles.items()}.values():
+        if nodes[split.node].op_type == "Unsqueeze":
+            continue   # a single K/V head made by an Unsqueeze: it stays one
         rest = list(split.rest)
         sliced = [r for r, (other, _) in layer.roles.items() if other.node == split.node and r in layer.heads_ranges]
         if sliced:   # roles take ranges of this split's heads (Falcon): it loses what they lose
@@ -2518,6 +2932,7 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
     layer.out_proj.set_matrix(model, nodes[layer.out_proj.matmul], w_o[rows], f"{layer.out_proj.weight}.{tag}")
     for reshape in layer.out_proj.reshapes:
         _set_shape_entries(model, nodes[reshape], {_last_entry(model, nodes[reshape]): len(rows)}, tag)
+    _prune_channel_ops(model, layer.channel_ops, rows, w_o.shape[0], nodes, tag)
     for node_name, axis in layer.head_reshapes:
         _set_shape_entries(model, nodes[node_name], {axis: len(kept)}, tag)
     for node_name, axis, role, there in layer.head_regroups:
@@ -2545,6 +2960,46 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int])
             if node.input[i]:
                 _replace_input(model, node, i, constant_value(model, node.input[i])[channels], f"{node.input[i]}.{tag}")
         next(a for a in node.attribute if a.name == "group").i = len(channels)
+
+
+def _prune_channel_ops(model, ops: _ChannelOps, rows: np.ndarray, channels: int, nodes, tag: str) -> None:
+    """Keep the merged channels ``rows`` (of ``channels``) in the ops between the merge and the output
+    projection: the columns of each gate's projection, the entries of each per-channel weight; and keep
+    each RMSNorm over the original channel count, the pruned heads' channels counting as zeros: the mean
+    square's ``ReduceMean`` (over the ``C'`` kept channels now) is multiplied by ``C'/C``, an ONNX
+    ``RMSNormalization`` reads its input times ``a = √(C'/C)`` (its mean square then is the sum over ``C``) and a
+    scale divided by ``a``."""
+    for name, i in ops.weights:
+        node = nodes[name]
+        value = constant_value(model, node.input[i])
+        _replace_input(model, node, i, value[..., rows], f"{node.input[i]}.{tag}")
+    for gate in ops.gates:
+        cols = gate.columns[0][rows]
+        gate.set_matrix(model, nodes[gate.matmul], gate.matrix(model)[:, cols], f"{gate.weight}.{tag}")
+        if gate.bias:
+            node = nodes[gate.bias_node]
+            _replace_input(model, node, list(node.input).index(gate.bias), constant_value(model, gate.bias)[cols],
+                           f"{gate.bias}.{tag}")
+        for reshape in gate.reshapes:
+            _set_shape_entries(model, nodes[reshape], {_last_entry(model, nodes[reshape]): len(rows)}, tag)
+    ratio = len(rows) / channels
+    for name, dtype in ops.norms:
+        node = nodes[name]
+        if node.op_type == "RMSNormalization":
+            scale = constant_value(model, node.input[1])
+            a = np.sqrt(ratio)
+            _replace_input(model, node, 1, (scale[..., rows] / a).astype(dtype), f"{node.input[1]}.{tag}")
+            scaled = f"{node.input[0]}.scaled.{tag}"
+            model.graph.initializer.append(numpy_helper.from_array(np.array(a, dtype=dtype), scaled + ".a"))
+            model.graph.node.append(helper.make_node("Mul", [node.input[0], scaled + ".a"], [scaled],
+                                                     name=f"{name}/scale.{tag}"))
+            node.input[0] = scaled
+            continue
+        out = node.output[0]
+        node.output[0] = f"{out}.kept.{tag}"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(ratio, dtype=dtype), f"{out}.ratio.{tag}"))
+        model.graph.node.append(helper.make_node("Mul", [node.output[0], f"{out}.ratio.{tag}"], [out],
+                                                 name=f"{name}/rescale.{tag}"))
 
 
 def _query_order(layer: AttentionLayer, kept: list[int]) -> list[int]:
@@ -2620,14 +3075,14 @@ def _set_shape_entries(model, node, entries: dict[int, int], tag: str) -> None:
     node.input[1] = base
 
 
-def _resize_split(model, node, layer: AttentionLayer, role_kept: dict[str, list[int]]) -> None:
+def _resize_split(model, node, layer: AttentionLayer, role_kept: dict[str, list[int]], tag: str) -> None:
     sizes = _split_sizes(model, node)
     new_sizes = list(sizes)
     for role, (_, proj) in layer.roles.items():
         if proj.split and proj.split[0] == node.name:
             j = proj.split[1]
             new_sizes[j] = int(proj.columns[role_kept[role]].size)
-    name = f"{node.name}.split.pruned{layer.index}"
+    name = f"{node.name}.split.{tag}"
     if len(node.input) > 1 and node.input[1]:
         model.graph.initializer.append(numpy_helper.from_array(np.array(new_sizes, dtype=np.int64), name))
         node.input[1] = name

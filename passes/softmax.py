@@ -67,7 +67,8 @@ from onnx import helper, numpy_helper
 
 from attnc.passes.core import (Match, NearMiss, PassReport, consumers, constant_value, convert_opset,
                                default_opset, depends_on_data, evaluate_tensors, fixed_value, named_copy,
-                               node_attribute, past_probability_casts, producers, remove_dead_nodes,
+                               node_attribute, past_max_shift, past_probability_casts, producers,
+                               remove_dead_nodes,
                                same_dim, scalar_constant, toposort, value_shapes)
 
 FAMILY = "softmax"
@@ -296,21 +297,8 @@ def _softmax_input(model, node, prod, shapes) -> tuple[str, list[str]]:
     else:
         exp, den = prod[node.input[0]], prod[node.input[1]]
         x, names = exp.input[0], [node.name, exp.name, den.name]
-    sub = prod.get(x)  # subtracting a max over the softmax axis (or over all axes) does not change softmax
-    if sub is not None and sub.op_type == "Sub":
-        mx = prod.get(sub.input[1])
-        if mx is not None and mx.op_type == "ReduceMax" and mx.input[0] == sub.input[0] \
-                and node_attribute(mx, "keepdims", 1) and _reduces_last(model, mx, shapes):
-            return sub.input[0], names + [sub.name, mx.name]
-    return x, names
-
-
-def _reduces_last(model, node, shapes) -> bool:
-    axes = _reduce_axes(model, node)
-    if axes is None:   # no axes: all of them (unless noop_with_empty_axes)
-        return not node_attribute(node, "noop_with_empty_axes", 0)
-    rank = len(shapes.get(node.input[0]) or [])
-    return -1 in axes or (rank > 0 and rank - 1 in axes)
+    x, shift = past_max_shift(model, x, prod, len(shapes.get(x) or []) or None)
+    return x, names + shift
 
 
 def _match(model, softmax, pv, merge, prod, cons, shapes, allow_softcap: bool = True,

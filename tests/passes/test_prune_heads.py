@@ -1,8 +1,11 @@
 """Head pruning (passes/prune_heads.py) against an independent torch reference: the same
 model with the pruned heads' outputs multiplied by zero (a forward pre-hook on the output
 projection), on a ViT trained on scikit-learn's digits, on the registry's MHSA models, on
-fused and unfused agent attention and on Llama-family attention (rotary embeddings, grouped-query
-K/V heads; hand-written and transformers' LlamaForCausalLM)."""
+fused and unfused agent attention, on Llama-family attention (rotary embeddings, grouped-query
+K/V heads; hand-written and transformers' LlamaForCausalLM), on multi-query attention with one
+unsqueezed K/V head (GPT-BigCode's form), on heads merged into a norm across them (zeroed in front of
+the norm: MiniMax's lightning layers, fused from their blockwise loop, and a hand-written layer), and
+on OLMo2's norm across the heads before the head split (refused), and on pruned models pruned again."""
 
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from attnc.compiler.errors import AttncError
 from attnc.compiler.export import export_onnx
 from attnc.models.registry import get_spec
 from attnc.models.train import accuracy, fit, train_digits_vit
+from attnc.models.transformers_zoo import perturbed
+from attnc.passes import fuse_attention
 from attnc.passes.core import constant_value
 from attnc.passes.prune_heads import (find_attention_layers, gates_from_keep, head_gates, prune_heads,
                                       score_heads, select_heads, select_heads_iteratively)
@@ -918,6 +923,51 @@ def test_prunes_a_fused_projection_cut_by_channel_slices(tmp_path, exporter, cut
     assert not np.allclose(got, _masked_reference(model, _complement(keep, layers), layers, (x,)), atol=1e-3)
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_prunes_a_pruned_model(tmp_path, exporter):
+    """Pruning a pruned model names its new shapes and weights apart from the first round's (the same
+    names again shadowed the new ones with the old: "does not split the channel axis"): heads [0, 2, 3]
+    then the first and last of those equals heads [0, 3] at once, and torch with heads 1 and 2 gated off."""
+    torch.manual_seed(7)
+    model = _SlicedQKV().eval()
+    path = tmp_path / "sliced.onnx"
+    export_onnx(model, (torch.randn(2, 5, 32),), path, exporter=exporter, input_names=["x"],
+                dynamic_axes={"x": {0: "batch", 1: "seq"}})
+    onnx_model = onnx.load(str(path))
+    layers = find_attention_layers(onnx_model)
+    first, _ = prune_heads(onnx_model, keep={0: [0, 2, 3]})
+    twice, report = prune_heads(first, keep={0: [0, 2]})
+    assert [(l.heads_before, l.heads_after) for l in report.layers] == [(3, 2)]
+    thrice, _ = prune_heads(twice, keep={0: [1]})
+    once, _ = prune_heads(onnx_model, keep={0: [0, 3]})
+    x = torch.randn(3, 9, 32)
+    got = _ort(twice, {"x": x.numpy()})
+    np.testing.assert_allclose(got, _ort(once, {"x": x.numpy()}), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(got, _masked_reference(model, {0: [0, 3]}, layers, (x,)), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(_ort(thrice, {"x": x.numpy()}), _masked_reference(model, {0: [3]}, layers, (x,)),
+                               atol=1e-5, rtol=1e-5)
+    assert not np.allclose(got, _masked_reference(model, {0: [1, 2]}, layers, (x,)), atol=1e-3)
+
+
+def test_prunes_a_pruned_grouped_query_model(tmp_path):
+    """transformers' Llama (SDPA, 2 K/V groups of 2): one query head of each group, then the K/V group left
+    with head 3 in layer 0 and a whole group of layer 1; equal to torch with the other heads gated off."""
+    model = _hf_default("llama")
+    path = tmp_path / "llama.onnx"
+    export_onnx(model, (torch.randint(0, 64, (2, 9)),), path, exporter="dynamo", input_names=["x"],
+                dynamic_axes={"x": {0: "batch", 1: "seq"}})
+    onnx_model = onnx.load(str(path))
+    layers = find_attention_layers(onnx_model)
+    first, _ = prune_heads(onnx_model, keep={0: [1, 3]}, granularity="query")
+    twice, report = prune_heads(first, keep={0: [1], 1: [2, 3]})
+    assert [(l.heads_after, l.kv_heads_after) for l in report.layers] == [(1, 1), (2, 1)]
+    keep = {0: [3], 1: [2, 3]}
+    ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(8))
+    got = _ort(twice, {"x": ids.numpy()})
+    np.testing.assert_allclose(got, _masked_reference(model, keep, layers, (ids,)), atol=1e-5, rtol=1e-5)
+    assert not np.allclose(got, _masked_reference(model, {0: [1], 1: [0, 1]}, layers, (ids,)), atol=1e-3)
+
+
 def test_compile_cli_prunes_kv_groups(tmp_path):
     """``attnc compile --prune-heads`` on a grouped-query model: a count of whole groups works, one
     that splits a group is a clean error with the fix; ``--prune-granularity query`` keeps every
@@ -1145,3 +1195,167 @@ def test_query_granularity_refusals(tmp_path):
     with pytest.raises(AttncError, match="between 0 and 0 heads.*granularity='query'"):
         prune_heads(multi_query, scores, ratio=0.25)
     assert prune_heads(multi_query, scores, ratio=0.25, granularity="query")[1].heads_after == 12
+
+
+class _UnsqueezedMultiQuery(torch.nn.Module):
+    """Multi-query attention as GPT-BigCode writes it: Q, K and V split off ``c_attn(x).unsqueeze(1)``, the
+    query heads by a Reshape that drops the unit axis, K and V one head on it, broadcast over the query heads
+    by the score MatMul (no repeat)."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.num_heads, self.d = heads, dim // heads
+        self.c_attn, self.c_proj = torch.nn.Linear(dim, dim + 2 * self.d), torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.c_attn(x).unsqueeze(1).split((self.num_heads * self.d, self.d, self.d), dim=3)
+        q = q.reshape(b, n, -1, self.d).transpose(1, 2)
+        o = torch.softmax(q @ k.transpose(-1, -2) * self.d ** -0.5, -1) @ v
+        return self.c_proj(o.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_prunes_query_heads_beside_one_unsqueezed_kv_head(tmp_path, exporter):
+    """Query heads go, each with its Q columns of the shared projection and its output rows; the one K/V
+    head's columns stay as they were."""
+    torch.manual_seed(7)
+    model = _UnsqueezedMultiQuery().eval()
+    path = tmp_path / "mqa.onnx"
+    export_onnx(model, (torch.randn(2, 5, 32),), path, exporter=exporter, input_names=["x"],
+                dynamic_axes={"x": {0: "batch", 1: "seq"}})
+    onnx_model = onnx.load(str(path))
+    layers = find_attention_layers(onnx_model)
+    assert [(l.heads, l.kv_heads) for l in layers] == [(4, 1)]
+    keep = {0: [1, 3]}
+    pruned, report = prune_heads(onnx_model, keep=keep, granularity="query")
+    assert report.params_before - report.params_after == 2 * (32 * 8 + 8 + 8 * 32)
+    c_attn = find_attention_layers(pruned)[0].roles["Q"][1]   # Q, K and V's projection: heads 1, 3, then K/V
+    np.testing.assert_array_equal(c_attn.matrix(pruned), model.c_attn.weight.detach().numpy().T[
+        :, [*range(8, 16), *range(24, 48)]])
+    x = torch.randn(3, 9, 32)
+    got = _ort(pruned, {"x": x.numpy()})
+    np.testing.assert_allclose(got, _masked_reference(model, keep, layers, (x,)), atol=1e-5, rtol=1e-5)
+    assert not np.allclose(got, _masked_reference(model, _complement(keep, layers), layers, (x,)), atol=1e-3)
+
+
+def _tiny_minimax(kv_heads: int):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MiniMaxConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
+        max_position_embeddings=64, num_key_value_heads=kv_heads, head_dim=8, num_local_experts=2,
+        num_experts_per_tok=1, block_size=8, layer_types=["linear_attention", "full_attention"])
+    config._experts_implementation = "batched_mm"   # the default MoE path does not export
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return perturbed(transformers.MiniMaxForCausalLM(config))
+
+
+@pytest.mark.parametrize("exporter,kv_heads", [("dynamo", 2), ("torchscript", 4)])   # TorchScript: no SDPA GQA
+def test_prunes_minimax_lightning_and_softmax_layers(tmp_path, exporter, kv_heads):
+    """MiniMax: a lightning layer (its blockwise loop unrolled at a static length: fused first) with SiLU on
+    its qkv projection, an RMSNorm across its heads and a sigmoid gate in front of out_proj, then a softmax
+    layer. Reference: the lightning layer's dropped heads zeroed in front of its norm (which keeps dividing
+    by all 32 channels), the softmax layer's gated by head_gates; on another batch size than the export."""
+    hf = _tiny_minimax(kv_heads)
+    model = _HFLogits(hf).eval()
+    path = tmp_path / "minimax.onnx"
+    export_onnx(model, (torch.randint(0, 64, (2, 21)),), path, exporter=exporter, input_names=["x"],
+                dynamic_axes={"x": {0: "batch"}})
+    onnx_model = onnx.load(str(path))
+    layers = find_attention_layers(onnx_model)
+    assert [(l.core, l.heads) for l in layers] == [("attnc::KernelLinearAttention", 4), ("softmax", 4)]
+    keep = {0: [0, 2, 3], 1: [0, 1] if kv_heads == 2 else [1, 2]}
+    pruned, report = prune_heads(onnx_model, keep=keep)
+    # A lightning head: its 3·8 qkv columns, 8 out_proj rows, 8 gate columns, 8 norm weights and its decay.
+    assert report.layers[0].params_before - report.layers[0].params_after == 32 * 24 + 8 * 32 + 32 * 8 + 8 + 1
+    x = torch.randint(0, 64, (3, 21), generator=torch.Generator().manual_seed(1))
+
+    def reference(kept):
+        dropped = [h for h in range(4) if h not in kept[0]]
+
+        def zero_dropped(_module, args):
+            heads = args[0].reshape(*args[0].shape[:-1], 4, 8).clone()
+            heads[..., dropped, :] = 0
+            return (heads.reshape(args[0].shape),)
+
+        handle = hf.model.layers[0].self_attn.norm.register_forward_pre_hook(zero_dropped)
+        try:
+            with torch.no_grad(), head_gates(model, gates_from_keep({1: kept[1]}, {1: 4})):
+                return model(x).numpy()
+        finally:
+            handle.remove()
+
+    got = _ort(pruned, {"x": x.numpy()})
+    expected = reference(keep)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(got, reference(_complement(keep, layers)), atol=1e-3)
+    with torch.no_grad(), head_gates(model, gates_from_keep(keep, {0: 4, 1: 4})):   # gates the norm's input
+        np.testing.assert_allclose(model(x).numpy(), expected, atol=1e-6)
+    fused, reports = fuse_attention(pruned)
+    assert {r.family: r.rewritten for r in reports if r.rewritten} == {"softmax": 1}
+    np.testing.assert_allclose(_ort(fused, {"x": x.numpy()}), expected, atol=1e-5, rtol=1e-5)
+
+
+class _NormedGatedAttention(torch.nn.Module):
+    """Softmax attention whose merged heads go through a norm across all heads and a sigmoid gate from a
+    projection of the input (with a bias) in front of the output projection, as MiniMax's lightning layers."""
+
+    def __init__(self, norm: str, dim=32, heads=4):
+        super().__init__()
+        self.num_heads = heads
+        self.qkv, self.gate, self.proj = (torch.nn.Linear(dim, n) for n in (3 * dim, dim, dim))
+        self.norm = torch.nn.RMSNorm(dim, eps=1e-6) if norm == "rms" else torch.nn.LayerNorm(dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        o = torch.softmax(q @ k.transpose(-1, -2) * (c // self.num_heads) ** -0.5, -1) @ v
+        return self.proj(self.norm(o.transpose(1, 2).reshape(b, n, c)) * torch.sigmoid(self.gate(x)))
+
+
+@pytest.mark.parametrize("opset", [18, 23])   # 23: the norm is one ONNX RMSNormalization
+def test_prunes_heads_in_front_of_a_norm_across_them(tmp_path, opset):
+    """A pruned head is zero where the heads merge; the RMSNorm keeps dividing by all the channels
+    (``head_gates`` gates the norm's input, the same semantics); the gate's columns go with the heads."""
+    torch.manual_seed(8)
+    model = perturbed(_NormedGatedAttention("rms"))
+    path = tmp_path / "normed.onnx"
+    export_onnx(model, (torch.randn(2, 5, 32),), path, input_names=["x"], opset=opset,
+                dynamic_axes={"x": {0: "batch", 1: "seq"}})
+    onnx_model = onnx.load(str(path))
+    assert any(n.op_type == "RMSNormalization" for n in onnx_model.graph.node) == (opset == 23)
+    layers = find_attention_layers(onnx_model)
+    keep = {0: [0, 3]}
+    pruned, report = prune_heads(onnx_model, keep=keep)
+    # two heads: q/k/v columns and biases, output rows, gate columns and biases, norm weights; the norm's
+    # rescale (a scalar) comes in
+    assert report.params_before - report.params_after == 2 * (3 * (32 * 8 + 8) + 8 * 32 + 32 * 8 + 8 + 8) - 1
+    x = torch.randn(3, 9, 32)
+    got = _ort(pruned, {"x": x.numpy()})
+    np.testing.assert_allclose(got, _masked_reference(model, keep, layers, (x,)), atol=1e-5, rtol=1e-5)
+    assert not np.allclose(got, _masked_reference(model, _complement(keep, layers), layers, (x,)), atol=1e-3)
+
+
+def test_refuses_a_layer_norm_across_the_merged_heads(tmp_path):
+    torch.manual_seed(8)
+    model = perturbed(_NormedGatedAttention("layer"))
+    path = tmp_path / "layer-normed.onnx"
+    export_onnx(model, (torch.randn(2, 5, 32),), path, input_names=["x"])
+    with pytest.raises(AttncError, match="LayerNormalization across the merged heads' channels that is not an RMSNorm"):
+        find_attention_layers(onnx.load(str(path)))
+
+
+def test_refuses_a_norm_across_the_heads_in_front_of_the_head_split(tmp_path):
+    """OLMo2 normalises its q and k projections over all H·D channels before splitting them into heads:
+    a kept head's values depend on the pruned ones, so the layers are refused with that reason."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = perturbed(transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
+        max_position_embeddings=64, num_key_value_heads=2, pad_token_id=0)))
+    path = tmp_path / "olmo2.onnx"
+    export_onnx(_HFLogits(hf).eval(), (torch.randint(0, 64, (2, 9)),), path, input_names=["x"],
+                dynamic_axes={"x": {0: "batch", 1: "seq"}})
+    with pytest.raises(AttncError, match="normalisation across the heads between the projection and the head split"):
+        prune_heads(onnx.load(str(path)), keep={0: [0, 1]})

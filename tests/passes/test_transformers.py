@@ -5,7 +5,10 @@ Per architecture what it exercises: T5 (a per-head relative position bias on the
 gathered to the kept heads), OPT (the query scaled after its projection), Phi (a Reshape after
 the core that reads the sizes from the model input, ``dense`` output projection), GPT-NeoX (Q,
 K and V cut from one ``[.., H, 3·D]`` split by slices of its last axis; partial rotary), Falcon
-(multi-query: Q, K and V as ranges of one split's heads, ``[:-2]``, ``[[-2]]``, ``[[-1]]``), DistilBERT
+(multi-query: Q, K and V as ranges of one split's heads, ``[:-2]``, ``[[-2]]``, ``[[-1]]``), GPT-BigCode
+(multi-query: the query heads split off ``c_attn(x).unsqueeze(1)`` by a Reshape that drops the unit axis,
+one K/V head without a heads axis of its own, cut from the same projection; TorchScript exports its
+eager attention, SDPA with ``enable_gqa`` being beyond it), DistilBERT
 (``n_heads`` / ``out_lin``), Qwen2 (Q/K/V biases, grouped-query attention), Mistral (its sliding
 window is causal 1-D neighborhood attention; grouped-query attention), CLIP's text tower (causal
 mask), DeiT (distillation token), BLOOM (ALiBi on flattened heads: ``baddbmm`` on ``[B·H, S, D]``, the
@@ -16,7 +19,12 @@ pairs stacked and flattened by a Reshape that writes the head count out) and Coh
 the sequence axis, grouped-query attention), Gemma 2 (logit soft-capping: ``Attention``'s ``softcap``),
 Wav2Vec2 (raw audio; a Reshape after the core whose length entry is computed from the convolutional
 front end's arithmetic), DeBERTa-v2 (TorchScript: flattened heads whose scores and probabilities are
-also read by Shape nodes for the views, a scale computed from ``size(-1)``). Models that need more are in docs/shrink.md.
+also read by Shape nodes for the views, a scale computed from ``size(-1)``), gpt-oss (attention sinks: a
+logit per head joined to the scores and its column dropped after the softmax, sliced with the heads; the
+pruned graph fused again; grouped-query attention), ModernBERT (three layers, ``Wqkv`` / ``Wo``, local attention
+in two; TorchScript splits its fused QKV with ``unbind(dim=-3)``: a negative axis), Swin (windows, a relative
+position bias per head; BERT-style modules). DeepSeek-V3's multi-head latent attention is refused with its
+reason. Models that need more are in docs/shrink.md.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import pytest
 import torch
 
 from attnc.compiler.backends.onnxruntime import load
+from attnc.compiler.errors import AttncError
 from attnc.compiler.export import export_onnx
 from attnc.models.transformers_zoo import Output, build, dynamic_axes, example_input
 from attnc.passes import fuse_attention, neighborhood
@@ -41,6 +50,7 @@ CASES = {
     "phi": (["dynamo"], "softmax", {0: [3], 1: [0, 2]}),
     "gpt_neox": (["dynamo", "torchscript"], "softmax", {0: [0, 3], 1: [1, 2, 3]}),
     "falcon": (["dynamo", "torchscript"], "softmax", {0: [0, 2, 3], 1: [1]}),   # multi-query: query heads
+    "gpt_bigcode": (["dynamo", "torchscript"], "softmax", {0: [1, 3], 1: [0, 2, 3]}),   # multi-query: query heads
     "distilbert": (["torchscript"], "softmax", {0: [0, 1], 1: [2, 3]}),
     "qwen2": (["dynamo"], "softmax", {0: [2, 3], 1: [0, 1]}),
     "mistral": (["dynamo"], "neighborhood", {0: [0, 1], 1: [2, 3]}),
@@ -48,20 +58,35 @@ CASES = {
     "deit": (["torchscript"], "softmax", {0: [0, 3], 1: [1, 2]}),
     "bloom": (["dynamo", "torchscript"], "softmax", {0: [0, 2], 1: [1, 2, 3]}),
     "mpt": (["dynamo", "torchscript"], "softmax", {0: [3], 1: [0, 1]}),
-    "qwen3": (["dynamo"], "softmax", {0: [0, 1], 1: [2, 3]}),   # K/V groups of 2
+    "qwen3": (["dynamo", "torchscript"], "softmax", {0: [0, 1], 1: [2, 3]}),   # K/V groups of 2
     "phi3": (["torchscript"], "softmax", {0: [1, 2], 1: [0, 3]}),
     "gptj": (["dynamo", "torchscript"], "softmax", {0: [0, 2], 1: [1, 2, 3]}),
     "cohere": (["dynamo"], "softmax", {0: [2, 3], 1: [0, 1]}),   # K/V groups of 2
     "gemma2": (["dynamo"], "softmax", {0: [0, 1], 1: [2, 3]}),
     "wav2vec2": (["dynamo", "torchscript"], "softmax", {0: [1, 3], 1: [0, 1, 2]}),
     "deberta_v2": (["dynamo", "torchscript"], "softmax", {0: [0, 1, 3], 1: [2]}),
+    "gpt_oss": (["dynamo", "torchscript"], "softmax", {0: [2, 3], 1: [0, 1]}),   # sinks; K/V groups of 2
+    "modernbert": (["dynamo", "torchscript"], "softmax", {0: [0, 2], 1: [1, 2, 3], 2: [3]}),   # three layers
+    "swin": (["dynamo", "torchscript"], "softmax", {0: [1, 3], 1: [0, 1, 2]}),
 }
+# Multi-query layers (one K/V head) can only lose query heads.
+MULTI_QUERY = {"falcon", "gpt_bigcode"}
+# Models whose pruned graph is fused again and checked: gpt-oss's sinks, sliced with the heads, stay a
+# constant per head that the softmax pass folds into the fused attention.
+FUSE_PRUNED = {"gpt_oss"}
+# (name, exporter) -> the attention implementation to export: TorchScript cannot export SDPA with
+# enable_gqa, which transformers uses for grouped- and multi-query attention (GPT-BigCode's one K/V head,
+# Qwen3's groups): those export transformers' eager attention, as users would.
+IMPLEMENTATION = {("gpt_bigcode", "torchscript"): "eager", ("qwen3", "torchscript"): "eager"}
 
 
 @pytest.mark.parametrize("name,exporter", [(n, e) for n, (exporters, _, _) in CASES.items() for e in exporters])
 def test_fuses_and_prunes(name, exporter, tmp_path):
     _, family, keep = CASES[name]
-    model = Output(build(name)).eval()   # trained-looking weights: no zero biases or ones the exporters share
+    hf = build(name)   # trained-looking weights: no zero biases or ones the exporters share
+    if (name, exporter) in IMPLEMENTATION:
+        hf.set_attn_implementation(IMPLEMENTATION[name, exporter])
+    model = Output(hf).eval()
     path = tmp_path / f"{name}.onnx"
     export_onnx(model, (example_input(name, 2, 9),), path, exporter=exporter, input_names=["x"],
                 dynamic_axes=dynamic_axes(name))
@@ -69,15 +94,15 @@ def test_fuses_and_prunes(name, exporter, tmp_path):
     x = example_input(name, 3, 11, torch.Generator().manual_seed(1))
 
     fused, reports = fuse_attention(onnx_model)
-    assert {r.family: r.rewritten for r in reports if r.rewritten} == {family: 2}
+    assert {r.family: r.rewritten for r in reports if r.rewritten} == {family: len(keep)}
     with torch.no_grad():
         np.testing.assert_allclose(load(fused).infer({"x": x.numpy()})["output"], model(x).numpy(),
                                    rtol=1e-4, atol=1e-5)
 
     layers = find_attention_layers(onnx_model)
-    assert [l.heads for l in layers] == [4, 4]
-    pruned, report = prune_heads(onnx_model, keep=keep, granularity="query" if name == "falcon" else "group")
-    assert [l.heads_after for l in report.layers] == [len(keep[0]), len(keep[1])]
+    assert [l.heads for l in layers] == [4] * len(keep)
+    pruned, report = prune_heads(onnx_model, keep=keep, granularity="query" if name in MULTI_QUERY else "group")
+    assert [l.heads_after for l in report.layers] == [len(keep[i]) for i in range(len(keep))]
     got = load(pruned).infer({"x": x.numpy()})["output"]
 
     def masked(kept):
@@ -87,6 +112,23 @@ def test_fuses_and_prunes(name, exporter, tmp_path):
     np.testing.assert_allclose(got, masked(keep), rtol=1e-4, atol=2e-5)
     other = {i: [h for h in range(4) if h not in kept] for i, kept in keep.items()}
     assert not np.allclose(got, masked(other), atol=1e-3)
+    if name in FUSE_PRUNED:
+        fused, reports = fuse_attention(pruned)
+        assert {r.family: r.rewritten for r in reports if r.rewritten} == {family: len(keep)}
+        np.testing.assert_allclose(load(fused).infer({"x": x.numpy()})["output"], got, rtol=1e-4, atol=1e-5)
+
+
+def test_latent_attention_is_refused_with_the_reason(tmp_path):
+    """DeepSeek-V3 writes each head's key and one rotary key part shared by all the heads into an empty K
+    (``ScatterND``): pruning refuses it, saying so, while the softmax pass still fuses both layers."""
+    model = Output(build("deepseek_v3")).eval()
+    path = export_onnx(model, (example_input("deepseek_v3", 2, 9),), tmp_path / "deepseek_v3.onnx",
+                       exporter="torchscript", input_names=["x"], dynamic_axes=dynamic_axes("deepseek_v3"))
+    onnx_model = onnx.load(str(path))
+    with pytest.raises(AttncError, match="ScatterND on the Q/K/V path .* a part shared by all the heads"):
+        prune_heads(onnx_model, keep={0: [0, 1]})
+    _, reports = fuse_attention(onnx_model)
+    assert {r.family: r.rewritten for r in reports if r.rewritten} == {"softmax": 2}
 
 
 def test_a_mask_onnx_runtime_cannot_evaluate_is_a_near_miss(tmp_path):
