@@ -186,6 +186,7 @@ def apply(model: onnx.ModelProto, lower_lightning_to_onnx: bool = False
         _lower_fused_node(model, lightning)
         report.matches.append(lightning.match)
     report.rewritten = len(cands) + len(fused)
+    _drop_zero_state_terms(model)
     toposort(model)
     remove_dead_nodes(model)
     if fused:
@@ -1608,6 +1609,37 @@ def _static_heads(shapes: dict, tensors: list[str]) -> int | None:
         if len(shape) == 4 and isinstance(shape[1], int) and shape[1] > 0:
             return shape[1]
     return None
+
+
+def _drop_zero_state_terms(model) -> int:
+    """Drop the ``Add`` of ``x · Z`` to a fused node's output where ``Z`` is a constant of zeros: lightning
+    attention's first (or only) block adds ``(q ⊙ decay) · S₀`` for the initial state, which a static export
+    folds to zeros when it is ``torch.zeros`` (MiniMax at fewer tokens than a block). That term is zero for
+    finite ``x``, and the Add only kept the fused node from being the layer's core (head pruning reads the
+    layer from it). Only where the Add's output has the fused output's inferred shape (no broadcast).
+    Returns how many were dropped."""
+    prod, cons, shapes = producers(model), consumers(model), value_shapes(model)
+    outputs = {n.output[0] for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE}
+    dropped = 0
+    for node in model.graph.node:
+        if node.op_type != "Add" or len(set(node.input) & outputs) != 1 or node.input[0] == node.input[1]:
+            continue
+        fused = next(i for i in node.input if i in outputs)
+        term = prod.get(next(i for i in node.input if i != fused))
+        zeros = constant_value(model, term.input[1]) if term is not None and term.op_type == "MatMul" else None
+        shape = shapes.get(fused)
+        if zeros is None or np.any(zeros != 0) or not shape or shapes.get(node.output[0]) != shape \
+                or not all(isinstance(d, int) for d in shape):
+            continue
+        if node.output[0] in {o.name for o in model.graph.output}:
+            node.op_type = "Identity"
+            del node.input[:]
+            node.input.append(fused)
+        else:   # its readers read the fused output (the Add is dead code then)
+            for user in cons.get(node.output[0], []):
+                user.input[:] = [fused if i == node.output[0] else i for i in user.input]
+        dropped += 1
+    return dropped
 
 
 def _fold_constant_decays(model) -> int:

@@ -41,6 +41,33 @@ def _example():
     return module
 
 
+def test_a_one_block_prompt_fuses_to_the_bare_node(tmp_path):
+    """A prompt within one block at a static batch: the export folds MiniMax's zero initial state to a
+    constant, so the block's ``(q ⊙ decay) · S₀`` is a MatMul by zeros added to the attention. That Add
+    goes with the fusion: the fused node's output is the layer's (head pruning finds the layer there), and
+    the output still matches torch."""
+    from attnc.compiler.backends.onnxruntime import load
+    from attnc.models.transformers_zoo import Output, build
+    from attnc.passes import fuse_attention
+    from attnc.passes.core import constant_value
+    from attnc.passes.prune_heads import find_attention_layers
+
+    model = Output(build("minimax", seed=4)).eval()   # blocks of 4 tokens
+    x = torch.randint(0, 64, (1, 3), generator=torch.Generator().manual_seed(0))
+    exported = onnx.load(str(export_onnx(model, (x,), tmp_path / "one_block.onnx", input_names=["x"])))
+    assert any(n.op_type == "MatMul" and any((c := constant_value(exported, i)) is not None and not c.any()
+                                             for i in n.input) for n in exported.graph.node), \
+        "the export no longer adds a product with the zero state: this test checks nothing"
+    fused, reports = fuse_attention(exported)
+    assert {r.family: r.rewritten for r in reports if r.rewritten} == {"linear": 1, "softmax": 1}
+    (node,) = [n for n in fused.graph.node if n.op_type == "KernelLinearAttention"]
+    assert "Add" not in [n.op_type for n in fused.graph.node if node.output[0] in n.input]
+    assert [layer.core for layer in find_attention_layers(exported)] == ["attnc::KernelLinearAttention", "softmax"]
+    with torch.no_grad():
+        np.testing.assert_allclose(load(fused).infer({"x": x.numpy()})["output"], model(x).numpy(),
+                                   rtol=1e-4, atol=1e-5)
+
+
 HYBRID, LIGHTNING = ("linear_attention", "full_attention"), ("linear_attention", "linear_attention")
 
 
