@@ -57,7 +57,9 @@ never written would keep the buffer's content, one written twice is a block over
 another's rows: near-misses); a buffer that holds the output transposed (``[N, H, B, Dv]``, or
 past a Transpose folded into the head merge) gets that Transpose after the fused node. The blocks' rows must be slices of one Q, K, V; block 0's
 state, when it reads input values, becomes the op's ``state`` (else it must be zeros), and the
-update after the last block, when the graph uses it, ``state_out``. The chain is *proven* by
+update after the last block, when the graph uses it, ``state_out``. A lone block's inter term with
+a zero state that a static export folded to a constant (``(q ⊙ λ)·0``, added after the fused intra
+term) is dropped with its ``Add`` (``_drop_zero_state_terms``: zero for finite queries). The chain is *proven* by
 evaluation (``_prove_blockwise``): every node between Q, K, V, the state and the outputs
 must be a sum, product, cast or reshape of them (a polynomial in them), everything else it
 reads must not read input values; then it runs in float64 on random Q, K, V, state at every
