@@ -53,6 +53,14 @@ def _export(model, inputs, tmp_path, exporter="dynamo", spec=None) -> onnx.Model
     return onnx.load(str(path))
 
 
+def _export_tokens(model, x, path, exporter="dynamo", opset=None) -> onnx.ModelProto:
+    """``model`` exported on ``x`` as input ``x`` with dynamic batch and length, loaded."""
+    kwargs = {} if opset is None else {"opset": opset}
+    export_onnx(model, (x,), path, exporter=exporter, input_names=["x"],
+                dynamic_axes={"x": {0: "batch", 1: "seq"}}, **kwargs)
+    return onnx.load(str(path))
+
+
 def _masked_reference(torch_model, keep: dict[int, list[int]], layers, inputs) -> np.ndarray:
     gates = gates_from_keep(keep, {l.index: l.heads for l in layers})
     with torch.no_grad(), head_gates(torch_model, gates):
@@ -909,10 +917,7 @@ class _SlicedQKV(torch.nn.Module):
 def test_prunes_a_fused_projection_cut_by_channel_slices(tmp_path, exporter, cut):
     torch.manual_seed(6)
     model = _SlicedQKV(cut=cut).eval()
-    path = tmp_path / "sliced.onnx"
-    export_onnx(model, (torch.randn(2, 5, 32),), path, exporter=exporter, input_names=["x"],
-                dynamic_axes={"x": {0: "batch", 1: "seq"}})
-    onnx_model = onnx.load(str(path))
+    onnx_model = _export_tokens(model, torch.randn(2, 5, 32), tmp_path / "sliced.onnx", exporter=exporter)
     layers = find_attention_layers(onnx_model)
     keep = {0: [0, 3]}
     pruned, report = prune_heads(onnx_model, keep=keep)
@@ -930,10 +935,7 @@ def test_prunes_a_pruned_model(tmp_path, exporter):
     then the first and last of those equals heads [0, 3] at once, and torch with heads 1 and 2 gated off."""
     torch.manual_seed(7)
     model = _SlicedQKV().eval()
-    path = tmp_path / "sliced.onnx"
-    export_onnx(model, (torch.randn(2, 5, 32),), path, exporter=exporter, input_names=["x"],
-                dynamic_axes={"x": {0: "batch", 1: "seq"}})
-    onnx_model = onnx.load(str(path))
+    onnx_model = _export_tokens(model, torch.randn(2, 5, 32), tmp_path / "sliced.onnx", exporter=exporter)
     layers = find_attention_layers(onnx_model)
     first, _ = prune_heads(onnx_model, keep={0: [0, 2, 3]})
     twice, report = prune_heads(first, keep={0: [0, 2]})
@@ -953,10 +955,7 @@ def test_prunes_a_pruned_grouped_query_model(tmp_path):
     """transformers' Llama (SDPA, 2 K/V groups of 2): one query head of each group, then the K/V group left
     with head 3 in layer 0 and a whole group of layer 1; equal to torch with the other heads gated off."""
     model = _hf_default("llama")
-    path = tmp_path / "llama.onnx"
-    export_onnx(model, (torch.randint(0, 64, (2, 9)),), path, exporter="dynamo", input_names=["x"],
-                dynamic_axes={"x": {0: "batch", 1: "seq"}})
-    onnx_model = onnx.load(str(path))
+    onnx_model = _export_tokens(model, torch.randint(0, 64, (2, 9)), tmp_path / "llama.onnx")
     layers = find_attention_layers(onnx_model)
     first, _ = prune_heads(onnx_model, keep={0: [1, 3]}, granularity="query")
     twice, report = prune_heads(first, keep={0: [1], 1: [2, 3]})
@@ -1221,10 +1220,7 @@ def test_prunes_query_heads_beside_one_unsqueezed_kv_head(tmp_path, exporter):
     head's columns stay as they were."""
     torch.manual_seed(7)
     model = _UnsqueezedMultiQuery().eval()
-    path = tmp_path / "mqa.onnx"
-    export_onnx(model, (torch.randn(2, 5, 32),), path, exporter=exporter, input_names=["x"],
-                dynamic_axes={"x": {0: "batch", 1: "seq"}})
-    onnx_model = onnx.load(str(path))
+    onnx_model = _export_tokens(model, torch.randn(2, 5, 32), tmp_path / "mqa.onnx", exporter=exporter)
     layers = find_attention_layers(onnx_model)
     assert [(l.heads, l.kv_heads) for l in layers] == [(4, 1)]
     keep = {0: [1, 3]}
@@ -1320,10 +1316,7 @@ def test_prunes_heads_in_front_of_a_norm_across_them(tmp_path, opset):
     (``head_gates`` gates the norm's input, the same semantics); the gate's columns go with the heads."""
     torch.manual_seed(8)
     model = perturbed(_NormedGatedAttention("rms"))
-    path = tmp_path / "normed.onnx"
-    export_onnx(model, (torch.randn(2, 5, 32),), path, input_names=["x"], opset=opset,
-                dynamic_axes={"x": {0: "batch", 1: "seq"}})
-    onnx_model = onnx.load(str(path))
+    onnx_model = _export_tokens(model, torch.randn(2, 5, 32), tmp_path / "normed.onnx", opset=opset)
     assert any(n.op_type == "RMSNormalization" for n in onnx_model.graph.node) == (opset == 23)
     layers = find_attention_layers(onnx_model)
     keep = {0: [0, 3]}
@@ -1354,8 +1347,6 @@ def test_refuses_a_norm_across_the_heads_in_front_of_the_head_split(tmp_path):
     hf = perturbed(transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
         max_position_embeddings=64, num_key_value_heads=2, pad_token_id=0)))
-    path = tmp_path / "olmo2.onnx"
-    export_onnx(_HFLogits(hf).eval(), (torch.randint(0, 64, (2, 9)),), path, input_names=["x"],
-                dynamic_axes={"x": {0: "batch", 1: "seq"}})
+    onnx_model = _export_tokens(_HFLogits(hf).eval(), torch.randint(0, 64, (2, 9)), tmp_path / "olmo2.onnx")
     with pytest.raises(AttncError, match="normalisation across the heads between the projection and the head split"):
-        prune_heads(onnx.load(str(path)), keep={0: [0, 1]})
+        prune_heads(onnx_model, keep={0: [0, 1]})
