@@ -1,7 +1,7 @@
 """Greedy generation with a lightning-attention LM: prefill + decode through attnc and ONNX Runtime.
 
 Exports the LM's prefill (``ids -> logits, states``) and decode step (``ids, states -> logits,
-states``) graphs, compiles both with attnc (ONNX Runtime backend; each attention becomes one
+states``) graphs, compiles both with attnc (ONNX Runtime backend; each lightning attention becomes one
 ``KernelLinearAttention`` node with its recurrent state in and out), generates ``--generate``
 tokens greedily after a random prompt, does the same with PyTorch eager, and prints whether the
 tokens agree, how far each side's logits are from the float64 model run once on the whole generated
@@ -61,9 +61,10 @@ def lightning_lm(name: str, prompt: int,
             states += [torch.zeros(2, config.num_key_value_heads, prompt, config.head_dim) for _ in "kv"]
             axes += [{0: "batch", 2: "past"}] * 2
     names = ["ids", *(f"state_{i}" for i in range(len(states)))]
-    graphs = [("minimax-prefill", model, (torch.zeros(2, prompt, dtype=torch.int64),), names[:1], {"ids": {0: "batch"}}),
+    batch = {"ids": {0: "batch"}}
+    graphs = [("minimax-prefill", model, (torch.zeros(2, prompt, dtype=torch.int64),), names[:1], batch),
               ("minimax-decode", model, (torch.zeros(2, 1, dtype=torch.int64), *states), names,
-               {"ids": {0: "batch"}, **dict(zip(names[1:], axes))})]
+               {**batch, **dict(zip(names[1:], axes))})]
     return model, config.vocab_size, graphs
 
 

@@ -282,22 +282,6 @@ def test_attention_sinks(exporter, mask, tmp_path):
            fewer_nodes=False)
 
 
-def test_gpt_oss_attention_sinks(tmp_path):
-    """transformers' gpt-oss (sinks, a sliding-window layer and a full one, grouped-query attention)."""
-    pytest.importorskip("transformers")
-    from attnc.models.transformers_zoo import Output, build, dynamic_axes, example_input
-
-    model = Output(build("gpt_oss")).eval()
-    path = export_onnx(model, (example_input("gpt_oss", 2, 9),), tmp_path / "gpt_oss.onnx", input_names=["x"],
-                       dynamic_axes=dynamic_axes("gpt_oss"))
-    fused, reports = fuse_attention(onnx.load(str(path)))
-    assert {r.family: r.rewritten for r in reports if r.rewritten} == {"softmax": 2}
-    x = example_input("gpt_oss", 3, 11, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        np.testing.assert_allclose(load(fused).infer({"x": x.numpy()})["output"], model(x).numpy(),
-                                   rtol=1e-4, atol=1e-5)
-
-
 class _GroupedSoftmax(nn.Module):
     """Flat [B·H, S, S] scores reshaped to rank 4 for a softmax over halves of each row: a rank
     3 -> 4 Reshape that is not a heads split, so not attention ``Attention`` can compute."""
