@@ -12,6 +12,7 @@ the ratios are the numbers to read. Raw timings go to
     python benchmarks/bench_transformers.py                       # bert, gpt2, llama at 128 and 512 tokens
     python benchmarks/bench_transformers.py --models bert --tokens 1024 --repeats 9
     python benchmarks/bench_transformers.py --models bloom mpt   # ALiBi: transformers-bloom-mpt-<date>.json
+    python benchmarks/bench_transformers.py --models gpt_oss minimax   # sinks; lightning attention (static)
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ from bench_fusion import machine, time_interleaved  # noqa: E402
 
 from attnc.compiler.backends.onnxruntime import OnnxRuntimeRunner  # noqa: E402
 from attnc.compiler.export import export_onnx  # noqa: E402
-from attnc.models.transformers_zoo import Output  # noqa: E402
+from attnc.models.transformers_zoo import Output, exportable_experts  # noqa: E402
 from attnc.passes import fuse_attention  # noqa: E402
 from attnc.passes.prune_heads import prune_heads, score_heads  # noqa: E402
 
 VOCAB = 1000
-MODELS = ("bert", "gpt2", "llama", "bloom", "mpt")
+MODELS = ("bert", "gpt2", "llama", "bloom", "mpt", "gpt_oss", "minimax")
 DEFAULT_MODELS = ["bert", "gpt2", "llama"]
 
 
@@ -59,6 +60,15 @@ def build(name: str) -> torch.nn.Module:
         return t.BloomForCausalLM(t.BloomConfig(n_layer=2, hidden_size=768, n_head=12, vocab_size=VOCAB))
     if name == "mpt":     # ALiBi [H, 1, S] and a causal masked_fill
         return t.MptForCausalLM(t.MptConfig(n_layers=2, d_model=768, n_heads=12, vocab_size=VOCAB, max_seq_len=2048))
+    # small experts: transformers' exportable MoE path gathers each token's expert weights ([tokens, 2·I, C])
+    moe = dict(num_hidden_layers=2, hidden_size=768, intermediate_size=256, num_attention_heads=12,
+               num_key_value_heads=4, head_dim=64, num_local_experts=2, num_experts_per_tok=1, vocab_size=VOCAB)
+    if name == "gpt_oss":   # attention sinks; a 128-token sliding window in layer 0, full attention in layer 1
+        return t.GptOssForCausalLM(exportable_experts(t.GptOssConfig(
+            **moe, sliding_window=128, layer_types=["sliding_attention", "full_attention"])))
+    if name == "minimax":   # lightning attention (blocks of 256: the export is static) in layer 0, softmax in 1
+        return t.MiniMaxForCausalLM(exportable_experts(t.MiniMaxConfig(
+            **moe, block_size=256, layer_types=["linear_attention", "full_attention"])))
     raise SystemExit(f"unknown model {name!r}: use {', '.join(MODELS)}")
 
 

@@ -25,7 +25,7 @@ STATIC_LENGTH = frozenset({"minimax"})
 STATIC_TOKENS = 9
 
 
-def _exportable_experts(config):
+def exportable_experts(config):
     """``config`` with the mixture-of-experts layers on transformers' ``batched_mm`` path: the default
     path calls a custom op that no ONNX exporter translates."""
     config._experts_implementation = "batched_mm"
@@ -95,18 +95,18 @@ def builders() -> dict[str, Callable[[], torch.nn.Module]]:
         "smollm3": lambda: t.SmolLM3ForCausalLM(t.SmolLM3Config(**lm, num_key_value_heads=2, pad_token_id=0)),
         "helium": lambda: t.HeliumForCausalLM(t.HeliumConfig(**lm, num_key_value_heads=2, head_dim=8)),
         "nemotron": lambda: t.NemotronForCausalLM(t.NemotronConfig(**lm, num_key_value_heads=2, head_dim=8)),
-        "mixtral": lambda: t.MixtralForCausalLM(_exportable_experts(t.MixtralConfig(
+        "mixtral": lambda: t.MixtralForCausalLM(exportable_experts(t.MixtralConfig(
             **lm, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1))),
         # attention sinks: a learned logit per head joins each softmax row, then its column is dropped
-        "gpt_oss": lambda: t.GptOssForCausalLM(_exportable_experts(t.GptOssConfig(
+        "gpt_oss": lambda: t.GptOssForCausalLM(exportable_experts(t.GptOssConfig(
             **lm, num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, **sliding))),
         # multi-head latent attention: Q and K/V from low-rank projections, a rotary part shared by the heads
-        "deepseek_v3": lambda: t.DeepseekV3ForCausalLM(_exportable_experts(t.DeepseekV3Config(
+        "deepseek_v3": lambda: t.DeepseekV3ForCausalLM(exportable_experts(t.DeepseekV3Config(
             **lm, num_key_value_heads=4, n_routed_experts=2, num_experts_per_tok=1, n_shared_experts=1,
             moe_intermediate_size=16, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8,
             v_head_dim=8, first_k_dense_replace=2, n_group=1, topk_group=1))),
         # lightning attention (linear, per-head decay, blocks of 4 tokens) in layer 0, softmax in layer 1
-        "minimax": lambda: t.MiniMaxForCausalLM(_exportable_experts(t.MiniMaxConfig(
+        "minimax": lambda: t.MiniMaxForCausalLM(exportable_experts(t.MiniMaxConfig(
             **lm, num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, block_size=4,
             layer_types=["linear_attention", "full_attention"]))),
         "clip_text": lambda: t.CLIPTextModel(t.CLIPTextConfig(hidden_size=32, intermediate_size=64,
@@ -189,7 +189,7 @@ def minimax_lm(layer_types: tuple[str, ...] = ("linear_attention", "full_attenti
     runs."""
     import transformers as t
 
-    config = _exportable_experts(t.MiniMaxConfig(
+    config = exportable_experts(t.MiniMaxConfig(
         **{**_LM, "num_hidden_layers": len(layer_types)}, num_key_value_heads=2, head_dim=8, num_local_experts=2,
         num_experts_per_tok=1, block_size=4, layer_types=list(layer_types)))
     with torch.random.fork_rng(devices=[]):
