@@ -247,6 +247,24 @@ class ValidationResult:
 # --------------------------------------------------------------------------- inputs
 
 
+def token_id_bound(model) -> int | None:
+    """The fewest rows among the constant tables that a ``Gather`` indexes with an integer graph input
+    (an embedding's vocabulary): random token ids below it are valid ids. ``None`` without such a table."""
+    from onnx import TensorProto
+
+    from attnc.passes.core import constant_value, node_attribute
+
+    ints = {i.name for i in model.graph.input
+            if i.type.tensor_type.elem_type in (TensorProto.INT64, TensorProto.INT32)}
+    rows = []
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in ints:
+            table = constant_value(model, node.input[0])
+            if table is not None and table.ndim:
+                rows.append(table.shape[node_attribute(node, "axis", 0)])
+    return min(rows) if rows else None
+
+
 def make_inputs(
     specs: Sequence[TensorSpec],
     *,

@@ -2587,11 +2587,42 @@ def select_heads(layers_heads: dict[int, int], scores: dict[int, np.ndarray], ra
         if left[i] > 1 and len(dropped) + len(members) <= count:
             dropped.update((i, j) for j in members)
             left[i] -= 1
+    if len(dropped) != count:   # the lowest units overshoot (layers of different unit sizes): search exactly
+        dropped = _exact_drop(units, count) or dropped
     if len(dropped) != count:
         unit = ("whole K/V groups (grouped-query layers drop a K/V head with all its query heads)"
                 if granularity == "group" else "units of one query head per K/V group")
         raise AttncError(f"cannot prune exactly {count} heads in {unit}", f"prune {len(dropped)} heads, or pass keep=")
     return {i: [j for j in range(h) if (i, j) not in dropped] for i, h in layers_heads.items()}
+
+
+def _exact_drop(units: list, count: int) -> set[tuple[int, int]] | None:
+    """The ``(layer, head)`` pairs of the units (``(score, layer, order, heads)``) to drop whose heads add up
+    to exactly ``count`` at the least total score, each layer keeping one unit; None if no choice does.
+    For when the lowest-scoring units overshoot: a layer of single heads beside one of K/V groups of two
+    (MiniMax's lightning and softmax layers) can drop 4 heads as 2 + 2, not as the 3 lowest singles + 2."""
+    layers: dict[int, list] = {}
+    for unit in units:
+        layers.setdefault(unit[1], []).append(unit)
+    best: dict[int, tuple[float, list]] = {0: (0.0, [])}   # heads dropped so far -> (score, units)
+    for layer_units in layers.values():
+        options: dict[tuple[int, int], tuple[float, list]] = {(0, 0): (0.0, [])}   # (heads, units) in the layer
+        for unit in layer_units:
+            for (heads, n), (score, chosen) in list(options.items()):
+                key = (heads + len(unit[3]), n + 1)
+                if key[0] <= count and key[1] < len(layer_units) and \
+                        (key not in options or score + unit[0] < options[key][0]):
+                    options[key] = (score + unit[0], chosen + [unit])
+        combined: dict[int, tuple[float, list]] = {}
+        for total, (score, chosen) in best.items():
+            for (heads, _), (more, picked) in options.items():
+                key = total + heads
+                if key <= count and (key not in combined or score + more < combined[key][0]):
+                    combined[key] = (score + more, chosen + picked)
+        best = combined
+    if count not in best:
+        return None
+    return {(unit[1], j) for unit in best[count][1] for j in unit[3]}
 
 
 def _prune_count(layers_heads: dict[int, int], ratio: float | None, count: int | None,
@@ -3136,12 +3167,13 @@ def apply(model: onnx.ModelProto, amount: str | float | int, calibration_feeds: 
     _prune_count({l.index: l.heads for l in layers}, ratio, count, _unit_sizes(layers, granularity), granularity)
     if method != "weight" and not calibration_feeds:
         from attnc.compiler.backends.onnxruntime import load
-        from attnc.compiler.validate import make_inputs
+        from attnc.compiler.validate import make_inputs, token_id_bound
 
         log.warning("prune_heads: no calibration data, scoring heads on random inputs")
         specs = load(model).input_specs
+        int_high = min(100, token_id_bound(model) or 100)   # token ids within the embedding's vocabulary
         try:
-            calibration_feeds = [make_inputs(specs, seed=seed + i, symbolic_defaults={"batch": 8})
+            calibration_feeds = [make_inputs(specs, seed=seed + i, symbolic_defaults={"batch": 8}, int_high=int_high)
                                  for i in range(4)]
         except AttncError:
             raise AttncError("head scoring needs inputs, and this model has symbolic dims other than batch",

@@ -380,6 +380,50 @@ def test_select_heads_is_global_and_keeps_one_per_layer():
     assert all(len(k) >= 1 for k in keep.values())
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_select_heads_finds_an_exact_count_where_the_lowest_units_overshoot(seed):
+    """A layer of single heads beside one of K/V groups of two (MiniMax's lightning and softmax layers):
+    when the three lowest units are singles, 4 heads cannot go as those plus a group; the selection
+    drops the cheapest choice of exactly 4 (each layer keeping a unit), as a brute force over all
+    choices finds it."""
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    scores = {0: rng.uniform(0.0, 0.1, 4), 1: rng.uniform(0.2, 1.0, 4)}
+    groups = {1: np.array([0, 0, 1, 1])}
+    keep = select_heads({0: 4, 1: 4}, scores, count=4, groups=groups, normalise=False)
+    units = [(0, (h,)) for h in range(4)] + [(1, (0, 1)), (1, (2, 3))]
+    best = min((sum(scores[i][list(m)].sum() for i, m in choice), choice)
+               for n in range(1, len(units) + 1) for choice in itertools.combinations(units, n)
+               if sum(len(m) for _, m in choice) == 4
+               and all(sum(i == layer for i, _ in choice) < total for layer, total in ((0, 4), (1, 2))))[1]
+    dropped = {(i, h) for i, m in best for h in m}
+    assert keep == {i: [h for h in range(4) if (i, h) not in dropped] for i in (0, 1)}
+    assert len(keep[0]) == 2 and len(keep[1]) == 2
+
+
+def test_random_calibration_draws_token_ids_within_the_vocabulary(tmp_path):
+    """Without calibration data (``compile --prune-heads`` alone) heads are scored on random inputs: token
+    ids are drawn below the embedding's row count (64 here), where ids up to 100 made ONNX Runtime's
+    Gather fail; MiniMax's lightning layer of single heads beside a softmax layer of K/V pairs loses 4 of
+    its 8 heads exactly (2 + a pair)."""
+    from attnc.compiler.validate import token_id_bound
+    from attnc.models.transformers_zoo import Output, build, dynamic_axes, example_input
+    from attnc.passes.prune_heads import apply
+
+    hf = build("minimax")
+    hf.set_attn_implementation("eager")   # TorchScript: no SDPA with enable_gqa
+    onnx_model = onnx.load(str(export_onnx(Output(hf).eval(), (example_input("minimax", 2, 9),),
+                                           tmp_path / "minimax.onnx", exporter="torchscript", input_names=["x"],
+                                           dynamic_axes=dynamic_axes("minimax"))))
+    assert token_id_bound(onnx_model) == 64
+    pruned, report = apply(onnx_model, "0.5")
+    assert [(l.heads_before, l.heads_after) for l in report.layers] == [(4, 2), (4, 2)]
+    assert report.layers[1].kv_heads_after == 1
+    x = example_input("minimax", 3, 9, torch.Generator().manual_seed(2))
+    assert np.isfinite(_ort(pruned, {"x": x.numpy()})).all()
+
+
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.5, 1.5])
 def test_bad_ratio(digits, ratio):
     onnx_model = digits[3]
