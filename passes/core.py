@@ -440,6 +440,28 @@ def past_max_shift(model: onnx.ModelProto, t: str, prod: Mapping[str, onnx.NodeP
     return (sub.input[0], [sub.name, mx.name]) if last else (t, [])
 
 
+def drops_last_key(model: onnx.ModelProto, node: onnx.NodeProto, rank: int | None) -> bool:
+    """``node`` is ``Slice(P, 0, -1)`` on the last axis (``rank``: P's, when known): attention sinks' column
+    dropped from the probabilities (gpt-oss)."""
+    if node.op_type != "Slice" or len(node.input) < 4:
+        return False
+    bounds = [constant_value(model, i) if i else None for i in node.input[1:5]]
+    if any(b is None for b in bounds[:3]) or (len(bounds) > 3 and bounds[3] is not None
+                                              and np.any(np.asarray(bounds[3]) != 1)):
+        return False
+    starts, ends, axes = (np.atleast_1d(b).tolist() for b in bounds[:3])
+    return starts == [0] and ends == [-1] and (axes == [-1] or (rank is not None and axes == [rank - 1]))
+
+
+def sink_concat(t: str, prod: Mapping[str, onnx.NodeProto], rank: int | None) -> onnx.NodeProto | None:
+    """The ``Concat([scores, sink])`` of two inputs along the last axis (``rank``: ``t``'s, when known) that
+    computes ``t``: the row a softmax with attention sinks normalises; else None."""
+    concat = prod.get(t)
+    if concat is None or concat.op_type != "Concat" or len(concat.input) != 2:
+        return None
+    return concat if node_attribute(concat, "axis", 0) in (-1, -1 if rank is None else rank - 1) else None
+
+
 def depends_on_data(model: onnx.ModelProto, name: str) -> bool:
     """Whether ``name`` reads a graph input's *values* (not only its shape)."""
     produced = producers(model)

@@ -1620,20 +1620,27 @@ def _drop_zero_state_terms(model) -> int:
     finite ``x``, and the Add only kept the fused node from being the layer's core (head pruning reads the
     layer from it). Only where the Add's output has the fused output's inferred shape (no broadcast).
     Returns how many were dropped."""
-    prod, cons, shapes = producers(model), consumers(model), value_shapes(model)
+    prod = producers(model)
     outputs = {n.output[0] for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE}
-    dropped = 0
+    found = []   # (Add, the fused output it reads)
     for node in model.graph.node:
         if node.op_type != "Add" or len(set(node.input) & outputs) != 1 or node.input[0] == node.input[1]:
             continue
         fused = next(i for i in node.input if i in outputs)
         term = prod.get(next(i for i in node.input if i != fused))
         zeros = constant_value(model, term.input[1]) if term is not None and term.op_type == "MatMul" else None
+        if zeros is not None and not np.any(zeros != 0):
+            found.append((node, fused))
+    if not found:
+        return 0
+    cons, shapes = consumers(model), value_shapes(model)   # shape inference only where there is such a term
+    graph_outputs = {o.name for o in model.graph.output}
+    dropped = 0
+    for node, fused in found:
         shape = shapes.get(fused)
-        if zeros is None or np.any(zeros != 0) or not shape or shapes.get(node.output[0]) != shape \
-                or not all(isinstance(d, int) for d in shape):
+        if not shape or shapes.get(node.output[0]) != shape or not all(isinstance(d, int) for d in shape):
             continue
-        if node.output[0] in {o.name for o in model.graph.output}:
+        if node.output[0] in graph_outputs:
             node.op_type = "Identity"
             del node.input[:]
             node.input.append(fused)

@@ -106,8 +106,9 @@ from attnc.compiler.errors import AttncError
 from attnc.compiler.validate import eval_mode
 from attnc.passes import linear, softmax
 from attnc.passes.core import (collapse_flat_transposes, constant_value, consumers, depends_on_data, evaluate_tensors,
-                               fixed_value, flat_transposes, name_nodes, same_dim, past_max_shift,
-                               past_probability_casts, producers, remove_dead_nodes, toposort, value_shapes)
+                               drops_last_key, fixed_value, flat_transposes, name_nodes, same_dim, past_max_shift,
+                               past_probability_casts, producers, remove_dead_nodes, sink_concat, toposort,
+                               value_shapes)
 
 log = logging.getLogger(__name__)
 
@@ -510,7 +511,7 @@ def _sink_drop(model, probs, cons) -> onnx.NodeProto | None:
     users = cons.get(probs, [])
     if len(users) != 1 or users[0].op_type != "Slice":
         return None
-    return users[0] if softmax._drops_last_key(model, users[0], _shapes(model)) else None
+    return users[0] if drops_last_key(model, users[0], len(_shapes(model).get(probs) or []) or None) else None
 
 
 def _sink_concat(model, node, prod, cons) -> onnx.NodeProto | None:
@@ -519,13 +520,9 @@ def _sink_concat(model, node, prod, cons) -> onnx.NodeProto | None:
     guard against overflow; a softmax does not change with a shift of its row); else ``None``."""
     if _sink_drop(model, past_probability_casts(model, node.output[0], cons)[0], cons) is None:
         return None
-    x, _ = past_max_shift(model, node.input[0], prod, len(_shapes(model).get(node.input[0]) or []) or None)
-    concat = prod.get(x)
-    rank = len(_shapes(model).get(x) or [])
-    if concat is None or concat.op_type != "Concat" or len(concat.input) != 2 \
-            or _attr(concat, "axis") not in (-1, rank - 1):
-        return None
-    return concat
+    rank = len(_shapes(model).get(node.input[0]) or []) or None
+    x, _ = past_max_shift(model, node.input[0], prod, rank)
+    return sink_concat(x, prod, rank)
 
 
 def _sink_input(model, node, prod, cons) -> tuple[onnx.NodeProto, int] | None:

@@ -66,10 +66,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from attnc.passes.core import (Match, NearMiss, PassReport, consumers, constant_value, convert_opset,
-                               default_opset, depends_on_data, evaluate_tensors, fixed_value, named_copy,
-                               node_attribute, past_max_shift, past_probability_casts, producers,
-                               remove_dead_nodes,
-                               same_dim, scalar_constant, toposort, value_shapes)
+                               default_opset, depends_on_data, drops_last_key, evaluate_tensors, fixed_value,
+                               named_copy, node_attribute, past_max_shift, past_probability_casts, producers,
+                               remove_dead_nodes, same_dim, scalar_constant, sink_concat, toposort, value_shapes)
 
 FAMILY = "softmax"
 OP_TYPE = "Attention"
@@ -226,7 +225,7 @@ def _candidates(model: onnx.ModelProto, report: PassReport, cache: dict | None =
         probs, passed = past_probability_casts(model, probs, cons)
         merge, sink_drop = None, None
         users = cons.get(probs, [])
-        if len(users) == 1 and _drops_last_key(model, users[0], shapes):
+        if len(users) == 1 and drops_last_key(model, users[0], len(shapes.get(probs) or []) or None):
             sink_drop = users[0]   # softmax over [scores, sink], the sink's column dropped (gpt-oss)
             probs, more = past_probability_casts(model, sink_drop.output[0], cons)
             passed += [sink_drop.name] + more
@@ -254,19 +253,6 @@ def _candidates(model: onnx.ModelProto, report: PassReport, cache: dict | None =
         if cand.sink is None:   # (a causal key range would drop the sink's key, which comes last)
             _detect_causal(model, cand, cache)
     return found
-
-
-def _drops_last_key(model, node, shapes) -> bool:
-    """``node`` is ``Slice(P, 0, -1)`` on the last axis: the sink's column dropped from the probabilities."""
-    if node.op_type != "Slice" or len(node.input) < 4:
-        return False
-    bounds = [constant_value(model, i) if i else None for i in node.input[1:5]]
-    if any(b is None for b in bounds[:3]) or (len(bounds) > 3 and bounds[3] is not None
-                                              and np.any(np.asarray(bounds[3]) != 1)):
-        return False
-    starts, ends, axes = (np.atleast_1d(b).tolist() for b in bounds[:3])
-    rank = len(shapes.get(node.input[0]) or [])
-    return starts == [0] and ends == [-1] and (axes == [-1] or (rank > 0 and axes == [rank - 1]))
 
 
 def _softmax_output(model, node, prod, shapes) -> str | None:
@@ -430,9 +416,8 @@ def _sink(model, x, prod, shapes, nodes) -> tuple[np.ndarray, str]:
     """``x = Concat([scores, sink], -1)``: the sink logits as ``[1, H, 1, 1]`` (or ``[1, 1, 1, 1]``) and the
     scores. The sink column must be a constant (or computed from shapes only) that varies with the heads
     axis alone: a per-head parameter expanded over batch and queries, or a static export's folded copy."""
-    concat = prod.get(x)
-    if concat is None or concat.op_type != "Concat" or len(concat.input) != 2 \
-            or node_attribute(concat, "axis", 0) not in (-1, len(shapes.get(x) or []) - 1):
+    concat = sink_concat(x, prod, len(shapes.get(x) or []) or None)
+    if concat is None:
         raise _Miss("the softmax's last key column is dropped, but its row is not [scores, sink]")
     sink = concat.input[1]
     expand = prod.get(sink)
