@@ -86,7 +86,11 @@ def cli(verbose: bool) -> None:
 @cli.command("models")
 @_handle_errors
 def models_cmd() -> None:
-    """List the bundled reference models (usable wherever a MODEL is asked for)."""
+    """List the bundled reference models (usable wherever a MODEL is asked for).
+
+    MODEL may also be MODULE:FACTORY or a local Hugging Face checkpoint directory
+    (config.json and model.safetensors, as save_pretrained writes them).
+    """
     from attnc.models import registry
 
     table = Table("name", "family", "inputs", title="bundled models")
@@ -94,6 +98,8 @@ def models_cmd() -> None:
         shapes = ", ".join("x".join(map(str, t.shape)) for t in spec.example_inputs())
         table.add_row(name, spec.family, shapes)
     console.print(table)
+    console.print("MODEL may also be MODULE:FACTORY or a Hugging Face checkpoint directory "
+                  "(config.json + model.safetensors).")
 
 
 @cli.command("export")
@@ -102,7 +108,7 @@ def models_cmd() -> None:
               help="Where to write the .onnx file.")
 @click.option("--input-shape", "input_shapes", multiple=True,
               help="Example input, in forward()'s order: [NAME:]2x3x224x224[:int64]. "
-                   "Defaults to the bundled model's example inputs.")
+                   "Defaults to the bundled model's (or checkpoint config's) example inputs.")
 @click.option("--dynamic", multiple=True, help="Dynamic axis NAME:AXIS=SYMBOL, e.g. x:0=batch (repeatable).")
 @click.option("--static", is_flag=True, help="Ignore the bundled model's dynamic axes.")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript", "auto"]), default="dynamo",
@@ -113,7 +119,7 @@ def models_cmd() -> None:
               help="Random integer inputs (token ids) are drawn from [0, INT_HIGH): at most the vocabulary size.")
 @_handle_errors
 def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset, seed, int_high) -> None:
-    """Export MODEL (a bundled model name or MODULE:FACTORY) to ONNX."""
+    """Export MODEL (a bundled model name, a Hugging Face checkpoint directory or MODULE:FACTORY) to ONNX."""
     import torch
 
     from attnc.compiler.export import export_onnx, resolve_model
@@ -295,11 +301,13 @@ def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, lowe
 
 @cli.command("validate")
 @click.argument("artefact_dir", type=click.Path(path_type=Path))
-@click.option("--model", "model_ref", required=True, help="The PyTorch model: bundled name or MODULE:FACTORY.")
+@click.option("--model", "model_ref", required=True,
+              help="The PyTorch model: bundled name, Hugging Face checkpoint directory or MODULE:FACTORY.")
 @click.option("--inputs", "inputs_npz", type=click.Path(dir_okay=False, path_type=Path),
               help="Inputs as a .npz keyed by input name (default: random with --seed).")
 @click.option("--input-shape", "input_shapes", multiple=True,
-              help="Shape of random inputs: NAME:2x3x224x224 (default: the bundled model's example).")
+              help="Shape of random inputs: NAME:2x3x224x224 (default: the bundled model's or checkpoint's "
+                   "example).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--int-high", type=click.IntRange(min=1), default=100, show_default=True,
               help="Random integer inputs (token ids) are drawn from [0, INT_HIGH): at most the vocabulary size.")

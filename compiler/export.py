@@ -185,16 +185,29 @@ def _export_with(exporter, model, inputs, opset, dynamic_axes, input_names, outp
 def resolve_model(ref: str):
     """Turn a CLI model reference into ``(module, spec)``.
 
-    ``ref`` is either a registry name from ``attnc.models.registry`` (``vit-agent-small``)
-    or ``package.module:attr`` where ``attr`` is an ``nn.Module``, a zero-argument
-    factory returning one, or a registry ``ModelSpec``. ``spec`` is the ModelSpec when
-    there is one (it knows example inputs and dynamic axes), else ``None``.
+    ``ref`` is a registry name from ``attnc.models.registry`` (``vit-agent-small``), a local
+    Hugging Face checkpoint directory (``config.json`` + weights, see
+    :mod:`attnc.models.hf_checkpoint`), or ``package.module:attr`` where ``attr`` is an
+    ``nn.Module``, a zero-argument factory returning one, or a registry ``ModelSpec``. ``spec``
+    is the ModelSpec when there is one (it knows example inputs and dynamic axes), else ``None``.
+    A registry name wins over a directory of the same name.
     """
     import importlib
 
     from attnc.models import registry
 
+    if ref in registry.SPECS:
+        spec = registry.SPECS[ref]
+        return spec.factory(), spec
+    if Path(ref).expanduser().is_dir():
+        from attnc.models.hf_checkpoint import load_checkpoint
+
+        return load_checkpoint(ref)
     if ":" not in ref:
+        if "/" in ref or "\\" in ref or ref.startswith((".", "~")) or Path(ref).expanduser().exists():
+            raise AttncError(f"{ref} is no directory, registry name or MODULE:FACTORY",
+                             "pass a checkpoint directory (config.json + weights), a name from "
+                             "`attnc models`, or MODULE:FACTORY")
         spec = registry.get_spec(ref)
         return spec.factory(), spec
     module_name, _, attr = ref.partition(":")

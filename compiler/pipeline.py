@@ -267,7 +267,7 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     elif shapes is None and spec is not None:
         examples = spec.example_inputs(seed=seed)
         feeds = {s.name: t.numpy() for s, t in zip(runner.input_specs, examples)}
-        source = f"bundled example inputs of {spec.name}, seed {seed}"
+        source = f"example inputs of {spec.name}, seed {seed}"
     else:
         feeds = validate.make_inputs(runner.input_specs, seed=seed, shapes=shapes, int_high=int_high)
         source = f"random, seed {seed}"

@@ -1,0 +1,232 @@
+"""A local Hugging Face checkpoint directory (``config.json`` + weights, as ``save_pretrained`` writes
+it) as an attnc model: :func:`load_checkpoint` gives ``(module, spec)`` like a bundled model.
+
+The module is the class ``config.architectures[0]`` names (the ``AutoModel`` class of the config
+when it names none), loaded in float32 and eval mode from local files only (attnc never reaches the
+hub), wrapped to return one tensor (:class:`~attnc.models.transformers_zoo.Output`: logits, else the
+last hidden state). The spec's one input is the model's ``main_input_name``:
+
+- ``input_ids`` ``[batch=2, seq=16]`` below ``vocab_size``, dynamic in batch and sequence (sequence
+  static for :data:`~attnc.models.transformers_zoo.STATIC_LENGTH` models);
+- ``pixel_values`` ``[batch=2, num_channels, H, W]`` from ``image_size``, dynamic in batch;
+- ``input_values`` raw audio (wav2vec2-style convolutional front end: about 16 frames of samples),
+  dynamic in batch and samples;
+- ``input_features`` a Whisper-style log-mel spectrogram ``[batch=2, num_mel_bins,
+  2 * max_source_positions]`` (Whisper takes exactly that many frames), dynamic in batch.
+
+Any other input gets a spec whose example inputs raise an :class:`AttncError` asking for
+``--input-shape`` (names and dynamic batch still come from the spec). transformers is imported only
+when a directory is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import inspect
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from attnc.compiler.errors import AttncError
+from attnc.models.registry import InputSpec, ModelSpec
+from attnc.models.transformers_zoo import STATIC_LENGTH, Output, exportable_experts
+
+BATCH = 2
+TOKENS = 16
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+_SAVE_FIX = "pass the directory save_pretrained() wrote (config.json and model.safetensors)"
+
+
+@dataclass(frozen=True)
+class CheckpointSpec(ModelSpec):
+    """A :class:`ModelSpec` whose example inputs may be unknown: ``unsupported`` says why, and
+    :meth:`example_inputs` then raises it with the ``--input-shape`` to pass instead."""
+
+    unsupported: str = ""
+
+    def example_inputs(self, batch: int | None = None, seed: int = 0, **sizes: int) -> tuple[torch.Tensor, ...]:
+        if self.unsupported:
+            name = self.inputs[0].name
+            raise AttncError(f"{self.name}: {self.unsupported}",
+                             f"pass the input's shape, e.g. --input-shape {name}:2x16 (your sizes)")
+        return super().example_inputs(batch, seed, **sizes)
+
+
+def load_checkpoint(directory: str) -> tuple[torch.nn.Module, CheckpointSpec]:
+    """The checkpoint in ``directory`` as ``(Output(model), spec)``.
+
+    Raises:
+        AttncError: transformers is not installed, the directory has no ``config.json`` or no
+            weights, the config or architecture is unknown to the installed transformers, the model
+            needs decoder inputs too (encoder-decoder), or loading the weights fails or leaves
+            weights missing.
+    """
+    path = Path(directory).expanduser()
+    config = _config(path)
+    cls = _model_class(config, path)
+    spec = _spec(path, config, cls)
+    return spec.factory(), spec
+
+
+def _transformers():
+    try:
+        return importlib.import_module("transformers")
+    except ImportError:
+        raise AttncError("loading a Hugging Face checkpoint directory needs transformers",
+                         "pip install transformers") from None
+
+
+def _config(path: Path):
+    if not (path / "config.json").is_file():
+        raise AttncError(f"{path} has no config.json, so it is no Hugging Face checkpoint",
+                         f"{_SAVE_FIX}, a bundled model name or MODULE:FACTORY")
+    transformers = _transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:   # unknown model_type (ValueError), unreadable JSON (OSError), ...
+        raise AttncError(f"transformers {transformers.__version__} cannot read {path / 'config.json'} "
+                         f"({type(exc).__name__}: {_first_line(exc)})",
+                         "check its model_type, or upgrade transformers; attnc runs no checkpoint code "
+                         "(trust_remote_code): export such a model through MODULE:FACTORY") from None
+    if _is_mixture_of_experts(config):
+        exportable_experts(config)
+    return config
+
+
+def _is_mixture_of_experts(config) -> bool:
+    text = config.get_text_config()
+    return any(getattr(text, key, None) for key in ("num_local_experts", "n_routed_experts", "num_experts"))
+
+
+def _model_class(config, path: Path) -> type:
+    transformers = _transformers()
+    names = getattr(config, "architectures", None) or []
+    if not names:
+        try:
+            return transformers.AutoModel._model_mapping[type(config)]
+        except KeyError:
+            raise AttncError(f"{path / 'config.json'} names no architecture and transformers "
+                             f"{transformers.__version__} has no AutoModel for {type(config).__name__}",
+                             "add the model class to its \"architectures\" list") from None
+    name = names[0]
+    cls = getattr(transformers, name, None)
+    if cls is None:   # classes not exported at the top level, e.g. WhisperEncoder
+        module = f"transformers.models.{config.model_type}.modeling_{config.model_type}"
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            cls = None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise AttncError(f"architecture {name!r} of {path / 'config.json'} is unknown to transformers "
+                         f"{transformers.__version__}",
+                         "upgrade transformers or fix \"architectures\"; attnc runs no checkpoint code "
+                         "(trust_remote_code): export such a model through MODULE:FACTORY")
+    if "decoder_input_ids" in inspect.signature(cls.forward).parameters:
+        raise AttncError(f"{name} is an encoder-decoder model: its forward needs decoder inputs besides "
+                         f"{cls.main_input_name!r}",
+                         "export its encoder through MODULE:FACTORY, a function returning "
+                         f"{name}.from_pretrained(dir).get_encoder()")
+    params = [p for p in inspect.signature(cls.forward).parameters if p != "self"]
+    if params[:1] != [cls.main_input_name]:
+        raise AttncError(f"{name}.forward takes {params[:1]} first, not its main input {cls.main_input_name!r}",
+                         "export it through MODULE:FACTORY with a module that takes the inputs in order")
+    return cls
+
+
+def _load(cls: type, config, path: Path) -> torch.nn.Module:
+    """``cls`` from the weights in ``path``: float32, eval mode, every weight present."""
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise AttncError(f"{path} has a config.json but no weights ({', '.join(WEIGHT_FILES[::2])})", _SAVE_FIX)
+    # Output returns logits or the last hidden state, never the pooled output: a pooler whose weights a
+    # checkpoint lacks (saved with add_pooling_layer=False, which config.json does not record) is not built
+    pooler = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(cls.__init__).parameters \
+        else {}
+    try:
+        with _quiet(_transformers()):
+            model, info = cls.from_pretrained(path, config=config, local_files_only=True, dtype=torch.float32,
+                                              output_loading_info=True, **pooler)
+    except Exception as exc:   # corrupt files, shapes that do not fit the config, ...
+        raise AttncError(f"cannot load {cls.__name__} from {path} ({type(exc).__name__}: {_first_line(exc)})",
+                         f"check that the weights belong to this config; {_SAVE_FIX}") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise AttncError(f"{path} lacks {len(missing)} weight(s) of {cls.__name__}, e.g. {', '.join(missing[:3])}",
+                         "save the whole model with save_pretrained(), or name the class the weights belong "
+                         "to in config.json's \"architectures\"")
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _quiet(transformers) -> Iterator[None]:
+    """Without transformers' progress bars and load report: missing weights are checked here, and an
+    unused pooler's weights are expected to be left over."""
+    logging, bars = transformers.utils.logging, transformers.utils.logging.is_progress_bar_enabled()
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _spec(path: Path, config, cls: type) -> CheckpointSpec:
+    main = cls.main_input_name
+    inputs, sizes, dynamic, unsupported = _inputs(main, config)
+    text = config.get_text_config()
+    family = "linear" if "linear_attention" in (getattr(text, "layer_types", None) or ()) else "mhsa"
+    kind = {"input_ids": "lm", "pixel_values": "vit"}.get(main, "audio")
+    return CheckpointSpec(
+        name=str(path), family=family, kind=kind,
+        factory=functools.partial(_wrapped, cls, config, path),
+        inputs=inputs, sizes=sizes, dynamic=dynamic, output_axes=("batch",),
+        description=f"{cls.__name__}.from_pretrained({str(path)!r})", unsupported=unsupported)
+
+
+def _wrapped(cls: type, config, path: Path) -> torch.nn.Module:
+    return Output(_load(cls, config, path)).eval()
+
+
+def _inputs(main: str, config) -> tuple[tuple[InputSpec, ...], dict[str, int], tuple[str, ...], str]:
+    """``(inputs, sizes, dynamic size names, why example inputs are unknown or "")`` for ``main``."""
+    if main == "input_ids":
+        text = config.get_text_config()
+        positions = next((v for k in ("max_position_embeddings", "n_positions", "max_seq_len")
+                          if isinstance(v := getattr(text, k, None), int) and v > 0), TOKENS)
+        vocab = getattr(text, "vocab_size", None)
+        if not vocab:
+            return (InputSpec(main, ("batch", "seq"), torch.int64),), {"batch": BATCH}, ("batch", "seq"), \
+                "its config has no vocab_size to draw token ids below"
+        static = config.model_type in STATIC_LENGTH
+        shape = ("batch", min(TOKENS, positions)) if static else ("batch", "seq")
+        return (InputSpec(main, shape, torch.int64, vocab),), {"batch": BATCH, "seq": min(TOKENS, positions)}, \
+            ("batch",) if static else ("batch", "seq"), ""
+    if main == "pixel_values" and getattr(config, "image_size", None):
+        size = config.image_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+        channels = getattr(config, "num_channels", 3)
+        return (InputSpec(main, ("batch", channels, height, width)),), {"batch": BATCH}, ("batch",), ""
+    if main == "input_values" and getattr(config, "conv_stride", None) and getattr(config, "conv_kernel", None):
+        # the samples a convolutional front end turns into TOKENS frames: its receptive field, then a hop per frame
+        hop = math.prod(config.conv_stride)
+        field = 1 + sum((k - 1) * math.prod(config.conv_stride[:i]) for i, k in enumerate(config.conv_kernel))
+        return (InputSpec(main, ("batch", "samples")),), {"batch": BATCH, "samples": field + (TOKENS - 1) * hop}, \
+            ("batch", "samples"), ""
+    if main == "input_features" and getattr(config, "num_mel_bins", None) and \
+            getattr(config, "max_source_positions", None):
+        frames = 2 * config.max_source_positions   # Whisper's encoder halves the frames with a stride-2 conv
+        return (InputSpec(main, ("batch", config.num_mel_bins, frames)),), {"batch": BATCH}, ("batch",), ""
+    return (InputSpec(main, ("batch",)),), {"batch": BATCH}, ("batch",), \
+        f"attnc cannot build example {main!r} inputs from a {config.model_type} config"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]

@@ -1,0 +1,180 @@
+"""A local Hugging Face checkpoint directory as MODEL: export -> compile -> validate through the CLI,
+the example inputs built from its config, and a clean error for each directory attnc cannot load.
+
+Checkpoints are tiny random models written here with ``save_pretrained``; the exports use the
+TorchScript exporter (a fraction of a second for these models, the dynamo exporter several).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from attnc.compiler.cli import cli
+from attnc.compiler.export import resolve_model
+from attnc.models import transformers_zoo
+
+transformers = pytest.importorskip("transformers")
+
+_LM = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
+           max_position_embeddings=64)
+
+
+def run(*args, ok: bool = True):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def assert_clean_error(result, *words: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[0].startswith("error:") and "Traceback" not in result.output, result.output
+    for word in words:
+        assert word in result.output, result.output
+
+
+def save(model: torch.nn.Module, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    """A Llama causal LM (multi-head attention: the TorchScript exporter has no grouped-query SDPA)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers_zoo.perturbed(transformers.LlamaForCausalLM(transformers.LlamaConfig(**_LM)))
+    return save(model, tmp_path_factory.mktemp("hf") / "llama")
+
+
+def graph_input(path: Path) -> tuple[str, list]:
+    (value,) = onnx.load(str(path)).graph.input
+    return value.name, [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def test_llama_checkpoint_export_compile_validate(llama, tmp_path):
+    run("export", llama, "-o", tmp_path / "m.onnx", "--exporter", "torchscript")
+    # the main input, token ids [2, 16] by default, dynamic in batch and sequence
+    assert graph_input(tmp_path / "m.onnx") == ("input_ids", ["batch", "seq"])
+    run("compile", tmp_path / "m.onnx", "-o", tmp_path / "out")
+    ops = json.loads((tmp_path / "out" / "manifest.json").read_text())["ops_after"]
+    assert ops.get("Attention") == 2 and "Softmax" not in ops
+    run("validate", tmp_path / "out", "--model", llama)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["passed"] and report["outputs"][0]["actual"]["shape"] == [2, 16, 64]   # the logits
+    run("validate", tmp_path / "out", "--model", llama, "--input-shape", "input_ids:3x11:int64", "--int-high", "64")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["passed"] and report["outputs"][0]["actual"]["shape"] == [3, 11, 64]
+
+
+def test_input_shape_overrides_and_pruning_draws_ids_below_the_vocabulary(llama, tmp_path):
+    """--input-shape replaces the example inputs (the input keeps its name); on a static export,
+    --prune-heads scores heads on random token ids that must stay below the 64-word vocabulary
+    (``token_id_bound``; attnc's default bound of 100 would index past the embedding)."""
+    run("export", llama, "-o", tmp_path / "m.onnx", "--exporter", "torchscript", "--static",
+        "--input-shape", "input_ids:2x12:int64", "--int-high", "64")
+    assert graph_input(tmp_path / "m.onnx") == ("input_ids", [2, 12])
+    run("compile", tmp_path / "m.onnx", "-o", tmp_path / "pruned", "--prune-heads", "0.5")
+    pruned = json.loads((tmp_path / "pruned" / "manifest.json").read_text())["shrink"]["prune_heads"]
+    assert pruned["heads_after"] == pruned["heads_before"] // 2
+
+
+def test_vit_checkpoint_export_compile_validate(tmp_path):
+    # the zoo's ViT has no pooler, which config.json does not record: attnc loads it without one
+    ckpt = save(transformers_zoo.build("vit"), tmp_path / "vit")
+    run("export", ckpt, "-o", tmp_path / "m.onnx", "--exporter", "torchscript")
+    assert graph_input(tmp_path / "m.onnx") == ("pixel_values", ["batch", 3, 16, 16])   # batch only
+    run("compile", tmp_path / "m.onnx", "-o", tmp_path / "out")
+    ops = json.loads((tmp_path / "out" / "manifest.json").read_text())["ops_after"]
+    assert ops.get("Attention") == 2 and "Softmax" not in ops
+    run("validate", tmp_path / "out", "--model", ckpt, "--seed", "1")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["passed"] and report["outputs"][0]["actual"]["shape"] == [2, 5, 32]   # last hidden state
+
+
+@pytest.mark.parametrize("name,shape,out", [
+    ("wav2vec2", [2, 67], [2, 16, 32]),          # raw audio: 16 frames after the convolutions
+    ("whisper_encoder", [2, 8, 32], [2, 16, 32]),  # WhisperEncoder (no top-level class), 2 * 16 mel frames
+    ("bert", [2, 16], [2, 16, 32]),               # saved without a pooler
+])
+def test_example_inputs_from_the_config(name, shape, out, tmp_path):
+    model = transformers_zoo.build(name)
+    module, spec = resolve_model(str(save(model, tmp_path / name)))
+    (x,) = spec.example_inputs()
+    assert list(x.shape) == shape and spec.input_names == [model.main_input_name]
+    with torch.no_grad():
+        got, want = module(x), transformers_zoo.Output(model)(x)
+    assert list(got.shape) == out and torch.equal(got, want)   # the checkpoint's weights, in eval mode
+
+
+def test_half_precision_checkpoint_loads_in_float32(tmp_path):
+    ckpt = save(transformers_zoo.build("gpt2").to(torch.bfloat16), tmp_path / "gpt2")
+    module, spec = resolve_model(str(ckpt))
+    assert {p.dtype for p in module.parameters()} == {torch.float32} and not module.training
+    assert module(*spec.example_inputs()).dtype == torch.float32
+
+
+def test_mixture_of_experts_loads_on_the_exportable_path(tmp_path):
+    config = transformers.MixtralConfig(**_LM, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
+    ckpt = save(transformers.MixtralForCausalLM(config), tmp_path / "mixtral")
+    assert json.loads((ckpt / "config.json").read_text()).get("_experts_implementation") is None
+    module, spec = resolve_model(str(ckpt))
+    assert module.model.config._experts_implementation == "batched_mm"
+    assert spec.dynamic_axes["input_ids"] == {0: "batch", 1: "seq"}
+
+
+def test_input_attnc_cannot_build_needs_input_shape(tmp_path):
+    """An audio spectrogram transformer's input_values are no raw audio: attnc asks for their shape."""
+    config = transformers.ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                    intermediate_size=64, max_length=16, num_mel_bins=16, frequency_stride=10,
+                                    time_stride=10)
+    ckpt = save(transformers.ASTModel(config), tmp_path / "ast")
+    result = run("export", ckpt, "-o", tmp_path / "m.onnx", "--exporter", "torchscript", ok=False)
+    assert_clean_error(result, "input_values", "--input-shape")
+    assert not (tmp_path / "m.onnx").exists()
+    run("export", ckpt, "-o", tmp_path / "m.onnx", "--exporter", "torchscript", "--input-shape", "1x16x16")
+    assert graph_input(tmp_path / "m.onnx") == ("input_values", ["batch", 16, 16])
+
+
+def _config_only(folder: Path, config, architecture: str | None) -> Path:
+    config.architectures = [architecture] if architecture else None
+    config.save_pretrained(folder)
+    return folder
+
+
+def test_errors_name_the_problem_and_the_fix(tmp_path):
+    out = tmp_path / "m.onnx"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_error(run("export", empty, "-o", out, ok=False), "no config.json", "save_pretrained")
+
+    unknown = _config_only(tmp_path / "unknown", transformers.LlamaConfig(**_LM), "NoSuchForCausalLM")
+    assert_clean_error(run("export", unknown, "-o", out, ok=False), "'NoSuchForCausalLM'", "unknown to transformers",
+                       "upgrade transformers")
+
+    weightless = _config_only(tmp_path / "weightless", transformers.LlamaConfig(**_LM), "LlamaForCausalLM")
+    assert_clean_error(run("export", weightless, "-o", out, ok=False), "no weights", "save_pretrained")
+
+    seq2seq = _config_only(tmp_path / "t5", transformers.T5Config(d_model=32, num_layers=1, num_heads=4),
+                           "T5ForConditionalGeneration")
+    assert_clean_error(run("export", seq2seq, "-o", out, ok=False), "encoder-decoder", "get_encoder()")
+
+    bad_type = tmp_path / "bad_type"
+    bad_type.mkdir()
+    (bad_type / "config.json").write_text(json.dumps({"model_type": "no_such_type"}))
+    assert_clean_error(run("export", bad_type, "-o", out, ok=False), "cannot read", "MODULE:FACTORY")
+
+    # weights of the base model under a config naming the LM: its head's weight is missing
+    save(transformers.LlamaModel(transformers.LlamaConfig(**_LM)), tmp_path / "base")
+    _config_only(tmp_path / "base", transformers.LlamaConfig(**_LM, tie_word_embeddings=False), "LlamaForCausalLM")
+    assert_clean_error(run("export", tmp_path / "base", "-o", out, ok=False), "lm_head.weight")
+
+    assert_clean_error(run("export", tmp_path / "no" / "such", "-o", out, ok=False), "no directory")
+    assert not out.exists()
