@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -132,8 +133,12 @@ def patch_natten() -> Iterator[bool]:
     """Swap NATTEN's ``na{1,2,3}d`` for the exportable ones while active: in ``natten.functional``
     and at the package's top level (``natten.na2d``), where NATTEN >= 0.20 exports them too.
 
-    Yields whether NATTEN was found (nothing is patched when it is not installed).
+    Yields whether NATTEN was patched: only when it has been imported (a model that calls NATTEN
+    imported it; importing it only to find it unused would slow every export down).
     """
+    if "natten" not in sys.modules:
+        yield False
+        return
     try:
         modules = [importlib.import_module("natten")]
         modules.append(importlib.import_module("natten.functional"))

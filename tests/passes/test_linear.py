@@ -336,6 +336,22 @@ def test_nested_fla_translations_keep_the_outer_symbolics(tmp_path):
     assert not registry.is_registered_op("attnc::kernel_linear_attention", 9)
 
 
+def test_an_export_without_fla_does_not_import_it(tmp_path):
+    """translate_fla patches fla only once a model imported it: importing fla (10-40 s here) for
+    every export, as each did before, made every ``attnc export`` and CLI test pay for it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from attnc.compiler.export import export_onnx\n"
+            f"export_onnx(torch.nn.Linear(4, 4), torch.randn(2, 4), {str(tmp_path / 'm.onnx')!r}, "
+            "exporter='torchscript')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fla', 'natten')))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+
+
 @pytest.mark.parametrize("kind", ["chunk_linear_attn", "chunk_lightning_attn"])
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_fla_translation_exports_fused_node(kind, exporter, tmp_path):
