@@ -1,4 +1,14 @@
-"""Run compiled artefacts from Python: ``attnc.runtime.Engine("out/engine.plan").infer(feeds)``.
+"""Run compiled artefacts from Python.
+
+``attnc.runtime.load("out/")`` runs whatever ``attnc compile -o out/`` built, on the backend its
+manifest names: the ONNX file on ONNX Runtime (the embedded default: CPU, or CUDA with
+onnxruntime-gpu), or ``engine.plan`` on TensorRT::
+
+    from attnc import runtime
+
+    model = runtime.load("out/")                 # ONNX Runtime: providers=, threads=
+    outputs = model.infer({"image": images})      # numpy in, {output name: numpy} out
+    print([s.name for s in model.input_specs], model.output_names)
 
 ``Engine`` is the TensorRT backend's runner (:class:`attnc.compiler.backends.tensorrt.EngineRunner`):
 it needs TensorRT and an NVIDIA GPU, takes numpy arrays or torch tensors and returns numpy
@@ -9,5 +19,6 @@ loaded with different ones run side by side in one process.
 """
 
 from attnc.compiler.backends.tensorrt import EngineRunner as Engine
+from attnc.compiler.pipeline import load_artefact as load
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "load"]

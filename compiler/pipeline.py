@@ -210,6 +210,25 @@ def load_manifest(artefact_dir: str | os.PathLike) -> dict:
     return manifest
 
 
+def load_artefact(artefact_dir: str | os.PathLike, **options):
+    """The runner of a compiled artefact directory, on the backend its manifest names.
+
+    ``options`` go to that backend's ``load`` (ONNX Runtime: ``providers``, ``threads``; TensorRT:
+    ``plugin_impl``). The runner has ``input_specs``, ``output_names`` and ``infer(feeds)``.
+    """
+    manifest = load_manifest(artefact_dir)
+    backend = get_backend(manifest["backend"])
+    ok, why = backend.available()
+    if not ok:
+        raise AttncError(f"{artefact_dir} was compiled for the {manifest['backend']} backend, which is "
+                         "unavailable here", why)
+    artefact = Path(artefact_dir) / manifest["artefact"]
+    if not artefact.is_file():
+        raise AttncError(f"{artefact_dir}: the manifest's artefact {manifest['artefact']} is missing",
+                         "recompile with `attnc compile`")
+    return backend.load(artefact, **options)
+
+
 def _io_specs(values, initializers) -> list[dict]:
     skip = {i.name for i in initializers}
     specs = []
@@ -257,8 +276,7 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     from attnc.compiler.report import write_report
 
     manifest = load_manifest(artefact_dir)
-    backend = get_backend(manifest["backend"])
-    runner = backend.load(Path(artefact_dir) / manifest["artefact"])
+    runner = load_artefact(artefact_dir)
     module, spec = resolve_model(model_ref)
 
     if inputs_npz is not None:

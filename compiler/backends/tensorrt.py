@@ -897,8 +897,8 @@ def describe(artefact: str | os.PathLike) -> dict:
 # ----------------------------------------------------------------------------- run
 
 
-def load(artefact: str | os.PathLike) -> "EngineRunner":
-    return EngineRunner(artefact)
+def load(artefact: str | os.PathLike, plugin_impl: str = "triton") -> "EngineRunner":
+    return EngineRunner(artefact, plugin_impl=plugin_impl)
 
 
 _TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int32": "int32",
