@@ -236,37 +236,14 @@ _REPLACEMENTS = {
 
 @contextlib.contextmanager
 def translate_fla(opset: int = 9) -> Iterator[None]:
-    """Within the block, fla's chunked linear/lightning attention export as attnc nodes.
+    """Within the block, fla's chunked linear/lightning attention export as attnc nodes, and so do
+    calls of the ``attnc::kernel_linear_attention*`` custom ops (TorchScript symbolics registered).
 
-    Does nothing when fla has not been imported: a model that calls fla imported it (a function
-    that imports fla inside ``forward`` is not translated), and importing fla only to find it
-    unused costs 10-40 s, which every export paid before. Restores every patched name on exit.
+    fla itself is patched only once it has been imported: a model that calls fla imported it (a
+    function that imports fla inside ``forward`` is not translated), and importing fla only to find
+    it unused cost every export 10-40 s. Restores every patched name on exit.
     """
-    if "fla" not in sys.modules:
-        yield
-        return
-    try:
-        import importlib
-
-        originals = {}
-        for module_name, attr in _REPLACEMENTS:
-            original = getattr(importlib.import_module(module_name), attr, None)
-            if original is not None:  # an fla release without this op
-                originals[(module_name, attr)] = original
-    except ImportError:
-        yield
-        return
-    patched: list[tuple[object, str, object]] = []
-    for key, original in originals.items():
-        replacement = _REPLACEMENTS[key]
-        for module in list(sys.modules.values()):
-            name = getattr(module, "__name__", "") or ""
-            if not name.startswith("fla"):
-                continue
-            for attr, value in list(vars(module).items()):
-                if value is original:
-                    patched.append((module, attr, value))
-                    setattr(module, attr, replacement)
+    patched = _patch_fla() if "fla" in sys.modules else []
     # Nested blocks share one registration: an inner block's exit must not take the outer
     # block's TorchScript symbolics away.
     if _SYMBOLIC_DEPTH.get(opset, 0) == 0:
@@ -282,6 +259,33 @@ def translate_fla(opset: int = 9) -> Iterator[None]:
             torch.onnx.unregister_custom_op_symbolic(_OP, opset)
         for module, attr, value in reversed(patched):
             setattr(module, attr, value)
+
+
+def _patch_fla() -> list[tuple[object, str, object]]:
+    """Point every fla module's name for a replaced op at its translation; ``(module, name,
+    original)`` of each name changed."""
+    import importlib
+
+    originals = {}
+    try:
+        for module_name, attr in _REPLACEMENTS:
+            original = getattr(importlib.import_module(module_name), attr, None)
+            if original is not None:  # an fla release without this op
+                originals[(module_name, attr)] = original
+    except ImportError:
+        return []
+    patched = []
+    for key, original in originals.items():
+        replacement = _REPLACEMENTS[key]
+        for module in list(sys.modules.values()):
+            name = getattr(module, "__name__", "") or ""
+            if not name.startswith("fla"):
+                continue
+            for attr, value in list(vars(module).items()):
+                if value is original:
+                    patched.append((module, attr, value))
+                    setattr(module, attr, replacement)
+    return patched
 
 
 _SYMBOLIC_DEPTH: dict[int, int] = {}
