@@ -58,15 +58,27 @@ def assert_fusion_preserves_outputs(model: onnx.ModelProto, fused: onnx.ModelPro
         np.testing.assert_allclose(after, expected, rtol=rtol, atol=max(atol, 1e-5))
 
 
-def export_spec(name: str, exporter: str, batch: int = 2):
-    """``(spec, module, model)``: registry model ``name`` exported with its dynamic axes."""
+_SPEC_EXPORTS: dict[tuple[str, str, int, int], bytes] = {}
+
+
+def export_spec(name: str, exporter: str, batch: int = 2, opset: int = 18):
+    """``(spec, module, model)``: registry model ``name`` exported with its dynamic axes and input
+    names on its example inputs at ``batch`` (seed 0).
+
+    Registry factories are seeded, so the export is kept per process and test files exporting the
+    same model share it (a dynamo export costs seconds; the suite made the same ones up to six
+    times). Every call gets a fresh module and its own copy of the model to change.
+    """
     from attnc.models.registry import get_spec
 
     spec = get_spec(name)
     module = spec.factory().eval()
-    model = export_model(module, spec.example_inputs(batch=batch, seed=0), exporter=exporter, opset=18,
-                         dynamic_axes=spec.dynamic_axes, names=spec.input_names)
-    return spec, module, model
+    key = (name, exporter, batch, opset)
+    if key not in _SPEC_EXPORTS:
+        model = export_model(module, spec.example_inputs(batch=batch, seed=0), exporter=exporter, opset=opset,
+                             dynamic_axes=spec.dynamic_axes, names=spec.input_names)
+        _SPEC_EXPORTS[key] = model.SerializeToString()
+    return spec, module, onnx.load_from_string(_SPEC_EXPORTS[key])
 
 
 def assert_spec_fusion_preserves_outputs(spec, module, model: onnx.ModelProto, fused: onnx.ModelProto) -> None:

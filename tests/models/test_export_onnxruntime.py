@@ -15,8 +15,8 @@ import torch
 from onnx import numpy_helper
 
 from attnc.compiler.backends.onnxruntime import load
-from attnc.compiler.export import export_onnx
-from attnc.models.registry import SPECS, ModelSpec, get_spec
+from attnc.models.registry import SPECS, ModelSpec
+from attnc.testing import export_spec
 
 SMALL = sorted(name for name, spec in SPECS.items() if not spec.realistic)
 EXPORTERS = ("dynamo", "torchscript")
@@ -27,12 +27,6 @@ def check_sizes(spec: ModelSpec) -> list[dict[str, int]]:
     """Batch 1, then batch 3 with every other dynamic size grown by 4."""
     grown = {dim: spec.sizes[dim] + 4 for dim in spec.dynamic if dim != "batch"}
     return [{"batch": 1}, {"batch": 3, **grown}]
-
-
-def export(spec: ModelSpec, model: torch.nn.Module, exporter: str, tmp_path) -> onnx.ModelProto:
-    path = export_onnx(model, spec.example_inputs(batch=2), tmp_path / f"{spec.name}-{exporter}.onnx",
-                       exporter=exporter, dynamic_axes=spec.dynamic_axes, input_names=spec.input_names)
-    return onnx.load(str(path))
 
 
 def assert_matches_pytorch(proto: onnx.ModelProto, model: torch.nn.Module, spec: ModelSpec) -> None:
@@ -52,18 +46,15 @@ def assert_matches_pytorch(proto: onnx.ModelProto, model: torch.nn.Module, spec:
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("name", SMALL)
-def test_export_matches_pytorch(name, exporter, tmp_path):
-    spec = get_spec(name)
-    model = spec.factory()
-    assert_matches_pytorch(export(spec, model, exporter, tmp_path), model, spec)
+def test_export_matches_pytorch(name, exporter):
+    spec, model, proto = export_spec(name, exporter)
+    assert_matches_pytorch(proto, model, spec)
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_comparison_fails_on_a_flipped_weight(exporter, tmp_path):
+def test_comparison_fails_on_a_flipped_weight(exporter):
     """Flip the sign of one weight in the exported file: the same check must now fail."""
-    spec = get_spec("na2d-rpb-small")
-    model = spec.factory()
-    proto = export(spec, model, exporter, tmp_path)
+    spec, model, proto = export_spec("na2d-rpb-small", exporter)
     assert_matches_pytorch(proto, model, spec)
 
     weights = [init for init in proto.graph.initializer

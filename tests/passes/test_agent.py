@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from attnc.testing import export_model as export
+from attnc.testing import export_spec
 from attnc.testing import assert_fusion_preserves_outputs
 from attnc.testing import run_model as run
 from attnc.models.registry import get_spec
@@ -71,9 +72,7 @@ def test_lower_to_two_attention_nodes(exporter, opset):
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 def test_vit_agent_end_to_end(exporter):
-    spec = get_spec("vit-agent-small")
-    module = spec.factory()
-    model = export(module, spec.example_inputs(batch=2), exporter, 18, spec.dynamic_axes, spec.input_names)
+    spec, module, model = export_spec("vit-agent-small", exporter)
     fused, reports = fuse_attention(model)
     by_family = {r.family: r for r in reports}
     assert by_family["agent"].rewritten == 2  # depth 2: every block

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from attnc.testing import export_model as export
+from attnc.testing import export_spec
 from attnc.testing import assert_fusion_preserves_outputs
 from attnc.testing import run_model as run
 from attnc.models.flow import FlowAttention
@@ -38,9 +39,7 @@ def check_fused(model, fused, module, inputs_list, n_fused, rtol=RTOL, atol=ATOL
 @pytest.mark.parametrize("name", ["flow-small", "flow-causal-small"])
 @pytest.mark.parametrize("exporter,opset", [("torchscript", 17), ("dynamo", 18), ("torchscript", 23)])
 def test_registry_flow_modules(name, exporter, opset):
-    spec = get_spec(name)
-    module = spec.factory()
-    model = export(module, spec.example_inputs(batch=2), exporter, opset, spec.dynamic_axes, spec.input_names)
+    spec, module, model = export_spec(name, exporter, opset=opset)
     fused, report = flow.apply(model)
     assert report.rewritten == 1 and not report.near_misses
     assert report.matches[0].attributes["causal"] == int(module.causal)
@@ -52,9 +51,7 @@ def test_registry_flow_modules(name, exporter, opset):
 @pytest.mark.parametrize("name,exporter", [("vit-flow-small", "torchscript"), ("vit-flow-small", "dynamo"),
                                            ("lm-flow-small", "torchscript")])
 def test_models_end_to_end(name, exporter):
-    spec = get_spec(name)
-    module = spec.factory()
-    model = export(module, spec.example_inputs(batch=2), exporter, 18, spec.dynamic_axes, spec.input_names)
+    spec, module, model = export_spec(name, exporter)
     fused, reports = fuse_attention(model)
     assert {r.family: r for r in reports}["flow"].rewritten == 2  # depth 2: every block
     sizes = [{"batch": 1}, {"batch": 3}] if "seq" not in spec.sizes else [{"batch": 1, "seq": 11},

@@ -30,6 +30,7 @@ from attnc.passes import fuse_attention
 from attnc.passes import neighborhood as na_pass
 from attnc.passes.core import collapse_flat_transposes
 from attnc.plugins import neighborhood as na_plugin
+from attnc.testing import export_spec
 
 logging.getLogger("attnc").setLevel(logging.ERROR)
 OP = na_plugin.OP_TYPE
@@ -77,10 +78,7 @@ def _check_fused(model, onnx_model, input_sets, n_fused=1, rtol=1e-5, atol=1e-6,
 
 
 def _spec_case(name, tmp_path, exporter, opset=18):
-    spec = get_spec(name)
-    model = spec.factory().eval()
-    onnx_model = _export(model, spec.example_inputs(batch=2, seed=0), tmp_path, exporter, opset,
-                         spec.dynamic_axes, spec.input_names)
+    spec, model, onnx_model = export_spec(name, exporter, opset=opset)
     sizes = [dict(batch=1), dict(batch=3)]
     if "seq" in spec.dynamic:
         sizes = [dict(batch=1, seq=23), dict(batch=3, seq=41)]
