@@ -32,11 +32,18 @@ columns it owns, whatever the layout (fused ``qkv`` as ``[3, H, D]``, separate q
 ``[H, 3, D]``). The head split may also drop unit axes (GPT-BigCode's query: ``[B, 1, S, C] -> [B, S,
 H, D]``, the channel dims being the trailing target dims that multiply to ``C``), or be an
 ``Unsqueeze`` that makes a heads axis of one (GPT-BigCode's multi-query K/V, cut from
-``c_attn(x).unsqueeze(1)`` beside the query). A normalisation across the heads between the
-projection and the head split (OLMo2's ``q_norm`` / ``k_norm`` over all ``H·D`` channels) is refused
-with that reason: every kept head's values depend on the pruned ones. So is a ``ScatterND`` (an in-place
-write ``x[..., a:b] = y``), saying when what it writes is shared by all the heads (DeepSeek-V3's multi-head
-latent attention writes its rotary key, one per token, into every head's K: no per-head projection columns). The output is walked forward
+``c_attn(x).unsqueeze(1)`` beside the query). An RMSNorm across all the heads between the projection and
+the head split (OLMo2's ``q_norm`` / ``k_norm`` over all ``H·D`` channels) is passed: its weight is sliced
+with the heads and it keeps dividing by the original width, as the norm across merged heads below (the
+pruned heads' projection channels count as zeros in front of it; :func:`head_gates` gates the norm's input so);
+any other statistic across the heads there (a LayerNorm) is refused with that reason. A write of a range of the
+head dim, ``x[..., a:b] = y`` (a ``ScatterND``: dynamo's between Transposes with a constant index range,
+TorchScript's with the full grid of the range's positions, evaluated), is walked like a ``Concat`` of its
+parts. A part without heads of its own, ``Expand`` of a tensor with one entry on the heads axis (DeepSeek-V3's
+multi-head latent attention: one rotary key per token in every head's key) or a ``ConstantOfShape`` (the empty
+key written into), is shared by all the heads: only its shape's head entry changes, rewritten where constant
+(each write gets its own copy of a source another write shares: the dynamo exporter shares the empty key
+between layers) or checked to be read from the heads on the path. The output is walked forward
 (``Transpose``, ``Reshape`` to ``[.., H·D]``) to the output projection, whose input rows per head
 follow the same way (through Slice/Concat on the token axis and the Add of a term computed from V).
 
@@ -153,6 +160,9 @@ class _Projection:
     transposed: bool = False    # a Gemm with transB=1
     reshapes: tuple[str, ...] = ()  # Reshapes of the token axes between it and the heads whose channel
                                     # entry is written out (set to the new channel count on pruning)
+    # An RMSNorm across all this role's heads between the projection and the head split (OLMo2's q_norm /
+    # k_norm over H·D): its channel c is column ``columns.min() + c`` (it covers exactly these columns).
+    norm: _ChannelOps | None = None
 
     def matrix(self, model: onnx.ModelProto) -> np.ndarray:
         """The weight as ``[C_in, C_out]``."""
@@ -193,6 +203,11 @@ class _ChannelOps:
     weights: list[tuple[str, int]] = field(default_factory=list)  # (Mul / Div, input): a constant [.., C]
     gates: list[_Projection] = field(default_factory=list)  # projections of other tensors multiplied in;
                                                             # columns [1, C]: the column of each channel
+
+    def weight_names(self, node_by_name: dict[str, onnx.NodeProto]) -> list[str]:
+        """The per-channel weights and ``RMSNormalization`` scales (not the gates' projections)."""
+        return [node_by_name[node].input[i] for node, i in self.weights] + \
+            [node_by_name[node].input[1] for node, _ in self.norms if node_by_name[node].op_type == "RMSNormalization"]
 
 
 @dataclass
@@ -277,17 +292,16 @@ class AttentionLayer:
         """Weights + biases of the projections, depthwise convs, per-head constants and per-channel ops
         (gate projections, norm weights) of this layer."""
         names = set()
+        node_by_name = {n.name: n for n in model.graph.node}
         for _, proj in self.roles.values():
             names.update(n for n in (proj.weight, proj.bias) if n)
+            names.update(proj.norm.weight_names(node_by_name) if proj.norm else ())
         names.update(n for n in (self.out_proj.weight, self.out_proj.bias) if n)
-        node_by_name = {n.name: n for n in model.graph.node}
         for conv in self.depthwise:
             names.update(node_by_name[conv.node].input[1:3])
         ops = self.channel_ops
         names.update(n for gate in ops.gates for n in (gate.weight, gate.bias) if n)
-        names.update(node_by_name[node].input[i] for node, i in ops.weights)
-        names.update(node_by_name[node].input[1] for node, _ in ops.norms
-                     if node_by_name[node].op_type == "RMSNormalization")
+        names.update(ops.weight_names(node_by_name))
         total = sum(int(np.prod(constant_value(model, n).shape)) for n in names if n)
         for node, i, _ in self.per_head_constants:
             total += int(self._per_head_value(model, node_by_name[node].input[i]).size)
@@ -624,10 +638,14 @@ def _score_terms(model, kind, node, prod, cons, heads: int) -> list[tuple[str, i
 
 def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
            agent: _AgentParts | None = None) -> AttentionLayer:
-    walks = {role: _walk_back(model, t, prod) for role, t in (("Q", q), ("K", k), ("V", v))}
+    walks = {role: _projected_walk(_walk_back(model, t, prod), t) for role, t in (("Q", q), ("K", k), ("V", v))}
     for walk in walks.values():
         _restrict_columns(walk)
         _restrict_heads(walk)
+        for node_name, entry in walk.follows:
+            if not _follows_heads(model, entry, walk.path, prod):
+                raise _Unrecognised(f"{node_name}: its shape's head entry {entry} is not read from the heads on the "
+                                    "way to the core (pruning would not change it)")
     roles = {role: (walk.split, walk.proj) for role, walk in walks.items()}
     heads = {role: walk.proj.columns.shape[0] for role, walk in walks.items()}
     ranges = {role: walk.heads_range for role, walk in walks.items() if walk.heads_range is not None}
@@ -712,6 +730,11 @@ def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
             agents = _size(next(axis for axis in layout[2:] if not _holds_heads(axis)))
             reshapes += found_reshapes
             depthwise += found_convs
+    counts = (h, h if kv_of_head is None else int(kv_of_head.max()) + 1)
+    for node_name, _, count in (r for walk in walks.values() for r in walk.regroups):
+        if count not in counts:
+            raise _Unrecognised(f"{node_name}: writes {count} heads on the Q/K/V path, neither the {counts[0]} query "
+                                f"heads nor the {counts[1]} K/V heads")
     q_shape = shapes.get(q) or []
     v_shape = shapes.get(v) or []
     tokens = q_shape[2] if len(q_shape) == 4 and isinstance(q_shape[2], int) else None
@@ -774,19 +797,58 @@ class _Walk:
     # picks a range of them (Falcon: Q = heads[:-2], K = heads[[-2]], V = heads[[-1]]), else None.
     heads_range: tuple[int, int] | None = None
     # Reshapes that regroup the axes inside each head and write the head count out: (node, heads
-    # axis, the head count there: the query heads' or the K/V heads').
+    # axis, the head count there: the query heads' or the K/V heads'); also the Expand / ConstantOfShape
+    # making a part shared by all the heads (:class:`_Shared`): (node, entry of its shape, the count).
     regroups: list[tuple[str, int, int]] = field(default_factory=list)
+    # Head entries computed at run time of the shapes those make: (node, the entry as _shape_entries reads it),
+    # checked to follow the heads of a tensor on the path (:func:`_follows_heads`).
+    follows: list[tuple[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Shared:
+    """A branch of a walk that carries no head's own values: a tensor without heads broadcast into every head
+    by ``Expand`` (DeepSeek-V3's rotary key, one per token, in every head's key), or a ``ConstantOfShape`` (the
+    empty key that part is written into). Only the head entries of the shapes it is made with change on
+    pruning (``regroups``, ``follows`` as in :class:`_Walk`)."""
+
+    regroups: list[tuple[str, int, int]] = field(default_factory=list)
+    follows: list[tuple[str, Any]] = field(default_factory=list)
+    # Where it is a tensor of one head broadcast by Expand: the walk of that tensor as the one head of its own,
+    # which it is where no other branch has heads (a layer pruned to one head; K/V of one head expanded).
+    as_one_head: Callable[[], _Walk | _Shared] | None = field(default=None, repr=False)
+
+    def resolved(self) -> _Walk | _Shared:
+        """The walk of the one head it may be (``as_one_head``), else itself."""
+        if self.as_one_head is None:
+            return self
+        try:
+            walk = self.as_one_head()
+        except _Unrecognised:
+            return self
+        walk.regroups = self.regroups + walk.regroups
+        walk.follows = self.follows + walk.follows
+        return walk
 
 
 def _trace_input(model, t, prod, cons) -> tuple[_HeadSplit, _Projection]:
     """Walk a heads-first ``[B, H, ..., D]`` tensor back to its head split and projection."""
-    walk = _walk_back(model, t, prod)
+    walk = _projected_walk(_walk_back(model, t, prod), t)
     return walk.split, walk.proj
+
+
+def _projected_walk(walk: _Walk | _Shared, t: str) -> _Walk:
+    """``walk``, unless all that ``t`` carries is shared by the heads (no projection columns of its own)."""
+    walk = walk.resolved() if isinstance(walk, _Shared) else walk
+    if isinstance(walk, _Shared):
+        raise _Unrecognised(f"{t}: every head's values are one tensor without heads broadcast into all of them "
+                            "(no per-head projection columns)")
+    return walk
 
 
 def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None = None,
                path: dict[str, int] | None = None, budget: list[int] | None = None,
-               used: np.ndarray | None | str = "start") -> _Walk:
+               used: np.ndarray | None | str = "start") -> _Walk | _Shared:
     """Walk ``t`` (heads on ``head_axis``) back to its head-split Reshape and projection.
 
     Besides the data movement of the head split, it passes the ops that act within each head:
@@ -796,7 +858,9 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
     embeddings: ``q·cos + rotate_half(q)·sin``; the norm's weight ``[D]``). Where several inputs carry
     the data (the two rotary terms, the halves of ``rotate_half``), each is walked and all must
     reach the same head split with the same columns. A ``Reshape`` of an ``Expand``/``Tile`` of
-    an ``Unsqueeze`` next to the heads is grouped-query attention's repeat of the K/V heads.
+    an ``Unsqueeze`` next to the heads is grouped-query attention's repeat of the K/V heads. A write of
+    a range of the head dim (:func:`_slice_write`) is walked like a Concat of its parts; a part that is
+    an ``Expand`` of a tensor without heads or a ``ConstantOfShape`` is a :class:`_Shared` branch.
     ``fixed`` holds the q/k/v slot selected on an axis (fused ``qkv``).
     """
     fixed = dict(fixed or {})
@@ -816,11 +880,18 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
         last_dim = _last_dim(model, tensor)
         return np.arange(last_dim) if last_dim else None
 
-    def done(walk: _Walk) -> _Walk:
+    follows: list[tuple[str, Any]] = []
+
+    def done(walk: _Walk | _Shared) -> _Walk | _Shared:
+        walk.regroups = regroups + walk.regroups
+        walk.follows = follows + walk.follows
+        if isinstance(walk, _Shared):
+            if repeat is not None or heads_range is not None:
+                raise _Unrecognised(f"{t}: a part shared by all the heads behind a repeat or a range of the heads")
+            return walk
         if repeat is not None and walk.repeat is not None:
             raise _Unrecognised(f"{repeat.reshape}: the heads are repeated twice on the way to the core")
         walk.repeat = walk.repeat or repeat
-        walk.regroups = regroups + walk.regroups
         if heads_range is not None:
             if walk.heads_range is not None:
                 raise _Unrecognised(f"{walk.split.node}: the heads are sliced twice on the way to the core")
@@ -863,6 +934,41 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
                                 used[(used >= o) & (used < o + n)] - o)
                      for x, o, n in zip(node.input, starts if starts is not None else sizes, sizes)]
             return done(_same_walks(node, walks))
+        elif op in ("Transpose", "ScatterND") and (write := _slice_write(model, node, prod)) is not None:
+            # x[..., a:b] = y (DeepSeek-V3's key: its own part and the rotary part shared by the heads written
+            # into an empty key): positions [a, b) of the head dim come from y, the others from x
+            data, updates, a, b, perm = write
+            if len(perm) != rank:
+                raise _Unrecognised(f"{node.name}: the rank of the write on the Q/K/V path is not known")
+            if perm[-1] != rank - 1 and not isinstance(used, str):
+                used = None
+            head_axis, fixed = perm[head_axis], {perm[axis]: i for axis, i in fixed.items()}
+            if head_axis == rank - 1 or rank - 1 in fixed:
+                raise _Unrecognised(f"{node.name}: a write into the last axis, which is not the head dim, on the Q/K/V "
+                                    "path")
+            used = resolve(used, data)
+            parts = [(data, None if used is None else used[(used < a) | (used >= b)]),
+                     (updates, None if used is None else used[(used >= a) & (used < b)] - a)]
+            walks = [_walk_back(model, x, prod, head_axis, fixed, path, budget, part) for x, part in parts]
+            return done(_same_walks(node, walks))
+        elif op in ("Expand", "ConstantOfShape"):
+            # a shape that holds the heads: its entry there is rewritten or follows them (_head_entry)
+            if (found := _head_entry(model, node, head_axis, rank, prod)) is not None:
+                j, entry = found
+                if isinstance(entry, int) and not isinstance(entry, bool) and entry > 1:
+                    regroups.append((node.name, j, entry))
+                elif entry != 1:
+                    follows.append((node.name, entry))
+            x = node.input[0]
+            if op == "ConstantOfShape" or (at_heads := _dim_at(_shapes(model).get(x), head_axis, rank)) == "absent":
+                return done(_Shared())   # one value everywhere, or a tensor without heads broadcast into all of them
+            if at_heads == 1:   # the same, or one head (:meth:`_Shared.resolved`)
+                return done(_Shared(as_one_head=lambda x=x, axis=head_axis, fixed=dict(fixed), used=used: _walk_back(
+                    model, x, prod, axis, fixed, path, budget, used)))
+            width = _last_dim(model, x)
+            if _rank(model, x) != rank or not isinstance(used, str) and (width is None or width != _last_dim(model, t)):
+                raise _Unrecognised(f"{node.name}: Expand on the Q/K/V path that is not of the batch or token axes")
+            t = x
         elif op == "Transpose":
             perm = list(_attr(node, "perm"))
             if perm[-1] != len(perm) - 1 and not isinstance(used, str):
@@ -986,29 +1092,124 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
                 raise _Unrecognised(f"{node.name}: the heads are repeated twice on the way to the core")
             repeat, t = found
         elif op == "ScatterND":
-            raise _Unrecognised(_scatter_reason(model, node, prod))
+            raise _Unrecognised(f"{node.name}: ScatterND on the Q/K/V path that is not a write of a range of the head "
+                                "dim (x[..., a:b] = y, with indices that are that range, constant over the input "
+                                "sizes)")
         else:
             raise _Unrecognised(f"{node.name}: {op} on the Q/K/V path")
     raise _Unrecognised(f"{t}: Q/K/V path too long")
 
 
-def _scatter_reason(model, node, prod) -> str:
-    """Why a ``ScatterND`` on the Q/K/V path is refused: a write into part of the tensor (``x[..., a:b] = y``),
-    which the walk does not follow (it follows a ``Concat`` of the parts on the head dim); where the part written
-    is a tensor expanded over a unit axis, that it is shared by all the heads."""
-    reason = (f"{node.name}: ScatterND on the Q/K/V path (an in-place write into part of the tensor, "
-              "x[..., a:b] = y, which pruning does not follow")
-    t = node.input[2]
-    for _ in range(6):
-        src = prod.get(t)
-        if src is None or src.op_type not in ("Transpose", "Reshape", "Expand", "Cast", "Identity"):
-            break
-        if src.op_type == "Expand" and 1 in (_shapes(model).get(src.input[0]) or [])[1:-1]:
-            return reason + ("; what it writes is expanded over a unit axis: a part shared by all the heads, which "
-                             "no per-head projection columns hold, e.g. DeepSeek-V3's rotary key in its multi-head "
-                             "latent attention; prune such a model in PyTorch)")
-        t = src.input[0]
-    return reason + ")"
+def _slice_write(model, node, prod) -> tuple[str, str, int, int, list[int]] | None:
+    """``(x, y, a, b, perm)`` where ``node``'s output is ``x`` with the range ``[a, b)`` of its last axis replaced by
+    ``y`` (``x[..., a:b] = y``), transposed by ``perm`` (output axis ``i`` is axis ``perm[i]`` of ``x``), as exporters
+    write it with ``ScatterND``, else None:
+
+    - the dynamo exporter: ``Transpose(ScatterND(Transpose(x, p), i, Transpose(y, p)), q)`` where ``p`` brings the
+      last axis to the front and the indices ``i`` ``[b - a, 1]`` are ``a, a + 1, ..`` (constant over the input sizes);
+      ``q`` undoes ``p``, or does that and a transpose after it (``k.transpose(-1, -2)``): ``perm`` is ``p`` then ``q``;
+    - TorchScript: ``ScatterND(x, i, y)`` whose indices are the full grid of ``x[..., a:b]``'s positions (evaluated at
+      two input sizes: computed from shapes at run time, they follow pruned heads). Its ``y`` is a ``Reshape`` of
+      ``Expand(y', Shape(x[..., a:b]))`` to the grid's shape, which is ``y'`` broadcast to ``x[..., a:b]``'s shape (the
+      shapes agree whenever ScatterND runs): the returned ``y`` is then that ``Expand``."""
+    if node.op_type == "Transpose":
+        scatter = prod.get(node.input[0])
+        if scatter is None or scatter.op_type != "ScatterND" or _attr(scatter, "reduction", b"none") not in (
+                "none", b"none"):
+            return None
+        inner = [prod.get(scatter.input[i]) for i in (0, 2)]
+        if any(n is None or n.op_type != "Transpose" for n in inner):
+            return None
+        q, p = list(_attr(node, "perm")), list(_attr(inner[0], "perm"))
+        if list(_attr(inner[1], "perm")) != p or len(q) != len(p) or p[0] != len(p) - 1:
+            return None
+        index = fixed_value(model, scatter.input[1])
+        width = _dim_name(model, inner[0].input[0], -1)
+        if index is None or index.ndim != 2 or index.shape[1] != 1 or not index.size or not isinstance(width, int) \
+                or np.any(np.diff(index[:, 0]) != 1) or not 0 <= index[0, 0] <= index[-1, 0] < width:
+            return None
+        return inner[0].input[0], inner[1].input[0], int(index[0, 0]), int(index[-1, 0]) + 1, [p[j] for j in q]
+    if node.op_type != "ScatterND" or _attr(node, "reduction", b"none") not in ("none", b"none"):
+        return None
+    x, indices, y = node.input
+    if depends_on_data(model, indices):
+        return None
+    try:
+        runs = evaluate_tensors(model, [indices, x])
+    except Exception:  # noqa: BLE001 - ONNX Runtime's errors subclass Exception only
+        return None
+    ranges = set()
+    for run in runs:
+        index, shape = run[indices], run[x].shape
+        rank = len(shape)
+        if index.ndim != rank + 1 or index.shape[-1] != rank or index.shape[:-2] != shape[:-1] or not index.size:
+            return None
+        a, n = int(index.reshape(-1, rank)[0, -1]), index.shape[-2]
+        grid = np.indices((*shape[:-1], n))
+        grid[-1] += a
+        if not 0 <= a <= a + n <= shape[-1] or not np.array_equal(index, np.moveaxis(grid, 0, -1)):
+            return None
+        ranges.add((a, a + n))
+    if len(ranges) != 1:
+        return None
+    a, b = ranges.pop()
+    reshape = prod.get(y)
+    expand = prod.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
+    shape = prod.get(expand.input[1]) if expand is not None and expand.op_type == "Expand" else None
+    part = prod.get(shape.input[0]) if shape is not None and shape.op_type == "Shape" and \
+        _attr(shape, "start", 0) == 0 and _attr(shape, "end") is None else None
+    if part is not None and part.op_type == "Slice" and part.input[0] == x and \
+            _last_axis_range(model, part) == (a, b):
+        y = expand.output[0]
+    return x, y, a, b, list(range(len(_shapes(model).get(x) or [])))
+
+
+def _last_axis_range(model, node) -> tuple[int, int] | None:
+    """``(start, stop)`` of a step-1 ``Slice`` of only the last axis of a tensor whose last axis has a static size,
+    clipped to it; else None."""
+    rank, width = _rank(model, node.input[0]), _dim_name(model, node.input[0], -1)
+    bounds = [constant_value(model, node.input[i]) if len(node.input) > i and node.input[i] else None
+              for i in range(1, 5)]
+    if rank is None or not isinstance(width, int) or any(b is None for b in bounds[:3]) or bounds[2].size != 1 \
+            or int(bounds[2].reshape(-1)[0]) % rank != rank - 1 or bounds[3] is not None and np.any(bounds[3] != 1):
+        return None
+    start, stop = (int(b.reshape(-1)[0]) for b in bounds[:2])
+    start, stop = (min(max(v + width if v < 0 else v, 0), width) for v in (start, stop))
+    return start, stop
+
+
+def _head_entry(model, node, head_axis: int, rank: int | None, prod) -> tuple[int, Any] | None:
+    """``(index, entry)`` at the heads axis of the shape an ``Expand`` broadcasts to or a ``ConstantOfShape`` makes
+    (:func:`_shape_entries`' reading), or None where an ``Expand``'s shorter shape does not reach the heads."""
+    entries = _shape_entries(model, node.input[_shape_input(node)], prod)
+    if entries is None or rank is None:
+        raise _Unrecognised(f"{node.name}: the shape it makes on the Q/K/V path cannot be read")
+    j = head_axis - (rank - len(entries))
+    if node.op_type == "ConstantOfShape" and len(entries) != rank:
+        raise _Unrecognised(f"{node.name}: makes {len(entries)} axes where the Q/K/V path has {rank}")
+    return (j, entries[j]) if j >= 0 else None
+
+
+def _shape_input(node) -> int:
+    """The input holding the shape a ``Reshape`` / ``Expand`` / ``ConstantOfShape`` makes."""
+    return 0 if node.op_type == "ConstantOfShape" else 1
+
+
+def _follows_heads(model, entry, path: dict[str, int], prod) -> bool:
+    """Whether a shape ``entry`` (:func:`_shape_entries`) is the head count of a tensor on a role's ``path``
+    (``{tensor: heads axis}``): that dim read from such a tensor, or from a ``Slice`` of it that leaves the heads
+    alone, or from a dim that inference names as the heads of a tensor on the path."""
+    if not isinstance(entry, tuple) or entry[0] != "dim":
+        return False
+    t, axis = entry[1], entry[2]
+    while (node := prod.get(t)) is not None and node.op_type == "Slice" and len(node.input) > 3 and \
+            (axes := constant_value(model, node.input[3])) is not None and (rank := _rank(model, t)) and \
+            axis not in [int(a) % rank for a in axes.reshape(-1)]:
+        t = node.input[0]
+    if path.get(t) == axis:
+        return True
+    name = _dim_name(model, t, axis)
+    return isinstance(name, str) and bool(name) and any(_dim_name(model, p, a) == name for p, a in path.items())
 
 
 def _channel_count(model, unsqueeze) -> int:
@@ -1083,6 +1284,9 @@ def _restrict_heads(walk: _Walk) -> None:
     first, count = walk.heads_range
     if first + count > walk.proj.columns.shape[0]:
         raise _Unrecognised(f"{walk.split.node}: the heads range reaches outside the split's heads")
+    if walk.proj.norm is not None:
+        raise _Unrecognised(f"{walk.split.node}: a norm across the heads in front of the head split covers heads "
+                            "that other roles take")
     walk.proj = replace(walk.proj, columns=walk.proj.columns[first:first + count])
 
 
@@ -1095,11 +1299,21 @@ def _restrict_columns(walk: _Walk) -> None:
         return
     if used.min() < 0 or used.max() >= columns.shape[1]:
         raise _Unrecognised(f"{walk.split.node}: within-head slices reach outside the head")
+    if walk.proj.norm is not None:
+        raise _Unrecognised(f"{walk.split.node}: a norm across the heads in front of the head split covers channels "
+                            "that other roles take")
     walk.proj = replace(walk.proj, columns=columns[:, used])
 
 
-def _same_walks(node, walks: list[_Walk]) -> _Walk:
-    """The one walk that every data input of ``node`` took, or ``_Unrecognised``."""
+def _same_walks(node, walks: list[_Walk | _Shared]) -> _Walk | _Shared:
+    """The one walk that every data input of ``node`` took (besides parts shared by all the heads:
+    :class:`_Shared`), or ``_Unrecognised``."""
+    if all(isinstance(w, _Shared) for w in walks):
+        walks = [w.resolved() for w in walks]
+    shared = [w for w in walks if isinstance(w, _Shared)]
+    walks = [w for w in walks if not isinstance(w, _Shared)]
+    if not walks:
+        return _Shared([r for w in shared for r in w.regroups], [f for w in shared for f in w.follows])
     first = walks[0]
     for other in walks[1:]:
         same_repeat = (first.repeat is None) == (other.repeat is None) and \
@@ -1109,7 +1323,8 @@ def _same_walks(node, walks: list[_Walk]) -> _Walk:
                 or other.heads_range != first.heads_range:
             raise _Unrecognised(f"{node.name}: its inputs come from different heads or projections "
                                 f"({first.split.node} and {other.split.node})")
-    first.regroups = list(dict.fromkeys(r for w in walks for r in w.regroups))
+    first.regroups = list(dict.fromkeys(r for w in walks + shared for r in w.regroups))
+    first.follows = [f for w in walks + shared for f in w.follows]
     if any(w.used is None for w in walks):
         first.used = None
     else:
@@ -1435,9 +1650,10 @@ def _last_dim(model, t) -> int | None:
 
 
 def _projection(model, t, columns, prod) -> _Projection:
-    """Walk ``[.., C]`` back over ``Add(bias)``, a scalar ``Mul``/``Div``, channel ``Split`` and Reshapes of the token axes to
-    ``MatMul(x, W)`` or ``Gemm(x, W[, bias])`` (GPT-2's ``Conv1D``: ``addmm`` on flattened tokens)."""
-    bias_node = bias = split = bounds = None
+    """Walk ``[.., C]`` back over ``Add(bias)``, a scalar ``Mul``/``Div``, channel ``Split``, Reshapes of the token axes
+    and an RMSNorm across exactly these heads (:func:`_heads_norm`) to ``MatMul(x, W)`` or ``Gemm(x, W[, bias])``
+    (GPT-2's ``Conv1D``: ``addmm`` on flattened tokens)."""
+    bias_node = bias = split = bounds = norm = None
     offset = 0
     reshapes: list[str] = []
     for _ in range(8):
@@ -1460,6 +1676,9 @@ def _projection(model, t, columns, prod) -> _Projection:
         if (source := _elementwise_source(model, t, prod)) != t:
             t = source   # an activation of every channel (MiniMax's SiLU on qkv_proj): each channel stays itself
             continue
+        if split is None and norm is None and (found := _heads_norm(model, t, columns, prod)) is not None:
+            t, norm = found   # OLMo2's q_norm / k_norm over all the heads: pruning keeps its divisor
+            continue
         if node.op_type == "Gemm":
             gemm = _gemm_projection(model, node, bias is None)
             if gemm is None:
@@ -1470,7 +1689,8 @@ def _projection(model, t, columns, prod) -> _Projection:
             if bounds is not None:
                 offset = _slice_offset(split[0], bounds, columns,
                                        constant_value(model, weight).shape[0 if transposed else 1])
-            return _Projection(node.name, weight, bias_node, bias, split, columns + offset, transposed, tuple(reshapes))
+            return _Projection(node.name, weight, bias_node, bias, split, columns + offset, transposed, tuple(reshapes),
+                               norm)
         if node.op_type == "Slice" and split is None:
             bounds = _channel_slice(model, node)   # resolved against the projection's width there
             split = (node.name, -1)
@@ -1496,15 +1716,61 @@ def _projection(model, t, columns, prod) -> _Projection:
             if bounds is not None:
                 offset = _slice_offset(split[0], bounds, columns, w.shape[1])
             return _Projection(node.name, node.input[1], bias_node, bias, split, columns + offset,
-                               reshapes=tuple(reshapes))
+                               reshapes=tuple(reshapes), norm=norm)
         else:
             break
-    norm = _channel_statistic(model, t, prod)
-    if norm is not None:
-        raise _Unrecognised(f"{t}: {norm.op_type} {norm.name} is part of a normalisation across the heads between "
-                            "the projection and the head split (a statistic of all heads' channels, e.g. OLMo2's "
-                            "q_norm / k_norm over H·D): heads cannot be sliced out without changing the kept heads")
+    statistic = _channel_statistic(model, t, prod)
+    if statistic is not None:
+        raise _Unrecognised(f"{t}: {statistic.op_type} {statistic.name} is part of a normalisation across the heads "
+                            "between the projection and the head split that is not an RMSNorm of exactly the heads "
+                            "that follow (a statistic of all heads' channels that pruning cannot keep over the "
+                            "original channel count)")
     raise _Unrecognised(f"{t}: no constant MatMul projection before the head split")
+
+
+def _heads_norm(model, t, columns, prod) -> tuple[str, _ChannelOps] | None:
+    """``(x, the norm)`` where ``t`` is an RMSNorm of ``x`` over its last axis (OLMo2's ``q_norm`` / ``k_norm``
+    over all the heads' ``H·D`` channels), times a constant weight per channel or not, whose channels are exactly
+    the ``columns`` of the heads that follow; else None. Decomposed as :func:`_rms_norm` reads it (Casts around the
+    weight), or an ONNX ``RMSNormalization`` of the last axis with a constant scale. Pruning keeps its divisor over
+    the original channel count (:func:`_prune_channel_ops`): the pruned heads' channels count as zeros."""
+    def past_casts(x):
+        while (node := prod.get(x)) is not None and node.op_type in ("Cast", "Identity"):
+            x = node.input[0]
+        return x, node
+
+    width = columns.size
+    t, node = past_casts(t)
+    if node is None or node.op_type not in ("RMSNormalization", "Mul", "Div") or _dim_name(model, t, -1) != width \
+            or sorted(columns.reshape(-1).tolist()) != list(range(width)):
+        return None
+    ops = _ChannelOps()
+    if node.op_type == "RMSNormalization":
+        scale = constant_value(model, node.input[1]) if len(node.input) > 1 else None
+        rank = _rank(model, node.input[0])
+        if rank is None or _attr(node, "axis", -1) % rank != rank - 1 or scale is None or scale.shape != (width,):
+            return None
+        ops.norms.append((node.name, scale.dtype))
+        return node.input[0], ops
+    if node.op_type == "Mul":
+        weights = [i for i, x in enumerate(node.input) if constant_value(model, x) is not None]
+        if len(weights) == 1 and constant_value(model, node.input[weights[0]]).shape[-1:] == (width,) \
+                and constant_value(model, node.input[weights[0]]).size == width:
+            ops.weights.append((node.name, weights[0]))
+            t, node = past_casts(node.input[1 - weights[0]])
+    if node is None or node.op_type not in ("Mul", "Div"):
+        return None
+    cons = consumers(model)
+    for x in node.input:
+        for square in [u for u in cons.get(x, []) if _squares(model, u, x)]:
+            try:
+                end, reduce, dtype = _rms_norm(model, square, x, cons)
+            except _Unrecognised:
+                continue
+            if end.name == node.name:
+                ops.norms.append((reduce, dtype))
+                return x, ops
+    return None
 
 
 def _channel_statistic(model, t, prod) -> onnx.NodeProto | None:
@@ -2358,8 +2624,23 @@ def head_gates(torch_model, gates: dict[int, Any]):
     agent attention that input is the head's attention output plus its channels of the
     depthwise conv of V, and pruning removes both.
     A gate ``[B, H]`` gates each sample separately (the batch on the input's first axis).
+
+    Where a module normalises its q / k projection across all the heads before the head split (OLMo2's
+    ``q_norm`` / ``k_norm``, as wide as ``H`` or ``H_kv`` heads of ``head_dim``), the gate also multiplies that
+    norm's input, per query head for ``q_norm`` and per K/V head for ``k_norm`` (``1 - Π(1 - g)`` over the
+    head's group ``h // g``: 0 when all its query heads are gated off): pruning removes the heads' projection
+    channels there and keeps the norm's divisor over all of them (:func:`prune_heads`).
     """
     import contextlib
+
+    def channel_gate(gate, heads: int, x):
+        """``gate`` ``[H]`` or ``[B, H]`` as a multiplier of ``x`` ``[.., heads·D]``: each head's channels alike."""
+        if gate.ndim == 2:
+            if x.ndim < 2 or x.shape[0] != gate.shape[0]:
+                raise AttncError(f"per-sample head gates {tuple(gate.shape)} do not match the tensor "
+                                 f"{tuple(x.shape)} they gate (batch first)")
+            gate = gate.reshape(gate.shape[0], *([1] * (x.ndim - 2)), heads)
+        return (gate.unsqueeze(-1) * x.new_ones(x.shape[-1] // heads)).flatten(-2).to(x.dtype)
 
     @contextlib.contextmanager
     def active():
@@ -2368,7 +2649,13 @@ def head_gates(torch_model, gates: dict[int, Any]):
         for i, gate in gates.items():
             if i >= len(modules):
                 raise AttncError(f"no attention module {i} in the PyTorch model ({len(modules)} found)")
-            _, heads, proj = modules[i]
+            module, heads, proj = modules[i]
+            for norm, width_heads in _norms_across_heads(module, heads):
+                def norm_hook(_module, args, gate=gate, width_heads=width_heads, heads=heads):
+                    g = gate if width_heads == heads else 1 - (1 - gate).unflatten(-1, (width_heads, -1)).prod(-1)
+                    return (args[0] * channel_gate(g, width_heads, args[0]), *args[1:])
+
+                handles.append(norm.register_forward_pre_hook(norm_hook))
 
             def pre_hook(_module, args, gate=gate, heads=heads):
                 x = args[0]
@@ -2388,6 +2675,20 @@ def head_gates(torch_model, gates: dict[int, Any]):
                 handle.remove()
 
     return active()
+
+
+def _norms_across_heads(module, heads: int) -> list[tuple[Any, int]]:
+    """``(norm, the heads it spans)`` of each norm of ``module``'s q / k projection across all its heads in front of
+    the head split: OLMo2's ``q_norm`` (``H·D`` wide) and ``k_norm`` (``H_kv·D``), not Qwen3's per-head ones
+    (``D``)."""
+    head_dim = getattr(module, "head_dim", None)
+    found = []
+    for name in ("q_norm", "k_norm"):
+        width = getattr(getattr(getattr(module, name, None), "weight", None), "shape", (None,))[-1]
+        if isinstance(head_dim, int) and isinstance(width, int) and width != head_dim and width % head_dim == 0 \
+                and heads % (width // head_dim) == 0 and (name == "k_norm" or width // head_dim == heads):
+            found.append((getattr(module, name), width // head_dim))
+    return found
 
 
 def gates_from_keep(keep: dict[int, list[int]], heads: dict[int, int]) -> dict[int, Any]:
@@ -2743,6 +3044,9 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
     name_nodes(model)
     collapse_flat_transposes(model)   # so no B·H shape constant stays behind in the pruned model
     model = _fused_for_pruning(model)
+    prefix = _name_prefix(model)
+    if _unshare_written_sources(model, prefix):
+        toposort(model)
     layers = find_attention_layers(model)
     by_index = {l.index: l for l in layers}
     if keep is None:
@@ -2766,7 +3070,6 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
     report_layers = []
     layer_params = {l.index: l.params(model) for l in layers}
     layer_flops = {l.index: l.flops(model, tokens=tokens) for l in layers}
-    prefix = _name_prefix(model)
     for l in layers:
         kept = sorted(keep.get(l.index, range(l.heads)))
         if len(kept) < l.heads:
@@ -2794,6 +3097,36 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
     log.info("prune_heads: %d -> %d heads, %d -> %d parameters", report.heads_before, report.heads_after,
              report.params_before, report.params_after)
     return model, report
+
+
+def _unshare_written_sources(model: onnx.ModelProto, prefix: str) -> int:
+    """Give each ``ScatterND`` its own copy of what its data or updates are made from where that starts at a
+    ``ConstantOfShape`` or ``Expand`` (through Transpose / Reshape / Cast / Identity) and another ``ScatterND``
+    reads it: the dynamo exporter shares DeepSeek-V3's empty key between layers, whose head counts pruning rewrites
+    layer by layer (:class:`_Shared`). Returns how many it copied; the copies are appended (toposort after)."""
+    prod, cons = producers(model), consumers(model)
+    copied = 0
+    for scatter in [n for n in model.graph.node if n.op_type == "ScatterND"]:
+        for i in (0, 2):
+            chain, t = [], scatter.input[i]
+            while (node := prod.get(t)) is not None and node.op_type in ("Transpose", "Reshape", "Cast", "Identity"):
+                chain.append(node)
+                t = node.input[0]
+            if node is None or node.op_type not in ("ConstantOfShape", "Expand") or not any(
+                    c.op_type == "ScatterND" and c is not scatter
+                    for n in chain + [node] for c in cons.get(n.output[0], [])):
+                continue
+            copied += 1
+            renamed: dict[str, str] = {}
+            for original in reversed(chain + [node]):
+                copy = onnx.NodeProto()
+                copy.CopyFrom(original)
+                copy.name = f"{original.name}.{prefix}copy{copied}"
+                copy.input[0] = renamed.get(copy.input[0], copy.input[0])
+                renamed[original.output[0]] = copy.output[0] = f"{original.output[0]}.{prefix}copy{copied}"
+                model.graph.node.append(copy)
+            scatter.input[i] = renamed[scatter.input[i]]
+    return copied
 
 
 def _groups(layers: list[AttentionLayer]) -> dict[int, np.ndarray]:
@@ -2914,6 +3247,11 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int],
             b = constant_value(model, proj.bias)
             _replace_input(model, nodes[proj.bias_node], list(nodes[proj.bias_node].input).index(proj.bias),
                            b[cols], f"{proj.bias}.{tag}")
+    for role, (_, proj) in layer.roles.items():
+        if proj.norm is not None:   # an RMSNorm across the role's heads, after any split: the role's kept columns
+            own, cols = proj.columns.reshape(-1), new_columns[proj.matmul]
+            _prune_channel_ops(model, proj.norm, cols[np.isin(cols, own)] - own.min(), own.size, nodes,
+                               f"{tag}.{role.lower()}")
     # (every role's: one projection may reach its Split in some roles only, GPT-BigCode's Q)
     for split_node in {p.split[0] for _, p in layer.roles.values() if p.split and p.split[1] >= 0}:
         _resize_split(model, nodes[split_node], layer, role_kept, tag)
@@ -3074,15 +3412,16 @@ def _set_reshape(model, node, lead: int, rest: list[int], tag: str) -> None:
 
 
 def _set_shape_entries(model, node, entries: dict[int, int], tag: str) -> None:
-    """Point ``node`` (a Reshape or Expand) at its own shape with ``entries`` replaced: a new
+    """Point ``node`` (a Reshape, Expand or ConstantOfShape) at its own shape with ``entries`` replaced: a new
     constant, or ``Concat`` of slices of the computed shape and the new constants."""
     base = f"{node.name}.shape.{tag}"
-    value = constant_value(model, node.input[1])
+    shape = _shape_input(node)
+    value = constant_value(model, node.input[shape])
     if value is not None:
         value = value.copy()
         for j, v in entries.items():
             value[j] = v
-        _replace_input(model, node, 1, value.astype(np.int64), base)
+        _replace_input(model, node, shape, value.astype(np.int64), base)
         return
     pieces, start = [], 0
     for j in sorted(entries) + [None]:
@@ -3091,7 +3430,7 @@ def _set_shape_entries(model, node, entries: dict[int, int], tag: str) -> None:
             name = f"{base}.{start}"
             for suffix, v in ((".starts", [start]), (".ends", [end])):
                 model.graph.initializer.append(numpy_helper.from_array(np.array(v, dtype=np.int64), name + suffix))
-            model.graph.node.append(helper.make_node("Slice", [node.input[1], name + ".starts", name + ".ends"],
+            model.graph.node.append(helper.make_node("Slice", [node.input[shape], name + ".starts", name + ".ends"],
                                                      [name], name=name + "/slice"))
             pieces.append(name)
         if j is not None:
@@ -3100,7 +3439,7 @@ def _set_shape_entries(model, node, entries: dict[int, int], tag: str) -> None:
             pieces.append(f"{base}.{j}.value")
             start = j + 1
     model.graph.node.append(helper.make_node("Concat", pieces, [base], name=base + "/concat", axis=0))
-    node.input[1] = base
+    node.input[shape] = base
 
 
 def _resize_split(model, node, layer: AttentionLayer, role_kept: dict[str, list[int]], tag: str) -> None:

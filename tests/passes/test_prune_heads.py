@@ -5,7 +5,9 @@ fused and unfused agent attention, on Llama-family attention (rotary embeddings,
 K/V heads; hand-written and transformers' LlamaForCausalLM), on multi-query attention with one
 unsqueezed K/V head (GPT-BigCode's form), on heads merged into a norm across them (zeroed in front of
 the norm: MiniMax's lightning layers, fused from their blockwise loop, and a hand-written layer), and
-on OLMo2's norm across the heads before the head split (refused), and on pruned models pruned again."""
+on norms across the heads before the head split (OLMo2's q_norm / k_norm: the pruned heads' projection channels
+zeroed in front of the norm), on multi-head latent attention with a key part shared by the heads (DeepSeek-V3's,
+written into an empty key or concatenated), and on pruned models pruned again."""
 
 from __future__ import annotations
 
@@ -1383,14 +1385,135 @@ def test_refuses_a_layer_norm_across_the_merged_heads(tmp_path):
         find_attention_layers(onnx.load(str(path)))
 
 
-def test_refuses_a_norm_across_the_heads_in_front_of_the_head_split(tmp_path):
-    """OLMo2 normalises its q and k projections over all H·D channels before splitting them into heads:
-    a kept head's values depend on the pruned ones, so the layers are refused with that reason."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf = perturbed(transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
-        max_position_embeddings=64, num_key_value_heads=2, pad_token_id=0)))
-    onnx_model = _export_tokens(_HFLogits(hf).eval(), torch.randint(0, 64, (2, 9)), tmp_path / "olmo2.onnx")
-    with pytest.raises(AttncError, match="normalisation across the heads between the projection and the head split"):
+class _NormedProjections(torch.nn.Module):
+    """Softmax attention whose q and k projections are normalised across all the heads before the head split,
+    as OLMo2's ``q_norm`` / ``k_norm`` over ``H·D`` (an RMSNorm, or a LayerNorm: refused)."""
+
+    def __init__(self, norm: str, dim=32, heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (torch.nn.Linear(dim, dim) for _ in range(4))
+        self.q_norm, self.k_norm = (torch.nn.RMSNorm(dim, eps=1e-6) if norm == "rms" else torch.nn.LayerNorm(dim)
+                                    for _ in range(2))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = (t.reshape(b, n, self.num_heads, -1).transpose(1, 2)
+                   for t in (self.q_norm(self.q_proj(x)), self.k_norm(self.k_proj(x)), self.v_proj(x)))
+        o = torch.softmax(q @ k.transpose(-1, -2) * self.head_dim ** -0.5, -1) @ v
+        return self.o_proj(o.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("opset", [18, 23])   # 23: the norms are ONNX RMSNormalization nodes
+def test_prunes_heads_behind_a_norm_across_them(tmp_path, opset):
+    """OLMo2's form: an RMSNorm over all the heads' q (and k) channels before the head split. The pruned model
+    is the torch model with the pruned heads' q/k/v projection channels and output-projection inputs zeroed,
+    its norms still dividing by all the channels (``head_gates`` gates the norms' inputs the same way)."""
+    torch.manual_seed(3)
+    model = perturbed(_NormedProjections("rms"))
+    onnx_model = _export_tokens(model, torch.randn(2, 5, 32), tmp_path / "normed.onnx", opset=opset)
+    assert any(n.op_type == "RMSNormalization" for n in onnx_model.graph.node) == (opset == 23)
+    layers = find_attention_layers(onnx_model)
+    keep = {0: [1, 2]}
+    pruned, report = prune_heads(onnx_model, keep=keep)
+    # two heads: q/k/v columns and biases, output rows, q and k norm weights; each norm's rescale comes in
+    assert report.params_before - report.params_after == 2 * (3 * (32 * 8 + 8) + 8 * 32 + 2 * 8) - 2
+    zeroed, cut = copy.deepcopy(model), [*range(8), *range(24, 32)]   # the reference written out: heads 0 and 3
+    with torch.no_grad():
+        for proj in (zeroed.q_proj, zeroed.k_proj, zeroed.v_proj):
+            proj.weight[cut] = 0
+            proj.bias[cut] = 0
+        zeroed.o_proj.weight[:, cut] = 0
+    x = torch.randn(3, 11, 32)
+    got = _ort(pruned, {"x": x.numpy()})
+    with torch.no_grad():
+        expected = zeroed(x).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(_masked_reference(model, keep, layers, (x,)), expected, atol=1e-6, rtol=1e-5)
+    assert not np.allclose(got, _masked_reference(model, _complement(keep, layers), layers, (x,)), atol=1e-3)
+
+
+def test_refuses_a_layer_norm_across_the_heads_in_front_of_the_head_split(tmp_path):
+    """A LayerNorm's mean over all the heads' channels cannot be kept over the original count by rescaling."""
+    torch.manual_seed(3)
+    onnx_model = _export_tokens(perturbed(_NormedProjections("layer")), torch.randn(2, 5, 32), tmp_path / "ln.onnx")
+    with pytest.raises(AttncError, match="normalisation across the heads between the projection and the head split "
+                                         "that is not an RMSNorm"):
+        prune_heads(onnx_model, keep={0: [0, 1]})
+
+
+class _LatentAttention(torch.nn.Module):
+    """Two residual layers of :class:`_LatentBlock` (the dynamo exporter shares their empty keys)."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_LatentBlock(form) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+class _LatentBlock(torch.nn.Module):
+    """Multi-head latent attention as DeepSeek-V3 writes it: Q per head from one projection, each head's own key
+    part and value from a projection of a low-rank latent, and a key part shared by all the heads (one per token,
+    from the latent projection) broadcast into every head's key, written into an empty key (``"scatter"``: a
+    ``ScatterND``) or concatenated (``"concat"``); ``"heads"`` writes the shared part over the first head's key
+    instead (refused: not a range of the head dim)."""
+
+    def __init__(self, form: str, dim=32, heads=4, own=8, shared=4, value=8, rank=16):
+        super().__init__()
+        self.form, self.num_heads, self.own, self.shared, self.rank = form, heads, own, shared, rank
+        self.q_proj = torch.nn.Linear(dim, heads * (own + shared))
+        self.kv_a_proj = torch.nn.Linear(dim, rank + shared)
+        self.kv_b_proj = torch.nn.Linear(rank, heads * (own + value))
+        self.o_proj = torch.nn.Linear(heads * value, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, -1).transpose(1, 2)
+        latent, k_shared = self.kv_a_proj(x).split([self.rank, self.shared], -1)
+        kv = self.kv_b_proj(latent).view(b, n, self.num_heads, -1).transpose(1, 2)
+        k_own, v = kv.split([self.own, kv.shape[-1] - self.own], -1)
+        k_shared = torch.sin(k_shared).view(b, 1, n, self.shared).expand(-1, k_own.shape[1], -1, -1)
+        if self.form == "concat":
+            k = torch.cat([k_own, k_shared], -1)
+        else:
+            k = kv.new_empty(*kv.shape[:-1], self.own + self.shared)
+            k[..., :self.own] = k_own
+            if self.form == "scatter":
+                k[..., self.own:] = k_shared
+            else:
+                k[..., self.own:] = 0
+                k[:, :1] = k_shared[:, :1].repeat(1, 1, 1, 3)
+        o = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1) @ v
+        return self.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.mark.parametrize("form", ["scatter", "concat"])
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_prunes_latent_attention_with_a_key_part_shared_by_the_heads(tmp_path, exporter, form):
+    """Each head's own key columns go with its query, value and output columns; the shared key part stays one
+    per token, broadcast into the kept heads (the shapes that carry the head count are rewritten or follow)."""
+    torch.manual_seed(4)
+    model = perturbed(_LatentAttention(form))
+    onnx_model = _export_tokens(model, torch.randn(2, 7, 32), tmp_path / "latent.onnx", exporter)
+    assert any(n.op_type == "ScatterND" for n in onnx_model.graph.node) == (form == "scatter")
+    layers = find_attention_layers(onnx_model)
+    keep = {0: [0, 3], 1: [1]}
+    pruned, report = prune_heads(onnx_model, keep=keep)
+    # five heads: query columns (8 + 4 per head), own key and value columns of kv_b_proj, output rows
+    assert report.params_before - report.params_after == 5 * (12 * 33 + 16 * 17 + 8 * 32)
+    for shape in ((3, 11), (1, 4)):
+        x = torch.randn(*shape, 32)
+        got = _ort(pruned, {"x": x.numpy()})
+        np.testing.assert_allclose(got, _masked_reference(model, keep, layers, (x,)), atol=1e-5, rtol=1e-5)
+    assert not np.allclose(got, _masked_reference(model, _complement(keep, layers), layers, (x,)), atol=1e-3)
+
+
+def test_refuses_a_write_into_some_heads_of_the_key(tmp_path):
+    torch.manual_seed(4)
+    onnx_model = _export_tokens(perturbed(_LatentAttention("heads")), torch.randn(2, 7, 32), tmp_path / "heads.onnx")
+    with pytest.raises(AttncError, match="ScatterND on the Q/K/V path that is not a write of a range of the head dim"):
         prune_heads(onnx_model, keep={0: [0, 1]})
