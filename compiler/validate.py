@@ -248,14 +248,18 @@ class ValidationResult:
 
 
 def token_id_bound(model) -> int | None:
-    """The fewest rows among the constant tables that a ``Gather`` indexes with an integer graph input
-    (an embedding's vocabulary): random token ids below it are valid ids. ``None`` without such a table."""
+    """The fewest rows among the constant tables that a ``Gather`` indexes with an integer graph input,
+    as it is or only reshaped (GPT-2 views its ids as ``[-1, seq]`` first): an embedding's vocabulary,
+    so random token ids below it are valid ids. ``None`` without such a table."""
     from onnx import TensorProto
 
     from attnc.passes.core import constant_value, node_attribute
 
     ints = {i.name for i in model.graph.input
             if i.type.tensor_type.elem_type in (TensorProto.INT64, TensorProto.INT32)}
+    for node in model.graph.node:   # graph order: a reshape's input is reached before the reshape
+        if node.op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast") and node.input[0] in ints:
+            ints.add(node.output[0])
     rows = []
     for node in model.graph.node:
         if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in ints:

@@ -89,5 +89,10 @@ class OnnxRuntimeRunner:
         """Run once; ``feeds`` must name every graph input."""
         check_feeds(self.input_specs, feeds)
         cast = {s.name: np.ascontiguousarray(feeds[s.name], dtype=s.dtype) for s in self.input_specs}
-        outputs = self.session.run(self.output_names, cast)
+        try:
+            outputs = self.session.run(self.output_names, cast)
+        except Exception as exc:   # onnxruntime's errors (Fail, InvalidArgument, ...) subclass Exception only
+            raise AttncError(f"ONNX Runtime failed running the model: {str(exc).splitlines()[0][:300]}",
+                             "check the inputs' values and sizes (token ids below the vocabulary, sizes the "
+                             "model was exported for)") from exc
         return dict(zip(self.output_names, outputs))

@@ -5,22 +5,20 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from attnc import runtime
 from attnc.compiler.errors import AttncError
-from attnc.compiler.export import export_onnx
 from attnc.compiler.pipeline import CompileOptions, compile_model
-from attnc.models.registry import get_spec
+from attnc.testing import export_spec
 
 
 @pytest.mark.parametrize("name", ["vit-mhsa-small", "lm-linear-small"])
 def test_loaded_artefact_matches_pytorch_at_another_batch(name, tmp_path):
-    spec = get_spec(name)
-    model = spec.factory()
-    export_onnx(model, spec.example_inputs(), tmp_path / "model.onnx", exporter="torchscript",
-                dynamic_axes=spec.dynamic_axes, input_names=spec.input_names)
+    spec, model, exported = export_spec(name, "torchscript")
+    onnx.save(exported, tmp_path / "model.onnx")
     manifest = compile_model(tmp_path / "model.onnx", tmp_path / "out", CompileOptions(backend="onnxruntime"))
     assert any(m for r in manifest["passes"] for m in r["matches"])   # something was fused
 
@@ -44,3 +42,15 @@ def test_load_refuses_what_is_no_artefact(tmp_path):
                                                         "artefact": "model.onnx"}))
     with pytest.raises(AttncError, match="unknown backend 'tpu'"):
         runtime.load(tmp_path)
+
+
+def test_a_failing_run_is_a_clear_error(tmp_path):
+    """ONNX Runtime's own failure (token ids past the embedding: its Gather's bounds check) comes back as
+    an AttncError naming what to check, not onnxruntime's exception class."""
+    spec, module, model = export_spec("lm-mhsa-small", "torchscript")
+    onnx.save(model, tmp_path / "model.onnx")
+    compile_model(tmp_path / "model.onnx", tmp_path / "out", CompileOptions(backend="onnxruntime"))
+    ids = spec.example_inputs(batch=1, seed=0)[0].numpy()
+    ids[0, 0] = 10 ** 6
+    with pytest.raises(AttncError, match="ONNX Runtime failed running the model.*token ids below the vocabulary"):
+        runtime.load(tmp_path / "out").infer({"ids": ids})

@@ -444,3 +444,20 @@ def test_end_to_end_passes_then_fails_with_a_perturbed_weight(tiny_export, tmp_p
     onnx.save(proto, str(bad))
     result = validate(reference, load(bad), feeds, precision="fp32")
     assert not result.passed and "exceed atol" in result.outputs[0].reason
+
+
+def test_token_id_bound_looks_through_a_reshape_of_the_ids(tmp_path):
+    """GPT-2 views its ids as ``[-1, seq]`` before the embedding: the bound is still its 64 rows (before,
+    none was found, random ids went up to 100 and ``--prune-heads`` without calibration crashed ONNX
+    Runtime's Gather); a model without an embedding has none."""
+    from attnc.compiler.export import export_onnx
+    from attnc.compiler.validate import token_id_bound
+    from attnc.models.transformers_zoo import Output, build
+
+    path = export_onnx(Output(build("gpt2")).eval(), torch.randint(0, 64, (2, 9)), tmp_path / "gpt2.onnx",
+                       exporter="torchscript", input_names=["x"])
+    model = onnx.load(str(path))
+    assert any(n.op_type == "Reshape" and n.input[0] == "x" for n in model.graph.node)
+    assert token_id_bound(model) == 64
+    linear = export_onnx(torch.nn.Linear(4, 3), torch.randn(2, 4), tmp_path / "linear.onnx", exporter="torchscript")
+    assert token_id_bound(onnx.load(str(linear))) is None
