@@ -122,16 +122,18 @@ log = logging.getLogger(__name__)
 METHODS = ("activation", "gradient", "ablation", "weight")
 # What grouped-query layers lose: whole K/V groups, or the same number of query heads in every group.
 GRANULARITIES = ("group", "query")
+# Random calibration inputs (no --calibration): batch, and every other named dynamic size.
+CALIBRATION_BATCH, CALIBRATION_TOKENS = 8, 16
 # Ops that only move data or scale it by a constant: the head axis can be tracked through them.
 _SCALAR_OPS = ("Mul", "Div")
 # Elementwise ops on the Q/K/V path: passed where the other operand is constant over the heads (rotary tables).
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Pow")
-# Unary ops on the Q/K/V path (each element on its own: within its head), e.g. a per-head RMSNorm's
-# rsqrt (Qwen3's q_norm / k_norm), and reductions over the head dim that keep it (that norm's mean).
-_UNARY = ("Cast", "Identity", "Neg", "Sqrt", "Reciprocal", "Abs", "Exp", "Log", "Tanh", "Sigmoid", "Erf", "Relu")
-# Elementwise ops of one input (activations): a projection's channels pass them one by one (MiniMax's SiLU).
-_ACTIVATIONS = ("Relu", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "LeakyRelu", "Softplus", "Softsign", "HardSigmoid",
-                "HardSwish", "Mish", "Swish", "Erf", "Cast", "Identity")
+# Ops of one input that act on each element on its own (math and activations): on the Q/K/V path they stay
+# within the head (a per-head RMSNorm's rsqrt, Qwen3's q_norm / k_norm), and a projection's channels pass
+# them one by one (MiniMax's SiLU over its whole qkv projection).
+_UNARY = ("Cast", "Identity", "Neg", "Sqrt", "Reciprocal", "Abs", "Exp", "Log", "Erf", "Relu", "Sigmoid", "Tanh",
+          "Gelu", "Elu", "Selu", "LeakyRelu", "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Mish", "Swish")
+# Reductions over the head dim that keep it (a per-head norm's mean): passed on the Q/K/V path.
 _HEAD_DIM_REDUCTIONS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2", "ReduceSumSquare")
 # Per-head constant inputs of fused attnc nodes: input index -> heads axis (see plugins/*).
 # Negative axes count from the end: agent biases broadcast to [B, H, n, M], so a folded
@@ -352,6 +354,21 @@ def find_attention_layers(model: onnx.ModelProto) -> list[AttentionLayer]:
         AttncError: the graph has no attention core at all, or none whose Q/K/V and
             output could be traced to constant projections (the reason is in the message).
     """
+    layers, misses = survey_attention_layers(model)
+    if not layers:
+        if misses:
+            raise AttncError("no prunable attention layer: " + "; ".join(misses[:3]),
+                             "head pruning needs Q/K/V/output projections that are constant MatMul weights")
+        raise AttncError("the model has no recognisable attention (no Softmax->MatMul core, Attention or "
+                         "attnc node)", "head pruning applies to transformer models with multi-head attention")
+    for miss in misses:
+        log.warning("prune_heads: skipped %s", miss)
+    return layers
+
+
+def survey_attention_layers(model: onnx.ModelProto) -> tuple[list[AttentionLayer], list[str]]:
+    """``(layers, misses)``: every attention layer whose heads can be sliced, in graph order, and for each
+    other attention core why not (``"<core node>: <reason>"``). Both empty without attention."""
     model = _prepared(model)
     prod, cons = producers(model), consumers(model)
     shapes = value_shapes(model)
@@ -381,15 +398,7 @@ def find_attention_layers(model: onnx.ModelProto) -> list[AttentionLayer]:
             layers.append(_layer(model, len(layers), node, kind, q, k, v, out, prod, cons, shapes))
         except _Unrecognised as why:
             misses.append(f"{node.name}: {why}")
-    if not layers:
-        if misses:
-            raise AttncError("no prunable attention layer: " + "; ".join(misses[:3]),
-                             "head pruning needs Q/K/V/output projections that are constant MatMul weights")
-        raise AttncError("the model has no recognisable attention (no Softmax->MatMul core, Attention or "
-                         "attnc node)", "head pruning applies to transformer models with multi-head attention")
-    for miss in misses:
-        log.warning("prune_heads: skipped %s", miss)
-    return layers
+    return layers, misses
 
 
 def attention_cores(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, str, str, str]]:
@@ -1797,12 +1806,12 @@ def _channel_statistic(model, t, prod) -> onnx.NodeProto | None:
 
 def _elementwise_source(model, t, prod, depth: int = 0) -> str:
     """The one tensor ``t`` is computed from element by element, with scalar constants only (an activation:
-    ``_ACTIVATIONS``, SiLU exported as ``x · Sigmoid(x)``, GELU's ``x · (1 + erf(x / √2)) / 2``), else ``t``:
+    ``_UNARY``, SiLU exported as ``x · Sigmoid(x)``, GELU's ``x · (1 + erf(x / √2)) / 2``), else ``t``:
     slicing its channels slices that tensor's alike."""
     node = prod.get(t)
     if node is None or depth > 8:
         return t
-    if node.op_type in _ACTIVATIONS and node.domain in ("", "ai.onnx", "com.microsoft"):
+    if node.op_type in _UNARY and node.domain in ("", "ai.onnx", "com.microsoft"):
         return _elementwise_source(model, node.input[0], prod, depth + 1)
     if node.op_type not in _ELEMENTWISE:
         return t
@@ -3499,20 +3508,32 @@ def apply(model: onnx.ModelProto, amount: str | float | int, calibration_feeds: 
     if (ratio is not None and not 0 < ratio < 1) or (count is not None and count < 1):
         raise AttncError(f"--prune-heads {text} prunes nothing or everything",
                          "give a ratio in (0, 1) such as 0.25, or a head count of at least 1")
+    # Prepared once: finding, scoring and pruning each prepare what they get, and fusing MiniMax's blockwise
+    # loop proves every block in float64 (seconds per layer); a prepared model passes through as it is.
+    model = _prepared(model)
     layers = find_attention_layers(model)   # a count that splits K/V groups fails here, before scoring
     _prune_count({l.index: l.heads for l in layers}, ratio, count, _unit_sizes(layers, granularity), granularity)
     if method != "weight" and not calibration_feeds:
-        from attnc.compiler.backends.onnxruntime import load
-        from attnc.compiler.validate import make_inputs, token_id_bound
-
-        log.warning("prune_heads: no calibration data, scoring heads on random inputs")
-        specs = load(model).input_specs
-        int_high = min(100, token_id_bound(model) or 100)   # token ids within the embedding's vocabulary
-        try:
-            calibration_feeds = [make_inputs(specs, seed=seed + i, symbolic_defaults={"batch": 8}, int_high=int_high)
-                                 for i in range(4)]
-        except AttncError:
-            raise AttncError("head scoring needs inputs, and this model has symbolic dims other than batch",
-                             "pass calibration inputs: --calibration inputs.npz (keyed by input name)") from None
+        calibration_feeds = _random_calibration(model, seed)
     scores = score_heads(model, calibration_feeds or [], method=method, granularity=granularity)
     return prune_heads(model, scores, ratio=ratio, count=count, granularity=granularity)
+
+
+def _random_calibration(model: onnx.ModelProto, seed: int) -> list[dict[str, np.ndarray]]:
+    """Four random batches for scoring heads without calibration data: ``batch`` 8 and every other named
+    dynamic size (a sequence length, an image grid) 16, token ids below the embedding's rows, masks all
+    ones (:func:`attnc.compiler.validate.make_inputs`)."""
+    from attnc.compiler.backends.onnxruntime import load
+    from attnc.compiler.validate import make_inputs, token_id_bound
+
+    specs = load(model).input_specs
+    sizes = {d: CALIBRATION_BATCH if d == "batch" else CALIBRATION_TOKENS
+             for spec in specs for d in spec.shape if isinstance(d, str)}
+    log.warning("prune_heads: no calibration data, scoring heads on random inputs (%s)",
+                ", ".join(f"{d}={n}" for d, n in sizes.items()) or "static shapes")
+    int_high = min(100, token_id_bound(model) or 100)   # token ids within the embedding's vocabulary
+    try:
+        return [make_inputs(specs, seed=seed + i, symbolic_defaults=sizes, int_high=int_high) for i in range(4)]
+    except AttncError as exc:
+        raise AttncError(f"head scoring needs inputs, and random ones cannot be made for this model ({exc.problem})",
+                         "pass calibration inputs: --calibration inputs.npz (keyed by input name)") from None

@@ -21,13 +21,13 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.export import export_onnx
-from attnc.models.registry import get_spec
 from attnc.models.train import accuracy, fit, train_digits_vit
 from attnc.models.transformers_zoo import perturbed
 from attnc.passes import fuse_attention
 from attnc.passes.core import constant_value
 from attnc.passes.prune_heads import (find_attention_layers, gates_from_keep, head_gates, prune_heads,
                                       score_heads, select_heads, select_heads_iteratively)
+from attnc.testing import export_spec
 
 # Documented in docs/shrink.md (measured: 94.0 % -> 83.3 % and 92.9 %):
 # 25 % of the digits ViT's heads by activation score, no fine-tuning, cost at most
@@ -152,10 +152,8 @@ def test_gradient_scores_and_recovery(digits, tmp_path):
     ("mhsa-scale-after-small", {0: [1]}),                          # no qkv bias
 ])
 def test_registry_models_match_masked_torch(tmp_path, exporter, name, keep):
-    spec = get_spec(name)
-    model = spec.factory()
+    spec, model, onnx_model = export_spec(name, exporter)
     inputs = spec.example_inputs(batch=2, seed=1)
-    onnx_model = _export(model, inputs, tmp_path, exporter, spec)
     layers = find_attention_layers(onnx_model)
     pruned, report = prune_heads(onnx_model, keep=keep)
     assert [l.heads_after for l in report.layers] == [len(keep.get(l.index, range(l.heads))) for l in layers]
@@ -171,10 +169,9 @@ def test_registry_models_match_masked_torch(tmp_path, exporter, name, keep):
 
 def test_prunes_after_softmax_fusion(tmp_path):
     softmax = pytest.importorskip("attnc.passes.softmax")
-    spec = get_spec("lm-mhsa-small")
-    model = spec.factory()
+    spec, model, onnx_model = export_spec("lm-mhsa-small", "dynamo")
     inputs = spec.example_inputs(batch=2, seed=1)
-    fused, fusion = softmax.apply(_export(model, inputs, tmp_path, "dynamo", spec))
+    fused, fusion = softmax.apply(onnx_model)
     if fusion.rewritten == 0:
         pytest.skip("the softmax fusion pass did not fire on this export")
     layers = find_attention_layers(fused)
@@ -196,12 +193,10 @@ def test_prunes_after_softmax_fusion(tmp_path):
 def test_prunes_fused_attnc_nodes(tmp_path, name, family):
     import importlib
 
-    spec = get_spec(name)
-    model = spec.factory()
+    spec, model, onnx_model = export_spec(name, "dynamo")
     inputs = spec.example_inputs(batch=2, seed=1)
     try:
-        fused, fusion = importlib.import_module(f"attnc.passes.{family}").apply(
-            _export(model, inputs, tmp_path, "dynamo", spec))
+        fused, fusion = importlib.import_module(f"attnc.passes.{family}").apply(onnx_model)
     except Exception as exc:  # another family's pass, in progress: not what this test checks
         pytest.skip(f"the {family} fusion pass failed: {type(exc).__name__}: {exc}")
     if fusion.rewritten == 0:
@@ -220,9 +215,8 @@ def test_linear_attention_with_a_recurrent_state_is_not_pruned(tmp_path):
     what callers feed, so such layers are skipped, saying why."""
     from attnc.passes import linear
 
-    spec = get_spec("lm-lightning-small")
-    model = spec.factory()
-    fused, _ = linear.apply(_export(model, spec.example_inputs(batch=2, seed=1), tmp_path, "dynamo", spec))
+    _, _, onnx_model = export_spec("lm-lightning-small", "dynamo")
+    fused, _ = linear.apply(onnx_model)
     assert len(find_attention_layers(fused)) >= 1
     for i, node in enumerate(n for n in fused.graph.node if n.op_type == "KernelLinearAttention"):
         node.input.extend([""] * (4 - len(node.input)) + [f"state{i}"])
@@ -254,10 +248,8 @@ def _agent_case(name, tmp_path, exporter, form):
         export_onnx(model, inputs, path, exporter=exporter, dynamic_axes={"x": {0: "batch"}}, input_names=names)
         onnx_model, fresh = onnx.load(str(path)), (torch.randn(3, 37, 30),)
     else:
-        spec = get_spec(name)
-        torch.manual_seed(0)
-        model, names = spec.factory().eval(), spec.input_names
-        onnx_model = _export(model, spec.example_inputs(batch=2, seed=1), tmp_path, exporter, spec)
+        spec, model, onnx_model = export_spec(name, exporter)
+        names = spec.input_names
         fresh = spec.example_inputs(batch=3, seed=7)   # another batch size and other values
     if form == "fused":
         onnx_model, fusion = agent.apply(onnx_model)
@@ -329,9 +321,7 @@ def test_prunes_agent_attention(tmp_path, exporter, form, name, keep):
 
 def test_lowered_agent_attention_is_refused_with_a_reason(tmp_path):
     agent = pytest.importorskip("attnc.passes.agent")
-    spec = get_spec("agent-small")
-    lowered, fusion = agent.apply(_export(spec.factory(), spec.example_inputs(batch=2), tmp_path, "dynamo", spec),
-                                  lower_to_attention=True)
+    lowered, fusion = agent.apply(export_spec("agent-small", "dynamo")[2], lower_to_attention=True)
     assert fusion.rewritten == 1
     with pytest.raises(AttncError, match="prune before lowering"):
         prune_heads(lowered, keep={0: [0]})
@@ -404,13 +394,15 @@ def test_select_heads_finds_an_exact_count_where_the_lowest_units_overshoot(seed
     assert len(keep[0]) == 2 and len(keep[1]) == 2
 
 
-def test_random_calibration_draws_token_ids_within_the_vocabulary(tmp_path):
+def test_random_calibration_draws_token_ids_within_the_vocabulary(tmp_path, monkeypatch):
     """Without calibration data (``compile --prune-heads`` alone) heads are scored on random inputs: token
     ids are drawn below the embedding's row count (64 here), where ids up to 100 made ONNX Runtime's
     Gather fail; MiniMax's lightning layer of single heads beside a softmax layer of K/V pairs loses 4 of
-    its 8 heads exactly (2 + a pair)."""
+    its 8 heads exactly (2 + a pair). Its blockwise loop is fused (and proven) once, not by each of
+    finding, scoring and pruning."""
     from attnc.compiler.validate import token_id_bound
     from attnc.models.transformers_zoo import Output, build, dynamic_axes, example_input
+    from attnc.passes import linear
     from attnc.passes.prune_heads import apply
 
     hf = build("minimax")
@@ -419,11 +411,30 @@ def test_random_calibration_draws_token_ids_within_the_vocabulary(tmp_path):
                                            tmp_path / "minimax.onnx", exporter="torchscript", input_names=["x"],
                                            dynamic_axes=dynamic_axes("minimax"))))
     assert token_id_bound(onnx_model) == 64
+    fusions = []
+    fuse = linear.apply
+    monkeypatch.setattr(linear, "apply", lambda *args, **kwargs: fusions.append(1) or fuse(*args, **kwargs))
     pruned, report = apply(onnx_model, "0.5")
+    assert len(fusions) == 1
     assert [(l.heads_before, l.heads_after) for l in report.layers] == [(4, 2), (4, 2)]
     assert report.layers[1].kv_heads_after == 1
     x = example_input("minimax", 3, 9, torch.Generator().manual_seed(2))
     assert np.isfinite(_ort(pruned, {"x": x.numpy()})).all()
+
+
+def test_random_calibration_of_a_dynamic_length():
+    """``compile --prune-heads`` without calibration data on an LM exported with a dynamic batch and length:
+    the length is drawn too (16), where only the batch had a size and scoring refused the model."""
+    from attnc.passes.prune_heads import CALIBRATION_TOKENS, _random_calibration, apply
+
+    spec, module, onnx_model = export_spec("lm-mhsa-small", "torchscript")
+    assert spec.dynamic == ("batch", "seq")
+    feeds = _random_calibration(onnx_model, seed=0)
+    assert [f["ids"].shape for f in feeds] == [(8, CALIBRATION_TOKENS)] * 4
+    pruned, report = apply(onnx_model, "0.25")
+    assert sum(l.heads_before - l.heads_after for l in report.layers) == round(0.25 * report.heads_before)
+    inputs = spec.example_inputs(batch=3, seq=11, seed=5)
+    assert np.isfinite(_ort(pruned, {"ids": inputs[0].numpy()})).all()
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.5, 1.5])
@@ -466,8 +477,7 @@ def test_model_without_attention(tmp_path):
 def test_pipeline_entry_point(tmp_path):
     from attnc.passes import prune_heads as pass_module
 
-    spec = get_spec("vit-mhsa-small")
-    onnx_model = _export(spec.factory(), spec.example_inputs(batch=2), tmp_path, "dynamo", spec)
+    onnx_model = export_spec("vit-mhsa-small", "dynamo")[2]
     assert pass_module.apply(onnx_model, "0.25")[1].heads_after == 4          # ratio: round(0.25 * 6) = 2 go
     assert pass_module.apply(onnx_model, "1", method="weight")[1].heads_after == 5   # a count
     with pytest.raises(AttncError, match="ratio or a head count"):
