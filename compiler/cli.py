@@ -117,14 +117,26 @@ def models_cmd() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--int-high", type=click.IntRange(min=1), default=100, show_default=True,
               help="Random integer inputs (token ids) are drawn from [0, INT_HIGH): at most the vocabulary size.")
+@click.option("--with-attention-mask", "attention_mask", is_flag=True,
+              help="Text checkpoints: take attention_mask [batch, seq] (1 = token, 0 = padding) after input_ids, "
+                   "for padded batches; its example rows are padded (decoder-only models on the left). "
+                   "validate feeds it too.")
 @_handle_errors
-def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset, seed, int_high) -> None:
+def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset, seed, int_high,
+               attention_mask) -> None:
     """Export MODEL (a bundled model name, a Hugging Face checkpoint directory or MODULE:FACTORY) to ONNX."""
     import torch
 
     from attnc.compiler.export import export_onnx, resolve_model
 
     module, spec = resolve_model(model_ref)
+    if attention_mask:
+        from attnc.models.hf_checkpoint import with_attention_mask
+
+        module, spec = with_attention_mask(module, spec)
+        if len(input_shapes) > 1:
+            raise AttncError("with --with-attention-mask, --input-shape gives input_ids' shape only",
+                             "pass one --input-shape input_ids:BxS:int64; the mask is built from it, padded")
     if input_shapes:
         inputs = []
         gen = torch.Generator().manual_seed(seed)
@@ -134,6 +146,8 @@ def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset
                 inputs.append(torch.randint(0, int_high, shape, generator=gen, dtype=getattr(torch, dtype)))
             else:
                 inputs.append(torch.randn(shape, generator=gen, dtype=getattr(torch, dtype)))
+        if attention_mask:
+            inputs.append(spec.mask_for(inputs[0]))
     elif spec is not None:
         inputs = list(spec.example_inputs(seed=seed))
     else:
@@ -159,8 +173,11 @@ def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset
               help="The engine precision --lower auto decides for (default: the model's dtype).")
 @click.option("--opt-shape", "opt_shapes", multiple=True, metavar="NAME:1x3x224x224",
               help="The shape --lower auto decides dynamic inputs at, as compile's TensorRT --opt-shape.")
+@click.option("--heads", "show_heads", is_flag=True,
+              help="Also list the attention layers --prune-heads can prune (heads, K/V heads, head dims) and why "
+                   "the others cannot.")
 @_handle_errors
-def inspect_cmd(model_path, as_json, lower, precision, opt_shapes) -> None:
+def inspect_cmd(model_path, as_json, lower, precision, opt_shapes, show_heads) -> None:
     """List the attention subgraphs attnc finds in an ONNX model, near-misses and op counts."""
     from attnc import passes
     from attnc.compiler import onnx_io
@@ -184,6 +201,8 @@ def inspect_cmd(model_path, as_json, lower, precision, opt_shapes) -> None:
         "matches": [m.to_dict() for r in reports for m in r.matches],
         "near_misses": [n.to_dict() for r in reports for n in r.near_misses],
     }
+    if show_heads:
+        data["heads"] = _prunable_heads(model)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -206,10 +225,32 @@ def inspect_cmd(model_path, as_json, lower, precision, opt_shapes) -> None:
         for n in data["near_misses"]:
             near.add_row(n["family"], escape(n["anchor"]), escape(n["reason"]))
         console.print(near)
+    if show_heads:
+        heads = Table("layer", "at node", "core", "heads", "K/V heads", "head dim", "value dim",
+                      title="attention layers --prune-heads can prune")
+        for layer in data["heads"]["layers"]:
+            heads.add_row(str(layer["index"]), escape(layer["anchor"]), escape(layer["core"]), str(layer["heads"]),
+                          str(layer["kv_heads"]), str(layer["head_dim"]), str(layer["value_dim"]))
+        console.print(heads if data["heads"]["layers"] else "no attention layer head pruning can prune")
+        if data["heads"]["not_prunable"]:
+            refused = Table("why not", title="attention head pruning leaves alone")
+            for reason in data["heads"]["not_prunable"]:
+                refused.add_row(escape(reason))
+            console.print(refused)
     ops = Table("op", "count", title="op counts")
     for op, count in data["ops"].items():
         ops.add_row(op, str(count))
     console.print(ops)
+
+
+def _prunable_heads(model) -> dict:
+    """``inspect --heads``: the layers head pruning finds, and why it leaves each other attention alone."""
+    from attnc.passes.prune_heads import survey_attention_layers
+
+    layers, misses = survey_attention_layers(model)
+    return {"layers": [{"index": l.index, "anchor": l.anchor, "core": l.core, "heads": l.heads,
+                        "kv_heads": l.kv_heads, "head_dim": l.head_dim, "value_dim": l.value_dim} for l in layers],
+            "not_prunable": misses}
 
 
 def _dims(shape) -> str:

@@ -17,11 +17,17 @@ last hidden state). The spec's one input is the model's ``main_input_name``:
 Any other input gets a spec whose example inputs raise an :class:`AttncError` asking for
 ``--input-shape`` (names and dynamic batch still come from the spec). transformers is imported only
 when a directory is loaded.
+
+Text models also export with their padding mask (``attnc export --with-attention-mask``,
+:func:`with_attention_mask`): ``(input_ids, attention_mask)`` through :class:`MaskedOutput`, the mask
+``[batch, seq]`` int64 (1 = token, 0 = padding) dynamic like the ids, its example rows padded (:func:`padding_mask`)
+at the end for encoders and at the start for decoder-only models.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -43,35 +49,137 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 _SAVE_FIX = "pass the directory save_pretrained() wrote (config.json and model.safetensors)"
 
 
+MASK = "attention_mask"
+
+
 @dataclass(frozen=True)
 class CheckpointSpec(ModelSpec):
     """A :class:`ModelSpec` whose example inputs may be unknown: ``unsupported`` says why, and
-    :meth:`example_inputs` then raises it with the ``--input-shape`` to pass instead."""
+    :meth:`example_inputs` then raises it with the ``--input-shape`` to pass instead.
+
+    ``padding`` is ``"left"`` or ``"right"`` when the spec takes ``attention_mask`` after ``input_ids``
+    (:func:`with_attention_mask`): the side its example rows are padded on (:func:`padding_mask`).
+    """
 
     unsupported: str = ""
+    padding: str = ""
 
     def example_inputs(self, batch: int | None = None, seed: int = 0, **sizes: int) -> tuple[torch.Tensor, ...]:
+        """As :meth:`ModelSpec.example_inputs`; with the mask, ``(input_ids, attention_mask)`` whose
+        token ids are the unmasked spec's (same seed and sizes) and whose mask is :func:`padding_mask`.
+        Token ids under the padding stay random: the mask alone must hide them."""
         if self.unsupported:
             name = self.inputs[0].name
             raise AttncError(f"{self.name}: {self.unsupported}",
                              f"pass the input's shape, e.g. --input-shape {name}:2x16 (your sizes)")
-        return super().example_inputs(batch, seed, **sizes)
+        tensors = super().example_inputs(batch, seed, **sizes)
+        return (tensors[0], self.mask_for(tensors[0])) if self.padding else tensors
+
+    def mask_for(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The example ``attention_mask`` for token ids ``[batch, seq]``, padded on ``padding``'s side."""
+        if input_ids.dim() != 2:
+            raise AttncError(f"{self.name}: input_ids of shape {list(input_ids.shape)} are no [batch, seq]",
+                             "give input_ids two dims, e.g. --input-shape input_ids:2x16:int64")
+        return padding_mask(*input_ids.shape, self.padding)
 
 
-def load_checkpoint(directory: str) -> tuple[torch.nn.Module, CheckpointSpec]:
-    """The checkpoint in ``directory`` as ``(Output(model), spec)``.
+def padding_mask(batch: int, seq: int, side: str) -> torch.Tensor:
+    """``[batch, seq]`` int64, 1 for tokens and 0 for padding: row ``i`` has ``i·seq // batch`` padding
+    tokens on ``side`` (``"left"`` or ``"right"``), so row 0 is a full-length prompt and the last one the
+    shortest, at least ``seq // batch`` tokens long."""
+    lengths = seq - torch.arange(batch) * seq // batch
+    positions = torch.arange(seq)
+    keep = positions >= (seq - lengths)[:, None] if side == "left" else positions < lengths[:, None]
+    return keep.to(torch.int64)
+
+
+class MaskedOutput(torch.nn.Module):
+    """A transformers text model as ``(input_ids, attention_mask) -> tensor``: its logits, else its last
+    hidden state, as :class:`~attnc.models.transformers_zoo.Output` returns them.
+
+    With ``positions_from_mask`` (left-padded decoder-only models with position embeddings of their own,
+    e.g. GPT-2's), each token's position is the count of tokens before it, as transformers' ``generate``
+    computes ``position_ids`` (padding at position 1): a left-padded prompt then gets the logits it gets
+    alone.
+    """
+
+    def __init__(self, model: torch.nn.Module, positions_from_mask: bool = False):
+        super().__init__()
+        self.model = model
+        self.positions_from_mask = positions_from_mask
+
+    def forward(self, input_ids, attention_mask):
+        positions = {}
+        if self.positions_from_mask:
+            count = attention_mask.to(torch.int64).cumsum(-1) - 1
+            positions["position_ids"] = count.masked_fill(attention_mask == 0, 1)
+        out = self.model(input_ids, attention_mask=attention_mask, **positions)
+        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def load_checkpoint(directory: str, attention_mask: bool = False) -> tuple[torch.nn.Module, CheckpointSpec]:
+    """The checkpoint in ``directory`` as ``(Output(model), spec)``, or with ``attention_mask`` as
+    :func:`with_attention_mask` gives it.
 
     Raises:
         AttncError: transformers is not installed, the directory has no ``config.json`` or no
             weights, the config or architecture is unknown to the installed transformers, the model
             needs decoder inputs too (encoder-decoder), or loading the weights fails or leaves
-            weights missing.
+            weights missing; or ``attention_mask`` for a model that takes none.
     """
     path = Path(directory).expanduser()
     config = _config(path)
     cls = _model_class(config, path)
     spec = _spec(path, config, cls)
-    return spec.factory(), spec
+    module = spec.factory()
+    return with_attention_mask(module, spec) if attention_mask else (module, spec)
+
+
+def with_attention_mask(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[MaskedOutput, CheckpointSpec]:
+    """A loaded text checkpoint (``load_checkpoint(dir)``) taking ``attention_mask`` too: the same weights
+    as :class:`MaskedOutput`, and its spec with the mask input (dynamic in batch and sequence like the
+    token ids) and padded example inputs.
+
+    Decoder-only models (a causal-LM class and no masked-LM class for the config) are padded on the left,
+    as transformers' ``generate`` pads them: every row's next token is then read at the last position,
+    and a KV cache grows at the end of every row. Their positions come from the mask unless their
+    embedding is rotary: rotary scores depend on the distance between two tokens only, which the
+    padding in front of a row leaves as it is, and positions from ``arange`` keep the rotary angles
+    independent of the inputs (one constant table per length, which head pruning reads through).
+    Encoders are padded on the right, as tokenizers pad by default.
+
+    Raises:
+        AttncError: ``spec`` is no checkpoint's, its model takes no ``input_ids`` (images, audio) or
+            its forward has no ``attention_mask``.
+    """
+    if not isinstance(spec, CheckpointSpec):
+        raise AttncError(f"{spec.name if spec else 'this model'} is no Hugging Face checkpoint directory: "
+                         "--with-attention-mask is for those", "export the mask through MODULE:FACTORY, "
+                         "with a module whose forward takes (input_ids, attention_mask)")
+    if spec.padding:
+        return module, spec
+    model = module.model
+    name = type(model).__name__
+    if spec.input_names != ["input_ids"]:
+        raise AttncError(f"{name} takes {spec.input_names[0]!r}, not token ids: an attention mask over "
+                         "padded text is for text models", "export it without --with-attention-mask")
+    params = inspect.signature(model.forward).parameters
+    if MASK not in params:
+        raise AttncError(f"{name}.forward takes no {MASK}", "export it without --with-attention-mask")
+    transformers = _transformers()
+    config = type(model.config)
+    decoder_only = config in transformers.MODEL_FOR_CAUSAL_LM_MAPPING and \
+        config not in transformers.MODEL_FOR_MASKED_LM_MAPPING
+    rotary = any("rotary" in type(m).__name__.lower() for m in model.modules())
+    positions = decoder_only and not rotary and "position_ids" in params
+    ids = spec.inputs[0]
+    return MaskedOutput(model, positions).eval(), dataclasses.replace(
+        spec, inputs=(ids, dataclasses.replace(ids, name=MASK, high=2)), padding="left" if decoder_only else "right",
+        factory=functools.partial(_masked, spec.factory, positions))
+
+
+def _masked(factory, positions_from_mask: bool) -> MaskedOutput:
+    return MaskedOutput(factory().model, positions_from_mask).eval()
 
 
 def _transformers():

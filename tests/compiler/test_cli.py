@@ -403,6 +403,33 @@ def test_inspect_previews_agent_routes(tmp_path):
     assert all(not m["route"] for m in plain["matches"])
 
 
+def test_inspect_lists_the_heads_pruning_can_prune(tmp_path):
+    """``inspect --heads``: each prunable layer with its heads (grouped-query K/V heads apart) and head
+    dims, and why pruning leaves other attention alone (a decode step's recurrent state)."""
+    import torch
+
+    from attnc.compiler.export import export_onnx
+    from attnc.models.transformers_zoo import Output, build
+
+    lm = tmp_path / "qwen2.onnx"   # 4 query heads on 2 K/V heads, head dim 8
+    export_onnx(Output(build("qwen2")).eval(), torch.randint(0, 64, (2, 9)), lm, exporter="dynamo",
+                input_names=["x"])
+    data = json.loads(run("inspect", lm, "--json", "--heads").output)
+    assert [(l["index"], l["heads"], l["kv_heads"], l["head_dim"], l["value_dim"]) for l in data["heads"]["layers"]] \
+        == [(0, 4, 2, 8, 8), (1, 4, 2, 8, 8)]
+    assert data["heads"]["not_prunable"] == []
+    assert "attention layers --prune-heads can prune" in run("inspect", lm, "--heads").output
+    assert "heads" not in json.loads(run("inspect", lm, "--json").output)
+
+    step = tmp_path / "step.onnx"
+    run("export", "lm-lightning-decode-small", "-o", step, "--exporter", "torchscript")
+    data = json.loads(run("inspect", step, "--json", "--heads").output)
+    assert data["heads"]["layers"] == [] and len(data["heads"]["not_prunable"]) == 2
+    assert all("recurrent state" in why for why in data["heads"]["not_prunable"])
+    table = run("inspect", step, "--heads").output
+    assert "no attention layer head pruning can prune" in table and "recurrent state" in table
+
+
 def test_dynamic_token_counts_are_routed_at_the_opt_shape(tmp_path):
     """A sequence-dynamic agent model: ``inspect --opt-shape`` and the TensorRT compile path
     (``route_shapes``, from the profile flags) decide at the shape the engine is tuned for."""

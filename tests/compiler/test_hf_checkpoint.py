@@ -1,5 +1,6 @@
 """A local Hugging Face checkpoint directory as MODEL: export -> compile -> validate through the CLI,
-the example inputs built from its config, and a clean error for each directory attnc cannot load.
+the example inputs built from its config, and a clean error for each directory attnc cannot load; text
+checkpoints exported with their attention mask (``--with-attention-mask``), fused and run on padded batches.
 
 Checkpoints are tiny random models written here with ``save_pretrained``; the exports use the
 TorchScript exporter (a fraction of a second for these models, the dynamo exporter several).
@@ -10,14 +11,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
 from click.testing import CliRunner
 
+from attnc.compiler.backends.onnxruntime import load
 from attnc.compiler.cli import cli
 from attnc.compiler.export import resolve_model
 from attnc.models import transformers_zoo
+from attnc.models.hf_checkpoint import load_checkpoint, padding_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,9 +58,14 @@ def llama(tmp_path_factory) -> Path:
     return save(model, tmp_path_factory.mktemp("hf") / "llama")
 
 
+def graph_inputs(path: Path) -> list[tuple[str, list]]:
+    return [(value.name, [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim])
+            for value in onnx.load(str(path)).graph.input]
+
+
 def graph_input(path: Path) -> tuple[str, list]:
-    (value,) = onnx.load(str(path)).graph.input
-    return value.name, [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+    (value,) = graph_inputs(path)
+    return value
 
 
 def test_llama_checkpoint_export_compile_validate(llama, tmp_path):
@@ -178,3 +187,121 @@ def test_errors_name_the_problem_and_the_fix(tmp_path):
 
     assert_clean_error(run("export", tmp_path / "no" / "such", "-o", out, ok=False), "no directory")
     assert not out.exists()
+
+
+# --- the attention mask (padded batches) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gqa_llama(tmp_path_factory) -> Path:
+    """A Llama causal LM with grouped-query attention (two K/V heads): with a mask, transformers' SDPA path
+    repeats the K/V heads instead of calling SDPA with ``enable_gqa``, so TorchScript exports it as it is."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers_zoo.perturbed(transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(**_LM, num_key_value_heads=2)))
+    return save(model, tmp_path_factory.mktemp("hf") / "gqa_llama")
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> Path:
+    return save(transformers_zoo.build("bert"), tmp_path_factory.mktemp("hf") / "bert")
+
+
+def test_padding_mask_rows():
+    assert padding_mask(3, 6, "right").tolist() == [[1] * 6, [1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]
+    assert padding_mask(2, 5, "left").tolist() == [[1] * 5, [0, 0, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("checkpoint,padding", [("gqa_llama", "left"), ("bert", "right")])
+def test_attention_mask_export_compile_validate(checkpoint, padding, request, tmp_path):
+    """Exported with the mask, fused into one Attention per layer, validated on padded example inputs
+    without repeating the option; then fused and unfused graph and torch on a padded batch of another
+    size, one of whose rows is all padding."""
+    ckpt = request.getfixturevalue(checkpoint)
+    run("export", ckpt, "-o", tmp_path / "m.onnx", "--exporter", "torchscript", "--with-attention-mask")
+    assert graph_inputs(tmp_path / "m.onnx") == [("input_ids", ["batch", "seq"]), ("attention_mask", ["batch", "seq"])]
+    module, spec = load_checkpoint(str(ckpt), attention_mask=True)
+    ids, mask = spec.example_inputs()
+    assert spec.padding == padding and torch.equal(mask, padding_mask(2, 16, padding)) and not mask.all()
+    assert torch.equal(ids, resolve_model(str(ckpt))[1].example_inputs()[0])   # the unmasked spec's ids
+
+    run("compile", tmp_path / "m.onnx", "-o", tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["ops_after"].get("Attention") == 2 and "Softmax" not in manifest["ops_after"]
+    assert not any(p["near_misses"] for p in manifest["passes"])
+    run("validate", tmp_path / "out", "--model", ckpt)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["passed"] and report["meta"]["inputs"]["attention_mask"]["shape"] == [2, 16]
+
+    ids = torch.randint(0, 64, (4, 11), generator=torch.Generator().manual_seed(1))
+    mask = padding_mask(4, 11, padding)
+    mask[3] = 0   # a row of padding only: every query attends to nothing
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    fused = load(tmp_path / "out" / "model.fused.onnx").infer(feeds)["output"]
+    unfused = load(tmp_path / "m.onnx").infer(feeds)["output"]
+    # the fused graph computes what the export does everywhere, the queries that attend to nothing included
+    # (TorchScript's SDPA fills the mask with -inf and zeroes the NaN rows, as ONNX Runtime's Attention
+    # does; a mask filled with finfo.min does not agree there: test_validate_compares_the_outputs_at_tokens)
+    np.testing.assert_allclose(fused, unfused, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        want = module(ids, mask).numpy()
+    tokens = mask.bool().numpy()   # the outputs at padding mean nothing: those at tokens are the model's
+    np.testing.assert_allclose(fused[tokens], want[tokens], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_left_padded_prompt_gets_the_logits_it_gets_alone(name, tmp_path):
+    """Decoder-only models pad on the left: GPT-2's learned positions come from the mask (as transformers'
+    generate computes them), Llama's rotary ones from the sequence (rotary scores see distances only)."""
+    module, spec = load_checkpoint(str(save(transformers_zoo.build(name), tmp_path / name)), attention_mask=True)
+    assert spec.padding == "left" and module.positions_from_mask == (name == "gpt2")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = padding_mask(2, 12, "left")
+    with torch.no_grad():
+        padded = module(ids, mask)[1, 6:]
+        alone = module.model(ids[1:, 6:]).logits[0]
+    torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_mask_with_a_static_shape_and_pruning(gqa_llama, tmp_path):
+    """--input-shape gives input_ids' shape, the mask is built from it; --prune-heads then scores the heads
+    on random token ids and masks of ones."""
+    run("export", gqa_llama, "-o", tmp_path / "m.onnx", "--exporter", "torchscript", "--with-attention-mask",
+        "--static", "--input-shape", "input_ids:3x12:int64", "--int-high", "64")
+    assert graph_inputs(tmp_path / "m.onnx") == [("input_ids", [3, 12]), ("attention_mask", [3, 12])]
+    run("compile", tmp_path / "m.onnx", "-o", tmp_path / "pruned", "--prune-heads", "0.5")
+    pruned = json.loads((tmp_path / "pruned" / "manifest.json").read_text())["shrink"]["prune_heads"]
+    assert pruned["heads_after"] == pruned["heads_before"] // 2
+
+
+def test_attention_mask_errors(bert, tmp_path):
+    out = tmp_path / "m.onnx"
+    vit = save(transformers_zoo.build("vit"), tmp_path / "vit")
+    assert_clean_error(run("export", vit, "-o", out, "--with-attention-mask", ok=False), "'pixel_values'",
+                       "text models")
+    assert_clean_error(run("export", "lm-mhsa-small", "-o", out, "--with-attention-mask", ok=False),
+                       "no Hugging Face checkpoint")
+    assert_clean_error(run("export", bert, "-o", out, "--with-attention-mask", "--input-shape", "input_ids:2x8:int64",
+                           "--input-shape", "attention_mask:2x8:int64", ok=False), "input_ids' shape only")
+    assert not out.exists()
+
+
+def test_validate_compares_the_outputs_at_tokens(tmp_path):
+    """Gemma 2's eager attention gives a query that attends to nothing (the padding in front of a left-padded
+    row) uniform weights, ONNX Runtime's Attention zeros: validate compares the outputs at tokens only."""
+    ckpt = save(transformers_zoo.build("gemma2"), tmp_path / "gemma2")
+    run("export", ckpt, "-o", tmp_path / "m.onnx", "--exporter", "torchscript", "--with-attention-mask")
+    run("compile", tmp_path / "m.onnx", "-o", tmp_path / "out")
+    run("validate", tmp_path / "out", "--model", ckpt)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["passed"] and "at padding (attention_mask 0) not compared" in report["meta"]["input_source"]
+
+    module, spec = load_checkpoint(str(ckpt), attention_mask=True)
+    ids, mask = spec.example_inputs()
+    fused = load(tmp_path / "out" / "model.fused.onnx").infer({"input_ids": ids.numpy(),
+                                                                "attention_mask": mask.numpy()})["output"]
+    with torch.no_grad():
+        want = module(ids, mask).numpy()
+    padding = ~mask.bool().numpy()
+    assert not np.allclose(fused[padding], want[padding], atol=1e-2)   # what validate leaves out
