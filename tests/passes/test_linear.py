@@ -261,7 +261,11 @@ def test_registry_models_through_pipeline(name, n_fused):
 
 # ----------------------------------------------------------------------------- flash-linear-attention
 
-fla = pytest.importorskip("fla")
+@pytest.fixture
+def fla():
+    """flash-linear-attention, imported before the test exports (``translate_fla`` patches it only once it
+    is imported), or the test skips: without fla only these tests skip, not the whole module."""
+    return pytest.importorskip("fla")
 
 
 class _FlaModule(nn.Module):
@@ -292,7 +296,7 @@ class _FlaModule(nn.Module):
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_fla_naive_parallel_simple_gla_is_fused(exporter, tmp_path):
+def test_fla_naive_parallel_simple_gla_is_fused(exporter, tmp_path, fla):
     torch.manual_seed(6)
     module = _FlaModule("naive_parallel_simple_gla")
     model = _export(module, torch.randn(2, 7, 32), tmp_path, exporter)
@@ -317,7 +321,7 @@ def _fla_reference(kind, module, x):
     return o.reshape(b, t, c)
 
 
-def test_nested_fla_translations_keep_the_outer_symbolics(tmp_path):
+def test_nested_fla_translations_keep_the_outer_symbolics(tmp_path, fla):
     """export_onnx enters translate_fla itself, usually inside a caller's block: leaving the
     inner block must leave the outer one's TorchScript symbolics registered."""
     from torch.onnx import _internal
@@ -356,7 +360,7 @@ def test_an_export_without_fla_does_not_import_it():
 
 @pytest.mark.parametrize("kind", ["chunk_linear_attn", "chunk_lightning_attn"])
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_fla_translation_exports_fused_node(kind, exporter, tmp_path):
+def test_fla_translation_exports_fused_node(kind, exporter, tmp_path, fla):
     from attnc.plugins.linear.fla_compat import translate_fla
     torch.manual_seed(7)
     module = _FlaModule(kind).eval()
@@ -381,7 +385,7 @@ def test_fla_translation_exports_fused_node(kind, exporter, tmp_path):
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_fla_linear_attention_layer_exports_fused_node(exporter, tmp_path):
+def test_fla_linear_attention_layer_exports_fused_node(exporter, tmp_path, fla):
     """fla.layers.LinearAttention (hedgehog feature map, fla normaliser) through translate_fla.
 
     ``output_norm="identity"``: fla's RMSNorm is a Triton kernel with no CPU path.
@@ -481,7 +485,7 @@ def _fla_expected(kind, q, k, v, s0=None, z0=None):
 
 
 @pytest.mark.parametrize("kind", FLA_STEP_KINDS)
-def test_fla_state_translation_eager_matches_numpy(kind):
+def test_fla_state_translation_eager_matches_numpy(kind, fla):
     from attnc.plugins.linear.fla_compat import translate_fla
     b, t, h, d, dv = 2, 7, 3, 5, 4
     q, k, v = _fla_inputs(kind, b, t, h, d, dv, seed=21)
@@ -496,7 +500,7 @@ def test_fla_state_translation_eager_matches_numpy(kind):
         np.testing.assert_allclose(g.numpy(), e, rtol=1e-5, atol=1e-5)
 
 
-def test_fla_normalised_state_forms():
+def test_fla_normalised_state_forms(fla):
     """fla's normalised ops: a plain tensor state is kv with z = 0, (None, z) is z alone, and the
     result carries z even without output_final_state (fla's chunk ops return (None, z) then)."""
     import fla.ops.linear_attn as fl
@@ -524,7 +528,7 @@ def test_fla_normalised_state_forms():
         np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_fla_state_refusals():
+def test_fla_state_refusals(fla):
     import fla.ops.lightning_attn as fa
     import fla.ops.linear_attn as fl
 
@@ -570,7 +574,7 @@ def _decode_in_pieces(session, kind, q, k, v, splits):
 
 @pytest.mark.parametrize("kind", FLA_STEP_KINDS)
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_fla_state_exports_and_decodes(kind, exporter, tmp_path):
+def test_fla_state_exports_and_decodes(kind, exporter, tmp_path, fla):
     """One node with state in / state_out; through ONNX Runtime, prefill [0, m) + decode equals
     fla's semantics over [0, N) in one shot, for several m and token by token."""
     model = _export_fla_step(kind, exporter, tmp_path)
@@ -592,7 +596,7 @@ def test_fla_state_exports_and_decodes(kind, exporter, tmp_path):
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_fla_linear_attention_layer_decode_step(exporter, tmp_path):
+def test_fla_linear_attention_layer_decode_step(exporter, tmp_path, fla):
     """fla.layers.LinearAttention with its cache (``past_key_values``, ``use_cache=True``): the
     layer's recurrent_state (kv, z) goes in and out of one node; prefill + token-by-token decode
     through ONNX Runtime equals the layer's one-shot output."""
@@ -642,7 +646,7 @@ def test_fla_linear_attention_layer_decode_step(exporter, tmp_path):
 
 @pytest.mark.parametrize("kind", ["chunk_lightning_attn", "fused_recurrent_linear_attn"])
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_fused_lightning_node_with_state_lowered_to_onnx_linear_attention(kind, exporter, tmp_path):
+def test_fused_lightning_node_with_state_lowered_to_onnx_linear_attention(kind, exporter, tmp_path, fla):
     """--lower linear: a KernelLinearAttention node (fla's export) with state becomes ONNX
     LinearAttention with past_state / present_state; prefill + decode still equals one shot."""
     model = _export_fla_step(kind, exporter, tmp_path)

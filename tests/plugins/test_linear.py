@@ -147,6 +147,7 @@ def test_function_body_long_sequences_match_fla_naive(seed):
     """Past the chunk switch, against flash-linear-attention's own naive implementations on fresh
     random shapes: lightning = ``naive_parallel_simple_gla`` with a constant log-decay per head;
     normalised elu+1 = ``naive_recurrent_linear_attn(..., normalize=True)`` on φ(Q), φ(K)."""
+    pytest.importorskip("fla")
     from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
     from fla.ops.simple_gla.naive import naive_parallel_simple_gla
 
