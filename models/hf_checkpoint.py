@@ -18,6 +18,13 @@ Any other input gets a spec whose example inputs raise an :class:`AttncError` as
 ``--input-shape`` (names and dynamic batch still come from the spec). transformers is imported only
 when a directory is loaded.
 
+Encoder-decoder models (T5, BART, Marian, Whisper: a forward taking ``decoder_input_ids``) export as one
+graph ``(main input, decoder_input_ids) -> logits [batch, tgt, vocab]`` (the decoder's last hidden state
+for a base model such as ``T5Model``) through :class:`Seq2SeqOutput`: the full forward a non-cached
+greedy decode step runs, the encoder included. ``decoder_input_ids`` ``[batch=2, tgt=8]`` are dynamic in
+batch and target length, drawn below the decoder's vocabulary and starting with
+``config.decoder_start_token_id`` as ``generate`` starts them.
+
 Text models also export with their padding mask (``attnc export --with-attention-mask``,
 :func:`with_attention_mask`): ``(input_ids, attention_mask)`` through :class:`MaskedOutput`, the mask
 ``[batch, seq]`` int64 (1 = token, 0 = padding) dynamic like the ids, its example rows padded (:func:`padding_mask`)
@@ -31,6 +38,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,6 +58,8 @@ _SAVE_FIX = "pass the directory save_pretrained() wrote (config.json and model.s
 
 
 MASK = "attention_mask"
+DECODER = "decoder_input_ids"
+TARGET = 8   # decoder tokens of the example inputs: fewer than the source's, so cross-attention is not square
 
 
 @dataclass(frozen=True)
@@ -59,10 +69,13 @@ class CheckpointSpec(ModelSpec):
 
     ``padding`` is ``"left"`` or ``"right"`` when the spec takes ``attention_mask`` after ``input_ids``
     (:func:`with_attention_mask`): the side its example rows are padded on (:func:`padding_mask`).
+    ``decoder_start`` is the token the example ``decoder_input_ids`` of an encoder-decoder model start
+    with (``config.decoder_start_token_id``), ``None`` when they are random throughout.
     """
 
     unsupported: str = ""
     padding: str = ""
+    decoder_start: int | None = None
 
     def example_inputs(self, batch: int | None = None, seed: int = 0, **sizes: int) -> tuple[torch.Tensor, ...]:
         """As :meth:`ModelSpec.example_inputs`; with the mask, ``(input_ids, attention_mask)`` whose
@@ -73,6 +86,8 @@ class CheckpointSpec(ModelSpec):
             raise AttncError(f"{self.name}: {self.unsupported}",
                              f"pass the input's shape, e.g. --input-shape {name}:2x16 (your sizes)")
         tensors = super().example_inputs(batch, seed, **sizes)
+        if self.decoder_start is not None:
+            tensors[self.input_names.index(DECODER)][:, 0] = self.decoder_start
         return (tensors[0], self.mask_for(tensors[0])) if self.padding else tensors
 
     def mask_for(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -117,15 +132,36 @@ class MaskedOutput(torch.nn.Module):
         return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
+class Seq2SeqOutput(torch.nn.Module):
+    """A transformers encoder-decoder model as ``(inputs, decoder_input_ids) -> tensor``: its logits
+    ``[batch, tgt, vocab]``, else the decoder's last hidden state.
+
+    The forward runs with ``use_cache=True`` (unless the model has no cache), whatever ``config.use_cache``
+    says (the dynamo export turns it off): without a cache, transformers 5 checks the decoder's positions
+    for packed sequences when it builds the causal mask (Whisper's decoder), with ``aten::diff`` that
+    TorchScript does not export. The cache it fills is neither read nor returned: the graph stays the
+    full forward, and both exporters fuse its attention.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.cache = {"use_cache": True} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+    def forward(self, inputs, decoder_input_ids):
+        out = self.model(inputs, decoder_input_ids=decoder_input_ids, **self.cache)
+        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
 def load_checkpoint(directory: str, attention_mask: bool = False) -> tuple[torch.nn.Module, CheckpointSpec]:
     """The checkpoint in ``directory`` as ``(Output(model), spec)``, or with ``attention_mask`` as
     :func:`with_attention_mask` gives it.
 
     Raises:
         AttncError: transformers is not installed, the directory has no ``config.json`` or no
-            weights, the config or architecture is unknown to the installed transformers, the model
-            needs decoder inputs too (encoder-decoder), or loading the weights fails or leaves
-            weights missing; or ``attention_mask`` for a model that takes none.
+            weights, the config or architecture is unknown to the installed transformers, or loading
+            the weights fails or leaves weights missing; or ``attention_mask`` for a model that takes
+            none or an encoder-decoder model.
     """
     path = Path(directory).expanduser()
     config = _config(path)
@@ -149,8 +185,8 @@ def with_attention_mask(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[
     Encoders are padded on the right, as tokenizers pad by default.
 
     Raises:
-        AttncError: ``spec`` is no checkpoint's, its model takes no ``input_ids`` (images, audio) or
-            its forward has no ``attention_mask``.
+        AttncError: ``spec`` is no checkpoint's, its model takes no ``input_ids`` (images, audio),
+            its forward has no ``attention_mask``, or it is an encoder-decoder model.
     """
     if not isinstance(spec, CheckpointSpec):
         raise AttncError(f"{spec.name if spec else 'this model'} is no Hugging Face checkpoint directory: "
@@ -160,6 +196,11 @@ def with_attention_mask(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[
         return module, spec
     model = module.model
     name = type(model).__name__
+    if DECODER in spec.input_names:
+        # Padded sources would also need the decoder's outputs compared at every target token and the
+        # target's own padding: not built. Translation batches of one source length need no mask.
+        raise AttncError(f"{name} is an encoder-decoder model: attnc exports it without an attention mask",
+                         "export it without --with-attention-mask, and batch sources of one length")
     if spec.input_names != ["input_ids"]:
         raise AttncError(f"{name} takes {spec.input_names[0]!r}, not token ids: an attention mask over "
                          "padded text is for text models", "export it without --with-attention-mask")
@@ -235,11 +276,6 @@ def _model_class(config, path: Path) -> type:
                          f"{transformers.__version__}",
                          "upgrade transformers or fix \"architectures\"; attnc runs no checkpoint code "
                          "(trust_remote_code): export such a model through MODULE:FACTORY")
-    if "decoder_input_ids" in inspect.signature(cls.forward).parameters:
-        raise AttncError(f"{name} is an encoder-decoder model: its forward needs decoder inputs besides "
-                         f"{cls.main_input_name!r}",
-                         "export its encoder through MODULE:FACTORY, a function returning "
-                         f"{name}.from_pretrained(dir).get_encoder()")
     params = [p for p in inspect.signature(cls.forward).parameters if p != "self"]
     if params[:1] != [cls.main_input_name]:
         raise AttncError(f"{name}.forward takes {params[:1]} first, not its main input {cls.main_input_name!r}",
@@ -292,15 +328,41 @@ def _spec(path: Path, config, cls: type) -> CheckpointSpec:
     text = config.get_text_config()
     family = "linear" if "linear_attention" in (getattr(text, "layer_types", None) or ()) else "mhsa"
     kind = {"input_ids": "lm", "pixel_values": "vit"}.get(main, "audio")
-    return CheckpointSpec(
+    spec = CheckpointSpec(
         name=str(path), family=family, kind=kind,
         factory=functools.partial(_wrapped, cls, config, path),
         inputs=inputs, sizes=sizes, dynamic=dynamic, output_axes=("batch",),
         description=f"{cls.__name__}.from_pretrained({str(path)!r})", unsupported=unsupported)
+    return _with_decoder_input(spec, config, path) if DECODER in inspect.signature(cls.forward).parameters else spec
+
+
+def _with_decoder_input(spec: CheckpointSpec, config, path: Path) -> CheckpointSpec:
+    """An encoder-decoder model's spec: ``decoder_input_ids [batch, tgt]`` after the main input, below the
+    decoder's vocabulary (Marian's ``decoder_vocab_size`` may differ from the encoder's), at most as many
+    as the decoder has positions (``max_target_positions``, else ``max_position_embeddings``), starting
+    with the token ``generate`` starts with: ``decoder_start_token_id`` of ``config.json``, else of
+    ``generation_config.json``, else ``bos_token_id`` (random when none is below the vocabulary)."""
+    decoder = config.get_text_config(decoder=True)
+    vocab = getattr(config, "decoder_vocab_size", None) or getattr(decoder, "vocab_size", None)
+    limit = next((v for k in ("max_target_positions", "max_position_embeddings", "n_positions")
+                  if isinstance(v := getattr(decoder, k, None), int) and v > 0), TARGET)
+    generation = path / "generation_config.json"
+    generation = json.loads(generation.read_text()) if generation.is_file() else {}
+    start = next((v for v in (getattr(config, "decoder_start_token_id", None),
+                              generation.get("decoder_start_token_id"), getattr(decoder, "bos_token_id", None))
+                  if v is not None), None)
+    unsupported = spec.unsupported or ("" if vocab else "its config has no vocab_size to draw decoder token ids below")
+    return dataclasses.replace(
+        spec, inputs=(*spec.inputs, InputSpec(DECODER, ("batch", "tgt"), torch.int64, vocab)),
+        sizes={**spec.sizes, "tgt": min(TARGET, limit)}, dynamic=(*spec.dynamic, "tgt"),
+        output_axes=("batch", "tgt"), unsupported=unsupported,
+        decoder_start=start if isinstance(start, int) and vocab and 0 <= start < vocab else None)
 
 
 def _wrapped(cls: type, config, path: Path) -> torch.nn.Module:
-    return Output(_load(cls, config, path)).eval()
+    model = _load(cls, config, path)
+    wrapper = Seq2SeqOutput if DECODER in inspect.signature(cls.forward).parameters else Output
+    return wrapper(model).eval()
 
 
 def _inputs(main: str, config) -> tuple[tuple[InputSpec, ...], dict[str, int], tuple[str, ...], str]:

@@ -1,6 +1,7 @@
 """A local Hugging Face checkpoint directory as MODEL: export -> compile -> validate through the CLI,
 the example inputs built from its config, and a clean error for each directory attnc cannot load; text
-checkpoints exported with their attention mask (``--with-attention-mask``), fused and run on padded batches.
+checkpoints exported with their attention mask (``--with-attention-mask``), fused and run on padded batches;
+encoder-decoder checkpoints (T5, BART, Whisper) exported as ``(main input, decoder_input_ids) -> logits``.
 
 Checkpoints are tiny random models written here with ``save_pretrained``; the exports use the
 TorchScript exporter (a fraction of a second for these models, the dynamo exporter several).
@@ -9,6 +10,7 @@ TorchScript exporter (a fraction of a second for these models, the dynamo export
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -171,10 +173,6 @@ def test_errors_name_the_problem_and_the_fix(tmp_path):
     weightless = _config_only(tmp_path / "weightless", transformers.LlamaConfig(**_LM), "LlamaForCausalLM")
     assert_clean_error(run("export", weightless, "-o", out, ok=False), "no weights", "save_pretrained")
 
-    seq2seq = _config_only(tmp_path / "t5", transformers.T5Config(d_model=32, num_layers=1, num_heads=4),
-                           "T5ForConditionalGeneration")
-    assert_clean_error(run("export", seq2seq, "-o", out, ok=False), "encoder-decoder", "get_encoder()")
-
     bad_type = tmp_path / "bad_type"
     bad_type.mkdir()
     (bad_type / "config.json").write_text(json.dumps({"model_type": "no_such_type"}))
@@ -305,3 +303,130 @@ def test_validate_compares_the_outputs_at_tokens(tmp_path):
         want = module(ids, mask).numpy()
     padding = ~mask.bool().numpy()
     assert not np.allclose(fused[padding], want[padding], atol=1e-2)   # what validate leaves out
+
+
+# --- encoder-decoder models ---------------------------------------------------------------------------
+
+_SEQ2SEQ = dict(d_model=32, encoder_layers=2, encoder_attention_heads=4, decoder_layers=2, decoder_attention_heads=4,
+                encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _seq2seq(name: str) -> torch.nn.Module:
+    """Two encoder and two decoder layers of each: T5's relative position bias (bidirectional in the encoder,
+    causal in the decoder), BART's learned positions, Whisper's convolutional audio front end."""
+    t = transformers
+    build = {
+        "t5": lambda: t.T5ForConditionalGeneration(t.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                                              vocab_size=64, decoder_start_token_id=0)),
+        "bart": lambda: t.BartForConditionalGeneration(t.BartConfig(**_SEQ2SEQ, max_position_embeddings=64,
+                                                                    decoder_start_token_id=2)),
+        "whisper": lambda: t.WhisperForConditionalGeneration(t.WhisperConfig(
+            **_SEQ2SEQ, num_mel_bins=8, max_source_positions=16, max_target_positions=16, decoder_start_token_id=3,
+            use_cache=False)),   # saved without a cache: attnc turns it on (TorchScript cannot export the mask without)
+    }[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return transformers_zoo.perturbed(build())
+
+
+@pytest.fixture(scope="module")
+def seq2seq(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("seq2seq")
+    return lambda name: save(_seq2seq(name), folder / name) if not (folder / name).is_dir() else folder / name
+
+
+def attention_roles(path: Path) -> dict[str, int]:
+    """The fused Attention nodes in ``path`` by the layer they replace, read from the exporter's node names:
+    ``cross`` (a decoder layer's attention over the encoder output), ``decoder`` and ``encoder`` (self-attention),
+    with `` causal`` where the node's ``is_causal`` is set."""
+    roles = Counter()
+    for node in (n for n in onnx.load(str(path)).graph.node if n.op_type == "Attention"):
+        role = "cross" if any(k in node.name for k in ("encoder_attn", "EncDecAttention")) else \
+            "decoder" if "/decoder/" in node.name else "encoder"
+        causal = any(a.name == "is_causal" and a.i for a in node.attribute)
+        roles[role + " causal" * causal] += 1
+    return dict(roles)
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_seq2seq_export_compile_validate(name, seq2seq, tmp_path):
+    """One graph (input_ids, decoder_input_ids) -> logits: the encoder's self-attention, the decoder's causal
+    self-attention and its cross-attention fuse into one Attention each per layer; validate feeds both inputs
+    (the decoder's starting with decoder_start_token_id); the fused graph matches torch at other sizes."""
+    ckpt = seq2seq(name)
+    run("export", ckpt, "-o", tmp_path / "m.onnx", "--exporter", "torchscript")
+    assert graph_inputs(tmp_path / "m.onnx") == [("input_ids", ["batch", "seq"]), ("decoder_input_ids", ["batch", "tgt"])]
+    module, spec = load_checkpoint(str(ckpt))
+    ids, decoder_ids = spec.example_inputs()
+    start = {"t5": 0, "bart": 2}[name]
+    assert list(decoder_ids.shape) == [2, 8] and (decoder_ids[:, 0] == start).all() and decoder_ids.max() < 64
+
+    run("compile", tmp_path / "m.onnx", "-o", tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert "Softmax" not in manifest["ops_after"] and not any(p["near_misses"] for p in manifest["passes"])
+    # T5's causal mask is added to its relative position bias: an additive mask, no is_causal
+    causal = {"t5": "decoder", "bart": "decoder causal"}[name]
+    assert attention_roles(tmp_path / "out" / "model.fused.onnx") == {"encoder": 2, causal: 2, "cross": 2}
+    run("validate", tmp_path / "out", "--model", ckpt)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["passed"] and report["outputs"][0]["actual"]["shape"] == [2, 8, 64]   # the logits
+    assert report["meta"]["inputs"]["decoder_input_ids"]["shape"] == [2, 8]
+
+    gen = torch.Generator().manual_seed(1)
+    ids, decoder_ids = torch.randint(0, 64, (3, 11), generator=gen), torch.randint(0, 64, (3, 5), generator=gen)
+    fused = load(tmp_path / "out" / "model.fused.onnx").infer(
+        {"input_ids": ids.numpy(), "decoder_input_ids": decoder_ids.numpy()})["output"]
+    with torch.no_grad():
+        want = module(ids, decoder_ids).numpy()
+    assert fused.shape == (3, 5, 64)
+    np.testing.assert_allclose(fused, want, rtol=1e-4, atol=1e-5)
+
+
+def test_whisper_export_compile_validate(seq2seq, tmp_path):
+    """WhisperForConditionalGeneration: (input_features, decoder_input_ids) -> logits, the features' frames
+    static (2 * max_source_positions), the decoder tokens dynamic."""
+    ckpt = seq2seq("whisper")
+    run("export", ckpt, "-o", tmp_path / "m.onnx", "--exporter", "torchscript")
+    assert graph_inputs(tmp_path / "m.onnx") == [("input_features", ["batch", 8, 32]),
+                                                 ("decoder_input_ids", ["batch", "tgt"])]
+    run("compile", tmp_path / "m.onnx", "-o", tmp_path / "out")
+    assert attention_roles(tmp_path / "out" / "model.fused.onnx") == {"encoder": 2, "decoder causal": 2, "cross": 2}
+    run("validate", tmp_path / "out", "--model", ckpt)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["passed"] and report["outputs"][0]["actual"]["shape"] == [2, 8, 64]
+
+    module, spec = load_checkpoint(str(ckpt))
+    features = torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(1))
+    decoder_ids = torch.tensor([[3, 5, 9, 60, 7]] * 3)
+    fused = load(tmp_path / "out" / "model.fused.onnx").infer(
+        {"input_features": features.numpy(), "decoder_input_ids": decoder_ids.numpy()})["output"]
+    with torch.no_grad():
+        np.testing.assert_allclose(fused, module(features, decoder_ids).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_seq2seq_base_model_and_the_decoder_start_token(tmp_path):
+    """A base model without an LM head gives the decoder's last hidden state; the decoder ids start with
+    the token generate starts with: config.json's decoder_start_token_id, else generation_config.json's,
+    else bos_token_id."""
+    config = transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=64)
+    model = transformers.T5Model(config).eval()
+    module, spec = load_checkpoint(str(save(model, tmp_path / "t5")))
+    ids, decoder_ids = spec.example_inputs(batch=3, seq=7, tgt=4)
+    assert spec.decoder_start is None   # T5Config has none: random ids throughout
+    with torch.no_grad():
+        got = module(ids, decoder_ids)
+        want = model(ids, decoder_input_ids=decoder_ids).last_hidden_state
+    assert list(got.shape) == [3, 4, 32] and torch.equal(got, want)
+
+    (tmp_path / "t5" / "generation_config.json").write_text(json.dumps({"decoder_start_token_id": 5}))
+    assert load_checkpoint(str(tmp_path / "t5"))[1].example_inputs()[1][:, 0].tolist() == [5, 5]
+    config.bos_token_id = 7
+    save(transformers.T5Model(config), tmp_path / "t5_bos")
+    assert load_checkpoint(str(tmp_path / "t5_bos"))[1].example_inputs()[1][:, 0].tolist() == [7, 7]
+
+
+def test_seq2seq_errors(seq2seq, tmp_path):
+    out = tmp_path / "m.onnx"
+    assert_clean_error(run("export", seq2seq("t5"), "-o", out, "--with-attention-mask", ok=False),
+                       "encoder-decoder", "without --with-attention-mask")
+    assert not out.exists()
