@@ -2496,7 +2496,8 @@ def score_heads(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, n
         torch_model: the PyTorch model the ONNX file was exported from (``"gradient"``, ``"ablation"``);
             its attention modules must expose ``num_heads`` (directly or via ``in_proj``)
             and an output projection (``proj`` / ``o_proj`` / ``out_proj`` / GPT-2's ``c_proj``), in the graph's
-            layer order.
+            layer order, or run once per layer in that order where layers share a module (ALBERT; see
+            :func:`head_gates`).
         loss_fn: ``loss_fn(output, feeds) -> scalar tensor``, the batch mean (``"gradient"``, ``"ablation"``).
         keep: ``{layer: [head, ...]}`` still present (layers not named keep all): the
             other heads are scored as already pruned — ``"activation"`` runs the model
@@ -2598,7 +2599,8 @@ def torch_attention_modules(torch_model) -> list[tuple[Any, int, Any]]:
     ``BertAttention`` holding ``self`` (with ``num_attention_heads``) and ``output.dense``. Where a ``norm`` as wide as the output
     projection's input normalises the merged heads in front of it (MiniMax's lightning attention,
     ``num_attention_heads`` beside ``qkv_proj``), that norm takes the projection's place: pruning zeroes a
-    head where the heads are merged, in front of the norm (see :func:`prune_heads`).
+    head where the heads are merged, in front of the norm (see :func:`prune_heads`). A module shared by several
+    layers (ALBERT's) is listed once: :func:`head_gates` maps layers to its calls.
     """
     found = []
     for module in torch_model.modules():
@@ -2626,7 +2628,14 @@ def torch_attention_modules(torch_model) -> list[tuple[Any, int, Any]]:
 
 
 def head_gates(torch_model, gates: dict[int, Any]):
-    """Context manager multiplying head ``h`` of attention module ``i`` by ``gates[i][h]``.
+    """Context manager multiplying head ``h`` of attention layer ``i`` by ``gates[i][h]``.
+
+    Layer ``i`` is attention module ``i`` of :func:`torch_attention_modules` (registration order) while each
+    module runs once per forward of ``torch_model``. Where one module runs several times in a forward (ALBERT's
+    layers share one attention module), layer ``i`` is the forward's ``i``-th attention call, in execution order,
+    which is the ONNX graph's layer order: the gate of each call is that call's layer's (the count restarts at
+    each call of ``torch_model``). The modules' first calls must then run in registration order, so that the
+    calls before the first repeat mean the same layers either way; otherwise this raises.
 
     The gate acts on the output projection's input ``[.., H·Dv]`` (heads-major), which is
     exactly what pruning removes: a zero gate is the torch reference for a pruned head. For
@@ -2639,6 +2648,10 @@ def head_gates(torch_model, gates: dict[int, Any]):
     norm's input, per query head for ``q_norm`` and per K/V head for ``k_norm`` (``1 - Π(1 - g)`` over the
     head's group ``h // g``: 0 when all its query heads are gated off): pruning removes the heads' projection
     channels there and keeps the norm's divisor over all of them (:func:`prune_heads`).
+
+    Raises:
+        AttncError: (when ``torch_model`` runs) a gate for a layer the forward did not run, or a module run
+            twice in a forward whose modules ran out of registration order before.
     """
     import contextlib
 
@@ -2653,21 +2666,49 @@ def head_gates(torch_model, gates: dict[int, Any]):
 
     @contextlib.contextmanager
     def active():
-        handles = []
         modules = torch_attention_modules(torch_model)
-        for i, gate in gates.items():
-            if i >= len(modules):
-                raise AttncError(f"no attention module {i} in the PyTorch model ({len(modules)} found)")
-            module, heads, proj = modules[i]
+        calls: list[int] = []   # the module (registration index) of each attention call of this forward
+        shared = [False]        # a module has run twice in this forward
+        # the gate of each module's call being made; a module that runs once keeps its own layer's
+        current = {k: gates.get(k) for k in range(len(modules))}
+
+        def start(_module, _args):
+            calls.clear()
+            shared[0] = False
+
+        def call(_module, _args, k):
+            n = len(calls)
+            if k in calls and not shared[0]:
+                if calls != list(range(n)):
+                    raise AttncError(f"attention module {k} runs twice in one forward, after the modules ran in "
+                                     f"another order than registration ({calls}): the layers cannot be gated apart")
+                shared[0] = True   # from here on the n-th call is layer n (the calls so far agree: call j = module j)
+            calls.append(k)
+            current[k] = gates.get(n if shared[0] else k)
+
+        def finish(_module, _args, _output):
+            missing = [i for i in gates if i >= (len(calls) if shared[0] else len(modules))]
+            if missing:
+                raise AttncError(f"no attention module {missing[0]} in the PyTorch model ({len(modules)} found"
+                                 + (f", called {len(calls)} times in its forward)" if shared[0] else ")"))
+
+        handles = [torch_model.register_forward_pre_hook(start), torch_model.register_forward_hook(finish)]
+        for k, (module, heads, proj) in enumerate(modules):
+            handles.append(module.register_forward_pre_hook(lambda m, args, k=k: call(m, args, k)))
             for norm, width_heads in _norms_across_heads(module, heads):
-                def norm_hook(_module, args, gate=gate, width_heads=width_heads, heads=heads):
+                def norm_hook(_module, args, k=k, width_heads=width_heads, heads=heads):
+                    gate = current[k]
+                    if gate is None:
+                        return None
                     g = gate if width_heads == heads else 1 - (1 - gate).unflatten(-1, (width_heads, -1)).prod(-1)
                     return (args[0] * channel_gate(g, width_heads, args[0]), *args[1:])
 
                 handles.append(norm.register_forward_pre_hook(norm_hook))
 
-            def pre_hook(_module, args, gate=gate, heads=heads):
-                x = args[0]
+            def pre_hook(_module, args, k=k, heads=heads):
+                gate, x = current[k], args[0]
+                if gate is None:
+                    return None
                 if gate.ndim == 2:
                     if x.ndim < 2 or x.shape[0] != gate.shape[0]:
                         raise AttncError(f"per-sample head gates {tuple(gate.shape)} do not match the output "
@@ -2712,20 +2753,45 @@ def gates_from_keep(keep: dict[int, list[int]], heads: dict[int, int]) -> dict[i
     return gates
 
 
-def _torch_inputs(model, layers, torch_model) -> list[str]:
-    """The graph inputs ``torch_model`` takes, in order, after checking it matches the graph's layers."""
+def _torch_inputs(model, layers, torch_model, feeds: dict) -> list[str]:
+    """The graph inputs ``torch_model`` takes, in order, after checking its attention matches the graph's layers:
+    one module per layer, or, where there are fewer modules than layers, modules that run once per layer (ALBERT's
+    shared one), counted on a forward of ``feeds``."""
+    import torch
+
+    names = [i.name for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
     modules = torch_attention_modules(torch_model)
-    if len(modules) != len(layers) or any(m[1] != l.heads for m, l in zip(modules, layers)):
+    heads = [h for _, h, _ in modules]
+    runs = ""
+    if len(modules) < len(layers):
+        calls = _attention_calls(torch_model, modules, [torch.from_numpy(np.asarray(feeds[n])) for n in names])
+        heads, runs = [heads[k] for k in calls], f" called {len(calls)} times in a forward"
+    if heads != [l.heads for l in layers]:
         raise AttncError(f"the PyTorch model has {len(modules)} attention modules "
-                         f"({[m[1] for m in modules]} heads), the ONNX graph {len(layers)} "
+                         f"({[m[1] for m in modules]} heads){runs}, the ONNX graph {len(layers)} layers "
                          f"({[l.heads for l in layers]} heads)", "pass the model the ONNX file was exported from")
-    return [i.name for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
+    return names
+
+
+def _attention_calls(torch_model, modules, args) -> list[int]:
+    """The module (index into ``modules``) of each attention call of one forward of ``torch_model`` on ``args``."""
+    import torch
+
+    calls: list[int] = []
+    handles = [m.register_forward_pre_hook(lambda *_, k=k: calls.append(k)) for k, (m, _, _) in enumerate(modules)]
+    try:
+        with eval_mode(torch_model), torch.no_grad():
+            torch_model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
 
 
 def _ablation_scores(model, layers, feeds_list, torch_model, loss_fn, masks, granularity) -> dict[int, np.ndarray]:
     import torch
 
-    input_names = _torch_inputs(model, layers, torch_model)
+    input_names = _torch_inputs(model, layers, torch_model, feeds_list[0])
     batches = [([torch.from_numpy(np.asarray(feeds[n])) for n in input_names], feeds) for feeds in feeds_list]
     gates = {i: torch.tensor(masks[l.index], dtype=torch.float32) for i, l in enumerate(layers)}
     scores = {l.index: np.zeros(l.heads) for l in layers}
@@ -2753,7 +2819,7 @@ def _ablation_scores(model, layers, feeds_list, torch_model, loss_fn, masks, gra
 def _gradient_scores(model, layers, feeds_list, torch_model, loss_fn, masks) -> dict[int, np.ndarray]:
     import torch
 
-    input_names = _torch_inputs(model, layers, torch_model)
+    input_names = _torch_inputs(model, layers, torch_model, feeds_list[0])
     totals = {l.index: np.zeros(l.heads) for l in layers}
     per_sample = True
     with eval_mode(torch_model):

@@ -1452,6 +1452,63 @@ def test_refuses_a_layer_norm_across_the_heads_in_front_of_the_head_split(tmp_pa
         prune_heads(onnx_model, keep={0: [0, 1]})
 
 
+class _SharedAttention(torch.nn.Module):
+    """ALBERT's form: one attention module (:class:`_NormedProjections`, q/k norms across its heads) run as
+    each of ``calls`` residual layers; ``other`` adds a second module registered first but run last."""
+
+    def __init__(self, calls=2, other=False):
+        super().__init__()
+        self.other = _NormedProjections("rms") if other else None
+        self.attn, self.calls = _NormedProjections("rms"), calls
+
+    def forward(self, x):
+        for _ in range(self.calls):
+            x = x + self.attn(x)
+        return x if self.other is None else x + self.other(x)
+
+
+def test_gates_a_shared_attention_module_per_call(tmp_path):
+    """The ONNX graph holds a copy of a shared module per call, and pruning keeps other heads in each; the
+    torch reference gates each call with its layer's heads (the i-th call is layer i), norms included, and so
+    do the ablation scores. A reference with one gate for both calls is far off."""
+    torch.manual_seed(5)
+    model = perturbed(_SharedAttention())
+    onnx_model = _export_tokens(model, torch.randn(2, 5, 32), tmp_path / "shared.onnx")
+    layers = find_attention_layers(onnx_model)
+    assert [l.heads for l in layers] == [4, 4]
+    keep = {0: [1, 2], 1: [0, 1, 3]}
+    x, target = torch.randn(3, 7, 32), torch.randn(3, 7, 32)
+    got = _ort(prune_heads(onnx_model, keep=keep)[0], {"x": x.numpy()})
+    np.testing.assert_allclose(got, _masked_reference(model, keep, layers, (x,)), atol=1e-5, rtol=1e-5)
+    for same in (keep[0], keep[1]):
+        assert not np.allclose(got, _masked_reference(model, {0: same, 1: same}, layers, (x,)), atol=1e-3)
+
+    def loss(output, feeds):
+        return ((output - torch.from_numpy(feeds["target"])) ** 2).mean()
+
+    def onnx_loss(kept) -> float:
+        out = _ort(prune_heads(onnx_model, keep=kept)[0] if kept else onnx_model, {"x": x.numpy()})
+        return float(((out.astype(np.float64) - target.numpy()) ** 2).mean())
+
+    calibration = [{"x": x.numpy(), "target": target.numpy()}]
+    ablation = score_heads(onnx_model, calibration, method="ablation", torch_model=model, loss_fn=loss)
+    reference = onnx_loss(None)
+    for layer, head in ((0, 2), (1, 0)):
+        np.testing.assert_allclose(ablation[layer][head],
+                                   onnx_loss({layer: [h for h in range(4) if h != head]}) - reference,
+                                   rtol=1e-3, atol=1e-6)
+    gradient = score_heads(onnx_model, calibration, method="gradient", torch_model=model, loss_fn=loss)
+    assert not np.allclose(gradient[0], gradient[1])
+
+    with pytest.raises(AttncError, match=r"no attention module 2 in the PyTorch model \(1 found, called 2 times"):
+        with torch.no_grad(), head_gates(model, gates_from_keep({}, {2: 4})):
+            model(x)
+    odd = _SharedAttention(calls=2, other=True)   # calls: attn, attn, other; registered: other, attn
+    with pytest.raises(AttncError, match="runs twice in one forward, after the modules ran in another order"):
+        with torch.no_grad(), head_gates(odd, gates_from_keep({}, {0: 4})):
+            odd(x)
+
+
 class _LatentAttention(torch.nn.Module):
     """Two residual layers of :class:`_LatentBlock` (the dynamo exporter shares their empty keys)."""
 

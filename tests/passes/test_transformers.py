@@ -27,7 +27,9 @@ position bias per head; BERT-style modules), OLMo2 (``q_norm`` / ``k_norm``: RMS
 before the head split, kept over the original width; the torch reference zeroes the pruned heads' channels at the
 norms' inputs), DeepSeek-V3 (multi-head latent attention: each head's key part and value from ``kv_b_proj``, one
 rotary key part per token broadcast into every head and written into an empty key by ``ScatterND``, dynamo's and
-TorchScript's forms). Models that need more are in docs/shrink.md.
+TorchScript's forms), ALBERT (one attention module shared by both layers, each layer's copy in the graph pruned
+to other heads; the torch reference gates each call of the module with its layer's heads). Models that need more
+are in docs/shrink.md.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ CASES = {
     # (dynamo's forms of these two: tests/passes/test_prune_heads.py, on hand-written layers)
     "olmo2": (["torchscript"], "softmax", {0: [2, 3], 1: [0, 1]}),   # q/k norms across the heads; K/V groups of 2
     "deepseek_v3": (["torchscript"], "softmax", {0: [0, 2], 1: [1, 2, 3]}),   # a key part shared by the heads
+    "albert": (["torchscript"], "softmax", {0: [0, 3], 1: [1, 2, 3]}),   # one attention module run as both layers
 }
 # Multi-query layers (one K/V head) can only lose query heads.
 MULTI_QUERY = {"falcon", "gpt_bigcode"}
