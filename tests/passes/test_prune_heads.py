@@ -1366,17 +1366,23 @@ class _NormedGatedAttention(torch.nn.Module):
         return self.proj(self.norm(o.transpose(1, 2).reshape(b, n, c)) * torch.sigmoid(self.gate(x)))
 
 
+def _pruned_rms_case(cls, seed: int, keep, tmp_path, opset: int):
+    """``(model, layers, pruned, report)``: ``cls("rms")`` (seeded, perturbed) exported at ``opset`` (23: its
+    RMSNorms are ONNX ``RMSNormalization`` nodes, else decomposed), its layers found and ``keep`` pruned."""
+    torch.manual_seed(seed)
+    model = perturbed(cls("rms"))
+    onnx_model = _export_tokens(model, torch.randn(2, 5, 32), tmp_path / "normed.onnx", opset=opset)
+    assert any(n.op_type == "RMSNormalization" for n in onnx_model.graph.node) == (opset == 23)
+    layers = find_attention_layers(onnx_model)
+    return (model, layers, *prune_heads(onnx_model, keep=keep))
+
+
 @pytest.mark.parametrize("opset", [18, 23])   # 23: the norm is one ONNX RMSNormalization
 def test_prunes_heads_in_front_of_a_norm_across_them(tmp_path, opset):
     """A pruned head is zero where the heads merge; the RMSNorm keeps dividing by all the channels
     (``head_gates`` gates the norm's input, the same semantics); the gate's columns go with the heads."""
-    torch.manual_seed(8)
-    model = perturbed(_NormedGatedAttention("rms"))
-    onnx_model = _export_tokens(model, torch.randn(2, 5, 32), tmp_path / "normed.onnx", opset=opset)
-    assert any(n.op_type == "RMSNormalization" for n in onnx_model.graph.node) == (opset == 23)
-    layers = find_attention_layers(onnx_model)
     keep = {0: [0, 3]}
-    pruned, report = prune_heads(onnx_model, keep=keep)
+    model, layers, pruned, report = _pruned_rms_case(_NormedGatedAttention, 8, keep, tmp_path, opset)
     # two heads: q/k/v columns and biases, output rows, gate columns and biases, norm weights; the norm's
     # rescale (a scalar) comes in
     assert report.params_before - report.params_after == 2 * (3 * (32 * 8 + 8) + 8 * 32 + 32 * 8 + 8 + 8) - 1
@@ -1419,13 +1425,8 @@ def test_prunes_heads_behind_a_norm_across_them(tmp_path, opset):
     """OLMo2's form: an RMSNorm over all the heads' q (and k) channels before the head split. The pruned model
     is the torch model with the pruned heads' q/k/v projection channels and output-projection inputs zeroed,
     its norms still dividing by all the channels (``head_gates`` gates the norms' inputs the same way)."""
-    torch.manual_seed(3)
-    model = perturbed(_NormedProjections("rms"))
-    onnx_model = _export_tokens(model, torch.randn(2, 5, 32), tmp_path / "normed.onnx", opset=opset)
-    assert any(n.op_type == "RMSNormalization" for n in onnx_model.graph.node) == (opset == 23)
-    layers = find_attention_layers(onnx_model)
     keep = {0: [1, 2]}
-    pruned, report = prune_heads(onnx_model, keep=keep)
+    model, layers, pruned, report = _pruned_rms_case(_NormedProjections, 3, keep, tmp_path, opset)
     # two heads: q/k/v columns and biases, output rows, q and k norm weights; each norm's rescale comes in
     assert report.params_before - report.params_after == 2 * (3 * (32 * 8 + 8) + 8 * 32 + 2 * 8) - 2
     zeroed, cut = copy.deepcopy(model), [*range(8), *range(24, 32)]   # the reference written out: heads 0 and 3
