@@ -2655,12 +2655,12 @@ def head_gates(torch_model, gates: dict[int, Any]):
     """
     import contextlib
 
-    def channel_gate(gate, heads: int, x):
+    def channel_gate(gate, heads: int, x, what: str = "the tensor they gate"):
         """``gate`` ``[H]`` or ``[B, H]`` as a multiplier of ``x`` ``[.., heads·D]``: each head's channels alike."""
         if gate.ndim == 2:
             if x.ndim < 2 or x.shape[0] != gate.shape[0]:
-                raise AttncError(f"per-sample head gates {tuple(gate.shape)} do not match the tensor "
-                                 f"{tuple(x.shape)} they gate (batch first)")
+                raise AttncError(f"per-sample head gates {tuple(gate.shape)} do not match {what} "
+                                 f"{tuple(x.shape)} (batch first)")
             gate = gate.reshape(gate.shape[0], *([1] * (x.ndim - 2)), heads)
         return (gate.unsqueeze(-1) * x.new_ones(x.shape[-1] // heads)).flatten(-2).to(x.dtype)
 
@@ -2706,16 +2706,10 @@ def head_gates(torch_model, gates: dict[int, Any]):
                 handles.append(norm.register_forward_pre_hook(norm_hook))
 
             def pre_hook(_module, args, k=k, heads=heads):
-                gate, x = current[k], args[0]
+                gate = current[k]
                 if gate is None:
                     return None
-                if gate.ndim == 2:
-                    if x.ndim < 2 or x.shape[0] != gate.shape[0]:
-                        raise AttncError(f"per-sample head gates {tuple(gate.shape)} do not match the output "
-                                         f"projection's input {tuple(x.shape)} (batch first)")
-                    gate = gate.reshape(gate.shape[0], *([1] * (x.ndim - 2)), heads)
-                shaped = x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads) * gate.unsqueeze(-1).to(x.dtype)
-                return (shaped.reshape(x.shape), *args[1:])
+                return (args[0] * channel_gate(gate, heads, args[0], "the output projection's input"), *args[1:])
 
             handles.append(proj.register_forward_pre_hook(pre_hook))
         try:
