@@ -48,7 +48,7 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.models.registry import InputSpec, ModelSpec
-from attnc.models.transformers_zoo import STATIC_LENGTH, Output, exportable_experts
+from attnc.models.transformers_zoo import STATIC_LENGTH, Output, exportable_experts, first_output
 
 BATCH = 2
 TOKENS = 16
@@ -128,8 +128,7 @@ class MaskedOutput(torch.nn.Module):
         if self.positions_from_mask:
             count = attention_mask.to(torch.int64).cumsum(-1) - 1
             positions["position_ids"] = count.masked_fill(attention_mask == 0, 1)
-        out = self.model(input_ids, attention_mask=attention_mask, **positions)
-        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+        return first_output(self.model(input_ids, attention_mask=attention_mask, **positions))
 
 
 class Seq2SeqOutput(torch.nn.Module):
@@ -149,8 +148,7 @@ class Seq2SeqOutput(torch.nn.Module):
         self.cache = {"use_cache": True} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
     def forward(self, inputs, decoder_input_ids):
-        out = self.model(inputs, decoder_input_ids=decoder_input_ids, **self.cache)
-        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+        return first_output(self.model(inputs, decoder_input_ids=decoder_input_ids, **self.cache))
 
 
 def load_checkpoint(directory: str, attention_mask: bool = False) -> tuple[torch.nn.Module, CheckpointSpec]:
@@ -328,12 +326,13 @@ def _spec(path: Path, config, cls: type) -> CheckpointSpec:
     text = config.get_text_config()
     family = "linear" if "linear_attention" in (getattr(text, "layer_types", None) or ()) else "mhsa"
     kind = {"input_ids": "lm", "pixel_values": "vit"}.get(main, "audio")
+    seq2seq = DECODER in inspect.signature(cls.forward).parameters
     spec = CheckpointSpec(
         name=str(path), family=family, kind=kind,
-        factory=functools.partial(_wrapped, cls, config, path),
+        factory=functools.partial(_wrapped, cls, config, path, Seq2SeqOutput if seq2seq else Output),
         inputs=inputs, sizes=sizes, dynamic=dynamic, output_axes=("batch",),
         description=f"{cls.__name__}.from_pretrained({str(path)!r})", unsupported=unsupported)
-    return _with_decoder_input(spec, config, path) if DECODER in inspect.signature(cls.forward).parameters else spec
+    return _with_decoder_input(spec, config, path) if seq2seq else spec
 
 
 def _with_decoder_input(spec: CheckpointSpec, config, path: Path) -> CheckpointSpec:
@@ -344,8 +343,7 @@ def _with_decoder_input(spec: CheckpointSpec, config, path: Path) -> CheckpointS
     ``generation_config.json``, else ``bos_token_id`` (random when none is below the vocabulary)."""
     decoder = config.get_text_config(decoder=True)
     vocab = getattr(config, "decoder_vocab_size", None) or getattr(decoder, "vocab_size", None)
-    limit = next((v for k in ("max_target_positions", "max_position_embeddings", "n_positions")
-                  if isinstance(v := getattr(decoder, k, None), int) and v > 0), TARGET)
+    limit = _first_size(decoder, ("max_target_positions", "max_position_embeddings", "n_positions"), TARGET)
     generation = path / "generation_config.json"
     generation = json.loads(generation.read_text()) if generation.is_file() else {}
     start = next((v for v in (getattr(config, "decoder_start_token_id", None),
@@ -359,18 +357,15 @@ def _with_decoder_input(spec: CheckpointSpec, config, path: Path) -> CheckpointS
         decoder_start=start if isinstance(start, int) and vocab and 0 <= start < vocab else None)
 
 
-def _wrapped(cls: type, config, path: Path) -> torch.nn.Module:
-    model = _load(cls, config, path)
-    wrapper = Seq2SeqOutput if DECODER in inspect.signature(cls.forward).parameters else Output
-    return wrapper(model).eval()
+def _wrapped(cls: type, config, path: Path, wrapper: type) -> torch.nn.Module:
+    return wrapper(_load(cls, config, path)).eval()
 
 
 def _inputs(main: str, config) -> tuple[tuple[InputSpec, ...], dict[str, int], tuple[str, ...], str]:
     """``(inputs, sizes, dynamic size names, why example inputs are unknown or "")`` for ``main``."""
     if main == "input_ids":
         text = config.get_text_config()
-        positions = next((v for k in ("max_position_embeddings", "n_positions", "max_seq_len")
-                          if isinstance(v := getattr(text, k, None), int) and v > 0), TOKENS)
+        positions = _first_size(text, ("max_position_embeddings", "n_positions", "max_seq_len"), TOKENS)
         vocab = getattr(text, "vocab_size", None)
         if not vocab:
             return (InputSpec(main, ("batch", "seq"), torch.int64),), {"batch": BATCH}, ("batch", "seq"), \
@@ -396,6 +391,11 @@ def _inputs(main: str, config) -> tuple[tuple[InputSpec, ...], dict[str, int], t
         return (InputSpec(main, ("batch", config.num_mel_bins, frames)),), {"batch": BATCH}, ("batch",), ""
     return (InputSpec(main, ("batch",)),), {"batch": BATCH}, ("batch",), \
         f"attnc cannot build example {main!r} inputs from a {config.model_type} config"
+
+
+def _first_size(config, keys: tuple[str, ...], default: int) -> int:
+    """The first of ``config``'s attributes ``keys`` that is a positive int (a position limit), else ``default``."""
+    return next((v for k in keys if isinstance(v := getattr(config, k, None), int) and v > 0), default)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -173,12 +173,17 @@ class Output(torch.nn.Module):
         self.model = model
 
     def forward(self, x):
-        out = self.model(x)
-        if isinstance(out, torch.Tensor):
-            return out
-        if isinstance(out, tuple):
-            return out[0]
-        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+        return first_output(self.model(x))
+
+
+def first_output(out) -> torch.Tensor:
+    """A transformers model's output as one tensor: its logits, else its last hidden state (a tuple's first
+    element, a tensor as it is)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple):
+        return out[0]
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
 def minimax_lm(layer_types: tuple[str, ...] = ("linear_attention", "full_attention"), seed: int = 0
