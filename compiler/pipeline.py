@@ -216,7 +216,11 @@ def load_artefact(artefact_dir: str | os.PathLike, **options):
     ``options`` go to that backend's ``load`` (ONNX Runtime: ``providers``, ``threads``; TensorRT:
     ``plugin_impl``). The runner has ``input_specs``, ``output_names`` and ``infer(feeds)``.
     """
-    manifest = load_manifest(artefact_dir)
+    return _runner(artefact_dir, load_manifest(artefact_dir), **options)
+
+
+def _runner(artefact_dir, manifest: dict, **options):
+    """:func:`load_artefact` of an artefact whose manifest is read."""
     backend = get_backend(manifest["backend"])
     ok, why = backend.available()
     if not ok:
@@ -281,7 +285,7 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     from attnc.models.hf_checkpoint import MASK, CheckpointSpec, with_attention_mask
 
     manifest = load_manifest(artefact_dir)
-    runner = load_artefact(artefact_dir)
+    runner = _runner(artefact_dir, manifest)
     module, spec = resolve_model(model_ref)
     if isinstance(spec, CheckpointSpec) and [s.name for s in runner.input_specs] == [*spec.input_names, MASK]:
         module, spec = with_attention_mask(module, spec)   # exported with --with-attention-mask
