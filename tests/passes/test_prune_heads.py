@@ -1,4 +1,4 @@
-"""Head pruning (passes/prune_heads.py) against an independent torch reference: the same
+"""Head pruning (passes/prune_heads/) against an independent torch reference: the same
 model with the pruned heads' outputs multiplied by zero (a forward pre-hook on the output
 projection), on a ViT trained on scikit-learn's digits, on the registry's MHSA models, on
 fused and unfused agent attention, on Llama-family attention (rotary embeddings, grouped-query
@@ -425,7 +425,8 @@ def test_random_calibration_draws_token_ids_within_the_vocabulary(tmp_path, monk
 def test_random_calibration_of_a_dynamic_length():
     """``compile --prune-heads`` without calibration data on an LM exported with a dynamic batch and length:
     the length is drawn too (16), where only the batch had a size and scoring refused the model."""
-    from attnc.passes.prune_heads import CALIBRATION_TOKENS, _random_calibration, apply
+    from attnc.passes.prune_heads import CALIBRATION_TOKENS, apply
+    from attnc.passes.prune_heads.pipeline import _random_calibration
 
     spec, module, onnx_model = export_spec("lm-mhsa-small", "torchscript")
     assert spec.dynamic == ("batch", "seq")
@@ -731,7 +732,7 @@ def test_prunes_rope_and_grouped_query_attention(tmp_path, exporter, case):
 
 def test_wrong_kv_group_would_be_caught(tmp_path, monkeypatch):
     """Slicing K/V columns of the wrong group (query heads right) breaks the match with the reference."""
-    from attnc.passes import prune_heads as pass_module
+    from attnc.passes.prune_heads import layers as finding   # _layer looks _grouping up there
 
     kwargs, keep = _LLAMA_CASES["gqa"]
     torch.manual_seed(0)
@@ -739,8 +740,8 @@ def test_wrong_kv_group_would_be_caught(tmp_path, monkeypatch):
     onnx_model = _export_llama(model, tmp_path, "torchscript", 48)
     layers = find_attention_layers(onnx_model)
     x = torch.randn(2, 9, 48)
-    grouping = pass_module._grouping
-    monkeypatch.setattr(pass_module, "_grouping", lambda *args: (lambda g: (g[0][::-1].copy(), g[1]))(grouping(*args)))
+    grouping = finding._grouping
+    monkeypatch.setattr(finding, "_grouping", lambda *args: (lambda g: (g[0][::-1].copy(), g[1]))(grouping(*args)))
     wrong, _ = prune_heads(onnx_model, keep=keep)      # query heads 3-5 kept with K/V head 0 instead of 1
     assert not np.allclose(_ort(wrong, {"x": x.numpy()}), _masked_reference(model, keep, layers, (x,)), atol=1e-3)
 
