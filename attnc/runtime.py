@@ -16,9 +16,16 @@ it needs TensorRT and an NVIDIA GPU, takes numpy arrays or torch tensors and ret
 plugins) run with their Triton kernels; ``Engine(path, plugin_impl="reference")`` runs them with
 their torch reference instead (slow; to check the kernels). The choice is per engine: engines
 loaded with different ones run side by side in one process.
+
+``generate`` decodes greedily with a compiled generation step that carries its KV cache (``attnc export
+CKPT --with-past``)::
+
+    step = runtime.load("out/")
+    tokens = runtime.generate(step, prompt_ids, prompt_mask, max_new_tokens=32, eos_token_id=2)
 """
 
 from attnc.compiler.backends.tensorrt import EngineRunner as Engine
+from attnc.compiler.decode import generate
 from attnc.compiler.pipeline import load_artefact as load
 
-__all__ = ["Engine", "load"]
+__all__ = ["Engine", "generate", "load"]

@@ -121,16 +121,27 @@ def models_cmd() -> None:
               help="Text checkpoints: take attention_mask [batch, seq] (1 = token, 0 = padding) after input_ids, "
                    "for padded batches; its example rows are padded (decoder-only models on the left). "
                    "validate feeds it too.")
+@click.option("--with-past", "past", is_flag=True,
+              help="Decoder-only text checkpoints: export one generation step with its KV cache, (input_ids, "
+                   "attention_mask, past_key_values.N.key/value) -> (logits, present.N.key/value); the prompt's "
+                   "step takes a cache of length 0. attnc.runtime.generate decodes with the compiled step.")
 @_handle_errors
 def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset, seed, int_high,
-               attention_mask) -> None:
+               attention_mask, past) -> None:
     """Export MODEL (a bundled model name, a Hugging Face checkpoint directory or MODULE:FACTORY) to ONNX."""
     import torch
 
     from attnc.compiler.export import export_onnx, resolve_model
 
     module, spec = resolve_model(model_ref)
-    if attention_mask:
+    if past:
+        from attnc.models.hf_checkpoint import with_past
+
+        module, spec = with_past(module, spec)
+        if input_shapes:
+            raise AttncError("--with-past builds its example inputs itself (3 new tokens after 5 cached ones)",
+                             "drop --input-shape; the exported step is dynamic in batch, tokens and cache length")
+    elif attention_mask:
         from attnc.models.hf_checkpoint import with_attention_mask
 
         module, spec = with_attention_mask(module, spec)
@@ -157,9 +168,10 @@ def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset
     if axes is None and spec is not None and not static:
         axes = spec.dynamic_axes or None
     names = list(spec.input_names) if spec is not None and getattr(spec, "input_names", None) else None
+    outputs = list(getattr(spec, "outputs", None) or []) or None   # a checkpoint's cached step names its outputs
     with console.status(f"exporting with the {exporter} exporter"):
         path = export_onnx(module, inputs, output, exporter=exporter, opset=opset,
-                           dynamic_axes=axes, input_names=names)
+                           dynamic_axes=axes, input_names=names, output_names=outputs)
     console.print(f"wrote [bold]{path}[/]")
 
 

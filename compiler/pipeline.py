@@ -265,9 +265,9 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
 
     Inputs come from ``inputs_npz``, else from random ``shapes``, else from the bundled
     model's example inputs (seeded); a checkpoint's artefact taking ``attention_mask`` after its
-    main input is compared with the model taking it too (``attnc export --with-attention-mask``),
-    on padded example inputs, at the tokens only (``attention_mask`` 1: what a query that attends to
-    nothing gets is up to the kernels). Random integer inputs (token ids) are drawn from
+    main input is compared with the model taking it too (``attnc export --with-attention-mask``, or
+    a generation step with its KV cache, ``--with-past``), on padded example inputs, at the tokens
+    only (``attention_mask`` 1: what a query that attends to nothing gets is up to the kernels). Random integer inputs (token ids) are drawn from
     ``[0, int_high)``. Writes ``report.json`` and ``report.html`` into ``report_dir`` (default
     ``artefact_dir``).
 
@@ -282,13 +282,13 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     from attnc.compiler import validate
     from attnc.compiler.export import resolve_model
     from attnc.compiler.report import write_report
-    from attnc.models.hf_checkpoint import MASK, CheckpointSpec, with_attention_mask
+    from attnc.models.hf_checkpoint import MASK, CheckpointSpec, for_inputs
 
     manifest = load_manifest(artefact_dir)
     runner = _runner(artefact_dir, manifest)
     module, spec = resolve_model(model_ref)
-    if isinstance(spec, CheckpointSpec) and [s.name for s in runner.input_specs] == [*spec.input_names, MASK]:
-        module, spec = with_attention_mask(module, spec)   # exported with --with-attention-mask
+    # exported with --with-attention-mask or --with-past: the same checkpoint, taking what the artefact takes
+    module, spec = for_inputs(module, spec, [s.name for s in runner.input_specs])
 
     if inputs_npz is not None:
         feeds = validate.load_inputs(inputs_npz, runner.input_specs)
@@ -313,8 +313,9 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
         # A query that attends to nothing (padding in front of a causal row, a row of padding) has no defined
         # output: torch gives it zeros or uniform weights by attention implementation, ONNX Runtime's Attention
         # zeros, other kernels NaN. Outputs at padding are zeroed on both sides before the comparison.
-        reference = _tokens_only(reference, feeds[MASK])
-        compared = types.SimpleNamespace(infer=_tokens_only(runner.infer, feeds[MASK]))
+        axes = spec.token_axes()
+        reference = _tokens_only(reference, feeds[MASK], axes)
+        compared = types.SimpleNamespace(infer=_tokens_only(runner.infer, feeds[MASK], axes))
         source += "; outputs at padding (attention_mask 0) not compared"
     result = validate.validate(reference, compared, feeds, precision=precision, tolerances=tolerances)
     meta = {
@@ -340,16 +341,21 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     return result, paths
 
 
-def _tokens_only(run: Callable, mask) -> Callable:
-    """``run`` (``feeds -> {name: array}``) with its outputs of shape ``[batch, seq, ...]`` zeroed where
-    ``mask`` ``[batch, seq]`` is 0."""
+def _tokens_only(run: Callable, mask, token_axes: dict[str, int]) -> Callable:
+    """``run`` (``feeds -> {name: array}``) with its outputs zeroed at padding: output ``name``'s axis
+    ``token_axes[name]`` (length ``n``) runs over the last ``n`` columns of ``mask`` ``[batch, seq]``
+    (all of them, or a cached step's new tokens), 0 at padding."""
     import numpy as np
 
     keep = np.asarray(mask) != 0
 
     def at_tokens(feeds):
         outputs = {name: np.asarray(value) for name, value in run(feeds).items()}
-        return {name: np.where(keep.reshape(keep.shape + (1,) * (value.ndim - 2)), value, 0)
-                if value.shape[:2] == keep.shape else value for name, value in outputs.items()}
+        for name, axis in token_axes.items():
+            value = outputs[name]
+            shape = [1] * value.ndim
+            shape[0], shape[axis] = keep.shape[0], value.shape[axis]
+            outputs[name] = np.where(keep[:, keep.shape[1] - value.shape[axis]:].reshape(shape), value, 0)
+        return outputs
 
     return at_tokens

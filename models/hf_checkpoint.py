@@ -29,6 +29,11 @@ Text models also export with their padding mask (``attnc export --with-attention
 :func:`with_attention_mask`): ``(input_ids, attention_mask)`` through :class:`MaskedOutput`, the mask
 ``[batch, seq]`` int64 (1 = token, 0 = padding) dynamic like the ids, its example rows padded (:func:`padding_mask`)
 at the end for encoders and at the start for decoder-only models.
+
+Decoder-only text models also export as one generation step with their KV cache (``attnc export
+--with-past``, :func:`with_past`): ``(input_ids, attention_mask, past_key_values.0.key, ...) -> (logits,
+present.0.key, ...)`` through :class:`CachedStep`, the contract :mod:`attnc.compiler.decode` names and
+:func:`attnc.compiler.decode.generate` decodes with.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from attnc.compiler import decode
 from attnc.compiler.errors import AttncError
 from attnc.models.registry import InputSpec, ModelSpec
 from attnc.models.transformers_zoo import STATIC_LENGTH, Output, exportable_experts, first_output
@@ -57,9 +63,12 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 _SAVE_FIX = "pass the directory save_pretrained() wrote (config.json and model.safetensors)"
 
 
-MASK = "attention_mask"
+MASK = decode.MASK
 DECODER = "decoder_input_ids"
 TARGET = 8   # decoder tokens of the example inputs: fewer than the source's, so cross-attention is not square
+# A cached step's example: 3 new tokens after 5 cached ones (8 in the mask). Sizes apart from each other
+# and from 0/1, which the dynamo exporter would take for one dim or specialise on.
+STEP, PAST = 3, 5
 
 
 @dataclass(frozen=True)
@@ -76,19 +85,38 @@ class CheckpointSpec(ModelSpec):
     unsupported: str = ""
     padding: str = ""
     decoder_start: int | None = None
+    outputs: tuple[str, ...] = ()
+
+    @property
+    def output_names(self) -> list[str]:
+        """``outputs`` where the spec names them (a cached step's ``logits``, ``present.0.key``, ...), else
+        :attr:`ModelSpec.output_names`."""
+        return list(self.outputs) or super().output_names
 
     def example_inputs(self, batch: int | None = None, seed: int = 0, **sizes: int) -> tuple[torch.Tensor, ...]:
-        """As :meth:`ModelSpec.example_inputs`; with the mask, ``(input_ids, attention_mask)`` whose
-        token ids are the unmasked spec's (same seed and sizes) and whose mask is :func:`padding_mask`.
-        Token ids under the padding stay random: the mask alone must hide them."""
+        """As :meth:`ModelSpec.example_inputs`; with the mask, the token ids are the unmasked spec's (same
+        seed and sizes) and the mask is :func:`padding_mask`. Token ids under the padding stay random: the
+        mask alone must hide them. A cached step's mask spans the ``past`` and the ``seq`` new tokens."""
         if self.unsupported:
             name = self.inputs[0].name
             raise AttncError(f"{self.name}: {self.unsupported}",
                              f"pass the input's shape, e.g. --input-shape {name}:2x16 (your sizes)")
-        tensors = super().example_inputs(batch, seed, **sizes)
+        if "total" in self.sizes:
+            merged = {**self.sizes, **sizes}
+            sizes = {**sizes, "total": merged["past"] + merged["seq"]}
+        tensors = list(super().example_inputs(batch, seed, **sizes))
         if self.decoder_start is not None:
             tensors[self.input_names.index(DECODER)][:, 0] = self.decoder_start
-        return (tensors[0], self.mask_for(tensors[0])) if self.padding else tensors
+        if self.padding:
+            mask = self.input_names.index(MASK)
+            tensors[mask] = padding_mask(*tensors[mask].shape, self.padding)
+        return tuple(tensors)
+
+    def token_axes(self) -> dict[str, int]:
+        """``{output: axis}`` of the outputs with an axis over tokens (``seq`` or ``total``): the last
+        ``n`` columns of ``attention_mask`` tell which of its ``n`` entries are tokens."""
+        shapes = zip(self.output_names, (self.output_axes, *self.more_output_axes))
+        return {name: shape.index(dim) for name, shape in shapes for dim in ("seq", "total") if dim in shape}
 
     def mask_for(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The example ``attention_mask`` for token ids ``[batch, seq]``, padded on ``padding``'s side."""
@@ -108,13 +136,20 @@ def padding_mask(batch: int, seq: int, side: str) -> torch.Tensor:
     return keep.to(torch.int64)
 
 
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position as transformers' ``generate`` computes ``position_ids`` from the mask: the count
+    of tokens before it (padding at 0)."""
+    count = attention_mask.to(torch.int64).cumsum(-1) - 1
+    return count.masked_fill(attention_mask == 0, 0)
+
+
 class MaskedOutput(torch.nn.Module):
     """A transformers text model as ``(input_ids, attention_mask) -> tensor``: its logits, else its last
     hidden state, as :class:`~attnc.models.transformers_zoo.Output` returns them.
 
     With ``positions_from_mask`` (left-padded decoder-only models with position embeddings of their own,
     e.g. GPT-2's), each token's position is the count of tokens before it, as transformers' ``generate``
-    computes ``position_ids`` (padding at position 1): a left-padded prompt then gets the logits it gets
+    computes ``position_ids`` (:func:`mask_positions`): a left-padded prompt then gets the logits it gets
     alone.
     """
 
@@ -124,10 +159,7 @@ class MaskedOutput(torch.nn.Module):
         self.positions_from_mask = positions_from_mask
 
     def forward(self, input_ids, attention_mask):
-        positions = {}
-        if self.positions_from_mask:
-            count = attention_mask.to(torch.int64).cumsum(-1) - 1
-            positions["position_ids"] = count.masked_fill(attention_mask == 0, 1)
+        positions = {"position_ids": mask_positions(attention_mask)} if self.positions_from_mask else {}
         return first_output(self.model(input_ids, attention_mask=attention_mask, **positions))
 
 
@@ -205,20 +237,152 @@ def with_attention_mask(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[
     params = inspect.signature(model.forward).parameters
     if MASK not in params:
         raise AttncError(f"{name}.forward takes no {MASK}", "export it without --with-attention-mask")
-    transformers = _transformers()
-    config = type(model.config)
-    decoder_only = config in transformers.MODEL_FOR_CAUSAL_LM_MAPPING and \
-        config not in transformers.MODEL_FOR_MASKED_LM_MAPPING
+    left = decoder_only(model)
     rotary = any("rotary" in type(m).__name__.lower() for m in model.modules())
-    positions = decoder_only and not rotary and "position_ids" in params
+    positions = left and not rotary and "position_ids" in params
     ids = spec.inputs[0]
     return MaskedOutput(model, positions).eval(), dataclasses.replace(
-        spec, inputs=(ids, dataclasses.replace(ids, name=MASK, high=2)), padding="left" if decoder_only else "right",
-        factory=functools.partial(_masked, spec.factory, positions))
+        spec, inputs=(ids, dataclasses.replace(ids, name=MASK, high=2)), padding="left" if left else "right",
+        output_axes=("batch", "seq"), factory=functools.partial(_masked, spec.factory, positions))
 
 
 def _masked(factory, positions_from_mask: bool) -> MaskedOutput:
     return MaskedOutput(factory().model, positions_from_mask).eval()
+
+
+def decoder_only(model: torch.nn.Module) -> bool:
+    """A causal-LM class and no masked-LM class for the model's config (GPT-2, Llama; not BERT)."""
+    transformers = _transformers()
+    config = type(model.config)
+    return config in transformers.MODEL_FOR_CAUSAL_LM_MAPPING and config not in transformers.MODEL_FOR_MASKED_LM_MAPPING
+
+
+class CachedStep(torch.nn.Module):
+    """A transformers decoder-only LM as one generation step with its KV cache, as ``generate`` runs it::
+
+        (input_ids [B, T], attention_mask [B, P+T], past_key_values.0.key [B, H, P, Dk],
+         past_key_values.0.value [B, H, P, Dv], ...)   # layer by layer
+            -> (logits [B, T, vocab], present.0.key [B, H, P+T, Dk], present.0.value, ...)
+
+    (the last hidden state for a model without an LM head). The prompt's step takes an empty cache
+    (``P = 0``); every later step the cache the one before returned. The cache is transformers'
+    ``DynamicCache`` of full layers (a sliding-window layer masks its window over it), so the graph's
+    attention reads ``concat(past, new)``: what the softmax pass fuses into ``Attention``. Positions come
+    from the mask as ``generate`` computes them (:func:`mask_positions`), for every model whose forward
+    takes ``position_ids``.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: int):
+        super().__init__()
+        self.model = model
+        self.layers = layers
+        self.positions = "position_ids" in inspect.signature(model.forward).parameters
+
+    def forward(self, input_ids, attention_mask, *past):
+        # signature: input_ids, attention_mask, past_0=None, ... (below the class); the TorchScript exporter
+        # passes the unused ones as None
+        from transformers import DynamicCache
+
+        past = [p for p in past if p is not None]
+        if len(past) != 2 * self.layers:
+            raise ValueError(f"pass a key and a value per layer ({2 * self.layers} tensors), got {len(past)}")
+        cache = DynamicCache()
+        for layer in range(self.layers):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        extra = {"position_ids": mask_positions(attention_mask)[:, -input_ids.shape[1]:]} if self.positions else {}
+        out = self.model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, **extra)
+        return (first_output(out), *(t for layer in cache.layers[:self.layers] for t in (layer.keys, layer.values)))
+
+
+# The dynamo exporter maps dynamic axes to forward()'s named parameters, not to *past ("Failed to convert
+# 'dynamic_axes' to 'dynamic_shapes'"): past_0, past_1, ... (a layer's key, then its value) name them.
+_MAX_LAYERS = 256
+_P = inspect.Parameter
+CachedStep.forward.__signature__ = inspect.Signature(
+    [_P("self", _P.POSITIONAL_OR_KEYWORD), _P("input_ids", _P.POSITIONAL_OR_KEYWORD),
+     _P("attention_mask", _P.POSITIONAL_OR_KEYWORD),
+     *(_P(f"past_{i}", _P.POSITIONAL_OR_KEYWORD, default=None) for i in range(2 * _MAX_LAYERS))])
+
+
+def with_past(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[CachedStep, CheckpointSpec]:
+    """A loaded decoder-only text checkpoint (``load_checkpoint(dir)``) as one generation step with its KV
+    cache: :class:`CachedStep` on the same weights, and its spec: ``input_ids [batch, seq]``,
+    ``attention_mask [batch, total]`` (``total = past + seq``; example rows padded on the left), and per
+    layer ``past_key_values.N.key`` / ``.value`` ``[batch, H, past, D]``, all dynamic in batch, seq, past
+    and total; outputs ``logits`` and ``present.N.key`` / ``.value``. The example inputs are 3 new tokens
+    after 5 cached ones, the cache random (standard normal): validation compares the graph with PyTorch on
+    the same cache, whatever its values.
+
+    Raises:
+        AttncError: ``spec`` is no checkpoint's, the model is no decoder-only text model, its forward takes
+            no cache or mask, or it keeps its cache other than as one key and one value per layer
+            ``[B, H, T, D]`` (linear-attention and state-space layers, encoder-decoder caches).
+    """
+    if not isinstance(spec, CheckpointSpec):
+        raise AttncError(f"{spec.name if spec else 'this model'} is no Hugging Face checkpoint directory: "
+                         "--with-past is for those", "export a step with its cache through MODULE:FACTORY")
+    if isinstance(module, CachedStep):
+        return module, spec
+    model = module.model
+    name = type(model).__name__
+    params = inspect.signature(model.forward).parameters
+    if spec.inputs[0].name != "input_ids" or DECODER in spec.input_names or not decoder_only(model):
+        raise AttncError(f"{name} is no decoder-only text model: --with-past exports a causal LM's generation step",
+                         "export it without --with-past")
+    if "past_key_values" not in params or MASK not in params:
+        raise AttncError(f"{name}.forward takes no past_key_values and attention_mask", "export it without --with-past")
+    layers = _cache_layout(model)
+    ids = dataclasses.replace(spec.inputs[0], shape=("batch", "seq"))
+    past = tuple(InputSpec(decode.past_name(i, kind), ("batch", heads, "past", dim))
+                 for i, (heads, key, value) in enumerate(layers) for kind, dim in (("key", key), ("value", value)))
+    outputs = [decode.present_name(i, kind) for i in range(len(layers)) for kind in ("key", "value")]
+    return CachedStep(model, len(layers)).eval(), dataclasses.replace(
+        spec, inputs=(ids, InputSpec(MASK, ("batch", "total"), torch.int64, 2), *past),
+        sizes={"batch": BATCH, "seq": STEP, "past": PAST, "total": STEP + PAST},
+        dynamic=("batch", "seq", "past", "total"), padding="left", output_axes=("batch", "seq"),
+        more_output_axes=tuple(("batch", *s.shape[1:2], "total", *s.shape[3:]) for s in past),
+        outputs=(decode.LOGITS, *outputs), factory=functools.partial(_cached, spec.factory, len(layers)))
+
+
+def _cached(factory, layers: int) -> CachedStep:
+    return CachedStep(factory().model, layers).eval()
+
+
+def _cache_layout(model: torch.nn.Module) -> list[tuple[int, int, int]]:
+    """``(heads, key dim, value dim)`` of every layer's cache, read from a 2-token forward that fills a
+    transformers ``DynamicCache``."""
+    from transformers import DynamicCache
+
+    name = type(model).__name__
+    cache, tokens = DynamicCache(), 2
+    fix = "export it without --with-past, or export its step with its own cache through MODULE:FACTORY"
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, tokens, dtype=torch.int64), past_key_values=cache, use_cache=True)
+    except Exception as exc:
+        raise AttncError(f"{name} does not run with a transformers DynamicCache ({type(exc).__name__}: "
+                         f"{_first_line(exc)})", fix) from None
+    layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    shapes = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers]
+    fits = [isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == v.dim() == 4 and
+            k.shape[:3] == v.shape[:3] == (1, k.shape[1], tokens) for k, v in shapes]
+    if not shapes or not all(fits) or (layers is not None and len(shapes) != layers):
+        raise AttncError(f"{name} keeps {len(shapes)} cache layer(s) for {layers} layers, not one key and one value "
+                         f"[batch, heads, tokens, dim] per layer (linear-attention or state-space layers?)", fix)
+    return [(k.shape[1], k.shape[3], v.shape[3]) for k, v in shapes]
+
+
+def for_inputs(module: torch.nn.Module, spec, input_names: list[str]):
+    """The variant of a loaded checkpoint whose inputs are ``input_names``: as loaded, with its attention
+    mask (``--with-attention-mask``) or as a cached generation step (``--with-past``); ``(module, spec)``
+    unchanged for anything else."""
+    if not isinstance(spec, CheckpointSpec) or input_names == spec.input_names:
+        return module, spec
+    if input_names == [*spec.input_names, MASK]:
+        return with_attention_mask(module, spec)
+    if decode.is_cached_step(input_names):
+        return with_past(module, spec)
+    return module, spec
 
 
 def _transformers():

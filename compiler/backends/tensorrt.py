@@ -116,10 +116,11 @@ def parse_shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
     name, sep, dims = text.rpartition(":")
     try:
         shape = tuple(int(d) for d in dims.split("x"))
-        if not sep or not name or any(d <= 0 for d in shape):
+        if not sep or not name or any(d < 0 for d in shape):
             raise ValueError
     except ValueError:
-        raise AttncError(f"cannot read shape {text!r}", "write it as NAME:1x3x224x224 with dims > 0") from None
+        raise AttncError(f"cannot read shape {text!r}", "write it as NAME:1x3x224x224 with dims >= 0 "
+                         "(0: an empty tensor, e.g. the KV cache of a prompt's step)") from None
     return name, shape
 
 

@@ -10,6 +10,8 @@ TorchScript exporter (a fraction of a second for these models, the dynamo export
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,8 +21,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from attnc import runtime
 from attnc.compiler.backends.onnxruntime import load
 from attnc.compiler.cli import cli
+from attnc.compiler.errors import AttncError
 from attnc.compiler.export import resolve_model
 from attnc.models import transformers_zoo
 from attnc.models.hf_checkpoint import load_checkpoint, padding_mask
@@ -303,6 +307,115 @@ def test_validate_compares_the_outputs_at_tokens(tmp_path):
         want = module(ids, mask).numpy()
     padding = ~mask.bool().numpy()
     assert not np.allclose(fused[padding], want[padding], atol=1e-2)   # what validate leaves out
+
+
+# --- one generation step with its KV cache (--with-past) ----------------------------------------------
+
+def graph_outputs(path: Path) -> list[str]:
+    return [o.name for o in onnx.load(str(path)).graph.output]
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_cached_step_export_compile_validate(gqa_llama, exporter, tmp_path):
+    """A generation step with its cache: named inputs and outputs, dynamic in batch, new tokens and cache
+    length; one Attention per layer (reading the cache and the new keys), validated on padded example inputs
+    without repeating the option, the new cache compared at its tokens too."""
+    run("export", gqa_llama, "-o", tmp_path / "step.onnx", "--exporter", exporter, "--with-past")
+    inputs = graph_inputs(tmp_path / "step.onnx")
+    assert inputs[:3] == [("input_ids", ["batch", "seq"]), ("attention_mask", ["batch", "total"]),
+                          ("past_key_values.0.key", ["batch", 2, "past", 8])]
+    assert [name for name, _ in inputs[3:]] == ["past_key_values.0.value", "past_key_values.1.key",
+                                               "past_key_values.1.value"]
+    assert graph_outputs(tmp_path / "step.onnx") == ["logits", "present.0.key", "present.0.value", "present.1.key",
+                                                     "present.1.value"]
+    run("compile", tmp_path / "step.onnx", "-o", tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["ops_after"].get("Attention") == 2 and "Softmax" not in manifest["ops_after"]
+    run("validate", tmp_path / "out", "--model", gqa_llama)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["passed"] and {o["name"] for o in report["outputs"]} == set(graph_outputs(tmp_path / "step.onnx"))
+    assert report["meta"]["inputs"]["attention_mask"]["shape"] == [2, 8]
+    assert report["meta"]["inputs"]["past_key_values.1.value"]["shape"] == [2, 2, 5, 8]
+
+
+@pytest.mark.parametrize("checkpoint", ["gqa_llama", "gpt2"])
+def test_cached_steps_give_the_logits_of_one_uncached_pass(checkpoint, request, tmp_path):
+    """A left-padded prompt with an empty cache (length 0, which the export never saw), then three tokens
+    after it with the cache it returned, through the compiled step on ONNX Runtime: the logits one pass over
+    all the tokens gives without a cache (GPT-2's learned positions from the mask, Llama's rotary ones)."""
+    ckpt = request.getfixturevalue(checkpoint) if checkpoint != "gpt2" else \
+        save(transformers_zoo.build("gpt2"), tmp_path / "gpt2")
+    run("export", ckpt, "-o", tmp_path / "step.onnx", "--exporter", "torchscript", "--with-past")
+    run("compile", tmp_path / "step.onnx", "-o", tmp_path / "out")
+    step = runtime.load(tmp_path / "out")
+    whole, spec = load_checkpoint(str(ckpt), attention_mask=True)
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(4))
+    mask = padding_mask(3, 9, "left")
+    mask[:, 6:] = 1   # the last row's prompt is 3 tokens long, its padding all in the prompt
+    heads = {s.name: s.shape for s in step.input_specs}["past_key_values.0.key"]
+    empty = {s.name: np.zeros((3, heads[1], 0, heads[3]), np.float32) for s in step.input_specs[2:]}
+    first = step.infer({"input_ids": ids[:, :6].numpy(), "attention_mask": mask[:, :6].numpy(), **empty})
+    cache = {f"past_key_values.{k[len('present.'):]}": v for k, v in first.items() if k.startswith("present.")}
+    assert cache["past_key_values.1.key"].shape[2] == 6
+    second = step.infer({"input_ids": ids[:, 6:].numpy(), "attention_mask": mask.numpy(), **cache})
+    with torch.no_grad():
+        want = whole(ids, mask).numpy()
+    got = np.concatenate([first["logits"], second["logits"]], axis=1)
+    tokens = mask.bool().numpy()
+    np.testing.assert_allclose(got[tokens], want[tokens], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("checkpoint", ["gqa_llama", "gpt2"])
+def test_generate_with_the_compiled_step_gives_transformers_tokens(checkpoint, request, tmp_path):
+    """attnc.runtime.generate on the compiled step against transformers' greedy generate, on a left-padded
+    batch: the same tokens; with an end-of-sequence token, rows that reached it padded as generate pads them."""
+    ckpt = request.getfixturevalue(checkpoint) if checkpoint != "gpt2" else \
+        save(transformers_zoo.build("gpt2"), tmp_path / "gpt2")
+    run("export", ckpt, "-o", tmp_path / "step.onnx", "--exporter", "torchscript", "--with-past")
+    run("compile", tmp_path / "step.onnx", "-o", tmp_path / "out")
+    step = runtime.load(tmp_path / "out")
+    model = load_checkpoint(str(ckpt))[0].model
+    model.generation_config.eos_token_id = None   # no end token: ten tokens in every row
+    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(5))
+    mask = padding_mask(3, 7, "left")
+
+    def theirs(**eos):
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                                  **eos).numpy()
+
+    ours = runtime.generate(step, ids.numpy(), mask.numpy(), max_new_tokens=10)
+    assert ours.shape == (3, 17)
+    np.testing.assert_array_equal(ours, theirs())
+    # row 0 ends at its third new token, the others when they reach it or the token after it, if they do
+    ends = [int(ours[0, 9]), int(ours[1, 12])]
+    ended = runtime.generate(step, ids.numpy(), mask.numpy(), max_new_tokens=10, eos_token_id=ends, pad_token_id=0)
+    np.testing.assert_array_equal(ended, theirs(eos_token_id=ends))
+    assert (ended[0, 10:] == 0).all() and (ended[1, 13:] == 0).all()
+
+
+def test_generate_example_gives_transformers_tokens(tmp_path):
+    """examples/generate_checkpoint.py end to end: a random Llama saved, exported with its cache, compiled,
+    validated, and decoded through ONNX Runtime to transformers' tokens (it exits 1 otherwise)."""
+    example = Path(__file__).parents[2] / "examples" / "generate_checkpoint.py"
+    run_ = subprocess.run([sys.executable, str(example), "--exporter", "torchscript", "--width", "128", "--generate",
+                           "6", "--batch", "2", "--prompt", "5"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert run_.returncode == 0, run_.stdout[-2000:] + run_.stderr[-2000:]
+    assert "validation PASS" in run_.stdout and "tokens equal to transformers' generate: True (2 rows x 6" in run_.stdout
+
+
+def test_cached_step_errors(bert, llama, tmp_path):
+    out = tmp_path / "step.onnx"
+    assert_clean_error(run("export", bert, "-o", out, "--with-past", ok=False), "no decoder-only text model")
+    assert_clean_error(run("export", "lm-mhsa-small", "-o", out, "--with-past", ok=False), "no Hugging Face checkpoint")
+    assert_clean_error(run("export", llama, "-o", out, "--with-past", "--input-shape", "input_ids:2x8:int64",
+                           ok=False), "builds its example inputs")
+    assert not out.exists()
+    run("export", llama, "-o", tmp_path / "plain.onnx", "--exporter", "torchscript")
+    run("compile", tmp_path / "plain.onnx", "-o", tmp_path / "plain")
+    with pytest.raises(AttncError, match="not a generation step with its KV cache"):
+        runtime.generate(runtime.load(tmp_path / "plain"), np.zeros((1, 4), np.int64))
 
 
 # --- encoder-decoder models ---------------------------------------------------------------------------

@@ -116,7 +116,8 @@ def test_available_names_the_flavour():
 def test_parse_shape_arg():
     assert trt_backend.parse_shape_arg("x:1x3x224x224") == ("x", (1, 3, 224, 224))
     assert trt_backend.parse_shape_arg("a:b:2x3") == ("a:b", (2, 3))
-    for bad in ("1x3", "x:", "x:1x0", "x:axb"):
+    assert trt_backend.parse_shape_arg("past:1x2x0x8") == ("past", (1, 2, 0, 8))   # an empty KV cache
+    for bad in ("1x3", "x:", "x:1x-1", "x:axb"):
         with pytest.raises(AttncError, match="cannot read shape"):
             trt_backend.parse_shape_arg(bad)
 
@@ -1034,6 +1035,38 @@ def test_pruned_transformers_t5_builds(tmp_path):
     assert manifest["shrink"]["prune_heads"]["heads_after"] == 4 and manifest["ops_after"].get("Attention") == 2
     fused = onnx.load(str(tmp_path / "out" / "model.fused.onnx"))
     assert sum(n.op_type == "Gather" and "heads.pruned" in n.name for n in fused.graph.node) == 2
+
+
+@pytest.mark.tensorrt
+def test_transformers_llama_generation_step_builds(tmp_path):
+    """A transformers Llama checkpoint's generation step with its KV cache (``attnc export --with-past``: GQA,
+    rotary, the cache concatenated in front of the new keys) -> one ``Attention`` per layer -> an fp16 engine
+    whose profile runs from an empty cache (the prompt's step) to 64 cached tokens."""
+    _trt_or_skip()
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from attnc.compiler.export import export_onnx
+    from attnc.compiler.pipeline import CompileOptions, compile_model
+    from attnc.models import transformers_zoo
+    from attnc.models.hf_checkpoint import load_checkpoint, with_past
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformers_zoo.build("llama").save_pretrained(tmp_path / "llama")
+    step, spec = with_past(*load_checkpoint(str(tmp_path / "llama")))
+    path = export_onnx(step, spec.example_inputs(), tmp_path / "step.onnx", exporter="torchscript",
+                       dynamic_axes=spec.dynamic_axes, input_names=spec.input_names, output_names=spec.output_names)
+    sizes = {"min": (1, 1, 0), "opt": (2, 1, 16), "max": (4, 32, 64)}   # batch, new tokens, cached tokens
+    shapes = {f"{kind}_shapes": {"input_ids": (b, t), "attention_mask": (b, p + t),
+                                 **{s.name: (b, s.shape[1], p, s.shape[3]) for s in spec.inputs[2:]}}
+              for kind, (b, t, p) in sizes.items()}
+    manifest = compile_model(path, tmp_path / "out", CompileOptions(backend="tensorrt", precision="fp16",
+                                                                    backend_options=shapes))
+    assert manifest["ops_after"].get("Attention") == 2 and "Softmax" not in manifest["ops_after"]
+    info = trt_backend.describe(tmp_path / "out" / "engine.plan")
+    assert [o["name"] for o in info["outputs"]] == spec.output_names
+    assert info["profiles"][0]["past_key_values.1.value"]["min"] == [1, 2, 0, 8]
 
 
 @pytest.mark.tensorrt
