@@ -69,6 +69,9 @@ TARGET = 8   # decoder tokens of the example inputs: fewer than the source's, so
 # A cached step's example: 3 new tokens after 5 cached ones (8 in the mask). Sizes apart from each other
 # and from 0/1, which the dynamo exporter would take for one dim or specialise on.
 STEP, PAST = 3, 5
+# The dim of a cached step's mask (and new cache): the dim name says how it is made, for the passes that
+# evaluate the graph at sampled sizes (attnc.passes.core.sampled_dim) and for people reading the graph.
+TOTAL = "past + seq"
 
 
 @dataclass(frozen=True)
@@ -96,14 +99,12 @@ class CheckpointSpec(ModelSpec):
     def example_inputs(self, batch: int | None = None, seed: int = 0, **sizes: int) -> tuple[torch.Tensor, ...]:
         """As :meth:`ModelSpec.example_inputs`; with the mask, the token ids are the unmasked spec's (same
         seed and sizes) and the mask is :func:`padding_mask`. Token ids under the padding stay random: the
-        mask alone must hide them. A cached step's mask spans the ``past`` and the ``seq`` new tokens."""
+        mask alone must hide them. A cached step's mask spans the ``past`` and the ``seq`` new tokens (its dim
+        ``"past + seq"``)."""
         if self.unsupported:
             name = self.inputs[0].name
             raise AttncError(f"{self.name}: {self.unsupported}",
                              f"pass the input's shape, e.g. --input-shape {name}:2x16 (your sizes)")
-        if "total" in self.sizes:
-            merged = {**self.sizes, **sizes}
-            sizes = {**sizes, "total": merged["past"] + merged["seq"]}
         tensors = list(super().example_inputs(batch, seed, **sizes))
         if self.decoder_start is not None:
             tensors[self.input_names.index(DECODER)][:, 0] = self.decoder_start
@@ -113,10 +114,10 @@ class CheckpointSpec(ModelSpec):
         return tuple(tensors)
 
     def token_axes(self) -> dict[str, int]:
-        """``{output: axis}`` of the outputs with an axis over tokens (``seq`` or ``total``): the last
-        ``n`` columns of ``attention_mask`` tell which of its ``n`` entries are tokens."""
+        """``{output: axis}`` of the outputs with an axis over tokens (``seq``, or a cached step's ``past + seq``):
+        the last ``n`` columns of ``attention_mask`` tell which of its ``n`` entries are tokens."""
         shapes = zip(self.output_names, (self.output_axes, *self.more_output_axes))
-        return {name: shape.index(dim) for name, shape in shapes for dim in ("seq", "total") if dim in shape}
+        return {name: shape.index(dim) for name, shape in shapes for dim in ("seq", TOTAL) if dim in shape}
 
     def mask_for(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The example ``attention_mask`` for token ids ``[batch, seq]``, padded on ``padding``'s side."""
@@ -307,9 +308,9 @@ CachedStep.forward.__signature__ = inspect.Signature(
 def with_past(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[CachedStep, CheckpointSpec]:
     """A loaded decoder-only text checkpoint (``load_checkpoint(dir)``) as one generation step with its KV
     cache: :class:`CachedStep` on the same weights, and its spec: ``input_ids [batch, seq]``,
-    ``attention_mask [batch, total]`` (``total = past + seq``; example rows padded on the left), and per
-    layer ``past_key_values.N.key`` / ``.value`` ``[batch, H, past, D]``, all dynamic in batch, seq, past
-    and total; outputs ``logits`` and ``present.N.key`` / ``.value``. The example inputs are 3 new tokens
+    ``attention_mask [batch, past + seq]`` (example rows padded on the left), and per layer
+    ``past_key_values.N.key`` / ``.value`` ``[batch, H, past, D]``, all dynamic; outputs ``logits`` and
+    ``present.N.key`` / ``.value`` ``[batch, H, past + seq, D]``. The example inputs are 3 new tokens
     after 5 cached ones, the cache random (standard normal): validation compares the graph with PyTorch on
     the same cache, whatever its values.
 
@@ -337,10 +338,10 @@ def with_past(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[CachedStep
                  for i, (heads, key, value) in enumerate(layers) for kind, dim in (("key", key), ("value", value)))
     outputs = [decode.present_name(i, kind) for i in range(len(layers)) for kind in ("key", "value")]
     return CachedStep(model, len(layers)).eval(), dataclasses.replace(
-        spec, inputs=(ids, InputSpec(MASK, ("batch", "total"), torch.int64, 2), *past),
-        sizes={"batch": BATCH, "seq": STEP, "past": PAST, "total": STEP + PAST},
-        dynamic=("batch", "seq", "past", "total"), padding="left", output_axes=("batch", "seq"),
-        more_output_axes=tuple(("batch", *s.shape[1:2], "total", *s.shape[3:]) for s in past),
+        spec, inputs=(ids, InputSpec(MASK, ("batch", TOTAL), torch.int64, 2), *past),
+        sizes={"batch": BATCH, "seq": STEP, "past": PAST}, dynamic=("batch", "seq", "past", TOTAL),
+        padding="left", output_axes=("batch", "seq"),
+        more_output_axes=tuple(("batch", *s.shape[1:2], TOTAL, *s.shape[3:]) for s in past),
         outputs=(decode.LOGITS, *outputs), factory=functools.partial(_cached, spec.factory, len(layers)))
 
 

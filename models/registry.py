@@ -50,6 +50,13 @@ from attnc.models.vlm import TinyVLM
 SEED = 0
 
 
+def _dim_size(dim: int | str, values: Mapping[str, int]) -> int:
+    """A shape entry's size: an int as it is, a size name's value, a sum of size names (``"past + seq"``) their sum."""
+    if isinstance(dim, int):
+        return dim
+    return values[dim] if dim in values else sum(_dim_size(part.strip(), values) for part in dim.split("+"))
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """One model input: ``shape`` holds ints and size names (looked up in ``ModelSpec.sizes``)."""
@@ -113,7 +120,8 @@ class ModelSpec:
         return axes
 
     def example_inputs(self, batch: int | None = None, seed: int = 0, **sizes: int) -> tuple[torch.Tensor, ...]:
-        """Random inputs at the default sizes, overridden by ``batch`` and ``sizes``.
+        """Random inputs at the default sizes, overridden by ``batch`` and ``sizes``; a dim named as a sum
+        of sizes (``"past + seq"``) is their sum.
 
         Float inputs are standard normal, integer inputs uniform in ``[0, high)``;
         the same ``seed`` and sizes give the same tensors.
@@ -125,7 +133,7 @@ class ModelSpec:
         gen = torch.Generator().manual_seed(seed)
         tensors = []
         for spec in self.inputs:
-            shape = tuple(values[d] if isinstance(d, str) else d for d in spec.shape)
+            shape = tuple(_dim_size(d, values) for d in spec.shape)
             if spec.dtype.is_floating_point:
                 tensors.append(torch.randn(shape, generator=gen, dtype=spec.dtype))
             else:

@@ -514,8 +514,10 @@ def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int,
     """Compute tensors ``names`` with ONNX Runtime on synthetic inputs.
 
     Every symbolic (or unknown) graph-input dimension is set to each of ``sizes`` in turn
-    (one run per size; a single run when the graph has static inputs). Float inputs get
-    standard-normal values, integer inputs zeros. Only the nodes ``names`` depend on run.
+    (one run per size; a single run when the graph has static inputs); a dimension named as a
+    sum of others (``"past + seq"``, a generation step's mask over its cache and its new tokens)
+    to that sum. Float inputs get standard-normal values, integer inputs zeros. Only the nodes
+    ``names`` depend on run.
     Meant for tensors that depend on input *shapes* only (see :func:`depends_on_data`):
     it is how a pass checks that a mask is causal at several sequence lengths.
     """
@@ -549,7 +551,7 @@ def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int,
         feeds = {}
         for info in inputs:
             t = info.type.tensor_type
-            shape = [d.dim_value if d.HasField("dim_value") else size for d in t.shape.dim]
+            shape = [d.dim_value if d.HasField("dim_value") else sampled_dim(d.dim_param, size) for d in t.shape.dim]
             dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
             if np.issubdtype(dtype, np.floating):
                 feeds[info.name] = rng.standard_normal(shape).astype(dtype)
@@ -557,6 +559,13 @@ def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int,
                 feeds[info.name] = np.zeros(shape, dtype=dtype)
         results.append(dict(zip(names, session.run(list(names), feeds))))
     return results
+
+
+def sampled_dim(name: str, size: int) -> int:
+    """The size a symbolic dim ``name`` gets when every plain symbol is ``size``: a sum of terms
+    (``"past + seq"``, ``"seq + 1"``, as the dynamo exporter names derived dims) adds them up."""
+    terms = [t.strip() for t in name.split("+")] if "+" in name else [name]
+    return sum(int(t) if t.isdigit() else size for t in terms)
 
 
 # ----------------------------------------------------------------------------- matching helpers
