@@ -22,10 +22,13 @@ CKPT --with-past``)::
 
     step = runtime.load("out/")
     tokens = runtime.generate(step, prompt_ids, prompt_mask, max_new_tokens=32, eos_token_id=2)
+
+and ``generate_seq2seq`` with an encoder-decoder model's first step (``--first-step``) and later steps
+(``--with-past``).
 """
 
 from attnc.compiler.backends.tensorrt import EngineRunner as Engine
-from attnc.compiler.decode import generate
+from attnc.compiler.decode import generate, generate_seq2seq
 from attnc.compiler.pipeline import load_artefact as load
 
-__all__ = ["Engine", "generate", "load"]
+__all__ = ["Engine", "generate", "generate_seq2seq", "load"]

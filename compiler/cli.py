@@ -124,17 +124,30 @@ def models_cmd() -> None:
 @click.option("--with-past", "past", is_flag=True,
               help="Decoder-only text checkpoints: export one generation step with its KV cache, (input_ids, "
                    "attention_mask, past_key_values.N.key/value) -> (logits, present.N.key/value); the prompt's "
-                   "step takes a cache of length 0. attnc.runtime.generate decodes with the compiled step.")
+                   "step takes a cache of length 0. attnc.runtime.generate decodes with the compiled step. "
+                   "Encoder-decoder checkpoints: the decoder's later steps, which take the first step's "
+                   "cross_key_values.N.key/value too (see --first-step).")
+@click.option("--first-step", "first_step", is_flag=True,
+              help="Encoder-decoder checkpoints: the first generation step, (main input, decoder_input_ids) -> "
+                   "(logits, present.N.key/value, cross_key_values.N.key/value); with the --with-past graph, "
+                   "attnc.runtime.generate_seq2seq decodes.")
 @_handle_errors
 def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset, seed, int_high,
-               attention_mask, past) -> None:
+               attention_mask, past, first_step) -> None:
     """Export MODEL (a bundled model name, a Hugging Face checkpoint directory or MODULE:FACTORY) to ONNX."""
     import torch
 
     from attnc.compiler.export import export_onnx, resolve_model
 
     module, spec = resolve_model(model_ref)
-    if past:
+    if past and first_step:
+        raise AttncError("--with-past and --first-step export two graphs of one model",
+                         "export each to its own file, one with each option")
+    if first_step:
+        from attnc.models.hf_checkpoint import with_first_step
+
+        module, spec = with_first_step(module, spec)
+    elif past:
         from attnc.models.hf_checkpoint import with_past
 
         module, spec = with_past(module, spec)

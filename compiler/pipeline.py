@@ -287,8 +287,8 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     manifest = load_manifest(artefact_dir)
     runner = _runner(artefact_dir, manifest)
     module, spec = resolve_model(model_ref)
-    # exported with --with-attention-mask or --with-past: the same checkpoint, taking what the artefact takes
-    module, spec = for_inputs(module, spec, [s.name for s in runner.input_specs])
+    # exported with --with-attention-mask, --with-past or --first-step: the checkpoint as the artefact runs it
+    module, spec = for_inputs(module, spec, [s.name for s in runner.input_specs], runner.output_names)
 
     if inputs_npz is not None:
         feeds = validate.load_inputs(inputs_npz, runner.input_specs)

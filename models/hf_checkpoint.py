@@ -33,7 +33,9 @@ at the end for encoders and at the start for decoder-only models.
 Decoder-only text models also export as one generation step with their KV cache (``attnc export
 --with-past``, :func:`with_past`): ``(input_ids, attention_mask, past_key_values.0.key, ...) -> (logits,
 present.0.key, ...)`` through :class:`CachedStep`, the contract :mod:`attnc.compiler.decode` names and
-:func:`attnc.compiler.decode.generate` decodes with.
+:func:`attnc.compiler.decode.generate` decodes with. Encoder-decoder models decode with two graphs: the
+first step (``--first-step``, :func:`with_first_step`, :class:`Seq2SeqFirstStep`) and the later steps
+(``--with-past``, :class:`Seq2SeqStep`), :func:`attnc.compiler.decode.generate_seq2seq`.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ _SAVE_FIX = "pass the directory save_pretrained() wrote (config.json and model.s
 
 
 MASK = decode.MASK
-DECODER = "decoder_input_ids"
+DECODER = decode.DECODER_IDS
 TARGET = 8   # decoder tokens of the example inputs: fewer than the source's, so cross-attention is not square
 # A cached step's example: 3 new tokens after 5 cached ones (8 in the mask). Sizes apart from each other
 # and from 0/1, which the dynamo exporter would take for one dim or specialise on.
@@ -244,11 +246,14 @@ def with_attention_mask(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[
     ids = spec.inputs[0]
     return MaskedOutput(model, positions).eval(), dataclasses.replace(
         spec, inputs=(ids, dataclasses.replace(ids, name=MASK, high=2)), padding="left" if left else "right",
-        output_axes=("batch", "seq"), factory=functools.partial(_masked, spec.factory, positions))
+        output_axes=("batch", "seq"), factory=functools.partial(_rewrapped, spec.factory, MaskedOutput, positions))
 
 
-def _masked(factory, positions_from_mask: bool) -> MaskedOutput:
-    return MaskedOutput(factory().model, positions_from_mask).eval()
+
+def _rewrapped(factory, wrapper: type, *args) -> torch.nn.Module:
+    """``wrapper`` (``MaskedOutput``, ``CachedStep``, ...) around the model that ``factory`` loads, in eval mode:
+    a variant's spec loads its own module as the checkpoint's spec does."""
+    return wrapper(factory().model, *args).eval()
 
 
 def decoder_only(model: torch.nn.Module) -> bool:
@@ -305,9 +310,10 @@ CachedStep.forward.__signature__ = inspect.Signature(
      *(_P(f"past_{i}", _P.POSITIONAL_OR_KEYWORD, default=None) for i in range(2 * _MAX_LAYERS))])
 
 
-def with_past(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[CachedStep, CheckpointSpec]:
+def with_past(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[torch.nn.Module, CheckpointSpec]:
     """A loaded decoder-only text checkpoint (``load_checkpoint(dir)``) as one generation step with its KV
-    cache: :class:`CachedStep` on the same weights, and its spec: ``input_ids [batch, seq]``,
+    cache (an encoder-decoder checkpoint: its decoder's step, :func:`with_first_step`'s docstring says more):
+    :class:`CachedStep` on the same weights, and its spec: ``input_ids [batch, seq]``,
     ``attention_mask [batch, past + seq]`` (example rows padded on the left), and per layer
     ``past_key_values.N.key`` / ``.value`` ``[batch, H, past, D]``, all dynamic; outputs ``logits`` and
     ``present.N.key`` / ``.value`` ``[batch, H, past + seq, D]``. The example inputs are 3 new tokens
@@ -317,17 +323,19 @@ def with_past(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[CachedStep
     Raises:
         AttncError: ``spec`` is no checkpoint's, the model is no decoder-only text model, its forward takes
             no cache or mask, or it keeps its cache other than as one key and one value per layer
-            ``[B, H, T, D]`` (linear-attention and state-space layers, encoder-decoder caches).
+            ``[B, H, T, D]`` (linear-attention and state-space layers).
     """
     if not isinstance(spec, CheckpointSpec):
         raise AttncError(f"{spec.name if spec else 'this model'} is no Hugging Face checkpoint directory: "
                          "--with-past is for those", "export a step with its cache through MODULE:FACTORY")
-    if isinstance(module, CachedStep):
+    if isinstance(module, (CachedStep, Seq2SeqStep)):
         return module, spec
+    if DECODER in spec.input_names:
+        return _seq2seq_step(module, spec)
     model = module.model
     name = type(model).__name__
     params = inspect.signature(model.forward).parameters
-    if spec.inputs[0].name != "input_ids" or DECODER in spec.input_names or not decoder_only(model):
+    if spec.inputs[0].name != "input_ids" or not decoder_only(model):
         raise AttncError(f"{name} is no decoder-only text model: --with-past exports a causal LM's generation step",
                          "export it without --with-past")
     if "past_key_values" not in params or MASK not in params:
@@ -342,11 +350,8 @@ def with_past(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[CachedStep
         sizes={"batch": BATCH, "seq": STEP, "past": PAST}, dynamic=("batch", "seq", "past", TOTAL),
         padding="left", output_axes=("batch", "seq"),
         more_output_axes=tuple(("batch", *s.shape[1:2], TOTAL, *s.shape[3:]) for s in past),
-        outputs=(decode.LOGITS, *outputs), factory=functools.partial(_cached, spec.factory, len(layers)))
+        outputs=(decode.LOGITS, *outputs), factory=functools.partial(_rewrapped, spec.factory, CachedStep, len(layers)))
 
-
-def _cached(factory, layers: int) -> CachedStep:
-    return CachedStep(factory().model, layers).eval()
 
 
 def _cache_layout(model: torch.nn.Module) -> list[tuple[int, int, int]]:
@@ -373,12 +378,161 @@ def _cache_layout(model: torch.nn.Module) -> list[tuple[int, int, int]]:
     return [(k.shape[1], k.shape[3], v.shape[3]) for k, v in shapes]
 
 
-def for_inputs(module: torch.nn.Module, spec, input_names: list[str]):
-    """The variant of a loaded checkpoint whose inputs are ``input_names``: as loaded, with its attention
-    mask (``--with-attention-mask``) or as a cached generation step (``--with-past``); ``(module, spec)``
-    unchanged for anything else."""
-    if not isinstance(spec, CheckpointSpec) or input_names == spec.input_names:
+class Seq2SeqFirstStep(torch.nn.Module):
+    """A transformers encoder-decoder model's first generation step: the encoder, then the decoder on the
+    start tokens, with the caches the decoder's later steps (:class:`Seq2SeqStep`) take::
+
+        (inputs, decoder_input_ids [B, T])
+            -> (logits [B, T, vocab], present.N.key / .value [B, H, T, D],        # decoder self-attention
+                cross_key_values.N.key / .value [B, H, S, D])                    # cross-attention, S source tokens
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: int):
+        super().__init__()
+        self.model = model
+        self.layers = layers
+
+    def forward(self, inputs, decoder_input_ids):
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        out = self.model(inputs, decoder_input_ids=decoder_input_ids, past_key_values=cache, use_cache=True)
+        return (first_output(out), *_keys_and_values(cache.self_attention_cache, self.layers),
+                *_keys_and_values(cache.cross_attention_cache, self.layers))
+
+
+class Seq2SeqStep(torch.nn.Module):
+    """A transformers encoder-decoder model's later generation steps, the encoder's work cached::
+
+        (decoder_input_ids [B, T], past_key_values.N.key / .value [B, H, P, D],   # layer by layer
+         cross_key_values.N.key / .value [B, H, S, D])                          # from the first step
+            -> (logits [B, T, vocab], present.N.key / .value [B, H, P+T, D])
+
+    Cross-attention reads its keys and values from the cache (transformers skips their projection once
+    the cross-attention cache holds them), so the encoder's states never enter the graph: the model gets
+    zeros of their shape, which only sizes its masks.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: int, width: int):
+        super().__init__()
+        self.model = model
+        self.layers = layers
+        self.width = width
+
+    def forward(self, decoder_input_ids, *caches):
+        # signature: decoder_input_ids, past_0=None, ... (below the class), as CachedStep's
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        caches = [c for c in caches if c is not None]
+        if len(caches) != 4 * self.layers:
+            raise ValueError(f"pass a self- and a cross-attention key and value per layer ({4 * self.layers} "
+                             f"tensors), got {len(caches)}")
+        own, cross = DynamicCache(), DynamicCache()
+        for layer in range(self.layers):
+            own.update(caches[2 * layer], caches[2 * layer + 1], layer)
+            cross.update(caches[2 * (self.layers + layer)], caches[2 * (self.layers + layer) + 1], layer)
+        key = caches[2 * self.layers]
+        encoder = key.new_zeros(key.shape[0], key.shape[2], self.width)
+        out = self.model(encoder_outputs=(encoder,), decoder_input_ids=decoder_input_ids,
+                         past_key_values=EncoderDecoderCache(own, cross), use_cache=True)
+        return (first_output(out), *_keys_and_values(own, self.layers))
+
+
+Seq2SeqStep.forward.__signature__ = inspect.Signature(
+    [_P("self", _P.POSITIONAL_OR_KEYWORD), _P(DECODER, _P.POSITIONAL_OR_KEYWORD),
+     *(_P(f"past_{i}", _P.POSITIONAL_OR_KEYWORD, default=None) for i in range(4 * _MAX_LAYERS))])
+
+
+def _keys_and_values(cache, layers: int) -> list[torch.Tensor]:
+    return [t for layer in cache.layers[:layers] for t in (layer.keys, layer.values)]
+
+
+def with_first_step(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Seq2SeqFirstStep, CheckpointSpec]:
+    """A loaded encoder-decoder checkpoint as its first generation step (``attnc export --first-step``):
+    :class:`Seq2SeqFirstStep` on the same weights, its spec the checkpoint's (main input and
+    ``decoder_input_ids``) with outputs ``logits``, ``present.N.key`` / ``.value`` and
+    ``cross_key_values.N.key`` / ``.value``. Its later steps are :func:`with_past`'s graph; together they
+    decode with :func:`attnc.compiler.decode.generate_seq2seq`.
+
+    Raises:
+        AttncError: the checkpoint is no encoder-decoder model, or its caches are not transformers'
+            ``EncoderDecoderCache`` of one key and one value per layer.
+    """
+    if isinstance(module, Seq2SeqFirstStep):
         return module, spec
+    if not isinstance(spec, CheckpointSpec) or DECODER not in spec.input_names:
+        raise AttncError(f"{spec.name if spec else 'this model'} is no encoder-decoder checkpoint: --first-step is "
+                         "the first generation step of one (T5, BART, Whisper)",
+                         "export a decoder-only model's step with --with-past alone")
+    own, cross = _seq2seq_cache_layout(module.model, spec)
+    outputs = [decode.present_name(i, kind) for i in range(len(own)) for kind in ("key", "value")]
+    outputs += [decode.cross_name(i, kind) for i in range(len(cross)) for kind in ("key", "value")]
+    source = "seq" if spec.inputs[0].shape[1:2] == ("seq",) else None   # text: as long as the source, else static
+    axes = [("batch", h, "tgt", d) for h, k, v in own for d in (k, v)] + \
+        [("batch", h, source or s, d) for h, k, v, s in cross for d in (k, v)]
+    return Seq2SeqFirstStep(module.model, len(own)).eval(), dataclasses.replace(
+        spec, output_axes=("batch", "tgt"), more_output_axes=tuple(axes), outputs=(decode.LOGITS, *outputs),
+        factory=functools.partial(_rewrapped, spec.factory, Seq2SeqFirstStep, len(own)))
+
+
+
+def _seq2seq_step(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Seq2SeqStep, CheckpointSpec]:
+    """:func:`with_past` of an encoder-decoder checkpoint: its decoder's step, :class:`Seq2SeqStep`; the
+    example inputs are 3 new tokens after 5 cached ones over a cache of the example source's length."""
+    model = module.model
+    own, cross = _seq2seq_cache_layout(model, spec)
+    ids = dataclasses.replace(spec.inputs[spec.input_names.index(DECODER)], shape=("batch", "seq"))
+    past = tuple(InputSpec(decode.past_name(i, kind), ("batch", h, "past", d))
+                 for i, (h, k, v) in enumerate(own) for kind, d in (("key", k), ("value", v)))
+    source = tuple(InputSpec(decode.cross_name(i, kind), ("batch", h, "source", d))
+                   for i, (h, k, v, s) in enumerate(cross) for kind, d in (("key", k), ("value", v)))
+    outputs = [decode.present_name(i, kind) for i in range(len(own)) for kind in ("key", "value")]
+    width = model.config.get_text_config(decoder=True).d_model
+    return Seq2SeqStep(model, len(own), width).eval(), dataclasses.replace(
+        spec, inputs=(ids, *past, *source), sizes={"batch": BATCH, "seq": STEP, "past": PAST, "source": cross[0][3]},
+        dynamic=("batch", "seq", "past", "source", TOTAL), padding="", decoder_start=None, output_axes=("batch", "seq"),
+        more_output_axes=tuple(("batch", *s.shape[1:2], TOTAL, *s.shape[3:]) for s in past),
+        outputs=(decode.LOGITS, *outputs), factory=functools.partial(_rewrapped, spec.factory, Seq2SeqStep, len(own), width))
+
+
+
+def _seq2seq_cache_layout(model: torch.nn.Module, spec: CheckpointSpec
+                          ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int, int]]]:
+    """``(heads, key dim, value dim)`` of every decoder layer's self-attention cache and ``(heads, key dim,
+    value dim, source tokens)`` of its cross-attention cache, read from one forward on the example inputs."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    name = type(model).__name__
+    fix = "export it without --with-past / --first-step, or its steps through MODULE:FACTORY"
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    inputs, decoder = spec.example_inputs(batch=1)
+    try:
+        with torch.no_grad():
+            model(inputs, decoder_input_ids=decoder, past_key_values=cache, use_cache=True)
+    except Exception as exc:
+        raise AttncError(f"{name} does not run with a transformers EncoderDecoderCache ({type(exc).__name__}: "
+                         f"{_first_line(exc)})", fix) from None
+    own = [(layer.keys, layer.values) for layer in cache.self_attention_cache.layers]
+    cross = [(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers]
+    tokens = decoder.shape[1]
+    if not own or len(own) != len(cross) or not all(
+            k.dim() == v.dim() == 4 and k.shape[2] == v.shape[2] == tokens for k, v in own) or not all(
+            k.dim() == v.dim() == 4 and k.shape[2] == v.shape[2] for k, v in cross):
+        raise AttncError(f"{name} keeps no [batch, heads, tokens, dim] key and value per decoder layer in its "
+                         "self- and cross-attention caches", fix)
+    return [(k.shape[1], k.shape[3], v.shape[3]) for k, v in own], \
+        [(k.shape[1], k.shape[3], v.shape[3], k.shape[2]) for k, v in cross]
+
+
+def for_inputs(module: torch.nn.Module, spec, input_names: list[str], output_names: list[str] = ()):
+    """The variant of a loaded checkpoint whose inputs are ``input_names`` (and outputs ``output_names``):
+    as loaded, with its attention mask (``--with-attention-mask``), as a cached generation step
+    (``--with-past``) or an encoder-decoder model's first step (``--first-step``); ``(module, spec)``
+    unchanged for anything else."""
+    if not isinstance(spec, CheckpointSpec):
+        return module, spec
+    if input_names == spec.input_names:
+        return with_first_step(module, spec) if decode.cross_name(0, "key") in output_names else (module, spec)
     if input_names == [*spec.input_names, MASK]:
         return with_attention_mask(module, spec)
     if decode.is_cached_step(input_names):

@@ -330,6 +330,9 @@ def analyse_bias(bias: np.ndarray) -> Neighborhood:
     allowed_h = bias > MASKED
     allowed = allowed_h[0]
     n = allowed.shape[-1]
+    if allowed.shape != (n, n):
+        # a generation step's queries see the cache as well: fewer queries than keys
+        raise _Mismatch(f"the mask is {allowed.shape[0]} queries by {n} keys, not one key per query")
     if not (allowed_h == allowed).all():
         raise _Mismatch("the mask differs between heads")
     if not allowed.any(1).all():

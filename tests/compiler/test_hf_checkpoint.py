@@ -420,8 +420,11 @@ def test_cached_step_errors(bert, llama, tmp_path):
     assert not out.exists()
     run("export", llama, "-o", tmp_path / "plain.onnx", "--exporter", "torchscript")
     run("compile", tmp_path / "plain.onnx", "-o", tmp_path / "plain")
-    with pytest.raises(AttncError, match="not a generation step with its KV cache"):
+    with pytest.raises(AttncError, match="not a decoder-only generation step with its KV cache"):
         runtime.generate(runtime.load(tmp_path / "plain"), np.zeros((1, 4), np.int64))
+    with pytest.raises(AttncError, match="not an encoder-decoder model's first generation step"):
+        runtime.generate_seq2seq(runtime.load(tmp_path / "plain"), runtime.load(tmp_path / "plain"),
+                                 np.zeros((1, 4), np.int64), 0)
 
 
 # --- encoder-decoder models ---------------------------------------------------------------------------
@@ -544,8 +547,47 @@ def test_seq2seq_base_model_and_the_decoder_start_token(tmp_path):
     assert load_checkpoint(str(tmp_path / "t5_bos"))[1].example_inputs()[1][:, 0].tolist() == [7, 7]
 
 
-def test_seq2seq_errors(seq2seq, tmp_path):
+@pytest.mark.parametrize("name,exporter", [("t5", "torchscript"), ("bart", "torchscript"), ("whisper", "torchscript"),
+                                           ("bart", "dynamo")])
+def test_seq2seq_cached_generation(name, exporter, seq2seq, tmp_path):
+    """An encoder-decoder model's two generation graphs: the first step (encoder, start token, cross-attention
+    keys and values out) and the later steps (the decoder alone on both caches, the encoder never again), each
+    fused (one Attention per attention) and validated; greedy decoding through both on ONNX Runtime gives the
+    tokens of a torch loop that runs the whole model, uncached, for every token (and T5's generate's)."""
+    ckpt = seq2seq(name)
+    for graph, option in (("first", "--first-step"), ("step", "--with-past")):
+        run("export", ckpt, "-o", tmp_path / f"{graph}.onnx", "--exporter", exporter, option)
+        run("compile", tmp_path / f"{graph}.onnx", "-o", tmp_path / graph)
+        run("validate", tmp_path / graph, "--model", ckpt)
+        assert json.loads((tmp_path / graph / "report.json").read_text())["passed"]
+    step = onnx.load(str(tmp_path / "step.onnx"))
+    assert [i.name for i in step.graph.input][:2] == ["decoder_input_ids", "past_key_values.0.key"]
+    assert "cross_key_values.1.value" in [i.name for i in step.graph.input]
+    # two decoder layers' self- and cross-attention (no encoder in the later steps); the first step has the encoder's too
+    assert json.loads((tmp_path / "step" / "manifest.json").read_text())["ops_after"].get("Attention") == 4
+    assert json.loads((tmp_path / "first" / "manifest.json").read_text())["ops_after"].get("Attention") == 6
+    module, spec = load_checkpoint(str(ckpt))
+    model = module.model
+    inputs = spec.example_inputs(batch=3, seed=4)[0]
+    ours = runtime.generate_seq2seq(runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step"), inputs.numpy(),
+                                    spec.decoder_start, max_new_tokens=8)
+    tokens = torch.full((3, 1), spec.decoder_start)
+    with torch.no_grad():
+        for _ in range(8):
+            logits = model(inputs, decoder_input_ids=tokens, use_cache=False).logits
+            tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    np.testing.assert_array_equal(ours, tokens.numpy())
+    if name == "t5":   # no forced or suppressed tokens in its generation config
+        with torch.no_grad():
+            theirs = model.generate(inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False).numpy()
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_seq2seq_errors(seq2seq, gqa_llama, tmp_path):
     out = tmp_path / "m.onnx"
     assert_clean_error(run("export", seq2seq("t5"), "-o", out, "--with-attention-mask", ok=False),
                        "encoder-decoder", "without --with-attention-mask")
+    assert_clean_error(run("export", gqa_llama, "-o", out, "--first-step", ok=False), "no encoder-decoder checkpoint")
+    assert_clean_error(run("export", seq2seq("t5"), "-o", out, "--first-step", "--with-past", ok=False),
+                       "two graphs")
     assert not out.exists()

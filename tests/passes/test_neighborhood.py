@@ -696,6 +696,15 @@ def test_plain_causal_mask_is_left_to_the_softmax_pass():
     assert na_pass.analyse_bias(causal).kernel_size == [n - 1]
 
 
+def test_a_mask_with_fewer_queries_than_keys_is_no_neighborhood():
+    """A generation step's causal mask over its cache and its new tokens (3 queries, 10 keys, each query
+    seeing the 7 cached keys and the new ones up to itself) is a near-miss, not a crash."""
+    past, new = 7, 3
+    allowed = np.arange(past + new)[None, :] <= past + np.arange(new)[:, None]
+    with pytest.raises(na_pass._Mismatch, match="3 queries by 10 keys"):
+        na_pass.analyse_bias(np.where(allowed, 0.0, -np.inf)[None])
+
+
 def test_local_attention_matches_the_op_reference():
     """The NA-equivalent configuration computes the op's reference exactly (float64), also with autopad
     on lengths that are no multiple of the window (down to the kernel size, the op's minimum), and
