@@ -448,7 +448,12 @@ def _seq2seq(name: str) -> torch.nn.Module:
     }[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return transformers_zoo.perturbed(build())
+        model = transformers_zoo.perturbed(build())
+    with torch.no_grad():
+        # Fresh embeddings (std 1) swamp a random decoder's residual stream: greedy decoding would repeat the
+        # start token (the tied output layer's best match). Scaled down, each step picks another token.
+        model.get_input_embeddings().weight.mul_(0.05)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -552,8 +557,9 @@ def test_seq2seq_base_model_and_the_decoder_start_token(tmp_path):
 def test_seq2seq_cached_generation(name, exporter, seq2seq, tmp_path):
     """An encoder-decoder model's two generation graphs: the first step (encoder, start token, cross-attention
     keys and values out) and the later steps (the decoder alone on both caches, the encoder never again), each
-    fused (one Attention per attention) and validated; greedy decoding through both on ONNX Runtime gives the
-    tokens of a torch loop that runs the whole model, uncached, for every token (and T5's generate's)."""
+    fused (one Attention per attention) and validated; on ONNX Runtime, steps of 2, 1 and 2 tokens give the
+    logits of one uncached pass, and greedy decoding gives the tokens of a torch loop that runs the whole
+    model, uncached, for every token (and T5's generate's)."""
     ckpt = seq2seq(name)
     for graph, option in (("first", "--first-step"), ("step", "--with-past")):
         run("export", ckpt, "-o", tmp_path / f"{graph}.onnx", "--exporter", exporter, option)
@@ -569,8 +575,26 @@ def test_seq2seq_cached_generation(name, exporter, seq2seq, tmp_path):
     module, spec = load_checkpoint(str(ckpt))
     model = module.model
     inputs = spec.example_inputs(batch=3, seed=4)[0]
-    ours = runtime.generate_seq2seq(runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step"), inputs.numpy(),
-                                    spec.decoder_start, max_new_tokens=8)
+    first, step = runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step")
+
+    # teacher forcing: 2 tokens through the first step, then 1, then 2 through the later steps, each on the caches
+    # the step before returned: the logits of one uncached pass over all 5
+    tokens = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(6))
+    tokens[:, 0] = spec.decoder_start
+    outputs = first.infer({spec.input_names[0]: inputs.numpy(), "decoder_input_ids": tokens[:, :2].numpy()})
+    cross = {k: v for k, v in outputs.items() if k.startswith("cross_key_values.")}
+    logits = [outputs["logits"]]
+    for new in (tokens[:, 2:3], tokens[:, 3:]):
+        cache = {k.replace("present.", "past_key_values."): v for k, v in outputs.items() if k.startswith("present.")}
+        outputs = step.infer({"decoder_input_ids": new.numpy(), **cache, **cross})
+        logits.append(outputs["logits"])
+    assert outputs["present.1.value"].shape[2] == 5
+    with torch.no_grad():
+        want = model(inputs, decoder_input_ids=tokens, use_cache=False).logits.numpy()
+    np.testing.assert_allclose(np.concatenate(logits, axis=1), want, rtol=1e-4, atol=1e-5)
+
+    ours = runtime.generate_seq2seq(first, step, inputs.numpy(), spec.decoder_start, max_new_tokens=8)
+    assert len(np.unique(ours[:, 1:])) > 2   # not the start token over and over
     tokens = torch.full((3, 1), spec.decoder_start)
     with torch.no_grad():
         for _ in range(8):
