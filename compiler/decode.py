@@ -11,8 +11,8 @@ The names here are that contract; :func:`generate` runs it on any backend's runn
 an empty cache (``P = 0``), then one token per step with the cache the previous step returned, as
 transformers' ``generate`` runs the model. Encoder-decoder models have two graphs: ``--first-step``
 (the encoder, the start token, and the cross-attention keys and values ``cross_key_values.N.key``) and
-``--with-past`` (the decoder's later steps, taking those): :func:`generate_seq2seq`. numpy only: an application that embeds the artefact needs
-neither torch nor transformers.
+``--with-past`` (the decoder's later steps, taking those): :func:`generate_seq2seq`. numpy only: an
+application that embeds the artefacts needs neither torch nor transformers.
 """
 
 from __future__ import annotations

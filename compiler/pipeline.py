@@ -264,11 +264,11 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     """Run a compiled artefact and the PyTorch model ``model_ref`` on the same inputs.
 
     Inputs come from ``inputs_npz``, else from random ``shapes``, else from the bundled
-    model's example inputs (seeded); a checkpoint's artefact taking ``attention_mask`` after its
-    main input is compared with the model taking it too (``attnc export --with-attention-mask``, or
-    a generation step with its KV cache, ``--with-past``), on padded example inputs, at the tokens
-    only (``attention_mask`` 1: what a query that attends to nothing gets is up to the kernels). Random integer inputs (token ids) are drawn from
-    ``[0, int_high)``. Writes ``report.json`` and ``report.html`` into ``report_dir`` (default
+    model's example inputs (seeded). A checkpoint's artefact is compared with the checkpoint as it
+    runs it (``attnc export --with-attention-mask``, ``--with-past``, ``--first-step``); one taking
+    ``attention_mask`` on padded example inputs, at the tokens only (``attention_mask`` 1: what a
+    query that attends to nothing gets is up to the kernels). Random integer inputs (token ids) are
+    drawn from ``[0, int_high)``. Writes ``report.json`` and ``report.html`` into ``report_dir`` (default
     ``artefact_dir``).
 
     Returns:

@@ -492,8 +492,8 @@ def _seq2seq_step(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Seq2Se
         spec, inputs=(ids, *past, *source), sizes={"batch": BATCH, "seq": STEP, "past": PAST, "source": cross[0][3]},
         dynamic=("batch", "seq", "past", "source", TOTAL), padding="", decoder_start=None, output_axes=("batch", "seq"),
         more_output_axes=tuple(("batch", *s.shape[1:2], TOTAL, *s.shape[3:]) for s in past),
-        outputs=(decode.LOGITS, *outputs), factory=functools.partial(_rewrapped, spec.factory, Seq2SeqStep, len(own), width))
-
+        outputs=(decode.LOGITS, *outputs),
+        factory=functools.partial(_rewrapped, spec.factory, Seq2SeqStep, len(own), width))
 
 
 def _seq2seq_cache_layout(model: torch.nn.Module, spec: CheckpointSpec

@@ -330,8 +330,27 @@ def _score_terms(model, kind, node, prod, cons, heads: int) -> list[tuple[str, i
     return terms
 
 
+def _cache_input(model, t: str, prod, depth: int = 8) -> str | None:
+    """The graph input that ``t`` (a core's K or V) appends its new keys to, within ``depth`` nodes of it: a
+    generation step's ``Concat(past_key_values.N.key, k)``, before or after a grouped-query repeat."""
+    inputs = {i.name for i in model.graph.input} - {i.name for i in model.graph.initializer}
+    frontier = [t]
+    for _ in range(depth):
+        nodes = [prod[x] for x in frontier if x in prod]
+        for node in nodes:
+            if node.op_type == "Concat" and (found := next((x for x in node.input if x in inputs), None)):
+                return found
+        frontier = [x for node in nodes for x in node.input if x]
+    return None
+
+
 def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
            agent: _AgentParts | None = None) -> AttentionLayer:
+    for role, t in (("K", k), ("V", v)):
+        if (cache := _cache_input(model, t, prod)) is not None:
+            raise _Unrecognised(f"its {role} extends the cache input {cache!r}: a KV cache's heads are the "
+                                "model's interface (prune a plain export to choose heads; a pruned cached step "
+                                "is not built)")
     walks = {role: _projected_walk(_walk_back(model, t, prod), t) for role, t in (("Q", q), ("K", k), ("V", v))}
     for walk in walks.values():
         _restrict_columns(walk)

@@ -408,7 +408,8 @@ def test_generate_example_gives_transformers_tokens(tmp_path):
                            "6", "--batch", "2", "--prompt", "5"], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
     assert run_.returncode == 0, run_.stdout[-2000:] + run_.stderr[-2000:]
-    assert "validation PASS" in run_.stdout and "tokens equal to transformers' generate: True (2 rows x 6" in run_.stdout
+    assert "validation PASS" in run_.stdout
+    assert "tokens equal to transformers' generate: True (2 rows x 6" in run_.stdout
 
 
 def test_cached_step_errors(bert, llama, tmp_path):
@@ -422,6 +423,10 @@ def test_cached_step_errors(bert, llama, tmp_path):
     run("compile", tmp_path / "plain.onnx", "-o", tmp_path / "plain")
     with pytest.raises(AttncError, match="not a decoder-only generation step with its KV cache"):
         runtime.generate(runtime.load(tmp_path / "plain"), np.zeros((1, 4), np.int64))
+    run("export", llama, "-o", tmp_path / "step.onnx", "--exporter", "torchscript", "--with-past")
+    assert_clean_error(run("compile", tmp_path / "step.onnx", "-o", tmp_path / "pruned", "--prune-heads", "0.5",
+                           ok=False), "its K extends the cache input 'past_key_values.0.key'")
+    assert not (tmp_path / "pruned").exists()
     with pytest.raises(AttncError, match="not an encoder-decoder model's first generation step"):
         runtime.generate_seq2seq(runtime.load(tmp_path / "plain"), runtime.load(tmp_path / "plain"),
                                  np.zeros((1, 4), np.int64), 0)
@@ -569,7 +574,8 @@ def test_seq2seq_cached_generation(name, exporter, seq2seq, tmp_path):
     step = onnx.load(str(tmp_path / "step.onnx"))
     assert [i.name for i in step.graph.input][:2] == ["decoder_input_ids", "past_key_values.0.key"]
     assert "cross_key_values.1.value" in [i.name for i in step.graph.input]
-    # two decoder layers' self- and cross-attention (no encoder in the later steps); the first step has the encoder's too
+    # two decoder layers' self- and cross-attention (no encoder in the later steps); the first step has the
+    # encoder's too
     assert json.loads((tmp_path / "step" / "manifest.json").read_text())["ops_after"].get("Attention") == 4
     assert json.loads((tmp_path / "first" / "manifest.json").read_text())["ops_after"].get("Attention") == 6
     module, spec = load_checkpoint(str(ckpt))

@@ -1043,7 +1043,7 @@ def test_transformers_llama_generation_step_builds(tmp_path):
     rotary, the cache concatenated in front of the new keys) -> one ``Attention`` per layer -> an fp16 engine
     whose profile runs from an empty cache (the prompt's step) to 64 cached tokens."""
     _trt_or_skip()
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     import torch
 
     from attnc.compiler.export import export_onnx
