@@ -1589,6 +1589,43 @@ def test_engine_runs_and_matches_onnxruntime(tmp_path, name):
     np.testing.assert_allclose(got, want, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_generation_step_engine_decodes_like_onnxruntime(tmp_path):
+    """On a GPU: a transformers Llama's generation step with its KV cache as an fp32 engine (profile from an
+    empty cache) decodes, through attnc.runtime.generate, the tokens the same fused step gives on ONNX
+    Runtime (needs transformers on the device)."""
+    _trt_or_skip()
+    if trt_backend.gpu_name() is None:
+        pytest.skip("needs an NVIDIA GPU")
+    pytest.importorskip("transformers")
+    import torch
+
+    from attnc import runtime
+    from attnc.compiler.export import export_onnx
+    from attnc.compiler.pipeline import CompileOptions, compile_model
+    from attnc.models import transformers_zoo
+    from attnc.models.hf_checkpoint import load_checkpoint, padding_mask, with_past
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformers_zoo.build("llama").save_pretrained(tmp_path / "llama")
+    step, spec = with_past(*load_checkpoint(str(tmp_path / "llama")))
+    path = export_onnx(step, spec.example_inputs(), tmp_path / "step.onnx", exporter="torchscript",
+                       dynamic_axes=spec.dynamic_axes, input_names=spec.input_names, output_names=spec.output_names)
+    sizes = {"min": (1, 1, 0), "opt": (2, 1, 16), "max": (4, 32, 64)}   # batch, new tokens, cached tokens
+    shapes = {f"{kind}_shapes": {"input_ids": (b, t), "attention_mask": (b, p + t),
+                                 **{s.name: (b, s.shape[1], p, s.shape[3]) for s in spec.inputs[2:]}}
+              for kind, (b, t, p) in sizes.items()}
+    compile_model(path, tmp_path / "engine", CompileOptions(backend="tensorrt", precision="fp32", backend_options=shapes))
+    compile_model(path, tmp_path / "ort", CompileOptions(backend="onnxruntime"))
+    engine, ort = runtime.load(tmp_path / "engine"), runtime.load(tmp_path / "ort")
+    ids = np.random.default_rng(0).integers(0, 64, (3, 7))
+    mask = padding_mask(3, 7, "left").numpy()
+    np.testing.assert_array_equal(runtime.generate(engine, ids, mask, max_new_tokens=12),
+                                  runtime.generate(ort, ids, mask, max_new_tokens=12))
+
+
 # ----------------------------------------------------------------------------- C++ example
 
 CPP_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cpp"
