@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -1037,17 +1038,13 @@ def test_pruned_transformers_t5_builds(tmp_path):
     assert sum(n.op_type == "Gather" and "heads.pruned" in n.name for n in fused.graph.node) == 2
 
 
-@pytest.mark.tensorrt
-def test_transformers_llama_generation_step_builds(tmp_path):
-    """A transformers Llama checkpoint's generation step with its KV cache (``attnc export --with-past``: GQA,
-    rotary, the cache concatenated in front of the new keys) -> one ``Attention`` per layer -> an fp16 engine
-    whose profile runs from an empty cache (the prompt's step) to 64 cached tokens."""
-    _trt_or_skip()
+def _llama_generation_step(tmp_path) -> tuple[Path, Any, dict]:
+    """A transformers Llama checkpoint's generation step with its KV cache, exported by TorchScript: ``(its
+    path, its spec, a TensorRT profile from an empty cache to 64 cached tokens)``."""
     pytest.importorskip("transformers")
     import torch
 
     from attnc.compiler.export import export_onnx
-    from attnc.compiler.pipeline import CompileOptions, compile_model
     from attnc.models import transformers_zoo
     from attnc.models.hf_checkpoint import load_checkpoint, with_past
 
@@ -1061,6 +1058,18 @@ def test_transformers_llama_generation_step_builds(tmp_path):
     shapes = {f"{kind}_shapes": {"input_ids": (b, t), "attention_mask": (b, p + t),
                                  **{s.name: (b, s.shape[1], p, s.shape[3]) for s in spec.inputs[2:]}}
               for kind, (b, t, p) in sizes.items()}
+    return path, spec, shapes
+
+
+@pytest.mark.tensorrt
+def test_transformers_llama_generation_step_builds(tmp_path):
+    """A transformers Llama checkpoint's generation step with its KV cache (``attnc export --with-past``: GQA,
+    rotary, the cache concatenated in front of the new keys) -> one ``Attention`` per layer -> an fp16 engine
+    whose profile runs from an empty cache (the prompt's step) to 64 cached tokens."""
+    _trt_or_skip()
+    from attnc.compiler.pipeline import CompileOptions, compile_model
+
+    path, spec, shapes = _llama_generation_step(tmp_path)
     manifest = compile_model(path, tmp_path / "out", CompileOptions(backend="tensorrt", precision="fp16",
                                                                     backend_options=shapes))
     assert manifest["ops_after"].get("Attention") == 2 and "Softmax" not in manifest["ops_after"]
@@ -1598,25 +1607,11 @@ def test_generation_step_engine_decodes_like_onnxruntime(tmp_path):
     _trt_or_skip()
     if trt_backend.gpu_name() is None:
         pytest.skip("needs an NVIDIA GPU")
-    pytest.importorskip("transformers")
-    import torch
-
     from attnc import runtime
-    from attnc.compiler.export import export_onnx
     from attnc.compiler.pipeline import CompileOptions, compile_model
-    from attnc.models import transformers_zoo
-    from attnc.models.hf_checkpoint import load_checkpoint, padding_mask, with_past
+    from attnc.models.hf_checkpoint import padding_mask
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        transformers_zoo.build("llama").save_pretrained(tmp_path / "llama")
-    step, spec = with_past(*load_checkpoint(str(tmp_path / "llama")))
-    path = export_onnx(step, spec.example_inputs(), tmp_path / "step.onnx", exporter="torchscript",
-                       dynamic_axes=spec.dynamic_axes, input_names=spec.input_names, output_names=spec.output_names)
-    sizes = {"min": (1, 1, 0), "opt": (2, 1, 16), "max": (4, 32, 64)}   # batch, new tokens, cached tokens
-    shapes = {f"{kind}_shapes": {"input_ids": (b, t), "attention_mask": (b, p + t),
-                                 **{s.name: (b, s.shape[1], p, s.shape[3]) for s in spec.inputs[2:]}}
-              for kind, (b, t, p) in sizes.items()}
+    path, _, shapes = _llama_generation_step(tmp_path)
     compile_model(path, tmp_path / "engine", CompileOptions(backend="tensorrt", precision="fp32", backend_options=shapes))
     compile_model(path, tmp_path / "ort", CompileOptions(backend="onnxruntime"))
     engine, ort = runtime.load(tmp_path / "engine"), runtime.load(tmp_path / "ort")
