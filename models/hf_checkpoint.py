@@ -297,7 +297,7 @@ class CachedStep(torch.nn.Module):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
         extra = {"position_ids": mask_positions(attention_mask)[:, -input_ids.shape[1]:]} if self.positions else {}
         out = self.model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, **extra)
-        return (first_output(out), *(t for layer in cache.layers[:self.layers] for t in (layer.keys, layer.values)))
+        return (first_output(out), *_keys_and_values(cache, self.layers))
 
 
 # The dynamo exporter maps dynamic axes to forward()'s named parameters, not to *past ("Failed to convert
@@ -444,6 +444,7 @@ Seq2SeqStep.forward.__signature__ = inspect.Signature(
 
 
 def _keys_and_values(cache, layers: int) -> list[torch.Tensor]:
+    """A transformers cache's tensors, layer by layer: key, then value (the steps' output order)."""
     return [t for layer in cache.layers[:layers] for t in (layer.keys, layer.values)]
 
 
