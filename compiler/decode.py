@@ -48,11 +48,16 @@ def cross_name(layer: int, kind: str) -> str:
     return f"{_CROSS}{layer}.{kind}"
 
 
+# The first inputs of a decoder-only model's step, and of an encoder-decoder model's later steps.
+_DECODER_ONLY_STEP = [IDS, MASK, past_name(0, "key")]
+_SEQ2SEQ_STEP = [DECODER_IDS, past_name(0, "key")]
+
+
 def is_cached_step(input_names) -> bool:
     """Whether a graph with these inputs is a generation step with its KV cache (a decoder-only model's, or
     an encoder-decoder model's later steps)."""
     names = list(input_names)
-    return names[:3] == [IDS, MASK, past_name(0, "key")] or names[:2] == [DECODER_IDS, past_name(0, "key")]
+    return names[:3] == _DECODER_ONLY_STEP or names[:2] == _SEQ2SEQ_STEP
 
 
 def generate(runner, input_ids, attention_mask=None, max_new_tokens: int = 16,
@@ -76,7 +81,7 @@ def generate(runner, input_ids, attention_mask=None, max_new_tokens: int = 16,
         AttncError: the runner is no decoder-only cached step, or the prompts and mask disagree in shape.
     """
     names = [s.name for s in runner.input_specs]
-    if names[:3] != [IDS, MASK, past_name(0, "key")]:
+    if names[:3] != _DECODER_ONLY_STEP:
         raise AttncError(f"this artefact takes {names[:3]}, not a decoder-only generation step with its KV cache",
                          "export the checkpoint with `attnc export CKPT --with-past` and compile that (an "
                          "encoder-decoder model decodes with generate_seq2seq)")
@@ -120,14 +125,15 @@ def generate_seq2seq(first, step, inputs, decoder_start_token_id: int, max_new_t
     if len(names) != 2 or names[1] != DECODER_IDS or cross_name(0, "key") not in first.output_names:
         raise AttncError(f"the first artefact takes {names} and gives {first.output_names[:3]}, not an encoder-"
                          "decoder model's first generation step", "export it with `attnc export CKPT --first-step`")
-    if [s.name for s in step.input_specs][:2] != [DECODER_IDS, past_name(0, "key")]:
-        raise AttncError(f"the step artefact takes {[s.name for s in step.input_specs][:2]}, not an encoder-decoder "
-                         "model's later steps", "export it with `attnc export CKPT --with-past`")
+    step_names = [s.name for s in step.input_specs]
+    if step_names[:2] != _SEQ2SEQ_STEP:
+        raise AttncError(f"the step artefact takes {step_names[:2]}, not an encoder-decoder model's later steps",
+                         "export it with `attnc export CKPT --with-past`")
     inputs = np.asarray(inputs)
     start = np.full((len(inputs), 1), decoder_start_token_id, dtype=np.int64)
     outputs = first.infer({names[0]: inputs, DECODER_IDS: start})
     cross = {name: value for name, value in outputs.items() if name.startswith(_CROSS)}
-    past = {s.name: None for s in step.input_specs[1:] if s.name.startswith(_PAST)}
+    past = [name for name in step_names if name.startswith(_PAST)]
 
     def next_step(chosen, outputs):
         return step.infer({DECODER_IDS: chosen[:, None], **_carried(past, outputs), **cross})
@@ -135,8 +141,8 @@ def generate_seq2seq(first, step, inputs, decoder_start_token_id: int, max_new_t
     return _greedy(outputs, start, next_step, max_new_tokens, eos_token_id, pad_token_id)
 
 
-def _carried(past: dict, outputs: dict) -> dict:
-    """The next step's cache inputs (``past``'s names): the ``present`` outputs of the step before."""
+def _carried(past, outputs: dict) -> dict:
+    """The next step's cache inputs (named ``past``): the ``present`` outputs of the step before."""
     return {name: outputs[_PRESENT + name[len(_PAST):]] for name in past}
 
 
