@@ -249,7 +249,6 @@ def with_attention_mask(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[
         output_axes=("batch", "seq"), factory=functools.partial(_rewrapped, spec.factory, MaskedOutput, positions))
 
 
-
 def _rewrapped(factory, wrapper: type, *args) -> torch.nn.Module:
     """``wrapper`` (``MaskedOutput``, ``CachedStep``, ...) around the model that ``factory`` loads, in eval mode:
     a variant's spec loads its own module as the checkpoint's spec does."""
@@ -342,21 +341,35 @@ def with_past(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[torch.nn.M
         raise AttncError(f"{name}.forward takes no past_key_values and attention_mask", "export it without --with-past")
     layers = _cache_layout(model)
     ids = dataclasses.replace(spec.inputs[0], shape=("batch", "seq"))
-    past = tuple(InputSpec(decode.past_name(i, kind), ("batch", heads, "past", dim))
-                 for i, (heads, key, value) in enumerate(layers) for kind, dim in (("key", key), ("value", value)))
-    outputs = [decode.present_name(i, kind) for i in range(len(layers)) for kind in ("key", "value")]
+    past = _cache_inputs(decode.past_name, layers, "past")
     return CachedStep(model, len(layers)).eval(), dataclasses.replace(
         spec, inputs=(ids, InputSpec(MASK, ("batch", TOTAL), torch.int64, 2), *past),
         sizes={"batch": BATCH, "seq": STEP, "past": PAST}, dynamic=("batch", "seq", "past", TOTAL),
-        padding="left", output_axes=("batch", "seq"),
-        more_output_axes=tuple(("batch", *s.shape[1:2], TOTAL, *s.shape[3:]) for s in past),
-        outputs=(decode.LOGITS, *outputs), factory=functools.partial(_rewrapped, spec.factory, CachedStep, len(layers)))
+        padding="left", output_axes=("batch", "seq"), more_output_axes=_grown(past),
+        outputs=(decode.LOGITS, *_cache_names(decode.present_name, len(layers))),
+        factory=functools.partial(_rewrapped, spec.factory, CachedStep, len(layers)))
 
 
+def _cache_names(name_of, layers: int) -> list[str]:
+    """``name_of(layer, kind)`` of every layer's key, then value: the steps' cache order."""
+    return [name_of(i, kind) for i in range(layers) for kind in ("key", "value")]
 
-def _cache_layout(model: torch.nn.Module) -> list[tuple[int, int, int]]:
-    """``(heads, key dim, value dim)`` of every layer's cache, read from a 2-token forward that fills a
-    transformers ``DynamicCache``."""
+
+def _cache_inputs(name_of, layout, length: str) -> tuple[InputSpec, ...]:
+    """A cache as inputs: every layer's key and value ``[batch, heads, length, dim]``, named by ``name_of``,
+    from the layer's ``(heads, key dim, value dim, tokens)`` (:func:`_kv_layout`)."""
+    return tuple(InputSpec(name_of(i, kind), ("batch", heads, length, dim))
+                 for i, (heads, key, value, _) in enumerate(layout) for kind, dim in (("key", key), ("value", value)))
+
+
+def _grown(past: tuple[InputSpec, ...]) -> tuple[tuple[int | str, ...], ...]:
+    """The axes of the ``present`` outputs a step returns for its ``past`` inputs: ``past + seq`` tokens."""
+    return tuple(("batch", s.shape[1], TOTAL, s.shape[3]) for s in past)
+
+
+def _cache_layout(model: torch.nn.Module) -> list[tuple[int, int, int, int]]:
+    """``(heads, key dim, value dim, tokens)`` of every layer's cache (:func:`_kv_layout`), read from a 2-token
+    forward that fills a transformers ``DynamicCache``."""
     from transformers import DynamicCache
 
     name = type(model).__name__
@@ -369,13 +382,22 @@ def _cache_layout(model: torch.nn.Module) -> list[tuple[int, int, int]]:
         raise AttncError(f"{name} does not run with a transformers DynamicCache ({type(exc).__name__}: "
                          f"{_first_line(exc)})", fix) from None
     layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
-    shapes = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers]
-    fits = [isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == v.dim() == 4 and
-            k.shape[:3] == v.shape[:3] == (1, k.shape[1], tokens) for k, v in shapes]
-    if not shapes or not all(fits) or (layers is not None and len(shapes) != layers):
-        raise AttncError(f"{name} keeps {len(shapes)} cache layer(s) for {layers} layers, not one key and one value "
-                         f"[batch, heads, tokens, dim] per layer (linear-attention or state-space layers?)", fix)
-    return [(k.shape[1], k.shape[3], v.shape[3]) for k, v in shapes]
+    layout = _kv_layout(cache.layers, tokens)
+    if layout is None or (layers is not None and len(layout) != layers):
+        raise AttncError(f"{name} keeps {len(cache.layers)} cache layer(s) for {layers} layers, not one key and one "
+                         "value [batch, heads, tokens, dim] per layer (linear-attention or state-space layers?)", fix)
+    return layout
+
+
+def _kv_layout(layers, tokens: int | None) -> list[tuple[int, int, int, int]] | None:
+    """``(heads, key dim, value dim, tokens)`` of every cache layer of a one-row forward, ``None`` unless each
+    holds a key and a value ``[1, heads, tokens, dim]`` (of ``tokens`` tokens where given)."""
+    pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in layers]
+    if not pairs or not all(isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == v.dim() == 4
+                            and k.shape[:3] == v.shape[:3] and k.shape[0] == 1 and tokens in (None, k.shape[2])
+                            for k, v in pairs):
+        return None
+    return [(k.shape[1], k.shape[3], v.shape[3], k.shape[2]) for k, v in pairs]
 
 
 class Seq2SeqFirstStep(torch.nn.Module):
@@ -466,15 +488,13 @@ def with_first_step(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Seq2
                          "the first generation step of one (T5, BART, Whisper)",
                          "export a decoder-only model's step with --with-past alone")
     own, cross = _seq2seq_cache_layout(module.model, spec)
-    outputs = [decode.present_name(i, kind) for i in range(len(own)) for kind in ("key", "value")]
-    outputs += [decode.cross_name(i, kind) for i in range(len(cross)) for kind in ("key", "value")]
+    outputs = _cache_names(decode.present_name, len(own)) + _cache_names(decode.cross_name, len(cross))
     source = "seq" if spec.inputs[0].shape[1:2] == ("seq",) else None   # text: as long as the source, else static
-    axes = [("batch", h, "tgt", d) for h, k, v in own for d in (k, v)] + \
+    axes = [("batch", h, "tgt", d) for h, k, v, _ in own for d in (k, v)] + \
         [("batch", h, source or s, d) for h, k, v, s in cross for d in (k, v)]
     return Seq2SeqFirstStep(module.model, len(own)).eval(), dataclasses.replace(
         spec, output_axes=("batch", "tgt"), more_output_axes=tuple(axes), outputs=(decode.LOGITS, *outputs),
         factory=functools.partial(_rewrapped, spec.factory, Seq2SeqFirstStep, len(own)))
-
 
 
 def _seq2seq_step(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Seq2SeqStep, CheckpointSpec]:
@@ -483,24 +503,20 @@ def _seq2seq_step(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Seq2Se
     model = module.model
     own, cross = _seq2seq_cache_layout(model, spec)
     ids = dataclasses.replace(spec.inputs[spec.input_names.index(DECODER)], shape=("batch", "seq"))
-    past = tuple(InputSpec(decode.past_name(i, kind), ("batch", h, "past", d))
-                 for i, (h, k, v) in enumerate(own) for kind, d in (("key", k), ("value", v)))
-    source = tuple(InputSpec(decode.cross_name(i, kind), ("batch", h, "source", d))
-                   for i, (h, k, v, s) in enumerate(cross) for kind, d in (("key", k), ("value", v)))
-    outputs = [decode.present_name(i, kind) for i in range(len(own)) for kind in ("key", "value")]
+    past = _cache_inputs(decode.past_name, own, "past")
+    source = _cache_inputs(decode.cross_name, cross, "source")
     width = model.config.get_text_config(decoder=True).d_model
     return Seq2SeqStep(model, len(own), width).eval(), dataclasses.replace(
         spec, inputs=(ids, *past, *source), sizes={"batch": BATCH, "seq": STEP, "past": PAST, "source": cross[0][3]},
         dynamic=("batch", "seq", "past", "source", TOTAL), padding="", decoder_start=None, output_axes=("batch", "seq"),
-        more_output_axes=tuple(("batch", *s.shape[1:2], TOTAL, *s.shape[3:]) for s in past),
-        outputs=(decode.LOGITS, *outputs),
+        more_output_axes=_grown(past), outputs=(decode.LOGITS, *_cache_names(decode.present_name, len(own))),
         factory=functools.partial(_rewrapped, spec.factory, Seq2SeqStep, len(own), width))
 
 
 def _seq2seq_cache_layout(model: torch.nn.Module, spec: CheckpointSpec
-                          ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int, int]]]:
-    """``(heads, key dim, value dim)`` of every decoder layer's self-attention cache and ``(heads, key dim,
-    value dim, source tokens)`` of its cross-attention cache, read from one forward on the example inputs."""
+                          ) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int, int, int]]]:
+    """``(heads, key dim, value dim, tokens)`` of every decoder layer's self-attention cache and of its
+    cross-attention cache (source tokens), read from one forward on the example inputs."""
     from transformers import DynamicCache, EncoderDecoderCache
 
     name = type(model).__name__
@@ -513,16 +529,12 @@ def _seq2seq_cache_layout(model: torch.nn.Module, spec: CheckpointSpec
     except Exception as exc:
         raise AttncError(f"{name} does not run with a transformers EncoderDecoderCache ({type(exc).__name__}: "
                          f"{_first_line(exc)})", fix) from None
-    own = [(layer.keys, layer.values) for layer in cache.self_attention_cache.layers]
-    cross = [(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers]
-    tokens = decoder.shape[1]
-    if not own or len(own) != len(cross) or not all(
-            k.dim() == v.dim() == 4 and k.shape[2] == v.shape[2] == tokens for k, v in own) or not all(
-            k.dim() == v.dim() == 4 and k.shape[2] == v.shape[2] for k, v in cross):
+    own = _kv_layout(cache.self_attention_cache.layers, decoder.shape[1])
+    cross = _kv_layout(cache.cross_attention_cache.layers, None)
+    if own is None or cross is None or len(own) != len(cross):
         raise AttncError(f"{name} keeps no [batch, heads, tokens, dim] key and value per decoder layer in its "
                          "self- and cross-attention caches", fix)
-    return [(k.shape[1], k.shape[3], v.shape[3]) for k, v in own], \
-        [(k.shape[1], k.shape[3], v.shape[3], k.shape[2]) for k, v in cross]
+    return own, cross
 
 
 def for_inputs(module: torch.nn.Module, spec, input_names: list[str], output_names: list[str] = ()):
