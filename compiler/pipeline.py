@@ -314,8 +314,8 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
         # output: torch gives it zeros or uniform weights by attention implementation, ONNX Runtime's Attention
         # zeros, other kernels NaN. Outputs at padding are zeroed on both sides before the comparison.
         axes = spec.token_axes()
-        reference = _tokens_only(reference, feeds[MASK], axes)
-        compared = types.SimpleNamespace(infer=_tokens_only(runner.infer, feeds[MASK], axes))
+        reference = tokens_only(reference, feeds[MASK], axes)
+        compared = types.SimpleNamespace(infer=tokens_only(runner.infer, feeds[MASK], axes))
         source += "; outputs at padding (attention_mask 0) not compared"
     result = validate.validate(reference, compared, feeds, precision=precision, tolerances=tolerances)
     meta = {
@@ -341,7 +341,7 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     return result, paths
 
 
-def _tokens_only(run: Callable, mask, token_axes: dict[str, int]) -> Callable:
+def tokens_only(run: Callable, mask, token_axes: dict[str, int]) -> Callable:
     """``run`` (``feeds -> {name: array}``) with its outputs zeroed at padding: output ``name``'s axis
     ``token_axes[name]`` (length ``n``) runs over the last ``n`` columns of ``mask`` ``[batch, seq]``
     (all of them, or a cached step's new tokens), 0 at padding."""

@@ -564,8 +564,7 @@ def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int,
 def sampled_dim(name: str, size: int) -> int:
     """The size a symbolic dim ``name`` gets when every plain symbol is ``size``: a sum of terms
     (``"past + seq"``, ``"seq + 1"``, as the dynamo exporter names derived dims) adds them up."""
-    terms = [t.strip() for t in name.split("+")] if "+" in name else [name]
-    return sum(int(t) if t.isdigit() else size for t in terms)
+    return sum(int(term) if term.strip().isdigit() else size for term in name.split("+"))
 
 
 # ----------------------------------------------------------------------------- matching helpers
