@@ -24,7 +24,10 @@ CKPT --with-past``)::
     tokens = runtime.generate(step, prompt_ids, prompt_mask, max_new_tokens=32, eos_token_id=2)
 
 and ``generate_seq2seq`` with an encoder-decoder model's first step (``--first-step``) and later steps
-(``--with-past``).
+(``--with-past``); exported with ``--with-attention-mask`` too, they decode sources padded on the right::
+
+    tokens = runtime.generate_seq2seq(runtime.load("first/"), runtime.load("step/"), input_ids,
+                                      decoder_start_token_id=0, attention_mask=source_mask, max_new_tokens=32)
 """
 
 from attnc.compiler.backends.tensorrt import EngineRunner as Engine

@@ -120,7 +120,9 @@ def models_cmd() -> None:
 @click.option("--with-attention-mask", "attention_mask", is_flag=True,
               help="Text checkpoints: take attention_mask [batch, seq] (1 = token, 0 = padding) after input_ids, "
                    "for padded batches; its example rows are padded (decoder-only models on the left). "
-                   "validate feeds it too.")
+                   "validate feeds it too. Encoder-decoder text checkpoints (T5, BART): (input_ids, "
+                   "attention_mask, decoder_input_ids), sources padded on the right; with --first-step the "
+                   "first step takes it, with --with-past the later steps take it as encoder_attention_mask.")
 @click.option("--with-past", "past", is_flag=True,
               help="Decoder-only text checkpoints: export one generation step with its KV cache, (input_ids, "
                    "attention_mask, past_key_values.N.key/value) -> (logits, present.N.key/value); the prompt's "
@@ -143,6 +145,15 @@ def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset
     if past and first_step:
         raise AttncError("--with-past and --first-step export two graphs of one model",
                          "export each to its own file, one with each option")
+    if attention_mask:   # before the steps: built on the masked variant, an encoder-decoder model's take the mask
+        from attnc.models.hf_checkpoint import MASK, with_attention_mask
+
+        module, spec = with_attention_mask(module, spec)
+        names = [name for name in spec.input_names if name != MASK]
+        if len(input_shapes) > len(names):
+            shapes = f"{names[0]}' shape" if len(names) == 1 else f"the shapes of {' and '.join(names)}"
+            raise AttncError(f"with --with-attention-mask, --input-shape gives {shapes} only",
+                             "drop the attention_mask shape; the mask is built from input_ids' shape, padded")
     if first_step:
         from attnc.models.hf_checkpoint import with_first_step
 
@@ -154,13 +165,6 @@ def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset
         if input_shapes:
             raise AttncError("--with-past builds its example inputs itself (3 new tokens after 5 cached ones)",
                              "drop --input-shape; the exported step is dynamic in batch, tokens and cache length")
-    elif attention_mask:
-        from attnc.models.hf_checkpoint import with_attention_mask
-
-        module, spec = with_attention_mask(module, spec)
-        if len(input_shapes) > 1:
-            raise AttncError("with --with-attention-mask, --input-shape gives input_ids' shape only",
-                             "pass one --input-shape input_ids:BxS:int64; the mask is built from it, padded")
     if input_shapes:
         inputs = []
         gen = torch.Generator().manual_seed(seed)
@@ -171,7 +175,7 @@ def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset
             else:
                 inputs.append(torch.randn(shape, generator=gen, dtype=getattr(torch, dtype)))
         if attention_mask:
-            inputs.append(spec.mask_for(inputs[0]))
+            inputs.insert(spec.input_names.index(MASK), spec.mask_for(inputs[0]))
     elif spec is not None:
         inputs = list(spec.example_inputs(seed=seed))
     else:

@@ -11,22 +11,26 @@ The names here are that contract; :func:`generate` runs it on any backend's runn
 an empty cache (``P = 0``), then one token per step with the cache the previous step returned, as
 transformers' ``generate`` runs the model. Encoder-decoder models have two graphs: ``--first-step``
 (the encoder, the start token, and the cross-attention keys and values ``cross_key_values.N.key``) and
-``--with-past`` (the decoder's later steps, taking those): :func:`generate_seq2seq`. numpy only: an
+``--with-past`` (the decoder's later steps, taking those): :func:`generate_seq2seq`. Exported with
+``--with-attention-mask`` too, the first step takes the sources' ``attention_mask`` after ``input_ids`` and
+the later steps take it as ``encoder_attention_mask`` after ``decoder_input_ids``. numpy only: an
 application that embeds the artefacts needs neither torch nor transformers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 
 from attnc.compiler.errors import AttncError
+from attnc.compiler.search import LOGITS, GenerationOptions, decode  # noqa: F401 (LOGITS: re-exported)
 
 IDS = "input_ids"
 DECODER_IDS = "decoder_input_ids"
 MASK = "attention_mask"
-LOGITS = "logits"
+SOURCE_MASK = "encoder_attention_mask"   # an encoder-decoder model's later steps: the sources' mask
 _PAST = "past_key_values."
 _PRESENT = "present."
 _CROSS = "cross_key_values."
@@ -48,21 +52,27 @@ def cross_name(layer: int, kind: str) -> str:
     return f"{_CROSS}{layer}.{kind}"
 
 
-# The first inputs of a decoder-only model's step, and of an encoder-decoder model's later steps.
+# The first inputs of a decoder-only model's step, and of an encoder-decoder model's later steps (without and
+# with the sources' mask: the mask second, as in a decoder-only step, so steps exported before it are still steps).
 _DECODER_ONLY_STEP = [IDS, MASK, past_name(0, "key")]
 _SEQ2SEQ_STEP = [DECODER_IDS, past_name(0, "key")]
+_MASKED_SEQ2SEQ_STEP = [DECODER_IDS, SOURCE_MASK, past_name(0, "key")]
 
 
 def is_cached_step(input_names) -> bool:
     """Whether a graph with these inputs is a generation step with its KV cache (a decoder-only model's, or
-    an encoder-decoder model's later steps)."""
+    an encoder-decoder model's later steps, with or without ``encoder_attention_mask``)."""
     names = list(input_names)
-    return names[:3] == _DECODER_ONLY_STEP or names[:2] == _SEQ2SEQ_STEP
+    return names[:3] in (_DECODER_ONLY_STEP, _MASKED_SEQ2SEQ_STEP) or names[:2] == _SEQ2SEQ_STEP
 
 
 def generate(runner, input_ids, attention_mask=None, max_new_tokens: int = 16,
-             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None) -> np.ndarray:
-    """Greedy decoding (the most likely token at every step) with a decoder-only model's cached step.
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+             **options) -> np.ndarray:
+    """Decoding with a decoder-only model's cached step: greedy (the most likely token at every step) by
+    default, or as ``options`` say (:class:`attnc.compiler.search.GenerationOptions`: ``num_beams``,
+    ``do_sample``, ``top_p``, ``repetition_penalty``, ...; :func:`attnc.compiler.search.generation_options`
+    reads a checkpoint's).
 
     Args:
         runner: a loaded artefact (:func:`attnc.runtime.load`) of a graph exported with ``--with-past``.
@@ -73,12 +83,16 @@ def generate(runner, input_ids, attention_mask=None, max_new_tokens: int = 16,
             produced one gets ``pad_token_id`` (default: the first end token) from then on; generation stops
             early once every row has.
 
+        options: :class:`~attnc.compiler.search.GenerationOptions` fields, as transformers' ``generate``
+            takes them.
+
     Returns:
-        ``[B, S + n]`` int64: the prompts and the ``n <= max_new_tokens`` tokens generated, as
-        transformers' ``generate(do_sample=False)`` returns them.
+        ``[B * num_return_sequences, S + n]`` int64: the prompts and the ``n <= max_new_tokens`` tokens
+        generated, as transformers' ``generate`` returns them for the same options.
 
     Raises:
-        AttncError: the runner is no decoder-only cached step, or the prompts and mask disagree in shape.
+        AttncError: the runner is no decoder-only cached step, the prompts and mask disagree in shape, or an
+            option is unknown or out of range.
     """
     names = [s.name for s in runner.input_specs]
     if names[:3] != _DECODER_ONLY_STEP:
@@ -90,79 +104,113 @@ def generate(runner, input_ids, attention_mask=None, max_new_tokens: int = 16,
     if ids.ndim != 2 or mask.shape != ids.shape:
         raise AttncError(f"input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} are no [batch, seq] pair",
                          "pass prompts [batch, seq], padded on the left, and their mask of the same shape")
+    search = _options(options)
     empty = {s.name: np.zeros(_empty_cache_shape(s, len(ids)), dtype=s.dtype) for s in runner.input_specs[2:]}
-    masks = [mask]
+    state = {"mask": mask, "outputs": runner.infer({IDS: ids, MASK: mask, **empty})}
 
-    def next_step(chosen, outputs):
-        masks.append(np.ones((len(ids), 1), dtype=np.int64))
-        return runner.infer({IDS: chosen[:, None], MASK: np.concatenate(masks, axis=1), **_carried(empty, outputs)})
+    def next_step(chosen, rows):
+        past = state["mask"] if rows is None else state["mask"][rows]
+        state["mask"] = np.concatenate([past, np.ones((len(chosen), 1), dtype=np.int64)], axis=1)
+        state["outputs"] = runner.infer({IDS: chosen[:, None], MASK: state["mask"],
+                                         **_carried(empty, state["outputs"], rows)})
+        return state["outputs"]
 
-    return _greedy(runner.infer({IDS: ids, MASK: mask, **empty}), ids, next_step, max_new_tokens, eos_token_id,
-                   pad_token_id)
+    return decode(state["outputs"], ids, next_step, max_new_tokens, eos_token_id, pad_token_id, search)
+
+
+def _options(options: dict) -> GenerationOptions:
+    """``generate``'s keyword options as :class:`GenerationOptions`, unknown ones refused by name."""
+    known = {f.name for f in dataclasses.fields(GenerationOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise AttncError(f"unknown generation option(s): {', '.join(unknown)}",
+                         f"pass options among {', '.join(sorted(known))} (transformers' GenerationConfig names)")
+    return GenerationOptions(**options)
 
 
 def generate_seq2seq(first, step, inputs, decoder_start_token_id: int, max_new_tokens: int = 16,
-                     eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None) -> np.ndarray:
-    """Greedy decoding with an encoder-decoder model's two compiled steps: ``first`` (``attnc export CKPT
+                     eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                     attention_mask=None, **options) -> np.ndarray:
+    """Decoding with an encoder-decoder model's two compiled steps: ``first`` (``attnc export CKPT
     --first-step``: the encoder, the decoder's first token and its cross-attention keys and values), then
-    ``step`` (``--with-past``) once per further token, the encoder's work cached.
+    ``step`` (``--with-past``) once per further token, the encoder's work cached. Greedy by default, or as
+    ``options`` say (as :func:`generate`'s: beam search, sampling, ...).
 
     Args:
-        first, step: loaded artefacts (:func:`attnc.runtime.load`) of those two graphs.
-        inputs: the encoder's input (``input_ids [B, S]``, ``input_features``, ...), rows of one length.
+        first, step: loaded artefacts (:func:`attnc.runtime.load`) of those two graphs, both exported with
+            ``--with-attention-mask`` or both without.
+        inputs: the encoder's input (``input_ids [B, S]``, ``input_features``, ...); rows of one length, or
+            token ids padded (on the right, as tokenizers pad) when the artefacts take a mask.
         decoder_start_token_id: the token every row's decoding starts with (transformers'
             ``config.decoder_start_token_id``).
         max_new_tokens, eos_token_id, pad_token_id: as :func:`generate`.
+        attention_mask: ``[B, S]``, 1 for the sources' tokens and 0 for padding (``first`` takes it as
+            ``attention_mask``, every later step as ``encoder_attention_mask``); all ones when ``None`` and
+            the artefacts take one.
+        options: :class:`~attnc.compiler.search.GenerationOptions` fields, as transformers' ``generate``
+            takes them.
 
     Returns:
-        ``[B, 1 + n]`` int64: the start token and the ``n <= max_new_tokens`` tokens generated, as
-        transformers' ``generate(do_sample=False)`` returns an encoder-decoder model's output.
+        ``[B * num_return_sequences, 1 + n]`` int64: the start token and the ``n <= max_new_tokens`` tokens
+        generated, as transformers' ``generate(input_ids, attention_mask=..., **options)`` returns an
+        encoder-decoder model's output.
 
     Raises:
-        AttncError: the artefacts are no first step and later step of an encoder-decoder model.
+        AttncError: the artefacts are no first step and later step of an encoder-decoder model, one takes the
+            sources' mask and the other does not, a mask is given to artefacts that take none, or the mask's
+            shape is not the inputs' ``[B, S]``, or an option is unknown or out of range.
     """
+    search = _options(options)
     names = [s.name for s in first.input_specs]
-    if len(names) != 2 or names[1] != DECODER_IDS or cross_name(0, "key") not in first.output_names:
+    if names[1:] not in ([DECODER_IDS], [MASK, DECODER_IDS]) or cross_name(0, "key") not in first.output_names:
         raise AttncError(f"the first artefact takes {names} and gives {first.output_names[:3]}, not an encoder-"
                          "decoder model's first generation step", "export it with `attnc export CKPT --first-step`")
     step_names = [s.name for s in step.input_specs]
-    if step_names[:2] != _SEQ2SEQ_STEP:
-        raise AttncError(f"the step artefact takes {step_names[:2]}, not an encoder-decoder model's later steps",
+    if step_names[:3] != _MASKED_SEQ2SEQ_STEP and step_names[:2] != _SEQ2SEQ_STEP:
+        raise AttncError(f"the step artefact takes {step_names[:3]}, not an encoder-decoder model's later steps",
                          "export it with `attnc export CKPT --with-past`")
+    masked = MASK in names
+    if masked != (SOURCE_MASK in step_names):
+        raise AttncError(f"the first step {'takes' if masked else 'takes no'} attention mask over the sources and "
+                         f"the later steps {'take none' if masked else 'take one (encoder_attention_mask)'}",
+                         "export --first-step and --with-past both with --with-attention-mask, or both without")
+    if attention_mask is not None and not masked:
+        raise AttncError("an attention_mask was given to artefacts that take none (exported without "
+                         "--with-attention-mask: sources of one length)",
+                         "export --first-step and --with-past with --with-attention-mask for padded sources, "
+                         "or pass no attention_mask")
     inputs = np.asarray(inputs)
+    first_mask, fixed = {}, {}   # the sources' mask by the name each graph takes it; fixed: every later step's
+    if masked:
+        mask = np.ones(inputs.shape[:2], np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        if inputs.ndim != 2 or mask.shape != inputs.shape:
+            raise AttncError(f"input_ids {list(inputs.shape)} and attention_mask {list(mask.shape)} are no "
+                             "[batch, seq] pair", "pass token ids [batch, seq], padded on the right, and their "
+                             "mask of the same shape")
+        first_mask, fixed = {MASK: mask}, {SOURCE_MASK: mask}
     start = np.full((len(inputs), 1), decoder_start_token_id, dtype=np.int64)
-    outputs = first.infer({names[0]: inputs, DECODER_IDS: start})
-    cross = {name: value for name, value in outputs.items() if name.startswith(_CROSS)}
+    state = {"outputs": first.infer({names[0]: inputs, DECODER_IDS: start, **first_mask}), "rows": len(start)}
+    fixed.update((name, value) for name, value in state["outputs"].items() if name.startswith(_CROSS))
     past = [name for name in step_names if name.startswith(_PAST)]
 
-    def next_step(chosen, outputs):
-        return step.infer({DECODER_IDS: chosen[:, None], **_carried(past, outputs), **cross})
+    def next_step(chosen, rows):
+        if rows is not None and len(rows) != state["rows"]:   # the first step's rows expanded (beams, samples)
+            fixed.update((name, value[rows]) for name, value in fixed.items())
+            state["rows"] = len(rows)
+        # rows otherwise reorder copies of one source: its mask and cross-attention cache stay as they are
+        state["outputs"] = step.infer({DECODER_IDS: chosen[:, None], **_carried(past, state["outputs"], rows),
+                                       **fixed})
+        return state["outputs"]
 
-    return _greedy(outputs, start, next_step, max_new_tokens, eos_token_id, pad_token_id)
+    return decode(state["outputs"], start, next_step, max_new_tokens, eos_token_id, pad_token_id, search)
 
 
-def _carried(past, outputs: dict) -> dict:
-    """The next step's cache inputs (named ``past``): the ``present`` outputs of the step before."""
-    return {name: outputs[_PRESENT + name[len(_PAST):]] for name in past}
-
-
-def _greedy(outputs: dict, tokens: np.ndarray, next_step, max_new_tokens: int, eos_token_id, pad_token_id
-            ) -> np.ndarray:
-    """``tokens`` and up to ``max_new_tokens`` more: each the most likely after ``outputs``' last logits, then
-    ``next_step(chosen, outputs)`` runs the step for them."""
-    ends = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
-    pad = (ends[0] if len(ends) else 0) if pad_token_id is None else pad_token_id
-    done = np.zeros(len(tokens), dtype=bool)
-    for count in range(1, max_new_tokens + 1):
-        chosen = outputs[LOGITS][:, -1].argmax(-1).astype(np.int64)
-        if len(ends):
-            chosen = np.where(done, pad, chosen)
-            done |= np.isin(chosen, ends)
-        tokens = np.concatenate([tokens, chosen[:, None]], axis=1)
-        if done.all() or count == max_new_tokens:
-            break
-        outputs = next_step(chosen, outputs)
-    return tokens
+def _carried(past, outputs: dict, rows: np.ndarray | None = None) -> dict:
+    """The next step's cache inputs (named ``past``): the ``present`` outputs of the step before, row ``i``
+    from its row ``rows[i]`` (beam search reorders and expands them)."""
+    if rows is None:
+        return {name: outputs[_PRESENT + name[len(_PAST):]] for name in past}
+    return {name: outputs[_PRESENT + name[len(_PAST):]][rows] for name in past}
 
 
 def _empty_cache_shape(spec, batch: int) -> tuple[int, ...]:

@@ -1,11 +1,12 @@
-"""Greedy generation from a transformers checkpoint through attnc: one cached step, exported, compiled,
+"""Generation from a transformers checkpoint through attnc: one cached step, exported, compiled,
 validated, then decoding with ONNX Runtime next to transformers' ``generate``.
 
 What ``attnc export CKPT --with-past && attnc compile ... && attnc validate ...`` and
 ``attnc.runtime.generate`` do, in one script: it exports the checkpoint's generation step with its KV cache,
 compiles it (every layer's attention becomes one ONNX ``Attention``), validates it against PyTorch, generates
 ``--generate`` tokens greedily after a left-padded batch of random prompts, does the same with transformers'
-``generate(do_sample=False)``, and prints whether the tokens agree and the time per generated token of each
+``generate(do_sample=False)`` (beam search with ``--num-beams``), and prints whether the tokens agree and the
+time per generated token of each
 (on a CPU only the ratio means much). An encoder-decoder checkpoint gets its two graphs, the first step
 (``--first-step``: encoder, start token, cross-attention keys and values) and the later ones, and decodes
 with ``attnc.runtime.generate_seq2seq``. Without ``--checkpoint`` it writes a random ``--model``, a Llama
@@ -14,6 +15,7 @@ first: no hub is reached::
 
     python examples/generate_checkpoint.py
     python examples/generate_checkpoint.py --model t5 --prompt 64
+    python examples/generate_checkpoint.py --model t5 --num-beams 4
     python examples/generate_checkpoint.py --width 768 --layers 4 --generate 32 --threads 1 --json run.json
     python examples/generate_checkpoint.py --checkpoint ./my-finetuned-llama
 """
@@ -80,6 +82,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=12, help="prompt (or source) tokens")
     parser.add_argument("--generate", type=int, default=24)
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: greedy)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime and torch threads")
     parser.add_argument("--json", type=Path, help="also write the run's raw numbers here")
     args = parser.parse_args()
@@ -102,21 +105,23 @@ def main() -> None:
         ids = torch.randint(0, vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
         mask = padding_mask(args.batch, args.prompt, "left")
         eos = model.generation_config.eos_token_id
+        beams = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
         runners = [runtime.load(folder, threads=args.threads) for folder, _, _ in graphs]
         if seq2seq:
             def ours_generate(n):
                 return runtime.generate_seq2seq(*runners, ids.numpy(), spec.decoder_start, max_new_tokens=n,
-                                                eos_token_id=eos, pad_token_id=0)
+                                                eos_token_id=eos, pad_token_id=0, **beams)
 
             def their_generate(n):
-                return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+                return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, **beams)
         else:
             def ours_generate(n):
                 return runtime.generate(*runners, ids.numpy(), mask.numpy(), max_new_tokens=n, eos_token_id=eos,
-                                        pad_token_id=0)
+                                        pad_token_id=0, **beams)
 
             def their_generate(n):
-                return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+                return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                                      **beams)
 
         ours_generate(2)   # warm up
         start = time.perf_counter()

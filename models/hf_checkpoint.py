@@ -36,6 +36,12 @@ present.0.key, ...)`` through :class:`CachedStep`, the contract :mod:`attnc.comp
 :func:`attnc.compiler.decode.generate` decodes with. Encoder-decoder models decode with two graphs: the
 first step (``--first-step``, :func:`with_first_step`, :class:`Seq2SeqFirstStep`) and the later steps
 (``--with-past``, :class:`Seq2SeqStep`), :func:`attnc.compiler.decode.generate_seq2seq`.
+
+Encoder-decoder text models (T5, BART) take padded sources with ``--with-attention-mask``: ``(input_ids,
+attention_mask, decoder_input_ids)`` (:class:`MaskedSeq2SeqOutput`, the example sources padded on the right),
+the first step the same inputs (:class:`MaskedSeq2SeqFirstStep`), and the later steps
+``(decoder_input_ids, encoder_attention_mask [batch, source], past_key_values..., cross_key_values...)``
+(:class:`MaskedSeq2SeqStep`). Audio models (Whisper) take no source mask.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ _SAVE_FIX = "pass the directory save_pretrained() wrote (config.json and model.s
 
 
 MASK = decode.MASK
+SOURCE_MASK = decode.SOURCE_MASK
 DECODER = decode.DECODER_IDS
 TARGET = 8   # decoder tokens of the example inputs: fewer than the source's, so cross-attention is not square
 # A cached step's example: 3 new tokens after 5 cached ones (8 in the mask). Sizes apart from each other
@@ -99,10 +106,11 @@ class CheckpointSpec(ModelSpec):
         return list(self.outputs) or super().output_names
 
     def example_inputs(self, batch: int | None = None, seed: int = 0, **sizes: int) -> tuple[torch.Tensor, ...]:
-        """As :meth:`ModelSpec.example_inputs`; with the mask, the token ids are the unmasked spec's (same
+        """As :meth:`ModelSpec.example_inputs`; with the mask, ``input_ids`` are the unmasked spec's (same
         seed and sizes) and the mask is :func:`padding_mask`. Token ids under the padding stay random: the
         mask alone must hide them. A cached step's mask spans the ``past`` and the ``seq`` new tokens (its dim
-        ``"past + seq"``)."""
+        ``"past + seq"``); an encoder-decoder model's later steps take the sources' mask
+        (``encoder_attention_mask``), padded on the right as the first step's sources are."""
         if self.unsupported:
             name = self.inputs[0].name
             raise AttncError(f"{self.name}: {self.unsupported}",
@@ -110,14 +118,16 @@ class CheckpointSpec(ModelSpec):
         tensors = list(super().example_inputs(batch, seed, **sizes))
         if self.decoder_start is not None:
             tensors[self.input_names.index(DECODER)][:, 0] = self.decoder_start
-        if self.padding:
-            mask = self.input_names.index(MASK)
-            tensors[mask] = padding_mask(*tensors[mask].shape, self.padding)
+        for name, side in ((MASK, self.padding), (SOURCE_MASK, "right")):
+            if side and name in self.input_names:
+                mask = self.input_names.index(name)
+                tensors[mask] = padding_mask(*tensors[mask].shape, side)
         return tuple(tensors)
 
     def token_axes(self) -> dict[str, int]:
-        """``{output: axis}`` of the outputs with an axis over tokens (``seq``, or a cached step's ``past + seq``):
-        the last ``n`` columns of ``attention_mask`` tell which of its ``n`` entries are tokens."""
+        """``{output: axis}`` of the outputs with an axis over tokens (``seq``, or a cached step's ``past + seq``;
+        an encoder-decoder first step's cross-attention keys and values over the sources): the last ``n``
+        columns of ``attention_mask`` tell which of its ``n`` entries are tokens."""
         shapes = zip(self.output_names, (self.output_axes, *self.more_output_axes))
         return {name: shape.index(dim) for name, shape in shapes for dim in ("seq", TOTAL) if dim in shape}
 
@@ -183,7 +193,20 @@ class Seq2SeqOutput(torch.nn.Module):
         self.cache = {"use_cache": True} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
     def forward(self, inputs, decoder_input_ids):
-        return first_output(self.model(inputs, decoder_input_ids=decoder_input_ids, **self.cache))
+        return self._run(inputs, None, decoder_input_ids)
+
+    def _run(self, inputs, attention_mask, decoder_input_ids):
+        mask = {} if attention_mask is None else {"attention_mask": attention_mask}
+        return first_output(self.model(inputs, decoder_input_ids=decoder_input_ids, **mask, **self.cache))
+
+
+class MaskedSeq2SeqOutput(Seq2SeqOutput):
+    """:class:`Seq2SeqOutput` on padded sources: ``(input_ids [B, S], attention_mask [B, S],
+    decoder_input_ids [B, T]) -> logits [B, T, vocab]``, the mask 1 for the sources' tokens and 0 for padding
+    (the encoder's self-attention and the decoder's cross-attention read no padding)."""
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
+        return self._run(input_ids, attention_mask, decoder_input_ids)
 
 
 def load_checkpoint(directory: str, attention_mask: bool = False) -> tuple[torch.nn.Module, CheckpointSpec]:
@@ -215,11 +238,12 @@ def with_attention_mask(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[
     embedding is rotary: rotary scores depend on the distance between two tokens only, which the
     padding in front of a row leaves as it is, and positions from ``arange`` keep the rotary angles
     independent of the inputs (one constant table per length, which head pruning reads through).
-    Encoders are padded on the right, as tokenizers pad by default.
+    Encoders are padded on the right, as tokenizers pad by default, and so are an encoder-decoder model's
+    sources (:func:`_seq2seq_masked`).
 
     Raises:
-        AttncError: ``spec`` is no checkpoint's, its model takes no ``input_ids`` (images, audio),
-            its forward has no ``attention_mask``, or it is an encoder-decoder model.
+        AttncError: ``spec`` is no checkpoint's, its model takes no ``input_ids`` (images, audio; Whisper's
+            log-mel features), or its forward has no ``attention_mask``.
     """
     if not isinstance(spec, CheckpointSpec):
         raise AttncError(f"{spec.name if spec else 'this model'} is no Hugging Face checkpoint directory: "
@@ -230,10 +254,7 @@ def with_attention_mask(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[
     model = module.model
     name = type(model).__name__
     if DECODER in spec.input_names:
-        # Padded sources would also need the decoder's outputs compared at every target token and the
-        # target's own padding: not built. Translation batches of one source length need no mask.
-        raise AttncError(f"{name} is an encoder-decoder model: attnc exports it without an attention mask",
-                         "export it without --with-attention-mask, and batch sources of one length")
+        return _seq2seq_masked(module, spec)
     if spec.input_names != ["input_ids"]:
         raise AttncError(f"{name} takes {spec.input_names[0]!r}, not token ids: an attention mask over "
                          "padded text is for text models", "export it without --with-attention-mask")
@@ -247,6 +268,28 @@ def with_attention_mask(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[
     return MaskedOutput(model, positions).eval(), dataclasses.replace(
         spec, inputs=(ids, dataclasses.replace(ids, name=MASK, high=2)), padding="left" if left else "right",
         output_axes=("batch", "seq"), factory=functools.partial(_rewrapped, spec.factory, MaskedOutput, positions))
+
+
+def _seq2seq_masked(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[MaskedSeq2SeqOutput, CheckpointSpec]:
+    """:func:`with_attention_mask` of an encoder-decoder checkpoint: :class:`MaskedSeq2SeqOutput`, its spec's
+    inputs ``(input_ids, attention_mask, decoder_input_ids)``, the example sources padded on the right. The
+    decoder's tokens are all tokens (``generate`` pads no target), so its logits are compared everywhere; of
+    a first step's outputs, the cross-attention keys and values at the sources' padding are not
+    (:meth:`CheckpointSpec.token_axes`: no later step reads them)."""
+    model = module.model
+    name = type(model).__name__
+    main = spec.input_names[0]
+    if main != "input_ids":
+        raise AttncError(f"{name} takes {main!r}, not token ids: its encoder reads every input at one length and "
+                         "masks none of it (Whisper's ignores attention_mask)",
+                         "export it without --with-attention-mask, its inputs padded as its feature extractor "
+                         "pads them (Whisper: to 2 x max_source_positions frames)")
+    if MASK not in inspect.signature(model.forward).parameters:
+        raise AttncError(f"{name}.forward takes no {MASK}", "export it without --with-attention-mask")
+    ids = spec.inputs[0]
+    return MaskedSeq2SeqOutput(model).eval(), dataclasses.replace(
+        spec, inputs=(ids, dataclasses.replace(ids, name=MASK, high=2), *spec.inputs[1:]), padding="right",
+        factory=functools.partial(_rewrapped, spec.factory, MaskedSeq2SeqOutput))
 
 
 def _rewrapped(factory, wrapper: type, *args) -> torch.nn.Module:
@@ -302,11 +345,16 @@ class CachedStep(torch.nn.Module):
 # The dynamo exporter maps dynamic axes to forward()'s named parameters, not to *past ("Failed to convert
 # 'dynamic_axes' to 'dynamic_shapes'"): past_0, past_1, ... (a layer's key, then its value) name them.
 _MAX_LAYERS = 256
-_P = inspect.Parameter
-CachedStep.forward.__signature__ = inspect.Signature(
-    [_P("self", _P.POSITIONAL_OR_KEYWORD), _P("input_ids", _P.POSITIONAL_OR_KEYWORD),
-     _P("attention_mask", _P.POSITIONAL_OR_KEYWORD),
-     *(_P(f"past_{i}", _P.POSITIONAL_OR_KEYWORD, default=None) for i in range(2 * _MAX_LAYERS))])
+
+
+def _step_signature(*names: str, caches: int) -> inspect.Signature:
+    """``(self, *names, past_0=None, ..., past_{caches - 1}=None)``: a step's forward as the exporters see it."""
+    param = inspect.Parameter
+    return inspect.Signature([param(name, param.POSITIONAL_OR_KEYWORD) for name in ("self", *names)] +
+                             [param(f"past_{i}", param.POSITIONAL_OR_KEYWORD, default=None) for i in range(caches)])
+
+
+CachedStep.forward.__signature__ = _step_signature("input_ids", MASK, caches=2 * _MAX_LAYERS)
 
 
 def with_past(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[torch.nn.Module, CheckpointSpec]:
@@ -318,6 +366,9 @@ def with_past(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[torch.nn.M
     ``present.N.key`` / ``.value`` ``[batch, H, past + seq, D]``. The example inputs are 3 new tokens
     after 5 cached ones, the cache random (standard normal): validation compares the graph with PyTorch on
     the same cache, whatever its values.
+
+    On :func:`with_attention_mask`'s variant of an encoder-decoder checkpoint, the decoder's step takes the
+    sources' mask too (:func:`_seq2seq_step`).
 
     Raises:
         AttncError: ``spec`` is no checkpoint's, the model is no decoder-only text model, its forward takes
@@ -415,12 +466,26 @@ class Seq2SeqFirstStep(torch.nn.Module):
         self.layers = layers
 
     def forward(self, inputs, decoder_input_ids):
+        return self._run(inputs, None, decoder_input_ids)
+
+    def _run(self, inputs, attention_mask, decoder_input_ids):
         from transformers import DynamicCache, EncoderDecoderCache
 
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        out = self.model(inputs, decoder_input_ids=decoder_input_ids, past_key_values=cache, use_cache=True)
+        mask = {} if attention_mask is None else {"attention_mask": attention_mask}
+        out = self.model(inputs, decoder_input_ids=decoder_input_ids, past_key_values=cache, use_cache=True, **mask)
         return (first_output(out), *_keys_and_values(cache.self_attention_cache, self.layers),
                 *_keys_and_values(cache.cross_attention_cache, self.layers))
+
+
+class MaskedSeq2SeqFirstStep(Seq2SeqFirstStep):
+    """:class:`Seq2SeqFirstStep` on padded sources, ``(input_ids [B, S], attention_mask [B, S],
+    decoder_input_ids [B, T])``, with the same outputs. The cross-attention keys and values at the padding
+    are the projections of the encoder's states there: every later step masks them
+    (:class:`MaskedSeq2SeqStep`'s ``encoder_attention_mask``)."""
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
+        return self._run(input_ids, attention_mask, decoder_input_ids)
 
 
 class Seq2SeqStep(torch.nn.Module):
@@ -443,6 +508,9 @@ class Seq2SeqStep(torch.nn.Module):
 
     def forward(self, decoder_input_ids, *caches):
         # signature: decoder_input_ids, past_0=None, ... (below the class), as CachedStep's
+        return self._run(decoder_input_ids, None, caches)
+
+    def _run(self, decoder_input_ids, encoder_attention_mask, caches):
         from transformers import DynamicCache, EncoderDecoderCache
 
         caches = [c for c in caches if c is not None]
@@ -455,14 +523,25 @@ class Seq2SeqStep(torch.nn.Module):
             cross.update(caches[2 * (self.layers + layer)], caches[2 * (self.layers + layer) + 1], layer)
         key = caches[2 * self.layers]
         encoder = key.new_zeros(key.shape[0], key.shape[2], self.width)
+        # the model hands its attention_mask to the decoder's cross-attention when it gets the encoder's outputs
+        mask = {} if encoder_attention_mask is None else {"attention_mask": encoder_attention_mask}
         out = self.model(encoder_outputs=(encoder,), decoder_input_ids=decoder_input_ids,
-                         past_key_values=EncoderDecoderCache(own, cross), use_cache=True)
+                         past_key_values=EncoderDecoderCache(own, cross), use_cache=True, **mask)
         return (first_output(out), *_keys_and_values(own, self.layers))
 
 
-Seq2SeqStep.forward.__signature__ = inspect.Signature(
-    [_P("self", _P.POSITIONAL_OR_KEYWORD), _P(DECODER, _P.POSITIONAL_OR_KEYWORD),
-     *(_P(f"past_{i}", _P.POSITIONAL_OR_KEYWORD, default=None) for i in range(4 * _MAX_LAYERS))])
+class MaskedSeq2SeqStep(Seq2SeqStep):
+    """:class:`Seq2SeqStep` over padded sources: ``encoder_attention_mask [B, S]`` (the first step's
+    ``attention_mask``, 1 for the sources' tokens) after ``decoder_input_ids``, the cross-attention reading
+    no padding; the same outputs."""
+
+    def forward(self, decoder_input_ids, encoder_attention_mask, *caches):
+        # signature: decoder_input_ids, encoder_attention_mask, past_0=None, ... (below the class)
+        return self._run(decoder_input_ids, encoder_attention_mask, caches)
+
+
+Seq2SeqStep.forward.__signature__ = _step_signature(DECODER, caches=4 * _MAX_LAYERS)
+MaskedSeq2SeqStep.forward.__signature__ = _step_signature(DECODER, SOURCE_MASK, caches=4 * _MAX_LAYERS)
 
 
 def _keys_and_values(cache, layers: int) -> list[torch.Tensor]:
@@ -475,7 +554,8 @@ def with_first_step(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Seq2
     :class:`Seq2SeqFirstStep` on the same weights, its spec the checkpoint's (main input and
     ``decoder_input_ids``) with outputs ``logits``, ``present.N.key`` / ``.value`` and
     ``cross_key_values.N.key`` / ``.value``. Its later steps are :func:`with_past`'s graph; together they
-    decode with :func:`attnc.compiler.decode.generate_seq2seq`.
+    decode with :func:`attnc.compiler.decode.generate_seq2seq`. On :func:`with_attention_mask`'s module and
+    spec, the step takes the sources' mask too, :class:`MaskedSeq2SeqFirstStep`.
 
     Raises:
         AttncError: the checkpoint is no encoder-decoder model, or its caches are not transformers'
@@ -492,25 +572,33 @@ def with_first_step(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Seq2
     source = "seq" if spec.inputs[0].shape[1:2] == ("seq",) else None   # text: as long as the source, else static
     axes = [("batch", h, "tgt", d) for h, k, v, _ in own for d in (k, v)] + \
         [("batch", h, source or s, d) for h, k, v, s in cross for d in (k, v)]
-    return Seq2SeqFirstStep(module.model, len(own)).eval(), dataclasses.replace(
+    cls = MaskedSeq2SeqFirstStep if MASK in spec.input_names else Seq2SeqFirstStep
+    return cls(module.model, len(own)).eval(), dataclasses.replace(
         spec, output_axes=("batch", "tgt"), more_output_axes=tuple(axes), outputs=(decode.LOGITS, *outputs),
-        factory=functools.partial(_rewrapped, spec.factory, Seq2SeqFirstStep, len(own)))
+        factory=functools.partial(_rewrapped, spec.factory, cls, len(own)))
 
 
 def _seq2seq_step(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Seq2SeqStep, CheckpointSpec]:
     """:func:`with_past` of an encoder-decoder checkpoint: its decoder's step, :class:`Seq2SeqStep`; the
-    example inputs are 3 new tokens after 5 cached ones over a cache of the example source's length."""
+    example inputs are 3 new tokens after 5 cached ones over a cache of the example source's length. On
+    :func:`with_attention_mask`'s module and spec, :class:`MaskedSeq2SeqStep`: ``encoder_attention_mask
+    [batch, source]`` after the ids, its example rows padded on the right. The step's outputs are the
+    decoder's, all at tokens: compared everywhere (no ``padding``)."""
     model = module.model
     own, cross = _seq2seq_cache_layout(model, spec)
     ids = dataclasses.replace(spec.inputs[spec.input_names.index(DECODER)], shape=("batch", "seq"))
+    masked = MASK in spec.input_names
+    mask = (InputSpec(SOURCE_MASK, ("batch", "source"), torch.int64, 2),) if masked else ()
     past = _cache_inputs(decode.past_name, own, "past")
     source = _cache_inputs(decode.cross_name, cross, "source")
     width = model.config.get_text_config(decoder=True).d_model
-    return Seq2SeqStep(model, len(own), width).eval(), dataclasses.replace(
-        spec, inputs=(ids, *past, *source), sizes={"batch": BATCH, "seq": STEP, "past": PAST, "source": cross[0][3]},
+    cls = MaskedSeq2SeqStep if masked else Seq2SeqStep
+    return cls(model, len(own), width).eval(), dataclasses.replace(
+        spec, inputs=(ids, *mask, *past, *source),
+        sizes={"batch": BATCH, "seq": STEP, "past": PAST, "source": cross[0][3]},
         dynamic=("batch", "seq", "past", "source", TOTAL), padding="", decoder_start=None, output_axes=("batch", "seq"),
         more_output_axes=_grown(past), outputs=(decode.LOGITS, *_cache_names(decode.present_name, len(own))),
-        factory=functools.partial(_rewrapped, spec.factory, Seq2SeqStep, len(own), width))
+        factory=functools.partial(_rewrapped, spec.factory, cls, len(own), width))
 
 
 def _seq2seq_cache_layout(model: torch.nn.Module, spec: CheckpointSpec
@@ -522,7 +610,8 @@ def _seq2seq_cache_layout(model: torch.nn.Module, spec: CheckpointSpec
     name = type(model).__name__
     fix = "export it without --with-past / --first-step, or its steps through MODULE:FACTORY"
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    inputs, decoder = spec.example_inputs(batch=1)
+    examples = dict(zip(spec.input_names, spec.example_inputs(batch=1)))   # one row: no padding to mask
+    inputs, decoder = examples[spec.input_names[0]], examples[DECODER]
     try:
         with torch.no_grad():
             model(inputs, decoder_input_ids=decoder, past_key_values=cache, use_cache=True)
@@ -539,18 +628,22 @@ def _seq2seq_cache_layout(model: torch.nn.Module, spec: CheckpointSpec
 
 def for_inputs(module: torch.nn.Module, spec, input_names: list[str], output_names: list[str] = ()):
     """The variant of a loaded checkpoint whose inputs are ``input_names`` (and outputs ``output_names``):
-    as loaded, with its attention mask (``--with-attention-mask``), as a cached generation step
-    (``--with-past``) or an encoder-decoder model's first step (``--first-step``); ``(module, spec)``
-    unchanged for anything else."""
+    as loaded, with its attention mask (``--with-attention-mask``: the mask after the main input), as a
+    cached generation step (``--with-past``) or an encoder-decoder model's first step (``--first-step``),
+    each of an encoder-decoder model's also with the sources' mask; ``(module, spec)`` unchanged for
+    anything else."""
     if not isinstance(spec, CheckpointSpec):
         return module, spec
-    if input_names == spec.input_names:
-        return with_first_step(module, spec) if decode.cross_name(0, "key") in output_names else (module, spec)
-    if input_names == [*spec.input_names, MASK]:
-        return with_attention_mask(module, spec)
+    input_names = list(input_names)
     if decode.is_cached_step(input_names):
+        if SOURCE_MASK in input_names:
+            module, spec = with_attention_mask(module, spec)
         return with_past(module, spec)
-    return module, spec
+    if input_names == [spec.input_names[0], MASK, *spec.input_names[1:]]:
+        module, spec = with_attention_mask(module, spec)
+    elif input_names != spec.input_names:
+        return module, spec
+    return with_first_step(module, spec) if decode.cross_name(0, "key") in output_names else (module, spec)
 
 
 def _transformers():

@@ -1,7 +1,8 @@
 """A local Hugging Face checkpoint directory as MODEL: export -> compile -> validate through the CLI,
 the example inputs built from its config, and a clean error for each directory attnc cannot load; text
 checkpoints exported with their attention mask (``--with-attention-mask``), fused and run on padded batches;
-encoder-decoder checkpoints (T5, BART, Whisper) exported as ``(main input, decoder_input_ids) -> logits``.
+encoder-decoder checkpoints (T5, BART, Whisper) exported as ``(main input, decoder_input_ids) -> logits`` and as
+their two generation steps, text ones also on padded sources.
 
 Checkpoints are tiny random models written here with ``save_pretrained``; the exports use the
 TorchScript exporter (a fraction of a second for these models, the dynamo exporter several).
@@ -25,9 +26,10 @@ from attnc import runtime
 from attnc.compiler.backends.onnxruntime import load
 from attnc.compiler.cli import cli
 from attnc.compiler.errors import AttncError
+from attnc.compiler.search import generation_options
 from attnc.compiler.export import resolve_model
 from attnc.models import transformers_zoo
-from attnc.models.hf_checkpoint import load_checkpoint, padding_mask
+from attnc.models.hf_checkpoint import for_inputs, load_checkpoint, mask_positions, padding_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -385,10 +387,10 @@ def test_generate_with_the_compiled_step_gives_transformers_tokens(checkpoint, r
     ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(5))
     mask = padding_mask(3, 7, "left")
 
-    def theirs(**eos):
+    def theirs(**options):
         with torch.no_grad():
             return model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
-                                  **eos).numpy()
+                                  **options).numpy()
 
     ours = runtime.generate(step, ids.numpy(), mask.numpy(), max_new_tokens=10)
     assert ours.shape == (3, 17)
@@ -398,6 +400,35 @@ def test_generate_with_the_compiled_step_gives_transformers_tokens(checkpoint, r
     ended = runtime.generate(step, ids.numpy(), mask.numpy(), max_new_tokens=10, eos_token_id=ends, pad_token_id=0)
     np.testing.assert_array_equal(ended, theirs(eos_token_id=ends))
     assert (ended[0, 10:] == 0).all() and (ended[1, 13:] == 0).all()
+
+    # beam search (the cache and the mask reordered and expanded by beam) and logits processors; the beams'
+    # three most frequent tokens as end tokens finish beams early
+    beams = runtime.generate(step, ids.numpy(), mask.numpy(), max_new_tokens=10, num_beams=4, num_return_sequences=4)
+    np.testing.assert_array_equal(beams, theirs(num_beams=4, num_return_sequences=4))
+    ends = [token for token, _ in Counter(beams[:, 7:].ravel().tolist()).most_common(3)]
+    lengths = set()
+    for options in (dict(num_beams=3, num_return_sequences=2), dict(num_beams=4, length_penalty=-1.0),
+                    dict(num_beams=3, early_stopping=True, no_repeat_ngram_size=2),
+                    dict(num_beams=2, early_stopping="never", length_penalty=2.0, min_new_tokens=3),
+                    dict(repetition_penalty=1.5, no_repeat_ngram_size=3, min_length=12)):
+        got = runtime.generate(step, ids.numpy(), mask.numpy(), max_new_tokens=10, eos_token_id=ends, pad_token_id=0,
+                               **options)
+        np.testing.assert_array_equal(got, theirs(eos_token_id=ends, **options), err_msg=str(options))
+        lengths.add(got.shape[1])
+    assert min(lengths) < 17, "no beam search ended before its last token"
+
+    # sampling: each token among the 3 most likely of an uncached forward on its prefix; top-k 1 is greedy
+    sampled = runtime.generate(step, ids.numpy(), mask.numpy(), max_new_tokens=6, do_sample=True, top_k=3,
+                               temperature=3.0, num_return_sequences=2, seed=1)
+    rows = np.concatenate([np.repeat(mask.numpy(), 2, axis=0), np.ones((6, 5), np.int64)], axis=1)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(sampled[:, :-1]), attention_mask=torch.from_numpy(rows),
+                       position_ids=mask_positions(torch.from_numpy(rows))).logits.numpy()
+    top3 = np.argsort(-logits[:, 6:], axis=-1)[..., :3]
+    assert (top3 == sampled[:, 7:, None]).any(-1).all()
+    assert (sampled[0::2] != sampled[1::2]).any(), "two samples of each prompt, both greedy"
+    np.testing.assert_array_equal(runtime.generate(step, ids.numpy(), mask.numpy(), max_new_tokens=10,
+                                                   do_sample=True, top_k=1), theirs())
 
 
 def test_generate_example_gives_transformers_tokens(monkeypatch, capsys):
@@ -464,6 +495,11 @@ def _seq2seq(name: str) -> torch.nn.Module:
         # Fresh embeddings (std 1) swamp a random decoder's residual stream: greedy decoding would repeat the
         # start token (the tied output layer's best match). Scaled down, each step picks another token.
         model.get_input_embeddings().weight.mul_(0.05)
+        if name == "bart":
+            # BART's random decoder barely reads its encoder (the same tokens for every source): its cross-attention
+            # output scaled up, the sources (and their padding) steer the tokens.
+            for layer in model.model.decoder.layers:
+                layer.encoder_attn.out_proj.weight.mul_(10)
     return model
 
 
@@ -563,6 +599,22 @@ def test_seq2seq_base_model_and_the_decoder_start_token(tmp_path):
     assert load_checkpoint(str(tmp_path / "t5_bos"))[1].example_inputs()[1][:, 0].tolist() == [7, 7]
 
 
+def teacher_forced(first, step, sources: dict, tokens: np.ndarray) -> np.ndarray:
+    """The logits of the target ``tokens [B, 5]`` through an encoder-decoder model's compiled steps: 2 through the
+    first step (the encoder on ``sources``), then 1 and 2 through the later steps, each on the caches the step
+    before returned (and the sources' ``attention_mask`` as ``encoder_attention_mask`` where ``sources`` has one)."""
+    outputs = first.infer({**sources, "decoder_input_ids": tokens[:, :2]})
+    fixed = {k: v for k, v in outputs.items() if k.startswith("cross_key_values.")}
+    fixed.update({"encoder_attention_mask": sources["attention_mask"]} if "attention_mask" in sources else {})
+    logits = [outputs["logits"]]
+    for new in (tokens[:, 2:3], tokens[:, 3:]):
+        cache = {k.replace("present.", "past_key_values."): v for k, v in outputs.items() if k.startswith("present.")}
+        outputs = step.infer({"decoder_input_ids": new, **cache, **fixed})
+        logits.append(outputs["logits"])
+    assert outputs["present.1.value"].shape[2] == 5
+    return np.concatenate(logits, axis=1)
+
+
 @pytest.mark.parametrize("name,exporter", [("t5", "torchscript"), ("bart", "torchscript"), ("whisper", "torchscript"),
                                            ("bart", "dynamo")])
 def test_seq2seq_cached_generation(name, exporter, seq2seq, tmp_path):
@@ -590,24 +642,17 @@ def test_seq2seq_cached_generation(name, exporter, seq2seq, tmp_path):
     inputs = spec.example_inputs(batch=3, seed=4)[0]
     first, step = runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step")
 
-    # teacher forcing: 2 tokens through the first step, then 1, then 2 through the later steps, each on the caches
-    # the step before returned: the logits of one uncached pass over all 5
     tokens = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(6))
     tokens[:, 0] = spec.decoder_start
-    outputs = first.infer({spec.input_names[0]: inputs.numpy(), "decoder_input_ids": tokens[:, :2].numpy()})
-    cross = {k: v for k, v in outputs.items() if k.startswith("cross_key_values.")}
-    logits = [outputs["logits"]]
-    for new in (tokens[:, 2:3], tokens[:, 3:]):
-        cache = {k.replace("present.", "past_key_values."): v for k, v in outputs.items() if k.startswith("present.")}
-        outputs = step.infer({"decoder_input_ids": new.numpy(), **cache, **cross})
-        logits.append(outputs["logits"])
-    assert outputs["present.1.value"].shape[2] == 5
     with torch.no_grad():
         want = model(inputs, decoder_input_ids=tokens, use_cache=False).logits.numpy()
-    np.testing.assert_allclose(np.concatenate(logits, axis=1), want, rtol=1e-4, atol=1e-5)
+    got = teacher_forced(first, step, {spec.input_names[0]: inputs.numpy()}, tokens.numpy())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
     ours = runtime.generate_seq2seq(first, step, inputs.numpy(), spec.decoder_start, max_new_tokens=8)
     assert len(np.unique(ours[:, 1:])) > 2   # not the start token over and over
+    with pytest.raises(AttncError, match="given to artefacts that take none"):
+        runtime.generate_seq2seq(first, step, inputs.numpy(), spec.decoder_start, attention_mask=np.ones((3, 16)))
     tokens = torch.full((3, 1), spec.decoder_start)
     with torch.no_grad():
         for _ in range(8):
@@ -620,10 +665,89 @@ def test_seq2seq_cached_generation(name, exporter, seq2seq, tmp_path):
         np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.parametrize("name,exporter", [("t5", "torchscript"), ("bart", "dynamo")])
+def test_seq2seq_padded_sources(name, exporter, seq2seq, tmp_path):
+    """Sources of different lengths padded on the right, --with-attention-mask: the full forward (input_ids,
+    attention_mask, decoder_input_ids) -> logits, the first step taking the mask and the later steps taking it as
+    encoder_attention_mask, each fused and validated on padded example rows (the dynamo case exports the later
+    steps with dynamo). On ONNX Runtime, 3 sources of 10, 7 and 4 tokens: teacher-forced steps give the logits
+    of transformers' uncached masked forward, and greedy decoding its generate's tokens, each row those it gets
+    alone, unpadded (and not those it gets with its padding read)."""
+    ckpt = seq2seq(name)
+    # the full forward's example inputs from --input-shape: the mask goes between the ids
+    shapes = ("--input-shape", "input_ids:3x12:int64", "--input-shape", "decoder_input_ids:3x5:int64", "--int-high", 64)
+    for graph, options, by in (("full", shapes, "torchscript"), ("first", ("--first-step",), "torchscript"),
+                               ("step", ("--with-past",), exporter)):
+        run("export", ckpt, "-o", tmp_path / f"{graph}.onnx", "--exporter", by, "--with-attention-mask", *options)
+        run("compile", tmp_path / f"{graph}.onnx", "-o", tmp_path / graph)
+        run("validate", tmp_path / graph, "--model", ckpt)
+        assert json.loads((tmp_path / graph / "report.json").read_text())["passed"], graph
+    masked = [("input_ids", ["batch", "seq"]), ("attention_mask", ["batch", "seq"]),
+              ("decoder_input_ids", ["batch", "tgt"])]
+    assert graph_inputs(tmp_path / "full.onnx") == graph_inputs(tmp_path / "first.onnx") == masked
+    step_inputs = dict(graph_inputs(tmp_path / "step.onnx"))
+    assert list(step_inputs)[:3] == ["decoder_input_ids", "encoder_attention_mask", "past_key_values.0.key"]
+    assert step_inputs["encoder_attention_mask"] == ["batch", "source"]
+    assert step_inputs["cross_key_values.1.value"] == ["batch", 4, "source", 8]
+    causal = {"t5": "decoder", "bart": "decoder causal"}[name]
+    for graph in ("full", "first"):
+        assert attention_roles(tmp_path / graph / "model.fused.onnx") == {"encoder": 2, causal: 2, "cross": 2}
+    assert json.loads((tmp_path / "step" / "manifest.json").read_text())["ops_after"].get("Attention") == 4
+    # validate fed padded rows (16 and 8 tokens) to the first step and the later steps
+    module, spec = resolve_model(str(ckpt))
+    first, step = runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step")
+    for runner, mask_name in ((first, "attention_mask"), (step, "encoder_attention_mask")):
+        _, variant = for_inputs(module, spec, [s.name for s in runner.input_specs], runner.output_names)
+        examples = dict(zip(variant.input_names, variant.example_inputs()))
+        assert torch.equal(examples[mask_name], padding_mask(2, 16, "right")), mask_name
+
+    model = module.model
+    ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(2))
+    mask = padding_mask(3, 10, "right")   # 10, 7 and 4 tokens; the ids under the padding stay random
+    tokens = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(6))
+    tokens[:, 0] = spec.decoder_start
+    got = teacher_forced(first, step, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, tokens.numpy())
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, decoder_input_ids=tokens, use_cache=False).logits.numpy()
+        unmasked = model(ids, decoder_input_ids=tokens, use_cache=False).logits.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    for row in (1, 2):   # what the padded rows get with their padding read: out of that tolerance
+        assert not np.allclose(got[row], unmasked[row], rtol=1e-4, atol=1e-5)
+
+    # the checkpoint's generation_config.json: start, end and pad tokens (BART's also forces its end token last)
+    options = generation_options(ckpt)
+    assert options["decoder_start_token_id"] == spec.decoder_start
+    beams = dict(num_beams=3, num_return_sequences=2, length_penalty=0.7)
+    with torch.no_grad():
+        theirs = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8).numpy()
+        their_beams = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8, **beams).numpy()
+    ours = runtime.generate_seq2seq(first, step, ids.numpy(), max_new_tokens=8, attention_mask=mask.numpy(),
+                                    **options)
+    np.testing.assert_array_equal(ours, theirs)
+    assert len(np.unique(ours[:, 1:])) > 2
+    # beam search: each source's cross-attention cache and mask expanded to its beams
+    np.testing.assert_array_equal(runtime.generate_seq2seq(first, step, ids.numpy(), max_new_tokens=8,
+                                                           attention_mask=mask.numpy(), **options, **beams),
+                                  their_beams)
+    for row, length in enumerate(mask.sum(1).tolist()):
+        alone = runtime.generate_seq2seq(first, step, ids[row:row + 1, :length].numpy(), max_new_tokens=8,
+                                         **options)[0]   # no mask: all ones
+        np.testing.assert_array_equal(ours[row, :len(alone)], alone)
+        assert (ours[row, len(alone):] == options["pad_token_id"]).all()
+    # the padding read as tokens changes the padded rows' tokens: what the comparison above rules out
+    read = runtime.generate_seq2seq(first, step, ids.numpy(), max_new_tokens=8, **options)
+    assert (read[1:] != ours[1:]).any(axis=1).all()
+
+    run("export", ckpt, "-o", tmp_path / "plain_step.onnx", "--exporter", "torchscript", "--with-past")
+    with pytest.raises(AttncError, match="both with --with-attention-mask, or both without"):
+        runtime.generate_seq2seq(first, load(tmp_path / "plain_step.onnx"), ids.numpy(), spec.decoder_start)
+
+
 def test_seq2seq_errors(seq2seq, gqa_llama, tmp_path):
     out = tmp_path / "m.onnx"
-    assert_clean_error(run("export", seq2seq("t5"), "-o", out, "--with-attention-mask", ok=False),
-                       "encoder-decoder", "without --with-attention-mask")
+    for step in ((), ("--first-step",)):
+        assert_clean_error(run("export", seq2seq("whisper"), "-o", out, "--with-attention-mask", *step, ok=False),
+                           "takes 'input_features', not token ids", "without --with-attention-mask")
     assert_clean_error(run("export", gqa_llama, "-o", out, "--first-step", ok=False), "no encoder-decoder checkpoint")
     assert_clean_error(run("export", seq2seq("t5"), "-o", out, "--first-step", "--with-past", ok=False),
                        "two graphs")
