@@ -17,11 +17,13 @@ plugins) run with their Triton kernels; ``Engine(path, plugin_impl="reference")`
 their torch reference instead (slow; to check the kernels). The choice is per engine: engines
 loaded with different ones run side by side in one process.
 
-``generate`` decodes greedily with a compiled generation step that carries its KV cache (``attnc export
-CKPT --with-past``)::
+``generate`` decodes with a compiled generation step that carries its KV cache (``attnc export
+CKPT --with-past``): greedily, or with beam search, sampling and logits processors, named and meant as
+transformers' ``generate`` options (``generation_options`` reads a checkpoint's)::
 
     step = runtime.load("out/")
     tokens = runtime.generate(step, prompt_ids, prompt_mask, max_new_tokens=32, eos_token_id=2)
+    tokens = runtime.generate(step, prompt_ids, prompt_mask, max_new_tokens=32, num_beams=4)
 
 and ``generate_seq2seq`` with an encoder-decoder model's first step (``--first-step``) and later steps
 (``--with-past``); exported with ``--with-attention-mask`` too, they decode sources padded on the right::
@@ -33,5 +35,6 @@ and ``generate_seq2seq`` with an encoder-decoder model's first step (``--first-s
 from attnc.compiler.backends.tensorrt import EngineRunner as Engine
 from attnc.compiler.decode import generate, generate_seq2seq
 from attnc.compiler.pipeline import load_artefact as load
+from attnc.compiler.search import GenerationOptions, generation_options
 
-__all__ = ["Engine", "generate", "generate_seq2seq", "load"]
+__all__ = ["Engine", "GenerationOptions", "generate", "generate_seq2seq", "generation_options", "load"]

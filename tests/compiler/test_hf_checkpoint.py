@@ -682,6 +682,10 @@ def test_seq2seq_padded_sources(name, exporter, seq2seq, tmp_path):
         run("compile", tmp_path / f"{graph}.onnx", "-o", tmp_path / graph)
         run("validate", tmp_path / graph, "--model", ckpt)
         assert json.loads((tmp_path / graph / "report.json").read_text())["passed"], graph
+    # the logits are over targets, all tokens: compared everywhere; the cross-attention cache at source tokens
+    source = {graph: json.loads((tmp_path / graph / "report.json").read_text())["meta"]["input_source"]
+              for graph in ("full", "first")}
+    assert "not compared" not in source["full"] and "cross_key_values.0.key" in source["first"]
     masked = [("input_ids", ["batch", "seq"]), ("attention_mask", ["batch", "seq"]),
               ("decoder_input_ids", ["batch", "tgt"])]
     assert graph_inputs(tmp_path / "full.onnx") == graph_inputs(tmp_path / "first.onnx") == masked
