@@ -5,10 +5,10 @@ What ``attnc export CKPT --with-past && attnc compile ... && attnc validate ...`
 ``attnc.runtime.generate`` do, in one script: it exports the checkpoint's generation step with its KV cache,
 compiles it (every layer's attention becomes one ONNX ``Attention``), validates it against PyTorch, generates
 ``--generate`` tokens greedily after a left-padded batch of random prompts, does the same with transformers'
-``generate(do_sample=False)`` (beam search with ``--num-beams``), and prints whether the tokens agree and the
-time per generated token of each
-(on a CPU only the ratio means much). An encoder-decoder checkpoint gets its two graphs, the first step
-(``--first-step``: encoder, start token, cross-attention keys and values) and the later ones, and decodes
+``generate(do_sample=False)`` (beam search with ``--num-beams``), and prints whether the tokens agree and
+the time per generated token of each (on a CPU only the ratio means much). An encoder-decoder checkpoint
+gets its two graphs, the first step (``--first-step``: encoder, start token, cross-attention keys and
+values) and the later ones, both taking the sources' padding mask, and decodes sources padded on the right
 with ``attnc.runtime.generate_seq2seq``. Without ``--checkpoint`` it writes a random ``--model``, a Llama
 (grouped-query attention, rotary positions) or a T5 (``--width``, ``--layers``), with ``save_pretrained``
 first: no hub is reached::
@@ -35,7 +35,8 @@ import torch
 from attnc import runtime
 from attnc.compiler.export import export_onnx
 from attnc.compiler.pipeline import CompileOptions, compile_model, validate_artefact
-from attnc.models.hf_checkpoint import load_checkpoint, padding_mask, with_first_step, with_past
+from attnc.models.hf_checkpoint import (load_checkpoint, padding_mask, with_attention_mask, with_first_step,
+                                        with_past)
 from attnc.models.transformers_zoo import perturbed
 
 
@@ -94,6 +95,8 @@ def main() -> None:
         loaded = load_checkpoint(str(checkpoint))
         model, spec = loaded[0].model, loaded[1]
         seq2seq = "decoder_input_ids" in spec.input_names
+        if seq2seq:   # sources of different lengths: both graphs take the sources' padding mask
+            loaded = with_attention_mask(*loaded)
         graphs = [compile_and_validate(*with_first_step(*loaded), checkpoint, tmp / "first", args.exporter)] \
             if seq2seq else []
         graphs.append(compile_and_validate(*with_past(*loaded), checkpoint, tmp / "step", args.exporter))
@@ -103,17 +106,18 @@ def main() -> None:
 
         vocab = spec.inputs[0].high
         ids = torch.randint(0, vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
-        mask = padding_mask(args.batch, args.prompt, "left")
+        mask = padding_mask(args.batch, args.prompt, "right" if seq2seq else "left")
         eos = model.generation_config.eos_token_id
         beams = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
         runners = [runtime.load(folder, threads=args.threads) for folder, _, _ in graphs]
         if seq2seq:
             def ours_generate(n):
                 return runtime.generate_seq2seq(*runners, ids.numpy(), spec.decoder_start, max_new_tokens=n,
-                                                eos_token_id=eos, pad_token_id=0, **beams)
+                                                eos_token_id=eos, pad_token_id=0, attention_mask=mask.numpy(), **beams)
 
             def their_generate(n):
-                return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, **beams)
+                return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                                      **beams)
         else:
             def ours_generate(n):
                 return runtime.generate(*runners, ids.numpy(), mask.numpy(), max_new_tokens=n, eos_token_id=eos,
