@@ -310,6 +310,10 @@ def _dims(shape) -> str:
               help="Grouped-query attention: prune whole K/V groups (a K/V head with its query heads), or the "
                    "same number of query heads inside every group, keeping all K/V heads (query; the only way "
                    "to prune a multi-query model).")
+@click.option("--prune-keep", metavar="PLAN",
+              help="Prune the heads another compile's --prune-heads kept (instead of --prune-heads): its output "
+                   "directory or manifest.json, or JSON {layer: [heads]}. Layers are found by their weights, so a "
+                   "plain export's plan prunes its --with-past step alike, KV cache included.")
 @click.option("--calibration", type=click.Path(dir_okay=False),
               help="Calibration inputs (.npz keyed by input name) for head scores / the exit layer.")
 @click.option("--token-exit", type=click.Choice(["static", "dynamic"]),
@@ -331,8 +335,8 @@ def _dims(shape) -> str:
               help="TensorRT: run fused nodes as attnc plugins, or inline their ONNX function bodies.")
 @_handle_errors
 def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, lower, prune_heads, prune_method,
-                prune_granularity, calibration, token_exit, visual_tokens, exit_layer, exit_gate, min_shapes, opt_shapes,
-                max_shapes, workspace, timing_cache, fused_ops) -> None:
+                prune_granularity, prune_keep, calibration, token_exit, visual_tokens, exit_layer, exit_gate,
+                min_shapes, opt_shapes, max_shapes, workspace, timing_cache, fused_ops) -> None:
     """Run the pass pipeline on an ONNX model and build a BACKEND artefact in OUT_DIR."""
     from attnc.compiler.pipeline import CompileOptions, compile_model
 
@@ -347,7 +351,7 @@ def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, lowe
                              families=list(families) or None,
                              lower=None if not lower else [f for f in lower if f != "none"],
                              backend_options=backend_options, prune_heads=prune_heads, prune_method=prune_method,
-                             prune_granularity=prune_granularity, calibration=calibration,
+                             prune_granularity=prune_granularity, prune_keep=prune_keep, calibration=calibration,
                              token_exit=token_exit, visual_tokens=visual_tokens, exit_layer=exit_layer,
                              exit_gate=exit_gate)
     with console.status("compiling") as status:

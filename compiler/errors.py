@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 class AttncError(Exception):
     """A user-facing error: ``problem`` says what is wrong, ``fix`` what to do.
@@ -22,3 +25,17 @@ class ValidationFailed(AttncError):
     """Outputs of a compiled artefact differ from PyTorch beyond tolerance (exit code 1)."""
 
     exit_code = 1
+
+
+def read_json(path, default_name: str, what: str, fix: str) -> tuple[Path, object]:
+    """``(file, data)`` of a JSON file a user named: ``path`` itself, or ``path / default_name`` for a directory.
+
+    Raises:
+        AttncError: "cannot read ``what`` from ..." with ``fix``, when the file is missing or no JSON.
+    """
+    path = Path(path).expanduser()
+    file = path / default_name if path.is_dir() else path
+    try:
+        return file, json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise AttncError(f"cannot read {what} from {path} ({type(exc).__name__}: {exc})", fix) from None

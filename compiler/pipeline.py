@@ -49,6 +49,7 @@ class CompileOptions:
     prune_heads: str | None = None      # a ratio ("0.25") or a head count ("4")
     prune_method: str = "activation"
     prune_granularity: str = "group"    # grouped-query layers: "group" (whole K/V groups) or "query"
+    prune_keep: str | None = None       # the heads another compile kept: its artefact dir / manifest, or JSON
     calibration: str | None = None      # .npz of calibration inputs (one batch), keyed by input name
     token_exit: str | None = None       # "static" or "dynamic"
     visual_tokens: int | None = None
@@ -167,6 +168,9 @@ def route_shapes(model: onnx.ModelProto, options: CompileOptions) -> dict[str, l
 def _shrink(model: onnx.ModelProto, options: CompileOptions, step) -> dict:
     """Token exit, then head pruning; returns ``{"model": ..., <pass>: report}``."""
     result: dict = {"model": model}
+    if options.prune_heads and options.prune_keep:
+        raise AttncError("--prune-heads and --prune-keep both choose the heads to prune",
+                         "give one: a ratio or count to score heads, or a keep plan to prune the heads it names")
     calibration = None
     if options.calibration:
         from attnc.compiler import validate
@@ -193,6 +197,12 @@ def _shrink(model: onnx.ModelProto, options: CompileOptions, step) -> dict:
         result["model"], report = prune_heads.apply(result["model"], options.prune_heads,
                                                     calibration_feeds=calibration, method=options.prune_method,
                                                     granularity=options.prune_granularity)
+        result["prune_heads"] = report.to_dict()
+    if options.prune_keep:
+        from attnc.passes import prune_heads
+
+        step(f"pruning heads to those {options.prune_keep} keeps")
+        result["model"], report = prune_heads.apply_keep(result["model"], options.prune_keep)
         result["prune_heads"] = report.to_dict()
     return result
 
@@ -283,6 +293,7 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     from attnc.compiler.export import resolve_model
     from attnc.compiler.report import write_report
     from attnc.models.hf_checkpoint import MASK, CheckpointSpec, for_inputs
+    from attnc.passes.prune_heads import kept_cache_runs
 
     manifest = load_manifest(artefact_dir)
     runner = _runner(artefact_dir, manifest)
@@ -309,14 +320,23 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
         tolerances = {name: tol for name in runner.output_names}
     reference = validate.torch_reference(module, [s.name for s in runner.input_specs], runner.output_names)
     compared = runner
-    if isinstance(spec, CheckpointSpec) and spec.padding:
+    runs = kept_cache_runs(reference, runner.infer, manifest.get("shrink", {}).get("prune_heads"))
+    if runs:
+        # A generation step pruned with its KV cache holds the kept heads of the checkpoint's cache: it gets those
+        # of the cache the checkpoint gets, its new cache is compared with those of the checkpoint's, and its
+        # logits with the checkpoint's, as a pruned model's outputs are with the unpruned model's.
+        reference, infer = runs
+        compared = types.SimpleNamespace(infer=infer)
+        source += "; the pruned KV cache: the kept heads of the checkpoint's"
+    axes = spec.token_axes() if isinstance(spec, CheckpointSpec) and spec.padding else {}
+    if axes:
         # A query that attends to nothing (padding in front of a causal row, a row of padding) has no defined
         # output: torch gives it zeros or uniform weights by attention implementation, ONNX Runtime's Attention
-        # zeros, other kernels NaN. Outputs at padding are zeroed on both sides before the comparison.
-        axes = spec.token_axes()
+        # zeros, other kernels NaN. Outputs at padding are zeroed on both sides before the comparison (an
+        # encoder-decoder model's logits are over its targets, all tokens: compared everywhere).
         reference = tokens_only(reference, feeds[MASK], axes)
-        compared = types.SimpleNamespace(infer=tokens_only(runner.infer, feeds[MASK], axes))
-        source += "; outputs at padding (attention_mask 0) not compared"
+        compared = types.SimpleNamespace(infer=tokens_only(compared.infer, feeds[MASK], axes))
+        source += f"; {', '.join(axes)} at padding (attention_mask 0) not compared"
     result = validate.validate(reference, compared, feeds, precision=precision, tolerances=tolerances)
     meta = {
         "model": model_ref,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attnc.compiler.errors import AttncError
+from attnc.compiler.errors import AttncError, read_json
 
 LOGITS = "logits"   # the steps' output the tokens are chosen from (attnc.compiler.decode's contract)
 # transformers' stand-in for minus infinity in beam scores (float32, as its beam search computes them).
@@ -111,12 +111,10 @@ def generation_options(path: str | Path) -> dict:
         AttncError: no such file, not JSON, or it sets an option attnc does not implement (named).
     """
     path = Path(path).expanduser()
-    file = path / "generation_config.json" if path.is_dir() else path
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise AttncError(f"cannot read generation options from {file} ({type(exc).__name__}: {exc})",
-                         "pass a checkpoint directory with a generation_config.json, or that file") from None
+    file, config = read_json(path, "generation_config.json", "generation options",
+                             "pass a checkpoint directory with a generation_config.json, or that file")
+    if not isinstance(config, dict):
+        raise AttncError(f"{file} holds no generation options (a JSON object)", "pass a generation_config.json")
     fields = {f.name for f in dataclasses.fields(GenerationOptions)}
     unknown = sorted(k for k, v in config.items()
                      if k not in fields and k not in _NOT_OPTIONS and (k not in _NEUTRAL or v != _NEUTRAL[k]))

@@ -107,9 +107,9 @@ def _export_key(exporter, model, inputs, *args) -> str | None:
         if depth > 6:
             raise _Unkeyable
         if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().contiguous()
             digest.update(f"T{value.dtype}{tuple(value.shape)}".encode())
-            digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+            flat = value.detach().cpu().contiguous().reshape(-1)   # 0-d tensors cannot be viewed as bytes
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
         elif isinstance(value, (list, tuple, set, frozenset)):
             items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
             digest.update(f"{type(value).__name__}{len(value)}".encode())

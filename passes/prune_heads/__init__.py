@@ -72,6 +72,18 @@ becomes ``g'`` and the merge Reshape's head entry the constant ``H'`` (unless it
 tiled repeat (query head ``h`` reads ``h % H_kv``) keeps that mapping by reordering the kept query
 heads slot-major in the Q projection columns and output-projection rows.
 
+A generation step with its KV cache (``attnc export CKPT --with-past``) appends each layer's new keys and values
+to cache inputs, ``Concat(past_key_values.N.key, k)`` along the tokens, and returns that as ``present.N.key``. The
+walk from K / V passes such a ``Concat`` of one graph input (through ``Identity`` or one-input ``Concat``s:
+TorchScript's copy of transformers' ``DynamicCache``) and records the graph inputs and outputs holding the layer's
+heads (:attr:`AttentionLayer.interface`); pruning declares the kept head count on them (the K/V heads a ``"group"``
+prune keeps; a ``"query"`` prune leaves them), so the pruned step takes and returns a cache of the kept heads, and
+its report names them per layer (``LayerPrune.cache``: which heads of the unpruned cache it keeps). A rotary table
+computed from the step's mask (positions from the mask) has one entry on the heads axis and reads no weight matrix:
+it is passed as a table. Scoring a step's heads needs real caches: :func:`apply` refuses random calibration there;
+:func:`apply_keep` prunes the heads a plain export's pruning kept (:class:`KeepPlan`, layers matched by
+:func:`layer_fingerprint`, a hash of the output projection's weights).
+
 Agent attention keeps heads on channel axes outside the core too: its agent tokens are Q's
 grid average-pooled per channel, and a depthwise conv of V's grid is added to the merged
 heads. Both paths are walked from Q / V tracking which factors (head, head dim, other) each
@@ -100,7 +112,7 @@ Modules, each on those before it: ``model`` (the layer model), ``shapes`` (readi
 ``projection`` (the constant projection behind a tensor, RMSNorms across the heads), ``trace`` (Q/K/V back to their
 head split and projection), ``output`` (the core output forward to the output projection, agent attention's channel
 paths), ``layers`` (finding the layers), ``rewrite`` (selecting heads, slicing them out), ``scores`` (scoring heads)
-and ``pipeline`` (iterative selection, :func:`apply`).
+and ``pipeline`` (iterative selection, :func:`apply`, keep plans and :func:`apply_keep`).
 
 Tests: ``tests/passes/test_prune_heads.py``; numbers: ``benchmarks/bench_shrink.py``; docs: ``docs/shrink.md``.
 """
@@ -110,11 +122,15 @@ from __future__ import annotations
 from attnc.passes.prune_heads.layers import (attention_cores, find_attention_layers, survey_attention_layers,
                                              value_projection)
 from attnc.passes.prune_heads.model import AttentionLayer
-from attnc.passes.prune_heads.pipeline import CALIBRATION_BATCH, CALIBRATION_TOKENS, apply, select_heads_iteratively
-from attnc.passes.prune_heads.rewrite import GRANULARITIES, LayerPrune, PruneReport, prune_heads, select_heads
+from attnc.passes.prune_heads.pipeline import (CALIBRATION_BATCH, CALIBRATION_TOKENS, KeepPlan, apply, apply_keep,
+                                               kept_cache_heads, kept_cache_runs, load_keep_plan,
+                                               select_heads_iteratively)
+from attnc.passes.prune_heads.rewrite import (GRANULARITIES, LayerPrune, PruneReport, layer_fingerprint, prune_heads,
+                                              select_heads)
 from attnc.passes.prune_heads.scores import METHODS, gates_from_keep, head_gates, score_heads, torch_attention_modules
 
-__all__ = ["CALIBRATION_BATCH", "CALIBRATION_TOKENS", "GRANULARITIES", "METHODS", "AttentionLayer", "LayerPrune",
-           "PruneReport", "apply", "attention_cores", "find_attention_layers", "gates_from_keep", "head_gates",
-           "prune_heads", "score_heads", "select_heads", "select_heads_iteratively", "survey_attention_layers",
-           "torch_attention_modules", "value_projection"]
+__all__ = ["CALIBRATION_BATCH", "CALIBRATION_TOKENS", "GRANULARITIES", "METHODS", "AttentionLayer", "KeepPlan",
+           "LayerPrune", "PruneReport", "apply", "apply_keep", "attention_cores", "find_attention_layers",
+           "gates_from_keep", "head_gates", "kept_cache_heads", "kept_cache_runs", "layer_fingerprint",
+           "load_keep_plan", "prune_heads", "score_heads", "select_heads", "select_heads_iteratively",
+           "survey_attention_layers", "torch_attention_modules", "value_projection"]

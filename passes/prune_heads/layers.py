@@ -330,27 +330,8 @@ def _score_terms(model, kind, node, prod, cons, heads: int) -> list[tuple[str, i
     return terms
 
 
-def _cache_input(model, t: str, prod, depth: int = 8) -> str | None:
-    """The graph input that ``t`` (a core's K or V) appends its new keys to, within ``depth`` nodes of it: a
-    generation step's ``Concat(past_key_values.N.key, k)``, before or after a grouped-query repeat."""
-    inputs = {i.name for i in model.graph.input} - {i.name for i in model.graph.initializer}
-    frontier = [t]
-    for _ in range(depth):
-        nodes = [prod[x] for x in frontier if x in prod]
-        for node in nodes:
-            if node.op_type == "Concat" and (found := next((x for x in node.input if x in inputs), None)):
-                return found
-        frontier = [x for node in nodes for x in node.input if x]
-    return None
-
-
 def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
            agent: _AgentParts | None = None) -> AttentionLayer:
-    for role, t in (("K", k), ("V", v)):
-        if (cache := _cache_input(model, t, prod)) is not None:
-            raise _Unrecognised(f"its {role} extends the cache input {cache!r}: a KV cache's heads are the "
-                                "model's interface (prune a plain export to choose heads; a pruned cached step "
-                                "is not built)")
     walks = {role: _projected_walk(_walk_back(model, t, prod), t) for role, t in (("Q", q), ("K", k), ("V", v))}
     for walk in walks.values():
         _restrict_columns(walk)
@@ -458,7 +439,8 @@ def _layer(model, index, node, kind, q, k, v, out, prod, cons, shapes,
                           kept_reshapes=kept_reshapes, heads_ranges=ranges, channel_ops=channel_ops,
                           head_regroups=list(dict.fromkeys((node_name, axis, role, count)
                                                            for role, walk in walks.items()
-                                                           for node_name, axis, count in walk.regroups)))
+                                                           for node_name, axis, count in walk.regroups)),
+                          interface=_interface(model, walks, heads, h))
 
 
 def _grouping(model, kind, heads: dict[str, int], walks: dict[str, _Walk], prod
@@ -483,3 +465,22 @@ def _grouping(model, kind, heads: dict[str, int], walks: dict[str, _Walk], prod
     for role, repeat in (("K", repeat_k), ("V", repeat_v)):
         _check_repeat(model, repeat, h, kv_heads, walks[role].path, prod)
     return (np.arange(h) // group if repeat_k.kv_major else np.arange(h) % kv_heads), [repeat_k, repeat_v]
+
+
+def _interface(model, walks: dict[str, _Walk], heads: dict[str, int], h: int) -> dict[str, tuple[int, int, str]]:
+    """``{name: (heads axis, head count, role)}`` of the graph inputs and outputs that hold a layer's heads: the cache
+    inputs its K/V are concatenated behind (a generation step's ``past_key_values.N.key``) and the graph outputs on
+    its Q/K/V paths (``present.N.key``), each holding the role's heads (``heads[role]``: the K/V heads of grouped-query
+    attention) or, behind a repeat of the K/V heads, the ``h`` query heads. Pruning declares the new count there."""
+    values = {v.name: v for v in (*model.graph.input, *model.graph.output)}
+    found: dict[str, tuple[int, int, str]] = {}
+    for role, walk in walks.items():
+        for name, axis, behind_repeat in walk.interface:
+            count = heads[role] if behind_repeat or walk.repeat is None else h
+            dims = values[name].type.tensor_type.shape.dim
+            declared = dims[axis].dim_value if axis < len(dims) and dims[axis].HasField("dim_value") else None
+            if declared is not None and declared != count or found.get(name, (axis, count))[:2] != (axis, count):
+                raise _Unrecognised(f"{name}, a graph input or output on the {role} path, declares {declared} heads "
+                                    f"on axis {axis} where the path holds {count}")
+            found.setdefault(name, (axis, count, role))
+    return found

@@ -147,6 +147,10 @@ class AttentionLayer:
     # (node, heads axis, role, the head count there: H or H_kv, see _Walk.regroups).
     head_regroups: list[tuple[str, int, str, int]] = field(default_factory=list, repr=False)
     channel_ops: _ChannelOps = field(default_factory=_ChannelOps, repr=False)
+    # Graph inputs and outputs holding this layer's heads, {name: (heads axis, H or H_kv there, role)}: a generation
+    # step's KV cache (``past_key_values.N.key`` concatenated in front of the new keys, ``present.N.key``), whose
+    # declared head count pruning rewrites: the step's cache then holds the kept heads only.
+    interface: dict[str, tuple[int, int, str]] = field(default_factory=dict, repr=False)
 
     @property
     def kv_heads(self) -> int:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import asdict, dataclass
 
@@ -40,6 +41,12 @@ class LayerPrune:
     flops_after: int | None
     kv_heads_before: int | None = None   # grouped-query attention: K/V heads (groups of heads / kv_heads)
     kv_heads_after: int | None = None
+    # The layer's output projection before pruning (:func:`layer_fingerprint`): finds this layer in another export of
+    # the model (its generation step) to prune the same heads there (:func:`attnc.passes.prune_heads.apply_keep`).
+    fingerprint: str = ""
+    # A generation step's KV cache: {graph input / output: {"axis": heads axis, "heads": the unpruned count there,
+    # "kept": the heads of the unpruned tensor it keeps, in its order}} (``past_key_values.N.key``, ``present.N.key``).
+    cache: dict[str, dict] | None = None
 
 
 @dataclass
@@ -227,12 +234,15 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
 
     Returns:
         ``(pruned model, PruneReport)``; ONNX Runtime runs the pruned model with the same
-        inputs and outputs.
+        inputs and outputs, except that a generation step's KV cache inputs and outputs
+        (``past_key_values.N.key``, ``present.N.key``) hold the kept K/V heads (``"query"``: all
+        of them), as their declared shapes say (``LayerPrune.cache``: which heads, per layer).
 
     Raises:
         AttncError: no recognisable attention, a bad ratio/count/granularity, a layer pruned to
             zero heads, head indices out of range, a ``keep`` that is not whole groups / the same
-            number of query heads in every group (``"query"``: one group size for the repeat).
+            number of query heads in every group (``"query"``: one group size for the repeat), a
+            pruned layer whose cache input another layer reads too.
     """
     _check_granularity(granularity)
     model = onnx.ModelProto()
@@ -262,8 +272,11 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
         if len(set(kept)) != len(kept) or not all(0 <= j < h for j in kept):
             raise AttncError(f"layer {i}: heads to keep {kept} are not distinct indices in [0, {h})")
         _check_groups(by_index[i], kept, granularity)
+    _check_shared_interface(layers, keep)
     params_before = _param_count(model)
     report_layers = []
+    fingerprints = {l.index: layer_fingerprint(model, l) for l in layers}
+    caches = {l.index: _cache_heads(l, sorted(keep.get(l.index, range(l.heads)))) for l in layers}
     layer_params = {l.index: l.params(model) for l in layers}
     layer_flops = {l.index: l.flops(model, tokens=tokens) for l in layers}
     for l in layers:
@@ -288,11 +301,61 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
         report_layers.append(LayerPrune(
             l.index, l.anchor, l.core, l.heads, len(kept), kept, layer_params[l.index], new.params(model),
             layer_flops[l.index], new.flops(model, tokens=tokens), l.kv_heads if grouped else None,
-            new.kv_heads if grouped else None))
+            new.kv_heads if grouped else None, fingerprints[l.index], caches[l.index]))
     report = PruneReport(report_layers, params_before, _param_count(model), tokens or layers[0].tokens, granularity)
     log.info("prune_heads: %d -> %d heads, %d -> %d parameters", report.heads_before, report.heads_after,
              report.params_before, report.params_after)
     return model, report
+
+
+def layer_fingerprint(model: onnx.ModelProto, layer: AttentionLayer) -> str:
+    """A short hash of ``layer``'s output projection matrix (its values, shape and type): the same layer of one model
+    in any of its exports (plain, with its attention mask, its generation step; either exporter), another layer or
+    model otherwise."""
+    matrix = np.ascontiguousarray(layer.out_proj.matrix(model))
+    digest = hashlib.sha256(f"{matrix.dtype.str}{matrix.shape}".encode())
+    digest.update(matrix.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _cache_heads(layer: AttentionLayer, kept: list[int]) -> dict[str, dict] | None:
+    """What pruning ``layer`` to ``kept`` keeps of each graph input and output holding its heads (a generation step's
+    KV cache): ``{name: {"axis": heads axis, "heads": count, "kept": [head of the unpruned tensor, ...]}}``; None
+    without any."""
+    if not layer.interface:
+        return None
+    kept_kv = kept if layer.kv_of_head is None else sorted({int(layer.kv_of_head[h]) for h in kept})
+    order = _query_order(layer, kept)
+    # count is H or H_kv: the query heads (behind a repeat of the K/V heads) where it is not the K/V heads'
+    return {name: {"axis": axis, "heads": count, "kept": order if count != layer.kv_heads else kept_kv}
+            for name, (axis, count, _) in layer.interface.items()}
+
+
+def _check_shared_interface(layers: list[AttentionLayer], keep: dict[int, list[int]]) -> None:
+    """Refuse to prune a layer whose cache input or output another layer reads too (a KV cache shared across
+    layers): its head count would change under the other layer."""
+    owners: dict[str, list[AttentionLayer]] = {}
+    for l in layers:
+        for name in l.interface:
+            owners.setdefault(name, []).append(l)
+    for name, sharing in owners.items():
+        pruned = [l.index for l in sharing if len(keep.get(l.index, range(l.heads))) < l.heads]
+        if len(sharing) > 1 and pruned:
+            raise AttncError(f"{name} holds the heads of attention layers {[l.index for l in sharing]} (a cache shared "
+                             f"across layers): pruning layer {pruned[0]} would change it under the others",
+                             "keep every head of the layers that share a cache")
+
+
+def _declare_interface_heads(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int],
+                             kept_kv: list[int]) -> None:
+    """The kept head count on the graph inputs and outputs holding ``layer``'s heads (a generation step's KV cache,
+    ``past_key_values.N.key`` / ``present.N.key``): the step's cache holds the kept heads from now on."""
+    values = {v.name: v for v in (*model.graph.input, *model.graph.output)}
+    for name, (axis, count, _) in layer.interface.items():
+        dims = values[name].type.tensor_type.shape.dim
+        if axis < len(dims):
+            dims[axis].Clear()
+            dims[axis].dim_value = len(kept) if count != layer.kv_heads else len(kept_kv)
 
 
 def _unshare_written_sources(model: onnx.ModelProto, prefix: str) -> int:
@@ -501,6 +564,7 @@ def _prune_layer(model: onnx.ModelProto, layer: AttentionLayer, kept: list[int],
         # the query heads' count (Q; K/V after their repeat) or the K/V heads' (before it, or broadcast)
         count = len(kept) if there == layer.heads else len(kept_kv)
         _set_shape_entries(model, nodes[node_name], {axis: count}, tag)
+    _declare_interface_heads(model, layer, kept, kept_kv)
     for node_name, i, axis in layer.score_terms:
         node, gathered = nodes[node_name], f"{nodes[node_name].input[i]}.heads.{tag}"
         model.graph.initializer.append(numpy_helper.from_array(np.array(order, dtype=np.int64), gathered + ".index"))

@@ -82,9 +82,13 @@ def score_heads(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, n
         return _activation_scores(onnx_model, layers, calibration_feeds)
     # Score what is left on the model pruned to `keep` (kept heads stay in order), then put
     # each score back at its head's original index.
-    pruned, _ = prune_heads(onnx_model, keep={i: [int(j) for j in np.flatnonzero(m)] for i, m in masks.items()},
-                            granularity=granularity)
-    left = _activation_scores(pruned, find_attention_layers(pruned), calibration_feeds)
+    pruned, report = prune_heads(onnx_model, keep={i: [int(j) for j in np.flatnonzero(m)] for i, m in masks.items()},
+                                 granularity=granularity)
+    # a generation step's pruned cache inputs take the kept heads of the calibration caches
+    cache = {name: (kept["axis"], kept["kept"]) for l in report.layers for name, kept in (l.cache or {}).items()}
+    feeds = [{k: np.take(v, cache[k][1], axis=cache[k][0]) if k in cache else v for k, v in f.items()}
+             for f in calibration_feeds]
+    left = _activation_scores(pruned, find_attention_layers(pruned), feeds)
     scores = {i: np.zeros(len(m)) for i, m in masks.items()}
     for i, m in masks.items():
         scores[i][m] = left[i]

@@ -114,6 +114,9 @@ def _shape_entries(model, name: str, prod, depth: int = 0) -> list | None:
         return [("dim", args[0], a) for a in range(rank)[start:end]]
     if op == "Concat":
         parts = [_shape_entries(model, i, prod, depth + 1) for i in args]
+        # a part computed some other way (the dynamo exporter's `past + seq` as an Add): unknown entries of its length
+        parts = [[None] * n if p is None and isinstance(n := (_shapes(model).get(i) or [None])[0], int) else p
+                 for i, p in zip(args, parts)]
         return None if any(p is None for p in parts) else [e for p in parts for e in p]
     if op == "Gather":
         data, idx = entries(0), constant_value(model, args[1])

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from attnc.passes.core import constant_value, depends_on_data, evaluate_tensors, fixed_value, same_dim
+from attnc.passes.core import constant_value, depends_on_data, evaluate_tensors, fixed_value, producers, same_dim
 from attnc.passes.prune_heads.model import _HeadSplit, _Projection, _Repeat, _Unrecognised
 from attnc.passes.prune_heads.projection import _ELEMENTWISE, _UNARY, _projection
 from attnc.passes.prune_heads.shapes import (_attr, _axes, _dim_at, _dim_name, _entry_keeps, _rank, _reshape_target,
@@ -41,6 +41,10 @@ class _Walk:
     # Head entries computed at run time of the shapes those make: (node, the entry as _shape_entries reads it),
     # checked to follow the heads of a tensor on the path (:func:`_follows_heads`).
     follows: list[tuple[str, Any]] = field(default_factory=list)
+    # Graph inputs and outputs holding the heads on the way: the inputs concatenated in front of the new tokens (a
+    # generation step's KV cache, :func:`_cache_concat`), the graph outputs on the path (its new cache): (name, heads
+    # axis, whether the walk had passed a repeat of the heads there, i.e. whether it holds the K/V heads).
+    interface: list[tuple[str, int, bool]] = field(default_factory=list)
 
 
 @dataclass
@@ -52,6 +56,7 @@ class _Shared:
 
     regroups: list[tuple[str, int, int]] = field(default_factory=list)
     follows: list[tuple[str, Any]] = field(default_factory=list)
+    interface: list[tuple[str, int, bool]] = field(default_factory=list)
     # Where it is a tensor of one head broadcast by Expand: the walk of that tensor as the one head of its own,
     # which it is where no other branch has heads (a layer pruned to one head; K/V of one head expanded).
     as_one_head: Callable[[], _Walk | _Shared] | None = field(default=None, repr=False)
@@ -66,6 +71,7 @@ class _Shared:
             return self
         walk.regroups = self.regroups + walk.regroups
         walk.follows = self.follows + walk.follows
+        walk.interface = self.interface + walk.interface
         return walk
 
 
@@ -119,10 +125,13 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
         return np.arange(last_dim) if last_dim else None
 
     follows: list[tuple[str, Any]] = []
+    interface: list[tuple[str, int, bool]] = []
+    outputs = {o.name for o in model.graph.output}
 
     def done(walk: _Walk | _Shared) -> _Walk | _Shared:
         walk.regroups = regroups + walk.regroups
         walk.follows = follows + walk.follows
+        walk.interface = interface + walk.interface
         if isinstance(walk, _Shared):
             if repeat is not None or heads_range is not None:
                 raise _Unrecognised(f"{t}: a part shared by all the heads behind a repeat or a range of the heads")
@@ -139,6 +148,8 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
     while budget[0] > 0:
         budget[0] -= 1
         path[t] = head_axis
+        if t in outputs:
+            interface.append((t, head_axis, repeat is not None))
         node = prod.get(t)
         if node is None:
             raise _Unrecognised(f"{t} is not produced by a projection")
@@ -159,6 +170,14 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
                 continue
             walks = [_walk_back(model, x, prod, head_axis, fixed, path, budget, used) for x in data]
             return done(_same_walks(node, walks))
+        elif op == "Concat" and rank is not None and _attr(node, "axis", 0) % rank not in (head_axis, last, *fixed) \
+                and (cache := _cache_concat(model, node, prod)) is not None:
+            # concat(past, new) along the tokens (a generation step's KV cache): the past's heads are the new
+            # tokens' heads, and pruning drops them from the cache input too (the step's interface)
+            t, behind = cache
+            for x in behind:
+                path[x] = head_axis
+            interface.append((behind[-1], head_axis, repeat is not None))
         elif op == "Concat":
             if not within_head or _attr(node, "axis", 0) % rank != last:
                 raise _Unrecognised(f"{node.name}: Concat on the Q/K/V path is not along the head dim (last axis)")
@@ -336,6 +355,24 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
         else:
             raise _Unrecognised(f"{node.name}: {op} on the Q/K/V path")
     raise _Unrecognised(f"{t}: Q/K/V path too long")
+
+
+def _cache_concat(model, node, prod) -> tuple[str, list[str]] | None:
+    """``(new, [tensors])`` where ``node`` concatenates ``new`` and one graph input, the latter reached through
+    ``Identity`` or one-input ``Concat`` (``[tensors]``: those, the graph input last; TorchScript keeps
+    transformers' ``cat([empty, past])`` of a ``DynamicCache`` that way): a generation step's
+    ``concat(past_key_values.N.key, k)``; else None. The concat's axis is checked by the caller."""
+    inputs = {i.name for i in model.graph.input} - {i.name for i in model.graph.initializer}
+    found, computed = [], []
+    for x in node.input:
+        chain = [x]
+        while (p := prod.get(chain[-1])) is not None and (p.op_type == "Identity" or
+                                                          p.op_type == "Concat" and len(p.input) == 1):
+            chain.append(p.input[0])
+        (found if chain[-1] in inputs else computed).append(chain)
+    if len(found) != 1 or len(computed) != 1:
+        return None
+    return computed[0][0], found[0]
 
 
 def _slice_write(model, node, prod) -> tuple[str, str, int, int, list[int]] | None:
@@ -546,7 +583,8 @@ def _same_walks(node, walks: list[_Walk | _Shared]) -> _Walk | _Shared:
     shared = [w for w in walks if isinstance(w, _Shared)]
     walks = [w for w in walks if not isinstance(w, _Shared)]
     if not walks:
-        return _Shared([r for w in shared for r in w.regroups], [f for w in shared for f in w.follows])
+        return _Shared([r for w in shared for r in w.regroups], [f for w in shared for f in w.follows],
+                       [c for w in shared for c in w.interface])
     first = walks[0]
     for other in walks[1:]:
         same_repeat = (first.repeat is None) == (other.repeat is None) and \
@@ -558,6 +596,7 @@ def _same_walks(node, walks: list[_Walk | _Shared]) -> _Walk | _Shared:
                                 f"({first.split.node} and {other.split.node})")
     first.regroups = list(dict.fromkeys(r for w in walks + shared for r in w.regroups))
     first.follows = [f for w in walks + shared for f in w.follows]
+    first.interface = list(dict.fromkeys(c for w in walks + shared for c in w.interface))
     if any(w.used is None for w in walks):
         first.used = None
     else:
@@ -584,21 +623,29 @@ def _data_operands(model, node, head_axis: int, rank: int | None) -> list[str]:
 
     The others are tables and must be constant over the heads axis: size 1 there (or
     broadcast), seen in the inferred shapes or, for a table computed from the input shapes
-    only (rotary cos/sin from positions), in its value at two sequence lengths. A table with
-    ``H`` entries on the heads axis (a per-head scale) is refused: slicing it is not done here.
+    only (rotary cos/sin from positions), in its value at two sequence lengths. A table computed
+    from input values (a generation step's rotary angles, from the positions in its mask) is one
+    of one entry on the heads axis where the output has more heads, or that reads no projection
+    (:func:`_reads_projection`). A table with ``H`` entries on the heads axis (a per-head scale)
+    is refused: slicing it is not done here.
     """
     if rank is None:
         raise _Unrecognised(f"{node.name}: rank of the {node.op_type} on the Q/K/V path is unknown")
     shapes = _shapes(model)
     out = shapes.get(node.output[0]) or []
     heads_out = out[head_axis] if len(out) == rank else None
-    data, tables = [], []
+    operands = []
     for x in node.input:
         value = constant_value(model, x)
         shape = list(value.shape) if value is not None else shapes.get(x)
-        at_heads = _dim_at(shape, head_axis, rank)
-        if value is not None or not depends_on_data(model, x) or \
-                (at_heads in ("absent", 1) and isinstance(heads_out, int) and heads_out > 1):
+        operands.append((x, value, shape, _dim_at(shape, head_axis, rank)))
+    # an operand computed from the inputs' values with one entry on the heads axis is a table broadcast over them
+    # where the output has more heads, or where it reads no projection, so no head's values: a generation step's
+    # rotary table, computed from the positions in its mask (the head counts may be unknown, or one after pruning)
+    data, tables = [], []
+    for x, value, shape, at_heads in operands:
+        if value is not None or not depends_on_data(model, x) or at_heads in ("absent", 1) and (
+                isinstance(heads_out, int) and heads_out > 1 or not _reads_projection(model, x)):
             tables.append((x, shape, at_heads))
         else:
             data.append(x)
@@ -617,6 +664,26 @@ def _data_operands(model, node, head_axis: int, rank: int | None) -> list[str]:
         if not sizes <= {"absent", 1}:
             raise _Unrecognised(f"{node.name}: {node.op_type} by {x}, which is not constant over the heads axis")
     return data
+
+
+def _reads_projection(model, t: str) -> bool:
+    """Whether ``t`` is computed from a projection (``MatMul`` / ``Gemm`` by a constant weight, a ``Conv``) of any
+    layer, through any inputs but those only read for their shape: whether it may carry heads' values, where a table
+    of positions (rotary angles from position ids, a cached table gathered by them) does not; memoised per
+    analysis."""
+    memo = _shapes(model).setdefault("::reads a projection", {})
+    if t not in memo:
+        prod, seen, stack, found = producers(model), set(), [t], False
+        while stack and not found:
+            node = prod.get(stack.pop())
+            if node is None or node.name in seen or node.op_type in ("Shape", "Size"):
+                continue
+            seen.add(node.name)
+            found = node.op_type == "Conv" or node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and \
+                constant_value(model, node.input[1]) is not None
+            stack.extend(node.input)
+        memo[t] = found
+    return memo[t]
 
 
 def _repeat_of_heads(model, reshape, head_axis: int, fixed, prod) -> tuple[_Repeat, str] | None:

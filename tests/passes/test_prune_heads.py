@@ -799,7 +799,8 @@ def _tiny_hf_llama():
         return transformers.LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+# dynamo's grouped Llama is pruned in CI by test_prunes_transformers_default_attention; here in the full tier
+@pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=pytest.mark.full), "torchscript"])
 def test_prunes_hf_llama_kv_groups(tmp_path, exporter):
     """transformers' LlamaForCausalLM, 4 query heads on 2 K/V heads: RoPE, repeat_kv, causal mask;
     pruned by whole K/V groups, and by one query head in each group (``granularity="query"``)."""
