@@ -82,7 +82,6 @@ def generate(runner, input_ids, attention_mask=None, max_new_tokens: int = 16,
         eos_token_id: end-of-sequence token(s) (transformers' ``generation_config.eos_token_id``): a row that
             produced one gets ``pad_token_id`` (default: the first end token) from then on; generation stops
             early once every row has.
-
         options: :class:`~attnc.compiler.search.GenerationOptions` fields, as transformers' ``generate``
             takes them.
 

@@ -248,7 +248,7 @@ def decode(outputs: dict, tokens: np.ndarray, next_step: NextStep, max_new_token
     Returns ``[B * num_return_sequences, prompt + n]`` int64, each row's sequences together, as
     transformers' ``generate`` returns them."""
     options = options or GenerationOptions()
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise AttncError(f"max_new_tokens={max_new_tokens!r}", "pass an int >= 1")
     ends = _ids(eos_token_id)
     if options.num_beams > 1:
