@@ -16,7 +16,8 @@ import onnx
 from attnc.compiler.errors import AttncError, read_json
 from attnc.passes.prune_heads.layers import _prepared, find_attention_layers
 from attnc.passes.prune_heads.rewrite import (GRANULARITIES, PruneReport, _check_groups, _groups, _prune_count,
-                                              _unit_sizes, layer_fingerprint, prune_heads, select_heads)
+                                              _unit_sizes, kept_cache_feeds, kept_cache_heads, layer_fingerprint,
+                                              prune_heads, select_heads)
 from attnc.passes.prune_heads.scores import score_heads
 
 log = logging.getLogger(__name__)
@@ -281,16 +282,6 @@ def _granularity_of(layers, keep: dict[int, list[int]]) -> str:
     return "group"
 
 
-def kept_cache_heads(report: dict | None) -> dict[str, tuple[int, int, list[int]]]:
-    """``{graph input or output: (heads axis, unpruned head count, kept heads)}`` of the KV cache of a generation
-    step pruned as ``report`` (a manifest's ``shrink.prune_heads``) says: which heads of the unpruned step's
-    ``past_key_values.N.key`` / ``present.N.key`` the pruned step holds, in its order (validation feeds it those
-    heads of the checkpoint's cache and compares those of its new cache: :func:`kept_cache_runs`). Empty for other
-    models."""
-    return {name: (int(kept["axis"]), int(kept["heads"]), [int(h) for h in kept["kept"]])
-            for layer in (report or {}).get("layers", []) for name, kept in (layer.get("cache") or {}).items()}
-
-
 def kept_cache_runs(reference: Callable[[dict], dict], infer: Callable[[dict], dict], report: dict | None
                     ) -> tuple[Callable[[dict], dict], Callable[[dict], dict]] | None:
     """``reference`` and ``infer`` (``feeds -> {output: array}``) for validating a generation step pruned as ``report``
@@ -310,13 +301,12 @@ def kept_cache_runs(reference: Callable[[dict], dict], infer: Callable[[dict], d
         out = dict(arrays)
         for name, (axis, count, heads) in cache.items():
             if name in out:
-                value = np.asarray(out[name])
+                value = out[name] = np.asarray(out[name])
                 if value.ndim <= axis or value.shape[axis] != count:
                     raise AttncError(f"{name} of shape {list(value.shape)} is no cache of the unpruned step ({count} "
                                      f"heads on axis {axis}, of which the pruned step keeps {heads})",
                                      "give inputs of the checkpoint's step: validation feeds the pruned step their "
                                      "kept heads")
-                out[name] = np.take(value, heads, axis=axis)
-        return out
+        return kept_cache_feeds(out, cache)
 
     return (lambda feeds: kept(reference(feeds))), (lambda feeds: infer(kept(feeds)))

@@ -331,6 +331,22 @@ def _cache_heads(layer: AttentionLayer, kept: list[int]) -> dict[str, dict] | No
             for name, (axis, count, _) in layer.interface.items()}
 
 
+def kept_cache_heads(report: dict | None) -> dict[str, tuple[int, int, list[int]]]:
+    """``{graph input or output: (heads axis, unpruned head count, kept heads)}`` of the KV cache of a generation
+    step pruned as ``report`` (a manifest's ``shrink.prune_heads``) says: which heads of the unpruned step's
+    ``past_key_values.N.key`` / ``present.N.key`` the pruned step holds, in its order (validation feeds it those
+    heads of the checkpoint's cache and compares those of its new cache, re-scoring feeds it those of the calibration
+    caches: :func:`kept_cache_feeds`). Empty for other models."""
+    return {name: (int(kept["axis"]), int(kept["heads"]), [int(h) for h in kept["kept"]])
+            for layer in (report or {}).get("layers", []) for name, kept in (layer.get("cache") or {}).items()}
+
+
+def kept_cache_feeds(feeds: dict, cache: dict[str, tuple[int, int, list[int]]]) -> dict:
+    """``feeds`` with each cache input :func:`kept_cache_heads` names cut to the heads the pruned step keeps."""
+    return {name: np.take(value, cache[name][2], axis=cache[name][0]) if name in cache else value
+            for name, value in feeds.items()}
+
+
 def _check_shared_interface(layers: list[AttentionLayer], keep: dict[int, list[int]]) -> None:
     """Refuse to prune a layer whose cache input or output another layer reads too (a KV cache shared across
     layers): its head count would change under the other layer."""

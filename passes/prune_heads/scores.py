@@ -13,7 +13,8 @@ from onnx import helper
 from attnc.compiler.errors import AttncError
 from attnc.compiler.validate import eval_mode
 from attnc.passes.prune_heads.layers import find_attention_layers
-from attnc.passes.prune_heads.rewrite import _check_granularity, prune_heads
+from attnc.passes.prune_heads.rewrite import (_check_granularity, kept_cache_feeds, kept_cache_heads,
+                                              prune_heads)
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,8 @@ def score_heads(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, n
     pruned, report = prune_heads(onnx_model, keep={i: [int(j) for j in np.flatnonzero(m)] for i, m in masks.items()},
                                  granularity=granularity)
     # a generation step's pruned cache inputs take the kept heads of the calibration caches
-    cache = {name: (kept["axis"], kept["kept"]) for l in report.layers for name, kept in (l.cache or {}).items()}
-    feeds = [{k: np.take(v, cache[k][1], axis=cache[k][0]) if k in cache else v for k, v in f.items()}
-             for f in calibration_feeds]
+    cache = kept_cache_heads(report.to_dict())
+    feeds = [kept_cache_feeds(f, cache) for f in calibration_feeds]
     left = _activation_scores(pruned, find_attention_layers(pruned), feeds)
     scores = {i: np.zeros(len(m)) for i, m in masks.items()}
     for i, m in masks.items():
