@@ -253,14 +253,20 @@ def with_attention_mask(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[
         return module, spec
     model = module.model
     name = type(model).__name__
-    if DECODER in spec.input_names:
-        return _seq2seq_masked(module, spec)
-    if spec.input_names != ["input_ids"]:
+    seq2seq = DECODER in spec.input_names
+    if seq2seq and spec.input_names[0] != "input_ids":
+        raise AttncError(f"{name} takes {spec.input_names[0]!r}, not token ids: its encoder reads every input at one "
+                         "length and masks none of it (Whisper's ignores attention_mask)",
+                         "export it without --with-attention-mask, its inputs padded as its feature extractor "
+                         "pads them (Whisper: to 2 x max_source_positions frames)")
+    if not seq2seq and spec.input_names != ["input_ids"]:
         raise AttncError(f"{name} takes {spec.input_names[0]!r}, not token ids: an attention mask over "
                          "padded text is for text models", "export it without --with-attention-mask")
     params = inspect.signature(model.forward).parameters
     if MASK not in params:
         raise AttncError(f"{name}.forward takes no {MASK}", "export it without --with-attention-mask")
+    if seq2seq:
+        return _seq2seq_masked(module, spec)
     left = decoder_only(model)
     rotary = any("rotary" in type(m).__name__.lower() for m in model.modules())
     positions = left and not rotary and "position_ids" in params
@@ -276,18 +282,8 @@ def _seq2seq_masked(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Mask
     decoder's tokens are all tokens (``generate`` pads no target), so its logits are compared everywhere; of
     a first step's outputs, the cross-attention keys and values at the sources' padding are not
     (:meth:`CheckpointSpec.token_axes`: no later step reads them)."""
-    model = module.model
-    name = type(model).__name__
-    main = spec.input_names[0]
-    if main != "input_ids":
-        raise AttncError(f"{name} takes {main!r}, not token ids: its encoder reads every input at one length and "
-                         "masks none of it (Whisper's ignores attention_mask)",
-                         "export it without --with-attention-mask, its inputs padded as its feature extractor "
-                         "pads them (Whisper: to 2 x max_source_positions frames)")
-    if MASK not in inspect.signature(model.forward).parameters:
-        raise AttncError(f"{name}.forward takes no {MASK}", "export it without --with-attention-mask")
     ids = spec.inputs[0]
-    return MaskedSeq2SeqOutput(model).eval(), dataclasses.replace(
+    return MaskedSeq2SeqOutput(module.model).eval(), dataclasses.replace(
         spec, inputs=(ids, dataclasses.replace(ids, name=MASK, high=2), *spec.inputs[1:]), padding="right",
         factory=functools.partial(_rewrapped, spec.factory, MaskedSeq2SeqOutput))
 
