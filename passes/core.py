@@ -208,25 +208,40 @@ def name_nodes(model: onnx.ModelProto) -> None:
 
 
 def toposort(model: onnx.ModelProto) -> None:
-    """Order nodes so each comes after its producers (needed after in-place inserts)."""
+    """Order nodes so each comes after its producers (needed after in-place inserts).
+
+    Stable: each node, in the graph's order, is placed after its producers not placed yet, depth first; an ordered
+    graph is left as it is, and a node a pass appended at the end moves up to just in front of its first consumer,
+    the others keeping their order (a pruned encoder-decoder graph lists its layers as before). A cycle or a
+    dangling input leaves the nodes involved where they are.
+    """
     graph = model.graph
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending = list(graph.node)
+    nodes = list(graph.node)
+    producer = {out: j for j, node in enumerate(nodes) for out in node.output if out}
+
+    def needs(j: int) -> list[int]:
+        node = nodes[j]
+        names = list(node.input) + sorted(subgraph_inputs(node) - _outer_free(node))
+        return [producer[n] for n in names if n in producer and producer[n] != j]
+
+    state = [0] * len(nodes)   # 0: not reached, 1: on the stack, 2: placed
     ordered: list[onnx.NodeProto] = []
-    while pending:
-        progressed = False
-        rest = []
-        for node in pending:
-            if all(i in available for i in node.input) and subgraph_inputs(node) <= available | _outer_free(node):
-                ordered.append(node)
-                available.update(node.output)
-                progressed = True
+    for root in range(len(nodes)):
+        if state[root]:
+            continue
+        state[root] = 1
+        stack = [(root, iter(needs(root)))]
+        while stack:
+            j, pending = stack[-1]
+            for k in pending:
+                if not state[k]:   # state 1: a cycle, left as it is
+                    state[k] = 1
+                    stack.append((k, iter(needs(k))))
+                    break
             else:
-                rest.append(node)
-        if not progressed:  # a cycle or a dangling input: keep the remaining order as is
-            ordered.extend(rest)
-            break
-        pending = rest
+                stack.pop()
+                state[j] = 2
+                ordered.append(nodes[j])
     del graph.node[:]
     graph.node.extend(ordered)
 

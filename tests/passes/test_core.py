@@ -1,5 +1,6 @@
 """Shared pass helpers: evaluating tensors at sampled sizes (``evaluate_tensors``), where a dim named as a
-sum of others (``"past + seq"``, a generation step's mask over its cache and its new tokens) gets their sum."""
+sum of others (``"past + seq"``, a generation step's mask over its cache and its new tokens) gets their sum; the
+stable topological sort passes run after inserting nodes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from attnc.passes.core import evaluate_tensors, sampled_dim
+from attnc.passes.core import evaluate_tensors, sampled_dim, toposort
 
 
 def _concat_then_add(total: str) -> onnx.ModelProto:
@@ -35,3 +36,44 @@ def test_a_sum_named_dim_is_evaluated_at_the_sum():
     assert all(np.isfinite(r["scores"]).all() for r in runs)
     with pytest.raises(Exception, match="Add"):   # a plain name gets one size like the others: shapes disagree
         evaluate_tensors(_concat_then_add("total"), ["scores"])
+
+
+def _chain_model(order: list[int], appended: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """Two independent chains ``x -> a0 -> a1 -> a2`` and ``x -> b0 -> b1`` interleaved as ``order`` (node ``i``
+    of the chain list), then ``appended`` (nodes a pass inserted at the end)."""
+    chain = [("a0", "x"), ("b0", "x"), ("a1", "a0"), ("b1", "b0"), ("a2", "a1")]
+    nodes = [helper.make_node("Relu", [chain[i][1]], [chain[i][0]], name=chain[i][0]) for i in order]
+    graph = helper.make_graph(nodes + appended, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("a2", "b1")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_toposort_is_stable():
+    """An ordered graph keeps its order; a node appended after its consumer moves to just in front of it, the rest
+    keeping theirs (the old sort moved the consumer and everything after it to the end instead, which reordered a
+    pruned encoder-decoder graph's layers); a subgraph's outer-scope read counts as an input; the result checks."""
+    model = _chain_model([0, 1, 2, 3, 4], [])
+    toposort(model)
+    assert [n.name for n in model.graph.node] == ["a0", "b0", "a1", "b1", "a2"]
+
+    # a1 now reads "w", made by a node appended at the end
+    model = _chain_model([0, 1, 2, 3, 4], [helper.make_node("Neg", ["a0"], ["w"], name="w")])
+    model.graph.node[2].input[0] = "w"
+    toposort(model)
+    assert [n.name for n in model.graph.node] == ["a0", "b0", "w", "a1", "b1", "a2"]
+    onnx.checker.check_model(model)
+
+    # an If (reading a2 in its branch) in front of everything and b1 in front of its producer: each pulls its
+    # producers in front of it, depth first
+    branch = helper.make_graph([helper.make_node("Identity", ["a2"], ["y"])], "then", [],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    cond = helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True]),
+                            name="c")
+    model = _chain_model([3, 0, 1, 2, 4], [])
+    node_if = helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=branch, name="if")
+    model.graph.node.insert(0, node_if)
+    model.graph.node.append(cond)
+    toposort(model)
+    names = [n.name for n in model.graph.node]
+    assert names == ["c", "a0", "a1", "a2", "if", "b0", "b1"], names
+    onnx.checker.check_model(model)
