@@ -389,19 +389,27 @@ def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, lowe
 @click.option("--rtol", type=float, help="Override the precision's relative tolerance.")
 @click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where report.json/report.html go (default: ARTEFACT_DIR).")
+@click.option("--reference", type=click.Choice(["shrunk", "original"]), default="shrunk", show_default=True,
+              help="An artefact compiled with --prune-heads/--prune-keep/--token-exit: compare it with the model "
+                   "shrunk alike in PyTorch (pruned heads gated to zero, visual tokens dropped), and report what "
+                   "shrinking changed beside; or with the unshrunk model.")
 @_handle_errors
-def validate_cmd(artefact_dir, model_ref, inputs_npz, input_shapes, seed, int_high, atol, rtol, report_dir) -> None:
+def validate_cmd(artefact_dir, model_ref, inputs_npz, input_shapes, seed, int_high, atol, rtol, report_dir,
+                 reference) -> None:
     """Run a compiled artefact and its PyTorch model on the same inputs; write the accuracy-diff report.
 
     Exits 1 when any output is outside tolerance.
     """
     from attnc.compiler.pipeline import validate_artefact
+    from attnc.compiler.reference import cost_table
 
     result, paths = validate_artefact(
         artefact_dir, model_ref, inputs_npz=inputs_npz,
         shapes={n: s for n, s, _ in map(parse_shape, input_shapes) if n} or None,
-        seed=seed, atol=atol, rtol=rtol, report_dir=report_dir, int_high=int_high)
+        seed=seed, atol=atol, rtol=rtol, report_dir=report_dir, int_high=int_high, reference=reference)
     console.print(result.summary_table())
+    if result.shrink_cost:
+        console.print(cost_table(result.shrink_cost))
     console.print(f"report: {paths[0]} and {paths[1]}")
     result.raise_if_failed(str(paths[1]))
     console.print("[bold green]PASS[/]")
@@ -426,6 +434,10 @@ def report_cmd(report_path) -> None:
                       number(out.get("max_abs_error"), ".3g"), number(out.get("max_rel_error"), ".3g"),
                       number(out.get("cosine"), ".8f"), escape("; ".join(out.get("reasons") or [])))
     console.print(table)
+    if data.get("shrink_cost"):
+        from attnc.compiler.reference import cost_table
+
+        console.print(cost_table(data["shrink_cost"]))
     console.print("[bold green]PASS[/]" if data["passed"] else "[bold red]FAIL[/]")
     if not data["passed"]:
         sys.exit(1)

@@ -270,7 +270,8 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
                       inputs_npz: str | os.PathLike | None = None,
                       shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0,
                       atol: float | None = None, rtol: float | None = None,
-                      report_dir: str | os.PathLike | None = None, int_high: int = 100):
+                      report_dir: str | os.PathLike | None = None, int_high: int = 100,
+                      reference: str = "shrunk"):
     """Run a compiled artefact and the PyTorch model ``model_ref`` on the same inputs.
 
     Inputs come from ``inputs_npz``, else from random ``shapes``, else from the bundled
@@ -280,6 +281,10 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     query that attends to nothing gets is up to the kernels). Random integer inputs (token ids) are
     drawn from ``[0, int_high)``. Writes ``report.json`` and ``report.html`` into ``report_dir`` (default
     ``artefact_dir``).
+
+    An artefact compiled with head pruning or token exit is compared with the model shrunk the same way in PyTorch
+    (``reference="shrunk"``, :mod:`attnc.compiler.reference`), and the result's ``shrink_cost`` measures it against
+    the unshrunk model; ``reference="original"`` compares it with the unshrunk model instead.
 
     Returns:
         ``(ValidationResult, (json_path, html_path))``.
@@ -291,15 +296,20 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
 
     from attnc.compiler import validate
     from attnc.compiler.export import resolve_model
+    from attnc.compiler.reference import REFERENCES, shrink_cost, shrunk_model
     from attnc.compiler.report import write_report
     from attnc.models.hf_checkpoint import MASK, CheckpointSpec, for_inputs
     from attnc.passes.prune_heads import kept_cache_runs
 
+    if reference not in REFERENCES:
+        raise AttncError(f"unknown reference {reference!r}", f"use one of {', '.join(REFERENCES)}")
     manifest = load_manifest(artefact_dir)
     runner = _runner(artefact_dir, manifest)
     module, spec = resolve_model(model_ref)
     # exported with --with-attention-mask, --with-past or --first-step: the checkpoint as the artefact runs it
     module, spec = for_inputs(module, spec, [s.name for s in runner.input_specs], runner.output_names)
+    shrink = manifest.get("shrink", {})
+    shrunk = shrunk_model(module, shrink) if reference == "shrunk" else None
 
     if inputs_npz is not None:
         feeds = validate.load_inputs(inputs_npz, runner.input_specs)
@@ -318,15 +328,16 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
         base = validate.TOLERANCES[precision]
         tol = dataclasses.replace(base, **{k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None})
         tolerances = {name: tol for name in runner.output_names}
-    reference = validate.torch_reference(module, [s.name for s in runner.input_specs], runner.output_names)
-    compared = runner
-    runs = kept_cache_runs(reference, runner.infer, manifest.get("shrink", {}).get("prune_heads"))
+    names = [s.name for s in runner.input_specs], runner.output_names
+    original = validate.torch_reference(module, *names)
+    truth = validate.torch_reference(shrunk.module(), *names) if shrunk else original
+    infer = runner.infer
+    runs = kept_cache_runs(truth, infer, shrink.get("prune_heads"))
     if runs:
         # A generation step pruned with its KV cache holds the kept heads of the checkpoint's cache: it gets those
-        # of the cache the checkpoint gets, its new cache is compared with those of the checkpoint's, and its
-        # logits with the checkpoint's, as a pruned model's outputs are with the unpruned model's.
-        reference, infer = runs
-        compared = types.SimpleNamespace(infer=infer)
+        # of the cache the checkpoint gets, and its new cache is compared with those of the reference's.
+        truth, infer = runs
+        original = kept_cache_runs(original, runner.infer, shrink.get("prune_heads"))[0]
         source += "; the pruned KV cache: the kept heads of the checkpoint's"
     axes = spec.token_axes() if isinstance(spec, CheckpointSpec) and spec.padding else {}
     if axes:
@@ -334,15 +345,28 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
         # output: torch gives it zeros or uniform weights by attention implementation, ONNX Runtime's Attention
         # zeros, other kernels NaN. Outputs at padding are zeroed on both sides before the comparison (an
         # encoder-decoder model's logits are over its targets, all tokens: compared everywhere).
-        reference = tokens_only(reference, feeds[MASK], axes)
-        compared = types.SimpleNamespace(infer=tokens_only(compared.infer, feeds[MASK], axes))
+        truth, original, infer = (tokens_only(run, feeds[MASK], axes) for run in (truth, original, infer))
         source += f"; {', '.join(axes)} at padding (attention_mask 0) not compared"
-    result = validate.validate(reference, compared, feeds, precision=precision, tolerances=tolerances)
+    seen: dict = {}
+
+    def artefact(run_feeds):
+        seen.update(infer(run_feeds))
+        return seen
+
+    result = validate.validate(truth, types.SimpleNamespace(infer=artefact), feeds, precision=precision,
+                               tolerances=tolerances)
+    if shrunk:
+        result.shrink_cost = shrink_cost(original(dict(feeds)), seen)
+    described = "the PyTorch model"
+    if shrink.get("prune_heads") or shrink.get("token_exit"):
+        described = shrunk.description if shrunk else \
+            "the unshrunk PyTorch model (reference original: the differences are what shrinking changed)"
     meta = {
         "model": model_ref,
         "artefact": str(Path(artefact_dir).resolve()),
         "backend": manifest["backend"],
         "precision": precision,
+        "reference": described,
         "inputs": {name: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)} for name, v in feeds.items()},
         "input_source": source,
         "seed": seed,
@@ -352,8 +376,8 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
             "nodes_before": sum(manifest["ops_before"].values()),
             "nodes_after": sum(manifest["ops_after"].values()),
             "rewritten": {r["family"]: r["rewritten"] for r in manifest["passes"] if r["rewritten"]},
-            **{name: {k: v for k, v in report.items() if k != "layers"}
-               for name, report in manifest.get("shrink", {}).items()},
+            **{name: {k: v for k, v in report.items() if k not in ("layers", "gate")}
+               for name, report in shrink.items()},
         },
         "attnc_version": attnc.__version__,
     }

@@ -73,6 +73,7 @@ def report_dict(result: ValidationResult, meta: Mapping) -> dict:
         "meta": meta,
         "tolerances": {"precision": body["precision"], **body["tolerances"]},
         "outputs": body["outputs"],
+        **({"shrink_cost": body["shrink_cost"]} if "shrink_cost" in body else {}),
     }
 
 
@@ -207,11 +208,29 @@ def render_html(document: dict, result: ValidationResult | None = None, *, max_p
         parts.append("<tr><td class='l fail' colspan='10'>no tensors were compared</td></tr>")
     parts.append("</table>")
 
+    if document.get("shrink_cost"):
+        parts.append(_cost_section(document["shrink_cost"]))
     for i, out in enumerate(document["outputs"]):
         parts.append(_tensor_section(i, out, samples.get(out["name"]), plot=i < max_plots))
     if len(document["outputs"]) > max_plots:
         parts.append(f"<p class='muted'>Plots are drawn for the first {max_plots} tensors only.</p>")
     parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _cost_section(cost: list[dict]) -> str:
+    """The artefact against the unshrunk model (``shrink_cost``): what pruning or token exit changed."""
+    parts = ["<h2>What shrinking changed</h2><p class='muted'>The artefact against the unshrunk PyTorch model, "
+             "on the same inputs. Not part of the verdict: the verdict compares it with the model shrunk alike.</p>",
+             "<table><tr><th class='l'>tensor</th><th>max abs diff</th><th>mean abs diff</th><th>cosine</th>"
+             "<th>top-1 agreement</th><th>rows</th><th class='l'>note</th></tr>"]
+    for row in cost:
+        agree = row.get("top1_agreement")
+        parts.append(f"<tr><td class='l'><code>{_e(row['name'])}</code></td><td>{_num(row.get('max_abs_error'))}</td>"
+                     f"<td>{_num(row.get('mean_abs_error'))}</td><td>{_num(row.get('cosine'), '.6f')}</td>"
+                     f"<td>{'-' if agree is None else _e(format(agree, '.1%'))}</td>"
+                     f"<td>{_num(row.get('rows'), 'd')}</td><td class='l'>{_e(row.get('note') or '')}</td></tr>")
+    parts.append("</table>")
     return "\n".join(parts)
 
 

@@ -178,12 +178,15 @@ class OutputComparison:
 
 @dataclass
 class ValidationResult:
-    """All comparisons of one validation run; ``passed`` only if every tensor passed."""
+    """All comparisons of one validation run; ``passed`` only if every tensor passed. ``shrink_cost`` (a shrunk
+    artefact validated against the model shrunk alike: :func:`attnc.compiler.reference.shrink_cost`) measures the
+    artefact against the unshrunk model; it is not part of the verdict."""
 
     precision: str
     default_tolerance: Tolerance
     overrides: dict[str, Tolerance]
     outputs: list[OutputComparison]
+    shrink_cost: list[dict] | None = None
 
     @property
     def passed(self) -> bool:
@@ -201,6 +204,8 @@ class ValidationResult:
             "tolerances": {"default": self.default_tolerance.to_dict(),
                            "overrides": {k: v.to_dict() for k, v in self.overrides.items()}},
             "outputs": [o.to_dict() for o in self.outputs],
+            **({"shrink_cost": [{k: json_number(v) if isinstance(v, float) else v for k, v in row.items()}
+                                for row in self.shrink_cost]} if self.shrink_cost is not None else {}),
         }
 
     def summary_table(self):

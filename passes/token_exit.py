@@ -156,6 +156,8 @@ class TokenExitReport:
     num_visual_tokens: int
     boundary: str
     neutralised_slices: list[str] = field(default_factory=list)
+    # dynamic mode: the gate ({"layer", "weight", "bias", "threshold"}), so validation can run it in PyTorch
+    gate: dict | None = None
 
     def to_dict(self) -> dict:
         return {"pass": "token_exit", **self.__dict__}
@@ -604,7 +606,9 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     del g.node[:]
     g.node.extend(kept + [if_node])
     _finish(model)
-    report = TokenExitReport("dynamic", gate.layer, depth, num_visual_tokens, x, sorted(drops))
+    report = TokenExitReport("dynamic", gate.layer, depth, num_visual_tokens, x, sorted(drops),
+                             gate={"layer": gate.layer, "weight": [float(w) for w in gate.weight],
+                                   "bias": float(gate.bias), "threshold": float(gate.threshold)})
     return model, report
 
 

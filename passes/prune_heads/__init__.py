@@ -125,12 +125,12 @@ from attnc.passes.prune_heads.model import AttentionLayer
 from attnc.passes.prune_heads.pipeline import (CALIBRATION_BATCH, CALIBRATION_TOKENS, KeepPlan, apply, apply_keep,
                                                kept_cache_heads, kept_cache_runs, load_keep_plan,
                                                select_heads_iteratively)
-from attnc.passes.prune_heads.rewrite import (GRANULARITIES, LayerPrune, PruneReport, layer_fingerprint, prune_heads,
-                                              select_heads)
+from attnc.passes.prune_heads.rewrite import (GRANULARITIES, LayerPrune, PruneReport, layer_fingerprint,
+                                              matrix_fingerprint, prune_heads, select_heads)
 from attnc.passes.prune_heads.scores import METHODS, gates_from_keep, head_gates, score_heads, torch_attention_modules
 
 __all__ = ["CALIBRATION_BATCH", "CALIBRATION_TOKENS", "GRANULARITIES", "METHODS", "AttentionLayer", "KeepPlan",
            "LayerPrune", "PruneReport", "apply", "apply_keep", "attention_cores", "find_attention_layers",
            "gates_from_keep", "head_gates", "kept_cache_heads", "kept_cache_runs", "layer_fingerprint",
-           "load_keep_plan", "prune_heads", "score_heads", "select_heads", "select_heads_iteratively",
-           "survey_attention_layers", "torch_attention_modules", "value_projection"]
+           "load_keep_plan", "matrix_fingerprint", "prune_heads", "score_heads", "select_heads",
+           "select_heads_iteratively", "survey_attention_layers", "torch_attention_modules", "value_projection"]

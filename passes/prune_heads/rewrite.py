@@ -312,7 +312,13 @@ def layer_fingerprint(model: onnx.ModelProto, layer: AttentionLayer) -> str:
     """A short hash of ``layer``'s output projection matrix (its values, shape and type): the same layer of one model
     in any of its exports (plain, with its attention mask, its generation step; either exporter), another layer or
     model otherwise."""
-    matrix = np.ascontiguousarray(layer.out_proj.matrix(model))
+    return matrix_fingerprint(layer.out_proj.matrix(model))
+
+
+def matrix_fingerprint(matrix: np.ndarray) -> str:
+    """:func:`layer_fingerprint` of an output projection's weight as ``[C_in, C_out]``, from wherever it comes (the
+    graph, or a torch module: validation finds the pruned layers' modules by it)."""
+    matrix = np.ascontiguousarray(matrix)
     digest = hashlib.sha256(f"{matrix.dtype.str}{matrix.shape}".encode())
     digest.update(matrix.tobytes())
     return digest.hexdigest()[:16]

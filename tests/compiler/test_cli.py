@@ -294,8 +294,9 @@ def test_compile_prunes_heads(exported, tmp_path):
     result = run("compile", exported, "-o", out, "--prune-heads", "0.5", "--calibration", tmp_path / "calib.npz")
     assert "head pruning" in result.output
     pruned = json.loads((out / "manifest.json").read_text())["shrink"]["prune_heads"]
-    # The accuracy report of a pruned artefact states what pruning removed next to the errors.
-    assert run("validate", out, "--model", MODEL, ok=False).exit_code in (0, 1)
+    # The accuracy report of a pruned artefact states what pruning removed next to the errors (the verdict:
+    # against the model with those heads gated, tests/compiler/test_shrunk_validation.py).
+    run("validate", out, "--model", MODEL)
     meta = json.loads((out / "report.json").read_text())["meta"]["compile"]
     assert meta["prune_heads"]["params_after"] == pruned["params_after"]
     assert meta["nodes_after"] <= meta["nodes_before"]

@@ -578,6 +578,32 @@ def test_whisper_export_compile_validate(seq2seq, tmp_path):
         np.testing.assert_allclose(fused, module(features, decoder_ids).numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["t5", "whisper"])
+def test_seq2seq_pruned_unevenly_validates_against_the_gated_checkpoint(name, seq2seq, tmp_path):
+    """An encoder-decoder graph pruned to a different head count per layer keeps its layers in order (before,
+    pruning moved the decoder's first layer in front of the encoder's second and refused its own result, "the
+    pruned graph's heads do not match the request"); ``attnc validate`` passes against the checkpoint with the same
+    heads gated, on two input draws, and not against the unpruned checkpoint."""
+    from attnc.passes.prune_heads import find_attention_layers, prune_heads
+
+    ckpt = seq2seq(name)
+    run("export", ckpt, "-o", tmp_path / "m.onnx", "--exporter", "torchscript")
+    layers = find_attention_layers(onnx.load(str(tmp_path / "m.onnx")))
+    keep = {l.index: list(range(l.heads))[l.index % 2: l.index % 2 + 1 + l.index % 3] for l in layers}
+    assert len({len(k) for k in keep.values()}) == 3
+    pruned, _ = prune_heads(onnx.load(str(tmp_path / "m.onnx")), keep=keep)
+    assert [(l.anchor, l.heads) for l in find_attention_layers(pruned)] == \
+        [(l.anchor, len(keep[l.index])) for l in layers]
+
+    (tmp_path / "keep.json").write_text(json.dumps(keep))
+    run("compile", tmp_path / "m.onnx", "-o", tmp_path / "out", "--prune-keep", tmp_path / "keep.json")
+    for seed in (0, 1):
+        run("validate", tmp_path / "out", "--model", ckpt, "--seed", seed)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["passed"] and report["shrink_cost"][0]["cosine"] < 0.9999
+    assert run("validate", tmp_path / "out", "--model", ckpt, "--reference", "original", ok=False).exit_code == 1
+
+
 def test_seq2seq_base_model_and_the_decoder_start_token(tmp_path):
     """A base model without an LM head gives the decoder's last hidden state; the decoder ids start with
     the token generate starts with: config.json's decoder_start_token_id, else generation_config.json's,

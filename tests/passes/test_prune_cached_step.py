@@ -116,8 +116,8 @@ def _check_against_masked_torch(step, ckpt: Path, keep: dict[int, list[int]], kv
 def test_step_pruned_to_the_heads_of_a_pruned_plain_export(gqa_llama, exported, tmp_path):
     """``attnc compile step.onnx --prune-keep plan/`` with a plain export's compile as the plan: the same heads
     (whole K/V groups), the cache inputs and outputs declared with the kept K/V head, one Attention per layer; the
-    compiled step against the gated torch model; ``attnc validate`` compares it with the checkpoint as it does a
-    pruned plain artefact (layer 0's new cache, which pruning leaves as it is, passes; the logits do not)."""
+    compiled step against the gated torch model; ``attnc validate`` compares it with the gated checkpoint (the
+    checkpoint's cache cut to the kept heads) and measures it against the unpruned one."""
     plan = json.loads((exported("plan") / "manifest.json").read_text())["shrink"]["prune_heads"]
     keep = {l["index"]: l["kept"] for l in plan["layers"]}
     assert [len(k) for k in keep.values()] == [2, 2] and plan["params_after"] < plan["params_before"]
@@ -134,15 +134,25 @@ def test_step_pruned_to_the_heads_of_a_pruned_plain_export(gqa_llama, exported, 
     assert manifest["ops_after"].get("Attention") == 2 and "Softmax" not in manifest["ops_after"]
     _check_against_masked_torch(runtime.load(tmp_path / "step"), gqa_llama, keep, {0: 1, 1: 1})
 
-    result = run("validate", tmp_path / "step", "--model", gqa_llama, ok=False)
+    run("validate", tmp_path / "step", "--model", gqa_llama)
+    report = json.loads((tmp_path / "step" / "report.json").read_text())
+    assert [o["name"] for o in report["outputs"]] == ["logits"] + [f"present.{i}.{kv}" for i in (0, 1)
+                                                                   for kv in ("key", "value")]
+    assert report["meta"]["inputs"]["past_key_values.0.key"]["shape"] == [2, 2, 5, 8]   # the checkpoint's cache
+    assert "kept heads of the checkpoint's" in report["meta"]["input_source"]
+    assert "gated to zero" in report["meta"]["reference"]
+    assert report["meta"]["compile"]["prune_heads"]["heads_after"] == 4
+    cost = {row["name"]: row for row in report["shrink_cost"]}
+    assert cost["logits"]["max_abs_error"] > 1e-3 and cost["logits"]["top1_agreement"] is not None
+    assert cost["present.0.key"]["max_abs_error"] < 1e-6 and cost["present.0.key"]["top1_agreement"] is None
+
+    # Against the unpruned checkpoint: layer 0's new cache, which pruning leaves as it is, passes; the rest not.
+    result = run("validate", tmp_path / "step", "--model", gqa_llama, "--reference", "original", ok=False)
     assert result.exit_code == 1, result.output
     report = json.loads((tmp_path / "step" / "report.json").read_text())
     passed = {o["name"]: o["passed"] for o in report["outputs"]}
     assert passed == {"logits": False, "present.0.key": True, "present.0.value": True, "present.1.key": False,
                       "present.1.value": False}
-    assert report["meta"]["inputs"]["past_key_values.0.key"]["shape"] == [2, 2, 5, 8]   # the checkpoint's cache
-    assert "kept heads of the checkpoint's" in report["meta"]["input_source"]
-    assert report["meta"]["compile"]["prune_heads"]["heads_after"] == 4
 
 
 @pytest.mark.parametrize("checkpoint,keep,granularity", [

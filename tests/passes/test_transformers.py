@@ -41,6 +41,7 @@ import torch
 
 from attnc.compiler.backends.onnxruntime import load
 from attnc.compiler.export import export_onnx
+from attnc.compiler.reference import pruned_gates
 from attnc.models.transformers_zoo import Output, build, dynamic_axes, example_input
 from attnc.passes import fuse_attention, neighborhood
 from attnc.passes.prune_heads import find_attention_layers, gates_from_keep, head_gates, prune_heads
@@ -129,6 +130,10 @@ def test_fuses_and_prunes(name, exporter, tmp_path):
             return model(x).numpy()
 
     np.testing.assert_allclose(got, masked(keep), rtol=1e-4, atol=2e-5)
+    # `attnc validate` finds the same modules from the manifest (by projection fingerprint or order)
+    found = pruned_gates(model, report.to_dict())
+    expected = gates_from_keep(keep, {l.index: l.heads for l in layers})
+    assert found.keys() == expected.keys() and all(torch.equal(found[i], expected[i]) for i in expected)
     other = {i: [h for h in range(4) if h not in kept] for i, kept in keep.items()}
     assert not np.allclose(got, masked(other), atol=1e-3)
     if name in FUSE_PRUNED:
