@@ -7,6 +7,7 @@ import inspect
 import io
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ import onnx
 import torch
 
 from attnc.compiler.errors import AttncError
-from attnc.compiler.onnx_io import atomic_path
+from attnc.compiler.onnx_io import save_model
 from attnc.compiler.validate import eval_mode, kv_cache_off
 from attnc.plugins import attach_function_bodies
 
@@ -120,10 +121,7 @@ def _export_eval(model, example_inputs, path, exporter, opset, dynamic_axes, inp
             continue
         proto.producer_name = f"attnc-export[{name}]"
         attach_function_bodies(proto)  # nodes the translations emitted need their bodies
-        path = Path(path)
-        with atomic_path(path, suffix=".onnx") as tmp:
-            onnx.save_model(proto, str(tmp))
-        return path
+        return save_model(proto, path)   # past 2 GiB with its weights in <name>.data
     others = [f"--exporter {e}" for e in ("dynamo", "torchscript") if e not in order]
     raise AttncError("ONNX export failed: " + "; ".join(errors),
                      f"try {others[0]}, or simplify the model's forward" if others
@@ -163,23 +161,39 @@ def _speed_up_torchlib_registry() -> None:
     registry_cls.from_torchlib = classmethod(from_torchlib)
 
 
+def weight_bytes(model) -> int:
+    """Bytes of ``model``'s parameters and buffers (each tensor once)."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def _export_with(exporter, model, inputs, opset, dynamic_axes, input_names, output_names) -> onnx.ModelProto:
+    """The exported model, in memory. A model whose weights come near protobuf's 2 GiB is exported through a
+    temporary file with external data (a message past 2 GiB cannot be serialised) and read back with its weights."""
+    from attnc.compiler.onnx_io import LARGE_MODEL_BYTES
+
     _speed_up_torchlib_registry()
-    with _translations_active(), warnings.catch_warnings(), torch.no_grad():
+    large = weight_bytes(model) > LARGE_MODEL_BYTES
+    with _translations_active(), warnings.catch_warnings(), torch.no_grad(), \
+            tempfile.TemporaryDirectory(prefix="attnc-export-") as folder:
         warnings.simplefilter("ignore")
+        path = Path(folder) / "model.onnx"
         if exporter == "dynamo":
             program = torch.onnx.export(
                 model, inputs, dynamo=True, opset_version=opset, input_names=input_names,
                 output_names=output_names, dynamic_axes=dynamic_axes, verbose=False,
                 optimize=True, external_data=False,
             )
-            return program.model_proto
-        buf = io.BytesIO()
+            if not large:
+                return program.model_proto
+            program.save(str(path), external_data=True)
+            return onnx.load(str(path))
+        target = path if large else io.BytesIO()
         torch.onnx.export(
-            model, inputs, buf, dynamo=False, opset_version=opset, input_names=input_names,
-            output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+            model, inputs, target, dynamo=False, opset_version=opset, input_names=input_names,
+            output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True, external_data=large,
         )
-        return onnx.load_from_string(buf.getvalue())
+        return onnx.load(str(path)) if large else onnx.load_from_string(target.getvalue())
 
 
 def resolve_model(ref: str):

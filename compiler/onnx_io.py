@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from attnc import DOMAIN
@@ -94,7 +95,8 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     if check:
         check_opset(model, str(path))
         try:
-            onnx.checker.check_model(model, full_check=False)
+            # past 2 GiB from the file: the checker reads the model and its external data itself
+            onnx.checker.check_model(str(path) if is_large(model) else model, full_check=False)
         except onnx.checker.ValidationError as exc:
             first = str(exc).strip().splitlines()[0][:200]
             raise AttncError(f"{path} is not a valid ONNX model: {first}",
@@ -103,16 +105,164 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write ``model`` atomically; weights above 1.8 GB go to an external data file."""
+    """Write ``model`` atomically; a large one (:func:`is_large`) with its weights in ``<name>.data`` beside it
+    (:func:`write_external`). ``model`` is left as it was."""
     path = Path(path)
-    large = model.ByteSize() > 1_800_000_000
-    with atomic_path(path, suffix=".onnx") as tmp:
-        if large:
-            onnx.save_model(model, str(tmp), save_as_external_data=True,
-                            location=path.name + ".data", all_tensors_to_one_file=True)
-        else:
+    if not is_large(model):
+        with atomic_path(path, suffix=".onnx") as tmp:
             onnx.save_model(model, str(tmp))
+        return path
+    write_external(model, path)
     return path
+
+
+# Protobuf serialises a message of at most 2 GiB. Past this size attnc keeps the weights out of everything it
+# serialises: shape inference sees the graph without them (as it always does: :func:`light_copy`), ONNX Runtime gets
+# them as arrays (:func:`ort_session`), the checker and TensorRT's parser read the model from a file with external
+# data, and saved models keep their weights in ``<name>.data``.
+LARGE_MODEL_BYTES = 1_800_000_000
+LIGHT_BYTES = 1 << 16   # initializers this large or larger are left out of light copies
+_ELSEWHERE = "attnc-weights-elsewhere"   # the external-data location of a light copy's stubs (no such file)
+# initializer types ort_session hands ONNX Runtime as numpy arrays (others stay in the serialised model)
+_NUMPY_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                          onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
+                          onnx.TensorProto.UINT16, onnx.TensorProto.INT32, onnx.TensorProto.UINT32,
+                          onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL})
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is past :data:`LARGE_MODEL_BYTES` (its initializers' data, else its whole size: protobuf
+    cannot even size a message past 2 GiB)."""
+    if sum(_data_bytes(init) for init in model.graph.initializer) > LARGE_MODEL_BYTES:
+        return True
+    try:
+        return model.ByteSize() > LARGE_MODEL_BYTES
+    except Exception:   # noqa: BLE001 - google.protobuf.message.EncodeError: over 2 GiB
+        return True
+
+
+def _data_bytes(init: onnx.TensorProto) -> int:
+    """The size of ``init``'s raw data from its shape and type (reading ``raw_data`` would copy it, and protobuf's
+    ``ByteSize`` walks it); 0 without raw data."""
+    if not init.HasField("raw_data"):
+        return 0
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+    except Exception:   # noqa: BLE001 - a type numpy has no dtype for: count bytes
+        itemsize = 1
+    return int(np.prod(init.dims, dtype=np.int64)) * itemsize
+
+
+def _heavy(init: onnx.TensorProto, min_bytes: int, types: Collection[int] | None) -> bool:
+    """Whether a light copy leaves ``init``'s data out: raw data of at least ``min_bytes``, of one of ``types``
+    (any when None)."""
+    return init.data_location != onnx.TensorProto.EXTERNAL and (types is None or init.data_type in types) \
+        and _data_bytes(init) >= min_bytes
+
+
+def light_initializer(init: onnx.TensorProto, min_bytes: int = LIGHT_BYTES) -> onnx.TensorProto:
+    """``init`` itself, or a stub of it (name, type, shape, no data) where it holds ``min_bytes`` of data or more:
+    for a probe's subgraph, whose session then gets the data from the model (``ort_session(weights_from=...)``)."""
+    return _stub(init) if _heavy(init, min_bytes, _NUMPY_TYPES) else init
+
+
+def _stub(init: onnx.TensorProto) -> onnx.TensorProto:
+    """``init``'s name, type and shape, its data marked external at a location that does not exist."""
+    stub = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims,
+                            data_location=onnx.TensorProto.EXTERNAL)
+    entry = stub.external_data.add()
+    entry.key, entry.value = "location", _ELSEWHERE
+    return stub
+
+
+def _is_stub(init: onnx.TensorProto) -> bool:
+    return init.data_location == onnx.TensorProto.EXTERNAL and any(
+        e.key == "location" and e.value == _ELSEWHERE for e in init.external_data)
+
+
+def light_copy(model: onnx.ModelProto, min_bytes: int = LIGHT_BYTES, types: Collection[int] | None = None
+               ) -> onnx.ModelProto:
+    """A copy of ``model`` whose main-graph initializers of at least ``min_bytes`` (of ``types``) are stubs: name,
+    type and shape, no data (marked as external data that is nowhere). Built field by field, the weights' data is
+    never copied: for shape inference of a model of any size, or the model ONNX Runtime gets the weights of apart
+    (:func:`ort_session`). It cannot be checked or saved as it is."""
+    light = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _set(light, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _set(light.graph, field, value)
+    light.graph.initializer.extend(_stub(i) if _heavy(i, min_bytes, types) else i for i in model.graph.initializer)
+    return light
+
+
+def _set(message, field, value) -> None:
+    if field.is_repeated:
+        getattr(message, field.name).extend(value)
+    elif field.message_type is not None:
+        getattr(message, field.name).CopyFrom(value)
+    else:
+        setattr(message, field.name, value)
+
+
+def write_external(model: onnx.ModelProto, path: str | os.PathLike, min_bytes: int = 1024) -> Path:
+    """Write ``model`` to ``path`` with the data of its initializers of at least ``min_bytes`` in ``<name>.data``
+    beside it (offsets aligned to 4 KiB), each file atomically; ``model`` is left as it is (``onnx.save_model``'s
+    external data clears the weights of the model it saves)."""
+    path = Path(path)
+    location = path.name + ".data"
+    light = light_copy(model, min_bytes)
+    heavy = {init.name: init for init in model.graph.initializer if _heavy(init, min_bytes, None)}
+    with atomic_path(path.with_name(location), suffix=".data") as data_tmp, \
+            atomic_path(path, suffix=".onnx") as model_tmp:
+        offset = 0
+        with open(data_tmp, "wb") as data:
+            for stub in light.graph.initializer:
+                if stub.name not in heavy or stub.data_location != onnx.TensorProto.EXTERNAL:
+                    continue
+                raw = heavy[stub.name].raw_data
+                offset += -offset % 4096
+                data.seek(offset)
+                data.write(raw)
+                del stub.external_data[:]
+                for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                    entry = stub.external_data.add()
+                    entry.key, entry.value = key, value
+                offset += len(raw)
+        with open(model_tmp, "wb") as f:
+            f.write(light.SerializeToString())
+    return path
+
+
+def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, providers: list[str] | None = None, *,
+                weights_from: onnx.ModelProto | None = None):
+    """An ONNX Runtime session of ``model``: a path, or a ModelProto of any size.
+
+    A ModelProto's initializers of :data:`LIGHT_BYTES` and more reach ONNX Runtime as arrays over their data
+    (``SessionOptions.add_external_initializers``), not inside the serialised model: a model past protobuf's 2 GiB
+    loads, and a pass's probe of an LLM's graph does not serialise and parse its embedding table each time. A stub
+    (:func:`light_initializer`) gets the data of ``weights_from``'s initializer of its name. ``options`` (default:
+    new ones) gets those initializers added.
+    """
+    import onnxruntime as ort
+
+    providers = providers or ["CPUExecutionProvider"]
+    options = options or ort.SessionOptions()
+    if not isinstance(model, onnx.ModelProto):
+        return ort.InferenceSession(str(model), options, providers=providers)
+    source = {i.name: i for i in weights_from.graph.initializer} if weights_from is not None else {}
+    heavy = [source[init.name] if _is_stub(init) else init for init in model.graph.initializer
+             if _is_stub(init) or _heavy(init, LIGHT_BYTES, _NUMPY_TYPES)]
+    arrays = [np.frombuffer(init.raw_data, onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).reshape(
+        tuple(init.dims)) for init in heavy]
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+    if heavy:
+        options.add_external_initializers([init.name for init in heavy], values)
+        model = light_copy(model, LIGHT_BYTES, _NUMPY_TYPES)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    session._attnc_weights = (arrays, values)   # ONNX Runtime reads them in place: kept as long as the session
+    return session
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:

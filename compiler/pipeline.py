@@ -115,7 +115,7 @@ def compile_model(model_path: str | os.PathLike, out_dir: str | os.PathLike,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": platform.node(),
             "source": {"path": str(Path(model_path).resolve()), "sha256": _sha256(model_path),
-                       "opset": source_opset},
+                       "opset": source_opset, **_external_data_hashes(model_path)},
             "backend": options.backend,
             "precision": options.precision,
             "artefact": Path(artefact).name,
@@ -256,6 +256,16 @@ def _io_specs(values, initializers) -> list[dict]:
             "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim],
         })
     return specs
+
+
+def _external_data_hashes(model_path) -> dict:
+    """``{"external_data": {file: sha256}}`` of the weight files an ONNX model names (a large model's
+    ``<name>.data``), or nothing: the model file's own hash does not cover them."""
+    header = onnx.load(str(model_path), load_external_data=False)
+    files = sorted({entry.value for init in header.graph.initializer for entry in init.external_data
+                    if entry.key == "location"})
+    folder = Path(model_path).parent
+    return {"external_data": {name: _sha256(folder / name) for name in files}} if files else {}
 
 
 def _sha256(path) -> str:

@@ -23,6 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from attnc import DOMAIN, DOMAIN_VERSION
+from attnc.compiler.onnx_io import light_copy, light_initializer, ort_session
 
 
 @dataclass
@@ -161,9 +162,8 @@ def remove_dead_nodes(model: onnx.ModelProto) -> None:
     keep, needed = live_nodes(graph.node, [o.name for o in graph.output])
     del graph.node[:]
     graph.node.extend(keep)
-    inits = [i for i in graph.initializer if i.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    for index in reversed([k for k, init in enumerate(graph.initializer) if init.name not in needed]):
+        del graph.initializer[index]   # in place: re-adding the live ones would copy every weight
     infos = [v for v in graph.value_info if v.name in needed]
     del graph.value_info[:]
     graph.value_info.extend(infos)
@@ -271,7 +271,10 @@ def value_shapes_and_types(model: onnx.ModelProto, data_prop: bool = True) -> tu
     constant masks.
     """
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=data_prop)
+        # without the data of initializers of 64 KiB and more (weights, large masks): inference reads only their
+        # shapes, a model past protobuf's 2 GiB cannot be serialised with them, and a smaller one would cost a copy
+        # of every weight into the inference per call
+        inferred = onnx.shape_inference.infer_shapes(light_copy(model), strict_mode=False, data_prop=data_prop)
     except Exception:  # shapes and types are hints for matching, never a requirement
         inferred = model
     g = inferred.graph
@@ -294,8 +297,7 @@ def with_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequenc
     Raises:
         ValueError: a shape's rank differs from its input's.
     """
-    pinned = onnx.ModelProto()
-    pinned.CopyFrom(model)
+    pinned = light_copy(model)   # without the weights' data: an LLM's would be copied for every size
     for value in pinned.graph.input:
         shape = input_shapes.get(value.name)
         if shape is None:
@@ -512,7 +514,7 @@ def fixed_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
     return values[0] if values and all(np.array_equal(values[0], v) for v in values[1:]) else None
 
 
-def probe_session(model: onnx.ModelProto):
+def probe_session(model: onnx.ModelProto, weights_from: onnx.ModelProto | None = None):
     """A one-thread CPU ONNX Runtime session for a pass's probe of ``model``, silent on failures:
     a probe that cannot run raises, and the pass turns that into a near-miss (ONNX Runtime would
     also log each failed run as an error line)."""
@@ -521,7 +523,7 @@ def probe_session(model: onnx.ModelProto):
     options = ort.SessionOptions()
     options.log_severity_level = 4
     options.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort_session(model, options, weights_from=weights_from)
 
 
 def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int, ...] = (5, 8)
@@ -555,10 +557,10 @@ def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int,
     g = onnx.helper.make_graph(
         [n for n in src.node if any(o in needed for o in n.output)], "evaluate", inputs,
         [onnx.helper.make_value_info(n, onnx.TypeProto()) for n in names],
-        initializer=[i for i in src.initializer if i.name in needed])
+        initializer=[light_initializer(i) for i in src.initializer if i.name in needed])   # weights: stubs
     sub = onnx.helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     sub.functions.extend(model.functions)
-    session = probe_session(sub)
+    session = probe_session(sub, weights_from=model)
     static = all(d.HasField("dim_value") for i in inputs for d in i.type.tensor_type.shape.dim)
     rng = np.random.default_rng(0)
     results = []
@@ -690,9 +692,17 @@ def convert_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
 
     The converter drops ``model.functions`` (the fused ops' bodies added by earlier passes)
     and the opset imports of their domains; they are put back unchanged, each function
-    keeping the opset it declares.
+    keeping the opset it declares. The converter runs on a light copy (:func:`light_copy`: a model past
+    protobuf's 2 GiB cannot be serialised into it, a smaller one's weights would be copied twice); initializers
+    it left alone get their data back from ``model``.
     """
-    converted = onnx.version_converter.convert_version(model, version)
+    converted = onnx.version_converter.convert_version(light_copy(model), version)
+    weights = {init.name: init for init in model.graph.initializer}
+    for init in converted.graph.initializer:
+        original = weights.get(init.name)
+        if original is not None and init.data_location == onnx.TensorProto.EXTERNAL \
+                and original.data_location != onnx.TensorProto.EXTERNAL and list(init.dims) == list(original.dims):
+            init.CopyFrom(original)
     known = {o.domain for o in converted.opset_import}
     for entry in model.opset_import:
         if entry.domain not in known and entry.domain not in ("", "ai.onnx"):

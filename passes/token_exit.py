@@ -40,6 +40,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from attnc.compiler.errors import AttncError
+from attnc.compiler.onnx_io import ort_session
 from attnc.passes.core import (constant_value, name_nodes, producers, remove_dead_nodes, toposort,
                                value_shapes)
 
@@ -396,7 +397,7 @@ def _run(model, feeds_list) -> list[np.ndarray]:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(model, options)
     names = [i.name for i in session.get_inputs()]
     return [session.run(None, {n: f[n] for n in names})[0] for f in feeds_list]
 

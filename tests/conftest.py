@@ -24,14 +24,17 @@ def pytest_collection_modifyitems(config, items):
 
     ``full``-marked tests run with ``ATTNC_FULL_TESTS=1`` only: each repeats, with the other exporter,
     a case CI already checks with one (a dynamo export of a transformers model costs 10-25 s on CI's
-    cores), so that the CI suite stays well under its 15 minutes. Run them before a release, or when
-    a change touches what the exporters emit."""
+    cores), or runs at a size CI checks scaled down (a model past 2 GiB: two minutes and 14 GB), so
+    that the CI suite stays well under its 15 minutes. Run them before a release, or when a change
+    touches what the exporters emit or how models are read and written. ``full(reason=...)`` says why
+    a test is in that tier."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if os.environ.get("ATTNC_FULL_TESTS") != "1":
         import pytest
 
-        skip = pytest.mark.skip(reason="full tier: the other exporter of a case CI checks; ATTNC_FULL_TESTS=1 runs it")
         for item in items:
-            if item.get_closest_marker("full"):
-                item.add_marker(skip)
+            marker = item.get_closest_marker("full")
+            if marker:
+                why = marker.kwargs.get("reason", "the other exporter of a case CI checks")
+                item.add_marker(pytest.mark.skip(reason=f"full tier: {why}; ATTNC_FULL_TESTS=1 runs it"))
 

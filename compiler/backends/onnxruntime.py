@@ -11,7 +11,7 @@ import onnx
 
 from attnc.compiler.backends import TensorSpec, check_feeds
 from attnc.compiler.errors import AttncError
-from attnc.compiler.onnx_io import atomic_path
+from attnc.compiler.onnx_io import atomic_path, ort_session
 
 NAME = "onnxruntime"
 ARTEFACT = "model.onnx"
@@ -66,7 +66,6 @@ class OnnxRuntimeRunner:
             raise AttncError("the onnxruntime backend is unavailable", why)
         import onnxruntime as ort
 
-        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
@@ -75,7 +74,7 @@ class OnnxRuntimeRunner:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                          if p in ort.get_available_providers()]
         try:
-            self.session = ort.InferenceSession(source, options, providers=providers)
+            self.session = ort_session(model, options, providers)   # a ModelProto past 2 GiB too
         except Exception as exc:
             raise AttncError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}",
                              "check the model with `attnc inspect`; re-export if it is malformed") from None

@@ -28,6 +28,7 @@ import importlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -40,7 +41,7 @@ from attnc import DOMAIN
 from attnc.compiler.backends import TensorSpec, check_feeds
 from attnc.compiler.backends import tensorrt_plugins as plugins
 from attnc.compiler.errors import AttncError
-from attnc.compiler.onnx_io import atomic_path
+from attnc.compiler.onnx_io import atomic_path, is_large, write_external
 from attnc.passes.core import subgraph_inputs
 from attnc.plugins.chunked import chunks_only
 
@@ -616,6 +617,15 @@ def _register_plugins(trt, flavour: str, ops: list[str]) -> str:
 _QDP_DONE: set[str] = set()
 
 
+def _parse(parser, model: onnx.ModelProto, model_path) -> bool:
+    """``parser.parse`` of ``model`` (external data beside ``model_path``); a model past protobuf's 2 GiB from a
+    temporary copy with its weights in external data (``parse_from_file``: the parser reads them in)."""
+    if not is_large(model):
+        return parser.parse(model.SerializeToString(), str(Path(model_path).resolve().parent))
+    with tempfile.TemporaryDirectory(prefix="attnc-large-") as folder:
+        return parser.parse_from_file(str(write_external(model, Path(folder) / "model.onnx")))
+
+
 def _attention_layers(trt, network) -> list:
     """The network's attention layers, as ``IAttentionOutputLayer`` (the parser hands back
     plain ``ILayer``s; re-classing them exposes ``.attention``)."""
@@ -761,7 +771,7 @@ def build(model_path: str | os.PathLike, out_dir: str | os.PathLike, precision: 
         parser = trt.OnnxParser(network, log.logger)
         prepared, plugin_ops = prepare_model(model, precision, fused_ops, supports=parser.supports_operator)
         plugin_mode = _register_plugins(trt, flavour, plugin_ops)
-        if not parser.parse(prepared.SerializeToString(), str(Path(model_path).resolve().parent)):
+        if not _parse(parser, prepared, model_path):
             errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
             raise AttncError(f"TensorRT's ONNX parser rejected the model: {'; '.join(errors[:5])}",
                              f"see {out_dir / BUILD_LOG}; unsupported nodes need a plugin or --backend onnxruntime")

@@ -11,6 +11,7 @@ import onnx
 from onnx import helper
 
 from attnc.compiler.errors import AttncError
+from attnc.compiler.onnx_io import ort_session
 from attnc.compiler.validate import eval_mode
 from attnc.passes.prune_heads.layers import find_attention_layers
 from attnc.passes.prune_heads.rewrite import (_check_granularity, kept_cache_feeds, kept_cache_heads,
@@ -120,7 +121,7 @@ def _activation_scores(model, layers, feeds_list) -> dict[int, np.ndarray]:
             probe.graph.output.append(helper.make_value_info(l.merged, onnx.TypeProto()))
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(probe, options)
     inputs = [i.name for i in session.get_inputs()]
     weights = {l.index: l.out_proj.matrix(model) for l in layers}
     totals = {l.index: np.zeros(l.heads) for l in layers}
