@@ -235,6 +235,13 @@ def write_external(model: onnx.ModelProto, path: str | os.PathLike, min_bytes: i
     return path
 
 
+def external_data_files(path: str | os.PathLike) -> list[str]:
+    """The weights files an ONNX file names for its initializers' external data (relative to its folder)."""
+    header = onnx.load(str(path), load_external_data=False)
+    return sorted({entry.value for init in header.graph.initializer for entry in init.external_data
+                   if entry.key == "location"})
+
+
 def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, providers: list[str] | None = None, *,
                 weights_from: onnx.ModelProto | None = None):
     """An ONNX Runtime session of ``model``: a path, or a ModelProto of any size.

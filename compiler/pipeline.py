@@ -261,9 +261,7 @@ def _io_specs(values, initializers) -> list[dict]:
 def _external_data_hashes(model_path) -> dict:
     """``{"external_data": {file: sha256}}`` of the weight files an ONNX model names (a large model's
     ``<name>.data``), or nothing: the model file's own hash does not cover them."""
-    header = onnx.load(str(model_path), load_external_data=False)
-    files = sorted({entry.value for init in header.graph.initializer for entry in init.external_data
-                    if entry.key == "location"})
+    files = onnx_io.external_data_files(model_path)
     folder = Path(model_path).parent
     return {"external_data": {name: _sha256(folder / name) for name in files}} if files else {}
 

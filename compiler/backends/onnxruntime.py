@@ -11,7 +11,7 @@ import onnx
 
 from attnc.compiler.backends import TensorSpec, check_feeds
 from attnc.compiler.errors import AttncError
-from attnc.compiler.onnx_io import atomic_path, ort_session
+from attnc.compiler.onnx_io import atomic_path, external_data_files, ort_session
 
 NAME = "onnxruntime"
 ARTEFACT = "model.onnx"
@@ -41,6 +41,9 @@ def build(model_path: str | os.PathLike, out_dir: str | os.PathLike, precision: 
     if model_path.parent.resolve() == out_dir.resolve():
         return model_path  # the pipeline already wrote the fused model into the artefact dir
     target = out_dir / ARTEFACT
+    for name in external_data_files(model_path):   # a large model's weights files, by the names the model gives
+        with atomic_path(out_dir / name, suffix=".data") as tmp:
+            shutil.copyfile(model_path.parent / name, tmp)
     with atomic_path(target, suffix=".onnx") as tmp:
         shutil.copyfile(model_path, tmp)
     return target

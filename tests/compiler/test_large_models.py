@@ -174,3 +174,22 @@ def test_a_model_past_two_gigabytes(tmp_path):
     run("validate", tmp_path / "out", "--model", "lm-mhsa-small", "--input-shape", "ids:2x17:int64",
         "--int-high", "90")
     assert json.loads((tmp_path / "out" / "report.json").read_text())["passed"]
+
+
+def test_onnxruntime_artefact_copied_with_its_weights(tmp_path):
+    """The ONNX Runtime backend building from a model in another folder copies its weights file beside the
+    artefact, and the artefact runs; an ordinary model is copied alone."""
+    from attnc.compiler.backends import onnxruntime as backend
+
+    model = _graph(30000, 5)
+    (tmp_path / "src").mkdir()
+    write_external(model, tmp_path / "src" / "fused.onnx")
+    target = backend.build(tmp_path / "src" / "fused.onnx", tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fused.onnx.data", "model.onnx"]
+    x = np.array([1.5], np.float32)
+    expected = x + sum(numpy_helper.to_array(i)[:1] for i in model.graph.initializer[:2])
+    runner = backend.load(target)
+    np.testing.assert_allclose(runner.infer({"x": x})[runner.output_names[0]], expected, rtol=1e-6)
+    onnx.save(_graph(3), str(tmp_path / "src" / "small.onnx"))
+    backend.build(tmp_path / "src" / "small.onnx", tmp_path / "out2")
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["model.onnx"]
