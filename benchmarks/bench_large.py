@@ -3,6 +3,7 @@
 session of the model with its weights serialised, against attnc's weight-free copy and arrays, side by side).
 
     python benchmarks/bench_large.py [--sizes 0.25 0.5 1 2.1] [--rev 59be35d] [--out benchmarks/results] [--smoke]
+                                     [--tag NAME]
 
 With ``--rev``, every command also runs with attnc as of that git revision (its package assembled from ``git
 archive`` and put first on ``PYTHONPATH``), interleaved with the working tree's, so the ratios come from one run.
@@ -138,6 +139,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.1], help="model sizes, GiB")
     parser.add_argument("--rev", help="also run every command with attnc as of this git revision")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--tag", help="name the raw file large-TAG-<date>.json (keeps an earlier run of the day)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -180,7 +182,8 @@ def main() -> None:
                "python": sys.version.split()[0]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    target = out / f"large{'-smoke' if args.smoke else ''}-{time.strftime('%Y-%m-%d')}.json"
+    tag = "".join(f"-{t}" for t in ("smoke" if args.smoke else None, args.tag) if t)
+    target = out / f"large{tag}-{time.strftime('%Y-%m-%d')}.json"
     target.write_text(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"), "baseline_rev": args.rev,
                                   "rows": rows}, indent=2) + "\n")
     print(f"raw numbers: {target}")

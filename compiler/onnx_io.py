@@ -160,10 +160,10 @@ def _heavy(init: onnx.TensorProto, min_bytes: int, types: Collection[int] | None
         and _data_bytes(init) >= min_bytes
 
 
-def light_initializer(init: onnx.TensorProto, min_bytes: int = LIGHT_BYTES) -> onnx.TensorProto:
+def light_initializer(init: onnx.TensorProto, min_bytes: int | None = None) -> onnx.TensorProto:
     """``init`` itself, or a stub of it (name, type, shape, no data) where it holds ``min_bytes`` of data or more:
     for a probe's subgraph, whose session then gets the data from the model (``ort_session(weights_from=...)``)."""
-    return _stub(init) if _heavy(init, min_bytes, _NUMPY_TYPES) else init
+    return _stub(init) if _heavy(init, LIGHT_BYTES if min_bytes is None else min_bytes, _NUMPY_TYPES) else init
 
 
 def _stub(init: onnx.TensorProto) -> onnx.TensorProto:
@@ -175,17 +175,94 @@ def _stub(init: onnx.TensorProto) -> onnx.TensorProto:
     return stub
 
 
+# stand-in stubs (weights_standing_in): token -> the initializer a working copy's stub stands for
+_STANDING_IN: dict[str, onnx.TensorProto] = {}
+_TOKEN = "attnc-stands-for"
+
+
+def _standing_for(init: onnx.TensorProto) -> onnx.TensorProto | None:
+    """The initializer a stand-in stub (:func:`weights_standing_in`) stands for; None for any other tensor."""
+    if init.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return next((_STANDING_IN.get(e.value) for e in init.external_data if e.key == _TOKEN), None)
+
+
+def initializer_array(init: onnx.TensorProto) -> np.ndarray:
+    """``init``'s value as numpy, also where it is a stand-in stub (the data of the initializer it stands for)."""
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(_standing_for(init) or init, base_dir="")
+
+
+@contextlib.contextmanager
+def weights_standing_in(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
+    """A working copy of ``model`` whose initializers of :data:`LIGHT_BYTES` and more are stubs standing for
+    ``model``'s own (no weight is copied; ``model`` must stay as it is while the block runs). Inside, the passes
+    read a stub's value through :func:`initializer_array` (``passes.core.constant_value``) and ONNX Runtime gets its
+    data (:func:`ort_session`), so copying the working model costs its graph only; :func:`with_weights` puts the
+    data into a result before the block ends."""
+    light = light_copy(model, types=_NUMPY_TYPES)
+    originals = {init.name: init for init in model.graph.initializer}
+    tokens = []
+    for stub in light.graph.initializer:
+        if stub.data_location == onnx.TensorProto.EXTERNAL and _is_stub(stub):
+            token = f"{id(light):x}/{stub.name}"
+            _STANDING_IN[token] = originals[stub.name]
+            tokens.append(token)
+            entry = stub.external_data.add()
+            entry.key, entry.value = _TOKEN, token
+    try:
+        yield light
+    finally:
+        for token in tokens:
+            _STANDING_IN.pop(token, None)
+
+
+def with_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (in place) with every stand-in stub replaced by a copy of the initializer it stands for: among its
+    graphs' initializers and its nodes' tensor attributes, in subgraphs and functions too (a pass may have moved a
+    weight into a node)."""
+
+    def resolve(tensor: onnx.TensorProto) -> None:
+        original = _standing_for(tensor)
+        if original is not None:
+            name = tensor.name
+            tensor.CopyFrom(original)
+            tensor.name = name
+
+    def nodes(node_list) -> None:
+        for node in node_list:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    resolve(attr.t)
+                for tensor in attr.tensors:
+                    resolve(tensor)
+                for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    walk(graph)
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for init in graph.initializer:
+            resolve(init)
+        nodes(graph.node)
+
+    walk(model.graph)
+    for function in model.functions:
+        nodes(function.node)
+    return model
+
+
 def _is_stub(init: onnx.TensorProto) -> bool:
     return init.data_location == onnx.TensorProto.EXTERNAL and any(
         e.key == "location" and e.value == _ELSEWHERE for e in init.external_data)
 
 
-def light_copy(model: onnx.ModelProto, min_bytes: int = LIGHT_BYTES, types: Collection[int] | None = None
+def light_copy(model: onnx.ModelProto, min_bytes: int | None = None, types: Collection[int] | None = None
                ) -> onnx.ModelProto:
-    """A copy of ``model`` whose main-graph initializers of at least ``min_bytes`` (of ``types``) are stubs: name,
-    type and shape, no data (marked as external data that is nowhere). Built field by field, the weights' data is
-    never copied: for shape inference of a model of any size, or the model ONNX Runtime gets the weights of apart
+    """A copy of ``model`` whose main-graph initializers of at least ``min_bytes`` (default :data:`LIGHT_BYTES`; of
+    ``types``) are stubs: name, type and shape, no data (marked as external data that is nowhere). Built field by
+    field, the weights' data is never copied: for shape inference of a model of any size, or the model ONNX Runtime gets the weights of apart
     (:func:`ort_session`). It cannot be checked or saved as it is."""
+    min_bytes = LIGHT_BYTES if min_bytes is None else min_bytes
     light = onnx.ModelProto()
     for field, value in model.ListFields():
         if field.name != "graph":
@@ -259,7 +336,18 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, provid
     if not isinstance(model, onnx.ModelProto):
         return ort.InferenceSession(str(model), options, providers=providers)
     source = {i.name: i for i in weights_from.graph.initializer} if weights_from is not None else {}
-    heavy = [source[init.name] if _is_stub(init) else init for init in model.graph.initializer
+
+    def data(init):   # the tensor holding the data: a stub's original (stand-in or from weights_from), or itself
+        for _ in range(3):
+            if not _is_stub(init):
+                return init
+            init = _standing_for(init) or source.get(init.name)
+            if init is None:
+                break
+        raise AttncError("an ONNX Runtime session got a weight stub whose data attnc does not hold",
+                         "internal error: please report the model")
+
+    heavy = [data(init) for init in model.graph.initializer
              if _is_stub(init) or _heavy(init, LIGHT_BYTES, _NUMPY_TYPES)]
     arrays = [np.frombuffer(init.raw_data, onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).reshape(
         tuple(init.dims)) for init in heavy]

@@ -13,6 +13,7 @@ import logging
 import onnx
 
 from attnc.compiler.errors import AttncError
+from attnc.compiler.onnx_io import weights_standing_in, with_weights
 from attnc.passes.core import Match, NearMiss, PassReport, collapse_flat_transposes, named_copy
 from attnc.plugins import attach_function_bodies
 
@@ -105,6 +106,17 @@ def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None,
     if skipped:
         raise AttncError(f"--lower {skipped[0]} asks for a family that is not being fused",
                          f"add --family {skipped[0]} or drop --lower {skipped[0]}")
+    with weights_standing_in(model) as work:
+        # the passes copy the model several times: the copies hold stubs for its weights, which go back in last
+        model, reports = _fuse(work, order, lower, auto, precision, input_shapes, backend)
+        with_weights(model)
+    remaining = {node.name for node in model.graph.node}
+    for report in reports:
+        report.near_misses = [n for n in report.near_misses if n.anchor in remaining]
+    return model, reports
+
+
+def _fuse(model, order, lower, auto, precision, input_shapes, backend) -> tuple[onnx.ModelProto, list[PassReport]]:
     model = named_copy(model)
     collapse_flat_transposes(model)   # the SDPA decomposition's Kᵀ, as one Transpose for every pass
     attach_function_bodies(model)
@@ -124,9 +136,6 @@ def fuse_attention(model: onnx.ModelProto, families: list[str] | None = None,
         model, report = module.apply(model, **options)
         log.info("%s: %d rewritten, %d near-misses", family, report.rewritten, len(report.near_misses))
         reports.append(report)
-    remaining = {node.name for node in model.graph.node}
-    for report in reports:
-        report.near_misses = [n for n in report.near_misses if n.anchor in remaining]
     return model, reports
 
 

@@ -48,6 +48,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from attnc.compiler.onnx_io import initializer_array
 from attnc.passes.core import (GraphIndex, Match, NearMiss, PassReport, canonical_einsum,
                                convert_opset, default_opset, named_copy, node_attribute, remove_dead_nodes,
                                toposort, value_shapes, value_shapes_and_types, with_input_shapes)
@@ -337,7 +338,7 @@ def _tensor(model: onnx.ModelProto, operand: _Operand, name: str) -> str:
     out = f"{name}_transposed"
     init = next((i for i in model.graph.initializer if i.name == operand.base), None)
     if init is not None:  # learned agents: store them transposed instead of adding a node
-        value = onnx.numpy_helper.to_array(init).transpose(operand.perm)
+        value = initializer_array(init).transpose(operand.perm)
         model.graph.initializer.append(onnx.numpy_helper.from_array(value, out))
         return out
     model.graph.node.append(helper.make_node("Transpose", [operand.base], [out], name=f"{name}_transpose",

@@ -23,7 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from attnc import DOMAIN, DOMAIN_VERSION
-from attnc.compiler.onnx_io import light_copy, light_initializer, ort_session
+from attnc.compiler.onnx_io import initializer_array, light_copy, light_initializer, ort_session
 
 
 @dataclass
@@ -102,7 +102,7 @@ def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
     of one (the TorchScript exporter shares equal initializers, e.g. zero-initialised biases, that way)."""
     for init in model.graph.initializer:
         if init.name == name:
-            return numpy_helper.to_array(init, base_dir="")
+            return initializer_array(init)   # a stand-in stub's too (fuse_attention's working copy)
     for node in model.graph.node:
         if node.op_type == "Identity" and node.output and node.output[0] == name:
             return constant_value(model, node.input[0])
@@ -593,6 +593,21 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
+class _Constants(dict):
+    """``{name: value}`` whose initializers become numpy arrays when first read (an index over an LLM's graph would
+    otherwise convert every weight up front)."""
+
+    def __getitem__(self, name):
+        value = super().__getitem__(name)
+        if isinstance(value, onnx.TensorProto):
+            value = initializer_array(value)
+            self[name] = value
+        return value
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+
 def named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` in which every node has a unique name."""
     copy = onnx.ModelProto()
@@ -639,8 +654,7 @@ class GraphIndex:
         self.prod = producers(model)
         self.cons = consumers(model)
         self.shapes = value_shapes(model)
-        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i, base_dir="")
-                                               for i in model.graph.initializer}
+        self.consts: dict[str, np.ndarray] = _Constants((i.name, i) for i in model.graph.initializer)
         for node in model.graph.node:
             if node.op_type == "Constant" and node.output:
                 value = constant_value_of_node(node)

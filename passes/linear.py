@@ -99,6 +99,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from attnc import DOMAIN
+from attnc.compiler.onnx_io import initializer_array
 from attnc.passes.core import (Match, NearMiss, PassReport, canonical_einsum, constant_value, consumers,
                                convert_opset, default_opset, depends_on_data, evaluate_tensors,
                                named_copy, node_attribute, probe_session, producers, remove_dead_nodes,
@@ -1236,7 +1237,7 @@ def _prove_blockwise(g: _Graph, out: str, state_out: str | None, stops: list[str
         types = {t: TensorProto.DOUBLE for t in stops}
         types.update({t: (TensorProto.DOUBLE if np.issubdtype(runs[0][t].dtype, np.floating)
                           else helper.np_dtype_to_tensor_dtype(runs[0][t].dtype)) for t in side})
-        tables = {m: numpy_helper.to_array(inits[m]).astype(np.float64) for m in masks if m in inits}
+        tables = {m: initializer_array(inits[m]).astype(np.float64) for m in masks if m in inits}
         outputs = wanted + [m for m in masks if m not in tables]
         session = _float64_session(model, nodes, types, outputs, inits)
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot prove"
@@ -1367,7 +1368,7 @@ def _float64_session(model, nodes, inputs: dict[str, int], outputs: list[str], i
 
     def wide(tensor):
         if tensor.data_type in _FLOAT_TYPES:
-            return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float64), tensor.name)
+            return numpy_helper.from_array(initializer_array(tensor).astype(np.float64), tensor.name)
         return tensor
 
     converted, used = [], set()
