@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
 
     ``full``-marked tests run with ``ATTNC_FULL_TESTS=1`` only: each repeats, with the other exporter,
     a case CI already checks with one (a dynamo export of a transformers model costs 10-25 s on CI's
-    cores), or runs at a size CI checks scaled down (a model past 2 GiB: two minutes and 9 GB), so
+    cores), or runs at a size CI checks scaled down (a model past 2 GiB: two minutes and 11 GB), so
     that the CI suite stays well under its 15 minutes. Run them before a release, or when a change
     touches what the exporters emit or how models are read and written. ``full(reason=...)`` says why
     a test is in that tier."""
