@@ -205,7 +205,7 @@ def weights_standing_in(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
     originals = {init.name: init for init in model.graph.initializer}
     tokens = []
     for stub in light.graph.initializer:
-        if stub.data_location == onnx.TensorProto.EXTERNAL and _is_stub(stub):
+        if _is_stub(stub):
             token = f"{id(light):x}/{stub.name}"
             _STANDING_IN[token] = originals[stub.name]
             tokens.append(token)
@@ -260,8 +260,8 @@ def light_copy(model: onnx.ModelProto, min_bytes: int | None = None, types: Coll
                ) -> onnx.ModelProto:
     """A copy of ``model`` whose main-graph initializers of at least ``min_bytes`` (default :data:`LIGHT_BYTES`; of
     ``types``) are stubs: name, type and shape, no data (marked as external data that is nowhere). Built field by
-    field, the weights' data is never copied: for shape inference of a model of any size, or the model ONNX Runtime gets the weights of apart
-    (:func:`ort_session`). It cannot be checked or saved as it is."""
+    field, the weights' data is never copied: for shape inference of a model of any size, or the model ONNX
+    Runtime gets the weights of apart (:func:`ort_session`). It cannot be checked or saved as it is."""
     min_bytes = LIGHT_BYTES if min_bytes is None else min_bytes
     light = onnx.ModelProto()
     for field, value in model.ListFields():
@@ -290,15 +290,15 @@ def write_external(model: onnx.ModelProto, path: str | os.PathLike, min_bytes: i
     path = Path(path)
     location = path.name + ".data"
     light = light_copy(model, min_bytes)
-    heavy = {init.name: init for init in model.graph.initializer if _heavy(init, min_bytes, None)}
+    originals = {init.name: init for init in model.graph.initializer}
     with atomic_path(path.with_name(location), suffix=".data") as data_tmp, \
             atomic_path(path, suffix=".onnx") as model_tmp:
         offset = 0
         with open(data_tmp, "wb") as data:
             for stub in light.graph.initializer:
-                if stub.name not in heavy or stub.data_location != onnx.TensorProto.EXTERNAL:
+                if not _is_stub(stub):
                     continue
-                raw = heavy[stub.name].raw_data
+                raw = originals[stub.name].raw_data
                 offset += -offset % 4096
                 data.seek(offset)
                 data.write(raw)

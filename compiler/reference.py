@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from attnc.compiler.errors import AttncError
+from attnc.compiler.validate import TOLERANCES, compare_tensor
 
 REFERENCES = ("shrunk", "original")
 _ORIGINAL_FIX = ("validate with --reference original: the unshrunk model (the report then measures what shrinking "
@@ -196,16 +197,11 @@ def shrink_cost(original: Mapping[str, np.ndarray], actual: Mapping[str, np.ndar
             entry["note"] = f"not compared: {list(r.shape)} {r.dtype} against {list(a.shape)} {a.dtype}"
             rows_out.append(entry)
             continue
-        r64, a64 = r.astype(np.float64), a.astype(np.float64)
-        finite = np.isfinite(r64) & np.isfinite(a64)
-        if finite.any():
-            rf, af = r64[finite], a64[finite]
-            diff = np.abs(af - rf)
-            norms = np.linalg.norm(rf) * np.linalg.norm(af)
-            entry.update(max_abs_error=float(diff.max()), mean_abs_error=float(diff.mean()),
-                         cosine=float(rf @ af / norms) if norms else float(not rf.any() and not af.any()))
+        stats = compare_tensor(name, r, a, TOLERANCES["fp32"], worst_k=0).stats   # over elements finite on both
+        if stats is not None and stats.compared:
+            entry.update(max_abs_error=stats.max_abs_error, mean_abs_error=stats.mean_abs_error, cosine=stats.cosine)
         if r.ndim >= 2 and r.shape[-1] >= 2 and not name.startswith("present"):
-            r2, a2 = r64.reshape(-1, r.shape[-1]), a64.reshape(-1, r.shape[-1])
+            r2, a2 = r.reshape(-1, r.shape[-1]), a.reshape(-1, r.shape[-1])
             live = r2.any(axis=1) | a2.any(axis=1)
             if live.any():
                 entry["rows"] = int(live.sum())
