@@ -238,3 +238,26 @@ def test_fusion_on_stand_in_weights(name, monkeypatch, tmp_path):
 def runtime_outputs(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     session = onnx_io.ort_session(model)
     return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5", "bloom", "mistral"])
+def test_stand_in_fusion_of_transformers_models_matches_torch(name, monkeypatch, tmp_path):
+    """Stock transformers models (GPT-2's Conv1D, T5's relative bias, BLOOM's ALiBi, Mistral's sliding window into
+    neighborhood attention), fused with every initializer of 256 bytes and more standing in, against the torch
+    model at a batch and length the export did not see."""
+    import torch
+
+    from attnc.compiler.export import export_onnx
+    from attnc.models.transformers_zoo import Output, build, dynamic_axes, example_input
+    from attnc.passes import fuse_attention
+
+    model = Output(build(name)).eval()
+    path = export_onnx(model, (example_input(name, 2, 9),), tmp_path / "m.onnx", exporter="torchscript",
+                       input_names=["x"], dynamic_axes=dynamic_axes(name))
+    monkeypatch.setattr(onnx_io, "LIGHT_BYTES", 256)
+    fused, reports = fuse_attention(onnx.load(str(path)))
+    assert sum(r.rewritten for r in reports) == 2
+    assert not [i.name for i in fused.graph.initializer if i.data_location == TensorProto.EXTERNAL]
+    x = example_input(name, 3, 13, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        np.testing.assert_allclose(runtime_outputs(fused, {"x": x.numpy()})[0], model(x).numpy(), rtol=1e-4, atol=1e-5)
