@@ -72,17 +72,21 @@ def check_opset(model: onnx.ModelProto, source: str = "model") -> int:
 
 
 def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model (external data included) and check it is one attnc can read.
+    """Load an ONNX model and check it is one attnc can read.
+
+    Weights the file keeps in external data stay there: initializers of :data:`LIGHT_BYTES` and more become
+    mapped stubs (:func:`map_external`) that the passes, ONNX Runtime and the writers read from the weights file,
+    so a model of any size loads in the memory of its graph. Smaller external tensors are read in.
 
     Raises:
-        AttncError: the file is missing, is not ONNX, is truncated, fails the ONNX
+        AttncError: the file or its weights file is missing, is not ONNX, is truncated, fails the ONNX
             checker, or uses an unsupported opset.
     """
     path = Path(path)
     if not path.is_file():
         raise AttncError(f"{path}: no such file", "check the path")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeError, ... depending on build
         raise AttncError(
             f"{path} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]})",
@@ -92,10 +96,11 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
         # protobuf happily parses many non-ONNX byte strings into an empty message.
         raise AttncError(f"{path} holds no ONNX graph (empty, truncated or not ONNX)",
                          "re-export it with `attnc export` or torch.onnx.export")
+    map_external(model, path.parent, str(path))
     if check:
         check_opset(model, str(path))
         try:
-            # past 2 GiB from the file: the checker reads the model and its external data itself
+            # with weights elsewhere: the checker reads the model and its external data itself
             onnx.checker.check_model(str(path) if is_large(model) else model, full_check=False)
         except onnx.checker.ValidationError as exc:
             first = str(exc).strip().splitlines()[0][:200]
@@ -132,7 +137,10 @@ _NUMPY_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx
 
 def is_large(model: onnx.ModelProto) -> bool:
     """Whether ``model`` is past :data:`LARGE_MODEL_BYTES` (its initializers' data, else its whole size: protobuf
-    cannot even size a message past 2 GiB)."""
+    cannot even size a message past 2 GiB) or holds mapped weights (:func:`map_external`): either way its weights
+    stay out of what attnc serialises."""
+    if any(_mapped(init) for init in model.graph.initializer):
+        return True   # its weights are in a file: it is written, checked and parsed as a model past 2 GiB is
     if sum(_data_bytes(init) for init in model.graph.initializer) > LARGE_MODEL_BYTES:
         return True
     try:
@@ -175,23 +183,160 @@ def _stub(init: onnx.TensorProto) -> onnx.TensorProto:
     return stub
 
 
-# stand-in stubs (weights_standing_in): token -> the initializer a working copy's stub stands for
+# Mapped stubs (map_external): an initializer whose data stays in the model's weights file. Its external data names
+# the file by its absolute path, the offset and the length, and under _MAPPED the file's identity when the model was
+# loaded, so a file replaced since is an error rather than other weights.
+_MAPPED = "attnc-mapped"
+
+
+def map_external(model: onnx.ModelProto, folder: str | os.PathLike, source: str = "the model") -> onnx.ModelProto:
+    """Resolve ``model``'s external data (files relative to ``folder``), in place: main-graph initializers of
+    :data:`LIGHT_BYTES` and more become mapped stubs, read from their file when used (:func:`initializer_array`,
+    :func:`ort_session`, :func:`write_external`); every other tensor stored outside is read in.
+
+    Raises:
+        AttncError: a location outside ``folder``, a missing weights file, or a range the file does not hold.
+    """
+    folder = Path(folder).absolute()
+    for tensor, initializer in _tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or _is_stub(tensor) or _mapped(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+            raise AttncError(f"{source}: tensor {tensor.name!r} names its data file {location!r}, which is not a "
+                             "path inside the model's folder", "re-export the model with its weights file beside it")
+        file = Path(os.path.normpath(folder / location))
+        if not file.is_file():
+            raise AttncError(f"{source}: the weights file {location!r} of tensor {tensor.name!r} is not in {folder}",
+                             "keep the weights file the exporter wrote (ONNX names it relative to the model's "
+                             "folder) beside the model")
+        stat = file.stat()
+        offset = int(info.get("offset") or 0)
+        length = int(info["length"]) if info.get("length") else stat.st_size - offset
+        try:
+            needed = int(np.prod(tensor.dims, dtype=np.int64)) * \
+                onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except Exception:   # noqa: BLE001 - a type numpy has no dtype for: the file's range is all there is
+            needed = length
+        if offset < 0 or length != needed or offset + length > stat.st_size:
+            raise AttncError(f"{source}: tensor {tensor.name!r} needs {needed} bytes at offset {offset} of "
+                             f"{location!r}, which holds {stat.st_size} (length {length})",
+                             "the weights file is truncated or belongs to another export of the model; re-export it")
+        if initializer and tensor.data_type in _NUMPY_TYPES and length >= LIGHT_BYTES:
+            del tensor.external_data[:]
+            for key, value in (("location", str(file)), ("offset", str(offset)), ("length", str(length)),
+                               (_MAPPED, _identity(stat))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+        else:
+            with open(file, "rb") as f:
+                f.seek(offset)
+                tensor.raw_data = f.read(length)
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    return model
+
+
+def _identity(stat: os.stat_result) -> str:
+    return f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _mapped(init: onnx.TensorProto) -> bool:
+    return init.data_location == onnx.TensorProto.EXTERNAL and any(e.key == _MAPPED for e in init.external_data)
+
+
+def _mapped_file(init: onnx.TensorProto) -> tuple[str, int, int]:
+    """A mapped stub's ``(path, offset, length)``, once its file is checked to be the one loaded."""
+    info = {e.key: e.value for e in init.external_data}
+    path = info["location"]
+    try:
+        same = _identity(os.stat(path)) == info[_MAPPED]
+    except OSError:
+        same = False
+    if not same:
+        raise AttncError(f"the weights file {path} changed or went away while attnc was reading the model's "
+                         f"weights (tensor {init.name!r})",
+                         "leave the model's files as they are until the command ends, then run it again")
+    return path, int(info["offset"]), int(info["length"])
+
+
+def _mapped_array(init: onnx.TensorProto) -> np.ndarray:
+    """A read-only array over a mapped stub's data in its file (pages are read when touched)."""
+    path, offset, _ = _mapped_file(init)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+    array = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(init.dims)).view(np.ndarray)
+    return array if offset % dtype.itemsize == 0 else array.copy()   # unaligned data: copied
+
+
+def _raw_array(init: onnx.TensorProto) -> np.ndarray:
+    """An initializer's data as an array without conversion: mapped from its file, or over its raw data."""
+    if _mapped(init):
+        return _mapped_array(init)
+    return np.frombuffer(init.raw_data, onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).reshape(
+        tuple(init.dims))
+
+
+def _tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, bool]]:
+    """Every tensor ``model`` holds, with whether it is a main-graph initializer: initializers of its graphs and
+    tensor attributes of their nodes and of its functions' nodes, subgraphs included."""
+
+    def nodes(node_list) -> Iterator[tuple[onnx.TensorProto, bool]]:
+        for node in node_list:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t, False
+                for tensor in attr.tensors:
+                    yield tensor, False
+                for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from walk(graph, False)
+
+    def walk(graph: onnx.GraphProto, main: bool) -> Iterator[tuple[onnx.TensorProto, bool]]:
+        for init in graph.initializer:
+            yield init, main
+        yield from nodes(graph.node)
+
+    yield from walk(model.graph, True)
+    for function in model.functions:
+        yield from nodes(function.node)
+
+
+def _embed_mapped_attributes(model: onnx.ModelProto) -> None:
+    """Mapped tensors that a pass moved out of the initializers (into a node's attribute) get their data, in
+    place: a file or a session gets ONNX's own external data for initializers only."""
+    from onnx import numpy_helper
+
+    for tensor, initializer in list(_tensors(model)):
+        if not initializer and _mapped(tensor):
+            tensor.CopyFrom(numpy_helper.from_array(_mapped_array(tensor), tensor.name))
+
+
+# stand-in stubs (weights_standing_in): token -> the initializer a working copy's stub stands for; the tokens of
+# each open block, innermost last (with_weights resolves its own block's only)
 _STANDING_IN: dict[str, onnx.TensorProto] = {}
+_OPEN: list[set[str]] = []
 _TOKEN = "attnc-stands-for"
+
+
+def _token(init: onnx.TensorProto) -> str | None:
+    if init.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return next((e.value for e in init.external_data if e.key == _TOKEN), None)
 
 
 def _standing_for(init: onnx.TensorProto) -> onnx.TensorProto | None:
     """The initializer a stand-in stub (:func:`weights_standing_in`) stands for; None for any other tensor."""
-    if init.data_location != onnx.TensorProto.EXTERNAL:
-        return None
-    return next((_STANDING_IN.get(e.value) for e in init.external_data if e.key == _TOKEN), None)
+    token = _token(init)
+    return _STANDING_IN.get(token) if token else None
 
 
 def initializer_array(init: onnx.TensorProto) -> np.ndarray:
-    """``init``'s value as numpy, also where it is a stand-in stub (the data of the initializer it stands for)."""
+    """``init``'s value as numpy, also where it is a stand-in stub (the data of the initializer it stands for) or a
+    mapped one (read-only, over its file)."""
     from onnx import numpy_helper
 
-    return numpy_helper.to_array(_standing_for(init) or init, base_dir="")
+    init = _standing_for(init) or init
+    return _mapped_array(init) if _mapped(init) else numpy_helper.to_array(init, base_dir="")
 
 
 @contextlib.contextmanager
@@ -200,54 +345,38 @@ def weights_standing_in(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
     ``model``'s own (no weight is copied; ``model`` must stay as it is while the block runs). Inside, the passes
     read a stub's value through :func:`initializer_array` (``passes.core.constant_value``) and ONNX Runtime gets its
     data (:func:`ort_session`), so copying the working model costs its graph only; :func:`with_weights` puts the
-    data into a result before the block ends."""
+    data into a result before the block ends. Blocks nest: a stub of an outer block (and a mapped weight) stays as
+    it is in an inner block's copy and its result."""
     light = light_copy(model, types=_NUMPY_TYPES)
     originals = {init.name: init for init in model.graph.initializer}
-    tokens = []
+    tokens: set[str] = set()
     for stub in light.graph.initializer:
-        if _is_stub(stub):
+        if _is_stub(stub) and _token(stub) is None:
             token = f"{id(light):x}/{stub.name}"
             _STANDING_IN[token] = originals[stub.name]
-            tokens.append(token)
+            tokens.add(token)
             entry = stub.external_data.add()
             entry.key, entry.value = _TOKEN, token
+    _OPEN.append(tokens)
     try:
         yield light
     finally:
+        _OPEN.remove(tokens)
         for token in tokens:
             _STANDING_IN.pop(token, None)
 
 
 def with_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` (in place) with every stand-in stub replaced by a copy of the initializer it stands for: among its
-    graphs' initializers and its nodes' tensor attributes, in subgraphs and functions too (a pass may have moved a
-    weight into a node)."""
-
-    def resolve(tensor: onnx.TensorProto) -> None:
-        original = _standing_for(tensor)
-        if original is not None:
+    """``model`` (in place) with every stub standing in for the innermost open :func:`weights_standing_in` block
+    replaced by a copy of the initializer it stands for: among its graphs' initializers and its nodes' tensor
+    attributes, in subgraphs and functions too (a pass may have moved a weight into a node)."""
+    own = _OPEN[-1] if _OPEN else set()
+    for tensor, _ in list(_tensors(model)):
+        token = _token(tensor)
+        if token in own:
             name = tensor.name
-            tensor.CopyFrom(original)
+            tensor.CopyFrom(_STANDING_IN[token])
             tensor.name = name
-
-    def nodes(node_list) -> None:
-        for node in node_list:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    resolve(attr.t)
-                for tensor in attr.tensors:
-                    resolve(tensor)
-                for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    walk(graph)
-
-    def walk(graph: onnx.GraphProto) -> None:
-        for init in graph.initializer:
-            resolve(init)
-        nodes(graph.node)
-
-    walk(model.graph)
-    for function in model.functions:
-        nodes(function.node)
     return model
 
 
@@ -261,7 +390,8 @@ def light_copy(model: onnx.ModelProto, min_bytes: int | None = None, types: Coll
     """A copy of ``model`` whose main-graph initializers of at least ``min_bytes`` (default :data:`LIGHT_BYTES`; of
     ``types``) are stubs: name, type and shape, no data (marked as external data that is nowhere). Built field by
     field, the weights' data is never copied: for shape inference of a model of any size, or the model ONNX
-    Runtime gets the weights of apart (:func:`ort_session`). It cannot be checked or saved as it is."""
+    Runtime gets the weights of apart (:func:`ort_session`). It cannot be checked or saved as it is. Tensors
+    already outside (stubs, mapped weights) stay as they are."""
     min_bytes = LIGHT_BYTES if min_bytes is None else min_bytes
     light = onnx.ModelProto()
     for field, value in model.ListFields():
@@ -285,31 +415,52 @@ def _set(message, field, value) -> None:
 
 def write_external(model: onnx.ModelProto, path: str | os.PathLike, min_bytes: int = 1024) -> Path:
     """Write ``model`` to ``path`` with the data of its initializers of at least ``min_bytes`` in ``<name>.data``
-    beside it (offsets aligned to 4 KiB), each file atomically; ``model`` is left as it is (``onnx.save_model``'s
-    external data clears the weights of the model it saves)."""
+    beside it (offsets aligned to 4 KiB), each file atomically, mapped weights (:func:`map_external`) with them;
+    ``model`` is left as it is (``onnx.save_model``'s external data clears the weights of the model it saves)."""
     path = Path(path)
     location = path.name + ".data"
     light = light_copy(model, min_bytes)
+    _embed_mapped_attributes(light)
     originals = {init.name: init for init in model.graph.initializer}
     with atomic_path(path.with_name(location), suffix=".data") as data_tmp, \
             atomic_path(path, suffix=".onnx") as model_tmp:
         offset = 0
         with open(data_tmp, "wb") as data:
             for stub in light.graph.initializer:
-                if not _is_stub(stub):
+                if not (_is_stub(stub) or _mapped(stub)):
                     continue
-                raw = originals[stub.name].raw_data
                 offset += -offset % 4096
                 data.seek(offset)
-                data.write(raw)
+                length = _write_data(data, stub if _mapped(stub) else originals[stub.name])
                 del stub.external_data[:]
-                for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
                     entry = stub.external_data.add()
                     entry.key, entry.value = key, value
-                offset += len(raw)
+                offset += length
         with open(model_tmp, "wb") as f:
             f.write(light.SerializeToString())
     return path
+
+
+def _write_data(out, init: onnx.TensorProto, chunk: int = 1 << 26) -> int:
+    """Write ``init``'s data to the file ``out``: a mapped stub's copied from its file (in pieces, not read into
+    memory as a whole), another's raw data. Returns the bytes written."""
+    if not _mapped(init):
+        raw = init.raw_data
+        out.write(raw)
+        return len(raw)
+    path, offset, length = _mapped_file(init)
+    with open(path, "rb") as source:
+        source.seek(offset)
+        left = length
+        while left:
+            piece = source.read(min(chunk, left))
+            if not piece:
+                raise AttncError(f"the weights file {path} ended inside tensor {init.name!r}",
+                                 "leave the model's files as they are until the command ends, then run it again")
+            out.write(piece)
+            left -= len(piece)
+    return length
 
 
 def external_data_files(path: str | os.PathLike) -> list[str]:
@@ -326,8 +477,9 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, provid
     A ModelProto's initializers of :data:`LIGHT_BYTES` and more reach ONNX Runtime as arrays over their data
     (``SessionOptions.add_external_initializers``), not inside the serialised model: a model past protobuf's 2 GiB
     loads, and a pass's probe of an LLM's graph does not serialise and parse its embedding table each time. A stub
-    (:func:`light_initializer`) gets the data of ``weights_from``'s initializer of its name. ``options`` (default:
-    new ones) gets those initializers added.
+    (:func:`light_initializer`) gets the data of ``weights_from``'s initializer of its name; mapped weights
+    (:func:`map_external`) are arrays over their file. ``options`` (default: new ones) gets those initializers
+    added.
     """
     import onnxruntime as ort
 
@@ -347,14 +499,17 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, provid
         raise AttncError("an ONNX Runtime session got a weight stub whose data attnc does not hold",
                          "internal error: please report the model")
 
-    heavy = [data(init) for init in model.graph.initializer
-             if _is_stub(init) or _heavy(init, LIGHT_BYTES, _NUMPY_TYPES)]
-    arrays = [np.frombuffer(init.raw_data, onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).reshape(
-        tuple(init.dims)) for init in heavy]
+    heavy = [init for init in model.graph.initializer
+             if _is_stub(init) or _mapped(init) or _heavy(init, LIGHT_BYTES, _NUMPY_TYPES)]
+    arrays = [_raw_array(data(init)) for init in heavy]
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
     if heavy:
         options.add_external_initializers([init.name for init in heavy], values)
         model = light_copy(model, LIGHT_BYTES, _NUMPY_TYPES)
+        for init in model.graph.initializer:
+            if _mapped(init):
+                init.CopyFrom(_stub(init))
+        _embed_mapped_attributes(model)
     session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     session._attnc_weights = (arrays, values)   # ONNX Runtime reads them in place: kept as long as the session
     return session

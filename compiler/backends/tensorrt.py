@@ -41,7 +41,7 @@ from attnc import DOMAIN
 from attnc.compiler.backends import TensorSpec, check_feeds
 from attnc.compiler.backends import tensorrt_plugins as plugins
 from attnc.compiler.errors import AttncError
-from attnc.compiler.onnx_io import atomic_path, is_large, write_external
+from attnc.compiler.onnx_io import atomic_path, initializer_array, is_large, load_model, write_external
 from attnc.passes.core import subgraph_inputs
 from attnc.plugins.chunked import chunks_only
 
@@ -259,7 +259,7 @@ def convert_float_precision(model: onnx.ModelProto, precision: str) -> onnx.Mode
     def convert_tensor(tensor: TensorProto) -> None:
         if tensor.data_type != TensorProto.FLOAT or tensor.name in keep:
             return
-        array = numpy_helper.to_array(tensor).astype(np.float32)
+        array = initializer_array(tensor).astype(np.float32)   # a mapped weight's from its file
         np_type = onnx.helper.tensor_dtype_to_np_dtype(target)
         with np.errstate(over="ignore"):   # a mask's fill (≤ -1e30, float32's min) becomes -inf, as meant
             converted = array.astype(np_type)
@@ -757,7 +757,7 @@ def build(model_path: str | os.PathLike, out_dir: str | os.PathLike, precision: 
     trt, flavour = import_tensorrt()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = onnx.load(str(model_path))
+    model = load_model(model_path, check=False)   # weights kept in a file stay there (mapped)
     profile = resolve_profile(model_inputs(model), min_shapes, opt_shapes, max_shapes)
 
     log = _Log(trt)

@@ -89,6 +89,96 @@ def test_write_external_round_trip(tmp_path):
     np.testing.assert_allclose(onnx_io.ort_session(tmp_path / "m.onnx").run(None, {"x": x})[0], expected, rtol=1e-6)
 
 
+def _saved_with_external_data(tmp_path, model: onnx.ModelProto, name: str = "m.onnx") -> Path:
+    """``model`` saved the way exporters save it: weights of 1 KiB and more in ``<name>.data`` (onnx's own writer)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(copy, str(tmp_path / name), save_as_external_data=True, location=name + ".data",
+                    size_threshold=1024)
+    return tmp_path / name
+
+
+def test_load_model_maps_the_weights_file(tmp_path):
+    """Initializers of 64 KiB and more stay in the weights file (no data in memory, read-only arrays over the
+    file), smaller ones are read in; ONNX Runtime runs the loaded model as the original, and it saves (with its
+    weights copied from the file) and loads again to the same values."""
+    model = _graph(20000, 300, 17000)
+    path = _saved_with_external_data(tmp_path, model)
+    loaded = onnx_io.load_model(path)
+    mapped = [i.name for i in loaded.graph.initializer if onnx_io._mapped(i)]
+    assert mapped == ["w0", "w2"] and not any(i.raw_data for i in loaded.graph.initializer if i.name in mapped)
+    assert is_large(loaded) and loaded.ByteSize() < 2000
+    originals = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for init in loaded.graph.initializer:
+        value = onnx_io.initializer_array(init)
+        np.testing.assert_array_equal(value, originals[init.name])
+        assert not value.flags.writeable or init.name not in mapped
+    x = np.array([0.5], np.float32)
+    expected = x + sum(originals[f"w{i}"][:1] for i in range(3))
+    np.testing.assert_allclose(onnx_io.ort_session(loaded).run(None, {"x": x})[0], expected, rtol=1e-6)
+    (tmp_path / "again").mkdir()
+    onnx_io.save_model(loaded, tmp_path / "again" / "m.onnx")
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["m.onnx", "m.onnx.data"]
+    back = onnx.load(str(tmp_path / "again" / "m.onnx"))
+    for init in back.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(init), originals[init.name])
+
+
+def test_mapped_weights_through_the_passes(monkeypatch, tmp_path):
+    """A model loaded with its weights mapped (every initializer of 1 KiB and more) fuses to what the model with
+    its weights in memory fuses to, and both compute the same outputs."""
+    from attnc.compiler.export import export_onnx
+    from attnc.passes import fuse_attention
+
+    spec = get_spec("na2d-rpb-small")
+    path = export_onnx(spec.factory(), spec.example_inputs(seed=0), tmp_path / "e.onnx", exporter="torchscript",
+                       input_names=spec.input_names, dynamic_axes=spec.dynamic_axes)
+    model = onnx.load(str(path))
+    monkeypatch.setattr(onnx_io, "LIGHT_BYTES", 1024)
+    loaded = onnx_io.load_model(_saved_with_external_data(tmp_path, model))
+    assert sum(onnx_io._mapped(i) for i in loaded.graph.initializer) >= 2
+    plain, plain_reports = fuse_attention(model)
+    fused, reports = fuse_attention(loaded)
+    assert [r.rewritten for r in reports] == [r.rewritten for r in plain_reports]
+    assert sum(r.rewritten for r in reports) > 0
+    assert onnx_io.op_counts(fused) == onnx_io.op_counts(plain)
+    feeds = {n: t.numpy() for n, t in zip(spec.input_names, spec.example_inputs(batch=3, seed=11))}
+    for a, b in zip(runtime_outputs(plain, feeds), runtime_outputs(fused, feeds)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_weights_file_errors(tmp_path):
+    """A missing or truncated weights file, a location outside the model's folder, and a weights file replaced
+    after loading each stop with the file named and the fix."""
+    path = _saved_with_external_data(tmp_path, _graph(20000, 17000))
+    data = tmp_path / "m.onnx.data"
+    blob = data.read_bytes()
+    data.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(onnx_io.AttncError, match="truncated") as err:
+        onnx_io.load_model(path)
+    assert "m.onnx.data" in str(err.value)
+    data.unlink()
+    with pytest.raises(onnx_io.AttncError, match="weights file 'm.onnx.data'.*not in") as err:
+        onnx_io.load_model(path)
+    assert "beside the model" in err.value.fix
+    header = onnx.load(str(path), load_external_data=False)
+    next(e for e in header.graph.initializer[0].external_data if e.key == "location").value = "../m.onnx.data"
+    onnx.save_model(header, str(tmp_path / "outside.onnx"))
+    with pytest.raises(onnx_io.AttncError, match="not a path inside the model's folder"):
+        onnx_io.load_model(tmp_path / "outside.onnx", check=False)
+    data.write_bytes(blob)
+    loaded = onnx_io.load_model(path)
+    np.testing.assert_array_equal(onnx_io.initializer_array(loaded.graph.initializer[0])[:3],
+                                  np.frombuffer(blob[:12], np.float32))
+    (tmp_path / "new.data").write_bytes(blob)
+    (tmp_path / "new.data").replace(data)   # the same bytes, another file
+    with pytest.raises(onnx_io.AttncError, match="changed or went away"):
+        onnx_io.initializer_array(loaded.graph.initializer[0])
+    with pytest.raises(onnx_io.AttncError, match="changed or went away"):
+        onnx_io.save_model(loaded, tmp_path / "copy" / "m.onnx")
+    assert not (tmp_path / "copy" / "m.onnx").exists() and not (tmp_path / "copy" / "m.onnx.data").exists()
+
+
 def _compile_both_ways(monkeypatch, tmp_path, name, exporter, *flags) -> tuple[Path, Path]:
     """``name`` exported, compiled and validated as it is and as a large model (``LARGE_MODEL_BYTES`` lowered)."""
     outs = []
@@ -96,9 +186,13 @@ def _compile_both_ways(monkeypatch, tmp_path, name, exporter, *flags) -> tuple[P
         folder = tmp_path / ("large" if large else "plain")
         folder.mkdir()
         with monkeypatch.context() as patch:
-            if large:
+            if large:   # exported with external data, whose initializers of 1 KiB and more stay mapped
                 patch.setattr(onnx_io, "LARGE_MODEL_BYTES", 20_000)
+                patch.setattr(onnx_io, "LIGHT_BYTES", 1024)
             run("export", name, "-o", folder / "m.onnx", "--exporter", exporter)
+            if large:
+                loaded = onnx_io.load_model(folder / "m.onnx")
+                assert sum(onnx_io._mapped(i) for i in loaded.graph.initializer) >= 4
             run("compile", folder / "m.onnx", "-o", folder / "out", *flags)
             run("validate", folder / "out", "--model", name, "--seed", 3)
         outs.append(folder)
@@ -135,9 +229,11 @@ def test_large_model_paths_give_what_small_ones_do(name, exporter, flags, monkey
 
 
 def test_large_model_tensorrt_build(monkeypatch, tmp_path):
-    """TensorRT's parser reads a large model from a temporary file with its external data (``parse_from_file``)."""
+    """TensorRT's parser reads a large model from a temporary file with its external data (``parse_from_file``),
+    written from the mapped weights (converted to fp16 on the way)."""
     pytest.importorskip("tensorrt_rtx")
     monkeypatch.setattr(onnx_io, "LARGE_MODEL_BYTES", 20_000)
+    monkeypatch.setattr(onnx_io, "LIGHT_BYTES", 1024)   # the weights stay mapped, converted to fp16 from the file
     run("export", "vit-mhsa-small", "-o", tmp_path / "m.onnx", "--exporter", "torchscript")
     assert is_large(onnx.load(str(tmp_path / "m.onnx")))
     run("compile", tmp_path / "m.onnx", "-o", tmp_path / "trt", "--backend", "tensorrt", "--precision", "fp16",
