@@ -7,9 +7,10 @@ Every file attnc produces (models, engines, reports, manifests) goes through
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -378,6 +379,24 @@ def with_weights(model: onnx.ModelProto) -> onnx.ModelProto:
             tensor.CopyFrom(_STANDING_IN[token])
             tensor.name = name
     return model
+
+
+def on_stand_in_weights(fn: Callable) -> Callable:
+    """Run the pass ``fn(model, ...)`` on a working copy of ``model`` with stand-in weights
+    (:func:`weights_standing_in`); a model it returns (alone, or first in a tuple) gets the data back
+    (:func:`with_weights`). Its own copies of the model then cost the graph only, and inside another such pass
+    nothing is stood in twice."""
+
+    @functools.wraps(fn)
+    def run(model: onnx.ModelProto, *args, **kwargs):
+        with weights_standing_in(model) as work:
+            result = fn(work, *args, **kwargs)
+            out = result[0] if isinstance(result, tuple) and result else result
+            if isinstance(out, onnx.ModelProto):
+                with_weights(out)
+        return result
+
+    return run
 
 
 def _is_stub(init: onnx.TensorProto) -> bool:

@@ -40,7 +40,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from attnc.compiler.errors import AttncError
-from attnc.compiler.onnx_io import ort_session
+from attnc.compiler.onnx_io import on_stand_in_weights, ort_session
 from attnc.passes.core import (constant_value, name_nodes, producers, remove_dead_nodes, toposort,
                                value_shapes)
 
@@ -164,6 +164,7 @@ class TokenExitReport:
         return {"pass": "token_exit", **self.__dict__}
 
 
+@on_stand_in_weights
 def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visual_tokens: int
                             ) -> tuple[onnx.ModelProto, TokenExitReport]:
     """Drop the first ``num_visual_tokens`` tokens before decoder layer ``exit_layer``.
@@ -351,6 +352,7 @@ class ExitChoice:
     criterion: str
 
 
+@on_stand_in_weights
 def choose_exit_layer(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, np.ndarray]],
                       num_visual_tokens: int, labels: list[np.ndarray] | None = None,
                       max_accuracy_drop: float = 0.01, atol: float | None = None) -> ExitChoice:
@@ -531,6 +533,7 @@ def train_exit_gate(model, inputs: tuple, layer: int, min_precision: float = 0.9
     return gate, stats
 
 
+@on_stand_in_weights
 def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_visual_tokens: int
                              ) -> tuple[onnx.ModelProto, TokenExitReport]:
     """Put the decoder after ``gate.layer`` under an ``If``: text tokens only when the gate fires.
@@ -613,6 +616,7 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     return model, report
 
 
+@on_stand_in_weights
 def apply(model: onnx.ModelProto, mode: str, num_visual_tokens: int, *, exit_layer: int | None = None,
           calibration_feeds: list[dict] | None = None, labels: list[np.ndarray] | None = None,
           gate: ExitGate | None = None, max_accuracy_drop: float = 0.01) -> tuple[onnx.ModelProto, TokenExitReport]:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from attnc.compiler.errors import AttncError, read_json
+from attnc.compiler.onnx_io import on_stand_in_weights
 from attnc.passes.prune_heads.layers import _prepared, find_attention_layers
 from attnc.passes.prune_heads.rewrite import (GRANULARITIES, PruneReport, _check_groups, _groups, _prune_count,
                                               _unit_sizes, kept_cache_feeds, kept_cache_heads, layer_fingerprint,
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 CALIBRATION_BATCH, CALIBRATION_TOKENS = 8, 16
 
 
+@on_stand_in_weights
 def select_heads_iteratively(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, np.ndarray]],
                              ratio: float | None = None, count: int | None = None, *, step: int = 1,
                              method: str = "activation", torch_model=None,
@@ -78,6 +80,7 @@ def select_heads_iteratively(onnx_model: onnx.ModelProto, calibration_feeds: lis
     return keep
 
 
+@on_stand_in_weights
 def apply(model: onnx.ModelProto, amount: str | float | int, calibration_feeds: list[dict] | None = None,
           method: str = "activation", seed: int = 0,
           granularity: str = "group") -> tuple[onnx.ModelProto, PruneReport]:
@@ -197,6 +200,7 @@ def load_keep_plan(path: str | Path) -> KeepPlan:
     return KeepPlan(keep, source=str(file))
 
 
+@on_stand_in_weights
 def apply_keep(model: onnx.ModelProto, plan: KeepPlan | dict | str | Path,
                granularity: str | None = None) -> tuple[onnx.ModelProto, PruneReport]:
     """What ``attnc compile --prune-keep PLAN`` runs: prune ``model`` to the heads ``plan`` keeps.

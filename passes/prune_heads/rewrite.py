@@ -12,6 +12,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from attnc.compiler.errors import AttncError
+from attnc.compiler.onnx_io import on_stand_in_weights
 from attnc.passes.core import (collapse_flat_transposes, constant_value, consumers, name_nodes, producers,
                                remove_dead_nodes, toposort)
 from attnc.passes.prune_heads.layers import _fused_for_pruning, find_attention_layers
@@ -211,6 +212,7 @@ def _prune_count(layers_heads: dict[int, int], ratio: float | None, count: int |
     return int(count)
 
 
+@on_stand_in_weights
 def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | None = None, *,
                 keep: dict[int, list[int]] | None = None, ratio: float | None = None,
                 count: int | None = None, tokens: int | None = None,

@@ -11,7 +11,7 @@ import onnx
 from onnx import helper
 
 from attnc.compiler.errors import AttncError
-from attnc.compiler.onnx_io import ort_session
+from attnc.compiler.onnx_io import on_stand_in_weights, ort_session
 from attnc.compiler.validate import eval_mode
 from attnc.passes.prune_heads.layers import find_attention_layers
 from attnc.passes.prune_heads.rewrite import (_check_granularity, kept_cache_feeds, kept_cache_heads,
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 METHODS = ("activation", "gradient", "ablation", "weight")
 
 
+@on_stand_in_weights
 def score_heads(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, np.ndarray]],
                 method: str = "activation", torch_model=None,
                 loss_fn: Callable[[Any, dict], Any] | None = None,

@@ -357,3 +357,57 @@ def test_stand_in_fusion_of_transformers_models_matches_torch(name, monkeypatch,
     x = example_input(name, 3, 13, torch.Generator().manual_seed(4))
     with torch.no_grad():
         np.testing.assert_allclose(runtime_outputs(fused, {"x": x.numpy()})[0], model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _shrunk(name: str, how: str, model: onnx.ModelProto, spec):
+    """``model`` through one shrink pass: its result model (or keep plan) and report."""
+    from attnc.passes import prune_heads, token_exit
+
+    feeds = [{n: t.numpy() for n, t in zip(spec.input_names, spec.example_inputs(batch=3, seed=s))} for s in (1, 2)]
+    if how == "ratio":
+        return prune_heads.apply(model, "0.5", calibration_feeds=feeds)
+    if how == "count":
+        return prune_heads.apply(model, "2", method="weight")
+    if how == "keep":
+        layers = prune_heads.find_attention_layers(model)
+        return prune_heads.apply_keep(model, {l.index: list(range(l.heads))[1::2] for l in layers})
+    if how == "iterative":
+        return prune_heads.select_heads_iteratively(model, feeds, count=3), None
+    visual = spec.factory().num_visual_tokens
+    if how == "static":
+        return token_exit.apply(model, "static", visual, calibration_feeds=feeds, max_accuracy_drop=0.5)
+    gate = token_exit.ExitGate(1, np.random.default_rng(0).standard_normal(32).astype(np.float32), 0.0)
+    return token_exit.apply(model, "dynamic", visual, gate=gate)
+
+
+@pytest.mark.parametrize("name,how", [
+    ("vit-mhsa-small", "ratio"), ("agent-small", "count"), ("lm-mhsa-small", "keep"),
+    ("vit-mhsa-small", "iterative"), ("vlm-small", "static"), ("vlm-small", "dynamic"),
+])
+def test_shrink_passes_on_stand_in_weights(name, how, monkeypatch, tmp_path):
+    """Head pruning (scored, by count, by a keep plan, iteratively) and token exit (static with the exit layer
+    chosen on calibration data, dynamic) run on a working copy whose initializers of 256 bytes and more stand in
+    for the model's: they give byte for byte the model and report they give with the weights at hand, leave the
+    model as it was, and leave no stub behind."""
+    from attnc.compiler.export import export_onnx
+    from attnc.passes.prune_heads import find_attention_layers
+
+    spec = get_spec(name)
+    path = export_onnx(spec.factory(), spec.example_inputs(seed=0), tmp_path / "m.onnx", exporter="torchscript",
+                       input_names=spec.input_names, dynamic_axes=spec.dynamic_axes)
+    model = onnx.load(str(path))
+    before = model.SerializeToString()
+    plain, plain_report = _shrunk(name, how, model, spec)
+    with monkeypatch.context() as patch:
+        patch.setattr(onnx_io, "LIGHT_BYTES", 256)
+        assert sum(onnx_io._heavy(i, 256, None) for i in model.graph.initializer) >= 4
+        stood, report = _shrunk(name, how, model, spec)
+    assert not onnx_io._STANDING_IN and not onnx_io._OPEN and model.SerializeToString() == before
+    if how == "iterative":
+        heads = sum(l.heads for l in find_attention_layers(model))
+        assert stood == plain and sum(map(len, stood.values())) == heads - 3
+        return
+    assert report.to_dict() == plain_report.to_dict()
+    assert stood.SerializeToString() == plain.SerializeToString()
+    assert not [i.name for i in stood.graph.initializer if i.data_location == TensorProto.EXTERNAL]
+    assert stood.SerializeToString() != before
