@@ -3,17 +3,19 @@
 session of the model with its weights serialised, against attnc's weight-free copy and arrays, side by side).
 
     python benchmarks/bench_large.py [--sizes 0.25 0.5 1 2.1] [--rev 59be35d] [--out benchmarks/results] [--smoke]
-                                     [--tag NAME]
+                                     [--tag NAME] [--external] [--baseline-max-gib 2]
 
 With ``--rev``, every command also runs with attnc as of that git revision (its package assembled from ``git
 archive`` and put first on ``PYTHONPATH``), interleaved with the working tree's, so the ratios come from one run.
 The commands: ``inspect``, ``compile`` (fusion), ``validate`` of that artefact, ``compile --prune-heads 0.5`` and
 (working tree only: before session 12 a pruned artefact was compared with the unpruned model) its ``validate``.
-The baseline does not run on models past 2 GiB (it cannot serialise them, and its copies would exhaust memory).
+The baseline does not run on models past ``--baseline-max-gib`` (default 2: before session 12 attnc could not
+serialise them, and its copies would exhaust memory).
 
 The model: ``lm-mhsa-small`` exported with TorchScript, its token and position tables grown (zeros in the new rows,
 which no token id or position reads) to half the size each, saved with ``attnc.compiler.onnx_io.save_model``
-(external data past 1.8 GB). Each CLI command runs in its own process; its wall time and peak resident memory
+(external data past 1.8 GB; with ``--external`` at every size, as torch's dynamo exporter saves models by
+default). Each CLI command runs in its own process; its wall time and peak resident memory
 (``VmHWM``) are recorded. Validation compares with the PyTorch model (token ids below its vocabulary), so the
 grown model must still compute what it did. The side-by-side part times, in this process, ONNX shape inference
 and the creation of an ONNX Runtime session from the model as it is and from attnc's light copy / arrays
@@ -84,8 +86,9 @@ def child(args: list[str], report: str) -> None:
                                         "peak_rss_mb": _peak_rss_mb(), "attnc": str(Path(attnc.__file__).parent)}))
 
 
-def grown_model(gib: float, folder: Path) -> Path:
-    """lm-mhsa-small with its token and position tables grown to ``gib`` GiB together, saved in ``folder``."""
+def grown_model(gib: float, folder: Path, external: bool = False) -> Path:
+    """lm-mhsa-small with its token and position tables grown to ``gib`` GiB together, saved in ``folder`` (with
+    its weights in ``<name>.data`` when ``external``, else only past 1.8 GB)."""
     import onnx
     from onnx import numpy_helper
 
@@ -107,7 +110,10 @@ def grown_model(gib: float, folder: Path) -> Path:
         init.CopyFrom(numpy_helper.from_array(grown, name))
         del grown
     path = folder / f"lm-{gib:g}gib.onnx"
-    onnx_io.save_model(model, path)
+    if external:
+        onnx_io.write_external(model, path)
+    else:
+        onnx_io.save_model(model, path)
     return path
 
 
@@ -141,6 +147,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", help="name the raw file large-TAG-<date>.json (keeps an earlier run of the day)")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--external", action="store_true", help="save every size with its weights in <name>.data")
+    parser.add_argument("--baseline-max-gib", type=float, default=2.0,
+                        help="run the --rev side on models up to this size only")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -155,7 +164,7 @@ def main() -> None:
         for gib in sizes:
             folder = Path(tmp) / f"{gib:g}"
             folder.mkdir()
-            path = grown_model(gib, folder)
+            path = grown_model(gib, folder, args.external)
             files = sum(p.stat().st_size for p in folder.glob(f"{path.name}*"))
             row = {"gib": gib, "file_bytes": files, **{side: {} for side in sides}}
             steps = (("inspect", ["inspect", "{model}"]),
@@ -165,8 +174,8 @@ def main() -> None:
                      ("validate_pruned", ["validate", "{out}/pruned", *VALIDATE]))
             for step, template in steps:
                 for side, package in sides.items():
-                    if side == "baseline" and (step == "validate_pruned" or files > 2 ** 31):
-                        continue   # the baseline cannot serialise a model past 2 GiB: not run (memory)
+                    if side == "baseline" and (step == "validate_pruned" or files > args.baseline_max_gib * 2 ** 30):
+                        continue   # before session 12 attnc could not serialise a model past 2 GiB: not run (memory)
                     out = folder / side
                     cli_args = [a.format(model=path, out=out) for a in template]
                     report = folder / f"{side}-{step}.json"
@@ -185,7 +194,7 @@ def main() -> None:
     tag = "".join(f"-{t}" for t in ("smoke" if args.smoke else None, args.tag) if t)
     target = out / f"large{tag}-{time.strftime('%Y-%m-%d')}.json"
     target.write_text(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"), "baseline_rev": args.rev,
-                                  "rows": rows}, indent=2) + "\n")
+                                  "external": args.external, "rows": rows}, indent=2) + "\n")
     print(f"raw numbers: {target}")
 
 

@@ -16,10 +16,10 @@ def test_bench_large_runs_both_sides_and_saves_them(tmp_path):
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
         pytest.skip("not a git checkout")
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_large.py"), "--smoke", "--rev", "HEAD",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                          "--external", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     record = json.loads(next(tmp_path.glob("large-smoke-*.json")).read_text())
-    assert record["baseline_rev"] == "HEAD" and record["machine"]["cpus"]
+    assert record["baseline_rev"] == "HEAD" and record["machine"]["cpus"] and record["external"]
     [row] = record["rows"]
     steps = {"inspect", "compile", "validate", "prune", "validate_pruned"}
     assert set(row["now"]) == steps and set(row["baseline"]) == steps - {"validate_pruned"}
