@@ -496,9 +496,10 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, provid
     A ModelProto's initializers of :data:`LIGHT_BYTES` and more reach ONNX Runtime as arrays over their data
     (``SessionOptions.add_external_initializers``), not inside the serialised model: a model past protobuf's 2 GiB
     loads, and a pass's probe of an LLM's graph does not serialise and parse its embedding table each time. A stub
-    (:func:`light_initializer`) gets the data of ``weights_from``'s initializer of its name; mapped weights
-    (:func:`map_external`) are arrays over their file. ``options`` (default: new ones) gets those initializers
-    added.
+    (:func:`light_initializer`) gets the data of ``weights_from``'s initializer of its name. Mapped weights
+    (:func:`map_external`) stay ONNX external data that ONNX Runtime maps from their file itself (the session's
+    external-initializers folder), no copy made; those of a second folder, if any, are arrays too. ``options``
+    (default: new ones) gets those initializers and that folder.
     """
     import onnxruntime as ort
 
@@ -518,19 +519,37 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, provid
         raise AttncError("an ONNX Runtime session got a weight stub whose data attnc does not hold",
                          "internal error: please report the model")
 
-    heavy = [init for init in model.graph.initializer
-             if _is_stub(init) or _mapped(init) or _heavy(init, LIGHT_BYTES, _NUMPY_TYPES)]
+    # mapped weights of one folder (the one holding most of them) are ONNX Runtime's to map from their files
+    files = {init.name: _mapped_file(init) for init in model.graph.initializer if _mapped(init)}
+    folders: dict[str, int] = {}
+    for path, _, length in files.values():
+        folders[os.path.dirname(path)] = folders.get(os.path.dirname(path), 0) + length
+    folder = max(folders, key=folders.__getitem__) if folders else None
+    mapped = {name: where for name, where in files.items() if os.path.dirname(where[0]) == folder}
+    heavy = [init for init in model.graph.initializer if init.name not in mapped
+             and (_is_stub(init) or _mapped(init) or _heavy(init, LIGHT_BYTES, _NUMPY_TYPES))]
     arrays = [_raw_array(data(init)) for init in heavy]
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
     if heavy:
+        # add_external_initializers copies the arrays when the session is made; what it cannot map, it must
         options.add_external_initializers([init.name for init in heavy], values)
+    if heavy or files:
         model = light_copy(model, LIGHT_BYTES, _NUMPY_TYPES)
         for init in model.graph.initializer:
-            if _mapped(init):
+            if init.name in mapped:
+                path, offset, length = mapped[init.name]
+                del init.external_data[:]
+                for key, value in (("location", os.path.basename(path)), ("offset", str(offset)),
+                                   ("length", str(length))):
+                    entry = init.external_data.add()
+                    entry.key, entry.value = key, value
+            elif _mapped(init):
                 init.CopyFrom(_stub(init))
         _embed_mapped_attributes(model)
+    if mapped:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
     session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-    session._attnc_weights = (arrays, values)   # ONNX Runtime reads them in place: kept as long as the session
+    session._attnc_weights = (arrays, values)   # kept as long as the session, as ONNX Runtime asks
     return session
 
 

@@ -124,6 +124,26 @@ def test_load_model_maps_the_weights_file(tmp_path):
         np.testing.assert_array_equal(numpy_helper.to_array(init), originals[init.name])
 
 
+def test_sessions_map_weights_from_their_files(tmp_path):
+    """ONNX Runtime maps a model's mapped weights from their file itself (none goes over as an array, which it
+    would copy); weights mapped from a second folder go over as arrays; both run to the original's outputs."""
+    model = _graph(20000, 17000, 300)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        _saved_with_external_data(tmp_path / folder, model)
+    a, b = (onnx_io.load_model(tmp_path / f / "m.onnx") for f in ("a", "b"))
+    x = np.array([2.0], np.float32)
+    expected = x + sum(numpy_helper.to_array(i)[:1] for i in model.graph.initializer[:3])
+    session = onnx_io.ort_session(a)
+    assert session._attnc_weights[0] == []
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-6)
+    a.graph.initializer[1].CopyFrom(b.graph.initializer[1])   # w1 from the other folder
+    assert str(tmp_path / "b") in str(a.graph.initializer[1].external_data)
+    session = onnx_io.ort_session(a)
+    assert [w.shape for w in session._attnc_weights[0]] == [(17000,)]
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-6)
+
+
 def test_mapped_weights_through_the_passes(monkeypatch, tmp_path):
     """A model loaded with its weights mapped (every initializer of 1 KiB and more) fuses to what the model with
     its weights in memory fuses to, and both compute the same outputs."""
