@@ -110,18 +110,24 @@ def _export_eval(model, example_inputs, path, exporter, opset, dynamic_axes, inp
 
     order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
     errors = []
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     for name in order:
-        try:
-            # dynamo: without transformers' KV cache, whose DynamicCache output torch.export cannot return
-            with kv_cache_off(model) if name == "dynamo" else contextlib.nullcontext():
-                proto = _export_with(name, model, example_inputs, opset, dynamic_axes, input_names, output_names)
-        except Exception as exc:  # exporters raise a zoo of types
-            log.warning("%s exporter failed: %s", name, str(exc).splitlines()[0] if str(exc) else exc)
-            errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            continue
-        proto.producer_name = f"attnc-export[{name}]"
-        attach_function_bodies(proto)  # nodes the translations emitted need their bodies
-        return save_model(proto, path)   # past 2 GiB with its weights in <name>.data
+        # a large model goes through a file with external data, beside the target: its weights stay there (mapped)
+        # until they are copied into the target's weights file
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as folder:
+            try:
+                # dynamo: without transformers' KV cache, whose DynamicCache output torch.export cannot return
+                with kv_cache_off(model) if name == "dynamo" else contextlib.nullcontext():
+                    proto = _export_with(name, model, example_inputs, opset, dynamic_axes, input_names,
+                                         output_names, Path(folder))
+            except Exception as exc:  # exporters raise a zoo of types
+                log.warning("%s exporter failed: %s", name, str(exc).splitlines()[0] if str(exc) else exc)
+                errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                continue
+            proto.producer_name = f"attnc-export[{name}]"
+            attach_function_bodies(proto)  # nodes the translations emitted need their bodies
+            return save_model(proto, path)   # past 2 GiB with its weights in <name>.data
     others = [f"--exporter {e}" for e in ("dynamo", "torchscript") if e not in order]
     raise AttncError("ONNX export failed: " + "; ".join(errors),
                      f"try {others[0]}, or simplify the model's forward" if others
@@ -167,17 +173,18 @@ def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _export_with(exporter, model, inputs, opset, dynamic_axes, input_names, output_names) -> onnx.ModelProto:
-    """The exported model, in memory. A model whose weights come near protobuf's 2 GiB is exported through a
-    temporary file with external data (a message past 2 GiB cannot be serialised) and read back with its weights."""
-    from attnc.compiler.onnx_io import LARGE_MODEL_BYTES
+def _export_with(exporter, model, inputs, opset, dynamic_axes, input_names, output_names, folder: Path
+                 ) -> onnx.ModelProto:
+    """The exported model. A model whose weights come near protobuf's 2 GiB is exported into ``folder`` with
+    external data (a message past 2 GiB cannot be serialised) and loaded with its weights mapped from there
+    (:func:`attnc.compiler.onnx_io.load_model`): ``folder`` must outlive the model's use."""
+    from attnc.compiler.onnx_io import LARGE_MODEL_BYTES, load_model
 
     _speed_up_torchlib_registry()
     large = weight_bytes(model) > LARGE_MODEL_BYTES
-    with _translations_active(), warnings.catch_warnings(), torch.no_grad(), \
-            tempfile.TemporaryDirectory(prefix="attnc-export-") as folder:
+    path = folder / "model.onnx"
+    with _translations_active(), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        path = Path(folder) / "model.onnx"
         if exporter == "dynamo":
             program = torch.onnx.export(
                 model, inputs, dynamo=True, opset_version=opset, input_names=input_names,
@@ -187,13 +194,14 @@ def _export_with(exporter, model, inputs, opset, dynamic_axes, input_names, outp
             if not large:
                 return program.model_proto
             program.save(str(path), external_data=True)
-            return onnx.load(str(path))
+            del program
+            return load_model(path, check=False)
         target = path if large else io.BytesIO()
         torch.onnx.export(
             model, inputs, target, dynamo=False, opset_version=opset, input_names=input_names,
             output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True, external_data=large,
         )
-        return onnx.load(str(path)) if large else onnx.load_from_string(target.getvalue())
+        return load_model(path, check=False) if large else onnx.load_from_string(target.getvalue())
 
 
 def resolve_model(ref: str):

@@ -229,6 +229,7 @@ def test_large_model_paths_give_what_small_ones_do(name, exporter, flags, monkey
     the two artefacts compute the same outputs."""
     plain, large = _compile_both_ways(monkeypatch, tmp_path, name, exporter, *flags)
     assert (large / "m.onnx.data").is_file() and (large / "out" / "model.fused.onnx.data").is_file()
+    assert not [p.name for p in large.iterdir() if p.name.startswith(".")]   # the export's own folder is gone
     assert not (plain / "m.onnx.data").exists()
     assert (large / "m.onnx").stat().st_size < (large / "m.onnx.data").stat().st_size
     manifests = [json.loads((f / "out" / "manifest.json").read_text()) for f in (plain, large)]
