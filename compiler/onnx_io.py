@@ -77,7 +77,8 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
 
     Weights the file keeps in external data stay there: initializers of :data:`LIGHT_BYTES` and more become
     mapped stubs (:func:`map_external`) that the passes, ONNX Runtime and the writers read from the weights file,
-    so a model of any size loads in the memory of its graph. Smaller external tensors are read in.
+    so a model of any size loads in the memory of its graph. Smaller external tensors are read in. A file of
+    :data:`MAP_EMBEDDED_BYTES` and more maps the weights inside it the same way (:func:`_load_mapping_embedded`).
 
     Raises:
         AttncError: the file or its weights file is missing, is not ONNX, is truncated, fails the ONNX
@@ -87,7 +88,9 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     if not path.is_file():
         raise AttncError(f"{path}: no such file", "check the path")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = _load_mapping_embedded(path) if path.stat().st_size >= MAP_EMBEDDED_BYTES else None
+        if model is None:
+            model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeError, ... depending on build
         raise AttncError(
             f"{path} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]})",
@@ -237,6 +240,109 @@ def map_external(model: onnx.ModelProto, folder: str | os.PathLike, source: str 
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
     return model
+
+
+# An .onnx file this large has the heavy initializers inside it mapped too, where they lie in the file, rather than
+# read by protobuf (which would hold them, and copy them again on every read of ``raw_data``).
+MAP_EMBEDDED_BYTES = 256 << 20
+_GRAPH, _INITIALIZER, _RAW_DATA, _DATA_LOCATION = 7, 5, 9, 14   # ModelProto.graph, GraphProto.initializer, TensorProto
+
+
+def _load_mapping_embedded(path: Path) -> onnx.ModelProto | None:
+    """``path``'s model with each main-graph initializer whose ``raw_data`` holds :data:`LIGHT_BYTES` or more (of
+    a numpy type) a mapped stub pointing at those bytes inside the ``.onnx`` file: the file's protobuf encoding
+    is walked (ModelProto.graph -> GraphProto.initializer -> TensorProto.raw_data), and protobuf parses a copy
+    without those fields. None where the file is not laid out so (protobuf's own parse then reports it)."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            graphs = [fld for fld in _fields(buf, 0, len(buf)) if fld[0] == _GRAPH and fld[1] == 2]
+            if len(graphs) != 1:
+                return None
+            _, _, graph_at, graph_start, graph_end = graphs[0]
+            parts, ranges = [], []
+            for field, wire, at, start, end in _fields(buf, graph_start, graph_end):
+                if field == _INITIALIZER and wire == 2:
+                    tensor = list(_fields(buf, start, end))
+                    raw = [t for t in tensor if t[0] == _RAW_DATA and t[1] == 2]
+                    types = [_varint(buf, t[3])[0] for t in tensor if t[0] == 2 and t[1] == 0]  # data_type
+                    if len(raw) == 1 and len(types) == 1 and types[0] in _NUMPY_TYPES \
+                            and raw[0][4] - raw[0][3] >= LIGHT_BYTES \
+                            and not any(t[0] == _DATA_LOCATION for t in tensor):
+                        kept = b"".join(buf[t[2]:t[4]] for t in tensor if t is not raw[0])
+                        parts.append(_key(field, 2) + _encode_varint(len(kept)) + kept)
+                        ranges.append((raw[0][3], raw[0][4] - raw[0][3]))   # the bytes' offset and length
+                        continue
+                    ranges.append(None)
+                parts.append(buf[at:end])
+            graph = b"".join(parts)
+            head, tail = buf[:graph_at], buf[graph_end:]
+        except (IndexError, ValueError):
+            return None
+    model = onnx.ModelProto.FromString(head + _key(_GRAPH, 2) + _encode_varint(len(graph)) + graph + tail)
+    if len(model.graph.initializer) != len(ranges):
+        return None
+    identity = _identity(path.stat())
+    for init, where in zip(model.graph.initializer, ranges):
+        if where is not None:
+            init.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", str(path.absolute())), ("offset", str(where[0])),
+                               ("length", str(where[1])), (_MAPPED, identity)):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, value
+    return model
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _key(field: int, wire: int) -> bytes:
+    return _encode_varint(field << 3 | wire)
+
+
+def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """The protobuf fields encoded in ``buf[start:end]``: ``(number, wire type, where the field starts, where its
+    payload starts, where it ends)``."""
+    pos = start
+    while pos < end:
+        key, payload = _varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            stop = _varint(buf, payload)[1]
+        elif wire == 1:
+            stop = payload + 8
+        elif wire == 2:
+            length, payload = _varint(buf, payload)
+            stop = payload + length
+        elif wire == 5:
+            stop = payload + 4
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+        if stop > end:
+            raise ValueError("a field runs past its message")
+        yield key >> 3, wire, pos, payload, stop
+        pos = stop
 
 
 def _identity(stat: os.stat_result) -> str:

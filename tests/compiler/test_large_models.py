@@ -144,6 +144,105 @@ def test_sessions_map_weights_from_their_files(tmp_path):
     np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("name,exporter", [("vit-mhsa-small", "torchscript"), ("agent-small", "dynamo"),
+                                           ("lm-mhsa-small", "dynamo")])
+def test_weights_inside_the_file_are_mapped_where_they_lie(name, exporter, monkeypatch, tmp_path):
+    """A file of MAP_EMBEDDED_BYTES and more (lowered here) loads with its heavy initializers mapped to their bytes
+    inside the .onnx file: every value, and the model apart from its initializers, equal what onnx.load reads;
+    small initializers, tensors of other types and node attributes stay as they are."""
+    from attnc.compiler.export import export_onnx
+
+    spec = get_spec(name)
+    path = export_onnx(spec.factory(), spec.example_inputs(seed=0), tmp_path / "m.onnx", exporter=exporter,
+                       input_names=spec.input_names, dynamic_axes=spec.dynamic_axes)
+    monkeypatch.setattr(onnx_io, "MAP_EMBEDDED_BYTES", 0)
+    monkeypatch.setattr(onnx_io, "LIGHT_BYTES", 512)
+    reference, loaded = onnx.load(str(path)), onnx_io.load_model(path)
+    mapped = [i for i in loaded.graph.initializer if onnx_io._mapped(i)]
+    assert len(mapped) >= 4 and {i.name for i in mapped} == {
+        i.name for i in reference.graph.initializer if len(i.raw_data) >= 512 and i.data_type in onnx_io._NUMPY_TYPES}
+    assert all(str(path) in str(i.external_data) for i in mapped)
+    for a, b in zip(reference.graph.initializer, loaded.graph.initializer, strict=True):
+        assert (a.name, list(a.dims), a.data_type) == (b.name, list(b.dims), b.data_type)
+        np.testing.assert_array_equal(numpy_helper.to_array(a), onnx_io.initializer_array(b))
+    del reference.graph.initializer[:], loaded.graph.initializer[:]
+    assert reference.SerializeToString() == loaded.SerializeToString()
+
+
+def test_mapping_inside_the_file_reads_every_tensor_layout(monkeypatch, tmp_path):
+    """Tensors of every layout the walk meets: raw data of numpy types (mapped, fp16 and int64 too), typed fields
+    (float_data: read by protobuf), bfloat16 raw data (no numpy type: read), small ones, a Constant node's tensor;
+    the model runs in ONNX Runtime to the same outputs and saves to the same values. A file that is no ONNX
+    still gets protobuf's error."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((40, 30)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(rng.standard_normal((30, 20)).astype(np.float16), "h"),
+             numpy_helper.from_array(np.arange(600, dtype=np.int64), "idx"),
+             helper.make_tensor("typed", TensorProto.FLOAT, [300], rng.standard_normal(300).tolist()),
+             helper.make_tensor("bf", TensorProto.BFLOAT16, [300], np.zeros(300, np.uint16).tobytes(), raw=True),
+             numpy_helper.from_array(np.ones(3, np.float32), "small")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"]),
+             helper.make_node("Cast", ["h"], ["hf"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["a", "hf"], ["b"]),
+             helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(rng.standard_normal(20).astype(
+                 np.float32))),
+             helper.make_node("Add", ["b", "c"], ["y"]),
+             helper.make_node("ReduceSum", ["idx"], ["s"], keepdims=0),
+             helper.make_node("ReduceSum", ["typed"], ["t"], keepdims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 40])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 20]),
+                               helper.make_tensor_value_info("s", TensorProto.INT64, []),
+                               helper.make_tensor_value_info("t", TensorProto.FLOAT, [])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    monkeypatch.setattr(onnx_io, "MAP_EMBEDDED_BYTES", 0)
+    monkeypatch.setattr(onnx_io, "LIGHT_BYTES", 1024)
+    loaded = onnx_io.load_model(tmp_path / "m.onnx")
+    assert [i.name for i in loaded.graph.initializer if onnx_io._mapped(i)] == ["w", "h", "idx"]
+    assert loaded.graph.node[3].attribute[0].t.raw_data == model.graph.node[3].attribute[0].t.raw_data
+    x = rng.standard_normal((2, 40)).astype(np.float32)
+    expected = onnx_io.ort_session(model).run(None, {"x": x})
+    session = onnx_io.ort_session(loaded)
+    assert session._attnc_weights[0] == []   # ONNX Runtime maps them from the .onnx file itself
+    for a, b in zip(expected, session.run(None, {"x": x})):
+        np.testing.assert_array_equal(a, b)
+    onnx_io.save_model(loaded, tmp_path / "out" / "m.onnx")
+    back = onnx.load(str(tmp_path / "out" / "m.onnx"))
+    for a, b in zip(model.graph.initializer, back.graph.initializer, strict=True):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    (tmp_path / "junk.onnx").write_bytes(bytes(rng.integers(0, 256, 5000, dtype=np.uint8)))
+    with pytest.raises(onnx_io.AttncError, match="junk.onnx (is not a readable ONNX model|holds no ONNX graph)"):
+        onnx_io.load_model(tmp_path / "junk.onnx")
+
+
+@pytest.mark.parametrize("name,flags", [("vit-neighborhood-small", ()), ("vit-mhsa-small", ("--prune-heads", "0.5"))])
+def test_compile_maps_weights_inside_the_file(name, flags, monkeypatch, tmp_path):
+    """Compiling and validating a model whose weights are mapped inside its .onnx file (the threshold lowered)
+    gives the artefact, report and outputs of the compile that reads them in, with the weights in a file
+    beside the artefact."""
+    run("export", name, "-o", tmp_path / "m.onnx", "--exporter", "dynamo")
+    outs = {}
+    for mapped in (False, True):
+        out = tmp_path / ("mapped" if mapped else "plain")
+        with monkeypatch.context() as patch:
+            if mapped:
+                patch.setattr(onnx_io, "MAP_EMBEDDED_BYTES", 0)
+                patch.setattr(onnx_io, "LIGHT_BYTES", 1024)
+                assert sum(onnx_io._mapped(i) for i in onnx_io.load_model(tmp_path / "m.onnx").graph.initializer) >= 4
+            run("compile", tmp_path / "m.onnx", "-o", out, *flags)
+            run("validate", out, "--model", name, "--seed", 3)
+        outs[mapped] = out
+    assert (outs[True] / "model.fused.onnx.data").is_file() and not (outs[False] / "model.fused.onnx.data").exists()
+    manifests = [json.loads((outs[m] / "manifest.json").read_text()) for m in (False, True)]
+    assert manifests[0]["ops_after"] == manifests[1]["ops_after"] and manifests[0]["shrink"] == manifests[1]["shrink"]
+    assert all(json.loads((outs[m] / "report.json").read_text())["passed"] for m in (False, True))
+    spec = get_spec(name)
+    feeds = {n: t.numpy() for n, t in zip(spec.input_names, spec.example_inputs(batch=2, seed=9))}
+    got = [runtime.load(outs[m]).infer(feeds)["output"] for m in (False, True)]
+    np.testing.assert_array_equal(got[0], got[1])
+
+
 def test_mapped_weights_through_the_passes(monkeypatch, tmp_path):
     """A model loaded with its weights mapped (every initializer of 1 KiB and more) fuses to what the model with
     its weights in memory fuses to, and both compute the same outputs."""
