@@ -104,13 +104,29 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     if check:
         check_opset(model, str(path))
         try:
-            # with weights elsewhere: the checker reads the model and its external data itself
-            onnx.checker.check_model(str(path) if is_large(model) else model, full_check=False)
+            onnx.checker.check_model(checkable(model), full_check=False)
         except onnx.checker.ValidationError as exc:
             first = str(exc).strip().splitlines()[0][:200]
             raise AttncError(f"{path} is not a valid ONNX model: {first}",
                              "re-export it; `python -m onnx.checker` shows the details") from None
     return model
+
+
+def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What the ONNX checker gets for ``model``: a light copy (:func:`light_copy`) whose heavy initializers (stubs,
+    mapped weights) are graph inputs of their type and shape instead, so checking neither serialises the weights
+    nor looks for files; the initializers' bytes were checked against their shapes when loaded."""
+    light = light_copy(model)
+    heavy = [init for init in light.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
+    if not heavy:
+        return light
+    inputs = {i.name for i in light.graph.input}
+    kept = [init for init in light.graph.initializer if init.data_location != onnx.TensorProto.EXTERNAL]
+    del light.graph.initializer[:]
+    light.graph.initializer.extend(kept)
+    light.graph.input.extend(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+                             for init in heavy if init.name not in inputs)
+    return light
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
@@ -369,11 +385,11 @@ def _mapped_file(init: onnx.TensorProto) -> tuple[str, int, int]:
 
 
 def _mapped_array(init: onnx.TensorProto) -> np.ndarray:
-    """A read-only array over a mapped stub's data in its file (pages are read when touched)."""
+    """A read-only array over a mapped stub's data in its file (pages are read when touched; unaligned where the
+    data lies inside a ``.onnx`` file, which numpy handles)."""
     path, offset, _ = _mapped_file(init)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-    array = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(init.dims)).view(np.ndarray)
-    return array if offset % dtype.itemsize == 0 else array.copy()   # unaligned data: copied
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(init.dims)).view(np.ndarray)
 
 
 def _raw_array(init: onnx.TensorProto) -> np.ndarray:
@@ -634,7 +650,7 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, provid
     mapped = {name: where for name, where in files.items() if os.path.dirname(where[0]) == folder}
     heavy = [init for init in model.graph.initializer if init.name not in mapped
              and (_is_stub(init) or _mapped(init) or _heavy(init, LIGHT_BYTES, _NUMPY_TYPES))]
-    arrays = [_raw_array(data(init)) for init in heavy]
+    arrays = [np.require(_raw_array(data(init)), requirements="A") for init in heavy]   # aligned for ONNX Runtime
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
     if heavy:
         # add_external_initializers copies the arrays when the session is made; what it cannot map, it must

@@ -243,6 +243,25 @@ def test_compile_maps_weights_inside_the_file(name, flags, monkeypatch, tmp_path
     np.testing.assert_array_equal(got[0], got[1])
 
 
+def test_checker_sees_the_graph_not_the_weights(monkeypatch, tmp_path):
+    """The ONNX checker gets the graph with heavy initializers as typed inputs (no weights serialised, no file
+    looked for) and still rejects a bad node of a model whose weights are mapped, inside its file or beside it."""
+    model = _graph(20000, 17000)
+    light = onnx_io.checkable(model)
+    assert light.ByteSize() < 2000 and [i.name for i in light.graph.input] == ["x", "w0", "w1"]
+    assert light.graph.input[1].type.tensor_type.shape.dim[0].dim_value == 20000
+    onnx.checker.check_model(light)
+    model.graph.node[1].output.append("extra")   # Add has one output
+    monkeypatch.setattr(onnx_io, "MAP_EMBEDDED_BYTES", 0)
+    for path in (tmp_path / "inside.onnx", _saved_with_external_data(tmp_path, model, "beside.onnx")):
+        if path.name == "inside.onnx":
+            onnx.save(model, str(path))
+        with pytest.raises(onnx_io.AttncError, match="is not a valid ONNX model"):
+            onnx_io.load_model(path)
+        loaded = onnx_io.load_model(path, check=False)
+        assert sum(onnx_io._mapped(i) for i in loaded.graph.initializer) == 2
+
+
 def test_mapped_weights_through_the_passes(monkeypatch, tmp_path):
     """A model loaded with its weights mapped (every initializer of 1 KiB and more) fuses to what the model with
     its weights in memory fuses to, and both compute the same outputs."""
