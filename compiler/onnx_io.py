@@ -606,9 +606,12 @@ def _write_data(out, init: onnx.TensorProto, chunk: int = 1 << 26) -> int:
 
 def external_data_files(path: str | os.PathLike) -> list[str]:
     """The weights files an ONNX file names for its initializers' external data (relative to its folder)."""
-    header = onnx.load(str(path), load_external_data=False)
-    return sorted({entry.value for init in header.graph.initializer for entry in init.external_data
-                   if entry.key == "location"})
+    path = Path(path)
+    # a large file's own weights are mapped where they lie, not parsed (stubs that name no weights file)
+    header = _load_mapping_embedded(path) if path.stat().st_size >= MAP_EMBEDDED_BYTES else None
+    header = header or onnx.load(str(path), load_external_data=False)
+    return sorted({entry.value for init in header.graph.initializer if not _mapped(init)
+                   for entry in init.external_data if entry.key == "location"})
 
 
 def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, providers: list[str] | None = None, *,

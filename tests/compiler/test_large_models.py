@@ -234,6 +234,10 @@ def test_compile_maps_weights_inside_the_file(name, flags, monkeypatch, tmp_path
             run("validate", out, "--model", name, "--seed", 3)
         outs[mapped] = out
     assert (outs[True] / "model.fused.onnx.data").is_file() and not (outs[False] / "model.fused.onnx.data").exists()
+    with monkeypatch.context() as patch:   # the source names no weights file: its own weights are inside it
+        patch.setattr(onnx_io, "MAP_EMBEDDED_BYTES", 0)
+        assert onnx_io.external_data_files(tmp_path / "m.onnx") == []
+        assert onnx_io.external_data_files(outs[True] / "model.fused.onnx") == ["model.fused.onnx.data"]
     manifests = [json.loads((outs[m] / "manifest.json").read_text()) for m in (False, True)]
     assert manifests[0]["ops_after"] == manifests[1]["ops_after"] and manifests[0]["shrink"] == manifests[1]["shrink"]
     assert all(json.loads((outs[m] / "report.json").read_text())["passed"] for m in (False, True))
