@@ -614,6 +614,43 @@ def external_data_files(path: str | os.PathLike) -> list[str]:
                    for entry in init.external_data if entry.key == "location"})
 
 
+def _mapped_folder(model: onnx.ModelProto) -> tuple[str | None, set[str]]:
+    """The folder holding most of ``model``'s mapped weights (by bytes), and the names of those in it."""
+    files = {init.name: _mapped_file(init) for init in model.graph.initializer if _mapped(init)}
+    folders: dict[str, int] = {}
+    for path, _, length in files.values():
+        folders[os.path.dirname(path)] = folders.get(os.path.dirname(path), 0) + length
+    folder = max(folders, key=folders.__getitem__) if folders else None
+    return folder, {name for name, (path, _, _) in files.items() if os.path.dirname(path) == folder}
+
+
+def relative_to_folder(model: onnx.ModelProto, folder: str | None) -> None:
+    """In place: the mapped weights in ``folder`` become plain ONNX external data relative to it (for a reader
+    told that folder: ONNX Runtime's external-initializers folder, TensorRT's model path); others stay mapped."""
+    for init in model.graph.initializer:
+        if folder is not None and _mapped(init):
+            path, offset, length = _mapped_file(init)
+            if os.path.dirname(path) == folder:
+                del init.external_data[:]
+                for key, value in (("location", os.path.basename(path)), ("offset", str(offset)),
+                                   ("length", str(length))):
+                    entry = init.external_data.add()
+                    entry.key, entry.value = key, value
+
+
+def serialised_beside_weights(model: onnx.ModelProto) -> tuple[bytes, Path] | None:
+    """``model`` serialised with its mapped weights as ONNX external data relative to their folder, and a model
+    path in that folder from which a reader (TensorRT's parser) finds them: no weight copied. None when nothing
+    is mapped, when they lie in more than one folder, or when the rest is past :data:`LARGE_MODEL_BYTES`; only
+    then is ``model`` left as it was (else its mapped weights are relative now)."""
+    folder, in_folder = _mapped_folder(model)
+    if folder is None or any(_mapped(i) and i.name not in in_folder for i in model.graph.initializer) \
+            or sum(_data_bytes(init) for init in model.graph.initializer) > LARGE_MODEL_BYTES:
+        return None
+    relative_to_folder(model, folder)
+    return model.SerializeToString(), Path(folder) / "model.onnx"
+
+
 def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, providers: list[str] | None = None, *,
                 weights_from: onnx.ModelProto | None = None):
     """An ONNX Runtime session of ``model``: a path, or a ModelProto of any size.
@@ -645,12 +682,7 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, provid
                          "internal error: please report the model")
 
     # mapped weights of one folder (the one holding most of them) are ONNX Runtime's to map from their files
-    files = {init.name: _mapped_file(init) for init in model.graph.initializer if _mapped(init)}
-    folders: dict[str, int] = {}
-    for path, _, length in files.values():
-        folders[os.path.dirname(path)] = folders.get(os.path.dirname(path), 0) + length
-    folder = max(folders, key=folders.__getitem__) if folders else None
-    mapped = {name: where for name, where in files.items() if os.path.dirname(where[0]) == folder}
+    folder, mapped = _mapped_folder(model)
     heavy = [init for init in model.graph.initializer if init.name not in mapped
              and (_is_stub(init) or _mapped(init) or _heavy(init, LIGHT_BYTES, _NUMPY_TYPES))]
     arrays = [np.require(_raw_array(data(init)), requirements="A") for init in heavy]   # aligned for ONNX Runtime
@@ -658,17 +690,11 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, provid
     if heavy:
         # add_external_initializers copies the arrays when the session is made; what it cannot map, it must
         options.add_external_initializers([init.name for init in heavy], values)
-    if heavy or files:
+    if heavy or mapped:
         model = light_copy(model, LIGHT_BYTES, _NUMPY_TYPES)
+        relative_to_folder(model, folder)
         for init in model.graph.initializer:
-            if init.name in mapped:
-                path, offset, length = mapped[init.name]
-                del init.external_data[:]
-                for key, value in (("location", os.path.basename(path)), ("offset", str(offset)),
-                                   ("length", str(length))):
-                    entry = init.external_data.add()
-                    entry.key, entry.value = key, value
-            elif _mapped(init):
+            if _mapped(init):
                 init.CopyFrom(_stub(init))
         _embed_mapped_attributes(model)
     if mapped:

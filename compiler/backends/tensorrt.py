@@ -41,7 +41,8 @@ from attnc import DOMAIN
 from attnc.compiler.backends import TensorSpec, check_feeds
 from attnc.compiler.backends import tensorrt_plugins as plugins
 from attnc.compiler.errors import AttncError
-from attnc.compiler.onnx_io import atomic_path, initializer_array, is_large, load_model, write_external
+from attnc.compiler.onnx_io import (atomic_path, initializer_array, is_large, load_model,
+                                    serialised_beside_weights, write_external)
 from attnc.passes.core import subgraph_inputs
 from attnc.plugins.chunked import chunks_only
 
@@ -618,12 +619,17 @@ _QDP_DONE: set[str] = set()
 
 
 def _parse(parser, model: onnx.ModelProto, model_path) -> bool:
-    """``parser.parse`` of ``model`` (external data beside ``model_path``); a model past protobuf's 2 GiB from a
-    temporary copy with its weights in external data (``parse_from_file``: the parser reads them in)."""
+    """``parser.parse`` of ``model`` (modified: it is the prepared copy). Mapped weights of one folder reach the
+    parser as external data relative to that folder, which it reads itself (``parse``'s ``path``: a model file
+    there); a model past protobuf's 2 GiB otherwise, or with weights it cannot find so, goes through a temporary
+    copy with its weights in external data (``parse_from_file``)."""
+    beside = serialised_beside_weights(model)
+    if beside is not None:
+        return parser.parse(beside[0], str(beside[1]))
     if not is_large(model):
-        return parser.parse(model.SerializeToString(), str(Path(model_path).resolve().parent))
-    with tempfile.TemporaryDirectory(prefix="attnc-large-") as folder:
-        return parser.parse_from_file(str(write_external(model, Path(folder) / "model.onnx")))
+        return parser.parse(model.SerializeToString(), str(Path(model_path).resolve()))
+    with tempfile.TemporaryDirectory(prefix="attnc-large-") as tmp:
+        return parser.parse_from_file(str(write_external(model, Path(tmp) / "model.onnx")))
 
 
 def _attention_layers(trt, network) -> list:

@@ -385,6 +385,37 @@ def test_large_model_tensorrt_build(monkeypatch, tmp_path):
     assert (tmp_path / "trt" / manifest["artefact"]).stat().st_size > 0
 
 
+def test_tensorrt_reads_mapped_weights_where_they_lie(monkeypatch, tmp_path):
+    """TensorRT's parser gets the model with its mapped weights as external data relative to their folder and
+    reads them there: an fp32 build of a model whose weights are mapped inside its .onnx file, and then beside
+    the fused model, writes no temporary copy of them."""
+    pytest.importorskip("tensorrt_rtx")
+    from attnc.compiler.backends import tensorrt as backend
+
+    monkeypatch.setattr(onnx_io, "LIGHT_BYTES", 1024)
+    monkeypatch.setattr(onnx_io, "MAP_EMBEDDED_BYTES", 0)
+    run("export", "vit-mhsa-small", "-o", tmp_path / "m.onnx", "--exporter", "torchscript")
+    assert sum(onnx_io._mapped(i) for i in onnx_io.load_model(tmp_path / "m.onnx").graph.initializer) >= 4
+    parsed = []
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("the weights were copied for the parser")
+
+    def parse(parser, model, model_path):
+        parsed.append([i.external_data for i in model.graph.initializer if i.data_location == TensorProto.EXTERNAL])
+        return original(parser, model, model_path)
+
+    original = backend._parse
+    monkeypatch.setattr(backend, "write_external", no_copy)
+    monkeypatch.setattr(backend, "_parse", parse)
+    run("compile", tmp_path / "m.onnx", "-o", tmp_path / "trt", "--backend", "tensorrt", "--precision", "fp32",
+        "--opt-shape", "image:2x3x36x36", "--max-shape", "image:4x3x36x36")
+    manifest = json.loads((tmp_path / "trt" / "manifest.json").read_text())
+    assert (tmp_path / "trt" / manifest["artefact"]).stat().st_size > 0
+    [external] = parsed
+    assert len(external) >= 4 and all(e[0].value == "model.fused.onnx.data" for e in external)
+
+
 @pytest.mark.full(reason="a real model past 2 GiB, one tensor past 2 GiB (4 GB of disk); CI runs these paths scaled down")
 def test_a_model_past_two_gigabytes(tmp_path):
     """A real 2.1 GiB model whose token table alone is past 2 GiB (beyond what protobuf can hold): lm-mhsa-small
