@@ -3,11 +3,12 @@
 session of the model with its weights serialised, against attnc's weight-free copy and arrays, side by side).
 
     python benchmarks/bench_large.py [--sizes 0.25 0.5 1 2.1] [--rev 59be35d] [--out benchmarks/results] [--smoke]
-                                     [--tag NAME] [--external] [--baseline-max-gib 2]
+                                     [--tag NAME] [--external] [--baseline-max-gib 2] [--export]
 
 With ``--rev``, every command also runs with attnc as of that git revision (its package assembled from ``git
 archive`` and put first on ``PYTHONPATH``), interleaved with the working tree's, so the ratios come from one run.
-The commands: ``inspect``, ``compile`` (fusion), ``validate`` of that artefact, ``compile --prune-heads 0.5`` and
+The commands: (with ``--export``) ``export`` of the PyTorch model grown alike (``grown_lm``: its token table
+grown to the size, TorchScript), ``inspect``, ``compile`` (fusion), ``validate`` of that artefact, ``compile --prune-heads 0.5`` and
 (working tree only: before session 12 a pruned artefact was compared with the unpruned model) its ``validate``.
 The baseline does not run on models past ``--baseline-max-gib`` (default 2: before session 12 attnc could not
 serialise them, and its copies would exhaust memory).
@@ -117,6 +118,23 @@ def grown_model(gib: float, folder: Path, external: bool = False) -> Path:
     return path
 
 
+def grown_lm():
+    """``attnc export bench_large:grown_lm``: lm-mhsa-small whose token table holds ``ATTNC_BENCH_GIB`` GiB (rows past
+    its vocabulary are zeros no token id reads)."""
+    import torch
+
+    from attnc.models.registry import get_spec
+
+    model = get_spec("lm-mhsa-small").factory()
+    embedding = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    table = embedding.weight.data
+    rows = max(table.shape[0], int(float(os.environ["ATTNC_BENCH_GIB"]) * 2 ** 30) // (table.shape[1] * 4))
+    grown = torch.zeros(rows, table.shape[1])
+    grown[: table.shape[0]] = table
+    embedding.weight = torch.nn.Parameter(grown, requires_grad=False)
+    return model
+
+
 def side_by_side(path: Path, reps: int = 3) -> dict | None:
     """Shape inference and ONNX Runtime session creation, with the weights serialised and attnc's way."""
     import onnx
@@ -148,6 +166,7 @@ def main() -> None:
     parser.add_argument("--tag", help="name the raw file large-TAG-<date>.json (keeps an earlier run of the day)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--external", action="store_true", help="save every size with its weights in <name>.data")
+    parser.add_argument("--export", action="store_true", help="also time `attnc export` of the grown torch model")
     parser.add_argument("--baseline-max-gib", type=float, default=2.0,
                         help="run the --rev side on models up to this size only")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -167,7 +186,9 @@ def main() -> None:
             path = grown_model(gib, folder, args.external)
             files = sum(p.stat().st_size for p in folder.glob(f"{path.name}*"))
             row = {"gib": gib, "file_bytes": files, **{side: {} for side in sides}}
-            steps = (("inspect", ["inspect", "{model}"]),
+            steps = ((("export", ["export", "bench_large:grown_lm", "-o", "{out}/exported.onnx", "--exporter",
+                                  "torchscript", *VALIDATE[2:]]),) if args.export else ()) + (
+                     ("inspect", ["inspect", "{model}"]),
                      ("compile", ["compile", "{model}", "-o", "{out}/fused"]),
                      ("validate", ["validate", "{out}/fused", *VALIDATE]),
                      ("prune", ["compile", "{model}", "-o", "{out}/pruned", "--prune-heads", "0.5"]),
@@ -179,7 +200,7 @@ def main() -> None:
                     out = folder / side
                     cli_args = [a.format(model=path, out=out) for a in template]
                     report = folder / f"{side}-{step}.json"
-                    env = dict(os.environ, **({"PYTHONPATH": str(package)} if package else {}))
+                    env = dict(os.environ, ATTNC_BENCH_GIB=str(gib), **({"PYTHONPATH": str(package)} if package else {}))
                     subprocess.run([sys.executable, __file__, "--child", str(report), *cli_args], check=False,
                                    stdout=subprocess.DEVNULL, env=env)
                     row[side][step] = json.loads(report.read_text())
@@ -205,7 +226,7 @@ def shutil_rmtree(folder: Path) -> None:
 
 
 VALIDATE = ["--model", "lm-mhsa-small", "--input-shape", "ids:2x17:int64", "--int-high", "90"]
-STEPS = ("inspect", "compile", "validate", "prune", "validate_pruned")
+STEPS = ("export", "inspect", "compile", "validate", "prune", "validate_pruned")
 
 
 def _print(rows: list[dict], header: bool, sides: list[str]) -> None:
