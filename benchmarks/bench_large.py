@@ -3,12 +3,12 @@
 session of the model with its weights serialised, against attnc's weight-free copy and arrays, side by side).
 
     python benchmarks/bench_large.py [--sizes 0.25 0.5 1 2.1] [--rev 59be35d] [--out benchmarks/results] [--smoke]
-                                     [--tag NAME] [--external] [--baseline-max-gib 2] [--export]
+                                     [--tag NAME] [--external] [--baseline-max-gib 2] [--export [--exporter torchscript]]
 
 With ``--rev``, every command also runs with attnc as of that git revision (its package assembled from ``git
 archive`` and put first on ``PYTHONPATH``), interleaved with the working tree's, so the ratios come from one run.
 The commands: (with ``--export``) ``export`` of the PyTorch model grown alike (``grown_lm``: its token table
-grown to the size, TorchScript), ``inspect``, ``compile`` (fusion), ``validate`` of that artefact, ``compile --prune-heads 0.5`` and
+grown to the size; ``--exporter``), ``inspect``, ``compile`` (fusion), ``validate`` of that artefact, ``compile --prune-heads 0.5`` and
 (working tree only: before session 12 a pruned artefact was compared with the unpruned model) its ``validate``.
 The baseline does not run on models past ``--baseline-max-gib`` (default 2: before session 12 attnc could not
 serialise them, and its copies would exhaust memory).
@@ -167,6 +167,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--external", action="store_true", help="save every size with its weights in <name>.data")
     parser.add_argument("--export", action="store_true", help="also time `attnc export` of the grown torch model")
+    parser.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"], help="for --export")
     parser.add_argument("--baseline-max-gib", type=float, default=2.0,
                         help="run the --rev side on models up to this size only")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -187,7 +188,7 @@ def main() -> None:
             files = sum(p.stat().st_size for p in folder.glob(f"{path.name}*"))
             row = {"gib": gib, "file_bytes": files, **{side: {} for side in sides}}
             steps = ((("export", ["export", "bench_large:grown_lm", "-o", "{out}/exported.onnx", "--exporter",
-                                  "torchscript", *VALIDATE[2:]]),) if args.export else ()) + (
+                                  args.exporter, *VALIDATE[2:]]),) if args.export else ()) + (
                      ("inspect", ["inspect", "{model}"]),
                      ("compile", ["compile", "{model}", "-o", "{out}/fused"]),
                      ("validate", ["validate", "{out}/fused", *VALIDATE]),

@@ -196,7 +196,7 @@ def _export_with(exporter, model, inputs, opset, dynamic_axes, input_names, outp
             program.save(str(path), external_data=True)
             del program
             return load_model(path, check=False)
-        target = path if large else io.BytesIO()
+        target = str(path) if large else io.BytesIO()   # torch writes external data only for a str path
         torch.onnx.export(
             model, inputs, target, dynamo=False, opset_version=opset, input_names=input_names,
             output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True, external_data=large,
