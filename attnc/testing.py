@@ -115,3 +115,48 @@ def rtx_plugin_env(directory: Path) -> dict[str, str] | None:
     libs = Path(importlib.util.find_spec("tensorrt_rtx_libs").origin).parent
     (shim / "libtensorrt_rtx.so").symlink_to(libs / "libtensorrt_rtx.so.1")
     return {**os.environ, "LD_LIBRARY_PATH": f"{shim}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+
+
+def run_cli(*args, ok: bool = True):
+    """``attnc ARGS`` in this process (click's ``CliRunner``, exceptions not caught); with ``ok``, the exit code
+    must be 0."""
+    from click.testing import CliRunner
+
+    from attnc.compiler.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def assert_clean_error(result, *words: str) -> None:
+    """``result`` (of :func:`run_cli`) is attnc's error for the user: exit code 2, a first line ``error: ...``, no
+    traceback, and each of ``words`` in the output."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[0].startswith("error:") and "Traceback" not in result.output, result.output
+    for word in words:
+        assert word in result.output, result.output
+
+
+# a tiny Llama's configuration (2 layers, 4 heads of 8): the checkpoints the CLI tests write
+TINY_LM = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
+               max_position_embeddings=64)
+
+
+def tiny_llama(folder: Path, kv_heads: int | None = None) -> Path:
+    """A seeded Llama causal LM of :data:`TINY_LM` (``kv_heads`` K/V heads: grouped-query attention), its weights
+    perturbed off their initial values, saved as a transformers checkpoint in ``folder``."""
+    import torch
+    import transformers
+
+    from attnc.models import transformers_zoo
+
+    grouped = {"num_key_value_heads": kv_heads} if kv_heads else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers_zoo.perturbed(transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LM,
+                                                                                                  **grouped)))
+    model.save_pretrained(folder)
+    return folder

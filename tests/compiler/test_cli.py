@@ -12,20 +12,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 
-from attnc.compiler.cli import cli, parse_shape
+from attnc.compiler.cli import parse_shape
 from attnc.compiler.export import export_onnx
 from attnc.models.registry import get_spec
+from attnc.testing import run_cli as run
 
 MODEL = "mhsa-small"
-
-
-def run(*args: str, ok: bool = True):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -20,36 +20,20 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 
 from attnc import runtime
 from attnc.compiler.backends.onnxruntime import load
-from attnc.compiler.cli import cli
 from attnc.compiler.errors import AttncError
 from attnc.compiler.search import generation_options
 from attnc.compiler.export import resolve_model
 from attnc.models import transformers_zoo
 from attnc.models.hf_checkpoint import for_inputs, load_checkpoint, mask_positions, padding_mask
+from attnc.testing import TINY_LM, assert_clean_error, tiny_llama
+from attnc.testing import run_cli as run
 
 transformers = pytest.importorskip("transformers")
 
-_LM = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
-           max_position_embeddings=64)
-
-
-def run(*args, ok: bool = True):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
-
-
-def assert_clean_error(result, *words: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines[0].startswith("error:") and "Traceback" not in result.output, result.output
-    for word in words:
-        assert word in result.output, result.output
+_LM = TINY_LM
 
 
 def save(model: torch.nn.Module, folder: Path) -> Path:
@@ -60,10 +44,7 @@ def save(model: torch.nn.Module, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
     """A Llama causal LM (multi-head attention: the TorchScript exporter has no grouped-query SDPA)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers_zoo.perturbed(transformers.LlamaForCausalLM(transformers.LlamaConfig(**_LM)))
-    return save(model, tmp_path_factory.mktemp("hf") / "llama")
+    return tiny_llama(tmp_path_factory.mktemp("hf") / "llama")
 
 
 def graph_inputs(path: Path) -> list[tuple[str, list]]:
@@ -200,11 +181,7 @@ def test_errors_name_the_problem_and_the_fix(tmp_path):
 def gqa_llama(tmp_path_factory) -> Path:
     """A Llama causal LM with grouped-query attention (two K/V heads): with a mask, transformers' SDPA path
     repeats the K/V heads instead of calling SDPA with ``enable_gqa``, so TorchScript exports it as it is."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers_zoo.perturbed(transformers.LlamaForCausalLM(
-            transformers.LlamaConfig(**_LM, num_key_value_heads=2)))
-    return save(model, tmp_path_factory.mktemp("hf") / "gqa_llama")
+    return tiny_llama(tmp_path_factory.mktemp("hf") / "gqa_llama", kv_heads=2)
 
 
 @pytest.fixture(scope="module")

@@ -18,21 +18,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import attnc.compiler.onnx_io as onnx_io
 from attnc import runtime
-from attnc.compiler.cli import cli
 from attnc.compiler.onnx_io import is_large, write_external
 from attnc.models.registry import get_spec
-
-
-def run(*args, ok: bool = True):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
+from attnc.testing import run_cli as run
 
 
 def _graph(*sizes: int) -> onnx.ModelProto:
@@ -475,26 +467,22 @@ def test_torchscript_export_of_a_large_model_gets_a_path(monkeypatch, tmp_path):
 
 
 @pytest.mark.full(reason="a PyTorch model past 2 GiB exported (30 s, 7 GB of memory in torch's exporter)")
-def test_exporting_a_model_past_two_gigabytes(tmp_path):
+def test_exporting_a_model_past_two_gigabytes(monkeypatch, tmp_path):
     """``attnc export`` of a real 2.1 GiB PyTorch model (lm-mhsa-small whose token table is grown with rows no
     token reads) with TorchScript, then a pruned compile validated against it. Before 2026-12-03 this export
     failed: torch was handed a Path, not a str. Measured: export 20 s / 6.9 GB (torch), compile and validate
     11 s / 2.5 GB."""
     import sys
 
-    monkeypatch = pytest.MonkeyPatch()
-    try:
-        monkeypatch.setenv("ATTNC_BENCH_GIB", "2.1")
-        monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
-        sys.modules.pop("bench_large", None)
-        flags = ("--input-shape", "ids:2x17:int64", "--int-high", "90")
-        run("export", "bench_large:grown_lm", "-o", tmp_path / "m.onnx", "--exporter", "torchscript", *flags)
-        assert (tmp_path / "m.onnx.data").stat().st_size > 2 ** 31
-        run("compile", tmp_path / "m.onnx", "-o", tmp_path / "out", "--prune-heads", "0.5")
-        run("validate", tmp_path / "out", "--model", "bench_large:grown_lm", *flags)
-        assert json.loads((tmp_path / "out" / "report.json").read_text())["passed"]
-    finally:
-        monkeypatch.undo()
+    monkeypatch.setenv("ATTNC_BENCH_GIB", "2.1")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "bench_large", raising=False)
+    flags = ("--input-shape", "ids:2x17:int64", "--int-high", "90")
+    run("export", "bench_large:grown_lm", "-o", tmp_path / "m.onnx", "--exporter", "torchscript", *flags)
+    assert (tmp_path / "m.onnx.data").stat().st_size > 2 ** 31
+    run("compile", tmp_path / "m.onnx", "-o", tmp_path / "out", "--prune-heads", "0.5")
+    run("validate", tmp_path / "out", "--model", "bench_large:grown_lm", *flags)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["passed"]
 
 
 def test_onnxruntime_artefact_copied_with_its_weights(tmp_path):

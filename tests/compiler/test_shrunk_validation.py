@@ -17,20 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from attnc.compiler.backends.onnxruntime import load
-from attnc.compiler.cli import cli
 from attnc.compiler.errors import AttncError
 from attnc.compiler.reference import shrink_cost, shrunk_model
 from attnc.models.registry import get_spec
-
-
-def run(*args, ok: bool = True):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
+from attnc.testing import run_cli as run
 
 
 def _artefact_outputs(out: Path, feeds: dict) -> dict:

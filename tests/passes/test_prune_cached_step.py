@@ -12,7 +12,6 @@ gives its greedy tokens (transformers' ``generate`` on the gated model). Checkpo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -26,28 +25,26 @@ from attnc.compiler.pipeline import CompileOptions, compile_model
 from attnc.models import transformers_zoo
 from attnc.models.hf_checkpoint import load_checkpoint, padding_mask
 from attnc.passes.prune_heads import apply_keep, gates_from_keep, head_gates, prune_heads
+from attnc.testing import assert_clean_error, tiny_llama
+from attnc.testing import run_cli as run
 
 pytest.importorskip("transformers")
 
 
-def _checkpoint_tests():
-    """tests/compiler/test_hf_checkpoint.py, for its checkpoints and CLI helpers."""
-    path = Path(__file__).parents[1] / "compiler" / "test_hf_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("_hf_checkpoint_tests", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def gqa_llama(tmp_path_factory) -> Path:
+    """4 query heads on 2 K/V heads, 2 layers, head dim 8."""
+    return tiny_llama(tmp_path_factory.mktemp("hf") / "gqa_llama", kv_heads=2)
 
 
-_hf = _checkpoint_tests()
-gqa_llama = _hf.gqa_llama   # 4 query heads on 2 K/V heads, 2 layers, head dim 8 (a module-scoped fixture)
-run, assert_clean_error, save = _hf.run, _hf.assert_clean_error, _hf.save
 HEADS = {0: 4, 1: 4}
 
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory) -> Path:
-    return save(transformers_zoo.build("gpt2"), tmp_path_factory.mktemp("hf") / "gpt2")
+    folder = tmp_path_factory.mktemp("hf") / "gpt2"
+    transformers_zoo.build("gpt2").save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
