@@ -1,14 +1,14 @@
-"""Models past protobuf's 2 GiB (compiler/onnx_io.py: ``is_large``, ``light_copy``, ``write_external``,
-``ort_session``): their weights stay out of everything attnc serialises, and files keep them in ``<name>.data``.
+"""Models of any size (compiler/onnx_io.py): weights stay in their file (mapped: ``map_external``, and inside a
+large ``.onnx`` file), out of everything attnc serialises (``light_copy``, ``checkable``, ``ort_session``), stand in
+for themselves in the passes' working copies (``weights_standing_in``), and files keep them in ``<name>.data``.
 
-CI runs every large-model path on small models by lowering ``LARGE_MODEL_BYTES``: export (both exporters, through
-a file with external data), the checker (from the file), shape inference (without the weights' data), the passes'
-ONNX Runtime probes, head scoring, the artefact and its runner, validation and a TensorRT-RTX build; each gives
-what the same compile gives the model as it is. The ``full`` tier (``ATTNC_FULL_TESTS=1``) runs a real 2.2 GB
-model: a small LM whose token and position tables are grown past 2 GiB together with rows nothing reads, compiled,
-pruned and validated against the PyTorch model.
+CI runs every large-model path on small models by lowering ``LARGE_MODEL_BYTES``, ``LIGHT_BYTES`` and
+``MAP_EMBEDDED_BYTES``: export (both exporters, through a folder with external data), the checker, shape inference
+(without the weights' data), the passes' ONNX Runtime probes, head scoring, pruning and token exit, the artefact and
+its runner, validation and TensorRT-RTX builds; each gives what the same compile gives the model as it is. The
+``full`` tier (``ATTNC_FULL_TESTS=1``) runs a real 2.1 GiB model whose token table alone is past 2 GiB, and the
+export of a 2.1 GiB PyTorch model, each compiled, pruned and validated against the PyTorch model.
 """
-
 from __future__ import annotations
 
 import hashlib
