@@ -648,6 +648,7 @@ def serialised_beside_weights(model: onnx.ModelProto) -> tuple[bytes, Path] | No
             or sum(_data_bytes(init) for init in model.graph.initializer) > LARGE_MODEL_BYTES:
         return None
     relative_to_folder(model, folder)
+    _embed_mapped_attributes(model)   # a weight a pass moved into a node: the parser reads initializers' files only
     return model.SerializeToString(), Path(folder) / "model.onnx"
 
 
