@@ -526,18 +526,9 @@ def probe_session(model: onnx.ModelProto, weights_from: onnx.ModelProto | None =
     return ort_session(model, options, weights_from=weights_from)
 
 
-def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int, ...] = (5, 8)
-                     ) -> list[dict[str, np.ndarray]]:
-    """Compute tensors ``names`` with ONNX Runtime on synthetic inputs.
-
-    Every symbolic (or unknown) graph-input dimension is set to each of ``sizes`` in turn
-    (one run per size; a single run when the graph has static inputs); a dimension named as a
-    sum of others (``"past + seq"``, a generation step's mask over its cache and its new tokens)
-    to that sum. Float inputs get standard-normal values, integer inputs zeros. Only the nodes
-    ``names`` depend on run.
-    Meant for tensors that depend on input *shapes* only (see :func:`depends_on_data`):
-    it is how a pass checks that a mask is causal at several sequence lengths.
-    """
+def ancestry(model: onnx.ModelProto, names) -> tuple[set[str], list[onnx.NodeProto]]:
+    """The tensors ``names`` are computed from (themselves included, and what subgraphs read from outside), and
+    the nodes that compute them, in graph order."""
     produced = producers(model)
     needed: set[str] = set()
     stack = list(names)
@@ -550,16 +541,36 @@ def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int,
         if node is not None:
             stack.extend(node.input)
             stack.extend(subgraph_inputs(node))
-    # a new model holding only what ``names`` need (not a copy: an LLM's embedding table
-    # would be serialised for every evaluation)
-    src = model.graph
-    inputs = [i for i in src.input if i.name in needed]
-    g = onnx.helper.make_graph(
-        [n for n in src.node if any(o in needed for o in n.output)], "evaluate", inputs,
-        [onnx.helper.make_value_info(n, onnx.TypeProto()) for n in names],
-        initializer=[light_initializer(i) for i in src.initializer if i.name in needed])   # weights: stubs
-    sub = onnx.helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    return needed, [n for n in model.graph.node if any(o in needed for o in n.output)]
+
+
+def probe_model(model: onnx.ModelProto, nodes, inputs, outputs, needed: set[str]) -> onnx.ModelProto:
+    """A model of ``nodes`` alone, for a pass's probe: ``inputs`` and ``outputs`` as given, the initializers in
+    ``needed`` as stubs whose data the session takes from ``model`` (``probe_session(..., weights_from=model)``:
+    an LLM's embedding table is not serialised for every probe), ``model``'s opsets and functions."""
+    graph = onnx.helper.make_graph(nodes, "probe", inputs, outputs, initializer=[
+        light_initializer(i) for i in model.graph.initializer if i.name in needed])
+    sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     sub.functions.extend(model.functions)
+    return sub
+
+
+def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int, ...] = (5, 8)
+                     ) -> list[dict[str, np.ndarray]]:
+    """Compute tensors ``names`` with ONNX Runtime on synthetic inputs.
+
+    Every symbolic (or unknown) graph-input dimension is set to each of ``sizes`` in turn
+    (one run per size; a single run when the graph has static inputs); a dimension named as a
+    sum of others (``"past + seq"``, a generation step's mask over its cache and its new tokens)
+    to that sum. Float inputs get standard-normal values, integer inputs zeros. Only the nodes
+    ``names`` depend on run.
+    Meant for tensors that depend on input *shapes* only (see :func:`depends_on_data`):
+    it is how a pass checks that a mask is causal at several sequence lengths.
+    """
+    needed, nodes = ancestry(model, names)
+    inputs = [i for i in model.graph.input if i.name in needed]
+    sub = probe_model(model, nodes, inputs, [onnx.helper.make_value_info(n, onnx.TypeProto()) for n in names],
+                      needed)
     session = probe_session(sub, weights_from=model)
     static = all(d.HasField("dim_value") for i in inputs for d in i.type.tensor_type.shape.dim)
     rng = np.random.default_rng(0)

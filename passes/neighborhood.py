@@ -73,10 +73,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from attnc.compiler.onnx_io import light_initializer, ort_session
-from attnc.passes.core import (Match, NearMiss, PassReport, canonical_einsum, constant_value, consumers,
-                               name_nodes, past_probability_casts, producers, remove_dead_nodes, toposort,
-                               value_shapes_and_types)
+from attnc.compiler.onnx_io import ort_session
+from attnc.passes.core import (Match, NearMiss, PassReport, ancestry, canonical_einsum, constant_value, consumers,
+                               name_nodes, past_probability_casts, probe_model, producers, remove_dead_nodes,
+                               toposort, value_shapes_and_types)
 from attnc.plugins import neighborhood as plugin
 from attnc.plugins import attach_function_bodies
 
@@ -164,14 +164,7 @@ class _Evaluator:
         direct = [None if probes else constant_value(self.model, n) for n in names]
         if all(v is not None for v in direct):
             return direct
-        graph = self.model.graph
-        needed, nodes, seen = {n for n in names if not n.endswith(_SHAPE)} | set(probes), [], set()
-        for node in reversed(graph.node):
-            if any(o in needed for o in node.output) and node.name not in seen:
-                seen.add(node.name)
-                nodes.append(node)
-                needed.update(i for i in node.input if i)
-        nodes.reverse()
+        needed, nodes = ancestry(self.model, [n for n in names if not n.endswith(_SHAPE)] + list(probes))
         if probes:
             nodes = [_reading(n, probes) for n in nodes] + [
                 node for x in probes for node in _index_probe(x, self.types.get(x, onnx.TensorProto.FLOAT), offset)]
@@ -184,10 +177,7 @@ class _Evaluator:
             feeds[info.name] = np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
         outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.INT64 if n.endswith(_SHAPE) else
                                                  self.types.get(n, onnx.TensorProto.FLOAT), None) for n in names]
-        sub = helper.make_graph(nodes, "bias", inputs, outputs,   # weights as stubs: the session gets them apart
-                                [light_initializer(i) for i in graph.initializer if i.name in needed])
-        model = helper.make_model(sub, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
-        model.functions.extend(self.model.functions)
+        model = probe_model(self.model, nodes, inputs, outputs, needed)
         if probes:
             toposort(model)
         options = ort.SessionOptions()
