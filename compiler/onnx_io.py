@@ -244,11 +244,7 @@ def map_external(model: onnx.ModelProto, folder: str | os.PathLike, source: str 
                              f"{location!r}, which holds {stat.st_size} (length {length})",
                              "the weights file is truncated or belongs to another export of the model; re-export it")
         if initializer and tensor.data_type in _NUMPY_TYPES and length >= LIGHT_BYTES:
-            del tensor.external_data[:]
-            for key, value in (("location", str(file)), ("offset", str(offset)), ("length", str(length)),
-                               (_MAPPED, _identity(stat))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
+            _point_at(tensor, str(file), offset, length, _identity(stat))
         else:
             with open(file, "rb") as f:
                 f.seek(offset)
@@ -302,11 +298,7 @@ def _load_mapping_embedded(path: Path) -> onnx.ModelProto | None:
     identity = _identity(path.stat())
     for init, where in zip(model.graph.initializer, ranges):
         if where is not None:
-            init.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", str(path.absolute())), ("offset", str(where[0])),
-                               ("length", str(where[1])), (_MAPPED, identity)):
-                entry = init.external_data.add()
-                entry.key, entry.value = key, value
+            _point_at(init, str(path.absolute()), *where, identity)
     return model
 
 
@@ -363,6 +355,17 @@ def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int, int
 
 def _identity(stat: os.stat_result) -> str:
     return f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int, identity: str | None = None) -> None:
+    """Make ``tensor`` ONNX external data at ``location``'s byte range, in place; with the file's ``identity``, a
+    mapped stub (:func:`map_external`)."""
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    entries = [("location", location), ("offset", str(offset)), ("length", str(length))]
+    for key, value in entries + ([(_MAPPED, identity)] if identity is not None else []):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
 
 
 def _mapped(init: onnx.TensorProto) -> bool:
@@ -573,10 +576,7 @@ def write_external(model: onnx.ModelProto, path: str | os.PathLike, min_bytes: i
                 offset += -offset % 4096
                 data.seek(offset)
                 length = _write_data(data, stub if _mapped(stub) else originals[stub.name])
-                del stub.external_data[:]
-                for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-                    entry = stub.external_data.add()
-                    entry.key, entry.value = key, value
+                _point_at(stub, location, offset, length)
                 offset += length
         with open(model_tmp, "wb") as f:
             f.write(light.SerializeToString())
@@ -614,28 +614,25 @@ def external_data_files(path: str | os.PathLike) -> list[str]:
                    for entry in init.external_data if entry.key == "location"})
 
 
-def _mapped_folder(model: onnx.ModelProto) -> tuple[str | None, set[str]]:
-    """The folder holding most of ``model``'s mapped weights (by bytes), and the names of those in it."""
+def _mapped_folder(model: onnx.ModelProto) -> tuple[str | None, dict[str, tuple[str, int, int]]]:
+    """The folder holding most of ``model``'s mapped weights (by bytes), and ``{name: (path, offset, length)}`` of
+    those in it."""
     files = {init.name: _mapped_file(init) for init in model.graph.initializer if _mapped(init)}
     folders: dict[str, int] = {}
     for path, _, length in files.values():
         folders[os.path.dirname(path)] = folders.get(os.path.dirname(path), 0) + length
     folder = max(folders, key=folders.__getitem__) if folders else None
-    return folder, {name for name, (path, _, _) in files.items() if os.path.dirname(path) == folder}
+    return folder, {name: where for name, where in files.items() if os.path.dirname(where[0]) == folder}
 
 
-def relative_to_folder(model: onnx.ModelProto, folder: str | None) -> None:
-    """In place: the mapped weights in ``folder`` become plain ONNX external data relative to it (for a reader
-    told that folder: ONNX Runtime's external-initializers folder, TensorRT's model path); others stay mapped."""
+def _relative(model: onnx.ModelProto, in_folder: dict[str, tuple[str, int, int]]) -> None:
+    """In place: the mapped weights ``in_folder`` (:func:`_mapped_folder`) become plain ONNX external data relative
+    to their folder (for a reader told that folder: ONNX Runtime's external-initializers folder, TensorRT's model
+    path); others stay as they are."""
     for init in model.graph.initializer:
-        if folder is not None and _mapped(init):
-            path, offset, length = _mapped_file(init)
-            if os.path.dirname(path) == folder:
-                del init.external_data[:]
-                for key, value in (("location", os.path.basename(path)), ("offset", str(offset)),
-                                   ("length", str(length))):
-                    entry = init.external_data.add()
-                    entry.key, entry.value = key, value
+        if init.name in in_folder:
+            path, offset, length = in_folder[init.name]
+            _point_at(init, os.path.basename(path), offset, length)
 
 
 def serialised_beside_weights(model: onnx.ModelProto) -> tuple[bytes, Path] | None:
@@ -647,7 +644,7 @@ def serialised_beside_weights(model: onnx.ModelProto) -> tuple[bytes, Path] | No
     if folder is None or any(_mapped(i) and i.name not in in_folder for i in model.graph.initializer) \
             or sum(_data_bytes(init) for init in model.graph.initializer) > LARGE_MODEL_BYTES:
         return None
-    relative_to_folder(model, folder)
+    _relative(model, in_folder)
     _embed_mapped_attributes(model)   # a weight a pass moved into a node: the parser reads initializers' files only
     return model.SerializeToString(), Path(folder) / "model.onnx"
 
@@ -693,7 +690,7 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, provid
         options.add_external_initializers([init.name for init in heavy], values)
     if heavy or mapped:
         model = light_copy(model, LIGHT_BYTES, _NUMPY_TYPES)
-        relative_to_folder(model, folder)
+        _relative(model, mapped)
         for init in model.graph.initializer:
             if _mapped(init):
                 init.CopyFrom(_stub(init))
