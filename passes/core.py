@@ -526,10 +526,12 @@ def probe_session(model: onnx.ModelProto, weights_from: onnx.ModelProto | None =
     return ort_session(model, options, weights_from=weights_from)
 
 
-def ancestry(model: onnx.ModelProto, names) -> tuple[set[str], list[onnx.NodeProto]]:
+def ancestry(model: onnx.ModelProto, names, produced: dict[str, onnx.NodeProto] | None = None
+             ) -> tuple[set[str], list[onnx.NodeProto]]:
     """The tensors ``names`` are computed from (themselves included, and what subgraphs read from outside), and
-    the nodes that compute them, in graph order."""
-    produced = producers(model)
+    the nodes that compute them, in graph order. ``produced``: :func:`producers` of ``model``, where the caller
+    holds it."""
+    produced = producers(model) if produced is None else produced
     needed: set[str] = set()
     stack = list(names)
     while stack:

@@ -164,7 +164,8 @@ class _Evaluator:
         direct = [None if probes else constant_value(self.model, n) for n in names]
         if all(v is not None for v in direct):
             return direct
-        needed, nodes = ancestry(self.model, [n for n in names if not n.endswith(_SHAPE)] + list(probes))
+        needed, nodes = ancestry(self.model, [n for n in names if not n.endswith(_SHAPE)] + list(probes),
+                                 self.producer)
         if probes:
             nodes = [_reading(n, probes) for n in nodes] + [
                 node for x in probes for node in _index_probe(x, self.types.get(x, onnx.TensorProto.FLOAT), offset)]
