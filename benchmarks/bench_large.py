@@ -3,13 +3,15 @@
 session of the model with its weights serialised, against attnc's weight-free copy and arrays, side by side).
 
     python benchmarks/bench_large.py [--sizes 0.25 0.5 1 2.1] [--rev 59be35d] [--out benchmarks/results] [--smoke]
-                                     [--tag NAME] [--external] [--baseline-max-gib 2] [--export [--exporter torchscript]]
+                                     [--tag NAME] [--external] [--baseline-max-gib 2]
+                                     [--export [--exporter torchscript]]
 
 With ``--rev``, every command also runs with attnc as of that git revision (its package assembled from ``git
 archive`` and put first on ``PYTHONPATH``), interleaved with the working tree's, so the ratios come from one run.
 The commands: (with ``--export``) ``export`` of the PyTorch model grown alike (``grown_lm``: its token table
-grown to the size; ``--exporter``), ``inspect``, ``compile`` (fusion), ``validate`` of that artefact, ``compile --prune-heads 0.5`` and
-(working tree only: before session 12 a pruned artefact was compared with the unpruned model) its ``validate``.
+grown to the size; ``--exporter``), ``inspect``, ``compile`` (fusion), ``validate`` of that artefact,
+``compile --prune-heads 0.5`` and (working tree only: before session 12 a pruned artefact was compared with the
+unpruned model) its ``validate``.
 The baseline does not run on models past ``--baseline-max-gib`` (default 2: before session 12 attnc could not
 serialise them, and its copies would exhaust memory).
 
@@ -201,7 +203,8 @@ def main() -> None:
                     out = folder / side
                     cli_args = [a.format(model=path, out=out) for a in template]
                     report = folder / f"{side}-{step}.json"
-                    env = dict(os.environ, ATTNC_BENCH_GIB=str(gib), **({"PYTHONPATH": str(package)} if package else {}))
+                    env = dict(os.environ, ATTNC_BENCH_GIB=str(gib),
+                               **({"PYTHONPATH": str(package)} if package else {}))
                     subprocess.run([sys.executable, __file__, "--child", str(report), *cli_args], check=False,
                                    stdout=subprocess.DEVNULL, env=env)
                     row[side][step] = json.loads(report.read_text())

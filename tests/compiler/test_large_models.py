@@ -24,6 +24,7 @@ import attnc.compiler.onnx_io as onnx_io
 from attnc import runtime
 from attnc.compiler.onnx_io import is_large, write_external
 from attnc.models.registry import get_spec
+from attnc.testing import export_spec
 from attnc.testing import run_cli as run
 
 
@@ -261,13 +262,9 @@ def test_checker_sees_the_graph_not_the_weights(monkeypatch, tmp_path):
 def test_mapped_weights_through_the_passes(monkeypatch, tmp_path):
     """A model loaded with its weights mapped (every initializer of 1 KiB and more) fuses to what the model with
     its weights in memory fuses to, and both compute the same outputs."""
-    from attnc.compiler.export import export_onnx
     from attnc.passes import fuse_attention
 
-    spec = get_spec("na2d-rpb-small")
-    path = export_onnx(spec.factory(), spec.example_inputs(seed=0), tmp_path / "e.onnx", exporter="torchscript",
-                       input_names=spec.input_names, dynamic_axes=spec.dynamic_axes)
-    model = onnx.load(str(path))
+    spec, _, model = export_spec("na2d-rpb-small", "torchscript")
     monkeypatch.setattr(onnx_io, "LIGHT_BYTES", 1024)
     loaded = onnx_io.load_model(_saved_with_external_data(tmp_path, model))
     assert sum(onnx_io._mapped(i) for i in loaded.graph.initializer) >= 2
@@ -596,18 +593,14 @@ def _shrunk(name: str, how: str, model: onnx.ModelProto, spec):
     ("vit-mhsa-small", "ratio"), ("agent-small", "count"), ("lm-mhsa-small", "keep"),
     ("vit-mhsa-small", "iterative"), ("vlm-small", "static"), ("vlm-small", "dynamic"),
 ])
-def test_shrink_passes_on_stand_in_weights(name, how, monkeypatch, tmp_path):
+def test_shrink_passes_on_stand_in_weights(name, how, monkeypatch):
     """Head pruning (scored, by count, by a keep plan, iteratively) and token exit (static with the exit layer
     chosen on calibration data, dynamic) run on a working copy whose initializers of 256 bytes and more stand in
     for the model's: they give byte for byte the model and report they give with the weights at hand, leave the
     model as it was, and leave no stub behind."""
-    from attnc.compiler.export import export_onnx
     from attnc.passes.prune_heads import find_attention_layers
 
-    spec = get_spec(name)
-    path = export_onnx(spec.factory(), spec.example_inputs(seed=0), tmp_path / "m.onnx", exporter="torchscript",
-                       input_names=spec.input_names, dynamic_axes=spec.dynamic_axes)
-    model = onnx.load(str(path))
+    spec, _, model = export_spec(name, "torchscript")
     before = model.SerializeToString()
     plain, plain_report = _shrunk(name, how, model, spec)
     with monkeypatch.context() as patch:
