@@ -160,3 +160,30 @@ def tiny_llama(folder: Path, kv_heads: int | None = None) -> Path:
                                                                                                   **grouped)))
     model.save_pretrained(folder)
     return folder
+
+
+def tiny_llava(folder: Path, kv_heads: int | None = 2, strategy: str = "default", feature_layer=-1,
+               image_size: int = 32) -> Path:
+    """A seeded LLaVA (``LlavaForConditionalGeneration``: a 2-layer CLIP vision tower with 8-pixel patches, its
+    projector, a 4-layer Llama of :data:`TINY_LM`'s width with ``kv_heads`` K/V heads, 64 words, the image token
+    63), its weights perturbed off their initial values, saved as a transformers checkpoint in ``folder``.
+    ``strategy`` and ``feature_layer`` are LLaVA's ``vision_feature_select_strategy`` and ``vision_feature_layer``
+    (an int, or a list of layers whose features are concatenated)."""
+    import torch
+    import transformers
+
+    from attnc.models import transformers_zoo
+
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=image_size, patch_size=8,
+                                           projection_dim=32)
+    text = transformers.LlamaConfig(**{**TINY_LM, "num_hidden_layers": 4, "max_position_embeddings": 128},
+                                    num_key_value_heads=kv_heads or TINY_LM["num_attention_heads"])
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=63,
+                                      vision_feature_select_strategy=strategy, vision_feature_layer=feature_layer,
+                                      architectures=["LlavaForConditionalGeneration"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers_zoo.perturbed(transformers.LlavaForConditionalGeneration(config))
+    model.save_pretrained(folder)
+    return folder

@@ -318,7 +318,9 @@ def _dims(shape) -> str:
               help="Calibration inputs (.npz keyed by input name) for head scores / the exit layer.")
 @click.option("--token-exit", type=click.Choice(["static", "dynamic"]),
               help="Drop all visual tokens of a vision-language model after a layer (DyVTE).")
-@click.option("--visual-tokens", type=int, help="Number of visual tokens in front of the text (token exit).")
+@click.option("--visual-tokens", type=int,
+              help="Number of visual tokens in front of the text (token exit; default: the number attnc export "
+                   "recorded in the model).")
 @click.option("--exit-layer", type=int, help="Static token exit: the decoder layer (default: chosen on --calibration).")
 @click.option("--exit-gate", type=click.Path(dir_okay=False),
               help="Dynamic token exit: a gate saved with ExitGate.save.")

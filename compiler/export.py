@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from attnc.compiler.errors import AttncError
-from attnc.compiler.onnx_io import save_model
+from attnc.compiler.onnx_io import VISUAL_TOKENS, save_model, set_metadata
 from attnc.compiler.validate import eval_mode, kv_cache_off
 from attnc.plugins import attach_function_bodies
 
@@ -126,6 +126,7 @@ def _export_eval(model, example_inputs, path, exporter, opset, dynamic_axes, inp
                 errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
                 continue
             proto.producer_name = f"attnc-export[{name}]"
+            record_facts(proto, model)
             attach_function_bodies(proto)  # nodes the translations emitted need their bodies
             return save_model(proto, path)   # past 2 GiB with its weights in <name>.data
     others = [f"--exporter {e}" for e in ("dynamo", "torchscript") if e not in order]
@@ -171,6 +172,15 @@ def weight_bytes(model) -> int:
     """Bytes of ``model``'s parameters and buffers (each tensor once)."""
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def record_facts(proto: onnx.ModelProto, model: torch.nn.Module) -> None:
+    """Write what the passes cannot read from the graph into its ``metadata_props``: a vision-language model's
+    visual tokens (its ``num_visual_tokens``, :data:`attnc.compiler.onnx_io.VISUAL_TOKENS`), which ``attnc compile --token-exit``
+    takes when ``--visual-tokens`` is not given."""
+    count = getattr(model, "num_visual_tokens", None)
+    if isinstance(count, int) and count > 0:
+        set_metadata(proto, VISUAL_TOKENS, str(count))
 
 
 def _export_with(exporter, model, inputs, opset, dynamic_axes, input_names, output_names, folder: Path

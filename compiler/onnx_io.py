@@ -702,6 +702,24 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, provid
     return session
 
 
+# metadata_props key: the visual tokens in front of a vision-language model's text (attnc.compiler.export.record_facts)
+VISUAL_TOKENS = "attnc.visual_tokens"
+
+
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    """Set ``key`` of ``model.metadata_props`` to ``value``."""
+    for entry in model.metadata_props:
+        if entry.key == key:
+            entry.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
+def metadata(model: onnx.ModelProto, key: str) -> str | None:
+    """``key``'s value in ``model.metadata_props``, or None."""
+    return next((entry.value for entry in model.metadata_props if entry.key == key), None)
+
+
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Count nodes in the main graph by ``domain::op_type`` (plain op_type for ONNX ops)."""
     counts: dict[str, int] = {}

@@ -180,13 +180,19 @@ def _shrink(model: onnx.ModelProto, options: CompileOptions, step) -> dict:
     if options.token_exit:
         from attnc.passes import token_exit
 
-        if not options.visual_tokens:
-            raise AttncError("--token-exit needs the number of visual tokens",
-                             "pass --visual-tokens N (the tokens in front of the text)")
+        recorded = onnx_io.metadata(model, onnx_io.VISUAL_TOKENS)
+        visual_tokens = options.visual_tokens or (int(recorded) if recorded and recorded.isdigit() else None)
+        if not visual_tokens:
+            raise AttncError("--token-exit needs the number of visual tokens, and the model records none",
+                             "pass --visual-tokens N (the tokens in front of the text), or export the model with "
+                             "attnc export, which records a vision-language model's")
+        if options.visual_tokens and recorded and recorded.isdigit() and options.visual_tokens != int(recorded):
+            raise AttncError(f"--visual-tokens {options.visual_tokens} contradicts the {recorded} visual tokens "
+                             "the model's export recorded", f"pass --visual-tokens {recorded}, or leave it out")
         gate = token_exit.ExitGate.load(options.exit_gate) if options.exit_gate else None
         step(f"visual-token exit ({options.token_exit})")
         result["model"], report = token_exit.apply(
-            result["model"], options.token_exit, options.visual_tokens, exit_layer=options.exit_layer,
+            result["model"], options.token_exit, visual_tokens, exit_layer=options.exit_layer,
             calibration_feeds=calibration, gate=gate)
         result["token_exit"] = report.to_dict()
     if options.prune_heads:

@@ -11,9 +11,10 @@ way in PyTorch (``reference="shrunk"``, the default), where a correct compile ag
   module whose projection weight has that fingerprint, or, where none has (a norm between the merged heads and the
   projection) or one module serves several layers (ALBERT), the module of the layer's index in registration order.
   Either way its head count must be the layer's.
-- static token exit: ``forward(*inputs, exit_layer=k)`` (the bundled vision-language models take it);
+- static token exit: ``forward(*inputs, exit_layer=k)`` (the bundled vision-language models and Hugging Face
+  vision-language checkpoints, :class:`attnc.models.hf_vision_language.VisionLanguageOutput`, take it);
 - dynamic token exit: the gate the manifest records, run by :func:`attnc.passes.token_exit.dynamic_exit_forward`
-  (the bundled ``TinyVLM`` layout).
+  (the bundled ``TinyVLM`` layout, or a model with an ``exit_run`` method as vision-language checkpoints have).
 
 Where the model cannot be shrunk so, this says why and points to ``reference="original"``: the comparison with the
 unshrunk model, which then measures the change rather than checks the compile.
@@ -153,7 +154,7 @@ def pruned_gates(model, report: Mapping) -> dict:
 
 def _token_exit(model, report: Mapping) -> tuple[int | None, object | None]:
     """``(exit_layer, None)`` for a static exit, ``(None, ExitGate)`` for a dynamic one."""
-    from attnc.passes.token_exit import ExitGate
+    from attnc.passes.token_exit import ExitGate, exits_in_torch
 
     k = report["exit_layer"]
     if report["mode"] == "static":
@@ -167,11 +168,9 @@ def _token_exit(model, report: Mapping) -> tuple[int | None, object | None]:
                              "give a model whose forward(..., exit_layer=k) drops them, or " + _ORIGINAL_FIX)
         return k, None
     gate = report.get("gate")
-    layout = all(hasattr(model, n) for n in ("vision", "projector", "embed", "pos_embed", "layers", "norm", "head",
-                                             "num_visual_tokens"))
-    if not gate or not layout:
+    if not gate or not exits_in_torch(model):
         why = "its manifest records no exit gate (compiled before attnc kept it)" if not gate else \
-            f"{type(model).__name__} is not laid out as attnc's TinyVLM, whose layers the gate's torch run walks"
+            f"{type(model).__name__} has no exit_run method and is not laid out as attnc's TinyVLM"
         raise AttncError(f"the dynamic token exit cannot run in PyTorch: {why}",
                          "recompile with this attnc, or " + _ORIGINAL_FIX)
     return None, ExitGate(int(gate["layer"]), np.asarray(gate["weight"], np.float32), float(gate["bias"]),

@@ -61,6 +61,7 @@ import torch
 
 from attnc.compiler import decode
 from attnc.compiler.errors import AttncError
+from attnc.models import hf_vision_language
 from attnc.models.registry import InputSpec, ModelSpec
 from attnc.models.transformers_zoo import STATIC_LENGTH, Output, exportable_experts, first_output
 
@@ -251,6 +252,7 @@ def with_attention_mask(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[
                          "with a module whose forward takes (input_ids, attention_mask)")
     if spec.padding:
         return module, spec
+    _text_only_option(spec, "--with-attention-mask", "padded text")
     model = module.model
     name = type(model).__name__
     seq2seq = DECODER in spec.input_names
@@ -286,6 +288,12 @@ def _seq2seq_masked(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Mask
     return MaskedSeq2SeqOutput(module.model).eval(), dataclasses.replace(
         spec, inputs=(ids, dataclasses.replace(ids, name=MASK, high=2), *spec.inputs[1:]), padding="right",
         factory=functools.partial(_rewrapped, spec.factory, MaskedSeq2SeqOutput))
+
+
+def _text_only_option(spec: CheckpointSpec, option: str, what: str) -> None:
+    if spec.kind == "vlm":
+        raise AttncError(f"{option} is not built for vision-language checkpoints ({what} with an image in front)",
+                         f"export {spec.name} without {option}: (pixel_values, input_ids) -> the text's logits")
 
 
 def _rewrapped(factory, wrapper: type, *args) -> torch.nn.Module:
@@ -376,6 +384,7 @@ def with_past(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[torch.nn.M
                          "--with-past is for those", "export a step with its cache through MODULE:FACTORY")
     if isinstance(module, (CachedStep, Seq2SeqStep)):
         return module, spec
+    _text_only_option(spec, "--with-past", "cached generation")
     if DECODER in spec.input_names:
         return _seq2seq_step(module, spec)
     model = module.model
@@ -742,6 +751,8 @@ def _quiet(transformers) -> Iterator[None]:
 
 
 def _spec(path: Path, config, cls: type) -> CheckpointSpec:
+    if hf_vision_language.is_vision_language(config):
+        return _vision_language_spec(path, config, cls)
     main = cls.main_input_name
     inputs, sizes, dynamic, unsupported = _inputs(main, config)
     text = config.get_text_config()
@@ -754,6 +765,30 @@ def _spec(path: Path, config, cls: type) -> CheckpointSpec:
         inputs=inputs, sizes=sizes, dynamic=dynamic, output_axes=("batch",),
         description=f"{cls.__name__}.from_pretrained({str(path)!r})", unsupported=unsupported)
     return _with_decoder_input(spec, config, path) if seq2seq else spec
+
+
+def _vision_language_spec(path: Path, config, cls: type) -> CheckpointSpec:
+    """A vision-language checkpoint's spec (:mod:`attnc.models.hf_vision_language`): ``pixel_values [batch, C, H,
+    W]`` and ``input_ids [batch, seq]``, dynamic in batch and text length, the ids below the text vocabulary and
+    below the image token (LLaVA's ``image_token_index`` sits past the text's words); logits ``[batch, seq,
+    vocab]`` of the text tokens."""
+    hf_vision_language.check_supported(config, cls.__name__)
+    vision, text = config.vision_config, config.get_text_config()
+    size = vision.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    vocab = text.vocab_size
+    image = next((v for k in ("image_token_index", "image_token_id") if isinstance(v := getattr(config, k, None), int)),
+                 None)
+    high = image if image is not None and 0 < image < vocab else vocab
+    positions = _first_size(text, ("max_position_embeddings",), TOKENS)
+    return CheckpointSpec(
+        name=str(path), family="mhsa", kind="vlm",
+        factory=functools.partial(_wrapped, cls, config, path, hf_vision_language.VisionLanguageOutput),
+        inputs=(InputSpec(hf_vision_language.PIXELS, ("batch", getattr(vision, "num_channels", 3), height, width)),
+                InputSpec(hf_vision_language.IDS, ("batch", "seq"), torch.int64, high)),
+        sizes={"batch": BATCH, "seq": max(1, min(TOKENS, positions // 2))}, dynamic=("batch", "seq"),
+        output_axes=("batch", "seq"),
+        description=f"{cls.__name__}.from_pretrained({str(path)!r}) with the image in front of the text")
 
 
 def _with_decoder_input(spec: CheckpointSpec, config, path: Path) -> CheckpointSpec:

@@ -41,8 +41,8 @@ from onnx import helper, numpy_helper
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import on_stand_in_weights, ort_session
-from attnc.passes.core import (constant_value, name_nodes, producers, remove_dead_nodes, toposort,
-                               value_shapes)
+from attnc.passes.core import (constant_value, evaluate_tensors, name_nodes, producers, remove_dead_nodes,
+                               toposort, value_shapes)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ def decoder_boundaries(onnx_model: onnx.ModelProto) -> list[str]:
         raise AttncError("visual-token exit needs a model with an integer text input",
                          "export the vision-language model with its text ids as an input")
     boundaries = []
-    text_dependent = set(int_inputs) | {o for n in _downstream(model, *int_inputs) for o in n.output}
+    # by value, not by size: a dynamo export may take the vision tower's batch from the text's shape
+    text_dependent = set(int_inputs) | {o for n in _downstream(model, *int_inputs, sizes=False) for o in n.output}
     cores = attention_cores(model)
     if not cores:
         raise AttncError("the model has no recognisable attention (no Softmax->MatMul core, Attention or "
@@ -119,11 +120,14 @@ def _norm_input(model, t, prod) -> str | None:
     return found.pop() if len(found) == 1 and t not in found else None
 
 
-def _downstream(model, *names: str) -> list[onnx.NodeProto]:
-    """Nodes that depend on any of ``names``, in graph order."""
+def _downstream(model, *names: str, sizes: bool = True) -> list[onnx.NodeProto]:
+    """Nodes that depend on any of ``names``, in graph order; without ``sizes``, not through a ``Shape`` or
+    ``Size`` (a dependence on the tensors' sizes alone)."""
     tainted = set(names)
     found = []
     for node in model.graph.node:
+        if not sizes and node.op_type in ("Shape", "Size"):
+            continue
         if any(i in tainted for i in node.input):
             found.append(node)
             tainted.update(node.output)
@@ -239,9 +243,6 @@ def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix) -> list[
     """
     shapes = value_shapes(model)
     token = (shapes.get(x) or [None, None])[1]
-    if token is None:
-        raise AttncError(f"the token axis of {x} has no known size",
-                         "export the model with a dynamic text axis or static shapes")
     produced_after = {o for n in after for o in n.output}
     outer: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in after:
@@ -273,6 +274,10 @@ def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix) -> list[
                     if all(init.name != new for init in model.graph.initializer):
                         model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(new_value), new))
                     node.input[i] = new
+    probed = None if isinstance(token, int) or not outer else _probe_token_axes(model, x, list(outer))
+    if token is None and probed is None:
+        raise AttncError(f"the token axis of {x} has no known size",
+                         "export the model with a dynamic text axis or static shapes")
     changed = []
     for name, uses in outer.items():
         shape = shapes.get(name)
@@ -281,7 +286,7 @@ def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix) -> list[
                       or n.op_type == "ConstantOfShape"]
         if shape_uses and len(shape_uses) == len(uses):
             out_shape = shapes.get(shape_uses[0][0].output[0]) or []
-            positions = [j for j, d in enumerate(out_shape) if d == token]
+            positions = probed[name][1] if probed else [j for j, d in enumerate(out_shape) if d == token]
             if positions:
                 delta = np.zeros(len(out_shape), dtype=np.int64)
                 delta[positions] = num_visual_tokens
@@ -294,8 +299,8 @@ def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix) -> list[
                     helper.make_node("Greater", [name, new + ".zero"], [new + ".explicit"], name=new + "/explicit"),
                     helper.make_node("Where", [new + ".explicit", new + ".sub", name], [new], name=new),
                 ])
-        elif shape and token in shape:
-            axes = [j for j, d in enumerate(shape) if d == token]
+        elif probed[name][0] if probed else shape and token in shape:
+            axes = probed[name][0] if probed else [j for j, d in enumerate(shape) if d == token]
             new = f"{prefix}/{name}/text"
             arrays = {"starts": [num_visual_tokens] * len(axes), "ends": [_END] * len(axes), "axes": axes}
             for key, value in arrays.items():
@@ -303,13 +308,39 @@ def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix) -> list[
                                                                        f"{new}.{key}"))
             model.graph.node.append(helper.make_node("Slice", [name, f"{new}.starts", f"{new}.ends", f"{new}.axes"],
                                                      [new], name=new))
-        elif shape is None:
+        elif shape is None and not probed:
             log.warning("token_exit: %s (read after the exit) has no known shape; left as is", name)
         if new is not None:
             for node, i in uses:
                 node.input[i] = new
             changed.append(name)
     return changed
+
+
+def _probe_token_axes(model, x, names: list[str]) -> dict[str, tuple[list[int], list[int]]] | None:
+    """``{name: (token axes, token entries)}`` of tensors ``names`` read after boundary ``x``, found by running the
+    graph at two sizes (:func:`attnc.passes.core.evaluate_tensors`): an axis is over the tokens when its length is
+    ``x``'s token count in both runs, an entry of a 1-D integer tensor (a shape vector) when its value is. Symbolic
+    shapes do not tell: shape inference names the rotary tables' and the hidden state's token axes apart in a
+    TorchScript export. None when the graph cannot run at sampled sizes or its token count does not change."""
+    try:
+        runs = evaluate_tensors(model, [x, *names], sizes=(2, 3))
+    except Exception as exc:   # ONNX Runtime's errors are of many types
+        log.info("token_exit: the graph does not run at sampled sizes (%s); symbolic shapes decide", exc)
+        return None
+    lengths = [run[x].shape[1] for run in runs]
+    if len(runs) < 2 or lengths[0] == lengths[1]:
+        return None
+    found = {}
+    for name in names:
+        values = [np.asarray(run[name]) for run in runs]
+        axes = [j for j in range(values[0].ndim)
+                if all(v.ndim == values[0].ndim and v.shape[j] == n for v, n in zip(values, lengths))]
+        vector = values[0].ndim == 1 and values[0].dtype.kind in "iu" and values[1].shape == values[0].shape
+        entries = [j for j in range(len(values[0])) if all(v[j] == n for v, n in zip(values, lengths))] \
+            if vector else []
+        found[name] = (axes, entries)
+    return found
 
 
 def _to_identity(node):
@@ -468,9 +499,45 @@ def vlm_finish(model, x, layer: int, exit_now: bool):
     return model.head(model.norm(x[:, -1]))
 
 
+def is_tiny_vlm(model) -> bool:
+    """Laid out as attnc's ``TinyVLM`` (:func:`vlm_hidden` and :func:`vlm_finish` walk its layers)."""
+    return all(hasattr(model, n) for n in ("vision", "projector", "embed", "pos_embed", "layers", "norm", "head",
+                                           "num_visual_tokens"))
+
+
+def exits_in_torch(model) -> bool:
+    """Whether :func:`exit_run` can run ``model``: a ``TinyVLM``, or a module with its own ``exit_run`` (a
+    vision-language checkpoint, :class:`attnc.models.hf_vision_language.VisionLanguageOutput`)."""
+    return callable(getattr(model, "exit_run", None)) or is_tiny_vlm(model)
+
+
+def exit_run(model, image, text_ids, layer: int, decide):
+    """``(output, features [B, C], exited)``: ``model`` on ``(image, text_ids)``, its visual tokens dropped before
+    decoder ``layer`` when ``decide(features)`` is true, ``features`` the mean over the text tokens of the hidden
+    state entering that layer (what an :class:`ExitGate` reads).
+
+    Raises:
+        AttncError: the model is neither a ``TinyVLM`` nor has an ``exit_run`` method.
+    """
+    if callable(getattr(model, "exit_run", None)):
+        return model.exit_run(image, text_ids, layer, decide)
+    if not is_tiny_vlm(model):
+        raise AttncError(f"{type(model).__name__} cannot drop its visual tokens in PyTorch: it has no exit_run "
+                         "method and is not laid out as attnc's TinyVLM",
+                         "give the model exit_run(image, text_ids, layer, decide) -> (output, features, exited), "
+                         "as attnc.models.hf_vision_language.VisionLanguageOutput has")
+    x = vlm_hidden(model, image, text_ids, layer)
+    features = x[:, model.num_visual_tokens:].mean(dim=1)
+    exited = bool(decide(features))
+    return vlm_finish(model, x, layer, exited), features, exited
+
+
 def gate_features(model, image, text_ids, layer: int):
     """Mean over the text tokens of the hidden state entering ``layer``: ``[B, C]``."""
-    return vlm_hidden(model, image, text_ids, layer)[:, model.num_visual_tokens:].mean(dim=1)
+    import torch
+
+    with torch.no_grad():
+        return exit_run(model, image, text_ids, layer, lambda f: False)[1]
 
 
 def dynamic_exit_forward(model, image, text_ids, gate: ExitGate):
@@ -478,30 +545,32 @@ def dynamic_exit_forward(model, image, text_ids, gate: ExitGate):
     import torch
 
     with torch.no_grad():
-        x = vlm_hidden(model, image, text_ids, gate.layer)
-        features = x[:, model.num_visual_tokens:].mean(dim=1).numpy()
-        exited = bool(gate.fires(features).all())
-        return vlm_finish(model, x, gate.layer, exited), exited
+        output, _, exited = exit_run(model, image, text_ids, gate.layer,
+                                     lambda features: bool(gate.fires(features.numpy()).all()))
+        return output, exited
+
+
+def _answers(output):
+    """Top-1 answers ``[B]``: of the last token where the output holds logits per token ``[B, T, vocab]``."""
+    return (output[:, -1] if output.dim() == 3 else output).argmax(-1)
 
 
 def train_exit_gate(model, inputs: tuple, layer: int, min_precision: float = 0.99, steps: int = 300,
                     seed: int = 0) -> tuple[ExitGate, dict]:
     """Fit a logistic gate at decoder ``layer`` on calibration ``inputs`` (``(images, text_ids)``).
 
-    Label of a sample: exiting at ``layer`` gives the same top-1 answer as the full model.
-    The threshold is the smallest one whose precision on the calibration data (fraction of
-    fired samples that keep the answer) is at least ``min_precision``; with none, the gate
-    never fires. Returns ``(gate, stats)``.
+    Label of a sample: exiting at ``layer`` gives the same top-1 answer as the full model (of the last text
+    token, for a model whose output holds logits per token). The threshold is the smallest one whose precision on
+    the calibration data (fraction of fired samples that keep the answer) is at least ``min_precision``; with
+    none, the gate never fires. ``model`` is one :func:`exit_run` runs. Returns ``(gate, stats)``.
     """
     import torch
 
     image, text = inputs
     with torch.no_grad():
-        x = vlm_hidden(model, image, text, layer)
-        features = x[:, model.num_visual_tokens:].mean(dim=1)
-        full = vlm_finish(model, x, layer, False).argmax(-1)
-        early = vlm_finish(model, x, layer, True).argmax(-1)
-    target = (full == early).float()
+        full, features, _ = exit_run(model, image, text, layer, lambda f: False)
+        early = exit_run(model, image, text, layer, lambda f: True)[0]
+    target = (_answers(full) == _answers(early)).float()
     mean, std = features.mean(0), features.std(0) + 1e-6
     z = (features - mean) / std
     gen = torch.Generator().manual_seed(seed)

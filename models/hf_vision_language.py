@@ -1,0 +1,174 @@
+"""A Hugging Face vision-language checkpoint (LLaVA and its kin) as ``(pixel_values, input_ids) -> logits``.
+
+transformers' ``LlavaForConditionalGeneration.forward`` takes a prompt with ``<image>`` placeholder tokens and
+scatters the image's features into their places (``masked_scatter`` on a data-dependent mask), which neither
+exporter handles. :class:`VisionLanguageOutput` runs what that forward computes for a prompt that *starts*
+with the image: the projected image features (``P`` tokens) in front of the text's embeddings, the language
+model over all ``P + T`` tokens, and the logits of the ``T`` text tokens ``[batch, T, vocab]``. That is the
+layout visual-token exit (:mod:`attnc.passes.token_exit`) rewrites: ``attnc compile --token-exit`` drops
+the ``P`` visual tokens after a decoder layer, and ``attnc validate`` compares the artefact with this module
+dropping them in PyTorch (``forward(..., exit_layer=k)``, :meth:`VisionLanguageOutput.exit_run` for a gate).
+
+Architectures (:data:`ARCHITECTURES`) are those whose image features and language model this layout
+reproduces exactly: each is checked against the transformers forward on the same prompt in
+``tests/models/test_hf_vision_language.py``. Text in front of the image (a chat template's ``USER:``),
+several images, padded batches (``--with-attention-mask``) and cached generation (``--with-past``) are not
+built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from attnc.compiler.errors import AttncError
+
+# config.architectures[0] -> how its image features are computed (see _image_features).
+ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "llava",
+}
+PIXELS, IDS = "pixel_values", "input_ids"
+
+
+def is_vision_language(config) -> bool:
+    """Whether ``config`` is a vision-language model's: a ``vision_config`` beside its ``text_config``."""
+    return getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None
+
+
+def check_supported(config, name: str) -> None:
+    """Raise an :class:`AttncError` unless attnc exports ``name`` (an architecture of a vision-language
+    ``config``) as :class:`VisionLanguageOutput`."""
+    if name not in ARCHITECTURES:
+        raise AttncError(f"{name} is a vision-language model attnc does not export yet (it exports "
+                         f"{', '.join(sorted(ARCHITECTURES))})",
+                         "export it through MODULE:FACTORY with a module whose forward takes the inputs in order, "
+                         "e.g. (pixel_values, input_ids) with the image's tokens in front of the text")
+
+
+class VisionLanguageOutput(torch.nn.Module):
+    """``(pixel_values [B, C, H, W], input_ids [B, T]) -> logits [B, T, vocab]``: the image's ``P`` tokens
+    in front of the text, as the transformers forward computes a prompt ``<image>×P`` + ``input_ids``.
+
+    ``forward(..., exit_layer=k)`` drops the visual tokens before decoder layer ``k`` (DyVTE's static exit):
+    layers ``k:`` run on the text tokens alone, with the text's entries of the causal mask and the rotary
+    tables. The language model runs with ``use_cache=True`` (its cache is neither read nor returned): without
+    one, transformers checks the positions for packed sequences with ``aten::diff``, which TorchScript does
+    not export.
+    """
+
+    def __init__(self, model: torch.nn.Module, kind: str = "llava"):
+        super().__init__()
+        self.model = model
+        self.kind = kind
+        # P as a Python int (one run of the vision tower on a blank image): the graph then slices the text's logits
+        # at a constant, which the token-exit pass recognises (a traced image size would be a computed start)
+        vision = model.config.vision_config
+        size = vision.image_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+        with torch.no_grad():
+            blank = torch.zeros(1, getattr(vision, "num_channels", 3), height, width)
+            self.num_visual_tokens = int(self.image_features(blank).shape[1])
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        return self.language_model.layers
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The projected image tokens ``[B, P, C]`` (``LlavaModel.get_image_features`` without its split
+        into a list per image, which fixes the batch in a dynamo export)."""
+        inner, config = self.model.model, self.model.config
+        out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        layer = config.vision_feature_layer
+        strategy = config.vision_feature_select_strategy
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        states = [out.hidden_states[i][:, 1:] if strategy == "default" else out.hidden_states[i] for i in layers]
+        return inner.multi_modal_projector(torch.cat(states, -1))
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, exit_layer: int | None = None):
+        if exit_layer is not None and not 0 <= exit_layer <= len(self.decoder_layers):
+            raise ValueError(f"exit_layer must be in [0, {len(self.decoder_layers)}], got {exit_layer}")
+        return self.exit_run(pixel_values, input_ids, exit_layer)[0]
+
+    def exit_run(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, layer: int | None,
+                 decide: Callable[[torch.Tensor], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """``(logits [B, T, vocab], features [B, C], exited)``: the visual tokens dropped before decoder layer
+        ``layer`` when ``decide(features)`` says so (always without ``decide``; never with ``layer`` None).
+        ``features`` is the mean over the text tokens of the hidden state entering that layer (what a DyVTE
+        gate reads, :class:`attnc.passes.token_exit.ExitGate`)."""
+        inner = self.model.model
+        visual = self.image_features(pixel_values)
+        p = self.num_visual_tokens
+        x = torch.cat([visual, inner.get_input_embeddings()(input_ids)], 1)
+        state: dict = {"exited": False, "features": None}
+        hooks = []
+        layers = self.decoder_layers
+        if layer is not None and layer < len(layers):
+            def drop(module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                if module is layers[layer]:
+                    state["features"] = hidden[:, p:].mean(1)
+                    state["exited"] = True if decide is None else bool(decide(state["features"]))
+                return text_only(args, kwargs, p, x.shape[1]) if state["exited"] else None
+
+            hooks = [m.register_forward_pre_hook(drop, with_kwargs=True) for m in layers[layer:]]
+        try:
+            hidden = self.language_model(inputs_embeds=x, use_cache=True).last_hidden_state
+        finally:
+            for hook in hooks:
+                hook.remove()
+        text = hidden if state["exited"] else hidden[:, p:]
+        return self.model.lm_head(text), state["features"], state["exited"]
+
+
+# Keyword arguments of a decoder layer and their token axes: (query, key) for the mask, the last for positions.
+_TOKEN_AXES = {"attention_mask": (-2, -1), "position_ids": (-1,), "cache_position": (-1,),
+               "position_embeddings": (-2,)}
+_PASSED = ("past_key_values", "past_key_value", "use_cache", "output_attentions", "layer_idx")
+
+
+def text_only(args: tuple, kwargs: dict, p: int, n: int) -> tuple[tuple, dict]:
+    """A decoder layer's ``(args, kwargs)`` without the first ``p`` of the sequence's ``n`` tokens: the hidden
+    state (the first argument, unless the layer before dropped them already), the causal mask's query and key
+    axes, the positions and the rotary tables (``position_embeddings``, a ``(cos, sin)`` pair ``[..., n, D]``),
+    which the language model computes once for all its layers.
+
+    Raises:
+        AttncError: the layer takes a tensor over the tokens attnc does not know the token axis of.
+    """
+    def cut(value, axes):
+        if isinstance(value, (tuple, list)):
+            return type(value)(cut(v, axes) for v in value)
+        if not isinstance(value, torch.Tensor):
+            return value
+        index = [slice(None)] * value.dim()
+        for axis in axes:
+            if value.shape[axis] == n:
+                index[axis] = slice(p, None)
+        return value[tuple(index)]
+
+    if args:
+        args = (cut(args[0], (1,)), *args[1:])
+    out = {}
+    for name, value in kwargs.items():
+        if name == "hidden_states":
+            out[name] = cut(value, (1,))
+        elif name in _TOKEN_AXES:
+            out[name] = cut(value, _TOKEN_AXES[name])
+        elif name in _PASSED or not _over_tokens(value, n):
+            out[name] = value
+        else:
+            raise AttncError(f"a decoder layer takes {name!r}, a tensor over the tokens whose token axis attnc "
+                             "does not know, so it cannot drop the visual tokens in PyTorch",
+                             "validate with --reference original, or report the architecture to attnc")
+    return args, out
+
+
+def _over_tokens(value, n: int) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(_over_tokens(v, n) for v in value)
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and n in value.shape[1:]

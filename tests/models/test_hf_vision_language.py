@@ -1,0 +1,196 @@
+"""Vision-language checkpoints (models/hf_vision_language.py): a LLaVA checkpoint directory loads as
+``(pixel_values, input_ids) -> logits of the text``, equal to transformers' own forward on a prompt that starts with
+the image's placeholder tokens; its visual-token exit equals a hand-written loop over the Llama layers that drops
+the image's tokens (and their rotary and mask entries); it exports with both exporters at dynamic batch and text
+length, records its visual tokens, and ``attnc compile --token-exit`` (static and dynamic, with head pruning on
+top) gives artefacts that ``attnc validate`` checks against the checkpoint shrunk alike in PyTorch.
+
+References: transformers' ``LlavaForConditionalGeneration.forward`` (loaded apart from attnc) and the hand loop,
+on fresh random inputs at odd sizes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from attnc.compiler.errors import AttncError
+from attnc.compiler.onnx_io import VISUAL_TOKENS, metadata
+from attnc.testing import assert_clean_error, run_cli, run_model, tiny_llava
+
+transformers = pytest.importorskip("transformers")
+
+from attnc.models.hf_checkpoint import load_checkpoint  # noqa: E402
+from attnc.passes.token_exit import (ExitGate, apply_dynamic_token_exit, apply_static_token_exit,  # noqa: E402
+                                     decoder_boundaries, dynamic_exit_forward, train_exit_gate)
+
+IMAGE_TOKEN, LAYERS = 63, 4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The grouped-query LLaVA (4 query on 2 K/V heads), its module and spec, and its dynamo export."""
+    folder = tiny_llava(tmp_path_factory.mktemp("llava") / "ckpt")
+    module, spec = load_checkpoint(str(folder))
+    path = folder.parent / "llava.onnx"
+    run_cli("export", folder, "-o", path)
+    return folder, module, spec, path
+
+
+def _transformers_logits(folder, pixels, ids, p):
+    """transformers' forward on ``[<image> × p; ids]``: the logits at the text's positions."""
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    prompt = torch.cat([torch.full((ids.shape[0], p), IMAGE_TOKEN), ids], 1)
+    with torch.no_grad():
+        return hf(input_ids=prompt, pixel_values=pixels).logits[:, p:].numpy()
+
+
+def _hand_exit(module, pixels, ids, k):
+    """The Llama layers run by hand, the image's tokens (and their rotary and mask entries) dropped before layer
+    ``k``: written apart from the hooks ``VisionLanguageOutput`` drops them with."""
+    inner, lm = module.model.model, module.model.model.language_model
+    with torch.no_grad():
+        out = inner.vision_tower(pixels, output_hidden_states=True)
+        visual = inner.multi_modal_projector(out.hidden_states[-1][:, 1:])
+        p = visual.shape[1]
+        x = torch.cat([visual, inner.get_input_embeddings()(ids)], 1)
+        positions = torch.arange(x.shape[1])[None]
+        cos, sin = lm.rotary_emb(x, positions)
+        mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1)[None, None]
+        for i, layer in enumerate(lm.layers):
+            if i == k:
+                x, cos, sin, mask, positions = x[:, p:], cos[:, p:], sin[:, p:], mask[..., p:, p:], positions[:, p:]
+            x = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=(cos, sin))
+            x = x[0] if isinstance(x, tuple) else x
+        x = lm.norm(x)
+        return module.model.lm_head(x if k < len(lm.layers) else x[:, p:]).numpy()
+
+
+@pytest.mark.parametrize("strategy,layer", [("default", -1), ("full", -2), ("default", [-2, -1])])
+def test_matches_the_transformers_forward(tmp_path, strategy, layer):
+    """The image's tokens (CLS dropped or kept, one feature layer or two concatenated) in front of the text give
+    transformers' logits at the text, at several batch sizes and text lengths."""
+    folder = tiny_llava(tmp_path / "ckpt", kv_heads=None, strategy=strategy, feature_layer=layer)
+    module, spec = load_checkpoint(str(folder))
+    assert spec.input_names == ["pixel_values", "input_ids"] and spec.kind == "vlm"
+    p = 16 + (strategy == "full")
+    assert module.num_visual_tokens == p
+    for batch, seq in ((1, 5), (3, 9)):
+        pixels, ids = spec.example_inputs(batch=batch, seq=seq, seed=batch)
+        assert ids.shape == (batch, seq) and int(ids.max()) < IMAGE_TOKEN   # no image token among the words
+        with torch.no_grad():
+            got = module(pixels, ids).numpy()
+        assert got.shape == (batch, seq, 64)
+        np.testing.assert_allclose(got, _transformers_logits(folder, pixels, ids, p), atol=2e-6, rtol=1e-5)
+
+
+def test_exit_layer_drops_the_visual_tokens(checkpoint):
+    """``forward(..., exit_layer=k)`` equals the hand loop at every k; exiting changes the logits (before the last
+    layer) and exiting after the last layer changes nothing."""
+    _, module, spec, _ = checkpoint
+    pixels, ids = spec.example_inputs(batch=3, seq=7, seed=5)
+    with torch.no_grad():
+        full = module(pixels, ids).numpy()
+        for k in range(LAYERS + 1):
+            got = module(pixels, ids, exit_layer=k).numpy()
+            np.testing.assert_allclose(got, _hand_exit(module, pixels, ids, k), atol=2e-6, rtol=1e-5)
+            assert (np.abs(got - full).max() > 1e-3) == (k < LAYERS)
+        with pytest.raises(ValueError, match="exit_layer"):
+            module(pixels, ids, exit_layer=LAYERS + 1)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_export_runs_and_exits_at_any_size(checkpoint, tmp_path, exporter):
+    """Both exporters (TorchScript on plain multi-head attention: it cannot export SDPA with grouped K/V heads):
+    the graph at other batch sizes and text lengths equals the module; it records its 16 visual tokens; its decoder
+    layers are the Llama's four, not the vision tower's; the static exit before each layer equals the module's."""
+    if exporter == "dynamo":
+        folder, module, spec, path = checkpoint
+    else:
+        folder = tiny_llava(tmp_path / "ckpt", kv_heads=None)
+        module, spec = load_checkpoint(str(folder))
+        path = tmp_path / "llava.onnx"
+        run_cli("export", folder, "-o", path, "--exporter", exporter)
+    model = onnx.load(str(path))
+    assert metadata(model, VISUAL_TOKENS) == "16"
+    assert len(decoder_boundaries(model)) == LAYERS
+    exits = {k: apply_static_token_exit(model, k, 16)[0] for k in (0, 2, 3)}
+    for batch, seq in ((3, 5), (1, 11)):
+        pixels, ids = spec.example_inputs(batch=batch, seq=seq, seed=seq)
+        feeds = {"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}
+        with torch.no_grad():
+            np.testing.assert_allclose(run_model(model, feeds), module(pixels, ids).numpy(), atol=1e-5, rtol=1e-4)
+            for k, exited in exits.items():
+                np.testing.assert_allclose(run_model(exited, feeds), module(pixels, ids, exit_layer=k).numpy(),
+                                           atol=1e-5, rtol=1e-4)
+
+
+def test_compile_with_token_exit_validates(checkpoint, tmp_path):
+    """``attnc compile --token-exit static`` takes the recorded visual tokens; ``attnc validate`` passes against the
+    checkpoint exiting at the same layer (with head pruning on top too) and fails when the manifest names another
+    layer; a --visual-tokens that contradicts the record is refused."""
+    folder, module, spec, path = checkpoint
+    for extra in ((), ("--prune-heads", "0.25")):
+        out = tmp_path / f"exit{len(extra)}"
+        run_cli("compile", path, "-o", out, "--token-exit", "static", "--exit-layer", 2, *extra)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["shrink"]["token_exit"]["num_visual_tokens"] == 16
+        run_cli("validate", out, "--model", folder, "--seed", 3)
+        report = json.loads((out / "report.json").read_text())
+        assert "visual tokens dropped before decoder layer 2" in report["meta"]["reference"]
+        assert ("gated to zero" in report["meta"]["reference"]) == bool(extra)
+        assert report["shrink_cost"][0]["max_abs_error"] > 1e-3
+    manifest["shrink"]["token_exit"]["exit_layer"] = 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli("validate", out, "--model", folder, ok=False).exit_code == 1
+    result = run_cli("compile", path, "-o", tmp_path / "bad", "--token-exit", "static", "--exit-layer", 2,
+                     "--visual-tokens", 5, ok=False)
+    assert_clean_error(result, "contradicts the 16 visual tokens", "--visual-tokens 16")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_dynamic_exit_gate(checkpoint, tmp_path):
+    """A gate trained on the checkpoint (``train_exit_gate``) reads what the graph's gate reads; a gate that fires
+    and one that does not each validate against the checkpoint exiting as the gate says."""
+    folder, module, spec, path = checkpoint
+    pixels, ids = spec.example_inputs(batch=16, seq=6, seed=7)
+    gate, stats = train_exit_gate(module, (pixels, ids), 1, steps=20)
+    assert stats["samples"] == 16 and gate.weight.shape == (32,)
+    model = onnx.load(str(path))
+    pixels, ids = spec.example_inputs(batch=1, seq=9, seed=8)
+    feeds = {"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}
+    for bias in (40.0, -40.0):
+        fixed = ExitGate(1, gate.weight, bias)
+        logits, exited = dynamic_exit_forward(module, pixels, ids, fixed)
+        assert exited == (bias > 0)
+        with torch.no_grad():
+            np.testing.assert_allclose(logits.numpy(), module(pixels, ids, exit_layer=1 if exited else None).numpy())
+        np.testing.assert_allclose(run_model(apply_dynamic_token_exit(model, fixed, 16)[0], feeds), logits.numpy(),
+                                   atol=1e-5, rtol=1e-4)
+        fixed.save(tmp_path / "gate.npz")
+        out = tmp_path / f"dynamic{int(bias > 0)}"
+        run_cli("compile", path, "-o", out, "--token-exit", "dynamic", "--exit-gate", tmp_path / "gate.npz")
+        run_cli("validate", out, "--model", folder)
+
+
+def test_refusals(checkpoint, tmp_path):
+    """Options built for text checkpoints and vision-language architectures attnc does not lay out are refused with
+    the way out, before anything is written."""
+    folder = checkpoint[0]
+    for option in ("--with-attention-mask", "--with-past"):
+        result = run_cli("export", folder, "-o", tmp_path / "x.onnx", option, ok=False)
+        assert_clean_error(result, option, "vision-language")
+    assert not (tmp_path / "x.onnx").exists()
+    config = json.loads((folder / "config.json").read_text())
+    other = tmp_path / "vip"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "vipllava",
+                                                   "architectures": ["VipLlavaForConditionalGeneration"]}))
+    (other / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    with pytest.raises(AttncError, match="does not export yet") as err:
+        load_checkpoint(str(other))
+    assert "MODULE:FACTORY" in err.value.fix
