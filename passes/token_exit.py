@@ -288,17 +288,22 @@ def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix) -> list[
             out_shape = shapes.get(shape_uses[0][0].output[0]) or []
             positions = probed[name][1] if probed else [j for j, d in enumerate(out_shape) if d == token]
             if positions:
-                delta = np.zeros(len(out_shape), dtype=np.int64)
-                delta[positions] = num_visual_tokens
                 new = f"{prefix}/{name}/text"
-                model.graph.initializer.extend([numpy_helper.from_array(delta, new + ".delta"),
-                                                numpy_helper.from_array(np.array(0, np.int64), new + ".zero")])
-                # -1 (inferred) entries stay as they are; explicit token counts lose P.
-                model.graph.node.extend([
-                    helper.make_node("Sub", [name, new + ".delta"], [new + ".sub"], name=new + "/sub"),
-                    helper.make_node("Greater", [name, new + ".zero"], [new + ".explicit"], name=new + "/explicit"),
-                    helper.make_node("Where", [new + ".explicit", new + ".sub", name], [new], name=new),
-                ])
+                delta = np.zeros(probed[name][2] if probed else len(out_shape), dtype=np.int64)
+                delta[positions] = num_visual_tokens
+                model.graph.initializer.append(numpy_helper.from_array(delta, new + ".delta"))
+                if probed:
+                    # the probe saw explicit token counts at these entries
+                    model.graph.node.append(helper.make_node("Sub", [name, new + ".delta"], [new], name=new))
+                else:
+                    # -1 (inferred) entries stay as they are; explicit token counts lose P.
+                    model.graph.initializer.append(numpy_helper.from_array(np.array(0, np.int64), new + ".zero"))
+                    model.graph.node.extend([
+                        helper.make_node("Sub", [name, new + ".delta"], [new + ".sub"], name=new + "/sub"),
+                        helper.make_node("Greater", [name, new + ".zero"], [new + ".explicit"],
+                                         name=new + "/explicit"),
+                        helper.make_node("Where", [new + ".explicit", new + ".sub", name], [new], name=new),
+                    ])
         elif probed[name][0] if probed else shape and token in shape:
             axes = probed[name][0] if probed else [j for j, d in enumerate(shape) if d == token]
             new = f"{prefix}/{name}/text"
@@ -317,12 +322,13 @@ def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix) -> list[
     return changed
 
 
-def _probe_token_axes(model, x, names: list[str]) -> dict[str, tuple[list[int], list[int]]] | None:
-    """``{name: (token axes, token entries)}`` of tensors ``names`` read after boundary ``x``, found by running the
-    graph at two sizes (:func:`attnc.passes.core.evaluate_tensors`): an axis is over the tokens when its length is
-    ``x``'s token count in both runs, an entry of a 1-D integer tensor (a shape vector) when its value is. Symbolic
-    shapes do not tell: shape inference names the rotary tables' and the hidden state's token axes apart in a
-    TorchScript export. None when the graph cannot run at sampled sizes or its token count does not change."""
+def _probe_token_axes(model, x, names: list[str]) -> dict[str, tuple[list[int], list[int], int]] | None:
+    """``{name: (token axes, token entries, length)}`` of tensors ``names`` read after boundary ``x``, found by
+    running the graph at two sizes (:func:`attnc.passes.core.evaluate_tensors`): an axis is over the tokens when its
+    length is ``x``'s token count in both runs, an entry of a 1-D integer tensor (a shape vector, ``length`` entries
+    long; 0 for other tensors) when its value is. Symbolic shapes do not tell: shape inference names the rotary
+    tables' and the hidden state's token axes apart in a TorchScript export. None when the graph cannot run at
+    sampled sizes or its token count does not change."""
     try:
         runs = evaluate_tensors(model, [x, *names], sizes=(2, 3))
     except Exception as exc:   # ONNX Runtime's errors are of many types
@@ -339,7 +345,7 @@ def _probe_token_axes(model, x, names: list[str]) -> dict[str, tuple[list[int], 
         vector = values[0].ndim == 1 and values[0].dtype.kind in "iu" and values[1].shape == values[0].shape
         entries = [j for j in range(len(values[0])) if all(v[j] == n for v, n in zip(values, lengths))] \
             if vector else []
-        found[name] = (axes, entries)
+        found[name] = (axes, entries, len(values[0]) if vector else 0)
     return found
 
 

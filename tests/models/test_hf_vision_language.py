@@ -194,3 +194,29 @@ def test_refusals(checkpoint, tmp_path):
     with pytest.raises(AttncError, match="does not export yet") as err:
         load_checkpoint(str(other))
     assert "MODULE:FACTORY" in err.value.fix
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_tensorrt_builds_the_exited_checkpoint(checkpoint, tmp_path, mode):
+    """TensorRT-RTX builds fp16 engines of both exits at dynamic batch and text length (the static exit's shape
+    vectors keep their head counts constant: a computed one made the parser reject grouped-query attention)."""
+    from attnc.compiler.backends.tensorrt import import_tensorrt
+
+    try:
+        import_tensorrt()
+    except AttncError as exc:
+        pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc.problem}")
+    folder, module, spec, path = checkpoint
+    ExitGate(1, np.zeros(32, np.float32), 1.0).save(tmp_path / "gate.npz")
+    exit_options = ("--exit-layer", 2) if mode == "static" else ("--exit-gate", tmp_path / "gate.npz")
+    batch = 4 if mode == "static" else 1   # the gate's If decides for the whole batch
+    shapes = [f"--{which}-shape" for which in ("min", "opt", "max")]
+    profile = [arg for flag, b, t in zip(shapes, (1, batch, batch), (1, 16, 64))
+               for arg in (flag, f"pixel_values:{b}x3x32x32", flag, f"input_ids:{b}x{t}")]
+    out = tmp_path / "engine"
+    run_cli("compile", path, "-o", out, "--backend", "tensorrt", "--precision", "fp16", "--token-exit", mode,
+            *exit_options, *profile)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / manifest["artefact"]).stat().st_size > 0
+    assert manifest["shrink"]["token_exit"]["mode"] == mode and manifest["ops_after"]["Attention"] >= 3
