@@ -1,7 +1,7 @@
 """Shrink passes measured on small real tasks: head pruning (digits ViT, digits Llama) and visual-token exit (VQA VLM).
 
     python benchmarks/bench_shrink.py [--reps 200] [--threads 1] [--out benchmarks/results]
-                                      [--skip prune|exit|llama] [--only prune|exit|llama] [--smoke]
+                                      [--skip prune|exit|llama|llava] [--only prune|exit|llama|llava] [--smoke]
                                       [--tag NAME]
 
 Sections: ``prune`` trains two digits ViTs (4 x 4 and 6 x 8 heads); ``exit`` four VQA VLMs (16 and
@@ -9,14 +9,17 @@ Sections: ``prune`` trains two digits ViTs (4 x 4 and 6 x 8 heads); ``exit`` fou
 (about 11 minutes) a transformers ``LlamaForCausalLM`` (RoPE, 8 query heads on 4 K/V heads) on the
 digits as 65-token sequences, pruned by whole K/V groups (25 % and 50 % of the query heads) and by
 query heads inside the groups (``granularity="query"``: the same ratios, and the ratio whose attention
-FLOPs match the groups' 50 %). The passes are applied (pruning: weight, activation, gradient and
-ablation scores, one-shot and iterative, with and without a short fine-tune) and the tables printed: accuracy, parameters, attention FLOPs and ONNX
-Runtime CPU latency before/after. Latencies of a "before" and its "after" are measured side by
+FLOPs match the groups' 50 %); ``llava`` (about 2 minutes) a transformers LLaVA checkpoint of LLaVA-1.5's token
+proportions (576 visual + 32 text tokens, 8 decoder layers, random weights) compiled with static token exit before
+several layers, each exit validated against the checkpoint exiting in PyTorch, latencies side by side. The passes
+are applied (pruning: weight, activation, gradient and ablation scores, one-shot and iterative, with and without a
+short fine-tune) and the tables printed: accuracy, parameters, attention FLOPs and ONNX Runtime CPU latency
+before/after. Latencies of a "before" and its "after" are measured side by
 side (runs interleaved round-robin in the same process, median of ``--reps``). Raw numbers go to
 ``<out>/shrink-<date>.json`` with the machine description (a run of some sections only:
 ``shrink-<sections>-<date>.json``, e.g. ``shrink-llama-<date>.json``; ``--tag granularity``:
 ``shrink-llama-granularity-<date>.json``, to keep an earlier run of the same day). ``--smoke`` runs the
-``llama`` section at toy sizes (about a minute; its numbers mean nothing).
+``llama`` and ``llava`` sections at toy sizes (about a minute and 20 s; their numbers mean nothing).
 
 Issue #6 targets: 25 % of heads pruned keeps accuracy within 1 point and cuts attention
 FLOPs by >= 20 %; token exit cuts VLM latency by >= 30 % with accuracy within 1 point.
@@ -422,6 +425,83 @@ def bench_llama(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict
             "latency_ms": latency, "latency_of": "ablation, one-shot", "rows": rows}
 
 
+# A LLaVA checkpoint of LLaVA-1.5's proportions in tokens (336 px images in 14 px patches: 576 visual tokens, in
+# front of 32 text tokens) at a small width: what visual-token exit costs and saves where the image dominates.
+LLAVA = {"image": 336, "patch": 14, "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                               "num_attention_heads": 2},
+         "text": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
+                  "num_key_value_heads": 4, "vocab_size": 1000, "max_position_embeddings": 1024},
+         "text_tokens": 32, "exit_layers": (1, 2, 4, 6)}
+LLAVA_SMOKE = {**LLAVA, "image": 56, "text": {**LLAVA["text"], "hidden_size": 64, "intermediate_size": 128,
+                                              "num_hidden_layers": 4, "num_attention_heads": 4,
+                                              "num_key_value_heads": 2},
+               "text_tokens": 8, "exit_layers": (1, 2)}
+
+
+def bench_llava(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
+    """A transformers LLaVA checkpoint (random weights, :data:`LLAVA`) through the CLI's path: ``attnc export``'s
+    module, ``compile_model`` without and with ``--token-exit static`` before several layers, ``validate_artefact``
+    of each exit against the checkpoint exiting in PyTorch, and ONNX Runtime latency side by side."""
+    import transformers
+
+    from attnc.compiler.pipeline import CompileOptions, compile_model, validate_artefact
+    from attnc.models.hf_checkpoint import load_checkpoint
+    from attnc.models.transformers_zoo import perturbed
+
+    c = LLAVA_SMOKE if smoke else LLAVA
+    vision = transformers.CLIPVisionConfig(**c["vision"], image_size=c["image"], patch_size=c["patch"])
+    text = transformers.LlamaConfig(**c["text"])
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=c["text"]["vocab_size"]
+                                      - 1, architectures=["LlavaForConditionalGeneration"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        perturbed(transformers.LlavaForConditionalGeneration(config)).save_pretrained(tmp / "llava")
+    module, spec = load_checkpoint(str(tmp / "llava"))
+    t = time.perf_counter()
+    export_onnx(module, spec.example_inputs(seq=c["text_tokens"]), tmp / "llava.onnx",
+                input_names=spec.input_names, dynamic_axes=spec.dynamic_axes)
+    export_s = time.perf_counter() - t
+    models, rows = {}, []
+    for k in (None, *c["exit_layers"]):
+        name = "full" if k is None else f"exit{k}"
+        options = CompileOptions() if k is None else CompileOptions(token_exit="static", exit_layer=k)
+        t = time.perf_counter()
+        compile_model(tmp / "llava.onnx", tmp / name, options)
+        compile_s = time.perf_counter() - t
+        result, _ = validate_artefact(tmp / name, str(tmp / "llava"), seed=1)
+        models[name] = onnx.load(str(tmp / name / "model.fused.onnx"))
+        worst = max(o.to_dict()["max_abs_error"] for o in result.outputs)
+        rows.append({"model": name, "exit_layer": k, "compile_s": compile_s, "validation_passed": result.passed,
+                     "validation_max_abs_error": worst,
+                     "shrink_cost": result.shrink_cost[0] if result.shrink_cost else None})
+    latency = {}
+    for batch in (1, 4):
+        pixels, ids = spec.example_inputs(batch=batch, seq=c["text_tokens"], seed=2)
+        latency[str(batch)] = side_by_side(models, {"pixel_values": pixels.numpy(), "input_ids": ids.numpy()},
+                                           max(5, reps // 10 if batch > 1 else reps // 4), threads)
+    return {"model": f"LlavaForConditionalGeneration (CLIP {c['vision']}, Llama {c['text']})",
+            "visual_tokens": module.num_visual_tokens, "text_tokens": c["text_tokens"],
+            "decoder_layers": c["text"]["num_hidden_layers"], "export_s": export_s, "rows": rows,
+            "latency_ms": latency, "smoke": smoke}
+
+
+def llava_table(p: dict) -> list[str]:
+    lines = [f"Visual-token exit on a transformers LLaVA checkpoint: {p['visual_tokens']} visual + {p['text_tokens']} "
+             f"text tokens, {p['decoder_layers']} decoder layers (random weights: the exits' cost to answers is not "
+             "measured here)",
+             f"  {'artefact':<9}{'compile s':>10}{'validation':>12}{'max abs err':>13}{'vs full: max abs':>18}"
+             + "".join(f"{'b' + b + ' ms':>10}{'ratio':>7}" for b in p["latency_ms"])]
+    for r in p["rows"]:
+        cost = r["shrink_cost"] or {}
+        line = (f"  {r['model']:<9}{r['compile_s']:>10.1f}{'pass' if r['validation_passed'] else 'FAIL':>12}"
+                f"{r['validation_max_abs_error']:>13.2e}{cost.get('max_abs_error', 0.0):>18.3g}")
+        for lat in p["latency_ms"].values():
+            line += f"{lat[r['model']]:>10.2f}{lat[r['model']] / lat['full']:>7.2f}"
+        lines.append(line)
+    lines.append("")
+    return lines
+
+
 def machine() -> dict:
     import onnxruntime
 
@@ -430,7 +510,7 @@ def machine() -> dict:
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
 
 
-SECTIONS = ("prune", "exit", "llama")
+SECTIONS = ("prune", "exit", "llama", "llava")
 
 
 def main(argv=None) -> int:
@@ -459,6 +539,8 @@ def main(argv=None) -> int:
                                      for name in VLM_CONFIGS for aware in (False, True)]
         if "llama" in sections:
             results["prune_llama"] = bench_llama(Path(tmp), args.reps, args.threads, smoke=args.smoke)
+        if "llava" in sections:
+            results["exit_llava"] = bench_llava(Path(tmp), args.reps, args.threads, smoke=args.smoke)
     results["seconds"] = time.perf_counter() - t0
     print(table(results))
     out = Path(args.out)
@@ -518,6 +600,8 @@ def table(results: dict) -> str:
         lines.append("")
     if "prune_llama" in results:
         lines.extend(llama_table(results["prune_llama"]))
+    if "exit_llava" in results:
+        lines.extend(llava_table(results["exit_llava"]))
     return "\n".join(lines)
 
 

@@ -1,0 +1,30 @@
+"""``benchmarks/bench_shrink.py --only llava --smoke``: the LLaVA section runs end to end at toy sizes, every exit
+artefact validates against the checkpoint exiting in PyTorch, and the raw file and table carry each exit's latency
+beside the full model's (the numbers themselves mean nothing at these sizes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_shrink.py"
+
+
+def test_llava_smoke(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_shrink", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--only", "llava", "--smoke", "--reps", "4", "--out", str(tmp_path)]) == 0
+    [raw] = tmp_path.glob("shrink-llava-smoke-*.json")
+    result = json.loads(raw.read_text())["exit_llava"]
+    assert result["visual_tokens"] == 16 and result["smoke"]
+    rows = {r["model"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "exit1", "exit2"}
+    assert all(r["validation_passed"] and r["validation_max_abs_error"] < 1e-4 for r in rows.values())
+    assert rows["full"]["shrink_cost"] is None and rows["exit1"]["shrink_cost"]["max_abs_error"] > 1e-3
+    assert set(result["latency_ms"]["1"]) == set(rows)
+    assert "Visual-token exit on a transformers LLaVA checkpoint" in capsys.readouterr().out
