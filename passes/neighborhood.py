@@ -196,7 +196,17 @@ class _Evaluator:
         return dict(zip(self.dynamic_dims, _SAMPLES[sample]))[dim_name]
 
     def tokens(self, name: str, sample: int) -> int:
-        """Size of the token axis (-2) of ``name`` ``[.., N, D]`` at a sample, from zero inputs."""
+        """Size of the token axis (-2) of ``name`` ``[.., N, D]`` at a sample: from its inferred shape where that
+        is a static size or a sum of input dims and constants (``"seq + 576"``), else computed from zero inputs
+        (which runs every layer in front of it: seconds per attention layer of a large model)."""
+        shape = self.shapes.get(name) or []
+        dim = shape[-2] if len(shape) >= 2 else None
+        sizes = dict(zip(self.dynamic_dims, _SAMPLES[sample]))
+        if isinstance(dim, int) and dim > 0:
+            return dim
+        terms = [t.strip() for t in dim.split("+")] if isinstance(dim, str) else []
+        if terms and all(t.isdigit() or t in sizes for t in terms):
+            return sum(int(t) if t.isdigit() else sizes[t] for t in terms)
         shape = self.values([name + _SHAPE], sample, probes=(name,))[0]
         return int(shape[-2])
 

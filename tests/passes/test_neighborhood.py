@@ -782,3 +782,33 @@ def test_local_attention_other_configs_are_left_alone(options, reason, tmp_path)
     feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}
     with torch.no_grad():
         np.testing.assert_allclose(_run(fused, feeds), model(q, k, v).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,exporter", [("vlm-small", "dynamo"), ("vlm-small", "torchscript"),
+                                           ("na2d-dynamic-small", "dynamo"), ("lm-neighborhood-small", "dynamo")])
+def test_token_counts_from_inferred_shapes_equal_the_computed_ones(name, exporter):
+    """The evaluator reads a query's token count at a sample from its inferred shape where that is a sum of input
+    dims and constants (a VLM's ``text + 16``), instead of running every layer in front of it; the count equals the
+    one computed from zero inputs at every sample (a grid's product of dims is computed), and the VLM's dynamo export
+    takes the inferred path."""
+    _, _, model = export_spec(name, exporter)
+    matcher = na_pass._Matcher(model)
+    queries = []
+    for node in model.graph.node:
+        softmax = matcher.softmax_of(node)
+        if softmax is not None:
+            try:
+                queries.append(matcher.match(softmax, node.name).q)
+            except na_pass._Mismatch:
+                continue
+    assert queries
+    ev = matcher.eval
+    inferred = 0
+    for q in queries:
+        dim = ev.shapes[q][-2]
+        inferred += isinstance(dim, int) or all(t.strip().isdigit() or t.strip() in ev.dynamic_dims
+                                                for t in str(dim).split("+"))
+        for sample in range(len(na_pass._SAMPLES)):
+            computed = int(ev.values([q + na_pass._SHAPE], sample, probes=(q,))[0][-2])
+            assert ev.tokens(q, sample) == computed, (q, sample, dim)
+    assert inferred == len(queries) or (name, exporter) != ("vlm-small", "dynamo")
