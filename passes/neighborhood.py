@@ -111,6 +111,7 @@ class _Evaluator:
         self.dynamic_dims = sorted({d.dim_param or f"{i.name}:{a}"
                                     for i in self.graph_inputs.values()
                                     for a, d in enumerate(i.type.tensor_type.shape.dim) if not d.dim_value})
+        self._tokens: dict[tuple[str, int], int] = {}
 
     def kind(self, name: str) -> int:
         """0: constant, 1: depends on input shapes only, 2: depends on input values."""
@@ -199,6 +200,14 @@ class _Evaluator:
         """Size of the token axis (-2) of ``name`` ``[.., N, D]`` at a sample: from its inferred shape where that
         is a static size or a sum of input dims and constants (``"seq + 576"``), else computed from zero inputs
         (which runs every layer in front of it: seconds per attention layer of a large model)."""
+        inferred = self._inferred_tokens(name, sample)
+        if inferred is not None:
+            return inferred
+        if (name, sample) not in self._tokens:
+            self.compute_tokens([name], sample)
+        return self._tokens[name, sample]
+
+    def _inferred_tokens(self, name: str, sample: int) -> int | None:
         shape = self.shapes.get(name) or []
         dim = shape[-2] if len(shape) >= 2 else None
         sizes = dict(zip(self.dynamic_dims, _SAMPLES[sample]))
@@ -207,8 +216,16 @@ class _Evaluator:
         terms = [t.strip() for t in dim.split("+")] if isinstance(dim, str) else []
         if terms and all(t.isdigit() or t in sizes for t in terms):
             return sum(int(t) if t.isdigit() else sizes[t] for t in terms)
-        shape = self.values([name + _SHAPE], sample, probes=(name,))[0]
-        return int(shape[-2])
+        return None
+
+    def compute_tokens(self, names: list[str], sample: int) -> None:
+        """Compute the token counts of ``names`` whose shapes do not tell them at a sample, in one run (each computed
+        apart would run the layers in front of it again: quadratic in the layers), for :meth:`tokens`."""
+        names = [n for n in dict.fromkeys(names)
+                 if (n, sample) not in self._tokens and self._inferred_tokens(n, sample) is None]
+        if names:
+            shapes = self.values([n + _SHAPE for n in names], sample, probes=tuple(names))
+            self._tokens.update({(n, sample): int(shape[-2]) for n, shape in zip(names, shapes)})
 
 
 _SHAPE = "::probe_shape"
@@ -913,7 +930,7 @@ def _find_sites(model: onnx.ModelProto) -> tuple[_Matcher, list[tuple[_Site, lis
                                                   list[NearMiss]]:
     """Every proven site with the samples it was evaluated at and one proof per sample, and the near-misses."""
     matcher = _Matcher(model)
-    found, misses = [], []
+    found, misses, sites = [], [], []
     for node in list(model.graph.node):
         softmax = matcher.softmax_of(node)
         if softmax is None:
@@ -922,6 +939,15 @@ def _find_sites(model: onnx.ModelProto) -> tuple[_Matcher, list[tuple[_Site, lis
             site = matcher.match(softmax, node.name)
             if not site.biases and not site.masks and site.window_index is None and site.bucket is None:
                 raise _Mismatch("no mask or bias before the softmax (plain attention)")
+            sites.append((node, site))
+        except _Mismatch as exc:
+            misses.append(NearMiss(FAMILY, node.name, str(exc)))
+    try:
+        matcher.eval.compute_tokens([site.q for _, site in sites if _sampled(matcher.eval, site)], 0)
+    except _Mismatch:
+        pass   # each site meets its own error below
+    for node, site in sites:
+        try:
             samples = _samples(matcher, site)
             proofs = []
             for sample in samples:
@@ -952,8 +978,7 @@ def _samples(matcher: _Matcher, site: _Site) -> list[int]:
     shrink it (a static token count is evaluated at its own size, as large as the graph's own mask).
     """
     ev = matcher.eval
-    if not ((site.bucket is not None and ev.dynamic_dims) or any(ev.kind(b) == 1 for b, _ in site.biases) or any(
-            ev.kind(m) == 1 for m, _ in site.masks) or (site.window_index and ev.kind(site.window_index) == 1)):
+    if not _sampled(ev, site):
         return [0]
     if site.bucket is not None:
         return [0, 1]
@@ -967,6 +992,13 @@ def _samples(matcher: _Matcher, site: _Site) -> list[int]:
         raise _Mismatch(f"the mask depends on the input sizes and has {small} tokens even at the small "
                         f"sampled sizes, too many to prove it on a dense [{small}, {small}] mask")
     return [2, 3]
+
+
+def _sampled(ev: _Evaluator, site: _Site) -> bool:
+    """Whether the site's dense bias depends on the input sizes (bucketed, or a bias, mask or window index computed
+    from shapes): it is then evaluated at two samples."""
+    return bool((site.bucket is not None and ev.dynamic_dims) or any(ev.kind(b) == 1 for b, _ in site.biases) or any(
+        ev.kind(m) == 1 for m, _ in site.masks) or (site.window_index and ev.kind(site.window_index) == 1))
 
 
 def _grid_dims(matcher: _Matcher, samples: list[int], proofs: list[Neighborhood]) -> list:

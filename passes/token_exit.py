@@ -42,7 +42,7 @@ from onnx import helper, numpy_helper
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import on_stand_in_weights, ort_session
 from attnc.passes.core import (constant_value, evaluate_tensors, name_nodes, producers, remove_dead_nodes,
-                               toposort, value_shapes)
+                               toposort, value_shapes, value_shapes_and_types)
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,7 @@ def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_vi
     x = boundaries[exit_layer]
     after = _downstream(model, x)
     prefix = f"token_exit/layer{exit_layer}"
+    declared = _text_shape(model, x, num_visual_tokens)
     sliced = _slice_tokens(model, x, num_visual_tokens, prefix)
     _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix)
     for node in after:
@@ -208,7 +209,9 @@ def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_vi
     for node in _model_visual_drop(model, after, num_visual_tokens):
         _to_identity(node)
         report.neutralised_slices.append(node.name)
-    _finish(model)
+    _finish(model, after)
+    if declared is not None:
+        model.graph.value_info.append(helper.make_tensor_value_info(sliced, *declared))
     log.info("token_exit: visual tokens dropped before decoder layer %d of %d", exit_layer, depth)
     return model, report
 
@@ -355,10 +358,32 @@ def _to_identity(node):
     del node.attribute[:]
 
 
-def _finish(model):
+def _text_shape(model, x, num_visual_tokens) -> tuple[int, list] | None:
+    """``(element type, shape)`` of ``x[:, P:]`` where ``x``'s token axis is a sum of dims with the constant ``P``
+    among its terms (a dynamo export's ``"seq + 576"``): the text's tokens keep the text's dim (``"seq"``), which
+    shape inference carries on to the later layers (it cannot subtract from a symbolic dim itself). The passes
+    read token counts from those shapes instead of running every layer in front of them."""
+    shapes, types = value_shapes_and_types(model, data_prop=False)
+    shape = shapes.get(x)
+    if not shape or len(shape) < 2 or not isinstance(shape[1], str) or types.get(x) is None:
+        return None
+    terms = [t.strip() for t in shape[1].split("+")]
+    if str(num_visual_tokens) not in terms or len(terms) < 2:
+        return None
+    terms.remove(str(num_visual_tokens))
+    return types[x], [shape[0], " + ".join(terms), *shape[2:]]
+
+
+def _finish(model, after: list[onnx.NodeProto]):
+    """Sort, drop dead nodes, and forget the shapes of what ``after`` (the nodes behind the boundary) computes: their
+    sequence lengths changed. The others' shapes stay: a dynamo export names the token axis ``"seq + P"``, which
+    shape inference cannot derive from a ``Concat`` again."""
+    stale = {o for n in after for o in n.output}
     toposort(model)
     remove_dead_nodes(model)
-    del model.graph.value_info[:]  # sequence lengths changed after the exit
+    kept = [v for v in model.graph.value_info if v.name not in stale]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
 
 
 def export_static_exit(torch_model, example_inputs, path, exit_layer: int, **export_kwargs):
@@ -684,7 +709,7 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     kept = [n for n in g.node if n.name not in after_names]
     del g.node[:]
     g.node.extend(kept + [if_node])
-    _finish(model)
+    _finish(model, after)
     report = TokenExitReport("dynamic", gate.layer, depth, num_visual_tokens, x, sorted(drops),
                              gate={"layer": gate.layer, "weight": [float(w) for w in gate.weight],
                                    "bias": float(gate.bias), "threshold": float(gate.threshold)})

@@ -789,8 +789,8 @@ def test_local_attention_other_configs_are_left_alone(options, reason, tmp_path)
 def test_token_counts_from_inferred_shapes_equal_the_computed_ones(name, exporter):
     """The evaluator reads a query's token count at a sample from its inferred shape where that is a sum of input
     dims and constants (a VLM's ``text + 16``), instead of running every layer in front of it; the count equals the
-    one computed from zero inputs at every sample (a grid's product of dims is computed), and the VLM's dynamo export
-    takes the inferred path."""
+    one computed from zero inputs at every sample (a grid's product of dims is computed; all queries' counts in one
+    run give the same), and the VLM's dynamo export takes the inferred path."""
     _, _, model = export_spec(name, exporter)
     matcher = na_pass._Matcher(model)
     queries = []
@@ -803,12 +803,15 @@ def test_token_counts_from_inferred_shapes_equal_the_computed_ones(name, exporte
                 continue
     assert queries
     ev = matcher.eval
+    together = na_pass._Matcher(model).eval   # every query's count computed in one run per sample
     inferred = 0
+    for sample in range(len(na_pass._SAMPLES)):
+        together.compute_tokens(queries, sample)
     for q in queries:
         dim = ev.shapes[q][-2]
         inferred += isinstance(dim, int) or all(t.strip().isdigit() or t.strip() in ev.dynamic_dims
                                                 for t in str(dim).split("+"))
         for sample in range(len(na_pass._SAMPLES)):
             computed = int(ev.values([q + na_pass._SHAPE], sample, probes=(q,))[0][-2])
-            assert ev.tokens(q, sample) == computed, (q, sample, dim)
+            assert ev.tokens(q, sample) == computed == together.tokens(q, sample), (q, sample, dim)
     assert inferred == len(queries) or (name, exporter) != ("vlm-small", "dynamo")
