@@ -183,6 +183,17 @@ def record_facts(proto: onnx.ModelProto, model: torch.nn.Module) -> None:
         set_metadata(proto, VISUAL_TOKENS, str(count))
 
 
+def every_input(dynamic_axes: dict | None, input_names: Sequence[str]) -> dict | None:
+    """``dynamic_axes`` with an entry for every input, in order (``{}`` for a static one), then the outputs'. The
+    dynamo exporter (torch 2.13) pairs its ``dynamic_axes`` with the forward's inputs by position: without the
+    entry of a static input in front, a later input's dynamic axes went to it (``{"b": {1: "n"}}`` made ``a``'s
+    axis 1 dynamic and ``b``'s static)."""
+    if not dynamic_axes:
+        return dynamic_axes
+    return {**{name: dict(dynamic_axes.get(name, {})) for name in input_names},
+            **{name: axes for name, axes in dynamic_axes.items() if name not in input_names}}
+
+
 def _export_with(exporter, model, inputs, opset, dynamic_axes, input_names, output_names, folder: Path
                  ) -> onnx.ModelProto:
     """The exported model. A model whose weights come near protobuf's 2 GiB is exported into ``folder`` with
@@ -198,7 +209,7 @@ def _export_with(exporter, model, inputs, opset, dynamic_axes, input_names, outp
         if exporter == "dynamo":
             program = torch.onnx.export(
                 model, inputs, dynamo=True, opset_version=opset, input_names=input_names,
-                output_names=output_names, dynamic_axes=dynamic_axes, verbose=False,
+                output_names=output_names, dynamic_axes=every_input(dynamic_axes, input_names), verbose=False,
                 optimize=True, external_data=False,
             )
             if not large:

@@ -66,3 +66,26 @@ def test_comparison_fails_on_a_flipped_weight(exporter):
     target.CopyFrom(numpy_helper.from_array(values, target.name))
     with pytest.raises(AssertionError, match="Not equal to tolerance"):
         assert_matches_pytorch(proto, model, spec)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_dynamic_axes_of_a_later_input_stay_on_it(exporter, tmp_path):
+    """Only the second input dynamic: its axis, not the first input's, is dynamic in the graph (the dynamo exporter
+    paired ``dynamic_axes`` with the inputs by position and gave it to the first), and the graph runs at another
+    length of it."""
+    from attnc.compiler.export import export_onnx
+
+    class TwoInputs(torch.nn.Module):
+        def forward(self, a, b):
+            return a.sum(-1, keepdim=True) + b.mean(-1, keepdim=True)
+
+    a, b = torch.randn(2, 3), torch.randn(2, 5)
+    path = export_onnx(TwoInputs(), (a, b), tmp_path / "two.onnx", exporter=exporter, input_names=["a", "b"],
+                       dynamic_axes={"b": {1: "n"}})
+    runner = load(str(path), threads=1)
+    shapes = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+              for i in onnx.load(str(path)).graph.input}
+    assert shapes == {"a": [2, 3], "b": [2, "n"]}
+    longer = torch.randn(2, 9)
+    np.testing.assert_allclose(runner.infer({"a": a.numpy(), "b": longer.numpy()})["output"],
+                               (a.sum(-1, keepdim=True) + longer.mean(-1, keepdim=True)).numpy(), rtol=1e-6)
