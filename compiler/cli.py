@@ -133,15 +133,23 @@ def models_cmd() -> None:
               help="Encoder-decoder checkpoints: the first generation step, (main input, decoder_input_ids) -> "
                    "(logits, present.N.key/value, cross_key_values.N.key/value); with the --with-past graph, "
                    "attnc.runtime.generate_seq2seq decodes.")
+@click.option("--text-before-image", type=click.IntRange(min=0), default=None,
+              help="Vision-language checkpoints: the image's tokens go after the first N text tokens of input_ids "
+                   "(a chat template's text in front of the image, e.g. LLaVA-1.5's 'USER:'); default 0. The "
+                   "export records N: --token-exit and validate take it.")
 @_handle_errors
 def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset, seed, int_high,
-               attention_mask, past, first_step) -> None:
+               attention_mask, past, first_step, text_before_image) -> None:
     """Export MODEL (a bundled model name, a Hugging Face checkpoint directory or MODULE:FACTORY) to ONNX."""
     import torch
 
     from attnc.compiler.export import export_onnx, resolve_model
 
     module, spec = resolve_model(model_ref)
+    if text_before_image is not None:
+        from attnc.models.hf_checkpoint import with_text_before_image
+
+        module, spec = with_text_before_image(module, spec, text_before_image)
     if past and first_step:
         raise AttncError("--with-past and --first-step export two graphs of one model",
                          "export each to its own file, one with each option")
@@ -321,6 +329,9 @@ def _dims(shape) -> str:
 @click.option("--visual-tokens", type=int,
               help="Number of visual tokens in front of the text (token exit; default: the number attnc export "
                    "recorded in the model).")
+@click.option("--text-before-image", "visual_offset", type=click.IntRange(min=0),
+              help="Token exit: text tokens in front of the visual tokens (default: the number attnc export recorded, "
+                   "else 0).")
 @click.option("--exit-layer", type=int, help="Static token exit: the decoder layer (default: chosen on --calibration).")
 @click.option("--exit-gate", type=click.Path(dir_okay=False),
               help="Dynamic token exit: a gate saved with ExitGate.save.")
@@ -337,8 +348,8 @@ def _dims(shape) -> str:
               help="TensorRT: run fused nodes as attnc plugins, or inline their ONNX function bodies.")
 @_handle_errors
 def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, lower, prune_heads, prune_method,
-                prune_granularity, prune_keep, calibration, token_exit, visual_tokens, exit_layer, exit_gate,
-                min_shapes, opt_shapes, max_shapes, workspace, timing_cache, fused_ops) -> None:
+                prune_granularity, prune_keep, calibration, token_exit, visual_tokens, visual_offset, exit_layer,
+                exit_gate, min_shapes, opt_shapes, max_shapes, workspace, timing_cache, fused_ops) -> None:
     """Run the pass pipeline on an ONNX model and build a BACKEND artefact in OUT_DIR."""
     from attnc.compiler.pipeline import CompileOptions, compile_model
 
@@ -354,8 +365,8 @@ def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, lowe
                              lower=None if not lower else [f for f in lower if f != "none"],
                              backend_options=backend_options, prune_heads=prune_heads, prune_method=prune_method,
                              prune_granularity=prune_granularity, prune_keep=prune_keep, calibration=calibration,
-                             token_exit=token_exit, visual_tokens=visual_tokens, exit_layer=exit_layer,
-                             exit_gate=exit_gate)
+                             token_exit=token_exit, visual_tokens=visual_tokens, visual_offset=visual_offset,
+                             exit_layer=exit_layer, exit_gate=exit_gate)
     with console.status("compiling") as status:
         manifest = compile_model(model_path, out_dir, options, progress=status.update)
     table = Table("family", "rewritten", "near-misses", title="fusion passes")

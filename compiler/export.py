@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from attnc.compiler.errors import AttncError
-from attnc.compiler.onnx_io import VISUAL_TOKENS, save_model, set_metadata
+from attnc.compiler.onnx_io import VISUAL_OFFSET, VISUAL_TOKENS, save_model, set_metadata
 from attnc.compiler.validate import eval_mode, kv_cache_off
 from attnc.plugins import attach_function_bodies
 
@@ -176,11 +176,13 @@ def weight_bytes(model) -> int:
 
 def record_facts(proto: onnx.ModelProto, model: torch.nn.Module) -> None:
     """Write what the passes cannot read from the graph into its ``metadata_props``: a vision-language model's
-    visual tokens (its ``num_visual_tokens``, :data:`attnc.compiler.onnx_io.VISUAL_TOKENS`), which ``attnc compile --token-exit``
-    takes when ``--visual-tokens`` is not given."""
+    visual tokens (its ``num_visual_tokens``, :data:`attnc.compiler.onnx_io.VISUAL_TOKENS`) and the text tokens in front
+    of them (its ``visual_offset``, :data:`attnc.compiler.onnx_io.VISUAL_OFFSET`), which ``attnc compile --token-exit``
+    and ``attnc validate`` take."""
     count = getattr(model, "num_visual_tokens", None)
     if isinstance(count, int) and count > 0:
         set_metadata(proto, VISUAL_TOKENS, str(count))
+        set_metadata(proto, VISUAL_OFFSET, str(getattr(model, "visual_offset", 0)))
 
 
 def every_input(dynamic_axes: dict | None, input_names: Sequence[str]) -> dict | None:

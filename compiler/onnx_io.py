@@ -702,8 +702,10 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, provid
     return session
 
 
-# metadata_props key: the visual tokens in front of a vision-language model's text (attnc.compiler.export.record_facts)
+# metadata_props keys (attnc.compiler.export.record_facts): a vision-language model's visual tokens, and the text
+# tokens in front of them
 VISUAL_TOKENS = "attnc.visual_tokens"
+VISUAL_OFFSET = "attnc.visual_offset"
 
 
 def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:

@@ -53,6 +53,7 @@ class CompileOptions:
     calibration: str | None = None      # .npz of calibration inputs (one batch), keyed by input name
     token_exit: str | None = None       # "static" or "dynamic"
     visual_tokens: int | None = None
+    visual_offset: int | None = None    # text tokens in front of the visual ones (None: as the export recorded)
     exit_layer: int | None = None       # static: None lets calibration choose
     exit_gate: str | None = None        # dynamic: .npz written by ExitGate.save
 
@@ -127,6 +128,8 @@ def compile_model(model_path: str | os.PathLike, out_dir: str | os.PathLike,
             "passes": [r.to_dict() for r in reports],
             "lowered": sorted(lowering) if options.fuse else [],
             "shrink": shrink,
+            # what the export recorded of the model (attnc.compiler.export.record_facts): validate rebuilds it so
+            "recorded": {p.key: p.value for p in model.metadata_props if p.key.startswith("attnc.")},
             "backend_info": getattr(backend, "describe", lambda _p: {})(artefact),
             "timings": {k: round(v, 4) for k, v in timings.items()},
         }
@@ -180,20 +183,17 @@ def _shrink(model: onnx.ModelProto, options: CompileOptions, step) -> dict:
     if options.token_exit:
         from attnc.passes import token_exit
 
-        recorded = onnx_io.metadata(model, onnx_io.VISUAL_TOKENS)
-        visual_tokens = options.visual_tokens or (int(recorded) if recorded and recorded.isdigit() else None)
+        visual_tokens = _recorded(model, onnx_io.VISUAL_TOKENS, options.visual_tokens, "--visual-tokens")
         if not visual_tokens:
             raise AttncError("--token-exit needs the number of visual tokens, and the model records none",
                              "pass --visual-tokens N (the tokens in front of the text), or export the model with "
                              "attnc export, which records a vision-language model's")
-        if options.visual_tokens and recorded and recorded.isdigit() and options.visual_tokens != int(recorded):
-            raise AttncError(f"--visual-tokens {options.visual_tokens} contradicts the {recorded} visual tokens "
-                             "the model's export recorded", f"pass --visual-tokens {recorded}, or leave it out")
+        offset = _recorded(model, onnx_io.VISUAL_OFFSET, options.visual_offset, "--text-before-image") or 0
         gate = token_exit.ExitGate.load(options.exit_gate) if options.exit_gate else None
         step(f"visual-token exit ({options.token_exit})")
         result["model"], report = token_exit.apply(
             result["model"], options.token_exit, visual_tokens, exit_layer=options.exit_layer,
-            calibration_feeds=calibration, gate=gate)
+            calibration_feeds=calibration, gate=gate, visual_offset=offset)
         result["token_exit"] = report.to_dict()
     if options.prune_heads:
         from attnc.passes import prune_heads
@@ -211,6 +211,16 @@ def _shrink(model: onnx.ModelProto, options: CompileOptions, step) -> dict:
         result["model"], report = prune_heads.apply_keep(result["model"], options.prune_keep)
         result["prune_heads"] = report.to_dict()
     return result
+
+
+def _recorded(model: onnx.ModelProto, key: str, given: int | None, option: str) -> int | None:
+    """``given`` (an option's value) or what the export recorded under ``key``; both must agree."""
+    value = onnx_io.metadata(model, key)
+    recorded = int(value) if value is not None and value.isdigit() else None
+    if given is not None and recorded is not None and given != recorded:
+        raise AttncError(f"{option} {given} contradicts the {recorded} the model's export recorded",
+                         f"pass {option} {recorded}, or leave it out")
+    return given if given is not None else recorded
 
 
 def load_manifest(artefact_dir: str | os.PathLike) -> dict:
@@ -312,7 +322,7 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     from attnc.compiler.export import resolve_model
     from attnc.compiler.reference import REFERENCES, shrink_cost, shrunk_model
     from attnc.compiler.report import write_report
-    from attnc.models.hf_checkpoint import MASK, CheckpointSpec, for_inputs
+    from attnc.models.hf_checkpoint import MASK, CheckpointSpec, for_inputs, with_text_before_image
     from attnc.passes.prune_heads import kept_cache_runs
 
     if reference not in REFERENCES:
@@ -322,6 +332,9 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     module, spec = resolve_model(model_ref)
     # exported with --with-attention-mask, --with-past or --first-step: the checkpoint as the artefact runs it
     module, spec = for_inputs(module, spec, [s.name for s in runner.input_specs], runner.output_names)
+    offset = manifest.get("recorded", {}).get(onnx_io.VISUAL_OFFSET)
+    if isinstance(spec, CheckpointSpec) and spec.kind == "vlm" and offset and offset.isdigit():
+        module, spec = with_text_before_image(module, spec, int(offset))   # exported with --text-before-image
     shrink = manifest.get("shrink", {})
     shrunk = shrunk_model(module, shrink) if reference == "shrunk" else None
 

@@ -290,6 +290,31 @@ def _seq2seq_masked(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Mask
         factory=functools.partial(_rewrapped, spec.factory, MaskedSeq2SeqOutput))
 
 
+def with_text_before_image(module: torch.nn.Module, spec: CheckpointSpec, tokens: int
+                           ) -> tuple[torch.nn.Module, CheckpointSpec]:
+    """A loaded vision-language checkpoint with its image after the first ``tokens`` text tokens (``attnc export
+    --text-before-image``): :class:`~attnc.models.hf_vision_language.VisionLanguageOutput` on the same weights,
+    its example ``input_ids`` that many tokens longer.
+
+    Raises:
+        AttncError: the checkpoint is no vision-language model's, or ``tokens`` is negative.
+    """
+    if not isinstance(spec, CheckpointSpec) or spec.kind != "vlm":
+        raise AttncError(f"{spec.name if spec else 'this model'} is no vision-language checkpoint: "
+                         "--text-before-image places text in front of an image", "export it without the option")
+    if tokens < 0:
+        raise AttncError(f"--text-before-image must be 0 or more, got {tokens}", "pass the tokens in front of the image")
+    wrapper = hf_vision_language.VisionLanguageOutput
+    before = getattr(module, "visual_offset", 0)
+    if tokens == before:
+        return module, spec
+    return wrapper(module.model, tokens).eval(), dataclasses.replace(
+        spec, sizes={**spec.sizes, "seq": spec.sizes["seq"] - before + tokens},
+        factory=functools.partial(_rewrapped, spec.factory, wrapper, tokens),
+        description=spec.description.replace("with the image in front of the text",
+                                             f"with the image after {tokens} text tokens"))
+
+
 def _text_only_option(spec: CheckpointSpec, option: str, what: str) -> None:
     if spec.kind == "vlm":
         raise AttncError(f"{option} is not built for vision-language checkpoints ({what} with an image in front)",

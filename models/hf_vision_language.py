@@ -24,10 +24,8 @@ import torch
 
 from attnc.compiler.errors import AttncError
 
-# config.architectures[0] -> how its image features are computed (see _image_features).
-ARCHITECTURES = {
-    "LlavaForConditionalGeneration": "llava",
-}
+# config.architectures[0] of the checkpoints VisionLanguageOutput lays out (checked against transformers' forward)
+ARCHITECTURES = ("LlavaForConditionalGeneration",)
 PIXELS, IDS = "pixel_values", "input_ids"
 
 
@@ -47,8 +45,11 @@ def check_supported(config, name: str) -> None:
 
 
 class VisionLanguageOutput(torch.nn.Module):
-    """``(pixel_values [B, C, H, W], input_ids [B, T]) -> logits [B, T, vocab]``: the image's ``P`` tokens
-    in front of the text, as the transformers forward computes a prompt ``<image>×P`` + ``input_ids``.
+    """``(pixel_values [B, C, H, W], input_ids [B, T]) -> logits [B, T - K, vocab]``: the image's ``P`` tokens
+    after the first ``K`` text tokens (``text_before_image``, 0: the image first), as the transformers forward
+    computes a prompt ``input_ids[:, :K]`` + ``<image>×P`` + ``input_ids[:, K:]``; the logits are those of the
+    text after the image. ``K`` is fixed per export: a chat template's text in front of the image (LLaVA-1.5's
+    ``USER:``), the same for every prompt.
 
     ``forward(..., exit_layer=k)`` drops the visual tokens before decoder layer ``k`` (DyVTE's static exit):
     layers ``k:`` run on the text tokens alone, with the text's entries of the causal mask and the rotary
@@ -57,10 +58,12 @@ class VisionLanguageOutput(torch.nn.Module):
     not export.
     """
 
-    def __init__(self, model: torch.nn.Module, kind: str = "llava"):
+    def __init__(self, model: torch.nn.Module, text_before_image: int = 0):
         super().__init__()
+        if not isinstance(text_before_image, int) or text_before_image < 0:
+            raise AttncError(f"the text tokens before the image must be 0 or more, got {text_before_image}")
         self.model = model
-        self.kind = kind
+        self.visual_offset = text_before_image
         # P as a Python int (one run of the vision tower on a blank image): the graph then slices the text's logits
         # at a constant, which the token-exit pass recognises (a traced image size would be a computed start)
         vision = model.config.vision_config
@@ -90,20 +93,24 @@ class VisionLanguageOutput(torch.nn.Module):
         return inner.multi_modal_projector(torch.cat(states, -1))
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, exit_layer: int | None = None):
+        if input_ids.shape[1] <= self.visual_offset:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens: fewer than the {self.visual_offset} in "
+                             "front of the image and one after it")
         if exit_layer is not None and not 0 <= exit_layer <= len(self.decoder_layers):
             raise ValueError(f"exit_layer must be in [0, {len(self.decoder_layers)}], got {exit_layer}")
         return self.exit_run(pixel_values, input_ids, exit_layer)[0]
 
     def exit_run(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, layer: int | None,
                  decide: Callable[[torch.Tensor], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-        """``(logits [B, T, vocab], features [B, C], exited)``: the visual tokens dropped before decoder layer
+        """``(logits [B, T - K, vocab], features [B, C], exited)``: the visual tokens dropped before decoder layer
         ``layer`` when ``decide(features)`` says so (always without ``decide``; never with ``layer`` None).
-        ``features`` is the mean over the text tokens of the hidden state entering that layer (what a DyVTE
-        gate reads, :class:`attnc.passes.token_exit.ExitGate`)."""
+        ``features`` is the mean over the text tokens (in front of and after the image) of the hidden state
+        entering that layer (what a DyVTE gate reads, :class:`attnc.passes.token_exit.ExitGate`)."""
         inner = self.model.model
         visual = self.image_features(pixel_values)
-        p = self.num_visual_tokens
-        x = torch.cat([visual, inner.get_input_embeddings()(input_ids)], 1)
+        p, k = self.num_visual_tokens, self.visual_offset
+        text = inner.get_input_embeddings()(input_ids)
+        x = torch.cat([text[:, :k], visual, text[:, k:]], 1) if k else torch.cat([visual, text], 1)
         state: dict = {"exited": False, "features": None}
         hooks = []
         layers = self.decoder_layers
@@ -111,9 +118,9 @@ class VisionLanguageOutput(torch.nn.Module):
             def drop(module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 if module is layers[layer]:
-                    state["features"] = hidden[:, p:].mean(1)
+                    state["features"] = torch.cat([hidden[:, :k], hidden[:, k + p:]], 1).mean(1)
                     state["exited"] = True if decide is None else bool(decide(state["features"]))
-                return text_only(args, kwargs, p, x.shape[1]) if state["exited"] else None
+                return text_only(args, kwargs, p, x.shape[1], k) if state["exited"] else None
 
             hooks = [m.register_forward_pre_hook(drop, with_kwargs=True) for m in layers[layer:]]
         try:
@@ -121,8 +128,8 @@ class VisionLanguageOutput(torch.nn.Module):
         finally:
             for hook in hooks:
                 hook.remove()
-        text = hidden if state["exited"] else hidden[:, p:]
-        return self.model.lm_head(text), state["features"], state["exited"]
+        after = hidden[:, k:] if state["exited"] else hidden[:, k + p:]
+        return self.model.lm_head(after), state["features"], state["exited"]
 
 
 # Keyword arguments of a decoder layer and their token axes: (query, key) for the mask, the last for positions.
@@ -131,8 +138,9 @@ _TOKEN_AXES = {"attention_mask": (-2, -1), "position_ids": (-1,), "cache_positio
 _PASSED = ("past_key_values", "past_key_value", "use_cache", "output_attentions", "layer_idx")
 
 
-def text_only(args: tuple, kwargs: dict, p: int, n: int) -> tuple[tuple, dict]:
-    """A decoder layer's ``(args, kwargs)`` without the first ``p`` of the sequence's ``n`` tokens: the hidden
+def text_only(args: tuple, kwargs: dict, p: int, n: int, k: int = 0) -> tuple[tuple, dict]:
+    """A decoder layer's ``(args, kwargs)`` without the ``p`` visual tokens after the first ``k`` of the sequence's
+    ``n`` tokens: the hidden
     state (the first argument, unless the layer before dropped them already), the causal mask's query and key
     axes, the positions and the rotary tables (``position_embeddings``, a ``(cos, sin)`` pair ``[..., n, D]``),
     which the language model computes once for all its layers.
@@ -145,11 +153,10 @@ def text_only(args: tuple, kwargs: dict, p: int, n: int) -> tuple[tuple, dict]:
             return type(value)(cut(v, axes) for v in value)
         if not isinstance(value, torch.Tensor):
             return value
-        index = [slice(None)] * value.dim()
         for axis in axes:
             if value.shape[axis] == n:
-                index[axis] = slice(p, None)
-        return value[tuple(index)]
+                value = torch.cat([value.narrow(axis, 0, k), value.narrow(axis, k + p, n - k - p)], axis)
+        return value
 
     if args:
         args = (cut(args[0], (1,)), *args[1:])

@@ -134,8 +134,10 @@ def _downstream(model, *names: str, sizes: bool = True) -> list[onnx.NodeProto]:
     return found
 
 
-def _model_visual_drop(model, nodes: list[onnx.NodeProto], num_visual_tokens: int) -> list[onnx.NodeProto]:
-    """The model's own ``Slice(·, P, ∞, axis=1)`` among ``nodes`` (dropping visual tokens at the end)."""
+def _model_visual_drop(model, nodes: list[onnx.NodeProto], num_visual_tokens: int, offset: int = 0
+                       ) -> list[onnx.NodeProto]:
+    """The model's own ``Slice(·, K + P, ∞, axis=1)`` among ``nodes`` (keeping the text after the image at the end;
+    ``K`` is ``offset``, the text tokens in front of the image)."""
     found = []
     for node in nodes:
         if node.op_type != "Slice" or len(node.input) < 4:
@@ -143,7 +145,7 @@ def _model_visual_drop(model, nodes: list[onnx.NodeProto], num_visual_tokens: in
         starts, ends, axes = (constant_value(model, node.input[i]) for i in (1, 2, 3))
         if starts is None or ends is None or axes is None or starts.size != 1:
             continue
-        if int(axes.reshape(-1)[0]) == 1 and int(starts.reshape(-1)[0]) == num_visual_tokens \
+        if int(axes.reshape(-1)[0]) == 1 and int(starts.reshape(-1)[0]) == offset + num_visual_tokens \
                 and int(ends.reshape(-1)[0]) >= 2 ** 31 - 1:
             found.append(node)
     return found
@@ -163,21 +165,24 @@ class TokenExitReport:
     neutralised_slices: list[str] = field(default_factory=list)
     # dynamic mode: the gate ({"layer", "weight", "bias", "threshold"}), so validation can run it in PyTorch
     gate: dict | None = None
+    visual_offset: int = 0   # K: the text tokens in front of the image
 
     def to_dict(self) -> dict:
         return {"pass": "token_exit", **self.__dict__}
 
 
 @on_stand_in_weights
-def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visual_tokens: int
-                            ) -> tuple[onnx.ModelProto, TokenExitReport]:
-    """Drop the first ``num_visual_tokens`` tokens before decoder layer ``exit_layer``.
+def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visual_tokens: int,
+                            visual_offset: int = 0) -> tuple[onnx.ModelProto, TokenExitReport]:
+    """Drop the ``num_visual_tokens`` visual tokens (after ``visual_offset`` text tokens) before decoder layer
+    ``exit_layer``.
 
     Args:
         onnx_model: exported VLM whose decoder runs on ``[visual; text]`` (not modified).
         exit_layer: in ``[0, decoder layers]``; equal to the number of layers returns the
             model unchanged.
-        num_visual_tokens: ``P``, the visual tokens at the front of the sequence.
+        num_visual_tokens: ``P``, the visual tokens.
+        visual_offset: ``K``, the text tokens in front of them (a chat template's ``USER:``); 0: the image first.
 
     Returns:
         ``(model, TokenExitReport)``.
@@ -190,24 +195,23 @@ def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_vi
     depth = len(boundaries)
     if not isinstance(exit_layer, (int, np.integer)) or not 0 <= exit_layer <= depth:
         raise AttncError(f"exit_layer must be in [0, {depth}] (the decoder has {depth} layers), got {exit_layer}")
-    if num_visual_tokens <= 0:
-        raise AttncError(f"num_visual_tokens must be positive, got {num_visual_tokens}")
+    _check_tokens(num_visual_tokens, visual_offset)
     report = TokenExitReport("static", int(exit_layer), depth, num_visual_tokens,
-                             boundaries[exit_layer] if exit_layer < depth else "")
+                             boundaries[exit_layer] if exit_layer < depth else "", visual_offset=visual_offset)
     if exit_layer == depth:
         return model, report
     x = boundaries[exit_layer]
     after = _downstream(model, x)
     prefix = f"token_exit/layer{exit_layer}"
     declared = _text_shape(model, x, num_visual_tokens)
-    sliced = _slice_tokens(model, x, num_visual_tokens, prefix)
-    _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix)
+    sliced = _slice_tokens(model, x, num_visual_tokens, prefix, visual_offset)
+    _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, visual_offset)
     for node in after:
         for i, name in enumerate(node.input):
             if name == x:
                 node.input[i] = sliced
-    for node in _model_visual_drop(model, after, num_visual_tokens):
-        _to_identity(node)
+    for node in _model_visual_drop(model, after, num_visual_tokens, visual_offset):
+        _keep_text(model, node, visual_offset, prefix)
         report.neutralised_slices.append(node.name)
     _finish(model, after)
     if declared is not None:
@@ -223,18 +227,62 @@ def _copy(model):
     return copy
 
 
-def _slice_tokens(model, x, num_visual_tokens, prefix) -> str:
-    """Add ``x[:, P:]`` to the graph; return its name."""
-    names = {k: f"{prefix}/{k}" for k in ("starts", "ends", "axes", "text")}
-    for key, value in (("starts", num_visual_tokens), ("ends", _END), ("axes", 1)):
-        model.graph.initializer.append(numpy_helper.from_array(np.array([value], dtype=np.int64), names[key]))
-    node = helper.make_node("Slice", [x, names["starts"], names["ends"], names["axes"]], [names["text"]],
-                            name=f"{prefix}/drop_visual_tokens")
-    model.graph.node.append(node)
-    return names["text"]
+def _check_tokens(num_visual_tokens, visual_offset) -> None:
+    if not isinstance(num_visual_tokens, (int, np.integer)) or num_visual_tokens <= 0:
+        raise AttncError(f"num_visual_tokens must be positive, got {num_visual_tokens}")
+    if not isinstance(visual_offset, (int, np.integer)) or visual_offset < 0:
+        raise AttncError(f"visual_offset (the text tokens in front of the image) must be 0 or more, got "
+                         f"{visual_offset}")
 
 
-def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix) -> list[str]:
+def _slice_tokens(model, x, num_visual_tokens, prefix, offset: int = 0) -> str:
+    """Add ``x`` without its visual tokens along axis 1 (``x[:, P:]``, or ``[x[:, :K]; x[:, K + P:]]`` with text in
+    front of the image) to the graph; return its name."""
+    return _drop_visual(model, x, [1], num_visual_tokens, offset, f"{prefix}/text", f"{prefix}/drop_visual_tokens")
+
+
+def _drop_visual(model, name: str, axes: list[int], num_visual_tokens: int, offset: int, out: str,
+                 node_name: str) -> str:
+    """Nodes computing ``out``: ``name`` without the visual tokens ``[K, K + P)`` along each of ``axes``: one
+    ``Slice`` from ``P`` where the image comes first (``K`` = 0), else per axis the ``Concat`` of the slices in
+    front of and behind the image."""
+    def constant(key, value):
+        model.graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), f"{out}.{key}"))
+        return f"{out}.{key}"
+
+    if offset == 0:
+        inputs = [name, constant("starts", [num_visual_tokens] * len(axes)), constant("ends", [_END] * len(axes)),
+                  constant("axes", axes)]
+        model.graph.node.append(helper.make_node("Slice", inputs, [out], name=node_name))
+        return out
+    current = name
+    for j, axis in enumerate(axes):
+        target = out if j == len(axes) - 1 else f"{out}.without{axis}"
+        before, after, on = f"{target}.before", f"{target}.after", constant(f"axis{axis}", [axis])
+        model.graph.node.extend([
+            helper.make_node("Slice", [current, constant(f"zero{axis}", [0]), constant(f"k{axis}", [offset]), on],
+                             [before], name=f"{node_name}/before{axis}"),
+            helper.make_node("Slice", [current, constant(f"kp{axis}", [offset + num_visual_tokens]),
+                                       constant(f"end{axis}", [_END]), on], [after], name=f"{node_name}/after{axis}"),
+            helper.make_node("Concat", [before, after], [target], name=f"{node_name}/concat{axis}", axis=axis),
+        ])
+        current = target
+    return out
+
+
+def _keep_text(model, node: onnx.NodeProto, offset: int, prefix: str) -> None:
+    """The model's own ``Slice(·, K + P, ∞)`` after the exit: ``Identity`` where the image came first, else a
+    slice from ``K`` (the text in front of the image stays out of the output, as before)."""
+    if offset == 0:
+        _to_identity(node)
+        return
+    start = f"{prefix}/{node.name}/text_start"
+    if all(init.name != start for init in model.graph.initializer):
+        model.graph.initializer.append(numpy_helper.from_array(np.array([offset], dtype=np.int64), start))
+    node.input[1] = start
+
+
+def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, offset: int = 0) -> list[str]:
     """Make tensors computed before the boundary but read after it fit the shorter sequence.
 
     Exporters compute some token-indexed tensors once and share them between layers: the
@@ -270,8 +318,11 @@ def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix) -> list[
                         new_value = value.copy()
                         new_value[positions] -= num_visual_tokens
                 elif value.ndim >= 1 and token in value.shape and value.dtype.kind in "fb":
-                    index = tuple(slice(num_visual_tokens, None) if d == token else slice(None) for d in value.shape)
-                    new_value = value[index]
+                    keep = np.r_[0:offset, offset + num_visual_tokens:token]
+                    new_value = value
+                    for axis, d in enumerate(value.shape):
+                        if d == token:
+                            new_value = np.take(new_value, keep, axis=axis)
                 if new_value is not None:
                     new = f"{prefix}/{name}/text"
                     if all(init.name != new for init in model.graph.initializer):
@@ -309,13 +360,8 @@ def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix) -> list[
                     ])
         elif probed[name][0] if probed else shape and token in shape:
             axes = probed[name][0] if probed else [j for j, d in enumerate(shape) if d == token]
-            new = f"{prefix}/{name}/text"
-            arrays = {"starts": [num_visual_tokens] * len(axes), "ends": [_END] * len(axes), "axes": axes}
-            for key, value in arrays.items():
-                model.graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64),
-                                                                       f"{new}.{key}"))
-            model.graph.node.append(helper.make_node("Slice", [name, f"{new}.starts", f"{new}.ends", f"{new}.axes"],
-                                                     [new], name=new))
+            new = _drop_visual(model, name, axes, num_visual_tokens, offset, f"{prefix}/{name}/text",
+                               f"{prefix}/{name}/text")
         elif shape is None and not probed:
             log.warning("token_exit: %s (read after the exit) has no known shape; left as is", name)
         if new is not None:
@@ -417,7 +463,8 @@ class ExitChoice:
 @on_stand_in_weights
 def choose_exit_layer(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, np.ndarray]],
                       num_visual_tokens: int, labels: list[np.ndarray] | None = None,
-                      max_accuracy_drop: float = 0.01, atol: float | None = None) -> ExitChoice:
+                      max_accuracy_drop: float = 0.01, atol: float | None = None, visual_offset: int = 0
+                      ) -> ExitChoice:
     """The earliest decoder layer after which the visual tokens can go.
 
     Every candidate ``k`` is applied with :func:`apply_static_token_exit` and run in ONNX
@@ -432,7 +479,7 @@ def choose_exit_layer(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[
     table = []
     chosen = depth
     for k in range(depth + 1):
-        model, _ = apply_static_token_exit(onnx_model, k, num_visual_tokens)
+        model, _ = apply_static_token_exit(onnx_model, k, num_visual_tokens, visual_offset)
         outs = full if k == depth else _run(model, calibration_feeds)
         pred = np.concatenate([o.argmax(-1) for o in outs])
         ref = np.concatenate([o.argmax(-1) for o in full])
@@ -634,9 +681,10 @@ def train_exit_gate(model, inputs: tuple, layer: int, min_precision: float = 0.9
 
 
 @on_stand_in_weights
-def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_visual_tokens: int
-                             ) -> tuple[onnx.ModelProto, TokenExitReport]:
-    """Put the decoder after ``gate.layer`` under an ``If``: text tokens only when the gate fires.
+def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_visual_tokens: int,
+                             visual_offset: int = 0) -> tuple[onnx.ModelProto, TokenExitReport]:
+    """Put the decoder after ``gate.layer`` under an ``If``: text tokens only when the gate fires (the
+    ``num_visual_tokens`` after ``visual_offset`` text tokens dropped, as :func:`apply_static_token_exit` drops them).
 
     The gate (``ReduceMean`` over the text tokens, ``MatMul``, ``Add``, ``ReduceMin`` over the
     batch, ``Greater``) runs in the main graph; both branches read the main graph's tensors
@@ -647,11 +695,12 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     depth = len(boundaries)
     if not 0 <= gate.layer < depth:
         raise AttncError(f"gate layer must be in [0, {depth}), got {gate.layer}")
+    _check_tokens(num_visual_tokens, visual_offset)
     x = boundaries[gate.layer]
     prefix = f"token_exit/gate{gate.layer}"
     after = _downstream(model, x)
     after_names = {n.name for n in after}
-    text = _slice_tokens(model, x, num_visual_tokens, prefix)
+    text = _slice_tokens(model, x, num_visual_tokens, prefix, visual_offset)
     g = model.graph
     g.initializer.extend([
         numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}/token_axis"),
@@ -672,14 +721,14 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     ])
     # The exit branch reads retargeted copies of token-indexed outer tensors (made in the main graph).
     original_inputs = {n.name: list(n.input) for n in after}
-    _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix)
+    _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, visual_offset)
     exit_inputs = {n.name: list(n.input) for n in after}
     for node in after:
         del node.input[:]
         node.input.extend(original_inputs[node.name])
     produced_after = {o for n in after for o in n.output}
     outputs = [o for o in g.output if o.name in produced_after]
-    drops = {n.name for n in _model_visual_drop(model, after, num_visual_tokens)}
+    drops = {n.name for n in _model_visual_drop(model, after, num_visual_tokens, visual_offset)}
 
     def branch(tag: str, exit_now: bool) -> onnx.GraphProto:
         rename = {o: f"{prefix}/{tag}/{o}" for o in produced_after}
@@ -699,7 +748,7 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
             for i, name in enumerate(new.output):
                 new.output[i] = rename[name]
             if exit_now and node.name in drops:
-                _to_identity(new)
+                _keep_text(model, new, visual_offset, prefix)
             nodes.append(new)
         outs = [helper.make_tensor_value_info(rename[o.name], o.type.tensor_type.elem_type, None) for o in outputs]
         return helper.make_graph(nodes, f"{prefix}/{tag}", [], outs)
@@ -712,15 +761,18 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     _finish(model, after)
     report = TokenExitReport("dynamic", gate.layer, depth, num_visual_tokens, x, sorted(drops),
                              gate={"layer": gate.layer, "weight": [float(w) for w in gate.weight],
-                                   "bias": float(gate.bias), "threshold": float(gate.threshold)})
+                                   "bias": float(gate.bias), "threshold": float(gate.threshold)},
+                             visual_offset=visual_offset)
     return model, report
 
 
 @on_stand_in_weights
 def apply(model: onnx.ModelProto, mode: str, num_visual_tokens: int, *, exit_layer: int | None = None,
           calibration_feeds: list[dict] | None = None, labels: list[np.ndarray] | None = None,
-          gate: ExitGate | None = None, max_accuracy_drop: float = 0.01) -> tuple[onnx.ModelProto, TokenExitReport]:
-    """What ``attnc compile --token-exit static|dynamic`` runs.
+          gate: ExitGate | None = None, max_accuracy_drop: float = 0.01, visual_offset: int = 0
+          ) -> tuple[onnx.ModelProto, TokenExitReport]:
+    """What ``attnc compile --token-exit static|dynamic`` runs (``visual_offset``: the text tokens in front of the
+    image).
 
     ``static``: ``exit_layer``, or the one :func:`choose_exit_layer` picks on
     ``calibration_feeds`` (required then). ``dynamic``: a trained :class:`ExitGate`
@@ -732,11 +784,11 @@ def apply(model: onnx.ModelProto, mode: str, num_visual_tokens: int, *, exit_lay
                 raise AttncError("static token exit needs an exit layer or calibration data to choose one",
                                  "pass --exit-layer K or calibration inputs")
             exit_layer = choose_exit_layer(model, calibration_feeds, num_visual_tokens, labels=labels,
-                                           max_accuracy_drop=max_accuracy_drop).exit_layer
-        return apply_static_token_exit(model, exit_layer, num_visual_tokens)
+                                           max_accuracy_drop=max_accuracy_drop, visual_offset=visual_offset).exit_layer
+        return apply_static_token_exit(model, exit_layer, num_visual_tokens, visual_offset)
     if mode == "dynamic":
         if gate is None:
             raise AttncError("dynamic token exit needs a trained gate",
                              "train one with attnc.passes.token_exit.train_exit_gate on the PyTorch model")
-        return apply_dynamic_token_exit(model, gate, num_visual_tokens)
+        return apply_dynamic_token_exit(model, gate, num_visual_tokens, visual_offset)
     raise AttncError(f"unknown token-exit mode {mode!r}", "use static or dynamic")

@@ -332,10 +332,19 @@ def test_compile_static_token_exit(tmp_path):
 
 
 def test_token_exit_needs_visual_tokens(tmp_path):
+    """attnc export records a VLM's visual tokens, so compile asks only for the exit layer; a graph without the record
+    needs --visual-tokens."""
+    import onnx
+
     path = tmp_path / "vlm.onnx"
     run("export", "vlm-small", "-o", path, "--exporter", "torchscript")
     assert_clean_error(run("compile", path, "-o", tmp_path / "out", "--token-exit", "static", ok=False),
-                       "--visual-tokens")
+                       "exit layer", "--exit-layer")
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    onnx.save(model, str(path))
+    assert_clean_error(run("compile", path, "-o", tmp_path / "out", "--token-exit", "static", "--exit-layer", 1,
+                           ok=False), "--visual-tokens")
 
 
 @pytest.mark.parametrize("fires", [True, False])

@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from attnc.compiler.errors import AttncError
-from attnc.compiler.onnx_io import VISUAL_TOKENS, metadata
-from attnc.testing import assert_clean_error, run_cli, run_model, tiny_llava
+from attnc.compiler.onnx_io import VISUAL_OFFSET, VISUAL_TOKENS, metadata
+from attnc.testing import assert_clean_error, run_cli, run_model, tiny_llama, tiny_llava
 
 transformers = pytest.importorskip("transformers")
 
-from attnc.models.hf_checkpoint import load_checkpoint  # noqa: E402
+from attnc.models.hf_checkpoint import load_checkpoint, with_text_before_image  # noqa: E402
 from attnc.passes.token_exit import (ExitGate, apply_dynamic_token_exit, apply_static_token_exit,  # noqa: E402
                                      decoder_boundaries, dynamic_exit_forward, train_exit_gate)
 
@@ -41,42 +41,51 @@ def checkpoint(tmp_path_factory):
     return folder, module, spec, path
 
 
-def _transformers_logits(folder, pixels, ids, p):
-    """transformers' forward on ``[<image> × p; ids]``: the logits at the text's positions."""
+def _transformers_logits(folder, pixels, ids, p, before=0):
+    """transformers' forward on ``[ids[:, :before]; <image> × p; ids[:, before:]]``: the logits at the text after the
+    image."""
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
-    prompt = torch.cat([torch.full((ids.shape[0], p), IMAGE_TOKEN), ids], 1)
+    prompt = torch.cat([ids[:, :before], torch.full((ids.shape[0], p), IMAGE_TOKEN), ids[:, before:]], 1)
     with torch.no_grad():
-        return hf(input_ids=prompt, pixel_values=pixels).logits[:, p:].numpy()
+        return hf(input_ids=prompt, pixel_values=pixels).logits[:, before + p:].numpy()
 
 
-def _hand_exit(module, pixels, ids, k):
+def _hand_exit(module, pixels, ids, k, before=0):
     """The Llama layers run by hand, the image's tokens (and their rotary and mask entries) dropped before layer
-    ``k``: written apart from the hooks ``VisionLanguageOutput`` drops them with."""
+    ``k``: written apart from the hooks ``VisionLanguageOutput`` drops them with (numpy index lists)."""
     inner, lm = module.model.model, module.model.model.language_model
     with torch.no_grad():
         out = inner.vision_tower(pixels, output_hidden_states=True)
         visual = inner.multi_modal_projector(out.hidden_states[-1][:, 1:])
         p = visual.shape[1]
-        x = torch.cat([visual, inner.get_input_embeddings()(ids)], 1)
+        text = inner.get_input_embeddings()(ids)
+        x = torch.cat([text[:, :before], visual, text[:, before:]], 1)
+        keep = torch.from_numpy(np.r_[0:before, before + p:x.shape[1]])
         positions = torch.arange(x.shape[1])[None]
         cos, sin = lm.rotary_emb(x, positions)
         mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1)[None, None]
         for i, layer in enumerate(lm.layers):
             if i == k:
-                x, cos, sin, mask, positions = x[:, p:], cos[:, p:], sin[:, p:], mask[..., p:, p:], positions[:, p:]
+                x, cos, sin, positions = x[:, keep], cos[:, keep], sin[:, keep], positions[:, keep]
+                mask = mask[..., keep, :][..., keep]
             x = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=(cos, sin))
             x = x[0] if isinstance(x, tuple) else x
         x = lm.norm(x)
-        return module.model.lm_head(x if k < len(lm.layers) else x[:, p:]).numpy()
+        return module.model.lm_head(x[:, before:] if k < len(lm.layers) else x[:, before + p:]).numpy()
 
 
-@pytest.mark.parametrize("strategy,layer", [("default", -1), ("full", -2), ("default", [-2, -1])])
-def test_matches_the_transformers_forward(tmp_path, strategy, layer):
-    """The image's tokens (CLS dropped or kept, one feature layer or two concatenated) in front of the text give
-    transformers' logits at the text, at several batch sizes and text lengths."""
+@pytest.mark.parametrize("strategy,layer,before", [("default", -1, 0), ("full", -2, 0), ("default", [-2, -1], 0),
+                                                   ("default", -1, 3)])
+def test_matches_the_transformers_forward(tmp_path, strategy, layer, before):
+    """The image's tokens (CLS dropped or kept, one feature layer or two concatenated) in front of the text, or after
+    its first 3 tokens, give transformers' logits at the text after the image, at several batch sizes and text
+    lengths."""
     folder = tiny_llava(tmp_path / "ckpt", kv_heads=None, strategy=strategy, feature_layer=layer)
     module, spec = load_checkpoint(str(folder))
     assert spec.input_names == ["pixel_values", "input_ids"] and spec.kind == "vlm"
+    if before:
+        module, spec = with_text_before_image(module, spec, before)
+        assert spec.sizes["seq"] == 16 + before and module.visual_offset == before
     p = 16 + (strategy == "full")
     assert module.num_visual_tokens == p
     for batch, seq in ((1, 5), (3, 9)):
@@ -84,20 +93,24 @@ def test_matches_the_transformers_forward(tmp_path, strategy, layer):
         assert ids.shape == (batch, seq) and int(ids.max()) < IMAGE_TOKEN   # no image token among the words
         with torch.no_grad():
             got = module(pixels, ids).numpy()
-        assert got.shape == (batch, seq, 64)
-        np.testing.assert_allclose(got, _transformers_logits(folder, pixels, ids, p), atol=2e-6, rtol=1e-5)
+        assert got.shape == (batch, seq - before, 64)
+        np.testing.assert_allclose(got, _transformers_logits(folder, pixels, ids, p, before), atol=2e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="fewer than"):
+        module(pixels, ids[:, :before])
 
 
-def test_exit_layer_drops_the_visual_tokens(checkpoint):
-    """``forward(..., exit_layer=k)`` equals the hand loop at every k; exiting changes the logits (before the last
-    layer) and exiting after the last layer changes nothing."""
+@pytest.mark.parametrize("before", [0, 3])
+def test_exit_layer_drops_the_visual_tokens(checkpoint, before):
+    """``forward(..., exit_layer=k)`` equals the hand loop at every k, with the image first or after 3 text tokens;
+    exiting changes the logits (before the last layer) and exiting after the last layer changes nothing."""
     _, module, spec, _ = checkpoint
-    pixels, ids = spec.example_inputs(batch=3, seq=7, seed=5)
+    module, spec = with_text_before_image(module, spec, before)
+    pixels, ids = spec.example_inputs(batch=3, seq=7 + before, seed=5)
     with torch.no_grad():
         full = module(pixels, ids).numpy()
         for k in range(LAYERS + 1):
             got = module(pixels, ids, exit_layer=k).numpy()
-            np.testing.assert_allclose(got, _hand_exit(module, pixels, ids, k), atol=2e-6, rtol=1e-5)
+            np.testing.assert_allclose(got, _hand_exit(module, pixels, ids, k, before), atol=2e-6, rtol=1e-5)
             assert (np.abs(got - full).max() > 1e-3) == (k < LAYERS)
         with pytest.raises(ValueError, match="exit_layer"):
             module(pixels, ids, exit_layer=LAYERS + 1)
@@ -129,6 +142,47 @@ def test_export_runs_and_exits_at_any_size(checkpoint, tmp_path, exporter):
                                            atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("exporter,dynamic", [("dynamo", True), ("torchscript", False)])
+def test_text_before_the_image(checkpoint, tmp_path, exporter, dynamic):
+    """The image after 3 text tokens: ``attnc export --text-before-image 3`` records the offset (dynamo, dynamic
+    batch and text) and a static-shape TorchScript export of the same module behaves alike (its masks and tables are
+    constants there); both exits keep the text in front of the image and drop the image's tokens only: the static
+    exit before each layer and the gate's two branches equal the module."""
+    folder, module, spec, _ = checkpoint
+    if exporter == "torchscript":
+        folder = tiny_llava(tmp_path / "mha", kv_heads=None)
+        module, spec = load_checkpoint(str(folder))
+    module, spec = with_text_before_image(module, spec, 3)
+    path = tmp_path / "llava.onnx"
+    if dynamic:
+        run_cli("export", folder, "-o", path, "--text-before-image", 3, "--exporter", exporter)
+        sizes = ((3, 8), (1, 12))
+    else:
+        from attnc.compiler.export import export_onnx
+
+        export_onnx(module, spec.example_inputs(batch=2, seq=9), path, exporter=exporter,
+                    input_names=spec.input_names)
+        sizes = ((2, 9),)
+    model = onnx.load(str(path))
+    assert (metadata(model, VISUAL_TOKENS), metadata(model, VISUAL_OFFSET)) == ("16", "3")
+    exits = {k: apply_static_token_exit(model, k, 16, 3)[0] for k in (0, 2, 3)}
+    gates = {bias > 0: apply_dynamic_token_exit(model, ExitGate(1, np.zeros(32, np.float32), bias), 16, 3)[0]
+             for bias in (40.0, -40.0)}
+    for batch, seq in sizes:
+        pixels, ids = spec.example_inputs(batch=batch, seq=seq, seed=seq)
+        feeds = {"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}
+        with torch.no_grad():
+            full = module(pixels, ids).numpy()
+            np.testing.assert_allclose(run_model(model, feeds), full, atol=1e-5, rtol=1e-4)
+            for k, exited in exits.items():
+                expected = module(pixels, ids, exit_layer=k).numpy()
+                assert expected.shape == (batch, seq - 3, 64) and np.abs(expected - full).max() > 1e-3
+                np.testing.assert_allclose(run_model(exited, feeds), expected, atol=1e-5, rtol=1e-4)
+            for fires, gated in gates.items():
+                np.testing.assert_allclose(run_model(gated, feeds), module(pixels, ids, exit_layer=1 if fires else None),
+                                           atol=1e-5, rtol=1e-4)
+
+
 def test_compile_with_token_exit_validates(checkpoint, tmp_path):
     """``attnc compile --token-exit static`` takes the recorded visual tokens; ``attnc validate`` passes against the
     checkpoint exiting at the same layer (with head pruning on top too) and fails when the manifest names another
@@ -149,8 +203,30 @@ def test_compile_with_token_exit_validates(checkpoint, tmp_path):
     assert run_cli("validate", out, "--model", folder, ok=False).exit_code == 1
     result = run_cli("compile", path, "-o", tmp_path / "bad", "--token-exit", "static", "--exit-layer", 2,
                      "--visual-tokens", 5, ok=False)
-    assert_clean_error(result, "contradicts the 16 visual tokens", "--visual-tokens 16")
+    assert_clean_error(result, "--visual-tokens 5 contradicts the 16", "--visual-tokens 16")
     assert not (tmp_path / "bad").exists()
+
+
+def test_validate_rebuilds_the_text_before_the_image(checkpoint, tmp_path):
+    """An export with ``--text-before-image 3``: compile takes the recorded offset (a contradicting one is refused),
+    the manifest keeps it, and validate rebuilds the checkpoint with the image after 3 tokens: it passes, exited or
+    not, and fails when the manifest's record is taken away (the checkpoint then puts the image first)."""
+    folder = checkpoint[0]
+    path = tmp_path / "llava.onnx"
+    run_cli("export", folder, "-o", path, "--text-before-image", 3)
+    for extra in ((), ("--token-exit", "static", "--exit-layer", 2)):
+        out = tmp_path / f"out{len(extra)}"
+        run_cli("compile", path, "-o", out, *extra)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["recorded"] == {VISUAL_TOKENS: "16", VISUAL_OFFSET: "3"}
+        run_cli("validate", out, "--model", folder)
+    assert manifest["shrink"]["token_exit"]["visual_offset"] == 3
+    del manifest["recorded"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli("validate", out, "--model", folder, ok=False).exit_code == 1
+    result = run_cli("compile", path, "-o", tmp_path / "bad", "--token-exit", "static", "--exit-layer", 2,
+                     "--text-before-image", 2, ok=False)
+    assert_clean_error(result, "--text-before-image 2 contradicts the 3", "--text-before-image 3")
 
 
 def test_dynamic_exit_gate(checkpoint, tmp_path):
@@ -178,13 +254,16 @@ def test_dynamic_exit_gate(checkpoint, tmp_path):
 
 
 def test_refusals(checkpoint, tmp_path):
-    """Options built for text checkpoints and vision-language architectures attnc does not lay out are refused with
-    the way out, before anything is written."""
+    """Options built for text checkpoints (and --text-before-image for others), and vision-language architectures
+    attnc does not lay out are refused with the way out, before anything is written."""
     folder = checkpoint[0]
     for option in ("--with-attention-mask", "--with-past"):
         result = run_cli("export", folder, "-o", tmp_path / "x.onnx", option, ok=False)
         assert_clean_error(result, option, "vision-language")
     assert not (tmp_path / "x.onnx").exists()
+    result = run_cli("export", tiny_llama(tmp_path / "lm"), "-o", tmp_path / "x.onnx", "--text-before-image", 2,
+                     ok=False)
+    assert_clean_error(result, "no vision-language checkpoint", "--text-before-image")
     config = json.loads((folder / "config.json").read_text())
     other = tmp_path / "vip"
     other.mkdir()
