@@ -187,3 +187,58 @@ def tiny_llava(folder: Path, kv_heads: int | None = 2, strategy: str = "default"
         model = transformers_zoo.perturbed(transformers.LlavaForConditionalGeneration(config))
     model.save_pretrained(folder)
     return folder
+
+
+def tiny_vision_language(folder: Path, architecture: str) -> Path:
+    """A seeded tiny checkpoint of vision-language ``architecture`` (one of
+    :data:`attnc.models.hf_vision_language.ARCHITECTURES` but LLaVA, which :func:`tiny_llava` builds): a 2-layer
+    vision tower whose image becomes 16 tokens, a 2-layer text model (4 for Cohere 2's) of width 32 with 4 query on 2
+    K/V heads and 128 words, the image token 120; weights perturbed off their initial values, saved in ``folder``."""
+    import torch
+    import transformers as t
+
+    from attnc.models import transformers_zoo
+
+    text = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2)
+    qwen2 = dict(text, model_type="qwen2")
+    cohere2 = dict(text, model_type="cohere2", num_hidden_layers=4, sliding_window=4096, logit_scale=0.0625)
+    siglip = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=32, patch_size=8)
+    clip = dict(siglip, model_type="clip_vision_model", projection_dim=32)
+    builders = {
+        "VipLlavaForConditionalGeneration": lambda: t.VipLlavaConfig(
+            vision_config=clip, text_config=text, image_token_index=120, vision_feature_layers=[-2, -1]),
+        "InternVLForConditionalGeneration": lambda: t.InternVLConfig(
+            vision_config=dict(model_type="internvl_vision", hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, image_size=[64, 64], patch_size=[8, 8]),
+            text_config=qwen2, image_token_id=120, downsample_ratio=0.5, vision_feature_layer=-1,
+            vision_feature_select_strategy="default"),
+        "JanusForConditionalGeneration": lambda: t.JanusConfig(
+            text_config=text, image_token_id=120,
+            vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+                               projection_dim=32, depth=2, num_image_tokens=16, mlp_ratio=2.0),
+            vq_config=dict(embed_dim=8, num_embeddings=32, latent_channels=32, base_channels=32,
+                           channel_multiplier=[1, 1], num_res_blocks=1, num_patches=4, projection_dim=32,
+                           image_token_embed_dim=32, num_hidden_layers=1)),
+        "GotOcr2ForConditionalGeneration": lambda: t.GotOcr2Config(
+            vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=4,
+                               image_size=64, patch_size=4, window_size=4, global_attn_indexes=[1], mlp_dim=64),
+            text_config=qwen2, image_token_index=120, image_seq_length=16),
+        "DeepseekVLForConditionalGeneration": lambda: t.DeepseekVLConfig(
+            vision_config=siglip, text_config=text, image_token_id=120),
+        "AyaVisionForConditionalGeneration": lambda: t.AyaVisionConfig(
+            vision_config=dict(siglip, image_size=64), text_config=cohere2, image_token_index=120, downsample_factor=2,
+            vision_feature_layer=-1, vision_feature_select_strategy="full"),
+        "Cohere2VisionForConditionalGeneration": lambda: t.Cohere2VisionConfig(
+            vision_config=dict(siglip, image_size=64), text_config=cohere2, image_token_id=120, downsample_factor=2,
+            alignment_intermediate_size=64),
+    }
+    config = builders[architecture]()
+    config.architectures = [architecture]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers_zoo.perturbed(getattr(t, architecture)(config))
+    model.save_pretrained(folder)
+    return folder

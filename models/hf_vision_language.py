@@ -24,8 +24,13 @@ import torch
 
 from attnc.compiler.errors import AttncError
 
-# config.architectures[0] of the checkpoints VisionLanguageOutput lays out (checked against transformers' forward)
-ARCHITECTURES = ("LlavaForConditionalGeneration",)
+# config.architectures[0] of the checkpoints VisionLanguageOutput lays out (each checked against transformers' forward
+# in tests/models/test_hf_vision_language.py): LLaVA's image features computed here (its own call splits them into a
+# list per image, which fixes the batch in a dynamo export), the others' through their get_image_features.
+ARCHITECTURES = ("LlavaForConditionalGeneration", "VipLlavaForConditionalGeneration",
+                 "InternVLForConditionalGeneration", "JanusForConditionalGeneration",
+                 "GotOcr2ForConditionalGeneration", "DeepseekVLForConditionalGeneration",
+                 "AyaVisionForConditionalGeneration", "Cohere2VisionForConditionalGeneration")
 PIXELS, IDS = "pixel_values", "input_ids"
 
 
@@ -82,9 +87,15 @@ class VisionLanguageOutput(torch.nn.Module):
         return self.language_model.layers
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The projected image tokens ``[B, P, C]`` (``LlavaModel.get_image_features`` without its split
-        into a list per image, which fixes the batch in a dynamo export)."""
+        """The projected image tokens ``[B, P, C]``: for LLaVA ``LlavaModel.get_image_features`` without its split
+        into a list per image (which fixes the batch in a dynamo export), for the others their own."""
         inner, config = self.model.model, self.model.config
+        if type(self.model).__name__ != "LlavaForConditionalGeneration":
+            features = inner.get_image_features(pixel_values=pixel_values)
+            features = getattr(features, "pooler_output", features)
+            if isinstance(features, (list, tuple)):
+                features = torch.stack(list(features))   # one [P, C] per image
+            return features.reshape(pixel_values.shape[0], -1, features.shape[-1])
         out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
         layer = config.vision_feature_layer
         strategy = config.vision_feature_select_strategy

@@ -1,12 +1,12 @@
-"""Vision-language checkpoints (models/hf_vision_language.py): a LLaVA checkpoint directory loads as
-``(pixel_values, input_ids) -> logits of the text``, equal to transformers' own forward on a prompt that starts with
-the image's placeholder tokens; its visual-token exit equals a hand-written loop over the Llama layers that drops
-the image's tokens (and their rotary and mask entries); it exports with both exporters at dynamic batch and text
-length, records its visual tokens, and ``attnc compile --token-exit`` (static and dynamic, with head pruning on
-top) gives artefacts that ``attnc validate`` checks against the checkpoint shrunk alike in PyTorch.
+"""Vision-language checkpoints (models/hf_vision_language.py): a LLaVA checkpoint directory (and those of the seven
+other architectures attnc lays out) loads as ``(pixel_values, input_ids) -> logits of the text after the image``,
+equal to transformers' own forward on a prompt with the image's placeholder tokens in front of the text or after its
+first tokens; its visual-token exit equals a hand-written loop over the Llama layers that drops the image's tokens
+(and their rotary and mask entries); it exports with both exporters at dynamic batch and text length, records its
+visual tokens and the text in front of them, and ``attnc compile --token-exit`` (static and dynamic, with head
+pruning on top) gives artefacts that ``attnc validate`` checks against the checkpoint shrunk alike in PyTorch.
 
-References: transformers' ``LlavaForConditionalGeneration.forward`` (loaded apart from attnc) and the hand loop,
-on fresh random inputs at odd sizes.
+References: transformers' forward (loaded apart from attnc) and the hand loop, on fresh random inputs at odd sizes.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import VISUAL_OFFSET, VISUAL_TOKENS, metadata
-from attnc.testing import assert_clean_error, run_cli, run_model, tiny_llama, tiny_llava
+from attnc.testing import assert_clean_error, run_cli, run_model, tiny_llama, tiny_llava, tiny_vision_language
 
 transformers = pytest.importorskip("transformers")
 
+from attnc.compiler.export import export_onnx  # noqa: E402
 from attnc.models.hf_checkpoint import load_checkpoint, with_text_before_image  # noqa: E402
+from attnc.models.hf_vision_language import ARCHITECTURES  # noqa: E402
 from attnc.passes.token_exit import (ExitGate, apply_dynamic_token_exit, apply_static_token_exit,  # noqa: E402
                                      decoder_boundaries, dynamic_exit_forward, train_exit_gate)
 
@@ -97,6 +99,36 @@ def test_matches_the_transformers_forward(tmp_path, strategy, layer, before):
         np.testing.assert_allclose(got, _transformers_logits(folder, pixels, ids, p, before), atol=2e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="fewer than"):
         module(pixels, ids[:, :before])
+
+
+OTHERS = [a for a in ARCHITECTURES if a != "LlavaForConditionalGeneration"]
+
+
+@pytest.mark.parametrize("architecture", OTHERS)
+def test_other_architectures(tmp_path, architecture):
+    """Each other architecture attnc lays out, with the image after 2 text tokens: transformers' logits at the text
+    after the image; its dynamo export at another batch size and text length, exited before decoder layer 1 as the
+    module exits there (every decoder layer found, none of the vision tower's)."""
+    folder = tiny_vision_language(tmp_path / "ckpt", architecture)
+    module, spec = with_text_before_image(*load_checkpoint(str(folder)), 2)
+    assert module.num_visual_tokens == 16
+    pixels, ids = spec.example_inputs(batch=2, seq=7, seed=1)
+    hf = getattr(transformers, architecture).from_pretrained(folder).eval()
+    prompt = torch.cat([ids[:, :2], torch.full((2, 16), 120), ids[:, 2:]], 1)
+    with torch.no_grad():
+        np.testing.assert_allclose(module(pixels, ids).numpy(), hf(input_ids=prompt, pixel_values=pixels).logits[:, 18:],
+                                   atol=2e-6, rtol=1e-5)
+    path = tmp_path / "model.onnx"
+    export_onnx(module, spec.example_inputs(), path, input_names=spec.input_names, dynamic_axes=spec.dynamic_axes)
+    model = onnx.load(str(path))
+    assert len(decoder_boundaries(model)) == len(module.decoder_layers)
+    pixels, ids = spec.example_inputs(batch=3, seq=11, seed=2)
+    with torch.no_grad():
+        expected = module(pixels, ids, exit_layer=1).numpy()
+        assert np.abs(expected - module(pixels, ids).numpy()).max() > 1e-3
+    np.testing.assert_allclose(run_model(apply_static_token_exit(model, 1, 16, 2)[0],
+                                         {"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}),
+                               expected, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("before", [0, 3])
@@ -265,10 +297,10 @@ def test_refusals(checkpoint, tmp_path):
                      ok=False)
     assert_clean_error(result, "no vision-language checkpoint", "--text-before-image")
     config = json.loads((folder / "config.json").read_text())
-    other = tmp_path / "vip"
+    other = tmp_path / "next"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({**config, "model_type": "vipllava",
-                                                   "architectures": ["VipLlavaForConditionalGeneration"]}))
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "llava_next",   # any-resolution tiles
+                                                   "architectures": ["LlavaNextForConditionalGeneration"]}))
     (other / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     with pytest.raises(AttncError, match="does not export yet") as err:
         load_checkpoint(str(other))
