@@ -471,7 +471,8 @@ def choose_exit_layer(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[
     Runtime on ``calibration_feeds``. With ``labels`` (one array per batch), ``k`` qualifies
     when its accuracy is at least the full model's minus ``max_accuracy_drop``; without,
     when its top-1 predictions agree with the full model's on at least
-    ``1 - max_accuracy_drop`` of the samples. ``atol`` additionally bounds the max abs
+    ``1 - max_accuracy_drop`` of the samples (of the text tokens, for a model with logits per token,
+    as vision-language checkpoints have). ``atol`` additionally bounds the max abs
     difference of the outputs.
     """
     full = _run(onnx_model, calibration_feeds)
