@@ -240,10 +240,25 @@ def inspect_cmd(model_path, as_json, lower, precision, opt_shapes, show_heads) -
     }
     if show_heads:
         data["heads"] = _prunable_heads(model)
+    data["recorded"] = {p.key: p.value for p in model.metadata_props if p.key.startswith("attnc.")}
+    if onnx_io.VISUAL_TOKENS in data["recorded"]:
+        from attnc.passes.token_exit import decoder_boundaries
+
+        try:
+            data["decoder_layers"] = len(decoder_boundaries(model))
+        except AttncError as exc:
+            data["decoder_layers"] = None
+            data["token_exit_problem"] = exc.problem
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     console.print(f"[bold]{model_path}[/]: opset {data['opset']}, {data['nodes']} nodes")
+    if onnx_io.VISUAL_TOKENS in data["recorded"]:
+        layers = (f"{data['decoder_layers']} decoder layers (--exit-layer 0..{data['decoder_layers']})"
+                  if data["decoder_layers"] is not None else f"no decoder layers found: {data['token_exit_problem']}")
+        console.print(f"vision-language: {data['recorded'][onnx_io.VISUAL_TOKENS]} visual tokens after "
+                      f"{data['recorded'].get(onnx_io.VISUAL_OFFSET, '0')} text tokens (recorded by attnc export); "
+                      f"token exit: {escape(layers)}")
     table = Table("family", "fused op", "nodes", "inputs", "attributes", title="attention subgraphs")
     for m in data["matches"]:
         table.add_row(m["family"], m["op_type"], str(len(m["nodes"])),

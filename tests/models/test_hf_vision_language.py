@@ -240,12 +240,16 @@ def test_compile_with_token_exit_validates(checkpoint, tmp_path):
 
 
 def test_validate_rebuilds_the_text_before_the_image(checkpoint, tmp_path):
-    """An export with ``--text-before-image 3``: compile takes the recorded offset (a contradicting one is refused),
+    """An export with ``--text-before-image 3``: inspect shows what it recorded and the decoder layers an exit may
+    precede; compile takes the recorded offset (a contradicting one is refused),
     the manifest keeps it, and validate rebuilds the checkpoint with the image after 3 tokens: it passes, exited or
     not, and fails when the manifest's record is taken away (the checkpoint then puts the image first)."""
     folder = checkpoint[0]
     path = tmp_path / "llava.onnx"
     run_cli("export", folder, "-o", path, "--text-before-image", 3)
+    inspected = json.loads(run_cli("inspect", path, "--json").output)
+    assert inspected["recorded"] == {VISUAL_TOKENS: "16", VISUAL_OFFSET: "3"} and inspected["decoder_layers"] == LAYERS
+    assert "16 visual tokens after 3 text tokens" in run_cli("inspect", path).output
     for extra in ((), ("--token-exit", "static", "--exit-layer", 2)):
         out = tmp_path / f"out{len(extra)}"
         run_cli("compile", path, "-o", out, *extra)
