@@ -443,6 +443,66 @@ def validate_cmd(artefact_dir, model_ref, inputs_npz, input_shapes, seed, int_hi
     console.print("[bold green]PASS[/]")
 
 
+@cli.command("train-exit-gate")
+@click.argument("model_ref", metavar="MODEL")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the gate (.npz), for compile --token-exit dynamic --exit-gate.")
+@click.option("--layer", type=click.IntRange(min=0), required=True,
+              help="The decoder layer in front of which the gate decides (and the visual tokens go).")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Calibration inputs: a .npz keyed by the model's input names (images and text ids), one sample "
+                   "per row.")
+@click.option("--text-before-image", type=click.IntRange(min=0), default=None,
+              help="Vision-language checkpoints: as given to attnc export.")
+@click.option("--min-precision", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+              help="Of the calibration samples the gate lets exit, the share whose answer must stay the full "
+                   "model's.")
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True)
+@_handle_errors
+def train_exit_gate_cmd(model_ref, output, layer, calibration, text_before_image, min_precision, steps) -> None:
+    """Train a DyVTE exit gate for MODEL on calibration inputs (attnc.passes.token_exit.train_exit_gate).
+
+    A sample's label is whether exiting before LAYER keeps the full model's top-1 answer (of the last text
+    token); the threshold is the lowest with MIN_PRECISION on the calibration data.
+    """
+    import zipfile
+
+    import numpy as np
+    import torch
+
+    from attnc.compiler.export import resolve_model
+    from attnc.passes.token_exit import exits_in_torch, train_exit_gate
+
+    module, spec = resolve_model(model_ref)
+    if text_before_image is not None:
+        from attnc.models.hf_checkpoint import with_text_before_image
+
+        module, spec = with_text_before_image(module, spec, text_before_image)
+    if spec is None or not exits_in_torch(module) or len(spec.inputs) != 2:
+        raise AttncError(f"{model_ref} cannot drop its visual tokens in PyTorch, so no gate can be trained on it",
+                         "pass a bundled vision-language model or a vision-language checkpoint directory")
+    try:
+        with np.load(calibration, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise AttncError(f"{calibration} is not a readable .npz ({type(exc).__name__})",
+                         "save the inputs with np.savez(path, **{name: array})") from None
+    missing = [name for name in spec.input_names if name not in arrays]
+    if missing:
+        raise AttncError(f"{calibration} lacks {', '.join(missing)} (it has {', '.join(sorted(arrays)) or 'nothing'})",
+                         f"save one array per input: {', '.join(spec.input_names)}")
+    inputs = tuple(torch.from_numpy(np.ascontiguousarray(arrays[i.name])).to(i.dtype) for i in spec.inputs)
+    with console.status(f"training the exit gate at layer {layer}"):
+        gate, stats = train_exit_gate(module, inputs, layer, min_precision=min_precision, steps=steps)
+    gate.save(output)
+    table = Table("samples", "exit keeps the answer", "gate fires", "precision", "threshold",
+                  title=f"exit gate before decoder layer {layer}")
+    table.add_row(str(stats["samples"]), f"{stats['exit_keeps_answer']:.1%}", f"{stats['fire_rate']:.1%}",
+                  "-" if stats["precision"] is None else f"{stats['precision']:.1%}", f"{stats['threshold']:.4g}")
+    console.print(table)
+    console.print(f"wrote [bold]{output}[/]")
+
+
 @cli.command("report")
 @click.argument("report_path", type=click.Path(path_type=Path))
 @_handle_errors

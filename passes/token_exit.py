@@ -598,6 +598,11 @@ def exit_run(model, image, text_ids, layer: int, decide):
     Raises:
         AttncError: the model is neither a ``TinyVLM`` nor has an ``exit_run`` method.
     """
+    depth = len(model.decoder_layers) if hasattr(model, "decoder_layers") else \
+        len(model.layers) if is_tiny_vlm(model) else None
+    if depth is not None and not 0 <= layer < depth:
+        raise AttncError(f"the exit layer must be in [0, {depth}) (the decoder has {depth} layers), got {layer}",
+                         f"pick a decoder layer below {depth}")
     if callable(getattr(model, "exit_run", None)):
         return model.exit_run(image, text_ids, layer, decide)
     if not is_tiny_vlm(model):

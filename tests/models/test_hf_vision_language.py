@@ -335,3 +335,33 @@ def test_tensorrt_builds_the_exited_checkpoint(checkpoint, tmp_path, mode):
     manifest = json.loads((out / "manifest.json").read_text())
     assert (out / manifest["artefact"]).stat().st_size > 0
     assert manifest["shrink"]["token_exit"]["mode"] == mode and manifest["ops_after"]["Attention"] >= 3
+
+
+def test_train_exit_gate_from_the_cli(checkpoint, tmp_path):
+    """``attnc train-exit-gate`` trains on a calibration .npz (with the image after 3 text tokens): its gate equals
+    ``train_exit_gate``'s on the same inputs, and compiles into a dynamic exit that validates; a layer past the
+    decoder, a file without the inputs and a model without visual tokens are refused by name."""
+    folder, module, spec, _ = checkpoint
+    module, spec = with_text_before_image(module, spec, 3)
+    pixels, ids = spec.example_inputs(batch=12, seq=8, seed=4)
+    np.savez(tmp_path / "calib.npz", pixel_values=pixels.numpy(), input_ids=ids.numpy())
+    result = run_cli("train-exit-gate", folder, "-o", tmp_path / "gate.npz", "--layer", 1, "--calibration",
+                     tmp_path / "calib.npz", "--text-before-image", 3, "--steps", 30)
+    assert "exit gate before decoder layer 1" in result.output
+    gate = ExitGate.load(tmp_path / "gate.npz")
+    expected, stats = train_exit_gate(module, (pixels, ids), 1, steps=30)
+    np.testing.assert_allclose(gate.weight, expected.weight, rtol=1e-5, atol=1e-7)
+    assert gate.layer == 1 and stats["samples"] == 12
+    path = tmp_path / "llava.onnx"
+    run_cli("export", folder, "-o", path, "--text-before-image", 3)
+    run_cli("compile", path, "-o", tmp_path / "out", "--token-exit", "dynamic", "--exit-gate", tmp_path / "gate.npz")
+    run_cli("validate", tmp_path / "out", "--model", folder)
+    for layer, calibration, words in ((LAYERS, "calib.npz", "exit layer must be in [0, 4)"),
+                                      (1, "gate.npz", "lacks pixel_values")):
+        result = run_cli("train-exit-gate", folder, "-o", tmp_path / "bad.npz", "--layer", layer, "--calibration",
+                         tmp_path / calibration, "--text-before-image", 3, ok=False)
+        assert_clean_error(result, words)
+    result = run_cli("train-exit-gate", "vit-mhsa-small", "-o", tmp_path / "bad.npz", "--layer", 0,
+                     "--calibration", tmp_path / "calib.npz", ok=False)
+    assert_clean_error(result, "cannot drop its visual tokens")
+    assert not (tmp_path / "bad.npz").exists()
