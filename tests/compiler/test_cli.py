@@ -503,3 +503,20 @@ def test_lowering_a_family_that_is_not_fused_is_an_error(exported, tmp_path):
     result = run("compile", exported, "-o", tmp_path / "out", "--family", "softmax", "--lower", "agent", ok=False)
     assert result.exit_code == 2 and "--lower agent" in result.output and "--family agent" in result.output
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_train_exit_gate_on_a_bundled_vlm(tmp_path):
+    """``attnc train-exit-gate vlm-small``: the gate it writes is ``train_exit_gate``'s on the calibration inputs."""
+    import numpy as np
+
+    from attnc.passes.token_exit import ExitGate, train_exit_gate
+
+    spec = get_spec("vlm-small")
+    images, ids = spec.example_inputs(batch=16, seed=3)
+    np.savez(tmp_path / "calib.npz", image=images.numpy(), text_ids=ids.numpy())
+    run("train-exit-gate", "vlm-small", "--layer", 2, "--calibration", tmp_path / "calib.npz", "-o",
+        tmp_path / "gate.npz", "--steps", 40)
+    gate = ExitGate.load(tmp_path / "gate.npz")
+    expected, _ = train_exit_gate(spec.factory(), (images, ids), 2, steps=40)
+    assert gate.layer == 2 and gate.threshold == pytest.approx(expected.threshold)
+    np.testing.assert_allclose(gate.weight, expected.weight, rtol=1e-5, atol=1e-7)
