@@ -485,6 +485,125 @@ def bench_llava(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict
             "latency_ms": latency, "smoke": smoke}
 
 
+LLAVA_VQA = {"vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                        "image_size": 32, "patch_size": 8},
+             "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                      "num_key_value_heads": 2, "max_position_embeddings": 64},
+             "n_train": 8000, "n_test": 1000, "epochs": 6, "lr": 2e-3, "calibration": 512}
+LLAVA_VQA_SMOKE = {**LLAVA_VQA, "n_train": 128, "n_test": 32, "epochs": 1, "calibration": 32}
+
+
+def bench_llava_vqa(tmp: Path, reps: int, threads: int, exit_aware: bool, smoke: bool = False) -> dict:
+    """A transformers LLaVA trained on the generated VQA task, then shrunk through the CLI as a user would: the
+    checkpoint saved, ``attnc export --text-before-image 1`` (the question's BOS in front of the image, as a chat
+    template's text), ``attnc compile --token-exit static`` before every layer, ``attnc train-exit-gate`` and
+    ``--token-exit dynamic``, each artefact validated against the checkpoint exiting alike; test accuracy (the last
+    token's top-1 answer) and ONNX Runtime latency side by side."""
+    import transformers
+
+    from attnc.compiler.pipeline import validate_artefact
+    from attnc.models.hf_vision_language import VisionLanguageOutput
+    from attnc.models.train import VQA_VOCAB, vqa_data
+    from attnc.testing import run_cli
+
+    c = LLAVA_VQA_SMOKE if smoke else LLAVA_VQA
+    train, test = vqa_data(c["n_train"], seed=0), vqa_data(c["n_test"], seed=1)
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**c["vision"]),
+        text_config=transformers.LlamaConfig(**c["text"], vocab_size=VQA_VOCAB + 1), image_token_index=VQA_VOCAB,
+        architectures=["LlavaForConditionalGeneration"])
+    layers = c["text"]["num_hidden_layers"]
+
+    def loss_fn(model, inputs, labels):
+        loss = torch.nn.functional.cross_entropy(model(*inputs)[:, -1], labels)
+        if exit_aware:
+            k = int(torch.randint(1, layers, ()))
+            loss = loss + torch.nn.functional.cross_entropy(model(*inputs, exit_layer=k)[:, -1], labels)
+        return loss
+
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = VisionLanguageOutput(transformers.LlavaForConditionalGeneration(config), 1)
+        fit(module, train, c["epochs"], lr=c["lr"], loss_fn=loss_fn)
+    train_s = time.perf_counter() - t0
+    folder = tmp / f"llava-vqa-{exit_aware}"
+    module.model.save_pretrained(folder)
+    onnx_path = tmp / f"llava-vqa-{exit_aware}.onnx"
+    run_cli("export", folder, "-o", onnx_path, "--text-before-image", 1)
+    n = c["calibration"]
+    np.savez(tmp / "calibration.npz", pixel_values=train.inputs[0][:n].numpy(), input_ids=train.inputs[1][:n].numpy())
+    run_cli("train-exit-gate", folder, "--layer", 1, "--calibration", tmp / "calibration.npz", "-o", tmp / "gate.npz",
+            "--text-before-image", 1)
+    from attnc.passes.token_exit import ExitGate, gate_features
+
+    gate = ExitGate.load(tmp / "gate.npz")
+    artefacts = {"full": ()}
+    artefacts.update({f"exit{k}": ("--token-exit", "static", "--exit-layer", k) for k in range(layers)})
+    artefacts["dynamic"] = ("--token-exit", "dynamic", "--exit-gate", tmp / "gate.npz")
+    test_feeds = {"pixel_values": test.inputs[0].numpy(), "input_ids": test.inputs[1].numpy()}
+    truth = test.labels.numpy()
+    rows, models = [], {}
+    for name, options in artefacts.items():
+        out = tmp / f"llava-vqa-{exit_aware}-{name}"
+        run_cli("compile", onnx_path, "-o", out, *options)
+        result, _ = validate_artefact(out, str(folder), seed=1)
+        models[name] = onnx.load(str(out / "model.fused.onnx"))
+        if name == "dynamic":   # its If decides for the whole batch: one sample at a time, as DyVTE runs, timed
+            # against the full model's run on the same sample (interleaved)
+            one = {"full": session(models["full"], threads), "dynamic": session(models[name], threads)}
+            per_sample, answers = {k: [] for k in one}, []
+            for i in range(len(test)):
+                feeds = {k: v[i:i + 1] for k, v in test_feeds.items()}
+                for k, s in one.items():
+                    t = time.perf_counter()
+                    got = s.run(None, feeds)[0]
+                    per_sample[k].append(time.perf_counter() - t)
+                answers.append(got[:, -1].argmax(-1))
+            answers = np.concatenate(answers)
+            batch1_mean = {k: float(np.mean(v[5:]) * 1e3) for k, v in per_sample.items()}   # 5 warm-up samples
+        else:
+            answers = session(models[name], threads).run(None, test_feeds)[0][:, -1].argmax(-1)
+        rows.append({"artefact": name, "validation_passed": result.passed,
+                     "validation_max_abs_error": max(o.to_dict()["max_abs_error"] for o in result.outputs),
+                     "test_accuracy": float((answers == truth).mean())})
+    with torch.no_grad():
+        fires = gate.fires(gate_features(module, *test.inputs, 1).numpy())
+    latency = {}
+    for batch in (1, 32):
+        feeds = {k: v[:batch] for k, v in test_feeds.items()}
+        latency[str(batch)] = side_by_side({k: m for k, m in models.items() if k != "dynamic"}, feeds,
+                                           max(5, reps // 4), threads)
+    return {"model": f"LlavaForConditionalGeneration (CLIP {c['vision']}, Llama {c['text']}), 16 visual tokens after "
+                     "the question's BOS, 2 text tokens after them",
+            "exit_aware_training": exit_aware, "train_seconds": train_s,
+            "task": f"generated VQA (models/train.py vqa_data): {c['n_train']} train / {c['n_test']} test, "
+                    f"{c['epochs']} epochs", "rows": rows, "gate_fire_rate_test": float(fires.mean()),
+            "latency_ms": latency, "latency_b1_test_mean_ms": batch1_mean, "smoke": smoke}
+
+
+def llava_vqa_table(results: list[dict]) -> list[str]:
+    lines = []
+    for p in results:
+        lines.append(f"Visual-token exit on a transformers LLaVA trained on the VQA task "
+                     f"({'exit-aware' if p['exit_aware_training'] else 'plain'} training, {p['train_seconds']:.0f} s); "
+                     f"the dynamic gate at layer 1 fires on {p['gate_fire_rate_test']:.0%} of test inputs")
+        lines.append(f"  {'artefact':<9}{'validation':>12}{'max abs err':>13}{'test acc':>10}"
+                     + "".join(f"{'b' + b + ' ms':>10}{'ratio':>7}" for b in p["latency_ms"]))
+        for r in p["rows"]:
+            line = (f"  {r['artefact']:<9}{'pass' if r['validation_passed'] else 'FAIL':>12}"
+                    f"{r['validation_max_abs_error']:>13.2e}{r['test_accuracy']:>10.1%}")
+            for lat in p["latency_ms"].values():
+                line += (f"{lat[r['artefact']]:>10.3f}{lat[r['artefact']] / lat['full']:>7.2f}"
+                         if r["artefact"] in lat else f"{'-':>10}{'':>7}")
+            lines.append(line)
+        mean = p["latency_b1_test_mean_ms"]
+        lines.append(f"  batch 1, mean over the test inputs one at a time: full {mean['full']:.3f} ms, dynamic "
+                     f"{mean['dynamic']:.3f} ms ({mean['dynamic'] / mean['full']:.2f}x)")
+        lines.append("")
+    return lines
+
+
 def llava_table(p: dict) -> list[str]:
     lines = [f"Visual-token exit on a transformers LLaVA checkpoint: {p['visual_tokens']} visual + {p['text_tokens']} "
              f"text tokens, {p['decoder_layers']} decoder layers (random weights: the exits' cost to answers is not "
@@ -510,7 +629,7 @@ def machine() -> dict:
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
 
 
-SECTIONS = ("prune", "exit", "llama", "llava")
+SECTIONS = ("prune", "exit", "llama", "llava", "llava_vqa")
 
 
 def main(argv=None) -> int:
@@ -541,6 +660,9 @@ def main(argv=None) -> int:
             results["prune_llama"] = bench_llama(Path(tmp), args.reps, args.threads, smoke=args.smoke)
         if "llava" in sections:
             results["exit_llava"] = bench_llava(Path(tmp), args.reps, args.threads, smoke=args.smoke)
+        if "llava_vqa" in sections:
+            results["exit_llava_vqa"] = [bench_llava_vqa(Path(tmp), args.reps, args.threads, aware, smoke=args.smoke)
+                                         for aware in (False, True)]
     results["seconds"] = time.perf_counter() - t0
     print(table(results))
     out = Path(args.out)
@@ -602,6 +724,8 @@ def table(results: dict) -> str:
         lines.extend(llama_table(results["prune_llama"]))
     if "exit_llava" in results:
         lines.extend(llava_table(results["exit_llava"]))
+    if "exit_llava_vqa" in results:
+        lines.extend(llava_vqa_table(results["exit_llava_vqa"]))
     return "\n".join(lines)
 
 

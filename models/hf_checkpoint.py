@@ -795,8 +795,8 @@ def _spec(path: Path, config, cls: type) -> CheckpointSpec:
 def _vision_language_spec(path: Path, config, cls: type) -> CheckpointSpec:
     """A vision-language checkpoint's spec (:mod:`attnc.models.hf_vision_language`): ``pixel_values [batch, C, H,
     W]`` and ``input_ids [batch, seq]``, dynamic in batch and text length, the ids below the text vocabulary and
-    below the image token (LLaVA's ``image_token_index`` sits past the text's words); logits ``[batch, seq,
-    vocab]`` of the text tokens."""
+    below the image token (LLaVA's ``image_token_index`` sits past the text's words); logits ``[batch, text,
+    vocab]`` of the text tokens after the image (``text`` = ``seq`` - the tokens in front of it)."""
     hf_vision_language.check_supported(config, cls.__name__)
     vision, text = config.vision_config, config.get_text_config()
     size = vision.image_size
@@ -811,8 +811,8 @@ def _vision_language_spec(path: Path, config, cls: type) -> CheckpointSpec:
         factory=functools.partial(_wrapped, cls, config, path, hf_vision_language.VisionLanguageOutput),
         inputs=(InputSpec(hf_vision_language.PIXELS, ("batch", getattr(vision, "num_channels", 3), height, width)),
                 InputSpec(hf_vision_language.IDS, ("batch", "seq"), torch.int64, high)),
-        sizes={"batch": BATCH, "seq": max(1, min(TOKENS, positions // 2))}, dynamic=("batch", "seq"),
-        output_axes=("batch", "seq"),
+        sizes={"batch": BATCH, "seq": max(1, min(TOKENS, positions // 2))}, dynamic=("batch", "seq", "text"),
+        output_axes=("batch", "text"),   # the text after the image: seq - K tokens (with_text_before_image)
         description=f"{cls.__name__}.from_pretrained({str(path)!r}) with the image in front of the text")
 
 

@@ -2,18 +2,18 @@
 
 transformers' ``LlavaForConditionalGeneration.forward`` takes a prompt with ``<image>`` placeholder tokens and
 scatters the image's features into their places (``masked_scatter`` on a data-dependent mask), which neither
-exporter handles. :class:`VisionLanguageOutput` runs what that forward computes for a prompt that *starts*
-with the image: the projected image features (``P`` tokens) in front of the text's embeddings, the language
-model over all ``P + T`` tokens, and the logits of the ``T`` text tokens ``[batch, T, vocab]``. That is the
-layout visual-token exit (:mod:`attnc.passes.token_exit`) rewrites: ``attnc compile --token-exit`` drops
-the ``P`` visual tokens after a decoder layer, and ``attnc validate`` compares the artefact with this module
-dropping them in PyTorch (``forward(..., exit_layer=k)``, :meth:`VisionLanguageOutput.exit_run` for a gate).
+exporter handles. :class:`VisionLanguageOutput` runs what that forward computes for a prompt whose image comes after
+its first ``K`` text tokens (0 by default; ``attnc export --text-before-image K``, a chat template's text in front
+of the image): the projected image features (``P`` tokens) between the text's embeddings, the language model over
+all ``K + P + T`` tokens, and the logits of the ``T`` text tokens after the image. That is the layout visual-token
+exit (:mod:`attnc.passes.token_exit`) rewrites: ``attnc compile --token-exit`` drops the ``P`` visual tokens after
+a decoder layer, and ``attnc validate`` compares the artefact with this module dropping them in PyTorch
+(``forward(..., exit_layer=k)``, :meth:`VisionLanguageOutput.exit_run` for a gate).
 
-Architectures (:data:`ARCHITECTURES`) are those whose image features and language model this layout
-reproduces exactly: each is checked against the transformers forward on the same prompt in
-``tests/models/test_hf_vision_language.py``. Text in front of the image (a chat template's ``USER:``),
-several images, padded batches (``--with-attention-mask``) and cached generation (``--with-past``) are not
-built.
+Architectures (:data:`ARCHITECTURES`) are those whose image features and language model this layout reproduces
+exactly: each is checked against the transformers forward on the same prompt in
+``tests/models/test_hf_vision_language.py``. Several images, images whose token count depends on their size,
+padded batches (``--with-attention-mask``) and cached generation (``--with-past``) are not built.
 """
 
 from __future__ import annotations
@@ -151,10 +151,9 @@ _PASSED = ("past_key_values", "past_key_value", "use_cache", "output_attentions"
 
 def text_only(args: tuple, kwargs: dict, p: int, n: int, k: int = 0) -> tuple[tuple, dict]:
     """A decoder layer's ``(args, kwargs)`` without the ``p`` visual tokens after the first ``k`` of the sequence's
-    ``n`` tokens: the hidden
-    state (the first argument, unless the layer before dropped them already), the causal mask's query and key
-    axes, the positions and the rotary tables (``position_embeddings``, a ``(cos, sin)`` pair ``[..., n, D]``),
-    which the language model computes once for all its layers.
+    ``n`` tokens: the hidden state (the first argument, unless the layer before dropped them already), the causal
+    mask's query and key axes, the positions and the rotary tables (``position_embeddings``, a ``(cos, sin)`` pair
+    ``[..., n, D]``), which the language model computes once for all its layers.
 
     Raises:
         AttncError: the layer takes a tensor over the tokens attnc does not know the token axis of.

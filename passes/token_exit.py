@@ -1,8 +1,8 @@
 """Visual-token exit (DyVTE): drop every visual token of a vision-language model after a decoder layer.
 
-A LLaVA-style decoder runs ``[visual; text]`` tokens through its layers. Once the text
-tokens have read what they need from the image, the visual tokens only cost time;
-DyVTE removes them after some layer ``k``.
+A LLaVA-style decoder runs ``[text before the image; visual; text]`` tokens (``K``, ``P`` and ``T`` of them; ``K``
+is 0 where the image comes first) through its layers. Once the text tokens have read what they need from the
+image, the visual tokens only cost time; DyVTE removes them after some layer ``k``.
 
 Static mode (one ``k`` for every input):
 
@@ -10,13 +10,15 @@ Static mode (one ``k`` for every input):
   the earliest one whose accuracy (with labels) or agreement with the full model's
   predictions (without) stays within a bound, plus the whole table;
 - :func:`apply_static_token_exit` rewrites an exported graph: the hidden state entering
-  decoder layer ``k`` is sliced to its text tokens (``Slice(x, P, ∞, axis=1)``), so every
-  later layer runs on ``T`` instead of ``P + T`` tokens; a ``Slice(·, P, ∞, axis=1)`` the model
-  itself applies after the decoder (``TinyVLM`` drops the visual tokens before its head)
-  becomes an ``Identity``. Layer boundaries are found from the graph, not from names:
+  decoder layer ``k`` is cut to its text tokens (``Slice(x, P, ∞, axis=1)``, or the ``Concat`` of
+  ``x[:, :K]`` and ``x[:, K + P:]``), so every later layer runs on ``K + T`` instead of ``K + P + T``
+  tokens (masks, rotary tables and shape vectors read after the boundary are cut alike); a
+  ``Slice(·, K + P, ∞, axis=1)`` the model itself applies after the decoder (``TinyVLM`` and
+  vision-language checkpoints keep the text after the image) becomes an ``Identity``, or a slice
+  from ``K``. Layer boundaries are found from the graph, not from names:
   the decoder layers are the attention layers (:func:`attnc.passes.prune_heads.find_attention_layers`)
-  whose input depends on the integer text input, and a layer's boundary is the input of
-  the ``LayerNormalization`` in front of its Q/K/V projection (pre-norm blocks);
+  whose input depends on the values of the integer text input, and a layer's boundary is the input of
+  the ``LayerNormalization`` (or decomposed RMSNorm) in front of its value projection (pre-norm blocks);
 - :func:`export_static_exit` is the torch route: export ``forward(..., exit_layer=k)``.
 
 Dynamic mode (per input): a gate ``σ(w · mean(text tokens of x_k) + b) ≥ τ`` (:class:`ExitGate`,

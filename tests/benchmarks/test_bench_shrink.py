@@ -28,3 +28,22 @@ def test_llava_smoke(tmp_path, capsys):
     assert rows["full"]["shrink_cost"] is None and rows["exit1"]["shrink_cost"]["max_abs_error"] > 1e-3
     assert set(result["latency_ms"]["1"]) == set(rows)
     assert "Visual-token exit on a transformers LLaVA checkpoint" in capsys.readouterr().out
+
+
+def test_llava_vqa_smoke(tmp_path):
+    """``--only llava_vqa --smoke``: a LLaVA trained (one toy epoch) on the VQA task goes through export, static exits
+    before every layer, a gate trained by ``attnc train-exit-gate`` and the dynamic exit; every artefact validates, and
+    the rows carry test accuracy and latency beside the full model's, for plain and exit-aware training."""
+    spec = importlib.util.spec_from_file_location("bench_shrink", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--only", "llava_vqa", "--smoke", "--reps", "4", "--out", str(tmp_path)]) == 0
+    [raw] = tmp_path.glob("shrink-llava_vqa-smoke-*.json")
+    results = json.loads(raw.read_text())["exit_llava_vqa"]
+    assert [r["exit_aware_training"] for r in results] == [False, True]
+    for result in results:
+        rows = {r["artefact"]: r for r in result["rows"]}
+        assert set(rows) == {"full", "exit0", "exit1", "exit2", "exit3", "dynamic"}
+        assert all(r["validation_passed"] and 0 <= r["test_accuracy"] <= 1 for r in rows.values())
+        assert set(result["latency_ms"]["1"]) == set(rows) - {"dynamic"}
+        assert set(result["latency_b1_test_mean_ms"]) == {"full", "dynamic"}
