@@ -30,11 +30,18 @@ and ``generate_seq2seq`` with an encoder-decoder model's first step (``--first-s
 
     tokens = runtime.generate_seq2seq(runtime.load("first/"), runtime.load("step/"), input_ids,
                                       decoder_start_token_id=0, attention_mask=source_mask, max_new_tokens=32)
+
+and ``generate_vision_language`` with a vision-language checkpoint's first step (``--first-step``: the image and
+the prompt) and later steps (``--with-past``: its language model)::
+
+    tokens = runtime.generate_vision_language(runtime.load("first/"), runtime.load("step/"), pixel_values,
+                                              input_ids, max_new_tokens=32)
 """
 
 from attnc.compiler.backends.tensorrt import EngineRunner as Engine
-from attnc.compiler.decode import generate, generate_seq2seq
+from attnc.compiler.decode import generate, generate_seq2seq, generate_vision_language
 from attnc.compiler.pipeline import load_artefact as load
 from attnc.compiler.search import GenerationOptions, generation_options
 
-__all__ = ["Engine", "GenerationOptions", "generate", "generate_seq2seq", "generation_options", "load"]
+__all__ = ["Engine", "GenerationOptions", "generate", "generate_seq2seq", "generate_vision_language",
+           "generation_options", "load"]

@@ -128,11 +128,14 @@ def models_cmd() -> None:
                    "attention_mask, past_key_values.N.key/value) -> (logits, present.N.key/value); the prompt's "
                    "step takes a cache of length 0. attnc.runtime.generate decodes with the compiled step. "
                    "Encoder-decoder checkpoints: the decoder's later steps, which take the first step's "
-                   "cross_key_values.N.key/value too (see --first-step).")
+                   "cross_key_values.N.key/value too (see --first-step). Vision-language checkpoints: the language "
+                   "model's later steps on the text alone (see --first-step).")
 @click.option("--first-step", "first_step", is_flag=True,
               help="Encoder-decoder checkpoints: the first generation step, (main input, decoder_input_ids) -> "
                    "(logits, present.N.key/value, cross_key_values.N.key/value); with the --with-past graph, "
-                   "attnc.runtime.generate_seq2seq decodes.")
+                   "attnc.runtime.generate_seq2seq decodes. Vision-language checkpoints: (pixel_values, input_ids) -> "
+                   "(logits, present.N.key/value), the image in the cache; attnc.runtime.generate_vision_language "
+                   "decodes with the --with-past graph.")
 @click.option("--text-before-image", type=click.IntRange(min=0), default=None,
               help="Vision-language checkpoints: the image's tokens go after the first N text tokens of input_ids "
                    "(a chat template's text in front of the image, e.g. LLaVA-1.5's 'USER:'); default 0. The "

@@ -204,6 +204,60 @@ def generate_seq2seq(first, step, inputs, decoder_start_token_id: int, max_new_t
     return decode(state["outputs"], start, next_step, max_new_tokens, eos_token_id, pad_token_id, search)
 
 
+PIXELS = "pixel_values"
+
+
+def generate_vision_language(first, step, pixel_values, input_ids, max_new_tokens: int = 16,
+                             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                             **options) -> np.ndarray:
+    """Answering about an image with a vision-language checkpoint's two compiled steps: ``first`` (``attnc export
+    CKPT --first-step [--text-before-image K]``: the image and the prompt, their KV cache), then ``step``
+    (``--with-past``: the language model alone) once per further token. Greedy by default, or as ``options`` say
+    (as :func:`generate`'s: beam search, sampling, ...).
+
+    Args:
+        first, step: loaded artefacts (:func:`attnc.runtime.load`) of those two graphs.
+        pixel_values: ``[B, C, H, W]`` one image per prompt.
+        input_ids: ``[B, T]`` prompts of one length, the image going after their first ``K`` tokens as ``first``
+            was exported.
+        max_new_tokens, eos_token_id, pad_token_id, options: as :func:`generate`.
+
+    Returns:
+        ``[B * num_return_sequences, T + n]`` int64: the prompts and the ``n <= max_new_tokens`` tokens generated,
+        the tokens transformers' ``generate`` adds to the prompt with the image's placeholder tokens in its place.
+
+    Raises:
+        AttncError: the artefacts are no vision-language first step and decoder-only step, the inputs are no
+            ``[batch, ...]`` pair of one batch, or an option is unknown or out of range.
+    """
+    names = [s.name for s in first.input_specs]
+    if names != [PIXELS, IDS] or present_name(0, "key") not in first.output_names:
+        raise AttncError(f"the first artefact takes {names} and gives {first.output_names[:2]}, not a vision-language "
+                         "checkpoint's first generation step", "export it with `attnc export CKPT --first-step`")
+    step_names = [s.name for s in step.input_specs]
+    if step_names[:3] != _DECODER_ONLY_STEP:
+        raise AttncError(f"the step artefact takes {step_names[:3]}, not a decoder-only generation step",
+                         "export it with `attnc export CKPT --with-past`")
+    pixels, ids = np.asarray(pixel_values, dtype=np.float32), np.asarray(input_ids, dtype=np.int64)
+    if ids.ndim != 2 or pixels.ndim < 2 or len(pixels) != len(ids):
+        raise AttncError(f"pixel_values {list(pixels.shape)} and input_ids {list(ids.shape)} are no pair of one batch",
+                         "pass one image [C, H, W] per prompt and the prompts [batch, tokens]")
+    search = _options(options)
+    past = [s.name for s in step.input_specs[2:]]
+    outputs = first.infer({PIXELS: pixels, IDS: ids})
+    cached = outputs[present_name(0, "key")].shape[2]   # the prompt's tokens and the image's
+    state = {"mask": np.ones((len(ids), cached), dtype=np.int64), "outputs": outputs}
+
+    def next_step(chosen, rows):
+        before = state["mask"] if rows is None else state["mask"][rows]
+        state["mask"] = np.concatenate([before, np.ones((len(chosen), 1), dtype=np.int64)], axis=1)
+        state["outputs"] = step.infer({IDS: chosen[:, None], MASK: state["mask"],
+                                       **_carried(past, state["outputs"], rows)})
+        return state["outputs"]
+
+    return decode(outputs, ids, next_step, max_new_tokens, eos_token_id, pad_token_id, search)
+
+
 def _carried(past, outputs: dict, rows: np.ndarray | None = None) -> dict:
     """The next step's cache inputs (named ``past``): the ``present`` outputs of the step before, row ``i``
     from its row ``rows[i]`` (beam search reorders and expands them)."""

@@ -181,7 +181,13 @@ def _shrink(model: onnx.ModelProto, options: CompileOptions, step) -> dict:
 
         calibration = [validate.load_inputs(options.calibration, load(model).input_specs)]
     if options.token_exit:
+        from attnc.compiler.decode import present_name
         from attnc.passes import token_exit
+
+        if any(o.name == present_name(0, "key") for o in model.graph.output):
+            raise AttncError("--token-exit of a generation step is not built: its KV cache would lose the image's "
+                             "tokens in the layers after the exit, and the later steps read one cache length for "
+                             "every layer", "compile the first step without --token-exit (the plain export exits)")
 
         visual_tokens = _recorded(model, onnx_io.VISUAL_TOKENS, options.visual_tokens, "--visual-tokens")
         if not visual_tokens:
@@ -330,11 +336,11 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     manifest = load_manifest(artefact_dir)
     runner = _runner(artefact_dir, manifest)
     module, spec = resolve_model(model_ref)
-    # exported with --with-attention-mask, --with-past or --first-step: the checkpoint as the artefact runs it
-    module, spec = for_inputs(module, spec, [s.name for s in runner.input_specs], runner.output_names)
     offset = manifest.get("recorded", {}).get(onnx_io.VISUAL_OFFSET)
     if isinstance(spec, CheckpointSpec) and spec.kind == "vlm" and offset and offset.isdigit():
         module, spec = with_text_before_image(module, spec, int(offset))   # exported with --text-before-image
+    # exported with --with-attention-mask, --with-past or --first-step: the checkpoint as the artefact runs it
+    module, spec = for_inputs(module, spec, [s.name for s in runner.input_specs], runner.output_names)
     shrink = manifest.get("shrink", {})
     shrunk = shrunk_model(module, shrink) if reference == "shrunk" else None
 

@@ -317,8 +317,9 @@ def with_text_before_image(module: torch.nn.Module, spec: CheckpointSpec, tokens
 
 def _text_only_option(spec: CheckpointSpec, option: str, what: str) -> None:
     if spec.kind == "vlm":
-        raise AttncError(f"{option} is not built for vision-language checkpoints ({what} with an image in front)",
-                         f"export {spec.name} without {option}: (pixel_values, input_ids) -> the text's logits")
+        raise AttncError(f"{option} is not built for vision-language checkpoints ({what} around an image)",
+                         f"export {spec.name} without {option}: (pixel_values, input_ids) -> the text's logits, "
+                         "prompts of one length")
 
 
 def _rewrapped(factory, wrapper: type, *args) -> torch.nn.Module:
@@ -368,7 +369,7 @@ class CachedStep(torch.nn.Module):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
         extra = {"position_ids": mask_positions(attention_mask)[:, -input_ids.shape[1]:]} if self.positions else {}
         out = self.model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, **extra)
-        return (first_output(out), *_keys_and_values(cache, self.layers))
+        return (first_output(out), *keys_and_values(cache, self.layers))
 
 
 # The dynamo exporter maps dynamic axes to forward()'s named parameters, not to *past ("Failed to convert
@@ -397,7 +398,8 @@ def with_past(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[torch.nn.M
     the same cache, whatever its values.
 
     On :func:`with_attention_mask`'s variant of an encoder-decoder checkpoint, the decoder's step takes the
-    sources' mask too (:func:`_seq2seq_step`).
+    sources' mask too (:func:`_seq2seq_step`). A vision-language checkpoint's later steps are its language model's
+    on the text alone (the image is in the cache :func:`with_first_step` gives).
 
     Raises:
         AttncError: ``spec`` is no checkpoint's, the model is no decoder-only text model, its forward takes
@@ -409,13 +411,15 @@ def with_past(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[torch.nn.M
                          "--with-past is for those", "export a step with its cache through MODULE:FACTORY")
     if isinstance(module, (CachedStep, Seq2SeqStep)):
         return module, spec
-    _text_only_option(spec, "--with-past", "cached generation")
     if DECODER in spec.input_names:
         return _seq2seq_step(module, spec)
+    vision_language = spec.kind == "vlm"   # its later steps are its language model's, on the text alone
+    if vision_language:
+        spec = dataclasses.replace(spec, inputs=spec.inputs[1:])
     model = module.model
     name = type(model).__name__
     params = inspect.signature(model.forward).parameters
-    if spec.inputs[0].name != "input_ids" or not decoder_only(model):
+    if spec.inputs[0].name != "input_ids" or not (vision_language or decoder_only(model)):
         raise AttncError(f"{name} is no decoder-only text model: --with-past exports a causal LM's generation step",
                          "export it without --with-past")
     if "past_key_values" not in params or MASK not in params:
@@ -504,8 +508,8 @@ class Seq2SeqFirstStep(torch.nn.Module):
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         mask = {} if attention_mask is None else {"attention_mask": attention_mask}
         out = self.model(inputs, decoder_input_ids=decoder_input_ids, past_key_values=cache, use_cache=True, **mask)
-        return (first_output(out), *_keys_and_values(cache.self_attention_cache, self.layers),
-                *_keys_and_values(cache.cross_attention_cache, self.layers))
+        return (first_output(out), *keys_and_values(cache.self_attention_cache, self.layers),
+                *keys_and_values(cache.cross_attention_cache, self.layers))
 
 
 class MaskedSeq2SeqFirstStep(Seq2SeqFirstStep):
@@ -557,7 +561,7 @@ class Seq2SeqStep(torch.nn.Module):
         mask = {} if encoder_attention_mask is None else {"attention_mask": encoder_attention_mask}
         out = self.model(encoder_outputs=(encoder,), decoder_input_ids=decoder_input_ids,
                          past_key_values=EncoderDecoderCache(own, cross), use_cache=True, **mask)
-        return (first_output(out), *_keys_and_values(own, self.layers))
+        return (first_output(out), *keys_and_values(own, self.layers))
 
 
 class MaskedSeq2SeqStep(Seq2SeqStep):
@@ -574,7 +578,7 @@ Seq2SeqStep.forward.__signature__ = _step_signature(DECODER, caches=4 * _MAX_LAY
 MaskedSeq2SeqStep.forward.__signature__ = _step_signature(DECODER, SOURCE_MASK, caches=4 * _MAX_LAYERS)
 
 
-def _keys_and_values(cache, layers: int) -> list[torch.Tensor]:
+def keys_and_values(cache, layers: int) -> list[torch.Tensor]:
     """A transformers cache's tensors, layer by layer: key, then value (the steps' output order)."""
     return [t for layer in cache.layers[:layers] for t in (layer.keys, layer.values)]
 
@@ -585,14 +589,18 @@ def with_first_step(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Seq2
     ``decoder_input_ids``) with outputs ``logits``, ``present.N.key`` / ``.value`` and
     ``cross_key_values.N.key`` / ``.value``. Its later steps are :func:`with_past`'s graph; together they
     decode with :func:`attnc.compiler.decode.generate_seq2seq`. On :func:`with_attention_mask`'s module and
-    spec, the step takes the sources' mask too, :class:`MaskedSeq2SeqFirstStep`.
+    spec, the step takes the sources' mask too, :class:`MaskedSeq2SeqFirstStep`. A vision-language checkpoint's first
+    step is :class:`~attnc.models.hf_vision_language.VisionLanguageFirstStep` (the image and the prompt, their KV
+    cache out; :func:`attnc.compiler.decode.generate_vision_language`).
 
     Raises:
-        AttncError: the checkpoint is no encoder-decoder model, or its caches are not transformers'
+        AttncError: the checkpoint is no encoder-decoder or vision-language model, or its caches are not transformers'
             ``EncoderDecoderCache`` of one key and one value per layer.
     """
-    if isinstance(module, Seq2SeqFirstStep):
+    if isinstance(module, (Seq2SeqFirstStep, hf_vision_language.VisionLanguageFirstStep)):
         return module, spec
+    if isinstance(spec, CheckpointSpec) and spec.kind == "vlm":
+        return _vision_language_first_step(module, spec)
     if not isinstance(spec, CheckpointSpec) or DECODER not in spec.input_names:
         raise AttncError(f"{spec.name if spec else 'this model'} is no encoder-decoder checkpoint: --first-step is "
                          "the first generation step of one (T5, BART, Whisper)",
@@ -606,6 +614,20 @@ def with_first_step(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Seq2
     return cls(module.model, len(own)).eval(), dataclasses.replace(
         spec, output_axes=("batch", "tgt"), more_output_axes=tuple(axes), outputs=(decode.LOGITS, *outputs),
         factory=functools.partial(_rewrapped, spec.factory, cls, len(own)))
+
+
+def _vision_language_first_step(module: torch.nn.Module, spec: CheckpointSpec
+                                ) -> tuple[torch.nn.Module, CheckpointSpec]:
+    """:func:`with_first_step` of a vision-language checkpoint: :class:`~attnc.models.hf_vision_language.
+    VisionLanguageFirstStep` (the image after the first ``K`` text tokens as the module has it), its outputs
+    ``logits [batch, text, vocab]`` and ``present.N.key`` / ``.value`` ``[batch, H, seq + P, D]``."""
+    wrapper = hf_vision_language.VisionLanguageFirstStep
+    offset, visual = getattr(module, "visual_offset", 0), module.num_visual_tokens
+    layers = _cache_layout(module.model)
+    axes = tuple(("batch", h, f"seq + {visual}", d) for h, k, v, _ in layers for d in (k, v))
+    return wrapper(module.model, offset).eval(), dataclasses.replace(
+        spec, outputs=(decode.LOGITS, *_cache_names(decode.present_name, len(layers))), more_output_axes=axes,
+        factory=functools.partial(_rewrapped, spec.factory, wrapper, offset))
 
 
 def _seq2seq_step(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Seq2SeqStep, CheckpointSpec]:
@@ -673,7 +695,8 @@ def for_inputs(module: torch.nn.Module, spec, input_names: list[str], output_nam
         module, spec = with_attention_mask(module, spec)
     elif input_names != spec.input_names:
         return module, spec
-    return with_first_step(module, spec) if decode.cross_name(0, "key") in output_names else (module, spec)
+    first = decode.present_name(0, "key") if spec.kind == "vlm" else decode.cross_name(0, "key")
+    return with_first_step(module, spec) if first in output_names else (module, spec)
 
 
 def _transformers():

@@ -12,8 +12,10 @@ a decoder layer, and ``attnc validate`` compares the artefact with this module d
 
 Architectures (:data:`ARCHITECTURES`) are those whose image features and language model this layout reproduces
 exactly: each is checked against the transformers forward on the same prompt in
-``tests/models/test_hf_vision_language.py``. Several images, images whose token count depends on their size,
-padded batches (``--with-attention-mask``) and cached generation (``--with-past``) are not built.
+``tests/models/test_hf_vision_language.py``. Cached generation takes two graphs: :class:`VisionLanguageFirstStep`
+(``--first-step``: the image and the prompt, their KV cache out) and the language model's later steps
+(``--with-past``). Several images, images whose token count depends on their size and padded batches
+(``--with-attention-mask``) are not built.
 """
 
 from __future__ import annotations
@@ -112,11 +114,13 @@ class VisionLanguageOutput(torch.nn.Module):
         return self.exit_run(pixel_values, input_ids, exit_layer)[0]
 
     def exit_run(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, layer: int | None,
-                 decide: Callable[[torch.Tensor], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+                 decide: Callable[[torch.Tensor], bool] | None = None, cache=None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """``(logits [B, T - K, vocab], features [B, C], exited)``: the visual tokens dropped before decoder layer
         ``layer`` when ``decide(features)`` says so (always without ``decide``; never with ``layer`` None).
         ``features`` is the mean over the text tokens (in front of and after the image) of the hidden state
-        entering that layer (what a DyVTE gate reads, :class:`attnc.passes.token_exit.ExitGate`)."""
+        entering that layer (what a DyVTE gate reads, :class:`attnc.passes.token_exit.ExitGate`). ``cache``: a
+        transformers ``DynamicCache`` the language model fills (a new one it drops when None)."""
         inner = self.model.model
         visual = self.image_features(pixel_values)
         p, k = self.num_visual_tokens, self.visual_offset
@@ -135,12 +139,36 @@ class VisionLanguageOutput(torch.nn.Module):
 
             hooks = [m.register_forward_pre_hook(drop, with_kwargs=True) for m in layers[layer:]]
         try:
-            hidden = self.language_model(inputs_embeds=x, use_cache=True).last_hidden_state
+            cached = {} if cache is None else {"past_key_values": cache}
+            hidden = self.language_model(inputs_embeds=x, use_cache=True, **cached).last_hidden_state
         finally:
             for hook in hooks:
                 hook.remove()
         after = hidden[:, k:] if state["exited"] else hidden[:, k + p:]
         return self.model.lm_head(after), state["features"], state["exited"]
+
+
+class VisionLanguageFirstStep(VisionLanguageOutput):
+    """The first step of generating an answer about an image (``attnc export --first-step``)::
+
+        (pixel_values, input_ids [B, T]) -> (logits [B, T - K, vocab], present.N.key / .value [B, H, K + P + T, D])
+
+    the prompt with its image run once, its KV cache (image tokens included) handed to the later steps, which are the
+    checkpoint's text-only step (``--with-past``, :class:`attnc.models.hf_checkpoint.CachedStep`);
+    :func:`attnc.compiler.decode.generate_vision_language` decodes with the two.
+    """
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor):
+        from transformers import DynamicCache
+
+        from attnc.models.hf_checkpoint import keys_and_values
+
+        if input_ids.shape[1] <= self.visual_offset:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens: fewer than the {self.visual_offset} in "
+                             "front of the image and one after it")
+        cache = DynamicCache()
+        logits = self.exit_run(pixel_values, input_ids, None, cache=cache)[0]
+        return (logits, *keys_and_values(cache, len(self.decoder_layers)))
 
 
 # Keyword arguments of a decoder layer and their token axes: (query, key) for the mask, the last for positions.

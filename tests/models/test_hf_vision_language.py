@@ -290,12 +290,11 @@ def test_dynamic_exit_gate(checkpoint, tmp_path):
 
 
 def test_refusals(checkpoint, tmp_path):
-    """Options built for text checkpoints (and --text-before-image for others), and vision-language architectures
-    attnc does not lay out are refused with the way out, before anything is written."""
+    """A padding mask (built for text checkpoints), --text-before-image for other checkpoints, and vision-language
+    architectures attnc does not lay out are refused with the way out, before anything is written."""
     folder = checkpoint[0]
-    for option in ("--with-attention-mask", "--with-past"):
-        result = run_cli("export", folder, "-o", tmp_path / "x.onnx", option, ok=False)
-        assert_clean_error(result, option, "vision-language")
+    result = run_cli("export", folder, "-o", tmp_path / "x.onnx", "--with-attention-mask", ok=False)
+    assert_clean_error(result, "--with-attention-mask", "vision-language")
     assert not (tmp_path / "x.onnx").exists()
     result = run_cli("export", tiny_llama(tmp_path / "lm"), "-o", tmp_path / "x.onnx", "--text-before-image", 2,
                      ok=False)
@@ -365,3 +364,34 @@ def test_train_exit_gate_from_the_cli(checkpoint, tmp_path):
                      "--calibration", tmp_path / "calib.npz", ok=False)
     assert_clean_error(result, "cannot drop its visual tokens")
     assert not (tmp_path / "bad.npz").exists()
+
+
+def test_generation_with_the_image(checkpoint, tmp_path):
+    """``--first-step`` (the image after 2 text tokens, the prompt's KV cache out) and ``--with-past`` (the language
+    model's step) compile and validate; ``generate_vision_language`` gives transformers' ``generate`` tokens for the
+    prompt with the image's placeholders in place, greedy and with beam search; a token exit of the first step is
+    refused (its cache would lose the image in some layers only)."""
+    from attnc import runtime
+
+    folder, module, spec, _ = checkpoint
+    for name, options in (("first", ("--first-step", "--text-before-image", 2)), ("step", ("--with-past",))):
+        run_cli("export", folder, "-o", tmp_path / f"{name}.onnx", *options)
+        run_cli("compile", tmp_path / f"{name}.onnx", "-o", tmp_path / name)
+        run_cli("validate", tmp_path / name, "--model", folder)
+    first, step = runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step")
+    assert first.output_names[:2] == ["logits", "present.0.key"]
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    pixels, ids = spec.example_inputs(batch=2, seq=7, seed=6)
+    prompt = torch.cat([ids[:, :2], torch.full((2, 16), IMAGE_TOKEN), ids[:, 2:]], 1)
+    for options in ({}, {"num_beams": 3}):
+        got = runtime.generate_vision_language(first, step, pixels.numpy(), ids.numpy(), max_new_tokens=6, **options)
+        with torch.no_grad():
+            expected = hf.generate(input_ids=prompt, pixel_values=pixels, attention_mask=torch.ones_like(prompt),
+                                   max_new_tokens=6, min_new_tokens=6, do_sample=False, **options)
+        np.testing.assert_array_equal(got[:, :7], ids.numpy())
+        np.testing.assert_array_equal(got[:, 7:], expected[:, prompt.shape[1]:].numpy())
+    result = run_cli("compile", tmp_path / "first.onnx", "-o", tmp_path / "bad", "--token-exit", "static",
+                     "--exit-layer", 1, ok=False)
+    assert_clean_error(result, "--token-exit of a generation step")
+    with pytest.raises(AttncError, match="not a vision-language"):
+        runtime.generate_vision_language(step, step, pixels.numpy(), ids.numpy())
