@@ -345,7 +345,7 @@ def _dims(shape) -> str:
 @click.option("--token-exit", type=click.Choice(["static", "dynamic"]),
               help="Drop all visual tokens of a vision-language model after a layer (DyVTE).")
 @click.option("--visual-tokens", type=int,
-              help="Number of visual tokens in front of the text (token exit; default: the number attnc export "
+              help="Number of visual tokens the image became (token exit; default: the number attnc export "
                    "recorded in the model).")
 @click.option("--text-before-image", "visual_offset", type=click.IntRange(min=0),
               help="Token exit: text tokens in front of the visual tokens (default: the number attnc export recorded, "

@@ -303,10 +303,14 @@ def random_case(op: str, rng: np.random.Generator) -> dict:
     if op == "linear":
         causal = int(rng.integers(0, 2))
         state = dict(state=str(rng.choice(["none", "random", "zeros"])), state_out=bool(rng.integers(0, 2)))
+        feature_map = str(rng.choice(["elu1", "relu", "identity"]))
+        # No normaliser on identity features (as in the fixed cases): their q . sum(k) takes either sign and comes
+        # near 0 on random inputs, where fp32 loses any tolerance (seed 227478010: 2.2e-4 against references that
+        # agree to 7e-13); the normaliser is for positive feature maps.
+        normalize = int(rng.integers(0, 2)) if feature_map != "identity" else 0
         return dict(n=int(rng.integers(1, 140)), d=int(rng.integers(8, 65)), dv=int(rng.integers(8, 97)),
-                    feature_map=str(rng.choice(["elu1", "relu", "identity"])), causal=causal,
-                    normalize=int(rng.integers(0, 2)), decay=bool(rng.integers(0, 2)), dtype=dtype,
-                    **(state if causal else {}))
+                    feature_map=feature_map, causal=causal, normalize=normalize, decay=bool(rng.integers(0, 2)),
+                    dtype=dtype, **(state if causal else {}))
     if op == "flow":
         length, causal = int(rng.integers(1, 100)), int(rng.integers(0, 2))
         return dict(l=length, s=length if causal else int(rng.integers(1, 100)), d=int(rng.integers(8, 65)),
