@@ -395,3 +395,22 @@ def test_generation_with_the_image(checkpoint, tmp_path):
     assert_clean_error(result, "--token-exit of a generation step")
     with pytest.raises(AttncError, match="not a vision-language"):
         runtime.generate_vision_language(step, step, pixels.numpy(), ids.numpy())
+
+
+def test_vision_language_example(tmp_path):
+    """examples/vision_language.py end to end on a random LLaVA: both one-pass artefacts (as it is and exited) and
+    both generation steps validate, the exit changes the logits, and the generated tokens are transformers' ``generate``'s."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "examples" / "vision_language.py"
+    spec = importlib.util.spec_from_file_location("vision_language", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = example.main(["--image-size", "32", "--width", "32", "--layers", "2", "--generate", "4", "--reps", "3",
+                            "--prompt", "6", "--json", str(tmp_path / "run.json")])
+    assert results["full"]["validation_passed"] and results["exit"]["validation_passed"]
+    assert results["first_step_validation_passed"] and results["step_step_validation_passed"]
+    assert results["generation"]["tokens_equal"] and results["visual_tokens"] == 16
+    assert results["exit"]["vs_full_max_abs"] > 1e-3
+    assert json.loads((tmp_path / "run.json").read_text())["text_before_image"] == 3
