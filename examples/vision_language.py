@@ -107,8 +107,9 @@ def main(argv=None) -> dict:
         # answering: the first step with the image, then the language model's steps
         steps = {"first": with_first_step(module, spec), "step": with_past(module, spec)}
         for name, (step_module, step_spec) in steps.items():
-            export_onnx(step_module, step_spec.example_inputs(), tmp / f"{name}.onnx", input_names=step_spec.input_names,
-                        output_names=step_spec.output_names, dynamic_axes=step_spec.dynamic_axes)
+            export_onnx(step_module, step_spec.example_inputs(), tmp / f"{name}.onnx",
+                        input_names=step_spec.input_names, output_names=step_spec.output_names,
+                        dynamic_axes=step_spec.dynamic_axes)
             compile_model(tmp / f"{name}.onnx", tmp / name)
             result, _ = validate_artefact(tmp / name, str(folder), seed=3)
             results[f"{name}_step_validation_passed"] = result.passed
@@ -131,13 +132,15 @@ def main(argv=None) -> dict:
                                  "new_tokens": tokens[:, args.prompt:].tolist(), "attnc_s": attnc_s,
                                  "transformers_s": torch_s}
     full, exited, gen = results["full"], results["exit"], results["generation"]
-    print(f"{results['checkpoint']}: {results['visual_tokens']} visual tokens after {args.text_before_image} text tokens")
+    print(f"{results['checkpoint']}: {results['visual_tokens']} visual tokens after {args.text_before_image} text "
+          "tokens")
     print(f"  full:   validation {'pass' if full['validation_passed'] else 'FAIL'} "
           f"({full['max_abs_error']:.1e}), {full['latency_ms']:.2f} ms")
     print(f"  exit before layer {args.exit_layer}: validation {'pass' if exited['validation_passed'] else 'FAIL'} "
           f"({exited['max_abs_error']:.1e}), {exited['latency_ms']:.2f} ms "
           f"({exited['latency_ms'] / full['latency_ms']:.2f}x)")
-    print(f"  generation: steps validate {results['first_step_validation_passed'] and results['step_step_validation_passed']}, "
+    steps_pass = results["first_step_validation_passed"] and results["step_step_validation_passed"]
+    print(f"  generation: steps validate {steps_pass}, "
           f"{args.generate} tokens {'equal' if gen['tokens_equal'] else 'DIFFER from'} transformers' generate "
           f"({gen['attnc_s']:.2f} s against {gen['transformers_s']:.2f} s)")
     if args.json:

@@ -303,7 +303,8 @@ def with_text_before_image(module: torch.nn.Module, spec: CheckpointSpec, tokens
         raise AttncError(f"{spec.name if spec else 'this model'} is no vision-language checkpoint: "
                          "--text-before-image places text in front of an image", "export it without the option")
     if tokens < 0:
-        raise AttncError(f"--text-before-image must be 0 or more, got {tokens}", "pass the tokens in front of the image")
+        raise AttncError(f"--text-before-image must be 0 or more, got {tokens}",
+                         "pass the tokens in front of the image")
     wrapper = hf_vision_language.VisionLanguageOutput
     before = getattr(module, "visual_offset", 0)
     if tokens == before:

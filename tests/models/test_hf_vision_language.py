@@ -116,8 +116,8 @@ def test_other_architectures(tmp_path, architecture):
     hf = getattr(transformers, architecture).from_pretrained(folder).eval()
     prompt = torch.cat([ids[:, :2], torch.full((2, 16), 120), ids[:, 2:]], 1)
     with torch.no_grad():
-        np.testing.assert_allclose(module(pixels, ids).numpy(), hf(input_ids=prompt, pixel_values=pixels).logits[:, 18:],
-                                   atol=2e-6, rtol=1e-5)
+        expected = hf(input_ids=prompt, pixel_values=pixels).logits[:, 18:]
+        np.testing.assert_allclose(module(pixels, ids).numpy(), expected, atol=2e-6, rtol=1e-5)
     path = tmp_path / "model.onnx"
     export_onnx(module, spec.example_inputs(), path, input_names=spec.input_names, dynamic_axes=spec.dynamic_axes)
     model = onnx.load(str(path))
@@ -211,8 +211,8 @@ def test_text_before_the_image(checkpoint, tmp_path, exporter, dynamic):
                 assert expected.shape == (batch, seq - 3, 64) and np.abs(expected - full).max() > 1e-3
                 np.testing.assert_allclose(run_model(exited, feeds), expected, atol=1e-5, rtol=1e-4)
             for fires, gated in gates.items():
-                np.testing.assert_allclose(run_model(gated, feeds), module(pixels, ids, exit_layer=1 if fires else None),
-                                           atol=1e-5, rtol=1e-4)
+                expected = module(pixels, ids, exit_layer=1 if fires else None)
+                np.testing.assert_allclose(run_model(gated, feeds), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_compile_with_token_exit_validates(checkpoint, tmp_path):
@@ -399,7 +399,8 @@ def test_generation_with_the_image(checkpoint, tmp_path):
 
 def test_vision_language_example(tmp_path):
     """examples/vision_language.py end to end on a random LLaVA: both one-pass artefacts (as it is and exited) and
-    both generation steps validate, the exit changes the logits, and the generated tokens are transformers' ``generate``'s."""
+    both generation steps validate, the exit changes the logits, and the generated tokens are transformers'
+    ``generate``'s."""
     import importlib.util
     from pathlib import Path
 
