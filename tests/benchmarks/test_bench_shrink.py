@@ -1,6 +1,6 @@
-"""``benchmarks/bench_shrink.py --only llava --smoke``: the LLaVA section runs end to end at toy sizes, every exit
-artefact validates against the checkpoint exiting in PyTorch, and the raw file and table carry each exit's latency
-beside the full model's (the numbers themselves mean nothing at these sizes)."""
+"""``benchmarks/bench_shrink.py --only llava|llava_vqa --smoke``: the LLaVA sections run end to end at toy sizes, every
+exit artefact validates against the checkpoint exiting in PyTorch, and the raw file and table carry each exit's
+latency beside the full model's (the numbers themselves mean nothing at these sizes)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,18 @@ pytest.importorskip("transformers")
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_shrink.py"
 
 
-def test_llava_smoke(tmp_path, capsys):
+def _smoke(section: str, folder: Path) -> dict:
+    """``bench_shrink.main`` of one section at toy sizes: its raw file's record."""
     spec = importlib.util.spec_from_file_location("bench_shrink", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--only", "llava", "--smoke", "--reps", "4", "--out", str(tmp_path)]) == 0
-    [raw] = tmp_path.glob("shrink-llava-smoke-*.json")
-    result = json.loads(raw.read_text())["exit_llava"]
+    assert bench.main(["--only", section, "--smoke", "--reps", "4", "--out", str(folder)]) == 0
+    [raw] = folder.glob(f"shrink-{section}-smoke-*.json")
+    return json.loads(raw.read_text())
+
+
+def test_llava_smoke(tmp_path, capsys):
+    result = _smoke("llava", tmp_path)["exit_llava"]
     assert result["visual_tokens"] == 16 and result["smoke"]
     rows = {r["model"]: r for r in result["rows"]}
     assert set(rows) == {"full", "exit1", "exit2"}
@@ -34,12 +39,7 @@ def test_llava_vqa_smoke(tmp_path):
     """``--only llava_vqa --smoke``: a LLaVA trained (one toy epoch) on the VQA task goes through export, static exits
     before every layer, a gate trained by ``attnc train-exit-gate`` and the dynamic exit; every artefact validates, and
     the rows carry test accuracy and latency beside the full model's, for plain and exit-aware training."""
-    spec = importlib.util.spec_from_file_location("bench_shrink", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert bench.main(["--only", "llava_vqa", "--smoke", "--reps", "4", "--out", str(tmp_path)]) == 0
-    [raw] = tmp_path.glob("shrink-llava_vqa-smoke-*.json")
-    results = json.loads(raw.read_text())["exit_llava_vqa"]
+    results = _smoke("llava_vqa", tmp_path)["exit_llava_vqa"]
     assert [r["exit_aware_training"] for r in results] == [False, True]
     for result in results:
         rows = {r["artefact"]: r for r in result["rows"]}
