@@ -734,6 +734,10 @@ def _rewrite(model: onnx.ModelProto, cand: _Candidate) -> None:
         return split(term.tensor, tag)
 
     mask = _emit_mask(cand, add, const, placed)
+    if mask is not None and cand.rank == 3:
+        # 3-D Q/K/V are [N, S, one head's D]: ONNX Attention broadcasts the mask to [N, heads = 1, S_q, S_kv], so a
+        # mask [N, S_q, S_kv] per batch entry (SAM's relative-position bias per window and head) gets its heads axis
+        mask = add("Unsqueeze", [mask, const("mask_heads_axis", [-3])], "mask_heads")
     if cand.sink is not None:
         sink = const("sink", cand.sink, cand.sink.dtype)
         k, v, mask = _sink_key(sink, q, k, v, mask, add, const)

@@ -24,7 +24,9 @@ from attnc.testing import assert_clean_error, run_cli, run_model, tiny_llama, ti
 
 transformers = pytest.importorskip("transformers")
 
+from attnc import runtime  # noqa: E402
 from attnc.compiler.export import export_onnx  # noqa: E402
+from attnc.compiler.pipeline import compile_model  # noqa: E402
 from attnc.models.hf_checkpoint import load_checkpoint, with_text_before_image  # noqa: E402
 from attnc.models.hf_vision_language import ARCHITECTURES  # noqa: E402
 from attnc.passes.token_exit import (ExitGate, apply_dynamic_token_exit, apply_static_token_exit,  # noqa: E402
@@ -107,8 +109,9 @@ OTHERS = [a for a in ARCHITECTURES if a != "LlavaForConditionalGeneration"]
 @pytest.mark.parametrize("architecture", OTHERS)
 def test_other_architectures(tmp_path, architecture):
     """Each other architecture attnc lays out, with the image after 2 text tokens: transformers' logits at the text
-    after the image; its dynamo export at another batch size and text length, exited before decoder layer 1 as the
-    module exits there (every decoder layer found, none of the vision tower's)."""
+    after the image; its dynamo export at another batch size and text length, compiled (its attention fused) as the
+    module computes, and exited before decoder layer 1 as the module exits there (every decoder layer found, none of
+    the vision tower's)."""
     folder = tiny_vision_language(tmp_path / "ckpt", architecture)
     module, spec = with_text_before_image(*load_checkpoint(str(folder)), 2)
     assert module.num_visual_tokens == 16
@@ -123,12 +126,15 @@ def test_other_architectures(tmp_path, architecture):
     model = onnx.load(str(path))
     assert len(decoder_boundaries(model)) == len(module.decoder_layers)
     pixels, ids = spec.example_inputs(batch=3, seq=11, seed=2)
+    feeds = {"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}
     with torch.no_grad():
+        full = module(pixels, ids).numpy()
         expected = module(pixels, ids, exit_layer=1).numpy()
-        assert np.abs(expected - module(pixels, ids).numpy()).max() > 1e-3
-    np.testing.assert_allclose(run_model(apply_static_token_exit(model, 1, 16, 2)[0],
-                                         {"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}),
-                               expected, atol=1e-5, rtol=1e-4)
+    assert np.abs(expected - full).max() > 1e-3
+    np.testing.assert_allclose(run_model(apply_static_token_exit(model, 1, 16, 2)[0], feeds), expected, atol=1e-5,
+                               rtol=1e-4)
+    compile_model(path, tmp_path / "out")
+    np.testing.assert_allclose(runtime.load(tmp_path / "out").infer(feeds)["output"], full, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("before", [0, 3])
@@ -371,8 +377,6 @@ def test_generation_with_the_image(checkpoint, tmp_path):
     model's step) compile and validate; ``generate_vision_language`` gives transformers' ``generate`` tokens for the
     prompt with the image's placeholders in place, greedy and with beam search; a token exit of the first step is
     refused (its cache would lose the image in some layers only)."""
-    from attnc import runtime
-
     folder, module, spec, _ = checkpoint
     for name, options in (("first", ("--first-step", "--text-before-image", 2)), ("step", ("--with-past",))):
         run_cli("export", folder, "-o", tmp_path / f"{name}.onnx", *options)

@@ -115,6 +115,19 @@ def test_rank3_spelled_out_softmax_with_additive_mask(tmp_path):
     _check(module, model, fused, report, 1, [(2, 6, 24)], rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_rank3_mask_per_flattened_head(exporter, tmp_path):
+    """A mask with one [N, N] slice per batch entry and head of rank-3 attention (SAM's relative-position bias per
+    window and head, GOT-OCR2's vision tower): ONNX Attention broadcasts it to [B·H, heads = 1, N, N], so it gets that
+    axis (a [B·H, N, N] mask was taken for [heads, N, N] and ONNX Runtime refused the node)."""
+    torch.manual_seed(3)
+    module = _BmmAttention(mask=torch.randn(2 * 3, 6, 6))
+    model = _export(module, torch.randn(2, 6, 24), tmp_path, exporter)
+    fused, report = softmax.apply(model)
+    assert report.rewritten == 1 and "attn_mask" in report.matches[0].inputs
+    _check(module, model, fused, report, 1, [(2, 6, 24)], rtol=1e-5, atol=2e-6)
+
+
 def test_constant_causal_additive_mask_becomes_is_causal(tmp_path):
     torch.manual_seed(3)
     mask = torch.full((6, 6), float("-inf")).triu(1)
