@@ -27,7 +27,8 @@ transformers = pytest.importorskip("transformers")
 from attnc import runtime  # noqa: E402
 from attnc.compiler.export import export_onnx  # noqa: E402
 from attnc.compiler.pipeline import compile_model  # noqa: E402
-from attnc.models.hf_checkpoint import load_checkpoint, with_text_before_image  # noqa: E402
+from attnc.models.hf_checkpoint import (load_checkpoint, with_first_step, with_past,  # noqa: E402
+                                        with_text_before_image)
 from attnc.models.hf_vision_language import ARCHITECTURES  # noqa: E402
 from attnc.passes.token_exit import (ExitGate, apply_dynamic_token_exit, apply_static_token_exit,  # noqa: E402
                                      decoder_boundaries, dynamic_exit_forward, train_exit_gate)
@@ -419,3 +420,26 @@ def test_vision_language_example(tmp_path):
     assert results["generation"]["tokens_equal"] and results["visual_tokens"] == 16
     assert results["exit"]["vs_full_max_abs"] > 1e-3
     assert json.loads((tmp_path / "run.json").read_text())["text_before_image"] == 3
+
+
+@pytest.mark.full(reason="the generation path CI checks on LLaVA, for each other architecture (about 10 s each)")
+@pytest.mark.parametrize("architecture", OTHERS)
+def test_other_architectures_generate(tmp_path, architecture):
+    """Each other architecture's two generation graphs (the image after 2 text tokens), compiled, decode transformers'
+    greedy ``generate`` tokens."""
+    folder = tiny_vision_language(tmp_path / "ckpt", architecture)
+    module, spec = with_text_before_image(*load_checkpoint(str(folder)), 2)
+    for name, (step_module, step_spec) in {"first": with_first_step(module, spec),
+                                           "step": with_past(module, spec)}.items():
+        export_onnx(step_module, step_spec.example_inputs(), tmp_path / f"{name}.onnx",
+                    input_names=step_spec.input_names, output_names=step_spec.output_names,
+                    dynamic_axes=step_spec.dynamic_axes)
+        compile_model(tmp_path / f"{name}.onnx", tmp_path / name)
+    pixels, ids = spec.example_inputs(batch=2, seq=7, seed=2)
+    got = runtime.generate_vision_language(runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step"),
+                                           pixels.numpy(), ids.numpy(), max_new_tokens=5)
+    prompt = torch.cat([ids[:, :2], torch.full((2, 16), 120), ids[:, 2:]], 1)
+    with torch.no_grad():
+        expected = module.model.generate(input_ids=prompt, pixel_values=pixels, attention_mask=torch.ones_like(prompt),
+                                         max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    np.testing.assert_array_equal(got[:, 7:], expected[:, prompt.shape[1]:].numpy())
