@@ -105,16 +105,25 @@ def generate(runner, input_ids, attention_mask=None, max_new_tokens: int = 16,
                          "pass prompts [batch, seq], padded on the left, and their mask of the same shape")
     search = _options(options)
     empty = {s.name: np.zeros(_empty_cache_shape(s, len(ids)), dtype=s.dtype) for s in runner.input_specs[2:]}
-    state = {"mask": mask, "outputs": runner.infer({IDS: ids, MASK: mask, **empty})}
+    outputs = runner.infer({IDS: ids, MASK: mask, **empty})
+    return decode(outputs, ids, _decoder_steps(runner, list(empty), mask, outputs), max_new_tokens, eos_token_id,
+                  pad_token_id, search)
+
+
+def _decoder_steps(runner, past: list[str], mask: np.ndarray, outputs: dict):
+    """``next_step(chosen, rows)`` for :func:`attnc.compiler.search.decode` with a decoder-only cached step: the
+    chosen tokens, the mask one column longer, the cache ``past`` from the step before (rows reordered as
+    ``rows`` says); ``mask`` and ``outputs`` are the prompt's."""
+    state = {"mask": mask, "outputs": outputs}
 
     def next_step(chosen, rows):
-        past = state["mask"] if rows is None else state["mask"][rows]
-        state["mask"] = np.concatenate([past, np.ones((len(chosen), 1), dtype=np.int64)], axis=1)
+        before = state["mask"] if rows is None else state["mask"][rows]
+        state["mask"] = np.concatenate([before, np.ones((len(chosen), 1), dtype=np.int64)], axis=1)
         state["outputs"] = runner.infer({IDS: chosen[:, None], MASK: state["mask"],
-                                         **_carried(empty, state["outputs"], rows)})
+                                         **_carried(past, state["outputs"], rows)})
         return state["outputs"]
 
-    return decode(state["outputs"], ids, next_step, max_new_tokens, eos_token_id, pad_token_id, search)
+    return next_step
 
 
 def _options(options: dict) -> GenerationOptions:
@@ -246,16 +255,9 @@ def generate_vision_language(first, step, pixel_values, input_ids, max_new_token
     past = [s.name for s in step.input_specs[2:]]
     outputs = first.infer({PIXELS: pixels, IDS: ids})
     cached = outputs[present_name(0, "key")].shape[2]   # the prompt's tokens and the image's
-    state = {"mask": np.ones((len(ids), cached), dtype=np.int64), "outputs": outputs}
-
-    def next_step(chosen, rows):
-        before = state["mask"] if rows is None else state["mask"][rows]
-        state["mask"] = np.concatenate([before, np.ones((len(chosen), 1), dtype=np.int64)], axis=1)
-        state["outputs"] = step.infer({IDS: chosen[:, None], MASK: state["mask"],
-                                       **_carried(past, state["outputs"], rows)})
-        return state["outputs"]
-
-    return decode(outputs, ids, next_step, max_new_tokens, eos_token_id, pad_token_id, search)
+    mask = np.ones((len(ids), cached), dtype=np.int64)
+    return decode(outputs, ids, _decoder_steps(step, past, mask, outputs), max_new_tokens, eos_token_id, pad_token_id,
+                  search)
 
 
 def _carried(past, outputs: dict, rows: np.ndarray | None = None) -> dict:
