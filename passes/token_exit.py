@@ -205,9 +205,10 @@ def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_vi
     x = boundaries[exit_layer]
     after = _downstream(model, x)
     prefix = f"token_exit/layer{exit_layer}"
-    declared = _text_shape(model, x, num_visual_tokens)
+    shapes, types = value_shapes_and_types(model)
+    declared = _text_shape(shapes.get(x), types.get(x), num_visual_tokens)
     sliced = _slice_tokens(model, x, num_visual_tokens, prefix, visual_offset)
-    _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, visual_offset)
+    _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, visual_offset, shapes)
     for node in after:
         for i, name in enumerate(node.input):
             if name == x:
@@ -284,7 +285,8 @@ def _keep_text(model, node: onnx.NodeProto, offset: int, prefix: str) -> None:
     node.input[1] = start
 
 
-def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, offset: int = 0) -> list[str]:
+def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, offset: int = 0,
+                            shapes: dict[str, list] | None = None) -> list[str]:
     """Make tensors computed before the boundary but read after it fit the shorter sequence.
 
     Exporters compute some token-indexed tensors once and share them between layers: the
@@ -292,9 +294,10 @@ def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, offset: 
     ``[B, N, 3, H, D]``. An axis is token-indexed when its (symbolic) size equals the token
     axis of the boundary ``x``; such axes are sliced to ``P:`` (masks and tables keep the
     text positions' entries, as the torch model's exit does), and shape-vector entries at
-    token positions are reduced by ``P``. Returns the retargeted tensor names.
+    token positions are reduced by ``P``. ``shapes``: :func:`attnc.passes.core.value_shapes` of the model, where
+    the caller holds them. Returns the retargeted tensor names.
     """
-    shapes = value_shapes(model)
+    shapes = value_shapes(model) if shapes is None else shapes
     token = (shapes.get(x) or [None, None])[1]
     produced_after = {o for n in after for o in n.output}
     outer: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
@@ -406,20 +409,19 @@ def _to_identity(node):
     del node.attribute[:]
 
 
-def _text_shape(model, x, num_visual_tokens) -> tuple[int, list] | None:
-    """``(element type, shape)`` of ``x[:, P:]`` where ``x``'s token axis is a sum of dims with the constant ``P``
-    among its terms (a dynamo export's ``"seq + 576"``): the text's tokens keep the text's dim (``"seq"``), which
-    shape inference carries on to the later layers (it cannot subtract from a symbolic dim itself). The passes
-    read token counts from those shapes instead of running every layer in front of them."""
-    shapes, types = value_shapes_and_types(model, data_prop=False)
-    shape = shapes.get(x)
-    if not shape or len(shape) < 2 or not isinstance(shape[1], str) or types.get(x) is None:
+def _text_shape(shape: list | None, elem_type: int | None, num_visual_tokens) -> tuple[int, list] | None:
+    """``(element type, shape)`` of ``x[:, P:]`` for a boundary ``x`` of that ``shape`` and type, where its token
+    axis is a sum of dims with the constant ``P`` among its terms (a dynamo export's ``"seq + 576"``): the text's
+    tokens keep the text's dim (``"seq"``), which shape inference carries on to the later layers (it cannot subtract
+    from a symbolic dim itself). The passes read token counts from those shapes instead of running every layer in
+    front of them."""
+    if not shape or len(shape) < 2 or not isinstance(shape[1], str) or elem_type is None:
         return None
     terms = [t.strip() for t in shape[1].split("+")]
     if str(num_visual_tokens) not in terms or len(terms) < 2:
         return None
     terms.remove(str(num_visual_tokens))
-    return types[x], [shape[0], " + ".join(terms), *shape[2:]]
+    return elem_type, [shape[0], " + ".join(terms), *shape[2:]]
 
 
 def _finish(model, after: list[onnx.NodeProto]):
