@@ -106,9 +106,6 @@ class VisionLanguageOutput(torch.nn.Module):
         return inner.multi_modal_projector(torch.cat(states, -1))
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, exit_layer: int | None = None):
-        if input_ids.shape[1] <= self.visual_offset:
-            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens: fewer than the {self.visual_offset} in "
-                             "front of the image and one after it")
         if exit_layer is not None and not 0 <= exit_layer <= len(self.decoder_layers):
             raise ValueError(f"exit_layer must be in [0, {len(self.decoder_layers)}], got {exit_layer}")
         return self.exit_run(pixel_values, input_ids, exit_layer)[0]
@@ -121,6 +118,9 @@ class VisionLanguageOutput(torch.nn.Module):
         ``features`` is the mean over the text tokens (in front of and after the image) of the hidden state
         entering that layer (what a DyVTE gate reads, :class:`attnc.passes.token_exit.ExitGate`). ``cache``: a
         transformers ``DynamicCache`` the language model fills (a new one it drops when None)."""
+        if input_ids.shape[1] <= self.visual_offset:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens: fewer than the {self.visual_offset} in "
+                             "front of the image and one after it")
         inner = self.model.model
         visual = self.image_features(pixel_values)
         p, k = self.num_visual_tokens, self.visual_offset
@@ -163,9 +163,6 @@ class VisionLanguageFirstStep(VisionLanguageOutput):
 
         from attnc.models.hf_checkpoint import keys_and_values
 
-        if input_ids.shape[1] <= self.visual_offset:
-            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens: fewer than the {self.visual_offset} in "
-                             "front of the image and one after it")
         cache = DynamicCache()
         logits = self.exit_run(pixel_values, input_ids, None, cache=cache)[0]
         return (logits, *keys_and_values(cache, len(self.decoder_layers)))
