@@ -1,7 +1,7 @@
 """Shrink passes measured on small real tasks: head pruning (digits ViT, digits Llama) and visual-token exit (VQA VLM).
 
     python benchmarks/bench_shrink.py [--reps 200] [--threads 1] [--out benchmarks/results]
-                                      [--skip prune|exit|llama|llava] [--only prune|exit|llama|llava] [--smoke]
+                                      [--skip SECTION] [--only SECTION] [--smoke]
                                       [--tag NAME]
 
 Sections: ``prune`` trains two digits ViTs (4 x 4 and 6 x 8 heads); ``exit`` four VQA VLMs (16 and
@@ -11,7 +11,10 @@ digits as 65-token sequences, pruned by whole K/V groups (25 % and 50 % of the q
 query heads inside the groups (``granularity="query"``: the same ratios, and the ratio whose attention
 FLOPs match the groups' 50 %); ``llava`` (about 2 minutes) a transformers LLaVA checkpoint of LLaVA-1.5's token
 proportions (576 visual + 32 text tokens, 8 decoder layers, random weights) compiled with static token exit before
-several layers, each exit validated against the checkpoint exiting in PyTorch, latencies side by side. The passes
+several layers, each exit validated against the checkpoint exiting in PyTorch, latencies side by side;
+``llava_decode`` (about 5 minutes) the same checkpoint answering: its two generation graphs (the image after 5 text
+tokens) compiled as they are and with each exit, validated, their greedy tokens checked against a loop over the
+exited forward without a cache, the prompt's KV cache size and the first and later steps' latencies. The passes
 are applied (pruning: weight, activation, gradient and ablation scores, one-shot and iterative, with and without a
 short fine-tune) and the tables printed: accuracy, parameters, attention FLOPs and ONNX Runtime CPU latency
 before/after. Latencies of a "before" and its "after" are measured side by
@@ -19,7 +22,7 @@ side (runs interleaved round-robin in the same process, median of ``--reps``). R
 ``<out>/shrink-<date>.json`` with the machine description (a run of some sections only:
 ``shrink-<sections>-<date>.json``, e.g. ``shrink-llama-<date>.json``; ``--tag granularity``:
 ``shrink-llama-granularity-<date>.json``, to keep an earlier run of the same day). ``--smoke`` runs the
-``llama`` and ``llava`` sections at toy sizes (about a minute and 20 s; their numbers mean nothing).
+``llama`` and LLaVA sections at toy sizes (about a minute and 20-40 s; their numbers mean nothing).
 
 Issue #6 targets: 25 % of heads pruned keeps accuracy within 1 point and cuts attention
 FLOPs by >= 20 %; token exit cuts VLM latency by >= 30 % with accuracy within 1 point.
@@ -59,17 +62,20 @@ def session(model: onnx.ModelProto, threads: int):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def side_by_side(models: dict[str, onnx.ModelProto], feeds: dict, reps: int, threads: int) -> dict[str, float]:
-    """Median latency (ms) of each model, runs interleaved round-robin so load hits all equally."""
+def side_by_side(models: dict[str, onnx.ModelProto], feeds: dict, reps: int, threads: int,
+                 own_feeds: dict[str, dict] | None = None) -> dict[str, float]:
+    """Median latency (ms) of each model, runs interleaved round-robin so load hits all equally; on ``feeds``, or on
+    ``own_feeds[name]`` where given (generation steps whose caches differ in length)."""
     sessions = {k: session(m, threads) for k, m in models.items()}
-    for s in sessions.values():
+    inputs = {k: (own_feeds or {}).get(k, feeds) for k in sessions}
+    for k, s in sessions.items():
         for _ in range(5):
-            s.run(None, feeds)
+            s.run(None, inputs[k])
     times = {k: [] for k in sessions}
     for _ in range(reps):
         for k, s in sessions.items():
             t = time.perf_counter()
-            s.run(None, feeds)
+            s.run(None, inputs[k])
             times[k].append(time.perf_counter() - t)
     return {k: float(np.median(v) * 1e3) for k, v in times.items()}
 
@@ -431,32 +437,39 @@ LLAVA = {"image": 336, "patch": 14, "vision": {"hidden_size": 64, "intermediate_
                                                "num_attention_heads": 2},
          "text": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
                   "num_key_value_heads": 4, "vocab_size": 1000, "max_position_embeddings": 1024},
-         "text_tokens": 32, "exit_layers": (1, 2, 4, 6)}
+         "text_tokens": 32, "exit_layers": (1, 2, 4, 6), "before": 5, "generate": 16}
 LLAVA_SMOKE = {**LLAVA, "image": 56, "text": {**LLAVA["text"], "hidden_size": 64, "intermediate_size": 128,
                                               "num_hidden_layers": 4, "num_attention_heads": 4,
                                               "num_key_value_heads": 2},
-               "text_tokens": 8, "exit_layers": (1, 2)}
+               "text_tokens": 8, "exit_layers": (1, 2), "before": 2, "generate": 4}
 
 
-def bench_llava(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
-    """A transformers LLaVA checkpoint (random weights, :data:`LLAVA`) through the CLI's path: ``attnc export``'s
-    module, ``compile_model`` without and with ``--token-exit static`` before several layers, ``validate_artefact``
-    of each exit against the checkpoint exiting in PyTorch, and ONNX Runtime latency side by side."""
+def llava_checkpoint(folder: Path, c: dict) -> Path:
+    """A seeded LLaVA checkpoint of config ``c`` (:data:`LLAVA`), saved in ``folder``."""
     import transformers
 
-    from attnc.compiler.pipeline import CompileOptions, compile_model, validate_artefact
-    from attnc.models.hf_checkpoint import load_checkpoint
     from attnc.models.transformers_zoo import perturbed
 
-    c = LLAVA_SMOKE if smoke else LLAVA
     vision = transformers.CLIPVisionConfig(**c["vision"], image_size=c["image"], patch_size=c["patch"])
     text = transformers.LlamaConfig(**c["text"])
     config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=c["text"]["vocab_size"]
                                       - 1, architectures=["LlavaForConditionalGeneration"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        perturbed(transformers.LlavaForConditionalGeneration(config)).save_pretrained(tmp / "llava")
-    module, spec = load_checkpoint(str(tmp / "llava"))
+        perturbed(transformers.LlavaForConditionalGeneration(config)).save_pretrained(folder)
+    return folder
+
+
+def bench_llava(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
+    """A transformers LLaVA checkpoint (random weights, :data:`LLAVA`) through the CLI's path: ``attnc export``'s
+    module, ``compile_model`` without and with ``--token-exit static`` before several layers, ``validate_artefact``
+    of each exit against the checkpoint exiting in PyTorch, and ONNX Runtime latency side by side."""
+
+    from attnc.compiler.pipeline import CompileOptions, compile_model, validate_artefact
+    from attnc.models.hf_checkpoint import load_checkpoint
+
+    c = LLAVA_SMOKE if smoke else LLAVA
+    module, spec = load_checkpoint(str(llava_checkpoint(tmp / "llava", c)))
     t = time.perf_counter()
     export_onnx(module, spec.example_inputs(seq=c["text_tokens"]), tmp / "llava.onnx",
                 input_names=spec.input_names, dynamic_axes=spec.dynamic_axes)
@@ -483,6 +496,94 @@ def bench_llava(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict
             "visual_tokens": module.num_visual_tokens, "text_tokens": c["text_tokens"],
             "decoder_layers": c["text"]["num_hidden_layers"], "export_s": export_s, "rows": rows,
             "latency_ms": latency, "smoke": smoke}
+
+
+def bench_llava_decode(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
+    """Answering with the visual tokens gone: the :data:`LLAVA` checkpoint's two generation graphs (the image after
+    ``before`` text tokens, a chat template's), compiled as they are and with ``--token-exit static`` before several
+    layers, both steps validated against the checkpoint exiting alike in PyTorch; greedy tokens through
+    ``generate_vision_language`` against a loop over the (exited) forward without a cache; the prompt's KV cache
+    size, and ONNX Runtime latency side by side of the first step (the image and the prompt) and of one later step
+    (one token after the prompt's cache) at batch 1 and 8."""
+    from attnc import runtime
+    from attnc.compiler.pipeline import CompileOptions, compile_model, validate_artefact
+    from attnc.models.hf_checkpoint import load_checkpoint, with_first_step, with_past, with_text_before_image
+
+    c = LLAVA_SMOKE if smoke else LLAVA
+    folder = llava_checkpoint(tmp / "llava_decode", c)
+    module, spec = with_text_before_image(*load_checkpoint(str(folder)), c["before"])
+    for name, (step, step_spec) in {"first": with_first_step(module, spec), "step": with_past(module, spec)}.items():
+        export_onnx(step, step_spec.example_inputs(seq=c["text_tokens"]), tmp / f"{name}.onnx",
+                    input_names=step_spec.input_names, output_names=step_spec.output_names,
+                    dynamic_axes=step_spec.dynamic_axes)
+    new_tokens = c["generate"]
+    pixels, ids = spec.example_inputs(batch=1, seq=c["text_tokens"], seed=3)
+    rows, firsts, steps, step_feeds = [], {}, {}, {}
+    for k in (None, *c["exit_layers"]):
+        name = "full" if k is None else f"exit{k}"
+        options = CompileOptions() if k is None else CompileOptions(token_exit="static", exit_layer=k)
+        row = {"model": name, "exit_layer": k}
+        for graph in ("first", "step"):
+            compile_model(tmp / f"{graph}.onnx", tmp / f"{name}_{graph}", options)
+            result, _ = validate_artefact(tmp / f"{name}_{graph}", str(folder), seed=1)
+            row[f"{graph}_validation_passed"] = result.passed
+            row[f"{graph}_validation_max_abs_error"] = max(o.to_dict()["max_abs_error"] for o in result.outputs)
+        first, step = runtime.load(tmp / f"{name}_first"), runtime.load(tmp / f"{name}_step")
+        tokens = runtime.generate_vision_language(first, step, pixels.numpy(), ids.numpy(), max_new_tokens=new_tokens)
+        loop = ids
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                loop = torch.cat([loop, module(pixels, loop, exit_layer=k)[:, -1].argmax(-1, keepdim=True)], 1)
+        row["tokens_equal_uncached_loop"] = bool(np.array_equal(tokens, loop.numpy()))
+        row["new_tokens"] = tokens[0, ids.shape[1]:].tolist()
+        firsts[name] = onnx.load(str(tmp / f"{name}_first" / "model.fused.onnx"))
+        steps[name] = onnx.load(str(tmp / f"{name}_step" / "model.fused.onnx"))
+        outputs = first.infer({"pixel_values": pixels.numpy(), "input_ids": ids.numpy()})
+        row["prompt_cache_bytes"] = int(sum(v.nbytes for key, v in outputs.items() if key.startswith("present.")))
+        row["cache_lengths"] = [int(outputs[f"present.{i}.key"].shape[2])
+                                for i in range(c["text"]["num_hidden_layers"])]
+        step_feeds[name] = outputs
+        rows.append(row)
+    latency = {}
+    for batch in (1, 8):
+        px, tx = spec.example_inputs(batch=batch, seq=c["text_tokens"], seed=4)
+        feeds = {"pixel_values": px.numpy(), "input_ids": tx.numpy()}
+        prefill = side_by_side(firsts, feeds, max(3, reps // 20), threads)
+        own = {}
+        for name in steps:
+            outputs = runtime.load(tmp / f"{name}_first").infer(feeds)
+            caches = {f"past_key_values.{key[len('present.'):]}": v for key, v in outputs.items()
+                      if key.startswith("present.")}
+            own[name] = {"input_ids": tx[:, -1:].numpy(), "attention_mask": np.ones(
+                (batch, outputs["present.0.key"].shape[2] + 1), np.int64), **caches}
+        decode = side_by_side(steps, {}, max(5, reps // 4), threads, own_feeds=own)
+        latency[str(batch)] = {"first_step": prefill, "later_step": decode}
+    return {"model": f"LlavaForConditionalGeneration (CLIP {c['vision']}, Llama {c['text']})",
+            "visual_tokens": module.num_visual_tokens, "text_tokens": c["text_tokens"], "before": c["before"],
+            "decoder_layers": c["text"]["num_hidden_layers"], "generated": new_tokens, "rows": rows,
+            "latency_ms": latency, "smoke": smoke}
+
+
+def llava_decode_table(p: dict) -> list[str]:
+    lines = [f"Answering with the visual tokens gone, a transformers LLaVA checkpoint: {p['visual_tokens']} visual "
+             f"tokens after {p['before']} of {p['text_tokens']} text tokens, {p['decoder_layers']} decoder layers "
+             f"(random weights); {p['generated']} greedy tokens",
+             f"  {'artefact':<9}{'validation':>11}{'max abs err':>13}{'tokens = loop':>15}{'cache MB':>10}{'ratio':>7}"
+             + "".join(f"{'b' + b + ' ' + what + ' ms':>18}{'ratio':>7}" for b in p["latency_ms"]
+                       for what in ("first", "step"))]
+    full = next(r for r in p["rows"] if r["model"] == "full")
+    for r in p["rows"]:
+        passed = r["first_validation_passed"] and r["step_validation_passed"]
+        worst = max(r["first_validation_max_abs_error"], r["step_validation_max_abs_error"])
+        line = (f"  {r['model']:<9}{'pass' if passed else 'FAIL':>11}{worst:>13.2e}"
+                f"{'yes' if r['tokens_equal_uncached_loop'] else 'NO':>15}{r['prompt_cache_bytes'] / 1e6:>10.2f}"
+                f"{r['prompt_cache_bytes'] / full['prompt_cache_bytes']:>7.2f}")
+        for lat in p["latency_ms"].values():
+            for what in ("first_step", "later_step"):
+                line += f"{lat[what][r['model']]:>18.2f}{lat[what][r['model']] / lat[what]['full']:>7.2f}"
+        lines.append(line)
+    lines.append("")
+    return lines
 
 
 LLAVA_VQA = {"vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -629,7 +730,7 @@ def machine() -> dict:
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
 
 
-SECTIONS = ("prune", "exit", "llama", "llava", "llava_vqa")
+SECTIONS = ("prune", "exit", "llama", "llava", "llava_vqa", "llava_decode")
 
 
 def main(argv=None) -> int:
@@ -663,6 +764,8 @@ def main(argv=None) -> int:
         if "llava_vqa" in sections:
             results["exit_llava_vqa"] = [bench_llava_vqa(Path(tmp), args.reps, args.threads, aware, smoke=args.smoke)
                                          for aware in (False, True)]
+        if "llava_decode" in sections:
+            results["exit_llava_decode"] = bench_llava_decode(Path(tmp), args.reps, args.threads, smoke=args.smoke)
     results["seconds"] = time.perf_counter() - t0
     print(table(results))
     out = Path(args.out)
@@ -726,6 +829,8 @@ def table(results: dict) -> str:
         lines.extend(llava_table(results["exit_llava"]))
     if "exit_llava_vqa" in results:
         lines.extend(llava_vqa_table(results["exit_llava_vqa"]))
+    if "exit_llava_decode" in results:
+        lines.extend(llava_decode_table(results["exit_llava_decode"]))
     return "\n".join(lines)
 
 

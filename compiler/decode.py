@@ -254,10 +254,36 @@ def generate_vision_language(first, step, pixel_values, input_ids, max_new_token
     search = _options(options)
     past = [s.name for s in step.input_specs[2:]]
     outputs = first.infer({PIXELS: pixels, IDS: ids})
+    _check_exits(outputs, ids.shape[1], step)
     cached = outputs[present_name(0, "key")].shape[2]   # the prompt's tokens and the image's
     mask = np.ones((len(ids), cached), dtype=np.int64)
     return decode(outputs, ids, _decoder_steps(step, past, mask, outputs), max_new_tokens, eos_token_id, pad_token_id,
                   search)
+
+
+def _check_exits(outputs: dict, prompt: int, step) -> None:
+    """Raise an :class:`AttncError` unless ``step`` reads the cache the first step returned (``outputs`` for a prompt
+    of ``prompt`` tokens): a first step compiled with ``--token-exit static --exit-layer k`` caches the text alone
+    from layer ``k`` on, which a step compiled with the same exit, the same ``P`` image tokens and the same ``K`` text
+    tokens in front of them reads (its manifest says; a runner without one is taken at its word)."""
+    manifest = getattr(step, "manifest", None)
+    if not isinstance(manifest, dict):
+        return
+    lengths = [outputs[name].shape[2] for name in (present_name(i, "key") for i in range(len(outputs)))
+               if name in outputs]
+    layer = next((i for i, n in enumerate(lengths) if n < lengths[0]), None)
+    found = None if layer is None else (layer, lengths[0] - lengths[layer], prompt - outputs[LOGITS].shape[1])
+    report = manifest.get("shrink", {}).get("token_exit") or {}
+    exits = report.get("mode") == "static" and report.get("exit_layer") != report.get("decoder_layers")
+    expected = (report["exit_layer"], report["num_visual_tokens"], report["visual_offset"]) if exits else None
+    if expected != found:
+        def cache(exit):
+            return "the image's tokens in every layer" if exit is None else \
+                (f"the text alone from layer {exit[0]} on (the image's {exit[1]} tokens after {exit[2]} text tokens "
+                 "gone)")
+        raise AttncError(f"the first step's cache holds {cache(found)}, but the step was compiled to read "
+                         f"{cache(expected)}", "compile both steps with the same --token-exit static --exit-layer K, "
+                         "or both without it, exported with the same --text-before-image")
 
 
 def _carried(past, outputs: dict, rows: np.ndarray | None = None) -> dict:

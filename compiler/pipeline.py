@@ -181,13 +181,7 @@ def _shrink(model: onnx.ModelProto, options: CompileOptions, step) -> dict:
 
         calibration = [validate.load_inputs(options.calibration, load(model).input_specs)]
     if options.token_exit:
-        from attnc.compiler.decode import present_name
         from attnc.passes import token_exit
-
-        if any(o.name == present_name(0, "key") for o in model.graph.output):
-            raise AttncError("--token-exit of a generation step is not built: its KV cache would lose the image's "
-                             "tokens in the layers after the exit, and the later steps read one cache length for "
-                             "every layer", "compile the first step without --token-exit (the plain export exits)")
 
         visual_tokens = _recorded(model, onnx_io.VISUAL_TOKENS, options.visual_tokens, "--visual-tokens")
         if not visual_tokens:
@@ -246,7 +240,8 @@ def load_artefact(artefact_dir: str | os.PathLike, **options):
     """The runner of a compiled artefact directory, on the backend its manifest names.
 
     ``options`` go to that backend's ``load`` (ONNX Runtime: ``providers``, ``threads``; TensorRT:
-    ``plugin_impl``). The runner has ``input_specs``, ``output_names`` and ``infer(feeds)``.
+    ``plugin_impl``). The runner has ``input_specs``, ``output_names``, ``infer(feeds)`` and ``manifest`` (the
+    artefact's ``manifest.json``).
     """
     return _runner(artefact_dir, load_manifest(artefact_dir), **options)
 
@@ -262,7 +257,9 @@ def _runner(artefact_dir, manifest: dict, **options):
     if not artefact.is_file():
         raise AttncError(f"{artefact_dir}: the manifest's artefact {manifest['artefact']} is missing",
                          "recompile with `attnc compile`")
-    return backend.load(artefact, **options)
+    runner = backend.load(artefact, **options)
+    runner.manifest = manifest   # what the compile did: the generation functions check their steps agree
+    return runner
 
 
 def _io_specs(values, initializers) -> list[dict]:
@@ -328,7 +325,7 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     from attnc.compiler.export import resolve_model
     from attnc.compiler.reference import REFERENCES, shrink_cost, shrunk_model
     from attnc.compiler.report import write_report
-    from attnc.models.hf_checkpoint import MASK, CheckpointSpec, for_inputs, with_text_before_image
+    from attnc.models.hf_checkpoint import MASK, CheckpointSpec, exited_spec, for_inputs, with_text_before_image
     from attnc.passes.prune_heads import kept_cache_runs
 
     if reference not in REFERENCES:
@@ -343,6 +340,15 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     module, spec = for_inputs(module, spec, [s.name for s in runner.input_specs], runner.output_names)
     shrink = manifest.get("shrink", {})
     shrunk = shrunk_model(module, shrink) if reference == "shrunk" else None
+    shorter_caches = False   # a vision-language model's later step after a token exit: the unshrunk model cannot run
+    if isinstance(spec, CheckpointSpec) and shrink.get("token_exit", {}).get("mode") == "static":
+        # a vision-language generation graph's later layers cache the text alone: the example caches are shorter
+        exited = exited_spec(module, spec, shrink["token_exit"]["exit_layer"])
+        shorter_caches, spec = exited.inputs != spec.inputs, exited
+        if shorter_caches and reference == "original":
+            raise AttncError("--reference original cannot run this step: after its token exit, its later layers' "
+                             "caches lack the image's tokens, which the unshrunk model reads",
+                             "validate it with the shrunk reference, the default")
 
     if inputs_npz is not None:
         feeds = validate.load_inputs(inputs_npz, runner.input_specs)
@@ -389,7 +395,8 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     result = validate.validate(truth, types.SimpleNamespace(infer=artefact), feeds, precision=precision,
                                tolerances=tolerances)
     if shrunk:
-        result.shrink_cost = shrink_cost(original(dict(feeds)), seen)
+        # the unshrunk model on the same feeds; a later step after a token exit has no such run (shorter caches)
+        result.shrink_cost = None if shorter_caches else shrink_cost(original(dict(feeds)), seen)
     described = "the PyTorch model"
     if shrink.get("prune_heads") or shrink.get("token_exit"):
         described = shrunk.description if shrunk else \

@@ -8,7 +8,9 @@ decoder layer ``--exit-layer``, validates each against the checkpoint doing the 
 ONNX Runtime. Then it exports the two generation graphs (``--first-step``: the image and the prompt, their KV cache
 out; ``--with-past``: the language model's later steps), compiles and validates them, generates ``--generate``
 tokens greedily for a batch of random images and prompts, and checks them against transformers' ``generate`` on
-the prompt with the image's placeholder tokens in place. Without ``--checkpoint`` it writes a random LLaVA (a CLIP
+the prompt with the image's placeholder tokens in place. Last, it compiles both generation graphs with the visual
+tokens dropped before ``--exit-layer`` (the later layers' caches then hold the text alone), validates them, and checks
+their tokens against a greedy loop over the exited forward. Without ``--checkpoint`` it writes a random LLaVA (a CLIP
 tower of ``--image-size`` px images in 8 px patches, a Llama of ``--width`` and ``--layers`` with grouped-query
 attention) with ``save_pretrained`` first: no hub is reached::
 
@@ -131,7 +133,30 @@ def main(argv=None) -> dict:
                                                                      expected[:, prompt.shape[1]:].numpy())),
                                  "new_tokens": tokens[:, args.prompt:].tolist(), "attnc_s": attnc_s,
                                  "transformers_s": torch_s}
-    full, exited, gen = results["full"], results["exit"], results["generation"]
+
+        # answering with the visual tokens gone after --exit-layer: both steps compiled with the same exit
+        exit_options = CompileOptions(token_exit="static", exit_layer=args.exit_layer)
+        for name in steps:
+            compile_model(tmp / f"{name}.onnx", tmp / f"{name}_exit", exit_options)
+            result, _ = validate_artefact(tmp / f"{name}_exit", str(folder), seed=3)
+            results[f"{name}_step_exit_validation_passed"] = result.passed
+        first = runtime.load(tmp / "first_exit", threads=args.threads)
+        start = time.perf_counter()
+        exited_tokens = runtime.generate_vision_language(first, runtime.load(tmp / "step_exit", threads=args.threads),
+                                                         feeds["pixel_values"], feeds["input_ids"],
+                                                         max_new_tokens=args.generate)
+        exit_s = time.perf_counter() - start
+        loop = ids   # the exited forward without a cache, one token at a time
+        with torch.no_grad():
+            for _ in range(args.generate):
+                chosen = module(pixels, loop, exit_layer=args.exit_layer)[:, -1].argmax(-1, keepdim=True)
+                loop = torch.cat([loop, chosen], 1)
+        cache_bytes = {name: sum(v.nbytes for key, v in runner.infer(feeds).items() if key.startswith("present."))
+                       for name, runner in (("full", runtime.load(tmp / "first")), ("exit", first))}
+        results["generation_exit"] = {"tokens_equal": bool(np.array_equal(exited_tokens, loop.numpy())),
+                                      "same_as_full": bool(np.array_equal(exited_tokens, tokens)),
+                                      "attnc_s": exit_s, "prompt_cache_bytes": cache_bytes}
+    full, exited, gen, gen_exit = results["full"], results["exit"], results["generation"], results["generation_exit"]
     print(f"{results['checkpoint']}: {results['visual_tokens']} visual tokens after {args.text_before_image} text "
           "tokens")
     print(f"  full:   validation {'pass' if full['validation_passed'] else 'FAIL'} "
@@ -143,6 +168,12 @@ def main(argv=None) -> dict:
     print(f"  generation: steps validate {steps_pass}, "
           f"{args.generate} tokens {'equal' if gen['tokens_equal'] else 'DIFFER from'} transformers' generate "
           f"({gen['attnc_s']:.2f} s against {gen['transformers_s']:.2f} s)")
+    steps_pass = results["first_step_exit_validation_passed"] and results["step_step_exit_validation_passed"]
+    cache = gen_exit["prompt_cache_bytes"]
+    print(f"  generation with the exit: steps validate {steps_pass}, {args.generate} tokens "
+          f"{'equal' if gen_exit['tokens_equal'] else 'DIFFER from'} the exited forward's, "
+          f"{'the same as' if gen_exit['same_as_full'] else 'other than'} without the exit; "
+          f"the prompt's cache {cache['exit'] / cache['full']:.2f}x the size ({gen_exit['attnc_s']:.2f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return results

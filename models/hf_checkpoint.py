@@ -61,7 +61,6 @@ import torch
 
 from attnc.compiler import decode
 from attnc.compiler.errors import AttncError
-from attnc.models import hf_vision_language
 from attnc.models.registry import InputSpec, ModelSpec
 from attnc.models.transformers_zoo import STATIC_LENGTH, Output, exportable_experts, first_output
 
@@ -299,6 +298,8 @@ def with_text_before_image(module: torch.nn.Module, spec: CheckpointSpec, tokens
     Raises:
         AttncError: the checkpoint is no vision-language model's, or ``tokens`` is negative.
     """
+    from attnc.models import hf_vision_language
+
     if not isinstance(spec, CheckpointSpec) or spec.kind != "vlm":
         raise AttncError(f"{spec.name if spec else 'this model'} is no vision-language checkpoint: "
                          "--text-before-image places text in front of an image", "export it without the option")
@@ -428,12 +429,18 @@ def with_past(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[torch.nn.M
     layers = _cache_layout(model)
     ids = dataclasses.replace(spec.inputs[0], shape=("batch", "seq"))
     past = _cache_inputs(decode.past_name, layers, "past")
-    return CachedStep(model, len(layers)).eval(), dataclasses.replace(
+    wrapper, known = CachedStep, ()
+    if vision_language:   # P and K: the export records them, a token exit reads them
+        from attnc.models import hf_vision_language
+
+        wrapper = hf_vision_language.VisionLanguageStep
+        known = (module.num_visual_tokens, getattr(module, "visual_offset", 0))
+    return wrapper(model, len(layers), *known).eval(), dataclasses.replace(
         spec, inputs=(ids, InputSpec(MASK, ("batch", TOTAL), torch.int64, 2), *past),
         sizes={"batch": BATCH, "seq": STEP, "past": PAST}, dynamic=("batch", "seq", "past", TOTAL),
         padding="left", output_axes=("batch", "seq"), more_output_axes=_grown(past),
         outputs=(decode.LOGITS, *_cache_names(decode.present_name, len(layers))),
-        factory=functools.partial(_rewrapped, spec.factory, CachedStep, len(layers)))
+        factory=functools.partial(_rewrapped, spec.factory, wrapper, len(layers), *known))
 
 
 def _cache_names(name_of, layers: int) -> list[str]:
@@ -598,6 +605,8 @@ def with_first_step(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Seq2
         AttncError: the checkpoint is no encoder-decoder or vision-language model, or its caches are not transformers'
             ``EncoderDecoderCache`` of one key and one value per layer.
     """
+    from attnc.models import hf_vision_language
+
     if isinstance(module, (Seq2SeqFirstStep, hf_vision_language.VisionLanguageFirstStep)):
         return module, spec
     if isinstance(spec, CheckpointSpec) and spec.kind == "vlm":
@@ -622,6 +631,8 @@ def _vision_language_first_step(module: torch.nn.Module, spec: CheckpointSpec
     """:func:`with_first_step` of a vision-language checkpoint: :class:`~attnc.models.hf_vision_language.
     VisionLanguageFirstStep` (the image after the first ``K`` text tokens as the module has it), its outputs
     ``logits [batch, text, vocab]`` and ``present.N.key`` / ``.value`` ``[batch, H, seq + P, D]``."""
+    from attnc.models import hf_vision_language
+
     wrapper = hf_vision_language.VisionLanguageFirstStep
     offset, visual = getattr(module, "visual_offset", 0), module.num_visual_tokens
     layers = _cache_layout(module.model)
@@ -629,6 +640,33 @@ def _vision_language_first_step(module: torch.nn.Module, spec: CheckpointSpec
     return wrapper(module.model, offset).eval(), dataclasses.replace(
         spec, outputs=(decode.LOGITS, *_cache_names(decode.present_name, len(layers))), more_output_axes=axes,
         factory=functools.partial(_rewrapped, spec.factory, wrapper, offset))
+
+
+def exited_spec(module: torch.nn.Module, spec: CheckpointSpec, exit_layer: int) -> CheckpointSpec:
+    """The spec of a vision-language checkpoint's generation graph (``module``: its first or later step) compiled with
+    ``--token-exit static --exit-layer exit_layer``: the caches of layers ``exit_layer:`` without the image's ``P``
+    tokens, named as :func:`attnc.passes.token_exit.apply_step_token_exit` declares them (``past`` the cached text
+    after the image; a first step's later caches ``seq`` long); ``spec`` unchanged for any other module."""
+    from attnc.models import hf_vision_language
+
+    first = isinstance(module, hf_vision_language.VisionLanguageFirstStep)
+    if not (first or isinstance(module, hf_vision_language.VisionLanguageStep)):
+        return spec
+    k, p = module.visual_offset, module.num_visual_tokens
+    layers = len(spec.more_output_axes) // 2
+    if first:
+        axes = tuple(("batch", h, "seq" if i // 2 >= exit_layer else dim, d)
+                     for i, (_, h, dim, d) in enumerate(spec.more_output_axes))
+        return dataclasses.replace(spec, more_output_axes=axes)
+    text, full = f"past + {k}" if k else "past", f"past + {k + p}"
+    caches = _cache_names(decode.past_name, layers)   # a layer's key, then its value
+    lengths = {name: text if i // 2 >= exit_layer else full for i, name in enumerate(caches)}
+    inputs = tuple(dataclasses.replace(s, shape=(s.shape[0], f"{full} + seq")) if s.name == MASK else
+                   dataclasses.replace(s, shape=(*s.shape[:2], lengths[s.name], *s.shape[3:])) if s.name in lengths
+                   else s for s in spec.inputs)
+    axes = tuple((*a[:2], f"{text if i // 2 >= exit_layer else full} + seq", *a[3:])
+                 for i, a in enumerate(spec.more_output_axes))
+    return dataclasses.replace(spec, inputs=inputs, more_output_axes=axes)
 
 
 def _seq2seq_step(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Seq2SeqStep, CheckpointSpec]:
@@ -800,6 +838,8 @@ def _quiet(transformers) -> Iterator[None]:
 
 
 def _spec(path: Path, config, cls: type) -> CheckpointSpec:
+    from attnc.models import hf_vision_language
+
     if hf_vision_language.is_vision_language(config):
         return _vision_language_spec(path, config, cls)
     main = cls.main_input_name
@@ -821,6 +861,8 @@ def _vision_language_spec(path: Path, config, cls: type) -> CheckpointSpec:
     W]`` and ``input_ids [batch, seq]``, dynamic in batch and text length, the ids below the text vocabulary and
     below the image token (LLaVA's ``image_token_index`` sits past the text's words); logits ``[batch, text,
     vocab]`` of the text tokens after the image (``text`` = ``seq`` - the tokens in front of it)."""
+    from attnc.models import hf_vision_language
+
     hf_vision_language.check_supported(config, cls.__name__)
     vision, text = config.vision_config, config.get_text_config()
     size = vision.image_size

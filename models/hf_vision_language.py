@@ -20,11 +20,13 @@ exactly: each is checked against the transformers forward on the same prompt in
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
 
 from attnc.compiler.errors import AttncError
+from attnc.models.hf_checkpoint import CachedStep, keys_and_values
 
 # config.architectures[0] of the checkpoints VisionLanguageOutput lays out (each checked against transformers' forward
 # in tests/models/test_hf_vision_language.py): LLaVA's image features computed here (its own call splits them into a
@@ -158,14 +160,70 @@ class VisionLanguageFirstStep(VisionLanguageOutput):
     :func:`attnc.compiler.decode.generate_vision_language` decodes with the two.
     """
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor):
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, exit_layer: int | None = None):
+        """``exit_layer=k`` drops the visual tokens before decoder layer ``k`` (``attnc compile --token-exit static
+        --exit-layer k`` of this graph): the caches of layers ``k:`` then hold the text's ``K + T`` tokens, those
+        in front of it all ``K + P + T``; :class:`VisionLanguageStep` with the same ``exit_layer`` reads them."""
         from transformers import DynamicCache
 
-        from attnc.models.hf_checkpoint import keys_and_values
-
+        _check_cached_exit(exit_layer, len(self.decoder_layers))
         cache = DynamicCache()
-        logits = self.exit_run(pixel_values, input_ids, None, cache=cache)[0]
+        logits = self.exit_run(pixel_values, input_ids, exit_layer, cache=cache)[0]
         return (logits, *keys_and_values(cache, len(self.decoder_layers)))
+
+
+def _check_cached_exit(exit_layer: int | None, depth: int) -> None:
+    """A token exit of a cached generation graph leaves at least one layer with the image's tokens in its cache (an
+    exit before layer 0 never reads the image: its steps' mask would be the text's alone)."""
+    if exit_layer is not None and not 1 <= exit_layer <= depth:
+        raise AttncError(f"a generation step's token exit must come after a decoder layer, in [1, {depth}], got "
+                         f"{exit_layer}", "exit after layer 1 or later: an exit before layer 0 never reads the "
+                         "image, so prompt the text model alone instead")
+
+
+class VisionLanguageStep(CachedStep):
+    """A vision-language checkpoint's later generation steps: :class:`attnc.models.hf_checkpoint.CachedStep` on its
+    language model (``attnc export --with-past``), which knows the image's ``P`` tokens after the first ``K`` of the
+    cache (``num_visual_tokens``, ``visual_offset``: the export records them).
+
+    ``forward(..., exit_layer=k)`` reads the cache a first step exited before layer ``k`` left
+    (:class:`VisionLanguageFirstStep`): layers ``k:`` take caches without the image's tokens and see the mask
+    without its columns ``[K, K + P)`` (a forward pre-hook on each), the layers in front of them the whole cache.
+    Positions stay those of the whole sequence, as the exited first step keeps them.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: int, num_visual_tokens: int, visual_offset: int = 0):
+        super().__init__(model, layers)
+        self.num_visual_tokens, self.visual_offset = num_visual_tokens, visual_offset
+
+    def forward(self, input_ids, attention_mask, *past, exit_layer: int | None = None):
+        decoder = self.model.model.language_model.layers
+        _check_cached_exit(exit_layer, len(decoder))
+        if exit_layer is None or exit_layer == len(decoder):
+            return super().forward(input_ids, attention_mask, *past)
+        k, p, total = self.visual_offset, self.num_visual_tokens, attention_mask.shape[-1]
+        if total < k + p + input_ids.shape[1]:
+            raise ValueError(f"attention_mask covers {total} tokens: fewer than the {k + p} in front of the image's "
+                             f"end and the {input_ids.shape[1]} new ones")
+
+        def drop(module, args, kwargs):
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.shape[-1] == total:
+                kwargs = {**kwargs, "attention_mask": torch.cat([mask[..., :k], mask[..., k + p:]], -1)}
+            return args, kwargs
+
+        hooks = [m.register_forward_pre_hook(drop, with_kwargs=True) for m in decoder[exit_layer:]]
+        try:
+            return super().forward(input_ids, attention_mask, *past)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+
+# the exporters see CachedStep's named caches (past_0, ...); exit_layer, keyword-only, is the PyTorch reference's
+VisionLanguageStep.forward.__signature__ = CachedStep.forward.__signature__.replace(parameters=[
+    *CachedStep.forward.__signature__.parameters.values(),
+    inspect.Parameter("exit_layer", inspect.Parameter.KEYWORD_ONLY, default=None)])
 
 
 # Keyword arguments of a decoder layer and their token axes: (query, key) for the mask, the last for positions.

@@ -51,10 +51,16 @@ SEED = 0
 
 
 def _dim_size(dim: int | str, values: Mapping[str, int]) -> int:
-    """A shape entry's size: an int as it is, a size name's value, a sum of size names (``"past + seq"``) their sum."""
+    """A shape entry's size: an int as it is, a size name's value, a sum of size names and constants (``"past + seq"``,
+    ``"past + 18"``) their sum."""
     if isinstance(dim, int):
         return dim
-    return values[dim] if dim in values else sum(_dim_size(part.strip(), values) for part in dim.split("+"))
+    if dim in values:
+        return values[dim]
+    parts = [part.strip() for part in dim.split("+")]
+    if len(parts) == 1 and dim.isdigit():   # a constant term: "past + 18"
+        return int(dim)
+    return sum(_dim_size(part, values) for part in parts)
 
 
 @dataclass(frozen=True)

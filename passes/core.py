@@ -557,12 +557,13 @@ def probe_model(model: onnx.ModelProto, nodes, inputs, outputs, needed: set[str]
     return sub
 
 
-def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int, ...] = (5, 8)
-                     ) -> list[dict[str, np.ndarray]]:
+def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int, ...] = (5, 8),
+                     dims: Mapping[str, Sequence[int]] | None = None) -> list[dict[str, np.ndarray]]:
     """Compute tensors ``names`` with ONNX Runtime on synthetic inputs.
 
     Every symbolic (or unknown) graph-input dimension is set to each of ``sizes`` in turn
-    (one run per size; a single run when the graph has static inputs); a dimension named as a
+    (one run per size; a single run when the graph has static inputs), a symbol ``dims`` names to its own size of
+    that run (``{"past": (7, 11)}``: a cache's length apart from the new tokens'); a dimension named as a
     sum of others (``"past + seq"``, a generation step's mask over its cache and its new tokens)
     to that sum. Float inputs get standard-normal values, integer inputs zeros. Only the nodes
     ``names`` depend on run.
@@ -577,11 +578,13 @@ def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int,
     static = all(d.HasField("dim_value") for i in inputs for d in i.type.tensor_type.shape.dim)
     rng = np.random.default_rng(0)
     results = []
-    for size in sizes[:1] if static else sizes:
+    for run, size in enumerate(sizes[:1] if static else sizes):
         feeds = {}
         for info in inputs:
             t = info.type.tensor_type
-            shape = [d.dim_value if d.HasField("dim_value") else sampled_dim(d.dim_param, size) for d in t.shape.dim]
+            own = {symbol: values[run] for symbol, values in (dims or {}).items()}
+            shape = [d.dim_value if d.HasField("dim_value") else sampled_dim(d.dim_param, size, own)
+                     for d in t.shape.dim]
             dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
             if np.issubdtype(dtype, np.floating):
                 feeds[info.name] = rng.standard_normal(shape).astype(dtype)
@@ -591,10 +594,11 @@ def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int,
     return results
 
 
-def sampled_dim(name: str, size: int) -> int:
-    """The size a symbolic dim ``name`` gets when every plain symbol is ``size``: a sum of terms
-    (``"past + seq"``, ``"seq + 1"``, as the dynamo exporter names derived dims) adds them up."""
-    return sum(int(term) if term.strip().isdigit() else size for term in name.split("+"))
+def sampled_dim(name: str, size: int, sizes: Mapping[str, int] | None = None) -> int:
+    """The size a symbolic dim ``name`` gets when every plain symbol is ``size`` (or its entry in ``sizes``): a sum
+    of terms (``"past + seq"``, ``"seq + 1"``, as the dynamo exporter names derived dims) adds them up."""
+    terms = [term.strip() for term in name.split("+")]
+    return sum(int(term) if term.isdigit() else (sizes or {}).get(term, size) for term in terms)
 
 
 # ----------------------------------------------------------------------------- matching helpers

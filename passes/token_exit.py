@@ -43,8 +43,8 @@ from onnx import helper, numpy_helper
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import on_stand_in_weights, ort_session
-from attnc.passes.core import (constant_value, evaluate_tensors, name_nodes, producers, remove_dead_nodes,
-                               toposort, value_shapes, value_shapes_and_types)
+from attnc.passes.core import (constant_value, depends_on_data, evaluate_tensors, name_nodes, producers,
+                               remove_dead_nodes, sampled_dim, toposort, value_shapes, value_shapes_and_types)
 
 log = logging.getLogger(__name__)
 
@@ -192,11 +192,15 @@ def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_vi
     Raises:
         AttncError: bad ``exit_layer``/``num_visual_tokens``, or no decoder layers found.
     """
+    if _takes_cache(onnx_model):
+        return apply_step_token_exit(onnx_model, exit_layer, num_visual_tokens, visual_offset)
     model = _copy(onnx_model)
     boundaries = decoder_boundaries(model)
     depth = len(boundaries)
-    if not isinstance(exit_layer, (int, np.integer)) or not 0 <= exit_layer <= depth:
-        raise AttncError(f"exit_layer must be in [0, {depth}] (the decoder has {depth} layers), got {exit_layer}")
+    cached = _gives_cache(model)
+    if not isinstance(exit_layer, (int, np.integer)) or not int(cached) <= exit_layer <= depth:
+        raise AttncError(f"exit_layer must be in [{int(cached)}, {depth}] (the decoder has {depth} layers), got "
+                         f"{exit_layer}", _CACHED_FIX if cached and exit_layer == 0 else "")
     _check_tokens(num_visual_tokens, visual_offset)
     report = TokenExitReport("static", int(exit_layer), depth, num_visual_tokens,
                              boundaries[exit_layer] if exit_layer < depth else "", visual_offset=visual_offset)
@@ -207,6 +211,7 @@ def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_vi
     prefix = f"token_exit/layer{exit_layer}"
     shapes, types = value_shapes_and_types(model)
     declared = _text_shape(shapes.get(x), types.get(x), num_visual_tokens)
+    token = (shapes.get(x) or [None, None])[1]
     sliced = _slice_tokens(model, x, num_visual_tokens, prefix, visual_offset)
     _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, visual_offset, shapes)
     for node in after:
@@ -219,8 +224,170 @@ def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_vi
     _finish(model, after)
     if declared is not None:
         model.graph.value_info.append(helper.make_tensor_value_info(sliced, *declared))
+    produced_after = {o for n in after for o in n.output}
+    for output in model.graph.output:   # a first step's caches of the later layers: the text's tokens
+        if output.name in produced_after:
+            _declare_without(output, token, num_visual_tokens)
     log.info("token_exit: visual tokens dropped before decoder layer %d of %d", exit_layer, depth)
     return model, report
+
+
+_CACHED_FIX = ("exit after layer 1 or later: a generation graph's exit before layer 0 would never read the image; "
+               "prompt the text model alone instead")
+
+
+@on_stand_in_weights
+def apply_step_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visual_tokens: int,
+                          visual_offset: int = 0) -> tuple[onnx.ModelProto, TokenExitReport]:
+    """A vision-language model's later generation step (``attnc export --with-past``) reading the KV cache of a first
+    step whose visual tokens exited before decoder layer ``exit_layer`` (:func:`apply_static_token_exit` of
+    ``--first-step``): layers ``exit_layer:`` take caches without the image's ``P`` tokens.
+
+    The step's new tokens are text, so nothing is cut from its hidden state. What the later layers read over the
+    whole cache loses the image's columns ``[K, K + P)``: the attention mask (its key axis) and the shape vectors
+    sized by it (a dynamo export's ``Expand`` / ``Reshape`` of grouped keys), found by running the graph at two
+    sizes (an axis or entry as long as ``attention_mask`` in both). The later layers' cache inputs and outputs are
+    declared ``past + K`` / ``past + K + seq`` long, the others ``past + K + P`` / ``past + K + P + seq``, the mask
+    ``past + K + P + seq``: ``past`` counts the cached text after the image, and a size every term samples alike
+    fits every layer (:func:`attnc.passes.core.sampled_dim`).
+
+    Raises:
+        AttncError: ``exit_layer`` is outside ``[1, decoder layers]``, the graph takes no ``attention_mask`` or a
+            static cache, or a later layer reads the cache's length in a way attnc cannot cut.
+    """
+    from attnc.compiler.decode import past_name
+
+    model = _copy(onnx_model)
+    boundaries = decoder_boundaries(model)
+    depth = len(boundaries)
+    if not isinstance(exit_layer, (int, np.integer)) or not 1 <= exit_layer <= depth:
+        raise AttncError(f"exit_layer must be in [1, {depth}] (the decoder has {depth} layers), got {exit_layer}",
+                         _CACHED_FIX if exit_layer == 0 else "")
+    _check_tokens(num_visual_tokens, visual_offset)
+    k, p = int(visual_offset), int(num_visual_tokens)
+    report = TokenExitReport("static", int(exit_layer), depth, p, boundaries[exit_layer] if exit_layer < depth else "",
+                             visual_offset=k)
+    if exit_layer == depth:
+        return model, report
+    inputs = {i.name: i for i in model.graph.input}
+    mask = inputs.get("attention_mask")
+    total = mask.type.tensor_type.shape.dim[-1] if mask is not None and mask.type.tensor_type.shape.dim else None
+    if total is None or not total.HasField("dim_param"):
+        raise AttncError("a generation step's token exit needs its attention_mask [batch, past + seq] with a dynamic "
+                         "length", "export the step with `attnc export CKPT --with-past` (dynamic axes)")
+    x = boundaries[exit_layer]
+    after = _downstream(model, x)
+    inside = {id(n) for n in after}
+    produced_after = {o for n in after for o in n.output}
+    caches = {past_name(i, kind) for i in range(len(inputs)) for kind in ("key", "value")}
+    later_caches = sorted({name for n in after for name in n.input if name in caches and name in inputs})
+    # The sizes of a later layer's cache: a dynamo export takes one layer's cache length for every layer's (a
+    # Reshape in layer 0 may read layer 3's), so what reads them outside the later layers gets the image's P back.
+    sizes_of_later = []
+    for node in model.graph.node:
+        if not any(i in later_caches for i in node.input) or id(node) in inside:
+            continue
+        if node.op_type != "Shape":
+            raise AttncError(f"{node.op_type} node {node.name} reads a later layer's cache outside that layer, so "
+                             "attnc cannot shorten the cache", "report the model to attnc")
+        sizes_of_later.append(node.output[0])
+    outer: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in after:
+        for i, name in enumerate(node.input):
+            if name and name != x and name not in produced_after and name not in later_caches \
+                    and name not in sizes_of_later and constant_value(model, name) is None:
+                outer.setdefault(name, []).append((node, i))
+    # the cache apart from the new tokens: lengths over the whole cache, the cache alone and the new tokens differ
+    cache_dim = inputs[later_caches[0]].type.tensor_type.shape.dim[2]
+    probe = {"past": (7, 11)}
+    sizes = (2, 3)
+    whole = [sampled_dim(total.dim_param, size, {"past": n}) for size, n in zip(sizes, probe["past"])]
+    cached = [sampled_dim(cache_dim.dim_param, size, {"past": n}) if cache_dim.HasField("dim_param") else None
+              for size, n in zip(sizes, probe["past"])]
+    names = [*outer, *sizes_of_later]
+    try:
+        runs = evaluate_tensors(model, names, sizes=sizes, dims=probe) if names else []
+    except Exception as exc:   # ONNX Runtime's errors are of many types
+        raise AttncError(f"the step does not run at sampled sizes ({type(exc).__name__}: {exc}), so attnc cannot "
+                         "find what its later layers read over the cache", "report the model to attnc") from None
+    prefix = f"token_exit/step{exit_layer}"
+
+    def entries(name, lengths):
+        values = [np.asarray(run[name]) for run in runs]
+        if values[0].ndim > 1 or values[0].dtype.kind not in "iu" or values[1].shape != values[0].shape:
+            return []
+        return [j for j in range(values[0].size) if any(all(v.reshape(-1)[j] == n for v, n in zip(values, ls))
+                                                        for ls in lengths)]
+
+    def moved(name, positions, sign, shape):
+        delta = np.zeros(shape, dtype=np.asarray(runs[0][name]).dtype)
+        delta.reshape(-1)[positions] = p
+        new = f"{prefix}/{name}/{'whole' if sign > 0 else 'text'}"
+        model.graph.initializer.append(numpy_helper.from_array(delta, new + ".delta"))
+        model.graph.node.append(helper.make_node("Add" if sign > 0 else "Sub", [name, new + ".delta"], [new],
+                                                 name=new))
+        return new
+
+    for name in sizes_of_later:   # outside the later layers, a cache's length means the whole cache's
+        positions = entries(name, [cached])
+        if positions:
+            new = moved(name, positions, +1, np.asarray(runs[0][name]).shape)
+            for node in model.graph.node:
+                if id(node) not in inside and node.name != new:
+                    node.input[:] = [new if i == name else i for i in node.input]
+    for name, uses in outer.items():
+        values = [np.asarray(run[name]) for run in runs]
+        axes = [j for j in range(values[0].ndim)
+                if all(v.ndim == values[0].ndim and v.shape[j] == n for v, n in zip(values, whole))]
+        positions = [] if depends_on_data(model, name) else entries(name, [whole, cached])
+        if positions:   # a shape vector (or a length) over the whole cache: P fewer
+            new = moved(name, positions, -1, values[0].shape)
+        elif axes:      # the mask: without the image's columns
+            new = _drop_visual(model, name, axes, p, k, f"{prefix}/{name}/text", f"{prefix}/{name}/text")
+        else:
+            continue
+        for node, i in uses:
+            node.input[i] = new
+    text, full = f"past + {k}" if k else "past", f"past + {k + p}"
+    for value in list(model.graph.input) + list(model.graph.output):
+        later = value.name in later_caches or (value.name in produced_after and value.name.startswith("present."))
+        for dim in value.type.tensor_type.shape.dim:
+            terms = sorted(t.strip() for t in dim.dim_param.split("+")) if dim.HasField("dim_param") else []
+            if terms in (["past"], ["past", "seq"]):   # "seq + past" too: the exporters order terms their way
+                dim.dim_param = " + ".join([text if later else full, *terms[1:]])
+    _finish(model, after)
+    log.info("token_exit: decoder layers %d-%d of the step read caches without the visual tokens", exit_layer,
+             depth - 1)
+    return model, report
+
+
+def _takes_cache(model) -> bool:
+    """Whether ``model`` is a later generation step: it takes ``past_key_values.*``."""
+    from attnc.compiler.decode import past_name
+
+    return any(i.name == past_name(0, "key") for i in model.graph.input)
+
+
+def _gives_cache(model) -> bool:
+    """Whether ``model`` is a generation graph with a KV cache: it returns ``present.*`` (a first step) or takes
+    ``past_key_values.*`` (a later step)."""
+    from attnc.compiler.decode import past_name, present_name
+
+    return any(o.name == present_name(0, "key") for o in model.graph.output) or \
+        any(i.name == past_name(0, "key") for i in model.graph.input)
+
+
+def _declare_without(value: onnx.ValueInfoProto, token, num_visual_tokens: int) -> None:
+    """Declare ``value`` (an output computed behind the exit) without the visual tokens: a symbolic dim with ``P``
+    among its terms (``"seq + 16"``) loses that term, a static dim equal to the boundary's token count ``token``
+    loses ``P``."""
+    for dim in value.type.tensor_type.shape.dim:
+        terms = [t.strip() for t in dim.dim_param.split("+")] if dim.HasField("dim_param") else []
+        if str(num_visual_tokens) in terms and len(terms) > 1:
+            terms.remove(str(num_visual_tokens))
+            dim.dim_param = " + ".join(terms)
+        elif dim.HasField("dim_value") and isinstance(token, int) and dim.dim_value == token:
+            dim.dim_value = token - num_visual_tokens
 
 
 def _copy(model):
@@ -788,6 +955,11 @@ def apply(model: onnx.ModelProto, mode: str, num_visual_tokens: int, *, exit_lay
     ``calibration_feeds`` (required then). ``dynamic``: a trained :class:`ExitGate`
     (:func:`train_exit_gate` needs the torch model, so the CLI must load one).
     """
+    if _gives_cache(model) and (mode == "dynamic" or exit_layer is None):
+        raise AttncError("a generation graph's token exit is static, at the --exit-layer both steps are compiled "
+                         "with" if mode == "dynamic" else "a generation graph's token exit needs its exit layer",
+                         "compile the first step and the later steps with --token-exit static --exit-layer K, the "
+                         "same K: the later steps read caches whose lengths the first step's exit fixed")
     if mode == "static":
         if exit_layer is None:
             if not calibration_feeds:

@@ -1,6 +1,6 @@
-"""``benchmarks/bench_shrink.py --only llava|llava_vqa --smoke``: the LLaVA sections run end to end at toy sizes, every
-exit artefact validates against the checkpoint exiting in PyTorch, and the raw file and table carry each exit's
-latency beside the full model's (the numbers themselves mean nothing at these sizes)."""
+"""``benchmarks/bench_shrink.py --only llava|llava_vqa|llava_decode --smoke``: the LLaVA sections run end to end at toy
+sizes, every exit artefact validates against the checkpoint exiting in PyTorch, and the raw file and table carry each
+exit's latency beside the full model's (the numbers themselves mean nothing at these sizes)."""
 
 from __future__ import annotations
 
@@ -47,3 +47,18 @@ def test_llava_vqa_smoke(tmp_path):
         assert all(r["validation_passed"] and 0 <= r["test_accuracy"] <= 1 for r in rows.values())
         assert set(result["latency_ms"]["1"]) == set(rows) - {"dynamic"}
         assert set(result["latency_b1_test_mean_ms"]) == {"full", "dynamic"}
+
+
+def test_llava_decode_smoke(tmp_path, capsys):
+    """``--only llava_decode --smoke``: both generation graphs of a LLaVA, as they are and exited before layers 1 and 2,
+    validate; each pair's greedy tokens equal a loop over the (exited) forward without a cache; the exits' prompt
+    caches are smaller (16 visual tokens gone from 3 of 4 and 2 of 4 layers), and every artefact is timed."""
+    result = _smoke("llava_decode", tmp_path)["exit_llava_decode"]
+    rows = {r["model"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "exit1", "exit2"} and result["smoke"]
+    assert all(r["first_validation_passed"] and r["step_validation_passed"] and r["tokens_equal_uncached_loop"]
+               for r in rows.values())
+    assert rows["full"]["cache_lengths"] == [24] * 4 and rows["exit1"]["cache_lengths"] == [24, 8, 8, 8]
+    assert rows["exit2"]["prompt_cache_bytes"] / rows["full"]["prompt_cache_bytes"] == pytest.approx(16 / 24)
+    assert all(set(lat[what]) == set(rows) for lat in result["latency_ms"].values() for what in lat)
+    assert "Answering with the visual tokens gone" in capsys.readouterr().out

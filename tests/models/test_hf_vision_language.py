@@ -25,8 +25,9 @@ from attnc.testing import assert_clean_error, run_cli, run_model, tiny_llama, ti
 transformers = pytest.importorskip("transformers")
 
 from attnc import runtime  # noqa: E402
+from attnc.compiler.backends.onnxruntime import load as load_onnx  # noqa: E402
 from attnc.compiler.export import export_onnx  # noqa: E402
-from attnc.compiler.pipeline import compile_model  # noqa: E402
+from attnc.compiler.pipeline import CompileOptions, compile_model  # noqa: E402
 from attnc.models.hf_checkpoint import (load_checkpoint, with_first_step, with_past,  # noqa: E402
                                         with_text_before_image)
 from attnc.models.hf_vision_language import ARCHITECTURES  # noqa: E402
@@ -343,6 +344,36 @@ def test_tensorrt_builds_the_exited_checkpoint(checkpoint, tmp_path, mode):
     assert manifest["shrink"]["token_exit"]["mode"] == mode and manifest["ops_after"]["Attention"] >= 3
 
 
+@pytest.mark.tensorrt
+def test_tensorrt_builds_the_exited_step(generation_graphs, tmp_path):
+    """TensorRT-RTX builds an fp16 engine of the later step exited before layer 2 (its caches of two lengths: the
+    image's 16 tokens in layers 0-1, the text alone in layers 2-3), its profile from the first decoding step (1 text
+    token after the image) to 64."""
+    from attnc.compiler.backends.tensorrt import describe, import_tensorrt
+
+    try:
+        import_tensorrt()
+    except AttncError as exc:
+        pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc.problem}")
+    sizes = {"min": (1, 1, 1), "opt": (2, 1, 16), "max": (4, 8, 64)}   # batch, new tokens, cached text after the image
+    profile = []
+    for kind, (b, t, a) in sizes.items():
+        lengths = {f"past_key_values.{i}.{kv}": 2 + a + (16 if i < 2 else 0)
+                   for i in range(LAYERS) for kv in ("key", "value")}
+        shapes = {"input_ids": (b, t), "attention_mask": (b, 18 + a + t),
+                  **{name: (b, 2, n, 8) for name, n in lengths.items()}}
+        profile += [arg for name, shape in shapes.items()
+                    for arg in (f"--{kind}-shape", f"{name}:{'x'.join(map(str, shape))}")]
+    out = tmp_path / "engine"
+    run_cli("compile", generation_graphs["step"], "-o", out, "--backend", "tensorrt", "--precision", "fp16",
+            "--token-exit", "static", "--exit-layer", 2, *profile)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["ops_after"]["Attention"] == LAYERS and manifest["shrink"]["token_exit"]["exit_layer"] == 2
+    info = describe(out / manifest["artefact"])
+    assert info["profiles"][0]["past_key_values.3.key"]["max"] == [4, 2, 66, 8]
+    assert info["profiles"][0]["past_key_values.1.key"]["max"] == [4, 2, 82, 8]
+
+
 def test_train_exit_gate_from_the_cli(checkpoint, tmp_path):
     """``attnc train-exit-gate`` trains on a calibration .npz (with the image after 3 text tokens): its gate equals
     ``train_exit_gate``'s on the same inputs, and compiles into a dynamic exit that validates; a layer past the
@@ -373,15 +404,23 @@ def test_train_exit_gate_from_the_cli(checkpoint, tmp_path):
     assert not (tmp_path / "bad.npz").exists()
 
 
-def test_generation_with_the_image(checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def generation_graphs(checkpoint, tmp_path_factory):
+    """The checkpoint's two generation graphs, the image after 2 text tokens: ``{"first": path, "step": path}``."""
+    folder = checkpoint[0]
+    out = tmp_path_factory.mktemp("generation")
+    for name, option in (("first", "--first-step"), ("step", "--with-past")):
+        run_cli("export", folder, "-o", out / f"{name}.onnx", option, "--text-before-image", 2)
+    return {name: out / f"{name}.onnx" for name in ("first", "step")}
+
+
+def test_generation_with_the_image(checkpoint, generation_graphs, tmp_path):
     """``--first-step`` (the image after 2 text tokens, the prompt's KV cache out) and ``--with-past`` (the language
     model's step) compile and validate; ``generate_vision_language`` gives transformers' ``generate`` tokens for the
-    prompt with the image's placeholders in place, greedy and with beam search; a token exit of the first step is
-    refused (its cache would lose the image in some layers only)."""
+    prompt with the image's placeholders in place, greedy and with beam search."""
     folder, module, spec, _ = checkpoint
-    for name, options in (("first", ("--first-step", "--text-before-image", 2)), ("step", ("--with-past",))):
-        run_cli("export", folder, "-o", tmp_path / f"{name}.onnx", *options)
-        run_cli("compile", tmp_path / f"{name}.onnx", "-o", tmp_path / name)
+    for name, path in generation_graphs.items():
+        run_cli("compile", path, "-o", tmp_path / name)
         run_cli("validate", tmp_path / name, "--model", folder)
     first, step = runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step")
     assert first.output_names[:2] == ["logits", "present.0.key"]
@@ -395,17 +434,112 @@ def test_generation_with_the_image(checkpoint, tmp_path):
                                    max_new_tokens=6, min_new_tokens=6, do_sample=False, **options)
         np.testing.assert_array_equal(got[:, :7], ids.numpy())
         np.testing.assert_array_equal(got[:, 7:], expected[:, prompt.shape[1]:].numpy())
-    result = run_cli("compile", tmp_path / "first.onnx", "-o", tmp_path / "bad", "--token-exit", "static",
-                     "--exit-layer", 1, ok=False)
-    assert_clean_error(result, "--token-exit of a generation step")
     with pytest.raises(AttncError, match="not a vision-language"):
         runtime.generate_vision_language(step, step, pixels.numpy(), ids.numpy())
 
 
+@pytest.mark.parametrize("before", [0, 3])
+def test_exited_caches_continue_the_exited_forward(checkpoint, before):
+    """A first step whose visual tokens exit before layer ``k`` caches the text alone from layer ``k`` on; the later
+    step with the same exit, on those caches and 4 new tokens, gives the logits of the exited forward (no cache) on
+    the whole sequence, which ``test_exit_layer_drops_the_visual_tokens`` checks against a hand loop: at every ``k``,
+    with the image first or after 3 text tokens. An exit before layer 0 is refused (it never reads the image)."""
+    _, module, spec = checkpoint[:3]
+    module, spec = with_text_before_image(module, spec, before)
+    (first, _), (step, _) = with_first_step(module, spec), with_past(module, spec)
+    p = module.num_visual_tokens
+    pixels, ids = spec.example_inputs(batch=3, seq=before + 5, seed=11)
+    new = torch.randint(0, IMAGE_TOKEN, (3, 4), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        for k in range(1, LAYERS + 1):
+            caches = first(pixels, ids, exit_layer=k)[1:]
+            assert [c.shape[2] for c in caches[::2]] == [before + 5 + (p if i < k else 0) for i in range(LAYERS)]
+            mask = torch.ones(3, caches[0].shape[2] + 4, dtype=torch.int64)
+            logits = step(new, mask, *caches, exit_layer=k)[0]
+            expected = module(pixels, torch.cat([ids, new], 1), exit_layer=k)[:, -4:]
+            np.testing.assert_allclose(logits.numpy(), expected.numpy(), atol=2e-6, rtol=1e-5)
+        for wrapper, args in ((first, (pixels, ids)), (step, (new, mask, *caches))):
+            with pytest.raises(AttncError, match="must come after a decoder layer"):
+                wrapper(*args, exit_layer=0)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_step_token_exit_pass(checkpoint, tmp_path, exporter):
+    """``apply_static_token_exit`` of a later step (``apply_step_token_exit``) at every exit layer, both exporters:
+    on the caches the exited first step returns (PyTorch), the ONNX step's logits equal the exited forward's on the
+    whole sequence and its caches the PyTorch step's, at several batch sizes, prompt lengths and new-token counts;
+    the later layers' caches are declared without the image's tokens (``past`` counts the text after the image)."""
+    _, module, spec = checkpoint[:3]
+    module, spec = with_text_before_image(module, spec, 3)
+    (first, _), (step, step_spec) = with_first_step(module, spec), with_past(module, spec)
+    path = export_onnx(step, step_spec.example_inputs(), tmp_path / "step.onnx", exporter=exporter,
+                       input_names=step_spec.input_names, output_names=step_spec.output_names,
+                       dynamic_axes=step_spec.dynamic_axes)
+    model = onnx.load(path)
+    gen = torch.Generator().manual_seed(21)
+    for k in (1, 3, LAYERS):
+        exited, report = apply_static_token_exit(model, k, 16, visual_offset=3)
+        assert report.exit_layer == k
+        dims = {i.name: i.type.tensor_type.shape.dim[2].dim_param for i in exited.graph.input if "past" in i.name}
+        assert dims == {f"past_key_values.{i}.{kind}": "past" if k == LAYERS else "past + 3" if i >= k else "past + 19"
+                        for i in range(LAYERS) for kind in ("key", "value")}   # after the last layer: unchanged
+        for batch, prompt, count in ((1, 4, 1), (3, 9, 5)):
+            pixels, ids = spec.example_inputs(batch=batch, seq=prompt, seed=batch)
+            new = torch.randint(0, IMAGE_TOKEN, (batch, count), generator=gen)
+            with torch.no_grad():
+                caches = first(pixels, ids, exit_layer=k)[1:]
+                mask = torch.ones(batch, caches[0].shape[2] + count, dtype=torch.int64)
+                expected = step(new, mask, *caches, exit_layer=k)
+                whole = module(pixels, torch.cat([ids, new], 1), exit_layer=k)[:, -count:]
+            got = load_onnx(exited).infer({"input_ids": new.numpy(), "attention_mask": mask.numpy(),
+                                           **{s.name: c.numpy() for s, c in zip(step_spec.inputs[2:], caches)}})
+            np.testing.assert_allclose(got["logits"], whole.numpy(), atol=3e-6, rtol=1e-5)
+            for name, reference in zip(step_spec.output_names[1:], expected[1:]):
+                np.testing.assert_allclose(got[name], reference.numpy(), atol=3e-6, rtol=1e-5)
+
+
+def test_generation_with_a_token_exit(checkpoint, generation_graphs, tmp_path):
+    """Both generation graphs compiled with ``--token-exit static --exit-layer 2`` validate against the checkpoint
+    exiting alike in PyTorch, and decode the tokens of a greedy loop over the exited forward (no cache); a step
+    compiled without the exit, or for another offset of the image, is refused by ``generate_vision_language`` with
+    the way out, as are a dynamic exit, an exit before layer 0 and ``--reference original`` of the exited step."""
+    folder, module, spec, _ = checkpoint
+    module, spec = with_text_before_image(module, spec, 2)
+    exit_options = ("--token-exit", "static", "--exit-layer", 2)
+    for name, path in generation_graphs.items():
+        run_cli("compile", path, "-o", tmp_path / name, *exit_options)
+        run_cli("validate", tmp_path / name, "--model", folder)
+    first, step = runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step")
+    pixels, ids = spec.example_inputs(batch=2, seq=6, seed=8)
+    got = runtime.generate_vision_language(first, step, pixels.numpy(), ids.numpy(), max_new_tokens=6)
+    tokens = ids
+    with torch.no_grad():
+        for _ in range(6):
+            chosen = module(pixels, tokens, exit_layer=2)[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, chosen], 1)
+    np.testing.assert_array_equal(got, tokens.numpy())
+    result = run_cli("validate", tmp_path / "step", "--model", folder, "--reference", "original", ok=False)
+    assert_clean_error(result, "--reference original cannot run this step", "shrunk reference")
+    run_cli("compile", generation_graphs["step"], "-o", tmp_path / "plain")
+    run_cli("export", folder, "-o", tmp_path / "k0.onnx", "--with-past")   # the image first: K = 0
+    run_cli("compile", tmp_path / "k0.onnx", "-o", tmp_path / "k0", *exit_options)
+    for other, words in (("plain", "the image's tokens in every layer"), ("k0", "after 0 text tokens")):
+        with pytest.raises(AttncError, match="compiled to read") as err:
+            runtime.generate_vision_language(first, runtime.load(tmp_path / other), pixels.numpy(), ids.numpy())
+        assert words in err.value.problem and "same --token-exit" in err.value.fix
+    ExitGate(2, np.zeros(32, np.float32), 1.0).save(tmp_path / "gate.npz")
+    for options, words in ((("--token-exit", "dynamic", "--exit-gate", tmp_path / "gate.npz"), "is static"),
+                           (("--token-exit", "static", "--exit-layer", 0), "after layer 1 or later")):
+        for path in generation_graphs.values():
+            result = run_cli("compile", path, "-o", tmp_path / "bad", *options, ok=False)
+            assert_clean_error(result, words)
+            assert not (tmp_path / "bad").exists()
+
+
 def test_vision_language_example(tmp_path):
     """examples/vision_language.py end to end on a random LLaVA: both one-pass artefacts (as it is and exited) and
-    both generation steps validate, the exit changes the logits, and the generated tokens are transformers'
-    ``generate``'s."""
+    both generation steps validate, as it is and exited, the exit changes the logits, the generated tokens are
+    transformers' ``generate``'s, and with the exit those of the exited forward, from a smaller cache."""
     import importlib.util
     from pathlib import Path
 
@@ -418,23 +552,29 @@ def test_vision_language_example(tmp_path):
     assert results["full"]["validation_passed"] and results["exit"]["validation_passed"]
     assert results["first_step_validation_passed"] and results["step_step_validation_passed"]
     assert results["generation"]["tokens_equal"] and results["visual_tokens"] == 16
+    assert results["first_step_exit_validation_passed"] and results["step_step_exit_validation_passed"]
+    cache = results["generation_exit"]["prompt_cache_bytes"]
+    assert results["generation_exit"]["tokens_equal"] and cache["exit"] < cache["full"]
     assert results["exit"]["vs_full_max_abs"] > 1e-3
     assert json.loads((tmp_path / "run.json").read_text())["text_before_image"] == 3
 
 
-@pytest.mark.full(reason="the generation path CI checks on LLaVA, for each other architecture (about 10 s each)")
+@pytest.mark.full(reason="the generation path CI checks on LLaVA, for each other architecture (about 20 s each)")
 @pytest.mark.parametrize("architecture", OTHERS)
 def test_other_architectures_generate(tmp_path, architecture):
     """Each other architecture's two generation graphs (the image after 2 text tokens), compiled, decode transformers'
-    greedy ``generate`` tokens."""
+    greedy ``generate`` tokens; compiled with the visual tokens gone before layer 1, the tokens of a greedy loop over
+    the exited forward (no cache)."""
     folder = tiny_vision_language(tmp_path / "ckpt", architecture)
     module, spec = with_text_before_image(*load_checkpoint(str(folder)), 2)
+    exited = CompileOptions(token_exit="static", exit_layer=1)
     for name, (step_module, step_spec) in {"first": with_first_step(module, spec),
                                            "step": with_past(module, spec)}.items():
         export_onnx(step_module, step_spec.example_inputs(), tmp_path / f"{name}.onnx",
                     input_names=step_spec.input_names, output_names=step_spec.output_names,
                     dynamic_axes=step_spec.dynamic_axes)
         compile_model(tmp_path / f"{name}.onnx", tmp_path / name)
+        compile_model(tmp_path / f"{name}.onnx", tmp_path / f"{name}_exit", exited)
     pixels, ids = spec.example_inputs(batch=2, seq=7, seed=2)
     got = runtime.generate_vision_language(runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step"),
                                            pixels.numpy(), ids.numpy(), max_new_tokens=5)
@@ -443,3 +583,10 @@ def test_other_architectures_generate(tmp_path, architecture):
         expected = module.model.generate(input_ids=prompt, pixel_values=pixels, attention_mask=torch.ones_like(prompt),
                                          max_new_tokens=5, min_new_tokens=5, do_sample=False)
     np.testing.assert_array_equal(got[:, 7:], expected[:, prompt.shape[1]:].numpy())
+    got = runtime.generate_vision_language(runtime.load(tmp_path / "first_exit"), runtime.load(tmp_path / "step_exit"),
+                                           pixels.numpy(), ids.numpy(), max_new_tokens=5)
+    tokens = ids
+    with torch.no_grad():
+        for _ in range(5):
+            tokens = torch.cat([tokens, module(pixels, tokens, exit_layer=1)[:, -1].argmax(-1, keepdim=True)], 1)
+    np.testing.assert_array_equal(got, tokens.numpy())
