@@ -235,9 +235,14 @@ def generate_vision_language(first, step, pixel_values, input_ids, max_new_token
         ``[B * num_return_sequences, T + n]`` int64: the prompts and the ``n <= max_new_tokens`` tokens generated,
         the tokens transformers' ``generate`` adds to the prompt with the image's placeholder tokens in its place.
 
+    Both compiled with the same ``--token-exit static --exit-layer k`` answer with the image gone after layer ``k``
+    (the later layers' caches hold the text alone); a step whose manifest says it reads other caches than the first
+    step returned (another exit layer, image size or text in front of the image, or no exit) is refused.
+
     Raises:
-        AttncError: the artefacts are no vision-language first step and decoder-only step, the inputs are no
-            ``[batch, ...]`` pair of one batch, or an option is unknown or out of range.
+        AttncError: the artefacts are no vision-language first step and decoder-only step, were compiled with
+            different token exits, the inputs are no ``[batch, ...]`` pair of one batch, or an option is unknown or
+            out of range.
     """
     names = [s.name for s in first.input_specs]
     if names != [PIXELS, IDS] or present_name(0, "key") not in first.output_names:

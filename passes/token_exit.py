@@ -255,7 +255,7 @@ def apply_step_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visu
         AttncError: ``exit_layer`` is outside ``[1, decoder layers]``, the graph takes no ``attention_mask`` or a
             static cache, or a later layer reads the cache's length in a way attnc cannot cut.
     """
-    from attnc.compiler.decode import past_name
+    from attnc.compiler.decode import MASK, past_name, present_name
 
     model = _copy(onnx_model)
     boundaries = decoder_boundaries(model)
@@ -270,17 +270,27 @@ def apply_step_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visu
     if exit_layer == depth:
         return model, report
     inputs = {i.name: i for i in model.graph.input}
-    mask = inputs.get("attention_mask")
+    mask = inputs.get(MASK)
     total = mask.type.tensor_type.shape.dim[-1] if mask is not None and mask.type.tensor_type.shape.dim else None
+    fix = "export the step with `attnc export CKPT --with-past`: its dynamic axes name them so"
     if total is None or not total.HasField("dim_param"):
         raise AttncError("a generation step's token exit needs its attention_mask [batch, past + seq] with a dynamic "
-                         "length", "export the step with `attnc export CKPT --with-past` (dynamic axes)")
+                         "length", fix)
     x = boundaries[exit_layer]
     after = _downstream(model, x)
     inside = {id(n) for n in after}
     produced_after = {o for n in after for o in n.output}
     caches = {past_name(i, kind) for i in range(len(inputs)) for kind in ("key", "value")}
     later_caches = sorted({name for n in after for name in n.input if name in caches and name in inputs})
+    if not later_caches:
+        raise AttncError(f"no cache input (past_key_values.N.key / .value) is read by decoder layers {exit_layer}-"
+                         f"{depth - 1} of the step", fix)
+    cache_dim = inputs[later_caches[0]].type.tensor_type.shape.dim[2]
+    past = cache_dim.dim_param if cache_dim.HasField("dim_param") else ""
+    whole_terms = sorted(t.strip() for t in total.dim_param.split("+"))
+    if not past or "+" in past or past not in whole_terms:
+        raise AttncError(f"the step's caches are not declared [batch, heads, past, dim] beside a mask [batch, past + "
+                         f"seq] (cache {past or cache_dim.dim_value}, mask {total.dim_param})", fix)
     # The sizes of a later layer's cache: a dynamo export takes one layer's cache length for every layer's (a
     # Reshape in layer 0 may read layer 3's), so what reads them outside the later layers gets the image's P back.
     sizes_of_later = []
@@ -298,15 +308,11 @@ def apply_step_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visu
                     and name not in sizes_of_later and constant_value(model, name) is None:
                 outer.setdefault(name, []).append((node, i))
     # the cache apart from the new tokens: lengths over the whole cache, the cache alone and the new tokens differ
-    cache_dim = inputs[later_caches[0]].type.tensor_type.shape.dim[2]
-    probe = {"past": (7, 11)}
-    sizes = (2, 3)
-    whole = [sampled_dim(total.dim_param, size, {"past": n}) for size, n in zip(sizes, probe["past"])]
-    cached = [sampled_dim(cache_dim.dim_param, size, {"past": n}) if cache_dim.HasField("dim_param") else None
-              for size, n in zip(sizes, probe["past"])]
+    sizes, cached = (2, 3), (7, 11)
+    whole = [sampled_dim(total.dim_param, size, {past: n}) for size, n in zip(sizes, cached)]
     names = [*outer, *sizes_of_later]
     try:
-        runs = evaluate_tensors(model, names, sizes=sizes, dims=probe) if names else []
+        runs = evaluate_tensors(model, names, sizes=sizes, dims={past: cached}) if names else []
     except Exception as exc:   # ONNX Runtime's errors are of many types
         raise AttncError(f"the step does not run at sampled sizes ({type(exc).__name__}: {exc}), so attnc cannot "
                          "find what its later layers read over the cache", "report the model to attnc") from None
@@ -348,13 +354,15 @@ def apply_step_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visu
             continue
         for node, i in uses:
             node.input[i] = new
-    text, full = f"past + {k}" if k else "past", f"past + {k + p}"
+    text, full = f"{past} + {k}" if k else past, f"{past} + {k + p}"
+    new_tokens = [t for t in whole_terms if t != past]
+    presents = {present_name(i, kind) for i in range(len(model.graph.output)) for kind in ("key", "value")}
     for value in list(model.graph.input) + list(model.graph.output):
-        later = value.name in later_caches or (value.name in produced_after and value.name.startswith("present."))
+        later = value.name in later_caches or (value.name in produced_after and value.name in presents)
         for dim in value.type.tensor_type.shape.dim:
             terms = sorted(t.strip() for t in dim.dim_param.split("+")) if dim.HasField("dim_param") else []
-            if terms in (["past"], ["past", "seq"]):   # "seq + past" too: the exporters order terms their way
-                dim.dim_param = " + ".join([text if later else full, *terms[1:]])
+            if terms in ([past], whole_terms):   # "seq + past" too: the exporters order terms their way
+                dim.dim_param = " + ".join([text if later else full, *(new_tokens if terms != [past] else [])])
     _finish(model, after)
     log.info("token_exit: decoder layers %d-%d of the step read caches without the visual tokens", exit_layer,
              depth - 1)

@@ -28,7 +28,7 @@ from attnc import runtime  # noqa: E402
 from attnc.compiler.backends.onnxruntime import load as load_onnx  # noqa: E402
 from attnc.compiler.export import export_onnx  # noqa: E402
 from attnc.compiler.pipeline import CompileOptions, compile_model  # noqa: E402
-from attnc.models.hf_checkpoint import (load_checkpoint, with_first_step, with_past,  # noqa: E402
+from attnc.models.hf_checkpoint import (exited_spec, load_checkpoint, with_first_step, with_past,  # noqa: E402
                                         with_text_before_image)
 from attnc.models.hf_vision_language import ARCHITECTURES  # noqa: E402
 from attnc.passes.token_exit import (ExitGate, apply_dynamic_token_exit, apply_static_token_exit,  # noqa: E402
@@ -496,6 +496,17 @@ def test_step_token_exit_pass(checkpoint, tmp_path, exporter):
             np.testing.assert_allclose(got["logits"], whole.numpy(), atol=3e-6, rtol=1e-5)
             for name, reference in zip(step_spec.output_names[1:], expected[1:]):
                 np.testing.assert_allclose(got[name], reference.numpy(), atol=3e-6, rtol=1e-5)
+        # what attnc validate feeds: random caches of the exited lengths (exited_spec), 4 text tokens cached
+        feeds = exited_spec(step, step_spec, k).example_inputs(batch=2, past=4, seq=3, seed=k)
+        assert [f.shape[2] for f in feeds[2::2]] == [4 + 3 + (16 if i < k else 0) for i in range(LAYERS)]
+        with torch.no_grad():
+            expected = step(*feeds, exit_layer=k)[0]
+        got = load_onnx(exited).infer(dict(zip(step_spec.input_names, (f.numpy() for f in feeds))))
+        np.testing.assert_allclose(got["logits"], expected.numpy(), atol=3e-6, rtol=1e-5)
+    model.graph.input[1].type.tensor_type.shape.dim[1].dim_value = 40   # a static mask: no cache length to read
+    with pytest.raises(AttncError, match="dynamic length") as err:
+        apply_static_token_exit(model, 1, 16, visual_offset=3)
+    assert "--with-past" in err.value.fix
 
 
 def test_generation_with_a_token_exit(checkpoint, generation_graphs, tmp_path):

@@ -28,6 +28,14 @@ def test_sampled_dim_adds_up_the_terms():
     assert sampled_dim("past + seq", 5) == 10
     assert sampled_dim("seq + 1", 8) == 9
     assert sampled_dim("a+b+c", 3) == 9
+    assert sampled_dim("past + 18 + seq", 2, {"past": 7}) == 27   # a symbol of its own size, constants added
+
+
+def test_a_symbol_gets_its_own_sizes():
+    """``dims`` sets one symbol per run apart from the others (a cache's length apart from its new tokens'); the
+    dims that name it as a term follow."""
+    runs = evaluate_tensors(_concat_then_add("past + seq"), ["scores"], sizes=(2, 3), dims={"past": (7, 11)})
+    assert [r["scores"].shape for r in runs] == [(9,), (14,)]
 
 
 def test_a_sum_named_dim_is_evaluated_at_the_sum():
