@@ -122,7 +122,9 @@ def models_cmd() -> None:
                    "for padded batches; its example rows are padded (decoder-only models on the left). "
                    "validate feeds it too. Encoder-decoder text checkpoints (T5, BART): (input_ids, "
                    "attention_mask, decoder_input_ids), sources padded on the right; with --first-step the "
-                   "first step takes it, with --with-past the later steps take it as encoder_attention_mask.")
+                   "first step takes it, with --with-past the later steps take it as encoder_attention_mask. "
+                   "Vision-language checkpoints: (pixel_values, input_ids, attention_mask), each prompt padded after "
+                   "the --text-before-image tokens.")
 @click.option("--with-past", "past", is_flag=True,
               help="Decoder-only text checkpoints: export one generation step with its KV cache, (input_ids, "
                    "attention_mask, past_key_values.N.key/value) -> (logits, present.N.key/value); the prompt's "

@@ -216,7 +216,7 @@ def generate_seq2seq(first, step, inputs, decoder_start_token_id: int, max_new_t
 PIXELS = "pixel_values"
 
 
-def generate_vision_language(first, step, pixel_values, input_ids, max_new_tokens: int = 16,
+def generate_vision_language(first, step, pixel_values, input_ids, attention_mask=None, max_new_tokens: int = 16,
                              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                              **options) -> np.ndarray:
     """Answering about an image with a vision-language checkpoint's two compiled steps: ``first`` (``attnc export
@@ -227,8 +227,10 @@ def generate_vision_language(first, step, pixel_values, input_ids, max_new_token
     Args:
         first, step: loaded artefacts (:func:`attnc.runtime.load`) of those two graphs.
         pixel_values: ``[B, C, H, W]`` one image per prompt.
-        input_ids: ``[B, T]`` prompts of one length, the image going after their first ``K`` tokens as ``first``
-            was exported.
+        input_ids: ``[B, T]`` prompts, the image going after their first ``K`` tokens as ``first`` was exported.
+        attention_mask: ``[B, T]``, 0 at padding, for prompts of different lengths (``first`` exported with
+            ``--with-attention-mask``): each row padded after its first ``K`` tokens, ``[K tokens][padding][text]``.
+            None: every token counts.
         max_new_tokens, eos_token_id, pad_token_id, options: as :func:`generate`.
 
     Returns:
@@ -245,7 +247,7 @@ def generate_vision_language(first, step, pixel_values, input_ids, max_new_token
             out of range.
     """
     names = [s.name for s in first.input_specs]
-    if names != [PIXELS, IDS] or present_name(0, "key") not in first.output_names:
+    if names not in ([PIXELS, IDS], [PIXELS, IDS, MASK]) or present_name(0, "key") not in first.output_names:
         raise AttncError(f"the first artefact takes {names} and gives {first.output_names[:2]}, not a vision-language "
                          "checkpoint's first generation step", "export it with `attnc export CKPT --first-step`")
     step_names = [s.name for s in step.input_specs]
@@ -256,12 +258,21 @@ def generate_vision_language(first, step, pixel_values, input_ids, max_new_token
     if ids.ndim != 2 or pixels.ndim < 2 or len(pixels) != len(ids):
         raise AttncError(f"pixel_values {list(pixels.shape)} and input_ids {list(ids.shape)} are no pair of one batch",
                          "pass one image [C, H, W] per prompt and the prompts [batch, tokens]")
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+    if mask.shape != ids.shape:
+        raise AttncError(f"attention_mask {list(mask.shape)} is not input_ids' shape {list(ids.shape)}",
+                         "pass a mask [batch, tokens], 0 at padding")
+    if MASK not in names and not mask.all():
+        raise AttncError("the prompts are padded, but the first step takes no attention_mask",
+                         "export the first step with `attnc export CKPT --first-step --with-attention-mask`")
     search = _options(options)
     past = [s.name for s in step.input_specs[2:]]
-    outputs = first.infer({PIXELS: pixels, IDS: ids})
+    outputs = first.infer({PIXELS: pixels, IDS: ids, **({MASK: mask} if MASK in names else {})})
     _check_exits(outputs, ids.shape[1], step)
-    cached = outputs[present_name(0, "key")].shape[2]   # the prompt's tokens and the image's
-    mask = np.ones((len(ids), cached), dtype=np.int64)
+    # the cache's mask: the image's tokens (never padding) after the K tokens in front of them
+    before = ids.shape[1] - outputs[LOGITS].shape[1]
+    image = outputs[present_name(0, "key")].shape[2] - ids.shape[1]
+    mask = np.concatenate([mask[:, :before], np.ones((len(ids), image), np.int64), mask[:, before:]], axis=1)
     return decode(outputs, ids, _decoder_steps(step, past, mask, outputs), max_new_tokens, eos_token_id, pad_token_id,
                   search)
 

@@ -341,14 +341,16 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     shrink = manifest.get("shrink", {})
     shrunk = shrunk_model(module, shrink) if reference == "shrunk" else None
     shorter_caches = False   # a vision-language model's later step after a token exit: the unshrunk model cannot run
+    unshrunk = spec   # the outputs of the unshrunk model are laid out as before any exit
     if isinstance(spec, CheckpointSpec) and shrink.get("token_exit", {}).get("mode") == "static":
         # a vision-language generation graph's later layers cache the text alone: the example caches are shorter
         exited = exited_spec(module, spec, shrink["token_exit"]["exit_layer"])
-        shorter_caches, spec = exited.inputs != spec.inputs, exited
+        shorter_caches = exited.inputs != spec.inputs
         if shorter_caches and reference == "original":
             raise AttncError("--reference original cannot run this step: after its token exit, its later layers' "
                              "caches lack the image's tokens, which the unshrunk model reads",
                              "validate it with the shrunk reference, the default")
+        spec = exited if reference == "shrunk" else spec
 
     if inputs_npz is not None:
         feeds = validate.load_inputs(inputs_npz, runner.input_specs)
@@ -384,7 +386,8 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
         # output: torch gives it zeros or uniform weights by attention implementation, ONNX Runtime's Attention
         # zeros, other kernels NaN. Outputs at padding are zeroed on both sides before the comparison (an
         # encoder-decoder model's logits are over its targets, all tokens: compared everywhere).
-        truth, original, infer = (tokens_only(run, feeds[MASK], axes) for run in (truth, original, infer))
+        truth, infer = (tokens_only(run, feeds[MASK], axes) for run in (truth, infer))
+        original = tokens_only(original, feeds[MASK], unshrunk.token_axes())
         source += f"; {', '.join(axes)} at padding (attention_mask 0) not compared"
     seen: dict = {}
 

@@ -98,6 +98,7 @@ class CheckpointSpec(ModelSpec):
     padding: str = ""
     decoder_start: int | None = None
     outputs: tuple[str, ...] = ()
+    padded_after: int = 0   # the example rows' padding goes after this many tokens (a vision-language prompt's K)
 
     @property
     def output_names(self) -> list[str]:
@@ -121,8 +122,14 @@ class CheckpointSpec(ModelSpec):
         for name, side in ((MASK, self.padding), (SOURCE_MASK, "right")):
             if side and name in self.input_names:
                 mask = self.input_names.index(name)
-                tensors[mask] = padding_mask(*tensors[mask].shape, side)
+                tensors[mask] = self._padded(*tensors[mask].shape, side) if name == MASK else \
+                    padding_mask(*tensors[mask].shape, side)
         return tuple(tensors)
+
+    def _padded(self, batch: int, seq: int, side: str) -> torch.Tensor:
+        """:func:`padding_mask` of the tokens after the first :attr:`padded_after`, which are never padding."""
+        keep = min(self.padded_after, seq)
+        return torch.cat([torch.ones(batch, keep, dtype=torch.int64), padding_mask(batch, seq - keep, side)], 1)
 
     def token_axes(self) -> dict[str, int]:
         """``{output: axis}`` of the outputs with an axis over tokens (``seq``, or a cached step's ``past + seq``;
@@ -136,7 +143,7 @@ class CheckpointSpec(ModelSpec):
         if input_ids.dim() != 2:
             raise AttncError(f"{self.name}: input_ids of shape {list(input_ids.shape)} are no [batch, seq]",
                              "give input_ids two dims, e.g. --input-shape input_ids:2x16:int64")
-        return padding_mask(*input_ids.shape, self.padding)
+        return self._padded(*input_ids.shape, self.padding)
 
 
 def padding_mask(batch: int, seq: int, side: str) -> torch.Tensor:
@@ -239,7 +246,8 @@ def with_attention_mask(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[
     padding in front of a row leaves as it is, and positions from ``arange`` keep the rotary angles
     independent of the inputs (one constant table per length, which head pruning reads through).
     Encoders are padded on the right, as tokenizers pad by default, and so are an encoder-decoder model's
-    sources (:func:`_seq2seq_masked`).
+    sources (:func:`_seq2seq_masked`). A vision-language checkpoint's prompts are padded after the text in front of
+    the image (:func:`_vision_language_masked`).
 
     Raises:
         AttncError: ``spec`` is no checkpoint's, its model takes no ``input_ids`` (images, audio; Whisper's
@@ -251,7 +259,8 @@ def with_attention_mask(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[
                          "with a module whose forward takes (input_ids, attention_mask)")
     if spec.padding:
         return module, spec
-    _text_only_option(spec, "--with-attention-mask", "padded text")
+    if spec.kind == "vlm":
+        return _vision_language_masked(module, spec)
     model = module.model
     name = type(model).__name__
     seq2seq = DECODER in spec.input_names
@@ -275,6 +284,20 @@ def with_attention_mask(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[
     return MaskedOutput(model, positions).eval(), dataclasses.replace(
         spec, inputs=(ids, dataclasses.replace(ids, name=MASK, high=2)), padding="left" if left else "right",
         output_axes=("batch", "seq"), factory=functools.partial(_rewrapped, spec.factory, MaskedOutput, positions))
+
+
+def _vision_language_masked(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[torch.nn.Module, CheckpointSpec]:
+    """:func:`with_attention_mask` of a vision-language checkpoint: :class:`~attnc.models.hf_vision_language.
+    MaskedVisionLanguageOutput`, its inputs ``(pixel_values, input_ids, attention_mask)``, the example rows padded
+    on the left of their text after the ``K`` tokens in front of the image."""
+    from attnc.models import hf_vision_language
+
+    wrapper = hf_vision_language.MaskedVisionLanguageOutput
+    offset = getattr(module, "visual_offset", 0)
+    ids = spec.inputs[spec.input_names.index("input_ids")]
+    return wrapper(module.model, offset).eval(), dataclasses.replace(
+        spec, inputs=(*spec.inputs, dataclasses.replace(ids, name=MASK, high=2)), padding="left", padded_after=offset,
+        factory=functools.partial(_rewrapped, spec.factory, wrapper, offset))
 
 
 def _seq2seq_masked(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[MaskedSeq2SeqOutput, CheckpointSpec]:
@@ -306,22 +329,16 @@ def with_text_before_image(module: torch.nn.Module, spec: CheckpointSpec, tokens
     if tokens < 0:
         raise AttncError(f"--text-before-image must be 0 or more, got {tokens}",
                          "pass the tokens in front of the image")
-    wrapper = hf_vision_language.VisionLanguageOutput
+    wrapper = type(module) if isinstance(module, hf_vision_language.VisionLanguageOutput) else \
+        hf_vision_language.VisionLanguageOutput   # padded prompts stay padded, after the new K
     before = getattr(module, "visual_offset", 0)
     if tokens == before:
         return module, spec
     return wrapper(module.model, tokens).eval(), dataclasses.replace(
-        spec, sizes={**spec.sizes, "seq": spec.sizes["seq"] - before + tokens},
+        spec, sizes={**spec.sizes, "seq": spec.sizes["seq"] - before + tokens}, padded_after=tokens,
         factory=functools.partial(_rewrapped, spec.factory, wrapper, tokens),
         description=spec.description.replace("with the image in front of the text",
                                              f"with the image after {tokens} text tokens"))
-
-
-def _text_only_option(spec: CheckpointSpec, option: str, what: str) -> None:
-    if spec.kind == "vlm":
-        raise AttncError(f"{option} is not built for vision-language checkpoints ({what} around an image)",
-                         f"export {spec.name} without {option}: (pixel_values, input_ids) -> the text's logits, "
-                         "prompts of one length")
 
 
 def _rewrapped(factory, wrapper: type, *args) -> torch.nn.Module:
@@ -633,7 +650,8 @@ def _vision_language_first_step(module: torch.nn.Module, spec: CheckpointSpec
     ``logits [batch, text, vocab]`` and ``present.N.key`` / ``.value`` ``[batch, H, seq + P, D]``."""
     from attnc.models import hf_vision_language
 
-    wrapper = hf_vision_language.VisionLanguageFirstStep
+    masked = MASK in spec.input_names
+    wrapper = hf_vision_language.MaskedVisionLanguageFirstStep if masked else hf_vision_language.VisionLanguageFirstStep
     offset, visual = getattr(module, "visual_offset", 0), module.num_visual_tokens
     layers = _cache_layout(module.model)
     axes = tuple(("batch", h, f"seq + {visual}", d) for h, k, v, _ in layers for d in (k, v))
@@ -730,7 +748,8 @@ def for_inputs(module: torch.nn.Module, spec, input_names: list[str], output_nam
         if SOURCE_MASK in input_names:
             module, spec = with_attention_mask(module, spec)
         return with_past(module, spec)
-    if input_names == [spec.input_names[0], MASK, *spec.input_names[1:]]:
+    masked = [*spec.input_names, MASK] if spec.kind == "vlm" else [spec.input_names[0], MASK, *spec.input_names[1:]]
+    if input_names == masked:
         module, spec = with_attention_mask(module, spec)
     elif input_names != spec.input_names:
         return module, spec

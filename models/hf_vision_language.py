@@ -14,8 +14,10 @@ Architectures (:data:`ARCHITECTURES`) are those whose image features and languag
 exactly: each is checked against the transformers forward on the same prompt in
 ``tests/models/test_hf_vision_language.py``. Cached generation takes two graphs: :class:`VisionLanguageFirstStep`
 (``--first-step``: the image and the prompt, their KV cache out) and the language model's later steps
-(``--with-past``). Several images, images whose token count depends on their size and padded batches
-(``--with-attention-mask``) are not built.
+(``--with-past``, :class:`VisionLanguageStep`); both compiled with the same static token exit answer with the image
+gone after that layer. Prompts of different lengths go in one batch with ``--with-attention-mask``
+(:class:`MaskedVisionLanguageOutput`: each padded after the text in front of the image). Several images and images
+whose token count depends on their size are not built.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from attnc.compiler.errors import AttncError
-from attnc.models.hf_checkpoint import CachedStep, keys_and_values
+from attnc.models.hf_checkpoint import CachedStep, keys_and_values, mask_positions
 
 # config.architectures[0] of the checkpoints VisionLanguageOutput lays out (each checked against transformers' forward
 # in tests/models/test_hf_vision_language.py): LLaVA's image features computed here (its own call splits them into a
@@ -113,13 +115,14 @@ class VisionLanguageOutput(torch.nn.Module):
         return self.exit_run(pixel_values, input_ids, exit_layer)[0]
 
     def exit_run(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, layer: int | None,
-                 decide: Callable[[torch.Tensor], bool] | None = None, cache=None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+                 decide: Callable[[torch.Tensor], bool] | None = None, cache=None,
+                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """``(logits [B, T - K, vocab], features [B, C], exited)``: the visual tokens dropped before decoder layer
         ``layer`` when ``decide(features)`` says so (always without ``decide``; never with ``layer`` None).
         ``features`` is the mean over the text tokens (in front of and after the image) of the hidden state
         entering that layer (what a DyVTE gate reads, :class:`attnc.passes.token_exit.ExitGate`). ``cache``: a
-        transformers ``DynamicCache`` the language model fills (a new one it drops when None)."""
+        transformers ``DynamicCache`` the language model fills (a new one it drops when None).
+        ``attention_mask`` ``[B, T]``: 0 at padding (:class:`MaskedVisionLanguageOutput`)."""
         if input_ids.shape[1] <= self.visual_offset:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens: fewer than the {self.visual_offset} in "
                              "front of the image and one after it")
@@ -140,14 +143,34 @@ class VisionLanguageOutput(torch.nn.Module):
                 return text_only(args, kwargs, p, x.shape[1], k) if state["exited"] else None
 
             hooks = [m.register_forward_pre_hook(drop, with_kwargs=True) for m in layers[layer:]]
+        extra = {} if cache is None else {"past_key_values": cache}
+        if attention_mask is not None:   # the image's tokens are no padding; positions count the tokens before each
+            whole = torch.cat([attention_mask[:, :k], attention_mask.new_ones(x.shape[0], p), attention_mask[:, k:]], 1)
+            extra.update(attention_mask=whole, position_ids=mask_positions(whole))
         try:
-            cached = {} if cache is None else {"past_key_values": cache}
-            hidden = self.language_model(inputs_embeds=x, use_cache=True, **cached).last_hidden_state
+            hidden = self.language_model(inputs_embeds=x, use_cache=True, **extra).last_hidden_state
         finally:
             for hook in hooks:
                 hook.remove()
         after = hidden[:, k:] if state["exited"] else hidden[:, k + p:]
         return self.model.lm_head(after), state["features"], state["exited"]
+
+
+class MaskedVisionLanguageOutput(VisionLanguageOutput):
+    """``(pixel_values, input_ids [B, T], attention_mask [B, T]) -> logits [B, T - K, vocab]``: prompts of different
+    lengths in one batch (``attnc export --with-attention-mask``). Each row is padded after the ``K`` text tokens in
+    front of the image (a chat template's, the same in every prompt): ``[K tokens][padding][its text]``, the mask 0
+    at the padding. The image's tokens are never masked, and positions count the tokens in front of each one (as
+    ``generate`` computes them from the mask), so each row's logits at its tokens are those it gets alone, as
+    transformers gives a prompt padded on the left. No query attends to padding alone: the padding's own outputs are
+    defined too.
+    """
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                exit_layer: int | None = None):
+        if exit_layer is not None and not 0 <= exit_layer <= len(self.decoder_layers):
+            raise ValueError(f"exit_layer must be in [0, {len(self.decoder_layers)}], got {exit_layer}")
+        return self.exit_run(pixel_values, input_ids, exit_layer, attention_mask=attention_mask)[0]
 
 
 class VisionLanguageFirstStep(VisionLanguageOutput):
@@ -164,12 +187,25 @@ class VisionLanguageFirstStep(VisionLanguageOutput):
         """``exit_layer=k`` drops the visual tokens before decoder layer ``k`` (``attnc compile --token-exit static
         --exit-layer k`` of this graph): the caches of layers ``k:`` then hold the text's ``K + T`` tokens, those
         in front of it all ``K + P + T``; :class:`VisionLanguageStep` with the same ``exit_layer`` reads them."""
+        return self._first_step(pixel_values, input_ids, None, exit_layer)
+
+    def _first_step(self, pixel_values, input_ids, attention_mask, exit_layer):
         from transformers import DynamicCache
 
         _check_cached_exit(exit_layer, len(self.decoder_layers))
         cache = DynamicCache()
-        logits = self.exit_run(pixel_values, input_ids, exit_layer, cache=cache)[0]
+        logits = self.exit_run(pixel_values, input_ids, exit_layer, cache=cache, attention_mask=attention_mask)[0]
         return (logits, *keys_and_values(cache, len(self.decoder_layers)))
+
+
+class MaskedVisionLanguageFirstStep(VisionLanguageFirstStep):
+    """:class:`VisionLanguageFirstStep` of padded prompts (``--first-step --with-attention-mask``): ``(pixel_values,
+    input_ids, attention_mask)``, padded as :class:`MaskedVisionLanguageOutput` says; the cache holds the padding's
+    entries, which the later steps' mask (0 there) hides."""
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                exit_layer: int | None = None):
+        return self._first_step(pixel_values, input_ids, attention_mask, exit_layer)
 
 
 def _check_cached_exit(exit_layer: int | None, depth: int) -> None:

@@ -977,6 +977,11 @@ def apply(model: onnx.ModelProto, mode: str, num_visual_tokens: int, *, exit_lay
                                            max_accuracy_drop=max_accuracy_drop, visual_offset=visual_offset).exit_layer
         return apply_static_token_exit(model, exit_layer, num_visual_tokens, visual_offset)
     if mode == "dynamic":
+        if any(i.name == "attention_mask" for i in model.graph.input):
+            raise AttncError("a dynamic token exit of padded prompts is not built: its gate averages every text token, "
+                             "so its decision would depend on the padding",
+                             "compile padded prompts with --token-exit static, or export without "
+                             "--with-attention-mask (prompts of one length)")
         if gate is None:
             raise AttncError("dynamic token exit needs a trained gate",
                              "train one with attnc.passes.token_exit.train_exit_gate on the PyTorch model")

@@ -28,9 +28,10 @@ from attnc import runtime  # noqa: E402
 from attnc.compiler.backends.onnxruntime import load as load_onnx  # noqa: E402
 from attnc.compiler.export import export_onnx  # noqa: E402
 from attnc.compiler.pipeline import CompileOptions, compile_model  # noqa: E402
-from attnc.models.hf_checkpoint import (exited_spec, load_checkpoint, with_first_step, with_past,  # noqa: E402
-                                        with_text_before_image)
+from attnc.models.hf_checkpoint import (exited_spec, load_checkpoint, with_attention_mask,  # noqa: E402
+                                        with_first_step, with_past, with_text_before_image)
 from attnc.models.hf_vision_language import ARCHITECTURES  # noqa: E402
+from attnc.passes import token_exit  # noqa: E402
 from attnc.passes.token_exit import (ExitGate, apply_dynamic_token_exit, apply_static_token_exit,  # noqa: E402
                                      decoder_boundaries, dynamic_exit_forward, train_exit_gate)
 
@@ -298,12 +299,9 @@ def test_dynamic_exit_gate(checkpoint, tmp_path):
 
 
 def test_refusals(checkpoint, tmp_path):
-    """A padding mask (built for text checkpoints), --text-before-image for other checkpoints, and vision-language
-    architectures attnc does not lay out are refused with the way out, before anything is written."""
+    """--text-before-image for other checkpoints and vision-language architectures attnc does not lay out are refused
+    with the way out, before anything is written."""
     folder = checkpoint[0]
-    result = run_cli("export", folder, "-o", tmp_path / "x.onnx", "--with-attention-mask", ok=False)
-    assert_clean_error(result, "--with-attention-mask", "vision-language")
-    assert not (tmp_path / "x.onnx").exists()
     result = run_cli("export", tiny_llama(tmp_path / "lm"), "-o", tmp_path / "x.onnx", "--text-before-image", 2,
                      ok=False)
     assert_clean_error(result, "no vision-language checkpoint", "--text-before-image")
@@ -316,6 +314,78 @@ def test_refusals(checkpoint, tmp_path):
     with pytest.raises(AttncError, match="does not export yet") as err:
         load_checkpoint(str(other))
     assert "MODULE:FACTORY" in err.value.fix
+
+
+@pytest.mark.parametrize("before", [0, 3])
+def test_padded_prompts(checkpoint, before):
+    """``--with-attention-mask``: prompts of different lengths in one batch, each padded after the ``K`` tokens in
+    front of the image. Each row's logits at its tokens equal transformers' forward on that prompt alone, and with
+    the image gone before layer 2 the exited forward's on it alone; the example rows are padded after ``K``. A dynamic
+    exit of padded prompts is refused (its gate's mean would count the padding)."""
+    folder, module, spec, _ = checkpoint
+    module, spec = with_text_before_image(module, spec, before)
+    masked, masked_spec = with_attention_mask(module, spec)
+    assert masked_spec.input_names == ["pixel_values", "input_ids", "attention_mask"]
+    pixels, ids, mask = masked_spec.example_inputs(batch=3, seq=before + 7, seed=13)
+    assert (mask[:, :before] == 1).all() and mask.sum(1).tolist() == [before + 7 - n for n in (0, 2, 4)]
+    with torch.no_grad():
+        logits, exited = masked(pixels, ids, mask).numpy(), masked(pixels, ids, mask, exit_layer=2).numpy()
+        for row in range(3):
+            tokens = ids[row][mask[row].bool()][None]
+            n = tokens.shape[1] - before
+            alone = _transformers_logits(folder, pixels[row:row + 1], tokens, 16, before)
+            np.testing.assert_allclose(logits[row, -n:], alone[0], atol=2e-6, rtol=1e-5)
+            alone = module(pixels[row:row + 1], tokens, exit_layer=2).numpy()
+            np.testing.assert_allclose(exited[row, -n:], alone[0], atol=2e-6, rtol=1e-5)
+    graph = onnx.helper.make_model(onnx.helper.make_graph(   # the dynamic exit's gate would read the padding
+        [onnx.helper.make_node("Identity", ["attention_mask"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["b", "t"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.INT64, ["b", "t"])]))
+    with pytest.raises(AttncError, match="dynamic token exit of padded prompts") as err:
+        token_exit.apply(graph, "dynamic", 16, gate=ExitGate(2, np.zeros(32, np.float32), 1.0))
+    assert "--token-exit static" in err.value.fix
+
+
+def test_padded_prompts_through_the_cli(checkpoint, generation_graphs, tmp_path):
+    """Padded prompts through the CLI (the image after 3 text tokens): both generation graphs, as they are and exited
+    before layer 2, compile and validate; greedy tokens of a padded batch equal transformers' ``generate`` on each
+    prompt alone (with the exit, a loop over the exited forward on each prompt alone). Padded prompts for a first
+    step without a mask are refused."""
+    folder, module, spec, _ = checkpoint
+    module, spec = with_text_before_image(module, spec, 3)
+    options = ("--with-attention-mask", "--text-before-image", 3)
+    for name, option in (("first", "--first-step"), ("step", "--with-past")):
+        run_cli("export", folder, "-o", tmp_path / f"{name}.onnx", option, *options)
+        for tag, exit_options in (("", ()), ("_exit", ("--token-exit", "static", "--exit-layer", 2))):
+            run_cli("compile", tmp_path / f"{name}.onnx", "-o", tmp_path / f"{name}{tag}", *exit_options)
+            run_cli("validate", tmp_path / f"{name}{tag}", "--model", folder)
+    masked_spec = with_attention_mask(module, spec)[1]
+    pixels, ids, mask = masked_spec.example_inputs(batch=3, seq=9, seed=14)
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    for tag, exit_layer in (("", None), ("_exit", 2)):
+        got = runtime.generate_vision_language(runtime.load(tmp_path / f"first{tag}"),
+                                               runtime.load(tmp_path / f"step{tag}"), pixels.numpy(), ids.numpy(),
+                                               mask.numpy(), max_new_tokens=5)
+        for row in range(3):
+            tokens = ids[row][mask[row].bool()][None]
+            with torch.no_grad():
+                if exit_layer is None:
+                    prompt = torch.cat([tokens[:, :3], torch.full((1, 16), IMAGE_TOKEN), tokens[:, 3:]], 1)
+                    expected = hf.generate(input_ids=prompt, pixel_values=pixels[row:row + 1], max_new_tokens=5,
+                                           min_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(prompt))
+                    expected = expected[0, prompt.shape[1]:]
+                else:
+                    loop = tokens
+                    for _ in range(5):
+                        chosen = module(pixels[row:row + 1], loop, exit_layer=2)[:, -1].argmax(-1, keepdim=True)
+                        loop = torch.cat([loop, chosen], 1)
+                    expected = loop[0, tokens.shape[1]:]
+            np.testing.assert_array_equal(got[row, 9:], expected.numpy())
+    run_cli("compile", generation_graphs["first"], "-o", tmp_path / "unmasked")
+    with pytest.raises(AttncError, match="takes no attention_mask") as err:
+        runtime.generate_vision_language(runtime.load(tmp_path / "unmasked"), runtime.load(tmp_path / "step"),
+                                         pixels.numpy(), ids.numpy(), mask.numpy())
+    assert "--with-attention-mask" in err.value.fix
 
 
 @pytest.mark.tensorrt
