@@ -255,7 +255,7 @@ def apply_step_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visu
         AttncError: ``exit_layer`` is outside ``[1, decoder layers]``, the graph takes no ``attention_mask`` or a
             static cache, or a later layer reads the cache's length in a way attnc cannot cut.
     """
-    from attnc.compiler.decode import MASK, past_name, present_name
+    from attnc.compiler.decode import MASK
 
     model = _copy(onnx_model)
     boundaries = decoder_boundaries(model)
@@ -278,21 +278,40 @@ def apply_step_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visu
                          "length", fix)
     x = boundaries[exit_layer]
     after = _downstream(model, x)
-    inside = {id(n) for n in after}
-    produced_after = {o for n in after for o in n.output}
-    caches = {past_name(i, kind) for i in range(len(inputs)) for kind in ("key", "value")}
-    later_caches = sorted({name for n in after for name in n.input if name in caches and name in inputs})
+    later_caches = _caches_read_by(after, inputs)
     if not later_caches:
         raise AttncError(f"no cache input (past_key_values.N.key / .value) is read by decoder layers {exit_layer}-"
                          f"{depth - 1} of the step", fix)
     cache_dim = inputs[later_caches[0]].type.tensor_type.shape.dim[2]
     past = cache_dim.dim_param if cache_dim.HasField("dim_param") else ""
-    whole_terms = sorted(t.strip() for t in total.dim_param.split("+"))
-    if not past or "+" in past or past not in whole_terms:
+    if not past or "+" in past or past not in [t.strip() for t in total.dim_param.split("+")]:
         raise AttncError(f"the step's caches are not declared [batch, heads, past, dim] beside a mask [batch, past + "
                          f"seq] (cache {past or cache_dim.dim_value}, mask {total.dim_param})", fix)
-    # The sizes of a later layer's cache: a dynamo export takes one layer's cache length for every layer's (a
-    # Reshape in layer 0 may read layer 3's), so what reads them outside the later layers gets the image's P back.
+    _shorten_caches(model, after, x, later_caches, past, total.dim_param, p, k, f"token_exit/step{exit_layer}")
+    _declare_step_caches(model, after, later_caches, past, total.dim_param, p, k)
+    _finish(model, after)
+    log.info("token_exit: decoder layers %d-%d of the step read caches without the visual tokens", exit_layer,
+             depth - 1)
+    return model, report
+
+
+def _caches_read_by(after: list[onnx.NodeProto], inputs: dict) -> list[str]:
+    """The cache inputs (``past_key_values.N.*``) the nodes ``after`` read: the later layers'."""
+    from attnc.compiler.decode import past_name
+
+    caches = {past_name(i, kind) for i in range(len(inputs)) for kind in ("key", "value")}
+    return sorted({name for n in after for name in n.input if name in caches and name in inputs})
+
+
+def _shorten_caches(model, after: list[onnx.NodeProto], x: str, later_caches: list[str], past: str, whole: str,
+                    p: int, k: int, prefix: str) -> None:
+    """Rewire a step so that the nodes ``after`` (the later layers, behind boundary ``x``) read caches ``later_caches``
+    without the image's ``p`` tokens after the first ``k``: what they read over the whole cache (``whole`` long, the
+    mask's dim; the caches ``past`` long) loses the image, and what the rest of the graph reads of a later cache's
+    size gets it back. Lengths are told apart by running the graph where the cache and the new tokens differ."""
+    inside = {id(n) for n in after}
+    produced_after = {o for n in after for o in n.output}
+    # a dynamo export takes one layer's cache length for every layer's: layer 0's Reshape may read layer 3's
     sizes_of_later = []
     for node in model.graph.node:
         if not any(i in later_caches for i in node.input) or id(node) in inside:
@@ -307,26 +326,24 @@ def apply_step_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visu
             if name and name != x and name not in produced_after and name not in later_caches \
                     and name not in sizes_of_later and constant_value(model, name) is None:
                 outer.setdefault(name, []).append((node, i))
-    # the cache apart from the new tokens: lengths over the whole cache, the cache alone and the new tokens differ
     sizes, cached = (2, 3), (7, 11)
-    whole = [sampled_dim(total.dim_param, size, {past: n}) for size, n in zip(sizes, cached)]
+    wholes = [sampled_dim(whole, size, {past: n}) for size, n in zip(sizes, cached)]
     names = [*outer, *sizes_of_later]
     try:
         runs = evaluate_tensors(model, names, sizes=sizes, dims={past: cached}) if names else []
     except Exception as exc:   # ONNX Runtime's errors are of many types
         raise AttncError(f"the step does not run at sampled sizes ({type(exc).__name__}: {exc}), so attnc cannot "
                          "find what its later layers read over the cache", "report the model to attnc") from None
-    prefix = f"token_exit/step{exit_layer}"
+    values = {name: [np.asarray(run[name]) for run in runs] for name in names}
 
-    def entries(name, lengths):
-        values = [np.asarray(run[name]) for run in runs]
-        if values[0].ndim > 1 or values[0].dtype.kind not in "iu" or values[1].shape != values[0].shape:
+    def entries(name, lengths):   # where a shape vector (or a length) holds one of these lengths in every run
+        v = values[name]
+        if v[0].ndim > 1 or v[0].dtype.kind not in "iu" or v[1].shape != v[0].shape:
             return []
-        return [j for j in range(values[0].size) if any(all(v.reshape(-1)[j] == n for v, n in zip(values, ls))
-                                                        for ls in lengths)]
+        return [j for j in range(v[0].size) if any(all(a.reshape(-1)[j] == n for a, n in zip(v, ls)) for ls in lengths)]
 
-    def moved(name, positions, sign, shape):
-        delta = np.zeros(shape, dtype=np.asarray(runs[0][name]).dtype)
+    def moved(name, positions, sign):
+        delta = np.zeros(values[name][0].shape, dtype=values[name][0].dtype)
         delta.reshape(-1)[positions] = p
         new = f"{prefix}/{name}/{'whole' if sign > 0 else 'text'}"
         model.graph.initializer.append(numpy_helper.from_array(delta, new + ".delta"))
@@ -337,23 +354,33 @@ def apply_step_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visu
     for name in sizes_of_later:   # outside the later layers, a cache's length means the whole cache's
         positions = entries(name, [cached])
         if positions:
-            new = moved(name, positions, +1, np.asarray(runs[0][name]).shape)
+            new = moved(name, positions, +1)
             for node in model.graph.node:
                 if id(node) not in inside and node.name != new:
                     node.input[:] = [new if i == name else i for i in node.input]
     for name, uses in outer.items():
-        values = [np.asarray(run[name]) for run in runs]
-        axes = [j for j in range(values[0].ndim)
-                if all(v.ndim == values[0].ndim and v.shape[j] == n for v, n in zip(values, whole))]
-        positions = [] if depends_on_data(model, name) else entries(name, [whole, cached])
+        v = values[name]
+        axes = [j for j in range(v[0].ndim) if all(a.ndim == v[0].ndim and a.shape[j] == n for a, n in zip(v, wholes))]
+        positions = [] if depends_on_data(model, name) else entries(name, [wholes, cached])
         if positions:   # a shape vector (or a length) over the whole cache: P fewer
-            new = moved(name, positions, -1, values[0].shape)
+            new = moved(name, positions, -1)
         elif axes:      # the mask: without the image's columns
             new = _drop_visual(model, name, axes, p, k, f"{prefix}/{name}/text", f"{prefix}/{name}/text")
         else:
             continue
         for node, i in uses:
             node.input[i] = new
+
+
+def _declare_step_caches(model, after: list[onnx.NodeProto], later_caches: list[str], past: str, whole: str,
+                         p: int, k: int) -> None:
+    """Declare the step's caches ``past + K`` (``later_caches`` and the ``present`` outputs ``after`` computes) or
+    ``past + K + P`` (the others) long, the mask (``whole``) ``past + K + P + seq``: ``past`` now counts the cached
+    text after the image."""
+    from attnc.compiler.decode import present_name
+
+    produced_after = {o for n in after for o in n.output}
+    whole_terms = sorted(t.strip() for t in whole.split("+"))
     text, full = f"{past} + {k}" if k else past, f"{past} + {k + p}"
     new_tokens = [t for t in whole_terms if t != past]
     presents = {present_name(i, kind) for i in range(len(model.graph.output)) for kind in ("key", "value")}
@@ -363,10 +390,6 @@ def apply_step_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visu
             terms = sorted(t.strip() for t in dim.dim_param.split("+")) if dim.HasField("dim_param") else []
             if terms in ([past], whole_terms):   # "seq + past" too: the exporters order terms their way
                 dim.dim_param = " + ".join([text if later else full, *(new_tokens if terms != [past] else [])])
-    _finish(model, after)
-    log.info("token_exit: decoder layers %d-%d of the step read caches without the visual tokens", exit_layer,
-             depth - 1)
-    return model, report
 
 
 def _takes_cache(model) -> bool:
