@@ -23,6 +23,7 @@ whose token count depends on their size are not built.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -38,6 +39,7 @@ ARCHITECTURES = ("LlavaForConditionalGeneration", "VipLlavaForConditionalGenerat
                  "GotOcr2ForConditionalGeneration", "DeepseekVLForConditionalGeneration",
                  "AyaVisionForConditionalGeneration", "Cohere2VisionForConditionalGeneration")
 PIXELS, IDS = "pixel_values", "input_ids"
+_VISUAL_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> P
 
 
 def is_vision_language(config) -> bool:
@@ -76,13 +78,16 @@ class VisionLanguageOutput(torch.nn.Module):
         self.model = model
         self.visual_offset = text_before_image
         # P as a Python int (one run of the vision tower on a blank image): the graph then slices the text's logits
-        # at a constant, which the token-exit pass recognises (a traced image size would be a computed start)
-        vision = model.config.vision_config
-        size = vision.image_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
-        with torch.no_grad():
-            blank = torch.zeros(1, getattr(vision, "num_channels", 3), height, width)
-            self.num_visual_tokens = int(self.image_features(blank).shape[1])
+        # at a constant, which the token-exit pass recognises (a traced image size would be a computed start). Once
+        # per model: every variant (--text-before-image, --with-attention-mask, the steps) wraps the same one.
+        if model not in _VISUAL_TOKENS:
+            vision = model.config.vision_config
+            size = vision.image_size
+            height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+            with torch.no_grad():
+                blank = torch.zeros(1, getattr(vision, "num_channels", 3), height, width)
+                _VISUAL_TOKENS[model] = int(self.image_features(blank).shape[1])
+        self.num_visual_tokens = _VISUAL_TOKENS[model]
 
     @property
     def language_model(self) -> torch.nn.Module:
