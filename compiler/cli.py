@@ -361,6 +361,10 @@ def _dims(shape) -> str:
               help="TensorRT profile: shape to tune for (repeatable).")
 @click.option("--max-shape", "max_shapes", multiple=True, metavar="NAME:1x3x224x224",
               help="TensorRT profile: largest shape (repeatable).")
+@click.option("--dim-range", "dim_ranges", multiple=True, metavar="NAME=MIN:OPT:MAX",
+              help="TensorRT profile by named dim (repeatable): every input no --*-shape names takes its shapes "
+                   "from these, a dim named 'past + 18 + seq' the sum, e.g. --dim-range batch=1:2:4 --dim-range "
+                   "seq=1:1:8 --dim-range past=0:64:512 for a generation step. NAME=SIZE fixes a dim.")
 @click.option("--workspace", type=int, metavar="MIB", help="TensorRT workspace memory limit in MiB.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
               help="TensorRT timing cache file, loaded before and saved after the build.")
@@ -369,14 +373,14 @@ def _dims(shape) -> str:
 @_handle_errors
 def compile_cmd(model_path, out_dir, backend, precision, families, no_fuse, lower, prune_heads, prune_method,
                 prune_granularity, prune_keep, calibration, token_exit, visual_tokens, visual_offset, exit_layer,
-                exit_gate, min_shapes, opt_shapes, max_shapes, workspace, timing_cache, fused_ops) -> None:
+                exit_gate, min_shapes, opt_shapes, max_shapes, dim_ranges, workspace, timing_cache, fused_ops) -> None:
     """Run the pass pipeline on an ONNX model and build a BACKEND artefact in OUT_DIR."""
     from attnc.compiler.pipeline import CompileOptions, compile_model
 
     backend_options = {}
     if backend == "tensorrt":
         backend_options = {"min_shapes": list(min_shapes), "opt_shapes": list(opt_shapes),
-                           "max_shapes": list(max_shapes), "fused_ops": fused_ops,
+                           "max_shapes": list(max_shapes), "dim_ranges": list(dim_ranges), "fused_ops": fused_ops,
                            "workspace": workspace << 20 if workspace else None, "timing_cache": timing_cache}
     if "none" in lower and len(lower) > 1:
         raise click.UsageError("--lower none cannot be combined with other --lower values")

@@ -161,7 +161,7 @@ def route_shapes(model: onnx.ModelProto, options: CompileOptions) -> dict[str, l
         return None
     from attnc.compiler.backends import tensorrt
 
-    given = {k: options.backend_options.get(k) for k in ("min_shapes", "opt_shapes", "max_shapes")}
+    given = {k: options.backend_options.get(k) for k in ("min_shapes", "opt_shapes", "max_shapes", "dim_ranges")}
     try:
         return tensorrt.profile_opt_shapes(model, **given)
     except AttncError:

@@ -141,6 +141,51 @@ def _shape_map(shapes) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _dim_range_map(ranges) -> dict[str, tuple[int, int, int]]:
+    """Named dims' ranges as given by the CLI (``["past=0:16:64", "batch=2", ...]``: min:opt:max, or one size for all
+    three) or Python (``{"past": (0, 16, 64)}``)."""
+    if not ranges:
+        return {}
+    items = ranges.items() if isinstance(ranges, Mapping) else \
+        [text.partition("=")[::2] for text in ([ranges] if isinstance(ranges, str) else ranges)]
+    out = {}
+    for name, value in items:
+        try:
+            sizes = tuple(int(v) for v in (value.split(":") if isinstance(value, str) else
+                                           value if isinstance(value, (tuple, list)) else [value]))
+            sizes = sizes * 3 if len(sizes) == 1 else sizes
+            if not name or len(sizes) != 3 or sizes[0] < 0 or not sizes[0] <= sizes[1] <= sizes[2]:
+                raise ValueError
+        except ValueError:
+            raise AttncError(f"cannot read the dim range {name}={value}",
+                             "write it as NAME=MIN:OPT:MAX with 0 <= MIN <= OPT <= MAX, or NAME=SIZE") from None
+        out[name] = sizes
+    return out
+
+
+def _from_dim_ranges(dims: tuple, ranges: Mapping[str, tuple[int, int, int]]) -> tuple | None:
+    """``(min, opt, max)`` shapes of an input of ``dims`` whose named dims (each a sum of names and constants,
+    ``"past + 18 + seq"``) are all in ``ranges``; None where one is not."""
+    shapes = ([], [], [])
+    for dim in dims:
+        if isinstance(dim, int) and dim > 0:
+            terms = [(dim, dim, dim)]
+        elif not dim:
+            return None
+        else:
+            terms = []
+            for term in (t.strip() for t in str(dim).split("+")):
+                if term.isdigit():
+                    terms.append((int(term),) * 3)
+                elif term in ranges:
+                    terms.append(ranges[term])
+                else:
+                    return None
+        for which in range(3):
+            shapes[which].append(sum(t[which] for t in terms))
+    return tuple(tuple(shape) for shape in shapes)
+
+
 def model_inputs(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:
     """Graph inputs that are not initializers: name -> dims (int, symbol name or None)."""
     skip = {i.name for i in model.graph.initializer}
@@ -153,21 +198,25 @@ def model_inputs(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ..
     return inputs
 
 
-def resolve_profile(inputs: Mapping[str, tuple], min_shapes=None, opt_shapes=None,
-                    max_shapes=None) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+def resolve_profile(inputs: Mapping[str, tuple], min_shapes=None, opt_shapes=None, max_shapes=None,
+                    dim_ranges=None) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """min/opt/max shape of every model input, checked against the model before any build.
 
     Defaults: a fully static input uses its exported shape for all three. For an input with
     dynamic dims, a shape given by any flag fills the others: ``opt`` and ``max`` default to
-    each other, ``min`` defaults to ``opt`` with the dynamic dims set to 1.
+    each other, ``min`` defaults to ``opt`` with the dynamic dims set to 1. An input no flag
+    names takes its shapes from ``dim_ranges`` where those give every name its dims are made of
+    (``"past + 18 + seq"``: the sum of the names' sizes and the constant): one range per named dim
+    sizes every input alike, a generation step's mask and each layer's cache included.
 
     Args:
         inputs: :func:`model_inputs` of the model.
         min_shapes, opt_shapes, max_shapes: ``{name: shape}`` or ``["name:1x3x224x224", ...]``.
+        dim_ranges: ``{dim name: (min, opt, max)}`` or ``["past=0:16:64", "batch=2", ...]``.
 
     Raises:
         AttncError: naming the input: unknown name, wrong rank, a static dim changed,
-            min > opt > max, or a dynamic input without any shape.
+            min > opt > max, or a dynamic input without any shape; a dim range of a name no input has.
     """
     given = {"min": _shape_map(min_shapes), "opt": _shape_map(opt_shapes), "max": _shape_map(max_shapes)}
     for which, shapes in given.items():
@@ -175,6 +224,12 @@ def resolve_profile(inputs: Mapping[str, tuple], min_shapes=None, opt_shapes=Non
         if unknown:
             raise AttncError(f"--{which}-shape names input {unknown[0]!r}, which the model does not have",
                              f"model inputs: {', '.join(inputs) or 'none'}")
+    ranges = _dim_range_map(dim_ranges)
+    names = {t.strip() for dims in inputs.values() for d in dims if isinstance(d, str) for t in d.split("+")}
+    unknown = sorted(set(ranges) - names)
+    if unknown:
+        raise AttncError(f"--dim-range names dim {unknown[0]!r}, which no model input has",
+                         f"the inputs' named dims: {', '.join(sorted(n for n in names if not n.isdigit())) or 'none'}")
     profile = {}
     for name, dims in inputs.items():
         pretty = "x".join(str(d) if isinstance(d, int) and d > 0 else str(d or "?") for d in dims)
@@ -194,10 +249,16 @@ def resolve_profile(inputs: Mapping[str, tuple], min_shapes=None, opt_shapes=Non
         opt = given["opt"].get(name) or given["max"].get(name)
         mx = given["max"].get(name) or opt
         mn = given["min"].get(name)
+        if opt is None and mn is None and dynamic and ranges:
+            ranged = _from_dim_ranges(dims, ranges)
+            if ranged is not None:
+                profile[name] = ranged
+                continue
         if opt is None and mn is None:
             if dynamic:
                 raise AttncError(f"input {name!r} has dynamic dims ({pretty}) and no profile shape",
-                                 f"pass --opt-shape {name}:<shape> (and --min-shape/--max-shape)")
+                                 f"pass --opt-shape {name}:<shape> (and --min-shape/--max-shape), or a range for "
+                                 "each of its named dims, e.g. --dim-range batch=1:4:8")
             static = tuple(int(d) for d in dims)
             profile[name] = (static, static, static)
             continue
@@ -213,10 +274,10 @@ def resolve_profile(inputs: Mapping[str, tuple], min_shapes=None, opt_shapes=Non
 
 
 def profile_opt_shapes(model: onnx.ModelProto, min_shapes=None, opt_shapes=None,
-                       max_shapes=None) -> dict[str, list[int]]:
+                       max_shapes=None, dim_ranges=None) -> dict[str, list[int]]:
     """The ``opt`` shape of every input of ``model``'s profile (:func:`resolve_profile`, whose
     errors it raises): the shapes the engine is tuned for, which per-node routes are chosen at."""
-    profile = resolve_profile(model_inputs(model), min_shapes, opt_shapes, max_shapes)
+    profile = resolve_profile(model_inputs(model), min_shapes, opt_shapes, max_shapes, dim_ranges)
     return {name: list(opt) for name, (_, opt, _) in profile.items()}
 
 
@@ -728,7 +789,7 @@ def unshare_attention_scales(trt, network, attention) -> tuple[int, list[str]]:
 
 
 def build(model_path: str | os.PathLike, out_dir: str | os.PathLike, precision: str = "fp32", *,
-          min_shapes=None, opt_shapes=None, max_shapes=None, workspace: int | None = None,
+          min_shapes=None, opt_shapes=None, max_shapes=None, dim_ranges=None, workspace: int | None = None,
           timing_cache: str | os.PathLike | None = None, fused_ops: str = "plugin",
           decomposable_attention: bool = True, optimization_level: int | None = None,
           compute_capabilities: Iterable[str] | None = None, allow_rtx_cpu_crash: bool = False,
@@ -737,7 +798,7 @@ def build(model_path: str | os.PathLike, out_dir: str | os.PathLike, precision: 
 
     Args:
         precision: fp32, fp16 or bf16 (converted into the ONNX types, see module doc).
-        min_shapes, opt_shapes, max_shapes: optimization profile (:func:`resolve_profile`).
+        min_shapes, opt_shapes, max_shapes, dim_ranges: optimization profile (:func:`resolve_profile`).
         workspace: workspace memory-pool limit in bytes (default: TensorRT's).
         timing_cache: file to load before and save after the build (TensorRT only; ignored
             by TensorRT-RTX, whose engines do not depend on it and which would need a GPU).
@@ -764,7 +825,7 @@ def build(model_path: str | os.PathLike, out_dir: str | os.PathLike, precision: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(model_path, check=False)   # weights kept in a file stay there (mapped)
-    profile = resolve_profile(model_inputs(model), min_shapes, opt_shapes, max_shapes)
+    profile = resolve_profile(model_inputs(model), min_shapes, opt_shapes, max_shapes, dim_ranges)
 
     log = _Log(trt)
     t0 = time.perf_counter()

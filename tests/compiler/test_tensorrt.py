@@ -132,6 +132,29 @@ def test_profile_defaults_to_static_shapes_and_fills_dynamic_dims():
     assert profile["y"] == ((2, 16, 64), (8, 16, 64), (8, 16, 64))
 
 
+def test_profile_from_named_dim_ranges():
+    """``dim_ranges`` size every input no shape flag names from its named dims, sums with constants included (an
+    exited generation step's caches of two lengths and its mask); a shape flag wins for its input; an input with a
+    name no range gives still needs a shape; bad and unknown ranges are refused by name."""
+    inputs = {"ids": ("batch", "seq"), "mask": ("batch", "past + 18 + seq"), "early": ("batch", 2, "past + 18", 8),
+              "late": ("batch", 2, "past + 2", 8), "x": (1, 3)}
+    ranges = ["batch=1:2:4", "seq=1:1:8", "past=0:16:64"]
+    profile = trt_backend.resolve_profile(inputs, dim_ranges=ranges)
+    assert profile["mask"] == ((1, 19), (2, 35), (4, 90))
+    assert profile["early"] == ((1, 2, 18, 8), (2, 2, 34, 8), (4, 2, 82, 8))
+    assert profile["late"] == ((1, 2, 2, 8), (2, 2, 18, 8), (4, 2, 66, 8)) and profile["x"] == ((1, 3),) * 3
+    profile = trt_backend.resolve_profile(inputs, opt_shapes=["ids:3x5"], dim_ranges={**dict(
+        r.split("=") for r in ranges), "batch": 2})
+    assert profile["ids"] == ((1, 1), (3, 5), (3, 5)) and profile["mask"][2] == (2, 90)
+    with pytest.raises(AttncError, match="input 'mask' has dynamic dims") as err:
+        trt_backend.resolve_profile(inputs, dim_ranges=["batch=1:2:4", "seq=1"])
+    assert "--dim-range" in err.value.fix
+    for bad, words in (("past=4:2:8", "cannot read the dim range"), ("past", "cannot read the dim range"),
+                       ("heads=1:2:3", "names dim 'heads', which no model input has")):
+        with pytest.raises(AttncError, match=words):
+            trt_backend.resolve_profile(inputs, dim_ranges=[bad])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"opt_shapes": ["z:1x2"]}, "input 'z', which the model does not have"),
     ({"opt_shapes": ["y:4x16"]}, "input 'y' has rank 2"),

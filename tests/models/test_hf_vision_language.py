@@ -418,22 +418,15 @@ def test_tensorrt_builds_the_exited_checkpoint(checkpoint, tmp_path, mode):
 def test_tensorrt_builds_the_exited_step(generation_graphs, tmp_path):
     """TensorRT-RTX builds an fp16 engine of the later step exited before layer 2 (its caches of two lengths: the
     image's 16 tokens in layers 0-1, the text alone in layers 2-3), its profile from the first decoding step (1 text
-    token after the image) to 64."""
+    token after the image) to 64, given by named dim (``--dim-range``)."""
     from attnc.compiler.backends.tensorrt import describe, import_tensorrt
 
     try:
         import_tensorrt()
     except AttncError as exc:
         pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc.problem}")
-    sizes = {"min": (1, 1, 1), "opt": (2, 1, 16), "max": (4, 8, 64)}   # batch, new tokens, cached text after the image
-    profile = []
-    for kind, (b, t, a) in sizes.items():
-        lengths = {f"past_key_values.{i}.{kv}": 2 + a + (16 if i < 2 else 0)
-                   for i in range(LAYERS) for kv in ("key", "value")}
-        shapes = {"input_ids": (b, t), "attention_mask": (b, 18 + a + t),
-                  **{name: (b, 2, n, 8) for name, n in lengths.items()}}
-        profile += [arg for name, shape in shapes.items()
-                    for arg in (f"--{kind}-shape", f"{name}:{'x'.join(map(str, shape))}")]
+    # by named dim: batch, new tokens, the cached text after the image (each layer's cache and the mask follow)
+    profile = ("--dim-range", "batch=1:2:4", "--dim-range", "seq=1:1:8", "--dim-range", "past=1:16:64")
     out = tmp_path / "engine"
     run_cli("compile", generation_graphs["step"], "-o", out, "--backend", "tensorrt", "--precision", "fp16",
             "--token-exit", "static", "--exit-layer", 2, *profile)
