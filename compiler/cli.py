@@ -474,12 +474,12 @@ def train_exit_gate_cmd(model_ref, output, layer, calibration, text_before_image
     A sample's label is whether exiting before LAYER keeps the full model's top-1 answer (of the last text
     token); the threshold is the lowest with MIN_PRECISION on the calibration data.
     """
-    import zipfile
-
     import numpy as np
     import torch
 
+    from attnc.compiler.backends import TensorSpec
     from attnc.compiler.export import resolve_model
+    from attnc.compiler.validate import load_inputs
     from attnc.passes.token_exit import exits_in_torch, train_exit_gate
 
     module, spec = resolve_model(model_ref)
@@ -490,17 +490,10 @@ def train_exit_gate_cmd(model_ref, output, layer, calibration, text_before_image
     if spec is None or not exits_in_torch(module) or len(spec.inputs) != 2:
         raise AttncError(f"{model_ref} cannot drop its visual tokens in PyTorch, so no gate can be trained on it",
                          "pass a bundled vision-language model or a vision-language checkpoint directory")
-    try:
-        with np.load(calibration, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise AttncError(f"{calibration} is not a readable .npz ({type(exc).__name__})",
-                         "save the inputs with np.savez(path, **{name: array})") from None
-    missing = [name for name in spec.input_names if name not in arrays]
-    if missing:
-        raise AttncError(f"{calibration} lacks {', '.join(missing)} (it has {', '.join(sorted(arrays)) or 'nothing'})",
-                         f"save one array per input: {', '.join(spec.input_names)}")
-    inputs = tuple(torch.from_numpy(np.ascontiguousarray(arrays[i.name])).to(i.dtype) for i in spec.inputs)
+    # read as validate reads inputs: names, ranks, static sizes (the image's) and shared dims (batch) checked
+    specs = [TensorSpec(i.name, i.shape, np.dtype(torch.empty(0, dtype=i.dtype).numpy().dtype)) for i in spec.inputs]
+    arrays = load_inputs(calibration, specs)
+    inputs = tuple(torch.from_numpy(np.ascontiguousarray(arrays[i.name])) for i in spec.inputs)
     with console.status(f"training the exit gate at layer {layer}"):
         gate, stats = train_exit_gate(module, inputs, layer, min_precision=min_precision, steps=steps)
     gate.save(output)

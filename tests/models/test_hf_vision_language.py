@@ -457,7 +457,7 @@ def test_train_exit_gate_from_the_cli(checkpoint, tmp_path):
     run_cli("compile", path, "-o", tmp_path / "out", "--token-exit", "dynamic", "--exit-gate", tmp_path / "gate.npz")
     run_cli("validate", tmp_path / "out", "--model", folder)
     for layer, calibration, words in ((LAYERS, "calib.npz", "exit layer must be in [0, 4)"),
-                                      (1, "gate.npz", "lacks pixel_values")):
+                                      (1, "gate.npz", "lacks inputs ['pixel_values', 'input_ids']")):
         result = run_cli("train-exit-gate", folder, "-o", tmp_path / "bad.npz", "--layer", layer, "--calibration",
                          tmp_path / calibration, "--text-before-image", 3, ok=False)
         assert_clean_error(result, words)
