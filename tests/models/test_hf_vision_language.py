@@ -27,7 +27,7 @@ transformers = pytest.importorskip("transformers")
 from attnc import runtime  # noqa: E402
 from attnc.compiler.backends.onnxruntime import load as load_onnx  # noqa: E402
 from attnc.compiler.export import export_onnx  # noqa: E402
-from attnc.compiler.pipeline import CompileOptions, compile_model  # noqa: E402
+from attnc.compiler.pipeline import CompileOptions, compile_model, validate_artefact  # noqa: E402
 from attnc.models.hf_checkpoint import (exited_spec, load_checkpoint, with_attention_mask,  # noqa: E402
                                         with_first_step, with_past, with_text_before_image)
 from attnc.models.hf_vision_language import ARCHITECTURES  # noqa: E402
@@ -348,9 +348,9 @@ def test_padded_prompts(checkpoint, before):
 
 def test_padded_prompts_through_the_cli(checkpoint, generation_graphs, tmp_path):
     """Padded prompts through the CLI (the image after 3 text tokens): both generation graphs, as they are and exited
-    before layer 2, compile and validate; greedy tokens of a padded batch equal transformers' ``generate`` on each
-    prompt alone (with the exit, a loop over the exited forward on each prompt alone). Padded prompts for a first
-    step without a mask are refused."""
+    before layer 2, compile and validate; greedy and beam-search tokens of a padded batch equal transformers'
+    ``generate`` on each prompt alone (with the exit, greedy: a loop over the exited forward on each prompt alone).
+    Padded prompts for a first step without a mask are refused."""
     folder, module, spec, _ = checkpoint
     module, spec = with_text_before_image(module, spec, 3)
     options = ("--with-attention-mask", "--text-before-image", 3)
@@ -381,6 +381,17 @@ def test_padded_prompts_through_the_cli(checkpoint, generation_graphs, tmp_path)
                         loop = torch.cat([loop, chosen], 1)
                     expected = loop[0, tokens.shape[1]:]
             np.testing.assert_array_equal(got[row, 9:], expected.numpy())
+    # beam search over the padded batch: each row's beams are those transformers' search keeps for it alone
+    got = runtime.generate_vision_language(runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step"),
+                                           pixels.numpy(), ids.numpy(), mask.numpy(), max_new_tokens=4, num_beams=3)
+    for row in range(3):
+        tokens = ids[row][mask[row].bool()][None]
+        prompt = torch.cat([tokens[:, :3], torch.full((1, 16), IMAGE_TOKEN), tokens[:, 3:]], 1)
+        with torch.no_grad():
+            expected = hf.generate(input_ids=prompt, pixel_values=pixels[row:row + 1], max_new_tokens=4,
+                                   min_new_tokens=4, do_sample=False, num_beams=3,
+                                   attention_mask=torch.ones_like(prompt))
+        np.testing.assert_array_equal(got[row, 9:], expected[0, prompt.shape[1]:].numpy())
     run_cli("compile", generation_graphs["first"], "-o", tmp_path / "unmasked")
     with pytest.raises(AttncError, match="takes no attention_mask") as err:
         runtime.generate_vision_language(runtime.load(tmp_path / "unmasked"), runtime.load(tmp_path / "step"),
@@ -664,3 +675,30 @@ def test_other_architectures_generate(tmp_path, architecture):
         for _ in range(5):
             tokens = torch.cat([tokens, module(pixels, tokens, exit_layer=1)[:, -1].argmax(-1, keepdim=True)], 1)
     np.testing.assert_array_equal(got, tokens.numpy())
+
+
+@pytest.mark.full(reason="the padded generation CI checks on LLaVA, for each other architecture (about 20 s each)")
+@pytest.mark.parametrize("architecture", OTHERS)
+def test_other_architectures_generate_padded(tmp_path, architecture):
+    """Each other architecture's two generation graphs of padded prompts (``--with-attention-mask``, the image after 2
+    text tokens) validate, and greedy tokens of a padded batch equal transformers' ``generate`` on each prompt
+    alone."""
+    folder = tiny_vision_language(tmp_path / "ckpt", architecture)
+    module, spec = with_attention_mask(*with_text_before_image(*load_checkpoint(str(folder)), 2))
+    for name, (step_module, step_spec) in {"first": with_first_step(module, spec),
+                                           "step": with_past(module, spec)}.items():
+        export_onnx(step_module, step_spec.example_inputs(), tmp_path / f"{name}.onnx",
+                    input_names=step_spec.input_names, output_names=step_spec.output_names,
+                    dynamic_axes=step_spec.dynamic_axes)
+        compile_model(tmp_path / f"{name}.onnx", tmp_path / name)
+        assert validate_artefact(tmp_path / name, str(folder))[0].passed
+    pixels, ids, mask = spec.example_inputs(batch=3, seq=8, seed=2)
+    got = runtime.generate_vision_language(runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step"),
+                                           pixels.numpy(), ids.numpy(), mask.numpy(), max_new_tokens=4)
+    for row in range(3):
+        tokens = ids[row][mask[row].bool()][None]
+        prompt = torch.cat([tokens[:, :2], torch.full((1, module.num_visual_tokens), 120), tokens[:, 2:]], 1)
+        with torch.no_grad():
+            expected = module.model.generate(input_ids=prompt, pixel_values=pixels[row:row + 1], max_new_tokens=4,
+                                             min_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(prompt))
+        np.testing.assert_array_equal(got[row, 8:], expected[0, prompt.shape[1]:].numpy())
