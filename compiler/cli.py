@@ -215,11 +215,14 @@ def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset
               help="The engine precision --lower auto decides for (default: the model's dtype).")
 @click.option("--opt-shape", "opt_shapes", multiple=True, metavar="NAME:1x3x224x224",
               help="The shape --lower auto decides dynamic inputs at, as compile's TensorRT --opt-shape.")
+@click.option("--dim-range", "dim_ranges", multiple=True, metavar="NAME=MIN:OPT:MAX",
+              help="As compile's: the OPT size of a named dim --lower auto decides the inputs not given "
+                   "--opt-shape at.")
 @click.option("--heads", "show_heads", is_flag=True,
               help="Also list the attention layers --prune-heads can prune (heads, K/V heads, head dims) and why "
                    "the others cannot.")
 @_handle_errors
-def inspect_cmd(model_path, as_json, lower, precision, opt_shapes, show_heads) -> None:
+def inspect_cmd(model_path, as_json, lower, precision, opt_shapes, dim_ranges, show_heads) -> None:
     """List the attention subgraphs attnc finds in an ONNX model, near-misses and op counts."""
     from attnc import passes
     from attnc.compiler import onnx_io
@@ -227,7 +230,8 @@ def inspect_cmd(model_path, as_json, lower, precision, opt_shapes, show_heads) -
     from attnc.passes.core import value_shapes
 
     model = onnx_io.load_model(model_path)
-    at = tensorrt.profile_opt_shapes(model, opt_shapes=list(opt_shapes)) if opt_shapes else None
+    at = tensorrt.profile_opt_shapes(model, opt_shapes=list(opt_shapes), dim_ranges=list(dim_ranges)) \
+        if opt_shapes or dim_ranges else None
     reports = passes.find_attention(model, lower=list(lower), precision=precision, input_shapes=at)
     shapes = value_shapes(model)
     for match in (m for r in reports for m in r.matches):

@@ -434,7 +434,7 @@ def test_inspect_lists_the_heads_pruning_can_prune(tmp_path):
 
 
 def test_dynamic_token_counts_are_routed_at_the_opt_shape(tmp_path):
-    """A sequence-dynamic agent model: ``inspect --opt-shape`` and the TensorRT compile path
+    """A sequence-dynamic agent model: ``inspect --opt-shape`` (or ``--dim-range``) and the TensorRT compile path
     (``route_shapes``, from the profile flags) decide at the shape the engine is tuned for."""
     from attnc.compiler import onnx_io
     from attnc.compiler.pipeline import CompileOptions, route_shapes
@@ -448,12 +448,16 @@ def test_dynamic_token_counts_are_routed_at_the_opt_shape(tmp_path):
                               "--opt-shape", f"x:1x{tokens}x48").output)
         routes[tokens] = [m["route"]["route"] for m in data["matches"] if m["route"]]
     assert routes == {40: ["fused"], 200: ["lowered"]}
+    data = json.loads(run("inspect", path, "--json", "--lower", "auto", "--precision", "fp16", "--dim-range",
+                          "batch=1", "--dim-range", "seq=1:200:300").output)   # by named dim: its OPT size
+    assert [m["route"]["route"] for m in data["matches"] if m["route"]] == routes[200]
     assert "model fixes it to 48" in run("inspect", path, "--lower", "auto", "--opt-shape", "x:1x40x47",
                                          ok=False).output
     model = onnx_io.load_model(path)
     tensorrt = lambda **shapes: CompileOptions(backend="tensorrt", backend_options=shapes)  # noqa: E731
     assert route_shapes(model, tensorrt(opt_shapes=["x:2x40x48"])) == {"x": [2, 40, 48]}
     assert route_shapes(model, tensorrt(max_shapes=["x:4x300x48"])) == {"x": [4, 300, 48]}  # opt defaults to max
+    assert route_shapes(model, tensorrt(dim_ranges=["batch=1:2:4", "seq=40"])) == {"x": [2, 40, 48]}
     assert route_shapes(model, tensorrt()) is None   # no profile: the build says so, naming the input
     assert route_shapes(model, CompileOptions(backend="onnxruntime")) is None
 
