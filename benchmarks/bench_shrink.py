@@ -441,7 +441,7 @@ LLAVA = {"image": 336, "patch": 14, "vision": {"hidden_size": 64, "intermediate_
 LLAVA_SMOKE = {**LLAVA, "image": 56, "text": {**LLAVA["text"], "hidden_size": 64, "intermediate_size": 128,
                                               "num_hidden_layers": 4, "num_attention_heads": 4,
                                               "num_key_value_heads": 2},
-               "text_tokens": 8, "exit_layers": (1, 2), "before": 2, "generate": 4}
+               "text_tokens": 8, "exit_layers": (1, 2), "decode_exit_layers": (2,), "before": 2, "generate": 3}
 
 
 def llava_checkpoint(folder: Path, c: dict) -> Path:
@@ -519,7 +519,7 @@ def bench_llava_decode(tmp: Path, reps: int, threads: int, smoke: bool = False) 
     new_tokens = c["generate"]
     pixels, ids = spec.example_inputs(batch=1, seq=c["text_tokens"], seed=3)
     rows, firsts, steps, step_feeds = [], {}, {}, {}
-    for k in (None, *c["exit_layers"]):
+    for k in (None, *c.get("decode_exit_layers", c["exit_layers"])):
         name = "full" if k is None else f"exit{k}"
         options = CompileOptions() if k is None else CompileOptions(token_exit="static", exit_layer=k)
         row = {"model": name, "exit_layer": k}

@@ -644,6 +644,18 @@ def test_vision_language_example(tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["text_before_image"] == 3
 
 
+def _export_generation_graphs(module, spec, folder) -> dict:
+    """The checkpoint's first step and later step exported (dynamo) into ``folder``: ``{"first": path, "step":
+    path}``."""
+    paths = {}
+    for name, (step_module, step_spec) in {"first": with_first_step(module, spec),
+                                           "step": with_past(module, spec)}.items():
+        paths[name] = export_onnx(step_module, step_spec.example_inputs(), folder / f"{name}.onnx",
+                                  input_names=step_spec.input_names, output_names=step_spec.output_names,
+                                  dynamic_axes=step_spec.dynamic_axes)
+    return paths
+
+
 @pytest.mark.full(reason="the generation path CI checks on LLaVA, for each other architecture (about 20 s each)")
 @pytest.mark.parametrize("architecture", OTHERS)
 def test_other_architectures_generate(tmp_path, architecture):
@@ -653,13 +665,9 @@ def test_other_architectures_generate(tmp_path, architecture):
     folder = tiny_vision_language(tmp_path / "ckpt", architecture)
     module, spec = with_text_before_image(*load_checkpoint(str(folder)), 2)
     exited = CompileOptions(token_exit="static", exit_layer=1)
-    for name, (step_module, step_spec) in {"first": with_first_step(module, spec),
-                                           "step": with_past(module, spec)}.items():
-        export_onnx(step_module, step_spec.example_inputs(), tmp_path / f"{name}.onnx",
-                    input_names=step_spec.input_names, output_names=step_spec.output_names,
-                    dynamic_axes=step_spec.dynamic_axes)
-        compile_model(tmp_path / f"{name}.onnx", tmp_path / name)
-        compile_model(tmp_path / f"{name}.onnx", tmp_path / f"{name}_exit", exited)
+    for name, path in _export_generation_graphs(module, spec, tmp_path).items():
+        compile_model(path, tmp_path / name)
+        compile_model(path, tmp_path / f"{name}_exit", exited)
     pixels, ids = spec.example_inputs(batch=2, seq=7, seed=2)
     got = runtime.generate_vision_language(runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step"),
                                            pixels.numpy(), ids.numpy(), max_new_tokens=5)
@@ -685,12 +693,8 @@ def test_other_architectures_generate_padded(tmp_path, architecture):
     alone."""
     folder = tiny_vision_language(tmp_path / "ckpt", architecture)
     module, spec = with_attention_mask(*with_text_before_image(*load_checkpoint(str(folder)), 2))
-    for name, (step_module, step_spec) in {"first": with_first_step(module, spec),
-                                           "step": with_past(module, spec)}.items():
-        export_onnx(step_module, step_spec.example_inputs(), tmp_path / f"{name}.onnx",
-                    input_names=step_spec.input_names, output_names=step_spec.output_names,
-                    dynamic_axes=step_spec.dynamic_axes)
-        compile_model(tmp_path / f"{name}.onnx", tmp_path / name)
+    for name, path in _export_generation_graphs(module, spec, tmp_path).items():
+        compile_model(path, tmp_path / name)
         assert validate_artefact(tmp_path / name, str(folder))[0].passed
     pixels, ids, mask = spec.example_inputs(batch=3, seq=8, seed=2)
     got = runtime.generate_vision_language(runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step"),
