@@ -216,9 +216,9 @@ def generate_seq2seq(first, step, inputs, decoder_start_token_id: int, max_new_t
 PIXELS = "pixel_values"
 
 
-def generate_vision_language(first, step, pixel_values, input_ids, attention_mask=None, max_new_tokens: int = 16,
-                             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-                             **options) -> np.ndarray:
+def generate_vision_language(first, step, pixel_values, input_ids, attention_mask=None, exit_step=None,
+                             max_new_tokens: int = 16, eos_token_id: int | Sequence[int] | None = None,
+                             pad_token_id: int | None = None, **options) -> np.ndarray:
     """Answering about an image with a vision-language checkpoint's two compiled steps: ``first`` (``attnc export
     CKPT --first-step [--text-before-image K]``: the image and the prompt, their KV cache), then ``step``
     (``--with-past``: the language model alone) once per further token. Greedy by default, or as ``options`` say
@@ -231,6 +231,9 @@ def generate_vision_language(first, step, pixel_values, input_ids, attention_mas
         attention_mask: ``[B, T]``, 0 at padding, for prompts of different lengths (``first`` exported with
             ``--with-attention-mask``): each row padded after its first ``K`` tokens, ``[K tokens][padding][text]``.
             None: every token counts.
+        exit_step: for a ``first`` compiled with ``--token-exit dynamic`` (a gate decides per call whether the
+            image leaves after the gate's layer): the later step compiled with ``--token-exit static --exit-layer``
+            at that layer, which reads the caches of a call whose gate fired; ``step`` reads the others.
         max_new_tokens, eos_token_id, pad_token_id, options: as :func:`generate`.
 
     Returns:
@@ -250,10 +253,11 @@ def generate_vision_language(first, step, pixel_values, input_ids, attention_mas
     if names not in ([PIXELS, IDS], [PIXELS, IDS, MASK]) or present_name(0, "key") not in first.output_names:
         raise AttncError(f"the first artefact takes {names} and gives {first.output_names[:2]}, not a vision-language "
                          "checkpoint's first generation step", "export it with `attnc export CKPT --first-step`")
-    step_names = [s.name for s in step.input_specs]
-    if step_names[:3] != _DECODER_ONLY_STEP:
-        raise AttncError(f"the step artefact takes {step_names[:3]}, not a decoder-only generation step",
-                         "export it with `attnc export CKPT --with-past`")
+    for later in (step, exit_step) if exit_step is not None else (step,):
+        step_names = [s.name for s in later.input_specs]
+        if step_names[:3] != _DECODER_ONLY_STEP:
+            raise AttncError(f"the step artefact takes {step_names[:3]}, not a decoder-only generation step",
+                             "export it with `attnc export CKPT --with-past`")
     pixels, ids = np.asarray(pixel_values, dtype=np.float32), np.asarray(input_ids, dtype=np.int64)
     if ids.ndim != 2 or pixels.ndim < 2 or len(pixels) != len(ids):
         raise AttncError(f"pixel_values {list(pixels.shape)} and input_ids {list(ids.shape)} are no pair of one batch",
@@ -266,9 +270,11 @@ def generate_vision_language(first, step, pixel_values, input_ids, attention_mas
         raise AttncError("the prompts are padded, but the first step takes no attention_mask",
                          "export the first step with `attnc export CKPT --first-step --with-attention-mask`")
     search = _options(options)
-    past = [s.name for s in step.input_specs[2:]]
     outputs = first.infer({PIXELS: pixels, IDS: ids, **({MASK: mask} if MASK in names else {})})
+    if exit_step is not None and _cache_exit(outputs, ids.shape[1]) is not None:
+        step = exit_step   # the first step's gate fired: its later layers cache the text alone
     _check_exits(outputs, ids.shape[1], step)
+    past = [s.name for s in step.input_specs[2:]]
     # the cache's mask: the image's tokens (never padding) after the K tokens in front of them
     before = ids.shape[1] - outputs[LOGITS].shape[1]
     image = outputs[present_name(0, "key")].shape[2] - ids.shape[1]
@@ -285,10 +291,7 @@ def _check_exits(outputs: dict, prompt: int, step) -> None:
     manifest = getattr(step, "manifest", None)
     if not isinstance(manifest, dict):
         return
-    lengths = [outputs[name].shape[2] for name in (present_name(i, "key") for i in range(len(outputs)))
-               if name in outputs]
-    layer = next((i for i, n in enumerate(lengths) if n < lengths[0]), None)
-    found = None if layer is None else (layer, lengths[0] - lengths[layer], prompt - outputs[LOGITS].shape[1])
+    found = _cache_exit(outputs, prompt)
     report = manifest.get("shrink", {}).get("token_exit") or {}
     exits = report.get("mode") == "static" and report.get("exit_layer") != report.get("decoder_layers")
     expected = (report["exit_layer"], report["num_visual_tokens"], report["visual_offset"]) if exits else None
@@ -299,7 +302,18 @@ def _check_exits(outputs: dict, prompt: int, step) -> None:
                  "gone)")
         raise AttncError(f"the first step's cache holds {cache(found)}, but the step was compiled to read "
                          f"{cache(expected)}", "compile both steps with the same --token-exit static --exit-layer K, "
-                         "or both without it, exported with the same --text-before-image")
+                         "or both without it, exported with the same --text-before-image (a first step with a gate: "
+                         "pass the later step compiled both ways, step= and exit_step=)")
+
+
+def _cache_exit(outputs: dict, prompt: int) -> tuple[int, int, int] | None:
+    """``(exit layer, P, K)`` of a first step's caches (``outputs``, for a prompt of ``prompt`` tokens) that lack the
+    image's ``P`` tokens from a layer on, ``K`` the text tokens in front of the image; None where every layer holds
+    the same tokens."""
+    lengths = [outputs[name].shape[2] for name in (present_name(i, "key") for i in range(len(outputs)))
+               if name in outputs]
+    layer = next((i for i, n in enumerate(lengths) if n < lengths[0]), None)
+    return None if layer is None else (layer, lengths[0] - lengths[layer], prompt - outputs[LOGITS].shape[1])
 
 
 def _carried(past, outputs: dict, rows: np.ndarray | None = None) -> dict:

@@ -195,12 +195,20 @@ class VisionLanguageFirstStep(VisionLanguageOutput):
         return self._first_step(pixel_values, input_ids, None, exit_layer)
 
     def _first_step(self, pixel_values, input_ids, attention_mask, exit_layer):
+        _check_cached_exit(exit_layer, len(self.decoder_layers))
+        return self.exit_run(pixel_values, input_ids, exit_layer, attention_mask=attention_mask)[0]
+
+    def exit_run(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, layer: int | None,
+                 decide: Callable[[torch.Tensor], bool] | None = None, cache=None,
+                 attention_mask: torch.Tensor | None = None) -> tuple[tuple, torch.Tensor | None, bool]:
+        """:meth:`VisionLanguageOutput.exit_run` whose first item is the step's outputs, ``(logits, present.0.key,
+        ...)``: a gate (``decide``) chooses per call whether the later layers' caches hold the text alone
+        (``--token-exit dynamic`` of this graph; the later steps are then compiled both ways)."""
         from transformers import DynamicCache
 
-        _check_cached_exit(exit_layer, len(self.decoder_layers))
-        cache = DynamicCache()
-        logits = self.exit_run(pixel_values, input_ids, exit_layer, cache=cache, attention_mask=attention_mask)[0]
-        return (logits, *keys_and_values(cache, len(self.decoder_layers)))
+        cache = DynamicCache() if cache is None else cache
+        logits, features, exited = super().exit_run(pixel_values, input_ids, layer, decide, cache, attention_mask)
+        return (logits, *keys_and_values(cache, len(self.decoder_layers))), features, exited
 
 
 class MaskedVisionLanguageFirstStep(VisionLanguageFirstStep):

@@ -827,7 +827,8 @@ def gate_features(model, image, text_ids, layer: int):
 
 
 def dynamic_exit_forward(model, image, text_ids, gate: ExitGate):
-    """Torch reference of the dynamic graph: ``(logits, exited)``; a batch exits only if every sample's gate fires."""
+    """Torch reference of the dynamic graph: ``(output, exited)``, the output the model's (logits; a vision-language
+    first step's ``(logits, present.0.key, ...)``); a batch exits only if every sample's gate fires."""
     import torch
 
     with torch.no_grad():
@@ -967,6 +968,10 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     del g.node[:]
     g.node.extend(kept + [if_node])
     _finish(model, after)
+    for output in outputs:   # a first step's later caches: the image's tokens in them or not, as the gate says
+        for dim in output.type.tensor_type.shape.dim:
+            if str(num_visual_tokens) in [t.strip() for t in dim.dim_param.split("+")]:
+                dim.ClearField("dim_param")
     report = TokenExitReport("dynamic", gate.layer, depth, num_visual_tokens, x, sorted(drops),
                              gate={"layer": gate.layer, "weight": [float(w) for w in gate.weight],
                                    "bias": float(gate.bias), "threshold": float(gate.threshold)},
@@ -986,11 +991,17 @@ def apply(model: onnx.ModelProto, mode: str, num_visual_tokens: int, *, exit_lay
     ``calibration_feeds`` (required then). ``dynamic``: a trained :class:`ExitGate`
     (:func:`train_exit_gate` needs the torch model, so the CLI must load one).
     """
-    if _gives_cache(model) and (mode == "dynamic" or exit_layer is None):
-        raise AttncError("a generation graph's token exit is static, at the --exit-layer both steps are compiled "
-                         "with" if mode == "dynamic" else "a generation graph's token exit needs its exit layer",
+    if _takes_cache(model) and mode == "dynamic":
+        raise AttncError("a later generation step has no gate of its own: the first step's gate decides, and the "
+                         "caches it returns say which step reads them",
+                         "compile the later steps twice, as they are and with --token-exit static --exit-layer K (the "
+                         "gate's layer), and pass both to generate_vision_language (step=, exit_step=)")
+    if _gives_cache(model) and mode == "static" and exit_layer is None:
+        raise AttncError("a generation graph's token exit needs its exit layer",
                          "compile the first step and the later steps with --token-exit static --exit-layer K, the "
                          "same K: the later steps read caches whose lengths the first step's exit fixed")
+    if _gives_cache(model) and mode == "dynamic" and gate is not None and gate.layer == 0:
+        raise AttncError("the gate sits before decoder layer 0", _CACHED_FIX)
     if mode == "static":
         if exit_layer is None:
             if not calibration_feeds:

@@ -587,7 +587,10 @@ def test_generation_with_a_token_exit(checkpoint, generation_graphs, tmp_path):
     """Both generation graphs compiled with ``--token-exit static --exit-layer 2`` validate against the checkpoint
     exiting alike in PyTorch, and decode the tokens of a greedy loop over the exited forward (no cache); a step
     compiled without the exit, or for another offset of the image, is refused by ``generate_vision_language`` with
-    the way out, as are a dynamic exit, an exit before layer 0 and ``--reference original`` of the exited step."""
+    the way out, as are an exit before layer 0 and ``--reference original`` of the exited step. A first step with a
+    gate (``--token-exit dynamic``) validates, and its caches choose the later step: the exited one where the gate
+    fires (the exited loop's tokens), the plain one where it does not (the plain loop's); a gate in a later step or
+    before layer 0 is refused."""
     folder, module, spec, _ = checkpoint
     module, spec = with_text_before_image(module, spec, 2)
     exit_options = ("--token-exit", "static", "--exit-layer", 2)
@@ -612,13 +615,36 @@ def test_generation_with_a_token_exit(checkpoint, generation_graphs, tmp_path):
         with pytest.raises(AttncError, match="compiled to read") as err:
             runtime.generate_vision_language(first, runtime.load(tmp_path / other), pixels.numpy(), ids.numpy())
         assert words in err.value.problem and "same --token-exit" in err.value.fix
-    ExitGate(2, np.zeros(32, np.float32), 1.0).save(tmp_path / "gate.npz")
-    for options, words in ((("--token-exit", "dynamic", "--exit-gate", tmp_path / "gate.npz"), "is static"),
-                           (("--token-exit", "static", "--exit-layer", 0), "after layer 1 or later")):
-        for path in generation_graphs.values():
-            result = run_cli("compile", path, "-o", tmp_path / "bad", *options, ok=False)
-            assert_clean_error(result, words)
-            assert not (tmp_path / "bad").exists()
+    # a gate in the first step (DyVTE's dynamic exit): the caches it returns choose the later step
+    plain, whole = runtime.load(tmp_path / "plain"), ids
+    with torch.no_grad():
+        for _ in range(6):   # the greedy loop with the image in every layer
+            whole = torch.cat([whole, module(pixels, whole)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert not torch.equal(whole, tokens)   # the two loops answer apart: the step chosen shows
+    for bias, fires in ((10.0, True), (-10.0, False)):   # a gate that always fires, one that never does
+        ExitGate(2, np.zeros(32, np.float32), bias).save(tmp_path / "gate.npz")
+        run_cli("compile", generation_graphs["first"], "-o", tmp_path / f"gated{fires}", "--token-exit", "dynamic",
+                "--exit-gate", tmp_path / "gate.npz")
+        run_cli("validate", tmp_path / f"gated{fires}", "--model", folder)
+        gated = runtime.load(tmp_path / f"gated{fires}")
+        got = runtime.generate_vision_language(gated, plain, pixels.numpy(), ids.numpy(), exit_step=step,
+                                               max_new_tokens=6)
+        np.testing.assert_array_equal(got, (tokens if fires else whole).numpy())
+        if fires:
+            with pytest.raises(AttncError, match="compiled to read") as err:   # no step for the exited caches
+                runtime.generate_vision_language(gated, plain, pixels.numpy(), ids.numpy())
+            assert "exit_step=" in err.value.fix
+    ExitGate(0, np.zeros(32, np.float32), 1.0).save(tmp_path / "gate0.npz")
+    for path, options, words in (
+            (generation_graphs["step"], ("--token-exit", "dynamic", "--exit-gate", tmp_path / "gate.npz"),
+             "no gate of its own"),
+            (generation_graphs["first"], ("--token-exit", "dynamic", "--exit-gate", tmp_path / "gate0.npz"),
+             "after layer 1 or later"),
+            *((path, ("--token-exit", "static", "--exit-layer", 0), "after layer 1 or later")
+              for path in generation_graphs.values())):
+        result = run_cli("compile", path, "-o", tmp_path / "bad", *options, ok=False)
+        assert_clean_error(result, words)
+        assert not (tmp_path / "bad").exists()
 
 
 def test_vision_language_example(tmp_path):
