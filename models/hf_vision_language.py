@@ -115,9 +115,12 @@ class VisionLanguageOutput(torch.nn.Module):
         return inner.multi_modal_projector(torch.cat(states, -1))
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, exit_layer: int | None = None):
+        return self._logits(pixel_values, input_ids, None, exit_layer)
+
+    def _logits(self, pixel_values, input_ids, attention_mask, exit_layer):
         if exit_layer is not None and not 0 <= exit_layer <= len(self.decoder_layers):
             raise ValueError(f"exit_layer must be in [0, {len(self.decoder_layers)}], got {exit_layer}")
-        return self.exit_run(pixel_values, input_ids, exit_layer)[0]
+        return self.exit_run(pixel_values, input_ids, exit_layer, attention_mask=attention_mask)[0]
 
     def exit_run(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, layer: int | None,
                  decide: Callable[[torch.Tensor], bool] | None = None, cache=None,
@@ -173,9 +176,7 @@ class MaskedVisionLanguageOutput(VisionLanguageOutput):
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 exit_layer: int | None = None):
-        if exit_layer is not None and not 0 <= exit_layer <= len(self.decoder_layers):
-            raise ValueError(f"exit_layer must be in [0, {len(self.decoder_layers)}], got {exit_layer}")
-        return self.exit_run(pixel_values, input_ids, exit_layer, attention_mask=attention_mask)[0]
+        return self._logits(pixel_values, input_ids, attention_mask, exit_layer)
 
 
 class VisionLanguageFirstStep(VisionLanguageOutput):
@@ -184,7 +185,7 @@ class VisionLanguageFirstStep(VisionLanguageOutput):
         (pixel_values, input_ids [B, T]) -> (logits [B, T - K, vocab], present.N.key / .value [B, H, K + P + T, D])
 
     the prompt with its image run once, its KV cache (image tokens included) handed to the later steps, which are the
-    checkpoint's text-only step (``--with-past``, :class:`attnc.models.hf_checkpoint.CachedStep`);
+    checkpoint's text-only step (``--with-past``, :class:`VisionLanguageStep`);
     :func:`attnc.compiler.decode.generate_vision_language` decodes with the two.
     """
 
