@@ -587,7 +587,8 @@ def test_generation_with_a_token_exit(checkpoint, generation_graphs, tmp_path):
     """Both generation graphs compiled with ``--token-exit static --exit-layer 2`` validate against the checkpoint
     exiting alike in PyTorch, and decode the tokens of a greedy loop over the exited forward (no cache); a step
     compiled without the exit, or for another offset of the image, is refused by ``generate_vision_language`` with
-    the way out, as are an exit before layer 0 and ``--reference original`` of the exited step. A first step with a
+    the way out, as are an exit before layer 0 and ``--reference original`` of the exited step; the exited step pruned
+    to half its heads validates too. A first step with a
     gate (``--token-exit dynamic``) validates, and its caches choose the later step: the exited one where the gate
     fires (the exited loop's tokens), the plain one where it does not (the plain loop's); a gate in a later step or
     before layer 0 is refused."""
@@ -608,6 +609,10 @@ def test_generation_with_a_token_exit(checkpoint, generation_graphs, tmp_path):
     np.testing.assert_array_equal(got, tokens.numpy())
     result = run_cli("validate", tmp_path / "step", "--model", folder, "--reference", "original", ok=False)
     assert_clean_error(result, "--reference original cannot run this step", "shrunk reference")
+    # head pruning on top of the exit: the step validates against the checkpoint exiting and gated alike
+    run_cli("compile", generation_graphs["step"], "-o", tmp_path / "pruned", *exit_options, "--prune-heads", 0.5,
+            "--prune-method", "weight")
+    assert "PASS" in run_cli("validate", tmp_path / "pruned", "--model", folder).output
     run_cli("compile", generation_graphs["step"], "-o", tmp_path / "plain")
     run_cli("export", folder, "-o", tmp_path / "k0.onnx", "--with-past")   # the image first: K = 0
     run_cli("compile", tmp_path / "k0.onnx", "-o", tmp_path / "k0", *exit_options)
