@@ -588,10 +588,9 @@ def test_generation_with_a_token_exit(checkpoint, generation_graphs, tmp_path):
     exiting alike in PyTorch, and decode the tokens of a greedy loop over the exited forward (no cache); a step
     compiled without the exit, or for another offset of the image, is refused by ``generate_vision_language`` with
     the way out, as are an exit before layer 0 and ``--reference original`` of the exited step; the exited step pruned
-    to half its heads validates too. A first step with a
-    gate (``--token-exit dynamic``) validates, and its caches choose the later step: the exited one where the gate
-    fires (the exited loop's tokens), the plain one where it does not (the plain loop's); a gate in a later step or
-    before layer 0 is refused."""
+    to half its heads validates too. A first step with a gate (``--token-exit dynamic``) validates, and its caches
+    choose the later step: the exited one where the gate fires (the exited loop's tokens), the plain one where it
+    does not (the plain loop's); a gate in a later step or before layer 0 is refused."""
     folder, module, spec, _ = checkpoint
     module, spec = with_text_before_image(module, spec, 2)
     exit_options = ("--token-exit", "static", "--exit-layer", 2)
