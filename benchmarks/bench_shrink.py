@@ -12,7 +12,7 @@ query heads inside the groups (``granularity="query"``: the same ratios, and the
 FLOPs match the groups' 50 %); ``llava`` (about 2 minutes) a transformers LLaVA checkpoint of LLaVA-1.5's token
 proportions (576 visual + 32 text tokens, 8 decoder layers, random weights) compiled with static token exit before
 several layers, each exit validated against the checkpoint exiting in PyTorch, latencies side by side;
-``llava_decode`` (about 5 minutes) the same checkpoint answering: its two generation graphs (the image after 5 text
+``llava_decode`` (about 2.5 minutes) the same checkpoint answering: its two generation graphs (the image after 5 text
 tokens) compiled as they are and with each exit, validated, their greedy tokens checked against a loop over the
 exited forward without a cache, the prompt's KV cache size and the first and later steps' latencies. The passes
 are applied (pruning: weight, activation, gradient and ablation scores, one-shot and iterative, with and without a
