@@ -594,11 +594,27 @@ def evaluate_tensors(model: onnx.ModelProto, names: list[str], sizes: tuple[int,
     return results
 
 
+def dim_terms(name: str) -> list[str]:
+    """The terms of a symbolic dim named as a sum (``"past + 18 + seq"`` -> ``["past", "18", "seq"]``: the dynamo
+    exporter's derived dims, attnc's generation steps); ``[]`` for no name."""
+    return [term.strip() for term in name.split("+")] if name else []
+
+
+def dim_size(dim: int | str | None, sizes: Mapping[str, int]) -> int | None:
+    """A dim's size: an int as it is, a sum of names and constants (:func:`dim_terms`) the sum of the names' sizes in
+    ``sizes`` and the constants; None where a name has no size there (or the dim no name)."""
+    if isinstance(dim, int):
+        return dim
+    terms = dim_terms(dim) if isinstance(dim, str) else []
+    if not terms or not all(term.isdigit() or term in sizes for term in terms):
+        return None
+    return sum(int(term) if term.isdigit() else sizes[term] for term in terms)
+
+
 def sampled_dim(name: str, size: int, sizes: Mapping[str, int] | None = None) -> int:
     """The size a symbolic dim ``name`` gets when every plain symbol is ``size`` (or its entry in ``sizes``): a sum
     of terms (``"past + seq"``, ``"seq + 1"``, as the dynamo exporter names derived dims) adds them up."""
-    terms = [term.strip() for term in name.split("+")]
-    return sum(int(term) if term.isdigit() else (sizes or {}).get(term, size) for term in terms)
+    return dim_size(name, {term: (sizes or {}).get(term, size) for term in dim_terms(name)})
 
 
 # ----------------------------------------------------------------------------- matching helpers

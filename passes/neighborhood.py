@@ -75,8 +75,8 @@ from onnx import helper, numpy_helper
 
 from attnc.compiler.onnx_io import ort_session
 from attnc.passes.core import (Match, NearMiss, PassReport, ancestry, canonical_einsum, constant_value, consumers,
-                               name_nodes, past_probability_casts, probe_model, producers, remove_dead_nodes,
-                               toposort, value_shapes_and_types)
+                               dim_size, name_nodes, past_probability_casts, probe_model, producers,
+                               remove_dead_nodes, toposort, value_shapes_and_types)
 from attnc.plugins import neighborhood as plugin
 from attnc.plugins import attach_function_bodies
 
@@ -213,10 +213,7 @@ class _Evaluator:
         sizes = dict(zip(self.dynamic_dims, _SAMPLES[sample]))
         if isinstance(dim, int) and dim > 0:
             return dim
-        terms = [t.strip() for t in dim.split("+")] if isinstance(dim, str) else []
-        if terms and all(t.isdigit() or t in sizes for t in terms):
-            return sum(int(t) if t.isdigit() else sizes[t] for t in terms)
-        return None
+        return dim_size(dim, sizes) if isinstance(dim, str) else None
 
     def compute_tokens(self, names: list[str], sample: int) -> None:
         """Compute the token counts of ``names`` whose shapes do not tell them at a sample, in one run (each computed

@@ -43,7 +43,7 @@ from onnx import helper, numpy_helper
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import on_stand_in_weights, ort_session
-from attnc.passes.core import (constant_value, depends_on_data, evaluate_tensors, name_nodes, producers,
+from attnc.passes.core import (constant_value, depends_on_data, dim_terms, evaluate_tensors, name_nodes, producers,
                                remove_dead_nodes, sampled_dim, toposort, value_shapes, value_shapes_and_types)
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ def apply_step_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visu
                          f"{depth - 1} of the step", fix)
     cache_dim = inputs[later_caches[0]].type.tensor_type.shape.dim[2]
     past = cache_dim.dim_param if cache_dim.HasField("dim_param") else ""
-    if not past or "+" in past or past not in [t.strip() for t in total.dim_param.split("+")]:
+    if not past or "+" in past or past not in dim_terms(total.dim_param):
         raise AttncError(f"the step's caches are not declared [batch, heads, past, dim] beside a mask [batch, past + "
                          f"seq] (cache {past or cache_dim.dim_value}, mask {total.dim_param})", fix)
     _shorten_caches(model, after, x, later_caches, past, total.dim_param, p, k, f"token_exit/step{exit_layer}")
@@ -380,14 +380,14 @@ def _declare_step_caches(model, after: list[onnx.NodeProto], later_caches: list[
     from attnc.compiler.decode import present_name
 
     produced_after = {o for n in after for o in n.output}
-    whole_terms = sorted(t.strip() for t in whole.split("+"))
+    whole_terms = sorted(dim_terms(whole))
     text, full = f"{past} + {k}" if k else past, f"{past} + {k + p}"
     new_tokens = [t for t in whole_terms if t != past]
     presents = {present_name(i, kind) for i in range(len(model.graph.output)) for kind in ("key", "value")}
     for value in list(model.graph.input) + list(model.graph.output):
         later = value.name in later_caches or (value.name in produced_after and value.name in presents)
         for dim in value.type.tensor_type.shape.dim:
-            terms = sorted(t.strip() for t in dim.dim_param.split("+")) if dim.HasField("dim_param") else []
+            terms = sorted(dim_terms(dim.dim_param))
             if terms in ([past], whole_terms):   # "seq + past" too: the exporters order terms their way
                 dim.dim_param = " + ".join([text if later else full, *(new_tokens if terms != [past] else [])])
 
@@ -413,7 +413,7 @@ def _declare_without(value: onnx.ValueInfoProto, token, num_visual_tokens: int) 
     among its terms (``"seq + 16"``) loses that term, a static dim equal to the boundary's token count ``token``
     loses ``P``."""
     for dim in value.type.tensor_type.shape.dim:
-        terms = [t.strip() for t in dim.dim_param.split("+")] if dim.HasField("dim_param") else []
+        terms = dim_terms(dim.dim_param)
         if str(num_visual_tokens) in terms and len(terms) > 1:
             terms.remove(str(num_visual_tokens))
             dim.dim_param = " + ".join(terms)
@@ -615,7 +615,7 @@ def _text_shape(shape: list | None, elem_type: int | None, num_visual_tokens) ->
     front of them."""
     if not shape or len(shape) < 2 or not isinstance(shape[1], str) or elem_type is None:
         return None
-    terms = [t.strip() for t in shape[1].split("+")]
+    terms = dim_terms(shape[1])
     if str(num_visual_tokens) not in terms or len(terms) < 2:
         return None
     terms.remove(str(num_visual_tokens))
@@ -970,7 +970,7 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     _finish(model, after)
     for output in outputs:   # a first step's later caches: the image's tokens in them or not, as the gate says
         for dim in output.type.tensor_type.shape.dim:
-            if str(num_visual_tokens) in [t.strip() for t in dim.dim_param.split("+")]:
+            if str(num_visual_tokens) in dim_terms(dim.dim_param):
                 dim.ClearField("dim_param")
     report = TokenExitReport("dynamic", gate.layer, depth, num_visual_tokens, x, sorted(drops),
                              gate={"layer": gate.layer, "weight": [float(w) for w in gate.weight],

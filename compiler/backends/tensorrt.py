@@ -43,7 +43,7 @@ from attnc.compiler.backends import tensorrt_plugins as plugins
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import (atomic_path, initializer_array, is_large, load_model,
                                     serialised_beside_weights, write_external)
-from attnc.passes.core import subgraph_inputs
+from attnc.passes.core import dim_size, dim_terms, subgraph_inputs
 from attnc.plugins.chunked import chunks_only
 
 log = logging.getLogger(__name__)
@@ -169,20 +169,15 @@ def _from_dim_ranges(dims: tuple, ranges: Mapping[str, tuple[int, int, int]]) ->
     shapes = ([], [], [])
     for dim in dims:
         if isinstance(dim, int) and dim > 0:
-            terms = [(dim, dim, dim)]
+            sizes = (dim,) * 3
         elif not dim:
             return None
         else:
-            terms = []
-            for term in (t.strip() for t in str(dim).split("+")):
-                if term.isdigit():
-                    terms.append((int(term),) * 3)
-                elif term in ranges:
-                    terms.append(ranges[term])
-                else:
-                    return None
+            sizes = tuple(dim_size(dim, {name: r[which] for name, r in ranges.items()}) for which in range(3))
+            if None in sizes:
+                return None
         for which in range(3):
-            shapes[which].append(sum(t[which] for t in terms))
+            shapes[which].append(sizes[which])
     return tuple(tuple(shape) for shape in shapes)
 
 
@@ -225,7 +220,7 @@ def resolve_profile(inputs: Mapping[str, tuple], min_shapes=None, opt_shapes=Non
             raise AttncError(f"--{which}-shape names input {unknown[0]!r}, which the model does not have",
                              f"model inputs: {', '.join(inputs) or 'none'}")
     ranges = _dim_range_map(dim_ranges)
-    names = {t.strip() for dims in inputs.values() for d in dims if isinstance(d, str) for t in d.split("+")}
+    names = {term for dims in inputs.values() for d in dims if isinstance(d, str) for term in dim_terms(d)}
     unknown = sorted(set(ranges) - names)
     if unknown:
         raise AttncError(f"--dim-range names dim {unknown[0]!r}, which no model input has",

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from attnc.passes.core import evaluate_tensors, sampled_dim, toposort
+from attnc.passes.core import dim_size, dim_terms, evaluate_tensors, sampled_dim, toposort
 
 
 def _concat_then_add(total: str) -> onnx.ModelProto:
@@ -29,6 +29,12 @@ def test_sampled_dim_adds_up_the_terms():
     assert sampled_dim("seq + 1", 8) == 9
     assert sampled_dim("a+b+c", 3) == 9
     assert sampled_dim("past + 18 + seq", 2, {"past": 7}) == 27   # a symbol of its own size, constants added
+
+
+def test_dim_size_needs_every_name():
+    assert dim_terms("past + 18 + seq") == ["past", "18", "seq"] and dim_terms("") == []
+    assert dim_size("past + 18 + seq", {"past": 4, "seq": 3}) == 25 and dim_size(7, {}) == 7
+    assert dim_size("past + seq", {"past": 4}) is None and dim_size("", {}) is None and dim_size(None, {}) is None
 
 
 def test_a_symbol_gets_its_own_sizes():
