@@ -46,6 +46,14 @@ def present_name(layer: int, kind: str) -> str:
     return f"{_PRESENT}{layer}.{kind}"
 
 
+def exited_cache_lengths(past: str, visual_offset: int, visual_tokens: int) -> tuple[str, str]:
+    """``(text, whole)``: how a vision-language later step whose visual tokens exited declares its caches' lengths,
+    ``past`` counting the cached text after the image: ``past + K`` in the layers after the exit (the text alone),
+    ``past + K + P`` in front of it (``attnc.passes.token_exit.apply_step_token_exit`` declares them, the
+    checkpoint's exited spec feeds them)."""
+    return (f"{past} + {visual_offset}" if visual_offset else past), f"{past} + {visual_offset + visual_tokens}"
+
+
 def cross_name(layer: int, kind: str) -> str:
     """An encoder-decoder model's cross-attention ``kind`` of layer ``layer``: computed from the encoder's
     states by the first step, read by every later one."""

@@ -676,7 +676,7 @@ def exited_spec(module: torch.nn.Module, spec: CheckpointSpec, exit_layer: int) 
         axes = tuple(("batch", h, "seq" if i // 2 >= exit_layer else dim, d)
                      for i, (_, h, dim, d) in enumerate(spec.more_output_axes))
         return dataclasses.replace(spec, more_output_axes=axes)
-    text, full = f"past + {k}" if k else "past", f"past + {k + p}"
+    text, full = decode.exited_cache_lengths("past", k, p)
     caches = _cache_names(decode.past_name, layers)   # a layer's key, then its value
     lengths = {name: text if i // 2 >= exit_layer else full for i, name in enumerate(caches)}
     inputs = tuple(dataclasses.replace(s, shape=(s.shape[0], f"{full} + seq")) if s.name == MASK else

@@ -310,7 +310,6 @@ def _shorten_caches(model, after: list[onnx.NodeProto], x: str, later_caches: li
     mask's dim; the caches ``past`` long) loses the image, and what the rest of the graph reads of a later cache's
     size gets it back. Lengths are told apart by running the graph where the cache and the new tokens differ."""
     inside = {id(n) for n in after}
-    produced_after = {o for n in after for o in n.output}
     # a dynamo export takes one layer's cache length for every layer's: layer 0's Reshape may read layer 3's
     sizes_of_later = []
     for node in model.graph.node:
@@ -320,12 +319,7 @@ def _shorten_caches(model, after: list[onnx.NodeProto], x: str, later_caches: li
             raise AttncError(f"{node.op_type} node {node.name} reads a later layer's cache outside that layer, so "
                              "attnc cannot shorten the cache", "report the model to attnc")
         sizes_of_later.append(node.output[0])
-    outer: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in after:
-        for i, name in enumerate(node.input):
-            if name and name != x and name not in produced_after and name not in later_caches \
-                    and name not in sizes_of_later and constant_value(model, name) is None:
-                outer.setdefault(name, []).append((node, i))
+    outer = _outer_reads(model, x, after, skip={*later_caches, *sizes_of_later})
     sizes, cached = (2, 3), (7, 11)
     wholes = [sampled_dim(whole, size, {past: n}) for size, n in zip(sizes, cached)]
     names = [*outer, *sizes_of_later]
@@ -377,11 +371,11 @@ def _declare_step_caches(model, after: list[onnx.NodeProto], later_caches: list[
     """Declare the step's caches ``past + K`` (``later_caches`` and the ``present`` outputs ``after`` computes) or
     ``past + K + P`` (the others) long, the mask (``whole``) ``past + K + P + seq``: ``past`` now counts the cached
     text after the image."""
-    from attnc.compiler.decode import present_name
+    from attnc.compiler.decode import exited_cache_lengths, present_name
 
     produced_after = {o for n in after for o in n.output}
     whole_terms = sorted(dim_terms(whole))
-    text, full = f"{past} + {k}" if k else past, f"{past} + {k + p}"
+    text, full = exited_cache_lengths(past, k, p)
     new_tokens = [t for t in whole_terms if t != past]
     presents = {present_name(i, kind) for i in range(len(model.graph.output)) for kind in ("key", "value")}
     for value in list(model.graph.input) + list(model.graph.output):
@@ -402,10 +396,9 @@ def _takes_cache(model) -> bool:
 def _gives_cache(model) -> bool:
     """Whether ``model`` is a generation graph with a KV cache: it returns ``present.*`` (a first step) or takes
     ``past_key_values.*`` (a later step)."""
-    from attnc.compiler.decode import past_name, present_name
+    from attnc.compiler.decode import present_name
 
-    return any(o.name == present_name(0, "key") for o in model.graph.output) or \
-        any(i.name == past_name(0, "key") for i in model.graph.input)
+    return any(o.name == present_name(0, "key") for o in model.graph.output) or _takes_cache(model)
 
 
 def _declare_without(value: onnx.ValueInfoProto, token, num_visual_tokens: int) -> None:
@@ -498,11 +491,7 @@ def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, offset: 
     shapes = value_shapes(model) if shapes is None else shapes
     token = (shapes.get(x) or [None, None])[1]
     produced_after = {o for n in after for o in n.output}
-    outer: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in after:
-        for i, name in enumerate(node.input):
-            if name and name != x and name not in produced_after and constant_value(model, name) is None:
-                outer.setdefault(name, []).append((node, i))
+    outer = _outer_reads(model, x, after)
     if isinstance(token, int):
         # Static export: shape vectors and tables are constants; a dimension equal to the
         # sequence length is taken as the token axis (export with a dynamic text axis to avoid
@@ -572,6 +561,20 @@ def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, offset: 
                 node.input[i] = new
             changed.append(name)
     return changed
+
+
+def _outer_reads(model, x: str, after: list[onnx.NodeProto], skip=frozenset()
+                 ) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    """``{name: [(node, input index), ...]}`` of the tensors the nodes ``after`` (those behind boundary ``x``) read
+    that are computed in front of them: neither ``x``, a constant, one of theirs nor in ``skip``."""
+    produced_after = {o for n in after for o in n.output}
+    outer: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in after:
+        for i, name in enumerate(node.input):
+            if name and name != x and name not in produced_after and name not in skip \
+                    and constant_value(model, name) is None:
+                outer.setdefault(name, []).append((node, i))
+    return outer
 
 
 def _probe_token_axes(model, x, names: list[str]) -> dict[str, tuple[list[int], list[int], int]] | None:
@@ -991,6 +994,8 @@ def apply(model: onnx.ModelProto, mode: str, num_visual_tokens: int, *, exit_lay
     ``calibration_feeds`` (required then). ``dynamic``: a trained :class:`ExitGate`
     (:func:`train_exit_gate` needs the torch model, so the CLI must load one).
     """
+    from attnc.compiler.decode import MASK
+
     if _takes_cache(model) and mode == "dynamic":
         raise AttncError("a later generation step has no gate of its own: the first step's gate decides, and the "
                          "caches it returns say which step reads them",
@@ -1011,7 +1016,7 @@ def apply(model: onnx.ModelProto, mode: str, num_visual_tokens: int, *, exit_lay
                                            max_accuracy_drop=max_accuracy_drop, visual_offset=visual_offset).exit_layer
         return apply_static_token_exit(model, exit_layer, num_visual_tokens, visual_offset)
     if mode == "dynamic":
-        if any(i.name == "attention_mask" for i in model.graph.input):
+        if any(i.name == MASK for i in model.graph.input):
             raise AttncError("a dynamic token exit of padded prompts is not built: its gate averages every text token, "
                              "so its decision would depend on the padding",
                              "compile padded prompts with --token-exit static, or export without "
