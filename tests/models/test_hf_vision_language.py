@@ -541,7 +541,8 @@ def test_exited_caches_continue_the_exited_forward(checkpoint, before):
 def test_step_token_exit_pass(checkpoint, tmp_path, exporter):
     """``apply_static_token_exit`` of a later step (``apply_step_token_exit``) at every exit layer, both exporters:
     on the caches the exited first step returns (PyTorch), the ONNX step's logits equal the exited forward's on the
-    whole sequence and its caches the PyTorch step's, at several batch sizes, prompt lengths and new-token counts;
+    whole sequence and its caches the PyTorch step's, at several batch sizes, prompt lengths and new-token counts (one
+    case drawn afresh each run);
     the later layers' caches are declared without the image's tokens (``past`` counts the text after the image)."""
     _, module, spec = checkpoint[:3]
     module, spec = with_text_before_image(module, spec, 3)
@@ -551,13 +552,16 @@ def test_step_token_exit_pass(checkpoint, tmp_path, exporter):
                        dynamic_axes=step_spec.dynamic_axes)
     model = onnx.load(path)
     gen = torch.Generator().manual_seed(21)
+    drawn = np.random.default_rng()   # one more case a run: fresh batch, prompt and new-token counts
+    sizes = [(1, 4, 1), (3, 9, 5), tuple(int(n) for n in (drawn.integers(1, 5), drawn.integers(4, 14),
+                                                           drawn.integers(1, 7)))]
     for k in (1, 3, LAYERS):
         exited, report = apply_static_token_exit(model, k, 16, visual_offset=3)
         assert report.exit_layer == k
         dims = {i.name: i.type.tensor_type.shape.dim[2].dim_param for i in exited.graph.input if "past" in i.name}
         assert dims == {f"past_key_values.{i}.{kind}": "past" if k == LAYERS else "past + 3" if i >= k else "past + 19"
                         for i in range(LAYERS) for kind in ("key", "value")}   # after the last layer: unchanged
-        for batch, prompt, count in ((1, 4, 1), (3, 9, 5)):
+        for batch, prompt, count in sizes:
             pixels, ids = spec.example_inputs(batch=batch, seq=prompt, seed=batch)
             new = torch.randint(0, IMAGE_TOKEN, (batch, count), generator=gen)
             with torch.no_grad():
@@ -567,9 +571,10 @@ def test_step_token_exit_pass(checkpoint, tmp_path, exporter):
                 whole = module(pixels, torch.cat([ids, new], 1), exit_layer=k)[:, -count:]
             got = load_onnx(exited).infer({"input_ids": new.numpy(), "attention_mask": mask.numpy(),
                                            **{s.name: c.numpy() for s, c in zip(step_spec.inputs[2:], caches)}})
-            np.testing.assert_allclose(got["logits"], whole.numpy(), atol=3e-6, rtol=1e-5)
+            where = f"exit {k}, batch {batch}, prompt {prompt}, {count} new tokens"
+            np.testing.assert_allclose(got["logits"], whole.numpy(), atol=3e-6, rtol=1e-5, err_msg=where)
             for name, reference in zip(step_spec.output_names[1:], expected[1:]):
-                np.testing.assert_allclose(got[name], reference.numpy(), atol=3e-6, rtol=1e-5)
+                np.testing.assert_allclose(got[name], reference.numpy(), atol=3e-6, rtol=1e-5, err_msg=where)
         # what attnc validate feeds: random caches of the exited lengths (exited_spec), 4 text tokens cached
         feeds = exited_spec(step, step_spec, k).example_inputs(batch=2, past=4, seq=3, seed=k)
         assert [f.shape[2] for f in feeds[2::2]] == [4 + 3 + (16 if i < k else 0) for i in range(LAYERS)]
