@@ -439,7 +439,7 @@ LLAVA = {"image": 336, "patch": 14, "vision": {"hidden_size": 64, "intermediate_
                   "num_key_value_heads": 4, "vocab_size": 1000, "max_position_embeddings": 1024},
          "text_tokens": 32, "exit_layers": (1, 2, 4, 6), "before": 5, "generate": 16}
 LLAVA_SMOKE = {**LLAVA, "image": 56, "text": {**LLAVA["text"], "hidden_size": 64, "intermediate_size": 128,
-                                              "num_hidden_layers": 4, "num_attention_heads": 4,
+                                              "num_hidden_layers": 3, "num_attention_heads": 4,
                                               "num_key_value_heads": 2},
                "text_tokens": 8, "exit_layers": (1, 2), "decode_exit_layers": (2,), "before": 2, "generate": 3}
 
@@ -591,7 +591,8 @@ LLAVA_VQA = {"vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden
              "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
                       "num_key_value_heads": 2, "max_position_embeddings": 64},
              "n_train": 8000, "n_test": 1000, "epochs": 6, "lr": 2e-3, "calibration": 512}
-LLAVA_VQA_SMOKE = {**LLAVA_VQA, "n_train": 128, "n_test": 32, "epochs": 1, "calibration": 32}
+LLAVA_VQA_SMOKE = {**LLAVA_VQA, "text": {**LLAVA_VQA["text"], "num_hidden_layers": 3}, "n_train": 128, "n_test": 32,
+                   "epochs": 1, "calibration": 32}
 
 
 def bench_llava_vqa(tmp: Path, reps: int, threads: int, exit_aware: bool, smoke: bool = False) -> dict:

@@ -618,32 +618,52 @@ def teacher_forced(first, step, sources: dict, tokens: np.ndarray) -> np.ndarray
     return np.concatenate(logits, axis=1)
 
 
+@pytest.fixture(scope="module")
+def seq2seq_first_steps(seq2seq, tmp_path_factory):
+    """``name -> folder`` holding the checkpoint's first step (``attnc export --first-step``, TorchScript) as
+    ``first.onnx`` and compiled and validated in ``first/``: once per checkpoint, for each exporter of its later steps
+    (the exporter parameter of ``test_seq2seq_cached_generation`` changes the later steps only)."""
+    folders = {}
+
+    def first_step(name: str) -> Path:
+        if name not in folders:
+            ckpt, folder = seq2seq(name), tmp_path_factory.mktemp(f"{name}-first")
+            run("export", ckpt, "-o", folder / "first.onnx", "--exporter", "torchscript", "--first-step")
+            run("compile", folder / "first.onnx", "-o", folder / "first")
+            run("validate", folder / "first", "--model", ckpt)
+            folders[name] = folder
+        return folders[name]
+    return first_step
+
+
 @pytest.mark.parametrize("name,exporter", [("t5", "torchscript"), ("bart", "torchscript"), ("whisper", "torchscript"),
                                            ("bart", "dynamo")])
-def test_seq2seq_cached_generation(name, exporter, seq2seq, tmp_path):
+def test_seq2seq_cached_generation(name, exporter, seq2seq, seq2seq_first_steps, tmp_path):
     """An encoder-decoder model's two generation graphs: the first step (encoder, start token, cross-attention
     keys and values out) and the later steps (the decoder alone on both caches, the encoder never again), each
     fused (one Attention per attention) and validated; on ONNX Runtime, steps of 2, 1 and 2 tokens give the
     logits of one uncached pass, and greedy decoding gives the tokens of a torch loop that runs the whole
     model, uncached, for every token (and T5's generate's)."""
     ckpt = seq2seq(name)
-    # the dynamo case exports the later steps with dynamo (the first step is the plain export's graph plus outputs)
-    for graph, option, by in (("first", "--first-step", "torchscript"), ("step", "--with-past", exporter)):
-        run("export", ckpt, "-o", tmp_path / f"{graph}.onnx", "--exporter", by, option)
-        run("compile", tmp_path / f"{graph}.onnx", "-o", tmp_path / graph)
-        run("validate", tmp_path / graph, "--model", ckpt)
-        assert json.loads((tmp_path / graph / "report.json").read_text())["passed"]
+    # the dynamo case exports the later steps with dynamo (the first step is the plain export's graph plus outputs,
+    # exported with TorchScript, compiled and validated once per checkpoint by the seq2seq_first_steps fixture)
+    first_folder = seq2seq_first_steps(name)
+    run("export", ckpt, "-o", tmp_path / "step.onnx", "--exporter", exporter, "--with-past")
+    run("compile", tmp_path / "step.onnx", "-o", tmp_path / "step")
+    run("validate", tmp_path / "step", "--model", ckpt)
+    for folder in (first_folder / "first", tmp_path / "step"):
+        assert json.loads((folder / "report.json").read_text())["passed"]
     step = onnx.load(str(tmp_path / "step.onnx"))
     assert [i.name for i in step.graph.input][:2] == ["decoder_input_ids", "past_key_values.0.key"]
     assert "cross_key_values.1.value" in [i.name for i in step.graph.input]
     # two decoder layers' self- and cross-attention (no encoder in the later steps); the first step has the
     # encoder's too
     assert json.loads((tmp_path / "step" / "manifest.json").read_text())["ops_after"].get("Attention") == 4
-    assert json.loads((tmp_path / "first" / "manifest.json").read_text())["ops_after"].get("Attention") == 6
+    assert json.loads((first_folder / "first" / "manifest.json").read_text())["ops_after"].get("Attention") == 6
     module, spec = load_checkpoint(str(ckpt))
     model = module.model
     inputs = spec.example_inputs(batch=3, seed=4)[0]
-    first, step = runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step")
+    first, step = runtime.load(first_folder / "first"), runtime.load(tmp_path / "step")
 
     tokens = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(6))
     tokens[:, 0] = spec.decoder_start

@@ -48,6 +48,15 @@ def checkpoint(tmp_path_factory):
     return folder, module, spec, path
 
 
+@pytest.fixture(scope="module")
+def offset_export(checkpoint, tmp_path_factory):
+    """``attnc export --text-before-image 3`` of the checkpoint (dynamo, dynamic batch and text): one export for the
+    tests that read, compile or validate it."""
+    path = tmp_path_factory.mktemp("offset3") / "llava.onnx"
+    run_cli("export", checkpoint[0], "-o", path, "--text-before-image", 3)
+    return path
+
+
 def _transformers_logits(folder, pixels, ids, p, before=0):
     """transformers' forward on ``[ids[:, :before]; <image> × p; ids[:, before:]]``: the logits at the text after the
     image."""
@@ -184,7 +193,7 @@ def test_export_runs_and_exits_at_any_size(checkpoint, tmp_path, exporter):
 
 
 @pytest.mark.parametrize("exporter,dynamic", [("dynamo", True), ("torchscript", False)])
-def test_text_before_the_image(checkpoint, tmp_path, exporter, dynamic):
+def test_text_before_the_image(checkpoint, request, tmp_path, exporter, dynamic):
     """The image after 3 text tokens: ``attnc export --text-before-image 3`` records the offset (dynamo, dynamic
     batch and text) and a static-shape TorchScript export of the same module behaves alike (its masks and tables are
     constants there); both exits keep the text in front of the image and drop the image's tokens only: the static
@@ -195,8 +204,8 @@ def test_text_before_the_image(checkpoint, tmp_path, exporter, dynamic):
         module, spec = load_checkpoint(str(folder))
     module, spec = with_text_before_image(module, spec, 3)
     path = tmp_path / "llava.onnx"
-    if dynamic:
-        run_cli("export", folder, "-o", path, "--text-before-image", 3, "--exporter", exporter)
+    if dynamic:   # the offset_export fixture's ``attnc export --text-before-image 3``
+        path = request.getfixturevalue("offset_export")
         sizes = ((3, 8), (1, 12))
     else:
         from attnc.compiler.export import export_onnx
@@ -248,14 +257,12 @@ def test_compile_with_token_exit_validates(checkpoint, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_validate_rebuilds_the_text_before_the_image(checkpoint, tmp_path):
+def test_validate_rebuilds_the_text_before_the_image(checkpoint, offset_export, tmp_path):
     """An export with ``--text-before-image 3``: inspect shows what it recorded and the decoder layers an exit may
     precede; compile takes the recorded offset (a contradicting one is refused),
     the manifest keeps it, and validate rebuilds the checkpoint with the image after 3 tokens: it passes, exited or
     not, and fails when the manifest's record is taken away (the checkpoint then puts the image first)."""
-    folder = checkpoint[0]
-    path = tmp_path / "llava.onnx"
-    run_cli("export", folder, "-o", path, "--text-before-image", 3)
+    folder, path = checkpoint[0], offset_export
     inspected = json.loads(run_cli("inspect", path, "--json").output)
     assert inspected["recorded"] == {VISUAL_TOKENS: "16", VISUAL_OFFSET: "3"} and inspected["decoder_layers"] == LAYERS
     assert "16 visual tokens after 3 text tokens" in run_cli("inspect", path).output
@@ -448,7 +455,7 @@ def test_tensorrt_builds_the_exited_step(generation_graphs, tmp_path):
     assert info["profiles"][0]["past_key_values.1.key"]["max"] == [4, 2, 82, 8]
 
 
-def test_train_exit_gate_from_the_cli(checkpoint, tmp_path):
+def test_train_exit_gate_from_the_cli(checkpoint, offset_export, tmp_path):
     """``attnc train-exit-gate`` trains on a calibration .npz (with the image after 3 text tokens): its gate equals
     ``train_exit_gate``'s on the same inputs, and compiles into a dynamic exit that validates; a layer past the
     decoder, a file without the inputs and a model without visual tokens are refused by name."""
@@ -463,9 +470,8 @@ def test_train_exit_gate_from_the_cli(checkpoint, tmp_path):
     expected, stats = train_exit_gate(module, (pixels, ids), 1, steps=30)
     np.testing.assert_allclose(gate.weight, expected.weight, rtol=1e-5, atol=1e-7)
     assert gate.layer == 1 and stats["samples"] == 12
-    path = tmp_path / "llava.onnx"
-    run_cli("export", folder, "-o", path, "--text-before-image", 3)
-    run_cli("compile", path, "-o", tmp_path / "out", "--token-exit", "dynamic", "--exit-gate", tmp_path / "gate.npz")
+    run_cli("compile", offset_export, "-o", tmp_path / "out", "--token-exit", "dynamic", "--exit-gate",
+            tmp_path / "gate.npz")
     run_cli("validate", tmp_path / "out", "--model", folder)
     for layer, calibration, words in ((LAYERS, "calib.npz", "exit layer must be in [0, 4)"),
                                       (1, "gate.npz", "lacks inputs ['pixel_values', 'input_ids']")):
@@ -538,28 +544,34 @@ def test_exited_caches_continue_the_exited_forward(checkpoint, before):
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_step_token_exit_pass(checkpoint, tmp_path, exporter):
-    """``apply_static_token_exit`` of a later step (``apply_step_token_exit``) at every exit layer, both exporters:
-    on the caches the exited first step returns (PyTorch), the ONNX step's logits equal the exited forward's on the
-    whole sequence and its caches the PyTorch step's, at several batch sizes, prompt lengths and new-token counts (one
-    case drawn afresh each run);
+def test_step_token_exit_pass(checkpoint, request, tmp_path, exporter):
+    """``apply_static_token_exit`` of a later step (``apply_step_token_exit``) at every exit layer, both exporters
+    (dynamo: the ``generation_graphs`` fixture's ``attnc export --with-past``, the image after 2 text tokens;
+    TorchScript: exported here, the image after 3): on the caches the exited first step returns (PyTorch), the ONNX
+    step's logits equal the exited forward's on the whole sequence and its caches the PyTorch step's, at several batch
+    sizes, prompt lengths and new-token counts (one case drawn afresh each run);
     the later layers' caches are declared without the image's tokens (``past`` counts the text after the image)."""
     _, module, spec = checkpoint[:3]
-    module, spec = with_text_before_image(module, spec, 3)
+    before = 2 if exporter == "dynamo" else 3
+    module, spec = with_text_before_image(module, spec, before)
     (first, _), (step, step_spec) = with_first_step(module, spec), with_past(module, spec)
-    path = export_onnx(step, step_spec.example_inputs(), tmp_path / "step.onnx", exporter=exporter,
-                       input_names=step_spec.input_names, output_names=step_spec.output_names,
-                       dynamic_axes=step_spec.dynamic_axes)
+    if exporter == "dynamo":   # the same module's dynamo export, through the CLI
+        path = request.getfixturevalue("generation_graphs")["step"]
+    else:
+        path = export_onnx(step, step_spec.example_inputs(), tmp_path / "step.onnx", exporter=exporter,
+                           input_names=step_spec.input_names, output_names=step_spec.output_names,
+                           dynamic_axes=step_spec.dynamic_axes)
     model = onnx.load(path)
     gen = torch.Generator().manual_seed(21)
     drawn = np.random.default_rng()   # one more case a run: fresh batch, prompt and new-token counts
-    sizes = [(1, 4, 1), (3, 9, 5), tuple(int(n) for n in (drawn.integers(1, 5), drawn.integers(4, 14),
+    sizes = [(1, 4, 1), (3, 9, 5), tuple(int(n) for n in (drawn.integers(1, 5), drawn.integers(before + 1, 14),
                                                            drawn.integers(1, 7)))]
     for k in (1, 3, LAYERS):
-        exited, report = apply_static_token_exit(model, k, 16, visual_offset=3)
+        exited, report = apply_static_token_exit(model, k, 16, visual_offset=before)
         assert report.exit_layer == k
         dims = {i.name: i.type.tensor_type.shape.dim[2].dim_param for i in exited.graph.input if "past" in i.name}
-        assert dims == {f"past_key_values.{i}.{kind}": "past" if k == LAYERS else "past + 3" if i >= k else "past + 19"
+        assert dims == {f"past_key_values.{i}.{kind}": "past" if k == LAYERS else f"past + {before}" if i >= k
+                        else f"past + {before + 16}"
                         for i in range(LAYERS) for kind in ("key", "value")}   # after the last layer: unchanged
         for batch, prompt, count in sizes:
             pixels, ids = spec.example_inputs(batch=batch, seq=prompt, seed=batch)
@@ -577,14 +589,14 @@ def test_step_token_exit_pass(checkpoint, tmp_path, exporter):
                 np.testing.assert_allclose(got[name], reference.numpy(), atol=3e-6, rtol=1e-5, err_msg=where)
         # what attnc validate feeds: random caches of the exited lengths (exited_spec), 4 text tokens cached
         feeds = exited_spec(step, step_spec, k).example_inputs(batch=2, past=4, seq=3, seed=k)
-        assert [f.shape[2] for f in feeds[2::2]] == [4 + 3 + (16 if i < k else 0) for i in range(LAYERS)]
+        assert [f.shape[2] for f in feeds[2::2]] == [4 + before + (16 if i < k else 0) for i in range(LAYERS)]
         with torch.no_grad():
             expected = step(*feeds, exit_layer=k)[0]
         got = load_onnx(exited).infer(dict(zip(step_spec.input_names, (f.numpy() for f in feeds))))
         np.testing.assert_allclose(got["logits"], expected.numpy(), atol=3e-6, rtol=1e-5)
     model.graph.input[1].type.tensor_type.shape.dim[1].dim_value = 40   # a static mask: no cache length to read
     with pytest.raises(AttncError, match="dynamic length") as err:
-        apply_static_token_exit(model, 1, 16, visual_offset=3)
+        apply_static_token_exit(model, 1, 16, visual_offset=before)
     assert "--with-past" in err.value.fix
 
 
@@ -618,7 +630,8 @@ def test_generation_with_a_token_exit(checkpoint, generation_graphs, tmp_path):
             "--prune-method", "weight")
     assert "PASS" in run_cli("validate", tmp_path / "pruned", "--model", folder).output
     run_cli("compile", generation_graphs["step"], "-o", tmp_path / "plain")
-    run_cli("export", folder, "-o", tmp_path / "k0.onnx", "--with-past")   # the image first: K = 0
+    # the image first: K = 0 (TorchScript: quicker, and what is refused is read from the manifest alone)
+    run_cli("export", folder, "-o", tmp_path / "k0.onnx", "--with-past", "--exporter", "torchscript")
     run_cli("compile", tmp_path / "k0.onnx", "-o", tmp_path / "k0", *exit_options)
     for other, words in (("plain", "the image's tokens in every layer"), ("k0", "after 0 text tokens")):
         with pytest.raises(AttncError, match="compiled to read") as err:
