@@ -487,6 +487,7 @@ def prepare_model(model: onnx.ModelProto, precision: str = "fp32", fused_ops: st
     if fused_ops not in ("plugin", "inline"):
         raise AttncError(f"unknown fused_ops mode {fused_ops!r}", "use 'plugin' or 'inline'")
     model = copy.deepcopy(model)
+    pin_inferred_dims(model)
     fused = sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN})
     collisions = builtin_importer_collisions(fused, supports)
     if collisions:
@@ -538,6 +539,90 @@ def prepare_model(model: onnx.ModelProto, precision: str = "fp32", fused_ops: st
                          "remove it before compiling, or compile with --backend onnxruntime")
     plugin_ops = sorted(variants)
     return convert_float_precision(model, precision), plugin_ops
+
+
+def pin_inferred_dims(model: onnx.ModelProto) -> list[str]:
+    """Write in the size of a ``Reshape``'s ``-1`` where shape inference knows it, in place; returns the ``Reshape``
+    nodes changed.
+
+    A projection's ``view(B, L, -1, head_dim)`` exports as a shape vector concatenated at run time from ``B``, ``L``
+    and the constants ``[-1, head_dim]``. TensorRT's parser derives the ``-1`` from the input's volume, which it
+    cannot always simplify (a prompt concatenated around an image: ``B·(3 + 6 + (S - 3))·64 / (B·(S + 6)·16)``); its
+    attention layer then refuses grouped-query heads it cannot prove divisible ("query number of heads must be
+    divisible by key/value number of heads").
+
+    Where the ``-1`` sits in a constant piece of the ``Concat`` and ONNX shape inference gives the ``Reshape``'s output
+    a static size on that axis, the node reads a copy of the vector with that size in its place (the vector itself
+    is shared: queries and grouped keys read one ``[B, L, -1, D]``). A vector shifted by constants on its way (a token
+    exit's ``Sub`` of ``P`` at the token entry, after which shape inference loses the sizes) takes the size a
+    ``Reshape`` reading it unshifted gives an input of the same trailing size, the shift applied again on the copy.
+    """
+    from attnc.passes.core import constant_value, toposort, value_shapes
+
+    producer = {o: n for n in model.graph.node for o in n.output}
+    shapes = None
+    plans = []
+    for node in list(model.graph.node):
+        if node.op_type != "Reshape" or len(node.input) < 2 or constant_value(model, node.input[1]) is not None:
+            continue
+        shifts, concat = [], producer.get(node.input[1])
+        while concat is not None and concat.op_type in ("Add", "Sub") and len(concat.input) == 2 and \
+                constant_value(model, concat.input[1]) is not None:
+            shifts.append(concat)
+            concat = producer.get(concat.input[0])
+        if concat is None or concat.op_type != "Concat":
+            continue
+        pieces = [constant_value(model, name) for name in concat.input]
+        if not any(p is not None and p.ndim == 1 and (p == -1).any() for p in pieces):
+            continue
+        shapes = value_shapes(model) if shapes is None else shapes
+        lengths = [p.size if p is not None else (shapes.get(name) or [None])[0] for p, name in zip(pieces, concat.input)]
+        if not all(isinstance(n, int) for n in lengths):
+            continue
+        plans.append((node, shifts, concat, pieces, lengths))
+    if not plans:
+        return []
+
+    def width(reshape):   # the input's static trailing size, which decides the -1 with the other entries
+        dims = shapes.get(reshape.input[0]) or [None]
+        return dims[-1] if isinstance(dims[-1], int) else None
+
+    known: dict[tuple[str, int | None], list] = {}   # (vector, input width) -> output shape of an unshifted reader
+    for node, shifts, concat, _, lengths in plans:
+        out = shapes.get(node.output[0])
+        if not shifts and out and len(out) == sum(lengths):
+            known.setdefault((concat.output[0], width(node)), out)
+    changed = []
+    for node, shifts, concat, pieces, lengths in plans:
+        out = known.get((concat.output[0], width(node))) if shifts else shapes.get(node.output[0])
+        if not out or len(out) != sum(lengths) or (shifts and width(node) is None):
+            continue
+        offsets = [np.broadcast_to(constant_value(model, s.input[1]), (len(out),)) for s in shifts]
+        inputs, start = list(concat.input), 0
+        for i, (piece, length) in enumerate(zip(pieces, lengths)):
+            if piece is not None and piece.ndim == 1 and (piece == -1).any():
+                pinned = piece.copy()
+                for j in np.flatnonzero(piece == -1):
+                    if isinstance(out[start + j], int) and all(o[start + j] == 0 for o in offsets):
+                        pinned[j] = out[start + j]
+                if (pinned != piece).any():
+                    inputs[i] = f"{node.name or node.output[0]}/pinned_shape.piece{i}"
+                    model.graph.initializer.append(numpy_helper.from_array(pinned.astype(piece.dtype), inputs[i]))
+            start += length
+        if inputs == list(concat.input):
+            continue
+        name = f"{node.name or node.output[0]}/pinned_shape"
+        model.graph.node.append(onnx.helper.make_node("Concat", inputs, [name], name=name, axis=0))
+        for k, shift in enumerate(reversed(shifts)):   # the same shifts on the copy
+            model.graph.node.append(onnx.helper.make_node(shift.op_type, [name, shift.input[1]], [f"{name}/{k}"],
+                                                          name=f"{name}/{k}"))
+            name = f"{name}/{k}"
+        node.input[1] = name
+        changed.append(node.name)
+    if changed:
+        toposort(model)
+        log.info("pinned the inferred sizes of %d Reshape nodes for TensorRT's parser", len(changed))
+    return changed
 
 
 _OVERLOAD_SEPARATOR = "__"

@@ -296,6 +296,56 @@ def test_float32_chains_stop_at_other_uses():
         assert not {"s", "gated"} & trt_backend.float32_tensors(other), extra.op_type
 
 
+def _shared_heads_vector() -> onnx.ModelProto:
+    """``x [B, L, 8]`` and ``y [B, L, 16]`` reshaped by one vector ``[B, L, -1, 4]`` (a Concat of ``x``'s leading
+    sizes and ``[-1, 4]``), and ``y`` cut to ``L - 1`` tokens reshaped by that vector minus 1 at its token entry (as
+    a token exit shifts it); outputs ``a``, ``b``, ``c`` in that order. The first two readers' shapes are declared,
+    as the dynamo exporter declares them (ONNX's inference cannot divide a symbolic volume), the third's not (a token
+    exit forgets the shapes behind it)."""
+    nodes = [helper.make_node("Shape", ["x"], ["bl"], end=2),
+             helper.make_node("Concat", ["bl", "tail"], ["vector"], axis=0),
+             helper.make_node("Reshape", ["x", "vector"], ["a"], name="a"),
+             helper.make_node("Reshape", ["y", "vector"], ["b"], name="b"),
+             helper.make_node("Slice", ["y", "one", "end", "one"], ["cut"]),
+             helper.make_node("Sub", ["vector", "shift"], ["shorter"]),
+             helper.make_node("Reshape", ["cut", "shorter"], ["c"], name="c")]
+    inits = [helper.make_tensor("tail", TensorProto.INT64, [2], [-1, 4]),
+             helper.make_tensor("shift", TensorProto.INT64, [4], [0, 1, 0, 0]),
+             helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+             helper.make_tensor("end", TensorProto.INT64, [1], [2 ** 62])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "L", 8]),
+                                           helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "L", 16])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in "abc"], inits,
+                              value_info=[helper.make_tensor_value_info("a", TensorProto.FLOAT, ["B", "L", 2, 4]),
+                                          helper.make_tensor_value_info("b", TensorProto.FLOAT, ["B", "L", 4, 4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_pinned_reshape_sizes():
+    """``pin_inferred_dims`` writes each Reshape's inferred head count into its own copy of a shared vector (2 for
+    the width-8 input, 4 for the width-16 one); the reader through the token exit's shift takes the count of the
+    unshifted reader of its width, the shift applied again. ONNX Runtime computes the same outputs before and after
+    at two sizes; a pinned model has nothing left to pin."""
+    import onnxruntime as ort
+
+    model = _shared_heads_vector()
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(model)
+    assert sorted(trt_backend.pin_inferred_dims(pinned)) == ["a", "b", "c"]
+    inits = {i.name: onnx.numpy_helper.to_array(i).tolist() for i in pinned.graph.initializer}
+    assert [inits[f"{n}/pinned_shape.piece1"] for n in "abc"] == [[2, 4], [4, 4], [4, 4]]
+    assert [n.op_type for n in pinned.graph.node if n.name.startswith("c/pinned_shape")] == ["Concat", "Sub"]
+    rng = np.random.default_rng()
+    for b, n in ((1, 3), (2, 7)):
+        feeds = {"x": rng.standard_normal((b, n, 8), np.float32), "y": rng.standard_normal((b, n, 16), np.float32)}
+        before = ort.InferenceSession(model.SerializeToString()).run(None, feeds)
+        after = ort.InferenceSession(pinned.SerializeToString()).run(None, feeds)
+        assert [a.shape for a in after] == [(b, n, 2, 4), (b, n, 4, 4), (b, n - 1, 4, 4)]
+        for want, got in zip(before, after):
+            np.testing.assert_array_equal(got, want)
+    assert trt_backend.pin_inferred_dims(pinned) == []
+
+
 def test_prepare_model_rejects_nodes_without_importer_naming_them():
     model = attention_model()
     model.graph.node.append(helper.make_node("Mystery", ["o"], ["p"], name="odd", domain="acme"))
