@@ -242,3 +242,41 @@ def tiny_vision_language(folder: Path, architecture: str) -> Path:
         model = transformers_zoo.perturbed(getattr(t, architecture)(config))
     model.save_pretrained(folder)
     return folder
+
+
+QWEN_IMAGE_TOKEN = 250
+
+
+def tiny_qwen_vl(folder: Path, architecture: str = "Qwen2VLForConditionalGeneration", kv_heads: int = 2) -> Path:
+    """A seeded Qwen2-VL or Qwen2.5-VL checkpoint (``architecture``): a 2-layer vision tower with 14-pixel patches
+    merged 2 × 2 (Qwen2.5-VL's first layer attending within windows of 2 × 2 merged blocks, its second over the whole
+    image), a 4-layer text model of width 64 with 4 query on ``kv_heads`` K/V heads and M-RoPE sections ``[2, 3, 3]``,
+    256 words, the image token :data:`QWEN_IMAGE_TOKEN`; weights perturbed off their initial values, saved in
+    ``folder``."""
+    import torch
+    import transformers as t
+
+    from attnc.models import transformers_zoo
+
+    text = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=kv_heads, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                 "mrope_section": [2, 3, 3]})
+    tokens = dict(image_token_id=QWEN_IMAGE_TOKEN, video_token_id=251, vision_start_token_id=252,
+                  vision_end_token_id=253)
+    if architecture == "Qwen2VLForConditionalGeneration":
+        config = t.Qwen2VLConfig(text_config=text, **tokens, vision_config=dict(
+            depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2))
+    elif architecture == "Qwen2_5_VLForConditionalGeneration":
+        config = t.Qwen2_5_VLConfig(text_config=text, **tokens, vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]))
+    else:
+        raise ValueError(f"no tiny {architecture}")
+    config.architectures = [architecture]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers_zoo.perturbed(getattr(t, architecture)(config))
+    model.save_pretrained(folder)
+    return folder

@@ -102,6 +102,36 @@ def models_cmd() -> None:
                   "(config.json + model.safetensors).")
 
 
+_QWEN_DEFAULT = 448   # attnc.models.hf_qwen_vl.DEFAULT_SIZE, without importing torch for --help
+
+
+def _image_size(value: str | None) -> tuple[int, int] | None:
+    """``--image-size``: ``HxW`` (or ``S`` for a square) in pixels."""
+    if value is None:
+        return None
+    parts = value.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"{value!r} is no image size: give HxW in pixels, e.g. 448x448")
+    height, width = (int(parts[0]), int(parts[-1]))
+    return height, width
+
+
+def _vision_language_layout(model_ref: str, text_before_image: int | None, image_size: tuple[int, int] | None):
+    """MODEL resolved, its image after ``--text-before-image`` tokens and of ``--image-size`` where given."""
+    from attnc.compiler.export import resolve_model
+
+    module, spec = resolve_model(model_ref)
+    if text_before_image is not None:
+        from attnc.models.hf_checkpoint import with_text_before_image
+
+        module, spec = with_text_before_image(module, spec, text_before_image)
+    if image_size is not None:
+        from attnc.models.hf_checkpoint import with_image_size
+
+        module, spec = with_image_size(module, spec, image_size)
+    return module, spec
+
+
 @cli.command("export")
 @click.argument("model_ref", metavar="MODEL")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -142,19 +172,19 @@ def models_cmd() -> None:
               help="Vision-language checkpoints: the image's tokens go after the first N text tokens of input_ids "
                    "(a chat template's text in front of the image, e.g. LLaVA-1.5's 'USER:'); default 0. The "
                    "export records N: --token-exit and validate take it.")
+@click.option("--image-size", callback=lambda ctx, param, value: _image_size(value), default=None, metavar="HxW",
+              help="Vision-language checkpoints whose visual tokens follow the image's size (Qwen2-VL, Qwen2.5-VL): "
+                   "the size of the images the export takes, resized and normalised as the processor does "
+                   f"(default {_QWEN_DEFAULT}x{_QWEN_DEFAULT}). Others take their config's image_size.")
 @_handle_errors
 def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset, seed, int_high,
-               attention_mask, past, first_step, text_before_image) -> None:
+               attention_mask, past, first_step, text_before_image, image_size) -> None:
     """Export MODEL (a bundled model name, a Hugging Face checkpoint directory or MODULE:FACTORY) to ONNX."""
     import torch
 
-    from attnc.compiler.export import export_onnx, resolve_model
+    from attnc.compiler.export import export_onnx
 
-    module, spec = resolve_model(model_ref)
-    if text_before_image is not None:
-        from attnc.models.hf_checkpoint import with_text_before_image
-
-        module, spec = with_text_before_image(module, spec, text_before_image)
+    module, spec = _vision_language_layout(model_ref, text_before_image, image_size)
     if past and first_step:
         raise AttncError("--with-past and --first-step export two graphs of one model",
                          "export each to its own file, one with each option")
@@ -265,7 +295,9 @@ def inspect_cmd(model_path, as_json, lower, precision, opt_shapes, dim_ranges, s
     if onnx_io.VISUAL_TOKENS in data["recorded"]:
         layers = (f"{data['decoder_layers']} decoder layers (--exit-layer 0..{data['decoder_layers']})"
                   if data["decoder_layers"] is not None else f"no decoder layers found: {data['token_exit_problem']}")
-        console.print(f"vision-language: {data['recorded'][onnx_io.VISUAL_TOKENS]} visual tokens after "
+        size = data["recorded"].get(onnx_io.IMAGE_SIZE)
+        console.print(f"vision-language: {data['recorded'][onnx_io.VISUAL_TOKENS]} visual tokens "
+                      f"{f'of a {size} image ' if size else ''}after "
                       f"{data['recorded'].get(onnx_io.VISUAL_OFFSET, '0')} text tokens (recorded by attnc export); "
                       f"token exit: {escape(layers)}")
     table = Table("family", "fused op", "nodes", "inputs", "attributes", title="attention subgraphs")
@@ -467,12 +499,15 @@ def validate_cmd(artefact_dir, model_ref, inputs_npz, input_shapes, seed, int_hi
                    "per row.")
 @click.option("--text-before-image", type=click.IntRange(min=0), default=None,
               help="Vision-language checkpoints: as given to attnc export.")
+@click.option("--image-size", callback=lambda ctx, param, value: _image_size(value), default=None, metavar="HxW",
+              help="Vision-language checkpoints: as given to attnc export.")
 @click.option("--min-precision", type=click.FloatRange(0, 1), default=0.99, show_default=True,
               help="Of the calibration samples the gate lets exit, the share whose answer must stay the full "
                    "model's.")
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True)
 @_handle_errors
-def train_exit_gate_cmd(model_ref, output, layer, calibration, text_before_image, min_precision, steps) -> None:
+def train_exit_gate_cmd(model_ref, output, layer, calibration, text_before_image, image_size, min_precision,
+                        steps) -> None:
     """Train a DyVTE exit gate for MODEL on calibration inputs (attnc.passes.token_exit.train_exit_gate).
 
     A sample's label is whether exiting before LAYER keeps the full model's top-1 answer (of the last text
@@ -482,15 +517,10 @@ def train_exit_gate_cmd(model_ref, output, layer, calibration, text_before_image
     import torch
 
     from attnc.compiler.backends import TensorSpec
-    from attnc.compiler.export import resolve_model
     from attnc.compiler.validate import load_inputs
     from attnc.passes.token_exit import exits_in_torch, train_exit_gate
 
-    module, spec = resolve_model(model_ref)
-    if text_before_image is not None:
-        from attnc.models.hf_checkpoint import with_text_before_image
-
-        module, spec = with_text_before_image(module, spec, text_before_image)
+    module, spec = _vision_language_layout(model_ref, text_before_image, image_size)
     if spec is None or not exits_in_torch(module) or len(spec.inputs) != 2:
         raise AttncError(f"{model_ref} cannot drop its visual tokens in PyTorch, so no gate can be trained on it",
                          "pass a bundled vision-language model or a vision-language checkpoint directory")

@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from attnc.compiler.errors import AttncError
-from attnc.compiler.onnx_io import VISUAL_OFFSET, VISUAL_TOKENS, save_model, set_metadata
+from attnc.compiler.onnx_io import IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, save_model, set_metadata
 from attnc.compiler.validate import eval_mode, kv_cache_off
 from attnc.plugins import attach_function_bodies
 
@@ -178,11 +178,15 @@ def record_facts(proto: onnx.ModelProto, model: torch.nn.Module) -> None:
     """Write what the passes cannot read from the graph into its ``metadata_props``: a vision-language model's
     visual tokens (its ``num_visual_tokens``, :data:`attnc.compiler.onnx_io.VISUAL_TOKENS`) and the text tokens in front
     of them (its ``visual_offset``, :data:`attnc.compiler.onnx_io.VISUAL_OFFSET`), which ``attnc compile --token-exit``
-    and ``attnc validate`` take."""
+    and ``attnc validate`` take, and the size of its images (its ``image_size``, :data:`attnc.compiler.onnx_io.
+    IMAGE_SIZE`, ``HxW``: a generation step takes no image, but its visual tokens follow the size)."""
     count = getattr(model, "num_visual_tokens", None)
     if isinstance(count, int) and count > 0:
         set_metadata(proto, VISUAL_TOKENS, str(count))
         set_metadata(proto, VISUAL_OFFSET, str(getattr(model, "visual_offset", 0)))
+        size = getattr(model, "image_size", None)
+        if size is not None:
+            set_metadata(proto, IMAGE_SIZE, "x".join(str(int(d)) for d in size))
 
 
 def every_input(dynamic_axes: dict | None, input_names: Sequence[str]) -> dict | None:

@@ -702,10 +702,11 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, provid
     return session
 
 
-# metadata_props keys (attnc.compiler.export.record_facts): a vision-language model's visual tokens, and the text
-# tokens in front of them
+# metadata_props keys (attnc.compiler.export.record_facts): a vision-language model's visual tokens, the text
+# tokens in front of them and the size of its images (HxW)
 VISUAL_TOKENS = "attnc.visual_tokens"
 VISUAL_OFFSET = "attnc.visual_offset"
+IMAGE_SIZE = "attnc.image_size"
 
 
 def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:

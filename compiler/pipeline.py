@@ -325,7 +325,8 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     from attnc.compiler.export import resolve_model
     from attnc.compiler.reference import REFERENCES, shrink_cost, shrunk_model
     from attnc.compiler.report import write_report
-    from attnc.models.hf_checkpoint import MASK, CheckpointSpec, exited_spec, for_inputs, with_text_before_image
+    from attnc.models.hf_checkpoint import (MASK, CheckpointSpec, exited_spec, for_inputs, with_image_size,
+                                            with_text_before_image)
     from attnc.passes.prune_heads import kept_cache_runs
 
     if reference not in REFERENCES:
@@ -336,6 +337,9 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     offset = manifest.get("recorded", {}).get(onnx_io.VISUAL_OFFSET)
     if isinstance(spec, CheckpointSpec) and spec.kind == "vlm" and offset and offset.isdigit():
         module, spec = with_text_before_image(module, spec, int(offset))   # exported with --text-before-image
+    size = manifest.get("recorded", {}).get(onnx_io.IMAGE_SIZE)
+    if isinstance(spec, CheckpointSpec) and spec.kind == "vlm" and size:
+        module, spec = with_image_size(module, spec, tuple(int(d) for d in size.split("x")))   # --image-size
     # exported with --with-attention-mask, --with-past or --first-step: the checkpoint as the artefact runs it
     module, spec = for_inputs(module, spec, [s.name for s in runner.input_specs], runner.output_names)
     shrink = manifest.get("shrink", {})

@@ -293,11 +293,11 @@ def _vision_language_masked(module: torch.nn.Module, spec: CheckpointSpec) -> tu
     from attnc.models import hf_vision_language
 
     wrapper = hf_vision_language.MaskedVisionLanguageOutput
-    offset = getattr(module, "visual_offset", 0)
+    offset, size = getattr(module, "visual_offset", 0), module.image_size
     ids = spec.inputs[spec.input_names.index("input_ids")]
-    return wrapper(module.model, offset).eval(), dataclasses.replace(
+    return wrapper(module.model, offset, size).eval(), dataclasses.replace(
         spec, inputs=(*spec.inputs, dataclasses.replace(ids, name=MASK, high=2)), padding="left", padded_after=offset,
-        factory=functools.partial(_rewrapped, spec.factory, wrapper, offset))
+        factory=functools.partial(_rewrapped, spec.factory, wrapper, offset, size))
 
 
 def _seq2seq_masked(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[MaskedSeq2SeqOutput, CheckpointSpec]:
@@ -334,11 +334,38 @@ def with_text_before_image(module: torch.nn.Module, spec: CheckpointSpec, tokens
     before = getattr(module, "visual_offset", 0)
     if tokens == before:
         return module, spec
-    return wrapper(module.model, tokens).eval(), dataclasses.replace(
+    return wrapper(module.model, tokens, module.image_size).eval(), dataclasses.replace(
         spec, sizes={**spec.sizes, "seq": spec.sizes["seq"] - before + tokens}, padded_after=tokens,
-        factory=functools.partial(_rewrapped, spec.factory, wrapper, tokens),
+        factory=functools.partial(_rewrapped, spec.factory, wrapper, tokens, module.image_size),
         description=spec.description.replace("with the image in front of the text",
                                              f"with the image after {tokens} text tokens"))
+
+
+def with_image_size(module: torch.nn.Module, spec: CheckpointSpec, size: tuple[int, int]
+                    ) -> tuple[torch.nn.Module, CheckpointSpec]:
+    """A loaded vision-language checkpoint taking images of ``size`` ``(H, W)`` pixels (``attnc export
+    --image-size``): for Qwen2-VL and Qwen2.5-VL (:mod:`attnc.models.hf_qwen_vl`), whose visual tokens follow the
+    image's size, the same wrapper at that size and its ``pixel_values`` shape; any other's size is its config's.
+
+    Raises:
+        AttncError: the checkpoint is no vision-language model's, takes images of one size only and ``size`` is
+            another, or the patches do not tile ``size``.
+    """
+    from attnc.models import hf_vision_language
+
+    if not isinstance(spec, CheckpointSpec) or spec.kind != "vlm" or \
+            not isinstance(module, hf_vision_language.VisionLanguageOutput):
+        raise AttncError(f"{spec.name if spec else 'this model'} is no vision-language checkpoint: --image-size sets "
+                         "the size of the images it takes", "export it without the option")
+    size = tuple(int(d) for d in size)
+    if size == module.image_size:
+        return module, spec
+    wrapper, offset = type(module), module.visual_offset
+    resized = wrapper(module.model, offset, size).eval()
+    inputs = tuple(dataclasses.replace(s, shape=(*s.shape[:2], *size)) if s.name == hf_vision_language.PIXELS else s
+                   for s in spec.inputs)
+    return resized, dataclasses.replace(spec, inputs=inputs,
+                                        factory=functools.partial(_rewrapped, spec.factory, wrapper, offset, size))
 
 
 def _rewrapped(factory, wrapper: type, *args) -> torch.nn.Module:
@@ -386,9 +413,14 @@ class CachedStep(torch.nn.Module):
         cache = DynamicCache()
         for layer in range(self.layers):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
-        extra = {"position_ids": mask_positions(attention_mask)[:, -input_ids.shape[1]:]} if self.positions else {}
+        extra = {"position_ids": self.step_positions(attention_mask, input_ids.shape[1])} if self.positions else {}
         out = self.model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, **extra)
         return (first_output(out), *keys_and_values(cache, self.layers))
+
+
+    def step_positions(self, attention_mask: torch.Tensor, new: int) -> torch.Tensor:
+        """``[B, new]``: the positions of the ``new`` tokens, as ``generate`` computes them from the mask."""
+        return mask_positions(attention_mask)[:, -new:]
 
 
 # The dynamo exporter maps dynamic axes to forward()'s named parameters, not to *past ("Failed to convert
@@ -451,7 +483,7 @@ def with_past(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[torch.nn.M
         from attnc.models import hf_vision_language
 
         wrapper = hf_vision_language.VisionLanguageStep
-        known = (module.num_visual_tokens, getattr(module, "visual_offset", 0))
+        known = (module.num_visual_tokens, getattr(module, "visual_offset", 0), module.image_size)
     return wrapper(model, len(layers), *known).eval(), dataclasses.replace(
         spec, inputs=(ids, InputSpec(MASK, ("batch", TOTAL), torch.int64, 2), *past),
         sizes={"batch": BATCH, "seq": STEP, "past": PAST}, dynamic=("batch", "seq", "past", TOTAL),
@@ -652,12 +684,12 @@ def _vision_language_first_step(module: torch.nn.Module, spec: CheckpointSpec
 
     masked = MASK in spec.input_names
     wrapper = hf_vision_language.MaskedVisionLanguageFirstStep if masked else hf_vision_language.VisionLanguageFirstStep
-    offset, visual = getattr(module, "visual_offset", 0), module.num_visual_tokens
+    offset, visual, size = getattr(module, "visual_offset", 0), module.num_visual_tokens, module.image_size
     layers = _cache_layout(module.model)
     axes = tuple(("batch", h, f"seq + {visual}", d) for h, k, v, _ in layers for d in (k, v))
-    return wrapper(module.model, offset).eval(), dataclasses.replace(
+    return wrapper(module.model, offset, size).eval(), dataclasses.replace(
         spec, outputs=(decode.LOGITS, *_cache_names(decode.present_name, len(layers))), more_output_axes=axes,
-        factory=functools.partial(_rewrapped, spec.factory, wrapper, offset))
+        factory=functools.partial(_rewrapped, spec.factory, wrapper, offset, size))
 
 
 def exited_spec(module: torch.nn.Module, spec: CheckpointSpec, exit_layer: int) -> CheckpointSpec:
@@ -884,8 +916,7 @@ def _vision_language_spec(path: Path, config, cls: type) -> CheckpointSpec:
 
     hf_vision_language.check_supported(config, cls.__name__)
     vision, text = config.vision_config, config.get_text_config()
-    size = vision.image_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    height, width = hf_vision_language.image_size_of(config, cls.__name__)
     vocab = text.vocab_size
     image = next((v for k in ("image_token_index", "image_token_id") if isinstance(v := getattr(config, k, None), int)),
                  None)

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from attnc.compiler.errors import AttncError
+from attnc.models import hf_qwen_vl
 from attnc.models.hf_checkpoint import CachedStep, keys_and_values, mask_positions
 
 # config.architectures[0] of the checkpoints VisionLanguageOutput lays out (each checked against transformers' forward
@@ -38,8 +39,25 @@ ARCHITECTURES = ("LlavaForConditionalGeneration", "VipLlavaForConditionalGenerat
                  "InternVLForConditionalGeneration", "JanusForConditionalGeneration",
                  "GotOcr2ForConditionalGeneration", "DeepseekVLForConditionalGeneration",
                  "AyaVisionForConditionalGeneration", "Cohere2VisionForConditionalGeneration")
+# ... and those whose images are read at one size of any (their processors tile each image at its own size; M-RoPE)
+EXPORTED = (*ARCHITECTURES, *hf_qwen_vl.ARCHITECTURES)
 PIXELS, IDS = "pixel_values", "input_ids"
 _VISUAL_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> P
+
+
+def config_image_size(vision_config) -> tuple[int, int]:
+    """``(H, W)`` of a vision config's ``image_size`` (an int for square images)."""
+    size = vision_config.image_size
+    return (size, size) if isinstance(size, int) else tuple(size)[-2:]
+
+
+def image_size_of(config, name: str, size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """``(H, W)`` of the images an export of architecture ``name`` takes: its vision config's ``image_size``; for
+    an architecture whose token count follows the image's size (:mod:`attnc.models.hf_qwen_vl`) ``size`` or its
+    default."""
+    if hf_qwen_vl.is_qwen_vl(name):
+        return hf_qwen_vl.image_size(config.vision_config, size)
+    return config_image_size(config.vision_config)
 
 
 def is_vision_language(config) -> bool:
@@ -50,9 +68,9 @@ def is_vision_language(config) -> bool:
 def check_supported(config, name: str) -> None:
     """Raise an :class:`AttncError` unless attnc exports ``name`` (an architecture of a vision-language
     ``config``) as :class:`VisionLanguageOutput`."""
-    if name not in ARCHITECTURES:
+    if name not in EXPORTED:
         raise AttncError(f"{name} is a vision-language model attnc does not export yet (it exports "
-                         f"{', '.join(sorted(ARCHITECTURES))})",
+                         f"{', '.join(sorted(EXPORTED))})",
                          "export it through MODULE:FACTORY with a module whose forward takes the inputs in order, "
                          "e.g. (pixel_values, input_ids) with the image's tokens in front of the text")
 
@@ -71,21 +89,30 @@ class VisionLanguageOutput(torch.nn.Module):
     not export.
     """
 
-    def __init__(self, model: torch.nn.Module, text_before_image: int = 0):
+    def __init__(self, model: torch.nn.Module, text_before_image: int = 0,
+                 image_size: tuple[int, int] | None = None):
         super().__init__()
         if not isinstance(text_before_image, int) or text_before_image < 0:
             raise AttncError(f"the text tokens before the image must be 0 or more, got {text_before_image}")
         self.model = model
         self.visual_offset = text_before_image
+        vision = model.config.vision_config
+        if hf_qwen_vl.is_qwen_vl(model):   # any size the patches tile: P follows from it
+            self.image_size = hf_qwen_vl.image_size(vision, image_size)
+            self.encoder = hf_qwen_vl.QwenImageEncoder(model, self.image_size)
+            self.num_visual_tokens = self.encoder.num_visual_tokens
+            return
+        self.image_size, self.encoder = config_image_size(vision), None
+        if image_size is not None and tuple(image_size) != self.image_size:
+            raise AttncError(f"{type(model).__name__} takes images of {self.image_size[0]}x{self.image_size[1]} "
+                             f"pixels (its vision config's image_size), not {image_size[0]}x{image_size[1]}",
+                             "resize the images to its size and drop --image-size")
         # P as a Python int (one run of the vision tower on a blank image): the graph then slices the text's logits
         # at a constant, which the token-exit pass recognises (a traced image size would be a computed start). Once
         # per model: every variant (--text-before-image, --with-attention-mask, the steps) wraps the same one.
         if model not in _VISUAL_TOKENS:
-            vision = model.config.vision_config
-            size = vision.image_size
-            height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
             with torch.no_grad():
-                blank = torch.zeros(1, getattr(vision, "num_channels", 3), height, width)
+                blank = torch.zeros(1, getattr(vision, "num_channels", 3), *self.image_size)
                 _VISUAL_TOKENS[model] = int(self.image_features(blank).shape[1])
         self.num_visual_tokens = _VISUAL_TOKENS[model]
 
@@ -101,6 +128,8 @@ class VisionLanguageOutput(torch.nn.Module):
         """The projected image tokens ``[B, P, C]``: for LLaVA ``LlavaModel.get_image_features`` without its split
         into a list per image (which fixes the batch in a dynamo export), for the others their own."""
         inner, config = self.model.model, self.model.config
+        if self.encoder is not None:
+            return self.encoder(pixel_values)
         if type(self.model).__name__ != "LlavaForConditionalGeneration":
             features = inner.get_image_features(pixel_values=pixel_values)
             features = getattr(features, "pooler_output", features)
@@ -155,6 +184,8 @@ class VisionLanguageOutput(torch.nn.Module):
         if attention_mask is not None:   # the image's tokens are no padding; positions count the tokens before each
             whole = torch.cat([attention_mask[:, :k], attention_mask.new_ones(x.shape[0], p), attention_mask[:, k:]], 1)
             extra.update(attention_mask=whole, position_ids=mask_positions(whole))
+        if self.encoder is not None:   # M-RoPE: the image's tokens by row and column
+            extra.update(position_ids=self.encoder.positions(k, input_ids, attention_mask))
         try:
             hidden = self.language_model(inputs_embeds=x, use_cache=True, **extra).last_hidden_state
         finally:
@@ -242,9 +273,17 @@ class VisionLanguageStep(CachedStep):
     Positions stay those of the whole sequence, as the exited first step keeps them.
     """
 
-    def __init__(self, model: torch.nn.Module, layers: int, num_visual_tokens: int, visual_offset: int = 0):
+    def __init__(self, model: torch.nn.Module, layers: int, num_visual_tokens: int, visual_offset: int = 0,
+                 image_size: tuple[int, int] | None = None):
         super().__init__(model, layers)
         self.num_visual_tokens, self.visual_offset = num_visual_tokens, visual_offset
+        self.image_size = image_size   # recorded beside P: Qwen2-VL's P follows it
+        # M-RoPE places the text after the image max(rows, columns) after its front, not P: every later token as far
+        self.position_shift = hf_qwen_vl.position_shift(model.config.vision_config, image_size) \
+            if hf_qwen_vl.is_qwen_vl(model) else 0
+
+    def step_positions(self, attention_mask: torch.Tensor, new: int) -> torch.Tensor:
+        return super().step_positions(attention_mask, new) + self.position_shift
 
     def forward(self, input_ids, attention_mask, *past, exit_layer: int | None = None):
         decoder = self.model.model.language_model.layers

@@ -520,7 +520,7 @@ def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, offset: 
                     if all(init.name != new for init in model.graph.initializer):
                         model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(new_value), new))
                     node.input[i] = new
-    probed = None if isinstance(token, int) or not outer else _probe_token_axes(model, x, list(outer))
+    probed = None if isinstance(token, int) or not outer else _probe_token_axes(model, x, list(outer), offset)
     if token is None and probed is None:
         raise AttncError(f"the token axis of {x} has no known size",
                          "export the model with a dynamic text axis or static shapes")
@@ -577,15 +577,18 @@ def _outer_reads(model, x: str, after: list[onnx.NodeProto], skip=frozenset()
     return outer
 
 
-def _probe_token_axes(model, x, names: list[str]) -> dict[str, tuple[list[int], list[int], int]] | None:
+def _probe_token_axes(model, x, names: list[str], offset: int = 0
+                      ) -> dict[str, tuple[list[int], list[int], int]] | None:
     """``{name: (token axes, token entries, length)}`` of tensors ``names`` read after boundary ``x``, found by
     running the graph at two sizes (:func:`attnc.passes.core.evaluate_tensors`): an axis is over the tokens when its
     length is ``x``'s token count in both runs, an entry of a 1-D integer tensor (a shape vector, ``length`` entries
     long; 0 for other tensors) when its value is. Symbolic shapes do not tell: shape inference names the rotary
-    tables' and the hidden state's token axes apart in a TorchScript export. None when the graph cannot run at
-    sampled sizes or its token count does not change."""
+    tables' and the hidden state's token axes apart in a TorchScript export. The sizes leave text after the ``offset``
+    tokens in front of the image (below them, a model slicing ``[:K]`` and ``[K:]`` computes tables whose lengths do
+    not follow the hidden state's: Qwen2-VL's positions). None when the graph cannot run at sampled sizes or its
+    token count does not change."""
     try:
-        runs = evaluate_tensors(model, [x, *names], sizes=(2, 3))
+        runs = evaluate_tensors(model, [x, *names], sizes=(offset + 2, offset + 3))
     except Exception as exc:   # ONNX Runtime's errors are of many types
         log.info("token_exit: the graph does not run at sampled sizes (%s); symbolic shapes decide", exc)
         return None

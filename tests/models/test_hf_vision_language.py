@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from attnc.compiler.errors import AttncError
-from attnc.compiler.onnx_io import VISUAL_OFFSET, VISUAL_TOKENS, metadata
+from attnc.compiler.onnx_io import IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata
 from attnc.testing import assert_clean_error, run_cli, run_model, tiny_llama, tiny_llava, tiny_vision_language
 
 transformers = pytest.importorskip("transformers")
@@ -264,13 +264,14 @@ def test_validate_rebuilds_the_text_before_the_image(checkpoint, offset_export, 
     not, and fails when the manifest's record is taken away (the checkpoint then puts the image first)."""
     folder, path = checkpoint[0], offset_export
     inspected = json.loads(run_cli("inspect", path, "--json").output)
-    assert inspected["recorded"] == {VISUAL_TOKENS: "16", VISUAL_OFFSET: "3"} and inspected["decoder_layers"] == LAYERS
-    assert "16 visual tokens after 3 text tokens" in run_cli("inspect", path).output
+    assert inspected["recorded"] == {VISUAL_TOKENS: "16", VISUAL_OFFSET: "3", IMAGE_SIZE: "32x32"}
+    assert inspected["decoder_layers"] == LAYERS
+    assert "16 visual tokens of a 32x32 image after 3 text tokens" in run_cli("inspect", path).output
     for extra in ((), ("--token-exit", "static", "--exit-layer", 2)):
         out = tmp_path / f"out{len(extra)}"
         run_cli("compile", path, "-o", out, *extra)
         manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest["recorded"] == {VISUAL_TOKENS: "16", VISUAL_OFFSET: "3"}
+        assert manifest["recorded"] == {VISUAL_TOKENS: "16", VISUAL_OFFSET: "3", IMAGE_SIZE: "32x32"}
         run_cli("validate", out, "--model", folder)
     assert manifest["shrink"]["token_exit"]["visual_offset"] == 3
     del manifest["recorded"]

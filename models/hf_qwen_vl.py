@@ -1,0 +1,160 @@
+"""Qwen2-VL and Qwen2.5-VL images at one size, for :mod:`attnc.models.hf_vision_language`'s layout.
+
+Their processors resize each image to its own multiple of ``patch × merge`` pixels (28) and hand the vision tower
+the image's patches flattened into rows, with its grid ``(t, h, w)`` beside them; the tower attends within each
+image (``cu_seqlens``, split with ``.tolist()``), Qwen2.5-VL's layers within windows of it, and the language model
+places the image's tokens by 3-D rotary positions (M-RoPE, ``get_rope_index``: ``(K, K + row, K + column)`` for
+the image after ``K`` text tokens, the text after it from ``K + max(rows, columns)``). None of that exports: all of
+it is data-dependent. At one image size all of it is constant, so :class:`QwenImageEncoder` takes the processed
+image as a plain ``[B, 3, H, W]`` batch (resized and normalised as the processor does, before it patchifies) and
+computes the tower's output with the grid, the rotary tables, the window order and the positions fixed: the
+patches as the processor cuts them (a stride-``p`` convolution with the two identical frames' kernels summed), the
+tower's own weights with attention over each image's patches (its windows as a mask), the merger, the windows
+undone. :meth:`QwenImageEncoder.positions` gives the language model's 3-D positions of a prompt.
+
+The image size is fixed per export (``attnc export --image-size HxW``; :data:`DEFAULT_SIZE` square otherwise), so
+the number of visual tokens is too: ``(H / 28) × (W / 28)`` for ``patch 14, merge 2``. Tested against
+transformers' forward on the processor's own patches in ``tests/models/test_hf_qwen_vl.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnc.compiler.errors import AttncError
+
+# config.architectures[0] of the checkpoints QwenImageEncoder reads (their vision towers differ in norms, MLPs and
+# Qwen2.5-VL's windows, which the encoder reuses or rebuilds; their language models take [3, B, L] positions)
+ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+DEFAULT_SIZE = 448   # pixels a side: 256 visual tokens at patch 14, merge 2 (LLaVA-1.5 has 576)
+
+
+def is_qwen_vl(model_or_name) -> bool:
+    """Whether ``model_or_name`` (a transformers model or its class name) is one :class:`QwenImageEncoder` reads."""
+    name = model_or_name if isinstance(model_or_name, str) else type(model_or_name).__name__
+    return name in ARCHITECTURES
+
+
+def image_size(vision_config, size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """``(H, W)`` of the images a Qwen2-VL export takes: ``size``, else :data:`DEFAULT_SIZE` square.
+
+    Raises:
+        AttncError: a side that is no positive multiple of the patch size times the merge size.
+    """
+    step = vision_config.patch_size * vision_config.spatial_merge_size
+    height, width = size or (DEFAULT_SIZE, DEFAULT_SIZE)
+    if height <= 0 or width <= 0 or height % step or width % step:
+        raise AttncError(f"a Qwen2-VL image of {height}x{width} pixels does not tile into {step}x{step} blocks "
+                         f"(patch {vision_config.patch_size} × merge {vision_config.spatial_merge_size})",
+                         f"pass --image-size with both sides multiples of {step}, e.g. "
+                         f"{max(step, round(height / step) * step)}x{max(step, round(width / step) * step)}")
+    return height, width
+
+
+def position_shift(vision_config, size: tuple[int, int] | None) -> int:
+    """How far M-RoPE places the text after an image of ``size`` from where 1-D positions would (``max(rows,
+    columns) - rows × columns`` merged blocks): what a later generation step adds to the positions it counts."""
+    height, width = image_size(vision_config, size)
+    step = vision_config.patch_size * vision_config.spatial_merge_size
+    rows, columns = height // step, width // step
+    return max(rows, columns) - rows * columns
+
+
+class QwenImageEncoder(torch.nn.Module):
+    """``pixel_values [B, 3, H, W] -> [B, P, C]``: what ``get_image_features`` computes from the processor's patches
+    of each image at ``image_size`` (the processor's resized and normalised image, before ``patchify``), ``P =
+    (H / (p·m)) × (W / (p·m))`` tokens of the language model's width, in the processor's order (row by row over
+    the merged ``m × m`` blocks).
+
+    The tower's weights are the model's (``model.model.visual``); its attention runs batched over each image's
+    ``N = (H / p) × (W / p)`` patches, which is what ``cu_seqlens`` splits a batch of one-frame images into.
+    """
+
+    def __init__(self, model: torch.nn.Module, image_size: tuple[int, int]):
+        super().__init__()
+        from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+        visual, config = model.model.visual, model.config.vision_config
+        self.visual = visual
+        self.windowed = hasattr(visual, "fullatt_block_indexes")   # Qwen2.5-VL
+        p, m = config.patch_size, config.spatial_merge_size
+        self.patch, self.merge, self.heads = p, m, config.num_heads
+        self.image_size = tuple(image_size)
+        self.grid = (self.image_size[0] // p, self.image_size[1] // p)   # patches per column, per row
+        self.merged = (self.grid[0] // m, self.grid[1] // m)               # visual tokens per column, per row
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.num_visual_tokens = self.merged[0] * self.merged[1]
+        grid = torch.tensor([[1, *self.grid]])
+        weight = visual.patch_embed.proj.weight.detach()   # Conv3d [E, C, frames, p, p]
+        # the processor repeats a still image over the tower's frames: one convolution with the frames' kernels summed
+        self.register_buffer("kernel", weight.sum(2), persistent=False)
+        bias = visual.patch_embed.proj.bias
+        self.register_buffer("kernel_bias", None if bias is None else bias.detach(), persistent=False)
+        with torch.no_grad():
+            cos, sin = visual.rotary_pos_emb(weight.new_zeros(1), get_vision_position_ids(grid, m))   # [N, D]
+        unit = m * m
+        if self.windowed:   # the tower runs on the merged blocks in window order; each window attends within itself
+            order, bounds = get_vision_window_index(grid, spatial_merge_size=m, window_size=visual.window_size,
+                                                    patch_size=p)
+            cos, sin = (t.reshape(self.num_visual_tokens, unit, -1)[order].reshape(self.num_patches, -1)
+                        for t in (cos, sin))
+            window = torch.zeros(self.num_patches, dtype=torch.int64)
+            for i, (start, end) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+                window[start:end] = i
+            self.register_buffer("window_order", order, persistent=False)
+            self.register_buffer("window_undo", torch.argsort(order), persistent=False)
+            self.register_buffer("same_window", window[:, None] == window[None, :], persistent=False)
+            self.full_attention = set(visual.fullatt_block_indexes)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        batch, (gh, gw), m = pixel_values.shape[0], self.grid, self.merge
+        x = torch.nn.functional.conv2d(pixel_values.to(self.kernel.dtype), self.kernel, self.kernel_bias,
+                                       stride=self.patch)   # [B, E, gh, gw]
+        # patches in the processor's order: each m × m merge block's patches together, blocks row by row
+        x = x.reshape(batch, -1, gh // m, m, gw // m, m).permute(0, 2, 4, 3, 5, 1)
+        x = x.reshape(batch, self.num_patches, -1)
+        unit = m * m
+        if self.windowed:
+            x = x.reshape(batch, self.num_visual_tokens, unit, -1)[:, self.window_order].reshape(batch, self.num_patches, -1)
+        for i, block in enumerate(self.visual.blocks):
+            mask = self.same_window if self.windowed and i not in self.full_attention else None
+            x = x + self._attention(block.attn, block.norm1(x), mask)
+            x = x + block.mlp(block.norm2(x))
+        merger = self.visual.merger
+        out = merger.mlp(merger.ln_q(x).reshape(batch, self.num_visual_tokens, -1))
+        return out[:, self.window_undo] if self.windowed else out
+
+    def _attention(self, attn: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The tower's attention (``qkv``, 2-D rotary, ``proj``) over each image's patches ``x [B, N, D]``."""
+        batch, n, width = x.shape
+        q, k, v = attn.qkv(x).reshape(batch, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)   # [B, h, N, d]
+
+        def rotate(t):   # as transformers' apply_rotary_pos_emb_vision: in float32
+            half = t.shape[-1] // 2
+            return (t.float() * self.cos + torch.cat([-t[..., half:], t[..., :half]], -1).float() * self.sin).to(t.dtype)
+
+        out = torch.nn.functional.scaled_dot_product_attention(rotate(q), rotate(k), v, attn_mask=mask,
+                                                               scale=attn.scaling)
+        return attn.proj(out.transpose(1, 2).reshape(batch, n, width))
+
+    def positions(self, before: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """``[3, B, K + P + T']``: the M-RoPE positions (temporal, row, column) ``get_rope_index`` gives a prompt of
+        ``input_ids [B, K + T']`` with the image after its first ``K`` (``before``) tokens: ``i`` on every axis for
+        the text in front, ``(K, K + row, K + column)`` for the image's tokens, ``K + max(rows, columns) + j`` for
+        the ``j``-th token of the text after it. ``attention_mask [B, K + T']`` (0 at padding, which comes after
+        the text in front): ``j`` counts the text's tokens, not its padding."""
+        rows, columns = self.merged
+        device, batch = input_ids.device, input_ids.shape[0]
+        row = torch.arange(rows, device=device).repeat_interleave(columns)
+        column = torch.arange(columns, device=device).repeat(rows)
+        image = torch.stack([torch.zeros_like(row), row, column]) + before
+        start = before + max(rows, columns)
+        if attention_mask is None:
+            after = (torch.arange(input_ids.shape[1] - before, device=device) + start).expand(batch, -1)
+        else:   # padding takes the next token's position: it is masked, any position does
+            after = (attention_mask[:, before:].cumsum(-1) - 1).clamp(min=0) + start
+        front = torch.arange(before, device=device).expand(3, batch, -1)
+        return torch.cat([front, image[:, None].expand(3, batch, -1), after.expand(3, -1, -1)], 2)

@@ -1,0 +1,233 @@
+"""Qwen2-VL and Qwen2.5-VL checkpoints (models/hf_qwen_vl.py): a checkpoint directory loads as ``(pixel_values [B, 3,
+H, W], input_ids) -> logits of the text after the image`` at the image size ``--image-size`` names, equal to
+transformers' forward on the processor's own patches of the same image (3-D M-RoPE positions, Qwen2.5-VL's windows);
+it exports, records its image size, compiles with and without a visual-token exit, and ``attnc validate`` checks the
+artefacts against the checkpoint exiting alike in PyTorch; both generation graphs decode transformers' ``generate``
+tokens (a loop over the exited forward with the exit), padded prompts each row's alone.
+
+References: transformers' forward and ``generate`` on the patches ``Qwen2VLImageProcessorPil`` cuts (not attnc's
+convolution), ``get_rope_index``'s positions, fresh random images and prompts at several image sizes (square, wide,
+tall; Qwen2.5-VL's windows whole and ragged).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from attnc.compiler.errors import AttncError
+from attnc.compiler.onnx_io import IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata
+from attnc.testing import QWEN_IMAGE_TOKEN, assert_clean_error, run_cli, tiny_llava, tiny_qwen_vl
+
+transformers = pytest.importorskip("transformers")
+
+from attnc import runtime  # noqa: E402
+from attnc.compiler.backends.onnxruntime import load as load_onnx  # noqa: E402
+from attnc.models import hf_qwen_vl  # noqa: E402
+from attnc.models.hf_checkpoint import (load_checkpoint, with_attention_mask, with_image_size,  # noqa: E402
+                                        with_text_before_image)
+
+ARCHITECTURES = hf_qwen_vl.ARCHITECTURES
+SIZE, BEFORE = (56, 84), 3   # the exports': 2 × 3 visual tokens after 3 text tokens
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def checkpoint(request, tmp_path_factory):
+    """A tiny checkpoint of each architecture (4 query on 2 K/V heads), its module and spec at :data:`SIZE` with
+    :data:`BEFORE` text tokens in front of the image, and its dynamo export through the CLI."""
+    folder = tiny_qwen_vl(tmp_path_factory.mktemp("qwen") / "ckpt", request.param)
+    module, spec = load_checkpoint(str(folder))
+    module, spec = with_text_before_image(*with_image_size(module, spec, SIZE), BEFORE)
+    path = folder.parent / "model.onnx"
+    run_cli("export", folder, "-o", path, "--image-size", "x".join(map(str, SIZE)), "--text-before-image", BEFORE)
+    return folder, module, spec, path
+
+
+def _processed(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The processor's patches and grid of images already resized and normalised (it only cuts them)."""
+    processor = transformers.Qwen2VLImageProcessorPil(do_resize=False, do_rescale=False, do_normalize=False)
+    out = processor([image.numpy() for image in pixels], return_tensors="pt", input_data_format="channels_first")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+def _prompt(ids: torch.Tensor, p: int, before: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[ids[:, :before]; <image> × p; ids[:, before:]]`` and its token types (1 at the image)."""
+    image = torch.full((ids.shape[0], p), QWEN_IMAGE_TOKEN)
+    prompt = torch.cat([ids[:, :before], image, ids[:, before:]], 1)
+    types = torch.zeros_like(prompt, dtype=torch.int32)
+    types[:, before:before + p] = 1
+    return prompt, types
+
+
+def _transformers(hf, pixels, ids, p, before, **generate):
+    """transformers' forward (logits of the text after the image) or, with ``generate`` options, its new tokens."""
+    patches, grid = _processed(pixels)
+    prompt, types = _prompt(ids, p, before)
+    with torch.no_grad():
+        if generate:
+            out = hf.generate(input_ids=prompt, pixel_values=patches, image_grid_thw=grid, mm_token_type_ids=types,
+                              attention_mask=torch.ones_like(prompt), do_sample=False, **generate)
+            return out[:, prompt.shape[1]:].numpy()
+        return hf(input_ids=prompt, pixel_values=patches, image_grid_thw=grid,
+                  mm_token_type_ids=types).logits[:, before + p:].numpy()
+
+
+@pytest.mark.parametrize("size,before,batch", [((56, 84), 0, 1), ((84, 56), 3, 3), ((112, 112), 2, 2),
+                                               ((28, 56), 1, 2)])
+def test_matches_the_transformers_forward(checkpoint, size, before, batch):
+    """At square, wide and tall sizes (Qwen2.5-VL's windows of 2 × 2 merged blocks whole at 112 × 112, ragged at the
+    others), the image after 0-3 text tokens: the logits equal transformers' forward on the processor's patches, the
+    3-D positions ``get_rope_index``'s, and a different image changes the logits (the image is read)."""
+    _, module, spec, _ = checkpoint
+    module, spec = with_text_before_image(*with_image_size(module, spec, size), before)
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    pixels = torch.randn(batch, 3, *size, generator=generator)
+    ids = torch.randint(3, QWEN_IMAGE_TOKEN, (batch, before + 5), generator=generator)
+    p = module.num_visual_tokens
+    assert p == (size[0] // 28) * (size[1] // 28)
+    with torch.no_grad():
+        got = module(pixels, ids).numpy()
+        other = module(torch.randn_like(pixels), ids).numpy()
+    expected = _transformers(module.model, pixels, ids, p, before)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
+    assert np.abs(other - expected).max() > 1e-2
+    prompt, types = _prompt(ids, p, before)
+    positions, _ = module.model.model.get_rope_index(prompt, mm_token_type_ids=types, image_grid_thw=_processed(pixels)[1])
+    torch.testing.assert_close(module.encoder.positions(before, ids), positions, rtol=0, atol=0)
+
+
+def test_padded_prompts(checkpoint):
+    """``--with-attention-mask``: prompts of different lengths in one batch, each padded after the text in front of the
+    image; each row's logits at its tokens equal transformers' forward on that prompt alone, with the image gone
+    before layer 2 the exited forward's on it alone."""
+    _, module, spec, _ = checkpoint
+    masked, masked_spec = with_attention_mask(module, spec)
+    pixels, ids, mask = masked_spec.example_inputs(batch=3, seq=BEFORE + 7, seed=int(np.random.randint(1 << 30)))
+    assert mask.sum(1).tolist() == [BEFORE + 7 - n for n in (0, 2, 4)]
+    with torch.no_grad():
+        logits, exited = masked(pixels, ids, mask).numpy(), masked(pixels, ids, mask, exit_layer=2).numpy()
+        for row in range(3):
+            tokens = ids[row][mask[row].bool()][None]
+            n = tokens.shape[1] - BEFORE
+            alone = _transformers(module.model, pixels[row:row + 1], tokens, module.num_visual_tokens, BEFORE)
+            np.testing.assert_allclose(logits[row, -n:], alone[0], atol=2e-5, rtol=1e-4)
+            np.testing.assert_allclose(exited[row, -n:], module(pixels[row:row + 1], tokens, exit_layer=2)[0].numpy(),
+                                       atol=2e-5, rtol=1e-4)
+
+
+def test_export_exit_and_validate(checkpoint, tmp_path):
+    """The export records ``P``, ``K`` and the image size, takes any batch and text length (ONNX Runtime equals
+    transformers at sizes other than the export's); compiled as it is and with the image gone before layer 2
+    (static) or a gate deciding there (dynamic, trained by ``attnc train-exit-gate``), each artefact passes ``attnc
+    validate`` against the checkpoint exiting alike, and the exits change the logits."""
+    folder, module, spec, path = checkpoint
+    model, graph = load_onnx(path), onnx.load(path)
+    recorded = {key: metadata(graph, key) for key in (VISUAL_TOKENS, VISUAL_OFFSET, IMAGE_SIZE)}
+    assert recorded == {VISUAL_TOKENS: "6", VISUAL_OFFSET: str(BEFORE), IMAGE_SIZE: "56x84"}
+    assert "6 visual tokens of a 56x84 image after 3 text tokens" in run_cli("inspect", path).output
+    for batch, seq in ((1, BEFORE + 1), (3, BEFORE + 11)):
+        pixels, ids = spec.example_inputs(batch=batch, seq=seq, seed=batch)
+        got = model.infer({"pixel_values": pixels.numpy(), "input_ids": ids.numpy()})
+        expected = _transformers(module.model, pixels, ids, 6, BEFORE)
+        np.testing.assert_allclose(next(iter(got.values())), expected, atol=2e-5, rtol=1e-4)
+    calibration = tmp_path / "calib.npz"
+    pixels, ids = spec.example_inputs(batch=8, seq=BEFORE + 4, seed=5)
+    np.savez(calibration, pixel_values=pixels.numpy(), input_ids=ids.numpy())
+    run_cli("train-exit-gate", folder, "-o", tmp_path / "gate.npz", "--layer", 2, "--calibration", calibration,
+            "--steps", 20, "--image-size", "56x84", "--text-before-image", BEFORE)
+    for name, options in (("plain", ()), ("static", ("--token-exit", "static", "--exit-layer", 2)),
+                          ("dynamic", ("--token-exit", "dynamic", "--exit-gate", tmp_path / "gate.npz"))):
+        run_cli("compile", path, "-o", tmp_path / name, *options)
+        assert "PASS" in run_cli("validate", tmp_path / name, "--model", folder).output
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert report["passed"]
+    report = json.loads((tmp_path / "static" / "report.json").read_text())
+    assert report["shrink_cost"][0]["max_abs_error"] > 1e-3
+
+
+@pytest.mark.parametrize("checkpoint", [ARCHITECTURES[0], pytest.param(ARCHITECTURES[1], marks=pytest.mark.full(
+    reason="the generation path CI checks on Qwen2-VL, whose later steps Qwen2.5-VL shares (about 40 s)"))],
+    indirect=True)
+def test_generation(checkpoint, tmp_path):
+    """``--first-step`` and ``--with-past`` at the export's image size compile and validate, as they are and exited
+    before layer 2. The pair's greedy tokens equal transformers' ``generate`` (the later steps' positions shifted as
+    M-RoPE places the text after the image), with the exit a greedy loop over the exited forward; beam search equals
+    ``generate``'s too. Qwen2-VL's prompts are padded: each row's tokens are ``generate``'s on the prompt alone."""
+    folder, module, spec, _ = checkpoint
+    size = ("--image-size", "56x84", "--text-before-image", BEFORE)
+    padded = type(module.model).__name__ == ARCHITECTURES[0]
+    masked = ("--with-attention-mask",) if padded else ()
+    for name, option in (("first", "--first-step"), ("step", "--with-past")):
+        run_cli("export", folder, "-o", tmp_path / f"{name}.onnx", option, *size, *masked)
+        for tag, exit_options in (("", ()), ("_exit", ("--token-exit", "static", "--exit-layer", 2))):
+            run_cli("compile", tmp_path / f"{name}.onnx", "-o", tmp_path / f"{name}{tag}", *exit_options)
+            run_cli("validate", tmp_path / f"{name}{tag}", "--model", folder)
+    pairs = {tag: (runtime.load(tmp_path / f"first{tag}"), runtime.load(tmp_path / f"step{tag}"))
+             for tag in ("", "_exit")}
+    if padded:
+        masked_spec = with_attention_mask(module, spec)[1]
+        pixels, ids, mask = masked_spec.example_inputs(batch=3, seq=BEFORE + 6, seed=21)
+        rows = [(pixels[r:r + 1], ids[r][mask[r].bool()][None]) for r in range(3)]
+        extra = (mask.numpy(),)
+    else:
+        pixels, ids = spec.example_inputs(batch=2, seq=BEFORE + 5, seed=21)
+        rows, extra = [(pixels, ids)], ()
+    got = runtime.generate_vision_language(*pairs[""], pixels.numpy(), ids.numpy(), *extra, max_new_tokens=5)
+    exited = runtime.generate_vision_language(*pairs["_exit"], pixels.numpy(), ids.numpy(), *extra, max_new_tokens=5)
+    beams = runtime.generate_vision_language(*pairs[""], pixels.numpy(), ids.numpy(), *extra, max_new_tokens=4,
+                                             num_beams=3)
+    start = ids.shape[1]
+    for i, (image, tokens) in enumerate(rows):
+        span = slice(i, i + 1) if padded else slice(None)
+        expected = _transformers(module.model, image, tokens, 6, BEFORE, max_new_tokens=5, min_new_tokens=5)
+        np.testing.assert_array_equal(got[span, start:], expected)
+        expected = _transformers(module.model, image, tokens, 6, BEFORE, max_new_tokens=4, min_new_tokens=4,
+                                 num_beams=3)
+        np.testing.assert_array_equal(beams[span, start:], expected)
+        loop = tokens
+        with torch.no_grad():
+            for _ in range(5):
+                loop = torch.cat([loop, module(image, loop, exit_layer=2)[:, -1].argmax(-1, keepdim=True)], 1)
+        np.testing.assert_array_equal(exited[span, start:], loop[:, tokens.shape[1]:].numpy())
+    assert not np.array_equal(got, exited)   # the exit changes the answer: the exited step is the one that ran
+
+
+def test_image_size_refusals(tmp_path):
+    """An image size the patches do not tile, a malformed one, and one a fixed-size architecture (LLaVA) does not take
+    are refused by name with the fix; nothing is written."""
+    folder = tiny_qwen_vl(tmp_path / "qwen")
+    result = run_cli("export", folder, "-o", tmp_path / "a.onnx", "--image-size", "50x84", ok=False)
+    assert_clean_error(result, "50x84", "does not tile into 28x28", "multiples of 28", "56x84")
+    result = run_cli("export", folder, "-o", tmp_path / "b.onnx", "--image-size", "56by84", ok=False)
+    assert result.exit_code == 2 and "no image size" in result.output
+    llava = tiny_llava(tmp_path / "llava")
+    result = run_cli("export", llava, "-o", tmp_path / "c.onnx", "--image-size", "64x64", ok=False)
+    assert_clean_error(result, "takes images of 32x32", "drop --image-size")
+    assert not any(tmp_path.glob("*.onnx"))
+    with pytest.raises(AttncError, match="no vision-language checkpoint"):
+        module, spec = load_checkpoint(str(llava))
+        with_image_size(module, None, (64, 64))
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_builds_the_exited_checkpoint(checkpoint, tmp_path):
+    """TensorRT-RTX builds an fp16 engine of the statically exited export at dynamic batch and text length."""
+    from attnc.compiler.backends.tensorrt import import_tensorrt
+
+    try:
+        import_tensorrt()
+    except AttncError as exc:
+        pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc.problem}")
+    _, _, _, path = checkpoint
+    shapes = [f"--{which}-shape" for which in ("min", "opt", "max")]
+    profile = [arg for flag, b, t in zip(shapes, (1, 2, 4), (BEFORE + 1, BEFORE + 16, BEFORE + 64))
+               for arg in (flag, f"pixel_values:{b}x3x56x84", flag, f"input_ids:{b}x{t}")]
+    out = tmp_path / "engine"
+    run_cli("compile", path, "-o", out, "--backend", "tensorrt", "--precision", "fp16", "--token-exit", "static",
+            "--exit-layer", 2, *profile)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / manifest["artefact"]).stat().st_size > 0 and manifest["ops_after"]["Attention"] >= 4
