@@ -248,9 +248,10 @@ QWEN_IMAGE_TOKEN = 250
 
 
 def tiny_qwen_vl(folder: Path, architecture: str = "Qwen2VLForConditionalGeneration", kv_heads: int = 2) -> Path:
-    """A seeded Qwen2-VL or Qwen2.5-VL checkpoint (``architecture``): a 2-layer vision tower with 14-pixel patches
-    merged 2 × 2 (Qwen2.5-VL's first layer attending within windows of 2 × 2 merged blocks, its second over the whole
-    image), a 4-layer text model of width 64 with 4 query on ``kv_heads`` K/V heads and M-RoPE sections ``[2, 3, 3]``,
+    """A seeded Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint (``architecture``): a 2-layer vision tower with 14-pixel
+    patches merged 2 × 2 (Qwen2.5-VL's first layer attending within windows of 2 × 2 merged blocks, its second over
+    the whole image; Qwen3-VL's 3 layers of 16-pixel patches, a learned 4 × 4 position table, deepstack features of
+    its first two layers), a 4-layer text model of width 64 with 4 query on ``kv_heads`` K/V heads and M-RoPE sections ``[2, 3, 3]``,
     256 words, the image token :data:`QWEN_IMAGE_TOKEN`; weights perturbed off their initial values, saved in
     ``folder``."""
     import torch
@@ -272,6 +273,11 @@ def tiny_qwen_vl(folder: Path, architecture: str = "Qwen2VLForConditionalGenerat
         config = t.Qwen2_5_VLConfig(text_config=text, **tokens, vision_config=dict(
             depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]))
+    elif architecture == "Qwen3VLForConditionalGeneration":   # 16-pixel patches; deepstack after decoder layers 0, 1
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [4, 2, 2], "mrope_interleaved": True}
+        config = t.Qwen3VLConfig(text_config={**text, "head_dim": 16}, **tokens, vision_config=dict(
+            depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0, 1]))
     else:
         raise ValueError(f"no tiny {architecture}")
     config.architectures = [architecture]

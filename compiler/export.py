@@ -16,7 +16,8 @@ import onnx
 import torch
 
 from attnc.compiler.errors import AttncError
-from attnc.compiler.onnx_io import IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, save_model, set_metadata
+from attnc.compiler.onnx_io import (FIRST_EXIT_LAYER, IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, save_model,
+                                    set_metadata)
 from attnc.compiler.validate import eval_mode, kv_cache_off
 from attnc.plugins import attach_function_bodies
 
@@ -178,8 +179,10 @@ def record_facts(proto: onnx.ModelProto, model: torch.nn.Module) -> None:
     """Write what the passes cannot read from the graph into its ``metadata_props``: a vision-language model's
     visual tokens (its ``num_visual_tokens``, :data:`attnc.compiler.onnx_io.VISUAL_TOKENS`) and the text tokens in front
     of them (its ``visual_offset``, :data:`attnc.compiler.onnx_io.VISUAL_OFFSET`), which ``attnc compile --token-exit``
-    and ``attnc validate`` take, and the size of its images (its ``image_size``, :data:`attnc.compiler.onnx_io.
-    IMAGE_SIZE`, ``HxW``: a generation step takes no image, but its visual tokens follow the size)."""
+    and ``attnc validate`` take, the size of its images (its ``image_size``, :data:`attnc.compiler.onnx_io.
+    IMAGE_SIZE`, ``HxW``: a generation step takes no image, but its visual tokens follow the size) and, where not 0,
+    the first decoder layer a token exit may precede (its ``first_exit_layer``, :data:`attnc.compiler.onnx_io.
+    FIRST_EXIT_LAYER`: Qwen3-VL adds image features to the first layers' outputs)."""
     count = getattr(model, "num_visual_tokens", None)
     if isinstance(count, int) and count > 0:
         set_metadata(proto, VISUAL_TOKENS, str(count))
@@ -187,6 +190,9 @@ def record_facts(proto: onnx.ModelProto, model: torch.nn.Module) -> None:
         size = getattr(model, "image_size", None)
         if size is not None:
             set_metadata(proto, IMAGE_SIZE, "x".join(str(int(d)) for d in size))
+        first = getattr(model, "first_exit_layer", 0)
+        if first:   # Qwen3-VL's deepstack: image features go into the first decoder layers' outputs
+            set_metadata(proto, FIRST_EXIT_LAYER, str(first))
 
 
 def every_input(dynamic_axes: dict | None, input_names: Sequence[str]) -> dict | None:

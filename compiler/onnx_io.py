@@ -707,6 +707,7 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, provid
 VISUAL_TOKENS = "attnc.visual_tokens"
 VISUAL_OFFSET = "attnc.visual_offset"
 IMAGE_SIZE = "attnc.image_size"
+FIRST_EXIT_LAYER = "attnc.first_exit_layer"   # the first decoder layer a token exit may precede, where not 0
 
 
 def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:

@@ -25,7 +25,8 @@ from attnc.compiler.errors import AttncError
 
 # config.architectures[0] of the checkpoints QwenImageEncoder reads (their vision towers differ in norms, MLPs and
 # Qwen2.5-VL's windows, which the encoder reuses or rebuilds; their language models take [3, B, L] positions)
-ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                 "Qwen3VLForConditionalGeneration")
 DEFAULT_SIZE = 448   # pixels a side: 256 visual tokens at patch 14, merge 2 (LLaVA-1.5 has 576)
 
 
@@ -51,6 +52,12 @@ def image_size(vision_config, size: tuple[int, int] | None = None) -> tuple[int,
     return height, width
 
 
+def deepstack_layers(vision_config) -> int:
+    """How many decoder layers take deepstack features (Qwen3-VL adds its tower's features of
+    ``deepstack_visual_indexes`` to the image's hidden states after the first that many): no token exit before them."""
+    return len(getattr(vision_config, "deepstack_visual_indexes", None) or [])
+
+
 def position_shift(vision_config, size: tuple[int, int] | None) -> int:
     """How far M-RoPE places the text after an image of ``size`` from where 1-D positions would (``max(rows,
     columns) - rows × columns`` merged blocks): what a later generation step adds to the positions it counts."""
@@ -72,7 +79,8 @@ class QwenImageEncoder(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, image_size: tuple[int, int]):
         super().__init__()
-        from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+        from transformers.vision_utils import (get_vision_interpolation_indices_and_weights, get_vision_position_ids,
+                                               get_vision_window_index)
 
         visual, config = model.model.visual, model.config.vision_config
         self.visual = visual
@@ -107,24 +115,46 @@ class QwenImageEncoder(torch.nn.Module):
             self.full_attention = set(visual.fullatt_block_indexes)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        self.learned_positions = hasattr(visual, "pos_embed")   # Qwen3-VL: a table resampled to the grid
+        if self.learned_positions:
+            index, weight = get_vision_interpolation_indices_and_weights(
+                grid, num_grid_per_side=visual.num_grid_per_side, mode="bilinear", align_corners=True,
+                spatial_merge_size=m)
+            self.register_buffer("table_index", index, persistent=False)
+            self.register_buffer("table_weight", weight, persistent=False)
+        # Qwen3-VL's deepstack: features of these tower layers go into the first decoder layers' output
+        self.deepstack = list(getattr(visual, "deepstack_visual_indexes", None) or [])[:deepstack_layers(config)]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.features(pixel_values)[0]
+
+    def features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``([B, P, C], deepstack)``: the image's tokens and, for Qwen3-VL, the features of its deepstack layers
+        (``[B, P, C]`` each, which the first decoder layers add to the image's hidden states; none before)."""
         batch, (gh, gw), m = pixel_values.shape[0], self.grid, self.merge
         x = torch.nn.functional.conv2d(pixel_values.to(self.kernel.dtype), self.kernel, self.kernel_bias,
                                        stride=self.patch)   # [B, E, gh, gw]
         # patches in the processor's order: each m × m merge block's patches together, blocks row by row
         x = x.reshape(batch, -1, gh // m, m, gw // m, m).permute(0, 2, 4, 3, 5, 1)
         x = x.reshape(batch, self.num_patches, -1)
+        if self.learned_positions:
+            x = x + (self.visual.pos_embed(self.table_index) * self.table_weight[:, :, None]).sum(1).to(x.dtype)
         unit = m * m
         if self.windowed:
             x = x.reshape(batch, self.num_visual_tokens, unit, -1)[:, self.window_order].reshape(batch, self.num_patches, -1)
+        deepstack = []
+
+        def merged(merger, x):   # a merger reads each block's m × m patches as one row: row-wise, any batch
+            return merger(x.reshape(batch * self.num_patches, -1)).reshape(batch, self.num_visual_tokens, -1)
+
         for i, block in enumerate(self.visual.blocks):
             mask = self.same_window if self.windowed and i not in self.full_attention else None
             x = x + self._attention(block.attn, block.norm1(x), mask)
             x = x + block.mlp(block.norm2(x))
-        merger = self.visual.merger
-        out = merger.mlp(merger.ln_q(x).reshape(batch, self.num_visual_tokens, -1))
-        return out[:, self.window_undo] if self.windowed else out
+            if i in self.deepstack:
+                deepstack.append(merged(self.visual.deepstack_merger_list[self.deepstack.index(i)], x))
+        out = merged(self.visual.merger, x)
+        return (out[:, self.window_undo] if self.windowed else out), deepstack
 
     def _attention(self, attn: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The tower's attention (``qkv``, 2-D rotary, ``proj``) over each image's patches ``x [B, N, D]``."""

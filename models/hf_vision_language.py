@@ -22,6 +22,7 @@ whose token count depends on their size are not built.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from collections.abc import Callable
@@ -97,6 +98,7 @@ class VisionLanguageOutput(torch.nn.Module):
         self.model = model
         self.visual_offset = text_before_image
         vision = model.config.vision_config
+        self.first_exit_layer = hf_qwen_vl.deepstack_layers(vision)   # the export records it for the exit pass
         if hf_qwen_vl.is_qwen_vl(model):   # any size the patches tile: P follows from it
             self.image_size = hf_qwen_vl.image_size(vision, image_size)
             self.encoder = hf_qwen_vl.QwenImageEncoder(model, self.image_size)
@@ -164,13 +166,25 @@ class VisionLanguageOutput(torch.nn.Module):
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens: fewer than the {self.visual_offset} in "
                              "front of the image and one after it")
         inner = self.model.model
-        visual = self.image_features(pixel_values)
+        visual, deepstack = self.encoder.features(pixel_values) if self.encoder is not None else \
+            (self.image_features(pixel_values), [])
         p, k = self.num_visual_tokens, self.visual_offset
         text = inner.get_input_embeddings()(input_ids)
         x = torch.cat([text[:, :k], visual, text[:, k:]], 1) if k else torch.cat([visual, text], 1)
         state: dict = {"exited": False, "features": None}
-        hooks = []
         layers = self.decoder_layers
+        if layer is not None and layer < len(deepstack):
+            raise AttncError(f"{type(self.model).__name__} adds image features to the image's hidden states after its "
+                             f"first {len(deepstack)} decoder layers (deepstack), so its visual tokens cannot go "
+                             f"before layer {layer}", f"exit before layer {len(deepstack)} or later")
+
+        def add_deepstack(features, module, args, output):   # as transformers' _deepstack_process, at the image
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = torch.cat([hidden[:, :k], hidden[:, k:k + p] + features, hidden[:, k + p:]], 1)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        hooks = [layers[i].register_forward_hook(functools.partial(add_deepstack, features))
+                 for i, features in enumerate(deepstack)]
         if layer is not None and layer < len(layers):
             def drop(module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
@@ -179,7 +193,7 @@ class VisionLanguageOutput(torch.nn.Module):
                     state["exited"] = True if decide is None else bool(decide(state["features"]))
                 return text_only(args, kwargs, p, x.shape[1], k) if state["exited"] else None
 
-            hooks = [m.register_forward_pre_hook(drop, with_kwargs=True) for m in layers[layer:]]
+            hooks += [m.register_forward_pre_hook(drop, with_kwargs=True) for m in layers[layer:]]
         extra = {} if cache is None else {"past_key_values": cache}
         if attention_mask is not None:   # the image's tokens are no padding; positions count the tokens before each
             whole = torch.cat([attention_mask[:, :k], attention_mask.new_ones(x.shape[0], p), attention_mask[:, k:]], 1)
@@ -278,6 +292,7 @@ class VisionLanguageStep(CachedStep):
         super().__init__(model, layers)
         self.num_visual_tokens, self.visual_offset = num_visual_tokens, visual_offset
         self.image_size = image_size   # recorded beside P: Qwen2-VL's P follows it
+        self.first_exit_layer = hf_qwen_vl.deepstack_layers(model.config.vision_config)
         # M-RoPE places the text after the image max(rows, columns) after its front, not P: every later token as far
         self.position_shift = hf_qwen_vl.position_shift(model.config.vision_config, image_size) \
             if hf_qwen_vl.is_qwen_vl(model) else 0

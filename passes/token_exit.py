@@ -201,6 +201,7 @@ def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_vi
     if not isinstance(exit_layer, (int, np.integer)) or not int(cached) <= exit_layer <= depth:
         raise AttncError(f"exit_layer must be in [{int(cached)}, {depth}] (the decoder has {depth} layers), got "
                          f"{exit_layer}", _CACHED_FIX if cached and exit_layer == 0 else "")
+    _check_first_layer(model, exit_layer)
     _check_tokens(num_visual_tokens, visual_offset)
     report = TokenExitReport("static", int(exit_layer), depth, num_visual_tokens,
                              boundaries[exit_layer] if exit_layer < depth else "", visual_offset=visual_offset)
@@ -263,6 +264,7 @@ def apply_step_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visu
     if not isinstance(exit_layer, (int, np.integer)) or not 1 <= exit_layer <= depth:
         raise AttncError(f"exit_layer must be in [1, {depth}] (the decoder has {depth} layers), got {exit_layer}",
                          _CACHED_FIX if exit_layer == 0 else "")
+    _check_first_layer(model, exit_layer)
     _check_tokens(num_visual_tokens, visual_offset)
     k, p = int(visual_offset), int(num_visual_tokens)
     report = TokenExitReport("static", int(exit_layer), depth, p, boundaries[exit_layer] if exit_layer < depth else "",
@@ -419,6 +421,24 @@ def _copy(model):
     copy.CopyFrom(model)
     name_nodes(copy)
     return copy
+
+
+def _check_first_layer(model, layer: int, what: str = "the visual tokens go") -> None:
+    """Refuse ``layer`` in front of the first decoder layer a token exit may precede, as the export recorded it
+    (:data:`attnc.compiler.onnx_io.FIRST_EXIT_LAYER`: Qwen3-VL adds image features to the image's hidden states after
+    its first layers, its deepstack)."""
+    first = _first_exit_layer(model)
+    if layer < first:
+        raise AttncError(f"{what} before decoder layer {layer}, but the model adds image features to the image's "
+                         f"hidden states after its first {first} layers (deepstack, as the export recorded)",
+                         f"exit before layer {first} or later")
+
+
+def _first_exit_layer(model) -> int:
+    from attnc.compiler.onnx_io import FIRST_EXIT_LAYER, metadata
+
+    value = metadata(model, FIRST_EXIT_LAYER)
+    return int(value) if value and value.isdigit() else 0
 
 
 def _check_tokens(num_visual_tokens, visual_offset) -> None:
@@ -687,7 +707,7 @@ def choose_exit_layer(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[
     depth = len(decoder_boundaries(onnx_model))
     table = []
     chosen = depth
-    for k in range(depth + 1):
+    for k in range(_first_exit_layer(onnx_model), depth + 1):
         model, _ = apply_static_token_exit(onnx_model, k, num_visual_tokens, visual_offset)
         outs = full if k == depth else _run(model, calibration_feeds)
         pred = np.concatenate([o.argmax(-1) for o in outs])
@@ -910,6 +930,7 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     depth = len(boundaries)
     if not 0 <= gate.layer < depth:
         raise AttncError(f"gate layer must be in [0, {depth}), got {gate.layer}")
+    _check_first_layer(model, gate.layer, "the gate lets the visual tokens go")
     _check_tokens(num_visual_tokens, visual_offset)
     x = boundaries[gate.layer]
     prefix = f"token_exit/gate{gate.layer}"

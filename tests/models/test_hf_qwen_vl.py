@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from attnc.compiler.errors import AttncError
-from attnc.compiler.onnx_io import IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata
+from attnc.compiler.onnx_io import FIRST_EXIT_LAYER, IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata
 from attnc.testing import QWEN_IMAGE_TOKEN, assert_clean_error, run_cli, tiny_llava, tiny_qwen_vl
 
 transformers = pytest.importorskip("transformers")
@@ -32,24 +32,34 @@ from attnc.models.hf_checkpoint import (load_checkpoint, with_attention_mask, wi
                                         with_text_before_image)
 
 ARCHITECTURES = hf_qwen_vl.ARCHITECTURES
-SIZE, BEFORE = (56, 84), 3   # the exports': 2 × 3 visual tokens after 3 text tokens
+BLOCKS, BEFORE = (2, 3), 3   # the exports': 2 × 3 visual tokens (blocks of patch × merge pixels) after 3 text tokens
+
+
+def _pixels(module, blocks) -> tuple[int, int]:
+    """The image size of ``blocks`` rows and columns of merged patches (28 pixels for Qwen2-VL, 32 for Qwen3-VL)."""
+    vision = module.model.config.vision_config
+    return tuple(b * vision.patch_size * vision.spatial_merge_size for b in blocks)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def checkpoint(request, tmp_path_factory):
-    """A tiny checkpoint of each architecture (4 query on 2 K/V heads), its module and spec at :data:`SIZE` with
+    """A tiny checkpoint of each architecture (4 query on 2 K/V heads), its module and spec at :data:`BLOCKS` with
     :data:`BEFORE` text tokens in front of the image, and its dynamo export through the CLI."""
     folder = tiny_qwen_vl(tmp_path_factory.mktemp("qwen") / "ckpt", request.param)
     module, spec = load_checkpoint(str(folder))
-    module, spec = with_text_before_image(*with_image_size(module, spec, SIZE), BEFORE)
+    size = _pixels(module, BLOCKS)
+    module, spec = with_text_before_image(*with_image_size(module, spec, size), BEFORE)
     path = folder.parent / "model.onnx"
-    run_cli("export", folder, "-o", path, "--image-size", "x".join(map(str, SIZE)), "--text-before-image", BEFORE)
+    run_cli("export", folder, "-o", path, "--image-size", "x".join(map(str, size)), "--text-before-image", BEFORE)
     return folder, module, spec, path
 
 
-def _processed(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The processor's patches and grid of images already resized and normalised (it only cuts them)."""
-    processor = transformers.Qwen2VLImageProcessorPil(do_resize=False, do_rescale=False, do_normalize=False)
+def _processed(vision, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The processor's patches and grid of images already resized and normalised (it only cuts them), for a tower of
+    config ``vision``."""
+    processor = transformers.Qwen2VLImageProcessorPil(
+        do_resize=False, do_rescale=False, do_normalize=False, patch_size=vision.patch_size,
+        merge_size=vision.spatial_merge_size, temporal_patch_size=vision.temporal_patch_size)
     out = processor([image.numpy() for image in pixels], return_tensors="pt", input_data_format="channels_first")
     return out["pixel_values"], out["image_grid_thw"]
 
@@ -65,7 +75,7 @@ def _prompt(ids: torch.Tensor, p: int, before: int) -> tuple[torch.Tensor, torch
 
 def _transformers(hf, pixels, ids, p, before, **generate):
     """transformers' forward (logits of the text after the image) or, with ``generate`` options, its new tokens."""
-    patches, grid = _processed(pixels)
+    patches, grid = _processed(hf.config.vision_config, pixels)
     prompt, types = _prompt(ids, p, before)
     with torch.no_grad():
         if generate:
@@ -76,19 +86,20 @@ def _transformers(hf, pixels, ids, p, before, **generate):
                   mm_token_type_ids=types).logits[:, before + p:].numpy()
 
 
-@pytest.mark.parametrize("size,before,batch", [((56, 84), 0, 1), ((84, 56), 3, 3), ((112, 112), 2, 2),
-                                               ((28, 56), 1, 2)])
-def test_matches_the_transformers_forward(checkpoint, size, before, batch):
-    """At square, wide and tall sizes (Qwen2.5-VL's windows of 2 × 2 merged blocks whole at 112 × 112, ragged at the
-    others), the image after 0-3 text tokens: the logits equal transformers' forward on the processor's patches, the
-    3-D positions ``get_rope_index``'s, and a different image changes the logits (the image is read)."""
+@pytest.mark.parametrize("blocks,before,batch", [((2, 3), 0, 1), ((3, 2), 3, 3), ((4, 4), 2, 2), ((1, 2), 1, 2)])
+def test_matches_the_transformers_forward(checkpoint, blocks, before, batch):
+    """At square, wide and tall sizes (Qwen2.5-VL's windows of 2 × 2 merged blocks whole at 4 × 4 blocks, ragged at
+    the others; Qwen3-VL's position table resampled to each), the image after 0-3 text tokens: the logits equal
+    transformers' forward on the processor's patches, the 3-D positions ``get_rope_index``'s, and a different image
+    changes the logits (the image is read)."""
     _, module, spec, _ = checkpoint
+    size = _pixels(module, blocks)
     module, spec = with_text_before_image(*with_image_size(module, spec, size), before)
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     pixels = torch.randn(batch, 3, *size, generator=generator)
     ids = torch.randint(3, QWEN_IMAGE_TOKEN, (batch, before + 5), generator=generator)
     p = module.num_visual_tokens
-    assert p == (size[0] // 28) * (size[1] // 28)
+    assert p == blocks[0] * blocks[1]
     with torch.no_grad():
         got = module(pixels, ids).numpy()
         other = module(torch.randn_like(pixels), ids).numpy()
@@ -96,7 +107,8 @@ def test_matches_the_transformers_forward(checkpoint, size, before, batch):
     np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
     assert np.abs(other - expected).max() > 1e-2
     prompt, types = _prompt(ids, p, before)
-    positions, _ = module.model.model.get_rope_index(prompt, mm_token_type_ids=types, image_grid_thw=_processed(pixels)[1])
+    grid = _processed(module.model.config.vision_config, pixels)[1]
+    positions, _ = module.model.model.get_rope_index(prompt, mm_token_type_ids=types, image_grid_thw=grid)
     torch.testing.assert_close(module.encoder.positions(before, ids), positions, rtol=0, atol=0)
 
 
@@ -123,12 +135,16 @@ def test_export_exit_and_validate(checkpoint, tmp_path):
     """The export records ``P``, ``K`` and the image size, takes any batch and text length (ONNX Runtime equals
     transformers at sizes other than the export's); compiled as it is and with the image gone before layer 2
     (static) or a gate deciding there (dynamic, trained by ``attnc train-exit-gate``), each artefact passes ``attnc
-    validate`` against the checkpoint exiting alike, and the exits change the logits."""
+    validate`` against the checkpoint exiting alike, and the exits change the logits. Qwen3-VL records the first layer
+    an exit may precede (after its deepstack layers): an earlier exit is refused, compiled and in PyTorch."""
     folder, module, spec, path = checkpoint
     model, graph = load_onnx(path), onnx.load(path)
-    recorded = {key: metadata(graph, key) for key in (VISUAL_TOKENS, VISUAL_OFFSET, IMAGE_SIZE)}
-    assert recorded == {VISUAL_TOKENS: "6", VISUAL_OFFSET: str(BEFORE), IMAGE_SIZE: "56x84"}
-    assert "6 visual tokens of a 56x84 image after 3 text tokens" in run_cli("inspect", path).output
+    size = "x".join(map(str, module.image_size))
+    deepstack = module.model.config.vision_config.to_dict().get("deepstack_visual_indexes", [])
+    recorded = {key: metadata(graph, key) for key in (VISUAL_TOKENS, VISUAL_OFFSET, IMAGE_SIZE, FIRST_EXIT_LAYER)}
+    assert recorded == {VISUAL_TOKENS: "6", VISUAL_OFFSET: str(BEFORE), IMAGE_SIZE: size,
+                        FIRST_EXIT_LAYER: str(len(deepstack)) if deepstack else None}
+    assert f"6 visual tokens of a {size} image after 3 text tokens" in run_cli("inspect", path).output
     for batch, seq in ((1, BEFORE + 1), (3, BEFORE + 11)):
         pixels, ids = spec.example_inputs(batch=batch, seq=seq, seed=batch)
         got = model.infer({"pixel_values": pixels.numpy(), "input_ids": ids.numpy()})
@@ -138,7 +154,7 @@ def test_export_exit_and_validate(checkpoint, tmp_path):
     pixels, ids = spec.example_inputs(batch=8, seq=BEFORE + 4, seed=5)
     np.savez(calibration, pixel_values=pixels.numpy(), input_ids=ids.numpy())
     run_cli("train-exit-gate", folder, "-o", tmp_path / "gate.npz", "--layer", 2, "--calibration", calibration,
-            "--steps", 20, "--image-size", "56x84", "--text-before-image", BEFORE)
+            "--steps", 20, "--image-size", size, "--text-before-image", BEFORE)
     for name, options in (("plain", ()), ("static", ("--token-exit", "static", "--exit-layer", 2)),
                           ("dynamic", ("--token-exit", "dynamic", "--exit-gate", tmp_path / "gate.npz"))):
         run_cli("compile", path, "-o", tmp_path / name, *options)
@@ -147,18 +163,25 @@ def test_export_exit_and_validate(checkpoint, tmp_path):
         assert report["passed"]
     report = json.loads((tmp_path / "static" / "report.json").read_text())
     assert report["shrink_cost"][0]["max_abs_error"] > 1e-3
+    if deepstack:   # Qwen3-VL: no exit in front of the layers its deepstack feeds, in ONNX or in PyTorch
+        result = run_cli("compile", path, "-o", tmp_path / "early", "--token-exit", "static", "--exit-layer", 1,
+                         ok=False)
+        assert_clean_error(result, "deepstack", f"exit before layer {len(deepstack)} or later")
+        assert not (tmp_path / "early").exists()
+        with pytest.raises(AttncError, match="deepstack"):
+            module(pixels, ids, exit_layer=1)
 
 
 @pytest.mark.parametrize("checkpoint", [ARCHITECTURES[0], pytest.param(ARCHITECTURES[1], marks=pytest.mark.full(
-    reason="the generation path CI checks on Qwen2-VL, whose later steps Qwen2.5-VL shares (about 40 s)"))],
-    indirect=True)
+    reason="the generation path CI checks on Qwen2-VL, whose later steps Qwen2.5-VL shares (about 30 s)")),
+    ARCHITECTURES[2]], indirect=True)
 def test_generation(checkpoint, tmp_path):
     """``--first-step`` and ``--with-past`` at the export's image size compile and validate, as they are and exited
     before layer 2. The pair's greedy tokens equal transformers' ``generate`` (the later steps' positions shifted as
     M-RoPE places the text after the image), with the exit a greedy loop over the exited forward; beam search equals
     ``generate``'s too. Qwen2-VL's prompts are padded: each row's tokens are ``generate``'s on the prompt alone."""
     folder, module, spec, _ = checkpoint
-    size = ("--image-size", "56x84", "--text-before-image", BEFORE)
+    size = ("--image-size", "x".join(map(str, module.image_size)), "--text-before-image", BEFORE)
     padded = type(module.model).__name__ == ARCHITECTURES[0]
     masked = ("--with-attention-mask",) if padded else ()
     for name, option in (("first", "--first-step"), ("step", "--with-past")):
@@ -222,10 +245,11 @@ def test_tensorrt_builds_the_exited_checkpoint(checkpoint, tmp_path):
         import_tensorrt()
     except AttncError as exc:
         pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc.problem}")
-    _, _, _, path = checkpoint
+    _, module, _, path = checkpoint
     shapes = [f"--{which}-shape" for which in ("min", "opt", "max")]
     profile = [arg for flag, b, t in zip(shapes, (1, 2, 4), (BEFORE + 1, BEFORE + 16, BEFORE + 64))
-               for arg in (flag, f"pixel_values:{b}x3x56x84", flag, f"input_ids:{b}x{t}")]
+               for arg in (flag, f"pixel_values:{b}x3x{'x'.join(map(str, module.image_size))}", flag,
+                           f"input_ids:{b}x{t}")]
     out = tmp_path / "engine"
     run_cli("compile", path, "-o", out, "--backend", "tensorrt", "--precision", "fp16", "--token-exit", "static",
             "--exit-layer", 2, *profile)
