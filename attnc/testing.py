@@ -251,9 +251,9 @@ def tiny_qwen_vl(folder: Path, architecture: str = "Qwen2VLForConditionalGenerat
     """A seeded Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint (``architecture``): a 2-layer vision tower with 14-pixel
     patches merged 2 × 2 (Qwen2.5-VL's first layer attending within windows of 2 × 2 merged blocks, its second over
     the whole image; Qwen3-VL's 3 layers of 16-pixel patches, a learned 4 × 4 position table, deepstack features of
-    its first two layers), a 4-layer text model of width 64 with 4 query on ``kv_heads`` K/V heads and M-RoPE sections ``[2, 3, 3]``,
-    256 words, the image token :data:`QWEN_IMAGE_TOKEN`; weights perturbed off their initial values, saved in
-    ``folder``."""
+    its first two layers), a 4-layer text model of width 64 with 4 query on ``kv_heads`` K/V heads and M-RoPE
+    sections ``[2, 3, 3]`` (Qwen3-VL's ``[4, 2, 2]``, interleaved), 256 words, the image token
+    :data:`QWEN_IMAGE_TOKEN`; weights perturbed off their initial values, saved in ``folder``."""
     import torch
     import transformers as t
 

@@ -14,7 +14,9 @@ proportions (576 visual + 32 text tokens, 8 decoder layers, random weights) comp
 several layers, each exit validated against the checkpoint exiting in PyTorch, latencies side by side;
 ``llava_decode`` (about 2.5 minutes) the same checkpoint answering: its two generation graphs (the image after 5 text
 tokens) compiled as they are and with each exit, validated, their greedy tokens checked against a loop over the
-exited forward without a cache, the prompt's KV cache size and the first and later steps' latencies. The passes
+exited forward without a cache, the prompt's KV cache size and the first and later steps' latencies; ``qwen``
+a transformers Qwen2-VL checkpoint exported at a 448-pixel square (256 visual + 32 text tokens, 8 decoder layers,
+random weights), exited and validated as ``llava`` is. The passes
 are applied (pruning: weight, activation, gradient and ablation scores, one-shot and iterative, with and without a
 short fine-tune) and the tables printed: accuracy, parameters, attention FLOPs and ONNX Runtime CPU latency
 before/after. Latencies of a "before" and its "after" are measured side by
@@ -464,24 +466,68 @@ def bench_llava(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict
     """A transformers LLaVA checkpoint (random weights, :data:`LLAVA`) through the CLI's path: ``attnc export``'s
     module, ``compile_model`` without and with ``--token-exit static`` before several layers, ``validate_artefact``
     of each exit against the checkpoint exiting in PyTorch, and ONNX Runtime latency side by side."""
-
-    from attnc.compiler.pipeline import CompileOptions, compile_model, validate_artefact
     from attnc.models.hf_checkpoint import load_checkpoint
 
     c = LLAVA_SMOKE if smoke else LLAVA
     module, spec = load_checkpoint(str(llava_checkpoint(tmp / "llava", c)))
+    return {"model": f"LlavaForConditionalGeneration (CLIP {c['vision']}, Llama {c['text']})",
+            **_exits(tmp, tmp / "llava", module, spec, c, reps, threads), "smoke": smoke}
+
+
+# Qwen2-VL at a 448-pixel square (its processor's tiles: 32 × 32 patches of 14 pixels merged 2 × 2, 256 visual tokens)
+# in front of 32 text tokens, at a small width: the exits where visual tokens follow the image's size.
+QWEN = {"image": 448, "vision": {"depth": 2, "embed_dim": 64, "num_heads": 2, "mlp_ratio": 2},
+        "text": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
+                 "num_key_value_heads": 4, "vocab_size": 1000, "max_position_embeddings": 2048},
+        "mrope_section": [4, 6, 6], "text_tokens": 32, "exit_layers": (1, 2, 4, 6)}
+QWEN_SMOKE = {**QWEN, "image": 56, "text": {**QWEN["text"], "hidden_size": 64, "intermediate_size": 128,
+                                            "num_hidden_layers": 3, "num_attention_heads": 4,
+                                            "num_key_value_heads": 2},
+              "mrope_section": [2, 3, 3], "text_tokens": 8, "exit_layers": (1, 2)}
+
+
+def bench_qwen(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
+    """A transformers Qwen2-VL checkpoint (random weights, :data:`QWEN`) exported at its image size
+    (``--image-size``), then as :func:`bench_llava`."""
+    import transformers
+
+    from attnc.models.hf_checkpoint import load_checkpoint, with_image_size
+    from attnc.models.transformers_zoo import perturbed
+
+    c = QWEN_SMOKE if smoke else QWEN
+    text = {**c["text"], "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                             "mrope_section": c["mrope_section"]}}
+    vocab = c["text"]["vocab_size"]
+    config = transformers.Qwen2VLConfig(
+        text_config=text, vision_config={**c["vision"], "hidden_size": c["text"]["hidden_size"]},
+        image_token_id=vocab - 4, video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
+        vision_end_token_id=vocab - 1, architectures=["Qwen2VLForConditionalGeneration"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        perturbed(transformers.Qwen2VLForConditionalGeneration(config)).save_pretrained(tmp / "qwen")
+    module, spec = with_image_size(*load_checkpoint(str(tmp / "qwen")), (c["image"], c["image"]))
+    return {"model": f"Qwen2VLForConditionalGeneration at {c['image']}x{c['image']} (vision {c['vision']}, "
+                     f"text {c['text']})", **_exits(tmp, tmp / "qwen", module, spec, c, reps, threads), "smoke": smoke}
+
+
+def _exits(tmp: Path, folder: Path, module, spec, c: dict, reps: int, threads: int) -> dict:
+    """The checkpoint in ``folder`` (loaded: ``module``, ``spec``) exported, compiled as it is and with a static exit
+    before each of ``c["exit_layers"]``, each artefact validated against it in PyTorch, and timed side by side."""
+    from attnc.compiler.pipeline import CompileOptions, compile_model, validate_artefact
+
     t = time.perf_counter()
-    export_onnx(module, spec.example_inputs(seq=c["text_tokens"]), tmp / "llava.onnx",
-                input_names=spec.input_names, dynamic_axes=spec.dynamic_axes)
+    graph = tmp / f"{folder.name}.onnx"
+    export_onnx(module, spec.example_inputs(seq=c["text_tokens"]), graph, input_names=spec.input_names,
+                dynamic_axes=spec.dynamic_axes)
     export_s = time.perf_counter() - t
     models, rows = {}, []
     for k in (None, *c["exit_layers"]):
         name = "full" if k is None else f"exit{k}"
         options = CompileOptions() if k is None else CompileOptions(token_exit="static", exit_layer=k)
         t = time.perf_counter()
-        compile_model(tmp / "llava.onnx", tmp / name, options)
+        compile_model(graph, tmp / name, options)
         compile_s = time.perf_counter() - t
-        result, _ = validate_artefact(tmp / name, str(tmp / "llava"), seed=1)
+        result, _ = validate_artefact(tmp / name, str(folder), seed=1)
         models[name] = onnx.load(str(tmp / name / "model.fused.onnx"))
         worst = max(o.to_dict()["max_abs_error"] for o in result.outputs)
         rows.append({"model": name, "exit_layer": k, "compile_s": compile_s, "validation_passed": result.passed,
@@ -492,10 +538,9 @@ def bench_llava(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict
         pixels, ids = spec.example_inputs(batch=batch, seq=c["text_tokens"], seed=2)
         latency[str(batch)] = side_by_side(models, {"pixel_values": pixels.numpy(), "input_ids": ids.numpy()},
                                            max(5, reps // 10 if batch > 1 else reps // 4), threads)
-    return {"model": f"LlavaForConditionalGeneration (CLIP {c['vision']}, Llama {c['text']})",
-            "visual_tokens": module.num_visual_tokens, "text_tokens": c["text_tokens"],
+    return {"visual_tokens": module.num_visual_tokens, "text_tokens": c["text_tokens"],
             "decoder_layers": c["text"]["num_hidden_layers"], "export_s": export_s, "rows": rows,
-            "latency_ms": latency, "smoke": smoke}
+            "latency_ms": latency}
 
 
 def bench_llava_decode(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
@@ -706,8 +751,8 @@ def llava_vqa_table(results: list[dict]) -> list[str]:
     return lines
 
 
-def llava_table(p: dict) -> list[str]:
-    lines = [f"Visual-token exit on a transformers LLaVA checkpoint: {p['visual_tokens']} visual + {p['text_tokens']} "
+def llava_table(p: dict, kind: str = "LLaVA") -> list[str]:
+    lines = [f"Visual-token exit on a transformers {kind} checkpoint: {p['visual_tokens']} visual + {p['text_tokens']} "
              f"text tokens, {p['decoder_layers']} decoder layers (random weights: the exits' cost to answers is not "
              "measured here)",
              f"  {'artefact':<9}{'compile s':>10}{'validation':>12}{'max abs err':>13}{'vs full: max abs':>18}"
@@ -731,7 +776,7 @@ def machine() -> dict:
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
 
 
-SECTIONS = ("prune", "exit", "llama", "llava", "llava_vqa", "llava_decode")
+SECTIONS = ("prune", "exit", "llama", "llava", "llava_vqa", "llava_decode", "qwen")
 
 
 def main(argv=None) -> int:
@@ -767,6 +812,8 @@ def main(argv=None) -> int:
                                          for aware in (False, True)]
         if "llava_decode" in sections:
             results["exit_llava_decode"] = bench_llava_decode(Path(tmp), args.reps, args.threads, smoke=args.smoke)
+        if "qwen" in sections:
+            results["exit_qwen"] = bench_qwen(Path(tmp), args.reps, args.threads, smoke=args.smoke)
     results["seconds"] = time.perf_counter() - t0
     print(table(results))
     out = Path(args.out)
@@ -832,6 +879,8 @@ def table(results: dict) -> str:
         lines.extend(llava_vqa_table(results["exit_llava_vqa"]))
     if "exit_llava_decode" in results:
         lines.extend(llava_decode_table(results["exit_llava_decode"]))
+    if "exit_qwen" in results:
+        lines.extend(llava_table(results["exit_qwen"], "Qwen2-VL"))
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Qwen2-VL and Qwen2.5-VL images at one size, for :mod:`attnc.models.hf_vision_language`'s layout.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL images at one size, for :mod:`attnc.models.hf_vision_language`'s layout.
 
 Their processors resize each image to its own multiple of ``patch × merge`` pixels (28) and hand the vision tower
 the image's patches flattened into rows, with its grid ``(t, h, w)`` beside them; the tower attends within each
@@ -10,11 +10,15 @@ image as a plain ``[B, 3, H, W]`` batch (resized and normalised as the processor
 computes the tower's output with the grid, the rotary tables, the window order and the positions fixed: the
 patches as the processor cuts them (a stride-``p`` convolution with the two identical frames' kernels summed), the
 tower's own weights with attention over each image's patches (its windows as a mask), the merger, the windows
-undone. :meth:`QwenImageEncoder.positions` gives the language model's 3-D positions of a prompt.
+undone. :meth:`QwenImageEncoder.positions` gives the language model's 3-D positions of a prompt. Qwen3-VL adds a
+learned position table (resampled to the grid: constant indices and weights) and deepstack features, which its first
+decoder layers add to the image's hidden states (:meth:`QwenImageEncoder.features` returns them; a token exit must
+come after those layers, :func:`deepstack_layers`).
 
 The image size is fixed per export (``attnc export --image-size HxW``; :data:`DEFAULT_SIZE` square otherwise), so
-the number of visual tokens is too: ``(H / 28) × (W / 28)`` for ``patch 14, merge 2``. Tested against
-transformers' forward on the processor's own patches in ``tests/models/test_hf_qwen_vl.py``.
+the number of visual tokens is too: ``(H / 28) × (W / 28)`` for ``patch 14, merge 2`` (``/ 32`` for Qwen3-VL's
+16-pixel patches). Tested against transformers' forward on the processor's own patches in
+``tests/models/test_hf_qwen_vl.py``.
 """
 
 from __future__ import annotations
@@ -141,7 +145,8 @@ class QwenImageEncoder(torch.nn.Module):
             x = x + (self.visual.pos_embed(self.table_index) * self.table_weight[:, :, None]).sum(1).to(x.dtype)
         unit = m * m
         if self.windowed:
-            x = x.reshape(batch, self.num_visual_tokens, unit, -1)[:, self.window_order].reshape(batch, self.num_patches, -1)
+            x = x.reshape(batch, self.num_visual_tokens, unit, -1)[:, self.window_order]
+            x = x.reshape(batch, self.num_patches, -1)
         deepstack = []
 
         def merged(merger, x):   # a merger reads each block's m × m patches as one row: row-wise, any batch
@@ -163,7 +168,8 @@ class QwenImageEncoder(torch.nn.Module):
 
         def rotate(t):   # as transformers' apply_rotary_pos_emb_vision: in float32
             half = t.shape[-1] // 2
-            return (t.float() * self.cos + torch.cat([-t[..., half:], t[..., :half]], -1).float() * self.sin).to(t.dtype)
+            turned = torch.cat([-t[..., half:], t[..., :half]], -1)
+            return (t.float() * self.cos + turned.float() * self.sin).to(t.dtype)
 
         out = torch.nn.functional.scaled_dot_product_attention(rotate(q), rotate(k), v, attn_mask=mask,
                                                                scale=attn.scaling)

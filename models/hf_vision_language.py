@@ -16,8 +16,9 @@ exactly: each is checked against the transformers forward on the same prompt in
 (``--first-step``: the image and the prompt, their KV cache out) and the language model's later steps
 (``--with-past``, :class:`VisionLanguageStep`); both compiled with the same static token exit answer with the image
 gone after that layer. Prompts of different lengths go in one batch with ``--with-attention-mask``
-(:class:`MaskedVisionLanguageOutput`: each padded after the text in front of the image). Several images and images
-whose token count depends on their size are not built.
+(:class:`MaskedVisionLanguageOutput`: each padded after the text in front of the image). Qwen2-VL, Qwen2.5-VL and
+Qwen3-VL, whose visual tokens follow the image's size, take images of one size per export (:mod:`attnc.models.
+hf_qwen_vl`, ``attnc export --image-size``; 3-D M-RoPE positions). Several images per prompt are not built.
 """
 
 from __future__ import annotations

@@ -576,7 +576,8 @@ def pin_inferred_dims(model: onnx.ModelProto) -> list[str]:
         if not any(p is not None and p.ndim == 1 and (p == -1).any() for p in pieces):
             continue
         shapes = value_shapes(model) if shapes is None else shapes
-        lengths = [p.size if p is not None else (shapes.get(name) or [None])[0] for p, name in zip(pieces, concat.input)]
+        lengths = [p.size if p is not None else (shapes.get(name) or [None])[0]
+                   for p, name in zip(pieces, concat.input)]
         if not all(isinstance(n, int) for n in lengths):
             continue
         plans.append((node, shifts, concat, pieces, lengths))

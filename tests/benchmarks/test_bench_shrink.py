@@ -1,6 +1,6 @@
-"""``benchmarks/bench_shrink.py --only llava|llava_vqa|llava_decode --smoke``: the LLaVA sections run end to end at toy
-sizes, every exit artefact validates against the checkpoint exiting in PyTorch, and the raw file and table carry each
-exit's latency beside the full model's (the numbers themselves mean nothing at these sizes)."""
+"""``benchmarks/bench_shrink.py --only llava|llava_vqa|llava_decode|qwen --smoke``: the LLaVA and Qwen2-VL sections
+run end to end at toy sizes, every exit artefact validates against the checkpoint exiting in PyTorch, and the raw file
+and table carry each exit's latency beside the full model's (the numbers themselves mean nothing at these sizes)."""
 
 from __future__ import annotations
 
@@ -62,3 +62,16 @@ def test_llava_decode_smoke(tmp_path, capsys):
     assert rows["exit2"]["prompt_cache_bytes"] / rows["full"]["prompt_cache_bytes"] == pytest.approx(56 / 72)
     assert all(set(lat[what]) == set(rows) for lat in result["latency_ms"].values() for what in lat)
     assert "Answering with the visual tokens gone" in capsys.readouterr().out
+
+
+def test_qwen_smoke(tmp_path, capsys):
+    """``--only qwen --smoke``: a Qwen2-VL exported at its image size, exited before layers 1 and 2; every artefact
+    validates against the checkpoint exiting in PyTorch and is timed beside the full model."""
+    result = _smoke("qwen", tmp_path)["exit_qwen"]
+    assert result["visual_tokens"] == 4 and result["smoke"] and "56x56" in result["model"]
+    rows = {r["model"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "exit1", "exit2"}
+    assert all(r["validation_passed"] and r["validation_max_abs_error"] < 1e-4 for r in rows.values())
+    assert rows["full"]["shrink_cost"] is None and rows["exit1"]["shrink_cost"]["max_abs_error"] > 1e-3
+    assert set(result["latency_ms"]["4"]) == set(rows)
+    assert "Visual-token exit on a transformers Qwen2-VL checkpoint" in capsys.readouterr().out
