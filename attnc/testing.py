@@ -194,10 +194,7 @@ def tiny_vision_language(folder: Path, architecture: str) -> Path:
     :data:`attnc.models.hf_vision_language.ARCHITECTURES` but LLaVA, which :func:`tiny_llava` builds): a 2-layer
     vision tower whose image becomes 16 tokens, a 2-layer text model (4 for Cohere 2's) of width 32 with 4 query on 2
     K/V heads and 128 words, the image token 120; weights perturbed off their initial values, saved in ``folder``."""
-    import torch
     import transformers as t
-
-    from attnc.models import transformers_zoo
 
     text = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
@@ -236,12 +233,7 @@ def tiny_vision_language(folder: Path, architecture: str) -> Path:
             alignment_intermediate_size=64),
     }
     config = builders[architecture]()
-    config.architectures = [architecture]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers_zoo.perturbed(getattr(t, architecture)(config))
-    model.save_pretrained(folder)
-    return folder
+    return _save_seeded(config, architecture, folder)
 
 
 QWEN_IMAGE_TOKEN = 250
@@ -254,10 +246,7 @@ def tiny_qwen_vl(folder: Path, architecture: str = "Qwen2VLForConditionalGenerat
     its first two layers), a 4-layer text model of width 64 with 4 query on ``kv_heads`` K/V heads and M-RoPE
     sections ``[2, 3, 3]`` (Qwen3-VL's ``[4, 2, 2]``, interleaved), 256 words, the image token
     :data:`QWEN_IMAGE_TOKEN`; weights perturbed off their initial values, saved in ``folder``."""
-    import torch
     import transformers as t
-
-    from attnc.models import transformers_zoo
 
     text = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=kv_heads, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
@@ -280,9 +269,19 @@ def tiny_qwen_vl(folder: Path, architecture: str = "Qwen2VLForConditionalGenerat
             spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0, 1]))
     else:
         raise ValueError(f"no tiny {architecture}")
+    return _save_seeded(config, architecture, folder)
+
+
+def _save_seeded(config, architecture: str, folder: Path) -> Path:
+    """transformers' ``architecture`` built from ``config`` under seed 0, its weights perturbed, saved in ``folder``."""
+    import torch
+    import transformers
+
+    from attnc.models import transformers_zoo
+
     config.architectures = [architecture]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = transformers_zoo.perturbed(getattr(t, architecture)(config))
+        model = transformers_zoo.perturbed(getattr(transformers, architecture)(config))
     model.save_pretrained(folder)
     return folder

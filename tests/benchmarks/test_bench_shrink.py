@@ -24,21 +24,28 @@ def _smoke(section: str, folder: Path) -> dict:
     return json.loads(raw.read_text())
 
 
-def test_llava_smoke(tmp_path, capsys):
-    result = _smoke("llava", tmp_path)["exit_llava"]
-    assert result["visual_tokens"] == 16 and result["smoke"]
+@pytest.mark.parametrize("section,kind,visual,model", [("llava", "LLaVA", 16, "Llava"),
+                                                       ("qwen", "Qwen2-VL", 4, "56x56")])
+def test_exit_smoke(tmp_path, capsys, section, kind, visual, model):
+    """``--only llava`` / ``--only qwen`` ``--smoke``: the checkpoint (Qwen2-VL exported at its image size) exited
+    before layers 1 and 2; every artefact validates against the checkpoint exiting in PyTorch and is timed beside the
+    full model at batch 1 and 4."""
+    result = _smoke(section, tmp_path)[f"exit_{section}"]
+    assert result["visual_tokens"] == visual and result["smoke"] and model in result["model"]
     rows = {r["model"]: r for r in result["rows"]}
     assert set(rows) == {"full", "exit1", "exit2"}
     assert all(r["validation_passed"] and r["validation_max_abs_error"] < 1e-4 for r in rows.values())
     assert rows["full"]["shrink_cost"] is None and rows["exit1"]["shrink_cost"]["max_abs_error"] > 1e-3
-    assert set(result["latency_ms"]["1"]) == set(rows)
-    assert "Visual-token exit on a transformers LLaVA checkpoint" in capsys.readouterr().out
+    assert set(result["latency_ms"]) == {"1", "4"}
+    assert all(set(lat) == set(rows) for lat in result["latency_ms"].values())
+    assert f"Visual-token exit on a transformers {kind} checkpoint" in capsys.readouterr().out
 
 
 def test_llava_vqa_smoke(tmp_path):
     """``--only llava_vqa --smoke``: a LLaVA (3 decoder layers) trained (one toy epoch) on the VQA task goes through
-    export, static exits before every layer, a gate trained by ``attnc train-exit-gate`` and the dynamic exit; every artefact validates, and
-    the rows carry test accuracy and latency beside the full model's, for plain and exit-aware training."""
+    export, static exits before every layer, a gate trained by ``attnc train-exit-gate`` and the dynamic exit; every
+    artefact validates, and the rows carry test accuracy and latency beside the full model's, for plain and
+    exit-aware training."""
     results = _smoke("llava_vqa", tmp_path)["exit_llava_vqa"]
     assert [r["exit_aware_training"] for r in results] == [False, True]
     for result in results:
@@ -63,15 +70,3 @@ def test_llava_decode_smoke(tmp_path, capsys):
     assert all(set(lat[what]) == set(rows) for lat in result["latency_ms"].values() for what in lat)
     assert "Answering with the visual tokens gone" in capsys.readouterr().out
 
-
-def test_qwen_smoke(tmp_path, capsys):
-    """``--only qwen --smoke``: a Qwen2-VL exported at its image size, exited before layers 1 and 2; every artefact
-    validates against the checkpoint exiting in PyTorch and is timed beside the full model."""
-    result = _smoke("qwen", tmp_path)["exit_qwen"]
-    assert result["visual_tokens"] == 4 and result["smoke"] and "56x56" in result["model"]
-    rows = {r["model"]: r for r in result["rows"]}
-    assert set(rows) == {"full", "exit1", "exit2"}
-    assert all(r["validation_passed"] and r["validation_max_abs_error"] < 1e-4 for r in rows.values())
-    assert rows["full"]["shrink_cost"] is None and rows["exit1"]["shrink_cost"]["max_abs_error"] > 1e-3
-    assert set(result["latency_ms"]["4"]) == set(rows)
-    assert "Visual-token exit on a transformers Qwen2-VL checkpoint" in capsys.readouterr().out

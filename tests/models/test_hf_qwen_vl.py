@@ -176,10 +176,11 @@ def test_export_exit_and_validate(checkpoint, tmp_path):
     reason="the generation path CI checks on Qwen2-VL, whose later steps Qwen2.5-VL shares (about 30 s)")),
     ARCHITECTURES[2]], indirect=True)
 def test_generation(checkpoint, tmp_path):
-    """``--first-step`` and ``--with-past`` at the export's image size compile and validate, as they are and exited
-    before layer 2. The pair's greedy tokens equal transformers' ``generate`` (the later steps' positions shifted as
-    M-RoPE places the text after the image), with the exit a greedy loop over the exited forward; beam search equals
-    ``generate``'s too. Qwen2-VL's prompts are padded: each row's tokens are ``generate``'s on the prompt alone."""
+    """``--first-step`` and ``--with-past`` at the export's image size compile as they are and exited before layer 2
+    (the exited pair validates against the checkpoint exiting alike). The pair's greedy tokens equal transformers'
+    ``generate`` (the later steps' positions shifted as M-RoPE places the text after the image), with the exit a
+    greedy loop over the exited forward. Qwen2-VL's prompts are padded, each row's tokens ``generate``'s on the prompt
+    alone, greedy and with beam search (which the decoder runs alike for every architecture)."""
     folder, module, spec, _ = checkpoint
     size = ("--image-size", "x".join(map(str, module.image_size)), "--text-before-image", BEFORE)
     padded = type(module.model).__name__ == ARCHITECTURES[0]
@@ -188,7 +189,7 @@ def test_generation(checkpoint, tmp_path):
         run_cli("export", folder, "-o", tmp_path / f"{name}.onnx", option, *size, *masked)
         for tag, exit_options in (("", ()), ("_exit", ("--token-exit", "static", "--exit-layer", 2))):
             run_cli("compile", tmp_path / f"{name}.onnx", "-o", tmp_path / f"{name}{tag}", *exit_options)
-            run_cli("validate", tmp_path / f"{name}{tag}", "--model", folder)
+        run_cli("validate", tmp_path / f"{name}_exit", "--model", folder)
     pairs = {tag: (runtime.load(tmp_path / f"first{tag}"), runtime.load(tmp_path / f"step{tag}"))
              for tag in ("", "_exit")}
     if padded:
@@ -202,15 +203,16 @@ def test_generation(checkpoint, tmp_path):
     got = runtime.generate_vision_language(*pairs[""], pixels.numpy(), ids.numpy(), *extra, max_new_tokens=5)
     exited = runtime.generate_vision_language(*pairs["_exit"], pixels.numpy(), ids.numpy(), *extra, max_new_tokens=5)
     beams = runtime.generate_vision_language(*pairs[""], pixels.numpy(), ids.numpy(), *extra, max_new_tokens=4,
-                                             num_beams=3)
+                                             num_beams=3) if padded else None
     start = ids.shape[1]
     for i, (image, tokens) in enumerate(rows):
         span = slice(i, i + 1) if padded else slice(None)
         expected = _transformers(module.model, image, tokens, 6, BEFORE, max_new_tokens=5, min_new_tokens=5)
         np.testing.assert_array_equal(got[span, start:], expected)
-        expected = _transformers(module.model, image, tokens, 6, BEFORE, max_new_tokens=4, min_new_tokens=4,
-                                 num_beams=3)
-        np.testing.assert_array_equal(beams[span, start:], expected)
+        if beams is not None:
+            expected = _transformers(module.model, image, tokens, 6, BEFORE, max_new_tokens=4, min_new_tokens=4,
+                                     num_beams=3)
+            np.testing.assert_array_equal(beams[span, start:], expected)
         loop = tokens
         with torch.no_grad():
             for _ in range(5):
