@@ -240,12 +240,13 @@ QWEN_IMAGE_TOKEN = 250
 
 
 def tiny_qwen_vl(folder: Path, architecture: str = "Qwen2VLForConditionalGeneration", kv_heads: int = 2) -> Path:
-    """A seeded Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint (``architecture``): a 2-layer vision tower with 14-pixel
-    patches merged 2 × 2 (Qwen2.5-VL's first layer attending within windows of 2 × 2 merged blocks, its second over
-    the whole image; Qwen3-VL's 3 layers of 16-pixel patches, a learned 4 × 4 position table, deepstack features of
-    its first two layers), a 4-layer text model of width 64 with 4 query on ``kv_heads`` K/V heads and M-RoPE
-    sections ``[2, 3, 3]`` (Qwen3-VL's ``[4, 2, 2]``, interleaved), 256 words, the image token
-    :data:`QWEN_IMAGE_TOKEN`; weights perturbed off their initial values, saved in ``folder``."""
+    """A seeded Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE checkpoint (``architecture``): a 2-layer vision tower
+    with 14-pixel patches merged 2 × 2 (Qwen2.5-VL's first layer attending within windows of 2 × 2 merged blocks, its
+    second over the whole image; Qwen3-VL's 3 layers of 16-pixel patches, a learned 4 × 4 position table, deepstack
+    features of its first two layers), a 4-layer text model of width 64 with 4 query on ``kv_heads`` K/V heads and
+    M-RoPE sections ``[2, 3, 3]`` (Qwen3-VL's ``[4, 2, 2]``, interleaved; the MoE's layers of 4 experts, 2 per
+    token), 256 words, the image token :data:`QWEN_IMAGE_TOKEN`; weights perturbed off their initial values, saved in
+    ``folder``."""
     import transformers as t
 
     text = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -262,9 +263,12 @@ def tiny_qwen_vl(folder: Path, architecture: str = "Qwen2VLForConditionalGenerat
         config = t.Qwen2_5_VLConfig(text_config=text, **tokens, vision_config=dict(
             depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]))
-    elif architecture == "Qwen3VLForConditionalGeneration":   # 16-pixel patches; deepstack after decoder layers 0, 1
+    elif architecture.startswith("Qwen3VL"):   # 16-pixel patches; deepstack after decoder layers 0, 1
         text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [4, 2, 2], "mrope_interleaved": True}
-        config = t.Qwen3VLConfig(text_config={**text, "head_dim": 16}, **tokens, vision_config=dict(
+        moe = "Moe" in architecture   # 4 experts of width 32, 2 per token, in every layer
+        experts = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+        config = (t.Qwen3VLMoeConfig if moe else t.Qwen3VLConfig)(
+            text_config={**text, "head_dim": 16, **(experts if moe else {})}, **tokens, vision_config=dict(
             depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
             spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0, 1]))
     else:

@@ -1,4 +1,4 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL images at one size, for :mod:`attnc.models.hf_vision_language`'s layout.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense and MoE) images at one size, for :mod:`attnc.models.hf_vision_language`.
 
 Their processors resize each image to its own multiple of ``patch × merge`` pixels (28) and hand the vision tower
 the image's patches flattened into rows, with its grid ``(t, h, w)`` beside them; the tower attends within each
@@ -30,7 +30,7 @@ from attnc.compiler.errors import AttncError
 # config.architectures[0] of the checkpoints QwenImageEncoder reads (their vision towers differ in norms, MLPs and
 # Qwen2.5-VL's windows, which the encoder reuses or rebuilds; their language models take [3, B, L] positions)
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-                 "Qwen3VLForConditionalGeneration")
+                 "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 DEFAULT_SIZE = 448   # pixels a side: 256 visual tokens at patch 14, merge 2 (LLaVA-1.5 has 576)
 
 

@@ -41,7 +41,9 @@ def _pixels(module, blocks) -> tuple[int, int]:
     return tuple(b * vision.patch_size * vision.spatial_merge_size for b in blocks)
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
+@pytest.fixture(scope="module", params=[*ARCHITECTURES[:3], pytest.param(ARCHITECTURES[3], marks=pytest.mark.full(
+    reason="Qwen3-VL's path, which CI checks, with mixture-of-experts text layers (transformers' batched_mm, which "
+           "CI's MoE text models take); about 30 s"))])
 def checkpoint(request, tmp_path_factory):
     """A tiny checkpoint of each architecture (4 query on 2 K/V heads), its module and spec at :data:`BLOCKS` with
     :data:`BEFORE` text tokens in front of the image, and its dynamo export through the CLI."""
@@ -134,8 +136,9 @@ def test_padded_prompts(checkpoint):
 def test_export_exit_and_validate(checkpoint, tmp_path):
     """The export records ``P``, ``K`` and the image size, takes any batch and text length (ONNX Runtime equals
     transformers at sizes other than the export's); compiled as it is and with the image gone before layer 2
-    (static) or a gate deciding there (dynamic, trained by ``attnc train-exit-gate``), each artefact passes ``attnc
-    validate`` against the checkpoint exiting alike, and the exits change the logits. Qwen3-VL records the first layer
+    (static) or a gate deciding there (dynamic, trained by ``attnc train-exit-gate``), or exited with half its heads
+    pruned, each artefact passes ``attnc validate`` against the checkpoint shrunk alike, and the exits change the
+    logits. Qwen3-VL records the first layer
     an exit may precede (after its deepstack layers): an earlier exit is refused, compiled and in PyTorch."""
     folder, module, spec, path = checkpoint
     model, graph = load_onnx(path), onnx.load(path)
@@ -156,13 +159,17 @@ def test_export_exit_and_validate(checkpoint, tmp_path):
     run_cli("train-exit-gate", folder, "-o", tmp_path / "gate.npz", "--layer", 2, "--calibration", calibration,
             "--steps", 20, "--image-size", size, "--text-before-image", BEFORE)
     for name, options in (("plain", ()), ("static", ("--token-exit", "static", "--exit-layer", 2)),
-                          ("dynamic", ("--token-exit", "dynamic", "--exit-gate", tmp_path / "gate.npz"))):
+                          ("dynamic", ("--token-exit", "dynamic", "--exit-gate", tmp_path / "gate.npz")),
+                          ("pruned", ("--token-exit", "static", "--exit-layer", 2, "--prune-heads", 0.5,
+                                      "--prune-method", "weight"))):
         run_cli("compile", path, "-o", tmp_path / name, *options)
         assert "PASS" in run_cli("validate", tmp_path / name, "--model", folder).output
         report = json.loads((tmp_path / name / "report.json").read_text())
         assert report["passed"]
     report = json.loads((tmp_path / "static" / "report.json").read_text())
     assert report["shrink_cost"][0]["max_abs_error"] > 1e-3
+    manifest = json.loads((tmp_path / "pruned" / "manifest.json").read_text())
+    assert manifest["shrink"]["prune_heads"]["heads_after"] < manifest["shrink"]["prune_heads"]["heads_before"]
     if deepstack:   # Qwen3-VL: no exit in front of the layers its deepstack feeds, in ONNX or in PyTorch
         result = run_cli("compile", path, "-o", tmp_path / "early", "--token-exit", "static", "--exit-layer", 1,
                          ok=False)
@@ -174,7 +181,8 @@ def test_export_exit_and_validate(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("checkpoint", [ARCHITECTURES[0], pytest.param(ARCHITECTURES[1], marks=pytest.mark.full(
     reason="the generation path CI checks on Qwen2-VL, whose later steps Qwen2.5-VL shares (about 30 s)")),
-    ARCHITECTURES[2]], indirect=True)
+    ARCHITECTURES[2], pytest.param(ARCHITECTURES[3], marks=pytest.mark.full(reason="Qwen3-VL's, with MoE layers"))],
+    indirect=True)
 def test_generation(checkpoint, tmp_path):
     """``--first-step`` and ``--with-past`` at the export's image size compile as they are and exited before layer 2
     (the exited pair validates against the checkpoint exiting alike). The pair's greedy tokens equal transformers'
