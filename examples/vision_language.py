@@ -12,11 +12,14 @@ the prompt with the image's placeholder tokens in place. Last, it compiles both 
 tokens dropped before ``--exit-layer`` (the later layers' caches then hold the text alone), validates them, and checks
 their tokens against a greedy loop over the exited forward. Without ``--checkpoint`` it writes a random LLaVA (a CLIP
 tower of ``--image-size`` px images in 8 px patches, a Llama of ``--width`` and ``--layers`` with grouped-query
-attention) with ``save_pretrained`` first: no hub is reached::
+attention) or, with ``--model qwen2-vl``, a random Qwen2-VL (its images exported at ``--image-size`` px square, a
+multiple of 28) with ``save_pretrained`` first: no hub is reached::
 
     python examples/vision_language.py
     python examples/vision_language.py --image-size 112 --width 256 --layers 8 --exit-layer 2 --json run.json
+    python examples/vision_language.py --model qwen2-vl --image-size 224
     python examples/vision_language.py --checkpoint ./my-llava --text-before-image 5
+    python examples/vision_language.py --checkpoint ./my-qwen2-vl --image-size 448
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ import torch
 from attnc import runtime
 from attnc.compiler.export import export_onnx
 from attnc.compiler.pipeline import CompileOptions, compile_model, validate_artefact
-from attnc.models.hf_checkpoint import load_checkpoint, with_first_step, with_past, with_text_before_image
+from attnc.models.hf_checkpoint import (load_checkpoint, with_first_step, with_image_size, with_past,
+                                        with_text_before_image)
+from attnc.models.hf_qwen_vl import is_qwen_vl
 from attnc.models.transformers_zoo import perturbed
 
 
@@ -55,6 +60,52 @@ def random_llava(folder: Path, image_size: int, width: int, layers: int) -> Path
     return folder
 
 
+def random_qwen2_vl(folder: Path, width: int, layers: int) -> Path:
+    """A seeded random ``Qwen2VLForConditionalGeneration`` saved in ``folder``: a 2-layer tower, 256 words, the image
+    token 252."""
+    import transformers
+
+    heads = max(2, width // 32)
+    half = width // heads // 2   # rotary frequencies per head, split over time, rows and columns
+    text = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=max(1, heads // 2), vocab_size=256, max_position_embeddings=4096,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]})
+    config = transformers.Qwen2VLConfig(
+        text_config=text, vision_config=dict(depth=2, embed_dim=64, hidden_size=width, num_heads=2, mlp_ratio=2),
+        image_token_id=252, video_token_id=253, vision_start_token_id=254, vision_end_token_id=255,
+        architectures=["Qwen2VLForConditionalGeneration"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        perturbed(transformers.Qwen2VLForConditionalGeneration(config)).save_pretrained(folder)
+    return folder
+
+
+def transformers_generate(module, pixels: torch.Tensor, ids: torch.Tensor, before: int, tokens: int) -> torch.Tensor:
+    """transformers' greedy ``generate`` on the prompt ``ids[:, :before]`` + the image's placeholders + ``ids[:,
+    before:]``: the new tokens. Qwen takes the image as its processor's patches, with their grid and token types."""
+    hf, p = module.model, module.num_visual_tokens
+    image = getattr(hf.config, "image_token_index", None) or hf.config.image_token_id
+    prompt = torch.cat([ids[:, :before], torch.full((len(ids), p), image), ids[:, before:]], 1)
+    extra = {"pixel_values": pixels}
+    if is_qwen_vl(hf):
+        import transformers
+
+        vision = hf.config.vision_config
+        processor = transformers.Qwen2VLImageProcessorPil(
+            do_resize=False, do_rescale=False, do_normalize=False, patch_size=vision.patch_size,
+            merge_size=vision.spatial_merge_size, temporal_patch_size=vision.temporal_patch_size)
+        cut = processor([image.numpy() for image in pixels], return_tensors="pt", input_data_format="channels_first")
+        types = torch.zeros_like(prompt, dtype=torch.int32)
+        types[:, before:before + p] = 1
+        extra = {"pixel_values": cut["pixel_values"], "image_grid_thw": cut["image_grid_thw"],
+                 "mm_token_type_ids": types}
+    with torch.no_grad():
+        out = hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
+                          min_new_tokens=tokens, do_sample=False, **extra)
+    return out[:, prompt.shape[1]:]
+
+
 def latency_ms(runner, feeds: dict, reps: int) -> float:
     runner.infer(feeds)
     times = []
@@ -67,8 +118,11 @@ def latency_ms(runner, feeds: dict, reps: int) -> float:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", help="a LLaVA-family checkpoint directory (default: a random one)")
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--checkpoint", help="a LLaVA-family or Qwen-VL checkpoint directory (default: a random one)")
+    parser.add_argument("--model", choices=["llava", "qwen2-vl"], default="llava",
+                        help="the random checkpoint's architecture (without --checkpoint)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="pixels a side: the random LLaVA's (default 64); Qwen's exported size (default 56)")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--text-before-image", type=int, default=3)
@@ -83,9 +137,17 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        folder = Path(args.checkpoint) if args.checkpoint else random_llava(tmp / "llava", args.image_size,
-                                                                            args.width, args.layers)
-        module, spec = with_text_before_image(*load_checkpoint(str(folder)), args.text_before_image)
+        if args.checkpoint:
+            folder = Path(args.checkpoint)
+        elif args.model == "qwen2-vl":
+            folder = random_qwen2_vl(tmp / "qwen2-vl", args.width, args.layers)
+        else:
+            folder = random_llava(tmp / "llava", args.image_size or 64, args.width, args.layers)
+        module, spec = load_checkpoint(str(folder))
+        if is_qwen_vl(module.model):   # its visual tokens follow the image's size: one size per export
+            size = args.image_size or 56
+            module, spec = with_image_size(module, spec, (size, size))
+        module, spec = with_text_before_image(module, spec, args.text_before_image)
         pixels, ids = spec.example_inputs(batch=args.batch, seq=args.prompt, seed=1)
         feeds = {"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}
         results = {"checkpoint": spec.description, "visual_tokens": module.num_visual_tokens,
@@ -121,16 +183,10 @@ def main(argv=None) -> dict:
                                                   feeds["pixel_values"], feeds["input_ids"],
                                                   max_new_tokens=args.generate)
         attnc_s = time.perf_counter() - start
-        hf = module.model
-        k, image = args.text_before_image, hf.config.image_token_index
-        prompt = torch.cat([ids[:, :k], torch.full((len(ids), module.num_visual_tokens), image), ids[:, k:]], 1)
         start = time.perf_counter()
-        with torch.no_grad():
-            expected = hf.generate(input_ids=prompt, pixel_values=pixels, attention_mask=torch.ones_like(prompt),
-                                   max_new_tokens=args.generate, min_new_tokens=args.generate, do_sample=False)
+        expected = transformers_generate(module, pixels, ids, args.text_before_image, args.generate)
         torch_s = time.perf_counter() - start
-        results["generation"] = {"tokens_equal": bool(np.array_equal(tokens[:, args.prompt:],
-                                                                     expected[:, prompt.shape[1]:].numpy())),
+        results["generation"] = {"tokens_equal": bool(np.array_equal(tokens[:, args.prompt:], expected.numpy())),
                                  "new_tokens": tokens[:, args.prompt:].tolist(), "attnc_s": attnc_s,
                                  "transformers_s": torch_s}
 

@@ -670,10 +670,13 @@ def test_generation_with_a_token_exit(checkpoint, generation_graphs, tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
-def test_vision_language_example(tmp_path):
-    """examples/vision_language.py end to end on a random LLaVA: both one-pass artefacts (as it is and exited) and
-    both generation steps validate, as it is and exited, the exit changes the logits, the generated tokens are
-    transformers' ``generate``'s, and with the exit those of the exited forward, from a smaller cache."""
+@pytest.mark.parametrize("model", ["llava", pytest.param("qwen2-vl", marks=pytest.mark.full(
+    reason="the example's path CI runs on LLaVA, on a random Qwen2-VL (test_hf_qwen_vl.py checks Qwen in CI)"))])
+def test_vision_language_example(tmp_path, model):
+    """examples/vision_language.py end to end on a random LLaVA (a random Qwen2-VL in the ``full`` tier): both
+    one-pass artefacts (as it is and exited) and both generation steps validate, as it is and exited, the exit changes
+    the logits, the generated tokens are transformers' ``generate``'s, and with the exit those of the exited forward,
+    from a smaller cache."""
     import importlib.util
     from pathlib import Path
 
@@ -681,11 +684,12 @@ def test_vision_language_example(tmp_path):
     spec = importlib.util.spec_from_file_location("vision_language", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    results = example.main(["--image-size", "32", "--width", "32", "--layers", "2", "--generate", "4", "--reps", "3",
-                            "--prompt", "6", "--json", str(tmp_path / "run.json")])
+    size = {"llava": 32, "qwen2-vl": 56}[model]
+    results = example.main(["--model", model, "--image-size", str(size), "--width", "32", "--layers", "2",
+                            "--generate", "4", "--reps", "3", "--prompt", "6", "--json", str(tmp_path / "run.json")])
     assert results["full"]["validation_passed"] and results["exit"]["validation_passed"]
     assert results["first_step_validation_passed"] and results["step_step_validation_passed"]
-    assert results["generation"]["tokens_equal"] and results["visual_tokens"] == 16
+    assert results["generation"]["tokens_equal"] and results["visual_tokens"] == {"llava": 16, "qwen2-vl": 4}[model]
     assert results["first_step_exit_validation_passed"] and results["step_step_exit_validation_passed"]
     cache = results["generation_exit"]["prompt_cache_bytes"]
     assert results["generation_exit"]["tokens_equal"] and cache["exit"] < cache["full"]
