@@ -9,7 +9,8 @@ it is data-dependent. At one image size all of it is constant, so :class:`QwenIm
 image as a plain ``[B, 3, H, W]`` batch (resized and normalised as the processor does, before it patchifies) and
 computes the tower's output with the grid, the rotary tables, the window order and the positions fixed: the
 patches as the processor cuts them (a stride-``p`` convolution with the two identical frames' kernels summed), the
-tower's own weights with attention over each image's patches (its windows as a mask), the merger, the windows
+tower's own weights with attention over each image's patches (its windows as a batch of windows where they are of
+one size, else under a block mask), the merger, the windows
 undone. :meth:`QwenImageEncoder.positions` gives the language model's 3-D positions of a prompt. Qwen3-VL adds a
 learned position table (resampled to the grid: constant indices and weights) and deepstack features, which its first
 decoder layers add to the image's hidden states (:meth:`QwenImageEncoder.features` returns them; a token exit must
@@ -105,17 +106,23 @@ class QwenImageEncoder(torch.nn.Module):
         with torch.no_grad():
             cos, sin = visual.rotary_pos_emb(weight.new_zeros(1), get_vision_position_ids(grid, m))   # [N, D]
         unit = m * m
+        self.windows = None
         if self.windowed:   # the tower runs on the merged blocks in window order; each window attends within itself
             order, bounds = get_vision_window_index(grid, spatial_merge_size=m, window_size=visual.window_size,
                                                     patch_size=p)
             cos, sin = (t.reshape(self.num_visual_tokens, unit, -1)[order].reshape(self.num_patches, -1)
                         for t in (cos, sin))
+            lengths = set((bounds[1:] - bounds[:-1]).tolist())
+            # windows of one size (sides multiples of the window) attend as a batch of windows; ragged ones (the
+            # image's last row and column of windows cut short) under a block mask over the whole image, N² work
+            self.windows = len(bounds) - 1 if len(lengths) == 1 else None
             window = torch.zeros(self.num_patches, dtype=torch.int64)
             for i, (start, end) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
                 window[start:end] = i
             self.register_buffer("window_order", order, persistent=False)
             self.register_buffer("window_undo", torch.argsort(order), persistent=False)
-            self.register_buffer("same_window", window[:, None] == window[None, :], persistent=False)
+            self.register_buffer("same_window", None if self.windows else window[:, None] == window[None, :],
+                                 persistent=False)
             self.full_attention = set(visual.fullatt_block_indexes)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -153,16 +160,17 @@ class QwenImageEncoder(torch.nn.Module):
             return merger(x.reshape(batch * self.num_patches, -1)).reshape(batch, self.num_visual_tokens, -1)
 
         for i, block in enumerate(self.visual.blocks):
-            mask = self.same_window if self.windowed and i not in self.full_attention else None
-            x = x + self._attention(block.attn, block.norm1(x), mask)
+            windowed = self.windowed and i not in self.full_attention
+            x = x + self._attention(block.attn, block.norm1(x), windowed)
             x = x + block.mlp(block.norm2(x))
             if i in self.deepstack:
                 deepstack.append(merged(self.visual.deepstack_merger_list[self.deepstack.index(i)], x))
         out = merged(self.visual.merger, x)
         return (out[:, self.window_undo] if self.windowed else out), deepstack
 
-    def _attention(self, attn: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The tower's attention (``qkv``, 2-D rotary, ``proj``) over each image's patches ``x [B, N, D]``."""
+    def _attention(self, attn: torch.nn.Module, x: torch.Tensor, windowed: bool) -> torch.Tensor:
+        """The tower's attention (``qkv``, 2-D rotary, ``proj``) over each image's patches ``x [B, N, D]``, or within
+        each window of them (``windowed``: Qwen2.5-VL's layers but its ``fullatt_block_indexes``)."""
         batch, n, width = x.shape
         q, k, v = attn.qkv(x).reshape(batch, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)   # [B, h, N, d]
 
@@ -171,8 +179,18 @@ class QwenImageEncoder(torch.nn.Module):
             turned = torch.cat([-t[..., half:], t[..., :half]], -1)
             return (t.float() * self.cos + turned.float() * self.sin).to(t.dtype)
 
-        out = torch.nn.functional.scaled_dot_product_attention(rotate(q), rotate(k), v, attn_mask=mask,
-                                                               scale=attn.scaling)
+        q, k = rotate(q), rotate(k)
+        if windowed and self.windows:   # [B, h, W·S, d] -> [B·W, h, S, d]: the windows lie one after the other
+            def split(t):
+                return t.reshape(batch, self.heads, self.windows, n // self.windows, -1).transpose(1, 2).reshape(
+                    batch * self.windows, self.heads, n // self.windows, -1)
+
+            out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), scale=attn.scaling)
+            out = out.reshape(batch, self.windows, self.heads, n // self.windows, -1).transpose(1, 2)
+            out = out.reshape(batch, self.heads, n, -1)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=self.same_window if windowed else None, scale=attn.scaling)
         return attn.proj(out.transpose(1, 2).reshape(batch, n, width))
 
     def positions(self, before: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

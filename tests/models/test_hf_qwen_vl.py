@@ -90,8 +90,8 @@ def _transformers(hf, pixels, ids, p, before, **generate):
 
 @pytest.mark.parametrize("blocks,before,batch", [((2, 3), 0, 1), ((3, 2), 3, 3), ((4, 4), 2, 2), ((1, 2), 1, 2)])
 def test_matches_the_transformers_forward(checkpoint, blocks, before, batch):
-    """At square, wide and tall sizes (Qwen2.5-VL's windows of 2 × 2 merged blocks whole at 4 × 4 blocks, ragged at
-    the others; Qwen3-VL's position table resampled to each), the image after 0-3 text tokens: the logits equal
+    """At square, wide and tall sizes (Qwen2.5-VL's windows of 2 × 2 merged blocks whole at 4 × 4 blocks and one at
+    1 × 2, attending as a batch of windows, ragged at the others, under a block mask; Qwen3-VL's position table resampled to each), the image after 0-3 text tokens: the logits equal
     transformers' forward on the processor's patches, the 3-D positions ``get_rope_index``'s, and a different image
     changes the logits (the image is read)."""
     _, module, spec, _ = checkpoint
@@ -102,6 +102,8 @@ def test_matches_the_transformers_forward(checkpoint, blocks, before, batch):
     ids = torch.randint(3, QWEN_IMAGE_TOKEN, (batch, before + 5), generator=generator)
     p = module.num_visual_tokens
     assert p == blocks[0] * blocks[1]
+    if module.encoder.windowed:   # windows of one size (4 of 2 × 2 blocks, or one) attend as a batch, ragged ones not
+        assert module.encoder.windows == {(4, 4): 4, (1, 2): 1}.get(blocks)
     with torch.no_grad():
         got = module(pixels, ids).numpy()
         other = module(torch.randn_like(pixels), ids).numpy()
@@ -112,6 +114,23 @@ def test_matches_the_transformers_forward(checkpoint, blocks, before, batch):
     grid = _processed(module.model.config.vision_config, pixels)[1]
     positions, _ = module.model.model.get_rope_index(prompt, mm_token_type_ids=types, image_grid_thw=grid)
     torch.testing.assert_close(module.encoder.positions(before, ids), positions, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("checkpoint", [ARCHITECTURES[1]], indirect=True)
+def test_batched_windows_export(checkpoint, tmp_path):
+    """Qwen2.5-VL at 4 × 4 blocks (its windows of one size, attending as a batch of windows) exports and runs in ONNX
+    Runtime at batch 1 and 3, equal to transformers' forward."""
+    folder, module, spec, _ = checkpoint
+    size = _pixels(module, (4, 4))
+    module, spec = with_image_size(module, spec, size)
+    assert module.encoder.windows == 4
+    path = tmp_path / "windows.onnx"
+    run_cli("export", folder, "-o", path, "--image-size", "x".join(map(str, size)), "--text-before-image", BEFORE)
+    model = load_onnx(path)
+    for batch in (1, 3):
+        pixels, ids = spec.example_inputs(batch=batch, seq=BEFORE + 4, seed=batch + 10)
+        got = next(iter(model.infer({"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}).values()))
+        np.testing.assert_allclose(got, _transformers(module.model, pixels, ids, 16, BEFORE), atol=2e-5, rtol=1e-4)
 
 
 def test_padded_prompts(checkpoint):
