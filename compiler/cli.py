@@ -173,7 +173,8 @@ def _vision_language_layout(model_ref: str, text_before_image: int | None, image
                    "(a chat template's text in front of the image, e.g. LLaVA-1.5's 'USER:'); default 0. The "
                    "export records N: --token-exit and validate take it.")
 @click.option("--image-size", callback=lambda ctx, param, value: _image_size(value), default=None, metavar="HxW",
-              help="Vision-language checkpoints whose visual tokens follow the image's size (Qwen2-VL, Qwen2.5-VL): "
+              help="Vision-language checkpoints whose visual tokens follow the image's size (Qwen2-VL, Qwen2.5-VL, "
+                   "Qwen3-VL): "
                    "the size of the images the export takes, resized and normalised as the processor does "
                    f"(default {_QWEN_DEFAULT}x{_QWEN_DEFAULT}). Others take their config's image_size.")
 @_handle_errors

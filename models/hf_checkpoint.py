@@ -344,8 +344,9 @@ def with_text_before_image(module: torch.nn.Module, spec: CheckpointSpec, tokens
 def with_image_size(module: torch.nn.Module, spec: CheckpointSpec, size: tuple[int, int]
                     ) -> tuple[torch.nn.Module, CheckpointSpec]:
     """A loaded vision-language checkpoint taking images of ``size`` ``(H, W)`` pixels (``attnc export
-    --image-size``): for Qwen2-VL and Qwen2.5-VL (:mod:`attnc.models.hf_qwen_vl`), whose visual tokens follow the
-    image's size, the same wrapper at that size and its ``pixel_values`` shape; any other's size is its config's.
+    --image-size``): for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (:mod:`attnc.models.hf_qwen_vl`), whose visual tokens
+    follow the image's size, the same wrapper at that size and its ``pixel_values`` shape; any other's size is its
+    config's.
 
     Raises:
         AttncError: the checkpoint is no vision-language model's, takes images of one size only and ``size`` is

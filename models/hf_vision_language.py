@@ -174,10 +174,7 @@ class VisionLanguageOutput(torch.nn.Module):
         x = torch.cat([text[:, :k], visual, text[:, k:]], 1) if k else torch.cat([visual, text], 1)
         state: dict = {"exited": False, "features": None}
         layers = self.decoder_layers
-        if layer is not None and layer < len(deepstack):
-            raise AttncError(f"{type(self.model).__name__} adds image features to the image's hidden states after its "
-                             f"first {len(deepstack)} decoder layers (deepstack), so its visual tokens cannot go "
-                             f"before layer {layer}", f"exit before layer {len(deepstack)} or later")
+        _check_after_deepstack(self.model, len(deepstack), layer)
 
         def add_deepstack(features, module, args, output):   # as transformers' _deepstack_process, at the image
             hidden = output[0] if isinstance(output, tuple) else output
@@ -277,6 +274,15 @@ def _check_cached_exit(exit_layer: int | None, depth: int) -> None:
                          "image, so prompt the text model alone instead")
 
 
+def _check_after_deepstack(model: torch.nn.Module, first: int, exit_layer: int | None) -> None:
+    """Refuse a token exit before decoder layer ``first``, the first after those that add Qwen3-VL's deepstack
+    features to the image's hidden states."""
+    if exit_layer is not None and exit_layer < first:
+        raise AttncError(f"{type(model).__name__} adds image features to the image's hidden states after its first "
+                         f"{first} decoder layers (deepstack), so its visual tokens cannot go before layer "
+                         f"{exit_layer}", f"exit before layer {first} or later")
+
+
 class VisionLanguageStep(CachedStep):
     """A vision-language checkpoint's later generation steps: :class:`attnc.models.hf_checkpoint.CachedStep` on its
     language model (``attnc export --with-past``), which knows the image's ``P`` tokens after the first ``K`` of the
@@ -304,6 +310,7 @@ class VisionLanguageStep(CachedStep):
     def forward(self, input_ids, attention_mask, *past, exit_layer: int | None = None):
         decoder = self.model.model.language_model.layers
         _check_cached_exit(exit_layer, len(decoder))
+        _check_after_deepstack(self.model, self.first_exit_layer, exit_layer)   # as the first step checks it
         if exit_layer is None or exit_layer == len(decoder):
             return super().forward(input_ids, attention_mask, *past)
         k, p, total = self.visual_offset, self.num_visual_tokens, attention_mask.shape[-1]
