@@ -1,9 +1,10 @@
-"""Qwen2-VL and Qwen2.5-VL checkpoints (models/hf_qwen_vl.py): a checkpoint directory loads as ``(pixel_values [B, 3,
-H, W], input_ids) -> logits of the text after the image`` at the image size ``--image-size`` names, equal to
-transformers' forward on the processor's own patches of the same image (3-D M-RoPE positions, Qwen2.5-VL's windows);
-it exports, records its image size, compiles with and without a visual-token exit, and ``attnc validate`` checks the
-artefacts against the checkpoint exiting alike in PyTorch; both generation graphs decode transformers' ``generate``
-tokens (a loop over the exited forward with the exit), padded prompts each row's alone.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints (models/hf_qwen_vl.py): a checkpoint directory loads as
+``(pixel_values [B, 3, H, W], input_ids) -> logits of the text after the image`` at the image size ``--image-size``
+names, equal to transformers' forward on the processor's own patches of the same image (3-D M-RoPE positions,
+Qwen2.5-VL's windows, Qwen3-VL's deepstack); it exports (dynamo; TorchScript with plain multi-head attention),
+records its image size, compiles with and without a visual-token exit, and ``attnc validate`` checks the artefacts
+against the checkpoint exiting alike in PyTorch; both generation graphs decode transformers' ``generate`` tokens (a
+loop over the exited forward with the exit), padded prompts each row's alone. Qwen3-VL-MoE runs in the ``full`` tier.
 
 References: transformers' forward and ``generate`` on the patches ``Qwen2VLImageProcessorPil`` cuts (not attnc's
 convolution), ``get_rope_index``'s positions, fresh random images and prompts at several image sizes (square, wide,
@@ -131,6 +132,27 @@ def test_batched_windows_export(checkpoint, tmp_path):
         pixels, ids = spec.example_inputs(batch=batch, seq=BEFORE + 4, seed=batch + 10)
         got = next(iter(model.infer({"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}).values()))
         np.testing.assert_allclose(got, _transformers(module.model, pixels, ids, 16, BEFORE), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES[:2])
+def test_torchscript_export(tmp_path, architecture):
+    """With plain multi-head attention (TorchScript cannot export SDPA's grouped-query form), the TorchScript
+    exporter's graph takes any batch and text length, equal to transformers' forward at sizes other than the
+    export's, and its static exit validates."""
+    folder = tiny_qwen_vl(tmp_path / "ckpt", architecture, kv_heads=4)
+    module, spec = load_checkpoint(str(folder))
+    size = _pixels(module, BLOCKS)
+    module, spec = with_text_before_image(*with_image_size(module, spec, size), BEFORE)
+    path = tmp_path / "ts.onnx"
+    run_cli("export", folder, "-o", path, "--exporter", "torchscript", "--image-size", "x".join(map(str, size)),
+            "--text-before-image", BEFORE)
+    model = load_onnx(path)
+    for batch, seq in ((1, BEFORE + 2), (3, BEFORE + 13)):
+        pixels, ids = spec.example_inputs(batch=batch, seq=seq, seed=batch + 20)
+        got = next(iter(model.infer({"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}).values()))
+        np.testing.assert_allclose(got, _transformers(module.model, pixels, ids, 6, BEFORE), atol=2e-5, rtol=1e-4)
+    run_cli("compile", path, "-o", tmp_path / "exit", "--token-exit", "static", "--exit-layer", 2)
+    assert "PASS" in run_cli("validate", tmp_path / "exit", "--model", folder).output
 
 
 def test_padded_prompts(checkpoint):
