@@ -42,7 +42,7 @@ def is_qwen_vl(model_or_name) -> bool:
 
 
 def image_size(vision_config, size: tuple[int, int] | None = None) -> tuple[int, int]:
-    """``(H, W)`` of the images a Qwen2-VL export takes: ``size``, else :data:`DEFAULT_SIZE` square.
+    """``(H, W)`` of the images a Qwen-VL export takes: ``size``, else :data:`DEFAULT_SIZE` square.
 
     Raises:
         AttncError: a side that is no positive multiple of the patch size times the merge size.
@@ -50,7 +50,7 @@ def image_size(vision_config, size: tuple[int, int] | None = None) -> tuple[int,
     step = vision_config.patch_size * vision_config.spatial_merge_size
     height, width = size or (DEFAULT_SIZE, DEFAULT_SIZE)
     if height <= 0 or width <= 0 or height % step or width % step:
-        raise AttncError(f"a Qwen2-VL image of {height}x{width} pixels does not tile into {step}x{step} blocks "
+        raise AttncError(f"a Qwen-VL image of {height}x{width} pixels does not tile into {step}x{step} blocks "
                          f"(patch {vision_config.patch_size} × merge {vision_config.spatial_merge_size})",
                          f"pass --image-size with both sides multiples of {step}, e.g. "
                          f"{max(step, round(height / step) * step)}x{max(step, round(width / step) * step)}")
