@@ -47,14 +47,21 @@ def _pixels(module, blocks) -> tuple[int, int]:
            "CI's MoE text models take); about 30 s"))])
 def checkpoint(request, tmp_path_factory):
     """A tiny checkpoint of each architecture (4 query on 2 K/V heads), its module and spec at :data:`BLOCKS` with
-    :data:`BEFORE` text tokens in front of the image, and its dynamo export through the CLI."""
+    :data:`BEFORE` text tokens in front of the image."""
     folder = tiny_qwen_vl(tmp_path_factory.mktemp("qwen") / "ckpt", request.param)
     module, spec = load_checkpoint(str(folder))
-    size = _pixels(module, BLOCKS)
-    module, spec = with_text_before_image(*with_image_size(module, spec, size), BEFORE)
+    module, spec = with_text_before_image(*with_image_size(module, spec, _pixels(module, BLOCKS)), BEFORE)
+    return folder, module, spec
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint):
+    """The checkpoint's dynamo export through the CLI (a fixture apart: the tests in PyTorch alone skip it)."""
+    folder, module, _ = checkpoint
     path = folder.parent / "model.onnx"
-    run_cli("export", folder, "-o", path, "--image-size", "x".join(map(str, size)), "--text-before-image", BEFORE)
-    return folder, module, spec, path
+    run_cli("export", folder, "-o", path, "--image-size", "x".join(map(str, module.image_size)),
+            "--text-before-image", BEFORE)
+    return path
 
 
 def _processed(vision, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +102,7 @@ def test_matches_the_transformers_forward(checkpoint, blocks, before, batch):
     1 × 2, attending as a batch of windows, ragged at the others, under a block mask; Qwen3-VL's position table resampled to each), the image after 0-3 text tokens: the logits equal
     transformers' forward on the processor's patches, the 3-D positions ``get_rope_index``'s, and a different image
     changes the logits (the image is read)."""
-    _, module, spec, _ = checkpoint
+    _, module, spec = checkpoint
     size = _pixels(module, blocks)
     module, spec = with_text_before_image(*with_image_size(module, spec, size), before)
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
@@ -121,7 +128,7 @@ def test_matches_the_transformers_forward(checkpoint, blocks, before, batch):
 def test_batched_windows_export(checkpoint, tmp_path):
     """Qwen2.5-VL at 4 × 4 blocks (its windows of one size, attending as a batch of windows) exports and runs in ONNX
     Runtime at batch 1 and 3, equal to transformers' forward."""
-    folder, module, spec, _ = checkpoint
+    folder, module, spec = checkpoint
     size = _pixels(module, (4, 4))
     module, spec = with_image_size(module, spec, size)
     assert module.encoder.windows == 4
@@ -159,7 +166,7 @@ def test_padded_prompts(checkpoint):
     """``--with-attention-mask``: prompts of different lengths in one batch, each padded after the text in front of the
     image; each row's logits at its tokens equal transformers' forward on that prompt alone, with the image gone
     before layer 2 the exited forward's on it alone."""
-    _, module, spec, _ = checkpoint
+    _, module, spec = checkpoint
     masked, masked_spec = with_attention_mask(module, spec)
     pixels, ids, mask = masked_spec.example_inputs(batch=3, seq=BEFORE + 7, seed=int(np.random.randint(1 << 30)))
     assert mask.sum(1).tolist() == [BEFORE + 7 - n for n in (0, 2, 4)]
@@ -174,14 +181,14 @@ def test_padded_prompts(checkpoint):
                                        atol=2e-5, rtol=1e-4)
 
 
-def test_export_exit_and_validate(checkpoint, tmp_path):
+def test_export_exit_and_validate(checkpoint, exported, tmp_path):
     """The export records ``P``, ``K`` and the image size, takes any batch and text length (ONNX Runtime equals
     transformers at sizes other than the export's); compiled as it is and with the image gone before layer 2
     (static) or a gate deciding there (dynamic, trained by ``attnc train-exit-gate``), or exited with half its heads
     pruned, each artefact passes ``attnc validate`` against the checkpoint shrunk alike, and the exits change the
     logits. Qwen3-VL records the first layer
     an exit may precede (after its deepstack layers): an earlier exit is refused, compiled and in PyTorch."""
-    folder, module, spec, path = checkpoint
+    (folder, module, spec), path = checkpoint, exported
     model, graph = load_onnx(path), onnx.load(path)
     size = "x".join(map(str, module.image_size))
     deepstack = module.model.config.vision_config.to_dict().get("deepstack_visual_indexes", [])
@@ -236,7 +243,7 @@ def test_generation(checkpoint, tmp_path):
     ``generate`` (the later steps' positions shifted as M-RoPE places the text after the image), with the exit a
     greedy loop over the exited forward. Qwen2-VL's prompts are padded, each row's tokens ``generate``'s on the prompt
     alone, greedy and with beam search (which the decoder runs alike for every architecture)."""
-    folder, module, spec, _ = checkpoint
+    folder, module, spec = checkpoint
     size = ("--image-size", "x".join(map(str, module.image_size)), "--text-before-image", BEFORE)
     padded = type(module.model).__name__ == ARCHITECTURES[0]
     masked = ("--with-attention-mask",) if padded else ()
@@ -294,7 +301,7 @@ def test_image_size_refusals(tmp_path):
 
 
 @pytest.mark.tensorrt
-def test_tensorrt_builds_the_exited_checkpoint(checkpoint, tmp_path):
+def test_tensorrt_builds_the_exited_checkpoint(checkpoint, exported, tmp_path):
     """TensorRT-RTX builds an fp16 engine of the statically exited export at dynamic batch and text length."""
     from attnc.compiler.backends.tensorrt import import_tensorrt
 
@@ -302,7 +309,7 @@ def test_tensorrt_builds_the_exited_checkpoint(checkpoint, tmp_path):
         import_tensorrt()
     except AttncError as exc:
         pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc.problem}")
-    _, module, _, path = checkpoint
+    (_, module, _), path = checkpoint, exported
     shapes = [f"--{which}-shape" for which in ("min", "opt", "max")]
     profile = [arg for flag, b, t in zip(shapes, (1, 2, 4), (BEFORE + 1, BEFORE + 16, BEFORE + 64))
                for arg in (flag, f"pixel_values:{b}x3x{'x'.join(map(str, module.image_size))}", flag,
