@@ -56,6 +56,8 @@ def test_llava_vqa_smoke(tmp_path):
         assert set(result["latency_b1_test_mean_ms"]) == {"full", "dynamic"}
 
 
+@pytest.mark.full(reason="the bench's script path (about 30 s); what it runs, both generation graphs of a LLaVA as "
+                         "they are and exited, validated and token-equal, CI checks in test_hf_vision_language.py")
 def test_llava_decode_smoke(tmp_path, capsys):
     """``--only llava_decode --smoke``: both generation graphs of a LLaVA, as they are and exited before layer 2,
     validate; each pair's greedy tokens equal a loop over the (exited) forward without a cache; the exit's prompt
