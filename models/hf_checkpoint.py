@@ -418,7 +418,6 @@ class CachedStep(torch.nn.Module):
         out = self.model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, **extra)
         return (first_output(out), *keys_and_values(cache, self.layers))
 
-
     def step_positions(self, attention_mask: torch.Tensor, new: int) -> torch.Tensor:
         """``[B, new]``: the positions of the ``new`` tokens, as ``generate`` computes them from the mask."""
         return mask_positions(attention_mask)[:, -new:]
@@ -973,8 +972,7 @@ def _inputs(main: str, config) -> tuple[tuple[InputSpec, ...], dict[str, int], t
         return (InputSpec(main, shape, torch.int64, vocab),), {"batch": BATCH, "seq": min(TOKENS, positions)}, \
             ("batch",) if static else ("batch", "seq"), ""
     if main == "pixel_values" and getattr(config, "image_size", None):
-        size = config.image_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+        height, width = config_image_size(config)
         channels = getattr(config, "num_channels", 3)
         return (InputSpec(main, ("batch", channels, height, width)),), {"batch": BATCH}, ("batch",), ""
     if main == "input_values" and getattr(config, "conv_stride", None) and getattr(config, "conv_kernel", None):
@@ -989,6 +987,12 @@ def _inputs(main: str, config) -> tuple[tuple[InputSpec, ...], dict[str, int], t
         return (InputSpec(main, ("batch", config.num_mel_bins, frames)),), {"batch": BATCH}, ("batch",), ""
     return (InputSpec(main, ("batch",)),), {"batch": BATCH}, ("batch",), \
         f"attnc cannot build example {main!r} inputs from a {config.model_type} config"
+
+
+def config_image_size(config) -> tuple[int, int]:
+    """``(H, W)`` of a (vision) config's ``image_size`` (an int for square images)."""
+    size = config.image_size
+    return (size, size) if isinstance(size, int) else tuple(size)[-2:]
 
 
 def _first_size(config, keys: tuple[str, ...], default: int) -> int:

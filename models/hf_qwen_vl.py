@@ -134,7 +134,7 @@ class QwenImageEncoder(torch.nn.Module):
             self.register_buffer("table_index", index, persistent=False)
             self.register_buffer("table_weight", weight, persistent=False)
         # Qwen3-VL's deepstack: features of these tower layers go into the first decoder layers' output
-        self.deepstack = list(getattr(visual, "deepstack_visual_indexes", None) or [])[:deepstack_layers(config)]
+        self.deepstack = list(getattr(visual, "deepstack_visual_indexes", None) or [])
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.features(pixel_values)[0]

@@ -32,7 +32,7 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.models import hf_qwen_vl
-from attnc.models.hf_checkpoint import CachedStep, keys_and_values, mask_positions
+from attnc.models.hf_checkpoint import CachedStep, config_image_size, keys_and_values, mask_positions
 
 # config.architectures[0] of the checkpoints VisionLanguageOutput lays out (each checked against transformers' forward
 # in tests/models/test_hf_vision_language.py): LLaVA's image features computed here (its own call splits them into a
@@ -45,12 +45,6 @@ ARCHITECTURES = ("LlavaForConditionalGeneration", "VipLlavaForConditionalGenerat
 EXPORTED = (*ARCHITECTURES, *hf_qwen_vl.ARCHITECTURES)
 PIXELS, IDS = "pixel_values", "input_ids"
 _VISUAL_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> P
-
-
-def config_image_size(vision_config) -> tuple[int, int]:
-    """``(H, W)`` of a vision config's ``image_size`` (an int for square images)."""
-    size = vision_config.image_size
-    return (size, size) if isinstance(size, int) else tuple(size)[-2:]
 
 
 def image_size_of(config, name: str, size: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -100,16 +94,16 @@ class VisionLanguageOutput(torch.nn.Module):
         self.visual_offset = text_before_image
         vision = model.config.vision_config
         self.first_exit_layer = hf_qwen_vl.deepstack_layers(vision)   # the export records it for the exit pass
-        if hf_qwen_vl.is_qwen_vl(model):   # any size the patches tile: P follows from it
-            self.image_size = hf_qwen_vl.image_size(vision, image_size)
-            self.encoder = hf_qwen_vl.QwenImageEncoder(model, self.image_size)
-            self.num_visual_tokens = self.encoder.num_visual_tokens
-            return
-        self.image_size, self.encoder = config_image_size(vision), None
-        if image_size is not None and tuple(image_size) != self.image_size:
+        self.image_size = image_size_of(model.config, type(model).__name__, image_size)
+        if image_size is not None and tuple(image_size) != self.image_size:   # an architecture of one size
             raise AttncError(f"{type(model).__name__} takes images of {self.image_size[0]}x{self.image_size[1]} "
                              f"pixels (its vision config's image_size), not {image_size[0]}x{image_size[1]}",
                              "resize the images to its size and drop --image-size")
+        if hf_qwen_vl.is_qwen_vl(model):   # any size the patches tile: P follows from it
+            self.encoder = hf_qwen_vl.QwenImageEncoder(model, self.image_size)
+            self.num_visual_tokens = self.encoder.num_visual_tokens
+            return
+        self.encoder = None
         # P as a Python int (one run of the vision tower on a blank image): the graph then slices the text's logits
         # at a constant, which the token-exit pass recognises (a traced image size would be a computed start). Once
         # per model: every variant (--text-before-image, --with-attention-mask, the steps) wraps the same one.

@@ -42,7 +42,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from attnc.compiler.errors import AttncError
-from attnc.compiler.onnx_io import on_stand_in_weights, ort_session
+from attnc.compiler.onnx_io import FIRST_EXIT_LAYER, metadata, on_stand_in_weights, ort_session
 from attnc.passes.core import (constant_value, depends_on_data, dim_terms, evaluate_tensors, name_nodes, producers,
                                remove_dead_nodes, sampled_dim, toposort, value_shapes, value_shapes_and_types)
 
@@ -435,8 +435,6 @@ def _check_first_layer(model, layer: int, what: str = "the visual tokens go") ->
 
 
 def _first_exit_layer(model) -> int:
-    from attnc.compiler.onnx_io import FIRST_EXIT_LAYER, metadata
-
     value = metadata(model, FIRST_EXIT_LAYER)
     return int(value) if value and value.isdigit() else 0
 

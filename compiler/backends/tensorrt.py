@@ -43,7 +43,7 @@ from attnc.compiler.backends import tensorrt_plugins as plugins
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import (atomic_path, initializer_array, is_large, load_model,
                                     serialised_beside_weights, write_external)
-from attnc.passes.core import dim_size, dim_terms, subgraph_inputs
+from attnc.passes.core import constant_value, dim_size, dim_terms, subgraph_inputs, toposort, value_shapes
 from attnc.plugins.chunked import chunks_only
 
 log = logging.getLogger(__name__)
@@ -557,8 +557,6 @@ def pin_inferred_dims(model: onnx.ModelProto) -> list[str]:
     exit's ``Sub`` of ``P`` at the token entry, after which shape inference loses the sizes) takes the size a
     ``Reshape`` reading it unshifted gives an input of the same trailing size, the shift applied again on the copy.
     """
-    from attnc.passes.core import constant_value, toposort, value_shapes
-
     producer = {o: n for n in model.graph.node for o in n.output}
     shapes = None
     plans = []
