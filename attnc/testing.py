@@ -233,7 +233,7 @@ def tiny_vision_language(folder: Path, architecture: str) -> Path:
             alignment_intermediate_size=64),
     }
     config = builders[architecture]()
-    return _save_seeded(config, architecture, folder)
+    return save_seeded(config, architecture, folder)
 
 
 QWEN_IMAGE_TOKEN = 250
@@ -273,11 +273,12 @@ def tiny_qwen_vl(folder: Path, architecture: str = "Qwen2VLForConditionalGenerat
             spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0, 1]))
     else:
         raise ValueError(f"no tiny {architecture}")
-    return _save_seeded(config, architecture, folder)
+    return save_seeded(config, architecture, folder)
 
 
-def _save_seeded(config, architecture: str, folder: Path) -> Path:
-    """transformers' ``architecture`` built from ``config`` under seed 0, its weights perturbed, saved in ``folder``."""
+def save_seeded(config, architecture: str, folder: Path) -> Path:
+    """transformers' ``architecture`` built from ``config`` under seed 0, its weights perturbed, saved in ``folder``
+    (the tiny checkpoints here, the benchmarks' random ones)."""
     import torch
     import transformers
 

@@ -39,7 +39,7 @@ def random_qwen25(folder: Path) -> Path:
     """A seeded random Qwen2.5-VL saved in ``folder``: 256 words, the image token 252."""
     import transformers
 
-    from attnc.models.transformers_zoo import perturbed
+    from attnc.testing import save_seeded
 
     text = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                 num_key_value_heads=4, vocab_size=256, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
@@ -50,10 +50,7 @@ def random_qwen25(folder: Path) -> Path:
     config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=252,
                                            video_token_id=253, vision_start_token_id=254, vision_end_token_id=255,
                                            architectures=["Qwen2_5_VLForConditionalGeneration"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        perturbed(transformers.Qwen2_5_VLForConditionalGeneration(config)).save_pretrained(folder)
-    return folder
+    return save_seeded(config, "Qwen2_5_VLForConditionalGeneration", folder)
 
 
 def masked(module):

@@ -450,16 +450,13 @@ def llava_checkpoint(folder: Path, c: dict) -> Path:
     """A seeded LLaVA checkpoint of config ``c`` (:data:`LLAVA`), saved in ``folder``."""
     import transformers
 
-    from attnc.models.transformers_zoo import perturbed
+    from attnc.testing import save_seeded
 
     vision = transformers.CLIPVisionConfig(**c["vision"], image_size=c["image"], patch_size=c["patch"])
     text = transformers.LlamaConfig(**c["text"])
     config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=c["text"]["vocab_size"]
                                       - 1, architectures=["LlavaForConditionalGeneration"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        perturbed(transformers.LlavaForConditionalGeneration(config)).save_pretrained(folder)
-    return folder
+    return save_seeded(config, "LlavaForConditionalGeneration", folder)
 
 
 def bench_llava(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
@@ -492,7 +489,7 @@ def bench_qwen(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
     import transformers
 
     from attnc.models.hf_checkpoint import load_checkpoint, with_image_size
-    from attnc.models.transformers_zoo import perturbed
+    from attnc.testing import save_seeded
 
     c = QWEN_SMOKE if smoke else QWEN
     text = {**c["text"], "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
@@ -502,9 +499,7 @@ def bench_qwen(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
         text_config=text, vision_config={**c["vision"], "hidden_size": c["text"]["hidden_size"]},
         image_token_id=vocab - 4, video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
         vision_end_token_id=vocab - 1, architectures=["Qwen2VLForConditionalGeneration"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        perturbed(transformers.Qwen2VLForConditionalGeneration(config)).save_pretrained(tmp / "qwen")
+    save_seeded(config, "Qwen2VLForConditionalGeneration", tmp / "qwen")
     module, spec = with_image_size(*load_checkpoint(str(tmp / "qwen")), (c["image"], c["image"]))
     return {"model": f"Qwen2VLForConditionalGeneration at {c['image']}x{c['image']} (vision {c['vision']}, "
                      f"text {c['text']})", **_exits(tmp, tmp / "qwen", module, spec, c, reps, threads), "smoke": smoke}
