@@ -99,9 +99,29 @@ def _transformers(hf, pixels, ids, p, before, **generate):
 @pytest.mark.parametrize("blocks,before,batch", [((2, 3), 0, 1), ((3, 2), 3, 3), ((4, 4), 2, 2), ((1, 2), 1, 2)])
 def test_matches_the_transformers_forward(checkpoint, blocks, before, batch):
     """At square, wide and tall sizes (Qwen2.5-VL's windows of 2 × 2 merged blocks whole at 4 × 4 blocks and one at
-    1 × 2, attending as a batch of windows, ragged at the others, under a block mask; Qwen3-VL's position table resampled to each), the image after 0-3 text tokens: the logits equal
-    transformers' forward on the processor's patches, the 3-D positions ``get_rope_index``'s, and a different image
-    changes the logits (the image is read)."""
+    1 × 2, attending as a batch of windows, ragged at the others, under a block mask; Qwen3-VL's position table
+    resampled to each), the image after 0-3 text tokens: the logits equal transformers' forward on the processor's
+    patches, the 3-D positions ``get_rope_index``'s, and a different image changes the logits (the image is read)."""
+    module = _check_forward(checkpoint, blocks, before, batch)
+    if module.encoder.windowed:   # windows of one size (4 of 2 × 2 blocks, or one) attend as a batch, ragged ones not
+        assert module.encoder.windows == {(4, 4): 4, (1, 2): 1}.get(blocks)
+
+
+def test_matches_at_a_drawn_size(checkpoint):
+    """The same at an image of 1-5 × 1-5 merged blocks, 0-4 text tokens in front of it and a batch of 1-3, drawn
+    afresh each run (named in the failure message)."""
+    rng = np.random.default_rng()
+    blocks, before, batch = (int(rng.integers(1, 6)), int(rng.integers(1, 6))), int(rng.integers(0, 5)), \
+        int(rng.integers(1, 4))
+    try:
+        _check_forward(checkpoint, blocks, before, batch)
+    except AssertionError as exc:
+        raise AssertionError(f"{blocks} blocks, {before} tokens in front, batch {batch}: {exc}") from None
+
+
+def _check_forward(checkpoint, blocks, before, batch):
+    """The checkpoint's module at ``blocks`` merged blocks with ``before`` text tokens in front of the image against
+    transformers' forward and ``get_rope_index`` on fresh random inputs; returns the module."""
     _, module, spec = checkpoint
     size = _pixels(module, blocks)
     module, spec = with_text_before_image(*with_image_size(module, spec, size), before)
@@ -110,8 +130,6 @@ def test_matches_the_transformers_forward(checkpoint, blocks, before, batch):
     ids = torch.randint(3, QWEN_IMAGE_TOKEN, (batch, before + 5), generator=generator)
     p = module.num_visual_tokens
     assert p == blocks[0] * blocks[1]
-    if module.encoder.windowed:   # windows of one size (4 of 2 × 2 blocks, or one) attend as a batch, ragged ones not
-        assert module.encoder.windows == {(4, 4): 4, (1, 2): 1}.get(blocks)
     with torch.no_grad():
         got = module(pixels, ids).numpy()
         other = module(torch.randn_like(pixels), ids).numpy()
@@ -122,6 +140,7 @@ def test_matches_the_transformers_forward(checkpoint, blocks, before, batch):
     grid = _processed(module.model.config.vision_config, pixels)[1]
     positions, _ = module.model.model.get_rope_index(prompt, mm_token_type_ids=types, image_grid_thw=grid)
     torch.testing.assert_close(module.encoder.positions(before, ids), positions, rtol=0, atol=0)
+    return module
 
 
 @pytest.mark.parametrize("checkpoint", [ARCHITECTURES[1]], indirect=True)
