@@ -147,7 +147,9 @@ class QwenImageEncoder(torch.nn.Module):
                                        stride=self.patch)   # [B, E, gh, gw]
         # patches in the processor's order: each m × m merge block's patches together, blocks row by row
         x = x.reshape(batch, -1, gh // m, m, gw // m, m).permute(0, 2, 4, 3, 5, 1)
-        x = x.reshape(batch, self.num_patches, -1)
+        # contiguous: at one block a row and batch 1 the reshape is a view in the permuted layout, which the
+        # elementwise ops below keep and Qwen3-VL's mergers' ``view`` refuses
+        x = x.reshape(batch, self.num_patches, -1).contiguous()
         if self.learned_positions:
             x = x + (self.visual.pos_embed(self.table_index) * self.table_weight[:, :, None]).sum(1).to(x.dtype)
         unit = m * m

@@ -96,12 +96,14 @@ def _transformers(hf, pixels, ids, p, before, **generate):
                   mm_token_type_ids=types).logits[:, before + p:].numpy()
 
 
-@pytest.mark.parametrize("blocks,before,batch", [((2, 3), 0, 1), ((3, 2), 3, 3), ((4, 4), 2, 2), ((1, 2), 1, 2)])
+@pytest.mark.parametrize("blocks,before,batch", [((2, 3), 0, 1), ((3, 2), 3, 3), ((4, 4), 2, 2), ((1, 2), 1, 2),
+                                                 ((3, 1), 2, 1)])
 def test_matches_the_transformers_forward(checkpoint, blocks, before, batch):
-    """At square, wide and tall sizes (Qwen2.5-VL's windows of 2 × 2 merged blocks whole at 4 × 4 blocks and one at
-    1 × 2, attending as a batch of windows, ragged at the others, under a block mask; Qwen3-VL's position table
-    resampled to each), the image after 0-3 text tokens: the logits equal transformers' forward on the processor's
-    patches, the 3-D positions ``get_rope_index``'s, and a different image changes the logits (the image is read)."""
+    """At square, wide and tall sizes, one block wide too (Qwen2.5-VL's windows of 2 × 2 merged blocks whole at 4 × 4
+    blocks and one at 1 × 2, attending as a batch of windows, ragged at the others, under a block mask; Qwen3-VL's
+    position table resampled to each), the image after 0-3 text tokens: the logits equal transformers' forward on the
+    processor's patches, the 3-D positions ``get_rope_index``'s, and a different image changes the logits (the image
+    is read)."""
     module = _check_forward(checkpoint, blocks, before, batch)
     if module.encoder.windowed:   # windows of one size (4 of 2 × 2 blocks, or one) attend as a batch, ragged ones not
         assert module.encoder.windows == {(4, 4): 4, (1, 2): 1}.get(blocks)
@@ -115,8 +117,9 @@ def test_matches_at_a_drawn_size(checkpoint):
         int(rng.integers(1, 4))
     try:
         _check_forward(checkpoint, blocks, before, batch)
-    except AssertionError as exc:
-        raise AssertionError(f"{blocks} blocks, {before} tokens in front, batch {batch}: {exc}") from None
+    except Exception as exc:   # any failure, not only a mismatch, names the draw
+        raise AssertionError(f"{blocks} blocks, {before} tokens in front, batch {batch}: "
+                             f"{type(exc).__name__}: {exc}") from exc
 
 
 def _check_forward(checkpoint, blocks, before, batch):
