@@ -76,8 +76,8 @@ class ShrunkModel:
 
         # head_gates counts the attention calls of one forward from its entry: entered per call
         with head_gates(self.model, self.gates) if self.gates else contextlib.nullcontext():
-            if self.exit_gate is not None:
-                return dynamic_exit_forward(self.model, *args, self.exit_gate)[0]
+            if self.exit_gate is not None:   # (pixel_values, input_ids[, attention_mask]) of padded prompts
+                return dynamic_exit_forward(self.model, *args[:2], self.exit_gate, *args[2:])[0]
             if self.exit_layer is not None:
                 return self.model(*args, exit_layer=self.exit_layer)
             return self.model(*args)

@@ -153,9 +153,9 @@ class VisionLanguageOutput(torch.nn.Module):
                  attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """``(logits [B, T - K, vocab], features [B, C], exited)``: the visual tokens dropped before decoder layer
         ``layer`` when ``decide(features)`` says so (always without ``decide``; never with ``layer`` None).
-        ``features`` is the mean over the text tokens (in front of and after the image) of the hidden state
-        entering that layer (what a DyVTE gate reads, :class:`attnc.passes.token_exit.ExitGate`). ``cache``: a
-        transformers ``DynamicCache`` the language model fills (a new one it drops when None).
+        ``features`` is the mean over the text tokens (in front of and after the image; not the padding) of the
+        hidden state entering that layer (what a DyVTE gate reads, :class:`attnc.passes.token_exit.ExitGate`).
+        ``cache``: a transformers ``DynamicCache`` the language model fills (a new one it drops when None).
         ``attention_mask`` ``[B, T]``: 0 at padding (:class:`MaskedVisionLanguageOutput`)."""
         if input_ids.shape[1] <= self.visual_offset:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens: fewer than the {self.visual_offset} in "
@@ -181,7 +181,7 @@ class VisionLanguageOutput(torch.nn.Module):
             def drop(module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 if module is layers[layer]:
-                    state["features"] = torch.cat([hidden[:, :k], hidden[:, k + p:]], 1).mean(1)
+                    state["features"] = text_mean(torch.cat([hidden[:, :k], hidden[:, k + p:]], 1), attention_mask)
                     state["exited"] = True if decide is None else bool(decide(state["features"]))
                 return text_only(args, kwargs, p, x.shape[1], k) if state["exited"] else None
 
@@ -257,6 +257,15 @@ class MaskedVisionLanguageFirstStep(VisionLanguageFirstStep):
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 exit_layer: int | None = None):
         return self._first_step(pixel_values, input_ids, attention_mask, exit_layer)
+
+
+def text_mean(text: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, C]``: the mean of ``text [B, N, C]`` over its tokens, those where ``attention_mask [B, N]`` is 1 alone
+    when given (over at least one: what the dynamic token exit's gate computes in the graph)."""
+    if attention_mask is None:
+        return text.mean(1)
+    weight = attention_mask.to(text.dtype)[..., None]
+    return (text * weight).sum(1) / weight.sum(1).clamp(min=1)
 
 
 def _check_cached_exit(exit_layer: int | None, depth: int) -> None:

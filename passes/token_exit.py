@@ -26,7 +26,9 @@ trained by :func:`train_exit_gate` to predict "exiting here keeps the full model
 decides at run time. :func:`apply_dynamic_token_exit` puts everything after boundary ``k``
 into both branches of an ONNX ``If``: the *then* branch runs the rest on the text tokens
 only, the *else* branch on all tokens. An ``If`` takes one condition, so a batch exits only
-when the gate fires for every sample in it (batch 1 is the DyVTE setting).
+when the gate fires for every sample in it (batch 1 is the DyVTE setting). Padded prompts (an
+``attention_mask`` over the text tokens) average each row's own tokens, so a prompt's gate reads
+what it reads alone.
 
 Tests: ``tests/passes/test_token_exit.py``; numbers: ``benchmarks/bench_shrink.py``; docs: ``docs/shrink.md``.
 """
@@ -816,13 +818,14 @@ def exits_in_torch(model) -> bool:
     return callable(getattr(model, "exit_run", None)) or is_tiny_vlm(model)
 
 
-def exit_run(model, image, text_ids, layer: int, decide):
+def exit_run(model, image, text_ids, layer: int, decide, attention_mask=None):
     """``(output, features [B, C], exited)``: ``model`` on ``(image, text_ids)``, its visual tokens dropped before
     decoder ``layer`` when ``decide(features)`` is true, ``features`` the mean over the text tokens of the hidden
-    state entering that layer (what an :class:`ExitGate` reads).
+    state entering that layer (what an :class:`ExitGate` reads). ``attention_mask [B, T]`` (0 at padding: a
+    vision-language checkpoint's padded prompts) goes to the model's ``exit_run``; the mean leaves the padding out.
 
     Raises:
-        AttncError: the model is neither a ``TinyVLM`` nor has an ``exit_run`` method.
+        AttncError: the model is neither a ``TinyVLM`` nor has an ``exit_run`` method, or a mask for a ``TinyVLM``.
     """
     depth = len(model.decoder_layers) if hasattr(model, "decoder_layers") else \
         len(model.layers) if is_tiny_vlm(model) else None
@@ -830,12 +833,15 @@ def exit_run(model, image, text_ids, layer: int, decide):
         raise AttncError(f"the exit layer must be in [0, {depth}) (the decoder has {depth} layers), got {layer}",
                          f"pick a decoder layer below {depth}")
     if callable(getattr(model, "exit_run", None)):
-        return model.exit_run(image, text_ids, layer, decide)
+        return model.exit_run(image, text_ids, layer, decide) if attention_mask is None else \
+            model.exit_run(image, text_ids, layer, decide, attention_mask=attention_mask)
     if not is_tiny_vlm(model):
         raise AttncError(f"{type(model).__name__} cannot drop its visual tokens in PyTorch: it has no exit_run "
                          "method and is not laid out as attnc's TinyVLM",
                          "give the model exit_run(image, text_ids, layer, decide) -> (output, features, exited), "
                          "as attnc.models.hf_vision_language.VisionLanguageOutput has")
+    if attention_mask is not None:
+        raise AttncError("attnc's TinyVLM takes no attention_mask", "run it on prompts of one length")
     x = vlm_hidden(model, image, text_ids, layer)
     features = x[:, model.num_visual_tokens:].mean(dim=1)
     exited = bool(decide(features))
@@ -850,14 +856,15 @@ def gate_features(model, image, text_ids, layer: int):
         return exit_run(model, image, text_ids, layer, lambda f: False)[1]
 
 
-def dynamic_exit_forward(model, image, text_ids, gate: ExitGate):
+def dynamic_exit_forward(model, image, text_ids, gate: ExitGate, attention_mask=None):
     """Torch reference of the dynamic graph: ``(output, exited)``, the output the model's (logits; a vision-language
-    first step's ``(logits, present.0.key, ...)``); a batch exits only if every sample's gate fires."""
+    first step's ``(logits, present.0.key, ...)``); a batch exits only if every sample's gate fires (each reading
+    its own tokens, not the padding ``attention_mask`` marks 0)."""
     import torch
 
     with torch.no_grad():
         output, _, exited = exit_run(model, image, text_ids, gate.layer,
-                                     lambda features: bool(gate.fires(features.numpy()).all()))
+                                     lambda features: bool(gate.fires(features.numpy()).all()), attention_mask)
         return output, exited
 
 
@@ -868,7 +875,9 @@ def _answers(output):
 
 def train_exit_gate(model, inputs: tuple, layer: int, min_precision: float = 0.99, steps: int = 300,
                     seed: int = 0) -> tuple[ExitGate, dict]:
-    """Fit a logistic gate at decoder ``layer`` on calibration ``inputs`` (``(images, text_ids)``).
+    """Fit a logistic gate at decoder ``layer`` on calibration ``inputs`` (``(images, text_ids)``, or with an
+    ``attention_mask`` third for a vision-language checkpoint's padded prompts, each padded after the text in front of
+    the image: their last token is the text's).
 
     Label of a sample: exiting at ``layer`` gives the same top-1 answer as the full model (of the last text
     token, for a model whose output holds logits per token). The threshold is the smallest one whose precision on
@@ -877,10 +886,11 @@ def train_exit_gate(model, inputs: tuple, layer: int, min_precision: float = 0.9
     """
     import torch
 
-    image, text = inputs
+    image, text, *mask = inputs
+    mask = mask[0] if mask else None
     with torch.no_grad():
-        full, features, _ = exit_run(model, image, text, layer, lambda f: False)
-        early = exit_run(model, image, text, layer, lambda f: True)[0]
+        full, features, _ = exit_run(model, image, text, layer, lambda f: False, mask)
+        early = exit_run(model, image, text, layer, lambda f: True, mask)[0]
     target = (_answers(full) == _answers(early)).float()
     mean, std = features.mean(0), features.std(0) + 1e-6
     z = (features - mean) / std
@@ -919,9 +929,12 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     """Put the decoder after ``gate.layer`` under an ``If``: text tokens only when the gate fires (the
     ``num_visual_tokens`` after ``visual_offset`` text tokens dropped, as :func:`apply_static_token_exit` drops them).
 
-    The gate (``ReduceMean`` over the text tokens, ``MatMul``, ``Add``, ``ReduceMin`` over the
+    The gate (the mean over the text tokens, ``MatMul``, ``Add``, ``ReduceMin`` over the
     batch, ``Greater``) runs in the main graph; both branches read the main graph's tensors
-    (outer-scope references) and produce the graph outputs that depend on the boundary.
+    (outer-scope references) and produce the graph outputs that depend on the boundary. Padded prompts (a graph
+    input ``attention_mask [B, K + T]``, 0 at padding, over the text tokens in their order: attnc's vision-language
+    exports ``--with-attention-mask``) average each row's tokens where the mask is 1, so a prompt's gate reads what
+    it reads alone.
     """
     model = _copy(onnx_model)
     boundaries = decoder_boundaries(model)
@@ -942,9 +955,8 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
         numpy_helper.from_array(np.array(gate.bias, dtype=np.float32), f"{prefix}/bias"),
         numpy_helper.from_array(np.array(gate.logit_threshold, dtype=np.float32), f"{prefix}/threshold"),
     ])
+    _text_mean(model, x, text, num_visual_tokens, prefix)
     g.node.extend([
-        helper.make_node("ReduceMean", [text, f"{prefix}/token_axis"], [f"{prefix}/mean"], name=f"{prefix}/mean",
-                         keepdims=0),
         helper.make_node("MatMul", [f"{prefix}/mean", f"{prefix}/weight"], [f"{prefix}/score"],
                          name=f"{prefix}/score"),
         helper.make_node("Add", [f"{prefix}/score", f"{prefix}/bias"], [f"{prefix}/logit"], name=f"{prefix}/logit"),
@@ -1004,6 +1016,49 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     return model, report
 
 
+def _text_mean(model, x: str, text: str, num_visual_tokens: int, prefix: str) -> None:
+    """Nodes computing ``{prefix}/mean [B, C]``: the mean of ``text [B, K + T, C]`` (boundary ``x`` without its visual
+    tokens) over its tokens; with an ``attention_mask`` input over those tokens only where it is 1 (the sum over
+    them divided by their count, at least 1).
+
+    Raises:
+        AttncError: the mask's token axis is not the text's (declared sizes that differ).
+    """
+    from attnc.compiler.decode import MASK
+
+    axis = f"{prefix}/token_axis"
+    mask = next((i for i in model.graph.input if i.name == MASK), None)
+    if mask is None:
+        model.graph.node.append(helper.make_node("ReduceMean", [text, axis], [f"{prefix}/mean"],
+                                                 name=f"{prefix}/mean", keepdims=0))
+        return
+    dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
+            for d in mask.type.tensor_type.shape.dim]
+    shape = value_shapes(model).get(x) or [None, None]
+    declared = _text_shape(shape, onnx.TensorProto.FLOAT, num_visual_tokens)   # "seq + P" -> "seq"
+    length = declared[1][1] if declared else shape[1] - num_visual_tokens if isinstance(shape[1], int) else None
+    if len(dims) != 2 or (dims[1] is not None and length is not None and dims[1] != length):
+        raise AttncError(f"the gate cannot average the text tokens of padded prompts: {MASK} is "
+                         f"{dims} where the text tokens (the boundary without its {num_visual_tokens} visual tokens) "
+                         f"are [batch, {length}]",
+                         f"export with an {MASK} [batch, tokens] over the prompt's text tokens (attnc export CKPT "
+                         "--with-attention-mask), or compile with --token-exit static")
+    weight, count = f"{prefix}/mask_weight", f"{prefix}/mask_count"
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(1, dtype=np.float32), f"{prefix}/one"),
+                                    numpy_helper.from_array(np.array([2], dtype=np.int64), f"{prefix}/channel_axis")])
+    model.graph.node.extend([
+        helper.make_node("Cast", [MASK], [f"{prefix}/mask"], name=f"{prefix}/mask", to=onnx.TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", [f"{prefix}/mask", f"{prefix}/channel_axis"], [weight], name=weight),
+        helper.make_node("Mul", [text, weight], [f"{prefix}/masked"], name=f"{prefix}/masked"),
+        helper.make_node("ReduceSum", [f"{prefix}/masked", axis], [f"{prefix}/sum"], name=f"{prefix}/sum",
+                         keepdims=0),
+        helper.make_node("ReduceSum", [f"{prefix}/mask", axis], [f"{prefix}/tokens"], name=f"{prefix}/tokens",
+                         keepdims=1),
+        helper.make_node("Max", [f"{prefix}/tokens", f"{prefix}/one"], [count], name=count),
+        helper.make_node("Div", [f"{prefix}/sum", count], [f"{prefix}/mean"], name=f"{prefix}/mean"),
+    ])
+
+
 @on_stand_in_weights
 def apply(model: onnx.ModelProto, mode: str, num_visual_tokens: int, *, exit_layer: int | None = None,
           calibration_feeds: list[dict] | None = None, labels: list[np.ndarray] | None = None,
@@ -1016,8 +1071,6 @@ def apply(model: onnx.ModelProto, mode: str, num_visual_tokens: int, *, exit_lay
     ``calibration_feeds`` (required then). ``dynamic``: a trained :class:`ExitGate`
     (:func:`train_exit_gate` needs the torch model, so the CLI must load one).
     """
-    from attnc.compiler.decode import MASK
-
     if _takes_cache(model) and mode == "dynamic":
         raise AttncError("a later generation step has no gate of its own: the first step's gate decides, and the "
                          "caches it returns say which step reads them",
@@ -1038,11 +1091,6 @@ def apply(model: onnx.ModelProto, mode: str, num_visual_tokens: int, *, exit_lay
                                            max_accuracy_drop=max_accuracy_drop, visual_offset=visual_offset).exit_layer
         return apply_static_token_exit(model, exit_layer, num_visual_tokens, visual_offset)
     if mode == "dynamic":
-        if any(i.name == MASK for i in model.graph.input):
-            raise AttncError("a dynamic token exit of padded prompts is not built: its gate averages every text token, "
-                             "so its decision would depend on the padding",
-                             "compile padded prompts with --token-exit static, or export without "
-                             "--with-attention-mask (prompts of one length)")
         if gate is None:
             raise AttncError("dynamic token exit needs a trained gate",
                              "train one with attnc.passes.token_exit.train_exit_gate on the PyTorch model")

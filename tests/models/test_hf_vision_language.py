@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from attnc.compiler.errors import AttncError
-from attnc.compiler.onnx_io import IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata
+from attnc.compiler.onnx_io import IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata, ort_session
 from attnc.testing import assert_clean_error, run_cli, run_model, tiny_llama, tiny_llava, tiny_vision_language
 
 transformers = pytest.importorskip("transformers")
@@ -33,7 +33,7 @@ from attnc.models.hf_checkpoint import (exited_spec, load_checkpoint, with_atten
 from attnc.models.hf_vision_language import ARCHITECTURES  # noqa: E402
 from attnc.passes import token_exit  # noqa: E402
 from attnc.passes.token_exit import (ExitGate, apply_dynamic_token_exit, apply_static_token_exit,  # noqa: E402
-                                     decoder_boundaries, dynamic_exit_forward, train_exit_gate)
+                                     decoder_boundaries, dynamic_exit_forward, gate_features, train_exit_gate)
 
 IMAGE_TOKEN, LAYERS = 63, 4
 
@@ -328,8 +328,9 @@ def test_refusals(checkpoint, tmp_path):
 def test_padded_prompts(checkpoint, before):
     """``--with-attention-mask``: prompts of different lengths in one batch, each padded after the ``K`` tokens in
     front of the image. Each row's logits at its tokens equal transformers' forward on that prompt alone, and with
-    the image gone before layer 2 the exited forward's on it alone; the example rows are padded after ``K``. A dynamic
-    exit of padded prompts is refused (its gate's mean would count the padding)."""
+    the image gone before layer 2 the exited forward's on it alone; the example rows are padded after ``K``. What a
+    DyVTE gate reads of each row (the mean of its text tokens entering layer 2) is what it reads of the prompt alone:
+    the padding is left out."""
     folder, module, spec, _ = checkpoint
     module, spec = with_text_before_image(module, spec, before)
     masked, masked_spec = with_attention_mask(module, spec)
@@ -338,6 +339,7 @@ def test_padded_prompts(checkpoint, before):
     assert (mask[:, :before] == 1).all() and mask.sum(1).tolist() == [before + 7 - n for n in (0, 2, 4)]
     with torch.no_grad():
         logits, exited = masked(pixels, ids, mask).numpy(), masked(pixels, ids, mask, exit_layer=2).numpy()
+        features = token_exit.exit_run(masked, pixels, ids, 2, lambda f: False, mask)[1]
         for row in range(3):
             tokens = ids[row][mask[row].bool()][None]
             n = tokens.shape[1] - before
@@ -345,20 +347,19 @@ def test_padded_prompts(checkpoint, before):
             np.testing.assert_allclose(logits[row, -n:], alone[0], atol=2e-6, rtol=1e-5)
             alone = module(pixels[row:row + 1], tokens, exit_layer=2).numpy()
             np.testing.assert_allclose(exited[row, -n:], alone[0], atol=2e-6, rtol=1e-5)
-    graph = onnx.helper.make_model(onnx.helper.make_graph(   # the dynamic exit's gate would read the padding
-        [onnx.helper.make_node("Identity", ["attention_mask"], ["y"])], "g",
-        [onnx.helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["b", "t"])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.INT64, ["b", "t"])]))
-    with pytest.raises(AttncError, match="dynamic token exit of padded prompts") as err:
-        token_exit.apply(graph, "dynamic", 16, gate=ExitGate(2, np.zeros(32, np.float32), 1.0))
-    assert "--token-exit static" in err.value.fix
+            alone = gate_features(module, pixels[row:row + 1], tokens, 2)
+            np.testing.assert_allclose(features[row].numpy(), alone[0].numpy(), atol=2e-6, rtol=1e-5)
+    assert not torch.allclose(features[1:], token_exit.exit_run(masked, pixels, ids, 2, lambda f: False)[1][1:],
+                              atol=1e-3)   # read without their mask the padded rows differ: the rows test it
 
 
 def test_padded_prompts_through_the_cli(checkpoint, generation_graphs, tmp_path):
     """Padded prompts through the CLI (the image after 3 text tokens): both generation graphs, as they are and exited
     before layer 2, compile and validate; greedy and beam-search tokens of a padded batch equal transformers'
     ``generate`` on each prompt alone (with the exit, greedy: a loop over the exited forward on each prompt alone).
-    Padded prompts for a first step without a mask are refused."""
+    A gate in the padded first step reads each prompt's own tokens (its logits those of the prompts alone): one that
+    fires for every row, barely, validates and generates the exited tokens; one that barely does not keeps the
+    image. Padded prompts for a first step without a mask, and a mask that is not over the text, are refused."""
     folder, module, spec, _ = checkpoint
     module, spec = with_text_before_image(module, spec, 3)
     options = ("--with-attention-mask", "--text-before-image", 3)
@@ -389,6 +390,37 @@ def test_padded_prompts_through_the_cli(checkpoint, generation_graphs, tmp_path)
                         loop = torch.cat([loop, chosen], 1)
                     expected = loop[0, tokens.shape[1]:]
             np.testing.assert_array_equal(got[row, 9:], expected.numpy())
+        if exit_layer is not None:
+            exited_tokens = got
+    # a gate in the first step: each row's logit that of its prompt alone, the padding left out
+    with torch.no_grad():
+        alone = torch.cat([gate_features(module, pixels[row:row + 1], ids[row][mask[row].bool()][None], 2)
+                           for row in range(3)]).double().numpy()
+    weight = np.random.default_rng().standard_normal(32)
+    logits = alone @ weight
+    feeds = {"pixel_values": pixels.numpy(), "input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    for margin in (0.05, -0.05):   # every row's logit just above 0 (fires), the lowest just below (does not)
+        gate = ExitGate(2, weight.astype(np.float32), float(margin - logits.min()))
+        gated = apply_dynamic_token_exit(onnx.load(tmp_path / "first.onnx"), gate, 16, 3)[0]
+        gated.graph.output.extend([onnx.helper.make_empty_tensor_value_info("token_exit/gate2/logit")])
+        session = ort_session(gated)
+        out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        np.testing.assert_allclose(out["token_exit/gate2/logit"][:, 0], logits + gate.bias, atol=1e-4)
+        assert out["present.3.key"].shape[2] == 9 + (0 if margin > 0 else 16)
+    gate.bias = float(0.05 - logits.min())
+    gate.save(tmp_path / "gate.npz")
+    run_cli("compile", tmp_path / "first.onnx", "-o", tmp_path / "gated", "--token-exit", "dynamic",
+            "--exit-gate", tmp_path / "gate.npz")
+    run_cli("validate", tmp_path / "gated", "--model", folder)
+    got = runtime.generate_vision_language(runtime.load(tmp_path / "gated"), runtime.load(tmp_path / "step"),
+                                           pixels.numpy(), ids.numpy(), mask.numpy(), max_new_tokens=5,
+                                           exit_step=runtime.load(tmp_path / "step_exit"))
+    np.testing.assert_array_equal(got, exited_tokens)
+    spread = onnx.load(tmp_path / "first.onnx")   # a mask declared over every token, the image's too
+    spread.graph.input[2].type.tensor_type.shape.dim[1].dim_param = "seq + 16"
+    with pytest.raises(AttncError, match="cannot average the text tokens of padded prompts") as err:
+        apply_dynamic_token_exit(spread, gate, 16, 3)
+    assert "--with-attention-mask" in err.value.fix
     # beam search over the padded batch: each row's beams are those transformers' search keeps for it alone
     got = runtime.generate_vision_language(runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step"),
                                            pixels.numpy(), ids.numpy(), mask.numpy(), max_new_tokens=4, num_beams=3)
