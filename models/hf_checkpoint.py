@@ -363,7 +363,8 @@ def with_image_size(module: torch.nn.Module, spec: CheckpointSpec, size: tuple[i
         return module, spec
     wrapper, offset = type(module), module.visual_offset
     resized = wrapper(module.model, offset, size).eval()
-    inputs = tuple(dataclasses.replace(s, shape=(*s.shape[:2], *size)) if s.name == hf_vision_language.PIXELS else s
+    shape = ("batch", *hf_vision_language.pixel_shape(module.model.config, type(module.model).__name__, size))
+    inputs = tuple(dataclasses.replace(s, shape=shape) if s.name == hf_vision_language.PIXELS else s
                    for s in spec.inputs)
     return resized, dataclasses.replace(spec, inputs=inputs,
                                         factory=functools.partial(_rewrapped, spec.factory, wrapper, offset, size))
@@ -909,14 +910,14 @@ def _spec(path: Path, config, cls: type) -> CheckpointSpec:
 
 def _vision_language_spec(path: Path, config, cls: type) -> CheckpointSpec:
     """A vision-language checkpoint's spec (:mod:`attnc.models.hf_vision_language`): ``pixel_values [batch, C, H,
-    W]`` and ``input_ids [batch, seq]``, dynamic in batch and text length, the ids below the text vocabulary and
-    below the image token (LLaVA's ``image_token_index`` sits past the text's words); logits ``[batch, text,
-    vocab]`` of the text tokens after the image (``text`` = ``seq`` - the tokens in front of it)."""
+    W]`` (LLaVA-NeXT's ``[batch, N, C, S, S]``, its processor's tiles) and ``input_ids [batch, seq]``, dynamic in
+    batch and text length, the ids below the text vocabulary and below the image token (LLaVA's
+    ``image_token_index`` sits past the text's words); logits ``[batch, text, vocab]`` of the text tokens after the
+    image (``text`` = ``seq`` - the tokens in front of it)."""
     from attnc.models import hf_vision_language
 
     hf_vision_language.check_supported(config, cls.__name__)
-    vision, text = config.vision_config, config.get_text_config()
-    height, width = hf_vision_language.image_size_of(config, cls.__name__)
+    text = config.get_text_config()
     vocab = text.vocab_size
     image = next((v for k in ("image_token_index", "image_token_id") if isinstance(v := getattr(config, k, None), int)),
                  None)
@@ -925,7 +926,7 @@ def _vision_language_spec(path: Path, config, cls: type) -> CheckpointSpec:
     return CheckpointSpec(
         name=str(path), family="mhsa", kind="vlm",
         factory=functools.partial(_wrapped, cls, config, path, hf_vision_language.VisionLanguageOutput),
-        inputs=(InputSpec(hf_vision_language.PIXELS, ("batch", getattr(vision, "num_channels", 3), height, width)),
+        inputs=(InputSpec(hf_vision_language.PIXELS, ("batch", *hf_vision_language.pixel_shape(config, cls.__name__))),
                 InputSpec(hf_vision_language.IDS, ("batch", "seq"), torch.int64, high)),
         sizes={"batch": BATCH, "seq": max(1, min(TOKENS, positions // 2))}, dynamic=("batch", "seq", "text"),
         output_axes=("batch", "text"),   # the text after the image: seq - K tokens (with_text_before_image)

@@ -18,7 +18,8 @@ exactly: each is checked against the transformers forward on the same prompt in
 gone after that layer. Prompts of different lengths go in one batch with ``--with-attention-mask``
 (:class:`MaskedVisionLanguageOutput`: each padded after the text in front of the image). Qwen2-VL, Qwen2.5-VL and
 Qwen3-VL, whose visual tokens follow the image's size, take images of one size per export (:mod:`attnc.models.
-hf_qwen_vl`, ``attnc export --image-size``; 3-D M-RoPE positions). Several images per prompt are not built.
+hf_qwen_vl`, ``attnc export --image-size``; 3-D M-RoPE positions), and so does LLaVA-NeXT, whose any-resolution tiles
+follow the original image's size (:mod:`attnc.models.hf_llava_next`). Several images per prompt are not built.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from collections.abc import Callable
 import torch
 
 from attnc.compiler.errors import AttncError
-from attnc.models import hf_qwen_vl
+from attnc.models import hf_llava_next, hf_qwen_vl
 from attnc.models.hf_checkpoint import CachedStep, config_image_size, keys_and_values, mask_positions
 
 # config.architectures[0] of the checkpoints VisionLanguageOutput lays out (each checked against transformers' forward
@@ -41,19 +42,32 @@ ARCHITECTURES = ("LlavaForConditionalGeneration", "VipLlavaForConditionalGenerat
                  "InternVLForConditionalGeneration", "JanusForConditionalGeneration",
                  "GotOcr2ForConditionalGeneration", "DeepseekVLForConditionalGeneration",
                  "AyaVisionForConditionalGeneration", "Cohere2VisionForConditionalGeneration")
-# ... and those whose images are read at one size of any (their processors tile each image at its own size; M-RoPE)
-EXPORTED = (*ARCHITECTURES, *hf_qwen_vl.ARCHITECTURES)
+# ... and those whose images are read at one size of any (their processors tile each image at its own size)
+SIZED = (*hf_qwen_vl.ARCHITECTURES, *hf_llava_next.ARCHITECTURES)
+EXPORTED = (*ARCHITECTURES, *SIZED)
 PIXELS, IDS = "pixel_values", "input_ids"
 _VISUAL_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> P
 
 
 def image_size_of(config, name: str, size: tuple[int, int] | None = None) -> tuple[int, int]:
     """``(H, W)`` of the images an export of architecture ``name`` takes: its vision config's ``image_size``; for
-    an architecture whose token count follows the image's size (:mod:`attnc.models.hf_qwen_vl`) ``size`` or its
-    default."""
+    an architecture whose token count follows the image's size (:data:`SIZED`: :mod:`attnc.models.hf_qwen_vl`,
+    :mod:`attnc.models.hf_llava_next`) ``size`` or its default."""
     if hf_qwen_vl.is_qwen_vl(name):
         return hf_qwen_vl.image_size(config.vision_config, size)
+    if hf_llava_next.is_llava_next(name):
+        return hf_llava_next.image_size(config, size)
     return config_image_size(config.vision_config)
+
+
+def pixel_shape(config, name: str, size: tuple[int, int] | None = None) -> tuple[int, ...]:
+    """The shape of one prompt's ``pixel_values`` (after the batch axis) an export of architecture ``name`` takes
+    for images of ``size`` (:func:`image_size_of`): ``(C, H, W)``; LLaVA-NeXT's ``(N, C, S, S)``, the processor's
+    ``N`` tiles of the vision tower's size ``S``."""
+    size = image_size_of(config, name, size)
+    if hf_llava_next.is_llava_next(name):
+        return hf_llava_next.pixel_shape(config, size)
+    return getattr(config.vision_config, "num_channels", 3), *size
 
 
 def is_vision_language(config) -> bool:
@@ -99,8 +113,10 @@ class VisionLanguageOutput(torch.nn.Module):
             raise AttncError(f"{type(model).__name__} takes images of {self.image_size[0]}x{self.image_size[1]} "
                              f"pixels (its vision config's image_size), not {image_size[0]}x{image_size[1]}",
                              "resize the images to its size and drop --image-size")
-        if hf_qwen_vl.is_qwen_vl(model):   # any size the patches tile: P follows from it
-            self.encoder = hf_qwen_vl.QwenImageEncoder(model, self.image_size)
+        if type(model).__name__ in SIZED:   # P follows from the size
+            encoder = hf_qwen_vl.QwenImageEncoder if hf_qwen_vl.is_qwen_vl(model) else \
+                hf_llava_next.LlavaNextImageEncoder
+            self.encoder = encoder(model, self.image_size)
             self.num_visual_tokens = self.encoder.num_visual_tokens
             return
         self.encoder = None
@@ -124,7 +140,7 @@ class VisionLanguageOutput(torch.nn.Module):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The projected image tokens ``[B, P, C]``: for LLaVA ``LlavaModel.get_image_features`` without its split
         into a list per image (which fixes the batch in a dynamo export), for the others their own."""
-        inner, config = self.model.model, self.model.config
+        inner = self.model.model
         if self.encoder is not None:
             return self.encoder(pixel_values)
         if type(self.model).__name__ != "LlavaForConditionalGeneration":
@@ -133,12 +149,7 @@ class VisionLanguageOutput(torch.nn.Module):
             if isinstance(features, (list, tuple)):
                 features = torch.stack(list(features))   # one [P, C] per image
             return features.reshape(pixel_values.shape[0], -1, features.shape[-1])
-        out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        layer = config.vision_feature_layer
-        strategy = config.vision_feature_select_strategy
-        layers = [layer] if isinstance(layer, int) else list(layer)
-        states = [out.hidden_states[i][:, 1:] if strategy == "default" else out.hidden_states[i] for i in layers]
-        return inner.multi_modal_projector(torch.cat(states, -1))
+        return hf_llava_next.tower_features(self.model, pixel_values)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, exit_layer: int | None = None):
         return self._logits(pixel_values, input_ids, None, exit_layer)
@@ -190,7 +201,7 @@ class VisionLanguageOutput(torch.nn.Module):
         if attention_mask is not None:   # the image's tokens are no padding; positions count the tokens before each
             whole = torch.cat([attention_mask[:, :k], attention_mask.new_ones(x.shape[0], p), attention_mask[:, k:]], 1)
             extra.update(attention_mask=whole, position_ids=mask_positions(whole))
-        if self.encoder is not None:   # M-RoPE: the image's tokens by row and column
+        if isinstance(self.encoder, hf_qwen_vl.QwenImageEncoder):   # M-RoPE: the image's tokens by row and column
             extra.update(position_ids=self.encoder.positions(k, input_ids, attention_mask))
         try:
             hidden = self.language_model(inputs_embeds=x, use_cache=True, **extra).last_hidden_state

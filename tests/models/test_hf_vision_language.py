@@ -316,8 +316,8 @@ def test_refusals(checkpoint, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     other = tmp_path / "next"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({**config, "model_type": "llava_next",   # any-resolution tiles
-                                                   "architectures": ["LlavaNextForConditionalGeneration"]}))
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "llava_onevision",   # anyres_max tiles
+                                                   "architectures": ["LlavaOnevisionForConditionalGeneration"]}))
     (other / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     with pytest.raises(AttncError, match="does not export yet") as err:
         load_checkpoint(str(other))

@@ -1,0 +1,123 @@
+"""LLaVA-NeXT (LLaVA-1.6) checkpoints: any-resolution tiles, read at one image size per export.
+
+LLaVA-NeXT's processor resizes each image to the resolution of ``config.image_grid_pinpoints`` that fits it best, pads
+it, cuts it into tiles of the vision tower's size and puts the whole image, resized to one tile, in front of them:
+``pixel_values [B, N, 3, S, S]`` with the original sizes ``image_sizes`` beside them. The model runs the tower on every
+tile, lays the tiles' features out as the resized image's grid, cuts the padding away again (``unpad_image``, by the
+original size), ends each row of features with a learned ``image_newline`` token and puts the whole image's
+features in front. How many tiles and tokens an image becomes follows from its original size, and transformers
+computes all of it from ``image_sizes`` with ``.tolist()`` and Python loops: nothing of it exports.
+
+At one original size every piece is a constant (:class:`LlavaNextImageEncoder`): the tiles' count, the grid, the
+rows and columns the unpadding keeps (found by running transformers' own ``unpad_image`` on an index grid) and ``P``.
+``attnc export CKPT --image-size HxW`` fixes it; the graph takes the processor's ``pixel_values [B, N, 3, S, S]``
+for images of that size (resize an image to it before the processor, and the processor cuts the tiles the export
+reads). Everything built for LLaVA then works: the layout is LLaVA's ``[K text][P visual][T text]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnc.compiler.errors import AttncError
+
+# config.architectures[0] of the checkpoints LlavaNextImageEncoder reads (checked against transformers' forward in
+# tests/models/test_hf_llava_next.py)
+ARCHITECTURES = ("LlavaNextForConditionalGeneration",)
+
+
+def is_llava_next(model_or_name) -> bool:
+    """Whether ``model_or_name`` (a transformers model or its class name) is one :class:`LlavaNextImageEncoder`
+    reads."""
+    name = model_or_name if isinstance(model_or_name, str) else type(model_or_name).__name__
+    return name in ARCHITECTURES
+
+
+def image_size(config, size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """``(H, W)`` of the original images a LLaVA-NeXT export takes: ``size``, else one tile's (the vision tower's
+    ``image_size``, square).
+
+    Raises:
+        AttncError: a side that is not positive.
+    """
+    side = config.vision_config.image_size
+    height, width = size or (side, side)
+    if height <= 0 or width <= 0:
+        raise AttncError(f"an image of {height}x{width} pixels has no pixels", "pass --image-size HxW, both positive")
+    return int(height), int(width)
+
+
+def pixel_shape(config, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``(N, C, S, S)``: the processor's ``pixel_values`` of one image of original ``size`` ``(H, W)``: ``N`` tiles
+    (the whole image first) of the tower's size ``S``."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    vision = config.vision_config
+    tiles = image_size_to_num_patches(list(size), config.image_grid_pinpoints, vision.image_size)
+    return tiles, getattr(vision, "num_channels", 3), vision.image_size, vision.image_size
+
+
+def tower_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``[N, p, C]``: LLaVA's (and LLaVA-NeXT's) image features of ``pixel_values [N, 3, S, S]``: the vision tower's
+    hidden states of ``vision_feature_layer`` (several concatenated), the CLS token dropped under the ``"default"``
+    strategy, through the projector; as ``get_image_features`` computes them before splitting them per image."""
+    inner, config = model.model, model.config
+    out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+    layer = config.vision_feature_layer
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    default = config.vision_feature_select_strategy == "default"
+    states = [out.hidden_states[i][:, 1:] if default else out.hidden_states[i] for i in layers]
+    return inner.multi_modal_projector(torch.cat(states, -1))
+
+
+class LlavaNextImageEncoder(torch.nn.Module):
+    """``pixel_values [B, N, 3, S, S] -> [B, P, C]``: what ``get_image_features`` and ``pack_image_features`` compute
+    for images of original size ``image_size`` ``(H, W)``: the whole image's ``p`` tokens, then the tiles' features
+    as the image's grid (rows of tiles, each tile's rows), its padding cut away, each row ended by
+    ``image_newline``."""
+
+    def __init__(self, model: torch.nn.Module, image_size: tuple[int, int]):
+        super().__init__()
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        config = model.config
+        vision = config.vision_config
+        self.model = [model]   # not a submodule: VisionLanguageOutput holds it
+        self.image_size = tuple(image_size)
+        self.tiles = pixel_shape(config, self.image_size)[0]
+        side = vision.image_size // vision.patch_size   # a tile's features: side × side (the CLS token aside)
+        rows, columns = get_anyres_image_grid_shape(list(self.image_size), config.image_grid_pinpoints,
+                                                    vision.image_size)
+        if rows * columns != self.tiles - 1:
+            raise AttncError(f"{type(model).__name__}'s grid pinpoints give {rows} x {columns} tiles for a "
+                             f"{self.image_size[0]}x{self.image_size[1]} image, but {self.tiles - 1} tiles",
+                             "check the checkpoint's image_grid_pinpoints")
+        self.grid, self.side = (rows, columns), side
+        # the rows and columns unpad_image keeps of the grid's features: transformers' own function on an index grid
+        height, width = rows * side, columns * side
+        kept = unpad_image(torch.arange(height * width).reshape(1, height, width), list(self.image_size))[0]
+        self.kept_rows = (int(kept[0, 0]) // width, int(kept[-1, 0]) // width + 1)
+        self.kept_columns = (int(kept[0, 0]) % width, int(kept[0, -1]) % width + 1)
+        kept_rows, kept_columns = (b - a for a, b in (self.kept_rows, self.kept_columns))
+        self.num_visual_tokens = side * side + kept_rows * (kept_columns + 1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.features(pixel_values)[0]
+
+    def features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """``([B, P, C], [])``: the image's tokens (no deepstack features: :class:`~attnc.models.hf_qwen_vl.
+        QwenImageEncoder`'s interface)."""
+        model = self.model[0]
+        batch = pixel_values.shape[0]
+        (rows, columns), side = self.grid, self.side
+        features = tower_features(model, pixel_values.reshape(-1, *pixel_values.shape[2:]))
+        features = features.reshape(batch, self.tiles, side * side, features.shape[-1])
+        width = features.shape[-1]
+        whole, tiles = features[:, 0], features[:, 1:]
+        # [B, rows, columns, side, side, C] -> [B, C, rows·side, columns·side]: the resized image's grid of features
+        grid = tiles.reshape(batch, rows, columns, side, side, width).permute(0, 5, 1, 3, 2, 4)
+        grid = grid.reshape(batch, width, rows * side, columns * side)
+        grid = grid[:, :, self.kept_rows[0]:self.kept_rows[1], self.kept_columns[0]:self.kept_columns[1]]
+        newline = model.model.image_newline.to(grid.dtype)[None, :, None, None]
+        grid = torch.cat([grid, newline.expand(batch, width, grid.shape[2], 1)], -1)
+        return torch.cat([whole, grid.flatten(2).transpose(1, 2)], 1), []
