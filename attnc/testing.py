@@ -189,20 +189,30 @@ def tiny_llava(folder: Path, kv_heads: int | None = 2, strategy: str = "default"
     return folder
 
 
-def tiny_llava_next(folder: Path, kv_heads: int | None = 2) -> Path:
-    """A seeded LLaVA-NeXT (``LlavaNextForConditionalGeneration``): :func:`tiny_llava`'s towers and Llama (tiles of
-    32 pixels, 16 tokens each) with grid pinpoints of 1 × 2, 2 × 1, 2 × 2, 3 × 1 and 1 × 3 tiles (LLaVA-1.6's, scaled
-    to its tile), its ``image_newline`` and weights perturbed off their initial values, saved in ``folder``."""
+def tiny_llava_next(folder: Path, kv_heads: int | None = 2,
+                    architecture: str = "LlavaNextForConditionalGeneration") -> Path:
+    """A seeded LLaVA-NeXT (``LlavaNextForConditionalGeneration``: :func:`tiny_llava`'s CLIP tower and Llama) or
+    LLaVA-OneVision (``architecture`` ``LlavaOnevisionForConditionalGeneration``: a SigLIP tower, its features
+    shrunk past one tile's, ``anyres_max_1``; the image token 62, the video token 63, as in its checkpoints the image
+    token first): tiles of 32 pixels, 16 tokens each, grid pinpoints of 1 × 2, 2 × 1,
+    2 × 2, 3 × 1 and 1 × 3 tiles (LLaVA-1.6's, scaled to its tile), its ``image_newline`` and weights perturbed off
+    their initial values, saved in ``folder``."""
     import transformers
 
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                 patch_size=8)
     text = transformers.LlamaConfig(**{**TINY_LM, "num_hidden_layers": 4, "max_position_embeddings": 256},
                                     num_key_value_heads=kv_heads or TINY_LM["num_attention_heads"])
-    config = transformers.LlavaNextConfig(
-        vision_config=vision, text_config=text, image_token_index=63, vision_feature_layer=-2,
-        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]])
-    return save_seeded(config, "LlavaNextForConditionalGeneration", folder)
+    pinpoints = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+    if architecture == "LlavaOnevisionForConditionalGeneration":
+        config = transformers.LlavaOnevisionConfig(
+            vision_config=transformers.SiglipVisionConfig(**tower), text_config=text, image_token_index=62,
+            video_token_index=63, image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_1")
+    else:
+        config = transformers.LlavaNextConfig(
+            vision_config=transformers.CLIPVisionConfig(**tower, projection_dim=32), text_config=text,
+            image_token_index=63, vision_feature_layer=-2, image_grid_pinpoints=pinpoints)
+    return save_seeded(config, architecture, folder)
 
 
 def tiny_vision_language(folder: Path, architecture: str) -> Path:

@@ -176,8 +176,9 @@ def _vision_language_layout(model_ref: str, text_before_image: int | None, image
               help="Vision-language checkpoints whose visual tokens follow the image's size (Qwen2-VL, Qwen2.5-VL, "
                    "Qwen3-VL): "
                    "the size of the images the export takes, resized and normalised as the processor does "
-                   f"(default {_QWEN_DEFAULT}x{_QWEN_DEFAULT}). LLaVA-NeXT: the size of the original images, "
-                   "whose tiles its processor cuts (pixel_values [batch, tiles, 3, S, S]; default one tile's size). "
+                   f"(default {_QWEN_DEFAULT}x{_QWEN_DEFAULT}). LLaVA-NeXT, LLaVA-OneVision: the size of the "
+                   "original images, whose tiles the processor cuts (pixel_values [batch, tiles, 3, S, S]; default "
+                   "one tile's size). "
                    "Others take their config's image_size.")
 @_handle_errors
 def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset, seed, int_high,

@@ -1,21 +1,26 @@
-"""LLaVA-NeXT (LLaVA-1.6) checkpoints: any-resolution tiles, read at one image size per export.
+"""LLaVA-NeXT (LLaVA-1.6) and LLaVA-OneVision checkpoints: any-resolution tiles, read at one image size per export.
 
 LLaVA-NeXT's processor resizes each image to the resolution of ``config.image_grid_pinpoints`` that fits it best, pads
 it, cuts it into tiles of the vision tower's size and puts the whole image, resized to one tile, in front of them:
 ``pixel_values [B, N, 3, S, S]`` with the original sizes ``image_sizes`` beside them. The model runs the tower on every
 tile, lays the tiles' features out as the resized image's grid, cuts the padding away again (``unpad_image``, by the
 original size), ends each row of features with a learned ``image_newline`` token and puts the whole image's
-features in front. How many tiles and tokens an image becomes follows from its original size, and transformers
-computes all of it from ``image_sizes`` with ``.tolist()`` and Python loops: nothing of it exports.
+features in front. LLaVA-OneVision (``anyres_max_N``) shrinks the unpadded grid bilinearly where it holds more than
+about ``N`` tiles' features (by more than 1.1× on a side). How many tiles and tokens an image becomes follows from
+its original size, and transformers computes all of it from ``image_sizes`` with ``.tolist()`` and Python loops:
+nothing of it exports.
 
 At one original size every piece is a constant (:class:`LlavaNextImageEncoder`): the tiles' count, the grid, the
-rows and columns the unpadding keeps (found by running transformers' own ``unpad_image`` on an index grid) and ``P``.
-``attnc export CKPT --image-size HxW`` fixes it; the graph takes the processor's ``pixel_values [B, N, 3, S, S]``
-for images of that size (resize an image to it before the processor, and the processor cuts the tiles the export
-reads). Everything built for LLaVA then works: the layout is LLaVA's ``[K text][P visual][T text]``.
+rows and columns the unpadding keeps (found by running transformers' own ``unpad_image`` on an index grid), the size
+OneVision's grid shrinks to, and ``P``. ``attnc export CKPT --image-size HxW`` fixes it; the graph takes the
+processor's ``pixel_values [B, N, 3, S, S]`` for images of that size (resize an image to it before the processor,
+and the processor cuts the tiles the export reads). Everything built for LLaVA then works: the layout is LLaVA's
+``[K text][P visual][T text]``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -23,7 +28,7 @@ from attnc.compiler.errors import AttncError
 
 # config.architectures[0] of the checkpoints LlavaNextImageEncoder reads (checked against transformers' forward in
 # tests/models/test_hf_llava_next.py)
-ARCHITECTURES = ("LlavaNextForConditionalGeneration",)
+ARCHITECTURES = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
 
 
 def is_llava_next(model_or_name) -> bool:
@@ -73,8 +78,8 @@ def tower_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.
 class LlavaNextImageEncoder(torch.nn.Module):
     """``pixel_values [B, N, 3, S, S] -> [B, P, C]``: what ``get_image_features`` and ``pack_image_features`` compute
     for images of original size ``image_size`` ``(H, W)``: the whole image's ``p`` tokens, then the tiles' features
-    as the image's grid (rows of tiles, each tile's rows), its padding cut away, each row ended by
-    ``image_newline``."""
+    as the image's grid (rows of tiles, each tile's rows), its padding cut away (OneVision's grid then shrunk to
+    its ``anyres_max_N`` budget), each row ended by ``image_newline``."""
 
     def __init__(self, model: torch.nn.Module, image_size: tuple[int, int]):
         super().__init__()
@@ -99,6 +104,12 @@ class LlavaNextImageEncoder(torch.nn.Module):
         self.kept_rows = (int(kept[0, 0]) // width, int(kept[-1, 0]) // width + 1)
         self.kept_columns = (int(kept[0, 0]) % width, int(kept[0, -1]) % width + 1)
         kept_rows, kept_columns = (b - a for a, b in (self.kept_rows, self.kept_columns))
+        self.shrunk = None   # OneVision: (rows, columns) of the bilinearly shrunk grid, as pack_image_features sizes it
+        budget = getattr(config, "vision_aspect_ratio", None)
+        if budget is not None:
+            ratio = math.sqrt(kept_rows * kept_columns / (int(budget.strip("anyres_max_")) * side ** 2))
+            if ratio > 1.1:
+                self.shrunk = kept_rows, kept_columns = int(kept_rows // ratio), int(kept_columns // ratio)
         self.num_visual_tokens = side * side + kept_rows * (kept_columns + 1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -118,6 +129,8 @@ class LlavaNextImageEncoder(torch.nn.Module):
         grid = tiles.reshape(batch, rows, columns, side, side, width).permute(0, 5, 1, 3, 2, 4)
         grid = grid.reshape(batch, width, rows * side, columns * side)
         grid = grid[:, :, self.kept_rows[0]:self.kept_rows[1], self.kept_columns[0]:self.kept_columns[1]]
+        if self.shrunk is not None:
+            grid = torch.nn.functional.interpolate(grid, list(self.shrunk), mode="bilinear")
         newline = model.model.image_newline.to(grid.dtype)[None, :, None, None]
         grid = torch.cat([grid, newline.expand(batch, width, grid.shape[2], 1)], -1)
         return torch.cat([whole, grid.flatten(2).transpose(1, 2)], 1), []

@@ -18,8 +18,9 @@ exactly: each is checked against the transformers forward on the same prompt in
 gone after that layer. Prompts of different lengths go in one batch with ``--with-attention-mask``
 (:class:`MaskedVisionLanguageOutput`: each padded after the text in front of the image). Qwen2-VL, Qwen2.5-VL and
 Qwen3-VL, whose visual tokens follow the image's size, take images of one size per export (:mod:`attnc.models.
-hf_qwen_vl`, ``attnc export --image-size``; 3-D M-RoPE positions), and so does LLaVA-NeXT, whose any-resolution tiles
-follow the original image's size (:mod:`attnc.models.hf_llava_next`). Several images per prompt are not built.
+hf_qwen_vl`, ``attnc export --image-size``; 3-D M-RoPE positions), and so do LLaVA-NeXT and LLaVA-OneVision, whose
+any-resolution tiles follow the original image's size (:mod:`attnc.models.hf_llava_next`). Several images per prompt
+are not built.
 """
 
 from __future__ import annotations

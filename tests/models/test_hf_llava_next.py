@@ -1,11 +1,13 @@
-"""LLaVA-NeXT checkpoints (models/hf_llava_next.py): a checkpoint directory loads as ``(pixel_values [B, N, 3, S, S],
-input_ids) -> logits of the text after the image`` for original images of the size ``--image-size`` names (the
-processor's ``N`` tiles), equal to transformers' forward with that ``image_sizes``; it exports, records its image size,
-compiles with a visual-token exit and a gate, and ``attnc validate`` checks the artefacts against the checkpoint
-exiting alike; both generation graphs of padded prompts decode transformers' ``generate`` tokens.
+"""LLaVA-NeXT and LLaVA-OneVision checkpoints (models/hf_llava_next.py): a checkpoint directory loads as
+``(pixel_values [B, N, 3, S, S], input_ids) -> logits of the text after the image`` for original images of the size
+``--image-size`` names (the processor's ``N`` tiles), equal to transformers' forward with that ``image_sizes``
+(OneVision's grid shrunk where it is past its budget); it exports, records its image size, compiles with a
+visual-token exit and a gate, and ``attnc validate`` checks the artefacts against the checkpoint exiting alike; both
+generation graphs of padded prompts decode transformers' ``generate`` tokens (OneVision's in the ``full`` tier).
 
-References: transformers' forward and ``generate`` on the tiles ``LlavaNextImageProcessorPil`` cuts from fresh random
-images (the processor's tile count, not attnc's), at square, wide, tall and odd sizes, and sizes drawn afresh.
+References: transformers' forward and ``generate`` on the tiles its image processor (``LlavaNextImageProcessorPil``,
+``LlavaOnevisionImageProcessorPil``) cuts from fresh random images (the processor's tile count, not attnc's), at
+square, wide, tall and odd sizes, and sizes drawn afresh.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata
+from attnc.models.hf_llava_next import ARCHITECTURES
 from attnc.testing import run_cli, tiny_llava_next
 
 transformers = pytest.importorskip("transformers")
@@ -28,24 +31,29 @@ from attnc.compiler.backends.onnxruntime import load as load_onnx  # noqa: E402
 from attnc.models.hf_checkpoint import (load_checkpoint, with_attention_mask, with_image_size,  # noqa: E402
                                         with_text_before_image)
 
-IMAGE_TOKEN, PINPOINTS = 63, [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
 SIZE, BEFORE = (40, 90), 3   # the exports': a wide image (1 × 3 tiles, as the pinpoints choose) after 3 tokens
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """The tiny LLaVA-NeXT (4 query on 2 K/V heads), its module and spec at :data:`SIZE` after :data:`BEFORE`
-    tokens."""
-    folder = tiny_llava_next(tmp_path_factory.mktemp("llava_next") / "ckpt")
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def checkpoint(request, tmp_path_factory):
+    """The tiny checkpoint of each architecture (4 query on 2 K/V heads), its module and spec at :data:`SIZE` after
+    :data:`BEFORE` tokens."""
+    folder = tiny_llava_next(tmp_path_factory.mktemp("llava_next") / "ckpt", architecture=request.param)
     module, spec = load_checkpoint(str(folder))
     return folder, *with_text_before_image(*with_image_size(module, spec, SIZE), BEFORE)
 
 
-def _tiles(size: tuple[int, int], batch: int) -> torch.Tensor:
-    """The processor's ``pixel_values [batch, N, 3, 32, 32]`` of fresh random images of ``size`` ``(H, W)``."""
-    processor = transformers.LlavaNextImageProcessorPil(size={"shortest_edge": 32},
-                                                        crop_size={"height": 32, "width": 32},
-                                                        image_grid_pinpoints=PINPOINTS)
+def _tiles(module, size: tuple[int, int], batch: int) -> torch.Tensor:
+    """The processor's ``pixel_values [batch, N, 3, 32, 32]`` of fresh random images of ``size`` ``(H, W)`` for
+    ``module``'s architecture."""
+    if type(module.model).__name__ == "LlavaNextForConditionalGeneration":
+        processor = transformers.LlavaNextImageProcessorPil(size={"shortest_edge": 32},
+                                                            crop_size={"height": 32, "width": 32},
+                                                            image_grid_pinpoints=PINPOINTS)
+    else:
+        processor = transformers.LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32},
+                                                                 image_grid_pinpoints=PINPOINTS)
     images = [np.random.default_rng().integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(batch)]
     out = processor(images, return_tensors="pt")
     assert out["image_sizes"].tolist() == [list(size)] * batch
@@ -56,7 +64,7 @@ def _transformers(model, pixels, ids, p, before, size, **generate):
     """transformers' forward (logits at the text after the image) or ``generate`` (the new tokens) on
     ``[ids[:, :before]; <image> × p; ids[:, before:]]`` with ``image_sizes`` of ``size``."""
     batch = ids.shape[0]
-    prompt = torch.cat([ids[:, :before], torch.full((batch, p), IMAGE_TOKEN), ids[:, before:]], 1)
+    prompt = torch.cat([ids[:, :before], torch.full((batch, p), model.config.image_token_index), ids[:, before:]], 1)
     sizes = torch.tensor([list(size)] * batch)
     with torch.no_grad():
         if generate:
@@ -71,9 +79,9 @@ def _check_forward(checkpoint, size, before, batch):
     processor's tiles of fresh random images; a different image changes the logits."""
     _, module, spec = checkpoint
     module, spec = with_text_before_image(*with_image_size(module, spec, size), before)
-    pixels = _tiles(size, batch)
+    pixels = _tiles(module, size, batch)
     assert tuple(pixels.shape[1:]) == spec.inputs[0].shape[1:]   # the processor's tile count is the export's
-    ids = torch.randint(3, IMAGE_TOKEN, (batch, before + 5))
+    ids = torch.randint(3, spec.inputs[1].high, (batch, before + 5))
     with torch.no_grad():
         got, other = module(pixels, ids).numpy(), module(torch.randn_like(pixels), ids).numpy()
     expected = _transformers(module.model, pixels, ids, module.num_visual_tokens, before, size)
@@ -85,7 +93,8 @@ def _check_forward(checkpoint, size, before, batch):
                                                ((64, 64), 1, 1), ((33, 100), 0, 2), ((100, 37), 4, 1)])
 def test_matches_the_transformers_forward(checkpoint, size, before, batch):
     """Square (one tile's size, two tiles' and more), wide, tall and odd sizes (1 × 2, 2 × 1, 2 × 2 and 1 × 3 / 3 × 1
-    tiles as the pinpoints choose, the padding cut from rows or columns), the image after 0-4 tokens, batch 1-3."""
+    tiles as the pinpoints choose, the padding cut from rows or columns; OneVision's grid shrunk at all but the
+    first), the image after 0-4 tokens, batch 1-3."""
     _check_forward(checkpoint, size, before, batch)
 
 
@@ -117,7 +126,7 @@ def test_export_exit_and_validate(checkpoint, tmp_path):
     assert f"{p} visual tokens of a {size} image after 3 text tokens" in run_cli("inspect", path).output
     model = load_onnx(path)
     for batch, seq in ((1, BEFORE + 1), (3, BEFORE + 11)):
-        pixels, ids = _tiles(SIZE, batch), torch.randint(3, IMAGE_TOKEN, (batch, seq))
+        pixels, ids = _tiles(module, SIZE, batch), torch.randint(3, spec.inputs[1].high, (batch, seq))
         got = next(iter(model.infer({"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}).values()))
         np.testing.assert_allclose(got, _transformers(module.model, pixels, ids, p, BEFORE, SIZE),
                                    atol=2e-5, rtol=1e-4)
@@ -134,6 +143,9 @@ def test_export_exit_and_validate(checkpoint, tmp_path):
     assert report["passed"] and report["shrink_cost"][0]["max_abs_error"] > 1e-3
 
 
+@pytest.mark.parametrize("checkpoint", [ARCHITECTURES[0], pytest.param(ARCHITECTURES[1], marks=pytest.mark.full(
+    reason="the generation path CI checks on LLaVA-NeXT, whose image encoder OneVision's shares but for its shrink, "
+           "which CI checks in the one-pass export (about 25 s)"))], indirect=True)
 def test_generation_of_padded_prompts(checkpoint, tmp_path):
     """``--first-step`` and ``--with-past`` of padded prompts at the export's image size compile and validate; the
     pair's greedy tokens of a padded batch equal transformers' ``generate`` on each prompt alone."""
@@ -144,7 +156,7 @@ def test_generation_of_padded_prompts(checkpoint, tmp_path):
         run_cli("compile", tmp_path / f"{name}.onnx", "-o", tmp_path / name)
         assert "PASS" in run_cli("validate", tmp_path / name, "--model", folder).output
     _, ids, mask = with_attention_mask(module, spec)[1].example_inputs(batch=2, seq=BEFORE + 6, seed=21)
-    pixels = _tiles(SIZE, 2)
+    pixels = _tiles(module, SIZE, 2)
     got = runtime.generate_vision_language(runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step"),
                                            pixels.numpy(), ids.numpy(), mask.numpy(), max_new_tokens=5)
     assert mask[1].sum() < mask[0].sum()   # the second row is padded

@@ -316,8 +316,8 @@ def test_refusals(checkpoint, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     other = tmp_path / "next"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({**config, "model_type": "llava_onevision",   # anyres_max tiles
-                                                   "architectures": ["LlavaOnevisionForConditionalGeneration"]}))
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "mistral3",   # image-break tokens
+                                                   "architectures": ["Mistral3ForConditionalGeneration"]}))
     (other / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     with pytest.raises(AttncError, match="does not export yet") as err:
         load_checkpoint(str(other))
@@ -702,10 +702,12 @@ def test_generation_with_a_token_exit(checkpoint, generation_graphs, tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("model", ["llava", pytest.param("qwen2-vl", marks=pytest.mark.full(
-    reason="the example's path CI runs on LLaVA, on a random Qwen2-VL (test_hf_qwen_vl.py checks Qwen in CI)"))])
+@pytest.mark.parametrize("model", ["llava", *(pytest.param(model, marks=pytest.mark.full(
+    reason=f"the example's path CI runs on LLaVA, on a random {model} (tests/models check it in CI)"))
+    for model in ("qwen2-vl", "llava-next"))])
 def test_vision_language_example(tmp_path, model):
-    """examples/vision_language.py end to end on a random LLaVA (a random Qwen2-VL in the ``full`` tier): both
+    """examples/vision_language.py end to end on a random LLaVA (a random Qwen2-VL and LLaVA-NeXT in the ``full``
+    tier): both
     one-pass artefacts (as it is and exited) and both generation steps validate, as it is and exited, the exit changes
     the logits, the generated tokens are transformers' ``generate``'s, and with the exit those of the exited forward,
     from a smaller cache."""
@@ -716,12 +718,13 @@ def test_vision_language_example(tmp_path, model):
     spec = importlib.util.spec_from_file_location("vision_language", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    size = {"llava": 32, "qwen2-vl": 56}[model]
+    size = {"llava": 32, "qwen2-vl": 56, "llava-next": 40}[model]
     results = example.main(["--model", model, "--image-size", str(size), "--width", "32", "--layers", "2",
                             "--generate", "4", "--reps", "3", "--prompt", "6", "--json", str(tmp_path / "run.json")])
     assert results["full"]["validation_passed"] and results["exit"]["validation_passed"]
     assert results["first_step_validation_passed"] and results["step_step_validation_passed"]
-    assert results["generation"]["tokens_equal"] and results["visual_tokens"] == {"llava": 16, "qwen2-vl": 4}[model]
+    assert results["generation"]["tokens_equal"]
+    assert results["visual_tokens"] == {"llava": 16, "qwen2-vl": 4, "llava-next": 56}[model]
     assert results["first_step_exit_validation_passed"] and results["step_step_exit_validation_passed"]
     cache = results["generation_exit"]["prompt_cache_bytes"]
     assert results["generation_exit"]["tokens_equal"] and cache["exit"] < cache["full"]
