@@ -16,7 +16,9 @@ several layers, each exit validated against the checkpoint exiting in PyTorch, l
 tokens) compiled as they are and with each exit, validated, their greedy tokens checked against a loop over the
 exited forward without a cache, the prompt's KV cache size and the first and later steps' latencies; ``qwen``
 a transformers Qwen2-VL checkpoint exported at a 448-pixel square (256 visual + 32 text tokens, 8 decoder layers,
-random weights), exited and validated as ``llava`` is. The passes
+random weights), exited and validated as ``llava`` is; ``llava_next`` a transformers LLaVA-NeXT checkpoint exported at
+a 448-pixel square in 224-pixel tiles (1312 visual + 32 text tokens, 8 decoder layers, random weights), alike. The
+passes
 are applied (pruning: weight, activation, gradient and ablation scores, one-shot and iterative, with and without a
 short fine-tune) and the tables printed: accuracy, parameters, attention FLOPs and ONNX Runtime CPU latency
 before/after. Latencies of a "before" and its "after" are measured side by
@@ -505,6 +507,36 @@ def bench_qwen(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
                      f"text {c['text']})", **_exits(tmp, tmp / "qwen", module, spec, c, reps, threads), "smoke": smoke}
 
 
+# LLaVA-NeXT at LLaVA-1.6's layout, scaled: 224-pixel tiles of 14-pixel patches (256 tokens each) and a 448-pixel
+# square image, which its processor cuts into 2 × 2 tiles beside the whole image: 256 + 32 × 33 = 1312 visual tokens
+# (the grid's rows ended by image_newline) in front of 32 text tokens, at LLAVA's widths.
+LLAVA_NEXT = {**LLAVA, "image": 224, "original": (448, 448),
+              "pinpoints": [[224, 448], [448, 224], [448, 448], [672, 224], [224, 672]]}
+LLAVA_NEXT_SMOKE = {**LLAVA_SMOKE, "image": 56, "original": (112, 112),
+                    "pinpoints": [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]}
+
+
+def bench_llava_next(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
+    """A transformers LLaVA-NeXT checkpoint (random weights, :data:`LLAVA_NEXT`) exported at its original image size
+    (``--image-size``: the processor's tiles), then as :func:`bench_llava`."""
+    import transformers
+
+    from attnc.models.hf_checkpoint import load_checkpoint, with_image_size
+    from attnc.testing import save_seeded
+
+    c = LLAVA_NEXT_SMOKE if smoke else LLAVA_NEXT
+    vision = transformers.CLIPVisionConfig(**c["vision"], image_size=c["image"], patch_size=c["patch"])
+    config = transformers.LlavaNextConfig(vision_config=vision, text_config=transformers.LlamaConfig(**c["text"]),
+                                          image_token_index=c["text"]["vocab_size"] - 1,
+                                          image_grid_pinpoints=c["pinpoints"])
+    save_seeded(config, "LlavaNextForConditionalGeneration", tmp / "llava_next")
+    module, spec = with_image_size(*load_checkpoint(str(tmp / "llava_next")), c["original"])
+    size = "x".join(map(str, c["original"]))
+    return {"model": f"LlavaNextForConditionalGeneration at {size} ({c['image']}-pixel tiles; CLIP {c['vision']}, "
+                     f"Llama {c['text']})", **_exits(tmp, tmp / "llava_next", module, spec, c, reps, threads),
+            "smoke": smoke}
+
+
 def _exits(tmp: Path, folder: Path, module, spec, c: dict, reps: int, threads: int) -> dict:
     """The checkpoint in ``folder`` (loaded: ``module``, ``spec``) exported, compiled as it is and with a static exit
     before each of ``c["exit_layers"]``, each artefact validated against it in PyTorch, and timed side by side."""
@@ -771,7 +803,7 @@ def machine() -> dict:
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
 
 
-SECTIONS = ("prune", "exit", "llama", "llava", "llava_vqa", "llava_decode", "qwen")
+SECTIONS = ("prune", "exit", "llama", "llava", "llava_vqa", "llava_decode", "qwen", "llava_next")
 
 
 def main(argv=None) -> int:
@@ -809,6 +841,8 @@ def main(argv=None) -> int:
             results["exit_llava_decode"] = bench_llava_decode(Path(tmp), args.reps, args.threads, smoke=args.smoke)
         if "qwen" in sections:
             results["exit_qwen"] = bench_qwen(Path(tmp), args.reps, args.threads, smoke=args.smoke)
+        if "llava_next" in sections:
+            results["exit_llava_next"] = bench_llava_next(Path(tmp), args.reps, args.threads, smoke=args.smoke)
     results["seconds"] = time.perf_counter() - t0
     print(table(results))
     out = Path(args.out)
@@ -876,6 +910,8 @@ def table(results: dict) -> str:
         lines.extend(llava_decode_table(results["exit_llava_decode"]))
     if "exit_qwen" in results:
         lines.extend(llava_table(results["exit_qwen"], "Qwen2-VL"))
+    if "exit_llava_next" in results:
+        lines.extend(llava_table(results["exit_llava_next"], "LLaVA-NeXT"))
     return "\n".join(lines)
 
 

@@ -224,7 +224,7 @@ def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_vi
     for node in _model_visual_drop(model, after, num_visual_tokens, visual_offset):
         _keep_text(model, node, visual_offset, prefix)
         report.neutralised_slices.append(node.name)
-    _finish(model, after)
+    _finish(model, after, num_visual_tokens, token)
     if declared is not None:
         model.graph.value_info.append(helper.make_tensor_value_info(sliced, *declared))
     produced_after = {o for n in after for o in n.output}
@@ -648,16 +648,51 @@ def _text_shape(shape: list | None, elem_type: int | None, num_visual_tokens) ->
     return elem_type, [shape[0], " + ".join(terms), *shape[2:]]
 
 
-def _finish(model, after: list[onnx.NodeProto]):
+def _finish(model, after: list[onnx.NodeProto], num_visual_tokens: int | None = None, token=None):
     """Sort, drop dead nodes, and forget the shapes of what ``after`` (the nodes behind the boundary) computes: their
     sequence lengths changed. The others' shapes stay: a dynamo export names the token axis ``"seq + P"``, which
-    shape inference cannot derive from a ``Concat`` again."""
+    shape inference cannot derive from a ``Concat`` again. Given ``num_visual_tokens`` (a one-pass graph's exit, the
+    boundary's token axis ``token`` long), the shapes of ``after``'s tensors whose token axes are named as sums with
+    ``P`` among their terms are kept without it (:func:`_text_dims`): later passes then read the text's token counts
+    from the shapes instead of running the graph up to each attention (the neighborhood pass's check of every masked
+    attention: seconds per exit of a model with a thousand visual tokens)."""
     stale = {o for n in after for o in n.output}
     toposort(model)
     remove_dead_nodes(model)
-    kept = [v for v in model.graph.value_info if v.name not in stale]
+    inputs = {d.dim_param for i in model.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+    kept = [v for v in model.graph.value_info if v.name not in stale or
+            num_visual_tokens is not None and _text_dims(v, inputs, num_visual_tokens, token)]
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept)
+
+
+def _text_dims(value: onnx.ValueInfoProto, inputs: set[str], num_visual_tokens: int, token) -> bool:
+    """Rewrite ``value``'s shape (a tensor computed behind a one-pass exit) for the text's tokens and say whether it
+    holds: every dim named as a sum of input dims and ``P`` loses ``P`` (``"seq + 576"`` -> ``"seq"``); a dim named
+    by input dims alone and a static dim other than the boundary's ``token`` count stay. Any other dim (a static one
+    equal to ``token``, a sum with another constant, a name the exporter made up) may or may not have held the image's
+    tokens: False, and the caller forgets the shape."""
+    dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") and \
+        value.type.tensor_type.HasField("shape") else None
+    if dims is None:
+        return False
+    names = []
+    for dim in dims:
+        if dim.HasField("dim_value"):
+            if dim.dim_value == token:
+                return False
+            names.append(None)
+            continue
+        terms = dim_terms(dim.dim_param)
+        constants = [t for t in terms if t.isdigit()]
+        if not terms or not all(t.isdigit() or t in inputs for t in terms) or \
+                constants not in ([], [str(num_visual_tokens)]) or constants and len(terms) < 2:
+            return False
+        names.append(" + ".join(t for t in terms if t != str(num_visual_tokens)))
+    for dim, name in zip(dims, names):
+        if name is not None:
+            dim.dim_param = name
+    return True
 
 
 def export_static_exit(torch_model, example_inputs, path, exit_layer: int, **export_kwargs):

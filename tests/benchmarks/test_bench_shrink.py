@@ -1,6 +1,7 @@
-"""``benchmarks/bench_shrink.py --only llava|llava_vqa|llava_decode|qwen --smoke``: the LLaVA and Qwen2-VL sections
-run end to end at toy sizes, every exit artefact validates against the checkpoint exiting in PyTorch, and the raw file
-and table carry each exit's latency beside the full model's (the numbers themselves mean nothing at these sizes)."""
+"""``benchmarks/bench_shrink.py --only llava|llava_vqa|llava_decode|qwen|llava_next --smoke``: the LLaVA, Qwen2-VL and
+LLaVA-NeXT sections run end to end at toy sizes, every exit artefact validates against the checkpoint exiting in
+PyTorch, and the raw file and table carry each exit's latency beside the full model's (the numbers themselves mean
+nothing at these sizes)."""
 
 from __future__ import annotations
 
@@ -24,12 +25,15 @@ def _smoke(section: str, folder: Path) -> dict:
     return json.loads(raw.read_text())
 
 
-@pytest.mark.parametrize("section,kind,visual,model", [("llava", "LLaVA", 16, "Llava"),
-                                                       ("qwen", "Qwen2-VL", 4, "56x56")])
+@pytest.mark.parametrize("section,kind,visual,model", [
+    ("llava", "LLaVA", 16, "Llava"), ("qwen", "Qwen2-VL", 4, "56x56"),
+    pytest.param("llava_next", "LLaVA-NeXT", 88, "112x112", marks=pytest.mark.full(
+        reason="the bench path CI runs on LLaVA and Qwen2-VL, on a LLaVA-NeXT exported at its image size (about 20 s; "
+               "tests/models/test_hf_llava_next.py checks its exits in CI)"))])
 def test_exit_smoke(tmp_path, capsys, section, kind, visual, model):
-    """``--only llava`` / ``--only qwen`` ``--smoke``: the checkpoint (Qwen2-VL exported at its image size) exited
-    before layers 1 and 2; every artefact validates against the checkpoint exiting in PyTorch and is timed beside the
-    full model at batch 1 and 4."""
+    """``--only llava`` / ``qwen`` / ``llava_next`` ``--smoke``: the checkpoint (Qwen2-VL and LLaVA-NeXT exported at
+    their image size) exited before layers 1 and 2; every artefact validates against the checkpoint exiting in
+    PyTorch and is timed beside the full model at batch 1 and 4."""
     result = _smoke(section, tmp_path)[f"exit_{section}"]
     assert result["visual_tokens"] == visual and result["smoke"] and model in result["model"]
     rows = {r["model"]: r for r in result["rows"]}
