@@ -12,14 +12,18 @@ the prompt with the image's placeholder tokens in place. Last, it compiles both 
 tokens dropped before ``--exit-layer`` (the later layers' caches then hold the text alone), validates them, and checks
 their tokens against a greedy loop over the exited forward. Without ``--checkpoint`` it writes a random LLaVA (a CLIP
 tower of ``--image-size`` px images in 8 px patches, a Llama of ``--width`` and ``--layers`` with grouped-query
-attention) or, with ``--model qwen2-vl``, a random Qwen2-VL (its images exported at ``--image-size`` px square, a
-multiple of 28) with ``save_pretrained`` first: no hub is reached::
+attention), with ``--model qwen2-vl`` a random Qwen2-VL (its images exported at ``--image-size`` px square, a
+multiple of 28) or with ``--model llava-next`` a random LLaVA-NeXT (32 px tiles, its images exported at
+``--image-size`` px square: the processor's tiles of an image that size) with ``save_pretrained`` first: no hub is
+reached::
 
     python examples/vision_language.py
     python examples/vision_language.py --image-size 112 --width 256 --layers 8 --exit-layer 2 --json run.json
     python examples/vision_language.py --model qwen2-vl --image-size 224
+    python examples/vision_language.py --model llava-next --image-size 64
     python examples/vision_language.py --checkpoint ./my-llava --text-before-image 5
     python examples/vision_language.py --checkpoint ./my-qwen2-vl --image-size 448
+    python examples/vision_language.py --checkpoint ./my-llava-v1.6 --image-size 672
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ from attnc.compiler.export import export_onnx
 from attnc.compiler.pipeline import CompileOptions, compile_model, validate_artefact
 from attnc.models.hf_checkpoint import (load_checkpoint, with_first_step, with_image_size, with_past,
                                         with_text_before_image)
+from attnc.models.hf_llava_next import is_llava_next
 from attnc.models.hf_qwen_vl import is_qwen_vl
+from attnc.models.hf_vision_language import SIZED
 from attnc.models.transformers_zoo import perturbed
 
 
@@ -69,7 +75,8 @@ def random_qwen2_vl(folder: Path, width: int, layers: int) -> Path:
     half = width // heads // 2   # rotary frequencies per head, split over time, rows and columns
     text = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=max(1, heads // 2), vocab_size=256, max_position_embeddings=4096,
-                bos_token_id=1, eos_token_id=2, pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                  "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]})
     config = transformers.Qwen2VLConfig(
         text_config=text, vision_config=dict(depth=2, embed_dim=64, hidden_size=width, num_heads=2, mlp_ratio=2),
@@ -81,13 +88,35 @@ def random_qwen2_vl(folder: Path, width: int, layers: int) -> Path:
     return folder
 
 
+def random_llava_next(folder: Path, width: int, layers: int) -> Path:
+    """A seeded random ``LlavaNextForConditionalGeneration`` saved in ``folder``: 32 px tiles in 8 px patches, grid
+    pinpoints of 1 × 2 to 2 × 2 tiles, 256 words, the image token 255."""
+    import transformers
+
+    vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8)
+    text = transformers.LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                                    num_attention_heads=max(2, width // 32), num_key_value_heads=max(1, width // 64),
+                                    vocab_size=256, max_position_embeddings=4096)
+    config = transformers.LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=255,
+                                          image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+                                          architectures=["LlavaNextForConditionalGeneration"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        perturbed(transformers.LlavaNextForConditionalGeneration(config)).save_pretrained(folder)
+    return folder
+
+
 def transformers_generate(module, pixels: torch.Tensor, ids: torch.Tensor, before: int, tokens: int) -> torch.Tensor:
     """transformers' greedy ``generate`` on the prompt ``ids[:, :before]`` + the image's placeholders + ``ids[:,
-    before:]``: the new tokens. Qwen takes the image as its processor's patches, with their grid and token types."""
+    before:]``: the new tokens. Qwen takes the image as its processor's patches, with their grid and token types;
+    LLaVA-NeXT its tiles with the images' original size."""
     hf, p = module.model, module.num_visual_tokens
     image = getattr(hf.config, "image_token_index", None) or hf.config.image_token_id
     prompt = torch.cat([ids[:, :before], torch.full((len(ids), p), image), ids[:, before:]], 1)
     extra = {"pixel_values": pixels}
+    if is_llava_next(hf):
+        extra["image_sizes"] = torch.tensor([list(module.image_size)] * len(ids))
     if is_qwen_vl(hf):
         import transformers
 
@@ -119,10 +148,11 @@ def latency_ms(runner, feeds: dict, reps: int) -> float:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="a LLaVA-family or Qwen-VL checkpoint directory (default: a random one)")
-    parser.add_argument("--model", choices=["llava", "qwen2-vl"], default="llava",
+    parser.add_argument("--model", choices=["llava", "qwen2-vl", "llava-next"], default="llava",
                         help="the random checkpoint's architecture (without --checkpoint)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="pixels a side: the random LLaVA's (default 64); Qwen's exported size (default 56)")
+                        help="pixels a side: the random LLaVA's (default 64); Qwen's exported size (default 56); "
+                             "LLaVA-NeXT's exported image size (default one tile's)")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--text-before-image", type=int, default=3)
@@ -141,12 +171,15 @@ def main(argv=None) -> dict:
             folder = Path(args.checkpoint)
         elif args.model == "qwen2-vl":
             folder = random_qwen2_vl(tmp / "qwen2-vl", args.width, args.layers)
+        elif args.model == "llava-next":
+            folder = random_llava_next(tmp / "llava-next", args.width, args.layers)
         else:
             folder = random_llava(tmp / "llava", args.image_size or 64, args.width, args.layers)
         module, spec = load_checkpoint(str(folder))
-        if is_qwen_vl(module.model):   # its visual tokens follow the image's size: one size per export
-            size = args.image_size or 56
-            module, spec = with_image_size(module, spec, (size, size))
+        if type(module.model).__name__ in SIZED:   # its visual tokens follow the image's size: one size per export
+            size = args.image_size or (56 if is_qwen_vl(module.model) else None)
+            if size is not None:
+                module, spec = with_image_size(module, spec, (size, size))
         module, spec = with_text_before_image(module, spec, args.text_before_image)
         pixels, ids = spec.example_inputs(batch=args.batch, seq=args.prompt, seed=1)
         feeds = {"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}

@@ -166,6 +166,36 @@ def test_exit_layer_drops_the_visual_tokens(checkpoint, before):
             module(pixels, ids, exit_layer=LAYERS + 1)
 
 
+def test_exit_keeps_the_shapes_behind_it(checkpoint):
+    """A static exit keeps the shapes of the tensors behind it with the image's 16 tokens taken out of their token
+    axes (``seq + 16`` -> ``seq``; none is left at ``seq + 16``), which shape inference then carries on; a dim it cannot
+    rewrite for certain (a static one the boundary's length, a sum with another constant, a name the exporter made
+    up) makes it forget the shape, as before."""
+    from attnc.passes.core import name_nodes, value_shapes
+    from attnc.passes.token_exit import _downstream, _text_dims
+
+    model = onnx.load(str(checkpoint[3]))
+    name_nodes(model)
+    behind = {o for n in _downstream(model, decoder_boundaries(model)[2]) for o in n.output}
+    declared = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in model.graph.value_info if v.name in behind}
+    assert sum("seq + 16" in dims for dims in declared.values()) > 10   # the export names the token axis so
+    exited = apply_static_token_exit(model, 2, 16)[0]
+    kept = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in exited.graph.value_info if v.name in behind}
+    assert sum("seq" in dims for dims in kept.values()) > 10
+    assert not any("seq + 16" in dims for dims in kept.values())
+    shapes = value_shapes(exited)
+    assert shapes[exited.graph.output[0].name][1] == "seq"   # the logits of the text after the image
+    for dims, holds, after in ((["batch", "seq + 16", 32], True, ["batch", "seq", 32]), (["batch", 8], True, None),
+                               (["batch", "seq + 17"], False, None), (["batch", "unk__3"], False, None),
+                               (["batch", 40], False, None), (["batch", "16"], False, None)):
+        value = onnx.helper.make_tensor_value_info("v", onnx.TensorProto.FLOAT, dims)
+        assert _text_dims(value, {"batch", "seq"}, 16, 40) == holds, dims
+        if after:
+            assert [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim] == after
+
+
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_export_runs_and_exits_at_any_size(checkpoint, tmp_path, exporter):
     """Both exporters (TorchScript on plain multi-head attention: it cannot export SDPA with grouped K/V heads):
@@ -724,7 +754,7 @@ def test_vision_language_example(tmp_path, model):
     assert results["full"]["validation_passed"] and results["exit"]["validation_passed"]
     assert results["first_step_validation_passed"] and results["step_step_validation_passed"]
     assert results["generation"]["tokens_equal"]
-    assert results["visual_tokens"] == {"llava": 16, "qwen2-vl": 4, "llava-next": 56}[model]
+    assert results["visual_tokens"] == {"llava": 16, "qwen2-vl": 4, "llava-next": 88}[model]
     assert results["first_step_exit_validation_passed"] and results["step_step_exit_validation_passed"]
     cache = results["generation_exit"]["prompt_cache_bytes"]
     assert results["generation_exit"]["tokens_equal"] and cache["exit"] < cache["full"]
