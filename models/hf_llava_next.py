@@ -98,12 +98,13 @@ class LlavaNextImageEncoder(torch.nn.Module):
                              f"{self.image_size[0]}x{self.image_size[1]} image, but {self.tiles - 1} tiles",
                              "check the checkpoint's image_grid_pinpoints")
         self.grid, self.side = (rows, columns), side
-        # the rows and columns unpad_image keeps of the grid's features: transformers' own function on an index grid
+        # the rows and columns unpad_image keeps of the grid's features: transformers' own function on the grid, which
+        # cuts as many from either end of one axis (all of them from a long, thin image's: no row, or rows of no
+        # column, each still ended by image_newline)
         height, width = rows * side, columns * side
-        kept = unpad_image(torch.arange(height * width).reshape(1, height, width), list(self.image_size))[0]
-        self.kept_rows = (int(kept[0, 0]) // width, int(kept[-1, 0]) // width + 1)
-        self.kept_columns = (int(kept[0, 0]) % width, int(kept[0, -1]) % width + 1)
-        kept_rows, kept_columns = (b - a for a, b in (self.kept_rows, self.kept_columns))
+        kept_rows, kept_columns = unpad_image(torch.zeros(1, height, width), list(self.image_size)).shape[1:]
+        self.kept_rows = ((height - kept_rows) // 2, (height + kept_rows) // 2)
+        self.kept_columns = ((width - kept_columns) // 2, (width + kept_columns) // 2)
         self.shrunk = None   # OneVision: (rows, columns) of the bilinearly shrunk grid, as pack_image_features sizes it
         budget = getattr(config, "vision_aspect_ratio", None)
         if budget is not None:

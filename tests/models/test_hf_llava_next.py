@@ -90,11 +90,13 @@ def _check_forward(checkpoint, size, before, batch):
 
 
 @pytest.mark.parametrize("size,before,batch", [((32, 32), 0, 1), ((40, 90), 3, 2), ((90, 40), 2, 3),
-                                               ((64, 64), 1, 1), ((33, 100), 0, 2), ((100, 37), 4, 1)])
+                                               ((64, 64), 1, 1), ((33, 100), 0, 2), ((100, 37), 4, 1),
+                                               ((9, 146), 1, 2), ((146, 9), 2, 1)])
 def test_matches_the_transformers_forward(checkpoint, size, before, batch):
     """Square (one tile's size, two tiles' and more), wide, tall and odd sizes (1 × 2, 2 × 1, 2 × 2 and 1 × 3 / 3 × 1
     tiles as the pinpoints choose, the padding cut from rows or columns; OneVision's grid shrunk at all but the
-    first), the image after 0-4 tokens, batch 1-3."""
+    first and the last two), long thin images whose grid keeps no row (the whole image's tokens alone) or rows of no
+    column (each a newline token), the image after 0-4 tokens, batch 1-3."""
     _check_forward(checkpoint, size, before, batch)
 
 
