@@ -651,27 +651,29 @@ def _text_shape(shape: list | None, elem_type: int | None, num_visual_tokens) ->
 def _finish(model, after: list[onnx.NodeProto], num_visual_tokens: int | None = None, token=None):
     """Sort, drop dead nodes, and forget the shapes of what ``after`` (the nodes behind the boundary) computes: their
     sequence lengths changed. The others' shapes stay: a dynamo export names the token axis ``"seq + P"``, which
-    shape inference cannot derive from a ``Concat`` again. Given ``num_visual_tokens`` (a one-pass graph's exit, the
-    boundary's token axis ``token`` long), the shapes of ``after``'s tensors whose token axes are named as sums with
-    ``P`` among their terms are kept without it (:func:`_text_dims`): later passes then read the text's token counts
-    from the shapes instead of running the graph up to each attention (the neighborhood pass's check of every masked
-    attention: seconds per exit of a model with a thousand visual tokens)."""
+    shape inference cannot derive from a ``Concat`` again. Given ``num_visual_tokens`` and a boundary whose token axis
+    ``token`` is named as a sum with ``P`` among its terms (a one-pass graph's exit, dynamic in its text), the shapes
+    of ``after``'s tensors are kept with ``P`` taken out of such names (:func:`_text_dims`): later passes then read the
+    text's token counts from the shapes instead of running the graph up to each attention (the neighborhood pass's
+    check of every masked attention: seconds per exit of a model with a thousand visual tokens). A static token axis
+    says nothing of which static dims behind it counted the image (a ``[B * S, C]`` flattening): those shapes go."""
     stale = {o for n in after for o in n.output}
     toposort(model)
     remove_dead_nodes(model)
     inputs = {d.dim_param for i in model.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+    named = isinstance(token, str) and str(num_visual_tokens) in dim_terms(token)
     kept = [v for v in model.graph.value_info if v.name not in stale or
-            num_visual_tokens is not None and _text_dims(v, inputs, num_visual_tokens, token)]
+            named and _text_dims(v, inputs, num_visual_tokens)]
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept)
 
 
-def _text_dims(value: onnx.ValueInfoProto, inputs: set[str], num_visual_tokens: int, token) -> bool:
-    """Rewrite ``value``'s shape (a tensor computed behind a one-pass exit) for the text's tokens and say whether it
-    holds: every dim named as a sum of input dims and ``P`` loses ``P`` (``"seq + 576"`` -> ``"seq"``); a dim named
-    by input dims alone and a static dim other than the boundary's ``token`` count stay. Any other dim (a static one
-    equal to ``token``, a sum with another constant, a name the exporter made up) may or may not have held the image's
-    tokens: False, and the caller forgets the shape."""
+def _text_dims(value: onnx.ValueInfoProto, inputs: set[str], num_visual_tokens: int) -> bool:
+    """Rewrite ``value``'s shape (a tensor computed behind a one-pass exit whose token axis is named ``"seq + P"``)
+    for the text's tokens and say whether it holds: every dim named as a sum of input dims and ``P`` loses ``P``
+    (``"seq + 576"`` -> ``"seq"``); a dim named by input dims alone and a static dim stay (the text is dynamic: no
+    static size counts its tokens). Any other dim (a sum with another constant, a name the exporter or shape
+    inference made up) may or may not have held the image's tokens: False, and the caller forgets the shape."""
     dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") and \
         value.type.tensor_type.HasField("shape") else None
     if dims is None:
@@ -679,8 +681,6 @@ def _text_dims(value: onnx.ValueInfoProto, inputs: set[str], num_visual_tokens: 
     names = []
     for dim in dims:
         if dim.HasField("dim_value"):
-            if dim.dim_value == token:
-                return False
             names.append(None)
             continue
         terms = dim_terms(dim.dim_param)
