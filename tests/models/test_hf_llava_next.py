@@ -44,6 +44,16 @@ def checkpoint(request, tmp_path_factory):
     return folder, *with_text_before_image(*with_image_size(module, spec, SIZE), BEFORE)
 
 
+@pytest.fixture(scope="module")
+def exported(checkpoint):
+    """The checkpoint's dynamo export through the CLI at :data:`SIZE` after :data:`BEFORE` tokens (a fixture apart:
+    the tests in PyTorch alone skip it)."""
+    folder = checkpoint[0]
+    path = folder.parent / "model.onnx"
+    run_cli("export", folder, "-o", path, "--image-size", "x".join(map(str, SIZE)), "--text-before-image", BEFORE)
+    return path
+
+
 def _tiles(module, size: tuple[int, int], batch: int) -> torch.Tensor:
     """The processor's ``pixel_values [batch, N, 3, 32, 32]`` of fresh random images of ``size`` ``(H, W)`` for
     ``module``'s architecture."""
@@ -113,14 +123,12 @@ def test_matches_at_a_drawn_size(checkpoint):
                              f"{exc}") from exc
 
 
-def test_export_exit_and_validate(checkpoint, tmp_path):
+def test_export_exit_and_validate(checkpoint, exported, tmp_path):
     """The dynamo export records ``P``, ``K`` and the image size, takes any batch and text length (ONNX Runtime
     equals transformers at sizes other than the export's); compiled with the image gone before layer 2 and with a
     gate trained by ``attnc train-exit-gate`` deciding there, both pass ``attnc validate`` against the checkpoint
     exiting alike."""
-    folder, module, spec = checkpoint
-    path, size = tmp_path / "model.onnx", "x".join(map(str, SIZE))
-    run_cli("export", folder, "-o", path, "--image-size", size, "--text-before-image", BEFORE)
+    (folder, module, spec), path, size = checkpoint, exported, "x".join(map(str, SIZE))
     p = module.num_visual_tokens
     graph = onnx.load(path)
     assert {key: metadata(graph, key) for key in (VISUAL_TOKENS, VISUAL_OFFSET, IMAGE_SIZE)} == \
@@ -178,3 +186,25 @@ def test_image_size_refusals(checkpoint, tmp_path):
         with_image_size(*load_checkpoint(str(folder)), (-4, 90))
     assert "--image-size" in err.value.fix
     assert not any(tmp_path.glob("*.onnx"))
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_builds_the_exited_checkpoint(checkpoint, exported, tmp_path):
+    """TensorRT-RTX builds an fp16 engine of the statically exited export (the tiles' grid sliced at constants, the
+    newline tokens, OneVision's shrink a Resize) at dynamic batch and text length."""
+    from attnc.compiler.backends.tensorrt import import_tensorrt
+
+    try:
+        import_tensorrt()
+    except AttncError as exc:
+        pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc.problem}")
+    (_, _, spec), path = checkpoint, exported
+    tiles = "x".join(map(str, spec.inputs[0].shape[1:]))
+    shapes = [f"--{which}-shape" for which in ("min", "opt", "max")]
+    profile = [arg for flag, b, t in zip(shapes, (1, 2, 4), (BEFORE + 1, BEFORE + 16, BEFORE + 64))
+               for arg in (flag, f"pixel_values:{b}x{tiles}", flag, f"input_ids:{b}x{t}")]
+    out = tmp_path / "engine"
+    run_cli("compile", path, "-o", out, "--backend", "tensorrt", "--precision", "fp16", "--token-exit", "static",
+            "--exit-layer", 2, *profile)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / manifest["artefact"]).stat().st_size > 0 and manifest["ops_after"]["Attention"] >= 4
