@@ -11,7 +11,7 @@ its original size, and transformers computes all of it from ``image_sizes`` with
 nothing of it exports.
 
 At one original size every piece is a constant (:class:`LlavaNextImageEncoder`): the tiles' count, the grid, the
-rows and columns the unpadding keeps (found by running transformers' own ``unpad_image`` on an index grid), the size
+rows and columns the unpadding keeps (read from the shape transformers' own ``unpad_image`` leaves), the size
 OneVision's grid shrinks to, and ``P``. ``attnc export CKPT --image-size HxW`` fixes it; the graph takes the
 processor's ``pixel_values [B, N, 3, S, S]`` for images of that size (resize an image to it before the processor,
 and the processor cuts the tiles the export reads). Everything built for LLaVA then works: the layout is LLaVA's
