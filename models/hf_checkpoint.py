@@ -344,13 +344,13 @@ def with_text_before_image(module: torch.nn.Module, spec: CheckpointSpec, tokens
 def with_image_size(module: torch.nn.Module, spec: CheckpointSpec, size: tuple[int, int]
                     ) -> tuple[torch.nn.Module, CheckpointSpec]:
     """A loaded vision-language checkpoint taking images of ``size`` ``(H, W)`` pixels (``attnc export
-    --image-size``): for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (:mod:`attnc.models.hf_qwen_vl`), whose visual tokens
-    follow the image's size, the same wrapper at that size and its ``pixel_values`` shape; any other's size is its
-    config's.
+    --image-size``): for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (:mod:`attnc.models.hf_qwen_vl`) and LLaVA-NeXT and
+    LLaVA-OneVision (:mod:`attnc.models.hf_llava_next`: the original images' size), whose visual tokens follow the
+    image's size, the same wrapper at that size and its ``pixel_values`` shape; any other's size is its config's.
 
     Raises:
         AttncError: the checkpoint is no vision-language model's, takes images of one size only and ``size`` is
-            another, or the patches do not tile ``size``.
+            another, the patches do not tile ``size`` (Qwen) or it has no pixels.
     """
     from attnc.models import hf_vision_language
 
