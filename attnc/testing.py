@@ -6,6 +6,7 @@ code; tests compare against independent references, never against these helpers.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import tempfile
@@ -128,6 +129,16 @@ def run_cli(*args, ok: bool = True):
     if ok:
         assert result.exit_code == 0, result.output
     return result
+
+
+@contextlib.contextmanager
+def naming_the_draw(draw: str):
+    """Around a check on inputs drawn afresh each run: any failure, not only a mismatch, is re-raised as an
+    ``AssertionError`` that starts with ``draw`` (the sizes drawn), so the CI log says which case to re-run."""
+    try:
+        yield
+    except Exception as exc:
+        raise AssertionError(f"{draw}: {type(exc).__name__}: {exc}") from exc
 
 
 def assert_clean_error(result, *words: str) -> None:

@@ -22,7 +22,7 @@ import torch
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata
 from attnc.models.hf_llava_next import ARCHITECTURES
-from attnc.testing import run_cli, tiny_llava_next
+from attnc.testing import naming_the_draw, run_cli, tiny_llava_next
 
 transformers = pytest.importorskip("transformers")
 
@@ -116,11 +116,8 @@ def test_matches_at_a_drawn_size(checkpoint):
     rng = np.random.default_rng()
     size, before, batch = (int(rng.integers(8, 161)), int(rng.integers(8, 161))), int(rng.integers(0, 5)), \
         int(rng.integers(1, 4))
-    try:
+    with naming_the_draw(f"size {size}, {before} tokens in front, batch {batch}"):
         _check_forward(checkpoint, size, before, batch)
-    except Exception as exc:   # any failure, not only a mismatch, names the draw
-        raise AssertionError(f"size {size}, {before} tokens in front, batch {batch}: {type(exc).__name__}: "
-                             f"{exc}") from exc
 
 
 def test_export_exit_and_validate(checkpoint, exported, tmp_path):

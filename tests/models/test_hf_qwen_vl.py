@@ -22,7 +22,7 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import FIRST_EXIT_LAYER, IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata
-from attnc.testing import QWEN_IMAGE_TOKEN, assert_clean_error, run_cli, tiny_llava, tiny_qwen_vl
+from attnc.testing import QWEN_IMAGE_TOKEN, assert_clean_error, naming_the_draw, run_cli, tiny_llava, tiny_qwen_vl
 
 transformers = pytest.importorskip("transformers")
 
@@ -115,11 +115,8 @@ def test_matches_at_a_drawn_size(checkpoint):
     rng = np.random.default_rng()
     blocks, before, batch = (int(rng.integers(1, 6)), int(rng.integers(1, 6))), int(rng.integers(0, 5)), \
         int(rng.integers(1, 4))
-    try:
+    with naming_the_draw(f"{blocks} blocks, {before} tokens in front, batch {batch}"):
         _check_forward(checkpoint, blocks, before, batch)
-    except Exception as exc:   # any failure, not only a mismatch, names the draw
-        raise AssertionError(f"{blocks} blocks, {before} tokens in front, batch {batch}: "
-                             f"{type(exc).__name__}: {exc}") from exc
 
 
 def _check_forward(checkpoint, blocks, before, batch):
