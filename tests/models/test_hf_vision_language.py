@@ -747,10 +747,9 @@ def test_generation_with_a_token_exit(checkpoint, generation_graphs, tmp_path):
     for model in ("qwen2-vl", "llava-next"))])
 def test_vision_language_example(tmp_path, model):
     """examples/vision_language.py end to end on a random LLaVA (a random Qwen2-VL and LLaVA-NeXT in the ``full``
-    tier): both
-    one-pass artefacts (as it is and exited) and both generation steps validate, as it is and exited, the exit changes
-    the logits, the generated tokens are transformers' ``generate``'s, and with the exit those of the exited forward,
-    from a smaller cache."""
+    tier): both one-pass artefacts (as it is and exited) and both generation steps validate, as it is and exited, the
+    exit changes the logits, the generated tokens are transformers' ``generate``'s, and with the exit those of the
+    exited forward, from a smaller cache."""
     import importlib.util
     from pathlib import Path
 
