@@ -66,6 +66,7 @@ Tests: ``tests/passes/test_neighborhood.py``; op contract: ``attnc.plugins.neigh
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 
@@ -490,6 +491,8 @@ class _Matcher:
         self.consumer = consumers(model)
         self.eval = _Evaluator(model)
         self.shapes = self.eval.shapes
+        # proofs by the tensors their bias is made of: every decoder layer of a transformers export reads one mask
+        self._proofs: dict[tuple, Neighborhood | _Mismatch] = {}
 
     def scalar(self, name: str) -> float | None:
         if self.eval.kind(name) == 2:
@@ -886,6 +889,32 @@ class _Matcher:
         return dense
 
     # -- dense bias at one sample of the dynamic sizes
+    def proof(self, site: _Site, sample: int) -> Neighborhood:
+        """:func:`analyse_bias` of the site's dense bias at a sample, worked out once per set of tensors the bias is
+        made of (each site sharing them gets its own copy, and the same mismatch).
+
+        Raises:
+            _Mismatch: the bias cannot be computed, or it is no neighborhood's ("matched ... but ...").
+        """
+        key = None if site.bucket is not None else \
+            (tuple(site.biases), tuple(site.masks), site.window_index, site.window, sample)
+        if key is None or key not in self._proofs:
+            bias = self.dense_bias(site, sample)
+            try:
+                found = analyse_bias(bias)
+            except _Mismatch as exc:
+                form = "bucketed Einsum->Softmax->Einsum" if site.bucket else "MatMul->Softmax->MatMul"
+                found = _Mismatch(f"matched {form} but {exc}")
+            if key is None:
+                if isinstance(found, _Mismatch):
+                    raise found
+                return found
+            self._proofs[key] = found
+        found = self._proofs[key]
+        if isinstance(found, _Mismatch):
+            raise _Mismatch(str(found))
+        return copy.deepcopy(found)
+
     def dense_bias(self, site: _Site, sample: int) -> np.ndarray:
         if site.bucket is not None:
             return self.bucketed_dense(site, sample)
@@ -946,14 +975,7 @@ def _find_sites(model: onnx.ModelProto) -> tuple[_Matcher, list[tuple[_Site, lis
     for node, site in sites:
         try:
             samples = _samples(matcher, site)
-            proofs = []
-            for sample in samples:
-                bias = matcher.dense_bias(site, sample)
-                try:
-                    proofs.append(analyse_bias(bias))
-                except _Mismatch as exc:
-                    form = "bucketed Einsum->Softmax->Einsum" if site.bucket else "MatMul->Softmax->MatMul"
-                    raise _Mismatch(f"matched {form} but {exc}") from None
+            proofs = [matcher.proof(site, sample) for sample in samples]
             first = proofs[0]
             for other in proofs[1:]:
                 if (other.kernel_size, other.dilation, other.is_causal, other.stride, len(other.grid)) != (

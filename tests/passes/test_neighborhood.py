@@ -586,6 +586,44 @@ def test_near_miss_on_strided_mask_with_a_bias(tmp_path):
 
 # ----------------------------------------------------------------------------- near-misses
 
+class SharedMaskStack(nn.Module):
+    """Three :class:`MaskedNA` layers (residual) reading one mask tensor, as a transformers export's decoder layers
+    read one causal mask."""
+
+    def __init__(self, *args, layers: int = 3, block: type = MaskedNA):
+        super().__init__()
+        self.layers = nn.ModuleList(block(*args) for _ in range(layers))
+        for layer in self.layers[1:]:
+            layer.mask = self.layers[0].mask
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+@pytest.mark.parametrize("block", ["na", "wrong"])
+def test_layers_sharing_a_mask_are_proven_once(block, tmp_path, monkeypatch):
+    """Layers that read one mask tensor have it proven once per sampled size (the rest take copies of the proof): each
+    layer fuses and the stack computes what it did, or each gets the same near-miss when the mask is no
+    neighborhood's."""
+    calls = []
+    analyse = na_pass.analyse_bias
+    monkeypatch.setattr(na_pass, "analyse_bias", lambda bias: calls.append(bias.shape) or analyse(bias))
+    model = SharedMaskStack(16, 2, (5, 6), [3, 3], [1, 1], [0, 0], block=MaskedNA if block == "na" else WrongMaskNA)
+    onnx_model = _export(model.eval(), (torch.randn(2, 30, 16),), tmp_path, names=["x"])
+    masks = [i for i in onnx_model.graph.initializer if list(i.dims) == [30, 30]]
+    assert len(masks) == 1   # the export keeps one mask tensor
+    if block == "na":
+        _check_fused(model, onnx_model, [(torch.randn(2, 30, 16),) for _ in range(2)], n_fused=3)
+    else:
+        fused, report = na_pass.apply(onnx_model)
+        assert report.rewritten == 0 and len(report.near_misses) == 3
+        assert len({m.reason for m in report.near_misses}) == 1 and "not a neighborhood mask" in \
+            report.near_misses[0].reason
+    assert len(calls) == 1   # a constant mask: one sample, one proof for the three layers
+
+
 class WrongMaskNA(MaskedNA):
     """A neighborhood mask with one extra key allowed: looks like NA, is not."""
 
