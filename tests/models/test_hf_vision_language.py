@@ -506,6 +506,29 @@ def test_tensorrt_builds_the_exited_checkpoint(checkpoint, tmp_path, mode):
 
 
 @pytest.mark.tensorrt
+def test_tensorrt_builds_the_gated_padded_checkpoint(checkpoint, tmp_path):
+    """TensorRT-RTX builds an fp16 engine of a gated exit of padded prompts (the gate's mean over the tokens the mask
+    keeps: Cast, Mul, ReduceSum, Max, Div in front of the If) at dynamic text length."""
+    from attnc.compiler.backends.tensorrt import import_tensorrt
+
+    try:
+        import_tensorrt()
+    except AttncError as exc:
+        pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc.problem}")
+    folder = checkpoint[0]
+    run_cli("export", folder, "-o", tmp_path / "masked.onnx", "--with-attention-mask")
+    ExitGate(1, np.random.default_rng(0).standard_normal(32).astype(np.float32), 0.1).save(tmp_path / "gate.npz")
+    shapes = [f"--{which}-shape" for which in ("min", "opt", "max")]
+    profile = [arg for flag, t in zip(shapes, (1, 16, 64))   # batch 1: the gate's If decides for the whole batch
+               for arg in (flag, "pixel_values:1x3x32x32", flag, f"input_ids:1x{t}", flag, f"attention_mask:1x{t}")]
+    out = tmp_path / "engine"
+    run_cli("compile", tmp_path / "masked.onnx", "-o", out, "--backend", "tensorrt", "--precision", "fp16",
+            "--token-exit", "dynamic", "--exit-gate", tmp_path / "gate.npz", *profile)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / manifest["artefact"]).stat().st_size > 0 and manifest["shrink"]["token_exit"]["mode"] == "dynamic"
+
+
+@pytest.mark.tensorrt
 def test_tensorrt_builds_the_exited_step(generation_graphs, tmp_path):
     """TensorRT-RTX builds an fp16 engine of the later step exited before layer 2 (its caches of two lengths: the
     image's 16 tokens in layers 0-1, the text alone in layers 2-3), its profile from the first decoding step (1 text
