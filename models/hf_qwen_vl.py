@@ -116,13 +116,15 @@ class QwenImageEncoder(torch.nn.Module):
             # windows of one size (sides multiples of the window) attend as a batch of windows; ragged ones (the
             # image's last row and column of windows cut short) under a block mask over the whole image, N² work
             self.windows = len(bounds) - 1 if len(lengths) == 1 else None
-            window = torch.zeros(self.num_patches, dtype=torch.int64)
-            for i, (start, end) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
-                window[start:end] = i
+            same_window = None
+            if self.windows is None:
+                window = torch.zeros(self.num_patches, dtype=torch.int64)
+                for i, (start, end) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+                    window[start:end] = i
+                same_window = window[:, None] == window[None, :]
             self.register_buffer("window_order", order, persistent=False)
             self.register_buffer("window_undo", torch.argsort(order), persistent=False)
-            self.register_buffer("same_window", None if self.windows else window[:, None] == window[None, :],
-                                 persistent=False)
+            self.register_buffer("same_window", same_window, persistent=False)
             self.full_attention = set(visual.fullatt_block_indexes)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)

@@ -896,24 +896,18 @@ class _Matcher:
         Raises:
             _Mismatch: the bias cannot be computed, or it is no neighborhood's ("matched ... but ...").
         """
-        key = None if site.bucket is not None else \
-            (tuple(site.biases), tuple(site.masks), site.window_index, site.window, sample)
-        if key is None or key not in self._proofs:
-            bias = self.dense_bias(site, sample)
+        key = (tuple(site.biases), tuple(site.masks), site.window_index, site.window, sample)
+        proofs = {} if site.bucket is not None else self._proofs   # a bucketed site's scores are its own
+        if key not in proofs:
+            bias = self.dense_bias(site, sample)   # a bias that cannot be computed: its own mismatch
             try:
-                found = analyse_bias(bias)
+                proofs[key] = analyse_bias(bias)
             except _Mismatch as exc:
                 form = "bucketed Einsum->Softmax->Einsum" if site.bucket else "MatMul->Softmax->MatMul"
-                found = _Mismatch(f"matched {form} but {exc}")
-            if key is None:
-                if isinstance(found, _Mismatch):
-                    raise found
-                return found
-            self._proofs[key] = found
-        found = self._proofs[key]
-        if isinstance(found, _Mismatch):
-            raise _Mismatch(str(found))
-        return copy.deepcopy(found)
+                proofs[key] = _Mismatch(f"matched {form} but {exc}")
+        if isinstance(proofs[key], _Mismatch):
+            raise _Mismatch(str(proofs[key]))
+        return copy.deepcopy(proofs[key])
 
     def dense_bias(self, site: _Site, sample: int) -> np.ndarray:
         if site.bucket is not None:
