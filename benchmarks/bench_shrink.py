@@ -449,16 +449,19 @@ LLAVA_SMOKE = {**LLAVA, "image": 56, "text": {**LLAVA["text"], "hidden_size": 64
 
 
 def llava_checkpoint(folder: Path, c: dict) -> Path:
-    """A seeded LLaVA checkpoint of config ``c`` (:data:`LLAVA`), saved in ``folder``."""
+    """A seeded LLaVA checkpoint of config ``c`` (:data:`LLAVA`), saved in ``folder``; a LLaVA-NeXT one where ``c``
+    has grid pinpoints (:data:`LLAVA_NEXT`: ``c["image"]`` is then its tiles' size)."""
     import transformers
 
     from attnc.testing import save_seeded
 
     vision = transformers.CLIPVisionConfig(**c["vision"], image_size=c["image"], patch_size=c["patch"])
-    text = transformers.LlamaConfig(**c["text"])
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=c["text"]["vocab_size"]
-                                      - 1, architectures=["LlavaForConditionalGeneration"])
-    return save_seeded(config, "LlavaForConditionalGeneration", folder)
+    parts = dict(vision_config=vision, text_config=transformers.LlamaConfig(**c["text"]),
+                 image_token_index=c["text"]["vocab_size"] - 1)
+    if "pinpoints" in c:
+        config = transformers.LlavaNextConfig(**parts, image_grid_pinpoints=c["pinpoints"])
+        return save_seeded(config, "LlavaNextForConditionalGeneration", folder)
+    return save_seeded(transformers.LlavaConfig(**parts), "LlavaForConditionalGeneration", folder)
 
 
 def bench_llava(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
@@ -519,18 +522,10 @@ LLAVA_NEXT_SMOKE = {**LLAVA_SMOKE, "image": 56, "original": (112, 112),
 def bench_llava_next(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
     """A transformers LLaVA-NeXT checkpoint (random weights, :data:`LLAVA_NEXT`) exported at its original image size
     (``--image-size``: the processor's tiles), then as :func:`bench_llava`."""
-    import transformers
-
     from attnc.models.hf_checkpoint import load_checkpoint, with_image_size
-    from attnc.testing import save_seeded
 
     c = LLAVA_NEXT_SMOKE if smoke else LLAVA_NEXT
-    vision = transformers.CLIPVisionConfig(**c["vision"], image_size=c["image"], patch_size=c["patch"])
-    config = transformers.LlavaNextConfig(vision_config=vision, text_config=transformers.LlamaConfig(**c["text"]),
-                                          image_token_index=c["text"]["vocab_size"] - 1,
-                                          image_grid_pinpoints=c["pinpoints"])
-    save_seeded(config, "LlavaNextForConditionalGeneration", tmp / "llava_next")
-    module, spec = with_image_size(*load_checkpoint(str(tmp / "llava_next")), c["original"])
+    module, spec = with_image_size(*load_checkpoint(str(llava_checkpoint(tmp / "llava_next", c))), c["original"])
     size = "x".join(map(str, c["original"]))
     return {"model": f"LlavaNextForConditionalGeneration at {size} ({c['image']}-pixel tiles; CLIP {c['vision']}, "
                      f"Llama {c['text']})", **_exits(tmp, tmp / "llava_next", module, spec, c, reps, threads),

@@ -46,11 +46,12 @@ from attnc.models.hf_checkpoint import (load_checkpoint, with_first_step, with_i
 from attnc.models.hf_llava_next import is_llava_next
 from attnc.models.hf_qwen_vl import is_qwen_vl
 from attnc.models.hf_vision_language import SIZED
-from attnc.models.transformers_zoo import perturbed
+from attnc.testing import save_seeded
 
 
-def random_llava(folder: Path, image_size: int, width: int, layers: int) -> Path:
-    """A seeded random ``LlavaForConditionalGeneration`` saved in ``folder``: 256 words, the image token 255."""
+def _clip_and_llama(image_size: int, width: int, layers: int):
+    """The random checkpoints' CLIP tower (2 layers, 8 px patches) and Llama (``width``, ``layers``, grouped-query
+    attention, 256 words) configs."""
     import transformers
 
     vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -58,12 +59,16 @@ def random_llava(folder: Path, image_size: int, width: int, layers: int) -> Path
     text = transformers.LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                                     num_attention_heads=max(2, width // 32), num_key_value_heads=max(1, width // 64),
                                     vocab_size=256, max_position_embeddings=4096)
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=255,
-                                      architectures=["LlavaForConditionalGeneration"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        perturbed(transformers.LlavaForConditionalGeneration(config)).save_pretrained(folder)
-    return folder
+    return vision, text
+
+
+def random_llava(folder: Path, image_size: int, width: int, layers: int) -> Path:
+    """A seeded random ``LlavaForConditionalGeneration`` saved in ``folder``: 256 words, the image token 255."""
+    import transformers
+
+    vision, text = _clip_and_llama(image_size, width, layers)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=255)
+    return save_seeded(config, "LlavaForConditionalGeneration", folder)
 
 
 def random_qwen2_vl(folder: Path, width: int, layers: int) -> Path:
@@ -80,31 +85,19 @@ def random_qwen2_vl(folder: Path, width: int, layers: int) -> Path:
                                  "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]})
     config = transformers.Qwen2VLConfig(
         text_config=text, vision_config=dict(depth=2, embed_dim=64, hidden_size=width, num_heads=2, mlp_ratio=2),
-        image_token_id=252, video_token_id=253, vision_start_token_id=254, vision_end_token_id=255,
-        architectures=["Qwen2VLForConditionalGeneration"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        perturbed(transformers.Qwen2VLForConditionalGeneration(config)).save_pretrained(folder)
-    return folder
+        image_token_id=252, video_token_id=253, vision_start_token_id=254, vision_end_token_id=255)
+    return save_seeded(config, "Qwen2VLForConditionalGeneration", folder)
 
 
 def random_llava_next(folder: Path, width: int, layers: int) -> Path:
-    """A seeded random ``LlavaNextForConditionalGeneration`` saved in ``folder``: 32 px tiles in 8 px patches, grid
-    pinpoints of 1 × 2 to 2 × 2 tiles, 256 words, the image token 255."""
+    """A seeded random ``LlavaNextForConditionalGeneration`` saved in ``folder``: :func:`random_llava`'s tower on
+    32 px tiles, grid pinpoints of 1 × 2 to 2 × 2 tiles, 256 words, the image token 255."""
     import transformers
 
-    vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=32, patch_size=8)
-    text = transformers.LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                                    num_attention_heads=max(2, width // 32), num_key_value_heads=max(1, width // 64),
-                                    vocab_size=256, max_position_embeddings=4096)
+    vision, text = _clip_and_llama(32, width, layers)
     config = transformers.LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=255,
-                                          image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
-                                          architectures=["LlavaNextForConditionalGeneration"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        perturbed(transformers.LlavaNextForConditionalGeneration(config)).save_pretrained(folder)
-    return folder
+                                          image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+    return save_seeded(config, "LlavaNextForConditionalGeneration", folder)
 
 
 def transformers_generate(module, pixels: torch.Tensor, ids: torch.Tensor, before: int, tokens: int) -> torch.Tensor:
