@@ -118,6 +118,28 @@ def rtx_plugin_env(directory: Path) -> dict[str, str] | None:
     return {**os.environ, "LD_LIBRARY_PATH": f"{shim}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
 
 
+def tensorrt_or_skip():
+    """``(tensorrt module, flavour)`` (:func:`attnc.compiler.backends.tensorrt.import_tensorrt`), or the calling test
+    skipped with why where neither TensorRT nor TensorRT-RTX imports."""
+    import pytest
+
+    from attnc.compiler.backends.tensorrt import import_tensorrt
+    from attnc.compiler.errors import AttncError
+
+    try:
+        return import_tensorrt()
+    except AttncError as exc:
+        pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc.problem}")
+
+
+def shape_profile(shapes: dict[str, Sequence[Sequence[int]]]) -> list[str]:
+    """``attnc compile``'s ``--min-shape`` / ``--opt-shape`` / ``--max-shape`` arguments for ``{input: (min shape, opt
+    shape, max shape)}``."""
+    flags = ("--min-shape", "--opt-shape", "--max-shape")
+    return [arg for i, flag in enumerate(flags) for name, given in shapes.items()
+            for arg in (flag, f"{name}:{'x'.join(map(str, given[i]))}")]
+
+
 def run_cli(*args, ok: bool = True):
     """``attnc ARGS`` in this process (click's ``CliRunner``, exceptions not caught); with ``ok``, the exit code
     must be 0."""

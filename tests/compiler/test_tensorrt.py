@@ -24,14 +24,7 @@ from attnc import DOMAIN, plugins as fused_ops
 from attnc.compiler.backends import tensorrt as trt_backend
 from attnc.compiler.backends import tensorrt_plugins as tp
 from attnc.compiler.errors import AttncError
-from attnc.testing import rtx_plugin_env
-
-
-def _trt_or_skip():
-    try:
-        return trt_backend.import_tensorrt()
-    except AttncError as exc:
-        pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc.problem}")
+from attnc.testing import rtx_plugin_env, tensorrt_or_skip
 
 
 # ----------------------------------------------------------------------------- models
@@ -106,7 +99,7 @@ def test_missing_tensorrt_names_both_extras(monkeypatch):
 
 @pytest.mark.tensorrt
 def test_available_names_the_flavour():
-    trt, flavour = _trt_or_skip()
+    trt, flavour = tensorrt_or_skip()
     ok, why = trt_backend.available()
     assert ok and why == f"{flavour} {trt.__version__}"
 
@@ -185,7 +178,7 @@ def test_fused_op_names_avoid_the_parsers_builtin_importers():
 
 @pytest.mark.tensorrt
 def test_fused_op_names_avoid_the_live_parser():
-    trt, _ = _trt_or_skip()
+    trt, _ = tensorrt_or_skip()
     logger = trt.Logger(trt.Logger.ERROR)
     parser = trt.OnnxParser(trt.Builder(logger).create_network(0), logger)
     assert trt_backend.builtin_importer_collisions(fused_ops.FUSED_OPS, parser.supports_operator) == []
@@ -939,7 +932,7 @@ def test_engines_in_one_process_run_their_plugins_with_their_own_implementation(
 
 @pytest.mark.tensorrt
 def test_build_attention_engine_and_describe(tmp_path):
-    trt, flavour = _trt_or_skip()
+    trt, flavour = tensorrt_or_skip()
     model_path = _save(attention_model(), tmp_path / "attention.onnx")
     t0 = time.perf_counter()
     engine = trt_backend.build(model_path, tmp_path / "out", "fp16", opt_shapes=QKV, workspace=1 << 28)
@@ -962,7 +955,7 @@ def test_build_attention_engine_and_describe(tmp_path):
 @pytest.mark.tensorrt
 def test_exported_mhsa_lowered_by_the_softmax_pass_builds(tmp_path):
     """PyTorch MHSA -> ONNX -> softmax pass (one opset-23 ``Attention``) -> TensorRT engine."""
-    _trt_or_skip()
+    tensorrt_or_skip()
     import torch
 
     from attnc.compiler.export import export_onnx
@@ -985,7 +978,7 @@ def test_soft_capped_attention_stays_unfused_for_tensorrt(tmp_path):
     """TensorRT's attention layer has no soft-capping (its parser rejects ``Attention`` with
     ``softcap``): for this backend the softmax pass leaves Gemma 2-style capped scores as plain ops,
     says why, and the engine builds; ONNX Runtime gets the fused node."""
-    _trt_or_skip()
+    tensorrt_or_skip()
     import torch
 
     from attnc.compiler.export import export_onnx
@@ -1017,7 +1010,7 @@ def test_soft_capped_attention_stays_unfused_for_tensorrt(tmp_path):
 def test_attention_sinks_build(tmp_path):
     """gpt-oss-style sinks reach TensorRT's attention layer as one more (zero) key whose mask column holds
     the sink logits: the layer takes the ``[B, H, S_q, S_kv + 1]`` float mask and the engine builds."""
-    _trt_or_skip()
+    tensorrt_or_skip()
     import torch
 
     from attnc.compiler.export import export_onnx
@@ -1048,7 +1041,7 @@ def test_transformers_bert_with_padding_mask_builds(tmp_path):
     """transformers' BertModel with its default SDPA attention and a padding-mask input, exported by
     dynamo with dynamic batch and length -> two ``Attention`` layers reading the padding mask -> a
     TensorRT engine."""
-    _trt_or_skip()
+    tensorrt_or_skip()
     transformers = pytest.importorskip("transformers")
     import torch
 
@@ -1083,7 +1076,7 @@ def test_transformers_bert_with_padding_mask_builds(tmp_path):
 def test_pruned_transformers_t5_builds(tmp_path):
     """transformers' T5 encoder with half its heads pruned (its per-head relative position bias gets a
     Gather of the kept heads; dynamic batch and length) and fused -> a TensorRT engine."""
-    _trt_or_skip()
+    tensorrt_or_skip()
     transformers = pytest.importorskip("transformers")
     import torch
 
@@ -1139,7 +1132,7 @@ def test_transformers_llama_generation_step_builds(tmp_path):
     """A transformers Llama checkpoint's generation step with its KV cache (``attnc export --with-past``: GQA,
     rotary, the cache concatenated in front of the new keys) -> one ``Attention`` per layer -> an fp16 engine
     whose profile runs from an empty cache (the prompt's step) to 64 cached tokens."""
-    _trt_or_skip()
+    tensorrt_or_skip()
     from attnc.compiler.pipeline import CompileOptions, compile_model
 
     path, spec, shapes = _llama_generation_step(tmp_path)
@@ -1156,7 +1149,7 @@ def test_pruned_transformers_bloom_builds(tmp_path):
     """transformers' BLOOM (ALiBi attention on flattened heads, TorchScript export: the merge reads
     B·H from the output's shape) with half its heads pruned -> ``Attention`` layers whose mask sums
     the kept heads' ALiBi bias and the causal mask -> a TensorRT engine."""
-    _trt_or_skip()
+    tensorrt_or_skip()
     transformers = pytest.importorskip("transformers")
     import torch
 
@@ -1185,7 +1178,7 @@ def test_pruned_transformers_bloom_builds(tmp_path):
 
 @pytest.mark.tensorrt
 def test_timing_cache_option(tmp_path):
-    trt, flavour = _trt_or_skip()
+    trt, flavour = tensorrt_or_skip()
     model_path = _save(attention_model(), tmp_path / "attention.onnx")
     cache = tmp_path / "trt.cache"
     engine = trt_backend.build(model_path, tmp_path / "out", "fp16", opt_shapes=QKV, timing_cache=cache)
@@ -1221,7 +1214,7 @@ def test_shared_scaled_inputs_are_moved_to_the_other_side():
     """Agent attention reads the agent tokens ``a`` as Q of one ``Attention`` and K of the
     other; the parser scales both by the same sqrt(scale), which TensorRT-RTX merges into
     one shared product and then crashes on. The second layer must read ``a`` unscaled."""
-    trt, _ = _trt_or_skip()
+    trt, _ = tensorrt_or_skip()
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -1243,7 +1236,7 @@ def test_shared_scaled_inputs_are_moved_to_the_other_side():
 @pytest.mark.tensorrt
 def test_build_agent_attention_lowered_to_two_attention_nodes(tmp_path):
     """Agent attention as two ``Attention`` layers builds (issue #5), and the manifest says so."""
-    trt, flavour = _trt_or_skip()
+    trt, flavour = tensorrt_or_skip()
     model_path = _save(agent_model(fused=False), tmp_path / "agent.onnx")
     options = {"fuse": False, "backend_options": {"opt_shapes": [f"{n}:{'x'.join(map(str, s))}"
                                                                  for n, s in AGENT.items()]}}
@@ -1281,7 +1274,7 @@ def _shared_input_attention_model(layout: str) -> tuple[onnx.ModelProto, int]:
 @pytest.mark.tensorrt
 def test_attention_layers_sharing_inputs_build(tmp_path):
     """Layouts that each crashed TensorRT-RTX 1.7 on CPU before the scales were moved."""
-    _trt_or_skip()
+    tensorrt_or_skip()
     layouts = {layout: _shared_input_attention_model(layout) for layout in ("chained", "parallel", "3d", "causal")}
     for layout, (model, _) in layouts.items():
         _save(model, tmp_path / f"{layout}.onnx")
@@ -1301,7 +1294,7 @@ def test_attention_layers_sharing_inputs_build(tmp_path):
 @pytest.mark.tensorrt
 def test_attention_layers_that_cannot_be_separated_are_refused(tmp_path, monkeypatch):
     """Four layers over one Q and K: every form of the scaled product is taken."""
-    trt, flavour = _trt_or_skip()
+    trt, flavour = tensorrt_or_skip()
     if flavour != "tensorrt_rtx" or trt_backend.gpu_name() is not None:
         pytest.skip("the refusal is for TensorRT-RTX without a GPU")
     monkeypatch.setattr(trt.Builder, "build_serialized_network",
@@ -1320,7 +1313,7 @@ def test_attention_layers_that_cannot_be_separated_are_refused(tmp_path, monkeyp
 @pytest.mark.tensorrt
 def test_two_layer_mhsa_lowered_by_the_softmax_pass_builds(tmp_path):
     """A 2-layer transformer: the softmax pass emits two ``Attention`` nodes; both build."""
-    _trt_or_skip()
+    tensorrt_or_skip()
     import torch
 
     from attnc.compiler.export import export_onnx
@@ -1340,7 +1333,7 @@ def test_two_layer_mhsa_lowered_by_the_softmax_pass_builds(tmp_path):
 
 @pytest.mark.tensorrt
 def test_compile_pipeline_writes_tensorrt_manifest(tmp_path):
-    _trt_or_skip()
+    tensorrt_or_skip()
     from attnc.compiler.pipeline import CompileOptions, compile_model
 
     model_path = _save(attention_model(), tmp_path / "attention.onnx")
@@ -1356,7 +1349,7 @@ def test_compile_pipeline_writes_tensorrt_manifest(tmp_path):
 
 @pytest.mark.tensorrt
 def test_failed_build_leaves_no_engine(tmp_path):
-    trt, flavour = _trt_or_skip()
+    trt, flavour = tensorrt_or_skip()
     if flavour != "tensorrt_rtx":
         pytest.skip("uses a TensorRT-RTX target limitation to make the build fail")
     model_path = _save(attention_model(), tmp_path / "attention.onnx")
@@ -1369,7 +1362,7 @@ def test_failed_build_leaves_no_engine(tmp_path):
 
 @pytest.mark.tensorrt
 def test_parser_errors_are_reported(tmp_path):
-    _trt_or_skip()
+    tensorrt_or_skip()
     bad = attention_model()
     bad.graph.node[0].input[2] = "missing_tensor"
     with pytest.raises(AttncError, match="ONNX parser rejected the model"):
@@ -1379,7 +1372,7 @@ def test_parser_errors_are_reported(tmp_path):
 
 @pytest.mark.tensorrt
 def test_profile_errors_happen_before_the_build(tmp_path, monkeypatch):
-    trt, _ = _trt_or_skip()
+    trt, _ = tensorrt_or_skip()
     monkeypatch.setattr(trt, "Builder", lambda *a: pytest.fail("the builder must not start"))
     model_path = _save(attention_model(), tmp_path / "attention.onnx")
     with pytest.raises(AttncError, match="input 'q'"):
@@ -1389,7 +1382,7 @@ def test_profile_errors_happen_before_the_build(tmp_path, monkeypatch):
 
 @pytest.mark.tensorrt
 def test_inline_mode_builds_a_fused_node_from_its_function_body(tmp_path):
-    _trt_or_skip()
+    tensorrt_or_skip()
     engine = trt_backend.build(_save(flow_model(), tmp_path / "flow.onnx"), tmp_path / "out", "fp16",
                                fused_ops="inline")
     assert trt_backend.describe(engine)["fused_ops"] == "inline"
@@ -1515,7 +1508,7 @@ def test_inline_mode_builds_each_fused_op(tmp_path, case):
     ``Constant`` and ``LabelEncoder``, and agent attention without biases was an "Invalid Node".
     (fp32: RTX's CPU build targets Turing, where the float32 GEMMs these bodies keep in fp16
     engines "are not supported".)"""
-    _trt_or_skip()
+    tensorrt_or_skip()
     model, _, _, profile = _inline_model(case)
     engine = trt_backend.build(_save(model, tmp_path / "m.onnx"), tmp_path / "out", "fp32", fused_ops="inline",
                                **profile)
@@ -1525,7 +1518,7 @@ def test_inline_mode_builds_each_fused_op(tmp_path, case):
 
 @pytest.mark.tensorrt
 def test_rtx_plugin_build_without_loadable_lib_is_an_error_not_an_abort(tmp_path):
-    trt, flavour = _trt_or_skip()
+    trt, flavour = tensorrt_or_skip()
     if flavour != "tensorrt_rtx" or trt_backend._rtx_can_add_plugins(trt)[0]:
         pytest.skip("needs TensorRT-RTX without a loadable libtensorrt_rtx.so")
     with pytest.raises(AttncError, match="libtensorrt_rtx.so is not loadable"):
@@ -1583,7 +1576,7 @@ def _rtx_plugin_env(tmp_path) -> dict:
     """The environment of a subprocess whose TensorRT-RTX parser can add Python plugin layers:
     ``libtensorrt_rtx.so`` linked to the wheel's ``.so.1`` on LD_LIBRARY_PATH (docs/tensorrt.md);
     skips unless TensorRT-RTX is what imports."""
-    _trt_or_skip()
+    tensorrt_or_skip()
     env = rtx_plugin_env(tmp_path)
     if env is None:
         pytest.skip("TensorRT-RTX specific")
@@ -1638,7 +1631,7 @@ def test_rtx_builds_a_gated_step_with_float32_state_in_and_out(tmp_path):
 
 @pytest.mark.tensorrt
 def test_engines_need_a_gpu_to_load(tmp_path):
-    _trt_or_skip()
+    tensorrt_or_skip()
     if trt_backend.gpu_name() is not None:
         pytest.skip("a GPU is present")
     engine = trt_backend.build(_save(attention_model(), tmp_path / "a.onnx"), tmp_path / "out", "fp16",
@@ -1657,7 +1650,7 @@ def test_engines_need_a_gpu_to_load(tmp_path):
 def test_engine_runs_and_matches_onnxruntime(tmp_path, name):
     """On a GPU: the engine's output equals ONNX Runtime's on the same model (fp32); for
     lowered agent attention this checks the moved scale (unshare_attention_scales) too."""
-    _trt_or_skip()
+    tensorrt_or_skip()
     if trt_backend.gpu_name() is None:
         pytest.skip("needs an NVIDIA GPU")
     from attnc.compiler.backends.onnxruntime import OnnxRuntimeRunner
@@ -1677,7 +1670,7 @@ def test_generation_step_engine_decodes_like_onnxruntime(tmp_path):
     """On a GPU: a transformers Llama's generation step with its KV cache as an fp32 engine (profile from an
     empty cache) decodes, through attnc.runtime.generate, the tokens the same fused step gives on ONNX
     Runtime (needs transformers on the device)."""
-    _trt_or_skip()
+    tensorrt_or_skip()
     if trt_backend.gpu_name() is None:
         pytest.skip("needs an NVIDIA GPU")
     from attnc import runtime
@@ -1742,7 +1735,7 @@ def test_cpp_example_cmake_says_when_headers_are_missing(tmp_path):
 
 @pytest.mark.tensorrt
 def test_cli_compile_with_tensorrt_flags(tmp_path):
-    _trt_or_skip()
+    tensorrt_or_skip()
     from click.testing import CliRunner
 
     from attnc.compiler.cli import cli
@@ -1770,7 +1763,7 @@ def test_cli_compiles_exported_vits_to_engines(tmp_path, model_name, lower, atte
     attention reaches TensorRT as a native layer (no plugin), with a dynamic-batch profile. The
     agent ViT gets there by the default per-node route (``--lower auto``): at 82 tokens the fused
     kernel would recompute stage 1 for two query tiles."""
-    trt, flavour = _trt_or_skip()
+    trt, flavour = tensorrt_or_skip()
     model = tmp_path / "model.onnx"
     _run_isolated(_CLI_SCRIPT, "export", model_name, "-o", str(model))
     _run_isolated(_CLI_SCRIPT, "compile", str(model), "-o", str(tmp_path / "out"), "--backend", "tensorrt",

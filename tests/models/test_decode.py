@@ -30,7 +30,7 @@ from attnc.compiler.backends.onnxruntime import load
 from attnc.compiler.cli import cli
 from attnc.compiler.export import export_onnx
 from attnc.compiler.pipeline import CompileOptions, compile_model
-from attnc.testing import rtx_plugin_env
+from attnc.testing import rtx_plugin_env, tensorrt_or_skip
 from attnc.models.registry import get_spec
 
 PREFILL, DECODE = "lm-lightning-prefill-small", "lm-lightning-decode-small"
@@ -208,13 +208,7 @@ _RTX_BUILD = textwrap.dedent('''
 def test_decode_engine_builds_with_the_plugin(compiled, tmp_path):
     """TensorRT-RTX builds the decode model's fp16 engine with the stateful plugin variant
     (no GPU needed); the engine's state inputs and outputs are float32."""
-    from attnc.compiler.backends import tensorrt as trt_backend
-    from attnc.compiler.errors import AttncError
-
-    try:
-        trt_backend.import_tensorrt()
-    except AttncError as exc:
-        pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc.problem}")
+    tensorrt_or_skip()
     env = rtx_plugin_env(tmp_path) or dict(os.environ)   # the Python plugins' library link, for TensorRT-RTX
     out = tmp_path / "engine"
     run = subprocess.run([sys.executable, "-c", _RTX_BUILD, str(compiled["dynamo"]["decode"]), str(out)],

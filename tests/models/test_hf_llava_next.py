@@ -22,7 +22,7 @@ import torch
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata
 from attnc.models.hf_llava_next import ARCHITECTURES
-from attnc.testing import naming_the_draw, run_cli, tiny_llava_next
+from attnc.testing import naming_the_draw, run_cli, shape_profile, tensorrt_or_skip, tiny_llava_next
 
 transformers = pytest.importorskip("transformers")
 
@@ -189,17 +189,10 @@ def test_image_size_refusals(checkpoint, tmp_path):
 def test_tensorrt_builds_the_exited_checkpoint(checkpoint, exported, tmp_path):
     """TensorRT-RTX builds an fp16 engine of the statically exited export (the tiles' grid sliced at constants, the
     newline tokens, OneVision's shrink a Resize) at dynamic batch and text length."""
-    from attnc.compiler.backends.tensorrt import import_tensorrt
-
-    try:
-        import_tensorrt()
-    except AttncError as exc:
-        pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc.problem}")
+    tensorrt_or_skip()
     (_, _, spec), path = checkpoint, exported
-    tiles = "x".join(map(str, spec.inputs[0].shape[1:]))
-    shapes = [f"--{which}-shape" for which in ("min", "opt", "max")]
-    profile = [arg for flag, b, t in zip(shapes, (1, 2, 4), (BEFORE + 1, BEFORE + 16, BEFORE + 64))
-               for arg in (flag, f"pixel_values:{b}x{tiles}", flag, f"input_ids:{b}x{t}")]
+    profile = shape_profile({"pixel_values": [(b, *spec.inputs[0].shape[1:]) for b in (1, 2, 4)],
+                             "input_ids": [(1, BEFORE + 1), (2, BEFORE + 16), (4, BEFORE + 64)]})
     out = tmp_path / "engine"
     run_cli("compile", path, "-o", out, "--backend", "tensorrt", "--precision", "fp16", "--token-exit", "static",
             "--exit-layer", 2, *profile)

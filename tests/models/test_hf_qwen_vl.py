@@ -22,7 +22,8 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import FIRST_EXIT_LAYER, IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata
-from attnc.testing import QWEN_IMAGE_TOKEN, assert_clean_error, naming_the_draw, run_cli, tiny_llava, tiny_qwen_vl
+from attnc.testing import (QWEN_IMAGE_TOKEN, assert_clean_error, naming_the_draw, run_cli, shape_profile,
+                           tensorrt_or_skip, tiny_llava, tiny_qwen_vl)
 
 transformers = pytest.importorskip("transformers")
 
@@ -322,17 +323,10 @@ def test_image_size_refusals(tmp_path):
 @pytest.mark.tensorrt
 def test_tensorrt_builds_the_exited_checkpoint(checkpoint, exported, tmp_path):
     """TensorRT-RTX builds an fp16 engine of the statically exited export at dynamic batch and text length."""
-    from attnc.compiler.backends.tensorrt import import_tensorrt
-
-    try:
-        import_tensorrt()
-    except AttncError as exc:
-        pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc.problem}")
+    tensorrt_or_skip()
     (_, module, _), path = checkpoint, exported
-    shapes = [f"--{which}-shape" for which in ("min", "opt", "max")]
-    profile = [arg for flag, b, t in zip(shapes, (1, 2, 4), (BEFORE + 1, BEFORE + 16, BEFORE + 64))
-               for arg in (flag, f"pixel_values:{b}x3x{'x'.join(map(str, module.image_size))}", flag,
-                           f"input_ids:{b}x{t}")]
+    profile = shape_profile({"pixel_values": [(b, 3, *module.image_size) for b in (1, 2, 4)],
+                             "input_ids": [(1, BEFORE + 1), (2, BEFORE + 16), (4, BEFORE + 64)]})
     out = tmp_path / "engine"
     run_cli("compile", path, "-o", out, "--backend", "tensorrt", "--precision", "fp16", "--token-exit", "static",
             "--exit-layer", 2, *profile)

@@ -20,7 +20,8 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata, ort_session
-from attnc.testing import assert_clean_error, run_cli, run_model, tiny_llama, tiny_llava, tiny_vision_language
+from attnc.testing import (assert_clean_error, run_cli, run_model, shape_profile, tensorrt_or_skip, tiny_llama,
+                           tiny_llava, tiny_vision_language)
 
 transformers = pytest.importorskip("transformers")
 
@@ -484,19 +485,13 @@ def test_padded_prompts_through_the_cli(checkpoint, generation_graphs, tmp_path)
 def test_tensorrt_builds_the_exited_checkpoint(checkpoint, tmp_path, mode):
     """TensorRT-RTX builds fp16 engines of both exits at dynamic batch and text length (the static exit's shape
     vectors keep their head counts constant: a computed one made the parser reject grouped-query attention)."""
-    from attnc.compiler.backends.tensorrt import import_tensorrt
-
-    try:
-        import_tensorrt()
-    except AttncError as exc:
-        pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc.problem}")
+    tensorrt_or_skip()
     folder, module, spec, path = checkpoint
     ExitGate(1, np.zeros(32, np.float32), 1.0).save(tmp_path / "gate.npz")
     exit_options = ("--exit-layer", 2) if mode == "static" else ("--exit-gate", tmp_path / "gate.npz")
     batch = 4 if mode == "static" else 1   # the gate's If decides for the whole batch
-    shapes = [f"--{which}-shape" for which in ("min", "opt", "max")]
-    profile = [arg for flag, b, t in zip(shapes, (1, batch, batch), (1, 16, 64))
-               for arg in (flag, f"pixel_values:{b}x3x32x32", flag, f"input_ids:{b}x{t}")]
+    profile = shape_profile({"pixel_values": [(b, 3, 32, 32) for b in (1, batch, batch)],
+                             "input_ids": [(1, 1), (batch, 16), (batch, 64)]})
     out = tmp_path / "engine"
     run_cli("compile", path, "-o", out, "--backend", "tensorrt", "--precision", "fp16", "--token-exit", mode,
             *exit_options, *profile)
@@ -509,18 +504,12 @@ def test_tensorrt_builds_the_exited_checkpoint(checkpoint, tmp_path, mode):
 def test_tensorrt_builds_the_gated_padded_checkpoint(checkpoint, tmp_path):
     """TensorRT-RTX builds an fp16 engine of a gated exit of padded prompts (the gate's mean over the tokens the mask
     keeps: Cast, Mul, ReduceSum, Max, Div in front of the If) at dynamic text length."""
-    from attnc.compiler.backends.tensorrt import import_tensorrt
-
-    try:
-        import_tensorrt()
-    except AttncError as exc:
-        pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc.problem}")
+    tensorrt_or_skip()
     folder = checkpoint[0]
     run_cli("export", folder, "-o", tmp_path / "masked.onnx", "--with-attention-mask")
     ExitGate(1, np.random.default_rng(0).standard_normal(32).astype(np.float32), 0.1).save(tmp_path / "gate.npz")
-    shapes = [f"--{which}-shape" for which in ("min", "opt", "max")]
-    profile = [arg for flag, t in zip(shapes, (1, 16, 64))   # batch 1: the gate's If decides for the whole batch
-               for arg in (flag, "pixel_values:1x3x32x32", flag, f"input_ids:1x{t}", flag, f"attention_mask:1x{t}")]
+    texts = [(1, t) for t in (1, 16, 64)]   # batch 1: the gate's If decides for the whole batch
+    profile = shape_profile({"pixel_values": [(1, 3, 32, 32)] * 3, "input_ids": texts, "attention_mask": texts})
     out = tmp_path / "engine"
     run_cli("compile", tmp_path / "masked.onnx", "-o", out, "--backend", "tensorrt", "--precision", "fp16",
             "--token-exit", "dynamic", "--exit-gate", tmp_path / "gate.npz", *profile)
@@ -533,12 +522,9 @@ def test_tensorrt_builds_the_exited_step(generation_graphs, tmp_path):
     """TensorRT-RTX builds an fp16 engine of the later step exited before layer 2 (its caches of two lengths: the
     image's 16 tokens in layers 0-1, the text alone in layers 2-3), its profile from the first decoding step (1 text
     token after the image) to 64, given by named dim (``--dim-range``)."""
-    from attnc.compiler.backends.tensorrt import describe, import_tensorrt
+    from attnc.compiler.backends.tensorrt import describe
 
-    try:
-        import_tensorrt()
-    except AttncError as exc:
-        pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc.problem}")
+    tensorrt_or_skip()
     # by named dim: batch, new tokens, the cached text after the image (each layer's cache and the mask follow)
     profile = ("--dim-range", "batch=1:2:4", "--dim-range", "seq=1:1:8", "--dim-range", "past=1:16:64")
     out = tmp_path / "engine"
