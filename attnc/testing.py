@@ -140,6 +140,19 @@ def shape_profile(shapes: dict[str, Sequence[Sequence[int]]]) -> list[str]:
             for arg in (flag, f"{name}:{'x'.join(map(str, given[i]))}")]
 
 
+def build_exited_engine(path, pixel_shape: Sequence[int], text_before: int, out: Path, exit_layer: int = 2) -> dict:
+    """``attnc compile``'s fp16 TensorRT engine of the vision-language export at ``path`` (``pixel_values [batch,
+    *pixel_shape]``) with its image gone before decoder layer ``exit_layer``, at batch 1-4 and 1-64 text tokens after
+    the ``text_before`` in front of the image, written to ``out``; its manifest."""
+    import json
+
+    profile = shape_profile({"pixel_values": [(b, *pixel_shape) for b in (1, 2, 4)],
+                             "input_ids": [(1, text_before + 1), (2, text_before + 16), (4, text_before + 64)]})
+    run_cli("compile", path, "-o", out, "--backend", "tensorrt", "--precision", "fp16", "--token-exit", "static",
+            "--exit-layer", exit_layer, *profile)
+    return json.loads((out / "manifest.json").read_text())
+
+
 def run_cli(*args, ok: bool = True):
     """``attnc ARGS`` in this process (click's ``CliRunner``, exceptions not caught); with ``ok``, the exit code
     must be 0."""

@@ -22,7 +22,7 @@ import torch
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata
 from attnc.models.hf_llava_next import ARCHITECTURES
-from attnc.testing import naming_the_draw, run_cli, shape_profile, tensorrt_or_skip, tiny_llava_next
+from attnc.testing import build_exited_engine, naming_the_draw, run_cli, tensorrt_or_skip, tiny_llava_next
 
 transformers = pytest.importorskip("transformers")
 
@@ -191,10 +191,6 @@ def test_tensorrt_builds_the_exited_checkpoint(checkpoint, exported, tmp_path):
     newline tokens, OneVision's shrink a Resize) at dynamic batch and text length."""
     tensorrt_or_skip()
     (_, _, spec), path = checkpoint, exported
-    profile = shape_profile({"pixel_values": [(b, *spec.inputs[0].shape[1:]) for b in (1, 2, 4)],
-                             "input_ids": [(1, BEFORE + 1), (2, BEFORE + 16), (4, BEFORE + 64)]})
     out = tmp_path / "engine"
-    run_cli("compile", path, "-o", out, "--backend", "tensorrt", "--precision", "fp16", "--token-exit", "static",
-            "--exit-layer", 2, *profile)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = build_exited_engine(path, spec.inputs[0].shape[1:], BEFORE, out)
     assert (out / manifest["artefact"]).stat().st_size > 0 and manifest["ops_after"]["Attention"] >= 4

@@ -22,7 +22,7 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import FIRST_EXIT_LAYER, IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata
-from attnc.testing import (QWEN_IMAGE_TOKEN, assert_clean_error, naming_the_draw, run_cli, shape_profile,
+from attnc.testing import (QWEN_IMAGE_TOKEN, assert_clean_error, build_exited_engine, naming_the_draw, run_cli,
                            tensorrt_or_skip, tiny_llava, tiny_qwen_vl)
 
 transformers = pytest.importorskip("transformers")
@@ -324,11 +324,7 @@ def test_image_size_refusals(tmp_path):
 def test_tensorrt_builds_the_exited_checkpoint(checkpoint, exported, tmp_path):
     """TensorRT-RTX builds an fp16 engine of the statically exited export at dynamic batch and text length."""
     tensorrt_or_skip()
-    (_, module, _), path = checkpoint, exported
-    profile = shape_profile({"pixel_values": [(b, 3, *module.image_size) for b in (1, 2, 4)],
-                             "input_ids": [(1, BEFORE + 1), (2, BEFORE + 16), (4, BEFORE + 64)]})
+    (_, _, spec), path = checkpoint, exported
     out = tmp_path / "engine"
-    run_cli("compile", path, "-o", out, "--backend", "tensorrt", "--precision", "fp16", "--token-exit", "static",
-            "--exit-layer", 2, *profile)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = build_exited_engine(path, spec.inputs[0].shape[1:], BEFORE, out)
     assert (out / manifest["artefact"]).stat().st_size > 0 and manifest["ops_after"]["Attention"] >= 4
