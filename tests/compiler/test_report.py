@@ -121,6 +121,20 @@ def test_html_is_self_contained_with_plots_and_escaped_names(tmp_path):
     assert not re.search(r"(src|href)=['\"](https?:)?//", page)  # nothing fetched from outside
 
 
+@pytest.mark.parametrize("failing", [[], [13], [0, 6, 13]])
+def test_plots_go_to_the_failing_tensors_first(tmp_path, failing):
+    """Of 14 tensors compared, with a budget of 4 plots: every failing tensor gets one wherever it stands, the passing
+    ones in order take what is left, and the page says so."""
+    rng = np.random.default_rng()
+    reference = {f"t{i}": rng.standard_normal((3, 7)).astype(np.float32) for i in range(14)}
+    actual = {name: value + (0.5 if int(name[1:]) in failing else 0.0) for name, value in reference.items()}
+    page = write_report(compare_outputs(reference, actual), tmp_path, meta={}, max_plots=4)[1].read_text()
+    plotted = re.findall(r'alt="error plots for (t\d+)"', page)
+    expected = sorted(failing + [i for i in range(14) if i not in failing][:4 - len(failing)])
+    assert plotted == [f"t{i}" for i in expected]
+    assert "Plots are drawn for 4 of the 14 tensors compared" in page
+
+
 def test_no_temp_files_left_and_overwrite(tmp_path):
     write_report(_result(0), tmp_path, meta={})
     write_report(_result(1, fail=False), tmp_path, meta={})
