@@ -265,7 +265,10 @@ def tiny_vision_language(folder: Path, architecture: str) -> Path:
     """A seeded tiny checkpoint of vision-language ``architecture`` (one of
     :data:`attnc.models.hf_vision_language.ARCHITECTURES` but LLaVA, which :func:`tiny_llava` builds): a 2-layer
     vision tower whose image becomes 16 tokens, a 2-layer text model (4 for Cohere 2's) of width 32 with 4 query on 2
-    K/V heads and 128 words, the image token 120; weights perturbed off their initial values, saved in ``folder``."""
+    K/V heads and 128 words, the image token 120; weights perturbed off their initial values, saved in ``folder``.
+    Gemma 3's text model has 4 layers too, sliding windows of 8 tokens in layers 0 and 2 (its image's tokens attend to
+    each other both ways), its tower's 64 patches pooled into the 16 tokens; PaliGemma's is a 4-layer Gemma 2 (logits
+    soft-capped, windows of 8 tokens in layers 0 and 2; the whole prompt attends both ways)."""
     import transformers as t
 
     text = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -273,6 +276,9 @@ def tiny_vision_language(folder: Path, architecture: str) -> Path:
                 bos_token_id=1, eos_token_id=2)
     qwen2 = dict(text, model_type="qwen2")
     cohere2 = dict(text, model_type="cohere2", num_hidden_layers=4, sliding_window=4096, logit_scale=0.0625)
+    gemma3 = dict(text, model_type="gemma3_text", num_hidden_layers=4, head_dim=8, sliding_window=8,
+                  layer_types=["sliding_attention", "full_attention"] * 2)
+    gemma2 = dict(gemma3, model_type="gemma2")
     siglip = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, image_size=32, patch_size=8)
     clip = dict(siglip, model_type="clip_vision_model", projection_dim=32)
@@ -303,6 +309,12 @@ def tiny_vision_language(folder: Path, architecture: str) -> Path:
         "Cohere2VisionForConditionalGeneration": lambda: t.Cohere2VisionConfig(
             vision_config=dict(siglip, image_size=64), text_config=cohere2, image_token_id=120, downsample_factor=2,
             alignment_intermediate_size=64),
+        "Gemma3ForConditionalGeneration": lambda: t.Gemma3Config(
+            vision_config=dict(siglip, image_size=64), text_config=gemma3, image_token_index=120,
+            mm_tokens_per_image=16),
+        "PaliGemmaForConditionalGeneration": lambda: t.PaliGemmaConfig(
+            vision_config=dict(siglip, projection_dim=32), text_config=gemma2, image_token_index=120,
+            projection_dim=32),
     }
     config = builders[architecture]()
     return save_seeded(config, architecture, folder)

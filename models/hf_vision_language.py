@@ -19,8 +19,9 @@ gone after that layer. Prompts of different lengths go in one batch with ``--wit
 (:class:`MaskedVisionLanguageOutput`: each padded after the text in front of the image). Qwen2-VL, Qwen2.5-VL and
 Qwen3-VL, whose visual tokens follow the image's size, take images of one size per export (:mod:`attnc.models.
 hf_qwen_vl`, ``attnc export --image-size``; 3-D M-RoPE positions), and so do LLaVA-NeXT and LLaVA-OneVision, whose
-any-resolution tiles follow the original image's size (:mod:`attnc.models.hf_llava_next`). Several images per prompt
-are not built.
+any-resolution tiles follow the original image's size (:mod:`attnc.models.hf_llava_next`). Gemma 3's image tokens
+attend to each other both ways and PaliGemma's whole prompt does (:func:`language_masks`, handed to the decoder
+layers by :func:`masking_layers`). Several images per prompt are not built.
 """
 
 from __future__ import annotations
@@ -42,7 +43,16 @@ from attnc.models.hf_checkpoint import CachedStep, config_image_size, keys_and_v
 ARCHITECTURES = ("LlavaForConditionalGeneration", "VipLlavaForConditionalGeneration",
                  "InternVLForConditionalGeneration", "JanusForConditionalGeneration",
                  "GotOcr2ForConditionalGeneration", "DeepseekVLForConditionalGeneration",
-                 "AyaVisionForConditionalGeneration", "Cohere2VisionForConditionalGeneration")
+                 "AyaVisionForConditionalGeneration", "Cohere2VisionForConditionalGeneration",
+                 "Gemma3ForConditionalGeneration", "PaliGemmaForConditionalGeneration")
+# ... of which those whose image's tokens attend to each other both ways (transformers' token_type_ids blocks) ...
+IMAGE_BLOCK = ("Gemma3ForConditionalGeneration",)
+# ... those whose whole prompt does (a prefix LM: the text after it, generated, attends causally) ...
+PROMPT_BLOCK = ("PaliGemmaForConditionalGeneration",)
+# ... those whose positions count from 1 (every token one position further than the tokens in front of it) ...
+ONE_BASED = ("PaliGemmaForConditionalGeneration",)
+# ... and those whose forward soft-caps the logits by the text config's final_logit_softcapping (cap · tanh(x / cap))
+CAPPED_LOGITS = ("PaliGemmaForConditionalGeneration",)
 # ... and those whose images are read at one size of any (their processors tile each image at its own size)
 SIZED = (*hf_qwen_vl.ARCHITECTURES, *hf_llava_next.ARCHITECTURES)
 EXPORTED = (*ARCHITECTURES, *SIZED)
@@ -187,9 +197,19 @@ class VisionLanguageOutput(torch.nn.Module):
             hidden = torch.cat([hidden[:, :k], hidden[:, k:k + p] + features, hidden[:, k + p:]], 1)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
+        extra = {} if cache is None else {"past_key_values": cache}
+        one = int(type(self.model).__name__ in ONE_BASED)
+        if attention_mask is not None:   # the image's tokens are no padding; positions count the tokens before each
+            whole = torch.cat([attention_mask[:, :k], attention_mask.new_ones(x.shape[0], p), attention_mask[:, k:]], 1)
+            extra.update(attention_mask=whole, position_ids=mask_positions(whole) + one)
+        elif one:
+            extra.update(position_ids=torch.arange(x.shape[1], device=x.device)[None] + one)
+        if isinstance(self.encoder, hf_qwen_vl.QwenImageEncoder):   # M-RoPE: the image's tokens by row and column
+            extra.update(position_ids=self.encoder.positions(k, input_ids, attention_mask))
         hooks = [layers[i].register_forward_hook(functools.partial(add_deepstack, features))
                  for i, features in enumerate(deepstack)]
-        if layer is not None and layer < len(layers):
+        hooks += masking_layers(self.model, language_masks(self.model, x, {**extra, "past_key_values": cache}, k, p))
+        if layer is not None and layer < len(layers):   # after the masks: their image's entries go too
             def drop(module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 if module is layers[layer]:
@@ -198,19 +218,16 @@ class VisionLanguageOutput(torch.nn.Module):
                 return text_only(args, kwargs, p, x.shape[1], k) if state["exited"] else None
 
             hooks += [m.register_forward_pre_hook(drop, with_kwargs=True) for m in layers[layer:]]
-        extra = {} if cache is None else {"past_key_values": cache}
-        if attention_mask is not None:   # the image's tokens are no padding; positions count the tokens before each
-            whole = torch.cat([attention_mask[:, :k], attention_mask.new_ones(x.shape[0], p), attention_mask[:, k:]], 1)
-            extra.update(attention_mask=whole, position_ids=mask_positions(whole))
-        if isinstance(self.encoder, hf_qwen_vl.QwenImageEncoder):   # M-RoPE: the image's tokens by row and column
-            extra.update(position_ids=self.encoder.positions(k, input_ids, attention_mask))
         try:
             hidden = self.language_model(inputs_embeds=x, use_cache=True, **extra).last_hidden_state
         finally:
             for hook in hooks:
                 hook.remove()
-        after = hidden[:, k:] if state["exited"] else hidden[:, k + p:]
-        return self.model.lm_head(after), state["features"], state["exited"]
+        logits = self.model.lm_head(hidden[:, k:] if state["exited"] else hidden[:, k + p:])
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        if cap is not None and type(self.model).__name__ in CAPPED_LOGITS:
+            logits = cap * torch.tanh(logits / cap)
+        return logits, state["features"], state["exited"]
 
 
 class MaskedVisionLanguageOutput(VisionLanguageOutput):
@@ -271,6 +288,72 @@ class MaskedVisionLanguageFirstStep(VisionLanguageFirstStep):
         return self._first_step(pixel_values, input_ids, attention_mask, exit_layer)
 
 
+def language_masks(model: torch.nn.Module, x: torch.Tensor, extra: dict, k: int, p: int) -> dict | None:
+    """The masks by attention type (``{"full_attention": ..., "sliding_attention": ...}``, what transformers' language
+    models take in place of a 2-D ``attention_mask``) of a prompt's tokens ``x [B, N, C]`` whose image's ``P`` tokens
+    after the first ``K`` attend to each other both ways (:data:`IMAGE_BLOCK`: Gemma 3's, as its multimodal forward
+    has them attend from ``token_type_ids``), whose whole prompt does (:data:`PROMPT_BLOCK`: PaliGemma's prefix), or
+    whose sliding-window layers see padded prompts; None where transformers' own masks are those. ``extra``: the language model's other arguments (``attention_mask [B, N]``
+    and ``position_ids`` of padded prompts, ``past_key_values``); ``P = 0`` for a later step's text alone.
+
+    A padded prompt's padding lies between its image and its text, not in front of everything, so a window of ``W``
+    *tokens* would reach less of its text than the prompt alone sees: each sliding-window layer's window is ``W``
+    *positions* instead (the count of tokens in front, as ``generate`` computes positions from the mask), the same
+    as transformers' window for a prompt alone or padded on the left."""
+    from transformers.masking_utils import blockwise_overlay, create_causal_mask, sliding_window_overlay
+
+    config = model.config.get_text_config()
+    types = set(getattr(config, "layer_types", None) or ("full_attention",))
+    name = type(model).__name__
+    image, prompt = name in IMAGE_BLOCK and p > 0, name in PROMPT_BLOCK and p > 0
+    window = config.sliding_window if "sliding_attention" in types else None
+    mask = extra.get("attention_mask")
+    if (not (image or prompt) and (window is None or mask is None)) or types - {"full_attention", "sliding_attention"}:
+        return None
+    common = dict(config=config, inputs_embeds=x, attention_mask=mask, past_key_values=extra.get("past_key_values"),
+                  position_ids=extra.get("position_ids"))
+    index = torch.arange(x.shape[1], device=x.device)
+    image_block = prompt_block = None
+    if image:   # one block, the image, inside each window (Gemma 3's AND(window, OR(causal, image)))
+        image_block = blockwise_overlay(torch.where((index >= k) & (index < k + p), 0, -1).expand(x.shape[0], -1))
+    if prompt:   # one block, the whole prompt, past any window (PaliGemma's OR(AND(causal, window), prompt))
+        prompt_block = torch.zeros_like(index).expand(x.shape[0], -1)
+    masks = {"full_attention": create_causal_mask(**common, or_mask_function=image_block,
+                                                  block_sequence_ids=prompt_block)}
+    if window is not None:
+        if mask is None:
+            inside = sliding_window_overlay(window)
+        else:
+            positions = mask_positions(mask)
+
+            def inside(batch, head, query, key):   # by positions: the padding between image and text counts none
+                return positions[batch, key] > positions[batch, query] - window
+        masks["sliding_attention"] = create_causal_mask(**common, or_mask_function=image_block,
+                                                        and_mask_function=inside, block_sequence_ids=prompt_block)
+    return masks
+
+
+def masking_layers(model: torch.nn.Module, masks) -> list:
+    """Forward pre-hooks that hand each decoder layer of ``model``'s language model its mask by its attention type
+    (``config.layer_types``) from ``masks``: a mapping (:func:`language_masks`), or a function of the first layer's
+    hidden state and keyword arguments returning one (called once per forward: a later step's masks need the cache
+    the layers see); none for None. The language model's own masks are then left unread: not every one takes
+    masks by type."""
+    if masks is None:
+        return []
+    layers = model.model.language_model.layers
+    types = getattr(model.config.get_text_config(), "layer_types", None) or ["full_attention"] * len(layers)
+    made: dict = {}
+
+    def give(kind, module, args, kwargs):
+        if module is layers[0]:
+            made["masks"] = masks(args[0] if args else kwargs["hidden_states"], kwargs) if callable(masks) else masks
+        return None if made["masks"] is None else (args, {**kwargs, "attention_mask": made["masks"][kind]})
+
+    return [layer.register_forward_pre_hook(functools.partial(give, kind), with_kwargs=True)
+            for layer, kind in zip(layers, types)]
+
+
 def text_mean(text: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """``[B, C]``: the mean of ``text [B, N, C]`` over its tokens, those where ``attention_mask [B, N]`` is 1 alone
     when given (over at least one: what the dynamic token exit's gate computes in the graph)."""
@@ -315,9 +398,10 @@ class VisionLanguageStep(CachedStep):
         self.num_visual_tokens, self.visual_offset = num_visual_tokens, visual_offset
         self.image_size = image_size   # recorded beside P: Qwen2-VL's P follows it
         self.first_exit_layer = hf_qwen_vl.deepstack_layers(model.config.vision_config)
-        # M-RoPE places the text after the image max(rows, columns) after its front, not P: every later token as far
+        # M-RoPE places the text after the image max(rows, columns) after its front, not P: every later token as far;
+        # PaliGemma's positions count from 1
         self.position_shift = hf_qwen_vl.position_shift(model.config.vision_config, image_size) \
-            if hf_qwen_vl.is_qwen_vl(model) else 0
+            if hf_qwen_vl.is_qwen_vl(model) else int(type(model).__name__ in ONE_BASED)
 
     def step_positions(self, attention_mask: torch.Tensor, new: int) -> torch.Tensor:
         return super().step_positions(attention_mask, new) + self.position_shift
@@ -326,20 +410,28 @@ class VisionLanguageStep(CachedStep):
         decoder = self.model.model.language_model.layers
         _check_cached_exit(exit_layer, len(decoder))
         _check_after_deepstack(self.model, self.first_exit_layer, exit_layer)   # as the first step checks it
-        if exit_layer is None or exit_layer == len(decoder):
-            return super().forward(input_ids, attention_mask, *past)
-        k, p, total = self.visual_offset, self.num_visual_tokens, attention_mask.shape[-1]
-        if total < k + p + input_ids.shape[1]:
-            raise ValueError(f"attention_mask covers {total} tokens: fewer than the {k + p} in front of the image's "
-                             f"end and the {input_ids.shape[1]} new ones")
 
-        def drop(module, args, kwargs):
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, torch.Tensor) and mask.shape[-1] == total:
-                kwargs = {**kwargs, "attention_mask": torch.cat([mask[..., :k], mask[..., k + p:]], -1)}
-            return args, kwargs
+        def masks(hidden, kwargs):   # the new tokens' (a sliding window by positions), once the cache is known
+            extra = {"attention_mask": attention_mask, "position_ids": kwargs.get("position_ids"),
+                     "past_key_values": kwargs.get("past_key_values")}
+            return language_masks(self.model, hidden, extra, 0, 0)
 
-        hooks = [m.register_forward_pre_hook(drop, with_kwargs=True) for m in decoder[exit_layer:]]
+        hooks = masking_layers(self.model, masks)
+        if exit_layer is not None and exit_layer < len(decoder):   # after the masks: their image's columns go too
+            k, p, total = self.visual_offset, self.num_visual_tokens, attention_mask.shape[-1]
+            if total < k + p + input_ids.shape[1]:
+                for hook in hooks:
+                    hook.remove()
+                raise ValueError(f"attention_mask covers {total} tokens: fewer than the {k + p} in front of the "
+                                 f"image's end and the {input_ids.shape[1]} new ones")
+
+            def drop(module, args, kwargs):
+                mask = kwargs.get("attention_mask")
+                if isinstance(mask, torch.Tensor) and mask.shape[-1] == total:
+                    kwargs = {**kwargs, "attention_mask": torch.cat([mask[..., :k], mask[..., k + p:]], -1)}
+                return args, kwargs
+
+            hooks += [m.register_forward_pre_hook(drop, with_kwargs=True) for m in decoder[exit_layer:]]
         try:
             return super().forward(input_ids, attention_mask, *past)
         finally:

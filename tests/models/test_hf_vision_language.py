@@ -20,8 +20,8 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata, ort_session
-from attnc.testing import (assert_clean_error, run_cli, run_model, shape_profile, tensorrt_or_skip, tiny_llama,
-                           tiny_llava, tiny_vision_language)
+from attnc.testing import (assert_clean_error, build_exited_engine, run_cli, run_model, shape_profile,
+                           tensorrt_or_skip, tiny_llama, tiny_llava, tiny_vision_language)
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,7 +31,7 @@ from attnc.compiler.export import export_onnx  # noqa: E402
 from attnc.compiler.pipeline import CompileOptions, compile_model, validate_artefact  # noqa: E402
 from attnc.models.hf_checkpoint import (exited_spec, load_checkpoint, with_attention_mask,  # noqa: E402
                                         with_first_step, with_past, with_text_before_image)
-from attnc.models.hf_vision_language import ARCHITECTURES  # noqa: E402
+from attnc.models.hf_vision_language import ARCHITECTURES, IMAGE_BLOCK, PROMPT_BLOCK  # noqa: E402
 from attnc.passes import token_exit  # noqa: E402
 from attnc.passes.token_exit import (ExitGate, apply_dynamic_token_exit, apply_static_token_exit,  # noqa: E402
                                      decoder_boundaries, dynamic_exit_forward, gate_features, train_exit_gate)
@@ -119,6 +119,16 @@ def test_matches_the_transformers_forward(tmp_path, strategy, layer, before):
 OTHERS = [a for a in ARCHITECTURES if a != "LlavaForConditionalGeneration"]
 
 
+def _image_types(architecture: str, prompt: torch.Tensor) -> dict:
+    """What transformers' forward and ``generate`` take beside a ``prompt`` with the image token 120 to attend as
+    ``architecture``'s processor has it attend (causally without them): Gemma 3's ``token_type_ids`` (1 at the image:
+    its tokens attend to each other both ways), PaliGemma's (0 at the whole prompt, the prefix attending both
+    ways)."""
+    if architecture in IMAGE_BLOCK:
+        return {"token_type_ids": (prompt == 120).long()}
+    return {"token_type_ids": torch.zeros_like(prompt)} if architecture in PROMPT_BLOCK else {}
+
+
 @pytest.mark.parametrize("architecture", OTHERS)
 def test_other_architectures(tmp_path, architecture):
     """Each other architecture attnc lays out, with the image after 2 text tokens: transformers' logits at the text
@@ -132,7 +142,7 @@ def test_other_architectures(tmp_path, architecture):
     hf = getattr(transformers, architecture).from_pretrained(folder).eval()
     prompt = torch.cat([ids[:, :2], torch.full((2, 16), 120), ids[:, 2:]], 1)
     with torch.no_grad():
-        expected = hf(input_ids=prompt, pixel_values=pixels).logits[:, 18:]
+        expected = hf(input_ids=prompt, pixel_values=pixels, **_image_types(architecture, prompt)).logits[:, 18:]
         np.testing.assert_allclose(module(pixels, ids).numpy(), expected, atol=2e-6, rtol=1e-5)
     path = tmp_path / "model.onnx"
     export_onnx(module, spec.example_inputs(), path, input_names=spec.input_names, dynamic_axes=spec.dynamic_axes)
@@ -394,6 +404,33 @@ def test_padded_prompts(checkpoint, before):
                               atol=1e-3)   # read without their mask the padded rows differ: the rows test it
 
 
+def test_gemma3_padded_prompts_keep_their_windows(tmp_path):
+    """Gemma 3 (the image's tokens attending to each other both ways, sliding windows of 8 tokens in layers 0 and 2)
+    with padded prompts: the padding lies between image and text, so a window of 8 *tokens* would reach less of a
+    padded row's text than the prompt alone sees. Each row's one-pass logits, and those of a later step of 3 new
+    tokens on its padded first step's cache, equal transformers' forward of that prompt alone (with its
+    ``token_type_ids``; no cache)."""
+    folder = tiny_vision_language(tmp_path / "ckpt", "Gemma3ForConditionalGeneration")
+    module, spec = with_attention_mask(*with_text_before_image(*load_checkpoint(str(folder)), 2))
+    (first, _), (step, _) = with_first_step(module, spec), with_past(module, spec)
+    hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(folder).eval()
+    pixels, ids, mask = spec.example_inputs(batch=3, seq=11, seed=int(np.random.default_rng().integers(1 << 16)))
+    new = torch.randint(3, 120, (3, 3))
+    with torch.no_grad():
+        logits = module(pixels, ids, mask)
+        caches = first(pixels, ids, mask)[1:]
+        later = step(new, torch.cat([mask[:, :2], torch.ones(3, 16, dtype=mask.dtype), mask[:, 2:],
+                                     torch.ones_like(new)], 1), *caches)[0]
+        for row in range(3):
+            tokens = torch.cat([ids[row][mask[row].bool()][None], new[row:row + 1]], 1)
+            prompt = torch.cat([tokens[:, :2], torch.full((1, 16), 120), tokens[:, 2:]], 1)
+            alone = hf(input_ids=prompt, pixel_values=pixels[row:row + 1],
+                       **_image_types("Gemma3ForConditionalGeneration", prompt)).logits[0, 18:]
+            n = tokens.shape[1] - 5   # the prompt's text after the image
+            np.testing.assert_allclose(logits[row, -n:].numpy(), alone[:n].numpy(), atol=2e-6, rtol=1e-5)
+            np.testing.assert_allclose(later[row].numpy(), alone[n:].numpy(), atol=2e-6, rtol=1e-5)
+
+
 def test_padded_prompts_through_the_cli(checkpoint, generation_graphs, tmp_path):
     """Padded prompts through the CLI (the image after 3 text tokens): both generation graphs, as they are and exited
     before layer 2, compile and validate; greedy and beam-search tokens of a padded batch equal transformers'
@@ -478,6 +515,20 @@ def test_padded_prompts_through_the_cli(checkpoint, generation_graphs, tmp_path)
         runtime.generate_vision_language(runtime.load(tmp_path / "unmasked"), runtime.load(tmp_path / "step"),
                                          pixels.numpy(), ids.numpy(), mask.numpy())
     assert "--with-attention-mask" in err.value.fix
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_builds_the_exited_gemma3(tmp_path):
+    """TensorRT-RTX builds an fp16 engine of Gemma 3's export (its image's tokens attending to each other both ways,
+    sliding windows) with the image gone before layer 1, at dynamic batch and text length; every attention fused
+    (the tower's 2 and the text model's 4)."""
+    tensorrt_or_skip()
+    folder = tiny_vision_language(tmp_path / "ckpt", "Gemma3ForConditionalGeneration")
+    path = tmp_path / "gemma3.onnx"
+    run_cli("export", folder, "-o", path, "--text-before-image", 2)
+    manifest = build_exited_engine(path, (3, 64, 64), 2, tmp_path / "engine", exit_layer=1)
+    assert (tmp_path / "engine" / manifest["artefact"]).stat().st_size > 0
+    assert manifest["shrink"]["token_exit"]["exit_layer"] == 1 and manifest["ops_after"]["Attention"] == 6
 
 
 @pytest.mark.tensorrt
@@ -797,7 +848,8 @@ def _export_generation_graphs(module, spec, folder) -> dict:
 def test_other_architectures_generate(tmp_path, architecture):
     """Each other architecture's two generation graphs (the image after 2 text tokens), compiled, decode transformers'
     greedy ``generate`` tokens; compiled with the visual tokens gone before layer 1, the tokens of a greedy loop over
-    the exited forward (no cache)."""
+    the exited forward (no cache; for a prefix LM, PaliGemma, whose prompt attends both ways and generated tokens
+    causally, over the exited PyTorch steps)."""
     folder = tiny_vision_language(tmp_path / "ckpt", architecture)
     module, spec = with_text_before_image(*load_checkpoint(str(folder)), 2)
     exited = CompileOptions(token_exit="static", exit_layer=1)
@@ -810,14 +862,23 @@ def test_other_architectures_generate(tmp_path, architecture):
     prompt = torch.cat([ids[:, :2], torch.full((2, 16), 120), ids[:, 2:]], 1)
     with torch.no_grad():
         expected = module.model.generate(input_ids=prompt, pixel_values=pixels, attention_mask=torch.ones_like(prompt),
+                                         **_image_types(architecture, prompt),
                                          max_new_tokens=5, min_new_tokens=5, do_sample=False)
     np.testing.assert_array_equal(got[:, 7:], expected[:, prompt.shape[1]:].numpy())
     got = runtime.generate_vision_language(runtime.load(tmp_path / "first_exit"), runtime.load(tmp_path / "step_exit"),
                                            pixels.numpy(), ids.numpy(), max_new_tokens=5)
     tokens = ids
+    (first, _), (step, _) = with_first_step(module, spec), with_past(module, spec)
     with torch.no_grad():
-        for _ in range(5):
-            tokens = torch.cat([tokens, module(pixels, tokens, exit_layer=1)[:, -1].argmax(-1, keepdim=True)], 1)
+        if architecture in PROMPT_BLOCK:
+            logits, *caches = first(pixels, ids, exit_layer=1)
+            for _ in range(5):
+                tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], 1)
+                mask = torch.ones(2, caches[0].shape[2] + 1, dtype=torch.int64)
+                logits, *caches = step(tokens[:, -1:], mask, *caches, exit_layer=1)
+        else:
+            for _ in range(5):
+                tokens = torch.cat([tokens, module(pixels, tokens, exit_layer=1)[:, -1].argmax(-1, keepdim=True)], 1)
     np.testing.assert_array_equal(got, tokens.numpy())
 
 
@@ -840,5 +901,6 @@ def test_other_architectures_generate_padded(tmp_path, architecture):
         prompt = torch.cat([tokens[:, :2], torch.full((1, module.num_visual_tokens), 120), tokens[:, 2:]], 1)
         with torch.no_grad():
             expected = module.model.generate(input_ids=prompt, pixel_values=pixels[row:row + 1], max_new_tokens=4,
+                                             **_image_types(architecture, prompt),
                                              min_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(prompt))
         np.testing.assert_array_equal(got[row, 8:], expected[0, prompt.shape[1]:].numpy())
