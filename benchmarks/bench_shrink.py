@@ -17,8 +17,9 @@ tokens) compiled as they are and with each exit, validated, their greedy tokens 
 exited forward without a cache, the prompt's KV cache size and the first and later steps' latencies; ``qwen``
 a transformers Qwen2-VL checkpoint exported at a 448-pixel square (256 visual + 32 text tokens, 8 decoder layers,
 random weights), exited and validated as ``llava`` is; ``llava_next`` a transformers LLaVA-NeXT checkpoint exported at
-a 448-pixel square in 224-pixel tiles (1312 visual + 32 text tokens, 8 decoder layers, random weights), alike. The
-passes
+a 448-pixel square in 224-pixel tiles (1312 visual + 32 text tokens, 8 decoder layers, random weights), alike;
+``gemma3`` a transformers Gemma 3 checkpoint (256 visual tokens attending to each other both ways + 32 text tokens,
+8 decoder layers, random weights), alike. The passes
 are applied (pruning: weight, activation, gradient and ablation scores, one-shot and iterative, with and without a
 short fine-tune) and the tables printed: accuracy, parameters, attention FLOPs and ONNX Runtime CPU latency
 before/after. Latencies of a "before" and its "after" are measured side by
@@ -532,6 +533,32 @@ def bench_llava_next(tmp: Path, reps: int, threads: int, smoke: bool = False) ->
             "smoke": smoke}
 
 
+# Gemma 3 at its token proportions, scaled: a 448-pixel image of 14-pixel patches (32 × 32) average-pooled into 256
+# tokens that attend to each other both ways, 32 text tokens, 8 decoder layers (5 of 6 in sliding windows of 1024) at
+# LLAVA's widths: what attending both ways costs an exit.
+GEMMA3 = {**LLAVA, "image": 448, "tokens": 256, "sliding_window": 1024}
+GEMMA3_SMOKE = {**LLAVA_SMOKE, "image": 56, "tokens": 16, "sliding_window": 8}
+
+
+def bench_gemma3(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
+    """A transformers Gemma 3 checkpoint (random weights, :data:`GEMMA3`: SigLIP, a Gemma 3 text model of
+    :data:`LLAVA`'s widths), then as :func:`bench_llava`."""
+    import transformers
+
+    from attnc.models.hf_checkpoint import load_checkpoint
+    from attnc.testing import save_seeded
+
+    c = GEMMA3_SMOKE if smoke else GEMMA3
+    text = {**c["text"], "head_dim": c["text"]["hidden_size"] // c["text"]["num_attention_heads"],
+            "sliding_window": c["sliding_window"]}
+    vision = {**c["vision"], "image_size": c["image"], "patch_size": c["patch"]}
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=c["tokens"],
+                                       image_token_index=c["text"]["vocab_size"] - 1)
+    module, spec = load_checkpoint(str(save_seeded(config, "Gemma3ForConditionalGeneration", tmp / "gemma3")))
+    return {"model": f"Gemma3ForConditionalGeneration (SigLIP {c['vision']} at {c['image']} px, Gemma 3 {text})",
+            **_exits(tmp, tmp / "gemma3", module, spec, c, reps, threads), "smoke": smoke}
+
+
 def _exits(tmp: Path, folder: Path, module, spec, c: dict, reps: int, threads: int) -> dict:
     """The checkpoint in ``folder`` (loaded: ``module``, ``spec``) exported, compiled as it is and with a static exit
     before each of ``c["exit_layers"]``, each artefact validated against it in PyTorch, and timed side by side."""
@@ -798,7 +825,7 @@ def machine() -> dict:
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
 
 
-SECTIONS = ("prune", "exit", "llama", "llava", "llava_vqa", "llava_decode", "qwen", "llava_next")
+SECTIONS = ("prune", "exit", "llama", "llava", "llava_vqa", "llava_decode", "qwen", "llava_next", "gemma3")
 
 
 def main(argv=None) -> int:
@@ -838,6 +865,8 @@ def main(argv=None) -> int:
             results["exit_qwen"] = bench_qwen(Path(tmp), args.reps, args.threads, smoke=args.smoke)
         if "llava_next" in sections:
             results["exit_llava_next"] = bench_llava_next(Path(tmp), args.reps, args.threads, smoke=args.smoke)
+        if "gemma3" in sections:
+            results["exit_gemma3"] = bench_gemma3(Path(tmp), args.reps, args.threads, smoke=args.smoke)
     results["seconds"] = time.perf_counter() - t0
     print(table(results))
     out = Path(args.out)
@@ -907,6 +936,8 @@ def table(results: dict) -> str:
         lines.extend(llava_table(results["exit_qwen"], "Qwen2-VL"))
     if "exit_llava_next" in results:
         lines.extend(llava_table(results["exit_llava_next"], "LLaVA-NeXT"))
+    if "exit_gemma3" in results:
+        lines.extend(llava_table(results["exit_gemma3"], "Gemma 3"))
     return "\n".join(lines)
 
 

@@ -29,11 +29,14 @@ def _smoke(section: str, folder: Path) -> dict:
     ("llava", "LLaVA", 16, "Llava"), ("qwen", "Qwen2-VL", 4, "56x56"),
     pytest.param("llava_next", "LLaVA-NeXT", 88, "112x112", marks=pytest.mark.full(
         reason="the bench path CI runs on LLaVA and Qwen2-VL, on a LLaVA-NeXT exported at its image size (about 20 s; "
-               "tests/models/test_hf_llava_next.py checks its exits in CI)"))])
+               "tests/models/test_hf_llava_next.py checks its exits in CI)")),
+    pytest.param("gemma3", "Gemma 3", 16, "Gemma3", marks=pytest.mark.full(
+        reason="the bench path CI runs on LLaVA and Qwen2-VL, on a Gemma 3 (tests/models/test_hf_vision_language.py "
+               "checks its exits in CI)"))])
 def test_exit_smoke(tmp_path, capsys, section, kind, visual, model):
-    """``--only llava`` / ``qwen`` / ``llava_next`` ``--smoke``: the checkpoint (Qwen2-VL and LLaVA-NeXT exported at
-    their image size) exited before layers 1 and 2; every artefact validates against the checkpoint exiting in
-    PyTorch and is timed beside the full model at batch 1 and 4."""
+    """``--only llava`` / ``qwen`` / ``llava_next`` / ``gemma3`` ``--smoke``: the checkpoint (Qwen2-VL and LLaVA-NeXT
+    exported at their image size) exited before layers 1 and 2; every artefact validates against the checkpoint
+    exiting in PyTorch and is timed beside the full model at batch 1 and 4."""
     result = _smoke(section, tmp_path)[f"exit_{section}"]
     assert result["visual_tokens"] == visual and result["smoke"] and model in result["model"]
     rows = {r["model"]: r for r in result["rows"]}
