@@ -289,12 +289,13 @@ class MaskedVisionLanguageFirstStep(VisionLanguageFirstStep):
 
 
 def language_masks(model: torch.nn.Module, x: torch.Tensor, extra: dict, k: int, p: int) -> dict | None:
-    """The masks by attention type (``{"full_attention": ..., "sliding_attention": ...}``, what transformers' language
-    models take in place of a 2-D ``attention_mask``) of a prompt's tokens ``x [B, N, C]`` whose image's ``P`` tokens
+    """The masks by attention type (``{"full_attention": ..., "sliding_attention": ...}``, which
+    :func:`masking_layers` hands to the decoder layers) of a prompt's tokens ``x [B, N, C]`` whose image's ``P`` tokens
     after the first ``K`` attend to each other both ways (:data:`IMAGE_BLOCK`: Gemma 3's, as its multimodal forward
     has them attend from ``token_type_ids``), whose whole prompt does (:data:`PROMPT_BLOCK`: PaliGemma's prefix), or
-    whose sliding-window layers see padded prompts; None where transformers' own masks are those. ``extra``: the language model's other arguments (``attention_mask [B, N]``
-    and ``position_ids`` of padded prompts, ``past_key_values``); ``P = 0`` for a later step's text alone.
+    whose sliding-window layers see padded prompts; None where transformers' own masks are those. ``extra``: the
+    language model's other arguments (``attention_mask [B, N]`` and ``position_ids`` of padded prompts,
+    ``past_key_values``); ``P = 0`` for a later step's text alone.
 
     A padded prompt's padding lies between its image and its text, not in front of everything, so a window of ``W``
     *tokens* would reach less of its text than the prompt alone sees: each sliding-window layer's window is ``W``
@@ -411,20 +412,19 @@ class VisionLanguageStep(CachedStep):
         _check_cached_exit(exit_layer, len(decoder))
         _check_after_deepstack(self.model, self.first_exit_layer, exit_layer)   # as the first step checks it
 
+        exits = exit_layer is not None and exit_layer < len(decoder)
+        k, p, total = self.visual_offset, self.num_visual_tokens, attention_mask.shape[-1]
+        if exits and total < k + p + input_ids.shape[1]:
+            raise ValueError(f"attention_mask covers {total} tokens: fewer than the {k + p} in front of the image's "
+                             f"end and the {input_ids.shape[1]} new ones")
+
         def masks(hidden, kwargs):   # the new tokens' (a sliding window by positions), once the cache is known
             extra = {"attention_mask": attention_mask, "position_ids": kwargs.get("position_ids"),
                      "past_key_values": kwargs.get("past_key_values")}
             return language_masks(self.model, hidden, extra, 0, 0)
 
         hooks = masking_layers(self.model, masks)
-        if exit_layer is not None and exit_layer < len(decoder):   # after the masks: their image's columns go too
-            k, p, total = self.visual_offset, self.num_visual_tokens, attention_mask.shape[-1]
-            if total < k + p + input_ids.shape[1]:
-                for hook in hooks:
-                    hook.remove()
-                raise ValueError(f"attention_mask covers {total} tokens: fewer than the {k + p} in front of the "
-                                 f"image's end and the {input_ids.shape[1]} new ones")
-
+        if exits:   # after the masks: their image's columns go too
             def drop(module, args, kwargs):
                 mask = kwargs.get("attention_mask")
                 if isinstance(mask, torch.Tensor) and mask.shape[-1] == total:
