@@ -639,13 +639,20 @@ def _text_shape(shape: list | None, elem_type: int | None, num_visual_tokens) ->
     tokens keep the text's dim (``"seq"``), which shape inference carries on to the later layers (it cannot subtract
     from a symbolic dim itself). The passes read token counts from those shapes instead of running every layer in
     front of them."""
-    if not shape or len(shape) < 2 or not isinstance(shape[1], str) or elem_type is None:
+    if not shape or len(shape) < 2 or elem_type is None:
         return None
-    terms = dim_terms(shape[1])
+    text = _without_visual(shape[1], num_visual_tokens)
+    return None if text is None else (elem_type, [shape[0], text, *shape[2:]])
+
+
+def _without_visual(dim, num_visual_tokens: int) -> str | None:
+    """A token axis named as a sum with the constant ``P`` among its terms, without ``P`` (``"seq + 576"`` ->
+    ``"seq"``); None for any other dim."""
+    terms = dim_terms(dim) if isinstance(dim, str) else []
     if str(num_visual_tokens) not in terms or len(terms) < 2:
         return None
     terms.remove(str(num_visual_tokens))
-    return elem_type, [shape[0], " + ".join(terms), *shape[2:]]
+    return " + ".join(terms)
 
 
 def _finish(model, after: list[onnx.NodeProto], num_visual_tokens: int | None = None, token=None):
@@ -1069,9 +1076,8 @@ def _text_mean(model, x: str, text: str, num_visual_tokens: int, prefix: str) ->
         return
     dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
             for d in mask.type.tensor_type.shape.dim]
-    shape = value_shapes(model).get(x) or [None, None]
-    declared = _text_shape(shape, onnx.TensorProto.FLOAT, num_visual_tokens)   # "seq + P" -> "seq"
-    length = declared[1][1] if declared else shape[1] - num_visual_tokens if isinstance(shape[1], int) else None
+    token = (value_shapes(model).get(x) or [None, None])[1]
+    length = token - num_visual_tokens if isinstance(token, int) else _without_visual(token, num_visual_tokens)
     if len(dims) != 2 or (dims[1] is not None and length is not None and dims[1] != length):
         raise AttncError(f"the gate cannot average the text tokens of padded prompts: {MASK} is "
                          f"{dims} where the text tokens (the boundary without its {num_visual_tokens} visual tokens) "
