@@ -13,14 +13,17 @@ tokens dropped before ``--exit-layer`` (the later layers' caches then hold the t
 their tokens against a greedy loop over the exited forward. Without ``--checkpoint`` it writes a random LLaVA (a CLIP
 tower of ``--image-size`` px images in 8 px patches, a Llama of ``--width`` and ``--layers`` with grouped-query
 attention), with ``--model qwen2-vl`` a random Qwen2-VL (its images exported at ``--image-size`` px square, a
-multiple of 28) or with ``--model llava-next`` a random LLaVA-NeXT (32 px tiles, its images exported at
-``--image-size`` px square: the processor's tiles of an image that size) with ``save_pretrained`` first: no hub is
+multiple of 28), with ``--model llava-next`` a random LLaVA-NeXT (32 px tiles, its images exported at
+``--image-size`` px square: the processor's tiles of an image that size) or with ``--model gemma3`` a random Gemma 3
+(a SigLIP tower of ``--image-size`` px images in 8 px patches pooled 2 × 2, the image's tokens attending to each
+other both ways, a Gemma 3 text model with sliding windows of 8 tokens) with ``save_pretrained`` first: no hub is
 reached::
 
     python examples/vision_language.py
     python examples/vision_language.py --image-size 112 --width 256 --layers 8 --exit-layer 2 --json run.json
     python examples/vision_language.py --model qwen2-vl --image-size 224
     python examples/vision_language.py --model llava-next --image-size 64
+    python examples/vision_language.py --model gemma3
     python examples/vision_language.py --checkpoint ./my-llava --text-before-image 5
     python examples/vision_language.py --checkpoint ./my-qwen2-vl --image-size 448
     python examples/vision_language.py --checkpoint ./my-llava-v1.6 --image-size 672
@@ -45,7 +48,7 @@ from attnc.models.hf_checkpoint import (load_checkpoint, with_first_step, with_i
                                         with_text_before_image)
 from attnc.models.hf_llava_next import is_llava_next
 from attnc.models.hf_qwen_vl import is_qwen_vl
-from attnc.models.hf_vision_language import SIZED
+from attnc.models.hf_vision_language import IMAGE_BLOCK, PROMPT_BLOCK, SIZED
 from attnc.testing import save_seeded
 
 
@@ -100,14 +103,37 @@ def random_llava_next(folder: Path, width: int, layers: int) -> Path:
     return save_seeded(config, "LlavaNextForConditionalGeneration", folder)
 
 
+def random_gemma3(folder: Path, image_size: int, width: int, layers: int) -> Path:
+    """A seeded random ``Gemma3ForConditionalGeneration`` saved in ``folder``: a 2-layer SigLIP tower of
+    ``image_size`` px images in 8 px patches, average-pooled 2 × 2 into the image's tokens; a Gemma 3 text model of
+    ``width`` and ``layers`` (grouped-query attention, every other layer in a sliding window of 8 tokens), 256
+    words, the image token 255."""
+    import transformers
+
+    heads = max(2, width // 32)
+    vision = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=image_size, patch_size=8)
+    text = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=max(1, heads // 2), head_dim=width // heads, vocab_size=256,
+                max_position_embeddings=4096, sliding_window=8,
+                layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)])
+    config = transformers.Gemma3Config(vision_config=vision, text_config=text, image_token_index=255,
+                                       mm_tokens_per_image=(image_size // 16) ** 2)
+    return save_seeded(config, "Gemma3ForConditionalGeneration", folder)
+
+
 def transformers_generate(module, pixels: torch.Tensor, ids: torch.Tensor, before: int, tokens: int) -> torch.Tensor:
     """transformers' greedy ``generate`` on the prompt ``ids[:, :before]`` + the image's placeholders + ``ids[:,
     before:]``: the new tokens. Qwen takes the image as its processor's patches, with their grid and token types;
-    LLaVA-NeXT its tiles with the images' original size."""
+    LLaVA-NeXT its tiles with the images' original size; Gemma 3 and PaliGemma their token types."""
     hf, p = module.model, module.num_visual_tokens
     image = getattr(hf.config, "image_token_index", None) or hf.config.image_token_id
     prompt = torch.cat([ids[:, :before], torch.full((len(ids), p), image), ids[:, before:]], 1)
     extra = {"pixel_values": pixels}
+    if type(hf).__name__ in IMAGE_BLOCK:   # its processor's token types: the image's tokens attend both ways
+        extra["token_type_ids"] = (prompt == image).long()
+    if type(hf).__name__ in PROMPT_BLOCK:   # ... the whole prompt does
+        extra["token_type_ids"] = torch.zeros_like(prompt)
     if is_llava_next(hf):
         extra["image_sizes"] = torch.tensor([list(module.image_size)] * len(ids))
     if is_qwen_vl(hf):
@@ -140,12 +166,13 @@ def latency_ms(runner, feeds: dict, reps: int) -> float:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", help="a LLaVA-family or Qwen-VL checkpoint directory (default: a random one)")
-    parser.add_argument("--model", choices=["llava", "qwen2-vl", "llava-next"], default="llava",
+    parser.add_argument("--checkpoint", help="a vision-language checkpoint directory attnc exports (default: a random "
+                                             "one)")
+    parser.add_argument("--model", choices=["llava", "qwen2-vl", "llava-next", "gemma3"], default="llava",
                         help="the random checkpoint's architecture (without --checkpoint)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="pixels a side: the random LLaVA's (default 64); Qwen's exported size (default 56); "
-                             "LLaVA-NeXT's exported image size (default one tile's)")
+                        help="pixels a side: the random LLaVA's and Gemma 3's (default 64); Qwen's exported size "
+                             "(default 56); LLaVA-NeXT's exported image size (default one tile's)")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--text-before-image", type=int, default=3)
@@ -166,6 +193,8 @@ def main(argv=None) -> dict:
             folder = random_qwen2_vl(tmp / "qwen2-vl", args.width, args.layers)
         elif args.model == "llava-next":
             folder = random_llava_next(tmp / "llava-next", args.width, args.layers)
+        elif args.model == "gemma3":
+            folder = random_gemma3(tmp / "gemma3", args.image_size or 64, args.width, args.layers)
         else:
             folder = random_llava(tmp / "llava", args.image_size or 64, args.width, args.layers)
         module, spec = load_checkpoint(str(folder))
@@ -230,9 +259,17 @@ def main(argv=None) -> dict:
         exit_s = time.perf_counter() - start
         loop = ids   # the exited forward without a cache, one token at a time
         with torch.no_grad():
-            for _ in range(args.generate):
-                chosen = module(pixels, loop, exit_layer=args.exit_layer)[:, -1].argmax(-1, keepdim=True)
-                loop = torch.cat([loop, chosen], 1)
+            if type(module.model).__name__ in PROMPT_BLOCK:   # a prefix LM's answer attends causally: the steps
+                (first_torch, _), (step_torch, _) = steps["first"], steps["step"]
+                logits, *caches = first_torch(pixels, ids, exit_layer=args.exit_layer)
+                for _ in range(args.generate):
+                    loop = torch.cat([loop, logits[:, -1:].argmax(-1)], 1)
+                    mask = torch.ones(len(ids), caches[0].shape[2] + 1, dtype=torch.int64)
+                    logits, *caches = step_torch(loop[:, -1:], mask, *caches, exit_layer=args.exit_layer)
+            else:
+                for _ in range(args.generate):
+                    chosen = module(pixels, loop, exit_layer=args.exit_layer)[:, -1].argmax(-1, keepdim=True)
+                    loop = torch.cat([loop, chosen], 1)
         cache_bytes = {name: sum(v.nbytes for key, v in runner.infer(feeds).items() if key.startswith("present."))
                        for name, runner in (("full", runtime.load(tmp / "first")), ("exit", first))}
         results["generation_exit"] = {"tokens_equal": bool(np.array_equal(exited_tokens, loop.numpy())),
