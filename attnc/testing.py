@@ -320,6 +320,48 @@ def tiny_vision_language(folder: Path, architecture: str) -> Path:
     return save_seeded(config, architecture, folder)
 
 
+def image_token_types(architecture: str, prompt, image_token: int) -> dict:
+    """What transformers' forward and ``generate`` take beside a ``prompt`` (its image as ``image_token``
+    placeholders) for ``architecture`` to attend as its processor has it attend; causally without them: Gemma 3's
+    ``token_type_ids`` (1 at the image: its tokens attend to each other both ways), PaliGemma's (0 at the whole
+    prompt, a prefix attending both ways); nothing for the others."""
+    import torch
+
+    from attnc.models.hf_vision_language import IMAGE_BLOCK, PROMPT_BLOCK
+
+    if architecture in IMAGE_BLOCK:
+        return {"token_type_ids": (prompt == image_token).long()}
+    return {"token_type_ids": torch.zeros_like(prompt)} if architecture in PROMPT_BLOCK else {}
+
+
+def exited_greedy_tokens(module, spec, pixels, ids, new: int, exit_layer: int):
+    """``ids`` followed by ``new`` greedy tokens of vision-language ``module`` (a loaded checkpoint's wrapper,
+    ``spec`` its spec) with the image gone before decoder layer ``exit_layer``, in PyTorch: a loop over the exited
+    forward without a cache; for a prefix LM (:data:`attnc.models.hf_vision_language.PROMPT_BLOCK`: its prompt attends
+    both ways, its answer causally, which a forward over the whole sequence would not do) the exited first step, then
+    the exited later steps."""
+    import torch
+
+    from attnc.models.hf_checkpoint import with_first_step, with_past
+    from attnc.models.hf_vision_language import PROMPT_BLOCK
+
+    tokens = ids
+    with torch.no_grad():
+        if type(module.model).__name__ not in PROMPT_BLOCK:
+            for _ in range(new):
+                chosen = module(pixels, tokens, exit_layer=exit_layer)[:, -1].argmax(-1, keepdim=True)
+                tokens = torch.cat([tokens, chosen], 1)
+            return tokens
+        (first, _), (step, _) = with_first_step(module, spec), with_past(module, spec)
+        logits, *caches = first(pixels, ids, exit_layer=exit_layer)
+        for i in range(new):
+            tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], 1)
+            if i + 1 < new:
+                mask = torch.ones(len(ids), caches[0].shape[2] + 1, dtype=torch.int64)
+                logits, *caches = step(tokens[:, -1:], mask, *caches, exit_layer=exit_layer)
+    return tokens
+
+
 QWEN_IMAGE_TOKEN = 250
 
 

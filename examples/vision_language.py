@@ -48,8 +48,8 @@ from attnc.models.hf_checkpoint import (load_checkpoint, with_first_step, with_i
                                         with_text_before_image)
 from attnc.models.hf_llava_next import is_llava_next
 from attnc.models.hf_qwen_vl import is_qwen_vl
-from attnc.models.hf_vision_language import IMAGE_BLOCK, PROMPT_BLOCK, SIZED
-from attnc.testing import save_seeded
+from attnc.models.hf_vision_language import SIZED
+from attnc.testing import exited_greedy_tokens, image_token_types, save_seeded
 
 
 def _clip_and_llama(image_size: int, width: int, layers: int):
@@ -129,11 +129,7 @@ def transformers_generate(module, pixels: torch.Tensor, ids: torch.Tensor, befor
     hf, p = module.model, module.num_visual_tokens
     image = getattr(hf.config, "image_token_index", None) or hf.config.image_token_id
     prompt = torch.cat([ids[:, :before], torch.full((len(ids), p), image), ids[:, before:]], 1)
-    extra = {"pixel_values": pixels}
-    if type(hf).__name__ in IMAGE_BLOCK:   # its processor's token types: the image's tokens attend both ways
-        extra["token_type_ids"] = (prompt == image).long()
-    if type(hf).__name__ in PROMPT_BLOCK:   # ... the whole prompt does
-        extra["token_type_ids"] = torch.zeros_like(prompt)
+    extra = {"pixel_values": pixels, **image_token_types(type(hf).__name__, prompt, image)}   # Gemma 3's, PaliGemma's
     if is_llava_next(hf):
         extra["image_sizes"] = torch.tensor([list(module.image_size)] * len(ids))
     if is_qwen_vl(hf):
@@ -257,19 +253,8 @@ def main(argv=None) -> dict:
                                                          feeds["pixel_values"], feeds["input_ids"],
                                                          max_new_tokens=args.generate)
         exit_s = time.perf_counter() - start
-        loop = ids   # the exited forward without a cache, one token at a time
-        with torch.no_grad():
-            if type(module.model).__name__ in PROMPT_BLOCK:   # a prefix LM's answer attends causally: the steps
-                (first_torch, _), (step_torch, _) = steps["first"], steps["step"]
-                logits, *caches = first_torch(pixels, ids, exit_layer=args.exit_layer)
-                for _ in range(args.generate):
-                    loop = torch.cat([loop, logits[:, -1:].argmax(-1)], 1)
-                    mask = torch.ones(len(ids), caches[0].shape[2] + 1, dtype=torch.int64)
-                    logits, *caches = step_torch(loop[:, -1:], mask, *caches, exit_layer=args.exit_layer)
-            else:
-                for _ in range(args.generate):
-                    chosen = module(pixels, loop, exit_layer=args.exit_layer)[:, -1].argmax(-1, keepdim=True)
-                    loop = torch.cat([loop, chosen], 1)
+        # the exited forward without a cache, one token at a time (a prefix LM: the exited PyTorch steps)
+        loop = exited_greedy_tokens(module, spec, pixels, ids, args.generate, args.exit_layer)
         cache_bytes = {name: sum(v.nbytes for key, v in runner.infer(feeds).items() if key.startswith("present."))
                        for name, runner in (("full", runtime.load(tmp / "first")), ("exit", first))}
         results["generation_exit"] = {"tokens_equal": bool(np.array_equal(exited_tokens, loop.numpy())),

@@ -20,8 +20,8 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata, ort_session
-from attnc.testing import (assert_clean_error, build_exited_engine, run_cli, run_model, shape_profile,
-                           tensorrt_or_skip, tiny_llama, tiny_llava, tiny_vision_language)
+from attnc.testing import (assert_clean_error, build_exited_engine, exited_greedy_tokens, image_token_types, run_cli,
+                           run_model, shape_profile, tensorrt_or_skip, tiny_llama, tiny_llava, tiny_vision_language)
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,7 +31,7 @@ from attnc.compiler.export import export_onnx  # noqa: E402
 from attnc.compiler.pipeline import CompileOptions, compile_model, validate_artefact  # noqa: E402
 from attnc.models.hf_checkpoint import (exited_spec, load_checkpoint, with_attention_mask,  # noqa: E402
                                         with_first_step, with_past, with_text_before_image)
-from attnc.models.hf_vision_language import ARCHITECTURES, IMAGE_BLOCK, PROMPT_BLOCK  # noqa: E402
+from attnc.models.hf_vision_language import ARCHITECTURES  # noqa: E402
 from attnc.passes import token_exit  # noqa: E402
 from attnc.passes.token_exit import (ExitGate, apply_dynamic_token_exit, apply_static_token_exit,  # noqa: E402
                                      decoder_boundaries, dynamic_exit_forward, gate_features, train_exit_gate)
@@ -119,16 +119,6 @@ def test_matches_the_transformers_forward(tmp_path, strategy, layer, before):
 OTHERS = [a for a in ARCHITECTURES if a != "LlavaForConditionalGeneration"]
 
 
-def _image_types(architecture: str, prompt: torch.Tensor) -> dict:
-    """What transformers' forward and ``generate`` take beside a ``prompt`` with the image token 120 to attend as
-    ``architecture``'s processor has it attend (causally without them): Gemma 3's ``token_type_ids`` (1 at the image:
-    its tokens attend to each other both ways), PaliGemma's (0 at the whole prompt, the prefix attending both
-    ways)."""
-    if architecture in IMAGE_BLOCK:
-        return {"token_type_ids": (prompt == 120).long()}
-    return {"token_type_ids": torch.zeros_like(prompt)} if architecture in PROMPT_BLOCK else {}
-
-
 @pytest.mark.parametrize("architecture", OTHERS)
 def test_other_architectures(tmp_path, architecture):
     """Each other architecture attnc lays out, with the image after 2 text tokens: transformers' logits at the text
@@ -142,7 +132,8 @@ def test_other_architectures(tmp_path, architecture):
     hf = getattr(transformers, architecture).from_pretrained(folder).eval()
     prompt = torch.cat([ids[:, :2], torch.full((2, 16), 120), ids[:, 2:]], 1)
     with torch.no_grad():
-        expected = hf(input_ids=prompt, pixel_values=pixels, **_image_types(architecture, prompt)).logits[:, 18:]
+        types = image_token_types(architecture, prompt, 120)   # Gemma 3's, PaliGemma's
+        expected = hf(input_ids=prompt, pixel_values=pixels, **types).logits[:, 18:]
         np.testing.assert_allclose(module(pixels, ids).numpy(), expected, atol=2e-6, rtol=1e-5)
     path = tmp_path / "model.onnx"
     export_onnx(module, spec.example_inputs(), path, input_names=spec.input_names, dynamic_axes=spec.dynamic_axes)
@@ -425,7 +416,7 @@ def test_gemma3_padded_prompts_keep_their_windows(tmp_path):
             tokens = torch.cat([ids[row][mask[row].bool()][None], new[row:row + 1]], 1)
             prompt = torch.cat([tokens[:, :2], torch.full((1, 16), 120), tokens[:, 2:]], 1)
             alone = hf(input_ids=prompt, pixel_values=pixels[row:row + 1],
-                       **_image_types("Gemma3ForConditionalGeneration", prompt)).logits[0, 18:]
+                       **image_token_types("Gemma3ForConditionalGeneration", prompt, 120)).logits[0, 18:]
             n = tokens.shape[1] - 5   # the prompt's text after the image
             np.testing.assert_allclose(logits[row, -n:].numpy(), alone[:n].numpy(), atol=2e-6, rtol=1e-5)
             np.testing.assert_allclose(later[row].numpy(), alone[n:].numpy(), atol=2e-6, rtol=1e-5)
@@ -807,9 +798,9 @@ def test_generation_with_a_token_exit(checkpoint, generation_graphs, tmp_path):
     for model in ("qwen2-vl", "llava-next", "gemma3"))])
 def test_vision_language_example(tmp_path, model):
     """examples/vision_language.py end to end on a random LLaVA (a random Qwen2-VL, LLaVA-NeXT and Gemma 3 in the
-    ``full`` tier): both one-pass artefacts (as it is and exited) and both generation steps validate, as it is and exited, the
-    exit changes the logits, the generated tokens are transformers' ``generate``'s, and with the exit those of the
-    exited forward, from a smaller cache."""
+    ``full`` tier): both one-pass artefacts (as it is and exited) and both generation steps validate, as it is and
+    exited, the exit changes the logits, the generated tokens are transformers' ``generate``'s, and with the exit
+    those of the exited forward, from a smaller cache."""
     import importlib.util
     from pathlib import Path
 
@@ -862,24 +853,12 @@ def test_other_architectures_generate(tmp_path, architecture):
     prompt = torch.cat([ids[:, :2], torch.full((2, 16), 120), ids[:, 2:]], 1)
     with torch.no_grad():
         expected = module.model.generate(input_ids=prompt, pixel_values=pixels, attention_mask=torch.ones_like(prompt),
-                                         **_image_types(architecture, prompt),
+                                         **image_token_types(architecture, prompt, 120),
                                          max_new_tokens=5, min_new_tokens=5, do_sample=False)
     np.testing.assert_array_equal(got[:, 7:], expected[:, prompt.shape[1]:].numpy())
     got = runtime.generate_vision_language(runtime.load(tmp_path / "first_exit"), runtime.load(tmp_path / "step_exit"),
                                            pixels.numpy(), ids.numpy(), max_new_tokens=5)
-    tokens = ids
-    (first, _), (step, _) = with_first_step(module, spec), with_past(module, spec)
-    with torch.no_grad():
-        if architecture in PROMPT_BLOCK:
-            logits, *caches = first(pixels, ids, exit_layer=1)
-            for _ in range(5):
-                tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], 1)
-                mask = torch.ones(2, caches[0].shape[2] + 1, dtype=torch.int64)
-                logits, *caches = step(tokens[:, -1:], mask, *caches, exit_layer=1)
-        else:
-            for _ in range(5):
-                tokens = torch.cat([tokens, module(pixels, tokens, exit_layer=1)[:, -1].argmax(-1, keepdim=True)], 1)
-    np.testing.assert_array_equal(got, tokens.numpy())
+    np.testing.assert_array_equal(got, exited_greedy_tokens(module, spec, pixels, ids, 5, 1).numpy())
 
 
 @pytest.mark.full(reason="the padded generation CI checks on LLaVA, for each other architecture (about 20 s each)")
@@ -901,6 +880,6 @@ def test_other_architectures_generate_padded(tmp_path, architecture):
         prompt = torch.cat([tokens[:, :2], torch.full((1, module.num_visual_tokens), 120), tokens[:, 2:]], 1)
         with torch.no_grad():
             expected = module.model.generate(input_ids=prompt, pixel_values=pixels[row:row + 1], max_new_tokens=4,
-                                             **_image_types(architecture, prompt),
+                                             **image_token_types(architecture, prompt, 120),
                                              min_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(prompt))
         np.testing.assert_array_equal(got[row, 8:], expected[0, prompt.shape[1]:].numpy())
