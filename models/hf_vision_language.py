@@ -304,7 +304,7 @@ def language_masks(model: torch.nn.Module, x: torch.Tensor, extra: dict, k: int,
     from transformers.masking_utils import blockwise_overlay, create_causal_mask, sliding_window_overlay
 
     config = model.config.get_text_config()
-    types = set(getattr(config, "layer_types", None) or ("full_attention",))
+    types = set(layer_types(config))
     name = type(model).__name__
     image, prompt = name in IMAGE_BLOCK and p > 0, name in PROMPT_BLOCK and p > 0
     window = config.sliding_window if "sliding_attention" in types else None
@@ -334,6 +334,13 @@ def language_masks(model: torch.nn.Module, x: torch.Tensor, extra: dict, k: int,
     return masks
 
 
+def layer_types(config) -> list[str]:
+    """Each decoder layer's attention type in text ``config``: its ``layer_types``; without them every layer slides
+    where it names a ``sliding_window`` (Mistral's, Phi-3's), else none does."""
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    return list(getattr(config, "layer_types", None) or [kind] * config.num_hidden_layers)
+
+
 def masking_layers(model: torch.nn.Module, masks) -> list:
     """Forward pre-hooks that hand each decoder layer of ``model``'s language model its mask by its attention type
     (``config.layer_types``) from ``masks``: a mapping (:func:`language_masks`), or a function of the first layer's
@@ -343,7 +350,7 @@ def masking_layers(model: torch.nn.Module, masks) -> list:
     if masks is None:
         return []
     layers = model.model.language_model.layers
-    types = getattr(model.config.get_text_config(), "layer_types", None) or ["full_attention"] * len(layers)
+    types = layer_types(model.config.get_text_config())
     made: dict = {}
 
     def give(kind, module, args, kwargs):

@@ -21,7 +21,8 @@ import torch
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata, ort_session
 from attnc.testing import (assert_clean_error, build_exited_engine, exited_greedy_tokens, image_token_types, run_cli,
-                           run_model, shape_profile, tensorrt_or_skip, tiny_llama, tiny_llava, tiny_vision_language)
+                           run_model, save_seeded, shape_profile, tensorrt_or_skip, tiny_llama, tiny_llava,
+                           tiny_vision_language)
 
 transformers = pytest.importorskip("transformers")
 
@@ -395,18 +396,34 @@ def test_padded_prompts(checkpoint, before):
                               atol=1e-3)   # read without their mask the padded rows differ: the rows test it
 
 
-def test_gemma3_padded_prompts_keep_their_windows(tmp_path):
-    """Gemma 3 (the image's tokens attending to each other both ways, sliding windows of 8 tokens in layers 0 and 2)
-    with padded prompts: the padding lies between image and text, so a window of 8 *tokens* would reach less of a
-    padded row's text than the prompt alone sees. Each row's one-pass logits, and those of a later step of 3 new
-    tokens on its padded first step's cache, equal transformers' forward of that prompt alone (with its
-    ``token_type_ids``; no cache)."""
-    folder = tiny_vision_language(tmp_path / "ckpt", "Gemma3ForConditionalGeneration")
+def _llava_mistral(folder):
+    """A seeded LLaVA whose text model is a 4-layer Mistral sliding every layer's window of 8 tokens (no
+    ``layer_types``: Mistral's ``sliding_window`` applies to all), CLIP's 16 tokens, 64 words, the image token 63."""
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32)
+    text = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=128,
+                                      sliding_window=8)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=63)
+    return save_seeded(config, "LlavaForConditionalGeneration", folder), 63
+
+
+@pytest.mark.parametrize("architecture", ["Gemma3ForConditionalGeneration", "llava-mistral"])
+def test_padded_prompts_keep_their_windows(tmp_path, architecture):
+    """Padded prompts of a model with sliding windows of 8 tokens: Gemma 3 (in layers 0 and 2; its image's tokens
+    attending to each other both ways) and a LLaVA on Mistral (in every layer, named by ``sliding_window`` alone).
+    The padding lies between image and text, so a window of 8 *tokens* would reach less of a padded row's text than
+    the prompt alone sees. Each row's one-pass logits, and those of a later step of 3 new tokens on its padded first
+    step's cache, equal transformers' forward of that prompt alone (with Gemma 3's ``token_type_ids``; no cache)."""
+    if architecture == "llava-mistral":
+        folder, image = _llava_mistral(tmp_path / "ckpt")
+    else:
+        folder, image = tiny_vision_language(tmp_path / "ckpt", architecture), 120
     module, spec = with_attention_mask(*with_text_before_image(*load_checkpoint(str(folder)), 2))
     (first, _), (step, _) = with_first_step(module, spec), with_past(module, spec)
-    hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(folder).eval()
+    hf = module.model
     pixels, ids, mask = spec.example_inputs(batch=3, seq=11, seed=int(np.random.default_rng().integers(1 << 16)))
-    new = torch.randint(3, 120, (3, 3))
+    new = torch.randint(3, image, (3, 3))
     with torch.no_grad():
         logits = module(pixels, ids, mask)
         caches = first(pixels, ids, mask)[1:]
@@ -414,9 +431,9 @@ def test_gemma3_padded_prompts_keep_their_windows(tmp_path):
                                      torch.ones_like(new)], 1), *caches)[0]
         for row in range(3):
             tokens = torch.cat([ids[row][mask[row].bool()][None], new[row:row + 1]], 1)
-            prompt = torch.cat([tokens[:, :2], torch.full((1, 16), 120), tokens[:, 2:]], 1)
+            prompt = torch.cat([tokens[:, :2], torch.full((1, 16), image), tokens[:, 2:]], 1)
             alone = hf(input_ids=prompt, pixel_values=pixels[row:row + 1],
-                       **image_token_types("Gemma3ForConditionalGeneration", prompt, 120)).logits[0, 18:]
+                       **image_token_types(type(hf).__name__, prompt, image)).logits[0, 18:]
             n = tokens.shape[1] - 5   # the prompt's text after the image
             np.testing.assert_allclose(logits[row, -n:].numpy(), alone[:n].numpy(), atol=2e-6, rtol=1e-5)
             np.testing.assert_allclose(later[row].numpy(), alone[n:].numpy(), atol=2e-6, rtol=1e-5)
