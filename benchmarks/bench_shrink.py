@@ -534,8 +534,8 @@ def bench_llava_next(tmp: Path, reps: int, threads: int, smoke: bool = False) ->
 
 
 # Gemma 3 at its token proportions, scaled: a 448-pixel image of 14-pixel patches (32 × 32) average-pooled into 256
-# tokens that attend to each other both ways, 32 text tokens, 8 decoder layers (5 of 6 in sliding windows of 1024) at
-# LLAVA's widths: what attending both ways costs an exit.
+# tokens that attend to each other both ways, 32 text tokens, 8 decoder layers (5 of every 6 in sliding windows of
+# 1024) at LLAVA's widths: the exits of a model whose image attends both ways.
 GEMMA3 = {**LLAVA, "image": 448, "tokens": 256, "sliding_window": 1024}
 GEMMA3_SMOKE = {**LLAVA_SMOKE, "image": 56, "tokens": 16, "sliding_window": 8}
 
