@@ -817,7 +817,8 @@ def _config(path: Path):
 
 def _is_mixture_of_experts(config) -> bool:
     text = config.get_text_config()
-    return any(getattr(text, key, None) for key in ("num_local_experts", "n_routed_experts", "num_experts"))
+    return any(getattr(text, key, None) for key in ("num_local_experts", "n_routed_experts", "num_experts",
+                                                    "moe_num_experts"))   # the last: Aria's
 
 
 def _model_class(config, path: Path) -> type:

@@ -119,9 +119,14 @@ def test_half_precision_checkpoint_loads_in_float32(tmp_path):
     assert module(*spec.example_inputs()).dtype == torch.float32
 
 
-def test_mixture_of_experts_loads_on_the_exportable_path(tmp_path):
-    config = transformers.MixtralConfig(**_LM, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
-    ckpt = save(transformers.MixtralForCausalLM(config), tmp_path / "mixtral")
+@pytest.mark.parametrize("name", ["Mixtral", "AriaText"])
+def test_mixture_of_experts_loads_on_the_exportable_path(tmp_path, name):
+    """Mixture-of-experts checkpoints load on transformers' exportable experts path, whichever key counts their
+    experts (Mixtral's num_local_experts, Aria's moe_num_experts)."""
+    experts = {"Mixtral": dict(num_local_experts=2, num_experts_per_tok=1),
+               "AriaText": dict(moe_num_experts=2, moe_topk=1, moe_num_shared_experts=1)}[name]
+    config = getattr(transformers, f"{name}Config")(**_LM, num_key_value_heads=2, **experts)
+    ckpt = save(getattr(transformers, f"{name}ForCausalLM")(config), tmp_path / name)
     assert json.loads((ckpt / "config.json").read_text()).get("_experts_implementation") is None
     module, spec = resolve_model(str(ckpt))
     assert module.model.config._experts_implementation == "batched_mm"
