@@ -208,7 +208,7 @@ class VisionLanguageOutput(torch.nn.Module):
             extra.update(position_ids=self.encoder.positions(k, input_ids, attention_mask))
         hooks = [layers[i].register_forward_hook(functools.partial(add_deepstack, features))
                  for i, features in enumerate(deepstack)]
-        hooks += masking_layers(self.model, language_masks(self.model, x, {**extra, "past_key_values": cache}, k, p))
+        hooks += masking_layers(self.model, language_masks(self.model, x, extra, k, p))
         if layer is not None and layer < len(layers):   # after the masks: their image's entries go too
             def drop(module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
