@@ -116,7 +116,20 @@ def _image_size(value: str | None) -> tuple[int, int] | None:
     return height, width
 
 
-def _vision_language_layout(model_ref: str, text_before_image: int | None, image_size: tuple[int, int] | None):
+def _offsets(value: str | None) -> tuple[int, ...] | None:
+    """``--text-before-image``: ``"5"`` (one image after 5 text tokens) or ``"5,9"`` (one per image)."""
+    if value is None:
+        return None
+    from attnc.compiler.layout import parse_offsets
+
+    try:
+        return parse_offsets(value)
+    except AttncError as exc:
+        raise click.BadParameter(exc.problem) from None
+
+
+def _vision_language_layout(model_ref: str, text_before_image: tuple[int, ...] | None,
+                            image_size: tuple[int, int] | None):
     """MODEL resolved, its image after ``--text-before-image`` tokens and of ``--image-size`` where given."""
     from attnc.compiler.export import resolve_model
 
@@ -168,10 +181,12 @@ def _vision_language_layout(model_ref: str, text_before_image: int | None, image
                    "attnc.runtime.generate_seq2seq decodes. Vision-language checkpoints: (pixel_values, input_ids) -> "
                    "(logits, present.N.key/value), the image in the cache; attnc.runtime.generate_vision_language "
                    "decodes with the --with-past graph.")
-@click.option("--text-before-image", type=click.IntRange(min=0), default=None,
+@click.option("--text-before-image", callback=lambda ctx, param, value: _offsets(value), default=None,
+              metavar="N[,N...]",
               help="Vision-language checkpoints: the image's tokens go after the first N text tokens of input_ids "
-                   "(a chat template's text in front of the image, e.g. LLaVA-1.5's 'USER:'); default 0. The "
-                   "export records N: --token-exit and validate take it.")
+                   "(a chat template's text in front of the image, e.g. LLaVA-1.5's 'USER:'); default 0. Several "
+                   "images per prompt: one N per image, e.g. 5,9 (pixel_values [batch, images, C, H, W], images "
+                   "of one size). The export records them: --token-exit and validate take them.")
 @click.option("--image-size", callback=lambda ctx, param, value: _image_size(value), default=None, metavar="HxW",
               help="Vision-language checkpoints whose visual tokens follow the image's size (Qwen2-VL, Qwen2.5-VL, "
                    "Qwen3-VL): "
@@ -389,9 +404,10 @@ def _dims(shape) -> str:
 @click.option("--visual-tokens", type=int,
               help="Number of visual tokens the image became (token exit; default: the number attnc export "
                    "recorded in the model).")
-@click.option("--text-before-image", "visual_offset", type=click.IntRange(min=0),
-              help="Token exit: text tokens in front of the visual tokens (default: the number attnc export recorded, "
-                   "else 0).")
+@click.option("--text-before-image", "visual_offset", callback=lambda ctx, param, value: _offsets(value),
+              metavar="N[,N...]",
+              help="Token exit: text tokens in front of the visual tokens, one N per image (default: what attnc "
+                   "export recorded, else 0).")
 @click.option("--exit-layer", type=int, help="Static token exit: the decoder layer (default: chosen on --calibration).")
 @click.option("--exit-gate", type=click.Path(dir_okay=False),
               help="Dynamic token exit: a gate saved with ExitGate.save.")
@@ -501,8 +517,8 @@ def validate_cmd(artefact_dir, model_ref, inputs_npz, input_shapes, seed, int_hi
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Calibration inputs: a .npz keyed by the model's input names (images and text ids), one sample "
                    "per row.")
-@click.option("--text-before-image", type=click.IntRange(min=0), default=None,
-              help="Vision-language checkpoints: as given to attnc export.")
+@click.option("--text-before-image", callback=lambda ctx, param, value: _offsets(value), default=None,
+              metavar="N[,N...]", help="Vision-language checkpoints: as given to attnc export.")
 @click.option("--image-size", callback=lambda ctx, param, value: _image_size(value), default=None, metavar="HxW",
               help="Vision-language checkpoints: as given to attnc export.")
 @click.option("--min-precision", type=click.FloatRange(0, 1), default=0.99, show_default=True,

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from attnc.compiler.errors import AttncError
+from attnc.compiler.layout import VisualLayout
 from attnc.compiler.search import LOGITS, GenerationOptions, decode  # noqa: F401 (LOGITS: re-exported)
 
 IDS = "input_ids"
@@ -269,7 +270,8 @@ def generate_vision_language(first, step, pixel_values, input_ids, attention_mas
     pixels, ids = np.asarray(pixel_values, dtype=np.float32), np.asarray(input_ids, dtype=np.int64)
     if ids.ndim != 2 or pixels.ndim < 2 or len(pixels) != len(ids):
         raise AttncError(f"pixel_values {list(pixels.shape)} and input_ids {list(ids.shape)} are no pair of one batch",
-                         "pass one image [C, H, W] per prompt and the prompts [batch, tokens]")
+                         "pass each prompt's images ([C, H, W], or [N, C, H, W] for N per prompt) and the prompts "
+                         "[batch, tokens]")
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
     if mask.shape != ids.shape:
         raise AttncError(f"attention_mask {list(mask.shape)} is not input_ids' shape {list(ids.shape)}",
@@ -302,7 +304,9 @@ def _check_exits(outputs: dict, prompt: int, step) -> None:
     found = _cache_exit(outputs, prompt)
     report = manifest.get("shrink", {}).get("token_exit") or {}
     exits = report.get("mode") == "static" and report.get("exit_layer") != report.get("decoder_layers")
-    expected = (report["exit_layer"], report["num_visual_tokens"], report["visual_offset"]) if exits else None
+    # K: the text in front of the last image's end (a prompt of several images has one offset per image)
+    expected = (report["exit_layer"], report["num_visual_tokens"], VisualLayout.of(
+        report["num_visual_tokens"], report["visual_offset"]).text_before_end) if exits else None
     if expected != found:
         def cache(exit):
             return "the image's tokens in every layer" if exit is None else \

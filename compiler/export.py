@@ -16,6 +16,7 @@ import onnx
 import torch
 
 from attnc.compiler.errors import AttncError
+from attnc.compiler.layout import format_offsets, parse_offsets
 from attnc.compiler.onnx_io import (FIRST_EXIT_LAYER, IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, save_model,
                                     set_metadata)
 from attnc.compiler.validate import eval_mode, kv_cache_off
@@ -178,7 +179,8 @@ def weight_bytes(model) -> int:
 def record_facts(proto: onnx.ModelProto, model: torch.nn.Module) -> None:
     """Write what the passes cannot read from the graph into its ``metadata_props``: a vision-language model's
     visual tokens (its ``num_visual_tokens``, :data:`attnc.compiler.onnx_io.VISUAL_TOKENS`) and the text tokens in front
-    of them (its ``visual_offset``, :data:`attnc.compiler.onnx_io.VISUAL_OFFSET`), which ``attnc compile --token-exit``
+    of them (its ``visual_offset``, :data:`attnc.compiler.onnx_io.VISUAL_OFFSET`; ``"5,9"`` for one per image of
+    several), which ``attnc compile --token-exit``
     and ``attnc validate`` take, the size of its images (its ``image_size``, :data:`attnc.compiler.onnx_io.
     IMAGE_SIZE`, ``HxW``: a generation step takes no image, but its visual tokens follow the size) and, where not 0,
     the first decoder layer a token exit may precede (its ``first_exit_layer``, :data:`attnc.compiler.onnx_io.
@@ -186,7 +188,7 @@ def record_facts(proto: onnx.ModelProto, model: torch.nn.Module) -> None:
     count = getattr(model, "num_visual_tokens", None)
     if isinstance(count, int) and count > 0:
         set_metadata(proto, VISUAL_TOKENS, str(count))
-        set_metadata(proto, VISUAL_OFFSET, str(getattr(model, "visual_offset", 0)))
+        set_metadata(proto, VISUAL_OFFSET, format_offsets(parse_offsets(getattr(model, "visual_offset", 0))))
         size = getattr(model, "image_size", None)
         if size is not None:
             set_metadata(proto, IMAGE_SIZE, "x".join(str(int(d)) for d in size))

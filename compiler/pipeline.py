@@ -53,7 +53,8 @@ class CompileOptions:
     calibration: str | None = None      # .npz of calibration inputs (one batch), keyed by input name
     token_exit: str | None = None       # "static" or "dynamic"
     visual_tokens: int | None = None
-    visual_offset: int | None = None    # text tokens in front of the visual ones (None: as the export recorded)
+    # text tokens in front of the visual ones, one per image (None: as the export recorded)
+    visual_offset: int | tuple[int, ...] | None = None
     exit_layer: int | None = None       # static: None lets calibration choose
     exit_gate: str | None = None        # dynamic: .npz written by ExitGate.save
 
@@ -188,7 +189,7 @@ def _shrink(model: onnx.ModelProto, options: CompileOptions, step) -> dict:
             raise AttncError("--token-exit needs the number of visual tokens, and the model records none",
                              "pass --visual-tokens N (the tokens in front of the text), or export the model with "
                              "attnc export, which records a vision-language model's")
-        offset = _recorded(model, onnx_io.VISUAL_OFFSET, options.visual_offset, "--text-before-image") or 0
+        offset = _recorded_offsets(model, options.visual_offset)
         gate = token_exit.ExitGate.load(options.exit_gate) if options.exit_gate else None
         step(f"visual-token exit ({options.token_exit})")
         result["model"], report = token_exit.apply(
@@ -221,6 +222,21 @@ def _recorded(model: onnx.ModelProto, key: str, given: int | None, option: str) 
         raise AttncError(f"{option} {given} contradicts the {recorded} the model's export recorded",
                          f"pass {option} {recorded}, or leave it out")
     return given if given is not None else recorded
+
+
+def _recorded_offsets(model: onnx.ModelProto, given) -> tuple[int, ...]:
+    """``--text-before-image`` (one ``K`` per image) or what the export recorded; both must agree. ``(0,)`` where
+    neither says."""
+    from attnc.compiler.layout import format_offsets, parse_offsets
+
+    value = onnx_io.metadata(model, onnx_io.VISUAL_OFFSET)
+    recorded = parse_offsets(value) if value else None
+    given = parse_offsets(given) if given is not None else None
+    if given is not None and recorded is not None and given != recorded:
+        raise AttncError(f"--text-before-image {format_offsets(given)} contradicts the {format_offsets(recorded)} the "
+                         "model's export recorded", f"pass --text-before-image {format_offsets(recorded)}, or leave "
+                         "it out")
+    return given or recorded or (0,)
 
 
 def load_manifest(artefact_dir: str | os.PathLike) -> dict:
@@ -335,8 +351,8 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     runner = _runner(artefact_dir, manifest)
     module, spec = resolve_model(model_ref)
     offset = manifest.get("recorded", {}).get(onnx_io.VISUAL_OFFSET)
-    if isinstance(spec, CheckpointSpec) and spec.kind == "vlm" and offset and offset.isdigit():
-        module, spec = with_text_before_image(module, spec, int(offset))   # exported with --text-before-image
+    if isinstance(spec, CheckpointSpec) and spec.kind == "vlm" and offset:
+        module, spec = with_text_before_image(module, spec, offset)   # exported with --text-before-image
     size = manifest.get("recorded", {}).get(onnx_io.IMAGE_SIZE)
     if isinstance(spec, CheckpointSpec) and spec.kind == "vlm" and size:
         module, spec = with_image_size(module, spec, tuple(int(d) for d in size.split("x")))   # --image-size

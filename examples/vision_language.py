@@ -3,7 +3,7 @@
 What ``attnc export CKPT --text-before-image K``, ``attnc compile --token-exit static``, ``attnc validate`` and
 ``attnc.runtime.generate_vision_language`` do, in one script. It exports the checkpoint's
 ``(pixel_values, input_ids) -> logits``, the image after the prompt's first ``--text-before-image`` tokens (a chat
-template's text in front of the image). It compiles it twice, as it is and with its visual tokens dropped before
+template's text in front of the image; ``3,7`` for two images, the second after 7 tokens). It compiles it twice, as it is and with its visual tokens dropped before
 decoder layer ``--exit-layer``, validates each against the checkpoint doing the same in PyTorch, and times both on
 ONNX Runtime. Then it exports the two generation graphs (``--first-step``: the image and the prompt, their KV cache
 out; ``--with-past``: the language model's later steps), compiles and validates them, generates ``--generate``
@@ -25,6 +25,7 @@ reached::
     python examples/vision_language.py --model llava-next --image-size 64
     python examples/vision_language.py --model gemma3
     python examples/vision_language.py --checkpoint ./my-llava --text-before-image 5
+    python examples/vision_language.py --text-before-image 3,7     # two images per prompt
     python examples/vision_language.py --checkpoint ./my-qwen2-vl --image-size 448
     python examples/vision_language.py --checkpoint ./my-llava-v1.6 --image-size 672
 """
@@ -48,7 +49,7 @@ from attnc.models.hf_checkpoint import (load_checkpoint, with_first_step, with_i
                                         with_text_before_image)
 from attnc.models.hf_llava_next import is_llava_next
 from attnc.models.hf_qwen_vl import is_qwen_vl
-from attnc.models.hf_vision_language import SIZED
+from attnc.models.hf_vision_language import SIZED, interleave
 from attnc.testing import exited_greedy_tokens, image_token_types, save_seeded
 
 
@@ -122,13 +123,14 @@ def random_gemma3(folder: Path, image_size: int, width: int, layers: int) -> Pat
     return save_seeded(config, "Gemma3ForConditionalGeneration", folder)
 
 
-def transformers_generate(module, pixels: torch.Tensor, ids: torch.Tensor, before: int, tokens: int) -> torch.Tensor:
-    """transformers' greedy ``generate`` on the prompt ``ids[:, :before]`` + the image's placeholders + ``ids[:,
-    before:]``: the new tokens. Qwen takes the image as its processor's patches, with their grid and token types;
-    LLaVA-NeXT its tiles with the images' original size; Gemma 3 and PaliGemma their token types."""
-    hf, p = module.model, module.num_visual_tokens
+def transformers_generate(module, pixels: torch.Tensor, ids: torch.Tensor, tokens: int) -> torch.Tensor:
+    """transformers' greedy ``generate`` on the prompt ``ids[:, :K]`` + the image's placeholders + ``ids[:, K:]``
+    (each image's after its ``K``): the new tokens. Qwen takes the image as its processor's patches, with their grid
+    and token types; LLaVA-NeXT its tiles with the images' original size; Gemma 3 and PaliGemma their token types."""
+    hf, layout = module.model, module.layout
     image = getattr(hf.config, "image_token_index", None) or hf.config.image_token_id
-    prompt = torch.cat([ids[:, :before], torch.full((len(ids), p), image), ids[:, before:]], 1)
+    prompt = interleave(ids, torch.full((len(ids), layout.tokens), image), layout)
+    pixels = pixels.flatten(0, 1) if layout.images > 1 else pixels   # transformers takes the images one after another
     extra = {"pixel_values": pixels, **image_token_types(type(hf).__name__, prompt, image)}   # Gemma 3's, PaliGemma's
     if is_llava_next(hf):
         extra["image_sizes"] = torch.tensor([list(module.image_size)] * len(ids))
@@ -140,8 +142,7 @@ def transformers_generate(module, pixels: torch.Tensor, ids: torch.Tensor, befor
             do_resize=False, do_rescale=False, do_normalize=False, patch_size=vision.patch_size,
             merge_size=vision.spatial_merge_size, temporal_patch_size=vision.temporal_patch_size)
         cut = processor([image.numpy() for image in pixels], return_tensors="pt", input_data_format="channels_first")
-        types = torch.zeros_like(prompt, dtype=torch.int32)
-        types[:, before:before + p] = 1
+        types = torch.as_tensor(layout.is_visual(prompt.shape[1]), dtype=torch.int32).expand(len(prompt), -1)
         extra = {"pixel_values": cut["pixel_values"], "image_grid_thw": cut["image_grid_thw"],
                  "mm_token_type_ids": types}
     with torch.no_grad():
@@ -171,7 +172,8 @@ def main(argv=None) -> dict:
                              "(default 56); LLaVA-NeXT's exported image size (default one tile's)")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--text-before-image", type=int, default=3)
+    parser.add_argument("--text-before-image", default="3",
+                        help="the prompt's tokens in front of the image; one count per image for several, e.g. 3,7")
     parser.add_argument("--exit-layer", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=12, help="prompt tokens, the image's not counted")
     parser.add_argument("--batch", type=int, default=2)
@@ -202,7 +204,7 @@ def main(argv=None) -> dict:
         pixels, ids = spec.example_inputs(batch=args.batch, seq=args.prompt, seed=1)
         feeds = {"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}
         results = {"checkpoint": spec.description, "visual_tokens": module.num_visual_tokens,
-                   "text_before_image": args.text_before_image, "prompt": args.prompt, "batch": args.batch,
+                   "text_before_image": module.visual_offset, "prompt": args.prompt, "batch": args.batch,
                    "machine": platform.processor() or platform.machine(), "threads": args.threads}
 
         # one pass, as it is and with the visual tokens dropped before --exit-layer
@@ -235,7 +237,7 @@ def main(argv=None) -> dict:
                                                   max_new_tokens=args.generate)
         attnc_s = time.perf_counter() - start
         start = time.perf_counter()
-        expected = transformers_generate(module, pixels, ids, args.text_before_image, args.generate)
+        expected = transformers_generate(module, pixels, ids, args.generate)
         torch_s = time.perf_counter() - start
         results["generation"] = {"tokens_equal": bool(np.array_equal(tokens[:, args.prompt:], expected.numpy())),
                                  "new_tokens": tokens[:, args.prompt:].tolist(), "attnc_s": attnc_s,

@@ -61,6 +61,7 @@ import torch
 
 from attnc.compiler import decode
 from attnc.compiler.errors import AttncError
+from attnc.compiler.layout import format_offsets, parse_offsets
 from attnc.models.registry import InputSpec, ModelSpec
 from attnc.models.transformers_zoo import STATIC_LENGTH, Output, exportable_experts, first_output
 
@@ -296,7 +297,8 @@ def _vision_language_masked(module: torch.nn.Module, spec: CheckpointSpec) -> tu
     offset, size = getattr(module, "visual_offset", 0), module.image_size
     ids = spec.inputs[spec.input_names.index("input_ids")]
     return wrapper(module.model, offset, size).eval(), dataclasses.replace(
-        spec, inputs=(*spec.inputs, dataclasses.replace(ids, name=MASK, high=2)), padding="left", padded_after=offset,
+        spec, inputs=(*spec.inputs, dataclasses.replace(ids, name=MASK, high=2)), padding="left",
+        padded_after=module.layout.text_before_end,
         factory=functools.partial(_rewrapped, spec.factory, wrapper, offset, size))
 
 
@@ -312,33 +314,39 @@ def _seq2seq_masked(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[Mask
         factory=functools.partial(_rewrapped, spec.factory, MaskedSeq2SeqOutput))
 
 
-def with_text_before_image(module: torch.nn.Module, spec: CheckpointSpec, tokens: int
+def with_text_before_image(module: torch.nn.Module, spec: CheckpointSpec, tokens
                            ) -> tuple[torch.nn.Module, CheckpointSpec]:
     """A loaded vision-language checkpoint with its image after the first ``tokens`` text tokens (``attnc export
     --text-before-image``): :class:`~attnc.models.hf_vision_language.VisionLanguageOutput` on the same weights,
-    its example ``input_ids`` that many tokens longer.
+    its example ``input_ids`` that many tokens longer. Several images: ``tokens`` a sequence (or ``"5,9"``) of one
+    ``K`` per image (:class:`attnc.compiler.layout.VisualLayout`), ``pixel_values [batch, N, C, H, W]``.
 
     Raises:
-        AttncError: the checkpoint is no vision-language model's, or ``tokens`` is negative.
+        AttncError: the checkpoint is no vision-language model's, ``tokens`` is negative or decreasing, or several
+            images are asked of an architecture that takes one.
     """
     from attnc.models import hf_vision_language
 
     if not isinstance(spec, CheckpointSpec) or spec.kind != "vlm":
         raise AttncError(f"{spec.name if spec else 'this model'} is no vision-language checkpoint: "
                          "--text-before-image places text in front of an image", "export it without the option")
-    if tokens < 0:
-        raise AttncError(f"--text-before-image must be 0 or more, got {tokens}",
-                         "pass the tokens in front of the image")
+    offsets = parse_offsets(tokens)
     wrapper = type(module) if isinstance(module, hf_vision_language.VisionLanguageOutput) else \
         hf_vision_language.VisionLanguageOutput   # padded prompts stay padded, after the new K
-    before = getattr(module, "visual_offset", 0)
-    if tokens == before:
+    if offsets == parse_offsets(getattr(module, "visual_offset", 0)):
         return module, spec
-    return wrapper(module.model, tokens, module.image_size).eval(), dataclasses.replace(
-        spec, sizes={**spec.sizes, "seq": spec.sizes["seq"] - before + tokens}, padded_after=tokens,
-        factory=functools.partial(_rewrapped, spec.factory, wrapper, tokens, module.image_size),
-        description=spec.description.replace("with the image in front of the text",
-                                             f"with the image after {tokens} text tokens"))
+    before, offset = module.layout.text_before_end, offsets[0] if len(offsets) == 1 else offsets
+    placed = wrapper(module.model, offset, module.image_size).eval()
+    shape = ("batch", *hf_vision_language.pixel_shape(module.model.config, type(module.model).__name__,
+                                                      module.image_size, len(offsets)))
+    where = f"after {offsets[0]} text tokens" if len(offsets) == 1 else \
+        f"and {len(offsets) - 1} more images after {format_offsets(offsets)} text tokens"
+    return placed, dataclasses.replace(
+        spec, inputs=tuple(dataclasses.replace(s, shape=shape) if s.name == hf_vision_language.PIXELS else s
+                           for s in spec.inputs),
+        sizes={**spec.sizes, "seq": spec.sizes["seq"] - before + offsets[-1]}, padded_after=offsets[-1],
+        factory=functools.partial(_rewrapped, spec.factory, wrapper, offset, module.image_size),
+        description=spec.description.replace("with the image in front of the text", f"with the image {where}"))
 
 
 def with_image_size(module: torch.nn.Module, spec: CheckpointSpec, size: tuple[int, int]
@@ -363,7 +371,8 @@ def with_image_size(module: torch.nn.Module, spec: CheckpointSpec, size: tuple[i
         return module, spec
     wrapper, offset = type(module), module.visual_offset
     resized = wrapper(module.model, offset, size).eval()
-    shape = ("batch", *hf_vision_language.pixel_shape(module.model.config, type(module.model).__name__, size))
+    shape = ("batch", *hf_vision_language.pixel_shape(module.model.config, type(module.model).__name__, size,
+                                                      module.images))
     inputs = tuple(dataclasses.replace(s, shape=shape) if s.name == hf_vision_language.PIXELS else s
                    for s in spec.inputs)
     return resized, dataclasses.replace(spec, inputs=inputs,
@@ -703,7 +712,7 @@ def exited_spec(module: torch.nn.Module, spec: CheckpointSpec, exit_layer: int) 
     first = isinstance(module, hf_vision_language.VisionLanguageFirstStep)
     if not (first or isinstance(module, hf_vision_language.VisionLanguageStep)):
         return spec
-    k, p = module.visual_offset, module.num_visual_tokens
+    k, p = module.layout.text_before_end, module.num_visual_tokens
     layers = len(spec.more_output_axes) // 2
     if first:
         axes = tuple(("batch", h, "seq" if i // 2 >= exit_layer else dim, d)

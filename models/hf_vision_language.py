@@ -21,7 +21,9 @@ Qwen3-VL, whose visual tokens follow the image's size, take images of one size p
 hf_qwen_vl`, ``attnc export --image-size``; 3-D M-RoPE positions), and so do LLaVA-NeXT and LLaVA-OneVision, whose
 any-resolution tiles follow the original image's size (:mod:`attnc.models.hf_llava_next`). Gemma 3's image tokens
 attend to each other both ways and PaliGemma's whole prompt does (:func:`language_masks`, handed to the decoder
-layers by :func:`masking_layers`). Several images per prompt are not built.
+layers by :func:`masking_layers`). A prompt may hold several images of one size (``attnc export
+--text-before-image 5,9``: image ``i`` after the first ``K_i`` text tokens, :class:`attnc.compiler.layout.VisualLayout`;
+``pixel_values [B, N, C, H, W]``) on the architectures of :data:`ARCHITECTURES`; the token exit drops all of them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from collections.abc import Callable
 import torch
 
 from attnc.compiler.errors import AttncError
+from attnc.compiler.layout import VisualLayout, parse_offsets
 from attnc.models import hf_llava_next, hf_qwen_vl
 from attnc.models.hf_checkpoint import CachedStep, config_image_size, keys_and_values, mask_positions
 
@@ -71,14 +74,15 @@ def image_size_of(config, name: str, size: tuple[int, int] | None = None) -> tup
     return config_image_size(config.vision_config)
 
 
-def pixel_shape(config, name: str, size: tuple[int, int] | None = None) -> tuple[int, ...]:
+def pixel_shape(config, name: str, size: tuple[int, int] | None = None, images: int = 1) -> tuple[int, ...]:
     """The shape of one prompt's ``pixel_values`` (after the batch axis) an export of architecture ``name`` takes
-    for images of ``size`` (:func:`image_size_of`): ``(C, H, W)``; LLaVA-NeXT's ``(N, C, S, S)``, the processor's
-    ``N`` tiles of the vision tower's size ``S``."""
+    for images of ``size`` (:func:`image_size_of`): ``(C, H, W)``, ``(N, C, H, W)`` for ``N`` images per prompt;
+    LLaVA-NeXT's ``(N, C, S, S)``, the processor's ``N`` tiles of the vision tower's size ``S``."""
     size = image_size_of(config, name, size)
     if hf_llava_next.is_llava_next(name):
         return hf_llava_next.pixel_shape(config, size)
-    return getattr(config.vision_config, "num_channels", 3), *size
+    one = (getattr(config.vision_config, "num_channels", 3), *size)
+    return one if images == 1 else (images, *one)
 
 
 def is_vision_language(config) -> bool:
@@ -110,13 +114,14 @@ class VisionLanguageOutput(torch.nn.Module):
     not export.
     """
 
-    def __init__(self, model: torch.nn.Module, text_before_image: int = 0,
+    def __init__(self, model: torch.nn.Module, text_before_image: int | tuple[int, ...] = 0,
                  image_size: tuple[int, int] | None = None):
         super().__init__()
-        if not isinstance(text_before_image, int) or text_before_image < 0:
-            raise AttncError(f"the text tokens before the image must be 0 or more, got {text_before_image}")
+        offsets = parse_offsets(text_before_image)
         self.model = model
-        self.visual_offset = text_before_image
+        # K as given: an int for one image, a tuple of one K per image for several (the export records it)
+        self.visual_offset = offsets[0] if len(offsets) == 1 else offsets
+        self.images = len(offsets)
         vision = model.config.vision_config
         self.first_exit_layer = hf_qwen_vl.deepstack_layers(vision)   # the export records it for the exit pass
         self.image_size = image_size_of(model.config, type(model).__name__, image_size)
@@ -125,6 +130,10 @@ class VisionLanguageOutput(torch.nn.Module):
                              f"pixels (its vision config's image_size), not {image_size[0]}x{image_size[1]}",
                              "resize the images to its size and drop --image-size")
         if type(model).__name__ in SIZED:   # P follows from the size
+            if self.images > 1:
+                raise AttncError(f"attnc exports {type(model).__name__} with one image per prompt, not "
+                                 f"{self.images}", "export it with one offset in --text-before-image; several "
+                                 f"images per prompt work on {', '.join(ARCHITECTURES)}")
             encoder = hf_qwen_vl.QwenImageEncoder if hf_qwen_vl.is_qwen_vl(model) else \
                 hf_llava_next.LlavaNextImageEncoder
             self.encoder = encoder(model, self.image_size)
@@ -137,8 +146,13 @@ class VisionLanguageOutput(torch.nn.Module):
         if model not in _VISUAL_TOKENS:
             with torch.no_grad():
                 blank = torch.zeros(1, getattr(vision, "num_channels", 3), *self.image_size)
-                _VISUAL_TOKENS[model] = int(self.image_features(blank).shape[1])
-        self.num_visual_tokens = _VISUAL_TOKENS[model]
+                _VISUAL_TOKENS[model] = int(self._features(blank).shape[1])
+        self.num_visual_tokens = _VISUAL_TOKENS[model] * self.images   # P: every image's tokens
+
+    @property
+    def layout(self) -> VisualLayout:
+        """Where the images' tokens lie among the text's (:class:`attnc.compiler.layout.VisualLayout`)."""
+        return VisualLayout.of(self.num_visual_tokens, self.visual_offset)
 
     @property
     def language_model(self) -> torch.nn.Module:
@@ -150,7 +164,18 @@ class VisionLanguageOutput(torch.nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The projected image tokens ``[B, P, C]``: for LLaVA ``LlavaModel.get_image_features`` without its split
-        into a list per image (which fixes the batch in a dynamo export), for the others their own."""
+        into a list per image (which fixes the batch in a dynamo export), for the others their own. Several images
+        per prompt (``pixel_values [B, N, C, H, W]``): each image's tokens, one image after the other."""
+        if self.images > 1:
+            if pixel_values.dim() != 5 or pixel_values.shape[1] != self.images:
+                raise ValueError(f"pixel_values {list(pixel_values.shape)} is no [batch, {self.images}, channels, "
+                                 "height, width] batch of images")
+            features = self._features(pixel_values.flatten(0, 1))
+            return features.reshape(pixel_values.shape[0], -1, features.shape[-1])
+        return self._features(pixel_values)
+
+    def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The projected tokens ``[B, P, C]`` of one image per row ``pixel_values [B, ...]``."""
         inner = self.model.model
         if self.encoder is not None:
             return self.encoder(pixel_values)
@@ -179,15 +204,15 @@ class VisionLanguageOutput(torch.nn.Module):
         hidden state entering that layer (what a DyVTE gate reads, :class:`attnc.passes.token_exit.ExitGate`).
         ``cache``: a transformers ``DynamicCache`` the language model fills (a new one it drops when None).
         ``attention_mask`` ``[B, T]``: 0 at padding (:class:`MaskedVisionLanguageOutput`)."""
-        if input_ids.shape[1] <= self.visual_offset:
-            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens: fewer than the {self.visual_offset} in "
+        layout = self.layout
+        if input_ids.shape[1] <= layout.text_before_end:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens: fewer than the {layout.text_before_end} in "
                              "front of the image and one after it")
         inner = self.model.model
         visual, deepstack = self.encoder.features(pixel_values) if self.encoder is not None else \
             (self.image_features(pixel_values), [])
-        p, k = self.num_visual_tokens, self.visual_offset
-        text = inner.get_input_embeddings()(input_ids)
-        x = torch.cat([text[:, :k], visual, text[:, k:]], 1) if k else torch.cat([visual, text], 1)
+        p, k = layout.tokens, layout.text_before_end   # P, and K: the text in front of the last image's end
+        x = interleave(inner.get_input_embeddings()(input_ids), visual, layout)
         state: dict = {"exited": False, "features": None}
         layers = self.decoder_layers
         _check_after_deepstack(self.model, len(deepstack), layer)
@@ -200,7 +225,7 @@ class VisionLanguageOutput(torch.nn.Module):
         extra = {} if cache is None else {"past_key_values": cache}
         one = int(type(self.model).__name__ in ONE_BASED)
         if attention_mask is not None:   # the image's tokens are no padding; positions count the tokens before each
-            whole = torch.cat([attention_mask[:, :k], attention_mask.new_ones(x.shape[0], p), attention_mask[:, k:]], 1)
+            whole = interleave(attention_mask, attention_mask.new_ones(x.shape[0], p), layout)
             extra.update(attention_mask=whole, position_ids=mask_positions(whole) + one)
         elif one:
             extra.update(position_ids=torch.arange(x.shape[1], device=x.device)[None] + one)
@@ -208,14 +233,14 @@ class VisionLanguageOutput(torch.nn.Module):
             extra.update(position_ids=self.encoder.positions(k, input_ids, attention_mask))
         hooks = [layers[i].register_forward_hook(functools.partial(add_deepstack, features))
                  for i, features in enumerate(deepstack)]
-        hooks += masking_layers(self.model, language_masks(self.model, x, extra, k, p))
+        hooks += masking_layers(self.model, language_masks(self.model, x, extra, layout))
         if layer is not None and layer < len(layers):   # after the masks: their image's entries go too
             def drop(module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 if module is layers[layer]:
-                    state["features"] = text_mean(torch.cat([hidden[:, :k], hidden[:, k + p:]], 1), attention_mask)
+                    state["features"] = text_mean(text_of(hidden, 1, layout), attention_mask)
                     state["exited"] = True if decide is None else bool(decide(state["features"]))
-                return text_only(args, kwargs, p, x.shape[1], k) if state["exited"] else None
+                return text_only(args, kwargs, layout, x.shape[1]) if state["exited"] else None
 
             hooks += [m.register_forward_pre_hook(drop, with_kwargs=True) for m in layers[layer:]]
         try:
@@ -288,14 +313,15 @@ class MaskedVisionLanguageFirstStep(VisionLanguageFirstStep):
         return self._first_step(pixel_values, input_ids, attention_mask, exit_layer)
 
 
-def language_masks(model: torch.nn.Module, x: torch.Tensor, extra: dict, k: int, p: int) -> dict | None:
+def language_masks(model: torch.nn.Module, x: torch.Tensor, extra: dict, layout: VisualLayout | None
+                   ) -> dict | None:
     """The masks by attention type (``{"full_attention": ..., "sliding_attention": ...}``, which
-    :func:`masking_layers` hands to the decoder layers) of a prompt's tokens ``x [B, N, C]`` whose image's ``P`` tokens
-    after the first ``K`` attend to each other both ways (:data:`IMAGE_BLOCK`: Gemma 3's, as its multimodal forward
-    has them attend from ``token_type_ids``), whose whole prompt does (:data:`PROMPT_BLOCK`: PaliGemma's prefix), or
-    whose sliding-window layers see padded prompts; None where transformers' own masks are those. ``extra``: the
-    language model's other arguments (``attention_mask [B, N]`` and ``position_ids`` of padded prompts,
-    ``past_key_values``); ``P = 0`` for a later step's text alone.
+    :func:`masking_layers` hands to the decoder layers) of a prompt's tokens ``x [B, N, C]`` whose images' tokens
+    (``layout``) attend to each other both ways, each image to itself (:data:`IMAGE_BLOCK`: Gemma 3's, as its
+    multimodal forward has them attend from ``token_type_ids``), whose whole prompt does (:data:`PROMPT_BLOCK`:
+    PaliGemma's prefix), or whose sliding-window layers see padded prompts; None where transformers' own masks are
+    those. ``extra``: the language model's other arguments (``attention_mask [B, N]`` and ``position_ids`` of padded
+    prompts, ``past_key_values``); ``layout`` None for a later step's text alone.
 
     A padded prompt's padding lies between its image and its text, not in front of everything, so a window of ``W``
     *tokens* would reach less of its text than the prompt alone sees: each sliding-window layer's window is ``W``
@@ -306,7 +332,7 @@ def language_masks(model: torch.nn.Module, x: torch.Tensor, extra: dict, k: int,
     config = model.config.get_text_config()
     types = set(layer_types(config))
     name = type(model).__name__
-    image, prompt = name in IMAGE_BLOCK and p > 0, name in PROMPT_BLOCK and p > 0
+    image, prompt = name in IMAGE_BLOCK and layout is not None, name in PROMPT_BLOCK and layout is not None
     window = config.sliding_window if "sliding_attention" in types else None
     mask = extra.get("attention_mask")
     if (not (image or prompt) and (window is None or mask is None)) or types - {"full_attention", "sliding_attention"}:
@@ -315,8 +341,14 @@ def language_masks(model: torch.nn.Module, x: torch.Tensor, extra: dict, k: int,
                   position_ids=extra.get("position_ids"))
     index = torch.arange(x.shape[1], device=x.device)
     image_block = prompt_block = None
-    if image:   # one block, the image, inside each window (Gemma 3's AND(window, OR(causal, image)))
-        image_block = blockwise_overlay(torch.where((index >= k) & (index < k + p), 0, -1).expand(x.shape[0], -1))
+    if image:   # a block per run of image tokens, inside each window (Gemma 3's AND(window, OR(causal, image)))
+        runs = []   # images side by side are one run, as transformers groups them
+        for start, stop in layout.ranges():
+            runs[-1:] = [(runs[-1][0], stop)] if runs and runs[-1][1] == start else [*runs[-1:], (start, stop)]
+        block = torch.full_like(index, -1)   # by comparisons: the export's token count is symbolic
+        for i, (start, stop) in enumerate(runs):
+            block = torch.where((index >= start) & (index < stop), i, block)
+        image_block = blockwise_overlay(block.expand(x.shape[0], -1))
     if prompt:   # one block, the whole prompt, past any window (PaliGemma's OR(AND(causal, window), prompt))
         prompt_block = torch.zeros_like(index).expand(x.shape[0], -1)
     masks = {"full_attention": create_causal_mask(**common, or_mask_function=image_block,
@@ -392,18 +424,20 @@ def _check_after_deepstack(model: torch.nn.Module, first: int, exit_layer: int |
 class VisionLanguageStep(CachedStep):
     """A vision-language checkpoint's later generation steps: :class:`attnc.models.hf_checkpoint.CachedStep` on its
     language model (``attnc export --with-past``), which knows the image's ``P`` tokens after the first ``K`` of the
-    cache (``num_visual_tokens``, ``visual_offset``: the export records them).
+    cache (``num_visual_tokens``, ``visual_offset``: the export records them; several images' after one ``K`` each).
 
     ``forward(..., exit_layer=k)`` reads the cache a first step exited before layer ``k`` left
-    (:class:`VisionLanguageFirstStep`): layers ``k:`` take caches without the image's tokens and see the mask
-    without its columns ``[K, K + P)`` (a forward pre-hook on each), the layers in front of them the whole cache.
+    (:class:`VisionLanguageFirstStep`): layers ``k:`` take caches without the images' tokens and see the mask
+    without their columns (``[K, K + P)`` of one image; a forward pre-hook on each), the layers in front of them the
+    whole cache.
     Positions stay those of the whole sequence, as the exited first step keeps them.
     """
 
-    def __init__(self, model: torch.nn.Module, layers: int, num_visual_tokens: int, visual_offset: int = 0,
-                 image_size: tuple[int, int] | None = None):
+    def __init__(self, model: torch.nn.Module, layers: int, num_visual_tokens: int,
+                 visual_offset: int | tuple[int, ...] = 0, image_size: tuple[int, int] | None = None):
         super().__init__(model, layers)
         self.num_visual_tokens, self.visual_offset = num_visual_tokens, visual_offset
+        self.layout = VisualLayout.of(num_visual_tokens, visual_offset)
         self.image_size = image_size   # recorded beside P: Qwen2-VL's P follows it
         self.first_exit_layer = hf_qwen_vl.deepstack_layers(model.config.vision_config)
         # M-RoPE places the text after the image max(rows, columns) after its front, not P: every later token as far;
@@ -420,22 +454,22 @@ class VisionLanguageStep(CachedStep):
         _check_after_deepstack(self.model, self.first_exit_layer, exit_layer)   # as the first step checks it
 
         exits = exit_layer is not None and exit_layer < len(decoder)
-        k, p, total = self.visual_offset, self.num_visual_tokens, attention_mask.shape[-1]
-        if exits and total < k + p + input_ids.shape[1]:
-            raise ValueError(f"attention_mask covers {total} tokens: fewer than the {k + p} in front of the image's "
-                             f"end and the {input_ids.shape[1]} new ones")
+        layout, total = self.layout, attention_mask.shape[-1]
+        if exits and total < layout.end + input_ids.shape[1]:
+            raise ValueError(f"attention_mask covers {total} tokens: fewer than the {layout.end} in front of the "
+                             f"image's end and the {input_ids.shape[1]} new ones")
 
         def masks(hidden, kwargs):   # the new tokens' (a sliding window by positions), once the cache is known
             extra = {"attention_mask": attention_mask, "position_ids": kwargs.get("position_ids"),
                      "past_key_values": kwargs.get("past_key_values")}
-            return language_masks(self.model, hidden, extra, 0, 0)
+            return language_masks(self.model, hidden, extra, None)
 
         hooks = masking_layers(self.model, masks)
         if exits:   # after the masks: their image's columns go too
             def drop(module, args, kwargs):
                 mask = kwargs.get("attention_mask")
                 if isinstance(mask, torch.Tensor) and mask.shape[-1] == total:
-                    kwargs = {**kwargs, "attention_mask": torch.cat([mask[..., :k], mask[..., k + p:]], -1)}
+                    kwargs = {**kwargs, "attention_mask": text_of(mask, -1, layout)}
                 return args, kwargs
 
             hooks += [m.register_forward_pre_hook(drop, with_kwargs=True) for m in decoder[exit_layer:]]
@@ -458,9 +492,27 @@ _TOKEN_AXES = {"attention_mask": (-2, -1), "position_ids": (-1,), "cache_positio
 _PASSED = ("past_key_values", "past_key_value", "use_cache", "output_attentions", "layer_idx")
 
 
-def text_only(args: tuple, kwargs: dict, p: int, n: int, k: int = 0) -> tuple[tuple, dict]:
-    """A decoder layer's ``(args, kwargs)`` without the ``p`` visual tokens after the first ``k`` of the sequence's
-    ``n`` tokens: the hidden state (the first argument, unless the layer before dropped them already), the causal
+def interleave(text: torch.Tensor, visual: torch.Tensor, layout: VisualLayout) -> torch.Tensor:
+    """``text [B, T, ...]`` with the images' tokens ``visual [B, P, ...]`` (one image's after the other's) in their
+    places along axis 1 (``layout``): ``[text[:, :K1], image 1, text[:, K1:K2], image 2, ..., text[:, Kn:]]``."""
+    pieces, start, p = [], 0, layout.per_image
+    for i, k in enumerate(layout.offsets):
+        if k > start:
+            pieces.append(text[:, start:k])
+        pieces.append(visual[:, i * p:(i + 1) * p] if layout.images > 1 else visual)
+        start = k
+    return torch.cat([*pieces, text[:, start:] if start else text], 1)
+
+
+def text_of(value: torch.Tensor, axis: int, layout: VisualLayout) -> torch.Tensor:
+    """``value`` without the images' tokens (``layout``) along ``axis``: the text's, in their order."""
+    n = value.shape[axis]
+    return torch.cat([value.narrow(axis, a, (n if b is None else b) - a) for a, b in layout.text_ranges(n)], axis)
+
+
+def text_only(args: tuple, kwargs: dict, layout: VisualLayout, n: int) -> tuple[tuple, dict]:
+    """A decoder layer's ``(args, kwargs)`` without the images' visual tokens (``layout``) of the sequence's ``n``
+    tokens: the hidden state (the first argument, unless the layer before dropped them already), the causal
     mask's query and key axes, the positions and the rotary tables (``position_embeddings``, a ``(cos, sin)`` pair
     ``[..., n, D]``), which the language model computes once for all its layers.
 
@@ -474,7 +526,7 @@ def text_only(args: tuple, kwargs: dict, p: int, n: int, k: int = 0) -> tuple[tu
             return value
         for axis in axes:
             if value.shape[axis] == n:
-                value = torch.cat([value.narrow(axis, 0, k), value.narrow(axis, k + p, n - k - p)], axis)
+                value = text_of(value, axis, layout)
         return value
 
     if args:

@@ -44,6 +44,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from attnc.compiler.errors import AttncError
+from attnc.compiler.layout import VisualLayout
 from attnc.compiler.onnx_io import FIRST_EXIT_LAYER, metadata, on_stand_in_weights, ort_session
 from attnc.passes.core import (constant_value, depends_on_data, dim_terms, evaluate_tensors, name_nodes, producers,
                                remove_dead_nodes, sampled_dim, toposort, value_shapes, value_shapes_and_types)
@@ -138,10 +139,9 @@ def _downstream(model, *names: str, sizes: bool = True) -> list[onnx.NodeProto]:
     return found
 
 
-def _model_visual_drop(model, nodes: list[onnx.NodeProto], num_visual_tokens: int, offset: int = 0
-                       ) -> list[onnx.NodeProto]:
-    """The model's own ``Slice(·, K + P, ∞, axis=1)`` among ``nodes`` (keeping the text after the image at the end;
-    ``K`` is ``offset``, the text tokens in front of the image)."""
+def _model_visual_drop(model, nodes: list[onnx.NodeProto], layout: VisualLayout) -> list[onnx.NodeProto]:
+    """The model's own ``Slice(·, K + P, ∞, axis=1)`` among ``nodes`` (keeping the text after the last image at the
+    end; ``K + P`` is ``layout.end``, ``K`` the text tokens in front of it)."""
     found = []
     for node in nodes:
         if node.op_type != "Slice" or len(node.input) < 4:
@@ -149,7 +149,7 @@ def _model_visual_drop(model, nodes: list[onnx.NodeProto], num_visual_tokens: in
         starts, ends, axes = (constant_value(model, node.input[i]) for i in (1, 2, 3))
         if starts is None or ends is None or axes is None or starts.size != 1:
             continue
-        if int(axes.reshape(-1)[0]) == 1 and int(starts.reshape(-1)[0]) == offset + num_visual_tokens \
+        if int(axes.reshape(-1)[0]) == 1 and int(starts.reshape(-1)[0]) == layout.end \
                 and int(ends.reshape(-1)[0]) >= 2 ** 31 - 1:
             found.append(node)
     return found
@@ -169,7 +169,8 @@ class TokenExitReport:
     neutralised_slices: list[str] = field(default_factory=list)
     # dynamic mode: the gate ({"layer", "weight", "bias", "threshold"}), so validation can run it in PyTorch
     gate: dict | None = None
-    visual_offset: int = 0   # K: the text tokens in front of the image
+    # K, the text tokens in front of the image; a list of one K per image where a prompt has several
+    visual_offset: int | list[int] = 0
 
     def to_dict(self) -> dict:
         return {"pass": "token_exit", **self.__dict__}
@@ -177,9 +178,9 @@ class TokenExitReport:
 
 @on_stand_in_weights
 def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visual_tokens: int,
-                            visual_offset: int = 0) -> tuple[onnx.ModelProto, TokenExitReport]:
-    """Drop the ``num_visual_tokens`` visual tokens (after ``visual_offset`` text tokens) before decoder layer
-    ``exit_layer``.
+                            visual_offset: int | tuple[int, ...] = 0) -> tuple[onnx.ModelProto, TokenExitReport]:
+    """Drop the ``num_visual_tokens`` visual tokens (after ``visual_offset`` text tokens; several images' after each
+    one's offset, :class:`attnc.compiler.layout.VisualLayout`) before decoder layer ``exit_layer``.
 
     Args:
         onnx_model: exported VLM whose decoder runs on ``[visual; text]`` (not modified).
@@ -187,6 +188,7 @@ def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_vi
             model unchanged.
         num_visual_tokens: ``P``, the visual tokens.
         visual_offset: ``K``, the text tokens in front of them (a chat template's ``USER:``); 0: the image first.
+            Several images: one ``K`` per image (``(5, 9)``), ``P`` split evenly among them.
 
     Returns:
         ``(model, TokenExitReport)``.
@@ -204,9 +206,9 @@ def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_vi
         raise AttncError(f"exit_layer must be in [{int(cached)}, {depth}] (the decoder has {depth} layers), got "
                          f"{exit_layer}", _CACHED_FIX if cached and exit_layer == 0 else "")
     _check_first_layer(model, exit_layer)
-    _check_tokens(num_visual_tokens, visual_offset)
+    layout = _check_tokens(num_visual_tokens, visual_offset)
     report = TokenExitReport("static", int(exit_layer), depth, num_visual_tokens,
-                             boundaries[exit_layer] if exit_layer < depth else "", visual_offset=visual_offset)
+                             boundaries[exit_layer] if exit_layer < depth else "", visual_offset=_recorded(layout))
     if exit_layer == depth:
         return model, report
     x = boundaries[exit_layer]
@@ -215,14 +217,14 @@ def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_vi
     shapes, types = value_shapes_and_types(model)
     declared = _text_shape(shapes.get(x), types.get(x), num_visual_tokens)
     token = (shapes.get(x) or [None, None])[1]
-    sliced = _slice_tokens(model, x, num_visual_tokens, prefix, visual_offset)
-    _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, visual_offset, shapes)
+    sliced = _slice_tokens(model, x, layout, prefix)
+    _retarget_outer_tensors(model, x, after, layout, prefix, shapes)
     for node in after:
         for i, name in enumerate(node.input):
             if name == x:
                 node.input[i] = sliced
-    for node in _model_visual_drop(model, after, num_visual_tokens, visual_offset):
-        _keep_text(model, node, visual_offset, prefix)
+    for node in _model_visual_drop(model, after, layout):
+        _keep_text(model, node, layout, prefix)
         report.neutralised_slices.append(node.name)
     _finish(model, after, num_visual_tokens, token)
     if declared is not None:
@@ -241,13 +243,14 @@ _CACHED_FIX = ("exit after layer 1 or later: a generation graph's exit before la
 
 @on_stand_in_weights
 def apply_step_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visual_tokens: int,
-                          visual_offset: int = 0) -> tuple[onnx.ModelProto, TokenExitReport]:
+                          visual_offset: int | tuple[int, ...] = 0) -> tuple[onnx.ModelProto, TokenExitReport]:
     """A vision-language model's later generation step (``attnc export --with-past``) reading the KV cache of a first
     step whose visual tokens exited before decoder layer ``exit_layer`` (:func:`apply_static_token_exit` of
     ``--first-step``): layers ``exit_layer:`` take caches without the image's ``P`` tokens.
 
     The step's new tokens are text, so nothing is cut from its hidden state. What the later layers read over the
-    whole cache loses the image's columns ``[K, K + P)``: the attention mask (its key axis) and the shape vectors
+    whole cache loses the image's columns ``[K, K + P)`` (each image's, where a prompt has several; ``K`` then counts
+    the text in front of the last one's end): the attention mask (its key axis) and the shape vectors
     sized by it (a dynamo export's ``Expand`` / ``Reshape`` of grouped keys), found by running the graph at two
     sizes (an axis or entry as long as ``attention_mask`` in both). The later layers' cache inputs and outputs are
     declared ``past + K`` / ``past + K + seq`` long, the others ``past + K + P`` / ``past + K + P + seq``, the mask
@@ -267,10 +270,9 @@ def apply_step_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visu
         raise AttncError(f"exit_layer must be in [1, {depth}] (the decoder has {depth} layers), got {exit_layer}",
                          _CACHED_FIX if exit_layer == 0 else "")
     _check_first_layer(model, exit_layer)
-    _check_tokens(num_visual_tokens, visual_offset)
-    k, p = int(visual_offset), int(num_visual_tokens)
-    report = TokenExitReport("static", int(exit_layer), depth, p, boundaries[exit_layer] if exit_layer < depth else "",
-                             visual_offset=k)
+    layout = _check_tokens(num_visual_tokens, visual_offset)
+    report = TokenExitReport("static", int(exit_layer), depth, layout.tokens,
+                             boundaries[exit_layer] if exit_layer < depth else "", visual_offset=_recorded(layout))
     if exit_layer == depth:
         return model, report
     inputs = {i.name: i for i in model.graph.input}
@@ -291,8 +293,8 @@ def apply_step_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visu
     if not past or "+" in past or past not in dim_terms(total.dim_param):
         raise AttncError(f"the step's caches are not declared [batch, heads, past, dim] beside a mask [batch, past + "
                          f"seq] (cache {past or cache_dim.dim_value}, mask {total.dim_param})", fix)
-    _shorten_caches(model, after, x, later_caches, past, total.dim_param, p, k, f"token_exit/step{exit_layer}")
-    _declare_step_caches(model, after, later_caches, past, total.dim_param, p, k)
+    _shorten_caches(model, after, x, later_caches, past, total.dim_param, layout, f"token_exit/step{exit_layer}")
+    _declare_step_caches(model, after, later_caches, past, total.dim_param, layout)
     _finish(model, after)
     log.info("token_exit: decoder layers %d-%d of the step read caches without the visual tokens", exit_layer,
              depth - 1)
@@ -308,9 +310,9 @@ def _caches_read_by(after: list[onnx.NodeProto], inputs: dict) -> list[str]:
 
 
 def _shorten_caches(model, after: list[onnx.NodeProto], x: str, later_caches: list[str], past: str, whole: str,
-                    p: int, k: int, prefix: str) -> None:
+                    layout: VisualLayout, prefix: str) -> None:
     """Rewire a step so that the nodes ``after`` (the later layers, behind boundary ``x``) read caches ``later_caches``
-    without the image's ``p`` tokens after the first ``k``: what they read over the whole cache (``whole`` long, the
+    without the images' tokens (``layout``): what they read over the whole cache (``whole`` long, the
     mask's dim; the caches ``past`` long) loses the image, and what the rest of the graph reads of a later cache's
     size gets it back. Lengths are told apart by running the graph where the cache and the new tokens differ."""
     inside = {id(n) for n in after}
@@ -342,7 +344,7 @@ def _shorten_caches(model, after: list[onnx.NodeProto], x: str, later_caches: li
 
     def moved(name, positions, sign):
         delta = np.zeros(values[name][0].shape, dtype=values[name][0].dtype)
-        delta.reshape(-1)[positions] = p
+        delta.reshape(-1)[positions] = layout.tokens
         new = f"{prefix}/{name}/{'whole' if sign > 0 else 'text'}"
         model.graph.initializer.append(numpy_helper.from_array(delta, new + ".delta"))
         model.graph.node.append(helper.make_node("Add" if sign > 0 else "Sub", [name, new + ".delta"], [new],
@@ -363,7 +365,7 @@ def _shorten_caches(model, after: list[onnx.NodeProto], x: str, later_caches: li
         if positions:   # a shape vector (or a length) over the whole cache: P fewer
             new = moved(name, positions, -1)
         elif axes:      # the mask: without the image's columns
-            new = _drop_visual(model, name, axes, p, k, f"{prefix}/{name}/text", f"{prefix}/{name}/text")
+            new = _drop_visual(model, name, axes, layout, f"{prefix}/{name}/text", f"{prefix}/{name}/text")
         else:
             continue
         for node, i in uses:
@@ -371,7 +373,7 @@ def _shorten_caches(model, after: list[onnx.NodeProto], x: str, later_caches: li
 
 
 def _declare_step_caches(model, after: list[onnx.NodeProto], later_caches: list[str], past: str, whole: str,
-                         p: int, k: int) -> None:
+                         layout: VisualLayout) -> None:
     """Declare the step's caches ``past + K`` (``later_caches`` and the ``present`` outputs ``after`` computes) or
     ``past + K + P`` (the others) long, the mask (``whole``) ``past + K + P + seq``: ``past`` now counts the cached
     text after the image."""
@@ -379,7 +381,7 @@ def _declare_step_caches(model, after: list[onnx.NodeProto], later_caches: list[
 
     produced_after = {o for n in after for o in n.output}
     whole_terms = sorted(dim_terms(whole))
-    text, full = exited_cache_lengths(past, k, p)
+    text, full = exited_cache_lengths(past, layout.text_before_end, layout.tokens)
     new_tokens = [t for t in whole_terms if t != past]
     presents = {present_name(i, kind) for i in range(len(model.graph.output)) for kind in ("key", "value")}
     for value in list(model.graph.input) + list(model.graph.output):
@@ -441,52 +443,59 @@ def _first_exit_layer(model) -> int:
     return int(value) if value and value.isdigit() else 0
 
 
-def _check_tokens(num_visual_tokens, visual_offset) -> None:
-    if not isinstance(num_visual_tokens, (int, np.integer)) or num_visual_tokens <= 0:
-        raise AttncError(f"num_visual_tokens must be positive, got {num_visual_tokens}")
-    if not isinstance(visual_offset, (int, np.integer)) or visual_offset < 0:
-        raise AttncError(f"visual_offset (the text tokens in front of the image) must be 0 or more, got "
-                         f"{visual_offset}")
+def _check_tokens(num_visual_tokens, visual_offset) -> VisualLayout:
+    """The layout of ``num_visual_tokens`` after ``visual_offset`` (:meth:`VisualLayout.of`, which raises on bad
+    ones)."""
+    return VisualLayout.of(num_visual_tokens, visual_offset)
 
 
-def _slice_tokens(model, x, num_visual_tokens, prefix, offset: int = 0) -> str:
+def _recorded(layout: VisualLayout) -> int | list[int]:
+    """A report's ``visual_offset``: ``K`` of one image, the list of each one's of several."""
+    return layout.offsets[0] if layout.images == 1 else list(layout.offsets)
+
+
+def _slice_tokens(model, x, layout: VisualLayout, prefix) -> str:
     """Add ``x`` without its visual tokens along axis 1 (``x[:, P:]``, or ``[x[:, :K]; x[:, K + P:]]`` with text in
-    front of the image) to the graph; return its name."""
-    return _drop_visual(model, x, [1], num_visual_tokens, offset, f"{prefix}/text", f"{prefix}/drop_visual_tokens")
+    front of the image, the text between the images too where there are several) to the graph; return its name."""
+    return _drop_visual(model, x, [1], layout, f"{prefix}/text", f"{prefix}/drop_visual_tokens")
 
 
-def _drop_visual(model, name: str, axes: list[int], num_visual_tokens: int, offset: int, out: str,
-                 node_name: str) -> str:
-    """Nodes computing ``out``: ``name`` without the visual tokens ``[K, K + P)`` along each of ``axes``: one
-    ``Slice`` from ``P`` where the image comes first (``K`` = 0), else per axis the ``Concat`` of the slices in
-    front of and behind the image."""
+def _drop_visual(model, name: str, axes: list[int], layout: VisualLayout, out: str, node_name: str) -> str:
+    """Nodes computing ``out``: ``name`` without the visual tokens (``[K, K + P)`` of one image after ``K`` text
+    tokens; each image's of several, ``layout``) along each of ``axes``: one ``Slice`` from ``P`` where one image
+    comes first (``K`` = 0), else per axis the ``Concat`` of the text's slices in front of, between and behind the
+    images."""
     def constant(key, value):
         model.graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), f"{out}.{key}"))
         return f"{out}.{key}"
 
-    if offset == 0:
-        inputs = [name, constant("starts", [num_visual_tokens] * len(axes)), constant("ends", [_END] * len(axes)),
+    pieces = layout.text_ranges()
+    if len(pieces) == 1:   # the text behind the images alone
+        inputs = [name, constant("starts", [pieces[0][0]] * len(axes)), constant("ends", [_END] * len(axes)),
                   constant("axes", axes)]
         model.graph.node.append(helper.make_node("Slice", inputs, [out], name=node_name))
         return out
     current = name
     for j, axis in enumerate(axes):
         target = out if j == len(axes) - 1 else f"{out}.without{axis}"
-        before, after, on = f"{target}.before", f"{target}.after", constant(f"axis{axis}", [axis])
-        model.graph.node.extend([
-            helper.make_node("Slice", [current, constant(f"zero{axis}", [0]), constant(f"k{axis}", [offset]), on],
-                             [before], name=f"{node_name}/before{axis}"),
-            helper.make_node("Slice", [current, constant(f"kp{axis}", [offset + num_visual_tokens]),
-                                       constant(f"end{axis}", [_END]), on], [after], name=f"{node_name}/after{axis}"),
-            helper.make_node("Concat", [before, after], [target], name=f"{node_name}/concat{axis}", axis=axis),
-        ])
+        on, parts = constant(f"axis{axis}", [axis]), []
+        for i, (start, stop) in enumerate(pieces):
+            part = f"{target}.text{i}"
+            model.graph.node.append(helper.make_node(
+                "Slice", [current, constant(f"start{axis}_{i}", [start]),
+                          constant(f"stop{axis}_{i}", [_END if stop is None else stop]), on],
+                [part], name=f"{node_name}/text{i}_{axis}"))
+            parts.append(part)
+        model.graph.node.append(helper.make_node("Concat", parts, [target], name=f"{node_name}/concat{axis}",
+                                                 axis=axis))
         current = target
     return out
 
 
-def _keep_text(model, node: onnx.NodeProto, offset: int, prefix: str) -> None:
-    """The model's own ``Slice(·, K + P, ∞)`` after the exit: ``Identity`` where the image came first, else a
-    slice from ``K`` (the text in front of the image stays out of the output, as before)."""
+def _keep_text(model, node: onnx.NodeProto, layout: VisualLayout, prefix: str) -> None:
+    """The model's own ``Slice(·, K + P, ∞)`` after the exit: ``Identity`` where the images came first, else a
+    slice from ``K`` (the text in front of the last image's end stays out of the output, as before)."""
+    offset = layout.text_before_end
     if offset == 0:
         _to_identity(node)
         return
@@ -496,19 +505,20 @@ def _keep_text(model, node: onnx.NodeProto, offset: int, prefix: str) -> None:
     node.input[1] = start
 
 
-def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, offset: int = 0,
+def _retarget_outer_tensors(model, x, after, layout: VisualLayout, prefix,
                             shapes: dict[str, list] | None = None) -> list[str]:
     """Make tensors computed before the boundary but read after it fit the shorter sequence.
 
     Exporters compute some token-indexed tensors once and share them between layers: the
     causal mask ``[N, N]``, rotary tables ``[N, D]``, and (dynamo) the Reshape shape vectors
     ``[B, N, 3, H, D]``. An axis is token-indexed when its (symbolic) size equals the token
-    axis of the boundary ``x``; such axes are sliced to ``P:`` (masks and tables keep the
+    axis of the boundary ``x``; such axes lose the visual tokens (``layout``: masks and tables keep the
     text positions' entries, as the torch model's exit does), and shape-vector entries at
     token positions are reduced by ``P``. ``shapes``: :func:`attnc.passes.core.value_shapes` of the model, where
     the caller holds them. Returns the retargeted tensor names.
     """
     shapes = value_shapes(model) if shapes is None else shapes
+    num_visual_tokens = layout.tokens
     token = (shapes.get(x) or [None, None])[1]
     produced_after = {o for n in after for o in n.output}
     outer = _outer_reads(model, x, after)
@@ -530,7 +540,7 @@ def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, offset: 
                         new_value = value.copy()
                         new_value[positions] -= num_visual_tokens
                 elif value.ndim >= 1 and token in value.shape and value.dtype.kind in "fb":
-                    keep = np.r_[0:offset, offset + num_visual_tokens:token]
+                    keep = layout.text_index(token)
                     new_value = value
                     for axis, d in enumerate(value.shape):
                         if d == token:
@@ -540,7 +550,8 @@ def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, offset: 
                     if all(init.name != new for init in model.graph.initializer):
                         model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(new_value), new))
                     node.input[i] = new
-    probed = None if isinstance(token, int) or not outer else _probe_token_axes(model, x, list(outer), offset)
+    probed = None if isinstance(token, int) or not outer else \
+        _probe_token_axes(model, x, list(outer), layout.text_before_end)
     if token is None and probed is None:
         raise AttncError(f"the token axis of {x} has no known size",
                          "export the model with a dynamic text axis or static shapes")
@@ -572,8 +583,7 @@ def _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, offset: 
                     ])
         elif probed[name][0] if probed else shape and token in shape:
             axes = probed[name][0] if probed else [j for j, d in enumerate(shape) if d == token]
-            new = _drop_visual(model, name, axes, num_visual_tokens, offset, f"{prefix}/{name}/text",
-                               f"{prefix}/{name}/text")
+            new = _drop_visual(model, name, axes, layout, f"{prefix}/{name}/text", f"{prefix}/{name}/text")
         elif shape is None and not probed:
             log.warning("token_exit: %s (read after the exit) has no known shape; left as is", name)
         if new is not None:
@@ -604,9 +614,9 @@ def _probe_token_axes(model, x, names: list[str], offset: int = 0
     length is ``x``'s token count in both runs, an entry of a 1-D integer tensor (a shape vector, ``length`` entries
     long; 0 for other tensors) when its value is. Symbolic shapes do not tell: shape inference names the rotary
     tables' and the hidden state's token axes apart in a TorchScript export. The sizes leave text after the ``offset``
-    tokens in front of the image (below them, a model slicing ``[:K]`` and ``[K:]`` computes tables whose lengths do
-    not follow the hidden state's: Qwen2-VL's positions). None when the graph cannot run at sampled sizes or its
-    token count does not change."""
+    tokens in front of the (last) image (below them, a model slicing ``[:K]`` and ``[K:]`` computes tables whose
+    lengths do not follow the hidden state's: Qwen2-VL's positions). None when the graph cannot run at sampled sizes
+    or its token count does not change."""
     try:
         runs = evaluate_tensors(model, [x, *names], sizes=(offset + 2, offset + 3))
     except Exception as exc:   # ONNX Runtime's errors are of many types
@@ -733,7 +743,8 @@ class ExitChoice:
 @on_stand_in_weights
 def choose_exit_layer(onnx_model: onnx.ModelProto, calibration_feeds: list[dict[str, np.ndarray]],
                       num_visual_tokens: int, labels: list[np.ndarray] | None = None,
-                      max_accuracy_drop: float = 0.01, atol: float | None = None, visual_offset: int = 0
+                      max_accuracy_drop: float = 0.01, atol: float | None = None,
+                      visual_offset: int | tuple[int, ...] = 0
                       ) -> ExitChoice:
     """The earliest decoder layer after which the visual tokens can go.
 
@@ -967,7 +978,7 @@ def train_exit_gate(model, inputs: tuple, layer: int, min_precision: float = 0.9
 
 @on_stand_in_weights
 def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_visual_tokens: int,
-                             visual_offset: int = 0) -> tuple[onnx.ModelProto, TokenExitReport]:
+                             visual_offset: int | tuple[int, ...] = 0) -> tuple[onnx.ModelProto, TokenExitReport]:
     """Put the decoder after ``gate.layer`` under an ``If``: text tokens only when the gate fires (the
     ``num_visual_tokens`` after ``visual_offset`` text tokens dropped, as :func:`apply_static_token_exit` drops them).
 
@@ -984,12 +995,12 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     if not 0 <= gate.layer < depth:
         raise AttncError(f"gate layer must be in [0, {depth}), got {gate.layer}")
     _check_first_layer(model, gate.layer, "the gate lets the visual tokens go")
-    _check_tokens(num_visual_tokens, visual_offset)
+    layout = _check_tokens(num_visual_tokens, visual_offset)
     x = boundaries[gate.layer]
     prefix = f"token_exit/gate{gate.layer}"
     after = _downstream(model, x)
     after_names = {n.name for n in after}
-    text = _slice_tokens(model, x, num_visual_tokens, prefix, visual_offset)
+    text = _slice_tokens(model, x, layout, prefix)
     g = model.graph
     g.initializer.extend([
         numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}/token_axis"),
@@ -1009,14 +1020,14 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     ])
     # The exit branch reads retargeted copies of token-indexed outer tensors (made in the main graph).
     original_inputs = {n.name: list(n.input) for n in after}
-    _retarget_outer_tensors(model, x, after, num_visual_tokens, prefix, visual_offset)
+    _retarget_outer_tensors(model, x, after, layout, prefix)
     exit_inputs = {n.name: list(n.input) for n in after}
     for node in after:
         del node.input[:]
         node.input.extend(original_inputs[node.name])
     produced_after = {o for n in after for o in n.output}
     outputs = [o for o in g.output if o.name in produced_after]
-    drops = {n.name for n in _model_visual_drop(model, after, num_visual_tokens, visual_offset)}
+    drops = {n.name for n in _model_visual_drop(model, after, layout)}
 
     def branch(tag: str, exit_now: bool) -> onnx.GraphProto:
         rename = {o: f"{prefix}/{tag}/{o}" for o in produced_after}
@@ -1036,7 +1047,7 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
             for i, name in enumerate(new.output):
                 new.output[i] = rename[name]
             if exit_now and node.name in drops:
-                _keep_text(model, new, visual_offset, prefix)
+                _keep_text(model, new, layout, prefix)
             nodes.append(new)
         outs = [helper.make_tensor_value_info(rename[o.name], o.type.tensor_type.elem_type, None) for o in outputs]
         return helper.make_graph(nodes, f"{prefix}/{tag}", [], outs)
@@ -1054,7 +1065,7 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     report = TokenExitReport("dynamic", gate.layer, depth, num_visual_tokens, x, sorted(drops),
                              gate={"layer": gate.layer, "weight": [float(w) for w in gate.weight],
                                    "bias": float(gate.bias), "threshold": float(gate.threshold)},
-                             visual_offset=visual_offset)
+                             visual_offset=_recorded(layout))
     return model, report
 
 
@@ -1103,10 +1114,10 @@ def _text_mean(model, x: str, text: str, num_visual_tokens: int, prefix: str) ->
 @on_stand_in_weights
 def apply(model: onnx.ModelProto, mode: str, num_visual_tokens: int, *, exit_layer: int | None = None,
           calibration_feeds: list[dict] | None = None, labels: list[np.ndarray] | None = None,
-          gate: ExitGate | None = None, max_accuracy_drop: float = 0.01, visual_offset: int = 0
-          ) -> tuple[onnx.ModelProto, TokenExitReport]:
+          gate: ExitGate | None = None, max_accuracy_drop: float = 0.01,
+          visual_offset: int | tuple[int, ...] = 0) -> tuple[onnx.ModelProto, TokenExitReport]:
     """What ``attnc compile --token-exit static|dynamic`` runs (``visual_offset``: the text tokens in front of the
-    image).
+    image; one per image of several).
 
     ``static``: ``exit_layer``, or the one :func:`choose_exit_layer` picks on
     ``calibration_feeds`` (required then). ``dynamic``: a trained :class:`ExitGate`

@@ -1,0 +1,69 @@
+"""compiler/layout.py: where a prompt's images lie among its tokens.
+
+Reference: the sequence built token by token (each text token, then each image's tokens where its offset says),
+apart from the ranges the layout computes; random layouts of 1-4 images, drawn afresh each run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attnc.compiler.errors import AttncError
+from attnc.compiler.layout import VisualLayout, format_offsets, parse_offsets
+from attnc.testing import naming_the_draw
+
+
+def _walk(offsets, per_image, text):
+    """The sequence as ``[("text", j) | ("image", i)]``: text token ``j`` after every image whose offset is ``j`` or
+    less, the images after the last text token whose offsets reach the end."""
+    tokens, placed = [], 0
+    for j in range(text + 1):
+        while placed < len(offsets) and offsets[placed] == j:
+            tokens += [("image", placed)] * per_image
+            placed += 1
+        if j < text:
+            tokens.append(("text", j))
+    return tokens
+
+
+@pytest.mark.parametrize("draw", range(6))
+def test_ranges_against_the_walked_sequence(draw):
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    rng = np.random.default_rng(seed)
+    with naming_the_draw(f"seed {seed}"):
+        images, per_image = int(rng.integers(1, 5)), int(rng.integers(1, 6))
+        offsets = tuple(sorted(int(k) for k in rng.integers(0, 7, images)))
+        text = offsets[-1] + int(rng.integers(0, 5))
+        layout = VisualLayout.of(images * per_image, offsets)
+        tokens = _walk(offsets, per_image, text)
+        n = len(tokens)
+        kinds = np.array([kind == "image" for kind, _ in tokens])
+        assert layout.images == images and layout.per_image == per_image and layout.tokens == kinds.sum()
+        np.testing.assert_array_equal(layout.is_visual(n), kinds)
+        np.testing.assert_array_equal(layout.text_index(n), np.flatnonzero(~kinds))
+        for i, (start, stop) in enumerate(layout.ranges()):
+            assert [k for k in range(n) if tokens[k] == ("image", i)] == list(range(start, stop))
+        # the text in front of the last image's end, and the sequence's index there
+        last = max(k for k in range(n) if tokens[k][0] == "image") + 1
+        assert layout.end == last and layout.text_before_end == sum(not kinds[k] for k in range(last))
+        pieces = layout.text_ranges()
+        assert pieces[-1][1] is None and all(b is not None and a < b for a, b in pieces[:-1])
+        np.testing.assert_array_equal(np.concatenate([np.arange(a, n if b is None else b) for a, b in pieces]),
+                                      np.flatnonzero(~kinds))
+
+
+def test_parse_and_refusals():
+    assert parse_offsets(3) == (3,) and parse_offsets("5, 9") == (5, 9) and parse_offsets([0, 0, 4]) == (0, 0, 4)
+    assert format_offsets((5, 9)) == "5,9" and str(VisualLayout.of(32, "5,9")) == "5,9"
+    assert VisualLayout.of(16, 3).ranges() == [(3, 19)] and VisualLayout.of(16).text_ranges() == [(16, None)]
+    for value, words in (("9,5", "must not decrease"), (-1, "0 or more"), ("a,b", "integers separated by commas"),
+                         ((), "must be integers"), ((True,), "must be integers"), ((1.5,), "must be integers")):
+        with pytest.raises(AttncError, match=words):
+            parse_offsets(value)
+    with pytest.raises(AttncError, match="do not split evenly among 2 images") as err:
+        VisualLayout.of(15, (1, 3))
+    assert "same size" in err.value.fix
+    for tokens in (0, -4, 2.0):
+        with pytest.raises(AttncError, match="must be positive"):
+            VisualLayout.of(tokens, 0)
