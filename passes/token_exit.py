@@ -551,7 +551,7 @@ def _retarget_outer_tensors(model, x, after, layout: VisualLayout, prefix,
                         model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(new_value), new))
                     node.input[i] = new
     probed = None if isinstance(token, int) or not outer else \
-        _probe_token_axes(model, x, list(outer), layout.text_before_end)
+        _probe_token_axes(model, x, list(outer), layout.text_before_end, (shapes.get(x) or [None])[0])
     if token is None and probed is None:
         raise AttncError(f"the token axis of {x} has no known size",
                          "export the model with a dynamic text axis or static shapes")
@@ -607,7 +607,7 @@ def _outer_reads(model, x: str, after: list[onnx.NodeProto], skip=frozenset()
     return outer
 
 
-def _probe_token_axes(model, x, names: list[str], offset: int = 0
+def _probe_token_axes(model, x, names: list[str], offset: int = 0, batch=None
                       ) -> dict[str, tuple[list[int], list[int], int]] | None:
     """``{name: (token axes, token entries, length)}`` of tensors ``names`` read after boundary ``x``, found by
     running the graph at two sizes (:func:`attnc.passes.core.evaluate_tensors`): an axis is over the tokens when its
@@ -615,10 +615,13 @@ def _probe_token_axes(model, x, names: list[str], offset: int = 0
     long; 0 for other tensors) when its value is. Symbolic shapes do not tell: shape inference names the rotary
     tables' and the hidden state's token axes apart in a TorchScript export. The sizes leave text after the ``offset``
     tokens in front of the (last) image (below them, a model slicing ``[:K]`` and ``[K:]`` computes tables whose
-    lengths do not follow the hidden state's: Qwen2-VL's positions). None when the graph cannot run at sampled sizes
-    or its token count does not change."""
+    lengths do not follow the hidden state's: Qwen2-VL's positions). ``batch``, the boundary's batch dim: where it
+    names a batch axis of the inputs alone, it is 2 in both runs (a batch as large as the text would run the model,
+    vision tower included, that many times over: seconds for two images of a thousand tokens). None when the graph
+    cannot run at sampled sizes or its token count does not change."""
+    pinned = {batch: (2, 2)} if _batch_symbol(model, batch) else None
     try:
-        runs = evaluate_tensors(model, [x, *names], sizes=(offset + 2, offset + 3))
+        runs = evaluate_tensors(model, [x, *names], sizes=(offset + 2, offset + 3), dims=pinned)
     except Exception as exc:   # ONNX Runtime's errors are of many types
         log.info("token_exit: the graph does not run at sampled sizes (%s); symbolic shapes decide", exc)
         return None
@@ -635,6 +638,14 @@ def _probe_token_axes(model, x, names: list[str], offset: int = 0
             if vector else []
         found[name] = (axes, entries, len(values[0]) if vector else 0)
     return found
+
+
+def _batch_symbol(model, name) -> bool:
+    """Whether ``name`` is a symbol the graph's inputs use as their first axis and nowhere else (a batch)."""
+    if not isinstance(name, str) or not name.isidentifier():
+        return False
+    axes = [j for i in model.graph.input for j, d in enumerate(i.type.tensor_type.shape.dim) if d.dim_param == name]
+    return bool(axes) and set(axes) == {0}
 
 
 def _to_identity(node):

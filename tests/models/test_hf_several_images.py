@@ -50,6 +50,14 @@ def llava(tmp_path_factory):
     return (folder, *with_text_before_image(*load_checkpoint(str(folder)), (2, 5)))
 
 
+@pytest.fixture(scope="module")
+def two_images(llava, tmp_path_factory):
+    """``attnc export --text-before-image 2,5`` of the LLaVA (dynamo, dynamic batch and text)."""
+    path = tmp_path_factory.mktemp("two") / "llava.onnx"
+    run_cli("export", llava[0], "-o", path, "--text-before-image", "2,5")
+    return path
+
+
 def _hand_exit(module, pixels, ids, offsets, k):
     """The Llama layers run by hand on ``[text; image; text; image; text]``, every image's tokens (and their rotary
     and mask entries) dropped before layer ``k`` by a numpy index list: apart from the hooks the module drops them
@@ -142,14 +150,14 @@ def test_other_architectures(tmp_path, architecture):
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_export_exits_and_gates(llava, tmp_path, exporter):
+def test_export_exits_and_gates(llava, request, tmp_path, exporter):
     """``attnc export --text-before-image 2,5`` (dynamo, dynamic batch and text) records both offsets; a TorchScript
     export of the LLaVA on plain multi-head attention at static shapes behaves alike. The graph, the static exit before
     layers 0, 2 and 3 and the gate's two branches equal the module at every size."""
     folder, module, spec = llava
     path = tmp_path / "llava.onnx"
     if exporter == "dynamo":
-        run_cli("export", folder, "-o", path, "--text-before-image", "2,5")
+        path = request.getfixturevalue("two_images")
         sizes = ((3, 8), (1, 12))
     else:
         folder = tiny_llava(tmp_path / "mha", kv_heads=None)
@@ -176,13 +184,11 @@ def test_export_exits_and_gates(llava, tmp_path, exporter):
                 np.testing.assert_allclose(run_model(gated, feeds), expected, atol=1e-5, rtol=1e-4)
 
 
-def test_compile_and_validate_through_the_cli(llava, tmp_path):
+def test_compile_and_validate_through_the_cli(llava, two_images, tmp_path):
     """inspect shows both offsets; compile takes them from the export (a contradicting --text-before-image is
     refused), the manifest keeps them, and validate rebuilds the checkpoint with both images: it passes exited and
     not, and fails when the record is taken away (the checkpoint then takes one image in front of the text)."""
-    folder = llava[0]
-    path = tmp_path / "llava.onnx"
-    run_cli("export", folder, "-o", path, "--text-before-image", "2,5")
+    folder, path = llava[0], two_images
     assert "32 visual tokens of a 32x32 image after 2,5 text tokens" in run_cli("inspect", path).output
     for extra in ((), ("--token-exit", "static", "--exit-layer", 2)):
         out = tmp_path / f"out{len(extra)}"
@@ -199,6 +205,32 @@ def test_compile_and_validate_through_the_cli(llava, tmp_path):
                          "--text-before-image", given, ok=False)
         assert words in result.output
         assert not (tmp_path / "bad").exists()
+
+
+def test_the_exit_probes_at_a_small_batch(two_images, monkeypatch):
+    """The exit runs the graph at two sizes to find what the later layers read over the tokens: at a batch of 2 both
+    times, its text past the 5 tokens in front of the last image. It ran at a batch as large as that text (7 and 8
+    rows of two images each: seconds where the images have a thousand tokens); a graph whose batch axis is not one
+    the inputs share alone keeps the old sizes."""
+    from attnc.passes import token_exit
+
+    seen = []
+    evaluate = token_exit.evaluate_tensors
+
+    def spy(model, names, **kwargs):
+        runs = evaluate(model, names, **kwargs)
+        seen.append([run[names[0]].shape for run in runs])
+        return runs
+
+    monkeypatch.setattr(token_exit, "evaluate_tensors", spy)
+    model = onnx.load(str(two_images))
+    apply_static_token_exit(model, 2, 32, (2, 5))
+    assert seen == [[(2, 5 + 2 + 32, 32), (2, 5 + 3 + 32, 32)]]   # the boundary: [batch, tokens, width]
+    for i in model.graph.input:   # the batch axis named apart on each input: no axis the inputs share alone
+        i.type.tensor_type.shape.dim[0].dim_param = f"{i.name}_batch"
+    seen.clear()
+    apply_static_token_exit(model, 2, 32, (2, 5))
+    assert [shape[0] for shape in seen[0]] == [7, 8]
 
 
 def test_padded_prompts(llava):
@@ -257,13 +289,11 @@ def test_generation(llava, tmp_path):
 
 
 @pytest.mark.tensorrt
-def test_tensorrt_builds_the_exited_two_images(llava, tmp_path):
+def test_tensorrt_builds_the_exited_two_images(two_images, tmp_path):
     """TensorRT-RTX builds an fp16 engine of the two-image export with both images gone before layer 2 (the text's
     three slices joined), at dynamic batch and text length, every attention fused (the tower's 2 and the Llama's 4)."""
     tensorrt_or_skip()
-    path = tmp_path / "llava.onnx"
-    run_cli("export", llava[0], "-o", path, "--text-before-image", "2,5")
-    manifest = build_exited_engine(path, (2, 3, 32, 32), 5, tmp_path / "engine")
+    manifest = build_exited_engine(two_images, (2, 3, 32, 32), 5, tmp_path / "engine")
     assert (tmp_path / "engine" / manifest["artefact"]).stat().st_size > 0
     assert manifest["shrink"]["token_exit"]["visual_offset"] == [2, 5] and manifest["ops_after"]["Attention"] == 6
 
