@@ -19,7 +19,8 @@ a transformers Qwen2-VL checkpoint exported at a 448-pixel square (256 visual + 
 random weights), exited and validated as ``llava`` is; ``llava_next`` a transformers LLaVA-NeXT checkpoint exported at
 a 448-pixel square in 224-pixel tiles (1312 visual + 32 text tokens, 8 decoder layers, random weights), alike;
 ``gemma3`` a transformers Gemma 3 checkpoint (256 visual tokens attending to each other both ways + 32 text tokens,
-8 decoder layers, random weights), alike. The passes
+8 decoder layers, random weights), alike; ``llava_images`` ``llava``'s checkpoint with two images per prompt (after 5
+and 9 text tokens: 1152 visual + 32 text tokens), alike. The passes
 are applied (pruning: weight, activation, gradient and ablation scores, one-shot and iterative, with and without a
 short fine-tune) and the tables printed: accuracy, parameters, attention FLOPs and ONNX Runtime CPU latency
 before/after. Latencies of a "before" and its "after" are measured side by
@@ -477,6 +478,20 @@ def bench_llava(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict
             **_exits(tmp, tmp / "llava", module, spec, c, reps, threads), "smoke": smoke}
 
 
+def bench_llava_images(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
+    """:func:`bench_llava`'s checkpoint with two images per prompt, after ``c["before"]`` and 4 more text tokens
+    (``attnc export --text-before-image 5,9``)."""
+    from attnc.models.hf_checkpoint import load_checkpoint, with_text_before_image
+
+    c = LLAVA_SMOKE if smoke else LLAVA
+    offsets = (c["before"], c["before"] + 4)
+    folder = llava_checkpoint(tmp / "llava_images", c)
+    module, spec = with_text_before_image(*load_checkpoint(str(folder)), offsets)
+    return {"model": f"LlavaForConditionalGeneration (CLIP {c['vision']}, Llama {c['text']}), two images after "
+                     f"{offsets[0]} and {offsets[1]} text tokens",
+            **_exits(tmp, folder, module, spec, c, reps, threads), "smoke": smoke}
+
+
 # Qwen2-VL at a 448-pixel square (its processor's tiles: 32 × 32 patches of 14 pixels merged 2 × 2, 256 visual tokens)
 # in front of 32 text tokens, at a small width: the exits where visual tokens follow the image's size.
 QWEN = {"image": 448, "vision": {"depth": 2, "embed_dim": 64, "num_heads": 2, "mlp_ratio": 2},
@@ -825,7 +840,8 @@ def machine() -> dict:
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
 
 
-SECTIONS = ("prune", "exit", "llama", "llava", "llava_vqa", "llava_decode", "qwen", "llava_next", "gemma3")
+SECTIONS = ("prune", "exit", "llama", "llava", "llava_vqa", "llava_decode", "qwen", "llava_next", "gemma3",
+            "llava_images")
 
 
 def main(argv=None) -> int:
@@ -867,6 +883,8 @@ def main(argv=None) -> int:
             results["exit_llava_next"] = bench_llava_next(Path(tmp), args.reps, args.threads, smoke=args.smoke)
         if "gemma3" in sections:
             results["exit_gemma3"] = bench_gemma3(Path(tmp), args.reps, args.threads, smoke=args.smoke)
+        if "llava_images" in sections:
+            results["exit_llava_images"] = bench_llava_images(Path(tmp), args.reps, args.threads, smoke=args.smoke)
     results["seconds"] = time.perf_counter() - t0
     print(table(results))
     out = Path(args.out)
@@ -938,6 +956,8 @@ def table(results: dict) -> str:
         lines.extend(llava_table(results["exit_llava_next"], "LLaVA-NeXT"))
     if "exit_gemma3" in results:
         lines.extend(llava_table(results["exit_gemma3"], "Gemma 3"))
+    if "exit_llava_images" in results:
+        lines.extend(llava_table(results["exit_llava_images"], "LLaVA (two images per prompt)"))
     return "\n".join(lines)
 
 

@@ -32,11 +32,15 @@ def _smoke(section: str, folder: Path) -> dict:
                "tests/models/test_hf_llava_next.py checks its exits in CI)")),
     pytest.param("gemma3", "Gemma 3", 16, "Gemma3", marks=pytest.mark.full(
         reason="the bench path CI runs on LLaVA and Qwen2-VL, on a Gemma 3 (tests/models/test_hf_vision_language.py "
-               "checks its exits in CI)"))])
+               "checks its exits in CI)")),
+    pytest.param("llava_images", "LLaVA (two images per prompt)", 32, "two images after 2 and 6",
+                 marks=pytest.mark.full(reason="the bench path CI runs on LLaVA and Qwen2-VL, on two images per prompt "
+                                               "(tests/models/test_hf_several_images.py checks their exits in CI)"))])
 def test_exit_smoke(tmp_path, capsys, section, kind, visual, model):
-    """``--only llava`` / ``qwen`` / ``llava_next`` / ``gemma3`` ``--smoke``: the checkpoint (Qwen2-VL and LLaVA-NeXT
-    exported at their image size) exited before layers 1 and 2; every artefact validates against the checkpoint
-    exiting in PyTorch and is timed beside the full model at batch 1 and 4."""
+    """``--only llava`` / ``qwen`` / ``llava_next`` / ``gemma3`` / ``llava_images`` ``--smoke``: the checkpoint
+    (Qwen2-VL and LLaVA-NeXT exported at their image size; two images per prompt) exited before layers 1 and 2;
+    every artefact validates against the checkpoint exiting in PyTorch and is timed beside the full model at batch 1
+    and 4."""
     result = _smoke(section, tmp_path)[f"exit_{section}"]
     assert result["visual_tokens"] == visual and result["smoke"] and model in result["model"]
     rows = {r["model"]: r for r in result["rows"]}
