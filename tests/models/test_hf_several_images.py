@@ -115,8 +115,9 @@ def test_llava_matches_transformers_and_the_hand_exit(llava, offsets):
         module(pixels[:, 1:], ids)   # an image short
 
 
-@pytest.mark.parametrize("architecture", ["Gemma3ForConditionalGeneration", "PaliGemmaForConditionalGeneration",
-                                          "InternVLForConditionalGeneration"])
+@pytest.mark.parametrize("architecture", ["Gemma3ForConditionalGeneration", *(pytest.param(a, marks=pytest.mark.full(
+    reason="two images on another architecture (about 10 s); CI runs LLaVA's and Gemma 3's (a block per image)"))
+    for a in ("PaliGemmaForConditionalGeneration", "InternVLForConditionalGeneration"))])
 def test_other_architectures(tmp_path, architecture):
     """Two images after 1 and 4 text tokens: transformers' logits with the processor's ``token_type_ids`` (Gemma 3's
     images attend within themselves both ways, each its own block; PaliGemma's whole prompt does); the dynamo export
