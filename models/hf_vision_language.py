@@ -344,7 +344,10 @@ def language_masks(model: torch.nn.Module, x: torch.Tensor, extra: dict, layout:
     if image:   # a block per run of image tokens, inside each window (Gemma 3's AND(window, OR(causal, image)))
         runs = []   # images side by side are one run, as transformers groups them
         for start, stop in layout.ranges():
-            runs[-1:] = [(runs[-1][0], stop)] if runs and runs[-1][1] == start else [*runs[-1:], (start, stop)]
+            if runs and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], stop)
+            else:
+                runs.append((start, stop))
         block = torch.full_like(index, -1)   # by comparisons: the export's token count is symbolic
         for i, (start, stop) in enumerate(runs):
             block = torch.where((index >= start) & (index < stop), i, block)
