@@ -334,6 +334,24 @@ def image_token_types(architecture: str, prompt, image_token: int) -> dict:
     return {"token_type_ids": torch.zeros_like(prompt)} if architecture in PROMPT_BLOCK else {}
 
 
+def llama_layers_by_hand(language_model, x, keep, k: int):
+    """The final-normed hidden state of a Llama ``language_model`` run by hand over embeddings ``x [B, N, C]``, causal
+    with positions ``0..N-1``; before layer ``k`` the tokens are cut to the indices ``keep`` (a 1-D tensor), the
+    rotary tables, positions and mask with them: the reference the token-exit tests hold the hooks against."""
+    import torch
+
+    positions = torch.arange(x.shape[1])[None]
+    cos, sin = language_model.rotary_emb(x, positions)
+    mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1)[None, None]
+    for i, layer in enumerate(language_model.layers):
+        if i == k:
+            x, cos, sin, positions = x[:, keep], cos[:, keep], sin[:, keep], positions[:, keep]
+            mask = mask[..., keep, :][..., keep]
+        x = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=(cos, sin))
+        x = x[0] if isinstance(x, tuple) else x
+    return language_model.norm(x)
+
+
 def exited_greedy_tokens(module, spec, pixels, ids, new: int, exit_layer: int):
     """``ids`` followed by ``new`` greedy tokens of vision-language ``module`` (a loaded checkpoint's wrapper,
     ``spec`` its spec) with the image gone before decoder layer ``exit_layer``, in PyTorch: a loop over the exited

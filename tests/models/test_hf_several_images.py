@@ -20,8 +20,9 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import VISUAL_OFFSET, VISUAL_TOKENS, metadata
-from attnc.testing import (assert_clean_error, build_exited_engine, exited_greedy_tokens, image_token_types, run_cli,
-                           run_model, tensorrt_or_skip, tiny_llava, tiny_qwen_vl, tiny_vision_language)
+from attnc.testing import (assert_clean_error, build_exited_engine, exited_greedy_tokens, image_token_types,
+                           llama_layers_by_hand, run_cli, run_model, tensorrt_or_skip, tiny_llava, tiny_qwen_vl,
+                           tiny_vision_language)
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,17 +76,7 @@ def _hand_exit(module, pixels, ids, offsets, k):
             start = before
         x = torch.cat([*rows, text[:, start:]], 1)
         is_image = np.array(is_image + [False] * (ids.shape[1] - start))
-        keep = torch.from_numpy(np.flatnonzero(~is_image))
-        positions = torch.arange(x.shape[1])[None]
-        cos, sin = lm.rotary_emb(x, positions)
-        mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1)[None, None]
-        for i, layer in enumerate(lm.layers):
-            if i == k:
-                x, cos, sin, positions = x[:, keep], cos[:, keep], sin[:, keep], positions[:, keep]
-                mask = mask[..., keep, :][..., keep]
-            x = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=(cos, sin))
-            x = x[0] if isinstance(x, tuple) else x
-        x = lm.norm(x)
+        x = llama_layers_by_hand(lm, x, torch.from_numpy(np.flatnonzero(~is_image)), k)
         last = offsets[-1] if k < len(lm.layers) else offsets[-1] + images * P
         return module.model.lm_head(x[:, last:]).numpy()
 

@@ -20,9 +20,9 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata, ort_session
-from attnc.testing import (assert_clean_error, build_exited_engine, exited_greedy_tokens, image_token_types, run_cli,
-                           run_model, save_seeded, shape_profile, tensorrt_or_skip, tiny_llama, tiny_llava,
-                           tiny_vision_language)
+from attnc.testing import (assert_clean_error, build_exited_engine, exited_greedy_tokens, image_token_types,
+                           llama_layers_by_hand, run_cli, run_model, save_seeded, shape_profile, tensorrt_or_skip,
+                           tiny_llama, tiny_llava, tiny_vision_language)
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,17 +78,7 @@ def _hand_exit(module, pixels, ids, k, before=0):
         p = visual.shape[1]
         text = inner.get_input_embeddings()(ids)
         x = torch.cat([text[:, :before], visual, text[:, before:]], 1)
-        keep = torch.from_numpy(np.r_[0:before, before + p:x.shape[1]])
-        positions = torch.arange(x.shape[1])[None]
-        cos, sin = lm.rotary_emb(x, positions)
-        mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1)[None, None]
-        for i, layer in enumerate(lm.layers):
-            if i == k:
-                x, cos, sin, positions = x[:, keep], cos[:, keep], sin[:, keep], positions[:, keep]
-                mask = mask[..., keep, :][..., keep]
-            x = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=(cos, sin))
-            x = x[0] if isinstance(x, tuple) else x
-        x = lm.norm(x)
+        x = llama_layers_by_hand(lm, x, torch.from_numpy(np.r_[0:before, before + p:x.shape[1]]), k)
         return module.model.lm_head(x[:, before:] if k < len(lm.layers) else x[:, before + p:]).numpy()
 
 
