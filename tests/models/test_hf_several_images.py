@@ -113,7 +113,8 @@ def test_other_architectures(tmp_path, architecture):
     """Two images after 1 and 4 text tokens: transformers' logits with the processor's ``token_type_ids`` (Gemma 3's
     images attend within themselves both ways, each its own block; PaliGemma's whole prompt does); the dynamo export
     at another batch and length equals the module, and so does its exit before layer 1. Gemma 3's images as one
-    block would give other logits: the test tells the blocks apart."""
+    block would give other logits: the test tells the blocks apart; two images side by side are one block there, as
+    transformers groups them."""
     folder = tiny_vision_language(tmp_path / "ckpt", architecture)
     module, spec = with_text_before_image(*load_checkpoint(str(folder)), (1, 4))
     assert module.num_visual_tokens == 32
@@ -128,6 +129,12 @@ def test_other_architectures(tmp_path, architecture):
             joined = hf(input_ids=prompt, pixel_values=pixels.flatten(0, 1),
                         token_type_ids=torch.cat([torch.zeros(2, 1), torch.ones(2, 35), torch.zeros(2, 3)], 1).long())
             assert np.abs(joined.logits[:, 36:].numpy() - expected.numpy()).max() > 1e-3
+            # images side by side: one run of image tokens, one block, as transformers groups them
+            beside, _ = with_text_before_image(module, spec, (2, 2))
+            prompt = _prompt(ids, (2, 2), 16, 120)
+            expected = hf(input_ids=prompt, pixel_values=pixels.flatten(0, 1),
+                          **image_token_types(architecture, prompt, 120)).logits[:, 2 + 32:]
+            np.testing.assert_allclose(beside(pixels, ids).numpy(), expected, atol=2e-6, rtol=1e-5)
     path = tmp_path / "model.onnx"
     export_onnx(module, spec.example_inputs(), path, input_names=spec.input_names, dynamic_axes=spec.dynamic_axes)
     model = onnx.load(str(path))
