@@ -11,7 +11,8 @@ Static mode (one ``k`` for every input):
   predictions (without) stays within a bound, plus the whole table;
 - :func:`apply_static_token_exit` rewrites an exported graph: the hidden state entering
   decoder layer ``k`` is cut to its text tokens (``Slice(x, P, ∞, axis=1)``, or the ``Concat`` of
-  ``x[:, :K]`` and ``x[:, K + P:]``), so every later layer runs on ``K + T`` instead of ``K + P + T``
+  ``x[:, :K]`` and ``x[:, K + P:]``; several images' tokens, :class:`attnc.compiler.layout.VisualLayout`, the
+  ``Concat`` of the text's slices between them), so every later layer runs on ``K + T`` instead of ``K + P + T``
   tokens (masks, rotary tables and shape vectors read after the boundary are cut alike); a
   ``Slice(·, K + P, ∞, axis=1)`` the model itself applies after the decoder (``TinyVLM`` and
   vision-language checkpoints keep the text after the image) becomes an ``Identity``, or a slice
