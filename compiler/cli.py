@@ -315,10 +315,12 @@ def inspect_cmd(model_path, as_json, lower, precision, opt_shapes, dim_ranges, s
         layers = (f"{data['decoder_layers']} decoder layers (--exit-layer 0..{data['decoder_layers']})"
                   if data["decoder_layers"] is not None else f"no decoder layers found: {data['token_exit_problem']}")
         size = data["recorded"].get(onnx_io.IMAGE_SIZE)
-        console.print(f"vision-language: {data['recorded'][onnx_io.VISUAL_TOKENS]} visual tokens "
-                      f"{f'of a {size} image ' if size else ''}after "
-                      f"{data['recorded'].get(onnx_io.VISUAL_OFFSET, '0')} text tokens (recorded by attnc export); "
-                      f"token exit: {escape(layers)}")
+        offsets = data["recorded"].get(onnx_io.VISUAL_OFFSET, "0")
+        images = len(offsets.split(","))
+        of = (f"of a {size} image " if images == 1 else f"of {images} {size} images ") if size else \
+            ("" if images == 1 else f"of {images} images ")
+        console.print(f"vision-language: {data['recorded'][onnx_io.VISUAL_TOKENS]} visual tokens {of}after "
+                      f"{offsets} text tokens (recorded by attnc export); token exit: {escape(layers)}")
     table = Table("family", "fused op", "nodes", "inputs", "attributes", title="attention subgraphs")
     for m in data["matches"]:
         table.add_row(m["family"], m["op_type"], str(len(m["nodes"])),

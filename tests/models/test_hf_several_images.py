@@ -188,7 +188,7 @@ def test_compile_and_validate_through_the_cli(llava, two_images, tmp_path):
     refused), the manifest keeps them, and validate rebuilds the checkpoint with both images: it passes exited and
     not, and fails when the record is taken away (the checkpoint then takes one image in front of the text)."""
     folder, path = llava[0], two_images
-    assert "32 visual tokens of a 32x32 image after 2,5 text tokens" in run_cli("inspect", path).output
+    assert "32 visual tokens of 2 32x32 images after 2,5 text tokens" in run_cli("inspect", path).output
     for extra in ((), ("--token-exit", "static", "--exit-layer", 2)):
         out = tmp_path / f"out{len(extra)}"
         run_cli("compile", path, "-o", out, *extra)
