@@ -24,6 +24,7 @@ import attnc
 from attnc.compiler import onnx_io
 from attnc.compiler.backends import get_backend
 from attnc.compiler.errors import AttncError
+from attnc.compiler.layout import format_offsets, parse_offsets
 from attnc import passes
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,9 @@ def _shrink(model: onnx.ModelProto, options: CompileOptions, step) -> dict:
             raise AttncError("--token-exit needs the number of visual tokens, and the model records none",
                              "pass --visual-tokens N (the tokens in front of the text), or export the model with "
                              "attnc export, which records a vision-language model's")
-        offset = _recorded_offsets(model, options.visual_offset)
+        given = None if options.visual_offset is None else parse_offsets(options.visual_offset)
+        offset = _recorded(model, onnx_io.VISUAL_OFFSET, given, "--text-before-image", parse_offsets,
+                           format_offsets) or (0,)
         gate = token_exit.ExitGate.load(options.exit_gate) if options.exit_gate else None
         step(f"visual-token exit ({options.token_exit})")
         result["model"], report = token_exit.apply(
@@ -214,29 +217,19 @@ def _shrink(model: onnx.ModelProto, options: CompileOptions, step) -> dict:
     return result
 
 
-def _recorded(model: onnx.ModelProto, key: str, given: int | None, option: str) -> int | None:
-    """``given`` (an option's value) or what the export recorded under ``key``; both must agree."""
+def _count(value: str):
+    return int(value) if value.isdigit() else None
+
+
+def _recorded(model: onnx.ModelProto, key: str, given, option: str, read=_count, spell=str):
+    """``given`` (an option's value) or what the export recorded under ``key``, read by ``read`` (a count; the
+    offsets of ``--text-before-image``); both must agree, ``spell`` writing them in the error."""
     value = onnx_io.metadata(model, key)
-    recorded = int(value) if value is not None and value.isdigit() else None
+    recorded = read(value) if value else None
     if given is not None and recorded is not None and given != recorded:
-        raise AttncError(f"{option} {given} contradicts the {recorded} the model's export recorded",
-                         f"pass {option} {recorded}, or leave it out")
+        raise AttncError(f"{option} {spell(given)} contradicts the {spell(recorded)} the model's export recorded",
+                         f"pass {option} {spell(recorded)}, or leave it out")
     return given if given is not None else recorded
-
-
-def _recorded_offsets(model: onnx.ModelProto, given) -> tuple[int, ...]:
-    """``--text-before-image`` (one ``K`` per image) or what the export recorded; both must agree. ``(0,)`` where
-    neither says."""
-    from attnc.compiler.layout import format_offsets, parse_offsets
-
-    value = onnx_io.metadata(model, onnx_io.VISUAL_OFFSET)
-    recorded = parse_offsets(value) if value else None
-    given = parse_offsets(given) if given is not None else None
-    if given is not None and recorded is not None and given != recorded:
-        raise AttncError(f"--text-before-image {format_offsets(given)} contradicts the {format_offsets(recorded)} the "
-                         "model's export recorded", f"pass --text-before-image {format_offsets(recorded)}, or leave "
-                         "it out")
-    return given or recorded or (0,)
 
 
 def load_manifest(artefact_dir: str | os.PathLike) -> dict:
