@@ -112,8 +112,7 @@ class VisualLayout:
 
     def text_index(self, n: int) -> np.ndarray:
         """The text's indices in a sequence of ``n`` tokens."""
-        return np.concatenate([np.arange(a, n if b is None else b) for a, b in self.text_ranges(n)] or
-                              [np.zeros(0, np.int64)]).astype(np.int64)
+        return np.flatnonzero(~self.is_visual(n))
 
     def is_visual(self, n: int) -> np.ndarray:
         """``[n]`` bool: which of a sequence's ``n`` tokens are an image's."""

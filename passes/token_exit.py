@@ -207,7 +207,7 @@ def apply_static_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_vi
         raise AttncError(f"exit_layer must be in [{int(cached)}, {depth}] (the decoder has {depth} layers), got "
                          f"{exit_layer}", _CACHED_FIX if cached and exit_layer == 0 else "")
     _check_first_layer(model, exit_layer)
-    layout = _check_tokens(num_visual_tokens, visual_offset)
+    layout = VisualLayout.of(num_visual_tokens, visual_offset)
     report = TokenExitReport("static", int(exit_layer), depth, num_visual_tokens,
                              boundaries[exit_layer] if exit_layer < depth else "", visual_offset=_recorded(layout))
     if exit_layer == depth:
@@ -271,7 +271,7 @@ def apply_step_token_exit(onnx_model: onnx.ModelProto, exit_layer: int, num_visu
         raise AttncError(f"exit_layer must be in [1, {depth}] (the decoder has {depth} layers), got {exit_layer}",
                          _CACHED_FIX if exit_layer == 0 else "")
     _check_first_layer(model, exit_layer)
-    layout = _check_tokens(num_visual_tokens, visual_offset)
+    layout = VisualLayout.of(num_visual_tokens, visual_offset)
     report = TokenExitReport("static", int(exit_layer), depth, layout.tokens,
                              boundaries[exit_layer] if exit_layer < depth else "", visual_offset=_recorded(layout))
     if exit_layer == depth:
@@ -442,12 +442,6 @@ def _check_first_layer(model, layer: int, what: str = "the visual tokens go") ->
 def _first_exit_layer(model) -> int:
     value = metadata(model, FIRST_EXIT_LAYER)
     return int(value) if value and value.isdigit() else 0
-
-
-def _check_tokens(num_visual_tokens, visual_offset) -> VisualLayout:
-    """The layout of ``num_visual_tokens`` after ``visual_offset`` (:meth:`VisualLayout.of`, which raises on bad
-    ones)."""
-    return VisualLayout.of(num_visual_tokens, visual_offset)
 
 
 def _recorded(layout: VisualLayout) -> int | list[int]:
@@ -1007,7 +1001,7 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     if not 0 <= gate.layer < depth:
         raise AttncError(f"gate layer must be in [0, {depth}), got {gate.layer}")
     _check_first_layer(model, gate.layer, "the gate lets the visual tokens go")
-    layout = _check_tokens(num_visual_tokens, visual_offset)
+    layout = VisualLayout.of(num_visual_tokens, visual_offset)
     x = boundaries[gate.layer]
     prefix = f"token_exit/gate{gate.layer}"
     after = _downstream(model, x)
