@@ -317,8 +317,8 @@ def inspect_cmd(model_path, as_json, lower, precision, opt_shapes, dim_ranges, s
         size = data["recorded"].get(onnx_io.IMAGE_SIZE)
         offsets = data["recorded"].get(onnx_io.VISUAL_OFFSET, "0")
         images = len(offsets.split(","))
-        of = (f"of a {size} image " if images == 1 else f"of {images} {size} images ") if size else \
-            ("" if images == 1 else f"of {images} images ")
+        noun = f"{size} image" if size else "image"
+        of = (f"of a {noun} " if size else "") if images == 1 else f"of {images} {noun}s "
         console.print(f"vision-language: {data['recorded'][onnx_io.VISUAL_TOKENS]} visual tokens {of}after "
                       f"{offsets} text tokens (recorded by attnc export); token exit: {escape(layers)}")
     table = Table("family", "fused op", "nodes", "inputs", "attributes", title="attention subgraphs")
