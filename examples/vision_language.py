@@ -5,8 +5,9 @@ What ``attnc export CKPT --text-before-image K``, ``attnc compile --token-exit s
 ``(pixel_values, input_ids) -> logits``, the image after the prompt's first ``--text-before-image`` tokens (a chat
 template's text in front of the image; ``3,7`` for two images, the second after 7 tokens). It compiles it twice, as
 it is and with its visual tokens dropped before decoder layer ``--exit-layer``, validates each against the checkpoint
-doing the same in PyTorch, and times both on ONNX Runtime. Then it exports the two generation graphs (``--first-step``: the image and the prompt, their KV cache
-out; ``--with-past``: the language model's later steps), compiles and validates them, generates ``--generate``
+doing the same in PyTorch, and times both on ONNX Runtime. Then it exports the two generation graphs
+(``--first-step``: the image and the prompt, their KV cache out; ``--with-past``: the language model's later steps),
+compiles and validates them, generates ``--generate``
 tokens greedily for a batch of random images and prompts, and checks them against transformers' ``generate`` on
 the prompt with the image's placeholder tokens in place. Last, it compiles both generation graphs with the visual
 tokens dropped before ``--exit-layer`` (the later layers' caches then hold the text alone), validates them, and checks
