@@ -21,8 +21,8 @@ import torch
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import VISUAL_OFFSET, VISUAL_TOKENS, metadata
 from attnc.testing import (assert_clean_error, build_exited_engine, exited_greedy_tokens, image_token_types,
-                           llama_layers_by_hand, run_cli, run_model, tensorrt_or_skip, tiny_llava, tiny_qwen_vl,
-                           tiny_vision_language)
+                           llama_layers_by_hand, naming_the_draw, run_cli, run_model, tensorrt_or_skip, tiny_llava,
+                           tiny_qwen_vl, tiny_vision_language)
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,17 +81,29 @@ def _hand_exit(module, pixels, ids, offsets, k):
         return module.model.lm_head(x[:, last:]).numpy()
 
 
-@pytest.mark.parametrize("offsets", [(2, 5), (0, 0, 3), (1, 4, 4)])
+@pytest.mark.parametrize("offsets", [(2, 5), (0, 0, 3), (1, 4, 4), "drawn"])
 def test_llava_matches_transformers_and_the_hand_exit(llava, offsets):
-    """Two images between the text, three with two side by side, or the first in front of everything: transformers'
-    logits at the text after the last image, at two batch sizes and text lengths; the exit before each layer equals
-    the hand loop, and changes the logits before the last layer."""
+    """Two images between the text, three with two side by side, the first in front of everything, or 2-4 images at
+    offsets, batch sizes and text lengths drawn afresh each run: transformers' logits at the text after the last
+    image, at two batch sizes and text lengths; the exit before each layer equals the hand loop, and changes the
+    logits before the last layer."""
     folder, module, spec = llava
-    module, spec = with_text_before_image(module, spec, offsets)
+    draw, sizes = "fixed", None
+    if offsets == "drawn":
+        seed = int(np.random.SeedSequence().entropy % 2**32)
+        rng = np.random.default_rng(seed)
+        offsets = tuple(sorted(int(k) for k in rng.integers(0, 8, int(rng.integers(2, 5)))))
+        sizes = [(int(rng.integers(1, 4)), offsets[-1] + int(rng.integers(1, 9))) for _ in range(2)]
+        draw = f"seed {seed}: offsets {offsets}, (batch, tokens) {sizes}"
+    with naming_the_draw(draw):
+        _check_llava(folder, *with_text_before_image(module, spec, offsets), offsets, sizes)
+
+
+def _check_llava(folder, module, spec, offsets, sizes):
     images = len(offsets)
     assert module.num_visual_tokens == images * P and spec.inputs[0].shape == ("batch", images, 3, 32, 32)
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
-    for batch, seq in ((1, offsets[-1] + 2), (3, offsets[-1] + 6)):
+    for batch, seq in sizes or ((1, offsets[-1] + 2), (3, offsets[-1] + 6)):
         pixels, ids = spec.example_inputs(batch=batch, seq=seq, seed=seq)
         assert pixels.shape == (batch, images, 3, 32, 32)
         with torch.no_grad():
@@ -152,12 +164,13 @@ def test_other_architectures(tmp_path, architecture):
 def test_export_exits_and_gates(llava, request, tmp_path, exporter):
     """``attnc export --text-before-image 2,5`` (dynamo, dynamic batch and text) records both offsets; a TorchScript
     export of the LLaVA on plain multi-head attention at static shapes behaves alike. The graph, the static exit before
-    layers 0, 2 and 3 and the gate's two branches equal the module at every size."""
+    layers 0, 2 and 3 and the gate's two branches equal the module at every size (one drawn afresh each run)."""
     folder, module, spec = llava
     path = tmp_path / "llava.onnx"
     if exporter == "dynamo":
         path = request.getfixturevalue("two_images")
-        sizes = ((3, 8), (1, 12))
+        rng = np.random.default_rng()
+        sizes = ((3, 8), (1, 12), (int(rng.integers(1, 5)), int(rng.integers(6, 20))))   # the last drawn afresh
     else:
         folder = tiny_llava(tmp_path / "mha", kv_heads=None)
         module, spec = with_text_before_image(*load_checkpoint(str(folder)), (2, 5))
@@ -170,17 +183,18 @@ def test_export_exits_and_gates(llava, request, tmp_path, exporter):
     gates = {bias > 0: apply_dynamic_token_exit(model, ExitGate(1, np.zeros(32, np.float32), bias), 32, (2, 5))[0]
              for bias in (40.0, -40.0)}
     for batch, seq in sizes:
-        pixels, ids = spec.example_inputs(batch=batch, seq=seq, seed=seq)
-        feeds = {"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}
-        with torch.no_grad():
-            np.testing.assert_allclose(run_model(model, feeds), module(pixels, ids).numpy(), atol=1e-5, rtol=1e-4)
-            for k, exited in exits.items():
-                expected = module(pixels, ids, exit_layer=k).numpy()
-                assert expected.shape == (batch, seq - 5, 64)
-                np.testing.assert_allclose(run_model(exited, feeds), expected, atol=1e-5, rtol=1e-4)
-            for fires, gated in gates.items():
-                expected = module(pixels, ids, exit_layer=1 if fires else None)
-                np.testing.assert_allclose(run_model(gated, feeds), expected, atol=1e-5, rtol=1e-4)
+        with naming_the_draw(f"batch {batch}, {seq} text tokens"):
+            pixels, ids = spec.example_inputs(batch=batch, seq=seq, seed=seq)
+            feeds = {"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}
+            with torch.no_grad():
+                np.testing.assert_allclose(run_model(model, feeds), module(pixels, ids).numpy(), atol=1e-5, rtol=1e-4)
+                for k, exited in exits.items():
+                    expected = module(pixels, ids, exit_layer=k).numpy()
+                    assert expected.shape == (batch, seq - 5, 64)
+                    np.testing.assert_allclose(run_model(exited, feeds), expected, atol=1e-5, rtol=1e-4)
+                for fires, gated in gates.items():
+                    expected = module(pixels, ids, exit_layer=1 if fires else None)
+                    np.testing.assert_allclose(run_model(gated, feeds), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_compile_and_validate_through_the_cli(llava, two_images, tmp_path):
