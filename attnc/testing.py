@@ -140,13 +140,15 @@ def shape_profile(shapes: dict[str, Sequence[Sequence[int]]]) -> list[str]:
             for arg in (flag, f"{name}:{'x'.join(map(str, given[i]))}")]
 
 
-def build_exited_engine(path, pixel_shape: Sequence[int], text_before: int, out: Path, exit_layer: int = 2) -> dict:
-    """``attnc compile``'s fp16 TensorRT engine of the vision-language export at ``path`` (``pixel_values [batch,
-    *pixel_shape]``) with its image gone before decoder layer ``exit_layer``, at batch 1-4 and 1-64 text tokens after
-    the ``text_before`` in front of the image, written to ``out``; its manifest."""
+def build_exited_engine(path, pixel_shape: Sequence[int], text_before: int, out: Path, exit_layer: int = 2,
+                        pixels: str = "pixel_values") -> dict:
+    """``attnc compile``'s fp16 TensorRT engine of the vision-language export at ``path`` (``pixels [batch,
+    *pixel_shape]``: ``pixel_values``, or a clip's ``pixel_values_videos``) with its image gone before decoder layer
+    ``exit_layer``, at batch 1-4 and 1-64 text tokens after the ``text_before`` in front of the image, written to
+    ``out``; its manifest."""
     import json
 
-    profile = shape_profile({"pixel_values": [(b, *pixel_shape) for b in (1, 2, 4)],
+    profile = shape_profile({pixels: [(b, *pixel_shape) for b in (1, 2, 4)],
                              "input_ids": [(1, text_before + 1), (2, text_before + 16), (4, text_before + 64)]})
     run_cli("compile", path, "-o", out, "--backend", "tensorrt", "--precision", "fp16", "--token-exit", "static",
             "--exit-layer", exit_layer, *profile)
@@ -237,10 +239,12 @@ def tiny_llava(folder: Path, kv_heads: int | None = 2, strategy: str = "default"
 
 def tiny_llava_next(folder: Path, kv_heads: int | None = 2,
                     architecture: str = "LlavaNextForConditionalGeneration") -> Path:
-    """A seeded LLaVA-NeXT (``LlavaNextForConditionalGeneration``: :func:`tiny_llava`'s CLIP tower and Llama) or
+    """A seeded LLaVA-NeXT (``LlavaNextForConditionalGeneration``: :func:`tiny_llava`'s CLIP tower and Llama),
     LLaVA-OneVision (``architecture`` ``LlavaOnevisionForConditionalGeneration``: a SigLIP tower, its features
     shrunk past one tile's, ``anyres_max_1``; the image token 62, the video token 63, as in its checkpoints the image
-    token first): tiles of 32 pixels, 16 tokens each, grid pinpoints of 1 × 2, 2 × 1,
+    token first) or LLaVA-NeXT-Video (``LlavaNextVideoForConditionalGeneration``: LLaVA-NeXT's, each video frame's
+    features average-pooled 2× on a side; the image token 62, the video token 63): tiles of 32 pixels, 16 tokens
+    each, grid pinpoints of 1 × 2, 2 × 1,
     2 × 2, 3 × 1 and 1 × 3 tiles (LLaVA-1.6's, scaled to its tile), its ``image_newline`` and weights perturbed off
     their initial values, saved in ``folder``."""
     import transformers
@@ -254,6 +258,10 @@ def tiny_llava_next(folder: Path, kv_heads: int | None = 2,
         config = transformers.LlavaOnevisionConfig(
             vision_config=transformers.SiglipVisionConfig(**tower), text_config=text, image_token_index=62,
             video_token_index=63, image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_1")
+    elif architecture == "LlavaNextVideoForConditionalGeneration":
+        config = transformers.LlavaNextVideoConfig(
+            vision_config=transformers.CLIPVisionConfig(**tower, projection_dim=32), text_config=text,
+            image_token_index=62, video_token_index=63, vision_feature_layer=-2, image_grid_pinpoints=pinpoints)
     else:
         config = transformers.LlavaNextConfig(
             vision_config=transformers.CLIPVisionConfig(**tower, projection_dim=32), text_config=text,

@@ -129,11 +129,16 @@ def _offsets(value: str | None) -> tuple[int, ...] | None:
 
 
 def _vision_language_layout(model_ref: str, text_before_image: tuple[int, ...] | None,
-                            image_size: tuple[int, int] | None):
-    """MODEL resolved, its image after ``--text-before-image`` tokens and of ``--image-size`` where given."""
+                            image_size: tuple[int, int] | None, video_frames: int | None = None):
+    """MODEL resolved, its image after ``--text-before-image`` tokens, a video of ``--video-frames`` frames in its
+    place and of ``--image-size`` where given."""
     from attnc.compiler.export import resolve_model
 
     module, spec = resolve_model(model_ref)
+    if video_frames is not None:   # first: the offsets and the size then apply to the clip (one, at the tower's size)
+        from attnc.models.hf_checkpoint import with_video_frames
+
+        module, spec = with_video_frames(module, spec, video_frames)
     if text_before_image is not None:
         from attnc.models.hf_checkpoint import with_text_before_image
 
@@ -195,15 +200,19 @@ def _vision_language_layout(model_ref: str, text_before_image: tuple[int, ...] |
                    "original images, whose tiles the processor cuts (pixel_values [batch, tiles, 3, S, S]; default "
                    "one tile's size). "
                    "Others take their config's image_size.")
+@click.option("--video-frames", type=click.IntRange(min=1), default=None, metavar="F",
+              help="Vision-language checkpoints that read video (LLaVA-OneVision, LLaVA-NeXT-Video): a clip of F "
+                   "frames in place of the image, pixel_values_videos [batch, F, 3, S, S] at the vision tower's size "
+                   "S, as their video processors give it. The export records F: validate takes it.")
 @_handle_errors
 def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset, seed, int_high,
-               attention_mask, past, first_step, text_before_image, image_size) -> None:
+               attention_mask, past, first_step, text_before_image, image_size, video_frames) -> None:
     """Export MODEL (a bundled model name, a Hugging Face checkpoint directory or MODULE:FACTORY) to ONNX."""
     import torch
 
     from attnc.compiler.export import export_onnx
 
-    module, spec = _vision_language_layout(model_ref, text_before_image, image_size)
+    module, spec = _vision_language_layout(model_ref, text_before_image, image_size, video_frames)
     if past and first_step:
         raise AttncError("--with-past and --first-step export two graphs of one model",
                          "export each to its own file, one with each option")
@@ -279,6 +288,7 @@ def inspect_cmd(model_path, as_json, lower, precision, opt_shapes, dim_ranges, s
     from attnc.passes.core import value_shapes
 
     model = onnx_io.load_model(model_path)
+    passes.fold_static_shapes(model)   # as compile does: the passes then see the shapes compile's see
     at = tensorrt.profile_opt_shapes(model, opt_shapes=list(opt_shapes), dim_ranges=list(dim_ranges)) \
         if opt_shapes or dim_ranges else None
     reports = passes.find_attention(model, lower=list(lower), precision=precision, input_shapes=at)
@@ -317,8 +327,11 @@ def inspect_cmd(model_path, as_json, lower, precision, opt_shapes, dim_ranges, s
         size = data["recorded"].get(onnx_io.IMAGE_SIZE)
         offsets = data["recorded"].get(onnx_io.VISUAL_OFFSET, "0")
         images = len(offsets.split(","))
+        frames = data["recorded"].get(onnx_io.VIDEO_FRAMES)
         noun = f"{size} image" if size else "image"
         of = (f"of a {noun} " if size else "") if images == 1 else f"of {images} {noun}s "
+        if frames:
+            of = f"of a video of {frames} {size} frames "
         console.print(f"vision-language: {data['recorded'][onnx_io.VISUAL_TOKENS]} visual tokens {of}after "
                       f"{offsets} text tokens (recorded by attnc export); token exit: {escape(layers)}")
     table = Table("family", "fused op", "nodes", "inputs", "attributes", title="attention subgraphs")
@@ -523,13 +536,15 @@ def validate_cmd(artefact_dir, model_ref, inputs_npz, input_shapes, seed, int_hi
               metavar="N[,N...]", help="Vision-language checkpoints: as given to attnc export.")
 @click.option("--image-size", callback=lambda ctx, param, value: _image_size(value), default=None, metavar="HxW",
               help="Vision-language checkpoints: as given to attnc export.")
+@click.option("--video-frames", type=click.IntRange(min=1), default=None, metavar="F",
+              help="Vision-language checkpoints: as given to attnc export.")
 @click.option("--min-precision", type=click.FloatRange(0, 1), default=0.99, show_default=True,
               help="Of the calibration samples the gate lets exit, the share whose answer must stay the full "
                    "model's.")
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True)
 @_handle_errors
-def train_exit_gate_cmd(model_ref, output, layer, calibration, text_before_image, image_size, min_precision,
-                        steps) -> None:
+def train_exit_gate_cmd(model_ref, output, layer, calibration, text_before_image, image_size, video_frames,
+                        min_precision, steps) -> None:
     """Train a DyVTE exit gate for MODEL on calibration inputs (attnc.passes.token_exit.train_exit_gate).
 
     A sample's label is whether exiting before LAYER keeps the full model's top-1 answer (of the last text
@@ -542,7 +557,7 @@ def train_exit_gate_cmd(model_ref, output, layer, calibration, text_before_image
     from attnc.compiler.validate import load_inputs
     from attnc.passes.token_exit import exits_in_torch, train_exit_gate
 
-    module, spec = _vision_language_layout(model_ref, text_before_image, image_size)
+    module, spec = _vision_language_layout(model_ref, text_before_image, image_size, video_frames)
     if spec is None or not exits_in_torch(module) or len(spec.inputs) != 2:
         raise AttncError(f"{model_ref} cannot drop its visual tokens in PyTorch, so no gate can be trained on it",
                          "pass a bundled vision-language model or a vision-language checkpoint directory")

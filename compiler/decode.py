@@ -222,7 +222,7 @@ def generate_seq2seq(first, step, inputs, decoder_start_token_id: int, max_new_t
     return decode(state["outputs"], start, next_step, max_new_tokens, eos_token_id, pad_token_id, search)
 
 
-PIXELS = "pixel_values"
+PIXELS, VIDEOS = "pixel_values", "pixel_values_videos"
 
 
 def generate_vision_language(first, step, pixel_values, input_ids, attention_mask=None, exit_step=None,
@@ -235,7 +235,8 @@ def generate_vision_language(first, step, pixel_values, input_ids, attention_mas
 
     Args:
         first, step: loaded artefacts (:func:`attnc.runtime.load`) of those two graphs.
-        pixel_values: ``[B, C, H, W]`` one image per prompt.
+        pixel_values: ``[B, C, H, W]`` one image per prompt (``[B, N, C, H, W]``: ``N``; a first step exported with
+            ``--video-frames F`` takes its ``pixel_values_videos [B, F, C, S, S]`` here).
         input_ids: ``[B, T]`` prompts, the image going after their first ``K`` tokens as ``first`` was exported.
         attention_mask: ``[B, T]``, 0 at padding, for prompts of different lengths (``first`` exported with
             ``--with-attention-mask``): each row padded after its first ``K`` tokens, ``[K tokens][padding][text]``.
@@ -259,7 +260,8 @@ def generate_vision_language(first, step, pixel_values, input_ids, attention_mas
             out of range.
     """
     names = [s.name for s in first.input_specs]
-    if names not in ([PIXELS, IDS], [PIXELS, IDS, MASK]) or present_name(0, "key") not in first.output_names:
+    if names[:1] not in ([PIXELS], [VIDEOS]) or names[1:] not in ([IDS], [IDS, MASK]) or \
+            present_name(0, "key") not in first.output_names:
         raise AttncError(f"the first artefact takes {names} and gives {first.output_names[:2]}, not a vision-language "
                          "checkpoint's first generation step", "export it with `attnc export CKPT --first-step`")
     for later in (step, exit_step) if exit_step is not None else (step,):
@@ -270,8 +272,8 @@ def generate_vision_language(first, step, pixel_values, input_ids, attention_mas
     pixels, ids = np.asarray(pixel_values, dtype=np.float32), np.asarray(input_ids, dtype=np.int64)
     if ids.ndim != 2 or pixels.ndim < 2 or len(pixels) != len(ids):
         raise AttncError(f"pixel_values {list(pixels.shape)} and input_ids {list(ids.shape)} are no pair of one batch",
-                         "pass each prompt's images ([C, H, W], or [N, C, H, W] for N per prompt) and the prompts "
-                         "[batch, tokens]")
+                         "pass each prompt's images ([C, H, W], or [N, C, H, W] for N per prompt; a video's frames "
+                         "[F, C, H, W]) and the prompts [batch, tokens]")
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
     if mask.shape != ids.shape:
         raise AttncError(f"attention_mask {list(mask.shape)} is not input_ids' shape {list(ids.shape)}",
@@ -280,7 +282,7 @@ def generate_vision_language(first, step, pixel_values, input_ids, attention_mas
         raise AttncError("the prompts are padded, but the first step takes no attention_mask",
                          "export the first step with `attnc export CKPT --first-step --with-attention-mask`")
     search = _options(options)
-    outputs = first.infer({PIXELS: pixels, IDS: ids, **({MASK: mask} if MASK in names else {})})
+    outputs = first.infer({names[0]: pixels, IDS: ids, **({MASK: mask} if MASK in names else {})})
     if exit_step is not None and _cache_exit(outputs, ids.shape[1]) is not None:
         step = exit_step   # the first step's gate fired: its later layers cache the text alone
     _check_exits(outputs, ids.shape[1], step)

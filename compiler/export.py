@@ -17,8 +17,8 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.layout import format_offsets, parse_offsets
-from attnc.compiler.onnx_io import (FIRST_EXIT_LAYER, IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, save_model,
-                                    set_metadata)
+from attnc.compiler.onnx_io import (FIRST_EXIT_LAYER, IMAGE_SIZE, VIDEO_FRAMES, VISUAL_OFFSET, VISUAL_TOKENS,
+                                    save_model, set_metadata)
 from attnc.compiler.validate import eval_mode, kv_cache_off
 from attnc.plugins import attach_function_bodies
 
@@ -182,7 +182,8 @@ def record_facts(proto: onnx.ModelProto, model: torch.nn.Module) -> None:
     of them (its ``visual_offset``, :data:`attnc.compiler.onnx_io.VISUAL_OFFSET`; ``"5,9"`` for one per image of
     several), which ``attnc compile --token-exit``
     and ``attnc validate`` take, the size of its images (its ``image_size``, :data:`attnc.compiler.onnx_io.
-    IMAGE_SIZE`, ``HxW``: a generation step takes no image, but its visual tokens follow the size) and, where not 0,
+    IMAGE_SIZE`, ``HxW``: a generation step takes no image, but its visual tokens follow the size), the frames of a
+    video in its place (its ``video_frames``, :data:`attnc.compiler.onnx_io.VIDEO_FRAMES`) and, where not 0,
     the first decoder layer a token exit may precede (its ``first_exit_layer``, :data:`attnc.compiler.onnx_io.
     FIRST_EXIT_LAYER`: Qwen3-VL adds image features to the first layers' outputs)."""
     count = getattr(model, "num_visual_tokens", None)
@@ -192,6 +193,9 @@ def record_facts(proto: onnx.ModelProto, model: torch.nn.Module) -> None:
         size = getattr(model, "image_size", None)
         if size is not None:
             set_metadata(proto, IMAGE_SIZE, "x".join(str(int(d)) for d in size))
+        frames = getattr(model, "video_frames", None)
+        if frames is not None:
+            set_metadata(proto, VIDEO_FRAMES, str(frames))
         first = getattr(model, "first_exit_layer", 0)
         if first:   # Qwen3-VL's deepstack: image features go into the first decoder layers' outputs
             set_metadata(proto, FIRST_EXIT_LAYER, str(first))

@@ -703,10 +703,11 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, options=None, provid
 
 
 # metadata_props keys (attnc.compiler.export.record_facts): a vision-language model's visual tokens, the text
-# tokens in front of them and the size of its images (HxW)
+# tokens in front of them, the size of its images (HxW) and, for a video in place of the image, its frames
 VISUAL_TOKENS = "attnc.visual_tokens"
 VISUAL_OFFSET = "attnc.visual_offset"
 IMAGE_SIZE = "attnc.image_size"
+VIDEO_FRAMES = "attnc.video_frames"
 FIRST_EXIT_LAYER = "attnc.first_exit_layer"   # the first decoder layer a token exit may precede, where not 0
 
 

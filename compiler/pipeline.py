@@ -88,6 +88,7 @@ def compile_model(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     model = onnx_io.load_model(model_path)
     ops_before = onnx_io.op_counts(model)
     source_opset = onnx_io.default_opset(model)
+    passes.fold_static_shapes(model)   # a static trace's shape arithmetic that shape inference cannot follow
     timings["load_s"] = time.perf_counter() - t0
 
     shrink = _shrink(model, options, step)
@@ -335,7 +336,7 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     from attnc.compiler.reference import REFERENCES, shrink_cost, shrunk_model
     from attnc.compiler.report import write_report
     from attnc.models.hf_checkpoint import (MASK, CheckpointSpec, exited_spec, for_inputs, with_image_size,
-                                            with_text_before_image)
+                                            with_text_before_image, with_video_frames)
     from attnc.passes.prune_heads import kept_cache_runs
 
     if reference not in REFERENCES:
@@ -343,6 +344,9 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     manifest = load_manifest(artefact_dir)
     runner = _runner(artefact_dir, manifest)
     module, spec = resolve_model(model_ref)
+    frames = manifest.get("recorded", {}).get(onnx_io.VIDEO_FRAMES)
+    if isinstance(spec, CheckpointSpec) and spec.kind == "vlm" and frames:
+        module, spec = with_video_frames(module, spec, int(frames))   # exported with --video-frames
     offset = manifest.get("recorded", {}).get(onnx_io.VISUAL_OFFSET)
     if isinstance(spec, CheckpointSpec) and spec.kind == "vlm" and offset:
         module, spec = with_text_before_image(module, spec, offset)   # exported with --text-before-image

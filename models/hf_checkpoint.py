@@ -294,12 +294,11 @@ def _vision_language_masked(module: torch.nn.Module, spec: CheckpointSpec) -> tu
     from attnc.models import hf_vision_language
 
     wrapper = hf_vision_language.MaskedVisionLanguageOutput
-    offset, size = getattr(module, "visual_offset", 0), module.image_size
     ids = spec.inputs[spec.input_names.index("input_ids")]
-    return wrapper(module.model, offset, size).eval(), dataclasses.replace(
+    return wrapper(module.model, *module.placement).eval(), dataclasses.replace(
         spec, inputs=(*spec.inputs, dataclasses.replace(ids, name=MASK, high=2)), padding="left",
         padded_after=module.layout.text_before_end,
-        factory=functools.partial(_rewrapped, spec.factory, wrapper, offset, size))
+        factory=functools.partial(_rewrapped, spec.factory, wrapper, *module.placement))
 
 
 def _seq2seq_masked(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[MaskedSeq2SeqOutput, CheckpointSpec]:
@@ -336,17 +335,51 @@ def with_text_before_image(module: torch.nn.Module, spec: CheckpointSpec, tokens
     if offsets == parse_offsets(getattr(module, "visual_offset", 0)):
         return module, spec
     before, offset = module.layout.text_before_end, offsets[0] if len(offsets) == 1 else offsets
-    placed = wrapper(module.model, offset, module.image_size).eval()
-    shape = ("batch", *hf_vision_language.pixel_shape(module.model.config, type(module.model).__name__,
-                                                      module.image_size, len(offsets)))
+    placed = wrapper(module.model, offset, module.image_size, module.video_frames).eval()
     where = f"after {offsets[0]} text tokens" if len(offsets) == 1 else \
         f"and {len(offsets) - 1} more images after {format_offsets(offsets)} text tokens"
     return placed, dataclasses.replace(
-        spec, inputs=tuple(dataclasses.replace(s, shape=shape) if s.name == hf_vision_language.PIXELS else s
-                           for s in spec.inputs),
-        sizes={**spec.sizes, "seq": spec.sizes["seq"] - before + offsets[-1]}, padded_after=offsets[-1],
-        factory=functools.partial(_rewrapped, spec.factory, wrapper, offset, module.image_size),
-        description=spec.description.replace("with the image in front of the text", f"with the image {where}"))
+        spec, inputs=_visual_input(placed, spec), sizes={**spec.sizes, "seq": spec.sizes["seq"] - before + offsets[-1]},
+        padded_after=offsets[-1], factory=functools.partial(_rewrapped, spec.factory, wrapper, *placed.placement),
+        description=spec.description.replace("in front of the text", where))
+
+
+def _visual_input(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[InputSpec, ...]:
+    """``spec``'s inputs with the visual one (``pixel_values``, or ``pixel_values_videos``) named and shaped as
+    ``module`` (a :class:`~attnc.models.hf_vision_language.VisionLanguageOutput`) takes it."""
+    from attnc.models import hf_vision_language
+
+    shape = ("batch", *hf_vision_language.pixel_shape(module.model.config, type(module.model).__name__,
+                                                      module.image_size, module.images, module.video_frames))
+    visual = (hf_vision_language.PIXELS, hf_vision_language.VIDEOS)
+    return tuple(dataclasses.replace(s, name=module.visual_input, shape=shape) if s.name in visual else s
+                 for s in spec.inputs)
+
+
+def with_video_frames(module: torch.nn.Module, spec: CheckpointSpec, frames: int
+                      ) -> tuple[torch.nn.Module, CheckpointSpec]:
+    """A loaded vision-language checkpoint taking a clip of ``frames`` frames in place of its image (``attnc export
+    --video-frames``; LLaVA-OneVision and LLaVA-NeXT-Video, :class:`attnc.models.hf_llava_next.LlavaVideoEncoder`):
+    the same wrapper on the video, its ``pixel_values_videos [batch, F, C, S, S]`` at the vision tower's size ``S``
+    in place of ``pixel_values``.
+
+    Raises:
+        AttncError: the checkpoint is no vision-language model's, reads no video, or ``frames`` is below 1.
+    """
+    from attnc.models import hf_vision_language
+
+    if not isinstance(spec, CheckpointSpec) or spec.kind != "vlm" or \
+            not isinstance(module, hf_vision_language.VisionLanguageOutput):
+        raise AttncError(f"{spec.name if spec else 'this model'} is no vision-language checkpoint: --video-frames "
+                         "sets the frames of the video it takes", "export it without the option")
+    if frames == module.video_frames:
+        return module, spec
+    wrapper = type(module)
+    clip = wrapper(module.model, module.visual_offset, None, frames).eval()
+    return clip, dataclasses.replace(
+        spec, inputs=_visual_input(clip, spec),
+        factory=functools.partial(_rewrapped, spec.factory, wrapper, *clip.placement),
+        description=spec.description.replace("the image", f"a video of {frames} frames"))
 
 
 def with_image_size(module: torch.nn.Module, spec: CheckpointSpec, size: tuple[int, int]
@@ -369,14 +402,10 @@ def with_image_size(module: torch.nn.Module, spec: CheckpointSpec, size: tuple[i
     size = tuple(int(d) for d in size)
     if size == module.image_size:
         return module, spec
-    wrapper, offset = type(module), module.visual_offset
-    resized = wrapper(module.model, offset, size).eval()
-    shape = ("batch", *hf_vision_language.pixel_shape(module.model.config, type(module.model).__name__, size,
-                                                      module.images))
-    inputs = tuple(dataclasses.replace(s, shape=shape) if s.name == hf_vision_language.PIXELS else s
-                   for s in spec.inputs)
-    return resized, dataclasses.replace(spec, inputs=inputs,
-                                        factory=functools.partial(_rewrapped, spec.factory, wrapper, offset, size))
+    wrapper = type(module)
+    resized = wrapper(module.model, module.visual_offset, size, module.video_frames).eval()
+    return resized, dataclasses.replace(spec, inputs=_visual_input(resized, spec), factory=functools.partial(
+        _rewrapped, spec.factory, wrapper, *resized.placement))
 
 
 def _rewrapped(factory, wrapper: type, *args) -> torch.nn.Module:
@@ -493,7 +522,7 @@ def with_past(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[torch.nn.M
         from attnc.models import hf_vision_language
 
         wrapper = hf_vision_language.VisionLanguageStep
-        known = (module.num_visual_tokens, getattr(module, "visual_offset", 0), module.image_size)
+        known = (module.num_visual_tokens, module.visual_offset, module.image_size, module.video_frames)
     return wrapper(model, len(layers), *known).eval(), dataclasses.replace(
         spec, inputs=(ids, InputSpec(MASK, ("batch", TOTAL), torch.int64, 2), *past),
         sizes={"batch": BATCH, "seq": STEP, "past": PAST}, dynamic=("batch", "seq", "past", TOTAL),
@@ -694,12 +723,11 @@ def _vision_language_first_step(module: torch.nn.Module, spec: CheckpointSpec
 
     masked = MASK in spec.input_names
     wrapper = hf_vision_language.MaskedVisionLanguageFirstStep if masked else hf_vision_language.VisionLanguageFirstStep
-    offset, visual, size = getattr(module, "visual_offset", 0), module.num_visual_tokens, module.image_size
     layers = _cache_layout(module.model)
-    axes = tuple(("batch", h, f"seq + {visual}", d) for h, k, v, _ in layers for d in (k, v))
-    return wrapper(module.model, offset, size).eval(), dataclasses.replace(
+    axes = tuple(("batch", h, f"seq + {module.num_visual_tokens}", d) for h, k, v, _ in layers for d in (k, v))
+    return wrapper(module.model, *module.placement).eval(), dataclasses.replace(
         spec, outputs=(decode.LOGITS, *_cache_names(decode.present_name, len(layers))), more_output_axes=axes,
-        factory=functools.partial(_rewrapped, spec.factory, wrapper, offset, size))
+        factory=functools.partial(_rewrapped, spec.factory, wrapper, *module.placement))
 
 
 def exited_spec(module: torch.nn.Module, spec: CheckpointSpec, exit_layer: int) -> CheckpointSpec:

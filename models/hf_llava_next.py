@@ -16,6 +16,13 @@ OneVision's grid shrinks to, and ``P``. ``attnc export CKPT --image-size HxW`` f
 processor's ``pixel_values [B, N, 3, S, S]`` for images of that size (resize an image to it before the processor,
 and the processor cuts the tiles the export reads). Everything built for LLaVA then works: the layout is LLaVA's
 ``[K text][P visual][T text]``.
+
+Video (``attnc export --video-frames F``): LLaVA-OneVision and LLaVA-NeXT-Video read a clip of ``F`` frames at the
+tower's size (``pixel_values_videos [B, F, 3, S, S]``, what their video processors give). ``get_video_features`` runs
+the tower on every frame and pools each frame's features 2× on a side (OneVision bilinearly to ``ceil(side / 2)``,
+NeXT-Video by its ``vision_resampler``), the frames one after the other; OneVision ends the clip with one
+``image_newline``. :class:`LlavaVideoEncoder` calls it, so ``P`` (``F`` times the pooled tokens of a frame, plus
+OneVision's newline) is the video's, in place of the image's: ``[K text][P video][T text]``.
 """
 
 from __future__ import annotations
@@ -28,7 +35,11 @@ from attnc.compiler.errors import AttncError
 
 # config.architectures[0] of the checkpoints LlavaNextImageEncoder reads (checked against transformers' forward in
 # tests/models/test_hf_llava_next.py)
-ARCHITECTURES = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
+ARCHITECTURES = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
+                 "LlavaNextVideoForConditionalGeneration")
+# ... and those LlavaVideoEncoder reads a video of (checked against transformers' forward in
+# tests/models/test_hf_video.py)
+VIDEO_ARCHITECTURES = ("LlavaOnevisionForConditionalGeneration", "LlavaNextVideoForConditionalGeneration")
 
 
 def is_llava_next(model_or_name) -> bool:
@@ -36,6 +47,19 @@ def is_llava_next(model_or_name) -> bool:
     reads."""
     name = model_or_name if isinstance(model_or_name, str) else type(model_or_name).__name__
     return name in ARCHITECTURES
+
+
+def takes_video(model_or_name) -> bool:
+    """Whether ``model_or_name`` (a transformers model or its class name) is one :class:`LlavaVideoEncoder` reads."""
+    name = model_or_name if isinstance(model_or_name, str) else type(model_or_name).__name__
+    return name in VIDEO_ARCHITECTURES
+
+
+def video_shape(config, frames: int) -> tuple[int, int, int, int]:
+    """``(F, C, S, S)``: the video processor's ``pixel_values_videos`` of one clip of ``frames`` frames at the vision
+    tower's size ``S``."""
+    vision = config.vision_config
+    return frames, getattr(vision, "num_channels", 3), vision.image_size, vision.image_size
 
 
 def image_size(config, size: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -135,3 +159,48 @@ class LlavaNextImageEncoder(torch.nn.Module):
         newline = model.model.image_newline.to(grid.dtype)[None, :, None, None]
         grid = torch.cat([grid, newline.expand(batch, width, grid.shape[2], 1)], -1)
         return torch.cat([whole, grid.flatten(2).transpose(1, 2)], 1), []
+
+
+class LlavaVideoEncoder(torch.nn.Module):
+    """``pixel_values_videos [B, F, 3, S, S] -> [B, P, C]``: what ``get_video_features`` computes for a clip of
+    ``frames`` frames (transformers' own function: it exports as it is): each frame's tower features pooled 2× on a
+    side, the frames one after the other, LLaVA-OneVision's ``image_newline`` after the last. ``P`` is a Python int,
+    counted without running the tower: the pooling of one frame's ``side × side`` features, times ``F``."""
+
+    def __init__(self, model: torch.nn.Module, frames: int):
+        super().__init__()
+        if not takes_video(model):
+            raise AttncError(f"attnc reads no video of {type(model).__name__}",
+                             f"export it without --video-frames; video works on {', '.join(VIDEO_ARCHITECTURES)}")
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise AttncError(f"a video of {frames!r} frames has no frames", "pass --video-frames F, F at least 1")
+        self.model = [model]   # not a submodule: VisionLanguageOutput holds it
+        self.frames = frames
+        config, inner = model.config, model.model
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        self.image_size = (vision.image_size, vision.image_size)   # the video processor's frames: the tower's size
+        with torch.no_grad():   # one frame's pooled tokens, from blank features of the width the pooling reads
+            if hasattr(inner, "apply_pooling"):   # OneVision: pooled after the projector, one newline per clip
+                per_frame = inner.apply_pooling(torch.zeros(1, side * side, config.text_config.hidden_size)).shape[1]
+                newline = 1
+            else:   # NeXT-Video: its vision_resampler pools the tower's features before the projector
+                per_frame = inner.vision_resampler(torch.zeros(1, side * side, vision.hidden_size)).shape[1]
+                newline = 0
+        self.num_visual_tokens = frames * int(per_frame) + newline
+
+    def forward(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        return self.features(pixel_values_videos)[0]
+
+    def features(self, pixel_values_videos: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """``([B, P, C], [])``: the clip's tokens (no deepstack features: :class:`~attnc.models.hf_qwen_vl.
+        QwenImageEncoder`'s interface)."""
+        model = self.model[0]
+        if pixel_values_videos.dim() != 5 or pixel_values_videos.shape[1] != self.frames:
+            raise ValueError(f"pixel_values_videos {list(pixel_values_videos.shape)} is no [batch, {self.frames}, "
+                             "channels, height, width] batch of clips")
+        config = model.config
+        out = model.model.get_video_features(pixel_values_videos, vision_feature_layer=config.vision_feature_layer,
+                                             vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                             return_dict=True)
+        return out.pooler_output, []

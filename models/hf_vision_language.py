@@ -24,6 +24,8 @@ attend to each other both ways and PaliGemma's whole prompt does (:func:`languag
 layers by :func:`masking_layers`). A prompt may hold several images of one size (``attnc export
 --text-before-image 5,9``: image ``i`` after the first ``K_i`` text tokens, :class:`attnc.compiler.layout.VisualLayout`;
 ``pixel_values [B, N, C, H, W]``) on the architectures of :data:`ARCHITECTURES`; the token exit drops all of them.
+LLaVA-OneVision and LLaVA-NeXT-Video take a clip of ``F`` frames in place of the image (``attnc export --video-frames
+F``, ``pixel_values_videos [B, F, 3, S, S]``, :class:`attnc.models.hf_llava_next.LlavaVideoEncoder`).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ CAPPED_LOGITS = ("PaliGemmaForConditionalGeneration",)
 # ... and those whose images are read at one size of any (their processors tile each image at its own size)
 SIZED = (*hf_qwen_vl.ARCHITECTURES, *hf_llava_next.ARCHITECTURES)
 EXPORTED = (*ARCHITECTURES, *SIZED)
-PIXELS, IDS = "pixel_values", "input_ids"
+PIXELS, VIDEOS, IDS = "pixel_values", "pixel_values_videos", "input_ids"
 _VISUAL_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> P
 
 
@@ -74,10 +76,14 @@ def image_size_of(config, name: str, size: tuple[int, int] | None = None) -> tup
     return config_image_size(config.vision_config)
 
 
-def pixel_shape(config, name: str, size: tuple[int, int] | None = None, images: int = 1) -> tuple[int, ...]:
+def pixel_shape(config, name: str, size: tuple[int, int] | None = None, images: int = 1,
+                frames: int | None = None) -> tuple[int, ...]:
     """The shape of one prompt's ``pixel_values`` (after the batch axis) an export of architecture ``name`` takes
     for images of ``size`` (:func:`image_size_of`): ``(C, H, W)``, ``(N, C, H, W)`` for ``N`` images per prompt;
-    LLaVA-NeXT's ``(N, C, S, S)``, the processor's ``N`` tiles of the vision tower's size ``S``."""
+    LLaVA-NeXT's ``(N, C, S, S)``, the processor's ``N`` tiles of the vision tower's size ``S``; of a clip of
+    ``frames`` frames, ``pixel_values_videos``' ``(F, C, S, S)``."""
+    if frames is not None:
+        return hf_llava_next.video_shape(config, frames)
     size = image_size_of(config, name, size)
     if hf_llava_next.is_llava_next(name):
         return hf_llava_next.pixel_shape(config, size)
@@ -115,15 +121,19 @@ class VisionLanguageOutput(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, text_before_image: int | tuple[int, ...] = 0,
-                 image_size: tuple[int, int] | None = None):
+                 image_size: tuple[int, int] | None = None, video_frames: int | None = None):
         super().__init__()
         offsets = parse_offsets(text_before_image)
         self.model = model
         # K as given: an int for one image, a tuple of one K per image for several (the export records it)
         self.visual_offset = offsets[0] if len(offsets) == 1 else offsets
         self.images = len(offsets)
+        self.video_frames = video_frames   # a clip of F frames in place of the image (attnc export --video-frames)
         vision = model.config.vision_config
         self.first_exit_layer = hf_qwen_vl.deepstack_layers(vision)   # the export records it for the exit pass
+        if video_frames is not None:
+            self._video(image_size)
+            return
         self.image_size = image_size_of(model.config, type(model).__name__, image_size)
         if image_size is not None and tuple(image_size) != self.image_size:   # an architecture of one size
             raise AttncError(f"{type(model).__name__} takes images of {self.image_size[0]}x{self.image_size[1]} "
@@ -148,6 +158,32 @@ class VisionLanguageOutput(torch.nn.Module):
                 blank = torch.zeros(1, getattr(vision, "num_channels", 3), *self.image_size)
                 _VISUAL_TOKENS[model] = int(self._features(blank).shape[1])
         self.num_visual_tokens = _VISUAL_TOKENS[model] * self.images   # P: every image's tokens
+
+    def _video(self, image_size: tuple[int, int] | None) -> None:
+        """Take one clip of ``video_frames`` frames at the tower's size in place of the image
+        (:class:`attnc.models.hf_llava_next.LlavaVideoEncoder`)."""
+        name = type(self.model).__name__
+        if self.images > 1:
+            raise AttncError(f"attnc exports {name} with one video per prompt, not {self.images}",
+                             "export it with one offset in --text-before-image")
+        self.encoder = hf_llava_next.LlavaVideoEncoder(self.model, self.video_frames)
+        self.image_size = self.encoder.image_size
+        if image_size is not None and tuple(image_size) != self.image_size:
+            raise AttncError(f"{name} reads a video's frames at {self.image_size[0]}x{self.image_size[1]} pixels (its "
+                             f"vision tower's size), not {image_size[0]}x{image_size[1]}",
+                             "drop --image-size: the video processor resizes the frames to the tower's size")
+        self.num_visual_tokens = self.encoder.num_visual_tokens
+
+    @property
+    def placement(self) -> tuple:
+        """``(visual_offset, image_size, video_frames)``: the arguments after the model that build this module's
+        layout again (every variant of an export wraps the model with them)."""
+        return self.visual_offset, self.image_size, self.video_frames
+
+    @property
+    def visual_input(self) -> str:
+        """The name of the graph's visual input: :data:`VIDEOS` for a clip, else :data:`PIXELS`."""
+        return PIXELS if self.video_frames is None else VIDEOS
 
     @property
     def layout(self) -> VisualLayout:
@@ -437,11 +473,13 @@ class VisionLanguageStep(CachedStep):
     """
 
     def __init__(self, model: torch.nn.Module, layers: int, num_visual_tokens: int,
-                 visual_offset: int | tuple[int, ...] = 0, image_size: tuple[int, int] | None = None):
+                 visual_offset: int | tuple[int, ...] = 0, image_size: tuple[int, int] | None = None,
+                 video_frames: int | None = None):
         super().__init__(model, layers)
         self.num_visual_tokens, self.visual_offset = num_visual_tokens, visual_offset
         self.layout = VisualLayout.of(num_visual_tokens, visual_offset)
-        self.image_size = image_size   # recorded beside P: Qwen2-VL's P follows it
+        # recorded beside P: Qwen2-VL's P follows the image size, a video's the frames
+        self.image_size, self.video_frames = image_size, video_frames
         self.first_exit_layer = hf_qwen_vl.deepstack_layers(model.config.vision_config)
         # M-RoPE places the text after the image max(rows, columns) after its front, not P: every later token as far;
         # PaliGemma's positions count from 1

@@ -14,7 +14,7 @@ import onnx
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import weights_standing_in, with_weights
-from attnc.passes.core import Match, NearMiss, PassReport, collapse_flat_transposes, named_copy
+from attnc.passes.core import Match, NearMiss, PassReport, collapse_flat_transposes, fold_static_shapes, named_copy
 from attnc.plugins import attach_function_bodies
 
 log = logging.getLogger(__name__)
@@ -140,4 +140,4 @@ def _fuse(model, order, lower, auto, precision, input_shapes, backend) -> tuple[
 
 
 __all__ = ["AUTO", "FUSION_PASSES", "LOWERINGS", "ROUTED", "Match", "NearMiss", "PassReport", "available_families",
-           "find_attention", "fuse_attention"]
+           "find_attention", "fold_static_shapes", "fuse_attention"]

@@ -14,6 +14,7 @@ nothing of attnc still runs them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,6 +25,8 @@ from onnx import numpy_helper
 
 from attnc import DOMAIN, DOMAIN_VERSION
 from attnc.compiler.onnx_io import initializer_array, light_copy, light_initializer, ort_session
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -498,6 +501,63 @@ def depends_on_data(model: onnx.ModelProto, name: str) -> bool:
         stack.extend(node.input)
         stack.extend(subgraph_inputs(node))
     return False
+
+
+_INTEGERS = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+
+
+def fold_static_shapes(model: onnx.ModelProto) -> int:
+    """In a graph of static inputs, replace the integer shape computations ONNX shape inference cannot follow by
+    their values (in place), so that it knows the shapes behind them again; return how many tensors were folded.
+
+    A TorchScript trace at static sizes keeps what Python computed from a tensor's size as ops: LLaVA-NeXT-Video's
+    pooler reshapes each frame's features by ``int(math.sqrt(features.shape[1]))`` (``Shape``, ``Cast``, ``Sqrt``,
+    ``Cast``). Shape inference propagates values through few ops (``Shape``, ``Gather``, ``Concat``, integer
+    arithmetic), not those, so the pooled features' dims stay unknown, and every token axis behind them, the
+    decoder's too: head pruning's head split and the token exit's token counts stop there. At static inputs such a
+    tensor has one value: each integer tensor computed from the inputs' shapes alone (never their values) that a
+    node of unknown output shape reads (OneVision's ``Tile`` of its newline token by the clip's batch) is evaluated
+    (one ONNX Runtime run of what they depend on) and becomes an initializer. Nothing runs where an input is dynamic
+    or no such node exists."""
+    graph = model.graph
+    if not graph.input or not all(d.HasField("dim_value") for i in graph.input for d in i.type.tensor_type.shape.dim):
+        return 0
+    shapes, types = value_shapes_and_types(model)
+    fixed = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    data = {i.name for i in graph.input}   # what reads the inputs' values, in graph order
+    for node in graph.node:
+        reads = any(i in data for i in node.input) or subgraph_inputs(node) & data
+        if node.op_type not in ("Shape", "Size") and reads:
+            data.update(node.output)
+
+    def unknown(name):
+        return name not in shapes or not all(isinstance(d, int) for d in shapes[name])
+
+    frontier = sorted({i for node in graph.node if any(unknown(o) for o in node.output if o)
+                       for i in node.input if i and i not in data and i not in fixed and types.get(i) in _INTEGERS})
+    if not frontier:
+        return 0
+    try:
+        [values] = evaluate_tensors(model, frontier)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors subclass Exception only
+        log.info("fold_static_shapes: the shape computations do not run (%s); left as they are", exc)
+        return 0
+    folded = {}
+    for name in frontier:
+        value = np.asarray(values[name])
+        if value.size <= 1024:   # shape vectors and indices, never a tensor of the model's size
+            folded[name] = f"{name}/folded"
+            graph.initializer.append(numpy_helper.from_array(value, folded[name]))
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in folded:
+                node.input[k] = folded[name]
+    stale = [v for v in graph.value_info if unknown(v.name)]   # inferred again from the folded values
+    for v in stale:
+        graph.value_info.remove(v)
+    remove_dead_nodes(model)
+    log.info("fold_static_shapes: %d shape computations folded", len(folded))
+    return len(folded)
 
 
 def fixed_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:

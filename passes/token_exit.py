@@ -47,8 +47,9 @@ from onnx import helper, numpy_helper
 from attnc.compiler.errors import AttncError
 from attnc.compiler.layout import VisualLayout
 from attnc.compiler.onnx_io import FIRST_EXIT_LAYER, metadata, on_stand_in_weights, ort_session
-from attnc.passes.core import (constant_value, depends_on_data, dim_terms, evaluate_tensors, name_nodes, producers,
-                               remove_dead_nodes, sampled_dim, toposort, value_shapes, value_shapes_and_types)
+from attnc.passes.core import (constant_value, depends_on_data, dim_terms, evaluate_tensors, fold_static_shapes,
+                               name_nodes, producers, remove_dead_nodes, sampled_dim, toposort, value_shapes,
+                               value_shapes_and_types)
 
 log = logging.getLogger(__name__)
 
@@ -425,6 +426,7 @@ def _copy(model):
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     name_nodes(copy)
+    fold_static_shapes(copy)   # a static trace whose shapes inference cannot follow: the token counts are read there
     return copy
 
 

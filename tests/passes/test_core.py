@@ -1,6 +1,7 @@
 """Shared pass helpers: evaluating tensors at sampled sizes (``evaluate_tensors``), where a dim named as a
 sum of others (``"past + seq"``, a generation step's mask over its cache and its new tokens) gets their sum; the
-stable topological sort passes run after inserting nodes."""
+stable topological sort passes run after inserting nodes; the folding of a static trace's shape arithmetic that shape
+inference cannot follow."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from attnc.passes.core import dim_size, dim_terms, evaluate_tensors, sampled_dim, toposort
+from attnc.passes.core import (dim_size, dim_terms, evaluate_tensors, fold_static_shapes, sampled_dim, toposort,
+                               value_shapes)
+from attnc.testing import run_model
 
 
 def _concat_then_add(total: str) -> onnx.ModelProto:
@@ -91,3 +94,50 @@ def test_toposort_is_stable():
     names = [n.name for n in model.graph.node]
     assert names == ["c", "a0", "a1", "a2", "if", "b0", "b1"], names
     onnx.checker.check_model(model)
+
+
+def _pooled(tokens, width: int, batch=2) -> onnx.ModelProto:
+    """``x [batch, tokens, width]`` reshaped to ``[batch, s, s, width]`` by ``s = int(sqrt(tokens))`` computed from its
+    shape (``Shape``, ``Cast``, ``Sqrt``, ``Cast``: LLaVA-NeXT-Video's pooler as TorchScript traces it), then
+    ``[batch, s * s * width]`` by a ``Tile`` of a learned row by the batch read from the shape, the two concatenated
+    and scaled by ``x``'s mean."""
+    const = lambda name, value: helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(  # noqa
+        np.array(value, np.int64)))
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), const("one", [1]), const("zero", [0]),
+             const("rest", [-1]), const("w", [width]),
+             helper.make_node("Gather", ["shape", "one"], ["n"]), helper.make_node("Gather", ["shape", "zero"], ["b"]),
+             helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT), helper.make_node("Sqrt", ["nf"], ["sf"]),
+             helper.make_node("Cast", ["sf"], ["s"], to=TensorProto.INT64),
+             helper.make_node("Concat", ["b", "s", "s", "w"], ["grid"], axis=0),
+             helper.make_node("Reshape", ["x", "grid"], ["pooled"]),
+             helper.make_node("Concat", ["b", "rest"], ["flat"], axis=0),
+             helper.make_node("Reshape", ["pooled", "flat"], ["rows"]),
+             helper.make_node("Concat", ["b", "one"], ["repeats"], axis=0),
+             helper.make_node("Tile", ["row", "repeats"], ["rows2"]),
+             helper.make_node("Concat", ["rows", "rows2"], ["both"], axis=1),
+             helper.make_node("ReduceMean", ["x"], ["mean"], keepdims=0),
+             helper.make_node("Mul", ["both", "mean"], ["y"])]
+    row = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((1, 3)).astype(np.float32), "row")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, tokens,
+                                                                                                      width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=[row])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("tokens,width", [(16, 4), (49, 3), (9, 5)])
+def test_static_shape_arithmetic_is_folded(tokens, width):
+    """A static graph whose reshape sizes come through ``Sqrt`` (and a ``Tile`` by the batch): shape inference leaves
+    the output's dims unknown; folded, every shape is known, and the graph computes what it did on fresh inputs. A
+    graph of dynamic inputs is left as it is."""
+    model = _pooled(tokens, width)
+    before = value_shapes(model)
+    assert not all(isinstance(d, int) for d in before["y"])   # what the passes could not read
+    x = np.random.default_rng().standard_normal((2, tokens, width)).astype(np.float32)
+    expected = run_model(model, {"x": x})
+    assert fold_static_shapes(model) == 3   # the shapes of both reshapes and the tile's repeats
+    assert value_shapes(model)["y"] == [2, tokens * width + 3]
+    assert not any(n.op_type in ("Sqrt", "Cast", "Shape") for n in model.graph.node)
+    np.testing.assert_allclose(run_model(model, {"x": x}), expected, rtol=1e-6)
+    assert fold_static_shapes(model) == 0   # nothing left to fold
+    dynamic = _pooled("tokens", width, batch="batch")
+    assert fold_static_shapes(dynamic) == 0 and any(n.op_type == "Sqrt" for n in dynamic.graph.node)
