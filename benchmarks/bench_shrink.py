@@ -20,7 +20,9 @@ random weights), exited and validated as ``llava`` is; ``llava_next`` a transfor
 a 448-pixel square in 224-pixel tiles (1312 visual + 32 text tokens, 8 decoder layers, random weights), alike;
 ``gemma3`` a transformers Gemma 3 checkpoint (256 visual tokens attending to each other both ways + 32 text tokens,
 8 decoder layers, random weights), alike; ``llava_images`` ``llava``'s checkpoint with two images per prompt (after 5
-and 9 text tokens: 1152 visual + 32 text tokens), alike. The passes
+and 9 text tokens: 1152 visual + 32 text tokens), alike; ``onevision_video`` a transformers LLaVA-OneVision checkpoint
+reading a clip of 8 frames of 384 pixels (``--video-frames 8``: 8 × 196 pooled tokens and a newline, 1569 visual + 32
+text tokens, 8 decoder layers, random weights), alike. The passes
 are applied (pruning: weight, activation, gradient and ablation scores, one-shot and iterative, with and without a
 short fine-tune) and the tables printed: accuracy, parameters, attention FLOPs and ONNX Runtime CPU latency
 before/after. Latencies of a "before" and its "after" are measured side by
@@ -492,6 +494,34 @@ def bench_llava_images(tmp: Path, reps: int, threads: int, smoke: bool = False) 
             **_exits(tmp, folder, module, spec, c, reps, threads), "smoke": smoke}
 
 
+# LLaVA-OneVision reading a video at its proportions, scaled: 8 frames of 384 pixels in 14-pixel patches (27 × 27
+# features a frame, pooled bilinearly to 14 × 14 = 196 tokens) and one newline token: 1569 visual tokens after 5 text
+# tokens, in front of 32 text tokens, a SigLIP tower and a Qwen2 text model at LLAVA's widths.
+ONEVISION_VIDEO = {**LLAVA, "image": 384, "frames": 8}
+ONEVISION_VIDEO_SMOKE = {**LLAVA_SMOKE, "image": 56, "frames": 2}
+
+
+def bench_onevision_video(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
+    """A transformers LLaVA-OneVision checkpoint (random weights, :data:`ONEVISION_VIDEO`) exported on a clip of
+    ``c["frames"]`` frames after ``c["before"]`` text tokens (``--video-frames``), then as :func:`bench_llava`."""
+    import transformers
+
+    from attnc.models.hf_checkpoint import load_checkpoint, with_text_before_image, with_video_frames
+    from attnc.testing import save_seeded
+
+    c = ONEVISION_VIDEO_SMOKE if smoke else ONEVISION_VIDEO
+    vocab, side = c["text"]["vocab_size"], c["image"]
+    config = transformers.LlavaOnevisionConfig(
+        vision_config=transformers.SiglipVisionConfig(**c["vision"], image_size=side, patch_size=c["patch"]),
+        text_config=transformers.Qwen2Config(**c["text"]), image_token_index=vocab - 2, video_token_index=vocab - 1,
+        image_grid_pinpoints=[[side, 2 * side], [2 * side, side], [2 * side, 2 * side]])   # its images' tiles
+    folder = save_seeded(config, "LlavaOnevisionForConditionalGeneration", tmp / "onevision_video")
+    module, spec = with_text_before_image(*with_video_frames(*load_checkpoint(str(folder)), c["frames"]), c["before"])
+    return {"model": f"LlavaOnevisionForConditionalGeneration on {c['frames']} frames of {c['image']} px (SigLIP "
+                     f"{c['vision']}, Qwen2 {c['text']}) after {c['before']} text tokens",
+            **_exits(tmp, folder, module, spec, c, reps, threads), "frames": c["frames"], "smoke": smoke}
+
+
 # Qwen2-VL at a 448-pixel square (its processor's tiles: 32 × 32 patches of 14 pixels merged 2 × 2, 256 visual tokens)
 # in front of 32 text tokens, at a small width: the exits where visual tokens follow the image's size.
 QWEN = {"image": 448, "vision": {"depth": 2, "embed_dim": 64, "num_heads": 2, "mlp_ratio": 2},
@@ -600,7 +630,7 @@ def _exits(tmp: Path, folder: Path, module, spec, c: dict, reps: int, threads: i
     latency = {}
     for batch in (1, 4):
         pixels, ids = spec.example_inputs(batch=batch, seq=c["text_tokens"], seed=2)
-        latency[str(batch)] = side_by_side(models, {"pixel_values": pixels.numpy(), "input_ids": ids.numpy()},
+        latency[str(batch)] = side_by_side(models, {spec.inputs[0].name: pixels.numpy(), "input_ids": ids.numpy()},
                                            max(5, reps // 10 if batch > 1 else reps // 4), threads)
     return {"visual_tokens": module.num_visual_tokens, "text_tokens": c["text_tokens"],
             "decoder_layers": c["text"]["num_hidden_layers"], "export_s": export_s, "rows": rows,
@@ -841,7 +871,7 @@ def machine() -> dict:
 
 
 SECTIONS = ("prune", "exit", "llama", "llava", "llava_vqa", "llava_decode", "qwen", "llava_next", "gemma3",
-            "llava_images")
+            "llava_images", "onevision_video")
 
 
 def main(argv=None) -> int:
@@ -885,6 +915,9 @@ def main(argv=None) -> int:
             results["exit_gemma3"] = bench_gemma3(Path(tmp), args.reps, args.threads, smoke=args.smoke)
         if "llava_images" in sections:
             results["exit_llava_images"] = bench_llava_images(Path(tmp), args.reps, args.threads, smoke=args.smoke)
+        if "onevision_video" in sections:
+            results["exit_onevision_video"] = bench_onevision_video(Path(tmp), args.reps, args.threads,
+                                                                    smoke=args.smoke)
     results["seconds"] = time.perf_counter() - t0
     print(table(results))
     out = Path(args.out)
@@ -958,6 +991,9 @@ def table(results: dict) -> str:
         lines.extend(llava_table(results["exit_gemma3"], "Gemma 3"))
     if "exit_llava_images" in results:
         lines.extend(llava_table(results["exit_llava_images"], "LLaVA (two images per prompt)"))
+    if "exit_onevision_video" in results:
+        video = results["exit_onevision_video"]
+        lines.extend(llava_table(video, f"LLaVA-OneVision (a video of {video['frames']} frames)"))
     return "\n".join(lines)
 
 

@@ -17,8 +17,9 @@ attention), with ``--model qwen2-vl`` a random Qwen2-VL (its images exported at 
 multiple of 28), with ``--model llava-next`` a random LLaVA-NeXT (32 px tiles, its images exported at
 ``--image-size`` px square: the processor's tiles of an image that size) or with ``--model gemma3`` a random Gemma 3
 (a SigLIP tower of ``--image-size`` px images in 8 px patches pooled 2 × 2, the image's tokens attending to each
-other both ways, a Gemma 3 text model with sliding windows of 8 tokens) with ``save_pretrained`` first: no hub is
-reached::
+other both ways, a Gemma 3 text model with sliding windows of 8 tokens) or with ``--model onevision`` a random
+LLaVA-OneVision (a SigLIP tower of 32 px tiles) with ``save_pretrained`` first: no hub is reached. ``--video-frames F``
+(LLaVA-OneVision, LLaVA-NeXT-Video) puts a clip of ``F`` frames in place of the image::
 
     python examples/vision_language.py
     python examples/vision_language.py --image-size 112 --width 256 --layers 8 --exit-layer 2 --json run.json
@@ -27,6 +28,7 @@ reached::
     python examples/vision_language.py --model gemma3
     python examples/vision_language.py --checkpoint ./my-llava --text-before-image 5
     python examples/vision_language.py --text-before-image 3,7     # two images per prompt
+    python examples/vision_language.py --model onevision --video-frames 4   # a clip of 4 frames
     python examples/vision_language.py --checkpoint ./my-qwen2-vl --image-size 448
     python examples/vision_language.py --checkpoint ./my-llava-v1.6 --image-size 672
 """
@@ -47,7 +49,7 @@ from attnc import runtime
 from attnc.compiler.export import export_onnx
 from attnc.compiler.pipeline import CompileOptions, compile_model, validate_artefact
 from attnc.models.hf_checkpoint import (load_checkpoint, with_first_step, with_image_size, with_past,
-                                        with_text_before_image)
+                                        with_text_before_image, with_video_frames)
 from attnc.models.hf_llava_next import is_llava_next
 from attnc.models.hf_qwen_vl import is_qwen_vl
 from attnc.models.hf_vision_language import SIZED, interleave
@@ -124,12 +126,34 @@ def random_gemma3(folder: Path, image_size: int, width: int, layers: int) -> Pat
     return save_seeded(config, "Gemma3ForConditionalGeneration", folder)
 
 
+def random_onevision(folder: Path, width: int, layers: int) -> Path:
+    """A seeded random ``LlavaOnevisionForConditionalGeneration`` saved in ``folder``: a 2-layer SigLIP tower on 32 px
+    tiles in 8 px patches, grid pinpoints of 1 × 2 to 2 × 2 tiles, :func:`random_llava`'s Llama, 256 words, the image
+    token 254 and the video token 255."""
+    import transformers
+
+    _, text = _clip_and_llama(32, width, layers)
+    vision = transformers.SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=32, patch_size=8)
+    config = transformers.LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=254,
+                                               video_token_index=255, image_grid_pinpoints=[[32, 64], [64, 32],
+                                                                                            [64, 64]])
+    return save_seeded(config, "LlavaOnevisionForConditionalGeneration", folder)
+
+
 def transformers_generate(module, pixels: torch.Tensor, ids: torch.Tensor, tokens: int) -> torch.Tensor:
     """transformers' greedy ``generate`` on the prompt ``ids[:, :K]`` + the image's placeholders + ``ids[:, K:]``
     (each image's after its ``K``): the new tokens. Qwen takes the image as its processor's patches, with their grid
-    and token types; LLaVA-NeXT its tiles with the images' original size; Gemma 3 and PaliGemma their token types."""
+    and token types; LLaVA-NeXT its tiles with the images' original size; Gemma 3 and PaliGemma their token types; a
+    clip (``--video-frames``) goes as ``pixel_values_videos`` in place of the video token's placeholders."""
     hf, layout = module.model, module.layout
     image = getattr(hf.config, "image_token_index", None) or hf.config.image_token_id
+    if module.video_frames is not None:
+        prompt = interleave(ids, torch.full((len(ids), layout.tokens), hf.config.video_token_index), layout)
+        with torch.no_grad():
+            out = hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
+                              min_new_tokens=tokens, do_sample=False, pixel_values_videos=pixels)
+        return out[:, prompt.shape[1]:]
     prompt = interleave(ids, torch.full((len(ids), layout.tokens), image), layout)
     pixels = pixels.flatten(0, 1) if layout.images > 1 else pixels   # transformers takes the images one after another
     extra = {"pixel_values": pixels, **image_token_types(type(hf).__name__, prompt, image)}   # Gemma 3's, PaliGemma's
@@ -166,7 +190,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="a vision-language checkpoint directory attnc exports (default: a random "
                                              "one)")
-    parser.add_argument("--model", choices=["llava", "qwen2-vl", "llava-next", "gemma3"], default="llava",
+    parser.add_argument("--model", choices=["llava", "qwen2-vl", "llava-next", "gemma3", "onevision"], default="llava",
                         help="the random checkpoint's architecture (without --checkpoint)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="pixels a side: the random LLaVA's and Gemma 3's (default 64); Qwen's exported size "
@@ -175,6 +199,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--text-before-image", default="3",
                         help="the prompt's tokens in front of the image; one count per image for several, e.g. 3,7")
+    parser.add_argument("--video-frames", type=int, default=None,
+                        help="a clip of this many frames in place of the image (LLaVA-OneVision, LLaVA-NeXT-Video)")
     parser.add_argument("--exit-layer", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=12, help="prompt tokens, the image's not counted")
     parser.add_argument("--batch", type=int, default=2)
@@ -192,20 +218,25 @@ def main(argv=None) -> dict:
             folder = random_qwen2_vl(tmp / "qwen2-vl", args.width, args.layers)
         elif args.model == "llava-next":
             folder = random_llava_next(tmp / "llava-next", args.width, args.layers)
+        elif args.model == "onevision":
+            folder = random_onevision(tmp / "onevision", args.width, args.layers)
         elif args.model == "gemma3":
             folder = random_gemma3(tmp / "gemma3", args.image_size or 64, args.width, args.layers)
         else:
             folder = random_llava(tmp / "llava", args.image_size or 64, args.width, args.layers)
         module, spec = load_checkpoint(str(folder))
-        if type(module.model).__name__ in SIZED:   # its visual tokens follow the image's size: one size per export
+        if args.video_frames is not None:
+            module, spec = with_video_frames(module, spec, args.video_frames)
+        elif type(module.model).__name__ in SIZED:   # its visual tokens follow the image's size: one size per export
             size = args.image_size or (56 if is_qwen_vl(module.model) else None)
             if size is not None:
                 module, spec = with_image_size(module, spec, (size, size))
         module, spec = with_text_before_image(module, spec, args.text_before_image)
         pixels, ids = spec.example_inputs(batch=args.batch, seq=args.prompt, seed=1)
-        feeds = {"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}
+        feeds = {spec.input_names[0]: pixels.numpy(), "input_ids": ids.numpy()}   # pixel_values(_videos)
         results = {"checkpoint": spec.description, "visual_tokens": module.num_visual_tokens,
-                   "text_before_image": module.visual_offset, "prompt": args.prompt, "batch": args.batch,
+                   "text_before_image": module.visual_offset, "video_frames": module.video_frames,
+                   "prompt": args.prompt, "batch": args.batch,
                    "machine": platform.processor() or platform.machine(), "threads": args.threads}
 
         # one pass, as it is and with the visual tokens dropped before --exit-layer
@@ -234,7 +265,7 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         tokens = runtime.generate_vision_language(runtime.load(tmp / "first", threads=args.threads),
                                                   runtime.load(tmp / "step", threads=args.threads),
-                                                  feeds["pixel_values"], feeds["input_ids"],
+                                                  pixels.numpy(), feeds["input_ids"],
                                                   max_new_tokens=args.generate)
         attnc_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -253,7 +284,7 @@ def main(argv=None) -> dict:
         first = runtime.load(tmp / "first_exit", threads=args.threads)
         start = time.perf_counter()
         exited_tokens = runtime.generate_vision_language(first, runtime.load(tmp / "step_exit", threads=args.threads),
-                                                         feeds["pixel_values"], feeds["input_ids"],
+                                                         pixels.numpy(), feeds["input_ids"],
                                                          max_new_tokens=args.generate)
         exit_s = time.perf_counter() - start
         # the exited forward without a cache, one token at a time (a prefix LM: the exited PyTorch steps)

@@ -263,3 +263,26 @@ def test_tensorrt_builds_the_exited_clip(checkpoint, tmp_path):
     out = tmp_path / "engine"
     manifest = build_exited_engine(path, spec.inputs[0].shape[1:], BEFORE, out, pixels="pixel_values_videos")
     assert (out / manifest["artefact"]).stat().st_size > 0 and manifest["ops_after"]["Attention"] >= 4
+
+
+@pytest.mark.full(reason="the example's path on a clip (about 15 s); what it runs, export, exits, validation and both "
+                         "generation graphs of a OneVision clip, CI checks above")
+def test_example_with_a_video(tmp_path):
+    """examples/vision_language.py ``--model onevision --video-frames 3``: every artefact validates, the tokens are
+    transformers' ``generate``'s on the clip's placeholders, and exited the exited loop's from a smaller cache."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "examples" / "vision_language.py"
+    spec = importlib.util.spec_from_file_location("vision_language", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = example.main(["--model", "onevision", "--video-frames", "3", "--width", "32", "--layers", "2",
+                            "--generate", "4", "--reps", "3", "--prompt", "6", "--json", str(tmp_path / "run.json")])
+    assert results["visual_tokens"] == 3 * PER_FRAME + 1 and results["video_frames"] == 3
+    assert results["full"]["validation_passed"] and results["exit"]["validation_passed"]
+    assert results["exit"]["vs_full_max_abs"] > 1e-3
+    assert results["generation"]["tokens_equal"] and results["generation_exit"]["tokens_equal"]
+    cache = results["generation_exit"]["prompt_cache_bytes"]
+    assert cache["exit"] < cache["full"] and results["first_step_exit_validation_passed"]
+    assert json.loads((tmp_path / "run.json").read_text())["video_frames"] == 3
