@@ -191,10 +191,12 @@ def test_compile_validate_and_a_trained_gate(checkpoint, tmp_path):
     assert run_cli("validate", tmp_path / "static", "--model", folder, ok=False).exit_code != 0
 
 
+_NEXT_VIDEO_GENERATION = ("the generation path CI checks on OneVision; NeXT-Video's differs only in its encoder, which "
+                          "CI checks in the one-pass export")
+
+
 @pytest.mark.parametrize("checkpoint", [VIDEO_ARCHITECTURES[0], pytest.param(
-    VIDEO_ARCHITECTURES[1], marks=pytest.mark.full(reason="the generation path CI checks on OneVision; NeXT-Video's "
-                                                          "differs only in its encoder, which CI checks in the one-pass "
-                                                          "export"))], indirect=True)
+    VIDEO_ARCHITECTURES[1], marks=pytest.mark.full(reason=_NEXT_VIDEO_GENERATION))], indirect=True)
 def test_generation(checkpoint, tmp_path):
     """``--first-step`` and ``--with-past`` on a clip compile and validate; their greedy and beam tokens equal
     transformers' ``generate``; both compiled with the clip gone before layer 2, the exited loop's tokens."""
