@@ -918,15 +918,25 @@ def gate_features(model, image, text_ids, layer: int):
 
 
 def dynamic_exit_forward(model, image, text_ids, gate: ExitGate, attention_mask=None):
-    """Torch reference of the dynamic graph: ``(output, exited)``, the output the model's (logits; a vision-language
-    first step's ``(logits, present.0.key, ...)``); a batch exits only if every sample's gate fires (each reading
-    its own tokens, not the padding ``attention_mask`` marks 0)."""
+    """Torch reference of the dynamic graph: ``(output, exited [B] bool)``, the output the model's (logits; a
+    vision-language first step's ``(logits, present.0.key, ...)``). Each row exits where its own gate fires (each
+    reading its own tokens, not the padding ``attention_mask`` marks 0), so its output is the one it gets alone; a
+    first step's batch exits only where every row's gate fires (exited, the later layers' caches are shorter: one
+    length for the batch)."""
     import torch
 
     with torch.no_grad():
-        output, _, exited = exit_run(model, image, text_ids, gate.layer,
-                                     lambda features: bool(gate.fires(features.numpy()).all()), attention_mask)
-        return output, exited
+        full, features, _ = exit_run(model, image, text_ids, gate.layer, lambda f: False, attention_mask)
+        fired = np.asarray(gate.fires(features.numpy()), dtype=bool).reshape(-1)
+        if isinstance(full, tuple):
+            fired = np.full(len(fired), bool(fired.all()))
+        if not fired.any():
+            return full, fired
+        exited = exit_run(model, image, text_ids, gate.layer, lambda f: True, attention_mask)[0]
+        if fired.all():
+            return exited, fired
+        rows = torch.from_numpy(fired).reshape(-1, *[1] * (full.dim() - 1))
+        return torch.where(rows, exited, full), fired
 
 
 def _answers(output):
@@ -990,8 +1000,12 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     """Put the decoder after ``gate.layer`` under an ``If``: text tokens only when the gate fires (the
     ``num_visual_tokens`` after ``visual_offset`` text tokens dropped, as :func:`apply_static_token_exit` drops them).
 
-    The gate (the mean over the text tokens, ``MatMul``, ``Add``, ``ReduceMin`` over the
-    batch, ``Greater``) runs in the main graph; both branches read the main graph's tensors
+    The gate (the mean over the text tokens, ``MatMul``, ``Add``, ``Greater``) runs in the main graph, once per row.
+    Where every row's gate fires (``ReduceMin``), the decoder runs on the text alone; where none does, on every token;
+    where the rows disagree, both run and each output's rows are picked (``Where``): each row's output is the one it
+    gets alone, whatever the batch (:func:`dynamic_exit_forward` is the PyTorch reference). A first generation step
+    (its caches out) exits only where every row's gate fires: exited, its later layers' caches are shorter, one length
+    for the batch. The branches read the main graph's tensors
     (outer-scope references) and produce the graph outputs that depend on the boundary. Padded prompts (a graph
     input ``attention_mask [B, K + T]``, 0 at padding, over the text tokens in their order: attnc's vision-language
     exports ``--with-attention-mask``) average each row's tokens where the mask is 1, so a prompt's gate reads what
@@ -1028,7 +1042,8 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     ])
     # The exit branch reads retargeted copies of token-indexed outer tensors (made in the main graph).
     original_inputs = {n.name: list(n.input) for n in after}
-    _retarget_outer_tensors(model, x, after, layout, prefix)
+    shapes = value_shapes(model)
+    _retarget_outer_tensors(model, x, after, layout, prefix, shapes)
     exit_inputs = {n.name: list(n.input) for n in after}
     for node in after:
         del node.input[:]
@@ -1037,7 +1052,7 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
     outputs = [o for o in g.output if o.name in produced_after]
     drops = {n.name for n in _model_visual_drop(model, after, layout)}
 
-    def branch(tag: str, exit_now: bool) -> onnx.GraphProto:
+    def branch_nodes(tag: str, exit_now: bool) -> tuple[list[onnx.NodeProto], dict[str, str]]:
         rename = {o: f"{prefix}/{tag}/{o}" for o in produced_after}
         nodes = []
         for node in after:
@@ -1057,14 +1072,22 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
             if exit_now and node.name in drops:
                 _keep_text(model, new, layout, prefix)
             nodes.append(new)
+        return nodes, rename
+
+    def branch(tag: str, exit_now: bool) -> onnx.GraphProto:
+        nodes, rename = branch_nodes(tag, exit_now)
         outs = [helper.make_tensor_value_info(rename[o.name], o.type.tensor_type.elem_type, None) for o in outputs]
         return helper.make_graph(nodes, f"{prefix}/{tag}", [], outs)
 
-    if_node = helper.make_node("If", [f"{prefix}/exit"], [o.name for o in outputs], name=f"{prefix}/if",
-                               then_branch=branch("exit", True), else_branch=branch("full", False))
+    ranks = _row_ranks(model, outputs, (shapes.get(x) or [None])[0])
+    whole = [o.name for o in outputs] if ranks is None else [f"{prefix}/batch/{o.name}" for o in outputs]
+    if_nodes = [helper.make_node("If", [f"{prefix}/exit"], whole, name=f"{prefix}/if",
+                                 then_branch=branch("exit", True), else_branch=branch("full", False))]
+    if ranks is not None:   # each row as its gate says (a first step's caches are one length for the batch: not it)
+        if_nodes += _mixed_rows(model, prefix, branch_nodes, outputs, ranks, whole)
     kept = [n for n in g.node if n.name not in after_names]
     del g.node[:]
-    g.node.extend(kept + [if_node])
+    g.node.extend(kept + if_nodes)
     _finish(model, after)
     for output in outputs:   # a first step's later caches: the image's tokens in them or not, as the gate says
         for dim in output.type.tensor_type.shape.dim:
@@ -1072,9 +1095,68 @@ def apply_dynamic_token_exit(onnx_model: onnx.ModelProto, gate: ExitGate, num_vi
                 dim.ClearField("dim_param")
     report = TokenExitReport("dynamic", gate.layer, depth, num_visual_tokens, x, sorted(drops),
                              gate={"layer": gate.layer, "weight": [float(w) for w in gate.weight],
-                                   "bias": float(gate.bias), "threshold": float(gate.threshold)},
+                                   "bias": float(gate.bias), "threshold": float(gate.threshold),
+                                   "per_row": ranks is not None},
                              visual_offset=_recorded(layout))
     return model, report
+
+
+def _row_ranks(model, outputs: list[onnx.ValueInfoProto], batch) -> list[int] | None:
+    """Each output's rank where every row of a batch can take its own branch: outputs whose first axis is the batch
+    (``batch``, the boundary's first dim), none a cache (a first step's: exited, its later layers' caches are shorter
+    for every row); else None."""
+    if _gives_cache(model) or batch is None:
+        return None
+    ranks = []
+    for output in outputs:
+        tensor = output.type.tensor_type
+        dims = tensor.shape.dim if tensor.HasField("shape") else []
+        first = (dims[0].dim_param or None) if dims and not dims[0].HasField("dim_value") else \
+            (dims[0].dim_value if dims else None)
+        if first != batch:
+            return None
+        ranks.append(len(dims))
+    return ranks
+
+
+def _mixed_rows(model, prefix: str, branch_nodes, outputs, ranks: list[int], whole: list[str]
+                ) -> list[onnx.NodeProto]:
+    """Nodes giving each output's rows their own gate's branch, after the ``If`` that decides for the whole batch (its
+    outputs ``whole``: exited where every row's gate fired, else all tokens'). Where the rows disagree, a second
+    ``If`` runs the exited branch too (else it passes ``whole`` on), and each output takes the exited rows where the
+    row's gate fired (``Where``). The rows of a one-pass graph do not read each other, so each row's output is the one
+    it gets alone. Two ``If`` nodes one after the other, not one inside the other: TensorRT-RTX 1.7's builder fails
+    on the nested form (a Myelin check)."""
+    g = model.graph
+    fires, mixed = f"{prefix}/fires", f"{prefix}/mixed"
+    g.initializer.extend(numpy_helper.from_array(np.array([-1] + [1] * (rank - 1), dtype=np.int64),
+                                                 f"{prefix}/rows{rank}.shape") for rank in sorted(set(ranks)))
+    nodes = [
+        helper.make_node("Greater", [f"{prefix}/logit", f"{prefix}/threshold"], [fires], name=fires),
+        helper.make_node("ReduceMax", [f"{prefix}/logit"], [f"{prefix}/max_logit"], name=f"{prefix}/max_logit",
+                         keepdims=0),
+        helper.make_node("Greater", [f"{prefix}/max_logit", f"{prefix}/threshold"], [f"{prefix}/any"],
+                         name=f"{prefix}/any"),
+        helper.make_node("Not", [f"{prefix}/exit"], [f"{prefix}/not_all"], name=f"{prefix}/not_all"),
+        helper.make_node("And", [f"{prefix}/any", f"{prefix}/not_all"], [mixed], name=mixed),
+    ]
+    exited, names = branch_nodes("mixed_exit", True)
+    then = helper.make_graph(exited, f"{prefix}/mixed_exit", [], [
+        helper.make_tensor_value_info(names[o.name], o.type.tensor_type.elem_type, None) for o in outputs])
+    passed = [helper.make_node("Identity", [w], [f"{prefix}/passed/{o.name}"], name=f"{prefix}/passed/{o.name}")
+              for o, w in zip(outputs, whole)]
+    otherwise = helper.make_graph(passed, f"{prefix}/passed", [], [
+        helper.make_tensor_value_info(n.output[0], o.type.tensor_type.elem_type, None)
+        for n, o in zip(passed, outputs)])
+    rows_exited = [f"{prefix}/rows_exited/{o.name}" for o in outputs]
+    nodes.append(helper.make_node("If", [mixed], rows_exited, name=f"{prefix}/if_mixed", then_branch=then,
+                                  else_branch=otherwise))
+    for output, rank, w, e in zip(outputs, ranks, whole, rows_exited):   # fires [B, 1] as [B, 1, ..., 1]
+        rows = f"{prefix}/rows{rank}"
+        if all(n.output[0] != rows for n in nodes):
+            nodes.append(helper.make_node("Reshape", [fires, f"{rows}.shape"], [rows], name=rows))
+        nodes.append(helper.make_node("Where", [rows, e, w], [output.name], name=f"{prefix}/pick/{output.name}"))
+    return nodes
 
 
 def _text_mean(model, x: str, text: str, num_visual_tokens: int, prefix: str) -> None:

@@ -370,7 +370,7 @@ def test_compile_dynamic_token_exit_with_saved_gate(tmp_path, fires):
     inputs = spec.example_inputs(seed=5)
     got = load(str(out / manifest["artefact"])).infer(dict(zip(spec.input_names, (t.numpy() for t in inputs))))
     expected, exited = dynamic_exit_forward(module, *inputs, gate)
-    assert exited == fires
+    assert exited.all() == fires and exited.any() == fires
     np.testing.assert_allclose(got["output"], expected.numpy(), rtol=1e-4, atol=1e-5)
 
 

@@ -328,15 +328,43 @@ def test_dynamic_exit_gate(checkpoint, tmp_path):
     for bias in (40.0, -40.0):
         fixed = ExitGate(1, gate.weight, bias)
         logits, exited = dynamic_exit_forward(module, pixels, ids, fixed)
-        assert exited == (bias > 0)
+        assert exited.tolist() == [bias > 0]
         with torch.no_grad():
-            np.testing.assert_allclose(logits.numpy(), module(pixels, ids, exit_layer=1 if exited else None).numpy())
+            np.testing.assert_allclose(logits.numpy(), module(pixels, ids, exit_layer=1 if bias > 0 else None).numpy())
         np.testing.assert_allclose(run_model(apply_dynamic_token_exit(model, fixed, 16)[0], feeds), logits.numpy(),
                                    atol=1e-5, rtol=1e-4)
         fixed.save(tmp_path / "gate.npz")
         out = tmp_path / f"dynamic{int(bias > 0)}"
         run_cli("compile", path, "-o", out, "--token-exit", "dynamic", "--exit-gate", tmp_path / "gate.npz")
         run_cli("validate", out, "--model", folder)
+
+
+def test_a_gate_splitting_the_batch(checkpoint, tmp_path):
+    """A gate that fires for some rows of a batch of fresh prompts and not for others: each row's logits in ONNX
+    Runtime equal the checkpoint's on that prompt alone, exited before layer 1 where its gate fires; the compiled
+    artefact validates against the PyTorch reference, which picks each row's branch alike."""
+    folder, module, spec, path = checkpoint
+    pixels, ids = spec.example_inputs(batch=4, seq=9, seed=int(np.random.default_rng().integers(1 << 30)))
+    weight = np.random.default_rng(1).standard_normal(32).astype(np.float32)
+    logits = gate_features(module, pixels, ids, 1).numpy().astype(np.float64) @ weight
+    middle = float(np.sort(logits)[1:3].mean())
+    gate = ExitGate(1, weight, -middle)
+    fired = logits > middle
+    assert fired.sum() == 2
+    feeds = {"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}
+    got = run_model(apply_dynamic_token_exit(onnx.load(str(path)), gate, 16)[0], feeds)
+    with torch.no_grad():
+        for row in range(4):
+            alone = module(pixels[row:row + 1], ids[row:row + 1], exit_layer=1 if fired[row] else None).numpy()
+            np.testing.assert_allclose(got[row:row + 1], alone, atol=1e-5, rtol=1e-4)
+    expected, exited = dynamic_exit_forward(module, pixels, ids, gate)
+    assert exited.tolist() == fired.tolist()
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5, rtol=1e-4)
+    gate.save(tmp_path / "gate.npz")
+    run_cli("compile", path, "-o", tmp_path / "out", "--token-exit", "dynamic", "--exit-gate", tmp_path / "gate.npz")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["shrink"]["token_exit"]["gate"]["per_row"]
+    assert "PASS" in run_cli("validate", tmp_path / "out", "--model", folder).output
 
 
 def test_refusals(checkpoint, tmp_path):

@@ -1,5 +1,6 @@
 """Visual-token exit (passes/token_exit.py) against the torch model's own ``exit_layer``:
-static rewrite of the exported graph, the torch-route export, and the dynamic ``If`` graph."""
+static rewrite of the exported graph, the torch-route export, and the dynamic ``If`` graph, whose rows each take their
+own gate's branch (each row against the model on that row alone)."""
 
 from __future__ import annotations
 
@@ -106,15 +107,47 @@ def test_dynamic_if_graph_branches_equal_torch(vlm, fires):
     spec, model, onnx_model = vlm
     gate = ExitGate(2, np.zeros(32, np.float32), 50.0 if fires else -50.0)
     dynamic, report = apply_dynamic_token_exit(onnx_model, gate, model.num_visual_tokens)
-    assert sum(n.op_type == "If" for n in dynamic.graph.node) == 1
+    assert sum(n.op_type == "If" for n in dynamic.graph.node) == 2   # the batch's, then the rows'
     inputs = spec.example_inputs(batch=2, seed=5)
     expected, exited = dynamic_exit_forward(model, *inputs, gate)
-    assert exited == fires
+    assert exited.tolist() == [fires] * 2
     with torch.no_grad():
         static = model(*inputs, exit_layer=2 if fires else None).numpy()
     got = _run(dynamic, _feeds(spec, inputs))
     np.testing.assert_allclose(got, static, atol=ATOL, rtol=ATOL)
     np.testing.assert_allclose(got, expected.numpy(), atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("batch", [3, 6])
+def test_each_row_takes_its_own_branch(vlm, batch):
+    """A gate whose threshold splits a batch of fresh random rows: the graph's output of each row equals the model on
+    that row alone, exited before layer 2 where the row's gate fires and whole where it does not; the rows, reordered
+    or run with all of them on one side, give the same. The PyTorch reference agrees."""
+    spec, model, onnx_model = vlm
+    inputs = spec.example_inputs(batch=batch, seed=int(np.random.default_rng().integers(1 << 30)))
+    weight = np.random.default_rng(batch).standard_normal(model.norm.normalized_shape[0]).astype(np.float32)
+    logits = gate_features(model, *inputs, 2).numpy().astype(np.float64) @ weight
+    middle = float(np.sort(logits)[batch // 2 - 1: batch // 2 + 1].mean())   # half the rows above, half below
+    gate = ExitGate(2, weight, -middle)
+    fired = logits - middle > 0
+    assert 0 < fired.sum() < batch
+    dynamic, report = apply_dynamic_token_exit(onnx_model, gate, model.num_visual_tokens)
+    assert report.gate["per_row"]
+    got = _run(dynamic, _feeds(spec, inputs))
+    with torch.no_grad():
+        alone = np.concatenate([model(*(t[row:row + 1] for t in inputs), exit_layer=2 if fired[row] else None).numpy()
+                                for row in range(batch)])
+    np.testing.assert_allclose(got, alone, atol=ATOL, rtol=ATOL)
+    expected, exited = dynamic_exit_forward(model, *inputs, gate)
+    assert exited.tolist() == fired.tolist()
+    np.testing.assert_allclose(expected.numpy(), alone, atol=ATOL, rtol=ATOL)
+    order = np.random.default_rng().permutation(batch)
+    np.testing.assert_allclose(_run(dynamic, _feeds(spec, [t[order] for t in inputs])), alone[order], atol=ATOL,
+                               rtol=ATOL)
+    for side in (fired, ~fired):   # every row on one side: one branch alone
+        rows = np.flatnonzero(side)
+        np.testing.assert_allclose(_run(dynamic, _feeds(spec, [t[rows] for t in inputs])), alone[rows], atol=ATOL,
+                                   rtol=ATOL)
 
 
 def test_trained_gate_decision_matches_torch(vlm):
@@ -130,7 +163,7 @@ def test_trained_gate_decision_matches_torch(vlm):
         probe_gate = ExitGate(2, gate.weight, gate.bias, threshold=float(1 / (1 + np.exp(-(logit + shift)))))
         dynamic, _ = apply_dynamic_token_exit(onnx_model, probe_gate, model.num_visual_tokens)
         expected, exited = dynamic_exit_forward(model, *dynamic_probe, probe_gate)
-        assert exited == fires
+        assert exited.tolist() == [fires]
         np.testing.assert_allclose(_run(dynamic, _feeds(spec, dynamic_probe)), expected.numpy(), atol=ATOL, rtol=ATOL)
 
 
