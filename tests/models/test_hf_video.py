@@ -4,7 +4,8 @@ LLaVA-OneVision and LLaVA-NeXT-Video take ``pixel_values_videos [batch, F, 3, S,
 Their logits equal transformers' forward on the prompt with ``P`` video placeholders; the visual-token exit drops the
 clip (a hand loop over the Llama layers with a numpy index list is the reference); both exporters record ``F``, the
 static exit and the gate compile and ``attnc validate`` rebuilds the checkpoint with the clip; cached generation gives
-transformers' ``generate`` tokens, exited the exited loop's; what cannot be read is refused by name.
+transformers' ``generate`` tokens, exited the exited loop's; padded prompts each row's alone; NeXT-Video's pooling
+modes and odd frame sizes count ``P`` as transformers places it; what cannot be read is refused by name.
 
 References: transformers' forward and ``generate`` on the placeholders, and the hand loop, on fresh random clips at
 several frame counts, offsets and batches (one drawn afresh each run).
@@ -22,15 +23,15 @@ import torch
 from attnc.compiler.onnx_io import IMAGE_SIZE, VIDEO_FRAMES, VISUAL_OFFSET, VISUAL_TOKENS, metadata
 from attnc.models.hf_llava_next import VIDEO_ARCHITECTURES
 from attnc.testing import (assert_clean_error, build_exited_engine, exited_greedy_tokens, llama_layers_by_hand,
-                           naming_the_draw, run_cli, run_model, tensorrt_or_skip, tiny_llava, tiny_llava_next,
-                           tiny_qwen_vl)
+                           naming_the_draw, run_cli, run_model, save_seeded, tensorrt_or_skip, tiny_llava,
+                           tiny_llava_next, tiny_qwen_vl)
 
 transformers = pytest.importorskip("transformers")
 
 from attnc import runtime  # noqa: E402
 from attnc.compiler.export import export_onnx  # noqa: E402
-from attnc.models.hf_checkpoint import (load_checkpoint, with_image_size, with_text_before_image,  # noqa: E402
-                                        with_video_frames)
+from attnc.models.hf_checkpoint import (load_checkpoint, with_attention_mask, with_image_size,  # noqa: E402
+                                        with_text_before_image, with_video_frames)
 from attnc.passes.token_exit import ExitGate, apply_dynamic_token_exit, apply_static_token_exit  # noqa: E402
 
 VIDEO_TOKEN, LAYERS = 63, 4   # tiny_llava_next's video token and decoder layers
@@ -288,3 +289,70 @@ def test_example_with_a_video(tmp_path):
     cache = results["generation_exit"]["prompt_cache_bytes"]
     assert cache["exit"] < cache["full"] and results["first_step_exit_validation_passed"]
     assert json.loads((tmp_path / "run.json").read_text())["video_frames"] == 3
+
+
+@pytest.mark.parametrize("mode,stride,side", [("max", 2, 4), ("conv", 2, 4), ("average", 4, 4), ("average", 2, 5)])
+def test_llava_next_video_pooling(tmp_path, mode, stride, side):
+    """LLaVA-NeXT-Video's ``vision_resampler`` in each of its modes and strides, and a frame of an odd number of
+    patches a side (5 × 5, pooled to 2 × 2): ``P`` counted without the tower is the one transformers' forward places,
+    and the logits are its."""
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 image_size=8 * side, patch_size=8)
+    text = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                    vocab_size=64, max_position_embeddings=256, num_key_value_heads=2)
+    tile = 8 * side
+    config = transformers.LlavaNextVideoConfig(
+        vision_config=transformers.CLIPVisionConfig(**tower, projection_dim=32), text_config=text,
+        image_token_index=62, video_token_index=63, vision_feature_layer=-2, spatial_pool_mode=mode,
+        spatial_pool_stride=stride, image_grid_pinpoints=[[tile, 2 * tile], [2 * tile, tile]])
+    folder = save_seeded(config, VIDEO_ARCHITECTURES[1], tmp_path / "ckpt")
+    module, spec = with_video_frames(*with_text_before_image(*load_checkpoint(str(folder)), 2), 3)
+    assert module.num_visual_tokens == 3 * (side // stride) ** 2
+    video, ids = torch.randn(2, 3, 3, tile, tile), torch.randint(3, 62, (2, 6))
+    with torch.no_grad():
+        np.testing.assert_allclose(module(video, ids).numpy(),
+                                   _transformers(module.model, video, ids, 2, module.num_visual_tokens),
+                                   atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("side", [5, 7])
+def test_onevision_odd_frames(tmp_path, side):
+    """LLaVA-OneVision on frames of an odd number of patches a side (5 × 5 and 7 × 7, pooled bilinearly to 3 × 3 and
+    4 × 4, ``ceil(side / 2)``): ``P`` and the logits are transformers'."""
+    tile = 8 * side
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=tile,
+                 patch_size=8)
+    text = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                    vocab_size=64, max_position_embeddings=256, num_key_value_heads=2)
+    config = transformers.LlavaOnevisionConfig(
+        vision_config=transformers.SiglipVisionConfig(**tower), text_config=text, image_token_index=62,
+        video_token_index=63, image_grid_pinpoints=[[tile, 2 * tile], [2 * tile, tile]])
+    folder = save_seeded(config, VIDEO_ARCHITECTURES[0], tmp_path / "ckpt")
+    module, spec = with_video_frames(*with_text_before_image(*load_checkpoint(str(folder)), 1), 2)
+    assert module.num_visual_tokens == 2 * ((side + 1) // 2) ** 2 + 1
+    video, ids = torch.randn(2, 2, 3, tile, tile), torch.randint(3, 62, (2, 5))
+    with torch.no_grad():
+        np.testing.assert_allclose(module(video, ids).numpy(),
+                                   _transformers(module.model, video, ids, 1, module.num_visual_tokens),
+                                   atol=2e-5, rtol=1e-4)
+
+
+def test_padded_clips(checkpoint):
+    """Prompts of different lengths after a clip (``--with-attention-mask``): each row's logits at its tokens equal
+    transformers' forward on that prompt alone, as they are and with the clip gone before layer 2 the exited
+    forward's on it alone."""
+    folder, module, spec = checkpoint
+    masked, masked_spec = with_attention_mask(module, spec)
+    assert masked_spec.input_names == ["pixel_values_videos", "input_ids", "attention_mask"]
+    video, ids, mask = masked_spec.example_inputs(batch=3, seq=BEFORE + 7, seed=13)
+    assert mask.sum(1).tolist() == [BEFORE + 7 - n for n in (0, 2, 4)]
+    p = module.num_visual_tokens
+    with torch.no_grad():
+        logits, exited = masked(video, ids, mask).numpy(), masked(video, ids, mask, exit_layer=2).numpy()
+        for row in range(3):
+            tokens = ids[row][mask[row].bool()][None]
+            n = tokens.shape[1] - BEFORE
+            alone = _transformers(module.model, video[row:row + 1], tokens, BEFORE, p)
+            np.testing.assert_allclose(logits[row, -n:], alone[0], atol=2e-5, rtol=1e-4)
+            alone = module(video[row:row + 1], tokens, exit_layer=2).numpy()
+            np.testing.assert_allclose(exited[row, -n:], alone[0], atol=2e-5, rtol=1e-4)
