@@ -276,7 +276,8 @@ def tiny_vision_language(folder: Path, architecture: str) -> Path:
     K/V heads and 128 words, the image token 120; weights perturbed off their initial values, saved in ``folder``.
     Gemma 3's text model has 4 layers too, sliding windows of 8 tokens in layers 0 and 2 (its image's tokens attend to
     each other both ways), its tower's 64 patches pooled into the 16 tokens; PaliGemma's is a 4-layer Gemma 2 (logits
-    soft-capped, windows of 8 tokens in layers 0 and 2; the whole prompt attends both ways)."""
+    soft-capped, windows of 8 tokens in layers 0 and 2; the whole prompt attends both ways). Idefics 3's and SmolVLM's
+    towers read 64-pixel images in 8-pixel patches, pixel-shuffled 2 × 2 into the 16 tokens."""
     import transformers as t
 
     text = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -323,9 +324,23 @@ def tiny_vision_language(folder: Path, architecture: str) -> Path:
         "PaliGemmaForConditionalGeneration": lambda: t.PaliGemmaConfig(
             vision_config=dict(siglip, projection_dim=32), text_config=gemma2, image_token_index=120,
             projection_dim=32),
+        "Idefics3ForConditionalGeneration": lambda: t.Idefics3Config(
+            vision_config=dict(siglip, model_type="idefics3_vision", image_size=64), text_config=text,
+            image_token_id=120, scale_factor=2),
+        "SmolVLMForConditionalGeneration": lambda: t.SmolVLMConfig(
+            vision_config=dict(siglip, model_type="smolvlm_vision", image_size=64), text_config=text,
+            image_token_id=120, scale_factor=2),
     }
     config = builders[architecture]()
     return save_seeded(config, architecture, folder)
+
+
+def hf_pixels(architecture: str, pixels):
+    """``pixels`` as transformers' forward of ``architecture`` takes them: Idefics 3's and SmolVLM's ``[B, N, C, H, W]``
+    (their processors' tiles, one for a single image), every other's as they are."""
+    from attnc.models.hf_vision_language import TILES_BY_VALUE
+
+    return pixels[:, None] if architecture in TILES_BY_VALUE and pixels.dim() == 4 else pixels
 
 
 def image_token_types(architecture: str, prompt, image_token: int) -> dict:

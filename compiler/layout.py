@@ -9,7 +9,7 @@ equal offsets put images side by side.
 The export records ``P`` and the offsets (:data:`attnc.compiler.onnx_io.VISUAL_TOKENS`, ``VISUAL_OFFSET`` as
 ``"5,9"``); the token-exit pass (:mod:`attnc.passes.token_exit`), the PyTorch exit of the vision-language
 checkpoints (:mod:`attnc.models.hf_vision_language`) and generation (:mod:`attnc.compiler.decode`) read them through
-:class:`VisualLayout`.
+:class:`VisualLayout`. :func:`split_prompt` reads them off a processor's prompt.
 """
 
 from __future__ import annotations
@@ -123,3 +123,50 @@ class VisualLayout:
 
     def __str__(self) -> str:
         return format_offsets(self.offsets)
+
+
+def split_prompt(input_ids, image_token: int, per_image: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``(text ids [B, T], offsets)``: a processor's prompts ``input_ids [B, N]``, each image's ``per_image``
+    placeholders of ``image_token`` in place, as attnc's vision-language exports take them: without the placeholders,
+    and the text tokens in front of each image (``attnc export --text-before-image``, :class:`VisualLayout`'s
+    offsets). Images side by side make one run of placeholders, a multiple of ``per_image`` long. Its processor's
+    prompt is how a checkpoint that cuts an image into tiles (SmolVLM: a row and column token in front of each tile,
+    the whole image last) or reads a video as frames (InternVL: a frame label in front of each) lays out its
+    ``pixel_values [B, N, C, H, W]``.
+
+    Raises:
+        AttncError: ``input_ids`` is not ``[B, N]``, has no placeholder, its rows place them differently, or a run of
+            placeholders is no multiple of ``per_image``.
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise AttncError(f"input_ids {list(ids.shape)} is no [batch, tokens] batch of prompts",
+                         "pass the processor's input_ids")
+    if isinstance(per_image, bool) or not isinstance(per_image, (int, np.integer)) or per_image <= 0:
+        raise AttncError(f"an image's tokens must be a positive count, got {per_image!r}",
+                         "pass the export's tokens per image (attnc inspect: its visual tokens over its images)")
+    visual = ids == image_token
+    if not visual.any():
+        raise AttncError(f"the prompts hold no placeholder {image_token}", "pass the image token's id")
+    if not (visual == visual[:1]).all():
+        raise AttncError("the prompts place their images at different tokens",
+                         "pad every prompt alike in front of its last image (after it, --with-attention-mask pads)")
+    offsets, text, run = [], 0, 0
+    for is_visual in visual[0]:
+        if is_visual:
+            run += 1
+            continue
+        if run:
+            offsets += [text] * _images_in(run, per_image)
+            run = 0
+        text += 1
+    if run:
+        offsets += [text] * _images_in(run, per_image)
+    return ids[:, ~visual[0]], tuple(offsets)
+
+
+def _images_in(run: int, per_image: int) -> int:
+    if run % per_image:
+        raise AttncError(f"a run of {run} placeholders is no whole number of images of {per_image} tokens",
+                         "pass the export's tokens per image, or the processor's prompt for images of that size")
+    return run // per_image

@@ -52,7 +52,7 @@ from attnc.models.hf_checkpoint import (load_checkpoint, with_first_step, with_i
                                         with_text_before_image, with_video_frames)
 from attnc.models.hf_llava_next import is_llava_next
 from attnc.models.hf_qwen_vl import is_qwen_vl
-from attnc.models.hf_vision_language import SIZED, interleave
+from attnc.models.hf_vision_language import SIZED, TILES_BY_VALUE, interleave
 from attnc.testing import exited_greedy_tokens, image_token_types, save_seeded
 
 
@@ -155,7 +155,10 @@ def transformers_generate(module, pixels: torch.Tensor, ids: torch.Tensor, token
                               min_new_tokens=tokens, do_sample=False, pixel_values_videos=pixels)
         return out[:, prompt.shape[1]:]
     prompt = interleave(ids, torch.full((len(ids), layout.tokens), image), layout)
-    pixels = pixels.flatten(0, 1) if layout.images > 1 else pixels   # transformers takes the images one after another
+    if type(hf).__name__ in TILES_BY_VALUE:   # Idefics 3 and SmolVLM take [B, images, C, H, W]
+        pixels = pixels if layout.images > 1 else pixels[:, None]
+    elif layout.images > 1:   # the others the images one after another
+        pixels = pixels.flatten(0, 1)
     extra = {"pixel_values": pixels, **image_token_types(type(hf).__name__, prompt, image)}   # Gemma 3's, PaliGemma's
     if is_llava_next(hf):
         extra["image_sizes"] = torch.tensor([list(module.image_size)] * len(ids))

@@ -12,7 +12,8 @@ a decoder layer, and ``attnc validate`` compares the artefact with this module d
 
 Architectures (:data:`ARCHITECTURES`) are those whose image features and language model this layout reproduces
 exactly: each is checked against the transformers forward on the same prompt in
-``tests/models/test_hf_vision_language.py``. Cached generation takes two graphs: :class:`VisionLanguageFirstStep`
+``tests/models/test_hf_vision_language.py`` (Idefics 3's and SmolVLM's image features computed here:
+:func:`idefics_features`). Cached generation takes two graphs: :class:`VisionLanguageFirstStep`
 (``--first-step``: the image and the prompt, their KV cache out) and the language model's later steps
 (``--with-past``, :class:`VisionLanguageStep`); both compiled with the same static token exit answer with the image
 gone after that layer. Prompts of different lengths go in one batch with ``--with-attention-mask``
@@ -49,7 +50,11 @@ ARCHITECTURES = ("LlavaForConditionalGeneration", "VipLlavaForConditionalGenerat
                  "InternVLForConditionalGeneration", "JanusForConditionalGeneration",
                  "GotOcr2ForConditionalGeneration", "DeepseekVLForConditionalGeneration",
                  "AyaVisionForConditionalGeneration", "Cohere2VisionForConditionalGeneration",
-                 "Gemma3ForConditionalGeneration", "PaliGemmaForConditionalGeneration")
+                 "Gemma3ForConditionalGeneration", "PaliGemmaForConditionalGeneration",
+                 "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+# ... of which those whose image features attnc computes itself: transformers' drop all-zero padding images by value
+# (boolean indexing, which no exporter takes), and the embeddings bucket their patch positions
+TILES_BY_VALUE = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
 # ... of which those whose image's tokens attend to each other both ways (transformers' token_type_ids blocks) ...
 IMAGE_BLOCK = ("Gemma3ForConditionalGeneration",)
 # ... those whose whole prompt does (a prefix LM: the text after it, generated, attends causally) ...
@@ -63,6 +68,35 @@ SIZED = (*hf_qwen_vl.ARCHITECTURES, *hf_llava_next.ARCHITECTURES)
 EXPORTED = (*ARCHITECTURES, *SIZED)
 PIXELS, VIDEOS, IDS = "pixel_values", "pixel_values_videos", "input_ids"
 _VISUAL_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> P
+_PATCH_POSITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # vision embeddings -> position ids
+
+
+def language_model_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder of a vision-language ``model``: ``model.model.language_model``, Idefics 3's and SmolVLM's
+    ``text_model``."""
+    inner = model.model
+    return inner.language_model if hasattr(inner, "language_model") else inner.text_model
+
+
+def idefics_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``[B, P, C]``: Idefics 3's and SmolVLM's ``get_image_features`` of real images ``pixel_values [B, 3, S, S]`` (no
+    padding images, so none is dropped, and no padded pixels): the patches' embeddings with their position ids (those
+    the embeddings bucket for a whole image, computed once in eager mode), the encoder, its norm and the connector's
+    pixel shuffle and projection."""
+    vision = model.model.vision_model
+    embeddings = vision.embeddings
+    if embeddings not in _PATCH_POSITIONS:   # as Idefics3VisionEmbeddings buckets a whole image's patches
+        with torch.no_grad():
+            n = embeddings.num_patches_per_side
+            boundaries = torch.arange(1 / n, 1.0, 1 / n)
+            side = pixel_values.shape[-1] // embeddings.patch_size
+            coords = torch.clamp(torch.arange(side, dtype=torch.float32) * (1.0 / side), max=1.0 - 1e-6)
+            bucket = torch.bucketize(coords, boundaries, right=True)
+            _PATCH_POSITIONS[embeddings] = (bucket[:, None] * n + bucket[None, :]).flatten()
+    patches = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))
+    x = patches.flatten(2).transpose(1, 2) + embeddings.position_embedding(_PATCH_POSITIONS[embeddings])
+    x = vision.post_layernorm(vision.encoder(inputs_embeds=x).last_hidden_state)
+    return model.model.connector(x)
 
 
 def image_size_of(config, name: str, size: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -192,7 +226,7 @@ class VisionLanguageOutput(torch.nn.Module):
 
     @property
     def language_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
+        return language_model_of(self.model)
 
     @property
     def decoder_layers(self) -> torch.nn.ModuleList:
@@ -215,6 +249,8 @@ class VisionLanguageOutput(torch.nn.Module):
         inner = self.model.model
         if self.encoder is not None:
             return self.encoder(pixel_values)
+        if type(self.model).__name__ in TILES_BY_VALUE:
+            return idefics_features(self.model, pixel_values)
         if type(self.model).__name__ != "LlavaForConditionalGeneration":
             features = inner.get_image_features(pixel_values=pixel_values)
             features = getattr(features, "pooler_output", features)
@@ -420,7 +456,7 @@ def masking_layers(model: torch.nn.Module, masks) -> list:
     masks by type."""
     if masks is None:
         return []
-    layers = model.model.language_model.layers
+    layers = language_model_of(model).layers
     types = layer_types(model.config.get_text_config())
     made: dict = {}
 
@@ -490,7 +526,7 @@ class VisionLanguageStep(CachedStep):
         return super().step_positions(attention_mask, new) + self.position_shift
 
     def forward(self, input_ids, attention_mask, *past, exit_layer: int | None = None):
-        decoder = self.model.model.language_model.layers
+        decoder = language_model_of(self.model).layers
         _check_cached_exit(exit_layer, len(decoder))
         _check_after_deepstack(self.model, self.first_exit_layer, exit_layer)   # as the first step checks it
 

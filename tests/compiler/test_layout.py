@@ -1,4 +1,4 @@
-"""compiler/layout.py: where a prompt's images lie among its tokens.
+"""compiler/layout.py: where a prompt's images lie among its tokens, and reading them off a processor's prompt.
 
 Reference: the sequence built token by token (each text token, then each image's tokens where its offset says),
 apart from the ranges the layout computes; random layouts of 1-4 images, drawn afresh each run.
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from attnc.compiler.errors import AttncError
-from attnc.compiler.layout import VisualLayout, format_offsets, parse_offsets
+from attnc.compiler.layout import VisualLayout, format_offsets, parse_offsets, split_prompt
 from attnc.testing import naming_the_draw
 
 
@@ -67,3 +67,31 @@ def test_parse_and_refusals():
     for tokens in (0, -4, 2.0):
         with pytest.raises(AttncError, match="must be positive"):
             VisualLayout.of(tokens, 0)
+
+
+@pytest.mark.parametrize("draw", range(6))
+def test_split_prompt_against_the_walked_sequence(draw):
+    """A processor's prompt built token by token (a random layout of 1-4 images and random text ids, a batch of 1-3
+    rows) splits back into its text ids and offsets."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    rng = np.random.default_rng(seed)
+    with naming_the_draw(f"seed {seed}"):
+        images, per_image, batch = int(rng.integers(1, 5)), int(rng.integers(1, 6)), int(rng.integers(1, 4))
+        offsets = tuple(sorted(int(k) for k in rng.integers(0, 7, images)))
+        text = rng.integers(0, 50, (batch, offsets[-1] + int(rng.integers(0, 5))))
+        tokens = _walk(offsets, per_image, text.shape[1])
+        prompt = np.array([[99 if kind == "image" else row[j] for kind, j in tokens] for row in text])
+        ids, found = split_prompt(prompt, 99, per_image)
+        assert found == offsets
+        np.testing.assert_array_equal(ids, text)
+
+
+def test_split_prompt_refusals():
+    prompt = np.array([[5, 9, 9, 9, 9, 6], [5, 9, 9, 9, 9, 7]])
+    assert split_prompt(prompt, 9, 2)[1] == (1, 1) and split_prompt(prompt, 9, 4)[1] == (1,)
+    for ids, per_image, words in ((prompt, 3, "no whole number of images of 3"),
+                                  (prompt[0], 2, r"no \[batch, tokens\]"),
+                                  (np.array([[5, 9, 9, 6], [9, 9, 5, 6]]), 2, "at different tokens"),
+                                  (prompt, 0, "positive count"), (np.array([[5, 6]]), 2, "no placeholder")):
+        with pytest.raises(AttncError, match=words):
+            split_prompt(ids, 9, per_image)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from attnc.compiler.errors import AttncError
+from attnc.compiler.layout import format_offsets, split_prompt
 from attnc.compiler.onnx_io import VISUAL_OFFSET, VISUAL_TOKENS, metadata
 from attnc.testing import (assert_clean_error, build_exited_engine, exited_greedy_tokens, image_token_types,
                            llama_layers_by_hand, naming_the_draw, run_cli, run_model, tensorrt_or_skip, tiny_llava,
@@ -343,3 +344,29 @@ def test_example_with_two_images(tmp_path):
     assert results["generation"]["tokens_equal"] and results["generation_exit"]["tokens_equal"]
     assert results["first_step_exit_validation_passed"] and results["step_step_exit_validation_passed"]
     assert json.loads((tmp_path / "run.json").read_text())["text_before_image"] == [2, 4]
+
+
+@pytest.mark.parametrize("architecture", ["SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration"])
+def test_tiles_of_one_image(tmp_path, architecture):
+    """SmolVLM's and Idefics 3's processors cut an image into tiles, each behind its own row and column tokens, the
+    whole image last behind its own: a prompt of several images to attnc, its offsets read off the processor's prompt
+    (``split_prompt``). The logits equal transformers' forward on that prompt (``pixel_values [B, tiles, 3, S, S]``);
+    the export recorded with the read offsets compiles exited before layer 1 and validates."""
+    folder = tiny_vision_language(tmp_path / "ckpt", architecture)
+    batch, rng = 2, np.random.default_rng()
+    # <fake><row_1_col_1><image>×16 <fake><row_1_col_2><image>×16 (two newlines) <fake><global-img><image>×16
+    # <fake> and the question
+    pieces = [rng.integers(3, 100, (batch, n)) for n in (3, 2, 4, int(rng.integers(2, 6)))]
+    image = np.full((batch, 16), 120)
+    prompt = torch.from_numpy(np.concatenate([pieces[0], image, pieces[1], image, pieces[2], image, pieces[3]], 1))
+    ids, offsets = split_prompt(prompt.numpy(), 120, 16)
+    assert offsets == (3, 5, 9)
+    module, spec = with_text_before_image(*load_checkpoint(str(folder)), offsets)
+    pixels = torch.randn(batch, 3, 3, 64, 64)
+    with torch.no_grad():
+        expected = module.model(input_ids=prompt, pixel_values=pixels).logits[:, 9 + 48:].numpy()
+        np.testing.assert_allclose(module(pixels, torch.from_numpy(ids)).numpy(), expected, atol=2e-6, rtol=1e-5)
+    path = tmp_path / "tiles.onnx"
+    run_cli("export", folder, "-o", path, "--text-before-image", format_offsets(offsets))
+    run_cli("compile", path, "-o", tmp_path / "out", "--token-exit", "static", "--exit-layer", 1)
+    assert "PASS" in run_cli("validate", tmp_path / "out", "--model", folder).output

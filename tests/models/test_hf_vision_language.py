@@ -20,9 +20,9 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata, ort_session
-from attnc.testing import (assert_clean_error, build_exited_engine, exited_greedy_tokens, image_token_types,
-                           llama_layers_by_hand, run_cli, run_model, save_seeded, shape_profile, tensorrt_or_skip,
-                           tiny_llama, tiny_llava, tiny_vision_language)
+from attnc.testing import (assert_clean_error, build_exited_engine, exited_greedy_tokens, hf_pixels,
+                           image_token_types, llama_layers_by_hand, run_cli, run_model, save_seeded, shape_profile,
+                           tensorrt_or_skip, tiny_llama, tiny_llava, tiny_vision_language)
 
 transformers = pytest.importorskip("transformers")
 
@@ -124,7 +124,7 @@ def test_other_architectures(tmp_path, architecture):
     prompt = torch.cat([ids[:, :2], torch.full((2, 16), 120), ids[:, 2:]], 1)
     with torch.no_grad():
         types = image_token_types(architecture, prompt, 120)   # Gemma 3's, PaliGemma's
-        expected = hf(input_ids=prompt, pixel_values=pixels, **types).logits[:, 18:]
+        expected = hf(input_ids=prompt, pixel_values=hf_pixels(architecture, pixels), **types).logits[:, 18:]
         np.testing.assert_allclose(module(pixels, ids).numpy(), expected, atol=2e-6, rtol=1e-5)
     path = tmp_path / "model.onnx"
     export_onnx(module, spec.example_inputs(), path, input_names=spec.input_names, dynamic_axes=spec.dynamic_axes)
@@ -887,7 +887,8 @@ def test_other_architectures_generate(tmp_path, architecture):
                                            pixels.numpy(), ids.numpy(), max_new_tokens=5)
     prompt = torch.cat([ids[:, :2], torch.full((2, 16), 120), ids[:, 2:]], 1)
     with torch.no_grad():
-        expected = module.model.generate(input_ids=prompt, pixel_values=pixels, attention_mask=torch.ones_like(prompt),
+        expected = module.model.generate(input_ids=prompt, pixel_values=hf_pixels(architecture, pixels),
+                                         attention_mask=torch.ones_like(prompt),
                                          **image_token_types(architecture, prompt, 120),
                                          max_new_tokens=5, min_new_tokens=5, do_sample=False)
     np.testing.assert_array_equal(got[:, 7:], expected[:, prompt.shape[1]:].numpy())
@@ -914,7 +915,8 @@ def test_other_architectures_generate_padded(tmp_path, architecture):
         tokens = ids[row][mask[row].bool()][None]
         prompt = torch.cat([tokens[:, :2], torch.full((1, module.num_visual_tokens), 120), tokens[:, 2:]], 1)
         with torch.no_grad():
-            expected = module.model.generate(input_ids=prompt, pixel_values=pixels[row:row + 1], max_new_tokens=4,
+            alone = hf_pixels(architecture, pixels[row:row + 1])
+            expected = module.model.generate(input_ids=prompt, pixel_values=alone, max_new_tokens=4,
                                              **image_token_types(architecture, prompt, 120),
                                              min_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(prompt))
         np.testing.assert_array_equal(got[row, 8:], expected[0, prompt.shape[1]:].numpy())
