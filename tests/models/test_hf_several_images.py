@@ -370,3 +370,15 @@ def test_tiles_of_one_image(tmp_path, architecture):
     run_cli("export", folder, "-o", path, "--text-before-image", format_offsets(offsets))
     run_cli("compile", path, "-o", tmp_path / "out", "--token-exit", "static", "--exit-layer", 1)
     assert "PASS" in run_cli("validate", tmp_path / "out", "--model", folder).output
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_builds_exited_tiles(tmp_path):
+    """TensorRT-RTX builds an fp16 engine of SmolVLM's export with two tiles and the whole image (three runs of 16
+    tokens behind their row and column tokens) exited before layer 1, every attention fused."""
+    tensorrt_or_skip()
+    folder = tiny_vision_language(tmp_path / "ckpt", "SmolVLMForConditionalGeneration")
+    path = tmp_path / "tiles.onnx"
+    run_cli("export", folder, "-o", path, "--text-before-image", "3,5,9")
+    manifest = build_exited_engine(path, (3, 3, 64, 64), 9, tmp_path / "engine", exit_layer=1)
+    assert (tmp_path / "engine" / manifest["artefact"]).stat().st_size > 0 and manifest["ops_after"]["Attention"] >= 2
