@@ -197,22 +197,28 @@ class QwenImageEncoder(torch.nn.Module):
                 q, k, v, attn_mask=self.same_window if windowed else None, scale=attn.scaling)
         return attn.proj(out.transpose(1, 2).reshape(batch, n, width))
 
-    def positions(self, before: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    def positions(self, offsets, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                   ) -> torch.Tensor:
         """``[3, B, K + P + T']``: the M-RoPE positions (temporal, row, column) ``get_rope_index`` gives a prompt of
-        ``input_ids [B, K + T']`` with the image after its first ``K`` (``before``) tokens: ``i`` on every axis for
-        the text in front, ``(K, K + row, K + column)`` for the image's tokens, ``K + max(rows, columns) + j`` for
-        the ``j``-th token of the text after it. ``attention_mask [B, K + T']`` (0 at padding, which comes after
-        the text in front): ``j`` counts the text's tokens, not its padding."""
+        ``input_ids [B, K + T']`` with an image after its first ``K`` tokens (``offsets``: an int, or one ``K`` per
+        image, none side by side): ``i`` on every axis for the text in front, ``(s, s + row, s + column)`` for the
+        image's tokens where ``s`` is the position it starts at, and the text after it from ``s + max(rows,
+        columns)`` on. ``attention_mask [B, K + T']`` (0 at padding, which comes after the text in front of the last
+        image): the text after it counts its tokens, not its padding."""
+        offsets = (offsets,) if isinstance(offsets, int) else tuple(offsets)
         rows, columns = self.merged
         device, batch = input_ids.device, input_ids.shape[0]
         row = torch.arange(rows, device=device).repeat_interleave(columns)
         column = torch.arange(columns, device=device).repeat(rows)
-        image = torch.stack([torch.zeros_like(row), row, column]) + before
-        start = before + max(rows, columns)
+        image = torch.stack([torch.zeros_like(row), row, column])
+        pieces, start, taken = [], 0, 0   # start: the next position; taken: the text tokens placed
+        for k in offsets:
+            pieces.append(torch.arange(k - taken, device=device).expand(3, batch, -1) + start)
+            start += k - taken
+            pieces.append((image + start)[:, None].expand(3, batch, -1))
+            start, taken = start + max(rows, columns), k
         if attention_mask is None:
-            after = (torch.arange(input_ids.shape[1] - before, device=device) + start).expand(batch, -1)
+            after = (torch.arange(input_ids.shape[1] - taken, device=device) + start).expand(batch, -1)
         else:   # padding takes the next token's position: it is masked, any position does
-            after = (attention_mask[:, before:].cumsum(-1) - 1).clamp(min=0) + start
-        front = torch.arange(before, device=device).expand(3, batch, -1)
-        return torch.cat([front, image[:, None].expand(3, batch, -1), after.expand(3, -1, -1)], 2)
+            after = (attention_mask[:, taken:].cumsum(-1) - 1).clamp(min=0) + start
+        return torch.cat([*pieces, after.expand(3, -1, -1)], 2)

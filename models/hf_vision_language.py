@@ -24,7 +24,8 @@ any-resolution tiles follow the original image's size (:mod:`attnc.models.hf_lla
 attend to each other both ways and PaliGemma's whole prompt does (:func:`language_masks`, handed to the decoder
 layers by :func:`masking_layers`). A prompt may hold several images of one size (``attnc export
 --text-before-image 5,9``: image ``i`` after the first ``K_i`` text tokens, :class:`attnc.compiler.layout.VisualLayout`;
-``pixel_values [B, N, C, H, W]``) on the architectures of :data:`ARCHITECTURES`; the token exit drops all of them.
+``pixel_values [B, N, C, H, W]``) on the architectures of :data:`ARCHITECTURES` and the Qwen family's (each image's
+M-RoPE positions from where the text in front of it ends); the token exit drops all of them.
 LLaVA-OneVision and LLaVA-NeXT-Video take a clip of ``F`` frames in place of the image (``attnc export --video-frames
 F``, ``pixel_values_videos [B, F, 3, S, S]``, :class:`attnc.models.hf_llava_next.LlavaVideoEncoder`).
 """
@@ -39,7 +40,7 @@ from collections.abc import Callable
 import torch
 
 from attnc.compiler.errors import AttncError
-from attnc.compiler.layout import VisualLayout, parse_offsets
+from attnc.compiler.layout import VisualLayout, format_offsets, parse_offsets
 from attnc.models import hf_llava_next, hf_qwen_vl
 from attnc.models.hf_checkpoint import CachedStep, config_image_size, keys_and_values, mask_positions
 
@@ -174,14 +175,21 @@ class VisionLanguageOutput(torch.nn.Module):
                              f"pixels (its vision config's image_size), not {image_size[0]}x{image_size[1]}",
                              "resize the images to its size and drop --image-size")
         if type(model).__name__ in SIZED:   # P follows from the size
-            if self.images > 1:
+            qwen = hf_qwen_vl.is_qwen_vl(model)
+            if self.images > 1 and not qwen:
                 raise AttncError(f"attnc exports {type(model).__name__} with one image per prompt, not "
                                  f"{self.images}", "export it with one offset in --text-before-image; several "
-                                 f"images per prompt work on {', '.join(ARCHITECTURES)}")
-            encoder = hf_qwen_vl.QwenImageEncoder if hf_qwen_vl.is_qwen_vl(model) else \
-                hf_llava_next.LlavaNextImageEncoder
+                                 "images per prompt work on "
+                                 f"{', '.join((*ARCHITECTURES, *hf_qwen_vl.ARCHITECTURES))}")
+            if qwen and len(set(offsets)) < len(offsets):
+                raise AttncError(f"{type(model).__name__}'s images cannot lie side by side (offsets "
+                                 f"{format_offsets(offsets)}): its processor puts <|vision_start|> and <|vision_end|> "
+                                 "around each, and its positions follow each image",
+                                 "count those tokens in the offsets: each image after the text tokens in front of it, "
+                                 "its own delimiters included")
+            encoder = hf_qwen_vl.QwenImageEncoder if qwen else hf_llava_next.LlavaNextImageEncoder
             self.encoder = encoder(model, self.image_size)
-            self.num_visual_tokens = self.encoder.num_visual_tokens
+            self.num_visual_tokens = self.encoder.num_visual_tokens * self.images
             return
         self.encoder = None
         # P as a Python int (one run of the vision tower on a blank image): the graph then slices the text's logits
@@ -259,6 +267,18 @@ class VisionLanguageOutput(torch.nn.Module):
             return features.reshape(pixel_values.shape[0], -1, features.shape[-1])
         return hf_llava_next.tower_features(self.model, pixel_values)
 
+    def _encoded(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``([B, P, C], deepstack)`` of an encoder (:data:`SIZED`, a video): each image's tokens one image after the
+        other (``pixel_values [B, N, C, H, W]`` for several), and so each of Qwen3-VL's deepstack features."""
+        if self.images == 1:
+            return self.encoder.features(pixel_values)
+        if pixel_values.dim() != 5 or pixel_values.shape[1] != self.images:
+            raise ValueError(f"pixel_values {list(pixel_values.shape)} is no [batch, {self.images}, channels, "
+                             "height, width] batch of images")
+        batch = pixel_values.shape[0]
+        visual, deepstack = self.encoder.features(pixel_values.flatten(0, 1))
+        return visual.reshape(batch, -1, visual.shape[-1]), [d.reshape(batch, -1, d.shape[-1]) for d in deepstack]
+
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, exit_layer: int | None = None):
         return self._logits(pixel_values, input_ids, None, exit_layer)
 
@@ -281,7 +301,7 @@ class VisionLanguageOutput(torch.nn.Module):
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens: fewer than the {layout.text_before_end} in "
                              "front of the image and one after it")
         inner = self.model.model
-        visual, deepstack = self.encoder.features(pixel_values) if self.encoder is not None else \
+        visual, deepstack = self._encoded(pixel_values) if self.encoder is not None else \
             (self.image_features(pixel_values), [])
         p, k = layout.tokens, layout.text_before_end   # P, and K: the text in front of the last image's end
         x = interleave(inner.get_input_embeddings()(input_ids), visual, layout)
@@ -289,9 +309,13 @@ class VisionLanguageOutput(torch.nn.Module):
         layers = self.decoder_layers
         _check_after_deepstack(self.model, len(deepstack), layer)
 
-        def add_deepstack(features, module, args, output):   # as transformers' _deepstack_process, at the image
+        def add_deepstack(features, module, args, output):   # as transformers' _deepstack_process, at the images
             hidden = output[0] if isinstance(output, tuple) else output
-            hidden = torch.cat([hidden[:, :k], hidden[:, k:k + p] + features, hidden[:, k + p:]], 1)
+            pieces, start, per = [], 0, layout.per_image
+            for i, (a, b) in enumerate(layout.ranges()):   # the text as it is, each image's tokens + its features
+                pieces += [hidden[:, start:a], hidden[:, a:b] + features[:, i * per:(i + 1) * per]]
+                start = b
+            hidden = torch.cat([*pieces, hidden[:, start:]], 1)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         extra = {} if cache is None else {"past_key_values": cache}
@@ -301,8 +325,8 @@ class VisionLanguageOutput(torch.nn.Module):
             extra.update(attention_mask=whole, position_ids=mask_positions(whole) + one)
         elif one:
             extra.update(position_ids=torch.arange(x.shape[1], device=x.device)[None] + one)
-        if isinstance(self.encoder, hf_qwen_vl.QwenImageEncoder):   # M-RoPE: the image's tokens by row and column
-            extra.update(position_ids=self.encoder.positions(k, input_ids, attention_mask))
+        if isinstance(self.encoder, hf_qwen_vl.QwenImageEncoder):   # M-RoPE: the images' tokens by row and column
+            extra.update(position_ids=self.encoder.positions(layout.offsets, input_ids, attention_mask))
         hooks = [layers[i].register_forward_hook(functools.partial(add_deepstack, features))
                  for i, features in enumerate(deepstack)]
         hooks += masking_layers(self.model, language_masks(self.model, x, extra, layout))
@@ -519,7 +543,7 @@ class VisionLanguageStep(CachedStep):
         self.first_exit_layer = hf_qwen_vl.deepstack_layers(model.config.vision_config)
         # M-RoPE places the text after the image max(rows, columns) after its front, not P: every later token as far;
         # PaliGemma's positions count from 1
-        self.position_shift = hf_qwen_vl.position_shift(model.config.vision_config, image_size) \
+        self.position_shift = hf_qwen_vl.position_shift(model.config.vision_config, image_size) * self.layout.images \
             if hf_qwen_vl.is_qwen_vl(model) else int(type(model).__name__ in ONE_BASED)
 
     def step_positions(self, attention_mask: torch.Tensor, new: int) -> torch.Tensor:

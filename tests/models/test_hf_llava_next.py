@@ -35,7 +35,8 @@ PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
 SIZE, BEFORE = (40, 90), 3   # the exports': a wide image (1 × 3 tiles, as the pinpoints choose) after 3 tokens
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
+@pytest.fixture(scope="module", params=[*ARCHITECTURES[:2], pytest.param(ARCHITECTURES[2], marks=pytest.mark.full(
+    reason="LLaVA-NeXT-Video's images, which take LLaVA-NeXT's path CI checks (its video: test_hf_video.py)"))])
 def checkpoint(request, tmp_path_factory):
     """The tiny checkpoint of each architecture (4 query on 2 K/V heads), its module and spec at :data:`SIZE` after
     :data:`BEFORE` tokens."""
@@ -57,7 +58,7 @@ def exported(checkpoint):
 def _tiles(module, size: tuple[int, int], batch: int) -> torch.Tensor:
     """The processor's ``pixel_values [batch, N, 3, 32, 32]`` of fresh random images of ``size`` ``(H, W)`` for
     ``module``'s architecture."""
-    if type(module.model).__name__ == "LlavaNextForConditionalGeneration":
+    if type(module.model).__name__ != "LlavaOnevisionForConditionalGeneration":   # LLaVA-NeXT's, NeXT-Video's
         processor = transformers.LlavaNextImageProcessorPil(size={"shortest_edge": 32},
                                                             crop_size={"height": 32, "width": 32},
                                                             image_grid_pinpoints=PINPOINTS)

@@ -22,8 +22,8 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.onnx_io import FIRST_EXIT_LAYER, IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata
-from attnc.testing import (QWEN_IMAGE_TOKEN, assert_clean_error, build_exited_engine, naming_the_draw, run_cli,
-                           tensorrt_or_skip, tiny_llava, tiny_qwen_vl)
+from attnc.testing import (QWEN_IMAGE_TOKEN, assert_clean_error, build_exited_engine, exited_greedy_tokens,
+                           naming_the_draw, run_cli, tensorrt_or_skip, tiny_llava, tiny_qwen_vl)
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,6 +32,7 @@ from attnc.compiler.backends.onnxruntime import load as load_onnx  # noqa: E402
 from attnc.models import hf_qwen_vl  # noqa: E402
 from attnc.models.hf_checkpoint import (load_checkpoint, with_attention_mask, with_image_size,  # noqa: E402
                                         with_past, with_text_before_image)
+from attnc.models.hf_vision_language import interleave  # noqa: E402
 
 ARCHITECTURES = hf_qwen_vl.ARCHITECTURES
 BLOCKS, BEFORE = (2, 3), 3   # the exports': 2 × 3 visual tokens (blocks of patch × merge pixels) after 3 text tokens
@@ -301,6 +302,76 @@ def test_generation(checkpoint, tmp_path):
                 loop = torch.cat([loop, module(image, loop, exit_layer=2)[:, -1].argmax(-1, keepdim=True)], 1)
         np.testing.assert_array_equal(exited[span, start:], loop[:, tokens.shape[1]:].numpy())
     assert not np.array_equal(got, exited)   # the exit changes the answer: the exited step is the one that ran
+
+
+def _several(module, pixels, ids, **generate):
+    """transformers' forward (logits of the text after the last image) or ``generate`` (the new tokens) on ``ids``
+    with every image's placeholders where ``module``'s layout puts them, the images' patches one after the other; and
+    ``get_rope_index``'s positions of that prompt."""
+    layout = module.layout
+    patches, grid = _processed(module.model.config.vision_config, pixels.flatten(0, 1))
+    prompt = interleave(ids, torch.full((len(ids), layout.tokens), QWEN_IMAGE_TOKEN), layout)
+    types = torch.as_tensor(layout.is_visual(prompt.shape[1]), dtype=torch.int32).expand(len(ids), -1)
+    extra = dict(input_ids=prompt, pixel_values=patches, image_grid_thw=grid, mm_token_type_ids=types)
+    with torch.no_grad():
+        if generate:
+            out = module.model.generate(**extra, attention_mask=torch.ones_like(prompt), do_sample=False, **generate)
+            return out[:, prompt.shape[1]:].numpy()
+        positions = module.model.model.get_rope_index(prompt, mm_token_type_ids=types, image_grid_thw=grid)[0]
+        return module.model(**extra).logits[:, layout.end:].numpy(), positions
+
+
+@pytest.mark.parametrize("blocks,offsets,batch", [((2, 3), (0, 2), 2), ((3, 2), (1, 4, 6), 1), ((1, 2), (3, 5), 3)])
+def test_several_images(checkpoint, blocks, offsets, batch):
+    """Two and three images of one size per prompt (``--text-before-image 0,2``: the first in front of everything;
+    Qwen3-VL's deepstack features added at each image): the logits equal transformers' forward with every image's
+    placeholders and patches, the positions ``get_rope_index``'s (each image placed after the text in front of it,
+    the text after it from its start plus its larger side); padded rows each as alone."""
+    _, module, spec = checkpoint
+    module, spec = with_text_before_image(*with_image_size(module, spec, _pixels(module, blocks)), offsets)
+    assert module.num_visual_tokens == len(offsets) * blocks[0] * blocks[1]
+    assert spec.inputs[0].shape == ("batch", len(offsets), 3, *module.image_size)
+    pixels, ids = spec.example_inputs(batch=batch, seq=offsets[-1] + 4, seed=int(torch.randint(0, 2**31, ())))
+    expected, positions = _several(module, pixels, ids)
+    with torch.no_grad():
+        np.testing.assert_allclose(module(pixels, ids).numpy(), expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(module.encoder.positions(offsets, ids), positions, rtol=0, atol=0)
+    if batch > 1:   # padded after the text in front of the last image: each row's logits those of its prompt alone
+        masked, masked_spec = with_attention_mask(module, spec)
+        pixels, ids, mask = masked_spec.example_inputs(batch=batch, seq=offsets[-1] + 6, seed=3)
+        assert (mask[1:].sum(1) < mask.shape[1]).all()   # every row but the first padded
+        with torch.no_grad():
+            logits = masked(pixels, ids, mask).numpy()
+        for row in range(1, batch):
+            tokens = ids[row][mask[row].bool()][None]
+            alone = _several(module, pixels[row:row + 1], tokens)[0]
+            np.testing.assert_allclose(logits[row, -alone.shape[1]:], alone[0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("checkpoint", [ARCHITECTURES[1]], indirect=True)
+def test_several_images_export_and_generate(checkpoint, tmp_path):
+    """Qwen2.5-VL with two images after 1 and 4 text tokens: the export exited before layer 2 validates; the
+    generation pair's greedy tokens equal transformers' ``generate`` (the later steps' positions shifted by both
+    images), and exited, a greedy loop's over the exited forward."""
+    folder, module, spec = checkpoint
+    size = "x".join(map(str, module.image_size))
+    module, spec = with_text_before_image(module, spec, (1, 4))
+    options = ("--image-size", size, "--text-before-image", "1,4")
+    run_cli("export", folder, "-o", tmp_path / "one.onnx", *options)
+    run_cli("compile", tmp_path / "one.onnx", "-o", tmp_path / "one", "--token-exit", "static", "--exit-layer", 2)
+    assert "PASS" in run_cli("validate", tmp_path / "one", "--model", folder).output
+    for name, option in (("first", "--first-step"), ("step", "--with-past")):
+        run_cli("export", folder, "-o", tmp_path / f"{name}.onnx", option, *options)
+        for tag, exit_options in (("", ()), ("_exit", ("--token-exit", "static", "--exit-layer", 2))):
+            run_cli("compile", tmp_path / f"{name}.onnx", "-o", tmp_path / f"{name}{tag}", *exit_options)
+    pixels, ids = spec.example_inputs(batch=2, seq=7, seed=31)
+    got = runtime.generate_vision_language(runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step"),
+                                           pixels.numpy(), ids.numpy(), max_new_tokens=5)
+    np.testing.assert_array_equal(got[:, 7:], _several(module, pixels, ids, max_new_tokens=5, min_new_tokens=5))
+    exited = runtime.generate_vision_language(runtime.load(tmp_path / "first_exit"),
+                                              runtime.load(tmp_path / "step_exit"), pixels.numpy(), ids.numpy(),
+                                              max_new_tokens=5)
+    np.testing.assert_array_equal(exited, exited_greedy_tokens(module, spec, pixels, ids, 5, 2).numpy())
 
 
 def test_image_size_refusals(tmp_path):

@@ -23,7 +23,7 @@ from attnc.compiler.layout import format_offsets, split_prompt
 from attnc.compiler.onnx_io import VISUAL_OFFSET, VISUAL_TOKENS, metadata
 from attnc.testing import (assert_clean_error, build_exited_engine, exited_greedy_tokens, image_token_types,
                            llama_layers_by_hand, naming_the_draw, run_cli, run_model, tensorrt_or_skip, tiny_llava,
-                           tiny_qwen_vl, tiny_vision_language)
+                           tiny_llava_next, tiny_qwen_vl, tiny_vision_language)
 
 transformers = pytest.importorskip("transformers")
 
@@ -313,15 +313,19 @@ def test_tensorrt_builds_the_exited_two_images(two_images, tmp_path):
 
 
 def test_one_image_architectures_refuse_several(tmp_path):
-    """Qwen2-VL (its tokens follow the image's size) takes one image per prompt: two offsets are refused by name,
-    with the architectures that take several."""
-    folder = tiny_qwen_vl(tmp_path / "qwen")
+    """LLaVA-NeXT (its tiles follow each image's size) takes one image per prompt: two offsets are refused by name,
+    with the architectures that take several; Qwen2-VL's images side by side (no <|vision_start|> between them) are
+    refused too."""
+    folder = tiny_llava_next(tmp_path / "next")
     module, spec = load_checkpoint(str(folder))
     with pytest.raises(AttncError, match="with one image per prompt, not 2") as err:
         with_text_before_image(module, spec, (1, 3))
-    assert "LlavaForConditionalGeneration" in err.value.fix
+    assert "LlavaForConditionalGeneration" in err.value.fix and "Qwen2VLForConditionalGeneration" in err.value.fix
     result = run_cli("export", folder, "-o", tmp_path / "m.onnx", "--text-before-image", "1,3", ok=False)
     assert_clean_error(result, "one image per prompt")
+    qwen = tiny_qwen_vl(tmp_path / "qwen")
+    result = run_cli("export", qwen, "-o", tmp_path / "m.onnx", "--text-before-image", "1,1", ok=False)
+    assert_clean_error(result, "cannot lie side by side", "<|vision_start|>")
     assert not (tmp_path / "m.onnx").exists()
 
 
