@@ -37,6 +37,8 @@ from attnc.compiler.errors import AttncError
 # tests/models/test_hf_llava_next.py)
 ARCHITECTURES = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
                  "LlavaNextVideoForConditionalGeneration")
+# ... those that read each image of a prompt of several whole, at the tower's size (OneVisionBaseImage) ...
+BASE_WHEN_SEVERAL = ("LlavaOnevisionForConditionalGeneration",)
 # ... and those LlavaVideoEncoder reads a video of (checked against transformers' forward in
 # tests/models/test_hf_video.py)
 VIDEO_ARCHITECTURES = ("LlavaOnevisionForConditionalGeneration", "LlavaNextVideoForConditionalGeneration")
@@ -204,3 +206,27 @@ class LlavaVideoEncoder(torch.nn.Module):
                                              vision_feature_select_strategy=config.vision_feature_select_strategy,
                                              return_dict=True)
         return out.pooler_output, []
+
+
+class OneVisionBaseImage(torch.nn.Module):
+    """``pixel_values [B, 3, S, S] -> [B, side² + 1, C]``: LLaVA-OneVision's image of a prompt of several
+    (``get_image_features`` with ``batch_num_images`` above 1: no tiles, only the whole image at the tower's size,
+    what its processor's first tile of each image holds), its features through the projector and one
+    ``image_newline`` after them. ``P`` per image is ``side² + 1``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = [model]   # not a submodule: VisionLanguageOutput holds it
+        vision = model.config.vision_config
+        self.image_size = (vision.image_size, vision.image_size)
+        self.num_visual_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.features(pixel_values)[0]
+
+    def features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """``([B, P, C], [])`` (:class:`LlavaNextImageEncoder`'s interface)."""
+        model = self.model[0]
+        features = tower_features(model, pixel_values)
+        newline = model.model.image_newline.to(features.dtype)[None, None].expand(features.shape[0], 1, -1)
+        return torch.cat([features, newline], 1), []

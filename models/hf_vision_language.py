@@ -120,7 +120,7 @@ def pixel_shape(config, name: str, size: tuple[int, int] | None = None, images: 
     if frames is not None:
         return hf_llava_next.video_shape(config, frames)
     size = image_size_of(config, name, size)
-    if hf_llava_next.is_llava_next(name):
+    if hf_llava_next.is_llava_next(name) and not (images > 1 and name in hf_llava_next.BASE_WHEN_SEVERAL):
         return hf_llava_next.pixel_shape(config, size)
     one = (getattr(config.vision_config, "num_channels", 3), *size)
     return one if images == 1 else (images, *one)
@@ -176,11 +176,14 @@ class VisionLanguageOutput(torch.nn.Module):
                              "resize the images to its size and drop --image-size")
         if type(model).__name__ in SIZED:   # P follows from the size
             qwen = hf_qwen_vl.is_qwen_vl(model)
+            if self.images > 1 and type(model).__name__ in hf_llava_next.BASE_WHEN_SEVERAL:
+                self._base_images(image_size)
+                return
             if self.images > 1 and not qwen:
                 raise AttncError(f"attnc exports {type(model).__name__} with one image per prompt, not "
                                  f"{self.images}", "export it with one offset in --text-before-image; several "
-                                 "images per prompt work on "
-                                 f"{', '.join((*ARCHITECTURES, *hf_qwen_vl.ARCHITECTURES))}")
+                                 "images per prompt work on " + ", ".join(
+                                     (*ARCHITECTURES, *hf_qwen_vl.ARCHITECTURES, *hf_llava_next.BASE_WHEN_SEVERAL)))
             if qwen and len(set(offsets)) < len(offsets):
                 raise AttncError(f"{type(model).__name__}'s images cannot lie side by side (offsets "
                                  f"{format_offsets(offsets)}): its processor puts <|vision_start|> and <|vision_end|> "
@@ -200,6 +203,18 @@ class VisionLanguageOutput(torch.nn.Module):
                 blank = torch.zeros(1, getattr(vision, "num_channels", 3), *self.image_size)
                 _VISUAL_TOKENS[model] = int(self._features(blank).shape[1])
         self.num_visual_tokens = _VISUAL_TOKENS[model] * self.images   # P: every image's tokens
+
+    def _base_images(self, image_size: tuple[int, int] | None) -> None:
+        """Take several whole images at the tower's size, as LLaVA-OneVision reads a prompt of several
+        (:class:`attnc.models.hf_llava_next.OneVisionBaseImage`)."""
+        self.encoder = hf_llava_next.OneVisionBaseImage(self.model)
+        self.image_size = self.encoder.image_size
+        if image_size is not None and tuple(image_size) != self.image_size:
+            raise AttncError(f"{type(self.model).__name__} reads each image of a prompt of several at "
+                             f"{self.image_size[0]}x{self.image_size[1]} pixels (its vision tower's size, no tiles), "
+                             f"not {image_size[0]}x{image_size[1]}", "drop --image-size: pass each image's first "
+                             "tile (the whole image resized), pixel_values [batch, images, 3, S, S]")
+        self.num_visual_tokens = self.encoder.num_visual_tokens * self.images
 
     def _video(self, image_size: tuple[int, int] | None) -> None:
         """Take one clip of ``video_frames`` frames at the tower's size in place of the image

@@ -386,3 +386,30 @@ def test_tensorrt_builds_exited_tiles(tmp_path):
     run_cli("export", folder, "-o", path, "--text-before-image", "3,5,9")
     manifest = build_exited_engine(path, (3, 3, 64, 64), 9, tmp_path / "engine", exit_layer=1)
     assert (tmp_path / "engine" / manifest["artefact"]).stat().st_size > 0 and manifest["ops_after"]["Attention"] >= 2
+
+
+@pytest.mark.parametrize("offsets,batch", [((1, 4), 2), ((0, 3, 3), 1)])
+def test_onevision_reads_each_image_whole(tmp_path, offsets, batch):
+    """LLaVA-OneVision reads each image of a prompt of several whole, at the tower's size (its processor's first tile;
+    ``batch_num_images`` above 1: no tiles), 16 tokens and a newline each: the logits equal transformers' forward with
+    ``batch_num_images``, two images and three (two side by side). The export exited before layer 2 validates; an
+    image size other than the tower's is refused by name."""
+    folder = tiny_llava_next(tmp_path / "ckpt", architecture="LlavaOnevisionForConditionalGeneration")
+    module, spec = with_text_before_image(*load_checkpoint(str(folder)), offsets)
+    images = len(offsets)
+    assert module.num_visual_tokens == 17 * images and spec.inputs[0].shape == ("batch", images, 3, 32, 32)
+    pixels, ids = spec.example_inputs(batch=batch, seq=offsets[-1] + 4, seed=int(np.random.default_rng().integers(99)))
+    prompt = _prompt(ids, offsets, 17, 62)
+    with torch.no_grad():
+        expected = module.model(input_ids=prompt, pixel_values=pixels.flatten(0, 1)[:, None],
+                                image_sizes=torch.tensor([[32, 32]] * (batch * images)),
+                                batch_num_images=torch.tensor([images] * batch)).logits[:, offsets[-1] + 17 * images:]
+        np.testing.assert_allclose(module(pixels, ids).numpy(), expected.numpy(), atol=2e-5, rtol=1e-4)
+    if images == 2:
+        path = tmp_path / "two.onnx"
+        run_cli("export", folder, "-o", path, "--text-before-image", format_offsets(offsets))
+        run_cli("compile", path, "-o", tmp_path / "out", "--token-exit", "static", "--exit-layer", 2)
+        assert "PASS" in run_cli("validate", tmp_path / "out", "--model", folder).output
+        result = run_cli("export", folder, "-o", tmp_path / "bad.onnx", "--text-before-image", "1,4", "--image-size",
+                         "40x90", ok=False)
+        assert_clean_error(result, "at 32x32 pixels", "drop --image-size")
