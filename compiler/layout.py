@@ -149,8 +149,9 @@ def split_prompt(input_ids, image_token: int, per_image: int) -> tuple[np.ndarra
     if not visual.any():
         raise AttncError(f"the prompts hold no placeholder {image_token}", "pass the image token's id")
     if not (visual == visual[:1]).all():
-        raise AttncError("the prompts place their images at different tokens",
-                         "pad every prompt alike in front of its last image (after it, --with-attention-mask pads)")
+        raise AttncError("the prompts place their images at different tokens (a processor's left padding moves them)",
+                         "split the prompts one at a time: an export with --with-attention-mask takes prompts padded "
+                         "after the text in front of their last image")
     offsets, text, run = [], 0, 0
     for is_visual in visual[0]:
         if is_visual:
