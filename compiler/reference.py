@@ -45,13 +45,16 @@ _ORIGINAL_FIX = ("validate with --reference original: the unshrunk model (the re
 class ShrunkModel:
     """``model`` shrunk as a manifest says, as a callable module for :func:`attnc.compiler.validate.torch_reference`:
     ``gates`` (``{attention module: 0/1 gate [H]}``, or None) gate the pruned heads, ``exit_layer`` / ``exit_gate``
-    drop the visual tokens; ``description`` says so for the report."""
+    drop the visual tokens (``per_row``: each row as its own gate says, as the graph picks them; a manifest of an
+    attnc before session 20 records no such choice: its graph decided for the batch); ``description`` says so for the
+    report."""
 
     model: object
     gates: dict | None
     exit_layer: int | None
     exit_gate: object | None
     description: str
+    per_row: bool = True
 
     def module(self):
         """An ``nn.Module`` whose forward runs ``model`` shrunk (the model is its submodule: eval mode and
@@ -77,7 +80,8 @@ class ShrunkModel:
         # head_gates counts the attention calls of one forward from its entry: entered per call
         with head_gates(self.model, self.gates) if self.gates else contextlib.nullcontext():
             if self.exit_gate is not None:   # (pixel_values, input_ids[, attention_mask]) of padded prompts
-                return dynamic_exit_forward(self.model, *args[:2], self.exit_gate, *args[2:])[0]
+                return dynamic_exit_forward(self.model, *args[:2], self.exit_gate, *args[2:],
+                                            per_row=self.per_row)[0]
             if self.exit_layer is not None:
                 return self.model(*args, exit_layer=self.exit_layer)
             return self.model(*args)
@@ -104,7 +108,8 @@ def shrunk_model(model, shrink: Mapping) -> ShrunkModel | None:
         exit_layer, exit_gate = _token_exit(model, exited)
         said.append(f"the visual tokens dropped before decoder layer {exited['exit_layer']}"
                     + (" where the exit gate fires" if exit_gate is not None else ""))
-    return ShrunkModel(model, gates, exit_layer, exit_gate, f"the PyTorch model with {' and '.join(said)}")
+    per_row = bool(((exited or {}).get("gate") or {}).get("per_row", False))
+    return ShrunkModel(model, gates, exit_layer, exit_gate, f"the PyTorch model with {' and '.join(said)}", per_row)
 
 
 def pruned_gates(model, report: Mapping) -> dict:

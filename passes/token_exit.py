@@ -917,18 +917,19 @@ def gate_features(model, image, text_ids, layer: int):
         return exit_run(model, image, text_ids, layer, lambda f: False)[1]
 
 
-def dynamic_exit_forward(model, image, text_ids, gate: ExitGate, attention_mask=None):
+def dynamic_exit_forward(model, image, text_ids, gate: ExitGate, attention_mask=None, per_row: bool = True):
     """Torch reference of the dynamic graph: ``(output, exited [B] bool)``, the output the model's (logits; a
     vision-language first step's ``(logits, present.0.key, ...)``). Each row exits where its own gate fires (each
     reading its own tokens, not the padding ``attention_mask`` marks 0), so its output is the one it gets alone; a
     first step's batch exits only where every row's gate fires (exited, the later layers' caches are shorter: one
-    length for the batch)."""
+    length for the batch), and so does every batch with ``per_row`` False (a graph whose report says it decides for
+    the batch: :func:`apply_dynamic_token_exit`'s ``gate["per_row"]``)."""
     import torch
 
     with torch.no_grad():
         full, features, _ = exit_run(model, image, text_ids, gate.layer, lambda f: False, attention_mask)
         fired = np.asarray(gate.fires(features.numpy()), dtype=bool).reshape(-1)
-        if isinstance(full, tuple):
+        if isinstance(full, tuple) or not per_row:
             fired = np.full(len(fired), bool(fired.all()))
         if not fired.any():
             return full, fired

@@ -350,7 +350,8 @@ def test_example_with_two_images(tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["text_before_image"] == [2, 4]
 
 
-@pytest.mark.parametrize("architecture", ["SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration"])
+@pytest.mark.parametrize("architecture", ["SmolVLMForConditionalGeneration", pytest.param(
+    "Idefics3ForConditionalGeneration", marks=pytest.mark.full(reason="SmolVLM's path, which CI checks (about 15 s)"))])
 def test_tiles_of_one_image(tmp_path, architecture):
     """SmolVLM's and Idefics 3's processors cut an image into tiles, each behind its own row and column tokens, the
     whole image last behind its own: a prompt of several images to attnc, its offsets read off the processor's prompt

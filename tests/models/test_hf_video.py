@@ -39,6 +39,11 @@ FRAMES, BEFORE = 3, 2   # the exports': a clip of 3 frames after 2 text tokens
 # one frame's tokens: 4 × 4 patch features pooled to 2 × 2 (OneVision's clip ends with a newline token)
 PER_FRAME = 4
 
+_NEXT_VIDEO_EXPORT = ("the export path CI checks on OneVision; NeXT-Video's differs only in its encoder, which CI "
+                      "checks against transformers in PyTorch (about 10 s each)")
+ONEVISION_ONLY_IN_CI = [VIDEO_ARCHITECTURES[0], pytest.param(VIDEO_ARCHITECTURES[1], marks=pytest.mark.full(
+    reason=_NEXT_VIDEO_EXPORT))]
+
 
 @pytest.fixture(scope="module", params=VIDEO_ARCHITECTURES)
 def checkpoint(request, tmp_path_factory):
@@ -126,6 +131,7 @@ def test_matches_at_a_drawn_size(checkpoint):
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("checkpoint", ONEVISION_ONLY_IN_CI, indirect=True)
 def test_export_exits_and_gates(checkpoint, tmp_path, exporter):
     """``attnc export --video-frames`` (dynamo, dynamic batch and text) records ``F`` beside ``P``, ``K`` and the
     frames' size, and inspect says so; a TorchScript export (of the checkpoint on plain multi-head attention) at static
@@ -168,6 +174,7 @@ def test_export_exits_and_gates(checkpoint, tmp_path, exporter):
                     np.testing.assert_allclose(run_model(gated, feeds), expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("checkpoint", ONEVISION_ONLY_IN_CI, indirect=True)
 def test_compile_validate_and_a_trained_gate(checkpoint, tmp_path):
     """``attnc train-exit-gate --video-frames`` trains on clips keyed ``pixel_values_videos``; the static exit and the
     gate compile from the export and pass ``attnc validate``, which rebuilds the checkpoint with the recorded clip
@@ -256,6 +263,7 @@ def test_refusals(checkpoint, tmp_path):
 
 
 @pytest.mark.tensorrt
+@pytest.mark.parametrize("checkpoint", ONEVISION_ONLY_IN_CI, indirect=True)
 def test_tensorrt_builds_the_exited_clip(checkpoint, tmp_path):
     """TensorRT-RTX builds an fp16 engine of the statically exited video export (the frames' pooling a Resize or an
     AveragePool) at dynamic batch and text length, every attention fused."""

@@ -365,6 +365,12 @@ def test_a_gate_splitting_the_batch(checkpoint, tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["shrink"]["token_exit"]["gate"]["per_row"]
     assert "PASS" in run_cli("validate", tmp_path / "out", "--model", folder).output
+    np.savez(tmp_path / "split.npz", pixel_values=pixels.numpy(), input_ids=ids.numpy())   # the batch the gate splits
+    assert "PASS" in run_cli("validate", tmp_path / "out", "--model", folder, "--inputs", tmp_path / "split.npz").output
+    del manifest["shrink"]["token_exit"]["gate"]["per_row"]   # as an artefact of an attnc before per-row gates says
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("validate", tmp_path / "out", "--model", folder, "--inputs", tmp_path / "split.npz", ok=False)
+    assert result.exit_code == 1   # the reference then decides for the batch, which this graph does not
 
 
 def test_refusals(checkpoint, tmp_path):

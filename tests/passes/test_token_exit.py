@@ -141,6 +141,11 @@ def test_each_row_takes_its_own_branch(vlm, batch):
     expected, exited = dynamic_exit_forward(model, *inputs, gate)
     assert exited.tolist() == fired.tolist()
     np.testing.assert_allclose(expected.numpy(), alone, atol=ATOL, rtol=ATOL)
+    # a graph deciding for the batch (an artefact of an attnc before per-row gates): no row exits unless all do
+    whole, exited = dynamic_exit_forward(model, *inputs, gate, per_row=False)
+    assert not exited.any()
+    with torch.no_grad():
+        np.testing.assert_allclose(whole.numpy(), model(*inputs).numpy(), atol=ATOL, rtol=ATOL)
     order = np.random.default_rng().permutation(batch)
     np.testing.assert_allclose(_run(dynamic, _feeds(spec, [t[order] for t in inputs])), alone[order], atol=ATOL,
                                rtol=ATOL)
