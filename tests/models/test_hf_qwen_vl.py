@@ -348,6 +348,8 @@ def test_several_images(checkpoint, blocks, offsets, batch):
             np.testing.assert_allclose(logits[row, -alone.shape[1]:], alone[0], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.full(reason="several images' positions CI checks against get_rope_index in test_several_images; the "
+                         "later steps' shift by every image here (about 30 s)")
 @pytest.mark.parametrize("checkpoint", [ARCHITECTURES[1]], indirect=True)
 def test_several_images_export_and_generate(checkpoint, tmp_path):
     """Qwen2.5-VL with two images after 1 and 4 text tokens: the export exited before layer 2 validates; the

@@ -203,6 +203,8 @@ _NEXT_VIDEO_GENERATION = ("the generation path CI checks on OneVision; NeXT-Vide
                           "CI checks in the one-pass export")
 
 
+@pytest.mark.full(reason="the generation path CI checks on images (test_hf_vision_language.py), which a clip takes "
+                         "unchanged once encoded (about 30 s)")
 @pytest.mark.parametrize("checkpoint", [VIDEO_ARCHITECTURES[0], pytest.param(
     VIDEO_ARCHITECTURES[1], marks=pytest.mark.full(reason=_NEXT_VIDEO_GENERATION))], indirect=True)
 def test_generation(checkpoint, tmp_path):
