@@ -22,7 +22,8 @@ a 448-pixel square in 224-pixel tiles (1312 visual + 32 text tokens, 8 decoder l
 8 decoder layers, random weights), alike; ``llava_images`` ``llava``'s checkpoint with two images per prompt (after 5
 and 9 text tokens: 1152 visual + 32 text tokens), alike; ``onevision_video`` a transformers LLaVA-OneVision checkpoint
 reading a clip of 8 frames of 384 pixels (``--video-frames 8``: 8 × 196 pooled tokens and a newline, 1569 visual + 32
-text tokens, 8 decoder layers, random weights), alike. The passes
+text tokens, 8 decoder layers, random weights), alike; ``qwen_video`` ``qwen``'s checkpoint on a clip of 16 frames of
+336 × 448 pixels (8 slices of 12 × 16 blocks: 1536 visual + 32 text tokens), alike. The passes
 are applied (pruning: weight, activation, gradient and ablation scores, one-shot and iterative, with and without a
 short fine-tune) and the tables printed: accuracy, parameters, attention FLOPs and ONNX Runtime CPU latency
 before/after. Latencies of a "before" and its "after" are measured side by
@@ -534,15 +535,12 @@ QWEN_SMOKE = {**QWEN, "image": 56, "text": {**QWEN["text"], "hidden_size": 64, "
               "mrope_section": [2, 3, 3], "text_tokens": 8, "exit_layers": (1, 2)}
 
 
-def bench_qwen(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
-    """A transformers Qwen2-VL checkpoint (random weights, :data:`QWEN`) exported at its image size
-    (``--image-size``), then as :func:`bench_llava`."""
+def qwen_checkpoint(folder: Path, c: dict) -> Path:
+    """A transformers Qwen2-VL checkpoint of config ``c`` (random weights) saved in ``folder``."""
     import transformers
 
-    from attnc.models.hf_checkpoint import load_checkpoint, with_image_size
     from attnc.testing import save_seeded
 
-    c = QWEN_SMOKE if smoke else QWEN
     text = {**c["text"], "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                              "mrope_section": c["mrope_section"]}}
     vocab = c["text"]["vocab_size"]
@@ -550,10 +548,39 @@ def bench_qwen(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
         text_config=text, vision_config={**c["vision"], "hidden_size": c["text"]["hidden_size"]},
         image_token_id=vocab - 4, video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
         vision_end_token_id=vocab - 1, architectures=["Qwen2VLForConditionalGeneration"])
-    save_seeded(config, "Qwen2VLForConditionalGeneration", tmp / "qwen")
-    module, spec = with_image_size(*load_checkpoint(str(tmp / "qwen")), (c["image"], c["image"]))
+    return save_seeded(config, "Qwen2VLForConditionalGeneration", folder)
+
+
+def bench_qwen(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
+    """A transformers Qwen2-VL checkpoint (random weights, :data:`QWEN`) exported at its image size
+    (``--image-size``), then as :func:`bench_llava`."""
+    from attnc.models.hf_checkpoint import load_checkpoint, with_image_size
+
+    c = QWEN_SMOKE if smoke else QWEN
+    folder = qwen_checkpoint(tmp / "qwen", c)
+    module, spec = with_image_size(*load_checkpoint(str(folder)), (c["image"], c["image"]))
     return {"model": f"Qwen2VLForConditionalGeneration at {c['image']}x{c['image']} (vision {c['vision']}, "
-                     f"text {c['text']})", **_exits(tmp, tmp / "qwen", module, spec, c, reps, threads), "smoke": smoke}
+                     f"text {c['text']})", **_exits(tmp, folder, module, spec, c, reps, threads), "smoke": smoke}
+
+
+# Qwen2-VL on a clip of 16 frames of 336 × 448 px (its processor's default 2 frames a second: 8 seconds), 2 frames a
+# slice: 8 slices of 12 × 16 merged blocks, 1536 visual tokens in front of 32 text tokens, at QWEN's widths.
+QWEN_VIDEO = {**QWEN, "size": (336, 448), "frames": 16}
+QWEN_VIDEO_SMOKE = {**QWEN_SMOKE, "size": (56, 84), "frames": 3}
+
+
+def bench_qwen_video(tmp: Path, reps: int, threads: int, smoke: bool = False) -> dict:
+    """The Qwen2-VL checkpoint of :func:`bench_qwen` exported on a clip (``--video-frames``, :data:`QWEN_VIDEO`), then
+    as :func:`bench_llava`."""
+    from attnc.models.hf_checkpoint import load_checkpoint, with_image_size, with_video_frames
+
+    c = QWEN_VIDEO_SMOKE if smoke else QWEN_VIDEO
+    folder = qwen_checkpoint(tmp / "qwen_video", c)
+    module, spec = with_image_size(*with_video_frames(*load_checkpoint(str(folder)), c["frames"]), c["size"])
+    size = "x".join(map(str, c["size"]))
+    return {"model": f"Qwen2VLForConditionalGeneration on {c['frames']} frames of {size} (vision {c['vision']}, "
+                     f"text {c['text']})", **_exits(tmp, folder, module, spec, c, reps, threads),
+            "frames": c["frames"], "smoke": smoke}
 
 
 # LLaVA-NeXT at LLaVA-1.6's layout, scaled: 224-pixel tiles of 14-pixel patches (256 tokens each) and a 448-pixel
@@ -871,7 +898,7 @@ def machine() -> dict:
 
 
 SECTIONS = ("prune", "exit", "llama", "llava", "llava_vqa", "llava_decode", "qwen", "llava_next", "gemma3",
-            "llava_images", "onevision_video")
+            "llava_images", "onevision_video", "qwen_video")
 
 
 def main(argv=None) -> int:
@@ -918,6 +945,8 @@ def main(argv=None) -> int:
         if "onevision_video" in sections:
             results["exit_onevision_video"] = bench_onevision_video(Path(tmp), args.reps, args.threads,
                                                                     smoke=args.smoke)
+        if "qwen_video" in sections:
+            results["exit_qwen_video"] = bench_qwen_video(Path(tmp), args.reps, args.threads, smoke=args.smoke)
     results["seconds"] = time.perf_counter() - t0
     print(table(results))
     out = Path(args.out)
@@ -994,6 +1023,9 @@ def table(results: dict) -> str:
     if "exit_onevision_video" in results:
         video = results["exit_onevision_video"]
         lines.extend(llava_table(video, f"LLaVA-OneVision (a video of {video['frames']} frames)"))
+    if "exit_qwen_video" in results:
+        video = results["exit_qwen_video"]
+        lines.extend(llava_table(video, f"Qwen2-VL (a video of {video['frames']} frames)"))
     return "\n".join(lines)
 
 

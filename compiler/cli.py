@@ -201,9 +201,10 @@ def _vision_language_layout(model_ref: str, text_before_image: tuple[int, ...] |
                    "one tile's size). "
                    "Others take their config's image_size.")
 @click.option("--video-frames", type=click.IntRange(min=1), default=None, metavar="F",
-              help="Vision-language checkpoints that read video (LLaVA-OneVision, LLaVA-NeXT-Video): a clip of F "
-                   "frames in place of the image, pixel_values_videos [batch, F, 3, S, S] at the vision tower's size "
-                   "S, as their video processors give it. The export records F: validate takes it.")
+              help="Vision-language checkpoints that read video (LLaVA-OneVision, LLaVA-NeXT-Video, Qwen2-VL, "
+                   "Qwen2.5-VL): a clip of F frames in place of the image, pixel_values_videos [batch, F, 3, H, W] as "
+                   "their video processors give it before patches are cut (LLaVA's at the vision tower's size, Qwen's "
+                   "at --image-size). The export records F: validate takes it.")
 @_handle_errors
 def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset, seed, int_high,
                attention_mask, past, first_step, text_before_image, image_size, video_frames) -> None:

@@ -19,7 +19,7 @@ multiple of 28), with ``--model llava-next`` a random LLaVA-NeXT (32 px tiles, i
 (a SigLIP tower of ``--image-size`` px images in 8 px patches pooled 2 × 2, the image's tokens attending to each
 other both ways, a Gemma 3 text model with sliding windows of 8 tokens) or with ``--model onevision`` a random
 LLaVA-OneVision (a SigLIP tower of 32 px tiles) with ``save_pretrained`` first: no hub is reached. ``--video-frames F``
-(LLaVA-OneVision, LLaVA-NeXT-Video) puts a clip of ``F`` frames in place of the image::
+(LLaVA-OneVision, LLaVA-NeXT-Video, Qwen2-VL, Qwen2.5-VL) puts a clip of ``F`` frames in place of the image::
 
     python examples/vision_language.py
     python examples/vision_language.py --image-size 112 --width 256 --layers 8 --exit-layer 2 --json run.json
@@ -29,6 +29,7 @@ LLaVA-OneVision (a SigLIP tower of 32 px tiles) with ``save_pretrained`` first: 
     python examples/vision_language.py --checkpoint ./my-llava --text-before-image 5
     python examples/vision_language.py --text-before-image 3,7     # two images per prompt
     python examples/vision_language.py --model onevision --video-frames 4   # a clip of 4 frames
+    python examples/vision_language.py --model qwen2-vl --video-frames 4    # 4 frames of 56 px: 2 slices
     python examples/vision_language.py --checkpoint ./my-qwen2-vl --image-size 448
     python examples/vision_language.py --checkpoint ./my-llava-v1.6 --image-size 672
 """
@@ -141,6 +142,18 @@ def random_onevision(folder: Path, width: int, layers: int) -> Path:
     return save_seeded(config, "LlavaOnevisionForConditionalGeneration", folder)
 
 
+def qwen_video_patches(vision, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2-VL's video processor's ``pixel_values_videos`` and ``video_grid_thw`` of clips ``[B, F, C, H, W]``
+    already resized and normalised: the last frame repeated up to a multiple of ``temporal_patch_size``, then each
+    slice's patches in merge blocks row by row, a patch's values ``(C, frames, p, p)``."""
+    p, m, t = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+    short = -clips.shape[1] % t
+    clips = torch.cat([clips, clips[:, -1:].expand(-1, short, -1, -1, -1)], 1) if short else clips
+    b, f, c, h, w = clips.shape
+    x = clips.reshape(b, f // t, t, c, h // p // m, m, p, w // p // m, m, p).permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    return x.reshape(-1, c * t * p * p), torch.tensor([[f // t, h // p, w // p]] * b)
+
+
 def transformers_generate(module, pixels: torch.Tensor, ids: torch.Tensor, tokens: int) -> torch.Tensor:
     """transformers' greedy ``generate`` on the prompt ``ids[:, :K]`` + the image's placeholders + ``ids[:, K:]``
     (each image's after its ``K``): the new tokens. Qwen takes the image as its processor's patches, with their grid
@@ -149,10 +162,16 @@ def transformers_generate(module, pixels: torch.Tensor, ids: torch.Tensor, token
     hf, layout = module.model, module.layout
     image = getattr(hf.config, "image_token_index", None) or hf.config.image_token_id
     if module.video_frames is not None:
-        prompt = interleave(ids, torch.full((len(ids), layout.tokens), hf.config.video_token_index), layout)
+        video = getattr(hf.config, "video_token_index", None) or hf.config.video_token_id
+        prompt = interleave(ids, torch.full((len(ids), layout.tokens), video), layout)
+        extra = {"pixel_values_videos": pixels}
+        if is_qwen_vl(hf):   # the video processor's patches (it needs torchvision: cut here as it cuts them)
+            patches, grid = qwen_video_patches(hf.config.vision_config, pixels)
+            types = torch.as_tensor(layout.is_visual(prompt.shape[1]), dtype=torch.int32).expand(len(prompt), -1)
+            extra = {"pixel_values_videos": patches, "video_grid_thw": grid, "mm_token_type_ids": types * 2}
         with torch.no_grad():
             out = hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
-                              min_new_tokens=tokens, do_sample=False, pixel_values_videos=pixels)
+                              min_new_tokens=tokens, do_sample=False, **extra)
         return out[:, prompt.shape[1]:]
     prompt = interleave(ids, torch.full((len(ids), layout.tokens), image), layout)
     if type(hf).__name__ in TILES_BY_VALUE:   # Idefics 3 and SmolVLM take [B, images, C, H, W]
@@ -203,7 +222,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--text-before-image", default="3",
                         help="the prompt's tokens in front of the image; one count per image for several, e.g. 3,7")
     parser.add_argument("--video-frames", type=int, default=None,
-                        help="a clip of this many frames in place of the image (LLaVA-OneVision, LLaVA-NeXT-Video)")
+                        help="a clip of this many frames in place of the image (LLaVA-OneVision, LLaVA-NeXT-Video, "
+                             "Qwen2-VL)")
     parser.add_argument("--exit-layer", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=12, help="prompt tokens, the image's not counted")
     parser.add_argument("--batch", type=int, default=2)
@@ -230,7 +250,8 @@ def main(argv=None) -> dict:
         module, spec = load_checkpoint(str(folder))
         if args.video_frames is not None:
             module, spec = with_video_frames(module, spec, args.video_frames)
-        elif type(module.model).__name__ in SIZED:   # its visual tokens follow the image's size: one size per export
+        if type(module.model).__name__ in SIZED and (args.video_frames is None or is_qwen_vl(module.model)):
+            # its visual tokens follow the image's (Qwen's frames') size: one size per export
             size = args.image_size or (56 if is_qwen_vl(module.model) else None)
             if size is not None:
                 module, spec = with_image_size(module, spec, (size, size))

@@ -359,9 +359,10 @@ def _visual_input(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[InputS
 def with_video_frames(module: torch.nn.Module, spec: CheckpointSpec, frames: int
                       ) -> tuple[torch.nn.Module, CheckpointSpec]:
     """A loaded vision-language checkpoint taking a clip of ``frames`` frames in place of its image (``attnc export
-    --video-frames``; LLaVA-OneVision and LLaVA-NeXT-Video, :class:`attnc.models.hf_llava_next.LlavaVideoEncoder`):
-    the same wrapper on the video, its ``pixel_values_videos [batch, F, C, S, S]`` at the vision tower's size ``S``
-    in place of ``pixel_values``.
+    --video-frames``; LLaVA-OneVision and LLaVA-NeXT-Video, :class:`attnc.models.hf_llava_next.LlavaVideoEncoder`;
+    Qwen2-VL and Qwen2.5-VL, :class:`attnc.models.hf_qwen_vl.QwenImageEncoder`): the same wrapper on the video, its
+    ``pixel_values_videos [batch, F, C, S, S]`` at the vision tower's size ``S`` (Qwen's ``[batch, F, C, H, W]`` at
+    the export's image size) in place of ``pixel_values``.
 
     Raises:
         AttncError: the checkpoint is no vision-language model's, reads no video, or ``frames`` is below 1.
@@ -375,7 +376,9 @@ def with_video_frames(module: torch.nn.Module, spec: CheckpointSpec, frames: int
     if frames == module.video_frames:
         return module, spec
     wrapper = type(module)
-    clip = wrapper(module.model, module.visual_offset, None, frames).eval()
+    # LLaVA's frames are at the tower's size; Qwen's at the export's (--image-size, which may come first)
+    size = module.image_size if hf_vision_language.hf_qwen_vl.is_qwen_vl(module.model) else None
+    clip = wrapper(module.model, module.visual_offset, size, frames).eval()
     return clip, dataclasses.replace(
         spec, inputs=_visual_input(clip, spec),
         factory=functools.partial(_rewrapped, spec.factory, wrapper, *clip.placement),

@@ -20,6 +20,16 @@ The image size is fixed per export (``attnc export --image-size HxW``; :data:`DE
 the number of visual tokens is too: ``(H / 28) × (W / 28)`` for ``patch 14, merge 2`` (``/ 32`` for Qwen3-VL's
 16-pixel patches). Tested against transformers' forward on the processor's own patches in
 ``tests/models/test_hf_qwen_vl.py``.
+
+Qwen2-VL and Qwen2.5-VL read a video the same way (``attnc export --video-frames F``, ``pixel_values_videos [B, F,
+3, H, W]``, the video processor's frames before it patchifies): each ``temporal_patch_size`` frames (2; an odd
+count repeats the last, as the processor does) make one slice of the grid, embedded by the tower's 3-D convolution
+itself; the tower attends within each slice (the processor's grid ``(F / 2, h, w)`` splits ``cu_seqlens`` by
+slice), so the slices run through it as a batch of images, their tokens one slice after the other; M-RoPE places
+slice ``t`` at temporal position ``K + t × interval`` (Qwen2.5-VL's ``tokens_per_second`` times the processor's
+``second_per_grid`` at its default 2 frames a second: 1 s; Qwen2-VL's 1) and the text after it from ``K + max(rows,
+columns)``. Qwen3-VL's processor writes a timestamp in text between its slices: not built (refused by name). Tested
+in ``tests/models/test_hf_qwen_video.py``.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ from attnc.compiler.errors import AttncError
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                  "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 DEFAULT_SIZE = 448   # pixels a side: 256 visual tokens at patch 14, merge 2 (LLaVA-1.5 has 576)
+# the architectures whose clip of frames QwenImageEncoder reads (Qwen3-VL puts timestamps between its slices)
+VIDEO_ARCHITECTURES = ARCHITECTURES[:2]
 
 
 def is_qwen_vl(model_or_name) -> bool:
@@ -63,13 +75,43 @@ def deepstack_layers(vision_config) -> int:
     return len(getattr(vision_config, "deepstack_visual_indexes", None) or [])
 
 
-def position_shift(vision_config, size: tuple[int, int] | None) -> int:
-    """How far M-RoPE places the text after an image of ``size`` from where 1-D positions would (``max(rows,
-    columns) - rows × columns`` merged blocks): what a later generation step adds to the positions it counts."""
+def slices(vision_config, frames: int | None) -> int:
+    """The slices of the tower's grid a clip of ``frames`` frames makes (``ceil(F / temporal_patch_size)``: the
+    processor repeats the last frame up to a multiple); 1 for an image (``frames`` None)."""
+    return 1 if frames is None else -(-frames // vision_config.temporal_patch_size)
+
+
+def time_interval(vision_config) -> int:
+    """How far apart M-RoPE places a clip's slices in time: Qwen2.5-VL's ``tokens_per_second`` times the seconds a
+    slice covers at the video processor's default 2 frames a second (its ``second_per_grid_ts``: 1, which is also
+    what transformers takes without one); Qwen2-VL's 1."""
+    return int(getattr(vision_config, "tokens_per_second", 1))
+
+
+def position_shift(vision_config, size: tuple[int, int] | None, frames: int | None = None) -> int:
+    """How far M-RoPE places the text after an image of ``size`` (a clip of ``frames`` such frames) from where 1-D
+    positions would (``max(rows, columns) - slices × rows × columns`` merged blocks): what a later generation step
+    adds to the positions it counts.
+
+    Raises:
+        AttncError: a clip whose last slice lies in time past the text after it (``(slices - 1) × interval >
+            max(rows, columns)``): transformers' later steps then continue from that slice's position (its
+            ``rope_deltas``), which depends on the text's length and which attnc's steps do not carry.
+    """
     height, width = image_size(vision_config, size)
     step = vision_config.patch_size * vision_config.spatial_merge_size
     rows, columns = height // step, width // step
-    return max(rows, columns) - rows * columns
+    t, interval = slices(vision_config, frames), time_interval(vision_config)
+    if (t - 1) * interval > max(rows, columns):
+        most = max(rows, columns) // interval + 1
+        raise AttncError(
+            f"a clip of {frames} frames at {height}x{width} pixels makes {t} slices {interval} positions apart in "
+            f"time: the last lies past the text after the clip ({max(rows, columns)} positions on), so the steps "
+            "after the prompt continue from it by an offset that depends on the prompt's length, which attnc's "
+            "generation steps do not carry", f"export the steps with at most {most * vision_config.temporal_patch_size}"
+            f" frames at this size, or a size of more blocks a side (each {step} pixels); the one-pass export "
+            "takes this clip")
+    return max(rows, columns) - t * rows * columns
 
 
 class QwenImageEncoder(torch.nn.Module):
@@ -82,7 +124,7 @@ class QwenImageEncoder(torch.nn.Module):
     ``N = (H / p) × (W / p)`` patches, which is what ``cu_seqlens`` splits a batch of one-frame images into.
     """
 
-    def __init__(self, model: torch.nn.Module, image_size: tuple[int, int]):
+    def __init__(self, model: torch.nn.Module, image_size: tuple[int, int], frames: int | None = None):
         super().__init__()
         from transformers.vision_utils import (get_vision_interpolation_indices_and_weights, get_vision_position_ids,
                                                get_vision_window_index)
@@ -96,13 +138,18 @@ class QwenImageEncoder(torch.nn.Module):
         self.grid = (self.image_size[0] // p, self.image_size[1] // p)   # patches per column, per row
         self.merged = (self.grid[0] // m, self.grid[1] // m)               # visual tokens per column, per row
         self.num_patches = self.grid[0] * self.grid[1]
-        self.num_visual_tokens = self.merged[0] * self.merged[1]
+        self.slice_tokens = self.merged[0] * self.merged[1]   # one image's, or one slice's of a clip
+        # a clip (``frames``): its slices of temporal_patch_size frames each, one after the other
+        self.frames, self.slices = frames, slices(config, frames)
+        self.temporal_patch, self.interval = config.temporal_patch_size, time_interval(config)
+        self.num_visual_tokens = self.slices * self.slice_tokens
         grid = torch.tensor([[1, *self.grid]])
         weight = visual.patch_embed.proj.weight.detach()   # Conv3d [E, C, frames, p, p]
         # the processor repeats a still image over the tower's frames: one convolution with the frames' kernels summed
         self.register_buffer("kernel", weight.sum(2), persistent=False)
         bias = visual.patch_embed.proj.bias
         self.register_buffer("kernel_bias", None if bias is None else bias.detach(), persistent=False)
+        self.register_buffer("video_kernel", weight if frames is not None else None, persistent=False)
         with torch.no_grad():
             cos, sin = visual.rotary_pos_emb(weight.new_zeros(1), get_vision_position_ids(grid, m))   # [N, D]
         unit = m * m
@@ -110,7 +157,7 @@ class QwenImageEncoder(torch.nn.Module):
         if self.windowed:   # the tower runs on the merged blocks in window order; each window attends within itself
             order, bounds = get_vision_window_index(grid, spatial_merge_size=m, window_size=visual.window_size,
                                                     patch_size=p)
-            cos, sin = (t.reshape(self.num_visual_tokens, unit, -1)[order].reshape(self.num_patches, -1)
+            cos, sin = (t.reshape(self.slice_tokens, unit, -1)[order].reshape(self.num_patches, -1)
                         for t in (cos, sin))
             lengths = set((bounds[1:] - bounds[:-1]).tolist())
             # windows of one size (sides multiples of the window) attend as a batch of windows; ragged ones (the
@@ -141,12 +188,29 @@ class QwenImageEncoder(torch.nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.features(pixel_values)[0]
 
+    def _embedded(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The patch embedding ``[B', E, gh, gw]`` of images ``[B, 3, H, W]`` (``B' = B``) or of clips ``[B, F, 3,
+        H, W]`` (``B' = B × slices``, each clip's slices one after the other)."""
+        if self.frames is None:
+            return torch.nn.functional.conv2d(pixel_values.to(self.kernel.dtype), self.kernel, self.kernel_bias,
+                                              stride=self.patch)
+        if pixel_values.dim() != 5 or pixel_values.shape[1] != self.frames:
+            raise ValueError(f"pixel_values_videos {list(pixel_values.shape)} is no [batch, {self.frames}, channels, "
+                             "height, width] batch of clips")
+        short = self.slices * self.temporal_patch - self.frames   # the processor repeats the last frame
+        if short:
+            pixel_values = torch.cat([pixel_values, pixel_values[:, -1:].expand(-1, short, -1, -1, -1)], 1)
+        x = torch.nn.functional.conv3d(pixel_values.transpose(1, 2).to(self.video_kernel.dtype), self.video_kernel,
+                                       self.kernel_bias, stride=(self.temporal_patch, self.patch, self.patch))
+        return x.transpose(1, 2).flatten(0, 1)   # [B, E, slices, gh, gw] -> [B × slices, E, gh, gw]
+
     def features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``([B, P, C], deepstack)``: the image's tokens and, for Qwen3-VL, the features of its deepstack layers
-        (``[B, P, C]`` each, which the first decoder layers add to the image's hidden states; none before)."""
-        batch, (gh, gw), m = pixel_values.shape[0], self.grid, self.merge
-        x = torch.nn.functional.conv2d(pixel_values.to(self.kernel.dtype), self.kernel, self.kernel_bias,
-                                       stride=self.patch)   # [B, E, gh, gw]
+        (``[B, P, C]`` each, which the first decoder layers add to the image's hidden states; none before). A clip's
+        slices run through the tower as a batch of images; their tokens come one slice after the other."""
+        clips = pixel_values.shape[0]
+        x = self._embedded(pixel_values)   # [B', E, gh, gw]
+        batch, (gh, gw), m = x.shape[0], self.grid, self.merge
         # patches in the processor's order: each m × m merge block's patches together, blocks row by row
         x = x.reshape(batch, -1, gh // m, m, gw // m, m).permute(0, 2, 4, 3, 5, 1)
         # contiguous: at one block a row and batch 1 the reshape is a view in the permuted layout, which the
@@ -156,12 +220,12 @@ class QwenImageEncoder(torch.nn.Module):
             x = x + (self.visual.pos_embed(self.table_index) * self.table_weight[:, :, None]).sum(1).to(x.dtype)
         unit = m * m
         if self.windowed:
-            x = x.reshape(batch, self.num_visual_tokens, unit, -1)[:, self.window_order]
+            x = x.reshape(batch, self.slice_tokens, unit, -1)[:, self.window_order]
             x = x.reshape(batch, self.num_patches, -1)
         deepstack = []
 
         def merged(merger, x):   # a merger reads each block's m × m patches as one row: row-wise, any batch
-            return merger(x.reshape(batch * self.num_patches, -1)).reshape(batch, self.num_visual_tokens, -1)
+            return merger(x.reshape(batch * self.num_patches, -1)).reshape(batch, self.slice_tokens, -1)
 
         for i, block in enumerate(self.visual.blocks):
             windowed = self.windowed and i not in self.full_attention
@@ -170,7 +234,8 @@ class QwenImageEncoder(torch.nn.Module):
             if i in self.deepstack:
                 deepstack.append(merged(self.visual.deepstack_merger_list[self.deepstack.index(i)], x))
         out = merged(self.visual.merger, x)
-        return (out[:, self.window_undo] if self.windowed else out), deepstack
+        out = out[:, self.window_undo] if self.windowed else out
+        return out.reshape(clips, -1, out.shape[-1]), [d.reshape(clips, -1, d.shape[-1]) for d in deepstack]
 
     def _attention(self, attn: torch.nn.Module, x: torch.Tensor, windowed: bool) -> torch.Tensor:
         """The tower's attention (``qkv``, 2-D rotary, ``proj``) over each image's patches ``x [B, N, D]``, or within
@@ -202,15 +267,17 @@ class QwenImageEncoder(torch.nn.Module):
         """``[3, B, K + P + T']``: the M-RoPE positions (temporal, row, column) ``get_rope_index`` gives a prompt of
         ``input_ids [B, K + T']`` with an image after its first ``K`` tokens (``offsets``: an int, or one ``K`` per
         image, none side by side): ``i`` on every axis for the text in front, ``(s, s + row, s + column)`` for the
-        image's tokens where ``s`` is the position it starts at, and the text after it from ``s + max(rows,
-        columns)`` on. ``attention_mask [B, K + T']`` (0 at padding, which comes after the text in front of the last
-        image): the text after it counts its tokens, not its padding."""
+        image's tokens where ``s`` is the position it starts at (a clip's slice ``t`` at ``s + t × interval`` in
+        time), and the text after it from ``s + max(rows, columns)`` on. ``attention_mask [B, K + T']`` (0 at padding,
+        which comes after the text in front of the last image): the text after it counts its tokens, not its
+        padding."""
         offsets = (offsets,) if isinstance(offsets, int) else tuple(offsets)
         rows, columns = self.merged
         device, batch = input_ids.device, input_ids.shape[0]
-        row = torch.arange(rows, device=device).repeat_interleave(columns)
-        column = torch.arange(columns, device=device).repeat(rows)
-        image = torch.stack([torch.zeros_like(row), row, column])
+        row = torch.arange(rows, device=device).repeat_interleave(columns).repeat(self.slices)
+        column = torch.arange(columns, device=device).repeat(rows * self.slices)
+        time = torch.arange(self.slices, device=device).repeat_interleave(rows * columns) * self.interval
+        image = torch.stack([time, row, column])   # a clip's slices one after the other, each later in time
         pieces, start, taken = [], 0, 0   # start: the next position; taken: the text tokens placed
         for k in offsets:
             pieces.append(torch.arange(k - taken, device=device).expand(3, batch, -1) + start)

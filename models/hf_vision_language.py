@@ -27,7 +27,9 @@ layers by :func:`masking_layers`). A prompt may hold several images of one size 
 ``pixel_values [B, N, C, H, W]``) on the architectures of :data:`ARCHITECTURES` and the Qwen family's (each image's
 M-RoPE positions from where the text in front of it ends); the token exit drops all of them.
 LLaVA-OneVision and LLaVA-NeXT-Video take a clip of ``F`` frames in place of the image (``attnc export --video-frames
-F``, ``pixel_values_videos [B, F, 3, S, S]``, :class:`attnc.models.hf_llava_next.LlavaVideoEncoder`).
+F``, ``pixel_values_videos [B, F, 3, S, S]``, :class:`attnc.models.hf_llava_next.LlavaVideoEncoder`), and so do
+Qwen2-VL and Qwen2.5-VL at the export's frame size (``[B, F, 3, H, W]``, :class:`attnc.models.hf_qwen_vl.
+QwenImageEncoder` with ``frames``).
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ CAPPED_LOGITS = ("PaliGemmaForConditionalGeneration",)
 SIZED = (*hf_qwen_vl.ARCHITECTURES, *hf_llava_next.ARCHITECTURES)
 EXPORTED = (*ARCHITECTURES, *SIZED)
 PIXELS, VIDEOS, IDS = "pixel_values", "pixel_values_videos", "input_ids"
+# the architectures that take a clip of frames in place of the image (attnc export --video-frames)
+VIDEO_ARCHITECTURES = (*hf_llava_next.VIDEO_ARCHITECTURES, *hf_qwen_vl.VIDEO_ARCHITECTURES)
 _VISUAL_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> P
 _PATCH_POSITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # vision embeddings -> position ids
 
@@ -117,9 +121,11 @@ def pixel_shape(config, name: str, size: tuple[int, int] | None = None, images: 
     for images of ``size`` (:func:`image_size_of`): ``(C, H, W)``, ``(N, C, H, W)`` for ``N`` images per prompt;
     LLaVA-NeXT's ``(N, C, S, S)``, the processor's ``N`` tiles of the vision tower's size ``S``; of a clip of
     ``frames`` frames, ``pixel_values_videos``' ``(F, C, S, S)``."""
-    if frames is not None:
+    if frames is not None and not hf_qwen_vl.is_qwen_vl(name):
         return hf_llava_next.video_shape(config, frames)
     size = image_size_of(config, name, size)
+    if frames is not None:   # Qwen's video processor resizes the frames as its image processor does the images
+        return frames, getattr(config.vision_config, "num_channels", 3), *size
     if hf_llava_next.is_llava_next(name) and not (images > 1 and name in hf_llava_next.BASE_WHEN_SEVERAL):
         return hf_llava_next.pixel_shape(config, size)
     one = (getattr(config.vision_config, "num_channels", 3), *size)
@@ -223,12 +229,33 @@ class VisionLanguageOutput(torch.nn.Module):
         if self.images > 1:
             raise AttncError(f"attnc exports {name} with one video per prompt, not {self.images}",
                              "export it with one offset in --text-before-image")
+        if hf_qwen_vl.is_qwen_vl(name):
+            self._qwen_video(image_size)
+            return
+        if not hf_llava_next.takes_video(name):
+            raise AttncError(f"attnc reads no video of {name}",
+                             f"export it without --video-frames; video works on {', '.join(VIDEO_ARCHITECTURES)}")
         self.encoder = hf_llava_next.LlavaVideoEncoder(self.model, self.video_frames)
         self.image_size = self.encoder.image_size
         if image_size is not None and tuple(image_size) != self.image_size:
             raise AttncError(f"{name} reads a video's frames at {self.image_size[0]}x{self.image_size[1]} pixels (its "
                              f"vision tower's size), not {image_size[0]}x{image_size[1]}",
                              "drop --image-size: the video processor resizes the frames to the tower's size")
+        self.num_visual_tokens = self.encoder.num_visual_tokens
+
+    def _qwen_video(self, image_size: tuple[int, int] | None) -> None:
+        """Qwen2-VL's and Qwen2.5-VL's clip: frames of ``image_size`` (its default), the tower's slices one after
+        the other (:class:`attnc.models.hf_qwen_vl.QwenImageEncoder` with ``frames``)."""
+        name = type(self.model).__name__
+        if name not in hf_qwen_vl.VIDEO_ARCHITECTURES:
+            raise AttncError(f"attnc reads no video of {name}: its processor writes a timestamp in text between the "
+                             "clip's slices of frames, which attnc does not build", "export it without --video-frames; "
+                             f"video works on {', '.join(VIDEO_ARCHITECTURES)}")
+        if isinstance(self.video_frames, bool) or not isinstance(self.video_frames, int) or self.video_frames < 1:
+            raise AttncError(f"a video of {self.video_frames!r} frames has no frames",
+                             "pass --video-frames F, F at least 1")
+        self.image_size = hf_qwen_vl.image_size(self.model.config.vision_config, image_size)
+        self.encoder = hf_qwen_vl.QwenImageEncoder(self.model, self.image_size, self.video_frames)
         self.num_visual_tokens = self.encoder.num_visual_tokens
 
     @property
@@ -558,7 +585,8 @@ class VisionLanguageStep(CachedStep):
         self.first_exit_layer = hf_qwen_vl.deepstack_layers(model.config.vision_config)
         # M-RoPE places the text after the image max(rows, columns) after its front, not P: every later token as far;
         # PaliGemma's positions count from 1
-        self.position_shift = hf_qwen_vl.position_shift(model.config.vision_config, image_size) * self.layout.images \
+        self.position_shift = hf_qwen_vl.position_shift(model.config.vision_config, image_size, video_frames) \
+            * self.layout.images \
             if hf_qwen_vl.is_qwen_vl(model) else int(type(model).__name__ in ONE_BASED)
 
     def step_positions(self, attention_mask: torch.Tensor, new: int) -> torch.Tensor:

@@ -38,11 +38,14 @@ def _smoke(section: str, folder: Path) -> dict:
                                                "(tests/models/test_hf_several_images.py checks their exits in CI)")),
     pytest.param("onevision_video", "LLaVA-OneVision (a video of 2 frames)", 9, "2 frames of 56 px",
                  marks=pytest.mark.full(reason="the bench path CI runs on LLaVA and Qwen2-VL, on a OneVision video "
-                                               "(tests/models/test_hf_video.py checks its exits in CI)"))])
+                                               "(tests/models/test_hf_video.py checks its exits in CI)")),
+    pytest.param("qwen_video", "Qwen2-VL (a video of 3 frames)", 12, "3 frames of 56x84",
+                 marks=pytest.mark.full(reason="the bench path CI runs on LLaVA and Qwen2-VL, on a Qwen2-VL video "
+                                               "(tests/models/test_hf_qwen_video.py checks its exits in CI)"))])
 def test_exit_smoke(tmp_path, capsys, section, kind, visual, model):
-    """``--only llava`` / ``qwen`` / ``llava_next`` / ``gemma3`` / ``llava_images`` / ``onevision_video``
-    ``--smoke``: the checkpoint (Qwen2-VL and LLaVA-NeXT exported at their image size; two images per prompt; a clip
-    of 2 frames) exited before layers 1 and 2;
+    """``--only llava`` / ``qwen`` / ``llava_next`` / ``gemma3`` / ``llava_images`` / ``onevision_video`` /
+    ``qwen_video`` ``--smoke``: the checkpoint (Qwen2-VL and LLaVA-NeXT exported at their image size; two images per
+    prompt; a clip of 2 frames, Qwen2-VL's of 3) exited before layers 1 and 2;
     every artefact validates against the checkpoint exiting in PyTorch and is timed beside the full model at batch 1
     and 4."""
     result = _smoke(section, tmp_path)[f"exit_{section}"]

@@ -130,9 +130,19 @@ def test_matches_at_a_drawn_size(checkpoint):
         _check(checkpoint, frames, before, batch, exits=(exit_layer,))
 
 
+@pytest.fixture(scope="module")
+def exported(checkpoint):
+    """The checkpoint's dynamo export through the CLI, a clip of :data:`FRAMES` frames after :data:`BEFORE` tokens
+    (shared by the tests that read it: a fixture apart, so the tests in PyTorch alone skip it)."""
+    folder = checkpoint[0]
+    path = folder.parent / "video.onnx"
+    run_cli("export", folder, "-o", path, "--text-before-image", BEFORE, "--video-frames", FRAMES)
+    return path
+
+
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 @pytest.mark.parametrize("checkpoint", ONEVISION_ONLY_IN_CI, indirect=True)
-def test_export_exits_and_gates(checkpoint, tmp_path, exporter):
+def test_export_exits_and_gates(checkpoint, request, tmp_path, exporter):
     """``attnc export --video-frames`` (dynamo, dynamic batch and text) records ``F`` beside ``P``, ``K`` and the
     frames' size, and inspect says so; a TorchScript export (of the checkpoint on plain multi-head attention) at static
     shapes behaves alike. The graph, the static
@@ -141,7 +151,7 @@ def test_export_exits_and_gates(checkpoint, tmp_path, exporter):
     folder, module, spec = checkpoint
     p, path = module.num_visual_tokens, tmp_path / "video.onnx"
     if exporter == "dynamo":
-        run_cli("export", folder, "-o", path, "--text-before-image", BEFORE, "--video-frames", FRAMES)
+        path = request.getfixturevalue("exported")
         rng = np.random.default_rng()
         sizes = ((1, BEFORE + 1), (int(rng.integers(1, 4)), int(rng.integers(BEFORE + 1, 16))))
         assert f"{p} visual tokens of a video of {FRAMES} 32x32 frames after {BEFORE} text tokens" in \
@@ -175,13 +185,11 @@ def test_export_exits_and_gates(checkpoint, tmp_path, exporter):
 
 
 @pytest.mark.parametrize("checkpoint", ONEVISION_ONLY_IN_CI, indirect=True)
-def test_compile_validate_and_a_trained_gate(checkpoint, tmp_path):
+def test_compile_validate_and_a_trained_gate(checkpoint, exported, tmp_path):
     """``attnc train-exit-gate --video-frames`` trains on clips keyed ``pixel_values_videos``; the static exit and the
     gate compile from the export and pass ``attnc validate``, which rebuilds the checkpoint with the recorded clip
     (without the record it fails: the checkpoint then takes an image)."""
-    folder, module, spec = checkpoint
-    path = tmp_path / "video.onnx"
-    run_cli("export", folder, "-o", path, "--text-before-image", BEFORE, "--video-frames", FRAMES)
+    (folder, _, spec), path = checkpoint, exported
     video, ids = spec.example_inputs(batch=8, seq=BEFORE + 4, seed=5)
     np.savez(tmp_path / "calib.npz", pixel_values_videos=video.numpy(), input_ids=ids.numpy())
     run_cli("train-exit-gate", folder, "-o", tmp_path / "gate.npz", "--layer", 2, "--calibration",
@@ -245,13 +253,15 @@ def test_images_of_llava_next_video(tmp_path):
 
 
 def test_refusals(checkpoint, tmp_path):
-    """A video where none is read (LLaVA, Qwen2-VL), several clips, another frame size and no frames are refused by
-    name with the fix, in the CLI (nothing written) and in Python; a clip of the wrong frame count too."""
+    """A video where none is read (LLaVA; Qwen3-VL, whose slices have timestamps between them), several clips,
+    another frame size and no frames are refused by name with the fix, in the CLI (nothing written) and in Python; a
+    clip of the wrong frame count too."""
     folder, module, spec = checkpoint
     llava = tiny_llava(tmp_path / "llava")
-    qwen = tiny_qwen_vl(tmp_path / "qwen")
+    qwen = tiny_qwen_vl(tmp_path / "qwen", "Qwen3VLForConditionalGeneration")
     for model, words in ((llava, ("attnc reads no video of LlavaForConditionalGeneration", "without --video-frames")),
-                         (qwen, ("attnc reads no video of Qwen2VLForConditionalGeneration",))):
+                         (qwen, ("attnc reads no video of Qwen3VLForConditionalGeneration", "timestamp",
+                                 "Qwen2_5_VLForConditionalGeneration"))):
         assert_clean_error(run_cli("export", model, "-o", tmp_path / "a.onnx", "--video-frames", 2, ok=False), *words)
     for extra, words in ((("--text-before-image", "1,3"), ("one video per prompt, not 2",)),
                          (("--image-size", "40x90"), ("frames at 32x32 pixels", "drop --image-size"))):
@@ -266,23 +276,24 @@ def test_refusals(checkpoint, tmp_path):
 
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("checkpoint", ONEVISION_ONLY_IN_CI, indirect=True)
-def test_tensorrt_builds_the_exited_clip(checkpoint, tmp_path):
+def test_tensorrt_builds_the_exited_clip(checkpoint, exported, tmp_path):
     """TensorRT-RTX builds an fp16 engine of the statically exited video export (the frames' pooling a Resize or an
     AveragePool) at dynamic batch and text length, every attention fused."""
     tensorrt_or_skip()
-    folder, _, spec = checkpoint
-    path = tmp_path / "video.onnx"
-    run_cli("export", folder, "-o", path, "--text-before-image", BEFORE, "--video-frames", FRAMES)
+    (_, _, spec), path = checkpoint, exported
     out = tmp_path / "engine"
     manifest = build_exited_engine(path, spec.inputs[0].shape[1:], BEFORE, out, pixels="pixel_values_videos")
     assert (out / manifest["artefact"]).stat().st_size > 0 and manifest["ops_after"]["Attention"] >= 4
 
 
 @pytest.mark.full(reason="the example's path on a clip (about 15 s); what it runs, export, exits, validation and both "
-                         "generation graphs of a OneVision clip, CI checks above")
-def test_example_with_a_video(tmp_path):
-    """examples/vision_language.py ``--model onevision --video-frames 3``: every artefact validates, the tokens are
-    transformers' ``generate``'s on the clip's placeholders, and exited the exited loop's from a smaller cache."""
+                         "generation graphs of a OneVision clip and a Qwen2-VL one, CI checks above and in "
+                         "test_hf_qwen_video.py")
+@pytest.mark.parametrize("model,tokens", [("onevision", 3 * PER_FRAME + 1), ("qwen2-vl", 2 * 4)])
+def test_example_with_a_video(tmp_path, model, tokens):
+    """examples/vision_language.py ``--model onevision --video-frames 3`` (and ``qwen2-vl``: 2 slices of 2 × 2
+    blocks): every artefact validates, the tokens are transformers' ``generate``'s on the clip's placeholders, and
+    exited the exited loop's from a smaller cache."""
     import importlib.util
     from pathlib import Path
 
@@ -290,9 +301,9 @@ def test_example_with_a_video(tmp_path):
     spec = importlib.util.spec_from_file_location("vision_language", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    results = example.main(["--model", "onevision", "--video-frames", "3", "--width", "32", "--layers", "2",
+    results = example.main(["--model", model, "--video-frames", "3", "--width", "32", "--layers", "2",
                             "--generate", "4", "--reps", "3", "--prompt", "6", "--json", str(tmp_path / "run.json")])
-    assert results["visual_tokens"] == 3 * PER_FRAME + 1 and results["video_frames"] == 3
+    assert results["visual_tokens"] == tokens and results["video_frames"] == 3
     assert results["full"]["validation_passed"] and results["exit"]["validation_passed"]
     assert results["exit"]["vs_full_max_abs"] > 1e-3
     assert results["generation"]["tokens_equal"] and results["generation_exit"]["tokens_equal"]
