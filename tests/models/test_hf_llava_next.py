@@ -155,14 +155,13 @@ def test_export_exit_and_validate(checkpoint, exported, tmp_path):
     reason="the generation path CI checks on LLaVA-NeXT, whose image encoder OneVision's shares but for its shrink, "
            "which CI checks in the one-pass export (about 25 s)"))], indirect=True)
 def test_generation_of_padded_prompts(checkpoint, tmp_path):
-    """``--first-step`` and ``--with-past`` of padded prompts at the export's image size compile and validate; the
-    pair's greedy tokens of a padded batch equal transformers' ``generate`` on each prompt alone."""
+    """``--first-step`` and ``--with-past`` of padded prompts at the export's image size compile; the pair's greedy
+    tokens of a padded batch equal transformers' ``generate`` on each prompt alone."""
     folder, module, spec = checkpoint
     options = ("--image-size", "x".join(map(str, SIZE)), "--text-before-image", BEFORE, "--with-attention-mask")
     for name, option in (("first", "--first-step"), ("step", "--with-past")):
         run_cli("export", folder, "-o", tmp_path / f"{name}.onnx", option, *options)
-        run_cli("compile", tmp_path / f"{name}.onnx", "-o", tmp_path / name)
-        assert "PASS" in run_cli("validate", tmp_path / name, "--model", folder).output
+        run_cli("compile", tmp_path / f"{name}.onnx", "-o", tmp_path / name)   # checked by its tokens below
     _, ids, mask = with_attention_mask(module, spec)[1].example_inputs(batch=2, seq=BEFORE + 6, seed=21)
     pixels = _tiles(module, SIZE, 2)
     got = runtime.generate_vision_language(runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step"),

@@ -145,6 +145,8 @@ def _check_forward(checkpoint, blocks, before, batch):
     return module
 
 
+@pytest.mark.full(reason="the export of Qwen2.5-VL's windows CI checks at ragged windows (the block mask); the batch "
+                         "of whole windows CI checks against transformers in PyTorch (about 16 s)")
 @pytest.mark.parametrize("checkpoint", [ARCHITECTURES[1]], indirect=True)
 def test_batched_windows_export(checkpoint, tmp_path):
     """Qwen2.5-VL at 4 × 4 blocks (its windows of one size, attending as a batch of windows) exports and runs in ONNX

@@ -108,24 +108,45 @@ def test_matches_the_transformers_forward(tmp_path, strategy, layer, before):
 
 
 OTHERS = [a for a in ARCHITECTURES if a != "LlavaForConditionalGeneration"]
+# the other architectures whose export CI checks: their language models' masks differ from LLaVA's (Gemma 3's image
+# block, PaliGemma's prefix), attnc computes their image features (Idefics 3) or they pixel-shuffle them (InternVL).
+# The rest put a tower and a projector in front of a Llama-like decoder, as LLaVA does: CI checks their forward and
+# exit in PyTorch, the full tier their exports (about 15 s each)
+EXPORTED_IN_CI = ("Gemma3ForConditionalGeneration", "PaliGemmaForConditionalGeneration",
+                  "Idefics3ForConditionalGeneration", "InternVLForConditionalGeneration")
+_LIKE_LLAVA = ("the export path CI checks on LLaVA and the architectures of EXPORTED_IN_CI; this one's forward and "
+               "exit CI checks in PyTorch (about 15 s)")
+
+
+def _other(tmp_path, architecture):
+    """The tiny checkpoint of ``architecture`` with its image after 2 text tokens: folder, module, spec."""
+    folder = tiny_vision_language(tmp_path / "ckpt", architecture)
+    return folder, *with_text_before_image(*load_checkpoint(str(folder)), 2)
 
 
 @pytest.mark.parametrize("architecture", OTHERS)
 def test_other_architectures(tmp_path, architecture):
     """Each other architecture attnc lays out, with the image after 2 text tokens: transformers' logits at the text
-    after the image; its dynamo export at another batch size and text length, compiled (its attention fused) as the
-    module computes, and exited before decoder layer 1 as the module exits there (every decoder layer found, none of
-    the vision tower's)."""
-    folder = tiny_vision_language(tmp_path / "ckpt", architecture)
-    module, spec = with_text_before_image(*load_checkpoint(str(folder)), 2)
+    after the image; exited before decoder layer 1, other logits."""
+    folder, module, spec = _other(tmp_path, architecture)
     assert module.num_visual_tokens == 16
-    pixels, ids = spec.example_inputs(batch=2, seq=7, seed=1)
+    pixels, ids = spec.example_inputs(batch=2, seq=7, seed=int(np.random.default_rng().integers(1 << 16)))
     hf = getattr(transformers, architecture).from_pretrained(folder).eval()
     prompt = torch.cat([ids[:, :2], torch.full((2, 16), 120), ids[:, 2:]], 1)
     with torch.no_grad():
         types = image_token_types(architecture, prompt, 120)   # Gemma 3's, PaliGemma's
         expected = hf(input_ids=prompt, pixel_values=hf_pixels(architecture, pixels), **types).logits[:, 18:]
         np.testing.assert_allclose(module(pixels, ids).numpy(), expected, atol=2e-6, rtol=1e-5)
+        assert np.abs(module(pixels, ids, exit_layer=1).numpy() - expected.numpy()).max() > 1e-3
+
+
+@pytest.mark.parametrize("architecture", [a if a in EXPORTED_IN_CI else pytest.param(
+    a, marks=pytest.mark.full(reason=_LIKE_LLAVA)) for a in OTHERS])
+def test_other_architectures_export(tmp_path, architecture):
+    """Each other architecture's dynamo export at another batch size and text length, compiled (its attention fused)
+    as the module computes, and exited before decoder layer 1 as the module exits there (every decoder layer found,
+    none of the vision tower's)."""
+    folder, module, spec = _other(tmp_path, architecture)
     path = tmp_path / "model.onnx"
     export_onnx(module, spec.example_inputs(), path, input_names=spec.input_names, dynamic_axes=spec.dynamic_axes)
     model = onnx.load(str(path))
@@ -465,8 +486,9 @@ def test_padded_prompts_keep_their_windows(tmp_path, architecture):
 
 def test_padded_prompts_through_the_cli(checkpoint, generation_graphs, tmp_path):
     """Padded prompts through the CLI (the image after 3 text tokens): both generation graphs, as they are and exited
-    before layer 2, compile and validate; greedy and beam-search tokens of a padded batch equal transformers'
-    ``generate`` on each prompt alone (with the exit, greedy: a loop over the exited forward on each prompt alone).
+    before layer 2, compile (the exited pair validates against the checkpoint exiting alike); greedy and beam-search
+    tokens of a padded batch equal transformers' ``generate`` on each prompt alone (with the exit, greedy: a loop over
+    the exited forward on each prompt alone).
     A gate in the padded first step reads each prompt's own tokens (its logits those of the prompts alone): one that
     fires for every row, barely, validates and generates the exited tokens; one that barely does not keeps the
     image. Padded prompts for a first step without a mask, and a mask that is not over the text, are refused."""
@@ -477,7 +499,8 @@ def test_padded_prompts_through_the_cli(checkpoint, generation_graphs, tmp_path)
         run_cli("export", folder, "-o", tmp_path / f"{name}.onnx", option, *options)
         for tag, exit_options in (("", ()), ("_exit", ("--token-exit", "static", "--exit-layer", 2))):
             run_cli("compile", tmp_path / f"{name}.onnx", "-o", tmp_path / f"{name}{tag}", *exit_options)
-            run_cli("validate", tmp_path / f"{name}{tag}", "--model", folder)
+        # the plain pair's tokens are checked against transformers' below
+        assert "PASS" in run_cli("validate", tmp_path / f"{name}_exit", "--model", folder).output
     masked_spec = with_attention_mask(module, spec)[1]
     pixels, ids, mask = masked_spec.example_inputs(batch=3, seq=9, seed=14)
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
