@@ -135,14 +135,14 @@ def _vision_language_layout(model_ref: str, text_before_image: tuple[int, ...] |
     from attnc.compiler.export import resolve_model
 
     module, spec = resolve_model(model_ref)
-    if video_frames is not None:   # first: the offsets and the size then apply to the clip (one, at the tower's size)
-        from attnc.models.hf_checkpoint import with_video_frames
-
-        module, spec = with_video_frames(module, spec, video_frames)
     if text_before_image is not None:
         from attnc.models.hf_checkpoint import with_text_before_image
 
         module, spec = with_text_before_image(module, spec, text_before_image)
+    if video_frames is not None:   # after the offsets (Qwen3-VL's clip takes one per slice), before the frames' size
+        from attnc.models.hf_checkpoint import with_video_frames
+
+        module, spec = with_video_frames(module, spec, video_frames)
     if image_size is not None:
         from attnc.models.hf_checkpoint import with_image_size
 
@@ -201,10 +201,11 @@ def _vision_language_layout(model_ref: str, text_before_image: tuple[int, ...] |
                    "one tile's size). "
                    "Others take their config's image_size.")
 @click.option("--video-frames", type=click.IntRange(min=1), default=None, metavar="F",
-              help="Vision-language checkpoints that read video (LLaVA-OneVision, LLaVA-NeXT-Video, Qwen2-VL, "
-                   "Qwen2.5-VL): a clip of F frames in place of the image, pixel_values_videos [batch, F, 3, H, W] as "
-                   "their video processors give it before patches are cut (LLaVA's at the vision tower's size, Qwen's "
-                   "at --image-size). The export records F: validate takes it.")
+              help="Vision-language checkpoints that read video (LLaVA-OneVision, LLaVA-NeXT-Video, the Qwen family): "
+                   "a clip of F frames in place of the image, pixel_values_videos [batch, F, 3, H, W] as their video "
+                   "processors give it before patches are cut (LLaVA's at the vision tower's size, Qwen's at "
+                   "--image-size; Qwen3-VL's slices of 2 frames each after its own offset in --text-before-image). "
+                   "The export records F: validate takes it.")
 @_handle_errors
 def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset, seed, int_high,
                attention_mask, past, first_step, text_before_image, image_size, video_frames) -> None:

@@ -247,15 +247,14 @@ def main(argv=None) -> dict:
             folder = random_gemma3(tmp / "gemma3", args.image_size or 64, args.width, args.layers)
         else:
             folder = random_llava(tmp / "llava", args.image_size or 64, args.width, args.layers)
-        module, spec = load_checkpoint(str(folder))
-        if args.video_frames is not None:
+        module, spec = with_text_before_image(*load_checkpoint(str(folder)), args.text_before_image)
+        if args.video_frames is not None:   # after the offsets: Qwen3-VL's clip takes one per slice
             module, spec = with_video_frames(module, spec, args.video_frames)
         if type(module.model).__name__ in SIZED and (args.video_frames is None or is_qwen_vl(module.model)):
             # its visual tokens follow the image's (Qwen's frames') size: one size per export
             size = args.image_size or (56 if is_qwen_vl(module.model) else None)
             if size is not None:
                 module, spec = with_image_size(module, spec, (size, size))
-        module, spec = with_text_before_image(module, spec, args.text_before_image)
         pixels, ids = spec.example_inputs(batch=args.batch, seq=args.prompt, seed=1)
         feeds = {spec.input_names[0]: pixels.numpy(), "input_ids": ids.numpy()}   # pixel_values(_videos)
         results = {"checkpoint": spec.description, "visual_tokens": module.num_visual_tokens,

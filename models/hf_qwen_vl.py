@@ -28,8 +28,10 @@ itself; the tower attends within each slice (the processor's grid ``(F / 2, h, w
 slice), so the slices run through it as a batch of images, their tokens one slice after the other; M-RoPE places
 slice ``t`` at temporal position ``K + t × interval`` (Qwen2.5-VL's ``tokens_per_second`` times the processor's
 ``second_per_grid`` at its default 2 frames a second: 1 s; Qwen2-VL's 1) and the text after it from ``K + max(rows,
-columns)``. Qwen3-VL's processor writes a timestamp in text between its slices: not built (refused by name). Tested
-in ``tests/models/test_hf_qwen_video.py``.
+columns)``. Qwen3-VL's processor writes each slice after its own timestamp in text (``<0.5 seconds><|vision_start|>``
+the slice's tokens ``<|vision_end|>``) and places each as an image (``get_rope_index`` splits the grid by slice): its
+clip is a prompt of several images, one per slice (:data:`SLICES_APART`; ``--text-before-image`` one offset per
+slice), computed by one run of the tower on the clip. Tested in ``tests/models/test_hf_qwen_video.py``.
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ from attnc.compiler.errors import AttncError
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                  "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 DEFAULT_SIZE = 448   # pixels a side: 256 visual tokens at patch 14, merge 2 (LLaVA-1.5 has 576)
-# the architectures whose clip of frames QwenImageEncoder reads (Qwen3-VL puts timestamps between its slices)
-VIDEO_ARCHITECTURES = ARCHITECTURES[:2]
+# the architectures whose clip of frames QwenImageEncoder reads, all; of which those whose processors put each slice
+# of a clip after its own timestamp, placed as an image of its own (Qwen3-VL's)
+VIDEO_ARCHITECTURES = ARCHITECTURES
+SLICES_APART = ARCHITECTURES[2:]
 
 
 def is_qwen_vl(model_or_name) -> bool:
@@ -102,7 +106,7 @@ def position_shift(vision_config, size: tuple[int, int] | None, frames: int | No
     step = vision_config.patch_size * vision_config.spatial_merge_size
     rows, columns = height // step, width // step
     t, interval = slices(vision_config, frames), time_interval(vision_config)
-    if (t - 1) * interval > max(rows, columns):
+    if t > 1 and (t - 1) * interval > max(rows, columns):
         most = max(rows, columns) // interval + 1
         raise AttncError(
             f"a clip of {frames} frames at {height}x{width} pixels makes {t} slices {interval} positions apart in "
@@ -142,6 +146,8 @@ class QwenImageEncoder(torch.nn.Module):
         # a clip (``frames``): its slices of temporal_patch_size frames each, one after the other
         self.frames, self.slices = frames, slices(config, frames)
         self.temporal_patch, self.interval = config.temporal_patch_size, time_interval(config)
+        # Qwen3-VL's slices each after its own timestamp: each placed as an image (positions() takes one offset each)
+        self.slices_apart = frames is not None and type(model).__name__ in SLICES_APART
         self.num_visual_tokens = self.slices * self.slice_tokens
         grid = torch.tensor([[1, *self.grid]])
         weight = visual.patch_embed.proj.weight.detach()   # Conv3d [E, C, frames, p, p]
@@ -268,15 +274,17 @@ class QwenImageEncoder(torch.nn.Module):
         ``input_ids [B, K + T']`` with an image after its first ``K`` tokens (``offsets``: an int, or one ``K`` per
         image, none side by side): ``i`` on every axis for the text in front, ``(s, s + row, s + column)`` for the
         image's tokens where ``s`` is the position it starts at (a clip's slice ``t`` at ``s + t × interval`` in
-        time), and the text after it from ``s + max(rows, columns)`` on. ``attention_mask [B, K + T']`` (0 at padding,
+        time; Qwen3-VL's slices each at its own offset, as images), and the text after it from ``s + max(rows,
+        columns)`` on. ``attention_mask [B, K + T']`` (0 at padding,
         which comes after the text in front of the last image): the text after it counts its tokens, not its
         padding."""
         offsets = (offsets,) if isinstance(offsets, int) else tuple(offsets)
         rows, columns = self.merged
         device, batch = input_ids.device, input_ids.shape[0]
-        row = torch.arange(rows, device=device).repeat_interleave(columns).repeat(self.slices)
-        column = torch.arange(columns, device=device).repeat(rows * self.slices)
-        time = torch.arange(self.slices, device=device).repeat_interleave(rows * columns) * self.interval
+        together = 1 if self.slices_apart else self.slices   # the slices each offset places
+        row = torch.arange(rows, device=device).repeat_interleave(columns).repeat(together)
+        column = torch.arange(columns, device=device).repeat(rows * together)
+        time = torch.arange(together, device=device).repeat_interleave(rows * columns) * self.interval
         image = torch.stack([time, row, column])   # a clip's slices one after the other, each later in time
         pieces, start, taken = [], 0, 0   # start: the next position; taken: the text tokens placed
         for k in offsets:

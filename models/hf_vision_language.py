@@ -27,9 +27,9 @@ layers by :func:`masking_layers`). A prompt may hold several images of one size 
 ``pixel_values [B, N, C, H, W]``) on the architectures of :data:`ARCHITECTURES` and the Qwen family's (each image's
 M-RoPE positions from where the text in front of it ends); the token exit drops all of them.
 LLaVA-OneVision and LLaVA-NeXT-Video take a clip of ``F`` frames in place of the image (``attnc export --video-frames
-F``, ``pixel_values_videos [B, F, 3, S, S]``, :class:`attnc.models.hf_llava_next.LlavaVideoEncoder`), and so do
-Qwen2-VL and Qwen2.5-VL at the export's frame size (``[B, F, 3, H, W]``, :class:`attnc.models.hf_qwen_vl.
-QwenImageEncoder` with ``frames``).
+F``, ``pixel_values_videos [B, F, 3, S, S]``, :class:`attnc.models.hf_llava_next.LlavaVideoEncoder`), and so does
+the Qwen family at the export's frame size (``[B, F, 3, H, W]``, :class:`attnc.models.hf_qwen_vl.QwenImageEncoder`
+with ``frames``; Qwen3-VL's slices each after its own offset, as images).
 """
 
 from __future__ import annotations
@@ -226,12 +226,12 @@ class VisionLanguageOutput(torch.nn.Module):
         """Take one clip of ``video_frames`` frames at the tower's size in place of the image
         (:class:`attnc.models.hf_llava_next.LlavaVideoEncoder`)."""
         name = type(self.model).__name__
-        if self.images > 1:
-            raise AttncError(f"attnc exports {name} with one video per prompt, not {self.images}",
-                             "export it with one offset in --text-before-image")
         if hf_qwen_vl.is_qwen_vl(name):
             self._qwen_video(image_size)
             return
+        if self.images > 1:
+            raise AttncError(f"attnc exports {name} with one video per prompt, not {self.images}",
+                             "export it with one offset in --text-before-image")
         if not hf_llava_next.takes_video(name):
             raise AttncError(f"attnc reads no video of {name}",
                              f"export it without --video-frames; video works on {', '.join(VIDEO_ARCHITECTURES)}")
@@ -244,17 +244,26 @@ class VisionLanguageOutput(torch.nn.Module):
         self.num_visual_tokens = self.encoder.num_visual_tokens
 
     def _qwen_video(self, image_size: tuple[int, int] | None) -> None:
-        """Qwen2-VL's and Qwen2.5-VL's clip: frames of ``image_size`` (its default), the tower's slices one after
-        the other (:class:`attnc.models.hf_qwen_vl.QwenImageEncoder` with ``frames``)."""
-        name = type(self.model).__name__
-        if name not in hf_qwen_vl.VIDEO_ARCHITECTURES:
-            raise AttncError(f"attnc reads no video of {name}: its processor writes a timestamp in text between the "
-                             "clip's slices of frames, which attnc does not build", "export it without --video-frames; "
-                             f"video works on {', '.join(VIDEO_ARCHITECTURES)}")
+        """The Qwen family's clip: frames of ``image_size`` (its default), the tower's slices one after the other
+        (:class:`attnc.models.hf_qwen_vl.QwenImageEncoder` with ``frames``), after one offset (Qwen2-VL, Qwen2.5-VL)
+        or each after its own (Qwen3-VL, whose processor puts a timestamp in front of each slice)."""
+        name, vision = type(self.model).__name__, self.model.config.vision_config
         if isinstance(self.video_frames, bool) or not isinstance(self.video_frames, int) or self.video_frames < 1:
             raise AttncError(f"a video of {self.video_frames!r} frames has no frames",
                              "pass --video-frames F, F at least 1")
-        self.image_size = hf_qwen_vl.image_size(self.model.config.vision_config, image_size)
+        slices = hf_qwen_vl.slices(vision, self.video_frames)
+        if name in hf_qwen_vl.SLICES_APART and self.images != slices:
+            raise AttncError(
+                f"{name}'s processor puts each slice of {vision.temporal_patch_size} frames after its own timestamp "
+                f"(<0.5 seconds><|vision_start|>...<|vision_end|>): {self.video_frames} frames make {slices} slices, "
+                f"so the prompt takes {slices} offsets, not {self.images}",
+                f"pass --text-before-image with the text tokens in front of each slice ({slices} counts, the "
+                "timestamps and delimiters counted; attnc.compiler.layout.split_prompt reads them off the processor's "
+                "prompt with its video token)")
+        if name not in hf_qwen_vl.SLICES_APART and self.images > 1:
+            raise AttncError(f"attnc exports {name} with one video per prompt, not {self.images}",
+                             "export it with one offset in --text-before-image")
+        self.image_size = hf_qwen_vl.image_size(vision, image_size)
         self.encoder = hf_qwen_vl.QwenImageEncoder(self.model, self.image_size, self.video_frames)
         self.num_visual_tokens = self.encoder.num_visual_tokens
 
@@ -312,7 +321,7 @@ class VisionLanguageOutput(torch.nn.Module):
     def _encoded(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``([B, P, C], deepstack)`` of an encoder (:data:`SIZED`, a video): each image's tokens one image after the
         other (``pixel_values [B, N, C, H, W]`` for several), and so each of Qwen3-VL's deepstack features."""
-        if self.images == 1:
+        if self.images == 1 or self.video_frames is not None:   # a clip: its slices, each after its offset
             return self.encoder.features(pixel_values)
         if pixel_values.dim() != 5 or pixel_values.shape[1] != self.images:
             raise ValueError(f"pixel_values {list(pixel_values.shape)} is no [batch, {self.images}, channels, "
@@ -585,8 +594,9 @@ class VisionLanguageStep(CachedStep):
         self.first_exit_layer = hf_qwen_vl.deepstack_layers(model.config.vision_config)
         # M-RoPE places the text after the image max(rows, columns) after its front, not P: every later token as far;
         # PaliGemma's positions count from 1
-        self.position_shift = hf_qwen_vl.position_shift(model.config.vision_config, image_size, video_frames) \
-            * self.layout.images \
+        apart = type(model).__name__ in hf_qwen_vl.SLICES_APART   # Qwen3-VL's slices each placed as an image
+        self.position_shift = hf_qwen_vl.position_shift(model.config.vision_config, image_size,
+                                                        None if apart else video_frames) * self.layout.images \
             if hf_qwen_vl.is_qwen_vl(model) else int(type(model).__name__ in ONE_BASED)
 
     def step_positions(self, attention_mask: torch.Tensor, new: int) -> torch.Tensor:

@@ -33,13 +33,16 @@ from attnc.compiler.backends.onnxruntime import load as load_onnx  # noqa: E402
 from attnc.models import hf_qwen_vl  # noqa: E402
 from attnc.models.hf_checkpoint import (load_checkpoint, with_attention_mask, with_first_step,  # noqa: E402
                                         with_image_size, with_past, with_text_before_image, with_video_frames)
+from attnc.models.hf_vision_language import interleave  # noqa: E402
 
 VIDEO_TOKEN, VOCAB = 251, 256   # tiny_qwen_vl's video_token_id and vocabulary
+SPOKEN = range(3, QWEN_IMAGE_TOKEN)   # its tokens past pad, bos, eos and before the image, video and delimiters
 ARCHITECTURES = hf_qwen_vl.VIDEO_ARCHITECTURES
 FRAMES, BEFORE = 3, 2   # the exports': a clip of 3 frames (2 slices, the last frame repeated) after 2 text tokens
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
+@pytest.fixture(scope="module", params=[*ARCHITECTURES[:3], pytest.param(ARCHITECTURES[3], marks=pytest.mark.full(
+    reason="Qwen3-VL's clip, which CI checks, with mixture-of-experts text layers (about 10 s)"))])
 def checkpoint(request, tmp_path_factory):
     """A tiny checkpoint of each architecture (Qwen2.5-VL's slices ``tokens_per_second`` = 4 positions apart), its
     folder, module and spec."""
@@ -53,11 +56,19 @@ def _size(module, blocks) -> tuple[int, int]:
     return tuple(b * vision.patch_size * vision.spatial_merge_size for b in blocks)
 
 
+def _offsets(module, frames: int, before: int):
+    """The clip after ``before`` text tokens: Qwen3-VL's each slice after 3 more (its timestamp and delimiters)."""
+    if type(module.model).__name__ not in hf_qwen_vl.SLICES_APART:
+        return before
+    return tuple(before + 3 * i for i in range(hf_qwen_vl.slices(module.model.config.vision_config, frames)))
+
+
 def _clip(checkpoint, frames, blocks, before):
-    """The checkpoint's module and spec on a clip of ``frames`` frames of ``blocks`` after ``before`` tokens."""
+    """The checkpoint's module and spec on a clip of ``frames`` frames of ``blocks`` after ``before`` tokens (Qwen3-VL's
+    slices each after 3 more, :func:`_offsets`)."""
     _, module, spec = checkpoint
-    return with_image_size(*with_text_before_image(*with_video_frames(module, spec, frames), before),
-                           _size(module, blocks))
+    placed = with_text_before_image(module, spec, _offsets(module, frames, before))
+    return with_image_size(*with_video_frames(*placed, frames), _size(module, blocks))
 
 
 def _patches(vision, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,25 +85,24 @@ def _patches(vision, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.ascontiguousarray(x).reshape(-1, c * t * p * p)), grid
 
 
-def _inputs(module, video, ids, before):
-    """transformers' keyword inputs of the prompt with the clip's placeholders after ``before`` tokens."""
-    p = module.num_visual_tokens
-    prompt = torch.cat([ids[:, :before], torch.full((ids.shape[0], p), VIDEO_TOKEN), ids[:, before:]], 1)
-    types = torch.zeros_like(prompt, dtype=torch.int32)
-    types[:, before:before + p] = 2
+def _inputs(module, video, ids):
+    """transformers' keyword inputs of the prompt with the clip's placeholders where ``module``'s layout puts them."""
+    layout = module.layout
+    prompt = interleave(ids, torch.full((ids.shape[0], layout.tokens), VIDEO_TOKEN), layout)
+    types = torch.as_tensor(layout.is_visual(prompt.shape[1]), dtype=torch.int32).expand(len(ids), -1) * 2
     patches, grid = _patches(module.model.config.vision_config, video)
     return dict(input_ids=prompt, pixel_values_videos=patches, video_grid_thw=grid, mm_token_type_ids=types)
 
 
-def _transformers(module, video, ids, before, **generate):
+def _transformers(module, video, ids, **generate):
     """transformers' forward (the logits of the text after the clip) or ``generate`` (the new tokens)."""
-    inputs = _inputs(module, video, ids, before)
+    inputs = _inputs(module, video, ids)
     with torch.no_grad():
         if generate:
             out = module.model.generate(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]), do_sample=False,
                                         **generate)
             return out[:, inputs["input_ids"].shape[1]:].numpy()
-        return module.model(**inputs).logits[:, before + module.num_visual_tokens:].numpy()
+        return module.model(**inputs).logits[:, module.layout.end:].numpy()
 
 
 def _check(checkpoint, frames, blocks, before, batch):
@@ -102,17 +112,17 @@ def _check(checkpoint, frames, blocks, before, batch):
     slices = -(-frames // 2)
     assert module.num_visual_tokens == slices * blocks[0] * blocks[1]
     video = torch.randn(batch, frames, 3, *_size(module, blocks))
-    ids = torch.randint(3, QWEN_IMAGE_TOKEN, (batch, before + 5))
-    expected = _transformers(module, video, ids, before)
+    ids = torch.randint(3, QWEN_IMAGE_TOKEN, (batch, module.layout.text_before_end + 5))
+    expected = _transformers(module, video, ids)
     with torch.no_grad():
         np.testing.assert_allclose(module(video, ids).numpy(), expected, atol=2e-5, rtol=1e-4)
         assert np.abs(module(torch.randn_like(video), ids).numpy() - expected).max() > 1e-2
         if frames > 1:
             assert np.abs(module(video.flip(1), ids).numpy() - expected).max() > 1e-3
-    inputs = _inputs(module, video, ids, before)
+    inputs = _inputs(module, video, ids)
     positions = module.model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
                                                   video_grid_thw=inputs["video_grid_thw"])[0]
-    torch.testing.assert_close(module.encoder.positions(before, ids), positions, rtol=0, atol=0)
+    torch.testing.assert_close(module.encoder.positions(module.layout.offsets, ids), positions, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("frames,blocks,before,batch", [(4, (2, 3), 2, 2), (3, (1, 2), 0, 1), (1, (4, 4), 1, 1),
@@ -133,9 +143,17 @@ def test_matches_at_a_drawn_size(checkpoint):
 
 
 BLOCKS = (2, 3)   # the one-pass export's frames: 2 × 3 merged blocks
-EXPORT_IN_CI = [ARCHITECTURES[0], pytest.param(ARCHITECTURES[1], marks=pytest.mark.full(
-    reason="the export path CI checks on Qwen2-VL; Qwen2.5-VL's differs in its tower, which CI checks against "
-           "transformers in PyTorch, and in its positions, which CI's generation test exports (about 30 s)"))]
+_EXPORT_FULL = ("the export path CI checks on Qwen2-VL; this one's differs in its tower or in its positions, which CI "
+                "checks against transformers in PyTorch (about 30 s)")
+EXPORT_IN_CI = [ARCHITECTURES[0], *(pytest.param(a, marks=pytest.mark.full(reason=_EXPORT_FULL))
+                                    for a in ARCHITECTURES[1:3])]
+
+
+def _placement(module, frames: int = FRAMES, blocks=BLOCKS) -> tuple:
+    """The CLI options of the clip :func:`_clip` builds."""
+    offsets = _offsets(module, frames, BEFORE)
+    return ("--video-frames", frames, "--text-before-image", ",".join(map(str, np.atleast_1d(offsets))),
+            "--image-size", "x".join(map(str, _size(module, blocks))))
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +161,8 @@ def exported(checkpoint):
     """The checkpoint's dynamo export of a clip of :data:`FRAMES` frames of :data:`BLOCKS` after :data:`BEFORE`
     tokens, through the CLI."""
     folder = checkpoint[0]
-    size = "x".join(map(str, _size(checkpoint[1], BLOCKS)))
     path = folder.parent / "video.onnx"
-    run_cli("export", folder, "-o", path, "--video-frames", FRAMES, "--text-before-image", BEFORE, "--image-size", size)
+    run_cli("export", folder, "-o", path, *_placement(checkpoint[1]))
     return path
 
 
@@ -161,11 +178,11 @@ def test_export_exit_and_validate(checkpoint, exported, tmp_path):
     assert {key: metadata(graph, key) for key in (VIDEO_FRAMES, VISUAL_TOKENS, IMAGE_SIZE)} == \
         {VIDEO_FRAMES: str(FRAMES), VISUAL_TOKENS: "12", IMAGE_SIZE: size}
     assert f"12 visual tokens of a video of {FRAMES} {size} frames" in run_cli("inspect", path).output
-    model = load_onnx(path)
-    for batch, seq in ((1, BEFORE + 1), (3, BEFORE + 9)):
+    model, front = load_onnx(path), module.layout.text_before_end
+    for batch, seq in ((1, front + 1), (3, front + 9)):
         video, ids = spec.example_inputs(batch=batch, seq=seq, seed=batch + 40)
         got = next(iter(model.infer({"pixel_values_videos": video.numpy(), "input_ids": ids.numpy()}).values()))
-        np.testing.assert_allclose(got, _transformers(module, video, ids, BEFORE), atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(got, _transformers(module, video, ids), atol=2e-5, rtol=1e-4)
     run_cli("compile", path, "-o", tmp_path / "exit", "--token-exit", "static", "--exit-layer", 2)
     assert "PASS" in run_cli("validate", tmp_path / "exit", "--model", folder).output
     report = json.loads((tmp_path / "exit" / "report.json").read_text())
@@ -180,23 +197,24 @@ def test_steps_in_pytorch(checkpoint, frames, blocks):
     prompt and the tokens so far, the steps' shift ``get_rope_index``'s ``rope_deltas``."""
     module, spec = _clip(checkpoint, frames, blocks, BEFORE)
     (first, _), (step, _) = with_first_step(module, spec), with_past(module, spec)
-    video, ids = spec.example_inputs(batch=2, seq=BEFORE + 4, seed=int(np.random.default_rng().integers(1 << 16)))
-    inputs = _inputs(module, video, ids, BEFORE)
+    video, ids = spec.example_inputs(batch=2, seq=module.layout.text_before_end + 4,
+                                     seed=int(np.random.default_rng().integers(1 << 16)))
+    inputs = _inputs(module, video, ids)
     deltas = module.model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
                                                video_grid_thw=inputs["video_grid_thw"])[1]
     assert deltas.ravel().tolist() == [step.position_shift] * 2
     tokens, mask, steps = ids, torch.ones(2, inputs["input_ids"].shape[1], dtype=torch.int64), []
     with torch.no_grad():
         logits, *cache = first(video, ids)
-        for _ in range(5):   # no image, video or delimiter token: transformers' forward would read it as one
-            chosen = logits[:, -1, :QWEN_IMAGE_TOKEN].argmax(-1, keepdim=True)
+        for _ in range(5):   # no end of text, nor an image, video or delimiter token (the forward would read it)
+            chosen = logits[:, -1, SPOKEN].argmax(-1, keepdim=True) + SPOKEN.start
             tokens, mask = torch.cat([tokens, chosen], 1), torch.cat([mask, torch.ones_like(chosen)], 1)
             logits, *cache = step(chosen, mask, *cache)
             steps.append(logits[:, -1])
-    expected = _transformers(module, video, ids, BEFORE, max_new_tokens=5, min_new_tokens=5,
-                             suppress_tokens=list(range(QWEN_IMAGE_TOKEN, VOCAB)))
+    expected = _transformers(module, video, ids, max_new_tokens=5, min_new_tokens=5,
+                             suppress_tokens=[t for t in range(VOCAB) if t not in SPOKEN])
     np.testing.assert_array_equal(tokens[:, ids.shape[1]:].numpy(), expected)
-    forward = _transformers(module, video, tokens, BEFORE)   # every step's logits, the new tokens' positions counted
+    forward = _transformers(module, video, tokens)   # every step's logits, the new tokens' positions counted
     np.testing.assert_allclose(torch.stack(steps, 1).numpy(), forward[:, -5:], atol=2e-5, rtol=1e-4)
 
 
@@ -209,16 +227,14 @@ def test_generation(checkpoint, tmp_path):
     later steps continue from ``rope_deltas``."""
     folder = checkpoint[0]
     module, spec = _clip(checkpoint, FRAMES, (2, 4), BEFORE)
-    options = ("--video-frames", FRAMES, "--text-before-image", BEFORE, "--image-size",
-               "x".join(map(str, module.image_size)))
     for name, option in (("first", "--first-step"), ("step", "--with-past")):
-        run_cli("export", folder, "-o", tmp_path / f"{name}.onnx", option, *options)
+        run_cli("export", folder, "-o", tmp_path / f"{name}.onnx", option, *_placement(module, blocks=(2, 4)))
         run_cli("compile", tmp_path / f"{name}.onnx", "-o", tmp_path / name)
     first, step = runtime.load(tmp_path / "first"), runtime.load(tmp_path / "step")
-    video, ids = spec.example_inputs(batch=2, seq=BEFORE + 4, seed=31)
+    video, ids = spec.example_inputs(batch=2, seq=module.layout.text_before_end + 4, seed=31)
     for search, new in (({}, 6), ({"num_beams": 2}, 4)):
         got = runtime.generate_vision_language(first, step, video.numpy(), ids.numpy(), max_new_tokens=new, **search)
-        expected = _transformers(module, video, ids, BEFORE, max_new_tokens=new, min_new_tokens=new, **search)
+        expected = _transformers(module, video, ids, max_new_tokens=new, min_new_tokens=new, **search)
         np.testing.assert_array_equal(got[:, ids.shape[1]:], expected)
 
 
@@ -227,21 +243,32 @@ def test_padded_prompts(checkpoint):
     clip; each row's logits at its tokens equal transformers' forward on that prompt alone."""
     module, spec = _clip(checkpoint, FRAMES, BLOCKS, BEFORE)
     masked, masked_spec = with_attention_mask(module, spec)
-    video, ids, mask = masked_spec.example_inputs(batch=3, seq=BEFORE + 7, seed=int(np.random.randint(1 << 30)))
-    assert mask.sum(1).tolist() == [BEFORE + 7 - n for n in (0, 2, 4)]
+    seq = module.layout.text_before_end + 7
+    video, ids, mask = masked_spec.example_inputs(batch=3, seq=seq, seed=int(np.random.randint(1 << 30)))
+    assert mask.sum(1).tolist() == [seq - n for n in (0, 2, 4)]
     with torch.no_grad():
         logits = masked(video, ids, mask).numpy()
     for row in range(3):
         tokens = ids[row][mask[row].bool()][None]
-        alone = _transformers(module, video[row:row + 1], tokens, BEFORE)
+        alone = _transformers(module, video[row:row + 1], tokens)
         np.testing.assert_allclose(logits[row, -alone.shape[1]:], alone[0], atol=2e-5, rtol=1e-4)
 
 
 def test_refusals(checkpoint, tmp_path):
     """The steps of a clip whose last slice lies past the text after it (Qwen2.5-VL: 2 slices 4 apart at 2 × 3
     blocks; Qwen2-VL: 5 slices 1 apart) are refused by name with the fix, in Python and in the CLI (nothing written);
-    the one-pass module takes it. A clip of the wrong frame count is refused."""
-    folder, module, _ = checkpoint
+    the one-pass module takes it. Qwen3-VL's clip without an offset for each slice is refused alike. A clip of the
+    wrong frame count is refused."""
+    folder, module, spec = checkpoint
+    if type(module.model).__name__ in hf_qwen_vl.SLICES_APART:   # each slice after its own timestamp
+        with pytest.raises(AttncError, match="so the prompt takes 2 offsets, not 1") as caught:
+            with_video_frames(*with_text_before_image(module, spec, BEFORE), FRAMES)
+        assert "split_prompt" in caught.value.fix
+        result = run_cli("export", folder, "-o", tmp_path / "a.onnx", "--video-frames", FRAMES, "--text-before-image",
+                         "1,4,7", ok=False)
+        assert_clean_error(result, "3 frames make 2 slices", "takes 2 offsets, not 3", "--text-before-image")
+        assert not any(tmp_path.glob("*.onnx"))
+        return
     frames = FRAMES if type(module.model).__name__ == ARCHITECTURES[1] else 9
     clip, spec = _clip(checkpoint, frames, (2, 3), BEFORE)
     with pytest.raises(AttncError, match="past the text after the clip") as caught:
@@ -265,7 +292,8 @@ def test_tensorrt_builds_the_exited_clip(checkpoint, exported, tmp_path):
     """TensorRT-RTX builds an fp16 engine of the statically exited export (the tower's 3-D patch convolution) at
     dynamic batch and text length, every attention fused."""
     tensorrt_or_skip()
-    spec = _clip(checkpoint, FRAMES, BLOCKS, BEFORE)[1]
+    module, spec = _clip(checkpoint, FRAMES, BLOCKS, BEFORE)
     out = tmp_path / "engine"
-    manifest = build_exited_engine(exported, spec.inputs[0].shape[1:], BEFORE, out, pixels="pixel_values_videos")
+    manifest = build_exited_engine(exported, spec.inputs[0].shape[1:], module.layout.text_before_end, out,
+                                   pixels="pixel_values_videos")
     assert (out / manifest["artefact"]).stat().st_size > 0 and manifest["ops_after"]["Attention"] >= 4
