@@ -443,6 +443,25 @@ def tiny_qwen_vl(folder: Path, architecture: str = "Qwen2VLForConditionalGenerat
     return save_seeded(config, architecture, folder)
 
 
+MISTRAL3_IMAGE_TOKEN, MISTRAL3_BREAK, MISTRAL3_END = 250, 251, 252   # tiny_mistral3's [IMG], [IMG_BREAK], [IMG_END]
+
+
+def tiny_mistral3(folder: Path) -> Path:
+    """A seeded Mistral 3 checkpoint: a 2-layer Pixtral tower of width 32 on 8-pixel patches (64-pixel images by
+    default) merged 2 × 2, a 4-layer Mistral text model of width 64 with 4 query on 2 K/V heads, 256 words, the image
+    token :data:`MISTRAL3_IMAGE_TOKEN`; weights perturbed off their initial values, saved in ``folder``."""
+    import transformers as t
+
+    text = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                pad_token_id=0, sliding_window=None)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=16,
+                  image_size=64, patch_size=8)
+    config = t.Mistral3Config(text_config=text, vision_config=vision, image_token_index=MISTRAL3_IMAGE_TOKEN,
+                              spatial_merge_size=2)
+    return save_seeded(config, "Mistral3ForConditionalGeneration", folder)
+
+
 def save_seeded(config, architecture: str, folder: Path) -> Path:
     """transformers' ``architecture`` built from ``config`` under seed 0, its weights perturbed, saved in ``folder``
     (the tiny checkpoints here, the benchmarks' random ones)."""

@@ -135,18 +135,19 @@ def _vision_language_layout(model_ref: str, text_before_image: tuple[int, ...] |
     from attnc.compiler.export import resolve_model
 
     module, spec = resolve_model(model_ref)
-    if text_before_image is not None:
-        from attnc.models.hf_checkpoint import with_text_before_image
-
-        module, spec = with_text_before_image(module, spec, text_before_image)
-    if video_frames is not None:   # after the offsets (Qwen3-VL's clip takes one per slice), before the frames' size
-        from attnc.models.hf_checkpoint import with_video_frames
-
-        module, spec = with_video_frames(module, spec, video_frames)
+    # the size first (Mistral 3's rows follow it), then the offsets, then the clip (Qwen3-VL's takes one per slice)
     if image_size is not None:
         from attnc.models.hf_checkpoint import with_image_size
 
         module, spec = with_image_size(module, spec, image_size)
+    if text_before_image is not None:
+        from attnc.models.hf_checkpoint import with_text_before_image
+
+        module, spec = with_text_before_image(module, spec, text_before_image)
+    if video_frames is not None:
+        from attnc.models.hf_checkpoint import with_video_frames
+
+        module, spec = with_video_frames(module, spec, video_frames)
     return module, spec
 
 
@@ -328,12 +329,16 @@ def inspect_cmd(model_path, as_json, lower, precision, opt_shapes, dim_ranges, s
                   if data["decoder_layers"] is not None else f"no decoder layers found: {data['token_exit_problem']}")
         size = data["recorded"].get(onnx_io.IMAGE_SIZE)
         offsets = data["recorded"].get(onnx_io.VISUAL_OFFSET, "0")
-        images = len(offsets.split(","))
+        runs = len(offsets.split(","))
+        starts = data["recorded"].get(onnx_io.IMAGE_OFFSETS)   # Mistral 3: each image's rows are runs of their own
+        images = runs if starts is None else len(starts.split(","))
         frames = data["recorded"].get(onnx_io.VIDEO_FRAMES)
         noun = f"{size} image" if size else "image"
         of = (f"of a {noun} " if size else "") if images == 1 else f"of {images} {noun}s "
+        if starts is not None:
+            of += f"in {runs // images} rows each "
         if frames:
-            of = f"of a video of {frames} {size} frames "
+            of = f"of a video of {frames} {size} frames " + ("" if images == 1 else f"in {images} slices each ")
         console.print(f"vision-language: {data['recorded'][onnx_io.VISUAL_TOKENS]} visual tokens {of}after "
                       f"{offsets} text tokens (recorded by attnc export); token exit: {escape(layers)}")
     table = Table("family", "fused op", "nodes", "inputs", "attributes", title="attention subgraphs")

@@ -709,6 +709,7 @@ VISUAL_OFFSET = "attnc.visual_offset"
 IMAGE_SIZE = "attnc.image_size"
 VIDEO_FRAMES = "attnc.video_frames"
 FIRST_EXIT_LAYER = "attnc.first_exit_layer"   # the first decoder layer a token exit may precede, where not 0
+IMAGE_OFFSETS = "attnc.image_offsets"   # each image's K where its tokens lie in several runs (Mistral 3's rows)
 
 
 def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:

@@ -344,15 +344,16 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     manifest = load_manifest(artefact_dir)
     runner = _runner(artefact_dir, manifest)
     module, spec = resolve_model(model_ref)
+    # in the CLI's order: the size (Mistral 3's rows follow it), the offsets, the clip (Qwen3-VL's: one offset a slice)
+    size = manifest.get("recorded", {}).get(onnx_io.IMAGE_SIZE)
+    if isinstance(spec, CheckpointSpec) and spec.kind == "vlm" and size:
+        module, spec = with_image_size(module, spec, tuple(int(d) for d in size.split("x")))   # --image-size
     offset = manifest.get("recorded", {}).get(onnx_io.VISUAL_OFFSET)
     if isinstance(spec, CheckpointSpec) and spec.kind == "vlm" and offset:
         module, spec = with_text_before_image(module, spec, offset)   # exported with --text-before-image
     frames = manifest.get("recorded", {}).get(onnx_io.VIDEO_FRAMES)
     if isinstance(spec, CheckpointSpec) and spec.kind == "vlm" and frames:
         module, spec = with_video_frames(module, spec, int(frames))   # exported with --video-frames
-    size = manifest.get("recorded", {}).get(onnx_io.IMAGE_SIZE)
-    if isinstance(spec, CheckpointSpec) and spec.kind == "vlm" and size:
-        module, spec = with_image_size(module, spec, tuple(int(d) for d in size.split("x")))   # --image-size
     # exported with --with-attention-mask, --with-past or --first-step: the checkpoint as the artefact runs it
     module, spec = for_inputs(module, spec, [s.name for s in runner.input_specs], runner.output_names)
     shrink = manifest.get("shrink", {})

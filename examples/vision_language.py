@@ -18,8 +18,10 @@ multiple of 28), with ``--model llava-next`` a random LLaVA-NeXT (32 px tiles, i
 ``--image-size`` px square: the processor's tiles of an image that size) or with ``--model gemma3`` a random Gemma 3
 (a SigLIP tower of ``--image-size`` px images in 8 px patches pooled 2 × 2, the image's tokens attending to each
 other both ways, a Gemma 3 text model with sliding windows of 8 tokens) or with ``--model onevision`` a random
-LLaVA-OneVision (a SigLIP tower of 32 px tiles) with ``save_pretrained`` first: no hub is reached. ``--video-frames F``
-(LLaVA-OneVision, LLaVA-NeXT-Video, Qwen2-VL, Qwen2.5-VL) puts a clip of ``F`` frames in place of the image::
+LLaVA-OneVision (a SigLIP tower of 32 px tiles) or with ``--model mistral3`` a random Mistral 3 (a Pixtral tower of
+``--image-size`` px images, 64 by default, each image's rows a run of its own) with ``save_pretrained`` first: no hub
+is reached. ``--video-frames F``
+(LLaVA-OneVision, LLaVA-NeXT-Video, the Qwen family) puts a clip of ``F`` frames in place of the image::
 
     python examples/vision_language.py
     python examples/vision_language.py --image-size 112 --width 256 --layers 8 --exit-layer 2 --json run.json
@@ -30,6 +32,7 @@ LLaVA-OneVision (a SigLIP tower of 32 px tiles) with ``save_pretrained`` first: 
     python examples/vision_language.py --text-before-image 3,7     # two images per prompt
     python examples/vision_language.py --model onevision --video-frames 4   # a clip of 4 frames
     python examples/vision_language.py --model qwen2-vl --video-frames 4    # 4 frames of 56 px: 2 slices
+    python examples/vision_language.py --model mistral3 --image-size 48     # 3 rows of 3 tokens, a break after each
     python examples/vision_language.py --checkpoint ./my-qwen2-vl --image-size 448
     python examples/vision_language.py --checkpoint ./my-llava-v1.6 --image-size 672
 """
@@ -52,6 +55,7 @@ from attnc.compiler.pipeline import CompileOptions, compile_model, validate_arte
 from attnc.models.hf_checkpoint import (load_checkpoint, with_first_step, with_image_size, with_past,
                                         with_text_before_image, with_video_frames)
 from attnc.models.hf_llava_next import is_llava_next
+from attnc.models.hf_pixtral import is_pixtral
 from attnc.models.hf_qwen_vl import is_qwen_vl
 from attnc.models.hf_vision_language import SIZED, TILES_BY_VALUE, interleave
 from attnc.testing import exited_greedy_tokens, image_token_types, save_seeded
@@ -142,6 +146,23 @@ def random_onevision(folder: Path, width: int, layers: int) -> Path:
     return save_seeded(config, "LlavaOnevisionForConditionalGeneration", folder)
 
 
+def random_mistral3(folder: Path, width: int, layers: int) -> Path:
+    """A seeded random ``Mistral3ForConditionalGeneration`` saved in ``folder``: a 2-layer Pixtral tower on 8 px
+    patches merged 2 × 2, a Mistral text model (``width``, ``layers``, grouped-query attention), 256 words, the image
+    token 253 (its processor's break and end tokens are text: any token does in a random prompt)."""
+    import transformers
+
+    heads = max(2, width // 32)
+    text = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=max(1, heads // 2), head_dim=width // heads, vocab_size=256,
+                max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0, sliding_window=None)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, head_dim=32,
+                  image_size=64, patch_size=8)
+    config = transformers.Mistral3Config(text_config=text, vision_config=vision, image_token_index=253,
+                                         spatial_merge_size=2)
+    return save_seeded(config, "Mistral3ForConditionalGeneration", folder)
+
+
 def qwen_video_patches(vision, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen2-VL's video processor's ``pixel_values_videos`` and ``video_grid_thw`` of clips ``[B, F, C, H, W]``
     already resized and normalised: the last frame repeated up to a multiple of ``temporal_patch_size``, then each
@@ -175,12 +196,12 @@ def transformers_generate(module, pixels: torch.Tensor, ids: torch.Tensor, token
         return out[:, prompt.shape[1]:]
     prompt = interleave(ids, torch.full((len(ids), layout.tokens), image), layout)
     if type(hf).__name__ in TILES_BY_VALUE:   # Idefics 3 and SmolVLM take [B, images, C, H, W]
-        pixels = pixels if layout.images > 1 else pixels[:, None]
-    elif layout.images > 1:   # the others the images one after another
+        pixels = pixels if module.images > 1 else pixels[:, None]
+    elif module.images > 1:   # the others the images one after another (Mistral 3's rows are runs, not images)
         pixels = pixels.flatten(0, 1)
     extra = {"pixel_values": pixels, **image_token_types(type(hf).__name__, prompt, image)}   # Gemma 3's, PaliGemma's
-    if is_llava_next(hf):
-        extra["image_sizes"] = torch.tensor([list(module.image_size)] * len(ids))
+    if is_llava_next(hf) or is_pixtral(hf):
+        extra["image_sizes"] = torch.tensor([list(module.image_size)] * len(pixels))
     if is_qwen_vl(hf):
         import transformers
 
@@ -212,7 +233,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="a vision-language checkpoint directory attnc exports (default: a random "
                                              "one)")
-    parser.add_argument("--model", choices=["llava", "qwen2-vl", "llava-next", "gemma3", "onevision"], default="llava",
+    parser.add_argument("--model", choices=["llava", "qwen2-vl", "llava-next", "gemma3", "onevision", "mistral3"],
+                        default="llava",
                         help="the random checkpoint's architecture (without --checkpoint)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="pixels a side: the random LLaVA's and Gemma 3's (default 64); Qwen's exported size "
@@ -243,22 +265,26 @@ def main(argv=None) -> dict:
             folder = random_llava_next(tmp / "llava-next", args.width, args.layers)
         elif args.model == "onevision":
             folder = random_onevision(tmp / "onevision", args.width, args.layers)
+        elif args.model == "mistral3":
+            folder = random_mistral3(tmp / "mistral3", args.width, args.layers)
         elif args.model == "gemma3":
             folder = random_gemma3(tmp / "gemma3", args.image_size or 64, args.width, args.layers)
         else:
             folder = random_llava(tmp / "llava", args.image_size or 64, args.width, args.layers)
-        module, spec = with_text_before_image(*load_checkpoint(str(folder)), args.text_before_image)
-        if args.video_frames is not None:   # after the offsets: Qwen3-VL's clip takes one per slice
-            module, spec = with_video_frames(module, spec, args.video_frames)
+        module, spec = load_checkpoint(str(folder))
+        # as the CLI does: the size (Mistral 3's rows follow it), the offsets, the clip (Qwen3-VL's: one offset a slice)
         if type(module.model).__name__ in SIZED and (args.video_frames is None or is_qwen_vl(module.model)):
             # its visual tokens follow the image's (Qwen's frames') size: one size per export
             size = args.image_size or (56 if is_qwen_vl(module.model) else None)
             if size is not None:
                 module, spec = with_image_size(module, spec, (size, size))
+        module, spec = with_text_before_image(module, spec, args.text_before_image)
+        if args.video_frames is not None:
+            module, spec = with_video_frames(module, spec, args.video_frames)
         pixels, ids = spec.example_inputs(batch=args.batch, seq=args.prompt, seed=1)
         feeds = {spec.input_names[0]: pixels.numpy(), "input_ids": ids.numpy()}   # pixel_values(_videos)
         results = {"checkpoint": spec.description, "visual_tokens": module.num_visual_tokens,
-                   "text_before_image": module.visual_offset, "video_frames": module.video_frames,
+                   "text_before_image": module.placement[0], "video_frames": module.video_frames,
                    "prompt": args.prompt, "batch": args.batch,
                    "machine": platform.processor() or platform.machine(), "threads": args.threads}
 

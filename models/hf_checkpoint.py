@@ -378,7 +378,7 @@ def with_video_frames(module: torch.nn.Module, spec: CheckpointSpec, frames: int
     wrapper = type(module)
     # LLaVA's frames are at the tower's size; Qwen's at the export's (--image-size, which may come first)
     size = module.image_size if hf_vision_language.hf_qwen_vl.is_qwen_vl(module.model) else None
-    clip = wrapper(module.model, module.visual_offset, size, frames).eval()
+    clip = wrapper(module.model, module.placement[0], size, frames).eval()
     return clip, dataclasses.replace(
         spec, inputs=_visual_input(clip, spec),
         factory=functools.partial(_rewrapped, spec.factory, wrapper, *clip.placement),
@@ -406,7 +406,7 @@ def with_image_size(module: torch.nn.Module, spec: CheckpointSpec, size: tuple[i
     if size == module.image_size:
         return module, spec
     wrapper = type(module)
-    resized = wrapper(module.model, module.visual_offset, size, module.video_frames).eval()
+    resized = wrapper(module.model, module.placement[0], size, module.video_frames).eval()   # the images' K
     return resized, dataclasses.replace(spec, inputs=_visual_input(resized, spec), factory=functools.partial(
         _rewrapped, spec.factory, wrapper, *resized.placement))
 

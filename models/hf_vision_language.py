@@ -43,7 +43,7 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.layout import VisualLayout, format_offsets, parse_offsets
-from attnc.models import hf_llava_next, hf_qwen_vl
+from attnc.models import hf_llava_next, hf_pixtral, hf_qwen_vl
 from attnc.models.hf_checkpoint import CachedStep, config_image_size, keys_and_values, mask_positions
 
 # config.architectures[0] of the checkpoints VisionLanguageOutput lays out (each checked against transformers' forward
@@ -67,7 +67,7 @@ ONE_BASED = ("PaliGemmaForConditionalGeneration",)
 # ... and those whose forward soft-caps the logits by the text config's final_logit_softcapping (cap · tanh(x / cap))
 CAPPED_LOGITS = ("PaliGemmaForConditionalGeneration",)
 # ... and those whose images are read at one size of any (their processors tile each image at its own size)
-SIZED = (*hf_qwen_vl.ARCHITECTURES, *hf_llava_next.ARCHITECTURES)
+SIZED = (*hf_qwen_vl.ARCHITECTURES, *hf_llava_next.ARCHITECTURES, *hf_pixtral.ARCHITECTURES)
 EXPORTED = (*ARCHITECTURES, *SIZED)
 PIXELS, VIDEOS, IDS = "pixel_values", "pixel_values_videos", "input_ids"
 # the architectures that take a clip of frames in place of the image (attnc export --video-frames)
@@ -112,6 +112,8 @@ def image_size_of(config, name: str, size: tuple[int, int] | None = None) -> tup
         return hf_qwen_vl.image_size(config.vision_config, size)
     if hf_llava_next.is_llava_next(name):
         return hf_llava_next.image_size(config, size)
+    if hf_pixtral.is_pixtral(name):
+        return hf_pixtral.image_size(config, size)
     return config_image_size(config.vision_config)
 
 
@@ -180,6 +182,9 @@ class VisionLanguageOutput(torch.nn.Module):
             raise AttncError(f"{type(model).__name__} takes images of {self.image_size[0]}x{self.image_size[1]} "
                              f"pixels (its vision config's image_size), not {image_size[0]}x{image_size[1]}",
                              "resize the images to its size and drop --image-size")
+        if hf_pixtral.is_pixtral(model):   # P follows from the size; each row a run of its own
+            self._rows(offsets)
+            return
         if type(model).__name__ in SIZED:   # P follows from the size
             qwen = hf_qwen_vl.is_qwen_vl(model)
             if self.images > 1 and type(model).__name__ in hf_llava_next.BASE_WHEN_SEVERAL:
@@ -209,6 +214,22 @@ class VisionLanguageOutput(torch.nn.Module):
                 blank = torch.zeros(1, getattr(vision, "num_channels", 3), *self.image_size)
                 _VISUAL_TOKENS[model] = int(self._features(blank).shape[1])
         self.num_visual_tokens = _VISUAL_TOKENS[model] * self.images   # P: every image's tokens
+
+    def _rows(self, offsets: tuple[int, ...]) -> None:
+        """Mistral 3's images row by row, a break token after each row (:mod:`attnc.models.hf_pixtral`): the layout's
+        runs are the rows, after :func:`~attnc.models.hf_pixtral.row_offsets` of each image's ``K`` (``offsets`` are
+        the images' ``K``, or already the rows' offsets, as an export records them)."""
+        self.encoder = hf_pixtral.PixtralImageEncoder(self.model, self.image_size)
+        rows = self.encoder.rows
+        starts = hf_pixtral.image_starts(offsets, rows) or offsets
+        placed = hf_pixtral.row_offsets(starts, rows)
+        if any(b < a + rows for a, b in zip(starts, starts[1:])):
+            raise AttncError(f"images of {rows} rows after {format_offsets(starts)} text tokens overlap: each row of "
+                             "one is followed by a break token, so the next image comes at least as many tokens later",
+                             f"pass each image's K with at least {rows} tokens between them (the breaks counted)")
+        self.image_offsets, self.images = starts, len(starts)
+        self.visual_offset = placed[0] if len(placed) == 1 else placed
+        self.num_visual_tokens = self.encoder.num_visual_tokens * self.images
 
     def _base_images(self, image_size: tuple[int, int] | None) -> None:
         """Take several whole images at the tower's size, as LLaVA-OneVision reads a prompt of several
@@ -270,8 +291,11 @@ class VisionLanguageOutput(torch.nn.Module):
     @property
     def placement(self) -> tuple:
         """``(visual_offset, image_size, video_frames)``: the arguments after the model that build this module's
-        layout again (every variant of an export wraps the model with them)."""
-        return self.visual_offset, self.image_size, self.video_frames
+        layout again (every variant of an export wraps the model with them; Mistral 3's images' ``K``, not its
+        rows')."""
+        offsets = getattr(self, "image_offsets", None)
+        offsets = self.visual_offset if offsets is None else (offsets[0] if len(offsets) == 1 else offsets)
+        return offsets, self.image_size, self.video_frames
 
     @property
     def visual_input(self) -> str:
@@ -592,6 +616,9 @@ class VisionLanguageStep(CachedStep):
         # recorded beside P: Qwen2-VL's P follows the image size, a video's the frames
         self.image_size, self.video_frames = image_size, video_frames
         self.first_exit_layer = hf_qwen_vl.deepstack_layers(model.config.vision_config)
+        if hf_pixtral.is_pixtral(model):   # the images' K, for the record (the layout's runs are their rows)
+            rows = hf_pixtral.grid(model.config, hf_pixtral.image_size(model.config, image_size))[0]
+            self.image_offsets = hf_pixtral.image_starts(self.layout.offsets, rows)
         # M-RoPE places the text after the image max(rows, columns) after its front, not P: every later token as far;
         # PaliGemma's positions count from 1
         apart = type(model).__name__ in hf_qwen_vl.SLICES_APART   # Qwen3-VL's slices each placed as an image

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from attnc.compiler.errors import AttncError
+from attnc.compiler.layout import split_prompt
 from attnc.compiler.onnx_io import IMAGE_SIZE, VIDEO_FRAMES, VISUAL_TOKENS, metadata
 from attnc.testing import (QWEN_IMAGE_TOKEN, assert_clean_error, build_exited_engine, naming_the_draw, run_cli,
                            tensorrt_or_skip, tiny_qwen_vl)
@@ -177,7 +178,9 @@ def test_export_exit_and_validate(checkpoint, exported, tmp_path):
     graph = onnx.load(path)
     assert {key: metadata(graph, key) for key in (VIDEO_FRAMES, VISUAL_TOKENS, IMAGE_SIZE)} == \
         {VIDEO_FRAMES: str(FRAMES), VISUAL_TOKENS: "12", IMAGE_SIZE: size}
-    assert f"12 visual tokens of a video of {FRAMES} {size} frames" in run_cli("inspect", path).output
+    apart = type(module.model).__name__ in hf_qwen_vl.SLICES_APART   # Qwen3-VL: each slice after its own offset
+    said = " ".join(run_cli("inspect", path).output.split())   # as one line: the console wraps it
+    assert f"12 visual tokens of a video of {FRAMES} {size} frames {'in 2 slices each ' if apart else ''}after" in said
     model, front = load_onnx(path), module.layout.text_before_end
     for batch, seq in ((1, front + 1), (3, front + 9)):
         video, ids = spec.example_inputs(batch=batch, seq=seq, seed=batch + 40)
@@ -252,6 +255,22 @@ def test_padded_prompts(checkpoint):
         tokens = ids[row][mask[row].bool()][None]
         alone = _transformers(module, video[row:row + 1], tokens)
         np.testing.assert_allclose(logits[row, -alone.shape[1]:], alone[0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("checkpoint", [ARCHITECTURES[2]], indirect=True)
+def test_offsets_read_off_the_processors_prompt(checkpoint):
+    """Qwen3-VL's prompt as its processor writes it (each slice's placeholders after its timestamp and delimiters):
+    ``split_prompt`` with the video token and one slice's tokens gives the text and the offsets its export takes, and
+    the module on them equals transformers' forward on that prompt."""
+    module, spec = _clip(checkpoint, 5, (1, 2), 1)
+    layout = module.layout
+    video, ids = spec.example_inputs(batch=2, seq=layout.text_before_end + 3, seed=3)
+    prompt = _inputs(module, video, ids)["input_ids"]
+    text, offsets = split_prompt(prompt.numpy(), VIDEO_TOKEN, layout.per_image)
+    assert offsets == layout.offsets == (1, 4, 7) and np.array_equal(text, ids.numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(module(video, torch.from_numpy(text)).numpy(), _transformers(module, video, ids),
+                                   atol=2e-5, rtol=1e-4)
 
 
 def test_refusals(checkpoint, tmp_path):

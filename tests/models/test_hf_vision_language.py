@@ -859,11 +859,11 @@ def test_generation_with_a_token_exit(checkpoint, generation_graphs, tmp_path):
 
 @pytest.mark.parametrize("model", ["llava", *(pytest.param(model, marks=pytest.mark.full(
     reason=f"the example's path CI runs on LLaVA, on a random {model} (tests/models check it in CI)"))
-    for model in ("qwen2-vl", "llava-next", "gemma3"))])
+    for model in ("qwen2-vl", "llava-next", "gemma3", "mistral3"))])
 def test_vision_language_example(tmp_path, model):
-    """examples/vision_language.py end to end on a random LLaVA (a random Qwen2-VL, LLaVA-NeXT and Gemma 3 in the
-    ``full`` tier): both one-pass artefacts (as it is and exited) and both generation steps validate, as it is and
-    exited, the exit changes the logits, the generated tokens are transformers' ``generate``'s, and with the exit
+    """examples/vision_language.py end to end on a random LLaVA (a random Qwen2-VL, LLaVA-NeXT, Gemma 3 and Mistral 3
+    in the ``full`` tier): both one-pass artefacts (as it is and exited) and both generation steps validate, as it is
+    and exited, the exit changes the logits, the generated tokens are transformers' ``generate``'s, and with the exit
     those of the exited forward, from a smaller cache."""
     import importlib.util
     from pathlib import Path
@@ -872,13 +872,14 @@ def test_vision_language_example(tmp_path, model):
     spec = importlib.util.spec_from_file_location("vision_language", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    size = {"llava": 32, "qwen2-vl": 56, "llava-next": 40, "gemma3": 64}[model]
+    size = {"llava": 32, "qwen2-vl": 56, "llava-next": 40, "gemma3": 64, "mistral3": 48}[model]
     results = example.main(["--model", model, "--image-size", str(size), "--width", "32", "--layers", "2",
                             "--generate", "4", "--reps", "3", "--prompt", "6", "--json", str(tmp_path / "run.json")])
     assert results["full"]["validation_passed"] and results["exit"]["validation_passed"]
     assert results["first_step_validation_passed"] and results["step_step_validation_passed"]
     assert results["generation"]["tokens_equal"]
-    assert results["visual_tokens"] == {"llava": 16, "qwen2-vl": 4, "llava-next": 88, "gemma3": 16}[model]
+    tokens = {"llava": 16, "qwen2-vl": 4, "llava-next": 88, "gemma3": 16, "mistral3": 9}
+    assert results["visual_tokens"] == tokens[model]
     assert results["first_step_exit_validation_passed"] and results["step_step_exit_validation_passed"]
     cache = results["generation_exit"]["prompt_cache_bytes"]
     assert results["generation_exit"]["tokens_equal"] and cache["exit"] < cache["full"]
