@@ -462,6 +462,22 @@ def tiny_mistral3(folder: Path) -> Path:
     return save_seeded(config, "Mistral3ForConditionalGeneration", folder)
 
 
+def tiny_pixtral_llava(folder: Path) -> Path:
+    """A seeded Pixtral-12B-like checkpoint: a ``LlavaForConditionalGeneration`` with :func:`tiny_mistral3`'s Pixtral
+    tower (a token a patch: no merger) and Mistral text model, every feature kept (``vision_feature_select_strategy``
+    ``full``), the image token :data:`MISTRAL3_IMAGE_TOKEN`; saved in ``folder``."""
+    import transformers as t
+
+    text = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                pad_token_id=0, sliding_window=None, model_type="mistral")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=16,
+                  image_size=64, patch_size=8, model_type="pixtral")
+    config = t.LlavaConfig(text_config=text, vision_config=vision, image_token_index=MISTRAL3_IMAGE_TOKEN,
+                           vision_feature_select_strategy="full", vision_feature_layer=-1)
+    return save_seeded(config, "LlavaForConditionalGeneration", folder)
+
+
 def save_seeded(config, architecture: str, folder: Path) -> Path:
     """transformers' ``architecture`` built from ``config`` under seed 0, its weights perturbed, saved in ``folder``
     (the tiny checkpoints here, the benchmarks' random ones)."""

@@ -55,7 +55,7 @@ from attnc.compiler.pipeline import CompileOptions, compile_model, validate_arte
 from attnc.models.hf_checkpoint import (load_checkpoint, with_first_step, with_image_size, with_past,
                                         with_text_before_image, with_video_frames)
 from attnc.models.hf_llava_next import is_llava_next
-from attnc.models.hf_pixtral import is_pixtral
+from attnc.models import hf_pixtral
 from attnc.models.hf_qwen_vl import is_qwen_vl
 from attnc.models.hf_vision_language import SIZED, TILES_BY_VALUE, interleave
 from attnc.testing import exited_greedy_tokens, image_token_types, save_seeded
@@ -200,7 +200,7 @@ def transformers_generate(module, pixels: torch.Tensor, ids: torch.Tensor, token
     elif module.images > 1:   # the others the images one after another (Mistral 3's rows are runs, not images)
         pixels = pixels.flatten(0, 1)
     extra = {"pixel_values": pixels, **image_token_types(type(hf).__name__, prompt, image)}   # Gemma 3's, PaliGemma's
-    if is_llava_next(hf) or is_pixtral(hf):
+    if is_llava_next(hf) or hf_pixtral.reads(hf.config, type(hf).__name__):
         extra["image_sizes"] = torch.tensor([list(module.image_size)] * len(pixels))
     if is_qwen_vl(hf):
         import transformers

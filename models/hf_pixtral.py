@@ -1,4 +1,4 @@
-"""Mistral 3 (Mistral Small 3.1 and 3.2: a Pixtral vision tower) images at one size, for
+"""Mistral 3 (Mistral Small 3.1 and 3.2) and Pixtral-12B (a LLaVA with a Pixtral tower) images at one size, for
 :mod:`attnc.models.hf_vision_language`.
 
 Its processor resizes each image to its own multiple of ``patch × merge`` pixels (28), hands the tower the images
@@ -9,7 +9,8 @@ patch merger cuts each image's grid into ``merge × merge`` blocks: all of it is
 of it exports with a dynamic batch. At one image size all of it is constant, so :class:`PixtralImageEncoder` takes
 ``pixel_values [B, 3, H, W]`` (resized and normalised as the processor does) and runs the tower's own layers on the
 batch (each image attending within itself, as the block mask has it), the projector's norm, its merger on each image's
-grid (``unfold``) and its MLP: ``[B, rows × columns, C]``, row by row.
+grid (``unfold``) and its MLP: ``[B, rows × columns, C]``, row by row. Pixtral-12B's LLaVA projector has no merger:
+its rows are the patches'.
 
 The rows are not contiguous in the prompt: a text token (the break) follows each. attnc places an image's rows as
 runs of visual tokens (:class:`attnc.compiler.layout.VisualLayout`, as several images are): an image after ``K`` text
@@ -25,14 +26,20 @@ import torch
 
 from attnc.compiler.errors import AttncError
 
-# config.architectures[0] of the checkpoints PixtralImageEncoder reads
+# config.architectures[0] of the checkpoints PixtralImageEncoder reads (and LLaVA's with a Pixtral tower, :func:`reads`)
 ARCHITECTURES = ("Mistral3ForConditionalGeneration",)
 
 
-def is_pixtral(model_or_name) -> bool:
-    """Whether ``model_or_name`` (a transformers model or its class name) is one :class:`PixtralImageEncoder` reads."""
-    name = model_or_name if isinstance(model_or_name, str) else type(model_or_name).__name__
-    return name in ARCHITECTURES
+def reads(config, name: str) -> bool:
+    """Whether :class:`PixtralImageEncoder` reads a checkpoint of ``config`` and architecture ``name``: Mistral 3, or
+    a LLaVA whose vision tower is Pixtral's (Pixtral-12B)."""
+    return name in ARCHITECTURES or (name == "LlavaForConditionalGeneration" and
+                                     getattr(config.vision_config, "model_type", None) == "pixtral")
+
+
+def merge_size(config) -> int:
+    """Patches a side each visual token merges: Mistral 3's ``spatial_merge_size``, 1 for Pixtral-12B's LLaVA."""
+    return getattr(config, "spatial_merge_size", 1) if "Mistral3" in type(config).__name__ else 1
 
 
 def image_size(config, size: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -43,12 +50,12 @@ def image_size(config, size: tuple[int, int] | None = None) -> tuple[int, int]:
         AttncError: a side that is no positive multiple of the patch size times the merge size.
     """
     vision = config.vision_config
-    step = vision.patch_size * config.spatial_merge_size
+    step = vision.patch_size * merge_size(config)
     side = vision.image_size if isinstance(vision.image_size, int) else max(vision.image_size)
     height, width = size or (side, side)
     if height <= 0 or width <= 0 or height % step or width % step:
-        raise AttncError(f"a Mistral 3 image of {height}x{width} pixels does not tile into {step}x{step} blocks "
-                         f"(patch {vision.patch_size} × merge {config.spatial_merge_size})",
+        raise AttncError(f"a Pixtral image of {height}x{width} pixels does not tile into {step}x{step} blocks "
+                         f"(patch {vision.patch_size} × merge {merge_size(config)})",
                          f"pass --image-size with both sides multiples of {step}, e.g. "
                          f"{max(step, round(height / step) * step)}x{max(step, round(width / step) * step)}")
     return int(height), int(width)
@@ -56,7 +63,7 @@ def image_size(config, size: tuple[int, int] | None = None) -> tuple[int, int]:
 
 def grid(config, size: tuple[int, int]) -> tuple[int, int]:
     """``(rows, columns)`` of visual tokens an image of ``size`` makes (merged blocks)."""
-    step = config.vision_config.patch_size * config.spatial_merge_size
+    step = config.vision_config.patch_size * merge_size(config)
     return size[0] // step, size[1] // step
 
 
@@ -84,14 +91,22 @@ class PixtralImageEncoder(torch.nn.Module):
     The tower's weights are the model's (``model.model.vision_tower``); its layers run batched over each image's
     patches (the block mask's blocks), with the 2-D rotary tables of the image's grid fixed. The features are the
     hidden states of ``vision_feature_layer`` (several concatenated, as transformers does), through the projector's
-    norm, its patch merger on each image's grid and its MLP.
+    norm, its patch merger on each image's grid and its MLP (Pixtral-12B's LLaVA projector: its MLP alone).
+
+    Raises:
+        AttncError: a LLaVA that drops the first feature (``vision_feature_select_strategy="default"``, a CLS token
+            Pixtral's tower has not).
     """
 
     def __init__(self, model: torch.nn.Module, image_size: tuple[int, int]):
         super().__init__()
         config, tower = model.config, model.model.vision_tower
         self.tower, self.projector = tower, model.model.multi_modal_projector
-        self.patch, self.merge = config.vision_config.patch_size, config.spatial_merge_size
+        self.patch, self.merge = config.vision_config.patch_size, merge_size(config)
+        if getattr(config, "vision_feature_select_strategy", "full") == "default":
+            raise AttncError(f"{type(model).__name__} drops its Pixtral tower's first feature as a CLS token "
+                             "(vision_feature_select_strategy 'default'), which would cut a patch off each image",
+                             "set vision_feature_select_strategy to 'full' in its config, as Pixtral-12B's is")
         self.image_size = tuple(image_size)
         self.patches = (self.image_size[0] // self.patch, self.image_size[1] // self.patch)
         self.rows, self.columns = grid(config, self.image_size)
@@ -123,6 +138,8 @@ class PixtralImageEncoder(torch.nn.Module):
             states.append(layer(states[-1], None, position_embeddings=(self.cos, self.sin)))
         x = torch.cat([states[i] for i in self.states], -1)
         projector = self.projector
+        if not hasattr(projector, "patch_merger"):   # Pixtral-12B's LLaVA: a token a patch, row by row
+            return projector(x), []
         x = projector.norm(x)
         blocks = torch.nn.functional.unfold(x.reshape(batch, h, w, -1).permute(0, 3, 1, 2), kernel_size=m, stride=m)
         x = projector.patch_merger.merging_layer(blocks.transpose(1, 2))   # [B, rows × columns, D]

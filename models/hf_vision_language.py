@@ -112,7 +112,7 @@ def image_size_of(config, name: str, size: tuple[int, int] | None = None) -> tup
         return hf_qwen_vl.image_size(config.vision_config, size)
     if hf_llava_next.is_llava_next(name):
         return hf_llava_next.image_size(config, size)
-    if hf_pixtral.is_pixtral(name):
+    if hf_pixtral.reads(config, name):
         return hf_pixtral.image_size(config, size)
     return config_image_size(config.vision_config)
 
@@ -182,7 +182,7 @@ class VisionLanguageOutput(torch.nn.Module):
             raise AttncError(f"{type(model).__name__} takes images of {self.image_size[0]}x{self.image_size[1]} "
                              f"pixels (its vision config's image_size), not {image_size[0]}x{image_size[1]}",
                              "resize the images to its size and drop --image-size")
-        if hf_pixtral.is_pixtral(model):   # P follows from the size; each row a run of its own
+        if hf_pixtral.reads(model.config, type(model).__name__):   # P follows from the size; rows are runs
             self._rows(offsets)
             return
         if type(model).__name__ in SIZED:   # P follows from the size
@@ -616,7 +616,7 @@ class VisionLanguageStep(CachedStep):
         # recorded beside P: Qwen2-VL's P follows the image size, a video's the frames
         self.image_size, self.video_frames = image_size, video_frames
         self.first_exit_layer = hf_qwen_vl.deepstack_layers(model.config.vision_config)
-        if hf_pixtral.is_pixtral(model):   # the images' K, for the record (the layout's runs are their rows)
+        if hf_pixtral.reads(model.config, type(model).__name__):   # the images' K (the layout's runs: their rows)
             rows = hf_pixtral.grid(model.config, hf_pixtral.image_size(model.config, image_size))[0]
             self.image_offsets = hf_pixtral.image_starts(self.layout.offsets, rows)
         # M-RoPE places the text after the image max(rows, columns) after its front, not P: every later token as far;

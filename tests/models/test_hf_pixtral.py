@@ -1,4 +1,4 @@
-"""Mistral 3 checkpoints (a Pixtral vision tower; models/hf_pixtral.py): a checkpoint directory loads as
+"""Mistral 3 and Pixtral-12B checkpoints (a Pixtral vision tower; models/hf_pixtral.py): a checkpoint directory loads as
 ``(pixel_values [B, 3, H, W], input_ids) -> logits of the text after the image`` at the image size ``--image-size``
 names, each image's rows placed after ``K, K + 1, ...`` text tokens (the processor's ``[IMG_BREAK]`` after each row
 and ``[IMG_END]`` after the last stay in ``input_ids``), equal to transformers' forward on the processor's prompt; one
@@ -24,7 +24,8 @@ from attnc.compiler.errors import AttncError
 from attnc.compiler.layout import split_prompt
 from attnc.compiler.onnx_io import IMAGE_OFFSETS, IMAGE_SIZE, VISUAL_OFFSET, VISUAL_TOKENS, metadata
 from attnc.testing import (MISTRAL3_BREAK, MISTRAL3_END, MISTRAL3_IMAGE_TOKEN, assert_clean_error,
-                           build_exited_engine, naming_the_draw, run_cli, tensorrt_or_skip, tiny_mistral3)
+                           build_exited_engine, naming_the_draw, run_cli, tensorrt_or_skip, tiny_mistral3,
+                           tiny_pixtral_llava)
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,15 +35,22 @@ from attnc.models.hf_checkpoint import (load_checkpoint, with_attention_mask, wi
                                         with_image_size, with_past, with_text_before_image)
 from attnc.models.hf_vision_language import interleave  # noqa: E402
 
-STEP = 16   # pixels a merged block: patch 8 × merge 2
 SPOKEN = range(3, MISTRAL3_IMAGE_TOKEN)   # tiny_mistral3's words past pad, bos, eos and before [IMG] and the breaks
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """The tiny checkpoint's folder, module and spec."""
-    folder = tiny_mistral3(tmp_path_factory.mktemp("mistral3") / "ckpt")
+@pytest.fixture(scope="module", params=["mistral3", "pixtral-llava"])
+def checkpoint(request, tmp_path_factory):
+    """The tiny checkpoint's folder, module and spec: a Mistral 3 (16-pixel blocks: patch 8 merged 2 × 2) and a
+    Pixtral-12B-like LLaVA (8-pixel blocks: a token a patch)."""
+    build = tiny_mistral3 if request.param == "mistral3" else tiny_pixtral_llava
+    folder = build(tmp_path_factory.mktemp(request.param) / "ckpt")
     return folder, *load_checkpoint(str(folder))
+
+
+def _step(module) -> int:
+    """Pixels a side of one visual token."""
+    config = module.model.config
+    return config.vision_config.patch_size * hf_pixtral.merge_size(config)
 
 
 def _image(rows: int, columns: int) -> list[int]:
@@ -81,7 +89,7 @@ def _check(checkpoint, blocks, befores, batch):
     and from the images' ``K`` alike equals transformers' forward; another image changes the logits."""
     folder, module, spec = checkpoint
     rows, columns = blocks
-    size = (rows * STEP, columns * STEP)
+    size = (rows * _step(module), columns * _step(module))
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     texts = [torch.randint(3, MISTRAL3_IMAGE_TOKEN, (batch, n), generator=generator) for n in (*befores, 4)]
     prompt = _prompt(texts, rows, columns)
@@ -124,10 +132,13 @@ def test_encoder_matches_get_image_features(checkpoint):
     mask, the projector's merger per image), row by row."""
     _, module, _ = checkpoint
     encoder = hf_pixtral.PixtralImageEncoder(module.model, (48, 32))
-    pixels = torch.randn(3, 3, 48, 32)
+    pixels, config = torch.randn(3, 3, 48, 32), module.model.config
+    strategy = {} if "Mistral3" in type(module.model).__name__ else {
+        "vision_feature_select_strategy": config.vision_feature_select_strategy}
     with torch.no_grad():
         got = encoder(pixels)
-        expected = module.model.model.get_image_features(pixels, image_sizes=torch.tensor([[48, 32]] * 3))
+        expected = module.model.model.get_image_features(pixel_values=pixels, image_sizes=torch.tensor([[48, 32]] * 3),
+                                                         vision_feature_layer=config.vision_feature_layer, **strategy)
     torch.testing.assert_close(got, torch.stack(list(expected.pooler_output)), atol=1e-6, rtol=1e-5)
 
 
@@ -140,22 +151,30 @@ def exported(checkpoint):
     return path
 
 
+EXPORT_IN_CI = ["mistral3", pytest.param("pixtral-llava", marks=pytest.mark.full(
+    reason="the export path CI checks on Mistral 3; Pixtral-12B's LLaVA lacks its merger, which CI checks against "
+           "transformers in PyTorch (about 20 s)"))]
+
+
+@pytest.mark.parametrize("checkpoint", EXPORT_IN_CI, indirect=True)
 def test_export_exit_and_validate(checkpoint, exported, tmp_path):
     """The dynamo export records the rows' offsets, ``P`` and the image size; ONNX Runtime equals transformers at batch
     1 and 3 and other text lengths; compiled with the image gone before layer 2 it passes ``attnc validate`` (rebuilt
     from the recorded rows), and the exit changes the logits."""
     (folder, module, _), path = checkpoint, exported
     graph = onnx.load(path)
+    rows, columns = 32 // _step(module), 48 // _step(module)   # Mistral 3: 2 × 3; Pixtral-12B's LLaVA: 4 × 6
+    offsets = ",".join(str(2 + r) for r in range(rows))
     assert {key: metadata(graph, key) for key in (VISUAL_TOKENS, VISUAL_OFFSET, IMAGE_SIZE, IMAGE_OFFSETS)} == \
-        {VISUAL_TOKENS: "6", VISUAL_OFFSET: "2,3", IMAGE_SIZE: "32x48", IMAGE_OFFSETS: "2"}
+        {VISUAL_TOKENS: str(rows * columns), VISUAL_OFFSET: offsets, IMAGE_SIZE: "32x48", IMAGE_OFFSETS: "2"}
     said = " ".join(run_cli("inspect", path).output.split())   # as one line: the console wraps it
-    assert "6 visual tokens of a 32x48 image in 2 rows each after 2,3 text tokens" in said
+    assert f"{rows * columns} visual tokens of a 32x48 image in {rows} rows each after {offsets} text tokens" in said
     model = load_onnx(path)
     for batch, after in ((1, 1), (3, 9)):
         texts = [torch.randint(3, MISTRAL3_IMAGE_TOKEN, (batch, n)) for n in (2, after)]
-        prompt = _prompt(texts, 2, 3)
+        prompt = _prompt(texts, rows, columns)
         pixels = torch.randn(batch, 1, 3, 32, 48)
-        text = split_prompt(prompt.numpy(), MISTRAL3_IMAGE_TOKEN, 3)[0]
+        text = split_prompt(prompt.numpy(), MISTRAL3_IMAGE_TOKEN, columns)[0]
         got = next(iter(model.infer({"pixel_values": pixels[:, 0].numpy(), "input_ids": text}).values()))
         np.testing.assert_allclose(got, _transformers(module.model, pixels, prompt), atol=2e-5, rtol=1e-4)
     run_cli("compile", path, "-o", tmp_path / "exit", "--token-exit", "static", "--exit-layer", 2)
@@ -170,7 +189,7 @@ def test_steps_in_pytorch(checkpoint, blocks, befores):
     transformers' forward's over the prompt and the tokens so far."""
     folder, module, spec = checkpoint
     rows, columns = blocks
-    size = (rows * STEP, columns * STEP)
+    size = (rows * _step(module), columns * _step(module))
     texts = [torch.randint(3, MISTRAL3_IMAGE_TOKEN, (2, n)) for n in (*befores, 4)]
     prompt, pixels = _prompt(texts, rows, columns), torch.randn(2, len(befores), 3, *size)
     text, offsets = split_prompt(prompt.numpy(), MISTRAL3_IMAGE_TOKEN, columns)
@@ -217,21 +236,24 @@ def test_refusals(checkpoint, tmp_path):
     """A size the merged blocks do not tile, and images whose rows would overlap, are refused by name with the fix, in
     the CLI (nothing written) and in Python; a video is refused."""
     folder, module, spec = checkpoint
-    result = run_cli("export", folder, "-o", tmp_path / "a.onnx", "--image-size", "40x48", ok=False)
-    assert_clean_error(result, "40x48 pixels does not tile into 16x16 blocks", "e.g. 32x48")
+    step = _step(module)
+    result = run_cli("export", folder, "-o", tmp_path / "a.onnx", "--image-size", "36x48", ok=False)
+    assert_clean_error(result, f"36x48 pixels does not tile into {step}x{step} blocks", "e.g. 32x48")
     with pytest.raises(AttncError, match="overlap") as caught:
         with_text_before_image(*with_image_size(module, spec, (32, 48)), (2, 3, 4))
-    assert "at least 2 tokens between them" in caught.value.fix
+    assert f"at least {32 // step} tokens between them" in caught.value.fix
     result = run_cli("export", folder, "-o", tmp_path / "a.onnx", "--video-frames", 2, ok=False)
-    assert_clean_error(result, "attnc reads no video of Mistral3ForConditionalGeneration")
+    assert_clean_error(result, f"attnc reads no video of {type(module.model).__name__}")
     assert not any(tmp_path.glob("*.onnx"))
 
 
 @pytest.mark.tensorrt
-def test_tensorrt_builds_the_exited_checkpoint(exported, tmp_path):
-    """TensorRT-RTX builds an fp16 engine of the statically exited export (the tower's 2-D rotary tables, the merger's
-    ``unfold``) at dynamic batch and text length, every attention fused (the tower's 2, the text model's 4)."""
+@pytest.mark.parametrize("checkpoint", EXPORT_IN_CI, indirect=True)
+def test_tensorrt_builds_the_exited_checkpoint(checkpoint, exported, tmp_path):
+    """TensorRT-RTX builds an fp16 engine of the statically exited export (the tower's 2-D rotary tables, Mistral 3's
+    merger's ``unfold``) at dynamic batch and text length, every attention fused (the tower's 2, the text model's 4)."""
     tensorrt_or_skip()
     out = tmp_path / "engine"
-    manifest = build_exited_engine(exported, (3, 32, 48), 3, out)   # the text in front of the last row: 3 tokens
+    rows = 32 // _step(checkpoint[1])
+    manifest = build_exited_engine(exported, (3, 32, 48), 2 + rows - 1, out)   # the text in front of the last row
     assert (out / manifest["artefact"]).stat().st_size > 0 and manifest["ops_after"]["Attention"] == 6
