@@ -376,9 +376,8 @@ def with_video_frames(module: torch.nn.Module, spec: CheckpointSpec, frames: int
     if frames == module.video_frames:
         return module, spec
     wrapper = type(module)
-    # LLaVA's frames are at the tower's size; Qwen's at the export's (--image-size, which may come first)
-    size = module.image_size if hf_vision_language.hf_qwen_vl.is_qwen_vl(module.model) else None
-    clip = wrapper(module.model, module.placement[0], size, frames).eval()
+    # the size as set (--image-size comes first): Qwen's frames take it, LLaVA's refuse any but the tower's
+    clip = wrapper(module.model, module.placement[0], module.image_size, frames).eval()
     return clip, dataclasses.replace(
         spec, inputs=_visual_input(clip, spec),
         factory=functools.partial(_rewrapped, spec.factory, wrapper, *clip.placement),

@@ -404,8 +404,8 @@ def test_refusals(checkpoint, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     other = tmp_path / "next"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({**config, "model_type": "mistral3",   # image-break tokens
-                                                   "architectures": ["Mistral3ForConditionalGeneration"]}))
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "ovis2",   # visual embeddings of its own
+                                                   "architectures": ["Ovis2ForConditionalGeneration"]}))
     (other / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     with pytest.raises(AttncError, match="does not export yet") as err:
         load_checkpoint(str(other))
