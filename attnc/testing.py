@@ -168,6 +168,26 @@ def run_cli(*args, ok: bool = True):
     return result
 
 
+def check_padded_prompts(module, spec, alone) -> None:
+    """``module`` (a vision-language checkpoint's, with ``spec``) on padded prompts (``--with-attention-mask``): 3
+    prompts padded 0, 2 and 4 tokens after the text in front of the last image; each row's logits at its tokens must
+    equal ``alone(visual, tokens)``, a reference's logits of that row's image (or clip) and its unpadded tokens."""
+    import numpy as np
+    import torch
+
+    from attnc.models.hf_checkpoint import with_attention_mask
+
+    masked, masked_spec = with_attention_mask(module, spec)
+    seq = module.layout.text_before_end + 7
+    visual, ids, mask = masked_spec.example_inputs(batch=3, seq=seq, seed=int(np.random.randint(1 << 30)))
+    assert mask.sum(1).tolist() == [seq - n for n in (0, 2, 4)]
+    with torch.no_grad():
+        logits = masked(visual, ids, mask).numpy()
+    for row in range(3):
+        expected = alone(visual[row:row + 1], ids[row][mask[row].bool()][None])[0]
+        np.testing.assert_allclose(logits[row, -expected.shape[0]:], expected, atol=2e-5, rtol=1e-4)
+
+
 @contextlib.contextmanager
 def naming_the_draw(draw: str):
     """Around a check on inputs drawn afresh each run: any failure, not only a mismatch, is re-raised as an

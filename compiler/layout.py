@@ -125,6 +125,22 @@ class VisualLayout:
         return format_offsets(self.offsets)
 
 
+def tiled_image_size(family: str, size: tuple[int, int], patch: int, merge: int) -> tuple[int, int]:
+    """``size`` ``(H, W)`` as an export of ``family``'s images takes it (``"Qwen-VL"``, ``"Pixtral"``): both sides
+    positive multiples of ``patch × merge`` pixels, the blocks its visual tokens stand for.
+
+    Raises:
+        AttncError: a side that is not, with the nearest size that is.
+    """
+    step = patch * merge
+    height, width = (int(d) for d in size)
+    if height <= 0 or width <= 0 or height % step or width % step:
+        raise AttncError(f"a {family} image of {height}x{width} pixels does not tile into {step}x{step} blocks "
+                         f"(patch {patch} × merge {merge})", f"pass --image-size with both sides multiples of {step}, "
+                         f"e.g. {max(step, round(height / step) * step)}x{max(step, round(width / step) * step)}")
+    return height, width
+
+
 def split_prompt(input_ids, image_token: int, per_image: int) -> tuple[np.ndarray, tuple[int, ...]]:
     """``(text ids [B, T], offsets)``: a processor's prompts ``input_ids [B, N]``, each image's ``per_image``
     placeholders of ``image_token`` in place, as attnc's vision-language exports take them: without the placeholders,

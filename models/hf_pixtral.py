@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from attnc.compiler.errors import AttncError
+from attnc.compiler.layout import tiled_image_size
 
 # config.architectures[0] of the checkpoints PixtralImageEncoder reads (and LLaVA's with a Pixtral tower, :func:`reads`)
 ARCHITECTURES = ("Mistral3ForConditionalGeneration",)
@@ -50,15 +51,8 @@ def image_size(config, size: tuple[int, int] | None = None) -> tuple[int, int]:
         AttncError: a side that is no positive multiple of the patch size times the merge size.
     """
     vision = config.vision_config
-    step = vision.patch_size * merge_size(config)
     side = vision.image_size if isinstance(vision.image_size, int) else max(vision.image_size)
-    height, width = size or (side, side)
-    if height <= 0 or width <= 0 or height % step or width % step:
-        raise AttncError(f"a Pixtral image of {height}x{width} pixels does not tile into {step}x{step} blocks "
-                         f"(patch {vision.patch_size} × merge {merge_size(config)})",
-                         f"pass --image-size with both sides multiples of {step}, e.g. "
-                         f"{max(step, round(height / step) * step)}x{max(step, round(width / step) * step)}")
-    return int(height), int(width)
+    return tiled_image_size("Pixtral", size or (side, side), vision.patch_size, merge_size(config))
 
 
 def grid(config, size: tuple[int, int]) -> tuple[int, int]:

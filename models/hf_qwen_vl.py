@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from attnc.compiler.errors import AttncError
+from attnc.compiler.layout import tiled_image_size
 
 # config.architectures[0] of the checkpoints QwenImageEncoder reads (their vision towers differ in norms, MLPs and
 # Qwen2.5-VL's windows, which the encoder reuses or rebuilds; their language models take [3, B, L] positions)
@@ -63,14 +64,8 @@ def image_size(vision_config, size: tuple[int, int] | None = None) -> tuple[int,
     Raises:
         AttncError: a side that is no positive multiple of the patch size times the merge size.
     """
-    step = vision_config.patch_size * vision_config.spatial_merge_size
-    height, width = size or (DEFAULT_SIZE, DEFAULT_SIZE)
-    if height <= 0 or width <= 0 or height % step or width % step:
-        raise AttncError(f"a Qwen-VL image of {height}x{width} pixels does not tile into {step}x{step} blocks "
-                         f"(patch {vision_config.patch_size} × merge {vision_config.spatial_merge_size})",
-                         f"pass --image-size with both sides multiples of {step}, e.g. "
-                         f"{max(step, round(height / step) * step)}x{max(step, round(width / step) * step)}")
-    return height, width
+    return tiled_image_size("Qwen-VL", size or (DEFAULT_SIZE, DEFAULT_SIZE), vision_config.patch_size,
+                            vision_config.spatial_merge_size)
 
 
 def deepstack_layers(vision_config) -> int:

@@ -24,16 +24,16 @@ import torch
 from attnc.compiler.errors import AttncError
 from attnc.compiler.layout import split_prompt
 from attnc.compiler.onnx_io import IMAGE_SIZE, VIDEO_FRAMES, VISUAL_TOKENS, metadata
-from attnc.testing import (QWEN_IMAGE_TOKEN, assert_clean_error, build_exited_engine, naming_the_draw, run_cli,
-                           tensorrt_or_skip, tiny_qwen_vl)
+from attnc.testing import (QWEN_IMAGE_TOKEN, assert_clean_error, build_exited_engine, check_padded_prompts,
+                           naming_the_draw, run_cli, tensorrt_or_skip, tiny_qwen_vl)
 
 transformers = pytest.importorskip("transformers")
 
 from attnc import runtime  # noqa: E402
 from attnc.compiler.backends.onnxruntime import load as load_onnx  # noqa: E402
 from attnc.models import hf_qwen_vl  # noqa: E402
-from attnc.models.hf_checkpoint import (load_checkpoint, with_attention_mask, with_first_step,  # noqa: E402
-                                        with_image_size, with_past, with_text_before_image, with_video_frames)
+from attnc.models.hf_checkpoint import (load_checkpoint, with_first_step, with_image_size, with_past,  # noqa: E402
+                                        with_text_before_image, with_video_frames)
 from attnc.models.hf_vision_language import interleave  # noqa: E402
 
 VIDEO_TOKEN, VOCAB = 251, 256   # tiny_qwen_vl's video_token_id and vocabulary
@@ -245,16 +245,7 @@ def test_padded_prompts(checkpoint):
     """``--with-attention-mask``: prompts of different lengths in one batch, each padded after the text in front of the
     clip; each row's logits at its tokens equal transformers' forward on that prompt alone."""
     module, spec = _clip(checkpoint, FRAMES, BLOCKS, BEFORE)
-    masked, masked_spec = with_attention_mask(module, spec)
-    seq = module.layout.text_before_end + 7
-    video, ids, mask = masked_spec.example_inputs(batch=3, seq=seq, seed=int(np.random.randint(1 << 30)))
-    assert mask.sum(1).tolist() == [seq - n for n in (0, 2, 4)]
-    with torch.no_grad():
-        logits = masked(video, ids, mask).numpy()
-    for row in range(3):
-        tokens = ids[row][mask[row].bool()][None]
-        alone = _transformers(module, video[row:row + 1], tokens)
-        np.testing.assert_allclose(logits[row, -alone.shape[1]:], alone[0], atol=2e-5, rtol=1e-4)
+    check_padded_prompts(module, spec, lambda video, tokens: _transformers(module, video, tokens))
 
 
 @pytest.mark.parametrize("checkpoint", [ARCHITECTURES[2]], indirect=True)
