@@ -159,9 +159,10 @@ EXPORT_IN_CI = ["mistral3", pytest.param("pixtral-llava", marks=pytest.mark.full
 @pytest.mark.parametrize("checkpoint", EXPORT_IN_CI, indirect=True)
 def test_export_exit_and_validate(checkpoint, exported, tmp_path):
     """The dynamo export records the rows' offsets, ``P`` and the image size; ONNX Runtime equals transformers at batch
-    1 and 3 and other text lengths; compiled with the image gone before layer 2 it passes ``attnc validate`` (rebuilt
-    from the recorded rows), and the exit changes the logits."""
-    (folder, module, _), path = checkpoint, exported
+    1 and 3 and other text lengths; compiled with the image gone before layer 2 (static, and a gate trained by ``attnc
+    train-exit-gate`` deciding there) it passes ``attnc validate`` (rebuilt from the recorded rows), and the exit
+    changes the logits."""
+    (folder, module, spec), path = checkpoint, exported
     graph = onnx.load(path)
     rows, columns = 32 // _step(module), 48 // _step(module)   # Mistral 3: 2 × 3; Pixtral-12B's LLaVA: 4 × 6
     offsets = ",".join(str(2 + r) for r in range(rows))
@@ -181,6 +182,14 @@ def test_export_exit_and_validate(checkpoint, exported, tmp_path):
     assert "PASS" in run_cli("validate", tmp_path / "exit", "--model", folder).output
     report = json.loads((tmp_path / "exit" / "report.json").read_text())
     assert report["passed"] and report["shrink_cost"][0]["max_abs_error"] > 1e-3
+    # a gate trained by attnc train-exit-gate (it averages the text, the breaks between rows included) decides there
+    placed, placed_spec = with_text_before_image(*with_image_size(module, spec, (32, 48)), 2)
+    pixels, ids = placed_spec.example_inputs(batch=8, seq=placed.layout.text_before_end + 4, seed=5)
+    np.savez(tmp_path / "calib.npz", pixel_values=pixels.numpy(), input_ids=ids.numpy())
+    run_cli("train-exit-gate", folder, "-o", tmp_path / "gate.npz", "--layer", 2, "--calibration",
+            tmp_path / "calib.npz", "--steps", 20, "--image-size", "32x48", "--text-before-image", 2)
+    run_cli("compile", path, "-o", tmp_path / "gated", "--token-exit", "dynamic", "--exit-gate", tmp_path / "gate.npz")
+    assert "PASS" in run_cli("validate", tmp_path / "gated", "--model", folder).output
 
 
 @pytest.mark.parametrize("blocks,befores", [((2, 3), (2,)), ((2, 2), (1, 3))])
