@@ -95,3 +95,42 @@ def test_split_prompt_refusals():
                                   (prompt, 0, "positive count"), (np.array([[5, 6]]), 2, "no placeholder")):
         with pytest.raises(AttncError, match=words):
             split_prompt(ids, 9, per_image)
+
+
+@pytest.mark.parametrize("draw", range(4))
+def test_image_rows_as_runs(draw):
+    """Mistral 3's rows (``hf_pixtral.row_offsets``): images of ``rows`` rows after drawn ``K``s, walked token by token
+    (each row's placeholders, then a break token) give the rows' offsets; ``image_starts`` reads the ``K``s back from
+    them, and from the ``K``s themselves gives None (they are no rows' offsets) unless an image has one row."""
+    from attnc.models.hf_pixtral import image_starts, row_offsets
+
+    rng = np.random.default_rng()
+    rows, columns, images = int(rng.integers(1, 5)), int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    gaps = rng.integers(0, 4, images)
+    with naming_the_draw(f"{images} images of {rows} x {columns} after gaps {gaps.tolist()}"):
+        sequence = []   # True at a visual token
+        for gap in gaps:
+            sequence += [False] * int(gap)
+            for _ in range(rows):
+                sequence += [True] * columns + [False]   # the row, then its break (or end) token
+        starts, offsets, text = [], [], 0
+        for i, visual in enumerate(sequence):
+            if visual and (i == 0 or not sequence[i - 1]):
+                offsets.append(text)
+            text += not visual
+        starts = tuple(offsets[::rows])
+        assert row_offsets(starts, rows) == tuple(offsets)
+        assert image_starts(tuple(offsets), rows) == starts
+        # the images' K lie at least `rows` apart (the breaks between), so they never read as one image's rows
+        assert image_starts(starts, rows) == (None if rows > 1 else starts)
+
+
+def test_tiled_image_size():
+    """A size of whole ``patch × merge`` blocks passes as it is; any other is refused with the nearest that tiles."""
+    from attnc.compiler.layout import tiled_image_size
+
+    assert tiled_image_size("Qwen-VL", (56, 84), 14, 2) == (56, 84)
+    for size, nearest in (((50, 84), "56x84"), ((0, 28), "28x28"), ((28, 13), "28x28")):
+        with pytest.raises(AttncError, match="does not tile into 28x28 blocks") as caught:
+            tiled_image_size("Qwen-VL", size, 14, 2)
+        assert f"e.g. {nearest}" in caught.value.fix
