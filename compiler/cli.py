@@ -129,9 +129,10 @@ def _offsets(value: str | None) -> tuple[int, ...] | None:
 
 
 def _vision_language_layout(model_ref: str, text_before_image: tuple[int, ...] | None,
-                            image_size: tuple[int, int] | None, video_frames: int | None = None):
-    """MODEL resolved, its image after ``--text-before-image`` tokens, a video of ``--video-frames`` frames in its
-    place and of ``--image-size`` where given."""
+                            image_size: tuple[int, int] | None, video_frames: int | None = None,
+                            video_fps: float | None = None):
+    """MODEL resolved, its image after ``--text-before-image`` tokens, a video of ``--video-frames`` frames (sampled at
+    ``--video-fps``) in its place and of ``--image-size`` where given."""
     from attnc.compiler.export import resolve_model
 
     module, spec = resolve_model(model_ref)
@@ -144,10 +145,13 @@ def _vision_language_layout(model_ref: str, text_before_image: tuple[int, ...] |
         from attnc.models.hf_checkpoint import with_text_before_image
 
         module, spec = with_text_before_image(module, spec, text_before_image)
+    if video_fps is not None and video_frames is None:
+        raise AttncError("--video-fps is the rate a clip's frames were sampled at, and no clip is asked for",
+                         "pass --video-frames F with it, or drop it")
     if video_frames is not None:
         from attnc.models.hf_checkpoint import with_video_frames
 
-        module, spec = with_video_frames(module, spec, video_frames)
+        module, spec = with_video_frames(module, spec, video_frames, video_fps)
     return module, spec
 
 
@@ -207,15 +211,18 @@ def _vision_language_layout(model_ref: str, text_before_image: tuple[int, ...] |
                    "processors give it before patches are cut (LLaVA's at the vision tower's size, Qwen's at "
                    "--image-size; Qwen3-VL's slices of 2 frames each after its own offset in --text-before-image). "
                    "The export records F: validate takes it.")
+@click.option("--video-fps", type=click.FloatRange(min=0, min_open=True), default=None, metavar="FPS",
+              help="Qwen2.5-VL's clips: the rate the frames were sampled at (its video processor's fps, default 2), "
+                   "which spaces the slices' positions in time. The export records it.")
 @_handle_errors
 def export_cmd(model_ref, output, input_shapes, dynamic, static, exporter, opset, seed, int_high,
-               attention_mask, past, first_step, text_before_image, image_size, video_frames) -> None:
+               attention_mask, past, first_step, text_before_image, image_size, video_frames, video_fps) -> None:
     """Export MODEL (a bundled model name, a Hugging Face checkpoint directory or MODULE:FACTORY) to ONNX."""
     import torch
 
     from attnc.compiler.export import export_onnx
 
-    module, spec = _vision_language_layout(model_ref, text_before_image, image_size, video_frames)
+    module, spec = _vision_language_layout(model_ref, text_before_image, image_size, video_frames, video_fps)
     if past and first_step:
         raise AttncError("--with-past and --first-step export two graphs of one model",
                          "export each to its own file, one with each option")
@@ -338,7 +345,9 @@ def inspect_cmd(model_path, as_json, lower, precision, opt_shapes, dim_ranges, s
         if starts is not None:
             of += f"in {runs // images} rows each "
         if frames:
-            of = f"of a video of {frames} {size} frames " + ("" if images == 1 else f"in {images} slices each ")
+            fps = data["recorded"].get(onnx_io.VIDEO_FPS)
+            of = f"of a video of {frames} {size} frames " + ("" if fps is None else f"at {float(fps):g} a second ") \
+                + ("" if images == 1 else f"in {images} slices each ")
         console.print(f"vision-language: {data['recorded'][onnx_io.VISUAL_TOKENS]} visual tokens {of}after "
                       f"{offsets} text tokens (recorded by attnc export); token exit: {escape(layers)}")
     table = Table("family", "fused op", "nodes", "inputs", "attributes", title="attention subgraphs")
@@ -545,13 +554,15 @@ def validate_cmd(artefact_dir, model_ref, inputs_npz, input_shapes, seed, int_hi
               help="Vision-language checkpoints: as given to attnc export.")
 @click.option("--video-frames", type=click.IntRange(min=1), default=None, metavar="F",
               help="Vision-language checkpoints: as given to attnc export.")
+@click.option("--video-fps", type=click.FloatRange(min=0, min_open=True), default=None, metavar="FPS",
+              help="Qwen2.5-VL's clips: as given to attnc export.")
 @click.option("--min-precision", type=click.FloatRange(0, 1), default=0.99, show_default=True,
               help="Of the calibration samples the gate lets exit, the share whose answer must stay the full "
                    "model's.")
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True)
 @_handle_errors
 def train_exit_gate_cmd(model_ref, output, layer, calibration, text_before_image, image_size, video_frames,
-                        min_precision, steps) -> None:
+                        video_fps, min_precision, steps) -> None:
     """Train a DyVTE exit gate for MODEL on calibration inputs (attnc.passes.token_exit.train_exit_gate).
 
     A sample's label is whether exiting before LAYER keeps the full model's top-1 answer (of the last text
@@ -564,7 +575,7 @@ def train_exit_gate_cmd(model_ref, output, layer, calibration, text_before_image
     from attnc.compiler.validate import load_inputs
     from attnc.passes.token_exit import exits_in_torch, train_exit_gate
 
-    module, spec = _vision_language_layout(model_ref, text_before_image, image_size, video_frames)
+    module, spec = _vision_language_layout(model_ref, text_before_image, image_size, video_frames, video_fps)
     if spec is None or not exits_in_torch(module) or len(spec.inputs) != 2:
         raise AttncError(f"{model_ref} cannot drop its visual tokens in PyTorch, so no gate can be trained on it",
                          "pass a bundled vision-language model or a vision-language checkpoint directory")

@@ -17,8 +17,8 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.layout import format_offsets, parse_offsets
-from attnc.compiler.onnx_io import (FIRST_EXIT_LAYER, IMAGE_OFFSETS, IMAGE_SIZE, VIDEO_FRAMES, VISUAL_OFFSET,
-                                    VISUAL_TOKENS, save_model, set_metadata)
+from attnc.compiler.onnx_io import (FIRST_EXIT_LAYER, IMAGE_OFFSETS, IMAGE_SIZE, VIDEO_FPS, VIDEO_FRAMES,
+                                    VISUAL_OFFSET, VISUAL_TOKENS, save_model, set_metadata)
 from attnc.compiler.validate import eval_mode, kv_cache_off
 from attnc.plugins import attach_function_bodies
 
@@ -183,7 +183,8 @@ def record_facts(proto: onnx.ModelProto, model: torch.nn.Module) -> None:
     several), which ``attnc compile --token-exit``
     and ``attnc validate`` take, the size of its images (its ``image_size``, :data:`attnc.compiler.onnx_io.
     IMAGE_SIZE`, ``HxW``: a generation step takes no image, but its visual tokens follow the size), the frames of a
-    video in its place (its ``video_frames``, :data:`attnc.compiler.onnx_io.VIDEO_FRAMES`) and, where not 0,
+    video in its place (its ``video_frames``, :data:`attnc.compiler.onnx_io.VIDEO_FRAMES`; the rate they were sampled
+    at where given, ``video_fps``, :data:`attnc.compiler.onnx_io.VIDEO_FPS`) and, where not 0,
     the first decoder layer a token exit may precede (its ``first_exit_layer``, :data:`attnc.compiler.onnx_io.
     FIRST_EXIT_LAYER`: Qwen3-VL adds image features to the first layers' outputs) and each image's ``K`` where its
     tokens lie in several runs (its ``image_offsets``, :data:`attnc.compiler.onnx_io.IMAGE_OFFSETS`: Mistral 3's
@@ -198,6 +199,9 @@ def record_facts(proto: onnx.ModelProto, model: torch.nn.Module) -> None:
         frames = getattr(model, "video_frames", None)
         if frames is not None:
             set_metadata(proto, VIDEO_FRAMES, str(frames))
+        fps = getattr(model, "video_fps", None)
+        if fps is not None:
+            set_metadata(proto, VIDEO_FPS, repr(float(fps)))
         starts = getattr(model, "image_offsets", None)
         if starts is not None:   # Mistral 3: each image's rows are runs of their own, after K, K + 1, ...
             set_metadata(proto, IMAGE_OFFSETS, format_offsets(starts))

@@ -708,6 +708,7 @@ VISUAL_TOKENS = "attnc.visual_tokens"
 VISUAL_OFFSET = "attnc.visual_offset"
 IMAGE_SIZE = "attnc.image_size"
 VIDEO_FRAMES = "attnc.video_frames"
+VIDEO_FPS = "attnc.video_fps"   # the rate a clip's frames were sampled at, where given (Qwen2.5-VL's positions)
 FIRST_EXIT_LAYER = "attnc.first_exit_layer"   # the first decoder layer a token exit may precede, where not 0
 IMAGE_OFFSETS = "attnc.image_offsets"   # each image's K where its tokens lie in several runs (Mistral 3's rows)
 

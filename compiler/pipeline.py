@@ -352,8 +352,9 @@ def validate_artefact(artefact_dir: str | os.PathLike, model_ref: str, *,
     if isinstance(spec, CheckpointSpec) and spec.kind == "vlm" and offset:
         module, spec = with_text_before_image(module, spec, offset)   # exported with --text-before-image
     frames = manifest.get("recorded", {}).get(onnx_io.VIDEO_FRAMES)
-    if isinstance(spec, CheckpointSpec) and spec.kind == "vlm" and frames:
-        module, spec = with_video_frames(module, spec, int(frames))   # exported with --video-frames
+    fps = manifest.get("recorded", {}).get(onnx_io.VIDEO_FPS)
+    if isinstance(spec, CheckpointSpec) and spec.kind == "vlm" and frames:   # --video-frames (and --video-fps)
+        module, spec = with_video_frames(module, spec, int(frames), None if fps is None else float(fps))
     # exported with --with-attention-mask, --with-past or --first-step: the checkpoint as the artefact runs it
     module, spec = for_inputs(module, spec, [s.name for s in runner.input_specs], runner.output_names)
     shrink = manifest.get("shrink", {})

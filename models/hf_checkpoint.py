@@ -335,7 +335,7 @@ def with_text_before_image(module: torch.nn.Module, spec: CheckpointSpec, tokens
     if offsets == parse_offsets(getattr(module, "visual_offset", 0)):
         return module, spec
     before, offset = module.layout.text_before_end, offsets[0] if len(offsets) == 1 else offsets
-    placed = wrapper(module.model, offset, module.image_size, module.video_frames).eval()
+    placed = wrapper(module.model, offset, *module.placement[1:]).eval()
     where = f"after {offsets[0]} text tokens" if len(offsets) == 1 else \
         f"and {len(offsets) - 1} more images after {format_offsets(offsets)} text tokens"
     return placed, dataclasses.replace(
@@ -356,16 +356,19 @@ def _visual_input(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[InputS
                  for s in spec.inputs)
 
 
-def with_video_frames(module: torch.nn.Module, spec: CheckpointSpec, frames: int
+def with_video_frames(module: torch.nn.Module, spec: CheckpointSpec, frames: int, fps: float | None = None
                       ) -> tuple[torch.nn.Module, CheckpointSpec]:
     """A loaded vision-language checkpoint taking a clip of ``frames`` frames in place of its image (``attnc export
     --video-frames``; LLaVA-OneVision and LLaVA-NeXT-Video, :class:`attnc.models.hf_llava_next.LlavaVideoEncoder`;
     Qwen2-VL and Qwen2.5-VL, :class:`attnc.models.hf_qwen_vl.QwenImageEncoder`): the same wrapper on the video, its
     ``pixel_values_videos [batch, F, C, S, S]`` at the vision tower's size ``S`` (Qwen's ``[batch, F, C, H, W]`` at
-    the export's image size) in place of ``pixel_values``.
+    the export's image size) in place of ``pixel_values``. ``fps``: the rate the frames were sampled at (``attnc
+    export --video-fps``; Qwen2.5-VL's positions space the slices by the seconds they cover; default its processor's
+    2).
 
     Raises:
-        AttncError: the checkpoint is no vision-language model's, reads no video, or ``frames`` is below 1.
+        AttncError: the checkpoint is no vision-language model's, reads no video, ``frames`` is below 1, or ``fps``
+            is given to an architecture whose positions do not read it.
     """
     from attnc.models import hf_vision_language
 
@@ -373,11 +376,11 @@ def with_video_frames(module: torch.nn.Module, spec: CheckpointSpec, frames: int
             not isinstance(module, hf_vision_language.VisionLanguageOutput):
         raise AttncError(f"{spec.name if spec else 'this model'} is no vision-language checkpoint: --video-frames "
                          "sets the frames of the video it takes", "export it without the option")
-    if frames == module.video_frames:
+    if frames == module.video_frames and fps == module.video_fps:
         return module, spec
     wrapper = type(module)
     # the size as set (--image-size comes first): Qwen's frames take it, LLaVA's refuse any but the tower's
-    clip = wrapper(module.model, module.placement[0], module.image_size, frames).eval()
+    clip = wrapper(module.model, module.placement[0], module.image_size, frames, fps).eval()
     return clip, dataclasses.replace(
         spec, inputs=_visual_input(clip, spec),
         factory=functools.partial(_rewrapped, spec.factory, wrapper, *clip.placement),
@@ -405,7 +408,7 @@ def with_image_size(module: torch.nn.Module, spec: CheckpointSpec, size: tuple[i
     if size == module.image_size:
         return module, spec
     wrapper = type(module)
-    resized = wrapper(module.model, module.placement[0], size, module.video_frames).eval()   # the images' K
+    resized = wrapper(module.model, module.placement[0], size, *module.placement[2:]).eval()   # the images' K
     return resized, dataclasses.replace(spec, inputs=_visual_input(resized, spec), factory=functools.partial(
         _rewrapped, spec.factory, wrapper, *resized.placement))
 
@@ -524,7 +527,7 @@ def with_past(module: torch.nn.Module, spec: CheckpointSpec) -> tuple[torch.nn.M
         from attnc.models import hf_vision_language
 
         wrapper = hf_vision_language.VisionLanguageStep
-        known = (module.num_visual_tokens, module.visual_offset, module.image_size, module.video_frames)
+        known = (module.num_visual_tokens, module.visual_offset, *module.placement[1:])
     return wrapper(model, len(layers), *known).eval(), dataclasses.replace(
         spec, inputs=(ids, InputSpec(MASK, ("batch", TOTAL), torch.int64, 2), *past),
         sizes={"batch": BATCH, "seq": STEP, "past": PAST}, dynamic=("batch", "seq", "past", TOTAL),

@@ -21,17 +21,18 @@ the number of visual tokens is too: ``(H / 28) × (W / 28)`` for ``patch 14, mer
 16-pixel patches). Tested against transformers' forward on the processor's own patches in
 ``tests/models/test_hf_qwen_vl.py``.
 
-Qwen2-VL and Qwen2.5-VL read a video the same way (``attnc export --video-frames F``, ``pixel_values_videos [B, F,
-3, H, W]``, the video processor's frames before it patchifies): each ``temporal_patch_size`` frames (2; an odd
-count repeats the last, as the processor does) make one slice of the grid, embedded by the tower's 3-D convolution
-itself; the tower attends within each slice (the processor's grid ``(F / 2, h, w)`` splits ``cu_seqlens`` by
-slice), so the slices run through it as a batch of images, their tokens one slice after the other; M-RoPE places
-slice ``t`` at temporal position ``K + t × interval`` (Qwen2.5-VL's ``tokens_per_second`` times the processor's
-``second_per_grid`` at its default 2 frames a second: 1 s; Qwen2-VL's 1) and the text after it from ``K + max(rows,
-columns)``. Qwen3-VL's processor writes each slice after its own timestamp in text (``<0.5 seconds><|vision_start|>``
-the slice's tokens ``<|vision_end|>``) and places each as an image (``get_rope_index`` splits the grid by slice): its
-clip is a prompt of several images, one per slice (:data:`SLICES_APART`; ``--text-before-image`` one offset per
-slice), computed by one run of the tower on the clip. Tested in ``tests/models/test_hf_qwen_video.py``.
+Qwen2-VL and Qwen2.5-VL read a video the same way (``attnc export --video-frames F``, ``pixel_values_videos [B, F, 3,
+H, W]``, the video processor's frames before it patchifies): each ``temporal_patch_size`` frames (2; an odd count
+repeats the last, as the processor does) make one slice of the grid, embedded by the tower's 3-D convolution itself;
+the tower attends within each slice (the processor's grid ``(F / 2, h, w)`` splits ``cu_seqlens`` by slice), so the
+slices run through it as a batch of images, their tokens one slice after the other; M-RoPE places slice ``t`` at
+temporal position ``K + t × interval`` (Qwen2.5-VL's ``tokens_per_second`` times the seconds a slice covers, ``2 /
+fps`` at the frame rate ``attnc export --video-fps`` records, 2 by default; Qwen2-VL's 1) and the text after it from
+``K + max(rows, columns)``. Qwen3-VL's processor writes each slice after its own timestamp in text (``<0.5
+seconds><|vision_start|>`` the slice's tokens ``<|vision_end|>``) and places each as an image (``get_rope_index``
+splits the grid by slice): its clip is a prompt of several images, one per slice (:data:`SLICES_APART`;
+``--text-before-image`` one offset per slice), computed by one run of the tower on the clip. Tested in
+``tests/models/test_hf_qwen_video.py``.
 """
 
 from __future__ import annotations
@@ -80,14 +81,31 @@ def slices(vision_config, frames: int | None) -> int:
     return 1 if frames is None else -(-frames // vision_config.temporal_patch_size)
 
 
-def time_interval(vision_config) -> int:
+def reads_frame_rate(vision_config) -> bool:
+    """Whether the architecture's M-RoPE spaces a clip's slices by the seconds they cover (Qwen2.5-VL's
+    ``tokens_per_second``)."""
+    return hasattr(vision_config, "tokens_per_second")
+
+
+def time_interval(vision_config, fps: float | None = None) -> int | torch.Tensor:
     """How far apart M-RoPE places a clip's slices in time: Qwen2.5-VL's ``tokens_per_second`` times the seconds a
-    slice covers at the video processor's default 2 frames a second (its ``second_per_grid_ts``: 1, which is also
-    what transformers takes without one); Qwen2-VL's 1."""
-    return int(getattr(vision_config, "tokens_per_second", 1))
+    slice covers (``second_per_grid_ts`` = ``temporal_patch_size / fps``, the video processor's; at its default 2
+    frames a second, or without ``fps``: 1, which is also what transformers takes without one), in float32 as
+    transformers multiplies it (a 0-d tensor where ``fps`` is given); Qwen2-VL's 1."""
+    per_second = int(getattr(vision_config, "tokens_per_second", 1))
+    if fps is None or not reads_frame_rate(vision_config):
+        return per_second
+    return per_second * torch.tensor(vision_config.temporal_patch_size / fps, dtype=torch.float32)
 
 
-def position_shift(vision_config, size: tuple[int, int] | None, frames: int | None = None) -> int:
+def slice_times(vision_config, count: int, fps: float | None = None) -> torch.Tensor:
+    """M-RoPE's temporal positions of a clip's ``count`` slices from its start: ``t × interval``, truncated as
+    transformers' ``get_vision_position_ids`` truncates them."""
+    return (torch.arange(count) * time_interval(vision_config, fps)).long()
+
+
+def position_shift(vision_config, size: tuple[int, int] | None, frames: int | None = None,
+                   fps: float | None = None) -> int:
     """How far M-RoPE places the text after an image of ``size`` (a clip of ``frames`` such frames) from where 1-D
     positions would (``max(rows, columns) - slices × rows × columns`` merged blocks): what a later generation step
     adds to the positions it counts.
@@ -100,12 +118,13 @@ def position_shift(vision_config, size: tuple[int, int] | None, frames: int | No
     height, width = image_size(vision_config, size)
     step = vision_config.patch_size * vision_config.spatial_merge_size
     rows, columns = height // step, width // step
-    t, interval = slices(vision_config, frames), time_interval(vision_config)
-    if t > 1 and (t - 1) * interval > max(rows, columns):
-        most = max(rows, columns) // interval + 1
+    t = slices(vision_config, frames)
+    times = slice_times(vision_config, t, fps)
+    if t > 1 and int(times[-1]) > max(rows, columns):
+        most = int((slice_times(vision_config, t, fps) <= max(rows, columns)).sum())
         raise AttncError(
-            f"a clip of {frames} frames at {height}x{width} pixels makes {t} slices {interval} positions apart in "
-            f"time: the last lies past the text after the clip ({max(rows, columns)} positions on), so the steps "
+            f"a clip of {frames} frames at {height}x{width} pixels makes {t} slices whose last lies {int(times[-1])} "
+            f"positions on in time: past the text after the clip ({max(rows, columns)} positions on), so the steps "
             "after the prompt continue from it by an offset that depends on the prompt's length, which attnc's "
             "generation steps do not carry", f"export the steps with at most {most * vision_config.temporal_patch_size}"
             f" frames at this size, or a size of more blocks a side (each {step} pixels); the one-pass export "
@@ -123,7 +142,8 @@ class QwenImageEncoder(torch.nn.Module):
     ``N = (H / p) × (W / p)`` patches, which is what ``cu_seqlens`` splits a batch of one-frame images into.
     """
 
-    def __init__(self, model: torch.nn.Module, image_size: tuple[int, int], frames: int | None = None):
+    def __init__(self, model: torch.nn.Module, image_size: tuple[int, int], frames: int | None = None,
+                 fps: float | None = None):
         super().__init__()
         from transformers.vision_utils import (get_vision_interpolation_indices_and_weights, get_vision_position_ids,
                                                get_vision_window_index)
@@ -140,7 +160,7 @@ class QwenImageEncoder(torch.nn.Module):
         self.slice_tokens = self.merged[0] * self.merged[1]   # one image's, or one slice's of a clip
         # a clip (``frames``): its slices of temporal_patch_size frames each, one after the other
         self.frames, self.slices = frames, slices(config, frames)
-        self.temporal_patch, self.interval = config.temporal_patch_size, time_interval(config)
+        self.temporal_patch, self.fps, self.vision_config = config.temporal_patch_size, fps, config
         # Qwen3-VL's slices each after its own timestamp: each placed as an image (positions() takes one offset each)
         self.slices_apart = frames is not None and type(model).__name__ in SLICES_APART
         self.num_visual_tokens = self.slices * self.slice_tokens
@@ -279,7 +299,7 @@ class QwenImageEncoder(torch.nn.Module):
         together = 1 if self.slices_apart else self.slices   # the slices each offset places
         row = torch.arange(rows, device=device).repeat_interleave(columns).repeat(together)
         column = torch.arange(columns, device=device).repeat(rows * together)
-        time = torch.arange(together, device=device).repeat_interleave(rows * columns) * self.interval
+        time = slice_times(self.vision_config, together, self.fps).to(device).repeat_interleave(rows * columns)
         image = torch.stack([time, row, column])   # a clip's slices one after the other, each later in time
         pieces, start, taken = [], 0, 0   # start: the next position; taken: the text tokens placed
         for k in offsets:

@@ -164,7 +164,8 @@ class VisionLanguageOutput(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, text_before_image: int | tuple[int, ...] = 0,
-                 image_size: tuple[int, int] | None = None, video_frames: int | None = None):
+                 image_size: tuple[int, int] | None = None, video_frames: int | None = None,
+                 video_fps: float | None = None):
         super().__init__()
         offsets = parse_offsets(text_before_image)
         self.model = model
@@ -172,7 +173,12 @@ class VisionLanguageOutput(torch.nn.Module):
         self.visual_offset = offsets[0] if len(offsets) == 1 else offsets
         self.images = len(offsets)
         self.video_frames = video_frames   # a clip of F frames in place of the image (attnc export --video-frames)
+        self.video_fps = video_fps   # the rate its frames were sampled at (--video-fps; Qwen2.5-VL's positions)
         vision = model.config.vision_config
+        if video_fps is not None and (video_frames is None or not hf_qwen_vl.reads_frame_rate(vision)):
+            raise AttncError(f"{type(model).__name__}'s positions do not read a frame rate"
+                             + ("" if video_frames is not None else ": it takes no clip here"),
+                             "drop --video-fps: Qwen2.5-VL's clips take it (the rate the frames were sampled at)")
         self.first_exit_layer = hf_qwen_vl.deepstack_layers(vision)   # the export records it for the exit pass
         if video_frames is not None:
             self._video(image_size)
@@ -285,17 +291,17 @@ class VisionLanguageOutput(torch.nn.Module):
             raise AttncError(f"attnc exports {name} with one video per prompt, not {self.images}",
                              "export it with one offset in --text-before-image")
         self.image_size = hf_qwen_vl.image_size(vision, image_size)
-        self.encoder = hf_qwen_vl.QwenImageEncoder(self.model, self.image_size, self.video_frames)
+        self.encoder = hf_qwen_vl.QwenImageEncoder(self.model, self.image_size, self.video_frames, self.video_fps)
         self.num_visual_tokens = self.encoder.num_visual_tokens
 
     @property
     def placement(self) -> tuple:
-        """``(visual_offset, image_size, video_frames)``: the arguments after the model that build this module's
-        layout again (every variant of an export wraps the model with them; Mistral 3's images' ``K``, not its
-        rows')."""
+        """``(visual_offset, image_size, video_frames, video_fps)``: the arguments after the model that build this
+        module's layout again (every variant of an export wraps the model with them; Mistral 3's images' ``K``, not
+        its rows')."""
         offsets = getattr(self, "image_offsets", None)
         offsets = self.visual_offset if offsets is None else (offsets[0] if len(offsets) == 1 else offsets)
-        return offsets, self.image_size, self.video_frames
+        return offsets, self.image_size, self.video_frames, self.video_fps
 
     @property
     def visual_input(self) -> str:
@@ -609,12 +615,12 @@ class VisionLanguageStep(CachedStep):
 
     def __init__(self, model: torch.nn.Module, layers: int, num_visual_tokens: int,
                  visual_offset: int | tuple[int, ...] = 0, image_size: tuple[int, int] | None = None,
-                 video_frames: int | None = None):
+                 video_frames: int | None = None, video_fps: float | None = None):
         super().__init__(model, layers)
         self.num_visual_tokens, self.visual_offset = num_visual_tokens, visual_offset
         self.layout = VisualLayout.of(num_visual_tokens, visual_offset)
         # recorded beside P: Qwen2-VL's P follows the image size, a video's the frames
-        self.image_size, self.video_frames = image_size, video_frames
+        self.image_size, self.video_frames, self.video_fps = image_size, video_frames, video_fps
         self.first_exit_layer = hf_qwen_vl.deepstack_layers(model.config.vision_config)
         if hf_pixtral.reads(model.config, type(model).__name__):   # the images' K (the layout's runs: their rows)
             rows = hf_pixtral.grid(model.config, hf_pixtral.image_size(model.config, image_size))[0]
@@ -623,7 +629,8 @@ class VisionLanguageStep(CachedStep):
         # PaliGemma's positions count from 1
         apart = type(model).__name__ in hf_qwen_vl.SLICES_APART   # Qwen3-VL's slices each placed as an image
         self.position_shift = hf_qwen_vl.position_shift(model.config.vision_config, image_size,
-                                                        None if apart else video_frames) * self.layout.images \
+                                                        None if apart else video_frames, video_fps) \
+            * self.layout.images \
             if hf_qwen_vl.is_qwen_vl(model) else int(type(model).__name__ in ONE_BASED)
 
     def step_positions(self, attention_mask: torch.Tensor, new: int) -> torch.Tensor:

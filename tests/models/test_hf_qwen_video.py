@@ -23,7 +23,7 @@ import torch
 
 from attnc.compiler.errors import AttncError
 from attnc.compiler.layout import split_prompt
-from attnc.compiler.onnx_io import IMAGE_SIZE, VIDEO_FRAMES, VISUAL_TOKENS, metadata
+from attnc.compiler.onnx_io import IMAGE_SIZE, VIDEO_FPS, VIDEO_FRAMES, VISUAL_TOKENS, metadata
 from attnc.testing import (QWEN_IMAGE_TOKEN, assert_clean_error, build_exited_engine, check_padded_prompts,
                            naming_the_draw, run_cli, tensorrt_or_skip, tiny_qwen_vl)
 
@@ -91,8 +91,19 @@ def _inputs(module, video, ids):
     layout = module.layout
     prompt = interleave(ids, torch.full((ids.shape[0], layout.tokens), VIDEO_TOKEN), layout)
     types = torch.as_tensor(layout.is_visual(prompt.shape[1]), dtype=torch.int32).expand(len(ids), -1) * 2
-    patches, grid = _patches(module.model.config.vision_config, video)
-    return dict(input_ids=prompt, pixel_values_videos=patches, video_grid_thw=grid, mm_token_type_ids=types)
+    vision = module.model.config.vision_config
+    patches, grid = _patches(vision, video)
+    inputs = dict(input_ids=prompt, pixel_values_videos=patches, video_grid_thw=grid, mm_token_type_ids=types)
+    if module.video_fps is not None:   # what Qwen2.5-VL's processor passes: the seconds each slice covers
+        inputs["second_per_grid_ts"] = torch.tensor([vision.temporal_patch_size / module.video_fps] * len(ids))
+    return inputs
+
+
+def _rope(module, inputs):
+    """``get_rope_index``'s positions and ``rope_deltas`` of transformers' inputs."""
+    extra = {k: inputs[k] for k in ("second_per_grid_ts",) if k in inputs}
+    return module.model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                             video_grid_thw=inputs["video_grid_thw"], **extra)
 
 
 def _transformers(module, video, ids, **generate):
@@ -121,8 +132,7 @@ def _check(checkpoint, frames, blocks, before, batch):
         if frames > 1:
             assert np.abs(module(video.flip(1), ids).numpy() - expected).max() > 1e-3
     inputs = _inputs(module, video, ids)
-    positions = module.model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-                                                  video_grid_thw=inputs["video_grid_thw"])[0]
+    positions = _rope(module, inputs)[0]
     torch.testing.assert_close(module.encoder.positions(module.layout.offsets, ids), positions, rtol=0, atol=0)
 
 
@@ -198,13 +208,16 @@ def test_steps_in_pytorch(checkpoint, frames, blocks):
     of 1-4 frames whose last slice lies at most as far in time as the text after the clip starts (Qwen2.5-VL's
     second slice 4 positions on at 4 blocks: exactly there), each step's logits transformers' forward's over the
     prompt and the tokens so far, the steps' shift ``get_rope_index``'s ``rope_deltas``."""
-    module, spec = _clip(checkpoint, frames, blocks, BEFORE)
+    _check_steps(*_clip(checkpoint, frames, blocks, BEFORE))
+
+
+def _check_steps(module, spec):
+    """The first step and the later steps of ``module`` in PyTorch against ``generate`` and the forward (above)."""
     (first, _), (step, _) = with_first_step(module, spec), with_past(module, spec)
     video, ids = spec.example_inputs(batch=2, seq=module.layout.text_before_end + 4,
                                      seed=int(np.random.default_rng().integers(1 << 16)))
     inputs = _inputs(module, video, ids)
-    deltas = module.model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-                                               video_grid_thw=inputs["video_grid_thw"])[1]
+    deltas = _rope(module, inputs)[1]
     assert deltas.ravel().tolist() == [step.position_shift] * 2
     tokens, mask, steps = ids, torch.ones(2, inputs["input_ids"].shape[1], dtype=torch.int64), []
     with torch.no_grad():
@@ -219,6 +232,55 @@ def test_steps_in_pytorch(checkpoint, frames, blocks):
     np.testing.assert_array_equal(tokens[:, ids.shape[1]:].numpy(), expected)
     forward = _transformers(module, video, tokens)   # every step's logits, the new tokens' positions counted
     np.testing.assert_allclose(torch.stack(steps, 1).numpy(), forward[:, -5:], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("checkpoint", [ARCHITECTURES[1]], indirect=True)
+@pytest.mark.parametrize("fps,frames,blocks", [(3.0, 3, (2, 3)), (0.5, 1, (2, 2)), (1.0, 3, (3, 4)), (4.0, 5, (2, 3)),
+                                               (6.0, 7, (3, 3))])
+def test_frame_rate(checkpoint, fps, frames, blocks):
+    """Qwen2.5-VL's clip sampled at ``fps`` (``--video-fps``: the processor's ``second_per_grid_ts`` = 2 / fps, the
+    slices ``tokens_per_second × 2 / fps`` apart, truncated in float32 as transformers truncates them): the logits
+    equal transformers' forward given those seconds and the positions ``get_rope_index``'s; where the last slice
+    stays within the text after it, the steps decode ``generate``'s tokens with its ``rope_deltas``, else they are
+    refused by name."""
+    module, spec = with_video_frames(*_clip(checkpoint, frames, blocks, BEFORE), frames, fps)
+    assert module.video_fps == fps and module.placement[3] == fps
+    video = torch.randn(2, frames, 3, *_size(module, blocks))
+    ids = torch.randint(3, QWEN_IMAGE_TOKEN, (2, module.layout.text_before_end + 5))
+    with torch.no_grad():
+        np.testing.assert_allclose(module(video, ids).numpy(), _transformers(module, video, ids), atol=2e-5, rtol=1e-4)
+    positions = _rope(module, _inputs(module, video, ids))[0]
+    torch.testing.assert_close(module.encoder.positions(module.layout.offsets, ids), positions, rtol=0, atol=0)
+    last = int(hf_qwen_vl.slice_times(module.model.config.vision_config, -(-frames // 2), fps)[-1])
+    if last <= max(blocks):
+        _check_steps(module, spec)
+    else:
+        with pytest.raises(AttncError, match="past the text after the clip"):
+            with_past(module, spec)
+
+
+@pytest.mark.parametrize("checkpoint", [ARCHITECTURES[1]], indirect=True)
+def test_frame_rate_recorded(checkpoint, tmp_path):
+    """``attnc export --video-fps 3`` records the rate (``inspect`` says it); the exited export passes ``attnc
+    validate``, which rebuilds the checkpoint at that rate: without the record (the default 2 frames a second) it
+    fails, the slices' positions being others. Qwen2-VL, whose positions read no rate, and a rate without a clip are
+    refused by name."""
+    folder = checkpoint[0]
+    path = tmp_path / "video.onnx"
+    run_cli("export", folder, "-o", path, *_placement(checkpoint[1], frames=5), "--video-fps", 3)
+    assert metadata(onnx.load(path), VIDEO_FPS) == "3.0"
+    assert "frames at 3 a second" in " ".join(run_cli("inspect", path).output.split())
+    run_cli("compile", path, "-o", tmp_path / "exit", "--token-exit", "static", "--exit-layer", 2)
+    assert "PASS" in run_cli("validate", tmp_path / "exit", "--model", folder).output
+    manifest = json.loads((tmp_path / "exit" / "manifest.json").read_text())
+    del manifest["recorded"][VIDEO_FPS]
+    (tmp_path / "exit" / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli("validate", tmp_path / "exit", "--model", folder, ok=False).exit_code != 0
+    qwen2 = tiny_qwen_vl(tmp_path / "qwen2")
+    for options, words in ((("--video-frames", 3, "--video-fps", 1), ("positions do not read a frame rate",)),
+                           (("--video-fps", 1), ("no clip is asked for", "--video-frames F"))):
+        assert_clean_error(run_cli("export", qwen2, "-o", tmp_path / "a.onnx", *options, ok=False), *words)
+    assert not (tmp_path / "a.onnx").exists()
 
 
 @pytest.mark.full(reason="the generation graphs CI exports and decodes on Qwen2-VL's images (test_hf_qwen_vl.py); a "
