@@ -163,6 +163,12 @@ class LlavaNextImageEncoder(torch.nn.Module):
         return torch.cat([whole, grid.flatten(2).transpose(1, 2)], 1), []
 
 
+def check_video_frames(frames) -> None:
+    """Raise an :class:`AttncError` unless ``frames`` (``--video-frames``) is a whole count of at least 1."""
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise AttncError(f"a video of {frames!r} frames has no frames", "pass --video-frames F, F at least 1")
+
+
 class LlavaVideoEncoder(torch.nn.Module):
     """``pixel_values_videos [B, F, 3, S, S] -> [B, P, C]``: what ``get_video_features`` computes for a clip of
     ``frames`` frames (transformers' own function: it exports as it is): each frame's tower features pooled 2× on a
@@ -174,8 +180,7 @@ class LlavaVideoEncoder(torch.nn.Module):
         if not takes_video(model):
             raise AttncError(f"attnc reads no video of {type(model).__name__}",
                              f"export it without --video-frames; video works on {', '.join(VIDEO_ARCHITECTURES)}")
-        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-            raise AttncError(f"a video of {frames!r} frames has no frames", "pass --video-frames F, F at least 1")
+        check_video_frames(frames)
         self.model = [model]   # not a submodule: VisionLanguageOutput holds it
         self.frames = frames
         config, inner = model.config, model.model

@@ -70,8 +70,10 @@ def row_offsets(starts: tuple[int, ...], rows: int) -> tuple[int, ...]:
 def image_starts(offsets: tuple[int, ...], rows: int) -> tuple[int, ...] | None:
     """The images' ``K`` of ``offsets`` that are already :func:`row_offsets` (each image's ``rows`` offsets one apart),
     else None."""
-    if rows <= 1 or len(offsets) % rows:
-        return None if rows > 1 else tuple(offsets)
+    if rows <= 1:   # each image one run: its K is its row's offset
+        return tuple(offsets)
+    if len(offsets) % rows:
+        return None
     groups = [offsets[i:i + rows] for i in range(0, len(offsets), rows)]
     if all(list(g) == list(range(g[0], g[0] + rows)) for g in groups):
         return tuple(g[0] for g in groups)

@@ -121,7 +121,7 @@ def position_shift(vision_config, size: tuple[int, int] | None, frames: int | No
     t = slices(vision_config, frames)
     times = slice_times(vision_config, t, fps)
     if t > 1 and int(times[-1]) > max(rows, columns):
-        most = int((slice_times(vision_config, t, fps) <= max(rows, columns)).sum())
+        most = int((times <= max(rows, columns)).sum())
         raise AttncError(
             f"a clip of {frames} frames at {height}x{width} pixels makes {t} slices whose last lies {int(times[-1])} "
             f"positions on in time: past the text after the clip ({max(rows, columns)} positions on), so the steps "

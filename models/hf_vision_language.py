@@ -275,9 +275,7 @@ class VisionLanguageOutput(torch.nn.Module):
         (:class:`attnc.models.hf_qwen_vl.QwenImageEncoder` with ``frames``), after one offset (Qwen2-VL, Qwen2.5-VL)
         or each after its own (Qwen3-VL, whose processor puts a timestamp in front of each slice)."""
         name, vision = type(self.model).__name__, self.model.config.vision_config
-        if isinstance(self.video_frames, bool) or not isinstance(self.video_frames, int) or self.video_frames < 1:
-            raise AttncError(f"a video of {self.video_frames!r} frames has no frames",
-                             "pass --video-frames F, F at least 1")
+        hf_llava_next.check_video_frames(self.video_frames)
         slices = hf_qwen_vl.slices(vision, self.video_frames)
         if name in hf_qwen_vl.SLICES_APART and self.images != slices:
             raise AttncError(
