@@ -458,6 +458,16 @@ def tiny_qwen_vl(folder: Path, architecture: str = "Qwen2VLForConditionalGenerat
             text_config={**text, "head_dim": 16, **(experts if moe else {})}, **tokens, vision_config=dict(
             depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
             spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0, 1]))
+    elif architecture.startswith("Glm4"):   # a 4 × 4 position table; rotary on half the head dim
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [1, 1, 2], "partial_rotary_factor": 0.5}
+        moe = "Moe" in architecture   # 4 routed experts of width 32, 2 per token, and a shared one, after layer 0
+        experts = dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                       first_k_dense_replace=1, n_group=1, topk_group=1)
+        config = (t.Glm4vMoeConfig if moe else t.Glm46VConfig if "46V" in architecture else t.Glm4vConfig)(
+            text_config={**text, **(experts if moe else {})}, image_token_id=QWEN_IMAGE_TOKEN, video_token_id=251,
+            image_start_token_id=252, image_end_token_id=253, video_start_token_id=254, video_end_token_id=255,
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, image_size=56))
     else:
         raise ValueError(f"no tiny {architecture}")
     return save_seeded(config, architecture, folder)

@@ -199,17 +199,19 @@ def _vision_language_layout(model_ref: str, text_before_image: tuple[int, ...] |
                    "of one size). The export records them: --token-exit and validate take them.")
 @click.option("--image-size", callback=lambda ctx, param, value: _image_size(value), default=None, metavar="HxW",
               help="Vision-language checkpoints whose visual tokens follow the image's size (Qwen2-VL, Qwen2.5-VL, "
-                   "Qwen3-VL): "
+                   "Qwen3-VL, GLM-4V): "
                    "the size of the images the export takes, resized and normalised as the processor does "
                    f"(default {_QWEN_DEFAULT}x{_QWEN_DEFAULT}). LLaVA-NeXT, LLaVA-OneVision: the size of the "
                    "original images, whose tiles the processor cuts (pixel_values [batch, tiles, 3, S, S]; default "
                    "one tile's size). "
                    "Others take their config's image_size.")
 @click.option("--video-frames", type=click.IntRange(min=1), default=None, metavar="F",
-              help="Vision-language checkpoints that read video (LLaVA-OneVision, LLaVA-NeXT-Video, the Qwen family): "
+              help="Vision-language checkpoints that read video (LLaVA-OneVision, LLaVA-NeXT-Video, the Qwen family, "
+                   "GLM-4V): "
                    "a clip of F frames in place of the image, pixel_values_videos [batch, F, 3, H, W] as their video "
                    "processors give it before patches are cut (LLaVA's at the vision tower's size, Qwen's at "
-                   "--image-size; Qwen3-VL's slices of 2 frames each after its own offset in --text-before-image). "
+                   "--image-size; Qwen3-VL's and GLM-4V's slices of 2 frames each after its own offset in "
+                   "--text-before-image). "
                    "The export records F: validate takes it.")
 @click.option("--video-fps", type=click.FloatRange(min=0, min_open=True), default=None, metavar="FPS",
               help="Qwen2.5-VL's clips: the rate the frames were sampled at (its video processor's fps, default 2), "

@@ -390,7 +390,7 @@ def with_video_frames(module: torch.nn.Module, spec: CheckpointSpec, frames: int
 def with_image_size(module: torch.nn.Module, spec: CheckpointSpec, size: tuple[int, int]
                     ) -> tuple[torch.nn.Module, CheckpointSpec]:
     """A loaded vision-language checkpoint taking images of ``size`` ``(H, W)`` pixels (``attnc export
-    --image-size``): for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (:mod:`attnc.models.hf_qwen_vl`) and LLaVA-NeXT and
+    --image-size``): for Qwen2-VL, Qwen2.5-VL, Qwen3-VL and GLM-4V (:mod:`attnc.models.hf_qwen_vl`) and LLaVA-NeXT and
     LLaVA-OneVision (:mod:`attnc.models.hf_llava_next`: the original images' size), whose visual tokens follow the
     image's size, the same wrapper at that size and its ``pixel_values`` shape; any other's size is its config's.
 

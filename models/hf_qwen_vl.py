@@ -1,4 +1,5 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense and MoE) images at one size, for :mod:`attnc.models.hf_vision_language`.
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and MoE) and GLM-4V images at one size, for
+:mod:`attnc.models.hf_vision_language`.
 
 Their processors resize each image to its own multiple of ``patch × merge`` pixels (28) and hand the vision tower
 the image's patches flattened into rows, with its grid ``(t, h, w)`` beside them; the tower attends within each
@@ -33,6 +34,11 @@ seconds><|vision_start|>`` the slice's tokens ``<|vision_end|>``) and places eac
 splits the grid by slice): its clip is a prompt of several images, one per slice (:data:`SLICES_APART`;
 ``--text-before-image`` one offset per slice), computed by one run of the tower on the clip. Tested in
 ``tests/models/test_hf_qwen_video.py``.
+
+GLM-4.1V, GLM-4.5V and GLM-4.6V (:data:`GLM`) are Qwen2-VL's design (processor layout, tower attending within each
+image, M-RoPE positions); their tower adds a learned position table resampled bicubically to the grid (at one size a
+constant matrix, :func:`bicubic_matrix`), RMSNorms after the patches and after the blocks, and a stride-``m``
+convolution merging each block in front of the merger. Their clips place each slice apart, as Qwen3-VL's.
 """
 
 from __future__ import annotations
@@ -44,13 +50,18 @@ from attnc.compiler.layout import tiled_image_size
 
 # config.architectures[0] of the checkpoints QwenImageEncoder reads (their vision towers differ in norms, MLPs and
 # Qwen2.5-VL's windows, which the encoder reuses or rebuilds; their language models take [3, B, L] positions)
-ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-                 "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+QWEN = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+        "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+# GLM-4.1V, GLM-4.5V (its MoE text model) and GLM-4.6V: Qwen2-VL's tower and positions, with a learned position table
+# resampled bicubically to the grid, norms after the patches and after the blocks, and a convolution merging each
+# block in front of the merger
+GLM = ("Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration", "Glm46VForConditionalGeneration")
+ARCHITECTURES = (*QWEN, *GLM)
 DEFAULT_SIZE = 448   # pixels a side: 256 visual tokens at patch 14, merge 2 (LLaVA-1.5 has 576)
 # the architectures whose clip of frames QwenImageEncoder reads, all; of which those whose processors put each slice
 # of a clip after its own timestamp, placed as an image of its own (Qwen3-VL's)
 VIDEO_ARCHITECTURES = ARCHITECTURES
-SLICES_APART = ARCHITECTURES[2:]
+SLICES_APART = (*QWEN[2:], *GLM)
 
 
 def is_qwen_vl(model_or_name) -> bool:
@@ -132,6 +143,22 @@ def position_shift(vision_config, size: tuple[int, int] | None, frames: int | No
     return max(rows, columns) - t * rows * columns
 
 
+def bicubic_matrix(table_size: int, positions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``[N, S²]``: GLM-4V's position table of ``S × S`` entries (``table_size = S²``) resampled to patches at
+    ``positions [N, 2]`` (row, column) of a ``grid`` of patches (rows, columns), as a matrix the table multiplies:
+    what its ``Glm4vVisionEmbeddings`` computes with ``grid_sample`` (bicubic, border padding, not aligned at
+    corners) for one image, constant at one image size (``grid_sample`` is linear in the table, so resampling the
+    identity gives each patch's weights)."""
+    side = int(round(table_size ** 0.5))
+    rows, columns = positions[:, 0].float(), positions[:, 1].float()
+    height, width = grid
+    grid = torch.stack([(columns + 0.5) / width * 2 - 1, (rows + 0.5) / height * 2 - 1], -1)[None, :, None]
+    identity = torch.eye(table_size).reshape(1, table_size, side, side)
+    weights = torch.nn.functional.grid_sample(identity, grid, mode="bicubic", align_corners=False,
+                                              padding_mode="border")   # [1, S², N, 1]
+    return weights[0, :, :, 0].T.contiguous()
+
+
 class QwenImageEncoder(torch.nn.Module):
     """``pixel_values [B, 3, H, W] -> [B, P, C]``: what ``get_image_features`` computes from the processor's patches
     of each image at ``image_size`` (the processor's resized and normalised image, before ``patchify``), ``P =
@@ -197,7 +224,12 @@ class QwenImageEncoder(torch.nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.learned_positions = hasattr(visual, "pos_embed")   # Qwen3-VL: a table resampled to the grid
-        if self.learned_positions:
+        self.glm = hasattr(visual, "downsample")   # GLM-4V: a table resampled bicubically, a norm, a merging conv
+        if self.glm:
+            self.register_buffer("table_matrix", bicubic_matrix(visual.embeddings.position_embedding.num_embeddings,
+                                                                get_vision_position_ids(grid, m), self.grid),
+                                 persistent=False)
+        elif self.learned_positions:
             index, weight = get_vision_interpolation_indices_and_weights(
                 grid, num_grid_per_side=visual.num_grid_per_side, mode="bilinear", align_corners=True,
                 spatial_merge_size=m)
@@ -237,7 +269,11 @@ class QwenImageEncoder(torch.nn.Module):
         # contiguous: at one block a row and batch 1 the reshape is a view in the permuted layout, which the
         # elementwise ops below keep and Qwen3-VL's mergers' ``view`` refuses
         x = x.reshape(batch, self.num_patches, -1).contiguous()
-        if self.learned_positions:
+        if self.glm:   # its norm of the patches, then its table resampled to the grid (in float32)
+            x = self.visual.post_conv_layernorm(x)
+            table = self.visual.embeddings.position_embedding.weight.float()
+            x = x + (self.table_matrix @ table).to(x.dtype)
+        elif self.learned_positions:
             x = x + (self.visual.pos_embed(self.table_index) * self.table_weight[:, :, None]).sum(1).to(x.dtype)
         unit = m * m
         if self.windowed:
@@ -254,7 +290,11 @@ class QwenImageEncoder(torch.nn.Module):
             x = x + block.mlp(block.norm2(x))
             if i in self.deepstack:
                 deepstack.append(merged(self.visual.deepstack_merger_list[self.deepstack.index(i)], x))
-        out = merged(self.visual.merger, x)
+        if self.glm:   # a norm, each m × m block's patches merged by a stride-m convolution, the merger row-wise
+            x = self.visual.post_layernorm(x).reshape(batch * self.slice_tokens, m, m, -1).permute(0, 3, 1, 2)
+            out = self.visual.merger(self.visual.downsample(x).reshape(batch, self.slice_tokens, -1))
+        else:
+            out = merged(self.visual.merger, x)
         out = out[:, self.window_undo] if self.windowed else out
         return out.reshape(clips, -1, out.shape[-1]), [d.reshape(clips, -1, d.shape[-1]) for d in deepstack]
 

@@ -203,8 +203,9 @@ class VisionLanguageOutput(torch.nn.Module):
                                      (*ARCHITECTURES, *hf_qwen_vl.ARCHITECTURES, *hf_llava_next.BASE_WHEN_SEVERAL)))
             if qwen and len(set(offsets)) < len(offsets):
                 raise AttncError(f"{type(model).__name__}'s images cannot lie side by side (offsets "
-                                 f"{format_offsets(offsets)}): its processor puts <|vision_start|> and <|vision_end|> "
-                                 "around each, and its positions follow each image",
+                                 f"{format_offsets(offsets)}): its processor puts delimiters around each (Qwen's "
+                                 "<|vision_start|> and <|vision_end|>, GLM-4V's <|begin_of_image|> and "
+                                 "<|end_of_image|>), and its positions follow each image",
                                  "count those tokens in the offsets: each image after the text tokens in front of it, "
                                  "its own delimiters included")
             encoder = hf_qwen_vl.QwenImageEncoder if qwen else hf_llava_next.LlavaNextImageEncoder
@@ -279,8 +280,9 @@ class VisionLanguageOutput(torch.nn.Module):
         slices = hf_qwen_vl.slices(vision, self.video_frames)
         if name in hf_qwen_vl.SLICES_APART and self.images != slices:
             raise AttncError(
-                f"{name}'s processor puts each slice of {vision.temporal_patch_size} frames after its own timestamp "
-                f"(<0.5 seconds><|vision_start|>...<|vision_end|>): {self.video_frames} frames make {slices} slices, "
+                f"{name}'s processor writes each slice of {vision.temporal_patch_size} frames apart, between its "
+                f"own delimiters and timestamp (Qwen3-VL's <0.5 seconds><|vision_start|>...<|vision_end|>, GLM-4V's "
+                f"<|begin_of_image|>...<|end_of_image|>0): {self.video_frames} frames make {slices} slices, "
                 f"so the prompt takes {slices} offsets, not {self.images}",
                 f"pass --text-before-image with the text tokens in front of each slice ({slices} counts, the "
                 "timestamps and delimiters counted; attnc.compiler.layout.split_prompt reads them off the processor's "

@@ -19,6 +19,7 @@ from attnc.passes.prune_heads.layers import _fused_for_pruning, find_attention_l
 from attnc.passes.prune_heads.model import AttentionLayer, _ChannelOps, _Projection, _replace_input
 from attnc.passes.prune_heads.output import _PROVEN_KEEPS
 from attnc.passes.prune_heads.shapes import _SHAPES_CACHE, _shape_entries, _shape_input, _shapes, _split_sizes
+from attnc.passes.prune_heads.trace import _PROVEN_REGROUPS
 
 log = logging.getLogger(__name__)
 
@@ -290,10 +291,12 @@ def prune_heads(onnx_model: onnx.ModelProto, scores: dict[int, np.ndarray] | Non
     remove_dead_nodes(model)
     del model.graph.value_info[:]  # inferred shapes before pruning would contradict the new ones
     _PROVEN_KEEPS.update({name: kept for l in layers for name, kept in l.kept_reshapes.items()})
+    _PROVEN_REGROUPS.update({name: "written" for l in layers for name, *_ in l.head_regroups})
     try:
         after = find_attention_layers(model)
     finally:
         _PROVEN_KEEPS.clear()
+        _PROVEN_REGROUPS.clear()
     if [l.heads for l in after] != [len(keep.get(l.index, range(l.heads))) for l in layers]:
         raise AttncError("internal error: the pruned graph's heads do not match the request",
                          "please report this model")

@@ -136,7 +136,7 @@ def _shape_entries(model, name: str, prod, depth: int = 0) -> list | None:
         fill = _attr(node, "value", None)
         fill = numpy_helper.to_array(fill).reshape(-1)[0].item() if fill is not None else 0.0
         return [fill] * length[0] if length and len(length) == 1 and isinstance(length[0], int) else None
-    if op in ("Mul", "Equal"):
+    if op in ("Mul", "Equal", "Add", "Sub"):   # Sub: the token exit's text-only shapes (the visual tokens' count off)
         a, b = entries(0), entries(1)
         if a is None or b is None or min(len(a), len(b)) != 1 and len(a) != len(b):
             return None
@@ -154,8 +154,15 @@ def _shape_entries(model, name: str, prod, depth: int = 0) -> list | None:
 
 
 def _entry_op(op: str, x, y):
-    """``x * y`` or ``x == y`` for one shape entry (a dim read from a shape is never negative)."""
+    """``x * y``, ``x + y``, ``x - y`` or ``x == y`` for one shape entry (a dim read from a shape is never
+    negative); a dim plus or minus anything but 0 is unknown."""
     known = lambda e: isinstance(e, (int, float)) and not isinstance(e, bool)  # noqa: E731
+    if op in ("Add", "Sub"):
+        if known(x) and known(y):
+            return x + y if op == "Add" else x - y
+        if known(y) and y == 0 and not isinstance(x, bool):
+            return x
+        return y if op == "Add" and known(x) and x == 0 and not isinstance(y, bool) else None
     if op == "Mul":
         if known(x) and known(y):
             return x * y

@@ -332,7 +332,7 @@ def _walk_back(model, t, prod, head_axis: int = 1, fixed: dict[int, int] | None 
             used = None   # a new axis inside the head (GPT-J's interleaved rotary stacks its two halves)
             t = node.input[0]
         elif op == "Reshape" and not any(a > head_axis for a in fixed) and \
-                (verdict := _regroups_head(model, node, head_axis, prod)):
+                (verdict := _PROVEN_REGROUPS.get(node.name) or _regroups_head(model, node, head_axis, prod)):
             used = None   # [.., H, D/2, 2] -> [.., H, D] (GPT-J's rotate_every_two flattens its pairs)
             if verdict == "written":
                 count = _dim_name(model, node.input[0], head_axis)
@@ -488,6 +488,12 @@ def _channel_count(model, unsqueeze) -> int:
     if channels is None:
         raise _Unrecognised(f"{unsqueeze.name}: the channel count of the single head it makes is not known")
     return channels
+
+
+# Reshapes a layer's trace proved to regroup within each head and write the head count out (its ``head_regroups``),
+# set while the pruned graph is traced again: its shapes, inferred afresh, may no longer prove it (a shape the token
+# exit computed, sliced by the rewrite, reads no token count), and the rewrite wrote the count it reads.
+_PROVEN_REGROUPS: dict[str, str] = {}
 
 
 def _regroups_head(model, reshape, head_axis: int, prod) -> str | None:

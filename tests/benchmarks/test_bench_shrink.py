@@ -26,21 +26,24 @@ def _smoke(section: str, folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("section,kind,visual,model", [
-    ("llava", "LLaVA", 16, "Llava"), ("qwen", "Qwen2-VL", 4, "56x56"),
+    ("llava", "LLaVA", 16, "Llava"),
+    pytest.param("qwen", "Qwen2-VL", 4, "56x56", marks=pytest.mark.full(
+        reason="the bench path CI runs on LLaVA, on a Qwen2-VL exported at its image size (about 11 s; "
+               "tests/models/test_hf_qwen_vl.py checks its exits in CI)")),
     pytest.param("llava_next", "LLaVA-NeXT", 88, "112x112", marks=pytest.mark.full(
-        reason="the bench path CI runs on LLaVA and Qwen2-VL, on a LLaVA-NeXT exported at its image size (about 20 s; "
+        reason="the bench path CI runs on LLaVA, on a LLaVA-NeXT exported at its image size (about 20 s; "
                "tests/models/test_hf_llava_next.py checks its exits in CI)")),
     pytest.param("gemma3", "Gemma 3", 16, "Gemma3", marks=pytest.mark.full(
-        reason="the bench path CI runs on LLaVA and Qwen2-VL, on a Gemma 3 (tests/models/test_hf_vision_language.py "
+        reason="the bench path CI runs on LLaVA, on a Gemma 3 (tests/models/test_hf_vision_language.py "
                "checks its exits in CI)")),
     pytest.param("llava_images", "LLaVA (two images per prompt)", 32, "two images after 2 and 6",
-                 marks=pytest.mark.full(reason="the bench path CI runs on LLaVA and Qwen2-VL, on two images per prompt "
+                 marks=pytest.mark.full(reason="the bench path CI runs on LLaVA, on two images per prompt "
                                                "(tests/models/test_hf_several_images.py checks their exits in CI)")),
     pytest.param("onevision_video", "LLaVA-OneVision (a video of 2 frames)", 9, "2 frames of 56 px",
-                 marks=pytest.mark.full(reason="the bench path CI runs on LLaVA and Qwen2-VL, on a OneVision video "
+                 marks=pytest.mark.full(reason="the bench path CI runs on LLaVA, on a OneVision video "
                                                "(tests/models/test_hf_video.py checks its exits in CI)")),
     pytest.param("qwen_video", "Qwen2-VL (a video of 3 frames)", 12, "3 frames of 56x84",
-                 marks=pytest.mark.full(reason="the bench path CI runs on LLaVA and Qwen2-VL, on a Qwen2-VL video "
+                 marks=pytest.mark.full(reason="the bench path CI runs on LLaVA, on a Qwen2-VL video "
                                                "(tests/models/test_hf_qwen_video.py checks its exits in CI)"))])
 def test_exit_smoke(tmp_path, capsys, section, kind, visual, model):
     """``--only llava`` / ``qwen`` / ``llava_next`` / ``gemma3`` / ``llava_images`` / ``onevision_video`` /

@@ -1,14 +1,15 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints (models/hf_qwen_vl.py): a checkpoint directory loads as
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and GLM-4V checkpoints (models/hf_qwen_vl.py): a checkpoint directory loads as
 ``(pixel_values [B, 3, H, W], input_ids) -> logits of the text after the image`` at the image size ``--image-size``
 names, equal to transformers' forward on the processor's own patches of the same image (3-D M-RoPE positions,
-Qwen2.5-VL's windows, Qwen3-VL's deepstack); it exports (dynamo; TorchScript with plain multi-head attention),
-records its image size, compiles with and without a visual-token exit, and ``attnc validate`` checks the artefacts
-against the checkpoint exiting alike in PyTorch; both generation graphs decode transformers' ``generate`` tokens (a
-loop over the exited forward with the exit), padded prompts each row's alone. Qwen3-VL-MoE runs in the ``full`` tier.
+Qwen2.5-VL's windows, Qwen3-VL's deepstack, GLM-4V's resampled position table); it exports (dynamo; TorchScript
+with plain multi-head attention), records its image size, compiles with and without a visual-token exit, and
+``attnc validate`` checks the artefacts against the checkpoint exiting alike in PyTorch; both generation graphs decode
+transformers' ``generate`` tokens (a loop over the exited forward with the exit), padded prompts each row's alone.
+Qwen3-VL-MoE, GLM-4.5V (MoE) and GLM-4.6V run in the ``full`` tier.
 
-References: transformers' forward and ``generate`` on the patches ``Qwen2VLImageProcessorPil`` cuts (not attnc's
-convolution), ``get_rope_index``'s positions, fresh random images and prompts at several image sizes (square, wide,
-tall; Qwen2.5-VL's windows whole and ragged).
+References: transformers' forward and ``generate`` on the patches ``Qwen2VLImageProcessorPil`` (GLM-4V:
+``Glm4vImageProcessorPil``) cuts (not attnc's convolution), ``get_rope_index``'s positions, fresh random images and
+prompts at several image sizes (square, wide, tall; Qwen2.5-VL's windows whole and ragged).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def _pixels(module, blocks) -> tuple[int, int]:
 
 @pytest.fixture(scope="module", params=[*ARCHITECTURES[:3], pytest.param(ARCHITECTURES[3], marks=pytest.mark.full(
     reason="Qwen3-VL's path, which CI checks, with mixture-of-experts text layers (transformers' batched_mm, which "
-           "CI's MoE text models take); about 30 s"))])
+           "CI's MoE text models take); about 30 s")), ARCHITECTURES[4], *(pytest.param(a, marks=pytest.mark.full(
+        reason="GLM-4.1V's tower, which CI checks, with GLM-4.5V's mixture-of-experts text layers or GLM-4.6V's "
+               "wrapper; about 30 s")) for a in ARCHITECTURES[5:])])
 def checkpoint(request, tmp_path_factory):
     """A tiny checkpoint of each architecture (4 query on 2 K/V heads), its module and spec at :data:`BLOCKS` with
     :data:`BEFORE` text tokens in front of the image."""
@@ -69,7 +72,8 @@ def exported(checkpoint):
 def _processed(vision, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The processor's patches and grid of images already resized and normalised (it only cuts them), for a tower of
     config ``vision``."""
-    processor = transformers.Qwen2VLImageProcessorPil(
+    glm = type(vision).__name__.startswith("Glm4v")   # each architecture's own processor cuts its patches
+    processor = (transformers.Glm4vImageProcessorPil if glm else transformers.Qwen2VLImageProcessorPil)(
         do_resize=False, do_rescale=False, do_normalize=False, patch_size=vision.patch_size,
         merge_size=vision.spatial_merge_size, temporal_patch_size=vision.temporal_patch_size)
     out = processor([image.numpy() for image in pixels], return_tensors="pt", input_data_format="channels_first")
@@ -258,7 +262,10 @@ def test_export_exit_and_validate(checkpoint, exported, tmp_path):
     pytest.param(ARCHITECTURES[2], marks=pytest.mark.full(
         reason="the generation path CI checks on Qwen2-VL, with Qwen3-VL's deepstack in the first step (about 30 s; "
                "CI validates its one-pass export)")),
-    pytest.param(ARCHITECTURES[3], marks=pytest.mark.full(reason="Qwen3-VL's, with MoE layers"))],
+    pytest.param(ARCHITECTURES[3], marks=pytest.mark.full(reason="Qwen3-VL's, with MoE layers")),
+    pytest.param(ARCHITECTURES[4], marks=pytest.mark.full(
+        reason="the generation path CI checks on Qwen2-VL, whose positions GLM-4.1V's are (about 30 s; CI validates "
+               "its one-pass export)"))],
     indirect=True)
 def test_generation(checkpoint, tmp_path):
     """``--first-step`` and ``--with-past`` at the export's image size compile as they are and exited before layer 2

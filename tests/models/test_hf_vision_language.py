@@ -857,9 +857,9 @@ def test_generation_with_a_token_exit(checkpoint, generation_graphs, tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("model", ["llava", *(pytest.param(model, marks=pytest.mark.full(
-    reason=f"the example's path CI runs on LLaVA, on a random {model} (tests/models check it in CI)"))
-    for model in ("qwen2-vl", "llava-next", "gemma3", "mistral3"))])
+@pytest.mark.full(reason="the example end to end (about 22 s a model); each of its steps on each model (export, exits, "
+                         "validate, both generation graphs' tokens) CI checks in tests/models")
+@pytest.mark.parametrize("model", ["llava", "qwen2-vl", "llava-next", "gemma3", "mistral3"])
 def test_vision_language_example(tmp_path, model):
     """examples/vision_language.py end to end on a random LLaVA (a random Qwen2-VL, LLaVA-NeXT, Gemma 3 and Mistral 3
     in the ``full`` tier): both one-pass artefacts (as it is and exited) and both generation steps validate, as it is
