@@ -14,8 +14,9 @@ tokens dropped before ``--exit-layer`` (the later layers' caches then hold the t
 their tokens against a greedy loop over the exited forward. Without ``--checkpoint`` it writes a random LLaVA (a CLIP
 tower of ``--image-size`` px images in 8 px patches, a Llama of ``--width`` and ``--layers`` with grouped-query
 attention), with ``--model qwen2-vl`` a random Qwen2-VL (its images exported at ``--image-size`` px square, a
-multiple of 28), with ``--model llava-next`` a random LLaVA-NeXT (32 px tiles, its images exported at
-``--image-size`` px square: the processor's tiles of an image that size) or with ``--model gemma3`` a random Gemma 3
+multiple of 28), with ``--model glm4v`` a random GLM-4.1V (the same, its tower's position table resampled),
+with ``--model llava-next`` a random LLaVA-NeXT (32 px tiles, its images exported at ``--image-size`` px square:
+the processor's tiles of an image that size) or with ``--model gemma3`` a random Gemma 3
 (a SigLIP tower of ``--image-size`` px images in 8 px patches pooled 2 × 2, the image's tokens attending to each
 other both ways, a Gemma 3 text model with sliding windows of 8 tokens) or with ``--model onevision`` a random
 LLaVA-OneVision (a SigLIP tower of 32 px tiles) or with ``--model mistral3`` a random Mistral 3 (a Pixtral tower of
@@ -26,6 +27,7 @@ is reached. ``--video-frames F``
     python examples/vision_language.py
     python examples/vision_language.py --image-size 112 --width 256 --layers 8 --exit-layer 2 --json run.json
     python examples/vision_language.py --model qwen2-vl --image-size 224
+    python examples/vision_language.py --model glm4v --image-size 84
     python examples/vision_language.py --model llava-next --image-size 64
     python examples/vision_language.py --model gemma3
     python examples/vision_language.py --checkpoint ./my-llava --text-before-image 5
@@ -99,6 +101,26 @@ def random_qwen2_vl(folder: Path, width: int, layers: int) -> Path:
         text_config=text, vision_config=dict(depth=2, embed_dim=64, hidden_size=width, num_heads=2, mlp_ratio=2),
         image_token_id=252, video_token_id=253, vision_start_token_id=254, vision_end_token_id=255)
     return save_seeded(config, "Qwen2VLForConditionalGeneration", folder)
+
+
+def random_glm4v(folder: Path, width: int, layers: int) -> Path:
+    """A seeded random ``Glm4vForConditionalGeneration`` (GLM-4.1V) saved in ``folder``: a 2-layer tower with a 4 × 4
+    learned position table, 256 words, the image token 250."""
+    import transformers
+
+    heads = max(2, width // 32)
+    quarter = width // heads // 4   # rotary frequencies per head (rotary on half of it), over time, rows and columns
+    text = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=max(1, heads // 2), vocab_size=256, max_position_embeddings=4096,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                 "mrope_section": [quarter - 2 * (quarter // 3), quarter // 3, quarter // 3]})
+    config = transformers.Glm4vConfig(
+        text_config=text, vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                                             out_hidden_size=width, image_size=56),
+        image_token_id=250, video_token_id=251, image_start_token_id=252, image_end_token_id=253,
+        video_start_token_id=254, video_end_token_id=255)
+    return save_seeded(config, "Glm4vForConditionalGeneration", folder)
 
 
 def random_llava_next(folder: Path, width: int, layers: int) -> Path:
@@ -233,12 +255,13 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="a vision-language checkpoint directory attnc exports (default: a random "
                                              "one)")
-    parser.add_argument("--model", choices=["llava", "qwen2-vl", "llava-next", "gemma3", "onevision", "mistral3"],
+    parser.add_argument("--model", choices=["llava", "qwen2-vl", "glm4v", "llava-next", "gemma3", "onevision",
+                                            "mistral3"],
                         default="llava",
                         help="the random checkpoint's architecture (without --checkpoint)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="pixels a side: the random LLaVA's and Gemma 3's (default 64); Qwen's exported size "
-                             "(default 56); LLaVA-NeXT's exported image size (default one tile's)")
+                        help="pixels a side: the random LLaVA's and Gemma 3's (default 64); Qwen's and GLM-4V's "
+                             "exported size (default 56); LLaVA-NeXT's exported image size (default one tile's)")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--text-before-image", default="3",
@@ -261,6 +284,8 @@ def main(argv=None) -> dict:
             folder = Path(args.checkpoint)
         elif args.model == "qwen2-vl":
             folder = random_qwen2_vl(tmp / "qwen2-vl", args.width, args.layers)
+        elif args.model == "glm4v":
+            folder = random_glm4v(tmp / "glm4v", args.width, args.layers)
         elif args.model == "llava-next":
             folder = random_llava_next(tmp / "llava-next", args.width, args.layers)
         elif args.model == "onevision":

@@ -208,6 +208,15 @@ def test_padded_prompts(checkpoint):
                                        atol=2e-5, rtol=1e-4)
 
 
+# the one-pass export's architectures in CI: Qwen2.5-VL (windows), Qwen3-VL (deepstack) and GLM-4.1V (Qwen2-VL's tower
+# with a resampled position table and a merging convolution); the others in the full tier
+_EXPORT_FULL = ("the one-pass export path CI checks on GLM-4.1V, whose tower is this one's with more (Qwen2-VL), or on "
+                "this one's dense sibling (MoE, GLM-4.6V); its generation graphs or forward CI checks (about 15 s)")
+EXPORTED_IN_CI = [a if a in (ARCHITECTURES[1], ARCHITECTURES[2], ARCHITECTURES[4]) else
+                  pytest.param(a, marks=pytest.mark.full(reason=_EXPORT_FULL)) for a in ARCHITECTURES]
+
+
+@pytest.mark.parametrize("checkpoint", EXPORTED_IN_CI, indirect=True)
 def test_export_exit_and_validate(checkpoint, exported, tmp_path):
     """The export records ``P``, ``K`` and the image size, takes any batch and text length (ONNX Runtime equals
     transformers at sizes other than the export's); compiled as it is and with the image gone before layer 2
@@ -403,6 +412,7 @@ def test_image_size_refusals(tmp_path):
 
 
 @pytest.mark.tensorrt
+@pytest.mark.parametrize("checkpoint", EXPORTED_IN_CI, indirect=True)
 def test_tensorrt_builds_the_exited_checkpoint(checkpoint, exported, tmp_path):
     """TensorRT-RTX builds an fp16 engine of the statically exited export at dynamic batch and text length."""
     tensorrt_or_skip()

@@ -140,15 +140,28 @@ def test_other_architectures(tmp_path, architecture):
         assert np.abs(module(pixels, ids, exit_layer=1).numpy() - expected.numpy()).max() > 1e-3
 
 
+@pytest.fixture(scope="module")
+def gemma3_export(tmp_path_factory):
+    """Gemma 3's tiny checkpoint with its image after 2 text tokens and its dynamo export through the CLI (which
+    records them), shared by its export test and its TensorRT-RTX build: folder, module, spec, path."""
+    tmp = tmp_path_factory.mktemp("gemma3")
+    folder, module, spec = _other(tmp, "Gemma3ForConditionalGeneration")
+    run_cli("export", folder, "-o", tmp / "gemma3.onnx", "--text-before-image", 2)
+    return folder, module, spec, tmp / "gemma3.onnx"
+
+
 @pytest.mark.parametrize("architecture", [a if a in EXPORTED_IN_CI else pytest.param(
     a, marks=pytest.mark.full(reason=_LIKE_LLAVA)) for a in OTHERS])
-def test_other_architectures_export(tmp_path, architecture):
+def test_other_architectures_export(tmp_path, request, architecture):
     """Each other architecture's dynamo export at another batch size and text length, compiled (its attention fused)
     as the module computes, and exited before decoder layer 1 as the module exits there (every decoder layer found,
     none of the vision tower's)."""
-    folder, module, spec = _other(tmp_path, architecture)
-    path = tmp_path / "model.onnx"
-    export_onnx(module, spec.example_inputs(), path, input_names=spec.input_names, dynamic_axes=spec.dynamic_axes)
+    if architecture == "Gemma3ForConditionalGeneration":   # the export its TensorRT-RTX build takes too
+        folder, module, spec, path = request.getfixturevalue("gemma3_export")
+    else:
+        folder, module, spec = _other(tmp_path, architecture)
+        path = tmp_path / "model.onnx"
+        export_onnx(module, spec.example_inputs(), path, input_names=spec.input_names, dynamic_axes=spec.dynamic_axes)
     model = onnx.load(str(path))
     assert len(decoder_boundaries(model)) == len(module.decoder_layers)
     pixels, ids = spec.example_inputs(batch=3, seq=11, seed=2)
@@ -573,14 +586,12 @@ def test_padded_prompts_through_the_cli(checkpoint, generation_graphs, tmp_path)
 
 
 @pytest.mark.tensorrt
-def test_tensorrt_builds_the_exited_gemma3(tmp_path):
+def test_tensorrt_builds_the_exited_gemma3(gemma3_export, tmp_path):
     """TensorRT-RTX builds an fp16 engine of Gemma 3's export (its image's tokens attending to each other both ways,
     sliding windows) with the image gone before layer 1, at dynamic batch and text length; every attention fused
     (the tower's 2 and the text model's 4)."""
     tensorrt_or_skip()
-    folder = tiny_vision_language(tmp_path / "ckpt", "Gemma3ForConditionalGeneration")
-    path = tmp_path / "gemma3.onnx"
-    run_cli("export", folder, "-o", path, "--text-before-image", 2)
+    path = gemma3_export[3]
     manifest = build_exited_engine(path, (3, 64, 64), 2, tmp_path / "engine", exit_layer=1)
     assert (tmp_path / "engine" / manifest["artefact"]).stat().st_size > 0
     assert manifest["shrink"]["token_exit"]["exit_layer"] == 1 and manifest["ops_after"]["Attention"] == 6
@@ -859,7 +870,7 @@ def test_generation_with_a_token_exit(checkpoint, generation_graphs, tmp_path):
 
 @pytest.mark.full(reason="the example end to end (about 22 s a model); each of its steps on each model (export, exits, "
                          "validate, both generation graphs' tokens) CI checks in tests/models")
-@pytest.mark.parametrize("model", ["llava", "qwen2-vl", "llava-next", "gemma3", "mistral3"])
+@pytest.mark.parametrize("model", ["llava", "qwen2-vl", "glm4v", "llava-next", "gemma3", "mistral3"])
 def test_vision_language_example(tmp_path, model):
     """examples/vision_language.py end to end on a random LLaVA (a random Qwen2-VL, LLaVA-NeXT, Gemma 3 and Mistral 3
     in the ``full`` tier): both one-pass artefacts (as it is and exited) and both generation steps validate, as it is
@@ -872,13 +883,13 @@ def test_vision_language_example(tmp_path, model):
     spec = importlib.util.spec_from_file_location("vision_language", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    size = {"llava": 32, "qwen2-vl": 56, "llava-next": 40, "gemma3": 64, "mistral3": 48}[model]
+    size = {"llava": 32, "qwen2-vl": 56, "glm4v": 84, "llava-next": 40, "gemma3": 64, "mistral3": 48}[model]
     results = example.main(["--model", model, "--image-size", str(size), "--width", "32", "--layers", "2",
                             "--generate", "4", "--reps", "3", "--prompt", "6", "--json", str(tmp_path / "run.json")])
     assert results["full"]["validation_passed"] and results["exit"]["validation_passed"]
     assert results["first_step_validation_passed"] and results["step_step_validation_passed"]
     assert results["generation"]["tokens_equal"]
-    tokens = {"llava": 16, "qwen2-vl": 4, "llava-next": 88, "gemma3": 16, "mistral3": 9}
+    tokens = {"llava": 16, "qwen2-vl": 4, "glm4v": 9, "llava-next": 88, "gemma3": 16, "mistral3": 9}
     assert results["visual_tokens"] == tokens[model]
     assert results["first_step_exit_validation_passed"] and results["step_step_exit_validation_passed"]
     cache = results["generation_exit"]["prompt_cache_bytes"]
