@@ -85,20 +85,28 @@ def random_llava(folder: Path, image_size: int, width: int, layers: int) -> Path
     return save_seeded(config, "LlavaForConditionalGeneration", folder)
 
 
+def _mrope_text(width: int, layers: int, rotary: float = 1.0) -> dict:
+    """A text config of ``width`` and ``layers`` (a head per 32 channels, K/V heads half as many, 256 words) with
+    M-RoPE on the ``rotary`` share of each head, its frequencies split over time, rows and columns."""
+    heads = max(2, width // 32)
+    freqs = int(width // heads * rotary) // 2
+    rope = {"rope_type": "default", "rope_theta": 10000.0,
+            "mrope_section": [freqs - 2 * (freqs // 3), freqs // 3, freqs // 3]}
+    if rotary != 1.0:
+        rope["partial_rotary_factor"] = rotary
+    return dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=max(1, heads // 2), vocab_size=256, max_position_embeddings=4096,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0, rope_parameters=rope)
+
+
 def random_qwen2_vl(folder: Path, width: int, layers: int) -> Path:
     """A seeded random ``Qwen2VLForConditionalGeneration`` saved in ``folder``: a 2-layer tower, 256 words, the image
     token 252."""
     import transformers
 
-    heads = max(2, width // 32)
-    half = width // heads // 2   # rotary frequencies per head, split over time, rows and columns
-    text = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=max(1, heads // 2), vocab_size=256, max_position_embeddings=4096,
-                bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]})
     config = transformers.Qwen2VLConfig(
-        text_config=text, vision_config=dict(depth=2, embed_dim=64, hidden_size=width, num_heads=2, mlp_ratio=2),
+        text_config=_mrope_text(width, layers),
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=width, num_heads=2, mlp_ratio=2),
         image_token_id=252, video_token_id=253, vision_start_token_id=254, vision_end_token_id=255)
     return save_seeded(config, "Qwen2VLForConditionalGeneration", folder)
 
@@ -108,16 +116,10 @@ def random_glm4v(folder: Path, width: int, layers: int) -> Path:
     learned position table, 256 words, the image token 250."""
     import transformers
 
-    heads = max(2, width // 32)
-    quarter = width // heads // 4   # rotary frequencies per head (rotary on half of it), over time, rows and columns
-    text = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=max(1, heads // 2), vocab_size=256, max_position_embeddings=4096,
-                bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-                                 "mrope_section": [quarter - 2 * (quarter // 3), quarter // 3, quarter // 3]})
     config = transformers.Glm4vConfig(
-        text_config=text, vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
-                                             out_hidden_size=width, image_size=56),
+        text_config=_mrope_text(width, layers, rotary=0.5),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=width,
+                           image_size=56),
         image_token_id=250, video_token_id=251, image_start_token_id=252, image_end_token_id=253,
         video_start_token_id=254, video_end_token_id=255)
     return save_seeded(config, "Glm4vForConditionalGeneration", folder)

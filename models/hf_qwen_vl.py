@@ -199,7 +199,8 @@ class QwenImageEncoder(torch.nn.Module):
         self.register_buffer("kernel_bias", None if bias is None else bias.detach(), persistent=False)
         self.register_buffer("video_kernel", weight if frames is not None else None, persistent=False)
         with torch.no_grad():
-            cos, sin = visual.rotary_pos_emb(weight.new_zeros(1), get_vision_position_ids(grid, m))   # [N, D]
+            positions = get_vision_position_ids(grid, m)   # [N, 2]: each patch's row and column
+            cos, sin = visual.rotary_pos_emb(weight.new_zeros(1), positions)   # [N, D]
         unit = m * m
         self.windows = None
         if self.windowed:   # the tower runs on the merged blocks in window order; each window attends within itself
@@ -226,9 +227,8 @@ class QwenImageEncoder(torch.nn.Module):
         self.learned_positions = hasattr(visual, "pos_embed")   # Qwen3-VL: a table resampled to the grid
         self.glm = hasattr(visual, "downsample")   # GLM-4V: a table resampled bicubically, a norm, a merging conv
         if self.glm:
-            self.register_buffer("table_matrix", bicubic_matrix(visual.embeddings.position_embedding.num_embeddings,
-                                                                get_vision_position_ids(grid, m), self.grid),
-                                 persistent=False)
+            table = visual.embeddings.position_embedding.num_embeddings
+            self.register_buffer("table_matrix", bicubic_matrix(table, positions, self.grid), persistent=False)
         elif self.learned_positions:
             index, weight = get_vision_interpolation_indices_and_weights(
                 grid, num_grid_per_side=visual.num_grid_per_side, mode="bilinear", align_corners=True,
