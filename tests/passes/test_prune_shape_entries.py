@@ -13,7 +13,8 @@ from attnc.passes.prune_heads.shapes import _SHAPES_CACHE, _shape_entries
 
 
 def _target(op: str, delta: list[int], heads: int) -> onnx.ModelProto:
-    """``y = Reshape(x, Concat(Shape(x)[0:1], [heads], Shape(x)[2:3], [8]) op delta)`` of ``x [B, heads, S, 8]``."""
+    """``Reshape(x, target)`` of ``x [B, heads, S, 8]``, ``target = Concat(Shape(x)[0:1], [heads], Shape(x)[2:3], [8])
+    op delta`` the graph's output."""
     consts = {"s0": [0], "e1": [1], "s2": [2], "e3": [3], "heads": [heads], "eight": [8], "delta": delta}
     nodes = [helper.make_node("Shape", ["x"], ["shape"]),
              helper.make_node("Slice", ["shape", "s0", "e1"], ["batch"]),
@@ -23,7 +24,7 @@ def _target(op: str, delta: list[int], heads: int) -> onnx.ModelProto:
              helper.make_node("Reshape", ["x", "target"], ["y"])]
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", heads, "S", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("target", TensorProto.INT64, [4])],
         [numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in consts.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -38,7 +39,17 @@ def test_entries_through_add_and_sub(op, delta, expected):
     model = _target(op, delta, 4)
     _SHAPES_CACHE.clear()
     prod = {o: n for n in model.graph.node for o in n.output}
-    assert _shape_entries(model, "target", prod) == expected
-    # the entries read as constants are those the graph computes (x [2, 4, 7, 8])
-    computed = np.array([2, 4, 7, 8]) + np.array(delta) * (1 if op == "Add" else -1)
-    assert all(c == e for c, e in zip(computed, expected) if isinstance(e, int))
+    entries = _shape_entries(model, "target", prod)
+    assert entries == expected
+    # every entry read (a constant, or a dim of x) is what ONNX Runtime computes, at fresh random batch and length
+    import onnxruntime as ort
+
+    rng = np.random.default_rng()
+    shape = (int(rng.integers(1, 5)), 4, int(rng.integers(6, 40)), 8)
+    shape_only = onnx.ModelProto()   # the target's computation alone: ONNX Runtime runs every node, the Reshape too
+    shape_only.CopyFrom(model)
+    del shape_only.graph.node[-1]
+    session = ort.InferenceSession(shape_only.SerializeToString(), providers=["CPUExecutionProvider"])
+    computed = session.run(["target"], {"x": np.zeros(shape, np.float32)})[0]
+    read = [e if isinstance(e, int) else shape[e[2]] if isinstance(e, tuple) else None for e in entries]
+    assert all(r is None or r == c for r, c in zip(read, computed)), (shape, computed)
