@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, as one command for a lent device (the `device` tool gives a
-# session 15 minutes in all, start-up included, so this is prepared and tested here first).
+# Every check that needs a GPU, for a lent device (the `device` tool gives a session 15 minutes
+# in all, start-up and idle time included, so this is prepared and tested here first).
 #
 #   here, once:  bash benchmarks/gpu_session.sh --fetch-wheels     # peers' wheels into .whl/ (ignored)
-#   device:      run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=590)
+#   device:      run(command="bash benchmarks/gpu_session.sh core", carry=[".whl"], timeout_s=480)
+#                then at once, while the machine is warm:
+#                run(command="bash benchmarks/gpu_session.sh more", carry=[".whl"], timeout_s=<what is left>)
 #
 # On the device (its image has torch, triton, onnx, onnxruntime, click, rich; nothing can be
 # downloaded there) it installs attnc offline without dependencies plus the carried peer wheels
 # (flash-linear-attention, fla-core, lightning-attn; NATTEN ships only a source distribution
 # that needs a long CUDA build, so its peer is skipped), then
-#   1. tests/plugins/test_kernels.py's interpreter sweep (every op, dtype, odd size and the
-#      TensorRT entry points) compiled and run on the GPU against float64;
-#   2. the agent route table (fused TensorRT kernel vs two SDPA calls per shape class, three
-#      dtypes), then benchmarks/bench_kernels.py in fp16, then bf16 and fp32 as time allows:
-#      every kernel against its peers at realistic sizes, with its error against float64;
-#   3. the gpu-marked tests (TensorRT engines run only where TensorRT imports).
+#   core: 1. tests/plugins/test_kernels.py's interpreter sweep (every op, dtype, odd size and the
+#            TensorRT entry points) compiled and run on the GPU against float64;
+#         2. benchmarks/bench_kernels.py in fp16, one op at a time under its own time limit: every
+#            kernel against its peers at realistic sizes, with its error against float64, each agent
+#            case's fused-TensorRT-kernel vs two-SDPA timing into the agent route table;
+#         3. the agent route pair alone in bf16 and fp32 (seconds per dtype).
+#   more: bench_kernels.py in bf16 and fp32 (the full peer set), as time allows.
 # Raw results and the log land in $OUT (at most 8 files come back); copy them into
 # benchmarks/results/ and summarise them in benchmarks/RESULTS.md; copy agent-routes.json to
 # plugins/agent/routes.json (the measured agent routes attnc compile then follows).
@@ -27,11 +30,13 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
         flash-linear-attention==0.6.0 fla-core==0.6.0 lightning-attn==0.0.5
 fi
 
+PHASE="${1:-core}"
+case "$PHASE" in core|more) ;; *) echo "usage: gpu_session.sh [core|more|--fetch-wheels]" >&2; exit 2 ;; esac
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 LOG="$OUT/gpu-session.log"
-PY=python3
+PY="${ATTNC_PY:-python3}"   # ATTNC_PY: a wrapper, to dry-run this script on CPU
 step() { echo "=== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 
 step "device"
@@ -47,44 +52,75 @@ fi
 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$LOG" 2>&1 \
     || { step "attnc did not install: see $LOG"; exit 1; }
 
-step "kernel correctness on hardware (the interpreter sweep's cases, compiled; one process per op)"
-# ~70 cases, each its own JIT compile (1-3 s on one core): the four ops compile side by side.
-OPS="neighborhood linear flow agent"
-for op in $OPS; do
-    (cd tests/plugins && ATTNC_KERNEL_DEVICE=cuda timeout 100 $PY test_kernels.py gpu "$op") \
-        > "$OUT/kernels-gpu-$op.jsonl" 2>> "$LOG" &
-done
-wait
-for op in $OPS; do cat "$OUT/kernels-gpu-$op.jsonl"; rm -f "$OUT/kernels-gpu-$op.jsonl"; done \
-    > "$OUT/kernels-gpu-sweep.jsonl"
-$PY - "$OUT/kernels-gpu-sweep.jsonl" <<'SUMMARY' 2>&1 | tee -a "$LOG"
+if [[ "$PHASE" == core ]]; then
+    step "kernel correctness on hardware (the interpreter sweep's cases, compiled; one process per op)"
+    # ~70 cases, each its own JIT compile (1-3 s on one core): the four ops compile side by side.
+    OPS="neighborhood linear flow agent"
+    for op in $OPS; do
+        (cd tests/plugins && ATTNC_KERNEL_DEVICE=cuda timeout 100 $PY test_kernels.py gpu "$op") \
+            > "$OUT/kernels-gpu-$op.jsonl" 2>> "$LOG" &
+    done
+    wait
+    for op in $OPS; do cat "$OUT/kernels-gpu-$op.jsonl"; rm -f "$OUT/kernels-gpu-$op.jsonl"; done \
+        > "$OUT/kernels-gpu-sweep.jsonl"
+    $PY - "$OUT/kernels-gpu-sweep.jsonl" <<'SUMMARY' 2>&1 | tee -a "$LOG"
 import collections, json, sys
 sys.path.insert(0, "tests/plugins")
-from test_kernels import CASES   # what each op should have run (a timeout leaves some out)
+from test_kernels import CASES   # each op runs these and one random case (a timeout leaves some out)
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
 bad = [r for r in rows if "exception" in r or max(r["errors"]) > r["tol"]]
 ran = collections.Counter(r["op"] for r in rows)
-print(f"{len(rows)} of {sum(map(len, CASES.values()))} cases ran, {len(rows) - len(bad)} within tolerance "
+print(f"{len(rows)} of {sum(map(len, CASES.values())) + len(CASES)} cases ran, {len(rows) - len(bad)} within tolerance "
       "(fp32 1e-4, fp16/bf16 1e-2 of max |ref|); per op: "
-      + ", ".join(f"{op} {ran[op]}/{len(cases)}" for op, cases in CASES.items()))
+      + ", ".join(f"{op} {ran[op]}/{len(cases) + 1}" for op, cases in CASES.items()))
 for r in bad:
     print("  FAIL", r["op"], r["case"], r.get("exception") or r["errors"], "seed", r["seed"])
 SUMMARY
+fi
 
 ROUTES="$OUT/agent-routes.json"   # -> plugins/agent/routes.json (attnc compile's agent routes)
-for dtype in fp16 bf16 fp32; do   # the route pair only (no torch.compile peers): seconds per dtype
-    step "agent routes $dtype"
-    timeout 30 $PY benchmarks/bench_kernels.py --ops agent --dtype "$dtype" --no-save --agent-routes "$ROUTES" \
-        --peers "attnc TensorRT kernel" "2x sdpa" 2>&1 | tee -a "$LOG"
-done
 
-step "kernels fp16"
-timeout 240 $PY benchmarks/bench_kernels.py --dtype fp16 --out "$OUT" 2>&1 | tee -a "$LOG"
-for dtype in bf16 fp32; do
-    step "kernels $dtype"
-    timeout 60 $PY benchmarks/bench_kernels.py --dtype "$dtype" --out "$OUT" 2>&1 | tee -a "$LOG"
-done
+# bench DTYPE SECONDS...: bench_kernels.py one op at a time (neighborhood linear flow agent, each
+# under its own time limit, so a slow op's torch.compile peers cannot starve the others), every
+# agent case recorded in the route table, then the ops' raw files merged into one for the dtype
+# (at most 8 files come back from $OUT).
+bench() {
+    local dtype=$1 op limit; shift
+    mkdir -p "$OUT/$dtype"
+    for op in neighborhood linear flow agent; do
+        limit=$1; shift
+        step "kernels $dtype $op (${limit} s)"
+        timeout "$limit" $PY benchmarks/bench_kernels.py --ops "$op" --dtype "$dtype" --out "$OUT/$dtype" \
+            --agent-routes "$ROUTES" 2>&1 | tee -a "$LOG"
+    done
+    $PY - "$OUT/$dtype" "$OUT" <<'MERGE' 2>&1 | tee -a "$LOG"
+import json, pathlib, sys
+parts = sorted(pathlib.Path(sys.argv[1]).glob("kernels-*.json"))
+if parts:
+    runs = [json.loads(p.read_text()) for p in parts]
+    merged = {"machine": runs[0]["machine"], "results": [r for run in runs for r in run["results"]],
+              "ceilings_per_run": [run["machine"]["ceilings"] for run in runs]}
+    name = parts[0].name.rsplit("-", 1)[0] + ".json"   # kernels-<device>-<dtype>-<date>.json
+    pathlib.Path(sys.argv[2], name).write_text(json.dumps(merged, indent=1))
+    print(f"merged {len(parts)} runs, {len(merged['results'])} cases -> {name}")
+    for p in parts:
+        p.unlink()
+MERGE
+    rmdir "$OUT/$dtype" 2>/dev/null
+}
 
-step "gpu-marked tests"
-timeout 45 $PY -m pytest -m gpu -p no:xdist -p no:cacheprovider -q tests 2>&1 | tail -20 | tee -a "$LOG"
+case "$PHASE" in
+core)
+    bench fp16 95 70 45 50
+    for dtype in bf16 fp32; do   # the route pair only (no torch.compile peers): seconds per dtype
+        step "agent routes $dtype"
+        timeout 25 $PY benchmarks/bench_kernels.py --ops agent --dtype "$dtype" --no-save --agent-routes "$ROUTES" \
+            --peers "attnc TensorRT kernel" "2x sdpa" 2>&1 | tee -a "$LOG"
+    done ;;
+more)
+    bench bf16 60 45 30 30
+    bench fp32 60 45 30 30 ;;
+esac
+# No gpu-marked tests: they build TensorRT engines, and the device's image has no TensorRT (its
+# wheels come only from NVIDIA's index; TensorRT-RTX's libraries are 228 MB, over what a call carries).
 step "done"
