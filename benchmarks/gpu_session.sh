@@ -4,6 +4,7 @@
 #
 #   here, once:  bash benchmarks/gpu_session.sh --fetch-wheels     # peers' wheels into .whl/ (ignored)
 #   device:      run(command="bash benchmarks/gpu_session.sh core", carry=[".whl"], timeout_s=480)
+#                or parts of it: "bash benchmarks/gpu_session.sh sweep; bash ... bench fp16 linear=180"
 #                then at once, while the machine is warm:
 #                run(command="bash benchmarks/gpu_session.sh more", carry=[".whl"], timeout_s=<what is left>)
 #
@@ -30,8 +31,9 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
         flash-linear-attention==0.6.0 fla-core==0.6.0 lightning-attn==0.0.5
 fi
 
-PHASE="${1:-core}"
-case "$PHASE" in core|more) ;; *) echo "usage: gpu_session.sh [core|more|--fetch-wheels]" >&2; exit 2 ;; esac
+PHASE="${1:-core}"; shift || true
+USAGE="usage: gpu_session.sh [core | more | sweep | bench DTYPE OP=SECONDS... | routes DTYPE SECONDS | --fetch-wheels]"
+case "$PHASE" in core|more|sweep|bench|routes) ;; *) echo "$USAGE" >&2; exit 2 ;; esac
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -52,7 +54,7 @@ fi
 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$LOG" 2>&1 \
     || { step "attnc did not install: see $LOG"; exit 1; }
 
-if [[ "$PHASE" == core ]]; then
+sweep() {
     step "kernel correctness on hardware (the interpreter sweep's cases, compiled; one process per op)"
     # ~70 cases, each its own JIT compile (1-3 s on one core): the four ops compile side by side.
     OPS="neighborhood linear flow agent"
@@ -76,19 +78,18 @@ print(f"{len(rows)} of {sum(map(len, CASES.values())) + len(CASES)} cases ran, {
 for r in bad:
     print("  FAIL", r["op"], r["case"], r.get("exception") or r["errors"], "seed", r["seed"])
 SUMMARY
-fi
+}
 
 ROUTES="$OUT/agent-routes.json"   # -> plugins/agent/routes.json (attnc compile's agent routes)
 
-# bench DTYPE SECONDS...: bench_kernels.py one op at a time (neighborhood linear flow agent, each
-# under its own time limit, so a slow op's torch.compile peers cannot starve the others), every
-# agent case recorded in the route table, then the ops' raw files merged into one for the dtype
-# (at most 8 files come back from $OUT).
+# bench DTYPE OP=SECONDS...: bench_kernels.py one op at a time, each under its own time limit (a
+# slow op's compiles cannot starve the others), every agent case recorded in the route table, then
+# the ops' raw files merged into one for the dtype (at most 8 files come back from $OUT).
 bench() {
-    local dtype=$1 op limit; shift
+    local dtype=$1 op limit item; shift
     mkdir -p "$OUT/$dtype"
-    for op in neighborhood linear flow agent; do
-        limit=$1; shift
+    for item in "$@"; do
+        op=${item%=*} limit=${item#*=}
         step "kernels $dtype $op (${limit} s)"
         timeout "$limit" $PY benchmarks/bench_kernels.py --ops "$op" --dtype "$dtype" --out "$OUT/$dtype" \
             --agent-routes "$ROUTES" 2>&1 | tee -a "$LOG"
@@ -109,17 +110,25 @@ MERGE
     rmdir "$OUT/$dtype" 2>/dev/null
 }
 
+# routes DTYPE SECONDS: the agent route pair alone (no torch.compile peers) into the route table.
+routes() {
+    step "agent routes $1"
+    timeout "$2" $PY benchmarks/bench_kernels.py --ops agent --dtype "$1" --no-save --agent-routes "$ROUTES" \
+        --peers "attnc TensorRT kernel" "2x sdpa" 2>&1 | tee -a "$LOG"
+}
+
 case "$PHASE" in
-core)
-    bench fp16 95 70 45 50
-    for dtype in bf16 fp32; do   # the route pair only (no torch.compile peers): seconds per dtype
-        step "agent routes $dtype"
-        timeout 25 $PY benchmarks/bench_kernels.py --ops agent --dtype "$dtype" --no-save --agent-routes "$ROUTES" \
-            --peers "attnc TensorRT kernel" "2x sdpa" 2>&1 | tee -a "$LOG"
-    done ;;
+core)   # ~6 min on an H200 (2026-12-04), most of it compiling: triton, torch.compile and fla's autotuning
+    sweep
+    bench fp16 neighborhood=95 linear=180 flow=45 agent=50
+    routes bf16 25
+    routes fp32 40 ;;
 more)
-    bench bf16 60 45 30 30
-    bench fp32 60 45 30 30 ;;
+    bench bf16 neighborhood=60 linear=120 flow=30 agent=30
+    bench fp32 neighborhood=60 linear=120 flow=30 agent=30 ;;
+sweep) sweep ;;
+bench) bench "$@" ;;
+routes) routes "$@" ;;
 esac
 # No gpu-marked tests: they build TensorRT engines, and the device's image has no TensorRT (its
 # wheels come only from NVIDIA's index; TensorRT-RTX's libraries are 228 MB, over what a call carries).

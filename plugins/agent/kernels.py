@@ -229,7 +229,9 @@ def _agent_trt_body(Q, K, V, A, B1, B2, heads, queries, keys, O,
         HAS_BIASES, HAS_BIASES, BLOCK_A, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, BLOCK_DV, PRECISION)
 
 
-@triton.jit
+# TensorRT entry: its int32 scalars stay runtime values in a JIT launch too (launch_trt_entry), as in the
+# AOT build TensorRT runs; triton's JIT would otherwise make a scalar equal to 1 a constant.
+@triton.jit(do_not_specialize=["heads", "queries", "keys"])
 def agent_attention_trt(Q, K, V, A, heads, queries, keys, O,
                         HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, AGENTS: tl.constexpr,
                         QK_SCALE: tl.constexpr, A_BATCH: tl.constexpr, A_HEADS: tl.constexpr,
@@ -240,7 +242,9 @@ def agent_attention_trt(Q, K, V, A, heads, queries, keys, O,
                     BLOCK_A, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, BLOCK_DV, PRECISION)
 
 
-@triton.jit
+# TensorRT entry: its int32 scalars stay runtime values in a JIT launch too (launch_trt_entry), as in the
+# AOT build TensorRT runs; triton's JIT would otherwise make a scalar equal to 1 a constant.
+@triton.jit(do_not_specialize=["heads", "queries", "keys"])
 def agent_attention_biases_trt(Q, K, V, A, B1, B2, heads, queries, keys, O,
                                HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, AGENTS: tl.constexpr,
                                QK_SCALE: tl.constexpr, A_BATCH: tl.constexpr, A_HEADS: tl.constexpr,

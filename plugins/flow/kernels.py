@@ -322,7 +322,9 @@ def _flow_global(
                  out.to(O.dtype.element_ty), mask=n_ok[:, None] & v_ok[None, :])
 
 
-@triton.jit
+# TensorRT entry: its int32 scalars stay runtime values in a JIT launch too (launch_trt_entry), as in the
+# AOT build TensorRT runs; triton's JIT would otherwise make a scalar equal to 1 a constant.
+@triton.jit(do_not_specialize=["heads", "length", "sources"])
 def flow_global_trt(
     Q, K, V, heads, length, sources, O,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, EPS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -336,7 +338,9 @@ def flow_global_trt(
         VALUE_DIM, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
 
 
-@triton.jit
+# TensorRT entry: its int32 scalars stay runtime values in a JIT launch too (launch_trt_entry), as in the
+# AOT build TensorRT runs; triton's JIT would otherwise make a scalar equal to 1 a constant.
+@triton.jit(do_not_specialize=["heads", "length"])
 def flow_causal_trt(
     Q, K, V, heads, length, O,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, EPS: tl.constexpr, CHUNK: tl.constexpr,

@@ -231,7 +231,9 @@ def _linear_global(
                  out.to(O.dtype.element_ty), mask=n_ok[:, None] & v_ok[None, :])
 
 
-@triton.jit
+# TensorRT entry: its int32 scalars stay runtime values in a JIT launch too (launch_trt_entry), as in the
+# AOT build TensorRT runs; triton's JIT would otherwise make a scalar equal to 1 a constant.
+@triton.jit(do_not_specialize=["heads", "seq_len"])
 def linear_causal_trt(
     Q, K, V, DECAY, STATE, heads, seq_len, O, STATE_OUT,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SCALE: tl.constexpr, EPS: tl.constexpr,
@@ -252,7 +254,9 @@ def linear_causal_trt(
         BLOCK_DV, PRECISION)
 
 
-@triton.jit
+# TensorRT entry: its int32 scalars stay runtime values in a JIT launch too (launch_trt_entry), as in the
+# AOT build TensorRT runs; triton's JIT would otherwise make a scalar equal to 1 a constant.
+@triton.jit(do_not_specialize=["heads", "seq_len"])
 def linear_global_trt(
     Q, K, V, DECAY, heads, seq_len, O,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SCALE: tl.constexpr, EPS: tl.constexpr,

@@ -180,7 +180,9 @@ def _neighborhood_contiguous(
         SX, SY, SZ)
 
 
-@triton.jit
+# TensorRT entry: its int32 scalars stay runtime values in a JIT launch too (launch_trt_entry), as in the
+# AOT build TensorRT runs; triton's JIT would otherwise make a scalar equal to 1 a constant.
+@triton.jit(do_not_specialize=["heads", "LX", "LY", "LZ"])
 def neighborhood_attention_trt(
     Q, K, V, heads, LX, LY, LZ, O,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, DX: tl.constexpr, DY: tl.constexpr, DZ: tl.constexpr,
@@ -195,7 +197,9 @@ def neighborhood_attention_trt(
                              BLOCK_DV, PRECISION, SX, SY, SZ)
 
 
-@triton.jit
+# TensorRT entry: its int32 scalars stay runtime values in a JIT launch too (launch_trt_entry), as in the
+# AOT build TensorRT runs; triton's JIT would otherwise make a scalar equal to 1 a constant.
+@triton.jit(do_not_specialize=["heads", "LX", "LY", "LZ"])
 def neighborhood_attention_rpb_trt(
     Q, K, V, RPB, heads, LX, LY, LZ, O,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, DX: tl.constexpr, DY: tl.constexpr, DZ: tl.constexpr,

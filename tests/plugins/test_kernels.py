@@ -498,6 +498,11 @@ def _sweep_main(op: str) -> None:
             record["reference_agreement"] = _relative_error(refs[-1], refs[0])
         except Exception as exc:  # reported by the parent test
             record["exception"] = f"{type(exc).__name__}: {exc}"
+            cause = exc.__cause__ or exc.__context__   # a CompilationError's own message ends at the call
+            while cause is not None and (cause.__cause__ or cause.__context__) is not None:
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                record["exception"] += f" <- {type(cause).__name__}: {str(cause)[-600:]}"
         record["seconds"] = round(time.perf_counter() - start, 2)
         print(json.dumps(record), flush=True)
 
