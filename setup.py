@@ -24,5 +24,5 @@ for package, folder in ROOTS.items():
 setup(
     packages=packages,
     package_dir=ROOTS,
-    package_data={"attnc.plugins": ["*/*.cpp", "*/*.h", "*/*.cu"]},
+    package_data={"attnc.plugins": ["*/*.cpp", "*/*.h", "*/*.cu", "agent/routes.json"]},
 )

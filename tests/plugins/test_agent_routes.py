@@ -115,7 +115,12 @@ def test_record_replaces_and_load_checks_the_schema(tmp_path):
 
 
 def test_the_shipped_table_is_valid():
-    """Whatever ``routes.json`` holds (nothing until a GPU measured) loads and names its GPU."""
-    for entry in routes.load_measurements():
-        routes.ShapeClass(**entry["shape"])
+    """The shipped ``routes.json`` (an H200's timings) loads, names its GPU, and decides the classes it
+    measured by those timings: the table, not the work model, on any machine."""
+    entries = routes.load_measurements()
+    assert entries, f"{routes.MEASUREMENTS} is missing or empty"
+    for entry in entries:
+        shape = routes.ShapeClass(**entry["shape"])
         assert entry["device"] and entry["date"] and entry["fused_ms"] > 0 and entry["lowered_ms"] > 0
+        route = routes.choose(shape)   # the default table, read as attnc compile reads it
+        assert route.source == "measured" and route.lowered == (entry["lowered_ms"] < entry["fused_ms"]), route

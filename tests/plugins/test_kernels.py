@@ -732,6 +732,32 @@ def test_linear_trt_launch_specialises_to_the_present_tensors():
         trt_launch(dict(causal=1, normalize=0), ["float16"] * 3 + [None, "float32"], qkv + [None, state])
 
 
+def test_trt_entry_scalars_stay_runtime_values():
+    """TensorRT passes an entry kernel's int32 scalars at run time (its AOT build specialises none);
+    a JIT launch of the entry (launch_trt_entry: the GPU kernel sweep, the streamed agent path)
+    must not specialise them either, or a scalar equal to 1 (a one-token decode step, a 1-D grid's
+    unused axes) compiles as a constant: on the H200 (2026-12-04) five entry cases failed so."""
+    pytest.importorskip("triton")
+    from attnc.plugins.agent import kernels as agent
+    from attnc.plugins.flow import kernels as flow
+    from attnc.plugins.linear import kernels as linear
+    from attnc.plugins.neighborhood import kernels as neighborhood
+
+    providers = {"NeighborhoodAttention": neighborhood, "AgentAttention": agent, "KernelLinearAttention": linear,
+                 "FlowAttention": flow}
+    for op_type, attrs, shapes_for, *outputs in TRT_CASES:
+        shapes = shapes_for(64)
+        dtypes = [None if shape is None else "float32" if i >= 3 and op_type == "KernelLinearAttention"
+                  else "float16" for i, shape in enumerate(shapes)]
+        extra = {"n_outputs": outputs[0]} if outputs else {}
+        spec, _, _ = providers[op_type].trt_launch(attrs, dtypes, shapes, **extra)
+        scalars = [p for p in spec.kernel.params
+                   if p.name not in spec.constexprs and not spec.signature[p.name].startswith("*")]
+        assert scalars, f"{spec.name}: no scalar parameters found"
+        specialised = [p.name for p in scalars if not p.do_not_specialize]
+        assert not specialised, f"{spec.name} ({op_type}) specialises {specialised} in a JIT launch"
+
+
 # ----------------------------------------------------------------------------- tests: interpreter
 
 @pytest.mark.slow
