@@ -14,8 +14,10 @@ For each fused op at realistic sizes it times attnc's kernel and every peer that
   ``fused_recurrent_linear_attn`` with ``initial_state`` and ``output_final_state``;
 - FlowAttention, AgentAttention: the op's torch reference, eager and ``torch.compile``-d;
   agent attention also against its two stages as two SDPA calls (the lowered route) and the
-  fused kernel a TensorRT engine launches. ``--agent-routes FILE`` records those two per shape
-  class for ``attnc compile``'s per-node choice (``attnc.plugins.agent.routes``).
+  fused kernel a TensorRT engine launches, and attnc's two PyTorch-path forms (one launch, two
+  phases; its default picks one per shape). ``--agent-routes FILE`` records the two-SDPA and
+  TensorRT-kernel timings per shape class for ``attnc compile``'s per-node choice
+  (``attnc.plugins.agent.routes``).
 
 It prints one table of ratios ``peer time / attnc time`` (> 1: attnc is faster) plus attnc's
 max relative error against the float64 reference (the only check of the GPU-only paths: tf32
@@ -208,7 +210,8 @@ def case_flow(cfg, dtype, device):
 
 def case_agent(cfg, dtype, device):
     from attnc.plugins.agent import reference
-    from attnc.plugins.agent.kernels import agent_forward
+    from attnc.plugins.agent.kernels import agent_forward, agent_phase_config
+    from attnc.plugins.kernels_common import agent_key_splits
 
     b, h, n, agents, d = cfg["batch"], cfg["heads"], cfg["seq"], cfg["agents"], cfg["dim"]
     q, k, v = (_rand(b, h, n, d, dtype=dtype, device=device) for _ in range(3))
@@ -222,6 +225,12 @@ def case_agent(cfg, dtype, device):
     peers[LOWERED_AGENT] = lambda: torch.nn.functional.scaled_dot_product_attention(
         q, a, torch.nn.functional.scaled_dot_product_attention(a, k, v, attn_mask=b1), attn_mask=b2)
     peers[FUSED_AGENT_TRT] = _agent_trt_kernel(q, k, v, a, b1, b2)
+    # attnc's own two paths side by side (its default picks one per shape): one launch, and two
+    # phases with stage 1 split over keys where the GPU has room for it.
+    if agent_phase_config(agents, dtype, d, d) is not None:
+        key_splits = agent_key_splits(b, h, n, agent_phase_config(agents, dtype, d, d)["BLOCK_N"])
+        peers["attnc one launch"] = lambda: agent_forward(q, k, v, a, b1, b2, key_splits=0)
+        peers["attnc two-phase"] = lambda: agent_forward(q, k, v, a, b1, b2, key_splits=key_splits)
     return (lambda: agent_forward(q, k, v, a, b1, b2),
             peers, lambda: reference(*(None if t is None else t.double() for t in (q, k, v, a, b1, b2))))
 

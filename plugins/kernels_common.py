@@ -130,6 +130,12 @@ def agent_grid(batch: int, heads: int, queries: int, block_queries: int,
     return (batch * heads, max(1, min(tiles, wanted)))
 
 
+def agent_key_splits(batch: int, heads: int, keys: int, block_keys: int, min_programs: int = 264) -> int:
+    """Key splits per head of the two-phase agent path's stage 1 (``agent_stage1_kernel``): enough
+    programs to cover ``min_programs``, never a split smaller than one ``block_keys`` tile."""
+    return max(1, min(cdiv(min_programs, max(1, batch * heads)), cdiv(keys, block_keys)))
+
+
 # ----------------------------------------------------------------------------- AOT compilation
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +298,6 @@ def check_inputs(*tensors: torch.Tensor | None) -> None:
 LOG2E = math.log2(math.e)
 
 __all__ = ["AOT_ARCHS", "DTYPE_NAMES", "KernelSpec", "LOG2E", "POINTER_TYPES", "SHARED_MEMORY_NO_OPT_IN",
-           "SHARED_MEMORY_OPT_IN", "agent_grid", "aot_kernel", "arch_supports", "block_dim", "cdiv", "check_inputs",
-           "compile_for", "compile_spec", "default_arch", "dot", "dot_precision", "interpret_mode",
-           "neighborhood_grid", "next_power_of_2", "per_head_grid", "resource_usage", "rows_grid"]
+           "SHARED_MEMORY_OPT_IN", "agent_grid", "agent_key_splits", "aot_kernel", "arch_supports", "block_dim",
+           "cdiv", "check_inputs", "compile_for", "compile_spec", "default_arch", "dot", "dot_precision",
+           "interpret_mode", "neighborhood_grid", "next_power_of_2", "per_head_grid", "resource_usage", "rows_grid"]

@@ -1,4 +1,4 @@
-"""Triton kernel of ``attnc::AgentAttention``: both softmax stages in one launch.
+"""Triton kernels of ``attnc::AgentAttention``: both softmax stages fused, in one launch or two.
 
 ``Q`` ``[B, H, N, D]``, ``K`` ``[B, H, M, D]``, ``V`` ``[B, H, M, Dv]``, agents ``A``
 broadcastable to ``[B, H, n, D]``, optional biases ``b1`` (to ``[B, H, n, M]``) and ``b2`` (to
@@ -6,16 +6,23 @@ broadcastable to ``[B, H, n, D]``, optional biases ``b1`` (to ``[B, H, n, M]``) 
 
     V_A = softmax(s A Kᵀ + b1) V        O = softmax(s Q Aᵀ + b2) V_A
 
-Two kernels, one launch each:
+The PyTorch path (:func:`agent_forward`, :func:`agent_plan` choosing) and TensorRT's entry points:
 
-- :func:`agent_attention_kernel` (the PyTorch path): a program owns one head. Stage 1 runs
+- :func:`agent_attention_kernel` (one launch): a program owns one head. Stage 1 runs
   flash-style over the M keys with the n agents as queries (n <= 256, all of them in one
   register tile; 49 in Agent-DeiT) and keeps ``V_A`` in registers (fp32); stage 2 then streams
   query tiles: their n scores fit one tile, so it is a plain softmax and one product with
   ``V_A``. When ``B·H`` programs are too few to fill the GPU the launcher splits the query
   tiles of a head over several programs (:func:`attnc.plugins.kernels_common.agent_grid`),
-  each recomputing stage 1 (cost ``n·M·D``, small next to ``N·n·D`` per split). Its launcher
-  opts in to more than 48 KB of shared memory.
+  each recomputing stage 1 over all M keys in one sequential loop. Its launcher opts in to more
+  than 48 KB of shared memory.
+- :func:`agent_stage1_kernel` + :func:`agent_stage2_kernel` (two phases, the default where one
+  launch would split): stage 1 split over key ranges (``B·H·k`` programs,
+  :func:`attnc.plugins.kernels_common.agent_key_splits`), each writing its unnormalised partial
+  (running max, sum, ``Σ p·V``: ``k·n·(Dv + 2)`` fp32 per head); then each query-stage program
+  merges the head's ``k`` partials into ``V_A`` and runs stage 2 on its share of the query tiles.
+  On an H200 (2026-12-04) the one launch ran 4-12x slower than two SDPA calls at 3136-4096
+  tokens with 16 heads in all (Agent-PVT, AgentSD-like: 17 query splits, each walking all keys).
 - :func:`agent_tiled_kernel` (TensorRT's entry points, which get 48 KB and no opt-in): a
   program owns one head and one query tile and streams the agents 16 at a time; each agent
   tile's stage 1 yields its ``V_A`` rows, which stage 2 folds in with an online softmax over
@@ -43,9 +50,65 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from attnc.plugins.kernels_common import (DTYPE_NAMES, LOG2E, POINTER_TYPES, TORCH_DTYPES, KernelSpec, agent_grid,
-                                          block_dim, cdiv, check_inputs, dot, dot_precision)
+                                          agent_key_splits, block_dim, cdiv, check_inputs, dot, dot_precision)
 
 MAX_AGENTS = 256  # agents agent_attention_kernel keeps in one register tile
+
+
+@triton.jit
+def _agent_stage1(K, V, B1, b, h, agent, offs_a, a_ok, offs_d, d_ok, offs_dv, dv_ok,
+                  sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, s1_b, s1_h, s1_a, s1_m, start, end, qk_scale,
+                  HAS_B1: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Stage 1 over keys ``[start, end)`` (``start`` a multiple of ``BLOCK_N``), flash-style with
+    the agents as queries: the running max ``m`` (base 2), the sum ``l`` and ``Σ p·V``, unnormalised."""
+    m_i = tl.full([BLOCK_A], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_A], tl.float32)
+    agent_v = tl.zeros([BLOCK_A, BLOCK_DV], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = dot(agent, tl.trans(k), PRECISION) * qk_scale
+        if HAS_B1:
+            bias = tl.load(B1 + b * s1_b + h * s1_h + offs_a[:, None] * s1_a + offs_n[None, :] * s1_m,
+                           mask=a_ok[:, None] & n_ok[None, :], other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_dv[None, :],
+                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+        agent_v = agent_v * alpha[:, None] + dot(p, v, PRECISION)
+        m_i = m_new
+    return m_i, l_i, agent_v
+
+
+@triton.jit
+def _agent_stage2(Q, B2, O, b, h, agent, agent_v, offs_a, a_ok, offs_d, d_ok, offs_dv, dv_ok,
+                  sq_b, sq_h, sq_n, s2_b, s2_h, s2_n, s2_a, so_b, so_h, so_n, queries, qk_scale, first, step,
+                  HAS_B2: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """Stage 2 on query tiles ``first, first + step, ...``: the n agent scores of a query fit one
+    tile, so a plain softmax and one product with the normalised ``V_A``."""
+    tiles = tl.cdiv(queries, BLOCK_M)
+    for tile in range(first, tiles, step):
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < queries
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        s = dot(q, tl.trans(agent), PRECISION) * qk_scale
+        if HAS_B2:
+            bias = tl.load(B2 + b * s2_b + h * s2_h + offs_m[:, None] * s2_n + offs_a[None, :] * s2_a,
+                           mask=m_ok[:, None] & a_ok[None, :], other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        s = tl.where(a_ok[None, :], s, float("-inf"))
+        p = tl.exp2(s - tl.max(s, 1)[:, None])
+        out = dot(p, agent_v, PRECISION) / tl.sum(p, 1)[:, None]
+        tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_dv[None, :],
+                 out.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit
@@ -65,49 +128,82 @@ def agent_attention_kernel(
     a_ok, d_ok, dv_ok = offs_a < agents, offs_d < head_dim, offs_dv < value_dim
     agent = tl.load(A + b * sa_b + h * sa_h + offs_a[:, None] * sa_n + offs_d[None, :],
                     mask=a_ok[:, None] & d_ok[None, :], other=0.0)
-
     # Stage 1: V_A = softmax(s A Kᵀ + b1) V, online softmax over key blocks (base 2).
+    m_i, l_i, agent_v = _agent_stage1(K, V, B1, b, h, agent, offs_a, a_ok, offs_d, d_ok, offs_dv, dv_ok,
+                                      sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, s1_b, s1_h, s1_a, s1_m, 0, keys,
+                                      qk_scale, HAS_B1, BLOCK_A, BLOCK_N, BLOCK_DV, PRECISION)
+    agent_v = agent_v / tl.where(a_ok, l_i, 1.0)[:, None]
+    # Stage 2: O = softmax(s Q Aᵀ + b2) V_A.
+    _agent_stage2(Q, B2, O, b, h, agent, agent_v, offs_a, a_ok, offs_d, d_ok, offs_dv, dv_ok,
+                  sq_b, sq_h, sq_n, s2_b, s2_h, s2_n, s2_a, so_b, so_h, so_n, queries, qk_scale, pid_split, splits,
+                  HAS_B2, BLOCK_M, PRECISION)
+
+
+@triton.jit
+def agent_stage1_kernel(
+    K, V, A, B1, PART_M, PART_L, PART_V,
+    sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sa_b, sa_h, sa_n, s1_b, s1_h, s1_a, s1_m,
+    heads, keys, agents, head_dim, value_dim, qk_scale, keys_per_split, key_splits,
+    HAS_B1: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Two-phase path, phase 1: program ``(b·h, s)`` runs stage 1 over its ``keys_per_split`` keys
+    and writes its unnormalised partial (``m``, ``l``, ``Σ p·V``; fp32) to row ``b·h·key_splits + s``."""
+    pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    offs_a = tl.arange(0, BLOCK_A)
+    offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    a_ok, d_ok, dv_ok = offs_a < agents, offs_d < head_dim, offs_dv < value_dim
+    agent = tl.load(A + b * sa_b + h * sa_h + offs_a[:, None] * sa_n + offs_d[None, :],
+                    mask=a_ok[:, None] & d_ok[None, :], other=0.0)
+    start = pid_s * keys_per_split
+    end = tl.minimum(start + keys_per_split, keys)
+    m_i, l_i, part = _agent_stage1(K, V, B1, b, h, agent, offs_a, a_ok, offs_d, d_ok, offs_dv, dv_ok,
+                                   sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, s1_b, s1_h, s1_a, s1_m, start, end,
+                                   qk_scale, HAS_B1, BLOCK_A, BLOCK_N, BLOCK_DV, PRECISION)
+    rows = (pid_bh.to(tl.int64) * key_splits + pid_s) * agents + offs_a
+    tl.store(PART_M + rows, m_i, mask=a_ok)
+    tl.store(PART_L + rows, l_i, mask=a_ok)
+    tl.store(PART_V + rows[:, None] * value_dim + offs_dv[None, :], part, mask=a_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def agent_stage2_kernel(
+    Q, A, B2, PART_M, PART_L, PART_V, O,
+    sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, s2_b, s2_h, s2_n, s2_a, so_b, so_h, so_n,
+    heads, queries, agents, head_dim, value_dim, qk_scale, key_splits, splits,
+    HAS_B2: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Two-phase path, phase 2: program ``(b·h, split)`` merges the head's ``key_splits`` partials
+    into ``V_A`` (the online softmax's rescaling, once per partial) and runs stage 2 on its share
+    of the query tiles."""
+    pid_bh, pid_split = tl.program_id(0), tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    offs_a = tl.arange(0, BLOCK_A)
+    offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    a_ok, d_ok, dv_ok = offs_a < agents, offs_d < head_dim, offs_dv < value_dim
+    agent = tl.load(A + b * sa_b + h * sa_h + offs_a[:, None] * sa_n + offs_d[None, :],
+                    mask=a_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full([BLOCK_A], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_A], tl.float32)
     agent_v = tl.zeros([BLOCK_A, BLOCK_DV], tl.float32)
-    for n0 in range(0, keys, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < keys
-        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = dot(agent, tl.trans(k), PRECISION) * qk_scale
-        if HAS_B1:
-            bias = tl.load(B1 + b * s1_b + h * s1_h + offs_a[:, None] * s1_a + offs_n[None, :] * s1_m,
-                           mask=a_ok[:, None] & n_ok[None, :], other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_dv[None, :],
-                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
-        agent_v = agent_v * alpha[:, None] + dot(p, v, PRECISION)
+    for split in range(0, key_splits):
+        rows = (pid_bh.to(tl.int64) * key_splits + split) * agents + offs_a
+        m_s = tl.load(PART_M + rows, mask=a_ok, other=-1.0e30)
+        m_new = tl.maximum(m_i, m_s)
+        alpha, beta = tl.exp2(m_i - m_new), tl.exp2(m_s - m_new)
+        l_i = l_i * alpha + tl.load(PART_L + rows, mask=a_ok, other=0.0) * beta
+        part = tl.load(PART_V + rows[:, None] * value_dim + offs_dv[None, :], mask=a_ok[:, None] & dv_ok[None, :],
+                       other=0.0)
+        agent_v = agent_v * alpha[:, None] + part * beta[:, None]
         m_i = m_new
     agent_v = agent_v / tl.where(a_ok, l_i, 1.0)[:, None]
-
-    # Stage 2: O = softmax(s Q Aᵀ + b2) V_A; the n agent scores of a query fit one tile.
-    tiles = tl.cdiv(queries, BLOCK_M)
-    for tile in range(pid_split, tiles, splits):
-        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < queries
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        s = dot(q, tl.trans(agent), PRECISION) * qk_scale
-        if HAS_B2:
-            bias = tl.load(B2 + b * s2_b + h * s2_h + offs_m[:, None] * s2_n + offs_a[None, :] * s2_a,
-                           mask=m_ok[:, None] & a_ok[None, :], other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
-        s = tl.where(a_ok[None, :], s, float("-inf"))
-        p = tl.exp2(s - tl.max(s, 1)[:, None])
-        out = dot(p, agent_v, PRECISION) / tl.sum(p, 1)[:, None]
-        tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_dv[None, :],
-                 out.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+    _agent_stage2(Q, B2, O, b, h, agent, agent_v, offs_a, a_ok, offs_d, d_ok, offs_dv, dv_ok,
+                  sq_b, sq_h, sq_n, s2_b, s2_h, s2_n, s2_a, so_b, so_h, so_n, queries, qk_scale, pid_split, splits,
+                  HAS_B2, BLOCK_M, PRECISION)
 
 
 @triton.jit
@@ -282,6 +378,25 @@ def agent_config(agents: int, dtype: torch.dtype, head_dim: int, value_dim: int)
             "BLOCK_DV": block_dim(value_dim), "num_warps": 8, "num_stages": tiles[2]}
 
 
+def agent_phase_config(agents: int, dtype: torch.dtype, head_dim: int, value_dim: int) -> dict[str, int] | None:
+    """Tiles, ``num_warps`` and ``num_stages`` of the two-phase path (:func:`agent_stage1_kernel`,
+    :func:`agent_stage2_kernel`), or None where it has none that keeps every register (fp32 past
+    head dim 64: it falls back to the one-launch kernel).
+
+    Half precision takes :func:`agent_config`'s (no spills on sm_80/90 at head dims 32-128). fp32
+    (CUDA-core ``tl.dot``) needs 16 warps and one stage: with 8 warps the merge loop's fp32 ``V_A``
+    partials spilled 8-384 B (sm_80/90, head dims 32-128); with 16 warps 32-key/32-query tiles
+    fit up to head dim 64 (64-122 registers), and past it every tile and warp count tried still
+    spilled 8-16 B in one of the two kernels.
+    """
+    config = agent_config(agents, dtype, head_dim, value_dim)
+    if dtype != torch.float32:
+        return config
+    if max(head_dim, value_dim) > 64:
+        return None
+    return {**config, "BLOCK_N": 32, "BLOCK_M": 32, "num_warps": 16, "num_stages": 1}
+
+
 def agent_trt_config(dtype: torch.dtype, head_dim: int, value_dim: int) -> dict[str, int]:
     """Tiles, ``num_warps`` and ``num_stages`` of :func:`agent_tiled_kernel` in a TensorRT engine
     (48 KB of shared memory without opting in, no register spills), for any agent count.
@@ -306,10 +421,33 @@ def _strides4(t: torch.Tensor | None, shape) -> tuple[int, int, int, int]:
     return (0, 0, 0, 0) if t is None else tuple(t.expand(*shape).stride())
 
 
+def agent_plan(batch: int, heads: int, queries: int, keys: int, agents: int, dtype: torch.dtype, head_dim: int,
+               value_dim: int, splits: int | None = None, key_splits: int | None = None):
+    """How :func:`agent_forward` launches (up to :data:`MAX_AGENTS` agents): ``(config, grid,
+    key_splits)``, ``key_splits`` 0 for one launch of :func:`agent_attention_kernel`, else the
+    two-phase path's key ranges per head; ``grid`` is the query stage's ``(B·H, splits)``.
+
+    By default two phases where one launch would split a head's queries over several programs
+    (each recomputing stage 1) and the keys span more than one tile, and the dtype and head dims
+    have a two-phase configuration (:func:`agent_phase_config`)."""
+    config = agent_config(agents, dtype, head_dim, value_dim)
+    phase_config = agent_phase_config(agents, dtype, head_dim, value_dim)
+    if key_splits is None:
+        two_phase = (phase_config is not None and keys > phase_config["BLOCK_N"]
+                     and agent_grid(batch, heads, queries, config["BLOCK_M"])[1] > 1)
+        key_splits = agent_key_splits(batch, heads, keys, phase_config["BLOCK_N"]) if two_phase else 0
+    if key_splits:
+        config = phase_config or config   # fp32 past head dim 64 has none that never spills
+    grid = agent_grid(batch, heads, queries, config["BLOCK_M"])
+    if splits is not None:
+        grid = (grid[0], max(1, int(splits)))
+    return config, grid, int(key_splits)
+
+
 def agent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                   agent_bias: torch.Tensor | None = None, query_bias: torch.Tensor | None = None,
-                  scale: float = 0.0, splits: int | None = None) -> torch.Tensor:
-    """Agent attention with the fused Triton kernel.
+                  scale: float = 0.0, splits: int | None = None, key_splits: int | None = None) -> torch.Tensor:
+    """Agent attention with the fused Triton kernels.
 
     Args:
         q: ``[B, H, N, D]``; k: ``[B, H, M, D]``; v: ``[B, H, M, Dv]``.
@@ -318,7 +456,12 @@ def agent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Te
             memory holds, run the streaming kernel (:func:`agent_tiled_kernel`).
         agent_bias: broadcastable to ``[B, H, n, M]``; query_bias: to ``[B, H, N, n]``.
         scale: 0 means ``1/sqrt(D)``.
-        splits: programs per head (default :func:`agent_grid`'s choice).
+        splits: programs per head of the query stage (default :func:`agent_grid`'s choice).
+        key_splits: 0 runs both stages in one launch (:func:`agent_attention_kernel`; each of a
+            head's ``splits`` programs recomputes stage 1); ``k >= 1`` runs the two-phase path,
+            stage 1 split over ``k`` key ranges (:func:`agent_stage1_kernel`) and merged by the
+            query-stage programs (:func:`agent_stage2_kernel`). Default: two-phase where one launch
+            would split a head's queries over several key tiles, with :func:`agent_key_splits`.
     Returns:
         ``[B, H, N, Dv]`` in q's dtype.
     """
@@ -330,22 +473,38 @@ def agent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Te
     tensors = [t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
                for t in (q, k, v, a, agent_bias, query_bias)]
     q, k, v, a, agent_bias, query_bias = tensors
-    config = agent_config(agents, q.dtype, head_dim, value_dim)
-    grid = agent_grid(batch, heads, queries, config["BLOCK_M"])
-    if splits is not None:
-        grid = (grid[0], max(1, int(splits)))
+    config, grid, key_splits = agent_plan(batch, heads, queries, keys, agents, q.dtype, head_dim, value_dim,
+                                          splits, key_splits)
     out = torch.empty(batch, heads, queries, value_dim, dtype=q.dtype, device=q.device)
     sa = _strides4(a, (batch, heads, agents, head_dim))[:3]
     s1 = _strides4(agent_bias, (batch, heads, agents, keys))
     s2 = _strides4(query_bias, (batch, heads, queries, agents))
     scale = scale or head_dim ** -0.5
+    b1 = agent_bias if agent_bias is not None else q
+    b2 = query_bias if query_bias is not None else q
+    flags = dict(PRECISION=dot_precision(q.dtype), BLOCK_A=config["BLOCK_A"], BLOCK_D=config["BLOCK_D"],
+                 BLOCK_DV=config["BLOCK_DV"], num_warps=config["num_warps"], num_stages=config["num_stages"])
     try:
-        agent_attention_kernel[grid](
-            q, k, v, a, agent_bias if agent_bias is not None else q, query_bias if query_bias is not None else q,
-            out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *sa, *s1, *s2, *out.stride()[:3],
-            heads, queries, keys, agents, head_dim, value_dim, scale * LOG2E, grid[1],
-            HAS_B1=agent_bias is not None, HAS_B2=query_bias is not None, PRECISION=dot_precision(q.dtype),
-            **config)
+        if key_splits:
+            rows = batch * heads * key_splits
+            part_m = torch.empty(rows, agents, dtype=torch.float32, device=q.device)
+            part_l = torch.empty_like(part_m)
+            part_v = torch.empty(rows, agents, value_dim, dtype=torch.float32, device=q.device)
+            per_split = cdiv(cdiv(keys, key_splits), config["BLOCK_N"]) * config["BLOCK_N"]
+            agent_stage1_kernel[(batch * heads, key_splits)](
+                k, v, a, b1, part_m, part_l, part_v, *k.stride()[:3], *v.stride()[:3], *sa, *s1,
+                heads, keys, agents, head_dim, value_dim, scale * LOG2E, per_split, key_splits,
+                HAS_B1=agent_bias is not None, BLOCK_N=config["BLOCK_N"], **flags)
+            agent_stage2_kernel[grid](
+                q, a, b2, part_m, part_l, part_v, out, *q.stride()[:3], *sa, *s2, *out.stride()[:3],
+                heads, queries, agents, head_dim, value_dim, scale * LOG2E, key_splits, grid[1],
+                HAS_B2=query_bias is not None, BLOCK_M=config["BLOCK_M"], **flags)
+        else:
+            agent_attention_kernel[grid](
+                q, k, v, a, b1, b2, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *sa, *s1, *s2,
+                *out.stride()[:3], heads, queries, keys, agents, head_dim, value_dim, scale * LOG2E, grid[1],
+                HAS_B1=agent_bias is not None, HAS_B2=query_bias is not None, BLOCK_N=config["BLOCK_N"],
+                BLOCK_M=config["BLOCK_M"], **flags)
     except OutOfResources:
         # n agents' register tiles need more shared memory than this GPU has (256 agents at
         # head dim 128 in fp16 take 262 KB): the streaming kernel fits any agent count, at the
@@ -467,10 +626,22 @@ def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
                  "qk_scale": "fp32", "splits": "i32"}
     config = agent_config(49, torch_dtype, head_dim, head_dim)
     launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-    return [KernelSpec(agent_attention_kernel, signature,
-                       {**config, "HAS_B1": True, "HAS_B2": True, "PRECISION": dot_precision(torch_dtype)}, **launch)]
+    flags = {"HAS_B1": True, "HAS_B2": True, "PRECISION": dot_precision(torch_dtype)}
+    specs = [KernelSpec(agent_attention_kernel, signature, {**config, **flags}, **launch)]
+    phase = agent_phase_config(49, torch_dtype, head_dim, head_dim)
+    if phase is None:
+        return specs
+    # The two-phase path's kernels take the subsets of the one-launch kernel's parameters they read.
+    launch = {key: phase.pop(key) for key in ("num_warps", "num_stages")}
+    phase_signature = {**signature, **{n: "*fp32" for n in ("PART_M", "PART_L", "PART_V")},
+                       "keys_per_split": "i32", "key_splits": "i32"}
+    for kernel, drop in ((agent_stage1_kernel, ("BLOCK_M", "HAS_B2")), (agent_stage2_kernel, ("BLOCK_N", "HAS_B1"))):
+        names = set(kernel.arg_names)
+        specs.append(KernelSpec(kernel, {n: t for n, t in phase_signature.items() if n in names},
+                                {n: v for n, v in {**phase, **flags}.items() if n not in drop}, **launch))
+    return specs
 
 
 __all__ = ["MAX_AGENTS", "agent_attention_biases_trt", "agent_attention_kernel", "agent_attention_trt",
-           "agent_config", "agent_forward", "agent_tiled_kernel", "agent_trt_config", "aot_specs", "kernel_for",
-           "trt_launch"]
+           "agent_config", "agent_forward", "agent_phase_config", "agent_plan", "agent_stage1_kernel",
+           "agent_stage2_kernel", "agent_tiled_kernel", "agent_trt_config", "aot_specs", "kernel_for", "trt_launch"]

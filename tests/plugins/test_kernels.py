@@ -271,9 +271,16 @@ FLOW_CASES = [
 ]
 AGENT_CASES = [
     dict(n=37, m=50, agents=9, d=32, dv=48, b1=True, b2=True, dtype="fp32"),
-    dict(n=70, m=33, agents=49, d=40, dv=24, b1=False, b2=True, dtype="fp16", splits=2),
+    dict(n=70, m=33, agents=49, d=40, dv=24, b1=False, b2=True, dtype="fp16", splits=2, key_splits=0),
     dict(n=70, m=90, agents=7, d=16, dv=80, b1=True, b2=False, dtype="bf16", splits=1),
     dict(n=5, m=3, agents=2, d=16, dv=16, b1=False, b2=False, dtype="fp32", scale=0.5),
+    # The two-phase path (stage 1 split over key ranges, merged by the query-stage programs): more
+    # splits than key tiles (empty ranges), one split, partial last ranges, broadcast biases, the
+    # default choice (query splits > 1 over several key tiles), every dtype.
+    dict(n=70, m=90, agents=7, d=16, dv=80, b1=True, b2=False, dtype="fp32", splits=2, key_splits=5),
+    dict(n=37, m=200, agents=49, d=40, dv=24, b1=True, b2=True, dtype="fp16", splits=3, key_splits=3),
+    dict(n=45, m=61, agents=9, d=24, dv=40, b1="column", b2=True, dtype="bf16", splits=1, key_splits=1),
+    dict(n=130, m=150, agents=13, d=32, dv=48, b1=False, b2=True, dtype="bf16", batch=1),
     # more agents than the register kernel holds: agent_forward streams them (the TensorRT
     # entry point's kernel), with a zero table standing in for the absent bias
     dict(n=20, m=17, agents=257, d=16, dv=8, b1=True, b2=False, dtype="fp16"),
@@ -320,7 +327,8 @@ def random_case(op: str, rng: np.random.Generator) -> dict:
                     dv=int(rng.integers(8, 97)), dtype=dtype, causal=causal)
     return dict(n=int(rng.integers(1, 100)), m=int(rng.integers(1, 100)), agents=int(rng.integers(1, 65)),
                 d=int(rng.integers(8, 65)), dv=int(rng.integers(8, 97)), b1=bool(rng.integers(0, 2)),
-                b2=bool(rng.integers(0, 2)), dtype=dtype, splits=int(rng.integers(1, 3)))
+                b2=bool(rng.integers(0, 2)), dtype=dtype, splits=int(rng.integers(1, 3)),
+                key_splits=int(rng.integers(0, 4)))   # 0: one launch; 1-3: the two-phase path
 
 
 def _run_trt_entry(trt_launch, attrs: dict, inputs: list, *outputs: torch.Tensor):
@@ -461,7 +469,7 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
             out = _run_trt_entry(trt_launch, {"scale": scale}, [t for t in low if t is not None],
                                  torch.empty(*q.shape[:3], v.shape[-1], dtype=dtype, device=DEVICE))
         else:
-            out = agent_forward(*low, scale=scale, splits=case.get("splits"))
+            out = agent_forward(*low, scale=scale, splits=case.get("splits"), key_splits=case.get("key_splits"))
         refs = [agent_reference(q, k, v, a, b1, b2, scale)]
         try:
             from attnc.plugins.agent import reference
@@ -669,13 +677,36 @@ def test_neighborhood_grid_covers_every_query_once(grid, dilation, block):
 
 
 def test_other_grids():
-    from attnc.plugins.kernels_common import agent_grid, per_head_grid, rows_grid
+    from attnc.plugins.kernels_common import agent_grid, agent_key_splits, per_head_grid, rows_grid
 
     assert rows_grid(2, 3, 100, 64, 80, 64) == (6, 2, 2)
     assert per_head_grid(2, 3, 48, 64) == (6, 1)
     assert agent_grid(64, 6, 197, 64) == (384, 1)        # enough heads: fully fused, no recompute
     assert agent_grid(1, 3, 197, 64) == (3, 4)           # batch 1: split up to the 4 query tiles
     assert agent_grid(1, 3, 30, 64) == (3, 1)
+    assert agent_key_splits(16, 1, 3136, 32) == 17        # PVT stage 1: 16 heads x 17 key ranges >= 264 programs
+    assert agent_key_splits(2, 1, 40, 32) == 2            # never a range shorter than one key tile
+    assert agent_key_splits(64, 6, 197, 32) == 1
+
+
+def test_agent_plan_picks_two_phases_where_one_launch_recomputes_stage1():
+    """The default is the two-phase path exactly where one launch would split a head's queries
+    (each split recomputing stage 1) over more than one key tile and a configuration exists."""
+    import torch
+    from attnc.plugins.agent.kernels import agent_config, agent_phase_config, agent_plan
+
+    fp16, fp32 = torch.float16, torch.float32
+    config, grid, key_splits = agent_plan(16, 1, 3136, 3136, 49, fp16, 64, 64)     # Agent-PVT stage 1
+    assert key_splits == 17 and grid == (16, 17) and config == agent_phase_config(49, fp16, 64, 64)
+    assert agent_plan(64, 6, 197, 197, 49, fp16, 64, 64)[1:] == ((384, 1), 0)      # Agent-DeiT-S: no split
+    assert agent_plan(16, 1, 3136, 20, 49, fp16, 64, 64)[2] == 0                   # one key tile: nothing to split
+    assert agent_plan(16, 1, 3136, 3136, 49, fp32, 128, 128)[2] == 0               # fp32 past D64: one launch
+    config, grid, key_splits = agent_plan(16, 1, 3136, 3136, 49, fp32, 64, 64)
+    assert key_splits == 17 and grid == (16, 17) and config["num_warps"] == 16   # fp32 <= D64: 16 warps
+    # Explicit choices win; the one-launch path keeps agent_config's tiles.
+    config, grid, key_splits = agent_plan(16, 1, 3136, 3136, 49, fp16, 64, 64, splits=3, key_splits=0)
+    assert (config, grid, key_splits) == (agent_config(49, fp16, 64, 64), (16, 3), 0)
+    assert agent_plan(64, 6, 197, 197, 49, fp16, 64, 64, key_splits=2)[2] == 2
 
 
 def test_neighborhood_kernel_refuses_rpb_with_a_stride():
