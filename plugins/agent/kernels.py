@@ -56,6 +56,21 @@ MAX_AGENTS = 256  # agents agent_attention_kernel keeps in one register tile
 
 
 @triton.jit
+def _agent_head(A, pid_bh, heads, agents, head_dim, value_dim, sa_b, sa_h, sa_n,
+                BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Program ``pid_bh``'s batch and head, the agent/head-dim/value-dim offsets with their masks,
+    and the head's agents ``[BLOCK_A, BLOCK_D]``."""
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    offs_a = tl.arange(0, BLOCK_A)
+    offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    a_ok, d_ok, dv_ok = offs_a < agents, offs_d < head_dim, offs_dv < value_dim
+    agent = tl.load(A + b * sa_b + h * sa_h + offs_a[:, None] * sa_n + offs_d[None, :],
+                    mask=a_ok[:, None] & d_ok[None, :], other=0.0)
+    return b, h, offs_a, a_ok, offs_d, d_ok, offs_dv, dv_ok, agent
+
+
+@triton.jit
 def _agent_stage1(K, V, B1, b, h, agent, offs_a, a_ok, offs_d, d_ok, offs_dv, dv_ok,
                   sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, s1_b, s1_h, s1_a, s1_m, start, end, qk_scale,
                   HAS_B1: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -121,13 +136,8 @@ def agent_attention_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bh, pid_split = tl.program_id(0), tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = (pid_bh % heads).to(tl.int64)
-    offs_a = tl.arange(0, BLOCK_A)
-    offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-    a_ok, d_ok, dv_ok = offs_a < agents, offs_d < head_dim, offs_dv < value_dim
-    agent = tl.load(A + b * sa_b + h * sa_h + offs_a[:, None] * sa_n + offs_d[None, :],
-                    mask=a_ok[:, None] & d_ok[None, :], other=0.0)
+    b, h, offs_a, a_ok, offs_d, d_ok, offs_dv, dv_ok, agent = _agent_head(
+        A, pid_bh, heads, agents, head_dim, value_dim, sa_b, sa_h, sa_n, BLOCK_A, BLOCK_D, BLOCK_DV)
     # Stage 1: V_A = softmax(s A Kᵀ + b1) V, online softmax over key blocks (base 2).
     m_i, l_i, agent_v = _agent_stage1(K, V, B1, b, h, agent, offs_a, a_ok, offs_d, d_ok, offs_dv, dv_ok,
                                       sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, s1_b, s1_h, s1_a, s1_m, 0, keys,
@@ -150,13 +160,8 @@ def agent_stage1_kernel(
     """Two-phase path, phase 1: program ``(b·h, s)`` runs stage 1 over its ``keys_per_split`` keys
     and writes its unnormalised partial (``m``, ``l``, ``Σ p·V``; fp32) to row ``b·h·key_splits + s``."""
     pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = (pid_bh % heads).to(tl.int64)
-    offs_a = tl.arange(0, BLOCK_A)
-    offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-    a_ok, d_ok, dv_ok = offs_a < agents, offs_d < head_dim, offs_dv < value_dim
-    agent = tl.load(A + b * sa_b + h * sa_h + offs_a[:, None] * sa_n + offs_d[None, :],
-                    mask=a_ok[:, None] & d_ok[None, :], other=0.0)
+    b, h, offs_a, a_ok, offs_d, d_ok, offs_dv, dv_ok, agent = _agent_head(
+        A, pid_bh, heads, agents, head_dim, value_dim, sa_b, sa_h, sa_n, BLOCK_A, BLOCK_D, BLOCK_DV)
     start = pid_s * keys_per_split
     end = tl.minimum(start + keys_per_split, keys)
     m_i, l_i, part = _agent_stage1(K, V, B1, b, h, agent, offs_a, a_ok, offs_d, d_ok, offs_dv, dv_ok,
@@ -180,13 +185,8 @@ def agent_stage2_kernel(
     into ``V_A`` (the online softmax's rescaling, once per partial) and runs stage 2 on its share
     of the query tiles."""
     pid_bh, pid_split = tl.program_id(0), tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = (pid_bh % heads).to(tl.int64)
-    offs_a = tl.arange(0, BLOCK_A)
-    offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-    a_ok, d_ok, dv_ok = offs_a < agents, offs_d < head_dim, offs_dv < value_dim
-    agent = tl.load(A + b * sa_b + h * sa_h + offs_a[:, None] * sa_n + offs_d[None, :],
-                    mask=a_ok[:, None] & d_ok[None, :], other=0.0)
+    b, h, offs_a, a_ok, offs_d, d_ok, offs_dv, dv_ok, agent = _agent_head(
+        A, pid_bh, heads, agents, head_dim, value_dim, sa_b, sa_h, sa_n, BLOCK_A, BLOCK_D, BLOCK_DV)
     m_i = tl.full([BLOCK_A], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_A], tl.float32)
     agent_v = tl.zeros([BLOCK_A, BLOCK_DV], tl.float32)
