@@ -12,7 +12,8 @@ For each fused op at realistic sizes it times attnc's kernel and every peer that
   and the op's torch reference eager and ``torch.compile``-d; with a recurrent state (a decode
   step, and a prefill that carries one), fla's ``fused_recurrent_simple_gla`` /
   ``fused_recurrent_linear_attn`` with ``initial_state`` and ``output_final_state``;
-- FlowAttention, AgentAttention: the op's torch reference, eager and ``torch.compile``-d;
+- FlowAttention, AgentAttention: the op's torch reference, eager and ``torch.compile``-d; flow
+  attention also against attnc's own one-range-per-head form (its default splits each head's tokens);
   agent attention also against its two stages as two SDPA calls (the lowered route) and the
   fused kernel a TensorRT engine launches, and attnc's two PyTorch-path forms (one launch, two
   phases; its default picks one per shape). ``--agent-routes FILE`` records the two-SDPA and
@@ -202,16 +203,17 @@ def case_flow(cfg, dtype, device):
     b, h, n, d, causal = cfg["batch"], cfg["heads"], cfg["seq"], cfg["dim"], cfg.get("causal", 0)
     q, k, v = (_rand(b, h, n, d, dtype=dtype, device=device) for _ in range(3))
     compiled = torch.compile(reference, dynamic=False)
-    return (lambda: flow_forward(q, k, v, causal),
-            {"torch eager": lambda: reference(q, k, v, causal),
-             "torch.compile": lambda: compiled(q, k, v, causal)},
+    peers = {"torch eager": lambda: reference(q, k, v, causal), "torch.compile": lambda: compiled(q, k, v, causal)}
+    if not causal:   # attnc's own two forms side by side: one program per head, and token ranges
+        peers["attnc one range"] = lambda: flow_forward(q, k, v, causal, token_splits=1)
+    return (lambda: flow_forward(q, k, v, causal), peers,
             lambda: reference(q.double(), k.double(), v.double(), causal))
 
 
 def case_agent(cfg, dtype, device):
     from attnc.plugins.agent import reference
     from attnc.plugins.agent.kernels import agent_forward, agent_phase_config
-    from attnc.plugins.kernels_common import agent_key_splits
+    from attnc.plugins.kernels_common import range_splits
 
     b, h, n, agents, d = cfg["batch"], cfg["heads"], cfg["seq"], cfg["agents"], cfg["dim"]
     q, k, v = (_rand(b, h, n, d, dtype=dtype, device=device) for _ in range(3))
@@ -228,7 +230,7 @@ def case_agent(cfg, dtype, device):
     # attnc's own two paths side by side (its default picks one per shape): one launch, and two
     # phases with stage 1 split over keys where the GPU has room for it.
     if agent_phase_config(agents, dtype, d, d) is not None:
-        key_splits = agent_key_splits(b, h, n, agent_phase_config(agents, dtype, d, d)["BLOCK_N"])
+        key_splits = range_splits(b * h, n, agent_phase_config(agents, dtype, d, d)["BLOCK_N"])
         peers["attnc one launch"] = lambda: agent_forward(q, k, v, a, b1, b2, key_splits=0)
         peers["attnc two-phase"] = lambda: agent_forward(q, k, v, a, b1, b2, key_splits=key_splits)
     return (lambda: agent_forward(q, k, v, a, b1, b2),

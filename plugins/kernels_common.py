@@ -130,10 +130,11 @@ def agent_grid(batch: int, heads: int, queries: int, block_queries: int,
     return (batch * heads, max(1, min(tiles, wanted)))
 
 
-def agent_key_splits(batch: int, heads: int, keys: int, block_keys: int, min_programs: int = 264) -> int:
-    """Key splits per head of the two-phase agent path's stage 1 (``agent_stage1_kernel``): enough
-    programs to cover ``min_programs``, never a split smaller than one ``block_keys`` tile."""
-    return max(1, min(cdiv(min_programs, max(1, batch * heads)), cdiv(keys, block_keys)))
+def range_splits(rows: int, length: int, block: int, min_programs: int = 264) -> int:
+    """How many ranges to split each row's ``length``-long loop into, so that ``rows`` times that
+    covers ``min_programs`` (two waves of an H100's 132 SMs), never a range shorter than one
+    ``block``: the two-phase agent path's key ranges, flow attention's token ranges."""
+    return max(1, min(cdiv(min_programs, max(1, rows)), cdiv(length, block)))
 
 
 # ----------------------------------------------------------------------------- AOT compilation
@@ -298,6 +299,7 @@ def check_inputs(*tensors: torch.Tensor | None) -> None:
 LOG2E = math.log2(math.e)
 
 __all__ = ["AOT_ARCHS", "DTYPE_NAMES", "KernelSpec", "LOG2E", "POINTER_TYPES", "SHARED_MEMORY_NO_OPT_IN",
-           "SHARED_MEMORY_OPT_IN", "agent_grid", "agent_key_splits", "aot_kernel", "arch_supports", "block_dim",
+           "SHARED_MEMORY_OPT_IN", "agent_grid", "aot_kernel", "arch_supports", "block_dim",
            "cdiv", "check_inputs", "compile_for", "compile_spec", "default_arch", "dot", "dot_precision",
-           "interpret_mode", "neighborhood_grid", "next_power_of_2", "per_head_grid", "resource_usage", "rows_grid"]
+           "interpret_mode", "neighborhood_grid", "next_power_of_2", "per_head_grid", "range_splits",
+           "resource_usage", "rows_grid"]

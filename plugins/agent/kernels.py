@@ -18,7 +18,7 @@ The PyTorch path (:func:`agent_forward`, :func:`agent_plan` choosing) and Tensor
   than 48 KB of shared memory.
 - :func:`agent_stage1_kernel` + :func:`agent_stage2_kernel` (two phases, the default where one
   launch would split): stage 1 split over key ranges (``B·H·k`` programs,
-  :func:`attnc.plugins.kernels_common.agent_key_splits`), each writing its unnormalised partial
+  :func:`attnc.plugins.kernels_common.range_splits`), each writing its unnormalised partial
   (running max, sum, ``Σ p·V``: ``k·n·(Dv + 2)`` fp32 per head); then each query-stage program
   merges the head's ``k`` partials into ``V_A`` and runs stage 2 on its share of the query tiles.
   On an H200 (2026-12-04) the one launch ran 4-12x slower than two SDPA calls at 3136-4096
@@ -50,7 +50,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from attnc.plugins.kernels_common import (DTYPE_NAMES, LOG2E, POINTER_TYPES, TORCH_DTYPES, KernelSpec, agent_grid,
-                                          agent_key_splits, block_dim, cdiv, check_inputs, dot, dot_precision)
+                                          block_dim, cdiv, check_inputs, dot, dot_precision, range_splits)
 
 MAX_AGENTS = 256  # agents agent_attention_kernel keeps in one register tile
 
@@ -435,7 +435,7 @@ def agent_plan(batch: int, heads: int, queries: int, keys: int, agents: int, dty
     if key_splits is None:
         two_phase = (phase_config is not None and keys > phase_config["BLOCK_N"]
                      and agent_grid(batch, heads, queries, config["BLOCK_M"])[1] > 1)
-        key_splits = agent_key_splits(batch, heads, keys, phase_config["BLOCK_N"]) if two_phase else 0
+        key_splits = range_splits(batch * heads, keys, phase_config["BLOCK_N"]) if two_phase else 0
     if key_splits:
         config = phase_config or config   # fp32 past head dim 64 has none that never spills
     grid = agent_grid(batch, heads, queries, config["BLOCK_M"])
@@ -460,8 +460,7 @@ def agent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Te
         key_splits: 0 runs both stages in one launch (:func:`agent_attention_kernel`; each of a
             head's ``splits`` programs recomputes stage 1); ``k >= 1`` runs the two-phase path,
             stage 1 split over ``k`` key ranges (:func:`agent_stage1_kernel`) and merged by the
-            query-stage programs (:func:`agent_stage2_kernel`). Default: two-phase where one launch
-            would split a head's queries over several key tiles, with :func:`agent_key_splits`.
+            query-stage programs (:func:`agent_stage2_kernel`). Default: :func:`agent_plan`'s.
     Returns:
         ``[B, H, N, Dv]`` in q's dtype.
     """

@@ -17,7 +17,10 @@ of full reductions, and each pass reads only what the next one needs:
 Q is read three times, K twice, V once: the minimum, since ``Ô`` needs a full pass over Q
 after a full pass over K, and the output needs a full pass over K after that. All
 intermediate sums are fp32 ``[B·H, D]`` (``kv`` ``[B·H, D, Dv]``), products fp32 (tf32 for
-half inputs).
+half inputs). Passes 1-3 split each head's tokens into ranges (:func:`flow_token_splits`: with
+few heads, one program per head walking every token leaves most of a GPU idle; on an H200 the
+one-range form ran 0.72x of ``torch.compile`` at B8 H8 N4096); each range writes partial
+sums, added in fp32 before the next pass.
 
 Causal (:func:`flow_causal_kernel`): every sum becomes a prefix sum, so a single chunked walk
 computes all of them and the causal linear-attention product at once.
@@ -35,16 +38,17 @@ import triton
 import triton.language as tl
 
 from attnc.plugins.kernels_common import (DTYPE_NAMES, POINTER_TYPES, TORCH_DTYPES, KernelSpec, block_dim, cdiv,
-                                          check_inputs, dot, dot_precision, per_head_grid, rows_grid)
+                                          check_inputs, dot, dot_precision, per_head_grid, range_splits, rows_grid)
 
 
 @triton.jit
 def flow_reduce_kernel(
-    X, OTHER, OUT, heads, length, head_dim, sx_b, sx_h, sx_n, eps,
+    X, OTHER, OUT, heads, length, head_dim, sx_b, sx_h, sx_n, eps, per_split, splits,
     WEIGHTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """OUT[bh] = Σ_n φx_n, or with WEIGHTED Σ_n φx_n / ((φx_n+ε)·(OTHER[bh]+ε)) (fp32 [BH, D])."""
-    pid_bh = tl.program_id(0)
+    """OUT[bh, s] = Σ_n φx_n, or with WEIGHTED Σ_n φx_n / ((φx_n+ε)·(OTHER[bh]+ε)), over split
+    ``s``'s ``per_split`` tokens (fp32 ``[BH, splits, D]``; the launcher sums the splits)."""
+    pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
     h = (pid_bh % heads).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -52,29 +56,31 @@ def flow_reduce_kernel(
     if WEIGHTED:
         other = tl.load(OTHER + pid_bh * head_dim + offs_d, mask=d_ok, other=0.0)
     total = tl.zeros([BLOCK_D], tl.float32)
-    for n0 in range(0, length, BLOCK_N):
+    start = pid_s * per_split
+    end = tl.minimum(start + per_split, length)
+    for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        ok = (offs_n < length)[:, None] & d_ok[None, :]
+        ok = (offs_n < end)[:, None] & d_ok[None, :]
         x = tl.load(X + b * sx_b + h * sx_h + offs_n[:, None] * sx_n + offs_d[None, :], mask=ok, other=0.0)
         phi = tl.where(ok, tl.sigmoid(x.to(tl.float32)), 0.0)
         if WEIGHTED:
             flow = tl.sum(tl.where(ok, (phi + eps) * (other[None, :] + eps), 0.0), 1)
             phi = phi / tl.where(flow > 0, flow, 1.0)[:, None]
         total += tl.sum(phi, 0)
-    tl.store(OUT + pid_bh * head_dim + offs_d, total, mask=d_ok)
+    tl.store(OUT + (pid_bh.to(tl.int64) * splits + pid_s) * head_dim + offs_d, total, mask=d_ok)
 
 
 @triton.jit
-def _kv_pass(K, V, b, h, sources, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, offs_d, offs_v, d_ok, v_ok, q_sum, q_in, eps,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """The key/value pass of head (b, h): (φKᵀ (V·e), Σ φk·O, per-lane partial Σ e), fp32,
-    with e = exp(clip(Ô, -1, 1)) and O the outgoing flow."""
+def _kv_pass(K, V, b, h, start, end, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, offs_d, offs_v, d_ok, v_ok, q_sum, q_in,
+             eps, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """The key/value pass of head (b, h) over keys ``[start, end)``: (φKᵀ (V·e), Σ φk·O, per-lane
+    partial Σ e), fp32, with e = exp(clip(Ô, -1, 1)) and O the outgoing flow."""
     kv = tl.zeros([BLOCK_D, BLOCK_DV], tl.float32)
     k_out = tl.zeros([BLOCK_D], tl.float32)
     e_acc = tl.zeros([BLOCK_N], tl.float32)
-    for n0 in range(0, sources, BLOCK_N):
+    for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < sources
+        n_ok = offs_n < end
         ok = n_ok[:, None] & d_ok[None, :]
         k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=ok, other=0.0)
         v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_v[None, :],
@@ -93,11 +99,12 @@ def _kv_pass(K, V, b, h, sources, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, offs_d, of
 @triton.jit
 def flow_kv_kernel(
     K, V, Q_SUM, Q_INCOMING, KV, K_OUTGOING, E_SUM, heads, sources, head_dim, value_dim, eps,
-    sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+    sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, per_split, splits,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """KV[bh] = φKᵀ (V·e), K_OUTGOING[bh] = Σ φk·O, E_SUM[bh] = Σ e, e = exp(clip(Ô, -1, 1))."""
-    pid_bh, pid_v = tl.program_id(0), tl.program_id(1)
+    """KV[bh, s] = φKᵀ (V·e), K_OUTGOING[bh, s] = Σ φk·O, E_SUM[bh, s] = Σ e over split ``s``'s
+    ``per_split`` keys, e = exp(clip(Ô, -1, 1)); the launcher sums the splits."""
+    pid_bh, pid_v, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (pid_bh // heads).to(tl.int64)
     h = (pid_bh % heads).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -105,14 +112,17 @@ def flow_kv_kernel(
     d_ok, v_ok = offs_d < head_dim, offs_v < value_dim
     q_sum = tl.load(Q_SUM + pid_bh * head_dim + offs_d, mask=d_ok, other=0.0)
     q_in = tl.load(Q_INCOMING + pid_bh * head_dim + offs_d, mask=d_ok, other=0.0)
-    kv, k_out, e_sum = _kv_pass(K, V, b, h, sources, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, offs_d, offs_v, d_ok, v_ok,
-                              q_sum, q_in, eps, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
-    tl.store(KV + pid_bh * head_dim * value_dim + offs_d[:, None] * value_dim + offs_v[None, :], kv,
+    start = pid_s * per_split
+    kv, k_out, e_sum = _kv_pass(K, V, b, h, start, tl.minimum(start + per_split, sources), sk_b, sk_h, sk_n,
+                                sv_b, sv_h, sv_n, offs_d, offs_v, d_ok, v_ok, q_sum, q_in, eps, BLOCK_N, BLOCK_D,
+                                BLOCK_DV, PRECISION)
+    row = pid_bh.to(tl.int64) * splits + pid_s
+    tl.store(KV + row * head_dim * value_dim + offs_d[:, None] * value_dim + offs_v[None, :], kv,
              mask=d_ok[:, None] & v_ok[None, :])
     # Every value-column block computes the same per-head sums; the first one writes them.
     first = pid_v == 0
-    tl.store(K_OUTGOING + pid_bh * head_dim + offs_d, k_out, mask=offs_d < tl.where(first, head_dim, 0))
-    tl.store(E_SUM + pid_bh + tl.arange(0, 1), tl.sum(e_sum, 0) + tl.zeros([1], tl.float32),
+    tl.store(K_OUTGOING + row * head_dim + offs_d, k_out, mask=offs_d < tl.where(first, head_dim, 0))
+    tl.store(E_SUM + row + tl.arange(0, 1), tl.sum(e_sum, 0) + tl.zeros([1], tl.float32),
              mask=tl.arange(0, 1) < tl.where(first, 1, 0))
 
 
@@ -302,8 +312,8 @@ def _flow_global(
         q_sum += tl.sum(phi, 0)
         q_in += tl.sum(phi / tl.where(flow > 0, flow, 1.0)[:, None], 0)
     # 3. Keys and values: kv = φKᵀ (V·e), Σ φk·O, Σ e (as flow_kv_kernel).
-    kv, k_out, e_acc = _kv_pass(K, V, b, h, sources, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, offs_d, offs_v, d_ok, v_ok,
-                              q_sum, q_in, eps, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+    kv, k_out, e_acc = _kv_pass(K, V, b, h, 0, sources, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, offs_d, offs_v, d_ok,
+                                v_ok, q_sum, q_in, eps, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
     e_sum = tl.sum(e_acc, 0)
     # 4. The output (as flow_output_kernel).
     for n0 in range(0, length, BLOCK_N):
@@ -432,11 +442,14 @@ def flow_trt_config(causal: bool, dtype: torch.dtype, head_dim: int, value_dim: 
 
 
 def flow_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: int = 0,
-                 eps: float = 1e-6) -> torch.Tensor:
+                 eps: float = 1e-6, token_splits: int | None = None) -> torch.Tensor:
     """Flow attention with the Triton kernels (four passes; causal: one chunked pass).
 
     Args:
         q: ``[B, H, L, D]``, k: ``[B, H, S, D]``, v: ``[B, H, S, Dv]``, before the sigmoid.
+        token_splits: non-causal only: ranges each head's token reductions (the passes over K,
+            Q, then K and V) split into, their partial sums added in fp32 after each pass (1: one
+            program per head walks all tokens). Default :func:`flow_token_splits`.
     Returns:
         ``[B, H, L, Dv]`` in q's dtype.
     """
@@ -453,29 +466,50 @@ def flow_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: int 
             q, k, v, out, heads, length, head_dim, value_dim, eps, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *out.stride()[:3], PRECISION=dot_precision(q.dtype), **config)
         return out
-    f32 = dict(dtype=torch.float32, device=q.device)
-    k_sum, q_sum, q_incoming, k_outgoing = (torch.empty(batch * heads, head_dim, **f32) for _ in range(4))
-    kv = torch.empty(batch * heads, head_dim, value_dim, **f32)
-    e_sum = torch.empty(batch * heads, **f32)
-    out = torch.empty(batch, heads, length, value_dim, dtype=q.dtype, device=q.device)
+    rows = batch * heads
     reduce = flow_config("reduce", q.dtype, head_dim, value_dim)
-    heads_grid = per_head_grid(batch, heads)
-    flow_reduce_kernel[heads_grid](k, k, k_sum, heads, sources, head_dim, *k.stride()[:3], eps,
-                                   WEIGHTED=False, **reduce)
-    flow_reduce_kernel[heads_grid](q, q, q_sum, heads, length, head_dim, *q.stride()[:3], eps,
-                                   WEIGHTED=False, **reduce)
-    flow_reduce_kernel[heads_grid](q, k_sum, q_incoming, heads, length, head_dim, *q.stride()[:3], eps,
-                                   WEIGHTED=True, **reduce)
+    kv_config = flow_config("kv", q.dtype, head_dim, value_dim)
+    q_splits = flow_token_splits(rows, length, reduce["BLOCK_N"], token_splits)
+    k_splits = flow_token_splits(rows, sources, reduce["BLOCK_N"], token_splits)
+    kv_splits = flow_token_splits(rows * cdiv(value_dim, kv_config["BLOCK_DV"]), sources, kv_config["BLOCK_N"],
+                                  token_splits)
+    f32 = dict(dtype=torch.float32, device=q.device)
+
+    def reduce_pass(x, other, tokens, splits, weighted):
+        part = torch.empty(rows, splits, head_dim, **f32)
+        per_split = cdiv(cdiv(tokens, splits), reduce["BLOCK_N"]) * reduce["BLOCK_N"]
+        flow_reduce_kernel[(rows, splits)](x, other, part, heads, tokens, head_dim, *x.stride()[:3], eps,
+                                           per_split, splits, WEIGHTED=weighted, **reduce)
+        return part[:, 0] if splits == 1 else part.sum(1)
+
+    k_sum = reduce_pass(k, k, sources, k_splits, False)
+    q_sum = reduce_pass(q, q, length, q_splits, False)
+    q_incoming = reduce_pass(q, k_sum, length, q_splits, True)
+    kv = torch.empty(rows, kv_splits, head_dim, value_dim, **f32)
+    k_outgoing, e_sum = torch.empty(rows, kv_splits, head_dim, **f32), torch.empty(rows, kv_splits, **f32)
     precision = dot_precision(q.dtype)
-    config = flow_config("kv", q.dtype, head_dim, value_dim)
-    flow_kv_kernel[per_head_grid(batch, heads, value_dim, config["BLOCK_DV"])](
+    per_split = cdiv(cdiv(sources, kv_splits), kv_config["BLOCK_N"]) * kv_config["BLOCK_N"]
+    flow_kv_kernel[(*per_head_grid(batch, heads, value_dim, kv_config["BLOCK_DV"]), kv_splits)](
         k, v, q_sum, q_incoming, kv, k_outgoing, e_sum, heads, sources, head_dim, value_dim, eps,
-        *k.stride()[:3], *v.stride()[:3], PRECISION=precision, **config)
+        *k.stride()[:3], *v.stride()[:3], per_split, kv_splits, PRECISION=precision, **kv_config)
+    if kv_splits > 1:
+        kv, k_outgoing, e_sum = kv.sum(1), k_outgoing.sum(1), e_sum.sum(1)
+    out = torch.empty(batch, heads, length, value_dim, dtype=q.dtype, device=q.device)
     config = flow_config("output", q.dtype, head_dim, value_dim)
     flow_output_kernel[rows_grid(batch, heads, length, config["BLOCK_N"], value_dim, config["BLOCK_DV"])](
         q, k_sum, k_outgoing, kv, e_sum, out, heads, length, sources, head_dim, value_dim, eps,
         *q.stride()[:3], *out.stride()[:3], PRECISION=precision, **config)
     return out
+
+
+def flow_token_splits(programs: int, tokens: int, block: int, token_splits: int | None = None) -> int:
+    """Token ranges per head of one non-causal pass: enough that ``programs`` (heads, times value
+    tiles for the key/value pass) times them covers two waves of an H100, never a range under one
+    ``block`` (:func:`~attnc.plugins.kernels_common.range_splits`); ``token_splits`` fixes the
+    count, capped at one block per range."""
+    if token_splits is not None:
+        return max(1, min(int(token_splits), cdiv(tokens, block)))
+    return range_splits(programs, tokens, block)
 
 
 def run(attrs: dict, inputs: list, n_outputs: int = 1) -> list[torch.Tensor]:
@@ -572,14 +606,16 @@ def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
             constexprs["PRECISION"] = dot_precision(torch_dtype)
         return KernelSpec(kernel, signature, {**config, **constexprs}, **launch)
 
+    ranges = {"per_split": "i32", "splits": "i32"}
     reduce_sig = {"X": ptr, "OTHER": "*fp32", "OUT": "*fp32", "heads": "i32", "length": "i32",
-                  "head_dim": "i32", **strides("x"), "eps": "fp32"}
+                  "head_dim": "i32", **strides("x"), "eps": "fp32", **ranges}
     return [
         spec(flow_reduce_kernel, "reduce", reduce_sig, WEIGHTED=False),
         spec(flow_reduce_kernel, "reduce", reduce_sig, WEIGHTED=True),
         spec(flow_kv_kernel, "kv", {"K": ptr, "V": ptr, "Q_SUM": "*fp32", "Q_INCOMING": "*fp32", "KV": "*fp32",
                                     "K_OUTGOING": "*fp32", "E_SUM": "*fp32", "heads": "i32", "sources": "i32",
-                                    "head_dim": "i32", "value_dim": "i32", "eps": "fp32", **strides("k", "v")}),
+                                    "head_dim": "i32", "value_dim": "i32", "eps": "fp32", **strides("k", "v"),
+                                    **ranges}),
         spec(flow_causal_kernel, "causal", {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "heads": "i32", "length": "i32",
                                             "head_dim": "i32", "value_dim": "i32", "eps": "fp32",
                                             **strides("q", "k", "v", "o")}),
@@ -591,4 +627,5 @@ def aot_specs(dtype: str, head_dim: int = 64) -> list[KernelSpec]:
 
 
 __all__ = ["aot_specs", "flow_causal_kernel", "flow_config", "flow_causal_trt", "flow_forward", "flow_global_trt",
-           "flow_trt_config", "flow_kv_kernel", "flow_output_kernel", "flow_reduce_kernel", "kernel_for", "trt_launch"]
+           "flow_trt_config", "flow_kv_kernel", "flow_output_kernel", "flow_reduce_kernel", "flow_token_splits",
+           "kernel_for", "trt_launch"]

@@ -258,6 +258,11 @@ FLOW_CASES = [
     dict(l=70, s=33, d=40, dv=24, dtype="fp16"),
     dict(l=21, s=90, d=16, dv=80, dtype="bf16"),
     dict(l=5, s=1, d=16, dv=16, dtype="fp32", eps=1e-3),
+    # Token ranges per head (partial sums added after each pass): more than the tokens' blocks
+    # (capped), several with a partial last one, on queries and keys of different lengths.
+    dict(l=150, s=70, d=24, dv=40, dtype="fp32", token_splits=3),
+    dict(l=45, s=200, d=40, dv=24, dtype="fp16", token_splits=7),
+    dict(l=130, s=131, d=16, dv=72, dtype="bf16", token_splits=2, batch=1),
     # Causal: the kernel walks 16-token chunks; every length spans several, the last one partial.
     dict(l=53, s=53, d=20, dv=72, dtype="fp32", causal=1),
     dict(l=45, s=45, d=40, dv=24, dtype="fp16", causal=1),
@@ -324,7 +329,7 @@ def random_case(op: str, rng: np.random.Generator) -> dict:
     if op == "flow":
         length, causal = int(rng.integers(1, 100)), int(rng.integers(0, 2))
         return dict(l=length, s=length if causal else int(rng.integers(1, 100)), d=int(rng.integers(8, 65)),
-                    dv=int(rng.integers(8, 97)), dtype=dtype, causal=causal)
+                    dv=int(rng.integers(8, 97)), dtype=dtype, causal=causal, token_splits=int(rng.integers(1, 4)))
     return dict(n=int(rng.integers(1, 100)), m=int(rng.integers(1, 100)), agents=int(rng.integers(1, 65)),
                 d=int(rng.integers(8, 65)), dv=int(rng.integers(8, 97)), b1=bool(rng.integers(0, 2)),
                 b2=bool(rng.integers(0, 2)), dtype=dtype, splits=int(rng.integers(1, 3)),
@@ -445,7 +450,8 @@ def _run_case(op: str, case: dict, gen: torch.Generator) -> tuple[torch.Tensor, 
             out = _run_trt_entry(trt_launch, {"causal": causal, "eps": eps}, [t.to(DEVICE, dtype) for t in (q, k, v)],
                                  torch.empty(*q.shape[:3], v.shape[-1], dtype=dtype, device=DEVICE))
         else:
-            out = flow_forward(*(t.to(DEVICE, dtype) for t in (q, k, v)), causal=causal, eps=eps)
+            out = flow_forward(*(t.to(DEVICE, dtype) for t in (q, k, v)), causal=causal, eps=eps,
+                               token_splits=case.get("token_splits"))
         refs = [flow_reference(q, k, v, eps, causal)]
         try:
             from attnc.plugins.flow import reference
@@ -677,16 +683,21 @@ def test_neighborhood_grid_covers_every_query_once(grid, dilation, block):
 
 
 def test_other_grids():
-    from attnc.plugins.kernels_common import agent_grid, agent_key_splits, per_head_grid, rows_grid
+    from attnc.plugins.kernels_common import agent_grid, per_head_grid, range_splits, rows_grid
 
     assert rows_grid(2, 3, 100, 64, 80, 64) == (6, 2, 2)
     assert per_head_grid(2, 3, 48, 64) == (6, 1)
     assert agent_grid(64, 6, 197, 64) == (384, 1)        # enough heads: fully fused, no recompute
     assert agent_grid(1, 3, 197, 64) == (3, 4)           # batch 1: split up to the 4 query tiles
     assert agent_grid(1, 3, 30, 64) == (3, 1)
-    assert agent_key_splits(16, 1, 3136, 32) == 17        # PVT stage 1: 16 heads x 17 key ranges >= 264 programs
-    assert agent_key_splits(2, 1, 40, 32) == 2            # never a range shorter than one key tile
-    assert agent_key_splits(64, 6, 197, 32) == 1
+    assert range_splits(16, 3136, 32) == 17        # PVT stage 1: 16 heads x 17 key ranges >= 264 programs
+    assert range_splits(2, 40, 32) == 2            # never a range shorter than one key tile
+    assert range_splits(384, 197, 32) == 1
+    from attnc.plugins.flow.kernels import flow_token_splits
+    assert flow_token_splits(64, 4096, 64) == 5            # Flowformer B8 H8: 64 heads x 5 ranges >= 264
+    assert flow_token_splits(64 * 2, 4096, 32) == 3        # the key/value pass: x2 value tiles
+    assert flow_token_splits(64, 4096, 64, token_splits=1) == 1
+    assert flow_token_splits(64, 100, 64, token_splits=9) == 2   # capped at one block per range
 
 
 def test_agent_plan_picks_two_phases_where_one_launch_recomputes_stage1():
