@@ -229,8 +229,9 @@ def case_agent(cfg, dtype, device):
     peers[FUSED_AGENT_TRT] = _agent_trt_kernel(q, k, v, a, b1, b2)
     # attnc's own two paths side by side (its default picks one per shape): one launch, and two
     # phases with stage 1 split over keys where the GPU has room for it.
-    if agent_phase_config(agents, dtype, d, d) is not None:
-        key_splits = range_splits(b * h, n, agent_phase_config(agents, dtype, d, d)["BLOCK_N"])
+    phase_config = agent_phase_config(agents, dtype, d, d)
+    if phase_config is not None:
+        key_splits = range_splits(b * h, n, phase_config["BLOCK_N"])
         peers["attnc one launch"] = lambda: agent_forward(q, k, v, a, b1, b2, key_splits=0)
         peers["attnc two-phase"] = lambda: agent_forward(q, k, v, a, b1, b2, key_splits=key_splits)
     return (lambda: agent_forward(q, k, v, a, b1, b2),

@@ -137,6 +137,19 @@ def range_splits(rows: int, length: int, block: int, min_programs: int = 264) ->
     return max(1, min(cdiv(min_programs, max(1, rows)), cdiv(length, block)))
 
 
+def range_length(length: int, splits: int, block: int) -> int:
+    """Each of ``splits`` ranges' length over a ``length``-long loop, a whole number of ``block``s
+    (trailing ranges may be short or empty)."""
+    return cdiv(cdiv(length, splits), block) * block
+
+
+def trt_entry_jit(*scalars: str):
+    """``@triton.jit`` for a TensorRT entry kernel: its int32 ``scalars`` stay runtime values in a
+    JIT launch too (``launch_trt_entry``), as in the AOT build TensorRT runs; triton's JIT would
+    otherwise make a scalar equal to 1 a constant (five entry cases failed so on an H200)."""
+    return triton.jit(do_not_specialize=list(scalars))
+
+
 # ----------------------------------------------------------------------------- AOT compilation
 
 @dataclasses.dataclass(frozen=True)
@@ -301,5 +314,5 @@ LOG2E = math.log2(math.e)
 __all__ = ["AOT_ARCHS", "DTYPE_NAMES", "KernelSpec", "LOG2E", "POINTER_TYPES", "SHARED_MEMORY_NO_OPT_IN",
            "SHARED_MEMORY_OPT_IN", "agent_grid", "aot_kernel", "arch_supports", "block_dim",
            "cdiv", "check_inputs", "compile_for", "compile_spec", "default_arch", "dot", "dot_precision",
-           "interpret_mode", "neighborhood_grid", "next_power_of_2", "per_head_grid", "range_splits",
-           "resource_usage", "rows_grid"]
+           "interpret_mode", "neighborhood_grid", "next_power_of_2", "per_head_grid", "range_length",
+           "range_splits", "resource_usage", "rows_grid", "trt_entry_jit"]

@@ -50,7 +50,8 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from attnc.plugins.kernels_common import (DTYPE_NAMES, LOG2E, POINTER_TYPES, TORCH_DTYPES, KernelSpec, agent_grid,
-                                          block_dim, cdiv, check_inputs, dot, dot_precision, range_splits)
+                                          block_dim, cdiv, check_inputs, dot, dot_precision, range_length,
+                                          range_splits, trt_entry_jit)
 
 MAX_AGENTS = 256  # agents agent_attention_kernel keeps in one register tile
 
@@ -325,9 +326,7 @@ def _agent_trt_body(Q, K, V, A, B1, B2, heads, queries, keys, O,
         HAS_BIASES, HAS_BIASES, BLOCK_A, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, BLOCK_DV, PRECISION)
 
 
-# TensorRT entry: its int32 scalars stay runtime values in a JIT launch too (launch_trt_entry), as in the
-# AOT build TensorRT runs; triton's JIT would otherwise make a scalar equal to 1 a constant.
-@triton.jit(do_not_specialize=["heads", "queries", "keys"])
+@trt_entry_jit("heads", "queries", "keys")
 def agent_attention_trt(Q, K, V, A, heads, queries, keys, O,
                         HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, AGENTS: tl.constexpr,
                         QK_SCALE: tl.constexpr, A_BATCH: tl.constexpr, A_HEADS: tl.constexpr,
@@ -338,9 +337,7 @@ def agent_attention_trt(Q, K, V, A, heads, queries, keys, O,
                     BLOCK_A, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, BLOCK_DV, PRECISION)
 
 
-# TensorRT entry: its int32 scalars stay runtime values in a JIT launch too (launch_trt_entry), as in the
-# AOT build TensorRT runs; triton's JIT would otherwise make a scalar equal to 1 a constant.
-@triton.jit(do_not_specialize=["heads", "queries", "keys"])
+@trt_entry_jit("heads", "queries", "keys")
 def agent_attention_biases_trt(Q, K, V, A, B1, B2, heads, queries, keys, O,
                                HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, AGENTS: tl.constexpr,
                                QK_SCALE: tl.constexpr, A_BATCH: tl.constexpr, A_HEADS: tl.constexpr,
@@ -489,7 +486,7 @@ def agent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Te
             part_m = torch.empty(rows, agents, dtype=torch.float32, device=q.device)
             part_l = torch.empty_like(part_m)
             part_v = torch.empty(rows, agents, value_dim, dtype=torch.float32, device=q.device)
-            per_split = cdiv(cdiv(keys, key_splits), config["BLOCK_N"]) * config["BLOCK_N"]
+            per_split = range_length(keys, key_splits, config["BLOCK_N"])
             agent_stage1_kernel[(batch * heads, key_splits)](
                 k, v, a, b1, part_m, part_l, part_v, *k.stride()[:3], *v.stride()[:3], *sa, *s1,
                 heads, keys, agents, head_dim, value_dim, scale * LOG2E, per_split, key_splits,

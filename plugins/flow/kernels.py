@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 
 from attnc.plugins.kernels_common import (DTYPE_NAMES, POINTER_TYPES, TORCH_DTYPES, KernelSpec, block_dim, cdiv,
-                                          check_inputs, dot, dot_precision, per_head_grid, range_splits, rows_grid)
+                                          check_inputs, dot, dot_precision, per_head_grid, range_length, range_splits,
+                                          rows_grid, trt_entry_jit)
 
 
 @triton.jit
@@ -332,9 +333,7 @@ def _flow_global(
                  out.to(O.dtype.element_ty), mask=n_ok[:, None] & v_ok[None, :])
 
 
-# TensorRT entry: its int32 scalars stay runtime values in a JIT launch too (launch_trt_entry), as in the
-# AOT build TensorRT runs; triton's JIT would otherwise make a scalar equal to 1 a constant.
-@triton.jit(do_not_specialize=["heads", "length", "sources"])
+@trt_entry_jit("heads", "length", "sources")
 def flow_global_trt(
     Q, K, V, heads, length, sources, O,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, EPS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -348,9 +347,7 @@ def flow_global_trt(
         VALUE_DIM, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
 
 
-# TensorRT entry: its int32 scalars stay runtime values in a JIT launch too (launch_trt_entry), as in the
-# AOT build TensorRT runs; triton's JIT would otherwise make a scalar equal to 1 a constant.
-@triton.jit(do_not_specialize=["heads", "length"])
+@trt_entry_jit("heads", "length")
 def flow_causal_trt(
     Q, K, V, heads, length, O,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, EPS: tl.constexpr, CHUNK: tl.constexpr,
@@ -475,12 +472,15 @@ def flow_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: int 
                                   token_splits)
     f32 = dict(dtype=torch.float32, device=q.device)
 
+    def merged(part):   # [rows, splits, ...] partial sums -> [rows, ...]
+        return part[:, 0] if part.shape[1] == 1 else part.sum(1)
+
     def reduce_pass(x, other, tokens, splits, weighted):
         part = torch.empty(rows, splits, head_dim, **f32)
-        per_split = cdiv(cdiv(tokens, splits), reduce["BLOCK_N"]) * reduce["BLOCK_N"]
         flow_reduce_kernel[(rows, splits)](x, other, part, heads, tokens, head_dim, *x.stride()[:3], eps,
-                                           per_split, splits, WEIGHTED=weighted, **reduce)
-        return part[:, 0] if splits == 1 else part.sum(1)
+                                           range_length(tokens, splits, reduce["BLOCK_N"]), splits,
+                                           WEIGHTED=weighted, **reduce)
+        return merged(part)
 
     k_sum = reduce_pass(k, k, sources, k_splits, False)
     q_sum = reduce_pass(q, q, length, q_splits, False)
@@ -488,12 +488,11 @@ def flow_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: int 
     kv = torch.empty(rows, kv_splits, head_dim, value_dim, **f32)
     k_outgoing, e_sum = torch.empty(rows, kv_splits, head_dim, **f32), torch.empty(rows, kv_splits, **f32)
     precision = dot_precision(q.dtype)
-    per_split = cdiv(cdiv(sources, kv_splits), kv_config["BLOCK_N"]) * kv_config["BLOCK_N"]
+    per_split = range_length(sources, kv_splits, kv_config["BLOCK_N"])
     flow_kv_kernel[(*per_head_grid(batch, heads, value_dim, kv_config["BLOCK_DV"]), kv_splits)](
         k, v, q_sum, q_incoming, kv, k_outgoing, e_sum, heads, sources, head_dim, value_dim, eps,
         *k.stride()[:3], *v.stride()[:3], per_split, kv_splits, PRECISION=precision, **kv_config)
-    if kv_splits > 1:
-        kv, k_outgoing, e_sum = kv.sum(1), k_outgoing.sum(1), e_sum.sum(1)
+    kv, k_outgoing, e_sum = merged(kv), merged(k_outgoing), merged(e_sum)
     out = torch.empty(batch, heads, length, value_dim, dtype=q.dtype, device=q.device)
     config = flow_config("output", q.dtype, head_dim, value_dim)
     flow_output_kernel[rows_grid(batch, heads, length, config["BLOCK_N"], value_dim, config["BLOCK_DV"])](

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from attnc.plugins.kernels_common import (DTYPE_NAMES, POINTER_TYPES, TORCH_DTYPES, KernelSpec, block_dim,
-                                          check_inputs, dot, dot_precision, per_head_grid, rows_grid)
+                                          check_inputs, dot, dot_precision, per_head_grid, rows_grid, trt_entry_jit)
 from attnc.plugins.linear import state_shape  # the op's contract
 
 FEATURE_MAP_IDS = {"elu1": 0, "relu": 1, "identity": 2}
@@ -231,9 +231,7 @@ def _linear_global(
                  out.to(O.dtype.element_ty), mask=n_ok[:, None] & v_ok[None, :])
 
 
-# TensorRT entry: its int32 scalars stay runtime values in a JIT launch too (launch_trt_entry), as in the
-# AOT build TensorRT runs; triton's JIT would otherwise make a scalar equal to 1 a constant.
-@triton.jit(do_not_specialize=["heads", "seq_len"])
+@trt_entry_jit("heads", "seq_len")
 def linear_causal_trt(
     Q, K, V, DECAY, STATE, heads, seq_len, O, STATE_OUT,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SCALE: tl.constexpr, EPS: tl.constexpr,
@@ -254,9 +252,7 @@ def linear_causal_trt(
         BLOCK_DV, PRECISION)
 
 
-# TensorRT entry: its int32 scalars stay runtime values in a JIT launch too (launch_trt_entry), as in the
-# AOT build TensorRT runs; triton's JIT would otherwise make a scalar equal to 1 a constant.
-@triton.jit(do_not_specialize=["heads", "seq_len"])
+@trt_entry_jit("heads", "seq_len")
 def linear_global_trt(
     Q, K, V, DECAY, heads, seq_len, O,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SCALE: tl.constexpr, EPS: tl.constexpr,

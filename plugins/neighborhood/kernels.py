@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from attnc.plugins.kernels_common import (DTYPE_NAMES, LOG2E, POINTER_TYPES, TORCH_DTYPES, KernelSpec, block_dim,
-                                          check_inputs, dot, dot_precision, neighborhood_grid, next_power_of_2)
+                                          check_inputs, dot, dot_precision, neighborhood_grid, next_power_of_2,
+                                          trt_entry_jit)
 from attnc.plugins.neighborhood import _per_axis, strides  # the op's own attribute normalisers
 
 
@@ -180,9 +181,7 @@ def _neighborhood_contiguous(
         SX, SY, SZ)
 
 
-# TensorRT entry: its int32 scalars stay runtime values in a JIT launch too (launch_trt_entry), as in the
-# AOT build TensorRT runs; triton's JIT would otherwise make a scalar equal to 1 a constant.
-@triton.jit(do_not_specialize=["heads", "LX", "LY", "LZ"])
+@trt_entry_jit("heads", "LX", "LY", "LZ")
 def neighborhood_attention_trt(
     Q, K, V, heads, LX, LY, LZ, O,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, DX: tl.constexpr, DY: tl.constexpr, DZ: tl.constexpr,
@@ -197,9 +196,7 @@ def neighborhood_attention_trt(
                              BLOCK_DV, PRECISION, SX, SY, SZ)
 
 
-# TensorRT entry: its int32 scalars stay runtime values in a JIT launch too (launch_trt_entry), as in the
-# AOT build TensorRT runs; triton's JIT would otherwise make a scalar equal to 1 a constant.
-@triton.jit(do_not_specialize=["heads", "LX", "LY", "LZ"])
+@trt_entry_jit("heads", "LX", "LY", "LZ")
 def neighborhood_attention_rpb_trt(
     Q, K, V, RPB, heads, LX, LY, LZ, O,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, DX: tl.constexpr, DY: tl.constexpr, DZ: tl.constexpr,
